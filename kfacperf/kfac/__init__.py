@@ -1,0 +1,1 @@
+"""The K-FAC / SP-NGD optimizer: layers and factors, inverses, preconditioner, strategies."""

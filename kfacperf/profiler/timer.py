@@ -1,0 +1,59 @@
+"""The stage-timer interface every instrumented component calls.
+
+The optimizer, the strategies and the SGD baseline receive a timer and wrap each stage in it;
+they never know whether anything is recorded.  :class:`NullTimer` is the default and costs
+next to nothing.  The real timer (NVTX ranges + CUDA events or ``perf_counter_ns``) lives in
+:mod:`kfacperf.profiler.stage_timer` and implements the same methods.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, ContextManager, Protocol
+
+
+class Timer(Protocol):
+    """What an instrumented component may call."""
+
+    def stage(
+        self, stage: str, layer: str = "", *, nbytes: int = 0, flops: float = 0.0
+    ) -> ContextManager[None]:
+        """Time a synchronous stage (its lane comes from :mod:`kfacperf.stages`)."""
+
+    def async_comm(self, stage: str, layer: str, nbytes: int, work: Any) -> None:
+        """Time an asynchronous collective from now (issue) until ``work`` completes.
+
+        ``work`` is the handle returned by a ``torch.distributed`` call with
+        ``async_op=True``; completion is taken from its future.
+        """
+
+    def step_begin(self, step: int) -> None:
+        """Mark the start of training step ``step``."""
+
+    def step_end(self) -> None:
+        """Mark the end of the current step (records the ``step`` row, flushes)."""
+
+
+_NULL_CONTEXT = contextlib.nullcontext()
+
+
+class NullTimer:
+    """A timer that records nothing; the default everywhere."""
+
+    enabled = False
+
+    def stage(
+        self, stage: str, layer: str = "", *, nbytes: int = 0, flops: float = 0.0
+    ) -> ContextManager[None]:
+        return _NULL_CONTEXT
+
+    def async_comm(self, stage: str, layer: str, nbytes: int, work: Any) -> None:
+        return None
+
+    def step_begin(self, step: int) -> None:
+        return None
+
+    def step_end(self) -> None:
+        return None
+
+
+NULL_TIMER = NullTimer()

@@ -1,0 +1,1 @@
+"""The discrete-event performance model (never imports torch)."""
