@@ -17,6 +17,12 @@ from kfacperf import __version__
 COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("demo", "demo", "the whole pipeline on this machine with defaults"),
     ("profile", "profile", "run a workload with an optimizer/strategy and write a trace"),
+    ("export", "export", "export a trace (Chrome/Perfetto JSON)"),
+    ("commbench", "commbench", "measure collectives here and fit alpha-beta per collective"),
+    ("calibrate", "calibrate", "traces -> device (and workload) models"),
+    ("simulate", "simulate", "workload x device x cluster x strategy x GPU counts -> predictions"),
+    ("report", "report", "traces and predictions -> one HTML page"),
+    ("validate", "validate", "predict held-out measured runs and report the error"),
 )
 
 

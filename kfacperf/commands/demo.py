@@ -11,4 +11,4 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from kfacperf.cli import UserError
 
-    raise UserError("the demo pipeline is not assembled yet")
+    raise UserError("`demo` is not built yet")

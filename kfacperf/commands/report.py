@@ -1,0 +1,14 @@
+"""Write one self-contained HTML report from traces and predictions."""
+from __future__ import annotations
+
+import argparse
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", type=int, default=5, help="training steps per run")
+
+
+def run(args: argparse.Namespace) -> int:
+    from kfacperf.cli import UserError
+
+    raise UserError("`report` is not built yet")
