@@ -21,6 +21,7 @@ demo: $(STAMP)
 	$(BIN)/kfacperf demo $(ARGS)
 
 test: $(STAMP)
+	bash scripts/ensure-chromium.sh
 	$(BIN)/python -m pytest $(ARGS)
 
 bench: $(STAMP)
