@@ -1,0 +1,54 @@
+"""Name -> workload lookup.
+
+``get_workload(name, **options)`` builds the :class:`~kfacperf.workloads.base.Workload`;
+``options`` are the keyword arguments of that workload's factory (for example
+``get_workload("resnet50", image_size=64)``) and an unknown one is a ``ValueError``.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+from .base import Workload
+from .mlp import mlp_workload
+from .synthetic import teacher_workload
+
+_FACTORIES: dict[str, Callable[..., Workload]] = {
+    "mlp": mlp_workload,
+    "teacher": teacher_workload,
+}
+
+WORKLOAD_NAMES: tuple[str, ...] = tuple(_FACTORIES)
+"""Every workload name :func:`get_workload` accepts."""
+
+
+def workload_options(name: str) -> dict[str, Any]:
+    """The keyword options of workload ``name`` and their defaults."""
+    factory = _factory(name)
+    return {
+        p.name: p.default
+        for p in inspect.signature(factory).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+
+
+def get_workload(name: str, **options: Any) -> Workload:
+    """The workload called ``name``, built with ``options`` (see :func:`workload_options`)."""
+    factory = _factory(name)
+    known = workload_options(name)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(
+            f"workload {name!r} has no option(s) {', '.join(unknown)}; "
+            f"its options are: {', '.join(known) or '(none)'}"
+        )
+    return factory(**options)
+
+
+def _factory(name: str) -> Callable[..., Workload]:
+    try:
+        return _FACTORIES[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown workload {name!r}; known workloads: {', '.join(WORKLOAD_NAMES)}"
+        ) from None
