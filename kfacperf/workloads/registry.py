@@ -11,10 +11,17 @@ from typing import Any, Callable
 
 from .base import Workload
 from .mlp import mlp_workload
+from .resnet_cifar import resnet20_workload, resnet32_workload
+from .resnet_imagenet import resnet50_workload
 from .synthetic import teacher_workload
+from .transformer import transformer_workload
 
 _FACTORIES: dict[str, Callable[..., Workload]] = {
     "mlp": mlp_workload,
+    "resnet20": resnet20_workload,
+    "resnet32": resnet32_workload,
+    "resnet50": resnet50_workload,
+    "transformer": transformer_workload,
     "teacher": teacher_workload,
 }
 

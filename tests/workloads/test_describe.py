@@ -1,0 +1,139 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kfacperf.workloads import get_workload
+from kfacperf.workloads.describe import describe_model, describe_workload
+
+KEYS = {
+    "name", "kind", "dim_a", "dim_g", "params", "rows_per_example",
+    "fwd_flops_per_example", "in_elems_per_example", "out_elems_per_example",
+}
+
+
+def test_mlp_by_hand():
+    d = describe_workload("mlp")  # 784 -> 512 -> 256 -> 10
+    assert d["name"] == "mlp" and d["input_shape"] == [784]
+    assert d["num_kfac_layers"] == 3 and d["other_params"] == 0
+    assert [l["name"] for l in d["layers"]] == ["net.0", "net.2", "net.4"]
+    expect = [
+        # dim_a, dim_g, params, flops, in, out
+        (785, 512, 784 * 512 + 512, 2 * 784 * 512, 784, 512),
+        (513, 256, 512 * 256 + 256, 2 * 512 * 256, 512, 256),
+        (257, 10, 256 * 10 + 10, 2 * 256 * 10, 256, 10),
+    ]
+    for layer, (da, dg, p, fl, i, o) in zip(d["layers"], expect):
+        assert set(layer) == KEYS and layer["kind"] == "linear"
+        assert (layer["dim_a"], layer["dim_g"], layer["params"]) == (da, dg, p)
+        assert layer["rows_per_example"] == 1
+        assert layer["fwd_flops_per_example"] == fl
+        assert (layer["in_elems_per_example"], layer["out_elems_per_example"]) == (i, o)
+    assert d["total_params"] == sum(e[2] for e in expect)
+
+
+def test_resnet20_strided_conv_by_hand():
+    d = describe_workload("resnet20")
+    layers = {l["name"]: l for l in d["layers"]}
+    # Stage 2's first 3x3 conv: 16 -> 32 channels, stride 2, 32x32 -> 16x16, no bias.
+    c = layers["layer2.0.conv1"]
+    assert (c["kind"], c["dim_a"], c["dim_g"], c["params"]) == ("conv2d", 16 * 9, 32, 16 * 32 * 9)
+    assert c["rows_per_example"] == 16 * 16
+    assert c["fwd_flops_per_example"] == 2 * (16 * 9) * 32 * (16 * 16)
+    assert (c["in_elems_per_example"], c["out_elems_per_example"]) == (16 * 32 * 32, 32 * 16 * 16)
+    s = layers["layer2.0.shortcut.0"]
+    assert (s["dim_a"], s["dim_g"], s["rows_per_example"]) == (16, 32, 256)
+    # Forward order: stem first, each block's convs before its shortcut, classifier last.
+    names = [l["name"] for l in d["layers"]]
+    assert names[0] == "conv1" and names[-1] == "fc"
+    assert names.index("layer2.0.conv2") < names.index("layer2.0.shortcut.0")
+    assert names.index("layer2.0.shortcut.0") < names.index("layer2.1.conv1")
+    bn_params = d["total_params"] - sum(l["params"] for l in d["layers"])
+    assert d["other_params"] == bn_params == 2 * (16 + 6 * 16 + 7 * 32 + 7 * 64)
+
+
+def test_every_conv_agrees_with_an_unfold_reference():
+    """rows and dim_a of each conv equal the shape of F.unfold on the layer's real input."""
+    w = get_workload("resnet20")
+    model = w.build_model().eval()
+    x, _ = w.make_batch(1)
+    inputs: dict[str, torch.Tensor] = {}
+
+    def keep_input(path):
+        def hook(module, inp, out):
+            inputs[path] = inp[0]  # returns None: the output is left alone
+        return hook
+
+    for path, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_hook(keep_input(path))
+    with torch.no_grad():
+        model(x)
+    d = describe_model(model, x)
+    for layer in d["layers"]:
+        if layer["kind"] != "conv2d":
+            continue
+        m = model.get_submodule(layer["name"])
+        cols = F.unfold(inputs[layer["name"]], m.kernel_size, m.dilation, m.padding, m.stride)
+        assert layer["dim_a"] == cols.shape[1]
+        assert layer["rows_per_example"] == cols.shape[2]
+        assert layer["fwd_flops_per_example"] == 2 * m.weight.numel() * cols.shape[2]
+
+
+def test_transformer_linears_count_sequence_rows():
+    d = describe_workload("transformer")
+    first = d["layers"][:7]
+    assert [l["name"] for l in first] == [
+        "layers.0.attn.q", "layers.0.attn.k", "layers.0.attn.v", "layers.0.attn.out",
+        "layers.0.ff1", "layers.0.ff2", "layers.1.attn.q",
+    ]
+    q, ff1 = first[0], first[4]
+    assert (q["rows_per_example"], q["dim_a"], q["dim_g"]) == (64, 129, 128)
+    assert q["fwd_flops_per_example"] == 2 * 128 * 128 * 64
+    assert (ff1["dim_g"], ff1["out_elems_per_example"]) == (512, 64 * 512)
+    cls = d["layers"][-1]
+    assert (cls["name"], cls["rows_per_example"], cls["in_elems_per_example"]) == ("classifier", 1, 128)
+    # embeddings (1024 + 64 tokens x 128) and 5 LayerNorms are the non-K-FAC parameters
+    assert d["other_params"] == (1024 + 64) * 128 + 5 * 2 * 128
+
+
+def test_resnet50_description():
+    d = describe_workload("resnet50")
+    assert d["num_kfac_layers"] == 54 and d["input_shape"] == [3, 224, 224]
+    kinds = [l["kind"] for l in d["layers"]]
+    assert kinds.count("conv2d") == 53 and kinds[-1] == "linear"
+    assert d["layers"][0]["rows_per_example"] == 112 * 112
+    assert d["layers"][-1]["dim_a"] == 2049
+    # ResNet-50 is commonly quoted at ~4.1 GMACs per 224x224 image (torchvision: 4.09).
+    total = sum(l["fwd_flops_per_example"] for l in d["layers"])
+    assert 2 * 4.05e9 < total < 2 * 4.15e9
+    assert d["total_params"] == 25_557_032
+    small = describe_workload("resnet50", image_size=64)
+    assert small["options"]["image_size"] == 64 and small["layers"][0]["rows_per_example"] == 32 * 32
+
+
+def test_describe_rejects_shared_and_unused_layers_and_big_batches():
+    lin = nn.Linear(4, 4)
+    with pytest.raises(ValueError, match="more than once"):
+        describe_model(nn.Sequential(lin, lin), torch.zeros(1, 4))
+
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.spare = nn.Linear(4, 2), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.used(x)
+
+    with pytest.raises(ValueError, match="spare"):
+        describe_model(Unused(), torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="batch of 1"):
+        describe_model(nn.Linear(4, 2), torch.zeros(2, 4))
+
+
+def test_grouped_convs_are_other_params():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(4, 8, 1, bias=True))
+    d = describe_model(model, torch.zeros(1, 4, 6, 6))
+    assert d["num_kfac_layers"] == 1 and d["layers"][0]["name"] == "1"
+    assert d["layers"][0]["dim_a"] == 5 and d["layers"][0]["rows_per_example"] == 16
+    assert d["other_params"] == 4 * 9 + 4
