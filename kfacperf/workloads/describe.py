@@ -95,7 +95,10 @@ def describe_workload(name: str, **options: Any) -> dict[str, Any]:
     model = workload.build_model(seed=0)
     example, _ = workload.make_batch(1)
     out = describe_model(model, example, name=name)
-    out["options"] = dict(workload.options)
+    # Lists, not tuples, so the record serialises to JSON/TOML unchanged.
+    out["options"] = {
+        k: list(v) if isinstance(v, tuple) else v for k, v in workload.options.items()
+    }
     return out
 
 

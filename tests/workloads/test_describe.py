@@ -14,6 +14,7 @@ KEYS = {
 
 def test_mlp_by_hand():
     d = describe_workload("mlp")  # 784 -> 512 -> 256 -> 10
+    assert d["options"] == {"in_features": 784, "hidden": [512, 256], "num_classes": 10}
     assert d["name"] == "mlp" and d["input_shape"] == [784]
     assert d["num_kfac_layers"] == 3 and d["other_params"] == 0
     assert [l["name"] for l in d["layers"]] == ["net.0", "net.2", "net.4"]

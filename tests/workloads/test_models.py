@@ -36,7 +36,7 @@ def cifar_resnet_params(n: int, classes: int = 10) -> int:
     total = 3 * 16 * 9 + 2 * 16  # stem conv + BN
     c = 16
     for w in (16, 32, 64):
-        for b in range(n):
+        for _ in range(n):
             total += 9 * c * w + 9 * w * w + 4 * w
             if c != w:
                 total += c * w + 2 * w
