@@ -1,0 +1,349 @@
+"""Per-layer K-FAC state and the batch statistics (Kronecker factors) of Linear and Conv2d.
+
+Conventions (N = examples in the local batch, the size of the input's first dimension; the
+loss is assumed to be a mean over those N examples):
+
+* A layer's gradient is handled as a ``dim_g x dim_a`` matrix ``[dW | db]``: the weight
+  reshaped to ``(out, -1)`` (for Conv2d the columns are ordered ``(c_in, kh, kw)``, the order
+  of :func:`torch.nn.functional.unfold`) and, when the layer has a bias, the bias as the last
+  column.  Vectors are vectorised row-major (``tensor.reshape(-1)``), so the Kronecker-factored
+  Fisher block of a layer is ``G ⊗ A`` (G first).
+* Every layer turns its input into R *rows* ``a_r`` (with a trailing 1 when there is a bias)
+  and its output gradient into R rows ``g_r`` (what autograd gives for a mean loss, i.e.
+  ``1/N`` of the per-example gradient ``δ_r = N g_r``).  The gradient is ``Σ_r g_r a_rᵀ``.
+
+  - ``nn.Linear``: rows are all leading positions, R = N (input ``[N, F]``) or R = N·T
+    (input ``[N, T, F]``, any number of leading dims).
+  - ``nn.Conv2d``: rows are spatial output positions of every example, R = N·L with
+    L = H_out·W_out; ``a_r`` is the receptive-field patch (unfolded with the module's stride,
+    padding, padding mode and dilation).
+
+* Factors (for R = N these are exactly ``A = (1/N) Σ aᵢaᵢᵀ``, ``G = (1/N) Σ δᵢδᵢᵀ``)::
+
+      A = (1/R) Σ_r a_r a_rᵀ          (mean over all rows: per-position second moment)
+      G = (1/N) Σ_r δ_r δ_rᵀ = N Σ_r g_r g_rᵀ   (sum over positions, mean over examples)
+
+  So with L positions per example, ``G ⊗ A = L · E[δδᵀ] ⊗ E[aaᵀ]``: the KFC approximation
+  (Grosse & Martens, 2016) of the Fisher ``E_i[vec∇ᵢ vec∇ᵢᵀ]`` under spatially uncorrelated
+  derivatives.  The factor L sits in G so that A's bias entry is exactly 1 and A does not
+  grow with image size.  For a single example of a Linear layer (N = R = 1), ``G ⊗ A`` is
+  exactly ``vec(∇W) vec(∇W)ᵀ``.
+
+Factors are computed in the activations' dtype (float32 for half-precision activations).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+INVERSE_METHODS = ("eigen", "cholesky")
+
+# Tensors that make up a layer's inverse state, per method (see kfacperf.kfac.inverse).
+_INVERSE_STATE = {
+    "eigen": ("qa", "qg", "da", "dg"),
+    "cholesky": ("a_inv", "g_inv"),
+}
+
+
+class KFACLayer:
+    """The K-FAC state of one registered module.
+
+    Attributes (``None`` until first set):
+        name, module, kind (``"linear"``/``"conv2d"``), has_bias, dim_a (incl. the bias
+        column), dim_g, inverse_method.
+        a_batch, g_batch: this step's batch statistics (local, then global after the
+            strategy's ``finish_factors``).
+        a_factor, g_factor: running averages (``dim_a²``, ``dim_g²``).
+        qa, qg, da, dg: eigen method inverse state (eigenvectors, eigenvalues ≥ 0).
+        a_inv, g_inv: Cholesky method inverse state (π-damped inverses).
+        grad: the ``dim_g x dim_a`` gradient matrix loaded by :meth:`load_grad`.
+        precond_grad: the preconditioned gradient matrix; kl_term: 0-dim tensor
+            ``⟨precond_grad, grad⟩`` used by KL-clipping.
+    """
+
+    kind = ""
+
+    def __init__(self, *, name: str, module: nn.Module, inverse_method: str) -> None:
+        if inverse_method not in INVERSE_METHODS:
+            raise ValueError(
+                f"unknown inverse_method {inverse_method!r}; expected one of {INVERSE_METHODS}"
+            )
+        self.name = name
+        self.module = module
+        self.inverse_method = inverse_method
+        self.has_bias = getattr(module, "bias", None) is not None
+        weight: Tensor = module.weight  # type: ignore[assignment]
+        self.dim_g = int(weight.shape[0])
+        self.dim_a = int(weight[0].numel()) + int(self.has_bias)
+        self.a_batch: Optional[Tensor] = None
+        self.g_batch: Optional[Tensor] = None
+        self.a_factor: Optional[Tensor] = None
+        self.g_factor: Optional[Tensor] = None
+        self.qa: Optional[Tensor] = None
+        self.qg: Optional[Tensor] = None
+        self.da: Optional[Tensor] = None
+        self.dg: Optional[Tensor] = None
+        self.a_inv: Optional[Tensor] = None
+        self.g_inv: Optional[Tensor] = None
+        self.grad: Optional[Tensor] = None
+        self.precond_grad: Optional[Tensor] = None
+        self.kl_term: Optional[Tensor] = None
+        self.rows = 0  # rows R of the last batch statistics (for FLOP counts)
+        self._input: Optional[Tensor] = None
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(name={self.name!r}, dim_a={self.dim_a}, "
+            f"dim_g={self.dim_g}, bias={self.has_bias})"
+        )
+
+    # ----------------------------------------------------------------- batch statistics
+    def save_input(self, x: Tensor) -> None:
+        """Keep the layer input of this forward pass (a reference; autograd keeps it too)."""
+        self._input = x.detach()
+
+    @property
+    def has_input(self) -> bool:
+        return self._input is not None
+
+    def compute_batch_factors(self, grad_output: Tensor) -> None:
+        """Set ``a_batch``/``g_batch`` from the saved input and the output gradient."""
+        x = self._input
+        if x is None:
+            raise RuntimeError(f"layer {self.name!r}: no saved input for its output gradient")
+        self._input = None
+        dtype = _factor_dtype(x.dtype)
+        n = int(x.shape[0]) if x.dim() > 1 else 1
+        a_rows = self._a_rows(x.to(dtype))  # (dim_a without bias, R), may be a view
+        g_rows = self._g_rows(grad_output.detach().to(dtype))  # (dim_g, R)
+        self.rows = int(a_rows.shape[1])
+        self.a_batch = _second_moment(a_rows, self.has_bias, scale=1.0 / self.rows)
+        self.g_batch = _second_moment(g_rows, False, scale=float(n))
+
+    def clear_input(self) -> None:
+        self._input = None
+
+    def _a_rows(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _g_rows(self, g: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def update_factors(self, decay: float) -> None:
+        """Running average: the first update sets the factor, later F ← d·F + (1-d)·F_batch."""
+        if self.a_batch is None or self.g_batch is None:
+            return
+        if self.a_factor is None or self.g_factor is None:
+            self.a_factor = self.a_batch.clone()
+            self.g_factor = self.g_batch.clone()
+        else:
+            self.a_factor.mul_(decay).add_(self.a_batch, alpha=1.0 - decay)
+            self.g_factor.mul_(decay).add_(self.g_batch, alpha=1.0 - decay)
+
+    # ---------------------------------------------------------------------- gradients
+    def load_grad(self) -> None:
+        """``grad`` ← the ``dim_g x dim_a`` matrix of the module's ``.grad`` (a new tensor)."""
+        w = self.module.weight
+        if w.grad is None:
+            self.grad = None
+            return
+        g = w.grad.reshape(self.dim_g, -1)
+        if self.has_bias:
+            b = self.module.bias.grad  # type: ignore[union-attr]
+            bias = b if b is not None else torch.zeros_like(g[:, 0])
+            self.grad = torch.cat([g, bias.reshape(-1, 1)], dim=1)
+        else:
+            self.grad = g.clone()
+
+    def write_grad(self, matrix: Tensor, scale: Optional[Tensor] = None) -> None:
+        """Write ``scale * matrix`` into the module's ``.grad`` (weight and bias)."""
+        w = self.module.weight
+        m = matrix if scale is None else matrix * scale
+        weight_part = m[:, : self.dim_a - int(self.has_bias)].reshape(w.shape)
+        if w.grad is None:
+            w.grad = weight_part.to(w.dtype).clone()
+        else:
+            w.grad.copy_(weight_part)
+        if self.has_bias:
+            b = self.module.bias
+            bias_part = m[:, -1].reshape(b.shape)
+            if b.grad is None:
+                b.grad = bias_part.to(b.dtype).clone()
+            else:
+                b.grad.copy_(bias_part)
+
+    def pack_preconditioned(self) -> Tensor:
+        """``precond_grad`` flattened with ``kl_term`` appended (``preconditioned_numel``)."""
+        assert self.precond_grad is not None and self.kl_term is not None
+        kl = self.kl_term.reshape(1).to(self.precond_grad.dtype)
+        return torch.cat([self.precond_grad.reshape(-1), kl])
+
+    def unpack_preconditioned(self, flat: Tensor) -> None:
+        """Inverse of :meth:`pack_preconditioned` (views into ``flat``)."""
+        numel = self.dim_g * self.dim_a
+        if flat.numel() != numel + 1:
+            raise ValueError(
+                f"layer {self.name!r}: packed preconditioned gradient has {flat.numel()} "
+                f"elements, expected {numel + 1}"
+            )
+        self.precond_grad = flat[:numel].view(self.dim_g, self.dim_a)
+        self.kl_term = flat[numel]
+
+    @property
+    def preconditioned_numel(self) -> int:
+        return self.dim_g * self.dim_a + 1
+
+    # ------------------------------------------------------------------ inverse state
+    def inverse_names(self) -> tuple[str, ...]:
+        """Attribute names of this layer's inverse state for its inverse method."""
+        return _INVERSE_STATE[self.inverse_method]
+
+    def inverse_shapes(self) -> tuple[tuple[int, ...], ...]:
+        a, g = self.dim_a, self.dim_g
+        shapes = {"qa": (a, a), "qg": (g, g), "da": (a,), "dg": (g,), "a_inv": (a, a),
+                  "g_inv": (g, g)}
+        return tuple(shapes[n] for n in self.inverse_names())
+
+    @property
+    def has_inverse(self) -> bool:
+        return all(getattr(self, n) is not None for n in self.inverse_names())
+
+    def inverse_buffers(
+        self, *, dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None
+    ) -> list[Tensor]:
+        """The inverse-state tensors, allocated (uninitialised) where missing.
+
+        A rank that receives a layer's inverse by broadcast calls this and broadcasts into
+        the returned tensors in place.  Missing tensors take ``dtype``/``device`` (default:
+        the weight's device and the factor dtype).
+        """
+        w = self.module.weight
+        dtype = dtype or _factor_dtype(w.dtype)
+        device = device or w.device
+        out = []
+        for attr, shape in zip(self.inverse_names(), self.inverse_shapes()):
+            t = getattr(self, attr)
+            if t is None:
+                t = torch.empty(shape, dtype=dtype, device=device)
+                setattr(self, attr, t)
+            out.append(t)
+        return out
+
+    # --------------------------------------------------------------- sizes and FLOPs
+    def factor_numel(self) -> int:
+        return self.dim_a * self.dim_a + self.dim_g * self.dim_g
+
+    def factor_nbytes(self, dtype: Optional[torch.dtype] = None, *, triu: bool = False) -> int:
+        """Bytes of A and G (full matrices, or upper triangles with ``triu``)."""
+        a, g = self.dim_a, self.dim_g
+        numel = (a * (a + 1) + g * (g + 1)) // 2 if triu else a * a + g * g
+        return numel * _itemsize(dtype or _factor_dtype(self.module.weight.dtype))
+
+    def inverse_nbytes(self, dtype: Optional[torch.dtype] = None) -> int:
+        numel = sum(math.prod(s) for s in self.inverse_shapes())
+        return numel * _itemsize(dtype or _factor_dtype(self.module.weight.dtype))
+
+    def grad_nbytes(self, dtype: Optional[torch.dtype] = None) -> int:
+        return self.dim_g * self.dim_a * _itemsize(dtype or self.module.weight.dtype)
+
+    def factor_flops(self) -> float:
+        """FLOPs of the last batch statistics (two Gram matrices over R rows)."""
+        return 2.0 * self.rows * (self.dim_a**2 + self.dim_g**2)
+
+    def inverse_flops(self) -> float:
+        """Nominal FLOPs of one inverse: ~ (4/3)n³ eigh or (1/3 + 2/3... ) n³ Cholesky."""
+        a, g = self.dim_a, self.dim_g
+        coeff = 9.0 if self.inverse_method == "eigen" else 1.0
+        return coeff * (a**3 + g**3)
+
+    def precondition_flops(self) -> float:
+        a, g = self.dim_a, self.dim_g
+        gemms = 4.0 if self.inverse_method == "eigen" else 2.0
+        return gemms * a * g * (a + g)
+
+
+class LinearLayer(KFACLayer):
+    """``nn.Linear``: every leading position of the input is a row."""
+
+    kind = "linear"
+
+    def _a_rows(self, x: Tensor) -> Tensor:
+        return x.reshape(-1, x.shape[-1]).t()
+
+    def _g_rows(self, g: Tensor) -> Tensor:
+        return g.reshape(-1, g.shape[-1]).t()
+
+
+class Conv2dLayer(KFACLayer):
+    """``nn.Conv2d`` (groups=1): every spatial output position of every example is a row."""
+
+    kind = "conv2d"
+
+    def __init__(self, *, name: str, module: nn.Module, inverse_method: str) -> None:
+        if not isinstance(module, nn.Conv2d) or module.groups != 1:
+            raise ValueError(f"layer {name!r}: only nn.Conv2d with groups=1 is supported")
+        super().__init__(name=name, module=module, inverse_method=inverse_method)
+
+    def _a_rows(self, x: Tensor) -> Tensor:
+        m: nn.Conv2d = self.module  # type: ignore[assignment]
+        padding = m.padding
+        if isinstance(padding, str) or m.padding_mode != "zeros":
+            x = F.pad(x, _explicit_padding(m), mode=_pad_mode(m.padding_mode))
+            padding = (0, 0)
+        if x.dim() == 3:  # unbatched input [C, H, W]
+            x = x.unsqueeze(0)
+        patches = F.unfold(
+            x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride
+        )  # [N, C*kh*kw, L]
+        return patches.transpose(0, 1).reshape(patches.shape[1], -1)
+
+    def _g_rows(self, g: Tensor) -> Tensor:
+        if g.dim() == 3:
+            g = g.unsqueeze(0)
+        return g.transpose(0, 1).reshape(g.shape[1], -1)
+
+
+def _explicit_padding(m: nn.Conv2d) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) padding the module applies, for string paddings too."""
+    if m.padding == "valid":
+        return (0, 0, 0, 0)
+    if m.padding == "same":
+        pads = []
+        for k, d in zip(m.kernel_size, m.dilation):
+            total = d * (k - 1)
+            pads.append((total // 2, total - total // 2))
+        (top, bottom), (left, right) = pads
+        return (left, right, top, bottom)
+    ph, pw = m.padding  # type: ignore[misc]
+    return (pw, pw, ph, ph)
+
+
+def _pad_mode(padding_mode: str) -> str:
+    return "constant" if padding_mode == "zeros" else padding_mode
+
+
+def _second_moment(rows: Tensor, bias: bool, *, scale: float) -> Tensor:
+    """``scale · [X; 1][X; 1]ᵀ`` for ``X`` of shape ``(d, R)`` without materialising the 1s."""
+    gram = rows @ rows.t()
+    if not bias:
+        return gram.mul_(scale)
+    d, r = rows.shape
+    out = torch.empty(d + 1, d + 1, dtype=rows.dtype, device=rows.device)
+    out[:d, :d] = gram
+    s = rows.sum(dim=1)
+    out[:d, d] = s
+    out[d, :d] = s
+    out[d, d] = float(r)
+    return out.mul_(scale)
+
+
+def _factor_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()

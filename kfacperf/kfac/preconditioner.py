@@ -1,0 +1,267 @@
+"""The K-FAC preconditioner: hooks, the step, and its placement through a :class:`Strategy`.
+
+Use with any first-order optimizer::
+
+    precond = KFACPreconditioner(model, damping=1e-3, lr=0.1)
+    loss.backward(); precond.step(); optimizer.step()
+
+``precond.step()`` replaces the ``.grad`` of every registered layer's weight (and bias) with
+its preconditioned, KL-clipped gradient.  Registered layers: ``nn.Linear`` and ``nn.Conv2d``
+with ``groups=1`` whose weight requires a gradient.  Every other parameter (BatchNorm,
+LayerNorm, embeddings, grouped convolutions) is left to the first-order optimizer and listed
+in :attr:`KFACPreconditioner.other_params` (and logged) at construction.
+
+Steps are counted by calls to :meth:`KFACPreconditioner.step`, starting at 0.  On step k the
+forward/backward hooks compute batch statistics iff ``k % factor_interval == 0`` and the
+inverses are recomputed iff ``k % inverse_interval == 0`` (so step 0 does both).  Only one
+forward/backward per step is supported (a module called twice keeps its last call).  See
+:mod:`kfacperf.kfac.layers` for the factor conventions and :mod:`kfacperf.kfac.inverse` for
+the two inverse methods.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any, Union
+
+import torch
+from torch import Tensor, nn
+
+from kfacperf import stages
+from kfacperf.kfac import inverse
+from kfacperf.kfac.layers import INVERSE_METHODS, Conv2dLayer, KFACLayer, LinearLayer
+from kfacperf.kfac.strategy import LocalStrategy, Strategy
+from kfacperf.profiler.timer import NULL_TIMER, Timer
+
+logger = logging.getLogger(__name__)
+
+Schedule = Union[float, Callable[[int], float]]
+"""A hyperparameter: a number, or a function of the step index."""
+
+
+class KFACPreconditioner:
+    """K-FAC for ``nn.Linear`` and ``nn.Conv2d``, composable with any optimizer.
+
+    Args:
+        model: the model (a ``DistributedDataParallel`` wrapper is unwrapped).
+        damping: Tikhonov damping λ > 0 (or a function of the step).
+        lr: the first-order optimizer's learning rate (or a function of the step); used
+            only by KL-clipping.
+        factor_interval: compute batch statistics every this many steps.
+        inverse_interval: recompute inverses every this many steps (a multiple of
+            ``factor_interval``).
+        inverse_method: ``"eigen"`` (exact ``(G⊗A+λI)⁻¹``) or ``"cholesky"`` (π-damped).
+        factor_decay: running-average weight d in ``F ← d·F + (1-d)·F_batch``, in [0, 1).
+        kl_clip: bound on the predicted KL change of the update; ``None`` disables.
+        strategy: placement and communication (default :class:`LocalStrategy`).
+        timer: stage timer (default: records nothing).
+        inverse_dtype: dtype of the decompositions (stored results use the factor dtype).
+        skip_layers: module names (exact, or a ``name.`` prefix) not to register.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        damping: Schedule,
+        lr: Schedule,
+        factor_interval: int = 1,
+        inverse_interval: int = 1,
+        inverse_method: str = "eigen",
+        factor_decay: float = 0.95,
+        kl_clip: float | None = 1e-3,
+        strategy: Strategy | None = None,
+        timer: Timer = NULL_TIMER,
+        inverse_dtype: torch.dtype = torch.float64,
+        skip_layers: tuple[str, ...] | list[str] = (),
+    ) -> None:
+        _check_schedule("damping", damping)
+        _check_schedule("lr", lr)
+        for key, value in (("factor_interval", factor_interval),
+                           ("inverse_interval", inverse_interval)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        if inverse_interval % factor_interval != 0:
+            raise ValueError(
+                f"inverse_interval ({inverse_interval}) must be a multiple of "
+                f"factor_interval ({factor_interval})"
+            )
+        if inverse_method not in INVERSE_METHODS:
+            raise ValueError(
+                f"unknown inverse_method {inverse_method!r}; expected one of {INVERSE_METHODS}"
+            )
+        if not (isinstance(factor_decay, (int, float)) and 0.0 <= factor_decay < 1.0):
+            raise ValueError(f"factor_decay must be in [0, 1), got {factor_decay!r}")
+        if kl_clip is not None and not (isinstance(kl_clip, (int, float)) and kl_clip > 0):
+            raise ValueError(f"kl_clip must be > 0 or None, got {kl_clip!r}")
+        if inverse_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"inverse_dtype must be float32 or float64, got {inverse_dtype}")
+        strategy = LocalStrategy() if strategy is None else strategy
+        if not isinstance(strategy, Strategy):
+            raise ValueError(f"strategy {strategy!r} does not implement the Strategy protocol")
+
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        self.model = model
+        self.damping = damping
+        self.lr = lr
+        self.factor_interval = factor_interval
+        self.inverse_interval = inverse_interval
+        self.inverse_method = inverse_method
+        self.factor_decay = float(factor_decay)
+        self.kl_clip = None if kl_clip is None else float(kl_clip)
+        self.strategy = strategy
+        self.timer = timer
+        self.inverse_dtype = inverse_dtype
+        self.steps = 0
+        self.last_kl_scale: Tensor | None = None
+
+        self.layers: dict[str, KFACLayer] = {}
+        self.skipped_modules: list[str] = []
+        self._register(model, tuple(skip_layers))
+        if not self.layers:
+            raise ValueError(
+                f"model {type(model).__name__} has no supported layer for K-FAC "
+                "(nn.Linear or nn.Conv2d with groups=1 and a trainable weight)"
+            )
+        registered = {id(p) for layer in self.layers.values()
+                      for p in layer.module.parameters(recurse=False)}
+        self.other_params: list[str] = [
+            name for name, p in model.named_parameters() if id(p) not in registered
+        ]
+        logger.info(
+            "K-FAC registered %d layers; %d parameter tensors left to the first-order "
+            "optimizer: %s", len(self.layers), len(self.other_params),
+            ", ".join(self.other_params) or "(none)",
+        )
+        if self.skipped_modules:
+            logger.warning("K-FAC skips unsupported modules: %s", ", ".join(self.skipped_modules))
+
+        self._handles = [
+            layer.module.register_forward_hook(self._forward_hook)
+            for layer in self.layers.values()
+        ]
+        self._by_module = {id(layer.module): layer for layer in self.layers.values()}
+        self.strategy.setup(model, self.layers, timer=timer)
+
+    # ------------------------------------------------------------------ registration
+    def _register(self, model: nn.Module, skip: tuple[str, ...]) -> None:
+        for name, module in model.named_modules():
+            if any(name == s or name.startswith(s + ".") for s in skip):
+                continue
+            weight = getattr(module, "weight", None)
+            if not isinstance(weight, Tensor) or not weight.requires_grad:
+                continue
+            if type(module).__name__ == "NonDynamicallyQuantizableLinear":
+                # nn.MultiheadAttention's out_proj: its forward() is never called (the
+                # attention uses its weight directly), so hooks would never fire.
+                self.skipped_modules.append(name)
+                continue
+            if isinstance(module, nn.Linear):
+                layer: KFACLayer = LinearLayer(name=name, module=module,
+                                               inverse_method=self.inverse_method)
+            elif isinstance(module, nn.Conv2d):
+                if module.groups != 1:
+                    self.skipped_modules.append(name)
+                    continue
+                layer = Conv2dLayer(name=name, module=module, inverse_method=self.inverse_method)
+            else:
+                continue
+            self.layers[name or "<model>"] = layer
+
+    # ------------------------------------------------------------------------ hooks
+    @property
+    def factor_step(self) -> bool:
+        """Does the current step compute batch statistics?"""
+        return self.steps % self.factor_interval == 0
+
+    @property
+    def inverse_step(self) -> bool:
+        """Does the current step recompute inverses?"""
+        return self.steps % self.inverse_interval == 0
+
+    def _forward_hook(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        if not (self.factor_step and module.training and torch.is_grad_enabled()):
+            return
+        if not isinstance(output, Tensor) or not output.requires_grad:
+            return
+        layer = self._by_module[id(module)]
+        layer.save_input(inputs[0])
+        output.register_hook(lambda grad, layer=layer: self._on_grad_output(layer, grad))
+
+    def _on_grad_output(self, layer: KFACLayer, grad: Tensor) -> None:
+        rows = grad.numel() // layer.dim_g
+        flops = 2.0 * rows * (layer.dim_a**2 + layer.dim_g**2)
+        with self.timer.stage(stages.FACTOR_COMPUTE, layer.name, flops=flops):
+            layer.compute_batch_factors(grad)
+        self.strategy.on_factor_batch(layer)
+
+    def remove_hooks(self) -> None:
+        """Detach from the model (the preconditioner cannot be stepped afterwards)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    # ------------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self) -> None:
+        """Precondition the registered layers' ``.grad`` in place (see the module doc)."""
+        damping = _value("damping", self.damping, self.steps)
+        strategy, timer = self.strategy, self.timer
+        for layer in self.layers.values():
+            layer.load_grad()
+        if self.factor_step:
+            strategy.finish_factors()
+            for name, layer in self.layers.items():
+                layer.clear_input()  # a forward without a backward leaves one behind
+                if strategy.needs_factors(name) and layer.a_batch is not None:
+                    nflops = 3.0 * layer.factor_numel()
+                    with timer.stage(stages.FACTOR_COMPUTE, name, flops=nflops):
+                        layer.update_factors(self.factor_decay)
+        if self.inverse_step:
+            for name, layer in self.layers.items():
+                if strategy.inverts(name) and layer.a_factor is not None:
+                    with timer.stage(stages.INVERSE, name, flops=layer.inverse_flops()):
+                        inverse.compute_inverse(layer, damping=damping, dtype=self.inverse_dtype)
+            strategy.share_inverses()
+        strategy.reduce_gradients()
+        for name, layer in self.layers.items():
+            if strategy.preconditions(name):
+                with timer.stage(stages.PRECONDITION, name, flops=layer.precondition_flops()):
+                    inverse.precondition(layer, damping=damping)
+        strategy.share_preconditioned()
+        scale = None
+        if self.kl_clip is not None:
+            terms = [layer.kl_term for layer in self.layers.values() if layer.kl_term is not None]
+            lr = _value("lr", self.lr, self.steps)
+            scale = inverse.kl_clip_scale(terms, lr=lr, kl_clip=self.kl_clip)
+        self.last_kl_scale = scale
+        for layer in self.layers.values():
+            if layer.precond_grad is not None:
+                layer.write_grad(layer.precond_grad, scale)
+        self.steps += 1
+
+    # ------------------------------------------------------------------- inspection
+    def __iter__(self) -> Iterator[KFACLayer]:
+        return iter(self.layers.values())
+
+    def __repr__(self) -> str:
+        return (
+            f"KFACPreconditioner(layers={len(self.layers)}, method={self.inverse_method!r}, "
+            f"intervals={self.factor_interval}/{self.inverse_interval}, "
+            f"strategy={self.strategy.name!r})"
+        )
+
+
+def _check_schedule(key: str, value: Schedule) -> None:
+    if callable(value):
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{key} must be > 0 (or a function of the step), got {value!r}")
+
+
+def _value(key: str, value: Schedule, step: int) -> float:
+    v = value(step) if callable(value) else value
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+        raise ValueError(f"{key} at step {step} must be > 0, got {v!r}")
+    return float(v)
