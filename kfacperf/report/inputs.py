@@ -1,0 +1,201 @@
+"""What the report reads: measured runs (traces) and simulator predictions.
+
+This is the only module of :mod:`kfacperf.report` that knows how traces and predictions are
+stored; everything else works on :class:`RunData` and :class:`PredictionData`.  Loading is
+delegated to :func:`kfacperf.traces.load_trace` and
+:func:`kfacperf.sim.prediction.load_prediction`; this module adds the checks the report
+relies on (columns present, display names) so bad input fails here with a message naming
+the file, not later inside a figure.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import pandas as pd
+
+from kfacperf.traces import EVENT_COLUMNS
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kfacperf.trace_summary import TraceSummary
+
+SUMMARY_COLUMNS: tuple[str, ...] = (
+    "strategy", "gpus", "step_us", "compute_us", "comm_us", "exposed_comm_us",
+    "kfac_overhead", "scaling_efficiency",
+)
+STAGE_TIME_COLUMNS: tuple[str, ...] = ("strategy", "gpus", "stage", "layer", "time_us")
+PREDICTION_EVENT_COLUMNS: tuple[str, ...] = EVENT_COLUMNS + ("strategy", "gpus")
+RUN_KEYS: tuple[str, ...] = ("strategy", "world_size")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunData:
+    """One measured run: its ``run.json``, the events of its measured steps (after warm-up),
+    optional telemetry, and :func:`kfacperf.traces.summarize`'s summary of it."""
+
+    name: str
+    path: Path
+    run: dict[str, Any]
+    events: pd.DataFrame
+    telemetry: pd.DataFrame | None
+    summary: "TraceSummary"
+
+    @property
+    def strategy(self) -> str:
+        return str(self.run["strategy"])
+
+    @property
+    def world_size(self) -> int:
+        return int(self.run["world_size"])
+
+    @property
+    def optimizer(self) -> str:
+        return str(self.run.get("optimizer", "kfac" if self.strategy != "sgd" else "sgd"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class PredictionData:
+    """One simulator output: inputs (``meta``), summary, per-stage times and events."""
+
+    name: str
+    path: Path
+    meta: dict[str, Any]
+    summary: pd.DataFrame
+    stage_times: pd.DataFrame
+    events: pd.DataFrame
+
+
+def _require_columns(df: pd.DataFrame, columns: Sequence[str], where: Path) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"{where}: missing column(s) {', '.join(missing)}")
+
+
+def _display_names(paths: Sequence[Path]) -> list[str]:
+    """Directory names, made unique by prefixing parents where two runs share a name."""
+    names = [p.name or str(p) for p in paths]
+    for depth in range(2, 6):
+        dup = {n for n in names if names.count(n) > 1}
+        if not dup:
+            break
+        names = [
+            "/".join(p.parts[-depth:]) if n in dup else n for n, p in zip(names, paths)
+        ]
+    return [n if names.count(n) == 1 else f"{n} #{i + 1}" for i, n in enumerate(names)]
+
+
+def _check_dir(path: Path, what: str) -> None:
+    if not path.exists():
+        raise FileNotFoundError(f"{what} directory not found: {path}")
+    if not path.is_dir():
+        raise ValueError(f"{what} must be a directory, got a file: {path}")
+
+
+def load_runs(paths: Sequence[str | Path]) -> list[RunData]:
+    """Load and summarize measured runs (trace directories) in the order given."""
+    from kfacperf.traces import load_trace, summarize
+
+    resolved = [Path(p) for p in paths]
+    out: list[RunData] = []
+    for path, name in zip(resolved, _display_names(resolved)):
+        _check_dir(path, "trace")
+        trace = load_trace(path)
+        missing = [k for k in RUN_KEYS if trace.run.get(k) is None]
+        if missing:
+            raise ValueError(f"{path / 'run.json'}: missing key(s) {', '.join(missing)}")
+        telemetry = trace.telemetry
+        if telemetry is not None and len(telemetry) == 0:
+            telemetry = None
+        out.append(
+            RunData(name=name, path=path, run=dict(trace.run), events=trace.measured(),
+                    telemetry=telemetry, summary=summarize(trace))
+        )
+    return out
+
+
+def load_predictions(paths: Sequence[str | Path]) -> list[PredictionData]:
+    """Load simulator predictions in the order given (the first of a workload is its baseline)."""
+    load_prediction = _prediction_loader()
+    resolved = [Path(p) for p in paths]
+    out: list[PredictionData] = []
+    for path, name in zip(resolved, _display_names(resolved)):
+        _check_dir(path, "prediction")
+        pred = load_prediction(path)
+        _require_columns(pred.summary, SUMMARY_COLUMNS, path / "summary.parquet")
+        _require_columns(pred.stage_times, STAGE_TIME_COLUMNS, path / "stage_times.parquet")
+        _require_columns(pred.events, PREDICTION_EVENT_COLUMNS, path / "events.parquet")
+        out.append(
+            PredictionData(
+                name=name,
+                path=path,
+                meta=dict(pred.meta),
+                summary=pred.summary,
+                stage_times=pred.stage_times,
+                events=pred.events,
+            )
+        )
+    return out
+
+
+def meta_value(meta: dict[str, Any], *keys: str) -> Any:
+    """The first of ``keys`` found in ``meta`` (dotted keys reach into nested dicts), or None."""
+    for key in keys:
+        node: Any = meta
+        for part in key.split("."):
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            else:
+                node = None
+                break
+        if node is not None and not (isinstance(node, float) and math.isnan(node)):
+            return node
+    return None
+
+
+# --- interim reader --------------------------------------------------------------------------
+# Used only while kfacperf.sim.prediction is not importable.
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Loaded:
+    meta: dict[str, Any] | None = None
+    events: pd.DataFrame | None = None
+    summary: pd.DataFrame | None = None
+    stage_times: pd.DataFrame | None = None
+
+
+def _need(path: Path) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"missing file: {path}")
+    return path
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        data = json.loads(_need(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return data
+
+
+def _interim_load_prediction(path: Path) -> _Loaded:
+    return _Loaded(
+        meta=_read_json(path / "prediction.json"),
+        summary=pd.read_parquet(_need(path / "summary.parquet")),
+        stage_times=pd.read_parquet(_need(path / "stage_times.parquet")),
+        events=pd.read_parquet(_need(path / "events.parquet")),
+    )
+
+
+def _prediction_loader():  # type: ignore[no-untyped-def]
+    try:
+        from kfacperf.sim.prediction import load_prediction
+    except ImportError:
+        return lambda p: _interim_load_prediction(Path(p))
+    return load_prediction

@@ -1,0 +1,193 @@
+"""Pairing data for comparisons: a measured run with its prediction and its SGD baseline,
+and predictions of one workload with their what-if variants."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+
+from kfacperf.report import metrics
+from kfacperf.report.inputs import PredictionData, RunData, meta_value
+
+
+def _name_of(value: Any) -> str | None:
+    """A workload/device/cluster named by a string, a path or a table with a ``name``."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        value = value.get("name")
+        if value is None:
+            return None
+    text = str(value)
+    return Path(text).stem if ("/" in text or text.endswith(".toml")) else text
+
+
+def prediction_workload(pred: PredictionData) -> str | None:
+    return _name_of(meta_value(pred.meta, "workload", "inputs.workload"))
+
+
+def run_workload(run: RunData) -> str | None:
+    return _name_of(run.run.get("workload"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Match:
+    """A prediction row for the same (strategy, GPU count) as a measured run."""
+
+    prediction: PredictionData
+    row: pd.Series
+
+    @property
+    def step_us(self) -> float:
+        return float(self.row["step_us"])
+
+    @property
+    def kfac_overhead(self) -> float:
+        value = self.row.get("kfac_overhead", float("nan"))
+        return float(value) if value is not None else float("nan")
+
+    def stage_us(self) -> pd.Series:
+        """Predicted per-step time (µs) of each stage, summed over layers."""
+        st = self.prediction.stage_times
+        sel = st[(st["strategy"].astype(str) == str(self.row["strategy"]))
+                 & (st["gpus"].astype(int) == int(self.row["gpus"]))]
+        sel = sel.assign(stage=sel["stage"].astype(str))
+        return sel.groupby("stage")["time_us"].sum()
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal when both are known; unknown (None/NaN) on either side does not block a match."""
+    if a is None or b is None:
+        return True
+    if isinstance(a, float) and math.isnan(a) or isinstance(b, float) and math.isnan(b):
+        return True
+    return str(a) == str(b)
+
+
+def match_prediction(run: RunData, predictions: Sequence[PredictionData]) -> Match | None:
+    """The first prediction (in the order given) with a row for the run's strategy and
+    GPU count (= world size), whose workload and batch per GPU agree with the run's when both
+    sides state them."""
+    workload = run_workload(run)
+    batch = run.run.get("batch_per_rank")
+    for pred in predictions:
+        if not _same(prediction_workload(pred), workload):
+            continue
+        s = pred.summary
+        rows = s[(s["strategy"].astype(str) == run.strategy) & (s["gpus"].astype(int) == run.world_size)]
+        for _, row in rows.iterrows():
+            if "batch_per_gpu" in row.index and not _same(_int_or_none(row["batch_per_gpu"]), _int_or_none(batch)):
+                continue
+            return Match(prediction=pred, row=row)
+    return None
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return None
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _device_name(run: RunData) -> str | None:
+    device = run.run.get("device")
+    return _name_of(device) if isinstance(device, dict) else _name_of(device)
+
+
+def sgd_baseline(run: RunData, runs: Sequence[RunData]) -> RunData | None:
+    """An SGD run of the same workload, world size, batch per rank and device, if one was given."""
+    if run.strategy == "sgd":
+        return None
+    for other in runs:
+        if other is run or other.strategy != "sgd":
+            continue
+        if (other.world_size == run.world_size
+                and _same(run_workload(other), run_workload(run))
+                and _same(_int_or_none(other.run.get("batch_per_rank")), _int_or_none(run.run.get("batch_per_rank")))
+                and _same(_device_name(other), _device_name(run))):
+            return other
+    return None
+
+
+def headline(runs: Sequence[RunData], predictions: Sequence[PredictionData]) -> pd.DataFrame:
+    """One row per measured run: measured and predicted step time, error, K-FAC overhead."""
+    rows = []
+    for run in runs:
+        measured = run.summary.step_us
+        match = match_prediction(run, predictions)
+        predicted = match.step_us if match else float("nan")
+        base = sgd_baseline(run, runs)
+        overhead = measured / base.summary.step_us if base and base.summary.step_us > 0 else float("nan")
+        rows.append(
+            {
+                "run": run.name,
+                "strategy": run.strategy,
+                "world_size": run.world_size,
+                "measured_step_us": measured,
+                "predicted_step_us": predicted,
+                "error_pct": metrics.error_pct(predicted, measured),
+                "kfac_overhead_measured": overhead,
+                "kfac_overhead_predicted": match.kfac_overhead if match and run.strategy != "sgd" else float("nan"),
+                "prediction": match.prediction.name if match else "",
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def group_by_workload(predictions: Sequence[PredictionData]) -> list[list[PredictionData]]:
+    """Predictions grouped by workload, in the order first seen; the first of a group is its
+    baseline, the others are what-if variants of it."""
+    groups: dict[str | None, list[PredictionData]] = {}
+    for pred in predictions:
+        groups.setdefault(prediction_workload(pred), []).append(pred)
+    return list(groups.values())
+
+
+# Keys that describe when/how a prediction was made, not what was predicted.
+_VOLATILE_KEYS = frozenset(
+    {"created", "created_at", "time", "start_time", "command", "kfacperf_version", "version",
+     "elapsed_s", "wall_s", "host", "hostname"}
+)
+
+
+def flatten(meta: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts flattened to dotted keys; lists kept as values."""
+    flat: dict[str, Any] = {}
+    for key, value in meta.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_short(v) for v in value) + "]"
+    return str(value)
+
+
+def variant_labels(group: Sequence[PredictionData]) -> list[str]:
+    """A label per prediction naming only the inputs in which it differs from the others."""
+    flats = [flatten(p.meta) for p in group]
+    keys = sorted(set().union(*flats)) if flats else []
+    differing = [
+        k for k in keys
+        if k.rsplit(".", 1)[-1] not in _VOLATILE_KEYS
+        and len({repr(f.get(k)) for f in flats}) > 1
+    ]
+    labels = []
+    for pred, flat in zip(group, flats):
+        parts = [f"{k}={_short(flat[k])}" for k in differing if k in flat]
+        labels.append(", ".join(parts) if parts else pred.name)
+    if len(set(labels)) < len(labels):  # differences only in volatile keys: fall back to names
+        labels = [p.name for p in group]
+    return labels

@@ -1,0 +1,105 @@
+"""Numbers the report shows, read off trace summaries and event tables (no plotting).
+
+Measured numbers come from :func:`kfacperf.traces.summarize` (so the report, the CLI and
+validation agree): a step's time is the slowest rank's ``step`` row, a run's step time the
+mean over its measured steps, a stage's time its per-step mean on one rank, and exposed
+communication the comm-lane time not covered by compute.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from kfacperf import stages
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kfacperf.trace_summary import TraceSummary
+
+
+def ordered_stages(names: list[str] | pd.Index) -> list[str]:
+    """Stage names in the canonical order of a step; unknown names last, alphabetically."""
+    present = {str(n) for n in names}
+    known = [s for s in stages.STAGE_NAMES if s in present]
+    return known + sorted(present - set(stages.STAGE_NAMES))
+
+
+def rank_stage_breakdown(summary: "TraceSummary") -> pd.DataFrame:
+    """Per-step time (µs) of every stage (columns, step order) on every rank (index)."""
+    st = summary.stages.assign(stage=summary.stages["stage"].astype(str))
+    st = st[st["stage"] != stages.STEP]
+    table = st.pivot_table(index="rank", columns="stage", values="per_step_us", aggfunc="sum",
+                           fill_value=0.0, observed=True)
+    table = table[ordered_stages(list(table.columns))]
+    table.columns.name = "stage"
+    return table.sort_index()
+
+
+def rank_table(summary: "TraceSummary") -> pd.DataFrame:
+    """Per rank (index): mean step, compute, comm, exposed comm (µs) and overlap (%)."""
+    cols = ["step_us", "compute_us", "comm_us", "exposed_comm_us", "overlap_pct", "idle_us"]
+    return summary.ranks.set_index("rank")[cols].sort_index()
+
+
+def slowest_rank(summary: "TraceSummary") -> int:
+    """The rank with the longest mean step (the lowest such rank on ties)."""
+    per_rank = summary.ranks.set_index("rank")["step_us"].sort_index()
+    return int(per_rank.idxmax())
+
+
+def stage_totals(summary: "TraceSummary", rank: int) -> pd.Series:
+    """Per-step time (µs) of each stage on ``rank`` (``step`` excluded), indexed by stage."""
+    breakdown = rank_stage_breakdown(summary)
+    if rank not in breakdown.index:
+        return pd.Series(dtype=float)
+    return breakdown.loc[rank]
+
+
+def pick_step(events: pd.DataFrame, step: int | None = None) -> int:
+    """The step a timeline shows: ``step`` if given, else the first with the most stages.
+
+    Stale-statistics runs compute factors and inverses only every few steps; the step with
+    the most distinct stages shows all of them.
+    """
+    steps = sorted(int(s) for s in events["step"].unique())
+    if not steps:
+        raise ValueError("no events to draw a timeline from")
+    if step is not None:
+        if step not in steps:
+            raise ValueError(f"step {step} is not among the measured steps ({steps[0]}..{steps[-1]})")
+        return step
+    counts = events.assign(stage=events["stage"].astype(str)).groupby("step")["stage"].nunique()
+    best = counts.max()
+    return int(min(s for s, c in counts.items() if c == best))
+
+
+def error_pct(predicted: float | None, measured: float | None) -> float:
+    """Signed relative error of a prediction in percent (NaN if either is missing or measured 0)."""
+    if measured is None or predicted is None:
+        return float("nan")
+    if not (math.isfinite(measured) and math.isfinite(predicted)) or measured == 0:
+        return float("nan")
+    return (predicted - measured) / measured * 100.0
+
+
+def stage_comparison(measured: pd.Series, predicted: pd.Series, measured_step_us: float,
+                     predicted_step_us: float) -> pd.DataFrame:
+    """Measured and predicted per-stage times (µs) side by side, the whole step last, with
+    the error in %; a stage missing on one side counts as 0 there."""
+    names = [n for n in ordered_stages(list(set(measured.index) | set(predicted.index)))
+             if n != stages.STEP]
+    rows = []
+    for name in names:
+        m = float(measured.get(name, 0.0))
+        p = float(predicted.get(name, 0.0))
+        rows.append({"stage": name, "measured_us": m, "predicted_us": p, "error_pct": error_pct(p, m)})
+    rows.append({"stage": stages.STEP, "measured_us": measured_step_us, "predicted_us": predicted_step_us,
+                 "error_pct": error_pct(predicted_step_us, measured_step_us)})
+    return pd.DataFrame(rows, columns=["stage", "measured_us", "predicted_us", "error_pct"])
+
+
+def finite(values: pd.Series | np.ndarray) -> np.ndarray:
+    arr = np.asarray(values, dtype=float)
+    return arr[np.isfinite(arr)]

@@ -1,0 +1,258 @@
+"""The report's sections, each built from loaded runs/predictions into a :class:`Section`.
+
+A section without data keeps its heading and says in one line why it is empty.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from kfacperf.report import figures, matching, metrics, timeline
+from kfacperf.report.inputs import PredictionData, RunData
+from kfacperf.report.page import (
+    Section, fmt_share, fmt_ms, fmt_pct, fmt_plain, fmt_ratio, heading, paragraph, table,
+)
+
+_RUN_FIELDS: tuple[tuple[str, str], ...] = (
+    ("workload", "workload"), ("optimizer", "optimizer"), ("strategy", "strategy"),
+    ("world_size", "ranks"), ("batch_per_rank", "batch/rank"), ("grad_worker_fraction", "grad workers"),
+    ("factor_interval", "factor every"), ("inverse_interval", "inverse every"), ("damping", "damping"),
+    ("inverse_method", "inverse"), ("device", "device"), ("threads_per_rank", "threads/rank"),
+    ("torch_version", "torch"), ("completed", "completed"),
+)
+_DEVICE_KEYS = ("name", "driver", "memory_total_mb", "memory_mb", "sm_clock_max_mhz")
+
+
+def _device_text(device: Any) -> str:
+    if isinstance(device, dict):
+        parts = [fmt_plain(device[k]) for k in _DEVICE_KEYS if k in device and device[k] not in (None, "")]
+        return " · ".join(parts) if parts else fmt_plain(device)
+    return fmt_plain(device)
+
+
+def summary_section(runs: Sequence[RunData], predictions: Sequence[PredictionData],
+                    head: pd.DataFrame) -> Section:
+    sec = Section(key="summary", title="Summary")
+    if runs:
+        rows = []
+        for run in runs:
+            row = {"run": run.name, "steps": run.summary.measured_steps}
+            for key, _ in _RUN_FIELDS:
+                value = run.run.get(key)
+                row[key] = _device_text(value) if key == "device" else fmt_plain(value)
+            rows.append(row)
+        cols = [("run", "run", fmt_plain)] + [(k, h, fmt_plain) for k, h in _RUN_FIELDS] + [
+            ("steps", "steps recorded", fmt_plain)]
+        sec.add_html(heading("Measured runs"))
+        sec.add_html(table(pd.DataFrame(rows), cols))
+        sec.add_html(heading("Headline numbers"))
+        sec.add_html(table(head, [
+            ("run", "run", fmt_plain), ("strategy", "strategy", fmt_plain), ("world_size", "GPUs/ranks", fmt_plain),
+            ("measured_step_us", "measured step (ms)", fmt_ms), ("predicted_step_us", "predicted step (ms)", fmt_ms),
+            ("error_pct", "error", fmt_pct), ("kfac_overhead_measured", "K-FAC overhead measured", fmt_ratio),
+            ("kfac_overhead_predicted", "K-FAC overhead predicted", fmt_ratio), ("prediction", "prediction", fmt_plain),
+        ], numeric=("measured_step_us", "predicted_step_us", "error_pct", "kfac_overhead_measured",
+                    "kfac_overhead_predicted"),
+            caption="step time = mean over recorded steps of the slowest rank's step; "
+                    "K-FAC overhead = step time over the SGD run with the same workload, ranks and batch"))
+    if predictions:
+        sec.add_html(heading("Predictions (simulator inputs)"))
+        sec.add_html(prediction_inputs_table(predictions))
+    if not sec.blocks:
+        sec.note = "No traces or predictions were given."
+    return sec
+
+
+def prediction_inputs_table(predictions: Sequence[PredictionData]) -> str:
+    keys: list[str] = []
+    for pred in predictions:
+        keys.extend(k for k in pred.meta if k not in keys)
+    rows = []
+    for pred in predictions:
+        row = {"prediction": pred.name}
+        for k in keys:
+            text = fmt_plain(pred.meta.get(k))
+            row[k] = text if len(text) <= 90 else text[:87] + "..."
+        rows.append(row)
+    cols = [("prediction", "prediction", fmt_plain)] + [(k, k, fmt_plain) for k in keys]
+    return table(pd.DataFrame(rows), cols)
+
+
+def breakdown_section(runs: Sequence[RunData]) -> Section:
+    sec = Section(key="breakdown", title="Measured stage breakdown per rank",
+                  intro="Per-step time of each stage on each rank (communication hatched: it may run under "
+                        "compute), and how much of the communication time is exposed.")
+    for run in runs:
+        breakdown = metrics.rank_stage_breakdown(run.summary)
+        if breakdown.empty:
+            sec.add_html(paragraph(f"{run.name}: no stage events recorded."))
+            continue
+        per_rank = metrics.rank_table(run.summary)
+        label = f"{run.name} ({run.strategy}, {run.world_size} ranks)"
+        sec.add_html(heading(label))
+        sec.add_figure(figures.rank_breakdown_figure(breakdown, per_rank, label))
+        sec.add_html(table(per_rank.reset_index(), [
+            ("rank", "rank", fmt_plain), ("step_us", "step (ms)", fmt_ms), ("compute_us", "compute busy (ms)", fmt_ms),
+            ("comm_us", "comm in flight (ms)", fmt_ms), ("exposed_comm_us", "exposed comm (ms)", fmt_ms),
+            ("overlap_pct", "comm hidden", fmt_share), ("idle_us", "idle (ms)", fmt_ms),
+        ], numeric=("step_us", "compute_us", "comm_us", "exposed_comm_us", "overlap_pct", "idle_us")))
+    if not sec.blocks:
+        sec.note = "No traces were given."
+    return sec
+
+
+def comparison_section(runs: Sequence[RunData], predictions: Sequence[PredictionData]) -> Section:
+    sec = Section(key="comparison", title="Predicted vs measured",
+                  intro="Per-step time of each stage on the slowest rank (measured) and the slowest "
+                        "representative rank (predicted); error = (predicted − measured) / measured.")
+    unmatched = []
+    for run in runs:
+        match = matching.match_prediction(run, predictions)
+        if match is None:
+            unmatched.append(f"{run.name} ({run.strategy}, {run.world_size} GPUs)")
+            continue
+        measured = metrics.stage_totals(run.summary, metrics.slowest_rank(run.summary))
+        comp = metrics.stage_comparison(measured, match.stage_us(), run.summary.step_us, match.step_us)
+        label = f"{run.name} vs {match.prediction.name} ({run.strategy}, {run.world_size} GPUs)"
+        sec.add_html(heading(label))
+        sec.add_html(table(comp, [
+            ("stage", "stage", fmt_plain), ("measured_us", "measured (ms)", fmt_ms),
+            ("predicted_us", "predicted (ms)", fmt_ms), ("error_pct", "error", fmt_pct),
+        ], numeric=("measured_us", "predicted_us", "error_pct")))
+        sec.add_figure(figures.comparison_figure(comp, label))
+    if not sec.blocks:
+        sec.note = ("No prediction matches a measured run (same strategy, GPU count = world size, "
+                    "workload and batch)." if runs and predictions else
+                    "Needs both traces and predictions.")
+    elif unmatched:
+        sec.add_html(paragraph("No matching prediction for: " + "; ".join(unmatched) + "."))
+    return sec
+
+
+def scaling_section(groups: Sequence[Sequence[PredictionData]]) -> Section:
+    sec = Section(key="scaling", title="Scaling",
+                  intro="Predicted step time, scaling efficiency and K-FAC overhead over SGD against "
+                        "the GPU count, per strategy; below, the predicted per-stage time by GPU count.")
+    for group in groups:
+        pred = group[0]
+        if pred.summary.empty:
+            continue
+        label = f"{pred.name}: {matching.prediction_workload(pred) or 'workload ?'}"
+        sec.add_html(heading(label))
+        sec.add_figure(figures.scaling_figure(pred.summary, label))
+        for strategy in sorted(pred.stage_times["strategy"].astype(str).unique()):
+            sec.add_figure(figures.stage_scaling_figure(pred.stage_times, strategy,
+                                                        f"{label}: {strategy}, time per stage"))
+    if not sec.blocks:
+        sec.note = "No predictions were given."
+    return sec
+
+
+def _nearest(available: Sequence[int], wanted: int) -> int:
+    return min(available, key=lambda g: (abs(math.log(g) - math.log(max(wanted, 1))), g))
+
+
+def timeline_section(runs: Sequence[RunData], groups: Sequence[Sequence[PredictionData]], *,
+                     step: int | None, gpus: int | None) -> Section:
+    sec = Section(key="timelines", title="Timelines of one step",
+                  intro="Every stage of one step on a millisecond axis, one lane per rank and stream "
+                        "(compute, communication).")
+    for run in runs:
+        if run.events.empty:
+            continue
+        try:
+            chosen = metrics.pick_step(run.events, step)
+        except ValueError as exc:
+            raise ValueError(f"trace {run.path}: {exc}") from None
+        label = f"measured: {run.name}, step {chosen}"
+        sec.add_figure(timeline.timeline_figure(run.events, chosen, label))
+    for group in groups:
+        pred = group[0]
+        ev = pred.events
+        if ev.empty:
+            continue
+        available = sorted(int(g) for g in ev["gpus"].unique())
+        scale = _nearest(available, gpus) if gpus is not None else available[-1]
+        at_scale = ev[ev["gpus"].astype(int) == scale]
+        for strategy in sorted(at_scale["strategy"].astype(str).unique()):
+            sub = at_scale[at_scale["strategy"].astype(str) == strategy]
+            chosen = metrics.pick_step(sub)
+            label = f"simulated: {pred.name}, {strategy} at {scale} GPUs, step {chosen}"
+            sec.add_figure(timeline.timeline_figure(sub, chosen, label))
+    if not sec.blocks:
+        sec.note = "No events to draw."
+    return sec
+
+
+def telemetry_section(runs: Sequence[RunData]) -> Section:
+    sec = Section(key="telemetry", title="Telemetry")
+    for run in runs:
+        if run.telemetry is None:
+            continue
+        fig = timeline.telemetry_figure(run.telemetry, f"{run.name}: telemetry")
+        if fig is None:
+            sec.add_html(paragraph(f"{run.name}: telemetry has no time column or numeric metric."))
+        else:
+            sec.add_figure(fig)
+    if not sec.blocks:
+        sec.note = "No trace has telemetry (clocks, power, memory are sampled only on a GPU)."
+    return sec
+
+
+def whatif_section(groups: Sequence[Sequence[PredictionData]]) -> Section:
+    sec = Section(key="whatif", title="What-if",
+                  intro="Scaling curves of the given predictions of one workload that differ in their "
+                        "inputs (bandwidth, intervals, ...), overlaid; labels name the differences.")
+    for group in groups:
+        if len(group) < 2:
+            continue
+        labels = matching.variant_labels(group)
+        workload = matching.prediction_workload(group[0]) or "workload ?"
+        sec.add_html(heading(workload))
+        sec.add_figure(figures.whatif_figure([(lbl, p.summary) for lbl, p in zip(labels, group)],
+                                             f"{workload}: what-if"))
+        sec.add_html(table(pd.DataFrame({"label": labels, "prediction": [str(p.path) for p in group]}),
+                           [("label", "variant", fmt_plain), ("prediction", "prediction", fmt_plain)]))
+    if not sec.blocks:
+        sec.note = ("Give several predictions of the same workload (e.g. simulated with bandwidth "
+                    "×0.5 and ×2, or other intervals) to compare them here.")
+    return sec
+
+
+VALIDATION_COLUMNS = ("run", "measured_step_us", "predicted_step_us")
+
+
+def normalize_validation(validation: pd.DataFrame) -> pd.DataFrame:
+    """Check a validation table (one row per held-out run) and fill ``error_pct`` if absent."""
+    missing = [c for c in VALIDATION_COLUMNS if c not in validation.columns]
+    if missing:
+        raise ValueError(f"validation table: missing column(s) {', '.join(missing)}")
+    out = validation.copy()
+    if "error_pct" not in out.columns:
+        out["error_pct"] = [metrics.error_pct(float(p), float(m))
+                            for p, m in zip(out["predicted_step_us"], out["measured_step_us"])]
+    return out
+
+
+def validation_section(validation: pd.DataFrame | None) -> Section:
+    sec = Section(key="validation", title="Prediction accuracy (held-out runs)")
+    if validation is None or validation.empty:
+        sec.note = "No validation results were given (see kfacperf validate)."
+        return sec
+    val = normalize_validation(validation)
+    err = np.abs(val["error_pct"].astype(float).to_numpy())
+    err = err[np.isfinite(err)]
+    if len(err):
+        sec.add_html(paragraph(f"{len(val)} held-out runs: median |error| {np.median(err):.1f}%, "
+                               f"worst {np.max(err):.1f}%."))
+    extra = [c for c in val.columns if c not in (*VALIDATION_COLUMNS, "error_pct")]
+    sec.add_html(table(val, [
+        ("run", "run", fmt_plain), ("measured_step_us", "measured step (ms)", fmt_ms),
+        ("predicted_step_us", "predicted step (ms)", fmt_ms), ("error_pct", "error", fmt_pct),
+    ] + [(c, c, fmt_plain) for c in extra], numeric=("measured_step_us", "predicted_step_us", "error_pct")))
+    sec.add_figure(figures.validation_figure(val, "measured vs predicted step time"))
+    return sec
+
