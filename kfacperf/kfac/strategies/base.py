@@ -1,0 +1,137 @@
+"""What the distributed strategies share: the process group, model checks, gradient helpers."""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from kfacperf.kfac.assignment import Assignment, LayerShape
+from kfacperf.kfac.comm import CommOptions
+from kfacperf.kfac.strategy import LocalStrategy
+from kfacperf.profiler.timer import Timer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kfacperf.kfac.layers import KFACLayer
+
+
+class ModelMismatchError(ValueError):
+    """The ranks hold different models (layers, shapes or parameter values)."""
+
+
+def model_fingerprint(model: nn.Module, layers: Mapping[str, KFACLayer]) -> tuple[str, str]:
+    """``(structure digest, values digest)`` of a model.
+
+    The structure covers every parameter's name, shape and dtype and every K-FAC layer's
+    name and factor dimensions; the values cover the parameters' bytes.
+    """
+    structure = hashlib.blake2b(digest_size=16)
+    values = hashlib.blake2b(digest_size=16)
+    for name, layer in layers.items():
+        structure.update(f"L:{name}:{layer.kind}:{layer.dim_a}:{layer.dim_g};".encode())
+    for name, p in model.named_parameters():
+        structure.update(f"P:{name}:{tuple(p.shape)}:{p.dtype};".encode())
+        data = p.detach().to("cpu", copy=False).contiguous()
+        values.update(data.view(-1).view(torch.uint8).numpy().tobytes())
+    return structure.hexdigest(), values.hexdigest()
+
+
+def check_same_model(
+    model: nn.Module, layers: Mapping[str, KFACLayer], *, group: Any = None
+) -> None:
+    """Raise :class:`ModelMismatchError` on every rank unless all ranks hold the same model.
+
+    One small ``all_gather_object``, so a mismatch is an error at construction rather than a
+    hang (collectives of different sizes) or silently different training later.
+    """
+    world = dist.get_world_size(group)
+    mine = model_fingerprint(model, layers)
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, mine, group=group)
+    structure = [r for r, fp in enumerate(everyone) if fp[0] != everyone[0][0]]
+    if structure:
+        raise ModelMismatchError(
+            f"rank(s) {structure} registered different K-FAC layers or parameter shapes than "
+            "rank 0; every rank must build the same model"
+        )
+    values = [r for r, fp in enumerate(everyone) if fp[1] != everyone[0][1]]
+    if values:
+        raise ModelMismatchError(
+            f"rank(s) {values} hold different parameter values than rank 0; build the model "
+            "with the same seed on every rank (or wrap it in DistributedDataParallel first, "
+            "which broadcasts rank 0's parameters)"
+        )
+
+
+def layer_shapes(layers: Mapping[str, KFACLayer]) -> list[LayerShape]:
+    return [LayerShape(name=n, dim_a=l.dim_a, dim_g=l.dim_g) for n, l in layers.items()]
+
+
+def other_parameters(model: nn.Module, layers: Mapping[str, KFACLayer]) -> list[nn.Parameter]:
+    """Trainable parameters that no K-FAC layer covers (BatchNorm, LayerNorm, embeddings...)."""
+    covered = {id(p) for l in layers.values() for p in l.module.parameters(recurse=False)}
+    return [p for p in model.parameters() if p.requires_grad and id(p) not in covered]
+
+
+def grad_matrix(layer: KFACLayer) -> Tensor:
+    """``layer.grad``, or zeros of its shape when the layer got no gradient this step."""
+    if layer.grad is not None:
+        return layer.grad
+    w = layer.module.weight
+    return torch.zeros(layer.dim_g, layer.dim_a, dtype=w.dtype, device=w.device)
+
+
+class DistributedStrategy(LocalStrategy):
+    """Common set-up of ``spngd`` and ``kaisa``.
+
+    With no process group, or a world of one, every method behaves like
+    :class:`LocalStrategy` (nothing to communicate).
+    """
+
+    def __init__(self, *, comm: CommOptions | None = None, check_model: bool = True) -> None:
+        super().__init__()
+        self.comm = comm or CommOptions()
+        self.check_model = check_model
+        self.rank = 0
+        self.world_size = 1
+        self.group: Any = None
+        self.assignment: Assignment | None = None
+        self.model: nn.Module | None = None
+        self.other_params: list[nn.Parameter] = []
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def setup(
+        self, model: nn.Module, layers: Mapping[str, KFACLayer], *, timer: Timer
+    ) -> None:
+        super().setup(model, layers, timer=timer)
+        self.model = model
+        self.other_params = other_parameters(model, layers)
+        if dist.is_available() and dist.is_initialized():
+            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        if self.distributed:
+            # A group of our own, so K-FAC collectives never interleave with DDP's.
+            self.group = dist.new_group(list(range(self.world_size)))
+            if self.check_model:
+                check_same_model(model, layers, group=self.group)
+        self.assignment = self.make_assignment(layer_shapes(layers), self.world_size)
+
+    def make_assignment(self, shapes: list[LayerShape], world_size: int) -> Assignment:
+        raise NotImplementedError
+
+    # Fixed after setup (see the Strategy protocol).
+    def inverts(self, name: str) -> bool:
+        assert self.assignment is not None, "strategy used before setup()"
+        return self.assignment.inverse_worker[name] == self.rank
+
+    def needs_factors(self, name: str) -> bool:
+        return self.inverts(name)
+
+    def preconditions(self, name: str) -> bool:
+        assert self.assignment is not None, "strategy used before setup()"
+        return self.rank in self.assignment.grad_workers[name]

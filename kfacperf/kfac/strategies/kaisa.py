@@ -1,0 +1,257 @@
+"""KAISA (Pauloski et al.): factors everywhere, inverses placed, gradient workers per layer.
+
+With ``gw = grad_worker_fraction * P`` gradient workers per layer (see
+:mod:`kfacperf.kfac.assignment` for the grid of grad-worker columns and receiver rows):
+
+* ``factor_comm`` — every layer's A and G are all-reduced (mean), bucketed up to
+  ``bucket_cap_mb`` in the order the backward hooks fire, so they overlap the backward pass;
+  triangle packing and the factor precision apply.
+* ``inverse`` — on the layer's inverse worker only (the only rank that keeps its running
+  averages).
+* ``inverse_comm`` — when ``gw > 1``: the inverse state (eigenvectors and eigenvalues, or the
+  two damped inverses — triangle-packed when ``symmetric``) is broadcast from the inverse
+  worker to the layer's column; one broadcast per (column, inverse worker) carries all of that
+  worker's layers.  Inverse state always travels in its own precision (fp32).
+* ``grad_comm`` — gradients are averaged by DistributedDataParallel (wrap the model with
+  :func:`kfacperf.kfac.ddp.wrap_ddp`), or, with ``average_gradients=True``, all-reduced here.
+* ``precondition`` — on the layer's ``gw`` gradient workers.
+* ``precond_comm`` — when ``gw < P``: in each receiver row, the row's gradient worker of a
+  layer broadcasts the preconditioned gradient (and KL term) to the rest of the row; one
+  broadcast per (row, source rank) carries all of that source's layers.
+
+``f = 1`` is COMM-OPT, ``f = 1/P`` MEM-OPT, in between HYBRID-OPT.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from kfacperf import stages
+from kfacperf.kfac import comm
+from kfacperf.kfac.assignment import (
+    Assignment,
+    LayerShape,
+    grad_worker_groups,
+    grad_workers_count,
+    kaisa_assignment,
+    receiver_groups,
+)
+from kfacperf.kfac.strategies.base import DistributedStrategy, grad_matrix
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
+
+    from kfacperf.kfac.layers import KFACLayer
+    from kfacperf.profiler.timer import Timer
+
+
+class KAISAStrategy(DistributedStrategy):
+    """KAISA with a gradient-worker fraction; see the module docstring."""
+
+    name = "kaisa"
+
+    def __init__(
+        self, *, grad_worker_fraction: float = 1.0, comm_options: comm.CommOptions | None = None,
+        average_gradients: bool = False, check_model: bool = True,
+    ) -> None:
+        super().__init__(comm=comm_options, check_model=check_model)
+        if isinstance(grad_worker_fraction, bool) or not isinstance(
+            grad_worker_fraction, (int, float)
+        ) or not 0.0 < grad_worker_fraction <= 1.0:
+            raise ValueError(
+                f"grad_worker_fraction must be in (0, 1], got {grad_worker_fraction!r}"
+            )
+        self.grad_worker_fraction = float(grad_worker_fraction)
+        self.average_gradients = bool(average_gradients)
+        self.grad_workers = 1
+        self._factors: comm.AllReduceBuckets | None = None
+        self._column: tuple[int, ...] = (0,)
+        self._row: tuple[int, ...] = (0,)
+        self._column_group: Any = None
+        self._row_group: Any = None
+
+    def make_assignment(self, shapes: list[LayerShape], world_size: int) -> Assignment:
+        return kaisa_assignment(shapes, world_size, self.grad_worker_fraction)
+
+    def setup(
+        self, model: nn.Module, layers: dict[str, KFACLayer], *, timer: Timer  # type: ignore[override]
+    ) -> None:
+        if dist.is_available() and dist.is_initialized():
+            # Fail before any collective, identically on every rank.
+            grad_workers_count(dist.get_world_size(), self.grad_worker_fraction)
+        super().setup(model, layers, timer=timer)
+        self.grad_workers = grad_workers_count(self.world_size, self.grad_worker_fraction)
+        if not self.distributed:
+            return
+        columns = grad_worker_groups(self.world_size, self.grad_workers)
+        rows = receiver_groups(self.world_size, self.grad_workers)
+        # new_group is collective over the world: every rank creates every group, in order.
+        for col in columns:
+            g = self._subgroup(col)
+            if self.rank in col:
+                self._column, self._column_group = col, g
+        for row in rows:
+            g = self._subgroup(row)
+            if self.rank in row:
+                self._row, self._row_group = row, g
+
+    def _subgroup(self, ranks: tuple[int, ...]) -> Any:
+        if len(ranks) == self.world_size:
+            return self.group
+        if len(ranks) == 1:
+            return None  # nothing to communicate
+        return dist.new_group(list(ranks))
+
+    # ---------------------------------------------------------------- factors
+    def on_factor_batch(self, layer: KFACLayer) -> None:
+        if not self.distributed:
+            return
+        if self._factors is None:
+            self._factors = comm.AllReduceBuckets(
+                stage=stages.FACTOR_COMM, cap_bytes=self.comm.bucket_cap_bytes,
+                timer=self.timer, group=self.group,
+            )
+        assert layer.a_batch is not None and layer.g_batch is not None
+        self._factors.add((layer.name, "a"), layer.name, comm.encode_factor(layer.a_batch,
+                                                                             self.comm))
+        self._factors.add((layer.name, "g"), layer.name, comm.encode_factor(layer.g_batch,
+                                                                             self.comm))
+
+    def finish_factors(self) -> None:
+        if self._factors is None:
+            return
+        reduced, self._factors = self._factors.wait(), None
+        for (name, which), flat in reduced.items():
+            if not self.needs_factors(name):
+                continue
+            layer = self.layers[name]
+            attr = "a_batch" if which == "a" else "g_batch"
+            n = layer.dim_a if which == "a" else layer.dim_g
+            setattr(layer, attr, comm.decode_factor(flat, n, self.comm, getattr(layer, attr).dtype))
+
+    # ---------------------------------------------------------------- inverses
+    def _packable(self, layer: KFACLayer, attr: str) -> bool:
+        return self.comm.symmetric and attr in ("a_inv", "g_inv")
+
+    def share_inverses(self) -> None:
+        if not self.distributed or len(self._column) == 1:
+            return
+        assert self.assignment is not None
+        inflight = []
+        for src in self._column:  # all broadcasts in flight at once, then unpack
+            layers = [l for l in self.layers.values()
+                      if self.assignment.inverse_worker[l.name] == src]
+            if not layers:
+                continue
+            if src == self.rank:
+                buf = torch.cat([self._encode_inverse(l) for l in layers])
+            else:
+                ref = layers[0].module.weight
+                numel = sum(self._inverse_numel(l) for l in layers)
+                buf = torch.empty(numel, dtype=_state_dtype(ref), device=ref.device)
+            pending = comm.broadcast(buf, src, stage=stages.INVERSE_COMM,
+                                     layer=comm.bucket_label([l.name for l in layers]),
+                                     timer=self.timer, group=self._column_group)
+            inflight.append((src, layers, pending))
+        for src, layers, pending in inflight:
+            buf = pending.wait()
+            if src != self.rank:
+                offset = 0
+                for layer in layers:
+                    offset = self._decode_inverse(layer, buf, offset)
+
+    def _inverse_numel(self, layer: KFACLayer) -> int:
+        total = 0
+        for attr, shape in zip(layer.inverse_names(), layer.inverse_shapes()):
+            n = shape[0]
+            total += n * (n + 1) // 2 if self._packable(layer, attr) else _numel(shape)
+        return total
+
+    def _encode_inverse(self, layer: KFACLayer) -> Tensor:
+        parts = []
+        for attr in layer.inverse_names():
+            t = getattr(layer, attr)
+            if self._packable(layer, attr):
+                packed = comm.pack_symmetric(t)
+                # Keep the sender's copy identical to what the receivers rebuild.
+                setattr(layer, attr, comm.unpack_symmetric(packed, t.shape[0]))
+                parts.append(packed)
+            else:
+                parts.append(t.reshape(-1))
+        return torch.cat(parts)
+
+    def _decode_inverse(self, layer: KFACLayer, buf: Tensor, offset: int) -> int:
+        for attr, shape in zip(layer.inverse_names(), layer.inverse_shapes()):
+            if self._packable(layer, attr):
+                n = shape[0]
+                size = n * (n + 1) // 2
+                setattr(layer, attr, comm.unpack_symmetric(buf[offset:offset + size], n))
+            else:
+                size = _numel(shape)
+                setattr(layer, attr, buf[offset:offset + size].view(shape).clone())
+            offset += size
+        return offset
+
+    # ------------------------------------------------------------- gradients
+    def reduce_gradients(self) -> None:
+        if not (self.distributed and self.average_gradients):
+            return
+        buckets = comm.AllReduceBuckets(
+            stage=stages.GRAD_COMM, cap_bytes=self.comm.bucket_cap_bytes, timer=self.timer,
+            group=self.group,
+        )
+        layers = list(self.layers.values())
+        for layer in layers:
+            buckets.add(layer.name, "", grad_matrix(layer).reshape(-1))
+        others = [p for p in self.other_params if p.grad is not None]
+        for i, p in enumerate(others):
+            buckets.add(i, "", p.grad.reshape(-1))  # type: ignore[union-attr]
+        flat = buckets.wait()
+        for layer in layers:
+            layer.grad = flat[layer.name].view(layer.dim_g, layer.dim_a)
+        for i, p in enumerate(others):
+            p.grad.copy_(flat[i].view_as(p.grad))  # type: ignore[union-attr]
+
+    # ----------------------------------------------------- preconditioned gradients
+    def share_preconditioned(self) -> None:
+        if not self.distributed or self.grad_workers == self.world_size:
+            return
+        assert self.assignment is not None
+        inflight = []
+        for src in self._row:  # all broadcasts in flight at once, then unpack
+            layers = [l for l in self.layers.values()
+                      if self.assignment.grad_source(l.name, self.rank) == src]
+            if not layers:
+                continue
+            if src == self.rank:
+                buf = torch.cat([l.pack_preconditioned() for l in layers])
+            else:
+                ref = layers[0].module.weight
+                buf = torch.empty(sum(l.preconditioned_numel for l in layers),
+                                  dtype=_state_dtype(ref), device=ref.device)
+            pending = comm.broadcast(buf, src, stage=stages.PRECOND_COMM,
+                                     layer=comm.bucket_label([l.name for l in layers]),
+                                     timer=self.timer, group=self._row_group)
+            inflight.append((src, layers, pending))
+        for src, layers, pending in inflight:
+            buf = pending.wait()
+            if src != self.rank:
+                offset = 0
+                for layer in layers:
+                    n = layer.preconditioned_numel
+                    layer.unpack_preconditioned(buf[offset:offset + n])
+                    offset += n
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    out = 1
+    for s in shape:
+        out *= s
+    return out
+
+
+def _state_dtype(weight: Tensor) -> torch.dtype:
+    return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32

@@ -1,0 +1,250 @@
+"""SP-NGD (Osawa et al.): every K-FAC layer has one owner rank.
+
+Per step, on P ranks (``owner`` = :func:`~kfacperf.kfac.assignment.spngd_assignment`):
+
+* ``factor_comm`` — reduce-scatter-v of the batch statistics: layers are bucketed in the
+  order their backward hooks fire (last layer first) up to ``bucket_cap_mb``; each bucket is
+  one reduce-scatter-v whose rank-r block holds the A and G (triangle-packed and cast when
+  asked) of the bucket's layers owned by r, so each owner receives the global mean of its
+  layers' statistics while the backward pass continues.  The blocks have their true, uneven
+  sizes (the list form of ``reduce_scatter``), no padding.
+* ``inverse``/``precondition`` — on the owner only.
+* ``grad_comm`` — a reduce-scatter-v of the K-FAC layers' gradient matrices to their owners,
+  plus a bucketed all-reduce of the other parameters' gradients (BatchNorm, LayerNorm,
+  embeddings), which every rank needs for its first-order update.
+* ``precond_comm`` — an all-gather-v of every owner's preconditioned gradients (with their
+  KL terms), after which every rank holds every layer's update.
+
+``fused=True`` is the variant of the original implementation: on factor steps ONE all-reduce
+of a packed buffer (every layer's factors and gradients and the other gradients) replaces the
+two reduce-scatters and the all-reduce; it is recorded as a single ``factor_comm`` event whose
+bytes are the whole buffer (factors and gradients).  On other steps the gradients travel in
+one all-reduce (``grad_comm``).  Fused buffers are sent in fp32 unless the factor precision is
+lower, in which case the factors go in a second buffer of their own.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from kfacperf import stages
+from kfacperf.kfac import comm
+from kfacperf.kfac.assignment import Assignment, LayerShape, spngd_assignment
+from kfacperf.kfac.strategies.base import DistributedStrategy, grad_matrix
+from kfacperf.profiler.timer import Timer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kfacperf.kfac.layers import KFACLayer
+
+
+class SPNGDStrategy(DistributedStrategy):
+    """Owner-based SP-NGD; see the module docstring."""
+
+    name = "spngd"
+
+    def __init__(
+        self, *, comm_options: comm.CommOptions | None = None, fused: bool = False,
+        check_model: bool = True,
+    ) -> None:
+        super().__init__(comm=comm_options, check_model=check_model)
+        self.fused = bool(fused)
+        self._bucket: list[KFACLayer] = []
+        self._bucket_bytes = 0
+        self._factor_pending: list[tuple[comm.Pending, list[KFACLayer]]] = []
+        self._grads_reduced = False
+
+    def make_assignment(self, shapes: list[LayerShape], world_size: int) -> Assignment:
+        return spngd_assignment(shapes, world_size)
+
+    # ---------------------------------------------------------------- factors
+    def on_factor_batch(self, layer: KFACLayer) -> None:
+        if not self.distributed or self.fused:
+            return
+        self._bucket.append(layer)
+        self._bucket_bytes += self.comm.factor_bytes(layer.dim_a) + self.comm.factor_bytes(
+            layer.dim_g
+        )
+        if self._bucket_bytes >= self.comm.bucket_cap_bytes:
+            self._send_factor_bucket()
+
+    def _send_factor_bucket(self) -> None:
+        if not self._bucket:
+            return
+        layers, self._bucket, self._bucket_bytes = self._bucket, [], 0
+        assert self.assignment is not None
+        owner = self.assignment.inverse_worker
+        ref = layers[0].a_batch
+        assert ref is not None
+        blocks = []
+        for r in range(self.world_size):
+            parts = [
+                comm.encode_factor(t, self.comm)
+                for l in layers if owner[l.name] == r
+                for t in (l.a_batch, l.g_batch)
+            ]
+            blocks.append(
+                torch.cat(parts) if parts
+                else torch.empty(0, dtype=self.comm.torch_dtype, device=ref.device)
+            )
+        pending = comm.reduce_scatter_v(
+            blocks, stage=stages.FACTOR_COMM, layer=comm.bucket_label([l.name for l in layers]),
+            timer=self.timer, group=self.group,
+        )
+        self._factor_pending.append((pending, [l for l in layers if owner[l.name] == self.rank]))
+
+    def finish_factors(self) -> None:
+        if not self.distributed:
+            return
+        if self.fused:
+            self._fused_allreduce()
+            return
+        self._send_factor_bucket()
+        for pending, mine in self._factor_pending:
+            flat = pending.wait()
+            offset = 0
+            for layer in mine:
+                for attr, n in (("a_batch", layer.dim_a), ("g_batch", layer.dim_g)):
+                    size = self.comm.factor_numel(n)
+                    dtype = getattr(layer, attr).dtype
+                    setattr(layer, attr,
+                            comm.decode_factor(flat[offset:offset + size], n, self.comm, dtype))
+                    offset += size
+        self._factor_pending = []
+
+    # ------------------------------------------------------------- gradients
+    def reduce_gradients(self) -> None:
+        if not self.distributed:
+            return
+        if self._grads_reduced:  # done by the fused all-reduce of this factor step
+            self._grads_reduced = False
+            return
+        if self.fused:
+            self._fused_allreduce(with_factors=False)
+            return
+        assert self.assignment is not None
+        owner = self.assignment.inverse_worker
+        layers = list(self.layers.values())
+        blocks = []
+        for r in range(self.world_size):
+            parts = [grad_matrix(l).reshape(-1) for l in layers if owner[l.name] == r]
+            blocks.append(torch.cat(parts) if parts else self._empty_grad())
+        grads = comm.reduce_scatter_v(
+            blocks, stage=stages.GRAD_COMM, timer=self.timer, group=self.group
+        )
+        others = self._reduce_other_grads()
+        flat = grads.wait()
+        offset = 0
+        for layer in layers:
+            if owner[layer.name] == self.rank:
+                n = layer.dim_g * layer.dim_a
+                layer.grad = flat[offset:offset + n].view(layer.dim_g, layer.dim_a)
+                offset += n
+        if others is not None:
+            others.wait()
+
+    def _empty_grad(self) -> Tensor:
+        w = next(iter(self.layers.values())).module.weight
+        return torch.empty(0, dtype=w.dtype, device=w.device)
+
+    def _reduce_other_grads(self) -> _GradBuckets | None:
+        """All-reduce (mean) the non-K-FAC gradients in place; returns the in-flight buckets."""
+        params = [p for p in self.other_params if p.grad is not None]
+        if not params:
+            return None
+        return _GradBuckets(params, cap_bytes=self.comm.bucket_cap_bytes, timer=self.timer,
+                            group=self.group)
+
+    def _fused_allreduce(self, *, with_factors: bool = True) -> None:
+        """One all-reduce of factors (on factor steps), K-FAC gradients and other gradients."""
+        layers = list(self.layers.values())
+        other = [p for p in self.other_params if p.grad is not None]
+        grad_parts = [grad_matrix(l).reshape(-1) for l in layers] + [
+            p.grad.reshape(-1) for p in other  # type: ignore[union-attr]
+        ]
+        fac_layers = [l for l in layers if l.a_batch is not None] if with_factors else []
+        fac_parts = [comm.encode_factor(t, self.comm)
+                     for l in fac_layers for t in (l.a_batch, l.g_batch)]
+        label = comm.bucket_label([l.name for l in fac_layers])
+        n_fac = sum(p.numel() for p in fac_parts)
+        if fac_parts and all(p.dtype == self.comm.torch_dtype for p in grad_parts):
+            buf = torch.cat(fac_parts + grad_parts)
+            comm.all_reduce(buf, stage=stages.FACTOR_COMM, layer=label, timer=self.timer,
+                            group=self.group).wait()
+            fac_flat, grad_flat = buf[:n_fac], buf[n_fac:]
+        else:  # factors in a lower precision than the gradients: two buffers
+            grad_flat = torch.cat(grad_parts)
+            pending = [comm.all_reduce(grad_flat, stage=stages.GRAD_COMM, timer=self.timer,
+                                       group=self.group)]
+            fac_flat = torch.cat(fac_parts) if fac_parts else grad_flat[:0]
+            if fac_parts:
+                pending.append(comm.all_reduce(fac_flat, stage=stages.FACTOR_COMM, layer=label,
+                                               timer=self.timer, group=self.group))
+            for item in pending:
+                item.wait()
+        offset = 0
+        for layer in layers:
+            n = layer.dim_g * layer.dim_a
+            layer.grad = grad_flat[offset:offset + n].view(layer.dim_g, layer.dim_a)
+            offset += n
+        for p in other:
+            n = p.numel()
+            p.grad.copy_(grad_flat[offset:offset + n].view_as(p))  # type: ignore[union-attr]
+            offset += n
+        offset = 0
+        for layer in fac_layers:
+            for attr, dim in (("a_batch", layer.dim_a), ("g_batch", layer.dim_g)):
+                size = self.comm.factor_numel(dim)
+                if self.needs_factors(layer.name):
+                    dtype = getattr(layer, attr).dtype
+                    setattr(layer, attr, comm.decode_factor(
+                        fac_flat[offset:offset + size], dim, self.comm, dtype))
+                offset += size
+        self._grads_reduced = with_factors
+
+    # ----------------------------------------------------- preconditioned gradients
+    def share_preconditioned(self) -> None:
+        if not self.distributed:
+            return
+        assert self.assignment is not None
+        owner = self.assignment.inverse_worker
+        layers = list(self.layers.values())
+        by_rank: list[list[KFACLayer]] = [[] for _ in range(self.world_size)]
+        for layer in layers:
+            by_rank[owner[layer.name]].append(layer)
+        sizes = [sum(l.preconditioned_numel for l in group) for group in by_rank]
+        mine = by_rank[self.rank]
+        local = (torch.cat([l.pack_preconditioned() for l in mine]) if mine
+                 else self._empty_grad())
+        gathered = comm.all_gather_v(
+            local, sizes, stage=stages.PRECOND_COMM, timer=self.timer, group=self.group,
+            layer=comm.bucket_label([l.name for l in layers]),
+        ).wait()
+        for r, group in enumerate(by_rank):
+            if r == self.rank:
+                continue
+            offset = 0
+            for layer in group:
+                n = layer.preconditioned_numel
+                layer.unpack_preconditioned(gathered[r][offset:offset + n])
+                offset += n
+
+
+class _GradBuckets:
+    """Bucketed in-place mean of parameter gradients over the group (``grad_comm``)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], *, cap_bytes: int,
+                 timer: Timer, group: object) -> None:
+        self._params = params
+        self._buckets = comm.AllReduceBuckets(
+            stage=stages.GRAD_COMM, cap_bytes=cap_bytes, timer=timer, group=group
+        )
+        for i, p in enumerate(params):
+            self._buckets.add(i, "", p.grad.reshape(-1))  # type: ignore[union-attr]
+        self._buckets.flush()
+
+    def wait(self) -> None:
+        flat = self._buckets.wait()
+        for i, p in enumerate(self._params):
+            p.grad.copy_(flat[i].view_as(p.grad))  # type: ignore[union-attr]
