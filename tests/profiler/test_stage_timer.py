@@ -1,0 +1,226 @@
+"""The stage timer: NVTX ranges of a step, timings, async comm, isolate mode, GPU resolution."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from kfacperf.profiler import stage_timer as st
+from kfacperf.profiler.nvtx_backend import NvtxDomainBackend, RecordingBackend
+from kfacperf.profiler.stage_timer import STAGE_COLORS, MemorySink, StageTimer
+from kfacperf.traces import events_frame
+
+
+class FakeWork:
+    """A torch.distributed work handle whose completion the test controls."""
+
+    def __init__(self) -> None:
+        self.fut: torch.futures.Future = torch.futures.Future()
+        self.waited = False
+
+    def get_future(self) -> torch.futures.Future:
+        return self.fut
+
+    def complete(self) -> None:
+        self.fut.set_result([torch.zeros(1)])
+
+    def wait(self) -> bool:
+        self.waited = True
+        if not self.fut.done():
+            self.complete()
+        return True
+
+
+def run_step(timer: StageTimer, step: int, comm_done_in_thread: bool = True) -> FakeWork:
+    timer.step_begin(step)
+    with timer.stage("forward", flops=5.0):
+        time.sleep(0.004)
+    with timer.stage("backward"):
+        work = FakeWork()
+        timer.async_comm("grad_comm", "", 4096, work)
+        with timer.stage("factor_compute", "fc1", flops=7.0):
+            time.sleep(0.002)
+        if comm_done_in_thread:
+            th = threading.Thread(target=lambda: (time.sleep(0.006), work.complete()))
+            th.start()
+            th.join()
+    with timer.stage("precondition", "fc1"):
+        pass
+    with timer.stage("update"):
+        pass
+    timer.step_end()
+    return work
+
+
+def test_nvtx_ranges_of_a_step_nest_with_expected_names_and_attributes():
+    rec = RecordingBackend()
+    timer = StageTimer(nvtx=rec, cuda=False)
+    for step in (0, 1):
+        run_step(timer, step)
+    timer.close()
+    step_tree = [
+        ("forward", []),
+        ("backward", [("factor_compute fc1", [])]),
+        ("precondition fc1", []),
+        ("update", []),
+    ]
+    assert rec.push_pop_tree() == [("step", step_tree), ("step", step_tree)]
+    pushes = [c.attrs for c in rec.calls if c.kind == "push"]
+    assert [a.payload for a in pushes if a.message == "step"] == [0, 1]
+    by_msg = {a.message: a for a in pushes}
+    assert by_msg["forward"].category == "compute"
+    assert by_msg["factor_compute fc1"].color == STAGE_COLORS["factor_compute"]
+    assert len(set(STAGE_COLORS.values())) == len(STAGE_COLORS)
+    # async comm: a start/end pair per step, in the comm category, ended on the completing thread
+    starts = [c for c in rec.calls if c.kind == "start"]
+    ends = {c.handle: c for c in rec.calls if c.kind == "end"}
+    assert [(c.attrs.message, c.attrs.category) for c in starts] == [("grad_comm", "comm")] * 2
+    for c in starts:
+        assert ends[c.handle].thread != c.thread
+    # attribute objects are built once per (stage, layer), not per call
+    fwd = [a for a in pushes if a.message == "forward"]
+    assert fwd[0] is fwd[1]
+
+
+def test_rows_timings_and_one_flushed_batch_per_step():
+    sink = MemorySink()
+    timer = StageTimer(rank=3, sink=sink, nvtx=RecordingBackend(), cuda=False)
+    run_step(timer, 0)
+    assert len(sink.batches) == 1  # written at step_end, not at close
+    run_step(timer, 1)
+    assert len(sink.batches) == 2
+    timer.close()
+    ev = events_frame(sink.columns())
+    assert set(ev["rank"]) == {3}
+    s0 = ev[ev["step"] == 0].set_index("stage", drop=False)
+    assert len(s0) == 7
+    fwd, bwd, fc = s0.loc["forward"], s0.loc["backward"], s0.loc["factor_compute"]
+    step, comm = s0.loc["step"], s0.loc["grad_comm"]
+    assert fwd["dur_us"] >= 4000 and fc["dur_us"] >= 2000
+    assert (fwd["flops"], fc["flops"], fc["layer"]) == (5.0, 7.0, "fc1")
+    assert bwd["start_us"] <= fc["start_us"] and fc["start_us"] + fc["dur_us"] <= bwd["start_us"] + bwd["dur_us"]
+    for _, r in s0.iterrows():  # every stage inside the step
+        assert step["start_us"] <= r["start_us"]
+        assert r["start_us"] + r["dur_us"] <= step["start_us"] + step["dur_us"] + 1e-6
+    # async comm: from the call inside backward to completion 6 ms later in another thread
+    assert (comm["lane"], comm["bytes"]) == ("comm", 4096)
+    assert comm["dur_us"] >= 6000 and comm["start_us"] >= bwd["start_us"]
+    assert fwd["start_us"] + fwd["dur_us"] <= bwd["start_us"]
+
+
+def test_comm_finishing_after_step_end_is_kept_under_its_step():
+    sink = MemorySink()
+    timer = StageTimer(sink=sink, nvtx=RecordingBackend(), cuda=False)
+    work = run_step(timer, 0, comm_done_in_thread=False)
+    assert "grad_comm" not in sink.columns()["stage"]
+    run_step(timer, 1)
+    work.complete()
+    timer.close()
+    ev = events_frame(sink.columns())
+    comm = ev[ev["stage"] == "grad_comm"].sort_values("start_us")
+    assert comm["step"].tolist() == [0, 1]
+
+
+def test_isolate_mode_barriers_each_step_and_waits_for_comm_at_once():
+    calls = []
+    timer = StageTimer(nvtx=RecordingBackend(), cuda=False, isolate=True,
+                       barrier=lambda: calls.append("barrier"))
+    work = run_step(timer, 0, comm_done_in_thread=False)
+    run_step(timer, 1, comm_done_in_thread=False)
+    assert calls == ["barrier", "barrier"]
+    assert work.waited
+    timer.close()
+    ev = events_frame(timer.sink.columns())
+    assert (ev["stage"] == "grad_comm").sum() == 2
+
+
+def test_bad_stage_and_setup_rows():
+    timer = StageTimer(nvtx=RecordingBackend(), cuda=False)
+    with pytest.raises(ValueError, match="unknown stage 'fwd'"):
+        timer.stage("fwd")
+    with timer.stage("forward"):  # before any step: NVTX only, no row
+        pass
+    run_step(timer, 0)
+    timer.close()
+    ev = events_frame(timer.sink.columns())
+    assert (ev["stage"] == "forward").sum() == 1 and set(ev["step"]) == {0}
+
+
+def test_real_nvtx_backend_without_a_tool_attached():
+    backend = NvtxDomainBackend()
+    timer = StageTimer(nvtx=backend, cuda=False)
+    run_step(timer, 0)
+    timer.close()
+    assert len(timer.sink.columns()["stage"]) == 7
+
+
+class FakeGpu:
+    """CUDA events on a fake device clock (ms) that the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now_ms = 1000.0
+        self.done_until = float("inf")
+
+    def event(self) -> "FakeEvent":
+        return FakeEvent(self)
+
+
+class FakeEvent:
+    def __init__(self, gpu: FakeGpu) -> None:
+        self.gpu, self.t = gpu, None
+
+    def record(self) -> None:
+        self.t = self.gpu.now_ms
+
+    def query(self) -> bool:
+        return self.t <= self.gpu.done_until
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, end: "FakeEvent") -> float:
+        return end.t - self.t
+
+
+def test_gpu_events_are_resolved_after_the_step_without_sync(monkeypatch):
+    gpu = FakeGpu()
+    syncs = []
+    monkeypatch.setattr(st, "_new_cuda_event", gpu.event)
+    monkeypatch.setattr(st, "_cuda_sync", lambda: syncs.append(1))
+    sink = MemorySink()
+    timer = StageTimer(sink=sink, nvtx=RecordingBackend(), cuda=True, max_pending_steps=1)
+    n_setup_syncs = len(syncs)
+    gpu.done_until = gpu.now_ms  # only the origin has run on the device
+
+    def gpu_step(step: int, t0: float) -> None:
+        gpu.now_ms = t0
+        timer.step_begin(step)
+        with timer.stage("forward"):
+            gpu.now_ms = t0 + 2.0
+        gpu.now_ms = t0 + 2.5
+        with timer.stage("inverse", "fc"):
+            gpu.now_ms = t0 + 4.0
+        gpu.now_ms = t0 + 5.0
+        timer.step_end()
+
+    gpu_step(0, 1010.0)
+    assert sink.batches == []  # the device has not reached these events: nothing resolved
+    gpu.done_until = 1015.0
+    gpu_step(1, 1020.0)  # step 0 complete -> resolved now; step 1 still pending
+    assert [set(b["step"]) for b in sink.batches] == [{0}]
+    gpu_step(2, 1030.0)  # more than max_pending_steps in flight: the oldest is resolved
+    assert [set(b["step"]) for b in sink.batches] == [{0}, {1}]
+    timer.close()
+    assert len(syncs) == n_setup_syncs  # no device synchronisation after set-up
+    ev = events_frame(sink.columns()).sort_values(["step", "start_us"])
+    first = ev["start_us"].iloc[0]
+    got = [(r.step, r.stage, round(r.start_us - first, 6), round(r.dur_us, 6))
+           for r in ev.itertuples()]
+    want = []
+    for step in range(3):
+        base = 10_000.0 * step
+        want += [(step, "step", base, 5000.0), (step, "forward", base, 2000.0),
+                 (step, "inverse", base + 2500.0, 1500.0)]
+    assert sorted(got) == sorted(want)
