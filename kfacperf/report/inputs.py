@@ -199,3 +199,31 @@ def _prediction_loader():  # type: ignore[no-untyped-def]
     except ImportError:
         return lambda p: _interim_load_prediction(Path(p))
     return load_prediction
+
+
+def load_validation(path: str | Path) -> pd.DataFrame:
+    """Validation results for the accuracy section: one row per held-out run.
+
+    Accepts Parquet, CSV, or JSON (a list of row objects, or an object whose ``runs`` key
+    holds that list).  Columns are checked when the page is built.
+    """
+    import json
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"validation file not found: {p}")
+    suffix = p.suffix.lower()
+    if suffix == ".parquet":
+        return pd.read_parquet(p)
+    if suffix == ".csv":
+        return pd.read_csv(p)
+    if suffix == ".json":
+        try:
+            data = json.loads(p.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{p}: not valid JSON ({exc})") from None
+        rows = data.get("runs") if isinstance(data, dict) else data
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise ValueError(f"{p}: expected a list of row objects (or an object with a 'runs' list)")
+        return pd.DataFrame(rows)
+    raise ValueError(f"{p}: unknown validation file type {suffix!r} (use .parquet, .csv or .json)")

@@ -22,7 +22,7 @@ def _name_of(value: Any) -> str | None:
         if value is None:
             return None
     text = str(value)
-    return Path(text).stem if ("/" in text or text.endswith(".toml")) else text
+    return Path(text).stem if text.endswith(".toml") else text
 
 
 def prediction_workload(pred: PredictionData) -> str | None:
@@ -56,6 +56,15 @@ class Match:
                  & (st["gpus"].astype(int) == int(self.row["gpus"]))]
         sel = sel.assign(stage=sel["stage"].astype(str))
         return sel.groupby("stage")["time_us"].sum()
+
+    def layer_us(self) -> pd.Series:
+        """Predicted per-step time (µs) of each per-layer stage, indexed by (stage, layer)."""
+        st = self.prediction.stage_times
+        sel = st[(st["strategy"].astype(str) == str(self.row["strategy"]))
+                 & (st["gpus"].astype(int) == int(self.row["gpus"]))]
+        sel = sel.assign(stage=sel["stage"].astype(str), layer=sel["layer"].astype(str))
+        sel = sel[sel["layer"] != ""]
+        return sel.groupby(["stage", "layer"])["time_us"].sum()
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -57,6 +57,25 @@ def stage_totals(summary: "TraceSummary", rank: int) -> pd.Series:
     return breakdown.loc[rank]
 
 
+def layer_times(events: pd.DataFrame, rank: int, n_steps: int) -> pd.Series:
+    """Per-step time (µs) of each per-layer stage on ``rank``, indexed by (stage, layer)."""
+    ev = events[events["rank"] == rank]
+    ev = ev.assign(stage=ev["stage"].astype(str), layer=ev["layer"].astype(str))
+    ev = ev[ev["layer"] != ""]
+    return ev.groupby(["stage", "layer"])["dur_us"].sum() / max(n_steps, 1)
+
+
+def layer_comparison(measured: pd.Series, predicted: pd.Series) -> pd.DataFrame:
+    """Measured and predicted per-layer stage times (µs), outer-joined on (stage, layer)."""
+    both = pd.concat([measured.rename("measured_us"), predicted.rename("predicted_us")], axis=1)
+    both = both.fillna(0.0).reset_index()
+    both.columns = ["stage", "layer", "measured_us", "predicted_us"]
+    order = {s: i for i, s in enumerate(ordered_stages(list(both["stage"])))}
+    both = both.assign(_o=both["stage"].map(order)).sort_values(["_o", "layer"], kind="stable")
+    both["error_pct"] = [error_pct(p, m) for p, m in zip(both["predicted_us"], both["measured_us"])]
+    return both.drop(columns="_o").reset_index(drop=True)
+
+
 def pick_step(events: pd.DataFrame, step: int | None = None) -> int:
     """The step a timeline shows: ``step`` if given, else the first with the most stages.
 

@@ -92,13 +92,13 @@ def breakdown_section(runs: Sequence[RunData]) -> Section:
             continue
         per_rank = metrics.rank_table(run.summary)
         label = f"{run.name} ({run.strategy}, {run.world_size} ranks)"
-        sec.add_html(heading(label))
         sec.add_figure(figures.rank_breakdown_figure(breakdown, per_rank, label))
         sec.add_html(table(per_rank.reset_index(), [
             ("rank", "rank", fmt_plain), ("step_us", "step (ms)", fmt_ms), ("compute_us", "compute busy (ms)", fmt_ms),
             ("comm_us", "comm in flight (ms)", fmt_ms), ("exposed_comm_us", "exposed comm (ms)", fmt_ms),
             ("overlap_pct", "comm hidden", fmt_share), ("idle_us", "idle (ms)", fmt_ms),
-        ], numeric=("step_us", "compute_us", "comm_us", "exposed_comm_us", "overlap_pct", "idle_us")))
+        ], numeric=("step_us", "compute_us", "comm_us", "exposed_comm_us", "overlap_pct", "idle_us"),
+            caption=f"{label}: per rank, mean over the measured steps"))
     if not sec.blocks:
         sec.note = "No traces were given."
     return sec
@@ -122,7 +122,16 @@ def comparison_section(runs: Sequence[RunData], predictions: Sequence[Prediction
             ("stage", "stage", fmt_plain), ("measured_us", "measured (ms)", fmt_ms),
             ("predicted_us", "predicted (ms)", fmt_ms), ("error_pct", "error", fmt_pct),
         ], numeric=("measured_us", "predicted_us", "error_pct")))
-        sec.add_figure(figures.comparison_figure(comp, label))
+        sec.add_figure(figures.comparison_figure(comp, "per-step time by stage: measured vs predicted"))
+        slow = metrics.slowest_rank(run.summary)
+        layers = metrics.layer_comparison(
+            metrics.layer_times(run.events, slow, run.summary.measured_steps), match.layer_us())
+        if not layers.empty:
+            sec.add_html("<details><summary>per layer</summary>" + table(layers, [
+                ("stage", "stage", fmt_plain), ("layer", "layer", fmt_plain),
+                ("measured_us", "measured (ms)", fmt_ms), ("predicted_us", "predicted (ms)", fmt_ms),
+                ("error_pct", "error", fmt_pct),
+            ], numeric=("measured_us", "predicted_us", "error_pct")) + "</details>")
     if not sec.blocks:
         sec.note = ("No prediction matches a measured run (same strategy, GPU count = world size, "
                     "workload and batch)." if runs and predictions else

@@ -8,6 +8,7 @@ Durations grow with the rank (``skew``) so the slowest rank is the last one.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,7 +23,9 @@ LAYERS = ("conv1", "fc")
 GPUS = (1, 2, 8, 64, 512, 4096)
 STRATEGIES = ("sgd", "spngd", "kaisa")
 XSS = "<script>alert(1)</script>"
-XSS_ATTR = '"><img src=x onerror="document.body.dataset.pwned=1">'
+# Payloads that would mark the page if they ever ran (checked in the browser test).
+XSS_RUN = '"><img src=x onerror="document.body.dataset.pwned=1">'
+XSS_WORKLOAD = "<script>document.body.dataset.pwned=2</script>"
 
 _CATEGORICAL = ("stage", "layer", "lane")
 
@@ -178,6 +181,12 @@ def make_telemetry(world_size: int = 2, samples: int = 5) -> pd.DataFrame:
             rows.append({"rank": rank, "gpu": rank, "t_us": i * 50_000.0 + rank, "sm_clock_mhz": 1980.0 - 10 * i,
                          "power_w": 300.0 + 20 * i + rank, "mem_used_mib": 1000.0 + rank})
     return pd.DataFrame(rows)
+
+
+@pytest.fixture
+def synth() -> Any:
+    """This module, so tests can build their own traces and predictions with its helpers."""
+    return sys.modules[__name__]
 
 
 @pytest.fixture
