@@ -1,0 +1,225 @@
+"""Device model: what one GPU (or one CPU rank) computes how fast.
+
+API (stable)::
+
+    STAGE_KINDS = ("forward", "backward", "factor_compute", "inverse", "precondition", "update")
+    DTYPES = ("fp32", "tf32", "bf16")
+    StageEfficiency(*, efficiency: float, overhead_us: float, assumed: bool)
+    MeasuredTime(*, workload, stage, layer, batch, inverse_method, time_us)
+    DeviceModel(*, name, fp32_tflops, tf32_tflops, bf16_tflops, mem_bandwidth_GBps,
+                stages: Mapping[str, StageEfficiency], measured: tuple[MeasuredTime, ...] = (),
+                source: str = "", description: str = "")
+        .peak_flops_per_us(dtype) -> float   .mem_bytes_per_us -> float
+        .stage(kind) -> StageEfficiency      .with_stages(**{kind: StageEfficiency}) -> DeviceModel
+    load_device_model(path) -> DeviceModel  (strict)      save_device_model(model, path) -> Path
+
+A stage of kind ``k`` with ``F`` FLOPs moving ``B`` bytes takes (roofline, see
+:mod:`kfacperf.sim.costs`)::
+
+    overhead_us[k] + max(F / peak(dtype), B / mem_bandwidth) / efficiency[k]
+
+``efficiency`` is in (0, 1]; ``assumed = true`` marks a guess (datasheet presets), ``false`` a
+value fitted from a trace.  ``tf32_tflops``/``bf16_tflops`` may be 0 for "not supported"
+(Volta has no TF32; its half-precision tensor-core rate is given as ``bf16_tflops``, which is
+the FP16 rate there).  ``[[measured]]`` entries (optional) are per-call times taken from a
+trace of this very device; the cost model prefers them over the roofline.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from kfacperf import stages as S
+from kfacperf.sim.toml_io import Table, read_toml, write_toml
+
+STAGE_KINDS: tuple[str, ...] = (
+    S.FORWARD, S.BACKWARD, S.FACTOR_COMPUTE, S.INVERSE, S.PRECONDITION, S.UPDATE,
+)
+DTYPES: tuple[str, ...] = ("fp32", "tf32", "bf16")
+INVERSE_METHODS: tuple[str, ...] = ("eigen", "cholesky")
+FORMAT = "kfacperf-device-1"
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageEfficiency:
+    """How close one stage kind gets to the roofline, plus a fixed cost per call."""
+
+    efficiency: float
+    overhead_us: float
+    assumed: bool
+
+    def __post_init__(self) -> None:
+        if not 0 < self.efficiency <= 1:
+            raise ValueError(f"efficiency must be in (0, 1], got {self.efficiency}")
+        if self.overhead_us < 0:
+            raise ValueError(f"overhead_us must be >= 0, got {self.overhead_us}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MeasuredTime:
+    """Mean time of one call of ``stage`` on ``layer`` ("" for whole-model stages)."""
+
+    workload: str
+    stage: str
+    layer: str
+    batch: int
+    inverse_method: str
+    time_us: float
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGE_KINDS:
+            raise ValueError(f"measured stage {self.stage!r} is not one of {STAGE_KINDS}")
+        if self.batch < 1 or self.time_us < 0:
+            raise ValueError(f"measured {self.stage}/{self.layer}: bad batch or time")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceModel:
+    """Peak rates plus a fitted (or assumed) efficiency per stage kind."""
+
+    name: str
+    fp32_tflops: float
+    tf32_tflops: float
+    bf16_tflops: float
+    mem_bandwidth_GBps: float
+    stages: Mapping[str, StageEfficiency]
+    measured: tuple[MeasuredTime, ...] = ()
+    source: str = ""
+    description: str = ""
+    _rates: dict[str, float] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.fp32_tflops <= 0:
+            raise ValueError(f"device {self.name!r}: fp32_tflops must be > 0")
+        if self.mem_bandwidth_GBps <= 0:
+            raise ValueError(f"device {self.name!r}: mem_bandwidth_GBps must be > 0")
+        if self.tf32_tflops < 0 or self.bf16_tflops < 0:
+            raise ValueError(f"device {self.name!r}: peak rates must be >= 0")
+        missing = [k for k in STAGE_KINDS if k not in self.stages]
+        extra = [k for k in self.stages if k not in STAGE_KINDS]
+        if missing or extra:
+            raise ValueError(
+                f"device {self.name!r}: stages must be exactly {STAGE_KINDS} "
+                f"(missing {missing}, unknown {extra})"
+            )
+        object.__setattr__(self, "stages", {k: self.stages[k] for k in STAGE_KINDS})
+        object.__setattr__(self, "measured", tuple(self.measured))
+        rates = {"fp32": self.fp32_tflops, "tf32": self.tf32_tflops, "bf16": self.bf16_tflops}
+        object.__setattr__(self, "_rates", rates)
+
+    def peak_flops_per_us(self, dtype: str = "fp32") -> float:
+        """Peak FLOP per microsecond for ``dtype`` (an error if the device lacks it)."""
+        try:
+            tflops = self._rates[dtype]
+        except KeyError:
+            raise ValueError(f"unknown compute dtype {dtype!r}; use one of {DTYPES}") from None
+        if tflops <= 0:
+            raise ValueError(f"device {self.name!r} has no {dtype} rate (its {dtype}_tflops is 0)")
+        return tflops * 1e6
+
+    @property
+    def mem_bytes_per_us(self) -> float:
+        return self.mem_bandwidth_GBps * 1e3
+
+    def stage(self, kind: str) -> StageEfficiency:
+        try:
+            return self.stages[kind]
+        except KeyError:
+            raise ValueError(f"no compute stage kind {kind!r}; kinds: {STAGE_KINDS}") from None
+
+    def with_stages(self, **updates: StageEfficiency) -> "DeviceModel":
+        merged = dict(self.stages)
+        merged.update(updates)
+        return replace(self, stages=merged)
+
+
+# ---------------------------------------------------------------------------------------------
+def load_device_model(path: str | Path) -> DeviceModel:
+    """Read a device TOML strictly; every error names the file and the key."""
+    root = read_toml(path)
+    fmt = root.str("format")
+    if fmt != FORMAT:
+        raise root.error("format", f"expected {FORMAT!r}, got {fmt!r}")
+    name = root.str("name")
+    description = root.str("description", nonempty=False)
+    source = root.str("source", nonempty=False)
+    peak = root.table("peak")
+    rates = dict(
+        fp32_tflops=peak.float("fp32_tflops", positive=True),
+        tf32_tflops=peak.float("tf32_tflops", nonnegative=True),
+        bf16_tflops=peak.float("bf16_tflops", nonnegative=True),
+        mem_bandwidth_GBps=peak.float("mem_bandwidth_GBps", positive=True),
+    )
+    peak.done()
+    st = root.table("stages")
+    stages: dict[str, StageEfficiency] = {}
+    for kind in STAGE_KINDS:
+        t = st.table(kind)
+        stages[kind] = StageEfficiency(
+            efficiency=t.float("efficiency", positive=True, maximum=1.0),
+            overhead_us=t.float("overhead_us", nonnegative=True),
+            assumed=t.bool("assumed"),
+        )
+        t.done()
+    st.done()
+    measured: list[MeasuredTime] = []
+    if root.has("measured"):
+        for t in root.tables("measured"):
+            measured.append(
+                MeasuredTime(
+                    workload=t.str("workload"),
+                    stage=t.str("stage", choices=STAGE_KINDS),
+                    layer=t.str("layer", nonempty=False),
+                    batch=t.int("batch", minimum=1),
+                    inverse_method=t.str("inverse_method", choices=INVERSE_METHODS),
+                    time_us=t.float("time_us", nonnegative=True),
+                )
+            )
+            t.done()
+    root.done()
+    return DeviceModel(
+        name=name, stages=stages, measured=tuple(measured), source=source,
+        description=description, **rates,
+    )
+
+
+def device_model_to_dict(model: DeviceModel) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "format": FORMAT,
+        "name": model.name,
+        "description": model.description,
+        "source": model.source,
+        "peak": {
+            "fp32_tflops": float(model.fp32_tflops),
+            "tf32_tflops": float(model.tf32_tflops),
+            "bf16_tflops": float(model.bf16_tflops),
+            "mem_bandwidth_GBps": float(model.mem_bandwidth_GBps),
+        },
+        "stages": {
+            k: {
+                "efficiency": float(s.efficiency),
+                "overhead_us": float(s.overhead_us),
+                "assumed": s.assumed,
+            }
+            for k, s in model.stages.items()
+        },
+    }
+    if model.measured:
+        data["measured"] = [
+            {
+                "workload": m.workload, "stage": m.stage, "layer": m.layer, "batch": m.batch,
+                "inverse_method": m.inverse_method, "time_us": float(m.time_us),
+            }
+            for m in model.measured
+        ]
+    return data
+
+
+def save_device_model(model: DeviceModel, path: str | Path) -> Path:
+    header = (
+        f"Device model {model.name!r} for the kfacperf simulator.",
+        "time(stage) = overhead_us + max(FLOPs / peak, bytes / mem_bandwidth) / efficiency",
+        "assumed = true marks a guessed efficiency, false one fitted from a trace.",
+    )
+    return write_toml(path, device_model_to_dict(model), header=header)

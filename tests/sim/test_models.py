@@ -1,0 +1,208 @@
+"""Model TOMLs: round trips, presets, aliases, and strict loading errors that name file and key."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kfacperf.sim import presets
+from kfacperf.sim.cluster_model import OPS, ClusterModel, Tier, load_cluster_model, save_cluster_model
+from kfacperf.sim.device_model import (
+    STAGE_KINDS, DeviceModel, MeasuredTime, StageEfficiency, load_device_model, save_device_model,
+)
+from kfacperf.sim.models import list_presets, load_cluster, load_device, load_workload
+from kfacperf.sim.toml_io import dumps_toml, read_toml
+from kfacperf.sim.workload_model import (
+    LayerModel, WorkloadModel, load_workload_model, save_workload_model,
+    workload_model_from_description,
+)
+
+
+def make_workload() -> WorkloadModel:
+    return WorkloadModel(
+        name="tiny",
+        layers=(
+            LayerModel(name="conv1", kind="conv2d", dim_a=28, dim_g=16, params=448,
+                       rows_per_example=1024, fwd_flops_per_example=917504.0,
+                       in_elems_per_example=3072, out_elems_per_example=16384),
+            LayerModel(name="fc", kind="linear", dim_a=17, dim_g=10, params=170,
+                       rows_per_example=1, fwd_flops_per_example=320.0,
+                       in_elems_per_example=16, out_elems_per_example=10),
+        ),
+        other_params=32, other_fwd_flops_per_example=0.0, input_shape=(3, 32, 32),
+        input_dtype="float32", source="test", description='quotes " and \\ and\nnewline',
+    )
+
+
+def make_device(**kw) -> DeviceModel:
+    stages = {k: StageEfficiency(efficiency=0.5, overhead_us=3.0, assumed=False) for k in STAGE_KINDS}
+    args = dict(name="dev", fp32_tflops=10.0, tf32_tflops=0.0, bf16_tflops=40.0,
+                mem_bandwidth_GBps=500.0, stages=stages)
+    args.update(kw)
+    return DeviceModel(**args)
+
+
+def make_cluster() -> ClusterModel:
+    algos = {"all_reduce": "ring", "reduce_scatter": "ring", "all_gather": "ring", "broadcast": "tree"}
+    return ClusterModel(
+        name="c", gpus_per_node=4,
+        intra=Tier(alpha_us=1.0, bandwidth_GBps=100.0, algorithms=algos,
+                   overrides={"all_reduce": (2.5, 80.0)}, assumed=False),
+        inter=Tier(alpha_us=5.0, bandwidth_GBps=10.0, algorithms=algos),
+        multi_node={op: "hierarchical" for op in OPS}, v_collectives="pipelined",
+        cores_per_node=2, contention=0.1,
+    )
+
+
+def test_round_trips(tmp_path: Path) -> None:
+    w = make_workload()
+    assert load_workload_model(save_workload_model(w, tmp_path / "w.toml")) == w
+    d = make_device(measured=(MeasuredTime(workload="tiny", stage="inverse", layer="fc", batch=8,
+                                           inverse_method="eigen", time_us=12.5),))
+    assert load_device_model(save_device_model(d, tmp_path / "d.toml")) == d
+    c = make_cluster()
+    assert load_cluster_model(save_cluster_model(c, tmp_path / "c.toml")) == c
+
+
+def test_presets_load_and_aliases_resolve() -> None:
+    for name in ("v100-sxm2", "a100-sxm4", "h100-sxm5", "h200"):
+        d = load_device(name)
+        assert all(s.assumed for s in d.stages.values())
+    assert load_device("h100").name == "h100-sxm5"
+    assert load_device("v100").fp32_tflops == pytest.approx(15.7)
+    for name in ("abci-v100", "dgx-a100-hdr", "dgx-h100-ndr"):
+        assert load_cluster(name).name == name
+    assert load_cluster("abci").gpus_per_node == 4
+    for kind in presets.KINDS:
+        for name in list_presets(kind):
+            {"workloads": load_workload, "devices": load_device, "clusters": load_cluster}[kind](name)
+
+
+def test_unknown_preset_lists_known_ones(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"unknown device preset 'h300'.*h100-sxm5"):
+        load_device("h300")
+    with pytest.raises(FileNotFoundError, match="nope.toml"):
+        load_cluster(str(tmp_path / "nope.toml"))
+    path = save_device_model(make_device(), tmp_path / "mine.toml")
+    assert load_device(str(path)).name == "dev"
+
+
+def _edit(tmp_path: Path, text: str, old: str, new: str) -> Path:
+    assert old in text, old
+    p = tmp_path / "edited.toml"
+    p.write_text(text.replace(old, new, 1))
+    return p
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "pattern"),
+    [
+        ("bandwidth_GBps = 10.0", "bandwidth_GBps = -10.0", r"key 'inter\.bandwidth_GBps': must be > 0"),
+        ("bandwidth_GBps = 10.0", "bandwidth_GBps = 0", r"key 'inter\.bandwidth_GBps': must be > 0"),
+        ("alpha_us = 5.0", "alpha_ms = 0.005", r"key 'inter\.alpha_ms': wrong unit 'ms'.*'alpha_us'"),
+        ("bandwidth_GBps = 10.0", "bandwidth_Gbps = 80.0", r"inter\.bandwidth_Gbps': wrong unit 'Gbps'"),
+        ("gpus_per_node = 4", 'gpus_per_node = "4"', r"key 'gpus_per_node': expected an integer, got a string"),
+        ("gpus_per_node = 4", "gpus_per_node = 4\nspeed = 3", r"key 'speed': unknown key"),
+        ("gpus_per_node = 4\n", "", r"missing key 'gpus_per_node'"),
+        ('algorithm = "tree"', 'algorithm = "fast"', r"key 'intra\.broadcast\.algorithm': 'fast' is not one of"),
+        ("alpha_us = 2.5\n", "", r"missing key 'intra\.all_reduce\.alpha_us'"),
+        ("contention = 0.1", "contention = true", r"key 'compute\.contention': expected a number, got a bool"),
+    ],
+)
+def test_cluster_strict_errors(tmp_path: Path, old: str, new: str, pattern: str) -> None:
+    text = save_cluster_model(make_cluster(), tmp_path / "c.toml").read_text()
+    path = _edit(tmp_path, text, old, new)
+    with pytest.raises(ValueError, match=pattern) as info:
+        load_cluster_model(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "pattern"),
+    [
+        ("efficiency = 0.5", "efficiency = 1.5", r"stages\.forward\.efficiency': must be <= 1"),
+        ("efficiency = 0.5", "efficiency = 0", r"stages\.forward\.efficiency': must be > 0"),
+        ("mem_bandwidth_GBps = 500.0", "mem_bandwidth_GBps = -1", r"peak\.mem_bandwidth_GBps': must be > 0"),
+        ("fp32_tflops = 10.0", "fp32_gflops = 10000.0", r"peak\.fp32_gflops': wrong unit 'gflops'"),
+        ("assumed = false", "assumed = 1", r"stages\.forward\.assumed': expected true or false"),
+        ("[stages.update]", "[stages.optimizer]\nefficiency = 1\n[stages.update]", r"'stages\.optimizer': unknown key"),
+        ('format = "kfacperf-device-1"', 'format = "other"', r"key 'format': expected"),
+    ],
+)
+def test_device_strict_errors(tmp_path: Path, old: str, new: str, pattern: str) -> None:
+    text = save_device_model(make_device(), tmp_path / "d.toml").read_text()
+    with pytest.raises(ValueError, match=pattern):
+        load_device_model(_edit(tmp_path, text, old, new))
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "pattern"),
+    [
+        ('kind = "linear"', 'kind = "lstm"', r"layers\[1\]\.kind': 'lstm' is not one of"),
+        ("dim_a = 17", "dim_a = 0", r"layers\[1\]\.dim_a': must be >= 1"),
+        ('name = "fc"', 'name = "conv1"', r"layers\[1\]\.name': duplicate layer name"),
+        ("rows_per_example = 1\n", "", r"missing key 'layers\[1\]\.rows_per_example'"),
+        ("shape = [3, 32, 32]", "shape = [3, -1]", r"input\.shape': every entry must be >= 1"),
+    ],
+)
+def test_workload_strict_errors(tmp_path: Path, old: str, new: str, pattern: str) -> None:
+    text = save_workload_model(make_workload(), tmp_path / "w.toml").read_text()
+    with pytest.raises(ValueError, match=pattern):
+        load_workload_model(_edit(tmp_path, text, old, new))
+
+
+def test_unparsable_toml_names_file(tmp_path: Path) -> None:
+    p = tmp_path / "bad.toml"
+    p.write_text("name = \n")
+    with pytest.raises(ValueError, match=r"bad\.toml: not valid TOML"):
+        load_cluster_model(p)
+
+
+def test_writer_output_parses_back_to_the_same_data() -> None:
+    data = {"a": 1, "b": -2.5e-300, "s": "x\ty\u0001", "flag": False, "xs": [1, 2],
+            "t": {"k": "v", "u": {"z": 0.1}}, "arr": [{"q": 1}, {"q": 2, "sub": {"r": "s"}}],
+            "weird key": 3}
+    assert read_toml_text(dumps_toml(data, header=["hello"])) == data
+    with pytest.raises(ValueError, match="non-finite"):
+        dumps_toml({"x": float("nan")})
+
+
+def read_toml_text(text: str) -> dict:
+    import tomllib
+
+    return tomllib.loads(text)
+
+
+def test_workload_from_description_and_properties() -> None:
+    w = make_workload()
+    desc = {
+        "name": "tiny", "other_params": 32, "input_shape": [3, 32, 32], "input_dtype": "torch.float32",
+        "layers": [
+            {f: getattr(l, f) for f in ("name", "kind", "dim_a", "dim_g", "params", "rows_per_example",
+                                        "fwd_flops_per_example", "in_elems_per_example",
+                                        "out_elems_per_example")}
+            for l in w.layers
+        ],
+    }
+    got = workload_model_from_description(desc)
+    assert got.layers == w.layers and got.input_dtype == "float32"
+    assert got.total_params == 448 + 170 + 32 and got.layer("fc").dim_g == 10
+    del desc["layers"][0]["dim_a"]
+    with pytest.raises(ValueError, match=r"layer 0 \('conv1'\) lacks dim_a"):
+        workload_model_from_description(desc)
+    with pytest.raises(ValueError, match="no K-FAC layer 'nope'"):
+        w.layer("nope")
+
+
+def test_sim_models_do_not_import_torch() -> None:
+    code = (
+        "import sys\n"
+        "import kfacperf.sim.models, kfacperf.sim.costs, kfacperf.sim.collectives, "
+        "kfacperf.sim.calibration, kfacperf.sim.presets\n"
+        "bad = [m for m in ('torch', 'pandas') if m in sys.modules]\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
