@@ -1,0 +1,209 @@
+"""Calibration recovers the parameters that generated synthetic traces and timings."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from kfacperf.sim.calibration import (
+    base_device_for, cluster_from_fits, exclusive_compute_times, fit_alpha_beta, fit_device_model,
+)
+from kfacperf.sim.cluster_model import OPS, ClusterModel, Tier, load_cluster_model, save_cluster_model
+from kfacperf.sim.collectives import algorithm_us
+from kfacperf.sim.costs import CostModel
+from kfacperf.sim.device_model import DeviceModel, StageEfficiency
+from kfacperf.sim.workload_model import LayerModel, WorkloadModel
+from kfacperf.traces import Trace, events_frame
+
+
+# ------------------------------------------------------------------ alpha-beta
+def synthetic_timings(op: str, algo: str, alpha: float, gbps: float, noise: float = 0.0, seed: int = 0):
+    rng = random.Random(seed)
+    out = []
+    for p in (2, 3, 4):
+        for n in (1024, 16384, 262144, 4194304):
+            t = algorithm_us(op, algo, p, n, alpha, 1.0 / (gbps * 1e3))
+            out.append((p, n, t * (1 + noise * rng.uniform(-1, 1))))
+    return out
+
+
+@pytest.mark.parametrize(("op", "algo"), [("all_reduce", "ring"), ("reduce_scatter", "ring"),
+                                          ("all_gather", "halving_doubling"), ("broadcast", "tree"),
+                                          ("all_reduce", "tree")])
+def test_alpha_beta_fit_recovers_known_values(op: str, algo: str) -> None:
+    fit = fit_alpha_beta(synthetic_timings(op, algo, 37.0, 2.5), op=op, algorithm=algo)
+    assert fit.alpha_us == pytest.approx(37.0, rel=1e-6)
+    assert fit.bandwidth_GBps == pytest.approx(2.5, rel=1e-6)
+    assert fit.max_rel_error < 1e-9 and fit.samples == 12
+    noisy = fit_alpha_beta(synthetic_timings(op, algo, 37.0, 2.5, noise=0.03), op=op, algorithm=algo)
+    assert noisy.alpha_us == pytest.approx(37.0, rel=0.1)
+    assert noisy.bandwidth_GBps == pytest.approx(2.5, rel=0.1)
+    assert noisy.predict_us(4, 1e6) == pytest.approx(fit.predict_us(4, 1e6), rel=0.05)
+
+
+def test_alpha_beta_fit_keeps_alpha_nonnegative_and_rejects_bad_data() -> None:
+    # timings proportional to size only: beta = 1e-3 us/B = 1 GB/s, alpha 0
+    pts = [(p, n, 2 * (p - 1) / p * n / 1e3) for p in (2, 4) for n in (1e3, 1e5)]
+    fit = fit_alpha_beta(pts, op="all_reduce", algorithm="ring")
+    assert fit.alpha_us == pytest.approx(0.0, abs=1e-9) and fit.bandwidth_GBps == pytest.approx(1.0)
+    # generated with alpha = -0.5 us: the fit clamps alpha at 0 instead of going negative
+    pts = [(p, n, 2 * (p - 1) / p * n / 1e3 - 0.5 * 2 * (p - 1)) for p in (2, 4) for n in (1e4, 1e5)]
+    fit = fit_alpha_beta(pts, op="all_reduce", algorithm="ring")
+    assert fit.alpha_us == 0.0 and 0.9 < fit.bandwidth_GBps < 1.2
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        fit_alpha_beta([(2, 1e3, 5.0)], op="all_reduce", algorithm="ring")
+    with pytest.raises(ValueError, match="do not grow with message size"):
+        fit_alpha_beta([(2, 1e3, 50.0), (2, 1e6, 50.0)], op="all_reduce", algorithm="ring")
+    with pytest.raises(ValueError, match="unusable sample"):
+        fit_alpha_beta([(1, 1e3, 5.0), (2, 1e3, 5.0)], op="all_reduce", algorithm="ring")
+
+
+def test_cluster_from_fits_round_trips(tmp_path: Path) -> None:
+    fits = {op: fit_alpha_beta(synthetic_timings(op, a, 20.0 + i, 1.0 + i), op=op, algorithm=a)
+            for i, (op, a) in enumerate([("all_reduce", "ring"), ("reduce_scatter", "ring"),
+                                         ("all_gather", "ring"), ("broadcast", "tree")])}
+    c = cluster_from_fits(fits, name="local-cpu", gpus_per_node=64, cores_per_node=2)
+    back = load_cluster_model(save_cluster_model(c, tmp_path / "c.toml"))
+    assert back == c
+    assert back.intra.params("all_gather").bandwidth_GBps == pytest.approx(3.0, rel=1e-6)
+    assert back.intra.params("broadcast").algorithm == "tree"
+
+
+# ------------------------------------------------------------------ device
+def layer(name: str, a: int, g: int, rows: int) -> LayerModel:
+    return LayerModel(name=name, kind="conv2d" if rows > 1 else "linear", dim_a=a, dim_g=g,
+                      params=a * g, rows_per_example=rows, fwd_flops_per_example=2.0 * (a - 1) * g * rows,
+                      in_elems_per_example=(a - 1) * rows, out_elems_per_example=g * rows)
+
+
+W1 = WorkloadModel(name="w1", layers=(layer("c1", 28, 16, 256), layer("c2", 145, 32, 64), layer("fc", 513, 10, 1)),
+                   other_params=50, other_fwd_flops_per_example=0.0, input_shape=(3, 16, 16),
+                   input_dtype="float32", source="test")
+W2 = WorkloadModel(name="w2", layers=(layer("a", 101, 200, 1), layer("b", 201, 300, 1)),
+                   other_params=0, other_fwd_flops_per_example=0.0, input_shape=(100,),
+                   input_dtype="float32", source="test")
+TRUE = {"forward": (0.31, 12.0), "backward": (0.27, 20.0), "factor_compute": (0.45, 8.0),
+        "inverse": (0.06, 150.0), "precondition": (0.52, 9.0), "update": (0.2, 40.0)}
+
+
+def device(eff: dict) -> DeviceModel:
+    return DeviceModel(name="true", fp32_tflops=0.2, tf32_tflops=0.0, bf16_tflops=0.4, mem_bandwidth_GBps=20.0,
+                       stages={k: StageEfficiency(efficiency=e, overhead_us=o, assumed=False) for k, (e, o) in eff.items()})
+
+
+def null_cluster() -> ClusterModel:
+    algos = {"all_reduce": "ring", "reduce_scatter": "ring", "all_gather": "ring", "broadcast": "tree"}
+    t = Tier(alpha_us=1.0, bandwidth_GBps=1.0, algorithms=algos)
+    return ClusterModel(name="x", gpus_per_node=1, intra=t, inter=t, multi_node={op: "flat" for op in OPS})
+
+
+def synthetic_trace(w: WorkloadModel, batch: int, *, world_size: int = 1, steps: int = 4, warmup: int = 1,
+                    noise: float = 0.0, seed: int = 0, method: str = "eigen") -> Trace:
+    """A K-FAC trace timed by the TRUE device: factor statistics nested in backward, as the
+    optimizer records them, and a slow warm-up step that calibration must leave out."""
+    cost = CostModel(workload=w, device=device(TRUE), cluster=null_cluster(), inverse_method=method)
+    rng = random.Random(seed)
+    rows: dict[str, list] = {k: [] for k in ("rank", "step", "stage", "layer", "lane", "start_us", "dur_us", "bytes", "flops")}
+
+    def add(rank, step, stage, lname, start, dur):
+        for k, v in zip(rows, (rank, step, stage, lname, "compute", start, dur, 0, 0.0)):
+            rows[k].append(v)
+        return start + dur
+
+    def t(stage, l=None):
+        slow = 5.0 if step < warmup else 1.0
+        return cost.compute_us(stage, l, batch=batch) * slow * (1 + noise * rng.uniform(-1, 1))
+
+    for rank in range(world_size):
+        now = 0.0
+        for step in range(steps):
+            step_start = now
+            now = add(rank, step, "forward", "", now, t("forward"))
+            bwd_start, inner = now, now + 1.0
+            pure_bwd = t("backward")
+            nested = []
+            for l in reversed(w.layers):  # batch statistics in backward hooks: 70% of factor time
+                f = t("factor_compute", l)
+                nested.append((l, f))
+                inner = add(rank, step, "factor_compute", l.name, inner, 0.7 * f) + 0.5
+            add(rank, step, "backward", "", bwd_start, pure_bwd + sum(0.7 * f for _, f in nested))
+            now = bwd_start + pure_bwd + sum(0.7 * f for _, f in nested) + 2.0
+            for l, f in reversed(nested):  # running averages in step(): the other 30%
+                now = add(rank, step, "factor_compute", l.name, now, 0.3 * f)
+            for stage in ("inverse", "precondition"):
+                for l in w.layers:
+                    now = add(rank, step, stage, l.name, now, t(stage, l))
+            now = add(rank, step, "update", "", now, t("update"))
+            add(rank, step, "step", "", step_start, now - step_start)
+    run = {"workload": w.name, "batch_per_rank": batch, "world_size": world_size, "warmup": warmup,
+           "inverse_method": method, "threads_per_rank": 1, "device": {"name": "cpu"}}
+    return Trace(path=Path(f"synthetic/{w.name}-{batch}-{world_size}"), run=run, events=events_frame(rows))
+
+
+WORKLOADS = {"w1": W1, "w2": W2}
+GUESS = {k: (1.0, 0.0) for k in TRUE}
+
+
+def test_exclusive_times_subtract_nested_stages() -> None:
+    tr = synthetic_trace(W1, 8, steps=2, warmup=0)
+    ex = exclusive_compute_times(tr.events)
+    true_cost = CostModel(workload=W1, device=device(TRUE), cluster=null_cluster())
+    bwd = ex[(ex["stage"] == "backward") & (ex["step"] == 1)]["dur_us"].item()
+    assert bwd == pytest.approx(true_cost.compute_us("backward", None, batch=8), rel=1e-9)
+    fac = ex[(ex["stage"] == "factor_compute") & (ex["layer"] == "c2") & (ex["step"] == 0)]["dur_us"].item()
+    assert fac == pytest.approx(true_cost.compute_us("factor_compute", W1.layer("c2"), batch=8), rel=1e-9)
+    assert "step" not in set(ex["stage"])
+
+
+def test_device_calibration_recovers_the_true_model() -> None:
+    traces = [synthetic_trace(W1, 8), synthetic_trace(W1, 64), synthetic_trace(W2, 32)]
+    cal = fit_device_model(traces, workloads=WORKLOADS, base=device(GUESS), name="fitted")
+    for kind, (eff, over) in TRUE.items():
+        got = cal.device.stage(kind)
+        assert got.efficiency == pytest.approx(eff, rel=1e-6), kind
+        assert got.overhead_us == pytest.approx(over, rel=1e-6, abs=1e-6), kind
+        assert not got.assumed and cal.fits[kind].max_rel_error < 1e-6
+    # the fitted model predicts another batch size and another layer shape
+    fitted = CostModel(workload=W1, device=cal.device, cluster=null_cluster(), use_measured=False)
+    true_cost = CostModel(workload=W1, device=device(TRUE), cluster=null_cluster())
+    new_layer = layer("new", 300, 77, 9)
+    for stage, l in (("forward", None), ("backward", None), ("factor_compute", new_layer), ("inverse", new_layer),
+                     ("precondition", new_layer), ("update", None)):
+        assert fitted.compute_us(stage, l, batch=200) == pytest.approx(true_cost.compute_us(stage, l, batch=200), rel=1e-6)
+
+
+def test_device_calibration_with_noise_predicts_within_a_few_percent() -> None:
+    traces = [synthetic_trace(W1, b, noise=0.04, seed=b, steps=7) for b in (8, 64)] + [synthetic_trace(W2, 32, noise=0.04, steps=7)]
+    cal = fit_device_model(traces, workloads=WORKLOADS, base=device(GUESS), name="fitted")
+    fitted = CostModel(workload=W1, device=cal.device, cluster=null_cluster(), use_measured=False)
+    true_cost = CostModel(workload=W1, device=device(TRUE), cluster=null_cluster())
+    for stage in ("forward", "backward", "update"):
+        assert fitted.compute_us(stage, None, batch=32) == pytest.approx(true_cost.compute_us(stage, None, batch=32), rel=0.05)
+    for stage in ("factor_compute", "inverse", "precondition"):
+        for l in W1.layers:
+            assert fitted.compute_us(stage, l, batch=32) == pytest.approx(true_cost.compute_us(stage, l, batch=32), rel=0.06)
+
+
+def test_measured_times_single_process_only_and_notes() -> None:
+    traces = [synthetic_trace(W1, 16), synthetic_trace(W1, 16, world_size=2)]
+    cal = fit_device_model(traces, workloads=WORKLOADS, base=device(GUESS), name="fitted")
+    assert len(cal.traces_used) == 1 and any("multi-process" in n for n in cal.notes)
+    m = {(x.stage, x.layer): x.time_us for x in cal.device.measured}
+    true_cost = CostModel(workload=W1, device=device(TRUE), cluster=null_cluster())
+    assert m[("inverse", "fc")] == pytest.approx(true_cost.compute_us("inverse", W1.layer("fc"), batch=16))
+    # one batch of a whole-model stage cannot separate overhead from efficiency: overhead 0,
+    # and the fitted model still reproduces the measured time
+    assert cal.device.stage("forward").overhead_us == 0.0
+    assert "not separable" in cal.fits["forward"].note
+    fitted = CostModel(workload=W1, device=cal.device, cluster=null_cluster(), use_measured=False)
+    assert fitted.compute_us("forward", None, batch=16) == pytest.approx(true_cost.compute_us("forward", None, batch=16))
+    with pytest.raises(ValueError, match="no workload model for 'w1'"):
+        fit_device_model(traces, workloads={}, base=device(GUESS), name="x")
+
+
+def test_base_device_for_cpu_and_gpu_runs() -> None:
+    cpu = base_device_for({"device": {"name": "cpu"}, "threads_per_rank": 2})
+    assert cpu.fp32_tflops == pytest.approx(0.4)
+    assert base_device_for({"device": {"name": "NVIDIA H200"}}).name == "h200"
+    assert base_device_for({"device": {"name": "Tesla V100-SXM2-16GB"}}).name == "v100-sxm2"

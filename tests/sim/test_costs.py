@@ -1,0 +1,189 @@
+"""CostModel: roofline stage times from analytic FLOPs/bytes, measured times, what-ifs."""
+from __future__ import annotations
+
+import pytest
+
+from kfacperf.sim.cluster_model import OPS, ClusterModel, Tier
+from kfacperf.sim.collectives import group_collective_us
+from kfacperf.sim.costs import CostModel, dtype_bytes, factor_elements
+from kfacperf.sim.device_model import STAGE_KINDS, DeviceModel, MeasuredTime, StageEfficiency
+from kfacperf.sim.workload_model import LayerModel, WorkloadModel
+
+CONV = LayerModel(name="conv", kind="conv2d", dim_a=28, dim_g=16, params=448, rows_per_example=1024,
+                  fwd_flops_per_example=2 * 27 * 16 * 1024, in_elems_per_example=3072,
+                  out_elems_per_example=16384)
+FC = LayerModel(name="fc", kind="linear", dim_a=513, dim_g=1000, params=513000, rows_per_example=1,
+                fwd_flops_per_example=2 * 512 * 1000, in_elems_per_example=512, out_elems_per_example=1000)
+W = WorkloadModel(name="w", layers=(CONV, FC), other_params=100, other_fwd_flops_per_example=5e5,
+                  input_shape=(3, 32, 32), input_dtype="float32", source="test")
+EFF = {"forward": (0.5, 2.0), "backward": (0.4, 3.0), "factor_compute": (0.6, 4.0),
+       "inverse": (0.1, 50.0), "precondition": (0.7, 5.0), "update": (0.8, 6.0)}
+PEAK = 10e6  # FLOP per us (10 TFLOP/s)
+BW = 100e3  # bytes per us (100 GB/s)
+
+
+def device(measured=()) -> DeviceModel:
+    return DeviceModel(
+        name="d", fp32_tflops=10.0, tf32_tflops=0.0, bf16_tflops=40.0, mem_bandwidth_GBps=100.0,
+        stages={k: StageEfficiency(efficiency=e, overhead_us=o, assumed=False) for k, (e, o) in EFF.items()},
+        measured=measured,
+    )
+
+
+def cluster(cores: int = 0, contention: float = 0.0) -> ClusterModel:
+    algos = {"all_reduce": "ring", "reduce_scatter": "ring", "all_gather": "ring", "broadcast": "tree"}
+    return ClusterModel(
+        name="c", gpus_per_node=8,
+        intra=Tier(alpha_us=1.0, bandwidth_GBps=100.0, algorithms=algos),
+        inter=Tier(alpha_us=5.0, bandwidth_GBps=10.0, algorithms=algos),
+        multi_node={op: "hierarchical" for op in OPS}, v_collectives="padded",
+        cores_per_node=cores, contention=contention,
+    )
+
+
+def cost(**kw) -> CostModel:
+    return CostModel(workload=W, device=kw.pop("device", device()), cluster=kw.pop("cluster", cluster()), **kw)
+
+
+def roof(kind: str, flops: float, nbytes: float, peak: float = PEAK) -> float:
+    eff, over = EFF[kind]
+    return over + max(flops / peak, nbytes / BW) / eff
+
+
+def expected(stage: str, l: LayerModel, n: int, method: str = "eigen") -> float:
+    a, g = l.dim_a, l.dim_g
+    if stage == "forward":
+        return roof(stage, n * l.fwd_flops_per_example, 4 * (n * (l.in_elems_per_example + l.out_elems_per_example) + l.params))
+    if stage == "backward":
+        return roof(stage, 2 * n * l.fwd_flops_per_example, 8 * (n * (l.in_elems_per_example + l.out_elems_per_example) + l.params))
+    if stage == "factor_compute":
+        rows = n * l.rows_per_example
+        return roof(stage, 2 * rows * (a * a + g * g), 4 * (rows * (a + g) + 3 * (a * a + g * g)))
+    if stage == "inverse":
+        return roof(stage, (9 if method == "eigen" else 1) * (a ** 3 + g ** 3), 12 * (a * a + g * g))
+    if stage == "precondition":
+        return roof(stage, (4 if method == "eigen" else 2) * a * g * (a + g), 4 * (a * a + g * g + 3 * a * g))
+    return roof(stage, 4 * l.params, 20 * l.params)
+
+
+@pytest.mark.parametrize("stage", STAGE_KINDS)
+@pytest.mark.parametrize("method", ["eigen", "cholesky"])
+def test_per_layer_times_are_the_roofline_of_the_analytic_work(stage: str, method: str) -> None:
+    c = cost(inverse_method=method)
+    for layer in (CONV, FC):
+        for n in (1, 32, 256):
+            assert c.compute_us(stage, layer, batch=n, workload=W) == pytest.approx(expected(stage, layer, n, method), rel=1e-12)
+
+
+def test_both_roofline_regimes_are_exercised() -> None:
+    c = cost()
+    # the inverse of fc is compute-bound, factor statistics of a thin conv and the update are
+    # memory-bound (ridge point: 100 FLOP per byte)
+    assert c.flops("inverse", FC, batch=1) / PEAK > c.bytes_moved("inverse", FC, batch=1) / BW
+    f, b = c.flops("factor_compute", CONV, batch=32), c.bytes_moved("factor_compute", CONV, batch=32)
+    assert f / PEAK < b / BW
+    assert c.bytes_moved("update", FC, batch=1) / BW > c.flops("update", FC, batch=1) / PEAK
+
+
+def test_whole_model_stages_sum_layers_plus_the_rest() -> None:
+    c = cost()
+    n = 16
+    for stage, mult in (("forward", 1), ("backward", 2)):
+        rest = max(mult * n * 5e5 / PEAK, 0.0) / EFF[stage][0]
+        whole = c.compute_us(stage, None, batch=n)
+        assert whole == pytest.approx(expected(stage, CONV, n) + expected(stage, FC, n) + rest, rel=1e-12)
+    # update: one fused call over all parameters (K-FAC layers and the rest)
+    params = 448 + 513000 + 100
+    assert c.compute_us("update", None, batch=n) == pytest.approx(roof("update", 4 * params, 20 * params))
+
+
+def test_dtype_selects_the_peak_and_unsupported_dtypes_fail() -> None:
+    n = 256
+    fp32 = cost().compute_us("forward", FC, batch=n)
+    bf16 = cost(dtype="bf16").compute_us("forward", FC, batch=n)
+    flops = n * FC.fwd_flops_per_example
+    nbytes = 2 * (n * (512 + 1000) + FC.params)
+    assert bf16 == pytest.approx(roof("forward", flops, nbytes, peak=4 * PEAK))
+    assert bf16 < fp32
+    with pytest.raises(ValueError, match="has no tf32 rate"):
+        cost(dtype="tf32").compute_us("forward", FC, batch=n)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        cost(dtype="fp8")
+
+
+def test_measured_times_are_reproduced_and_scaled() -> None:
+    n_m = 32
+    measured = (
+        MeasuredTime(workload="w", stage="factor_compute", layer="conv", batch=n_m, inverse_method="eigen", time_us=999.0),
+        MeasuredTime(workload="w", stage="backward", layer="", batch=n_m, inverse_method="eigen", time_us=5000.0),
+        MeasuredTime(workload="w", stage="inverse", layer="fc", batch=n_m, inverse_method="cholesky", time_us=700.0),
+        MeasuredTime(workload="other", stage="forward", layer="", batch=n_m, inverse_method="eigen", time_us=1.0),
+    )
+    c = cost(device=device(measured))
+    assert c.compute_us("factor_compute", CONV, batch=n_m) == pytest.approx(999.0)
+    ratio = 999.0 / expected("factor_compute", CONV, n_m)
+    assert c.compute_us("factor_compute", CONV, batch=64) == pytest.approx(expected("factor_compute", CONV, 64) * ratio)
+    assert c.compute_us("backward", None, batch=n_m) == pytest.approx(5000.0)
+    # per-layer backward gets its share of the measured whole-model time
+    model_whole = cost().compute_us("backward", None, batch=n_m)
+    share = c.compute_us("backward", FC, batch=n_m)
+    assert share == pytest.approx(expected("backward", FC, n_m) * 5000.0 / model_whole)
+    # the inverse was measured with cholesky: not used for eigen
+    assert c.compute_us("inverse", FC, batch=n_m) == pytest.approx(expected("inverse", FC, n_m))
+    assert cost(device=device(measured), inverse_method="cholesky").compute_us("inverse", FC, batch=8) == pytest.approx(700.0)
+    # another workload's measurement is ignored; use_measured=False ignores all of them
+    assert c.compute_us("forward", None, batch=n_m) == pytest.approx(cost().compute_us("forward", None, batch=n_m))
+    off = cost(device=device(measured), use_measured=False)
+    assert off.compute_us("factor_compute", CONV, batch=n_m) == pytest.approx(expected("factor_compute", CONV, n_m))
+
+
+def test_contention_and_compute_scale() -> None:
+    base = cost().compute_us("inverse", FC, batch=1)
+    shared = cost(cluster=cluster(cores=2, contention=0.1), ranks_per_node=4)
+    assert shared.compute_us("inverse", FC, batch=1) == pytest.approx(base * (1 + 0.1 * 3) * 2)
+    assert cost(cluster=cluster(cores=2, contention=0.1)).for_gpus(2).compute_us("inverse", FC, batch=1) == pytest.approx(base * 1.1)
+    assert cost(compute_scale=2.0).compute_us("inverse", FC, batch=1) == pytest.approx(base / 2)
+    assert cost().for_gpus(64).options.ranks_per_node == 8
+
+
+def test_collectives_go_through_the_cluster_with_what_ifs() -> None:
+    c = cost()
+    assert c.collective_us("all_reduce", 1e6, group_size=32, nodes=4) == pytest.approx(
+        group_collective_us(cluster(), "all_reduce", 1e6, group_size=32, nodes=4))
+    fast = cost(bandwidth_scale=4.0, alpha_scale=0.0)
+    assert fast.collective_us("reduce_scatter", 1e6, group_size=8, nodes=1) == pytest.approx(7 / 8 * 1e6 / 400e3)
+    blocks = [10.0, 20.0, 30.0, 0.0]
+    piped = cost(v_form="pipelined").collective_us("all_gather_v", blocks, group_size=4, nodes=1)
+    assert piped == pytest.approx(3 * 1.0 + 60.0 / 100e3)
+    assert c.nodes_spanned(9) == 2
+
+
+def test_payload_helpers() -> None:
+    c = cost()
+    assert factor_elements(4) == 16 and factor_elements(4, symmetric=True) == 10
+    assert c.factor_bytes(CONV) == 4 * (28 * 28 + 16 * 16)
+    half = cost(comm_dtype="bf16", symmetric_factors=True)
+    assert half.factor_bytes(CONV) == 2 * (28 * 29 // 2 + 16 * 17 // 2)
+    assert c.inverse_bytes(CONV) == 4 * (28 * 28 + 16 * 16 + 28 + 16)
+    assert cost(inverse_method="cholesky").inverse_bytes(CONV) == 4 * (28 * 28 + 16 * 16)
+    assert c.grad_bytes(None) == 4 * (448 + 513000 + 100) and half.grad_bytes(FC) == 2 * 513000
+    assert dtype_bytes("fp16") == 2
+    assert c.with_overrides(comm_dtype="fp16").comm_dtype == "fp16"
+
+
+@pytest.mark.parametrize(
+    ("args", "kw", "pattern"),
+    [
+        (("factor_comm", CONV), dict(batch=1), "is not a compute stage"),
+        (("inverse", None), dict(batch=1), "is per layer"),
+        (("forward", CONV), dict(batch=0), "batch must be a positive int"),
+    ],
+)
+def test_bad_arguments(args: tuple, kw: dict, pattern: str) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        cost().compute_us(*args, **kw)
+
+
+def test_unknown_option_is_an_error() -> None:
+    with pytest.raises(TypeError, match="unknown CostModel option"):
+        cost(bandwith_scale=2.0)
