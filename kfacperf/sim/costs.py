@@ -20,9 +20,14 @@ This is the one interface between the models and the step graphs/engine::
     dtype_bytes(dtype) -> int;  factor_elements(d, symmetric) -> int
 
 ``stage`` is a compute stage of :mod:`kfacperf.stages`.  With ``layer=None``, ``forward``,
-``backward`` and ``update`` cost the whole model (the K-FAC layers plus the rest); with a layer
-they cost that layer's share, so the engine can interleave per-layer backward with
-communication.  ``factor_compute``, ``inverse`` and ``precondition`` need a layer.
+``backward`` and ``update`` cost the whole model; with a layer they cost that layer's share, so
+the engine can interleave per-layer backward with communication.  For forward and backward the
+whole model is exactly the sum of the per-layer shares (each layer carries a FLOP-proportional
+share of the non-K-FAC work, ``other_fwd_flops_per_example``); ``update`` of the whole model is
+one fused call over all parameters (K-FAC layers and ``other_params``).  ``factor_compute``,
+``inverse`` and ``precondition`` need a layer.  Backward is the backward pass alone: the factor
+statistics computed in backward hooks are ``factor_compute`` (calibration subtracts them from
+the measured backward, where they are nested).
 
 Compute time (roofline per call)::
 
@@ -243,17 +248,26 @@ class CostModel:
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise ValueError(f"batch must be a positive int, got {batch!r}")
 
-    def _layer_work(self, stage: str, l: LayerModel, batch: int) -> tuple[float, float, int]:
+    def _fwd_flops(self, l: LayerModel, w: WorkloadModel) -> float:
+        """Forward FLOPs per example of ``l`` plus its share (by FLOPs) of the non-K-FAC work."""
+        if not w.other_fwd_flops_per_example:
+            return l.fwd_flops_per_example
+        total = sum(x.fwd_flops_per_example for x in w.layers)
+        share = l.fwd_flops_per_example / total if total > 0 else 1.0 / len(w.layers)
+        return l.fwd_flops_per_example + share * w.other_fwd_flops_per_example
+
+    def _layer_work(self, stage: str, l: LayerModel, batch: int,
+                    w: WorkloadModel) -> tuple[float, float, int]:
         """(FLOPs, bytes, calls) of one layer's share of ``stage``."""
         o = self.options
         act = dtype_bytes(o.dtype)
         fb = 4  # factors, inverses and preconditioned gradients stay in fp32
         da, dg = l.dim_a, l.dim_g
         if stage == S.FORWARD:
-            return (batch * l.fwd_flops_per_example,
+            return (batch * self._fwd_flops(l, w),
                     act * (batch * (l.in_elems_per_example + l.out_elems_per_example) + l.params), 1)
         if stage == S.BACKWARD:
-            return (2 * batch * l.fwd_flops_per_example,
+            return (2 * batch * self._fwd_flops(l, w),
                     act * 2 * (batch * (l.in_elems_per_example + l.out_elems_per_example)
                                + l.params), 1)
         if stage == S.FACTOR_COMPUTE:
@@ -272,21 +286,16 @@ class CostModel:
               w: WorkloadModel) -> tuple[float, float]:
         self._check(stage, layer, batch)
         if layer is not None:
-            f, b, _ = self._layer_work(stage, layer, batch)
+            f, b, _ = self._layer_work(stage, layer, batch, w)
             return f, b
         f = b = 0.0
         for l in w.layers:
-            lf, lb, _ = self._layer_work(stage, l, batch)
+            lf, lb, _ = self._layer_work(stage, l, batch, w)
             f, b = f + lf, b + lb
-        f2, b2 = self._other_work(stage, batch, w)
-        return f + f2, b + b2
-
-    def _other_work(self, stage: str, batch: int, w: WorkloadModel) -> tuple[float, float]:
-        if stage == S.FORWARD:
-            return batch * w.other_fwd_flops_per_example, 0.0
-        if stage == S.BACKWARD:
-            return 2 * batch * w.other_fwd_flops_per_example, 0.0
-        return (UPDATE_FLOPS_PER_PARAM * w.other_params, UPDATE_BYTES_PER_PARAM * w.other_params)
+        if stage == S.UPDATE:
+            f += UPDATE_FLOPS_PER_PARAM * w.other_params
+            b += UPDATE_BYTES_PER_PARAM * w.other_params
+        return f, b
 
     def _roof(self, stage: str, flops: float, nbytes: float) -> float:
         dtype = self.options.dtype if stage in (S.FORWARD, S.BACKWARD) else (
@@ -300,17 +309,16 @@ class CostModel:
         w = workload or self.workload
         self._check(stage, layer, batch)
         if layer is not None:
-            f, b, calls = self._layer_work(stage, layer, batch)
+            f, b, calls = self._layer_work(stage, layer, batch, w)
             return self._roof(stage, f, b), calls
-        roof, calls = 0.0, 0
         if stage == S.UPDATE:  # one fused optimizer call over all parameters
             f, b = self._work(stage, None, batch, w)
             return self._roof(stage, f, b), 1
-        for l in w.layers:
-            f, b, c = self._layer_work(stage, l, batch)
+        roof, calls = 0.0, 0
+        for l in w.layers:  # forward/backward: the sum of the per-layer shares
+            f, b, c = self._layer_work(stage, l, batch, w)
             roof, calls = roof + self._roof(stage, f, b), calls + c
-        f2, b2 = self._other_work(stage, batch, w)
-        return roof + self._roof(stage, f2, b2), calls
+        return roof, calls
 
     def _roofline_us(self, stage: str, layer: LayerModel | None, batch: int,
                      w: WorkloadModel) -> float:

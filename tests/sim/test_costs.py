@@ -14,8 +14,13 @@ CONV = LayerModel(name="conv", kind="conv2d", dim_a=28, dim_g=16, params=448, ro
                   out_elems_per_example=16384)
 FC = LayerModel(name="fc", kind="linear", dim_a=513, dim_g=1000, params=513000, rows_per_example=1,
                 fwd_flops_per_example=2 * 512 * 1000, in_elems_per_example=512, out_elems_per_example=1000)
+BIG = LayerModel(name="big", kind="conv2d", dim_a=577, dim_g=64, params=577 * 64, rows_per_example=1024,
+                 fwd_flops_per_example=2 * 576 * 64 * 1024, in_elems_per_example=65536,
+                 out_elems_per_example=65536)  # compute-bound forward and factor statistics
 W = WorkloadModel(name="w", layers=(CONV, FC), other_params=100, other_fwd_flops_per_example=5e5,
                   input_shape=(3, 32, 32), input_dtype="float32", source="test")
+W0 = WorkloadModel(name="w0", layers=(CONV, FC, BIG), other_params=0, other_fwd_flops_per_example=0.0,
+                   input_shape=(3, 32, 32), input_dtype="float32", source="test")
 EFF = {"forward": (0.5, 2.0), "backward": (0.4, 3.0), "factor_compute": (0.6, 4.0),
        "inverse": (0.1, 50.0), "precondition": (0.7, 5.0), "update": (0.8, 6.0)}
 PEAK = 10e6  # FLOP per us (10 TFLOP/s)
@@ -42,7 +47,8 @@ def cluster(cores: int = 0, contention: float = 0.0) -> ClusterModel:
 
 
 def cost(**kw) -> CostModel:
-    return CostModel(workload=W, device=kw.pop("device", device()), cluster=kw.pop("cluster", cluster()), **kw)
+    return CostModel(workload=kw.pop("workload", W), device=kw.pop("device", device()),
+                     cluster=kw.pop("cluster", cluster()), **kw)
 
 
 def roof(kind: str, flops: float, nbytes: float, peak: float = PEAK) -> float:
@@ -69,29 +75,36 @@ def expected(stage: str, l: LayerModel, n: int, method: str = "eigen") -> float:
 @pytest.mark.parametrize("stage", STAGE_KINDS)
 @pytest.mark.parametrize("method", ["eigen", "cholesky"])
 def test_per_layer_times_are_the_roofline_of_the_analytic_work(stage: str, method: str) -> None:
-    c = cost(inverse_method=method)
-    for layer in (CONV, FC):
+    c = cost(workload=W0, inverse_method=method)
+    for layer in W0.layers:
         for n in (1, 32, 256):
-            assert c.compute_us(stage, layer, batch=n, workload=W) == pytest.approx(expected(stage, layer, n, method), rel=1e-12)
+            assert c.compute_us(stage, layer, batch=n) == pytest.approx(expected(stage, layer, n, method), rel=1e-12)
 
 
 def test_both_roofline_regimes_are_exercised() -> None:
-    c = cost()
-    # the inverse of fc is compute-bound, factor statistics of a thin conv and the update are
-    # memory-bound (ridge point: 100 FLOP per byte)
-    assert c.flops("inverse", FC, batch=1) / PEAK > c.bytes_moved("inverse", FC, batch=1) / BW
-    f, b = c.flops("factor_compute", CONV, batch=32), c.bytes_moved("factor_compute", CONV, batch=32)
-    assert f / PEAK < b / BW
-    assert c.bytes_moved("update", FC, batch=1) / BW > c.flops("update", FC, batch=1) / PEAK
+    c = cost(workload=W0)
+    n = 32
+    # ridge point 100 FLOP per byte: big's forward, factor statistics and fc's inverse are
+    # compute-bound; a thin conv's factor statistics and every update are memory-bound
+    for stage, l in (("forward", BIG), ("factor_compute", BIG), ("inverse", FC)):
+        assert c.flops(stage, l, batch=n) / PEAK > c.bytes_moved(stage, l, batch=n) / BW, stage
+    for stage, l in (("factor_compute", CONV), ("update", FC), ("forward", FC)):
+        assert c.flops(stage, l, batch=n) / PEAK < c.bytes_moved(stage, l, batch=n) / BW, stage
 
 
-def test_whole_model_stages_sum_layers_plus_the_rest() -> None:
+def test_whole_model_stages_are_the_sum_of_layer_shares() -> None:
     c = cost()
     n = 16
-    for stage, mult in (("forward", 1), ("backward", 2)):
-        rest = max(mult * n * 5e5 / PEAK, 0.0) / EFF[stage][0]
-        whole = c.compute_us(stage, None, batch=n)
-        assert whole == pytest.approx(expected(stage, CONV, n) + expected(stage, FC, n) + rest, rel=1e-12)
+    kfac_flops = CONV.fwd_flops_per_example + FC.fwd_flops_per_example
+    for stage, mult, nb in (("forward", 1, 4), ("backward", 2, 8)):
+        want = 0.0
+        for l in (CONV, FC):  # each layer carries its FLOP share of the 5e5 non-K-FAC FLOPs
+            flops = mult * n * (l.fwd_flops_per_example * (1 + 5e5 / kfac_flops))
+            nbytes = nb * (n * (l.in_elems_per_example + l.out_elems_per_example) + l.params)
+            share = roof(stage, flops, nbytes)
+            assert c.compute_us(stage, l, batch=n) == pytest.approx(share, rel=1e-12)
+            want += share
+        assert c.compute_us(stage, None, batch=n) == pytest.approx(want, rel=1e-12)
     # update: one fused call over all parameters (K-FAC layers and the rest)
     params = 448 + 513000 + 100
     assert c.compute_us("update", None, batch=n) == pytest.approx(roof("update", 4 * params, 20 * params))
@@ -99,12 +112,13 @@ def test_whole_model_stages_sum_layers_plus_the_rest() -> None:
 
 def test_dtype_selects_the_peak_and_unsupported_dtypes_fail() -> None:
     n = 256
-    fp32 = cost().compute_us("forward", FC, batch=n)
-    bf16 = cost(dtype="bf16").compute_us("forward", FC, batch=n)
-    flops = n * FC.fwd_flops_per_example
-    nbytes = 2 * (n * (512 + 1000) + FC.params)
+    fp32 = cost(workload=W0).compute_us("forward", BIG, batch=n)
+    bf16 = cost(workload=W0, dtype="bf16").compute_us("forward", BIG, batch=n)
+    flops = n * BIG.fwd_flops_per_example
+    nbytes = 2 * (n * 2 * 65536 + BIG.params)
     assert bf16 == pytest.approx(roof("forward", flops, nbytes, peak=4 * PEAK))
-    assert bf16 < fp32
+    assert fp32 == pytest.approx(roof("forward", flops, 2 * nbytes))
+    assert bf16 < fp32 / 2  # 4x the peak, but bf16 turns memory-bound
     with pytest.raises(ValueError, match="has no tf32 rate"):
         cost(dtype="tf32").compute_us("forward", FC, batch=n)
     with pytest.raises(ValueError, match="dtype must be one of"):
