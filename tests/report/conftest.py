@@ -23,9 +23,10 @@ LAYERS = ("conv1", "fc")
 GPUS = (1, 2, 8, 64, 512, 4096)
 STRATEGIES = ("sgd", "spngd", "kaisa")
 XSS = "<script>alert(1)</script>"
-# Payloads that would mark the page if they ever ran (checked in the browser test).
+# Payloads that would mark the page if they ever ran (checked in the browser test); the <b>
+# would turn bold in a plotly label that was not escaped (plotly renders a few HTML tags).
 XSS_RUN = '"><img src=x onerror="document.body.dataset.pwned=1">'
-XSS_WORKLOAD = "<script>document.body.dataset.pwned=2</script>"
+XSS_WORKLOAD = "<script>document.body.dataset.pwned=2</script><b>w</b>"
 
 _CATEGORICAL = ("stage", "layer", "lane")
 
@@ -206,3 +207,20 @@ def study(tmp_path: Path) -> dict[str, Any]:
                                 make_stage_times(slow_summary), make_prediction_events(STRATEGIES, (2, 4096)))
     return {"traces": [sgd, spngd], "predictions": [base, slow], "tmp": tmp_path,
             "summary": base_summary, "slow_summary": slow_summary}
+
+
+@pytest.fixture
+def hostile(tmp_path: Path) -> dict[str, Any]:
+    """A 2-rank spngd run with telemetry whose directory name, workload and a layer name are
+    HTML/JS payloads, its prediction, and a bandwidth x2 what-if of the prediction."""
+    layers = ("fc", XSS)
+    events = make_events(strategy="spngd", world_size=2, layers=layers)
+    run = run_json(strategy="spngd", world_size=2, workload=XSS_WORKLOAD)
+    trace = write_trace_dir(tmp_path / XSS_RUN, run, events, make_telemetry())
+    preds = []
+    for name, scale in (("pred", 1.0), ("pred-bw2", 0.5)):
+        summary = make_summary(step_scale=scale)
+        preds.append(write_prediction_dir(
+            tmp_path / name, prediction_meta(workload=XSS_WORKLOAD, bandwidth_scale=1 / scale), summary,
+            make_stage_times(summary, layers=layers), make_prediction_events(["spngd"], [2, 64], layers=layers)))
+    return {"traces": [trace], "predictions": preds, "tmp": tmp_path}

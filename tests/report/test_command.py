@@ -1,0 +1,79 @@
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from kfacperf.cli import main
+
+
+def _report(*args):
+    return main(["report", *map(str, args)])
+
+
+def test_report_command_writes_the_page(study, capsys):
+    out = study["tmp"] / "reports" / "x" / "index.html"
+    args = [a for t in study["traces"] for a in ("--trace", t)]
+    args += [a for p in study["predictions"] for a in ("--prediction", p)]
+    assert _report(*args, "--title", "My <study>", "--out", out) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    text = out.read_text()
+    assert "<title>My &lt;study&gt;</title>" in text
+
+
+def test_validation_file_formats(study, tmp_path):
+    rows = [{"run": "a", "measured_step_us": 100.0, "predicted_step_us": 104.0}]
+    pd.DataFrame(rows).to_csv(tmp_path / "v.csv", index=False)
+    (tmp_path / "v.json").write_text(json.dumps({"runs": rows}))
+    pd.DataFrame(rows).to_parquet(tmp_path / "v.parquet")
+    for name in ("v.csv", "v.json", "v.parquet"):
+        out = tmp_path / f"{name}.html"
+        assert _report("--trace", study["traces"][0], "--validation", tmp_path / name, "--out", out) == 0
+        assert "+4.0%" in out.read_text()
+
+
+@pytest.mark.parametrize("case", ["missing_trace", "trace_is_file", "no_events", "pred_missing_summary",
+                                  "pred_missing_column", "bad_validation", "no_inputs", "bad_step"])
+def test_bad_input_is_a_clear_error(study, tmp_path, capsys, case):
+    trace, pred = study["traces"][0], study["predictions"][0]
+    out = tmp_path / "o.html"
+    if case == "missing_trace":
+        args, expect = ["--trace", tmp_path / "nope"], str(tmp_path / "nope")
+    elif case == "trace_is_file":
+        (tmp_path / "f").write_text("x")
+        args, expect = ["--trace", tmp_path / "f"], str(tmp_path / "f")
+    elif case == "no_events":
+        (tmp_path / "t").mkdir()
+        (tmp_path / "t" / "run.json").write_text(json.dumps({"strategy": "sgd", "world_size": 1}))
+        args, expect = ["--trace", tmp_path / "t"], "events.parquet"
+    elif case == "pred_missing_summary":
+        (pred / "summary.parquet").unlink()
+        args, expect = ["--prediction", pred], str(pred / "summary.parquet")
+    elif case == "pred_missing_column":
+        st = pd.read_parquet(pred / "stage_times.parquet").drop(columns="time_us")
+        st.to_parquet(pred / "stage_times.parquet")
+        args, expect = ["--prediction", pred], "time_us"
+    elif case == "bad_validation":
+        (tmp_path / "v.txt").write_text("x")
+        args, expect = ["--trace", trace, "--validation", tmp_path / "v.txt"], "v.txt"
+    elif case == "no_inputs":
+        args, expect = [], "--trace"
+    else:
+        args, expect = ["--trace", trace, "--timeline-step", 99], "step 99"
+    assert _report(*args, "--out", out) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kfacperf report: error:") and expect in err
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+def test_report_never_imports_torch(study, tmp_path):
+    code = (
+        "import sys; from kfacperf.cli import main; "
+        f"rc = main(['report', '--trace', {str(study['traces'][1])!r}, '--prediction', "
+        f"{str(study['predictions'][0])!r}, '--out', {str(tmp_path / 'r.html')!r}]); "
+        "assert rc == 0, rc; bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=120)
