@@ -14,7 +14,9 @@ Implements :class:`kfacperf.profiler.timer.Timer`.
 * **Asynchronous collectives** are timed from the ``async_comm`` call (just after the issue)
   to completion: a callback on ``work.get_future()`` takes ``perf_counter_ns`` on CPU, or
   records a CUDA event on the stream the callback runs on (synchronised with the
-  communication) on GPU.  They land in the ``comm`` lane under the step they were issued in.
+  communication) on GPU.  Work handles without a future (gloo's list-form
+  ``reduce_scatter``) are waited on by a watcher thread instead.  They land in the ``comm``
+  lane under the step they were issued in.
 * **Isolate mode** synchronises the device before and after every stage, waits for each
   asynchronous collective as soon as it is issued, and holds a barrier at the start of every
   step, so each stage runs alone; comparing with the default mode shows the overlap the run
@@ -28,9 +30,12 @@ value, normally taken right after a barrier at the start of the run).
 from __future__ import annotations
 
 import collections
+import queue
+import threading
 import time
 from typing import Any, Callable, ContextManager, Mapping, Protocol, Sequence
 
+from kfacperf.profiler import cuda_events
 from kfacperf.profiler.nvtx_backend import NvtxBackend, NvtxDomainBackend
 from kfacperf.stages import STEP, lane_of
 
@@ -172,19 +177,21 @@ class StageTimer:
         self.isolate = isolate
         self._sync: Callable[[], None] | None = None
         if isolate:
-            self._sync = _cuda_sync if self.cuda else None
+            self._sync = cuda_events.cuda_sync if self.cuda else None
             self._barrier = barrier if barrier is not None else _dist_barrier
         self.origin_ns = _clock() if origin_ns is None else origin_ns
         self._keys: dict[tuple[str, str], _Key] = {}
         self._rows: list[tuple] = []
         self._async_rows: collections.deque = collections.deque()
-        self._inflight: list[tuple[Any, Any]] = []  # (source future, chained future)
+        # per collective in flight: (has it completed?, wait until its row is recorded)
+        self._inflight: list[tuple[Callable[[], bool], Callable[[], Any]]] = []
+        self._completion_watcher: _CompletionWatcher | None = None
         self._step = -1
         self._step_t0: Any = None
         self._span_cls = _CudaSpan if self.cuda else _Span
         if self.cuda:
-            self._events = _EventPool()
-            self._gpu = _GpuResolver(self._events, origin_ns=self.origin_ns)
+            self._events = cuda_events.EventPool()
+            self._gpu = cuda_events.GpuResolver(self._events, origin_ns=self.origin_ns)
             self._max_pending = max(0, max_pending_steps)
 
     # ------------------------------------------------------------------ interface
@@ -215,15 +222,23 @@ class StageTimer:
             self._nvtx.end(handle)
             self._async_rows.append((step, key.stage, key.layer, key.lane, t0, t1, nbytes, 0.0))
             return
-        fut = work.get_future()
         rows, end, cuda = self._async_rows, self._nvtx.end, self.cuda
 
-        def done(f: Any) -> None:
-            t1 = _fresh_cuda_event() if cuda else _clock()
+        def done(_: Any = None) -> None:
+            t1 = cuda_events.fresh_cuda_event() if cuda else _clock()
             end(handle)
             rows.append((step, key.stage, key.layer, key.lane, t0, t1, nbytes, 0.0))
 
-        self._inflight.append((fut, fut.then(done)))
+        try:
+            fut = work.get_future()
+        except RuntimeError:  # e.g. gloo's list-form reduce_scatter has no future
+            fut = None
+        if fut is not None:
+            chained = fut.then(done)
+            self._inflight.append((fut.done, chained.wait))
+        else:
+            finished = self._watcher().watch(work, done)
+            self._inflight.append((work.is_completed, lambda: finished.wait(1.0)))
 
     def step_begin(self, step: int) -> None:
         if self.isolate:
@@ -255,12 +270,15 @@ class StageTimer:
 
     def close(self) -> None:
         """Wait for outstanding collectives' callbacks, resolve and write everything left."""
-        for _, chained in self._inflight:
+        for _, wait in self._inflight:
             try:
-                chained.wait()
+                wait()
             except Exception:  # a failed collective: no completion time to record
                 pass
         self._inflight = []
+        if self._completion_watcher is not None:
+            self._completion_watcher.close()
+            self._completion_watcher = None
         rows, self._rows = self._rows, []
         rows.extend(self._drain_async())
         if self.cuda:
@@ -284,15 +302,21 @@ class StageTimer:
         if not self._inflight:
             return
         still = []
-        for fut, chained in self._inflight:
-            if fut.done():
+        for is_done, wait in self._inflight:
+            finished = False
+            if is_done():
                 try:
-                    chained.wait()
+                    finished = wait() is not False  # False: watcher not there yet
                 except Exception:
-                    pass
-            else:
-                still.append((fut, chained))
+                    finished = True
+            if not finished:
+                still.append((is_done, wait))
         self._inflight = still
+
+    def _watcher(self) -> "_CompletionWatcher":
+        if self._completion_watcher is None:
+            self._completion_watcher = _CompletionWatcher()
+        return self._completion_watcher
 
     def _drain_async(self) -> list[tuple]:
         out = []
@@ -341,10 +365,39 @@ def _cuda_default() -> bool:
     return bool(torch is not None and torch.cuda.is_available())
 
 
-def _cuda_sync() -> None:
-    import torch
+class _CompletionWatcher:
+    """For work handles without a future: a thread that waits on each, in issue order, and
+    runs its callback.  Collectives of one process group complete in issue order, so the
+    time seen for each is its completion time."""
 
-    torch.cuda.synchronize()
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="kfacperf-comm-watch",
+                                        daemon=True)
+        self._thread.start()
+
+    def watch(self, work: Any, callback: Callable[[], None]) -> threading.Event:
+        finished = threading.Event()
+        self._queue.put((work, callback, finished))
+        return finished
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            work, callback, finished = item
+            try:
+                work.wait()
+                callback()
+            except Exception:  # a failed collective: the run reports it, not the timer
+                pass
+            finally:
+                finished.set()
 
 
 def _dist_barrier() -> None:
@@ -352,79 +405,3 @@ def _dist_barrier() -> None:
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
-
-
-def _new_cuda_event() -> Any:
-    import torch
-
-    return torch.cuda.Event(enable_timing=True)
-
-
-def _fresh_cuda_event() -> Any:
-    ev = _new_cuda_event()
-    ev.record()  # on the current stream: in a future callback, synchronised with the work
-    return ev
-
-
-class _EventPool:
-    """Reusable ``torch.cuda.Event(enable_timing=True)`` objects (creating them is not free)."""
-
-    def __init__(self) -> None:
-        self._free: list[Any] = []
-
-    def record(self) -> Any:
-        ev = self._free.pop() if self._free else _new_cuda_event()
-        ev.record()
-        return ev
-
-    def release(self, events: Sequence[Any]) -> None:
-        self._free.extend(events)
-
-
-class _GpuResolver:
-    """Turns rows holding CUDA events into rows holding µs since the origin, step by step.
-
-    Each step is anchored at its ``step`` row's start event; the anchor's offset from the
-    origin is chained from the previous step's anchor (short ``elapsed_time`` intervals keep
-    float32 precision over long runs).
-    """
-
-    def __init__(self, pool: _EventPool, *, origin_ns: int) -> None:
-        _cuda_sync()
-        self._pool = pool
-        self._prev_anchor = pool.record()
-        _cuda_sync()
-        # the origin event completed (about) now: its offset from origin_ns on the CPU clock
-        self._prev_us = (_clock() - origin_ns) / 1e3
-        self._pending: collections.deque = collections.deque()
-
-    def add(self, rows: list[tuple], *, step_end_event: Any) -> None:
-        self._pending.append((rows, step_end_event))
-
-    def resolve(self, *, keep: int) -> list[tuple]:
-        out: list[tuple] = []
-        while self._pending:
-            rows, last = self._pending[0]
-            if len(self._pending) <= keep and last is not None and not last.query():
-                break
-            self._pending.popleft()
-            out.extend(self._resolve_rows(rows))
-        return out
-
-    def _resolve_rows(self, rows: list[tuple]) -> list[tuple]:
-        events = [e for r in rows for e in (r[4], r[5])]
-        for ev in events:
-            ev.synchronize()  # no-op wait when already complete (the usual case)
-        if not rows:
-            return []
-        anchor = next((r[4] for r in rows if r[1] == STEP), rows[0][4])
-        anchor_us = self._prev_us + self._prev_anchor.elapsed_time(anchor) * 1e3
-        out = []
-        for step, stage, layer, lane, e0, e1, nbytes, flops in rows:
-            start = anchor_us + anchor.elapsed_time(e0) * 1e3
-            out.append((step, stage, layer, lane, start, start + e0.elapsed_time(e1) * 1e3,
-                        nbytes, flops))
-        self._pool.release([self._prev_anchor])
-        self._prev_anchor, self._prev_us = anchor, anchor_us
-        self._pool.release([e for e in events if e is not anchor and e is not None])
-        return out

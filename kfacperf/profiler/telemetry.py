@@ -92,20 +92,22 @@ def device_info(*, device_index: int | None = 0, nvml: Any = None) -> dict[str, 
     """What ``run.json`` records under ``device``.
 
     ``kind`` is ``"gpu"`` when NVML describes device ``device_index`` (name, UUID, driver,
-    compute capability, memory, max clocks, power limit), else ``"cpu"``; ``nvml`` is
-    ``"ok"`` or the reason there is no GPU information (e.g. "NVML Shared Library Not
-    Found").  ``cpu`` is always there.
+    compute capability, memory, max clocks, power limit), else ``"cpu"`` (also when
+    ``device_index`` is None: a CPU run); ``nvml`` is ``"ok"`` or the reason there is no GPU
+    information (e.g. "NVML Shared Library Not Found").  ``cpu`` is always there.
     """
     info: dict[str, Any] = {"kind": "cpu", "cpu": cpu_info(), "gpu": None}
     info["name"] = info["cpu"]["model"]
-    if device_index is None:
-        info["nvml"] = "not queried (no GPU used)"
-        return info
     try:
         nvml = nvml if nvml is not None else _import_nvml()
         nvml.nvmlInit()
     except Exception as exc:  # ImportError, NVMLError_LibraryNotFound, DriverNotLoaded, ...
         info["nvml"] = str(exc) or type(exc).__name__
+        return info
+    if device_index is None:  # a CPU run: say what NVML sees, describe no GPU
+        count = _try(nvml.nvmlDeviceGetCount)
+        info["nvml"] = f"ok; {count} GPU(s) present, none used"
+        _try(nvml.nvmlShutdown)
         return info
     try:
         h = nvml_handle(nvml, device_index)

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from kfacperf.profiler import stage_timer as st
+from kfacperf.profiler import cuda_events
 from kfacperf.profiler.nvtx_backend import NvtxDomainBackend, RecordingBackend
 from kfacperf.profiler.stage_timer import STAGE_COLORS, MemorySink, StageTimer
 from kfacperf.traces import events_frame
@@ -187,8 +187,8 @@ class FakeEvent:
 def test_gpu_events_are_resolved_after_the_step_without_sync(monkeypatch):
     gpu = FakeGpu()
     syncs = []
-    monkeypatch.setattr(st, "_new_cuda_event", gpu.event)
-    monkeypatch.setattr(st, "_cuda_sync", lambda: syncs.append(1))
+    monkeypatch.setattr(cuda_events, "_new_cuda_event", gpu.event)
+    monkeypatch.setattr(cuda_events, "cuda_sync", lambda: syncs.append(1))
     sink = MemorySink()
     timer = StageTimer(sink=sink, nvtx=RecordingBackend(), cuda=True, max_pending_steps=1)
     n_setup_syncs = len(syncs)
@@ -224,3 +224,38 @@ def test_gpu_events_are_resolved_after_the_step_without_sync(monkeypatch):
         want += [(step, "step", base, 5000.0), (step, "forward", base, 2000.0),
                  (step, "inverse", base + 2500.0, 1500.0)]
     assert sorted(got) == sorted(want)
+
+
+class WorkWithoutFuture:
+    """Like gloo's list-form reduce_scatter handle: wait() and is_completed(), no future."""
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+
+    def get_future(self):
+        raise RuntimeError("Work::getFuture not implemented.")
+
+    def is_completed(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self) -> bool:
+        self._done.wait()
+        return True
+
+
+def test_work_without_future_is_timed_by_the_watcher():
+    rec = RecordingBackend()
+    timer = StageTimer(nvtx=rec, cuda=False)
+    timer.step_begin(0)
+    work = WorkWithoutFuture()
+    timer.async_comm("factor_comm", "fc1", 64, work)
+    threading.Timer(0.01, work._done.set).start()
+    with timer.stage("inverse", "fc1"):
+        time.sleep(0.03)  # the collective completes meanwhile
+    timer.step_end()
+    batch = timer.sink.batches[0]  # its row made it into the step's own batch
+    i = batch["stage"].index("factor_comm")
+    assert batch["step"][i] == 0 and batch["bytes"][i] == 64
+    assert 10_000 <= batch["dur_us"][i] < 30_000
+    timer.close()
+    assert [c.kind for c in rec.calls if c.kind in ("start", "end")] == ["start", "end"]

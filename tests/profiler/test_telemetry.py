@@ -116,3 +116,11 @@ def test_sampler_writes_rows_on_the_timer_clock():
     assert (df["gpu_util_pct"] == 97).all()
     assert df["temperature_c"].map(math.isnan).all()  # unsupported field -> NaN, no error
     assert nvml.shutdowns == 1
+
+
+def test_cpu_run_on_a_gpu_host_describes_no_gpu():
+    nvml = FakeNvml()
+    info = device_info(device_index=None, nvml=nvml)
+    assert info["kind"] == "cpu" and info["gpu"] is None
+    assert info["nvml"] == "ok; 1 GPU(s) present, none used"
+    assert nvml.inits == nvml.shutdowns == 1

@@ -1,0 +1,184 @@
+"""What every rank of a profiling run does: set up, train instrumented, write its rows.
+
+Started by ``torchrun`` (``python -m kfacperf.profiler.worker CONFIG_JSON``), by
+``kfacperf profile`` itself for one process, or by ``kfacperf profile`` run under a
+user's own ``torchrun``.  Rank 0 writes ``run.json``; every rank appends its events (and, on a
+GPU, telemetry) to its part files, flushed every step; at the end rank 0 compacts them
+(collecting the parts of ranks on other hosts over the process group) and marks the run
+completed.  A rank that fails leaves ``parts/error-rank<R>.txt`` with its traceback.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from kfacperf.profiler.config import CRASH_ENV, ProfileConfig, run_record
+from kfacperf.traces import PARTS_DIR, read_run, write_run
+
+PROGRESS_EVERY_S = 2.0
+
+
+def error_path(run_dir: Path, rank: int) -> Path:
+    return run_dir / PARTS_DIR / f"error-rank{rank:05d}.txt"
+
+
+def _crash_point(rank: int) -> int | None:
+    spec = os.environ.get(CRASH_ENV)
+    if not spec:
+        return None
+    r, _, k = spec.partition(":")
+    return int(k) if int(r) == rank else None
+
+
+def _log(msg: str) -> None:
+    print(f"[kfacperf] {msg}", flush=True)
+
+
+def run_worker(config: ProfileConfig) -> None:
+    """Run this rank's share of the profile described by ``config``."""
+    import torch
+
+    from kfacperf import distributed
+
+    torch.set_num_threads(config.threads_per_rank)
+    backend = {"cpu": "gloo", "cuda": "nccl", "auto": None}[config.device]
+    info = distributed.init_distributed(backend=backend, timeout_s=config.timeout_s)
+    run_dir = Path(config.out)
+    try:
+        _train(config, info, run_dir)
+    except BaseException:
+        try:
+            p = error_path(run_dir, info.rank)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(traceback.format_exc())
+        finally:
+            raise
+    finally:
+        distributed.shutdown()
+
+
+def _train(config: ProfileConfig, info: Any, run_dir: Path) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from kfacperf import trace_parts
+    from kfacperf.kfac.training import TrainConfig, Trainer
+    from kfacperf.profiler.stage_timer import StageTimer
+    from kfacperf.profiler.telemetry import TelemetrySampler, device_info
+    from kfacperf.workloads import get_workload
+
+    rank, world, device = info.rank, info.world_size, info.device
+    workload = get_workload(config.workload, **config.workload_options)
+    batch = config.batch_size or workload.default_batch_size
+    model = workload.build_model(seed=config.seed).to(device)
+    (run_dir / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+    cuda = device.type == "cuda"
+    gpu_index = (device.index or 0) if cuda else None
+    dev_info = device_info(device_index=gpu_index)
+    if not cuda:
+        dev_info = dict(dev_info, torch_device="cpu")
+    if rank == 0:
+        prior = _prior_run(run_dir)
+        write_run(run_dir, run_record(
+            config, world_size=world, batch_per_rank=batch, device=dev_info,
+            backend=info.backend, timing="cuda_events" if cuda else "perf_counter_ns",
+            clock="per-rank perf_counter_ns; time 0 right after a barrier at the start",
+            **({"start_time": prior["start_time"]} if "start_time" in prior else {}),
+        ))
+    events = trace_parts.event_appender(run_dir, rank)
+    tel_sink = trace_parts.telemetry_appender(run_dir, rank) if cuda else None
+    if world > 1:
+        dist.barrier()
+    origin = time.perf_counter_ns()
+    timer = StageTimer(rank=rank, sink=events, cuda=cuda, isolate=config.isolate,
+                       origin_ns=origin)
+    sampler = None
+    if tel_sink is not None:
+        sampler = TelemetrySampler(rank=rank, device_index=gpu_index or 0, sink=tel_sink,
+                                   origin_ns=origin, interval_s=config.telemetry_interval_s)
+        sampler.start()
+    trainer = Trainer(model, loss_fn=workload.loss_fn,
+                      config=TrainConfig(**config.train_config_kwargs()), timer=timer)
+    crash_after = _crash_point(rank)
+    total = config.total_steps
+    last_print = 0.0
+    t_prev = time.perf_counter()
+    for step in range(total):
+        x, y = workload.make_batch(batch, seed=config.seed, step=step * world + rank,
+                                   device=device)
+        loss = trainer.train_step(x, y)
+        if crash_after is not None and step >= crash_after:
+            os._exit(13)  # test hook: die like a killed process (no cleanup, no flush)
+        now = time.perf_counter()
+        if rank == 0 and (now - last_print >= PROGRESS_EVERY_S or step in (0, total - 1)):
+            phase = "warm-up" if step < config.warmup else "measured"
+            _log(f"step {step + 1}/{total} ({phase})  loss {float(loss):.4f}  "
+                 f"{(now - t_prev) * 1e3:.1f} ms")
+            last_print = now
+        t_prev = time.perf_counter()
+    timer.close()
+    if sampler is not None:
+        sampler.stop()
+    events.close()
+    if tel_sink is not None:
+        tel_sink.close()
+    _finish(config, rank, world, run_dir)
+
+
+def _prior_run(run_dir: Path) -> dict[str, Any]:
+    try:
+        return read_run(run_dir / "run.json")
+    except (OSError, ValueError):
+        return {}
+
+
+def _finish(config: ProfileConfig, rank: int, world: int, run_dir: Path) -> None:
+    """Bring every rank's parts to rank 0 (ranks on other hosts send theirs), compact, mark
+    the run completed."""
+    import torch.distributed as dist
+
+    from kfacperf import trace_parts
+
+    parts = run_dir / PARTS_DIR
+    host = socket.gethostname()
+    if world > 1:
+        hosts: list[Any] = [None] * world
+        dist.all_gather_object(hosts, host)
+        remote = host != hosts[0]
+        mine = None
+        if remote:
+            mine = {p.name: p.read_bytes() for p in parts.glob(f"*-rank{rank:05d}.arrows")}
+        received: list[Any] = [None] * world if rank == 0 else None
+        dist.gather_object(mine, received, dst=0)
+        if rank == 0:
+            for blobs in received or []:
+                for name, data in (blobs or {}).items():
+                    (parts / name).write_bytes(data)
+    if rank == 0:
+        trace_parts.compact(run_dir)
+        run = read_run(run_dir / "run.json")
+        run.update(completed=True, end_time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        write_run(run_dir, run)
+    if world > 1:
+        dist.barrier()
+        if remote:  # this host's copy of the parts is no longer needed
+            for p in parts.glob(f"*-rank{rank:05d}.arrows"):
+                p.unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m kfacperf.profiler.worker CONFIG_JSON", file=sys.stderr)
+        return 2
+    run_worker(ProfileConfig.from_json(args[0]))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
