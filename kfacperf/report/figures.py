@@ -19,8 +19,8 @@ from plotly.subplots import make_subplots
 from kfacperf import stages
 from kfacperf.report import metrics
 
-_PALETTE = qualitative.Plotly + qualitative.D3
-STAGE_COLORS: dict[str, str] = {name: _PALETTE[i] for i, name in enumerate(stages.STAGE_NAMES)}
+PALETTE = qualitative.Plotly + qualitative.D3
+STAGE_COLORS: dict[str, str] = {name: PALETTE[i] for i, name in enumerate(stages.STAGE_NAMES)}
 _DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
 HEIGHT = 380
 
@@ -33,14 +33,14 @@ def plot_text(value: object) -> str:
 def stage_color(stage: str) -> str:
     if stage in STAGE_COLORS:
         return STAGE_COLORS[stage]
-    return _PALETTE[(len(STAGE_COLORS) + sum(map(ord, stage))) % len(_PALETTE)]
+    return PALETTE[(len(STAGE_COLORS) + sum(map(ord, stage))) % len(PALETTE)]
 
 
 def strategy_colors(strategies: Iterable[str]) -> dict[str, str]:
-    return {s: _PALETTE[i % len(_PALETTE)] for i, s in enumerate(sorted(set(strategies)))}
+    return {s: PALETTE[i % len(PALETTE)] for i, s in enumerate(sorted(set(strategies)))}
 
 
-def _layout(fig: go.Figure, title: str, *, height: int = HEIGHT) -> go.Figure:
+def style_figure(fig: go.Figure, title: str, *, height: int = HEIGHT) -> go.Figure:
     fig.update_layout(
         title={"text": plot_text(title), "x": 0.01, "xanchor": "left"},
         template="plotly_white",
@@ -80,7 +80,7 @@ def rank_breakdown_figure(breakdown: pd.DataFrame, per_rank: pd.DataFrame, title
     fig.update_layout(barmode="stack")
     fig.update_yaxes(title_text="ms per step", row=1, col=1)
     fig.update_yaxes(title_text="ms per step", row=1, col=2)
-    return _layout(fig, title, height=420)
+    return style_figure(fig, title, height=420)
 
 
 def comparison_figure(comparison: pd.DataFrame, title: str) -> go.Figure:
@@ -93,7 +93,7 @@ def comparison_figure(comparison: pd.DataFrame, title: str) -> go.Figure:
                          text=err, textposition="outside"))
     fig.update_layout(barmode="group")
     fig.update_yaxes(title_text="ms per step")
-    return _layout(fig, title)
+    return style_figure(fig, title)
 
 
 def _log_x(fig: go.Figure, gpus: Sequence[int], **where: int) -> None:
@@ -119,7 +119,7 @@ def scaling_figure(summary: pd.DataFrame, title: str) -> go.Figure:
                           row=1, col=3)
     for col in (1, 2, 3):
         _log_x(fig, summary["gpus"], row=1, col=col)
-    return _layout(fig, title, height=400)
+    return style_figure(fig, title, height=400)
 
 
 def stage_scaling_figure(stage_times: pd.DataFrame, strategy: str, title: str) -> go.Figure:
@@ -137,7 +137,7 @@ def stage_scaling_figure(stage_times: pd.DataFrame, strategy: str, title: str) -
     fig.update_layout(barmode="stack")
     fig.update_xaxes(title_text="GPUs", type="category")
     fig.update_yaxes(title_text="ms per step (slowest rank)")
-    return _layout(fig, title)
+    return style_figure(fig, title)
 
 
 def whatif_figure(variants: Sequence[tuple[str, pd.DataFrame]], title: str) -> go.Figure:
@@ -160,7 +160,7 @@ def whatif_figure(variants: Sequence[tuple[str, pd.DataFrame]], title: str) -> g
                 fig.add_trace(go.Scatter(name=name, x=gpus, y=overhead, showlegend=False, **common), row=1, col=2)
     for col in (1, 2):
         _log_x(fig, all_gpus, row=1, col=col)
-    return _layout(fig, title, height=440)
+    return style_figure(fig, title, height=440)
 
 
 def validation_figure(validation: pd.DataFrame, title: str) -> go.Figure:
@@ -173,4 +173,4 @@ def validation_figure(validation: pd.DataFrame, title: str) -> go.Figure:
                          marker={"color": "#ff7f0e"}, text=err, textposition="outside"))
     fig.update_layout(barmode="group")
     fig.update_yaxes(title_text="step time (ms)")
-    return _layout(fig, title)
+    return style_figure(fig, title)

@@ -11,7 +11,7 @@ from plotly.subplots import make_subplots
 
 from kfacperf import stages
 from kfacperf.report import metrics
-from kfacperf.report.figures import _layout, plot_text, stage_color
+from kfacperf.report.figures import PALETTE, plot_text, stage_color, style_figure
 
 MAX_RANKS = 16
 
@@ -63,7 +63,7 @@ def timeline_figure(events: pd.DataFrame, step: int, title: str) -> go.Figure:
     fig.update_layout(barmode="overlay")
     fig.update_xaxes(title_text="ms since the step began")
     fig.update_yaxes(type="category", categoryorder="array", categoryarray=lanes, autorange="reversed")
-    return _layout(fig, title, height=max(260, 90 + 34 * len(lanes)))
+    return style_figure(fig, title, height=max(340, 90 + 34 * len(lanes)))
 
 
 _METRIC_LABELS = {
@@ -95,14 +95,16 @@ def telemetry_figure(telemetry: pd.DataFrame, title: str) -> go.Figure | None:
     fig = make_subplots(rows=len(metric_cols), cols=1, shared_xaxes=True, vertical_spacing=0.05,
                         subplot_titles=[plot_text(_METRIC_LABELS.get(c, c)) for c in metric_cols])
     groups = tel.groupby(keys, sort=True) if keys else [((), tel)]
-    for key, grp in groups:
+    for n, (key, grp) in enumerate(groups):
         key = key if isinstance(key, tuple) else (key,)
         name = plot_text(", ".join(f"{k} {v}" for k, v in zip(keys, key)) or "run")
+        color = PALETTE[n % len(PALETTE)]
         for i, col in enumerate(metric_cols, start=1):
             fig.add_trace(
                 go.Scatter(name=name, legendgroup=name, showlegend=(i == 1), mode="lines+markers",
-                           x=seconds.loc[grp.index].to_numpy(float), y=grp[col].to_numpy(float)),
+                           line={"color": color}, x=seconds.loc[grp.index].to_numpy(float),
+                           y=grp[col].to_numpy(float)),
                 row=i, col=1,
             )
     fig.update_xaxes(title_text="s since the first sample", row=len(metric_cols), col=1)
-    return _layout(fig, title, height=120 + 170 * len(metric_cols))
+    return style_figure(fig, title, height=120 + 170 * len(metric_cols))

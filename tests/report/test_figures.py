@@ -148,6 +148,8 @@ def test_telemetry_one_subplot_per_sampled_metric(synth):
     rank1 = tel[tel["rank"] == 1].sort_values("t_us")
     np.testing.assert_allclose(_arr(power[1]["y"]), rank1["power_w"].to_numpy())
     np.testing.assert_allclose(_arr(power[1]["x"]), (rank1["t_us"].to_numpy() - tel["t_us"].min()) / 1e6)
+    colors = {(t["name"], t["line"]["color"]) for t in d["data"]}
+    assert len(colors) == 2  # one color per rank across all subplots
     assert timeline.telemetry_figure(tel.iloc[0:0], "x") is None
 
 
