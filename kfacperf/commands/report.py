@@ -22,6 +22,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="measured step to draw as a timeline (default: the first with the most stages)")
     parser.add_argument("--timeline-gpus", type=int, default=None, metavar="N",
                         help="GPU count of the simulated timeline (default: the largest simulated)")
+    parser.add_argument("--screenshot", default=None, metavar="PNG",
+                        help="also save a PNG of the top of the page (needs chromium)")
     parser.add_argument("--out", default="reports/report/index.html", metavar="FILE",
                         help="HTML file to write (default: %(default)s)")
 
@@ -42,4 +44,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {out} ({size / 1e6:.1f} MB)")
     if size > MAX_BYTES:
         print(f"warning: {out} is larger than {MAX_BYTES / 2**20:.0f} MiB; fewer or smaller inputs keep it light")
+    if args.screenshot:
+        from kfacperf.report.browser import screenshot
+
+        png = screenshot(out, args.screenshot)
+        print(f"wrote {png} ({png.stat().st_size / 1e3:.0f} kB)")
     return 0

@@ -36,9 +36,9 @@ def build_sections(runs: Sequence[RunData], predictions: Sequence[PredictionData
     head = matching.headline(runs, predictions)
     return [
         sections.summary_section(runs, predictions, head),
-        sections.validation_section(validation),
         sections.breakdown_section(runs),
         sections.comparison_section(runs, predictions),
+        sections.validation_section(validation),
         sections.scaling_section(groups),
         sections.timeline_section(runs, groups, step=timeline_step, gpus=timeline_gpus),
         sections.telemetry_section(runs),

@@ -116,7 +116,8 @@ def table(df: pd.DataFrame, columns: Sequence[Column], *, caption: str = "", num
             cells.append(f"<td{cls}>{esc(fmt(row.get(col)))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     cap = f"<caption>{esc(caption)}</caption>" if caption else ""
-    return f'<table>{cap}<thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    return (f'<div class="scroll"><table>{cap}<thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table></div>')
 
 
 def paragraph(text: str) -> str:
@@ -171,6 +172,7 @@ section h2{font-size:18px;margin:10px 0}
 section h3{font-size:15px;margin:16px 0 6px}
 p{font-size:14px;line-height:1.4}
 p.note{color:#6b7785;font-style:italic}
+.scroll{overflow-x:auto}
 table{border-collapse:collapse;font-size:13px;margin:8px 0 12px}
 caption{text-align:left;color:#6b7785;padding-bottom:4px}
 th,td{border-bottom:1px solid #e6e9ee;padding:4px 10px;text-align:left;white-space:nowrap}

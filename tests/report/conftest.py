@@ -157,12 +157,9 @@ def make_prediction_events(strategies: Sequence[str], gpus: Sequence[int],
 
 def write_prediction_dir(path: Path, meta: dict, summary: pd.DataFrame, stage_times: pd.DataFrame,
                          events: pd.DataFrame) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "prediction.json").write_text(json.dumps(meta, indent=1))
-    summary.to_parquet(path / "summary.parquet", index=False)
-    stage_times.to_parquet(path / "stage_times.parquet", index=False)
-    events.to_parquet(path / "events.parquet", compression="zstd", index=False)
-    return path
+    from kfacperf.sim.prediction import Prediction, write_prediction
+
+    return write_prediction(Prediction(meta=meta, summary=summary, stage_times=stage_times, events=events), path)
 
 
 def prediction_meta(*, workload: str = "mlp", bandwidth_scale: float = 1.0, factor_interval: int = 1,

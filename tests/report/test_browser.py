@@ -2,17 +2,15 @@
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from kfacperf.report import browser
 from kfacperf.report.build import build_report, build_sections
 from kfacperf.report.inputs import load_predictions, load_runs
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM = browser.find_chromium()
 
 pytestmark = [
     pytest.mark.slow,
@@ -22,19 +20,6 @@ pytestmark = [
                "(`make test` does) or `apt-get install chromium` to run the browser test",
     ),
 ]
-
-
-def chromium_dump_dom(page: Path, profile: Path, budget_ms: int = 15000) -> tuple[str, str]:
-    """Load ``page`` in headless Chromium; return (serialized DOM, browser log)."""
-    cmd = [
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--no-first-run", "--disable-quic", f"--virtual-time-budget={budget_ms}",
-        "--enable-logging=stderr", "--v=0", "--dump-dom", page.resolve().as_uri(),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout, proc.stderr
 
 
 def test_report_renders_in_chromium_without_errors(synth, hostile):
@@ -48,13 +33,13 @@ def test_report_renders_in_chromium_without_errors(synth, hostile):
     # 1 measured + 1 simulated (spngd at 64 GPUs), telemetry 1, what-if 1, validation 1
     assert n_figures == 11
 
-    dom, log = chromium_dump_dom(out, hostile["tmp"] / "chromium-profile")
+    loaded = browser.load_page(out)
+    dom = loaded.dom
 
-    assert dom.count('class="plot-container plotly"') == n_figures
+    assert loaded.plot_count == dom.count('class="plot-container plotly"') == n_figures
     assert dom.count('class="main-svg"') >= 2 * n_figures  # plotly draws >= 2 layers per figure
     assert "trace bars" in dom and "trace scatter" in dom
-    uncaught = [line for line in log.splitlines() if "Uncaught" in line]
-    assert not uncaught, uncaught
+    assert not loaded.uncaught_errors, loaded.uncaught_errors
     # The payloads never ran (they would have set data-pwned on <body>) ...
     assert "data-pwned" not in dom
     # ... and show as literal text in tables and in plotly's SVG text.
@@ -62,3 +47,12 @@ def test_report_renders_in_chromium_without_errors(synth, hostile):
     escaped_workload = "&lt;script&gt;document.body.dataset.pwned=2&lt;/script&gt;&lt;b&gt;w&lt;/b&gt;"
     svg_texts = re.findall(r"<text[^>]*>(.*?)</text>", dom, flags=re.S)
     assert any(escaped_workload in re.sub(r"<[^>]+>", "", t) for t in svg_texts)
+
+
+def test_uncaught_errors_are_caught_and_screenshots_work(tmp_path):
+    page = tmp_path / "bad.html"
+    page.write_text("<html><body><p>x</p><script>notDefinedAnywhere()</script></body></html>")
+    loaded = browser.load_page(page, budget_ms=1000)
+    assert any("notDefinedAnywhere" in line for line in loaded.uncaught_errors)
+    png = browser.screenshot(page, tmp_path / "shot.png", width=200, height=100, scale=1.0, budget_ms=500)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
