@@ -153,13 +153,13 @@ class Pending:
                 try:
                     self._work.wait()
                 except RuntimeError as exc:
-                    raise CollectiveError(_failure_message(self._what, exc)) from exc
+                    raise CollectiveError(collective_failure_message(self._what, exc)) from exc
             self._value = self._finish() if self._finish is not None else None
             self._done = True
         return self._value
 
 
-def _failure_message(what: str, exc: BaseException) -> str:
+def collective_failure_message(what: str, exc: BaseException) -> str:
     rank = dist.get_rank() if dist.is_initialized() else 0
     return (
         f"rank {rank}: collective {what} failed; a peer rank probably died or stopped "
@@ -167,11 +167,26 @@ def _failure_message(what: str, exc: BaseException) -> str:
     )
 
 
+_BACKEND_FAILURE_MARKERS = (
+    "gloo", "NCCL", "ProcessGroup", "Connection closed", "Connection reset", "imed out",
+    "peer rank",
+)
+
+
+def looks_like_collective_failure(exc: BaseException) -> bool:
+    """Does ``exc`` (raised by torch.distributed or DDP) report a failed collective?
+
+    Used to turn errors raised inside DDP (bucket rebuilds, its all-reduce) into a
+    :class:`CollectiveError` that says which rank saw it; other errors pass through.
+    """
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _BACKEND_FAILURE_MARKERS)
+
+
 def _check_rank_failure(what: str, fn: Callable[[], Any]) -> Any:
     try:
         return fn()
     except RuntimeError as exc:
-        raise CollectiveError(_failure_message(what, exc)) from exc
+        raise CollectiveError(collective_failure_message(what, exc)) from exc
 
 
 def all_reduce(

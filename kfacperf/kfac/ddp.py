@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from kfacperf.kfac.comm import CollectiveError, collective_failure_message
 from kfacperf.profiler.timer import NULL_TIMER, Timer
 from kfacperf.stages import GRAD_COMM
 
@@ -40,7 +41,15 @@ def timed_allreduce_hook(
     buf.div_(world)
     work = dist.all_reduce(buf, group=state.group, async_op=True)
     state.timer.async_comm(GRAD_COMM, "", buf.numel() * buf.element_size(), work)
-    return work.get_future().then(lambda fut: fut.value()[0])
+
+    def done(fut: torch.futures.Future[Any]) -> torch.Tensor:
+        try:
+            return fut.value()[0]
+        except RuntimeError as exc:
+            raise CollectiveError(collective_failure_message("all_reduce[grad_comm]", exc)
+                                  ) from exc
+
+    return work.get_future().then(done)
 
 
 def wrap_ddp(

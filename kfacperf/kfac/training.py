@@ -24,6 +24,11 @@ import torch
 from torch import Tensor, nn
 
 from kfacperf import distributed, stages
+from kfacperf.kfac.comm import (
+    CollectiveError,
+    collective_failure_message,
+    looks_like_collective_failure,
+)
 from kfacperf.kfac.ddp import wrap_ddp
 from kfacperf.kfac.preconditioner import KFACPreconditioner
 from kfacperf.kfac.strategies import STRATEGY_NAMES, make_strategy
@@ -133,7 +138,23 @@ class Trainer:
         self.steps = 0
 
     def train_step(self, inputs: Tensor, targets: Tensor) -> Tensor:
-        """One step on this rank's ``(inputs, targets)``; returns the (local) loss, detached."""
+        """One step on this rank's ``(inputs, targets)``; returns the (local) loss, detached.
+
+        On several ranks, a collective that fails (a peer died, or did not answer within
+        the process-group timeout) raises :class:`~kfacperf.kfac.comm.CollectiveError`.
+        """
+        try:
+            return self._step(inputs, targets)
+        except CollectiveError:
+            raise
+        except RuntimeError as exc:
+            if self.info.world_size > 1 and looks_like_collective_failure(exc):
+                raise CollectiveError(
+                    collective_failure_message(f"in training step {self.steps}", exc)
+                ) from exc
+            raise
+
+    def _step(self, inputs: Tensor, targets: Tensor) -> Tensor:
         timer = self.timer
         timer.step_begin(self.steps)
         with timer.stage(stages.FORWARD):

@@ -12,6 +12,7 @@ after which the ranks still running are terminated.
 from __future__ import annotations
 
 import os
+import pickle
 import queue as _queue
 import socket
 import time
@@ -61,9 +62,11 @@ def _worker(
         if init:
             distributed.init_distributed(backend="gloo", timeout_s=dist_timeout_s)
         value = fn(rank, world_size, *args, **kwargs)
-        results.put(RankResult(rank=rank, ok=True, value=value))
+        # Plain pickle: tensors travel by value, not as shared-memory handles that die
+        # with this process.
+        results.put(pickle.dumps(RankResult(rank=rank, ok=True, value=value)))
     except BaseException:  # report everything, including SystemExit, to the parent
-        results.put(RankResult(rank=rank, ok=False, error=traceback.format_exc()))
+        results.put(pickle.dumps(RankResult(rank=rank, ok=False, error=traceback.format_exc())))
     finally:
         if init:
             try:
@@ -110,7 +113,7 @@ def run_ranks(
     deadline = time.monotonic() + timeout_s
     while len(got) < world_size and time.monotonic() < deadline:
         try:
-            res = results.get(timeout=0.1)
+            res = pickle.loads(results.get(timeout=0.1))
             got[res.rank] = res
         except _queue.Empty:
             pass
@@ -139,7 +142,7 @@ def run_ranks(
 def _drain(results: Any, got: dict[int, RankResult]) -> None:
     while True:
         try:
-            res = results.get(timeout=0.05)
+            res = pickle.loads(results.get(timeout=0.05))
         except (_queue.Empty, OSError, ValueError):
             return
         got[res.rank] = res
