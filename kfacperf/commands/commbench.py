@@ -1,14 +1,90 @@
-"""Measure collectives on this machine and fit alpha-beta per collective."""
+"""Measure collectives on this machine (gloo on CPU, NCCL on GPUs), fit alpha-beta per
+collective and write a cluster model.
+
+Example: kfacperf commbench --out models/clusters/local-cpu.toml
+"""
 from __future__ import annotations
 
 import argparse
 
 
+def _csv_ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, default=5, help="training steps per run")
+    parser.add_argument("--world-sizes", type=_csv_ints, default=None,
+                        help="process counts, one launch each (default: 2, 4, 8 up to the CPU core count)")
+    parser.add_argument("--sizes", default=None,
+                        help="message sizes (default 4KiB,256KiB,4MiB)")
+    parser.add_argument("--ops", default=None,
+                        help="collectives (default: all_reduce,reduce_scatter,all_gather,broadcast)")
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions per point")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per point")
+    parser.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto")
+    parser.add_argument("--name", default="local-cpu", help="name of the cluster model")
+    parser.add_argument("--out", default=None,
+                        help="write the cluster model TOML here (e.g. models/clusters/local-cpu.toml)")
+    parser.add_argument("--raw", default=None, help="also write the measured points as JSON")
+    parser.add_argument("--gpus-per-node", type=int, default=None,
+                        help="ranks per node in the model (default: 64 on CPU, the GPU count on GPUs)")
+    parser.add_argument("--no-contention", action="store_true",
+                        help="skip measuring the compute slowdown of ranks sharing cores")
+    parser.add_argument("--json", action="store_true", help="print the fits as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
-    from kfacperf.cli import UserError
+    import json
+    import sys
+    import time
+    from pathlib import Path
 
-    raise UserError("`commbench` is not built yet")
+    from kfacperf import commbench as cb
+    from kfacperf.sim.cluster_model import OPS, save_cluster_model
+
+    sizes = (tuple(cb.parse_size(s) for s in args.sizes.split(",") if s.strip())
+             if args.sizes else cb.DEFAULT_SIZES)
+    ops = tuple(o.strip() for o in args.ops.split(",") if o.strip()) if args.ops else OPS
+    config = cb.CommbenchConfig(
+        world_sizes=args.world_sizes or None, sizes=sizes, ops=ops,
+        reps=args.reps, warmup=args.warmup, backend=args.backend,
+        contention=not args.no_contention,
+    )
+    log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else (
+        lambda m: print(m, flush=True))
+    t0 = time.perf_counter()
+    result = cb.run_commbench(config, progress=log)
+    log(f"commbench: measured {len(result.points)} points in {time.perf_counter() - t0:.1f} s")
+    if args.raw:
+        Path(args.raw).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.raw).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+    fits = {}
+    if set(ops) == set(OPS):
+        model, tried = cb.fit_cluster(result, name=args.name, gpus_per_node=args.gpus_per_node)
+        fits = {op: [f.__dict__ for f in fs] for op, fs in tried.items()}
+        if args.out:
+            save_cluster_model(model, args.out)
+            log(f"commbench: wrote {args.out}")
+    else:
+        for op in ops:
+            best, tried = cb.fit_points(result.points, op)
+            fits[op] = [f.__dict__ for f in tried]
+        if args.out:
+            log("commbench: not writing a cluster model: it needs all four collectives")
+    if args.json:
+        print(json.dumps({"fits": fits, "slowdowns": result.slowdowns}, indent=1))
+        return 0
+    print(f"{'collective':<15} {'algorithm':<17} {'alpha_us':>9} {'GB/s':>8} {'rms err':>8} {'max err':>8}")
+    for op, fs in fits.items():
+        for i, f in enumerate(fs):
+            mark = "*" if i == 0 else " "
+            print(f"{op if i == 0 else '':<15} {f['algorithm'] + mark:<17} {f['alpha_us']:9.2f} "
+                  f"{f['bandwidth_GBps']:8.3f} {f['rms_rel_error']:8.1%} {f['max_rel_error']:8.1%}")
+    if result.slowdowns:
+        print("compute slowdown with ranks sharing cores: "
+              + ", ".join(f"{k} ranks {v:.2f}x" for k, v in sorted(result.slowdowns.items())))
+    print("(* = best fit, used in the model)")
+    return 0

@@ -1,0 +1,404 @@
+"""Measure collectives on this machine (gloo on CPU, NCCL on GPUs) and fit alpha-beta.
+
+One launch per world size: ``P`` processes (``torch.multiprocessing``, spawn) join a process
+group and time every collective at every size.  Each repetition starts after a barrier and
+runs ``inner`` back-to-back calls (enough to fill a few milliseconds, as nccl-tests averages
+over iterations), so barrier skew is spread over several calls; a repetition's time is the slowest rank's, and a point's
+time the median over repetitions (which sweep all points in turn).  The collectives are called exactly as the optimizer calls
+them (``kfacperf.kfac.comm``): ``all_reduce`` on a flat fp32 buffer, the list forms of
+``reduce_scatter`` and ``all_gather``, ``broadcast`` from rank 0.  ``nbytes`` follows the
+simulator's convention (:mod:`kfacperf.sim.collectives`): all-reduce buffer, reduce-scatter
+input, all-gather output, broadcast payload.
+
+When ranks share CPU cores, each launch also times the same small matrix products on rank 0
+alone and on all ranks at once; the ratio is the compute slowdown the cluster model's
+``contention`` describes.
+
+API::
+
+    CommbenchConfig(*, world_sizes, sizes, ops, reps, warmup, backend, timeout_s, contention)
+    run_commbench(config, *, progress=print) -> CommbenchResult(.points, .slowdowns, .backend)
+    fit_cluster(result, *, name, gpus_per_node=None, cores_per_node=None) -> (ClusterModel, fits)
+"""
+from __future__ import annotations
+
+import math
+import os
+import queue as queue_mod
+import socket
+import statistics
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+from kfacperf.sim.cluster_model import ALGORITHMS, OPS, ClusterModel
+from kfacperf.sim.calibration import AlphaBetaFit, cluster_from_fits, fit_alpha_beta
+
+KIB = 1024
+MIB = 1024 * 1024
+DEFAULT_SIZES: tuple[int, ...] = (4 * KIB, 256 * KIB, 4 * MIB)
+
+
+def default_world_sizes(backend: str) -> tuple[int, ...]:
+    """2, 4, 8 up to the GPU count (NCCL) or the CPU core count (gloo).
+
+    Beyond the core count ranks wait for the scheduler, not the network (on 2 cores, gloo's
+    latency at 4 ranks is ~10x that at 2); ask for such world sizes explicitly.
+    """
+    if backend == "nccl":
+        import torch
+
+        limit = torch.cuda.device_count()
+    else:
+        limit = os.cpu_count() or 1
+    return tuple(p for p in (2, 4, 8) if p <= max(2, limit))
+
+
+ELEM = 4  # fp32
+
+
+@dataclass(frozen=True, kw_only=True)
+class CommbenchConfig:
+    world_sizes: tuple[int, ...] | None = None  # None: default_world_sizes(backend)
+    sizes: tuple[int, ...] = DEFAULT_SIZES
+    ops: tuple[str, ...] = OPS
+    reps: int = 5
+    warmup: int = 2
+    backend: str = "auto"
+    timeout_s: float = 120.0
+    contention: bool = True
+
+    def __post_init__(self) -> None:
+        if self.world_sizes is not None and (
+            not self.world_sizes or any(p < 2 for p in self.world_sizes)
+        ):
+            raise ValueError(f"world sizes must be >= 2, got {list(self.world_sizes)}")
+        if not self.sizes or any(s < 1 for s in self.sizes):
+            raise ValueError(f"sizes must be >= 1 byte, got {list(self.sizes)}")
+        bad = [op for op in self.ops if op not in OPS]
+        if bad or not self.ops:
+            raise ValueError(f"unknown collective(s) {bad}; known: {', '.join(OPS)}")
+        if self.reps < 1 or self.warmup < 0:
+            raise ValueError("reps must be >= 1 and warmup >= 0")
+        if self.backend not in ("auto", "gloo", "nccl"):
+            raise ValueError(f"backend must be auto, gloo or nccl, got {self.backend!r}")
+        if self.timeout_s <= 0:
+            raise ValueError("timeout_s must be > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Point:
+    op: str
+    world_size: int
+    nbytes: int
+    time_us: float
+    reps: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class CommbenchResult:
+    backend: str
+    points: tuple[Point, ...]
+    slowdowns: dict[int, float] = field(default_factory=dict)  # world size -> compute slowdown
+    cores: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backend": self.backend, "cores": self.cores,
+                "points": [asdict(p) for p in self.points],
+                "slowdowns": {str(k): v for k, v in self.slowdowns.items()}}
+
+
+def parse_size(text: str) -> int:
+    """``"4KiB"``, ``"1MiB"``, ``"65536"`` -> bytes."""
+    t = text.strip()
+    units = {"KiB": KIB, "MiB": MIB, "GiB": 1024 * MIB, "KB": 1000, "MB": 10**6, "GB": 10**9,
+             "B": 1}
+    for suffix, mult in units.items():
+        if t.endswith(suffix):
+            number = t[: -len(suffix)]
+            break
+    else:
+        number, mult = t, 1
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"cannot read size {text!r}; use e.g. 4096, 64KiB, 8MiB") from None
+    if value <= 0:
+        raise ValueError(f"size {text!r} must be > 0")
+    return int(value * mult)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+INNER_TARGET_US = 3000.0
+"""Back-to-back calls per repetition fill about this much time (at most 20 calls)."""
+
+
+def _inner_calls(one_call_us: float) -> int:
+    return max(1, min(20, round(INNER_TARGET_US / max(one_call_us, 1.0))))
+
+
+def _numel(op: str, nbytes: int, world: int) -> int:
+    """Elements of the full buffer, a multiple of ``world`` so blocks are even."""
+    per_rank = max(1, math.ceil(nbytes / ELEM / world))
+    return per_rank * world
+
+
+# --------------------------------------------------------------------------- worker side
+def _make_call(op: str, numel: int, world: int, rank: int, device: Any) -> Callable[[], None]:
+    import torch
+    import torch.distributed as dist
+
+    if op == "all_reduce":
+        buf = torch.ones(numel, device=device)
+        return lambda: dist.all_reduce(buf)
+    if op == "broadcast":
+        buf = torch.ones(numel, device=device)
+        return lambda: dist.broadcast(buf, src=0)
+    block = numel // world
+    if op == "reduce_scatter":
+        inputs = [torch.ones(block, device=device) for _ in range(world)]
+        out = torch.empty(block, device=device)
+        return lambda: dist.reduce_scatter(out, inputs)
+    local = torch.ones(block, device=device)
+    outs = [torch.empty(block, device=device) for _ in range(world)]
+    return lambda: dist.all_gather(outs, local)
+
+
+def _matmul_work(device: Any) -> Callable[[], float]:
+    import torch
+
+    a = torch.randn(192, 192, device=device)
+    b = torch.randn(192, 192, device=device)
+
+    def run() -> float:
+        t0 = time.perf_counter()
+        for _ in range(40):
+            a.mm(b)
+        return time.perf_counter() - t0
+
+    return run
+
+
+def _worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: Any) -> None:
+    import torch
+    import torch.distributed as dist
+
+    try:
+        torch.set_num_threads(1)
+        backend = cfg["backend"]
+        if backend == "nccl":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+            device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            device = torch.device("cpu")
+        import datetime
+
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world,
+                                timeout=datetime.timedelta(seconds=cfg["timeout_s"]))
+        sync = torch.cuda.synchronize if backend == "nccl" else (lambda: None)
+        slowdown = float("nan")
+        if cfg["contention"] and backend == "gloo":
+            work = _matmul_work(device)
+            work()
+            solo = []
+            for _ in range(3):
+                dist.barrier()
+                if rank == 0:
+                    solo.append(work())
+                dist.barrier()
+            together = []
+            for _ in range(3):
+                dist.barrier()
+                together.append(work())
+            mine = torch.tensor([statistics.median(together)], dtype=torch.float64)
+            dist.all_reduce(mine, op=dist.ReduceOp.MAX)
+            if rank == 0:
+                slowdown = float(mine.item()) / statistics.median(solo)
+        points = [(op, nbytes) for op in cfg["ops"] for nbytes in cfg["sizes"]]
+        calls, inners = [], []
+        for op, nbytes in points:
+            call = _make_call(op, _numel(op, nbytes, world), world, rank, device)
+            for _ in range(cfg["warmup"]):
+                call()
+            sync()
+            dist.barrier()
+            t0 = time.perf_counter()
+            call()
+            sync()
+            once = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+            dist.all_reduce(once, op=dist.ReduceOp.MAX)  # every rank picks the same count
+            calls.append(call)
+            inners.append(_inner_calls(float(once.item()) * 1e6))
+        # Repetitions sweep all points in turn, so a burst of load from elsewhere on the
+        # machine hits one repetition of many points rather than every repetition of one.
+        times: list[list[float]] = [[] for _ in points]
+        for rep in range(cfg["reps"]):
+            for i, (call, inner) in enumerate(zip(calls, inners)):
+                dist.barrier()
+                sync()
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    call()
+                sync()
+                times[i].append((time.perf_counter() - t0) / inner * 1e6)
+            if rank == 0:
+                out.put(("progress", world, rep + 1, cfg["reps"]))
+        out.put(("result", rank, times, slowdown))
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:  # report, never hang the parent
+        out.put(("error", rank, traceback.format_exc()))
+
+
+# --------------------------------------------------------------------------- parent side
+def resolve_backend(backend: str) -> str:
+    import torch
+
+    if backend == "auto":
+        return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= 2 else "gloo"
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ValueError("backend nccl needs CUDA GPUs; use gloo")
+    return backend
+
+
+def _launch(world: int, cfg: dict[str, Any], progress: Callable[[str], None]
+            ) -> tuple[list[list[list[float]]], float]:
+    import torch.multiprocessing as tmp
+
+    ctx = tmp.get_context("spawn")
+    out = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, cfg, out), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    results: dict[int, list[list[float]]] = {}
+    slowdown = float("nan")
+    deadline = time.monotonic() + cfg["timeout_s"] + 60.0
+    try:
+        while len(results) < world:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(f"commbench with {world} ranks timed out")
+            try:
+                msg = out.get(timeout=min(left, 1.0))
+            except queue_mod.Empty:
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"commbench rank exited with code {dead[0].exitcode}")
+                continue
+            if msg[0] == "progress":
+                _, w, rep, reps = msg
+                progress(f"  {w} ranks: repetition {rep}/{reps} of every point done")
+            elif msg[0] == "result":
+                results[msg[1]] = msg[2]
+                if msg[1] == 0:
+                    slowdown = msg[3]
+            else:
+                raise RuntimeError(f"commbench rank {msg[1]} failed:\n{msg[2]}")
+        for p in procs:  # results are in; do not wait long for interpreter teardown
+            p.join(timeout=3)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+    return [results[r] for r in range(world)], slowdown
+
+
+def _fmt_size(n: int) -> str:
+    for unit, mult in (("MiB", MIB), ("KiB", KIB)):
+        if n >= mult and n % mult == 0:
+            return f"{n // mult}{unit}"
+    return f"{n}B"
+
+
+def run_commbench(config: CommbenchConfig, *, progress: Callable[[str], None] = print
+                  ) -> CommbenchResult:
+    """Measure every (world size, collective, size) of ``config``."""
+    backend = resolve_backend(config.backend)
+    cfg = {"backend": backend, "ops": list(config.ops), "sizes": list(config.sizes),
+           "reps": config.reps, "warmup": config.warmup, "timeout_s": config.timeout_s,
+           "contention": config.contention}
+    points: list[Point] = []
+    slowdowns: dict[int, float] = {}
+    for world in config.world_sizes or default_world_sizes(backend):
+        progress(f"commbench: {world} ranks, backend {backend}")
+        per_rank, slowdown = _launch(world, cfg, progress)
+        if not math.isnan(slowdown):
+            slowdowns[world] = slowdown
+        i = 0
+        for op in config.ops:
+            for nbytes in config.sizes:
+                reps = [max(r[i][k] for r in per_rank) for k in range(config.reps)]
+                points.append(Point(op=op, world_size=world, nbytes=nbytes,
+                                    time_us=statistics.median(reps), reps=config.reps))
+                i += 1
+    cores = (os.cpu_count() or 1) if backend == "gloo" else 0
+    return CommbenchResult(backend=backend, points=tuple(points), slowdowns=slowdowns, cores=cores)
+
+
+def fit_contention(slowdowns: dict[int, float], cores: int) -> float:
+    """Least-squares ``c`` in ``slowdown(r) = (1 + c (r - 1)) * max(1, r / cores)``, >= 0."""
+    xs, ys = [], []
+    for r, s in slowdowns.items():
+        over = max(1.0, r / cores) if cores > 0 else 1.0
+        xs.append(r - 1)
+        ys.append(s / over - 1.0)
+    if not xs:
+        return 0.0
+    c = sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs)
+    return max(0.0, c)
+
+
+def fit_points(points: Sequence[Point], op: str) -> tuple[AlphaBetaFit, list[AlphaBetaFit]]:
+    """Fit every linear algorithm of ``op``; the best (lowest relative error) first."""
+    samples = [(p.world_size, p.nbytes, p.time_us) for p in points if p.op == op]
+    fits = []
+    for algo in ALGORITHMS[op]:
+        if (op, algo) == ("broadcast", "ring"):
+            continue  # not linear in alpha, beta
+        try:
+            fits.append(fit_alpha_beta(samples, op=op, algorithm=algo))
+        except ValueError:
+            continue
+    if not fits:
+        raise ValueError(f"{op}: the measurements fit no algorithm (too few sizes?)")
+    fits.sort(key=lambda f: f.rms_rel_error)
+    return fits[0], fits
+
+
+def fit_cluster(
+    result: CommbenchResult, *, name: str, gpus_per_node: int | None = None,
+    cores_per_node: int | None = None,
+) -> tuple[ClusterModel, dict[str, list[AlphaBetaFit]]]:
+    """The cluster model of the measured machine, plus every fit tried per collective."""
+    ops = sorted({p.op for p in result.points}, key=OPS.index)
+    missing = [op for op in OPS if op not in ops]
+    if missing:
+        raise ValueError(f"a cluster model needs every collective; not measured: {missing}")
+    best: dict[str, AlphaBetaFit] = {}
+    tried: dict[str, list[AlphaBetaFit]] = {}
+    for op in ops:
+        best[op], tried[op] = fit_points(result.points, op)
+    cores = result.cores if cores_per_node is None else cores_per_node
+    contention = fit_contention(result.slowdowns, cores) if result.slowdowns else 0.0
+    if gpus_per_node is None:
+        gpus_per_node = 64 if result.backend == "gloo" else max(p.world_size for p in result.points)
+    worlds = sorted({p.world_size for p in result.points})
+    sizes = sorted({p.nbytes for p in result.points})
+    src = (f"kfacperf commbench, backend {result.backend}, world sizes {worlds}, sizes "
+           f"{_fmt_size(sizes[0])}..{_fmt_size(sizes[-1])}; compute slowdown of ranks sharing "
+           f"cores: {', '.join(f'{k}: {v:.2f}' for k, v in sorted(result.slowdowns.items())) or 'not measured'}")
+    desc = ("Measured on one machine; the inter tier is a copy of the intra tier (nothing "
+            "between nodes was measured).")
+    model = cluster_from_fits(best, name=name, gpus_per_node=gpus_per_node, cores_per_node=cores,
+                              contention=contention, source=src, description=desc)
+    return model, tried

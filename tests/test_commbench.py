@@ -1,0 +1,89 @@
+"""commbench: fits recover known alpha-beta and algorithms; one real gloo run writes a model."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from kfacperf import commbench as cb
+from kfacperf.sim.cluster_model import OPS, load_cluster_model
+from kfacperf.sim.collectives import algorithm_us
+
+TRUE = {"all_reduce": ("ring", 40.0, 2.0), "reduce_scatter": ("halving_doubling", 90.0, 0.5),
+        "all_gather": ("ring", 25.0, 1.25), "broadcast": ("tree", 10.0, 3.0)}
+
+
+def synthetic_result(noise: float = 0.0) -> cb.CommbenchResult:
+    pts = []
+    k = 0
+    for op, (algo, alpha, gbps) in TRUE.items():
+        for p in (2, 3, 4, 8):
+            for n in (4096, 65536, 1 << 20, 8 << 20):
+                k += 1
+                wobble = 1 + noise * math.sin(k * 12.9898)  # deterministic pseudo-noise
+                t = algorithm_us(op, algo, p, n, alpha, 1 / (gbps * 1e3)) * wobble
+                pts.append(cb.Point(op=op, world_size=p, nbytes=n, time_us=t, reps=5))
+    return cb.CommbenchResult(backend="gloo", points=tuple(pts), slowdowns={2: 1.2, 4: 2.8}, cores=2)
+
+
+def test_fit_cluster_recovers_alpha_beta_and_algorithm(tmp_path: Path) -> None:
+    model, tried = cb.fit_cluster(synthetic_result(), name="synthetic")
+    for op, (algo, alpha, gbps) in TRUE.items():
+        prm = model.intra.params(op)
+        assert prm.algorithm == algo, op
+        assert prm.alpha_us == pytest.approx(alpha, rel=1e-6)
+        assert prm.bandwidth_GBps == pytest.approx(gbps, rel=1e-6)
+        assert tried[op][0].algorithm == algo and tried[op][0].max_rel_error < 1e-9
+    # slowdown(r) = (1 + c (r-1)) max(1, r/2): 1.2 -> c = 0.2, 2.8 / 2 = 1.4 -> c = 0.133
+    assert model.contention == pytest.approx((1 * 0.2 + 3 * 0.4) / (1 + 9), rel=1e-9)
+    assert model.cores_per_node == 2 and model.gpus_per_node == 64
+    path = tmp_path / "c.toml"
+    from kfacperf.sim.cluster_model import save_cluster_model
+
+    assert load_cluster_model(save_cluster_model(model, path)) == model
+
+
+def test_fit_with_noise_stays_close() -> None:
+    model, _ = cb.fit_cluster(synthetic_result(noise=0.05), name="noisy")
+    for op, (algo, alpha, gbps) in TRUE.items():
+        prm = model.intra.params(op)
+        t_true = algorithm_us(op, algo, 4, 1 << 20, alpha, 1 / (gbps * 1e3))
+        t_fit = algorithm_us(op, prm.algorithm, 4, 1 << 20, prm.alpha_us, prm.beta_us_per_byte)
+        assert t_fit == pytest.approx(t_true, rel=0.08), op
+
+
+def test_config_and_size_parsing() -> None:
+    assert cb.parse_size("4KiB") == 4096 and cb.parse_size("1.5MiB") == 1572864 and cb.parse_size("100") == 100
+    with pytest.raises(ValueError, match="cannot read size 'big'"):
+        cb.parse_size("big")
+    with pytest.raises(ValueError, match="world sizes must be >= 2"):
+        cb.CommbenchConfig(world_sizes=(1,))
+    with pytest.raises(ValueError, match="unknown collective"):
+        cb.CommbenchConfig(ops=("all_to_all",))
+    partial = cb.CommbenchResult(backend="gloo", points=synthetic_result().points[:16])
+    with pytest.raises(ValueError, match="not measured"):
+        cb.fit_cluster(partial, name="x")
+
+
+@pytest.mark.slow
+def test_real_gloo_run_writes_a_loadable_cluster_model(tmp_path: Path) -> None:
+    from kfacperf.cli import main
+
+    out = tmp_path / "local.toml"
+    raw = tmp_path / "raw.json"
+    rc = main(["commbench", "--world-sizes", "2", "--sizes", "4KiB,256KiB,2MiB", "--reps", "2",
+               "--warmup", "1", "--name", "test-cpu", "--out", str(out), "--raw", str(raw)])
+    assert rc == 0
+    model = load_cluster_model(out)
+    assert model.name == "test-cpu" and model.intra.assumed is False
+    for op in OPS:
+        prm = model.intra.params(op)
+        assert prm.bandwidth_GBps > 0 and prm.alpha_us >= 0
+    import json
+
+    data = json.loads(raw.read_text())
+    assert len(data["points"]) == 12 and all(p["time_us"] > 0 for p in data["points"])
+    # bigger messages take longer (2 MiB vs 4 KiB, far beyond timing noise)
+    by = {(p["op"], p["nbytes"]): p["time_us"] for p in data["points"]}
+    assert by[("all_reduce", 2 << 20)] > by[("all_reduce", 4096)]
