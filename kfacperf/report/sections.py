@@ -23,14 +23,27 @@ _RUN_FIELDS: tuple[tuple[str, str], ...] = (
     ("inverse_method", "inverse"), ("device", "device"), ("threads_per_rank", "threads/rank"),
     ("torch_version", "torch"), ("completed", "completed"),
 )
-_DEVICE_KEYS = ("name", "driver", "memory_total_mb", "memory_mb", "sm_clock_max_mhz")
 
 
 def _device_text(device: Any) -> str:
-    if isinstance(device, dict):
-        parts = [fmt_plain(device[k]) for k in _DEVICE_KEYS if k in device and device[k] not in (None, "")]
-        return " · ".join(parts) if parts else fmt_plain(device)
-    return fmt_plain(device)
+    """Kind and name of the device, plus what NVML told about a GPU (memory, clock, power)."""
+    if not isinstance(device, dict):
+        return fmt_plain(device)
+    parts = [str(device[k]) for k in ("kind", "name") if device.get(k)]
+    gpu = device.get("gpu")
+    if isinstance(gpu, dict):
+        if gpu.get("memory_total_mib"):
+            parts.append(f"{float(gpu['memory_total_mib']) / 1024:.0f} GiB")
+        if gpu.get("max_sm_clock_mhz"):
+            parts.append(f"SM {fmt_plain(gpu['max_sm_clock_mhz'])} MHz")
+        if gpu.get("power_limit_w"):
+            parts.append(f"{float(gpu['power_limit_w']):.0f} W")
+        if gpu.get("driver"):
+            parts.append(f"driver {gpu['driver']}")
+    cpu = device.get("cpu")
+    if isinstance(cpu, dict) and cpu.get("threads") and device.get("kind") != "gpu":
+        parts.append(f"{cpu['threads']} CPU threads")
+    return " · ".join(parts) if parts else fmt_plain(device)
 
 
 def summary_section(runs: Sequence[RunData], predictions: Sequence[PredictionData],

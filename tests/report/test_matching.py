@@ -70,3 +70,4 @@ def test_groups_and_variant_labels():
     ]
     same = [_pred("a", [], workload="mlp", created="1"), _pred("b", [], workload="mlp", created="2")]
     assert matching.variant_labels(same) == ["a", "b"]
+
