@@ -97,23 +97,32 @@ class StepResult:
 
 
 def run_step(graph: StepGraph) -> StepResult:
-    """Simulate one step of ``graph``; every stream starts idle at time 0."""
+    """Simulate one step of ``graph``; every stream starts idle at time 0.
+
+    With a shared prefix (:attr:`StepGraph.prefix`) the prefix runs once, as a stand-in for
+    every class (its collectives have that one member); each class then starts its compute
+    stream when the prefix's compute is done and its comm stream when the prefix's comm is
+    done (its own launches follow the prefix's compute in issue order, so they wait for it).
+    """
     env = simpy.Environment()
     colls = graph.collectives
     nc = len(colls)
+    n_pc, n_pl = graph.prefix
+    shared = n_pc + n_pl > 0
     arrived = [0] * nc
     members = [len(c.members) for c in colls]
     cost = [c.cost_us for c in colls]
     coll_start = [float("nan")] * nc
     done = [env.event() for _ in range(nc)]
     ncls = len(graph.classes)
-    seg_starts: list[list[float]] = []
-    plans: list[_Plan] = []
     compute_end = [0.0] * ncls
     comm_end = [0.0] * ncls
 
-    def compute_proc(ci: int, segs: list[_Segment], starts: list[float],
-                     signals: dict[int, simpy.Event]) -> Generator:
+    def compute_proc(segs: list[_Segment], starts: list[float], signals: dict[int, simpy.Event],
+                     first: simpy.Event | None, end: list[float], ci: int,
+                     finished: simpy.Event | None) -> Generator:
+        if first is not None and first.callbacks is not None:
+            yield first
         for si, seg in enumerate(segs):
             for k in seg.waits:
                 ev = done[k]
@@ -124,10 +133,16 @@ def run_step(graph: StepGraph) -> StepResult:
                 yield env.timeout(seg.total)
             if seg.signal:
                 signals[seg.signal].succeed()
-        compute_end[ci] = env.now
+        end[ci] = env.now
+        if finished is not None:
+            finished.succeed()
 
-    def comm_proc(ci: int, items: list[tuple[int, int]],
-                  signals: dict[int, simpy.Event]) -> Generator:
+    def comm_proc(items: list[tuple[int, int]], signals: dict[int, simpy.Event],
+                  first: tuple[simpy.Event, ...], end: list[float], ci: int,
+                  finished: simpy.Event | None) -> Generator:
+        for ev in first:
+            if ev.callbacks is not None:
+                yield ev
         for k, after in items:
             if after:
                 ev = signals[after]
@@ -144,19 +159,44 @@ def run_step(graph: StepGraph) -> StepResult:
                 ev = done[k]
                 if ev.callbacks is not None:
                     yield ev
-        comm_end[ci] = env.now
+        end[ci] = env.now
+        if finished is not None:
+            finished.succeed()
 
+    def start(prog_durs: list[float], waits: list[tuple[int, ...]],
+              items: list[tuple[int, int]], shift: int, first_c: simpy.Event | None,
+              first_m: tuple[simpy.Event, ...], ends: tuple[list[float], list[float]], ci: int,
+              finished: tuple[simpy.Event | None, simpy.Event | None] = (None, None),
+              ) -> tuple[_Plan, list[float]]:
+        """Processes for one compute+comm program; ``shift`` compute tasks precede it."""
+        local = [(k, after - shift if after > shift else 0) for k, after in items]
+        observed = {after for _, after in local if after}
+        plan = _plan(prog_durs, waits, observed)
+        starts = [0.0] * len(plan.segments)
+        signals = {k: env.event() for k in observed}
+        env.process(compute_proc(plan.segments, starts, signals, first_c, ends[0], ci,
+                                 finished[0]))
+        env.process(comm_proc(local, signals, first_m, ends[1], ci, finished[1]))
+        return plan, starts
+
+    pre_end: tuple[list[float], list[float]] = ([0.0], [0.0])
+    pre_plan: _Plan | None = None
+    pre_starts: list[float] = []
+    first_c: simpy.Event | None = None
+    first_m: tuple[simpy.Event, ...] = ()
+    if shared:
+        p0 = graph.programs[0]
+        for k, _ in graph.comm[0][:n_pl]:
+            members[k] = 1
+        first_c, pre_m = env.event(), env.event()
+        first_m = (pre_m, first_c)
+        pre_plan, pre_starts = start(p0.dur[:n_pc], graph.waits[0][:n_pc], graph.comm[0][:n_pl],
+                                     0, None, (), pre_end, 0, (first_c, pre_m))
+    plans: list[tuple[_Plan, list[float]]] = []
     for ci in range(ncls):
         prog = graph.programs[ci]
-        items = graph.comm[ci]
-        observed = {after for _, after in items if after}
-        plan = _plan(prog.dur, graph.waits[ci], observed)
-        plans.append(plan)
-        starts = [0.0] * len(plan.segments)
-        seg_starts.append(starts)
-        signals = {k: env.event() for k in observed}
-        env.process(compute_proc(ci, plan.segments, starts, signals))
-        env.process(comm_proc(ci, items, signals))
+        plans.append(start(prog.dur[n_pc:], graph.waits[ci][n_pc:], graph.comm[ci][n_pl:], n_pc,
+                           first_c, first_m, (compute_end, comm_end), ci))
     env.run()
 
     stuck = [k for k in range(nc) if not done[k].triggered]
@@ -169,14 +209,17 @@ def run_step(graph: StepGraph) -> StepResult:
             f"{arrived[k]} of {members[k]} member classes arrived (member ranks {waiting[:8]}"
             f"{'...' if len(waiting) > 8 else ''}); {len(stuck)} collective(s) stuck in all"
         )
-    compute_start = []
-    for ci in range(ncls):
-        plan = plans[ci]
-        if len(plan.seg_of):
-            s = np.asarray(seg_starts[ci], dtype=np.float64)[plan.seg_of] + plan.offset
-        else:
-            s = np.zeros(0)
-        compute_start.append(s)
+    head = _starts(pre_plan, pre_starts) if pre_plan is not None else np.zeros(0)
+    compute_start = [np.concatenate((head, _starts(*plans[ci]))) if shared
+                     else _starts(*plans[ci]) for ci in range(ncls)]
     class_end = np.maximum(np.asarray(compute_end), np.asarray(comm_end))
+    if shared:
+        class_end = np.maximum(class_end, max(pre_end[0][0], pre_end[1][0]))
     return StepResult(graph=graph, compute_start=compute_start,
                       coll_start=np.asarray(coll_start, dtype=np.float64), class_end=class_end)
+
+
+def _starts(plan: _Plan, seg_starts: list[float]) -> np.ndarray:
+    if not len(plan.seg_of):
+        return np.zeros(0)
+    return np.asarray(seg_starts, dtype=np.float64)[plan.seg_of] + plan.offset

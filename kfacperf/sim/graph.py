@@ -50,18 +50,15 @@ class Group:
     nodes: int
 
 
-@dataclass(frozen=True, kw_only=True)
 class Launch:
-    """One collective as a rank issued it."""
+    """One collective as a rank issued it (``after``: compute tasks issued before it)."""
 
-    name: Hashable
-    stage: str
-    layer: str
-    op: str
-    nbytes: Bytes
-    group: Group
-    after: int
-    """Number of this rank's compute tasks issued before it (they must finish first)."""
+    __slots__ = ("name", "stage", "layer", "op", "nbytes", "group", "after")
+
+    def __init__(self, name: Hashable, stage: str, layer: str, op: str, nbytes: Bytes,
+                 group: Group, after: int) -> None:
+        self.name, self.stage, self.layer, self.op = name, stage, layer, op
+        self.nbytes, self.group, self.after = nbytes, group, after
 
     @property
     def payload(self) -> int:
@@ -77,7 +74,7 @@ class Program:
     """
 
     __slots__ = ("stage", "layer", "dur", "flops", "waits", "launches", "_names",
-                 "_pending", "_mergeable")
+                 "_pending", "_mergeable", "base")
 
     def __init__(self) -> None:
         self.stage: list[str] = []
@@ -89,6 +86,8 @@ class Program:
         self._names: set[Hashable] = set()
         self._pending: list[Hashable] = []
         self._mergeable = False
+        self.base: tuple[Program, int, int] | None = None
+        """Set by :meth:`copy`: the program copied and its compute/launch counts then."""
 
     def compute(self, stage: str, layer: str, dur_us: float, flops: float = 0.0) -> None:
         """Issue ``dur_us`` of work of ``stage`` (on ``layer``, "" for whole-model stages)."""
@@ -115,9 +114,20 @@ class Program:
         if op not in COLLECTIVE_OPS:
             raise ValueError(f"unknown collective op {op!r}; known: {', '.join(COLLECTIVE_OPS)}")
         self._names.add(name)
-        self.launches.append(Launch(name=name, stage=stage, layer=layer, op=op, nbytes=nbytes,
-                                    group=group, after=len(self.dur)))
+        self.launches.append(Launch(name, stage, layer, op, nbytes, group, len(self.dur)))
         self._mergeable = False
+
+    def copy(self) -> "Program":
+        """An independent program that starts with everything issued so far."""
+        out = Program.__new__(Program)
+        out.stage, out.layer = self.stage[:], self.layer[:]
+        out.dur, out.flops, out.waits = self.dur[:], self.flops[:], self.waits[:]
+        out.launches = self.launches[:]
+        out._names = set(self._names)
+        out._pending = self._pending[:]
+        out._mergeable = False  # never grow the copied program's last task
+        out.base = (self, len(self.dur), len(self.launches))
+        return out
 
     def wait(self, name: Hashable) -> None:
         """Make the compute issued from now on wait for collective ``name``."""
@@ -168,10 +178,24 @@ class StepGraph:
     """Per class: its comm stream, ``(collective index, compute tasks that precede it)``."""
     waits: list[list[tuple[int, ...]]]
     """Per class and compute task: collective indices that task waits for."""
+    prefix: tuple[int, int] = (0, 0)
+    """``(compute tasks, launches)`` that every class issues identically first (all programs
+    copied from one shared program, whose collectives every class joins): the engine may
+    simulate that part once.  ``(0, 0)``: no shared prefix."""
 
     @property
     def world_size(self) -> int:
         return sum(c.count for c in self.classes)
+
+
+def shared_prefix(programs: Sequence[Program]) -> tuple[int, int]:
+    """``(compute tasks, launches)`` of the program every one of ``programs`` was copied from,
+    or ``(0, 0)`` when they were not all copied from the same program at the same point."""
+    bases = {(id(p.base[0]), p.base[1], p.base[2]) if p.base else None for p in programs}
+    if len(bases) != 1 or None in bases:
+        return 0, 0
+    _, n_c, n_l = bases.pop()  # type: ignore[misc]
+    return n_c, n_l
 
 
 def assemble(
@@ -181,9 +205,10 @@ def assemble(
     """Join the programs of ``classes`` into a step graph.
 
     ``per_rank``: every rank is its own class and groups are matched by their concrete
-    identity (the reference mode); otherwise groups are matched by family.  Checks that the
-    members of one collective agree on what it is, and (per rank) that every member of a
-    group launched it, so a strategy bug shows up as an error instead of a wrong time.
+    identity (the reference mode); otherwise groups are matched by family, and a prefix that
+    every program shares (see :meth:`Program.copy`) is marked so the engine runs it once.
+    Checks that the members of one collective agree on what it is, and (per rank) that every
+    member of a group launched it, so a strategy bug shows up as an error, not a wrong time.
     """
     if len(classes) != len(programs):
         raise ValueError("one program per class is needed")
@@ -191,11 +216,17 @@ def assemble(
     collectives: list[Collective] = []
     first: list[Launch] = []
     cost_cache: dict[tuple, float] = {}
+    seen: dict[int, int] = {}
     comm: list[list[tuple[int, int]]] = []
     for ci, prog in enumerate(programs):
         items: list[tuple[int, int]] = []
         for ln in prog.launches:
             g = ln.group
+            k = seen.get(id(ln))
+            if k is not None:  # the same launch object (a shared prefix): same collective
+                collectives[k].members.append(ci)
+                items.append((k, ln.after))
+                continue
             key = (ln.name, g.concrete if per_rank else g.family)
             k = index.get(key)
             if k is None:
@@ -221,6 +252,8 @@ def assemble(
                     )
             collectives[k].members.append(ci)
             items.append((k, ln.after))
+            if not per_rank:
+                seen[id(ln)] = k
         comm.append(items)
     for k, coll in enumerate(collectives):
         if len(set(coll.members)) != len(coll.members):
@@ -239,13 +272,13 @@ def assemble(
                 )
     waits: list[list[tuple[int, ...]]] = []
     for ci, prog in enumerate(programs):
-        names = {ln.name: index[(ln.name, ln.group.concrete if per_rank else ln.group.family)]
-                 for ln in prog.launches}
-        waits.append([tuple(names[n] for n in w) for w in prog.waits])
+        names = {ln.name: k for ln, (k, _) in zip(prog.launches, comm[ci])}
+        waits.append([tuple(names[n] for n in w) if w else () for w in prog.waits])
     known = set(S.STAGE_NAMES)
     for ci, prog in enumerate(programs):
         bad = set(prog.stage) - known
         if bad:
             raise ValueError(f"rank {classes[ci].rank}: unknown stage(s) {sorted(bad)}")
+    prefix = (0, 0) if per_rank else shared_prefix(programs)
     return StepGraph(classes=list(classes), programs=list(programs), collectives=collectives,
-                     comm=comm, waits=waits)
+                     comm=comm, waits=waits, prefix=prefix)

@@ -85,6 +85,7 @@ class LayerCosts:
     precond: tuple[float, ...]
     update: float
     fwd_flops: tuple[float, ...]
+    bwd_flops: tuple[float, ...]
     factor_flops: tuple[float, ...]
     inverse_flops: tuple[float, ...]
     precond_flops: tuple[float, ...]
@@ -112,9 +113,12 @@ class LayerCosts:
         return (self.dim_a[l] * self.dim_g[l] + 1) * FP32
 
     def inverse_bytes(self, l: int, cs: CommSettings) -> int:
+        """Inverse state as sent: eigenvectors and eigenvalues, or the two damped inverses
+        (upper triangles when packed); always fp32."""
         a, g = self.dim_a[l], self.dim_g[l]
-        elems = a * a + g * g + (a + g if cs.inverse_method == "eigen" else 0)
-        return elems * FP32
+        if cs.inverse_method == "eigen":
+            return (a * a + g * g + a + g) * FP32
+        return (cs.factor_elems(a) + cs.factor_elems(g)) * FP32
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -202,50 +206,79 @@ class QueueBuckets:
 
 @dataclass(frozen=True)
 class BucketEvent:
-    """A bucket that becomes ready at some point of the step."""
+    """A factor bucket: its index, its layers, its ``(key, bytes)`` items, its size."""
 
     index: int
     layers: tuple[int, ...]
     items: tuple[tuple[object, int], ...]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(n for _, n in self.items)
+    nbytes: int
 
 
-def factor_bucket_plan(costs: LayerCosts, cs: CommSettings
-                       ) -> tuple[dict[int, list[BucketEvent]], list[BucketEvent]]:
-    """When the factor buckets flush during backward (layers last to first, A then G).
+FactorPlan = tuple[dict[int, list[BucketEvent]], list[BucketEvent]]
+"""``(flushed by the hook of layer l, flushed by finish_factors)``."""
 
-    Returns ``(flushed_after_layer, flushed_at_end)``: the buckets launched by the hook of
-    each layer, and those launched by ``finish_factors`` after the backward pass.
-    """
-    q = QueueBuckets(int(cs.factor_bucket_mb * 1_000_000))
+
+def _events(batches: list[tuple[int, list[list[tuple[object, int]]]]],
+            end: list[list[tuple[object, int]]]) -> FactorPlan:
     after: dict[int, list[BucketEvent]] = {}
     count = 0
 
     def event(items: list[tuple[object, int]]) -> BucketEvent:
         nonlocal count
         layers = tuple(dict.fromkeys(int(k[0]) for k, _ in items))  # type: ignore[index]
-        ev = BucketEvent(count, layers, tuple(items))
         count += 1
-        return ev
+        return BucketEvent(count - 1, layers, tuple(items), sum(n for _, n in items))
 
+    for l, flushed in batches:
+        if flushed:
+            after[l] = [event(b) for b in flushed]
+    return after, [event(b) for b in end]
+
+
+def kaisa_factor_plan(costs: LayerCosts, cs: CommSettings) -> FactorPlan:
+    """KAISA's factor buckets: A then G of each layer (last layer first) through
+    :class:`QueueBuckets`, the rest flushed after the backward pass."""
+    q = QueueBuckets(int(cs.factor_bucket_mb * 1_000_000))
+    batches = [(l, q.add((l, "A"), costs.a_comm_bytes(l, cs)) + q.add((l, "G"), costs.g_comm_bytes(l, cs)))
+               for l in reversed(range(costs.n))]
+    return _events(batches, q.flush())
+
+
+def spngd_factor_plan(costs: LayerCosts, cs: CommSettings) -> FactorPlan:
+    """SP-NGD's factor buckets: whole layers (A and G, last layer first); a bucket is sent as
+    soon as it reaches the cap, the rest after the backward pass."""
+    cap = int(cs.factor_bucket_mb * 1_000_000)
+    batches = []
+    cur: list[tuple[object, int]] = []
+    total = 0
     for l in reversed(range(costs.n)):
-        out = q.add((l, "A"), costs.a_comm_bytes(l, cs)) + q.add((l, "G"), costs.g_comm_bytes(l, cs))
-        if out:
-            after[l] = [event(b) for b in out]
-    end = [event(b) for b in q.flush()]
-    return after, end
+        nb = costs.a_comm_bytes(l, cs) + costs.g_comm_bytes(l, cs)
+        cur.append(((l, "AG"), nb))
+        total += nb
+        if total >= cap:
+            batches.append((l, [cur]))
+            cur, total = [], 0
+    return _events(batches, [cur] if cur else [])
 
 
 def emit_forward(prog: Program, costs: LayerCosts) -> None:
     prog.compute(S.FORWARD, "", sum(costs.fwd), sum(costs.fwd_flops))
 
 
-def emit_backward(prog: Program, costs: LayerCosts,
-                  after_layer: Callable[[int], None]) -> None:
-    """Backward, last layer first; ``after_layer(l)`` issues what the hooks of ``l`` issue."""
+def emit_backward(prog: Program, costs: LayerCosts, *, factor: bool,
+                  on_factor: Callable[[int], None] | None = None,
+                  on_grad: Callable[[int], None] | None = None) -> None:
+    """Backward, last layer first.
+
+    For each layer, in autograd's order: the hook on its output gradient (factor steps: the
+    batch statistics, then ``on_factor(l)`` — what the strategy launches), the layer's own
+    backward (input and weight gradients), then ``on_grad(l)`` (DDP's bucket launches).
+    """
     for l in reversed(range(costs.n)):
-        prog.compute(S.BACKWARD, "", costs.bwd[l], 2.0 * costs.fwd_flops[l])
-        after_layer(l)
+        if factor:
+            prog.compute(S.FACTOR_COMPUTE, costs.names[l], costs.factor[l], costs.factor_flops[l])
+            if on_factor is not None:
+                on_factor(l)
+        prog.compute(S.BACKWARD, "", costs.bwd[l], costs.bwd_flops[l])
+        if on_grad is not None:
+            on_grad(l)

@@ -49,7 +49,7 @@ class SgdStep:
         costs = self.spec.costs
         prog = Program()
         emit_forward(prog, costs)
-        emit_backward(prog, costs, lambda l: self.ddp.after_layer(prog, l))
+        emit_backward(prog, costs, factor=False, on_grad=lambda l: self.ddp.after_layer(prog, l))
         self.ddp.finish(prog)
         prog.compute(S.UPDATE, "", costs.update)
         return prog

@@ -1,17 +1,19 @@
 """``spngd``: every layer has an owner; factors and gradients go to it, results come back.
 
-One step, as the optimizer issues it (``kfacperf.kfac.strategy`` call order):
+One step as :class:`kfacperf.kfac.strategies.spngd.SPNGDStrategy` and the trainer issue it
+(no DDP):
 
-* forward; backward last layer first — on factor steps each layer's factors are computed in
-  its hook and reduce-scattered (-v, in buckets) so each owner receives the global factors of
-  its layers, overlapping the rest of the backward pass;
-* ``step()``: wait for the factors; on inverse steps owners invert their layers; gradients are
-  reduce-scattered (-v, in buckets) to the owners and the non-K-FAC gradients all-reduced;
-  owners precondition their layers; the preconditioned gradients are all-gathered (-v, in
-  buckets) to every rank; update.
+* forward; backward last layer first — on factor steps each layer's output-gradient hook
+  computes its batch statistics and adds the layer to the factor bucket; a bucket that
+  reaches the cap is reduce-scattered (-v) at once, so each owner receives the global factors
+  of its layers while the backward pass goes on;
+* ``step()``: the last factor bucket is sent and all are waited for; on inverse steps owners
+  invert their layers; one reduce-scatter-v sends every K-FAC gradient to its owner and an
+  all-reduce averages the other gradients; owners precondition their layers; one
+  all-gather-v returns every preconditioned gradient to every rank; update.
 
 All collectives span every rank, so ranks differ only by the layers they own: one class per
-owner, and one for all ranks that own nothing (there are many once P exceeds the layer count).
+owner and one for all ranks that own nothing (most of them once P exceeds the layer count).
 """
 from __future__ import annotations
 
@@ -22,8 +24,7 @@ from kfacperf import stages as S
 from kfacperf.sim.graph import Program, RankClass
 from kfacperf.sim.placement import layer_cost, spngd_placement
 from kfacperf.sim.strategies.common import (
-    BucketEvent, QueueBuckets, StepSpec, bucket_label, emit_backward, emit_forward,
-    factor_bucket_plan,
+    FP32, BucketEvent, StepSpec, bucket_label, emit_backward, emit_forward, spngd_factor_plan,
 )
 
 
@@ -44,38 +45,25 @@ class SpngdStep:
         self.comm = p > 1
         self.fac_after: dict[int, list[BucketEvent]] = {}
         self.fac_end: list[BucketEvent] = []
-        self.fac_label: dict[int, str] = {}
         self.fac_blocks: dict[int, tuple[int, ...]] = {}
         if spec.kind.factor and self.comm:
-            self.fac_after, self.fac_end = factor_bucket_plan(costs, spec.comm)
+            self.fac_after, self.fac_end = spngd_factor_plan(costs, spec.comm)
             for ev in [e for evs in self.fac_after.values() for e in evs] + self.fac_end:
-                self.fac_label[ev.index] = bucket_label([costs.names[l] for l in ev.layers])
                 self.fac_blocks[ev.index] = self._blocks(
                     [(k[0], n) for k, n in ev.items])  # type: ignore[index]
         self.fac_names = [("fac", i) for i in self.fac_blocks]
-        cap = int(spec.comm.factor_bucket_mb * 1_000_000)
-        self.grads = self._buckets(cap, [costs.grad_bytes(l) for l in range(costs.n)])
-        self.pgrads = self._buckets(cap, [costs.precond_bytes(l) for l in range(costs.n)])
+        all_layers = range(costs.n)
+        self.grad_blocks = self._blocks([(l, costs.grad_bytes(l)) for l in all_layers])
+        self.pg_blocks = self._blocks([(l, costs.precond_bytes(l)) for l in all_layers])
+        self.all_label = bucket_label(costs.names)
+        self._shared: Program | None = None
 
     def _blocks(self, items: Sequence[tuple[int, int]]) -> tuple[int, ...]:
+        """Bytes per rank: each item counts on its layer's owner."""
         blocks = [0] * self.spec.world_size
         for l, nbytes in items:
             blocks[self.owner[l]] += nbytes
         return tuple(blocks)
-
-    def _buckets(self, cap: int, sizes: list[int]) -> list[tuple[str, tuple[int, ...]]]:
-        """Layers in order, queued under ``cap``: ``(label, blocks per rank)`` per bucket."""
-        if not self.comm:
-            return []
-        q = QueueBuckets(cap)
-        raw: list[list[tuple[object, int]]] = []
-        for l, nb in enumerate(sizes):
-            raw += q.add(l, nb)
-        raw += q.flush()
-        names = self.spec.costs.names
-        return [(bucket_label([names[int(k)] for k, _ in b]),  # type: ignore[call-overload]
-                 self._blocks([(int(k), n) for k, n in b]))  # type: ignore[call-overload]
-                for b in raw]
 
     def classes(self, *, per_rank: bool) -> list[RankClass]:
         p = self.spec.world_size
@@ -88,47 +76,53 @@ class SpngdStep:
             out.append(RankClass(next(r for r in range(p) if r not in taken), p - len(owners)))
         return out
 
-    def program(self, rank: int) -> Program:
+    def _prefix(self) -> Program:
+        """What every rank issues alike: forward, backward, waiting for the factors."""
         costs, kind = self.spec.costs, self.spec.kind
         prog = Program()
+        labels = {ev.index: bucket_label([costs.names[l] for l in ev.layers])
+                  for evs in list(self.fac_after.values()) + [self.fac_end] for ev in evs}
+
+        def launch(ev: BucketEvent) -> None:
+            prog.launch(("fac", ev.index), S.FACTOR_COMM, labels[ev.index], "reduce_scatter_v",
+                        self.fac_blocks[ev.index], self.world)
+
+        def on_factor(l: int) -> None:
+            for ev in self.fac_after.get(l, ()):
+                launch(ev)
+
         emit_forward(prog, costs)
-
-        def launch_factors(ev: BucketEvent) -> None:
-            prog.launch(("fac", ev.index), S.FACTOR_COMM, self.fac_label[ev.index],
-                        "reduce_scatter_v", self.fac_blocks[ev.index], self.world)
-
-        def hooks(l: int) -> None:
-            if kind.factor:
-                prog.compute(S.FACTOR_COMPUTE, costs.names[l], costs.factor[l],
-                             costs.factor_flops[l])
-                for ev in self.fac_after.get(l, ()):
-                    launch_factors(ev)
-
-        emit_backward(prog, costs, hooks)
+        emit_backward(prog, costs, factor=kind.factor, on_factor=on_factor)
         if kind.factor:
             for ev in self.fac_end:
-                launch_factors(ev)
+                launch(ev)
             prog.wait_all(self.fac_names)
+        return prog
+
+    def program(self, rank: int) -> Program:
+        costs, kind = self.spec.costs, self.spec.kind
+        if self._shared is None:
+            self._shared = self._prefix()
+        prog = self._shared.copy()
         mine = self.owned.get(rank, [])
         if kind.inverse:
             for l in mine:
                 prog.compute(S.INVERSE, costs.names[l], costs.inverse[l], costs.inverse_flops[l])
-        names = []
-        for b, (label, blocks) in enumerate(self.grads):
-            prog.launch(("grad", b), S.GRAD_COMM, "", "reduce_scatter_v", blocks, self.world)
-            names.append(("grad", b))
-        if self.comm and costs.other_params:
-            prog.launch(("other",), S.GRAD_COMM, "", "all_reduce", costs.other_params * 4,
+        if self.comm:
+            prog.launch(("grad",), S.GRAD_COMM, "", "reduce_scatter_v", self.grad_blocks,
                         self.world)
-            names.append(("other",))
-        prog.wait_all(names)
+            names = [("grad",)]
+            if costs.other_params:
+                prog.launch(("other",), S.GRAD_COMM, "", "all_reduce", costs.other_params * FP32,
+                            self.world)
+                names.append(("other",))
+            prog.wait_all(names)
         for l in mine:
             prog.compute(S.PRECONDITION, costs.names[l], costs.precond[l], costs.precond_flops[l])
-        names = []
-        for b, (label, blocks) in enumerate(self.pgrads):
-            prog.launch(("pg", b), S.PRECOND_COMM, label, "all_gather_v", blocks, self.world)
-            names.append(("pg", b))
-        prog.wait_all(names)
+        if self.comm:
+            prog.launch(("pg",), S.PRECOND_COMM, self.all_label, "all_gather_v", self.pg_blocks,
+                        self.world)
+            prog.wait(("pg",))
         prog.compute(S.UPDATE, "", costs.update)
         return prog
 

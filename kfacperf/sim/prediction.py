@@ -1,0 +1,166 @@
+"""A prediction on disk: the simulator's output directory.
+
+::
+
+    prediction.json      inputs: workload, device, cluster, strategies, gpus, batch per GPU,
+                         intervals, what-if overrides, the kinds of step simulated
+    summary.parquet      one row per (strategy, gpus)            (SUMMARY_COLUMNS)
+    stage_times.parquet  per-step mean time of each (stage, layer) on the slowest rank
+    events.parquet       the event table of DESIGN.md plus ``strategy`` and ``gpus``
+    classes.parquet      which ranks each simulated (representative) rank stands for
+
+In ``events``, ``rank`` is the representative rank of a symmetry class and ``step`` is the
+step number of the first step of its kind in a cycle (0 = inverse step, 1 = plain step,
+``factor_interval`` = factor-only step), laid end to end from time 0.
+
+This module never imports torch.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kfacperf.stages import STAGE_NAMES
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+FORMAT = "kfacperf-prediction-1"
+META_FILE = "prediction.json"
+SUMMARY_FILE = "summary.parquet"
+STAGE_TIMES_FILE = "stage_times.parquet"
+EVENTS_FILE = "events.parquet"
+CLASSES_FILE = "classes.parquet"
+
+SUMMARY_COLUMNS: tuple[str, ...] = (
+    "strategy", "gpus", "step_us", "compute_us", "comm_us", "exposed_comm_us", "kfac_overhead",
+    "scaling_efficiency", "factor_bytes_per_gpu", "inverse_bytes_per_gpu", "batch_per_gpu",
+)
+"""The summary's required columns; it also has ``inverse_step_us``, ``factor_step_us``,
+``plain_step_us`` (the step time of each kind of step, NaN where the cycle has none),
+``grad_worker_fraction`` and ``classes`` (symmetry classes simulated)."""
+SUMMARY_EXTRA: tuple[str, ...] = (
+    "inverse_step_us", "factor_step_us", "plain_step_us", "grad_worker_fraction", "classes",
+)
+STAGE_TIME_COLUMNS: tuple[str, ...] = ("strategy", "gpus", "stage", "layer", "time_us")
+EVENT_COLUMNS: tuple[str, ...] = (
+    "rank", "step", "stage", "layer", "lane", "start_us", "dur_us", "bytes", "flops",
+)
+PREDICTION_EVENT_COLUMNS: tuple[str, ...] = EVENT_COLUMNS + ("strategy", "gpus")
+CLASS_COLUMNS: tuple[str, ...] = ("strategy", "gpus", "step", "rank", "ranks")
+
+
+@dataclass
+class Prediction:
+    """A simulator output in memory (see the module docstring for the tables)."""
+
+    meta: dict[str, Any]
+    summary: "pd.DataFrame"
+    stage_times: "pd.DataFrame"
+    events: "pd.DataFrame"
+    classes: "pd.DataFrame | None" = field(default=None)
+
+    def table(self) -> str:
+        """The summary as a fixed-width text table (what ``kfacperf simulate`` prints)."""
+        return format_summary(self.summary)
+
+
+def _fmt_ms(us: float) -> str:
+    return "-" if us != us else f"{us / 1e3:.3f}"
+
+
+def _fmt_ratio(x: float) -> str:
+    return "-" if x != x else f"{x:.3f}"
+
+
+def _fmt_mib(b: float) -> str:
+    return "-" if b != b else f"{b / 2**20:.1f}"
+
+
+def format_summary(summary: "pd.DataFrame") -> str:
+    """Fixed-width text of a prediction summary: times in ms, memory in MiB."""
+    head = ("strategy", "gpus", "step ms", "compute ms", "comm ms", "exposed ms", "vs sgd",
+            "scaling", "factors MiB", "inverses MiB")
+    rows = [head]
+    for r in summary.itertuples(index=False):
+        rows.append((
+            str(r.strategy), str(int(r.gpus)), _fmt_ms(r.step_us), _fmt_ms(r.compute_us),
+            _fmt_ms(r.comm_us), _fmt_ms(r.exposed_comm_us), _fmt_ratio(r.kfac_overhead),
+            _fmt_ratio(r.scaling_efficiency), _fmt_mib(r.factor_bytes_per_gpu),
+            _fmt_mib(r.inverse_bytes_per_gpu),
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = []
+    for n, row in enumerate(rows):
+        cells = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells))
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _require(df: "pd.DataFrame", columns: tuple[str, ...], path: Path) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; "
+                         f"has {', '.join(map(str, df.columns))}")
+
+
+def write_prediction(pred: Prediction, path: str | Path) -> Path:
+    """Write ``pred`` into directory ``path`` (created; existing files are replaced)."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"prediction output {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    _require(pred.summary, SUMMARY_COLUMNS, out / SUMMARY_FILE)
+    _require(pred.stage_times, STAGE_TIME_COLUMNS, out / STAGE_TIMES_FILE)
+    _require(pred.events, PREDICTION_EVENT_COLUMNS, out / EVENTS_FILE)
+    meta = dict(pred.meta)
+    meta.setdefault("format", FORMAT)
+    (out / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=False, default=str) + "\n")
+    pred.summary.to_parquet(out / SUMMARY_FILE, index=False, compression="zstd")
+    pred.stage_times.to_parquet(out / STAGE_TIMES_FILE, index=False, compression="zstd")
+    pred.events.to_parquet(out / EVENTS_FILE, index=False, compression="zstd")
+    if pred.classes is not None:
+        pred.classes.to_parquet(out / CLASSES_FILE, index=False, compression="zstd")
+    return out
+
+
+def load_prediction(path: str | Path) -> Prediction:
+    """Read a prediction directory, checking its files and columns."""
+    import pandas as pd
+
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"prediction directory not found: {root}")
+    meta_path = root / META_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"not a prediction (no {META_FILE}): {root}")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{meta_path}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_path}: format must be {FORMAT!r}, got "
+                         f"{meta.get('format') if isinstance(meta, dict) else meta!r}")
+    tables = {}
+    for name, cols in ((SUMMARY_FILE, SUMMARY_COLUMNS), (STAGE_TIMES_FILE, STAGE_TIME_COLUMNS),
+                       (EVENTS_FILE, PREDICTION_EVENT_COLUMNS)):
+        p = root / name
+        if not p.is_file():
+            raise FileNotFoundError(f"prediction file missing: {p}")
+        df = pd.read_parquet(p)
+        _require(df, cols, p)
+        tables[name] = df
+    bad = set(tables[EVENTS_FILE]["stage"].astype(str).unique()) - set(STAGE_NAMES)
+    if bad:
+        raise ValueError(f"{root / EVENTS_FILE}: unknown stage(s) {sorted(bad)}")
+    classes = None
+    if (root / CLASSES_FILE).is_file():
+        classes = pd.read_parquet(root / CLASSES_FILE)
+        _require(classes, CLASS_COLUMNS, root / CLASSES_FILE)
+    return Prediction(meta=meta, summary=tables[SUMMARY_FILE],
+                      stage_times=tables[STAGE_TIMES_FILE], events=tables[EVENTS_FILE],
+                      classes=classes)

@@ -1,0 +1,247 @@
+"""The simulator's library API: workload x device x cluster x strategies x GPU counts.
+
+::
+
+    from kfacperf.sim.sweep import simulate
+    pred = simulate("resnet50", "h100", "dgx-h100-ndr", ["sgd", "spngd", "kaisa"],
+                    gpus=[1, 8, 64, 512, 4096], batch_per_gpu=32,
+                    factor_interval=10, inverse_interval=100, bandwidth_scale=0.5)
+    pred.summary          # one row per (strategy, gpus)
+
+For every (strategy, GPU count) each distinct kind of step of a cycle (inverse, factor-only,
+plain) is built as a step graph over the strategy's symmetry classes and run once on the
+engine; the steady state is the cycle-weighted mean (:mod:`kfacperf.sim.summary`).
+Keyword arguments beyond the named ones are what-if overrides of the cost model
+(:class:`kfacperf.sim.costs.CostOptions`: ``bandwidth_scale``, ``alpha_scale``,
+``compute_scale``, ``comm_dtype``, ``symmetric_factors``, ``inverse_method``, ``dtype``,
+``v_form``, ...).  This module never imports torch.
+"""
+from __future__ import annotations
+
+import datetime
+import math
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from kfacperf.sim.engine import StepResult, run_step
+from kfacperf.sim.prediction import Prediction
+from kfacperf.sim.stage_costs import layer_costs
+from kfacperf.sim.strategies import StrategySpec, build_graph, make_step, parse_strategy
+from kfacperf.sim.strategies.common import CommSettings, LayerCosts, StepSpec
+from kfacperf.sim.summary import CycleStep, EventColumns, cycle, summarize_point
+
+
+def check_gpus(gpus: Sequence[int]) -> list[int]:
+    """Sorted distinct GPU counts; each must be a positive integer."""
+    if not len(gpus):
+        raise ValueError("no GPU counts given")
+    out = set()
+    for g in gpus:
+        if isinstance(g, bool) or not isinstance(g, (int, np.integer)) or g < 1:
+            raise ValueError(f"number of GPUs must be a positive integer, got {g!r}")
+        out.add(int(g))
+    return sorted(out)
+
+
+def check_strategies(strategies: Sequence[str | StrategySpec], fraction: float
+                     ) -> list[StrategySpec]:
+    if isinstance(strategies, str):
+        strategies = [strategies]
+    if not len(strategies):
+        raise ValueError("no strategy given")
+    specs = [s if isinstance(s, StrategySpec) else parse_strategy(s, default_fraction=fraction)
+             for s in strategies]
+    labels = [s.label for s in specs]
+    dup = sorted({l for l in labels if labels.count(l) > 1})
+    if dup:
+        raise ValueError(f"strategy given twice: {', '.join(dup)}")
+    return specs
+
+
+class _Point:
+    """One (strategy, GPU count): its cycle of simulated steps."""
+
+    def __init__(self, spec: StrategySpec, gpus: int, steps: list[tuple[CycleStep, StepResult]],
+                 memory: tuple[int, int]) -> None:
+        self.spec, self.gpus, self.steps, self.memory = spec, gpus, steps, memory
+        self.summary = summarize_point(steps)
+
+
+def simulate_with_costs(
+    workload: Any, cost: Any, *, gpus_per_node: int,
+    strategies: Sequence[str | StrategySpec] = ("sgd", "spngd", "kaisa"),
+    gpus: Sequence[int] = (1,), batch_per_gpu: int = 32, factor_interval: int = 1,
+    inverse_interval: int = 1, grad_worker_fraction: float = 1.0,
+    comm: CommSettings | None = None, events: bool = True, meta: dict[str, Any] | None = None,
+) -> Prediction:
+    """:func:`simulate` with a ready cost model (anything with ``compute_us`` and
+    ``collective_us``; ``for_gpus(P)``, when present, gives the model for P GPUs)."""
+    import pandas as pd
+
+    gpu_list = check_gpus(gpus)
+    specs = check_strategies(strategies, grad_worker_fraction)
+    cycle(factor_interval, inverse_interval)  # validates the intervals
+    comm = comm or CommSettings()
+    if isinstance(batch_per_gpu, bool) or not isinstance(batch_per_gpu, int) or batch_per_gpu < 1:
+        raise ValueError(f"batch per GPU must be a positive integer, got {batch_per_gpu!r}")
+    cost_cache: dict[int, tuple[LayerCosts, Callable]] = {}
+
+    def costs_for(p: int) -> tuple[LayerCosts, Callable]:
+        model = cost.for_gpus(p) if hasattr(cost, "for_gpus") else cost
+        hit = cost_cache.get(id(model))
+        if hit is None:
+            lc = layer_costs(model, workload, batch=batch_per_gpu)
+
+            def coll(op: str, nbytes: Any, size: int, nodes: int, _m: Any = model) -> float:
+                return float(_m.collective_us(op, nbytes, group_size=size, nodes=nodes))
+
+            hit = cost_cache[id(model)] = (lc, coll)
+            keep.append(model)
+        return hit
+
+    keep: list[Any] = []  # keep per-P models alive so their ids stay unique
+
+    def run_point(spec: StrategySpec, p: int) -> _Point:
+        lc, coll = costs_for(p)
+        steps, memory = [], (0, 0)
+        for cs in cycle(factor_interval, inverse_interval, kfac=spec.name != "sgd"):
+            step = make_step(spec, StepSpec(costs=lc, world_size=p, gpus_per_node=gpus_per_node,
+                                            kind=cs.kind, comm=comm))
+            steps.append((cs, run_step(build_graph(step, coll))))
+            memory = step.memory()
+        return _Point(spec, p, steps, memory)
+
+    points = [run_point(s, p) for s in specs for p in gpu_list]
+    single: dict[str, float] = {}
+    for s in specs:
+        base = next((pt for pt in points if pt.spec == s and pt.gpus == 1), None)
+        if base is None:
+            one = s if s.name != "kaisa" else StrategySpec("kaisa", 1.0, s.label)
+            base = run_point(one, 1)
+        single[s.label] = base.summary.step_us
+    sgd = {pt.gpus: pt.summary.step_us for pt in points if pt.spec.name == "sgd"}
+
+    rows, stage_rows, class_rows = [], [], []
+    ev = EventColumns()
+    ev_keys: list[tuple[str, int, int]] = []
+    for pt in points:
+        sm = pt.summary
+        f = math.nan
+        if pt.spec.name == "kaisa":
+            f = pt.spec.fraction if pt.spec.fraction else 1.0 / pt.gpus
+        rows.append({
+            "strategy": pt.spec.label, "gpus": pt.gpus, "step_us": sm.step_us,
+            "compute_us": sm.compute_us, "comm_us": sm.comm_us,
+            "exposed_comm_us": sm.exposed_comm_us,
+            "kfac_overhead": sm.step_us / sgd[pt.gpus] if pt.gpus in sgd else math.nan,
+            "scaling_efficiency": single[pt.spec.label] / sm.step_us if sm.step_us > 0 else 1.0,
+            "factor_bytes_per_gpu": pt.memory[0], "inverse_bytes_per_gpu": pt.memory[1],
+            "batch_per_gpu": batch_per_gpu,
+            "inverse_step_us": sm.kind_step_us.get("inverse", math.nan),
+            "factor_step_us": sm.kind_step_us.get("factor", math.nan),
+            "plain_step_us": sm.kind_step_us.get("plain", math.nan),
+            "grad_worker_fraction": f, "classes": sm.classes,
+        })
+        for (stage, layer), t in sm.stage_times.items():
+            stage_rows.append((pt.spec.label, pt.gpus, stage, layer, t))
+        offset = 0.0
+        for cs, res in pt.steps:
+            for c in res.graph.classes:
+                class_rows.append((pt.spec.label, pt.gpus, cs.step, c.rank, c.count))
+            if events:
+                ev_keys.append((pt.spec.label, pt.gpus, ev.add_step(res, cs.step, offset)))
+            offset += res.step_us
+
+    summary = pd.DataFrame(rows)
+    summary["gpus"] = summary["gpus"].astype("int64")
+    stage_times = pd.DataFrame(stage_rows, columns=["strategy", "gpus", "stage", "layer",
+                                                    "time_us"])
+    stage_times["gpus"] = stage_times["gpus"].astype("int64")
+    classes = pd.DataFrame(class_rows, columns=["strategy", "gpus", "step", "rank", "ranks"])
+    info = dict(meta or {})
+    info.update({
+        "strategies": [{"label": s.label, "name": s.name, "grad_worker_fraction": s.fraction}
+                       for s in specs],
+        "gpus": gpu_list, "gpus_per_node": gpus_per_node, "batch_per_gpu": batch_per_gpu,
+        "factor_interval": factor_interval, "inverse_interval": inverse_interval,
+        "intervals": {"factor": factor_interval, "inverse": inverse_interval},
+        "grad_worker_fraction": grad_worker_fraction,
+        "comm": {"factor_dtype": comm.factor_dtype, "symmetric": comm.symmetric,
+                 "inverse_method": comm.inverse_method,
+                 "factor_bucket_mb": comm.factor_bucket_mb, "ddp_bucket_mb": comm.ddp_bucket_mb},
+        "step_kinds": [{"kind": c.kind.name, "step": c.step, "weight": c.weight}
+                       for c in cycle(factor_interval, inverse_interval)],
+    })
+    info.setdefault("workload", getattr(workload, "name", str(workload)))
+    return Prediction(meta=info, summary=summary, stage_times=stage_times,
+                      events=_events_frame(ev, ev_keys), classes=classes)
+
+
+def _events_frame(ev: EventColumns, keys: list[tuple[str, int, int]]) -> Any:
+    import pandas as pd
+
+    from kfacperf.stages import LANES, STAGE_NAMES
+
+    labels = list(dict.fromkeys(k for k, _, _ in keys))
+    counts = [n for _, _, n in keys]
+    strategy = np.repeat(np.asarray([labels.index(k) for k, _, _ in keys], dtype=np.int32),
+                         counts) if keys else np.zeros(0, dtype=np.int32)
+    gpus = np.repeat(np.asarray([g for _, g, _ in keys], dtype=np.int32), counts) \
+        if keys else np.zeros(0, dtype=np.int32)
+
+    def cat(codes: np.ndarray, categories: Sequence[str]) -> Any:
+        return pd.Categorical.from_codes(codes, categories=list(categories))
+
+    return pd.DataFrame({
+        "rank": ev.column("rank", "int32"), "step": ev.column("step", "int32"),
+        "stage": cat(ev.column("stage", "int16"), STAGE_NAMES),
+        "layer": cat(ev.column("layer", "int32"), ev.layers),
+        "lane": cat(ev.column("lane", "int8"), LANES),
+        "start_us": ev.column("start", "float64"), "dur_us": ev.column("dur", "float64"),
+        "bytes": ev.column("nbytes", "int64"), "flops": ev.column("flops", "float64"),
+        "strategy": cat(strategy, labels), "gpus": gpus,
+    })
+
+
+def simulate(
+    workload: Any, device: Any, cluster: Any,
+    strategies: Sequence[str | StrategySpec] = ("sgd", "spngd", "kaisa"),
+    gpus: Sequence[int] = (1,), batch_per_gpu: int = 32, factor_interval: int = 1,
+    inverse_interval: int = 1, grad_worker_fraction: float = 1.0, *,
+    factor_bucket_mb: float = 25.0, ddp_bucket_mb: float = 25.0, events: bool = True,
+    **overrides: Any,
+) -> Prediction:
+    """Predict step times; models are objects, preset names or TOML paths."""
+    from kfacperf import __version__
+    from kfacperf.sim.costs import CostModel
+    from kfacperf.sim.models import load_cluster, load_device, load_workload
+
+    w = workload if hasattr(workload, "layers") else load_workload(workload)
+    d = device if hasattr(device, "stages") else load_device(device)
+    c = cluster if hasattr(cluster, "gpus_per_node") else load_cluster(cluster)
+    cost = CostModel(workload=w, device=d, cluster=c, **overrides)
+    o = cost.options
+    comm = CommSettings(factor_dtype=o.comm_dtype, symmetric=o.symmetric_factors,
+                        inverse_method=o.inverse_method, factor_bucket_mb=factor_bucket_mb,
+                        ddp_bucket_mb=ddp_bucket_mb, ddp_first_bucket_mb=ddp_bucket_mb)
+
+    def source(x: Any, given: Any) -> str:
+        return str(given) if isinstance(given, (str, Path)) else str(getattr(x, "source", ""))
+
+    meta = {
+        "workload": w.name, "device": d.name, "cluster": c.name,
+        "models": {"workload": source(w, workload), "device": source(d, device),
+                   "cluster": source(c, cluster)},
+        "overrides": {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v))
+                      for k, v in sorted(overrides.items())},
+        "kfacperf_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    return simulate_with_costs(
+        w, cost, gpus_per_node=c.gpus_per_node, strategies=strategies, gpus=gpus,
+        batch_per_gpu=batch_per_gpu, factor_interval=factor_interval,
+        inverse_interval=inverse_interval, grad_worker_fraction=grad_worker_fraction,
+        comm=comm, events=events, meta=meta,
+    )
