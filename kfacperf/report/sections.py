@@ -25,7 +25,7 @@ _RUN_FIELDS: tuple[tuple[str, str], ...] = (
 )
 
 
-def _device_text(device: Any) -> str:
+def device_text(device: Any) -> str:
     """Kind and name of the device, plus what NVML told about a GPU (memory, clock, power)."""
     if not isinstance(device, dict):
         return fmt_plain(device)
@@ -55,7 +55,7 @@ def summary_section(runs: Sequence[RunData], predictions: Sequence[PredictionDat
             row = {"run": run.name, "steps": run.summary.measured_steps}
             for key, _ in _RUN_FIELDS:
                 value = run.run.get(key)
-                row[key] = _device_text(value) if key == "device" else fmt_plain(value)
+                row[key] = device_text(value) if key == "device" else fmt_plain(value)
             rows.append(row)
         cols = [("run", "run", fmt_plain)] + [(k, h, fmt_plain) for k, h in _RUN_FIELDS] + [
             ("steps", "steps recorded", fmt_plain)]
