@@ -37,8 +37,9 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from kfacperf.kfac import conv_factors
 
 INVERSE_METHODS = ("eigen", "cholesky")
 
@@ -93,7 +94,6 @@ class KFACLayer:
         self.precond_grad: Optional[Tensor] = None
         self.kl_term: Optional[Tensor] = None
         self.rows = 0  # rows R of the last batch statistics (for FLOP counts)
-        self._input: Optional[Tensor] = None
 
     def __repr__(self) -> str:
         return (
@@ -102,35 +102,23 @@ class KFACLayer:
         )
 
     # ----------------------------------------------------------------- batch statistics
-    def save_input(self, x: Tensor) -> None:
-        """Keep the layer input of this forward pass (a reference; autograd keeps it too)."""
-        self._input = x.detach()
-
-    @property
-    def has_input(self) -> bool:
-        return self._input is not None
-
-    def compute_batch_factors(self, grad_output: Tensor) -> None:
-        """Set ``a_batch``/``g_batch`` from the saved input and the output gradient."""
-        x = self._input
-        if x is None:
-            raise RuntimeError(f"layer {self.name!r}: no saved input for its output gradient")
-        self._input = None
+    def compute_batch_factors(self, x: Tensor, grad_output: Tensor) -> None:
+        """Set ``a_batch``/``g_batch`` from the layer's input and its output gradient."""
+        x = x.detach()
         dtype = _factor_dtype(x.dtype)
         n = int(x.shape[0]) if x.dim() > 1 else 1
-        a_rows = self._a_rows(x.to(dtype))  # (dim_a without bias, R), may be a view
+        gram, total, rows = self._input_moments(x.to(dtype))
         g_rows = self._g_rows(grad_output.detach().to(dtype))  # (dim_g, R)
-        self.rows = int(a_rows.shape[1])
-        self.a_batch = _second_moment(a_rows, self.has_bias, scale=1.0 / self.rows)
-        self.g_batch = _second_moment(g_rows, False, scale=float(n))
+        self.rows = rows
+        self.a_batch = _assemble_a(gram, total if self.has_bias else None, rows)
+        self.g_batch = (g_rows @ g_rows.t()).mul_(float(n))
 
-    def clear_input(self) -> None:
-        self._input = None
-
-    def _a_rows(self, x: Tensor) -> Tensor:
+    def _input_moments(self, x: Tensor) -> tuple[Tensor, Tensor, int]:
+        """``(Σ_r a_r a_rᵀ, Σ_r a_r, R)`` over the input rows (without the bias 1)."""
         raise NotImplementedError
 
     def _g_rows(self, g: Tensor) -> Tensor:
+        """Output gradient as a ``(dim_g, R)`` matrix, rows in the input rows' order."""
         raise NotImplementedError
 
     def update_factors(self, decay: float) -> None:
@@ -271,8 +259,9 @@ class LinearLayer(KFACLayer):
 
     kind = "linear"
 
-    def _a_rows(self, x: Tensor) -> Tensor:
-        return x.reshape(-1, x.shape[-1]).t()
+    def _input_moments(self, x: Tensor) -> tuple[Tensor, Tensor, int]:
+        rows = x.reshape(-1, x.shape[-1])
+        return rows.t() @ rows, rows.sum(dim=0), int(rows.shape[0])
 
     def _g_rows(self, g: Tensor) -> Tensor:
         return g.reshape(-1, g.shape[-1]).t()
@@ -288,18 +277,14 @@ class Conv2dLayer(KFACLayer):
             raise ValueError(f"layer {name!r}: only nn.Conv2d with groups=1 is supported")
         super().__init__(name=name, module=module, inverse_method=inverse_method)
 
-    def _a_rows(self, x: Tensor) -> Tensor:
+    def _input_moments(self, x: Tensor) -> tuple[Tensor, Tensor, int]:
         m: nn.Conv2d = self.module  # type: ignore[assignment]
-        padding = m.padding
-        if isinstance(padding, str) or m.padding_mode != "zeros":
-            x = F.pad(x, _explicit_padding(m), mode=_pad_mode(m.padding_mode))
-            padding = (0, 0)
-        if x.dim() == 3:  # unbatched input [C, H, W]
-            x = x.unsqueeze(0)
-        patches = F.unfold(
-            x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride
-        )  # [N, C*kh*kw, L]
-        return patches.transpose(0, 1).reshape(patches.shape[1], -1)
+        if m.kernel_size[0] * m.kernel_size[1] > 1:
+            return conv_factors.patch_moments(x, m)
+        xp = conv_factors.padded_input(x, m)  # 1x1 kernel: patches are (strided) pixels
+        xp = xp[:, :, :: m.stride[0], :: m.stride[1]]
+        rows = xp.transpose(0, 1).reshape(xp.shape[1], -1)
+        return rows @ rows.t(), rows.sum(dim=1), int(rows.shape[1])
 
     def _g_rows(self, g: Tensor) -> Tensor:
         if g.dim() == 3:
@@ -307,38 +292,17 @@ class Conv2dLayer(KFACLayer):
         return g.transpose(0, 1).reshape(g.shape[1], -1)
 
 
-def _explicit_padding(m: nn.Conv2d) -> tuple[int, int, int, int]:
-    """(left, right, top, bottom) padding the module applies, for string paddings too."""
-    if m.padding == "valid":
-        return (0, 0, 0, 0)
-    if m.padding == "same":
-        pads = []
-        for k, d in zip(m.kernel_size, m.dilation):
-            total = d * (k - 1)
-            pads.append((total // 2, total - total // 2))
-        (top, bottom), (left, right) = pads
-        return (left, right, top, bottom)
-    ph, pw = m.padding  # type: ignore[misc]
-    return (pw, pw, ph, ph)
-
-
-def _pad_mode(padding_mode: str) -> str:
-    return "constant" if padding_mode == "zeros" else padding_mode
-
-
-def _second_moment(rows: Tensor, bias: bool, *, scale: float) -> Tensor:
-    """``scale · [X; 1][X; 1]ᵀ`` for ``X`` of shape ``(d, R)`` without materialising the 1s."""
-    gram = rows @ rows.t()
-    if not bias:
-        return gram.mul_(scale)
-    d, r = rows.shape
-    out = torch.empty(d + 1, d + 1, dtype=rows.dtype, device=rows.device)
+def _assemble_a(gram: Tensor, total: Tensor | None, rows: int) -> Tensor:
+    """``(1/R) [Σ aaᵀ, Σ a; Σ aᵀ, R]`` (the bias block only when ``total`` is given)."""
+    if total is None:
+        return gram / rows
+    d = gram.shape[0]
+    out = gram.new_empty(d + 1, d + 1)
     out[:d, :d] = gram
-    s = rows.sum(dim=1)
-    out[:d, d] = s
-    out[d, :d] = s
-    out[d, d] = float(r)
-    return out.mul_(scale)
+    out[:d, d] = total
+    out[d, :d] = total
+    out[d, d] = float(rows)
+    return out.div_(rows)
 
 
 def _factor_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -14,7 +14,8 @@ in :attr:`KFACPreconditioner.other_params` (and logged) at construction.
 Steps are counted by calls to :meth:`KFACPreconditioner.step`, starting at 0.  On step k the
 forward/backward hooks compute batch statistics iff ``k % factor_interval == 0`` and the
 inverses are recomputed iff ``k % inverse_interval == 0`` (so step 0 does both).  Only one
-forward/backward per step is supported (a module called twice keeps its last call).  See
+forward/backward per step is supported (a module called twice in a step keeps the
+statistics of the call whose output gradient arrives last).  See
 :mod:`kfacperf.kfac.layers` for the factor conventions and :mod:`kfacperf.kfac.inverse` for
 the two inverse methods.
 """
@@ -186,14 +187,14 @@ class KFACPreconditioner:
         if not isinstance(output, Tensor) or not output.requires_grad:
             return
         layer = self._by_module[id(module)]
-        layer.save_input(inputs[0])
-        output.register_hook(lambda grad, layer=layer: self._on_grad_output(layer, grad))
+        x = inputs[0].detach()  # kept by the closure until this output's gradient arrives
+        output.register_hook(lambda grad: self._on_grad_output(layer, x, grad))
 
-    def _on_grad_output(self, layer: KFACLayer, grad: Tensor) -> None:
+    def _on_grad_output(self, layer: KFACLayer, x: Tensor, grad: Tensor) -> None:
         rows = grad.numel() // layer.dim_g
         flops = 2.0 * rows * (layer.dim_a**2 + layer.dim_g**2)
         with self.timer.stage(stages.FACTOR_COMPUTE, layer.name, flops=flops):
-            layer.compute_batch_factors(grad)
+            layer.compute_batch_factors(x, grad)
         self.strategy.on_factor_batch(layer)
 
     def remove_hooks(self) -> None:
@@ -213,7 +214,6 @@ class KFACPreconditioner:
         if self.factor_step:
             strategy.finish_factors()
             for name, layer in self.layers.items():
-                layer.clear_input()  # a forward without a backward leaves one behind
                 if strategy.needs_factors(name) and layer.a_batch is not None:
                     nflops = 3.0 * layer.factor_numel()
                     with timer.stage(stages.FACTOR_COMPUTE, name, flops=nflops):
