@@ -1,0 +1,203 @@
+"""What each strategy's step graph contains: order, buckets, bytes, placement, memory."""
+from __future__ import annotations
+
+import importlib.util
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+from kfacperf import stages as S
+from kfacperf.sim.placement import (
+    grad_workers, kaisa_placement, layer_cost, nodes_spanned, spngd_placement,
+)
+from kfacperf.sim.strategies import build_graph, make_step, parse_strategy
+from kfacperf.sim.strategies.common import (
+    FACTOR_STEP, INVERSE_STEP, PLAIN_STEP, CommSettings, QueueBuckets, StepSpec, ddp_buckets,
+)
+from kfacperf.testing.sim_fakes import fake_collective_us as cost, random_layer_costs
+
+LAYERS = random_layer_costs(8, seed=11, other_params=3000)
+A, G = LAYERS.dim_a, LAYERS.dim_g
+N = range(len(A))
+
+
+def graph(strategy: str, p: int, kind=INVERSE_STEP, comm: CommSettings | None = None,
+          per_rank: bool = True, gpn: int = 4):
+    spec = StepSpec(costs=LAYERS, world_size=p, gpus_per_node=gpn, kind=kind,
+                    comm=comm or CommSettings(factor_bucket_mb=0.1, ddp_bucket_mb=0.05))
+    step = make_step(parse_strategy(strategy), spec)
+    return step, build_graph(step, cost, per_rank=per_rank)
+
+
+def payload(g, stage: str) -> int:
+    return sum(c.payload for c in g.collectives if c.stage == stage)
+
+
+# ------------------------------------------------------------------ buckets
+def test_queue_buckets_follow_the_optimizers_flush_rule():
+    q = QueueBuckets(10)
+    assert q.add("a", 4) == [] and q.add("b", 4) == []
+    assert q.add("c", 4) == [[("a", 4), ("b", 4)]]  # would overflow: flush first
+    assert q.add("d", 6) == [[("c", 4), ("d", 6)]]  # reaches the cap: flushed at once
+    assert q.add("e", 25) == [[("e", 25)]]  # larger than the cap: alone
+    assert q.add("f", 1) == [] and q.flush() == [[("f", 1)]] and q.flush() == []
+
+
+def test_ddp_buckets_close_once_they_reach_the_limit_in_reverse_layer_order():
+    sizes = {l: a * g * 4 for l, (a, g) in enumerate(zip(A, G))}
+    cap = 0.05
+    buckets, nbytes = ddp_buckets(LAYERS, CommSettings(ddp_bucket_mb=cap, ddp_first_bucket_mb=cap))
+    flat = [i for b in buckets for i in b]
+    assert flat == list(reversed(N)) + [-1]
+    limit = int(cap * 2**20)
+    for b, nb in zip(buckets, nbytes):
+        assert nb == sum(sizes.get(i, LAYERS.other_params * 4) for i in b)
+        assert sum(sizes.get(i, 0) for i in b[:-1]) < limit  # closed by its last item
+    assert all(nb >= limit for nb in nbytes[:-1])
+
+
+# ------------------------------------------------------------------ order and bytes
+def test_backward_runs_last_layer_first_with_each_hook_before_its_layer():
+    _, g = graph("kaisa", 4, FACTOR_STEP)
+    prog = g.programs[0]
+    factor_layers = [l for s, l in zip(prog.stage, prog.layer) if s == S.FACTOR_COMPUTE]
+    assert factor_layers == [f"layer{i}" for i in reversed(N)]
+    first_bwd = prog.stage.index(S.BACKWARD)
+    assert prog.stage[:first_bwd] == [S.FORWARD, S.FACTOR_COMPUTE]
+
+
+@pytest.mark.parametrize("strategy", ["kaisa", "kaisa:0.5", "spngd"])
+@pytest.mark.parametrize("dtype,symmetric", [("fp32", False), ("fp16", False), ("bf16", True)])
+def test_factor_payload_is_every_layers_a_and_g(strategy, dtype, symmetric):
+    comm = CommSettings(factor_dtype=dtype, symmetric=symmetric, factor_bucket_mb=0.1)
+    _, g = graph(strategy, 4, FACTOR_STEP, comm)
+    elems = sum((n * (n + 1) // 2 if symmetric else n * n) for d in (A, G) for n in d)
+    assert payload(g, S.FACTOR_COMM) == elems * (4 if dtype == "fp32" else 2)
+    _, plain = graph(strategy, 4, PLAIN_STEP, comm)
+    assert payload(plain, S.FACTOR_COMM) == 0
+
+
+def test_spngd_sends_gradients_to_owners_and_gathers_preconditioned_ones():
+    step, g = graph("spngd", 4)
+    grads = [c for c in g.collectives if c.stage == S.GRAD_COMM]
+    assert [c.op for c in grads] == ["reduce_scatter_v", "all_reduce"]
+    assert grads[0].payload == sum(a * b * 4 for a, b in zip(A, G))
+    assert grads[1].payload == LAYERS.other_params * 4
+    (ag,) = [c for c in g.collectives if c.stage == S.PRECOND_COMM]
+    assert ag.op == "all_gather_v" and ag.payload == sum((a * b + 1) * 4 for a, b in zip(A, G))
+    owner = spngd_placement([layer_cost(a, b) for a, b in zip(A, G)], 4).inverse_worker
+    for r, prog in enumerate(g.programs):  # inverse and precondition exactly on owners
+        for stage in (S.INVERSE, S.PRECONDITION):
+            mine = [l for s, l in zip(prog.stage, prog.layer) if s == stage]
+            assert mine == [f"layer{l}" for l in N if owner[l] == r]
+
+
+def test_kaisa_broadcasts_depend_on_the_fraction():
+    eigen = sum((a * a + b * b + a + b) * 4 for a, b in zip(A, G))
+    precond = sum((a * b + 1) * 4 for a, b in zip(A, G))
+    _, comm_opt = graph("kaisa", 8)  # one column of 8: inverses to all, nothing to send back
+    assert payload(comm_opt, S.INVERSE_COMM) == eigen and payload(comm_opt, S.PRECOND_COMM) == 0
+    _, mem_opt = graph("kaisa:mem-opt", 8)  # columns of one: no inverse broadcast
+    assert payload(mem_opt, S.INVERSE_COMM) == 0 and payload(mem_opt, S.PRECOND_COMM) == precond
+    _, hybrid = graph("kaisa:0.5", 8)  # 2 columns of 4 ranks, 4 rows of 2
+    assert payload(hybrid, S.INVERSE_COMM) == eigen
+    assert payload(hybrid, S.PRECOND_COMM) == 4 * precond  # every row sends every layer
+    assert {c.size for c in hybrid.collectives if c.stage == S.PRECOND_COMM} == {2}
+    assert {c.size for c in hybrid.collectives if c.stage == S.INVERSE_COMM} == {4}
+
+
+def test_cholesky_inverse_state_is_two_matrices():
+    comm = CommSettings(inverse_method="cholesky", symmetric=True, factor_bucket_mb=0.1)
+    _, g = graph("kaisa", 4, INVERSE_STEP, comm)
+    assert payload(g, S.INVERSE_COMM) == sum(
+        (a * (a + 1) // 2 + b * (b + 1) // 2) * 4 for a, b in zip(A, G))
+
+
+def test_no_communication_on_one_gpu():
+    for s in ("sgd", "spngd", "kaisa", "kaisa:mem-opt"):
+        for kind in (INVERSE_STEP, FACTOR_STEP, PLAIN_STEP):
+            _, g = graph(s, 1, kind)
+            assert g.collectives == []
+
+
+def test_sgd_all_reduces_every_gradient_once():
+    _, g = graph("sgd", 8)
+    assert {c.op for c in g.collectives} == {"all_reduce"}
+    assert payload(g, S.GRAD_COMM) == sum(a * b * 4 for a, b in zip(A, G)) + 3000 * 4
+    assert {c.nodes for c in g.collectives} == {2}  # 8 GPUs, 4 per node
+
+
+# ------------------------------------------------------------------ placement and memory
+def _real_assignment():
+    """The optimizer's assignment module, loaded from its file (its package imports torch)."""
+    path = Path(__file__).resolve().parents[2] / "kfacperf" / "kfac" / "assignment.py"
+    spec = importlib.util.spec_from_file_location("_kfac_assignment", path)
+    mod = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    sys.modules[spec.name] = mod  # dataclasses look their module up while being built
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        del sys.modules[spec.name]
+    return mod
+
+
+def test_placement_agrees_with_the_optimizer():
+    real = _real_assignment()
+    rnd = random.Random(0)
+    for _ in range(200):
+        n = rnd.randint(1, 14)
+        shapes = [real.LayerShape(name=f"l{i}", dim_a=rnd.choice([3, 5, 9, 17, 33]),
+                                  dim_g=rnd.choice([2, 4, 8, 16])) for i in range(n)]
+        costs = [layer_cost(s.dim_a, s.dim_g) for s in shapes]
+        p = rnd.choice([1, 2, 3, 4, 6, 8, 16, 32])
+        ours = spngd_placement(costs, p)
+        theirs = real.spngd_assignment(shapes, p)
+        assert list(ours.inverse_worker) == [theirs.inverse_worker[s.name] for s in shapes]
+        for f in (1.0, 0.5, 0.25, 1.0 / p):
+            try:
+                gw = grad_workers(p, f)
+            except ValueError:
+                continue
+            ours = kaisa_placement(costs, p, gw)
+            theirs = real.kaisa_assignment(shapes, p, f)
+            assert list(ours.inverse_worker) == [theirs.inverse_worker[s.name] for s in shapes]
+            assert [tuple(ours.column_members(c)) for c in ours.column] == [
+                tuple(theirs.grad_workers[s.name]) for s in shapes]
+
+
+def test_nodes_spanned_counts_distinct_nodes():
+    for first in range(12):
+        for count in range(1, 12):
+            for stride in range(1, 12):
+                for g in (1, 2, 3, 4, 8):
+                    expected = len({(first + k * stride) // g for k in range(count)})
+                    assert nodes_spanned(first, count, stride, g) == expected
+
+
+def test_memory_per_gpu():
+    store = [(a * a + b * b) * 4 for a, b in zip(A, G)]
+    eigen = [(a * a + b * b + a + b) * 4 for a, b in zip(A, G)]
+    spngd, _ = graph("spngd", 3)
+    owner = spngd.place.inverse_worker
+    assert spngd.memory() == (max(sum(store[l] for l in N if owner[l] == r) for r in range(3)),
+                              max(sum(eigen[l] for l in N if owner[l] == r) for r in range(3)))
+    comm_opt, _ = graph("kaisa", 4)
+    assert comm_opt.memory()[1] == sum(eigen)  # every rank holds every inverse
+    one, _ = graph("kaisa", 1)
+    assert one.memory() == (sum(store), sum(eigen))
+
+
+def test_kaisa_fraction_must_divide_the_gpus():
+    with pytest.raises(ValueError, match="must be an integer dividing 6"):
+        graph("kaisa:0.25", 6)
+    with pytest.raises(ValueError, match="unknown strategy"):
+        parse_strategy("lars")
+    with pytest.raises(ValueError, match="not a number"):
+        parse_strategy("kaisa:half")
+    with pytest.raises(ValueError, match="only kaisa"):
+        parse_strategy("spngd:0.5")
+    assert parse_strategy("kaisa:1/4").fraction == 0.25
+    assert parse_strategy("kaisa", default_fraction=0.5).fraction == 0.5
