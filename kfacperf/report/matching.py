@@ -76,19 +76,63 @@ def _same(a: Any, b: Any) -> bool:
     return str(a) == str(b)
 
 
+WHAT_IF_SCALES: tuple[str, ...] = ("bandwidth_scale", "alpha_scale", "compute_scale")
+
+
+def is_what_if(pred: PredictionData) -> bool:
+    """Whether the prediction scales bandwidth, latency or compute away from the models."""
+    for key in ("overrides", "what_if"):
+        table = pred.meta.get(key)
+        if isinstance(table, dict):
+            for name in WHAT_IF_SCALES:
+                value = table.get(name)
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and value != 1:
+                    return True
+    return False
+
+
+def _strategy_matches(row: pd.Series, run: RunData) -> bool:
+    """Same strategy name (labels like ``kaisa:0.5`` carry a parameter) and, for kaisa, the
+    same grad-worker fraction when both sides state it."""
+    name = str(row["strategy"]).partition(":")[0]
+    if name != run.strategy:
+        return False
+    if name == "kaisa":
+        a, b = row.get("grad_worker_fraction"), run.run.get("grad_worker_fraction")
+        if _finite(a) and _finite(b):
+            return math.isclose(float(a), float(b), rel_tol=1e-6)
+    return True
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _intervals_match(pred: PredictionData, run: RunData) -> bool:
+    if run.strategy == "sgd":  # an SGD step does not depend on K-FAC's intervals
+        return True
+    for key, nested in (("factor_interval", "intervals.factor"), ("inverse_interval", "intervals.inverse")):
+        if not _same(_int_or_none(meta_value(pred.meta, key, nested)), _int_or_none(run.run.get(key))):
+            return False
+    return True
+
+
 def match_prediction(run: RunData, predictions: Sequence[PredictionData]) -> Match | None:
-    """The first prediction (in the order given) with a row for the run's strategy and
-    GPU count (= world size), whose workload and batch per GPU agree with the run's when both
-    sides state them."""
+    """The prediction row for a measured run: same strategy and GPU count (= world size), and
+    workload, batch per GPU and K-FAC intervals that agree with the run's where both sides
+    state them.  Predictions without a what-if scaling come first, then the order given."""
     workload = run_workload(run)
-    batch = run.run.get("batch_per_rank")
-    for pred in predictions:
-        if not _same(prediction_workload(pred), workload):
+    batch = _int_or_none(run.run.get("batch_per_rank"))
+    ordered = sorted(predictions, key=is_what_if)  # stable: keeps the given order otherwise
+    for pred in ordered:
+        if not _same(prediction_workload(pred), workload) or not _intervals_match(pred, run):
             continue
         s = pred.summary
-        rows = s[(s["strategy"].astype(str) == run.strategy) & (s["gpus"].astype(int) == run.world_size)]
+        rows = s[s["gpus"].astype(int) == run.world_size]
         for _, row in rows.iterrows():
-            if "batch_per_gpu" in row.index and not _same(_int_or_none(row["batch_per_gpu"]), _int_or_none(batch)):
+            if not _strategy_matches(row, run):
+                continue
+            if "batch_per_gpu" in row.index and not _same(_int_or_none(row["batch_per_gpu"]), batch):
                 continue
             return Match(prediction=pred, row=row)
     return None
@@ -184,19 +228,41 @@ def _short(value: Any) -> str:
     return str(value)
 
 
+def _scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
 def variant_labels(group: Sequence[PredictionData]) -> list[str]:
-    """A label per prediction naming only the inputs in which it differs from the others."""
+    """A short label per prediction naming only the inputs in which it differs from the others
+    (e.g. ``bandwidth_scale=0.5`` or ``factor_interval=10, inverse_interval=100``).
+
+    Only scalar inputs count; a key whose values merely repeat another differing key's (the
+    same interval stored twice) is left out; keys are shortened to their last part when that
+    stays unambiguous.  Predictions that differ in nothing else are labelled by name.
+    """
     flats = [flatten(p.meta) for p in group]
-    keys = sorted(set().union(*flats)) if flats else []
-    differing = [
-        k for k in keys
-        if k.rsplit(".", 1)[-1] not in _VOLATILE_KEYS
-        and len({repr(f.get(k)) for f in flats}) > 1
-    ]
+    # top-level keys first, so a value stored twice is named by its shorter key
+    keys = sorted(set().union(*flats), key=lambda k: (k.count("."), k)) if flats else []
+    differing: list[str] = []
+    seen_columns: set[tuple[str, ...]] = set()
+    for k in keys:
+        if k.rsplit(".", 1)[-1] in _VOLATILE_KEYS:
+            continue
+        values = tuple(repr(f.get(k)) for f in flats)
+        if len(set(values)) < 2 or not all(_scalar(f.get(k)) for f in flats):
+            continue
+        if values in seen_columns:
+            continue
+        seen_columns.add(values)
+        differing.append(k)
+    short = {k: k.rsplit(".", 1)[-1] for k in differing}
+    if len(set(short.values())) < len(short):
+        short = {k: k for k in differing}
+    differing.sort(key=lambda k: short[k])
     labels = []
     for pred, flat in zip(group, flats):
-        parts = [f"{k}={_short(flat[k])}" for k in differing if k in flat]
+        parts = [f"{short[k]}={_short(flat[k])}" for k in differing if flat.get(k) is not None]
         labels.append(", ".join(parts) if parts else pred.name)
-    if len(set(labels)) < len(labels):  # differences only in volatile keys: fall back to names
+    if len(set(labels)) < len(labels):
         labels = [p.name for p in group]
     return labels

@@ -164,11 +164,17 @@ def write_prediction_dir(path: Path, meta: dict, summary: pd.DataFrame, stage_ti
 
 def prediction_meta(*, workload: str = "mlp", bandwidth_scale: float = 1.0, factor_interval: int = 1,
                     inverse_interval: int = 2) -> dict:
+    """Inputs as the simulator records them in prediction.json."""
     return {
         "workload": workload, "device": "cpu-2core", "cluster": "dgx-h100",
-        "strategies": list(STRATEGIES), "gpus": list(GPUS), "batch_per_gpu": 32,
+        "models": {"workload": workload, "device": "cpu-2core", "cluster": "dgx-h100"},
+        "overrides": {} if bandwidth_scale == 1.0 else {"bandwidth_scale": bandwidth_scale},
+        "kfacperf_version": "0.1.0", "created": f"2026-01-01T00:00:0{int(bandwidth_scale * 2) % 10}",
+        "strategies": [{"label": s, "name": s, "grad_worker_fraction": 1.0} for s in STRATEGIES],
+        "gpus": list(GPUS), "batch_per_gpu": 32, "factor_interval": factor_interval,
+        "inverse_interval": inverse_interval,
         "intervals": {"factor": factor_interval, "inverse": inverse_interval},
-        "what_if": {"bandwidth_scale": bandwidth_scale},
+        "step_kinds": [{"kind": "inverse", "step": 0, "weight": 1}],
     }
 
 

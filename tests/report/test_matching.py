@@ -53,21 +53,45 @@ def test_sgd_baseline_needs_same_setting():
 
 
 def test_groups_and_variant_labels():
-    base = _pred("base", [], workload="mlp", cluster="dgx", what_if={"bandwidth_scale": 1.0},
-                 intervals={"factor": 1, "inverse": 10}, created="t1")
-    half = _pred("half", [], workload="mlp", cluster="dgx", what_if={"bandwidth_scale": 0.5},
-                 intervals={"factor": 1, "inverse": 10}, created="t2")
-    stale = _pred("stale", [], workload="mlp", cluster="dgx", what_if={"bandwidth_scale": 1.0},
-                  intervals={"factor": 10, "inverse": 100}, created="t3")
+    common = {"workload": "mlp", "cluster": "dgx", "strategies": [{"label": "spngd"}]}
+    base = _pred("base", [], **common, overrides={}, factor_interval=1, inverse_interval=10,
+                 intervals={"factor": 1, "inverse": 10}, created="t1", step_kinds=[{"step": 0}])
+    half = _pred("half", [], **common, overrides={"bandwidth_scale": 0.5}, factor_interval=1,
+                 inverse_interval=10, intervals={"factor": 1, "inverse": 10}, created="t2", step_kinds=[{"step": 0}])
+    stale = _pred("stale", [], **common, overrides={}, factor_interval=10, inverse_interval=100,
+                  intervals={"factor": 10, "inverse": 100}, created="t3", step_kinds=[{"step": 0}, {"step": 10}])
     resnet = _pred("r", [], workload="resnet50")
     groups = matching.group_by_workload([base, resnet, half, stale])
     assert [[p.name for p in g] for g in groups] == [["base", "half", "stale"], ["r"]]
-    labels = matching.variant_labels(groups[0])
-    assert labels == [
-        "intervals.factor=1, intervals.inverse=10, what_if.bandwidth_scale=1",
-        "intervals.factor=1, intervals.inverse=10, what_if.bandwidth_scale=0.5",
-        "intervals.factor=10, intervals.inverse=100, what_if.bandwidth_scale=1",
+    # intervals are stored twice (factor_interval and intervals.factor): named once; lists,
+    # tables and creation times are not differences worth a label
+    assert matching.variant_labels(groups[0]) == [
+        "factor_interval=1, inverse_interval=10",
+        "bandwidth_scale=0.5, factor_interval=1, inverse_interval=10",
+        "factor_interval=10, inverse_interval=100",
     ]
     same = [_pred("a", [], workload="mlp", created="1"), _pred("b", [], workload="mlp", created="2")]
     assert matching.variant_labels(same) == ["a", "b"]
+    clash = [_pred("a", [], workload="mlp", x={"scale": 1}, y={"scale": 2}),
+             _pred("b", [], workload="mlp", x={"scale": 3}, y={"scale": 5})]
+    assert matching.variant_labels(clash) == ["x.scale=1, y.scale=2", "x.scale=3, y.scale=5"]
 
+
+def test_kaisa_fraction_intervals_and_what_if_preference():
+    rows = [dict(_row("kaisa:0.5", 2, 50.0), grad_worker_fraction=0.5),
+            dict(_row("kaisa", 2, 10.0), grad_worker_fraction=1.0)]
+    pred = _pred("p", rows, workload="mlp", factor_interval=1, inverse_interval=10)
+    run = _run("kaisa", 2)
+    run.run.update(grad_worker_fraction=0.5, factor_interval=1, inverse_interval=10)
+    assert matching.match_prediction(run, [pred]).step_us == 50.0
+    run.run["grad_worker_fraction"] = 1.0
+    assert matching.match_prediction(run, [pred]).step_us == 10.0
+    run.run["inverse_interval"] = 100  # the prediction simulated other intervals
+    assert matching.match_prediction(run, [pred]) is None
+    sgd_pred = _pred("s", [_row("sgd", 2, 7.0)], workload="mlp", factor_interval=1, inverse_interval=10)
+    assert matching.match_prediction(_run("sgd", 2), [sgd_pred]).step_us == 7.0  # SGD ignores intervals
+    slow = _pred("slow", [_row("spngd", 2, 99.0)], workload="mlp", overrides={"bandwidth_scale": 0.5})
+    plain = _pred("plain", [_row("spngd", 2, 20.0)], workload="mlp", overrides={"threads_per_rank": 1})
+    assert matching.is_what_if(slow) and not matching.is_what_if(plain)
+    assert matching.match_prediction(_run("spngd", 2), [slow, plain]).prediction.name == "plain"
+    assert matching.match_prediction(_run("spngd", 2), [slow]).prediction.name == "slow"
