@@ -1,0 +1,232 @@
+"""Step semantics of KFACPreconditioner: intervals, running averages, hooks, errors, timing."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Iterator
+
+import pytest
+import torch
+from torch import nn
+
+from kfacperf import stages
+from kfacperf.kfac import KFACPreconditioner, LocalStrategy, Strategy
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(20)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+
+
+def _train_step(model: nn.Module, precond: KFACPreconditioner, step: int) -> None:
+    gen = torch.Generator().manual_seed(step)
+    x = torch.randn(16, 4, generator=gen)
+    model.zero_grad()
+    model(x).pow(2).sum(dim=1).mean().backward()
+    precond.step()
+
+
+def test_factors_and_inverses_change_only_on_their_interval_steps() -> None:
+    model = _mlp()
+    decay = 0.8
+    precond = KFACPreconditioner(model, damping=1e-2, lr=0.1, factor_interval=2,
+                                 inverse_interval=4, factor_decay=decay)
+    state = precond.layers["0"]
+    prev_a = prev_qa = prev_batch = None
+    for step in range(9):
+        _train_step(model, precond, step)
+        a, qa, batch = state.a_factor.clone(), state.qa.clone(), state.a_batch
+        if step % 2 == 0:
+            assert batch is not prev_batch  # new statistics were computed this step
+            expected = batch if step == 0 else decay * prev_a + (1 - decay) * batch
+            torch.testing.assert_close(a, expected)
+        else:
+            assert batch is prev_batch  # hooks idle: no statistics on this step
+            torch.testing.assert_close(a, prev_a, rtol=0, atol=0)
+        if step % 4 == 0:
+            ref = torch.linalg.eigh(a.double())[1].abs()
+            torch.testing.assert_close(qa.double().abs(), ref, rtol=0, atol=1e-5)
+        else:
+            torch.testing.assert_close(qa, prev_qa, rtol=0, atol=0)
+        prev_a, prev_qa, prev_batch = a, qa, batch
+    assert precond.steps == 9
+
+
+def test_stale_inverse_is_used_between_inverse_steps() -> None:
+    """On a factor-only step the gradient is preconditioned with the previous inverse."""
+    model = _mlp()
+    precond = KFACPreconditioner(model, damping=1e-2, lr=0.1, inverse_interval=2, kl_clip=None)
+    _train_step(model, precond, 0)
+    state = precond.layers["2"]
+    qa, qg, da, dg = (t.clone() for t in (state.qa, state.qg, state.da, state.dg))
+    _train_step(model, precond, 1)
+    v = qg.t() @ state.grad @ qa / (torch.outer(dg, da) + 1e-2)
+    torch.testing.assert_close(state.precond_grad, qg @ v @ qa.t(), rtol=1e-5, atol=1e-7)
+    assert not torch.equal(state.a_factor, state.a_batch)  # factors did move
+
+
+def test_eval_mode_and_no_grad_forwards_do_not_touch_statistics() -> None:
+    model = _mlp()
+    precond = KFACPreconditioner(model, damping=1e-2, lr=0.1)
+    with torch.no_grad():
+        model(torch.randn(3, 4))
+    model.eval()
+    model(torch.randn(3, 4)).sum().backward()
+    assert all(layer.a_batch is None for layer in precond.layers.values())
+
+
+def test_other_parameters_and_skipped_modules_are_listed(caplog: pytest.LogCaptureFixture) -> None:
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, groups=2),
+        nn.Flatten(), nn.LayerNorm(16), nn.Linear(16, 2),
+    )
+    with caplog.at_level(logging.INFO, logger="kfacperf.kfac.preconditioner"):
+        precond = KFACPreconditioner(model, damping=1e-3, lr=0.1, skip_layers=["5"])
+    assert list(precond.layers) == ["0"]
+    assert precond.skipped_modules == ["2"]
+    assert precond.other_params == [
+        "1.weight", "1.bias", "2.weight", "2.bias", "4.weight", "4.bias", "5.weight", "5.bias",
+    ]
+    assert "1.weight" in caplog.text and "skips unsupported modules: 2" in caplog.text
+    assert precond.layers["0"].dim_a == 3 * 9 + 1 and precond.layers["0"].dim_g == 4
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(damping=0.0), "damping"),
+        (dict(damping=-1.0), "damping"),
+        (dict(damping=True), "damping"),
+        (dict(lr=0), "lr"),
+        (dict(factor_interval=0), "factor_interval"),
+        (dict(factor_interval=1.5), "factor_interval"),
+        (dict(inverse_interval=-2), "inverse_interval"),
+        (dict(factor_interval=3, inverse_interval=10), "multiple of factor_interval"),
+        (dict(inverse_method="svd"), "inverse_method 'svd'"),
+        (dict(factor_decay=1.0), "factor_decay"),
+        (dict(kl_clip=0.0), "kl_clip"),
+        (dict(strategy="kaisa"), "Strategy protocol"),
+    ],
+)
+def test_bad_arguments_raise_value_errors_naming_them(kwargs: dict, message: str) -> None:
+    args: dict[str, Any] = dict(damping=1e-3, lr=0.1)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        KFACPreconditioner(_mlp(), **args)
+
+
+def test_model_without_supported_layers_is_rejected() -> None:
+    with pytest.raises(ValueError, match="no supported layer"):
+        KFACPreconditioner(nn.Sequential(nn.BatchNorm1d(3), nn.ReLU()), damping=1e-3, lr=0.1)
+    frozen = nn.Linear(3, 3).requires_grad_(False)
+    with pytest.raises(ValueError, match="no supported layer"):
+        KFACPreconditioner(frozen, damping=1e-3, lr=0.1)
+
+
+def test_scheduled_hyperparameters_are_checked_when_used() -> None:
+    model = _mlp()
+    precond = KFACPreconditioner(model, damping=lambda k: 1e-2 if k == 0 else -1.0, lr=0.1)
+    _train_step(model, precond, 0)
+    with pytest.raises(ValueError, match="damping at step 1"):
+        _train_step(model, precond, 1)
+
+
+class RecordingTimer:
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str]] = []
+
+    @contextlib.contextmanager
+    def stage(self, stage: str, layer: str = "", *, nbytes: int = 0,
+              flops: float = 0.0) -> Iterator[None]:
+        assert flops > 0
+        self.rows.append((stage, layer))
+        yield
+
+    def async_comm(self, stage: str, layer: str, nbytes: int, work: Any) -> None:
+        raise AssertionError("no communication on one process")
+
+    def step_begin(self, step: int) -> None: ...
+
+    def step_end(self) -> None: ...
+
+
+def test_every_stage_is_timed_per_layer_on_the_steps_it_runs() -> None:
+    model = _mlp()
+    timer = RecordingTimer()
+    precond = KFACPreconditioner(model, damping=1e-2, lr=0.1, factor_interval=2,
+                                 inverse_interval=4, timer=timer)
+    per_step = []
+    for step in range(4):
+        timer.rows.clear()
+        _train_step(model, precond, step)
+        per_step.append(list(timer.rows))
+    hooks = [(stages.FACTOR_COMPUTE, "2"), (stages.FACTOR_COMPUTE, "0")]  # backward order
+    average = [(stages.FACTOR_COMPUTE, "0"), (stages.FACTOR_COMPUTE, "2")]
+    inverses = [(stages.INVERSE, "0"), (stages.INVERSE, "2")]
+    precondition = [(stages.PRECONDITION, "0"), (stages.PRECONDITION, "2")]
+    assert per_step[0] == hooks + average + inverses + precondition
+    assert per_step[1] == precondition
+    assert per_step[2] == hooks + average + precondition
+    assert per_step[3] == precondition
+
+
+class RecordingStrategy(LocalStrategy):
+    """Local placement, but logs the protocol calls (and owns half of the layers)."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def setup(self, model: nn.Module, layers: Any, *, timer: Any) -> None:
+        super().setup(model, layers, timer=timer)
+        self.calls.append(f"setup:{','.join(layers)}")
+
+    def on_factor_batch(self, layer: Any) -> None:
+        assert layer.a_batch is not None and layer.g_batch is not None
+        self.calls.append(f"batch:{layer.name}")
+
+    def finish_factors(self) -> None:
+        assert all(layer.grad is not None for layer in self.layers.values())
+        self.calls.append("finish_factors")
+
+    def needs_factors(self, name: str) -> bool:
+        return name == "0"
+
+    def inverts(self, name: str) -> bool:
+        return name == "0"
+
+    def share_inverses(self) -> None:
+        self.calls.append("share_inverses")
+
+    def reduce_gradients(self) -> None:
+        self.calls.append("reduce_gradients")
+
+    def preconditions(self, name: str) -> bool:
+        return name == "0"
+
+    def share_preconditioned(self) -> None:
+        # stands in for the owner of layer "2": pass its gradient through
+        layer = self.layers["2"]
+        layer.precond_grad, layer.kl_term = layer.grad, (layer.grad * layer.grad).sum()
+        self.calls.append("share_preconditioned")
+
+
+def test_strategy_protocol_call_order_and_placement() -> None:
+    model = _mlp()
+    strategy = RecordingStrategy()
+    assert isinstance(strategy, Strategy)
+    precond = KFACPreconditioner(model, damping=1e-2, lr=0.1, factor_interval=2,
+                                 inverse_interval=2, strategy=strategy, kl_clip=None)
+    for step in range(2):
+        _train_step(model, precond, step)
+    assert strategy.calls == [
+        "setup:0,2", "batch:2", "batch:0", "finish_factors", "share_inverses",
+        "reduce_gradients", "share_preconditioned", "reduce_gradients", "share_preconditioned",
+    ]
+    assert precond.layers["0"].a_factor is not None and precond.layers["0"].qa is not None
+    assert precond.layers["2"].a_factor is None and precond.layers["2"].qa is None
+    raw = precond.layers["2"].grad  # written back unchanged by the stand-in owner
+    torch.testing.assert_close(model[2].weight.grad, raw[:, :-1])
+    assert not torch.allclose(model[0].weight.grad, precond.layers["0"].grad[:, :-1])
