@@ -77,17 +77,13 @@ class SPNGDStrategy(DistributedStrategy):
         owner = self.assignment.inverse_worker
         ref = layers[0].a_batch
         assert ref is not None
-        blocks = []
-        for r in range(self.world_size):
-            parts = [
-                comm.encode_factor(t, self.comm)
-                for l in layers if owner[l.name] == r
-                for t in (l.a_batch, l.g_batch)
-            ]
-            blocks.append(
-                torch.cat(parts) if parts
-                else torch.empty(0, dtype=self.comm.torch_dtype, device=ref.device)
+        parts: dict[int, list[Tensor]] = {}
+        for l in layers:
+            parts.setdefault(owner[l.name], []).extend(
+                comm.encode_factor(t, self.comm) for t in (l.a_batch, l.g_batch)
             )
+        blocks = _blocks(parts, self.world_size,
+                         torch.empty(0, dtype=self.comm.torch_dtype, device=ref.device))
         pending = comm.reduce_scatter_v(
             blocks, stage=stages.FACTOR_COMM, layer=comm.bucket_label([l.name for l in layers]),
             timer=self.timer, group=self.group,
@@ -126,10 +122,10 @@ class SPNGDStrategy(DistributedStrategy):
         assert self.assignment is not None
         owner = self.assignment.inverse_worker
         layers = list(self.layers.values())
-        blocks = []
-        for r in range(self.world_size):
-            parts = [grad_matrix(l).reshape(-1) for l in layers if owner[l.name] == r]
-            blocks.append(torch.cat(parts) if parts else self._empty_grad())
+        parts: dict[int, list[Tensor]] = {}
+        for l in layers:
+            parts.setdefault(owner[l.name], []).append(grad_matrix(l).reshape(-1))
+        blocks = _blocks(parts, self.world_size, self._empty_grad())
         grads = comm.reduce_scatter_v(
             blocks, stage=stages.GRAD_COMM, timer=self.timer, group=self.group
         )
@@ -229,6 +225,11 @@ class SPNGDStrategy(DistributedStrategy):
                 n = layer.preconditioned_numel
                 layer.unpack_preconditioned(gathered[r][offset:offset + n])
                 offset += n
+
+
+def _blocks(parts: dict[int, list[Tensor]], world: int, empty: Tensor) -> list[Tensor]:
+    """One flat block per rank (ranks without parts share one empty tensor: O(P) cheap)."""
+    return [torch.cat(parts[r]) if r in parts else empty for r in range(world)]
 
 
 class _GradBuckets:
