@@ -23,6 +23,7 @@ With ``gw = grad_worker_fraction * P`` gradient workers per layer (see
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -77,7 +78,7 @@ class KAISAStrategy(DistributedStrategy):
         return kaisa_assignment(shapes, world_size, self.grad_worker_fraction)
 
     def setup(
-        self, model: nn.Module, layers: dict[str, KFACLayer], *, timer: Timer  # type: ignore[override]
+        self, model: nn.Module, layers: Mapping[str, KFACLayer], *, timer: Timer
     ) -> None:
         if dist.is_available() and dist.is_initialized():
             # Fail before any collective, identically on every rank.
@@ -133,7 +134,8 @@ class KAISAStrategy(DistributedStrategy):
             setattr(layer, attr, comm.decode_factor(flat, n, self.comm, getattr(layer, attr).dtype))
 
     # ---------------------------------------------------------------- inverses
-    def _packable(self, layer: KFACLayer, attr: str) -> bool:
+    def _packable(self, attr: str) -> bool:
+        """Symmetric inverse state (Cholesky method) travels as triangles when asked."""
         return self.comm.symmetric and attr in ("a_inv", "g_inv")
 
     def share_inverses(self) -> None:
@@ -167,14 +169,14 @@ class KAISAStrategy(DistributedStrategy):
         total = 0
         for attr, shape in zip(layer.inverse_names(), layer.inverse_shapes()):
             n = shape[0]
-            total += n * (n + 1) // 2 if self._packable(layer, attr) else _numel(shape)
+            total += n * (n + 1) // 2 if self._packable(attr) else _numel(shape)
         return total
 
     def _encode_inverse(self, layer: KFACLayer) -> Tensor:
         parts = []
         for attr in layer.inverse_names():
             t = getattr(layer, attr)
-            if self._packable(layer, attr):
+            if self._packable(attr):
                 packed = comm.pack_symmetric(t)
                 # Keep the sender's copy identical to what the receivers rebuild.
                 setattr(layer, attr, comm.unpack_symmetric(packed, t.shape[0]))
@@ -185,7 +187,7 @@ class KAISAStrategy(DistributedStrategy):
 
     def _decode_inverse(self, layer: KFACLayer, buf: Tensor, offset: int) -> int:
         for attr, shape in zip(layer.inverse_names(), layer.inverse_shapes()):
-            if self._packable(layer, attr):
+            if self._packable(attr):
                 n = shape[0]
                 size = n * (n + 1) // 2
                 setattr(layer, attr, comm.unpack_symmetric(buf[offset:offset + size], n))
