@@ -72,10 +72,13 @@ def grad_workers(world_size: int, fraction: float) -> int:
         raise ValueError(f"kaisa grad_worker_fraction must be in (0, 1], got {fraction!r}")
     gw = round(fraction * world_size)
     if gw < 1 or abs(gw - fraction * world_size) > 1e-6 or world_size % gw:
+        valid = [f"{d}/{world_size}" if d < world_size else "1"
+                 for d in range(1, world_size + 1) if world_size % d == 0]
+        shown = ", ".join(valid[:4] + (["...", valid[-1]] if len(valid) > 5 else valid[4:]))
         raise ValueError(
             f"kaisa grad_worker_fraction={fraction:g} gives {fraction * world_size:g} gradient "
             f"workers per layer at {world_size} GPUs; f * GPUs must be an integer dividing "
-            f"{world_size} (e.g. f = 1, 1/2, 1/{world_size})"
+            f"{world_size} (valid there: f = {shown}; kaisa:mem-opt means 1/P at every P)"
         )
     return gw
 
