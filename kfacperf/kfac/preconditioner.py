@@ -54,9 +54,7 @@ class KFACPreconditioner:
         inverse_method: ``"eigen"`` (exact ``(G⊗A+λI)⁻¹``) or ``"cholesky"`` (π-damped).
         factor_decay: running-average weight d in ``F ← d·F + (1-d)·F_batch``, in [0, 1).
         kl_clip: bound on the predicted KL change of the update; ``None`` disables.
-        strategy: placement and communication (default :class:`LocalStrategy`), or a
-            strategy name for :func:`kfacperf.kfac.strategies.make_strategy` with default
-            options (``"local"``, ``"spngd"``, ``"kaisa"``).
+        strategy: placement and communication (default :class:`LocalStrategy`).
         timer: stage timer (default: records nothing).
         inverse_dtype: dtype of the decompositions (stored results use the factor dtype).
         skip_layers: module names (exact, or a ``name.`` prefix) not to register.
@@ -73,7 +71,7 @@ class KFACPreconditioner:
         inverse_method: str = "eigen",
         factor_decay: float = 0.95,
         kl_clip: float | None = 1e-3,
-        strategy: Strategy | str | None = None,
+        strategy: Strategy | None = None,
         timer: Timer = NULL_TIMER,
         inverse_dtype: torch.dtype = torch.float64,
         skip_layers: tuple[str, ...] | list[str] = (),
@@ -99,10 +97,6 @@ class KFACPreconditioner:
             raise ValueError(f"kl_clip must be > 0 or None, got {kl_clip!r}")
         if inverse_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"inverse_dtype must be float32 or float64, got {inverse_dtype}")
-        if isinstance(strategy, str):
-            from kfacperf.kfac.strategies import make_strategy
-
-            strategy = make_strategy(strategy)
         strategy = LocalStrategy() if strategy is None else strategy
         if not isinstance(strategy, Strategy):
             raise ValueError(f"strategy {strategy!r} does not implement the Strategy protocol")

@@ -156,12 +156,3 @@ def test_killed_rank_fails_the_others_within_the_timeout(strategy: str) -> None:
         assert res.ok, res.error
         assert res.value["elapsed"] <= TIMEOUT_S + 3.0
         assert "peer rank" in res.value["message"], res.value["message"]
-
-
-def test_preconditioner_takes_a_strategy_name() -> None:
-    from kfacperf.kfac.preconditioner import KFACPreconditioner
-
-    pc = KFACPreconditioner(mlp(0), damping=1e-3, lr=0.1, strategy="kaisa")
-    assert pc.strategy.name == "kaisa"
-    with pytest.raises(ValueError, match="unknown strategy 'nope'"):
-        KFACPreconditioner(mlp(0), damping=1e-3, lr=0.1, strategy="nope")
