@@ -96,6 +96,17 @@ def comparison_figure(comparison: pd.DataFrame, title: str) -> go.Figure:
     return style_figure(fig, title)
 
 
+def _wide_range(values: Iterable[float], ratio: float = 20.0) -> bool:
+    """Whether positive values span more than ``ratio`` (then a log axis shows them all)."""
+    v = np.asarray([x for x in values if np.isfinite(x) and x > 0], dtype=float)
+    return bool(len(v)) and v.max() / v.min() > ratio
+
+
+def _log_y_if_wide(fig: go.Figure, values: Iterable[float], **where: int) -> None:
+    if _wide_range(values):
+        fig.update_yaxes(type="log", **where)
+
+
 def _log_x(fig: go.Figure, gpus: Sequence[int], **where: int) -> None:
     ticks = sorted({int(g) for g in gpus})
     fig.update_xaxes(type="log", title_text="GPUs", tickvals=ticks, ticktext=[str(t) for t in ticks], **where)
@@ -119,6 +130,8 @@ def scaling_figure(summary: pd.DataFrame, title: str) -> go.Figure:
                           row=1, col=3)
     for col in (1, 2, 3):
         _log_x(fig, summary["gpus"], row=1, col=col)
+    _log_y_if_wide(fig, summary["step_us"].to_numpy(float), row=1, col=1)
+    _log_y_if_wide(fig, summary["kfac_overhead"].to_numpy(float), row=1, col=3)
     return style_figure(fig, title, height=400)
 
 
@@ -160,6 +173,8 @@ def whatif_figure(variants: Sequence[tuple[str, pd.DataFrame]], title: str) -> g
                 fig.add_trace(go.Scatter(name=name, x=gpus, y=overhead, showlegend=False, **common), row=1, col=2)
     for col in (1, 2):
         _log_x(fig, all_gpus, row=1, col=col)
+    _log_y_if_wide(fig, np.concatenate([s["step_us"].to_numpy(float) for _, s in variants]), row=1, col=1)
+    _log_y_if_wide(fig, np.concatenate([s["kfac_overhead"].to_numpy(float) for _, s in variants]), row=1, col=2)
     return style_figure(fig, title, height=440)
 
 

@@ -4,8 +4,8 @@ This is the only module of :mod:`kfacperf.report` that knows how traces and pred
 stored; everything else works on :class:`RunData` and :class:`PredictionData`.  Loading is
 delegated to :func:`kfacperf.traces.load_trace` and
 :func:`kfacperf.sim.prediction.load_prediction`; this module adds the checks the report
-relies on (columns present, display names) so bad input fails here with a message naming
-the file, not later inside a figure.
+relies on (run.json keys, display names, summaries) so bad input fails here with a message
+naming the file, not later inside a figure.
 """
 from __future__ import annotations
 
@@ -16,17 +16,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import pandas as pd
 
-from kfacperf.traces import EVENT_COLUMNS
-
 if TYPE_CHECKING:  # pragma: no cover
     from kfacperf.trace_summary import TraceSummary
 
-SUMMARY_COLUMNS: tuple[str, ...] = (
-    "strategy", "gpus", "step_us", "compute_us", "comm_us", "exposed_comm_us",
-    "kfac_overhead", "scaling_efficiency",
-)
-STAGE_TIME_COLUMNS: tuple[str, ...] = ("strategy", "gpus", "stage", "layer", "time_us")
-PREDICTION_EVENT_COLUMNS: tuple[str, ...] = EVENT_COLUMNS + ("strategy", "gpus")
 RUN_KEYS: tuple[str, ...] = ("strategy", "world_size")
 
 
@@ -65,12 +57,7 @@ class PredictionData:
     summary: pd.DataFrame
     stage_times: pd.DataFrame
     events: pd.DataFrame
-
-
-def _require_columns(df: pd.DataFrame, columns: Sequence[str], where: Path) -> None:
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise ValueError(f"{where}: missing column(s) {', '.join(missing)}")
+    classes: pd.DataFrame | None = None  # strategy, gpus, step, rank, ranks (class sizes)
 
 
 def _display_names(paths: Sequence[Path]) -> list[str]:
@@ -117,15 +104,13 @@ def load_runs(paths: Sequence[str | Path]) -> list[RunData]:
 
 def load_predictions(paths: Sequence[str | Path]) -> list[PredictionData]:
     """Load simulator predictions in the order given (the first of a workload is its baseline)."""
-    load_prediction = _prediction_loader()
+    from kfacperf.sim.prediction import load_prediction
+
     resolved = [Path(p) for p in paths]
     out: list[PredictionData] = []
     for path, name in zip(resolved, _display_names(resolved)):
         _check_dir(path, "prediction")
-        pred = load_prediction(path)
-        _require_columns(pred.summary, SUMMARY_COLUMNS, path / "summary.parquet")
-        _require_columns(pred.stage_times, STAGE_TIME_COLUMNS, path / "stage_times.parquet")
-        _require_columns(pred.events, PREDICTION_EVENT_COLUMNS, path / "events.parquet")
+        pred = load_prediction(path)  # checks files and columns, naming the file
         out.append(
             PredictionData(
                 name=name,
@@ -134,6 +119,7 @@ def load_predictions(paths: Sequence[str | Path]) -> list[PredictionData]:
                 summary=pred.summary,
                 stage_times=pred.stage_times,
                 events=pred.events,
+                classes=pred.classes,
             )
         )
     return out
@@ -152,53 +138,6 @@ def meta_value(meta: dict[str, Any], *keys: str) -> Any:
         if node is not None and not (isinstance(node, float) and math.isnan(node)):
             return node
     return None
-
-
-# --- interim reader --------------------------------------------------------------------------
-# Used only while kfacperf.sim.prediction is not importable.
-
-
-@dataclass(frozen=True, kw_only=True)
-class _Loaded:
-    meta: dict[str, Any] | None = None
-    events: pd.DataFrame | None = None
-    summary: pd.DataFrame | None = None
-    stage_times: pd.DataFrame | None = None
-
-
-def _need(path: Path) -> Path:
-    if not path.is_file():
-        raise FileNotFoundError(f"missing file: {path}")
-    return path
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    import json
-
-    try:
-        data = json.loads(_need(path).read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return data
-
-
-def _interim_load_prediction(path: Path) -> _Loaded:
-    return _Loaded(
-        meta=_read_json(path / "prediction.json"),
-        summary=pd.read_parquet(_need(path / "summary.parquet")),
-        stage_times=pd.read_parquet(_need(path / "stage_times.parquet")),
-        events=pd.read_parquet(_need(path / "events.parquet")),
-    )
-
-
-def _prediction_loader():  # type: ignore[no-untyped-def]
-    try:
-        from kfacperf.sim.prediction import load_prediction
-    except ImportError:
-        return lambda p: _interim_load_prediction(Path(p))
-    return load_prediction
 
 
 def load_validation(path: str | Path) -> pd.DataFrame:

@@ -203,10 +203,21 @@ def timeline_section(runs: Sequence[RunData], groups: Sequence[Sequence[Predicti
             sub = at_scale[at_scale["strategy"].astype(str) == strategy]
             chosen = metrics.pick_step(sub)
             label = f"simulated: {pred.name}, {strategy} at {scale} GPUs, step {chosen}"
-            sec.add_figure(timeline.timeline_figure(sub, chosen, label))
+            sec.add_figure(timeline.timeline_figure(sub, chosen, label,
+                                                    rank_labels=_class_labels(pred, strategy, scale, chosen)))
     if not sec.blocks:
         sec.note = "No events to draw."
     return sec
+
+
+def _class_labels(pred: PredictionData, strategy: str, gpus: int, step: int) -> dict[int, str]:
+    """"rank R (×N)" for each simulated representative rank standing for N ranks."""
+    c = pred.classes
+    if c is None or c.empty:
+        return {}
+    sel = c[(c["strategy"].astype(str) == strategy) & (c["gpus"].astype(int) == gpus)
+            & (c["step"].astype(int) == step)]
+    return {int(r): f"rank {int(r)} (×{int(n)})" for r, n in zip(sel["rank"], sel["ranks"])}
 
 
 def telemetry_section(runs: Sequence[RunData]) -> Section:

@@ -36,16 +36,22 @@ def step_events(events: pd.DataFrame, step: int) -> pd.DataFrame:
     return ev
 
 
-def timeline_figure(events: pd.DataFrame, step: int, title: str) -> go.Figure:
-    """One bar per stage occurrence of ``step``; one lane per (rank, compute|comm)."""
+def timeline_figure(events: pd.DataFrame, step: int, title: str, *,
+                    rank_labels: dict[int, str] | None = None) -> go.Figure:
+    """One bar per stage occurrence of ``step``; one lane per (rank, compute|comm).
+
+    ``rank_labels`` names ranks (e.g. a simulated representative rank and how many ranks it
+    stands for); plain "rank N" otherwise.
+    """
     ev = step_events(events, step)
     ranks = sorted(int(r) for r in ev["rank"].unique())
     shown = ranks[:MAX_RANKS]
     if len(ranks) > len(shown):
         title = f"{title} (first {len(shown)} of {len(ranks)} ranks)"
     ev = ev[ev["rank"].isin(shown)]
-    lanes = [f"rank {r} · {lane}" for r in shown for lane in stages.LANES]
-    ev["lane_label"] = [f"rank {r} · {lane}" for r, lane in zip(ev["rank"], ev["lane"])]
+    names = {r: plot_text((rank_labels or {}).get(r, f"rank {r}")) for r in shown}
+    lanes = [f"{names[r]} · {lane}" for r in shown for lane in stages.LANES]
+    ev["lane_label"] = [f"{names[int(r)]} · {lane}" for r, lane in zip(ev["rank"], ev["lane"])]
     fig = go.Figure()
     for stage in metrics.ordered_stages(list(ev["stage"].unique())):
         rows = ev[ev["stage"] == stage]

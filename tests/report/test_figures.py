@@ -174,3 +174,20 @@ def test_plot_text_escapes(text):
     import html
 
     assert html.unescape(out) == text
+
+
+def test_log_y_only_when_values_span_a_wide_range(synth):
+    summary = synth.make_summary()
+    d = figures.scaling_figure(summary, "s").to_dict()
+    assert d["layout"]["yaxis"].get("type") != "log"  # 31..~90 ms
+    summary.loc[summary["strategy"] == "spngd", "step_us"] *= np.linspace(1, 100, len(synth.GPUS))
+    d = figures.scaling_figure(summary, "s").to_dict()
+    assert d["layout"]["yaxis"]["type"] == "log"
+    assert d["layout"]["yaxis3"].get("type") != "log"
+
+
+def test_simulated_timeline_names_representative_ranks(synth):
+    ev = synth.make_events(strategy="spngd", world_size=2, steps=1)
+    d = timeline.timeline_figure(ev, 0, "sim", rank_labels={0: "rank 0 (×1)", 1: "rank 1 (×63)"}).to_dict()
+    assert d["layout"]["yaxis"]["categoryarray"] == [
+        "rank 0 (×1) · compute", "rank 0 (×1) · comm", "rank 1 (×63) · compute", "rank 1 (×63) · comm"]
