@@ -86,22 +86,23 @@ def simulate_with_costs(
     comm = comm or CommSettings()
     if isinstance(batch_per_gpu, bool) or not isinstance(batch_per_gpu, int) or batch_per_gpu < 1:
         raise ValueError(f"batch per GPU must be a positive integer, got {batch_per_gpu!r}")
-    cost_cache: dict[int, tuple[LayerCosts, Callable]] = {}
+    cost_cache: dict[Any, tuple[LayerCosts, Callable]] = {}
+    keep: list[Any] = []  # keep per-P models alive so their ids stay unique
 
     def costs_for(p: int) -> tuple[LayerCosts, Callable]:
         model = cost.for_gpus(p) if hasattr(cost, "for_gpus") else cost
-        hit = cost_cache.get(id(model))
+        # models with equal options are interchangeable: reuse the first (and its caches)
+        key = getattr(model, "options", None) or id(model)
+        hit = cost_cache.get(key)
         if hit is None:
             lc = layer_costs(model, workload, batch=batch_per_gpu)
 
             def coll(op: str, nbytes: Any, size: int, nodes: int, _m: Any = model) -> float:
                 return float(_m.collective_us(op, nbytes, group_size=size, nodes=nodes))
 
-            hit = cost_cache[id(model)] = (lc, coll)
+            hit = cost_cache[key] = (lc, coll)
             keep.append(model)
         return hit
-
-    keep: list[Any] = []  # keep per-P models alive so their ids stay unique
 
     def run_point(spec: StrategySpec, p: int) -> _Point:
         lc, coll = costs_for(p)
