@@ -58,6 +58,9 @@ def suite_p2(rank: int, world: int) -> dict[str, Any]:
                trainer, mlp(0, width=5 + rank))
     checks.run("kaisa_different_shapes", expect_error, RuntimeError, "",
                trainer, mlp(0, width=5 + rank), replace(CFG, strategy="kaisa"))
+    checks.run("different_strategy_settings", expect_error, ModelMismatchError,
+               "different strategy settings", trainer, mlp(0),
+               replace(CFG, symmetric=bool(rank)))
     checks.run("local_on_several_ranks", expect_error, ValueError, "runs on one process",
                trainer, mlp(0), replace(CFG, strategy="local"))
     checks.run("same_model_trains", lambda: trainer(mlp(0)).train_step(*batch(rank)))
@@ -131,6 +134,7 @@ def test_single_process_runs_every_strategy() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("check", ["fraction_not_dividing_world", "different_values",
                                    "different_shapes", "kaisa_different_shapes",
+                                   "different_strategy_settings",
                                    "local_on_several_ranks", "same_model_trains",
                                    "stalled_peer"])
 def test_faults_on_two_ranks(check: str) -> None:

@@ -40,17 +40,26 @@ def model_fingerprint(model: nn.Module, layers: Mapping[str, KFACLayer]) -> tupl
 
 
 def check_same_model(
-    model: nn.Module, layers: Mapping[str, KFACLayer], *, group: Any = None
+    model: nn.Module, layers: Mapping[str, KFACLayer], *, group: Any = None,
+    settings: str = "",
 ) -> None:
-    """Raise :class:`ModelMismatchError` on every rank unless all ranks hold the same model.
+    """Raise :class:`ModelMismatchError` on every rank unless all ranks hold the same model
+    (and the same strategy ``settings``).
 
     One small ``all_gather_object``, so a mismatch is an error at construction rather than a
     hang (collectives of different sizes) or silently different training later.
     """
     world = dist.get_world_size(group)
-    mine = model_fingerprint(model, layers)
+    mine = (*model_fingerprint(model, layers), settings)
     everyone: list[Any] = [None] * world
     dist.all_gather_object(everyone, mine, group=group)
+    differ = [r for r, fp in enumerate(everyone) if fp[2] != everyone[0][2]]
+    if differ:
+        raise ModelMismatchError(
+            f"rank(s) {differ} use different strategy settings than rank 0 "
+            f"({everyone[differ[0]][2]} vs {everyone[0][2]}); every rank must run the same "
+            "strategy"
+        )
     structure = [r for r, fp in enumerate(everyone) if fp[0] != everyone[0][0]]
     if structure:
         raise ModelMismatchError(
@@ -118,11 +127,15 @@ class DistributedStrategy(LocalStrategy):
             # A group of our own, so K-FAC collectives never interleave with DDP's.
             self.group = dist.new_group(list(range(self.world_size)))
             if self.check_model:
-                check_same_model(model, layers, group=self.group)
+                check_same_model(model, layers, group=self.group, settings=self.settings())
         self.assignment = self.make_assignment(layer_shapes(layers), self.world_size)
 
     def make_assignment(self, shapes: list[LayerShape], world_size: int) -> Assignment:
         raise NotImplementedError
+
+    def settings(self) -> str:
+        """What must agree across ranks besides the model (compared at set-up)."""
+        return f"{self.name} {self.comm}"
 
     # Fixed after setup (see the Strategy protocol).
     def inverts(self, name: str) -> bool:

@@ -77,6 +77,9 @@ class KAISAStrategy(DistributedStrategy):
     def make_assignment(self, shapes: list[LayerShape], world_size: int) -> Assignment:
         return kaisa_assignment(shapes, world_size, self.grad_worker_fraction)
 
+    def settings(self) -> str:
+        return f"{super().settings()} f={self.grad_worker_fraction}"
+
     def setup(
         self, model: nn.Module, layers: Mapping[str, KFACLayer], *, timer: Timer
     ) -> None:

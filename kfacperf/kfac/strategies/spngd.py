@@ -58,6 +58,9 @@ class SPNGDStrategy(DistributedStrategy):
     def make_assignment(self, shapes: list[LayerShape], world_size: int) -> Assignment:
         return spngd_assignment(shapes, world_size)
 
+    def settings(self) -> str:
+        return f"{super().settings()} fused={self.fused}"
+
     # ---------------------------------------------------------------- factors
     def on_factor_batch(self, layer: KFACLayer) -> None:
         if not self.distributed or self.fused:
