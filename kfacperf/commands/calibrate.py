@@ -1,14 +1,174 @@
-"""Fit device (and workload) models from traces."""
+"""Fit a device model from measured traces, or generate a workload model from a torch workload.
+
+  kfacperf calibrate traces/A traces/B --device-name local-cpu --out models/devices/local-cpu.toml
+  kfacperf calibrate --workload resnet50 --out models/workloads/resnet50.toml
+
+Trace mode fits, per stage kind, an efficiency against the roofline of the stage's analytic
+FLOPs and bytes plus a fixed per-call overhead (see kfacperf.sim.calibration), prints the fit
+and its error, and writes the device TOML (with the traces' median per-layer times as
+[[measured]] entries unless --no-measured).  Peaks come from --base (a device preset or TOML);
+by default from the datasheet preset of the traced GPU, or nominal per-thread CPU peaks.
+"""
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, default=5, help="training steps per run")
+    parser.add_argument("traces", nargs="*", metavar="TRACE", help="trace directories to fit")
+    parser.add_argument("--device-name", default=None,
+                        help="name of the fitted device model (default: from --out, else 'calibrated')")
+    parser.add_argument("--base", default=None,
+                        help="device preset or TOML whose peak rates the efficiencies refer to")
+    parser.add_argument("--workload-model", action="append", default=[], metavar="TOML",
+                        help="workload model(s) to use for the traces (default: models/workloads)")
+    parser.add_argument("--no-measured", action="store_true",
+                        help="do not store the traces' per-layer times in the device model")
+    parser.add_argument("--workload", default=None,
+                        help="generate the workload model of this torch workload instead")
+    parser.add_argument("--workload-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="an option of --workload (VALUE read as JSON, else as a string)")
+    parser.add_argument("--out", default=None, help="where to write the TOML")
+    parser.add_argument("--json", action="store_true", help="print the fit as JSON")
+
+
+def _parse_options(items: list[str]) -> dict[str, Any]:
+    import json
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--workload-option {item!r}: expected KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _extra_flop_formulas() -> dict[Any, Any]:
+    """FLOP formulas torch's counter lacks: the CPU flash-attention kernel (QK^T and AV)."""
+    import torch
+    from torch.utils import flop_counter
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    count = getattr(flop_counter, "sdpa_flop_count", None)
+    if op is None or count is None:
+        return {}
+
+    def sdpa(q: Any, k: Any, v: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        return int(count(q, k, v))
+
+    return {op: sdpa}
+
+
+def build_workload_model(name: str, options: dict[str, Any]) -> Any:
+    """Describe torch workload ``name`` and count its non-K-FAC forward FLOPs (imports torch)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from kfacperf.sim.workload_model import workload_model_from_description
+    from kfacperf.workloads import get_workload, workload_options
+    from kfacperf.workloads.describe import describe_workload
+
+    desc = describe_workload(name, **options)
+    workload = get_workload(name, **options)
+    model = workload.build_model(seed=0).eval()
+    example, _ = workload.make_batch(1)
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas()
+                                          ) as counter:
+        model(example)
+    kfac = sum(float(l["fwd_flops_per_example"]) for l in desc["layers"])
+    other = max(0.0, float(counter.get_total_flops()) - kfac)
+    defaults = workload_options(name)
+
+    def norm(v: Any) -> Any:
+        return list(v) if isinstance(v, tuple) else v
+
+    changed = {k: norm(v) for k, v in options.items() if norm(defaults.get(k)) != norm(v)}
+    model_name = name + ("[" + ",".join(f"{k}={v}" for k, v in sorted(changed.items())) + "]"
+                         if changed else "")
+    opts = " ".join(f"--workload-option {k}={v}" for k, v in sorted(changed.items()))
+    src = (f"kfacperf calibrate --workload {name} {opts}".rstrip()
+           + f" (torch {torch.__version__}); FLOPs outside K-FAC layers counted by "
+           "torch.utils.flop_counter")
+    return workload_model_from_description(
+        {**desc, "description": desc.get("description") or workload.description},
+        name=model_name, source=src, other_fwd_flops_per_example=other,
+        input_dtype=str(workload.input_dtype), custom_options=tuple(sorted(changed)),
+    )
+
+
+def _run_workload(args: argparse.Namespace) -> int:
+    from kfacperf.sim.workload_model import save_workload_model
+
+    model = build_workload_model(args.workload, _parse_options(args.workload_option))
+    if args.out:
+        save_workload_model(model, args.out)
+    print(f"workload {model.name}: {len(model.layers)} K-FAC layers, {model.kfac_params:,} K-FAC "
+          f"parameters + {model.other_params:,} others, {model.fwd_flops_per_example / 1e6:,.1f} "
+          f"MFLOP forward per example ({model.other_fwd_flops_per_example / 1e6:,.2f} outside "
+          "K-FAC layers)" + (f"; wrote {args.out}" if args.out else ""))
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
     from kfacperf.cli import UserError
 
-    raise UserError("`calibrate` is not built yet")
+    if args.workload:
+        if args.traces:
+            raise UserError("give either TRACE directories or --workload, not both")
+        return _run_workload(args)
+    if not args.traces:
+        raise UserError("give TRACE directories to fit a device model, or --workload NAME")
+
+    from kfacperf.sim.calibration import fit_device_model
+    from kfacperf.sim.device_model import save_device_model
+    from kfacperf.sim.models import load_device, workload_for_run
+    from kfacperf.traces import load_trace
+
+    traces = [load_trace(p) for p in args.traces]
+    for tr in traces:
+        if not tr.completed:
+            print(f"calibrate: warning: {tr.path} did not complete; using its finished steps")
+
+    cache: dict[str, Any] = {}
+
+    def workload_of(run: dict[str, Any]) -> Any:
+        options = run.get("workload_options") or {}
+        key = json.dumps([run.get("workload"), options], sort_keys=True, default=str)
+        if key not in cache:
+            cache[key] = workload_for_run(str(run.get("workload")), options,
+                                          search=args.workload_model)
+        return cache[key]
+
+    name = args.device_name or (Path(args.out).stem if args.out else "calibrated")
+    base = load_device(args.base) if args.base else None
+    cal = fit_device_model(traces, workloads=workload_of, base=base, name=name,
+                           include_measured=not args.no_measured)
+    if args.out:
+        save_device_model(cal.device, args.out)
+    if args.json:
+        print(json.dumps({
+            "device": cal.device.name, "traces": list(cal.traces_used), "notes": list(cal.notes),
+            "fits": {k: f.__dict__ for k, f in cal.fits.items()}, "out": args.out,
+        }, indent=1))
+        return 0
+    d = cal.device
+    print(f"device {d.name}: peaks fp32 {d.fp32_tflops:g} TFLOP/s, memory "
+          f"{d.mem_bandwidth_GBps:g} GB/s; fitted from {len(cal.traces_used)} trace(s)")
+    print(f"{'stage':<15} {'efficiency':>10} {'overhead_us':>11} {'samples':>7} {'rms err':>8} "
+          f"{'max err':>8}")
+    for kind, f in cal.fits.items():
+        print(f"{kind:<15} {f.efficiency:10.4f} {f.overhead_us:11.2f} {f.samples:7d} "
+              f"{f.rms_rel_error:8.1%} {f.max_rel_error:8.1%}" + (f"  ({f.note})" if f.note else ""))
+    for note in cal.notes:
+        print(f"note: {note}")
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0

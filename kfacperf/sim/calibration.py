@@ -6,7 +6,8 @@ API::
         samples: iterable of (world_size, nbytes, time_us); nbytes as in kfacperf.sim.collectives
     cluster_from_fits(fits: Mapping[op, AlphaBetaFit], *, name, gpus_per_node, ...) -> ClusterModel
     exclusive_compute_times(events) -> DataFrame      (rank, step, stage, layer, dur_us)
-    fit_device_model(traces, *, workloads, base, name, include_measured=True) -> DeviceCalibration
+    fit_device_model(traces, *, workloads, base=None, name, include_measured=True)
+        -> DeviceCalibration(.device, .fits: {kind: StageFit}, .traces_used, .notes)
     base_device_for(run) -> DeviceModel               (peaks to fit efficiencies against)
 
 **Alpha-beta.**  Each algorithm's time is linear in (alpha, beta): ``t = a(p, n) alpha +
@@ -323,7 +324,7 @@ def _fit_kind(kind: str, samples: list[_Sample]) -> StageFit:
 def fit_device_model(
     traces: Sequence[Any],
     *,
-    workloads: Mapping[str, WorkloadModel] | Callable[[str], WorkloadModel],
+    workloads: Mapping[str, WorkloadModel] | Callable[[Mapping[str, Any]], WorkloadModel],
     base: DeviceModel | None = None,
     name: str,
     include_measured: bool = True,
@@ -332,8 +333,9 @@ def fit_device_model(
     """Fit efficiencies and per-call overheads of ``base`` to measured traces.
 
     ``traces`` are :class:`kfacperf.traces.Trace` objects (``.run`` and ``.events``; steps
-    before ``run["warmup"]`` are left out).  ``workloads`` maps a run's workload name to its
-    :class:`WorkloadModel` (a mapping or a loader).  Stage kinds absent from the traces keep
+    before ``run["warmup"]`` are left out).  ``workloads`` gives each trace's
+    :class:`WorkloadModel`: a mapping from ``run["workload"]``, or a function of the run dict
+    (e.g. ``lambda run: workload_for_run(run["workload"], run.get("workload_options"))``).  Stage kinds absent from the traces keep
     ``base``'s values.  With ``include_measured`` the medians of single-process traces are
     stored as ``[[measured]]`` times (used when simulating this very device).
     """
@@ -346,14 +348,15 @@ def fit_device_model(
         notes.append(f"{len(traces) - len(single)} multi-process trace(s) not used for the device")
     if base is None:
         base = base_device_for(used[0].run)
-    get = workloads.__getitem__ if isinstance(workloads, Mapping) else workloads
     samples: list[_Sample] = []
     for tr in used:
         wname = str(tr.run.get("workload", ""))
-        try:
-            w = get(wname)
-        except KeyError:
-            raise ValueError(f"{trace_label(tr)}: no workload model for {wname!r}") from None
+        if isinstance(workloads, Mapping):
+            if wname not in workloads:
+                raise ValueError(f"{trace_label(tr)}: no workload model for {wname!r}")
+            w = workloads[wname]
+        else:
+            w = workloads(tr.run)
         samples.extend(_trace_samples(tr, w, base))
     fits: dict[str, StageFit] = {}
     stages = dict(base.stages)

@@ -16,6 +16,7 @@ naming the file and the key.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Iterable, Mapping
 
 from kfacperf.sim.cluster_model import (
     ALGORITHMS, OPS, ClusterModel, CollectiveParams, Tier, load_cluster_model,
@@ -25,7 +26,7 @@ from kfacperf.sim.device_model import (
     DTYPES, INVERSE_METHODS, STAGE_KINDS, DeviceModel, MeasuredTime, StageEfficiency,
     load_device_model, save_device_model,
 )
-from kfacperf.sim.presets import list_presets, resolve
+from kfacperf.sim.presets import list_presets, models_dir, resolve
 from kfacperf.sim.workload_model import (
     LayerModel, WorkloadModel, load_workload_model, save_workload_model,
     workload_model_from_description,
@@ -36,7 +37,7 @@ __all__ = [
     "ClusterModel", "CollectiveParams", "DeviceModel", "LayerModel", "MeasuredTime",
     "StageEfficiency", "Tier", "WorkloadModel",
     "list_presets", "load_cluster", "load_cluster_model", "load_device", "load_device_model",
-    "load_workload", "load_workload_model", "resolve", "save_cluster_model",
+    "load_workload", "load_workload_model", "resolve", "save_cluster_model", "workload_for_run",
     "save_device_model", "save_workload_model", "workload_model_from_description",
 ]
 
@@ -54,3 +55,36 @@ def load_device(name_or_path: str | Path) -> DeviceModel:
 def load_cluster(name_or_path: str | Path) -> ClusterModel:
     """A cluster model from a preset name or alias (``abci``) or a path."""
     return load_cluster_model(resolve("clusters", name_or_path))
+
+
+def workload_for_run(
+    workload: str, options: Mapping[str, Any] | None = None, *,
+    search: Iterable[str | Path] = (),
+) -> WorkloadModel:
+    """The workload model of a run of ``workload`` built with ``options``.
+
+    Looks at the ``.toml`` files in ``search`` (files or folders) and then in
+    ``models/workloads/``, the preset named ``workload`` first, and returns the first whose
+    registry name and options match (options the run leaves out are the defaults).  Without a
+    match the error says how to generate one.
+    """
+    candidates: list[Path] = []
+    for entry in search:
+        p = Path(entry)
+        candidates.extend(sorted(p.glob("*.toml")) if p.is_dir() else [p])
+    folder = models_dir() / "workloads"
+    preset = folder / f"{workload}.toml"
+    if preset.is_file():
+        candidates.append(preset)
+    if folder.is_dir():
+        candidates.extend(p for p in sorted(folder.glob("*.toml")) if p != preset)
+    for path in candidates:
+        model = load_workload_model(path)
+        if model.matches_run(workload, options):
+            return model
+    opts = " ".join(f"--workload-option {k}={v}" for k, v in (options or {}).items())
+    raise ValueError(
+        f"no workload model for {workload!r} with options {dict(options or {})} among "
+        f"{len(candidates)} file(s); generate one with: kfacperf calibrate --workload "
+        f"{workload} {opts} --out models/workloads/NAME.toml".replace("  ", " ")
+    )

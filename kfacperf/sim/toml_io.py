@@ -105,6 +105,10 @@ class Table:
     def keys(self) -> list[str]:
         return list(self._data)
 
+    def raw(self, key: str) -> Any:
+        """The value as parsed, unchecked (for free-form tables such as workload options)."""
+        return self._get(key)
+
     # -- typed getters --------------------------------------------------------------------
     def str(self, key: str, *, choices: Iterable[str] | None = None, nonempty: bool = True) -> str:
         value = self._get(key)
@@ -162,6 +166,12 @@ class Table:
             raise self.error(key, f"expected an array of integers, got {value!r}")
         if minimum is not None and any(v < minimum for v in value):
             raise self.error(key, f"every entry must be >= {minimum}, got {value!r}")
+        return list(value)
+
+    def str_list(self, key: str) -> list[str]:
+        value = self._get(key)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.error(key, f"expected an array of strings, got {value!r}")
         return list(value)
 
     def table(self, key: str) -> "Table":

@@ -6,9 +6,12 @@ API (stable; the step graphs and the engine build on it)::
                fwd_flops_per_example, in_elems_per_example, out_elems_per_example)
     WorkloadModel(*, name, layers: tuple[LayerModel, ...], other_params: int,
                   other_fwd_flops_per_example: float, input_shape: tuple[int, ...],
-                  input_dtype: str, source: str, description: str = "")
+                  input_dtype: str, source: str, description: str = "",
+                  workload: str = "", options: Mapping[str, Any] = {},
+                  custom_options: tuple[str, ...] = ())
         .layer(name) -> LayerModel          .layer_names -> tuple[str, ...]
         .kfac_params / .total_params -> int .fwd_flops_per_example -> float
+        .matches_run(workload, options) -> bool
     load_workload_model(path) -> WorkloadModel       (strict; errors name file and key)
     save_workload_model(model, path) -> Path
     workload_model_from_description(desc: Mapping) -> WorkloadModel
@@ -21,6 +24,12 @@ sequence length for a token-wise linear layer, 1 otherwise).  ``other_params`` a
 parameters outside K-FAC layers (normalisation, embeddings); they still travel in the gradient
 all-reduce and the update.  ``other_fwd_flops_per_example`` is forward work outside the K-FAC
 layers (attention score products, normalisation) when the description knows it, else 0.
+
+``workload`` is the registry name the model was built from (``kfacperf.workloads``),
+``options`` the full keyword options it was built with and ``custom_options`` those that
+differ from the workload's defaults.  ``name`` is unique per build (the registry name, plus
+the non-default options in brackets, e.g. ``resnet50[image_size=64]``), because measured times
+in a device model are keyed by it.
 """
 from __future__ import annotations
 
@@ -31,6 +40,15 @@ from typing import Any, Mapping
 from kfacperf.sim.toml_io import Table, read_toml, write_toml
 
 LAYER_KINDS = ("linear", "conv2d")
+_MISSING = object()
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    return a == b
 FORMAT = "kfacperf-workload-1"
 
 
@@ -73,6 +91,9 @@ class WorkloadModel:
     input_dtype: str
     source: str
     description: str = ""
+    workload: str = ""
+    options: Mapping[str, Any] = field(default_factory=dict)
+    custom_options: tuple[str, ...] = ()
     _by_name: dict[str, LayerModel] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -86,6 +107,12 @@ class WorkloadModel:
         object.__setattr__(self, "_by_name", by_name)
         object.__setattr__(self, "layers", tuple(self.layers))
         object.__setattr__(self, "input_shape", tuple(self.input_shape))
+        object.__setattr__(self, "workload", self.workload or self.name)
+        object.__setattr__(self, "options", dict(self.options))
+        object.__setattr__(self, "custom_options", tuple(self.custom_options))
+        unknown = [k for k in self.custom_options if k not in self.options]
+        if unknown:
+            raise ValueError(f"workload {self.name!r}: custom_options {unknown} not in its options")
 
     def layer(self, name: str) -> LayerModel:
         try:
@@ -99,6 +126,19 @@ class WorkloadModel:
     @property
     def layer_names(self) -> tuple[str, ...]:
         return tuple(self._by_name)
+
+    def matches_run(self, workload: str, options: Mapping[str, Any] | None = None) -> bool:
+        """Whether a run of ``workload`` with ``options`` (defaults where absent) is this model.
+
+        Every option the run names must have its value here, and every non-default option of
+        this model must be named by the run (else the run used the default, not this value).
+        """
+        options = options or {}
+        if workload != self.workload:
+            return False
+        if any(k not in options for k in self.custom_options):
+            return False
+        return all(_same(self.options.get(k, _MISSING), v) for k, v in options.items())
 
     @property
     def kfac_params(self) -> int:
@@ -130,6 +170,18 @@ def _layer_from_table(t: Table) -> LayerModel:
     return LayerModel(**kwargs)
 
 
+def _read_options(t: Table) -> dict[str, Any]:
+    out = {}
+    for key in t.keys():
+        value = t.raw(key)
+        items = value if isinstance(value, list) else [value]
+        if isinstance(value, dict) or not all(isinstance(v, (int, float, str, bool)) for v in items):
+            raise t.error(key, f"an option must be a number, string, bool or array of them, got {value!r}")
+        out[key] = value
+    t.done()
+    return out
+
+
 def load_workload_model(path: str | Path) -> WorkloadModel:
     """Read a workload TOML strictly (unknown, missing or mistyped keys are errors)."""
     root = read_toml(path)
@@ -137,6 +189,12 @@ def load_workload_model(path: str | Path) -> WorkloadModel:
     if fmt != FORMAT:
         raise root.error("format", f"expected {FORMAT!r}, got {fmt!r}")
     name = root.str("name")
+    workload = root.str("workload")
+    options = _read_options(root.table("options"))
+    custom = root.str_list("custom_options")
+    bad = [k for k in custom if k not in options]
+    if bad:
+        raise root.error("custom_options", f"{bad} are not keys of [options]")
     description = root.str("description", nonempty=False)
     source = root.str("source", nonempty=False)
     other_params = root.int("other_params", minimum=0)
@@ -158,7 +216,8 @@ def load_workload_model(path: str | Path) -> WorkloadModel:
     return WorkloadModel(
         name=name, layers=tuple(layers), other_params=other_params,
         other_fwd_flops_per_example=other_flops, input_shape=tuple(shape_raw),
-        input_dtype=dtype, source=source, description=description,
+        input_dtype=dtype, source=source, description=description, workload=workload,
+        options=options, custom_options=tuple(custom),
     )
 
 
@@ -166,10 +225,13 @@ def workload_model_to_dict(model: WorkloadModel) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "name": model.name,
+        "workload": model.workload,
+        "custom_options": list(model.custom_options),
         "description": model.description,
         "source": model.source,
         "other_params": model.other_params,
         "other_fwd_flops_per_example": float(model.other_fwd_flops_per_example),
+        "options": dict(model.options),
         "input": {"shape": list(model.input_shape), "dtype": model.input_dtype},
         "layers": [
             {
@@ -200,12 +262,17 @@ _LAYER_KEYS = (
 )
 
 
-def workload_model_from_description(desc: Mapping[str, Any], *, source: str = "") -> WorkloadModel:
+def workload_model_from_description(
+    desc: Mapping[str, Any], *, name: str | None = None, source: str = "",
+    other_fwd_flops_per_example: float | None = None, input_dtype: str | None = None,
+    custom_options: tuple[str, ...] = (),
+) -> WorkloadModel:
     """Build a :class:`WorkloadModel` from a ``describe_workload`` dictionary.
 
     Expected keys: ``name``, ``layers`` (a list of mappings with the :class:`LayerModel`
     fields), ``other_params``; optional ``other_fwd_flops_per_example``, ``input_shape``,
-    ``input_dtype``, ``description``, ``options``.  A missing layer field is an error naming
+    ``input_dtype``, ``description``, ``options``.  ``name`` overrides the model's name
+    (the registry name stays in ``workload``).  A missing layer field is an error naming
     the layer, so a change in the description format cannot slip through silently.
     """
     for key in ("name", "layers", "other_params"):
@@ -231,18 +298,20 @@ def workload_model_from_description(desc: Mapping[str, Any], *, source: str = ""
                 out_elems_per_example=int(raw["out_elems_per_example"]),
             )
         )
-    dtype = str(desc.get("input_dtype", "float32")).replace("torch.", "")
-    options = desc.get("options") or {}
-    src = source or "kfacperf.workloads.describe.describe_workload"
-    if options:
-        src += " with " + ", ".join(f"{k}={v}" for k, v in sorted(dict(options).items()))
+    dtype = str(input_dtype or desc.get("input_dtype", "float32")).replace("torch.", "")
+    options = dict(desc.get("options") or {})
+    other = (other_fwd_flops_per_example if other_fwd_flops_per_example is not None
+             else float(desc.get("other_fwd_flops_per_example", 0.0)))
     return WorkloadModel(
-        name=str(desc["name"]),
+        name=name or str(desc["name"]),
+        workload=str(desc["name"]),
+        options=options,
+        custom_options=tuple(custom_options),
         layers=tuple(layers),
         other_params=int(desc["other_params"]),
-        other_fwd_flops_per_example=float(desc.get("other_fwd_flops_per_example", 0.0)),
+        other_fwd_flops_per_example=other,
         input_shape=tuple(int(v) for v in desc.get("input_shape", ())),
         input_dtype=dtype,
-        source=src,
+        source=source or "kfacperf.workloads.describe.describe_workload",
         description=str(desc.get("description", "")),
     )

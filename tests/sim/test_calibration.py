@@ -207,3 +207,63 @@ def test_base_device_for_cpu_and_gpu_runs() -> None:
     assert cpu.fp32_tflops == pytest.approx(0.4)
     assert base_device_for({"device": {"name": "NVIDIA H200"}}).name == "h200"
     assert base_device_for({"device": {"name": "Tesla V100-SXM2-16GB"}}).name == "v100-sxm2"
+
+
+# ------------------------------------------------------------------ the command
+def test_calibrate_command_fits_written_traces(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from kfacperf.cli import main
+    from kfacperf.sim.device_model import load_device_model, save_device_model
+    from kfacperf.sim.workload_model import save_workload_model
+    from kfacperf.traces import write_trace
+
+    dirs = []
+    for w, b in ((W1, 8), (W1, 64), (W2, 32)):
+        tr = synthetic_trace(w, b)
+        dirs.append(str(write_trace(tmp_path / f"{w.name}-{b}", run=dict(tr.run, completed=True), events=tr.events)))
+    models = [str(save_workload_model(w, tmp_path / f"{w.name}.toml")) for w in (W1, W2)]
+    base = save_device_model(device(GUESS), tmp_path / "base.toml")
+    out = tmp_path / "fitted.toml"
+    args = ["calibrate", *dirs, "--base", str(base), "--out", str(out)]
+    for m in models:
+        args += ["--workload-model", m]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "inverse" in text and "wrote" in text
+    fitted = load_device_model(out)
+    assert fitted.name == "fitted"
+    for kind, (eff, over) in TRUE.items():
+        assert fitted.stage(kind).efficiency == pytest.approx(eff, rel=1e-6)
+    assert len(fitted.measured) > 0
+    # a trace whose workload has no model is a clear error, not a traceback
+    assert main(["calibrate", dirs[0], "--out", str(tmp_path / "x.toml")]) == 2
+    assert "no workload model for 'w1'" in capsys.readouterr().err
+
+
+def test_calibrate_command_generates_workload_models(tmp_path: Path) -> None:
+    from kfacperf.cli import main
+    from kfacperf.sim.workload_model import load_workload_model
+
+    out = tmp_path / "t.toml"
+    assert main(["calibrate", "--workload", "transformer", "--workload-option", "seq_len=32", "--out", str(out)]) == 0
+    w = load_workload_model(out)
+    assert w.name == "transformer[seq_len=32]" and w.workload == "transformer" and w.options["seq_len"] == 32
+    assert w.input_dtype == "int64" and w.input_shape == (32,)
+    # attention score and context products, per example: 2 layers x 2 products x 2*T*T*d
+    assert w.other_fwd_flops_per_example == 2 * 2 * 2 * 32 * 32 * 128
+    q = w.layer("layers.0.attn.q")
+    assert (q.dim_a, q.dim_g, q.rows_per_example, q.params) == (129, 128, 32, 129 * 128)
+    assert w.matches_run("transformer", {"seq_len": 32}) and not w.matches_run("transformer", {})
+
+
+def test_committed_workload_models_match_the_torch_workloads() -> None:
+    """models/workloads/*.toml are what `kfacperf calibrate --workload NAME` generates today."""
+    from kfacperf.commands.calibrate import build_workload_model
+    from kfacperf.sim.models import load_workload
+
+    for name in ("mlp", "resnet20", "resnet32", "resnet50", "transformer"):
+        committed = load_workload(name)
+        fresh = build_workload_model(name, {})
+        assert committed.layers == fresh.layers, name
+        assert (committed.other_params, committed.options, committed.input_shape) == (
+            fresh.other_params, fresh.options, fresh.input_shape), name
+        assert committed.other_fwd_flops_per_example == pytest.approx(fresh.other_fwd_flops_per_example)

@@ -206,3 +206,27 @@ def test_sim_models_do_not_import_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_workload_for_run_matches_registry_name_and_options(tmp_path: Path) -> None:
+    from kfacperf.sim.models import workload_for_run
+
+    assert workload_for_run("resnet50", {}).name == "resnet50"
+    assert workload_for_run("resnet50", {"image_size": 224}).name == "resnet50"
+    with pytest.raises(ValueError, match=r"no workload model for 'resnet50'.*kfacperf calibrate --workload resnet50 --workload-option image_size=64"):
+        workload_for_run("resnet50", {"image_size": 64})
+    small = WorkloadModel(
+        name="tiny[width=2]", layers=make_workload().layers, other_params=0,
+        other_fwd_flops_per_example=0.0, input_shape=(3,), input_dtype="float32", source="t",
+        workload="tiny", options={"width": 2, "depth": 3}, custom_options=("width",))
+    default = WorkloadModel(
+        name="tiny", layers=make_workload().layers, other_params=0, other_fwd_flops_per_example=0.0,
+        input_shape=(3,), input_dtype="float32", source="t", workload="tiny",
+        options={"width": 1, "depth": 3})
+    save_workload_model(small, tmp_path / "a.toml")
+    save_workload_model(default, tmp_path / "b.toml")
+    # a run with default options never picks the model built with width=2, whatever the order
+    assert workload_for_run("tiny", {}, search=[tmp_path]).name == "tiny"
+    assert workload_for_run("tiny", {"depth": 3}, search=[tmp_path]).name == "tiny"
+    assert workload_for_run("tiny", {"width": 2}, search=[tmp_path]).name == "tiny[width=2]"
+    assert not small.matches_run("tiny", {"width": True})  # a bool is not the integer 1 or 2
