@@ -58,9 +58,15 @@ def _ms(us: pd.Series | np.ndarray | float) -> np.ndarray:
 def rank_breakdown_figure(breakdown: pd.DataFrame, per_rank: pd.DataFrame, title: str) -> go.Figure:
     """Left: per-step time of each stage on each rank, stacked (comm stages hatched: they may
     overlap compute). Right: time comm is in flight, split into the part hidden under compute
-    and the exposed part, with the hidden share in % as text."""
-    fig = make_subplots(rows=1, cols=2, column_widths=[0.65, 0.35], horizontal_spacing=0.1,
-                        subplot_titles=("time per step by stage", "communication"))
+    and the exposed part, with the hidden share in % as text (left out for a run without
+    communication, e.g. one rank)."""
+    ex = per_rank.reindex(breakdown.index)
+    has_comm = bool((ex["comm_us"].fillna(0) > 0).any())
+    if has_comm:
+        fig = make_subplots(rows=1, cols=2, column_widths=[0.65, 0.35], horizontal_spacing=0.1,
+                            subplot_titles=("time per step by stage", "communication"))
+    else:
+        fig = make_subplots(rows=1, cols=1, subplot_titles=("time per step by stage (no communication)",))
     ranks = [f"rank {r}" for r in breakdown.index]
     for stage in breakdown.columns:
         is_comm = stages.BY_NAME[stage].lane == stages.COMM if stage in stages.BY_NAME else False
@@ -70,16 +76,16 @@ def rank_breakdown_figure(breakdown: pd.DataFrame, per_rank: pd.DataFrame, title
                    hovertemplate="%{x}<br>" + plot_text(stage) + ": %{y:.3f} ms<extra></extra>"),
             row=1, col=1,
         )
-    ex = per_rank.reindex(breakdown.index)
-    hidden = ex["comm_us"] - ex["exposed_comm_us"]
-    overlap_text = [("" if not np.isfinite(o) else f"{o:.0f}% hidden") for o in ex["overlap_pct"]]
-    fig.add_trace(go.Bar(name="comm hidden under compute", x=ranks, y=_ms(hidden), marker={"color": "#9aa5b1"},
-                         legendgroup="comm"), row=1, col=2)
-    fig.add_trace(go.Bar(name="exposed comm", x=ranks, y=_ms(ex["exposed_comm_us"]), marker={"color": "#d62728"},
-                         legendgroup="comm", text=overlap_text, textposition="outside"), row=1, col=2)
-    fig.update_layout(barmode="stack")
     fig.update_yaxes(title_text="ms per step", row=1, col=1)
-    fig.update_yaxes(title_text="ms per step", row=1, col=2)
+    if has_comm:
+        hidden = ex["comm_us"] - ex["exposed_comm_us"]
+        overlap_text = [("" if not np.isfinite(o) else f"{o:.0f}% hidden") for o in ex["overlap_pct"]]
+        fig.add_trace(go.Bar(name="comm hidden under compute", x=ranks, y=_ms(hidden),
+                             marker={"color": "#9aa5b1"}, legendgroup="comm"), row=1, col=2)
+        fig.add_trace(go.Bar(name="exposed comm", x=ranks, y=_ms(ex["exposed_comm_us"]), marker={"color": "#d62728"},
+                             legendgroup="comm", text=overlap_text, textposition="outside"), row=1, col=2)
+        fig.update_yaxes(title_text="ms per step", row=1, col=2)
+    fig.update_layout(barmode="stack")
     return style_figure(fig, title, height=420)
 
 

@@ -79,10 +79,14 @@ def summary_section(runs: Sequence[RunData], predictions: Sequence[PredictionDat
     return sec
 
 
+# Bookkeeping of the prediction file, not inputs of the prediction.
+_HIDDEN_META = frozenset({"format", "step_kinds"})
+
+
 def prediction_inputs_table(predictions: Sequence[PredictionData]) -> str:
     keys: list[str] = []
     for pred in predictions:
-        keys.extend(k for k in pred.meta if k not in keys)
+        keys.extend(k for k in pred.meta if k not in keys and k not in _HIDDEN_META)
     rows = []
     for pred in predictions:
         row = {"prediction": pred.name}

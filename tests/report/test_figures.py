@@ -191,3 +191,13 @@ def test_simulated_timeline_names_representative_ranks(synth):
     d = timeline.timeline_figure(ev, 0, "sim", rank_labels={0: "rank 0 (×1)", 1: "rank 1 (×63)"}).to_dict()
     assert d["layout"]["yaxis"]["categoryarray"] == [
         "rank 0 (×1) · compute", "rank 0 (×1) · comm", "rank 1 (×63) · compute", "rank 1 (×63) · comm"]
+
+
+def test_rank_breakdown_without_communication_has_one_panel(synth, tmp_path):
+    synth.write_trace_dir(tmp_path / "t", synth.run_json(strategy="spngd", world_size=1),
+                          synth.make_events(strategy="spngd", world_size=1))
+    run = load_runs([tmp_path / "t"])[0]
+    fig = figures.rank_breakdown_figure(metrics.rank_stage_breakdown(run.summary), metrics.rank_table(run.summary), "t")
+    d = fig.to_dict()
+    assert "xaxis2" not in d["layout"]
+    assert not {"exposed comm", "comm hidden under compute"} & {t["name"] for t in d["data"]}
