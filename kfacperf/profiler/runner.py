@@ -71,9 +71,14 @@ def prepare_out(out: Path, *, force: bool) -> None:
 
 def validate(config: ProfileConfig) -> None:
     """Fail fast, before starting processes, on a bad workload, option or optimizer setting."""
+    import torch
+
     from kfacperf.kfac.training import TrainConfig
     from kfacperf.workloads import get_workload
 
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here (torch "
+                         f"{torch.__version__}); use --device cpu or auto")
     get_workload(config.workload, **config.workload_options)
     TrainConfig(**config.train_config_kwargs())
     if config.resolved_strategy == "local" and (config.nproc > 1 or config.multi_node):

@@ -10,7 +10,7 @@ completed.  A rank that fails leaves ``parts/error-rank<R>.txt`` with its traceb
 from __future__ import annotations
 
 import os
-import socket
+import shutil
 import sys
 import time
 import traceback
@@ -77,6 +77,7 @@ def _train(config: ProfileConfig, info: Any, run_dir: Path) -> None:
     batch = config.batch_size or workload.default_batch_size
     model = workload.build_model(seed=config.seed).to(device)
     (run_dir / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+    token = _mark_parts(run_dir / PARTS_DIR, rank)
     cuda = device.type == "cuda"
     gpu_index = (device.index or 0) if cuda else None
     dev_info = device_info(device_index=gpu_index)
@@ -127,7 +128,7 @@ def _train(config: ProfileConfig, info: Any, run_dir: Path) -> None:
     events.close()
     if tel_sink is not None:
         tel_sink.close()
-    _finish(config, rank, world, run_dir)
+    _finish(config, rank, world, run_dir, token)
 
 
 def _prior_run(run_dir: Path) -> dict[str, Any]:
@@ -137,38 +138,65 @@ def _prior_run(run_dir: Path) -> dict[str, Any]:
         return {}
 
 
-def _finish(config: ProfileConfig, rank: int, world: int, run_dir: Path) -> None:
-    """Bring every rank's parts to rank 0 (ranks on other hosts send theirs), compact, mark
-    the run completed."""
+def _id_path(parts: Path, rank: int) -> Path:
+    return parts / f"rank{rank:05d}.id"
+
+
+def _mark_parts(parts: Path, rank: int) -> str:
+    """Write a random token beside this rank's parts; rank 0 reading the same token back
+    later proves it sees this rank's files (one node, or a shared file system)."""
+    token = os.urandom(8).hex()
+    _id_path(parts, rank).write_text(token)
+    return token
+
+
+def _finish(config: ProfileConfig, rank: int, world: int, run_dir: Path, token: str) -> None:
+    """Bring every rank's parts to rank 0 (ranks whose files rank 0 cannot see send them over
+    the process group), compact, mark the run completed, clean up."""
     import torch.distributed as dist
 
     from kfacperf import trace_parts
 
     parts = run_dir / PARTS_DIR
-    host = socket.gethostname()
+    mine_elsewhere = False
     if world > 1:
-        hosts: list[Any] = [None] * world
-        dist.all_gather_object(hosts, host)
-        remote = host != hosts[0]
-        mine = None
-        if remote:
-            mine = {p.name: p.read_bytes() for p in parts.glob(f"*-rank{rank:05d}.arrows")}
-        received: list[Any] = [None] * world if rank == 0 else None
-        dist.gather_object(mine, received, dst=0)
+        tokens: list[Any] = [None] * world
+        dist.all_gather_object(tokens, token)
+        unseen: list[Any] = [None]
         if rank == 0:
-            for blobs in received or []:
-                for name, data in (blobs or {}).items():
-                    (parts / name).write_bytes(data)
+            unseen[0] = [r for r, t in enumerate(tokens) if _read_token(parts, r) != t]
+        dist.broadcast_object_list(unseen, src=0)
+        mine_elsewhere = rank in unseen[0]
+        mine = None
+        if mine_elsewhere:
+            mine = {p.name: p.read_bytes() for p in parts.glob(f"*-rank{rank:05d}.arrows")}
+        received: list[Any] | None = [None] * world if rank == 0 else None
+        dist.gather_object(mine, received, dst=0)
+        for blobs in received or []:
+            for name, data in (blobs or {}).items():
+                (parts / name).write_bytes(data)
     if rank == 0:
-        trace_parts.compact(run_dir)
+        trace_parts.compact(run_dir, remove_parts=False)
         run = read_run(run_dir / "run.json")
         run.update(completed=True, end_time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         write_run(run_dir, run)
+        shutil.rmtree(parts, ignore_errors=True)
     if world > 1:
         dist.barrier()
-        if remote:  # this host's copy of the parts is no longer needed
-            for p in parts.glob(f"*-rank{rank:05d}.arrows"):
-                p.unlink(missing_ok=True)
+    if mine_elsewhere:  # this node's copy of the parts is no longer needed
+        for p in [*parts.glob(f"*-rank{rank:05d}.arrows"), _id_path(parts, rank)]:
+            p.unlink(missing_ok=True)
+        try:
+            parts.rmdir()
+        except OSError:
+            pass  # other ranks of this node still have files there
+
+
+def _read_token(parts: Path, rank: int) -> str | None:
+    try:
+        return _id_path(parts, rank).read_text()
+    except OSError:
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -109,6 +109,11 @@ def test_bad_input_is_a_clear_error_before_any_process_starts(tmp_path, capsys):
          "must be a multiple of --factor-interval 2"),
         (["--workload", "mlp", "--nnodes", "2"], "needs --rdzv-endpoint"),
     ]
+    import torch
+
+    if not torch.cuda.is_available():
+        cases.append((["--workload", "mlp", "--device", "cuda", "--out", str(tmp_path / "c")],
+                      "--device cuda: no CUDA device is available"))
     for argv, message in cases:
         assert main(["profile", *argv]) == 2
         err = capsys.readouterr().err
@@ -147,3 +152,24 @@ def test_one_process_runs_in_process_sgd_baseline_and_isolate(tmp_path, capsys):
     assert s.kfac_overhead == pytest.approx(s.step_us / summarize(a).step_us)
     assert f"{s.kfac_overhead:.3f}x" in out
     assert "RANK" not in os.environ  # the in-process rank's environment was restored
+
+
+def test_torchrun_command_for_one_and_several_nodes():
+    from kfacperf.profiler.config import ProfileConfig
+    from kfacperf.profiler.runner import launch_command, under_torchrun
+
+    one = ProfileConfig(workload="mlp", out="t", nproc=4)
+    cmd = launch_command(one)
+    assert cmd[1:3] == ["-m", "torch.distributed.run"]
+    assert cmd[cmd.index("--nproc-per-node") + 1] == "4" and "--standalone" in cmd
+    assert cmd[-3:-1] == ["-m", "kfacperf.profiler.worker"]
+    assert ProfileConfig.from_json(cmd[-1]) == one  # the ranks get exactly this config
+    multi = ProfileConfig(workload="mlp", out="t", nproc=8, nnodes="2", node_rank=1,
+                          rdzv_endpoint="head:29500")
+    cmd = launch_command(multi)
+    assert "--standalone" not in cmd
+    for flag, value in (("--nnodes", "2"), ("--node-rank", "1"), ("--rdzv-endpoint", "head:29500"),
+                        ("--rdzv-backend", "c10d"), ("--max-restarts", "0")):
+        assert cmd[cmd.index(flag) + 1] == value
+    env = {k: "0" for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    assert under_torchrun(env) and not under_torchrun({"RANK": "0"})
