@@ -43,9 +43,15 @@ def rank_table(summary: "TraceSummary") -> pd.DataFrame:
     return summary.ranks.set_index("rank")[cols].sort_index()
 
 
-def slowest_rank(summary: "TraceSummary") -> int:
-    """The rank with the longest mean step (the lowest such rank on ties)."""
-    per_rank = summary.ranks.set_index("rank")["step_us"].sort_index()
+def critical_rank(summary: "TraceSummary") -> int:
+    """The rank with the most compute per step (the lowest such rank on ties).
+
+    Every rank's step ends at the same collective, so step rows hardly tell ranks apart; a
+    rank that waits for others shows long communication instead.  The rank with the most
+    compute is the one the others wait for (an SP-NGD layer owner inverting its factors), the
+    measured counterpart of the simulator's slowest representative rank.
+    """
+    per_rank = summary.ranks.set_index("rank")["compute_us"].sort_index()
     return int(per_rank.idxmax())
 
 

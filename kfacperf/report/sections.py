@@ -123,26 +123,27 @@ def breakdown_section(runs: Sequence[RunData]) -> Section:
 
 def comparison_section(runs: Sequence[RunData], predictions: Sequence[PredictionData]) -> Section:
     sec = Section(key="comparison", title="Predicted vs measured",
-                  intro="Per-step time of each stage on the slowest rank (measured) and the slowest "
-                        "representative rank (predicted); error = (predicted − measured) / measured.")
+                  intro="Per-step time of each stage on the rank with the most compute (measured) and "
+                        "the slowest representative rank (predicted); the step is the whole step "
+                        "(slowest rank); error = (predicted − measured) / measured.")
     unmatched = []
     for run in runs:
         match = matching.match_prediction(run, predictions)
         if match is None:
             unmatched.append(f"{run.name} ({run.strategy}, {run.world_size} GPUs)")
             continue
-        measured = metrics.stage_totals(run.summary, metrics.slowest_rank(run.summary))
+        critical = metrics.critical_rank(run.summary)
+        measured = metrics.stage_totals(run.summary, critical)
         comp = metrics.stage_comparison(measured, match.stage_us(), run.summary.step_us, match.step_us)
-        label = f"{run.name} vs {match.prediction.name} ({run.strategy}, {run.world_size} GPUs)"
+        label = f"{run.name} (rank {critical}) vs {match.prediction.name} ({run.strategy}, {run.world_size} GPUs)"
         sec.add_html(heading(label))
         sec.add_html(table(comp, [
             ("stage", "stage", fmt_plain), ("measured_us", "measured (ms)", fmt_ms),
             ("predicted_us", "predicted (ms)", fmt_ms), ("error_pct", "error", fmt_pct),
         ], numeric=("measured_us", "predicted_us", "error_pct")))
         sec.add_figure(figures.comparison_figure(comp, "per-step time by stage: measured vs predicted"))
-        slow = metrics.slowest_rank(run.summary)
         layers = metrics.layer_comparison(
-            metrics.layer_times(run.events, slow, run.summary.measured_steps), match.layer_us())
+            metrics.layer_times(run.events, critical, run.summary.measured_steps), match.layer_us())
         if not layers.empty:
             sec.add_html("<details><summary>per layer</summary>" + table(layers, [
                 ("stage", "stage", fmt_plain), ("layer", "layer", fmt_plain),

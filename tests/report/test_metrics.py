@@ -31,9 +31,9 @@ def test_breakdown_is_per_step_mean_over_measured_steps(synth, tmp_path):
     assert run.events["step"].min() == 1
 
 
-def test_slowest_rank_and_stage_totals(synth, tmp_path):
+def test_critical_rank_and_stage_totals(synth, tmp_path):
     run, events = _load(synth, tmp_path, "r", strategy="kaisa", world_size=3)
-    assert metrics.slowest_rank(run.summary) == 2  # durations grow with the rank
+    assert metrics.critical_rank(run.summary) == 2  # compute grows with the rank
     totals = metrics.stage_totals(run.summary, 2)
     ev = events[(events["rank"] == 2)].astype({"stage": str})
     fwd = ev.loc[ev["stage"] == stages.FORWARD, "dur_us"].sum() / 4
@@ -110,3 +110,17 @@ def test_headline_overhead_and_match(synth, tmp_path):
     assert head.loc["kfac", "kfac_overhead_predicted"] == pytest.approx(want["kfac_overhead"])
     assert head.loc["kfac", "error_pct"] == pytest.approx(
         (want["step_us"] - step_time(kfac_ev)) / step_time(kfac_ev) * 100)
+
+
+def test_critical_rank_is_the_one_with_most_compute_not_the_longest_step(synth, tmp_path):
+    # rank 1 waits in a long collective for rank 0's inverse: its step row is longer
+    ev = synth.make_events(strategy="spngd", world_size=2, steps=1, skew=0.0).astype(
+        {"stage": str, "layer": str, "lane": str})
+    ev = ev[~((ev["rank"] == 1) & (ev["stage"] == stages.INVERSE))]
+    step_end = ev["start_us"].max() + 200_000
+    ev.loc[(ev["rank"] == 1) & (ev["stage"] == stages.STEP), "dur_us"] = step_end
+    ev.loc[(ev["rank"] == 0) & (ev["stage"] == stages.STEP), "dur_us"] = step_end - 10
+    synth.write_trace_dir(tmp_path / "w", synth.run_json(strategy="spngd", world_size=2), ev)
+    run = load_runs([tmp_path / "w"])[0]
+    assert run.summary.ranks.set_index("rank")["step_us"].idxmax() == 1
+    assert metrics.critical_rank(run.summary) == 0
