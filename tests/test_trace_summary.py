@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import json
-import math
 
-import numpy as np
 import pytest
 
 from kfacperf.chrome_export import COMM_TID, COMPUTE_TID, chrome_trace, export_chrome

@@ -21,6 +21,7 @@ from kfacperf.profiler.config import CRASH_ENV, ProfileConfig, run_record
 from kfacperf.traces import PARTS_DIR, read_run, write_run
 
 PROGRESS_EVERY_S = 2.0
+DATA_BATCHES = 4
 
 
 def error_path(run_dir: Path, rank: int) -> Path:
@@ -76,6 +77,10 @@ def _train(config: ProfileConfig, info: Any, run_dir: Path) -> None:
     workload = get_workload(config.workload, **config.workload_options)
     batch = config.batch_size or workload.default_batch_size
     model = workload.build_model(seed=config.seed).to(device)
+    # a few distinct batches made up front and cycled: making synthetic data (on the CPU)
+    # between steps would leave a GPU idle and stretch the run for nothing
+    batches = [workload.make_batch(batch, seed=config.seed, step=k * world + rank, device=device)
+               for k in range(min(config.total_steps, DATA_BATCHES))]
     (run_dir / PARTS_DIR).mkdir(parents=True, exist_ok=True)
     token = _mark_parts(run_dir / PARTS_DIR, rank)
     cuda = device.type == "cuda"
@@ -110,8 +115,7 @@ def _train(config: ProfileConfig, info: Any, run_dir: Path) -> None:
     last_print = 0.0
     t_prev = time.perf_counter()
     for step in range(total):
-        x, y = workload.make_batch(batch, seed=config.seed, step=step * world + rank,
-                                   device=device)
+        x, y = batches[step % len(batches)]
         loss = trainer.train_step(x, y)
         if crash_after is not None and step >= crash_after:
             os._exit(13)  # test hook: die like a killed process (no cleanup, no flush)

@@ -259,3 +259,34 @@ def test_work_without_future_is_timed_by_the_watcher():
     assert 10_000 <= batch["dur_us"][i] < 30_000
     timer.close()
     assert [c.kind for c in rec.calls if c.kind in ("start", "end")] == ["start", "end"]
+
+
+def test_nvtx_ranges_of_a_real_kfac_step():
+    """One K-FAC step of the real optimizer: a `step` range enclosing forward, backward (with
+    each layer's factor statistics inside, last layer first), then per layer factor_compute,
+    inverse and precondition, then update; layer names in the messages."""
+    from kfacperf.kfac.training import TrainConfig, Trainer
+    from kfacperf.workloads import get_workload
+
+    w = get_workload("mlp", in_features=12, hidden=(8,))
+    rec = RecordingBackend()
+    timer = StageTimer(nvtx=rec, cuda=False)
+    trainer = Trainer(w.build_model(seed=0), loss_fn=w.loss_fn,
+                      config=TrainConfig(optimizer="kfac", strategy="local"), timer=timer)
+    trainer.train_step(*w.make_batch(4))
+    layers = list(trainer.preconditioner.layers)
+    assert len(layers) == 2
+    [(name, children)] = rec.push_pop_tree()
+    assert name == "step"
+    top = [c[0] for c in children]
+    assert top[0] == "forward" and top[1] == "backward" and top[-1] == "update"
+    per_layer = top[2:-1]
+    kinds = [m.split(" ")[0] for m in per_layer]
+    assert kinds == sorted(kinds, key=["factor_compute", "inverse", "precondition"].index)
+    for kind in ("factor_compute", "inverse", "precondition"):
+        assert sorted(m.split(" ", 1)[1] for m in per_layer if m.startswith(kind)) == sorted(layers)
+    backward = children[1][1]
+    assert [c[0] for c in backward] == [f"factor_compute {n}" for n in reversed(layers)]
+    timer.close()
+    ev = events_frame(timer.sink.columns())
+    assert len(ev) == 1 + len(per_layer) + len(backward) + 3  # every range has its row
