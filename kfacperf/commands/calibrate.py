@@ -64,6 +64,34 @@ def _extra_flop_formulas() -> dict[Any, Any]:
     return {op: sdpa}
 
 
+def _conv_geometry(model: Any, example: Any) -> dict[str, dict[str, Any]]:
+    """Per Conv2d (by module path): channels, kernel, stride, dilation, padded/output size."""
+    import torch
+    from torch import nn
+
+    from kfacperf.kfac.conv_factors import padded_input
+
+    found: dict[str, dict[str, Any]] = {}
+    handles = []
+    for path, mod in model.named_modules():
+        if isinstance(mod, nn.Conv2d) and mod.groups == 1:
+            def hook(m: Any, inputs: Any, output: Any, path: str = path) -> None:
+                hp, wp = padded_input(inputs[0], m).shape[-2:]
+                found[path] = {
+                    "in_channels": m.in_channels, "kernel": tuple(m.kernel_size),
+                    "stride": tuple(m.stride), "dilation": tuple(m.dilation),
+                    "padded": (int(hp), int(wp)), "output": tuple(output.shape[-2:]),
+                }
+            handles.append(mod.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return found
+
+
 def build_workload_model(name: str, options: dict[str, Any]) -> Any:
     """Describe torch workload ``name`` and count its non-K-FAC forward FLOPs (imports torch)."""
     import torch
@@ -80,6 +108,8 @@ def build_workload_model(name: str, options: dict[str, Any]) -> Any:
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas()
                                           ) as counter:
         model(example)
+    geometry = _conv_geometry(model, example)
+    desc = {**desc, "layers": [dict(l, conv=geometry.get(l["name"])) for l in desc["layers"]]}
     kfac = sum(float(l["fwd_flops_per_example"]) for l in desc["layers"])
     other = max(0.0, float(counter.get_total_flops()) - kfac)
     defaults = workload_options(name)

@@ -42,7 +42,8 @@ stage              FLOPs                                               calls
 =================  ==================================================  ====================
 forward            N f                                                 1 per layer
 backward           2 N f (input and weight gradients)                  1 per layer
-factor_compute     2 N r (dA^2 + dG^2)                                 1
+factor_compute     2 N r (dA^2 + dG^2) (conv with geometry: phases,    1
+                   see ``_factor_phases``)
 inverse            eigen: 9 (dA^3 + dG^3); cholesky: dA^3 + dG^3       1
 precondition       eigen: 4 dA dG (dA + dG); cholesky: 2 dA dG (dA+dG) 1
 update             4 per parameter (momentum SGD)                      1
@@ -271,9 +272,8 @@ class CostModel:
                     act * 2 * (batch * (l.in_elems_per_example + l.out_elems_per_example)
                                + l.params), 1)
         if stage == S.FACTOR_COMPUTE:
-            rows = batch * l.rows_per_example
-            return (2.0 * rows * (da * da + dg * dg),
-                    fb * (rows * (da + dg) + 3 * (da * da + dg * dg)), 1)
+            phases = self._factor_phases(l, batch)
+            return sum(f for f, _ in phases), sum(b for _, b in phases), 1
         if stage == S.INVERSE:
             return (INVERSE_FLOPS_PER_D3[o.inverse_method] * (da ** 3 + dg ** 3),
                     fb * 3 * (da * da + dg * dg), 1)
@@ -281,6 +281,39 @@ class CostModel:
             return (PRECOND_FLOPS_FACTOR[o.inverse_method] * da * dg * (da + dg),
                     fb * (da * da + dg * dg + 3 * da * dg), 1)
         return (UPDATE_FLOPS_PER_PARAM * l.params, UPDATE_BYTES_PER_PARAM * l.params, 1)
+
+    def _factor_phases(self, l: LayerModel, batch: int) -> list[tuple[float, float]]:
+        """(FLOPs, bytes) of each phase of one layer's factor statistics and running average.
+
+        Without conv geometry: the Gram matrices of the unfolded rows, one phase.  With it, the
+        optimizer's convolution algorithm (``kfacperf.kfac.conv_factors``): a positions-major
+        copy of the padded input; per displacement (i, j) between kernel taps (di in [0, kh),
+        dj in (-kw, kw), the mirrored half skipped) a batched product over padded positions
+        (2 N C^2 per position); the window sums of every tap pair of that displacement
+        ((kh - di)(kw - |dj|) windows of Ho x Wo x C^2 elements, memory-bound and independent
+        of the batch); G = g g^T; the running averages.  Sequential phases add.
+        """
+        fb = 4
+        da, dg = l.dim_a, l.dim_g
+        rows = batch * l.rows_per_example
+        running = (3.0 * (da * da + dg * dg), fb * 3.0 * (da * da + dg * dg))
+        c = l.conv
+        if c is None:
+            return [(2.0 * rows * (da * da + dg * dg),
+                     fb * (rows * (da + dg) + 3 * (da * da + dg * dg)))]
+        ch, (kh, kw), (hp, wp), (ho, wo) = c.in_channels, c.kernel, c.padded, c.output
+        pos = hp * wp
+        shifts = [(di, dj) for di in range(kh) for dj in range(-(kw - 1), kw)
+                  if not (di == 0 and dj < 0)]
+        windows = sum((kh - di) * (kw - abs(dj)) for di, dj in shifts) * ho * wo * ch * ch
+        return [
+            (0.0, fb * 2.0 * batch * ch * pos),
+            (2.0 * batch * ch * ch * pos * len(shifts),
+             fb * len(shifts) * (2.0 * batch * ch * pos + pos * ch * ch)),
+            (float(windows), fb * float(windows)),
+            (2.0 * rows * dg * dg, fb * 2.0 * rows * dg),
+            running,
+        ]
 
     def _work(self, stage: str, layer: LayerModel | None, batch: int,
               w: WorkloadModel) -> tuple[float, float]:
@@ -309,6 +342,9 @@ class CostModel:
         w = workload or self.workload
         self._check(stage, layer, batch)
         if layer is not None:
+            if stage == S.FACTOR_COMPUTE:  # sequential phases, each on its own roofline
+                return sum(self._roof(stage, f, b) for f, b in
+                           self._factor_phases(layer, batch)), 1
             f, b, calls = self._layer_work(stage, layer, batch, w)
             return self._roof(stage, f, b), calls
         if stage == S.UPDATE:  # one fused optimizer call over all parameters

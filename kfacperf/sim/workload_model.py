@@ -3,7 +3,9 @@
 API (stable; the step graphs and the engine build on it)::
 
     LayerModel(*, name, kind, dim_a, dim_g, params, rows_per_example,
-               fwd_flops_per_example, in_elems_per_example, out_elems_per_example)
+               fwd_flops_per_example, in_elems_per_example, out_elems_per_example,
+               conv: ConvGeometry | None = None)
+    ConvGeometry(*, in_channels, kernel, stride, dilation, padded, output)  # (H, W) pairs
     WorkloadModel(*, name, layers: tuple[LayerModel, ...], other_params: int,
                   other_fwd_flops_per_example: float, input_shape: tuple[int, ...],
                   input_dtype: str, source: str, description: str = "",
@@ -53,8 +55,34 @@ FORMAT = "kfacperf-workload-1"
 
 
 @dataclass(frozen=True, kw_only=True)
+class ConvGeometry:
+    """Shape of a convolution, for stage costs that depend on more than its dims.
+
+    The optimizer computes a convolution's A factor from displacement Grams of the padded
+    input (``kfacperf.kfac.conv_factors``), whose cost depends on channels, kernel, stride and
+    the padded image size rather than on ``dim_a`` alone.
+    """
+
+    in_channels: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+    padded: tuple[int, int]  # (H, W) of the input after padding
+    output: tuple[int, int]  # (H, W) of the output
+
+    def __post_init__(self) -> None:
+        for key in ("kernel", "stride", "dilation", "padded", "output"):
+            value = tuple(getattr(self, key))
+            if len(value) != 2 or any(v < 1 for v in value):
+                raise ValueError(f"conv {key} must be two integers >= 1, got {value}")
+            object.__setattr__(self, key, value)
+        if self.in_channels < 1:
+            raise ValueError(f"conv in_channels must be >= 1, got {self.in_channels}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class LayerModel:
-    """One K-FAC layer (a Linear or Conv2d)."""
+    """One K-FAC layer (a Linear or Conv2d); ``conv`` is optional detail for a Conv2d."""
 
     name: str
     kind: str
@@ -65,8 +93,11 @@ class LayerModel:
     fwd_flops_per_example: float
     in_elems_per_example: int
     out_elems_per_example: int
+    conv: ConvGeometry | None = None
 
     def __post_init__(self) -> None:
+        if self.conv is not None and self.kind != "conv2d":
+            raise ValueError(f"layer {self.name!r}: conv geometry on a {self.kind} layer")
         if not self.name:
             raise ValueError("layer name must not be empty")
         if self.kind not in LAYER_KINDS:
@@ -166,6 +197,23 @@ def _layer_from_table(t: Table) -> LayerModel:
         in_elems_per_example=t.int("in_elems_per_example", minimum=0),
         out_elems_per_example=t.int("out_elems_per_example", minimum=0),
     )
+    if t.has("conv"):  # optional: only generated for Conv2d layers
+        if kwargs["kind"] != "conv2d":
+            raise t.error("conv", "only a conv2d layer can have conv geometry")
+        c = t.table("conv")
+
+        def pair(key: str) -> tuple[int, int]:
+            values = c.int_list(key, minimum=1)
+            if len(values) != 2:
+                raise c.error(key, f"expected two integers [H, W], got {values}")
+            return values[0], values[1]
+
+        kwargs["conv"] = ConvGeometry(
+            in_channels=c.int("in_channels", minimum=1), kernel=pair("kernel"),
+            stride=pair("stride"), dilation=pair("dilation"), padded=pair("padded"),
+            output=pair("output"),
+        )
+        c.done()
     t.done()
     return LayerModel(**kwargs)
 
@@ -240,6 +288,11 @@ def workload_model_to_dict(model: WorkloadModel) -> dict[str, Any]:
                 "fwd_flops_per_example": float(l.fwd_flops_per_example),
                 "in_elems_per_example": l.in_elems_per_example,
                 "out_elems_per_example": l.out_elems_per_example,
+                **({"conv": {
+                    "in_channels": l.conv.in_channels, "kernel": list(l.conv.kernel),
+                    "stride": list(l.conv.stride), "dilation": list(l.conv.dilation),
+                    "padded": list(l.conv.padded), "output": list(l.conv.output),
+                }} if l.conv is not None else {}),
             }
             for l in model.layers
         ],
@@ -296,6 +349,7 @@ def workload_model_from_description(
                 fwd_flops_per_example=float(raw["fwd_flops_per_example"]),
                 in_elems_per_example=int(raw["in_elems_per_example"]),
                 out_elems_per_example=int(raw["out_elems_per_example"]),
+                conv=ConvGeometry(**raw["conv"]) if raw.get("conv") else None,
             )
         )
     dtype = str(input_dtype or desc.get("input_dtype", "float32")).replace("torch.", "")

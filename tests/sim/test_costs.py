@@ -201,3 +201,36 @@ def test_bad_arguments(args: tuple, kw: dict, pattern: str) -> None:
 def test_unknown_option_is_an_error() -> None:
     with pytest.raises(TypeError, match="unknown CostModel option"):
         cost(bandwith_scale=2.0)
+
+
+def test_conv_factor_cost_follows_the_displacement_gram_algorithm() -> None:
+    from kfacperf.sim.workload_model import ConvGeometry
+
+    geo = ConvGeometry(in_channels=16, kernel=(3, 3), stride=(1, 1), dilation=(1, 1), padded=(34, 34), output=(32, 32))
+    conv = LayerModel(name="c", kind="conv2d", dim_a=144, dim_g=16, params=2304, rows_per_example=1024,
+                      fwd_flops_per_example=2 * 144 * 16 * 1024, in_elems_per_example=16384,
+                      out_elems_per_example=16384, conv=geo)
+    w = WorkloadModel(name="wc", layers=(conv,), other_params=0, other_fwd_flops_per_example=0.0,
+                      input_shape=(16, 32, 32), input_dtype="float32", source="test")
+    c = cost(workload=w)
+    taps = [(i, j) for i in range(3) for j in range(3)]
+    # tap pairs whose displacement lies in the computed half (di > 0, or di == 0 and dj >= 0)
+    pairs = [(a, b) for a in taps for b in taps
+             if (b[0] - a[0] > 0) or (b[0] == a[0] and b[1] - a[1] >= 0)]
+    shifts = {(b[0] - a[0], b[1] - a[1]) for a, b in pairs}
+    assert len(pairs) == 45 and len(shifts) == 13
+    C, pos, out = 16, 34 * 34, 32 * 32
+    for n in (8, 64):
+        phases = [
+            (0.0, 4 * 2 * n * C * pos),                                              # positions-major copy
+            (2 * n * C * C * pos * 13, 4 * 13 * (2 * n * C * pos + pos * C * C)),      # displacement Grams
+            (45 * out * C * C, 4 * 45 * out * C * C),                                # window sums
+            (2 * n * out * 16 * 16, 4 * 2 * n * out * 16),                           # G
+            (3 * (144 ** 2 + 16 ** 2), 12 * (144 ** 2 + 16 ** 2)),                   # running averages
+        ]
+        want = EFF["factor_compute"][1] + sum(max(f / PEAK, b / BW) for f, b in phases) / EFF["factor_compute"][0]
+        assert c.compute_us("factor_compute", conv, batch=n) == pytest.approx(want, rel=1e-12)
+        assert c.flops("factor_compute", conv, batch=n) == pytest.approx(sum(f for f, _ in phases))
+    # the window sums do not grow with the batch: 8x the batch is far less than 8x the time
+    t8, t64 = (c.compute_us("factor_compute", conv, batch=n) for n in (8, 64))
+    assert t64 < 4 * t8
