@@ -42,10 +42,6 @@ class RunData:
     def world_size(self) -> int:
         return int(self.run["world_size"])
 
-    @property
-    def optimizer(self) -> str:
-        return str(self.run.get("optimizer", "kfac" if self.strategy != "sgd" else "sgd"))
-
 
 @dataclass(frozen=True, kw_only=True)
 class PredictionData:

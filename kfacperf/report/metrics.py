@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-import numpy as np
 import pandas as pd
 
 from kfacperf import stages
@@ -124,7 +123,3 @@ def stage_comparison(measured: pd.Series, predicted: pd.Series, measured_step_us
                  "error_pct": error_pct(predicted_step_us, measured_step_us)})
     return pd.DataFrame(rows, columns=["stage", "measured_us", "predicted_us", "error_pct"])
 
-
-def finite(values: pd.Series | np.ndarray) -> np.ndarray:
-    arr = np.asarray(values, dtype=float)
-    return arr[np.isfinite(arr)]
