@@ -30,16 +30,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kfacperf.cli import UserError
-    from kfacperf.report.build import MAX_BYTES, build_report
-    from kfacperf.report.inputs import load_validation
+    from kfacperf.report.build import MAX_BYTES, build_report, headline_text
+    from kfacperf.report.inputs import load_predictions, load_runs, load_validation
 
     if not args.traces and not args.predictions:
         raise UserError("give at least one --trace or --prediction")
     if args.timeline_gpus is not None and args.timeline_gpus < 1:
         raise UserError(f"--timeline-gpus must be >= 1, got {args.timeline_gpus}")
     validation = load_validation(args.validation) if args.validation else None
-    out = build_report(args.traces, args.predictions, args.out, validation, title=args.title,
+    runs, predictions = load_runs(args.traces), load_predictions(args.predictions)
+    out = build_report(runs, predictions, args.out, validation, title=args.title,
                        timeline_step=args.timeline_step, timeline_gpus=args.timeline_gpus)
+    text = headline_text(runs, predictions)
+    if text:
+        print(text)
     size = out.stat().st_size
     print(f"wrote {out} ({size / 1e6:.1f} MB)")
     if size > MAX_BYTES:

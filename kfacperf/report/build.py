@@ -9,7 +9,7 @@ import pandas as pd
 from kfacperf import __version__
 from kfacperf.report import matching, sections
 from kfacperf.report.inputs import PredictionData, RunData, load_predictions, load_runs
-from kfacperf.report.page import Section, render_page
+from kfacperf.report.page import Section, fmt_ms, fmt_pct, fmt_ratio, render_page
 
 MAX_BYTES = 8 * 1024 * 1024
 
@@ -44,6 +44,22 @@ def build_sections(runs: Sequence[RunData], predictions: Sequence[PredictionData
         sections.telemetry_section(runs),
         sections.whatif_section(groups),
     ]
+
+
+def headline_text(runs: Sequence[RunData], predictions: Sequence[PredictionData]) -> str:
+    """The headline numbers as a plain-text table (what ``kfacperf report`` prints)."""
+    head = matching.headline(runs, predictions)
+    if head.empty:
+        return ""
+    cols = [("run", "run", str), ("strategy", "strategy", str), ("world_size", "GPUs", str),
+            ("measured_step_us", "measured ms", fmt_ms), ("predicted_step_us", "predicted ms", fmt_ms),
+            ("error_pct", "error", fmt_pct), ("kfac_overhead_measured", "overhead meas.", fmt_ratio),
+            ("kfac_overhead_predicted", "overhead pred.", fmt_ratio)]
+    cells = [[h for _, h, _ in cols]] + [[fmt(row[c]) for c, _, fmt in cols] for _, row in head.iterrows()]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cols))]
+    lines = ["  ".join(v.ljust(w) if i < 3 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
+             for r in cells]
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def default_title(runs: Sequence[RunData], predictions: Sequence[PredictionData]) -> str:

@@ -17,7 +17,12 @@ def test_report_command_writes_the_page(study, capsys):
     args = [a for t in study["traces"] for a in ("--trace", t)]
     args += [a for p in study["predictions"] for a in ("--prediction", p)]
     assert _report(*args, "--title", "My <study>", "--out", out) == 0
-    assert f"wrote {out}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"wrote {out}" in printed
+    s = study["summary"]
+    want = s[(s["strategy"] == "spngd") & (s["gpus"] == 2)].iloc[0]
+    line = next(ln for ln in printed.splitlines() if ln.startswith("spngd-2 "))
+    assert f"{want['step_us'] / 1000:.2f}" in line and f"{want['kfac_overhead']:.2f}×" in line
     text = out.read_text()
     assert "<title>My &lt;study&gt;</title>" in text
 
