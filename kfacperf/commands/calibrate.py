@@ -23,6 +23,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="device preset or TOML whose peak rates the efficiencies refer to")
     parser.add_argument("--workload-model", action="append", default=[], metavar="TOML",
                         help="workload model(s) to use for the traces (default: models/workloads)")
+    parser.add_argument("--mode", choices=("roofline", "additive"), default=None,
+                        help="how compute and memory time combine (default: the base device's; "
+                             "additive for CPU traces without --base)")
     parser.add_argument("--no-measured", action="store_true",
                         help="do not store the traces' per-layer times in the device model")
     parser.add_argument("--workload", default=None,
@@ -180,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
     name = args.device_name or (Path(args.out).stem if args.out else "calibrated")
     base = load_device(args.base) if args.base else None
     cal = fit_device_model(traces, workloads=workload_of, base=base, name=name,
-                           include_measured=not args.no_measured)
+                           include_measured=not args.no_measured, mode=args.mode)
     if args.out:
         save_device_model(cal.device, args.out)
     if args.json:
@@ -191,12 +194,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
     d = cal.device
     print(f"device {d.name}: peaks fp32 {d.fp32_tflops:g} TFLOP/s, memory "
-          f"{d.mem_bandwidth_GBps:g} GB/s; fitted from {len(cal.traces_used)} trace(s)")
-    print(f"{'stage':<15} {'efficiency':>10} {'overhead_us':>11} {'samples':>7} {'rms err':>8} "
-          f"{'max err':>8}")
+          f"{d.mem_bandwidth_GBps:g} GB/s, {d.mode} mode; fitted from "
+          f"{len(cal.traces_used)} trace(s)")
+    print(f"{'stage':<15} {'efficiency':>10} {'mem eff':>8} {'overhead_us':>11} {'samples':>7} "
+          f"{'rms err':>8} {'max err':>8}")
     for kind, f in cal.fits.items():
-        print(f"{kind:<15} {f.efficiency:10.4f} {f.overhead_us:11.2f} {f.samples:7d} "
-              f"{f.rms_rel_error:8.1%} {f.max_rel_error:8.1%}" + (f"  ({f.note})" if f.note else ""))
+        print(f"{kind:<15} {f.efficiency:10.4f} {f.mem_efficiency:8.4f} {f.overhead_us:11.2f} "
+              f"{f.samples:7d} {f.rms_rel_error:8.1%} {f.max_rel_error:8.1%}"
+              + (f"  ({f.note})" if f.note else ""))
     for note in cal.notes:
         print(f"note: {note}")
     if args.out:

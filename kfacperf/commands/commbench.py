@@ -82,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
         for i, f in enumerate(fs):
             mark = "*" if i == 0 else " "
             print(f"{op if i == 0 else '':<15} {f['algorithm'] + mark:<17} {f['alpha_us']:9.2f} "
-                  f"{f['bandwidth_GBps']:8.3f} {f['rms_rel_error']:8.1%} {f['max_rel_error']:8.1%}")
+                  f"{f['bandwidth_GBps']:8.3f} {f['rms_rel_error']:8.1%} {f['max_rel_error']:8.1%}"
+                  + (f"  ({f['note']})" if f.get("note") else ""))
     if result.slowdowns:
         print("compute slowdown with ranks sharing cores: "
               + ", ".join(f"{k} ranks {v:.2f}x" for k, v in sorted(result.slowdowns.items())))

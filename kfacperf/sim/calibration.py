@@ -6,7 +6,7 @@ API::
         samples: iterable of (world_size, nbytes, time_us); nbytes as in kfacperf.sim.collectives
     cluster_from_fits(fits: Mapping[op, AlphaBetaFit], *, name, gpus_per_node, ...) -> ClusterModel
     exclusive_compute_times(events) -> DataFrame      (rank, step, stage, layer, dur_us)
-    fit_device_model(traces, *, workloads, base=None, name, include_measured=True)
+    fit_device_model(traces, *, workloads, base=None, name, include_measured=True, mode=None)
         -> DeviceCalibration(.device, .fits: {kind: StageFit}, .traces_used, .notes)
     base_device_for(run) -> DeviceModel               (peaks to fit efficiencies against)
 
@@ -18,15 +18,19 @@ alike) with alpha >= 0 and beta >= 0.
 **Device.**  Per stage kind ``k``, every (trace, stage, layer) gives one sample: the median
 over steps and ranks of the stage's *exclusive* time (time of compute stages nested inside it,
 such as the factor statistics computed in backward hooks, is subtracted; occurrences of one
-(stage, layer) within a step are summed) against the analytic roofline ``r`` and call count
-``c`` of :class:`kfacperf.sim.costs.CostModel`.  The model ``t = overhead * c + r /
-efficiency`` is fitted by relative least squares with overhead >= 0 and efficiency <= 1.
-When the samples cannot separate the two (one batch size of a whole-model stage), the
-overhead is 0.  Only single-process traces are used when any is given: ranks sharing the
+(stage, layer) within a step are summed) against the regressors of
+:meth:`kfacperf.sim.costs.CostModel.regressors` (calls ``c``, compute time ``F/peak``, memory
+time ``B/bw``, roofline time).  In ``additive`` mode ``t = overhead c + (F/peak) / efficiency
++ (B/bw) / mem_efficiency``; in ``roofline`` mode ``t = overhead c + roofline / efficiency``
+(one efficiency for both).  The fit is relative least squares with overhead >= 0 and
+efficiencies <= 1.  A term the samples cannot separate from the others (one batch size of a
+whole-model stage; FLOPs proportional to bytes, as in the update) is left at its bound
+(overhead 0, efficiency 1) and noted.  Only single-process traces are used when any is given: ranks sharing the
 machine slow each other down, which is the cluster model's ``contention``, not the device's.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
@@ -38,7 +42,7 @@ from kfacperf.sim.cluster_model import OPS, ClusterModel, Tier
 from kfacperf.sim.collectives import coefficients
 from kfacperf.sim.costs import CostModel
 from kfacperf.sim.device_model import (
-    INVERSE_METHODS, STAGE_KINDS, DeviceModel, MeasuredTime, StageEfficiency,
+    INVERSE_METHODS, MODES, STAGE_KINDS, DeviceModel, MeasuredTime, StageEfficiency,
 )
 from kfacperf.sim.workload_model import WorkloadModel
 
@@ -47,38 +51,37 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def bounded_lstsq(a: np.ndarray, y: np.ndarray, lower: Sequence[float]) -> np.ndarray:
-    """argmin ||a x - y||^2 subject to x_j >= lower_j, for one or two unknowns.
+    """argmin ||a x - y||^2 subject to x_j >= lower_j (a few unknowns).
 
-    Exact: the optimum of a convex quadratic on a box is the unconstrained optimum if it is
-    feasible, else lies on a face, where the problem has one unknown fewer.
+    Exact: the optimum of a convex quadratic on a box is the unconstrained optimum of some
+    face (a set of variables held at their bounds), so every face is tried.  Faces with more
+    variables at their bounds come first and a freer one must lower the cost by more than a
+    relative 1e-9 to win: an unidentifiable term stays at its bound instead of taking an
+    arbitrary share (of equally good faces, the one holding the earliest variables wins).
     """
     a = np.asarray(a, dtype=float)
     y = np.asarray(y, dtype=float)
     k = a.shape[1]
+    if k > 4:
+        raise ValueError("bounded_lstsq is meant for at most 4 unknowns")
     lo = np.asarray(lower, dtype=float)
-    best, best_cost = None, math.inf
-    for fixed in _subsets(k):
-        x = lo.copy()
-        free = [j for j in range(k) if j not in fixed]
-        if free:
-            rhs = y - a[:, list(fixed)] @ lo[list(fixed)] if fixed else y
-            sol, *_ = np.linalg.lstsq(a[:, free], rhs, rcond=None)
-            x[free] = sol
-        if np.any(x < lo - 1e-12 * np.maximum(1.0, np.abs(lo))):
-            continue
-        cost = float(np.sum((a @ x - y) ** 2))
-        if cost < best_cost * (1 - 1e-12):
-            best, best_cost = x, cost
-    assert best is not None  # all-fixed is always feasible
+    best, best_cost = lo.copy(), float(np.sum((a @ lo - y) ** 2))
+    scale = max(best_cost, float(np.sum(y ** 2)), 1e-300)
+    for n_free in range(1, k + 1):
+        faces = sorted(itertools.combinations(range(k), n_free),
+                       key=lambda f: tuple(j in f for j in range(k)))
+        for free in faces:
+            fixed = [j for j in range(k) if j not in free]
+            rhs = y - a[:, fixed] @ lo[fixed] if fixed else y
+            sol, *_ = np.linalg.lstsq(a[:, list(free)], rhs, rcond=None)
+            x = lo.copy()
+            x[list(free)] = sol
+            if np.any(x < lo - 1e-12 * np.maximum(1.0, np.abs(lo))):
+                continue
+            cost = float(np.sum((a @ x - y) ** 2))
+            if cost < best_cost - 1e-9 * scale:
+                best, best_cost = x, cost
     return best
-
-
-def _subsets(k: int) -> list[tuple[int, ...]]:
-    if k == 1:
-        return [(), (0,)]
-    if k == 2:
-        return [(), (0,), (1,), (0, 1)]
-    raise ValueError("bounded_lstsq handles one or two unknowns")
 
 
 # --------------------------------------------------------------------------- alpha-beta
@@ -93,6 +96,7 @@ class AlphaBetaFit:
     samples: int
     rms_rel_error: float
     max_rel_error: float
+    note: str = ""
 
     def predict_us(self, world_size: int, nbytes: float) -> float:
         a, b = coefficients(self.op, self.algorithm, world_size, nbytes)
@@ -117,17 +121,17 @@ def fit_alpha_beta(
     scale = np.abs(a * w[:, None]).max(axis=0)  # column scaling keeps lstsq well conditioned
     scale[scale == 0] = 1.0
     x = bounded_lstsq(a * w[:, None] / scale, y * w, [0.0, 0.0]) / scale
+    note = ""
+    if x[1] <= 0:  # noise hid the growth with size: fall back to a bandwidth-only fit
+        b = a[:, 1] * w
+        x = np.array([0.0, float(b @ (y * w)) / float(b @ b)])
+        note = "timings did not grow with message size: alpha set to 0 (use larger sizes)"
     alpha, beta = float(x[0]), float(x[1])
-    if beta <= 0:
-        raise ValueError(
-            f"{op}: the timings do not grow with message size, so no bandwidth can be fitted "
-            "(use larger sizes)"
-        )
     rel = (a @ x - y) / y
     return AlphaBetaFit(
         op=op, algorithm=algorithm, alpha_us=alpha, bandwidth_GBps=1.0 / (beta * 1e3),
         samples=len(y), rms_rel_error=float(np.sqrt(np.mean(rel ** 2))),
-        max_rel_error=float(np.max(np.abs(rel))),
+        max_rel_error=float(np.max(np.abs(rel))), note=note,
     )
 
 
@@ -172,6 +176,7 @@ class StageFit:
 
     kind: str
     efficiency: float
+    mem_efficiency: float
     overhead_us: float
     samples: int
     rms_rel_error: float
@@ -210,9 +215,10 @@ def base_device_for(run: Mapping[str, Any]) -> DeviceModel:
         if needle in label:
             return load_device(preset)
     threads = max(1, int(run.get("threads_per_rank") or 1))
-    stages = {k: StageEfficiency(efficiency=1.0, overhead_us=0.0, assumed=True) for k in STAGE_KINDS}
+    stages = {k: StageEfficiency(efficiency=1.0, mem_efficiency=1.0, overhead_us=0.0,
+                                 assumed=True) for k in STAGE_KINDS}
     peaks = {k: v * threads for k, v in CPU_THREAD_PEAKS.items()}
-    return DeviceModel(name="cpu-nominal", stages=stages,
+    return DeviceModel(name="cpu-nominal", stages=stages, mode="additive",
                        source=f"nominal peaks of {threads} CPU thread(s)", **peaks)
 
 
@@ -257,8 +263,7 @@ class _Sample:
     batch: int
     inverse_method: str
     time_us: float
-    roof_us: float
-    calls: int
+    reg: Any  # kfacperf.sim.costs.Regressors
 
 
 def _trace_samples(trace: Any, workload: WorkloadModel, base: DeviceModel) -> list[_Sample]:
@@ -279,8 +284,8 @@ def _trace_samples(trace: Any, workload: WorkloadModel, base: DeviceModel) -> li
         lm = workload.layer(layer) if layer else None
         if lm is None and stage not in (S.FORWARD, S.BACKWARD, S.UPDATE):
             raise ValueError(f"{trace_label(trace)}: {stage} event without a layer name")
-        roof, calls = cost.roofline_terms(stage, lm, batch=batch)
-        out.append(_Sample(stage, workload.name, layer, batch, method, float(t), roof, calls))
+        reg = cost.regressors(stage, lm, batch=batch)
+        out.append(_Sample(stage, workload.name, layer, batch, method, float(t), reg))
     return out
 
 
@@ -296,28 +301,30 @@ def _null_cluster() -> ClusterModel:
                         multi_node={op: "flat" for op in OPS})
 
 
-def _fit_kind(kind: str, samples: list[_Sample]) -> StageFit:
-    calls = np.array([s.calls for s in samples], dtype=float)
-    roof = np.array([s.roof_us for s in samples], dtype=float)
+def _fit_kind(kind: str, samples: list[_Sample], mode: str) -> StageFit:
     y = np.array([s.time_us for s in samples], dtype=float)
-    a = np.column_stack([calls, roof]) / y[:, None]
-    ones = np.ones_like(y)
-    note = ""
+    calls = np.array([s.reg.calls for s in samples], dtype=float)
+    if mode == "additive":
+        cols = [calls, np.array([s.reg.compute_us for s in samples]),
+                np.array([s.reg.memory_us for s in samples])]
+        names = ("overhead", "compute efficiency", "memory efficiency")
+    else:
+        cols = [calls, np.array([s.reg.roofline_us for s in samples])]
+        names = ("overhead", "efficiency")
+    a = np.column_stack(cols) / y[:, None]  # relative errors
     scale = np.abs(a).max(axis=0)
     scale[scale == 0] = 1.0
-    separable = np.linalg.matrix_rank(a / scale, tol=1e-6) >= 2
-    if separable:
-        x = bounded_lstsq(a / scale, ones, [0.0, 1.0 * scale[1]]) / scale
-    else:
-        x = np.array([0.0, max(1.0, float(bounded_lstsq(a[:, 1:], ones, [1.0])[0]))])
-        note = "overhead not separable from these samples: set to 0"
-    overhead, inv_eff = float(x[0]), float(x[1])
-    if inv_eff <= 1.0 + 1e-9:
-        note = (note + "; " if note else "") + "efficiency hit its bound 1.0 (peak rate too low?)"
-    pred = calls * overhead + roof * inv_eff
+    lower = np.array([0.0] + [1.0] * (len(cols) - 1)) * scale
+    x = bounded_lstsq(a / scale, np.ones_like(y), lower) / scale
+    at_bound = [n for n, v, lo in zip(names, x, lower / scale) if v <= lo * (1 + 1e-9)]
+    note = f"at bound (not supported by these samples): {', '.join(at_bound)}" if at_bound else ""
+    pred = np.column_stack(cols) @ x
     rel = (pred - y) / y
-    return StageFit(kind=kind, efficiency=min(1.0, 1.0 / inv_eff), overhead_us=overhead,
-                    samples=len(y), rms_rel_error=float(np.sqrt(np.mean(rel ** 2))),
+    eff = 1.0 / x[1]
+    mem_eff = 1.0 / x[2] if mode == "additive" else eff
+    return StageFit(kind=kind, efficiency=min(1.0, eff), mem_efficiency=min(1.0, mem_eff),
+                    overhead_us=float(x[0]), samples=len(y),
+                    rms_rel_error=float(np.sqrt(np.mean(rel ** 2))),
                     max_rel_error=float(np.max(np.abs(rel))), note=note)
 
 
@@ -329,6 +336,7 @@ def fit_device_model(
     name: str,
     include_measured: bool = True,
     description: str = "",
+    mode: str | None = None,
 ) -> DeviceCalibration:
     """Fit efficiencies and per-call overheads of ``base`` to measured traces.
 
@@ -337,7 +345,8 @@ def fit_device_model(
     :class:`WorkloadModel`: a mapping from ``run["workload"]``, or a function of the run dict
     (e.g. ``lambda run: workload_for_run(run["workload"], run.get("workload_options"))``).  Stage kinds absent from the traces keep
     ``base``'s values.  With ``include_measured`` the medians of single-process traces are
-    stored as ``[[measured]]`` times (used when simulating this very device).
+    stored as ``[[measured]]`` times (used when simulating this very device).  ``mode``
+    (``roofline`` or ``additive``) defaults to ``base``'s.
     """
     if not traces:
         raise ValueError("no traces to calibrate from")
@@ -348,6 +357,9 @@ def fit_device_model(
         notes.append(f"{len(traces) - len(single)} multi-process trace(s) not used for the device")
     if base is None:
         base = base_device_for(used[0].run)
+    mode = mode or base.mode
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     samples: list[_Sample] = []
     for tr in used:
         wname = str(tr.run.get("workload", ""))
@@ -365,10 +377,11 @@ def fit_device_model(
         if not ks:
             notes.append(f"{kind}: not in the traces, kept {base.name}'s values")
             continue
-        fit = _fit_kind(kind, ks)
+        fit = _fit_kind(kind, ks, mode)
         fits[kind] = fit
-        stages[kind] = StageEfficiency(efficiency=fit.efficiency, overhead_us=fit.overhead_us,
-                                       assumed=False)
+        stages[kind] = StageEfficiency(efficiency=fit.efficiency,
+                                       mem_efficiency=fit.mem_efficiency,
+                                       overhead_us=fit.overhead_us, assumed=False)
     measured: tuple[MeasuredTime, ...] = ()
     if include_measured and single:
         measured = tuple(
@@ -380,7 +393,7 @@ def fit_device_model(
     device = DeviceModel(
         name=name, fp32_tflops=base.fp32_tflops, tf32_tflops=base.tf32_tflops,
         bf16_tflops=base.bf16_tflops, mem_bandwidth_GBps=base.mem_bandwidth_GBps,
-        stages=stages, measured=measured,
+        stages=stages, mode=mode, measured=measured,
         source=f"kfacperf calibrate from {', '.join(labels)}; peaks from {base.name}",
         description=description or base.description,
     )

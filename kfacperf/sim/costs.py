@@ -9,11 +9,13 @@ This is the one interface between the models and the step graphs/engine::
     cost.compute_us(stage, layer: LayerModel | None, *, batch: int, workload=None) -> float
     cost.collective_us(op, nbytes, *, group_size: int, nodes: int) -> float
     cost.for_gpus(gpus) -> CostModel        # ranks_per_node = min(gpus, gpus_per_node)
-    cost.with_overrides(**kwargs) -> CostModel
+    cost.with_overrides(**options) -> CostModel
+    cost.options -> CostOptions (frozen, hashable; also readable as cost.<option>)
     cost.flops(stage, layer, *, batch, workload=None) -> float
     cost.bytes_moved(stage, layer, *, batch, workload=None) -> float
+    cost.regressors(stage, layer, *, batch, workload=None) -> Regressors  # for calibration
     cost.nodes_spanned(group_size) -> int
-    # payload helpers for the step graphs (comm_dtype and symmetric packing applied):
+    # payload helpers (comm_dtype and symmetric packing applied):
     cost.factor_bytes(layer) -> int          # A and G of one layer
     cost.inverse_bytes(layer) -> int         # eigenbases + eigenvalues, or the two inverses
     cost.grad_bytes(layer | None, *, workload=None) -> int   # None: all parameters
@@ -29,31 +31,13 @@ one fused call over all parameters (K-FAC layers and ``other_params``).  ``facto
 statistics computed in backward hooks are ``factor_compute`` (calibration subtracts them from
 the measured backward, where they are nested).
 
-Compute time (roofline per call)::
-
-    slowdown * (overhead_us[kind] * calls + max(F / peak(dtype), B / mem_bw) / efficiency[kind])
-               / compute_scale
-
-with analytic FLOPs ``F`` and bytes ``B`` (batch ``N``, rows ``r``, dims ``dA``, ``dG``,
-forward FLOPs ``f`` per example):
-
-=================  ==================================================  ====================
-stage              FLOPs                                               calls
-=================  ==================================================  ====================
-forward            N f                                                 1 per layer
-backward           2 N f (input and weight gradients)                  1 per layer
-factor_compute     2 N r (dA^2 + dG^2) (conv with geometry: phases,    1
-                   see ``_factor_phases``)
-inverse            eigen: 9 (dA^3 + dG^3); cholesky: dA^3 + dG^3       1
-precondition       eigen: 4 dA dG (dA + dG); cholesky: 2 dA dG (dA+dG) 1
-update             4 per parameter (momentum SGD)                      1
-=================  ==================================================  ====================
-
-The constants (9 for a symmetric eigendecomposition with vectors, Golub & Van Loan; 1 for a
-Cholesky factorisation plus inverse) only set the eigen/cholesky ratio; the fitted efficiency
-absorbs the rest.  When the device model holds a time measured on this workload
-(``[[measured]]``), the roofline is scaled to reproduce it: ``time = roofline(N) *
-measured(N_m) / roofline(N_m)`` for the nearest measured batch ``N_m`` (exact when ``N = N_m``).
+Compute time of one call: the stage's phases (FLOPs and bytes, :mod:`kfacperf.sim.stage_work`)
+on the device's rates and efficiencies (:mod:`kfacperf.sim.device_model`), plus the per-call
+overhead, times the compute slowdown of ranks sharing a node's cores, over ``compute_scale``.
+When the device model holds a time measured on this workload (``[[measured]]``), the model is
+scaled to reproduce it: ``time(N) = model(N) * measured(N_m) / model(N_m)`` for the nearest
+measured batch ``N_m`` (exact when ``N = N_m``); per-layer forward/backward shares are scaled by
+the whole-model measurement.
 """
 from __future__ import annotations
 
@@ -65,15 +49,8 @@ from kfacperf import stages as S
 from kfacperf.sim.cluster_model import ClusterModel
 from kfacperf.sim.collectives import ALL_OPS, group_collective_us
 from kfacperf.sim.device_model import DTYPES, INVERSE_METHODS, STAGE_KINDS, DeviceModel
+from kfacperf.sim.stage_work import DTYPE_BYTES, WHOLE_MODEL_STAGES, Phase, stage_phases
 from kfacperf.sim.workload_model import LayerModel, WorkloadModel
-
-DTYPE_BYTES: dict[str, int] = {"fp64": 8, "fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2}
-BATCH_STAGES = (S.FORWARD, S.BACKWARD, S.FACTOR_COMPUTE)
-WHOLE_MODEL_STAGES = (S.FORWARD, S.BACKWARD, S.UPDATE)
-INVERSE_FLOPS_PER_D3 = {"eigen": 9.0, "cholesky": 1.0}
-PRECOND_FLOPS_FACTOR = {"eigen": 4.0, "cholesky": 2.0}
-UPDATE_FLOPS_PER_PARAM = 4.0
-UPDATE_BYTES_PER_PARAM = 20.0  # read param, grad, momentum; write param, momentum (fp32)
 
 
 def dtype_bytes(dtype: str) -> int:
@@ -86,6 +63,16 @@ def dtype_bytes(dtype: str) -> int:
 def factor_elements(d: int, symmetric: bool = False) -> int:
     """Elements of a d x d factor, d(d+1)/2 with upper-triangle packing."""
     return d * (d + 1) // 2 if symmetric else d * d
+
+
+@dataclass(frozen=True, kw_only=True)
+class Regressors:
+    """A call's terms at efficiency 1: ``time = overhead * calls + ...`` (see DeviceModel)."""
+
+    calls: int
+    compute_us: float  # sum over phases of FLOPs / peak
+    memory_us: float  # sum over phases of bytes / memory bandwidth
+    roofline_us: float  # sum over phases of max(compute, memory)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -223,7 +210,7 @@ class CostModel:
         cached = self._compute_cache.get(key)
         if cached is not None:
             return cached
-        t = self._roofline_us(stage, layer, batch, w)
+        t = self._model_us(stage, layer, batch, w)
         if self.options.use_measured:
             t *= self._measured_ratio(stage, layer, batch, w)
         t = t * self.slowdown / self.options.compute_scale
@@ -232,135 +219,49 @@ class CostModel:
 
     def flops(self, stage: str, layer: LayerModel | None, *, batch: int,
               workload: WorkloadModel | None = None) -> float:
-        return self._work(stage, layer, batch, workload or self.workload)[0]
+        return sum(p.flops for p in self._phases(stage, layer, batch, workload)[0])
 
     def bytes_moved(self, stage: str, layer: LayerModel | None, *, batch: int,
                     workload: WorkloadModel | None = None) -> float:
-        return self._work(stage, layer, batch, workload or self.workload)[1]
+        return sum(p.nbytes for p in self._phases(stage, layer, batch, workload)[0])
+
+    def regressors(self, stage: str, layer: LayerModel | None, *, batch: int,
+                   workload: WorkloadModel | None = None) -> "Regressors":
+        """The terms a call's time is linear in, at efficiency 1 (what calibration fits)."""
+        phases, calls = self._phases(stage, layer, batch, workload)
+        compute = [p.flops / self.device.peak_flops_per_us(p.dtype) for p in phases]
+        memory = [p.nbytes / self.device.mem_bytes_per_us for p in phases]
+        return Regressors(calls=calls, compute_us=sum(compute), memory_us=sum(memory),
+                          roofline_us=sum(max(c, m) for c, m in zip(compute, memory)))
 
     def _method_key(self, stage: str, method: str) -> str:
         return method if stage in (S.INVERSE, S.PRECONDITION) else ""
 
-    def _check(self, stage: str, layer: LayerModel | None, batch: int) -> None:
+    def _phases(self, stage: str, layer: LayerModel | None, batch: int,
+                workload: WorkloadModel | None) -> tuple[list[Phase], int]:
         if stage not in STAGE_KINDS:
             raise ValueError(f"{stage!r} is not a compute stage; compute stages: {STAGE_KINDS}")
         if layer is None and stage not in WHOLE_MODEL_STAGES:
             raise ValueError(f"stage {stage!r} is per layer: pass a LayerModel")
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise ValueError(f"batch must be a positive int, got {batch!r}")
-
-    def _fwd_flops(self, l: LayerModel, w: WorkloadModel) -> float:
-        """Forward FLOPs per example of ``l`` plus its share (by FLOPs) of the non-K-FAC work."""
-        if not w.other_fwd_flops_per_example:
-            return l.fwd_flops_per_example
-        total = sum(x.fwd_flops_per_example for x in w.layers)
-        share = l.fwd_flops_per_example / total if total > 0 else 1.0 / len(w.layers)
-        return l.fwd_flops_per_example + share * w.other_fwd_flops_per_example
-
-    def _layer_work(self, stage: str, l: LayerModel, batch: int,
-                    w: WorkloadModel) -> tuple[float, float, int]:
-        """(FLOPs, bytes, calls) of one layer's share of ``stage``."""
         o = self.options
-        act = dtype_bytes(o.dtype)
-        fb = 4  # factors, inverses and preconditioned gradients stay in fp32
-        da, dg = l.dim_a, l.dim_g
-        if stage == S.FORWARD:
-            return (batch * self._fwd_flops(l, w),
-                    act * (batch * (l.in_elems_per_example + l.out_elems_per_example) + l.params), 1)
-        if stage == S.BACKWARD:
-            return (2 * batch * self._fwd_flops(l, w),
-                    act * 2 * (batch * (l.in_elems_per_example + l.out_elems_per_example)
-                               + l.params), 1)
-        if stage == S.FACTOR_COMPUTE:
-            phases = self._factor_phases(l, batch)
-            return sum(f for f, _ in phases), sum(b for _, b in phases), 1
-        if stage == S.INVERSE:
-            return (INVERSE_FLOPS_PER_D3[o.inverse_method] * (da ** 3 + dg ** 3),
-                    fb * 3 * (da * da + dg * dg), 1)
-        if stage == S.PRECONDITION:
-            return (PRECOND_FLOPS_FACTOR[o.inverse_method] * da * dg * (da + dg),
-                    fb * (da * da + dg * dg + 3 * da * dg), 1)
-        return (UPDATE_FLOPS_PER_PARAM * l.params, UPDATE_BYTES_PER_PARAM * l.params, 1)
+        return stage_phases(stage, layer, batch=batch, workload=workload or self.workload,
+                            act_dtype=o.dtype, kfac_dtype=o.kfac_dtype,
+                            inverse_method=o.inverse_method)
 
-    def _factor_phases(self, l: LayerModel, batch: int) -> list[tuple[float, float]]:
-        """(FLOPs, bytes) of each phase of one layer's factor statistics and running average.
-
-        Without conv geometry: the Gram matrices of the unfolded rows, one phase.  With it, the
-        optimizer's convolution algorithm (``kfacperf.kfac.conv_factors``): a positions-major
-        copy of the padded input; per displacement (i, j) between kernel taps (di in [0, kh),
-        dj in (-kw, kw), the mirrored half skipped) a batched product over padded positions
-        (2 N C^2 per position); the window sums of every tap pair of that displacement
-        ((kh - di)(kw - |dj|) windows of Ho x Wo x C^2 elements, memory-bound and independent
-        of the batch); G = g g^T; the running averages.  Sequential phases add.
-        """
-        fb = 4
-        da, dg = l.dim_a, l.dim_g
-        rows = batch * l.rows_per_example
-        running = (3.0 * (da * da + dg * dg), fb * 3.0 * (da * da + dg * dg))
-        c = l.conv
-        if c is None:
-            return [(2.0 * rows * (da * da + dg * dg),
-                     fb * (rows * (da + dg) + 3 * (da * da + dg * dg)))]
-        ch, (kh, kw), (hp, wp), (ho, wo) = c.in_channels, c.kernel, c.padded, c.output
-        pos = hp * wp
-        shifts = [(di, dj) for di in range(kh) for dj in range(-(kw - 1), kw)
-                  if not (di == 0 and dj < 0)]
-        windows = sum((kh - di) * (kw - abs(dj)) for di, dj in shifts) * ho * wo * ch * ch
-        return [
-            (0.0, fb * 2.0 * batch * ch * pos),
-            (2.0 * batch * ch * ch * pos * len(shifts),
-             fb * len(shifts) * (2.0 * batch * ch * pos + pos * ch * ch)),
-            (float(windows), fb * float(windows)),
-            (2.0 * rows * dg * dg, fb * 2.0 * rows * dg),
-            running,
-        ]
-
-    def _work(self, stage: str, layer: LayerModel | None, batch: int,
-              w: WorkloadModel) -> tuple[float, float]:
-        self._check(stage, layer, batch)
-        if layer is not None:
-            f, b, _ = self._layer_work(stage, layer, batch, w)
-            return f, b
-        f = b = 0.0
-        for l in w.layers:
-            lf, lb, _ = self._layer_work(stage, l, batch, w)
-            f, b = f + lf, b + lb
-        if stage == S.UPDATE:
-            f += UPDATE_FLOPS_PER_PARAM * w.other_params
-            b += UPDATE_BYTES_PER_PARAM * w.other_params
-        return f, b
-
-    def _roof(self, stage: str, flops: float, nbytes: float) -> float:
-        dtype = self.options.dtype if stage in (S.FORWARD, S.BACKWARD) else (
-            "fp32" if stage in (S.INVERSE, S.UPDATE) else self.options.kfac_dtype)
-        return max(flops / self.device.peak_flops_per_us(dtype),
-                   nbytes / self.device.mem_bytes_per_us)
-
-    def roofline_terms(self, stage: str, layer: LayerModel | None, *, batch: int,
-                       workload: WorkloadModel | None = None) -> tuple[float, int]:
-        """``(sum of max(F/peak, B/bw) in us, number of calls)``: the regressors of the fit."""
-        w = workload or self.workload
-        self._check(stage, layer, batch)
-        if layer is not None:
-            if stage == S.FACTOR_COMPUTE:  # sequential phases, each on its own roofline
-                return sum(self._roof(stage, f, b) for f, b in
-                           self._factor_phases(layer, batch)), 1
-            f, b, calls = self._layer_work(stage, layer, batch, w)
-            return self._roof(stage, f, b), calls
-        if stage == S.UPDATE:  # one fused optimizer call over all parameters
-            f, b = self._work(stage, None, batch, w)
-            return self._roof(stage, f, b), 1
-        roof, calls = 0.0, 0
-        for l in w.layers:  # forward/backward: the sum of the per-layer shares
-            f, b, c = self._layer_work(stage, l, batch, w)
-            roof, calls = roof + self._roof(stage, f, b), calls + c
-        return roof, calls
-
-    def _roofline_us(self, stage: str, layer: LayerModel | None, batch: int,
-                     w: WorkloadModel) -> float:
-        roof, calls = self.roofline_terms(stage, layer, batch=batch, workload=w)
+    def _model_us(self, stage: str, layer: LayerModel | None, batch: int,
+                  w: WorkloadModel) -> float:
+        phases, calls = self._phases(stage, layer, batch, w)
         eff = self.device.stage(stage)
-        return eff.overhead_us * calls + roof / eff.efficiency
+        peak_c = [p.flops / (self.device.peak_flops_per_us(p.dtype) * eff.efficiency)
+                  for p in phases]
+        peak_m = [p.nbytes / (self.device.mem_bytes_per_us * eff.mem_efficiency) for p in phases]
+        if self.device.mode == "roofline":
+            body = sum(max(c, m) for c, m in zip(peak_c, peak_m))
+        else:
+            body = sum(peak_c) + sum(peak_m)
+        return eff.overhead_us * calls + body
 
     def _measured_ratio(self, stage: str, layer: LayerModel | None, batch: int,
                         w: WorkloadModel) -> float:
@@ -377,5 +278,5 @@ class CostModel:
         b_m, t_m = min(entries, key=lambda e: (abs(math.log(e[0] / batch)), -e[0]))
         same = [t for b, t in entries if b == b_m]
         t_m = sum(same) / len(same)
-        model = self._roofline_us(stage, target_layer, b_m, w)
+        model = self._model_us(stage, target_layer, b_m, w)
         return t_m / model if model > 0 else 1.0

@@ -4,22 +4,28 @@ API (stable)::
 
     STAGE_KINDS = ("forward", "backward", "factor_compute", "inverse", "precondition", "update")
     DTYPES = ("fp32", "tf32", "bf16")
-    StageEfficiency(*, efficiency: float, overhead_us: float, assumed: bool)
+    MODES = ("roofline", "additive")
+    StageEfficiency(*, efficiency: float, mem_efficiency: float, overhead_us: float, assumed: bool)
     MeasuredTime(*, workload, stage, layer, batch, inverse_method, time_us)
     DeviceModel(*, name, fp32_tflops, tf32_tflops, bf16_tflops, mem_bandwidth_GBps,
-                stages: Mapping[str, StageEfficiency], measured: tuple[MeasuredTime, ...] = (),
-                source: str = "", description: str = "")
+                stages: Mapping[str, StageEfficiency], mode: str = "roofline",
+                measured: tuple[MeasuredTime, ...] = (), source: str = "", description: str = "")
         .peak_flops_per_us(dtype) -> float   .mem_bytes_per_us -> float
         .stage(kind) -> StageEfficiency      .with_stages(**{kind: StageEfficiency}) -> DeviceModel
     load_device_model(path) -> DeviceModel  (strict)      save_device_model(model, path) -> Path
 
-A stage of kind ``k`` with ``F`` FLOPs moving ``B`` bytes takes (roofline, see
-:mod:`kfacperf.sim.costs`)::
+A call of a stage of kind ``k`` whose phases (:mod:`kfacperf.sim.stage_work`) do ``F_i``
+FLOPs and move ``B_i`` bytes takes (:mod:`kfacperf.sim.costs`)::
 
-    overhead_us[k] + max(F / peak(dtype), B / mem_bandwidth) / efficiency[k]
+    roofline:  overhead_us[k] + sum_i max(F_i / (peak * efficiency[k]),
+                                          B_i / (mem_bandwidth * mem_efficiency[k]))
+    additive:  overhead_us[k] + sum_i F_i / (peak * efficiency[k])
+                              + sum_i B_i / (mem_bandwidth * mem_efficiency[k])
 
-``efficiency`` is in (0, 1]; ``assumed = true`` marks a guess (datasheet presets), ``false`` a
-value fitted from a trace.  ``tf32_tflops``/``bf16_tflops`` may be 0 for "not supported"
+``roofline`` suits GPUs, whose kernels overlap arithmetic and memory traffic; ``additive``
+("no overlap", as Calculon's ``processing_mode``) suits CPU kernels such as strided reductions
+that reach a small fraction of either peak.  Efficiencies are in (0, 1]; ``assumed = true``
+marks a guess (datasheet presets), ``false`` a value fitted from a trace.  ``tf32_tflops``/``bf16_tflops`` may be 0 for "not supported"
 (Volta has no TF32; its half-precision tensor-core rate is given as ``bf16_tflops``, which is
 the FP16 rate there).  ``[[measured]]`` entries (optional) are per-call times taken from a
 trace of this very device; the cost model prefers them over the roofline.
@@ -37,6 +43,7 @@ STAGE_KINDS: tuple[str, ...] = (
     S.FORWARD, S.BACKWARD, S.FACTOR_COMPUTE, S.INVERSE, S.PRECONDITION, S.UPDATE,
 )
 DTYPES: tuple[str, ...] = ("fp32", "tf32", "bf16")
+MODES: tuple[str, ...] = ("roofline", "additive")
 INVERSE_METHODS: tuple[str, ...] = ("eigen", "cholesky")
 FORMAT = "kfacperf-device-1"
 
@@ -46,12 +53,14 @@ class StageEfficiency:
     """How close one stage kind gets to the roofline, plus a fixed cost per call."""
 
     efficiency: float
+    mem_efficiency: float
     overhead_us: float
     assumed: bool
 
     def __post_init__(self) -> None:
-        if not 0 < self.efficiency <= 1:
-            raise ValueError(f"efficiency must be in (0, 1], got {self.efficiency}")
+        for key in ("efficiency", "mem_efficiency"):
+            if not 0 < getattr(self, key) <= 1:
+                raise ValueError(f"{key} must be in (0, 1], got {getattr(self, key)}")
         if self.overhead_us < 0:
             raise ValueError(f"overhead_us must be >= 0, got {self.overhead_us}")
 
@@ -84,12 +93,15 @@ class DeviceModel:
     bf16_tflops: float
     mem_bandwidth_GBps: float
     stages: Mapping[str, StageEfficiency]
+    mode: str = "roofline"
     measured: tuple[MeasuredTime, ...] = ()
     source: str = ""
     description: str = ""
     _rates: dict[str, float] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"device {self.name!r}: mode {self.mode!r} not in {MODES}")
         if self.fp32_tflops <= 0:
             raise ValueError(f"device {self.name!r}: fp32_tflops must be > 0")
         if self.mem_bandwidth_GBps <= 0:
@@ -144,6 +156,7 @@ def load_device_model(path: str | Path) -> DeviceModel:
     name = root.str("name")
     description = root.str("description", nonempty=False)
     source = root.str("source", nonempty=False)
+    mode = root.str("mode", choices=MODES)
     peak = root.table("peak")
     rates = dict(
         fp32_tflops=peak.float("fp32_tflops", positive=True),
@@ -158,6 +171,7 @@ def load_device_model(path: str | Path) -> DeviceModel:
         t = st.table(kind)
         stages[kind] = StageEfficiency(
             efficiency=t.float("efficiency", positive=True, maximum=1.0),
+            mem_efficiency=t.float("mem_efficiency", positive=True, maximum=1.0),
             overhead_us=t.float("overhead_us", nonnegative=True),
             assumed=t.bool("assumed"),
         )
@@ -179,7 +193,7 @@ def load_device_model(path: str | Path) -> DeviceModel:
             t.done()
     root.done()
     return DeviceModel(
-        name=name, stages=stages, measured=tuple(measured), source=source,
+        name=name, stages=stages, mode=mode, measured=tuple(measured), source=source,
         description=description, **rates,
     )
 
@@ -190,6 +204,7 @@ def device_model_to_dict(model: DeviceModel) -> dict[str, Any]:
         "name": model.name,
         "description": model.description,
         "source": model.source,
+        "mode": model.mode,
         "peak": {
             "fp32_tflops": float(model.fp32_tflops),
             "tf32_tflops": float(model.tf32_tflops),
@@ -199,6 +214,7 @@ def device_model_to_dict(model: DeviceModel) -> dict[str, Any]:
         "stages": {
             k: {
                 "efficiency": float(s.efficiency),
+                "mem_efficiency": float(s.mem_efficiency),
                 "overhead_us": float(s.overhead_us),
                 "assumed": s.assumed,
             }
@@ -219,7 +235,8 @@ def device_model_to_dict(model: DeviceModel) -> dict[str, Any]:
 def save_device_model(model: DeviceModel, path: str | Path) -> Path:
     header = (
         f"Device model {model.name!r} for the kfacperf simulator.",
-        "time(stage) = overhead_us + max(FLOPs / peak, bytes / mem_bandwidth) / efficiency",
+        "time(call) = overhead_us + per phase max (roofline) or sum (additive) of",
+        "FLOPs / (peak x efficiency) and bytes / (mem_bandwidth x mem_efficiency)",
         "assumed = true marks a guessed efficiency, false one fitted from a trace.",
     )
     return write_toml(path, device_model_to_dict(model), header=header)

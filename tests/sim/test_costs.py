@@ -27,11 +27,12 @@ PEAK = 10e6  # FLOP per us (10 TFLOP/s)
 BW = 100e3  # bytes per us (100 GB/s)
 
 
-def device(measured=()) -> DeviceModel:
+def device(measured=(), mode: str = "roofline") -> DeviceModel:
     return DeviceModel(
         name="d", fp32_tflops=10.0, tf32_tflops=0.0, bf16_tflops=40.0, mem_bandwidth_GBps=100.0,
-        stages={k: StageEfficiency(efficiency=e, overhead_us=o, assumed=False) for k, (e, o) in EFF.items()},
-        measured=measured,
+        stages={k: StageEfficiency(efficiency=e, mem_efficiency=e, overhead_us=o, assumed=False)
+                for k, (e, o) in EFF.items()},
+        measured=measured, mode=mode,
     )
 
 
@@ -234,3 +235,20 @@ def test_conv_factor_cost_follows_the_displacement_gram_algorithm() -> None:
     # the window sums do not grow with the batch: 8x the batch is far less than 8x the time
     t8, t64 = (c.compute_us("factor_compute", conv, batch=n) for n in (8, 64))
     assert t64 < 4 * t8
+
+
+def test_additive_mode_sums_compute_and_memory_terms_with_their_own_efficiencies() -> None:
+    stages = {k: StageEfficiency(efficiency=e, mem_efficiency=e / 2, overhead_us=o, assumed=False)
+              for k, (e, o) in EFF.items()}
+    add = DeviceModel(name="a", fp32_tflops=10.0, tf32_tflops=0.0, bf16_tflops=40.0,
+                      mem_bandwidth_GBps=100.0, stages=stages, mode="additive")
+    c = cost(workload=W0, device=add)
+    for stage in STAGE_KINDS:
+        for l in W0.layers:
+            e, over = EFF[stage]
+            f, b = c.flops(stage, l, batch=16), c.bytes_moved(stage, l, batch=16)
+            assert c.compute_us(stage, l, batch=16) == pytest.approx(over + f / (PEAK * e) + b / (BW * e / 2))
+    reg = c.regressors("inverse", FC, batch=1)
+    assert reg.compute_us == pytest.approx(c.flops("inverse", FC, batch=1) / PEAK)
+    assert reg.roofline_us == pytest.approx(max(reg.compute_us, reg.memory_us)) and reg.calls == 1
+    assert c.regressors("forward", None, batch=4).calls == 3

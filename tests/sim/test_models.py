@@ -37,7 +37,8 @@ def make_workload() -> WorkloadModel:
 
 
 def make_device(**kw) -> DeviceModel:
-    stages = {k: StageEfficiency(efficiency=0.5, overhead_us=3.0, assumed=False) for k in STAGE_KINDS}
+    stages = {k: StageEfficiency(efficiency=0.5, mem_efficiency=0.25, overhead_us=3.0, assumed=False)
+              for k in STAGE_KINDS}
     args = dict(name="dev", fp32_tflops=10.0, tf32_tflops=0.0, bf16_tflops=40.0,
                 mem_bandwidth_GBps=500.0, stages=stages)
     args.update(kw)
@@ -129,6 +130,8 @@ def test_cluster_strict_errors(tmp_path: Path, old: str, new: str, pattern: str)
         ("assumed = false", "assumed = 1", r"stages\.forward\.assumed': expected true or false"),
         ("[stages.update]", "[stages.optimizer]\nefficiency = 1\n[stages.update]", r"'stages\.optimizer': unknown key"),
         ('format = "kfacperf-device-1"', 'format = "other"', r"key 'format': expected"),
+        ('mode = "roofline"', 'mode = "fast"', r"key 'mode': 'fast' is not one of"),
+        ("mem_efficiency = 0.25", "mem_efficiency = 2.0", r"stages\.forward\.mem_efficiency': must be <= 1"),
     ],
 )
 def test_device_strict_errors(tmp_path: Path, old: str, new: str, pattern: str) -> None:
