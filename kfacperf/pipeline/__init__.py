@@ -1,0 +1,20 @@
+"""The whole pipeline on this machine (``kfacperf demo``): profile, commbench, calibrate,
+predict the held-out runs, simulate at scale, report.
+
+::
+
+    from kfacperf.pipeline import DemoConfig, run_demo
+    result = run_demo(DemoConfig(workload="mlp", steps=20), stream=sys.stdout)
+    result.report          # path of the HTML page
+    result.runs            # measured vs predicted step time per local run
+    result.scale           # K-FAC overhead over SGD at the largest simulated GPU count
+"""
+from kfacperf.pipeline.config import ClusterTarget, DemoConfig, DemoPaths, quick_config
+from kfacperf.pipeline.demo import run_demo
+from kfacperf.pipeline.headline import DemoResult, RunHeadline, ScaleHeadline
+from kfacperf.pipeline.phases import DemoPhaseError
+
+__all__ = [
+    "ClusterTarget", "DemoConfig", "DemoPaths", "DemoPhaseError", "DemoResult", "RunHeadline",
+    "ScaleHeadline", "quick_config", "run_demo",
+]

@@ -1,0 +1,284 @@
+"""``run_demo``: the whole pipeline on this machine.
+
+1. profile SGD and each K-FAC strategy with 1 process and with 2 (``predict_nprocs``)
+   processes, one torch thread per rank, on the CPU (gloo);
+2. ``commbench``: measure collectives with 2 ranks and fit a cluster model of this machine;
+3. calibrate a device model from the 1-process traces only;
+4. predict every local run from that calibration (the 1-process runs are its own data, the
+   multi-process runs are held out) and compare with what was measured;
+5. simulate ``scale_workload`` (ResNet-50) on cluster presets with their datasheet devices,
+   up to 4,096 GPUs, for sgd, spngd and kaisa (plus bandwidth what-ifs on the first);
+6. write one HTML page with the traces, the predictions and the held-out accuracy.
+
+Everything goes under ``config.out``: ``index.html``, ``traces/``, ``models/``,
+``predictions/``, ``logs/`` (each phase's output), ``demo.json`` (the headline numbers) and
+``validation.json`` (held-out runs, readable by ``kfacperf report --validation``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from kfacperf.pipeline.config import SCALE_STRATEGIES, DemoConfig, DemoPaths
+from kfacperf.pipeline.headline import (
+    HELD_OUT, DemoResult, RunHeadline, run_headlines, scale_headlines,
+)
+from kfacperf.pipeline.phases import DemoStepFailed, PhaseRunner
+
+
+def check_out(root: Path) -> None:
+    """Refuse an output directory that is, or lies inside, the committed ``models/``."""
+    from kfacperf.sim.presets import models_dir
+
+    committed = models_dir().resolve()
+    target = root.resolve()
+    if target == committed or committed in target.parents:
+        raise ValueError(f"demo: --out {root} is inside the committed models ({committed}); "
+                         "choose another directory")
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"demo: --out {root} exists and is not a directory")
+
+
+def _profile_command(config: DemoConfig, strategy: str, nproc: int, out: Path) -> str:
+    """The ``kfacperf profile`` command equivalent to one demo run (stored in run.json)."""
+    args = ["kfacperf", "profile", "--workload", config.workload]
+    for k, v in config.workload_options.items():
+        args += ["--workload-option", f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]
+    args += ["--optimizer", "sgd" if strategy == "sgd" else "kfac", "--strategy", strategy,
+             "--nproc", str(nproc), "--steps", str(config.steps), "--warmup",
+             str(config.warmup), "--threads-per-rank", "1", "--device", "cpu"]
+    if config.batch_size is not None:
+        args += ["--batch-size", str(config.batch_size)]
+    return " ".join(shlex.quote(a) for a in args + ["--out", str(out)]) + "  # run by kfacperf demo"
+
+
+def _profile(config: DemoConfig, paths: DemoPaths, strategy: str, nproc: int) -> Any:
+    from kfacperf.profiler.config import ProfileConfig
+    from kfacperf.profiler.runner import profile
+
+    out = paths.trace(config.workload, strategy, nproc)
+    cfg = ProfileConfig(
+        workload=config.workload, out=str(out),
+        optimizer="sgd" if strategy == "sgd" else "kfac", strategy=strategy,
+        workload_options=dict(config.workload_options), steps=config.steps,
+        warmup=config.warmup, batch_size=config.batch_size, nproc=nproc, threads_per_rank=1,
+        timeout_s=config.timeout_s, device="cpu",
+        command=_profile_command(config, strategy, nproc, out),
+    )
+    outcome = profile(cfg, force=True)
+    if not outcome.ok or outcome.trace is None:
+        raise DemoStepFailed(outcome.message or f"the profile of {out} did not complete")
+    return outcome.trace
+
+
+def _commbench(config: DemoConfig, paths: DemoPaths) -> Any:
+    from kfacperf import commbench as cb
+    from kfacperf.sim.cluster_model import save_cluster_model
+
+    cbc = cb.CommbenchConfig(
+        world_sizes=tuple(sorted(set(config.predict_nprocs))), sizes=config.commbench_sizes,
+        reps=config.commbench_reps, warmup=config.commbench_warmup, backend="gloo",
+        timeout_s=config.timeout_s, contention=True,
+    )
+    result = cb.run_commbench(cbc, progress=lambda m: print(m, flush=True))
+    model, _ = cb.fit_cluster(result, name="local-cpu")
+    save_cluster_model(model, paths.cluster_model())
+    (paths.cluster_model().parent / "commbench.json").write_text(
+        json.dumps(result.to_dict(), indent=1) + "\n")
+    return model
+
+
+def _workload_model(config: DemoConfig, paths: DemoPaths) -> Any:
+    """The simulator's model of the profiled workload: a committed one when one matches the
+    workload's options, else generated from the torch workload into the demo's models/."""
+    from kfacperf.sim.models import save_workload_model, workload_for_run
+
+    folder = paths.workload_models()
+    try:
+        return workload_for_run(config.workload, dict(config.workload_options),
+                                search=[folder] if folder.is_dir() else [])
+    except ValueError:
+        pass
+    from kfacperf.commands.calibrate import build_workload_model
+
+    model = build_workload_model(config.workload, dict(config.workload_options))
+    save_workload_model(model, folder / f"{config.workload}.toml")
+    return model
+
+
+def _calibrate(config: DemoConfig, paths: DemoPaths, traces: list[Any]) -> tuple[Any, Any]:
+    from kfacperf.sim.calibration import fit_device_model
+    from kfacperf.sim.device_model import save_device_model
+
+    workload = _workload_model(config, paths)
+    cal = fit_device_model(traces, workloads=lambda run: workload, name="local-cpu",
+                           description="this machine's CPU, one thread per rank, fitted by "
+                                       "kfacperf demo from its 1-process traces")
+    save_device_model(cal.device, paths.device_model())
+    return workload, cal
+
+
+def _predict_local(config: DemoConfig, paths: DemoPaths, workload: Any, device: Any,
+                   cluster: Any, run: dict[str, Any]) -> Any:
+    from kfacperf.sim.prediction import write_prediction
+    from kfacperf.sim.sweep import simulate
+
+    pred = simulate(
+        workload, device, cluster, list(config.profiled_strategies), gpus=list(config.nprocs),
+        batch_per_gpu=int(run["batch_per_rank"]), factor_interval=int(run["factor_interval"]),
+        inverse_interval=int(run["inverse_interval"]),
+        grad_worker_fraction=float(run.get("grad_worker_fraction") or 1.0),
+        factor_bucket_mb=float(run.get("bucket_cap_mb") or 25.0),
+        ddp_bucket_mb=float(run.get("bucket_cap_mb") or 25.0),
+        inverse_method=str(run.get("inverse_method") or "eigen"),
+    )
+    pred.meta["workload"] = config.workload
+    pred.meta["models"] = {"workload": workload.name, "device": str(paths.device_model()),
+                           "cluster": str(paths.cluster_model())}
+    pred.meta["command"] = "kfacperf demo (local prediction from the 1-process calibration)"
+    write_prediction(pred, paths.local_prediction(config.workload))
+    return pred
+
+
+def _simulate_cluster(config: DemoConfig, paths: DemoPaths, index: int) -> list[tuple[Path, Any]]:
+    from kfacperf.sim.prediction import write_prediction
+    from kfacperf.sim.sweep import simulate
+
+    target = config.clusters[index]
+    common = dict(gpus=list(config.scale_gpus), batch_per_gpu=config.scale_batch_per_gpu,
+                  factor_interval=config.scale_factor_interval,
+                  inverse_interval=config.scale_inverse_interval)
+    variants: list[tuple[str, dict[str, Any]]] = [("", {})]
+    if index == 0:
+        variants += [(f"-bw{s:g}x", {"bandwidth_scale": float(s), "events": False})
+                     for s in config.whatif_bandwidth]
+    out = []
+    for suffix, extra in variants:
+        pred = simulate(config.scale_workload, target.device, target.cluster,
+                        list(SCALE_STRATEGIES), **common, **extra)
+        pred.meta["command"] = (
+            f"kfacperf simulate --workload {config.scale_workload} --device {target.device} "
+            f"--cluster {target.cluster} --strategy {','.join(SCALE_STRATEGIES)} --gpus "
+            f"{','.join(map(str, config.scale_gpus))} --batch-per-gpu "
+            f"{config.scale_batch_per_gpu} --factor-interval {config.scale_factor_interval} "
+            f"--inverse-interval {config.scale_inverse_interval}"
+            + (f" --bandwidth-scale {extra['bandwidth_scale']:g}" if extra else ""))
+        path = paths.scale_prediction(config.scale_workload, target.cluster, suffix)
+        write_prediction(pred, path)
+        out.append((path, pred))
+    return out
+
+
+def _load_average() -> tuple[float, ...] | None:
+    try:
+        return tuple(os.getloadavg())
+    except (AttributeError, OSError):  # pragma: no cover - not on this platform
+        return None
+
+
+def _validation_rows(runs: tuple[RunHeadline, ...]) -> list[dict[str, Any]]:
+    return [{"run": r.name, "strategy": r.strategy, "world_size": r.nproc,
+             "measured_step_us": r.measured_step_us, "predicted_step_us": r.predicted_step_us,
+             "error_pct": r.error_pct, "calibrated_from": "1-process traces + commbench"}
+            for r in runs if r.role == HELD_OUT]
+
+
+def run_demo(config: DemoConfig, *, stream: TextIO | None = None,
+             verbose: bool = False) -> DemoResult:
+    """Run the pipeline described in the module docstring; progress lines go to ``stream``.
+
+    Raises :class:`ValueError` for bad settings (before anything runs) and
+    :class:`~kfacperf.pipeline.phases.DemoPhaseError` naming the phase that failed (files of
+    the finished phases are kept).
+    """
+    import pandas as pd
+
+    from kfacperf.sim.models import load_cluster, load_device, load_workload
+    from kfacperf.traces import summarize
+    from kfacperf.workloads import get_workload
+
+    paths = config.paths
+    check_out(paths.root)
+    workload_obj = get_workload(config.workload, **dict(config.workload_options))
+    load_workload(config.scale_workload)  # fail on a bad model name now, not after the profiles
+    for t in config.clusters:
+        load_cluster(t.cluster)
+        load_device(t.device)
+    load_avg = _load_average()
+    for d in (paths.traces, paths.logs, paths.predictions, paths.models):
+        d.mkdir(parents=True, exist_ok=True)
+
+    runs = [(s, n) for n in config.nprocs for s in config.profiled_strategies]
+    total = len(runs) + 4 + len(config.clusters)
+    runner = PhaseRunner(total=total, log_dir=paths.logs, stream=stream, verbose=verbose)
+    batch = config.batch_size or workload_obj.default_batch_size
+    runner.say(f"kfacperf demo: {config.workload}, batch {batch} per rank, {config.steps} steps "
+               f"(+{config.warmup} warm-up) per run; files in {paths.root}"
+               + (f"; load average {load_avg[0]:.2f}" if load_avg else ""))
+
+    traces: dict[tuple[str, int], Any] = {}
+    measured: dict[tuple[str, int], tuple[str, str, float]] = {}
+    for strategy, nproc in runs:
+        name = f"profile {strategy}, {nproc} process{'es' if nproc > 1 else ''}"
+        trace = runner.run(name, lambda s=strategy, n=nproc: _profile(config, paths, s, n),
+                           note=lambda tr: f"step {summarize(tr).step_us / 1e3:,.1f} ms")
+        traces[(strategy, nproc)] = trace
+        measured[(strategy, nproc)] = (Path(trace.path).name, str(trace.path),
+                                       summarize(trace).step_us)
+
+    worlds = ", ".join(map(str, sorted(set(config.predict_nprocs))))
+    cluster = runner.run(f"commbench (gloo, {worlds} ranks)", lambda: _commbench(config, paths),
+                         note=lambda c: f"-> {paths.cluster_model()}")
+    single = [traces[(s, 1)] for s in config.profiled_strategies]
+    workload, cal = runner.run(
+        "calibrate device (1-process traces)", lambda: _calibrate(config, paths, single),
+        note=lambda r: "rms error per stage kind " + ", ".join(
+            f"{k} {f.rms_rel_error:.0%}" for k, f in r[1].fits.items()))
+    local = runner.run(
+        f"predict {worlds}-process runs",
+        lambda: _predict_local(config, paths, workload, cal.device, cluster,
+                               traces[(config.strategies[0], 1)].run),
+        note=lambda p: f"-> {paths.local_prediction(config.workload)}")
+    run_rows = run_headlines(measured, local.summary)
+
+    scale_preds: list[tuple[Path, Any]] = []  # each cluster's prediction, then what-ifs
+    whatifs: list[tuple[Path, Any]] = []
+    for i, target in enumerate(config.clusters):
+        got = runner.run(
+            f"simulate {config.scale_workload} on {target.cluster}",
+            lambda i=i: _simulate_cluster(config, paths, i),
+            note=lambda r: f"{len(r)} prediction(s), up to {max(config.scale_gpus):,} GPUs")
+        scale_preds.append(got[0])
+        whatifs.extend(got[1:])
+
+    validation = _validation_rows(run_rows)
+    paths.validation.write_text(json.dumps({"runs": validation}, indent=1) + "\n")
+
+    def report() -> Path:
+        from kfacperf.report.build import build_report
+
+        title = (f"kfacperf demo: {config.workload} measured and predicted here, "
+                 f"{config.scale_workload} on " + ", ".join(t.cluster for t in config.clusters))
+        return build_report([Path(t.path) for t in traces.values()],
+                            [paths.local_prediction(config.workload)]
+                            + [p for p, _ in scale_preds + whatifs],
+                            paths.report, pd.DataFrame(validation), title=title)
+
+    page = runner.run("report", report,
+                      note=lambda p: f"{p} ({p.stat().st_size / 1e6:.1f} MB)")
+    scale = scale_headlines([(str(p), pred.meta, pred.summary) for p, pred in scale_preds])
+    base_run = traces[("sgd", 1)].run
+    kfac_run = traces[(config.strategies[0], 1)].run
+    result = DemoResult(
+        report=page, root=paths.root, workload=config.workload,
+        batch_per_rank=int(base_run["batch_per_rank"]),
+        intervals=(int(kfac_run["factor_interval"]), int(kfac_run["inverse_interval"])),
+        steps=config.steps, runs=run_rows, scale=scale, phases=tuple(runner.done),
+        wall_s=runner.elapsed(), load_average=load_avg,
+    )
+    paths.results.write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+    return result

@@ -1,0 +1,205 @@
+"""The demo's headline numbers: measured step times, predicted vs measured for the runs the
+1-process calibration predicts, and the K-FAC overhead over SGD, measured here and predicted
+on the cluster presets.
+
+Every number is read from a trace summary (:func:`kfacperf.traces.summarize`) or a
+prediction's ``summary`` table; nothing is computed twice in different ways.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+CALIBRATION = "calibration"
+HELD_OUT = "held out"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunHeadline:
+    """One measured run and its prediction (from the local calibration)."""
+
+    name: str
+    strategy: str
+    nproc: int
+    role: str  # CALIBRATION (1 process: the fit's own data) or HELD_OUT
+    trace: str
+    measured_step_us: float
+    predicted_step_us: float
+    error_pct: float  # signed, (predicted - measured) / measured
+    measured_overhead: float  # over the SGD run with as many processes (NaN for SGD)
+    predicted_overhead: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScaleHeadline:
+    """One strategy at the largest simulated GPU count of one cluster preset."""
+
+    workload: str
+    cluster: str
+    device: str
+    strategy: str
+    gpus: int
+    batch_per_gpu: int
+    factor_interval: int
+    inverse_interval: int
+    step_us: float
+    kfac_overhead: float
+    scaling_efficiency: float
+    prediction: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoResult:
+    report: Path
+    root: Path
+    workload: str
+    batch_per_rank: int
+    steps: int
+    intervals: tuple[int, int]  # factor, inverse of the local K-FAC runs
+    runs: tuple[RunHeadline, ...]
+    scale: tuple[ScaleHeadline, ...]
+    phases: tuple[Any, ...]  # PhaseTime
+    wall_s: float
+    load_average: tuple[float, ...] | None
+
+    def held_out(self) -> tuple[RunHeadline, ...]:
+        return tuple(r for r in self.runs if r.role == HELD_OUT)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _json_safe({
+            "report": str(self.report), "root": str(self.root), "workload": self.workload,
+            "batch_per_rank": self.batch_per_rank, "steps": self.steps,
+            "intervals": list(self.intervals),
+            "runs": [asdict(r) for r in self.runs], "scale": [asdict(s) for s in self.scale],
+            "phases": [asdict(p) for p in self.phases], "wall_s": self.wall_s,
+            "load_average": list(self.load_average) if self.load_average else None,
+        })
+
+    def text(self) -> str:
+        return format_result(self)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def error_pct(predicted: float, measured: float) -> float:
+    if not (math.isfinite(predicted) and math.isfinite(measured)) or measured <= 0:
+        return math.nan
+    return (predicted - measured) / measured * 100.0
+
+
+def _row(summary: "pd.DataFrame", strategy: str, gpus: int) -> "pd.Series | None":
+    sel = summary[(summary["strategy"].astype(str) == strategy)
+                  & (summary["gpus"].astype(int) == gpus)]
+    return None if sel.empty else sel.iloc[0]
+
+
+def run_headlines(measured: Mapping[tuple[str, int], tuple[str, str, float]],
+                  local_summary: "pd.DataFrame") -> tuple[RunHeadline, ...]:
+    """``measured`` maps (strategy, nproc) to (run name, trace path, measured step µs)."""
+    out = []
+    for (strategy, nproc), (name, trace, step_us) in measured.items():
+        row = _row(local_summary, strategy, nproc)
+        predicted = float(row["step_us"]) if row is not None else math.nan
+        pred_over = (float(row["kfac_overhead"]) if row is not None and strategy != "sgd"
+                     else math.nan)
+        base = measured.get(("sgd", nproc))
+        meas_over = (step_us / base[2] if strategy != "sgd" and base and base[2] > 0
+                     else math.nan)
+        out.append(RunHeadline(
+            name=name, strategy=strategy, nproc=nproc,
+            role=CALIBRATION if nproc == 1 else HELD_OUT, trace=trace,
+            measured_step_us=step_us, predicted_step_us=predicted,
+            error_pct=error_pct(predicted, step_us), measured_overhead=meas_over,
+            predicted_overhead=pred_over,
+        ))
+    return tuple(out)
+
+
+def scale_headlines(predictions: Sequence[tuple[str, Mapping[str, Any], "pd.DataFrame"]]
+                    ) -> tuple[ScaleHeadline, ...]:
+    """``predictions``: (path, meta, summary) per cluster preset; one headline per strategy
+    at the largest GPU count."""
+    out = []
+    for path, meta, summary in predictions:
+        gpus = int(summary["gpus"].astype(int).max())
+        at = summary[summary["gpus"].astype(int) == gpus]
+        for _, row in at.iterrows():
+            out.append(ScaleHeadline(
+                workload=str(meta["workload"]), cluster=str(meta["cluster"]),
+                device=str(meta["device"]), strategy=str(row["strategy"]), gpus=gpus,
+                batch_per_gpu=int(row["batch_per_gpu"]),
+                factor_interval=int(meta["factor_interval"]),
+                inverse_interval=int(meta["inverse_interval"]), step_us=float(row["step_us"]),
+                kfac_overhead=float(row["kfac_overhead"]),
+                scaling_efficiency=float(row["scaling_efficiency"]), prediction=path,
+            ))
+    return tuple(out)
+
+
+def _ms(us: float) -> str:
+    return "n/a" if not math.isfinite(us) else f"{us / 1e3:,.1f} ms"
+
+
+def _pct(p: float) -> str:
+    return "n/a" if not math.isfinite(p) else f"{p:+.1f}%"
+
+
+def _x(r: float) -> str:
+    return "n/a" if not math.isfinite(r) else f"{r:.2f}x"
+
+
+def format_result(result: DemoResult) -> str:
+    """The text ``kfacperf demo`` prints at the end."""
+    lines = [f"report: {result.report}", ""]
+    fi, ii = result.intervals
+    lines.append(f"{result.workload}, batch {result.batch_per_rank} per rank, one thread per "
+                 f"rank, K-FAC factor/inverse interval {fi}/{ii}: mean step time over "
+                 f"{result.steps} steps (slowest rank)")
+    lines.append(f"  {'run':<18}{'procs':>5}{'measured':>12}{'predicted':>12}{'error':>9}"
+                 f"  {'K-FAC/SGD meas.':>15}{'pred.':>8}")
+    for r in result.runs:
+        role = "  (calibration run)" if r.role == CALIBRATION else ""
+        over = ("" if r.strategy == "sgd" else
+                f"  {_x(r.measured_overhead):>15}{_x(r.predicted_overhead):>8}")
+        lines.append(f"  {r.name:<18}{r.nproc:>5}{_ms(r.measured_step_us):>12}"
+                     f"{_ms(r.predicted_step_us):>12}{_pct(r.error_pct):>9}{over}{role}")
+    held = [r for r in result.held_out() if math.isfinite(r.error_pct)]
+    if held:
+        errs = [abs(r.error_pct) for r in held]
+        lines.append(f"  held-out runs predicted from the 1-process calibration: "
+                     f"|error| median {statistics.median(errs):.1f}%, worst {max(errs):.1f}%")
+    if result.scale:
+        s0 = result.scale[0]
+        lines.append("")
+        lines.append(f"K-FAC overhead over SGD predicted at {s0.gpus:,} GPUs ({s0.workload}, "
+                     f"batch {s0.batch_per_gpu} per GPU, factor/inverse interval "
+                     f"{s0.factor_interval}/{s0.inverse_interval}):")
+        for cluster in dict.fromkeys((s.cluster, s.device) for s in result.scale):
+            rows = [s for s in result.scale if (s.cluster, s.device) == cluster]
+            sgd = next((s for s in rows if s.strategy == "sgd"), None)
+            parts = [f"{s.strategy} {_x(s.kfac_overhead)}" for s in rows if s.strategy != "sgd"]
+            base = f" (sgd step {_ms(sgd.step_us)})" if sgd else ""
+            lines.append(f"  {cluster[0]} / {cluster[1]}: " + ", ".join(parts) + base)
+    lines.append("")
+    load = (f"; load average before {result.load_average[0]:.2f}"
+            if result.load_average else "")
+    lines.append(f"demo finished in {result.wall_s:.0f} s{load}; files in {result.root}")
+    return "\n".join(lines)
