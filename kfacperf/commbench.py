@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
 from kfacperf.sim.cluster_model import ALGORITHMS, OPS, ClusterModel
-from kfacperf.sim.calibration import AlphaBetaFit, cluster_from_fits, fit_alpha_beta
+from kfacperf.sim.calibration import AlphaBetaFit, cluster_from_fits, fit_alpha_beta, sig
 
 KIB = 1024
 MIB = 1024 * 1024
@@ -389,7 +389,7 @@ def fit_cluster(
     for op in ops:
         best[op], tried[op] = fit_points(result.points, op)
     cores = result.cores if cores_per_node is None else cores_per_node
-    contention = fit_contention(result.slowdowns, cores) if result.slowdowns else 0.0
+    contention = sig(fit_contention(result.slowdowns, cores)) if result.slowdowns else 0.0
     if gpus_per_node is None:
         gpus_per_node = 64 if result.backend == "gloo" else max(p.world_size for p in result.points)
     worlds = sorted({p.world_size for p in result.points})

@@ -50,6 +50,11 @@ if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
 
+def sig(x: float, digits: int = 7) -> float:
+    """``x`` rounded to ``digits`` significant digits, so written models stay readable."""
+    return float(f"{x:.{digits}g}")
+
+
 def bounded_lstsq(a: np.ndarray, y: np.ndarray, lower: Sequence[float]) -> np.ndarray:
     """argmin ||a x - y||^2 subject to x_j >= lower_j (a few unknowns).
 
@@ -129,7 +134,7 @@ def fit_alpha_beta(
     alpha, beta = float(x[0]), float(x[1])
     rel = (a @ x - y) / y
     return AlphaBetaFit(
-        op=op, algorithm=algorithm, alpha_us=alpha, bandwidth_GBps=1.0 / (beta * 1e3),
+        op=op, algorithm=algorithm, alpha_us=sig(alpha), bandwidth_GBps=sig(1.0 / (beta * 1e3)),
         samples=len(y), rms_rel_error=float(np.sqrt(np.mean(rel ** 2))),
         max_rel_error=float(np.max(np.abs(rel))), note=note,
     )
@@ -322,8 +327,8 @@ def _fit_kind(kind: str, samples: list[_Sample], mode: str) -> StageFit:
     rel = (pred - y) / y
     eff = 1.0 / x[1]
     mem_eff = 1.0 / x[2] if mode == "additive" else eff
-    return StageFit(kind=kind, efficiency=min(1.0, eff), mem_efficiency=min(1.0, mem_eff),
-                    overhead_us=float(x[0]), samples=len(y),
+    return StageFit(kind=kind, efficiency=sig(min(1.0, eff)), mem_efficiency=sig(min(1.0, mem_eff)),
+                    overhead_us=sig(float(x[0])), samples=len(y),
                     rms_rel_error=float(np.sqrt(np.mean(rel ** 2))),
                     max_rel_error=float(np.max(np.abs(rel))), note=note)
 
@@ -386,7 +391,7 @@ def fit_device_model(
     if include_measured and single:
         measured = tuple(
             MeasuredTime(workload=s.workload, stage=s.kind, layer=s.layer, batch=s.batch,
-                         inverse_method=s.inverse_method, time_us=s.time_us)
+                         inverse_method=s.inverse_method, time_us=sig(s.time_us))
             for s in samples
         )
     labels = tuple(trace_label(t) for t in used)
