@@ -66,6 +66,18 @@ def test_config_and_size_parsing() -> None:
         cb.fit_cluster(partial, name="x")
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--sizes", "big"], "cannot read size 'big'"), (["--world-sizes", "1"], "world sizes must be >= 2"),
+     (["--ops", "all_to_all"], "unknown collective")],
+)
+def test_commbench_command_bad_input(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from kfacperf.cli import main
+
+    assert main(["commbench", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_real_gloo_run_writes_a_loadable_cluster_model(tmp_path: Path) -> None:
     from kfacperf.cli import main

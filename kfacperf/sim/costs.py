@@ -46,7 +46,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Sequence
 
 from kfacperf import stages as S
-from kfacperf.sim.cluster_model import ClusterModel
+from kfacperf.sim.cluster_model import V_FORMS, ClusterModel
 from kfacperf.sim.collectives import ALL_OPS, group_collective_us
 from kfacperf.sim.device_model import DTYPES, INVERSE_METHODS, STAGE_KINDS, DeviceModel
 from kfacperf.sim.stage_work import DTYPE_BYTES, WHOLE_MODEL_STAGES, Phase, stage_phases
@@ -100,6 +100,9 @@ class CostOptions:
             raise ValueError(f"inverse_method must be one of {INVERSE_METHODS}, "
                              f"got {self.inverse_method!r}")
         dtype_bytes(self.comm_dtype)
+        if self.v_form not in (None, *V_FORMS):
+            raise ValueError(f"v_form must be one of {V_FORMS} (or None: the cluster's), "
+                             f"got {self.v_form!r}")
         for key in ("bandwidth_scale", "compute_scale"):
             value = getattr(self, key)
             if not (math.isfinite(value) and value > 0):

@@ -289,3 +289,20 @@ def test_roofline_mode_fit_recovers_a_shared_efficiency() -> None:
         st = cal.device.stage(kind)
         assert st.efficiency == pytest.approx(eff, rel=1e-6) and st.mem_efficiency == st.efficiency, kind
         assert st.overhead_us == pytest.approx(over, rel=1e-6, abs=1e-6), kind
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "give TRACE directories"),
+        (["some/trace", "--workload", "mlp"], "not both"),
+        (["/nonexistent/trace"], "does not exist"),
+        (["--workload", "nope"], "unknown workload 'nope'"),
+        (["--workload", "mlp", "--workload-option", "hidden"], "expected KEY=VALUE"),
+    ],
+)
+def test_calibrate_command_bad_input(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from kfacperf.cli import main
+
+    assert main(["calibrate", *args]) == 2
+    assert message in capsys.readouterr().err

@@ -202,6 +202,10 @@ def test_bad_arguments(args: tuple, kw: dict, pattern: str) -> None:
 def test_unknown_option_is_an_error() -> None:
     with pytest.raises(TypeError, match="unknown CostModel option"):
         cost(bandwith_scale=2.0)
+    with pytest.raises(ValueError, match="v_form must be one of"):
+        cost(v_form="chunked")
+    with pytest.raises(ValueError, match="bandwidth_scale must be > 0"):
+        cost(bandwidth_scale=0.0)
 
 
 def test_conv_factor_cost_follows_the_displacement_gram_algorithm() -> None:
