@@ -12,7 +12,7 @@ import os
 import re
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, TextIO, TypeVar
@@ -45,23 +45,20 @@ def _slug(text: str) -> str:
 
 @contextmanager
 def captured_output(path: Path) -> Iterator[None]:
-    """Send everything written to file descriptors 1 and 2 (this process and its children)
-    to ``path`` until the block ends."""
+    """Send everything written to ``sys.stdout``/``sys.stderr`` and to file descriptors 1 and
+    2 (by this process and the processes it starts) to ``path`` until the block ends."""
     path.parent.mkdir(parents=True, exist_ok=True)
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
-    with open(path, "ab") as log:
+    with open(path, "a", buffering=1, encoding="utf-8", errors="replace") as log:
         saved = (os.dup(1), os.dup(2))
         try:
             os.dup2(log.fileno(), 1)
             os.dup2(log.fileno(), 2)
-            yield
+            with redirect_stdout(log), redirect_stderr(log):
+                yield
         finally:
-            for stream in (sys.stdout, sys.stderr):
-                try:
-                    stream.flush()
-                except (OSError, ValueError):  # pragma: no cover - closed by the phase
-                    pass
+            log.flush()
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
             os.close(saved[0])
