@@ -1,14 +1,130 @@
-"""Predict held-out measured runs and report the error."""
+"""Predict held-out measured runs and report the error.
+
+  kfacperf validate --calibrate traces/reference/p1 --holdout traces/reference/p2 \\
+      --cluster models/clusters/local-cpu.toml
+
+Calibrates the device model from the --calibrate traces only (a folder of trace directories
+stands for all of them), then simulates every --holdout run with its own settings (workload,
+world size, batch per rank, strategy, grad_worker_fraction, intervals, from its run.json) and
+prints, per run, the measured and predicted step time and the error, then the per-stage
+errors.  --json prints the same as JSON (ending with the median and worst step-time error);
+--out writes the per-run table for `kfacperf report --validation` (.parquet, .csv or .json).
+"""
 from __future__ import annotations
 
 import argparse
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, default=5, help="training steps per run")
+    parser.add_argument("--calibrate", nargs="+", required=True, metavar="TRACE",
+                        help="traces to fit the device model to (a folder of traces: all of them)")
+    parser.add_argument("--holdout", nargs="+", required=True, metavar="TRACE",
+                        help="measured runs to predict (never used for calibration)")
+    parser.add_argument("--cluster", default=None,
+                        help="cluster model, preset or TOML (default: the local-cpu preset)")
+    parser.add_argument("--workload-model", action="append", default=[], metavar="TOML",
+                        help="workload model(s) to use for the traces (default: models/workloads)")
+    parser.add_argument("--stages", action="store_true",
+                        help="print every stage's error, not only those of stages above 5%% of "
+                             "the step")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--out", default=None, metavar="PATH",
+                        help="write the per-run table (.parquet, .csv) or everything (.json)")
+
+
+def _fmt_ms(us: float) -> str:
+    return f"{us / 1e3:.1f}"
+
+
+def _fmt_err(pct: float) -> str:
+    return "n/a" if pct != pct else f"{pct:+.1f}%"
+
+
+def text_table(result: object, *, all_stages: bool = False) -> str:
+    """Per run: measured/predicted step and error; then the per-stage errors; then the summary."""
+    from kfacperf import validation as V
+
+    runs, stages = result.runs, result.stages  # type: ignore[attr-defined]
+    head = ["run", "strategy", "ranks", "batch", "intervals", "measured ms", "predicted ms",
+            "error", "worst stage (>5%)"]
+    cells = [head]
+    for _, r in runs.iterrows():
+        worst = f"{r['worst_stage']} {_fmt_err(r['worst_stage_error_pct'])}" \
+            if r["worst_stage"] else "-"
+        cells.append([r["run"], r["strategy"], str(r["world_size"]), str(r["batch_per_rank"]),
+                      r["intervals"], _fmt_ms(r["measured_step_us"]),
+                      _fmt_ms(r["predicted_step_us"]), _fmt_err(r["error_pct"]), worst])
+    lines = _align(cells, left=5)
+    lines.append("")
+    shown = stages if all_stages else stages[stages["share_pct"] > V.STAGE_MIN_SHARE_PCT]
+    lines.append("per stage (per step, mean over ranks" + ("" if all_stages else
+                 "; stages above 5% of the step") + "):")
+    cells = [["run", "stage", "share", "measured ms", "predicted ms", "error"]]
+    for _, s in shown.iterrows():
+        cells.append([s["run"], s["stage"], f"{s['share_pct']:.0f}%", f"{s['measured_us'] / 1e3:.2f}",
+                      f"{s['predicted_us'] / 1e3:.2f}", _fmt_err(s["error_pct"])])
+    lines.extend(_align(cells, left=2))
+    lines.append("")
+    checked = result.checked_stages()  # type: ignore[attr-defined]
+    worst_stage = checked["error_pct"].abs().max() if len(checked) else float("nan")
+    lines.append(
+        f"{len(runs)} held-out run(s): step time |error| median "
+        f"{result.median_abs_error_pct:.1f}% (target {V.STEP_TARGET_MEDIAN_PCT:g}%), worst "  # type: ignore[attr-defined]
+        f"{result.worst_abs_error_pct:.1f}% (target {V.STEP_TARGET_WORST_PCT:g}%); "  # type: ignore[attr-defined]
+        f"stages above {V.STAGE_MIN_SHARE_PCT:g}% of the step: worst |error| {worst_stage:.1f}% "
+        f"(target {V.STAGE_TARGET_PCT:g}%)")
+    cal = result.calibration  # type: ignore[attr-defined]
+    lines.append(f"calibrated on {len(cal.traces)} trace(s); cluster {cal.cluster.name}")
+    for note in result.notes:  # type: ignore[attr-defined]
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+def _align(cells: list[list[str]], *, left: int) -> list[str]:
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
+    return ["  ".join(v.ljust(w) if i < left or i == len(r) - 1 else v.rjust(w)
+                      for i, (v, w) in enumerate(zip(r, widths))).rstrip() for r in cells]
+
+
+def check_out(path: str) -> None:
+    from pathlib import Path
+
+    if Path(path).suffix.lower() not in (".parquet", ".csv", ".json"):
+        raise ValueError(f"--out {path}: use a .parquet, .csv or .json file name")
+
+
+def write_out(result: object, path: str) -> None:
+    import json
+    from pathlib import Path
+
+    check_out(path)
+    p = Path(path)
+    suffix = p.suffix.lower()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    runs = result.runs  # type: ignore[attr-defined]
+    if suffix == ".parquet":
+        runs.to_parquet(p, index=False)
+    elif suffix == ".csv":
+        runs.to_csv(p, index=False)
+    else:
+        p.write_text(json.dumps(result.to_dict(), indent=1, allow_nan=True) + "\n")  # type: ignore[attr-defined]
 
 
 def run(args: argparse.Namespace) -> int:
-    from kfacperf.cli import UserError
+    import json
 
-    raise UserError("`validate` is not built yet")
+    from kfacperf.validation import validate
+
+    if args.out:
+        check_out(args.out)
+    result = validate(args.calibrate, args.holdout, cluster=args.cluster,
+                      workload_search=args.workload_model)
+    if args.out:
+        write_out(result, args.out)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=1))
+    else:
+        print(text_table(result, all_stages=args.stages))
+        if args.out:
+            print(f"wrote {args.out}")
+    return 0

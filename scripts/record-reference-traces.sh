@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Record the reference traces that `kfacperf validate` and the README's accuracy table use,
+# and the local-cpu cluster model (commbench), on this machine.
+#
+#   scripts/record-reference-traces.sh [OUT_DIR] [CLUSTER_TOML]
+#       OUT_DIR       default traces/reference   (p1/ = 1 process, p2/ = 2 processes)
+#       CLUSTER_TOML  default models/clusters/local-cpu.toml
+#
+# Timings are only worth something on a quiet machine.  Each recording is timed against the
+# machine's CPU counters (/proc/stat, steal included): the CPU time the machine spent on
+# anything but this recording, per second of wall time, is the foreign load.  Before each run
+# the script waits until the foreign load over a few seconds is below MAX_FOREIGN (cores);
+# a run during which it exceeded MAX_FOREIGN is recorded again (up to TRIES times).  Every
+# run's foreign load goes to OUT_DIR/recording.log.
+#
+# Environment: WORKLOAD (resnet20), BATCHES ("16 32"), MAX_FOREIGN (0.15), TRIES (4),
+# STEPS_SGD/WARMUP_SGD (15/3), STEPS_KFAC/WARMUP_KFAC (8/3: intervals 1/1),
+# STEPS_STALE/WARMUP_STALE (25/5: intervals 10/100, two factor steps in the window),
+# NPROCS ("1 2"), SKIP_COMMBENCH (unset).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-traces/reference}
+CLUSTER=${2:-models/clusters/local-cpu.toml}
+KFACPERF=${KFACPERF:-.venv/bin/kfacperf}
+WORKLOAD=${WORKLOAD:-resnet20}
+BATCHES=${BATCHES:-"16 32"}
+NPROCS=${NPROCS:-"1 2"}
+MAX_FOREIGN=${MAX_FOREIGN:-0.15}
+TRIES=${TRIES:-4}
+STEPS_SGD=${STEPS_SGD:-15}; WARMUP_SGD=${WARMUP_SGD:-3}
+STEPS_KFAC=${STEPS_KFAC:-8}; WARMUP_KFAC=${WARMUP_KFAC:-3}
+STEPS_STALE=${STEPS_STALE:-25}; WARMUP_STALE=${WARMUP_STALE:-5}
+HZ=$(getconf CLK_TCK)
+LOG="$OUT/recording.log"
+mkdir -p "$OUT"
+
+busy_ticks() {  # user nice system irq softirq steal, all CPUs
+  awk '/^cpu /{print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat
+}
+
+foreign_now() {  # foreign load (cores) over 3 s while nothing of ours runs
+  local b0 b1
+  b0=$(busy_ticks); sleep 3; b1=$(busy_ticks)
+  awk -v d=$((b1 - b0)) -v hz="$HZ" 'BEGIN{printf "%.3f", d / hz / 3}'
+}
+
+wait_quiet() {
+  local f
+  while true; do
+    f=$(foreign_now)
+    if awk -v f="$f" -v m="$MAX_FOREIGN" 'BEGIN{exit !(f < m)}'; then return; fi
+    echo "  machine busy (foreign load $f cores); waiting" >&2
+    sleep 20
+  done
+}
+
+# run_quiet NAME CMD...: run CMD until it ran on a quiet machine; log its foreign load
+run_quiet() {
+  local name=$1; shift
+  local try b0 b1 t0 t1 own f
+  for try in $(seq 1 "$TRIES"); do
+    wait_quiet
+    b0=$(busy_ticks); t0=$(date +%s.%N)
+    local tf; tf=$(mktemp)
+    TIMEFORMAT='%U %S'
+    { time "$@" > "$tf.out" 2>&1 ; } 2> "$tf"
+    b1=$(busy_ticks); t1=$(date +%s.%N)
+    own=$(awk '{print $1 + $2}' "$tf")
+    f=$(awk -v d=$((b1 - b0)) -v hz="$HZ" -v own="$own" -v t0="$t0" -v t1="$t1" \
+          'BEGIN{x = (d / hz - own) / (t1 - t0); if (x < 0) x = 0; printf "%.3f", x}')
+    rm -f "$tf"
+    printf '%s try %d: wall %.1f s, own cpu %.1f s, foreign load %s cores\n' \
+      "$name" "$try" "$(awk -v a="$t0" -v b="$t1" 'BEGIN{print b - a}')" "$own" "$f" | tee -a "$LOG"
+    if awk -v f="$f" -v m="$MAX_FOREIGN" 'BEGIN{exit !(f < m)}'; then
+      rm -f "$tf.out"; return 0
+    fi
+    tail -3 "$tf.out" >&2; rm -f "$tf.out"
+  done
+  echo "$name: the machine never stayed quiet; giving up" | tee -a "$LOG" >&2
+  return 1
+}
+
+echo "# $(date -u +%FT%TZ) $(uname -n) $(nproc) cores; max foreign load $MAX_FOREIGN" >> "$LOG"
+
+if [ -z "${SKIP_COMMBENCH:-}" ]; then
+  run_quiet commbench "$KFACPERF" commbench --out "$CLUSTER" --reps 9 --raw "$OUT/commbench.json"
+fi
+
+for p in $NPROCS; do
+  for b in $BATCHES; do
+    run_quiet "p$p/$WORKLOAD-sgd-b$b" "$KFACPERF" profile --workload "$WORKLOAD" \
+      --optimizer sgd --nproc "$p" --batch-size "$b" --steps "$STEPS_SGD" --warmup "$WARMUP_SGD" \
+      --out "$OUT/p$p/$WORKLOAD-sgd-b$b" --force
+    for s in spngd kaisa; do
+      run_quiet "p$p/$WORKLOAD-$s-b$b-i1" "$KFACPERF" profile --workload "$WORKLOAD" \
+        --optimizer kfac --strategy "$s" --nproc "$p" --batch-size "$b" \
+        --factor-interval 1 --inverse-interval 1 --steps "$STEPS_KFAC" --warmup "$WARMUP_KFAC" \
+        --out "$OUT/p$p/$WORKLOAD-$s-b$b-i1" --force
+      run_quiet "p$p/$WORKLOAD-$s-b$b-i10" "$KFACPERF" profile --workload "$WORKLOAD" \
+        --optimizer kfac --strategy "$s" --nproc "$p" --batch-size "$b" \
+        --factor-interval 10 --inverse-interval 100 --steps "$STEPS_STALE" \
+        --warmup "$WARMUP_STALE" --out "$OUT/p$p/$WORKLOAD-$s-b$b-i10" --force
+    done
+  done
+done
+du -sh "$OUT"
