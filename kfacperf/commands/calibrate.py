@@ -67,10 +67,12 @@ def _extra_flop_formulas() -> dict[Any, Any]:
     return {op: sdpa}
 
 
-def _conv_geometry(model: Any, example: Any) -> dict[str, dict[str, Any]]:
-    """Per Conv2d (by module path): channels, kernel, stride, dilation, padded/output size."""
+def _measure_forward(model: Any, example: Any) -> tuple[float, dict[str, dict[str, Any]]]:
+    """One forward pass: total FLOPs (torch's counter) and, per Conv2d (by module path),
+    channels, kernel, stride, dilation, padded input and output size."""
     import torch
     from torch import nn
+    from torch.utils.flop_counter import FlopCounterMode
 
     from kfacperf.kfac.conv_factors import padded_input
 
@@ -87,18 +89,18 @@ def _conv_geometry(model: Any, example: Any) -> dict[str, dict[str, Any]]:
                 }
             handles.append(mod.register_forward_hook(hook))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), FlopCounterMode(display=False,
+                                              custom_mapping=_extra_flop_formulas()) as counter:
             model(example)
     finally:
         for h in handles:
             h.remove()
-    return found
+    return float(counter.get_total_flops()), found
 
 
 def build_workload_model(name: str, options: dict[str, Any]) -> Any:
     """Describe torch workload ``name`` and count its non-K-FAC forward FLOPs (imports torch)."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     from kfacperf.sim.workload_model import workload_model_from_description
     from kfacperf.workloads import get_workload, workload_options
@@ -108,13 +110,10 @@ def build_workload_model(name: str, options: dict[str, Any]) -> Any:
     workload = get_workload(name, **options)
     model = workload.build_model(seed=0).eval()
     example, _ = workload.make_batch(1)
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas()
-                                          ) as counter:
-        model(example)
-    geometry = _conv_geometry(model, example)
+    total_flops, geometry = _measure_forward(model, example)
     desc = {**desc, "layers": [dict(l, conv=geometry.get(l["name"])) for l in desc["layers"]]}
     kfac = sum(float(l["fwd_flops_per_example"]) for l in desc["layers"])
-    other = max(0.0, float(counter.get_total_flops()) - kfac)
+    other = max(0.0, total_flops - kfac)
     defaults = workload_options(name)
 
     def norm(v: Any) -> Any:
