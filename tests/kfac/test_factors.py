@@ -11,7 +11,15 @@ from torch import nn
 from kfacperf.kfac import KFACPreconditioner
 from kfacperf.kfac.conv_factors import patch_moments
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _float64_default():
+    """Run this module in float64 without leaking the default dtype into other tests."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def _precond(model: nn.Module) -> KFACPreconditioner:
