@@ -27,15 +27,15 @@ pytestmark = pytest.mark.slow
 OPTIONS = {"in_features": 24, "hidden": [16, 12]}
 
 
-def _measured_step_us(trace: Path) -> float:
-    """Mean over measured steps of the slowest rank's ``step`` event."""
+def _step_times(trace: Path) -> pd.Series:
+    """Per measured step, the slowest rank's ``step`` event."""
     run = json.loads((trace / "run.json").read_text())
     ev = pd.read_parquet(trace / "events.parquet")
     steps = ev[(ev["stage"].astype(str) == "step") & (ev["step"] >= run["warmup"])]
     per_step = steps.groupby("step")["dur_us"].max()
     assert len(per_step) == run["steps"]
     assert set(steps["rank"]) == set(range(run["world_size"]))
-    return float(per_step.mean())
+    return per_step
 
 
 def _row(summary: pd.DataFrame, strategy: str, gpus: int) -> pd.Series:
@@ -78,28 +78,34 @@ def test_demo_end_to_end(tmp_path, monkeypatch):
     traces = {(r.strategy, r.nproc): out / "traces" / f"mlp-{r.strategy}-p{r.nproc}"
               for r in result.runs}
     assert set(traces) == {("sgd", 1), ("spngd", 1), ("sgd", 2), ("spngd", 2)}
-    measured = {k: _measured_step_us(p) for k, p in traces.items()}
+    times = {k: _step_times(p) for k, p in traces.items()}
     for (strategy, nproc), path in traces.items():
         run = json.loads((path / "run.json").read_text())
         assert (run["world_size"], run["strategy"], run["batch_per_rank"]) == (nproc, strategy, 8)
         assert run["completed"] is True and run["threads_per_rank"] == 1
         assert run["workload_options"] == OPTIONS and "kfacperf profile" in run["command"]
-
-    # predictions of the local runs, from the local prediction's summary
-    local = pd.read_parquet(out / "predictions" / "mlp-local" / "summary.parquet")
     for r in result.runs:
         key = (r.strategy, r.nproc)
-        assert r.measured_step_us == pytest.approx(measured[key], rel=1e-9)
-        pred = float(_row(local, r.strategy, r.nproc)["step_us"])
-        assert r.predicted_step_us == pytest.approx(pred, rel=1e-9)
-        assert r.error_pct == pytest.approx((pred - measured[key]) / measured[key] * 100, rel=1e-9)
+        assert r.measured_step_us == pytest.approx(times[key].mean(), rel=1e-9)
         assert r.role == ("calibration" if r.nproc == 1 else "held out")
         if r.strategy == "spngd":
-            sgd_pred = float(_row(local, "sgd", r.nproc)["step_us"])
-            assert r.measured_overhead == pytest.approx(measured[key] / measured[("sgd", r.nproc)])
-            assert r.predicted_overhead == pytest.approx(pred / sgd_pred)
+            assert r.measured_overhead == pytest.approx(
+                times[key].mean() / times[("sgd", r.nproc)].mean(), rel=1e-9)
         else:
-            assert math.isnan(r.measured_overhead) and math.isnan(r.predicted_overhead)
+            assert math.isnan(r.measured_overhead)
+
+    # held-out runs: measured as the median step (every step of a 1/1 run does the same
+    # work), predicted as the local prediction file has it for that strategy and world size
+    local = pd.read_parquet(out / "predictions" / "mlp-local" / "summary.parquet")
+    assert sorted(local["gpus"].unique()) == [1, 2]
+    assert [(h.strategy, h.nproc) for h in result.held_out] == [("sgd", 2), ("spngd", 2)]
+    for h in result.held_out:
+        measured = float(times[(h.strategy, h.nproc)].median())
+        predicted = float(_row(local, h.strategy, h.nproc)["step_us"])
+        assert h.name == f"mlp-{h.strategy}-p{h.nproc}"
+        assert h.measured_step_us == pytest.approx(measured, rel=1e-9)
+        assert h.predicted_step_us == pytest.approx(predicted, rel=1e-6)
+        assert h.error_pct == pytest.approx((predicted - measured) / measured * 100, rel=1e-6)
 
     # the device model is fitted from the 1-process traces only (held-out runs do not leak)
     device = tomllib.loads((out / "models" / "devices" / "local-cpu.toml").read_text())
@@ -123,19 +129,24 @@ def test_demo_end_to_end(tmp_path, monkeypatch):
     # what was printed and written agrees with the result
     text = result.text()
     assert str(result.report) in text
+    lines = text.splitlines()
     for r in result.runs:
-        line = next(ln for ln in text.splitlines() if ln.strip().startswith(r.name + " "))
+        line = next(ln for ln in lines if ln.strip().startswith(r.name + " "))
         assert f"{r.measured_step_us / 1e3:,.1f} ms" in line
-        assert f"{r.predicted_step_us / 1e3:,.1f} ms" in line and f"{r.error_pct:+.1f}%" in line
+    for h in result.held_out:
+        line = [ln for ln in lines if ln.strip().startswith(h.name + " ")][-1]
+        assert f"{h.measured_step_us / 1e3:,.1f} ms" in line
+        assert f"{h.predicted_step_us / 1e3:,.1f} ms" in line and f"{h.error_pct:+.1f}%" in line
     for s in result.scale:
         if s.strategy != "sgd":
             assert f"{s.strategy} {s.kfac_overhead:.2f}x" in text
     saved = json.loads((out / "demo.json").read_text())
     assert saved == json.loads(json.dumps(result.to_dict()))
-    held = json.loads((out / "validation.json").read_text())["runs"]
-    assert sorted(h["run"] for h in held) == ["mlp-sgd-p2", "mlp-spngd-p2"]
-    for h in held:
-        key = (h["strategy"], h["world_size"])
-        assert h["measured_step_us"] == pytest.approx(measured[key], rel=1e-9)
+    held = json.loads((out / "validation.json").read_text())
+    assert [row["run"] for row in held["runs"]] == [h.name for h in result.held_out]
+    for row, h in zip(held["runs"], result.held_out):
+        assert row["predicted_step_us"] == pytest.approx(h.predicted_step_us, rel=1e-12)
+    assert sorted(held["calibration"]["traces"]) == sorted(
+        str(traces[k]) for k in (("sgd", 1), ("spngd", 1)))
 
     assert _snapshot(models_dir()) == committed  # committed presets untouched

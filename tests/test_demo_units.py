@@ -103,8 +103,9 @@ def test_a_failing_phase_stops_the_demo_and_keeps_what_finished(tmp_path, monkey
 
     monkeypatch.setattr(demo_mod, "_profile", profile_then_fail)
     out = tmp_path / "demo"
-    config = quick_config(out=str(out), workload_options={"in_features": 8, "hidden": [8]},
-                          steps=1, warmup=0, batch_size=4)
+    config = quick_config(out=str(out), workload="mlp",
+                          workload_options={"in_features": 8, "hidden": [8]}, steps=1, warmup=0,
+                          batch_size=4)
     stream = io.StringIO()
     with pytest.raises(DemoPhaseError) as info:
         run_demo(config, stream=stream)

@@ -24,7 +24,7 @@ def _option(text: str) -> tuple[str, object]:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workload", default=None,
-                        help="workload profiled here (default: mlp)")
+                        help="workload profiled here (default: resnet20)")
     parser.add_argument("--workload-option", type=_option, action="append", default=[],
                         metavar="KEY=VALUE", help="workload option, e.g. hidden=[256,128] "
                         "(repeatable)")
@@ -36,7 +36,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=None,
                         help="warm-up steps per run (default 3; 1 with --quick)")
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="examples per rank per step (default: the workload's)")
+                        help="examples per rank per step (default 32)")
     parser.add_argument("--out", default="reports/demo",
                         help="output directory: index.html, and traces/, models/, "
                              "predictions/, logs/ beside it (default: %(default)s)")

@@ -25,7 +25,7 @@ from typing import Any, TextIO
 
 from kfacperf.pipeline.config import SCALE_STRATEGIES, DemoConfig, DemoPaths
 from kfacperf.pipeline.headline import (
-    HELD_OUT, DemoResult, RunHeadline, run_headlines, scale_headlines,
+    DemoResult, held_out_headlines, run_headlines, scale_headlines,
 )
 from kfacperf.pipeline.phases import DemoStepFailed, PhaseRunner
 
@@ -92,56 +92,67 @@ def _commbench(config: DemoConfig, paths: DemoPaths) -> Any:
     return model
 
 
-def _workload_model(config: DemoConfig, paths: DemoPaths) -> Any:
-    """The simulator's model of the profiled workload: a committed one when one matches the
-    workload's options, else generated from the torch workload into the demo's models/."""
+def _workload_models(config: DemoConfig, paths: DemoPaths) -> Path:
+    """A folder to search for the profiled workload's simulator model: a committed model is
+    used when one matches the workload's options, else one is generated into it."""
     from kfacperf.sim.models import save_workload_model, workload_for_run
 
     folder = paths.workload_models()
+    folder.mkdir(parents=True, exist_ok=True)
     try:
-        return workload_for_run(config.workload, dict(config.workload_options),
-                                search=[folder] if folder.is_dir() else [])
+        workload_for_run(config.workload, dict(config.workload_options), search=[folder])
     except ValueError:
-        pass
-    from kfacperf.commands.calibrate import build_workload_model
+        from kfacperf.commands.calibrate import build_workload_model
 
-    model = build_workload_model(config.workload, dict(config.workload_options))
-    save_workload_model(model, folder / f"{config.workload}.toml")
-    return model
+        model = build_workload_model(config.workload, dict(config.workload_options))
+        save_workload_model(model, folder / f"{config.workload}.toml")
+    return folder
 
 
-def _calibrate(config: DemoConfig, paths: DemoPaths, traces: list[Any]) -> tuple[Any, Any]:
-    from kfacperf.sim.calibration import fit_device_model
+def _calibrate(config: DemoConfig, paths: DemoPaths, traces: list[Any], cluster: Any) -> Any:
+    """Fit the device model to the 1-process traces only (kfacperf.validation.calibrate)."""
     from kfacperf.sim.device_model import save_device_model
+    from kfacperf.validation import calibrate
 
-    workload = _workload_model(config, paths)
-    cal = fit_device_model(traces, workloads=lambda run: workload, name="local-cpu",
-                           description="this machine's CPU, one thread per rank, fitted by "
-                                       "kfacperf demo from its 1-process traces")
+    folder = _workload_models(config, paths)
+    cal = calibrate(traces, cluster=cluster, workload_search=[str(folder)],
+                    device_name="local-cpu")
     save_device_model(cal.device, paths.device_model())
-    return workload, cal
+    return cal
 
 
-def _predict_local(config: DemoConfig, paths: DemoPaths, workload: Any, device: Any,
-                   cluster: Any, run: dict[str, Any]) -> Any:
+def _predict(config: DemoConfig, paths: DemoPaths, calibration_traces: list[Any],
+             held_out: list[Any], cal: Any) -> tuple[Any, Any]:
+    """Predict the held-out runs from the calibration runs (:func:`kfacperf.validation.validate`,
+    which refits on them alone), and simulate every local run's setting for the report."""
+    from kfacperf.sim.models import workload_for_run
     from kfacperf.sim.prediction import write_prediction
     from kfacperf.sim.sweep import simulate
+    from kfacperf.validation import validate
 
+    folder = paths.workload_models()
+    result = validate(calibration_traces, held_out, cluster=cal.cluster,
+                      workload_search=[str(folder)], device_name="local-cpu")
+    run = calibration_traces[-1].run  # a K-FAC run: its intervals and options
+    workload = workload_for_run(config.workload, dict(config.workload_options), search=[folder])
+    cap = float(run.get("bucket_cap_mb") or 25.0)
     pred = simulate(
-        workload, device, cluster, list(config.profiled_strategies), gpus=list(config.nprocs),
-        batch_per_gpu=int(run["batch_per_rank"]), factor_interval=int(run["factor_interval"]),
-        inverse_interval=int(run["inverse_interval"]),
+        workload, cal.device, cal.cluster, list(config.profiled_strategies),
+        gpus=list(config.nprocs), batch_per_gpu=int(run["batch_per_rank"]),
+        factor_interval=int(run["factor_interval"]), inverse_interval=int(run["inverse_interval"]),
         grad_worker_fraction=float(run.get("grad_worker_fraction") or 1.0),
-        factor_bucket_mb=float(run.get("bucket_cap_mb") or 25.0),
-        ddp_bucket_mb=float(run.get("bucket_cap_mb") or 25.0),
+        factor_bucket_mb=cap, ddp_bucket_mb=cap,
         inverse_method=str(run.get("inverse_method") or "eigen"),
+        comm_dtype=str(run.get("comm_dtype") or "fp32"),
+        symmetric_factors=bool(run.get("symmetric", False)),
+        threads_per_rank=int(run.get("threads_per_rank") or 1),
     )
     pred.meta["workload"] = config.workload
     pred.meta["models"] = {"workload": workload.name, "device": str(paths.device_model()),
                            "cluster": str(paths.cluster_model())}
-    pred.meta["command"] = "kfacperf demo (local prediction from the 1-process calibration)"
+    pred.meta["command"] = "kfacperf demo (local runs predicted from the 1-process calibration)"
     write_prediction(pred, paths.local_prediction(config.workload))
-    return pred
+    return result, pred
 
 
 def _simulate_cluster(config: DemoConfig, paths: DemoPaths, index: int) -> list[tuple[Path, Any]]:
@@ -180,13 +191,6 @@ def _load_average() -> tuple[float, ...] | None:
         return None
 
 
-def _validation_rows(runs: tuple[RunHeadline, ...]) -> list[dict[str, Any]]:
-    return [{"run": r.name, "strategy": r.strategy, "world_size": r.nproc,
-             "measured_step_us": r.measured_step_us, "predicted_step_us": r.predicted_step_us,
-             "error_pct": r.error_pct, "calibrated_from": "1-process traces + commbench"}
-            for r in runs if r.role == HELD_OUT]
-
-
 def run_demo(config: DemoConfig, *, stream: TextIO | None = None,
              verbose: bool = False) -> DemoResult:
     """Run the pipeline described in the module docstring; progress lines go to ``stream``.
@@ -195,8 +199,6 @@ def run_demo(config: DemoConfig, *, stream: TextIO | None = None,
     :class:`~kfacperf.pipeline.phases.DemoPhaseError` naming the phase that failed (files of
     the finished phases are kept).
     """
-    import pandas as pd
-
     from kfacperf.sim.models import load_cluster, load_device, load_workload
     from kfacperf.traces import summarize
     from kfacperf.workloads import get_workload
@@ -234,16 +236,21 @@ def run_demo(config: DemoConfig, *, stream: TextIO | None = None,
     cluster = runner.run(f"commbench (gloo, {worlds} ranks)", lambda: _commbench(config, paths),
                          note=lambda c: f"-> {paths.cluster_model()}")
     single = [traces[(s, 1)] for s in config.profiled_strategies]
-    workload, cal = runner.run(
-        "calibrate device (1-process traces)", lambda: _calibrate(config, paths, single),
-        note=lambda r: "rms error per stage kind " + ", ".join(
-            f"{k} {f.rms_rel_error:.0%}" for k, f in r[1].fits.items()))
-    local = runner.run(
-        f"predict {worlds}-process runs",
-        lambda: _predict_local(config, paths, workload, cal.device, cluster,
-                               traces[(config.strategies[0], 1)].run),
-        note=lambda p: f"-> {paths.local_prediction(config.workload)}")
-    run_rows = run_headlines(measured, local.summary)
+    held = [traces[(s, n)] for s, n in runs if n != 1]
+    cal = runner.run(
+        "calibrate device (1-process traces)",
+        lambda: _calibrate(config, paths, single, cluster),
+        note=lambda c: "fit rms error " + ", ".join(
+            f"{k} {f.rms_rel_error:.0%}" for k, f in c.fit.fits.items()))
+    validation, _ = runner.run(
+        f"predict the {worlds}-process runs",
+        lambda: _predict(config, paths, single, held, cal),
+        note=lambda r: f"|error| median {r[0].median_abs_error_pct:.1f}%, worst "
+                       f"{r[0].worst_abs_error_pct:.1f}%")
+    paths.validation.write_text(json.dumps(validation.to_dict(), indent=1) + "\n")
+    names = {Path(t.path).name: key for key, t in traces.items()}
+    held_rows = held_out_headlines(validation.runs, {n: k[0] for n, k in names.items()},
+                                   {n: k[1] for n, k in names.items()})
 
     scale_preds: list[tuple[Path, Any]] = []  # each cluster's prediction, then what-ifs
     whatifs: list[tuple[Path, Any]] = []
@@ -255,9 +262,6 @@ def run_demo(config: DemoConfig, *, stream: TextIO | None = None,
         scale_preds.append(got[0])
         whatifs.extend(got[1:])
 
-    validation = _validation_rows(run_rows)
-    paths.validation.write_text(json.dumps({"runs": validation}, indent=1) + "\n")
-
     def report() -> Path:
         from kfacperf.report.build import build_report
 
@@ -266,7 +270,7 @@ def run_demo(config: DemoConfig, *, stream: TextIO | None = None,
         return build_report([Path(t.path) for t in traces.values()],
                             [paths.local_prediction(config.workload)]
                             + [p for p, _ in scale_preds + whatifs],
-                            paths.report, pd.DataFrame(validation), title=title)
+                            paths.report, validation.runs, title=title)
 
     page = runner.run("report", report,
                       note=lambda p: f"{p} ({p.stat().st_size / 1e6:.1f} MB)")
@@ -277,7 +281,7 @@ def run_demo(config: DemoConfig, *, stream: TextIO | None = None,
         report=page, root=paths.root, workload=config.workload,
         batch_per_rank=int(base_run["batch_per_rank"]),
         intervals=(int(kfac_run["factor_interval"]), int(kfac_run["inverse_interval"])),
-        steps=config.steps, runs=run_rows, scale=scale, phases=tuple(runner.done),
+        steps=config.steps, runs=run_headlines(measured), held_out=held_rows, scale=scale, phases=tuple(runner.done),
         wall_s=runner.elapsed(), load_average=load_avg,
     )
     paths.results.write_text(json.dumps(result.to_dict(), indent=1) + "\n")

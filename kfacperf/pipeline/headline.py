@@ -2,8 +2,9 @@
 1-process calibration predicts, and the K-FAC overhead over SGD, measured here and predicted
 on the cluster presets.
 
-Every number is read from a trace summary (:func:`kfacperf.traces.summarize`) or a
-prediction's ``summary`` table; nothing is computed twice in different ways.
+Every number is read from a trace summary (:func:`kfacperf.traces.summarize`), from
+:func:`kfacperf.validation.validate`'s per-run table, or from a prediction's ``summary``
+table; nothing is computed here a second way.
 """
 from __future__ import annotations
 
@@ -22,18 +23,30 @@ HELD_OUT = "held out"
 
 @dataclass(frozen=True, kw_only=True)
 class RunHeadline:
-    """One measured run and its prediction (from the local calibration)."""
+    """One measured run, as its trace summary gives it."""
 
     name: str
     strategy: str
     nproc: int
     role: str  # CALIBRATION (1 process: the fit's own data) or HELD_OUT
     trace: str
+    measured_step_us: float  # mean over measured steps of the slowest rank's step
+    measured_overhead: float  # over the SGD run with as many processes (NaN for SGD)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeldOutHeadline:
+    """A held-out run predicted from the 1-process calibration (:mod:`kfacperf.validation`:
+    measured is the median step time per kind of step)."""
+
+    name: str
+    strategy: str
+    nproc: int
     measured_step_us: float
     predicted_step_us: float
     error_pct: float  # signed, (predicted - measured) / measured
-    measured_overhead: float  # over the SGD run with as many processes (NaN for SGD)
-    predicted_overhead: float
+    worst_stage: str  # among stages above 5% of the step ("" if none)
+    worst_stage_error_pct: float
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,20 +76,19 @@ class DemoResult:
     steps: int
     intervals: tuple[int, int]  # factor, inverse of the local K-FAC runs
     runs: tuple[RunHeadline, ...]
+    held_out: tuple[HeldOutHeadline, ...]
     scale: tuple[ScaleHeadline, ...]
     phases: tuple[Any, ...]  # PhaseTime
     wall_s: float
     load_average: tuple[float, ...] | None
-
-    def held_out(self) -> tuple[RunHeadline, ...]:
-        return tuple(r for r in self.runs if r.role == HELD_OUT)
 
     def to_dict(self) -> dict[str, Any]:
         return _json_safe({
             "report": str(self.report), "root": str(self.root), "workload": self.workload,
             "batch_per_rank": self.batch_per_rank, "steps": self.steps,
             "intervals": list(self.intervals),
-            "runs": [asdict(r) for r in self.runs], "scale": [asdict(s) for s in self.scale],
+            "runs": [asdict(r) for r in self.runs],
+            "held_out": [asdict(r) for r in self.held_out], "scale": [asdict(s) for s in self.scale],
             "phases": [asdict(p) for p in self.phases], "wall_s": self.wall_s,
             "load_average": list(self.load_average) if self.load_average else None,
         })
@@ -99,38 +111,30 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def error_pct(predicted: float, measured: float) -> float:
-    if not (math.isfinite(predicted) and math.isfinite(measured)) or measured <= 0:
-        return math.nan
-    return (predicted - measured) / measured * 100.0
-
-
-def _row(summary: "pd.DataFrame", strategy: str, gpus: int) -> "pd.Series | None":
-    sel = summary[(summary["strategy"].astype(str) == strategy)
-                  & (summary["gpus"].astype(int) == gpus)]
-    return None if sel.empty else sel.iloc[0]
-
-
-def run_headlines(measured: Mapping[tuple[str, int], tuple[str, str, float]],
-                  local_summary: "pd.DataFrame") -> tuple[RunHeadline, ...]:
+def run_headlines(measured: Mapping[tuple[str, int], tuple[str, str, float]]
+                  ) -> tuple[RunHeadline, ...]:
     """``measured`` maps (strategy, nproc) to (run name, trace path, measured step µs)."""
     out = []
     for (strategy, nproc), (name, trace, step_us) in measured.items():
-        row = _row(local_summary, strategy, nproc)
-        predicted = float(row["step_us"]) if row is not None else math.nan
-        pred_over = (float(row["kfac_overhead"]) if row is not None and strategy != "sgd"
-                     else math.nan)
         base = measured.get(("sgd", nproc))
-        meas_over = (step_us / base[2] if strategy != "sgd" and base and base[2] > 0
-                     else math.nan)
-        out.append(RunHeadline(
-            name=name, strategy=strategy, nproc=nproc,
-            role=CALIBRATION if nproc == 1 else HELD_OUT, trace=trace,
-            measured_step_us=step_us, predicted_step_us=predicted,
-            error_pct=error_pct(predicted, step_us), measured_overhead=meas_over,
-            predicted_overhead=pred_over,
-        ))
+        over = (step_us / base[2] if strategy != "sgd" and base and base[2] > 0 else math.nan)
+        out.append(RunHeadline(name=name, strategy=strategy, nproc=nproc,
+                               role=CALIBRATION if nproc == 1 else HELD_OUT, trace=trace,
+                               measured_step_us=step_us, measured_overhead=over))
     return tuple(out)
+
+
+def held_out_headlines(runs: "pd.DataFrame", strategies: Mapping[str, str],
+                       nprocs: Mapping[str, int]) -> tuple[HeldOutHeadline, ...]:
+    """From :class:`kfacperf.validation.ValidationResult` ``.runs``; ``strategies`` and
+    ``nprocs`` map a run's name to the demo's strategy and process count."""
+    return tuple(HeldOutHeadline(
+        name=str(r["run"]), strategy=strategies[str(r["run"])], nproc=nprocs[str(r["run"])],
+        measured_step_us=float(r["measured_step_us"]),
+        predicted_step_us=float(r["predicted_step_us"]), error_pct=float(r["error_pct"]),
+        worst_stage=str(r["worst_stage"] or ""),
+        worst_stage_error_pct=float(r["worst_stage_error_pct"]),
+    ) for _, r in runs.iterrows())
 
 
 def scale_headlines(predictions: Sequence[tuple[str, Mapping[str, Any], "pd.DataFrame"]]
@@ -168,24 +172,30 @@ def _x(r: float) -> str:
 
 def format_result(result: DemoResult) -> str:
     """The text ``kfacperf demo`` prints at the end."""
-    lines = [f"report: {result.report}", ""]
     fi, ii = result.intervals
+    lines = [f"report: {result.report}", ""]
     lines.append(f"{result.workload}, batch {result.batch_per_rank} per rank, one thread per "
-                 f"rank, K-FAC factor/inverse interval {fi}/{ii}: mean step time over "
-                 f"{result.steps} steps (slowest rank)")
-    lines.append(f"  {'run':<18}{'procs':>5}{'measured':>12}{'predicted':>12}{'error':>9}"
-                 f"  {'K-FAC/SGD meas.':>15}{'pred.':>8}")
+                 f"rank, K-FAC factor/inverse interval {fi}/{ii}")
+    lines.append(f"measured step time (mean over {result.steps} steps of the slowest rank):")
+    lines.append(f"  {'run':<20}{'procs':>5}{'step':>13}{'K-FAC/SGD':>11}")
     for r in result.runs:
-        role = "  (calibration run)" if r.role == CALIBRATION else ""
-        over = ("" if r.strategy == "sgd" else
-                f"  {_x(r.measured_overhead):>15}{_x(r.predicted_overhead):>8}")
-        lines.append(f"  {r.name:<18}{r.nproc:>5}{_ms(r.measured_step_us):>12}"
-                     f"{_ms(r.predicted_step_us):>12}{_pct(r.error_pct):>9}{over}{role}")
-    held = [r for r in result.held_out() if math.isfinite(r.error_pct)]
-    if held:
-        errs = [abs(r.error_pct) for r in held]
-        lines.append(f"  held-out runs predicted from the 1-process calibration: "
-                     f"|error| median {statistics.median(errs):.1f}%, worst {max(errs):.1f}%")
+        over = "" if r.strategy == "sgd" else f"{_x(r.measured_overhead):>11}"
+        lines.append(f"  {r.name:<20}{r.nproc:>5}{_ms(r.measured_step_us):>13}{over}")
+    if result.held_out:
+        lines.append("")
+        lines.append("held-out runs predicted from the 1-process calibration and commbench "
+                     "(median step, as kfacperf validate):")
+        lines.append(f"  {'run':<20}{'measured':>13}{'predicted':>13}{'error':>9}"
+                     "   worst stage (>5% of the step)")
+        for h in result.held_out:
+            worst = (f"{h.worst_stage} {_pct(h.worst_stage_error_pct)}" if h.worst_stage
+                     else "-")
+            lines.append(f"  {h.name:<20}{_ms(h.measured_step_us):>13}"
+                         f"{_ms(h.predicted_step_us):>13}{_pct(h.error_pct):>9}   {worst}")
+        errs = [abs(h.error_pct) for h in result.held_out if math.isfinite(h.error_pct)]
+        if errs:
+            lines.append(f"  |error| median {statistics.median(errs):.1f}%, worst "
+                         f"{max(errs):.1f}%")
     if result.scale:
         s0 = result.scale[0]
         lines.append("")
@@ -199,7 +209,7 @@ def format_result(result: DemoResult) -> str:
             base = f" (sgd step {_ms(sgd.step_us)})" if sgd else ""
             lines.append(f"  {cluster[0]} / {cluster[1]}: " + ", ".join(parts) + base)
     lines.append("")
-    load = (f"; load average before {result.load_average[0]:.2f}"
+    load = (f"; load average at the start {result.load_average[0]:.2f}"
             if result.load_average else "")
     lines.append(f"demo finished in {result.wall_s:.0f} s{load}; files in {result.root}")
     return "\n".join(lines)
