@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import time
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -73,6 +72,15 @@ def _profile(config: DemoConfig, paths: DemoPaths, strategy: str, nproc: int) ->
     if not outcome.ok or outcome.trace is None:
         raise DemoStepFailed(outcome.message or f"the profile of {out} did not complete")
     return outcome.trace
+
+
+def _profiled(config: DemoConfig, paths: DemoPaths, strategy: str, nproc: int
+              ) -> tuple[Any, float]:
+    """A profile run and its measured step time (the trace summary's)."""
+    from kfacperf.traces import summarize
+
+    trace = _profile(config, paths, strategy, nproc)
+    return trace, summarize(trace).step_us
 
 
 def _commbench(config: DemoConfig, paths: DemoPaths) -> Any:
@@ -191,6 +199,19 @@ def _load_average() -> tuple[float, ...] | None:
         return None
 
 
+def _accuracy_table(runs: Any) -> Any:
+    """The held-out runs for the report's accuracy section, with readable extra columns."""
+    import math
+
+    table = runs[["run", "measured_step_us", "predicted_step_us", "error_pct"]].copy()
+    table["strategy"] = runs["strategy"]
+    table["ranks"] = runs["world_size"]
+    table["worst stage (>5% of the step)"] = [
+        f"{st} {err:+.1f}%" if st and math.isfinite(err) else "-"
+        for st, err in zip(runs["worst_stage"], runs["worst_stage_error_pct"].astype(float))]
+    return table
+
+
 def run_demo(config: DemoConfig, *, stream: TextIO | None = None,
              verbose: bool = False) -> DemoResult:
     """Run the pipeline described in the module docstring; progress lines go to ``stream``.
@@ -200,7 +221,6 @@ def run_demo(config: DemoConfig, *, stream: TextIO | None = None,
     the finished phases are kept).
     """
     from kfacperf.sim.models import load_cluster, load_device, load_workload
-    from kfacperf.traces import summarize
     from kfacperf.workloads import get_workload
 
     paths = config.paths
@@ -226,11 +246,11 @@ def run_demo(config: DemoConfig, *, stream: TextIO | None = None,
     measured: dict[tuple[str, int], tuple[str, str, float]] = {}
     for strategy, nproc in runs:
         name = f"profile {strategy}, {nproc} process{'es' if nproc > 1 else ''}"
-        trace = runner.run(name, lambda s=strategy, n=nproc: _profile(config, paths, s, n),
-                           note=lambda tr: f"step {summarize(tr).step_us / 1e3:,.1f} ms")
+        trace, step_us = runner.run(
+            name, lambda s=strategy, n=nproc: _profiled(config, paths, s, n),
+            note=lambda r: f"step {r[1] / 1e3:,.1f} ms")
         traces[(strategy, nproc)] = trace
-        measured[(strategy, nproc)] = (Path(trace.path).name, str(trace.path),
-                                       summarize(trace).step_us)
+        measured[(strategy, nproc)] = (Path(trace.path).name, str(trace.path), step_us)
 
     worlds = ", ".join(map(str, sorted(set(config.predict_nprocs))))
     cluster = runner.run(f"commbench (gloo, {worlds} ranks)", lambda: _commbench(config, paths),
@@ -270,7 +290,7 @@ def run_demo(config: DemoConfig, *, stream: TextIO | None = None,
         return build_report([Path(t.path) for t in traces.values()],
                             [paths.local_prediction(config.workload)]
                             + [p for p, _ in scale_preds + whatifs],
-                            paths.report, validation.runs, title=title)
+                            paths.report, _accuracy_table(validation.runs), title=title)
 
     page = runner.run("report", report,
                       note=lambda p: f"{p} ({p.stat().st_size / 1e6:.1f} MB)")
@@ -281,8 +301,8 @@ def run_demo(config: DemoConfig, *, stream: TextIO | None = None,
         report=page, root=paths.root, workload=config.workload,
         batch_per_rank=int(base_run["batch_per_rank"]),
         intervals=(int(kfac_run["factor_interval"]), int(kfac_run["inverse_interval"])),
-        steps=config.steps, runs=run_headlines(measured), held_out=held_rows, scale=scale, phases=tuple(runner.done),
-        wall_s=runner.elapsed(), load_average=load_avg,
+        steps=config.steps, runs=run_headlines(measured), held_out=held_rows, scale=scale,
+        phases=tuple(runner.done), wall_s=runner.elapsed(), load_average=load_avg,
     )
     paths.results.write_text(json.dumps(result.to_dict(), indent=1) + "\n")
     return result
