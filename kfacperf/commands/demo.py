@@ -2,8 +2,8 @@
 measure collectives, calibrate from the 1-process runs, predict the 2-process runs, simulate
 ResNet-50 on cluster presets up to 4,096 GPUs, and write one HTML report.
 
-Example: kfacperf demo            (about 3 minutes on an idle 2-core machine)
-         kfacperf demo --quick    (a tiny run)
+Examples: `kfacperf demo` (under 3 minutes on a 2-core machine); `kfacperf demo --quick` (a
+tiny run, under a minute).
 """
 from __future__ import annotations
 

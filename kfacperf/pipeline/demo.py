@@ -238,7 +238,8 @@ def run_demo(config: DemoConfig, *, stream: TextIO | None = None,
     total = len(runs) + 4 + len(config.clusters)
     runner = PhaseRunner(total=total, log_dir=paths.logs, stream=stream, verbose=verbose)
     batch = config.batch_size or workload_obj.default_batch_size
-    runner.say(f"kfacperf demo: {config.workload}, batch {batch} per rank, {config.steps} steps "
+    steps = f"{config.steps} step{'s' if config.steps != 1 else ''}"
+    runner.say(f"kfacperf demo: {config.workload}, batch {batch} per rank, {steps} "
                f"(+{config.warmup} warm-up) per run; files in {paths.root}"
                + (f"; load average {load_avg[0]:.2f}" if load_avg else ""))
 
