@@ -4,20 +4,22 @@ The A factor of a Conv2d needs ``Σ_r a_r a_rᵀ`` over every patch ``a_r`` (R =
 rows of length K = C·kh·kw).  Unfolding and one GEMM cost ``2·R·K²`` FLOPs plus two copies
 of a K×R matrix — several times the layer's own forward pass for 3x3 kernels.
 
-Here the same sums are computed exactly from the *padded image*.  The (c, i, j), (c', i', j')
-entry of the sum is ``Σ_n Σ_{u ∈ W(i,j)} x[n, c, u] · x[n, c', u + δ]`` where ``u`` runs over
-the window W(i, j) of image positions that kernel tap (i, j) visits and ``δ`` is the
-displacement between taps (i, j) and (i', j').  So:
+Here the same sums are computed exactly from the padded image.  The (c, i, j), (c', i', j')
+entry is ``Σ_n Σ_{u ∈ W(i,j)} x[n, c, u] · x[n, c', u + δ]`` where ``u`` runs over the window
+W(i, j) of padded-image positions that kernel tap (i, j) visits and δ is the displacement
+from tap (i, j) to tap (i', j').  So:
 
-1. For each distinct displacement δ (about half of the (2kh-1)(2kw-1), the rest follow by
-   transposition), the per-position Gram ``PG_δ[u] = Σ_n x[:, u] x[:, u+δ]ᵀ`` over all
-   padded positions is one batched GEMM (``2·N·Hp·Wp·C²`` FLOPs: ~13/81 of the unfold
-   GEMM for 3x3 kernels).  Positions are flattened row-major, so the shift by δ is a slice
-   of the flat position axis (pairs that wrap across a row are never read).
-2. Each tap pair's entry is the sum of ``PG_δ`` over that tap's window, a strided view
-   (stride, dilation) of ``PG_δ``, read once per tap pair.
+1. Per-position Grams ``PG_δ[u] = Σ_n x[:, u] x[:, u+δ]ᵀ`` for every displacement δ with a
+   non-negative row step (the others are transposes): ~(kh·(2kw-1))/(kh·kw)² of the unfold
+   GEMM's FLOPs (15/81 for 3x3).  Positions are flattened row-major in a ``[P, C, N]``
+   layout, so for one row step the ``2kw-1`` column steps are consecutive positions and
+   ``[x[u+δ]]_δ`` is a plain strided matrix: one batched GEMM per row step.  Products of
+   positions that wrap across a row are computed but never read.
+2. Each tap pair's entry is the sum of ``PG_δ`` over that tap's window: a strided view
+   (stride, dilation) of ``PG_δ``, summed over output rows, then output columns.
 
-Padding of any mode is applied explicitly first, exactly as the module pads.
+Padding of any mode is applied first, exactly as the module pads; with zero padding, rows
+whose products are all zero are skipped.
 """
 from __future__ import annotations
 
@@ -47,15 +49,24 @@ def padded_input(x: Tensor, conv: nn.Conv2d) -> Tensor:
     return F.pad(x, (left, right, top, bottom), mode=mode)
 
 
-def _positions_major(x: Tensor, conv: nn.Conv2d) -> tuple[Tensor, tuple[int, int]]:
-    """The padded input as a contiguous ``[Hp·Wp, N, C]`` tensor.
+def _positions_major(x: Tensor, conv: nn.Conv2d, margin: int) -> tuple[Tensor, int, int]:
+    """The padded input as a ``[margin + Hp·Wp + margin, C, N]`` tensor, zero margins.
 
-    Padding in NCHW and then one 2-D transpose of the ``(N·C, Hp·Wp)`` matrix is several
-    times faster than a 4-D permute copy.
+    Built from one 2-D transpose of the ``(N, C·H·W)`` input and one copy of N-long runs
+    (a direct 4-D permute copy is several times slower).
     """
-    xp = padded_input(x, conv).contiguous()
-    n, c, hp, wp = xp.shape
-    return xp.view(n * c, hp * wp).t().contiguous().view(hp * wp, n, c), (hp, wp)
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    zero_pad = conv.padding_mode == "zeros" and conv.padding != "same"
+    src = x if zero_pad else padded_input(x, conv)
+    n, c, h, w = src.shape
+    ph, pw = (0, 0) if (conv.padding == "valid" or not zero_pad) else conv.padding
+    hp, wp = h + 2 * ph, w + 2 * pw  # type: ignore[operator]
+    by_position = src.reshape(n, c * h * w).t().contiguous().view(c, h, w, n)
+    flat = src.new_zeros(margin + hp * wp + margin, c, n)
+    grid = flat[margin : margin + hp * wp].view(hp, wp, c, n)
+    grid[ph : ph + h, pw : pw + w] = by_position.permute(1, 2, 0, 3)
+    return flat, hp, wp
 
 
 def _top_padding(conv: nn.Conv2d) -> int:
@@ -72,62 +83,81 @@ def output_size(padded_hw: tuple[int, int], conv: nn.Conv2d) -> tuple[int, int]:
     return (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
 
 
+def patch_moments_flops(x_shape: tuple[int, ...], conv: nn.Conv2d) -> float:
+    """Multiply-add FLOPs of :func:`patch_moments` (the batched GEMMs; zero rows included)."""
+    n, c, h, w = (1, *x_shape) if len(x_shape) == 3 else x_shape
+    kh, kw = conv.kernel_size
+    if conv.padding == "same":
+        hp = h + conv.dilation[0] * (kh - 1)
+        wp = w + conv.dilation[1] * (kw - 1)
+    else:
+        ph, pw = (0, 0) if conv.padding == "valid" else conv.padding  # type: ignore[misc]
+        hp, wp = h + 2 * ph, w + 2 * pw
+    column_steps = kw + (kh - 1) * (2 * kw - 1)
+    return 2.0 * n * hp * wp * c * c * column_steps
+
+
 def patch_moments(x: Tensor, conv: nn.Conv2d) -> tuple[Tensor, Tensor, int]:
     """``(Σ_r a_r a_rᵀ, Σ_r a_r, R)`` over all patches of ``conv``'s input ``x``.
 
     Entries are in :func:`torch.nn.functional.unfold` order, ``c·kh·kw + i·kw + j``, the
     order of ``conv.weight.reshape(out, -1)``.
     """
-    flat, (hp, wp) = _positions_major(x, conv)  # flat[p] = (N, C) slab of position p
-    n, c = flat.shape[1], flat.shape[2]
     kh, kw = conv.kernel_size
     dh, dw = conv.dilation
     sh, sw = conv.stride
+    margin = (kw - 1) * dw
+    flat, hp, wp = _positions_major(x, conv, margin)  # flat[margin + p] = (C, N) at p
+    c, n = flat.shape[1], flat.shape[2]
+    npos = hp * wp
     ho, wo = output_size((hp, wp), conv)
     if ho <= 0 or wo <= 0:
         raise ValueError(f"input of spatial size {tuple(x.shape[-2:])} is smaller than the kernel")
-    cc = c * c
-    # image rows inside the padded input, when the padding is zeros
+    # with zero padding only image rows [row_lo, row_hi) hold nonzero values
     zero_pad = conv.padding_mode == "zeros"
-    rows_lo = _top_padding(conv)
-    rows_hi = rows_lo + (x.shape[-2])
+    row_lo = _top_padding(conv) if zero_pad else 0
+    row_hi = row_lo + x.shape[-2] if zero_pad else hp
     blocks = flat.new_empty(kh, kw, kh, kw, c, c)  # [i, j, i', j', c, c']
-    for di in range(kh):
-        for dj in range(-(kw - 1), kw):
-            if di == 0 and dj < 0:
-                continue  # the transpose of displacement (0, -dj)
-            off = di * dh * wp + dj * dw
-            # pg[p] = X[p]ᵀ X[p + off] for every p with p + off in range; with zero padding
-            # only rows where both p and p + off can be inside the image are nonzero
-            pg = flat.new_zeros(hp * wp - off, c, c) if zero_pad else None
-            lo = rows_lo * wp if zero_pad else 0
-            hi = min((rows_hi - di * dh) * wp, hp * wp - off) if zero_pad else hp * wp - off
-            if hi > lo:
-                prod = torch.bmm(flat[lo:hi].transpose(1, 2), flat[lo + off : hi + off],
-                                 out=None if pg is None else pg[lo:hi])
-                pg = prod if pg is None else pg
-            i0, i1 = 0, kh - di  # taps (i, j) whose partner (i + di, j + dj) exists
+    dev = flat.device
+    for di in range(kh):  # row step between taps
+        dj_min = 0 if di == 0 else -(kw - 1)  # (0, -dj) is the transpose of (0, dj)
+        steps = kw - dj_min  # column steps dj_min .. kw-1
+        base = di * dh * wp + dj_min * dw  # flat offset of the first partner
+        # positions p whose partners can be nonzero (all partners stay inside flat)
+        lo, hi = row_lo * wp, max(row_lo, row_hi - di * dh) * wp
+        partners = flat.as_strided(
+            size=(hi - lo, steps, c, n),
+            stride=(c * n, dw * c * n, n, 1),
+            storage_offset=(margin + lo + base) * c * n,
+        ).reshape(hi - lo, steps * c, n)  # a view when dw == 1
+        # positions the windows read; those outside [lo, hi) hold zeros
+        need = ((kh - 1 - di) * dh + (ho - 1) * sh + 1) * wp
+        pg = flat.new_zeros(max(need, hi), c, steps * c) if lo > 0 or need > hi else None
+        out = torch.bmm(flat[margin + lo : margin + hi], partners.transpose(1, 2),
+                        out=None if pg is None else pg[lo:hi])
+        pg = out if pg is None else pg  # [p, c, (dj, c')]
+        ni = kh - di  # taps i whose partner row i + di exists
+        cc = c * steps * c
+        by_row = pg.as_strided(
+            size=(ni, ho, wp, cc), stride=(dh * wp * cc, sh * wp * cc, cc, 1)
+        ).sum(dim=1).view(ni, wp, c, steps, c)  # window sums over output rows
+        for dj in range(dj_min, kw):
             j0, j1 = max(0, -dj), kw - max(0, dj)
-            ni, nj = i1 - i0, j1 - j0
-            # window sums, separably: over output rows for each tap row i (all the columns
-            # any tap j reads), then over output columns for each tap column j
-            width = (nj - 1) * dw + (wo - 1) * sw + 1
-            rows = pg.as_strided(
-                size=(ni, ho, width, cc),
-                stride=(dh * wp * cc, sh * wp * cc, cc, 1),
-                storage_offset=(i0 * dh * wp + j0 * dw) * cc,
-            ).sum(dim=1)  # [i, column, c·c']
-            sums = rows.as_strided(
-                size=(ni, nj, wo, cc), stride=(width * cc, dw * cc, sw * cc, 1)
-            ).sum(dim=2).reshape(ni * nj, c, c)
-            ii = torch.arange(i0, i1).repeat_interleave(nj)
-            jj = torch.arange(j0, j1).repeat(ni)
+            part = by_row[:, :, :, dj - dj_min, :]  # [i, column, c, c']
+            s0, s1, s2, s3 = part.stride()
+            sums = part.as_strided(
+                size=(ni, j1 - j0, wo, c, c),
+                stride=(s0, dw * s1, sw * s1, s2, s3),
+                storage_offset=part.storage_offset() + j0 * dw * s1,
+            ).sum(dim=2).reshape(-1, c, c)  # window sums over output columns
+            ii = torch.arange(ni, device=dev).repeat_interleave(j1 - j0)
+            jj = torch.arange(j0, j1, device=dev).repeat(ni)
             blocks[ii, jj, ii + di, jj + dj] = sums
             if di or dj:
                 blocks[ii + di, jj + dj, ii, jj] = sums.transpose(1, 2)
     k = c * kh * kw
     gram = blocks.permute(4, 0, 1, 5, 2, 3).reshape(k, k)
-    col = flat.sum(dim=1)  # (positions, C): sum over examples
+    col = flat[margin : margin + npos].sum(dim=2)  # [p, C]: sums over examples
     taps = col.as_strided(
         size=(kh, kw, ho, wo, c),
         stride=(dh * wp * c, dw * c, sh * wp * c, sw * c, 1),

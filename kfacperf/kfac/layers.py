@@ -93,7 +93,7 @@ class KFACLayer:
         self.grad: Optional[Tensor] = None
         self.precond_grad: Optional[Tensor] = None
         self.kl_term: Optional[Tensor] = None
-        self.rows = 0  # rows R of the last batch statistics (for FLOP counts)
+        self.rows = 0  # rows R of the last batch statistics
 
     def __repr__(self) -> str:
         return (
@@ -238,12 +238,18 @@ class KFACLayer:
     def grad_nbytes(self, dtype: Optional[torch.dtype] = None) -> int:
         return self.dim_g * self.dim_a * _itemsize(dtype or self.module.weight.dtype)
 
-    def factor_flops(self) -> float:
-        """FLOPs of the last batch statistics (two Gram matrices over R rows)."""
-        return 2.0 * self.rows * (self.dim_a**2 + self.dim_g**2)
+    def factor_flops(self, x: Tensor, grad_output: Tensor) -> float:
+        """FLOPs of :meth:`compute_batch_factors` for this input and output gradient."""
+        rows = grad_output.numel() // self.dim_g
+        return self._input_moments_flops(x, rows) + 2.0 * rows * self.dim_g**2
+
+    def _input_moments_flops(self, x: Tensor, rows: int) -> float:
+        d = self.dim_a - int(self.has_bias)
+        return 2.0 * rows * d * d
 
     def inverse_flops(self) -> float:
-        """Nominal FLOPs of one inverse: ~ (4/3)n³ eigh or (1/3 + 2/3... ) n³ Cholesky."""
+        """Nominal FLOPs of one inverse: ~9n³ per symmetric eigendecomposition with
+        eigenvectors, ~n³ per Cholesky factorisation plus inverse."""
         a, g = self.dim_a, self.dim_g
         coeff = 9.0 if self.inverse_method == "eigen" else 1.0
         return coeff * (a**3 + g**3)
@@ -285,6 +291,12 @@ class Conv2dLayer(KFACLayer):
         xp = xp[:, :, :: m.stride[0], :: m.stride[1]]
         rows = xp.transpose(0, 1).reshape(xp.shape[1], -1)
         return rows @ rows.t(), rows.sum(dim=1), int(rows.shape[1])
+
+    def _input_moments_flops(self, x: Tensor, rows: int) -> float:
+        m: nn.Conv2d = self.module  # type: ignore[assignment]
+        if m.kernel_size[0] * m.kernel_size[1] > 1:
+            return conv_factors.patch_moments_flops(tuple(x.shape), m)
+        return super()._input_moments_flops(x, rows)
 
     def _g_rows(self, g: Tensor) -> Tensor:
         if g.dim() == 3:

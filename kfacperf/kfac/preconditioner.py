@@ -191,8 +191,7 @@ class KFACPreconditioner:
         output.register_hook(lambda grad: self._on_grad_output(layer, x, grad))
 
     def _on_grad_output(self, layer: KFACLayer, x: Tensor, grad: Tensor) -> None:
-        rows = grad.numel() // layer.dim_g
-        flops = 2.0 * rows * (layer.dim_a**2 + layer.dim_g**2)
+        flops = layer.factor_flops(x, grad)
         with self.timer.stage(stages.FACTOR_COMPUTE, layer.name, flops=flops):
             layer.compute_batch_factors(x, grad)
         self.strategy.on_factor_batch(layer)

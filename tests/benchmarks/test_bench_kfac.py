@@ -1,6 +1,7 @@
 """Step time of K-FAC over SGD: CIFAR ResNet-20, batch 128, one process.
 
-Run: ``.venv/bin/pytest tests/benchmarks/test_bench_kfac.py --benchmark-enable -s``
+Run: ``.venv/bin/pytest tests/benchmarks/test_bench_kfac.py --benchmark-only -s``
+(``KFACPERF_BENCH_THREADS=n`` sets torch's intra-op threads; default: torch's default).
 
 The three trainers (SGD; K-FAC at factor/inverse intervals 1/1 and 10/100) are measured side
 by side, interleaved round by round (in rotating order), so load from other processes on a
@@ -10,7 +11,11 @@ factor and inverse steps exactly.  Ratios are of mean step times.  Target: ≤ 1
 """
 from __future__ import annotations
 
+import os
 import time
+
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -63,7 +68,17 @@ class _Trainer:
         return 1e3 * sum(self.step_times) / len(self.step_times)
 
 
-def test_kfac_step_time_over_sgd_resnet20(benchmark: pytest.FixtureRequest) -> None:
+@pytest.fixture
+def threads() -> Iterator[int]:
+    before = torch.get_num_threads()
+    wanted = os.environ.get("KFACPERF_BENCH_THREADS")
+    if wanted:
+        torch.set_num_threads(int(wanted))
+    yield torch.get_num_threads()
+    torch.set_num_threads(before)
+
+
+def test_kfac_step_time_over_sgd_resnet20(benchmark: Any, threads: int) -> None:
     trainers = {
         "sgd": _Trainer(intervals=None, steps_per_round=10),
         "kfac 1/1": _Trainer(intervals=(1, 1), steps_per_round=2),
@@ -87,7 +102,8 @@ def test_kfac_step_time_over_sgd_resnet20(benchmark: pytest.FixtureRequest) -> N
     benchmark.extra_info.update({f"{name} step ms": round(t.mean_ms, 2)
                                  for name, t in trainers.items()})
     benchmark.extra_info.update({f"{name} / sgd": round(r, 3) for name, r in ratios.items()})
-    print(f"\nResNet-20 batch {BATCH}, {torch.get_num_threads()} threads: "
+    benchmark.extra_info["threads"] = threads
+    print(f"\nResNet-20 batch {BATCH}, {threads} threads: "
           + ", ".join(f"{n} {t.mean_ms:.1f} ms/step" for n, t in trainers.items())
           + "; " + ", ".join(f"{n}/sgd = {r:.3f}x" for n, r in ratios.items()))
     assert ratios["kfac 10/100"] <= TARGET_10_100, (

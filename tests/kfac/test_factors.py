@@ -191,3 +191,17 @@ def test_patch_moments_match_unfold_over_many_shapes() -> None:
         assert rows == m.shape[1]
         torch.testing.assert_close(gram, m @ m.t())
         torch.testing.assert_close(total, m.sum(dim=1))
+
+
+def test_factor_flops_follow_the_algorithm_used() -> None:
+    """Linear: two Gram GEMMs over the rows; 3x3 conv: 3 + 2·5 displacement GEMMs per position."""
+    linear = nn.Linear(4, 3)
+    x, g = torch.randn(2, 5, 4), torch.randn(2, 5, 3)
+    state = _precond(linear).layers["<model>"]
+    assert state.factor_flops(x, g) == 2 * 10 * 4**2 + 2 * 10 * 3**2
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    x, g = torch.randn(2, 3, 7, 6), torch.randn(2, 4, 7, 6)
+    state = _precond(conv).layers["<model>"]
+    padded_positions = 9 * 8
+    assert state.factor_flops(x, g) == (2 * 2 * padded_positions * 3**2 * (3 + 2 * 5)
+                                        + 2 * (2 * 7 * 6) * 4**2)
