@@ -41,6 +41,9 @@ Rules every strategy follows:
   precondition a layer whose inverse it will not hold after :meth:`Strategy.share_inverses`.
 * Answers of ``needs_factors``/``inverts``/``preconditions`` are fixed after :meth:`setup`.
 * No ``.item()``, no host synchronisation other than waiting on communication handles.
+* ``layer.grad`` is ``None`` for a layer whose weight got no gradient this step, and a
+  layer with no inverse state yet (it never had factors) is passed through unchanged
+  (``precond_grad`` is ``grad``).
 * The batch statistics handed to :meth:`on_factor_batch` are *local means* over this rank's
   examples (see :mod:`kfacperf.kfac.layers` for the exact convention); with equal per-rank
   batches the global statistic is the average over ranks, so an all-reduce/reduce with

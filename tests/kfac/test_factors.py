@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -12,9 +13,8 @@ from kfacperf.kfac import KFACPreconditioner
 from kfacperf.kfac.conv_factors import patch_moments
 
 
-
 @pytest.fixture(autouse=True)
-def _float64_default():
+def _float64_default() -> Iterator[None]:
     """Run this module in float64 without leaking the default dtype into other tests."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
