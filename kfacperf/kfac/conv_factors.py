@@ -63,9 +63,15 @@ def _positions_major(x: Tensor, conv: nn.Conv2d, margin: int) -> tuple[Tensor, i
     ph, pw = (0, 0) if (conv.padding == "valid" or not zero_pad) else conv.padding
     hp, wp = h + 2 * ph, w + 2 * pw  # type: ignore[operator]
     by_position = src.reshape(n, c * h * w).t().contiguous().view(c, h, w, n)
-    flat = src.new_zeros(margin + hp * wp + margin, c, n)
+    flat = src.new_empty(margin + hp * wp + margin, c, n)
     grid = flat[margin : margin + hp * wp].view(hp, wp, c, n)
     grid[ph : ph + h, pw : pw + w] = by_position.permute(1, 2, 0, 3)
+    # zero only what the copy left out: margins, padding rows and padding columns
+    flat[: margin + ph * wp].zero_()
+    flat[margin + (ph + h) * wp :].zero_()
+    if pw:
+        grid[ph : ph + h, :pw].zero_()
+        grid[ph : ph + h, pw + w :].zero_()
     return flat, hp, wp
 
 
@@ -132,7 +138,11 @@ def patch_moments(x: Tensor, conv: nn.Conv2d) -> tuple[Tensor, Tensor, int]:
         ).reshape(hi - lo, steps * c, n)  # a view when dw == 1
         # positions the windows read; those outside [lo, hi) hold zeros
         need = ((kh - 1 - di) * dh + (ho - 1) * sh + 1) * wp
-        pg = flat.new_zeros(max(need, hi), c, steps * c) if lo > 0 or need > hi else None
+        pg = None
+        if lo > 0 or need > hi:
+            pg = flat.new_empty(max(need, hi), c, steps * c)
+            pg[:lo].zero_()
+            pg[hi:].zero_()
         out = torch.bmm(flat[margin + lo : margin + hi], partners.transpose(1, 2),
                         out=None if pg is None else pg[lo:hi])
         pg = out if pg is None else pg  # [p, c, (dj, c')]
