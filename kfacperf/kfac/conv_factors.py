@@ -89,6 +89,65 @@ def output_size(padded_hw: tuple[int, int], conv: nn.Conv2d) -> tuple[int, int]:
     return (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
 
 
+_GRAM_BUDGET = 1 << 24  # elements of one batch of per-position Grams (64 MiB in float32)
+
+
+def _displacement_grams(flat: Tensor, margin: int, padded_hw: tuple[int, int],
+                        image_rows: tuple[int, int], conv: nn.Conv2d, out_hw: tuple[int, int],
+                        di: int, dj_min: int, steps: int) -> Tensor:
+    """``pg[p, c, (k, c')] = Σ_n x[n, c, p] x[n, c', p + (di, dj_min + k)]`` (dilated steps).
+
+    Rows of positions that the windows read but whose products are all zero are zeros.
+    """
+    (hp, wp), (row_lo, row_hi) = padded_hw, image_rows
+    (kh, _), (dh, dw), (sh, _) = conv.kernel_size, conv.dilation, conv.stride
+    c, n = flat.shape[1], flat.shape[2]
+    base = di * dh * wp + dj_min * dw  # flat offset of the first partner
+    # positions p whose partners can be nonzero (all partners stay inside flat)
+    lo, hi = row_lo * wp, max(row_lo, row_hi - di * dh) * wp
+    partners = flat.as_strided(
+        size=(hi - lo, steps, c, n),
+        stride=(c * n, dw * c * n, n, 1),
+        storage_offset=(margin + lo + base) * c * n,
+    ).reshape(hi - lo, steps * c, n)  # a view when dw == 1
+    need = ((kh - 1 - di) * dh + (out_hw[0] - 1) * sh + 1) * wp  # positions windows read
+    if lo == 0 and need <= hi:
+        return torch.bmm(flat[margin + lo : margin + hi], partners.transpose(1, 2))
+    pg = flat.new_empty(max(need, hi), c, steps * c)
+    pg[:lo].zero_()
+    pg[hi:].zero_()
+    torch.bmm(flat[margin + lo : margin + hi], partners.transpose(1, 2), out=pg[lo:hi])
+    return pg
+
+
+def _scatter_window_sums(blocks: Tensor, pg: Tensor, padded_hw: tuple[int, int],
+                         out_hw: tuple[int, int], conv: nn.Conv2d, di: int, dj_min: int,
+                         dj_max: int) -> None:
+    """Sum ``pg`` over each tap's window (rows, then columns) into ``blocks[i, j, i', j']``."""
+    (_, wp), (ho, wo) = padded_hw, out_hw
+    (kh, kw), (dh, dw), (sh, sw) = conv.kernel_size, conv.dilation, conv.stride
+    c, steps = pg.shape[1], dj_max - dj_min
+    ni = kh - di  # taps i whose partner row i + di exists
+    cc = c * steps * c
+    by_row = pg.as_strided(
+        size=(ni, ho, wp, cc), stride=(dh * wp * cc, sh * wp * cc, cc, 1)
+    ).sum(dim=1).view(ni, wp, c, steps, c)  # window sums over output rows
+    for dj in range(dj_min, dj_max):
+        j0, j1 = max(0, -dj), kw - max(0, dj)
+        part = by_row[:, :, :, dj - dj_min, :]  # [i, column, c, c']
+        s0, s1, s2, s3 = part.stride()
+        sums = part.as_strided(
+            size=(ni, j1 - j0, wo, c, c),
+            stride=(s0, dw * s1, sw * s1, s2, s3),
+            storage_offset=part.storage_offset() + j0 * dw * s1,
+        ).sum(dim=2).reshape(-1, c, c)  # window sums over output columns
+        ii = torch.arange(ni, device=pg.device).repeat_interleave(j1 - j0)
+        jj = torch.arange(j0, j1, device=pg.device).repeat(ni)
+        blocks[ii, jj, ii + di, jj + dj] = sums
+        if di or dj:
+            blocks[ii + di, jj + dj, ii, jj] = sums.transpose(1, 2)
+
+
 def patch_moments_flops(x_shape: tuple[int, ...], conv: nn.Conv2d) -> float:
     """Multiply-add FLOPs of :func:`patch_moments` (the batched GEMMs; zero rows included)."""
     n, c, h, w = (1, *x_shape) if len(x_shape) == 3 else x_shape
@@ -124,47 +183,14 @@ def patch_moments(x: Tensor, conv: nn.Conv2d) -> tuple[Tensor, Tensor, int]:
     row_lo = _top_padding(conv) if zero_pad else 0
     row_hi = row_lo + x.shape[-2] if zero_pad else hp
     blocks = flat.new_empty(kh, kw, kh, kw, c, c)  # [i, j, i', j', c, c']
-    dev = flat.device
+    max_steps = max(1, _GRAM_BUDGET // (npos * c * c))  # bound on the per-position Grams
     for di in range(kh):  # row step between taps
-        dj_min = 0 if di == 0 else -(kw - 1)  # (0, -dj) is the transpose of (0, dj)
-        steps = kw - dj_min  # column steps dj_min .. kw-1
-        base = di * dh * wp + dj_min * dw  # flat offset of the first partner
-        # positions p whose partners can be nonzero (all partners stay inside flat)
-        lo, hi = row_lo * wp, max(row_lo, row_hi - di * dh) * wp
-        partners = flat.as_strided(
-            size=(hi - lo, steps, c, n),
-            stride=(c * n, dw * c * n, n, 1),
-            storage_offset=(margin + lo + base) * c * n,
-        ).reshape(hi - lo, steps * c, n)  # a view when dw == 1
-        # positions the windows read; those outside [lo, hi) hold zeros
-        need = ((kh - 1 - di) * dh + (ho - 1) * sh + 1) * wp
-        pg = None
-        if lo > 0 or need > hi:
-            pg = flat.new_empty(max(need, hi), c, steps * c)
-            pg[:lo].zero_()
-            pg[hi:].zero_()
-        out = torch.bmm(flat[margin + lo : margin + hi], partners.transpose(1, 2),
-                        out=None if pg is None else pg[lo:hi])
-        pg = out if pg is None else pg  # [p, c, (dj, c')]
-        ni = kh - di  # taps i whose partner row i + di exists
-        cc = c * steps * c
-        by_row = pg.as_strided(
-            size=(ni, ho, wp, cc), stride=(dh * wp * cc, sh * wp * cc, cc, 1)
-        ).sum(dim=1).view(ni, wp, c, steps, c)  # window sums over output rows
-        for dj in range(dj_min, kw):
-            j0, j1 = max(0, -dj), kw - max(0, dj)
-            part = by_row[:, :, :, dj - dj_min, :]  # [i, column, c, c']
-            s0, s1, s2, s3 = part.stride()
-            sums = part.as_strided(
-                size=(ni, j1 - j0, wo, c, c),
-                stride=(s0, dw * s1, sw * s1, s2, s3),
-                storage_offset=part.storage_offset() + j0 * dw * s1,
-            ).sum(dim=2).reshape(-1, c, c)  # window sums over output columns
-            ii = torch.arange(ni, device=dev).repeat_interleave(j1 - j0)
-            jj = torch.arange(j0, j1, device=dev).repeat(ni)
-            blocks[ii, jj, ii + di, jj + dj] = sums
-            if di or dj:
-                blocks[ii + di, jj + dj, ii, jj] = sums.transpose(1, 2)
+        first = 0 if di == 0 else -(kw - 1)  # (0, -dj) is the transpose of (0, dj)
+        for dj_min in range(first, kw, max_steps):
+            dj_max = min(kw, dj_min + max_steps)  # column steps dj_min .. dj_max-1
+            pg = _displacement_grams(flat, margin, (hp, wp), (row_lo, row_hi), conv,
+                                     (ho, wo), di, dj_min, dj_max - dj_min)
+            _scatter_window_sums(blocks, pg, (hp, wp), (ho, wo), conv, di, dj_min, dj_max)
     k = c * kh * kw
     gram = blocks.permute(4, 0, 1, 5, 2, 3).reshape(k, k)
     col = flat[margin : margin + npos].sum(dim=2)  # [p, C]: sums over examples

@@ -205,3 +205,18 @@ def test_factor_flops_follow_the_algorithm_used() -> None:
     padded_positions = 9 * 8
     assert state.factor_flops(x, g) == (2 * 2 * padded_positions * 3**2 * (3 + 2 * 5)
                                         + 2 * (2 * 7 * 6) * 4**2)
+
+
+def test_patch_moments_in_column_step_chunks_match_unfold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A small memory budget splits the displacement GEMMs; the result must not change."""
+    from kfacperf.kfac import conv_factors
+
+    torch.manual_seed(5)
+    conv = nn.Conv2d(4, 2, (3, 5), padding=(1, 2), dilation=(1, 2))
+    x = torch.randn(3, 4, 6, 9)
+    monkeypatch.setattr(conv_factors, "_GRAM_BUDGET", 2 * (6 + 2) * (9 + 4) * 4 * 4)
+    gram, total, _ = patch_moments(x, conv)
+    u = F.unfold(x, (3, 5), dilation=(1, 2), padding=(1, 2))
+    m = u.transpose(0, 1).reshape(u.shape[1], -1)
+    torch.testing.assert_close(gram, m @ m.t())
+    torch.testing.assert_close(total, m.sum(dim=1))
