@@ -1,0 +1,224 @@
+"""Prediction accuracy: calibrate on some measured runs, predict others, compare.
+
+::
+
+    from kfacperf.validation import validate
+    result = validate(["traces/reference/p1/..."], ["traces/reference/p2/..."],
+                      cluster="models/clusters/local-cpu.toml")
+    result.runs                # one row per held-out run: measured, predicted, error_pct
+    result.stages              # one row per (held-out run, stage)
+    result.median_abs_error_pct, result.worst_abs_error_pct
+
+**No leaks.**  The device model is fitted by :func:`calibrate`, which is given the
+calibration traces and the cluster model and nothing else; the held-out traces are only read
+afterwards, to take each run's settings (workload, world size, batch per rank, strategy,
+grad_worker_fraction, intervals, communication options) and its measurements.  A trace given
+as both calibration and held-out run (same directory, or the same recorded run copied
+elsewhere) is an error.
+
+**What is compared.**  A run repeats steps of up to three kinds (the optimizer's rule: step
+``k`` recomputes inverses iff ``k % inverse_interval == 0``, else factors iff ``k %
+factor_interval == 0``; SGD steps are all plain).  The measured steps of a run are a window
+that need not be a whole cycle (a 10/100 run of 20 steps has no inverse step in it), so the
+prediction is weighted by the same mix of kinds as the measured window:
+
+* measured step time: per kind, the median over the measured steps of that kind of the step
+  time (the slowest rank's ``step`` row), weighted by the kind's number of steps; medians
+  keep a burst of load from elsewhere on the machine out of the number;
+* predicted step time: the simulated step time of each kind, weighted alike;
+* per stage, per step, averaged over ranks: compute stages as *exclusive* time (the factor
+  statistics computed in backward hooks are nested in the measured ``backward``; the
+  simulator's backward excludes them, see :func:`kfacperf.sim.calibration.exclusive_compute_times`);
+  communication stages as the time of each collective from its last member's issue to
+  completion (the shortest issue-to-completion over ranks; time a rank waits for a late
+  peer is not the collective's cost), which is what the simulator reports for a collective.
+
+This module never imports torch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from kfacperf import stages as S
+from kfacperf.validation.inputs import (
+    check_disjoint, device_key, expand_trace_paths, load_traces, trace_label,
+)
+from kfacperf.validation.measure import KINDS, Measured, measure, step_kind, weighted
+from kfacperf.validation.model import (
+    Calibration, Predicted, WorkloadFinder, calibrate, predict, resolve_cluster, strategy_of,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+__all__ = [
+    "KINDS", "Calibration", "Measured", "Predicted", "ValidationResult", "calibrate",
+    "check_disjoint", "error_pct", "expand_trace_paths", "load_traces", "measure", "predict",
+    "resolve_cluster", "step_kind", "strategy_of", "validate", "weighted",
+]
+
+STEP_TARGET_MEDIAN_PCT = 5.0
+STEP_TARGET_WORST_PCT = 10.0
+STAGE_TARGET_PCT = 15.0
+STAGE_MIN_SHARE_PCT = 5.0
+"""Per-stage errors are held to :data:`STAGE_TARGET_PCT` for stages above this share of the step."""
+
+RUN_COLUMNS: tuple[str, ...] = (
+    "run", "workload", "strategy", "world_size", "batch_per_rank", "intervals",
+    "measured_step_us", "predicted_step_us", "error_pct", "worst_stage", "worst_stage_error_pct",
+    "steps", "trace",
+)
+STAGE_COLUMNS: tuple[str, ...] = (
+    "run", "stage", "measured_us", "predicted_us", "error_pct", "share_pct",
+)
+
+
+def error_pct(predicted: float, measured: float) -> float:
+    """Signed relative error in percent (as the report computes it)."""
+    if not (math.isfinite(predicted) and math.isfinite(measured)) or measured == 0:
+        return math.nan
+    return (predicted - measured) / measured * 100.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class ValidationResult:
+    """Per held-out run and per (run, stage): measured, predicted, error."""
+
+    runs: "pd.DataFrame"
+    stages: "pd.DataFrame"
+    calibration: Calibration
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def median_abs_error_pct(self) -> float:
+        import numpy as np
+
+        return float(np.median(np.abs(self.runs["error_pct"].to_numpy(float))))
+
+    @property
+    def worst_abs_error_pct(self) -> float:
+        import numpy as np
+
+        return float(np.max(np.abs(self.runs["error_pct"].to_numpy(float))))
+
+    def checked_stages(self) -> "pd.DataFrame":
+        """The stages the per-stage target applies to (above the minimum share)."""
+        return self.stages[self.stages["share_pct"] > STAGE_MIN_SHARE_PCT]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: calibration, runs, stages, targets, then median and worst error."""
+        import numpy as np
+
+        def rows(df: "pd.DataFrame") -> list[dict[str, Any]]:
+            out = []
+            for rec in df.to_dict(orient="records"):
+                out.append({k: _json_value(v) for k, v in rec.items()})
+            return out
+
+        cal = self.calibration
+        checked = self.checked_stages()
+        worst_stage = float(np.max(np.abs(checked["error_pct"]))) if len(checked) else math.nan
+        worst_run = self.runs.iloc[int(np.argmax(np.abs(self.runs["error_pct"].to_numpy(float))))]
+        return {
+            "calibration": {
+                "traces": list(cal.traces), "device": cal.device.name,
+                "cluster": cal.cluster.name, "cluster_source": cal.cluster.source,
+                "fits": {k: {"efficiency": f.efficiency, "overhead_us": f.overhead_us,
+                             "samples": f.samples, "rms_rel_error": f.rms_rel_error}
+                         for k, f in cal.fit.fits.items()},
+            },
+            "notes": list(self.notes),
+            "runs": rows(self.runs),
+            "stages": rows(self.stages),
+            "targets": {"median_abs_error_pct": STEP_TARGET_MEDIAN_PCT,
+                        "worst_abs_error_pct": STEP_TARGET_WORST_PCT,
+                        "stage_abs_error_pct": STAGE_TARGET_PCT,
+                        "stage_min_share_pct": STAGE_MIN_SHARE_PCT},
+            "worst_stage_abs_error_pct": _json_value(worst_stage),
+            "worst_run": str(worst_run["run"]),
+            "median_abs_error_pct": self.median_abs_error_pct,
+            "worst_abs_error_pct": self.worst_abs_error_pct,
+        }
+
+
+def validate(
+    calibration_traces: Sequence[Any], holdout_traces: Sequence[Any], *, cluster: Any = None,
+    workload_search: Sequence[str] = (), device_name: str = "calibrated",
+) -> ValidationResult:
+    """Calibrate on ``calibration_traces`` only, then predict every held-out trace."""
+    import pandas as pd
+
+    cal_loaded = load_traces(calibration_traces)
+    held = load_traces(holdout_traces)
+    if not held:
+        raise ValueError("no held-out traces given")
+    check_disjoint(cal_loaded, held)
+    cal = calibrate(cal_loaded, cluster=cluster, workload_search=workload_search,
+                    device_name=device_name)
+    notes = list(cal.fit.notes)
+    devices = {device_key(t) for t in cal_loaded}
+    workloads = WorkloadFinder(cal.workload_search)
+    cal_workloads = {str(t.run.get("workload")) for t in cal_loaded}
+    run_rows, stage_rows = [], []
+    for t in held:
+        run, label = t.run, trace_label(t)
+        if device_key(t) not in devices:
+            raise ValueError(f"{t.path}: ran on {device_key(t)}, but the calibration traces "
+                             f"ran on {', '.join(sorted(devices))}")
+        if "batch_per_rank" not in run:
+            raise ValueError(f"{t.path}: run.json has no 'batch_per_rank'")
+        if str(run.get("workload")) not in cal_workloads:
+            notes.append(f"{label}: workload {run.get('workload')!r} is not in the calibration "
+                         "runs; predicted from the fitted efficiencies alone")
+        if not t.completed:
+            notes.append(f"{label}: the run did not complete; its finished steps are used")
+        m = measure(t)
+        p = predict(run, cal, label=label, workloads=workloads)
+        missing = [k for k in m.kinds if k not in p.step_us]
+        if missing:
+            raise ValueError(f"{label}: measured {missing[0]} steps that the simulated cycle of "
+                             f"intervals {run.get('factor_interval')}/"
+                             f"{run.get('inverse_interval')} does not have")
+        meas = weighted(m.step_us, m.kinds)
+        pred = weighted(p.step_us, m.kinds)
+        stages = [s for s in S.STAGE_NAMES if s != S.STEP and (
+            any(s in m.stage_us[k] for k in m.kinds) or any(s in p.stage_us[k] for k in m.kinds))]
+        worst = ("", math.nan)
+        for st in stages:
+            ms = weighted({k: m.stage_us[k].get(st, 0.0) for k in m.kinds}, m.kinds)
+            ps = weighted({k: p.stage_us[k].get(st, 0.0) for k in m.kinds}, m.kinds)
+            share = 100.0 * ms / meas if meas > 0 else math.nan
+            err = error_pct(ps, ms)
+            stage_rows.append((label, st, ms, ps, err, share))
+            if share > STAGE_MIN_SHARE_PCT and not abs(err) <= abs(worst[1]):
+                worst = (st, err)
+        run_rows.append((
+            label, str(run.get("workload")), _strategy_text(run), int(run.get("world_size") or 1),
+            int(run["batch_per_rank"]), f"{run.get('factor_interval', 1)}/"
+            f"{run.get('inverse_interval', 1)}" if run.get("optimizer") != "sgd" else "-",
+            meas, pred, error_pct(pred, meas), worst[0], worst[1], sum(m.kinds.values()),
+            str(t.path),
+        ))
+    runs = pd.DataFrame(run_rows, columns=list(RUN_COLUMNS))
+    stages_df = pd.DataFrame(stage_rows, columns=list(STAGE_COLUMNS))
+    return ValidationResult(runs=runs, stages=stages_df, calibration=cal, notes=tuple(notes))
+
+
+def _json_value(v: Any) -> Any:
+    """Plain Python for JSON; NaN (no value) as null."""
+    if hasattr(v, "item") and not isinstance(v, (str, bytes)):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _strategy_text(run: Mapping[str, Any]) -> str:
+    if run.get("optimizer") == "sgd":
+        return "sgd"
+    name = str(run.get("strategy"))
+    if name == "kaisa":
+        return f"kaisa:{float(run.get('grad_worker_fraction', 1.0)):g}"
+    return name

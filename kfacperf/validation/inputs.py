@@ -1,0 +1,72 @@
+"""Reading the traces a validation is given, and keeping held-out runs out of calibration."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kfacperf.traces import Trace
+
+
+def expand_trace_paths(items: Iterable[str | os.PathLike[str] | "Trace"]) -> list[Any]:
+    """Trace directories, with a folder of traces (no ``run.json`` of its own, trace
+    directories inside) standing for its traces in name order."""
+    from kfacperf.traces import RUN_FILE
+
+    out: list[Any] = []
+    for item in items:
+        if not isinstance(item, (str, os.PathLike)):
+            out.append(item)
+            continue
+        p = Path(item)
+        if p.is_dir() and not (p / RUN_FILE).exists():
+            inner = sorted(c for c in p.iterdir() if (c / RUN_FILE).is_file())
+            if not inner:
+                raise FileNotFoundError(f"{p}: neither a trace directory (no {RUN_FILE}) nor a "
+                                        "folder of trace directories")
+            out.extend(inner)
+        else:
+            out.append(p)
+    return out
+
+
+def load_traces(items: Iterable[Any]) -> list["Trace"]:
+    from kfacperf.traces import load_trace
+
+    return [it if hasattr(it, "events") else load_trace(it) for it in expand_trace_paths(items)]
+
+
+def trace_label(trace: "Trace") -> str:
+    path = getattr(trace, "path", None)
+    return Path(path).name if path else str(trace.run.get("workload", "run"))
+
+
+def _identity(trace: "Trace") -> tuple[str, str]:
+    run = trace.run
+    return (str(run.get("start_time", "")), str(run.get("command", "")))
+
+
+def check_disjoint(calibration: Sequence["Trace"], holdout: Sequence["Trace"]) -> None:
+    """A held-out run must not also be a calibration run (same directory, or a copy)."""
+    cal_paths = {Path(t.path).resolve(): t for t in calibration if getattr(t, "path", None)}
+    cal_ids = {_identity(t): t for t in calibration if all(_identity(t))}
+    for t in holdout:
+        path = Path(t.path).resolve() if getattr(t, "path", None) else None
+        if path is not None and path in cal_paths:
+            raise ValueError(f"{t.path} is given both for calibration and as a held-out run; "
+                             "a held-out run must not be calibrated on")
+        if any(_identity(t)) and _identity(t) in cal_ids:
+            other = cal_ids[_identity(t)]
+            raise ValueError(f"held-out run {t.path} is the same recorded run (start_time and "
+                             f"command) as calibration trace {other.path}")
+        if any(o is t for o in calibration):
+            raise ValueError(f"{trace_label(t)}: the same trace is given for calibration and held out")
+
+
+
+def device_key(trace: "Trace") -> str:
+    dev = trace.run.get("device") or {}
+    threads = int(trace.run.get("threads_per_rank") or 1)
+    name = dev.get("name") or dev.get("kind") or "unknown device"
+    return f"{name} ({dev.get('kind', '?')}, {threads} thread(s) per rank)"

@@ -1,0 +1,96 @@
+"""What a trace measured: per kind of step, the step time and the time of every stage."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping
+
+from kfacperf import stages as S
+from kfacperf.validation.inputs import trace_label
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kfacperf.traces import Trace
+
+KINDS: tuple[str, ...] = ("inverse", "factor", "plain")
+
+
+def step_kind(step: int, run: Mapping[str, Any]) -> str:
+    """The optimizer's rule for which work step ``step`` does."""
+    if run.get("optimizer") == "sgd":
+        return "plain"
+    if step % int(run.get("inverse_interval") or 1) == 0:
+        return "inverse"
+    if step % int(run.get("factor_interval") or 1) == 0:
+        return "factor"
+    return "plain"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Measured:
+    """A run's measured steps: the kind of each, the step time and the stage times."""
+
+    kinds: dict[str, int]  # kind -> number of measured steps
+    step_us: dict[str, float]  # kind -> median step time
+    stage_us: dict[str, dict[str, float]]  # kind -> stage -> median per-step time (rank mean)
+    mean_step_us: float
+
+
+def measure(trace: "Trace") -> Measured:
+    """Step and stage times of a trace's measured steps, per kind of step."""
+    import numpy as np
+    import pandas as pd
+
+    from kfacperf.sim.calibration import exclusive_compute_times
+
+    run, label = trace.run, trace_label(trace)
+    ev = trace.measured()
+    if ev.empty:
+        raise ValueError(f"{label}: no measured steps (all {trace.warmup} recorded steps are "
+                         "warm-up, or the trace is empty)")
+    stage = ev["stage"].astype(str)
+    steps = ev.loc[stage == S.STEP].groupby("step")["dur_us"].max()
+    if steps.empty:
+        raise ValueError(f"{label}: no 'step' rows in the measured steps")
+    kind_of = {int(s): step_kind(int(s), run) for s in steps.index}
+    with_inverse = set(ev.loc[stage == S.INVERSE, "step"].astype(int))
+    wrong = sorted(s for s in with_inverse if kind_of.get(s) != "inverse")
+    if wrong:
+        raise ValueError(f"{label}: step {wrong[0]} inverts factors but inverse_interval "
+                         f"{run.get('inverse_interval')} says it should not")
+    world = int(run.get("world_size") or 1)
+
+    comp = exclusive_compute_times(ev)
+    comp = comp.groupby(["step", "stage"], as_index=False)["dur_us"].sum()
+    comp["dur_us"] /= world  # mean over ranks (ranks without the stage count as 0)
+    comm = ev.loc[ev["lane"].astype(str) == S.COMM, ["rank", "step", "stage", "layer",
+                                                      "start_us", "dur_us"]].copy()
+    if len(comm):
+        comm["stage"] = comm["stage"].astype(str)
+        comm["layer"] = comm["layer"].astype(str)
+        comm = comm.sort_values(["rank", "start_us"])
+        comm["occ"] = comm.groupby(["rank", "step", "stage", "layer"]).cumcount()
+        per = comm.groupby(["step", "stage", "layer", "occ"], as_index=False)["dur_us"].min()
+        per = per.groupby(["step", "stage"], as_index=False)["dur_us"].sum()
+    else:
+        per = pd.DataFrame(columns=["step", "stage", "dur_us"])
+    table = pd.concat([comp, per], ignore_index=True)
+    wide = table.pivot_table(index="step", columns="stage", values="dur_us", aggfunc="sum",
+                             fill_value=0.0).reindex(steps.index, fill_value=0.0)
+
+    kinds: dict[str, int] = {}
+    step_us: dict[str, float] = {}
+    stage_us: dict[str, dict[str, float]] = {}
+    for kind in KINDS:
+        sel = [s for s in steps.index if kind_of[int(s)] == kind]
+        if not sel:
+            continue
+        kinds[kind] = len(sel)
+        step_us[kind] = float(np.median(steps.loc[sel].to_numpy()))
+        stage_us[kind] = {str(c): float(np.median(wide.loc[sel, c].to_numpy()))
+                          for c in wide.columns}
+    return Measured(kinds=kinds, step_us=step_us, stage_us=stage_us,
+                    mean_step_us=float(steps.mean()))
+
+
+def weighted(per_kind: Mapping[str, float], kinds: Mapping[str, int]) -> float:
+    n = sum(kinds.values())
+    return sum(per_kind.get(k, 0.0) * c for k, c in kinds.items()) / n

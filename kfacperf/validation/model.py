@@ -1,0 +1,160 @@
+"""The models a validation predicts with: calibrated on the calibration traces alone."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from kfacperf import stages as S
+from kfacperf.validation.inputs import load_traces, trace_label
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kfacperf.sim.calibration import DeviceCalibration
+    from kfacperf.sim.cluster_model import ClusterModel
+
+
+def resolve_cluster(cluster: Any) -> "ClusterModel":
+    """A cluster model from a ClusterModel, a commbench result, a preset name or a TOML path
+    (``None``: the committed ``local-cpu`` model)."""
+    from kfacperf.sim.models import load_cluster
+
+    if cluster is None:
+        try:
+            return load_cluster("local-cpu")
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"no cluster model given and no local-cpu preset ({exc}); "
+                                    "run kfacperf commbench --out models/clusters/local-cpu.toml"
+                                    ) from None
+    if hasattr(cluster, "gpus_per_node"):
+        return cluster
+    if hasattr(cluster, "points") and hasattr(cluster, "backend"):  # a CommbenchResult
+        from kfacperf.commbench import fit_cluster
+
+        return fit_cluster(cluster, name="local")[0]
+    return load_cluster(cluster)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Calibration:
+    """What the predictions use: the fitted device, the cluster, and how to find workloads."""
+
+    device: Any
+    cluster: "ClusterModel"
+    fit: "DeviceCalibration"
+    traces: tuple[str, ...]
+    workload_search: tuple[str, ...] = ()
+
+
+class WorkloadFinder:
+    """Workload models matched to runs by registry name and options (cached)."""
+
+    def __init__(self, search: Sequence[str | os.PathLike[str]]) -> None:
+        self.search = [str(s) for s in search]
+        self.cache: dict[str, Any] = {}
+
+    def __call__(self, run: Mapping[str, Any], label: str = "") -> Any:
+        import json
+
+        from kfacperf.sim.models import workload_for_run
+
+        name = run.get("workload")
+        if not name:
+            raise ValueError(f"{label or 'run'}: run.json has no 'workload'")
+        options = run.get("workload_options") or {}
+        key = json.dumps([name, options], sort_keys=True, default=str)
+        if key not in self.cache:
+            try:
+                self.cache[key] = workload_for_run(str(name), options, search=self.search)
+            except ValueError as exc:
+                raise ValueError(f"{label or 'run'}: {exc}") from None
+        return self.cache[key]
+
+
+def calibrate(
+    traces: Sequence[Any], *, cluster: Any = None, workload_search: Sequence[str] = (),
+    device_name: str = "calibrated",
+) -> Calibration:
+    """Fit the device model to ``traces`` (paths or loaded traces) only."""
+    from kfacperf.sim.calibration import fit_device_model
+
+    loaded = load_traces(traces)
+    if not loaded:
+        raise ValueError("no calibration traces given")
+    workloads = WorkloadFinder(workload_search)
+    fit = fit_device_model(loaded, workloads=lambda run: workloads(run), name=device_name)
+    return Calibration(device=fit.device, cluster=resolve_cluster(cluster), fit=fit,
+                       traces=tuple(str(getattr(t, "path", trace_label(t))) for t in loaded),
+                       workload_search=tuple(workloads.search))
+
+
+def strategy_of(run: Mapping[str, Any], label: str) -> Any:
+    from kfacperf.sim.strategies import StrategySpec
+
+    world = int(run.get("world_size") or 1)
+    if run.get("optimizer") == "sgd":
+        return StrategySpec("sgd")
+    name = str(run.get("strategy"))
+    if run.get("fused"):
+        raise ValueError(f"{label}: fused SP-NGD (one fused all-reduce) is not modelled by the "
+                         "simulator")
+    if name == "local":
+        if world != 1:
+            raise ValueError(f"{label}: strategy 'local' with world_size {world}")
+        return StrategySpec("spngd")  # the same work as any strategy on one process
+    if name == "spngd":
+        return StrategySpec("spngd")
+    if name == "kaisa":
+        f = float(run.get("grad_worker_fraction", 1.0))
+        return StrategySpec("kaisa", f, f"kaisa:{f:g}")
+    raise ValueError(f"{label}: strategy {name!r} is not modelled (sgd, spngd, kaisa, local)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Predicted:
+    step_us: dict[str, float]
+    stage_us: dict[str, dict[str, float]]
+
+
+def predict(run: Mapping[str, Any], calibration: Calibration, *, label: str = "run",
+            workloads: WorkloadFinder | None = None) -> Predicted:
+    """Simulate the run described by ``run`` (a run.json) on the calibrated models."""
+    from kfacperf.sim.costs import CostModel
+    from kfacperf.sim.strategies.common import CommSettings
+    from kfacperf.sim.summary import cycle
+    from kfacperf.sim.sweep import simulate_with_costs
+
+    workloads = workloads or WorkloadFinder(calibration.workload_search)
+    w = workloads(run, label)
+    spec = strategy_of(run, label)
+    world = int(run.get("world_size") or 1)
+    batch = int(run["batch_per_rank"])
+    fi, ii = int(run.get("factor_interval") or 1), int(run.get("inverse_interval") or 1)
+    method = str(run.get("inverse_method") or "eigen")
+    dtype = str(run.get("comm_dtype") or "fp32")
+    symmetric = bool(run.get("symmetric", False))
+    cap = float(run.get("bucket_cap_mb", 25.0))
+    cost = CostModel(workload=w, device=calibration.device, cluster=calibration.cluster,
+                     inverse_method=method, comm_dtype=dtype, symmetric_factors=symmetric,
+                     threads_per_rank=int(run.get("threads_per_rank") or 1))
+    comm = CommSettings(factor_dtype=dtype, symmetric=symmetric, inverse_method=method,
+                        factor_bucket_mb=cap, ddp_bucket_mb=cap or 25.0,
+                        ddp_first_bucket_mb=cap or 25.0)
+    pred = simulate_with_costs(w, cost, gpus_per_node=calibration.cluster.gpus_per_node,
+                               strategies=[spec], gpus=[world], batch_per_gpu=batch,
+                               factor_interval=fi, inverse_interval=ii, comm=comm)
+    row = pred.summary.iloc[0]
+    ev, classes = pred.events, pred.classes
+    ranks = {(int(s), int(r)): int(n) for s, r, n in
+             zip(classes["step"], classes["rank"], classes["ranks"])}
+    step_us: dict[str, float] = {}
+    stage_us: dict[str, dict[str, float]] = {}
+    for cs in cycle(fi, ii, kfac=spec.name != "sgd"):
+        kind = cs.kind.name
+        step_us[kind] = float(row[f"{kind}_step_us"])
+        sel = ev[(ev["step"] == cs.step) & (ev["stage"].astype(str) != S.STEP)]
+        sums = sel.groupby(["rank", sel["stage"].astype(str)])["dur_us"].sum()
+        acc: dict[str, float] = {}
+        for (rank, st), t in sums.items():
+            acc[st] = acc.get(st, 0.0) + t * ranks[(cs.step, int(rank))] / world
+        stage_us[kind] = acc
+    return Predicted(step_us=step_us, stage_us=stage_us)
