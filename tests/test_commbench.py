@@ -96,6 +96,8 @@ def test_real_gloo_run_writes_a_loadable_cluster_model(tmp_path: Path) -> None:
 
     data = json.loads(raw.read_text())
     assert len(data["points"]) == 12 and all(p["time_us"] > 0 for p in data["points"])
-    # bigger messages take longer (2 MiB vs 4 KiB, far beyond timing noise)
+    # Bigger messages take longer (2 MiB vs 4 KiB).  One scheduling hiccup on a busy machine
+    # can inflate a single small-message point, so ask it of at least three of the four ops.
     by = {(p["op"], p["nbytes"]): p["time_us"] for p in data["points"]}
-    assert by[("all_reduce", 2 << 20)] > by[("all_reduce", 4096)]
+    slower = [op for op in OPS if by[(op, 2 << 20)] > by[(op, 4096)]]
+    assert len(slower) >= 3, by
