@@ -204,6 +204,34 @@ def test_measure_by_hand(tmp_path) -> None:
     assert weighted({"inverse": 1.0, "factor": 4.0}, {"inverse": 1, "factor": 3}) == 3.25
 
 
+def test_wait_for_a_late_peer_inside_backward_is_not_backward(tmp_path) -> None:
+    """DDP blocks at the end of backward until its all-reduce completes: the early rank's
+    wait for the late one is charged to no stage; a collective that completes while a stage
+    goes on computing (ends long after) is not a wait inside it."""
+    cols = ["rank", "step", "stage", "layer", "lane", "start_us", "dur_us", "bytes", "flops"]
+    rows = [
+        (0, 0, "step", "", "compute", 0, 100), (0, 0, "forward", "", "compute", 0, 10),
+        (0, 0, "backward", "", "compute", 10, 71), (0, 0, "grad_comm", "", "comm", 50, 30),
+        (0, 0, "update", "", "compute", 81, 9),
+        (1, 0, "step", "", "compute", 0, 100), (1, 0, "forward", "", "compute", 0, 12),
+        (1, 0, "backward", "", "compute", 12, 69), (1, 0, "grad_comm", "", "comm", 75, 5),
+        (1, 0, "update", "", "compute", 81, 14),
+        # step 1: rank 0's collective completes 5 ms before its backward ends: not blocked
+        (0, 1, "step", "", "compute", 100, 9000), (0, 1, "backward", "", "compute", 100, 8000),
+        (0, 1, "grad_comm", "", "comm", 200, 2800),
+        (1, 1, "step", "", "compute", 100, 9000), (1, 1, "backward", "", "compute", 100, 8000),
+        (1, 1, "grad_comm", "", "comm", 2900, 100),
+    ]
+    df = pd.DataFrame([r + (0, 0.0) for r in rows], columns=cols)
+    run = run_json("ddp", strategy="sgd", world=2, batch=8, steps=2, warmup=0)
+    m = measure(load_trace(write_trace(tmp_path / "ddp", run=run,
+                                       events={c: df[c].tolist() for c in cols})))
+    assert m.kinds == {"plain": 2}
+    # medians over the two steps of: step 0 -> (71 - 25 + 69) / 2, step 1 -> 8000
+    assert m.stage_us["plain"][S.BACKWARD] == pytest.approx(((71 - 25 + 69) / 2 + 8000) / 2)
+    assert m.stage_us["plain"][S.GRAD_COMM] == pytest.approx((5 + 100) / 2)
+
+
 def test_step_kind_follows_the_optimizer_rule() -> None:
     run = {"optimizer": "kfac", "factor_interval": 10, "inverse_interval": 100}
     assert [step_kind(k, run) for k in (0, 5, 10, 20, 100, 101)] == [

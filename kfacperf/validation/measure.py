@@ -59,19 +59,14 @@ def measure(trace: "Trace") -> Measured:
     world = int(run.get("world_size") or 1)
 
     comp = exclusive_compute_times(ev)
+    comm, blocked = collective_costs(ev)
+    if len(blocked):  # a rank blocked inside a stage waiting for a late peer is not computing
+        comp = comp.merge(blocked, on=["rank", "step", "stage", "layer"], how="left")
+        comp["dur_us"] = (comp["dur_us"] - comp["wait_us"].fillna(0.0)).clip(lower=0.0)
     comp = comp.groupby(["step", "stage"], as_index=False)["dur_us"].sum()
     comp["dur_us"] /= world  # mean over ranks (ranks without the stage count as 0)
-    comm = ev.loc[ev["lane"].astype(str) == S.COMM, ["rank", "step", "stage", "layer",
-                                                      "start_us", "dur_us"]].copy()
-    if len(comm):
-        comm["stage"] = comm["stage"].astype(str)
-        comm["layer"] = comm["layer"].astype(str)
-        comm = comm.sort_values(["rank", "start_us"])
-        comm["occ"] = comm.groupby(["rank", "step", "stage", "layer"]).cumcount()
-        per = comm.groupby(["step", "stage", "layer", "occ"], as_index=False)["dur_us"].min()
-        per = per.groupby(["step", "stage"], as_index=False)["dur_us"].sum()
-    else:
-        per = pd.DataFrame(columns=["step", "stage", "dur_us"])
+    per = comm.groupby(["step", "stage"], as_index=False)["cost_us"].sum().rename(
+        columns={"cost_us": "dur_us"})
     table = pd.concat([comp, per], ignore_index=True)
     wide = table.pivot_table(index="step", columns="stage", values="dur_us", aggfunc="sum",
                              fill_value=0.0).reindex(steps.index, fill_value=0.0)
@@ -89,6 +84,60 @@ def measure(trace: "Trace") -> Measured:
                           for c in wide.columns}
     return Measured(kinds=kinds, step_us=step_us, stage_us=stage_us,
                     mean_step_us=float(steps.mean()))
+
+
+BLOCKED_TOLERANCE_US = 2000.0
+"""A compute stage that ends this soon after a collective completes was waiting for it."""
+
+
+def collective_costs(events: "pd.DataFrame") -> tuple["pd.DataFrame", "pd.DataFrame"]:
+    """Each collective's cost, and the time ranks spent blocked on late peers inside a stage.
+
+    Collectives are matched across ranks by (step, stage, layer, order of issue).  Cost: the
+    shortest issue-to-completion over ranks (the last member's; earlier ones also wait for it).
+    A rank's wait is its issue-to-completion minus that cost; when a compute stage that began
+    before the issue ends within :data:`BLOCKED_TOLERANCE_US` of the completion, the rank was
+    blocked in it (DDP waits for its gradient buckets at the end of ``backward``), and the
+    wait is charged to no stage.  Returns ``(step, stage, layer, occ, cost_us)`` and
+    ``(rank, step, stage, layer, wait_us)`` of the blocked compute stages.
+    """
+    import numpy as np
+    import pandas as pd
+
+    lane = events["lane"].astype(str)
+    comm = events.loc[lane == S.COMM, ["rank", "step", "stage", "layer", "start_us",
+                                       "dur_us"]].copy()
+    empty = pd.DataFrame(columns=["rank", "step", "stage", "layer", "wait_us"])
+    if comm.empty:
+        return pd.DataFrame(columns=["step", "stage", "layer", "occ", "cost_us"]), empty
+    for col in ("stage", "layer"):
+        comm[col] = comm[col].astype(str)
+    comm = comm.sort_values(["rank", "start_us"])
+    comm["occ"] = comm.groupby(["rank", "step", "stage", "layer"]).cumcount()
+    keys = ["step", "stage", "layer", "occ"]
+    cost = comm.groupby(keys, as_index=False)["dur_us"].min().rename(columns={"dur_us": "cost_us"})
+    comm = comm.merge(cost, on=keys)
+    comm["wait_us"] = comm["dur_us"] - comm["cost_us"]
+    comm["end_us"] = comm["start_us"] + comm["dur_us"]
+    waits = comm[comm["wait_us"] > 0]
+    stage = events["stage"].astype(str)
+    comp = events.loc[(lane == S.COMPUTE) & (stage != S.STEP)]
+    rows = []
+    for (rank, step), w in waits.groupby(["rank", "step"]):
+        c = comp[(comp["rank"] == rank) & (comp["step"] == step)]
+        c_start = c["start_us"].to_numpy(float)
+        c_end = c_start + c["dur_us"].to_numpy(float)
+        for start, end, wait in zip(w["start_us"], w["end_us"], w["wait_us"]):
+            hit = np.flatnonzero((c_start <= start) & (c_end >= end)
+                                 & (c_end - end <= BLOCKED_TOLERANCE_US))
+            if len(hit):
+                i = hit[np.argmin(c_end[hit] - c_start[hit])]  # the innermost stage
+                rows.append((int(rank), int(step), str(c["stage"].iloc[i]),
+                             str(c["layer"].iloc[i]), float(wait)))
+    blocked = pd.DataFrame(rows, columns=list(empty.columns)) if rows else empty
+    if len(blocked):
+        blocked = blocked.groupby(["rank", "step", "stage", "layer"], as_index=False).sum()
+    return cost, blocked
 
 
 def weighted(per_kind: Mapping[str, float], kinds: Mapping[str, int]) -> float:
