@@ -10,9 +10,13 @@ them (``kfacperf.kfac.comm``): ``all_reduce`` on a flat fp32 buffer, the list fo
 simulator's convention (:mod:`kfacperf.sim.collectives`): all-reduce buffer, reduce-scatter
 input, all-gather output, broadcast payload.
 
-When ranks share CPU cores, each launch also times the same small matrix products on rank 0
-alone and on all ranks at once; the ratio is the compute slowdown the cluster model's
-``contention`` describes.
+When ranks share CPU cores, each launch also times the same work on rank 0 alone and on all
+ranks at once; the ratio is the compute slowdown the cluster model's ``contention``
+describes.  The work is shaped like a training step on a CPU (a convolution forward and
+backward, a matrix product, a streaming add), since ranks slow each other down through
+shared caches and memory bandwidth, which a cache-resident matrix product alone does not
+see; solo and joint phases alternate for several rounds, because on a virtual machine the
+slowdown changes from second to second, and the ratio of the mean times is kept.
 
 API::
 
@@ -170,19 +174,60 @@ def _make_call(op: str, numel: int, world: int, rank: int, device: Any) -> Calla
     return lambda: dist.all_gather(outs, local)
 
 
-def _matmul_work(device: Any) -> Callable[[], float]:
+CONTENTION_ROUNDS = 8
+CONTENTION_PHASE_S = 0.12
+"""Solo and joint phases alternate this many times, each about this long."""
+
+
+def _contention_work(device: Any) -> Callable[[], None]:
+    """One call of training-like work: a 3x3 convolution forward and backward on a batch of
+    32x32 feature maps, a 512x512 matrix product, and an add streaming 16 MiB."""
     import torch
 
-    a = torch.randn(192, 192, device=device)
-    b = torch.randn(192, 192, device=device)
+    conv = torch.nn.Conv2d(32, 32, 3, padding=1).to(device)
+    x = torch.randn(8, 32, 32, 32, device=device)
+    a = torch.randn(512, 512, device=device)
+    b = torch.randn(512, 512, device=device)
+    src = torch.randn(4 * MIB, device=device)
+    dst = torch.empty_like(src)
 
-    def run() -> float:
-        t0 = time.perf_counter()
-        for _ in range(40):
-            a.mm(b)
-        return time.perf_counter() - t0
+    def run() -> None:
+        conv(x).sum().backward()
+        a.mm(b)
+        torch.add(src, 1.0, out=dst)
 
     return run
+
+
+def _measure_slowdown(rank: int, device: Any) -> float:
+    """Mean time of the work with all ranks at it over rank 0 alone (NaN on other ranks)."""
+    import torch
+    import torch.distributed as dist
+
+    work = _contention_work(device)
+    work()
+    t0 = time.perf_counter()
+    work()
+    calls = torch.tensor([max(1, round(CONTENTION_PHASE_S / (time.perf_counter() - t0)))])
+    dist.all_reduce(calls, op=dist.ReduceOp.MAX)  # every rank does the same number of calls
+    n = int(calls.item())
+
+    def phase() -> float:
+        t = time.perf_counter()
+        for _ in range(n):
+            work()
+        return (time.perf_counter() - t) / n
+
+    solo, together = [], []
+    for _ in range(CONTENTION_ROUNDS):
+        dist.barrier()
+        if rank == 0:
+            solo.append(phase())
+        dist.barrier()
+        together.append(phase())
+    mine = torch.tensor([statistics.mean(together)], dtype=torch.float64)
+    dist.all_reduce(mine, op=dist.ReduceOp.MAX)
+    return float(mine.item()) / statistics.mean(solo) if rank == 0 else float("nan")
 
 
 def _worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: Any) -> None:
@@ -205,22 +250,7 @@ def _worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: Any) -> 
         sync = torch.cuda.synchronize if backend == "nccl" else (lambda: None)
         slowdown = float("nan")
         if cfg["contention"] and backend == "gloo":
-            work = _matmul_work(device)
-            work()
-            solo = []
-            for _ in range(3):
-                dist.barrier()
-                if rank == 0:
-                    solo.append(work())
-                dist.barrier()
-            together = []
-            for _ in range(3):
-                dist.barrier()
-                together.append(work())
-            mine = torch.tensor([statistics.median(together)], dtype=torch.float64)
-            dist.all_reduce(mine, op=dist.ReduceOp.MAX)
-            if rank == 0:
-                slowdown = float(mine.item()) / statistics.median(solo)
+            slowdown = _measure_slowdown(rank, device)
         points = [(op, nbytes) for op in cfg["ops"] for nbytes in cfg["sizes"]]
         calls, inners = [], []
         for op, nbytes in points:
