@@ -207,15 +207,17 @@ def test_measure_by_hand(tmp_path) -> None:
 def test_wait_for_a_late_peer_inside_backward_is_not_backward(tmp_path) -> None:
     """DDP blocks at the end of backward until its all-reduce completes: the early rank's
     wait for the late one is charged to no stage; a collective that completes while a stage
-    goes on computing (ends long after) is not a wait inside it."""
+    goes on computing (ends long after) is not a wait inside it; collectives queue."""
     cols = ["rank", "step", "stage", "layer", "lane", "start_us", "dur_us", "bytes", "flops"]
     rows = [
         (0, 0, "step", "", "compute", 0, 100), (0, 0, "forward", "", "compute", 0, 10),
         (0, 0, "backward", "", "compute", 10, 71), (0, 0, "grad_comm", "", "comm", 50, 30),
         (0, 0, "update", "", "compute", 81, 9),
+        (0, 0, "factor_comm", "f", "comm", 55, 35),  # queued behind grad_comm until 80
         (1, 0, "step", "", "compute", 0, 100), (1, 0, "forward", "", "compute", 0, 12),
         (1, 0, "backward", "", "compute", 12, 69), (1, 0, "grad_comm", "", "comm", 75, 5),
         (1, 0, "update", "", "compute", 81, 14),
+        (1, 0, "factor_comm", "f", "comm", 80, 8),
         # step 1: rank 0's collective completes 5 ms before its backward ends: not blocked
         (0, 1, "step", "", "compute", 100, 9000), (0, 1, "backward", "", "compute", 100, 8000),
         (0, 1, "grad_comm", "", "comm", 200, 2800),
@@ -230,6 +232,9 @@ def test_wait_for_a_late_peer_inside_backward_is_not_backward(tmp_path) -> None:
     # medians over the two steps of: step 0 -> (71 - 25 + 69) / 2, step 1 -> 8000
     assert m.stage_us["plain"][S.BACKWARD] == pytest.approx(((71 - 25 + 69) / 2 + 8000) / 2)
     assert m.stage_us["plain"][S.GRAD_COMM] == pytest.approx((5 + 100) / 2)
+    # a collective issued while another is in flight starts when that one completes: rank 0
+    # runs its factor_comm 80 -> 90 (10), rank 1 80 -> 88 (8); cost 8 in step 0, none in step 1
+    assert m.stage_us["plain"][S.FACTOR_COMM] == pytest.approx((8 + 0) / 2)
 
 
 def test_step_kind_follows_the_optimizer_rule() -> None:

@@ -93,9 +93,11 @@ BLOCKED_TOLERANCE_US = 2000.0
 def collective_costs(events: "pd.DataFrame") -> tuple["pd.DataFrame", "pd.DataFrame"]:
     """Each collective's cost, and the time ranks spent blocked on late peers inside a stage.
 
-    Collectives are matched across ranks by (step, stage, layer, order of issue).  Cost: the
-    shortest issue-to-completion over ranks (the last member's; earlier ones also wait for it).
-    A rank's wait is its issue-to-completion minus that cost; when a compute stage that began
+    Collectives are matched across ranks by (step, stage, layer, order of issue).  A rank runs
+    its collectives one at a time, in issue order: one issued while an earlier one is in flight
+    starts when that one completes.  Cost: the shortest start-to-completion over ranks (the
+    last member's; earlier ones also wait for it).  A rank's wait is its start-to-completion
+    minus that cost; when a compute stage that began
     before the issue ends within :data:`BLOCKED_TOLERANCE_US` of the completion, the rank was
     blocked in it (DDP waits for its gradient buckets at the end of ``backward``), and the
     wait is charged to no stage.  Returns ``(step, stage, layer, occ, cost_us)`` and
@@ -114,11 +116,16 @@ def collective_costs(events: "pd.DataFrame") -> tuple["pd.DataFrame", "pd.DataFr
         comm[col] = comm[col].astype(str)
     comm = comm.sort_values(["rank", "start_us"])
     comm["occ"] = comm.groupby(["rank", "step", "stage", "layer"]).cumcount()
-    keys = ["step", "stage", "layer", "occ"]
-    cost = comm.groupby(keys, as_index=False)["dur_us"].min().rename(columns={"dur_us": "cost_us"})
-    comm = comm.merge(cost, on=keys)
-    comm["wait_us"] = comm["dur_us"] - comm["cost_us"]
     comm["end_us"] = comm["start_us"] + comm["dur_us"]
+    # a rank's collectives run one after another (one comm stream, as in the simulator): one
+    # issued while an earlier one is in flight starts when that one completes
+    before = comm.groupby("rank")["end_us"].transform(lambda e: e.cummax().shift(1))
+    comm["run_us"] = comm["end_us"] - comm["start_us"].where(
+        before.isna() | (comm["start_us"] >= before), before).clip(upper=comm["end_us"])
+    keys = ["step", "stage", "layer", "occ"]
+    cost = comm.groupby(keys, as_index=False)["run_us"].min().rename(columns={"run_us": "cost_us"})
+    comm = comm.merge(cost, on=keys)
+    comm["wait_us"] = comm["run_us"] - comm["cost_us"]
     waits = comm[comm["wait_us"] > 0]
     stage = events["stage"].astype(str)
     comp = events.loc[(lane == S.COMPUTE) & (stage != S.STEP)]
