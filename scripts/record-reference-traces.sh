@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Record the reference traces that `kfacperf validate` and the README's accuracy table use,
-# and the local-cpu cluster model (commbench), on this machine.
+# and the cluster model of this machine (commbench), measured in the same quiet session.
 #
 #   scripts/record-reference-traces.sh [OUT_DIR] [CLUSTER_TOML]
 #       OUT_DIR       default traces/reference   (p1/ = 1 process, p2/ = 2 processes)
-#       CLUSTER_TOML  default models/clusters/local-cpu.toml
+#       CLUSTER_TOML  default OUT_DIR/local-cpu.toml
 #
 # Timings are only worth something on a quiet machine.  Each recording is timed against the
 # machine's CPU counters (/proc/stat, steal included): the CPU time the machine spent on
@@ -13,23 +13,30 @@
 # a run during which it exceeded MAX_FOREIGN is recorded again (up to TRIES times).  Every
 # run's foreign load goes to OUT_DIR/recording.log.
 #
-# Environment: WORKLOAD (resnet20), BATCHES ("16 32"), MAX_FOREIGN (0.15), TRIES (4),
-# STEPS_SGD/WARMUP_SGD (15/3), STEPS_KFAC/WARMUP_KFAC (8/3: intervals 1/1),
-# STEPS_STALE/WARMUP_STALE (25/5: intervals 10/100, two factor steps in the window),
+# Environment: WORKLOAD (resnet20), BATCHES ("16 32"), MAX_FOREIGN (0.15), TRIES (8),
+# STEPS_SGD/WARMUP_SGD (15/3), STEPS_KFAC/WARMUP_KFAC (6/3: intervals 1/1),
+# STEPS_STALE/WARMUP_STALE (20/5: intervals 10/100, two factor steps in the window),
 # NPROCS ("1 2"), SKIP_COMMBENCH (unset).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-traces/reference}
-CLUSTER=${2:-models/clusters/local-cpu.toml}
+CLUSTER=${2:-$OUT/local-cpu.toml}
 KFACPERF=${KFACPERF:-.venv/bin/kfacperf}
 WORKLOAD=${WORKLOAD:-resnet20}
 BATCHES=${BATCHES:-"16 32"}
 NPROCS=${NPROCS:-"1 2"}
 MAX_FOREIGN=${MAX_FOREIGN:-0.15}
-TRIES=${TRIES:-4}
+TRIES=${TRIES:-8}
 STEPS_SGD=${STEPS_SGD:-15}; WARMUP_SGD=${WARMUP_SGD:-3}
-STEPS_KFAC=${STEPS_KFAC:-8}; WARMUP_KFAC=${WARMUP_KFAC:-3}
-STEPS_STALE=${STEPS_STALE:-25}; WARMUP_STALE=${WARMUP_STALE:-5}
+STEPS_KFAC=${STEPS_KFAC:-6}; WARMUP_KFAC=${WARMUP_KFAC:-3}
+STEPS_STALE=${STEPS_STALE:-20}; WARMUP_STALE=${WARMUP_STALE:-5}
+# glibc serves large allocations with fresh mmap'd pages unless its adaptive threshold has
+# grown past them, so the same conv factor statistics cost 110 ms or 250 ms a step (page
+# faults) depending on the process's allocation history.  Fixed thresholds make every run,
+# 1 or 2 processes, reuse heap pages alike.
+export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-2000000000}
+export MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-4000000000}
+export MALLOC_TOP_PAD_=${MALLOC_TOP_PAD_:-536870912}
 HZ=$(getconf CLK_TCK)
 LOG="$OUT/recording.log"
 mkdir -p "$OUT"
@@ -80,27 +87,34 @@ run_quiet() {
   return 1
 }
 
-echo "# $(date -u +%FT%TZ) $(uname -n) $(nproc) cores; max foreign load $MAX_FOREIGN" >> "$LOG"
+echo "# $(date -u +%FT%TZ) $(uname -n) $(nproc) cores; max foreign load $MAX_FOREIGN;" \
+  "MALLOC_MMAP_THRESHOLD_=$MALLOC_MMAP_THRESHOLD_ MALLOC_TRIM_THRESHOLD_=$MALLOC_TRIM_THRESHOLD_" \
+  "MALLOC_TOP_PAD_=$MALLOC_TOP_PAD_" >> "$LOG"
 
 if [ -z "${SKIP_COMMBENCH:-}" ]; then
-  run_quiet commbench "$KFACPERF" commbench --out "$CLUSTER" --reps 9 --raw "$OUT/commbench.json"
+  run_quiet commbench "$KFACPERF" commbench --out "$CLUSTER" --reps 9 \
+    --sizes 4KiB,64KiB,256KiB,1MiB,4MiB,16MiB --raw "$OUT/commbench.json"
 fi
 
-for p in $NPROCS; do
-  for b in $BATCHES; do
-    run_quiet "p$p/$WORKLOAD-sgd-b$b" "$KFACPERF" profile --workload "$WORKLOAD" \
-      --optimizer sgd --nproc "$p" --batch-size "$b" --steps "$STEPS_SGD" --warmup "$WARMUP_SGD" \
-      --out "$OUT/p$p/$WORKLOAD-sgd-b$b" --force
-    for s in spngd kaisa; do
-      run_quiet "p$p/$WORKLOAD-$s-b$b-i1" "$KFACPERF" profile --workload "$WORKLOAD" \
-        --optimizer kfac --strategy "$s" --nproc "$p" --batch-size "$b" \
-        --factor-interval 1 --inverse-interval 1 --steps "$STEPS_KFAC" --warmup "$WARMUP_KFAC" \
-        --out "$OUT/p$p/$WORKLOAD-$s-b$b-i1" --force
-      run_quiet "p$p/$WORKLOAD-$s-b$b-i10" "$KFACPERF" profile --workload "$WORKLOAD" \
-        --optimizer kfac --strategy "$s" --nproc "$p" --batch-size "$b" \
-        --factor-interval 10 --inverse-interval 100 --steps "$STEPS_STALE" \
-        --warmup "$WARMUP_STALE" --out "$OUT/p$p/$WORKLOAD-$s-b$b-i10" --force
-    done
+# profile NAME ARGS...: the same run on every process count, one after the other, so the
+# 1-process (calibration) and 2-process (held-out) runs see the same state of the machine
+profile() {
+  local name=$1; shift
+  for p in $NPROCS; do
+    run_quiet "p$p/$name" "$KFACPERF" profile --workload "$WORKLOAD" --nproc "$p" "$@" \
+      --out "$OUT/p$p/$name" --force
+  done
+}
+
+for b in $BATCHES; do
+  profile "$WORKLOAD-sgd-b$b" --optimizer sgd --batch-size "$b" --steps "$STEPS_SGD" \
+    --warmup "$WARMUP_SGD"
+  for s in spngd kaisa; do
+    profile "$WORKLOAD-$s-b$b-i1" --optimizer kfac --strategy "$s" --batch-size "$b" \
+      --factor-interval 1 --inverse-interval 1 --steps "$STEPS_KFAC" --warmup "$WARMUP_KFAC"
+    profile "$WORKLOAD-$s-b$b-i10" --optimizer kfac --strategy "$s" --batch-size "$b" \
+      --factor-interval 10 --inverse-interval 100 --steps "$STEPS_STALE" \
+      --warmup "$WARMUP_STALE"
   done
 done
 du -sh "$OUT"
