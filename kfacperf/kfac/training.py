@@ -32,31 +32,18 @@ from kfacperf.kfac.comm import (
 from kfacperf.kfac.ddp import wrap_ddp
 from kfacperf.kfac.preconditioner import KFACPreconditioner
 from kfacperf.kfac.strategies import STRATEGY_NAMES, make_strategy
+from kfacperf.optim_settings import OptimizerSettings
 from kfacperf.profiler.timer import NULL_TIMER, Timer
 
 OPTIMIZERS = ("sgd", "kfac")
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainConfig:
+class TrainConfig(OptimizerSettings):
     """Optimizer, strategy and their settings (the keys run.json records)."""
 
     optimizer: str = "kfac"
     strategy: str = "local"
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    damping: float = 1e-3
-    factor_interval: int = 1
-    inverse_interval: int = 1
-    inverse_method: str = "eigen"
-    factor_decay: float = 0.95
-    kl_clip: float | None = 1e-3
-    grad_worker_fraction: float = 1.0
-    fused: bool = False
-    comm_dtype: str = "fp32"
-    symmetric: bool = False
-    bucket_cap_mb: float = 25.0
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:

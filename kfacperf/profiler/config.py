@@ -13,6 +13,8 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from kfacperf.optim_settings import OptimizerSettings
+
 OPTIMIZERS = ("sgd", "kfac")
 STRATEGIES = ("sgd", "local", "spngd", "kaisa")
 INVERSE_METHODS = ("eigen", "cholesky")
@@ -24,7 +26,7 @@ CRASH_ENV = "KFACPERF_TEST_CRASH_AFTER"
 
 
 @dataclass(frozen=True, kw_only=True)
-class ProfileConfig:
+class ProfileConfig(OptimizerSettings):
     """Settings of one ``kfacperf profile`` run; ``batch_size`` is per rank."""
 
     workload: str
@@ -41,20 +43,6 @@ class ProfileConfig:
     timeout_s: float = 60.0
     device: str = "auto"
     seed: int = 0
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    damping: float = 1e-3
-    factor_interval: int = 1
-    inverse_interval: int = 1
-    inverse_method: str = "eigen"
-    factor_decay: float = 0.95
-    kl_clip: float | None = 1e-3
-    grad_worker_fraction: float = 1.0
-    fused: bool = False
-    comm_dtype: str = "fp32"
-    symmetric: bool = False
-    bucket_cap_mb: float = 25.0
     telemetry_interval_s: float = 0.1
     nnodes: str = "1"
     node_rank: int = 0
@@ -130,16 +118,8 @@ class ProfileConfig:
 
     def train_config_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :class:`kfacperf.kfac.training.TrainConfig`."""
-        return {
-            "optimizer": self.optimizer, "strategy": self.resolved_strategy, "lr": self.lr,
-            "momentum": self.momentum, "weight_decay": self.weight_decay,
-            "damping": self.damping, "factor_interval": self.factor_interval,
-            "inverse_interval": self.inverse_interval, "inverse_method": self.inverse_method,
-            "factor_decay": self.factor_decay, "kl_clip": self.kl_clip,
-            "grad_worker_fraction": self.grad_worker_fraction, "fused": self.fused,
-            "comm_dtype": self.comm_dtype, "symmetric": self.symmetric,
-            "bucket_cap_mb": self.bucket_cap_mb,
-        }
+        return {"optimizer": self.optimizer, "strategy": self.resolved_strategy,
+                **self.optimizer_settings()}
 
 
 def command_line() -> str:
