@@ -11,8 +11,10 @@ API (stable)::
     ClusterModel(*, name, gpus_per_node, intra: Tier, inter: Tier,
                  multi_node: Mapping[op, "hierarchical" | "flat"],
                  v_collectives: "padded" | "pipelined", cores_per_node: int = 0,
-                 contention: float = 0.0, source: str = "", description: str = "")
-        .nodes_spanned(group_size) -> int      .compute_slowdown(ranks_on_node, threads) -> float
+                 contention: float = 0.0, contention_by_stage: Mapping[kind, float] = {},
+                 source: str = "", description: str = "")
+        .nodes_spanned(group_size) -> int
+        .compute_slowdown(ranks_on_node, threads, stage=None) -> float
         .scaled(*, bandwidth=1.0, alpha=1.0, tier="both") -> ClusterModel
     load_cluster_model(path) -> ClusterModel  (strict)     save_cluster_model(model, path) -> Path
 
@@ -32,7 +34,11 @@ Units and meaning:
   largest block, or ``pipelined`` (chunked ring, bound by total minus smallest block).
 * ``[compute]``: ``cores_per_node`` > 0 when ranks share CPU cores (oversubscription slows
   compute by ranks x threads / cores) and ``contention``, the relative slowdown each extra
-  rank on a node adds even below that (shared memory bandwidth).
+  rank on a node adds even below that (shared memory bandwidth).  Ranks slow each other by
+  different amounts per kind of work (a cache-resident GEMM barely, a memory-bound factor
+  statistic a lot), so an optional ``[compute.contention_by_stage]`` table gives the factor
+  per compute stage kind (keys from :data:`kfacperf.sim.device_model.STAGE_KINDS`); a kind it
+  does not name uses ``contention``.
 """
 from __future__ import annotations
 
@@ -41,6 +47,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from kfacperf.sim.device_model import STAGE_KINDS
 from kfacperf.sim.toml_io import Table, read_toml, write_toml
 
 OPS: tuple[str, ...] = ("all_reduce", "reduce_scatter", "all_gather", "broadcast")
@@ -124,6 +131,7 @@ class ClusterModel:
     v_collectives: str = "padded"
     cores_per_node: int = 0
     contention: float = 0.0
+    contention_by_stage: Mapping[str, float] = field(default_factory=dict)
     source: str = ""
     description: str = ""
 
@@ -138,6 +146,16 @@ class ClusterModel:
             raise ValueError(f"cluster {self.name!r}: v_collectives not in {V_FORMS}")
         if self.cores_per_node < 0 or self.contention < 0:
             raise ValueError(f"cluster {self.name!r}: cores_per_node and contention must be >= 0")
+        for kind, c in self.contention_by_stage.items():
+            if kind not in STAGE_KINDS:
+                raise ValueError(f"cluster {self.name!r}: contention_by_stage has unknown stage "
+                                 f"kind {kind!r}; kinds: {STAGE_KINDS}")
+            if not (math.isfinite(c) and c >= 0):
+                raise ValueError(f"cluster {self.name!r}: contention_by_stage.{kind} must be "
+                                 f">= 0, got {c}")
+        object.__setattr__(self, "contention_by_stage",
+                           {k: float(self.contention_by_stage[k]) for k in STAGE_KINDS
+                            if k in self.contention_by_stage})
 
     def tier(self, name: str) -> Tier:
         if name not in TIERS:
@@ -148,10 +166,20 @@ class ClusterModel:
         """Nodes a group of ``group_size`` consecutive ranks (starting on a node) spans."""
         return max(1, -(-group_size // self.gpus_per_node))
 
-    def compute_slowdown(self, ranks_on_node: int, threads_per_rank: int = 1) -> float:
-        """Factor by which compute slows when ``ranks_on_node`` ranks share a node."""
+    def stage_contention(self, stage: str | None = None) -> float:
+        """The contention of compute ``stage`` (``contention`` where the stage has none)."""
+        if stage is None:
+            return self.contention
+        if stage not in STAGE_KINDS:
+            raise ValueError(f"{stage!r} is not a compute stage kind; kinds: {STAGE_KINDS}")
+        return self.contention_by_stage.get(stage, self.contention)
+
+    def compute_slowdown(self, ranks_on_node: int, threads_per_rank: int = 1,
+                         stage: str | None = None) -> float:
+        """Factor by which compute (of ``stage``, if given) slows when ``ranks_on_node`` ranks
+        share a node."""
         r = max(1, ranks_on_node)
-        factor = 1.0 + self.contention * (r - 1)
+        factor = 1.0 + self.stage_contention(stage) * (r - 1)
         if self.cores_per_node > 0:
             factor *= max(1.0, r * max(1, threads_per_rank) / self.cores_per_node)
         return factor
@@ -211,6 +239,14 @@ def load_cluster_model(path: str | Path) -> ClusterModel:
     comp = root.table("compute")
     cores = comp.int("cores_per_node", minimum=0)
     contention = comp.float("contention", nonnegative=True)
+    by_stage: dict[str, float] = {}
+    if comp.has("contention_by_stage"):
+        bt = comp.table("contention_by_stage")
+        for key in bt.keys():
+            if key not in STAGE_KINDS:
+                raise bt.error(key, f"unknown stage kind; the stage kinds are: {', '.join(STAGE_KINDS)}")
+            by_stage[key] = bt.float(key, nonnegative=True)
+        bt.done()
     comp.done()
     intra = _tier_from_table(root.table("intra"))
     inter = _tier_from_table(root.table("inter"))
@@ -218,7 +254,8 @@ def load_cluster_model(path: str | Path) -> ClusterModel:
     return ClusterModel(
         name=name, gpus_per_node=gpus_per_node, intra=intra, inter=inter,
         multi_node=multi_node, v_collectives=v_form, cores_per_node=cores,
-        contention=contention, source=source, description=description,
+        contention=contention, contention_by_stage=by_stage, source=source,
+        description=description,
     )
 
 
@@ -238,6 +275,14 @@ def _tier_to_dict(tier: Tier) -> dict[str, Any]:
     return out
 
 
+def _compute_to_dict(model: ClusterModel) -> dict[str, Any]:
+    out: dict[str, Any] = {"cores_per_node": model.cores_per_node,
+                           "contention": float(model.contention)}
+    if model.contention_by_stage:  # absent table: every stage uses ``contention``
+        out["contention_by_stage"] = dict(model.contention_by_stage)
+    return out
+
+
 def cluster_model_to_dict(model: ClusterModel) -> dict[str, Any]:
     return {
         "format": FORMAT,
@@ -247,7 +292,7 @@ def cluster_model_to_dict(model: ClusterModel) -> dict[str, Any]:
         "gpus_per_node": model.gpus_per_node,
         "v_collectives": model.v_collectives,
         "multi_node": dict(model.multi_node),
-        "compute": {"cores_per_node": model.cores_per_node, "contention": float(model.contention)},
+        "compute": _compute_to_dict(model),
         "intra": _tier_to_dict(model.intra),
         "inter": _tier_to_dict(model.inter),
     }

@@ -136,6 +136,10 @@ class CostModel:
             if (o.bandwidth_scale, o.alpha_scale) != (1.0, 1.0) else cluster
         )
         self.slowdown = cluster.compute_slowdown(o.ranks_per_node, o.threads_per_rank)
+        # each stage kind slows by its own contention (the cluster's single one by default)
+        self.stage_slowdown: dict[str, float] = {
+            k: cluster.compute_slowdown(o.ranks_per_node, o.threads_per_rank, stage=k)
+            for k in STAGE_KINDS}
         self._compute_cache: dict[tuple, float] = {}
         self._comm_cache: dict[tuple, float] = {}
         self._measured: dict[tuple, list[tuple[int, float]]] = {}
@@ -216,7 +220,7 @@ class CostModel:
         t = self._model_us(stage, layer, batch, w)
         if self.options.use_measured:
             t *= self._measured_ratio(stage, layer, batch, w)
-        t = t * self.slowdown / self.options.compute_scale
+        t = t * self.stage_slowdown[stage] / self.options.compute_scale
         self._compute_cache[key] = t
         return t
 

@@ -256,3 +256,21 @@ def test_additive_mode_sums_compute_and_memory_terms_with_their_own_efficiencies
     assert reg.compute_us == pytest.approx(c.flops("inverse", FC, batch=1) / PEAK)
     assert reg.roofline_us == pytest.approx(max(reg.compute_us, reg.memory_us)) and reg.calls == 1
     assert c.regressors("forward", None, batch=4).calls == 3
+
+
+def test_each_stage_uses_its_own_contention() -> None:
+    from dataclasses import replace
+
+    by_stage = {"factor_compute": 0.5, "forward": 0.05}
+    shared = cost(cluster=replace(cluster(cores=8, contention=0.1), contention_by_stage=by_stage),
+                  ranks_per_node=2)
+    for stage, layer in (("factor_compute", CONV), ("forward", CONV), ("inverse", FC), ("update", FC)):
+        base = cost().compute_us(stage, layer, batch=4)
+        c = by_stage.get(stage, 0.1)  # a stage the table does not name keeps the single factor
+        assert shared.compute_us(stage, layer, batch=4) == pytest.approx(base * (1 + c), rel=1e-12), stage
+    # an absent table predicts exactly what the single factor did
+    single = cost(cluster=cluster(cores=8, contention=0.1), ranks_per_node=2)
+    explicit = cost(cluster=replace(cluster(cores=8, contention=0.1),
+                                    contention_by_stage={k: 0.1 for k in STAGE_KINDS}), ranks_per_node=2)
+    for stage in STAGE_KINDS:
+        assert explicit.compute_us(stage, CONV, batch=4) == single.compute_us(stage, CONV, batch=4)

@@ -233,3 +233,44 @@ def test_workload_for_run_matches_registry_name_and_options(tmp_path: Path) -> N
     assert workload_for_run("tiny", {"depth": 3}, search=[tmp_path]).name == "tiny"
     assert workload_for_run("tiny", {"width": 2}, search=[tmp_path]).name == "tiny[width=2]"
     assert not small.matches_run("tiny", {"width": True})  # a bool is not the integer 1 or 2
+
+
+def test_contention_by_stage_round_trips_and_defaults_to_the_single_factor(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    c = replace(make_cluster(), contention_by_stage={"factor_compute": 0.48, "forward": 0.07})
+    back = load_cluster_model(save_cluster_model(c, tmp_path / "c.toml"))
+    assert back == c
+    assert back.compute_slowdown(2, 1, stage="factor_compute") == pytest.approx(1.48)
+    assert back.compute_slowdown(2, 1, stage="forward") == pytest.approx(1.07)
+    assert back.compute_slowdown(2, 1, stage="inverse") == pytest.approx(1.1)  # not named: 0.1
+    assert back.compute_slowdown(4, 1, stage="forward") == pytest.approx((1 + 3 * 0.07) * 2)
+    # without the table nothing is written and every stage uses the single factor
+    text = save_cluster_model(make_cluster(), tmp_path / "plain.toml").read_text()
+    assert "contention_by_stage" not in text
+    assert all(make_cluster().compute_slowdown(2, 1, stage=k) == pytest.approx(1.1) for k in STAGE_KINDS)
+    with pytest.raises(ValueError, match="not a compute stage kind"):
+        c.compute_slowdown(2, 1, stage="factor_comm")
+    with pytest.raises(ValueError, match="unknown stage kind 'optimizer'"):
+        replace(make_cluster(), contention_by_stage={"optimizer": 0.1})
+
+
+@pytest.mark.parametrize(
+    ("new", "pattern"),
+    [
+        ("contention = 0.1\n[compute.contention_by_stage]\nfactor_comm = 0.4",
+         r"key 'compute\.contention_by_stage\.factor_comm': unknown stage kind; the stage kinds are: forward"),
+        ("contention = 0.1\n[compute.contention_by_stage]\nforward = -0.1",
+         r"key 'compute\.contention_by_stage\.forward': must be >= 0"),
+        ("contention = 0.1\n[compute.contention_by_stage]\nforward = \"high\"",
+         r"key 'compute\.contention_by_stage\.forward': expected a number, got a string"),
+        ("contention = 0.1\ncontention_by_stage = 0.3",
+         r"key 'compute\.contention_by_stage': expected a table"),
+    ],
+)
+def test_contention_by_stage_strict_errors(tmp_path: Path, new: str, pattern: str) -> None:
+    text = save_cluster_model(make_cluster(), tmp_path / "c.toml").read_text()
+    path = _edit(tmp_path, text, "contention = 0.1", new)
+    with pytest.raises(ValueError, match=pattern) as info:
+        load_cluster_model(path)
+    assert str(path) in str(info.value)
