@@ -10,18 +10,16 @@ them (``kfacperf.kfac.comm``): ``all_reduce`` on a flat fp32 buffer, the list fo
 simulator's convention (:mod:`kfacperf.sim.collectives`): all-reduce buffer, reduce-scatter
 input, all-gather output, broadcast payload.
 
-When ranks share CPU cores, each launch also times the same work on rank 0 alone and on all
-ranks at once; the ratio is the compute slowdown the cluster model's ``contention``
-describes.  The work is shaped like a training step on a CPU (a convolution forward and
-backward, a matrix product, a streaming add), since ranks slow each other down through
-shared caches and memory bandwidth, which a cache-resident matrix product alone does not
-see; solo and joint phases alternate for several rounds, because on a virtual machine the
-slowdown changes from second to second, and the ratio of the mean times is kept.
+When ranks share CPU cores, each launch also times representative work of every compute
+stage kind on rank 0 alone and on all ranks at once (:mod:`kfacperf.contention_probe`); the
+ratios are the compute slowdowns the cluster model's ``contention`` (all kinds together) and
+``contention_by_stage`` describe.
 
 API::
 
     CommbenchConfig(*, world_sizes, sizes, ops, reps, warmup, backend, timeout_s, contention)
-    run_commbench(config, *, progress=print) -> CommbenchResult(.points, .slowdowns, .backend)
+    run_commbench(config, *, progress=print)
+        -> CommbenchResult(.points, .slowdowns, .stage_slowdowns, .backend)
     fit_cluster(result, *, name, gpus_per_node=None, cores_per_node=None) -> (ClusterModel, fits)
 """
 from __future__ import annotations
@@ -33,10 +31,11 @@ import socket
 import statistics
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 from kfacperf.sim.cluster_model import ALGORITHMS, OPS, ClusterModel
+from kfacperf.sim.device_model import STAGE_KINDS
 from kfacperf.sim.calibration import AlphaBetaFit, cluster_from_fits, fit_alpha_beta, sig
 
 KIB = 1024
@@ -106,11 +105,14 @@ class CommbenchResult:
     points: tuple[Point, ...]
     slowdowns: dict[int, float] = field(default_factory=dict)  # world size -> compute slowdown
     cores: int = 0
+    # world size -> stage kind -> compute slowdown of that kind's work
+    stage_slowdowns: dict[int, dict[str, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"backend": self.backend, "cores": self.cores,
                 "points": [asdict(p) for p in self.points],
-                "slowdowns": {str(k): v for k, v in self.slowdowns.items()}}
+                "slowdowns": {str(k): v for k, v in self.slowdowns.items()},
+                "stage_slowdowns": {str(k): v for k, v in self.stage_slowdowns.items()}}
 
 
 def parse_size(text: str) -> int:
@@ -174,62 +176,6 @@ def _make_call(op: str, numel: int, world: int, rank: int, device: Any) -> Calla
     return lambda: dist.all_gather(outs, local)
 
 
-CONTENTION_ROUNDS = 8
-CONTENTION_PHASE_S = 0.12
-"""Solo and joint phases alternate this many times, each about this long."""
-
-
-def _contention_work(device: Any) -> Callable[[], None]:
-    """One call of training-like work: a 3x3 convolution forward and backward on a batch of
-    32x32 feature maps, a 512x512 matrix product, and an add streaming 16 MiB."""
-    import torch
-
-    conv = torch.nn.Conv2d(32, 32, 3, padding=1).to(device)
-    x = torch.randn(8, 32, 32, 32, device=device)
-    a = torch.randn(512, 512, device=device)
-    b = torch.randn(512, 512, device=device)
-    src = torch.randn(4 * MIB, device=device)
-    dst = torch.empty_like(src)
-
-    def run() -> None:
-        conv(x).sum().backward()
-        a.mm(b)
-        torch.add(src, 1.0, out=dst)
-
-    return run
-
-
-def _measure_slowdown(rank: int, device: Any) -> float:
-    """Mean time of the work with all ranks at it over rank 0 alone (NaN on other ranks)."""
-    import torch
-    import torch.distributed as dist
-
-    work = _contention_work(device)
-    work()
-    t0 = time.perf_counter()
-    work()
-    calls = torch.tensor([max(1, round(CONTENTION_PHASE_S / (time.perf_counter() - t0)))])
-    dist.all_reduce(calls, op=dist.ReduceOp.MAX)  # every rank does the same number of calls
-    n = int(calls.item())
-
-    def phase() -> float:
-        t = time.perf_counter()
-        for _ in range(n):
-            work()
-        return (time.perf_counter() - t) / n
-
-    solo, together = [], []
-    for _ in range(CONTENTION_ROUNDS):
-        dist.barrier()
-        if rank == 0:
-            solo.append(phase())
-        dist.barrier()
-        together.append(phase())
-    mine = torch.tensor([statistics.mean(together)], dtype=torch.float64)
-    dist.all_reduce(mine, op=dist.ReduceOp.MAX)
-    return float(mine.item()) / statistics.mean(solo) if rank == 0 else float("nan")
-
-
 def _worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: Any) -> None:
     import torch
     import torch.distributed as dist
@@ -248,9 +194,11 @@ def _worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: Any) -> 
                                 world_size=world,
                                 timeout=datetime.timedelta(seconds=cfg["timeout_s"]))
         sync = torch.cuda.synchronize if backend == "nccl" else (lambda: None)
-        slowdown = float("nan")
+        slowdown: dict[str, float] = {}
         if cfg["contention"] and backend == "gloo":
-            slowdown = _measure_slowdown(rank, device)
+            from kfacperf.contention_probe import measure_slowdowns
+
+            slowdown = measure_slowdowns(rank, device)
         points = [(op, nbytes) for op in cfg["ops"] for nbytes in cfg["sizes"]]
         calls, inners = [], []
         for op, nbytes in points:
@@ -299,7 +247,7 @@ def resolve_backend(backend: str) -> str:
 
 
 def _launch(world: int, cfg: dict[str, Any], progress: Callable[[str], None]
-            ) -> tuple[list[list[list[float]]], float]:
+            ) -> tuple[list[list[list[float]]], dict[str, float]]:
     import torch.multiprocessing as tmp
 
     ctx = tmp.get_context("spawn")
@@ -310,7 +258,7 @@ def _launch(world: int, cfg: dict[str, Any], progress: Callable[[str], None]
     for p in procs:
         p.start()
     results: dict[int, list[list[float]]] = {}
-    slowdown = float("nan")
+    slowdown: dict[str, float] = {}
     deadline = time.monotonic() + cfg["timeout_s"] + 60.0
     try:
         while len(results) < world:
@@ -359,11 +307,13 @@ def run_commbench(config: CommbenchConfig, *, progress: Callable[[str], None] = 
            "contention": config.contention}
     points: list[Point] = []
     slowdowns: dict[int, float] = {}
+    stage_slowdowns: dict[int, dict[str, float]] = {}
     for world in config.world_sizes or default_world_sizes(backend):
         progress(f"commbench: {world} ranks, backend {backend}")
         per_rank, slowdown = _launch(world, cfg, progress)
-        if not math.isnan(slowdown):
-            slowdowns[world] = slowdown
+        if slowdown and not math.isnan(slowdown["all"]):
+            slowdowns[world] = slowdown["all"]
+            stage_slowdowns[world] = {k: v for k, v in slowdown.items() if k != "all"}
         i = 0
         for op in config.ops:
             for nbytes in config.sizes:
@@ -372,7 +322,8 @@ def run_commbench(config: CommbenchConfig, *, progress: Callable[[str], None] = 
                                     time_us=statistics.median(reps), reps=config.reps))
                 i += 1
     cores = (os.cpu_count() or 1) if backend == "gloo" else 0
-    return CommbenchResult(backend=backend, points=tuple(points), slowdowns=slowdowns, cores=cores)
+    return CommbenchResult(backend=backend, points=tuple(points), slowdowns=slowdowns, cores=cores,
+                           stage_slowdowns=stage_slowdowns)
 
 
 def fit_contention(slowdowns: dict[int, float], cores: int) -> float:
@@ -420,15 +371,25 @@ def fit_cluster(
         best[op], tried[op] = fit_points(result.points, op)
     cores = result.cores if cores_per_node is None else cores_per_node
     contention = sig(fit_contention(result.slowdowns, cores)) if result.slowdowns else 0.0
+    kinds = sorted({k for per in result.stage_slowdowns.values() for k in per},
+                   key=STAGE_KINDS.index)
+    by_stage = {k: sig(fit_contention({w: per[k] for w, per in result.stage_slowdowns.items()
+                                       if k in per}, cores)) for k in kinds}
     if gpus_per_node is None:
         gpus_per_node = 64 if result.backend == "gloo" else max(p.world_size for p in result.points)
     worlds = sorted({p.world_size for p in result.points})
     sizes = sorted({p.nbytes for p in result.points})
+    per_kind = "; ".join(
+        f"{w}: " + ", ".join(f"{k} {v:.2f}" for k, v in per.items())
+        for w, per in sorted(result.stage_slowdowns.items()))
     src = (f"kfacperf commbench, backend {result.backend}, world sizes {worlds}, sizes "
            f"{_fmt_size(sizes[0])}..{_fmt_size(sizes[-1])}; compute slowdown of ranks sharing "
-           f"cores: {', '.join(f'{k}: {v:.2f}' for k, v in sorted(result.slowdowns.items())) or 'not measured'}")
+           f"cores: {', '.join(f'{k}: {v:.2f}' for k, v in sorted(result.slowdowns.items())) or 'not measured'}"
+           + (f"; per stage kind: {per_kind}" if per_kind else ""))
     desc = ("Measured on one machine; the inter tier is a copy of the intra tier (nothing "
             "between nodes was measured).")
     model = cluster_from_fits(best, name=name, gpus_per_node=gpus_per_node, cores_per_node=cores,
                               contention=contention, source=src, description=desc)
+    if by_stage:
+        model = replace(model, contention_by_stage=by_stage)
     return model, tried

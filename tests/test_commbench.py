@@ -44,6 +44,37 @@ def test_fit_cluster_recovers_alpha_beta_and_algorithm(tmp_path: Path) -> None:
     assert load_cluster_model(save_cluster_model(model, path)) == model
 
 
+def test_fit_cluster_writes_contention_per_stage_kind(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from kfacperf.sim.cluster_model import save_cluster_model
+
+    per_stage = {2: {"forward": 1.07, "factor_compute": 1.48}, 4: {"forward": 2.28, "factor_compute": 3.6}}
+    result = replace(synthetic_result(), stage_slowdowns=per_stage)
+    model, _ = cb.fit_cluster(result, name="synthetic")
+    # same least squares as the single factor: x = r - 1, y = slowdown / max(1, r/2) - 1
+    assert model.contention_by_stage["forward"] == pytest.approx((0.07 + 3 * 0.14) / 10, rel=1e-3)
+    assert model.contention_by_stage["factor_compute"] == pytest.approx((0.48 + 3 * 0.8) / 10, rel=1e-3)
+    assert set(model.contention_by_stage) == {"forward", "factor_compute"}
+    assert "per stage kind: 2: forward 1.07, factor_compute 1.48" in model.source
+    assert load_cluster_model(save_cluster_model(model, tmp_path / "c.toml")) == model
+    # without per-stage measurements the model has no table, as before
+    assert cb.fit_cluster(synthetic_result(), name="s")[0].contention_by_stage == {}
+
+
+def test_probe_has_one_workload_per_stage_kind() -> None:
+    import torch
+
+    from kfacperf.contention_probe import stage_workloads
+    from kfacperf.sim.device_model import STAGE_KINDS
+
+    work = stage_workloads(torch.device("cpu"))
+    assert tuple(work) == STAGE_KINDS
+    for fn in work.values():
+        fn()  # runs (and twice: backward keeps its graph)
+        fn()
+
+
 def test_fit_with_noise_stays_close() -> None:
     model, _ = cb.fit_cluster(synthetic_result(noise=0.05), name="noisy")
     for op, (algo, alpha, gbps) in TRUE.items():
@@ -101,3 +132,10 @@ def test_real_gloo_run_writes_a_loadable_cluster_model(tmp_path: Path) -> None:
     by = {(p["op"], p["nbytes"]): p["time_us"] for p in data["points"]}
     slower = [op for op in OPS if by[(op, 2 << 20)] > by[(op, 4096)]]
     assert len(slower) >= 3, by
+    # the contention probe timed every stage kind; the model carries one factor per kind
+    from kfacperf.sim.device_model import STAGE_KINDS
+
+    assert list(data["stage_slowdowns"]["2"]) == list(STAGE_KINDS)
+    assert all(math.isfinite(v) and v > 0 for v in data["stage_slowdowns"]["2"].values())
+    assert set(model.contention_by_stage) == set(STAGE_KINDS)
+    assert "per stage kind" in model.source

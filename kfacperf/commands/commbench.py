@@ -75,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
         if args.out:
             log("commbench: not writing a cluster model: it needs all four collectives")
     if args.json:
-        print(json.dumps({"fits": fits, "slowdowns": result.slowdowns}, indent=1))
+        print(json.dumps({"fits": fits, "slowdowns": result.slowdowns,
+                          "stage_slowdowns": result.stage_slowdowns}, indent=1))
         return 0
     print(f"{'collective':<15} {'algorithm':<17} {'alpha_us':>9} {'GB/s':>8} {'rms err':>8} {'max err':>8}")
     for op, fs in fits.items():
@@ -87,5 +88,8 @@ def run(args: argparse.Namespace) -> int:
     if result.slowdowns:
         print("compute slowdown with ranks sharing cores: "
               + ", ".join(f"{k} ranks {v:.2f}x" for k, v in sorted(result.slowdowns.items())))
+        for world, per in sorted(result.stage_slowdowns.items()):
+            print(f"  {world} ranks, per stage kind: "
+                  + ", ".join(f"{k} {v:.2f}x" for k, v in per.items()))
     print("(* = best fit, used in the model)")
     return 0

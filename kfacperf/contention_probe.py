@@ -1,0 +1,130 @@
+"""How much ranks sharing a node's CPU cores slow each other down, per compute stage kind.
+
+Ranks slow each other through shared caches and memory bandwidth, so the slowdown depends on
+the work: a cache-resident matrix product barely notices a neighbour, a memory-bound factor
+statistic a lot.  One representative call per stage kind of
+:data:`kfacperf.sim.device_model.STAGE_KINDS`, shaped like a ResNet-20 layer (32 channels at
+16x16, batch 32):
+
+* ``forward``: a 3x3 convolution forward (building its autograd graph, as in training);
+* ``backward``: that convolution's backward (input and weight gradients);
+* ``factor_compute``: the optimizer's own A statistic of that convolution
+  (:func:`kfacperf.kfac.conv_factors.patch_moments`) plus the Gram of its output gradients;
+* ``inverse``: float64 ``eigh`` of a 300x300 SPD matrix;
+* ``precondition``: the two GEMMs ``G^-1 grad A^-1`` of that layer (32x32, 32x288, 288x288);
+* ``update``: an add streaming 16 MiB.
+
+Rank 0 alone (solo) and all ranks at once (joint) alternate for several rounds, per kind,
+because on a virtual machine the slowdown changes from second to second; a kind's slowdown
+is the ratio of the mean joint time (slowest rank) to the mean solo time.  ``"all"`` is the
+same ratio over the sum of every kind's time: the single number for a model without per-stage
+contention.
+
+API::
+
+    stage_workloads(device) -> dict[kind, Callable[[], None]]
+    measure_slowdowns(rank, device) -> dict[kind | "all", float]   (NaN on ranks other than 0)
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable
+
+from kfacperf.sim.device_model import STAGE_KINDS
+
+ROUNDS = 8
+PHASE_S = 0.03
+"""Solo and joint phases of every kind alternate this many times, each about this long."""
+
+ALL = "all"
+
+
+def stage_workloads(device: Any) -> dict[str, Callable[[], None]]:
+    """One representative call per compute stage kind (see the module docstring)."""
+    import torch
+
+    from kfacperf.kfac import conv_factors
+
+    gen = torch.Generator().manual_seed(0)
+
+    def randn(*shape: int, dtype: Any = torch.float32) -> Any:
+        return torch.randn(*shape, generator=gen, dtype=dtype).to(device)
+
+    conv = torch.nn.Conv2d(32, 32, 3, padding=1, bias=False).to(device)
+    x = randn(32, 32, 16, 16)
+    xg = x.clone().requires_grad_(True)
+    y = conv(xg)
+    gy = randn(*y.shape)
+    m = randn(300, 300, dtype=torch.float64)
+    spd = m @ m.t() + 300 * torch.eye(300, dtype=torch.float64, device=device)
+    g_inv, grad, a_inv = randn(32, 32), randn(32, 288), randn(288, 288)
+    src = randn(4 * 1024 * 1024)
+    dst = torch.empty_like(src)
+
+    def forward() -> None:
+        conv(x)
+
+    def backward() -> None:
+        torch.autograd.grad(y, (xg, conv.weight), gy, retain_graph=True)
+
+    def factor_compute() -> None:
+        with torch.no_grad():
+            conv_factors.patch_moments(x, conv)
+            rows = gy.transpose(0, 1).reshape(gy.shape[1], -1)
+            rows @ rows.t()
+
+    def inverse() -> None:
+        torch.linalg.eigh(spd)
+
+    def precondition() -> None:
+        g_inv.mm(grad).mm(a_inv)
+
+    def update() -> None:
+        torch.add(src, 1.0, out=dst)
+
+    work = {"forward": forward, "backward": backward, "factor_compute": factor_compute,
+            "inverse": inverse, "precondition": precondition, "update": update}
+    assert tuple(work) == STAGE_KINDS
+    return work
+
+
+def measure_slowdowns(rank: int, device: Any) -> dict[str, float]:
+    """Per stage kind (and ``"all"``): mean joint time over mean solo time, on rank 0."""
+    import torch
+    import torch.distributed as dist
+
+    work = stage_workloads(device)
+    counts = []
+    for fn in work.values():
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        counts.append(max(1, round(PHASE_S / max(time.perf_counter() - t0, 1e-7))))
+    calls = torch.tensor(counts)
+    dist.all_reduce(calls, op=dist.ReduceOp.MAX)  # every rank does the same number of calls
+    n = [int(c) for c in calls.tolist()]
+
+    def phase(fn: Callable[[], None], reps: int) -> float:
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t) / reps
+
+    solo: dict[str, list[float]] = {k: [] for k in work}
+    joint: dict[str, list[float]] = {k: [] for k in work}
+    for _ in range(ROUNDS):
+        for (kind, fn), reps in zip(work.items(), n):
+            dist.barrier()
+            if rank == 0:
+                solo[kind].append(phase(fn, reps))
+            dist.barrier()
+            joint[kind].append(phase(fn, reps))
+    mine = torch.tensor([statistics.mean(joint[k]) for k in work], dtype=torch.float64)
+    dist.all_reduce(mine, op=dist.ReduceOp.MAX)  # the slowest rank's joint time
+    if rank != 0:
+        return {k: float("nan") for k in (*work, ALL)}
+    solo_mean = [statistics.mean(solo[k]) for k in work]
+    out = {k: float(j) / s for k, j, s in zip(work, mine.tolist(), solo_mean)}
+    out[ALL] = float(mine.sum()) / sum(solo_mean)
+    return out
