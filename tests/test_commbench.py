@@ -115,7 +115,7 @@ def test_real_gloo_run_writes_a_loadable_cluster_model(tmp_path: Path) -> None:
 
     out = tmp_path / "local.toml"
     raw = tmp_path / "raw.json"
-    rc = main(["commbench", "--world-sizes", "2", "--sizes", "4KiB,256KiB,2MiB", "--reps", "2",
+    rc = main(["commbench", "--world-sizes", "2", "--sizes", "4KiB,256KiB,16MiB", "--reps", "2",
                "--warmup", "1", "--name", "test-cpu", "--out", str(out), "--raw", str(raw)])
     assert rc == 0
     model = load_cluster_model(out)
@@ -127,10 +127,11 @@ def test_real_gloo_run_writes_a_loadable_cluster_model(tmp_path: Path) -> None:
 
     data = json.loads(raw.read_text())
     assert len(data["points"]) == 12 and all(p["time_us"] > 0 for p in data["points"])
-    # Bigger messages take longer (2 MiB vs 4 KiB).  One scheduling hiccup on a busy machine
-    # can inflate a single small-message point, so ask it of at least three of the four ops.
+    # Bigger messages take longer (16 MiB vs 4 KiB: gloo's small-message latency on two busy
+    # cores reaches milliseconds, so the large size must be far beyond it).  One scheduling
+    # hiccup can still inflate a single point, so ask it of at least three of the four ops.
     by = {(p["op"], p["nbytes"]): p["time_us"] for p in data["points"]}
-    slower = [op for op in OPS if by[(op, 2 << 20)] > by[(op, 4096)]]
+    slower = [op for op in OPS if by[(op, 16 << 20)] > by[(op, 4096)]]
     assert len(slower) >= 3, by
     # the contention probe timed every stage kind; the model carries one factor per kind
     from kfacperf.sim.device_model import STAGE_KINDS
