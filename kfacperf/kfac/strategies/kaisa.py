@@ -23,7 +23,7 @@ With ``gw = grad_worker_fraction * P`` gradient workers per layer (see
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -145,28 +145,46 @@ class KAISAStrategy(DistributedStrategy):
         if not self.distributed or len(self._column) == 1:
             return
         assert self.assignment is not None
+        inverse_worker = self.assignment.inverse_worker
+        self._broadcast_layers(
+            self._column, lambda l: inverse_worker[l.name], stage=stages.INVERSE_COMM,
+            group=self._column_group, pack=self._encode_inverse, numel=self._inverse_numel,
+            unpack=self._decode_inverse,
+        )
+
+    def _broadcast_layers(
+        self, sources: tuple[int, ...], source_of: Callable[[KFACLayer], int], *, stage: str,
+        group: Any, pack: Callable[[KFACLayer], Tensor], numel: Callable[[KFACLayer], int],
+        unpack: Callable[[KFACLayer, Tensor], None],
+    ) -> None:
+        """One broadcast per rank in ``sources`` carrying all layers it is ``source_of``.
+
+        All broadcasts are in flight at once; then every receiver ``unpack``s each layer from
+        its ``numel``-long slice of the source's buffer, in layer order.
+        """
         inflight = []
-        for src in self._column:  # all broadcasts in flight at once, then unpack
-            layers = [l for l in self.layers.values()
-                      if self.assignment.inverse_worker[l.name] == src]
+        for src in sources:
+            layers = [l for l in self.layers.values() if source_of(l) == src]
             if not layers:
                 continue
             if src == self.rank:
-                buf = torch.cat([self._encode_inverse(l) for l in layers])
+                buf = torch.cat([pack(l) for l in layers])
             else:
                 ref = layers[0].module.weight
-                numel = sum(self._inverse_numel(l) for l in layers)
-                buf = torch.empty(numel, dtype=_state_dtype(ref), device=ref.device)
-            pending = comm.broadcast(buf, src, stage=stages.INVERSE_COMM,
+                buf = torch.empty(sum(numel(l) for l in layers),
+                                  dtype=_state_dtype(ref), device=ref.device)
+            pending = comm.broadcast(buf, src, stage=stage,
                                      layer=comm.bucket_label([l.name for l in layers]),
-                                     timer=self.timer, group=self._column_group)
+                                     timer=self.timer, group=group)
             inflight.append((src, layers, pending))
         for src, layers, pending in inflight:
             buf = pending.wait()
             if src != self.rank:
                 offset = 0
                 for layer in layers:
-                    offset = self._decode_inverse(layer, buf, offset)
+                    n = numel(layer)
+                    unpack(layer, buf[offset:offset + n])
+                    offset += n
 
     def _inverse_numel(self, layer: KFACLayer) -> int:
         total = 0
@@ -188,17 +206,17 @@ class KAISAStrategy(DistributedStrategy):
                 parts.append(t.reshape(-1))
         return torch.cat(parts)
 
-    def _decode_inverse(self, layer: KFACLayer, buf: Tensor, offset: int) -> int:
+    def _decode_inverse(self, layer: KFACLayer, flat: Tensor) -> None:
+        offset = 0
         for attr, shape in zip(layer.inverse_names(), layer.inverse_shapes()):
             if self._packable(attr):
                 n = shape[0]
                 size = n * (n + 1) // 2
-                setattr(layer, attr, comm.unpack_symmetric(buf[offset:offset + size], n))
+                setattr(layer, attr, comm.unpack_symmetric(flat[offset:offset + size], n))
             else:
                 size = _numel(shape)
-                setattr(layer, attr, buf[offset:offset + size].view(shape).clone())
+                setattr(layer, attr, flat[offset:offset + size].view(shape).clone())
             offset += size
-        return offset
 
     # ------------------------------------------------------------- gradients
     def reduce_gradients(self) -> None:
@@ -225,30 +243,13 @@ class KAISAStrategy(DistributedStrategy):
         if not self.distributed or self.grad_workers == self.world_size:
             return
         assert self.assignment is not None
-        inflight = []
-        for src in self._row:  # all broadcasts in flight at once, then unpack
-            layers = [l for l in self.layers.values()
-                      if self.assignment.grad_source(l.name, self.rank) == src]
-            if not layers:
-                continue
-            if src == self.rank:
-                buf = torch.cat([l.pack_preconditioned() for l in layers])
-            else:
-                ref = layers[0].module.weight
-                buf = torch.empty(sum(l.preconditioned_numel for l in layers),
-                                  dtype=_state_dtype(ref), device=ref.device)
-            pending = comm.broadcast(buf, src, stage=stages.PRECOND_COMM,
-                                     layer=comm.bucket_label([l.name for l in layers]),
-                                     timer=self.timer, group=self._row_group)
-            inflight.append((src, layers, pending))
-        for src, layers, pending in inflight:
-            buf = pending.wait()
-            if src != self.rank:
-                offset = 0
-                for layer in layers:
-                    n = layer.preconditioned_numel
-                    layer.unpack_preconditioned(buf[offset:offset + n])
-                    offset += n
+        assignment, rank = self.assignment, self.rank
+        self._broadcast_layers(
+            self._row, lambda l: assignment.grad_source(l.name, rank),
+            stage=stages.PRECOND_COMM, group=self._row_group,
+            pack=lambda l: l.pack_preconditioned(), numel=lambda l: l.preconditioned_numel,
+            unpack=lambda l, flat: l.unpack_preconditioned(flat),
+        )
 
 
 def _numel(shape: tuple[int, ...]) -> int:
