@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from kfacperf import stages
+from kfacperf.validation import error_pct as validation_error_pct
 
 if TYPE_CHECKING:  # pragma: no cover
     from kfacperf.trace_summary import TraceSummary
@@ -100,12 +101,11 @@ def pick_step(events: pd.DataFrame, step: int | None = None) -> int:
 
 
 def error_pct(predicted: float | None, measured: float | None) -> float:
-    """Signed relative error of a prediction in percent (NaN if either is missing or measured 0)."""
+    """Signed relative error of a prediction in percent (NaN if either is missing or measured 0);
+    :func:`kfacperf.validation.error_pct`, so the report and ``kfacperf validate`` agree."""
     if measured is None or predicted is None:
-        return float("nan")
-    if not (math.isfinite(measured) and math.isfinite(predicted)) or measured == 0:
-        return float("nan")
-    return (predicted - measured) / measured * 100.0
+        return math.nan
+    return validation_error_pct(predicted, measured)
 
 
 def stage_comparison(measured: pd.Series, predicted: pd.Series, measured_step_us: float,
