@@ -37,21 +37,22 @@ from typing import Any, Callable, ContextManager, Mapping, Protocol, Sequence
 
 from kfacperf.profiler import cuda_events
 from kfacperf.profiler.nvtx_backend import NvtxBackend, NvtxDomainBackend
+from kfacperf import stages as S
 from kfacperf.stages import STEP, lane_of
 
 # ARGB colour per stage (compute stages warm/green, comm stages blue/purple).
 STAGE_COLORS: dict[str, int] = {
-    "forward": 0xFF4CAF50,
-    "backward": 0xFF8BC34A,
-    "factor_compute": 0xFFFF9800,
-    "factor_comm": 0xFF2196F3,
-    "inverse": 0xFFF44336,
-    "inverse_comm": 0xFF3F51B5,
-    "grad_comm": 0xFF00BCD4,
-    "precondition": 0xFFFFC107,
-    "precond_comm": 0xFF9C27B0,
-    "update": 0xFF795548,
-    "step": 0xFF9E9E9E,
+    S.FORWARD: 0xFF4CAF50,
+    S.BACKWARD: 0xFF8BC34A,
+    S.FACTOR_COMPUTE: 0xFFFF9800,
+    S.FACTOR_COMM: 0xFF2196F3,
+    S.INVERSE: 0xFFF44336,
+    S.INVERSE_COMM: 0xFF3F51B5,
+    S.GRAD_COMM: 0xFF00BCD4,
+    S.PRECONDITION: 0xFFFFC107,
+    S.PRECOND_COMM: 0xFF9C27B0,
+    S.UPDATE: 0xFF795548,
+    S.STEP: 0xFF9E9E9E,
 }
 
 _clock = time.perf_counter_ns

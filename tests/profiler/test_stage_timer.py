@@ -10,6 +10,7 @@ import torch
 from kfacperf.profiler import cuda_events
 from kfacperf.profiler.nvtx_backend import NvtxDomainBackend, RecordingBackend
 from kfacperf.profiler.stage_timer import STAGE_COLORS, MemorySink, StageTimer
+from kfacperf.stages import STAGE_NAMES
 from kfacperf.traces import events_frame
 
 
@@ -72,7 +73,6 @@ def test_nvtx_ranges_of_a_step_nest_with_expected_names_and_attributes():
     by_msg = {a.message: a for a in pushes}
     assert by_msg["forward"].category == "compute"
     assert by_msg["factor_compute fc1"].color == STAGE_COLORS["factor_compute"]
-    assert len(set(STAGE_COLORS.values())) == len(STAGE_COLORS)
     # async comm: a start/end pair per step, in the comm category, ended on the completing thread
     starts = [c for c in rec.calls if c.kind == "start"]
     ends = {c.handle: c for c in rec.calls if c.kind == "end"}
@@ -290,3 +290,9 @@ def test_nvtx_ranges_of_a_real_kfac_step():
     timer.close()
     ev = events_frame(timer.sink.columns())
     assert len(ev) == 1 + len(per_layer) + len(backward) + 3  # every range has its row
+
+
+def test_every_stage_has_its_own_colour():
+    """A stage added to the vocabulary without an NVTX colour would fail at its first range."""
+    assert set(STAGE_COLORS) == set(STAGE_NAMES)
+    assert len(set(STAGE_COLORS.values())) == len(STAGE_COLORS)
