@@ -224,10 +224,7 @@ def _tier_from_table(t: Table) -> Tier:
 
 def load_cluster_model(path: str | Path) -> ClusterModel:
     """Read a cluster TOML strictly; every error names the file and the key."""
-    root = read_toml(path)
-    fmt = root.str("format")
-    if fmt != FORMAT:
-        raise root.error("format", f"expected {FORMAT!r}, got {fmt!r}")
+    root = read_toml(path, fmt=FORMAT)
     name = root.str("name")
     description = root.str("description", nonempty=False)
     source = root.str("source", nonempty=False)

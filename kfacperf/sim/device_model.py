@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from kfacperf import stages as S
-from kfacperf.sim.toml_io import Table, read_toml, write_toml
+from kfacperf.sim.toml_io import read_toml, write_toml
 
 STAGE_KINDS: tuple[str, ...] = (
     S.FORWARD, S.BACKWARD, S.FACTOR_COMPUTE, S.INVERSE, S.PRECONDITION, S.UPDATE,
@@ -149,10 +149,7 @@ class DeviceModel:
 # ---------------------------------------------------------------------------------------------
 def load_device_model(path: str | Path) -> DeviceModel:
     """Read a device TOML strictly; every error names the file and the key."""
-    root = read_toml(path)
-    fmt = root.str("format")
-    if fmt != FORMAT:
-        raise root.error("format", f"expected {FORMAT!r}, got {fmt!r}")
+    root = read_toml(path, fmt=FORMAT)
     name = root.str("name")
     description = root.str("description", nonempty=False)
     source = root.str("source", nonempty=False)

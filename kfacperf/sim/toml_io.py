@@ -31,8 +31,11 @@ _UNIT_SUFFIXES = (
 )
 
 
-def read_toml(path: str | Path) -> "Table":
-    """Parse ``path`` and return its root :class:`Table` (errors name the file)."""
+def read_toml(path: str | Path, *, fmt: str | None = None) -> "Table":
+    """Parse ``path`` and return its root :class:`Table` (errors name the file).
+
+    With ``fmt``, the file's ``format`` key must equal it (model files name their format).
+    """
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -44,7 +47,12 @@ def read_toml(path: str | Path) -> "Table":
         data = _toml.loads(text)
     except _toml.TOMLDecodeError as exc:
         raise ValueError(f"{p}: not valid TOML: {exc}") from None
-    return Table(data, source=str(p), prefix="")
+    root = Table(data, source=str(p), prefix="")
+    if fmt is not None:
+        got = root.str("format")
+        if got != fmt:
+            raise root.error("format", f"expected {fmt!r}, got {got!r}")
+    return root
 
 
 def _type_name(value: Any) -> str:

@@ -232,10 +232,7 @@ def _read_options(t: Table) -> dict[str, Any]:
 
 def load_workload_model(path: str | Path) -> WorkloadModel:
     """Read a workload TOML strictly (unknown, missing or mistyped keys are errors)."""
-    root = read_toml(path)
-    fmt = root.str("format")
-    if fmt != FORMAT:
-        raise root.error("format", f"expected {FORMAT!r}, got {fmt!r}")
+    root = read_toml(path, fmt=FORMAT)
     name = root.str("name")
     workload = root.str("workload")
     options = _read_options(root.table("options"))
