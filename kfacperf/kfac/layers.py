@@ -33,7 +33,6 @@ Factors are computed in the activations' dtype (float32 for half-precision activ
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -225,19 +224,6 @@ class KFACLayer:
     def factor_numel(self) -> int:
         return self.dim_a * self.dim_a + self.dim_g * self.dim_g
 
-    def factor_nbytes(self, dtype: Optional[torch.dtype] = None, *, triu: bool = False) -> int:
-        """Bytes of A and G (full matrices, or upper triangles with ``triu``)."""
-        a, g = self.dim_a, self.dim_g
-        numel = (a * (a + 1) + g * (g + 1)) // 2 if triu else a * a + g * g
-        return numel * _itemsize(dtype or _factor_dtype(self.module.weight.dtype))
-
-    def inverse_nbytes(self, dtype: Optional[torch.dtype] = None) -> int:
-        numel = sum(math.prod(s) for s in self.inverse_shapes())
-        return numel * _itemsize(dtype or _factor_dtype(self.module.weight.dtype))
-
-    def grad_nbytes(self, dtype: Optional[torch.dtype] = None) -> int:
-        return self.dim_g * self.dim_a * _itemsize(dtype or self.module.weight.dtype)
-
     def factor_flops(self, x: Tensor, grad_output: Tensor) -> float:
         """FLOPs of :meth:`compute_batch_factors` for this input and output gradient."""
         rows = grad_output.numel() // self.dim_g
@@ -319,7 +305,3 @@ def _assemble_a(gram: Tensor, total: Tensor | None, rows: int) -> Tensor:
 
 def _factor_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()

@@ -36,7 +36,7 @@ Rules every strategy follows:
 * The preconditioner never communicates; the strategy never does maths other than reductions.
   Each collective is recorded by the strategy on the timer it receives in :meth:`setup`
   (``timer.async_comm`` for async handles, ``timer.stage`` for blocking ones) with its payload
-  in bytes; the layer gives the sizes (:meth:`KFACLayer.factor_nbytes` and friends).
+  in bytes (:func:`kfacperf.kfac.comm.broadcast` and friends take it from the buffer they send).
 * ``inverts(name)`` implies ``needs_factors(name)``; the same rank must not be asked to
   precondition a layer whose inverse it will not hold after :meth:`Strategy.share_inverses`.
 * Answers of ``needs_factors``/``inverts``/``preconditions`` are fixed after :meth:`setup`.
