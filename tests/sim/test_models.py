@@ -136,8 +136,10 @@ def test_cluster_strict_errors(tmp_path: Path, old: str, new: str, pattern: str)
 )
 def test_device_strict_errors(tmp_path: Path, old: str, new: str, pattern: str) -> None:
     text = save_device_model(make_device(), tmp_path / "d.toml").read_text()
-    with pytest.raises(ValueError, match=pattern):
-        load_device_model(_edit(tmp_path, text, old, new))
+    path = _edit(tmp_path, text, old, new)
+    with pytest.raises(ValueError, match=pattern) as info:
+        load_device_model(path)
+    assert str(path) in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -152,8 +154,10 @@ def test_device_strict_errors(tmp_path: Path, old: str, new: str, pattern: str) 
 )
 def test_workload_strict_errors(tmp_path: Path, old: str, new: str, pattern: str) -> None:
     text = save_workload_model(make_workload(), tmp_path / "w.toml").read_text()
-    with pytest.raises(ValueError, match=pattern):
-        load_workload_model(_edit(tmp_path, text, old, new))
+    path = _edit(tmp_path, text, old, new)
+    with pytest.raises(ValueError, match=pattern) as info:
+        load_workload_model(path)
+    assert str(path) in str(info.value)
 
 
 def test_unparsable_toml_names_file(tmp_path: Path) -> None:
