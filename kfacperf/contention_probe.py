@@ -31,6 +31,7 @@ import statistics
 import time
 from typing import Any, Callable
 
+from kfacperf import stages as S
 from kfacperf.sim.device_model import STAGE_KINDS
 
 ROUNDS = 8
@@ -83,8 +84,8 @@ def stage_workloads(device: Any) -> dict[str, Callable[[], None]]:
     def update() -> None:
         torch.add(src, 1.0, out=dst)
 
-    work = {"forward": forward, "backward": backward, "factor_compute": factor_compute,
-            "inverse": inverse, "precondition": precondition, "update": update}
+    work = {S.FORWARD: forward, S.BACKWARD: backward, S.FACTOR_COMPUTE: factor_compute,
+            S.INVERSE: inverse, S.PRECONDITION: precondition, S.UPDATE: update}
     assert tuple(work) == STAGE_KINDS
     return work
 
