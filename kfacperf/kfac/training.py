@@ -17,7 +17,7 @@ holds the update direction the optimizer used.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -68,11 +68,6 @@ class TrainConfig(OptimizerSettings):
     def strategy_name(self) -> str:
         """``sgd`` for the baseline, else the K-FAC strategy (run.json's ``strategy``)."""
         return "sgd" if self.optimizer == "sgd" else self.strategy
-
-    def as_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["strategy"] = self.strategy_name
-        return out
 
 
 class Trainer:

@@ -57,9 +57,3 @@ class RecordingTimer:
         self.steps_ended += 1
         self._works = []
 
-    def select(self, stage: str, step: int | None = None) -> list[Record]:
-        return [r for r in self.records
-                if r.stage == stage and (step is None or r.step == step)]
-
-    def total_bytes(self, stage: str, step: int | None = None) -> int:
-        return sum(r.nbytes for r in self.select(stage, step))
