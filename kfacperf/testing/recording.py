@@ -56,4 +56,3 @@ class RecordingTimer:
     def step_end(self) -> None:
         self.steps_ended += 1
         self._works = []
-
