@@ -68,11 +68,6 @@ def tree_all_reduce(p: int, n: float, alpha: float, beta: float) -> float:
     return 2 * _log2(p) * alpha + 2 * n * beta if p > 1 else 0.0
 
 
-def tree_all_reduce_unpipelined(p: int, n: float, alpha: float, beta: float) -> float:
-    """Binomial reduce then binomial broadcast, whole message per step."""
-    return 2 * _log2(p) * (alpha + n * beta)
-
-
 def tree_broadcast(p: int, n: float, alpha: float, beta: float) -> float:
     """Binomial-tree broadcast."""
     return _log2(p) * (alpha + n * beta)

@@ -139,10 +139,6 @@ class Program:
         for n in names:
             self.wait(n)
 
-    @property
-    def compute_count(self) -> int:
-        return len(self.dur)
-
 
 @dataclass(frozen=True)
 class RankClass:

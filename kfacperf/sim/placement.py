@@ -105,9 +105,6 @@ class Placement:
     def column_members(self, col: int) -> range:
         return range(col, self.world_size, self.cols)
 
-    def row_members(self, row: int) -> range:
-        return range(row * self.cols, (row + 1) * self.cols)
-
 
 def kaisa_placement(costs: Sequence[float], world_size: int, gw: int) -> Placement:
     """LPT over the ``P/gw`` columns, then over the ranks inside the chosen column."""
