@@ -27,13 +27,13 @@ from __future__ import annotations
 import math
 import os
 import queue as queue_mod
-import socket
 import statistics
 import time
 import traceback
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Sequence
 
+from kfacperf.net import free_port
 from kfacperf.sim.cluster_model import ALGORITHMS, OPS, ClusterModel
 from kfacperf.sim.device_model import STAGE_KINDS
 from kfacperf.sim.calibration import AlphaBetaFit, cluster_from_fits, fit_alpha_beta, sig
@@ -133,12 +133,6 @@ def parse_size(text: str) -> int:
     if value <= 0:
         raise ValueError(f"size {text!r} must be > 0")
     return int(value * mult)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 INNER_TARGET_US = 3000.0
@@ -252,7 +246,7 @@ def _launch(world: int, cfg: dict[str, Any], progress: Callable[[str], None]
 
     ctx = tmp.get_context("spawn")
     out = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, cfg, out), daemon=True)
              for r in range(world)]
     for p in procs:

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from kfacperf.net import free_port
 from kfacperf.profiler.config import ProfileConfig, run_record
 from kfacperf.traces import (
     EVENTS_FILE,
@@ -132,12 +132,6 @@ def profile(config: ProfileConfig, *, force: bool = False) -> ProfileOutcome:
     return _failed(config, out, f"torchrun exited with status {rc}")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _world(config: ProfileConfig) -> int:
     try:
         return config.nproc * int(config.nnodes.split(":")[-1])
@@ -150,7 +144,7 @@ def _in_process(config: ProfileConfig, out: Path) -> ProfileOutcome:
 
     saved = {k: os.environ.get(k) for k in TORCHRUN_ENV + ("LOCAL_WORLD_SIZE",)}
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     try:
         worker.run_worker(config)
     except ValueError:
