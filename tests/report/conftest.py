@@ -7,7 +7,6 @@ Durations grow with the rank (``skew``) so the slowest rank is the last one.
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any, Sequence
