@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from kfacperf import stages
 from kfacperf.kfac import comm
 from kfacperf.testing.distributed import Checks, assert_check, merge_checks, run_ranks
 from kfacperf.testing.recording import RecordingTimer
@@ -87,28 +88,28 @@ def rank_suite(rank: int, world: int) -> dict[str, Any]:
         sizes = [0, 3, 5]  # rank 0's block is empty
         timer = RecordingTimer()
         blocks = [_value(rank, n, salt=r) for r, n in enumerate(sizes)]
-        out = comm.reduce_scatter_v(blocks, stage="factor_comm", layer="x", timer=timer).wait()
+        out = comm.reduce_scatter_v(blocks, stage=stages.FACTOR_COMM, layer="x", timer=timer).wait()
         expected = sum(_value(q, sizes[rank], salt=rank) for q in range(world)) / world
         torch.testing.assert_close(out, expected)
         assert [(r.stage, r.layer, r.nbytes) for r in timer.records] == [
-            ("factor_comm", "x", 8 * 4)]
+            (stages.FACTOR_COMM, "x", 8 * 4)]
 
     def all_gather_v_uneven() -> None:
         sizes = [2, 0, 4]
         timer = RecordingTimer()
         got = comm.all_gather_v(_value(rank, sizes[rank], salt=0.5), sizes,
-                                stage="precond_comm", timer=timer).wait()
+                                stage=stages.PRECOND_COMM, timer=timer).wait()
         assert [g.tolist() for g in got] == [_value(r, n, 0.5).tolist()
                                             for r, n in enumerate(sizes)]
         assert [r.nbytes for r in timer.records] == [6 * 4]  # logical payload, no padding
 
     def all_gather_v_even() -> None:
-        got = comm.all_gather_v(_value(rank, 3, 0.0), [3, 3, 3], stage="precond_comm").wait()
+        got = comm.all_gather_v(_value(rank, 3, 0.0), [3, 3, 3], stage=stages.PRECOND_COMM).wait()
         assert [g.tolist() for g in got] == [_value(r, 3, 0.0).tolist() for r in range(world)]
 
     def buckets() -> None:
         timer = RecordingTimer()
-        b = comm.AllReduceBuckets(stage="factor_comm", cap_bytes=80, timer=timer)
+        b = comm.AllReduceBuckets(stage=stages.FACTOR_COMM, cap_bytes=80, timer=timer)
         sizes = {"a": 10, "b": 10, "c": 30, "d": 5}
         for key, n in sizes.items():
             b.add(key, key, _value(rank, n, salt=1.0))
@@ -122,7 +123,7 @@ def rank_suite(rank: int, world: int) -> dict[str, Any]:
 
     def no_bucketing() -> None:
         timer = RecordingTimer()
-        b = comm.AllReduceBuckets(stage="factor_comm", cap_bytes=0, timer=timer)
+        b = comm.AllReduceBuckets(stage=stages.FACTOR_COMM, cap_bytes=0, timer=timer)
         for key in "xyz":
             b.add(key, key, torch.ones(4))
         b.wait()
@@ -131,7 +132,7 @@ def rank_suite(rank: int, world: int) -> dict[str, Any]:
     def half_precision_all_reduce() -> None:
         for dtype in (torch.float16, torch.bfloat16):
             t = torch.full((4,), float(rank + 1), dtype=dtype)
-            out = comm.all_reduce(t, stage="factor_comm").wait()
+            out = comm.all_reduce(t, stage=stages.FACTOR_COMM).wait()
             assert out.dtype == dtype
             eps = torch.finfo(dtype).eps  # 1/3 and 2/3 are rounded before the sum
             torch.testing.assert_close(out.float(), torch.full((4,), 2.0), rtol=0,
@@ -142,7 +143,7 @@ def rank_suite(rank: int, world: int) -> dict[str, Any]:
         timer = RecordingTimer()
         if rank in (1, 2):
             t = _value(rank, 5, 0.0)
-            comm.broadcast(t, 2, stage="inverse_comm", layer="l", timer=timer,
+            comm.broadcast(t, 2, stage=stages.INVERSE_COMM, layer="l", timer=timer,
                            group=group).wait()
             assert t.tolist() == _value(2, 5, 0.0).tolist()
             assert [r.nbytes for r in timer.records] == [20]

@@ -23,6 +23,7 @@ import pytest
 import torch
 from torch import nn
 
+from kfacperf import stages
 from kfacperf.kfac.assignment import LayerShape, kaisa_assignment
 from kfacperf.kfac.training import TrainConfig, Trainer
 from kfacperf.testing.distributed import assert_check, merge_checks, run_ranks, Checks
@@ -148,7 +149,7 @@ def run_case(case: Case, config: TrainConfig, rank: int, world: int) -> dict[str
     pc = trainer.preconditioner
     stages_seen = sorted({r.stage for r in timer.records})
     comm_records = [(r.step, r.stage, r.layer, r.nbytes) for r in timer.records
-                    if r.stage.endswith("_comm")]
+                    if r.stage in stages.COMM_STAGES]
     layers = pc.layers if pc is not None else {}
     return {
         "factors": {f"{n}.{which}": getattr(l, f"{which}_factor").numpy().copy()
@@ -253,16 +254,15 @@ def test_steps_report_their_stages(world: int, case: Case) -> None:
     config = for_world(case, world)
     seen_anywhere: set[str] = set()
     for rank, got in enumerate(_rank_values(world, case.name)):
-        expected = {"forward", "backward", "update"}
+        expected = {stages.FORWARD, stages.BACKWARD, stages.UPDATE}
         expected |= {stage for _, stage in expected_bytes(case, config, world, rank)}
         if config.optimizer == "kfac":
-            expected.add("factor_compute")
+            expected.add(stages.FACTOR_COMPUTE)
         assert got["steps_ended"] == STEPS
-        assert set(got["stages"]) - {"inverse", "precondition"} == expected
-        seen_anywhere |= set(got["stages"])
+        assert set(got["stages"]) - {stages.INVERSE, stages.PRECONDITION} == expected
         seen_anywhere |= set(got["stages"])
     if config.optimizer == "kfac":
-        assert {"inverse", "precondition"} <= seen_anywhere
+        assert {stages.INVERSE, stages.PRECONDITION} <= seen_anywhere
 
 
 def test_idle_rank_when_more_ranks_than_layers() -> None:
@@ -322,35 +322,35 @@ def expected_bytes(case: Case, config: TrainConfig, world: int, rank: int
         inverse_step = step % config.inverse_interval == 0
         e: dict[str, int] = {}
         if config.optimizer == "sgd":
-            e["grad_comm"] = sh.all_numel * F32
+            e[stages.GRAD_COMM] = sh.all_numel * F32
         elif config.strategy == "spngd":
             if config.fused:
                 grads = kfac_grads + sh.other_numel * F32
                 if factor_step and fsize == F32:
-                    e["factor_comm"] = factors + grads
+                    e[stages.FACTOR_COMM] = factors + grads
                 else:
-                    e["grad_comm"] = grads
+                    e[stages.GRAD_COMM] = grads
                     if factor_step:
-                        e["factor_comm"] = factors
+                        e[stages.FACTOR_COMM] = factors
             else:
-                e["grad_comm"] = kfac_grads + sh.other_numel * F32
+                e[stages.GRAD_COMM] = kfac_grads + sh.other_numel * F32
                 if factor_step:
-                    e["factor_comm"] = factors
-            e["precond_comm"] = precond
+                    e[stages.FACTOR_COMM] = factors
+            e[stages.PRECOND_COMM] = precond
         else:  # kaisa
             gw = round(config.grad_worker_fraction * world)
-            e["grad_comm"] = sh.all_numel * F32  # DDP buckets cover every parameter
+            e[stages.GRAD_COMM] = sh.all_numel * F32  # DDP buckets cover every parameter
             if factor_step:
-                e["factor_comm"] = factors
+                e[stages.FACTOR_COMM] = factors
             if gw > 1 and inverse_step:
                 assign = kaisa_assignment(
                     [LayerShape(name=n, dim_a=a, dim_g=g) for n, (a, g) in sh.layers.items()],
                     world, config.grad_worker_fraction)
-                e["inverse_comm"] = sum(
+                e[stages.INVERSE_COMM] = sum(
                     inverse_elems(a, g, config.inverse_method, packed) * F32
                     for n, (a, g) in sh.layers.items() if rank in assign.grad_workers[n])
             if gw < world:
-                e["precond_comm"] = precond
+                e[stages.PRECOND_COMM] = precond
         for stage, nbytes in e.items():
             out[(step, stage)] = nbytes
     return out
@@ -374,12 +374,12 @@ def test_unbucketed_factor_events_are_one_per_layer() -> None:
     got = _rank_values(2, "spngd-packed-unbucketed-eigen-cnn")[0]["comm"]
     sh = shapes_of(tiny_cnn())
     events = {layer: nbytes for step, stage, layer, nbytes in got
-              if step == 0 and stage == "factor_comm"}
+              if step == 0 and stage == stages.FACTOR_COMM}
     assert events == {n: (factor_elems(a, True) + factor_elems(g, True)) * F32
                       for n, (a, g) in sh.layers.items()}
 
 
 def test_bucketed_factor_event_covers_all_layers_in_backward_order() -> None:
     got = _rank_values(2, "spngd-eigen-cnn")[0]["comm"]
-    labels = [layer for step, stage, layer, _ in got if step == 0 and stage == "factor_comm"]
+    labels = [layer for step, stage, layer, _ in got if step == 0 and stage == stages.FACTOR_COMM]
     assert labels == ["5+3+0"]  # one bucket, last layer first
