@@ -42,12 +42,12 @@ the whole-model measurement.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
 from kfacperf import stages as S
 from kfacperf.sim.cluster_model import V_FORMS, ClusterModel
-from kfacperf.sim.collectives import ALL_OPS, group_collective_us
+from kfacperf.sim.collectives import group_collective_us
 from kfacperf.sim.device_model import DTYPES, INVERSE_METHODS, STAGE_KINDS, DeviceModel
 from kfacperf.sim.stage_work import DTYPE_BYTES, WHOLE_MODEL_STAGES, Phase, stage_phases
 from kfacperf.sim.workload_model import LayerModel, WorkloadModel

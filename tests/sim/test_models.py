@@ -13,7 +13,7 @@ from kfacperf.sim.device_model import (
     STAGE_KINDS, DeviceModel, MeasuredTime, StageEfficiency, load_device_model, save_device_model,
 )
 from kfacperf.sim.models import list_presets, load_cluster, load_device, load_workload
-from kfacperf.sim.toml_io import dumps_toml, read_toml
+from kfacperf.sim.toml_io import dumps_toml
 from kfacperf.sim.workload_model import (
     LayerModel, WorkloadModel, load_workload_model, save_workload_model,
     workload_model_from_description,
