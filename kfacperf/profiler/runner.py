@@ -24,6 +24,7 @@ from pathlib import Path
 
 from kfacperf.net import free_port
 from kfacperf.profiler.config import ProfileConfig, run_record
+from kfacperf.stages import STEP
 from kfacperf.traces import (
     EVENTS_FILE,
     PARTS_DIR,
@@ -177,7 +178,7 @@ def _failed(config: ProfileConfig, out: Path, why: str) -> ProfileOutcome:
         lines.append(f"  no readable trace in {out}: {exc}")
     if trace is not None:
         ev = trace.events
-        done = ev[ev["stage"] == "step"].groupby("rank")["step"].agg(["count", "max"])
+        done = ev[ev["stage"] == STEP].groupby("rank")["step"].agg(["count", "max"])
         world = int(trace.run.get("world_size") or 0) or (int(ev["rank"].max()) + 1 if len(ev) else 0)
         for rank in range(world):
             n = int(done.loc[rank, "count"]) if rank in done.index else 0
