@@ -69,7 +69,7 @@ def rank_breakdown_figure(breakdown: pd.DataFrame, per_rank: pd.DataFrame, title
         fig = make_subplots(rows=1, cols=1, subplot_titles=("time per step by stage (no communication)",))
     ranks = [f"rank {r}" for r in breakdown.index]
     for stage in breakdown.columns:
-        is_comm = stages.BY_NAME[stage].lane == stages.COMM if stage in stages.BY_NAME else False
+        is_comm = stage in stages.COMM_STAGES
         fig.add_trace(
             go.Bar(name=plot_text(stage), x=ranks, y=_ms(breakdown[stage]), legendgroup="stages",
                    marker={"color": stage_color(stage), "pattern": {"shape": "/" if is_comm else ""}},
