@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from kfacperf import stages as S
+from kfacperf.sim.device_model import INVERSE_METHODS
 from kfacperf.sim.graph import Group, Program
 from kfacperf.sim.placement import nodes_spanned
 
 COMM_DTYPE_BYTES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2}
-INVERSE_METHODS: tuple[str, ...] = ("eigen", "cholesky")
+
 FP32 = 4
 
 
