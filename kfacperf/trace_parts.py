@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from kfacperf.traces import (
     EVENT_COLUMNS,
+    EVENT_DTYPES,
     EVENTS_FILE,
     PARTS_DIR,
     TELEMETRY_COLUMNS,
@@ -34,10 +35,8 @@ if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
     import pyarrow as pa
 
-_EVENT_ARROW_TYPES = {
-    "rank": "int32", "step": "int32", "stage": "string", "layer": "string", "lane": "string",
-    "start_us": "float64", "dur_us": "float64", "bytes": "int64", "flops": "float64",
-}
+# Arrow type of each event column: the schema's dtypes, with categories as plain strings.
+_EVENT_ARROW_TYPES = {c: ("string" if t == "category" else t) for c, t in EVENT_DTYPES.items()}
 
 
 def event_part_path(parts: Path, rank: int) -> Path:
