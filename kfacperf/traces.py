@@ -106,11 +106,6 @@ class Trace:
 # --------------------------------------------------------------------------- frames
 
 
-def empty_events() -> "pd.DataFrame":
-    """An event table with no rows and the right dtypes."""
-    return events_frame({c: [] for c in EVENT_COLUMNS})
-
-
 def events_frame(data: "Mapping[str, Any] | pd.DataFrame") -> "pd.DataFrame":
     """Coerce columns (a dict of lists/arrays or a DataFrame) to the event schema.
 
