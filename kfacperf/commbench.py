@@ -33,6 +33,7 @@ import traceback
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Sequence
 
+from kfacperf.contention_probe import ALL
 from kfacperf.net import free_port
 from kfacperf.sim.cluster_model import ALGORITHMS, OPS, ClusterModel
 from kfacperf.sim.device_model import STAGE_KINDS
@@ -305,9 +306,9 @@ def run_commbench(config: CommbenchConfig, *, progress: Callable[[str], None] = 
     for world in config.world_sizes or default_world_sizes(backend):
         progress(f"commbench: {world} ranks, backend {backend}")
         per_rank, slowdown = _launch(world, cfg, progress)
-        if slowdown and not math.isnan(slowdown["all"]):
-            slowdowns[world] = slowdown["all"]
-            stage_slowdowns[world] = {k: v for k, v in slowdown.items() if k != "all"}
+        if slowdown and not math.isnan(slowdown[ALL]):
+            slowdowns[world] = slowdown[ALL]
+            stage_slowdowns[world] = {k: v for k, v in slowdown.items() if k != ALL}
         i = 0
         for op in config.ops:
             for nbytes in config.sizes:
