@@ -21,13 +21,13 @@ from __future__ import annotations
 import statistics
 import time
 
-import pytest
 import torch
 
 from kfacperf import trace_parts
 from kfacperf.kfac.training import TrainConfig, Trainer
 from kfacperf.profiler.stage_timer import StageTimer
 from kfacperf.profiler.timer import NULL_TIMER
+from kfacperf.stages import STEP
 from kfacperf.workloads import get_workload
 
 BATCH = 32
@@ -86,7 +86,7 @@ def _replay_cost_us(tmp_path, *, step: int, repeats: int = 300) -> float:
 
     ev = read_event_parts(tmp_path / "parts")
     calls = [(str(r.stage), str(r.layer), float(r.flops))
-             for r in ev[(ev["step"] == step) & (ev["stage"] != "step")].itertuples()]
+             for r in ev[(ev["step"] == step) & (ev["stage"] != STEP)].itertuples()]
     sink = trace_parts.event_appender(tmp_path / "replay", 0)
     timer = StageTimer(sink=sink, cuda=False)
     costs = []
