@@ -1,1 +1,16 @@
 """One module per subcommand: ``configure(parser)`` and ``run(args) -> int``; no heavy imports at module level."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def key_value(text: str) -> tuple[str, object]:
+    """argparse type for ``KEY=VALUE`` options; VALUE is JSON when it parses, else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value

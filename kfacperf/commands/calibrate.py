@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from kfacperf.commands import key_value
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("traces", nargs="*", metavar="TRACE", help="trace directories to fit")
@@ -30,25 +32,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="do not store the traces' per-layer times in the device model")
     parser.add_argument("--workload", default=None,
                         help="generate the workload model of this torch workload instead")
-    parser.add_argument("--workload-option", action="append", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--workload-option", type=key_value, action="append", default=[],
+                        metavar="KEY=VALUE",
                         help="an option of --workload (VALUE read as JSON, else as a string)")
     parser.add_argument("--out", default=None, help="where to write the TOML")
     parser.add_argument("--json", action="store_true", help="print the fit as JSON")
-
-
-def _parse_options(items: list[str]) -> dict[str, Any]:
-    import json
-
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--workload-option {item!r}: expected KEY=VALUE")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 def _extra_flop_formulas() -> dict[Any, Any]:
@@ -136,7 +124,7 @@ def build_workload_model(name: str, options: dict[str, Any]) -> Any:
 def _run_workload(args: argparse.Namespace) -> int:
     from kfacperf.sim.workload_model import save_workload_model
 
-    model = build_workload_model(args.workload, _parse_options(args.workload_option))
+    model = build_workload_model(args.workload, dict(args.workload_option))
     if args.out:
         save_workload_model(model, args.out)
     print(f"workload {model.name}: {len(model.layers)} K-FAC layers, {model.kfac_params:,} K-FAC "

@@ -9,23 +9,13 @@ from __future__ import annotations
 
 import argparse
 
-
-def _option(text: str) -> tuple[str, object]:
-    import json
-
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
+from kfacperf.commands import key_value
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workload", default=None,
                         help="workload profiled here (default: resnet20)")
-    parser.add_argument("--workload-option", type=_option, action="append", default=[],
+    parser.add_argument("--workload-option", type=key_value, action="append", default=[],
                         metavar="KEY=VALUE", help="workload option, e.g. hidden=[256,128] "
                         "(repeatable)")
     parser.add_argument("--strategies", default=None,

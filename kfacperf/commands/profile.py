@@ -8,18 +8,9 @@ and prints the per-stage summary.  --batch-size is per rank.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-
-def _option(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
+from kfacperf.commands import key_value
 
 
 def _kl_clip(text: str) -> float | None:
@@ -33,7 +24,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     g = parser.add_argument_group("run")
     g.add_argument("--workload", required=True, help="workload name (e.g. resnet20, mlp)")
-    g.add_argument("--workload-option", type=_option, action="append", default=[],
+    g.add_argument("--workload-option", type=key_value, action="append", default=[],
                    metavar="KEY=VALUE", help="workload option, e.g. image_size=64 (repeatable)")
     g.add_argument("--optimizer", choices=("sgd", "kfac"), default="kfac")
     g.add_argument("--strategy", choices=STRATEGIES, default=None,
