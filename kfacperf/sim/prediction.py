@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kfacperf.stages import STAGE_NAMES
+from kfacperf.traces import EVENT_COLUMNS
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -45,9 +46,6 @@ SUMMARY_EXTRA: tuple[str, ...] = (
     "inverse_step_us", "factor_step_us", "plain_step_us", "grad_worker_fraction", "classes",
 )
 STAGE_TIME_COLUMNS: tuple[str, ...] = ("strategy", "gpus", "stage", "layer", "time_us")
-EVENT_COLUMNS: tuple[str, ...] = (
-    "rank", "step", "stage", "layer", "lane", "start_us", "dur_us", "bytes", "flops",
-)
 PREDICTION_EVENT_COLUMNS: tuple[str, ...] = EVENT_COLUMNS + ("strategy", "gpus")
 CLASS_COLUMNS: tuple[str, ...] = ("strategy", "gpus", "step", "rank", "ranks")
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 import os
 import pickle
 import queue as _queue
-import socket
 import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch.multiprocessing as tmp
+
+from kfacperf.net import free_port
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,13 +37,6 @@ class RankResult:
 
 class DistributedTestError(AssertionError):
     """One or more ranks failed; the message holds every rank's error."""
-
-
-def free_port() -> int:
-    """A TCP port on localhost that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _worker(
