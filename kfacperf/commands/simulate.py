@@ -68,6 +68,10 @@ def parse_gpus(text: str) -> list[int]:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    from kfacperf.sim.cluster_model import V_FORMS
+    from kfacperf.sim.device_model import DTYPES, INVERSE_METHODS
+    from kfacperf.sim.strategies.common import COMM_DTYPE_BYTES
+
     m = parser.add_argument_group("models (preset name or TOML path)")
     m.add_argument("--workload", required=True, help="workload model, e.g. resnet50")
     m.add_argument("--device", required=True, help="device model, e.g. h100")
@@ -82,20 +86,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
                    help="steps between inverse updates (a multiple of --factor-interval)")
     r.add_argument("--grad-worker-fraction", type=float, default=1.0,
                    help="KAISA's f for a plain 'kaisa' (default 1 = COMM-OPT)")
-    r.add_argument("--inverse-method", choices=("eigen", "cholesky"), default="eigen")
+    r.add_argument("--inverse-method", choices=INVERSE_METHODS, default="eigen")
     r.add_argument("--bucket-mb", type=float, default=25.0,
                    help="gradient (DDP) and factor bucket size in MB (default 25)")
     w = parser.add_argument_group("what-if overrides")
     w.add_argument("--bandwidth-scale", type=float, help="multiply every link bandwidth")
     w.add_argument("--latency-scale", type=float, help="multiply every link latency (alpha)")
     w.add_argument("--compute-scale", type=float, help="divide every compute time")
-    w.add_argument("--comm-dtype", choices=("fp32", "fp16", "bf16"),
+    w.add_argument("--comm-dtype", choices=tuple(COMM_DTYPE_BYTES),
                    help="precision of factor communication")
     w.add_argument("--symmetric-factors", action="store_true",
                    help="send factors as upper triangles")
-    w.add_argument("--dtype", choices=("fp32", "tf32", "bf16"),
+    w.add_argument("--dtype", choices=DTYPES,
                    help="forward/backward compute precision")
-    w.add_argument("--v-form", choices=("padded", "pipelined"),
+    w.add_argument("--v-form", choices=V_FORMS,
                    help="cost form of reduce-scatter-v / all-gather-v")
     w.add_argument("--threads-per-rank", type=int, help="CPU threads per rank (CPU clusters)")
     o = parser.add_argument_group("output")
