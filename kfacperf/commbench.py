@@ -175,7 +175,10 @@ def _worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: Any) -> 
     import torch
     import torch.distributed as dist
 
+    from kfacperf.profiler.heap import keep_heap
+
     try:
+        keep_heap()  # as in profiled runs: buffers freed and taken again stay resident
         torch.set_num_threads(1)
         backend = cfg["backend"]
         if backend == "nccl":

@@ -40,6 +40,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--threads-per-rank", type=int, default=1, help="torch threads per rank")
     g.add_argument("--isolate", action="store_true", help="synchronise around every stage "
                    "(and barrier every step) so each stage is measured alone")
+    g.add_argument("--default-heap", action="store_true",
+                   help="leave the C library's memory policy alone (by default glibc keeps "
+                        "freed memory, so measured steps do not time page faults of memory "
+                        "given back and taken again; see kfacperf.profiler.heap)")
     g.add_argument("--timeout", type=float, default=60.0,
                    help="process-group timeout in seconds (a dead rank becomes an error)")
     g.add_argument("--device", choices=DEVICES, default="auto")
@@ -79,7 +83,7 @@ def build_config(args: argparse.Namespace):  # -> ProfileConfig
         workload=args.workload, out=out, optimizer=args.optimizer, strategy=args.strategy,
         workload_options=dict(args.workload_option), steps=args.steps, warmup=args.warmup,
         batch_size=args.batch_size, nproc=args.nproc, threads_per_rank=args.threads_per_rank,
-        isolate=args.isolate, timeout_s=args.timeout, device=args.device, seed=args.seed,
+        isolate=args.isolate, keep_heap=not args.default_heap, timeout_s=args.timeout, device=args.device, seed=args.seed,
         lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
         damping=args.damping, factor_interval=args.factor_interval,
         inverse_interval=args.inverse_interval, inverse_method=args.inverse_method,
@@ -102,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
     if not outcome.ok:
         print(f"kfacperf profile: error: {outcome.message}", file=sys.stderr)
         return 1
+    if outcome.message:
+        print(f"kfacperf profile: warning: {outcome.message}", file=sys.stderr)
     if outcome.trace is None:  # a rank other than 0, or another node
         return 0
     print(f"\ntrace: {config.out}  ({config.resolved_strategy}, {outcome.trace.run.get('world_size')}"

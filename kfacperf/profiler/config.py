@@ -40,6 +40,7 @@ class ProfileConfig(OptimizerSettings):
     nproc: int = 1
     threads_per_rank: int = 1
     isolate: bool = False
+    keep_heap: bool = True  # see kfacperf.profiler.heap
     timeout_s: float = 60.0
     device: str = "auto"
     seed: int = 0

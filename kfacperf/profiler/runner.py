@@ -43,7 +43,7 @@ _TRACE_FILES = (RUN_FILE, EVENTS_FILE, TELEMETRY_FILE, RUN_FILE + ".tmp", EVENTS
 @dataclass(frozen=True, kw_only=True)
 class ProfileOutcome:
     """``ok``: the run completed.  ``trace``: what was recorded (None on ranks other than 0
-    under torchrun).  ``message``: why it failed."""
+    under torchrun).  ``message``: why it failed (or, when ``ok``, a warning)."""
 
     ok: bool
     trace: Trace | None
@@ -130,7 +130,30 @@ def profile(config: ProfileConfig, *, force: bool = False) -> ProfileOutcome:
                               message="" if rc == 0 else f"torchrun exited with status {rc}")
     if rc == 0:
         return ProfileOutcome(ok=True, trace=load_trace(out))
+    finished = _finished_trace(config, out)
+    if finished is not None:
+        return ProfileOutcome(ok=True, trace=finished, message=(
+            f"torchrun exited with status {rc} after every rank had recorded every step and "
+            "the trace was written and marked completed (a rank failed while exiting); the "
+            "trace is complete"))
     return _failed(config, out, f"torchrun exited with status {rc}")
+
+
+def _finished_trace(config: ProfileConfig, out: Path) -> Trace | None:
+    """The trace, if it is complete although torchrun failed: marked completed by rank 0 (after
+    it gathered every rank's parts) and every rank recorded every step."""
+    try:
+        trace = load_trace(out)
+    except (OSError, ValueError):
+        return None
+    if not trace.completed:
+        return None
+    ev = trace.events
+    counts = ev[ev["stage"] == STEP].groupby("rank")["step"].nunique()
+    world = int(trace.run.get("world_size") or 0)
+    if world < 1 or len(counts) != world or (counts < config.total_steps).any():
+        return None
+    return trace
 
 
 def _world(config: ProfileConfig) -> int:

@@ -45,13 +45,15 @@ def run_worker(config: ProfileConfig) -> None:
     import torch
 
     from kfacperf import distributed
+    from kfacperf.profiler import heap
 
+    heap_policy = heap.keep_heap() if config.keep_heap else heap.DEFAULT
     torch.set_num_threads(config.threads_per_rank)
     backend = {"cpu": "gloo", "cuda": "nccl", "auto": None}[config.device]
     info = distributed.init_distributed(backend=backend, timeout_s=config.timeout_s)
     run_dir = Path(config.out)
     try:
-        _train(config, info, run_dir)
+        _train(config, info, run_dir, heap_policy)
     except BaseException:
         try:
             p = error_path(run_dir, info.rank)
@@ -63,12 +65,13 @@ def run_worker(config: ProfileConfig) -> None:
         distributed.shutdown()
 
 
-def _train(config: ProfileConfig, info: Any, run_dir: Path) -> None:
+def _train(config: ProfileConfig, info: Any, run_dir: Path, heap_policy: str) -> None:
     import torch
     import torch.distributed as dist
 
     from kfacperf import trace_parts
     from kfacperf.kfac.training import TrainConfig, Trainer
+    from kfacperf.profiler.heap import minor_faults
     from kfacperf.profiler.stage_timer import StageTimer
     from kfacperf.profiler.telemetry import TelemetrySampler, device_info
     from kfacperf.workloads import get_workload
@@ -92,7 +95,7 @@ def _train(config: ProfileConfig, info: Any, run_dir: Path) -> None:
         prior = _prior_run(run_dir)
         write_run(run_dir, run_record(
             config, world_size=world, batch_per_rank=batch, device=dev_info,
-            backend=info.backend, timing="cuda_events" if cuda else "perf_counter_ns",
+            backend=info.backend, heap=heap_policy, timing="cuda_events" if cuda else "perf_counter_ns",
             clock="per-rank perf_counter_ns; time 0 right after a barrier at the start",
             **({"start_time": prior["start_time"]} if "start_time" in prior else {}),
         ))
@@ -114,7 +117,10 @@ def _train(config: ProfileConfig, info: Any, run_dir: Path) -> None:
     total = config.total_steps
     last_print = 0.0
     t_prev = time.perf_counter()
+    faults_before = minor_faults()
     for step in range(total):
+        if step == config.warmup:
+            faults_before = minor_faults()
         x, y = batches[step % len(batches)]
         loss = trainer.train_step(x, y)
         if crash_after is not None and step >= crash_after:
@@ -126,13 +132,17 @@ def _train(config: ProfileConfig, info: Any, run_dir: Path) -> None:
                  f"{(now - t_prev) * 1e3:.1f} ms")
             last_print = now
         t_prev = time.perf_counter()
+    measured = max(1, total - config.warmup)
+    faults = (minor_faults() - faults_before) / measured
+    if rank == 0:
+        _log(f"page faults per measured step (rank 0): {faults:.0f}")
     timer.close()
     if sampler is not None:
         sampler.stop()
     events.close()
     if tel_sink is not None:
         tel_sink.close()
-    _finish(config, rank, world, run_dir, token)
+    _finish(config, rank, world, run_dir, token, faults_per_step=faults)
 
 
 def _prior_run(run_dir: Path) -> dict[str, Any]:
@@ -154,9 +164,11 @@ def _mark_parts(parts: Path, rank: int) -> str:
     return token
 
 
-def _finish(config: ProfileConfig, rank: int, world: int, run_dir: Path, token: str) -> None:
+def _finish(config: ProfileConfig, rank: int, world: int, run_dir: Path, token: str, *,
+            faults_per_step: float = 0.0) -> None:
     """Bring every rank's parts to rank 0 (ranks whose files rank 0 cannot see send them over
-    the process group), compact, mark the run completed, clean up."""
+    the process group), compact, mark the run completed (with rank 0's minor page faults
+    per measured step), clean up."""
     import torch.distributed as dist
 
     from kfacperf import trace_parts
@@ -182,7 +194,8 @@ def _finish(config: ProfileConfig, rank: int, world: int, run_dir: Path, token: 
     if rank == 0:
         trace_parts.compact(run_dir, remove_parts=False)
         run = read_run(run_dir / "run.json")
-        run.update(completed=True, end_time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        run.update(completed=True, end_time=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                   page_faults_per_step=round(faults_per_step, 1))
         write_run(run_dir, run)
         shutil.rmtree(parts, ignore_errors=True)
     if world > 1:
@@ -213,4 +226,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    code = main()
+    # Leave without the interpreter's teardown: by now the process group is destroyed and the
+    # trace written, and gloo's threads still holding finished work objects can abort the
+    # process while Python finalizes ("terminate called without an active exception", about
+    # one 2-rank CPU run in twenty), which torchrun would report as a failed run.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

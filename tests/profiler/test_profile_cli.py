@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -46,6 +47,9 @@ def test_two_ranks_under_an_existing_torchrun(tmp_path):
     assert run["completed"] is True and "profile" in run["command"]
     assert run["device"]["kind"] == "cpu" and run["device"]["gpu"] is None
     assert run["workload_options"] == {"in_features": 24, "hidden": [16, 12]}
+    if platform.libc_ver()[0] == "glibc":  # freed memory kept in the process by default
+        assert run["heap"] == "kept"
+    assert run["page_faults_per_step"] >= 0
 
     ev = trace.events
     for rank in (0, 1):
@@ -139,13 +143,15 @@ def test_export_command(tmp_path, capsys):
 def test_one_process_runs_in_process_sgd_baseline_and_isolate(tmp_path, capsys):
     sgd, kfac = tmp_path / "sgd", tmp_path / "kfac"
     common = [*SMALL, "--nproc", "1", "--steps", "3", "--warmup", "1"]
-    assert main(["profile", *common, "--optimizer", "sgd", "--out", str(sgd)]) == 0
+    assert main(["profile", *common, "--optimizer", "sgd", "--default-heap", "--out",
+                 str(sgd)]) == 0
     assert main(["profile", *common, "--optimizer", "kfac", "--strategy", "local", "--isolate",
                  "--out", str(kfac), "--baseline", str(sgd)]) == 0
     out = capsys.readouterr().out
     assert "overhead over SGD:" in out
     a, b = load_trace(sgd), load_trace(kfac)
     assert (a.run["strategy"], a.run["world_size"], a.completed) == ("sgd", 1, True)
+    assert a.run["heap"] == "default"
     assert set(a.events["stage"].astype(str)) == {"step", "forward", "backward", "update"}
     assert b.run["isolate"] is True and "inverse" in set(b.events["stage"].astype(str))
     s = summarize(b, baseline=a)
