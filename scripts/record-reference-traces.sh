@@ -13,9 +13,20 @@
 # a run during which it exceeded MAX_FOREIGN is recorded again (up to TRIES times).  Every
 # run's foreign load goes to OUT_DIR/recording.log.
 #
+# Every profile keeps freed memory in its process (kfacperf.profiler.heap): on this VM the host
+# takes freed guest memory back within a minute, and a first touch of such memory runs at
+# 0.4 GiB/s, so a run's speed otherwise depended on which of its blocks glibc had given back.
+#
+# A single recording of a configuration is not enough on a shared VM: the same steps drift by
+# 10-20% from one minute to the next.  So every configuration is recorded REPEATS times, as
+# <name>-r1, <name>-r2, ..., one whole round of configurations after the other (a drift then
+# touches every configuration once instead of one configuration in every repeat);
+# `kfacperf validate` pools the recordings of one configuration.
+#
 # Environment: WORKLOAD (resnet20), BATCHES ("16 32"), MAX_FOREIGN (0.15), TRIES (8),
-# STEPS_SGD/WARMUP_SGD (15/3), STEPS_KFAC/WARMUP_KFAC (6/3: intervals 1/1),
-# STEPS_STALE/WARMUP_STALE (20/5: intervals 10/100, two factor steps in the window),
+# REPEATS (4), STEPS_SGD/WARMUP_SGD (20/3), STEPS_KFAC/WARMUP_KFAC (12/6: intervals 1/1; two
+# ranks sharing the cores take about six such steps to settle),
+# STEPS_STALE/WARMUP_STALE (40/5: intervals 10/100, four factor steps in the window),
 # NPROCS ("1 2"), SKIP_COMMBENCH (unset).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,16 +38,10 @@ BATCHES=${BATCHES:-"16 32"}
 NPROCS=${NPROCS:-"1 2"}
 MAX_FOREIGN=${MAX_FOREIGN:-0.15}
 TRIES=${TRIES:-8}
-STEPS_SGD=${STEPS_SGD:-15}; WARMUP_SGD=${WARMUP_SGD:-3}
-STEPS_KFAC=${STEPS_KFAC:-6}; WARMUP_KFAC=${WARMUP_KFAC:-3}
-STEPS_STALE=${STEPS_STALE:-20}; WARMUP_STALE=${WARMUP_STALE:-5}
-# glibc serves large allocations with fresh mmap'd pages unless its adaptive threshold has
-# grown past them, so the same conv factor statistics cost 110 ms or 250 ms a step (page
-# faults) depending on the process's allocation history.  Fixed thresholds make every run,
-# 1 or 2 processes, reuse heap pages alike.
-export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-2000000000}
-export MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-4000000000}
-export MALLOC_TOP_PAD_=${MALLOC_TOP_PAD_:-536870912}
+REPEATS=${REPEATS:-4}
+STEPS_SGD=${STEPS_SGD:-20}; WARMUP_SGD=${WARMUP_SGD:-3}
+STEPS_KFAC=${STEPS_KFAC:-12}; WARMUP_KFAC=${WARMUP_KFAC:-6}
+STEPS_STALE=${STEPS_STALE:-40}; WARMUP_STALE=${WARMUP_STALE:-5}
 HZ=$(getconf CLK_TCK)
 LOG="$OUT/recording.log"
 mkdir -p "$OUT"
@@ -70,8 +75,14 @@ run_quiet() {
     b0=$(busy_ticks); t0=$(date +%s.%N)
     local tf; tf=$(mktemp)
     TIMEFORMAT='%U %S'
-    { time "$@" > "$tf.out" 2>&1 ; } 2> "$tf"
+    local status=0
+    { time "$@" > "$tf.out" 2>&1 ; } 2> "$tf" || status=$?
     b1=$(busy_ticks); t1=$(date +%s.%N)
+    if [ "$status" -ne 0 ]; then
+      echo "$name try $try: failed (status $status); recording it again" | tee -a "$LOG" >&2
+      tail -3 "$tf.out" >&2; rm -f "$tf" "$tf.out"
+      continue
+    fi
     own=$(awk '{print $1 + $2}' "$tf")
     f=$(awk -v d=$((b1 - b0)) -v hz="$HZ" -v own="$own" -v t0="$t0" -v t1="$t1" \
           'BEGIN{x = (d / hz - own) / (t1 - t0); if (x < 0) x = 0; printf "%.3f", x}')
@@ -88,8 +99,7 @@ run_quiet() {
 }
 
 echo "# $(date -u +%FT%TZ) $(uname -n) $(nproc) cores; max foreign load $MAX_FOREIGN;" \
-  "MALLOC_MMAP_THRESHOLD_=$MALLOC_MMAP_THRESHOLD_ MALLOC_TRIM_THRESHOLD_=$MALLOC_TRIM_THRESHOLD_" \
-  "MALLOC_TOP_PAD_=$MALLOC_TOP_PAD_" >> "$LOG"
+  "$REPEATS repeat(s)" >> "$LOG"
 
 if [ -z "${SKIP_COMMBENCH:-}" ]; then
   run_quiet commbench "$KFACPERF" commbench --out "$CLUSTER" --reps 9 \
@@ -106,15 +116,17 @@ profile() {
   done
 }
 
-for b in $BATCHES; do
-  profile "$WORKLOAD-sgd-b$b" --optimizer sgd --batch-size "$b" --steps "$STEPS_SGD" \
-    --warmup "$WARMUP_SGD"
-  for s in spngd kaisa; do
-    profile "$WORKLOAD-$s-b$b-i1" --optimizer kfac --strategy "$s" --batch-size "$b" \
-      --factor-interval 1 --inverse-interval 1 --steps "$STEPS_KFAC" --warmup "$WARMUP_KFAC"
-    profile "$WORKLOAD-$s-b$b-i10" --optimizer kfac --strategy "$s" --batch-size "$b" \
-      --factor-interval 10 --inverse-interval 100 --steps "$STEPS_STALE" \
-      --warmup "$WARMUP_STALE"
+for r in $(seq 1 "$REPEATS"); do
+  for b in $BATCHES; do
+    profile "$WORKLOAD-sgd-b$b-r$r" --optimizer sgd --batch-size "$b" --steps "$STEPS_SGD" \
+      --warmup "$WARMUP_SGD"
+    for s in spngd kaisa; do
+      profile "$WORKLOAD-$s-b$b-i1-r$r" --optimizer kfac --strategy "$s" --batch-size "$b" \
+        --factor-interval 1 --inverse-interval 1 --steps "$STEPS_KFAC" --warmup "$WARMUP_KFAC"
+      profile "$WORKLOAD-$s-b$b-i10-r$r" --optimizer kfac --strategy "$s" --batch-size "$b" \
+        --factor-interval 10 --inverse-interval 100 --steps "$STEPS_STALE" \
+        --warmup "$WARMUP_STALE"
+    done
   done
 done
 du -sh "$OUT"

@@ -20,6 +20,8 @@ from typing import Any
 from kfacperf.profiler.config import CRASH_ENV, ProfileConfig, run_record
 from kfacperf.traces import PARTS_DIR, read_run, write_run
 
+EXIT_CRASH = "exit"
+"""``CRASH_ENV`` step that makes the rank abort after it finished, as it leaves (test hook)."""
 PROGRESS_EVERY_S = 2.0
 DATA_BATCHES = 4
 
@@ -33,7 +35,7 @@ def _crash_point(rank: int) -> int | None:
     if not spec:
         return None
     r, _, k = spec.partition(":")
-    return int(k) if int(r) == rank else None
+    return int(k) if int(r) == rank and k != EXIT_CRASH else None
 
 
 def _log(msg: str) -> None:
@@ -233,4 +235,6 @@ if __name__ == "__main__":  # pragma: no cover
     # one 2-rank CPU run in twenty), which torchrun would report as a failed run.
     sys.stdout.flush()
     sys.stderr.flush()
+    if os.environ.get(CRASH_ENV) == f"{os.environ.get('RANK')}:{EXIT_CRASH}":
+        os.abort()  # test hook: die as that abort does
     os._exit(code)

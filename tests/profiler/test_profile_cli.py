@@ -75,6 +75,24 @@ def test_two_ranks_under_an_existing_torchrun(tmp_path):
     assert s.measured_steps == 3 and s.comm_us > 0
 
 
+def test_a_rank_that_aborts_while_exiting_after_a_complete_run_is_a_warning(tmp_path):
+    """gloo can abort a rank while Python finalizes, after the trace is complete: the run
+    is complete (exit 0) and the user is warned; every step of every rank is there."""
+    out = tmp_path / "exit"
+    env = _env()
+    env["KFACPERF_TEST_CRASH_AFTER"] = "1:exit"
+    cmd = [sys.executable, "-m", "kfacperf.cli", "profile", *SMALL, "--optimizer", "sgd",
+           "--nproc", "2", "--steps", "2", "--warmup", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "kfacperf profile: warning: torchrun exited with status" in proc.stderr
+    assert "the trace is complete" in proc.stderr and "step time:" in proc.stdout
+    trace = load_trace(out)
+    assert trace.completed
+    ev = trace.events
+    assert ev[ev["stage"] == "step"].groupby("rank")["step"].nunique().to_dict() == {0: 3, 1: 3}
+
+
 def test_a_rank_that_dies_leaves_its_finished_steps_and_a_clear_error(tmp_path):
     out = tmp_path / "crash"
     env = _env()
