@@ -157,6 +157,30 @@ def test_wrong_contention_shows_in_compute_stages_not_comm(synth) -> None:
     assert res.runs["error_pct"].iloc[0] < -5
 
 
+def test_recordings_of_one_configuration_are_pooled(synth, tmp_path) -> None:
+    """Two recordings of one configuration (1.2x and 1.0x the truth, different lengths) are one
+    held-out run measured at their mean, 1.1x: the error and spread follow in closed form; a
+    different configuration named alike is not pooled with them."""
+    _, cluster = truth_models()
+    rec = tmp_path / "rec"
+    synth_trace(rec, "spngd-b16-r1", scale=1.2, strategy="spngd", world=2, batch=16)
+    synth_trace(rec, "spngd-b16-r2", scale=1.0, strategy="spngd", world=2, batch=16, steps=9)
+    synth_trace(rec, "spngd-b64-r1", scale=1.0, strategy="spngd", world=2, batch=64)
+    res = validate([synth["p1"]], [rec], cluster=cluster)
+    runs = res.runs.set_index("run")
+    assert list(runs.index) == ["spngd-b16", "spngd-b64"]
+    pooled = runs.loc["spngd-b16"]
+    assert pooled["recordings"] == 2 and pooled["steps"] == 6 + 9
+    assert pooled["error_pct"] == pytest.approx((1 / 1.1 - 1) * 100, rel=1e-5)
+    assert pooled["spread_pct"] == pytest.approx(0.2 / 1.1 * 100, rel=1e-6)
+    assert pooled["trace"].count("spngd-b16-r") == 2
+    fwd = res.stages[(res.stages["run"] == "spngd-b16") & (res.stages["stage"] == S.FORWARD)]
+    assert float(fwd["error_pct"].iloc[0]) == pytest.approx((1 / 1.1 - 1) * 100, rel=1e-5)
+    single = runs.loc["spngd-b64"]
+    assert single["recordings"] == 1 and single["spread_pct"] == 0.0
+    assert abs(single["error_pct"]) < 1e-3
+
+
 # ------------------------------------------------------------------ measure() by hand
 def hand_trace(tmp_path: Path) -> Path:
     """Two ranks, two steps (fi=1, ii=2: step 0 inverse, step 1 factor), then a plain step

@@ -7,7 +7,8 @@ Calibrates the device model from the --calibrate traces only (a folder of trace 
 stands for all of them), then simulates every --holdout run with its own settings (workload,
 world size, batch per rank, strategy, grad_worker_fraction, intervals, from its run.json) and
 prints, per run, the measured and predicted step time and the error, then the per-stage
-errors.  --json prints the same as JSON (ending with the median and worst step-time error);
+errors.  Held-out recordings of one configuration (same settings, e.g. name-r1, name-r2) are
+pooled into one run: "rec" says how many, "spread" how far apart their step times were.  --json prints the same as JSON (ending with the median and worst step-time error);
 --out writes the per-run table for `kfacperf report --validation` (.parquet, .csv or .json).
 """
 from __future__ import annotations
@@ -45,14 +46,16 @@ def text_table(result: object, *, all_stages: bool = False) -> str:
     from kfacperf import validation as V
 
     runs, stages = result.runs, result.stages  # type: ignore[attr-defined]
-    head = ["run", "strategy", "ranks", "batch", "intervals", "measured ms", "predicted ms",
-            "error", "worst stage (>5%)"]
+    head = ["run", "strategy", "ranks", "batch", "intervals", "rec", "spread", "measured ms",
+            "predicted ms", "error", "worst stage (>5%)"]
     cells = [head]
     for _, r in runs.iterrows():
         worst = f"{r['worst_stage']} {_fmt_err(r['worst_stage_error_pct'])}" \
             if r["worst_stage"] else "-"
         cells.append([r["run"], r["strategy"], str(r["world_size"]), str(r["batch_per_rank"]),
-                      r["intervals"], _fmt_ms(r["measured_step_us"]),
+                      r["intervals"], str(r["recordings"]),
+                      "-" if r["recordings"] < 2 else f"{r['spread_pct']:.1f}%",
+                      _fmt_ms(r["measured_step_us"]),
                       _fmt_ms(r["predicted_step_us"]), _fmt_err(r["error_pct"]), worst])
     lines = _align(cells, left=5)
     lines.append("")

@@ -16,6 +16,11 @@ grad_worker_fraction, intervals, communication options) and its measurements.  A
 as both calibration and held-out run (same directory, or the same recorded run copied
 elsewhere) is an error.
 
+**Repeated recordings.**  Held-out traces of one configuration (equal settings, same device:
+:mod:`kfacperf.validation.pooling`) are one held-out run: predicted once, and measured as the
+mean of the recordings (each recording's per-kind medians count once).  ``spread_pct`` says
+how far the recordings disagree with each other, the noise floor under ``error_pct``.
+
 **What is compared.**  A run repeats steps of up to three kinds (the optimizer's rule: step
 ``k`` recomputes inverses iff ``k % inverse_interval == 0``, else factors iff ``k %
 factor_interval == 0``; SGD steps are all plain).  The measured steps of a run are a window
@@ -49,6 +54,7 @@ from kfacperf.validation.measure import KINDS, Measured, measure, step_kind, wei
 from kfacperf.validation.model import (
     Calibration, Predicted, WorkloadFinder, calibrate, predict, resolve_cluster, strategy_of,
 )
+from kfacperf.validation.pooling import group_recordings, pool, pooled_label, spread_pct
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -68,7 +74,7 @@ STAGE_MIN_SHARE_PCT = 5.0
 RUN_COLUMNS: tuple[str, ...] = (
     "run", "workload", "strategy", "world_size", "batch_per_rank", "intervals",
     "measured_step_us", "predicted_step_us", "error_pct", "worst_stage", "worst_stage_error_pct",
-    "steps", "trace",
+    "steps", "recordings", "spread_pct", "trace",
 )
 STAGE_COLUMNS: tuple[str, ...] = (
     "run", "stage", "measured_us", "predicted_us", "error_pct", "share_pct",
@@ -162,19 +168,23 @@ def validate(
     workloads = WorkloadFinder(cal.workload_search)
     cal_workloads = {str(t.run.get("workload")) for t in cal_loaded}
     run_rows, stage_rows = [], []
-    for t in held:
-        run, label = t.run, trace_label(t)
-        if device_key(t) not in devices:
-            raise ValueError(f"{t.path}: ran on {device_key(t)}, but the calibration traces "
-                             f"ran on {', '.join(sorted(devices))}")
+    for group in group_recordings(held):
+        t, label = group[0], pooled_label(group)
+        run = t.run
+        for g in group:
+            if device_key(g) not in devices:
+                raise ValueError(f"{g.path}: ran on {device_key(g)}, but the calibration traces "
+                                 f"ran on {', '.join(sorted(devices))}")
+            if not g.completed:
+                notes.append(f"{trace_label(g)}: the run did not complete; its finished steps "
+                             "are used")
         if "batch_per_rank" not in run:
             raise ValueError(f"{t.path}: run.json has no 'batch_per_rank'")
         if str(run.get("workload")) not in cal_workloads:
             notes.append(f"{label}: workload {run.get('workload')!r} is not in the calibration "
                          "runs; predicted from the fitted efficiencies alone")
-        if not t.completed:
-            notes.append(f"{label}: the run did not complete; its finished steps are used")
-        m = measure(t)
+        recordings = [measure(g) for g in group]
+        m = pool(recordings)
         p = predict(run, cal, label=label, workloads=workloads)
         missing = [k for k in m.kinds if k not in p.step_us]
         if missing:
@@ -199,7 +209,7 @@ def validate(
             int(run["batch_per_rank"]), f"{run.get('factor_interval', 1)}/"
             f"{run.get('inverse_interval', 1)}" if run.get("optimizer") != "sgd" else "-",
             meas, pred, error_pct(pred, meas), worst[0], worst[1], sum(m.kinds.values()),
-            str(t.path),
+            len(group), spread_pct(recordings), ", ".join(str(g.path) for g in group),
         ))
     runs = pd.DataFrame(run_rows, columns=list(RUN_COLUMNS))
     stages_df = pd.DataFrame(stage_rows, columns=list(STAGE_COLUMNS))
