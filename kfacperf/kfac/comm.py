@@ -200,11 +200,12 @@ def all_reduce(
     size = dist.get_world_size(group)
     if average and size > 1:
         t.div_(size)
+    mark = timer.issue_mark()
     work = _check_rank_failure(
         f"all_reduce[{stage}]",
         lambda: dist.all_reduce(t, group=group, async_op=True),
     )
-    timer.async_comm(stage, layer, nbytes(t), work)
+    timer.async_comm(stage, layer, nbytes(t), work, issued_at=mark)
     return Pending(work, f"all_reduce[{stage}:{layer}]", lambda: t)
 
 
@@ -213,11 +214,12 @@ def broadcast(
     group: Any = None,
 ) -> Pending:
     """Asynchronous broadcast of ``t`` from global rank ``src`` to ``group``."""
+    mark = timer.issue_mark()
     work = _check_rank_failure(
         f"broadcast[{stage}]",
         lambda: dist.broadcast(t, src=src, group=group, async_op=True),
     )
-    timer.async_comm(stage, layer, nbytes(t), work)
+    timer.async_comm(stage, layer, nbytes(t), work, issued_at=mark)
     return Pending(work, f"broadcast[{stage}:{layer}]", lambda: t)
 
 
@@ -237,11 +239,12 @@ def reduce_scatter_v(
         for b in blocks:
             b.div_(world)
     out = torch.empty_like(blocks[rank])
+    mark = timer.issue_mark()
     work = _check_rank_failure(
         f"reduce_scatter[{stage}]",
         lambda: dist.reduce_scatter(out, list(blocks), group=group, async_op=True),
     )
-    timer.async_comm(stage, layer, sum(nbytes(b) for b in blocks), work)
+    timer.async_comm(stage, layer, sum(nbytes(b) for b in blocks), work, issued_at=mark)
     return Pending(work, f"reduce_scatter_v[{stage}:{layer}]", lambda: out)
 
 
@@ -266,19 +269,21 @@ def all_gather_v(
         padded = local.new_zeros(width)
         padded[: local.numel()] = local
         outs = [local.new_empty(width) for _ in range(world)]
+        mark = timer.issue_mark()
         work = _check_rank_failure(
             f"all_gather[{stage}]", lambda: dist.all_gather(outs, padded, group=group, async_op=True)
         )
-        timer.async_comm(stage, layer, logical, work)
+        timer.async_comm(stage, layer, logical, work, issued_at=mark)
         return Pending(
             work, f"all_gather_v[{stage}:{layer}]",
             lambda: [o[:n] for o, n in zip(outs, sizes)],
         )
     outs = [local.new_empty(n) for n in sizes]
+    mark = timer.issue_mark()
     work = _check_rank_failure(
         f"all_gather[{stage}]", lambda: dist.all_gather(outs, local, group=group, async_op=True)
     )
-    timer.async_comm(stage, layer, logical, work)
+    timer.async_comm(stage, layer, logical, work, issued_at=mark)
     return Pending(work, f"all_gather_v[{stage}:{layer}]", lambda: outs)
 
 

@@ -39,8 +39,10 @@ def timed_allreduce_hook(
     buf = bucket.buffer()
     world = dist.get_world_size(state.group)
     buf.div_(world)
+    mark = state.timer.issue_mark()
     work = dist.all_reduce(buf, group=state.group, async_op=True)
-    state.timer.async_comm(GRAD_COMM, "", buf.numel() * buf.element_size(), work)
+    state.timer.async_comm(GRAD_COMM, "", buf.numel() * buf.element_size(), work,
+                           issued_at=mark)
 
     def done(fut: torch.futures.Future[Any]) -> torch.Tensor:
         try:

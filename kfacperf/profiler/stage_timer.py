@@ -205,14 +205,23 @@ class StageTimer:
             key = self._key(stage, layer)
         return self._span_cls(self, key, nbytes, flops)
 
-    def async_comm(self, stage: str, layer: str, nbytes: int, work: Any) -> None:
+    def issue_mark(self) -> Any:
+        """Now, as :meth:`async_comm` takes it (a CUDA event on a GPU)."""
+        return self._events.record() if self.cuda else _clock()
+
+    def async_comm(self, stage: str, layer: str, nbytes: int, work: Any, *,
+                   issued_at: Any = None) -> None:
+        """See :meth:`kfacperf.profiler.timer.Timer.async_comm`.  The NVTX range opens here,
+        after the call returned; the recorded start is ``issued_at``."""
         key = self._keys.get((stage, layer))
         if key is None:
             key = self._key(stage, layer)
         step = self._step
         handle = self._nvtx.start(key.attrs)
-        if self.cuda:
-            t0: Any = self._events.record()
+        if issued_at is not None:
+            t0: Any = issued_at
+        elif self.cuda:
+            t0 = self._events.record()
         else:
             t0 = _clock()
         if self.isolate:

@@ -43,8 +43,15 @@ class RecordingTimer:
                                    False))
         yield
 
-    def async_comm(self, stage: str, layer: str, nbytes: int, work: Any) -> None:
+    def issue_mark(self) -> Any:
+        return len(self.records)
+
+    def async_comm(self, stage: str, layer: str, nbytes: int, work: Any, *,
+                   issued_at: Any = None) -> None:
         check_stage(stage)
+        if issued_at is not None and issued_at != len(self.records):
+            raise AssertionError(f"async_comm({stage!r}): a stage was recorded between the "
+                                 "issue mark and the issue")
         if work is None or not hasattr(work, "wait"):
             raise TypeError(f"async_comm({stage!r}) got {work!r}, not a work handle")
         self.records.append(Record(self.current_step, stage, layer, int(nbytes), 0.0, True))

@@ -123,6 +123,27 @@ def test_comm_finishing_after_step_end_is_kept_under_its_step():
     assert comm["step"].tolist() == [0, 1]
 
 
+def test_time_spent_inside_the_issuing_call_belongs_to_the_collective():
+    """A backend that works inside the call (gloo's list reduce-scatter) before returning its
+    handle: the collective's row starts at the issue mark taken before the call."""
+    sink = MemorySink()
+    timer = StageTimer(sink=sink, nvtx=RecordingBackend(), cuda=False)
+    timer.step_begin(0)
+    before = time.perf_counter_ns()
+    mark = timer.issue_mark()
+    time.sleep(0.02)  # the call itself
+    work = FakeWork()
+    timer.async_comm("factor_comm", "b0", 64, work, issued_at=mark)
+    work.complete()
+    timer.step_end()
+    timer.close()
+    ev = events_frame(sink.columns())
+    row = ev[ev["stage"] == "factor_comm"].iloc[0]
+    assert row["dur_us"] >= 20_000 and row["dur_us"] < 2_000_000
+    step = ev[ev["stage"] == "step"].iloc[0]
+    assert row["start_us"] >= step["start_us"] and before <= time.perf_counter_ns()
+
+
 def test_isolate_mode_barriers_each_step_and_waits_for_comm_at_once():
     calls = []
     timer = StageTimer(nvtx=RecordingBackend(), cuda=False, isolate=True,
