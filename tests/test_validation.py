@@ -48,7 +48,9 @@ def truth_models() -> tuple:
                                 assumed=True) for k, e in eff.items()}
     from dataclasses import replace
 
-    device = replace(base, name="truth", stages=stages)
+    # factor steps' forward/backward slower besides the statistics (the hooks' own cost)
+    device = replace(base, name="truth", stages=stages,
+                     capture_overhead={"forward": 0.1, "backward": 0.25})
     algos = {"all_reduce": "ring", "reduce_scatter": "ring", "all_gather": "ring",
              "broadcast": "tree"}
     tier = Tier(alpha_us=80.0, bandwidth_GBps=1.5, algorithms=algos)
@@ -133,6 +135,18 @@ def test_synthetic_runs_are_predicted_exactly(synth) -> None:
     assert row["steps"] == 22 and row["intervals"] == "10/100"
     inv = st[(st["run"] == "spngd-b16-i10") & (st["stage"] == S.INVERSE)]
     assert inv.empty or float(inv["measured_us"].iloc[0]) == 0.0
+
+
+def test_calibration_recovers_the_capture_overhead(synth) -> None:
+    """Forward/backward of factor steps are 1.1x/1.25x the plain ones in the synthetic runs:
+    the 1-process runs with both kinds of step give exactly that back."""
+    cal = calibrate([synth["p1"]], cluster=truth_models()[1])
+    assert cal.device.capture_overhead == pytest.approx({"forward": 0.1, "backward": 0.25},
+                                                        rel=1e-3)
+    assert any("25.0% slower on factor steps" in n for n in cal.fit.notes)
+    sgd_only = calibrate([synth["p1"] / "sgd-b16", synth["p1"] / "sgd-b64"],
+                         cluster=truth_models()[1])
+    assert sgd_only.device.capture_overhead == {}
 
 
 def test_measured_times_scaled_give_the_closed_form_error(synth, tmp_path) -> None:

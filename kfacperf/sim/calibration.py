@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -42,7 +42,8 @@ from kfacperf.sim.cluster_model import OPS, ClusterModel, Tier
 from kfacperf.sim.collectives import coefficients
 from kfacperf.sim.costs import CostModel
 from kfacperf.sim.device_model import (
-    INVERSE_METHODS, MODES, STAGE_KINDS, DeviceModel, MeasuredTime, StageEfficiency,
+    CAPTURE_STAGES, INVERSE_METHODS, MODES, STAGE_KINDS, DeviceModel, MeasuredTime,
+    StageEfficiency,
 )
 from kfacperf.sim.workload_model import WorkloadModel
 
@@ -269,6 +270,14 @@ class _Sample:
     inverse_method: str
     time_us: float
     reg: Any  # kfacperf.sim.costs.Regressors
+    captured: bool = False  # a forward/backward median over factor steps (statistics captured)
+
+
+def captures_statistics(step: int, run: Mapping[str, Any]) -> bool:
+    """Does step ``step`` of ``run`` capture K-FAC statistics (the preconditioner's rule)?"""
+    if run.get("optimizer") == "sgd":
+        return False
+    return step % int(run.get("factor_interval") or 1) == 0
 
 
 def _trace_samples(trace: Any, workload: WorkloadModel, base: DeviceModel) -> list[_Sample]:
@@ -279,19 +288,51 @@ def _trace_samples(trace: Any, workload: WorkloadModel, base: DeviceModel) -> li
         raise ValueError(f"{trace_label(trace)}: inverse_method {method!r} not in {INVERSE_METHODS}")
     events = trace.measured() if hasattr(trace, "measured") else trace.events
     table = exclusive_compute_times(events)
-    med = table.groupby(["stage", "layer"], sort=False)["dur_us"].median()
+    # forward and backward: plain steps and factor steps apart (capture_overhead)
+    table["captured"] = table["stage"].isin(CAPTURE_STAGES) & table["step"].map(
+        lambda k: captures_statistics(int(k), run))
+    med = table.groupby(["stage", "layer", "captured"], sort=False)["dur_us"].median()
     cost = CostModel(workload=workload, device=base, cluster=_null_cluster(),
                      inverse_method=method, use_measured=False)
     out = []
-    for (stage, layer), t in med.items():
+    for (stage, layer, captured), t in med.items():
         if stage not in STAGE_KINDS or not t > 0:
             continue
         lm = workload.layer(layer) if layer else None
         if lm is None and stage not in (S.FORWARD, S.BACKWARD, S.UPDATE):
             raise ValueError(f"{trace_label(trace)}: {stage} event without a layer name")
         reg = cost.regressors(stage, lm, batch=batch)
-        out.append(_Sample(stage, workload.name, layer, batch, method, float(t), reg))
+        out.append(_Sample(stage, workload.name, layer, batch, method, float(t), reg,
+                           bool(captured)))
     return out
+
+
+def fit_capture_overhead(samples: Sequence[_Sample]) -> tuple[dict[str, float], list[str]]:
+    """Relative extra forward/backward time on factor steps, and notes.
+
+    Per stage, every (workload, layer, batch) measured on both plain and factor steps gives
+    the ratio of the medians (over traces) of the two; the overhead is the median ratio - 1
+    (at least 0).  Without such a pair it is 0 (noted).
+    """
+    out: dict[str, float] = {}
+    notes: list[str] = []
+    for kind in CAPTURE_STAGES:
+        groups: dict[tuple, dict[bool, list[float]]] = {}
+        for s in samples:
+            if s.kind == kind:
+                groups.setdefault((s.workload, s.layer, s.batch), {True: [], False: []})[
+                    s.captured].append(s.time_us)
+        ratios = [float(np.median(g[True])) / float(np.median(g[False]))
+                  for g in groups.values() if g[True] and g[False]]
+        if not ratios:
+            if any(s.captured for s in samples if s.kind == kind):
+                notes.append(f"{kind}: no run measured both plain and factor steps of one "
+                             "workload and batch; capture overhead taken as 0")
+            continue
+        out[kind] = sig(max(0.0, float(np.median(ratios)) - 1.0), 4)
+        notes.append(f"{kind}: {100 * out[kind]:.1f}% slower on factor steps besides the "
+                     f"statistics (median of {len(ratios)} workload/batch pair(s))")
+    return out, notes
 
 
 def trace_label(trace: Any) -> str:
@@ -375,6 +416,11 @@ def fit_device_model(
         else:
             w = workloads(tr.run)
         samples.extend(_trace_samples(tr, w, base))
+    capture, capture_notes = fit_capture_overhead(samples)
+    notes.extend(capture_notes)
+    # factor-step forward/backward medians, brought to plain steps
+    samples = [replace(s, time_us=s.time_us / (1.0 + capture.get(s.kind, 0.0)), captured=False)
+               if s.captured else s for s in samples]
     fits: dict[str, StageFit] = {}
     stages = dict(base.stages)
     for kind in STAGE_KINDS:
@@ -398,7 +444,7 @@ def fit_device_model(
     device = DeviceModel(
         name=name, fp32_tflops=base.fp32_tflops, tf32_tflops=base.tf32_tflops,
         bf16_tflops=base.bf16_tflops, mem_bandwidth_GBps=base.mem_bandwidth_GBps,
-        stages=stages, mode=mode, measured=measured,
+        stages=stages, mode=mode, measured=measured, capture_overhead=capture,
         source=f"kfacperf calibrate from {', '.join(labels)}; peaks from {base.name}",
         description=description or base.description,
     )

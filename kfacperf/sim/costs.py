@@ -167,6 +167,10 @@ class CostModel:
     def nodes_spanned(self, group_size: int) -> int:
         return self.cluster.nodes_spanned(group_size)
 
+    def capture_scale(self, stage: str) -> float:
+        """Forward/backward on a factor step take this times their plain-step time."""
+        return self.device.capture_scale(stage)
+
     # -- communication ----------------------------------------------------------------------
     def collective_us(
         self, op: str, nbytes: float | Sequence[float], *, group_size: int, nodes: int

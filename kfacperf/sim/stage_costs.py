@@ -17,6 +17,8 @@ from kfacperf.sim.strategies.common import LayerCosts
 class ComputeCosts(Protocol):
     def compute_us(self, stage: str, layer: Any, *, batch: int, workload: Any = None) -> float: ...
 
+    # optional: capture_scale(stage) -> float, forward/backward on factor steps (default 1)
+
 
 def _shares(parts: Sequence[float], whole: float) -> list[float]:
     total = sum(parts)
@@ -51,6 +53,9 @@ def layer_costs(cost: ComputeCosts, workload: Any, *, batch: int) -> LayerCosts:
             return 0.0
         return float(flops(stage, layer, batch=batch, workload=workload))
 
+    capture = getattr(cost, "capture_scale", None)
+    fwd_capture = _check("forward capture", capture(S.FORWARD)) if capture else 1.0
+    bwd_capture = _check("backward capture", capture(S.BACKWARD)) if capture else 1.0
     fwd = _shares(per_layer(S.FORWARD), whole(S.FORWARD))
     bwd = _shares(per_layer(S.BACKWARD), whole(S.BACKWARD))
     fwd_flops = _shares([flops_of(S.FORWARD, l) for l in layers], flops_of(S.FORWARD, None))
@@ -68,4 +73,5 @@ def layer_costs(cost: ComputeCosts, workload: Any, *, batch: int) -> LayerCosts:
         precond_flops=tuple(flops_of(S.PRECONDITION, l) for l in layers),
         dim_a=tuple(l.dim_a for l in layers), dim_g=tuple(l.dim_g for l in layers),
         other_params=int(workload.other_params),
+        fwd_capture=fwd_capture, bwd_capture=bwd_capture,
     )

@@ -63,6 +63,9 @@ def test_round_trips(tmp_path: Path) -> None:
     d = make_device(measured=(MeasuredTime(workload="tiny", stage="inverse", layer="fc", batch=8,
                                            inverse_method="eigen", time_us=12.5),))
     assert load_device_model(save_device_model(d, tmp_path / "d.toml")) == d
+    d = make_device(capture_overhead={"backward": 0.2})
+    back = load_device_model(save_device_model(d, tmp_path / "d2.toml"))
+    assert back == d and back.capture_scale("backward") == 1.2 and back.capture_scale("forward") == 1.0
     c = make_cluster()
     assert load_cluster_model(save_cluster_model(c, tmp_path / "c.toml")) == c
 
@@ -132,10 +135,13 @@ def test_cluster_strict_errors(tmp_path: Path, old: str, new: str, pattern: str)
         ('format = "kfacperf-device-1"', 'format = "other"', r"key 'format': expected"),
         ('mode = "roofline"', 'mode = "fast"', r"key 'mode': 'fast' is not one of"),
         ("mem_efficiency = 0.25", "mem_efficiency = 2.0", r"stages\.forward\.mem_efficiency': must be <= 1"),
+        ("forward = 0.1", "forward = -0.1", r"capture_overhead\.forward': must be >= 0"),
+        ("forward = 0.1", "update = 0.1", r"capture_overhead\.update': unknown key"),
     ],
 )
 def test_device_strict_errors(tmp_path: Path, old: str, new: str, pattern: str) -> None:
-    text = save_device_model(make_device(), tmp_path / "d.toml").read_text()
+    text = save_device_model(make_device(capture_overhead={"forward": 0.1}),
+                             tmp_path / "d.toml").read_text()
     path = _edit(tmp_path, text, old, new)
     with pytest.raises(ValueError, match=pattern) as info:
         load_device_model(path)

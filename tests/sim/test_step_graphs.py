@@ -58,6 +58,32 @@ def test_ddp_buckets_close_once_they_reach_the_limit_in_reverse_layer_order():
     assert all(nb >= limit for nb in nbytes[:-1])
 
 
+@pytest.mark.parametrize("strategy", ["spngd", "kaisa"])
+def test_factor_steps_pay_the_capture_overhead_on_forward_and_backward_only(strategy):
+    """With capture scales 1.1 (forward) and 1.5 (backward), a factor step's forward and
+    backward take exactly that much longer than with none; other stages, and plain steps,
+    are unchanged."""
+    from dataclasses import replace
+
+    def stage_sums(costs, kind):
+        spec = StepSpec(costs=costs, world_size=2, gpus_per_node=4, kind=kind,
+                        comm=CommSettings(factor_bucket_mb=0.1, ddp_bucket_mb=0.05))
+        prog = build_graph(make_step(parse_strategy(strategy), spec), cost).programs[0]
+        sums: dict[str, float] = {}
+        for s, d in zip(prog.stage, prog.dur):
+            sums[s] = sums.get(s, 0.0) + d
+        return sums
+
+    scaled = replace(LAYERS, fwd_capture=1.1, bwd_capture=1.5)
+    for kind in (FACTOR_STEP, INVERSE_STEP):
+        base, capt = stage_sums(LAYERS, kind), stage_sums(scaled, kind)
+        assert capt[S.FORWARD] == pytest.approx(1.1 * base[S.FORWARD], rel=1e-12)
+        assert capt[S.BACKWARD] == pytest.approx(1.5 * base[S.BACKWARD], rel=1e-12)
+        rest = {s: v for s, v in base.items() if s not in (S.FORWARD, S.BACKWARD)}
+        assert {s: capt[s] for s in rest} == rest
+    assert stage_sums(scaled, PLAIN_STEP) == stage_sums(LAYERS, PLAIN_STEP)
+
+
 # ------------------------------------------------------------------ order and bytes
 def test_backward_runs_last_layer_first_with_each_hook_before_its_layer():
     _, g = graph("kaisa", 4, FACTOR_STEP)

@@ -93,6 +93,10 @@ class LayerCosts:
     dim_a: tuple[int, ...]
     dim_g: tuple[int, ...]
     other_params: int
+    fwd_capture: float = 1.0
+    """Forward on a factor step takes this times ``fwd`` (the statistics capture's overhead)."""
+    bwd_capture: float = 1.0
+    """Backward on a factor step takes this times ``bwd`` (statistics not included)."""
 
     @property
     def n(self) -> int:
@@ -262,8 +266,10 @@ def spngd_factor_plan(costs: LayerCosts, cs: CommSettings) -> FactorPlan:
     return _events(batches, [cur] if cur else [])
 
 
-def emit_forward(prog: Program, costs: LayerCosts) -> None:
-    prog.compute(S.FORWARD, "", sum(costs.fwd), sum(costs.fwd_flops))
+def emit_forward(prog: Program, costs: LayerCosts, *, factor: bool = False) -> None:
+    """The whole forward pass (slower by ``fwd_capture`` on factor steps)."""
+    scale = costs.fwd_capture if factor else 1.0
+    prog.compute(S.FORWARD, "", sum(costs.fwd) * scale, sum(costs.fwd_flops))
 
 
 def emit_backward(prog: Program, costs: LayerCosts, *, factor: bool,
@@ -273,13 +279,15 @@ def emit_backward(prog: Program, costs: LayerCosts, *, factor: bool,
 
     For each layer, in autograd's order: the hook on its output gradient (factor steps: the
     batch statistics, then ``on_factor(l)`` — what the strategy launches), the layer's own
-    backward (input and weight gradients), then ``on_grad(l)`` (DDP's bucket launches).
+    backward (input and weight gradients; slower by ``bwd_capture`` on factor steps), then
+    ``on_grad(l)`` (DDP's bucket launches).
     """
+    scale = costs.bwd_capture if factor else 1.0
     for l in reversed(range(costs.n)):
         if factor:
             prog.compute(S.FACTOR_COMPUTE, costs.names[l], costs.factor[l], costs.factor_flops[l])
             if on_factor is not None:
                 on_factor(l)
-        prog.compute(S.BACKWARD, "", costs.bwd[l], costs.bwd_flops[l])
+        prog.compute(S.BACKWARD, "", costs.bwd[l] * scale, costs.bwd_flops[l])
         if on_grad is not None:
             on_grad(l)

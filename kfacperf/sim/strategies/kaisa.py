@@ -146,7 +146,7 @@ class KaisaStep:
             for ev in self.fac_after.get(l, ()):
                 launch(ev)
 
-        emit_forward(prog, costs)
+        emit_forward(prog, costs, factor=kind.factor)
         emit_backward(prog, costs, factor=kind.factor, on_factor=on_factor,
                       on_grad=lambda l: self.ddp.after_layer(prog, l))
         self.ddp.finish(prog)

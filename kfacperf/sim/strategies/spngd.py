@@ -91,7 +91,7 @@ class SpngdStep:
             for ev in self.fac_after.get(l, ()):
                 launch(ev)
 
-        emit_forward(prog, costs)
+        emit_forward(prog, costs, factor=kind.factor)
         emit_backward(prog, costs, factor=kind.factor, on_factor=on_factor)
         if kind.factor:
             for ev in self.fac_end:
