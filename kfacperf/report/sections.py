@@ -290,7 +290,7 @@ def validation_section(validation: pd.DataFrame | None) -> Section:
     sec.add_html(table(val, [
         ("run", "run", fmt_plain), ("measured_step_us", "measured step (ms)", fmt_ms),
         ("predicted_step_us", "predicted step (ms)", fmt_ms), ("error_pct", "error", fmt_pct),
-    ] + [(c, c, fmt_plain) for c in extra], numeric=("measured_step_us", "predicted_step_us", "error_pct")))
+    ] + [(c, c, fmt_pct if c.endswith("_pct") else fmt_plain) for c in extra], numeric=("measured_step_us", "predicted_step_us", "error_pct")))
     sec.add_figure(figures.validation_figure(val, "measured vs predicted step time"))
     return sec
 

@@ -1,0 +1,42 @@
+"""The committed reference traces reproduce the README's accuracy table, without re-running."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REF = ROOT / "traces" / "reference"
+
+
+def _readme_table() -> list[str]:
+    lines = (ROOT / "README.md").read_text().splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("run ") and "strategy" in ln)
+    out = []
+    for ln in lines[start:]:
+        if not ln.strip() or ln.startswith("```"):
+            break
+        out.append(ln)
+    return out
+
+
+@pytest.mark.skipif(not (REF / "p1").is_dir(), reason="no committed reference traces")
+def test_validate_on_the_committed_traces_gives_the_readme_table() -> None:
+    from kfacperf.commands.validate import text_table
+    from kfacperf.validation import validate
+
+    result = validate([REF / "p1"], [REF / "p2"], cluster=REF / "local-cpu.toml")
+    table = text_table(result).splitlines()
+    readme = _readme_table()
+    assert len(readme) == 1 + 10
+    assert table[: len(readme)] == readme
+    headline = (ROOT / "README.md").read_text()
+    median = re.search(r"Step time: median ([\d.]+) %", headline)
+    worst = re.search(r"worst ([\d.]+) % \(target 10 %", headline)
+    assert median and float(median.group(1)) == round(result.median_abs_error_pct, 1)
+    assert worst and float(worst.group(1)) == round(result.worst_abs_error_pct, 1)
+    # every held-out configuration pools its four recordings; nothing leaked into calibration
+    assert set(result.runs["recordings"]) == {4}
+    assert len(result.calibration.traces) == 40
+    assert not any("/p2/" in t for t in result.calibration.traces)
