@@ -247,8 +247,11 @@ class StageTimer:
             chained = fut.then(done)
             self._inflight.append((fut.done, chained.wait))
         else:
+            # done when the watcher has run the callback; not work.is_completed(), which gloo's
+            # list-form reduce_scatter never sets: the entry (and through it the work and its
+            # tensors, a whole factor payload per step) would then be kept for the whole run
             finished = self._watcher().watch(work, done)
-            self._inflight.append((work.is_completed, lambda: finished.wait(1.0)))
+            self._inflight.append((finished.is_set, lambda: finished.wait(1.0)))
 
     def step_begin(self, step: int) -> None:
         if self.isolate:
@@ -408,6 +411,8 @@ class _CompletionWatcher:
                 pass
             finally:
                 finished.set()
+                # let go of the work (and its tensors) before blocking on the next one
+                item = work = callback = finished = None
 
 
 def _dist_barrier() -> None:
