@@ -1,7 +1,6 @@
 """The committed reference traces reproduce the README's accuracy table, without re-running."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
@@ -31,11 +30,8 @@ def test_validate_on_the_committed_traces_gives_the_readme_table() -> None:
     readme = _readme_table()
     assert len(readme) == 1 + 10
     assert table[: len(readme)] == readme
-    headline = (ROOT / "README.md").read_text()
-    median = re.search(r"Step time: median ([\d.]+) %", headline)
-    worst = re.search(r"worst ([\d.]+) % \(target 10 %", headline)
-    assert median and float(median.group(1)) == round(result.median_abs_error_pct, 1)
-    assert worst and float(worst.group(1)) == round(result.worst_abs_error_pct, 1)
+    summary = next(ln for ln in table if ln.startswith("10 held-out run(s)"))
+    assert summary in (ROOT / "README.md").read_text()
     # every held-out configuration pools its four recordings; nothing leaked into calibration
     assert set(result.runs["recordings"]) == {4}
     assert len(result.calibration.traces) == 40
