@@ -24,6 +24,8 @@ COMM_DTYPES = ("fp32", "fp16", "bf16")
 CRASH_ENV = "KFACPERF_TEST_CRASH_AFTER"
 """Test hook: ``"R:K"`` makes rank R exit abruptly (``os._exit(13)``) right after step K;
 ``"R:exit"`` makes it abort as it leaves, after the run finished."""
+EXIT_CRASH = "exit"
+"""The ``CRASH_ENV`` step that means: abort while leaving, after the run finished."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -17,11 +17,9 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from kfacperf.profiler.config import CRASH_ENV, ProfileConfig, run_record
+from kfacperf.profiler.config import CRASH_ENV, EXIT_CRASH, ProfileConfig, run_record
 from kfacperf.traces import PARTS_DIR, read_run, write_run
 
-EXIT_CRASH = "exit"
-"""``CRASH_ENV`` step that makes the rank abort after it finished, as it leaves (test hook)."""
 PROGRESS_EVERY_S = 2.0
 DATA_BATCHES = 4
 
@@ -119,8 +117,7 @@ def _train(config: ProfileConfig, info: Any, run_dir: Path, heap_policy: str) ->
     total = config.total_steps
     last_print = 0.0
     t_prev = time.perf_counter()
-    faults_before = minor_faults()
-    for step in range(total):
+    for step in range(total):  # total > warmup: the first measured step always comes
         if step == config.warmup:
             faults_before = minor_faults()
         x, y = batches[step % len(batches)]

@@ -129,7 +129,6 @@ def test_time_spent_inside_the_issuing_call_belongs_to_the_collective():
     sink = MemorySink()
     timer = StageTimer(sink=sink, nvtx=RecordingBackend(), cuda=False)
     timer.step_begin(0)
-    before = time.perf_counter_ns()
     mark = timer.issue_mark()
     time.sleep(0.02)  # the call itself
     work = FakeWork()
@@ -141,7 +140,7 @@ def test_time_spent_inside_the_issuing_call_belongs_to_the_collective():
     row = ev[ev["stage"] == "factor_comm"].iloc[0]
     assert row["dur_us"] >= 20_000 and row["dur_us"] < 2_000_000
     step = ev[ev["stage"] == "step"].iloc[0]
-    assert row["start_us"] >= step["start_us"] and before <= time.perf_counter_ns()
+    assert row["start_us"] >= step["start_us"]
 
 
 def test_isolate_mode_barriers_each_step_and_waits_for_comm_at_once():
