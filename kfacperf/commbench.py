@@ -13,13 +13,17 @@ input, all-gather output, broadcast payload.
 When ranks share CPU cores, each launch also times representative work of every compute
 stage kind on rank 0 alone and on all ranks at once (:mod:`kfacperf.contention_probe`); the
 ratios are the compute slowdowns the cluster model's ``contention`` (all kinds together) and
-``contention_by_stage`` describe.
+``contention_by_stage`` describe.  On a shared virtual machine that slowdown changes from
+minute to minute (the host moves the virtual CPUs), so a probe taken once may describe another
+minute than the runs it should predict: ``collectives=False`` measures only the slowdown, and
+:mod:`kfacperf.commbench_raw` averages the probes taken across a recording session.
 
 API::
 
-    CommbenchConfig(*, world_sizes, sizes, ops, reps, warmup, backend, timeout_s, contention)
+    CommbenchConfig(*, world_sizes, sizes, ops, reps, warmup, backend, timeout_s, contention,
+                    collectives)
     run_commbench(config, *, progress=print)
-        -> CommbenchResult(.points, .slowdowns, .stage_slowdowns, .backend)
+        -> CommbenchResult(.points, .slowdowns, .stage_slowdowns, .probes, .backend)
     fit_cluster(result, *, name, gpus_per_node=None, cores_per_node=None) -> (ClusterModel, fits)
 """
 from __future__ import annotations
@@ -72,8 +76,11 @@ class CommbenchConfig:
     backend: str = "auto"
     timeout_s: float = 120.0
     contention: bool = True
+    collectives: bool = True  # False: only the contention probe
 
     def __post_init__(self) -> None:
+        if not (self.collectives or self.contention):
+            raise ValueError("nothing to measure: neither collectives nor contention")
         if self.world_sizes is not None and (
             not self.world_sizes or any(p < 2 for p in self.world_sizes)
         ):
@@ -108,12 +115,15 @@ class CommbenchResult:
     cores: int = 0
     # world size -> stage kind -> compute slowdown of that kind's work
     stage_slowdowns: dict[int, dict[str, float]] = field(default_factory=dict)
+    # world size -> how many probes the slowdowns are the mean of
+    probes: dict[int, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"backend": self.backend, "cores": self.cores,
                 "points": [asdict(p) for p in self.points],
                 "slowdowns": {str(k): v for k, v in self.slowdowns.items()},
-                "stage_slowdowns": {str(k): v for k, v in self.stage_slowdowns.items()}}
+                "stage_slowdowns": {str(k): v for k, v in self.stage_slowdowns.items()},
+                "probes": {str(k): v for k, v in self.probes.items()}}
 
 
 def parse_size(text: str) -> int:
@@ -197,7 +207,8 @@ def _worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: Any) -> 
             from kfacperf.contention_probe import measure_slowdowns
 
             slowdown = measure_slowdowns(rank, device)
-        points = [(op, nbytes) for op in cfg["ops"] for nbytes in cfg["sizes"]]
+        points = ([(op, nbytes) for op in cfg["ops"] for nbytes in cfg["sizes"]]
+                  if cfg["collectives"] else [])
         calls, inners = [], []
         for op, nbytes in points:
             call = _make_call(op, _numel(op, nbytes, world), world, rank, device)
@@ -215,7 +226,7 @@ def _worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: Any) -> 
         # Repetitions sweep all points in turn, so a burst of load from elsewhere on the
         # machine hits one repetition of many points rather than every repetition of one.
         times: list[list[float]] = [[] for _ in points]
-        for rep in range(cfg["reps"]):
+        for rep in range(cfg["reps"] if points else 0):
             for i, (call, inner) in enumerate(zip(calls, inners)):
                 dist.barrier()
                 sync()
@@ -302,18 +313,20 @@ def run_commbench(config: CommbenchConfig, *, progress: Callable[[str], None] = 
     backend = resolve_backend(config.backend)
     cfg = {"backend": backend, "ops": list(config.ops), "sizes": list(config.sizes),
            "reps": config.reps, "warmup": config.warmup, "timeout_s": config.timeout_s,
-           "contention": config.contention}
+           "contention": config.contention, "collectives": config.collectives}
     points: list[Point] = []
     slowdowns: dict[int, float] = {}
     stage_slowdowns: dict[int, dict[str, float]] = {}
+    probes: dict[int, int] = {}
     for world in config.world_sizes or default_world_sizes(backend):
         progress(f"commbench: {world} ranks, backend {backend}")
         per_rank, slowdown = _launch(world, cfg, progress)
         if slowdown and not math.isnan(slowdown[ALL]):
             slowdowns[world] = slowdown[ALL]
             stage_slowdowns[world] = {k: v for k, v in slowdown.items() if k != ALL}
+            probes[world] = 1
         i = 0
-        for op in config.ops:
+        for op in config.ops if config.collectives else ():
             for nbytes in config.sizes:
                 reps = [max(r[i][k] for r in per_rank) for k in range(config.reps)]
                 points.append(Point(op=op, world_size=world, nbytes=nbytes,
@@ -321,7 +334,7 @@ def run_commbench(config: CommbenchConfig, *, progress: Callable[[str], None] = 
                 i += 1
     cores = (os.cpu_count() or 1) if backend == "gloo" else 0
     return CommbenchResult(backend=backend, points=tuple(points), slowdowns=slowdowns, cores=cores,
-                           stage_slowdowns=stage_slowdowns)
+                           stage_slowdowns=stage_slowdowns, probes=probes)
 
 
 def fit_contention(slowdowns: dict[int, float], cores: int) -> float:
@@ -377,12 +390,15 @@ def fit_cluster(
         gpus_per_node = 64 if result.backend == "gloo" else max(p.world_size for p in result.points)
     worlds = sorted({p.world_size for p in result.points})
     sizes = sorted({p.nbytes for p in result.points})
+    means = "; ".join(f"{w} ranks: mean of {n} probes" for w, n in sorted(result.probes.items())
+                      if n > 1)
     per_kind = "; ".join(
         f"{w}: " + ", ".join(f"{k} {v:.2f}" for k, v in per.items())
         for w, per in sorted(result.stage_slowdowns.items()))
     src = (f"kfacperf commbench, backend {result.backend}, world sizes {worlds}, sizes "
            f"{_fmt_size(sizes[0])}..{_fmt_size(sizes[-1])}; compute slowdown of ranks sharing "
            f"cores: {', '.join(f'{k}: {v:.2f}' for k, v in sorted(result.slowdowns.items())) or 'not measured'}"
+           + (f" ({means})" if means else "")
            + (f"; per stage kind: {per_kind}" if per_kind else ""))
     desc = ("Measured on one machine; the inter tier is a copy of the intra tier (nothing "
             "between nodes was measured).")

@@ -3,15 +3,19 @@
 Ranks slow each other through shared caches and memory bandwidth, so the slowdown depends on
 the work: a cache-resident matrix product barely notices a neighbour, a memory-bound factor
 statistic a lot.  One representative call per stage kind of
-:data:`kfacperf.sim.device_model.STAGE_KINDS`, shaped like a ResNet-20 layer (32 channels at
-16x16, batch 32):
+:data:`kfacperf.sim.device_model.STAGE_KINDS`:
 
-* ``forward``: a 3x3 convolution forward (building its autograd graph, as in training);
-* ``backward``: that convolution's backward (input and weight gradients);
-* ``factor_compute``: the optimizer's own A statistic of that convolution
+* ``forward``: a whole ResNet-20 forward pass at batch :data:`NET_BATCH` (building its
+  autograd graph, as in training);
+* ``backward``: that network's backward pass (input and weight gradients).  A whole network,
+  not one layer: its activations (tens of MiB) do not fit in the caches the ranks share, and
+  a single cache-resident convolution measured half the slowdown that two-rank training
+  showed (1.06 against 1.11 for forward plus backward, in the same minute);
+* ``factor_compute``: the optimizer's own A statistic of a ResNet-20 convolution (32 channels
+  at 16x16, batch 32)
   (:func:`kfacperf.kfac.conv_factors.patch_moments`) plus the Gram of its output gradients;
 * ``inverse``: float64 ``eigh`` of a 300x300 SPD matrix;
-* ``precondition``: the two GEMMs ``G^-1 grad A^-1`` of that layer (32x32, 32x288, 288x288);
+* ``precondition``: the two GEMMs ``G^-1 grad A^-1`` of that convolution (32x32, 32x288, 288x288);
 * ``update``: an add streaming 16 MiB.
 
 Rank 0 alone (solo) and all ranks at once (joint) alternate for several rounds, per kind,
@@ -38,6 +42,9 @@ ROUNDS = 8
 PHASE_S = 0.03
 """Solo and joint phases of every kind alternate this many times, each about this long."""
 
+NET_BATCH = 16
+"""Batch of the ResNet-20 whose forward and backward passes stand for those stage kinds."""
+
 ALL = "all"
 
 
@@ -46,17 +53,21 @@ def stage_workloads(device: Any) -> dict[str, Callable[[], None]]:
     import torch
 
     from kfacperf.kfac import conv_factors
+    from kfacperf.workloads import get_workload
 
     gen = torch.Generator().manual_seed(0)
 
     def randn(*shape: int, dtype: Any = torch.float32) -> Any:
         return torch.randn(*shape, generator=gen, dtype=dtype).to(device)
 
+    net_workload = get_workload("resnet20")
+    net = net_workload.build_model(seed=0).to(device)
+    net_x, net_y = net_workload.make_batch(NET_BATCH, seed=0, step=0, device=device)
+    net_params = [p for p in net.parameters() if p.requires_grad]
+    net_loss = net_workload.loss_fn(net(net_x), net_y)
     conv = torch.nn.Conv2d(32, 32, 3, padding=1, bias=False).to(device)
     x = randn(32, 32, 16, 16)
-    xg = x.clone().requires_grad_(True)
-    y = conv(xg)
-    gy = randn(*y.shape)
+    gy = randn(32, 32, 16, 16)
     m = randn(300, 300, dtype=torch.float64)
     spd = m @ m.t() + 300 * torch.eye(300, dtype=torch.float64, device=device)
     g_inv, grad, a_inv = randn(32, 32), randn(32, 288), randn(288, 288)
@@ -64,10 +75,10 @@ def stage_workloads(device: Any) -> dict[str, Callable[[], None]]:
     dst = torch.empty_like(src)
 
     def forward() -> None:
-        conv(x)
+        net_workload.loss_fn(net(net_x), net_y)
 
     def backward() -> None:
-        torch.autograd.grad(y, (xg, conv.weight), gy, retain_graph=True)
+        torch.autograd.grad(net_loss, net_params, retain_graph=True)
 
     def factor_compute() -> None:
         with torch.no_grad():

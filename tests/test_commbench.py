@@ -140,3 +140,26 @@ def test_real_gloo_run_writes_a_loadable_cluster_model(tmp_path: Path) -> None:
     assert all(math.isfinite(v) and v > 0 for v in data["stage_slowdowns"]["2"].values())
     assert set(model.contention_by_stage) == set(STAGE_KINDS)
     assert "per stage kind" in model.source
+
+
+@pytest.mark.slow
+def test_real_contention_only_probe_merges_into_the_model(tmp_path: Path) -> None:
+    """A probe-only launch measures no collective; --from-raw averages it into the model."""
+    import json
+
+    from kfacperf.cli import main
+
+    first = tmp_path / "first.json"
+    second = tmp_path / "second.json"
+    assert main(["commbench", "--world-sizes", "2", "--sizes", "4KiB,1MiB", "--reps", "2",
+                 "--warmup", "1", "--raw", str(first)]) == 0
+    assert main(["commbench", "--world-sizes", "2", "--contention-only", "--raw", str(second)]) == 0
+    probe = json.loads(second.read_text())
+    assert probe["points"] == [] and probe["probes"] == {"2": 1}
+    assert math.isfinite(probe["slowdowns"]["2"]) and probe["slowdowns"]["2"] > 0
+    out = tmp_path / "merged.toml"
+    assert main(["commbench", "--from-raw", str(first), str(second), "--out", str(out)]) == 0
+    mean = (json.loads(first.read_text())["slowdowns"]["2"] + probe["slowdowns"]["2"]) / 2
+    model = load_cluster_model(out)
+    assert model.contention == pytest.approx(max(0.0, mean - 1), rel=1e-3, abs=1e-6)
+    assert "mean of 2 probes" in model.source

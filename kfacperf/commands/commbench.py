@@ -2,6 +2,11 @@
 collective and write a cluster model.
 
 Example: kfacperf commbench --out models/clusters/local-cpu.toml
+
+On a shared machine, take more contention probes during a session and fit from all of them:
+  kfacperf commbench --raw cb.json                       # collectives + one probe
+  kfacperf commbench --contention-only --raw probe1.json  # later: one more probe
+  kfacperf commbench --from-raw cb.json probe1.json --out local-cpu.toml
 """
 from __future__ import annotations
 
@@ -33,6 +38,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="ranks per node in the model (default: 64 on CPU, the GPU count on GPUs)")
     parser.add_argument("--no-contention", action="store_true",
                         help="skip measuring the compute slowdown of ranks sharing cores")
+    parser.add_argument("--contention-only", action="store_true",
+                        help="measure only the compute slowdown of ranks sharing cores (gloo), "
+                             "no collectives; write it with --raw and merge it with --from-raw")
+    parser.add_argument("--from-raw", nargs="+", metavar="RAW", default=None,
+                        help="measure nothing: fit from these --raw files (slowdowns averaged "
+                             "over every probe, collective times the median over the files)")
     parser.add_argument("--json", action="store_true", help="print the fits as JSON")
 
 
@@ -43,26 +54,41 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from kfacperf import commbench as cb
+    from kfacperf import commbench_raw
     from kfacperf.sim.cluster_model import OPS, save_cluster_model
 
+    if args.contention_only and (args.no_contention or args.from_raw):
+        raise ValueError("--contention-only measures only contention: it cannot go with "
+                         "--no-contention or --from-raw")
+    if args.contention_only and args.out:
+        raise ValueError("--contention-only measures no collectives, so it cannot write a "
+                         "cluster model; write --raw and fit with --from-raw")
     sizes = (tuple(cb.parse_size(s) for s in args.sizes.split(",") if s.strip())
              if args.sizes else cb.DEFAULT_SIZES)
     ops = tuple(o.strip() for o in args.ops.split(",") if o.strip()) if args.ops else OPS
     config = cb.CommbenchConfig(
         world_sizes=args.world_sizes or None, sizes=sizes, ops=ops,
         reps=args.reps, warmup=args.warmup, backend=args.backend,
-        contention=not args.no_contention,
+        contention=not args.no_contention, collectives=not args.contention_only,
     )
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else (
         lambda m: print(m, flush=True))
-    t0 = time.perf_counter()
-    result = cb.run_commbench(config, progress=log)
-    log(f"commbench: measured {len(result.points)} points in {time.perf_counter() - t0:.1f} s")
+    if args.from_raw:
+        result = commbench_raw.merge_results([commbench_raw.load_raw(p) for p in args.from_raw])
+        ops = tuple(op for op in OPS if any(p.op == op for p in result.points))
+        log(f"commbench: read {len(args.from_raw)} file(s): {len(result.points)} points, "
+            + ", ".join(f"{w} ranks {n} probe(s)" for w, n in result.probes.items()))
+    else:
+        t0 = time.perf_counter()
+        result = cb.run_commbench(config, progress=log)
+        log(f"commbench: measured {len(result.points)} points in {time.perf_counter() - t0:.1f} s")
     if args.raw:
         Path(args.raw).parent.mkdir(parents=True, exist_ok=True)
         Path(args.raw).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
     fits = {}
-    if set(ops) == set(OPS):
+    if args.contention_only:
+        pass
+    elif set(ops) == set(OPS):
         model, tried = cb.fit_cluster(result, name=args.name, gpus_per_node=args.gpus_per_node)
         fits = {op: [f.__dict__ for f in fs] for op, fs in tried.items()}
         if args.out:
@@ -78,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"fits": fits, "slowdowns": result.slowdowns,
                           "stage_slowdowns": result.stage_slowdowns}, indent=1))
         return 0
-    print(f"{'collective':<15} {'algorithm':<17} {'alpha_us':>9} {'GB/s':>8} {'rms err':>8} {'max err':>8}")
+    if fits:
+        print(f"{'collective':<15} {'algorithm':<17} {'alpha_us':>9} {'GB/s':>8} {'rms err':>8} {'max err':>8}")
     for op, fs in fits.items():
         for i, f in enumerate(fs):
             mark = "*" if i == 0 else " "
@@ -87,9 +114,12 @@ def run(args: argparse.Namespace) -> int:
                   + (f"  ({f['note']})" if f.get("note") else ""))
     if result.slowdowns:
         print("compute slowdown with ranks sharing cores: "
-              + ", ".join(f"{k} ranks {v:.2f}x" for k, v in sorted(result.slowdowns.items())))
+              + ", ".join(f"{k} ranks {v:.2f}x" + (f" (mean of {result.probes[k]} probes)"
+                                                  if result.probes.get(k, 1) > 1 else "")
+                          for k, v in sorted(result.slowdowns.items())))
         for world, per in sorted(result.stage_slowdowns.items()):
             print(f"  {world} ranks, per stage kind: "
                   + ", ".join(f"{k} {v:.2f}x" for k, v in per.items()))
-    print("(* = best fit, used in the model)")
+    if fits:
+        print("(* = best fit, used in the model)")
     return 0

@@ -1,0 +1,119 @@
+"""commbench raw files: read back exactly, merged as a weighted mean of probes, bad ones named."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kfacperf import commbench as cb
+from kfacperf import commbench_raw as raw
+from kfacperf.sim.cluster_model import load_cluster_model
+
+from tests.test_commbench import synthetic_result
+
+
+def probe(slowdown: float, forward: float, *, probes: int = 1) -> cb.CommbenchResult:
+    return cb.CommbenchResult(backend="gloo", points=(), cores=2, slowdowns={2: slowdown},
+                              stage_slowdowns={2: {"forward": forward, "update": 2.0}},
+                              probes={2: probes})
+
+
+def test_round_trip_through_json() -> None:
+    res = synthetic_result()
+    res = cb.CommbenchResult(backend=res.backend, points=res.points, cores=2,
+                             slowdowns={2: 1.2}, stage_slowdowns={2: {"forward": 1.1}},
+                             probes={2: 3})
+    back = raw.result_from_dict(json.loads(json.dumps(res.to_dict())))
+    assert back == res
+
+
+def test_merge_weights_every_probe_and_takes_median_times() -> None:
+    full = synthetic_result()
+    full = cb.CommbenchResult(backend="gloo", points=full.points, cores=2, slowdowns={2: 1.1},
+                              stage_slowdowns={2: {"forward": 1.0, "update": 2.0}}, probes={2: 1})
+    slower = cb.CommbenchResult(backend="gloo", cores=2, points=tuple(
+        cb.Point(op=p.op, world_size=p.world_size, nbytes=p.nbytes, time_us=p.time_us * 3,
+                 reps=p.reps) for p in full.points))
+    merged = raw.merge_results([full, probe(1.4, 1.3, probes=3), slower,
+                                probe(1.2, 1.1)])
+    # 1 + 3 + 1 probes: (1.1 + 3 * 1.4 + 1.2) / 5
+    assert merged.slowdowns[2] == pytest.approx((1.1 + 4.2 + 1.2) / 5)
+    assert merged.stage_slowdowns[2]["forward"] == pytest.approx((1.0 + 3 * 1.3 + 1.1) / 5)
+    assert merged.stage_slowdowns[2]["update"] == pytest.approx(2.0)
+    assert merged.probes == {2: 5}
+    # the median of two files' times is their mean: twice the first file's
+    by = {(p.op, p.world_size, p.nbytes): p for p in merged.points}
+    for p in full.points:
+        assert by[(p.op, p.world_size, p.nbytes)].time_us == pytest.approx(2 * p.time_us)
+        assert by[(p.op, p.world_size, p.nbytes)].reps == 2 * p.reps
+    model, _ = cb.fit_cluster(merged, name="m")
+    # on 2 cores and 2 ranks: slowdown = 1 + c, so c is the mean slowdown - 1
+    assert model.contention == pytest.approx(merged.slowdowns[2] - 1, rel=1e-3)
+    assert "mean of 5 probes" in model.source
+
+
+def test_merge_refuses_mixed_backends_and_nothing() -> None:
+    with pytest.raises(ValueError, match="different backends"):
+        raw.merge_results([probe(1.1, 1.0), cb.CommbenchResult(backend="nccl", points=())])
+    with pytest.raises(ValueError, match="nothing to merge"):
+        raw.merge_results([])
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("{", "not JSON"),
+    ('{"backend": "gloo", "speed": 1}', "unknown key(s) ['speed']"),
+    ('{"backend": "mpi"}', "'backend' must be gloo or nccl"),
+    ('{"backend": "gloo", "slowdowns": {"2": -1.0}}', "slowdowns[2]: slowdown -1.0 must be a positive"),
+    ('{"backend": "gloo", "slowdowns": {"one": 1.2}}', "world size 'one' is not an integer"),
+    ('{"backend": "gloo", "stage_slowdowns": {"2": {"warp": 1.0}}}', "unknown stage kind(s) ['warp']"),
+    ('{"backend": "gloo", "points": [{"op": "all_reduce"}]}', "points[0]: expected the keys"),
+    ('{"backend": "gloo", "points": [{"op": "all_reduce", "world_size": 2, "nbytes": 4, '
+     '"time_us": -3, "reps": 1}]}', "must be > 0"),
+])
+def test_bad_raw_file_is_named(tmp_path: Path, content: str, message: str) -> None:
+    f = tmp_path / "probe.json"
+    f.write_text(content)
+    with pytest.raises(raw.RawFileError) as err:
+        raw.load_raw(f)
+    assert str(f) in str(err.value) and message in str(err.value)
+    with pytest.raises(raw.RawFileError, match="cannot read"):
+        raw.load_raw(tmp_path / "missing.json")
+
+
+def test_command_fits_a_model_from_raw_files(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from kfacperf.cli import main
+
+    full = synthetic_result()
+    full = cb.CommbenchResult(backend="gloo", points=full.points, cores=2, slowdowns={2: 1.1},
+                              probes={2: 1})
+    files = []
+    for i, res in enumerate([full, probe(1.3, 1.2), probe(1.5, 1.4)]):
+        files.append(tmp_path / f"r{i}.json")
+        files[-1].write_text(json.dumps(res.to_dict()))
+    out = tmp_path / "merged.toml"
+    assert main(["commbench", "--from-raw", *map(str, files), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "2 ranks 1.30x (mean of 3 probes)" in text
+    model = load_cluster_model(out)
+    assert model.contention == pytest.approx(0.3, rel=1e-3)
+    # the forward kind was probed twice (the full run had no per-kind table)
+    assert model.contention_by_stage["forward"] == pytest.approx(0.3, rel=1e-3)
+    # a bad file among them: exit 2, the file named, no model written
+    (tmp_path / "bad.json").write_text('{"backend": "gloo", "slowdowns": {"2": 0}}')
+    out2 = tmp_path / "none.toml"
+    assert main(["commbench", "--from-raw", str(files[0]), str(tmp_path / "bad.json"),
+                 "--out", str(out2)]) == 2
+    assert "bad.json" in capsys.readouterr().err and not out2.exists()
+
+
+@pytest.mark.parametrize("args", [["--contention-only", "--out", "x.toml"],
+                                  ["--contention-only", "--no-contention"],
+                                  ["--contention-only", "--from-raw", "a.json"]])
+def test_contention_only_refuses_what_it_cannot_do(args: list[str],
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from kfacperf.cli import main
+
+    assert main(["commbench", *args]) == 2
+    assert "--contention-only" in capsys.readouterr().err
