@@ -23,11 +23,20 @@
 # touches every configuration once instead of one configuration in every repeat);
 # `kfacperf validate` pools the recordings of one configuration.
 #
+# How much two ranks sharing the two cores slow each other is a state of the host too: three
+# contention probes in one minute measured 1.02x, 1.12x and 1.41x.  So a probe is taken before
+# every PROBE_EVERY configurations (OUT_DIR/probes/), and at the end the cluster model is
+# fitted again from commbench's collectives and every probe of the session
+# (`kfacperf commbench --from-raw`): its contention is the session's mean.
+#
+# Two processes need about ten SGD steps to settle (the first ones run 1.3-1.5x slower), so
+# the SGD and the 10/100-interval runs warm up for ten steps.
+#
 # Environment: WORKLOAD (resnet20), BATCHES ("16 32"), MAX_FOREIGN (0.15), TRIES (8),
-# REPEATS (4), STEPS_SGD/WARMUP_SGD (20/3), STEPS_KFAC/WARMUP_KFAC (12/6: intervals 1/1; two
+# REPEATS (4), STEPS_SGD/WARMUP_SGD (30/10), STEPS_KFAC/WARMUP_KFAC (12/6: intervals 1/1; two
 # ranks sharing the cores take about six such steps to settle),
-# STEPS_STALE/WARMUP_STALE (40/5: intervals 10/100, four factor steps in the window),
-# NPROCS ("1 2"), SKIP_COMMBENCH (unset).
+# STEPS_STALE/WARMUP_STALE (50/10: intervals 10/100, four factor steps in the window),
+# PROBE_EVERY (2), NPROCS ("1 2"), SKIP_COMMBENCH (unset).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-traces/reference}
@@ -39,9 +48,10 @@ NPROCS=${NPROCS:-"1 2"}
 MAX_FOREIGN=${MAX_FOREIGN:-0.15}
 TRIES=${TRIES:-8}
 REPEATS=${REPEATS:-4}
-STEPS_SGD=${STEPS_SGD:-20}; WARMUP_SGD=${WARMUP_SGD:-3}
+STEPS_SGD=${STEPS_SGD:-30}; WARMUP_SGD=${WARMUP_SGD:-10}
 STEPS_KFAC=${STEPS_KFAC:-12}; WARMUP_KFAC=${WARMUP_KFAC:-6}
-STEPS_STALE=${STEPS_STALE:-40}; WARMUP_STALE=${WARMUP_STALE:-5}
+STEPS_STALE=${STEPS_STALE:-50}; WARMUP_STALE=${WARMUP_STALE:-10}
+PROBE_EVERY=${PROBE_EVERY:-2}
 HZ=$(getconf CLK_TCK)
 LOG="$OUT/recording.log"
 mkdir -p "$OUT"
@@ -106,10 +116,22 @@ if [ -z "${SKIP_COMMBENCH:-}" ]; then
     --sizes 4KiB,64KiB,256KiB,1MiB,4MiB,16MiB --raw "$OUT/commbench.json"
 fi
 
+# probe_maybe: a contention probe before every PROBE_EVERY-th configuration
+configs=0
+probe_maybe() {
+  if [ $((configs % PROBE_EVERY)) -eq 0 ]; then
+    local n; n=$(printf '%02d' $((configs / PROBE_EVERY + 1)))
+    mkdir -p "$OUT/probes"
+    run_quiet "probe-$n" "$KFACPERF" commbench --contention-only --raw "$OUT/probes/probe-$n.json"
+  fi
+  configs=$((configs + 1))
+}
+
 # profile NAME ARGS...: the same run on every process count, one after the other, so the
 # 1-process (calibration) and 2-process (held-out) runs see the same state of the machine
 profile() {
   local name=$1; shift
+  probe_maybe
   for p in $NPROCS; do
     run_quiet "p$p/$name" "$KFACPERF" profile --workload "$WORKLOAD" --nproc "$p" "$@" \
       --out "$OUT/p$p/$name" --force
@@ -129,4 +151,9 @@ for r in $(seq 1 "$REPEATS"); do
     done
   done
 done
+probe_maybe
+if [ -f "$OUT/commbench.json" ]; then
+  "$KFACPERF" commbench --from-raw "$OUT/commbench.json" "$OUT"/probes/probe-*.json \
+    --out "$CLUSTER" | tee -a "$LOG"
+fi
 du -sh "$OUT"
