@@ -24,7 +24,8 @@ API::
                     collectives)
     run_commbench(config, *, progress=print)
         -> CommbenchResult(.points, .slowdowns, .stage_slowdowns, .probes, .backend)
-    fit_cluster(result, *, name, gpus_per_node=None, cores_per_node=None) -> (ClusterModel, fits)
+
+The fits (alpha-beta per collective, contention, straggler) are in :mod:`kfacperf.commbench_fit`.
 """
 from __future__ import annotations
 
@@ -34,14 +35,12 @@ import queue as queue_mod
 import statistics
 import time
 import traceback
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
 
-from kfacperf.contention_probe import ALL
+from kfacperf.contention_probe import ALL, STRAGGLER
 from kfacperf.net import free_port
-from kfacperf.sim.cluster_model import ALGORITHMS, OPS, ClusterModel
-from kfacperf.sim.device_model import STAGE_KINDS
-from kfacperf.sim.calibration import AlphaBetaFit, cluster_from_fits, fit_alpha_beta, sig
+from kfacperf.sim.cluster_model import OPS
 
 KIB = 1024
 MIB = 1024 * 1024
@@ -117,13 +116,16 @@ class CommbenchResult:
     stage_slowdowns: dict[int, dict[str, float]] = field(default_factory=dict)
     # world size -> how many probes the slowdowns are the mean of
     probes: dict[int, int] = field(default_factory=dict)
+    # world size -> the straggler: (slowest - mean) / mean rank time per synchronised step
+    stragglers: dict[int, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"backend": self.backend, "cores": self.cores,
                 "points": [asdict(p) for p in self.points],
                 "slowdowns": {str(k): v for k, v in self.slowdowns.items()},
                 "stage_slowdowns": {str(k): v for k, v in self.stage_slowdowns.items()},
-                "probes": {str(k): v for k, v in self.probes.items()}}
+                "probes": {str(k): v for k, v in self.probes.items()},
+                "stragglers": {str(k): v for k, v in self.stragglers.items()}}
 
 
 def parse_size(text: str) -> int:
@@ -300,7 +302,7 @@ def _launch(world: int, cfg: dict[str, Any], progress: Callable[[str], None]
     return [results[r] for r in range(world)], slowdown
 
 
-def _fmt_size(n: int) -> str:
+def fmt_size(n: int) -> str:
     for unit, mult in (("MiB", MIB), ("KiB", KIB)):
         if n >= mult and n % mult == 0:
             return f"{n // mult}{unit}"
@@ -318,13 +320,17 @@ def run_commbench(config: CommbenchConfig, *, progress: Callable[[str], None] = 
     slowdowns: dict[int, float] = {}
     stage_slowdowns: dict[int, dict[str, float]] = {}
     probes: dict[int, int] = {}
+    stragglers: dict[int, float] = {}
     for world in config.world_sizes or default_world_sizes(backend):
         progress(f"commbench: {world} ranks, backend {backend}")
         per_rank, slowdown = _launch(world, cfg, progress)
         if slowdown and not math.isnan(slowdown[ALL]):
             slowdowns[world] = slowdown[ALL]
-            stage_slowdowns[world] = {k: v for k, v in slowdown.items() if k != ALL}
+            stage_slowdowns[world] = {k: v for k, v in slowdown.items()
+                                      if k not in (ALL, STRAGGLER)}
             probes[world] = 1
+            if STRAGGLER in slowdown and math.isfinite(slowdown[STRAGGLER]):
+                stragglers[world] = slowdown[STRAGGLER]
         i = 0
         for op in config.ops if config.collectives else ():
             for nbytes in config.sizes:
@@ -334,76 +340,5 @@ def run_commbench(config: CommbenchConfig, *, progress: Callable[[str], None] = 
                 i += 1
     cores = (os.cpu_count() or 1) if backend == "gloo" else 0
     return CommbenchResult(backend=backend, points=tuple(points), slowdowns=slowdowns, cores=cores,
-                           stage_slowdowns=stage_slowdowns, probes=probes)
-
-
-def fit_contention(slowdowns: dict[int, float], cores: int) -> float:
-    """Least-squares ``c`` in ``slowdown(r) = (1 + c (r - 1)) * max(1, r / cores)``, >= 0."""
-    xs, ys = [], []
-    for r, s in slowdowns.items():
-        over = max(1.0, r / cores) if cores > 0 else 1.0
-        xs.append(r - 1)
-        ys.append(s / over - 1.0)
-    if not xs:
-        return 0.0
-    c = sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs)
-    return max(0.0, c)
-
-
-def fit_points(points: Sequence[Point], op: str) -> tuple[AlphaBetaFit, list[AlphaBetaFit]]:
-    """Fit every linear algorithm of ``op``; the best (lowest relative error) first."""
-    samples = [(p.world_size, p.nbytes, p.time_us) for p in points if p.op == op]
-    fits = []
-    for algo in ALGORITHMS[op]:
-        if (op, algo) == ("broadcast", "ring"):
-            continue  # not linear in alpha, beta
-        try:
-            fits.append(fit_alpha_beta(samples, op=op, algorithm=algo))
-        except ValueError:
-            continue
-    if not fits:
-        raise ValueError(f"{op}: the measurements fit no algorithm (too few sizes?)")
-    fits.sort(key=lambda f: f.rms_rel_error)
-    return fits[0], fits
-
-
-def fit_cluster(
-    result: CommbenchResult, *, name: str, gpus_per_node: int | None = None,
-    cores_per_node: int | None = None,
-) -> tuple[ClusterModel, dict[str, list[AlphaBetaFit]]]:
-    """The cluster model of the measured machine, plus every fit tried per collective."""
-    ops = sorted({p.op for p in result.points}, key=OPS.index)
-    missing = [op for op in OPS if op not in ops]
-    if missing:
-        raise ValueError(f"a cluster model needs every collective; not measured: {missing}")
-    best: dict[str, AlphaBetaFit] = {}
-    tried: dict[str, list[AlphaBetaFit]] = {}
-    for op in ops:
-        best[op], tried[op] = fit_points(result.points, op)
-    cores = result.cores if cores_per_node is None else cores_per_node
-    contention = sig(fit_contention(result.slowdowns, cores)) if result.slowdowns else 0.0
-    kinds = sorted({k for per in result.stage_slowdowns.values() for k in per},
-                   key=STAGE_KINDS.index)
-    by_stage = {k: sig(fit_contention({w: per[k] for w, per in result.stage_slowdowns.items()
-                                       if k in per}, cores)) for k in kinds}
-    if gpus_per_node is None:
-        gpus_per_node = 64 if result.backend == "gloo" else max(p.world_size for p in result.points)
-    worlds = sorted({p.world_size for p in result.points})
-    sizes = sorted({p.nbytes for p in result.points})
-    means = "; ".join(f"{w} ranks: mean of {n} probes" for w, n in sorted(result.probes.items())
-                      if n > 1)
-    per_kind = "; ".join(
-        f"{w}: " + ", ".join(f"{k} {v:.2f}" for k, v in per.items())
-        for w, per in sorted(result.stage_slowdowns.items()))
-    src = (f"kfacperf commbench, backend {result.backend}, world sizes {worlds}, sizes "
-           f"{_fmt_size(sizes[0])}..{_fmt_size(sizes[-1])}; compute slowdown of ranks sharing "
-           f"cores: {', '.join(f'{k}: {v:.2f}' for k, v in sorted(result.slowdowns.items())) or 'not measured'}"
-           + (f" ({means})" if means else "")
-           + (f"; per stage kind: {per_kind}" if per_kind else ""))
-    desc = ("Measured on one machine; the inter tier is a copy of the intra tier (nothing "
-            "between nodes was measured).")
-    model = cluster_from_fits(best, name=name, gpus_per_node=gpus_per_node, cores_per_node=cores,
-                              contention=contention, source=src, description=desc)
-    if by_stage:
-        model = replace(model, contention_by_stage=by_stage)
-    return model, tried
+                           stage_slowdowns=stage_slowdowns, probes=probes,
+                           stragglers=stragglers)

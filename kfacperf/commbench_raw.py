@@ -27,7 +27,7 @@ from kfacperf.commbench import CommbenchResult, Point
 from kfacperf.sim.cluster_model import OPS
 from kfacperf.sim.device_model import STAGE_KINDS
 
-KEYS = {"backend", "cores", "points", "slowdowns", "stage_slowdowns", "probes"}
+KEYS = {"backend", "cores", "points", "slowdowns", "stage_slowdowns", "probes", "stragglers"}
 POINT_KEYS = {"op", "world_size", "nbytes", "time_us", "reps"}
 
 
@@ -91,11 +91,18 @@ def result_from_dict(data: Any, *, source: str = "raw data") -> CommbenchResult:
         probes[_world(k, f"{source}: probes")] = n
     # files written before probes were counted hold one probe per measured world size
     probes = {w: probes.get(w, 1) for w in slowdowns}
+    stragglers = {}
+    for k, v in dict(data.get("stragglers", {})).items():
+        where = f"{source}: stragglers[{k}]"
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise RawFileError(f"{where}: straggler {v!r} must be a number >= 0")
+        stragglers[_world(k, where)] = float(v)
     cores = data.get("cores", 0)
     if isinstance(cores, bool) or not isinstance(cores, int) or cores < 0:
         raise RawFileError(f"{source}: 'cores' must be a non-negative integer, got {cores!r}")
     return CommbenchResult(backend=backend, points=tuple(points), slowdowns=slowdowns,
-                           cores=cores, stage_slowdowns=stage, probes=probes)
+                           cores=cores, stage_slowdowns=stage, probes=probes,
+                           stragglers=stragglers)
 
 
 def load_raw(path: str | Path) -> CommbenchResult:
@@ -112,7 +119,8 @@ def load_raw(path: str | Path) -> CommbenchResult:
 
 def merge_results(results: Sequence[CommbenchResult]) -> CommbenchResult:
     """One measurement from several: slowdowns averaged over every probe (a file holding the
-    mean of ``n`` probes counts ``n`` times), collective times the median over the files."""
+    mean of ``n`` probes counts ``n`` times; the straggler over the probes that measured it),
+    collective times the median over the files."""
     if not results:
         raise ValueError("nothing to merge: no commbench results given")
     backends = sorted({r.backend for r in results})
@@ -130,11 +138,16 @@ def merge_results(results: Sequence[CommbenchResult]) -> CommbenchResult:
     total: dict[int, float] = defaultdict(float)
     stage_total: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     stage_weight: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    strag_total: dict[int, float] = defaultdict(float)
+    strag_weight: dict[int, int] = defaultdict(int)
     for r in results:
         for w, s in r.slowdowns.items():
             n = r.probes.get(w, 1)
             weight[w] += n
             total[w] += n * s
+            if w in r.stragglers:
+                strag_weight[w] += n
+                strag_total[w] += n * r.stragglers[w]
             for kind, v in r.stage_slowdowns.get(w, {}).items():
                 stage_weight[w][kind] += n
                 stage_total[w][kind] += n * v
@@ -143,4 +156,5 @@ def merge_results(results: Sequence[CommbenchResult]) -> CommbenchResult:
                  for k in STAGE_KINDS if k in stage_weight[w]} for w in sorted(stage_weight)}
     return CommbenchResult(backend=backends[0], points=points, slowdowns=slowdowns,
                            cores=max(r.cores for r in results), stage_slowdowns=stage,
-                           probes=dict(sorted(weight.items())))
+                           probes=dict(sorted(weight.items())),
+                           stragglers={w: strag_total[w] / strag_weight[w] for w in sorted(strag_weight)})

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from kfacperf import commbench as cb
+from kfacperf import commbench_fit as cbf
 from kfacperf.sim.cluster_model import OPS, load_cluster_model
 from kfacperf.sim.collectives import algorithm_us
 
@@ -28,7 +29,7 @@ def synthetic_result(noise: float = 0.0) -> cb.CommbenchResult:
 
 
 def test_fit_cluster_recovers_alpha_beta_and_algorithm(tmp_path: Path) -> None:
-    model, tried = cb.fit_cluster(synthetic_result(), name="synthetic")
+    model, tried = cbf.fit_cluster(synthetic_result(), name="synthetic")
     for op, (algo, alpha, gbps) in TRUE.items():
         prm = model.intra.params(op)
         assert prm.algorithm == algo, op
@@ -51,7 +52,7 @@ def test_fit_cluster_writes_contention_per_stage_kind(tmp_path: Path) -> None:
 
     per_stage = {2: {"forward": 1.07, "factor_compute": 1.48}, 4: {"forward": 2.28, "factor_compute": 3.6}}
     result = replace(synthetic_result(), stage_slowdowns=per_stage)
-    model, _ = cb.fit_cluster(result, name="synthetic")
+    model, _ = cbf.fit_cluster(result, name="synthetic")
     # same least squares as the single factor: x = r - 1, y = slowdown / max(1, r/2) - 1
     assert model.contention_by_stage["forward"] == pytest.approx((0.07 + 3 * 0.14) / 10, rel=1e-3)
     assert model.contention_by_stage["factor_compute"] == pytest.approx((0.48 + 3 * 0.8) / 10, rel=1e-3)
@@ -59,7 +60,7 @@ def test_fit_cluster_writes_contention_per_stage_kind(tmp_path: Path) -> None:
     assert "per stage kind: 2: forward 1.07, factor_compute 1.48" in model.source
     assert load_cluster_model(save_cluster_model(model, tmp_path / "c.toml")) == model
     # without per-stage measurements the model has no table, as before
-    assert cb.fit_cluster(synthetic_result(), name="s")[0].contention_by_stage == {}
+    assert cbf.fit_cluster(synthetic_result(), name="s")[0].contention_by_stage == {}
 
 
 def test_probe_has_one_workload_per_stage_kind() -> None:
@@ -76,7 +77,7 @@ def test_probe_has_one_workload_per_stage_kind() -> None:
 
 
 def test_fit_with_noise_stays_close() -> None:
-    model, _ = cb.fit_cluster(synthetic_result(noise=0.05), name="noisy")
+    model, _ = cbf.fit_cluster(synthetic_result(noise=0.05), name="noisy")
     for op, (algo, alpha, gbps) in TRUE.items():
         prm = model.intra.params(op)
         t_true = algorithm_us(op, algo, 4, 1 << 20, alpha, 1 / (gbps * 1e3))
@@ -94,7 +95,7 @@ def test_config_and_size_parsing() -> None:
         cb.CommbenchConfig(ops=("all_to_all",))
     partial = cb.CommbenchResult(backend="gloo", points=synthetic_result().points[:16])
     with pytest.raises(ValueError, match="not measured"):
-        cb.fit_cluster(partial, name="x")
+        cbf.fit_cluster(partial, name="x")
 
 
 @pytest.mark.parametrize(
@@ -137,6 +138,9 @@ def test_real_gloo_run_writes_a_loadable_cluster_model(tmp_path: Path) -> None:
     from kfacperf.sim.device_model import STAGE_KINDS
 
     assert list(data["stage_slowdowns"]["2"]) == list(STAGE_KINDS)
+    # and how uneven the ranks were per synchronised step: a fraction of a step, >= 0
+    assert 0.0 <= data["stragglers"]["2"] < 1.0 and model.straggler == pytest.approx(
+        data["stragglers"]["2"], rel=1e-3, abs=1e-6)
     assert all(math.isfinite(v) and v > 0 for v in data["stage_slowdowns"]["2"].values())
     assert set(model.contention_by_stage) == set(STAGE_KINDS)
     assert "per stage kind" in model.source
@@ -163,3 +167,13 @@ def test_real_contention_only_probe_merges_into_the_model(tmp_path: Path) -> Non
     model = load_cluster_model(out)
     assert model.contention == pytest.approx(max(0.0, mean - 1), rel=1e-3, abs=1e-6)
     assert "mean of 2 probes" in model.source
+
+
+def test_straggler_of_step_times() -> None:
+    from kfacperf.contention_probe import straggler_of
+
+    # step 1: 10 and 14 (slowest 2 over the mean 12); step 2: 12 and 12 (0): mean 1 / mean 12
+    assert straggler_of([[10.0, 12.0], [14.0, 12.0]]) == pytest.approx(1.0 / 12.0)
+    assert straggler_of([[5.0, 6.0], [5.0, 6.0], [5.0, 6.0]]) == 0.0  # lockstep: no wait
+    with pytest.raises(ValueError, match="no steps"):
+        straggler_of([[], []])

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from kfacperf import commbench as cb
+from kfacperf import commbench_fit as cbf
 from kfacperf import commbench_raw as raw
 from kfacperf.sim.cluster_model import load_cluster_model
 
@@ -47,7 +48,7 @@ def test_merge_weights_every_probe_and_takes_median_times() -> None:
     for p in full.points:
         assert by[(p.op, p.world_size, p.nbytes)].time_us == pytest.approx(2 * p.time_us)
         assert by[(p.op, p.world_size, p.nbytes)].reps == 2 * p.reps
-    model, _ = cb.fit_cluster(merged, name="m")
+    model, _ = cbf.fit_cluster(merged, name="m")
     # on 2 cores and 2 ranks: slowdown = 1 + c, so c is the mean slowdown - 1
     assert model.contention == pytest.approx(merged.slowdowns[2] - 1, rel=1e-3)
     assert "mean of 5 probes" in model.source
@@ -117,3 +118,26 @@ def test_contention_only_refuses_what_it_cannot_do(args: list[str],
 
     assert main(["commbench", *args]) == 2
     assert "--contention-only" in capsys.readouterr().err
+
+
+def test_straggler_is_merged_over_the_probes_that_measured_it_and_fitted() -> None:
+    from kfacperf.sim.cluster_model import expected_max_normal
+
+    old = probe(1.2, 1.1, probes=3)  # written before stragglers were probed
+    new = [cb.CommbenchResult(backend="gloo", points=(), cores=2, slowdowns={2: 1.1},
+                              probes={2: 1}, stragglers={2: s}) for s in (0.02, 0.04)]
+    merged = raw.merge_results([old, *new])
+    assert merged.stragglers == {2: pytest.approx(0.03)} and merged.probes == {2: 5}
+    full = synthetic_result()
+    model, _ = cbf.fit_cluster(cb.CommbenchResult(
+        backend="gloo", points=full.points, cores=2, slowdowns={2: 1.1},
+        stragglers={2: 0.03, 4: 0.03 * expected_max_normal(4) / expected_max_normal(2)}),
+        name="s")
+    # both world sizes say the same two-rank straggler once scaled by E[max]
+    assert model.straggler == pytest.approx(0.03, rel=1e-4)
+    assert "straggler: 2: 0.030" in model.source
+    assert cbf.fit_straggler({}) == 0.0
+    back = raw.result_from_dict(json.loads(json.dumps(merged.to_dict())))
+    assert back.stragglers == merged.stragglers
+    with pytest.raises(raw.RawFileError, match=r"stragglers\[2\]: straggler -0.1 must be"):
+        raw.result_from_dict({"backend": "gloo", "stragglers": {"2": -0.1}}, source="f.json")

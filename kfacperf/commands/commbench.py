@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from kfacperf import commbench as cb
+    from kfacperf import commbench_fit as cbf
     from kfacperf import commbench_raw
     from kfacperf.sim.cluster_model import OPS, save_cluster_model
 
@@ -89,20 +90,21 @@ def run(args: argparse.Namespace) -> int:
     if args.contention_only:
         pass
     elif set(ops) == set(OPS):
-        model, tried = cb.fit_cluster(result, name=args.name, gpus_per_node=args.gpus_per_node)
+        model, tried = cbf.fit_cluster(result, name=args.name, gpus_per_node=args.gpus_per_node)
         fits = {op: [f.__dict__ for f in fs] for op, fs in tried.items()}
         if args.out:
             save_cluster_model(model, args.out)
             log(f"commbench: wrote {args.out}")
     else:
         for op in ops:
-            best, tried = cb.fit_points(result.points, op)
+            best, tried = cbf.fit_points(result.points, op)
             fits[op] = [f.__dict__ for f in tried]
         if args.out:
             log("commbench: not writing a cluster model: it needs all four collectives")
     if args.json:
         print(json.dumps({"fits": fits, "slowdowns": result.slowdowns,
-                          "stage_slowdowns": result.stage_slowdowns}, indent=1))
+                          "stage_slowdowns": result.stage_slowdowns,
+                          "stragglers": result.stragglers}, indent=1))
         return 0
     if fits:
         print(f"{'collective':<15} {'algorithm':<17} {'alpha_us':>9} {'GB/s':>8} {'rms err':>8} {'max err':>8}")
@@ -117,6 +119,9 @@ def run(args: argparse.Namespace) -> int:
               + ", ".join(f"{k} ranks {v:.2f}x" + (f" (mean of {result.probes[k]} probes)"
                                                   if result.probes.get(k, 1) > 1 else "")
                           for k, v in sorted(result.slowdowns.items())))
+        if result.stragglers:
+            print("straggler (slowest rank over the mean, per synchronised step): "
+                  + ", ".join(f"{k} ranks {v:.1%}" for k, v in sorted(result.stragglers.items())))
         for world, per in sorted(result.stage_slowdowns.items()):
             print(f"  {world} ranks, per stage kind: "
                   + ", ".join(f"{k} {v:.2f}x" for k, v in per.items()))

@@ -85,6 +85,7 @@ def _profiled(config: DemoConfig, paths: DemoPaths, strategy: str, nproc: int
 
 def _commbench(config: DemoConfig, paths: DemoPaths) -> Any:
     from kfacperf import commbench as cb
+    from kfacperf import commbench_fit as cbf
     from kfacperf.sim.cluster_model import save_cluster_model
 
     cbc = cb.CommbenchConfig(
@@ -93,7 +94,7 @@ def _commbench(config: DemoConfig, paths: DemoPaths) -> Any:
         timeout_s=config.timeout_s, contention=True,
     )
     result = cb.run_commbench(cbc, progress=lambda m: print(m, flush=True))
-    model, _ = cb.fit_cluster(result, name="local-cpu")
+    model, _ = cbf.fit_cluster(result, name="local-cpu")
     save_cluster_model(model, paths.cluster_model())
     (paths.cluster_model().parent / "commbench.json").write_text(
         json.dumps(result.to_dict(), indent=1) + "\n")

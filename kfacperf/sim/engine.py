@@ -10,6 +10,9 @@ whose requests arrive in program order — without paying for a request/release 
   so a step costs a few SimPy events per collective rather than per kernel.
 * A collective keeps a counter of arrived member classes and one shared completion event:
   each arrival is O(1); the last one to arrive starts it, waits its cost and fires the event.
+* A collective with a :attr:`~kfacperf.sim.graph.Collective.straggle` starts that fraction of
+  its last member's time since that member's previous collective later: the expected wait for
+  the slowest of ranks that are uneven (the measured trace charges that wait to no stage).
 * If the run ends with a collective that never started, the graph deadlocked (two classes
   issued collectives in different orders, or a member never launches one): that is an error
   naming the collective, as a real job would hang there.
@@ -112,6 +115,7 @@ def run_step(graph: StepGraph) -> StepResult:
     arrived = [0] * nc
     members = [len(c.members) for c in colls]
     cost = [c.cost_us for c in colls]
+    straggle = [c.straggle for c in colls]
     coll_start = [float("nan")] * nc
     done = [env.event() for _ in range(nc)]
     ncls = len(graph.classes)
@@ -139,10 +143,12 @@ def run_step(graph: StepGraph) -> StepResult:
 
     def comm_proc(items: list[tuple[int, int]], signals: dict[int, simpy.Event],
                   first: tuple[simpy.Event, ...], end: list[float], ci: int,
-                  finished: simpy.Event | None) -> Generator:
+                  finished: simpy.Event | None, synced_at: list[float] | None) -> Generator:
         for ev in first:
             if ev.callbacks is not None:
                 yield ev
+        # when this class last left a collective: the shared prefix's last one, if any
+        synced = synced_at[0] if synced_at is not None else env.now
         for k, after in items:
             if after:
                 ev = signals[after]
@@ -151,6 +157,9 @@ def run_step(graph: StepGraph) -> StepResult:
             a = arrived[k] + 1
             arrived[k] = a
             if a == members[k]:
+                late = straggle[k] * (env.now - synced)
+                if late > 0:
+                    yield env.timeout(late)
                 coll_start[k] = env.now
                 if cost[k] > 0:
                     yield env.timeout(cost[k])
@@ -159,6 +168,7 @@ def run_step(graph: StepGraph) -> StepResult:
                 ev = done[k]
                 if ev.callbacks is not None:
                     yield ev
+            synced = env.now
         end[ci] = env.now
         if finished is not None:
             finished.succeed()
@@ -167,7 +177,7 @@ def run_step(graph: StepGraph) -> StepResult:
               items: list[tuple[int, int]], shift: int, first_c: simpy.Event | None,
               first_m: tuple[simpy.Event, ...], ends: tuple[list[float], list[float]], ci: int,
               finished: tuple[simpy.Event | None, simpy.Event | None] = (None, None),
-              ) -> tuple[_Plan, list[float]]:
+              synced_at: list[float] | None = None) -> tuple[_Plan, list[float]]:
         """Processes for one compute+comm program; ``shift`` compute tasks precede it."""
         local = [(k, after - shift if after > shift else 0) for k, after in items]
         observed = {after for _, after in local if after}
@@ -176,7 +186,7 @@ def run_step(graph: StepGraph) -> StepResult:
         signals = {k: env.event() for k in observed}
         env.process(compute_proc(plan.segments, starts, signals, first_c, ends[0], ci,
                                  finished[0]))
-        env.process(comm_proc(local, signals, first_m, ends[1], ci, finished[1]))
+        env.process(comm_proc(local, signals, first_m, ends[1], ci, finished[1], synced_at))
         return plan, starts
 
     pre_end: tuple[list[float], list[float]] = ([0.0], [0.0])
@@ -196,7 +206,8 @@ def run_step(graph: StepGraph) -> StepResult:
     for ci in range(ncls):
         prog = graph.programs[ci]
         plans.append(start(prog.dur[n_pc:], graph.waits[ci][n_pc:], graph.comm[ci][n_pl:], n_pc,
-                           first_c, first_m, (compute_end, comm_end), ci))
+                           first_c, first_m, (compute_end, comm_end), ci,
+                           synced_at=pre_end[1] if shared else None))
     env.run()
 
     stuck = [k for k in range(nc) if not done[k].triggered]

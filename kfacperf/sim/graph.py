@@ -159,6 +159,9 @@ class Collective:
     size: int
     nodes: int
     cost_us: float
+    straggle: float = 0.0
+    """The last member arrives this fraction of its time since its previous collective late:
+    the expected wait for the slowest of uneven ranks (``ClusterModel.straggler``)."""
     members: list[int] = field(default_factory=list)
     """Class indices that take part, in order of first launch."""
 
@@ -196,7 +199,7 @@ def shared_prefix(programs: Sequence[Program]) -> tuple[int, int]:
 
 def assemble(
     classes: Sequence[RankClass], programs: Sequence[Program], cost: CollectiveCost, *,
-    per_rank: bool,
+    per_rank: bool, straggle: Callable[[int], float] | None = None,
 ) -> StepGraph:
     """Join the programs of ``classes`` into a step graph.
 
@@ -205,6 +208,7 @@ def assemble(
     every program shares (see :meth:`Program.copy`) is marked so the engine runs it once.
     Checks that the members of one collective agree on what it is, and (per rank) that every
     member of a group launched it, so a strategy bug shows up as an error, not a wrong time.
+    ``straggle(group_size)``: each collective's :attr:`Collective.straggle` (0 without it).
     """
     if len(classes) != len(programs):
         raise ValueError("one program per class is needed")
@@ -235,7 +239,8 @@ def assemble(
                 k = index[key] = len(collectives)
                 collectives.append(Collective(
                     stage=ln.stage, layer=ln.layer, op=ln.op, payload=ln.payload,
-                    size=g.size, nodes=g.nodes, cost_us=c_us))
+                    size=g.size, nodes=g.nodes, cost_us=c_us,
+                    straggle=float(straggle(g.size)) if straggle is not None else 0.0))
                 first.append(ln)
             else:
                 f = first[k]

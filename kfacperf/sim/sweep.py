@@ -104,13 +104,16 @@ def simulate_with_costs(
             keep.append(model)
         return hit
 
+    cluster = getattr(cost, "cluster", None)
+    straggle = cluster.straggle if cluster is not None and cluster.straggler > 0 else None
+
     def run_point(spec: StrategySpec, p: int) -> _Point:
         lc, coll = costs_for(p)
         steps, memory = [], (0, 0)
         for cs in cycle(factor_interval, inverse_interval, kfac=spec.name != "sgd"):
             step = make_step(spec, StepSpec(costs=lc, world_size=p, gpus_per_node=gpus_per_node,
                                             kind=cs.kind, comm=comm))
-            steps.append((cs, run_step(build_graph(step, coll))))
+            steps.append((cs, run_step(build_graph(step, coll, straggle=straggle))))
             memory = step.memory()
         return _Point(spec, p, steps, memory)
 

@@ -28,7 +28,7 @@ def resolve_cluster(cluster: Any) -> "ClusterModel":
     if hasattr(cluster, "gpus_per_node"):
         return cluster
     if hasattr(cluster, "points") and hasattr(cluster, "backend"):  # a CommbenchResult
-        from kfacperf.commbench import fit_cluster
+        from kfacperf.commbench_fit import fit_cluster
 
         return fit_cluster(cluster, name="local")[0]
     return load_cluster(cluster)

@@ -205,3 +205,24 @@ def test_collectives_issued_in_different_orders_deadlock_with_a_clear_error():
     graph = assemble([RankClass(0, 1), RankClass(1, 1)], progs, cost, per_rank=True)
     with pytest.raises(RuntimeError, match="deadlocked"):
         run_step(graph)
+
+
+def test_straggle_delays_each_collective_by_a_fraction_of_the_time_since_the_last():
+    """Two buckets with a straggle s: each all-reduce starts s x (time since the previous
+    collective ended) after its last member arrived; the compute that waits on it moves too."""
+    s = 0.1
+    c = two_layers(bwd=(400.0, 40.0))
+    spec = StepSpec(costs=c, world_size=2, gpus_per_node=1, kind=PLAIN_STEP, comm=SPLIT)
+    res = run_step(build_graph(make_step(parse_strategy("sgd"), spec), cost,
+                               straggle=lambda n: s if n > 1 else 0.0))
+    ar1 = cost("all_reduce", 33 * 16 * 4, 2, 2)
+    ar0 = cost("all_reduce", 65 * 32 * 4, 2, 2)
+    a1 = 50.0 + 40.0  # layer 1's bucket is ready; nothing synchronised since the step began
+    e1 = a1 * (1 + s) + ar1
+    a0 = max(50.0 + 40.0 + 400.0, e1)
+    e0 = a0 + s * (a0 - e1) + ar0
+    assert res.step_us == pytest.approx(e0 + 17.0, rel=1e-12)
+    assert sorted(res.coll_start) == pytest.approx([a1 * (1 + s), a0 + s * (a0 - e1)])
+    # no straggle: the same graph as before
+    plain = run_step(build_graph(make_step(parse_strategy("sgd"), spec), cost))
+    assert plain.step_us == pytest.approx(max(490.0, a1 + ar1) + ar0 + 17.0, rel=1e-12)

@@ -82,3 +82,19 @@ def test_class_count_at_scale(strategy, expected):
     classes = make_step(parse_strategy(strategy), spec).classes(per_rank=False)
     assert len(classes) == expected
     assert sum(c.count for c in classes) == 4096
+
+
+@pytest.mark.parametrize("strategy", ("sgd", "spngd", "kaisa:0.5"))
+def test_classes_reproduce_every_rank_with_a_straggle(strategy):
+    """The straggle depends on each class's own history, so classes must still be exact."""
+    layers = random_layer_costs(6, seed=3, other_params=2000)
+    for p in (2, 4, 6, 8, 16):
+        for kind in STEP_KINDS:
+            spec = StepSpec(costs=layers, world_size=p, gpus_per_node=4, kind=kind, comm=COMM)
+            step = make_step(parse_strategy(strategy), spec)
+            straggle = (lambda n: 0.02 * n)  # noqa: E731 - grows with the group
+            fast = run_step(build_graph(step, cost, straggle=straggle))
+            full = run_step(build_graph(step, cost, per_rank=True, straggle=straggle))
+            assert by_class(fast) == Counter(timelines(full)), (p, kind.name)
+            plain = run_step(build_graph(step, cost))
+            assert fast.step_us > plain.step_us  # it waits somewhere: every step synchronises

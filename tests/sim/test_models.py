@@ -1,6 +1,7 @@
 """Model TOMLs: round trips, presets, aliases, and strict loading errors that name file and key."""
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -276,6 +277,9 @@ def test_contention_by_stage_round_trips_and_defaults_to_the_single_factor(tmp_p
          r"key 'compute\.contention_by_stage\.forward': expected a number, got a string"),
         ("contention = 0.1\ncontention_by_stage = 0.3",
          r"key 'compute\.contention_by_stage': expected a table"),
+        ("contention = 0.1\nstraggler = -0.02", r"key 'compute\.straggler': must be >= 0"),
+        ("contention = 0.1\nstraggler = \"some\"",
+         r"key 'compute\.straggler': expected a number, got a string"),
     ],
 )
 def test_contention_by_stage_strict_errors(tmp_path: Path, new: str, pattern: str) -> None:
@@ -284,3 +288,40 @@ def test_contention_by_stage_strict_errors(tmp_path: Path, new: str, pattern: st
     with pytest.raises(ValueError, match=pattern) as info:
         load_cluster_model(path)
     assert str(path) in str(info.value)
+
+
+def test_expected_max_normal_matches_closed_forms() -> None:
+    from kfacperf.sim.cluster_model import expected_max_normal
+
+    assert expected_max_normal(1) == 0.0
+    assert expected_max_normal(2) == pytest.approx(1 / math.sqrt(math.pi), rel=1e-9)
+    assert expected_max_normal(3) == pytest.approx(1.5 / math.sqrt(math.pi), rel=1e-9)
+    # Monte Carlo check of a larger n, independent of the quadrature
+    import random
+
+    rng = random.Random(0)
+    draws = [max(rng.gauss(0, 1) for _ in range(16)) for _ in range(20000)]
+    assert expected_max_normal(16) == pytest.approx(sum(draws) / len(draws), abs=0.02)
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        expected_max_normal(0)
+
+
+def test_straggler_grows_like_the_expected_maximum(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from kfacperf.sim.cluster_model import expected_max_normal
+
+    base = make_cluster()  # 2 cores, contention 0.1
+    c = replace(base, straggler=0.04)
+    assert c.straggle(1) == 0.0 and base.straggle(8) == 0.0  # one rank waits for no one
+    assert c.straggle(2) == pytest.approx(0.04)
+    assert c.straggle(4) == pytest.approx(0.04 * 1.0293753730 / (1 / math.sqrt(math.pi)))
+    assert c.straggle(64) == pytest.approx(0.04 * expected_max_normal(64) / expected_max_normal(2))
+    # the straggler is a wait at collectives, not slower compute
+    assert c.compute_slowdown(2) == base.compute_slowdown(2) == pytest.approx(1.1)
+    assert load_cluster_model(save_cluster_model(c, tmp_path / "c.toml")) == c
+    assert "straggler = 0.04" in (tmp_path / "c.toml").read_text()
+    # absent means 0, and it is not written then
+    assert "straggler" not in save_cluster_model(base, tmp_path / "b.toml").read_text()
+    with pytest.raises(ValueError, match="straggler must be >= 0"):
+        replace(base, straggler=-0.1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Protocol
+from typing import Callable, Protocol
 
 from kfacperf.sim.graph import CollectiveCost, Program, RankClass, StepGraph, assemble
 from kfacperf.sim.strategies.common import StepSpec
@@ -88,10 +88,11 @@ def make_step(strategy: StrategySpec, spec: StepSpec) -> StepBuilder:
     return KaisaStep(spec, strategy.fraction)
 
 
-def build_graph(step: StepBuilder, cost: CollectiveCost, *, per_rank: bool = False) -> StepGraph:
+def build_graph(step: StepBuilder, cost: CollectiveCost, *, per_rank: bool = False,
+                straggle: Callable[[int], float] | None = None) -> StepGraph:
     classes = step.classes(per_rank=per_rank)
     programs = [step.program(c.rank) for c in classes]
-    return assemble(classes, programs, cost, per_rank=per_rank)
+    return assemble(classes, programs, cost, per_rank=per_rank, straggle=straggle)
 
 
 __all__ = [
