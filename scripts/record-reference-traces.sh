@@ -36,7 +36,8 @@
 # REPEATS (4), STEPS_SGD/WARMUP_SGD (30/10), STEPS_KFAC/WARMUP_KFAC (12/6: intervals 1/1; two
 # ranks sharing the cores take about six such steps to settle),
 # STEPS_STALE/WARMUP_STALE (50/10: intervals 10/100, four factor steps in the window),
-# PROBE_EVERY (2), NPROCS ("1 2"), SKIP_COMMBENCH (unset).
+# PROBE_EVERY (2), NPROCS ("1 2"), SKIP_COMMBENCH (unset), FIRST_ROUND (1: set it to 5 with
+# SKIP_COMMBENCH=1 to add rounds 5..4+REPEATS to a finished set; probes are numbered on).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-traces/reference}
@@ -52,6 +53,7 @@ STEPS_SGD=${STEPS_SGD:-30}; WARMUP_SGD=${WARMUP_SGD:-10}
 STEPS_KFAC=${STEPS_KFAC:-12}; WARMUP_KFAC=${WARMUP_KFAC:-6}
 STEPS_STALE=${STEPS_STALE:-50}; WARMUP_STALE=${WARMUP_STALE:-10}
 PROBE_EVERY=${PROBE_EVERY:-2}
+FIRST_ROUND=${FIRST_ROUND:-1}
 HZ=$(getconf CLK_TCK)
 LOG="$OUT/recording.log"
 mkdir -p "$OUT"
@@ -120,8 +122,8 @@ fi
 configs=0
 probe_maybe() {
   if [ $((configs % PROBE_EVERY)) -eq 0 ]; then
-    local n; n=$(printf '%02d' $((configs / PROBE_EVERY + 1)))
     mkdir -p "$OUT/probes"
+    local n; n=$(printf '%02d' $(($(find "$OUT/probes" -name 'probe-*.json' | wc -l) + 1)))
     run_quiet "probe-$n" "$KFACPERF" commbench --contention-only --raw "$OUT/probes/probe-$n.json"
   fi
   configs=$((configs + 1))
@@ -138,7 +140,7 @@ profile() {
   done
 }
 
-for r in $(seq 1 "$REPEATS"); do
+for r in $(seq "$FIRST_ROUND" $((FIRST_ROUND + REPEATS - 1))); do
   for b in $BATCHES; do
     profile "$WORKLOAD-sgd-b$b-r$r" --optimizer sgd --batch-size "$b" --steps "$STEPS_SGD" \
       --warmup "$WARMUP_SGD"
