@@ -33,11 +33,11 @@
 # the SGD and the 10/100-interval runs warm up for ten steps.
 #
 # Environment: WORKLOAD (resnet20), BATCHES ("16 32"), MAX_FOREIGN (0.15), TRIES (8),
-# REPEATS (4), STEPS_SGD/WARMUP_SGD (30/10), STEPS_KFAC/WARMUP_KFAC (12/6: intervals 1/1; two
+# REPEATS (8: about 45 minutes in all), STEPS_SGD/WARMUP_SGD (30/10), STEPS_KFAC/WARMUP_KFAC (12/6: intervals 1/1; two
 # ranks sharing the cores take about six such steps to settle),
 # STEPS_STALE/WARMUP_STALE (50/10: intervals 10/100, four factor steps in the window),
 # PROBE_EVERY (2), NPROCS ("1 2"), SKIP_COMMBENCH (unset), FIRST_ROUND (1: set it to 5 with
-# SKIP_COMMBENCH=1 to add rounds 5..4+REPEATS to a finished set; probes are numbered on).
+# SKIP_COMMBENCH=1 to add rounds to a finished set of 4; probes are numbered on).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-traces/reference}
@@ -48,7 +48,7 @@ BATCHES=${BATCHES:-"16 32"}
 NPROCS=${NPROCS:-"1 2"}
 MAX_FOREIGN=${MAX_FOREIGN:-0.15}
 TRIES=${TRIES:-8}
-REPEATS=${REPEATS:-4}
+REPEATS=${REPEATS:-8}
 STEPS_SGD=${STEPS_SGD:-30}; WARMUP_SGD=${WARMUP_SGD:-10}
 STEPS_KFAC=${STEPS_KFAC:-12}; WARMUP_KFAC=${WARMUP_KFAC:-6}
 STEPS_STALE=${STEPS_STALE:-50}; WARMUP_STALE=${WARMUP_STALE:-10}

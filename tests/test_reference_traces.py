@@ -32,7 +32,23 @@ def test_validate_on_the_committed_traces_gives_the_readme_table() -> None:
     assert table[: len(readme)] == readme
     summary = next(ln for ln in table if ln.startswith("10 held-out run(s)"))
     assert summary in (ROOT / "README.md").read_text()
-    # every held-out configuration pools its four recordings; nothing leaked into calibration
-    assert set(result.runs["recordings"]) == {4}
-    assert len(result.calibration.traces) == 40
+    # every held-out configuration pools its eight recordings; nothing leaked into calibration
+    assert set(result.runs["recordings"]) == {8}
+    assert len(result.calibration.traces) == 80
     assert not any("/p2/" in t for t in result.calibration.traces)
+
+
+@pytest.mark.skipif(not (REF / "p1").is_dir(), reason="no committed reference traces")
+def test_the_reference_cluster_model_is_the_fit_of_the_sessions_probes() -> None:
+    """local-cpu.toml is what `commbench --from-raw` makes of commbench.json and probes/."""
+    from kfacperf.commbench_fit import fit_cluster
+    from kfacperf.commbench_raw import load_raw, merge_results
+    from kfacperf.sim.cluster_model import load_cluster_model
+
+    raws = [REF / "commbench.json", *sorted((REF / "probes").glob("probe-*.json"))]
+    assert len(raws) > 20  # probes spread over the whole recording session
+    merged = merge_results([load_raw(p) for p in raws])
+    model, _ = fit_cluster(merged, name="local-cpu")
+    committed = load_cluster_model(REF / "local-cpu.toml")
+    assert committed == model
+    assert committed.straggler > 0 and committed.contention > 0
