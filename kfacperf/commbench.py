@@ -23,7 +23,7 @@ API::
     CommbenchConfig(*, world_sizes, sizes, ops, reps, warmup, backend, timeout_s, contention,
                     collectives)
     run_commbench(config, *, progress=print)
-        -> CommbenchResult(.points, .slowdowns, .stage_slowdowns, .probes, .backend)
+        -> CommbenchResult(.points, .slowdowns, .stage_slowdowns, .probes, .stragglers, .backend)
 
 The fits (alpha-beta per collective, contention, straggler) are in :mod:`kfacperf.commbench_fit`.
 """

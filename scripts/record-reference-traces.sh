@@ -33,11 +33,12 @@
 # the SGD and the 10/100-interval runs warm up for ten steps.
 #
 # Environment: WORKLOAD (resnet20), BATCHES ("16 32"), MAX_FOREIGN (0.15), TRIES (8),
-# REPEATS (8: about 45 minutes in all), STEPS_SGD/WARMUP_SGD (30/10), STEPS_KFAC/WARMUP_KFAC (12/6: intervals 1/1; two
-# ranks sharing the cores take about six such steps to settle),
-# STEPS_STALE/WARMUP_STALE (50/10: intervals 10/100, four factor steps in the window),
-# PROBE_EVERY (2), NPROCS ("1 2"), SKIP_COMMBENCH (unset), FIRST_ROUND (1: set it to 5 with
-# SKIP_COMMBENCH=1 to add rounds to a finished set of 4; probes are numbered on).
+# REPEATS (8: about 45 minutes in all), STEPS_SGD/WARMUP_SGD (30/10),
+# STEPS_KFAC/WARMUP_KFAC (12/6: intervals 1/1; two ranks sharing the cores take about six such
+# steps to settle), STEPS_STALE/WARMUP_STALE (50/10: intervals 10/100, four factor steps in the
+# window), PROBE_EVERY (2), NPROCS ("1 2"), SKIP_COMMBENCH (unset), FIRST_ROUND (1; to add
+# rounds to a finished set, set it one past its last round, with SKIP_COMMBENCH=1: the probes
+# are numbered on).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-traces/reference}

@@ -63,22 +63,28 @@ def test_merge_refuses_mixed_backends_and_nothing() -> None:
 
 @pytest.mark.parametrize(("content", "message"), [
     ("{", "not JSON"),
-    ('{"backend": "gloo", "speed": 1}', "unknown key(s) ['speed']"),
-    ('{"backend": "mpi"}', "'backend' must be gloo or nccl"),
-    ('{"backend": "gloo", "slowdowns": {"2": -1.0}}', "slowdowns[2]: slowdown -1.0 must be a positive"),
-    ('{"backend": "gloo", "slowdowns": {"one": 1.2}}', "world size 'one' is not an integer"),
-    ('{"backend": "gloo", "stage_slowdowns": {"2": {"warp": 1.0}}}', "unknown stage kind(s) ['warp']"),
-    ('{"backend": "gloo", "points": [{"op": "all_reduce"}]}', "points[0]: expected the keys"),
+    ("[1, 2]", "expected a JSON object"),
+    ('{"backend": "gloo", "speed": 1}', "key 'speed': unknown key"),
+    ('{"backend": "mpi"}', "key 'backend': 'mpi' is not one of 'gloo', 'nccl'"),
+    ('{"backend": "gloo", "slowdowns": {"2": -1.0}}', "key 'slowdowns.2': must be > 0, got -1"),
+    ('{"backend": "gloo", "slowdowns": {"one": 1.2}}', "key 'slowdowns.one': a world size must be an integer"),
+    ('{"backend": "gloo", "probes": {"1": 3}}', "key 'probes.1': a world size must be >= 2"),
+    ('{"backend": "gloo", "stage_slowdowns": {"2": {"warp": 1.0}}}',
+     "key 'stage_slowdowns.2.warp': unknown stage kind"),
+    ('{"backend": "gloo", "points": [{"op": "all_reduce"}]}', "missing key 'points[0].world_size'"),
     ('{"backend": "gloo", "points": [{"op": "all_reduce", "world_size": 2, "nbytes": 4, '
-     '"time_us": -3, "reps": 1}]}', "must be > 0"),
+     '"time_us": -3, "reps": 1}]}', "key 'points[0].time_us': must be > 0"),
+    ('{"backend": "gloo", "points": [{"op": "all_reduce", "world_size": 2, "nbytes": 4, '
+     '"time_us": 3, "reps": 1, "note": "x"}]}', "key 'points[0].note': unknown key"),
+    ('{"backend": "gloo", "stragglers": {"2": -0.1}}', "key 'stragglers.2': must be >= 0"),
 ])
 def test_bad_raw_file_is_named(tmp_path: Path, content: str, message: str) -> None:
     f = tmp_path / "probe.json"
     f.write_text(content)
-    with pytest.raises(raw.RawFileError) as err:
+    with pytest.raises(ValueError) as err:
         raw.load_raw(f)
     assert str(f) in str(err.value) and message in str(err.value)
-    with pytest.raises(raw.RawFileError, match="cannot read"):
+    with pytest.raises(ValueError, match="cannot read"):
         raw.load_raw(tmp_path / "missing.json")
 
 
@@ -139,5 +145,3 @@ def test_straggler_is_merged_over_the_probes_that_measured_it_and_fitted() -> No
     assert cbf.fit_straggler({}) == 0.0
     back = raw.result_from_dict(json.loads(json.dumps(merged.to_dict())))
     assert back.stragglers == merged.stragglers
-    with pytest.raises(raw.RawFileError, match=r"stragglers\[2\]: straggler -0.1 must be"):
-        raw.result_from_dict({"backend": "gloo", "stragglers": {"2": -0.1}}, source="f.json")

@@ -76,20 +76,18 @@ def run(args: argparse.Namespace) -> int:
         lambda m: print(m, flush=True))
     if args.from_raw:
         result = commbench_raw.merge_results([commbench_raw.load_raw(p) for p in args.from_raw])
-        ops = tuple(op for op in OPS if any(p.op == op for p in result.points))
         log(f"commbench: read {len(args.from_raw)} file(s): {len(result.points)} points, "
             + ", ".join(f"{w} ranks {n} probe(s)" for w, n in result.probes.items()))
     else:
         t0 = time.perf_counter()
         result = cb.run_commbench(config, progress=log)
         log(f"commbench: measured {len(result.points)} points in {time.perf_counter() - t0:.1f} s")
+    ops = tuple(op for op in OPS if any(p.op == op for p in result.points))  # what was measured
     if args.raw:
         Path(args.raw).parent.mkdir(parents=True, exist_ok=True)
         Path(args.raw).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
     fits = {}
-    if args.contention_only:
-        pass
-    elif set(ops) == set(OPS):
+    if set(ops) == set(OPS):
         model, tried = cbf.fit_cluster(result, name=args.name, gpus_per_node=args.gpus_per_node)
         fits = {op: [f.__dict__ for f in fs] for op, fs in tried.items()}
         if args.out:
@@ -100,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
             best, tried = cbf.fit_points(result.points, op)
             fits[op] = [f.__dict__ for f in tried]
         if args.out:
-            log("commbench: not writing a cluster model: it needs all four collectives")
+            log("commbench: not writing a cluster model: it needs all four collectives, "
+                f"measured: {', '.join(ops) or 'none'}")
     if args.json:
         print(json.dumps({"fits": fits, "slowdowns": result.slowdowns,
                           "stage_slowdowns": result.stage_slowdowns,

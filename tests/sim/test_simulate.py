@@ -101,6 +101,23 @@ def test_slower_network_never_speeds_a_step_up():
     assert slow.meta["overrides"] == {"bandwidth_scale": 0.25}
 
 
+def test_a_cluster_straggler_makes_synchronised_steps_wait_not_communicate_longer():
+    from dataclasses import replace
+
+    from kfacperf.sim.models import load_cluster
+
+    args = dict(gpus=[1, 8, 64], batch_per_gpu=32, events=False)
+    cluster = load_cluster("dgx-h100-ndr")
+    base = simulate("resnet20", "h100", cluster, ["sgd", "spngd"], **args)
+    uneven = simulate("resnet20", "h100", replace(cluster, straggler=0.05), ["sgd", "spngd"],
+                      **args)
+    b, u = base.summary.set_index(["strategy", "gpus"]), uneven.summary.set_index(["strategy", "gpus"])
+    many = (slice(None), [8, 64])
+    assert (u.loc[many, "step_us"] > b.loc[many, "step_us"]).all()
+    assert (u.loc[(slice(None), 1), "step_us"] == b.loc[(slice(None), 1), "step_us"]).all()
+    assert u.comm_us.values == pytest.approx(b.comm_us.values)  # the wait is no collective's
+
+
 def test_events_agree_with_the_summary_and_the_trace_schema():
     pred = run_fake(factor_interval=1, inverse_interval=1, gpus=[8])
     ev = pred.events
