@@ -1,10 +1,23 @@
 """Measure collectives on this machine (gloo on CPU, NCCL on GPUs) and fit alpha-beta.
 
 One launch per world size: ``P`` processes (``torch.multiprocessing``, spawn) join a process
-group and time every collective at every size.  Each repetition starts after a barrier and
-runs ``inner`` back-to-back calls (enough to fill a few milliseconds, as nccl-tests averages
-over iterations), so barrier skew is spread over several calls; a repetition's time is the slowest rank's, and a point's
-time the median over repetitions (which sweep all points in turn).  The collectives are called exactly as the optimizer calls
+group and time every collective at every size, in repetitions that sweep all points in turn
+(so a burst of load from elsewhere hits one repetition of many points, not every repetition
+of one).  A repetition starts after a barrier; its time is the slowest rank's, and a point's
+time is the mean over repetitions: the expected cost a step pays, stalls included.
+
+How a repetition times (``timing``):
+
+* ``per_call`` (the default on gloo): one call alone, as the optimizer issues each collective
+  once and then turns to other work.  Where ranks share CPU cores a collective's time is
+  bimodal: a call either runs through or stalls for milliseconds while a rank's
+  communication threads wait for a core, and the ranks complete it up to a few milliseconds
+  apart.  Back-to-back calls hide both (a rank that finished early waits inside the next
+  call), which made small reduce-scatters look 2-3x cheaper than the optimizer saw them.
+* ``batched`` (the default on NCCL): ``inner`` back-to-back calls filling a few milliseconds,
+  as nccl-tests averages over iterations, so launch and barrier skew spread over many calls.
+
+The collectives are called exactly as the optimizer calls
 them (``kfacperf.kfac.comm``): ``all_reduce`` on a flat fp32 buffer, the list forms of
 ``reduce_scatter`` and ``all_gather``, ``broadcast`` from rank 0.  ``nbytes`` follows the
 simulator's convention (:mod:`kfacperf.sim.collectives`): all-reduce buffer, reduce-scatter
@@ -21,7 +34,7 @@ minute than the runs it should predict: ``collectives=False`` measures only the 
 API::
 
     CommbenchConfig(*, world_sizes, sizes, ops, reps, warmup, backend, timeout_s, contention,
-                    collectives)
+                    collectives, timing)
     run_commbench(config, *, progress=print)
         -> CommbenchResult(.points, .slowdowns, .stage_slowdowns, .probes, .stragglers, .backend)
 
@@ -76,6 +89,7 @@ class CommbenchConfig:
     timeout_s: float = 120.0
     contention: bool = True
     collectives: bool = True  # False: only the contention probe
+    timing: str = "auto"  # per_call | batched | auto (per_call on gloo, batched on NCCL)
 
     def __post_init__(self) -> None:
         if not (self.collectives or self.contention):
@@ -95,6 +109,18 @@ class CommbenchConfig:
             raise ValueError(f"backend must be auto, gloo or nccl, got {self.backend!r}")
         if self.timeout_s <= 0:
             raise ValueError("timeout_s must be > 0")
+        if self.timing not in ("auto",) + TIMINGS:
+            raise ValueError(f"timing must be auto, {' or '.join(TIMINGS)}, got {self.timing!r}")
+
+
+TIMINGS: tuple[str, ...] = ("per_call", "batched")
+
+
+def resolve_timing(timing: str, backend: str) -> str:
+    """``auto``: one call per repetition on gloo, back-to-back calls on NCCL."""
+    if timing != "auto":
+        return timing
+    return "batched" if backend == "nccl" else "per_call"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,8 +128,9 @@ class Point:
     op: str
     world_size: int
     nbytes: int
-    time_us: float
+    time_us: float  # mean over repetitions of the slowest rank's time per call
     reps: int
+    timing: str = "batched"  # how a repetition timed (TIMINGS); files before it: batched
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -152,7 +179,13 @@ INNER_TARGET_US = 3000.0
 """Back-to-back calls per repetition fill about this much time (at most 20 calls)."""
 
 
-def _inner_calls(one_call_us: float) -> int:
+def calls_per_repetition(timing: str, one_call_us: float) -> int:
+    """Calls timed together in one repetition: one alone (``per_call``), or back to back
+    filling about :data:`INNER_TARGET_US` (``batched``, at most 20)."""
+    if timing == "per_call":
+        return 1
+    if timing != "batched":
+        raise ValueError(f"timing must be one of {', '.join(TIMINGS)}, got {timing!r}")
     return max(1, min(20, round(INNER_TARGET_US / max(one_call_us, 1.0))))
 
 
@@ -224,9 +257,7 @@ def _worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: Any) -> 
             once = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
             dist.all_reduce(once, op=dist.ReduceOp.MAX)  # every rank picks the same count
             calls.append(call)
-            inners.append(_inner_calls(float(once.item()) * 1e6))
-        # Repetitions sweep all points in turn, so a burst of load from elsewhere on the
-        # machine hits one repetition of many points rather than every repetition of one.
+            inners.append(calls_per_repetition(cfg["timing"], float(once.item()) * 1e6))
         times: list[list[float]] = [[] for _ in points]
         for rep in range(cfg["reps"] if points else 0):
             for i, (call, inner) in enumerate(zip(calls, inners)):
@@ -313,7 +344,8 @@ def run_commbench(config: CommbenchConfig, *, progress: Callable[[str], None] = 
                   ) -> CommbenchResult:
     """Measure every (world size, collective, size) of ``config``."""
     backend = resolve_backend(config.backend)
-    cfg = {"backend": backend, "ops": list(config.ops), "sizes": list(config.sizes),
+    timing = resolve_timing(config.timing, backend)
+    cfg = {"backend": backend, "timing": timing, "ops": list(config.ops), "sizes": list(config.sizes),
            "reps": config.reps, "warmup": config.warmup, "timeout_s": config.timeout_s,
            "contention": config.contention, "collectives": config.collectives}
     points: list[Point] = []
@@ -336,7 +368,8 @@ def run_commbench(config: CommbenchConfig, *, progress: Callable[[str], None] = 
             for nbytes in config.sizes:
                 reps = [max(r[i][k] for r in per_rank) for k in range(config.reps)]
                 points.append(Point(op=op, world_size=world, nbytes=nbytes,
-                                    time_us=statistics.median(reps), reps=config.reps))
+                                    time_us=statistics.fmean(reps), reps=config.reps,
+                                    timing=timing))
                 i += 1
     cores = (os.cpu_count() or 1) if backend == "gloo" else 0
     return CommbenchResult(backend=backend, points=tuple(points), slowdowns=slowdowns, cores=cores,

@@ -3,10 +3,12 @@
 Why merge: on a shared virtual machine the compute slowdown of ranks sharing cores is a state
 of the host, not a constant (the same two-rank step ran 1.05x or 1.35x slower than one rank
 within a quarter of an hour).  A recording session therefore takes a contention probe before
-every second configuration (``kfacperf commbench --contention-only --raw ...``), and the session's
-cluster model is fitted from all of them together (``kfacperf commbench --from-raw ...``):
-the slowdowns are averaged over the probes, the collective times are the median over the
-files that measured them.
+every second configuration (``kfacperf commbench --raw ...``), and the session's cluster
+model is fitted from all of them together (``kfacperf commbench --from-raw ...``): the
+slowdowns are averaged over the probes, a collective's time over every repetition of every
+file that measured it (each file's mean weighted by its repetitions).  Collective times
+are the same kind of quantity in every file they merge from: one file timing calls alone and
+another back to back (``timing``) is an error.
 
 API::
 
@@ -17,12 +19,11 @@ API::
 from __future__ import annotations
 
 import json
-import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from kfacperf.commbench import CommbenchResult, Point
+from kfacperf.commbench import TIMINGS, CommbenchResult, Point
 from kfacperf.contention_probe import ALL, STRAGGLER
 from kfacperf.sim.cluster_model import OPS
 from kfacperf.sim.device_model import STAGE_KINDS
@@ -63,7 +64,9 @@ def result_from_dict(data: Any, *, source: str = "raw data") -> CommbenchResult:
         points.append(Point(op=p.str("op", choices=OPS), world_size=p.int("world_size", minimum=2),
                             nbytes=p.int("nbytes", minimum=1),
                             time_us=p.float("time_us", positive=True),
-                            reps=p.int("reps", minimum=1)))
+                            reps=p.int("reps", minimum=1),
+                            timing=p.str("timing", choices=TIMINGS) if p.has("timing")
+                            else "batched"))
         p.done()
     slowdowns = {w: t.float(k, positive=True) for w, t, k in _world_table(root, "slowdowns")}
     stage: dict[int, dict[str, float]] = {}
@@ -99,7 +102,8 @@ def load_raw(path: str | Path) -> CommbenchResult:
 def merge_results(results: Sequence[CommbenchResult]) -> CommbenchResult:
     """One measurement from several: slowdowns averaged over every probe (a file holding the
     mean of ``n`` probes counts ``n`` times; the straggler over the probes that measured it),
-    collective times the median over the files."""
+    collective times the mean over every repetition (each file's mean weighted by its
+    repetitions), never across timings."""
     if not results:
         raise ValueError("nothing to merge: no commbench results given")
     backends = sorted({r.backend for r in results})
@@ -109,9 +113,14 @@ def merge_results(results: Sequence[CommbenchResult]) -> CommbenchResult:
     for r in results:
         for p in r.points:
             times[(p.op, p.world_size, p.nbytes)].append(p)
+    for (op, w, n), ps in times.items():
+        timings = sorted({p.timing for p in ps})
+        if len(timings) > 1:
+            raise ValueError(f"cannot merge {op} of {n} bytes on {w} ranks timed as "
+                             f"{' and '.join(timings)}: measure every file with one --timing")
     points = tuple(Point(op=op, world_size=w, nbytes=n,
-                         time_us=statistics.median(p.time_us for p in ps),
-                         reps=sum(p.reps for p in ps))
+                         time_us=sum(p.time_us * p.reps for p in ps) / sum(p.reps for p in ps),
+                         reps=sum(p.reps for p in ps), timing=ps[0].timing)
                    for (op, w, n), ps in times.items())
     # (world size, what) -> (probes, value) of every file that measured it
     samples: dict[tuple[int, str], list[tuple[int, float]]] = defaultdict(list)

@@ -24,10 +24,13 @@
 # `kfacperf validate` pools the recordings of one configuration.
 #
 # How much two ranks sharing the two cores slow each other is a state of the host too: three
-# contention probes in one minute measured 1.02x, 1.12x and 1.41x.  So a probe is taken before
-# every PROBE_EVERY configurations (OUT_DIR/probes/), and at the end the cluster model is
-# fitted again from commbench's collectives and every probe of the session
-# (`kfacperf commbench --from-raw`): its contention is the session's mean.
+# contention probes in one minute measured 1.02x, 1.12x and 1.41x.  So are the collectives:
+# the same small reduce-scatter, timed alone, averaged 1.4 ms in one minute and 3.7 ms in the
+# next.  So a probe (the contention probe and PROBE_REPS more repetitions of every collective)
+# is taken before every PROBE_EVERY configurations (OUT_DIR/probes/), and at the end the
+# cluster model is fitted again from commbench and every probe of the session
+# (`kfacperf commbench --from-raw`): its contention and its collective times are the
+# session's means.
 #
 # Two processes need about ten SGD steps to settle (the first ones run 1.3-1.5x slower), so
 # the SGD and the 10/100-interval runs warm up for ten steps.
@@ -36,7 +39,7 @@
 # REPEATS (8: about 45 minutes in all), STEPS_SGD/WARMUP_SGD (30/10),
 # STEPS_KFAC/WARMUP_KFAC (12/6: intervals 1/1; two ranks sharing the cores take about six such
 # steps to settle), STEPS_STALE/WARMUP_STALE (50/10: intervals 10/100, four factor steps in the
-# window), PROBE_EVERY (2), NPROCS ("1 2"), SKIP_COMMBENCH (unset), FIRST_ROUND (1; to add
+# window), PROBE_EVERY (2), PROBE_REPS (5), COMM_SIZES, NPROCS ("1 2"), SKIP_COMMBENCH (unset), FIRST_ROUND (1; to add
 # rounds to a finished set, set it one past its last round, with SKIP_COMMBENCH=1: the probes
 # are numbered on).
 set -euo pipefail
@@ -54,6 +57,8 @@ STEPS_SGD=${STEPS_SGD:-30}; WARMUP_SGD=${WARMUP_SGD:-10}
 STEPS_KFAC=${STEPS_KFAC:-12}; WARMUP_KFAC=${WARMUP_KFAC:-6}
 STEPS_STALE=${STEPS_STALE:-50}; WARMUP_STALE=${WARMUP_STALE:-10}
 PROBE_EVERY=${PROBE_EVERY:-2}
+PROBE_REPS=${PROBE_REPS:-5}
+COMM_SIZES=${COMM_SIZES:-4KiB,64KiB,256KiB,1MiB,4MiB,16MiB}
 FIRST_ROUND=${FIRST_ROUND:-1}
 HZ=$(getconf CLK_TCK)
 LOG="$OUT/recording.log"
@@ -115,17 +120,18 @@ echo "# $(date -u +%FT%TZ) $(uname -n) $(nproc) cores; max foreign load $MAX_FOR
   "$REPEATS repeat(s)" >> "$LOG"
 
 if [ -z "${SKIP_COMMBENCH:-}" ]; then
-  run_quiet commbench "$KFACPERF" commbench --out "$CLUSTER" --reps 9 \
-    --sizes 4KiB,64KiB,256KiB,1MiB,4MiB,16MiB --raw "$OUT/commbench.json"
+  run_quiet commbench "$KFACPERF" commbench --out "$CLUSTER" --reps 20 \
+    --sizes "$COMM_SIZES" --raw "$OUT/commbench.json"
 fi
 
-# probe_maybe: a contention probe before every PROBE_EVERY-th configuration
+# probe_maybe: a probe (contention and collectives) before every PROBE_EVERY-th configuration
 configs=0
 probe_maybe() {
   if [ $((configs % PROBE_EVERY)) -eq 0 ]; then
     mkdir -p "$OUT/probes"
     local n; n=$(printf '%02d' $(($(find "$OUT/probes" -name 'probe-*.json' | wc -l) + 1)))
-    run_quiet "probe-$n" "$KFACPERF" commbench --contention-only --raw "$OUT/probes/probe-$n.json"
+    run_quiet "probe-$n" "$KFACPERF" commbench --reps "$PROBE_REPS" --sizes "$COMM_SIZES" \
+      --raw "$OUT/probes/probe-$n.json"
   fi
   configs=$((configs + 1))
 }

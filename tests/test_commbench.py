@@ -85,6 +85,20 @@ def test_fit_with_noise_stays_close() -> None:
         assert t_fit == pytest.approx(t_true, rel=0.08), op
 
 
+def test_a_repetition_times_one_call_alone_or_a_batch() -> None:
+    assert cb.calls_per_repetition("per_call", 10.0) == 1
+    assert cb.calls_per_repetition("batched", 10.0) == 20  # capped
+    assert cb.calls_per_repetition("batched", 1000.0) == 3  # about 3 ms of calls
+    assert cb.calls_per_repetition("batched", 50_000.0) == 1
+    assert cb.resolve_timing("auto", "gloo") == "per_call"
+    assert cb.resolve_timing("auto", "nccl") == "batched"
+    assert cb.resolve_timing("batched", "gloo") == "batched"
+    with pytest.raises(ValueError, match="timing must be"):
+        cb.CommbenchConfig(timing="sometimes")
+    with pytest.raises(ValueError, match="timing must be"):
+        cb.calls_per_repetition("auto", 10.0)
+
+
 def test_config_and_size_parsing() -> None:
     assert cb.parse_size("4KiB") == 4096 and cb.parse_size("1.5MiB") == 1572864 and cb.parse_size("100") == 100
     with pytest.raises(ValueError, match="cannot read size 'big'"):
@@ -128,6 +142,8 @@ def test_real_gloo_run_writes_a_loadable_cluster_model(tmp_path: Path) -> None:
 
     data = json.loads(raw.read_text())
     assert len(data["points"]) == 12 and all(p["time_us"] > 0 for p in data["points"])
+    # gloo times each call alone, as the optimizer issues it
+    assert {p["timing"] for p in data["points"]} == {"per_call"}
     # Bigger messages take longer (16 MiB vs 4 KiB: gloo's small-message latency on two busy
     # cores reaches milliseconds, so the large size must be far beyond it).  One scheduling
     # hiccup can still inflate a single point, so ask it of at least three of the four ops.

@@ -29,13 +29,13 @@ def test_round_trip_through_json() -> None:
     assert back == res
 
 
-def test_merge_weights_every_probe_and_takes_median_times() -> None:
+def test_merge_weights_every_probe_and_every_repetition() -> None:
     full = synthetic_result()
     full = cb.CommbenchResult(backend="gloo", points=full.points, cores=2, slowdowns={2: 1.1},
                               stage_slowdowns={2: {"forward": 1.0, "update": 2.0}}, probes={2: 1})
     slower = cb.CommbenchResult(backend="gloo", cores=2, points=tuple(
         cb.Point(op=p.op, world_size=p.world_size, nbytes=p.nbytes, time_us=p.time_us * 3,
-                 reps=p.reps) for p in full.points))
+                 reps=3 * p.reps) for p in full.points))
     merged = raw.merge_results([full, probe(1.4, 1.3, probes=3), slower,
                                 probe(1.2, 1.1)])
     # 1 + 3 + 1 probes: (1.1 + 3 * 1.4 + 1.2) / 5
@@ -43,11 +43,12 @@ def test_merge_weights_every_probe_and_takes_median_times() -> None:
     assert merged.stage_slowdowns[2]["forward"] == pytest.approx((1.0 + 3 * 1.3 + 1.1) / 5)
     assert merged.stage_slowdowns[2]["update"] == pytest.approx(2.0)
     assert merged.probes == {2: 5}
-    # the median of two files' times is their mean: twice the first file's
+    # the mean over every repetition: (r * t + 3r * 3t) / 4r = 2.5 t (a median of the two
+    # files would say 2 t)
     by = {(p.op, p.world_size, p.nbytes): p for p in merged.points}
     for p in full.points:
-        assert by[(p.op, p.world_size, p.nbytes)].time_us == pytest.approx(2 * p.time_us)
-        assert by[(p.op, p.world_size, p.nbytes)].reps == 2 * p.reps
+        assert by[(p.op, p.world_size, p.nbytes)].time_us == pytest.approx(2.5 * p.time_us)
+        assert by[(p.op, p.world_size, p.nbytes)].reps == 4 * p.reps
     model, _ = cbf.fit_cluster(merged, name="m")
     # on 2 cores and 2 ranks: slowdown = 1 + c, so c is the mean slowdown - 1
     assert model.contention == pytest.approx(merged.slowdowns[2] - 1, rel=1e-3)
@@ -59,6 +60,26 @@ def test_merge_refuses_mixed_backends_and_nothing() -> None:
         raw.merge_results([probe(1.1, 1.0), cb.CommbenchResult(backend="nccl", points=())])
     with pytest.raises(ValueError, match="nothing to merge"):
         raw.merge_results([])
+
+
+def test_merge_refuses_collectives_timed_two_ways() -> None:
+    """A call timed alone includes the stalls and completion skew that back-to-back calls
+    hide: averaging the two would be neither."""
+    batched = synthetic_result()
+    alone = cb.CommbenchResult(backend="gloo", points=tuple(
+        cb.Point(op=p.op, world_size=p.world_size, nbytes=p.nbytes, time_us=p.time_us,
+                 reps=p.reps, timing="per_call") for p in batched.points))
+    with pytest.raises(ValueError, match="timed as batched and per_call"):
+        raw.merge_results([batched, alone])
+    assert {p.timing for p in raw.merge_results([alone, alone]).points} == {"per_call"}
+
+
+def test_timing_is_read_back_and_defaults_to_batched_for_older_files() -> None:
+    point = {"op": "all_reduce", "world_size": 2, "nbytes": 4, "time_us": 3.0, "reps": 1}
+    old = raw.result_from_dict({"backend": "gloo", "points": [point]})
+    assert old.points[0].timing == "batched"
+    new = raw.result_from_dict({"backend": "gloo", "points": [dict(point, timing="per_call")]})
+    assert new.points[0].timing == "per_call"
 
 
 @pytest.mark.parametrize(("content", "message"), [
@@ -77,6 +98,8 @@ def test_merge_refuses_mixed_backends_and_nothing() -> None:
     ('{"backend": "gloo", "points": [{"op": "all_reduce", "world_size": 2, "nbytes": 4, '
      '"time_us": 3, "reps": 1, "note": "x"}]}', "key 'points[0].note': unknown key"),
     ('{"backend": "gloo", "stragglers": {"2": -0.1}}', "key 'stragglers.2': must be >= 0"),
+    ('{"backend": "gloo", "points": [{"op": "all_reduce", "world_size": 2, "nbytes": 4, '
+     '"time_us": 3, "reps": 1, "timing": "lazy"}]}', "key 'points[0].timing': 'lazy' is not one of"),
 ])
 def test_bad_raw_file_is_named(tmp_path: Path, content: str, message: str) -> None:
     f = tmp_path / "probe.json"

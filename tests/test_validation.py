@@ -234,9 +234,12 @@ def test_measure_by_hand(tmp_path) -> None:
     assert fac[S.BACKWARD] == pytest.approx(((30 - 6) + (32 - 4)) / 2)
     assert inv[S.FACTOR_COMPUTE] == pytest.approx((10 + 15) / 2)
     assert inv[S.INVERSE] == pytest.approx(20 / 2)  # only rank 0 inverts
-    # a collective costs its shortest issue-to-completion over ranks; occurrences paired in order
-    assert inv[S.GRAD_COMM] == pytest.approx(min(40, 20))
-    assert fac[S.GRAD_COMM] == pytest.approx(min(10, 8) + min(15, 17))
+    # a collective costs its last member's start to its last member's completion (what
+    # commbench times); occurrences paired in order
+    assert inv[S.GRAD_COMM] == pytest.approx(95 - 75)
+    # step 1: 155 -> 163, then 163 -> 180: rank 0 completed the second at 175, but rank 1
+    # holds it until 180 (the old shortest-run rule said 15)
+    assert fac[S.GRAD_COMM] == pytest.approx((163 - 155) + (180 - 163))
     assert m.mean_step_us == pytest.approx(90.0)
     assert weighted(m.step_us, m.kinds) == pytest.approx(90.0)
     assert weighted({"inverse": 1.0, "factor": 4.0}, {"inverse": 1, "factor": 3}) == 3.25
@@ -271,8 +274,9 @@ def test_wait_for_a_late_peer_inside_backward_is_not_backward(tmp_path) -> None:
     assert m.stage_us["plain"][S.BACKWARD] == pytest.approx(((71 - 25 + 69) / 2 + 8000) / 2)
     assert m.stage_us["plain"][S.GRAD_COMM] == pytest.approx((5 + 100) / 2)
     # a collective issued while another is in flight starts when that one completes: rank 0
-    # runs its factor_comm 80 -> 90 (10), rank 1 80 -> 88 (8); cost 8 in step 0, none in step 1
-    assert m.stage_us["plain"][S.FACTOR_COMM] == pytest.approx((8 + 0) / 2)
+    # runs its factor_comm 80 -> 90, rank 1 80 -> 88; from the last start to the last
+    # completion it costs 10 in step 0, none in step 1
+    assert m.stage_us["plain"][S.FACTOR_COMM] == pytest.approx((10 + 0) / 2)
 
 
 def test_step_kind_follows_the_optimizer_rule() -> None:

@@ -28,6 +28,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ops", default=None,
                         help="collectives (default: all_reduce,reduce_scatter,all_gather,broadcast)")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per point")
+    parser.add_argument("--timing", choices=("auto", "per-call", "batched"), default="auto",
+                        help="per-call: time each call alone, as the optimizer issues it; "
+                             "batched: back-to-back calls (nccl-tests style); auto: per-call "
+                             "on gloo, batched on NCCL")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per point")
     parser.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto")
     parser.add_argument("--name", default="local-cpu", help="name of the cluster model")
@@ -43,7 +47,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "no collectives; write it with --raw and merge it with --from-raw")
     parser.add_argument("--from-raw", nargs="+", metavar="RAW", default=None,
                         help="measure nothing: fit from these --raw files (slowdowns averaged "
-                             "over every probe, collective times the median over the files)")
+                             "over every probe, collective times the mean over every repetition)")
     parser.add_argument("--json", action="store_true", help="print the fits as JSON")
 
 
@@ -71,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         world_sizes=args.world_sizes or None, sizes=sizes, ops=ops,
         reps=args.reps, warmup=args.warmup, backend=args.backend,
         contention=not args.no_contention, collectives=not args.contention_only,
+        timing=args.timing.replace("-", "_"),
     )
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else (
         lambda m: print(m, flush=True))

@@ -95,13 +95,17 @@ def collective_costs(events: "pd.DataFrame") -> tuple["pd.DataFrame", "pd.DataFr
 
     Collectives are matched across ranks by (step, stage, layer, order of issue).  A rank runs
     its collectives one at a time, in issue order: one issued while an earlier one is in flight
-    starts when that one completes.  Cost: the shortest start-to-completion over ranks (the
-    last member's; earlier ones also wait for it).  A rank's wait is its start-to-completion
-    minus that cost; when a compute stage that began
-    before the issue ends within :data:`BLOCKED_TOLERANCE_US` of the completion, the rank was
-    blocked in it (DDP waits for its gradient buckets at the end of ``backward``), and the
-    wait is charged to no stage.  Returns ``(step, stage, layer, occ, cost_us)`` and
-    ``(rank, step, stage, layer, wait_us)`` of the blocked compute stages.
+    starts when that one completes.  Cost: from the last member's start to the last member's
+    completion, the time the collective holds the group once everyone has arrived.  It is
+    the quantity ``kfacperf commbench`` times (a barrier, then the slowest rank's
+    completion): where ranks share cores they complete the same collective up to a few
+    milliseconds apart, and the peer that completes last is the one the next collective
+    waits for.  A rank's wait is the time from its start to the last member's start; when
+    a compute stage that began before the issue ends within :data:`BLOCKED_TOLERANCE_US` of
+    the completion, the rank was blocked in it (DDP waits for its gradient buckets at the
+    end of ``backward``), and the wait is charged to no stage.  Returns ``(step, stage,
+    layer, occ, cost_us)`` and ``(rank, step, stage, layer, wait_us)`` of the blocked
+    compute stages.
     """
     import numpy as np
     import pandas as pd
@@ -122,10 +126,14 @@ def collective_costs(events: "pd.DataFrame") -> tuple["pd.DataFrame", "pd.DataFr
     before = comm.groupby("rank")["end_us"].transform(lambda e: e.cummax().shift(1))
     comm["run_us"] = comm["end_us"] - comm["start_us"].where(
         before.isna() | (comm["start_us"] >= before), before).clip(upper=comm["end_us"])
+    comm["run_start_us"] = comm["end_us"] - comm["run_us"]
     keys = ["step", "stage", "layer", "occ"]
-    cost = comm.groupby(keys, as_index=False)["run_us"].min().rename(columns={"run_us": "cost_us"})
-    comm = comm.merge(cost, on=keys)
-    comm["wait_us"] = comm["run_us"] - comm["cost_us"]
+    span = comm.groupby(keys, as_index=False).agg(last_start=("run_start_us", "max"),
+                                                  last_end=("end_us", "max"))
+    span["cost_us"] = (span["last_end"] - span["last_start"]).clip(lower=0.0)
+    cost = span[keys + ["cost_us"]]
+    comm = comm.merge(span, on=keys)
+    comm["wait_us"] = (comm["last_start"] - comm["run_start_us"]).clip(lower=0.0)
     waits = comm[comm["wait_us"] > 0]
     stage = events["stage"].astype(str)
     comp = events.loc[(lane == S.COMPUTE) & (stage != S.STEP)]
