@@ -52,3 +52,5 @@ def test_the_reference_cluster_model_is_the_fit_of_the_sessions_probes() -> None
     committed = load_cluster_model(REF / "local-cpu.toml")
     assert committed == model
     assert committed.straggler > 0 and committed.contention > 0
+    # collectives timed one call at a time, as the optimizer issues them, in every file
+    assert {p.timing for p in merged.points} == {"per_call"}
