@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module, help_text in COMMANDS:
         mod = importlib.import_module(f"kfacperf.commands.{module}")
-        p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip())
+        # the docstrings are laid out by hand (examples on their own lines): keep their breaks
+        p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.configure(p)
         p.set_defaults(_module=mod)
     return parser

@@ -17,10 +17,9 @@ How a repetition times (``timing``):
 * ``batched`` (the default on NCCL): ``inner`` back-to-back calls filling a few milliseconds,
   as nccl-tests averages over iterations, so launch and barrier skew spread over many calls.
 
-The collectives are called exactly as the optimizer calls
-them (``kfacperf.kfac.comm``): ``all_reduce`` on a flat fp32 buffer, the list forms of
-``reduce_scatter`` and ``all_gather``, ``broadcast`` from rank 0.  ``nbytes`` follows the
-simulator's convention (:mod:`kfacperf.sim.collectives`): all-reduce buffer, reduce-scatter
+The collectives are called exactly as the optimizer calls them (``kfacperf.kfac.comm``):
+``all_reduce`` on a flat fp32 buffer, the list forms of ``reduce_scatter`` and
+``all_gather``, ``broadcast`` from rank 0.  ``nbytes`` follows the simulator's convention (:mod:`kfacperf.sim.collectives`): all-reduce buffer, reduce-scatter
 input, all-gather output, broadcast payload.
 
 When ranks share CPU cores, each launch also times representative work of every compute
@@ -76,6 +75,8 @@ def default_world_sizes(backend: str) -> tuple[int, ...]:
 
 
 ELEM = 4  # fp32
+TIMINGS: tuple[str, ...] = ("per_call", "batched")
+"""How a repetition times a collective: one call alone, or back-to-back calls."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,9 +112,6 @@ class CommbenchConfig:
             raise ValueError("timeout_s must be > 0")
         if self.timing not in ("auto",) + TIMINGS:
             raise ValueError(f"timing must be auto, {' or '.join(TIMINGS)}, got {self.timing!r}")
-
-
-TIMINGS: tuple[str, ...] = ("per_call", "batched")
 
 
 def resolve_timing(timing: str, backend: str) -> str:
@@ -345,8 +343,8 @@ def run_commbench(config: CommbenchConfig, *, progress: Callable[[str], None] = 
     """Measure every (world size, collective, size) of ``config``."""
     backend = resolve_backend(config.backend)
     timing = resolve_timing(config.timing, backend)
-    cfg = {"backend": backend, "timing": timing, "ops": list(config.ops), "sizes": list(config.sizes),
-           "reps": config.reps, "warmup": config.warmup, "timeout_s": config.timeout_s,
+    cfg = {"backend": backend, "timing": timing, "ops": list(config.ops),
+           "sizes": list(config.sizes), "reps": config.reps, "warmup": config.warmup, "timeout_s": config.timeout_s,
            "contention": config.contention, "collectives": config.collectives}
     points: list[Point] = []
     slowdowns: dict[int, float] = {}

@@ -16,6 +16,21 @@ def test_help_lists_subcommands():
         assert help_text in flat
 
 
+def test_subcommand_help_keeps_its_examples_on_their_own_lines():
+    """Each subcommand's description is its module docstring, laid out by hand."""
+    import importlib
+
+    from kfacperf.cli import COMMANDS, build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    for name, module, _ in COMMANDS:
+        doc = importlib.import_module(f"kfacperf.commands.{module}").__doc__ or ""
+        text = sub.choices[name].format_help()
+        for line in doc.strip().splitlines():
+            if line.strip():
+                assert line.rstrip() in text.splitlines(), (name, line)
+
+
 def test_a_bad_input_is_an_error_line_not_a_traceback(capsys):
     from kfacperf.cli import main
 

@@ -3,10 +3,11 @@ collective and write a cluster model.
 
 Example: kfacperf commbench --out models/clusters/local-cpu.toml
 
-On a shared machine, take more contention probes during a session and fit from all of them:
-  kfacperf commbench --raw cb.json                       # collectives + one probe
-  kfacperf commbench --contention-only --raw probe1.json  # later: one more probe
-  kfacperf commbench --from-raw cb.json probe1.json --out local-cpu.toml
+On a shared machine, take more probes during a session and fit from all of them:
+  kfacperf commbench --raw cb.json                        # collectives + one probe
+  kfacperf commbench --reps 5 --raw probe1.json           # later: one more, collectives too
+  kfacperf commbench --contention-only --raw probe2.json  # or the compute probe alone
+  kfacperf commbench --from-raw cb.json probe1.json probe2.json --out local-cpu.toml
 """
 from __future__ import annotations
 

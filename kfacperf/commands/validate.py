@@ -8,7 +8,8 @@ stands for all of them), then simulates every --holdout run with its own setting
 world size, batch per rank, strategy, grad_worker_fraction, intervals, from its run.json) and
 prints, per run, the measured and predicted step time and the error, then the per-stage
 errors.  Held-out recordings of one configuration (same settings, e.g. name-r1, name-r2) are
-pooled into one run: "rec" says how many, "spread" how far apart their step times were.  --json prints the same as JSON (ending with the median and worst step-time error);
+pooled into one run: "rec" says how many, "spread" how far apart their step times were.
+--json prints the same as JSON (ending with the median and worst step-time error);
 --out writes the per-run table for `kfacperf report --validation` (.parquet, .csv or .json).
 """
 from __future__ import annotations

@@ -124,9 +124,8 @@ def collective_costs(events: "pd.DataFrame") -> tuple["pd.DataFrame", "pd.DataFr
     # a rank's collectives run one after another (one comm stream, as in the simulator): one
     # issued while an earlier one is in flight starts when that one completes
     before = comm.groupby("rank")["end_us"].transform(lambda e: e.cummax().shift(1))
-    comm["run_us"] = comm["end_us"] - comm["start_us"].where(
+    comm["run_start_us"] = comm["start_us"].where(
         before.isna() | (comm["start_us"] >= before), before).clip(upper=comm["end_us"])
-    comm["run_start_us"] = comm["end_us"] - comm["run_us"]
     keys = ["step", "stage", "layer", "occ"]
     span = comm.groupby(keys, as_index=False).agg(last_start=("run_start_us", "max"),
                                                   last_end=("end_us", "max"))
