@@ -45,6 +45,7 @@ from kfacperf.sim.device_model import (
     CAPTURE_STAGES, INVERSE_METHODS, MODES, STAGE_KINDS, DeviceModel, MeasuredTime,
     StageEfficiency,
 )
+from kfacperf.sim.host_gaps import fit_layer_host_us, kfac_trace_gaps_input
 from kfacperf.sim.workload_model import WorkloadModel
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -407,6 +408,7 @@ def fit_device_model(
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     samples: list[_Sample] = []
+    host_inputs: list[tuple[str, Any, int]] = []
     for tr in used:
         wname = str(tr.run.get("workload", ""))
         if isinstance(workloads, Mapping):
@@ -416,8 +418,13 @@ def fit_device_model(
         else:
             w = workloads(tr.run)
         samples.extend(_trace_samples(tr, w, base))
+        gaps = kfac_trace_gaps_input(tr, w)
+        if gaps is not None:
+            host_inputs.append(gaps)
     capture, capture_notes = fit_capture_overhead(samples)
     notes.extend(capture_notes)
+    host, host_notes = fit_layer_host_us(host_inputs)
+    notes.extend(host_notes)
     # factor-step forward/backward medians, brought to plain steps
     samples = [replace(s, time_us=s.time_us / (1.0 + capture.get(s.kind, 0.0)), captured=False)
                if s.captured else s for s in samples]
@@ -445,6 +452,7 @@ def fit_device_model(
         name=name, fp32_tflops=base.fp32_tflops, tf32_tflops=base.tf32_tflops,
         bf16_tflops=base.bf16_tflops, mem_bandwidth_GBps=base.mem_bandwidth_GBps,
         stages=stages, mode=mode, measured=measured, capture_overhead=capture,
+        layer_host_us=host,
         source=f"kfacperf calibrate from {', '.join(labels)}; peaks from {base.name}",
         description=description or base.description,
     )

@@ -11,6 +11,7 @@ This is the one interface between the models and the step graphs/engine::
     cost.for_gpus(gpus) -> CostModel        # ranks_per_node = min(gpus, gpus_per_node)
     cost.with_overrides(**options) -> CostModel
     cost.options -> CostOptions (frozen, hashable; also readable as cost.<option>)
+    cost.layer_host_us(step) -> float      # per K-FAC layer, between stages (load/write_grad)
     cost.flops(stage, layer, *, batch, workload=None) -> float
     cost.bytes_moved(stage, layer, *, batch, workload=None) -> float
     cost.regressors(stage, layer, *, batch, workload=None) -> Regressors  # for calibration
@@ -170,6 +171,12 @@ class CostModel:
     def capture_scale(self, stage: str) -> float:
         """Forward/backward on a factor step take this times their plain-step time."""
         return self.device.capture_scale(stage)
+
+    def layer_host_us(self, step: str) -> float:
+        """Host time per K-FAC layer of the optimizer's ``step`` between stages
+        (:data:`~kfacperf.sim.device_model.HOST_STEPS`), slowed like compute by ranks that
+        share cores."""
+        return self.device.host_us(step) * self.slowdown / self.options.compute_scale
 
     # -- communication ----------------------------------------------------------------------
     def collective_us(

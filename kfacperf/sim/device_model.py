@@ -10,9 +10,10 @@ API (stable)::
     DeviceModel(*, name, fp32_tflops, tf32_tflops, bf16_tflops, mem_bandwidth_GBps,
                 stages: Mapping[str, StageEfficiency], mode: str = "roofline",
                 measured: tuple[MeasuredTime, ...] = (), source: str = "", description: str = "",
-                capture_overhead: Mapping[str, float] = {})
+                capture_overhead: Mapping[str, float] = {},
+                layer_host_us: Mapping[str, float] = {})
         .peak_flops_per_us(dtype) -> float   .mem_bytes_per_us -> float
-        .capture_scale(kind) -> float
+        .capture_scale(kind) -> float        .host_us(step) -> float
         .stage(kind) -> StageEfficiency      .with_stages(**{kind: StageEfficiency}) -> DeviceModel
     load_device_model(path) -> DeviceModel  (strict)      save_device_model(model, path) -> Path
 
@@ -38,6 +39,15 @@ of forward and backward on factor steps, *besides* the batch statistics themselv
 between the layers' kernels, and the caches the statistics leave cold.  On the development
 CPU, backward without its nested statistics took 49-52 ms on ResNet-20 factor steps against
 41 ms on plain ones.  Calibration fits it from runs with both kinds of step; absent, it is 0.
+
+``[layer_host_us]`` (optional; keys of :data:`HOST_STEPS`) is the time per K-FAC layer and
+step that the optimizer spends *between* stages, on the compute stream: ``load_grad`` forms
+each layer's gradient matrix right after backward, ``write_grad`` writes the preconditioned
+gradients back (with the KL-clipping scale) right before the update.  A trace charges it to
+no stage, yet it is in the step: on the development CPU 0.35-0.5 ms and 0.7-0.8 ms per
+ResNet-20 step (22 layers) at every batch size and for both K-FAC strategies.  On a GPU it
+is the time the device idles while the host does that work, which is near 0 when kernels are
+queued ahead.  Calibration fits it from single-process K-FAC runs; absent, it is 0.
 """
 from __future__ import annotations
 
@@ -95,6 +105,9 @@ class MeasuredTime:
 CAPTURE_STAGES: tuple[str, ...] = (S.FORWARD, S.BACKWARD)
 """The stages a factor step's statistics capture makes slower (``capture_overhead``)."""
 
+HOST_STEPS: tuple[str, ...] = ("load_grad", "write_grad")
+"""The optimizer's per-layer host work between stages (``layer_host_us``)."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class DeviceModel:
@@ -111,6 +124,7 @@ class DeviceModel:
     source: str = ""
     description: str = ""
     capture_overhead: Mapping[str, float] = field(default_factory=dict)
+    layer_host_us: Mapping[str, float] = field(default_factory=dict)
     _rates: dict[str, float] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -141,6 +155,16 @@ class DeviceModel:
         object.__setattr__(self, "capture_overhead",
                            {k: float(self.capture_overhead[k]) for k in CAPTURE_STAGES
                             if k in self.capture_overhead})
+        for step, value in self.layer_host_us.items():
+            if step not in HOST_STEPS:
+                raise ValueError(f"device {self.name!r}: layer_host_us has {step!r}; known: "
+                                 f"{', '.join(HOST_STEPS)}")
+            if not (isinstance(value, (int, float)) and 0 <= value < float("inf")):
+                raise ValueError(f"device {self.name!r}: layer_host_us.{step} must be a "
+                                 f"finite number >= 0, got {value!r}")
+        object.__setattr__(self, "layer_host_us",
+                           {k: float(self.layer_host_us[k]) for k in HOST_STEPS
+                            if k in self.layer_host_us})
         rates = {"fp32": self.fp32_tflops, "tf32": self.tf32_tflops, "bf16": self.bf16_tflops}
         object.__setattr__(self, "_rates", rates)
 
@@ -161,6 +185,12 @@ class DeviceModel:
     def capture_scale(self, kind: str) -> float:
         """Factor by which a factor step's statistics capture slows stage ``kind``."""
         return 1.0 + self.capture_overhead.get(kind, 0.0)
+
+    def host_us(self, step: str) -> float:
+        """Host time per K-FAC layer of ``step`` (one of :data:`HOST_STEPS`), 0 if unknown."""
+        if step not in HOST_STEPS:
+            raise ValueError(f"no host step {step!r}; known: {', '.join(HOST_STEPS)}")
+        return self.layer_host_us.get(step, 0.0)
 
     def stage(self, kind: str) -> StageEfficiency:
         try:
@@ -223,10 +253,17 @@ def load_device_model(path: str | Path) -> DeviceModel:
             if ct.has(kind):
                 capture[kind] = ct.float(kind, nonnegative=True)
         ct.done()
+    host: dict[str, float] = {}
+    if root.has("layer_host_us"):
+        ht = root.table("layer_host_us")
+        for step in HOST_STEPS:
+            if ht.has(step):
+                host[step] = ht.float(step, nonnegative=True)
+        ht.done()
     root.done()
     return DeviceModel(
         name=name, stages=stages, mode=mode, measured=tuple(measured), source=source,
-        description=description, capture_overhead=capture, **rates,
+        description=description, capture_overhead=capture, layer_host_us=host, **rates,
     )
 
 
@@ -255,6 +292,8 @@ def device_model_to_dict(model: DeviceModel) -> dict[str, Any]:
     }
     if model.capture_overhead:
         data["capture_overhead"] = dict(model.capture_overhead)
+    if model.layer_host_us:
+        data["layer_host_us"] = dict(model.layer_host_us)
     if model.measured:
         data["measured"] = [
             {

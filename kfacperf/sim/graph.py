@@ -3,7 +3,8 @@
 A strategy writes, for each representative rank, its *host program* in issue order — the same
 order as the real optimizer's Python code — with three kinds of operation:
 
-* ``compute(stage, layer, dur_us)``: a kernel on the rank's compute stream;
+* ``compute(stage, layer, dur_us)``: a kernel on the rank's compute stream (``stage``
+  :data:`UNSTAGED`: host work between stages, which no event row reports);
 * ``launch(name, ...)``: an asynchronous collective on the rank's comm stream;
 * ``wait(name)``: the compute stream waits for that collective to finish.
 
@@ -34,6 +35,9 @@ COLLECTIVE_OPS: tuple[str, ...] = (
     "reduce_scatter_v", "all_gather_v",
 )
 V_OPS = ("reduce_scatter_v", "all_gather_v")
+UNSTAGED = ""
+"""The stage of compute that belongs to no stage (host work between stages): it takes time
+on the compute stream but yields no event row and no stage time, as in a measured trace."""
 
 Bytes = int | tuple[int, ...]
 CollectiveCost = Callable[[str, Bytes, int, int], float]
@@ -275,7 +279,7 @@ def assemble(
     for ci, prog in enumerate(programs):
         names = {ln.name: k for ln, (k, _) in zip(prog.launches, comm[ci])}
         waits.append([tuple(names[n] for n in w) if w else () for w in prog.waits])
-    known = set(S.STAGE_NAMES)
+    known = set(S.STAGE_NAMES) | {UNSTAGED}
     for ci, prog in enumerate(programs):
         bad = set(prog.stage) - known
         if bad:

@@ -18,6 +18,7 @@ class ComputeCosts(Protocol):
     def compute_us(self, stage: str, layer: Any, *, batch: int, workload: Any = None) -> float: ...
 
     # optional: capture_scale(stage) -> float, forward/backward on factor steps (default 1)
+    # optional: layer_host_us(step) -> float, host time per layer between stages (default 0)
 
 
 def _shares(parts: Sequence[float], whole: float) -> list[float]:
@@ -56,6 +57,9 @@ def layer_costs(cost: ComputeCosts, workload: Any, *, batch: int) -> LayerCosts:
     capture = getattr(cost, "capture_scale", None)
     fwd_capture = _check("forward capture", capture(S.FORWARD)) if capture else 1.0
     bwd_capture = _check("backward capture", capture(S.BACKWARD)) if capture else 1.0
+    host = getattr(cost, "layer_host_us", None)
+    grad_load = _check("load_grad", len(layers) * host("load_grad")) if host else 0.0
+    grad_write = _check("write_grad", len(layers) * host("write_grad")) if host else 0.0
     fwd = _shares(per_layer(S.FORWARD), whole(S.FORWARD))
     bwd = _shares(per_layer(S.BACKWARD), whole(S.BACKWARD))
     fwd_flops = _shares([flops_of(S.FORWARD, l) for l in layers], flops_of(S.FORWARD, None))
@@ -74,4 +78,5 @@ def layer_costs(cost: ComputeCosts, workload: Any, *, batch: int) -> LayerCosts:
         dim_a=tuple(l.dim_a for l in layers), dim_g=tuple(l.dim_g for l in layers),
         other_params=int(workload.other_params),
         fwd_capture=fwd_capture, bwd_capture=bwd_capture,
+        grad_load=grad_load, grad_write=grad_write,
     )

@@ -21,6 +21,7 @@ import numpy as np
 
 from kfacperf import stages as S
 from kfacperf.sim.engine import StepResult
+from kfacperf.sim.graph import UNSTAGED
 from kfacperf.sim.strategies.common import FACTOR_STEP, INVERSE_STEP, PLAIN_STEP, StepKind
 
 
@@ -93,7 +94,8 @@ def stage_sums(res: StepResult, ci: int) -> dict[tuple[str, str], float]:
     out: dict[tuple[str, str], float] = {}
     prog = res.graph.programs[ci]
     for st, layer, d in zip(prog.stage, prog.layer, prog.dur):
-        out[(st, layer)] = out.get((st, layer), 0.0) + d
+        if st != UNSTAGED:
+            out[(st, layer)] = out.get((st, layer), 0.0) + d
     for k, _ in res.graph.comm[ci]:
         c = res.graph.collectives[k]
         out[(c.stage, c.layer)] = out.get((c.stage, c.layer), 0.0) + c.cost_us
@@ -135,6 +137,8 @@ def summarize_point(steps: list[tuple[CycleStep, StepResult]]) -> PointSummary:
 
 
 _STAGE_CODE = {name: i for i, name in enumerate(S.STAGE_NAMES)}
+_UNSTAGED_CODE = -1
+_STAGE_CODE[UNSTAGED] = _UNSTAGED_CODE
 _COMPUTE, _COMM = S.LANES.index(S.COMPUTE), S.LANES.index(S.COMM)
 
 
@@ -185,22 +189,29 @@ class EventColumns:
             t_stage, t_layer = self._task_codes(prog.stage[n_pc:], prog.layer[n_pc:])
             n_c, n_m = len(prog.dur), len(ks)
             n = n_c + n_m + 1
-            p["rank"].append(np.full(n, cls.rank, dtype=np.int32))
-            p["step"].append(np.full(n, step, dtype=np.int32))
-            p["stage"].append(np.concatenate((h_stage, t_stage, c_stage[ks], step_code)))
-            p["layer"].append(np.concatenate((h_layer, t_layer, c_layer[ks], empty_layer)))
             lane = np.full(n, _COMPUTE, dtype=np.int8)
             lane[n_c:n_c + n_m] = _COMM
-            p["lane"].append(lane)
-            p["start"].append(np.concatenate((res.compute_start[ci], res.coll_start[ks],
-                                              [0.0])) + offset_us)
-            p["dur"].append(np.concatenate((h_dur, np.asarray(prog.dur[n_pc:], dtype=np.float64),
-                                            c_cost[ks], [res.class_end[ci]])))
-            p["nbytes"].append(np.concatenate((np.zeros(n_c, dtype=np.int64), c_bytes[ks],
-                                               np.zeros(1, dtype=np.int64))))
-            p["flops"].append(np.concatenate((h_flops,
-                                              np.asarray(prog.flops[n_pc:], dtype=np.float64),
-                                              np.zeros(n_m + 1))))
+            fields = {
+                "rank": np.full(n, cls.rank, dtype=np.int32),
+                "step": np.full(n, step, dtype=np.int32),
+                "stage": np.concatenate((h_stage, t_stage, c_stage[ks], step_code)),
+                "layer": np.concatenate((h_layer, t_layer, c_layer[ks], empty_layer)),
+                "lane": lane,
+                "start": np.concatenate((res.compute_start[ci], res.coll_start[ks], [0.0]))
+                + offset_us,
+                "dur": np.concatenate((h_dur, np.asarray(prog.dur[n_pc:], dtype=np.float64),
+                                       c_cost[ks], [res.class_end[ci]])),
+                "nbytes": np.concatenate((np.zeros(n_c, dtype=np.int64), c_bytes[ks],
+                                          np.zeros(1, dtype=np.int64))),
+                "flops": np.concatenate((h_flops, np.asarray(prog.flops[n_pc:], dtype=np.float64),
+                                         np.zeros(n_m + 1))),
+            }
+            keep = fields["stage"] != _UNSTAGED_CODE  # host work between stages: no row
+            if not keep.all():
+                fields = {k: v[keep] for k, v in fields.items()}
+                n = int(keep.sum())
+            for k, v in fields.items():
+                p[k].append(v)
             added += n
         self.rows += added
         return added

@@ -105,9 +105,11 @@ def null_cluster() -> ClusterModel:
 
 def synthetic_trace(w: WorkloadModel, batch: int, *, world_size: int = 1, steps: int = 4, warmup: int = 1,
                     noise: float = 0.0, seed: int = 0, method: str = "eigen",
-                    true: DeviceModel | None = None) -> Trace:
+                    true: DeviceModel | None = None, load_gap: float = 2.0,
+                    write_gap: float = 0.0, optimizer: str | None = None) -> Trace:
     """A K-FAC trace timed by the TRUE device: factor statistics nested in backward, as the
-    optimizer records them, and a slow warm-up step that calibration must leave out."""
+    optimizer records them, and a slow warm-up step that calibration must leave out.
+    ``load_gap``/``write_gap``: host time in no stage after backward and before update."""
     cost = CostModel(workload=w, device=true or device(TRUE), cluster=null_cluster(), inverse_method=method)
     rng = random.Random(seed)
     rows: dict[str, list] = {k: [] for k in ("rank", "step", "stage", "layer", "lane", "start_us", "dur_us", "bytes", "flops")}
@@ -134,16 +136,18 @@ def synthetic_trace(w: WorkloadModel, batch: int, *, world_size: int = 1, steps:
                 nested.append((l, f))
                 inner = add(rank, step, "factor_compute", l.name, inner, 0.7 * f) + 0.5
             add(rank, step, "backward", "", bwd_start, pure_bwd + sum(0.7 * f for _, f in nested))
-            now = bwd_start + pure_bwd + sum(0.7 * f for _, f in nested) + 2.0
+            now = bwd_start + pure_bwd + sum(0.7 * f for _, f in nested) + load_gap
             for l, f in reversed(nested):  # running averages in step(): the other 30%
                 now = add(rank, step, "factor_compute", l.name, now, 0.3 * f)
             for stage in ("inverse", "precondition"):
                 for l in w.layers:
                     now = add(rank, step, stage, l.name, now, t(stage, l))
-            now = add(rank, step, "update", "", now, t("update"))
+            now = add(rank, step, "update", "", now + write_gap, t("update"))
             add(rank, step, "step", "", step_start, now - step_start)
     run = {"workload": w.name, "batch_per_rank": batch, "world_size": world_size, "warmup": warmup,
            "inverse_method": method, "threads_per_rank": 1, "device": {"name": "cpu"}}
+    if optimizer is not None:
+        run["optimizer"] = optimizer
     return Trace(path=Path(f"synthetic/{w.name}-{batch}-{world_size}"), run=run, events=events_frame(rows))
 
 
@@ -208,6 +212,54 @@ def test_measured_times_single_process_only_and_notes() -> None:
     assert fitted.compute_us("forward", None, batch=16) == pytest.approx(true_cost.compute_us("forward", None, batch=16))
     with pytest.raises(ValueError, match="no workload model for 'w1'"):
         fit_device_model(traces, workloads={}, base=device(GUESS), name="x")
+
+
+def test_calibration_fits_the_host_work_between_stages_per_layer() -> None:
+    """Single-process K-FAC traces with 20 us per layer after backward and 35 us per layer
+    before the update give exactly those; SGD and multi-process traces do not count."""
+    n1, n2 = len(W1.layers), len(W2.layers)
+    assert n1 != n2
+    kfac = [synthetic_trace(W1, 8, load_gap=20.0 * n1, write_gap=35.0 * n1, optimizer="kfac"),
+            synthetic_trace(W2, 32, load_gap=20.0 * n2, write_gap=35.0 * n2, optimizer="kfac"),
+            synthetic_trace(W1, 64, load_gap=20.0 * n1, write_gap=35.0 * n1, optimizer="kfac")]
+    others = [synthetic_trace(W1, 16, load_gap=900.0, write_gap=900.0, optimizer="sgd"),
+              synthetic_trace(W1, 16, world_size=2, load_gap=900.0, write_gap=900.0,
+                              optimizer="kfac")]
+    cal = fit_device_model(kfac + others, workloads=WORKLOADS, base=device(GUESS), name="f")
+    assert cal.device.layer_host_us == pytest.approx({"load_grad": 20.0, "write_grad": 35.0})
+    assert any("load_grad 20.0 us, write_grad 35.0 us per K-FAC layer (median of 3" in n
+               for n in cal.notes)
+    # the cost model gives it per layer, slowed like compute by ranks sharing cores
+    from dataclasses import replace
+
+    cluster = replace(null_cluster(), gpus_per_node=2, cores_per_node=2, contention=0.25)
+    cost = CostModel(workload=W1, device=cal.device, cluster=cluster, ranks_per_node=2)
+    assert cost.layer_host_us("write_grad") == pytest.approx(35.0 * cost.slowdown)
+    assert cost.slowdown > 1.0
+    # no K-FAC trace: nothing fitted, and the device model says 0
+    cal = fit_device_model(others[:1], workloads=WORKLOADS, base=device(GUESS), name="g")
+    assert cal.device.layer_host_us == {} and cal.device.host_us("load_grad") == 0.0
+
+
+def test_step_host_gaps_of_a_hand_built_step() -> None:
+    """Gaps run from backward's end to the next event (nested statistics and comm-lane
+    events count), and from the last event before update to its start."""
+    from kfacperf.sim.host_gaps import step_host_gaps
+
+    rows = {k: [] for k in ("rank", "step", "stage", "layer", "lane", "start_us", "dur_us",
+                            "bytes", "flops")}
+    for stage, lane, start, dur in [("forward", "compute", 0, 50), ("backward", "compute", 50, 100),
+                                    ("factor_compute", "compute", 60, 10),  # nested
+                                    ("factor_comm", "comm", 163, 40), ("precondition", "compute", 171, 9),
+                                    ("update", "compute", 251, 5), ("step", "compute", 0, 256)]:
+        for k, v in zip(rows, (0, 3, stage, "", lane, float(start), float(dur), 0, 0.0)):
+            rows[k].append(v)
+    gaps = step_host_gaps(events_frame(rows))
+    assert gaps.to_dict("records") == [{"rank": 0, "step": 3, "load_grad": 13.0,
+                                        "write_grad": 48.0}]
+    # a step without an update is left out
+    keep = [i for i, st in enumerate(rows["stage"]) if st != "update"]
+    assert step_host_gaps(events_frame({k: [v[i] for i in keep] for k, v in rows.items()})).empty
 
 
 def test_base_device_for_cpu_and_gpu_runs() -> None:

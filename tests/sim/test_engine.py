@@ -101,6 +101,69 @@ def test_one_gpu_has_no_communication_and_every_kfac_strategy_is_local():
         assert run_step(g).step_us == pytest.approx(local)
 
 
+HOST = {"grad_load": 23.0, "grad_write": 31.0}  # host work between stages (no stage)
+
+
+def test_host_work_between_stages_closed_form():
+    """K-FAC steps pay grad_load after backward (before the last factor collective leaves)
+    and grad_write before the update; SGD steps pay neither."""
+    from dataclasses import replace
+
+    c = replace(two_layers(), **HOST)
+    L, W = HOST["grad_load"], HOST["grad_write"]
+    t_b = 50.0 + 47.0 + 71.0
+    fac = cost("reduce_scatter_v", ((65**2 + 32**2) * 4, (33**2 + 16**2) * 4), 2, 2)
+    grad = cost("reduce_scatter_v", (65 * 32 * 4, 33 * 16 * 4), 2, 2)
+    ag = cost("all_gather_v", ((65 * 32 + 1) * 4, (33 * 16 + 1) * 4), 2, 2)
+    spngd = t_b + L + fac + 500.0 + grad + 13.0 + ag + W + 17.0
+    assert simulate_one("spngd", c, 2, INVERSE_STEP) == pytest.approx(spngd, rel=1e-12)
+    # KAISA: the host work starts once DDP's all-reduces are done (backward blocks on them)
+    e1 = 50.0 + 7.0 + 40.0 + cost("all_reduce", 33 * 16 * 4, 2, 2)
+    e0 = max(50.0 + 47.0 + 71.0, e1) + cost("all_reduce", 65 * 32 * 4, 2, 2)
+    ef = e0 + L + cost("all_reduce", (65**2 + 32**2 + 33**2 + 16**2) * 4, 2, 2)
+    b0 = cost("broadcast", (65**2 + 32**2 + 65 + 32) * 4, 2, 2)
+    b1 = cost("broadcast", (33**2 + 16**2 + 33 + 16) * 4, 2, 2)
+    kaisa = ef + 500.0 + b0 + b1 + 13.0 + 9.0 + W + 17.0
+    assert simulate_one("kaisa", c, 2, INVERSE_STEP) == pytest.approx(kaisa, rel=1e-12)
+    local = 50.0 + 47.0 + 71.0 + 500.0 + 90.0 + 13.0 + 9.0 + 17.0
+    for strategy in ("spngd", "kaisa"):
+        assert simulate_one(strategy, c, 1, PLAIN_STEP) == pytest.approx(
+            50.0 + 40.0 + 60.0 + 13.0 + 9.0 + 17.0 + L + W)
+        assert simulate_one(strategy, c, 1, INVERSE_STEP) == pytest.approx(local + L + W)
+    assert simulate_one("sgd", c, 2, PLAIN_STEP) == simulate_one("sgd", two_layers(), 2,
+                                                                   PLAIN_STEP)
+
+
+def test_host_work_yields_no_event_row_and_no_stage_time():
+    """The time is in the step, as in a measured trace, but in no stage and no event row."""
+    from dataclasses import replace
+
+    from kfacperf.sim.summary import EventColumns, stage_sums
+
+    for strategy in ("spngd", "kaisa"):
+        runs = []
+        for costs in (two_layers(), replace(two_layers(), **HOST)):
+            spec = StepSpec(costs=costs, world_size=2, gpus_per_node=1, kind=FACTOR_STEP,
+                            comm=SPLIT)
+            res = run_step(build_graph(make_step(parse_strategy(strategy), spec), cost))
+            cols = EventColumns()
+            rows = cols.add_step(res, step=0, offset_us=0.0)
+            runs.append((res, stage_sums(res, 0), rows, cols))
+        (plain, sums0, rows0, cols0), (host, sums1, rows1, cols1) = runs
+        assert rows1 == rows0 == len(cols1.column("stage", "int16"))
+        assert host.step_us > plain.step_us
+        assert sums1.pop((S.STEP, "")) == pytest.approx(host.step_us)
+        sums0.pop((S.STEP, ""))
+        assert sums1 == pytest.approx(sums0)
+        # the same rows with the same durations; only the step rows grow
+        step_code = S.STAGE_NAMES.index(S.STEP)
+        durs = []
+        for cols in (cols0, cols1):
+            is_step = cols.column("stage", "int16") == step_code
+            durs.append(cols.column("dur", "float64")[~is_step])
+        assert durs[1] == pytest.approx(durs[0])
+
+
 # ------------------------------------------------------------------ reference evaluator
 def reference(graph: StepGraph) -> tuple[list[list[float]], list[float], list[float]]:
     """Start of every compute task and collective, and each class's end, by relaxing the

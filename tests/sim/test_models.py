@@ -67,6 +67,10 @@ def test_round_trips(tmp_path: Path) -> None:
     d = make_device(capture_overhead={"backward": 0.2})
     back = load_device_model(save_device_model(d, tmp_path / "d2.toml"))
     assert back == d and back.capture_scale("backward") == 1.2 and back.capture_scale("forward") == 1.0
+    d = make_device(layer_host_us={"load_grad": 20.5, "write_grad": 35.0})
+    back = load_device_model(save_device_model(d, tmp_path / "d3.toml"))
+    assert back == d and back.host_us("write_grad") == 35.0
+    assert make_device().host_us("load_grad") == 0.0  # absent: no host work
     c = make_cluster()
     assert load_cluster_model(save_cluster_model(c, tmp_path / "c.toml")) == c
 
@@ -138,10 +142,13 @@ def test_cluster_strict_errors(tmp_path: Path, old: str, new: str, pattern: str)
         ("mem_efficiency = 0.25", "mem_efficiency = 2.0", r"stages\.forward\.mem_efficiency': must be <= 1"),
         ("forward = 0.1", "forward = -0.1", r"capture_overhead\.forward': must be >= 0"),
         ("forward = 0.1", "update = 0.1", r"capture_overhead\.update': unknown key"),
+        ("load_grad = 20.0", "load_grad = -1.0", r"layer_host_us\.load_grad': must be >= 0"),
+        ("load_grad = 20.0", "zero_grad = 1.0", r"layer_host_us\.zero_grad': unknown key"),
     ],
 )
 def test_device_strict_errors(tmp_path: Path, old: str, new: str, pattern: str) -> None:
-    text = save_device_model(make_device(capture_overhead={"forward": 0.1}),
+    text = save_device_model(make_device(capture_overhead={"forward": 0.1},
+                                         layer_host_us={"load_grad": 20.0}),
                              tmp_path / "d.toml").read_text()
     path = _edit(tmp_path, text, old, new)
     with pytest.raises(ValueError, match=pattern) as info:

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 from kfacperf import stages as S
 from kfacperf.sim.device_model import INVERSE_METHODS
-from kfacperf.sim.graph import Group, Program
+from kfacperf.sim.graph import UNSTAGED, Group, Program
 from kfacperf.sim.placement import nodes_spanned
 
 COMM_DTYPE_BYTES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -97,6 +97,12 @@ class LayerCosts:
     """Forward on a factor step takes this times ``fwd`` (the statistics capture's overhead)."""
     bwd_capture: float = 1.0
     """Backward on a factor step takes this times ``bwd`` (statistics not included)."""
+    grad_load: float = 0.0
+    """K-FAC steps: host time forming every layer's gradient matrix after backward, in no
+    stage (``DeviceModel.layer_host_us``)."""
+    grad_write: float = 0.0
+    """K-FAC steps: host time writing the preconditioned gradients back before the update,
+    in no stage."""
 
     @property
     def n(self) -> int:
@@ -264,6 +270,12 @@ def spngd_factor_plan(costs: LayerCosts, cs: CommSettings) -> FactorPlan:
             batches.append((l, [cur]))
             cur, total = [], 0
     return _events(batches, [cur] if cur else [])
+
+
+def emit_unstaged(prog: Program, dur_us: float) -> None:
+    """Host work between stages (the trace charges it to no stage), if there is any."""
+    if dur_us > 0:
+        prog.compute(UNSTAGED, "", dur_us)
 
 
 def emit_forward(prog: Program, costs: LayerCosts, *, factor: bool = False) -> None:

@@ -30,7 +30,8 @@ from kfacperf import stages as S
 from kfacperf.sim.graph import Group, Program, RankClass
 from kfacperf.sim.placement import grad_workers, kaisa_placement, layer_cost, nodes_spanned
 from kfacperf.sim.strategies.common import (
-    BucketEvent, StepSpec, bucket_label, emit_backward, emit_forward, kaisa_factor_plan,
+    BucketEvent, StepSpec, bucket_label, emit_backward, emit_forward, emit_unstaged,
+    kaisa_factor_plan,
 )
 from kfacperf.sim.strategies.sgd import DdpGradients
 
@@ -150,6 +151,7 @@ class KaisaStep:
         emit_backward(prog, costs, factor=kind.factor, on_factor=on_factor,
                       on_grad=lambda l: self.ddp.after_layer(prog, l))
         self.ddp.finish(prog)
+        emit_unstaged(prog, costs.grad_load)
         if kind.factor:
             for ev in self.fac_end:
                 launch(ev)
@@ -180,6 +182,7 @@ class KaisaStep:
                 prog.launch(("pg", c), S.PRECOND_COMM, self.pg_label[c], "broadcast",
                             self.pg_bytes[c], rg)
             prog.wait_all([("pg", c) for c in self.full_cols])
+        emit_unstaged(prog, costs.grad_write)
         prog.compute(S.UPDATE, "", costs.update)
         return prog
 

@@ -24,7 +24,8 @@ from kfacperf import stages as S
 from kfacperf.sim.graph import Program, RankClass
 from kfacperf.sim.placement import layer_cost, spngd_placement
 from kfacperf.sim.strategies.common import (
-    FP32, BucketEvent, StepSpec, bucket_label, emit_backward, emit_forward, spngd_factor_plan,
+    FP32, BucketEvent, StepSpec, bucket_label, emit_backward, emit_forward, emit_unstaged,
+    spngd_factor_plan,
 )
 
 
@@ -93,6 +94,7 @@ class SpngdStep:
 
         emit_forward(prog, costs, factor=kind.factor)
         emit_backward(prog, costs, factor=kind.factor, on_factor=on_factor)
+        emit_unstaged(prog, costs.grad_load)
         if kind.factor:
             for ev in self.fac_end:
                 launch(ev)
@@ -123,6 +125,7 @@ class SpngdStep:
             prog.launch(("pg",), S.PRECOND_COMM, self.all_label, "all_gather_v", self.pg_blocks,
                         self.world)
             prog.wait(("pg",))
+        emit_unstaged(prog, costs.grad_write)
         prog.compute(S.UPDATE, "", costs.update)
         return prog
 
