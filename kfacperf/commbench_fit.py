@@ -1,7 +1,7 @@
 """Fit a cluster model to commbench's measurements.
 
 * collectives: every linear algorithm of each collective is fitted (alpha-beta least squares,
-  :func:`kfacperf.sim.calibration.fit_alpha_beta`); the lowest relative error wins;
+  :func:`kfacperf.sim.alpha_beta.fit_alpha_beta`); the lowest relative error wins;
 * ``contention`` (and per stage kind): least squares of the probed compute slowdowns over the
   world sizes, ``slowdown(r) = (1 + c (r - 1)) * max(1, r / cores)``;
 * ``straggler``: the probed straggler of ``r`` ranks scaled to two ranks by the expected
@@ -21,7 +21,8 @@ from dataclasses import replace
 from typing import Sequence
 
 from kfacperf.commbench import CommbenchResult, Point, fmt_size
-from kfacperf.sim.calibration import AlphaBetaFit, cluster_from_fits, fit_alpha_beta, sig
+from kfacperf.sim.alpha_beta import AlphaBetaFit, cluster_from_fits, fit_alpha_beta
+from kfacperf.sim.fitting import sig
 from kfacperf.sim.cluster_model import ALGORITHMS, OPS, ClusterModel, expected_max_normal
 from kfacperf.sim.device_model import STAGE_KINDS
 

@@ -1,21 +1,15 @@
-"""Fit the models to measurements: alpha-beta per collective, efficiencies per stage kind.
+"""Fit the device model to measured traces: efficiencies per stage kind, and the rest.
 
 API::
 
-    fit_alpha_beta(samples, *, op, algorithm) -> AlphaBetaFit
-        samples: iterable of (world_size, nbytes, time_us); nbytes as in kfacperf.sim.collectives
-    cluster_from_fits(fits: Mapping[op, AlphaBetaFit], *, name, gpus_per_node, ...) -> ClusterModel
     exclusive_compute_times(events) -> DataFrame      (rank, step, stage, layer, dur_us)
     fit_device_model(traces, *, workloads, base=None, name, include_measured=True, mode=None)
         -> DeviceCalibration(.device, .fits: {kind: StageFit}, .traces_used, .notes)
     base_device_for(run) -> DeviceModel               (peaks to fit efficiencies against)
 
-**Alpha-beta.**  Each algorithm's time is linear in (alpha, beta): ``t = a(p, n) alpha +
-b(p, n) beta`` (:func:`kfacperf.sim.collectives.coefficients`).  The fit minimises the
-*relative* squared error over all sizes and world sizes (so 4 KiB and 16 MiB points count
-alike) with alpha >= 0 and beta >= 0.
+(Collectives are fitted in :mod:`kfacperf.sim.alpha_beta`.)
 
-**Device.**  Per stage kind ``k``, every (trace, stage, layer) gives one sample: the median
+Per stage kind ``k``, every (trace, stage, layer) gives one sample: the median
 over steps and ranks of the stage's *exclusive* time (time of compute stages nested inside it,
 such as the factor statistics computed in backward hooks, is subtracted; occurrences of one
 (stage, layer) within a step are summed) against the regressors of
@@ -25,155 +19,31 @@ time ``B/bw``, roofline time).  In ``additive`` mode ``t = overhead c + (F/peak)
 (one efficiency for both).  The fit is relative least squares with overhead >= 0 and
 efficiencies <= 1.  A term the samples cannot separate from the others (one batch size of a
 whole-model stage; FLOPs proportional to bytes, as in the update) is left at its bound
-(overhead 0, efficiency 1) and noted.  Only single-process traces are used when any is given: ranks sharing the
-machine slow each other down, which is the cluster model's ``contention``, not the device's.
+(overhead 0, efficiency 1) and noted.  Only single-process traces are used when any is given:
+ranks sharing the machine slow each other down, which is the cluster model's
+``contention``, not the device's.  The same traces give the factor steps' capture overhead
+and the host work between stages (:mod:`kfacperf.sim.host_gaps`).
 """
 from __future__ import annotations
 
-import itertools
-import math
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from kfacperf import stages as S
 from kfacperf.sim.cluster_model import OPS, ClusterModel, Tier
-from kfacperf.sim.collectives import coefficients
 from kfacperf.sim.costs import CostModel
 from kfacperf.sim.device_model import (
     CAPTURE_STAGES, INVERSE_METHODS, MODES, STAGE_KINDS, DeviceModel, MeasuredTime,
     StageEfficiency,
 )
+from kfacperf.sim.fitting import bounded_lstsq, sig
 from kfacperf.sim.host_gaps import fit_layer_host_us, kfac_trace_gaps_input
 from kfacperf.sim.workload_model import WorkloadModel
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
-
-
-def sig(x: float, digits: int = 7) -> float:
-    """``x`` rounded to ``digits`` significant digits, so written models stay readable."""
-    return float(f"{x:.{digits}g}")
-
-
-def bounded_lstsq(a: np.ndarray, y: np.ndarray, lower: Sequence[float]) -> np.ndarray:
-    """argmin ||a x - y||^2 subject to x_j >= lower_j (a few unknowns).
-
-    Exact: the optimum of a convex quadratic on a box is the unconstrained optimum of some
-    face (a set of variables held at their bounds), so every face is tried.  Faces with more
-    variables at their bounds come first and a freer one must lower the cost by more than a
-    relative 1e-9 to win: an unidentifiable term stays at its bound instead of taking an
-    arbitrary share (of equally good faces, the one holding the earliest variables wins).
-    """
-    a = np.asarray(a, dtype=float)
-    y = np.asarray(y, dtype=float)
-    k = a.shape[1]
-    if k > 4:
-        raise ValueError("bounded_lstsq is meant for at most 4 unknowns")
-    lo = np.asarray(lower, dtype=float)
-    best, best_cost = lo.copy(), float(np.sum((a @ lo - y) ** 2))
-    scale = max(best_cost, float(np.sum(y ** 2)), 1e-300)
-    for n_free in range(1, k + 1):
-        faces = sorted(itertools.combinations(range(k), n_free),
-                       key=lambda f: tuple(j in f for j in range(k)))
-        for free in faces:
-            fixed = [j for j in range(k) if j not in free]
-            rhs = y - a[:, fixed] @ lo[fixed] if fixed else y
-            sol, *_ = np.linalg.lstsq(a[:, list(free)], rhs, rcond=None)
-            x = lo.copy()
-            x[list(free)] = sol
-            if np.any(x < lo - 1e-12 * np.maximum(1.0, np.abs(lo))):
-                continue
-            cost = float(np.sum((a @ x - y) ** 2))
-            if cost < best_cost - 1e-9 * scale:
-                best, best_cost = x, cost
-    return best
-
-
-# --------------------------------------------------------------------------- alpha-beta
-@dataclass(frozen=True, kw_only=True)
-class AlphaBetaFit:
-    """Fitted alpha (us per step) and bandwidth (GB/s) of one collective's algorithm."""
-
-    op: str
-    algorithm: str
-    alpha_us: float
-    bandwidth_GBps: float
-    samples: int
-    rms_rel_error: float
-    max_rel_error: float
-    note: str = ""
-
-    def predict_us(self, world_size: int, nbytes: float) -> float:
-        a, b = coefficients(self.op, self.algorithm, world_size, nbytes)
-        return a * self.alpha_us + b / (self.bandwidth_GBps * 1e3)
-
-
-def fit_alpha_beta(
-    samples: Iterable[tuple[int, float, float]], *, op: str, algorithm: str
-) -> AlphaBetaFit:
-    """Fit alpha and beta of ``op`` run by ``algorithm`` to ``(world_size, nbytes, time_us)``."""
-    rows, times = [], []
-    for p, n, t in samples:
-        if p < 2 or n <= 0 or not (t > 0 and math.isfinite(t)):
-            raise ValueError(f"{op}: unusable sample world_size={p}, nbytes={n}, time_us={t}")
-        rows.append(coefficients(op, algorithm, p, n))
-        times.append(t)
-    if len(rows) < 2:
-        raise ValueError(f"{op}: need at least 2 samples to fit alpha and beta, got {len(rows)}")
-    a = np.array(rows, dtype=float)
-    y = np.array(times, dtype=float)
-    w = 1.0 / y
-    scale = np.abs(a * w[:, None]).max(axis=0)  # column scaling keeps lstsq well conditioned
-    scale[scale == 0] = 1.0
-    x = bounded_lstsq(a * w[:, None] / scale, y * w, [0.0, 0.0]) / scale
-    note = ""
-    if x[1] <= 0:  # noise hid the growth with size: fall back to a bandwidth-only fit
-        b = a[:, 1] * w
-        x = np.array([0.0, float(b @ (y * w)) / float(b @ b)])
-        note = "timings did not grow with message size: alpha set to 0 (use larger sizes)"
-    alpha, beta = float(x[0]), float(x[1])
-    rel = (a @ x - y) / y
-    return AlphaBetaFit(
-        op=op, algorithm=algorithm, alpha_us=sig(alpha), bandwidth_GBps=sig(1.0 / (beta * 1e3)),
-        samples=len(y), rms_rel_error=float(np.sqrt(np.mean(rel ** 2))),
-        max_rel_error=float(np.max(np.abs(rel))), note=note,
-    )
-
-
-def cluster_from_fits(
-    fits: Mapping[str, AlphaBetaFit],
-    *,
-    name: str,
-    gpus_per_node: int,
-    cores_per_node: int = 0,
-    contention: float = 0.0,
-    source: str = "",
-    description: str = "",
-) -> ClusterModel:
-    """A one-node-type cluster whose intra tier carries the fitted per-collective values.
-
-    The tier's own alpha/bandwidth are the all-reduce fit (or the first fit); every fitted
-    collective overrides them with its own.  Nothing inter-node was measured, so the inter
-    tier is a copy of the intra tier (``assumed = true``) and groups are ``flat``.
-    """
-    missing = [op for op in OPS if op not in fits]
-    if missing:
-        raise ValueError(f"no fit for collective(s) {', '.join(missing)}")
-    ref = fits.get("all_reduce") or next(iter(fits.values()))
-    algorithms = {op: fits[op].algorithm for op in OPS}
-    overrides = {op: (fits[op].alpha_us, fits[op].bandwidth_GBps) for op in OPS}
-    intra = Tier(alpha_us=ref.alpha_us, bandwidth_GBps=ref.bandwidth_GBps, algorithms=algorithms,
-                 overrides=overrides, assumed=False)
-    inter = Tier(alpha_us=ref.alpha_us, bandwidth_GBps=ref.bandwidth_GBps, algorithms=algorithms,
-                 overrides=overrides, assumed=True)
-    return ClusterModel(
-        name=name, gpus_per_node=gpus_per_node, intra=intra, inter=inter,
-        multi_node={op: "flat" for op in OPS}, v_collectives="padded",
-        cores_per_node=cores_per_node, contention=contention, source=source,
-        description=description,
-    )
 
 
 # --------------------------------------------------------------------------- device

@@ -18,11 +18,10 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from kfacperf import stages as S
 from kfacperf.sim.device_model import HOST_STEPS
+from kfacperf.sim.fitting import sig
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
-
-SIGNIFICANT = 4
 
 
 def step_host_gaps(events: "pd.DataFrame") -> "pd.DataFrame":
@@ -78,9 +77,9 @@ def fit_layer_host_us(
             per_trace[key].append(float(np.median(gaps[key].clip(lower=0.0))) / layers)
     if not per_trace[HOST_STEPS[0]]:
         return {}, []
-    out = {k: float(f"{np.median(v):.{SIGNIFICANT}g}") for k, v in per_trace.items()}
+    out = {k: sig(float(np.median(v)), 4) for k, v in per_trace.items()}
     n = len(per_trace[HOST_STEPS[0]])
-    notes = [f"host work between stages: " + ", ".join(f"{k} {v:.1f} us" for k, v in out.items())
+    notes = ["host work between stages: " + ", ".join(f"{k} {v:.1f} us" for k, v in out.items())
              + f" per K-FAC layer (median of {n} K-FAC trace(s))"]
     return out, notes
 

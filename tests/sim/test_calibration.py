@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from kfacperf.sim.calibration import (
-    base_device_for, cluster_from_fits, exclusive_compute_times, fit_alpha_beta, fit_device_model,
-)
+from kfacperf.sim.alpha_beta import cluster_from_fits, fit_alpha_beta
+from kfacperf.sim.calibration import base_device_for, exclusive_compute_times, fit_device_model
 from kfacperf.sim.cluster_model import OPS, ClusterModel, Tier, load_cluster_model, save_cluster_model
 from kfacperf.sim.collectives import algorithm_us
 from kfacperf.sim.costs import CostModel

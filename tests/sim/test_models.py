@@ -221,7 +221,8 @@ def test_sim_models_do_not_import_torch() -> None:
     code = (
         "import sys\n"
         "import kfacperf.sim.models, kfacperf.sim.costs, kfacperf.sim.collectives, "
-        "kfacperf.sim.calibration, kfacperf.sim.presets\n"
+        "kfacperf.sim.calibration, kfacperf.sim.alpha_beta, kfacperf.sim.host_gaps, "
+        "kfacperf.sim.presets\n"
         "bad = [m for m in ('torch', 'pandas') if m in sys.modules]\n"
         "print(','.join(bad))\n"
     )
