@@ -1,12 +1,14 @@
 """Fit a device model from measured traces, or generate a workload model from a torch workload.
 
   kfacperf calibrate traces/A traces/B --device-name local-cpu --out models/devices/local-cpu.toml
+  kfacperf calibrate traces/reference/p1 --out /tmp/local-cpu.toml     # a folder of traces
   kfacperf calibrate --workload resnet50 --out models/workloads/resnet50.toml
 
 Trace mode fits, per stage kind, an efficiency against the roofline of the stage's analytic
 FLOPs and bytes plus a fixed per-call overhead (see kfacperf.sim.calibration), prints the fit
 and its error, and writes the device TOML (with the traces' median per-layer times as
-[[measured]] entries unless --no-measured).  Peaks come from --base (a device preset or TOML);
+[[measured]] entries unless --no-measured; K-FAC traces also give the factor steps' capture
+overhead and the host work between stages, [capture_overhead] and [layer_host_us]).  Peaks come from --base (a device preset or TOML);
 by default from the datasheet preset of the traced GPU, or nominal per-thread CPU peaks.
 """
 from __future__ import annotations
@@ -18,7 +20,8 @@ from kfacperf.commands import key_value
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("traces", nargs="*", metavar="TRACE", help="trace directories to fit")
+    parser.add_argument("traces", nargs="*", metavar="TRACE",
+                        help="trace directories to fit (a folder of traces: all of them)")
     parser.add_argument("--device-name", default=None,
                         help="name of the fitted device model (default: from --out, else 'calibrated')")
     parser.add_argument("--base", default=None,
@@ -152,7 +155,9 @@ def run(args: argparse.Namespace) -> int:
     from kfacperf.sim.models import load_device, workload_for_run
     from kfacperf.traces import load_trace
 
-    traces = [load_trace(p) for p in args.traces]
+    from kfacperf.validation import expand_trace_paths
+
+    traces = [load_trace(p) for p in expand_trace_paths(args.traces)]
     for tr in traces:
         if not tr.completed:
             print(f"calibrate: warning: {tr.path} did not complete; using its finished steps")

@@ -293,6 +293,19 @@ def test_calibrate_command_fits_written_traces(tmp_path: Path, capsys: pytest.Ca
     for kind, (eff, mem, over) in TRUE.items():
         assert fitted.stage(kind).mem_efficiency == pytest.approx(mem, rel=1e-6)
     assert len(fitted.measured) > 0
+    # a folder of traces stands for every trace in it
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for d in dirs:
+        Path(d).rename(folder / Path(d).name)
+    args[1:1 + len(dirs)] = [str(folder)]
+    assert main(args) == 0
+    again = load_device_model(out)
+    assert set(again.measured) == set(fitted.measured)  # the folder lists them by name
+    for kind in TRUE:
+        assert again.stage(kind).efficiency == pytest.approx(fitted.stage(kind).efficiency)
+    assert "fitted from 3 trace(s)" in capsys.readouterr().out
+    dirs = [str(folder / Path(d).name) for d in dirs]
     # a trace whose workload has no model is a clear error, not a traceback
     assert main(["calibrate", dirs[0], "--out", str(tmp_path / "x.toml")]) == 2
     assert "no workload model for 'w1'" in capsys.readouterr().err
@@ -348,6 +361,7 @@ def test_roofline_mode_fit_recovers_a_shared_efficiency() -> None:
         ([], "give TRACE directories"),
         (["some/trace", "--workload", "mlp"], "not both"),
         (["/nonexistent/trace"], "does not exist"),
+        (["tests"], "neither a trace directory"),
         (["--workload", "nope"], "unknown workload 'nope'"),
         (["--workload", "mlp", "--workload-option", "hidden"], "expected KEY=VALUE"),
     ],
