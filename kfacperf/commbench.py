@@ -35,9 +35,10 @@ API::
     CommbenchConfig(*, world_sizes, sizes, ops, reps, warmup, backend, timeout_s, contention,
                     collectives, timing)
     run_commbench(config, *, progress=print)
-        -> CommbenchResult(.points, .slowdowns, .stage_slowdowns, .probes, .stragglers, .backend)
+        -> CommbenchResult(.points, .slowdowns, .stage_slowdowns, .probes, .stragglers,
+                           .comm_slowdowns, .backend)
 
-The fits (alpha-beta per collective, contention, straggler) are in :mod:`kfacperf.commbench_fit`.
+The fits (alpha-beta per collective, contention, straggler, comm contention) are in :mod:`kfacperf.commbench_fit`.
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from kfacperf.contention_probe import ALL, STRAGGLER
+from kfacperf.contention_probe import ALL, COMM_AFTER_COMPUTE, STRAGGLER
 from kfacperf.net import free_port
 from kfacperf.sim.cluster_model import OPS
 
@@ -143,6 +144,8 @@ class CommbenchResult:
     probes: dict[int, int] = field(default_factory=dict)
     # world size -> the straggler: (slowest - mean) / mean rank time per synchronised step
     stragglers: dict[int, float] = field(default_factory=dict)
+    # world size -> mean collective time right after compute over right after a barrier
+    comm_slowdowns: dict[int, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"backend": self.backend, "cores": self.cores,
@@ -150,7 +153,8 @@ class CommbenchResult:
                 "slowdowns": {str(k): v for k, v in self.slowdowns.items()},
                 "stage_slowdowns": {str(k): v for k, v in self.stage_slowdowns.items()},
                 "probes": {str(k): v for k, v in self.probes.items()},
-                "stragglers": {str(k): v for k, v in self.stragglers.items()}}
+                "stragglers": {str(k): v for k, v in self.stragglers.items()},
+                "comm_slowdowns": {str(k): v for k, v in self.comm_slowdowns.items()}}
 
 
 def parse_size(text: str) -> int:
@@ -351,16 +355,19 @@ def run_commbench(config: CommbenchConfig, *, progress: Callable[[str], None] = 
     stage_slowdowns: dict[int, dict[str, float]] = {}
     probes: dict[int, int] = {}
     stragglers: dict[int, float] = {}
+    comm_slowdowns: dict[int, float] = {}
     for world in config.world_sizes or default_world_sizes(backend):
         progress(f"commbench: {world} ranks, backend {backend}")
         per_rank, slowdown = _launch(world, cfg, progress)
         if slowdown and not math.isnan(slowdown[ALL]):
             slowdowns[world] = slowdown[ALL]
             stage_slowdowns[world] = {k: v for k, v in slowdown.items()
-                                      if k not in (ALL, STRAGGLER)}
+                                      if k not in (ALL, STRAGGLER, COMM_AFTER_COMPUTE)}
             probes[world] = 1
             if STRAGGLER in slowdown and math.isfinite(slowdown[STRAGGLER]):
                 stragglers[world] = slowdown[STRAGGLER]
+            if COMM_AFTER_COMPUTE in slowdown and math.isfinite(slowdown[COMM_AFTER_COMPUTE]):
+                comm_slowdowns[world] = slowdown[COMM_AFTER_COMPUTE]
         i = 0
         for op in config.ops if config.collectives else ():
             for nbytes in config.sizes:
@@ -372,4 +379,4 @@ def run_commbench(config: CommbenchConfig, *, progress: Callable[[str], None] = 
     cores = (os.cpu_count() or 1) if backend == "gloo" else 0
     return CommbenchResult(backend=backend, points=tuple(points), slowdowns=slowdowns, cores=cores,
                            stage_slowdowns=stage_slowdowns, probes=probes,
-                           stragglers=stragglers)
+                           stragglers=stragglers, comm_slowdowns=comm_slowdowns)

@@ -5,7 +5,9 @@
 * ``contention`` (and per stage kind): least squares of the probed compute slowdowns over the
   world sizes, ``slowdown(r) = (1 + c (r - 1)) * max(1, r / cores)``;
 * ``straggler``: the probed straggler of ``r`` ranks scaled to two ranks by the expected
-  maximum of normal draws (:func:`kfacperf.sim.cluster_model.expected_max_normal`), averaged.
+  maximum of normal draws (:func:`kfacperf.sim.cluster_model.expected_max_normal`), averaged;
+* ``comm_contention``: the probed slowdown of collectives issued right after compute (over
+  right after a barrier) minus 1, averaged over world sizes.
 
 API::
 
@@ -13,6 +15,7 @@ API::
     fit_points(points, op) -> (best AlphaBetaFit, every fit)
     fit_contention(slowdowns, cores) -> float
     fit_straggler(stragglers) -> float
+    fit_comm_contention(comm_slowdowns) -> float
 """
 from __future__ import annotations
 
@@ -38,6 +41,13 @@ def fit_contention(slowdowns: dict[int, float], cores: int) -> float:
         return 0.0
     c = sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs)
     return max(0.0, c)
+
+
+def fit_comm_contention(comm_slowdowns: dict[int, float]) -> float:
+    """``comm_contention``: the mean over world sizes of (slowdown after compute - 1), >= 0."""
+    if not comm_slowdowns:
+        return 0.0
+    return max(0.0, sum(v - 1.0 for v in comm_slowdowns.values()) / len(comm_slowdowns))
 
 
 def fit_straggler(stragglers: dict[int, float]) -> float:
@@ -99,7 +109,10 @@ def fit_cluster(
            + (f" ({means})" if means else "")
            + (f"; per stage kind: {per_kind}" if per_kind else "")
            + ("; straggler: " + ", ".join(f"{w}: {v:.3f}" for w, v in sorted(result.stragglers.items()))
-              if result.stragglers else ""))
+              if result.stragglers else "")
+           + ("; collectives after compute over after a barrier: "
+              + ", ".join(f"{w}: {v:.2f}" for w, v in sorted(result.comm_slowdowns.items()))
+              if result.comm_slowdowns else ""))
     desc = ("Measured on one machine; the inter tier is a copy of the intra tier (nothing "
             "between nodes was measured).")
     model = cluster_from_fits(best, name=name, gpus_per_node=gpus_per_node, cores_per_node=cores,
@@ -108,4 +121,6 @@ def fit_cluster(
         model = replace(model, contention_by_stage=by_stage)
     if result.stragglers:
         model = replace(model, straggler=sig(fit_straggler(result.stragglers)))
+    if result.comm_slowdowns:
+        model = replace(model, comm_contention=sig(fit_comm_contention(result.comm_slowdowns)))
     return model, tried

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from kfacperf.commbench import TIMINGS, CommbenchResult, Point
-from kfacperf.contention_probe import ALL, STRAGGLER
+from kfacperf.contention_probe import ALL, COMM_AFTER_COMPUTE, STRAGGLER
 from kfacperf.sim.cluster_model import OPS
 from kfacperf.sim.device_model import STAGE_KINDS
 from kfacperf.sim.toml_io import Table
@@ -81,10 +81,11 @@ def result_from_dict(data: Any, *, source: str = "raw data") -> CommbenchResult:
     # files written before probes were counted hold one probe per measured world size
     probes = {w: probes.get(w, 1) for w in slowdowns}
     stragglers = {w: t.float(k, nonnegative=True) for w, t, k in _world_table(root, "stragglers")}
+    comm = {w: t.float(k, positive=True) for w, t, k in _world_table(root, "comm_slowdowns")}
     root.done()
     return CommbenchResult(backend=backend, points=tuple(points), slowdowns=slowdowns,
                            cores=cores, stage_slowdowns=stage, probes=probes,
-                           stragglers=stragglers)
+                           stragglers=stragglers, comm_slowdowns=comm)
 
 
 def load_raw(path: str | Path) -> CommbenchResult:
@@ -101,7 +102,8 @@ def load_raw(path: str | Path) -> CommbenchResult:
 
 def merge_results(results: Sequence[CommbenchResult]) -> CommbenchResult:
     """One measurement from several: slowdowns averaged over every probe (a file holding the
-    mean of ``n`` probes counts ``n`` times; the straggler over the probes that measured it),
+    mean of ``n`` probes counts ``n`` times; the straggler and the collectives' slowdown after
+    compute over the probes that measured them),
     collective times the mean over every repetition (each file's mean weighted by its
     repetitions), never across timings."""
     if not results:
@@ -130,6 +132,8 @@ def merge_results(results: Sequence[CommbenchResult]) -> CommbenchResult:
             samples[(w, ALL)].append((n, slowdown))
             if w in r.stragglers:
                 samples[(w, STRAGGLER)].append((n, r.stragglers[w]))
+            if w in r.comm_slowdowns:
+                samples[(w, COMM_AFTER_COMPUTE)].append((n, r.comm_slowdowns[w]))
             for kind, v in r.stage_slowdowns.get(w, {}).items():
                 samples[(w, kind)].append((n, v))
 
@@ -144,4 +148,6 @@ def merge_results(results: Sequence[CommbenchResult]) -> CommbenchResult:
         stage_slowdowns={w: {k: mean(w, k) for k in STAGE_KINDS if (w, k) in samples}
                          for w in worlds if any((w, k) in samples for k in STAGE_KINDS)},
         probes={w: sum(n for n, _ in samples[(w, ALL)]) for w in worlds},
-        stragglers={w: mean(w, STRAGGLER) for w in worlds if (w, STRAGGLER) in samples})
+        stragglers={w: mean(w, STRAGGLER) for w in worlds if (w, STRAGGLER) in samples},
+        comm_slowdowns={w: mean(w, COMM_AFTER_COMPUTE) for w in worlds
+                        if (w, COMM_AFTER_COMPUTE) in samples})

@@ -30,12 +30,22 @@ and backward of the ResNet-20), each after a barrier; the straggler is the mean 
 (slowest rank's time - mean rank's time), over the mean time.  Measured on 2 vCPUs: 1.7-3.4%,
 when a two-rank SGD step waited 2.5-3 ms of ~75 ms for its peer in the same minute.
 
+``"comm_after_compute"``: a collective that training issues right after its compute runs
+slower than the same collective issued right after a barrier, as commbench times it: gloo's
+stalls of milliseconds come more often (1 MiB all-reduce, reduce-scatter and all-gather on
+2 vCPUs: 1.0-1.8x in means, medians 1.4-2.6x).  For :data:`COMM_ROUNDS` rounds every rank
+issues each of those collectives (:data:`COMM_BYTES`) once after a barrier and once after a
+forward and backward pass of the ResNet-20; a call costs from the last rank's issue to the
+last rank's completion (``perf_counter`` is one clock for the processes of a host), as in
+``kfacperf validate``; the value is the mean cost after compute over the mean after a barrier.
+
 API::
 
     stage_workloads(device) -> dict[kind, Callable[[], None]]
-    measure_slowdowns(rank, device) -> dict[kind | "all" | "straggler", float]
-        (NaN on ranks other than 0)
+    measure_slowdowns(rank, device) -> dict[kind | "all" | "straggler" | "comm_after_compute",
+                                            float]   (NaN on ranks other than 0)
     straggler_of(per_rank_step_times) -> float
+    call_costs(per_rank_issue_and_done) -> list[float]
 """
 from __future__ import annotations
 
@@ -57,6 +67,11 @@ ALL = "all"
 STRAGGLER = "straggler"
 STEP_ROUNDS = 30
 """Synchronised training-like steps that measure the straggler."""
+
+COMM_AFTER_COMPUTE = "comm_after_compute"
+COMM_ROUNDS = 12
+COMM_BYTES = 1 << 20
+"""Rounds and size of the collectives timed after a barrier and after compute."""
 
 
 def stage_workloads(device: Any) -> dict[str, Callable[[], None]]:
@@ -146,12 +161,14 @@ def measure_slowdowns(rank: int, device: Any) -> dict[str, float]:
     mine = torch.tensor([statistics.mean(joint[k]) for k in work], dtype=torch.float64)
     dist.all_reduce(mine, op=dist.ReduceOp.MAX)  # the slowest rank's joint time
     straggler = _straggler(work[S.FORWARD], work[S.BACKWARD])
+    comm = _comm_after_compute(device, work[S.FORWARD], work[S.BACKWARD])
     if rank != 0:
-        return {k: float("nan") for k in (*work, ALL, STRAGGLER)}
+        return {k: float("nan") for k in (*work, ALL, STRAGGLER, COMM_AFTER_COMPUTE)}
     solo_mean = [statistics.mean(solo[k]) for k in work]
     out = {k: float(j) / s for k, j, s in zip(work, mine.tolist(), solo_mean)}
     out[ALL] = float(mine.sum()) / sum(solo_mean)
     out[STRAGGLER] = straggler
+    out[COMM_AFTER_COMPUTE] = comm
     return out
 
 
@@ -171,6 +188,51 @@ def _straggler(forward: Callable[[], None], backward: Callable[[], None]) -> flo
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(every, mine)
     return straggler_of([t.tolist() for t in every])
+
+
+def _comm_after_compute(device: Any, forward: Callable[[], None],
+                        backward: Callable[[], None]) -> float:
+    """Mean collective cost right after compute over right after a barrier (all ranks)."""
+    import torch
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    n = max(1, COMM_BYTES // 4 // world)
+    buf = torch.ones(n * world, device=device)
+    blocks = [torch.ones(n, device=device) for _ in range(world)]
+    out = torch.empty(n, device=device)
+    gathered = [torch.empty(n, device=device) for _ in range(world)]
+    calls = [lambda: dist.all_reduce(buf), lambda: dist.reduce_scatter(out, blocks),
+             lambda: dist.all_gather(gathered, out)]
+    stamps: dict[bool, list[float]] = {False: [], True: []}  # after compute? -> issue, done
+    for _ in range(COMM_ROUNDS):
+        for call in calls:
+            for after_compute in (False, True):
+                dist.barrier()
+                if after_compute:
+                    forward()
+                    backward()
+                t0 = time.perf_counter()
+                call()
+                stamps[after_compute] += [t0, time.perf_counter()]
+    mine = torch.tensor(stamps[False] + stamps[True], dtype=torch.float64)
+    every = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine)
+    half = len(stamps[False])
+    costs = [call_costs([t[:half].tolist() for t in every]),
+             call_costs([t[half:].tolist() for t in every])]
+    return statistics.mean(costs[1]) / statistics.mean(costs[0])
+
+
+def call_costs(per_rank: Sequence[Sequence[float]]) -> list[float]:
+    """Each call's cost from the last rank's issue to the last rank's completion.
+
+    ``per_rank[r]``: rank ``r``'s ``issue, done, issue, done, ...`` of the same calls."""
+    if not per_rank or len({len(r) for r in per_rank}) != 1 or len(per_rank[0]) % 2:
+        raise ValueError("every rank needs an issue and a completion time of every call")
+    issues = [max(r[i] for r in per_rank) for i in range(0, len(per_rank[0]), 2)]
+    dones = [max(r[i] for r in per_rank) for i in range(1, len(per_rank[0]), 2)]
+    return [max(0.0, d - i) for i, d in zip(issues, dones)]
 
 
 def straggler_of(per_rank: Sequence[Sequence[float]]) -> float:

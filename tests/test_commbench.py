@@ -160,6 +160,10 @@ def test_real_gloo_run_writes_a_loadable_cluster_model(tmp_path: Path) -> None:
     assert all(math.isfinite(v) and v > 0 for v in data["stage_slowdowns"]["2"].values())
     assert set(model.contention_by_stage) == set(STAGE_KINDS)
     assert "per stage kind" in model.source
+    # collectives after compute against after a barrier: a ratio of two means of times
+    assert 0.2 < data["comm_slowdowns"]["2"] < 5.0
+    assert model.comm_contention == pytest.approx(max(0.0, data["comm_slowdowns"]["2"] - 1),
+                                                  rel=1e-3, abs=1e-6)
 
 
 @pytest.mark.slow
@@ -183,6 +187,15 @@ def test_real_contention_only_probe_merges_into_the_model(tmp_path: Path) -> Non
     model = load_cluster_model(out)
     assert model.contention == pytest.approx(max(0.0, mean - 1), rel=1e-3, abs=1e-6)
     assert "mean of 2 probes" in model.source
+
+
+def test_call_costs_run_from_the_last_issue_to_the_last_completion() -> None:
+    from kfacperf.contention_probe import call_costs
+
+    # call 1: issued at 0 and 3, done at 5 and 4 -> 5 - 3; call 2: 10/10, done 12/17 -> 7
+    assert call_costs([[0.0, 5.0, 10.0, 12.0], [3.0, 4.0, 10.0, 17.0]]) == [2.0, 7.0]
+    with pytest.raises(ValueError, match="issue and a completion"):
+        call_costs([[0.0, 1.0], [0.0]])
 
 
 def test_straggler_of_step_times() -> None:

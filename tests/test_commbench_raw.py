@@ -98,6 +98,7 @@ def test_timing_is_read_back_and_defaults_to_batched_for_older_files() -> None:
     ('{"backend": "gloo", "points": [{"op": "all_reduce", "world_size": 2, "nbytes": 4, '
      '"time_us": 3, "reps": 1, "note": "x"}]}', "key 'points[0].note': unknown key"),
     ('{"backend": "gloo", "stragglers": {"2": -0.1}}', "key 'stragglers.2': must be >= 0"),
+    ('{"backend": "gloo", "comm_slowdowns": {"2": 0}}', "key 'comm_slowdowns.2': must be > 0"),
     ('{"backend": "gloo", "points": [{"op": "all_reduce", "world_size": 2, "nbytes": 4, '
      '"time_us": 3, "reps": 1, "timing": "lazy"}]}', "key 'points[0].timing': 'lazy' is not one of"),
 ])
@@ -147,6 +148,29 @@ def test_contention_only_refuses_what_it_cannot_do(args: list[str],
 
     assert main(["commbench", *args]) == 2
     assert "--contention-only" in capsys.readouterr().err
+
+
+def test_comm_slowdown_is_merged_over_the_probes_that_measured_it_and_fitted() -> None:
+    old = probe(1.2, 1.1, probes=3)  # written before collectives were probed after compute
+    new = [cb.CommbenchResult(backend="gloo", points=(), cores=2, slowdowns={2: 1.1},
+                              probes={2: n}, comm_slowdowns={2: s})
+           for n, s in ((1, 1.1), (3, 1.3))]
+    merged = raw.merge_results([old, *new])
+    assert merged.comm_slowdowns == {2: pytest.approx((1.1 + 3 * 1.3) / 4)}
+    assert merged.probes == {2: 7}
+    back = raw.result_from_dict(json.loads(json.dumps(merged.to_dict())))
+    assert back.comm_slowdowns == merged.comm_slowdowns
+    assert raw.result_from_dict(json.loads(json.dumps(old.to_dict()))).comm_slowdowns == {}
+    full = synthetic_result()
+    model, _ = cbf.fit_cluster(cb.CommbenchResult(
+        backend="gloo", points=full.points, cores=2, slowdowns={2: 1.1},
+        comm_slowdowns={2: 1.25}), name="s")
+    assert model.comm_contention == pytest.approx(0.25)
+    assert "after a barrier: 2: 1.25" in model.source
+    # faster after compute is noise, not a speed-up: clipped at 0; nothing probed: 0
+    assert cbf.fit_comm_contention({2: 0.9}) == 0.0 and cbf.fit_comm_contention({}) == 0.0
+    model, _ = cbf.fit_cluster(full, name="s")
+    assert model.comm_contention == 0.0
 
 
 def test_straggler_is_merged_over_the_probes_that_measured_it_and_fitted() -> None:

@@ -109,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"fits": fits, "slowdowns": result.slowdowns,
                           "stage_slowdowns": result.stage_slowdowns,
-                          "stragglers": result.stragglers}, indent=1))
+                          "stragglers": result.stragglers,
+                          "comm_slowdowns": result.comm_slowdowns}, indent=1))
         return 0
     if fits:
         print(f"{'collective':<15} {'algorithm':<17} {'alpha_us':>9} {'GB/s':>8} {'rms err':>8} {'max err':>8}")
@@ -127,6 +128,10 @@ def run(args: argparse.Namespace) -> int:
         if result.stragglers:
             print("straggler (slowest rank over the mean, per synchronised step): "
                   + ", ".join(f"{k} ranks {v:.1%}" for k, v in sorted(result.stragglers.items())))
+        if result.comm_slowdowns:
+            print("collectives right after compute, over right after a barrier: "
+                  + ", ".join(f"{k} ranks {v:.2f}x"
+                              for k, v in sorted(result.comm_slowdowns.items())))
         for world, per in sorted(result.stage_slowdowns.items()):
             print(f"  {world} ranks, per stage kind: "
                   + ", ".join(f"{k} {v:.2f}x" for k, v in per.items()))

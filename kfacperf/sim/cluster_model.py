@@ -12,9 +12,11 @@ API (stable)::
                  multi_node: Mapping[op, "hierarchical" | "flat"],
                  v_collectives: "padded" | "pipelined", cores_per_node: int = 0,
                  contention: float = 0.0, contention_by_stage: Mapping[kind, float] = {},
-                 straggler: float = 0.0, source: str = "", description: str = "")
+                 straggler: float = 0.0, comm_contention: float = 0.0, source: str = "",
+                 description: str = "")
         .nodes_spanned(group_size) -> int
         .compute_slowdown(ranks_on_node, threads, stage=None) -> float
+        .comm_slowdown(ranks_on_node) -> float
         .straggle(group_size) -> float
         .scaled(*, bandwidth=1.0, alpha=1.0, tier="both") -> ClusterModel
     load_cluster_model(path) -> ClusterModel  (strict)     save_cluster_model(model, path) -> Path
@@ -48,6 +50,13 @@ Units and meaning:
   ``n`` normal draws (``straggler * E[max of n] / E[max of 2]``, :meth:`ClusterModel.straggle`).
   The engine starts each collective that much later.  On a 2-vCPU VM two ranks doing
   identical work differed by 2.5-5 ms per ~75 ms step.
+* ``[compute] comm_contention`` (optional, 0 when absent): a collective that ranks sharing
+  cores issue between bursts of compute, as training does, takes ``1 + comm_contention``
+  times what ``kfacperf commbench`` times after a barrier (:meth:`ClusterModel.comm_slowdown`).
+  On a 2-vCPU VM the same 1 MiB collectives took 1.0-1.8x as long, with their stalls
+  (gloo's milliseconds-long waits) more frequent, right after a ResNet-20 forward and
+  backward pass than right after a barrier.  It applies where ranks share cores
+  (``cores_per_node`` > 0) and more than one rank is on the node.
 """
 from __future__ import annotations
 
@@ -143,6 +152,7 @@ class ClusterModel:
     contention: float = 0.0
     contention_by_stage: Mapping[str, float] = field(default_factory=dict)
     straggler: float = 0.0
+    comm_contention: float = 0.0
     source: str = ""
     description: str = ""
 
@@ -159,6 +169,9 @@ class ClusterModel:
             raise ValueError(f"cluster {self.name!r}: cores_per_node and contention must be >= 0")
         if not (math.isfinite(self.straggler) and self.straggler >= 0):
             raise ValueError(f"cluster {self.name!r}: straggler must be >= 0, got {self.straggler}")
+        if not (math.isfinite(self.comm_contention) and self.comm_contention >= 0):
+            raise ValueError(f"cluster {self.name!r}: comm_contention must be >= 0, got "
+                             f"{self.comm_contention}")
         for kind, c in self.contention_by_stage.items():
             if kind not in STAGE_KINDS:
                 raise ValueError(f"cluster {self.name!r}: contention_by_stage has unknown stage "
@@ -196,6 +209,13 @@ class ClusterModel:
         if self.cores_per_node > 0:
             factor *= max(1.0, r * max(1, threads_per_rank) / self.cores_per_node)
         return factor
+
+    def comm_slowdown(self, ranks_on_node: int) -> float:
+        """Factor on a collective's time when ``ranks_on_node`` ranks share a node's cores and
+        compute between collectives (1 on GPUs, alone, or without ``comm_contention``)."""
+        if self.cores_per_node <= 0 or ranks_on_node <= 1:
+            return 1.0
+        return 1.0 + self.comm_contention
 
     def straggle(self, group_size: int) -> float:
         """How late, as a fraction of the time since the previous collective, the slowest of
@@ -286,6 +306,8 @@ def load_cluster_model(path: str | Path) -> ClusterModel:
             by_stage[key] = bt.float(key, nonnegative=True)
         bt.done()
     straggler = comp.float("straggler", nonnegative=True) if comp.has("straggler") else 0.0
+    comm_contention = (comp.float("comm_contention", nonnegative=True)
+                       if comp.has("comm_contention") else 0.0)
     comp.done()
     intra = _tier_from_table(root.table("intra"))
     inter = _tier_from_table(root.table("inter"))
@@ -294,7 +316,7 @@ def load_cluster_model(path: str | Path) -> ClusterModel:
         name=name, gpus_per_node=gpus_per_node, intra=intra, inter=inter,
         multi_node=multi_node, v_collectives=v_form, cores_per_node=cores,
         contention=contention, contention_by_stage=by_stage, straggler=straggler,
-        source=source, description=description,
+        comm_contention=comm_contention, source=source, description=description,
     )
 
 
@@ -319,6 +341,8 @@ def _compute_to_dict(model: ClusterModel) -> dict[str, Any]:
                            "contention": float(model.contention)}
     if model.straggler:  # absent: 0
         out["straggler"] = float(model.straggler)
+    if model.comm_contention:  # absent: 0
+        out["comm_contention"] = float(model.comm_contention)
     if model.contention_by_stage:  # absent table: every stage uses ``contention``
         out["contention_by_stage"] = dict(model.contention_by_stage)
     return out

@@ -7,7 +7,7 @@ This is the one interface between the models and the step graphs/engine::
                      v_form=None, bandwidth_scale=1.0, alpha_scale=1.0, compute_scale=1.0,
                      ranks_per_node=1, threads_per_rank=1, use_measured=True)
     cost.compute_us(stage, layer: LayerModel | None, *, batch: int, workload=None) -> float
-    cost.collective_us(op, nbytes, *, group_size: int, nodes: int) -> float
+    cost.collective_us(op, nbytes, *, group_size: int, nodes: int) -> float  # x comm_slowdown
     cost.for_gpus(gpus) -> CostModel        # ranks_per_node = min(gpus, gpus_per_node)
     cost.with_overrides(**options) -> CostModel
     cost.options -> CostOptions (frozen, hashable; also readable as cost.<option>)
@@ -137,6 +137,7 @@ class CostModel:
             if (o.bandwidth_scale, o.alpha_scale) != (1.0, 1.0) else cluster
         )
         self.slowdown = cluster.compute_slowdown(o.ranks_per_node, o.threads_per_rank)
+        self.comm_slowdown = cluster.comm_slowdown(o.ranks_per_node)
         # each stage kind slows by its own contention (the cluster's single one by default)
         self.stage_slowdown: dict[str, float] = {
             k: cluster.compute_slowdown(o.ranks_per_node, o.threads_per_rank, stage=k)
@@ -190,7 +191,7 @@ class CostModel:
         except (KeyError, TypeError):
             pass
         t = group_collective_us(self.cluster, op, nbytes, group_size=group_size, nodes=nodes,
-                                v_form=self.options.v_form)
+                                v_form=self.options.v_form) * self.comm_slowdown
         try:
             self._comm_cache[key] = t
         except TypeError:

@@ -288,6 +288,8 @@ def test_contention_by_stage_round_trips_and_defaults_to_the_single_factor(tmp_p
         ("contention = 0.1\nstraggler = -0.02", r"key 'compute\.straggler': must be >= 0"),
         ("contention = 0.1\nstraggler = \"some\"",
          r"key 'compute\.straggler': expected a number, got a string"),
+        ("contention = 0.1\ncomm_contention = -0.2", r"key 'compute\.comm_contention': must be >= 0"),
+        ("contention = 0.1\ncomm_contenton = 0.2", r"key 'compute\.comm_contenton': unknown key"),
     ],
 )
 def test_contention_by_stage_strict_errors(tmp_path: Path, new: str, pattern: str) -> None:
@@ -312,6 +314,34 @@ def test_expected_max_normal_matches_closed_forms() -> None:
     assert expected_max_normal(16) == pytest.approx(sum(draws) / len(draws), abs=0.02)
     with pytest.raises(ValueError, match="n must be >= 1"):
         expected_max_normal(0)
+
+
+def test_comm_contention_slows_collectives_of_ranks_sharing_cores_only(tmp_path: Path) -> None:
+    """(1 + comm_contention) on every collective where ranks share a node's cores; never on
+    GPUs (no cores_per_node) or for one rank on a node; round-trips; absent means 0."""
+    from dataclasses import replace
+
+    from kfacperf.sim.collectives import group_collective_us
+    from kfacperf.sim.costs import CostModel
+
+    base = make_cluster()  # 2 cores per node
+    c = replace(base, comm_contention=0.25)
+    assert c.comm_slowdown(2) == c.comm_slowdown(8) == pytest.approx(1.25)
+    assert c.comm_slowdown(1) == 1.0 and base.comm_slowdown(2) == 1.0
+    assert replace(c, cores_per_node=0).comm_slowdown(8) == 1.0
+    assert c.compute_slowdown(2) == base.compute_slowdown(2)  # compute is not affected
+    w, d = make_workload(), make_device()
+    for ranks, factor in ((2, 1.25), (1, 1.0)):
+        cost = CostModel(workload=w, device=d, cluster=c, ranks_per_node=ranks)
+        for op, nbytes in (("all_reduce", 1 << 20), ("reduce_scatter_v", (4000, 9000))):
+            plain = group_collective_us(c, op, nbytes, group_size=2, nodes=1, v_form=None)
+            assert cost.collective_us(op, nbytes, group_size=2, nodes=1) == pytest.approx(
+                factor * plain, rel=1e-12)
+    assert load_cluster_model(save_cluster_model(c, tmp_path / "c.toml")) == c
+    assert "comm_contention = 0.25" in (tmp_path / "c.toml").read_text()
+    assert "comm_contention" not in save_cluster_model(base, tmp_path / "b.toml").read_text()
+    with pytest.raises(ValueError, match="comm_contention must be >= 0"):
+        replace(base, comm_contention=-0.1)
 
 
 def test_straggler_grows_like_the_expected_maximum(tmp_path: Path) -> None:
