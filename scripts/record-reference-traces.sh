@@ -26,7 +26,8 @@
 # How much two ranks sharing the two cores slow each other is a state of the host too: three
 # contention probes in one minute measured 1.02x, 1.12x and 1.41x.  So are the collectives:
 # the same small reduce-scatter, timed alone, averaged 1.4 ms in one minute and 3.7 ms in the
-# next.  So a probe (the contention probe and PROBE_REPS more repetitions of every collective)
+# next.  So a probe (the contention probe, which also times collectives right after compute,
+# and PROBE_REPS more repetitions of every collective)
 # is taken before every PROBE_EVERY configurations (OUT_DIR/probes/), and at the end the
 # cluster model is fitted again from commbench and every probe of the session
 # (`kfacperf commbench --from-raw`): its contention and its collective times are the
@@ -36,7 +37,7 @@
 # the SGD and the 10/100-interval runs warm up for ten steps.
 #
 # Environment: WORKLOAD (resnet20), BATCHES ("16 32"), MAX_FOREIGN (0.15), TRIES (8),
-# REPEATS (8: about 45 minutes in all), STEPS_SGD/WARMUP_SGD (30/10),
+# REPEATS (8: about 55 minutes in all), STEPS_SGD/WARMUP_SGD (30/10),
 # STEPS_KFAC/WARMUP_KFAC (12/6: intervals 1/1; two ranks sharing the cores take about six such
 # steps to settle), STEPS_STALE/WARMUP_STALE (50/10: intervals 10/100, four factor steps in the
 # window), PROBE_EVERY (2), PROBE_REPS (5), COMM_SIZES, NPROCS ("1 2"), SKIP_COMMBENCH (unset), FIRST_ROUND (1; to add
