@@ -38,7 +38,8 @@ API::
         -> CommbenchResult(.points, .slowdowns, .stage_slowdowns, .probes, .stragglers,
                            .comm_slowdowns, .backend)
 
-The fits (alpha-beta per collective, contention, straggler, comm contention) are in :mod:`kfacperf.commbench_fit`.
+The fits (alpha-beta per collective, contention, straggler, comm contention) are in
+:mod:`kfacperf.commbench_fit`.
 """
 from __future__ import annotations
 

@@ -32,8 +32,9 @@ when a two-rank SGD step waited 2.5-3 ms of ~75 ms for its peer in the same minu
 
 ``"comm_after_compute"``: a collective that training issues right after its compute runs
 slower than the same collective issued right after a barrier, as commbench times it: gloo's
-stalls of milliseconds come more often (1 MiB all-reduce, reduce-scatter and all-gather on
-2 vCPUs: 1.0-1.8x in means, medians 1.4-2.6x).  For :data:`COMM_ROUNDS` rounds every rank
+stalls of milliseconds come more often.  On 2 vCPUs the 42 probes of one session gave
+0.74-1.41x, 1.09x on average; the mean over a session is what the model keeps.  For
+:data:`COMM_ROUNDS` rounds every rank
 issues each of those collectives (:data:`COMM_BYTES`) once after a barrier and once after a
 forward and backward pass of the ResNet-20; a call costs from the last rank's issue to the
 last rank's completion (``perf_counter`` is one clock for the processes of a host), as in

@@ -8,8 +8,9 @@ Trace mode fits, per stage kind, an efficiency against the roofline of the stage
 FLOPs and bytes plus a fixed per-call overhead (see kfacperf.sim.calibration), prints the fit
 and its error, and writes the device TOML (with the traces' median per-layer times as
 [[measured]] entries unless --no-measured; K-FAC traces also give the factor steps' capture
-overhead and the host work between stages, [capture_overhead] and [layer_host_us]).  Peaks come from --base (a device preset or TOML);
-by default from the datasheet preset of the traced GPU, or nominal per-thread CPU peaks.
+overhead and the host work between stages, [capture_overhead] and [layer_host_us]).  Peaks
+come from --base (a device preset or TOML); by default from the datasheet preset of the
+traced GPU, or nominal per-thread CPU peaks.
 """
 from __future__ import annotations
 
