@@ -19,8 +19,9 @@ How a repetition times (``timing``):
 
 The collectives are called exactly as the optimizer calls them (``kfacperf.kfac.comm``):
 ``all_reduce`` on a flat fp32 buffer, the list forms of ``reduce_scatter`` and
-``all_gather``, ``broadcast`` from rank 0.  ``nbytes`` follows the simulator's convention (:mod:`kfacperf.sim.collectives`): all-reduce buffer, reduce-scatter
-input, all-gather output, broadcast payload.
+``all_gather``, ``broadcast`` from rank 0.  ``nbytes`` follows the simulator's convention
+(:mod:`kfacperf.sim.collectives`): all-reduce buffer, reduce-scatter input, all-gather
+output, broadcast payload.
 
 When ranks share CPU cores, each launch also times representative work of every compute
 stage kind on rank 0 alone and on all ranks at once (:mod:`kfacperf.contention_probe`); the
@@ -349,7 +350,8 @@ def run_commbench(config: CommbenchConfig, *, progress: Callable[[str], None] = 
     backend = resolve_backend(config.backend)
     timing = resolve_timing(config.timing, backend)
     cfg = {"backend": backend, "timing": timing, "ops": list(config.ops),
-           "sizes": list(config.sizes), "reps": config.reps, "warmup": config.warmup, "timeout_s": config.timeout_s,
+           "sizes": list(config.sizes), "reps": config.reps, "warmup": config.warmup,
+           "timeout_s": config.timeout_s,
            "contention": config.contention, "collectives": config.collectives}
     points: list[Point] = []
     slowdowns: dict[int, float] = {}

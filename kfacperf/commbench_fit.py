@@ -103,12 +103,14 @@ def fit_cluster(
     per_kind = "; ".join(
         f"{w}: " + ", ".join(f"{k} {v:.2f}" for k, v in per.items())
         for w, per in sorted(result.stage_slowdowns.items()))
+    measured = ", ".join(f"{k}: {v:.2f}" for k, v in sorted(result.slowdowns.items()))
     src = (f"kfacperf commbench, backend {result.backend}, world sizes {worlds}, sizes "
            f"{fmt_size(sizes[0])}..{fmt_size(sizes[-1])}; compute slowdown of ranks sharing "
-           f"cores: {', '.join(f'{k}: {v:.2f}' for k, v in sorted(result.slowdowns.items())) or 'not measured'}"
+           f"cores: {measured or 'not measured'}"
            + (f" ({means})" if means else "")
            + (f"; per stage kind: {per_kind}" if per_kind else "")
-           + ("; straggler: " + ", ".join(f"{w}: {v:.3f}" for w, v in sorted(result.stragglers.items()))
+           + ("; straggler: "
+              + ", ".join(f"{w}: {v:.3f}" for w, v in sorted(result.stragglers.items()))
               if result.stragglers else "")
            + ("; collectives after compute over after a barrier: "
               + ", ".join(f"{w}: {v:.2f}" for w, v in sorted(result.comm_slowdowns.items()))

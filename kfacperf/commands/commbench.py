@@ -22,6 +22,8 @@ def _csv_ints(text: str) -> tuple[int, ...]:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    from kfacperf.commbench import TIMINGS
+
     parser.add_argument("--world-sizes", type=_csv_ints, default=None,
                         help="process counts, one launch each (default: 2, 4, 8 up to the CPU core count)")
     parser.add_argument("--sizes", default=None,
@@ -29,7 +31,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ops", default=None,
                         help="collectives (default: all_reduce,reduce_scatter,all_gather,broadcast)")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per point")
-    parser.add_argument("--timing", choices=("auto", "per-call", "batched"), default="auto",
+    # the command line spells the TIMINGS with dashes (per-call), the library with underscores
+    parser.add_argument("--timing", choices=("auto", *(t.replace("_", "-") for t in TIMINGS)),
+                        default="auto",
                         help="per-call: time each call alone, as the optimizer issues it; "
                              "batched: back-to-back calls (nccl-tests style); auto: per-call "
                              "on gloo, batched on NCCL")

@@ -145,28 +145,24 @@ class DeviceModel:
             )
         object.__setattr__(self, "stages", {k: self.stages[k] for k in STAGE_KINDS})
         object.__setattr__(self, "measured", tuple(self.measured))
-        for kind, value in self.capture_overhead.items():
-            if kind not in CAPTURE_STAGES:
-                raise ValueError(f"device {self.name!r}: capture_overhead has {kind!r}; only "
-                                 f"{CAPTURE_STAGES} are slowed by capturing statistics")
-            if not (isinstance(value, (int, float)) and 0 <= value < float("inf")):
-                raise ValueError(f"device {self.name!r}: capture_overhead.{kind} must be a "
-                                 f"finite number >= 0, got {value!r}")
-        object.__setattr__(self, "capture_overhead",
-                           {k: float(self.capture_overhead[k]) for k in CAPTURE_STAGES
-                            if k in self.capture_overhead})
-        for step, value in self.layer_host_us.items():
-            if step not in HOST_STEPS:
-                raise ValueError(f"device {self.name!r}: layer_host_us has {step!r}; known: "
-                                 f"{', '.join(HOST_STEPS)}")
-            if not (isinstance(value, (int, float)) and 0 <= value < float("inf")):
-                raise ValueError(f"device {self.name!r}: layer_host_us.{step} must be a "
-                                 f"finite number >= 0, got {value!r}")
-        object.__setattr__(self, "layer_host_us",
-                           {k: float(self.layer_host_us[k]) for k in HOST_STEPS
-                            if k in self.layer_host_us})
+        object.__setattr__(self, "capture_overhead", self._nonnegative_table(
+            "capture_overhead", self.capture_overhead, CAPTURE_STAGES))
+        object.__setattr__(self, "layer_host_us", self._nonnegative_table(
+            "layer_host_us", self.layer_host_us, HOST_STEPS))
         rates = {"fp32": self.fp32_tflops, "tf32": self.tf32_tflops, "bf16": self.bf16_tflops}
         object.__setattr__(self, "_rates", rates)
+
+    def _nonnegative_table(self, name: str, table: Mapping[str, float],
+                           keys: tuple[str, ...]) -> dict[str, float]:
+        """``table`` checked (keys among ``keys``, finite values >= 0), in ``keys`` order."""
+        for key, value in table.items():
+            if key not in keys:
+                raise ValueError(f"device {self.name!r}: {name} has {key!r}; known: "
+                                 f"{', '.join(keys)}")
+            if not (isinstance(value, (int, float)) and 0 <= value < float("inf")):
+                raise ValueError(f"device {self.name!r}: {name}.{key} must be a finite "
+                                 f"number >= 0, got {value!r}")
+        return {k: float(table[k]) for k in keys if k in table}
 
     def peak_flops_per_us(self, dtype: str = "fp32") -> float:
         """Peak FLOP per microsecond for ``dtype`` (an error if the device lacks it)."""
@@ -246,25 +242,23 @@ def load_device_model(path: str | Path) -> DeviceModel:
                 )
             )
             t.done()
-    capture: dict[str, float] = {}
-    if root.has("capture_overhead"):
-        ct = root.table("capture_overhead")
-        for kind in CAPTURE_STAGES:
-            if ct.has(kind):
-                capture[kind] = ct.float(kind, nonnegative=True)
-        ct.done()
-    host: dict[str, float] = {}
-    if root.has("layer_host_us"):
-        ht = root.table("layer_host_us")
-        for step in HOST_STEPS:
-            if ht.has(step):
-                host[step] = ht.float(step, nonnegative=True)
-        ht.done()
+    capture = _optional_nonnegative(root, "capture_overhead", CAPTURE_STAGES)
+    host = _optional_nonnegative(root, "layer_host_us", HOST_STEPS)
     root.done()
     return DeviceModel(
         name=name, stages=stages, mode=mode, measured=tuple(measured), source=source,
         description=description, capture_overhead=capture, layer_host_us=host, **rates,
     )
+
+
+def _optional_nonnegative(root: Any, name: str, keys: tuple[str, ...]) -> dict[str, float]:
+    """An optional table of numbers >= 0 under ``keys`` (others are unknown keys)."""
+    if not root.has(name):
+        return {}
+    table = root.table(name)
+    out = {k: table.float(k, nonnegative=True) for k in keys if table.has(k)}
+    table.done()
+    return out
 
 
 def device_model_to_dict(model: DeviceModel) -> dict[str, Any]:

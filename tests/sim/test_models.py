@@ -75,6 +75,21 @@ def test_round_trips(tmp_path: Path) -> None:
     assert load_cluster_model(save_cluster_model(c, tmp_path / "c.toml")) == c
 
 
+@pytest.mark.parametrize(
+    ("table", "value", "pattern"),
+    [
+        ("capture_overhead", {"update": 0.1}, r"capture_overhead has 'update'; known: forward"),
+        ("capture_overhead", {"forward": -0.1}, r"capture_overhead\.forward must be a finite"),
+        ("layer_host_us", {"zero_grad": 1.0}, r"layer_host_us has 'zero_grad'; known: load_grad"),
+        ("layer_host_us", {"write_grad": float("inf")}, r"layer_host_us\.write_grad must be"),
+    ],
+)
+def test_device_optional_tables_are_checked_when_built(table: str, value: dict,
+                                                       pattern: str) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        make_device(**{table: value})
+
+
 def test_presets_load_and_aliases_resolve() -> None:
     for name in ("v100-sxm2", "a100-sxm4", "h100-sxm5", "h200"):
         d = load_device(name)
