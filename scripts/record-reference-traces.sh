@@ -13,7 +13,7 @@
 # a run during which it exceeded MAX_FOREIGN is recorded again (up to TRIES times).  Every
 # run's foreign load goes to OUT_DIR/recording.log.
 #
-# Every profile keeps freed memory in its process (kfacperf.profiler.heap): on this VM the host
+# Every profile keeps freed memory in its process (kfacperf.runtime.heap): on this VM the host
 # takes freed guest memory back within a minute, and a first touch of such memory runs at
 # 0.4 GiB/s, so a run's speed otherwise depended on which of its blocks glibc had given back.
 #

@@ -5,7 +5,7 @@ import sys
 
 def test_help_lists_subcommands():
     out = subprocess.run([sys.executable, "-m", "kfacperf.cli", "--help"], capture_output=True, text=True, check=True).stdout
-    from kfacperf.cli import COMMANDS
+    from kfacperf.cli.app import COMMANDS
 
     # Subcommands are the indented first words under COMMAND (the description also contains
     # "simulate" and "report", so a bare substring check could not fail for them).
@@ -20,11 +20,11 @@ def test_subcommand_help_keeps_its_examples_on_their_own_lines():
     """Each subcommand's description is its module docstring, laid out by hand."""
     import importlib
 
-    from kfacperf.cli import COMMANDS, build_parser
+    from kfacperf.cli.app import COMMANDS, build_parser
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     for name, module, _ in COMMANDS:
-        doc = importlib.import_module(f"kfacperf.commands.{module}").__doc__ or ""
+        doc = importlib.import_module(f"kfacperf.cli.commands.{module}").__doc__ or ""
         text = sub.choices[name].format_help()
         for line in doc.strip().splitlines():
             if line.strip():

@@ -12,15 +12,15 @@ import json
 import math
 import re
 import shutil
-import tomllib
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import tomllib
 
 from kfacperf.pipeline import DemoConfig, run_demo
 from kfacperf.pipeline.config import KIB, MIB
-from kfacperf.sim.presets import models_dir
+from kfacperf.sim.models.presets import models_dir
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 from kfacperf.cli import main
-from kfacperf.pipeline import ClusterTarget, DemoConfig, DemoPhaseError, quick_config, run_demo
+from kfacperf.pipeline import (
+    ClusterTarget,
+    DemoConfig,
+    DemoPhaseError,
+    quick_config,
+    run_demo,
+)
 from kfacperf.pipeline import demo as demo_mod
 from kfacperf.pipeline.phases import DemoStepFailed, PhaseRunner
 

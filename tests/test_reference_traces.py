@@ -22,7 +22,7 @@ def _readme_table() -> list[str]:
 
 @pytest.mark.skipif(not (REF / "p1").is_dir(), reason="no committed reference traces")
 def test_validate_on_the_committed_traces_gives_the_readme_table() -> None:
-    from kfacperf.commands.validate import text_table
+    from kfacperf.cli.commands.validate import text_table
     from kfacperf.validation import validate
 
     result = validate([REF / "p1"], [REF / "p2"], cluster=REF / "local-cpu.toml")
@@ -41,9 +41,9 @@ def test_validate_on_the_committed_traces_gives_the_readme_table() -> None:
 @pytest.mark.skipif(not (REF / "p1").is_dir(), reason="no committed reference traces")
 def test_the_reference_cluster_model_is_the_fit_of_the_sessions_probes() -> None:
     """local-cpu.toml is what `commbench --from-raw` makes of commbench.json and probes/."""
-    from kfacperf.commbench_fit import fit_cluster
-    from kfacperf.commbench_raw import load_raw, merge_results
-    from kfacperf.sim.cluster_model import load_cluster_model
+    from kfacperf.bench.raw import load_raw, merge_results
+    from kfacperf.calibrate.cluster import fit_cluster
+    from kfacperf.sim.models.cluster import load_cluster_model
 
     raws = [REF / "commbench.json", *sorted((REF / "probes").glob("probe-*.json"))]
     assert len(raws) > 20  # probes spread over the whole recording session

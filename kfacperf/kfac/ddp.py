@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from kfacperf.kfac.comm import CollectiveError, collective_failure_message
 from kfacperf.profiler.timer import NULL_TIMER, Timer
-from kfacperf.stages import GRAD_COMM
+from kfacperf.vocab import GRAD_COMM
 
 
 @dataclass

@@ -28,7 +28,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
-from kfacperf import stages
+from kfacperf import vocab as stages
 from kfacperf.kfac import inverse
 from kfacperf.kfac.layers import INVERSE_METHODS, Conv2dLayer, KFACLayer, LinearLayer
 from kfacperf.kfac.strategy import LocalStrategy, Strategy

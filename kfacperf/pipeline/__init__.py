@@ -11,7 +11,12 @@ predict the held-out runs, simulate at scale, report.
 """
 from kfacperf.pipeline.config import ClusterTarget, DemoConfig, DemoPaths, quick_config
 from kfacperf.pipeline.demo import run_demo
-from kfacperf.pipeline.headline import DemoResult, HeldOutHeadline, RunHeadline, ScaleHeadline
+from kfacperf.pipeline.headline import (
+    DemoResult,
+    HeldOutHeadline,
+    RunHeadline,
+    ScaleHeadline,
+)
 from kfacperf.pipeline.phases import DemoPhaseError
 
 __all__ = [

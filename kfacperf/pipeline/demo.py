@@ -24,14 +24,17 @@ from typing import Any, TextIO
 
 from kfacperf.pipeline.config import SCALE_STRATEGIES, DemoConfig, DemoPaths
 from kfacperf.pipeline.headline import (
-    DemoResult, held_out_headlines, run_headlines, scale_headlines,
+    DemoResult,
+    held_out_headlines,
+    run_headlines,
+    scale_headlines,
 )
 from kfacperf.pipeline.phases import DemoStepFailed, PhaseRunner
 
 
 def check_out(root: Path) -> None:
     """Refuse an output directory that is, or lies inside, the committed ``models/``."""
-    from kfacperf.sim.presets import models_dir
+    from kfacperf.sim.models.presets import models_dir
 
     committed = models_dir().resolve()
     target = root.resolve()
@@ -56,8 +59,8 @@ def _profile_command(config: DemoConfig, strategy: str, nproc: int, out: Path) -
 
 
 def _profile(config: DemoConfig, paths: DemoPaths, strategy: str, nproc: int) -> Any:
-    from kfacperf.profiler.config import ProfileConfig
-    from kfacperf.profiler.runner import profile
+    from kfacperf.runtime.config import ProfileConfig
+    from kfacperf.runtime.runner import profile
 
     out = paths.trace(config.workload, strategy, nproc)
     cfg = ProfileConfig(
@@ -77,16 +80,16 @@ def _profile(config: DemoConfig, paths: DemoPaths, strategy: str, nproc: int) ->
 def _profiled(config: DemoConfig, paths: DemoPaths, strategy: str, nproc: int
               ) -> tuple[Any, float]:
     """A profile run and its measured step time (the trace summary's)."""
-    from kfacperf.traces import summarize
+    from kfacperf.trace.summary import summarize
 
     trace = _profile(config, paths, strategy, nproc)
     return trace, summarize(trace).step_us
 
 
 def _commbench(config: DemoConfig, paths: DemoPaths) -> Any:
-    from kfacperf import commbench as cb
-    from kfacperf import commbench_fit as cbf
-    from kfacperf.sim.cluster_model import save_cluster_model
+    from kfacperf.bench import commbench as cb
+    from kfacperf.calibrate import cluster as cbf
+    from kfacperf.sim.models.cluster import save_cluster_model
 
     cbc = cb.CommbenchConfig(
         world_sizes=tuple(sorted(set(config.predict_nprocs))), sizes=config.commbench_sizes,
@@ -111,7 +114,7 @@ def _workload_models(config: DemoConfig, paths: DemoPaths) -> Path:
     try:
         workload_for_run(config.workload, dict(config.workload_options), search=[folder])
     except ValueError:
-        from kfacperf.commands.calibrate import build_workload_model
+        from kfacperf.workloads.workload_model import build_workload_model
 
         model = build_workload_model(config.workload, dict(config.workload_options))
         save_workload_model(model, folder / f"{config.workload}.toml")
@@ -120,7 +123,7 @@ def _workload_models(config: DemoConfig, paths: DemoPaths) -> Path:
 
 def _calibrate(config: DemoConfig, paths: DemoPaths, traces: list[Any], cluster: Any) -> Any:
     """Fit the device model to the 1-process traces only (kfacperf.validation.calibrate)."""
-    from kfacperf.sim.device_model import save_device_model
+    from kfacperf.sim.models.device import save_device_model
     from kfacperf.validation import calibrate
 
     folder = _workload_models(config, paths)

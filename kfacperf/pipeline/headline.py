@@ -2,7 +2,7 @@
 1-process calibration predicts, and the K-FAC overhead over SGD, measured here and predicted
 on the cluster presets.
 
-Every number is read from a trace summary (:func:`kfacperf.traces.summarize`), from
+Every number is read from a trace summary (:func:`kfacperf.trace.store.summarize`), from
 :func:`kfacperf.validation.validate`'s per-run table, or from a prediction's ``summary``
 table; nothing is computed here a second way.
 """

@@ -10,7 +10,7 @@ import collections
 import time
 from typing import Any, Sequence
 
-from kfacperf.stages import STEP
+from kfacperf.vocab import STEP
 
 _clock = time.perf_counter_ns
 

@@ -23,7 +23,7 @@ Implements :class:`kfacperf.profiler.timer.Timer`.
   really gets.  No barrier is held per stage: ranks do different per-layer work (an SP-NGD
   owner inverts layers others do not), so per-stage barriers would deadlock.
 
-Rows of a step go to the ``sink`` (:class:`kfacperf.trace_parts.StreamAppender`: appended and
+Rows of a step go to the ``sink`` (:class:`kfacperf.trace.parts.StreamAppender`: appended and
 flushed) at ``step_end``.  Times are microseconds since ``origin_ns`` (a ``perf_counter_ns``
 value, normally taken right after a barrier at the start of the run).
 """
@@ -35,10 +35,10 @@ import threading
 import time
 from typing import Any, Callable, ContextManager, Mapping, Protocol, Sequence
 
+from kfacperf import vocab as S
 from kfacperf.profiler import cuda_events
 from kfacperf.profiler.nvtx_backend import NvtxBackend, NvtxDomainBackend
-from kfacperf import stages as S
-from kfacperf.stages import STEP, lane_of
+from kfacperf.vocab import STEP, lane_of
 
 # ARGB colour per stage (compute stages warm/green, comm stages blue/purple).
 STAGE_COLORS: dict[str, int] = {

@@ -14,7 +14,7 @@ import threading
 import time
 from typing import Any, Mapping, Protocol, Sequence
 
-from kfacperf.traces import TELEMETRY_COLUMNS
+from kfacperf.trace.schema import TELEMETRY_COLUMNS
 
 DEFAULT_INTERVAL_S = 0.1
 _FLUSH_EVERY_S = 1.0
@@ -137,7 +137,7 @@ def device_info(*, device_index: int | None = 0, nvml: Any = None) -> dict[str, 
 class TelemetrySampler:
     """Samples one GPU every ``interval_s`` on a daemon thread into ``sink``.
 
-    Rows follow :data:`kfacperf.traces.TELEMETRY_COLUMNS`; ``t_us`` is on the same clock and
+    Rows follow :data:`kfacperf.trace.store.TELEMETRY_COLUMNS`; ``t_us`` is on the same clock and
     origin as the stage timer's events.  Buffered samples are written about every second and
     at :meth:`stop`.
     """

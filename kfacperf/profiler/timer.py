@@ -17,7 +17,7 @@ class Timer(Protocol):
     def stage(
         self, stage: str, layer: str = "", *, nbytes: int = 0, flops: float = 0.0
     ) -> ContextManager[None]:
-        """Time a synchronous stage (its lane comes from :mod:`kfacperf.stages`)."""
+        """Time a synchronous stage (its lane comes from :mod:`kfacperf.vocab`)."""
 
     def issue_mark(self) -> Any:
         """A timestamp to take right before calling into ``torch.distributed``, passed on as

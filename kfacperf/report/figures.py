@@ -16,7 +16,7 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from kfacperf import stages
+from kfacperf import vocab as stages
 from kfacperf.report import metrics
 
 PALETTE = qualitative.Plotly + qualitative.D3

@@ -2,7 +2,7 @@
 
 This is the only module of :mod:`kfacperf.report` that knows how traces and predictions are
 stored; everything else works on :class:`RunData` and :class:`PredictionData`.  Loading is
-delegated to :func:`kfacperf.traces.load_trace` and
+delegated to :func:`kfacperf.trace.store.load_trace` and
 :func:`kfacperf.sim.prediction.load_prediction`; this module adds the checks the report
 relies on (run.json keys, display names, summaries) so bad input fails here with a message
 naming the file, not later inside a figure.
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import pandas as pd
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kfacperf.trace_summary import TraceSummary
+    from kfacperf.trace.summary import TraceSummary
 
 RUN_KEYS: tuple[str, ...] = ("strategy", "world_size")
 
@@ -25,7 +25,7 @@ RUN_KEYS: tuple[str, ...] = ("strategy", "world_size")
 @dataclass(frozen=True, kw_only=True)
 class RunData:
     """One measured run: its ``run.json``, the events of its measured steps (after warm-up),
-    optional telemetry, and :func:`kfacperf.traces.summarize`'s summary of it."""
+    optional telemetry, and :func:`kfacperf.trace.store.summarize`'s summary of it."""
 
     name: str
     path: Path
@@ -78,7 +78,8 @@ def _check_dir(path: Path, what: str) -> None:
 
 def load_runs(paths: Sequence[str | Path]) -> list[RunData]:
     """Load and summarize measured runs (trace directories) in the order given."""
-    from kfacperf.traces import load_trace, summarize
+    from kfacperf.trace.store import load_trace
+    from kfacperf.trace.summary import summarize
 
     resolved = [Path(p) for p in paths]
     out: list[RunData] = []

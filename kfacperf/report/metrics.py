@@ -1,6 +1,6 @@
 """Numbers the report shows, read off trace summaries and event tables (no plotting).
 
-Measured numbers come from :func:`kfacperf.traces.summarize` (so the report, the CLI and
+Measured numbers come from :func:`kfacperf.trace.store.summarize` (so the report, the CLI and
 validation agree): a step's time is the slowest rank's ``step`` row, a run's step time the
 mean over its measured steps, a stage's time its per-step mean on one rank, and exposed
 communication the comm-lane time not covered by compute.
@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from kfacperf import stages
+from kfacperf import vocab as stages
 from kfacperf.validation import error_pct as validation_error_pct
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kfacperf.trace_summary import TraceSummary
+    from kfacperf.trace.summary import TraceSummary
 
 
 def ordered_stages(names: list[str] | pd.Index) -> list[str]:

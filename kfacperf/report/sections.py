@@ -13,7 +13,15 @@ import pandas as pd
 from kfacperf.report import figures, matching, metrics, timeline
 from kfacperf.report.inputs import PredictionData, RunData
 from kfacperf.report.page import (
-    Section, fmt_share, fmt_ms, fmt_pct, fmt_plain, fmt_ratio, heading, paragraph, table,
+    Section,
+    fmt_ms,
+    fmt_pct,
+    fmt_plain,
+    fmt_ratio,
+    fmt_share,
+    heading,
+    paragraph,
+    table,
 )
 
 _RUN_FIELDS: tuple[tuple[str, str], ...] = (

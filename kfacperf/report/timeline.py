@@ -9,7 +9,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from kfacperf import stages
+from kfacperf import vocab as stages
 from kfacperf.report import metrics
 from kfacperf.report.figures import PALETTE, plot_text, stage_color, style_figure
 

@@ -1,4 +1,4 @@
-"""The discrete-event engine: runs a :class:`~kfacperf.sim.graph.StepGraph` on SimPy.
+"""The discrete-event engine: runs a :class:`~kfacperf.sim.graphs.graph.StepGraph` on SimPy.
 
 Each simulated class gets two SimPy processes, its compute stream and its comm stream.  A
 stream is a capacity-one server that takes its work strictly in issue order (a CUDA stream, an
@@ -10,7 +10,7 @@ whose requests arrive in program order — without paying for a request/release 
   so a step costs a few SimPy events per collective rather than per kernel.
 * A collective keeps a counter of arrived member classes and one shared completion event:
   each arrival is O(1); the last one to arrive starts it, waits its cost and fires the event.
-* A collective with a :attr:`~kfacperf.sim.graph.Collective.straggle` starts that fraction of
+* A collective with a :attr:`~kfacperf.sim.graphs.graph.Collective.straggle` starts that fraction of
   its last member's time since that member's previous collective later: the expected wait for
   the slowest of ranks that are uneven (the measured trace charges that wait to no stage).
 * If the run ends with a collective that never started, the graph deadlocked (two classes
@@ -25,7 +25,7 @@ from typing import Generator
 import numpy as np
 import simpy
 
-from kfacperf.sim.graph import StepGraph
+from kfacperf.sim.graphs.graph import StepGraph
 
 
 @dataclass(frozen=True)

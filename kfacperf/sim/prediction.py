@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kfacperf.stages import STAGE_NAMES
-from kfacperf.traces import EVENT_COLUMNS
+from kfacperf.trace.schema import EVENT_COLUMNS
+from kfacperf.vocab import STAGE_NAMES
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd

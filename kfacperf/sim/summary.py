@@ -19,10 +19,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kfacperf import stages as S
+from kfacperf import vocab as S
 from kfacperf.sim.engine import StepResult
-from kfacperf.sim.graph import UNSTAGED
-from kfacperf.sim.strategies.common import FACTOR_STEP, INVERSE_STEP, PLAIN_STEP, StepKind
+from kfacperf.sim.graphs.graph import UNSTAGED
+from kfacperf.sim.graphs.strategies.common import (
+    FACTOR_STEP,
+    INVERSE_STEP,
+    PLAIN_STEP,
+    StepKind,
+)
 
 
 @dataclass(frozen=True)
@@ -144,7 +149,7 @@ _COMPUTE, _COMM = S.LANES.index(S.COMPUTE), S.LANES.index(S.COMM)
 
 class EventColumns:
     """Event rows of simulated steps, gathered as arrays (stage, layer, lane as codes into
-    :data:`kfacperf.stages.STAGE_NAMES`, :attr:`layers` and :data:`kfacperf.stages.LANES`)."""
+    :data:`kfacperf.vocab.STAGE_NAMES`, :attr:`layers` and :data:`kfacperf.vocab.LANES`)."""
 
     FIELDS = ("rank", "step", "stage", "layer", "lane", "start", "dur", "nbytes", "flops")
 

@@ -12,7 +12,7 @@ For every (strategy, GPU count) each distinct kind of step of a cycle (inverse, 
 plain) is built as a step graph over the strategy's symmetry classes and run once on the
 engine; the steady state is the cycle-weighted mean (:mod:`kfacperf.sim.summary`).
 Keyword arguments beyond the named ones are what-if overrides of the cost model
-(:class:`kfacperf.sim.costs.CostOptions`: ``bandwidth_scale``, ``alpha_scale``,
+(:class:`kfacperf.sim.costs.model.CostOptions`: ``bandwidth_scale``, ``alpha_scale``,
 ``compute_scale``, ``comm_dtype``, ``symmetric_factors``, ``inverse_method``, ``dtype``,
 ``v_form``, ...).  This module never imports torch.
 """
@@ -26,10 +26,15 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from kfacperf.sim.engine import StepResult, run_step
+from kfacperf.sim.graphs.layer_costs import layer_costs
+from kfacperf.sim.graphs.strategies import (
+    StrategySpec,
+    build_graph,
+    make_step,
+    parse_strategy,
+)
+from kfacperf.sim.graphs.strategies.common import CommSettings, LayerCosts, StepSpec
 from kfacperf.sim.prediction import Prediction
-from kfacperf.sim.stage_costs import layer_costs
-from kfacperf.sim.strategies import StrategySpec, build_graph, make_step, parse_strategy
-from kfacperf.sim.strategies.common import CommSettings, LayerCosts, StepSpec
 from kfacperf.sim.summary import CycleStep, EventColumns, cycle, summarize_point
 
 
@@ -186,7 +191,7 @@ def simulate_with_costs(
 def _events_frame(ev: EventColumns, keys: list[tuple[str, int, int]]) -> Any:
     import pandas as pd
 
-    from kfacperf.stages import LANES, STAGE_NAMES
+    from kfacperf.vocab import LANES, STAGE_NAMES
 
     labels = list(dict.fromkeys(k for k, _, _ in keys))
     counts = [n for _, _, n in keys]
@@ -219,7 +224,7 @@ def simulate(
 ) -> Prediction:
     """Predict step times; models are objects, preset names or TOML paths."""
     from kfacperf import __version__
-    from kfacperf.sim.costs import CostModel
+    from kfacperf.sim.costs.model import CostModel
     from kfacperf.sim.models import load_cluster, load_device, load_workload
 
     w = workload if hasattr(workload, "layers") else load_workload(workload)

@@ -33,7 +33,7 @@ prediction is weighted by the same mix of kinds as the measured window:
 * predicted step time: the simulated step time of each kind, weighted alike;
 * per stage, per step, averaged over ranks: compute stages as *exclusive* time (the factor
   statistics computed in backward hooks are nested in the measured ``backward``; the
-  simulator's backward excludes them, see :func:`kfacperf.sim.calibration.exclusive_compute_times`);
+  simulator's backward excludes them, see :func:`kfacperf.calibrate.device.exclusive_compute_times`);
   communication stages as the time of each collective from its last member's issue to
   completion (the shortest issue-to-completion over ranks; time a rank waits for a late
   peer is not the collective's cost), which is what the simulator reports for a collective.
@@ -46,13 +46,23 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from kfacperf import stages as S
+from kfacperf import vocab as S
 from kfacperf.validation.inputs import (
-    check_disjoint, device_key, expand_trace_paths, load_traces, trace_label,
+    check_disjoint,
+    device_key,
+    expand_trace_paths,
+    load_traces,
+    trace_label,
 )
 from kfacperf.validation.measure import KINDS, Measured, measure, step_kind, weighted
 from kfacperf.validation.model import (
-    Calibration, Predicted, WorkloadFinder, calibrate, predict, resolve_cluster, strategy_of,
+    Calibration,
+    Predicted,
+    WorkloadFinder,
+    calibrate,
+    predict,
+    resolve_cluster,
+    strategy_of,
 )
 from kfacperf.validation.pooling import group_recordings, pool, pooled_label, spread_pct
 

@@ -6,13 +6,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kfacperf.traces import Trace
+    from kfacperf.trace.store import Trace
 
 
 def expand_trace_paths(items: Iterable[str | os.PathLike[str] | "Trace"]) -> list[Any]:
     """Trace directories, with a folder of traces (no ``run.json`` of its own, trace
     directories inside) standing for its traces in name order."""
-    from kfacperf.traces import RUN_FILE
+    from kfacperf.trace.schema import RUN_FILE
 
     out: list[Any] = []
     for item in items:
@@ -32,7 +32,7 @@ def expand_trace_paths(items: Iterable[str | os.PathLike[str] | "Trace"]) -> lis
 
 
 def load_traces(items: Iterable[Any]) -> list["Trace"]:
-    from kfacperf.traces import load_trace
+    from kfacperf.trace.store import load_trace
 
     return [it if hasattr(it, "events") else load_trace(it) for it in expand_trace_paths(items)]
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
-from kfacperf import stages as S
+from kfacperf import vocab as S
 from kfacperf.validation.inputs import trace_label
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kfacperf.traces import Trace
+    from kfacperf.trace.store import Trace
 
 KINDS: tuple[str, ...] = ("inverse", "factor", "plain")
 
@@ -39,7 +39,7 @@ def measure(trace: "Trace") -> Measured:
     import numpy as np
     import pandas as pd
 
-    from kfacperf.sim.calibration import exclusive_compute_times
+    from kfacperf.calibrate.device import exclusive_compute_times
 
     run, label = trace.run, trace_label(trace)
     ev = trace.measured()

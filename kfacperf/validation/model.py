@@ -5,12 +5,12 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from kfacperf import stages as S
+from kfacperf import vocab as S
 from kfacperf.validation.inputs import load_traces, trace_label
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kfacperf.sim.calibration import DeviceCalibration
-    from kfacperf.sim.cluster_model import ClusterModel
+    from kfacperf.calibrate.device import DeviceCalibration
+    from kfacperf.sim.models.cluster import ClusterModel
 
 
 def resolve_cluster(cluster: Any) -> "ClusterModel":
@@ -28,7 +28,7 @@ def resolve_cluster(cluster: Any) -> "ClusterModel":
     if hasattr(cluster, "gpus_per_node"):
         return cluster
     if hasattr(cluster, "points") and hasattr(cluster, "backend"):  # a CommbenchResult
-        from kfacperf.commbench_fit import fit_cluster
+        from kfacperf.calibrate.cluster import fit_cluster
 
         return fit_cluster(cluster, name="local")[0]
     return load_cluster(cluster)
@@ -75,7 +75,7 @@ def calibrate(
     device_name: str = "calibrated",
 ) -> Calibration:
     """Fit the device model to ``traces`` (paths or loaded traces) only."""
-    from kfacperf.sim.calibration import fit_device_model
+    from kfacperf.calibrate.device import fit_device_model
 
     loaded = load_traces(traces)
     if not loaded:
@@ -88,7 +88,7 @@ def calibrate(
 
 
 def strategy_of(run: Mapping[str, Any], label: str) -> Any:
-    from kfacperf.sim.strategies import StrategySpec
+    from kfacperf.sim.graphs.strategies import StrategySpec
 
     world = int(run.get("world_size") or 1)
     if run.get("optimizer") == "sgd":
@@ -118,8 +118,8 @@ class Predicted:
 def predict(run: Mapping[str, Any], calibration: Calibration, *, label: str = "run",
             workloads: WorkloadFinder | None = None) -> Predicted:
     """Simulate the run described by ``run`` (a run.json) on the calibrated models."""
-    from kfacperf.sim.costs import CostModel
-    from kfacperf.sim.strategies.common import CommSettings
+    from kfacperf.sim.costs.model import CostModel
+    from kfacperf.sim.graphs.strategies.common import CommSettings
     from kfacperf.sim.summary import cycle
     from kfacperf.sim.sweep import simulate_with_costs
 

@@ -20,7 +20,7 @@ from kfacperf.validation.inputs import device_key, trace_label
 from kfacperf.validation.measure import KINDS, Measured, weighted
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kfacperf.traces import Trace
+    from kfacperf.trace.store import Trace
 
 CONFIGURATION_KEYS: tuple[str, ...] = (
     "workload", "workload_options", "world_size", "batch_per_rank", "optimizer", "strategy",

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import time
-
 from collections.abc import Iterator
 from typing import Any
 

@@ -23,11 +23,11 @@ import time
 
 import torch
 
-from kfacperf import trace_parts
-from kfacperf.kfac.training import TrainConfig, Trainer
 from kfacperf.profiler.stage_timer import StageTimer
 from kfacperf.profiler.timer import NULL_TIMER
-from kfacperf.stages import STEP
+from kfacperf.runtime.training import TrainConfig, Trainer
+from kfacperf.trace import parts as trace_parts
+from kfacperf.vocab import STEP
 from kfacperf.workloads import get_workload
 
 BATCH = 32
@@ -82,7 +82,7 @@ def _overhead(tmp_path) -> dict:
 
 def _replay_cost_us(tmp_path, *, step: int, repeats: int = 300) -> float:
     """Median µs of replaying step ``step``'s recorded stage calls into a new timer."""
-    from kfacperf.trace_parts import read_event_parts
+    from kfacperf.trace.parts import read_event_parts
 
     ev = read_event_parts(tmp_path / "parts")
     calls = [(str(r.stage), str(r.layer), float(r.flops))

@@ -6,11 +6,11 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from helpers.distributed import Checks, assert_check, merge_checks, run_ranks
+from helpers.recording import RecordingTimer
 
-from kfacperf import stages
+from kfacperf import vocab as stages
 from kfacperf.kfac import comm
-from kfacperf.testing.distributed import Checks, assert_check, merge_checks, run_ranks
-from kfacperf.testing.recording import RecordingTimer
 
 
 def sym(n: int, seed: int = 0) -> torch.Tensor:

@@ -21,13 +21,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers.distributed import Checks, assert_check, merge_checks, run_ranks
+from helpers.recording import RecordingTimer
 from torch import nn
 
-from kfacperf import stages
+from kfacperf import vocab as stages
 from kfacperf.kfac.assignment import LayerShape, kaisa_assignment
-from kfacperf.kfac.training import TrainConfig, Trainer
-from kfacperf.testing.distributed import assert_check, merge_checks, run_ranks, Checks
-from kfacperf.testing.recording import RecordingTimer
+from kfacperf.runtime.training import TrainConfig, Trainer
 from kfacperf.workloads import get_workload, rank_slice
 
 pytestmark = pytest.mark.slow

@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 import torch
+from helpers.distributed import Checks, assert_check, merge_checks, run_ranks
 from torch import nn
 
-from kfacperf import distributed
 from kfacperf.kfac.strategies import ModelMismatchError, make_strategy
-from kfacperf.kfac.training import TrainConfig, Trainer
-from kfacperf.testing.distributed import Checks, assert_check, merge_checks, run_ranks
+from kfacperf.runtime import distributed
+from kfacperf.runtime.training import TrainConfig, Trainer
 
 TIMEOUT_S = 2.0
 CFG = TrainConfig(optimizer="kfac", strategy="spngd", damping=1e-2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kfacperf import distributed
+from kfacperf.runtime import distributed
 
 ENV = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
 

@@ -8,8 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from kfacperf.kfac import KFACPreconditioner
-from kfacperf.kfac import inverse
+from kfacperf.kfac import KFACPreconditioner, inverse
 
 DAMPING = 1e-3
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from kfacperf import stages
+from kfacperf import vocab as stages
 from kfacperf.kfac import KFACPreconditioner, LocalStrategy, Strategy
 
 

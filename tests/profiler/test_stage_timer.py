@@ -10,8 +10,8 @@ import torch
 from kfacperf.profiler import cuda_events
 from kfacperf.profiler.nvtx_backend import NvtxDomainBackend, RecordingBackend
 from kfacperf.profiler.stage_timer import STAGE_COLORS, MemorySink, StageTimer
-from kfacperf.stages import STAGE_NAMES
-from kfacperf.traces import events_frame
+from kfacperf.trace.schema import events_frame
+from kfacperf.vocab import STAGE_NAMES
 
 
 class FakeWork:
@@ -320,7 +320,7 @@ def test_nvtx_ranges_of_a_real_kfac_step():
     """One K-FAC step of the real optimizer: a `step` range enclosing forward, backward (with
     each layer's factor statistics inside, last layer first), then per layer factor_compute,
     inverse and precondition, then update; layer names in the messages."""
-    from kfacperf.kfac.training import TrainConfig, Trainer
+    from kfacperf.runtime.training import TrainConfig, Trainer
     from kfacperf.workloads import get_workload
 
     w = get_workload("mlp", in_features=12, hidden=(8,))

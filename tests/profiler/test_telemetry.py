@@ -9,7 +9,7 @@ import pytest
 
 from kfacperf.profiler.stage_timer import MemorySink
 from kfacperf.profiler.telemetry import TelemetrySampler, _import_nvml, device_info
-from kfacperf.traces import TELEMETRY_COLUMNS, telemetry_frame
+from kfacperf.trace.schema import TELEMETRY_COLUMNS, telemetry_frame
 
 
 class NotSupported(Exception):

@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kfacperf import stages
-from kfacperf.traces import write_trace
+from kfacperf import vocab as stages
+from kfacperf.trace.store import write_trace
 
 LAYERS = ("conv1", "fc")
 GPUS = (1, 2, 8, 64, 512, 4096)

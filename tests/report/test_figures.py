@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kfacperf import stages
+from kfacperf import vocab as stages
 from kfacperf.report import figures, metrics, timeline
 from kfacperf.report.inputs import load_runs
 
@@ -136,7 +136,7 @@ def test_whatif_overlays_variants(synth):
 
 
 def test_telemetry_one_subplot_per_sampled_metric(synth):
-    from kfacperf.traces import telemetry_frame
+    from kfacperf.trace.schema import telemetry_frame
 
     tel = telemetry_frame(synth.make_telemetry(world_size=2, samples=4))
     fig = timeline.telemetry_figure(tel, "tel")

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kfacperf import stages
+from kfacperf import vocab as stages
 from kfacperf.report import matching, metrics
 from kfacperf.report.inputs import load_runs
 

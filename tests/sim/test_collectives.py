@@ -1,13 +1,13 @@
 """Collective costs against the closed forms (Thakur et al. 2005; Chan et al. 2007), written
-out here independently of kfacperf.sim.collectives."""
+out here independently of kfacperf.sim.costs.collectives."""
 from __future__ import annotations
 
 import math
 
 import pytest
 
-from kfacperf.sim import collectives as C
-from kfacperf.sim.cluster_model import OPS, ClusterModel, Tier
+from kfacperf.sim.costs import collectives as C
+from kfacperf.sim.models.cluster import OPS, ClusterModel, Tier
 
 A, BETA = 3.0, 2e-3  # us per step, us per byte (500 MB/s)
 PS = (2, 3, 4, 5, 8, 16, 100, 1024)

@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import pytest
 
-from kfacperf.sim.cluster_model import OPS, ClusterModel, Tier
-from kfacperf.sim.collectives import group_collective_us
-from kfacperf.sim.costs import CostModel, dtype_bytes, factor_elements
-from kfacperf.sim.device_model import STAGE_KINDS, DeviceModel, MeasuredTime, StageEfficiency
-from kfacperf.sim.workload_model import LayerModel, WorkloadModel
+from kfacperf.sim.costs.collectives import group_collective_us
+from kfacperf.sim.costs.model import CostModel, dtype_bytes, factor_elements
+from kfacperf.sim.models.cluster import OPS, ClusterModel, Tier
+from kfacperf.sim.models.device import (
+    STAGE_KINDS,
+    DeviceModel,
+    MeasuredTime,
+    StageEfficiency,
+)
+from kfacperf.sim.models.workload import LayerModel, WorkloadModel
 
 CONV = LayerModel(name="conv", kind="conv2d", dim_a=28, dim_g=16, params=448, rows_per_example=1024,
                   fwd_flops_per_example=2 * 27 * 16 * 1024, in_elems_per_example=3072,
@@ -209,7 +214,7 @@ def test_unknown_option_is_an_error() -> None:
 
 
 def test_conv_factor_cost_follows_the_displacement_gram_algorithm() -> None:
-    from kfacperf.sim.workload_model import ConvGeometry
+    from kfacperf.sim.models.workload import ConvGeometry
 
     geo = ConvGeometry(in_channels=16, kernel=(3, 3), stride=(1, 1), dilation=(1, 1), padded=(34, 34), output=(32, 32))
     conv = LayerModel(name="c", kind="conv2d", dim_a=144, dim_g=16, params=2304, rows_per_example=1024,

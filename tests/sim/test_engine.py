@@ -5,15 +5,22 @@ import math
 
 import numpy as np
 import pytest
+from helpers.sim_fakes import fake_collective_us as cost
+from helpers.sim_fakes import random_layer_costs
 
-from kfacperf import stages as S
+from kfacperf import vocab as S
 from kfacperf.sim.engine import run_step
-from kfacperf.sim.graph import Group, Program, RankClass, StepGraph, assemble
-from kfacperf.sim.strategies import build_graph, make_step, parse_strategy
-from kfacperf.sim.strategies.common import (
-    FACTOR_STEP, INVERSE_STEP, PLAIN_STEP, STEP_KINDS, CommSettings, LayerCosts, StepSpec,
+from kfacperf.sim.graphs.graph import Group, Program, RankClass, StepGraph, assemble
+from kfacperf.sim.graphs.strategies import build_graph, make_step, parse_strategy
+from kfacperf.sim.graphs.strategies.common import (
+    FACTOR_STEP,
+    INVERSE_STEP,
+    PLAIN_STEP,
+    STEP_KINDS,
+    CommSettings,
+    LayerCosts,
+    StepSpec,
 )
-from kfacperf.testing.sim_fakes import fake_collective_us as cost, random_layer_costs
 
 # Every tensor in its own DDP bucket; all factors in one bucket sent after the backward pass.
 SPLIT = CommSettings(ddp_bucket_mb=1e-6, ddp_first_bucket_mb=1e-6, factor_bucket_mb=1e6)

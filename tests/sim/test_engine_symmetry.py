@@ -9,12 +9,13 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+from helpers.sim_fakes import fake_collective_us as cost
+from helpers.sim_fakes import random_layer_costs
 
 from kfacperf.sim.engine import StepResult, run_step
-from kfacperf.sim.graph import RankClass, assemble
-from kfacperf.sim.strategies import build_graph, make_step, parse_strategy
-from kfacperf.sim.strategies.common import STEP_KINDS, CommSettings, StepSpec
-from kfacperf.testing.sim_fakes import fake_collective_us as cost, random_layer_costs
+from kfacperf.sim.graphs.graph import RankClass, assemble
+from kfacperf.sim.graphs.strategies import build_graph, make_step, parse_strategy
+from kfacperf.sim.graphs.strategies.common import STEP_KINDS, CommSettings, StepSpec
 
 STRATEGIES = ("sgd", "spngd", "kaisa", "kaisa:0.5", "kaisa:0.25", "kaisa:1/8", "kaisa:mem-opt")
 GPUS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)

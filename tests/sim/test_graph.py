@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import pytest
+from helpers.sim_fakes import fake_collective_us
 
-from kfacperf import stages as S
-from kfacperf.sim.graph import Group, Program, RankClass, assemble, shared_prefix
-from kfacperf.testing.sim_fakes import fake_collective_us
+from kfacperf import vocab as S
+from kfacperf.sim.graphs.graph import Group, Program, RankClass, assemble, shared_prefix
 
 WORLD2 = Group(("world",), ("world",), 2, 1)
 

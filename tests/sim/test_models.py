@@ -8,15 +8,34 @@ from pathlib import Path
 
 import pytest
 
-from kfacperf.sim import presets
-from kfacperf.sim.cluster_model import OPS, ClusterModel, Tier, load_cluster_model, save_cluster_model
-from kfacperf.sim.device_model import (
-    STAGE_KINDS, DeviceModel, MeasuredTime, StageEfficiency, load_device_model, save_device_model,
+from kfacperf.sim.models import (
+    list_presets,
+    load_cluster,
+    load_device,
+    load_workload,
+    presets,
 )
-from kfacperf.sim.models import list_presets, load_cluster, load_device, load_workload
-from kfacperf.sim.toml_io import dumps_toml
-from kfacperf.sim.workload_model import (
-    LayerModel, WorkloadModel, load_workload_model, save_workload_model,
+from kfacperf.sim.models.cluster import (
+    OPS,
+    ClusterModel,
+    Tier,
+    load_cluster_model,
+    save_cluster_model,
+)
+from kfacperf.sim.models.device import (
+    STAGE_KINDS,
+    DeviceModel,
+    MeasuredTime,
+    StageEfficiency,
+    load_device_model,
+    save_device_model,
+)
+from kfacperf.sim.models.toml_io import dumps_toml
+from kfacperf.sim.models.workload import (
+    LayerModel,
+    WorkloadModel,
+    load_workload_model,
+    save_workload_model,
     workload_model_from_description,
 )
 
@@ -235,9 +254,9 @@ def test_workload_from_description_and_properties() -> None:
 def test_sim_models_do_not_import_torch() -> None:
     code = (
         "import sys\n"
-        "import kfacperf.sim.models, kfacperf.sim.costs, kfacperf.sim.collectives, "
-        "kfacperf.sim.calibration, kfacperf.sim.alpha_beta, kfacperf.sim.host_gaps, "
-        "kfacperf.sim.presets\n"
+        "import kfacperf.sim.models, kfacperf.sim.costs.model, kfacperf.sim.costs.collectives, "
+        "kfacperf.calibrate.device, kfacperf.calibrate.alpha_beta, kfacperf.calibrate.host_gaps, "
+        "kfacperf.sim.models.presets\n"
         "bad = [m for m in ('torch', 'pandas') if m in sys.modules]\n"
         "print(','.join(bad))\n"
     )
@@ -316,7 +335,7 @@ def test_contention_by_stage_strict_errors(tmp_path: Path, new: str, pattern: st
 
 
 def test_expected_max_normal_matches_closed_forms() -> None:
-    from kfacperf.sim.cluster_model import expected_max_normal
+    from kfacperf.sim.models.cluster import expected_max_normal
 
     assert expected_max_normal(1) == 0.0
     assert expected_max_normal(2) == pytest.approx(1 / math.sqrt(math.pi), rel=1e-9)
@@ -336,8 +355,8 @@ def test_comm_contention_slows_collectives_of_ranks_sharing_cores_only(tmp_path:
     GPUs (no cores_per_node) or for one rank on a node; round-trips; absent means 0."""
     from dataclasses import replace
 
-    from kfacperf.sim.collectives import group_collective_us
-    from kfacperf.sim.costs import CostModel
+    from kfacperf.sim.costs.collectives import group_collective_us
+    from kfacperf.sim.costs.model import CostModel
 
     base = make_cluster()  # 2 cores per node
     c = replace(base, comm_contention=0.25)
@@ -362,7 +381,7 @@ def test_comm_contention_slows_collectives_of_ranks_sharing_cores_only(tmp_path:
 def test_straggler_grows_like_the_expected_maximum(tmp_path: Path) -> None:
     from dataclasses import replace
 
-    from kfacperf.sim.cluster_model import expected_max_normal
+    from kfacperf.sim.models.cluster import expected_max_normal
 
     base = make_cluster()  # 2 cores, contention 0.1
     c = replace(base, straggler=0.04)

@@ -7,16 +7,27 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.sim_fakes import fake_collective_us as cost
+from helpers.sim_fakes import random_layer_costs
 
-from kfacperf import stages as S
-from kfacperf.sim.placement import (
-    grad_workers, kaisa_placement, layer_cost, nodes_spanned, spngd_placement,
+from kfacperf import vocab as S
+from kfacperf.sim.graphs.placement import (
+    grad_workers,
+    kaisa_placement,
+    layer_cost,
+    nodes_spanned,
+    spngd_placement,
 )
-from kfacperf.sim.strategies import build_graph, make_step, parse_strategy
-from kfacperf.sim.strategies.common import (
-    FACTOR_STEP, INVERSE_STEP, PLAIN_STEP, CommSettings, QueueBuckets, StepSpec, ddp_buckets,
+from kfacperf.sim.graphs.strategies import build_graph, make_step, parse_strategy
+from kfacperf.sim.graphs.strategies.common import (
+    FACTOR_STEP,
+    INVERSE_STEP,
+    PLAIN_STEP,
+    CommSettings,
+    QueueBuckets,
+    StepSpec,
+    ddp_buckets,
 )
-from kfacperf.testing.sim_fakes import fake_collective_us as cost, random_layer_costs
 
 LAYERS = random_layer_costs(8, seed=11, other_params=3000)
 A, G = LAYERS.dim_a, LAYERS.dim_g

@@ -1,7 +1,13 @@
 import pytest
 import torch
 
-from kfacperf.workloads import WORKLOAD_NAMES, Workload, get_workload, rank_slice, workload_options
+from kfacperf.workloads import (
+    WORKLOAD_NAMES,
+    Workload,
+    get_workload,
+    rank_slice,
+    workload_options,
+)
 
 
 def test_unknown_workload_lists_known_names():

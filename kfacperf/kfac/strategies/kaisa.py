@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from kfacperf import stages
+from kfacperf import vocab as stages
 from kfacperf.kfac import comm
 from kfacperf.kfac.assignment import (
     Assignment,

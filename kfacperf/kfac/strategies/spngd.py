@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from kfacperf import stages
+from kfacperf import vocab as stages
 from kfacperf.kfac import comm
 from kfacperf.kfac.assignment import Assignment, LayerShape, spngd_assignment
 from kfacperf.kfac.strategies.base import DistributedStrategy, grad_matrix

@@ -1,0 +1,137 @@
+"""Fit a cluster model to commbench's measurements.
+
+* collectives: every linear algorithm of each collective is fitted (alpha-beta least squares,
+  :func:`kfacperf.calibrate.alpha_beta.fit_alpha_beta`); the lowest relative error wins;
+* ``contention`` (and per stage kind): least squares of the probed compute slowdowns over the
+  world sizes, ``slowdown(r) = (1 + c (r - 1)) * max(1, r / cores)``;
+* ``straggler``: the probed straggler of ``r`` ranks scaled to two ranks by the expected
+  maximum of normal draws (:func:`kfacperf.sim.models.cluster.expected_max_normal`), averaged;
+* ``comm_contention``: the probed slowdown of collectives issued right after compute (over
+  right after a barrier) minus 1, averaged over world sizes.
+
+API::
+
+    fit_cluster(result, *, name, gpus_per_node=None, cores_per_node=None) -> (ClusterModel, fits)
+    fit_points(points, op) -> (best AlphaBetaFit, every fit)
+    fit_contention(slowdowns, cores) -> float
+    fit_straggler(stragglers) -> float
+    fit_comm_contention(comm_slowdowns) -> float
+"""
+from __future__ import annotations
+
+import statistics
+from dataclasses import replace
+from typing import Sequence
+
+from kfacperf.bench.results import CommbenchResult, Point, fmt_size
+from kfacperf.calibrate.alpha_beta import (
+    AlphaBetaFit,
+    cluster_from_fits,
+    fit_alpha_beta,
+)
+from kfacperf.calibrate.fitting import sig
+from kfacperf.sim.models.cluster import (
+    ALGORITHMS,
+    OPS,
+    ClusterModel,
+    expected_max_normal,
+)
+from kfacperf.sim.models.device import STAGE_KINDS
+
+
+def fit_contention(slowdowns: dict[int, float], cores: int) -> float:
+    """Least-squares ``c`` in ``slowdown(r) = (1 + c (r - 1)) * max(1, r / cores)``, >= 0."""
+    xs, ys = [], []
+    for r, s in slowdowns.items():
+        over = max(1.0, r / cores) if cores > 0 else 1.0
+        xs.append(r - 1)
+        ys.append(s / over - 1.0)
+    if not xs:
+        return 0.0
+    c = sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs)
+    return max(0.0, c)
+
+
+def fit_comm_contention(comm_slowdowns: dict[int, float]) -> float:
+    """``comm_contention``: the mean over world sizes of (slowdown after compute - 1), >= 0."""
+    if not comm_slowdowns:
+        return 0.0
+    return max(0.0, sum(v - 1.0 for v in comm_slowdowns.values()) / len(comm_slowdowns))
+
+
+def fit_straggler(stragglers: dict[int, float]) -> float:
+    """The two-rank straggler: each world size's value times E[max of 2] / E[max of r], mean."""
+    if not stragglers:
+        return 0.0
+    return max(0.0, statistics.mean(s * expected_max_normal(2) / expected_max_normal(r)
+                                    for r, s in stragglers.items()))
+
+
+def fit_points(points: Sequence[Point], op: str) -> tuple[AlphaBetaFit, list[AlphaBetaFit]]:
+    """Fit every linear algorithm of ``op``; the best (lowest relative error) first."""
+    samples = [(p.world_size, p.nbytes, p.time_us) for p in points if p.op == op]
+    fits = []
+    for algo in ALGORITHMS[op]:
+        if (op, algo) == ("broadcast", "ring"):
+            continue  # not linear in alpha, beta
+        try:
+            fits.append(fit_alpha_beta(samples, op=op, algorithm=algo))
+        except ValueError:
+            continue
+    if not fits:
+        raise ValueError(f"{op}: the measurements fit no algorithm (too few sizes?)")
+    fits.sort(key=lambda f: f.rms_rel_error)
+    return fits[0], fits
+
+
+def fit_cluster(
+    result: CommbenchResult, *, name: str, gpus_per_node: int | None = None,
+    cores_per_node: int | None = None,
+) -> tuple[ClusterModel, dict[str, list[AlphaBetaFit]]]:
+    """The cluster model of the measured machine, plus every fit tried per collective."""
+    ops = sorted({p.op for p in result.points}, key=OPS.index)
+    missing = [op for op in OPS if op not in ops]
+    if missing:
+        raise ValueError(f"a cluster model needs every collective; not measured: {missing}")
+    best: dict[str, AlphaBetaFit] = {}
+    tried: dict[str, list[AlphaBetaFit]] = {}
+    for op in ops:
+        best[op], tried[op] = fit_points(result.points, op)
+    cores = result.cores if cores_per_node is None else cores_per_node
+    contention = sig(fit_contention(result.slowdowns, cores)) if result.slowdowns else 0.0
+    kinds = sorted({k for per in result.stage_slowdowns.values() for k in per},
+                   key=STAGE_KINDS.index)
+    by_stage = {k: sig(fit_contention({w: per[k] for w, per in result.stage_slowdowns.items()
+                                       if k in per}, cores)) for k in kinds}
+    if gpus_per_node is None:
+        gpus_per_node = 64 if result.backend == "gloo" else max(p.world_size for p in result.points)
+    worlds = sorted({p.world_size for p in result.points})
+    sizes = sorted({p.nbytes for p in result.points})
+    means = "; ".join(f"{w} ranks: mean of {n} probes" for w, n in sorted(result.probes.items())
+                      if n > 1)
+    per_kind = "; ".join(
+        f"{w}: " + ", ".join(f"{k} {v:.2f}" for k, v in per.items())
+        for w, per in sorted(result.stage_slowdowns.items()))
+    measured = ", ".join(f"{k}: {v:.2f}" for k, v in sorted(result.slowdowns.items()))
+    src = (f"kfacperf commbench, backend {result.backend}, world sizes {worlds}, sizes "
+           f"{fmt_size(sizes[0])}..{fmt_size(sizes[-1])}; compute slowdown of ranks sharing "
+           f"cores: {measured or 'not measured'}"
+           + (f" ({means})" if means else "")
+           + (f"; per stage kind: {per_kind}" if per_kind else "")
+           + ("; straggler: "
+              + ", ".join(f"{w}: {v:.3f}" for w, v in sorted(result.stragglers.items()))
+              if result.stragglers else "")
+           + ("; collectives after compute over after a barrier: "
+              + ", ".join(f"{w}: {v:.2f}" for w, v in sorted(result.comm_slowdowns.items()))
+              if result.comm_slowdowns else ""))
+    desc = ("Measured on one machine; the inter tier is a copy of the intra tier (nothing "
+            "between nodes was measured).")
+    model = cluster_from_fits(best, name=name, gpus_per_node=gpus_per_node, cores_per_node=cores,
+                              contention=contention, source=src, description=desc)
+    if by_stage:
+        model = replace(model, contention_by_stage=by_stage)
+    if result.stragglers:
+        model = replace(model, straggler=sig(fit_straggler(result.stragglers)))
+    if result.comm_slowdowns:
+        model = replace(model, comm_contention=sig(fit_comm_contention(result.comm_slowdowns)))
+    return model, tried

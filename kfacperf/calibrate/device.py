@@ -1,0 +1,334 @@
+"""Fit the device model to measured traces: efficiencies per stage kind, and the rest.
+
+API::
+
+    exclusive_compute_times(events) -> DataFrame      (rank, step, stage, layer, dur_us)
+    fit_device_model(traces, *, workloads, base=None, name, include_measured=True, mode=None)
+        -> DeviceCalibration(.device, .fits: {kind: StageFit}, .traces_used, .notes)
+    base_device_for(run) -> DeviceModel               (peaks to fit efficiencies against)
+
+(Collectives are fitted in :mod:`kfacperf.calibrate.alpha_beta`.)
+
+Per stage kind ``k``, every (trace, stage, layer) gives one sample: the median
+over steps and ranks of the stage's *exclusive* time (time of compute stages nested inside it,
+such as the factor statistics computed in backward hooks, is subtracted; occurrences of one
+(stage, layer) within a step are summed) against the regressors of
+:meth:`kfacperf.sim.costs.model.CostModel.regressors` (calls ``c``, compute time ``F/peak``, memory
+time ``B/bw``, roofline time).  In ``additive`` mode ``t = overhead c + (F/peak) / efficiency
++ (B/bw) / mem_efficiency``; in ``roofline`` mode ``t = overhead c + roofline / efficiency``
+(one efficiency for both).  The fit is relative least squares with overhead >= 0 and
+efficiencies <= 1.  A term the samples cannot separate from the others (one batch size of a
+whole-model stage; FLOPs proportional to bytes, as in the update) is left at its bound
+(overhead 0, efficiency 1) and noted.  Only single-process traces are used when any is given:
+ranks sharing the machine slow each other down, which is the cluster model's
+``contention``, not the device's.  The same traces give the factor steps' capture overhead
+and the host work between stages (:mod:`kfacperf.calibrate.host_gaps`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from kfacperf import vocab as S
+from kfacperf.calibrate.fitting import bounded_lstsq, sig
+from kfacperf.calibrate.host_gaps import fit_layer_host_us, kfac_trace_gaps_input
+from kfacperf.sim.costs.model import CostModel
+from kfacperf.sim.models.cluster import OPS, ClusterModel, Tier
+from kfacperf.sim.models.device import (
+    CAPTURE_STAGES,
+    INVERSE_METHODS,
+    MODES,
+    STAGE_KINDS,
+    DeviceModel,
+    MeasuredTime,
+    StageEfficiency,
+)
+from kfacperf.sim.models.workload import WorkloadModel
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+
+# --------------------------------------------------------------------------- device
+@dataclass(frozen=True, kw_only=True)
+class StageFit:
+    """The fit of one stage kind, with its error on the samples it was fitted to."""
+
+    kind: str
+    efficiency: float
+    mem_efficiency: float
+    overhead_us: float
+    samples: int
+    rms_rel_error: float
+    max_rel_error: float
+    note: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceCalibration:
+    device: DeviceModel
+    fits: dict[str, StageFit]
+    traces_used: tuple[str, ...]
+    notes: tuple[str, ...] = field(default=())
+
+
+#: Nominal peaks of one CPU thread (an AVX-512 core near 3 GHz: 2 FMA units x 16 fp32 lanes x
+#: 2 FLOP; bf16 twice that) used when a CPU trace is calibrated without a base device.  Only
+#: the products peak x efficiency matter for predictions on the calibrated device.
+CPU_THREAD_PEAKS = {"fp32_tflops": 0.2, "tf32_tflops": 0.0, "bf16_tflops": 0.4,
+                    "mem_bandwidth_GBps": 20.0}
+_GPU_PRESETS = (("h200", "h200"), ("h100", "h100-sxm5"), ("a100", "a100-sxm4"),
+                ("v100", "v100-sxm2"))
+
+
+def base_device_for(run: Mapping[str, Any]) -> DeviceModel:
+    """The device whose peaks a trace's efficiencies are fitted against.
+
+    A GPU named in ``run["device"]`` maps to its datasheet preset; otherwise (CPU) nominal
+    per-thread peaks times ``threads_per_rank``.
+    """
+    from kfacperf.sim.models import load_device
+
+    dev = run.get("device") or {}
+    label = " ".join(str(dev.get(k, "")) for k in ("name", "kind", "type")).lower()
+    for needle, preset in _GPU_PRESETS:
+        if needle in label:
+            return load_device(preset)
+    threads = max(1, int(run.get("threads_per_rank") or 1))
+    stages = {k: StageEfficiency(efficiency=1.0, mem_efficiency=1.0, overhead_us=0.0,
+                                 assumed=True) for k in STAGE_KINDS}
+    peaks = {k: v * threads for k, v in CPU_THREAD_PEAKS.items()}
+    return DeviceModel(name="cpu-nominal", stages=stages, mode="additive",
+                       source=f"nominal peaks of {threads} CPU thread(s)", **peaks)
+
+
+def exclusive_compute_times(events: "pd.DataFrame") -> "pd.DataFrame":
+    """Per (rank, step, stage, layer): summed exclusive time of the compute stages.
+
+    A compute event that lies inside another one on the same rank (the factor statistics
+    computed in a backward hook lie inside ``backward``) is subtracted from its parent.
+    """
+    import pandas as pd
+
+    comp = events[(events["lane"] == S.COMPUTE) & (events["stage"] != S.STEP)]
+    out_rows: list[tuple[int, int, str, str, float]] = []
+    for rank, ev in comp.groupby("rank", observed=True):
+        start = ev["start_us"].to_numpy(float)
+        dur = ev["dur_us"].to_numpy(float)
+        order = np.lexsort((-dur, start))
+        end = start + dur
+        excl = dur.copy()
+        stack: list[int] = []
+        eps = 1e-6
+        for i in order:
+            while stack and end[stack[-1]] <= start[i] + eps:
+                stack.pop()
+            if stack and end[i] <= end[stack[-1]] + eps:
+                excl[stack[-1]] -= dur[i]
+            stack.append(i)
+        steps = ev["step"].to_numpy()
+        stage = ev["stage"].astype(str).to_numpy()
+        layer = ev["layer"].astype(str).to_numpy()
+        for i in range(len(ev)):
+            out_rows.append((int(rank), int(steps[i]), stage[i], layer[i], max(0.0, excl[i])))
+    df = pd.DataFrame(out_rows, columns=["rank", "step", "stage", "layer", "dur_us"])
+    return df.groupby(["rank", "step", "stage", "layer"], as_index=False, sort=False)["dur_us"].sum()
+
+
+@dataclass(frozen=True)
+class _Sample:
+    kind: str
+    workload: str
+    layer: str
+    batch: int
+    inverse_method: str
+    time_us: float
+    reg: Any  # kfacperf.sim.costs.model.Regressors
+    captured: bool = False  # a forward/backward median over factor steps (statistics captured)
+
+
+def captures_statistics(step: int, run: Mapping[str, Any]) -> bool:
+    """Does step ``step`` of ``run`` capture K-FAC statistics (the preconditioner's rule)?"""
+    if run.get("optimizer") == "sgd":
+        return False
+    return step % int(run.get("factor_interval") or 1) == 0
+
+
+def _trace_samples(trace: Any, workload: WorkloadModel, base: DeviceModel) -> list[_Sample]:
+    run = trace.run
+    batch = int(run["batch_per_rank"])
+    method = str(run.get("inverse_method") or "eigen")
+    if method not in INVERSE_METHODS:
+        raise ValueError(f"{trace_label(trace)}: inverse_method {method!r} not in {INVERSE_METHODS}")
+    events = trace.measured() if hasattr(trace, "measured") else trace.events
+    table = exclusive_compute_times(events)
+    # forward and backward: plain steps and factor steps apart (capture_overhead)
+    table["captured"] = table["stage"].isin(CAPTURE_STAGES) & table["step"].map(
+        lambda k: captures_statistics(int(k), run))
+    med = table.groupby(["stage", "layer", "captured"], sort=False)["dur_us"].median()
+    cost = CostModel(workload=workload, device=base, cluster=_null_cluster(),
+                     inverse_method=method, use_measured=False)
+    out = []
+    for (stage, layer, captured), t in med.items():
+        if stage not in STAGE_KINDS or not t > 0:
+            continue
+        lm = workload.layer(layer) if layer else None
+        if lm is None and stage not in (S.FORWARD, S.BACKWARD, S.UPDATE):
+            raise ValueError(f"{trace_label(trace)}: {stage} event without a layer name")
+        reg = cost.regressors(stage, lm, batch=batch)
+        out.append(_Sample(stage, workload.name, layer, batch, method, float(t), reg,
+                           bool(captured)))
+    return out
+
+
+def fit_capture_overhead(samples: Sequence[_Sample]) -> tuple[dict[str, float], list[str]]:
+    """Relative extra forward/backward time on factor steps, and notes.
+
+    Per stage, every (workload, layer, batch) measured on both plain and factor steps gives
+    the ratio of the medians (over traces) of the two; the overhead is the median ratio - 1
+    (at least 0).  Without such a pair it is 0 (noted).
+    """
+    out: dict[str, float] = {}
+    notes: list[str] = []
+    for kind in CAPTURE_STAGES:
+        groups: dict[tuple, dict[bool, list[float]]] = {}
+        for s in samples:
+            if s.kind == kind:
+                groups.setdefault((s.workload, s.layer, s.batch), {True: [], False: []})[
+                    s.captured].append(s.time_us)
+        ratios = [float(np.median(g[True])) / float(np.median(g[False]))
+                  for g in groups.values() if g[True] and g[False]]
+        if not ratios:
+            if any(s.captured for s in samples if s.kind == kind):
+                notes.append(f"{kind}: no run measured both plain and factor steps of one "
+                             "workload and batch; capture overhead taken as 0")
+            continue
+        out[kind] = sig(max(0.0, float(np.median(ratios)) - 1.0), 4)
+        notes.append(f"{kind}: {100 * out[kind]:.1f}% slower on factor steps besides the "
+                     f"statistics (median of {len(ratios)} workload/batch pair(s))")
+    return out, notes
+
+
+def trace_label(trace: Any) -> str:
+    return str(getattr(trace, "path", None) or trace.run.get("workload", "trace"))
+
+
+def _null_cluster() -> ClusterModel:
+    algos = {"all_reduce": "ring", "reduce_scatter": "ring", "all_gather": "ring",
+             "broadcast": "tree"}
+    tier = Tier(alpha_us=0.0, bandwidth_GBps=1.0, algorithms=algos)
+    return ClusterModel(name="none", gpus_per_node=1, intra=tier, inter=tier,
+                        multi_node={op: "flat" for op in OPS})
+
+
+def _fit_kind(kind: str, samples: list[_Sample], mode: str) -> StageFit:
+    y = np.array([s.time_us for s in samples], dtype=float)
+    calls = np.array([s.reg.calls for s in samples], dtype=float)
+    if mode == "additive":
+        cols = [calls, np.array([s.reg.compute_us for s in samples]),
+                np.array([s.reg.memory_us for s in samples])]
+        names = ("overhead", "compute efficiency", "memory efficiency")
+    else:
+        cols = [calls, np.array([s.reg.roofline_us for s in samples])]
+        names = ("overhead", "efficiency")
+    a = np.column_stack(cols) / y[:, None]  # relative errors
+    scale = np.abs(a).max(axis=0)
+    scale[scale == 0] = 1.0
+    lower = np.array([0.0] + [1.0] * (len(cols) - 1)) * scale
+    x = bounded_lstsq(a / scale, np.ones_like(y), lower) / scale
+    at_bound = [n for n, v, lo in zip(names, x, lower / scale) if v <= lo * (1 + 1e-9)]
+    note = f"at bound (not supported by these samples): {', '.join(at_bound)}" if at_bound else ""
+    pred = np.column_stack(cols) @ x
+    rel = (pred - y) / y
+    eff = 1.0 / x[1]
+    mem_eff = 1.0 / x[2] if mode == "additive" else eff
+    return StageFit(kind=kind, efficiency=sig(min(1.0, eff)), mem_efficiency=sig(min(1.0, mem_eff)),
+                    overhead_us=sig(float(x[0])), samples=len(y),
+                    rms_rel_error=float(np.sqrt(np.mean(rel ** 2))),
+                    max_rel_error=float(np.max(np.abs(rel))), note=note)
+
+
+def fit_device_model(
+    traces: Sequence[Any],
+    *,
+    workloads: Mapping[str, WorkloadModel] | Callable[[Mapping[str, Any]], WorkloadModel],
+    base: DeviceModel | None = None,
+    name: str,
+    include_measured: bool = True,
+    description: str = "",
+    mode: str | None = None,
+) -> DeviceCalibration:
+    """Fit efficiencies and per-call overheads of ``base`` to measured traces.
+
+    ``traces`` are :class:`kfacperf.trace.store.Trace` objects (``.run`` and ``.events``; steps
+    before ``run["warmup"]`` are left out).  ``workloads`` gives each trace's
+    :class:`WorkloadModel`: a mapping from ``run["workload"]``, or a function of the run dict
+    (e.g. ``lambda run: workload_for_run(run["workload"], run.get("workload_options"))``).  Stage kinds absent from the traces keep
+    ``base``'s values.  With ``include_measured`` the medians of single-process traces are
+    stored as ``[[measured]]`` times (used when simulating this very device).  ``mode``
+    (``roofline`` or ``additive``) defaults to ``base``'s.
+    """
+    if not traces:
+        raise ValueError("no traces to calibrate from")
+    single = [t for t in traces if int(t.run.get("world_size", 1) or 1) == 1]
+    used = single or list(traces)
+    notes: list[str] = []
+    if single and len(single) < len(traces):
+        notes.append(f"{len(traces) - len(single)} multi-process trace(s) not used for the device")
+    if base is None:
+        base = base_device_for(used[0].run)
+    mode = mode or base.mode
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    samples: list[_Sample] = []
+    host_inputs: list[tuple[str, Any, int]] = []
+    for tr in used:
+        wname = str(tr.run.get("workload", ""))
+        if isinstance(workloads, Mapping):
+            if wname not in workloads:
+                raise ValueError(f"{trace_label(tr)}: no workload model for {wname!r}")
+            w = workloads[wname]
+        else:
+            w = workloads(tr.run)
+        samples.extend(_trace_samples(tr, w, base))
+        gaps = kfac_trace_gaps_input(tr, w)
+        if gaps is not None:
+            host_inputs.append(gaps)
+    capture, capture_notes = fit_capture_overhead(samples)
+    notes.extend(capture_notes)
+    host, host_notes = fit_layer_host_us(host_inputs)
+    notes.extend(host_notes)
+    # factor-step forward/backward medians, brought to plain steps
+    samples = [replace(s, time_us=s.time_us / (1.0 + capture.get(s.kind, 0.0)), captured=False)
+               if s.captured else s for s in samples]
+    fits: dict[str, StageFit] = {}
+    stages = dict(base.stages)
+    for kind in STAGE_KINDS:
+        ks = [s for s in samples if s.kind == kind]
+        if not ks:
+            notes.append(f"{kind}: not in the traces, kept {base.name}'s values")
+            continue
+        fit = _fit_kind(kind, ks, mode)
+        fits[kind] = fit
+        stages[kind] = StageEfficiency(efficiency=fit.efficiency,
+                                       mem_efficiency=fit.mem_efficiency,
+                                       overhead_us=fit.overhead_us, assumed=False)
+    measured: tuple[MeasuredTime, ...] = ()
+    if include_measured and single:
+        measured = tuple(
+            MeasuredTime(workload=s.workload, stage=s.kind, layer=s.layer, batch=s.batch,
+                         inverse_method=s.inverse_method, time_us=sig(s.time_us))
+            for s in samples
+        )
+    labels = tuple(trace_label(t) for t in used)
+    device = DeviceModel(
+        name=name, fp32_tflops=base.fp32_tflops, tf32_tflops=base.tf32_tflops,
+        bf16_tflops=base.bf16_tflops, mem_bandwidth_GBps=base.mem_bandwidth_GBps,
+        stages=stages, mode=mode, measured=measured, capture_overhead=capture,
+        layer_host_us=host,
+        source=f"kfacperf calibrate from {', '.join(labels)}; peaks from {base.name}",
+        description=description or base.description,
+    )
+    return DeviceCalibration(device=device, fits=fits, traces_used=labels, notes=tuple(notes))

@@ -1,0 +1,120 @@
+"""Fit a device model from measured traces, or generate a workload model from a torch workload.
+
+  kfacperf calibrate traces/A traces/B --device-name local-cpu --out models/devices/local-cpu.toml
+  kfacperf calibrate traces/reference/p1 --out /tmp/local-cpu.toml     # a folder of traces
+  kfacperf calibrate --workload resnet50 --out models/workloads/resnet50.toml
+
+Trace mode fits, per stage kind, an efficiency against the roofline of the stage's analytic
+FLOPs and bytes plus a fixed per-call overhead (see kfacperf.calibrate.device), prints the fit
+and its error, and writes the device TOML (with the traces' median per-layer times as
+[[measured]] entries unless --no-measured; K-FAC traces also give the factor steps' capture
+overhead and the host work between stages, [capture_overhead] and [layer_host_us]).  Peaks
+come from --base (a device preset or TOML); by default from the datasheet preset of the
+traced GPU, or nominal per-thread CPU peaks.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from kfacperf.cli.commands import key_value
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("traces", nargs="*", metavar="TRACE",
+                        help="trace directories to fit (a folder of traces: all of them)")
+    parser.add_argument("--device-name", default=None,
+                        help="name of the fitted device model (default: from --out, else 'calibrated')")
+    parser.add_argument("--base", default=None,
+                        help="device preset or TOML whose peak rates the efficiencies refer to")
+    parser.add_argument("--workload-model", action="append", default=[], metavar="TOML",
+                        help="workload model(s) to use for the traces (default: models/workloads)")
+    parser.add_argument("--mode", choices=("roofline", "additive"), default=None,
+                        help="how compute and memory time combine (default: the base device's; "
+                             "additive for CPU traces without --base)")
+    parser.add_argument("--no-measured", action="store_true",
+                        help="do not store the traces' per-layer times in the device model")
+    parser.add_argument("--workload", default=None,
+                        help="generate the workload model of this torch workload instead")
+    parser.add_argument("--workload-option", type=key_value, action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="an option of --workload (VALUE read as JSON, else as a string)")
+    parser.add_argument("--out", default=None, help="where to write the TOML")
+    parser.add_argument("--json", action="store_true", help="print the fit as JSON")
+
+
+def _run_workload(args: argparse.Namespace) -> int:
+    from kfacperf.sim.models.workload import save_workload_model
+    from kfacperf.workloads.workload_model import build_workload_model
+
+    model = build_workload_model(args.workload, dict(args.workload_option))
+    if args.out:
+        save_workload_model(model, args.out)
+    print(f"workload {model.name}: {len(model.layers)} K-FAC layers, {model.kfac_params:,} K-FAC "
+          f"parameters + {model.other_params:,} others, {model.fwd_flops_per_example / 1e6:,.1f} "
+          f"MFLOP forward per example ({model.other_fwd_flops_per_example / 1e6:,.2f} outside "
+          "K-FAC layers)" + (f"; wrote {args.out}" if args.out else ""))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from kfacperf.errors import UserError
+
+    if args.workload:
+        if args.traces:
+            raise UserError("give either TRACE directories or --workload, not both")
+        return _run_workload(args)
+    if not args.traces:
+        raise UserError("give TRACE directories to fit a device model, or --workload NAME")
+
+    from kfacperf.calibrate.device import fit_device_model
+    from kfacperf.sim.models import load_device, workload_for_run
+    from kfacperf.sim.models.device import save_device_model
+    from kfacperf.trace.store import load_trace
+    from kfacperf.validation import expand_trace_paths
+
+    traces = [load_trace(p) for p in expand_trace_paths(args.traces)]
+    for tr in traces:
+        if not tr.completed:
+            print(f"calibrate: warning: {tr.path} did not complete; using its finished steps")
+
+    cache: dict[str, Any] = {}
+
+    def workload_of(run: dict[str, Any]) -> Any:
+        options = run.get("workload_options") or {}
+        key = json.dumps([run.get("workload"), options], sort_keys=True, default=str)
+        if key not in cache:
+            cache[key] = workload_for_run(str(run.get("workload")), options,
+                                          search=args.workload_model)
+        return cache[key]
+
+    name = args.device_name or (Path(args.out).stem if args.out else "calibrated")
+    base = load_device(args.base) if args.base else None
+    cal = fit_device_model(traces, workloads=workload_of, base=base, name=name,
+                           include_measured=not args.no_measured, mode=args.mode)
+    if args.out:
+        save_device_model(cal.device, args.out)
+    if args.json:
+        print(json.dumps({
+            "device": cal.device.name, "traces": list(cal.traces_used), "notes": list(cal.notes),
+            "fits": {k: f.__dict__ for k, f in cal.fits.items()}, "out": args.out,
+        }, indent=1))
+        return 0
+    d = cal.device
+    print(f"device {d.name}: peaks fp32 {d.fp32_tflops:g} TFLOP/s, memory "
+          f"{d.mem_bandwidth_GBps:g} GB/s, {d.mode} mode; fitted from "
+          f"{len(cal.traces_used)} trace(s)")
+    print(f"{'stage':<15} {'efficiency':>10} {'mem eff':>8} {'overhead_us':>11} {'samples':>7} "
+          f"{'rms err':>8} {'max err':>8}")
+    for kind, f in cal.fits.items():
+        print(f"{kind:<15} {f.efficiency:10.4f} {f.mem_efficiency:8.4f} {f.overhead_us:11.2f} "
+              f"{f.samples:7d} {f.rms_rel_error:8.1%} {f.max_rel_error:8.1%}"
+              + (f"  ({f.note})" if f.note else ""))
+    for note in cal.notes:
+        print(f"note: {note}")
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0

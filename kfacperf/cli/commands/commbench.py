@@ -1,0 +1,145 @@
+"""Measure collectives on this machine (gloo on CPU, NCCL on GPUs), fit alpha-beta per
+collective and write a cluster model.
+
+Example: kfacperf commbench --out models/clusters/local-cpu.toml
+
+On a shared machine, take more probes during a session and fit from all of them:
+  kfacperf commbench --raw cb.json                        # collectives + one probe
+  kfacperf commbench --reps 5 --raw probe1.json           # later: one more, collectives too
+  kfacperf commbench --contention-only --raw probe2.json  # or the compute probe alone
+  kfacperf commbench --from-raw cb.json probe1.json probe2.json --out local-cpu.toml
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def _csv_ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    from kfacperf.bench.results import TIMINGS
+
+    parser.add_argument("--world-sizes", type=_csv_ints, default=None,
+                        help="process counts, one launch each (default: 2, 4, 8 up to the CPU core count)")
+    parser.add_argument("--sizes", default=None,
+                        help="message sizes (default 4KiB,256KiB,4MiB)")
+    parser.add_argument("--ops", default=None,
+                        help="collectives (default: all_reduce,reduce_scatter,all_gather,broadcast)")
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions per point")
+    # the command line spells the TIMINGS with dashes (per-call), the library with underscores
+    parser.add_argument("--timing", choices=("auto", *(t.replace("_", "-") for t in TIMINGS)),
+                        default="auto",
+                        help="per-call: time each call alone, as the optimizer issues it; "
+                             "batched: back-to-back calls (nccl-tests style); auto: per-call "
+                             "on gloo, batched on NCCL")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per point")
+    parser.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto")
+    parser.add_argument("--name", default="local-cpu", help="name of the cluster model")
+    parser.add_argument("--out", default=None,
+                        help="write the cluster model TOML here (e.g. models/clusters/local-cpu.toml)")
+    parser.add_argument("--raw", default=None, help="also write the measured points as JSON")
+    parser.add_argument("--gpus-per-node", type=int, default=None,
+                        help="ranks per node in the model (default: 64 on CPU, the GPU count on GPUs)")
+    parser.add_argument("--no-contention", action="store_true",
+                        help="skip measuring the compute slowdown of ranks sharing cores")
+    parser.add_argument("--contention-only", action="store_true",
+                        help="measure only the compute slowdown of ranks sharing cores (gloo), "
+                             "no collectives; write it with --raw and merge it with --from-raw")
+    parser.add_argument("--from-raw", nargs="+", metavar="RAW", default=None,
+                        help="measure nothing: fit from these --raw files (slowdowns averaged "
+                             "over every probe, collective times the mean over every repetition)")
+    parser.add_argument("--json", action="store_true", help="print the fits as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    import sys
+    import time
+    from pathlib import Path
+
+    from kfacperf.bench import commbench as cb
+    from kfacperf.bench import raw as commbench_raw
+    from kfacperf.bench import results
+    from kfacperf.calibrate import cluster as cbf
+    from kfacperf.sim.models.cluster import OPS, save_cluster_model
+
+    if args.contention_only and (args.no_contention or args.from_raw):
+        raise ValueError("--contention-only measures only contention: it cannot go with "
+                         "--no-contention or --from-raw")
+    if args.contention_only and args.out:
+        raise ValueError("--contention-only measures no collectives, so it cannot write a "
+                         "cluster model; write --raw and fit with --from-raw")
+    sizes = (tuple(results.parse_size(s) for s in args.sizes.split(",") if s.strip())
+             if args.sizes else results.DEFAULT_SIZES)
+    ops = tuple(o.strip() for o in args.ops.split(",") if o.strip()) if args.ops else OPS
+    config = cb.CommbenchConfig(
+        world_sizes=args.world_sizes or None, sizes=sizes, ops=ops,
+        reps=args.reps, warmup=args.warmup, backend=args.backend,
+        contention=not args.no_contention, collectives=not args.contention_only,
+        timing=args.timing.replace("-", "_"),
+    )
+    log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else (
+        lambda m: print(m, flush=True))
+    if args.from_raw:
+        result = commbench_raw.merge_results([commbench_raw.load_raw(p) for p in args.from_raw])
+        log(f"commbench: read {len(args.from_raw)} file(s): {len(result.points)} points, "
+            + ", ".join(f"{w} ranks {n} probe(s)" for w, n in result.probes.items()))
+    else:
+        t0 = time.perf_counter()
+        result = cb.run_commbench(config, progress=log)
+        log(f"commbench: measured {len(result.points)} points in {time.perf_counter() - t0:.1f} s")
+    ops = tuple(op for op in OPS if any(p.op == op for p in result.points))  # what was measured
+    if args.raw:
+        Path(args.raw).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.raw).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+    fits = {}
+    if set(ops) == set(OPS):
+        model, tried = cbf.fit_cluster(result, name=args.name, gpus_per_node=args.gpus_per_node)
+        fits = {op: [f.__dict__ for f in fs] for op, fs in tried.items()}
+        if args.out:
+            save_cluster_model(model, args.out)
+            log(f"commbench: wrote {args.out}")
+    else:
+        for op in ops:
+            best, tried = cbf.fit_points(result.points, op)
+            fits[op] = [f.__dict__ for f in tried]
+        if args.out:
+            log("commbench: not writing a cluster model: it needs all four collectives, "
+                f"measured: {', '.join(ops) or 'none'}")
+    if args.json:
+        print(json.dumps({"fits": fits, "slowdowns": result.slowdowns,
+                          "stage_slowdowns": result.stage_slowdowns,
+                          "stragglers": result.stragglers,
+                          "comm_slowdowns": result.comm_slowdowns}, indent=1))
+        return 0
+    if fits:
+        print(f"{'collective':<15} {'algorithm':<17} {'alpha_us':>9} {'GB/s':>8} {'rms err':>8} {'max err':>8}")
+    for op, fs in fits.items():
+        for i, f in enumerate(fs):
+            mark = "*" if i == 0 else " "
+            print(f"{op if i == 0 else '':<15} {f['algorithm'] + mark:<17} {f['alpha_us']:9.2f} "
+                  f"{f['bandwidth_GBps']:8.3f} {f['rms_rel_error']:8.1%} {f['max_rel_error']:8.1%}"
+                  + (f"  ({f['note']})" if f.get("note") else ""))
+    if result.slowdowns:
+        print("compute slowdown with ranks sharing cores: "
+              + ", ".join(f"{k} ranks {v:.2f}x" + (f" (mean of {result.probes[k]} probes)"
+                                                  if result.probes.get(k, 1) > 1 else "")
+                          for k, v in sorted(result.slowdowns.items())))
+        if result.stragglers:
+            print("straggler (slowest rank over the mean, per synchronised step): "
+                  + ", ".join(f"{k} ranks {v:.1%}" for k, v in sorted(result.stragglers.items())))
+        if result.comm_slowdowns:
+            print("collectives right after compute, over right after a barrier: "
+                  + ", ".join(f"{k} ranks {v:.2f}x"
+                              for k, v in sorted(result.comm_slowdowns.items())))
+        for world, per in sorted(result.stage_slowdowns.items()):
+            print(f"  {world} ranks, per stage kind: "
+                  + ", ".join(f"{k} {v:.2f}x" for k, v in per.items()))
+    if fits:
+        print("(* = best fit, used in the model)")
+    return 0

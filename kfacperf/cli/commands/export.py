@@ -1,0 +1,38 @@
+"""Export a trace as Chrome / Perfetto JSON (pid = rank, tid = lane).
+
+Open the file in https://ui.perfetto.dev or chrome://tracing.  With --per-rank, OUT is a
+directory receiving one rank<R>.json per rank (the layout Holistic Trace Analysis loads).
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--chrome", required=True, metavar="TRACE",
+                        help="trace directory to export")
+    parser.add_argument("--out", default=None, metavar="FILE",
+                        help="output file (default: TRACE/trace.json; with --per-rank a "
+                             "directory, default TRACE/chrome)")
+    parser.add_argument("--per-rank", action="store_true", help="one file per rank")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from kfacperf.trace.chrome import export_chrome
+    from kfacperf.trace.store import load_trace
+
+    trace = load_trace(args.chrome)
+    default = Path(args.chrome) / ("chrome" if args.per_rank else "trace.json")
+    out = Path(args.out) if args.out else default
+    if not args.per_rank and out.is_dir():
+        raise ValueError(f"--out {out} is a directory; give a file name (or use --per-rank)")
+    files = export_chrome(trace, out, per_rank=args.per_rank)
+    n = len(trace.events)
+    note = "" if trace.completed else " (incomplete run)"
+    for f in files:
+        print(f)
+    print(f"{n} events from {trace.path}{note} -> {len(files)} file(s); open in "
+          "https://ui.perfetto.dev or chrome://tracing")
+    return 0

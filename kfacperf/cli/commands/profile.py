@@ -1,0 +1,122 @@
+"""Run a workload with an optimizer and strategy on 1..N processes and write a trace.
+
+Starts the ranks itself (torchrun-compatible; pass --nnodes/--node-rank/--rdzv-endpoint and
+run the same command on every node for a multi-node job), or runs as one rank when started
+under torchrun.  Writes TRACE_DIR/run.json + events.parquet (+ telemetry.parquet on a GPU)
+and prints the per-stage summary.  --batch-size is per rank.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kfacperf.cli.commands import key_value
+
+
+def _kl_clip(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    return float(text)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    from kfacperf.runtime.config import (
+        COMM_DTYPES,
+        DEVICES,
+        INVERSE_METHODS,
+        STRATEGIES,
+    )
+
+    g = parser.add_argument_group("run")
+    g.add_argument("--workload", required=True, help="workload name (e.g. resnet20, mlp)")
+    g.add_argument("--workload-option", type=key_value, action="append", default=[],
+                   metavar="KEY=VALUE", help="workload option, e.g. image_size=64 (repeatable)")
+    g.add_argument("--optimizer", choices=("sgd", "kfac"), default="kfac")
+    g.add_argument("--strategy", choices=STRATEGIES, default=None,
+                   help="K-FAC distribution strategy (default: spngd; sgd for --optimizer sgd)")
+    g.add_argument("--nproc", type=int, default=1, help="processes (ranks) on this node")
+    g.add_argument("--steps", type=int, default=30, help="measured steps (after warm-up)")
+    g.add_argument("--warmup", type=int, default=5, help="warm-up steps (recorded, left out "
+                   "of summaries)")
+    g.add_argument("--batch-size", type=int, default=None, help="examples per rank per step")
+    g.add_argument("--out", default=None, help="trace directory (default: "
+                   "traces/WORKLOAD-OPTIMIZER-STRATEGY-pNPROC)")
+    g.add_argument("--force", action="store_true", help="overwrite the trace in --out")
+    g.add_argument("--threads-per-rank", type=int, default=1, help="torch threads per rank")
+    g.add_argument("--isolate", action="store_true", help="synchronise around every stage "
+                   "(and barrier every step) so each stage is measured alone")
+    g.add_argument("--default-heap", action="store_true",
+                   help="leave the C library's memory policy alone (by default glibc keeps "
+                        "freed memory, so measured steps do not time page faults of memory "
+                        "given back and taken again; see kfacperf.runtime.heap)")
+    g.add_argument("--timeout", type=float, default=60.0,
+                   help="process-group timeout in seconds (a dead rank becomes an error)")
+    g.add_argument("--device", choices=DEVICES, default="auto")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--telemetry-interval", type=float, default=0.1,
+                   help="seconds between NVML samples (GPU only)")
+    g.add_argument("--baseline", default=None, metavar="TRACE",
+                   help="an SGD trace: also print the K-FAC overhead over it")
+    k = parser.add_argument_group("optimizer")
+    k.add_argument("--lr", type=float, default=0.1)
+    k.add_argument("--momentum", type=float, default=0.9)
+    k.add_argument("--weight-decay", type=float, default=0.0)
+    k.add_argument("--damping", type=float, default=1e-3)
+    k.add_argument("--factor-interval", type=int, default=1)
+    k.add_argument("--inverse-interval", type=int, default=1)
+    k.add_argument("--inverse-method", choices=INVERSE_METHODS, default="eigen")
+    k.add_argument("--factor-decay", type=float, default=0.95)
+    k.add_argument("--kl-clip", type=_kl_clip, default=1e-3, help="a float, or none")
+    k.add_argument("--grad-worker-fraction", type=float, default=1.0, help="KAISA f")
+    k.add_argument("--fused", action="store_true", help="SP-NGD: one fused all-reduce")
+    k.add_argument("--comm-dtype", choices=COMM_DTYPES, default="fp32")
+    k.add_argument("--symmetric", action="store_true", help="upper-triangle factor packing")
+    k.add_argument("--bucket-cap-mb", type=float, default=25.0)
+    m = parser.add_argument_group("multi-node (passed to torchrun)")
+    m.add_argument("--nnodes", default="1")
+    m.add_argument("--node-rank", type=int, default=0)
+    m.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT")
+    m.add_argument("--rdzv-id", default="kfacperf")
+
+
+def build_config(args: argparse.Namespace):  # -> ProfileConfig
+    from kfacperf.runtime.config import ProfileConfig, command_line
+
+    strategy = args.strategy or ("sgd" if args.optimizer == "sgd" else "spngd")
+    out = args.out or f"traces/{args.workload}-{args.optimizer}-{strategy}-p{args.nproc}"
+    return ProfileConfig(
+        workload=args.workload, out=out, optimizer=args.optimizer, strategy=args.strategy,
+        workload_options=dict(args.workload_option), steps=args.steps, warmup=args.warmup,
+        batch_size=args.batch_size, nproc=args.nproc, threads_per_rank=args.threads_per_rank,
+        isolate=args.isolate, keep_heap=not args.default_heap, timeout_s=args.timeout, device=args.device, seed=args.seed,
+        lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+        damping=args.damping, factor_interval=args.factor_interval,
+        inverse_interval=args.inverse_interval, inverse_method=args.inverse_method,
+        factor_decay=args.factor_decay, kl_clip=args.kl_clip,
+        grad_worker_fraction=args.grad_worker_fraction, fused=args.fused,
+        comm_dtype=args.comm_dtype, symmetric=args.symmetric, bucket_cap_mb=args.bucket_cap_mb,
+        telemetry_interval_s=args.telemetry_interval, nnodes=str(args.nnodes),
+        node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id,
+        command=command_line(),
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from kfacperf.runtime.runner import profile
+    from kfacperf.trace.store import load_trace
+    from kfacperf.trace.summary import summarize
+
+    config = build_config(args)
+    baseline = load_trace(args.baseline) if args.baseline else None
+    outcome = profile(config, force=args.force)
+    if not outcome.ok:
+        print(f"kfacperf profile: error: {outcome.message}", file=sys.stderr)
+        return 1
+    if outcome.message:
+        print(f"kfacperf profile: warning: {outcome.message}", file=sys.stderr)
+    if outcome.trace is None:  # a rank other than 0, or another node
+        return 0
+    print(f"\ntrace: {config.out}  ({config.resolved_strategy}, {outcome.trace.run.get('world_size')}"
+          f" rank(s), batch {outcome.trace.run.get('batch_per_rank')} per rank)")
+    print(summarize(outcome.trace, baseline=baseline).table())
+    return 0

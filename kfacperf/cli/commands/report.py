@@ -1,0 +1,56 @@
+"""Write one self-contained HTML report from traces and predictions.
+
+Example: kfacperf report --trace traces/A --trace traces/B --prediction predictions/P
+--out reports/NAME/index.html
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trace", action="append", default=[], metavar="DIR", dest="traces",
+                        help="a measured run (trace directory); repeat for several")
+    parser.add_argument("--prediction", action="append", default=[], metavar="DIR", dest="predictions",
+                        help="a simulator output directory; repeat for several (the first of a workload "
+                             "is its baseline, later ones are shown as what-if variants)")
+    parser.add_argument("--validation", metavar="FILE", default=None,
+                        help="held-out validation results (.parquet, .csv or .json) to show as the "
+                             "accuracy section")
+    parser.add_argument("--title", default=None, help="page title (default: from the workloads)")
+    parser.add_argument("--timeline-step", type=int, default=None, metavar="N",
+                        help="measured step to draw as a timeline (default: the first with the most stages)")
+    parser.add_argument("--timeline-gpus", type=int, default=None, metavar="N",
+                        help="GPU count of the simulated timeline (default: the largest simulated)")
+    parser.add_argument("--screenshot", default=None, metavar="PNG",
+                        help="also save a PNG of the top of the page (needs chromium)")
+    parser.add_argument("--out", default="reports/report/index.html", metavar="FILE",
+                        help="HTML file to write (default: %(default)s)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from kfacperf.errors import UserError
+    from kfacperf.report.build import MAX_BYTES, build_report, headline_text
+    from kfacperf.report.inputs import load_predictions, load_runs, load_validation
+
+    if not args.traces and not args.predictions:
+        raise UserError("give at least one --trace or --prediction")
+    if args.timeline_gpus is not None and args.timeline_gpus < 1:
+        raise UserError(f"--timeline-gpus must be >= 1, got {args.timeline_gpus}")
+    validation = load_validation(args.validation) if args.validation else None
+    runs, predictions = load_runs(args.traces), load_predictions(args.predictions)
+    out = build_report(runs, predictions, args.out, validation, title=args.title,
+                       timeline_step=args.timeline_step, timeline_gpus=args.timeline_gpus)
+    text = headline_text(runs, predictions)
+    if text:
+        print(text)
+    size = out.stat().st_size
+    print(f"wrote {out} ({size / 1e6:.1f} MB)")
+    if size > MAX_BYTES:
+        print(f"warning: {out} is larger than {MAX_BYTES / 2**20:.0f} MiB; fewer or smaller inputs keep it light")
+    if args.screenshot:
+        from kfacperf.report.browser import screenshot
+
+        png = screenshot(out, args.screenshot)
+        print(f"wrote {png} ({png.stat().st_size / 1e3:.0f} kB)")
+    return 0

@@ -1,0 +1,176 @@
+"""Predict step time: workload x device x cluster x strategy x GPU counts.
+
+Example::
+
+    kfacperf simulate --workload resnet50 --device h100 --cluster dgx-h100-ndr \\
+        --strategy sgd,spngd,kaisa --gpus 1-4096 --batch-per-gpu 32 \\
+        --factor-interval 10 --inverse-interval 100 --out predictions/resnet50-h100
+
+Models are preset names (``models/<kind>/<name>.toml``) or paths to TOML files.  GPU counts:
+``1,8,64``; ``1-4096`` (powers of two); ``1,2,4,...,4096`` (a geometric progression).
+Strategies: ``sgd``, ``spngd``, ``kaisa`` (f from --grad-worker-fraction), ``kaisa:0.5``,
+``kaisa:1/8``, ``kaisa:mem-opt`` (f = 1/P at every P), ``kaisa:comm-opt``.  What-if flags
+override single values of the models.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from typing import Any
+
+
+def parse_gpus(text: str) -> list[int]:
+    """GPU counts from ``1,2,8``, ``1-4096`` (powers of two) or ``1,2,4,...,64``."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise ValueError(f"--gpus {text!r}: no GPU counts")
+    out: list[int] = []
+
+    def number(p: str) -> int:
+        try:
+            v = int(p)
+        except ValueError:
+            raise ValueError(f"--gpus {text!r}: {p!r} is not a whole number") from None
+        if v < 1:
+            raise ValueError(f"--gpus {text!r}: number of GPUs must be >= 1, got {v}")
+        return v
+
+    i = 0
+    while i < len(parts):
+        p = parts[i]
+        if p == "...":
+            if len(out) < 2 or i + 1 >= len(parts):
+                raise ValueError(f"--gpus {text!r}: '...' needs two counts before it and one after")
+            a, b, end = out[-2], out[-1], number(parts[i + 1])
+            if b <= a or b % a:
+                raise ValueError(f"--gpus {text!r}: '...' continues a growing geometric "
+                                 f"progression, but {a}, {b} is not one")
+            v = b * (b // a)
+            while v < end:
+                out.append(v)
+                v *= b // a
+            i += 1
+            continue
+        if "-" in p:
+            lo_s, _, hi_s = p.partition("-")
+            lo, hi = number(lo_s), number(hi_s)
+            if hi < lo:
+                raise ValueError(f"--gpus {text!r}: range {p} ends below its start")
+            v = lo
+            while v <= hi:
+                out.append(v)
+                v *= 2
+        else:
+            out.append(number(p))
+        i += 1
+    return sorted(set(out))
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    from kfacperf.sim.graphs.strategies.common import COMM_DTYPE_BYTES
+    from kfacperf.sim.models.cluster import V_FORMS
+    from kfacperf.sim.models.device import DTYPES, INVERSE_METHODS
+
+    m = parser.add_argument_group("models (preset name or TOML path)")
+    m.add_argument("--workload", required=True, help="workload model, e.g. resnet50")
+    m.add_argument("--device", required=True, help="device model, e.g. h100")
+    m.add_argument("--cluster", required=True, help="cluster model, e.g. dgx-h100-ndr")
+    r = parser.add_argument_group("run")
+    r.add_argument("--strategy", default="sgd,spngd,kaisa",
+                   help="comma-separated strategies (default: sgd,spngd,kaisa)")
+    r.add_argument("--gpus", default="1-4096", help="GPU counts (default: 1-4096)")
+    r.add_argument("--batch-per-gpu", type=int, default=32, help="examples per GPU (default 32)")
+    r.add_argument("--factor-interval", type=int, default=1, help="steps between factor updates")
+    r.add_argument("--inverse-interval", type=int, default=1,
+                   help="steps between inverse updates (a multiple of --factor-interval)")
+    r.add_argument("--grad-worker-fraction", type=float, default=1.0,
+                   help="KAISA's f for a plain 'kaisa' (default 1 = COMM-OPT)")
+    r.add_argument("--inverse-method", choices=INVERSE_METHODS, default="eigen")
+    r.add_argument("--bucket-mb", type=float, default=25.0,
+                   help="gradient (DDP) and factor bucket size in MB (default 25)")
+    w = parser.add_argument_group("what-if overrides")
+    w.add_argument("--bandwidth-scale", type=float, help="multiply every link bandwidth")
+    w.add_argument("--latency-scale", type=float, help="multiply every link latency (alpha)")
+    w.add_argument("--compute-scale", type=float, help="divide every compute time")
+    w.add_argument("--comm-dtype", choices=tuple(COMM_DTYPE_BYTES),
+                   help="precision of factor communication")
+    w.add_argument("--symmetric-factors", action="store_true",
+                   help="send factors as upper triangles")
+    w.add_argument("--dtype", choices=DTYPES,
+                   help="forward/backward compute precision")
+    w.add_argument("--v-form", choices=V_FORMS,
+                   help="cost form of reduce-scatter-v / all-gather-v")
+    w.add_argument("--threads-per-rank", type=int, help="CPU threads per rank (CPU clusters)")
+    o = parser.add_argument_group("output")
+    o.add_argument("--out", help="write the prediction directory here")
+    o.add_argument("--json", action="store_true", help="print the summary as JSON")
+    o.add_argument("--no-events", action="store_true",
+                   help="skip the per-class event table (smaller, faster)")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {"inverse_method": args.inverse_method}
+    pairs = (("bandwidth_scale", "bandwidth_scale"), ("latency_scale", "alpha_scale"),
+             ("compute_scale", "compute_scale"), ("comm_dtype", "comm_dtype"),
+             ("dtype", "dtype"), ("v_form", "v_form"), ("threads_per_rank", "threads_per_rank"))
+    for flag, option in pairs:
+        value = getattr(args, flag)
+        if value is not None:
+            if isinstance(value, float) and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"--{flag.replace('_', '-')} must be a positive number, "
+                                 f"got {value}")
+            out[option] = value
+    if args.symmetric_factors:
+        out["symmetric_factors"] = True
+    return out
+
+
+def summary_records(summary: Any) -> list[dict[str, Any]]:
+    """Summary rows as JSON-safe dicts (NaN -> null)."""
+    rows = []
+    for rec in summary.to_dict(orient="records"):
+        clean = {}
+        for k, v in rec.items():
+            if hasattr(v, "item"):
+                v = v.item()
+            if isinstance(v, float) and not math.isfinite(v):
+                v = None
+            clean[k] = v
+        rows.append(clean)
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    from kfacperf.sim.prediction import write_prediction
+    from kfacperf.sim.sweep import simulate
+
+    gpus = parse_gpus(args.gpus)
+    strategies = [s for s in (x.strip() for x in args.strategy.split(",")) if s]
+    if not strategies:
+        raise ValueError("--strategy: no strategy given")
+    if args.bucket_mb is not None and not args.bucket_mb > 0:
+        raise ValueError(f"--bucket-mb must be > 0, got {args.bucket_mb}")
+    pred = simulate(
+        args.workload, args.device, args.cluster, strategies, gpus=gpus,
+        batch_per_gpu=args.batch_per_gpu, factor_interval=args.factor_interval,
+        inverse_interval=args.inverse_interval, grad_worker_fraction=args.grad_worker_fraction,
+        factor_bucket_mb=args.bucket_mb, ddp_bucket_mb=args.bucket_mb,
+        events=not args.no_events, **_overrides(args),
+    )
+    pred.meta["command"] = "kfacperf simulate " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items())
+        if not k.startswith("_") and k != "command" and v not in (None, False))
+    if args.out:
+        write_prediction(pred, args.out)
+    if args.json:
+        print(json.dumps(summary_records(pred.summary), indent=2))
+    else:
+        m = pred.meta
+        print(f"{m['workload']} on {m['device']} / {m['cluster']}, batch {args.batch_per_gpu} "
+              f"per GPU, factor/inverse interval {args.factor_interval}/"
+              f"{args.inverse_interval}")
+        print(pred.table())
+        if args.out:
+            print(f"prediction written to {args.out}")
+    return 0

@@ -1,0 +1,183 @@
+"""What a profiling run is asked to do: :class:`ProfileConfig`, shared by the launcher and the
+ranks (it travels to them as JSON), and the ``run.json`` record built from it.
+
+This module never imports torch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from kfacperf.runtime.settings import OptimizerSettings
+
+OPTIMIZERS = ("sgd", "kfac")
+STRATEGIES = ("sgd", "local", "spngd", "kaisa")
+INVERSE_METHODS = ("eigen", "cholesky")
+DEVICES = ("auto", "cpu", "cuda")
+COMM_DTYPES = ("fp32", "fp16", "bf16")
+
+CRASH_ENV = "KFACPERF_TEST_CRASH_AFTER"
+"""Test hook: ``"R:K"`` makes rank R exit abruptly (``os._exit(13)``) right after step K;
+``"R:exit"`` makes it abort as it leaves, after the run finished."""
+EXIT_CRASH = "exit"
+"""The ``CRASH_ENV`` step that means: abort while leaving, after the run finished."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProfileConfig(OptimizerSettings):
+    """Settings of one ``kfacperf profile`` run; ``batch_size`` is per rank."""
+
+    workload: str
+    out: str
+    optimizer: str = "kfac"
+    strategy: str | None = None  # default: "sgd" for SGD, "spngd" for K-FAC
+    workload_options: dict[str, Any] = field(default_factory=dict)
+    steps: int = 30
+    warmup: int = 5
+    batch_size: int | None = None  # default: the workload's
+    nproc: int = 1
+    threads_per_rank: int = 1
+    isolate: bool = False
+    keep_heap: bool = True  # see kfacperf.runtime.heap
+    timeout_s: float = 60.0
+    device: str = "auto"
+    seed: int = 0
+    telemetry_interval_s: float = 0.1
+    nnodes: str = "1"
+    node_rank: int = 0
+    rdzv_endpoint: str | None = None
+    rdzv_id: str = "kfacperf"
+    command: str = ""
+
+    def __post_init__(self) -> None:
+        def bad(key: str, why: str) -> ValueError:
+            return ValueError(f"--{key.replace('_', '-')} {why}, got {getattr(self, key)!r}")
+
+        if self.optimizer not in OPTIMIZERS:
+            raise bad("optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
+        strategy = self.resolved_strategy
+        if strategy not in STRATEGIES:
+            raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+        if self.optimizer == "sgd" and strategy != "sgd":
+            raise ValueError(f"--optimizer sgd runs the DDP baseline; --strategy {strategy} is a "
+                             "K-FAC strategy (leave it out, or use --optimizer kfac)")
+        if self.optimizer == "kfac" and strategy == "sgd":
+            raise ValueError("--optimizer kfac needs a K-FAC strategy: spngd, kaisa or local")
+        for key in ("steps", "nproc", "threads_per_rank", "factor_interval", "inverse_interval"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise bad(key, "must be a positive integer")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise bad("warmup", "must be a non-negative integer")
+        if self.batch_size is not None and (not isinstance(self.batch_size, int)
+                                            or self.batch_size < 1):
+            raise bad("batch_size", "must be a positive integer")
+        if self.inverse_interval % self.factor_interval:
+            raise ValueError(f"--inverse-interval {self.inverse_interval} must be a multiple of "
+                             f"--factor-interval {self.factor_interval}")
+        for key in ("timeout_s", "damping", "telemetry_interval_s"):
+            if not getattr(self, key) > 0:
+                raise bad(key, "must be > 0")
+        if not 0 < self.grad_worker_fraction <= 1:
+            raise bad("grad_worker_fraction", "must be in (0, 1]")
+        if self.inverse_method not in INVERSE_METHODS:
+            raise bad("inverse_method", f"must be one of {', '.join(INVERSE_METHODS)}")
+        if self.device not in DEVICES:
+            raise bad("device", f"must be one of {', '.join(DEVICES)}")
+        if self.comm_dtype not in COMM_DTYPES:
+            raise bad("comm_dtype", f"must be one of {', '.join(COMM_DTYPES)}")
+        if self.multi_node and not self.rdzv_endpoint:
+            raise ValueError(f"--nnodes {self.nnodes} needs --rdzv-endpoint HOST:PORT")
+
+    @property
+    def resolved_strategy(self) -> str:
+        if self.strategy is not None:
+            return self.strategy
+        return "sgd" if self.optimizer == "sgd" else "spngd"
+
+    @property
+    def multi_node(self) -> bool:
+        return self.nnodes not in ("1", "1:1")
+
+    @property
+    def total_steps(self) -> int:
+        return self.warmup + self.steps
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "ProfileConfig":
+        data = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"profile config has unknown key(s) {', '.join(unknown)}")
+        return cls(**data)
+
+    def train_config_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`kfacperf.runtime.training.TrainConfig`."""
+        return {"optimizer": self.optimizer, "strategy": self.resolved_strategy,
+                **self.optimizer_settings()}
+
+
+def command_line() -> str:
+    """The command line that started this process, as a shell would re-run it."""
+    argv = list(sys.argv)
+    if argv and os.path.basename(argv[0]) in ("kfacperf", "__main__.py", "cli.py"):
+        argv[0] = "kfacperf"
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def run_record(
+    config: ProfileConfig,
+    *,
+    world_size: int,
+    batch_per_rank: int | None,
+    device: dict[str, Any] | None,
+    completed: bool = False,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The ``run.json`` of a run with ``config`` (see :data:`kfacperf.trace.store.RUN_KEYS`)."""
+    from kfacperf import __version__
+
+    torch = sys.modules.get("torch")
+    rec: dict[str, Any] = {
+        "workload": config.workload,
+        "workload_options": dict(config.workload_options),
+        "optimizer": config.optimizer,
+        "strategy": config.resolved_strategy,
+        "grad_worker_fraction": config.grad_worker_fraction,
+        "factor_interval": config.factor_interval,
+        "inverse_interval": config.inverse_interval,
+        "damping": config.damping,
+        "inverse_method": config.inverse_method,
+        "factor_decay": config.factor_decay,
+        "kl_clip": config.kl_clip,
+        "lr": config.lr,
+        "momentum": config.momentum,
+        "fused": config.fused,
+        "comm_dtype": config.comm_dtype,
+        "symmetric": config.symmetric,
+        "bucket_cap_mb": config.bucket_cap_mb,
+        "world_size": world_size,
+        "batch_per_rank": batch_per_rank,
+        "steps": config.steps,
+        "warmup": config.warmup,
+        "isolate": config.isolate,
+        "seed": config.seed,
+        "threads_per_rank": config.threads_per_rank,
+        "device": device,
+        "torch_version": getattr(torch, "__version__", None) if torch else None,
+        "kfacperf_version": __version__,
+        "command": config.command or command_line(),
+        "start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "completed": completed,
+    }
+    rec.update(extra)
+    return rec

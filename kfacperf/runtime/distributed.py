@@ -1,0 +1,122 @@
+"""Process-group set-up from ``torchrun``-style environment variables.
+
+``torchrun`` (and :mod:`helpers.distributed`) export ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``.  :func:`init_distributed` reads them,
+picks the backend (NCCL when CUDA is available, gloo otherwise) and sets a finite timeout, so
+that a rank that dies turns into an error on every surviving rank instead of a hang.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT_S = 60.0
+"""Seconds a collective may wait for a missing peer before every rank raises."""
+
+_REQUIRED = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistInfo:
+    """Where this process sits in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+    device: torch.device
+
+
+def _env_int(env: Mapping[str, str], key: str) -> int:
+    value = env.get(key, "")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {key}={value!r} is not an integer") from None
+
+
+def default_backend() -> str:
+    """``nccl`` when a CUDA device is usable, ``gloo`` otherwise."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(
+    *,
+    backend: str | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    env: Mapping[str, str] | None = None,
+) -> DistInfo:
+    """Initialise the default process group from torchrun's environment variables.
+
+    If the default group already exists (e.g. the caller initialised it), it is reused and
+    only described.  ``timeout_s`` bounds every collective: with gloo a missing peer raises
+    after it; with NCCL the watchdog aborts the communicator after it (asynchronous error
+    handling is switched on, so the error surfaces instead of a hang).
+    """
+    if timeout_s <= 0:
+        raise ValueError(f"timeout_s must be > 0 seconds, got {timeout_s}")
+    env = os.environ if env is None else env
+    if dist.is_initialized():
+        return describe()
+    missing = [k for k in _REQUIRED if k not in env]
+    if missing:
+        raise RuntimeError(
+            "cannot initialise torch.distributed: environment variable(s) "
+            f"{', '.join(missing)} not set; launch with torchrun (or kfacperf profile --nproc N)"
+        )
+    rank, world = _env_int(env, "RANK"), _env_int(env, "WORLD_SIZE")
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"invalid RANK={rank} for WORLD_SIZE={world}")
+    backend = backend or default_backend()
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"unknown backend {backend!r}; use 'gloo' or 'nccl'")
+    if backend == "nccl":
+        if not torch.cuda.is_available():
+            raise RuntimeError("backend 'nccl' requested but CUDA is not available; use 'gloo'")
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        local = _env_int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else rank
+        torch.cuda.set_device(local % torch.cuda.device_count())
+    init_method = f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
+    dist.init_process_group(
+        backend=backend,
+        init_method=init_method,
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+    return describe()
+
+
+def describe() -> DistInfo:
+    """The :class:`DistInfo` of this process (a world of one when not initialised)."""
+    if not dist.is_initialized():
+        return DistInfo(
+            rank=0, world_size=1, local_rank=0, backend="none",
+            device=torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+        )
+    backend = str(dist.get_backend())
+    local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+    if backend == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    return DistInfo(
+        rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local,
+        backend=backend, device=device,
+    )
+
+
+def is_distributed() -> bool:
+    """True when a default process group with more than one rank exists."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def shutdown() -> None:
+    """Destroy the default process group if there is one."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,168 @@
+"""One instrumented training step for every optimizer and strategy.
+
+:class:`Trainer` puts the pieces together the way the profiler and the demo run them:
+
+* ``optimizer="sgd"``: the first-order optimizer alone; on several ranks the model is wrapped
+  in DDP (:func:`kfacperf.kfac.ddp.wrap_ddp`, bucketed all-reduce overlapped with backward,
+  each bucket a ``grad_comm`` event).
+* ``optimizer="kfac"``: the same first-order optimizer after
+  :class:`~kfacperf.kfac.preconditioner.KFACPreconditioner` with the named strategy.  KAISA's
+  gradients are averaged by DDP; SP-NGD reduces them itself (no DDP); ``local`` is the
+  single-process strategy.
+
+A step is ``timer.step_begin`` → ``forward`` (forward + loss) → ``backward`` (zero the grads,
+``loss.backward()``) → the preconditioner's own stages → ``update`` (``optimizer.step()``)
+→ ``timer.step_end``.  After :meth:`Trainer.train_step` returns, each parameter's ``.grad``
+holds the update direction the optimizer used.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from kfacperf import vocab as stages
+from kfacperf.kfac.comm import (
+    CollectiveError,
+    collective_failure_message,
+    looks_like_collective_failure,
+)
+from kfacperf.kfac.ddp import wrap_ddp
+from kfacperf.kfac.preconditioner import KFACPreconditioner
+from kfacperf.kfac.strategies import STRATEGY_NAMES, make_strategy
+from kfacperf.profiler.timer import NULL_TIMER, Timer
+from kfacperf.runtime import distributed
+from kfacperf.runtime.settings import OptimizerSettings
+
+OPTIMIZERS = ("sgd", "kfac")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(OptimizerSettings):
+    """Optimizer, strategy and their settings (the keys run.json records)."""
+
+    optimizer: str = "kfac"
+    strategy: str = "local"
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"unknown optimizer {self.optimizer!r}; use one of {', '.join(OPTIMIZERS)}"
+            )
+        if self.optimizer == "sgd" and self.strategy not in ("sgd", "local"):
+            raise ValueError(
+                f"optimizer 'sgd' takes no K-FAC strategy (got {self.strategy!r}); "
+                "its gradients are averaged by DDP"
+            )
+        if self.optimizer == "kfac" and self.strategy not in STRATEGY_NAMES:
+            raise ValueError(
+                f"unknown strategy {self.strategy!r} for optimizer 'kfac'; "
+                f"use one of {', '.join(STRATEGY_NAMES)}"
+            )
+        for key in ("lr", "bucket_cap_mb"):
+            if not getattr(self, key) >= 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)!r}")
+
+    @property
+    def strategy_name(self) -> str:
+        """``sgd`` for the baseline, else the K-FAC strategy (run.json's ``strategy``)."""
+        return "sgd" if self.optimizer == "sgd" else self.strategy
+
+
+class Trainer:
+    """Runs instrumented training steps of ``model`` on this process's share of the batch."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        config: TrainConfig,
+        timer: Timer = NULL_TIMER,
+    ) -> None:
+        self.config = config
+        self.timer = timer
+        self.loss_fn = loss_fn
+        self.model = model
+        self.info = distributed.describe()
+        world = self.info.world_size
+        strategy = config.strategy_name
+        if world > 1 and strategy == "local":
+            raise ValueError(
+                f"strategy 'local' runs on one process but the world has {world} ranks; "
+                "use 'spngd' or 'kaisa' (K-FAC) or optimizer 'sgd'"
+            )
+        use_ddp = world > 1 and strategy in ("sgd", "kaisa")
+        self.net: nn.Module = (
+            wrap_ddp(model, timer=timer, bucket_cap_mb=config.bucket_cap_mb or 25.0,
+                     device=self.info.device)
+            if use_ddp else model
+        )
+        self.preconditioner: KFACPreconditioner | None = None
+        if config.optimizer == "kfac":
+            self.preconditioner = KFACPreconditioner(
+                self.net,
+                damping=config.damping,
+                lr=config.lr,
+                factor_interval=config.factor_interval,
+                inverse_interval=config.inverse_interval,
+                inverse_method=config.inverse_method,
+                factor_decay=config.factor_decay,
+                kl_clip=config.kl_clip,
+                strategy=make_strategy(strategy, **_strategy_options(config)),
+                timer=timer,
+            )
+        self.optimizer = torch.optim.SGD(
+            model.parameters(), lr=config.lr, momentum=config.momentum,
+            weight_decay=config.weight_decay,
+        )
+        self.steps = 0
+
+    def train_step(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        """One step on this rank's ``(inputs, targets)``; returns the (local) loss, detached.
+
+        On several ranks, a collective that fails (a peer died, or did not answer within
+        the process-group timeout) raises :class:`~kfacperf.kfac.comm.CollectiveError`.
+        """
+        try:
+            return self._step(inputs, targets)
+        except CollectiveError:
+            raise
+        except RuntimeError as exc:
+            if self.info.world_size > 1 and looks_like_collective_failure(exc):
+                raise CollectiveError(
+                    collective_failure_message(f"in training step {self.steps}", exc)
+                ) from exc
+            raise
+
+    def _step(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        timer = self.timer
+        timer.step_begin(self.steps)
+        with timer.stage(stages.FORWARD):
+            loss = self.loss_fn(self.net(inputs), targets)
+        with timer.stage(stages.BACKWARD):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        if self.preconditioner is not None:
+            self.preconditioner.step()
+        with timer.stage(stages.UPDATE):
+            self.optimizer.step()
+        timer.step_end()
+        self.steps += 1
+        return loss.detach()
+
+
+def _strategy_options(config: TrainConfig) -> dict[str, Any]:
+    if config.strategy == "local":
+        return {}
+    opts: dict[str, Any] = {
+        "comm_dtype": config.comm_dtype, "symmetric": config.symmetric,
+        "bucket_cap_mb": config.bucket_cap_mb,
+    }
+    if config.strategy == "spngd":
+        opts["fused"] = config.fused
+    if config.strategy == "kaisa":
+        opts["grad_worker_fraction"] = config.grad_worker_fraction
+    return opts

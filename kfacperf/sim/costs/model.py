@@ -1,0 +1,306 @@
+"""The cost model: how long each compute stage and each collective takes.
+
+This is the one interface between the models and the step graphs/engine::
+
+    cost = CostModel(workload=w, device=d, cluster=c, *, dtype="fp32", kfac_dtype="fp32",
+                     inverse_method="eigen", comm_dtype="fp32", symmetric_factors=False,
+                     v_form=None, bandwidth_scale=1.0, alpha_scale=1.0, compute_scale=1.0,
+                     ranks_per_node=1, threads_per_rank=1, use_measured=True)
+    cost.compute_us(stage, layer: LayerModel | None, *, batch: int, workload=None) -> float
+    cost.collective_us(op, nbytes, *, group_size: int, nodes: int) -> float  # x comm_slowdown
+    cost.for_gpus(gpus) -> CostModel        # ranks_per_node = min(gpus, gpus_per_node)
+    cost.with_overrides(**options) -> CostModel
+    cost.options -> CostOptions (frozen, hashable; also readable as cost.<option>)
+    cost.layer_host_us(step) -> float      # per K-FAC layer, between stages (load/write_grad)
+    cost.flops(stage, layer, *, batch, workload=None) -> float
+    cost.bytes_moved(stage, layer, *, batch, workload=None) -> float
+    cost.regressors(stage, layer, *, batch, workload=None) -> Regressors  # for calibration
+    cost.nodes_spanned(group_size) -> int
+    # payload helpers (comm_dtype and symmetric packing applied):
+    cost.factor_bytes(layer) -> int          # A and G of one layer
+    cost.inverse_bytes(layer) -> int         # eigenbases + eigenvalues, or the two inverses
+    cost.grad_bytes(layer | None, *, workload=None) -> int   # None: all parameters
+    dtype_bytes(dtype) -> int;  factor_elements(d, symmetric) -> int
+
+``stage`` is a compute stage of :mod:`kfacperf.vocab`.  With ``layer=None``, ``forward``,
+``backward`` and ``update`` cost the whole model; with a layer they cost that layer's share, so
+the engine can interleave per-layer backward with communication.  For forward and backward the
+whole model is exactly the sum of the per-layer shares (each layer carries a FLOP-proportional
+share of the non-K-FAC work, ``other_fwd_flops_per_example``); ``update`` of the whole model is
+one fused call over all parameters (K-FAC layers and ``other_params``).  ``factor_compute``,
+``inverse`` and ``precondition`` need a layer.  Backward is the backward pass alone: the factor
+statistics computed in backward hooks are ``factor_compute`` (calibration subtracts them from
+the measured backward, where they are nested).
+
+Compute time of one call: the stage's phases (FLOPs and bytes, :mod:`kfacperf.sim.costs.stage_work`)
+on the device's rates and efficiencies (:mod:`kfacperf.sim.models.device`), plus the per-call
+overhead, times the compute slowdown of ranks sharing a node's cores, over ``compute_scale``.
+When the device model holds a time measured on this workload (``[[measured]]``), the model is
+scaled to reproduce it: ``time(N) = model(N) * measured(N_m) / model(N_m)`` for the nearest
+measured batch ``N_m`` (exact when ``N = N_m``); per-layer forward/backward shares are scaled by
+the whole-model measurement.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Sequence
+
+from kfacperf import vocab as S
+from kfacperf.sim.costs.collectives import group_collective_us
+from kfacperf.sim.costs.stage_work import (
+    DTYPE_BYTES,
+    WHOLE_MODEL_STAGES,
+    Phase,
+    stage_phases,
+)
+from kfacperf.sim.models.cluster import V_FORMS, ClusterModel
+from kfacperf.sim.models.device import DTYPES, INVERSE_METHODS, STAGE_KINDS, DeviceModel
+from kfacperf.sim.models.workload import LayerModel, WorkloadModel
+
+
+def dtype_bytes(dtype: str) -> int:
+    try:
+        return DTYPE_BYTES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPE_BYTES)}") from None
+
+
+def factor_elements(d: int, symmetric: bool = False) -> int:
+    """Elements of a d x d factor, d(d+1)/2 with upper-triangle packing."""
+    return d * (d + 1) // 2 if symmetric else d * d
+
+
+@dataclass(frozen=True, kw_only=True)
+class Regressors:
+    """A call's terms at efficiency 1: ``time = overhead * calls + ...`` (see DeviceModel)."""
+
+    calls: int
+    compute_us: float  # sum over phases of FLOPs / peak
+    memory_us: float  # sum over phases of bytes / memory bandwidth
+    roofline_us: float  # sum over phases of max(compute, memory)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CostOptions:
+    """Knobs and what-if overrides of a :class:`CostModel`."""
+
+    dtype: str = "fp32"
+    kfac_dtype: str = "fp32"
+    inverse_method: str = "eigen"
+    comm_dtype: str = "fp32"
+    symmetric_factors: bool = False
+    v_form: str | None = None
+    bandwidth_scale: float = 1.0
+    alpha_scale: float = 1.0
+    compute_scale: float = 1.0
+    ranks_per_node: int = 1
+    threads_per_rank: int = 1
+    use_measured: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("dtype", "kfac_dtype"):
+            if getattr(self, key) not in DTYPES:
+                raise ValueError(f"{key} must be one of {DTYPES}, got {getattr(self, key)!r}")
+        if self.inverse_method not in INVERSE_METHODS:
+            raise ValueError(f"inverse_method must be one of {INVERSE_METHODS}, "
+                             f"got {self.inverse_method!r}")
+        dtype_bytes(self.comm_dtype)
+        if self.v_form not in (None, *V_FORMS):
+            raise ValueError(f"v_form must be one of {V_FORMS} (or None: the cluster's), "
+                             f"got {self.v_form!r}")
+        for key in ("bandwidth_scale", "compute_scale"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{key} must be > 0, got {value}")
+        if not (math.isfinite(self.alpha_scale) and self.alpha_scale >= 0):
+            raise ValueError(f"alpha_scale must be >= 0, got {self.alpha_scale}")
+        if self.ranks_per_node < 1 or self.threads_per_rank < 1:
+            raise ValueError("ranks_per_node and threads_per_rank must be >= 1")
+
+
+_OPTION_NAMES = tuple(f.name for f in fields(CostOptions))
+
+
+class CostModel:
+    """Stage and collective times for one workload on one device and cluster."""
+
+    def __init__(
+        self, *, workload: WorkloadModel, device: DeviceModel, cluster: ClusterModel,
+        **options: Any,
+    ) -> None:
+        unknown = sorted(set(options) - set(_OPTION_NAMES))
+        if unknown:
+            raise TypeError(f"unknown CostModel option(s) {unknown}; known: {_OPTION_NAMES}")
+        self.options = CostOptions(**options)
+        self.workload = workload
+        self.device = device
+        self.base_cluster = cluster
+        o = self.options
+        self.cluster = (
+            cluster.scaled(bandwidth=o.bandwidth_scale, alpha=o.alpha_scale)
+            if (o.bandwidth_scale, o.alpha_scale) != (1.0, 1.0) else cluster
+        )
+        self.slowdown = cluster.compute_slowdown(o.ranks_per_node, o.threads_per_rank)
+        self.comm_slowdown = cluster.comm_slowdown(o.ranks_per_node)
+        # each stage kind slows by its own contention (the cluster's single one by default)
+        self.stage_slowdown: dict[str, float] = {
+            k: cluster.compute_slowdown(o.ranks_per_node, o.threads_per_rank, stage=k)
+            for k in STAGE_KINDS}
+        self._compute_cache: dict[tuple, float] = {}
+        self._comm_cache: dict[tuple, float] = {}
+        self._measured: dict[tuple, list[tuple[int, float]]] = {}
+        for m in device.measured:
+            key = (m.workload, m.stage, m.layer, self._method_key(m.stage, m.inverse_method))
+            self._measured.setdefault(key, []).append((m.batch, m.time_us))
+
+    def __getattr__(self, name: str) -> Any:  # cost.inverse_method, cost.comm_dtype, ...
+        if name in _OPTION_NAMES:
+            return getattr(self.options, name)
+        raise AttributeError(name)
+
+    def with_overrides(self, **options: Any) -> "CostModel":
+        merged = {f: getattr(self.options, f) for f in _OPTION_NAMES}
+        merged.update(options)
+        return CostModel(workload=self.workload, device=self.device, cluster=self.base_cluster,
+                         **merged)
+
+    def for_gpus(self, gpus: int) -> "CostModel":
+        """This model with the compute contention of ``gpus`` ranks filling nodes in order."""
+        ranks = max(1, min(gpus, self.base_cluster.gpus_per_node))
+        return self if ranks == self.options.ranks_per_node else self.with_overrides(
+            ranks_per_node=ranks)
+
+    def nodes_spanned(self, group_size: int) -> int:
+        return self.cluster.nodes_spanned(group_size)
+
+    def capture_scale(self, stage: str) -> float:
+        """Forward/backward on a factor step take this times their plain-step time."""
+        return self.device.capture_scale(stage)
+
+    def layer_host_us(self, step: str) -> float:
+        """Host time per K-FAC layer of the optimizer's ``step`` between stages
+        (:data:`~kfacperf.sim.models.device.HOST_STEPS`), slowed like compute by ranks that
+        share cores."""
+        return self.device.host_us(step) * self.slowdown / self.options.compute_scale
+
+    # -- communication ----------------------------------------------------------------------
+    def collective_us(
+        self, op: str, nbytes: float | Sequence[float], *, group_size: int, nodes: int
+    ) -> float:
+        """Time of collective ``op`` (see :mod:`kfacperf.sim.costs.collectives` for ``nbytes``)."""
+        size_key = tuple(nbytes) if op.endswith("_v") and not isinstance(nbytes, str) else nbytes
+        key = (op, size_key, group_size, nodes)
+        try:
+            return self._comm_cache[key]
+        except (KeyError, TypeError):
+            pass
+        t = group_collective_us(self.cluster, op, nbytes, group_size=group_size, nodes=nodes,
+                                v_form=self.options.v_form) * self.comm_slowdown
+        try:
+            self._comm_cache[key] = t
+        except TypeError:
+            pass
+        return t
+
+    def factor_bytes(self, layer: LayerModel) -> int:
+        o = self.options
+        elems = factor_elements(layer.dim_a, o.symmetric_factors) + factor_elements(
+            layer.dim_g, o.symmetric_factors)
+        return elems * dtype_bytes(o.comm_dtype)
+
+    def inverse_bytes(self, layer: LayerModel) -> int:
+        o = self.options
+        if o.inverse_method == "eigen":  # eigenvector matrices are not symmetric
+            elems = layer.dim_a ** 2 + layer.dim_g ** 2 + layer.dim_a + layer.dim_g
+        else:
+            elems = factor_elements(layer.dim_a, o.symmetric_factors) + factor_elements(
+                layer.dim_g, o.symmetric_factors)
+        return elems * dtype_bytes(o.comm_dtype)
+
+    def grad_bytes(self, layer: LayerModel | None, *, workload: WorkloadModel | None = None) -> int:
+        w = workload or self.workload
+        params = layer.params if layer is not None else w.total_params
+        return params * dtype_bytes(self.options.comm_dtype)
+
+    # -- compute ----------------------------------------------------------------------------
+    def compute_us(
+        self, stage: str, layer: LayerModel | None, *, batch: int,
+        workload: WorkloadModel | None = None,
+    ) -> float:
+        """Time in microseconds of one call of compute ``stage`` (per layer or whole model)."""
+        w = workload or self.workload
+        key = (stage, layer.name if layer is not None else "", batch, w.name)
+        cached = self._compute_cache.get(key)
+        if cached is not None:
+            return cached
+        t = self._model_us(stage, layer, batch, w)
+        if self.options.use_measured:
+            t *= self._measured_ratio(stage, layer, batch, w)
+        t = t * self.stage_slowdown[stage] / self.options.compute_scale
+        self._compute_cache[key] = t
+        return t
+
+    def flops(self, stage: str, layer: LayerModel | None, *, batch: int,
+              workload: WorkloadModel | None = None) -> float:
+        return sum(p.flops for p in self._phases(stage, layer, batch, workload)[0])
+
+    def bytes_moved(self, stage: str, layer: LayerModel | None, *, batch: int,
+                    workload: WorkloadModel | None = None) -> float:
+        return sum(p.nbytes for p in self._phases(stage, layer, batch, workload)[0])
+
+    def regressors(self, stage: str, layer: LayerModel | None, *, batch: int,
+                   workload: WorkloadModel | None = None) -> "Regressors":
+        """The terms a call's time is linear in, at efficiency 1 (what calibration fits)."""
+        phases, calls = self._phases(stage, layer, batch, workload)
+        compute = [p.flops / self.device.peak_flops_per_us(p.dtype) for p in phases]
+        memory = [p.nbytes / self.device.mem_bytes_per_us for p in phases]
+        return Regressors(calls=calls, compute_us=sum(compute), memory_us=sum(memory),
+                          roofline_us=sum(max(c, m) for c, m in zip(compute, memory)))
+
+    def _method_key(self, stage: str, method: str) -> str:
+        return method if stage in (S.INVERSE, S.PRECONDITION) else ""
+
+    def _phases(self, stage: str, layer: LayerModel | None, batch: int,
+                workload: WorkloadModel | None) -> tuple[list[Phase], int]:
+        if stage not in STAGE_KINDS:
+            raise ValueError(f"{stage!r} is not a compute stage; compute stages: {STAGE_KINDS}")
+        if layer is None and stage not in WHOLE_MODEL_STAGES:
+            raise ValueError(f"stage {stage!r} is per layer: pass a LayerModel")
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be a positive int, got {batch!r}")
+        o = self.options
+        return stage_phases(stage, layer, batch=batch, workload=workload or self.workload,
+                            act_dtype=o.dtype, kfac_dtype=o.kfac_dtype,
+                            inverse_method=o.inverse_method)
+
+    def _model_us(self, stage: str, layer: LayerModel | None, batch: int,
+                  w: WorkloadModel) -> float:
+        phases, calls = self._phases(stage, layer, batch, w)
+        eff = self.device.stage(stage)
+        peak_c = [p.flops / (self.device.peak_flops_per_us(p.dtype) * eff.efficiency)
+                  for p in phases]
+        peak_m = [p.nbytes / (self.device.mem_bytes_per_us * eff.mem_efficiency) for p in phases]
+        if self.device.mode == "roofline":
+            body = sum(max(c, m) for c, m in zip(peak_c, peak_m))
+        else:
+            body = sum(peak_c) + sum(peak_m)
+        return eff.overhead_us * calls + body
+
+    def _measured_ratio(self, stage: str, layer: LayerModel | None, batch: int,
+                        w: WorkloadModel) -> float:
+        """measured / roofline at the nearest measured batch, or 1 without a measurement."""
+        method = self._method_key(stage, self.options.inverse_method)
+        name = layer.name if layer is not None else ""
+        entries = self._measured.get((w.name, stage, name, method))
+        target_layer = layer
+        if entries is None and layer is not None and stage in WHOLE_MODEL_STAGES:
+            entries = self._measured.get((w.name, stage, "", method))  # whole-model share
+            target_layer = None
+        if not entries:
+            return 1.0
+        b_m, t_m = min(entries, key=lambda e: (abs(math.log(e[0] / batch)), -e[0]))
+        same = [t for b, t in entries if b == b_m]
+        t_m = sum(same) / len(same)
+        model = self._model_us(stage, target_layer, b_m, w)
+        return t_m / model if model > 0 else 1.0

@@ -1,0 +1,305 @@
+"""What every strategy's step graph is made of: per-layer costs, sizes, buckets, step kinds.
+
+Sizes follow the real optimizer (``kfacperf.kfac.layers`` / ``kfacperf.kfac.comm``):
+
+* a layer's factors are ``dim_a**2 + dim_g**2`` elements (upper triangles when packed),
+  sent in the factor communication precision, stored in fp32;
+* its gradient (and preconditioned gradient) is ``dim_g * dim_a`` fp32 elements, plus one
+  KL-clipping term when a preconditioned gradient travels;
+* its inverse state is ``QA, QG, dA, dG`` (eigen) or ``A^-1, G^-1`` (cholesky), fp32.
+
+Buckets follow the two bucketing rules in use: DDP's (items in reverse layer order; a bucket
+closes once it reaches its limit, ``bucket_cap_mb`` MiB, optionally smaller for the first) and :class:`kfacperf.kfac.comm.AllReduceBuckets`' (a tensor that would overflow the queue
+flushes it first; a queue that reaches the cap is flushed at once; MB = 10**6 bytes).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from kfacperf import vocab as S
+from kfacperf.sim.graphs.graph import UNSTAGED, Group, Program
+from kfacperf.sim.graphs.placement import nodes_spanned
+from kfacperf.sim.models.device import INVERSE_METHODS
+
+COMM_DTYPE_BYTES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+FP32 = 4
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepKind:
+    """Which K-FAC work a step does: factors (every ``factor_interval``), inverses."""
+
+    name: str
+    factor: bool
+    inverse: bool
+
+
+INVERSE_STEP = StepKind(name="inverse", factor=True, inverse=True)
+FACTOR_STEP = StepKind(name="factor", factor=True, inverse=False)
+PLAIN_STEP = StepKind(name="plain", factor=False, inverse=False)
+STEP_KINDS: tuple[StepKind, ...] = (INVERSE_STEP, FACTOR_STEP, PLAIN_STEP)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CommSettings:
+    """How the optimizer communicates (the real optimizer's options and defaults)."""
+
+    factor_dtype: str = "fp32"
+    symmetric: bool = False
+    inverse_method: str = "eigen"
+    factor_bucket_mb: float = 25.0
+    ddp_bucket_mb: float = 25.0
+    ddp_first_bucket_mb: float = 25.0
+    """DDP's 1 MiB first bucket applies only when ``bucket_cap_mb`` is left unset; the
+    optimizer passes it explicitly (``kfacperf.kfac.ddp.wrap_ddp``), so every bucket is 25 MiB."""
+
+    def __post_init__(self) -> None:
+        if self.factor_dtype not in COMM_DTYPE_BYTES:
+            raise ValueError(f"comm dtype {self.factor_dtype!r} unknown; use one of "
+                             f"{', '.join(COMM_DTYPE_BYTES)}")
+        if self.inverse_method not in INVERSE_METHODS:
+            raise ValueError(f"inverse method {self.inverse_method!r} unknown; use one of "
+                             f"{', '.join(INVERSE_METHODS)}")
+        for key in ("factor_bucket_mb", "ddp_bucket_mb", "ddp_first_bucket_mb"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not v >= 0:
+                raise ValueError(f"{key} must be >= 0, got {v!r}")
+
+    def factor_elems(self, n: int) -> int:
+        return n * (n + 1) // 2 if self.symmetric else n * n
+
+    def factor_comm_bytes(self, n: int) -> int:
+        return self.factor_elems(n) * COMM_DTYPE_BYTES[self.factor_dtype]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerCosts:
+    """Per-layer stage times (us) and sizes (bytes), layers in forward order."""
+
+    names: tuple[str, ...]
+    fwd: tuple[float, ...]
+    bwd: tuple[float, ...]
+    factor: tuple[float, ...]
+    inverse: tuple[float, ...]
+    precond: tuple[float, ...]
+    update: float
+    fwd_flops: tuple[float, ...]
+    bwd_flops: tuple[float, ...]
+    factor_flops: tuple[float, ...]
+    inverse_flops: tuple[float, ...]
+    precond_flops: tuple[float, ...]
+    dim_a: tuple[int, ...]
+    dim_g: tuple[int, ...]
+    other_params: int
+    fwd_capture: float = 1.0
+    """Forward on a factor step takes this times ``fwd`` (the statistics capture's overhead)."""
+    bwd_capture: float = 1.0
+    """Backward on a factor step takes this times ``bwd`` (statistics not included)."""
+    grad_load: float = 0.0
+    """K-FAC steps: host time forming every layer's gradient matrix after backward, in no
+    stage (``DeviceModel.layer_host_us``)."""
+    grad_write: float = 0.0
+    """K-FAC steps: host time writing the preconditioned gradients back before the update,
+    in no stage."""
+
+    @property
+    def n(self) -> int:
+        return len(self.names)
+
+    def a_comm_bytes(self, l: int, cs: CommSettings) -> int:
+        return cs.factor_comm_bytes(self.dim_a[l])
+
+    def g_comm_bytes(self, l: int, cs: CommSettings) -> int:
+        return cs.factor_comm_bytes(self.dim_g[l])
+
+    def factor_store_bytes(self, l: int) -> int:
+        return (self.dim_a[l] ** 2 + self.dim_g[l] ** 2) * FP32
+
+    def grad_bytes(self, l: int) -> int:
+        return self.dim_a[l] * self.dim_g[l] * FP32
+
+    def precond_bytes(self, l: int) -> int:
+        return (self.dim_a[l] * self.dim_g[l] + 1) * FP32
+
+    def inverse_bytes(self, l: int, cs: CommSettings) -> int:
+        """Inverse state as sent: eigenvectors and eigenvalues, or the two damped inverses
+        (upper triangles when packed); always fp32."""
+        a, g = self.dim_a[l], self.dim_g[l]
+        if cs.inverse_method == "eigen":
+            return (a * a + g * g + a + g) * FP32
+        return (cs.factor_elems(a) + cs.factor_elems(g)) * FP32
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepSpec:
+    """Everything a strategy needs to write one step's programs."""
+
+    costs: LayerCosts
+    world_size: int
+    gpus_per_node: int
+    kind: StepKind
+    comm: CommSettings
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1:
+            raise ValueError(f"number of GPUs must be >= 1, got {self.world_size}")
+        if self.gpus_per_node < 1:
+            raise ValueError(f"gpus_per_node must be >= 1, got {self.gpus_per_node}")
+
+    def world(self) -> Group:
+        p = self.world_size
+        return Group(("world",), ("world",), p, nodes_spanned(0, p, 1, self.gpus_per_node))
+
+
+def bucket_label(names: Sequence[str]) -> str:
+    """The ``layer`` of a bucketed comm event: its layers joined by ``+`` (as the optimizer)."""
+    return "+".join(dict.fromkeys(names))
+
+
+def ddp_buckets(costs: LayerCosts, cs: CommSettings) -> tuple[list[list[int]], list[int]]:
+    """DDP's gradient buckets, in the order they fill during backward.
+
+    Items are the layers in reverse order (index ``l``), then the non-K-FAC parameters (index
+    ``-1``, ready when the backward pass ends).  Returns ``(buckets, nbytes)``.
+    """
+    items = [(l, costs.grad_bytes(l)) for l in reversed(range(costs.n))]
+    if costs.other_params:
+        items.append((-1, costs.other_params * FP32))
+    limits = [int(cs.ddp_first_bucket_mb * 2**20), int(cs.ddp_bucket_mb * 2**20)]
+    buckets: list[list[int]] = []
+    sizes: list[int] = []
+    cur: list[int] = []
+    cur_bytes = 0
+    for idx, nb in items:
+        cur.append(idx)
+        cur_bytes += nb
+        if cur_bytes >= limits[min(len(buckets), 1)]:
+            buckets.append(cur)
+            sizes.append(cur_bytes)
+            cur, cur_bytes = [], 0
+    if cur:
+        buckets.append(cur)
+        sizes.append(cur_bytes)
+    return buckets, sizes
+
+
+class QueueBuckets:
+    """The flush decisions of :class:`kfacperf.kfac.comm.AllReduceBuckets`, replayed.
+
+    ``add`` returns the buckets that the addition flushes (0, 1 or 2 of them), each as the
+    list of its item keys; ``flush`` returns what is left.
+    """
+
+    def __init__(self, cap_bytes: int) -> None:
+        self.cap = cap_bytes
+        self.items: list[tuple[object, int]] = []
+        self.bytes = 0
+
+    def add(self, key: object, nbytes: int) -> list[list[tuple[object, int]]]:
+        out = []
+        if self.items and self.bytes + nbytes > self.cap:
+            out.append(self._take())
+        self.items.append((key, nbytes))
+        self.bytes += nbytes
+        if self.bytes >= self.cap:
+            out.append(self._take())
+        return out
+
+    def flush(self) -> list[list[tuple[object, int]]]:
+        return [self._take()] if self.items else []
+
+    def _take(self) -> list[tuple[object, int]]:
+        items, self.items, self.bytes = self.items, [], 0
+        return items
+
+
+@dataclass(frozen=True)
+class BucketEvent:
+    """A factor bucket: its index, its layers, its ``(key, bytes)`` items, its size."""
+
+    index: int
+    layers: tuple[int, ...]
+    items: tuple[tuple[object, int], ...]
+    nbytes: int
+
+
+FactorPlan = tuple[dict[int, list[BucketEvent]], list[BucketEvent]]
+"""``(flushed by the hook of layer l, flushed by finish_factors)``."""
+
+
+def _events(batches: list[tuple[int, list[list[tuple[object, int]]]]],
+            end: list[list[tuple[object, int]]]) -> FactorPlan:
+    after: dict[int, list[BucketEvent]] = {}
+    count = 0
+
+    def event(items: list[tuple[object, int]]) -> BucketEvent:
+        nonlocal count
+        layers = tuple(dict.fromkeys(int(k[0]) for k, _ in items))  # type: ignore[index]
+        count += 1
+        return BucketEvent(count - 1, layers, tuple(items), sum(n for _, n in items))
+
+    for l, flushed in batches:
+        if flushed:
+            after[l] = [event(b) for b in flushed]
+    return after, [event(b) for b in end]
+
+
+def kaisa_factor_plan(costs: LayerCosts, cs: CommSettings) -> FactorPlan:
+    """KAISA's factor buckets: A then G of each layer (last layer first) through
+    :class:`QueueBuckets`, the rest flushed after the backward pass."""
+    q = QueueBuckets(int(cs.factor_bucket_mb * 1_000_000))
+    batches = [(l, q.add((l, "A"), costs.a_comm_bytes(l, cs)) + q.add((l, "G"), costs.g_comm_bytes(l, cs)))
+               for l in reversed(range(costs.n))]
+    return _events(batches, q.flush())
+
+
+def spngd_factor_plan(costs: LayerCosts, cs: CommSettings) -> FactorPlan:
+    """SP-NGD's factor buckets: whole layers (A and G, last layer first); a bucket is sent as
+    soon as it reaches the cap, the rest after the backward pass."""
+    cap = int(cs.factor_bucket_mb * 1_000_000)
+    batches = []
+    cur: list[tuple[object, int]] = []
+    total = 0
+    for l in reversed(range(costs.n)):
+        nb = costs.a_comm_bytes(l, cs) + costs.g_comm_bytes(l, cs)
+        cur.append(((l, "AG"), nb))
+        total += nb
+        if total >= cap:
+            batches.append((l, [cur]))
+            cur, total = [], 0
+    return _events(batches, [cur] if cur else [])
+
+
+def emit_unstaged(prog: Program, dur_us: float) -> None:
+    """Host work between stages (the trace charges it to no stage), if there is any."""
+    if dur_us > 0:
+        prog.compute(UNSTAGED, "", dur_us)
+
+
+def emit_forward(prog: Program, costs: LayerCosts, *, factor: bool = False) -> None:
+    """The whole forward pass (slower by ``fwd_capture`` on factor steps)."""
+    scale = costs.fwd_capture if factor else 1.0
+    prog.compute(S.FORWARD, "", sum(costs.fwd) * scale, sum(costs.fwd_flops))
+
+
+def emit_backward(prog: Program, costs: LayerCosts, *, factor: bool,
+                  on_factor: Callable[[int], None] | None = None,
+                  on_grad: Callable[[int], None] | None = None) -> None:
+    """Backward, last layer first.
+
+    For each layer, in autograd's order: the hook on its output gradient (factor steps: the
+    batch statistics, then ``on_factor(l)`` — what the strategy launches), the layer's own
+    backward (input and weight gradients; slower by ``bwd_capture`` on factor steps), then
+    ``on_grad(l)`` (DDP's bucket launches).
+    """
+    scale = costs.bwd_capture if factor else 1.0
+    for l in reversed(range(costs.n)):
+        if factor:
+            prog.compute(S.FACTOR_COMPUTE, costs.names[l], costs.factor[l], costs.factor_flops[l])
+            if on_factor is not None:
+                on_factor(l)
+        prog.compute(S.BACKWARD, "", costs.bwd[l] * scale, costs.bwd_flops[l])
+        if on_grad is not None:
+            on_grad(l)

@@ -1,0 +1,309 @@
+"""Device model: what one GPU (or one CPU rank) computes how fast.
+
+API (stable)::
+
+    STAGE_KINDS = ("forward", "backward", "factor_compute", "inverse", "precondition", "update")
+    DTYPES = ("fp32", "tf32", "bf16")
+    MODES = ("roofline", "additive")
+    StageEfficiency(*, efficiency: float, mem_efficiency: float, overhead_us: float, assumed: bool)
+    MeasuredTime(*, workload, stage, layer, batch, inverse_method, time_us)
+    DeviceModel(*, name, fp32_tflops, tf32_tflops, bf16_tflops, mem_bandwidth_GBps,
+                stages: Mapping[str, StageEfficiency], mode: str = "roofline",
+                measured: tuple[MeasuredTime, ...] = (), source: str = "", description: str = "",
+                capture_overhead: Mapping[str, float] = {},
+                layer_host_us: Mapping[str, float] = {})
+        .peak_flops_per_us(dtype) -> float   .mem_bytes_per_us -> float
+        .capture_scale(kind) -> float        .host_us(step) -> float
+        .stage(kind) -> StageEfficiency      .with_stages(**{kind: StageEfficiency}) -> DeviceModel
+    load_device_model(path) -> DeviceModel  (strict)      save_device_model(model, path) -> Path
+
+A call of a stage of kind ``k`` whose phases (:mod:`kfacperf.sim.costs.stage_work`) do ``F_i``
+FLOPs and move ``B_i`` bytes takes (:mod:`kfacperf.sim.costs.model`)::
+
+    roofline:  overhead_us[k] + sum_i max(F_i / (peak * efficiency[k]),
+                                          B_i / (mem_bandwidth * mem_efficiency[k]))
+    additive:  overhead_us[k] + sum_i F_i / (peak * efficiency[k])
+                              + sum_i B_i / (mem_bandwidth * mem_efficiency[k])
+
+``roofline`` suits GPUs, whose kernels overlap arithmetic and memory traffic; ``additive``
+("no overlap", as Calculon's ``processing_mode``) suits CPU kernels such as strided reductions
+that reach a small fraction of either peak.  Efficiencies are in (0, 1]; ``assumed = true``
+marks a guess (datasheet presets), ``false`` a value fitted from a trace.  ``tf32_tflops``/``bf16_tflops`` may be 0 for "not supported"
+(Volta has no TF32; its half-precision tensor-core rate is given as ``bf16_tflops``, which is
+the FP16 rate there).  ``[[measured]]`` entries (optional) are per-call times taken from a
+trace of this very device; the cost model prefers them over the roofline.
+
+``[capture_overhead]`` (optional; keys of :data:`CAPTURE_STAGES`) is the relative extra time
+of forward and backward on factor steps, *besides* the batch statistics themselves (which are
+``factor_compute``): the optimizer's hooks keeping inputs and output gradients and running
+between the layers' kernels, and the caches the statistics leave cold.  On the development
+CPU, backward without its nested statistics took 49-52 ms on ResNet-20 factor steps against
+41 ms on plain ones.  Calibration fits it from runs with both kinds of step; absent, it is 0.
+
+``[layer_host_us]`` (optional; keys of :data:`HOST_STEPS`) is the time per K-FAC layer and
+step that the optimizer spends *between* stages, on the compute stream: ``load_grad`` forms
+each layer's gradient matrix right after backward, ``write_grad`` writes the preconditioned
+gradients back (with the KL-clipping scale) right before the update.  A trace charges it to
+no stage, yet it is in the step: on the development CPU 0.35-0.5 ms and 0.7-0.8 ms per
+ResNet-20 step (22 layers) at every batch size and for both K-FAC strategies.  On a GPU it
+is the time the device idles while the host does that work, which is near 0 when kernels are
+queued ahead.  Calibration fits it from single-process K-FAC runs; absent, it is 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from kfacperf import vocab as S
+from kfacperf.sim.models.toml_io import read_toml, write_toml
+
+STAGE_KINDS: tuple[str, ...] = (
+    S.FORWARD, S.BACKWARD, S.FACTOR_COMPUTE, S.INVERSE, S.PRECONDITION, S.UPDATE,
+)
+DTYPES: tuple[str, ...] = ("fp32", "tf32", "bf16")
+MODES: tuple[str, ...] = ("roofline", "additive")
+INVERSE_METHODS: tuple[str, ...] = ("eigen", "cholesky")
+FORMAT = "kfacperf-device-1"
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageEfficiency:
+    """How close one stage kind gets to the roofline, plus a fixed cost per call."""
+
+    efficiency: float
+    mem_efficiency: float
+    overhead_us: float
+    assumed: bool
+
+    def __post_init__(self) -> None:
+        for key in ("efficiency", "mem_efficiency"):
+            if not 0 < getattr(self, key) <= 1:
+                raise ValueError(f"{key} must be in (0, 1], got {getattr(self, key)}")
+        if self.overhead_us < 0:
+            raise ValueError(f"overhead_us must be >= 0, got {self.overhead_us}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MeasuredTime:
+    """Mean time of one call of ``stage`` on ``layer`` ("" for whole-model stages)."""
+
+    workload: str
+    stage: str
+    layer: str
+    batch: int
+    inverse_method: str
+    time_us: float
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGE_KINDS:
+            raise ValueError(f"measured stage {self.stage!r} is not one of {STAGE_KINDS}")
+        if self.batch < 1 or self.time_us < 0:
+            raise ValueError(f"measured {self.stage}/{self.layer}: bad batch or time")
+
+
+CAPTURE_STAGES: tuple[str, ...] = (S.FORWARD, S.BACKWARD)
+"""The stages a factor step's statistics capture makes slower (``capture_overhead``)."""
+
+HOST_STEPS: tuple[str, ...] = ("load_grad", "write_grad")
+"""The optimizer's per-layer host work between stages (``layer_host_us``)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceModel:
+    """Peak rates plus a fitted (or assumed) efficiency per stage kind."""
+
+    name: str
+    fp32_tflops: float
+    tf32_tflops: float
+    bf16_tflops: float
+    mem_bandwidth_GBps: float
+    stages: Mapping[str, StageEfficiency]
+    mode: str = "roofline"
+    measured: tuple[MeasuredTime, ...] = ()
+    source: str = ""
+    description: str = ""
+    capture_overhead: Mapping[str, float] = field(default_factory=dict)
+    layer_host_us: Mapping[str, float] = field(default_factory=dict)
+    _rates: dict[str, float] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"device {self.name!r}: mode {self.mode!r} not in {MODES}")
+        if self.fp32_tflops <= 0:
+            raise ValueError(f"device {self.name!r}: fp32_tflops must be > 0")
+        if self.mem_bandwidth_GBps <= 0:
+            raise ValueError(f"device {self.name!r}: mem_bandwidth_GBps must be > 0")
+        if self.tf32_tflops < 0 or self.bf16_tflops < 0:
+            raise ValueError(f"device {self.name!r}: peak rates must be >= 0")
+        missing = [k for k in STAGE_KINDS if k not in self.stages]
+        extra = [k for k in self.stages if k not in STAGE_KINDS]
+        if missing or extra:
+            raise ValueError(
+                f"device {self.name!r}: stages must be exactly {STAGE_KINDS} "
+                f"(missing {missing}, unknown {extra})"
+            )
+        object.__setattr__(self, "stages", {k: self.stages[k] for k in STAGE_KINDS})
+        object.__setattr__(self, "measured", tuple(self.measured))
+        object.__setattr__(self, "capture_overhead", self._nonnegative_table(
+            "capture_overhead", self.capture_overhead, CAPTURE_STAGES))
+        object.__setattr__(self, "layer_host_us", self._nonnegative_table(
+            "layer_host_us", self.layer_host_us, HOST_STEPS))
+        rates = {"fp32": self.fp32_tflops, "tf32": self.tf32_tflops, "bf16": self.bf16_tflops}
+        object.__setattr__(self, "_rates", rates)
+
+    def _nonnegative_table(self, name: str, table: Mapping[str, float],
+                           keys: tuple[str, ...]) -> dict[str, float]:
+        """``table`` checked (keys among ``keys``, finite values >= 0), in ``keys`` order."""
+        for key, value in table.items():
+            if key not in keys:
+                raise ValueError(f"device {self.name!r}: {name} has {key!r}; known: "
+                                 f"{', '.join(keys)}")
+            if not (isinstance(value, (int, float)) and 0 <= value < float("inf")):
+                raise ValueError(f"device {self.name!r}: {name}.{key} must be a finite "
+                                 f"number >= 0, got {value!r}")
+        return {k: float(table[k]) for k in keys if k in table}
+
+    def peak_flops_per_us(self, dtype: str = "fp32") -> float:
+        """Peak FLOP per microsecond for ``dtype`` (an error if the device lacks it)."""
+        try:
+            tflops = self._rates[dtype]
+        except KeyError:
+            raise ValueError(f"unknown compute dtype {dtype!r}; use one of {DTYPES}") from None
+        if tflops <= 0:
+            raise ValueError(f"device {self.name!r} has no {dtype} rate (its {dtype}_tflops is 0)")
+        return tflops * 1e6
+
+    @property
+    def mem_bytes_per_us(self) -> float:
+        return self.mem_bandwidth_GBps * 1e3
+
+    def capture_scale(self, kind: str) -> float:
+        """Factor by which a factor step's statistics capture slows stage ``kind``."""
+        return 1.0 + self.capture_overhead.get(kind, 0.0)
+
+    def host_us(self, step: str) -> float:
+        """Host time per K-FAC layer of ``step`` (one of :data:`HOST_STEPS`), 0 if unknown."""
+        if step not in HOST_STEPS:
+            raise ValueError(f"no host step {step!r}; known: {', '.join(HOST_STEPS)}")
+        return self.layer_host_us.get(step, 0.0)
+
+    def stage(self, kind: str) -> StageEfficiency:
+        try:
+            return self.stages[kind]
+        except KeyError:
+            raise ValueError(f"no compute stage kind {kind!r}; kinds: {STAGE_KINDS}") from None
+
+    def with_stages(self, **updates: StageEfficiency) -> "DeviceModel":
+        merged = dict(self.stages)
+        merged.update(updates)
+        return replace(self, stages=merged)
+
+
+# ---------------------------------------------------------------------------------------------
+def load_device_model(path: str | Path) -> DeviceModel:
+    """Read a device TOML strictly; every error names the file and the key."""
+    root = read_toml(path, fmt=FORMAT)
+    name = root.str("name")
+    description = root.str("description", nonempty=False)
+    source = root.str("source", nonempty=False)
+    mode = root.str("mode", choices=MODES)
+    peak = root.table("peak")
+    rates = dict(
+        fp32_tflops=peak.float("fp32_tflops", positive=True),
+        tf32_tflops=peak.float("tf32_tflops", nonnegative=True),
+        bf16_tflops=peak.float("bf16_tflops", nonnegative=True),
+        mem_bandwidth_GBps=peak.float("mem_bandwidth_GBps", positive=True),
+    )
+    peak.done()
+    st = root.table("stages")
+    stages: dict[str, StageEfficiency] = {}
+    for kind in STAGE_KINDS:
+        t = st.table(kind)
+        stages[kind] = StageEfficiency(
+            efficiency=t.float("efficiency", positive=True, maximum=1.0),
+            mem_efficiency=t.float("mem_efficiency", positive=True, maximum=1.0),
+            overhead_us=t.float("overhead_us", nonnegative=True),
+            assumed=t.bool("assumed"),
+        )
+        t.done()
+    st.done()
+    measured: list[MeasuredTime] = []
+    if root.has("measured"):
+        for t in root.tables("measured"):
+            measured.append(
+                MeasuredTime(
+                    workload=t.str("workload"),
+                    stage=t.str("stage", choices=STAGE_KINDS),
+                    layer=t.str("layer", nonempty=False),
+                    batch=t.int("batch", minimum=1),
+                    inverse_method=t.str("inverse_method", choices=INVERSE_METHODS),
+                    time_us=t.float("time_us", nonnegative=True),
+                )
+            )
+            t.done()
+    capture = _optional_nonnegative(root, "capture_overhead", CAPTURE_STAGES)
+    host = _optional_nonnegative(root, "layer_host_us", HOST_STEPS)
+    root.done()
+    return DeviceModel(
+        name=name, stages=stages, mode=mode, measured=tuple(measured), source=source,
+        description=description, capture_overhead=capture, layer_host_us=host, **rates,
+    )
+
+
+def _optional_nonnegative(root: Any, name: str, keys: tuple[str, ...]) -> dict[str, float]:
+    """An optional table of numbers >= 0 under ``keys`` (others are unknown keys)."""
+    if not root.has(name):
+        return {}
+    table = root.table(name)
+    out = {k: table.float(k, nonnegative=True) for k in keys if table.has(k)}
+    table.done()
+    return out
+
+
+def device_model_to_dict(model: DeviceModel) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "format": FORMAT,
+        "name": model.name,
+        "description": model.description,
+        "source": model.source,
+        "mode": model.mode,
+        "peak": {
+            "fp32_tflops": float(model.fp32_tflops),
+            "tf32_tflops": float(model.tf32_tflops),
+            "bf16_tflops": float(model.bf16_tflops),
+            "mem_bandwidth_GBps": float(model.mem_bandwidth_GBps),
+        },
+        "stages": {
+            k: {
+                "efficiency": float(s.efficiency),
+                "mem_efficiency": float(s.mem_efficiency),
+                "overhead_us": float(s.overhead_us),
+                "assumed": s.assumed,
+            }
+            for k, s in model.stages.items()
+        },
+    }
+    if model.capture_overhead:
+        data["capture_overhead"] = dict(model.capture_overhead)
+    if model.layer_host_us:
+        data["layer_host_us"] = dict(model.layer_host_us)
+    if model.measured:
+        data["measured"] = [
+            {
+                "workload": m.workload, "stage": m.stage, "layer": m.layer, "batch": m.batch,
+                "inverse_method": m.inverse_method, "time_us": float(m.time_us),
+            }
+            for m in model.measured
+        ]
+    return data
+
+
+def save_device_model(model: DeviceModel, path: str | Path) -> Path:
+    header = (
+        f"Device model {model.name!r} for the kfacperf simulator.",
+        "time(call) = overhead_us + per phase max (roofline) or sum (additive) of",
+        "FLOPs / (peak x efficiency) and bytes / (mem_bandwidth x mem_efficiency)",
+        "assumed = true marks a guessed efficiency, false one fitted from a trace.",
+    )
+    return write_toml(path, device_model_to_dict(model), header=header)

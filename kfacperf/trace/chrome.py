@@ -1,0 +1,129 @@
+"""Chrome / Perfetto JSON export of a trace.
+
+One complete event (``ph: "X"``) per row: ``pid`` = rank, ``tid`` = lane, ``ts``/``dur`` in
+µs, ``args`` = step, layer, bytes, flops.  Perfetto cannot draw partially overlapping events
+on one track, and asynchronous communications of a rank do overlap each other, so the comm
+lane is split into as many tracks as it needs ("comm", "comm 2", ...), each row going to the
+first track where it nests or is alone (the compute lane likewise, though its stages nest).  ``M`` metadata events name processes and threads; telemetry
+becomes counter (``ph: "C"``) events; ``distributedInfo`` carries the world size (and the
+rank, in a per-rank file), which Holistic Trace Analysis reads.
+
+This module never imports torch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from kfacperf.trace.store import Trace
+from kfacperf.vocab import COMM, COMPUTE
+
+COMPUTE_TID = 0  # first compute track; further ones (rarely needed) are 1, 2, ...
+COMM_TID = 1000  # first comm track; further ones are 1001, 1002, ...
+_TELEMETRY_COUNTERS = {
+    "sm_clock_mhz": "SM clock (MHz)", "mem_clock_mhz": "memory clock (MHz)",
+    "mem_used_mib": "memory used (MiB)", "power_w": "power (W)",
+    "gpu_util_pct": "GPU utilisation (%)", "temperature_c": "temperature (C)",
+}
+
+
+def _assign_tracks(starts: list[float], ends: list[float]) -> list[int]:
+    """Track index per interval such that intervals on one track nest or do not touch."""
+    order = sorted(range(len(starts)), key=lambda i: (starts[i], -ends[i]))
+    stacks: list[list[float]] = []  # per track, the ends of the open intervals
+    track = [0] * len(starts)
+    for i in order:
+        s, e = starts[i], ends[i]
+        for t, stack in enumerate(stacks):
+            while stack and stack[-1] <= s:
+                stack.pop()
+            if not stack or e <= stack[-1]:  # free, or nests inside the innermost open one
+                stack.append(e)
+                track[i] = t
+                break
+        else:
+            stacks.append([e])
+            track[i] = len(stacks) - 1
+    return track
+
+
+def chrome_trace(trace: Trace, *, rank: int | None = None) -> dict[str, Any]:
+    """The Chrome JSON object of ``trace`` (all ranks, or only ``rank``)."""
+    ev = trace.events
+    if rank is not None:
+        ev = ev[ev["rank"] == rank]
+    world = int(trace.run.get("world_size") or (int(ev["rank"].max()) + 1 if len(ev) else 1))
+    out: list[dict[str, Any]] = []
+    for r in sorted(int(x) for x in ev["rank"].unique()):
+        g = ev[ev["rank"] == r]
+        out.append({"ph": "M", "name": "process_name", "pid": r, "tid": 0,
+                    "args": {"name": f"rank {r}"}})
+        out.append({"ph": "M", "name": "process_sort_index", "pid": r, "tid": 0,
+                    "args": {"sort_index": r}})
+        tids: dict[Any, int] = {}
+        for lane, base in ((COMPUTE, COMPUTE_TID), (COMM, COMM_TID)):
+            rows = g[g["lane"] == lane]
+            tracks = _assign_tracks(rows["start_us"].tolist(),
+                                    (rows["start_us"] + rows["dur_us"]).tolist())
+            tids.update((idx, base + t) for idx, t in zip(rows.index, tracks))
+            for t in sorted(set(tracks)):
+                out.append({"ph": "M", "name": "thread_name", "pid": r, "tid": base + t,
+                            "args": {"name": lane if t == 0 else f"{lane} {t + 1}"}})
+        for row in g.itertuples():
+            stage, layer = str(row.stage), str(row.layer)
+            out.append({
+                "name": f"{stage} {layer}" if layer else stage,
+                "cat": str(row.lane),
+                "ph": "X",
+                "ts": float(row.start_us),
+                "dur": float(row.dur_us),
+                "pid": r,
+                "tid": tids[row.Index],
+                "args": {"step": int(row.step), "stage": stage, "layer": layer,
+                         "bytes": int(row.bytes), "flops": float(row.flops)},
+            })
+    tel = trace.telemetry
+    if tel is not None and len(tel):
+        if rank is not None:
+            tel = tel[tel["rank"] == rank]
+        for row in tel.itertuples():
+            for col, label in _TELEMETRY_COUNTERS.items():
+                v = getattr(row, col)
+                if not math.isnan(v):
+                    out.append({"ph": "C", "name": label, "pid": int(row.rank),
+                                "ts": float(row.t_us), "args": {"value": float(v)}})
+    info: dict[str, Any] = {"world_size": world}
+    if rank is not None:
+        info["rank"] = rank
+    backend = trace.run.get("backend")
+    if backend:
+        info["backend"] = backend
+    return {
+        "traceEvents": out,
+        "displayTimeUnit": "ms",
+        "distributedInfo": info,
+        "traceName": str(trace.path),
+        "otherData": {k: v for k, v in trace.run.items() if isinstance(v, (str, int, float, bool))},
+    }
+
+
+def export_chrome(
+    trace: Trace, out: "str | os.PathLike[str]", *, per_rank: bool = False
+) -> list[Path]:
+    """Write ``trace`` as Chrome JSON to ``out``; with ``per_rank``, ``out`` is a directory
+    receiving ``rank<R>.json`` per rank (the layout Holistic Trace Analysis loads)."""
+    target = Path(out)
+    if not per_rank:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(chrome_trace(trace)))
+        return [target]
+    target.mkdir(parents=True, exist_ok=True)
+    written = []
+    for r in sorted(int(x) for x in trace.events["rank"].unique()):
+        p = target / f"rank{r}.json"
+        p.write_text(json.dumps(chrome_trace(trace, rank=r)))
+        written.append(p)
+    return written

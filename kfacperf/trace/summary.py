@@ -1,0 +1,213 @@
+"""Summaries of a trace: per-stage statistics, step time, exposed communication, overlap,
+stragglers, and the K-FAC overhead over an SGD baseline.
+
+Definitions (all over the measured steps, i.e. after warm-up):
+
+* A stage's time in a step on a rank is the sum of its rows' durations there (all layers).
+  ``mean_us``/``median_us``/``p95_us`` are over the steps in which the stage ran
+  (``count`` of them); ``per_step_us`` spreads the total over every measured step (so an
+  inverse every 10 steps shows a tenth of its cost).
+* Step time of a rank is its ``step`` row (the whole step, measured, not summed); a step's
+  time is the slowest rank's.  Without ``step`` rows, the span of the rank's rows is used.
+* Exposed communication of a rank in a step: the length of the union of its comm-lane
+  intervals minus the part of it covered by the union of its compute-lane intervals (the
+  ``step`` row excluded) in the same step.  ``overlap_pct`` = covered / comm union * 100.
+* ``idle_us`` = step time minus the union of all compute and comm intervals.
+
+This module never imports torch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from kfacperf.trace.intervals import intersection_length, merge_intervals, total_length
+from kfacperf.trace.schema import TraceError
+from kfacperf.trace.store import Trace
+from kfacperf.vocab import COMM, COMPUTE, ORDER, STEP
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+@dataclass(frozen=True, kw_only=True)
+class TraceSummary:
+    """The numbers :func:`summarize` computes; ``table()`` renders them as text."""
+
+    run: dict[str, Any]
+    completed: bool
+    measured_steps: int
+    stages: "pd.DataFrame"  # stage, rank, count, mean_us, median_us, p95_us, per_step_us
+    per_step: "pd.DataFrame"  # rank, step, step_us, compute_us, comm_us, exposed_comm_us, ...
+    ranks: "pd.DataFrame"  # per rank: means of per_step columns
+    slowest: "pd.DataFrame"  # stage, slowest_rank, slowest_us, median_us, imbalance
+    step_us: float  # mean over steps of the slowest rank's step time
+    step_median_us: float
+    step_p95_us: float
+    exposed_comm_us: float  # mean over ranks and steps
+    comm_us: float
+    overlap_pct: float
+    baseline_step_us: float | None = None
+    kfac_overhead: float | None = None
+
+    def table(self) -> str:
+        """A plain-text table: one line per stage, then step-level figures."""
+        lines = [
+            f"{'stage':<16}{'per step ms':>12}{'mean ms':>10}{'median ms':>11}{'p95 ms':>10}"
+            f"{'count':>7}  slowest rank (x median)"
+        ]
+        agg = self.stages.groupby("stage", observed=True, sort=False).agg(
+            per_step_us=("per_step_us", "mean"), mean_us=("mean_us", "mean"),
+            median_us=("median_us", "mean"), p95_us=("p95_us", "max"), count=("count", "max"),
+        )
+        slow = self.slowest.set_index("stage")
+        for stage in sorted(agg.index, key=lambda s: ORDER.get(s, 99)):
+            r = agg.loc[stage]
+            s = slow.loc[stage] if stage in slow.index else None
+            slow_txt = "" if s is None else f"{int(s['slowest_rank'])} ({s['imbalance']:.2f}x)"
+            lines.append(
+                f"{stage:<16}{r.per_step_us / 1e3:>12.3f}{r.mean_us / 1e3:>10.3f}"
+                f"{r.median_us / 1e3:>11.3f}{r.p95_us / 1e3:>10.3f}{int(r['count']):>7}  {slow_txt}"
+            )
+        lines.append("")
+        lines.append(
+            f"step time: mean {self.step_us / 1e3:.3f} ms, median {self.step_median_us / 1e3:.3f}"
+            f" ms, p95 {self.step_p95_us / 1e3:.3f} ms over {self.measured_steps} measured steps"
+        )
+        lines.append(
+            f"communication: {self.comm_us / 1e3:.3f} ms/step, exposed {self.exposed_comm_us / 1e3:.3f}"
+            f" ms/step, overlap {_pct(self.overlap_pct)}"
+        )
+        if self.kfac_overhead is not None:
+            lines.append(
+                f"overhead over SGD: {self.kfac_overhead:.3f}x (baseline step "
+                f"{(self.baseline_step_us or 0) / 1e3:.3f} ms)"
+            )
+        if not self.completed:
+            lines.append("run INCOMPLETE: summary of the steps that were recorded")
+        return "\n".join(lines)
+
+
+def _pct(v: float) -> str:
+    return "n/a" if math.isnan(v) else f"{v:.1f}%"
+
+
+def _per_step_table(events: "pd.DataFrame") -> "pd.DataFrame":
+    import pandas as pd
+
+    rows = []
+    for (rank, step), g in events.groupby(["rank", "step"], observed=True, sort=True):
+        stage = g["stage"].astype(str).to_numpy()
+        lane = g["lane"].astype(str).to_numpy()
+        start = g["start_us"].to_numpy()
+        end = start + g["dur_us"].to_numpy()
+        is_step = stage == STEP
+        comp = merge_intervals(start[(lane == COMPUTE) & ~is_step], end[(lane == COMPUTE) & ~is_step])
+        comm = merge_intervals(start[lane == COMM], end[lane == COMM])
+        if is_step.any():
+            step_us = float(g["dur_us"].to_numpy()[is_step].max())
+        else:
+            step_us = float(end.max() - start.min())
+        comm_len = total_length(comm)
+        covered = intersection_length(comm, comp)
+        busy = merge_intervals(start[~is_step], end[~is_step])
+        rows.append({
+            "rank": int(rank), "step": int(step), "step_us": step_us,
+            "compute_us": total_length(comp), "comm_us": comm_len,
+            "exposed_comm_us": comm_len - covered,
+            "overlap_pct": 100.0 * covered / comm_len if comm_len > 0 else math.nan,
+            "idle_us": max(0.0, step_us - total_length(busy)),
+        })
+    cols = ["rank", "step", "step_us", "compute_us", "comm_us", "exposed_comm_us",
+            "overlap_pct", "idle_us"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def _stage_table(events: "pd.DataFrame", n_steps: int) -> "pd.DataFrame":
+    import pandas as pd
+
+    ev = events[events["stage"].astype(str) != STEP]
+    totals = (
+        ev.groupby(["stage", "rank", "step"], observed=True)["dur_us"].sum().reset_index()
+    )
+    g = totals.groupby(["stage", "rank"], observed=True)["dur_us"]
+    out = pd.DataFrame({
+        "count": g.size(),
+        "mean_us": g.mean(),
+        "median_us": g.median(),
+        "p95_us": g.quantile(0.95),
+        "per_step_us": g.sum() / max(n_steps, 1),
+    }).reset_index()
+    out["stage"] = out["stage"].astype(str)
+    out["order"] = out["stage"].map(ORDER)
+    return out.sort_values(["order", "rank"]).drop(columns="order").reset_index(drop=True)
+
+
+def _slowest(stages: "pd.DataFrame") -> "pd.DataFrame":
+    import pandas as pd
+
+    rows = []
+    for stage, g in stages.groupby("stage", sort=False):
+        i = g["per_step_us"].idxmax()
+        med = float(g["per_step_us"].median())
+        rows.append({
+            "stage": stage, "slowest_rank": int(g.loc[i, "rank"]),
+            "slowest_us": float(g.loc[i, "per_step_us"]), "median_us": med,
+            "imbalance": float(g.loc[i, "per_step_us"]) / med if med > 0 else math.nan,
+        })
+    return pd.DataFrame(rows, columns=["stage", "slowest_rank", "slowest_us", "median_us",
+                                       "imbalance"])
+
+
+def summarize(trace: Trace, baseline: Trace | None = None) -> TraceSummary:
+    """Summarize ``trace`` (its measured steps); with ``baseline`` (an SGD run of the same
+    workload, world size and batch) also the overhead ``step_us / baseline step_us``."""
+    import numpy as np
+
+    events = trace.measured()
+    if events.empty:
+        raise TraceError(
+            f"{trace.path}: no events after the {trace.warmup} warm-up step(s) to summarize"
+        )
+    steps = sorted(events["step"].unique())
+    per_step = _per_step_table(events)
+    stages = _stage_table(events, len(steps))
+    step_times = per_step.groupby("step")["step_us"].max().to_numpy()
+    comm_sum = per_step["comm_us"].sum()
+    covered = (per_step["comm_us"] - per_step["exposed_comm_us"]).sum()
+    baseline_us = overhead = None
+    step_us = float(step_times.mean())
+    if baseline is not None:
+        _check_comparable(trace, baseline)
+        baseline_us = summarize(baseline).step_us
+        overhead = step_us / baseline_us if baseline_us > 0 else math.nan
+    return TraceSummary(
+        run=trace.run,
+        completed=trace.completed,
+        measured_steps=len(steps),
+        stages=stages,
+        per_step=per_step,
+        ranks=per_step.drop(columns="step").groupby("rank").mean().reset_index(),
+        slowest=_slowest(stages),
+        step_us=step_us,
+        step_median_us=float(np.median(step_times)),
+        step_p95_us=float(np.quantile(step_times, 0.95)),
+        exposed_comm_us=float(per_step["exposed_comm_us"].mean()),
+        comm_us=float(per_step["comm_us"].mean()),
+        overlap_pct=100.0 * covered / comm_sum if comm_sum > 0 else math.nan,
+        baseline_step_us=baseline_us,
+        kfac_overhead=overhead,
+    )
+
+
+def _check_comparable(trace: Trace, baseline: Trace) -> None:
+    for key in ("workload", "world_size", "batch_per_rank"):
+        a, b = trace.run.get(key), baseline.run.get(key)
+        if a is not None and b is not None and a != b:
+            raise TraceError(
+                f"baseline {baseline.path} has {key}={b!r} but {trace.path} has {key}={a!r}; "
+                "the overhead over SGD compares runs of the same workload, world size and batch"
+            )
+    opt = baseline.run.get("optimizer")
+    if opt is not None and opt != "sgd":
+        raise TraceError(f"baseline {baseline.path} ran optimizer {opt!r}, expected 'sgd'")

@@ -1,0 +1,1 @@
+"""Test helpers: the multi-process harness, a recording timer, simulator fakes."""

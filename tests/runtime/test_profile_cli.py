@@ -1,0 +1,201 @@
+"""`kfacperf profile` and `kfacperf export` end to end.
+
+Two multi-process launches: a successful 2-rank KAISA run started under the user's own
+torchrun, and a 2-rank SP-NGD run started by `kfacperf profile` in which rank 1 dies.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from kfacperf.cli import main
+from kfacperf.trace.schema import RUN_KEYS
+from kfacperf.trace.store import load_trace
+from kfacperf.trace.summary import summarize
+
+SMALL = ["--workload", "mlp", "--workload-option", "in_features=24",
+         "--workload-option", "hidden=[16,12]", "--batch-size", "8"]
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.pop("KFACPERF_TEST_CRASH_AFTER", None)
+    return env
+
+
+def test_two_ranks_under_an_existing_torchrun(tmp_path):
+    out = tmp_path / "kaisa"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", "-m", "kfacperf.cli", "profile", *SMALL, "--optimizer", "kfac", "--strategy",
+           "kaisa", "--grad-worker-fraction", "0.5", "--steps", "3", "--warmup", "1",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "step time:" in proc.stdout and proc.stdout.count("step time:") == 1  # rank 0 only
+    assert "[kfacperf] step 4/4 (measured)" in proc.stdout
+
+    trace = load_trace(out)
+    assert not (out / "parts").exists()
+    run = trace.run
+    assert not [k for k in RUN_KEYS if k not in run]
+    assert (run["world_size"], run["strategy"], run["optimizer"]) == (2, "kaisa", "kfac")
+    assert (run["grad_worker_fraction"], run["batch_per_rank"]) == (0.5, 8)
+    assert (run["steps"], run["warmup"], run["threads_per_rank"]) == (3, 1, 1)
+    assert run["completed"] is True and "profile" in run["command"]
+    assert run["device"]["kind"] == "cpu" and run["device"]["gpu"] is None
+    assert run["workload_options"] == {"in_features": 24, "hidden": [16, 12]}
+    if platform.libc_ver()[0] == "glibc":  # freed memory kept in the process by default
+        assert run["heap"] == "kept"
+    assert run["page_faults_per_step"] >= 0
+
+    ev = trace.events
+    for rank in (0, 1):
+        steps = ev[(ev["rank"] == rank) & (ev["stage"] == "step")]["step"].tolist()
+        assert sorted(steps) == [0, 1, 2, 3]
+    stages = set(ev["stage"].astype(str))
+    # (f = 1/2 at P = 2: one gradient worker per layer, the one that inverts: no inverse_comm)
+    assert {"forward", "backward", "factor_compute", "factor_comm", "inverse",
+            "grad_comm", "precondition", "precond_comm", "update", "step"} <= stages
+    # the DDP hook's bytes, through timer and trace, add up to every gradient in fp32
+    from kfacperf.workloads import get_workload
+
+    model = get_workload("mlp", in_features=24, hidden=(16, 12)).build_model()
+    n_params = sum(p.numel() for p in model.parameters())
+    grad = ev[ev["stage"] == "grad_comm"].groupby(["rank", "step"])["bytes"].sum()
+    assert set(grad.tolist()) == {4 * n_params}
+    # every stage of a step lies within that step's own row on its rank
+    spans = ev[ev["stage"] == "step"].set_index(["rank", "step"])
+    for r in ev[ev["stage"] != "step"].itertuples():
+        s = spans.loc[(r.rank, r.step)]
+        assert s.start_us - 1 <= r.start_us and r.start_us + r.dur_us <= s.start_us + s.dur_us + 1
+    s = summarize(trace)
+    assert s.measured_steps == 3 and s.comm_us > 0
+
+
+def test_a_rank_that_aborts_while_exiting_after_a_complete_run_is_a_warning(tmp_path):
+    """gloo can abort a rank while Python finalizes, after the trace is complete: the run
+    is complete (exit 0) and the user is warned; every step of every rank is there."""
+    out = tmp_path / "exit"
+    env = _env()
+    env["KFACPERF_TEST_CRASH_AFTER"] = "1:exit"
+    cmd = [sys.executable, "-m", "kfacperf.cli", "profile", *SMALL, "--optimizer", "sgd",
+           "--nproc", "2", "--steps", "2", "--warmup", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "kfacperf profile: warning: torchrun exited with status" in proc.stderr
+    assert "the trace is complete" in proc.stderr and "step time:" in proc.stdout
+    trace = load_trace(out)
+    assert trace.completed
+    ev = trace.events
+    assert ev[ev["stage"] == "step"].groupby("rank")["step"].nunique().to_dict() == {0: 3, 1: 3}
+
+
+def test_a_rank_that_dies_leaves_its_finished_steps_and_a_clear_error(tmp_path):
+    out = tmp_path / "crash"
+    env = _env()
+    env["KFACPERF_TEST_CRASH_AFTER"] = "1:2"  # rank 1 exits abruptly after step 2
+    cmd = [sys.executable, "-m", "kfacperf.cli", "profile", *SMALL, "--optimizer", "kfac",
+           "--strategy", "spngd", "--nproc", "2", "--steps", "5", "--warmup", "1",
+           "--timeout", "20", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    err = proc.stderr
+    assert "kfacperf profile: error: the run failed (torchrun exited with status" in err
+    assert "rank 1: 3/6 steps recorded, last finished step 2, no error report" in err
+    assert "marked incomplete (completed=false)" in err
+    trace = load_trace(out)
+    assert trace.completed is False and trace.run["completed"] is False
+    ev = trace.events
+    steps = {r: sorted(ev[(ev["rank"] == r) & (ev["stage"] == "step")]["step"]) for r in (0, 1)}
+    assert steps[1] == [0, 1, 2]
+    assert steps[0][:2] == [0, 1] and max(steps[0]) <= 3
+    finished = ev[(ev["rank"] == 1) & (ev["step"] == 2)]
+    assert {"forward", "backward", "factor_comm", "update"} <= set(finished["stage"].astype(str))
+    assert summarize(trace).measured_steps >= 2  # an incomplete trace still summarizes
+
+
+def test_bad_input_is_a_clear_error_before_any_process_starts(tmp_path, capsys):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep me")
+    cases = [
+        (["--workload", "mlp", "--out", str(tmp_path / "full")], "already exists and is not empty"),
+        (["--workload", "nope", "--out", str(tmp_path / "a")], "unknown workload 'nope'"),
+        (["--workload", "mlp", "--workload-option", "depth=3", "--out", str(tmp_path / "b")],
+         "no option(s) depth"),
+        (["--workload", "mlp", "--optimizer", "sgd", "--strategy", "spngd"],
+         "--optimizer sgd runs the DDP baseline"),
+        (["--workload", "mlp", "--factor-interval", "2", "--inverse-interval", "3"],
+         "must be a multiple of --factor-interval 2"),
+        (["--workload", "mlp", "--nnodes", "2"], "needs --rdzv-endpoint"),
+    ]
+    import torch
+
+    if not torch.cuda.is_available():
+        cases.append((["--workload", "mlp", "--device", "cuda", "--out", str(tmp_path / "c")],
+                      "--device cuda: no CUDA device is available"))
+    for argv, message in cases:
+        assert main(["profile", *argv]) == 2
+        err = capsys.readouterr().err
+        assert "kfacperf profile: error:" in err and message in err, (argv, err)
+    assert (tmp_path / "full" / "x").read_text() == "keep me"
+
+
+def test_export_command(tmp_path, capsys):
+    from kfacperf.trace.store import write_trace
+
+    events = {"rank": [0, 1], "step": [0, 0], "stage": ["forward", "grad_comm"],
+              "layer": ["", ""], "lane": ["compute", "comm"], "start_us": [0.0, 5.0],
+              "dur_us": [10.0, 3.0], "bytes": [0, 64], "flops": [0.0, 0.0]}
+    write_trace(tmp_path / "t", run={"world_size": 2, "completed": True}, events=events)
+    assert main(["export", "--chrome", str(tmp_path / "t"), "--out", str(tmp_path / "t.json")]) == 0
+    doc = json.loads((tmp_path / "t.json").read_text())
+    x = [e for e in doc["traceEvents"] if e["ph"] == "X"]
+    assert [(e["pid"], e["name"], e["args"]["bytes"]) for e in x] == [(0, "forward", 0), (1, "grad_comm", 64)]
+    assert main(["export", "--chrome", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_one_process_runs_in_process_sgd_baseline_and_isolate(tmp_path, capsys):
+    sgd, kfac = tmp_path / "sgd", tmp_path / "kfac"
+    common = [*SMALL, "--nproc", "1", "--steps", "3", "--warmup", "1"]
+    assert main(["profile", *common, "--optimizer", "sgd", "--default-heap", "--out",
+                 str(sgd)]) == 0
+    assert main(["profile", *common, "--optimizer", "kfac", "--strategy", "local", "--isolate",
+                 "--out", str(kfac), "--baseline", str(sgd)]) == 0
+    out = capsys.readouterr().out
+    assert "overhead over SGD:" in out
+    a, b = load_trace(sgd), load_trace(kfac)
+    assert (a.run["strategy"], a.run["world_size"], a.completed) == ("sgd", 1, True)
+    assert a.run["heap"] == "default"
+    assert set(a.events["stage"].astype(str)) == {"step", "forward", "backward", "update"}
+    assert b.run["isolate"] is True and "inverse" in set(b.events["stage"].astype(str))
+    s = summarize(b, baseline=a)
+    assert s.kfac_overhead == pytest.approx(s.step_us / summarize(a).step_us)
+    assert f"{s.kfac_overhead:.3f}x" in out
+    assert "RANK" not in os.environ  # the in-process rank's environment was restored
+
+
+def test_torchrun_command_for_one_and_several_nodes():
+    from kfacperf.runtime.config import ProfileConfig
+    from kfacperf.runtime.runner import launch_command, under_torchrun
+
+    one = ProfileConfig(workload="mlp", out="t", nproc=4)
+    cmd = launch_command(one)
+    assert cmd[1:3] == ["-m", "torch.distributed.run"]
+    assert cmd[cmd.index("--nproc-per-node") + 1] == "4" and "--standalone" in cmd
+    assert cmd[-3:-1] == ["-m", "kfacperf.runtime.worker"]
+    assert ProfileConfig.from_json(cmd[-1]) == one  # the ranks get exactly this config
+    multi = ProfileConfig(workload="mlp", out="t", nproc=8, nnodes="2", node_rank=1,
+                          rdzv_endpoint="head:29500")
+    cmd = launch_command(multi)
+    assert "--standalone" not in cmd
+    for flag, value in (("--nnodes", "2"), ("--node-rank", "1"), ("--rdzv-endpoint", "head:29500"),
+                        ("--rdzv-backend", "c10d"), ("--max-restarts", "0")):
+        assert cmd[cmd.index(flag) + 1] == value
+    env = {k: "0" for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    assert under_torchrun(env) and not under_torchrun({"RANK": "0"})
