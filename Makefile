@@ -22,6 +22,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	bash scripts/ensure-chromium.sh
+	$(BIN)/ruff check kfacperf tests
 	$(BIN)/python -m pytest $(ARGS)
 
 bench: $(STAMP)

@@ -50,8 +50,9 @@ import queue as queue_mod
 import statistics
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from kfacperf.bench.results import (
     ALL,
@@ -264,7 +265,8 @@ def _launch(world: int, cfg: dict[str, Any], progress: Callable[[str], None]
             except queue_mod.Empty:
                 dead = [p for p in procs if p.exitcode not in (None, 0)]
                 if dead:
-                    raise RuntimeError(f"commbench rank exited with code {dead[0].exitcode}")
+                    raise RuntimeError(
+                        f"commbench rank exited with code {dead[0].exitcode}") from None
                 continue
             if msg[0] == "progress":
                 _, w, rep, reps = msg

@@ -52,7 +52,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from kfacperf import vocab as S
 from kfacperf.bench.results import ALL, COMM_AFTER_COMPUTE, STRAGGLER

@@ -64,12 +64,11 @@ def parse_size(text: str) -> int:
     t = text.strip()
     units = {"KiB": KIB, "MiB": MIB, "GiB": 1024 * MIB, "KB": 1000, "MB": 10**6, "GB": 10**9,
              "B": 1}
-    for suffix, mult in units.items():
+    number, mult = t, 1
+    for suffix, unit in units.items():
         if t.endswith(suffix):
-            number = t[: -len(suffix)]
+            number, mult = t[: -len(suffix)], unit
             break
-    else:
-        number, mult = t, 1
     try:
         value = float(number)
     except ValueError:

@@ -20,8 +20,8 @@ API::
 from __future__ import annotations
 
 import statistics
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Sequence
 
 from kfacperf.bench.results import CommbenchResult, Point, fmt_size
 from kfacperf.calibrate.alpha_beta import (

@@ -26,8 +26,9 @@ and the host work between stages (:mod:`kfacperf.calibrate.host_gaps`).
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -104,7 +105,7 @@ def base_device_for(run: Mapping[str, Any]) -> DeviceModel:
                        source=f"nominal peaks of {threads} CPU thread(s)", **peaks)
 
 
-def exclusive_compute_times(events: "pd.DataFrame") -> "pd.DataFrame":
+def exclusive_compute_times(events: pd.DataFrame) -> pd.DataFrame:
     """Per (rank, step, stage, layer): summed exclusive time of the compute stages.
 
     A compute event that lies inside another one on the same rank (the factor statistics

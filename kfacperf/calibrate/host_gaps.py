@@ -14,7 +14,8 @@ single-process traces are used: there no peer's collective can fill either gap.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from kfacperf import vocab as S
 from kfacperf.calibrate.fitting import sig
@@ -24,7 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
 
-def step_host_gaps(events: "pd.DataFrame") -> "pd.DataFrame":
+def step_host_gaps(events: pd.DataFrame) -> pd.DataFrame:
     """Per ``(rank, step)`` of a K-FAC trace: ``load_grad`` and ``write_grad`` in microseconds.
 
     ``load_grad``: from the end of ``backward`` to the start of the first event (any lane)
@@ -56,7 +57,7 @@ def step_host_gaps(events: "pd.DataFrame") -> "pd.DataFrame":
 
 
 def fit_layer_host_us(
-    traces: Sequence[tuple[str, "pd.DataFrame", int]],
+    traces: Sequence[tuple[str, pd.DataFrame, int]],
 ) -> tuple[dict[str, float], list[str]]:
     """Host time per K-FAC layer of each of :data:`HOST_STEPS`, and notes.
 
@@ -84,7 +85,7 @@ def fit_layer_host_us(
     return out, notes
 
 
-def kfac_trace_gaps_input(trace: Any, workload: Any) -> tuple[str, "pd.DataFrame", int] | None:
+def kfac_trace_gaps_input(trace: Any, workload: Any) -> tuple[str, pd.DataFrame, int] | None:
     """``(label, events, layers)`` for :func:`fit_layer_host_us`, or None for a non-K-FAC
     or multi-process trace."""
     run = trace.run

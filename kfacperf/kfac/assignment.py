@@ -32,8 +32,8 @@ broadcasts), anything in between HYBRID-OPT.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 
 @dataclass(frozen=True, kw_only=True)

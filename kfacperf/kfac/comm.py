@@ -27,8 +27,9 @@ the logical (unpadded) payload.  On NCCL the list form takes uneven blocks direc
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist

@@ -152,7 +152,7 @@ def _displacement_grams(flat: Tensor, margin: int, padded_hw: tuple[int, int],
 
     Rows of positions that the windows read but whose products are all zero are zeros.
     """
-    (hp, wp), (row_lo, row_hi) = padded_hw, image_rows
+    (_, wp), (row_lo, row_hi) = padded_hw, image_rows
     (kh, _), (dh, dw), (sh, _) = conv.kernel_size, conv.dilation, conv.stride
     c, n = flat.shape[1], flat.shape[2]
     base = di * dh * wp + dj_min * dw  # flat offset of the first partner

@@ -9,7 +9,7 @@ by :func:`timed_allreduce_hook`, which records each bucket's all-reduce on the t
 # No ``from __future__ import annotations`` here: DDP checks the comm hook's annotations
 # against the real classes, not strings.
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -26,7 +26,7 @@ class HookState:
     """What the comm hook needs: the timer and the group gradients are averaged over."""
 
     timer: Timer
-    group: Optional[Any] = None
+    group: Any | None = None
 
 
 def timed_allreduce_hook(
@@ -60,7 +60,7 @@ def wrap_ddp(
     timer: Timer = NULL_TIMER,
     bucket_cap_mb: float = 25.0,
     sync_buffers: bool = False,
-    device: Optional[torch.device] = None,
+    device: torch.device | None = None,
     group: Any = None,
 ) -> DistributedDataParallel:
     """Wrap ``model`` in DDP with the timing hook.

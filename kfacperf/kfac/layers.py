@@ -33,8 +33,6 @@ Factors are computed in the activations' dtype (float32 for half-precision activ
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor, nn
 
@@ -79,19 +77,19 @@ class KFACLayer:
         weight: Tensor = module.weight  # type: ignore[assignment]
         self.dim_g = int(weight.shape[0])
         self.dim_a = int(weight[0].numel()) + int(self.has_bias)
-        self.a_batch: Optional[Tensor] = None
-        self.g_batch: Optional[Tensor] = None
-        self.a_factor: Optional[Tensor] = None
-        self.g_factor: Optional[Tensor] = None
-        self.qa: Optional[Tensor] = None
-        self.qg: Optional[Tensor] = None
-        self.da: Optional[Tensor] = None
-        self.dg: Optional[Tensor] = None
-        self.a_inv: Optional[Tensor] = None
-        self.g_inv: Optional[Tensor] = None
-        self.grad: Optional[Tensor] = None
-        self.precond_grad: Optional[Tensor] = None
-        self.kl_term: Optional[Tensor] = None
+        self.a_batch: Tensor | None = None
+        self.g_batch: Tensor | None = None
+        self.a_factor: Tensor | None = None
+        self.g_factor: Tensor | None = None
+        self.qa: Tensor | None = None
+        self.qg: Tensor | None = None
+        self.da: Tensor | None = None
+        self.dg: Tensor | None = None
+        self.a_inv: Tensor | None = None
+        self.g_inv: Tensor | None = None
+        self.grad: Tensor | None = None
+        self.precond_grad: Tensor | None = None
+        self.kl_term: Tensor | None = None
         self.rows = 0  # rows R of the last batch statistics
 
     def __repr__(self) -> str:
@@ -146,7 +144,7 @@ class KFACLayer:
         else:
             self.grad = g.clone()
 
-    def write_grad(self, matrix: Tensor, scale: Optional[Tensor] = None) -> None:
+    def write_grad(self, matrix: Tensor, scale: Tensor | None = None) -> None:
         """Write ``scale * matrix`` into the module's ``.grad`` (weight and bias)."""
         w = self.module.weight
         m = matrix if scale is None else matrix * scale
@@ -200,7 +198,7 @@ class KFACLayer:
         return all(getattr(self, n) is not None for n in self.inverse_names())
 
     def inverse_buffers(
-        self, *, dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None
+        self, *, dtype: torch.dtype | None = None, device: torch.device | None = None
     ) -> list[Tensor]:
         """The inverse-state tensors, allocated (uninitialised) where missing.
 

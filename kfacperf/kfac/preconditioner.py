@@ -36,7 +36,7 @@ from kfacperf.profiler.timer import NULL_TIMER, Timer
 
 logger = logging.getLogger(__name__)
 
-Schedule = Union[float, Callable[[int], float]]
+Schedule = Union[float, Callable[[int], float]]  # noqa: UP007 (a runtime alias: no | on 3.10)
 """A hyperparameter: a number, or a function of the step index."""
 
 

@@ -5,9 +5,10 @@ This module never imports torch.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -130,7 +131,7 @@ class DemoConfig:
         return ("sgd", *self.strategies)
 
     @property
-    def paths(self) -> "DemoPaths":
+    def paths(self) -> DemoPaths:
         return DemoPaths(root=Path(self.out))
 
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -124,7 +125,7 @@ def run_headlines(measured: Mapping[tuple[str, int], tuple[str, str, float]]
     return tuple(out)
 
 
-def held_out_headlines(runs: "pd.DataFrame", strategies: Mapping[str, str],
+def held_out_headlines(runs: pd.DataFrame, strategies: Mapping[str, str],
                        nprocs: Mapping[str, int]) -> tuple[HeldOutHeadline, ...]:
     """From :class:`kfacperf.validation.ValidationResult` ``.runs``; ``strategies`` and
     ``nprocs`` map a run's name to the demo's strategy and process count."""
@@ -137,7 +138,7 @@ def held_out_headlines(runs: "pd.DataFrame", strategies: Mapping[str, str],
     ) for _, r in runs.iterrows())
 
 
-def scale_headlines(predictions: Sequence[tuple[str, Mapping[str, Any], "pd.DataFrame"]]
+def scale_headlines(predictions: Sequence[tuple[str, Mapping[str, Any], pd.DataFrame]]
                     ) -> tuple[ScaleHeadline, ...]:
     """``predictions``: (path, meta, summary) per cluster preset; one headline per strategy
     at the largest GPU count."""

@@ -33,7 +33,9 @@ import collections
 import queue
 import threading
 import time
-from typing import Any, Callable, ContextManager, Mapping, Protocol, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
 
 from kfacperf import vocab as S
 from kfacperf.profiler import cuda_events
@@ -95,7 +97,7 @@ class _Span:
 
     __slots__ = ("_t", "_k", "_nbytes", "_flops", "_t0")
 
-    def __init__(self, timer: "StageTimer", key: _Key, nbytes: int, flops: float) -> None:
+    def __init__(self, timer: StageTimer, key: _Key, nbytes: int, flops: float) -> None:
         self._t, self._k, self._nbytes, self._flops = timer, key, nbytes, flops
 
     def __enter__(self) -> None:
@@ -199,7 +201,7 @@ class StageTimer:
 
     def stage(
         self, stage: str, layer: str = "", *, nbytes: int = 0, flops: float = 0.0
-    ) -> ContextManager[None]:
+    ) -> AbstractContextManager[None]:
         key = self._keys.get((stage, layer))
         if key is None:
             key = self._key(stage, layer)
@@ -326,7 +328,7 @@ class StageTimer:
                 still.append((is_done, wait))
         self._inflight = still
 
-    def _watcher(self) -> "_CompletionWatcher":
+    def _watcher(self) -> _CompletionWatcher:
         if self._completion_watcher is None:
             self._completion_watcher = _CompletionWatcher()
         return self._completion_watcher

@@ -12,7 +12,8 @@ import platform
 import socket
 import threading
 import time
-from typing import Any, Mapping, Protocol, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 from kfacperf.trace.schema import TELEMETRY_COLUMNS
 

@@ -8,7 +8,8 @@ next to nothing.  The real timer (NVTX ranges + CUDA events or ``perf_counter_ns
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ContextManager, Protocol
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
 
 
 class Timer(Protocol):
@@ -16,7 +17,7 @@ class Timer(Protocol):
 
     def stage(
         self, stage: str, layer: str = "", *, nbytes: int = 0, flops: float = 0.0
-    ) -> ContextManager[None]:
+    ) -> AbstractContextManager[None]:
         """Time a synchronous stage (its lane comes from :mod:`kfacperf.vocab`)."""
 
     def issue_mark(self) -> Any:
@@ -51,7 +52,7 @@ class NullTimer:
 
     def stage(
         self, stage: str, layer: str = "", *, nbytes: int = 0, flops: float = 0.0
-    ) -> ContextManager[None]:
+    ) -> AbstractContextManager[None]:
         return _NULL_CONTEXT
 
     def issue_mark(self) -> Any:

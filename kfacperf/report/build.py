@@ -1,8 +1,8 @@
 """``build_report``: traces and predictions in, one self-contained HTML page out."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import pandas as pd
 

@@ -8,7 +8,7 @@ HTML: escaped, ``<script>`` shows as the characters it is.
 from __future__ import annotations
 
 import html
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pandas as pd

@@ -10,9 +10,10 @@ naming the file, not later inside a figure.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -32,7 +33,7 @@ class RunData:
     run: dict[str, Any]
     events: pd.DataFrame
     telemetry: pd.DataFrame | None
-    summary: "TraceSummary"
+    summary: TraceSummary
 
     @property
     def strategy(self) -> str:

@@ -26,7 +26,7 @@ def ordered_stages(names: list[str] | pd.Index) -> list[str]:
     return known + sorted(present - set(stages.STAGE_NAMES))
 
 
-def rank_stage_breakdown(summary: "TraceSummary") -> pd.DataFrame:
+def rank_stage_breakdown(summary: TraceSummary) -> pd.DataFrame:
     """Per-step time (µs) of every stage (columns, step order) on every rank (index)."""
     st = summary.stages.assign(stage=summary.stages["stage"].astype(str))
     st = st[st["stage"] != stages.STEP]
@@ -37,13 +37,13 @@ def rank_stage_breakdown(summary: "TraceSummary") -> pd.DataFrame:
     return table.sort_index()
 
 
-def rank_table(summary: "TraceSummary") -> pd.DataFrame:
+def rank_table(summary: TraceSummary) -> pd.DataFrame:
     """Per rank (index): mean step, compute, comm, exposed comm (µs) and overlap (%)."""
     cols = ["step_us", "compute_us", "comm_us", "exposed_comm_us", "overlap_pct", "idle_us"]
     return summary.ranks.set_index("rank")[cols].sort_index()
 
 
-def critical_rank(summary: "TraceSummary") -> int:
+def critical_rank(summary: TraceSummary) -> int:
     """The rank with the most compute per step (the lowest such rank on ties).
 
     Every rank's step ends at the same collective, so step rows hardly tell ranks apart; a
@@ -55,7 +55,7 @@ def critical_rank(summary: "TraceSummary") -> int:
     return int(per_rank.idxmax())
 
 
-def stage_totals(summary: "TraceSummary", rank: int) -> pd.Series:
+def stage_totals(summary: TraceSummary, rank: int) -> pd.Series:
     """Per-step time (µs) of each stage on ``rank`` (``step`` excluded), indexed by stage."""
     breakdown = rank_stage_breakdown(summary)
     if rank not in breakdown.index:

@@ -13,8 +13,9 @@ from __future__ import annotations
 import html
 import math
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go

@@ -5,7 +5,8 @@ A section without data keeps its heading and says in one line why it is empty.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd

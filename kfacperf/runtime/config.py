@@ -112,7 +112,7 @@ class ProfileConfig(OptimizerSettings):
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "ProfileConfig":
+    def from_json(cls, text: str) -> ProfileConfig:
         data = json.loads(text)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)

@@ -43,7 +43,7 @@ class ProfileOutcome:
     message: str = ""
 
 
-def under_torchrun(env: "os._Environ[str] | dict[str, str] | None" = None) -> bool:
+def under_torchrun(env: os._Environ[str] | dict[str, str] | None = None) -> bool:
     env = os.environ if env is None else env
     return all(k in env for k in TORCHRUN_ENV)
 

@@ -19,8 +19,8 @@ whose requests arrive in program order — without paying for a request/release 
 """
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Generator
 
 import numpy as np
 import simpy

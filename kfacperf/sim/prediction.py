@@ -55,10 +55,10 @@ class Prediction:
     """A simulator output in memory (see the module docstring for the tables)."""
 
     meta: dict[str, Any]
-    summary: "pd.DataFrame"
-    stage_times: "pd.DataFrame"
-    events: "pd.DataFrame"
-    classes: "pd.DataFrame | None" = field(default=None)
+    summary: pd.DataFrame
+    stage_times: pd.DataFrame
+    events: pd.DataFrame
+    classes: pd.DataFrame | None = field(default=None)
 
     def table(self) -> str:
         """The summary as a fixed-width text table (what ``kfacperf simulate`` prints)."""
@@ -77,7 +77,7 @@ def _fmt_mib(b: float) -> str:
     return "-" if b != b else f"{b / 2**20:.1f}"
 
 
-def format_summary(summary: "pd.DataFrame") -> str:
+def format_summary(summary: pd.DataFrame) -> str:
     """Fixed-width text of a prediction summary: times in ms, memory in MiB."""
     head = ("strategy", "gpus", "step ms", "compute ms", "comm ms", "exposed ms", "vs sgd",
             "scaling", "factors MiB", "inverses MiB")
@@ -99,7 +99,7 @@ def format_summary(summary: "pd.DataFrame") -> str:
     return "\n".join(lines)
 
 
-def _require(df: "pd.DataFrame", columns: tuple[str, ...], path: Path) -> None:
+def _require(df: pd.DataFrame, columns: tuple[str, ...], path: Path) -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; "

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import datetime
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 

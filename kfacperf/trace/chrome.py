@@ -111,7 +111,7 @@ def chrome_trace(trace: Trace, *, rank: int | None = None) -> dict[str, Any]:
 
 
 def export_chrome(
-    trace: Trace, out: "str | os.PathLike[str]", *, per_rank: bool = False
+    trace: Trace, out: str | os.PathLike[str], *, per_rank: bool = False
 ) -> list[Path]:
     """Write ``trace`` as Chrome JSON to ``out``; with ``per_rank``, ``out`` is a directory
     receiving ``rank<R>.json`` per rank (the layout Holistic Trace Analysis loads)."""

@@ -1,13 +1,14 @@
 """Unions and intersections of [start, end) intervals (busy time, overlap, exposed time)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
 
-def merge_intervals(starts: Iterable[float], ends: Iterable[float]) -> "np.ndarray":
+def merge_intervals(starts: Iterable[float], ends: Iterable[float]) -> np.ndarray:
     """The union of [start, end) intervals as sorted disjoint pairs."""
     import numpy as np
 
@@ -30,11 +31,11 @@ def merge_intervals(starts: Iterable[float], ends: Iterable[float]) -> "np.ndarr
     return np.asarray(out, dtype=float)
 
 
-def total_length(intervals: "np.ndarray") -> float:
+def total_length(intervals: np.ndarray) -> float:
     return float((intervals[:, 1] - intervals[:, 0]).sum()) if len(intervals) else 0.0
 
 
-def intersection_length(a: "np.ndarray", b: "np.ndarray") -> float:
+def intersection_length(a: np.ndarray, b: np.ndarray) -> float:
     """Length of the intersection of two unions given as sorted disjoint pairs."""
     i = j = 0
     total = 0.0

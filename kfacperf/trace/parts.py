@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from kfacperf.trace.schema import (
     EVENT_COLUMNS,
@@ -47,7 +48,7 @@ def telemetry_part_path(parts: Path, rank: int) -> Path:
     return parts / f"telemetry-rank{rank:05d}.arrows"
 
 
-def _schema(types: Mapping[str, str]) -> "pa.Schema":
+def _schema(types: Mapping[str, str]) -> pa.Schema:
     import pyarrow as pa
 
     return pa.schema([(name, pa.type_for_alias(t)) for name, t in types.items()])
@@ -99,14 +100,14 @@ class StreamAppender:
                 self._writer = None
 
 
-def event_appender(run_dir: "str | os.PathLike[str]", rank: int) -> StreamAppender:
+def event_appender(run_dir: str | os.PathLike[str], rank: int) -> StreamAppender:
     """The appender of rank ``rank``'s event rows under ``run_dir/parts``."""
     return StreamAppender(
         path=event_part_path(Path(run_dir) / PARTS_DIR, rank), types=_EVENT_ARROW_TYPES
     )
 
 
-def telemetry_appender(run_dir: "str | os.PathLike[str]", rank: int) -> StreamAppender:
+def telemetry_appender(run_dir: str | os.PathLike[str], rank: int) -> StreamAppender:
     """The appender of rank ``rank``'s telemetry samples under ``run_dir/parts``."""
     return StreamAppender(
         path=telemetry_part_path(Path(run_dir) / PARTS_DIR, rank),
@@ -114,7 +115,7 @@ def telemetry_appender(run_dir: "str | os.PathLike[str]", rank: int) -> StreamAp
     )
 
 
-def read_stream(path: Path) -> "tuple[pa.Table | None, bool]":
+def read_stream(path: Path) -> tuple[pa.Table | None, bool]:
     """All complete batches of an IPC stream file, and whether the file ended cleanly.
 
     A file cut short by a crash yields the batches before the cut and ``False``.
@@ -143,7 +144,7 @@ def read_stream(path: Path) -> "tuple[pa.Table | None, bool]":
     return pa.Table.from_batches(batches, schema=schema), clean
 
 
-def read_event_parts(parts: Path) -> "pd.DataFrame":
+def read_event_parts(parts: Path) -> pd.DataFrame:
     """The event table from every ``events-rank*.arrows`` under ``parts``."""
     import pandas as pd
 
@@ -165,7 +166,7 @@ def read_event_parts(parts: Path) -> "pd.DataFrame":
         raise TraceError(f"{parts}: {exc}") from None
 
 
-def read_telemetry_parts(parts: Path) -> "pd.DataFrame | None":
+def read_telemetry_parts(parts: Path) -> pd.DataFrame | None:
     """The telemetry table from every ``telemetry-rank*.arrows``, or None if there is none."""
     import pandas as pd
 
@@ -180,7 +181,7 @@ def read_telemetry_parts(parts: Path) -> "pd.DataFrame | None":
     return telemetry_frame({c: df[c] for c in TELEMETRY_COLUMNS if c in df})
 
 
-def compact(run_dir: "str | os.PathLike[str]", *, remove_parts: bool = True) -> Path:
+def compact(run_dir: str | os.PathLike[str], *, remove_parts: bool = True) -> Path:
     """Turn ``run_dir/parts`` into ``events.parquet`` (+ ``telemetry.parquet``).
 
     Does not touch ``run.json``; the caller marks the run completed once this returns.

@@ -7,7 +7,8 @@ dur_us, bytes, flops``.  :func:`events_frame` coerces a writer's columns to it a
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from kfacperf.vocab import COMM, COMPUTE, LANES, STAGE_NAMES, lane_of
 
@@ -63,7 +64,7 @@ class TraceError(ValueError):
 # --------------------------------------------------------------------------- frames
 
 
-def events_frame(data: "Mapping[str, Any] | pd.DataFrame") -> "pd.DataFrame":
+def events_frame(data: Mapping[str, Any] | pd.DataFrame) -> pd.DataFrame:
     """Coerce columns (a dict of lists/arrays or a DataFrame) to the event schema.
 
     For writers: values are converted to the schema's dtypes (strings to categories with the
@@ -105,7 +106,7 @@ def _as_category(values: Any, vocabulary: list[str], col: str) -> Any:
     return pd.Categorical(s, categories=vocabulary)
 
 
-def check_events(df: "pd.DataFrame", source: str) -> None:
+def check_events(df: pd.DataFrame, source: str) -> None:
     """Raise :class:`TraceError` naming ``source`` unless ``df`` follows the event schema.
 
     Checks: every column present with its exact dtype; stages from the vocabulary; each
@@ -158,7 +159,7 @@ def _all_finite(values: Any) -> bool:
     return bool(np.isfinite(values).all())
 
 
-def normalize_events(df: "pd.DataFrame") -> "pd.DataFrame":
+def normalize_events(df: pd.DataFrame) -> pd.DataFrame:
     """Give stage/lane the full vocabularies as categories (so tables from any source concat
     and sort alike) and sort rows by (rank, start_us)."""
     import pandas as pd
@@ -170,7 +171,7 @@ def normalize_events(df: "pd.DataFrame") -> "pd.DataFrame":
     return df.sort_values(["rank", "start_us"], kind="stable").reset_index(drop=True)
 
 
-def telemetry_frame(data: "Mapping[str, Any] | pd.DataFrame") -> "pd.DataFrame":
+def telemetry_frame(data: Mapping[str, Any] | pd.DataFrame) -> pd.DataFrame:
     """Coerce columns to the telemetry schema (missing measurement columns become NaN)."""
     import pandas as pd
 

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from kfacperf.trace.schema import (
     EVENTS_FILE,
@@ -49,8 +50,8 @@ class Trace:
 
     path: Path
     run: dict[str, Any]
-    events: "pd.DataFrame"
-    telemetry: "pd.DataFrame | None" = None
+    events: pd.DataFrame
+    telemetry: pd.DataFrame | None = None
 
     @property
     def completed(self) -> bool:
@@ -61,7 +62,7 @@ class Trace:
     def warmup(self) -> int:
         return int(self.run.get("warmup", 0) or 0)
 
-    def measured(self) -> "pd.DataFrame":
+    def measured(self) -> pd.DataFrame:
         """The events of the steps after warm-up."""
         ev = self.events
         return ev[ev["step"] >= self.warmup]
@@ -91,7 +92,7 @@ def read_run(path: Path) -> dict[str, Any]:
     return run
 
 
-def write_run(directory: "str | os.PathLike[str]", run: Mapping[str, Any]) -> Path:
+def write_run(directory: str | os.PathLike[str], run: Mapping[str, Any]) -> Path:
     """Write ``run.json`` atomically (a reader never sees half a file)."""
     path = Path(directory) / RUN_FILE
     tmp = path.with_suffix(".json.tmp")
@@ -104,11 +105,11 @@ def write_run(directory: "str | os.PathLike[str]", run: Mapping[str, Any]) -> Pa
 
 
 def write_trace(
-    path: "str | os.PathLike[str]",
+    path: str | os.PathLike[str],
     *,
     run: Mapping[str, Any],
-    events: "pd.DataFrame | Mapping[str, Any]",
-    telemetry: "pd.DataFrame | Mapping[str, Any] | None" = None,
+    events: pd.DataFrame | Mapping[str, Any],
+    telemetry: pd.DataFrame | Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a complete trace directory (created if needed) and return its path."""
     out = Path(path)
@@ -126,7 +127,7 @@ def write_trace(
     return out
 
 
-def load_trace(path: "str | os.PathLike[str]") -> Trace:
+def load_trace(path: str | os.PathLike[str]) -> Trace:
     """Read and validate a trace directory (complete, or the parts of an unfinished run).
 
     Errors name the file: a missing directory or ``run.json``, a missing column, a column of
@@ -172,7 +173,7 @@ def load_trace(path: "str | os.PathLike[str]") -> Trace:
     return Trace(path=root, run=run, events=normalize_events(events), telemetry=telemetry)
 
 
-def _read_telemetry(path: Path) -> "pd.DataFrame":
+def _read_telemetry(path: Path) -> pd.DataFrame:
     import pandas as pd
 
     try:

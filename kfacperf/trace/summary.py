@@ -37,10 +37,10 @@ class TraceSummary:
     run: dict[str, Any]
     completed: bool
     measured_steps: int
-    stages: "pd.DataFrame"  # stage, rank, count, mean_us, median_us, p95_us, per_step_us
-    per_step: "pd.DataFrame"  # rank, step, step_us, compute_us, comm_us, exposed_comm_us, ...
-    ranks: "pd.DataFrame"  # per rank: means of per_step columns
-    slowest: "pd.DataFrame"  # stage, slowest_rank, slowest_us, median_us, imbalance
+    stages: pd.DataFrame  # stage, rank, count, mean_us, median_us, p95_us, per_step_us
+    per_step: pd.DataFrame  # rank, step, step_us, compute_us, comm_us, exposed_comm_us, ...
+    ranks: pd.DataFrame  # per rank: means of per_step columns
+    slowest: pd.DataFrame  # stage, slowest_rank, slowest_us, median_us, imbalance
     step_us: float  # mean over steps of the slowest rank's step time
     step_median_us: float
     step_p95_us: float
@@ -92,7 +92,7 @@ def _pct(v: float) -> str:
     return "n/a" if math.isnan(v) else f"{v:.1f}%"
 
 
-def _per_step_table(events: "pd.DataFrame") -> "pd.DataFrame":
+def _per_step_table(events: pd.DataFrame) -> pd.DataFrame:
     import pandas as pd
 
     rows = []
@@ -123,7 +123,7 @@ def _per_step_table(events: "pd.DataFrame") -> "pd.DataFrame":
     return pd.DataFrame(rows, columns=cols)
 
 
-def _stage_table(events: "pd.DataFrame", n_steps: int) -> "pd.DataFrame":
+def _stage_table(events: pd.DataFrame, n_steps: int) -> pd.DataFrame:
     import pandas as pd
 
     ev = events[events["stage"].astype(str) != STEP]
@@ -143,7 +143,7 @@ def _stage_table(events: "pd.DataFrame", n_steps: int) -> "pd.DataFrame":
     return out.sort_values(["order", "rank"]).drop(columns="order").reset_index(drop=True)
 
 
-def _slowest(stages: "pd.DataFrame") -> "pd.DataFrame":
+def _slowest(stages: pd.DataFrame) -> pd.DataFrame:
     import pandas as pd
 
     rows = []

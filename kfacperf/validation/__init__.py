@@ -43,8 +43,9 @@ This module never imports torch.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from kfacperf import vocab as S
 from kfacperf.validation.inputs import (
@@ -102,8 +103,8 @@ def error_pct(predicted: float, measured: float) -> float:
 class ValidationResult:
     """Per held-out run and per (run, stage): measured, predicted, error."""
 
-    runs: "pd.DataFrame"
-    stages: "pd.DataFrame"
+    runs: pd.DataFrame
+    stages: pd.DataFrame
     calibration: Calibration
     notes: tuple[str, ...] = field(default=())
 
@@ -119,7 +120,7 @@ class ValidationResult:
 
         return float(np.max(np.abs(self.runs["error_pct"].to_numpy(float))))
 
-    def checked_stages(self) -> "pd.DataFrame":
+    def checked_stages(self) -> pd.DataFrame:
         """The stages the per-stage target applies to (above the minimum share)."""
         return self.stages[self.stages["share_pct"] > STAGE_MIN_SHARE_PCT]
 
@@ -127,7 +128,7 @@ class ValidationResult:
         """JSON-ready: calibration, runs, stages, targets, then median and worst error."""
         import numpy as np
 
-        def rows(df: "pd.DataFrame") -> list[dict[str, Any]]:
+        def rows(df: pd.DataFrame) -> list[dict[str, Any]]:
             out = []
             for rec in df.to_dict(orient="records"):
                 out.append({k: _json_value(v) for k, v in rec.items()})

@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     from kfacperf.trace.store import Trace
 
 
-def expand_trace_paths(items: Iterable[str | os.PathLike[str] | "Trace"]) -> list[Any]:
+def expand_trace_paths(items: Iterable[str | os.PathLike[str] | Trace]) -> list[Any]:
     """Trace directories, with a folder of traces (no ``run.json`` of its own, trace
     directories inside) standing for its traces in name order."""
     from kfacperf.trace.schema import RUN_FILE
@@ -31,23 +32,23 @@ def expand_trace_paths(items: Iterable[str | os.PathLike[str] | "Trace"]) -> lis
     return out
 
 
-def load_traces(items: Iterable[Any]) -> list["Trace"]:
+def load_traces(items: Iterable[Any]) -> list[Trace]:
     from kfacperf.trace.store import load_trace
 
     return [it if hasattr(it, "events") else load_trace(it) for it in expand_trace_paths(items)]
 
 
-def trace_label(trace: "Trace") -> str:
+def trace_label(trace: Trace) -> str:
     path = getattr(trace, "path", None)
     return Path(path).name if path else str(trace.run.get("workload", "run"))
 
 
-def _identity(trace: "Trace") -> tuple[str, str]:
+def _identity(trace: Trace) -> tuple[str, str]:
     run = trace.run
     return (str(run.get("start_time", "")), str(run.get("command", "")))
 
 
-def check_disjoint(calibration: Sequence["Trace"], holdout: Sequence["Trace"]) -> None:
+def check_disjoint(calibration: Sequence[Trace], holdout: Sequence[Trace]) -> None:
     """A held-out run must not also be a calibration run (same directory, or a copy)."""
     cal_paths = {Path(t.path).resolve(): t for t in calibration if getattr(t, "path", None)}
     cal_ids = {_identity(t): t for t in calibration if all(_identity(t))}
@@ -65,7 +66,7 @@ def check_disjoint(calibration: Sequence["Trace"], holdout: Sequence["Trace"]) -
 
 
 
-def device_key(trace: "Trace") -> str:
+def device_key(trace: Trace) -> str:
     dev = trace.run.get("device") or {}
     threads = int(trace.run.get("threads_per_rank") or 1)
     name = dev.get("name") or dev.get("kind") or "unknown device"

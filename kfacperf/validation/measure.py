@@ -1,13 +1,16 @@
 """What a trace measured: per kind of step, the step time and the time of every stage."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from kfacperf import vocab as S
 from kfacperf.validation.inputs import trace_label
 
 if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
     from kfacperf.trace.store import Trace
 
 KINDS: tuple[str, ...] = ("inverse", "factor", "plain")
@@ -34,7 +37,7 @@ class Measured:
     mean_step_us: float
 
 
-def measure(trace: "Trace") -> Measured:
+def measure(trace: Trace) -> Measured:
     """Step and stage times of a trace's measured steps, per kind of step."""
     import numpy as np
     import pandas as pd
@@ -90,7 +93,7 @@ BLOCKED_TOLERANCE_US = 2000.0
 """A compute stage that ends this soon after a collective completes was waiting for it."""
 
 
-def collective_costs(events: "pd.DataFrame") -> tuple["pd.DataFrame", "pd.DataFrame"]:
+def collective_costs(events: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Each collective's cost, and the time ranks spent blocked on late peers inside a stage.
 
     Collectives are matched across ranks by (step, stage, layer, order of issue).  A rank runs

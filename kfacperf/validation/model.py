@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from kfacperf import vocab as S
 from kfacperf.validation.inputs import load_traces, trace_label
@@ -13,7 +14,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from kfacperf.sim.models.cluster import ClusterModel
 
 
-def resolve_cluster(cluster: Any) -> "ClusterModel":
+def resolve_cluster(cluster: Any) -> ClusterModel:
     """A cluster model from a ClusterModel, a commbench result, a preset name or a TOML path
     (``None``: the committed ``local-cpu`` model)."""
     from kfacperf.sim.models import load_cluster
@@ -39,8 +40,8 @@ class Calibration:
     """What the predictions use: the fitted device, the cluster, and how to find workloads."""
 
     device: Any
-    cluster: "ClusterModel"
-    fit: "DeviceCalibration"
+    cluster: ClusterModel
+    fit: DeviceCalibration
     traces: tuple[str, ...]
     workload_search: tuple[str, ...] = ()
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 import re
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from kfacperf.validation.inputs import device_key, trace_label
 from kfacperf.validation.measure import KINDS, Measured, weighted
@@ -33,22 +34,22 @@ CONFIGURATION_KEYS: tuple[str, ...] = (
 _REPEAT_SUFFIX = re.compile(r"-r\d+$")
 
 
-def configuration_key(trace: "Trace") -> str:
+def configuration_key(trace: Trace) -> str:
     """What two recordings of one configuration share (settings and device)."""
     run = trace.run
     settings = {k: run.get(k) for k in CONFIGURATION_KEYS}
     return json.dumps([settings, device_key(trace)], sort_keys=True, default=str)
 
 
-def group_recordings(traces: Sequence["Trace"]) -> list[list["Trace"]]:
+def group_recordings(traces: Sequence[Trace]) -> list[list[Trace]]:
     """The traces grouped by configuration, groups in order of their first trace."""
-    groups: dict[str, list["Trace"]] = {}
+    groups: dict[str, list[Trace]] = {}
     for t in traces:
         groups.setdefault(configuration_key(t), []).append(t)
     return list(groups.values())
 
 
-def pooled_label(traces: Sequence["Trace"]) -> str:
+def pooled_label(traces: Sequence[Trace]) -> str:
     """The recordings' common name: ``name`` for ``name-r1, name-r2``; else the first's name."""
     labels = [trace_label(t) for t in traces]
     stems = {_REPEAT_SUFFIX.sub("", lab) for lab in labels}

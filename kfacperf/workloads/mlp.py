@@ -1,7 +1,7 @@
 """A plain multi-layer perceptron on flat inputs (Linear + ReLU, Linear classifier)."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn

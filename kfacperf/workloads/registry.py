@@ -7,7 +7,8 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .base import Workload
 from .mlp import mlp_workload

@@ -5,8 +5,8 @@ import math
 from pathlib import Path
 
 import pytest
-from helpers.synthetic_commbench import TRUE, synthetic_result
 
+from helpers.synthetic_commbench import TRUE, synthetic_result
 from kfacperf.bench import commbench as cb
 from kfacperf.bench import results
 from kfacperf.calibrate import cluster as cbf

@@ -5,8 +5,8 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers.synthetic_commbench import synthetic_result
 
+from helpers.synthetic_commbench import synthetic_result
 from kfacperf.bench import raw, results
 from kfacperf.calibrate import cluster as cbf
 from kfacperf.sim.models.cluster import load_cluster_model

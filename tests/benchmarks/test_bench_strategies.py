@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from helpers.distributed import run_distributed
 
+from helpers.distributed import run_distributed
 from kfacperf.runtime.training import TrainConfig, Trainer
 from kfacperf.workloads import get_workload, rank_slice
 

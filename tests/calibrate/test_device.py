@@ -301,7 +301,7 @@ def test_calibrate_command_fits_written_traces(tmp_path: Path, capsys: pytest.Ca
     assert "inverse" in text and "wrote" in text
     fitted = load_device_model(out)
     assert fitted.name == "fitted"
-    for kind, (eff, mem, over) in TRUE.items():
+    for kind, (_eff, mem, _over) in TRUE.items():
         assert fitted.stage(kind).mem_efficiency == pytest.approx(mem, rel=1e-6)
     assert len(fitted.measured) > 0
     # a folder of traces stands for every trace in it

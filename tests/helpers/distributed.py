@@ -16,8 +16,9 @@ import pickle
 import queue as _queue
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch.multiprocessing as tmp
 

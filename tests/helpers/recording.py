@@ -7,8 +7,9 @@ time.  Tests use it to check which stages a component reports and with what payl
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from kfacperf.vocab import check_stage
 

@@ -6,8 +6,9 @@ graph that gets any of them wrong shows a different time.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from kfacperf import vocab as S
 from kfacperf.sim.graphs.strategies.common import LayerCosts

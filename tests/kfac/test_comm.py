@@ -6,9 +6,9 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+
 from helpers.distributed import Checks, assert_check, merge_checks, run_ranks
 from helpers.recording import RecordingTimer
-
 from kfacperf import vocab as stages
 from kfacperf.kfac import comm
 

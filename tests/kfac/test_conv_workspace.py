@@ -62,8 +62,8 @@ def test_warm_workspace_is_exact_for_repeated_and_interleaved_shapes(dtype: torc
     torch.manual_seed(11)
     clear_workspace()
     convs = [nn.Conv2d(3, 2, **kw).to(dtype) for kw, _ in CASES]
-    for round_, order in enumerate([range(len(CASES)), reversed(range(len(CASES))),
-                                    [0, 0, 3, 3, 1, 5, 1, 2, 6, 4, 0]]):
+    for order in (range(len(CASES)), reversed(range(len(CASES))),
+                  [0, 0, 3, 3, 1, 5, 1, 2, 6, 4, 0]):
         for i in order:
             x = torch.randn(CASES[i][1], dtype=dtype)
             _check(x, convs[i])

@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers.distributed import Checks, assert_check, merge_checks, run_ranks
-from helpers.recording import RecordingTimer
 from torch import nn
 
+from helpers.distributed import Checks, assert_check, merge_checks, run_ranks
+from helpers.recording import RecordingTimer
 from kfacperf import vocab as stages
 from kfacperf.kfac.assignment import LayerShape, kaisa_assignment
 from kfacperf.runtime.training import TrainConfig, Trainer

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 import torch
-from helpers.distributed import Checks, assert_check, merge_checks, run_ranks
 from torch import nn
 
+from helpers.distributed import Checks, assert_check, merge_checks, run_ranks
 from kfacperf.kfac.strategies import ModelMismatchError, make_strategy
 from kfacperf.runtime import distributed
 from kfacperf.runtime.training import TrainConfig, Trainer

@@ -183,7 +183,7 @@ class FakeGpu:
         self.now_ms = 1000.0
         self.done_until = float("inf")
 
-    def event(self) -> "FakeEvent":
+    def event(self) -> FakeEvent:
         return FakeEvent(self)
 
 
@@ -200,7 +200,7 @@ class FakeEvent:
     def synchronize(self) -> None:
         pass
 
-    def elapsed_time(self, end: "FakeEvent") -> float:
+    def elapsed_time(self, end: FakeEvent) -> float:
         return end.t - self.t
 
 

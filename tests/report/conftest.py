@@ -8,8 +8,9 @@ Durations grow with the rank (``skew``) so the slowest rank is the last one.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd

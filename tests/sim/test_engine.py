@@ -5,9 +5,9 @@ import math
 
 import numpy as np
 import pytest
+
 from helpers.sim_fakes import fake_collective_us as cost
 from helpers.sim_fakes import random_layer_costs
-
 from kfacperf import vocab as S
 from kfacperf.sim.engine import run_step
 from kfacperf.sim.graphs.graph import Group, Program, RankClass, StepGraph, assemble

@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+
 from helpers.sim_fakes import fake_collective_us as cost
 from helpers.sim_fakes import random_layer_costs
-
 from kfacperf.sim.engine import StepResult, run_step
 from kfacperf.sim.graphs.graph import RankClass, assemble
 from kfacperf.sim.graphs.strategies import build_graph, make_step, parse_strategy

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import pytest
-from helpers.sim_fakes import fake_collective_us
 
+from helpers.sim_fakes import fake_collective_us
 from kfacperf import vocab as S
 from kfacperf.sim.graphs.graph import Group, Program, RankClass, assemble, shared_prefix
 

@@ -8,8 +8,8 @@ import sys
 
 import pandas as pd
 import pytest
-from helpers.sim_fakes import FakeLayer, FakeWorkload, fake_collective_us, fake_model
 
+from helpers.sim_fakes import FakeLayer, FakeWorkload, fake_collective_us, fake_model
 from kfacperf import vocab as S
 from kfacperf.cli.commands.simulate import parse_gpus
 from kfacperf.sim.engine import run_step

@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from helpers.sim_fakes import fake_collective_us as cost
 from helpers.sim_fakes import random_layer_costs
-
 from kfacperf import vocab as S
 from kfacperf.sim.graphs.placement import (
     grad_workers,

@@ -30,7 +30,7 @@ collective on ``p * max(m)`` bytes; ``pipelined`` is the chunked-ring bound
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 from kfacperf.sim.models.cluster import ALGORITHMS, OPS, V_FORMS, ClusterModel
 

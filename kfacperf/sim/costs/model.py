@@ -43,8 +43,9 @@ the whole-model measurement.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Sequence
+from typing import Any
 
 from kfacperf import vocab as S
 from kfacperf.sim.costs.collectives import group_collective_us
@@ -159,13 +160,13 @@ class CostModel:
             return getattr(self.options, name)
         raise AttributeError(name)
 
-    def with_overrides(self, **options: Any) -> "CostModel":
+    def with_overrides(self, **options: Any) -> CostModel:
         merged = {f: getattr(self.options, f) for f in _OPTION_NAMES}
         merged.update(options)
         return CostModel(workload=self.workload, device=self.device, cluster=self.base_cluster,
                          **merged)
 
-    def for_gpus(self, gpus: int) -> "CostModel":
+    def for_gpus(self, gpus: int) -> CostModel:
         """This model with the compute contention of ``gpus`` ranks filling nodes in order."""
         ranks = max(1, min(gpus, self.base_cluster.gpus_per_node))
         return self if ranks == self.options.ranks_per_node else self.with_overrides(
@@ -250,7 +251,7 @@ class CostModel:
         return sum(p.nbytes for p in self._phases(stage, layer, batch, workload)[0])
 
     def regressors(self, stage: str, layer: LayerModel | None, *, batch: int,
-                   workload: WorkloadModel | None = None) -> "Regressors":
+                   workload: WorkloadModel | None = None) -> Regressors:
         """The terms a call's time is linear in, at efficiency 1 (what calibration fits)."""
         phases, calls = self._phases(stage, layer, batch, workload)
         compute = [p.flops / self.device.peak_flops_per_us(p.dtype) for p in phases]

@@ -25,8 +25,8 @@ equitable partition — the tests check that against simulating every rank.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Sequence
 
 from kfacperf import vocab as S
 
@@ -121,7 +121,7 @@ class Program:
         self.launches.append(Launch(name, stage, layer, op, nbytes, group, len(self.dur)))
         self._mergeable = False
 
-    def copy(self) -> "Program":
+    def copy(self) -> Program:
         """An independent program that starts with everything issued so far."""
         out = Program.__new__(Program)
         out.stage, out.layer = self.stage[:], self.layer[:]

@@ -8,7 +8,8 @@ per-layer shares are rescaled to add up to exactly the whole-model time.
 """
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 from kfacperf import vocab as S
 from kfacperf.sim.graphs.strategies.common import LayerCosts

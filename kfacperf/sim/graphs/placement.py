@@ -13,8 +13,8 @@ That is what lets an assignment over 65,536 ranks take microseconds.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 
 def layer_cost(dim_a: int, dim_g: int) -> float:

@@ -15,8 +15,9 @@ naming the file and the key.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from kfacperf.sim.models.cluster import (
     ALGORITHMS,

@@ -62,9 +62,10 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from kfacperf.sim.models.device import STAGE_KINDS
 from kfacperf.sim.models.toml_io import Table, read_toml, write_toml
@@ -129,7 +130,7 @@ class Tier:
         alpha, bw = self.overrides.get(op, (self.alpha_us, self.bandwidth_GBps))
         return CollectiveParams(algorithm=self.algorithms[op], alpha_us=alpha, bandwidth_GBps=bw)
 
-    def scaled(self, *, bandwidth: float = 1.0, alpha: float = 1.0) -> "Tier":
+    def scaled(self, *, bandwidth: float = 1.0, alpha: float = 1.0) -> Tier:
         return replace(
             self,
             alpha_us=self.alpha_us * alpha,
@@ -224,7 +225,7 @@ class ClusterModel:
             return 0.0
         return self.straggler * expected_max_normal(group_size) / expected_max_normal(2)
 
-    def scaled(self, *, bandwidth: float = 1.0, alpha: float = 1.0, tier: str = "both") -> "ClusterModel":
+    def scaled(self, *, bandwidth: float = 1.0, alpha: float = 1.0, tier: str = "both") -> ClusterModel:
         """A what-if copy with bandwidths times ``bandwidth`` and latencies times ``alpha``."""
         if bandwidth <= 0 or alpha < 0:
             raise ValueError(f"bandwidth scale must be > 0 and alpha scale >= 0, got {bandwidth}, {alpha}")
@@ -235,7 +236,7 @@ class ClusterModel:
         return replace(self, intra=intra, inter=inter)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def expected_max_normal(n: int) -> float:
     """E[max of ``n`` independent standard normal draws] (0 for n = 1, 1/sqrt(pi) for n = 2).
 

@@ -51,9 +51,10 @@ queued ahead.  Calibration fits it from single-process K-FAC runs; absent, it is
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from kfacperf import vocab as S
 from kfacperf.sim.models.toml_io import read_toml, write_toml
@@ -194,7 +195,7 @@ class DeviceModel:
         except KeyError:
             raise ValueError(f"no compute stage kind {kind!r}; kinds: {STAGE_KINDS}") from None
 
-    def with_stages(self, **updates: StageEfficiency) -> "DeviceModel":
+    def with_stages(self, **updates: StageEfficiency) -> DeviceModel:
         merged = dict(self.stages)
         merged.update(updates)
         return replace(self, stages=merged)

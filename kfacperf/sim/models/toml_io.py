@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 try:  # Python >= 3.11
     import tomllib as _toml
@@ -31,7 +32,7 @@ _UNIT_SUFFIXES = (
 )
 
 
-def read_toml(path: str | Path, *, fmt: str | None = None) -> "Table":
+def read_toml(path: str | Path, *, fmt: str | None = None) -> Table:
     """Parse ``path`` and return its root :class:`Table` (errors name the file).
 
     With ``fmt``, the file's ``format`` key must equal it (model files name their format).
@@ -182,13 +183,13 @@ class Table:
             raise self.error(key, f"expected an array of strings, got {value!r}")
         return list(value)
 
-    def table(self, key: str) -> "Table":
+    def table(self, key: str) -> Table:
         value = self._get(key)
         if not isinstance(value, dict):
             raise self.error(key, f"expected a table, got {_type_name(value)} {value!r}")
         return Table(value, source=self.source, prefix=f"{self.key_path(key)}.")
 
-    def tables(self, key: str) -> list["Table"]:
+    def tables(self, key: str) -> list[Table]:
         """An array of tables (``[[key]]``); an absent key is an error like any other."""
         value = self._get(key)
         if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):

@@ -35,9 +35,10 @@ in a device model are keyed by it.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from kfacperf.sim.models.toml_io import Table, read_toml, write_toml
 

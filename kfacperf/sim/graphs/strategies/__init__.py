@@ -7,9 +7,10 @@ the builder for one step kind at one GPU count; ``build_graph(step, cost)`` the
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Callable, Protocol
+from typing import Protocol
 
 from kfacperf.sim.graphs.graph import (
     CollectiveCost,

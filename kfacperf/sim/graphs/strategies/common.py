@@ -14,8 +14,8 @@ flushes it first; a queue that reaches the cap is flushed at once; MB = 10**6 by
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from kfacperf import vocab as S
 from kfacperf.sim.graphs.graph import UNSTAGED, Group, Program

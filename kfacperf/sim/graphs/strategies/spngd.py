@@ -18,7 +18,7 @@ owner and one for all ranks that own nothing (most of them once P exceeds the la
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Sequence
+from collections.abc import Sequence
 
 from kfacperf import vocab as S
 from kfacperf.sim.graphs.graph import Program, RankClass
