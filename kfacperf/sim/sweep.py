@@ -234,7 +234,9 @@ def simulate(
     cost = CostModel(workload=w, device=d, cluster=c, **overrides)
     o = cost.options
     comm = CommSettings(factor_dtype=o.comm_dtype, symmetric=o.symmetric_factors,
-                        inverse_method=o.inverse_method, factor_bucket_mb=factor_bucket_mb,
+                        inverse_method=o.inverse_method, precond_dtype=o.precond_dtype,
+                        statistics_fraction=o.statistics_fraction,
+                        factor_bucket_mb=factor_bucket_mb,
                         ddp_bucket_mb=ddp_bucket_mb, ddp_first_bucket_mb=ddp_bucket_mb)
 
     def source(x: Any, given: Any) -> str:

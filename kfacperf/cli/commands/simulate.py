@@ -99,6 +99,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
                    help="send factors as upper triangles")
     w.add_argument("--dtype", choices=DTYPES,
                    help="forward/backward compute precision")
+    w.add_argument("--kfac-dtype", choices=DTYPES,
+                   help="factor statistics and preconditioning precision (mixed-precision "
+                        "factors: bf16, which is fp16 on a V100)")
+    w.add_argument("--precond-comm-dtype", choices=tuple(COMM_DTYPE_BYTES),
+                   help="precision of the preconditioned gradients sent back")
+    w.add_argument("--statistics-fraction", type=float, metavar="F",
+                   help="share of the layers whose statistics a factor step refreshes, in "
+                        "(0, 1] (stale statistics; default 1)")
     w.add_argument("--v-form", choices=V_FORMS,
                    help="cost form of reduce-scatter-v / all-gather-v")
     w.add_argument("--threads-per-rank", type=int, help="CPU threads per rank (CPU clusters)")
@@ -113,7 +121,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"inverse_method": args.inverse_method}
     pairs = (("bandwidth_scale", "bandwidth_scale"), ("latency_scale", "alpha_scale"),
              ("compute_scale", "compute_scale"), ("comm_dtype", "comm_dtype"),
-             ("dtype", "dtype"), ("v_form", "v_form"), ("threads_per_rank", "threads_per_rank"))
+             ("dtype", "dtype"), ("v_form", "v_form"), ("threads_per_rank", "threads_per_rank"),
+             ("kfac_dtype", "kfac_dtype"), ("precond_comm_dtype", "precond_dtype"),
+             ("statistics_fraction", "statistics_fraction"))
     for flag, option in pairs:
         value = getattr(args, flag)
         if value is not None:

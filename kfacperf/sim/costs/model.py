@@ -59,6 +59,9 @@ from kfacperf.sim.models.cluster import V_FORMS, ClusterModel
 from kfacperf.sim.models.device import DTYPES, INVERSE_METHODS, STAGE_KINDS, DeviceModel
 from kfacperf.sim.models.workload import LayerModel, WorkloadModel
 
+STATISTICS_STAGES = (S.FACTOR_COMPUTE, S.INVERSE)
+"""Stages a factor step does only for the layers whose statistics it refreshes."""
+
 
 def dtype_bytes(dtype: str) -> int:
     try:
@@ -80,6 +83,7 @@ class Regressors:
     compute_us: float  # sum over phases of FLOPs / peak
     memory_us: float  # sum over phases of bytes / memory bandwidth
     roofline_us: float  # sum over phases of max(compute, memory)
+    rows: int = 0  # rows of the matrices factorised (the device's row_us applies per row)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,7 +94,9 @@ class CostOptions:
     kfac_dtype: str = "fp32"
     inverse_method: str = "eigen"
     comm_dtype: str = "fp32"
+    precond_dtype: str = "fp32"
     symmetric_factors: bool = False
+    statistics_fraction: float = 1.0
     v_form: str | None = None
     bandwidth_scale: float = 1.0
     alpha_scale: float = 1.0
@@ -107,6 +113,10 @@ class CostOptions:
             raise ValueError(f"inverse_method must be one of {INVERSE_METHODS}, "
                              f"got {self.inverse_method!r}")
         dtype_bytes(self.comm_dtype)
+        dtype_bytes(self.precond_dtype)
+        f = self.statistics_fraction
+        if isinstance(f, bool) or not (isinstance(f, (int, float)) and 0 < f <= 1):
+            raise ValueError(f"statistics_fraction must be in (0, 1], got {f!r}")
         if self.v_form not in (None, *V_FORMS):
             raise ValueError(f"v_form must be one of {V_FORMS} (or None: the cluster's), "
                              f"got {self.v_form!r}")
@@ -239,6 +249,8 @@ class CostModel:
         if self.options.use_measured:
             t *= self._measured_ratio(stage, layer, batch, w)
         t = t * self.stage_slowdown[stage] / self.options.compute_scale
+        if stage in STATISTICS_STAGES:  # stale statistics: only some layers are refreshed
+            t *= self.options.statistics_fraction
         self._compute_cache[key] = t
         return t
 
@@ -257,7 +269,8 @@ class CostModel:
         compute = [p.flops / self.device.peak_flops_per_us(p.dtype) for p in phases]
         memory = [p.nbytes / self.device.mem_bytes_per_us for p in phases]
         return Regressors(calls=calls, compute_us=sum(compute), memory_us=sum(memory),
-                          roofline_us=sum(max(c, m) for c, m in zip(compute, memory)))
+                          roofline_us=sum(max(c, m) for c, m in zip(compute, memory)),
+                          rows=sum(p.rows for p in phases))
 
     def _method_key(self, stage: str, method: str) -> str:
         return method if stage in (S.INVERSE, S.PRECONDITION) else ""
@@ -278,7 +291,7 @@ class CostModel:
     def _model_us(self, stage: str, layer: LayerModel | None, batch: int,
                   w: WorkloadModel) -> float:
         phases, calls = self._phases(stage, layer, batch, w)
-        eff = self.device.stage(stage)
+        eff = self.device.stage(stage, self.options.inverse_method)
         peak_c = [p.flops / (self.device.peak_flops_per_us(p.dtype) * eff.efficiency)
                   for p in phases]
         peak_m = [p.nbytes / (self.device.mem_bytes_per_us * eff.mem_efficiency) for p in phases]
@@ -286,7 +299,7 @@ class CostModel:
             body = sum(max(c, m) for c, m in zip(peak_c, peak_m))
         else:
             body = sum(peak_c) + sum(peak_m)
-        return eff.overhead_us * calls + body
+        return eff.overhead_us * calls + eff.row_us * sum(p.rows for p in phases) + body
 
     def _measured_ratio(self, stage: str, layer: LayerModel | None, batch: int,
                         w: WorkloadModel) -> float:

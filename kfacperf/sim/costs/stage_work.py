@@ -17,7 +17,7 @@ backward           2 N f (input and weight gradients)           2 s (N (in + out
 factor_compute     2 N r (dA^2 + dG^2), or for a convolution    4 (N r (dA + dG) + 3 (dA^2+dG^2))
                    with geometry the phases of
                    ``kfacperf.kfac.conv_factors`` (below)
-inverse            eigen 9 (dA^3 + dG^3); cholesky dA^3 + dG^3  12 (dA^2 + dG^2)
+inverse            eigen 9 (dA^3 + dG^3); cholesky dA^3 + dG^3  12 (dA^2 + dG^2); rows dA + dG
 precondition       eigen 4 dA dG (dA + dG); cholesky half that  4 (dA^2 + dG^2 + 3 dA dG)
 update             4 per parameter (momentum SGD)               20 per parameter
 =================  ===========================================  ===============================
@@ -54,6 +54,11 @@ class Phase:
     flops: float
     nbytes: float
     dtype: str = "fp32"
+    rows: int = 0
+    """Rows of the matrices this phase factorises (inverse): blocked Cholesky and
+    eigensolvers walk a matrix panel by panel, a few dependent kernel launches per panel, so
+    part of their time grows with the side ``n`` however fast the arithmetic (the device's
+    ``row_us`` per row)."""
 
 
 def fwd_flops(l: LayerModel, w: WorkloadModel) -> float:
@@ -104,7 +109,7 @@ def layer_phases(
         return factor_phases(l, batch, kfac_dtype)
     if stage == S.INVERSE:  # eigensolvers and Cholesky run in fp32
         return [Phase(INVERSE_FLOPS_PER_D3[inverse_method] * (da ** 3 + dg ** 3),
-                      FP32 * 3 * (da * da + dg * dg), "fp32")]
+                      FP32 * 3 * (da * da + dg * dg), "fp32", rows=da + dg)]
     if stage == S.PRECONDITION:
         return [Phase(PRECOND_FLOPS_FACTOR[inverse_method] * da * dg * (da + dg),
                       FP32 * (da * da + dg * dg + 3 * da * dg), kfac_dtype)]

@@ -35,7 +35,16 @@ Units and meaning:
   phase, inter-node phase on the inter tier, intra-node phase) or ``flat`` (the inter tier's
   algorithm over all ranks, every step paced by the slowest link).
 * ``v_collectives``: how uneven reduce-scatter-v / all-gather-v are run: ``padded`` to the
-  largest block, or ``pipelined`` (chunked ring, bound by total minus smallest block).
+  largest block, ``pipelined`` (chunked ring, bound by total minus smallest block), or
+  ``allreduce``: one all-reduce of every block, each rank keeping its own (SP-NGD's Chainer
+  implementation packed all blocks into one buffer and all-reduced it; its all-gather-v was an
+  all-reduce of a zero-filled buffer).
+* ``nccl`` (optional): the NCCL version whose tuning model runs the collectives
+  (:mod:`kfacperf.sim.costs.nccl`: ring or tree, LL/LL128/Simple, chosen per call as NCCL
+  does).  Then the tiers give only the bandwidths (``intra``: bus bandwidth inside a node;
+  ``inter``: each GPU's share of its node's network) and NCCL's own constants the latencies;
+  without it every tier's ``alpha_us`` and per-collective algorithm apply (gloo, fitted
+  commbench models).
 * ``[compute]``: ``cores_per_node`` > 0 when ranks share CPU cores (oversubscription slows
   compute by ranks x threads / cores) and ``contention``, the relative slowdown each extra
   rank on a node adds even below that (shared memory bandwidth).  Ranks slow each other by
@@ -78,7 +87,9 @@ ALGORITHMS: dict[str, tuple[str, ...]] = {
     "broadcast": ("tree", "ring", "halving_doubling"),
 }
 MULTI_NODE_FORMS: tuple[str, ...] = ("hierarchical", "flat")
-V_FORMS: tuple[str, ...] = ("padded", "pipelined")
+V_FORMS: tuple[str, ...] = ("padded", "pipelined", "allreduce")
+NCCL_VERSIONS: tuple[str, ...] = ("2.8", "2.18")
+"""NCCL tuning models the simulator knows (:mod:`kfacperf.sim.costs.nccl`)."""
 TIERS: tuple[str, ...] = ("intra", "inter")
 FORMAT = "kfacperf-cluster-1"
 
@@ -149,6 +160,7 @@ class ClusterModel:
     inter: Tier
     multi_node: Mapping[str, str]
     v_collectives: str = "padded"
+    nccl: str = ""
     cores_per_node: int = 0
     contention: float = 0.0
     contention_by_stage: Mapping[str, float] = field(default_factory=dict)
@@ -166,6 +178,9 @@ class ClusterModel:
         object.__setattr__(self, "multi_node", {op: self.multi_node[op] for op in OPS})
         if self.v_collectives not in V_FORMS:
             raise ValueError(f"cluster {self.name!r}: v_collectives not in {V_FORMS}")
+        if self.nccl not in ("", *NCCL_VERSIONS):
+            raise ValueError(f"cluster {self.name!r}: nccl must be one of "
+                             f"{', '.join(NCCL_VERSIONS)} (or absent), got {self.nccl!r}")
         if self.cores_per_node < 0 or self.contention < 0:
             raise ValueError(f"cluster {self.name!r}: cores_per_node and contention must be >= 0")
         if not (math.isfinite(self.straggler) and self.straggler >= 0):
@@ -292,6 +307,7 @@ def load_cluster_model(path: str | Path) -> ClusterModel:
     source = root.str("source", nonempty=False)
     gpus_per_node = root.int("gpus_per_node", minimum=1)
     v_form = root.str("v_collectives", choices=V_FORMS)
+    nccl = root.str("nccl", choices=NCCL_VERSIONS) if root.has("nccl") else ""
     mn = root.table("multi_node")
     multi_node = {op: mn.str(op, choices=MULTI_NODE_FORMS) for op in OPS}
     mn.done()
@@ -315,7 +331,7 @@ def load_cluster_model(path: str | Path) -> ClusterModel:
     root.done()
     return ClusterModel(
         name=name, gpus_per_node=gpus_per_node, intra=intra, inter=inter,
-        multi_node=multi_node, v_collectives=v_form, cores_per_node=cores,
+        multi_node=multi_node, v_collectives=v_form, nccl=nccl, cores_per_node=cores,
         contention=contention, contention_by_stage=by_stage, straggler=straggler,
         comm_contention=comm_contention, source=source, description=description,
     )
@@ -357,6 +373,7 @@ def cluster_model_to_dict(model: ClusterModel) -> dict[str, Any]:
         "source": model.source,
         "gpus_per_node": model.gpus_per_node,
         "v_collectives": model.v_collectives,
+        **({"nccl": model.nccl} if model.nccl else {}),
         "multi_node": dict(model.multi_node),
         "compute": _compute_to_dict(model),
         "intra": _tier_to_dict(model.intra),

@@ -49,6 +49,12 @@ class CommSettings:
     factor_dtype: str = "fp32"
     symmetric: bool = False
     inverse_method: str = "eigen"
+    precond_dtype: str = "fp32"
+    """Precision of the preconditioned gradients sent back (SP-NGD's all-gather-v, KAISA's
+    broadcast); SP-NGD sent them in fp16."""
+    statistics_fraction: float = 1.0
+    """Share of the layers whose statistics a factor step refreshes and sends (SP-NGD's stale
+    statistics skip layers whose factors barely changed; 1: every layer)."""
     factor_bucket_mb: float = 25.0
     ddp_bucket_mb: float = 25.0
     ddp_first_bucket_mb: float = 25.0
@@ -56,9 +62,13 @@ class CommSettings:
     optimizer passes it explicitly (``kfacperf.kfac.ddp.wrap_ddp``), so every bucket is 25 MiB."""
 
     def __post_init__(self) -> None:
-        if self.factor_dtype not in COMM_DTYPE_BYTES:
-            raise ValueError(f"comm dtype {self.factor_dtype!r} unknown; use one of "
-                             f"{', '.join(COMM_DTYPE_BYTES)}")
+        for key in ("factor_dtype", "precond_dtype"):
+            if getattr(self, key) not in COMM_DTYPE_BYTES:
+                raise ValueError(f"comm dtype {getattr(self, key)!r} unknown; use one of "
+                                 f"{', '.join(COMM_DTYPE_BYTES)}")
+        f = self.statistics_fraction
+        if isinstance(f, bool) or not (isinstance(f, (int, float)) and 0 < f <= 1):
+            raise ValueError(f"statistics_fraction must be in (0, 1], got {f!r}")
         if self.inverse_method not in INVERSE_METHODS:
             raise ValueError(f"inverse method {self.inverse_method!r} unknown; use one of "
                              f"{', '.join(INVERSE_METHODS)}")
@@ -71,7 +81,9 @@ class CommSettings:
         return n * (n + 1) // 2 if self.symmetric else n * n
 
     def factor_comm_bytes(self, n: int) -> int:
-        return self.factor_elems(n) * COMM_DTYPE_BYTES[self.factor_dtype]
+        """Bytes of one factor as sent, in expectation over the layers a step refreshes."""
+        return round(self.factor_elems(n) * COMM_DTYPE_BYTES[self.factor_dtype]
+                     * self.statistics_fraction)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,8 +132,10 @@ class LayerCosts:
     def grad_bytes(self, l: int) -> int:
         return self.dim_a[l] * self.dim_g[l] * FP32
 
-    def precond_bytes(self, l: int) -> int:
-        return (self.dim_a[l] * self.dim_g[l] + 1) * FP32
+    def precond_bytes(self, l: int, cs: CommSettings | None = None) -> int:
+        """A preconditioned gradient as sent (plus its KL-clipping term)."""
+        size = COMM_DTYPE_BYTES[cs.precond_dtype] if cs is not None else FP32
+        return (self.dim_a[l] * self.dim_g[l] + 1) * size
 
     def inverse_bytes(self, l: int, cs: CommSettings) -> int:
         """Inverse state as sent: eigenvectors and eigenvalues, or the two damped inverses

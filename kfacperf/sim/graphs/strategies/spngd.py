@@ -61,7 +61,7 @@ class SpngdStep:
         self.fac_names = [("fac", i) for i in self.fac_blocks]
         all_layers = range(costs.n)
         self.grad_blocks = self._blocks([(l, costs.grad_bytes(l)) for l in all_layers])
-        self.pg_blocks = self._blocks([(l, costs.precond_bytes(l)) for l in all_layers])
+        self.pg_blocks = self._blocks([(l, costs.precond_bytes(l, spec.comm)) for l in all_layers])
         self.all_label = bucket_label(costs.names)
         self._shared: Program | None = None
 
