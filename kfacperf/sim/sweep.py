@@ -235,7 +235,7 @@ def simulate(
     o = cost.options
     comm = CommSettings(factor_dtype=o.comm_dtype, symmetric=o.symmetric_factors,
                         inverse_method=o.inverse_method, precond_dtype=o.precond_dtype,
-                        statistics_fraction=o.statistics_fraction,
+                        statistics_fraction=o.statistics_fraction, placement=o.placement,
                         factor_bucket_mb=factor_bucket_mb,
                         ddp_bucket_mb=ddp_bucket_mb, ddp_first_bucket_mb=ddp_bucket_mb)
 

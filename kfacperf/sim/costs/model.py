@@ -50,6 +50,7 @@ from typing import Any
 from kfacperf import vocab as S
 from kfacperf.sim.costs.collectives import group_collective_us
 from kfacperf.sim.costs.stage_work import (
+    CONV_FACTORS,
     DTYPE_BYTES,
     WHOLE_MODEL_STAGES,
     Phase,
@@ -97,6 +98,8 @@ class CostOptions:
     precond_dtype: str = "fp32"
     symmetric_factors: bool = False
     statistics_fraction: float = 1.0
+    placement: str = "balanced"  # checked by the step graphs' CommSettings
+    conv_factors: str = "displacement"
     v_form: str | None = None
     bandwidth_scale: float = 1.0
     alpha_scale: float = 1.0
@@ -114,6 +117,9 @@ class CostOptions:
                              f"got {self.inverse_method!r}")
         dtype_bytes(self.comm_dtype)
         dtype_bytes(self.precond_dtype)
+        if self.conv_factors not in CONV_FACTORS:
+            raise ValueError(f"conv_factors must be one of {', '.join(CONV_FACTORS)}, "
+                             f"got {self.conv_factors!r}")
         f = self.statistics_fraction
         if isinstance(f, bool) or not (isinstance(f, (int, float)) and 0 < f <= 1):
             raise ValueError(f"statistics_fraction must be in (0, 1], got {f!r}")
@@ -286,7 +292,7 @@ class CostModel:
         o = self.options
         return stage_phases(stage, layer, batch=batch, workload=workload or self.workload,
                             act_dtype=o.dtype, kfac_dtype=o.kfac_dtype,
-                            inverse_method=o.inverse_method)
+                            inverse_method=o.inverse_method, conv_factors=o.conv_factors)
 
     def _model_us(self, stage: str, layer: LayerModel | None, batch: int,
                   w: WorkloadModel) -> float:

@@ -70,12 +70,29 @@ def fwd_flops(l: LayerModel, w: WorkloadModel) -> float:
     return l.fwd_flops_per_example + share * w.other_fwd_flops_per_example
 
 
-def factor_phases(l: LayerModel, batch: int, dtype: str = "fp32") -> list[Phase]:
+CONV_FACTORS: tuple[str, ...] = ("displacement", "im2col")
+"""How a convolution's A factor is computed: this project's optimizer sums displacement Grams
+of the padded input (no unfold); Chainer- and PyTorch-era K-FAC codes (SP-NGD, KAISA) unfold
+the input patches and multiply (``im2col``: the patch matrix written and read once, then
+``2 N r dA^2`` FLOPs)."""
+
+
+def factor_phases(l: LayerModel, batch: int, dtype: str = "fp32",
+                  conv_factors: str = "displacement") -> list[Phase]:
     """Phases of one layer's factor statistics and running averages (see the module doc)."""
+    if conv_factors not in CONV_FACTORS:
+        raise ValueError(f"conv_factors must be one of {', '.join(CONV_FACTORS)}, "
+                         f"got {conv_factors!r}")
     da, dg = l.dim_a, l.dim_g
     rows = batch * l.rows_per_example
     running = Phase(3.0 * (da * da + dg * dg), FP32 * 3.0 * (da * da + dg * dg), dtype)
     c = l.conv
+    if c is not None and conv_factors == "im2col":
+        size = DTYPE_BYTES[dtype]
+        return [Phase(0.0, 2.0 * size * rows * da, dtype),
+                Phase(2.0 * rows * (da * da + dg * dg),
+                      size * rows * (da + dg) + FP32 * (da * da + dg * dg), dtype),
+                running]
     if c is None:
         return [Phase(2.0 * rows * (da * da + dg * dg),
                       FP32 * (rows * (da + dg) + 3 * (da * da + dg * dg)), dtype)]
@@ -96,7 +113,7 @@ def factor_phases(l: LayerModel, batch: int, dtype: str = "fp32") -> list[Phase]
 
 def layer_phases(
     stage: str, l: LayerModel, *, batch: int, workload: WorkloadModel, act_dtype: str,
-    kfac_dtype: str, inverse_method: str,
+    kfac_dtype: str, inverse_method: str, conv_factors: str = "displacement",
 ) -> list[Phase]:
     """Phases of one call of ``stage`` on layer ``l`` (its share, for whole-model stages)."""
     da, dg = l.dim_a, l.dim_g
@@ -106,7 +123,7 @@ def layer_phases(
         return [Phase(k * batch * fwd_flops(l, workload),
                       k * DTYPE_BYTES[act_dtype] * traffic, act_dtype)]
     if stage == S.FACTOR_COMPUTE:
-        return factor_phases(l, batch, kfac_dtype)
+        return factor_phases(l, batch, kfac_dtype, conv_factors)
     if stage == S.INVERSE:  # eigensolvers and Cholesky run in fp32
         return [Phase(INVERSE_FLOPS_PER_D3[inverse_method] * (da ** 3 + dg ** 3),
                       FP32 * 3 * (da * da + dg * dg), "fp32", rows=da + dg)]
@@ -121,6 +138,7 @@ def layer_phases(
 def stage_phases(
     stage: str, layer: LayerModel | None, *, batch: int, workload: WorkloadModel,
     act_dtype: str = "fp32", kfac_dtype: str = "fp32", inverse_method: str = "eigen",
+    conv_factors: str = "displacement",
 ) -> tuple[list[Phase], int]:
     """``(phases, calls)`` of ``stage`` on ``layer``, or on the whole model (``None``).
 
@@ -128,7 +146,7 @@ def stage_phases(
     add up exactly); the whole-model update is one fused call over every parameter.
     """
     kw = dict(batch=batch, workload=workload, act_dtype=act_dtype, kfac_dtype=kfac_dtype,
-              inverse_method=inverse_method)
+              inverse_method=inverse_method, conv_factors=conv_factors)
     if layer is not None:
         return layer_phases(stage, layer, **kw), 1
     if stage == S.UPDATE:

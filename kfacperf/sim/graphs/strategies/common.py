@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from kfacperf import vocab as S
 from kfacperf.sim.graphs.graph import UNSTAGED, Group, Program
-from kfacperf.sim.graphs.placement import nodes_spanned
+from kfacperf.sim.graphs.placement import PLACEMENTS, nodes_spanned
 from kfacperf.sim.models.device import INVERSE_METHODS
 
 COMM_DTYPE_BYTES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -55,6 +55,9 @@ class CommSettings:
     statistics_fraction: float = 1.0
     """Share of the layers whose statistics a factor step refreshes and sends (SP-NGD's stale
     statistics skip layers whose factors barely changed; 1: every layer)."""
+    placement: str = "balanced"
+    """SP-NGD's owners: balanced by cost, or contiguous runs of layers sorted by name
+    (:data:`kfacperf.sim.graphs.placement.PLACEMENTS`)."""
     factor_bucket_mb: float = 25.0
     ddp_bucket_mb: float = 25.0
     ddp_first_bucket_mb: float = 25.0
@@ -66,6 +69,9 @@ class CommSettings:
             if getattr(self, key) not in COMM_DTYPE_BYTES:
                 raise ValueError(f"comm dtype {getattr(self, key)!r} unknown; use one of "
                                  f"{', '.join(COMM_DTYPE_BYTES)}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, "
+                             f"got {self.placement!r}")
         f = self.statistics_fraction
         if isinstance(f, bool) or not (isinstance(f, (int, float)) and 0 < f <= 1):
             raise ValueError(f"statistics_fraction must be in (0, 1], got {f!r}")

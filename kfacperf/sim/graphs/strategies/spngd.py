@@ -22,7 +22,11 @@ from collections.abc import Sequence
 
 from kfacperf import vocab as S
 from kfacperf.sim.graphs.graph import Program, RankClass
-from kfacperf.sim.graphs.placement import layer_cost, spngd_placement
+from kfacperf.sim.graphs.placement import (
+    contiguous_placement,
+    layer_cost,
+    spngd_placement,
+)
 from kfacperf.sim.graphs.strategies.common import (
     FP32,
     BucketEvent,
@@ -42,8 +46,11 @@ class SpngdStep:
         self.spec = spec
         costs = spec.costs
         p = spec.world_size
-        self.place = spngd_placement(
-            [layer_cost(a, b) for a, b in zip(costs.dim_a, costs.dim_g)], p)
+        if spec.comm.placement == "contiguous":
+            self.place = contiguous_placement(costs.names, p)
+        else:
+            self.place = spngd_placement(
+                [layer_cost(a, b) for a, b in zip(costs.dim_a, costs.dim_g)], p)
         self.owner = self.place.inverse_worker
         self.owned: dict[int, list[int]] = defaultdict(list)
         for l in range(costs.n):
