@@ -40,6 +40,45 @@ class PublishedResult:
     series: pd.DataFrame
     cases: tuple[PublishedCase, ...]
 
+    def table(self) -> str:
+        """Per point measured, predicted, error; per series median and worst |error|."""
+        lines = []
+        for case in self.cases:
+            lines.append(f"{case.name} ({case.role}): {case.title}")
+            lines.append(f"  {case.citation}")
+            pts = self.points[self.points["case"] == case.name]
+            for name, group in pts.groupby("series", sort=False):
+                unit = str(group["unit"].iloc[0])
+                head = f"  {name}:"
+                lines.append(head)
+                key = "stage" if case.quantity == "stage_ms" else "gpus"
+                cells = [[key, f"measured {unit}", f"predicted {unit}", "error"]]
+                for _, r in group.iterrows():
+                    cells.append([str(r[key]), f"{r['measured']:.4g}", f"{r['predicted']:.4g}",
+                                  f"{r['error_pct']:+.1f}%"])
+                widths = [max(len(c[i]) for c in cells) for i in range(4)]
+                for c in cells:
+                    lines.append("    " + "  ".join(
+                        v.ljust(w) if i == 0 else v.rjust(w)
+                        for i, (v, w) in enumerate(zip(c, widths))))
+                srow = self.series[(self.series["case"] == case.name)
+                                   & (self.series["series"] == name)].iloc[0]
+                extra = ""
+                if srow["measured_fastest_gpus"] != "":
+                    extra = (f"; fastest at {srow['measured_fastest_gpus']} GPUs measured, "
+                             f"{srow['predicted_fastest_gpus']} predicted")
+                lines.append(f"    |error| median {srow['median_abs_error_pct']:.1f}%, worst "
+                             f"{srow['worst_abs_error_pct']:.1f}%{extra}")
+            lines.append("")
+        for role in ("calibration", "held-out"):
+            errs = self.points[self.points["role"] == role]["error_pct"].abs()
+            if len(errs):
+                lines.append(f"{role}: {len(errs)} point(s), |error| median {errs.median():.1f}%, "
+                             f"worst {errs.max():.1f}%"
+                             + (" (fitted to these)" if role == "calibration" else
+                                " (never fitted)"))
+        return "\n".join(lines)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (NaN as null): cases with their sources, points, series."""
         return {
