@@ -85,6 +85,19 @@ def _efficiency(device: DeviceModel, term: Term) -> StageEfficiency:
     return device.inverse_methods.get(term.key, device.stages["inverse"])
 
 
+def carry_terms(device: DeviceModel, source: DeviceModel) -> DeviceModel:
+    """``device``'s peaks with ``source``'s stage terms, every one marked assumed: the start of
+    a fit for a GPU whose own measurements cannot determine every term (the same kernels on a
+    newer chip), or the whole model of a GPU no published case measured."""
+    return replace(
+        device,
+        stages={k: replace(s, assumed=True) for k, s in source.stages.items()},
+        inverse_methods={m: replace(s, assumed=True) for m, s in source.inverse_methods.items()},
+        source=f"{device.source.split(';')[0]}; stage terms from {source.name} (assumed to carry "
+               "over)",
+    )
+
+
 @dataclass(frozen=True, kw_only=True)
 class PublishedFit:
     device: DeviceModel
@@ -154,11 +167,13 @@ def fit_device_to_published(
     )
 
 
-def fitted_source(fit: PublishedFit, cases: Sequence[PublishedCase], base_source: str) -> str:
-    """The device's ``source`` after a fit: which terms came from which cases."""
+def fitted_source(fit: PublishedFit, cases: Sequence[PublishedCase], base_source: str,
+                  command: str = "") -> str:
+    """The device's ``source`` after a fit: which terms came from which cases, and how."""
     names = ", ".join(c.name for c in cases)
     terms = ", ".join(fit.terms)
-    return f"{base_source}; {terms} fitted to published cases {names} (kfacperf calibrate --published)"
+    how = f" by `{command}`" if command else ""
+    return f"{base_source}; {terms} fitted to published cases {names}{how}"
 
 
 def describe(fit: PublishedFit) -> list[str]:
@@ -172,5 +187,6 @@ def describe(fit: PublishedFit) -> list[str]:
     return lines
 
 
-__all__: list[Any] = ["FIELDS", "PublishedFit", "Term", "describe", "fit_device_to_published",
+__all__: list[Any] = ["FIELDS", "PublishedFit", "Term", "carry_terms", "describe",
+                      "fit_device_to_published",
                       "fitted_source", "get_term", "parse_term", "set_terms"]

@@ -50,6 +50,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="fit --device to these published calibration cases instead")
     parser.add_argument("--device", default=None,
                         help="with --published: the device preset to fit (as the cases name it)")
+    parser.add_argument("--start-from", default=None, metavar="PRESET",
+                        help="with --published: start from this device's stage terms (marked "
+                             "assumed), keeping --device's peak rates")
     parser.add_argument("--fit", default=None, metavar="TERMS",
                         help="with --published: comma-separated terms, e.g. "
                              "forward.efficiency,inverse_method.cholesky.row_us")
@@ -77,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
     from kfacperf.errors import UserError
 
-    if args.published is not None:
+    if args.published is not None or args.start_from:
         if args.traces or args.workload:
             raise UserError("give --published cases alone (no TRACE directories, no --workload)")
         return _run_published(args)
@@ -143,6 +146,7 @@ def _run_published(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from kfacperf.calibrate.published import (
+        carry_terms,
         describe,
         fit_device_to_published,
         fitted_source,
@@ -153,15 +157,30 @@ def _run_published(args: argparse.Namespace) -> int:
     from kfacperf.sim.models import load_device
     from kfacperf.sim.models.device import save_device_model
 
-    if not args.device or not args.fit:
-        raise UserError("--published needs --device PRESET and --fit TERM[,TERM...]")
+    if not args.device:
+        raise UserError("--published and --start-from need --device PRESET")
+    device = load_device(args.device)
+    if args.start_from:
+        device = carry_terms(device, load_device(args.start_from))
+    if not args.published:  # carry the terms over, nothing to fit them to
+        if args.fit:
+            raise UserError("--fit needs --published cases to fit to")
+        if args.out:
+            save_device_model(replace(device, name=args.device_name or device.name), args.out)
+            print(f"wrote {args.out}")
+        return 0
+    if not args.fit:
+        raise UserError("--published needs --fit TERM[,TERM...]")
     terms = [parse_term(t) for t in args.fit.split(",") if t.strip()]
     cases = load_cases(args.published)
-    device = load_device(args.device)
     fit = fit_device_to_published(cases, device, args.device, terms,
                                   progress=lambda m: print(m, file=sys.stderr))
+    command = ("kfacperf calibrate --published " + " ".join(args.published)
+               + f" --device {args.device}"
+               + (f" --start-from {args.start_from}" if args.start_from else "")
+               + f" --fit {args.fit}")
     fitted = replace(fit.device, name=args.device_name or fit.device.name,
-                     source=fitted_source(fit, cases, device.source))
+                     source=fitted_source(fit, cases, device.source, command))
     for line in describe(fit):
         print(line)
     if args.out:

@@ -29,14 +29,15 @@ collective on ``p * max(m)`` bytes; ``pipelined`` is the chunked-ring bound
 
 A cluster with an ``nccl`` version runs the even collectives through NCCL's own tuning model
 (:mod:`kfacperf.sim.costs.nccl`) instead of the tiers' algorithms; its pipelined v-forms use
-NCCL's ring/Simple step latency and the group's bus bandwidth.
+NCCL's ring/Simple latency (a step per rank, NVLink inside nodes, the network between) and
+the group's bus bandwidth.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 
-from kfacperf.sim.costs.nccl import PROFILES, nccl_choice, ring_step
+from kfacperf.sim.costs.nccl import PROFILES, nccl_choice, ring_latency
 from kfacperf.sim.models.cluster import ALGORITHMS, NCCL_VERSIONS, OPS, V_FORMS, ClusterModel
 
 assert set(PROFILES) == set(NCCL_VERSIONS)
@@ -238,8 +239,8 @@ def _v_collective_us(
     if cluster.nccl:
         intra, node_net = _nccl_bandwidths(cluster, base, p, nodes)
         bus = min(intra, node_net) if nodes > 1 else intra
-        alpha = ring_step(PROFILES[cluster.nccl], nodes=nodes)
-        return (p - 1) * alpha + (sum(sizes) - min(sizes)) / (bus * 1e3)
+        latency = ring_latency(PROFILES[cluster.nccl], ranks=p, nodes=nodes)
+        return latency + (sum(sizes) - min(sizes)) / (bus * 1e3)
     if nodes == 1:
         prm = cluster.intra.params(base)
         alpha, beta = prm.alpha_us, prm.beta_us_per_byte

@@ -168,7 +168,10 @@ def _algorithm_GBps(profile: NcclProfile, op: str, algo: str, proto: str, p: int
     return share * bus * p / steps
 
 
-def ring_step(profile: NcclProfile, *, nodes: int) -> float:
-    """Latency of one ring/Simple step (us): over the network if the group spans nodes."""
+def ring_latency(profile: NcclProfile, *, ranks: int, nodes: int) -> float:
+    """Latency (us) of ``ranks - 1`` ring/Simple steps, ``nodes - 1`` of them across nodes:
+    what a reduce-scatter or all-gather pays before its bytes, as a ring visits every rank."""
     key = ("ring", "Simple")
-    return profile.hop_net[key] if nodes > 1 else profile.hop_nvlink[key]
+    inter = max(0, nodes - 1)
+    return (profile.base[key] + (ranks - 1 - inter) * profile.hop_nvlink[key]
+            + inter * profile.hop_net[key])
