@@ -28,3 +28,11 @@ $K calibrate --published spngd-fig5 spngd-table1 --device v100-spngd --start-fro
 # an H200 for real.
 $K calibrate --device h100-sxm5 --start-from a100-sxm4 --out models/devices/h100-sxm5.toml
 $K calibrate --device h200 --start-from a100-sxm4 --out models/devices/h200.toml
+
+# RTX 2080 Ti and SPD-KFAC's cluster: V100's terms carried over; factor statistics, the
+# (LU-like) inverse and the network fitted to D-KFAC's breakdown. MPD-KFAC's breakdown
+# (published/spdkfac-2080ti.toml) is held out.
+$K calibrate --published dkfac-2080ti --device rtx2080ti --start-from v100-sxm2 \
+  --cluster rtx2080ti-4x-edr --cluster-out models/clusters/rtx2080ti-4x-edr.toml \
+  --fit factor_compute.efficiency,inverse_method.cholesky.efficiency,cluster.inter.bandwidth_GBps \
+  --out models/devices/rtx2080ti.toml

@@ -38,6 +38,7 @@ def predict_series(case: PublishedCase, series: Series, *,
         gpus = series.gpus[0]
         st = pred.stage_times[pred.stage_times["gpus"] == gpus]
         per_stage = st.groupby("stage")["time_us"].sum()
+        per_stage["step"] = step_s[int(gpus)] * 1e6  # the whole step
         for name, measured in zip(series.stages, series.values):
             predicted = sum(float(per_stage.get(part, 0.0)) for part in name.split("+")) / 1e3
             rows.append((case.name, case.role, series.name, gpus, name, measured, predicted,

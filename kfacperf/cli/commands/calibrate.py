@@ -53,6 +53,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--start-from", default=None, metavar="PRESET",
                         help="with --published: start from this device's stage terms (marked "
                              "assumed), keeping --device's peak rates")
+    parser.add_argument("--cluster", default=None, metavar="PRESET",
+                        help="with --published: the cluster preset whose cluster.TIER.FIELD terms "
+                             "are fitted too (written to --cluster-out)")
+    parser.add_argument("--cluster-out", default=None, metavar="TOML",
+                        help="with --cluster: where to write the fitted cluster model")
     parser.add_argument("--fit", default=None, metavar="TERMS",
                         help="with --published: comma-separated terms, e.g. "
                              "forward.efficiency,inverse_method.cholesky.row_us")
@@ -173,11 +178,20 @@ def _run_published(args: argparse.Namespace) -> int:
         raise UserError("--published needs --fit TERM[,TERM...]")
     terms = [parse_term(t) for t in args.fit.split(",") if t.strip()]
     cases = load_cases(args.published)
-    fit = fit_device_to_published(cases, device, args.device, terms,
+    cluster = None
+    if any(t.table == "cluster" for t in terms):
+        if not args.cluster:
+            raise UserError("cluster.* terms need --cluster PRESET (and --cluster-out TOML)")
+        from kfacperf.sim.models import load_cluster
+
+        cluster = load_cluster(args.cluster)
+    fit = fit_device_to_published(cases, device, args.device, terms, cluster=cluster,
+                                  cluster_preset=args.cluster or "",
                                   progress=lambda m: print(m, file=sys.stderr))
     command = ("kfacperf calibrate --published " + " ".join(args.published)
                + f" --device {args.device}"
                + (f" --start-from {args.start_from}" if args.start_from else "")
+               + (f" --cluster {args.cluster}" if cluster is not None else "")
                + f" --fit {args.fit}")
     fitted = replace(fit.device, name=args.device_name or fit.device.name,
                      source=fitted_source(fit, cases, device.source, command))
@@ -186,4 +200,11 @@ def _run_published(args: argparse.Namespace) -> int:
     if args.out:
         save_device_model(fitted, args.out)
         print(f"wrote {args.out}")
+    if fit.cluster is not None and args.cluster_out:
+        from kfacperf.sim.models.cluster import save_cluster_model
+
+        labels = ", ".join(t.label for t in terms if t.table == "cluster")
+        save_cluster_model(replace(fit.cluster, source=f"{fit.cluster.source}; {labels} fitted "
+                                   f"to published cases by `{command}`"), args.cluster_out)
+        print(f"wrote {args.cluster_out}")
     return 0
