@@ -222,7 +222,12 @@ def fitted_source(fit: PublishedFit, cases: Sequence[PublishedCase], base_source
     names = ", ".join(c.name for c in cases)
     terms = ", ".join(fit.terms)
     how = f" by `{command}`" if command else ""
-    return f"{base_source}; {terms} fitted to published cases {names}{how}"
+    return f"{without_fit_notes(base_source)}; {terms} fitted to published cases {names}{how}"
+
+
+def without_fit_notes(source: str) -> str:
+    """``source`` without the notes of earlier fits (a fit run again replaces its note)."""
+    return "; ".join(p for p in source.split("; ") if " fitted to published cases " not in p)
 
 
 def describe(fit: PublishedFit) -> list[str]:

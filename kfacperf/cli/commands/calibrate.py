@@ -156,6 +156,7 @@ def _run_published(args: argparse.Namespace) -> int:
         fit_device_to_published,
         fitted_source,
         parse_term,
+        without_fit_notes,
     )
     from kfacperf.errors import UserError
     from kfacperf.published.cases import load_cases
@@ -204,7 +205,8 @@ def _run_published(args: argparse.Namespace) -> int:
         from kfacperf.sim.models.cluster import save_cluster_model
 
         labels = ", ".join(t.label for t in terms if t.table == "cluster")
-        save_cluster_model(replace(fit.cluster, source=f"{fit.cluster.source}; {labels} fitted "
-                                   f"to published cases by `{command}`"), args.cluster_out)
+        note = f"{labels} fitted to published cases {', '.join(args.published)} by `{command}`"
+        save_cluster_model(replace(fit.cluster, source=f"{without_fit_notes(fit.cluster.source)}; "
+                                                       f"{note}"), args.cluster_out)
         print(f"wrote {args.cluster_out}")
     return 0
