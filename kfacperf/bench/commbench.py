@@ -25,7 +25,7 @@ output, broadcast payload.
 
 When ranks share CPU cores, each launch also times representative work of every compute
 stage kind on rank 0 alone and on all ranks at once (:mod:`kfacperf.bench.probe`); the
-ratios are the compute slowdowns the cluster model's ``contention`` (all kinds together) and
+ratios are the compute slowdowns the host model's ``contention`` (all kinds together) and
 ``contention_by_stage`` describe.  On a shared virtual machine that slowdown changes from
 minute to minute (the host moves the virtual CPUs), so a probe taken once may describe another
 minute than the runs it should predict: ``collectives=False`` measures only the slowdown, and

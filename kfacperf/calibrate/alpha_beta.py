@@ -22,6 +22,7 @@ import numpy as np
 from kfacperf.calibrate.fitting import bounded_lstsq, sig
 from kfacperf.sim.costs.collectives import coefficients
 from kfacperf.sim.models.cluster import OPS, ClusterModel, Tier
+from kfacperf.sim.models.host import HostModel
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,8 +80,7 @@ def cluster_from_fits(
     *,
     name: str,
     gpus_per_node: int,
-    cores_per_node: int = 0,
-    contention: float = 0.0,
+    host: HostModel | None = None,
     source: str = "",
     description: str = "",
 ) -> ClusterModel:
@@ -103,6 +103,6 @@ def cluster_from_fits(
     return ClusterModel(
         name=name, gpus_per_node=gpus_per_node, intra=intra, inter=inter,
         multi_node={op: "flat" for op in OPS}, v_collectives="padded",
-        cores_per_node=cores_per_node, contention=contention, source=source,
+        host=host, source=source,
         description=description,
     )

@@ -2,6 +2,8 @@
 
 * collectives: every linear algorithm of each collective is fitted (alpha-beta least squares,
   :func:`kfacperf.calibrate.alpha_beta.fit_alpha_beta`); the lowest relative error wins;
+The host model (:class:`kfacperf.sim.models.host.HostModel`, where ranks share CPU cores):
+
 * ``contention`` (and per stage kind): least squares of the probed compute slowdowns over the
   world sizes, ``slowdown(r) = (1 + c (r - 1)) * max(1, r / cores)``;
 * ``straggler``: the probed straggler of ``r`` ranks scaled to two ranks by the expected
@@ -12,6 +14,7 @@
 API::
 
     fit_cluster(result, *, name, gpus_per_node=None, cores_per_node=None) -> (ClusterModel, fits)
+    fit_host(result, *, cores_per_node=None) -> HostModel | None   (None: dedicated devices)
     fit_points(points, op) -> (best AlphaBetaFit, every fit)
     fit_contention(slowdowns, cores) -> float
     fit_straggler(stragglers) -> float
@@ -21,7 +24,6 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
-from dataclasses import replace
 
 from kfacperf.bench.results import CommbenchResult, Point, fmt_size
 from kfacperf.calibrate.alpha_beta import (
@@ -30,13 +32,9 @@ from kfacperf.calibrate.alpha_beta import (
     fit_alpha_beta,
 )
 from kfacperf.calibrate.fitting import sig
-from kfacperf.sim.models.cluster import (
-    ALGORITHMS,
-    OPS,
-    ClusterModel,
-    expected_max_normal,
-)
+from kfacperf.sim.models.cluster import ALGORITHMS, OPS, ClusterModel
 from kfacperf.sim.models.device import STAGE_KINDS
+from kfacperf.sim.models.host import HostModel, expected_max_normal
 
 
 def fit_contention(slowdowns: dict[int, float], cores: int) -> float:
@@ -84,6 +82,24 @@ def fit_points(points: Sequence[Point], op: str) -> tuple[AlphaBetaFit, list[Alp
     return fits[0], fits
 
 
+def fit_host(result: CommbenchResult, *, cores_per_node: int | None = None) -> HostModel | None:
+    """The host model of the measured machine: ranks sharing ``result.cores`` cores (or
+    ``cores_per_node``), with the probes' slowdowns; None where nothing says the ranks share
+    a host (NCCL on dedicated GPUs, no probe)."""
+    cores = result.cores if cores_per_node is None else cores_per_node
+    if not (cores > 0 or result.slowdowns or result.stragglers or result.comm_slowdowns):
+        return None
+    contention = sig(fit_contention(result.slowdowns, cores)) if result.slowdowns else 0.0
+    kinds = sorted({k for per in result.stage_slowdowns.values() for k in per},
+                   key=STAGE_KINDS.index)
+    by_stage = {k: sig(fit_contention({w: per[k] for w, per in result.stage_slowdowns.items()
+                                       if k in per}, cores)) for k in kinds}
+    straggler = sig(fit_straggler(result.stragglers)) if result.stragglers else 0.0
+    comm = sig(fit_comm_contention(result.comm_slowdowns)) if result.comm_slowdowns else 0.0
+    return HostModel(cores_per_node=cores, contention=contention, contention_by_stage=by_stage,
+                     straggler=straggler, comm_contention=comm)
+
+
 def fit_cluster(
     result: CommbenchResult, *, name: str, gpus_per_node: int | None = None,
     cores_per_node: int | None = None,
@@ -97,12 +113,6 @@ def fit_cluster(
     tried: dict[str, list[AlphaBetaFit]] = {}
     for op in ops:
         best[op], tried[op] = fit_points(result.points, op)
-    cores = result.cores if cores_per_node is None else cores_per_node
-    contention = sig(fit_contention(result.slowdowns, cores)) if result.slowdowns else 0.0
-    kinds = sorted({k for per in result.stage_slowdowns.values() for k in per},
-                   key=STAGE_KINDS.index)
-    by_stage = {k: sig(fit_contention({w: per[k] for w, per in result.stage_slowdowns.items()
-                                       if k in per}, cores)) for k in kinds}
     if gpus_per_node is None:
         gpus_per_node = 64 if result.backend == "gloo" else max(p.world_size for p in result.points)
     worlds = sorted({p.world_size for p in result.points})
@@ -126,12 +136,7 @@ def fit_cluster(
               if result.comm_slowdowns else ""))
     desc = ("Measured on one machine; the inter tier is a copy of the intra tier (nothing "
             "between nodes was measured).")
-    model = cluster_from_fits(best, name=name, gpus_per_node=gpus_per_node, cores_per_node=cores,
-                              contention=contention, source=src, description=desc)
-    if by_stage:
-        model = replace(model, contention_by_stage=by_stage)
-    if result.stragglers:
-        model = replace(model, straggler=sig(fit_straggler(result.stragglers)))
-    if result.comm_slowdowns:
-        model = replace(model, comm_contention=sig(fit_comm_contention(result.comm_slowdowns)))
+    model = cluster_from_fits(best, name=name, gpus_per_node=gpus_per_node,
+                              host=fit_host(result, cores_per_node=cores_per_node), source=src,
+                              description=desc)
     return model, tried

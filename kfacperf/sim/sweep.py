@@ -110,8 +110,8 @@ def simulate_with_costs(
             keep.append(model)
         return hit
 
-    cluster = getattr(cost, "cluster", None)  # a CostModel; test fakes have none
-    straggle = cluster.straggle if cluster is not None else None
+    host = getattr(cost, "host", None)  # a CostModel; test fakes have none
+    straggle = host.straggle if host is not None else None
 
     def run_point(spec: StrategySpec, p: int) -> _Point:
         lc, coll = costs_for(p)

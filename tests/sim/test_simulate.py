@@ -109,12 +109,14 @@ def test_a_cluster_straggler_makes_synchronised_steps_wait_not_communicate_longe
     from dataclasses import replace
 
     from kfacperf.sim.models import load_cluster
+    from kfacperf.sim.models.host import HostModel
 
     args = dict(gpus=[1, 8, 64], batch_per_gpu=32, events=False)
     cluster = load_cluster("dgx-h100-ndr")
     base = simulate("resnet20", "h100", cluster, ["sgd", "spngd"], **args)
-    uneven = simulate("resnet20", "h100", replace(cluster, straggler=0.05), ["sgd", "spngd"],
-                      **args)
+    uneven = simulate("resnet20", "h100",
+                      replace(cluster, host=HostModel(cores_per_node=0, straggler=0.05)),
+                      ["sgd", "spngd"], **args)
     b, u = base.summary.set_index(["strategy", "gpus"]), uneven.summary.set_index(["strategy", "gpus"])
     many = (slice(None), [8, 64])
     assert (u.loc[many, "step_us"] > b.loc[many, "step_us"]).all()
