@@ -8,7 +8,7 @@ import pytest
 
 from helpers.synthetic_commbench import TRUE, synthetic_result
 from kfacperf.bench import commbench as cb
-from kfacperf.bench import results
+from kfacperf.bench import results, timing
 from kfacperf.calibrate import cluster as cbf
 from kfacperf.sim.costs.collectives import algorithm_us
 from kfacperf.sim.models.cluster import OPS, load_cluster_model
@@ -72,17 +72,17 @@ def test_fit_with_noise_stays_close() -> None:
 
 
 def test_a_repetition_times_one_call_alone_or_a_batch() -> None:
-    assert cb.calls_per_repetition("per_call", 10.0) == 1
-    assert cb.calls_per_repetition("batched", 10.0) == 20  # capped
-    assert cb.calls_per_repetition("batched", 1000.0) == 3  # about 3 ms of calls
-    assert cb.calls_per_repetition("batched", 50_000.0) == 1
-    assert cb.resolve_timing("auto", "gloo") == "per_call"
-    assert cb.resolve_timing("auto", "nccl") == "batched"
-    assert cb.resolve_timing("batched", "gloo") == "batched"
+    assert timing.calls_per_repetition("per_call", 10.0) == 1
+    assert timing.calls_per_repetition("batched", 10.0) == 20  # capped
+    assert timing.calls_per_repetition("batched", 1000.0) == 3  # about 3 ms of calls
+    assert timing.calls_per_repetition("batched", 50_000.0) == 1
+    assert timing.resolve_timing("auto", "gloo") == "per_call"
+    assert timing.resolve_timing("auto", "nccl") == "batched"
+    assert timing.resolve_timing("batched", "gloo") == "batched"
     with pytest.raises(ValueError, match="timing must be"):
         cb.CommbenchConfig(timing="sometimes")
     with pytest.raises(ValueError, match="timing must be"):
-        cb.calls_per_repetition("auto", 10.0)
+        timing.calls_per_repetition("auto", 10.0)
 
 
 def test_config_and_size_parsing() -> None:
