@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Generator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import simpy
@@ -211,7 +212,8 @@ class _StepRun:
 
     def _compute_stream(self, segs: list[_Segment], starts: list[float],
                         signals: dict[int, simpy.Event], first: simpy.Event | None,
-                        end: list[float], ci: int, finished: simpy.Event | None) -> Generator:
+                        end: list[float], ci: int, finished: simpy.Event | None
+                        ) -> Generator[simpy.Event, Any, None]:
         """Runs compute segments in order: each after the collectives it waits for, one
         timeout each, announcing the launches that follow it."""
         env, done = self.env, self.colls.done
@@ -233,7 +235,8 @@ class _StepRun:
 
     def _comm_stream(self, items: list[tuple[int, int]], signals: dict[int, simpy.Event],
                      first: tuple[simpy.Event, ...], end: list[float], ci: int,
-                     finished: simpy.Event | None, synced_at: list[float] | None) -> Generator:
+                     finished: simpy.Event | None, synced_at: list[float] | None
+                     ) -> Generator[simpy.Event, Any, None]:
         """Joins collectives in issue order, each once its launch's compute is done; the last
         member to arrive waits out the straggle, runs the collective and wakes the others."""
         env, c = self.env, self.colls
