@@ -100,3 +100,21 @@ def test_two_nodes_of_one_rank_fit_the_inter_tier(tmp_path: Path) -> None:
     for op in OPS:
         assert model.inter.params(op).bandwidth_GBps > 0
     assert "inter" in outputs[0] and "collective" in outputs[0]  # both print the fits
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--nnodes", "2"], "needs --rdzv-endpoint HOST:PORT"),
+     (["--nnodes", "2", "--rdzv-endpoint", "h:1", "--node-rank", "2"],
+      "--node-rank must be in 0 .. 1"),
+     (["--nproc-per-node", "2"], "are for runs across nodes"),
+     (["--nnodes", "2", "--rdzv-endpoint", "h:1", "--from-raw", "a.json"],
+      "cannot go with --nnodes")],
+)
+def test_commbench_across_nodes_bad_input(args: list[str], message: str,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from kfacperf.cli import main
+
+    assert main(["commbench", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
