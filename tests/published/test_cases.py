@@ -101,3 +101,23 @@ def test_validate_published_command(capsys) -> None:
     assert {p["stage"] for p in data["points"]} >= {"inverse", "forward"}
     assert main(["validate", "--published", "pipefisher-bert", "--calibrate", "x"]) == 2
     assert "without --calibrate" in capsys.readouterr().err
+
+
+def test_report_draws_each_published_case(tmp_path) -> None:
+    from kfacperf.report.build import build_sections
+    from kfacperf.report.published_section import load_published
+    from kfacperf.validation.published import validate_published
+
+    path = tmp_path / "pub.json"
+    path.write_text(json.dumps(validate_published(["pipefisher-bert", "mlperf-v06-abci"])
+                               .to_dict()))
+    secs = {s.key: s for s in build_sections([], [], published=load_published(path))}
+    sec = secs["published"]
+    assert len(sec.figures) == 2  # one per case: a stage breakdown, a curve
+    curve = sec.figures[1]
+    assert curve.layout.xaxis.type == "log"
+    assert [t.name for t in curve.data] == ["sgd_fp16_b42 measured", "sgd_fp16_b42 predicted"]
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="validate --published"):
+        load_published(bad)
