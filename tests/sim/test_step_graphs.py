@@ -19,15 +19,8 @@ from kfacperf.sim.graphs.placement import (
     spngd_placement,
 )
 from kfacperf.sim.graphs.strategies import build_graph, make_step, parse_strategy
-from kfacperf.sim.graphs.strategies.common import (
-    FACTOR_STEP,
-    INVERSE_STEP,
-    PLAIN_STEP,
-    CommSettings,
-    QueueBuckets,
-    StepSpec,
-    ddp_buckets,
-)
+from kfacperf.sim.graphs.strategies.common import CommSettings, QueueBuckets, StepSpec, ddp_buckets
+from kfacperf.vocab import FACTOR_STEP, INVERSE_STEP, PLAIN_STEP
 
 LAYERS = random_layer_costs(8, seed=11, other_params=3000)
 A, G = LAYERS.dim_a, LAYERS.dim_g
