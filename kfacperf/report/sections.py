@@ -112,8 +112,10 @@ def prediction_inputs_table(predictions: Sequence[PredictionData]) -> str:
 
 def breakdown_section(runs: Sequence[RunData]) -> Section:
     sec = Section(key="breakdown", title="Measured stage breakdown per rank",
-                  intro="Per-step time of each stage on each rank (communication hatched: it may run under "
-                        "compute), and how much of the communication time is exposed.")
+                  intro="Per-step time of each stage on each rank, as kfacperf validate measures a stage: "
+                        "compute without the stages nested in it, a collective from its last member's "
+                        "start to its last completion (communication hatched: it may run under "
+                        "compute); then how much of the time communication is in flight is exposed.")
     for run in runs:
         breakdown = metrics.rank_stage_breakdown(run.summary)
         if breakdown.empty:

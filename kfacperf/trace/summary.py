@@ -79,10 +79,11 @@ class TraceSummary:
             )
         lines.append("")
         mix = ", ".join(f"{n} {kind}" for kind, n in self.measured.kinds.items())
+        lines.append(f"step time: {self.step_us / 1e3:.3f} ms (the median of each kind of step, "
+                     f"weighted by the mix: {mix})")
         lines.append(
-            f"step time: {self.step_us / 1e3:.3f} ms (median per kind of step, weighted: {mix});"
-            f" mean {self.step_mean_us / 1e3:.3f} ms, median {self.step_median_us / 1e3:.3f} ms,"
-            f" p95 {self.step_p95_us / 1e3:.3f} ms over {self.measured_steps} measured steps"
+            f"all {self.measured_steps} measured steps: mean {self.step_mean_us / 1e3:.3f} ms, "
+            f"median {self.step_median_us / 1e3:.3f} ms, p95 {self.step_p95_us / 1e3:.3f} ms"
         )
         lines.append(
             f"communication: {self.comm_us / 1e3:.3f} ms/step, exposed {self.exposed_comm_us / 1e3:.3f}"
