@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from kfacperf import vocab as S
 from kfacperf.report import figures, matching, metrics, timeline
 from kfacperf.report.inputs import PredictionData, RunData
 from kfacperf.report.page import (
@@ -158,13 +159,15 @@ def comparison_section(runs: Sequence[RunData], predictions: Sequence[Prediction
         label = f"{run.name} vs {match.prediction.name} ({run.strategy}, {run.world_size} GPUs)"
         sec.add_html(heading(label))
         comp = metrics.stage_comparison(cmp)
+        if not predicted.stage_us:  # simulated without events: the step alone
+            comp = comp[comp["stage"] == S.STEP].reset_index(drop=True)
         sec.add_html(table(comp, [
             ("stage", "stage", fmt_plain), ("measured_us", "measured (ms)", fmt_ms),
             ("predicted_us", "predicted (ms)", fmt_ms), ("error_pct", "error", fmt_pct),
         ], numeric=("measured_us", "predicted_us", "error_pct")))
         if not predicted.stage_us:
             sec.add_html(paragraph(f"{match.prediction.name} has no events for this point (simulated "
-                                   "without them), so no predicted stage times."))
+                                   "without them), so no predicted stage times: the step alone."))
         sec.add_figure(figures.comparison_figure(comp, "per-step time by stage: measured vs predicted"))
         layers = compare_layers(run.summary.measured, predicted)
         if not layers.empty:

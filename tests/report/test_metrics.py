@@ -119,3 +119,18 @@ def test_headline_overhead_and_match(synth, tmp_path):
     assert head.loc["kfac", "predicted_step_us"] == pytest.approx(predicted)
     assert head.loc["kfac", "kfac_overhead_predicted"] == pytest.approx(want["kfac_overhead"])
     assert head.loc["kfac", "error_pct"] == pytest.approx((predicted - kfac_step) / kfac_step * 100)
+
+
+def test_comparison_without_predicted_events_shows_the_step_alone(synth, tmp_path):
+    from kfacperf.report import sections
+    from kfacperf.report.inputs import load_predictions
+
+    run, _ = _load(synth, tmp_path, "kfac", strategy="spngd", world_size=2)
+    summary = synth.make_summary()
+    pred_dir = synth.write_prediction_dir(tmp_path / "p", synth.prediction_meta(), summary,
+                                          synth.make_stage_times(summary),
+                                          synth.make_prediction_events(["spngd"], [4096]))
+    sec = sections.comparison_section([run], load_predictions([pred_dir]))
+    html = "".join(b.html for b in sec.blocks)
+    assert "no predicted stage times: the step alone" in html
+    assert ">step<" in html and ">forward<" not in html
