@@ -52,7 +52,6 @@ from typing import Any
 from kfacperf import vocab as S
 from kfacperf.sim.costs.collectives import group_collective_us
 from kfacperf.sim.costs.stage_work import (
-    CONV_FACTORS,
     DTYPE_BYTES,
     WHOLE_MODEL_STAGES,
     Phase,
@@ -68,10 +67,7 @@ STATISTICS_STAGES = (S.FACTOR_COMPUTE, S.INVERSE)
 
 
 def dtype_bytes(dtype: str) -> int:
-    try:
-        return DTYPE_BYTES[dtype]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPE_BYTES)}") from None
+    return DTYPE_BYTES[S.check_choice("dtype", dtype, tuple(DTYPE_BYTES))]
 
 
 def factor_elements(d: int, symmetric: bool = False) -> int:
@@ -113,16 +109,12 @@ class CostOptions:
 
     def __post_init__(self) -> None:
         for key in ("dtype", "kfac_dtype"):
-            if getattr(self, key) not in DTYPES:
-                raise ValueError(f"{key} must be one of {DTYPES}, got {getattr(self, key)!r}")
-        if self.inverse_method not in INVERSE_METHODS:
-            raise ValueError(f"inverse_method must be one of {INVERSE_METHODS}, "
-                             f"got {self.inverse_method!r}")
-        dtype_bytes(self.comm_dtype)
-        dtype_bytes(self.precond_dtype)
-        if self.conv_factors not in CONV_FACTORS:
-            raise ValueError(f"conv_factors must be one of {', '.join(CONV_FACTORS)}, "
-                             f"got {self.conv_factors!r}")
+            S.check_choice(key, getattr(self, key), DTYPES)
+        S.check_choice("inverse_method", self.inverse_method, INVERSE_METHODS)
+        S.check_choice("comm_dtype", self.comm_dtype, S.COMM_DTYPES)
+        S.check_choice("precond_dtype", self.precond_dtype, S.COMM_DTYPES)
+        S.check_choice("conv_factors", self.conv_factors, S.CONV_FACTORS)
+        S.check_choice("placement", self.placement, S.PLACEMENTS)
         f = self.statistics_fraction
         if isinstance(f, bool) or not (isinstance(f, (int, float)) and 0 < f <= 1):
             raise ValueError(f"statistics_fraction must be in (0, 1], got {f!r}")

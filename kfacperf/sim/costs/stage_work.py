@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from kfacperf import vocab as S
 from kfacperf.sim.models.workload import LayerModel, WorkloadModel
 
-DTYPE_BYTES: dict[str, int] = {"fp64": 8, "fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2}
+DTYPE_BYTES: dict[str, int] = S.DTYPE_BYTES
 WHOLE_MODEL_STAGES = (S.FORWARD, S.BACKWARD, S.UPDATE)
 INVERSE_FLOPS_PER_D3 = {"eigen": 9.0, "cholesky": 1.0}
 PRECOND_FLOPS_FACTOR = {"eigen": 4.0, "cholesky": 2.0}
@@ -70,19 +70,10 @@ def fwd_flops(l: LayerModel, w: WorkloadModel) -> float:
     return l.fwd_flops_per_example + share * w.other_fwd_flops_per_example
 
 
-CONV_FACTORS: tuple[str, ...] = ("displacement", "im2col")
-"""How a convolution's A factor is computed: this project's optimizer sums displacement Grams
-of the padded input (no unfold); Chainer- and PyTorch-era K-FAC codes (SP-NGD, KAISA) unfold
-the input patches and multiply (``im2col``: the patch matrix written and read once, then
-``2 N r dA^2`` FLOPs)."""
-
-
 def factor_phases(l: LayerModel, batch: int, dtype: str = "fp32",
                   conv_factors: str = "displacement") -> list[Phase]:
     """Phases of one layer's factor statistics and running averages (see the module doc)."""
-    if conv_factors not in CONV_FACTORS:
-        raise ValueError(f"conv_factors must be one of {', '.join(CONV_FACTORS)}, "
-                         f"got {conv_factors!r}")
+    S.check_choice("conv_factors", conv_factors, S.CONV_FACTORS)
     da, dg = l.dim_a, l.dim_g
     rows = batch * l.rows_per_example
     running = Phase(3.0 * (da * da + dg * dg), FP32 * 3.0 * (da * da + dg * dg), dtype)
