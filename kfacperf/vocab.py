@@ -72,3 +72,32 @@ def check_stage(stage: str) -> str:
     """Return ``stage`` if it is in the vocabulary, else raise a ValueError naming it."""
     lane_of(stage)
     return stage
+
+
+# Fisher blocks beyond the Kronecker-factored layers, and how the Fisher is estimated: knobs
+# of the real optimizer, of run.json and of the simulator alike (see docs/fisher-blocks.md).
+BN_NONE = "none"
+BN_UNIT = "unit"
+BN_FULL = "full"
+BN_BLOCKS: tuple[str, ...] = (BN_NONE, BN_UNIT, BN_FULL)
+"""BatchNorm layers as Fisher blocks: ``none`` (their parameters are left to the first-order
+optimizer), ``unit`` (a 2x2 block per channel over (gamma_c, beta_c): SP-NGD's unitBN),
+``full`` (one 2C x 2C block per layer over (gamma, beta): fullBN)."""
+
+FISHER_EMP = "emp"
+FISHER_MC = "mc"
+FISHER_TYPES: tuple[str, ...] = (FISHER_EMP, FISHER_MC)
+"""``emp``: statistics from the true labels' backward (the empirical Fisher); ``mc``: from one
+extra backward with labels sampled from the model's predictive distribution (SP-NGD's 1mc)."""
+
+MC_FISHER_PASS = "mc_fisher"
+"""The ``layer`` of the ``backward`` row of the Monte-Carlo pass (``fisher = "mc"``, factor
+steps): that step has two ``backward`` rows, this one (the statistics are captured in it)
+and the true labels' backward (``layer`` ``""``)."""
+
+
+def check_choice(key: str, value: str, choices: tuple[str, ...]) -> str:
+    """Return ``value`` if it is one of ``choices``, else raise a ValueError naming ``key``."""
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+    return value

@@ -6,7 +6,10 @@ layer and which ranks work on its gradient; they never compute loads themselves.
 Load balancing is the classic *longest-processing-time-first* greedy (LPT):
 
 1. every layer costs ``dim(A)**3 + dim(G)**3`` — the flops of its two eigendecompositions or
-   inverses up to a constant; both factors of a layer stay on one rank;
+   inverses up to a constant; both factors of a layer stay on one rank.  A Fisher block of
+   another form costs ``count * n**3`` summed over the symmetric matrices it inverts
+   (``LayerShape.blocks``): a BatchNorm layer's C unit-wise 2x2 blocks ``8 C``, its full
+   2C x 2C block ``(2C)**3``;
 2. layers are sorted by cost, largest first; ties keep the layer order (forward order);
 3. each layer goes to the least-loaded bin; ties go to the lowest rank.
 
@@ -38,11 +41,22 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, kw_only=True)
 class LayerShape:
-    """The factor dimensions of one K-FAC layer (``dim_a`` includes the bias column)."""
+    """The factor dimensions of one K-FAC layer (``dim_a`` includes the bias column).
+
+    ``blocks`` lists the ``(n, count)`` stacks of symmetric matrices the layer inverts when
+    they are not its two Kronecker factors (empty: ``((dim_a, 1), (dim_g, 1))``).
+    """
 
     name: str
     dim_a: int
     dim_g: int
+    blocks: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def cost(self) -> int:
+        if not self.blocks:
+            return inverse_cost(self.dim_a, self.dim_g)
+        return blocks_cost(self.blocks)
 
 
 def inverse_cost(dim_a: int, dim_g: int) -> int:
@@ -50,6 +64,13 @@ def inverse_cost(dim_a: int, dim_g: int) -> int:
     if dim_a < 1 or dim_g < 1:
         raise ValueError(f"factor dimensions must be >= 1, got dim_a={dim_a}, dim_g={dim_g}")
     return dim_a**3 + dim_g**3
+
+
+def blocks_cost(blocks: Sequence[tuple[int, int]]) -> int:
+    """Relative cost of inverting ``count`` symmetric ``n x n`` matrices per ``(n, count)``."""
+    if not blocks or any(n < 1 or count < 1 for n, count in blocks):
+        raise ValueError(f"blocks must be (n >= 1, count >= 1) pairs, got {list(blocks)}")
+    return sum(count * n**3 for n, count in blocks)
 
 
 def lpt_assign(
@@ -128,7 +149,7 @@ class Assignment:
         """Summed inverse cost per rank."""
         out = [0] * self.world_size
         for s in self.layers:
-            out[self.inverse_worker[s.name]] += inverse_cost(s.dim_a, s.dim_g)
+            out[self.inverse_worker[s.name]] += s.cost
         return out
 
     def grad_source(self, name: str, rank: int) -> int:
@@ -145,7 +166,7 @@ class Assignment:
 def _costs(layers: Sequence[LayerShape]) -> list[tuple[str, float]]:
     if not layers:
         raise ValueError("no K-FAC layers to assign")
-    return [(s.name, float(inverse_cost(s.dim_a, s.dim_g))) for s in layers]
+    return [(s.name, float(s.cost)) for s in layers]
 
 
 def spngd_assignment(layers: Sequence[LayerShape], world_size: int) -> Assignment:

@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from kfacperf import vocab
 from kfacperf.runtime.settings import OptimizerSettings
 
 OPTIMIZERS = ("sgd", "kfac")
@@ -91,6 +92,14 @@ class ProfileConfig(OptimizerSettings):
             raise bad("device", f"must be one of {', '.join(DEVICES)}")
         if self.comm_dtype not in COMM_DTYPES:
             raise bad("comm_dtype", f"must be one of {', '.join(COMM_DTYPES)}")
+        if self.bn_blocks not in vocab.BN_BLOCKS:
+            raise bad("bn_blocks", f"must be one of {', '.join(vocab.BN_BLOCKS)}")
+        if self.fisher not in vocab.FISHER_TYPES:
+            raise bad("fisher", f"must be one of {', '.join(vocab.FISHER_TYPES)}")
+        if self.optimizer == "sgd" and (self.bn_blocks, self.fisher) != (vocab.BN_NONE,
+                                                                          vocab.FISHER_EMP):
+            raise ValueError("--bn-blocks and --fisher are K-FAC settings; --optimizer sgd "
+                             "takes neither (leave them out, or use --optimizer kfac)")
         if self.multi_node and not self.rdzv_endpoint:
             raise ValueError(f"--nnodes {self.nnodes} needs --rdzv-endpoint HOST:PORT")
 
@@ -165,6 +174,8 @@ def run_record(
         "comm_dtype": config.comm_dtype,
         "symmetric": config.symmetric,
         "bucket_cap_mb": config.bucket_cap_mb,
+        "bn_blocks": config.bn_blocks,
+        "fisher": config.fisher,
         "world_size": world_size,
         "batch_per_rank": batch_per_rank,
         "steps": config.steps,
