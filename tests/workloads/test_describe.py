@@ -113,6 +113,32 @@ def test_resnet50_description():
     assert small["options"]["image_size"] == 64 and small["layers"][0]["rows_per_example"] == 32 * 32
 
 
+def test_resnet50_batchnorm_layers_follow_their_convolutions():
+    d = describe_workload("resnet50")
+    norms = d["batchnorm"]
+    assert len(norms) == 53 and len(d["layers"]) + len(norms) == 107  # SP-NGD's Fisher blocks
+    convs = {l["name"]: l for l in d["layers"]}
+    for bn in norms:  # each BatchNorm normalises the output of the conv called just before it
+        conv = convs[bn["follows"]]
+        prefix = bn["name"].rsplit(".", 1)[0]
+        expected = (prefix + ".0" if bn["name"].endswith("downsample.1")
+                    else bn["name"].replace("bn", "conv"))
+        assert bn["follows"] == expected
+        assert bn["channels"] == conv["dim_g"] and bn["params"] == 2 * conv["dim_g"]
+        assert bn["rows_per_example"] == conv["rows_per_example"]
+        assert bn["in_elems_per_example"] == conv["out_elems_per_example"]
+    assert sum(bn["params"] for bn in norms) == d["other_params"] == 53_120
+
+
+def test_batchnorm_records_by_hand():
+    model = nn.Sequential(nn.BatchNorm2d(2), nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3, affine=False),
+                          nn.Flatten(), nn.Linear(3 * 4 * 5, 6), nn.BatchNorm1d(6))
+    d = describe_model(model, torch.zeros(1, 2, 4, 5))
+    assert [(b["name"], b["follows"], b["channels"], b["rows_per_example"]) for b in
+            d["batchnorm"]] == [("0", "", 2, 20), ("5", "4", 6, 1)]  # affine=False: no block
+    assert d["other_params"] == 2 * 2 + 2 * 6
+
+
 def test_describe_rejects_shared_and_unused_layers_and_big_batches():
     lin = nn.Linear(4, 4)
     with pytest.raises(ValueError, match="more than once"):

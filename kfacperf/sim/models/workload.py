@@ -4,15 +4,19 @@ API (stable; the step graphs and the engine build on it)::
 
     LayerModel(*, name, kind, dim_a, dim_g, params, rows_per_example,
                fwd_flops_per_example, in_elems_per_example, out_elems_per_example,
-               conv: ConvGeometry | None = None)
+               conv: ConvGeometry | None = None, follows: str = "")
+        .channels -> int  (a batchnorm layer's C)
     ConvGeometry(*, in_channels, kernel, stride, dilation, padded, output)  # (H, W) pairs
     WorkloadModel(*, name, layers: tuple[LayerModel, ...], other_params: int,
                   other_fwd_flops_per_example: float, input_shape: tuple[int, ...],
                   input_dtype: str, source: str, description: str = "",
                   workload: str = "", options: Mapping[str, Any] = {},
-                  custom_options: tuple[str, ...] = ())
+                  custom_options: tuple[str, ...] = (),
+                  batchnorm: tuple[LayerModel, ...] = ())
         .layer(name) -> LayerModel          .layer_names -> tuple[str, ...]
         .kfac_params / .total_params -> int .fwd_flops_per_example -> float
+        .fisher_layers(bn_blocks) -> tuple[LayerModel, ...]   (forward order)
+        .other_params_with(bn_blocks) -> int   .batchnorm_params -> int
         .matches_run(workload, options) -> bool
     load_workload_model(path) -> WorkloadModel       (strict; errors name file and key)
     save_workload_model(model, path) -> Path
@@ -27,6 +31,18 @@ parameters outside K-FAC layers (normalisation, embeddings); they still travel i
 all-reduce and the update.  ``other_fwd_flops_per_example`` is forward work outside the K-FAC
 layers (attention score products, normalisation) when the description knows it, else 0.
 
+**BatchNorm layers** (``kind = "batchnorm"``) are kept apart, in ``batchnorm``: each is a
+Fisher block only when the optimizer runs with ``bn_blocks = "unit"`` or ``"full"``
+(:data:`kfacperf.vocab.BN_BLOCKS`); otherwise their parameters are among ``other_params``
+like any other.  A BatchNorm layer's ``dim_g`` is its channels C and ``dim_a`` is 2 (its
+gradient is the ``C x 2`` matrix ``[∇γ | ∇β]``, as in the optimizer), ``rows_per_example``
+the spatial positions one example has (H x W), ``params`` 2C, and ``fwd_flops_per_example``
+0 (elementwise work, not counted, like torch's FLOP counter).  ``follows`` names the K-FAC
+layer the forward pass ran just before it ("" for none), which places it among the layers:
+:meth:`WorkloadModel.fisher_layers` gives every Fisher block of a ``bn_blocks`` setting in
+forward order.  In the TOML file (format 2) all layers are one ``[[layers]]`` array in
+forward order; files of format 1 (no BatchNorm layers) are still read.
+
 ``workload`` is the registry name the model was built from (``kfacperf.workloads``),
 ``options`` the full keyword options it was built with and ``custom_options`` those that
 differ from the workload's defaults.  ``name`` is unique per build (the registry name, plus
@@ -40,9 +56,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kfacperf import vocab
 from kfacperf.sim.models.toml_io import Table, read_toml, write_toml
 
-LAYER_KINDS = ("linear", "conv2d")
+KRONECKER_KINDS = ("linear", "conv2d")
+BATCHNORM = "batchnorm"
+LAYER_KINDS = (*KRONECKER_KINDS, BATCHNORM)
 _MISSING = object()
 
 
@@ -52,7 +71,9 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, bool) or isinstance(b, bool):
         return a is b
     return a == b
-FORMAT = "kfacperf-workload-1"
+FORMAT = "kfacperf-workload-2"
+FORMATS = ("kfacperf-workload-1", FORMAT)
+"""Formats read: 1 (K-FAC layers only) and 2 (BatchNorm layers too)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,7 +104,8 @@ class ConvGeometry:
 
 @dataclass(frozen=True, kw_only=True)
 class LayerModel:
-    """One K-FAC layer (a Linear or Conv2d); ``conv`` is optional detail for a Conv2d."""
+    """One K-FAC layer (a Linear or Conv2d; ``conv`` is optional detail for a Conv2d), or a
+    BatchNorm layer (``kind = "batchnorm"``, see the module docstring)."""
 
     name: str
     kind: str
@@ -95,6 +117,7 @@ class LayerModel:
     in_elems_per_example: int
     out_elems_per_example: int
     conv: ConvGeometry | None = None
+    follows: str = ""
 
     def __post_init__(self) -> None:
         if self.conv is not None and self.kind != "conv2d":
@@ -109,6 +132,20 @@ class LayerModel:
         for key in ("fwd_flops_per_example", "in_elems_per_example", "out_elems_per_example"):
             if getattr(self, key) < 0:
                 raise ValueError(f"layer {self.name!r}: {key} must be >= 0")
+        if self.kind == BATCHNORM:
+            if self.dim_a != 2 or self.params != 2 * self.dim_g:
+                raise ValueError(f"batchnorm layer {self.name!r}: dim_a must be 2 and params "
+                                 f"2 x channels ({2 * self.dim_g}), got dim_a={self.dim_a}, "
+                                 f"params={self.params}")
+        elif self.follows:
+            raise ValueError(f"layer {self.name!r}: only a batchnorm layer follows another")
+
+    @property
+    def channels(self) -> int:
+        """A BatchNorm layer's channels C (its ``dim_g``)."""
+        if self.kind != BATCHNORM:
+            raise ValueError(f"layer {self.name!r} is a {self.kind} layer, not batchnorm")
+        return self.dim_g
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,18 +163,35 @@ class WorkloadModel:
     workload: str = ""
     options: Mapping[str, Any] = field(default_factory=dict)
     custom_options: tuple[str, ...] = ()
+    batchnorm: tuple[LayerModel, ...] = ()
     _by_name: dict[str, LayerModel] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.layers:
             raise ValueError(f"workload {self.name!r} has no K-FAC layers")
         by_name: dict[str, LayerModel] = {}
-        for layer in self.layers:
+        for layer in (*self.layers, *self.batchnorm):
             if layer.name in by_name:
                 raise ValueError(f"workload {self.name!r}: duplicate layer name {layer.name!r}")
             by_name[layer.name] = layer
+        wrong = [l.name for l in self.layers if l.kind == BATCHNORM]
+        wrong += [l.name for l in self.batchnorm if l.kind != BATCHNORM]
+        if wrong:
+            raise ValueError(f"workload {self.name!r}: layers {wrong} are in the wrong list "
+                             "(batchnorm layers go in 'batchnorm', the others in 'layers')")
+        unknown = [l.follows for l in self.batchnorm
+                   if l.follows and (l.follows not in by_name or by_name[l.follows].kind
+                                     == BATCHNORM)]
+        if unknown:
+            raise ValueError(f"workload {self.name!r}: batchnorm layers follow unknown K-FAC "
+                             f"layer(s) {unknown}")
+        bn_params = sum(l.params for l in self.batchnorm)
+        if bn_params > self.other_params:
+            raise ValueError(f"workload {self.name!r}: other_params ({self.other_params}) must "
+                             f"include the batchnorm parameters ({bn_params})")
         object.__setattr__(self, "_by_name", by_name)
         object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "batchnorm", tuple(self.batchnorm))
         object.__setattr__(self, "input_shape", tuple(self.input_shape))
         object.__setattr__(self, "workload", self.workload or self.name)
         object.__setattr__(self, "options", dict(self.options))
@@ -157,7 +211,39 @@ class WorkloadModel:
 
     @property
     def layer_names(self) -> tuple[str, ...]:
-        return tuple(self._by_name)
+        """The K-FAC layers' names (BatchNorm layers are in :meth:`fisher_layers`)."""
+        return tuple(l.name for l in self.layers)
+
+    def fisher_layers(self, bn_blocks: str = vocab.BN_NONE) -> tuple[LayerModel, ...]:
+        """The Fisher blocks of ``bn_blocks`` in forward order: the K-FAC layers, with each
+        BatchNorm layer right after the layer it follows when BatchNorm layers are blocks."""
+        vocab.check_choice("bn_blocks", bn_blocks, vocab.BN_BLOCKS)
+        if bn_blocks == vocab.BN_NONE:
+            return self.layers
+        if not self.batchnorm:
+            raise ValueError(
+                f"workload {self.name!r} has no batchnorm layers to make Fisher blocks of "
+                f"(bn_blocks={bn_blocks!r}); a model file of format 1 predates them: "
+                f"regenerate it with kfacperf calibrate --workload {self.workload} --out FILE")
+        after: dict[str, list[LayerModel]] = {}
+        for l in self.batchnorm:
+            after.setdefault(l.follows, []).append(l)
+        out = list(after.get("", []))
+        for l in self.layers:
+            out.append(l)
+            out.extend(after.get(l.name, []))
+        return tuple(out)
+
+    @property
+    def batchnorm_params(self) -> int:
+        return sum(l.params for l in self.batchnorm)
+
+    def other_params_with(self, bn_blocks: str = vocab.BN_NONE) -> int:
+        """Parameters outside the Fisher blocks of ``bn_blocks``."""
+        vocab.check_choice("bn_blocks", bn_blocks, vocab.BN_BLOCKS)
+        if bn_blocks == vocab.BN_NONE:
+            return self.other_params
+        return self.other_params - self.batchnorm_params
 
     def matches_run(self, workload: str, options: Mapping[str, Any] | None = None) -> bool:
         """Whether a run of ``workload`` with ``options`` (defaults where absent) is this model.
@@ -186,10 +272,26 @@ class WorkloadModel:
 
 
 # ---------------------------------------------------------------------------------------------
-def _layer_from_table(t: Table) -> LayerModel:
+def _batchnorm_from_table(t: Table, follows: str) -> LayerModel:
+    channels = t.int("channels", minimum=1)
+    params = t.int("params", minimum=1)
+    if params != 2 * channels:
+        raise t.error("params", f"a batchnorm layer has 2 x channels = {2 * channels} "
+                                "parameters (gamma and beta)")
+    layer = LayerModel(
+        name=t.str("name"), kind=BATCHNORM, dim_a=2, dim_g=channels, params=params,
+        rows_per_example=t.int("rows_per_example", minimum=1), fwd_flops_per_example=0.0,
+        in_elems_per_example=t.int("in_elems_per_example", minimum=0),
+        out_elems_per_example=t.int("out_elems_per_example", minimum=0), follows=follows,
+    )
+    t.done()
+    return layer
+
+
+def _layer_from_table(t: Table, kinds: tuple[str, ...] = KRONECKER_KINDS) -> LayerModel:
     kwargs = dict(
         name=t.str("name"),
-        kind=t.str("kind", choices=LAYER_KINDS),
+        kind=t.str("kind", choices=kinds),
         dim_a=t.int("dim_a", minimum=1),
         dim_g=t.int("dim_g", minimum=1),
         params=t.int("params", minimum=1),
@@ -233,7 +335,8 @@ def _read_options(t: Table) -> dict[str, Any]:
 
 def load_workload_model(path: str | Path) -> WorkloadModel:
     """Read a workload TOML strictly (unknown, missing or mistyped keys are errors)."""
-    root = read_toml(path, fmt=FORMAT)
+    root = read_toml(path)
+    fmt = root.str("format", choices=FORMATS)
     name = root.str("name")
     workload = root.str("workload")
     options = _read_options(root.table("options"))
@@ -252,18 +355,33 @@ def load_workload_model(path: str | Path) -> WorkloadModel:
     layer_tables = root.tables("layers")
     if not layer_tables:
         raise root.error("layers", "needs at least one [[layers]] entry")
-    layers = [_layer_from_table(t) for t in layer_tables]
+    kinds = LAYER_KINDS if fmt == FORMAT else KRONECKER_KINDS
+    layers: list[LayerModel] = []
+    norms: list[LayerModel] = []
     seen: set[str] = set()
-    for t, layer in zip(layer_tables, layers):
+    last = ""  # the K-FAC layer a batchnorm layer follows
+    for t in layer_tables:
+        if t.has("kind") and t.str("kind", choices=kinds) == BATCHNORM:
+            layer = _batchnorm_from_table(t, last)
+            norms.append(layer)
+        else:
+            layer = _layer_from_table(t, kinds)
+            layers.append(layer)
+            last = layer.name
         if layer.name in seen:
             raise t.error("name", f"duplicate layer name {layer.name!r}")
         seen.add(layer.name)
+    if not layers:
+        raise root.error("layers", "has no linear or conv2d layer")
+    if sum(l.params for l in norms) > other_params:
+        raise root.error("other_params", "must include the batchnorm layers' parameters "
+                                         f"({sum(l.params for l in norms)})")
     root.done()
     return WorkloadModel(
         name=name, layers=tuple(layers), other_params=other_params,
         other_fwd_flops_per_example=other_flops, input_shape=tuple(shape_raw),
         input_dtype=dtype, source=source, description=description, workload=workload,
-        options=options, custom_options=tuple(custom),
+        options=options, custom_options=tuple(custom), batchnorm=tuple(norms),
     )
 
 
@@ -280,7 +398,7 @@ def workload_model_to_dict(model: WorkloadModel) -> dict[str, Any]:
         "options": dict(model.options),
         "input": {"shape": list(model.input_shape), "dtype": model.input_dtype},
         "layers": [
-            {
+            _batchnorm_dict(l) if l.kind == BATCHNORM else {
                 "name": l.name, "kind": l.kind, "dim_a": l.dim_a, "dim_g": l.dim_g,
                 "params": l.params, "rows_per_example": l.rows_per_example,
                 "fwd_flops_per_example": float(l.fwd_flops_per_example),
@@ -292,15 +410,22 @@ def workload_model_to_dict(model: WorkloadModel) -> dict[str, Any]:
                     "padded": list(l.conv.padded), "output": list(l.conv.output),
                 }} if l.conv is not None else {}),
             }
-            for l in model.layers
+            for l in model.fisher_layers(vocab.BN_UNIT if model.batchnorm else vocab.BN_NONE)
         ],
     }
+
+
+def _batchnorm_dict(l: LayerModel) -> dict[str, Any]:
+    return {"name": l.name, "kind": l.kind, "channels": l.channels, "params": l.params,
+            "rows_per_example": l.rows_per_example,
+            "in_elems_per_example": l.in_elems_per_example,
+            "out_elems_per_example": l.out_elems_per_example}
 
 
 def save_workload_model(model: WorkloadModel, path: str | Path) -> Path:
     header = (
         f"Workload model {model.name!r} for the kfacperf simulator.",
-        "K-FAC layers in forward order; dim_a includes the bias column.",
+        "K-FAC and BatchNorm layers in forward order; dim_a includes the bias column.",
         "Regenerate with: kfacperf calibrate --workload NAME --out PATH",
     )
     return write_toml(path, workload_model_to_dict(model), header=header)
@@ -312,6 +437,9 @@ _LAYER_KEYS = (
     "fwd_flops_per_example", "in_elems_per_example", "out_elems_per_example",
 )
 
+_BATCHNORM_KEYS = ("name", "channels", "params", "rows_per_example", "in_elems_per_example",
+                   "out_elems_per_example", "follows")
+
 
 def workload_model_from_description(
     desc: Mapping[str, Any], *, name: str | None = None, source: str = "",
@@ -322,7 +450,9 @@ def workload_model_from_description(
 
     Expected keys: ``name``, ``layers`` (a list of mappings with the :class:`LayerModel`
     fields), ``other_params``; optional ``other_fwd_flops_per_example``, ``input_shape``,
-    ``input_dtype``, ``description``, ``options``.  ``name`` overrides the model's name
+    ``input_dtype``, ``description``, ``options``, ``batchnorm`` (mappings with ``name``,
+    ``channels``, ``params``, ``rows_per_example``, ``in_elems_per_example``,
+    ``out_elems_per_example``, ``follows``).  ``name`` overrides the model's name
     (the registry name stays in ``workload``).  A missing layer field is an error naming
     the layer, so a change in the description format cannot slip through silently.
     """
@@ -350,6 +480,19 @@ def workload_model_from_description(
                 conv=ConvGeometry(**raw["conv"]) if raw.get("conv") else None,
             )
         )
+    norms = []
+    for i, raw in enumerate(desc.get("batchnorm") or ()):
+        missing = [k for k in _BATCHNORM_KEYS if k not in raw]
+        if missing:
+            raise ValueError(f"workload description batchnorm layer {i} "
+                             f"({raw.get('name', '?')!r}) lacks {', '.join(missing)}")
+        norms.append(LayerModel(
+            name=str(raw["name"]), kind=BATCHNORM, dim_a=2, dim_g=int(raw["channels"]),
+            params=int(raw["params"]), rows_per_example=int(raw["rows_per_example"]),
+            fwd_flops_per_example=0.0, in_elems_per_example=int(raw["in_elems_per_example"]),
+            out_elems_per_example=int(raw["out_elems_per_example"]),
+            follows=str(raw["follows"]),
+        ))
     dtype = str(input_dtype or desc.get("input_dtype", "float32")).replace("torch.", "")
     options = dict(desc.get("options") or {})
     other = (other_fwd_flops_per_example if other_fwd_flops_per_example is not None
@@ -366,4 +509,5 @@ def workload_model_from_description(
         input_dtype=dtype,
         source=source or "kfacperf.workloads.describe.describe_workload",
         description=str(desc.get("description", "")),
+        batchnorm=tuple(norms),
     )
