@@ -283,7 +283,7 @@ def test_base_device_for_cpu_and_gpu_runs() -> None:
 def test_calibrate_command_fits_written_traces(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from kfacperf.cli import main
     from kfacperf.sim.models.device import load_device_model, save_device_model
-    from kfacperf.sim.models.workload import save_workload_model
+    from kfacperf.sim.models.workload_file import save_workload_model
     from kfacperf.trace.store import write_trace
 
     dirs = []
@@ -324,7 +324,7 @@ def test_calibrate_command_fits_written_traces(tmp_path: Path, capsys: pytest.Ca
 
 def test_calibrate_command_generates_workload_models(tmp_path: Path) -> None:
     from kfacperf.cli import main
-    from kfacperf.sim.models.workload import load_workload_model
+    from kfacperf.sim.models.workload_file import load_workload_model
 
     out = tmp_path / "t.toml"
     assert main(["calibrate", "--workload", "transformer", "--workload-option", "seq_len=32", "--out", str(out)]) == 0

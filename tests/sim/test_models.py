@@ -32,9 +32,8 @@ from kfacperf.sim.models.device import (
     save_device_model,
 )
 from kfacperf.sim.models.toml_io import dumps_toml
-from kfacperf.sim.models.workload import (
-    LayerModel,
-    WorkloadModel,
+from kfacperf.sim.models.workload import LayerModel, WorkloadModel
+from kfacperf.sim.models.workload_file import (
     load_workload_model,
     save_workload_model,
     workload_model_from_description,

@@ -44,7 +44,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_workload(args: argparse.Namespace) -> int:
-    from kfacperf.sim.models.workload import save_workload_model
+    from kfacperf.sim.models.workload_file import save_workload_model
     from kfacperf.workloads.workload_model import build_workload_model
 
     model = build_workload_model(args.workload, dict(args.workload_option))
