@@ -1,7 +1,8 @@
 """Which simulated rank inverts and preconditions each K-FAC layer.
 
 The rule is the real optimizer's (``kfacperf.kfac.assignment``): every layer costs
-``dim_a**3 + dim_g**3``; layers are taken largest cost first (ties in forward order); each goes
+``dim_a**3 + dim_g**3`` (a BatchNorm block ``count * n**3`` over its matrices:
+:func:`kfacperf.sim.costs.blocks.placement_cost`); layers are taken largest cost first (ties in forward order); each goes
 to the least-loaded bin (ties to the lowest index).  KAISA first picks the least-loaded
 grad-worker *column* ``{i, i + P/gw, ...}``, then the least-loaded rank of that column.
 
@@ -16,12 +17,13 @@ import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from kfacperf.sim.costs.blocks import KRONECKER, placement_cost
+
 
 def layer_cost(dim_a: int, dim_g: int) -> float:
-    """The load-balancing cost of one layer's inverse (both factors on one rank)."""
-    if dim_a < 1 or dim_g < 1:
-        raise ValueError(f"factor dimensions must be >= 1, got dim_a={dim_a}, dim_g={dim_g}")
-    return float(dim_a**3 + dim_g**3)
+    """The load-balancing cost of one Kronecker-factored layer's inverse (both factors on
+    one rank)."""
+    return placement_cost(KRONECKER, dim_a, dim_g)
 
 
 def lpt_order(costs: Sequence[float]) -> list[int]:
