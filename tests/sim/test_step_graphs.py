@@ -1,15 +1,12 @@
 """What each strategy's step graph contains: order, buckets, bytes, placement, memory."""
 from __future__ import annotations
 
-import importlib.util
 import random
-import sys
-from pathlib import Path
 
 import pytest
 
 from helpers.sim_fakes import fake_collective_us as cost
-from helpers.sim_fakes import random_layer_costs
+from helpers.sim_fakes import random_layer_costs, real_assignment
 from kfacperf import vocab as S
 from kfacperf.sim.graphs.placement import (
     grad_workers,
@@ -167,22 +164,8 @@ def test_sgd_all_reduces_every_gradient_once():
 
 
 # ------------------------------------------------------------------ placement and memory
-def _real_assignment():
-    """The optimizer's assignment module, loaded from its file (its package imports torch)."""
-    path = Path(__file__).resolve().parents[2] / "kfacperf" / "kfac" / "assignment.py"
-    spec = importlib.util.spec_from_file_location("_kfac_assignment", path)
-    mod = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    sys.modules[spec.name] = mod  # dataclasses look their module up while being built
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        del sys.modules[spec.name]
-    return mod
-
-
 def test_placement_agrees_with_the_optimizer():
-    real = _real_assignment()
+    real = real_assignment()
     rnd = random.Random(0)
     for _ in range(200):
         n = rnd.randint(1, 14)
