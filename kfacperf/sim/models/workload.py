@@ -217,8 +217,9 @@ class WorkloadModel:
         if not self.batchnorm:
             raise ValueError(
                 f"workload {self.name!r} has no batchnorm layers to make Fisher blocks of "
-                f"(bn_blocks={bn_blocks!r}); a model file of format 1 predates them: "
-                f"regenerate it with kfacperf calibrate --workload {self.workload} --out FILE")
+                f"(bn_blocks={bn_blocks!r}; use 'none'); if its model file is of format 1, "
+                "which predates them, regenerate it with kfacperf calibrate --workload "
+                f"{self.workload} --out FILE")
         after: dict[str, list[LayerModel]] = {}
         for l in self.batchnorm:
             after.setdefault(l.follows, []).append(l)
