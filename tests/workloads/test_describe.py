@@ -1,3 +1,5 @@
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -98,8 +100,14 @@ def test_transformer_linears_count_sequence_rows():
     assert d["other_params"] == (1024 + 64) * 128 + 5 * 2 * 128
 
 
+@functools.lru_cache(maxsize=1)
+def resnet50() -> dict:
+    """ResNet-50's description, computed once for the tests that read it."""
+    return describe_workload("resnet50")
+
+
 def test_resnet50_description():
-    d = describe_workload("resnet50")
+    d = resnet50()
     assert d["num_kfac_layers"] == 54 and d["input_shape"] == [3, 224, 224]
     kinds = [l["kind"] for l in d["layers"]]
     assert kinds.count("conv2d") == 53 and kinds[-1] == "linear"
@@ -114,7 +122,7 @@ def test_resnet50_description():
 
 
 def test_resnet50_batchnorm_layers_follow_their_convolutions():
-    d = describe_workload("resnet50")
+    d = resnet50()
     norms = d["batchnorm"]
     assert len(norms) == 53 and len(d["layers"]) + len(norms) == 107  # SP-NGD's Fisher blocks
     convs = {l["name"]: l for l in d["layers"]}
