@@ -20,7 +20,7 @@ time ``B/bw``, roofline time).  In ``additive`` mode ``t = overhead c + (F/peak)
 efficiencies <= 1.  A term the samples cannot separate from the others (one batch size of a
 whole-model stage; FLOPs proportional to bytes, as in the update) is left at its bound
 (overhead 0, efficiency 1) and noted.  Only single-process traces are used when any is given:
-ranks sharing the machine slow each other down, which is the cluster model's
+ranks sharing the machine slow each other down, which is the host model's
 ``contention``, not the device's.  The same traces give the factor steps' capture overhead
 and the host work between stages (:mod:`kfacperf.calibrate.host_gaps`).
 """

@@ -12,6 +12,7 @@ from kfacperf import vocab as S
 from kfacperf.calibrate.device import base_device_for
 from kfacperf.sim.models.cluster import OPS, ClusterModel, Tier
 from kfacperf.sim.models.device import StageEfficiency
+from kfacperf.sim.models.host import HostModel
 from kfacperf.sim.summary import cycle
 from kfacperf.sim.sweep import simulate
 from kfacperf.trace.store import load_trace, write_trace
@@ -61,8 +62,8 @@ def truth_models() -> tuple:
              "broadcast": "tree"}
     tier = Tier(alpha_us=80.0, bandwidth_GBps=1.5, algorithms=algos)
     cluster = ClusterModel(name="truth-node", gpus_per_node=64, intra=tier, inter=tier,
-                           multi_node={op: "flat" for op in OPS}, cores_per_node=2,
-                           contention=0.12)
+                           multi_node={op: "flat" for op in OPS},
+                           host=HostModel(cores_per_node=2, contention=0.12))
     return device, cluster
 
 
@@ -190,7 +191,7 @@ def test_wrong_contention_shows_in_compute_stages_not_comm(synth) -> None:
     from dataclasses import replace
 
     _, cluster = truth_models()
-    res = validate([synth["p1"]], [synth["p2"] / "sgd-b64"], cluster=replace(cluster, contention=0.0))
+    res = validate([synth["p1"]], [synth["p2"] / "sgd-b64"], cluster=replace(cluster, host=replace(cluster.host, contention=0.0)))
     st = res.stages.set_index("stage")
     assert st.loc[S.FORWARD, "error_pct"] == pytest.approx((1 / 1.12 - 1) * 100, rel=1e-5)
     assert st.loc[S.GRAD_COMM, "error_pct"] == pytest.approx(0.0, abs=1e-9)

@@ -166,18 +166,30 @@ def group_collective_us(
     if cluster.multi_node[op] == "flat" or g == 1:
         alpha, beta = _flat_link(cluster, op, g)
         return algorithm_us(op, cluster.inter.algorithms[op], p, n, alpha, beta)
+    total = 0.0
+    for tier, phase_op, ranks, phase_bytes in hierarchical_phases(op, p, nodes, n):
+        total += _tier_us(cluster, tier, phase_op, ranks, phase_bytes)
+    return total
+
+
+def hierarchical_phases(op: str, group_size: int, nodes: int,
+                        nbytes: float) -> tuple[tuple[str, str, int, float], ...]:
+    """The two-level form of ``op`` on ``group_size`` ranks over ``nodes`` nodes, as
+    ``(tier, op, ranks, bytes)`` phases in order (see the module docstring): the intra-node
+    phases run on the ``g`` ranks of the fullest node, the inter-node phase on one rank per
+    node.  Exactly one phase is on the inter tier, and it runs ``op`` itself."""
+    g = -(-group_size // nodes)
+    n = float(nbytes)
     if op == "all_reduce":
-        return (_tier_us(cluster, "intra", "reduce_scatter", g, n)
-                + _tier_us(cluster, "inter", "all_reduce", nodes, n / g)
-                + _tier_us(cluster, "intra", "all_gather", g, n))
+        return (("intra", "reduce_scatter", g, n), ("inter", "all_reduce", nodes, n / g),
+                ("intra", "all_gather", g, n))
     if op == "reduce_scatter":
-        return (_tier_us(cluster, "intra", "reduce_scatter", g, n)
-                + _tier_us(cluster, "inter", "reduce_scatter", nodes, n / g))
+        return (("intra", "reduce_scatter", g, n), ("inter", "reduce_scatter", nodes, n / g))
     if op == "all_gather":
-        return (_tier_us(cluster, "inter", "all_gather", nodes, n / g)
-                + _tier_us(cluster, "intra", "all_gather", g, n))
-    return (_tier_us(cluster, "inter", "broadcast", nodes, n)
-            + _tier_us(cluster, "intra", "broadcast", g, n))
+        return (("inter", "all_gather", nodes, n / g), ("intra", "all_gather", g, n))
+    if op == "broadcast":
+        return (("inter", "broadcast", nodes, n), ("intra", "broadcast", g, n))
+    raise ValueError(f"no two-level form of {op!r}; collectives: {', '.join(OPS)}")
 
 
 def _tier_us(cluster: ClusterModel, tier: str, op: str, p: int, n: float) -> float:

@@ -9,6 +9,7 @@ This is the one interface between the models and the step graphs/engine::
                      bn_blocks="none", fisher="emp")
     cost.compute_us(stage, layer: LayerModel | None, *, batch: int, workload=None) -> float
     cost.collective_us(op, nbytes, *, group_size: int, nodes: int) -> float  # x comm_slowdown
+    cost.host -> HostDelays                 # the cluster's host model (straggle of a group, ...)
     cost.for_gpus(gpus) -> CostModel        # ranks_per_node = min(gpus, gpus_per_node)
     cost.with_overrides(**options) -> CostModel
     cost.options -> CostOptions (frozen, hashable; also readable as cost.<option>)
@@ -41,7 +42,8 @@ keyed by layer and inverse method, not by block form, so they are not applied to
 
 Compute time of one call: the stage's phases (FLOPs and bytes, :mod:`kfacperf.sim.costs.stage_work`)
 on the device's rates and efficiencies (:mod:`kfacperf.sim.models.device`), plus the per-call
-overhead, times the compute slowdown of ranks sharing a node's cores, over ``compute_scale``.
+overhead, times the compute slowdown of ranks sharing a node's cores (the cluster's host model,
+:mod:`kfacperf.sim.models.host`; 1 on dedicated devices), over ``compute_scale``.
 When the device model holds a time measured on this workload (``[[measured]]``), the model is
 scaled to reproduce it: ``time(N) = model(N) * measured(N_m) / model(N_m)`` for the nearest
 measured batch ``N_m`` (exact when ``N = N_m``); per-layer forward/backward shares are scaled by
@@ -65,6 +67,7 @@ from kfacperf.sim.costs.stage_work import (
 )
 from kfacperf.sim.models.cluster import V_FORMS, ClusterModel
 from kfacperf.sim.models.device import DTYPES, INVERSE_METHODS, STAGE_KINDS, DeviceModel
+from kfacperf.sim.models.host import HostDelays
 from kfacperf.sim.models.workload import BATCHNORM, LayerModel, WorkloadModel
 
 
@@ -154,11 +157,15 @@ class CostModel:
             cluster.scaled(bandwidth=o.bandwidth_scale, alpha=o.alpha_scale)
             if (o.bandwidth_scale, o.alpha_scale) != (1.0, 1.0) else cluster
         )
-        self.slowdown = cluster.compute_slowdown(o.ranks_per_node, o.threads_per_rank)
-        self.comm_slowdown = cluster.comm_slowdown(o.ranks_per_node)
-        # each stage kind slows by its own contention (the cluster's single one by default)
+        # what ranks sharing a node's host add (nothing on dedicated devices)
+        self.host: HostDelays = cluster.host_delays
+        self.slowdown = self.host.compute_factor(None, ranks_on_node=o.ranks_per_node,
+                                                 threads_per_rank=o.threads_per_rank)
+        self.comm_slowdown = self.host.comm_factor(o.ranks_per_node)
+        # each stage kind slows by its own contention (the host's single one by default)
         self.stage_slowdown: dict[str, float] = {
-            k: cluster.compute_slowdown(o.ranks_per_node, o.threads_per_rank, stage=k)
+            k: self.host.compute_factor(k, ranks_on_node=o.ranks_per_node,
+                                        threads_per_rank=o.threads_per_rank)
             for k in STAGE_KINDS}
         self._compute_cache: dict[tuple, float] = {}
         self._comm_cache: dict[tuple, float] = {}

@@ -165,7 +165,7 @@ class Collective:
     cost_us: float
     straggle: float = 0.0
     """The last member arrives this fraction of its time since its previous collective late:
-    the expected wait for the slowest of uneven ranks (``ClusterModel.straggler``)."""
+    the expected wait for the slowest of uneven ranks (``HostModel.straggler``)."""
     members: list[int] = field(default_factory=list)
     """Class indices that take part, in order of first launch."""
 
