@@ -130,26 +130,30 @@ def test_real_gloo_run_writes_a_loadable_cluster_model(tmp_path: Path) -> None:
     assert len(data["points"]) == 12 and all(p["time_us"] > 0 for p in data["points"])
     # gloo times each call alone, as the optimizer issues it
     assert {p["timing"] for p in data["points"]} == {"per_call"}
-    # Bigger messages take longer (16 MiB vs 4 KiB: gloo's small-message latency on two busy
-    # cores reaches milliseconds, so the large size must be far beyond it).  One scheduling
-    # hiccup can still inflate a single point, so ask it of at least three of the four ops.
+    # The times are real transfers, not the launch of an asynchronous call: 16 MiB takes at
+    # least as long as copying it once at 100 GB/s, far beyond memory bandwidth of this
+    # machine's cores and of any loopback (load only makes it slower)
     by = {(p["op"], p["nbytes"]): p["time_us"] for p in data["points"]}
-    slower = [op for op in OPS if by[(op, 16 << 20)] > by[(op, 4096)]]
-    assert len(slower) >= 3, by
+    floor_us = (16 << 20) / 100e9 * 1e6
+    assert all(by[(op, 16 << 20)] >= floor_us for op in OPS), by
     # the contention probe timed every stage kind; the model carries one factor per kind
     from kfacperf.sim.models.device import STAGE_KINDS
 
     assert list(data["stage_slowdowns"]["2"]) == list(STAGE_KINDS)
-    # and how uneven the ranks were per synchronised step: a fraction of a step, >= 0
-    assert 0.0 <= data["stragglers"]["2"] < 1.0 and model.host.straggler == pytest.approx(
+    # and how uneven the ranks were per synchronised step: the slowest of two ranks over
+    # their mean, less 1, so in [0, 1] whatever the load
+    assert 0.0 <= data["stragglers"]["2"] <= 1.0 and model.host.straggler == pytest.approx(
         data["stragglers"]["2"], rel=1e-3, abs=1e-6)
     assert all(math.isfinite(v) and v > 0 for v in data["stage_slowdowns"]["2"].values())
     assert set(model.host.contention_by_stage) == set(STAGE_KINDS)
     assert "per stage kind" in model.source
     # collectives after compute against after a barrier: a ratio of two means of times
-    assert 0.2 < data["comm_slowdowns"]["2"] < 5.0
-    assert model.host.comm_contention == pytest.approx(max(0.0, data["comm_slowdowns"]["2"] - 1),
-                                                  rel=1e-3, abs=1e-6)
+    # (how far from 1 depends on the load, so only its being measured is checked here; the
+    # fit's arithmetic is checked on synthetic timings)
+    ratio = data["comm_slowdowns"]["2"]
+    assert math.isfinite(ratio) and ratio > 0
+    assert model.host.comm_contention == pytest.approx(max(0.0, ratio - 1.0), rel=1e-3,
+                                                       abs=1e-6)
 
 
 @pytest.mark.slow

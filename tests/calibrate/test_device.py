@@ -7,11 +7,7 @@ from pathlib import Path
 import pytest
 
 from kfacperf.calibrate.alpha_beta import cluster_from_fits, fit_alpha_beta
-from kfacperf.calibrate.device import (
-    base_device_for,
-    exclusive_compute_times,
-    fit_device_model,
-)
+from kfacperf.calibrate.device import base_device_for, fit_device_model
 from kfacperf.sim.costs.collectives import algorithm_us
 from kfacperf.sim.costs.model import CostModel
 from kfacperf.sim.models.cluster import (
@@ -24,6 +20,7 @@ from kfacperf.sim.models.cluster import (
 from kfacperf.sim.models.device import DeviceModel, StageEfficiency
 from kfacperf.sim.models.host import HostModel
 from kfacperf.sim.models.workload import LayerModel, WorkloadModel
+from kfacperf.trace.measure import exclusive_compute_times
 from kfacperf.trace.schema import events_frame
 from kfacperf.trace.store import Trace
 

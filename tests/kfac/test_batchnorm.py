@@ -159,7 +159,7 @@ def test_none_leaves_batchnorm_to_the_first_order_optimizer() -> None:
 
 
 def test_bad_option_names_the_choices() -> None:
-    with pytest.raises(ValueError, match="bn_blocks must be one of none, unit, full"):
+    with pytest.raises(ValueError, match="unknown bn_blocks .diag.; use one of none, unit, full"):
         KFACPreconditioner(_model(2), damping=DAMPING, lr=0.1, bn_blocks="diag")
 
 

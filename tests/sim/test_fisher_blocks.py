@@ -17,17 +17,12 @@ from kfacperf.sim.engine import run_step
 from kfacperf.sim.graphs.layer_costs import layer_costs
 from kfacperf.sim.graphs.placement import spngd_placement
 from kfacperf.sim.graphs.strategies import build_graph, make_step, parse_strategy
-from kfacperf.sim.graphs.strategies.common import (
-    FACTOR_STEP,
-    INVERSE_STEP,
-    PLAIN_STEP,
-    CommSettings,
-    StepSpec,
-)
+from kfacperf.sim.graphs.strategies.common import CommSettings, StepSpec
 from kfacperf.sim.models.cluster import OPS, ClusterModel, Tier
 from kfacperf.sim.models.device import STAGE_KINDS, DeviceModel, StageEfficiency
 from kfacperf.sim.models.workload import LayerModel, WorkloadModel
 from kfacperf.sim.sweep import simulate
+from kfacperf.vocab import FACTOR_STEP, INVERSE_STEP, PLAIN_STEP
 
 C, S_BN, N = 16, 1024, 8
 CONV = LayerModel(name="conv", kind="conv2d", dim_a=28, dim_g=C, params=448, rows_per_example=S_BN,

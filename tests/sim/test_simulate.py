@@ -15,17 +15,12 @@ from kfacperf.cli.commands.simulate import parse_gpus
 from kfacperf.sim.engine import run_step
 from kfacperf.sim.graphs.layer_costs import layer_costs
 from kfacperf.sim.graphs.strategies import build_graph, make_step, parse_strategy
-from kfacperf.sim.graphs.strategies.common import (
-    FACTOR_STEP,
-    INVERSE_STEP,
-    PLAIN_STEP,
-    CommSettings,
-    StepSpec,
-)
+from kfacperf.sim.graphs.strategies.common import CommSettings, StepSpec
 from kfacperf.sim.prediction import load_prediction, write_prediction
 from kfacperf.sim.sweep import simulate, simulate_with_costs
 from kfacperf.trace.intervals import intersection_length, merge_intervals, total_length
 from kfacperf.trace.schema import EVENT_COLUMNS, check_events
+from kfacperf.vocab import FACTOR_STEP, INVERSE_STEP, PLAIN_STEP
 
 WL = table_workload("toy", [(28, 16), (145, 32), (289, 64), (65, 10)], other_params=1000)
 TIMES = [{S.FORWARD: 20.0 + 10 * i, S.BACKWARD: 40.0 + 15 * i, S.FACTOR_COMPUTE: 8.0 + i,

@@ -21,7 +21,7 @@ from kfacperf.validation import (
     check_disjoint,
     measure,
     predict,
-    step_kind,
+    run_step_kind,
     validate,
     weighted,
 )
@@ -97,7 +97,7 @@ def synth_trace(root: Path, name: str, *, scale: float = 1.0, **kw) -> Path:
         blocks[cs.kind.name] = blk
     rows, t = [], 0.0
     for k in range(run["warmup"] + run["steps"]):
-        blk = blocks[step_kind(k, run)]
+        blk = blocks[run_step_kind(k, run)]
         rows.append(blk.assign(step=k, start_us=(blk["start_us"] + t) * scale,
                                dur_us=blk["dur_us"] * scale))
         t += float(blk.loc[blk["stage"] == S.STEP, "dur_us"].max())
@@ -308,9 +308,9 @@ def test_wait_for_a_late_peer_inside_backward_is_not_backward(tmp_path) -> None:
 
 def test_step_kind_follows_the_optimizer_rule() -> None:
     run = {"optimizer": "kfac", "factor_interval": 10, "inverse_interval": 100}
-    assert [step_kind(k, run) for k in (0, 5, 10, 20, 100, 101)] == [
+    assert [run_step_kind(k, run) for k in (0, 5, 10, 20, 100, 101)] == [
         "inverse", "plain", "factor", "factor", "inverse", "plain"]
-    assert step_kind(0, {"optimizer": "sgd"}) == "plain"
+    assert run_step_kind(0, {"optimizer": "sgd"}) == "plain"
 
 
 def test_inverse_on_a_step_the_intervals_forbid_is_an_error(tmp_path) -> None:

@@ -11,7 +11,7 @@ The sizes are the real optimizer's (``kfacperf.kfac.layers`` and ``kfacperf.kfac
 
 Statistics travel as upper triangles when packed (``symmetric``), damped inverses too,
 eigenvectors never.  A layer's placement cost is the sum of ``count * n**3`` over its
-matrices, as in the optimizer's assignment.
+matrices (:func:`kfacperf.sim.graphs.placement.blocks_cost` of :func:`stacks`).
 """
 from __future__ import annotations
 
@@ -69,10 +69,3 @@ def inverse_elements(form: str, dim_a: int, dim_g: int, method: str, symmetric: 
         else:
             total += count * triangle(n, symmetric)
     return total
-
-
-def placement_cost(form: str, dim_a: int, dim_g: int) -> float:
-    """The load-balancing cost of a layer's inverses: ``count * n**3`` summed."""
-    if dim_a < 1 or dim_g < 1:
-        raise ValueError(f"factor dimensions must be >= 1, got dim_a={dim_a}, dim_g={dim_g}")
-    return float(sum(count * n ** 3 for n, count in stacks(form, dim_a, dim_g)))

@@ -32,10 +32,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from kfacperf import vocab as S
 from kfacperf.sim.models.cluster import ALGORITHMS, OPS, V_FORMS, ClusterModel
+from kfacperf.vocab import V_OPS
 
-V_OPS: tuple[str, ...] = ("reduce_scatter_v", "all_gather_v")
-ALL_OPS: tuple[str, ...] = OPS + V_OPS
+ALL_OPS: tuple[str, ...] = S.ALL_COLLECTIVE_OPS
 
 
 def _log2(p: int) -> int:
@@ -146,8 +147,7 @@ def group_collective_us(
     list of the ``group_size`` per-rank block sizes.  ``v_form`` overrides the cluster's
     ``v_collectives``.
     """
-    if op not in ALL_OPS:
-        raise ValueError(f"unknown collective {op!r}; known: {', '.join(ALL_OPS)}")
+    S.check_choice("collective", op, ALL_OPS)
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
     if isinstance(nodes, bool) or not isinstance(nodes, int) or not 1 <= nodes <= group_size:

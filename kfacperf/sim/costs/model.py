@@ -72,10 +72,7 @@ from kfacperf.sim.models.workload import BATCHNORM, LayerModel, WorkloadModel
 
 
 def dtype_bytes(dtype: str) -> int:
-    try:
-        return DTYPE_BYTES[dtype]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPE_BYTES)}") from None
+    return DTYPE_BYTES[S.check_choice("dtype", dtype, tuple(DTYPE_BYTES))]
 
 
 def factor_elements(d: int, symmetric: bool = False) -> int:
@@ -116,12 +113,9 @@ class CostOptions:
         S.check_choice("bn_blocks", self.bn_blocks, S.BN_BLOCKS)
         S.check_choice("fisher", self.fisher, S.FISHER_TYPES)
         for key in ("dtype", "kfac_dtype"):
-            if getattr(self, key) not in DTYPES:
-                raise ValueError(f"{key} must be one of {DTYPES}, got {getattr(self, key)!r}")
-        if self.inverse_method not in INVERSE_METHODS:
-            raise ValueError(f"inverse_method must be one of {INVERSE_METHODS}, "
-                             f"got {self.inverse_method!r}")
-        dtype_bytes(self.comm_dtype)
+            S.check_choice(key, getattr(self, key), DTYPES)
+        S.check_choice("inverse_method", self.inverse_method, INVERSE_METHODS)
+        S.check_choice("comm_dtype", self.comm_dtype, S.COMM_DTYPES)
         if self.v_form not in (None, *V_FORMS):
             raise ValueError(f"v_form must be one of {V_FORMS} (or None: the cluster's), "
                              f"got {self.v_form!r}")

@@ -55,8 +55,9 @@ from kfacperf.sim.models.host import (
     host_to_dict,
 )
 from kfacperf.sim.models.toml_io import Table, read_toml, write_toml
+from kfacperf.vocab import COLLECTIVE_OPS
 
-OPS: tuple[str, ...] = ("all_reduce", "reduce_scatter", "all_gather", "broadcast")
+OPS: tuple[str, ...] = COLLECTIVE_OPS
 ALGORITHMS: dict[str, tuple[str, ...]] = {
     "all_reduce": ("ring", "tree", "halving_doubling"),
     "reduce_scatter": ("ring", "halving_doubling"),
