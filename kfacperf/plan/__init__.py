@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from kfacperf import __version__
 from kfacperf.plan.convergence import (
     OPTIMIZERS,
     ConvergenceModel,
@@ -76,6 +78,30 @@ def _models(workload: Any, device: Any, cluster: Any) -> tuple[Any, Any, Any]:
     return w, d, c
 
 
+def _convergence_models(workload: str, strategies: Sequence[str],
+                        given: Sequence[str | Path | ConvergenceModel]
+                        ) -> dict[str, ConvergenceModel]:
+    """One convergence model per optimizer of ``strategies`` (see :func:`convergence_for`)."""
+    models = [m if isinstance(m, ConvergenceModel) else load_convergence(m) for m in given]
+    for m in models:
+        if m.workload != workload:
+            raise ValueError(f"convergence model {m.name!r} is for workload {m.workload!r}, "
+                             f"not {workload!r}")
+    families = dict.fromkeys(optimizer_of(s) for s in strategies)
+    return {f: convergence_for(workload, f, models) for f in families}
+
+
+def _capacity_gb(device: Any, memory_gb: float | None) -> float:
+    if memory_gb is not None:
+        if not (isinstance(memory_gb, (int, float)) and 0 < memory_gb < float("inf")):
+            raise ValueError(f"memory per GPU must be > 0 GB, got {memory_gb!r}")
+        return float(memory_gb)
+    if not device.memory_GB > 0:
+        raise ValueError(f"device {device.name!r} has no memory capacity; add a [memory] "
+                         "table (capacity_GB, source) to its model, or give --memory-gb")
+    return float(device.memory_GB)
+
+
 def plan(
     workload: Any, device: Any, cluster: Any, *, gpus: Sequence[int],
     convergence: Sequence[str | Path | ConvergenceModel] = (),
@@ -87,7 +113,7 @@ def plan(
     extrapolate: bool = True, prune: bool = True,
     progress: Callable[[str], None] | None = None, **cost_options: Any,
 ) -> PlanResult:
-    """The best configuration per GPU count and strategy, and what it takes to reach the
+    """The best configuration per GPU count and optimizer, and what it takes to reach the
     convergence models' targets (see the module docstring).
 
     Models are objects, preset names or TOML paths.  ``convergence`` names the models to
@@ -99,7 +125,6 @@ def plan(
     ``bandwidth_scale``, ...); the searched ones (comm precision, packing) may not.
     ``prune=False`` simulates every setting (for checking the pruning).
     """
-    from kfacperf import __version__
     from kfacperf.sim.costs.model import CostModel
 
     searched = [k for k in SEARCHED_OPTIONS if k in cost_options]
@@ -113,17 +138,8 @@ def plan(
                       comm_dtypes=tuple(comm_dtypes), symmetric=tuple(symmetric),
                       bucket_mb=tuple(bucket_mb))
     w, d, c = _models(workload, device, cluster)
-    capacity_gb = memory_gb if memory_gb is not None else d.memory_GB
-    if not capacity_gb or capacity_gb <= 0:
-        raise ValueError(f"device {d.name!r} has no memory capacity; add a [memory] "
-                         "table (capacity_GB, source) to its model, or give --memory-gb")
-    given = [m if isinstance(m, ConvergenceModel) else load_convergence(m) for m in convergence]
-    for m in given:
-        if m.workload != w.name:
-            raise ValueError(f"convergence model {m.name!r} is for workload {m.workload!r}, "
-                             f"not {w.name!r}")
-    families = list(dict.fromkeys(optimizer_of(s) for s in space.strategies))
-    models = {f: convergence_for(w.name, f, given) for f in families}
+    capacity_gb = _capacity_gb(d, memory_gb)
+    models = _convergence_models(w.name, space.strategies, convergence)
     cost = CostModel(workload=w, device=d, cluster=c, **cost_options)
     o = cost.options
     found, stats = search(
@@ -140,16 +156,13 @@ def plan(
             choices.append(_choice(ev, models[optimizer]))
     inputs = {
         "workload": w.name, "device": d.name, "cluster": c.name,
-        "gpus_per_node": c.gpus_per_node, "memory_GB": float(capacity_gb),
-        "memory_source": ("--memory-gb" if memory_gb is not None else d.memory_source),
+        "gpus_per_node": c.gpus_per_node, "memory_GB": capacity_gb,
+        "memory_source": "given" if memory_gb is not None else d.memory_source,
         "memory_fraction": memory_fraction, "dtype": o.dtype, "kfac_dtype": o.kfac_dtype,
         "inverse_method": o.inverse_method, "extrapolate": extrapolate,
-        "cost_options": {k: v for k, v in sorted(cost_options.items())},
-        "kfacperf_version": __version__,
+        "cost_options": dict(sorted(cost_options.items())), "kfacperf_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    stats_dict = {k: getattr(stats, k) for k in stats.__dataclass_fields__}
     return PlanResult(inputs=inputs, convergence={f: convergence_info(m) for f, m in models.items()},
-                      space=space.as_dict(), stats=stats_dict, choices=tuple(choices),
+                      space=space.as_dict(), stats=asdict(stats), choices=tuple(choices),
                       missing=tuple(missing))
-

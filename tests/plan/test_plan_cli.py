@@ -78,3 +78,17 @@ def test_unknown_convergence_data_and_unknown_memory_are_errors(
     assert main(args) == 2
     assert "device 'local-cpu' has no memory capacity" in capsys.readouterr().err
     assert main(args + ["--memory-gb", "64"]) == 0
+
+
+def test_plan_and_its_report_never_import_torch(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "plan.json"
+    code = ("import sys; from kfacperf.cli import main; "
+            f"rc = main(['plan', *{SMALL!r}, '--quiet', '--out', {str(out)!r}]) or "
+            f"main(['report', '--plan', {str(out)!r}, '--out', {str(tmp_path / 'r.html')!r}]); "
+            "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "r.html").is_file()
