@@ -84,10 +84,10 @@ def best_table(result: PlanResult) -> list[str]:
                         fmt_duration(c.time_s), f"{c.gpu_hours:,.1f}", "|"]
         row.append(f"{kfac.time_s / sgd.time_s:.2f}x" if sgd and kfac else "-")
         rows.append(row)
-    if "kfac" not in result.convergence:
-        rows = [r[:7] for r in rows]
-    if "sgd" not in result.convergence:
-        rows = [[r[0]] + r[7:13] for r in rows]
+    if "kfac" not in result.convergence:  # one optimizer: its columns alone
+        rows = [r[:6] for r in rows]
+    elif "sgd" not in result.convergence:
+        rows = [[r[0]] + r[7:12] for r in rows]
     return _table(rows, right={0, 2, 3, 4, 5, 8, 9, 10, 11, 13})
 
 
