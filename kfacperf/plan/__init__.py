@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from kfacperf import __version__
+from kfacperf import vocab as S
 from kfacperf.plan.convergence import (
     OPTIMIZERS,
     ConvergenceModel,
@@ -58,7 +59,7 @@ def _choice(ev: Evaluated, model: ConvergenceModel) -> Choice:
     fi, ii = ev.intervals if ev.intervals is not None else (None, None)
     return Choice(
         gpus=p, strategy=s.strategy, label=s.label(p),
-        grad_workers=s.grad_workers if s.strategy == "kaisa" else None,
+        grad_workers=s.grad_workers if s.strategy == S.KAISA else None,
         batch_per_gpu=s.batch_per_gpu, global_batch=est.global_batch,
         factor_interval=fi, inverse_interval=ii, comm_dtype=s.comm_dtype,
         symmetric=s.symmetric, bucket_mb=s.bucket_mb, step_us=ev.step_us,

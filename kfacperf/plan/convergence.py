@@ -41,11 +41,12 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from kfacperf import vocab as S
 from kfacperf.sim.models.presets import list_presets, resolve
 from kfacperf.sim.models.toml_io import Table, read_toml
 
 FORMAT = "kfacperf-convergence-1"
-OPTIMIZERS: dict[str, tuple[str, ...]] = {"sgd": ("sgd",), "kfac": ("spngd", "kaisa")}
+OPTIMIZERS: dict[str, tuple[str, ...]] = {S.SGD: (S.SGD,), S.KFAC: S.KFAC_STRATEGIES}
 """Each optimizer family and the distribution strategies whose steps it describes: K-FAC's
 update is the same whichever strategy distributes it."""
 
@@ -120,7 +121,7 @@ class ConvergenceModel:
                 raise ValueError(f"convergence model {self.name!r}: point at batch "
                                  f"{p.global_batch}: batch and steps must be > 0")
             kfac = p.factor_interval is not None and p.inverse_interval is not None
-            if self.optimizer == "kfac" and not kfac:
+            if self.optimizer == S.KFAC and not kfac:
                 raise ValueError(f"convergence model {self.name!r}: point at batch "
                                  f"{p.global_batch} lacks the statistics intervals its steps "
                                  "were measured with (factor_interval, inverse_interval)")
@@ -191,7 +192,7 @@ def _point(t: Table, examples: int | None, defaults: tuple[int | None, int | Non
     top1 = t.float("top1_pct", positive=True, maximum=100.0) if t.has("top1_pct") else None
     fi = _interval(t, "factor_interval", defaults[0])
     ii = _interval(t, "inverse_interval", defaults[1])
-    if optimizer != "kfac" and (t.has("factor_interval") or t.has("inverse_interval")):
+    if optimizer != S.KFAC and (t.has("factor_interval") or t.has("inverse_interval")):
         raise t.error("factor_interval", "statistics intervals belong to K-FAC models only")
     if fi is not None and ii is not None and ii % fi:
         raise t.error("inverse_interval", f"must be a multiple of factor_interval ({fi})")
@@ -209,7 +210,7 @@ def load_convergence_model(path: str | Path) -> ConvergenceModel:
     examples = root.int("examples_per_epoch", minimum=1) if root.has("examples_per_epoch") \
         else None
     defaults = (_interval(root, "factor_interval", None), _interval(root, "inverse_interval", None))
-    if optimizer != "kfac" and any(d is not None for d in defaults):
+    if optimizer != S.KFAC and any(d is not None for d in defaults):
         raise root.error("factor_interval", "statistics intervals belong to K-FAC models only")
     tables = root.tables("points")
     points = [_point(t, examples, defaults, optimizer) for t in tables]

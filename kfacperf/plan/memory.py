@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from kfacperf.sim.costs.stage_work import DTYPE_BYTES
+from kfacperf import vocab as S
 from kfacperf.sim.graphs.placement import (
     Placement,
     kaisa_placement,
     layer_cost,
     spngd_placement,
 )
-from kfacperf.sim.graphs.strategies.common import COMM_DTYPE_BYTES, CommSettings
+from kfacperf.sim.graphs.strategies.common import CommSettings
 from kfacperf.sim.models.workload import WorkloadModel
 
 FP32 = 4
@@ -47,12 +47,12 @@ class MemoryBreakdown:
 def placement_for(workload: WorkloadModel, strategy: str, world_size: int,
                   grad_workers: int = 1) -> Placement | None:
     """Which rank keeps which layer's K-FAC state (the simulator's and the optimizer's rule)."""
-    if strategy == "sgd":
+    if strategy == S.SGD:
         return None
     costs = [layer_cost(l.dim_a, l.dim_g) for l in workload.layers]
-    if strategy == "spngd":
+    if strategy == S.SPNGD:
         return spngd_placement(costs, world_size)
-    if strategy == "kaisa":
+    if strategy == S.KAISA:
         return kaisa_placement(costs, world_size, grad_workers)
     raise ValueError(f"unknown strategy {strategy!r}")
 
@@ -109,14 +109,14 @@ def memory_per_gpu(
     ``placement`` (optional) saves recomputing :func:`placement_for`.
     """
     comm = comm or CommSettings()
-    if strategy not in ("sgd", "spngd", "kaisa"):
-        raise ValueError(f"unknown strategy {strategy!r}; known: sgd, spngd, kaisa")
+    if strategy not in S.SIM_STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; known: {', '.join(S.SIM_STRATEGIES)}")
     if isinstance(batch_per_gpu, bool) or not isinstance(batch_per_gpu, int) or batch_per_gpu < 1:
         raise ValueError(f"batch per GPU must be a positive integer, got {batch_per_gpu!r}")
     try:
-        s = DTYPE_BYTES[dtype]
+        s = S.DTYPE_BYTES[dtype]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPE_BYTES)}") from None
+        raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(S.DTYPE_BYTES)}") from None
     layers = workload.layers
     n_all = workload.total_params
     n_kfac = sum(l.dim_a * l.dim_g for l in layers)
@@ -126,23 +126,23 @@ def memory_per_gpu(
     distributed = world_size > 1
     common = dict(weights=weights, gradients=FP32 * n_all, optimizer_state=FP32 * n_all,
                   activations=activations)
-    if strategy == "sgd":
+    if strategy == S.SGD:
         return MemoryBreakdown(**common, factors=0, inverses=0, gradient_copies=0,
                                comm_buffers=FP32 * n_all if distributed else 0)
     if placement is None:
         placement = placement_for(workload, strategy, world_size, grad_workers)
     assert placement is not None
     factor = [FP32 * (l.dim_a ** 2 + l.dim_g ** 2) for l in layers]
-    if comm.inverse_method == "eigen":
+    if comm.inverse_method == S.EIGEN:
         inverse = [FP32 * (l.dim_a ** 2 + l.dim_g ** 2 + l.dim_a + l.dim_g) for l in layers]
     else:
         inverse = [FP32 * (l.dim_a ** 2 + l.dim_g ** 2) for l in layers]
     kept = _max_per_rank(factor, placement.inverse_worker)
     # a layer's inverse state is on every rank of its column; columns are alike in size
     preconditioned = _max_per_rank(inverse, placement.column)
-    c = COMM_DTYPE_BYTES[comm.factor_dtype]
+    c = S.COMM_DTYPE_BYTES[comm.factor_dtype]
     in_flight = c * sum(comm.factor_elems(l.dim_a) + comm.factor_elems(l.dim_g) for l in layers)
-    grads_in_flight = FP32 * (n_all - n_kfac) if strategy == "spngd" else FP32 * n_all
+    grads_in_flight = FP32 * (n_all - n_kfac) if strategy == S.SPNGD else FP32 * n_all
     return MemoryBreakdown(
         **common, factors=sum(factor) + kept, inverses=preconditioned,
         gradient_copies=2 * FP32 * n_kfac,

@@ -19,10 +19,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from kfacperf import vocab as S
 from kfacperf.plan.convergence import ConvergenceModel, optimizer_of
 
 FORMAT = "kfacperf-plan-1"
-OPTIMIZER_NAMES = {"sgd": "SGD", "kfac": "K-FAC"}
+OPTIMIZER_NAMES = {S.SGD: "SGD", S.KFAC: "K-FAC"}
 
 
 @dataclass(frozen=True, kw_only=True)

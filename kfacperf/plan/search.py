@@ -53,6 +53,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from kfacperf import vocab as S
 from kfacperf.plan.convergence import ConvergenceModel, StepsEstimate, optimizer_of
 from kfacperf.plan.memory import MemoryBreakdown, memory_per_gpu, placement_for
 from kfacperf.plan.space import PlanSpace, Setting, settings
@@ -60,16 +61,9 @@ from kfacperf.sim.engine import run_step
 from kfacperf.sim.graphs.layer_costs import layer_costs
 from kfacperf.sim.graphs.placement import Placement
 from kfacperf.sim.graphs.strategies import StrategySpec, build_graph, make_step
-from kfacperf.sim.graphs.strategies.common import (
-    FACTOR_STEP,
-    INVERSE_STEP,
-    PLAIN_STEP,
-    CommSettings,
-    LayerCosts,
-    StepKind,
-    StepSpec,
-)
+from kfacperf.sim.graphs.strategies.common import CommSettings, LayerCosts, StepSpec
 from kfacperf.sim.summary import cycle
+from kfacperf.vocab import FACTOR_STEP, INVERSE_STEP, PLAIN_STEP, StepKind
 
 KIND_ORDER: tuple[StepKind, ...] = (PLAIN_STEP, FACTOR_STEP, INVERSE_STEP)
 
@@ -151,9 +145,8 @@ class GpuCountSearch:
         self.prune = prune
         self.gpus_per_node = gpus_per_node
         self.cost = cost.for_gpus(world_size) if hasattr(cost, "for_gpus") else cost
-        cluster = getattr(cost, "cluster", None)
-        self.straggle = cluster.straggle if cluster is not None else None
-        self.monotone = self.straggle is None or self.straggle(2) == 0.0
+        self.straggle = cost.host.straggle
+        self.monotone = self.straggle(2) == 0.0
         self._layer_costs: dict[int, LayerCosts] = {}
         self._placements: dict[tuple[str, int], Placement | None] = {}
         self._steps: dict[tuple, float] = {}
@@ -188,7 +181,7 @@ class GpuCountSearch:
         t = self._steps.get(key)
         if t is None:
             p = self.world_size
-            spec = (StrategySpec("kaisa", s.grad_workers / p) if s.strategy == "kaisa"
+            spec = (StrategySpec(S.KAISA, s.grad_workers / p) if s.strategy == S.KAISA
                     else StrategySpec(s.strategy))
             step = make_step(spec, StepSpec(costs=self.layer_costs(s.batch_per_gpu),
                                             world_size=p, gpus_per_node=self.gpus_per_node,
@@ -207,7 +200,7 @@ class GpuCountSearch:
         """The compute every rank runs in series in a step of ``kind`` (a lower bound)."""
         lc = self.layer_costs(s.batch_per_gpu)
         fwd, bwd = sum(lc.fwd), sum(lc.bwd)
-        if s.strategy == "sgd":
+        if s.strategy == S.SGD:
             return fwd + bwd + lc.update
         base = lc.update + lc.grad_load + lc.grad_write
         if kind.factor:
@@ -242,7 +235,7 @@ class GpuCountSearch:
         """(lower bound on the best time to solution, its interval pair): exact once every
         needed kind is simulated."""
         times = {k.name: self.kind_bound(c, k) for k in c.needed}
-        if c.setting.strategy == "sgd":
+        if c.setting.strategy == S.SGD:
             return c.estimate.steps * times[PLAIN_STEP.name] / 1e6, None
         best = min(c.pairs, key=lambda p: (mean_step_us(times, *p), c.pairs.index(p)))
         return c.estimate.steps * mean_step_us(times, *best) / 1e6, best
@@ -271,7 +264,7 @@ class GpuCountSearch:
                 self._dropped["data"] += 1
                 continue
             st.beyond_data += len(pairs) - len(allowed)
-            needed = ([PLAIN_STEP] if strategy == "sgd" else
+            needed = ([PLAIN_STEP] if strategy == S.SGD else
                       [k for k in KIND_ORDER if any(cs.kind == k for p in allowed
                                                     for cs in cycle(*p))])
             out.append(_Candidate(index=first_index + len(out), setting=s, estimate=est,
@@ -280,7 +273,7 @@ class GpuCountSearch:
 
     def _pairs(self, strategy: str, est: StepsEstimate) -> list[tuple[int, int]]:
         """The grid's interval pairs, plus the data's own stalest pair at this batch."""
-        if strategy == "sgd":
+        if strategy == S.SGD:
             return [(1, 1)]
         pairs = list(self.space.intervals)
         f, i = est.max_factor_interval, est.max_inverse_interval

@@ -18,10 +18,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from kfacperf.plan.convergence import OPTIMIZERS
-from kfacperf.sim.graphs.strategies.common import COMM_DTYPE_BYTES
+from kfacperf import vocab as S
 
-STRATEGIES: tuple[str, ...] = tuple(s for v in OPTIMIZERS.values() for s in v)
+STRATEGIES: tuple[str, ...] = S.SIM_STRATEGIES
 DEFAULT_INTERVALS: tuple[tuple[int, int], ...] = (
     (1, 1), (5, 5), (10, 10), (1, 10), (5, 50), (10, 100), (20, 200), (50, 500),
 )
@@ -46,7 +45,7 @@ class PlanSpace:
     strategies: tuple[str, ...] = STRATEGIES
     batch_per_gpu: tuple[int, ...] = (32,)
     intervals: tuple[tuple[int, int], ...] = DEFAULT_INTERVALS
-    comm_dtypes: tuple[str, ...] = ("fp32", "fp16", "bf16")
+    comm_dtypes: tuple[str, ...] = S.COMM_DTYPES
     symmetric: tuple[bool, ...] = (False, True)
     bucket_mb: tuple[float, ...] = (25.0,)
 
@@ -73,9 +72,9 @@ class PlanSpace:
         if not self.comm_dtypes:
             raise ValueError("no factor communication precision to search")
         for d in self.comm_dtypes:
-            if d not in COMM_DTYPE_BYTES:
+            if d not in S.COMM_DTYPE_BYTES:
                 raise ValueError(f"factor communication precision {d!r} unknown; use "
-                                 f"{', '.join(COMM_DTYPE_BYTES)}")
+                                 f"{', '.join(S.COMM_DTYPE_BYTES)}")
         object.__setattr__(self, "comm_dtypes", tuple(dict.fromkeys(self.comm_dtypes)))
         if not self.symmetric:
             raise ValueError("no symmetric-packing choice to search")
@@ -124,7 +123,7 @@ class Setting:
     stands_for: int = 1
 
     def label(self, world_size: int) -> str:
-        if self.strategy != "kaisa":
+        if self.strategy != S.KAISA:
             return self.strategy
         if self.grad_workers == world_size:
             return "kaisa:1"
@@ -137,13 +136,13 @@ def settings(space: PlanSpace, strategy: str, world_size: int) -> Iterator[Setti
     buckets: tuple[float | None, ...] = (None,) if alone else space.bucket_mb
     nb = len(space.bucket_mb)
     for batch in space.batch_per_gpu:
-        if strategy == "sgd":
+        if strategy == S.SGD:
             for bucket in buckets:
-                yield Setting(strategy="sgd", grad_workers=0, batch_per_gpu=batch,
+                yield Setting(strategy=S.SGD, grad_workers=0, batch_per_gpu=batch,
                               comm_dtype=None, symmetric=None, bucket_mb=bucket,
                               stands_for=nb if alone else 1)
             continue
-        workers = grad_worker_counts(world_size) if strategy == "kaisa" else (0,)
+        workers = grad_worker_counts(world_size) if strategy == S.KAISA else (0,)
         for gw in workers:
             if alone:
                 yield Setting(strategy=strategy, grad_workers=gw, batch_per_gpu=batch,
@@ -152,7 +151,7 @@ def settings(space: PlanSpace, strategy: str, world_size: int) -> Iterator[Setti
                 continue
             widths: dict[int, list[str]] = {}
             for d in space.comm_dtypes:
-                widths.setdefault(COMM_DTYPE_BYTES[d], []).append(d)
+                widths.setdefault(S.COMM_DTYPE_BYTES[d], []).append(d)
             for same in widths.values():
                 for sym in space.symmetric:
                     for bucket in buckets:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from kfacperf import vocab as S
 from kfacperf.plan.result import OPTIMIZER_NAMES, Choice, PlanResult
 
 
@@ -74,7 +75,7 @@ def best_table(result: PlanResult) -> list[str]:
             "steps", "time", "GPU-h", "|", "K-FAC/SGD"]
     rows = [head]
     for g in result.gpus:
-        sgd, kfac = result.best(g, "sgd"), result.best(g, "kfac")
+        sgd, kfac = result.best(g, S.SGD), result.best(g, S.KFAC)
         row = [f"{g:,}"]
         for c in (sgd, kfac):
             if c is None:
@@ -84,9 +85,9 @@ def best_table(result: PlanResult) -> list[str]:
                         fmt_duration(c.time_s), f"{c.gpu_hours:,.1f}", "|"]
         row.append(f"{kfac.time_s / sgd.time_s:.2f}x" if sgd and kfac else "-")
         rows.append(row)
-    if "kfac" not in result.convergence:  # one optimizer: its columns alone
+    if S.KFAC not in result.convergence:  # one optimizer: its columns alone
         rows = [r[:6] for r in rows]
-    elif "sgd" not in result.convergence:
+    elif S.SGD not in result.convergence:
         rows = [[r[0]] + r[7:12] for r in rows]
     return _table(rows, right={0, 2, 3, 4, 5, 8, 9, 10, 11, 13})
 

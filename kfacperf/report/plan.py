@@ -8,12 +8,13 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from kfacperf import vocab as S
 from kfacperf.plan.result import OPTIMIZER_NAMES, Choice, PlanResult
 from kfacperf.plan.text import comm_text, config_text, fmt_duration
 from kfacperf.report.figures import PALETTE, plot_text, style_figure
 from kfacperf.report.page import Section, fmt_ms, fmt_plain, heading, paragraph, table
 
-OPTIMIZER_COLORS = {"sgd": PALETTE[0], "kfac": PALETTE[1]}
+OPTIMIZER_COLORS = {S.SGD: PALETTE[0], S.KFAC: PALETTE[1]}
 
 
 def _hover(c: Choice) -> str:

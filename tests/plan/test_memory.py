@@ -10,9 +10,10 @@ import pytest
 from kfacperf.plan.memory import memory_per_gpu, placement_for
 from kfacperf.sim.graphs.layer_costs import layer_costs
 from kfacperf.sim.graphs.strategies import StrategySpec, make_step
-from kfacperf.sim.graphs.strategies.common import INVERSE_STEP, CommSettings, StepSpec
+from kfacperf.sim.graphs.strategies.common import CommSettings, StepSpec
 from kfacperf.sim.models import load_device, load_workload
 from kfacperf.sim.models.device import load_device_model, save_device_model
+from kfacperf.vocab import INVERSE_STEP
 
 # The MLP's three Linear layers, (in + bias, out), written out here rather than read from
 # the model: 784+1 -> 512, 512+1 -> 256, 256+1 -> 10.

@@ -22,16 +22,11 @@ from kfacperf.sim.costs.model import CostModel
 from kfacperf.sim.engine import run_step
 from kfacperf.sim.graphs.layer_costs import layer_costs
 from kfacperf.sim.graphs.strategies import StrategySpec, build_graph, make_step
-from kfacperf.sim.graphs.strategies.common import (
-    FACTOR_STEP,
-    INVERSE_STEP,
-    PLAIN_STEP,
-    CommSettings,
-    StepSpec,
-)
+from kfacperf.sim.graphs.strategies.common import CommSettings, StepSpec
 from kfacperf.sim.models import load_cluster, load_device, load_workload
 from kfacperf.sim.summary import cycle
 from kfacperf.sim.sweep import simulate
+from kfacperf.vocab import FACTOR_STEP, INVERSE_STEP, PLAIN_STEP
 
 SGD_STEPS = ConvergenceModel(name="mlp-sgd", workload="mlp", optimizer="sgd", target="t", points=(
     ConvergencePoint(global_batch=16, steps=20000, source="test"),
@@ -56,7 +51,7 @@ def cycle_step_us(w: Any, cost: Any, gpn: int, strategy: str, gw: int, p: int, b
     model = cost.for_gpus(p)
     lc = layer_costs(model, w, batch=b)
     spec = StrategySpec("kaisa", gw / p) if strategy == "kaisa" else StrategySpec(strategy)
-    straggle = model.cluster.straggle
+    straggle = model.host.straggle
 
     def coll(op: str, nbytes: Any, size: int, nodes: int) -> float:
         return float(model.collective_us(op, nbytes, group_size=size, nodes=nodes))

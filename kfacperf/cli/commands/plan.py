@@ -66,10 +66,9 @@ def parse_intervals(text: str) -> list[tuple[int, int]]:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from kfacperf.plan import DEFAULT_MEMORY_FRACTION, STRATEGIES
+    from kfacperf import vocab as S
+    from kfacperf.plan import DEFAULT_MEMORY_FRACTION
     from kfacperf.plan.space import DEFAULT_INTERVALS
-    from kfacperf.sim.graphs.strategies.common import COMM_DTYPE_BYTES
-    from kfacperf.sim.models.device import DTYPES, INVERSE_METHODS
 
     m = parser.add_argument_group("models (preset name or TOML path)")
     m.add_argument("--workload", required=True, help="workload model, e.g. resnet50")
@@ -81,14 +80,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     s = parser.add_argument_group("search")
     s.add_argument("--gpus", required=True,
                    help="GPU counts: 8,64,512; 8-4096 (powers of two); 8,16,...,1024")
-    s.add_argument("--strategies", default=",".join(STRATEGIES),
+    s.add_argument("--strategies", default=",".join(S.SIM_STRATEGIES),
                    help="strategies to search (default: %(default)s)")
     s.add_argument("--batch-per-gpu", default="32",
                    help="examples per GPU, comma-separated (default: %(default)s)")
     s.add_argument("--intervals", default=",".join(f"{f}/{i}" for f, i in DEFAULT_INTERVALS),
                    help="factor/inverse interval pairs (default: %(default)s; the convergence "
                         "model's own pair is added, staler ones are dropped)")
-    s.add_argument("--comm-dtypes", default=",".join(COMM_DTYPE_BYTES),
+    s.add_argument("--comm-dtypes", default=",".join(S.COMM_DTYPES),
                    help="factor communication precisions (default: %(default)s)")
     s.add_argument("--symmetric", choices=("both", "on", "off"), default="both",
                    help="symmetric (upper-triangle) packing of factors (default: both)")
@@ -101,9 +100,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                    help="memory per GPU in GB (default: the device model's)")
     r.add_argument("--memory-fraction", type=float, default=DEFAULT_MEMORY_FRACTION,
                    help="share of it a configuration may use (default: %(default)s)")
-    r.add_argument("--dtype", choices=DTYPES, default="fp32",
+    r.add_argument("--dtype", choices=S.COMPUTE_DTYPES, default="fp32",
                    help="forward/backward precision (default: fp32; bf16 for mixed precision)")
-    r.add_argument("--inverse-method", choices=INVERSE_METHODS, default="eigen")
+    r.add_argument("--inverse-method", choices=S.INVERSE_METHODS, default=S.EIGEN)
     o = parser.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print the plan as JSON")
     o.add_argument("--out", help="also write the plan as JSON to this file (for kfacperf report)")
