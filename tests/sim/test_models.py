@@ -118,9 +118,13 @@ def test_presets_load_and_aliases_resolve() -> None:
     for name in ("abci-v100", "dgx-a100-hdr", "dgx-h100-ndr"):
         assert load_cluster(name).name == name
     assert load_cluster("abci").gpus_per_node == 4
+    from kfacperf.plan.convergence import load_convergence
+
+    loaders = {"workloads": load_workload, "devices": load_device, "clusters": load_cluster,
+               "convergence": load_convergence}
     for kind in presets.KINDS:
         for name in list_presets(kind):
-            {"workloads": load_workload, "devices": load_device, "clusters": load_cluster}[kind](name)
+            loaders[kind](name)
 
 
 def test_unknown_preset_lists_known_ones(tmp_path: Path) -> None:
