@@ -10,15 +10,17 @@
   gradients are averaged by DDP; SP-NGD reduces them itself (no DDP); ``local`` is the
   single-process strategy.
 
-A step is ``timer.step_begin`` → ``forward`` (forward + loss) → ``backward`` (zero the grads,
-``loss.backward()``) → the preconditioner's own stages → ``update`` (``optimizer.step()``)
-→ ``timer.step_end``.  After :meth:`Trainer.train_step` returns, each parameter's ``.grad``
-holds the update direction the optimizer used.
+A step is ``timer.step_begin`` → ``forward`` (forward + loss, under ``torch.autocast`` when
+an ``autocast_dtype`` is given) → ``backward`` (zero the grads, ``loss.backward()``) → the
+preconditioner's own stages → ``update`` (``optimizer.step()``) → ``timer.step_end``.
+After :meth:`Trainer.train_step` returns, each parameter's ``.grad`` holds the update
+direction the optimizer used.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import torch
 from torch import Tensor, nn
@@ -71,7 +73,11 @@ class TrainConfig(OptimizerSettings):
 
 
 class Trainer:
-    """Runs instrumented training steps of ``model`` on this process's share of the batch."""
+    """Runs instrumented training steps of ``model`` on this process's share of the batch.
+
+    ``autocast_dtype`` (e.g. ``torch.bfloat16``): run the forward pass and the loss under
+    ``torch.autocast`` with that dtype (see :mod:`kfacperf.precision`); None: as they are.
+    """
 
     def __init__(
         self,
@@ -80,9 +86,11 @@ class Trainer:
         loss_fn: Callable[[Tensor, Tensor], Tensor],
         config: TrainConfig,
         timer: Timer = NULL_TIMER,
+        autocast_dtype: torch.dtype | None = None,
     ) -> None:
         self.config = config
         self.timer = timer
+        self.autocast_dtype = autocast_dtype
         self.loss_fn = loss_fn
         self.model = model
         self.info = distributed.describe()
@@ -139,7 +147,7 @@ class Trainer:
     def _step(self, inputs: Tensor, targets: Tensor) -> Tensor:
         timer = self.timer
         timer.step_begin(self.steps)
-        with timer.stage(stages.FORWARD):
+        with timer.stage(stages.FORWARD), self._autocast(inputs):
             loss = self.loss_fn(self.net(inputs), targets)
         with timer.stage(stages.BACKWARD):
             self.optimizer.zero_grad(set_to_none=True)
@@ -151,6 +159,11 @@ class Trainer:
         timer.step_end()
         self.steps += 1
         return loss.detach()
+
+    def _autocast(self, inputs: Tensor) -> ContextManager[Any]:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=inputs.device.type, dtype=self.autocast_dtype)
 
 
 def _strategy_options(config: TrainConfig) -> dict[str, Any]:

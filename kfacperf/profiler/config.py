@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from kfacperf.optim_settings import OptimizerSettings
+from kfacperf.precision import DEFAULT_PRECISION, PRECISIONS
 
 OPTIMIZERS = ("sgd", "kfac")
 STRATEGIES = ("sgd", "local", "spngd", "kaisa")
@@ -46,6 +47,7 @@ class ProfileConfig(OptimizerSettings):
     keep_heap: bool = True  # see kfacperf.profiler.heap
     timeout_s: float = 60.0
     device: str = "auto"
+    precision: str = DEFAULT_PRECISION  # see kfacperf.precision
     seed: int = 0
     telemetry_interval_s: float = 0.1
     nnodes: str = "1"
@@ -91,6 +93,8 @@ class ProfileConfig(OptimizerSettings):
             raise bad("device", f"must be one of {', '.join(DEVICES)}")
         if self.comm_dtype not in COMM_DTYPES:
             raise bad("comm_dtype", f"must be one of {', '.join(COMM_DTYPES)}")
+        if self.precision not in PRECISIONS:
+            raise bad("precision", f"must be one of {', '.join(PRECISIONS)}")
         if self.multi_node and not self.rdzv_endpoint:
             raise ValueError(f"--nnodes {self.nnodes} needs --rdzv-endpoint HOST:PORT")
 
@@ -163,6 +167,7 @@ def run_record(
         "momentum": config.momentum,
         "fused": config.fused,
         "comm_dtype": config.comm_dtype,
+        "precision": config.precision,
         "symmetric": config.symmetric,
         "bucket_cap_mb": config.bucket_cap_mb,
         "world_size": world_size,
