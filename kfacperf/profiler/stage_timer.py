@@ -232,10 +232,11 @@ class StageTimer:
             self._nvtx.end(handle)
             self._async_rows.append((step, key.stage, key.layer, key.lane, t0, t1, nbytes, 0.0))
             return
-        rows, end, cuda = self._async_rows, self._nvtx.end, self.cuda
+        rows, end = self._async_rows, self._nvtx.end
+        record = self._events.record if self.cuda else None
 
         def done(_: Any = None) -> None:
-            t1 = cuda_events.fresh_cuda_event() if cuda else _clock()
+            t1 = record() if record is not None else _clock()
             end(handle)
             rows.append((step, key.stage, key.layer, key.lane, t0, t1, nbytes, 0.0))
 
