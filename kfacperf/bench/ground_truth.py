@@ -305,6 +305,7 @@ class Outcome:
     wall_s: float = 0.0
     detail: str = ""
     step_ms: dict[str, float] = field(default_factory=dict)  # measured median per kind
+    checks: dict[str, Any] = field(default_factory=dict)  # what the trace says it recorded
     result: Any = None
 
     def to_json(self) -> dict[str, Any]:
@@ -312,19 +313,45 @@ class Outcome:
                              "tier": self.task.tier, "status": self.status,
                              "estimate_s": round(self.estimate_s, 1),
                              "wall_s": round(self.wall_s, 1), "detail": self.detail,
-                             "step_ms": {k: round(v, 3) for k, v in self.step_ms.items()}}
+                             "step_ms": {k: round(v, 3) for k, v in self.step_ms.items()},
+                             **self.checks}
         if self.task.run is not None:
             d["run"] = asdict(self.task.run)
         return d
+
+
+def trace_checks(trace: Any) -> dict[str, Any]:
+    """What a trace says it recorded: its clock, telemetry samples and precision."""
+    tel = trace.telemetry
+    return {"timing": trace.run.get("timing"), "precision": trace.run.get("precision"),
+            "telemetry_samples": 0 if tel is None else int(len(tel)),
+            "device_name": (trace.run.get("device") or {}).get("name")}
+
+
+def check_problems(checks: dict[str, Any], *, gpu: bool) -> list[str]:
+    """What a GPU trace lacks: CUDA-event timing and NVML telemetry."""
+    if not gpu:
+        return []
+    problems = []
+    if checks.get("timing") != "cuda_events":
+        problems.append(f"timed by {checks.get('timing')}, not CUDA events")
+    if not checks.get("telemetry_samples"):
+        problems.append("no NVML telemetry")
+    return problems
 
 
 def trace_step_times(trace_dir: Path) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Per kind of step: every step's time (µs, warm-up included) and the median over the
     measured steps (ms)."""
     from kfacperf.traces import load_trace
+
+    return step_times(load_trace(trace_dir))
+
+
+def step_times(trace: Any) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """:func:`trace_step_times` of a loaded trace."""
     from kfacperf.validation.measure import step_kind
 
-    trace = load_trace(trace_dir)
     ev = trace.events
     steps = ev[ev["stage"].astype(str) == "step"].groupby("step")["dur_us"].max()
     warmup = int(trace.run.get("warmup") or 0)
@@ -466,7 +493,14 @@ def _do_profile(task: Task, o: Outcome, settings: Settings, out: Path,
     if rc != 0:
         o.status, o.detail = "failed", f"kfacperf profile exited {rc} (logs/{run.name}.log)"
         return
-    every, o.step_ms = trace_step_times(run.trace_dir(out))
+    from kfacperf.traces import load_trace
+
+    trace = load_trace(run.trace_dir(out))
+    every, o.step_ms = step_times(trace)
+    o.checks = trace_checks(trace)
+    problems = check_problems(o.checks, gpu=settings.device == "cuda")
+    if problems:
+        o.detail = "; ".join(problems)
     guess.learn(run, every, wall)
 
 
@@ -524,7 +558,7 @@ def summary_text(outcomes: Sequence[Outcome]) -> str:
         run = o.task.run
         plain = o.step_ms.get("plain")
         rate = f"{run.batch / (plain / 1e3):.0f}" if run is not None and plain else ""
-        note = o.detail if o.status != "ok" or o.task.kind != PROFILE else ""
+        note = o.detail
         rows.append([o.task.name, o.status, f"{o.wall_s:.1f}", f"{o.estimate_s:.0f}",
                      _ms(o.step_ms.get("plain")), _ms(o.step_ms.get("factor")),
                      _ms(o.step_ms.get("inverse")), rate, note])

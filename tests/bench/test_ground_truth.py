@@ -128,3 +128,11 @@ def test_the_plan_fits_the_budget_on_the_guesses_except_its_tail():
     text = G.plan_text(plan, guess, G.DEFAULT_BUDGET_S)
     assert "resnet50-bf16-sgd-b32" in text.splitlines()[1]
     assert "time guard" in text.splitlines()[-1]
+
+
+def test_a_gpu_trace_without_cuda_events_or_telemetry_is_flagged():
+    assert G.check_problems({"timing": "cuda_events", "telemetry_samples": 12}, gpu=True) == []
+    cpu_like = {"timing": "perf_counter_ns", "telemetry_samples": 0}
+    assert G.check_problems(cpu_like, gpu=True) == [
+        "timed by perf_counter_ns, not CUDA events", "no NVML telemetry"]
+    assert G.check_problems(cpu_like, gpu=False) == []
