@@ -8,10 +8,12 @@ The plan, most valuable first (:func:`make_plan`):
    10/100, in every precision, at the calibration batch sizes (32 and 128 per GPU), then at
    the validation batch sizes (64 and 256);
 2. the stage timer's overhead (:mod:`kfacperf.bench.overhead`);
-3. K-FAC at intervals 1/1 (eigendecompositions every step) at the calibration sizes;
+3. K-FAC at intervals 1/1 (eigendecompositions every step) at the first calibration size,
+   every precision: the traces that calibrate the inverse stage;
 4. the kernel timings (:mod:`kfacperf.bench.kernels`);
-5. K-FAC 1/1 at the validation sizes;
-6. where Nsight Systems is installed, one short K-FAC run under ``nsys`` whose NVTX range
+5. K-FAC 1/1 at the other calibration size;
+6. K-FAC 1/1 at the validation sizes;
+7. where Nsight Systems is installed, one short K-FAC run under ``nsys`` whose NVTX range
    summary (a small CSV) shows the stage timer's ranges arrive.
 
 K-FAC runs use strategy ``spngd`` on one process (the same work as ``local``, and what the
@@ -81,7 +83,7 @@ class Settings:
     sgd: StepCount = StepCount(steps=30, warmup=5)
     # 10/100: warm-up 10 leaves the inverse step 0 out; 40 measured steps hold 4 factor steps
     stale: StepCount = StepCount(steps=40, warmup=10)
-    fresh: StepCount = StepCount(steps=3, warmup=2)  # 1/1: every step inverts
+    fresh: StepCount = StepCount(steps=3, warmup=1)  # 1/1: every step inverts
     telemetry_interval_s: float = 0.1
     overhead_batch: int = 32
     overhead_pairs: int = 40
@@ -208,17 +210,20 @@ def make_plan(settings: Settings) -> list[Task]:
     plan = profiles(1, runs(cal, CALIBRATION, ("sgd", "stale")))
     plan += profiles(1, runs(val, VALIDATION, ("sgd", "stale")))
     plan.append(Task(kind=OVERHEAD, name="timer overhead", tier=2))
-    plan += profiles(3, runs(cal, CALIBRATION, ("fresh",)))
+    plan += profiles(3, runs(cal[:1], CALIBRATION, ("fresh",)))
     plan.append(Task(kind=KERNELS, name="kernel timings", tier=4))
-    plan += profiles(5, runs(val, VALIDATION, ("fresh",)))
+    plan += profiles(5, runs(cal[1:], CALIBRATION, ("fresh",)))
+    plan += profiles(6, runs(val, VALIDATION, ("fresh",)))
     if settings.nsys:
-        plan.append(Task(kind=NSYS, name="nvtx check under nsys", tier=6))
+        plan.append(Task(kind=NSYS, name="nvtx check under nsys", tier=7))
     return plan
 
 
 def overhead_configs(settings: Settings) -> list[Any]:
     """The configurations whose timer overhead is measured: SGD and K-FAC 10/100 (the most
-    stage calls per millisecond of step) at the overhead batch, first precision."""
+    stage calls per millisecond of step) at the overhead batch, first precision.  K-FAC uses
+    the cholesky inverse method here: the one inverse step (step 0, a warm-up pair) then
+    costs milliseconds instead of seconds, and the stage calls are the same."""
     from kfacperf.bench.overhead import OverheadConfig
 
     fi, ii = settings.stale_intervals
@@ -226,7 +231,8 @@ def overhead_configs(settings: Settings) -> list[Any]:
                   batch=settings.overhead_batch, precision=settings.precisions[0],
                   pairs=settings.overhead_pairs, warmup_pairs=settings.overhead_warmup_pairs)
     return [OverheadConfig(optimizer="sgd", **common),
-            OverheadConfig(optimizer="kfac", factor_interval=fi, inverse_interval=ii, **common)]
+            OverheadConfig(optimizer="kfac", factor_interval=fi, inverse_interval=ii,
+                           inverse_method="cholesky", **common)]
 
 
 # --------------------------------------------------------------------------- estimates
@@ -251,9 +257,9 @@ class CostGuess:
     plain_extra_s: float = 0.012
     factor_base_s: float = 0.03
     factor_per_image_s: float = 0.0008
-    inverse_s: float = 3.0
+    inverse_s: float = 6.0
     run_overhead_s: float = 4.0
-    overhead_task_s: float = 30.0
+    overhead_task_s: float = 25.0
     kernels_task_s: float = 80.0
     nsys_task_s: float = 75.0
     ratios: dict[str, list[float]] = field(default_factory=dict)

@@ -94,9 +94,9 @@ class KernelPlan:
     image_size: int = 224
     warmup: int = 1
     repeats: int = 10
-    min_repeats: int = 3
+    min_repeats: int = 2
     target_s: float = 1.0  # about this long per record (repeats permitting)
-    max_call_s: float = 8.0  # skip an inverse size predicted to take longer per call
+    max_call_s: float = 5.0  # skip an inverse size predicted to take longer per call
 
 
 FULL_PLAN = KernelPlan()

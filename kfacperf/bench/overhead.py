@@ -38,6 +38,7 @@ class OverheadConfig:
     strategy: str = "spngd"
     factor_interval: int = 10
     inverse_interval: int = 100
+    inverse_method: str = "eigen"
     precision: str = "bf16"
     pairs: int = 40
     warmup_pairs: int = 3
@@ -166,7 +167,8 @@ def measure_timer_overhead(config: OverheadConfig, *, device: Any = None,
         train = TrainConfig(optimizer=config.optimizer,
                             strategy="sgd" if config.optimizer == "sgd" else config.strategy,
                             factor_interval=config.factor_interval,
-                            inverse_interval=config.inverse_interval)
+                            inverse_interval=config.inverse_interval,
+                            inverse_method=config.inverse_method)
         sink = trace_parts.event_appender(where / "on", 0)
         timer = StageTimer(sink=sink, cuda=cuda)
         cast = autocast_dtype(config.precision)

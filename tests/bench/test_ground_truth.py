@@ -24,12 +24,12 @@ def test_the_most_valuable_runs_come_first():
     assert {t.run.role for t in first[:8]} == {G.CALIBRATION}
     assert {t.run.role for t in first[8:]} == {G.VALIDATION}
     assert kinds[16] == G.OVERHEAD
-    fresh_cal = plan[17:21]
-    assert {(t.run.batch, t.run.label) for t in fresh_cal} == {(32, "kfac-1-1"),
-                                                               (128, "kfac-1-1")}
-    assert kinds[21] == G.KERNELS
-    assert {(t.run.batch, t.run.label) for t in plan[22:26]} == {(64, "kfac-1-1"),
-                                                                 (256, "kfac-1-1")}
+    fresh = [(t.run.batch, t.run.precision) for t in plan if t.run and t.run.label == "kfac-1-1"]
+    assert fresh == [(b, p) for b in (32, 128, 64, 256) for p in ("bf16", "tf32")]
+    assert [t.name for t in plan[17:19]] == ["resnet50-bf16-kfac-1-1-b32",
+                                             "resnet50-tf32-kfac-1-1-b32"]
+    assert kinds[19] == G.KERNELS  # after the 1/1 traces that calibrate the inverse stage
+    assert kinds[20:26] == [G.PROFILE] * 6
     assert kinds[26:] == [G.NSYS]
     assert [t.tier for t in plan] == sorted(t.tier for t in plan)
     names = [t.name for t in plan]
