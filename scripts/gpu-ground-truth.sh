@@ -112,7 +112,8 @@ try:
     print("cuda", torch.version.cuda, "available", torch.cuda.is_available())
     print("cudnn", torch.backends.cudnn.version())
     if torch.cuda.is_available():
-        print("nccl", ".".join(map(str, torch.cuda.nccl.version())))
+        v = torch.cuda.nccl.version()
+        print("nccl", ".".join(map(str, v)) if isinstance(v, tuple) else v)
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
             print(f"gpu {i}", p.name, f"{p.total_memory / 2**30:.1f} GiB",

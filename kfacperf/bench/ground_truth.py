@@ -597,8 +597,7 @@ def environment(settings: Settings, argv: Sequence[str]) -> dict[str, Any]:
         "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
         "cudnn": (torch.backends.cudnn.version()
                   if torch.backends.cudnn.is_available() else None),
-        "nccl": (".".join(map(str, torch.cuda.nccl.version()))
-                 if torch.cuda.is_available() else None),
+        "nccl": _nccl_version(torch),
         "kfacperf": __version__, "argv": list(argv), "settings": asdict(settings),
         "start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -615,6 +614,14 @@ def environment(settings: Settings, argv: Sequence[str]) -> dict[str, Any]:
         except Exception as exc:  # recorded, not fatal: the run says what it had
             env.setdefault("packages", {})[mod] = f"missing: {exc}"
     return env
+
+
+def _nccl_version(torch: Any) -> str | None:
+    try:
+        v = torch.cuda.nccl.version()  # a tuple in recent torch, an int in old ones
+    except Exception:  # no NCCL in this build
+        return None
+    return ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -655,7 +662,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("ground truth: no CUDA device here (use --dry-run on a CPU)", file=sys.stderr)
         return 2
     torch.set_num_threads(1)  # as kfacperf profile's ranks (--threads-per-rank 1)
-    write_json(out / "env.json", environment(settings, sys.argv if argv is None else argv))
+    try:
+        env = environment(settings, sys.argv if argv is None else argv)
+    except Exception as exc:  # describing the machine must never cost the measurements
+        env = {"error": f"{type(exc).__name__}: {exc}"}
+    write_json(out / "env.json", env)
     budget = Budget(budget_s)
     outcomes = execute(plan, settings, out, budget=budget, guess=guess)
     summary = summary_text(outcomes)
