@@ -78,6 +78,7 @@ def test_every_planned_trace_loads_and_says_what_ran(dry_run):
     summary = json.loads((out / "summary.json").read_text())
     assert [t["name"] for t in summary["tasks"]] == [t.name for t in G.make_plan(G.DRY)]
     assert {t["status"] for t in summary["tasks"]} == {"ok"}
+    assert summary["finished"] is True and summary["not_reached"] == []
     for t in summary["tasks"]:
         if t["kind"] == G.PROFILE:  # a GPU run: cuda_events and telemetry samples
             assert (t["timing"], t["telemetry_samples"]) == ("perf_counter_ns", 0)

@@ -450,8 +450,10 @@ def run_nsys(settings: Settings, out: Path, log_path: Path, timeout_s: float) ->
 
 
 def execute(plan: Sequence[Task], settings: Settings, out: Path, *, budget: Budget,
-            guess: CostGuess | None = None, log: Callable[[str], None] = print) -> list[Outcome]:
-    """Run the plan under the time guard; every task's outcome, in plan order."""
+            guess: CostGuess | None = None, log: Callable[[str], None] = print,
+            after_each: Callable[[list[Outcome]], None] | None = None) -> list[Outcome]:
+    """Run the plan under the time guard; every task's outcome, in plan order.
+    ``after_each`` gets the outcomes so far after every task (to keep a summary on disk)."""
     guess = guess or CostGuess()
     outcomes: list[Outcome] = []
     for i, task in enumerate(plan, 1):
@@ -461,6 +463,8 @@ def execute(plan: Sequence[Task], settings: Settings, out: Path, *, budget: Budg
             why = f"time guard: needs ~{est:.0f} s, {max(0.0, budget.left()):.0f} s left"
             outcomes.append(Outcome(task=task, status="skipped", estimate_s=est, detail=why))
             log(f"{head}: skipped ({why})")
+            if after_each is not None:
+                after_each(outcomes)
             continue
         t0 = time.monotonic()
         o = Outcome(task=task, status="ok", estimate_s=est)
@@ -486,6 +490,8 @@ def execute(plan: Sequence[Task], settings: Settings, out: Path, *, budget: Budg
         log(f"{head}: {o.status} in {o.wall_s:.1f} s (estimated {est:.0f} s"
             + (f"; {max(0.0, left):.0f} s left)" if math.isfinite(left) else ")")
             + (f"  {steps}" if steps else "") + (f"  {o.detail}" if o.detail else ""))
+        if after_each is not None:
+            after_each(outcomes)
     return outcomes
 
 
@@ -668,15 +674,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         env = {"error": f"{type(exc).__name__}: {exc}"}
     write_json(out / "env.json", env)
     budget = Budget(budget_s)
-    outcomes = execute(plan, settings, out, budget=budget, guess=guess)
-    summary = summary_text(outcomes)
-    (out / "summary.txt").write_text(summary + "\n")
-    write_json(out / "summary.json", {
-        "budget_s": budget_s, "dry_run": settings.dry_run,
-        "tasks": [o.to_json() for o in outcomes],
-        "learned_step_ratios": {k: statistics.median(v) for k, v in guess.ratios.items() if v},
-    })
-    print("\n" + summary, flush=True)
+
+    def write_summary(outcomes: list[Outcome]) -> str:
+        """summary.txt and summary.json of the tasks so far (kept current after every task,
+        so a run stopped from outside still says what it did)."""
+        done = {o.task.name for o in outcomes}
+        pending = [t.name for t in plan if t.name not in done]
+        summary = summary_text(outcomes) + (
+            f"\nnot reached: {', '.join(pending)}" if pending else "")
+        (out / "summary.txt").write_text(summary + "\n")
+        write_json(out / "summary.json", {
+            "budget_s": budget_s, "dry_run": settings.dry_run, "finished": not pending,
+            "tasks": [o.to_json() for o in outcomes], "not_reached": pending,
+            "learned_step_ratios": {k: statistics.median(v) for k, v in guess.ratios.items()
+                                    if v},
+        })
+        return summary
+
+    outcomes = execute(plan, settings, out, budget=budget, guess=guess,
+                       after_each=write_summary)
+    print("\n" + write_summary(outcomes), flush=True)
     return 0 if all(o.status != "failed" for o in outcomes) else 1
 
 

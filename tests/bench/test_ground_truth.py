@@ -96,8 +96,11 @@ def test_what_the_guard_cannot_fit_is_skipped_and_named(tmp_path, monkeypatch):
     monkeypatch.setattr(G, "_do_overhead", fake_overhead)
     (tmp_path / "logs").mkdir()
     lines: list[str] = []
-    outcomes = G.execute(plan, G.DRY, tmp_path, budget=budget, guess=guess, log=lines.append)
+    seen = []
+    outcomes = G.execute(plan, G.DRY, tmp_path, budget=budget, guess=guess, log=lines.append,
+                         after_each=lambda so_far: seen.append(len(so_far)))
     assert ran == ["t0", "t1"]
+    assert seen == [1, 2, 3]  # the summary on disk is kept current, skipped tasks included
     assert [o.status for o in outcomes] == ["ok", "ok", "skipped"]
     assert "needs ~40 s, 10 s left" in outcomes[2].detail
     assert "skipped" in lines[-1]
