@@ -91,7 +91,8 @@ if [[ $DRY_RUN == 0 ]]; then
     say "installing ${#wheels[@]} wheel(s) from .whl/ into /tmp/site"
     if "$PY" -m pip --version >/dev/null 2>&1; then
       "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site "${wheels[@]}" 2>&1 | tee -a "$LOG"
+        --target /tmp/site "${wheels[@]}" 2>&1 | tee -a "$LOG" \
+        || { say "installing the wheels failed (see above)"; exit 3; }
     else  # no pip: a wheel is a zip archive laid out for site-packages
       say "no pip for $PY: unpacking the wheels instead"
       for w in "${wheels[@]}"; do "$PY" -m zipfile -e "$w" /tmp/site; done

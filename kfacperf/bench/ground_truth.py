@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import math
 import os
 import platform
@@ -459,8 +458,12 @@ def execute(plan: Sequence[Task], settings: Settings, out: Path, *, budget: Budg
     for i, task in enumerate(plan, 1):
         est = guess.task_s(task)
         head = f"[{i}/{len(plan)}] {task.name}"
-        if not budget.allows(est):
+        why = ""
+        if task.kind == NSYS and shutil.which("nsys") is None:
+            why = "nsys is not installed here"
+        elif not budget.allows(est):
             why = f"time guard: needs ~{est:.0f} s, {max(0.0, budget.left()):.0f} s left"
+        if why:
             outcomes.append(Outcome(task=task, status="skipped", estimate_s=est, detail=why))
             log(f"{head}: skipped ({why})")
             if after_each is not None:

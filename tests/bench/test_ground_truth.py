@@ -139,3 +139,11 @@ def test_a_gpu_trace_without_cuda_events_or_telemetry_is_flagged():
     assert G.check_problems(cpu_like, gpu=True) == [
         "timed by perf_counter_ns, not CUDA events", "no NVML telemetry"]
     assert G.check_problems(cpu_like, gpu=False) == []
+
+
+def test_the_nsys_check_is_skipped_where_nsys_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setattr(G.shutil, "which", lambda name: None)
+    (tmp_path / "logs").mkdir()
+    task = G.Task(kind=G.NSYS, name="nvtx check under nsys", tier=7)
+    [o] = G.execute([task], G.FULL, tmp_path, budget=Budget(None), log=lambda s: None)
+    assert (o.status, o.detail) == ("skipped", "nsys is not installed here")
