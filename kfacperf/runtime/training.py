@@ -10,14 +10,20 @@
   gradients are averaged by DDP; SP-NGD reduces them itself (no DDP); ``local`` is the
   single-process strategy.
 
-A step is ``timer.step_begin`` → ``forward`` (forward + loss) → ``backward`` (zero the grads,
-``loss.backward()``) → the preconditioner's own stages → ``update`` (``optimizer.step()``)
-→ ``timer.step_end``.  After :meth:`Trainer.train_step` returns, each parameter's ``.grad``
-holds the update direction the optimizer used.
+A step is ``timer.step_begin`` → ``forward`` (forward + loss, under ``torch.autocast`` when
+an ``autocast_dtype`` is given) → ``backward`` (zero the grads, ``loss.backward()``) → the
+preconditioner's own stages → ``update`` (``optimizer.step()``) → ``timer.step_end``.  With
+``fisher="mc"``, factor steps run the Monte-Carlo pass (:meth:`KFACPreconditioner.mc_backward`)
+between forward and backward, timed as a second ``backward`` row whose ``layer`` is
+``"mc_fisher"`` (:data:`kfacperf.vocab.MC_FISHER_PASS`); the statistics (``factor_compute``
+rows) are nested in that row, not in the true backward.  After :meth:`Trainer.train_step`
+returns, each parameter's ``.grad`` holds the update direction the optimizer used.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +37,7 @@ from kfacperf.kfac.comm import (
     looks_like_collective_failure,
 )
 from kfacperf.kfac.ddp import wrap_ddp
+from kfacperf.kfac.fisher import MonteCarloFisher
 from kfacperf.kfac.preconditioner import KFACPreconditioner
 from kfacperf.kfac.strategies import make_strategy
 from kfacperf.profiler.timer import NULL_TIMER, Timer
@@ -57,6 +64,8 @@ class TrainConfig(OptimizerSettings):
         for key in ("lr", "bucket_cap_mb"):
             if not getattr(self, key) >= 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)!r}")
+        stages.check_choice("bn_blocks", self.bn_blocks, stages.BN_BLOCKS)
+        stages.check_choice("fisher", self.fisher, stages.FISHER_TYPES)
 
     @property
     def strategy_name(self) -> str:
@@ -65,7 +74,12 @@ class TrainConfig(OptimizerSettings):
 
 
 class Trainer:
-    """Runs instrumented training steps of ``model`` on this process's share of the batch."""
+    """Runs instrumented training steps of ``model`` on this process's share of the batch.
+
+    ``seed`` seeds the labels sampled for the Monte-Carlo Fisher (``fisher="mc"``).
+    ``autocast_dtype`` (e.g. ``torch.bfloat16``): run the forward pass and the loss under
+    ``torch.autocast`` with that dtype (see :mod:`kfacperf.precision`); None: as they are.
+    """
 
     def __init__(
         self,
@@ -74,9 +88,12 @@ class Trainer:
         loss_fn: Callable[[Tensor, Tensor], Tensor],
         config: TrainConfig,
         timer: Timer = NULL_TIMER,
+        seed: int = 0,
+        autocast_dtype: torch.dtype | None = None,
     ) -> None:
         self.config = config
         self.timer = timer
+        self.autocast_dtype = autocast_dtype
         self.loss_fn = loss_fn
         self.model = model
         self.info = distributed.describe()
@@ -106,7 +123,14 @@ class Trainer:
                 kl_clip=config.kl_clip,
                 strategy=make_strategy(strategy, **_strategy_options(config)),
                 timer=timer,
+                bn_blocks=config.bn_blocks,
+                fisher=config.fisher,
             )
+        self.mc_fisher: MonteCarloFisher | None = None
+        if self.preconditioner is not None and config.fisher == stages.FISHER_MC:
+            self.mc_fisher = MonteCarloFisher(loss_fn, params=model.parameters(), seed=seed,
+                                              rank=self.info.rank,
+                                              world_size=self.info.world_size)
         self.optimizer = torch.optim.SGD(
             model.parameters(), lr=config.lr, momentum=config.momentum,
             weight_decay=config.weight_decay,
@@ -133,18 +157,28 @@ class Trainer:
     def _step(self, inputs: Tensor, targets: Tensor) -> Tensor:
         timer = self.timer
         timer.step_begin(self.steps)
-        with timer.stage(stages.FORWARD):
-            loss = self.loss_fn(self.net(inputs), targets)
+        pc = self.preconditioner
+        with timer.stage(stages.FORWARD), self._autocast(inputs):
+            outputs = self.net(inputs)
+            loss = self.loss_fn(outputs, targets)
+        if self.mc_fisher is not None and pc is not None and pc.factor_step:
+            with timer.stage(stages.BACKWARD, stages.MC_FISHER_PASS):
+                pc.mc_backward(outputs, self.mc_fisher)
         with timer.stage(stages.BACKWARD):
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-        if self.preconditioner is not None:
-            self.preconditioner.step()
+        if pc is not None:
+            pc.step()
         with timer.stage(stages.UPDATE):
             self.optimizer.step()
         timer.step_end()
         self.steps += 1
         return loss.detach()
+
+    def _autocast(self, inputs: Tensor) -> AbstractContextManager[Any]:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=inputs.device.type, dtype=self.autocast_dtype)
 
 
 def _strategy_options(config: TrainConfig) -> dict[str, Any]:

@@ -45,6 +45,7 @@ def run_worker(config: ProfileConfig) -> None:
     """Run this rank's share of the profile described by ``config``."""
     import torch
 
+    from kfacperf import precision
     from kfacperf.runtime import distributed, heap
 
     heap_policy = heap.keep_heap() if config.keep_heap else heap.DEFAULT
@@ -53,7 +54,8 @@ def run_worker(config: ProfileConfig) -> None:
     info = distributed.init_distributed(backend=backend, timeout_s=config.timeout_s)
     run_dir = Path(config.out)
     try:
-        _train(config, info, run_dir, heap_policy)
+        with precision.float32_math(config.precision):  # restored after: in-process runs
+            _train(config, info, run_dir, heap_policy)
     except BaseException:
         try:
             p = error_path(run_dir, info.rank)
@@ -68,6 +70,7 @@ def run_worker(config: ProfileConfig) -> None:
 def _train(config: ProfileConfig, info: Any, run_dir: Path, heap_policy: str) -> None:
     import torch.distributed as dist
 
+    from kfacperf import precision
     from kfacperf.profiler.stage_timer import StageTimer
     from kfacperf.profiler.telemetry import TelemetrySampler, device_info
     from kfacperf.runtime.heap import minor_faults
@@ -95,6 +98,7 @@ def _train(config: ProfileConfig, info: Any, run_dir: Path, heap_policy: str) ->
         write_run(run_dir, run_record(
             config, world_size=world, batch_per_rank=batch, device=dev_info,
             backend=info.backend, heap=heap_policy, timing="cuda_events" if cuda else "perf_counter_ns",
+            precision_flags=precision.run_flags(config.precision),
             clock="per-rank perf_counter_ns; time 0 right after a barrier at the start",
             **({"start_time": prior["start_time"]} if "start_time" in prior else {}),
         ))
@@ -111,7 +115,9 @@ def _train(config: ProfileConfig, info: Any, run_dir: Path, heap_policy: str) ->
                                    origin_ns=origin, interval_s=config.telemetry_interval_s)
         sampler.start()
     trainer = Trainer(model, loss_fn=workload.loss_fn,
-                      config=TrainConfig(**config.train_config_kwargs()), timer=timer)
+                      config=TrainConfig(**config.train_config_kwargs()), timer=timer,
+                      seed=config.seed,
+                      autocast_dtype=precision.autocast_dtype(config.precision))
     crash_after = _crash_point(rank)
     total = config.total_steps
     last_print = 0.0

@@ -4,12 +4,22 @@ Starts the ranks itself (torchrun-compatible; pass --nnodes/--node-rank/--rdzv-e
 run the same command on every node for a multi-node job), or runs as one rank when started
 under torchrun.  Writes TRACE_DIR/run.json + events.parquet (+ telemetry.parquet on a GPU)
 and prints the per-stage summary.  --batch-size is per rank.
+
+Examples::
+
+    kfacperf profile --workload resnet20 --strategy spngd --nproc 2 --steps 20
+    kfacperf profile --workload resnet20 --strategy spngd --bn-blocks unit --fisher mc
+
+The second is SP-NGD's 1mc + unitBN: BatchNorm layers as 2x2-per-channel Fisher blocks, the
+statistics from one extra backward of sampled labels (a second ``backward`` row, layer
+``mc_fisher``, on factor steps).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
+from kfacperf import vocab
 from kfacperf.cli.commands import key_value
 
 
@@ -20,6 +30,7 @@ def _kl_clip(text: str) -> float | None:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    from kfacperf.precision import DEFAULT_PRECISION, PRECISIONS
     from kfacperf.runtime.config import DEVICES
     from kfacperf.vocab import COMM_DTYPES, INVERSE_METHODS, OPTIMIZERS, PROFILE_STRATEGIES
 
@@ -48,6 +59,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--timeout", type=float, default=60.0,
                    help="process-group timeout in seconds (a dead rank becomes an error)")
     g.add_argument("--device", choices=DEVICES, default="auto")
+    g.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
+                   help="fp32: IEEE float32 (TF32 off on a GPU); tf32: float32 with TF32 "
+                        "matmuls and convolutions; bf16: forward under bfloat16 autocast "
+                        "(see kfacperf.precision)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--telemetry-interval", type=float, default=0.1,
                    help="seconds between NVML samples (GPU only)")
@@ -68,6 +83,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     k.add_argument("--comm-dtype", choices=COMM_DTYPES, default="fp32")
     k.add_argument("--symmetric", action="store_true", help="upper-triangle factor packing")
     k.add_argument("--bucket-cap-mb", type=float, default=25.0)
+    k.add_argument("--bn-blocks", choices=vocab.BN_BLOCKS, default=vocab.BN_NONE,
+                   help="BatchNorm layers as Fisher blocks: none (left to SGD), unit (2x2 per "
+                        "channel, SP-NGD's unitBN) or full (2Cx2C, fullBN)")
+    k.add_argument("--fisher", choices=vocab.FISHER_TYPES, default=vocab.FISHER_EMP,
+                   help="emp: statistics from the true labels' backward; mc: from one extra "
+                        "backward of labels sampled from the model (SP-NGD's 1mc)")
     m = parser.add_argument_group("multi-node (passed to torchrun)")
     m.add_argument("--nnodes", default="1")
     m.add_argument("--node-rank", type=int, default=0)
@@ -85,12 +106,14 @@ def build_config(args: argparse.Namespace):  # -> ProfileConfig
         workload_options=dict(args.workload_option), steps=args.steps, warmup=args.warmup,
         batch_size=args.batch_size, nproc=args.nproc, threads_per_rank=args.threads_per_rank,
         isolate=args.isolate, keep_heap=not args.default_heap, timeout_s=args.timeout, device=args.device, seed=args.seed,
+        precision=args.precision,
         lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
         damping=args.damping, factor_interval=args.factor_interval,
         inverse_interval=args.inverse_interval, inverse_method=args.inverse_method,
         factor_decay=args.factor_decay, kl_clip=args.kl_clip,
         grad_worker_fraction=args.grad_worker_fraction, fused=args.fused,
         comm_dtype=args.comm_dtype, symmetric=args.symmetric, bucket_cap_mb=args.bucket_cap_mb,
+        bn_blocks=args.bn_blocks, fisher=args.fisher,
         telemetry_interval_s=args.telemetry_interval, nnodes=str(args.nnodes),
         node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id,
         command=command_line(),

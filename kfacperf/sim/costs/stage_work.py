@@ -17,10 +17,34 @@ backward           2 N f (input and weight gradients)           2 s (N (in + out
 factor_compute     2 N r (dA^2 + dG^2), or for a convolution    4 (N r (dA + dG) + 3 (dA^2+dG^2))
                    with geometry the phases of
                    ``kfacperf.kfac.conv_factors`` (below)
-inverse            eigen 9 (dA^3 + dG^3); cholesky dA^3 + dG^3  12 (dA^2 + dG^2); rows dA + dG
+inverse            eigen 9 (dA^3 + dG^3); cholesky dA^3 + dG^3  12 (dA^2 + dG^2)
 precondition       eigen 4 dA dG (dA + dG); cholesky half that  4 (dA^2 + dG^2 + 3 dA dG)
 update             4 per parameter (momentum SGD)               20 per parameter
 =================  ===========================================  ===============================
+
+A BatchNorm Fisher block (``bn_blocks`` "unit" or "full", C channels, S = ``rows_per_example``
+spatial positions, block side ``n`` = 2 per channel or 2C) has no forward or backward share
+of its own (its elementwise work stays in the whole-model passes, as without blocks) and:
+
+=================  ===========================================  ===============================
+stage              FLOPs                                        bytes
+=================  ===========================================  ===============================
+factor_compute     6 N C S (normalise; reduce over H x W), then  4 (2 N C S + 2 N C), then
+                   the outer products over N: unit 8 N C, full  4 (2 N C + numel F), then the
+                   2 N (2C)^2, then the running average         running average
+                   3 numel F (numel F: 4C unit, (2C)^2 full)
+inverse            unit: 10 C in one batched call (latency-     unit: 4 (2 x 4C);
+                   bound); full: like a factor of side 2C       full: 12 (2C)^2
+precondition       unit 8 C; full: eigen 4 (2C)^2, cholesky     4 (numel F + 4C)
+                   2 (2C)^2
+=================  ===========================================  ===============================
+
+Inverse phases carry the matrix side ``n`` and the number of matrices ``count`` they invert
+(a unit-wise layer: C 2x2 matrices in one call; a Kronecker-factored layer: one phase for A,
+one for G), so a size-dependent inverse cost can apply: GPU factorisations walk a matrix panel
+by panel, a few dependent kernel launches per panel, so part of their time grows with ``n``
+however fast the arithmetic (the device's ``row_us``, once per phase: a batched call walks its
+matrices together).
 
 ``s`` is the activation dtype's size.  The constants 9 (symmetric eigendecomposition with
 vectors, Golub & Van Loan) and 1 (Cholesky plus inverse) only set the eigen/cholesky ratio; a
@@ -36,7 +60,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kfacperf import vocab as S
-from kfacperf.sim.models.workload import LayerModel, WorkloadModel
+from kfacperf.sim.models.workload import BATCHNORM, LayerModel, WorkloadModel
 
 DTYPE_BYTES: dict[str, int] = S.DTYPE_BYTES
 WHOLE_MODEL_STAGES = (S.FORWARD, S.BACKWARD, S.UPDATE)
@@ -49,16 +73,17 @@ FP32 = 4
 
 @dataclass(frozen=True)
 class Phase:
-    """Work that runs on one roofline: FLOPs at the peak of ``dtype``, bytes of traffic."""
+    """Work that runs on one roofline: FLOPs at the peak of ``dtype``, bytes of traffic.
+
+    An inverse phase may say what it inverts: ``count`` symmetric matrices of side ``n``
+    (0: not stated).
+    """
 
     flops: float
     nbytes: float
     dtype: str = "fp32"
-    rows: int = 0
-    """Rows of the matrices this phase factorises (inverse): blocked Cholesky and
-    eigensolvers walk a matrix panel by panel, a few dependent kernel launches per panel, so
-    part of their time grows with the side ``n`` however fast the arithmetic (the device's
-    ``row_us`` per row)."""
+    n: int = 0
+    count: int = 1
 
 
 def fwd_flops(l: LayerModel, w: WorkloadModel) -> float:
@@ -102,11 +127,45 @@ def factor_phases(l: LayerModel, batch: int, dtype: str = "fp32",
     ]
 
 
+def batchnorm_phases(stage: str, l: LayerModel, *, batch: int, bn_blocks: str,
+                     kfac_dtype: str, inverse_method: str) -> list[Phase]:
+    """Phases of one call of ``stage`` on a BatchNorm Fisher block (see the module doc)."""
+    if bn_blocks not in (S.BN_UNIT, S.BN_FULL):
+        raise ValueError(f"batchnorm layer {l.name!r} is a Fisher block only with bn_blocks "
+                         f"'unit' or 'full', got {bn_blocks!r}")
+    c, unit = l.channels, bn_blocks == S.BN_UNIT
+    n = 2 if unit else 2 * c
+    numel = 4.0 * c if unit else float(n * n)
+    if stage in (S.FORWARD, S.BACKWARD):
+        return []
+    if stage == S.FACTOR_COMPUTE:
+        elems = float(batch) * c * l.rows_per_example
+        outer = 8.0 * batch * c if unit else 2.0 * batch * n * n
+        return [Phase(6.0 * elems, FP32 * (2.0 * elems + 2.0 * batch * c), kfac_dtype),
+                Phase(outer, FP32 * (2.0 * batch * c + numel), kfac_dtype),
+                Phase(3.0 * numel, FP32 * 3.0 * numel, kfac_dtype)]
+    if stage == S.INVERSE:
+        if unit:
+            return [Phase(10.0 * c, FP32 * 2.0 * numel, "fp32", n=2, count=c)]
+        return [Phase(INVERSE_FLOPS_PER_D3[inverse_method] * n ** 3, FP32 * 3.0 * numel, "fp32",
+                      n=n)]
+    if stage == S.PRECONDITION:
+        flops = 8.0 * c if unit else PRECOND_FLOPS_FACTOR[inverse_method] * n * n
+        return [Phase(flops, FP32 * (numel + 4.0 * c), kfac_dtype)]
+    if stage == S.UPDATE:
+        return [Phase(UPDATE_FLOPS_PER_PARAM * l.params, UPDATE_BYTES_PER_PARAM * l.params)]
+    raise ValueError(f"{stage!r} is not a compute stage")
+
+
 def layer_phases(
     stage: str, l: LayerModel, *, batch: int, workload: WorkloadModel, act_dtype: str,
     kfac_dtype: str, inverse_method: str, conv_factors: str = "displacement",
+    bn_blocks: str = S.BN_NONE,
 ) -> list[Phase]:
     """Phases of one call of ``stage`` on layer ``l`` (its share, for whole-model stages)."""
+    if l.kind == BATCHNORM:
+        return batchnorm_phases(stage, l, batch=batch, bn_blocks=bn_blocks,
+                                kfac_dtype=kfac_dtype, inverse_method=inverse_method)
     da, dg = l.dim_a, l.dim_g
     if stage in (S.FORWARD, S.BACKWARD):
         k = 1 if stage == S.FORWARD else 2
@@ -116,8 +175,8 @@ def layer_phases(
     if stage == S.FACTOR_COMPUTE:
         return factor_phases(l, batch, kfac_dtype, conv_factors)
     if stage == S.INVERSE:  # eigensolvers and Cholesky run in fp32
-        return [Phase(INVERSE_FLOPS_PER_D3[inverse_method] * (da ** 3 + dg ** 3),
-                      FP32 * 3 * (da * da + dg * dg), "fp32", rows=da + dg)]
+        k = INVERSE_FLOPS_PER_D3[inverse_method]
+        return [Phase(k * d ** 3, FP32 * 3 * d * d, "fp32", n=d) for d in (da, dg)]
     if stage == S.PRECONDITION:
         return [Phase(PRECOND_FLOPS_FACTOR[inverse_method] * da * dg * (da + dg),
                       FP32 * (da * da + dg * dg + 3 * da * dg), kfac_dtype)]
@@ -129,17 +188,19 @@ def layer_phases(
 def stage_phases(
     stage: str, layer: LayerModel | None, *, batch: int, workload: WorkloadModel,
     act_dtype: str = "fp32", kfac_dtype: str = "fp32", inverse_method: str = "eigen",
-    conv_factors: str = "displacement",
+    conv_factors: str = "displacement", bn_blocks: str = S.BN_NONE,
 ) -> tuple[list[Phase], int]:
     """``(phases, calls)`` of ``stage`` on ``layer``, or on the whole model (``None``).
 
-    Whole-model forward and backward are the per-layer shares, one call per layer (so they
-    add up exactly); the whole-model update is one fused call over every parameter.
+    Whole-model forward and backward are the per-layer shares of the K-FAC layers, one call
+    per layer (so they add up exactly; BatchNorm blocks have no share); the whole-model update
+    is one fused call over every parameter.
     """
     kw = dict(batch=batch, workload=workload, act_dtype=act_dtype, kfac_dtype=kfac_dtype,
               inverse_method=inverse_method, conv_factors=conv_factors)
     if layer is not None:
-        return layer_phases(stage, layer, **kw), 1
+        phases = layer_phases(stage, layer, bn_blocks=bn_blocks, **kw)
+        return phases, 1 if phases else 0
     if stage == S.UPDATE:
         params = workload.total_params
         return [Phase(UPDATE_FLOPS_PER_PARAM * params, UPDATE_BYTES_PER_PARAM * params)], 1

@@ -22,11 +22,7 @@ from collections.abc import Sequence
 
 from kfacperf import vocab as S
 from kfacperf.sim.graphs.graph import Program, RankClass
-from kfacperf.sim.graphs.placement import (
-    contiguous_placement,
-    layer_cost,
-    spngd_placement,
-)
+from kfacperf.sim.graphs.placement import contiguous_placement, spngd_placement
 from kfacperf.sim.graphs.strategies.common import (
     FP32,
     BucketEvent,
@@ -46,11 +42,11 @@ class SpngdStep:
         self.spec = spec
         costs = spec.costs
         p = spec.world_size
-        if spec.comm.placement == "contiguous":
+        if spec.comm.placement == S.CONTIGUOUS:
             self.place = contiguous_placement(costs.names, p)
         else:
             self.place = spngd_placement(
-                [layer_cost(a, b) for a, b in zip(costs.dim_a, costs.dim_g)], p)
+                [costs.placement_cost(l) for l in range(costs.n)], p)
         self.owner = self.place.inverse_worker
         self.owned: dict[int, list[int]] = defaultdict(list)
         for l in range(costs.n):
