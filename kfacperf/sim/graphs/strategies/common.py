@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from kfacperf import vocab as S
 from kfacperf.sim.costs import blocks
@@ -70,6 +71,20 @@ class CommSettings:
         """Bytes of one factor as sent, in expectation over the layers a step refreshes."""
         return round(self.factor_elems(n) * COMM_DTYPE_BYTES[self.factor_dtype]
                      * self.statistics_fraction)
+
+
+def comm_settings(options: Any, *, bucket_mb: float = 25.0, **chosen: Any) -> CommSettings:
+    """How the optimizer communicates, from a cost model's options (``comm_dtype``,
+    ``symmetric_factors``, ``inverse_method``, ``precond_dtype``, ``statistics_fraction``,
+    ``placement``) and one bucket size for factors and DDP; ``chosen`` overrides fields (what
+    a search varies)."""
+    fields = dict(factor_dtype=options.comm_dtype, symmetric=options.symmetric_factors,
+                  inverse_method=options.inverse_method, precond_dtype=options.precond_dtype,
+                  statistics_fraction=options.statistics_fraction, placement=options.placement,
+                  factor_bucket_mb=bucket_mb, ddp_bucket_mb=bucket_mb,
+                  ddp_first_bucket_mb=bucket_mb)
+    fields.update(chosen)
+    return CommSettings(**fields)
 
 
 @dataclass(frozen=True, kw_only=True)
