@@ -10,10 +10,10 @@ API (stable; the step graphs and the engine build on it)::
                   other_fwd_flops_per_example: float, input_shape: tuple[int, ...],
                   input_dtype: str, source: str, description: str = "",
                   workload: str = "", options: Mapping[str, Any] = {},
-                  custom_options: tuple[str, ...] = ())
+                  custom_options: tuple[str, ...] = (), fingerprint: str = "")
         .layer(name) -> LayerModel          .layer_names -> tuple[str, ...]
         .kfac_params / .total_params -> int .fwd_flops_per_example -> float
-        .matches_run(workload, options) -> bool
+        .matches_run(workload, options, fingerprint="") -> bool
     load_workload_model(path) -> WorkloadModel       (strict; errors name file and key)
     save_workload_model(model, path) -> Path
     workload_model_from_description(desc: Mapping) -> WorkloadModel
@@ -32,6 +32,13 @@ layers (attention score products, normalisation) when the description knows it, 
 differ from the workload's defaults.  ``name`` is unique per build (the registry name, plus
 the non-default options in brackets, e.g. ``resnet50[image_size=64]``), because measured times
 in a device model are keyed by it.
+
+A model of the user's own network has ``workload`` = its factory reference
+(``/path/my_model.py:build``, :mod:`kfacperf.workload_ref`) or the name a training loop gave
+it, and a ``fingerprint``: the SHA-256 of the factory's file, or of the layer table for a
+model recorded from a training loop.  A run matches such a model only with the same
+fingerprint (a registry model has none), so an edited file or a different network of the same
+name is never taken for it.
 """
 from __future__ import annotations
 
@@ -41,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from kfacperf.sim.models.toml_io import Table, read_toml, write_toml
+from kfacperf.workload_ref import match_key
 
 LAYER_KINDS = ("linear", "conv2d")
 _MISSING = object()
@@ -126,6 +134,7 @@ class WorkloadModel:
     workload: str = ""
     options: Mapping[str, Any] = field(default_factory=dict)
     custom_options: tuple[str, ...] = ()
+    fingerprint: str = ""
     _by_name: dict[str, LayerModel] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -159,14 +168,17 @@ class WorkloadModel:
     def layer_names(self) -> tuple[str, ...]:
         return tuple(self._by_name)
 
-    def matches_run(self, workload: str, options: Mapping[str, Any] | None = None) -> bool:
+    def matches_run(self, workload: str, options: Mapping[str, Any] | None = None,
+                    fingerprint: str = "") -> bool:
         """Whether a run of ``workload`` with ``options`` (defaults where absent) is this model.
 
         Every option the run names must have its value here, and every non-default option of
         this model must be named by the run (else the run used the default, not this value).
+        A factory reference matches by file name and function (see the module docstring) and
+        the ``fingerprint`` must be the same.
         """
         options = options or {}
-        if workload != self.workload:
+        if match_key(workload) != match_key(self.workload) or fingerprint != self.fingerprint:
             return False
         if any(k not in options for k in self.custom_options):
             return False
@@ -243,6 +255,7 @@ def load_workload_model(path: str | Path) -> WorkloadModel:
         raise root.error("custom_options", f"{bad} are not keys of [options]")
     description = root.str("description", nonempty=False)
     source = root.str("source", nonempty=False)
+    fingerprint = root.str("fingerprint", nonempty=False) if root.has("fingerprint") else ""
     other_params = root.int("other_params", minimum=0)
     other_flops = root.float("other_fwd_flops_per_example", nonnegative=True)
     inp = root.table("input")
@@ -263,7 +276,7 @@ def load_workload_model(path: str | Path) -> WorkloadModel:
         name=name, layers=tuple(layers), other_params=other_params,
         other_fwd_flops_per_example=other_flops, input_shape=tuple(shape_raw),
         input_dtype=dtype, source=source, description=description, workload=workload,
-        options=options, custom_options=tuple(custom),
+        options=options, custom_options=tuple(custom), fingerprint=fingerprint,
     )
 
 
@@ -275,6 +288,7 @@ def workload_model_to_dict(model: WorkloadModel) -> dict[str, Any]:
         "custom_options": list(model.custom_options),
         "description": model.description,
         "source": model.source,
+        **({"fingerprint": model.fingerprint} if model.fingerprint else {}),
         "other_params": model.other_params,
         "other_fwd_flops_per_example": float(model.other_fwd_flops_per_example),
         "options": dict(model.options),
