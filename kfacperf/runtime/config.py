@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from kfacperf import workload_ref
 from kfacperf.runtime.settings import OptimizerSettings
 
 OPTIMIZERS = ("sgd", "kfac")
@@ -30,7 +31,12 @@ EXIT_CRASH = "exit"
 
 @dataclass(frozen=True, kw_only=True)
 class ProfileConfig(OptimizerSettings):
-    """Settings of one ``kfacperf profile`` run; ``batch_size`` is per rank."""
+    """Settings of one ``kfacperf profile`` run; ``batch_size`` is per rank.
+
+    ``workload`` is a registry name or a factory reference (``FILE.py:FUNC``,
+    ``package.module:FUNC``); a file's path is made absolute here, so every rank and every
+    later reader of ``run.json`` finds the same file.
+    """
 
     workload: str
     out: str
@@ -58,6 +64,8 @@ class ProfileConfig(OptimizerSettings):
         def bad(key: str, why: str) -> ValueError:
             return ValueError(f"--{key.replace('_', '-')} {why}, got {getattr(self, key)!r}")
 
+        if workload_ref.is_reference(self.workload):
+            object.__setattr__(self, "workload", workload_ref.absolute(self.workload))
         if self.optimizer not in OPTIMIZERS:
             raise bad("optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
         strategy = self.resolved_strategy
