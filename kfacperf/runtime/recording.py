@@ -33,11 +33,11 @@ def error_path(run_dir: Path, rank: int) -> Path:
     return run_dir / PARTS_DIR / f"error-rank{rank:05d}.txt"
 
 
-def write_error_report(run_dir: Path, rank: int) -> None:
-    """This rank's traceback (of the exception being handled) beside its parts."""
+def write_error_report(run_dir: Path, rank: int, text: str | None = None) -> None:
+    """This rank's traceback (``text``, else the exception being handled) beside its parts."""
     p = error_path(run_dir, rank)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(traceback.format_exc())
+    p.write_text(traceback.format_exc() if text is None else text)
 
 
 class TraceRecorder:
@@ -95,12 +95,12 @@ class TraceRecorder:
         _finish(self.rank, self.world, self.run_dir, self._token,
                 faults_per_step=faults_per_step, run_updates=run_updates)
 
-    def abandon(self) -> None:
+    def abandon(self, error_text: str | None = None) -> None:
         """After a failure: stop sampling and close this rank's parts (every finished step is
-        already in them), with no collective; call from an ``except`` block to also leave the
-        traceback in ``parts/error-rank<R>.txt``."""
+        already in them), with no collective, and leave ``error_text`` (default: the
+        exception being handled) in ``parts/error-rank<R>.txt``."""
         try:
-            write_error_report(self.run_dir, self.rank)
+            write_error_report(self.run_dir, self.rank, error_text)
         finally:
             self._close_files()
 

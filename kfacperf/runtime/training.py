@@ -14,10 +14,15 @@ A step is ``timer.step_begin`` → ``forward`` (forward + loss) → ``backward``
 ``loss.backward()``) → the preconditioner's own stages → ``update`` (``optimizer.step()``)
 → ``timer.step_end``.  After :meth:`Trainer.train_step` returns, each parameter's ``.grad``
 holds the update direction the optimizer used.
+
+The first-order optimizer is SGD with the config's settings unless the caller passes its
+own (a training loop instrumented by :func:`kfacperf.instrument` does); K-FAC's KL clipping
+then reads the learning rate from that optimizer at every step, so a schedule is followed.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,9 +84,10 @@ class Trainer:
         self,
         model: nn.Module,
         *,
-        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None,
         config: TrainConfig,
         timer: Timer = NULL_TIMER,
+        optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         self.config = config
         self.timer = timer
@@ -101,12 +107,18 @@ class Trainer:
                      device=self.info.device)
             if use_ddp else model
         )
+        self.optimizer = optimizer if optimizer is not None else torch.optim.SGD(
+            model.parameters(), lr=config.lr, momentum=config.momentum,
+            weight_decay=config.weight_decay,
+        )
         self.preconditioner: KFACPreconditioner | None = None
         if config.optimizer == "kfac":
+            first_order = self.optimizer
             self.preconditioner = KFACPreconditioner(
                 self.net,
                 damping=config.damping,
-                lr=config.lr,
+                lr=config.lr if optimizer is None
+                else (lambda _step: first_order.param_groups[0]["lr"]),
                 factor_interval=config.factor_interval,
                 inverse_interval=config.inverse_interval,
                 inverse_method=config.inverse_method,
@@ -115,10 +127,6 @@ class Trainer:
                 strategy=make_strategy(strategy, **_strategy_options(config)),
                 timer=timer,
             )
-        self.optimizer = torch.optim.SGD(
-            model.parameters(), lr=config.lr, momentum=config.momentum,
-            weight_decay=config.weight_decay,
-        )
         self.steps = 0
 
     def train_step(self, inputs: Tensor, targets: Tensor) -> Tensor:
@@ -127,18 +135,35 @@ class Trainer:
         On several ranks, a collective that fails (a peer died, or did not answer within
         the process-group timeout) raises :class:`~kfacperf.kfac.comm.CollectiveError`.
         """
-        try:
+        with self.collective_errors(self.steps):
             return self._step(inputs, targets)
+
+    @contextlib.contextmanager
+    def collective_errors(self, step: int) -> Iterator[None]:
+        """Turn a failed collective (a peer died, or did not answer within the process-group
+        timeout) into a :class:`~kfacperf.kfac.comm.CollectiveError` naming ``step``."""
+        try:
+            yield
         except CollectiveError:
             raise
         except RuntimeError as exc:
             if self.info.world_size > 1 and looks_like_collective_failure(exc):
                 raise CollectiveError(
-                    collective_failure_message(f"in training step {self.steps}", exc)
+                    collective_failure_message(f"in training step {step}", exc)
                 ) from exc
             raise
 
+    def update(self) -> None:
+        """The step after backward: the preconditioner's stages (K-FAC), then ``update``
+        (``optimizer.step()``)."""
+        if self.preconditioner is not None:
+            self.preconditioner.step()
+        with self.timer.stage(stages.UPDATE):
+            self.optimizer.step()
+
     def _step(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        if self.loss_fn is None:
+            raise ValueError("Trainer.train_step needs a loss_fn")
         timer = self.timer
         timer.step_begin(self.steps)
         with timer.stage(stages.FORWARD):
@@ -146,10 +171,7 @@ class Trainer:
         with timer.stage(stages.BACKWARD):
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-        if self.preconditioner is not None:
-            self.preconditioner.step()
-        with timer.stage(stages.UPDATE):
-            self.optimizer.step()
+        self.update()
         timer.step_end()
         self.steps += 1
         return loss.detach()
