@@ -15,6 +15,8 @@ from typing import Any
 from kfacperf import workload_ref
 
 from .base import Workload
+from .bert import bert_large_block_workload, bert_large_workload
+from .gpt2 import gpt2_xl_workload
 from .mlp import mlp_workload
 from .resnet_cifar import resnet20_workload, resnet32_workload
 from .resnet_imagenet import resnet50_workload
@@ -28,6 +30,9 @@ _FACTORIES: dict[str, Callable[..., Workload]] = {
     "resnet50": resnet50_workload,
     "transformer": transformer_workload,
     "teacher": teacher_workload,
+    "bert-large": bert_large_workload,
+    "bert-large-block": bert_large_block_workload,
+    "gpt2-xl": gpt2_xl_workload,
 }
 
 WORKLOAD_NAMES: tuple[str, ...] = tuple(_FACTORIES)
