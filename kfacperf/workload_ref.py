@@ -92,6 +92,16 @@ def match_key(name: str) -> str:
         return name
 
 
+def label(name: str) -> str:
+    """A file-name-safe label of a workload: the name itself, or a reference's slug."""
+    if not is_reference(name):
+        return name
+    try:
+        return parse(name).slug
+    except ValueError:
+        return name
+
+
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """Hex SHA-256 of a file's bytes."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()

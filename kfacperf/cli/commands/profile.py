@@ -97,8 +97,7 @@ def build_config(args: argparse.Namespace):  # -> ProfileConfig
     from kfacperf.runtime.config import ProfileConfig, command_line
 
     strategy = args.strategy or ("sgd" if args.optimizer == "sgd" else "spngd")
-    label = (workload_ref.parse(args.workload).slug if workload_ref.is_reference(args.workload)
-             else args.workload)
+    label = workload_ref.label(args.workload)
     out = args.out or f"traces/{label}-{args.optimizer}-{strategy}-p{args.nproc}"
     return ProfileConfig(
         workload=args.workload, out=out, optimizer=args.optimizer, strategy=args.strategy,
