@@ -42,11 +42,16 @@ from torch import nn
 from .base import is_kfac_layer
 from .registry import get_workload
 
-__all__ = ["ModelWalk", "describe_model", "describe_workload", "is_kfac_layer", "walk_model"]
+__all__ = ["ModelWalk", "describe_model", "describe_workload", "is_kfac_layer", "walk_model",
+           "walk_workload"]
 
 
 class DescribeError(ValueError):
     """The model cannot be described (a shared or unused K-FAC layer, a batch other than 1)."""
+
+
+class MetaWalkError(DescribeError):
+    """The forward of a model built on the meta device needs real values."""
 
 
 @dataclass
@@ -74,7 +79,7 @@ def walk_model(model: nn.Module, example: torch.Tensor) -> ModelWalk:
         raise
     except Exception as exc:
         if _is_meta(model):
-            raise DescribeError(
+            raise MetaWalkError(
                 f"the forward pass of {type(model).__name__} fails on the meta device "
                 f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''})"
                 "; describing a model without building it needs a forward that only uses "
@@ -105,9 +110,13 @@ def describe_workload(name: str, **options: Any) -> dict[str, Any]:
     e.g. ``describe_workload("resnet50", image_size=64)``; defaults otherwise.
     """
     workload = get_workload(name, **options)
-    model = meta_model(workload)
-    example, _ = workload.make_batch(1)
-    out = describe_model(model, example, name=name)
+    walk, example = walk_workload(workload)
+    kfac = sum(layer["params"] for layer in walk.layers)
+    out = {
+        "name": name, "input_shape": list(example.shape[1:]),
+        "num_kfac_layers": len(walk.layers), "total_params": walk.total_params,
+        "other_params": walk.total_params - kfac, "layers": walk.layers,
+    }
     # Lists, not tuples, so the record serialises to JSON/TOML unchanged.
     out["options"] = {
         k: list(v) if isinstance(v, tuple) else v for k, v in workload.options.items()
@@ -115,10 +124,16 @@ def describe_workload(name: str, **options: Any) -> dict[str, Any]:
     return out
 
 
-def meta_model(workload: Any, *, seed: int = 0) -> nn.Module:
-    """``workload.build_model(seed)`` with every parameter on the meta device (no memory)."""
+def walk_workload(workload: Any) -> tuple[ModelWalk, torch.Tensor]:
+    """:func:`walk_model` of ``workload``'s model built on the meta device (no memory), or,
+    if its forward needs real values, built for real; and the example it was fed."""
+    example, _ = workload.make_batch(1)
     with torch.device("meta"):
-        return workload.build_model(seed=seed)
+        model = workload.build_model(seed=0)
+    try:
+        return walk_model(model, example), example
+    except MetaWalkError:
+        return walk_model(workload.build_model(seed=0), example), example
 
 
 # ------------------------------------------------------------------------------ the walk

@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import itertools
 import sys
 import traceback
 from collections.abc import Callable, Mapping
@@ -249,9 +250,11 @@ class _Factory:
         )
 
     def build(self) -> nn.Module:
-        """A real model (the caller seeds the RNG); keeps its make_batch and loss_fn."""
+        """The model (the caller seeds the RNG, and may ask for the meta device); a real one
+        leaves its make_batch and loss_fn for the data and the loss."""
         model, make_batch, loss = self.unpack(self.call(meta=False))
-        self._real = (make_batch, loss)
+        if not any(p.is_meta for p in itertools.chain(model.parameters(), model.buffers())):
+            self._real = (make_batch, loss)
         return model
 
     def sample(self, batch_size: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:

@@ -10,6 +10,7 @@ training loop instrumented with :func:`kfacperf.instrument`).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping
@@ -29,14 +30,21 @@ def workload_model_of(
     ``fingerprint`` defaults to :func:`layers_fingerprint` of the result: what identifies a
     model that has no registry name or factory file.
     """
+    from .describe import walk_model
+
+    example = example[:1]
+    return _from_walk(walk_model(model, example), example, name=name, workload=workload,
+                      options=options, custom_options=custom_options, source=source,
+                      description=description, fingerprint=fingerprint)
+
+
+def _from_walk(walk: Any, example: Any, *, name: str, workload: str | None,
+               options: Mapping[str, Any] | None, custom_options: tuple[str, ...], source: str,
+               description: str, fingerprint: str | None) -> Any:
     import torch
 
     from kfacperf.sim.models.workload import workload_model_from_description
 
-    from .describe import walk_model
-
-    example = example[:1]
-    walk = walk_model(model, example)
     layers = [dict(l, conv=walk.conv.get(l["name"])) for l in walk.layers]
     kfac_flops = sum(float(l["fwd_flops_per_example"]) for l in walk.layers)
     kfac_params = sum(int(l["params"]) for l in walk.layers)
@@ -48,11 +56,12 @@ def workload_model_of(
     note = FLOPS_NOTE if walk.on_meta else FLOPS_NOTE.replace("the meta device", "this machine")
     src = f"{source or 'kfacperf.workloads.workload_model_of'} (torch {torch.__version__}); {note}"
     model_ = workload_model_from_description(
-        desc, name=name, source=src, other_fwd_flops_per_example=max(0.0, walk.total_flops - kfac_flops),
-        input_dtype=str(example.dtype), custom_options=custom_options,
+        desc, name=name, source=src, input_dtype=str(example.dtype),
+        other_fwd_flops_per_example=max(0.0, walk.total_flops - kfac_flops),
+        custom_options=custom_options,
     )
     fp = layers_fingerprint(model_) if fingerprint is None else fingerprint
-    return _with_fingerprint(model_, fp)
+    return dataclasses.replace(model_, fingerprint=fp)
 
 
 def build_workload_model(name: str, options: dict[str, Any]) -> Any:
@@ -62,30 +71,25 @@ def build_workload_model(name: str, options: dict[str, Any]) -> Any:
     from kfacperf import workload_ref
     from kfacperf.workloads import get_workload, workload_options
 
-    from .describe import DescribeError, meta_model
+    from .describe import walk_workload
 
     workload = get_workload(name, **options)
     defaults = workload_options(name)
     changed = {k: _plain(v) for k, v in options.items() if _plain(defaults.get(k)) != _plain(v)}
-    example, _ = workload.make_batch(1)
+    walk, example = walk_workload(workload)
     is_ref = workload_ref.is_reference(name)
     label = workload_ref.parse(name).display if is_ref else name
     model_name = label + ("[" + ",".join(f"{k}={v}" for k, v in sorted(changed.items())) + "]"
                           if changed else "")
     opts = " ".join(f"--workload-option {k}={json.dumps(v, separators=(',', ':'))}"
                     for k, v in sorted(changed.items()))
-    kwargs = dict(
+    kwargs: dict[str, Any] = dict(
         name=model_name, workload=workload_ref.absolute(name), options=workload.options,
         custom_options=tuple(sorted(changed)), description=workload.description,
         source=f"kfacperf calibrate --workload {workload_ref.absolute(name)} {opts}".rstrip(),
         fingerprint=_reference_fingerprint(name) if is_ref else "",
     )
-    try:
-        return workload_model_of(meta_model(workload), example, **kwargs)
-    except DescribeError as exc:
-        if "meta device" not in str(exc):
-            raise
-    return workload_model_of(workload.build_model(seed=0), example, **kwargs)
+    return _from_walk(walk, example, **kwargs)
 
 
 def layers_fingerprint(model: Any) -> str:
@@ -102,12 +106,6 @@ def _reference_fingerprint(name: str) -> str:
     from .user import factory_fingerprint
 
     return factory_fingerprint(name)
-
-
-def _with_fingerprint(model: Any, fingerprint: str) -> Any:
-    import dataclasses
-
-    return dataclasses.replace(model, fingerprint=fingerprint)
 
 
 def _plain(value: Any) -> Any:

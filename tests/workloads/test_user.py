@@ -129,6 +129,33 @@ def test_a_model_larger_than_memory_is_described_on_the_meta_device(tmp_path):
     assert m.layers[0].fwd_flops_per_example == 2 * 100_000 * 100_000
 
 
+def test_a_forward_that_reads_values_is_walked_for_real(tmp_path):
+    """``.item()`` has no value on the meta device: the model is then built and run for real,
+    with the same layers and FLOPs as a model that does not read values."""
+    path = _write(tmp_path, """
+        import torch
+        from torch import nn
+
+        class Gated(nn.Module):
+            def __init__(self, read):
+                super().__init__()
+                self.read, self.fc = read, nn.Linear(4, 3)
+
+            def forward(self, x):
+                if self.read and x.abs().sum().item() < 0:
+                    x = -x
+                return self.fc(x)
+
+        def build(read: bool = True):
+            return Gated(read), lambda n, g: (torch.randn(n, 4, generator=g),
+                                              torch.randint(0, 3, (n,), generator=g))
+    """)
+    real = build_workload_model(f"{path}:build", {})
+    meta = build_workload_model(f"{path}:build", {"read": False})
+    assert "on this machine" in real.source and "on the meta device" in meta.source
+    assert real.layers == meta.layers and real.other_params == meta.other_params == 0
+
+
 BAD = [
     ("import torch\ndef (:\n", "build", "importing", "SyntaxError"),
     ("import torch\nraise RuntimeError('no data here')\n", "build", "importing",
