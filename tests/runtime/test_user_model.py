@@ -117,3 +117,26 @@ def test_a_bad_factory_stops_profile_before_any_process_starts(tmp_path, capsys)
     assert f"kfacperf profile: error: --workload {tmp_path / 'broken.py'}:build: build() " \
            "returned a NoneType as make_batch" in err
     assert not out.exists()
+
+
+def _fingerprint_on_each_rank(rank: int, world: int, folder: str) -> str:
+    from kfacperf.runtime.worker import same_factory_everywhere
+
+    # each rank reads its own copy of the file, as nodes without a shared file system do
+    path = f"{folder}/rank{rank}/tiny_net.py"
+    return same_factory_everywhere(f"{path}:build", world)
+
+
+def test_every_rank_must_load_the_same_file(tmp_path):
+    from helpers.distributed import run_ranks
+
+    for rank, body in enumerate((MODEL, MODEL)):
+        (tmp_path / f"rank{rank}").mkdir()
+        (tmp_path / f"rank{rank}" / "tiny_net.py").write_text(body)
+    same = run_ranks(_fingerprint_on_each_rank, 2, args=(str(tmp_path),), timeout_s=60)
+    assert [r.ok for r in same] == [True, True] and same[0].value == same[1].value
+    (tmp_path / "rank1" / "tiny_net.py").write_text(MODEL + "\n# edited on one node\n")
+    differ = run_ranks(_fingerprint_on_each_rank, 2, args=(str(tmp_path),), timeout_s=60)
+    assert not any(r.ok for r in differ)
+    assert "rank(s) 1 loaded another version of the file than rank 0" in differ[0].error
+    assert "every node needs the same file" in differ[1].error
