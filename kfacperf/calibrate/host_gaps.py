@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from kfacperf import vocab as S
 from kfacperf.calibrate.fitting import sig
 from kfacperf.sim.models.device import HOST_STEPS
+from kfacperf.trace.measure import measured_events
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -89,8 +90,8 @@ def kfac_trace_gaps_input(trace: Any, workload: Any) -> tuple[str, pd.DataFrame,
     """``(label, events, layers)`` for :func:`fit_layer_host_us`, or None for a non-K-FAC
     or multi-process trace."""
     run = trace.run
-    if run.get("optimizer") != "kfac" or int(run.get("world_size") or 1) != 1:
+    if run.get("optimizer") != S.KFAC or int(run.get("world_size") or 1) != 1:
         return None
-    events = trace.measured() if hasattr(trace, "measured") else trace.events
+    events = measured_events(trace)
     label = str(getattr(trace, "path", None) or run.get("workload", "trace"))
     return label, events, len(workload.layers)

@@ -35,13 +35,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from kfacperf import vocab as S
 from kfacperf.profiler.timer import NULL_TIMER, Timer
 
-COMM_DTYPES: dict[str, torch.dtype] = {
-    "fp32": torch.float32,
-    "fp16": torch.float16,
-    "bf16": torch.bfloat16,
+_TORCH_DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
 }
+COMM_DTYPES: dict[str, torch.dtype] = {name: _TORCH_DTYPES[name] for name in S.COMM_DTYPES}
+"""The factor communication precisions (:data:`kfacperf.vocab.COMM_DTYPES`) as torch dtypes."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,10 +57,7 @@ class CommOptions:
     bucket_cap_mb: float = 25.0
 
     def __post_init__(self) -> None:
-        if self.dtype not in COMM_DTYPES:
-            raise ValueError(
-                f"comm dtype {self.dtype!r} unknown; use one of {', '.join(COMM_DTYPES)}"
-            )
+        S.check_choice("comm dtype", self.dtype, S.COMM_DTYPES)
         if not isinstance(self.symmetric, bool):
             raise ValueError(f"symmetric must be a bool, got {self.symmetric!r}")
         if isinstance(self.bucket_cap_mb, bool) or not self.bucket_cap_mb >= 0:

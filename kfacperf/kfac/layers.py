@@ -36,9 +36,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from kfacperf import vocab as S
 from kfacperf.kfac import conv_factors
-
-INVERSE_METHODS = ("eigen", "cholesky")
 
 # Tensors that make up a layer's inverse state, per method (see kfacperf.kfac.inverse).
 _INVERSE_STATE = {
@@ -66,10 +65,7 @@ class KFACLayer:
     kind = ""
 
     def __init__(self, *, name: str, module: nn.Module, inverse_method: str) -> None:
-        if inverse_method not in INVERSE_METHODS:
-            raise ValueError(
-                f"unknown inverse_method {inverse_method!r}; expected one of {INVERSE_METHODS}"
-            )
+        S.check_choice("inverse_method", inverse_method, S.INVERSE_METHODS)
         self.name = name
         self.module = module
         self.inverse_method = inverse_method

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from kfacperf import vocab as stages
 from kfacperf.kfac import inverse
-from kfacperf.kfac.layers import INVERSE_METHODS, Conv2dLayer, KFACLayer, LinearLayer
+from kfacperf.kfac.layers import Conv2dLayer, KFACLayer, LinearLayer
 from kfacperf.kfac.strategy import LocalStrategy, Strategy
 from kfacperf.profiler.timer import NULL_TIMER, Timer
 
@@ -78,19 +78,8 @@ class KFACPreconditioner:
     ) -> None:
         _check_schedule("damping", damping)
         _check_schedule("lr", lr)
-        for key, value in (("factor_interval", factor_interval),
-                           ("inverse_interval", inverse_interval)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{key} must be a positive integer, got {value!r}")
-        if inverse_interval % factor_interval != 0:
-            raise ValueError(
-                f"inverse_interval ({inverse_interval}) must be a multiple of "
-                f"factor_interval ({factor_interval})"
-            )
-        if inverse_method not in INVERSE_METHODS:
-            raise ValueError(
-                f"unknown inverse_method {inverse_method!r}; expected one of {INVERSE_METHODS}"
-            )
+        stages.check_intervals(factor_interval, inverse_interval)
+        stages.check_choice("inverse_method", inverse_method, stages.INVERSE_METHODS)
         if not (isinstance(factor_decay, (int, float)) and 0.0 <= factor_decay < 1.0):
             raise ValueError(f"factor_decay must be in [0, 1), got {factor_decay!r}")
         if kl_clip is not None and not (isinstance(kl_clip, (int, float)) and kl_clip > 0):
@@ -174,12 +163,12 @@ class KFACPreconditioner:
     @property
     def factor_step(self) -> bool:
         """Does the current step compute batch statistics?"""
-        return self.steps % self.factor_interval == 0
+        return stages.computes_factors(self.steps, self.factor_interval)
 
     @property
     def inverse_step(self) -> bool:
         """Does the current step recompute inverses?"""
-        return self.steps % self.inverse_interval == 0
+        return stages.recomputes_inverses(self.steps, self.inverse_interval)
 
     def _forward_hook(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         if not (self.factor_step and module.training and torch.is_grad_enabled()):

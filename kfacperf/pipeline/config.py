@@ -10,15 +10,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kfacperf import vocab as S
 from kfacperf import workload_ref
 
 KIB = 1024
 MIB = 1024 * KIB
 
-KFAC_STRATEGIES: tuple[str, ...] = ("spngd", "kaisa")
+KFAC_STRATEGIES: tuple[str, ...] = S.KFAC_STRATEGIES
 """K-FAC strategies the demo can profile next to the SGD baseline."""
 
-SCALE_STRATEGIES: tuple[str, ...] = ("sgd", "spngd", "kaisa")
+SCALE_STRATEGIES: tuple[str, ...] = S.SIM_STRATEGIES
 """Strategies simulated on the cluster presets."""
 
 
@@ -104,9 +105,11 @@ class DemoConfig:
             positive_int("predict_nprocs", n)
             if n < 2:
                 raise ValueError(f"demo: predict_nprocs are multi-process runs (>= 2), got {n}")
-        if self.scale_inverse_interval % self.scale_factor_interval:
-            raise ValueError(f"demo: scale_inverse_interval {self.scale_inverse_interval} must be "
-                             f"a multiple of scale_factor_interval {self.scale_factor_interval}")
+        try:
+            S.check_intervals(self.scale_factor_interval, self.scale_inverse_interval,
+                              names=("scale_factor_interval", "scale_inverse_interval"))
+        except ValueError as exc:
+            raise ValueError(f"demo: {exc}") from None
         if not self.scale_gpus:
             raise ValueError("demo: scale_gpus needs at least one GPU count")
         for g in self.scale_gpus:

@@ -2,9 +2,10 @@
 1-process calibration predicts, and the K-FAC overhead over SGD, measured here and predicted
 on the cluster presets.
 
-Every number is read from a trace summary (:func:`kfacperf.trace.store.summarize`), from
-:func:`kfacperf.validation.validate`'s per-run table, or from a prediction's ``summary``
-table; nothing is computed here a second way.
+Every number is read from a trace summary (:func:`kfacperf.trace.summary.summarize`, whose
+step time is :mod:`kfacperf.trace.measure`'s), from :func:`kfacperf.validation.validate`'s
+per-run table, or from a prediction's ``summary`` table; nothing is computed here a second
+way.
 """
 from __future__ import annotations
 
@@ -31,14 +32,13 @@ class RunHeadline:
     nproc: int
     role: str  # CALIBRATION (1 process: the fit's own data) or HELD_OUT
     trace: str
-    measured_step_us: float  # mean over measured steps of the slowest rank's step
+    measured_step_us: float  # kfacperf.trace.measure: median per kind of step, weighted
     measured_overhead: float  # over the SGD run with as many processes (NaN for SGD)
 
 
 @dataclass(frozen=True, kw_only=True)
 class HeldOutHeadline:
-    """A held-out run predicted from the 1-process calibration (:mod:`kfacperf.validation`:
-    measured is the median step time per kind of step)."""
+    """A held-out run predicted from the 1-process calibration (:mod:`kfacperf.validation`)."""
 
     name: str
     strategy: str
@@ -177,7 +177,8 @@ def format_result(result: DemoResult) -> str:
     lines = [f"report: {result.report}", ""]
     lines.append(f"{result.workload}, batch {result.batch_per_rank} per rank, one thread per "
                  f"rank, K-FAC factor/inverse interval {fi}/{ii}")
-    lines.append(f"measured step time (mean over {result.steps} steps of the slowest rank):")
+    lines.append(f"measured step time (of {result.steps} steps, the median per kind of step, "
+                 "weighted by the mix):")
     w = max([20, *(len(r.name) + 1 for r in result.runs),
              *(len(h.name) + 1 for h in result.held_out)])  # run names of a user's model
     lines.append(f"  {'run':<{w}}{'procs':>5}{'step':>13}{'K-FAC/SGD':>11}")
@@ -187,7 +188,7 @@ def format_result(result: DemoResult) -> str:
     if result.held_out:
         lines.append("")
         lines.append("held-out runs predicted from the 1-process calibration and commbench "
-                     "(median step, as kfacperf validate):")
+                     "(as kfacperf validate):")
         lines.append(f"  {'run':<{w}}{'measured':>13}{'predicted':>13}{'error':>9}"
                      "   worst stage (>5% of the step)")
         for h in result.held_out:

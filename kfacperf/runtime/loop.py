@@ -58,8 +58,6 @@ from kfacperf import vocab as S
 from kfacperf.runtime.config import ProfileConfig, command_line
 from kfacperf.runtime.settings import OptimizerSettings
 
-STRATEGIES = ("sgd", "local", "spngd", "kaisa")
-
 
 def instrument(model: nn.Module, optimizer: torch.optim.Optimizer, *, out: str | Path,
                strategy: str | None = None, name: str | None = None, warmup: int = 0,
@@ -106,11 +104,9 @@ class InstrumentedLoop:
         _check_settings(settings)
         device = _device_of(model)
         info = _join_process_group(device, strategy, timeout_s)
-        strategy = strategy or ("local" if info.world_size == 1 else "spngd")
-        if strategy not in STRATEGIES:
-            raise ValueError(f"instrument: strategy must be one of {', '.join(STRATEGIES)}, "
-                             f"got {strategy!r}")
-        kind = "sgd" if strategy == "sgd" else "kfac"
+        strategy = strategy or (S.LOCAL if info.world_size == 1 else S.SPNGD)
+        S.check_choice("strategy", strategy, S.PROFILE_STRATEGIES)
+        kind = S.SGD if strategy == S.SGD else S.KFAC
         group = optimizer.param_groups[0]
         config = ProfileConfig(
             workload=name or type(model).__name__, out=str(out), optimizer=kind,
@@ -317,7 +313,7 @@ def _join_process_group(device: torch.device, strategy: str | None, timeout_s: f
         return distributed.describe()
     if under_torchrun():
         return distributed.init_distributed(backend=backend, timeout_s=timeout_s)
-    if strategy in ("spngd", "kaisa"):
+    if strategy in (S.SPNGD, S.KAISA):
         env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         return distributed.init_distributed(backend=backend, timeout_s=timeout_s, env=env)

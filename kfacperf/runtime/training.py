@@ -37,12 +37,10 @@ from kfacperf.kfac.comm import (
 )
 from kfacperf.kfac.ddp import wrap_ddp
 from kfacperf.kfac.preconditioner import KFACPreconditioner
-from kfacperf.kfac.strategies import STRATEGY_NAMES, make_strategy
+from kfacperf.kfac.strategies import make_strategy
 from kfacperf.profiler.timer import NULL_TIMER, Timer
 from kfacperf.runtime import distributed
 from kfacperf.runtime.settings import OptimizerSettings
-
-OPTIMIZERS = ("sgd", "kfac")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,20 +51,14 @@ class TrainConfig(OptimizerSettings):
     strategy: str = "local"
 
     def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(
-                f"unknown optimizer {self.optimizer!r}; use one of {', '.join(OPTIMIZERS)}"
-            )
+        stages.check_choice("optimizer", self.optimizer, stages.OPTIMIZERS)
         if self.optimizer == "sgd" and self.strategy not in ("sgd", "local"):
             raise ValueError(
                 f"optimizer 'sgd' takes no K-FAC strategy (got {self.strategy!r}); "
                 "its gradients are averaged by DDP"
             )
-        if self.optimizer == "kfac" and self.strategy not in STRATEGY_NAMES:
-            raise ValueError(
-                f"unknown strategy {self.strategy!r} for optimizer 'kfac'; "
-                f"use one of {', '.join(STRATEGY_NAMES)}"
-            )
+        if self.optimizer == stages.KFAC:
+            stages.check_choice("strategy", self.strategy, stages.OPTIMIZER_KFAC_STRATEGIES)
         for key in ("lr", "bucket_cap_mb"):
             if not getattr(self, key) >= 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)!r}")

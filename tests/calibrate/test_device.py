@@ -7,11 +7,7 @@ from pathlib import Path
 import pytest
 
 from kfacperf.calibrate.alpha_beta import cluster_from_fits, fit_alpha_beta
-from kfacperf.calibrate.device import (
-    base_device_for,
-    exclusive_compute_times,
-    fit_device_model,
-)
+from kfacperf.calibrate.device import base_device_for, fit_device_model
 from kfacperf.sim.costs.collectives import algorithm_us
 from kfacperf.sim.costs.model import CostModel
 from kfacperf.sim.models.cluster import (
@@ -22,7 +18,9 @@ from kfacperf.sim.models.cluster import (
     save_cluster_model,
 )
 from kfacperf.sim.models.device import DeviceModel, StageEfficiency
+from kfacperf.sim.models.host import HostModel
 from kfacperf.sim.models.workload import LayerModel, WorkloadModel
+from kfacperf.trace.measure import exclusive_compute_times
 from kfacperf.trace.schema import events_frame
 from kfacperf.trace.store import Trace
 
@@ -74,7 +72,8 @@ def test_cluster_from_fits_round_trips(tmp_path: Path) -> None:
     fits = {op: fit_alpha_beta(synthetic_timings(op, a, 20.0 + i, 1.0 + i), op=op, algorithm=a)
             for i, (op, a) in enumerate([("all_reduce", "ring"), ("reduce_scatter", "ring"),
                                          ("all_gather", "ring"), ("broadcast", "tree")])}
-    c = cluster_from_fits(fits, name="local-cpu", gpus_per_node=64, cores_per_node=2)
+    c = cluster_from_fits(fits, name="local-cpu", gpus_per_node=64,
+                          host=HostModel(cores_per_node=2))
     back = load_cluster_model(save_cluster_model(c, tmp_path / "c.toml"))
     assert back == c
     assert back.intra.params("all_gather").bandwidth_GBps == pytest.approx(3.0, rel=1e-6)
@@ -242,7 +241,8 @@ def test_calibration_fits_the_host_work_between_stages_per_layer() -> None:
     # the cost model gives it per layer, slowed like compute by ranks sharing cores
     from dataclasses import replace
 
-    cluster = replace(null_cluster(), gpus_per_node=2, cores_per_node=2, contention=0.25)
+    cluster = replace(null_cluster(), gpus_per_node=2,
+                      host=HostModel(cores_per_node=2, contention=0.25))
     cost = CostModel(workload=W1, device=cal.device, cluster=cluster, ranks_per_node=2)
     assert cost.layer_host_us("write_grad") == pytest.approx(35.0 * cost.slowdown)
     assert cost.slowdown > 1.0

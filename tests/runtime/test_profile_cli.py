@@ -130,7 +130,7 @@ def test_bad_input_is_a_clear_error_before_any_process_starts(tmp_path, capsys):
         (["--workload", "mlp", "--optimizer", "sgd", "--strategy", "spngd"],
          "--optimizer sgd runs the DDP baseline"),
         (["--workload", "mlp", "--factor-interval", "2", "--inverse-interval", "3"],
-         "must be a multiple of --factor-interval 2"),
+         "--inverse-interval (3) must be a multiple of --factor-interval (2)"),
         (["--workload", "mlp", "--nnodes", "2"], "needs --rdzv-endpoint"),
     ]
     import torch

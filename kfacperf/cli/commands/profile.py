@@ -30,12 +30,8 @@ def _kl_clip(text: str) -> float | None:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from kfacperf.runtime.config import (
-        COMM_DTYPES,
-        DEVICES,
-        INVERSE_METHODS,
-        STRATEGIES,
-    )
+    from kfacperf.runtime.config import DEVICES
+    from kfacperf.vocab import COMM_DTYPES, INVERSE_METHODS, OPTIMIZERS, PROFILE_STRATEGIES
 
     g = parser.add_argument_group("run")
     g.add_argument("--workload", required=True,
@@ -44,8 +40,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--workload-option", type=key_value, action="append", default=[],
                    metavar="KEY=VALUE", help="workload option, e.g. image_size=64 (repeatable; "
                    "VALUE read as JSON, else as a string)")
-    g.add_argument("--optimizer", choices=("sgd", "kfac"), default="kfac")
-    g.add_argument("--strategy", choices=STRATEGIES, default=None,
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default="kfac")
+    g.add_argument("--strategy", choices=PROFILE_STRATEGIES, default=None,
                    help="K-FAC distribution strategy (default: spngd; sgd for --optimizer sgd)")
     g.add_argument("--nproc", type=int, default=1, help="processes (ranks) on this node")
     g.add_argument("--steps", type=int, default=30, help="measured steps (after warm-up)")

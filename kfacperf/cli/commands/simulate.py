@@ -68,9 +68,8 @@ def parse_gpus(text: str) -> list[int]:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from kfacperf.sim.graphs.strategies.common import COMM_DTYPE_BYTES
     from kfacperf.sim.models.cluster import V_FORMS
-    from kfacperf.sim.models.device import DTYPES, INVERSE_METHODS
+    from kfacperf.vocab import COMM_DTYPES, COMPUTE_DTYPES, INVERSE_METHODS
 
     m = parser.add_argument_group("models (preset name or TOML path)")
     m.add_argument("--workload", required=True, help="workload model, e.g. resnet50")
@@ -93,11 +92,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     w.add_argument("--bandwidth-scale", type=float, help="multiply every link bandwidth")
     w.add_argument("--latency-scale", type=float, help="multiply every link latency (alpha)")
     w.add_argument("--compute-scale", type=float, help="divide every compute time")
-    w.add_argument("--comm-dtype", choices=tuple(COMM_DTYPE_BYTES),
+    w.add_argument("--comm-dtype", choices=COMM_DTYPES,
                    help="precision of factor communication")
     w.add_argument("--symmetric-factors", action="store_true",
                    help="send factors as upper triangles")
-    w.add_argument("--dtype", choices=DTYPES,
+    w.add_argument("--dtype", choices=COMPUTE_DTYPES,
                    help="forward/backward compute precision")
     w.add_argument("--v-form", choices=V_FORMS,
                    help="cost form of reduce-scatter-v / all-gather-v")

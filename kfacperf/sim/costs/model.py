@@ -8,6 +8,7 @@ This is the one interface between the models and the step graphs/engine::
                      ranks_per_node=1, threads_per_rank=1, use_measured=True)
     cost.compute_us(stage, layer: LayerModel | None, *, batch: int, workload=None) -> float
     cost.collective_us(op, nbytes, *, group_size: int, nodes: int) -> float  # x comm_slowdown
+    cost.host -> HostDelays                 # the cluster's host model (straggle of a group, ...)
     cost.for_gpus(gpus) -> CostModel        # ranks_per_node = min(gpus, gpus_per_node)
     cost.with_overrides(**options) -> CostModel
     cost.options -> CostOptions (frozen, hashable; also readable as cost.<option>)
@@ -34,7 +35,8 @@ the measured backward, where they are nested).
 
 Compute time of one call: the stage's phases (FLOPs and bytes, :mod:`kfacperf.sim.costs.stage_work`)
 on the device's rates and efficiencies (:mod:`kfacperf.sim.models.device`), plus the per-call
-overhead, times the compute slowdown of ranks sharing a node's cores, over ``compute_scale``.
+overhead, times the compute slowdown of ranks sharing a node's cores (the cluster's host model,
+:mod:`kfacperf.sim.models.host`; 1 on dedicated devices), over ``compute_scale``.
 When the device model holds a time measured on this workload (``[[measured]]``), the model is
 scaled to reproduce it: ``time(N) = model(N) * measured(N_m) / model(N_m)`` for the nearest
 measured batch ``N_m`` (exact when ``N = N_m``); per-layer forward/backward shares are scaled by
@@ -57,14 +59,12 @@ from kfacperf.sim.costs.stage_work import (
 )
 from kfacperf.sim.models.cluster import V_FORMS, ClusterModel
 from kfacperf.sim.models.device import DTYPES, INVERSE_METHODS, STAGE_KINDS, DeviceModel
+from kfacperf.sim.models.host import HostDelays
 from kfacperf.sim.models.workload import LayerModel, WorkloadModel
 
 
 def dtype_bytes(dtype: str) -> int:
-    try:
-        return DTYPE_BYTES[dtype]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPE_BYTES)}") from None
+    return DTYPE_BYTES[S.check_choice("dtype", dtype, tuple(DTYPE_BYTES))]
 
 
 def factor_elements(d: int, symmetric: bool = False) -> int:
@@ -101,12 +101,9 @@ class CostOptions:
 
     def __post_init__(self) -> None:
         for key in ("dtype", "kfac_dtype"):
-            if getattr(self, key) not in DTYPES:
-                raise ValueError(f"{key} must be one of {DTYPES}, got {getattr(self, key)!r}")
-        if self.inverse_method not in INVERSE_METHODS:
-            raise ValueError(f"inverse_method must be one of {INVERSE_METHODS}, "
-                             f"got {self.inverse_method!r}")
-        dtype_bytes(self.comm_dtype)
+            S.check_choice(key, getattr(self, key), DTYPES)
+        S.check_choice("inverse_method", self.inverse_method, INVERSE_METHODS)
+        S.check_choice("comm_dtype", self.comm_dtype, S.COMM_DTYPES)
         if self.v_form not in (None, *V_FORMS):
             raise ValueError(f"v_form must be one of {V_FORMS} (or None: the cluster's), "
                              f"got {self.v_form!r}")
@@ -142,11 +139,15 @@ class CostModel:
             cluster.scaled(bandwidth=o.bandwidth_scale, alpha=o.alpha_scale)
             if (o.bandwidth_scale, o.alpha_scale) != (1.0, 1.0) else cluster
         )
-        self.slowdown = cluster.compute_slowdown(o.ranks_per_node, o.threads_per_rank)
-        self.comm_slowdown = cluster.comm_slowdown(o.ranks_per_node)
-        # each stage kind slows by its own contention (the cluster's single one by default)
+        # what ranks sharing a node's host add (nothing on dedicated devices)
+        self.host: HostDelays = cluster.host_delays
+        self.slowdown = self.host.compute_factor(None, ranks_on_node=o.ranks_per_node,
+                                                 threads_per_rank=o.threads_per_rank)
+        self.comm_slowdown = self.host.comm_factor(o.ranks_per_node)
+        # each stage kind slows by its own contention (the host's single one by default)
         self.stage_slowdown: dict[str, float] = {
-            k: cluster.compute_slowdown(o.ranks_per_node, o.threads_per_rank, stage=k)
+            k: self.host.compute_factor(k, ranks_on_node=o.ranks_per_node,
+                                        threads_per_rank=o.threads_per_rank)
             for k in STAGE_KINDS}
         self._compute_cache: dict[tuple, float] = {}
         self._comm_cache: dict[tuple, float] = {}

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from kfacperf import vocab as S
 from kfacperf.sim.models.workload import LayerModel, WorkloadModel
 
-DTYPE_BYTES: dict[str, int] = {"fp64": 8, "fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2}
+DTYPE_BYTES: dict[str, int] = S.DTYPE_BYTES
 WHOLE_MODEL_STAGES = (S.FORWARD, S.BACKWARD, S.UPDATE)
 INVERSE_FLOPS_PER_D3 = {"eigen": 9.0, "cholesky": 1.0}
 PRECOND_FLOPS_FACTOR = {"eigen": 4.0, "cholesky": 2.0}

@@ -59,12 +59,11 @@ from typing import Any
 from kfacperf import vocab as S
 from kfacperf.sim.models.toml_io import read_toml, write_toml
 
-STAGE_KINDS: tuple[str, ...] = (
-    S.FORWARD, S.BACKWARD, S.FACTOR_COMPUTE, S.INVERSE, S.PRECONDITION, S.UPDATE,
-)
-DTYPES: tuple[str, ...] = ("fp32", "tf32", "bf16")
+STAGE_KINDS: tuple[str, ...] = S.COMPUTE_STAGES
+"""The compute stages, each with its efficiency (``forward`` ... ``update``)."""
+DTYPES: tuple[str, ...] = S.COMPUTE_DTYPES
 MODES: tuple[str, ...] = ("roofline", "additive")
-INVERSE_METHODS: tuple[str, ...] = ("eigen", "cholesky")
+INVERSE_METHODS: tuple[str, ...] = S.INVERSE_METHODS
 FORMAT = "kfacperf-device-1"
 
 

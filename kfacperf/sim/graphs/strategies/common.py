@@ -20,26 +20,9 @@ from dataclasses import dataclass
 from kfacperf import vocab as S
 from kfacperf.sim.graphs.graph import UNSTAGED, Group, Program
 from kfacperf.sim.graphs.placement import nodes_spanned
-from kfacperf.sim.models.device import INVERSE_METHODS
+from kfacperf.vocab import COMM_DTYPE_BYTES, StepKind
 
-COMM_DTYPE_BYTES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2}
-
-FP32 = 4
-
-
-@dataclass(frozen=True, kw_only=True)
-class StepKind:
-    """Which K-FAC work a step does: factors (every ``factor_interval``), inverses."""
-
-    name: str
-    factor: bool
-    inverse: bool
-
-
-INVERSE_STEP = StepKind(name="inverse", factor=True, inverse=True)
-FACTOR_STEP = StepKind(name="factor", factor=True, inverse=False)
-PLAIN_STEP = StepKind(name="plain", factor=False, inverse=False)
-STEP_KINDS: tuple[StepKind, ...] = (INVERSE_STEP, FACTOR_STEP, PLAIN_STEP)
+FP32 = S.DTYPE_BYTES["fp32"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,12 +39,8 @@ class CommSettings:
     optimizer passes it explicitly (``kfacperf.kfac.ddp.wrap_ddp``), so every bucket is 25 MiB."""
 
     def __post_init__(self) -> None:
-        if self.factor_dtype not in COMM_DTYPE_BYTES:
-            raise ValueError(f"comm dtype {self.factor_dtype!r} unknown; use one of "
-                             f"{', '.join(COMM_DTYPE_BYTES)}")
-        if self.inverse_method not in INVERSE_METHODS:
-            raise ValueError(f"inverse method {self.inverse_method!r} unknown; use one of "
-                             f"{', '.join(INVERSE_METHODS)}")
+        S.check_choice("comm dtype", self.factor_dtype, S.COMM_DTYPES)
+        S.check_choice("inverse method", self.inverse_method, S.INVERSE_METHODS)
         for key in ("factor_bucket_mb", "ddp_bucket_mb", "ddp_first_bucket_mb"):
             v = getattr(self, key)
             if isinstance(v, bool) or not v >= 0:
