@@ -10,7 +10,9 @@ helper (:func:`check_choice`):
 * kinds of step (``inverse``, ``factor``, ``plain``) and the rule that decides a step's kind
   from the intervals (:func:`step_kind`), with the check of the intervals themselves;
 * optimizers, strategies (the simulator's and the profiler's, which adds ``local``), inverse
-  methods, collective operations and data types.
+  methods, collective operations and data types;
+* Fisher blocks and estimators: ``bn_blocks`` and ``fisher``, and the label of the
+  Monte-Carlo backward pass.
 
 This module imports nothing beyond the standard library.
 """
@@ -193,3 +195,25 @@ COMPUTE_DTYPES: tuple[str, ...] = ("fp32", "tf32", "bf16")
 COMM_DTYPES: tuple[str, ...] = ("fp32", "fp16", "bf16")
 """Precisions the factors may travel in."""
 COMM_DTYPE_BYTES: dict[str, int] = {d: DTYPE_BYTES[d] for d in COMM_DTYPES}
+
+# --------------------------------------------------------------------------- Fisher blocks
+# Blocks beyond the Kronecker-factored layers, and how the Fisher is estimated: knobs of the
+# real optimizer, of run.json and of the simulator alike (see docs/fisher-blocks.md).
+BN_NONE = "none"
+BN_UNIT = "unit"
+BN_FULL = "full"
+BN_BLOCKS: tuple[str, ...] = (BN_NONE, BN_UNIT, BN_FULL)
+"""BatchNorm layers as Fisher blocks: ``none`` (their parameters are left to the first-order
+optimizer), ``unit`` (a 2x2 block per channel over (gamma_c, beta_c): SP-NGD's unitBN),
+``full`` (one 2C x 2C block per layer over (gamma, beta): fullBN)."""
+
+FISHER_EMP = "emp"
+FISHER_MC = "mc"
+FISHER_TYPES: tuple[str, ...] = (FISHER_EMP, FISHER_MC)
+"""``emp``: statistics from the true labels' backward (the empirical Fisher); ``mc``: from one
+extra backward with labels sampled from the model's predictive distribution (SP-NGD's 1mc)."""
+
+MC_FISHER_PASS = "mc_fisher"
+"""The ``layer`` of the ``backward`` row of the Monte-Carlo pass (``fisher = "mc"``, factor
+steps): that step has two ``backward`` rows, this one (the statistics are captured in it)
+and the true labels' backward (``layer`` ``""``)."""

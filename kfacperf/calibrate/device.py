@@ -45,8 +45,9 @@ from kfacperf.sim.models.device import (
     MeasuredTime,
     StageEfficiency,
 )
-from kfacperf.sim.models.workload import WorkloadModel
+from kfacperf.sim.models.workload import BATCHNORM, WorkloadModel
 from kfacperf.trace.measure import measured_events, rank_stage_times, run_step_kind
+from kfacperf.trace.schema import fisher_options
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -115,6 +116,7 @@ class _Sample:
     time_us: float
     reg: Any  # kfacperf.sim.costs.model.Regressors
     captured: bool = False  # a forward/backward median over factor steps (statistics captured)
+    batchnorm: bool = False  # a BatchNorm Fisher block's stage
 
 
 def _trace_samples(trace: Any, workload: WorkloadModel, base: DeviceModel) -> list[_Sample]:
@@ -126,22 +128,30 @@ def _trace_samples(trace: Any, workload: WorkloadModel, base: DeviceModel) -> li
     except ValueError as exc:
         raise ValueError(f"{trace_label(trace)}: {exc}") from None
     table = compute_stage_times(measured_events(trace))
-    # forward and backward: plain steps and factor steps apart (capture_overhead)
-    table["captured"] = table["stage"].isin(CAPTURE_STAGES) & table["step"].map(
+    options = fisher_options(run)
+    # forward and backward: plain steps and factor steps apart (capture_overhead).  With the
+    # Monte-Carlo Fisher the statistics are captured in the extra backward (its own rows,
+    # layer mc_fisher), and the true labels' backward is a plain one.
+    captured = table["stage"].isin(CAPTURE_STAGES) & table["step"].map(
         lambda k: run_step_kind(int(k), run) != S.PLAIN_STEP.name)
+    if options["fisher"] == S.FISHER_MC:
+        captured &= ~((table["stage"] == S.BACKWARD) & (table["layer"] == ""))
+    table["captured"] = captured
     med = table.groupby(["stage", "layer", "captured"], sort=False)["dur_us"].median()
     cost = CostModel(workload=workload, device=base, cluster=_null_cluster(),
-                     inverse_method=method, use_measured=False)
+                     inverse_method=method, use_measured=False, **options)
     out = []
     for (stage, layer, captured), t in med.items():
         if stage not in STAGE_KINDS or not t > 0:
             continue
+        if stage == S.BACKWARD and layer == S.MC_FISHER_PASS:
+            layer = ""  # a whole-model backward like the true one
         lm = workload.layer(layer) if layer else None
         if lm is None and stage not in (S.FORWARD, S.BACKWARD, S.UPDATE):
             raise ValueError(f"{trace_label(trace)}: {stage} event without a layer name")
         reg = cost.regressors(stage, lm, batch=batch)
         out.append(_Sample(stage, workload.name, layer, batch, method, float(t), reg,
-                           bool(captured)))
+                           bool(captured), lm is not None and lm.kind == BATCHNORM))
     return out
 
 
@@ -289,8 +299,8 @@ def fit_device_model(
         measured = tuple(
             MeasuredTime(workload=s.workload, stage=s.kind, layer=s.layer, batch=s.batch,
                          inverse_method=s.inverse_method, time_us=sig(s.time_us))
-            for s in samples
-        )
+            for s in samples if not s.batchnorm  # not applied to BatchNorm blocks: see
+        )                                        # kfacperf.sim.costs.model
     labels = tuple(trace_label(t) for t in used)
     device = DeviceModel(
         name=name, fp32_tflops=base.fp32_tflops, tf32_tflops=base.tf32_tflops,

@@ -6,7 +6,10 @@ layer and which ranks work on its gradient; they never compute loads themselves.
 Load balancing is the classic *longest-processing-time-first* greedy (LPT):
 
 1. every layer costs ``dim(A)**3 + dim(G)**3`` — the flops of its two eigendecompositions or
-   inverses up to a constant; both factors of a layer stay on one rank;
+   inverses up to a constant; both factors of a layer stay on one rank.  A Fisher block of
+   another form costs ``count * n**3`` summed over the symmetric matrices it inverts
+   (``LayerShape.blocks``): a BatchNorm layer's C unit-wise 2x2 blocks ``8 C``, its full
+   2C x 2C block ``(2C)**3``;
 2. layers are sorted by cost, largest first; ties keep the layer order (forward order);
 3. each layer goes to the least-loaded bin; ties go to the lowest rank.
 
@@ -37,6 +40,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from kfacperf.sim.graphs.placement import (
+    blocks_cost,
     grad_workers,
     kaisa_placement,
     layer_cost,
@@ -52,11 +56,21 @@ grad_workers_count = grad_workers
 
 @dataclass(frozen=True, kw_only=True)
 class LayerShape:
-    """The factor dimensions of one K-FAC layer (``dim_a`` includes the bias column)."""
+    """The factor dimensions of one K-FAC layer (``dim_a`` includes the bias column).
+
+    ``blocks`` lists the ``(n, count)`` stacks of symmetric matrices the layer inverts when
+    they are not its two Kronecker factors (empty: ``((dim_a, 1), (dim_g, 1))``).
+    """
 
     name: str
     dim_a: int
     dim_g: int
+    blocks: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def cost(self) -> int:
+        """Its placement cost (see the module docstring)."""
+        return blocks_cost(self.blocks) if self.blocks else inverse_cost(self.dim_a, self.dim_g)
 
 
 def lpt_assign(costs: Sequence[tuple[str, float]], bins: int) -> dict[str, int]:
@@ -104,7 +118,7 @@ class Assignment:
         """Summed inverse cost per rank."""
         out = [0] * self.world_size
         for s in self.layers:
-            out[self.inverse_worker[s.name]] += inverse_cost(s.dim_a, s.dim_g)
+            out[self.inverse_worker[s.name]] += s.cost
         return out
 
     def grad_source(self, name: str, rank: int) -> int:
@@ -123,7 +137,7 @@ def _costs(layers: Sequence[LayerShape]) -> list[int]:
         raise ValueError("no K-FAC layers to assign")
     if len({s.name for s in layers}) != len(layers):
         raise ValueError("layer names must be unique")
-    return [inverse_cost(s.dim_a, s.dim_g) for s in layers]
+    return [s.cost for s in layers]
 
 
 def spngd_assignment(layers: Sequence[LayerShape], world_size: int) -> Assignment:

@@ -38,6 +38,11 @@ DEFAULT_CLUSTERS: tuple[ClusterTarget, ...] = (
 
 DEFAULT_SCALE_GPUS: tuple[int, ...] = tuple(2 ** i for i in range(13))  # 1 .. 4096
 
+DEFAULT_PLAN = ClusterTarget(cluster="abci-v100", device="v100")
+"""Where the demo plans ``scale_workload``: SP-NGD's own cluster, for its convergence data."""
+DEFAULT_PLAN_GPUS: tuple[int, ...] = tuple(2 ** i for i in range(3, 11))  # 8 .. 1024
+DEFAULT_PLAN_CONVERGENCE: tuple[str, ...] = ("mlperf-v0.7-lars-resnet50", "spngd-resnet50")
+
 
 @dataclass(frozen=True, kw_only=True)
 class DemoConfig:
@@ -46,7 +51,9 @@ class DemoConfig:
     The local part profiles ``sgd`` and each of ``strategies`` with 1 process (the
     calibration runs) and with each of ``predict_nprocs`` processes (the runs predicted from
     that calibration), one torch thread per rank.  The scale part simulates
-    ``scale_workload`` on each of ``clusters`` at ``scale_gpus``.  ``batch_size`` is per rank
+    ``scale_workload`` on each of ``clusters`` at ``scale_gpus``, and the plan searches the
+    best SGD and K-FAC configuration of ``scale_workload`` on ``plan`` at ``plan_gpus`` (time
+    to the targets of ``plan_convergence``).  ``batch_size`` is per rank
     (None: the workload's default).  The defaults (CIFAR ResNet-20, batch 32, 20 measured
     steps per run) are sized to finish within about 3 minutes on an idle 2-core machine.
     """
@@ -71,6 +78,10 @@ class DemoConfig:
     clusters: tuple[ClusterTarget, ...] = DEFAULT_CLUSTERS
     whatif_bandwidth: tuple[float, ...] = (0.5, 2.0)
     """Bandwidth scales simulated as what-ifs on the first cluster (none: skip)."""
+    plan: ClusterTarget | None = DEFAULT_PLAN
+    """The cluster ``kfacperf plan`` searches for ``scale_workload`` at the end (None: skip)."""
+    plan_gpus: tuple[int, ...] = DEFAULT_PLAN_GPUS
+    plan_convergence: tuple[str, ...] = DEFAULT_PLAN_CONVERGENCE
 
     def __post_init__(self) -> None:
         def positive_int(key: str, value: Any) -> None:
@@ -127,6 +138,11 @@ class DemoConfig:
                 raise ValueError(f"demo: what-if bandwidth scales must be > 0, got {s!r}")
         if not self.timeout_s > 0:
             raise ValueError(f"demo: timeout_s must be > 0, got {self.timeout_s!r}")
+        if self.plan is not None:
+            if not self.plan_gpus:
+                raise ValueError("demo: plan_gpus needs at least one GPU count")
+            for g in self.plan_gpus:
+                positive_int("plan_gpus", g)
 
     @property
     def nprocs(self) -> tuple[int, ...]:
@@ -143,10 +159,11 @@ class DemoConfig:
 
 
 def quick_config(**overrides: Any) -> DemoConfig:
-    """A tiny run (a few steps, a small communication sweep, five GPU counts)."""
+    """A tiny run (a few steps, a small communication sweep, five GPU counts, a plan at two)."""
     settings: dict[str, Any] = dict(
         steps=3, warmup=1, commbench_sizes=(4 * KIB, 256 * KIB, 1 * MIB), commbench_reps=2,
         commbench_warmup=1, scale_gpus=(1, 8, 64, 512, 4096), whatif_bandwidth=(),
+        plan_gpus=(64, 1024),
     )
     settings.update(overrides)
     return DemoConfig(**settings)
@@ -182,6 +199,11 @@ class DemoPaths:
     def results(self) -> Path:
         """The headline numbers as JSON."""
         return self.root / "demo.json"
+
+    @property
+    def plan(self) -> Path:
+        """The plan (``kfacperf report --plan`` reads it)."""
+        return self.root / "plan.json"
 
     @property
     def validation(self) -> Path:

@@ -89,6 +89,12 @@ class ProfileConfig(OptimizerSettings):
         S.check_choice("inverse method", self.inverse_method, S.INVERSE_METHODS)
         S.check_choice("device", self.device, DEVICES)
         S.check_choice("comm dtype", self.comm_dtype, S.COMM_DTYPES)
+        S.check_choice("bn_blocks", self.bn_blocks, S.BN_BLOCKS)
+        S.check_choice("fisher", self.fisher, S.FISHER_TYPES)
+        if self.optimizer == S.SGD and (self.bn_blocks, self.fisher) != (S.BN_NONE,
+                                                                         S.FISHER_EMP):
+            raise ValueError("--bn-blocks and --fisher are K-FAC settings; --optimizer sgd "
+                             "takes neither (leave them out, or use --optimizer kfac)")
         if self.multi_node and not self.rdzv_endpoint:
             raise ValueError(f"--nnodes {self.nnodes} needs --rdzv-endpoint HOST:PORT")
 
@@ -163,6 +169,8 @@ def run_record(
         "comm_dtype": config.comm_dtype,
         "symmetric": config.symmetric,
         "bucket_cap_mb": config.bucket_cap_mb,
+        "bn_blocks": config.bn_blocks,
+        "fisher": config.fisher,
         "world_size": world_size,
         "batch_per_rank": batch_per_rank,
         "steps": config.steps,

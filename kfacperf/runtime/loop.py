@@ -77,7 +77,9 @@ def instrument(model: nn.Module, optimizer: torch.optim.Optimizer, *, out: str |
         keep_heap: keep freed memory in the process (:mod:`kfacperf.runtime.heap`).
         settings: K-FAC settings (``damping``, ``factor_interval``, ``inverse_interval``,
             ``inverse_method``, ``factor_decay``, ``kl_clip``, ``grad_worker_fraction``,
-            ``comm_dtype``, ``symmetric``, ``bucket_cap_mb``).
+            ``comm_dtype``, ``symmetric``, ``bucket_cap_mb``, ``bn_blocks``).  The Fisher
+            is the empirical one (the Monte-Carlo Fisher's extra backward needs the loss
+            function, which the loop keeps to itself).
     """
     return InstrumentedLoop(model, optimizer, out=out, strategy=strategy, name=name,
                             warmup=warmup, batch_size=batch_size, force=force, isolate=isolate,
@@ -286,6 +288,11 @@ def _check_settings(settings: Mapping[str, Any]) -> None:
     from dataclasses import fields
 
     known = {f.name for f in fields(OptimizerSettings)} - {"lr", "momentum", "weight_decay"}
+    if settings.get("fisher", S.FISHER_EMP) != S.FISHER_EMP:
+        raise ValueError(f"instrument: fisher={settings['fisher']!r}: a loop you write runs "
+                         f"its own backward, so only the empirical Fisher "
+                         f"({S.FISHER_EMP!r}) is available; kfacperf profile --fisher mc runs "
+                         "the Monte-Carlo one")
     unknown = sorted(set(settings) - known)
     if unknown:
         raise TypeError(f"instrument: unknown setting(s) {', '.join(unknown)}; the K-FAC "

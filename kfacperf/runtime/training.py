@@ -12,7 +12,10 @@
 
 A step is ``timer.step_begin`` → ``forward`` (forward + loss) → ``backward`` (zero the grads,
 ``loss.backward()``) → the preconditioner's own stages → ``update`` (``optimizer.step()``)
-→ ``timer.step_end``.  After :meth:`Trainer.train_step` returns, each parameter's ``.grad``
+→ ``timer.step_end``.  With ``fisher="mc"``, factor steps run the Monte-Carlo pass
+(:meth:`KFACPreconditioner.mc_backward`) between forward and backward, timed as a second
+``backward`` row whose ``layer`` is ``"mc_fisher"`` (:data:`kfacperf.vocab.MC_FISHER_PASS`);
+the statistics (``factor_compute`` rows) are nested in that row, not in the true backward.  After :meth:`Trainer.train_step` returns, each parameter's ``.grad``
 holds the update direction the optimizer used.
 
 The first-order optimizer is SGD with the config's settings unless the caller passes its
@@ -36,6 +39,7 @@ from kfacperf.kfac.comm import (
     looks_like_collective_failure,
 )
 from kfacperf.kfac.ddp import wrap_ddp
+from kfacperf.kfac.fisher import MonteCarloFisher
 from kfacperf.kfac.preconditioner import KFACPreconditioner
 from kfacperf.kfac.strategies import make_strategy
 from kfacperf.profiler.timer import NULL_TIMER, Timer
@@ -62,6 +66,8 @@ class TrainConfig(OptimizerSettings):
         for key in ("lr", "bucket_cap_mb"):
             if not getattr(self, key) >= 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)!r}")
+        stages.check_choice("bn_blocks", self.bn_blocks, stages.BN_BLOCKS)
+        stages.check_choice("fisher", self.fisher, stages.FISHER_TYPES)
 
     @property
     def strategy_name(self) -> str:
@@ -70,7 +76,10 @@ class TrainConfig(OptimizerSettings):
 
 
 class Trainer:
-    """Runs instrumented training steps of ``model`` on this process's share of the batch."""
+    """Runs instrumented training steps of ``model`` on this process's share of the batch.
+
+    ``seed`` seeds the labels sampled for the Monte-Carlo Fisher (``fisher="mc"``).
+    """
 
     def __init__(
         self,
@@ -79,6 +88,7 @@ class Trainer:
         loss_fn: Callable[[Tensor, Tensor], Tensor] | None,
         config: TrainConfig,
         timer: Timer = NULL_TIMER,
+        seed: int = 0,
         optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         self.config = config
@@ -118,7 +128,18 @@ class Trainer:
                 kl_clip=config.kl_clip,
                 strategy=make_strategy(strategy, **_strategy_options(config)),
                 timer=timer,
+                bn_blocks=config.bn_blocks,
+                fisher=config.fisher,
             )
+        self.mc_fisher: MonteCarloFisher | None = None
+        if self.preconditioner is not None and config.fisher == stages.FISHER_MC:
+            if loss_fn is None:
+                raise ValueError("the Monte-Carlo Fisher needs the loss function (its extra "
+                                 "backward pass samples labels from the outputs); give "
+                                 "loss_fn, or use the empirical Fisher")
+            self.mc_fisher = MonteCarloFisher(loss_fn, params=model.parameters(), seed=seed,
+                                              rank=self.info.rank,
+                                              world_size=self.info.world_size)
         self.steps = 0
 
     def train_step(self, inputs: Tensor, targets: Tensor) -> Tensor:
@@ -158,8 +179,13 @@ class Trainer:
             raise ValueError("Trainer.train_step needs a loss_fn")
         timer = self.timer
         timer.step_begin(self.steps)
+        pc = self.preconditioner
         with timer.stage(stages.FORWARD):
-            loss = self.loss_fn(self.net(inputs), targets)
+            outputs = self.net(inputs)
+            loss = self.loss_fn(outputs, targets)
+        if self.mc_fisher is not None and pc is not None and pc.factor_step:
+            with timer.stage(stages.BACKWARD, stages.MC_FISHER_PASS):
+                pc.mc_backward(outputs, self.mc_fisher)
         with timer.stage(stages.BACKWARD):
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -14,7 +14,7 @@ engine; the steady state is the cycle-weighted mean (:mod:`kfacperf.sim.summary`
 Keyword arguments beyond the named ones are what-if overrides of the cost model
 (:class:`kfacperf.sim.costs.model.CostOptions`: ``bandwidth_scale``, ``alpha_scale``,
 ``compute_scale``, ``comm_dtype``, ``symmetric_factors``, ``inverse_method``, ``dtype``,
-``v_form``, ...).  This module never imports torch.
+``v_form``, ``bn_blocks``, ``fisher``, ...).  This module never imports torch.
 """
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kfacperf.trace.measure import KindTimes
+from kfacperf.trace.schema import fisher_options
 from kfacperf.validation.inputs import load_traces, trace_label, trace_workload_models
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -151,7 +152,8 @@ def simulate_run(run: Mapping[str, Any], calibration: Calibration, *, label: str
     cap = float(run.get("bucket_cap_mb", 25.0))
     cost = CostModel(workload=w, device=calibration.device, cluster=calibration.cluster,
                      inverse_method=method, comm_dtype=dtype, symmetric_factors=symmetric,
-                     threads_per_rank=int(run.get("threads_per_rank") or 1))
+                     threads_per_rank=int(run.get("threads_per_rank") or 1),
+                     **fisher_options(run))
     comm = CommSettings(factor_dtype=dtype, symmetric=symmetric, inverse_method=method,
                         factor_bucket_mb=cap, ddp_bucket_mb=cap or 25.0,
                         ddp_first_bucket_mb=cap or 25.0)

@@ -109,6 +109,10 @@ class Workload:
             return self.loss(outputs, targets)
         return F.cross_entropy(outputs, targets, reduction="mean")
 
+    # Its model distribution is softmax(outputs): the Monte-Carlo Fisher may sample it
+    # (kfacperf.kfac.fisher).
+    loss_fn.predictive_distribution = "categorical"  # type: ignore[attr-defined]
+
 
 def is_kfac_layer(module: nn.Module) -> bool:
     """Whether the K-FAC optimizer preconditions ``module`` (Linear, or Conv2d with groups=1)."""

@@ -27,6 +27,13 @@ them; a module called more than once is an error because its factors would mix t
 * ``in_elems_per_example`` / ``out_elems_per_example`` - elements of the layer's input/output
   tensors per example.
 
+BatchNorm layers with trainable affine parameters (Fisher blocks when the optimizer runs with
+``bn_blocks``, :mod:`kfacperf.kfac.batchnorm`) are listed apart, under ``batchnorm``, each
+with ``channels``, ``params`` (2C), ``rows_per_example`` (the spatial positions of one
+example, H x W; 1 for BatchNorm1d on ``[B, C]``), the elements per example, and ``follows``:
+the K-FAC layer the forward pass called last before it ("" for none).  Their parameters
+still count in ``other_params``.
+
 :func:`walk_model` also counts the whole forward's FLOPs (torch's FLOP counter, which works
 on meta tensors) and records each Conv2d's geometry, for :mod:`.workload_model`.
 """
@@ -38,6 +45,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from kfacperf.kfac.batchnorm import is_batchnorm
 
 from .base import is_kfac_layer
 from .registry import get_workload
@@ -59,6 +68,7 @@ class ModelWalk:
     """What one forward pass of a batch of 1 showed."""
 
     layers: list[dict[str, Any]]  # per K-FAC layer in call order (see the module docstring)
+    batchnorm: list[dict[str, Any]]  # per BatchNorm layer in call order
     conv: dict[str, dict[str, Any]]  # per Conv2d path: its geometry
     total_flops: float  # the whole forward, torch's FLOP counter
     total_params: int
@@ -91,16 +101,7 @@ def describe_model(
     model: nn.Module, example: torch.Tensor, *, name: str = ""
 ) -> dict[str, Any]:
     """Describe ``model``'s K-FAC layers from ``model(example)`` (a batch of 1)."""
-    walk = walk_model(model, example)
-    kfac = sum(layer["params"] for layer in walk.layers)
-    return {
-        "name": name,
-        "input_shape": list(example.shape[1:]),
-        "num_kfac_layers": len(walk.layers),
-        "total_params": walk.total_params,
-        "other_params": walk.total_params - kfac,
-        "layers": walk.layers,
-    }
+    return _description(walk_model(model, example), example, name)
 
 
 def describe_workload(name: str, **options: Any) -> dict[str, Any]:
@@ -110,18 +111,25 @@ def describe_workload(name: str, **options: Any) -> dict[str, Any]:
     e.g. ``describe_workload("resnet50", image_size=64)``; defaults otherwise.
     """
     workload = get_workload(name, **options)
-    walk, example = walk_workload(workload)
-    kfac = sum(layer["params"] for layer in walk.layers)
-    out = {
-        "name": name, "input_shape": list(example.shape[1:]),
-        "num_kfac_layers": len(walk.layers), "total_params": walk.total_params,
-        "other_params": walk.total_params - kfac, "layers": walk.layers,
-    }
+    out = _description(*walk_workload(workload), name)
     # Lists, not tuples, so the record serialises to JSON/TOML unchanged.
     out["options"] = {
         k: list(v) if isinstance(v, tuple) else v for k, v in workload.options.items()
     }
     return out
+
+
+def _description(walk: ModelWalk, example: torch.Tensor, name: str) -> dict[str, Any]:
+    kfac = sum(layer["params"] for layer in walk.layers)
+    return {
+        "name": name,
+        "input_shape": list(example.shape[1:]),
+        "num_kfac_layers": len(walk.layers),
+        "total_params": walk.total_params,
+        "other_params": walk.total_params - kfac,
+        "layers": walk.layers,
+        "batchnorm": walk.batchnorm,
+    }
 
 
 def walk_workload(workload: Any) -> tuple[ModelWalk, torch.Tensor]:
@@ -148,8 +156,9 @@ def _walk(model: nn.Module, example: torch.Tensor, *, meta: bool) -> ModelWalk:
 
     from kfacperf.kfac.conv_factors import padded_input
 
-    paths = {m: p for p, m in model.named_modules() if is_kfac_layer(m)}
+    paths = {m: p for p, m in model.named_modules() if is_kfac_layer(m) or is_batchnorm(m)}
     layers: list[dict[str, Any]] = []
+    norms: list[dict[str, Any]] = []
     conv: dict[str, dict[str, Any]] = {}
     seen: set[str] = set()
 
@@ -161,6 +170,10 @@ def _walk(model: nn.Module, example: torch.Tensor, *, meta: bool) -> ModelWalk:
                 "are not supported"
             )
         seen.add(path)
+        if is_batchnorm(module):
+            follows = layers[-1]["name"] if layers else ""
+            norms.append(_batchnorm_record(path, module, inputs[0], follows))
+            return
         layers.append(_layer_record(path, module, inputs[0], output))
         if isinstance(module, nn.Conv2d):
             hp, wp = padded_input(inputs[0], module).shape[-2:]
@@ -186,10 +199,10 @@ def _walk(model: nn.Module, example: torch.Tensor, *, meta: bool) -> ModelWalk:
         for h in handles:
             h.remove()
         model.train(was_training)
-    unused = sorted(set(paths.values()) - seen)
+    unused = sorted(p for m, p in paths.items() if p not in seen and not is_batchnorm(m))
     if unused:
         raise DescribeError(f"K-FAC layer(s) not used by the forward pass: {', '.join(unused)}")
-    return ModelWalk(layers=layers, conv=conv, total_flops=float(counter.get_total_flops()),
+    return ModelWalk(layers=layers, batchnorm=norms, conv=conv, total_flops=float(counter.get_total_flops()),
                      total_params=sum(p.numel() for p in model.parameters()), on_meta=meta)
 
 
@@ -245,4 +258,20 @@ def _layer_record(
         "fwd_flops_per_example": 2 * fan_in * dim_g * rows,
         "in_elems_per_example": x.numel() // x.shape[0],
         "out_elems_per_example": y.numel() // y.shape[0],
+    }
+
+
+def _batchnorm_record(path: str, module: nn.Module, x: torch.Tensor, follows: str
+                      ) -> dict[str, Any]:
+    channels = int(module.weight.shape[0])
+    per_example = x.numel() // x.shape[0]
+    return {
+        "name": path,
+        "kind": "batchnorm",
+        "channels": channels,
+        "params": 2 * channels,
+        "rows_per_example": per_example // channels,
+        "in_elems_per_example": per_example,
+        "out_elems_per_example": per_example,
+        "follows": follows,
     }

@@ -43,13 +43,14 @@ def _from_walk(walk: Any, example: Any, *, name: str, workload: str | None,
                description: str, fingerprint: str | None) -> Any:
     import torch
 
-    from kfacperf.sim.models.workload import workload_model_from_description
+    from kfacperf.sim.models.workload_file import workload_model_from_description
 
     layers = [dict(l, conv=walk.conv.get(l["name"])) for l in walk.layers]
     kfac_flops = sum(float(l["fwd_flops_per_example"]) for l in walk.layers)
     kfac_params = sum(int(l["params"]) for l in walk.layers)
     desc = {
-        "name": workload or name, "layers": layers, "input_shape": list(example.shape[1:]),
+        "name": workload or name, "layers": layers, "batchnorm": walk.batchnorm,
+        "input_shape": list(example.shape[1:]),
         "other_params": walk.total_params - kfac_params, "description": description,
         "options": {k: _plain(v) for k, v in (options or {}).items()},
     }
@@ -95,7 +96,7 @@ def build_workload_model(name: str, options: dict[str, Any]) -> Any:
 def layers_fingerprint(model: Any) -> str:
     """SHA-256 of a workload model's layer table and other parameters: the identity of a
     model recorded without a registry name or factory file."""
-    from kfacperf.sim.models.workload import workload_model_to_dict
+    from kfacperf.sim.models.workload_file import workload_model_to_dict
 
     d = workload_model_to_dict(model)
     keep = {k: d[k] for k in ("layers", "other_params", "input")}

@@ -5,9 +5,12 @@ graph that gets any of them wrong shows a different time.
 """
 from __future__ import annotations
 
+import importlib.util
 import random
+import sys
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from kfacperf import vocab as S
@@ -74,6 +77,8 @@ class TableCosts:
     per_layer: dict[str, dict[str, float]]
     whole: dict[str, float]
     calls: list[tuple[str, str]] = field(default_factory=list)
+    bn_blocks: str = S.BN_NONE
+    fisher: str = S.FISHER_EMP
 
     @property
     def options(self) -> Hashable:
@@ -119,3 +124,16 @@ def fake_model(workload: WorkloadModel, times: Sequence[dict[str, float]],
         whole.setdefault(stage, sum(per_layer.get(stage, {}).values()))
     return TableCosts(per_layer=per_layer, whole=whole)
 
+
+def real_assignment() -> Any:
+    """The optimizer's assignment module, loaded from its file (its package imports torch)."""
+    path = Path(__file__).resolve().parents[2] / "kfacperf" / "kfac" / "assignment.py"
+    spec = importlib.util.spec_from_file_location("_kfac_assignment", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while being built
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        del sys.modules[spec.name]
+    return mod

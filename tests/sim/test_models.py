@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -31,9 +32,8 @@ from kfacperf.sim.models.device import (
 )
 from kfacperf.sim.models.host import HostModel
 from kfacperf.sim.models.toml_io import dumps_toml
-from kfacperf.sim.models.workload import (
-    LayerModel,
-    WorkloadModel,
+from kfacperf.sim.models.workload import LayerModel, WorkloadModel
+from kfacperf.sim.models.workload_file import (
     load_workload_model,
     save_workload_model,
     workload_model_from_description,
@@ -118,9 +118,13 @@ def test_presets_load_and_aliases_resolve() -> None:
     for name in ("abci-v100", "dgx-a100-hdr", "dgx-h100-ndr"):
         assert load_cluster(name).name == name
     assert load_cluster("abci").gpus_per_node == 4
+    from kfacperf.plan.convergence import load_convergence
+
+    loaders = {"workloads": load_workload, "devices": load_device, "clusters": load_cluster,
+               "convergence": load_convergence}
     for kind in presets.KINDS:
         for name in list_presets(kind):
-            {"workloads": load_workload, "devices": load_device, "clusters": load_cluster}[kind](name)
+            loaders[kind](name)
 
 
 def test_unknown_preset_lists_known_ones(tmp_path: Path) -> None:
@@ -206,6 +210,54 @@ def test_workload_strict_errors(tmp_path: Path, old: str, new: str, pattern: str
     with pytest.raises(ValueError, match=pattern) as info:
         load_workload_model(path)
     assert str(path) in str(info.value)
+
+
+def with_batchnorm() -> WorkloadModel:
+    """make_workload with a BatchNorm after conv1 (its 32 parameters are the other ones)."""
+    bn = LayerModel(name="bn1", kind="batchnorm", dim_a=2, dim_g=16, params=32,
+                    rows_per_example=1024, fwd_flops_per_example=0.0,
+                    in_elems_per_example=16384, out_elems_per_example=16384, follows="conv1")
+    return replace(make_workload(), batchnorm=(bn,))
+
+
+def test_batchnorm_layers_round_trip_in_forward_order(tmp_path: Path) -> None:
+    w = with_batchnorm()
+    path = save_workload_model(w, tmp_path / "w.toml")
+    text = path.read_text()
+    assert 'format = "kfacperf-workload-2"' in text
+    assert text.index('name = "conv1"') < text.index('name = "bn1"') < text.index('name = "fc"')
+    assert load_workload_model(path) == w
+    assert [l.name for l in w.fisher_layers("unit")] == ["conv1", "bn1", "fc"]
+    assert w.fisher_layers("none") == w.layers and w.layer_names == ("conv1", "fc")
+    assert (w.other_params_with("none"), w.other_params_with("full")) == (32, 0)
+    assert w.total_params == make_workload().total_params and w.layer("bn1").channels == 16
+
+
+def test_format_1_files_are_read_and_ask_for_regeneration_for_bn_blocks(tmp_path: Path) -> None:
+    text = save_workload_model(make_workload(), tmp_path / "w.toml").read_text()
+    old = _edit(tmp_path, text, "kfacperf-workload-2", "kfacperf-workload-1")
+    w = load_workload_model(old)
+    assert w == make_workload() and w.fisher_layers("none") == w.layers
+    with pytest.raises(ValueError, match="no batchnorm layers.*regenerate it with kfacperf "
+                                         "calibrate --workload tiny"):
+        w.fisher_layers("unit")
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "pattern"),
+    [
+        ("channels = 16\nparams = 32", "channels = 16\nparams = 30", r"layers\[1\]\.params': a batchnorm layer has 2 x "
+                                            r"channels = 32"),
+        ("channels = 16", "dim_g = 16", r"missing key 'layers\[1\]\.channels'"),
+        ("other_params = 32", "other_params = 8", r"other_params': must include the batchnorm"),
+        ("kfacperf-workload-2", "kfacperf-workload-1", r"layers\[1\]\.kind': 'batchnorm' is "
+                                                      "not one of"),
+    ],
+)
+def test_batchnorm_strict_errors(tmp_path: Path, old: str, new: str, pattern: str) -> None:
+    text = save_workload_model(with_batchnorm(), tmp_path / "w.toml").read_text()
+    with pytest.raises(ValueError, match=pattern):
+        load_workload_model(_edit(tmp_path, text, old, new))
 
 
 def test_unparsable_toml_names_file(tmp_path: Path) -> None:

@@ -228,6 +228,22 @@ def test_cli_table_json_and_files(tmp_path, capsys):
     assert rows[-1]["grad_worker_fraction"] == pytest.approx(1 / 16)
 
 
+def test_cli_fisher_blocks_and_mc(capsys):
+    common = ["--workload", "resnet20", "--device", "h100", "--cluster", "dgx-h100-ndr",
+              "--strategy", "sgd,spngd", "--gpus", "1", "--json", "--no-events"]
+    rows = {}
+    for extra in ((), ("--bn-blocks", "unit"), ("--bn-blocks", "unit", "--fisher", "mc")):
+        rc, stdout, stderr = _cli(capsys, *common, *extra)
+        assert rc == 0, stderr
+        rows[extra] = {r["strategy"]: r["step_us"] for r in json.loads(stdout)}
+    plain, unit, mc = rows.values()
+    assert plain["sgd"] == unit["sgd"] == mc["sgd"]  # no Fisher blocks, no factor steps
+    assert plain["spngd"] < unit["spngd"] < mc["spngd"]
+    rc, _, stderr = _cli(capsys, "--workload", "mlp", "--device", "h100", "--cluster",
+                         "dgx-h100-ndr", "--gpus", "1", "--bn-blocks", "full")
+    assert rc == 2 and "has no batchnorm layers" in stderr and stderr.count("\n") == 1
+
+
 def test_cli_never_imports_torch():
     code = ("import sys; from kfacperf.cli import main; "
             "rc = main(['simulate', '--workload', 'resnet20', '--device', 'h100', '--cluster', "

@@ -156,6 +156,26 @@ def test_calibration_recovers_the_capture_overhead(synth) -> None:
     assert sgd_only.device.capture_overhead == {}
 
 
+def test_prediction_takes_fisher_blocks_and_fisher_from_run_json(synth) -> None:
+    """A run recorded with bn_blocks/fisher is simulated with them; one recorded before they
+    existed (no keys) as with the defaults."""
+    _, cluster = truth_models()
+    cal = calibrate([synth["p1"]], cluster=cluster)
+    base = run_json("r", strategy="spngd", world=2, batch=16, workload="resnet20")
+    old = {k: v for k, v in base.items() if k not in ("bn_blocks", "fisher")}
+    for options in ({}, {"bn_blocks": "unit"}, {"bn_blocks": "full", "fisher": "mc"}):
+        got = predict(base | options, cal)
+        want = simulate("resnet20", cal.device, cluster, ["spngd"], gpus=[2], batch_per_gpu=16,
+                        threads_per_rank=1, **options).summary.iloc[0]
+        assert got.step_us["inverse"] == pytest.approx(float(want["inverse_step_us"]),
+                                                       rel=1e-12), options
+    assert predict(old, cal).step_us == predict(base | {"bn_blocks": "none"}, cal).step_us
+    # mc: the capturing backward (1.25x, the truth's capture overhead) and a plain one
+    mc = predict(base | {"fisher": "mc"}, cal).stage_us["inverse"][S.BACKWARD]
+    assert mc / predict(base, cal).stage_us["inverse"][S.BACKWARD] == pytest.approx(
+        2.25 / 1.25, rel=1e-3)
+
+
 def test_measured_times_scaled_give_the_closed_form_error(synth, tmp_path) -> None:
     _, cluster = truth_models()
     slow = synth_trace(tmp_path, "slow", scale=1.25, strategy="spngd", world=2, batch=16)

@@ -1,6 +1,7 @@
 """Run a workload with an optimizer and strategy on 1..N processes and write a trace.
 
-  kfacperf profile --workload resnet20 --strategy spngd --nproc 2 --out traces/r20-spngd-p2
+  kfacperf profile --workload resnet20 --strategy spngd --nproc 2 --steps 20
+  kfacperf profile --workload resnet20 --strategy spngd --bn-blocks unit --fisher mc
   kfacperf profile --workload my_model.py:build --workload-option width=256 --nproc 2
   kfacperf profile --workload mypackage.models:build --optimizer sgd --batch-size 64
 
@@ -8,6 +9,10 @@ Starts the ranks itself (torchrun-compatible; pass --nnodes/--node-rank/--rdzv-e
 run the same command on every node for a multi-node job), or runs as one rank when started
 under torchrun.  Writes TRACE_DIR/run.json + events.parquet (+ telemetry.parquet on a GPU)
 and prints the per-stage summary.  --batch-size is per rank.
+
+The second example is SP-NGD's 1mc + unitBN: BatchNorm layers as 2x2-per-channel Fisher
+blocks, the statistics from one extra backward of sampled labels (a second ``backward`` row,
+layer ``mc_fisher``, on factor steps).
 
 Your own model: --workload FILE.py:FUNC or package.module:FUNC names a function that
 FUNC(**options) (options from --workload-option) calls; it returns a kfacperf Workload, or
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kfacperf import vocab
 from kfacperf.cli.commands import key_value
 
 
@@ -81,6 +87,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     k.add_argument("--comm-dtype", choices=COMM_DTYPES, default="fp32")
     k.add_argument("--symmetric", action="store_true", help="upper-triangle factor packing")
     k.add_argument("--bucket-cap-mb", type=float, default=25.0)
+    k.add_argument("--bn-blocks", choices=vocab.BN_BLOCKS, default=vocab.BN_NONE,
+                   help="BatchNorm layers as Fisher blocks: none (left to SGD), unit (2x2 per "
+                        "channel, SP-NGD's unitBN) or full (2Cx2C, fullBN)")
+    k.add_argument("--fisher", choices=vocab.FISHER_TYPES, default=vocab.FISHER_EMP,
+                   help="emp: statistics from the true labels' backward; mc: from one extra "
+                        "backward of labels sampled from the model (SP-NGD's 1mc)")
     m = parser.add_argument_group("multi-node (passed to torchrun)")
     m.add_argument("--nnodes", default="1")
     m.add_argument("--node-rank", type=int, default=0)
@@ -106,6 +118,7 @@ def build_config(args: argparse.Namespace):  # -> ProfileConfig
         factor_decay=args.factor_decay, kl_clip=args.kl_clip,
         grad_worker_fraction=args.grad_worker_fraction, fused=args.fused,
         comm_dtype=args.comm_dtype, symmetric=args.symmetric, bucket_cap_mb=args.bucket_cap_mb,
+        bn_blocks=args.bn_blocks, fisher=args.fisher,
         telemetry_interval_s=args.telemetry_interval, nnodes=str(args.nnodes),
         node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id,
         command=command_line(),

@@ -11,6 +11,12 @@ Models are preset names (``models/<kind>/<name>.toml``) or paths to TOML files. 
 Strategies: ``sgd``, ``spngd``, ``kaisa`` (f from --grad-worker-fraction), ``kaisa:0.5``,
 ``kaisa:1/8``, ``kaisa:mem-opt`` (f = 1/P at every P), ``kaisa:comm-opt``.  What-if flags
 override single values of the models.
+
+SP-NGD's Fisher variants (emp/1mc x unitBN/fullBN; see docs/fisher-blocks.md)::
+
+    kfacperf simulate --workload resnet50 --device v100 --cluster abci-v100 --strategy spngd \
+        --gpus 1-1024 --factor-interval 1 --inverse-interval 1 --inverse-method cholesky \
+        --bn-blocks unit --fisher mc
 """
 from __future__ import annotations
 
@@ -18,6 +24,8 @@ import argparse
 import json
 import math
 from typing import Any
+
+from kfacperf import vocab
 
 
 def parse_gpus(text: str) -> list[int]:
@@ -88,6 +96,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--inverse-method", choices=INVERSE_METHODS, default="eigen")
     r.add_argument("--bucket-mb", type=float, default=25.0,
                    help="gradient (DDP) and factor bucket size in MB (default 25)")
+    r.add_argument("--bn-blocks", choices=vocab.BN_BLOCKS, default=vocab.BN_NONE,
+                   help="BatchNorm layers as Fisher blocks: none (default), unit (2x2 per "
+                        "channel, SP-NGD's unitBN) or full (2Cx2C, fullBN)")
+    r.add_argument("--fisher", choices=vocab.FISHER_TYPES, default=vocab.FISHER_EMP,
+                   help="emp (default) or mc: one extra backward on factor steps (SP-NGD's "
+                        "1mc)")
     w = parser.add_argument_group("what-if overrides")
     w.add_argument("--bandwidth-scale", type=float, help="multiply every link bandwidth")
     w.add_argument("--latency-scale", type=float, help="multiply every link latency (alpha)")
@@ -110,6 +124,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"inverse_method": args.inverse_method}
+    if args.bn_blocks != vocab.BN_NONE:
+        out["bn_blocks"] = args.bn_blocks
+    if args.fisher != vocab.FISHER_EMP:
+        out["fisher"] = args.fisher
     pairs = (("bandwidth_scale", "bandwidth_scale"), ("latency_scale", "alpha_scale"),
              ("compute_scale", "compute_scale"), ("comm_dtype", "comm_dtype"),
              ("dtype", "dtype"), ("v_form", "v_form"), ("threads_per_rank", "threads_per_rank"))

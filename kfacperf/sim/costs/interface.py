@@ -2,8 +2,8 @@
 
 :class:`kfacperf.sim.costs.model.CostModel` is the implementation built from a workload, a
 device and a cluster model; the simulator's tests give tables instead.  Everything the step
-graphs and the engine need passes through here: the time of each compute stage per layer or
-for the whole model, its FLOPs, the factor steps' capture overhead, the host work between
+graphs and the engine need passes through here: which Fisher blocks there are and how the
+Fisher is estimated, the time of each compute stage per layer or for the whole model, its FLOPs, the factor steps' capture overhead, the host work between
 stages, each collective's time, the host's delays, and the model for another GPU count.
 """
 from __future__ import annotations
@@ -21,6 +21,17 @@ class StepCosts(Protocol):
     @property
     def options(self) -> Hashable:
         """Models with equal options give equal times (the simulator shares their caches)."""
+        ...
+
+    @property
+    def bn_blocks(self) -> str:
+        """BatchNorm layers as Fisher blocks: ``none``, ``unit`` or ``full``
+        (:data:`kfacperf.vocab.BN_BLOCKS`)."""
+        ...
+
+    @property
+    def fisher(self) -> str:
+        """``emp``, or ``mc``: factor steps run the Monte-Carlo backward."""
         ...
 
     @property

@@ -6,12 +6,19 @@ A cost model (:class:`kfacperf.sim.costs.interface.StepCosts`) answers
 ``compute_us(stage, layer | None, batch=..., workload=...)``; the whole-model forward and
 backward (``layer=None``) include work outside the K-FAC layers, so the per-layer shares are
 rescaled to add up to exactly the whole-model time.
+
+The layers are the workload's Fisher blocks under the cost model's ``bn_blocks``
+(:meth:`~kfacperf.sim.models.workload.WorkloadModel.fisher_layers`: with "unit" or "full" the
+BatchNorm layers too, in forward order, and their parameters are no longer "other"
+parameters); the cost model's ``fisher`` says whether factor steps run the Monte-Carlo
+backward.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from kfacperf import vocab as S
+from kfacperf.sim.costs.blocks import block_form
 from kfacperf.sim.costs.interface import StepCosts
 from kfacperf.sim.graphs.strategies.common import LayerCosts
 from kfacperf.sim.models.workload import LayerModel, WorkloadModel
@@ -34,7 +41,12 @@ def layer_costs(cost: StepCosts, workload: WorkloadModel, *, batch: int) -> Laye
     """Stage times (us) and shapes of ``workload``'s K-FAC layers at ``batch`` per GPU."""
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch per GPU must be a positive integer, got {batch!r}")
-    layers = workload.layers
+    bn_blocks = cost.bn_blocks
+    if bn_blocks == S.BN_NONE:
+        layers, other_params = workload.layers, workload.other_params
+    else:
+        layers = workload.fisher_layers(bn_blocks)
+        other_params = workload.other_params_with(bn_blocks)
 
     def per_layer(stage: str) -> list[float]:
         return [_check(stage, cost.compute_us(stage, l, batch=batch, workload=workload))
@@ -66,7 +78,10 @@ def layer_costs(cost: StepCosts, workload: WorkloadModel, *, batch: int) -> Laye
         inverse_flops=tuple(flops_of(S.INVERSE, l) for l in layers),
         precond_flops=tuple(flops_of(S.PRECONDITION, l) for l in layers),
         dim_a=tuple(l.dim_a for l in layers), dim_g=tuple(l.dim_g for l in layers),
-        other_params=int(workload.other_params),
+        other_params=int(other_params),
         fwd_capture=fwd_capture, bwd_capture=bwd_capture,
         grad_load=grad_load, grad_write=grad_write,
+        forms=tuple(block_form(l.kind, bn_blocks) for l in layers)
+        if bn_blocks != S.BN_NONE else (),
+        mc_fisher=cost.fisher == S.FISHER_MC,
     )

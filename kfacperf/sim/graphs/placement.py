@@ -2,7 +2,9 @@
 placement rule, used by the real optimizer (:mod:`kfacperf.kfac.assignment`, which adds the
 layers' names and the communication groups) and by the simulator.  Torch-free.
 
-Every layer costs ``dim_a**3 + dim_g**3``; layers are taken largest cost first (ties in
+Every layer costs ``dim_a**3 + dim_g**3`` (a Fisher block of another form, e.g. a BatchNorm
+layer's, ``count * n**3`` over the stacks of matrices it inverts: :func:`blocks_cost`); layers
+are taken largest cost first (ties in
 forward order); each goes to the least-loaded bin (ties to the lowest index): the greedy
 *longest-processing-time-first* rule (LPT, within 4/3 of the optimal makespan; Graham,
 1969).  KAISA first picks the least-loaded grad-worker *column* ``{i, i + P/gw, ...}``,
@@ -26,6 +28,15 @@ def layer_cost(dim_a: int, dim_g: int) -> int:
     if dim_a < 1 or dim_g < 1:
         raise ValueError(f"factor dimensions must be >= 1, got dim_a={dim_a}, dim_g={dim_g}")
     return dim_a**3 + dim_g**3
+
+
+def blocks_cost(blocks: Sequence[tuple[int, int]]) -> int:
+    """The load-balancing cost of inverting ``count`` symmetric ``n x n`` matrices per
+    ``(n, count)``: ``sum(count * n**3)`` (a Kronecker-factored layer's is
+    :func:`layer_cost`, the blocks ``(dim_a, 1), (dim_g, 1)``)."""
+    if not blocks or any(n < 1 or count < 1 for n, count in blocks):
+        raise ValueError(f"blocks must be (n >= 1, count >= 1) pairs, got {list(blocks)}")
+    return sum(count * n**3 for n, count in blocks)
 
 
 def lpt_order(costs: Sequence[float]) -> list[int]:

@@ -43,9 +43,8 @@ from kfacperf.sim.models.device import (
 )
 from kfacperf.sim.models.host import DEDICATED, HostDelays, HostModel
 from kfacperf.sim.models.presets import list_presets, models_dir, resolve
-from kfacperf.sim.models.workload import (
-    LayerModel,
-    WorkloadModel,
+from kfacperf.sim.models.workload import LayerModel, WorkloadModel
+from kfacperf.sim.models.workload_file import (
     load_workload_model,
     save_workload_model,
     workload_model_from_description,
