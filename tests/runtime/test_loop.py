@@ -122,6 +122,8 @@ def test_misuse_is_a_clear_error(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(TypeError, match="unknown setting.*lr, momentum and weight_decay come"):
         kfacperf.instrument(model, opt, out=tmp_path / "a", lr=0.1)
+    with pytest.raises(ValueError, match="only the empirical Fisher"):
+        kfacperf.instrument(model, opt, out=tmp_path / "a", fisher="mc")
     with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
         kfacperf.instrument(model, "sgd", out=tmp_path / "a")
     (tmp_path / "full").mkdir()
