@@ -61,8 +61,8 @@ from kfacperf.runtime.settings import OptimizerSettings
 
 def instrument(model: nn.Module, optimizer: torch.optim.Optimizer, *, out: str | Path,
                strategy: str | None = None, name: str | None = None, warmup: int = 0,
-               batch_size: int | None = None, force: bool = False, isolate: bool = False,
-               keep_heap: bool = True, timeout_s: float = 60.0,
+               batch_size: int | None = None, precision: str = "fp32", force: bool = False,
+               isolate: bool = False, keep_heap: bool = True, timeout_s: float = 60.0,
                telemetry_interval_s: float = 0.1, **settings: Any) -> InstrumentedLoop:
     """Instrument a training loop of ``model`` and ``optimizer``; see the module docstring.
 
@@ -73,6 +73,9 @@ def instrument(model: nn.Module, optimizer: torch.optim.Optimizer, *, out: str |
         name: the workload's name in the trace (default: the model's class name).
         warmup: the first steps, recorded but left out of summaries and fits.
         batch_size: examples per rank per step (default: the first input's first dimension).
+        precision: what the loop computes in (``fp32``, ``tf32``, ``bf16`` under autocast;
+            :mod:`kfacperf.precision`), recorded for the simulator with torch's TF32
+            switches as they are; kfacperf changes neither.
         isolate: synchronise around every stage, so each is measured alone.
         keep_heap: keep freed memory in the process (:mod:`kfacperf.runtime.heap`).
         settings: K-FAC settings (``damping``, ``factor_interval``, ``inverse_interval``,
@@ -82,7 +85,8 @@ def instrument(model: nn.Module, optimizer: torch.optim.Optimizer, *, out: str |
             function, which the loop keeps to itself).
     """
     return InstrumentedLoop(model, optimizer, out=out, strategy=strategy, name=name,
-                            warmup=warmup, batch_size=batch_size, force=force, isolate=isolate,
+                            warmup=warmup, batch_size=batch_size, precision=precision,
+                            force=force, isolate=isolate,
                             keep_heap=keep_heap, timeout_s=timeout_s,
                             telemetry_interval_s=telemetry_interval_s, settings=settings)
 
@@ -92,7 +96,7 @@ class InstrumentedLoop:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, out: str | Path,
                  strategy: str | None, name: str | None, warmup: int, batch_size: int | None,
-                 force: bool, isolate: bool, keep_heap: bool, timeout_s: float,
+                 precision: str, force: bool, isolate: bool, keep_heap: bool, timeout_s: float,
                  telemetry_interval_s: float, settings: Mapping[str, Any]) -> None:
         from kfacperf.runtime import heap
         from kfacperf.runtime.recording import TraceRecorder
@@ -116,6 +120,7 @@ class InstrumentedLoop:
             nproc=info.world_size, threads_per_rank=torch.get_num_threads(), isolate=isolate,
             keep_heap=keep_heap, timeout_s=timeout_s, device=device.type,
             telemetry_interval_s=telemetry_interval_s, command=command_line(),
+            precision=precision,
             lr=float(group.get("lr", 0.0)), momentum=float(group.get("momentum", 0.0) or 0.0),
             weight_decay=float(group.get("weight_decay", 0.0) or 0.0), **settings,
         )

@@ -49,6 +49,7 @@ class TraceRecorder:
                  batch_per_rank: int | None, run_extra: Mapping[str, Any] | None = None) -> None:
         import torch.distributed as dist
 
+        from kfacperf import precision
         from kfacperf.profiler.stage_timer import StageTimer
         from kfacperf.profiler.telemetry import TelemetrySampler, device_info
         from kfacperf.trace import parts as trace_parts
@@ -68,6 +69,7 @@ class TraceRecorder:
                 config, world_size=self.world, batch_per_rank=batch_per_rank, device=dev_info,
                 backend=info.backend, heap=heap_policy,
                 timing="cuda_events" if cuda else "perf_counter_ns",
+                precision_flags=precision.run_flags(config.precision),
                 clock="per-rank perf_counter_ns; time 0 right after a barrier at the start",
                 **({"start_time": prior["start_time"]} if "start_time" in prior else {}),
                 **dict(run_extra or {}),

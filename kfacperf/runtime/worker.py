@@ -42,6 +42,7 @@ def run_worker(config: ProfileConfig) -> None:
     """Run this rank's share of the profile described by ``config``."""
     import torch
 
+    from kfacperf import precision
     from kfacperf.runtime import distributed, heap
 
     heap_policy = heap.keep_heap() if config.keep_heap else heap.DEFAULT
@@ -50,7 +51,8 @@ def run_worker(config: ProfileConfig) -> None:
     info = distributed.init_distributed(backend=backend, timeout_s=config.timeout_s)
     run_dir = Path(config.out)
     try:
-        _train(config, info, run_dir, heap_policy)
+        with precision.float32_math(config.precision):  # restored after: in-process runs
+            _train(config, info, run_dir, heap_policy)
     except BaseException:
         try:
             write_error_report(run_dir, info.rank)
@@ -61,6 +63,7 @@ def run_worker(config: ProfileConfig) -> None:
 
 
 def _train(config: ProfileConfig, info: Any, run_dir: Path, heap_policy: str) -> None:
+    from kfacperf import precision
     from kfacperf.runtime.heap import minor_faults
     from kfacperf.runtime.recording import TraceRecorder
     from kfacperf.runtime.training import TrainConfig, Trainer
@@ -83,7 +86,8 @@ def _train(config: ProfileConfig, info: Any, run_dir: Path, heap_policy: str) ->
     timer = recorder.timer
     trainer = Trainer(model, loss_fn=workload.loss_fn,
                       config=TrainConfig(**config.train_config_kwargs()), timer=timer,
-                      seed=config.seed)
+                      seed=config.seed,
+                      autocast_dtype=precision.autocast_dtype(config.precision))
     crash_after = _crash_point(rank)
     total = config.total_steps
     last_print = 0.0
