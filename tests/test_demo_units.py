@@ -47,6 +47,18 @@ def test_quick_config_is_small_and_keeps_overrides():
     assert q.nprocs == (1, 2) and q.profiled_strategies == ("sgd", "spngd")
 
 
+def test_the_users_own_model_gets_an_absolute_reference_and_file_safe_names(tmp_path,
+                                                                          monkeypatch):
+    from kfacperf.pipeline.config import DemoPaths
+
+    monkeypatch.chdir(tmp_path)
+    config = DemoConfig(workload="nets/my_net.py:build")
+    assert config.workload == f"{tmp_path}/nets/my_net.py:build"
+    paths = DemoPaths(root=tmp_path / "demo")
+    assert paths.trace(config.workload, "spngd", 2) == tmp_path / "demo/traces/my_net-build-spngd-p2"
+    assert paths.local_prediction(config.workload).name == "my_net-build-local"
+
+
 def test_out_inside_models_and_bad_presets_fail_before_anything_runs(tmp_path, monkeypatch):
     models = tmp_path / "models"
     models.mkdir()

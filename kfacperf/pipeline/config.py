@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from kfacperf import vocab as S
+from kfacperf import workload_ref
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -89,6 +90,8 @@ class DemoConfig:
 
         if not isinstance(self.workload, str) or not self.workload:
             raise ValueError(f"demo: workload must be a name, got {self.workload!r}")
+        if workload_ref.is_reference(self.workload):  # the user's own model: FILE.py:FUNC
+            object.__setattr__(self, "workload", workload_ref.absolute(self.workload))
         if not self.strategies:
             raise ValueError("demo: give at least one K-FAC strategy "
                              f"({', '.join(KFAC_STRATEGIES)})")
@@ -208,7 +211,7 @@ class DemoPaths:
         return self.root / "validation.json"
 
     def trace(self, workload: str, strategy: str, nproc: int) -> Path:
-        return self.traces / f"{workload}-{strategy}-p{nproc}"
+        return self.traces / f"{workload_ref.label(workload)}-{strategy}-p{nproc}"
 
     def device_model(self) -> Path:
         return self.models / "devices" / "local-cpu.toml"
@@ -220,7 +223,7 @@ class DemoPaths:
         return self.models / "workloads"
 
     def local_prediction(self, workload: str) -> Path:
-        return self.predictions / f"{workload}-local"
+        return self.predictions / f"{workload_ref.label(workload)}-local"
 
     def scale_prediction(self, workload: str, cluster: str, suffix: str = "") -> Path:
         return self.predictions / f"{workload}-{cluster}{suffix}"

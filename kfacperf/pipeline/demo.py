@@ -25,6 +25,7 @@ import shlex
 from pathlib import Path
 from typing import Any, TextIO
 
+from kfacperf import workload_ref
 from kfacperf.pipeline.config import SCALE_STRATEGIES, DemoConfig, DemoPaths
 from kfacperf.pipeline.headline import (
     DemoResult,
@@ -110,18 +111,32 @@ def _commbench(config: DemoConfig, paths: DemoPaths) -> Any:
 def _workload_models(config: DemoConfig, paths: DemoPaths) -> Path:
     """A folder to search for the profiled workload's simulator model: a committed model is
     used when one matches the workload's options, else one is generated into it."""
-    from kfacperf.sim.models import save_workload_model, workload_for_run
+    from kfacperf.sim.models import save_workload_model
 
     folder = paths.workload_models()
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        workload_for_run(config.workload, dict(config.workload_options), search=[folder])
+        _workload_model(config, folder)
     except ValueError:
         from kfacperf.workloads.workload_model import build_workload_model
 
         model = build_workload_model(config.workload, dict(config.workload_options))
-        save_workload_model(model, folder / f"{config.workload}.toml")
+        save_workload_model(model, folder / f"{workload_ref.label(config.workload)}.toml")
     return folder
+
+
+def _workload_model(config: DemoConfig, folder: Path) -> Any:
+    """The workload model of the profiled workload, among ``folder`` and the presets (a
+    factory reference's must have been made from the same file)."""
+    from kfacperf.sim.models import workload_for_run
+
+    fingerprint = ""
+    if workload_ref.is_reference(config.workload):
+        from kfacperf.workloads.user import factory_fingerprint
+
+        fingerprint = factory_fingerprint(config.workload)
+    return workload_for_run(config.workload, dict(config.workload_options), search=[folder],
+                            fingerprint=fingerprint)
 
 
 def _calibrate(config: DemoConfig, paths: DemoPaths, traces: list[Any], cluster: Any) -> Any:
@@ -140,7 +155,6 @@ def _predict(config: DemoConfig, paths: DemoPaths, calibration_traces: list[Any]
              held_out: list[Any], cal: Any) -> tuple[Any, Any]:
     """Predict the held-out runs from the calibration runs (:func:`kfacperf.validation.validate`,
     which refits on them alone), and simulate every local run's setting for the report."""
-    from kfacperf.sim.models import workload_for_run
     from kfacperf.sim.prediction import write_prediction
     from kfacperf.sim.sweep import simulate
     from kfacperf.validation import validate
@@ -149,7 +163,7 @@ def _predict(config: DemoConfig, paths: DemoPaths, calibration_traces: list[Any]
     result = validate(calibration_traces, held_out, cluster=cal.cluster,
                       workload_search=[str(folder)], device_name="local-cpu")
     run = calibration_traces[-1].run  # a K-FAC run: its intervals and options
-    workload = workload_for_run(config.workload, dict(config.workload_options), search=[folder])
+    workload = _workload_model(config, folder)
     cap = float(run.get("bucket_cap_mb") or 25.0)
     pred = simulate(
         workload, cal.device, cal.cluster, list(config.profiled_strategies),

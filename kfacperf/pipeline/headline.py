@@ -205,20 +205,22 @@ def format_result(result: DemoResult) -> str:
                  f"rank, K-FAC factor/inverse interval {fi}/{ii}")
     lines.append(f"measured step time (of {result.steps} steps, the median per kind of step, "
                  "weighted by the mix):")
-    lines.append(f"  {'run':<20}{'procs':>5}{'step':>13}{'K-FAC/SGD':>11}")
+    w = max([20, *(len(r.name) + 1 for r in result.runs),
+             *(len(h.name) + 1 for h in result.held_out)])  # run names of a user's model
+    lines.append(f"  {'run':<{w}}{'procs':>5}{'step':>13}{'K-FAC/SGD':>11}")
     for r in result.runs:
         over = "" if r.strategy == "sgd" else f"{_x(r.measured_overhead):>11}"
-        lines.append(f"  {r.name:<20}{r.nproc:>5}{_ms(r.measured_step_us):>13}{over}")
+        lines.append(f"  {r.name:<{w}}{r.nproc:>5}{_ms(r.measured_step_us):>13}{over}")
     if result.held_out:
         lines.append("")
         lines.append("held-out runs predicted from the 1-process calibration and commbench "
                      "(as kfacperf validate):")
-        lines.append(f"  {'run':<20}{'measured':>13}{'predicted':>13}{'error':>9}"
+        lines.append(f"  {'run':<{w}}{'measured':>13}{'predicted':>13}{'error':>9}"
                      "   worst stage (>5% of the step)")
         for h in result.held_out:
             worst = (f"{h.worst_stage} {_pct(h.worst_stage_error_pct)}" if h.worst_stage
                      else "-")
-            lines.append(f"  {h.name:<20}{_ms(h.measured_step_us):>13}"
+            lines.append(f"  {h.name:<{w}}{_ms(h.measured_step_us):>13}"
                          f"{_ms(h.predicted_step_us):>13}{_pct(h.error_pct):>9}   {worst}")
         errs = [abs(h.error_pct) for h in result.held_out if math.isfinite(h.error_pct)]
         if errs:

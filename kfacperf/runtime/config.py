@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from kfacperf import vocab as S
+from kfacperf import workload_ref
 from kfacperf.precision import DEFAULT_PRECISION, PRECISIONS
 from kfacperf.runtime.settings import OptimizerSettings
 
@@ -28,7 +29,12 @@ EXIT_CRASH = "exit"
 
 @dataclass(frozen=True, kw_only=True)
 class ProfileConfig(OptimizerSettings):
-    """Settings of one ``kfacperf profile`` run; ``batch_size`` is per rank."""
+    """Settings of one ``kfacperf profile`` run; ``batch_size`` is per rank.
+
+    ``workload`` is a registry name or a factory reference (``FILE.py:FUNC``,
+    ``package.module:FUNC``); a file's path is made absolute here, so every rank and every
+    later reader of ``run.json`` finds the same file.
+    """
 
     workload: str
     out: str
@@ -57,6 +63,8 @@ class ProfileConfig(OptimizerSettings):
         def bad(key: str, why: str) -> ValueError:
             return ValueError(f"--{key.replace('_', '-')} {why}, got {getattr(self, key)!r}")
 
+        if workload_ref.is_reference(self.workload):
+            object.__setattr__(self, "workload", workload_ref.absolute(self.workload))
         S.check_choice("optimizer", self.optimizer, S.OPTIMIZERS)
         strategy = S.check_choice("strategy", self.resolved_strategy, S.PROFILE_STRATEGIES)
         if self.optimizer == "sgd" and strategy != "sgd":

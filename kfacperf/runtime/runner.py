@@ -24,13 +24,14 @@ from pathlib import Path
 
 from kfacperf.runtime.config import ProfileConfig, run_record
 from kfacperf.runtime.net import free_port
-from kfacperf.trace.schema import EVENTS_FILE, PARTS_DIR, RUN_FILE, TELEMETRY_FILE
+from kfacperf.trace.schema import EVENTS_FILE, PARTS_DIR, RUN_FILE, TELEMETRY_FILE, WORKLOAD_FILE
 from kfacperf.trace.store import Trace, load_trace, write_run
 from kfacperf.vocab import STEP
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 PREPARED_ENV = "KFACPERF_OUT_PREPARED"
-_TRACE_FILES = (RUN_FILE, EVENTS_FILE, TELEMETRY_FILE, RUN_FILE + ".tmp", EVENTS_FILE + ".tmp")
+_TRACE_FILES = (RUN_FILE, EVENTS_FILE, TELEMETRY_FILE, WORKLOAD_FILE, RUN_FILE + ".tmp",
+                EVENTS_FILE + ".tmp")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -179,7 +180,7 @@ def _in_process(config: ProfileConfig, out: Path) -> ProfileOutcome:
 
 def _failed(config: ProfileConfig, out: Path, why: str) -> ProfileOutcome:
     """Say what failed, which ranks stopped where, and what the trace still holds."""
-    from kfacperf.runtime.worker import error_path
+    from kfacperf.runtime.recording import error_path
 
     lines = [f"the run failed ({why})."]
     errors = sorted((out / PARTS_DIR).glob("error-rank*.txt"))

@@ -18,11 +18,15 @@ between forward and backward, timed as a second ``backward`` row whose ``layer``
 ``"mc_fisher"`` (:data:`kfacperf.vocab.MC_FISHER_PASS`); the statistics (``factor_compute``
 rows) are nested in that row, not in the true backward.  After :meth:`Trainer.train_step`
 returns, each parameter's ``.grad`` holds the update direction the optimizer used.
+
+The first-order optimizer is SGD with the config's settings unless the caller passes its
+own (a training loop instrumented by :func:`kfacperf.instrument` does); K-FAC's KL clipping
+then reads the learning rate from that optimizer at every step, so a schedule is followed.
 """
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -85,11 +89,12 @@ class Trainer:
         self,
         model: nn.Module,
         *,
-        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None,
         config: TrainConfig,
         timer: Timer = NULL_TIMER,
         seed: int = 0,
         autocast_dtype: torch.dtype | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         self.config = config
         self.timer = timer
@@ -110,12 +115,18 @@ class Trainer:
                      device=self.info.device)
             if use_ddp else model
         )
+        self.optimizer = optimizer if optimizer is not None else torch.optim.SGD(
+            model.parameters(), lr=config.lr, momentum=config.momentum,
+            weight_decay=config.weight_decay,
+        )
         self.preconditioner: KFACPreconditioner | None = None
         if config.optimizer == "kfac":
+            first_order = self.optimizer
             self.preconditioner = KFACPreconditioner(
                 self.net,
                 damping=config.damping,
-                lr=config.lr,
+                lr=config.lr if optimizer is None
+                else (lambda _step: first_order.param_groups[0]["lr"]),
                 factor_interval=config.factor_interval,
                 inverse_interval=config.inverse_interval,
                 inverse_method=config.inverse_method,
@@ -128,13 +139,13 @@ class Trainer:
             )
         self.mc_fisher: MonteCarloFisher | None = None
         if self.preconditioner is not None and config.fisher == stages.FISHER_MC:
+            if loss_fn is None:
+                raise ValueError("the Monte-Carlo Fisher needs the loss function (its extra "
+                                 "backward pass samples labels from the outputs); give "
+                                 "loss_fn, or use the empirical Fisher")
             self.mc_fisher = MonteCarloFisher(loss_fn, params=model.parameters(), seed=seed,
                                               rank=self.info.rank,
                                               world_size=self.info.world_size)
-        self.optimizer = torch.optim.SGD(
-            model.parameters(), lr=config.lr, momentum=config.momentum,
-            weight_decay=config.weight_decay,
-        )
         self.steps = 0
 
     def train_step(self, inputs: Tensor, targets: Tensor) -> Tensor:
@@ -143,18 +154,35 @@ class Trainer:
         On several ranks, a collective that fails (a peer died, or did not answer within
         the process-group timeout) raises :class:`~kfacperf.kfac.comm.CollectiveError`.
         """
-        try:
+        with self.collective_errors(self.steps):
             return self._step(inputs, targets)
+
+    @contextlib.contextmanager
+    def collective_errors(self, step: int) -> Iterator[None]:
+        """Turn a failed collective (a peer died, or did not answer within the process-group
+        timeout) into a :class:`~kfacperf.kfac.comm.CollectiveError` naming ``step``."""
+        try:
+            yield
         except CollectiveError:
             raise
         except RuntimeError as exc:
             if self.info.world_size > 1 and looks_like_collective_failure(exc):
                 raise CollectiveError(
-                    collective_failure_message(f"in training step {self.steps}", exc)
+                    collective_failure_message(f"in training step {step}", exc)
                 ) from exc
             raise
 
+    def update(self) -> None:
+        """The step after backward: the preconditioner's stages (K-FAC), then ``update``
+        (``optimizer.step()``)."""
+        if self.preconditioner is not None:
+            self.preconditioner.step()
+        with self.timer.stage(stages.UPDATE):
+            self.optimizer.step()
+
     def _step(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        if self.loss_fn is None:
+            raise ValueError("Trainer.train_step needs a loss_fn")
         timer = self.timer
         timer.step_begin(self.steps)
         pc = self.preconditioner
@@ -167,10 +195,7 @@ class Trainer:
         with timer.stage(stages.BACKWARD):
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-        if pc is not None:
-            pc.step()
-        with timer.stage(stages.UPDATE):
-            self.optimizer.step()
+        self.update()
         timer.step_end()
         self.steps += 1
         return loss.detach()

@@ -2,31 +2,28 @@
 
 Started by ``torchrun`` (``python -m kfacperf.runtime.worker CONFIG_JSON``), by
 ``kfacperf profile`` itself for one process, or by ``kfacperf profile`` run under a
-user's own ``torchrun``.  Rank 0 writes ``run.json``; every rank appends its events (and, on a
-GPU, telemetry) to its part files, flushed every step; at the end rank 0 compacts them
-(collecting the parts of ranks on other hosts over the process group) and marks the run
-completed.  A rank that fails leaves ``parts/error-rank<R>.txt`` with its traceback.
+user's own ``torchrun``.  The trace side (``run.json``, crash-safe per-rank parts, the stage
+timer, telemetry, compaction at the end) is :class:`kfacperf.runtime.recording.TraceRecorder`.
+A rank that fails leaves ``parts/error-rank<R>.txt`` with its traceback.  A workload given
+as a factory reference (``FILE.py:FUNC``) is checked to be the same file on every rank, and
+rank 0 writes its workload model into the trace (``workload.toml``), so the simulator and
+``kfacperf calibrate``/``validate`` find it there.
 """
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
-from kfacperf.runtime.config import CRASH_ENV, EXIT_CRASH, ProfileConfig, run_record
-from kfacperf.trace.schema import PARTS_DIR
-from kfacperf.trace.store import read_run, write_run
+from kfacperf.runtime.config import CRASH_ENV, EXIT_CRASH, ProfileConfig
+from kfacperf.runtime.recording import error_path, write_error_report
+
+__all__ = ["error_path", "main", "run_worker"]
 
 PROGRESS_EVERY_S = 2.0
 DATA_BATCHES = 4
-
-
-def error_path(run_dir: Path, rank: int) -> Path:
-    return run_dir / PARTS_DIR / f"error-rank{rank:05d}.txt"
 
 
 def _crash_point(rank: int) -> int | None:
@@ -58,9 +55,7 @@ def run_worker(config: ProfileConfig) -> None:
             _train(config, info, run_dir, heap_policy)
     except BaseException:
         try:
-            p = error_path(run_dir, info.rank)
-            p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_text(traceback.format_exc())
+            write_error_report(run_dir, info.rank)
         finally:
             raise
     finally:
@@ -68,52 +63,27 @@ def run_worker(config: ProfileConfig) -> None:
 
 
 def _train(config: ProfileConfig, info: Any, run_dir: Path, heap_policy: str) -> None:
-    import torch.distributed as dist
-
     from kfacperf import precision
-    from kfacperf.profiler.stage_timer import StageTimer
-    from kfacperf.profiler.telemetry import TelemetrySampler, device_info
     from kfacperf.runtime.heap import minor_faults
+    from kfacperf.runtime.recording import TraceRecorder
     from kfacperf.runtime.training import TrainConfig, Trainer
-    from kfacperf.trace import parts as trace_parts
     from kfacperf.workloads import get_workload
 
     rank, world, device = info.rank, info.world_size, info.device
     workload = get_workload(config.workload, **config.workload_options)
+    fingerprint = same_factory_everywhere(config.workload, world)
     batch = config.batch_size or workload.default_batch_size
     model = workload.build_model(seed=config.seed).to(device)
     # a few distinct batches made up front and cycled: making synthetic data (on the CPU)
     # between steps would leave a GPU idle and stretch the run for nothing
     batches = [workload.make_batch(batch, seed=config.seed, step=k * world + rank, device=device)
                for k in range(min(config.total_steps, DATA_BATCHES))]
-    (run_dir / PARTS_DIR).mkdir(parents=True, exist_ok=True)
-    token = _mark_parts(run_dir / PARTS_DIR, rank)
-    cuda = device.type == "cuda"
-    gpu_index = (device.index or 0) if cuda else None
-    dev_info = device_info(device_index=gpu_index)
-    if not cuda:
-        dev_info = dict(dev_info, torch_device="cpu")
-    if rank == 0:
-        prior = _prior_run(run_dir)
-        write_run(run_dir, run_record(
-            config, world_size=world, batch_per_rank=batch, device=dev_info,
-            backend=info.backend, heap=heap_policy, timing="cuda_events" if cuda else "perf_counter_ns",
-            precision_flags=precision.run_flags(config.precision),
-            clock="per-rank perf_counter_ns; time 0 right after a barrier at the start",
-            **({"start_time": prior["start_time"]} if "start_time" in prior else {}),
-        ))
-    events = trace_parts.event_appender(run_dir, rank)
-    tel_sink = trace_parts.telemetry_appender(run_dir, rank) if cuda else None
-    if world > 1:
-        dist.barrier()
-    origin = time.perf_counter_ns()
-    timer = StageTimer(rank=rank, sink=events, cuda=cuda, isolate=config.isolate,
-                       origin_ns=origin)
-    sampler = None
-    if tel_sink is not None:
-        sampler = TelemetrySampler(rank=rank, device_index=gpu_index or 0, sink=tel_sink,
-                                   origin_ns=origin, interval_s=config.telemetry_interval_s)
-        sampler.start()
+    if rank == 0 and fingerprint:
+        write_trace_workload_model(run_dir, config)
+    recorder = TraceRecorder(
+        config, info, device=device, heap_policy=heap_policy, batch_per_rank=batch,
+        run_extra={"workload_fingerprint": fingerprint} if fingerprint else None)
+    timer = recorder.timer
     trainer = Trainer(model, loss_fn=workload.loss_fn,
                       config=TrainConfig(**config.train_config_kwargs()), timer=timer,
                       seed=config.seed,
@@ -140,84 +110,43 @@ def _train(config: ProfileConfig, info: Any, run_dir: Path, heap_policy: str) ->
     faults = (minor_faults() - faults_before) / measured
     if rank == 0:
         _log(f"page faults per measured step (rank 0): {faults:.0f}")
-    timer.close()
-    if sampler is not None:
-        sampler.stop()
-    events.close()
-    if tel_sink is not None:
-        tel_sink.close()
-    _finish(config, rank, world, run_dir, token, faults_per_step=faults)
+    recorder.finish(faults_per_step=faults)
 
 
-def _prior_run(run_dir: Path) -> dict[str, Any]:
-    try:
-        return read_run(run_dir / "run.json")
-    except (OSError, ValueError):
-        return {}
+def same_factory_everywhere(workload: str, world: int) -> str:
+    """The fingerprint of a factory reference's file (``""`` for a registry workload),
+    checked to be the same on every rank: a node with another version of the file would
+    train another model."""
+    from kfacperf import workload_ref
 
+    if not workload_ref.is_reference(workload):
+        return ""
+    from kfacperf.workloads.user import factory_fingerprint
 
-def _id_path(parts: Path, rank: int) -> Path:
-    return parts / f"rank{rank:05d}.id"
-
-
-def _mark_parts(parts: Path, rank: int) -> str:
-    """Write a random token beside this rank's parts; rank 0 reading the same token back
-    later proves it sees this rank's files (one node, or a shared file system)."""
-    token = os.urandom(8).hex()
-    _id_path(parts, rank).write_text(token)
-    return token
-
-
-def _finish(config: ProfileConfig, rank: int, world: int, run_dir: Path, token: str, *,
-            faults_per_step: float = 0.0) -> None:
-    """Bring every rank's parts to rank 0 (ranks whose files rank 0 cannot see send them over
-    the process group), compact, mark the run completed (with rank 0's minor page faults
-    per measured step), clean up."""
-    import torch.distributed as dist
-
-    from kfacperf.trace import parts as trace_parts
-
-    parts = run_dir / PARTS_DIR
-    mine_elsewhere = False
+    mine = factory_fingerprint(workload)
     if world > 1:
-        tokens: list[Any] = [None] * world
-        dist.all_gather_object(tokens, token)
-        unseen: list[Any] = [None]
-        if rank == 0:
-            unseen[0] = [r for r, t in enumerate(tokens) if _read_token(parts, r) != t]
-        dist.broadcast_object_list(unseen, src=0)
-        mine_elsewhere = rank in unseen[0]
-        mine = None
-        if mine_elsewhere:
-            mine = {p.name: p.read_bytes() for p in parts.glob(f"*-rank{rank:05d}.arrows")}
-        received: list[Any] | None = [None] * world if rank == 0 else None
-        dist.gather_object(mine, received, dst=0)
-        for blobs in received or []:
-            for name, data in (blobs or {}).items():
-                (parts / name).write_bytes(data)
-    if rank == 0:
-        trace_parts.compact(run_dir, remove_parts=False)
-        run = read_run(run_dir / "run.json")
-        run.update(completed=True, end_time=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                   page_faults_per_step=round(faults_per_step, 1))
-        write_run(run_dir, run)
-        shutil.rmtree(parts, ignore_errors=True)
-    if world > 1:
-        dist.barrier()
-    if mine_elsewhere:  # this node's copy of the parts is no longer needed
-        for p in [*parts.glob(f"*-rank{rank:05d}.arrows"), _id_path(parts, rank)]:
-            p.unlink(missing_ok=True)
-        try:
-            parts.rmdir()
-        except OSError:
-            pass  # other ranks of this node still have files there
+        import torch.distributed as dist
+
+        every: list[Any] = [None] * world
+        dist.all_gather_object(every, mine)
+        differ = [r for r, fp in enumerate(every) if fp != every[0]]
+        if differ:
+            raise ValueError(
+                f"--workload {workload}: rank(s) {', '.join(map(str, differ))} loaded another "
+                f"version of the file than rank 0 (sha256 {every[differ[0]][:12]} vs "
+                f"{every[0][:12]}); every node needs the same file")
+    return mine
 
 
-def _read_token(parts: Path, rank: int) -> str | None:
-    try:
-        return _id_path(parts, rank).read_text()
-    except OSError:
-        return None
+def write_trace_workload_model(run_dir: Path, config: ProfileConfig) -> None:
+    """The workload model of ``config``'s workload, as ``kfacperf calibrate --workload``
+    writes it, into the trace directory (see :data:`kfacperf.trace.schema.WORKLOAD_FILE`)."""
+    from kfacperf.sim.models import save_workload_model
+    from kfacperf.trace.schema import WORKLOAD_FILE
+    from kfacperf.workloads.workload_model import build_workload_model
+
+    model = build_workload_model(config.workload, dict(config.workload_options))
+    save_workload_model(model, run_dir / WORKLOAD_FILE)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,8 @@ RUN_FILE = "run.json"
 EVENTS_FILE = "events.parquet"
 TELEMETRY_FILE = "telemetry.parquet"
 PARTS_DIR = "parts"
+WORKLOAD_FILE = "workload.toml"
+"""The workload model of a run of the user's own model, in its trace directory."""
 
 EVENT_COLUMNS: tuple[str, ...] = (
     "rank", "step", "stage", "layer", "lane", "start_us", "dur_us", "bytes", "flops",

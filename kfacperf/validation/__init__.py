@@ -45,6 +45,7 @@ from kfacperf.validation.inputs import (
     expand_trace_paths,
     load_traces,
     trace_label,
+    trace_workload_models,
 )
 from kfacperf.validation.model import (
     Calibration,
@@ -160,7 +161,7 @@ def validate(
                     device_name=device_name)
     notes = list(cal.fit.notes)
     devices = {device_key(t) for t in cal_loaded}
-    workloads = WorkloadFinder(cal.workload_search)
+    workloads = WorkloadFinder([*cal.workload_search, *trace_workload_models(held)])
     cal_workloads = {str(t.run.get("workload")) for t in cal_loaded}
     run_rows, stage_rows = [], []
     for group in group_recordings(held):

@@ -38,6 +38,19 @@ def load_traces(items: Iterable[Any]) -> list[Trace]:
     return [it if hasattr(it, "events") else load_trace(it) for it in expand_trace_paths(items)]
 
 
+def trace_workload_models(traces: Iterable[Trace]) -> list[str]:
+    """The workload models that traces of the user's own models carry (``TRACE/workload.toml``,
+    written by ``kfacperf profile --workload FILE.py:FUNC`` and :func:`kfacperf.instrument`)."""
+    from kfacperf.trace.schema import WORKLOAD_FILE
+
+    out = []
+    for t in traces:
+        path = getattr(t, "path", None)
+        if path and (Path(path) / WORKLOAD_FILE).is_file():
+            out.append(str(Path(path) / WORKLOAD_FILE))
+    return out
+
+
 def trace_label(trace: Trace) -> str:
     path = getattr(trace, "path", None)
     return Path(path).name if path else str(trace.run.get("workload", "run"))

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from kfacperf.trace.measure import KindTimes
 from kfacperf.trace.schema import fisher_options
-from kfacperf.validation.inputs import load_traces, trace_label
+from kfacperf.validation.inputs import load_traces, trace_label, trace_workload_models
 
 if TYPE_CHECKING:  # pragma: no cover
     from kfacperf.calibrate.device import DeviceCalibration
@@ -49,7 +49,8 @@ class Calibration:
 
 
 class WorkloadFinder:
-    """Workload models matched to runs by registry name and options (cached)."""
+    """Workload models matched to runs by registry name, options and fingerprint (cached):
+    the files and folders of ``search`` first, then ``models/workloads/``."""
 
     def __init__(self, search: Sequence[str | os.PathLike[str]]) -> None:
         self.search = [str(s) for s in search]
@@ -64,12 +65,14 @@ class WorkloadFinder:
         if not name:
             raise ValueError(f"{label or 'run'}: run.json has no 'workload'")
         options = run.get("workload_options") or {}
-        key = json.dumps([name, options], sort_keys=True, default=str)
+        fingerprint = str(run.get("workload_fingerprint") or "")
+        key = json.dumps([name, options, fingerprint], sort_keys=True, default=str)
         if key not in self.cache:
             try:
-                self.cache[key] = workload_for_run(str(name), options, search=self.search)
+                self.cache[key] = workload_for_run(str(name), options, search=self.search,
+                                                   fingerprint=fingerprint)
             except ValueError as exc:
-                raise ValueError(f"{label or 'run'}: {exc}") from None
+                raise ValueError(f"{label}: {exc}" if label else str(exc)) from None
         return self.cache[key]
 
 
@@ -77,13 +80,14 @@ def calibrate(
     traces: Sequence[Any], *, cluster: Any = None, workload_search: Sequence[str] = (),
     device_name: str = "calibrated",
 ) -> Calibration:
-    """Fit the device model to ``traces`` (paths or loaded traces) only."""
+    """Fit the device model to ``traces`` (paths or loaded traces) only.  Workload models are
+    looked for in ``workload_search``, then in the traces themselves, then in ``models/``."""
     from kfacperf.calibrate.device import fit_device_model
 
     loaded = load_traces(traces)
     if not loaded:
         raise ValueError("no calibration traces given")
-    workloads = WorkloadFinder(workload_search)
+    workloads = WorkloadFinder([*workload_search, *trace_workload_models(loaded)])
     fit = fit_device_model(loaded, workloads=lambda run: workloads(run), name=device_name)
     return Calibration(device=fit.device, cluster=resolve_cluster(cluster), fit=fit,
                        traces=tuple(str(getattr(t, "path", trace_label(t))) for t in loaded),

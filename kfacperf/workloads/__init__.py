@@ -1,5 +1,8 @@
 """Model definitions and deterministic synthetic data.
 
+A name is a built-in workload (:data:`WORKLOAD_NAMES`) or the user's own factory,
+``FILE.py:FUNC`` or ``package.module:FUNC`` (:mod:`kfacperf.workloads.user`).
+
 >>> w = get_workload("teacher")
 >>> model = w.build_model(seed=0)
 >>> x, y = w.make_batch(w.default_batch_size, seed=0, step=0)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 ModelFactory = Callable[[], nn.Module]
 BatchSampler = Callable[[int, torch.Generator], "tuple[Tensor, Tensor]"]
+LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def data_generator(seed: int, step: int) -> torch.Generator:
@@ -63,6 +64,7 @@ class Workload:
     ``input_shape`` is the shape of one example (without the batch dimension);
     ``input_dtype`` is ``torch.float32`` for images/features and ``torch.int64`` for token ids.
     ``options`` records the keyword options the workload was built with (e.g. ``image_size``).
+    ``loss`` is ``loss(outputs, targets)``; ``None`` is mean cross-entropy.
     """
 
     name: str
@@ -74,6 +76,7 @@ class Workload:
     model_factory: ModelFactory
     batch_sampler: BatchSampler
     options: Mapping[str, Any] = field(default_factory=dict)
+    loss: LossFn | None = None
 
     def build_model(self, *, seed: int = 0) -> nn.Module:
         """A freshly initialised model; the same ``seed`` gives identical parameters."""
@@ -101,12 +104,21 @@ class Workload:
         return x, y
 
     def loss_fn(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        """Mean-reduced cross-entropy over the batch."""
+        """The workload's ``loss``; by default mean-reduced cross-entropy over the batch."""
+        if self.loss is not None:
+            return self.loss(outputs, targets)
         return F.cross_entropy(outputs, targets, reduction="mean")
 
     # Its model distribution is softmax(outputs): the Monte-Carlo Fisher may sample it
     # (kfacperf.kfac.fisher).
     loss_fn.predictive_distribution = "categorical"  # type: ignore[attr-defined]
+
+
+def is_kfac_layer(module: nn.Module) -> bool:
+    """Whether the K-FAC optimizer preconditions ``module`` (Linear, or Conv2d with groups=1)."""
+    if isinstance(module, nn.Linear):
+        return True
+    return isinstance(module, nn.Conv2d) and module.groups == 1
 
 
 def rank_slice(tensor: Tensor, rank: int, world_size: int) -> Tensor:

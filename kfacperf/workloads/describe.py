@@ -1,9 +1,17 @@
-"""Per-layer shapes and FLOPs of a workload's K-FAC layers, measured from one forward pass.
+"""Per-layer shapes and FLOPs of a model's K-FAC layers, from one forward pass on the meta device.
 
 This is what the simulator's workload model (``models/workloads/<name>.toml``) is built from.
 A *K-FAC layer* is every ``nn.Linear`` and every ``nn.Conv2d`` with ``groups == 1``, the
 layers the optimizer preconditions; everything else (BatchNorm, LayerNorm, embeddings,
 grouped convolutions) counts as ``other_params``.
+
+The forward pass runs on the **meta device**: parameters, buffers and the example are
+replaced by meta tensors (shapes and dtypes, no storage) through
+:func:`torch.func.functional_call`, and tensors the forward creates go there too.  A model
+that does not fit in this machine's memory is therefore described without allocating it
+(build it under ``with torch.device("meta")``, as :func:`describe_workload` does).  A
+forward that cannot run on meta tensors (one that reads a value, e.g. ``.item()``) is run
+for real instead, when the model has real parameters.
 
 Per layer (``name`` is the module path, layers listed in the order the forward pass calls
 them; a module called more than once is an error because its factors would mix two inputs):
@@ -25,9 +33,14 @@ with ``channels``, ``params`` (2C), ``rows_per_example`` (the spatial positions 
 example, H x W; 1 for BatchNorm1d on ``[B, C]``), the elements per example, and ``follows``:
 the K-FAC layer the forward pass called last before it ("" for none).  Their parameters
 still count in ``other_params``.
+
+:func:`walk_model` also counts the whole forward's FLOPs (torch's FLOP counter, which works
+on meta tensors) and records each Conv2d's geometry, for :mod:`.workload_model`.
 """
 from __future__ import annotations
 
+import itertools
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,35 +48,124 @@ from torch import nn
 
 from kfacperf.kfac.batchnorm import is_batchnorm
 
+from .base import is_kfac_layer
 from .registry import get_workload
 
+__all__ = ["ModelWalk", "describe_model", "describe_workload", "is_kfac_layer", "walk_model",
+           "walk_workload"]
 
-def is_kfac_layer(module: nn.Module) -> bool:
-    """Whether the K-FAC optimizer preconditions ``module`` (Linear, or Conv2d with groups=1)."""
-    if isinstance(module, nn.Linear):
-        return True
-    return isinstance(module, nn.Conv2d) and module.groups == 1
+
+class DescribeError(ValueError):
+    """The model cannot be described (a shared or unused K-FAC layer, a batch other than 1)."""
+
+
+class MetaWalkError(DescribeError):
+    """The forward of a model built on the meta device needs real values."""
+
+
+@dataclass
+class ModelWalk:
+    """What one forward pass of a batch of 1 showed."""
+
+    layers: list[dict[str, Any]]  # per K-FAC layer in call order (see the module docstring)
+    batchnorm: list[dict[str, Any]]  # per BatchNorm layer in call order
+    conv: dict[str, dict[str, Any]]  # per Conv2d path: its geometry
+    total_flops: float  # the whole forward, torch's FLOP counter
+    total_params: int
+    on_meta: bool = field(default=True)  # False: the meta pass failed and it ran for real
+
+
+def walk_model(model: nn.Module, example: torch.Tensor) -> ModelWalk:
+    """One forward pass of ``model(example)`` (a batch of 1), on the meta device if it can.
+
+    The model is put in eval mode (a single example cannot go through training-mode
+    BatchNorm at 1x1 resolution) and run under ``torch.no_grad``; its mode is restored.
+    """
+    if example.shape[0] != 1:
+        raise DescribeError(f"describe_model needs a batch of 1, got batch {example.shape[0]}")
+    try:
+        return _walk(model, example, meta=True)
+    except DescribeError:
+        raise
+    except Exception as exc:
+        if _is_meta(model):
+            raise MetaWalkError(
+                f"the forward pass of {type(model).__name__} fails on the meta device "
+                f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''})"
+                "; describing a model without building it needs a forward that only uses "
+                "shapes") from exc
+    return _walk(model, example, meta=False)
 
 
 def describe_model(
     model: nn.Module, example: torch.Tensor, *, name: str = ""
 ) -> dict[str, Any]:
-    """Describe ``model``'s K-FAC layers by running ``model(example)`` (a batch of 1).
+    """Describe ``model``'s K-FAC layers from ``model(example)`` (a batch of 1)."""
+    return _description(walk_model(model, example), example, name)
 
-    The model is put in eval mode (a single example cannot go through training-mode
-    BatchNorm at 1x1 resolution) and run under ``torch.no_grad``.
+
+def describe_workload(name: str, **options: Any) -> dict[str, Any]:
+    """:func:`describe_model` of workload ``name`` built with ``options``, on the meta device.
+
+    ``options`` are the workload's own (see :func:`~kfacperf.workloads.workload_options`),
+    e.g. ``describe_workload("resnet50", image_size=64)``; defaults otherwise.
     """
-    if example.shape[0] != 1:
-        raise ValueError(f"describe_model needs a batch of 1, got batch {example.shape[0]}")
+    workload = get_workload(name, **options)
+    out = _description(*walk_workload(workload), name)
+    # Lists, not tuples, so the record serialises to JSON/TOML unchanged.
+    out["options"] = {
+        k: list(v) if isinstance(v, tuple) else v for k, v in workload.options.items()
+    }
+    return out
+
+
+def _description(walk: ModelWalk, example: torch.Tensor, name: str) -> dict[str, Any]:
+    kfac = sum(layer["params"] for layer in walk.layers)
+    return {
+        "name": name,
+        "input_shape": list(example.shape[1:]),
+        "num_kfac_layers": len(walk.layers),
+        "total_params": walk.total_params,
+        "other_params": walk.total_params - kfac,
+        "layers": walk.layers,
+        "batchnorm": walk.batchnorm,
+    }
+
+
+def walk_workload(workload: Any) -> tuple[ModelWalk, torch.Tensor]:
+    """:func:`walk_model` of ``workload``'s model built on the meta device (no memory), or,
+    if its forward needs real values, built for real; and the example it was fed."""
+    example, _ = workload.make_batch(1)
+    with torch.device("meta"):
+        model = workload.build_model(seed=0)
+    try:
+        return walk_model(model, example), example
+    except MetaWalkError:
+        return walk_model(workload.build_model(seed=0), example), example
+
+
+# ------------------------------------------------------------------------------ the walk
+
+def _is_meta(model: nn.Module) -> bool:
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    return all(t.is_meta for t in tensors)
+
+
+def _walk(model: nn.Module, example: torch.Tensor, *, meta: bool) -> ModelWalk:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from kfacperf.kfac.conv_factors import padded_input
+
     paths = {m: p for p, m in model.named_modules() if is_kfac_layer(m) or is_batchnorm(m)}
     layers: list[dict[str, Any]] = []
     norms: list[dict[str, Any]] = []
+    conv: dict[str, dict[str, Any]] = {}
     seen: set[str] = set()
 
     def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         path = paths[module]
         if path in seen:
-            raise ValueError(
+            raise DescribeError(
                 f"layer {path!r} is called more than once per forward; shared K-FAC layers "
                 "are not supported"
             )
@@ -71,50 +173,65 @@ def describe_model(
         if is_batchnorm(module):
             follows = layers[-1]["name"] if layers else ""
             norms.append(_batchnorm_record(path, module, inputs[0], follows))
-        else:
-            layers.append(_layer_record(path, module, inputs[0], output))
+            return
+        layers.append(_layer_record(path, module, inputs[0], output))
+        if isinstance(module, nn.Conv2d):
+            hp, wp = padded_input(inputs[0], module).shape[-2:]
+            conv[path] = {
+                "in_channels": module.in_channels, "kernel": tuple(module.kernel_size),
+                "stride": tuple(module.stride), "dilation": tuple(module.dilation),
+                "padded": (int(hp), int(wp)), "output": tuple(output.shape[-2:]),
+            }
 
     handles = [m.register_forward_hook(hook) for m in paths]
     was_training = model.training
     try:
         model.eval()
-        with torch.no_grad():
-            model(example)
+        with torch.no_grad(), FlopCounterMode(display=False,
+                                              custom_mapping=_extra_flop_formulas()) as counter:
+            if meta:
+                with torch.device("meta"):
+                    torch.func.functional_call(model, _meta_state(model),
+                                               (example.to("meta"),), strict=False)
+            else:
+                model(example)
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
     unused = sorted(p for m, p in paths.items() if p not in seen and not is_batchnorm(m))
     if unused:
-        raise ValueError(f"K-FAC layer(s) not used by the forward pass: {', '.join(unused)}")
-    total = sum(p.numel() for p in model.parameters())
-    kfac = sum(layer["params"] for layer in layers)
-    return {
-        "name": name,
-        "input_shape": list(example.shape[1:]),
-        "num_kfac_layers": len(layers),
-        "total_params": total,
-        "other_params": total - kfac,
-        "layers": layers,
-        "batchnorm": norms,
-    }
+        raise DescribeError(f"K-FAC layer(s) not used by the forward pass: {', '.join(unused)}")
+    return ModelWalk(layers=layers, batchnorm=norms, conv=conv, total_flops=float(counter.get_total_flops()),
+                     total_params=sum(p.numel() for p in model.parameters()), on_meta=meta)
 
 
-def describe_workload(name: str, **options: Any) -> dict[str, Any]:
-    """:func:`describe_model` of workload ``name`` built with ``options``.
-
-    ``options`` are the workload's own (see :func:`~kfacperf.workloads.workload_options`),
-    e.g. ``describe_workload("resnet50", image_size=64)``; defaults otherwise.
-    """
-    workload = get_workload(name, **options)
-    model = workload.build_model(seed=0)
-    example, _ = workload.make_batch(1)
-    out = describe_model(model, example, name=name)
-    # Lists, not tuples, so the record serialises to JSON/TOML unchanged.
-    out["options"] = {
-        k: list(v) if isinstance(v, tuple) else v for k, v in workload.options.items()
-    }
+def _meta_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer (tied ones under each of their names) as a meta tensor."""
+    named = itertools.chain(model.named_parameters(remove_duplicate=False),
+                            model.named_buffers(remove_duplicate=False))
+    made: dict[int, torch.Tensor] = {}
+    out = {}
+    for name, t in named:
+        if id(t) not in made:
+            made[id(t)] = t if t.is_meta else torch.empty_like(t, device="meta")
+        out[name] = made[id(t)]
     return out
+
+
+def _extra_flop_formulas() -> dict[Any, Any]:
+    """FLOP formulas torch's counter lacks: the CPU flash-attention kernel (QK^T and AV)."""
+    from torch.utils import flop_counter
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    count = getattr(flop_counter, "sdpa_flop_count", None)
+    if op is None or count is None:
+        return {}
+
+    def sdpa(q: Any, k: Any, v: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        return int(count(q, k, v))
+
+    return {op: sdpa}
 
 
 def _layer_record(

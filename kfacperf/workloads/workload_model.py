@@ -1,91 +1,116 @@
-"""A torch workload -> the simulator's workload model (its K-FAC layers, shapes and FLOPs).
+"""A torch model -> the simulator's workload model (its K-FAC layers, shapes and FLOPs).
 
-:func:`build_workload_model` describes the K-FAC layers (:mod:`kfacperf.workloads.describe`),
-counts the forward FLOPs outside them with torch's FLOP counter, and records each Conv2d's
-geometry, as ``kfacperf calibrate --workload`` writes it to ``models/workloads/``.
+:func:`build_workload_model` (``kfacperf calibrate --workload NAME|FILE.py:FUNC``) builds the
+workload's model on the meta device and walks one forward pass of a batch of 1
+(:func:`kfacperf.workloads.describe.walk_model`): the K-FAC layers, each Conv2d's geometry,
+and the forward FLOPs outside the K-FAC layers from torch's FLOP counter.  No parameter is
+allocated, so a model far larger than this machine's memory is described in seconds.
+:func:`workload_model_of` does the same for a model object the caller already has (a
+training loop instrumented with :func:`kfacperf.instrument`).
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
 from typing import Any
 
-
-def _extra_flop_formulas() -> dict[Any, Any]:
-    """FLOP formulas torch's counter lacks: the CPU flash-attention kernel (QK^T and AV)."""
-    import torch
-    from torch.utils import flop_counter
-
-    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    count = getattr(flop_counter, "sdpa_flop_count", None)
-    if op is None or count is None:
-        return {}
-
-    def sdpa(q: Any, k: Any, v: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
-        return int(count(q, k, v))
-
-    return {op: sdpa}
+FLOPS_NOTE = "FLOPs outside K-FAC layers counted by torch.utils.flop_counter on the meta device"
 
 
-def _measure_forward(model: Any, example: Any) -> tuple[float, dict[str, dict[str, Any]]]:
-    """One forward pass: total FLOPs (torch's counter) and, per Conv2d (by module path),
-    channels, kernel, stride, dilation, padded input and output size."""
-    import torch
-    from torch import nn
-    from torch.utils.flop_counter import FlopCounterMode
+def workload_model_of(
+    model: Any, example: Any, *, name: str, workload: str | None = None,
+    options: Mapping[str, Any] | None = None, custom_options: tuple[str, ...] = (),
+    source: str = "", description: str = "", fingerprint: str | None = None,
+) -> Any:
+    """The :class:`~kfacperf.sim.models.workload.WorkloadModel` of ``model`` fed ``example``.
 
-    from kfacperf.kfac.conv_factors import padded_input
+    ``example`` is one input with its batch dimension (its first example is used).
+    ``fingerprint`` defaults to :func:`layers_fingerprint` of the result: what identifies a
+    model that has no registry name or factory file.
+    """
+    from .describe import walk_model
 
-    found: dict[str, dict[str, Any]] = {}
-    handles = []
-    for path, mod in model.named_modules():
-        if isinstance(mod, nn.Conv2d) and mod.groups == 1:
-            def hook(m: Any, inputs: Any, output: Any, path: str = path) -> None:
-                hp, wp = padded_input(inputs[0], m).shape[-2:]
-                found[path] = {
-                    "in_channels": m.in_channels, "kernel": tuple(m.kernel_size),
-                    "stride": tuple(m.stride), "dilation": tuple(m.dilation),
-                    "padded": (int(hp), int(wp)), "output": tuple(output.shape[-2:]),
-                }
-            handles.append(mod.register_forward_hook(hook))
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False,
-                                              custom_mapping=_extra_flop_formulas()) as counter:
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
-    return float(counter.get_total_flops()), found
+    example = example[:1]
+    return _from_walk(walk_model(model, example), example, name=name, workload=workload,
+                      options=options, custom_options=custom_options, source=source,
+                      description=description, fingerprint=fingerprint)
 
 
-def build_workload_model(name: str, options: dict[str, Any]) -> Any:
-    """Describe torch workload ``name`` and count its non-K-FAC forward FLOPs (imports torch)."""
+def _from_walk(walk: Any, example: Any, *, name: str, workload: str | None,
+               options: Mapping[str, Any] | None, custom_options: tuple[str, ...], source: str,
+               description: str, fingerprint: str | None) -> Any:
     import torch
 
     from kfacperf.sim.models.workload_file import workload_model_from_description
-    from kfacperf.workloads import get_workload, workload_options
-    from kfacperf.workloads.describe import describe_workload
 
-    desc = describe_workload(name, **options)
-    workload = get_workload(name, **options)
-    model = workload.build_model(seed=0).eval()
-    example, _ = workload.make_batch(1)
-    total_flops, geometry = _measure_forward(model, example)
-    desc = {**desc, "layers": [dict(l, conv=geometry.get(l["name"])) for l in desc["layers"]]}
-    kfac = sum(float(l["fwd_flops_per_example"]) for l in desc["layers"])
-    other = max(0.0, total_flops - kfac)
-    defaults = workload_options(name)
-
-    def norm(v: Any) -> Any:
-        return list(v) if isinstance(v, tuple) else v
-
-    changed = {k: norm(v) for k, v in options.items() if norm(defaults.get(k)) != norm(v)}
-    model_name = name + ("[" + ",".join(f"{k}={v}" for k, v in sorted(changed.items())) + "]"
-                         if changed else "")
-    opts = " ".join(f"--workload-option {k}={v}" for k, v in sorted(changed.items()))
-    src = (f"kfacperf calibrate --workload {name} {opts}".rstrip()
-           + f" (torch {torch.__version__}); FLOPs outside K-FAC layers counted by "
-           "torch.utils.flop_counter")
-    return workload_model_from_description(
-        {**desc, "description": desc.get("description") or workload.description},
-        name=model_name, source=src, other_fwd_flops_per_example=other,
-        input_dtype=str(workload.input_dtype), custom_options=tuple(sorted(changed)),
+    layers = [dict(l, conv=walk.conv.get(l["name"])) for l in walk.layers]
+    kfac_flops = sum(float(l["fwd_flops_per_example"]) for l in walk.layers)
+    kfac_params = sum(int(l["params"]) for l in walk.layers)
+    desc = {
+        "name": workload or name, "layers": layers, "batchnorm": walk.batchnorm,
+        "input_shape": list(example.shape[1:]),
+        "other_params": walk.total_params - kfac_params, "description": description,
+        "options": {k: _plain(v) for k, v in (options or {}).items()},
+    }
+    note = FLOPS_NOTE if walk.on_meta else FLOPS_NOTE.replace("the meta device", "this machine")
+    src = f"{source or 'kfacperf.workloads.workload_model_of'} (torch {torch.__version__}); {note}"
+    model_ = workload_model_from_description(
+        desc, name=name, source=src, input_dtype=str(example.dtype),
+        other_fwd_flops_per_example=max(0.0, walk.total_flops - kfac_flops),
+        custom_options=custom_options,
     )
+    fp = layers_fingerprint(model_) if fingerprint is None else fingerprint
+    return dataclasses.replace(model_, fingerprint=fp)
+
+
+def build_workload_model(name: str, options: dict[str, Any]) -> Any:
+    """The workload model of torch workload ``name`` (a registry name or a factory reference)
+    built with ``options``; the model is built on the meta device, or for real if its
+    forward cannot run there."""
+    from kfacperf import workload_ref
+    from kfacperf.workloads import get_workload, workload_options
+
+    from .describe import walk_workload
+
+    workload = get_workload(name, **options)
+    defaults = workload_options(name)
+    changed = {k: _plain(v) for k, v in options.items() if _plain(defaults.get(k)) != _plain(v)}
+    walk, example = walk_workload(workload)
+    is_ref = workload_ref.is_reference(name)
+    label = workload_ref.parse(name).display if is_ref else name
+    model_name = label + ("[" + ",".join(f"{k}={v}" for k, v in sorted(changed.items())) + "]"
+                          if changed else "")
+    opts = " ".join(f"--workload-option {k}={json.dumps(v, separators=(',', ':'))}"
+                    for k, v in sorted(changed.items()))
+    kwargs: dict[str, Any] = dict(
+        name=model_name, workload=workload_ref.absolute(name), options=workload.options,
+        custom_options=tuple(sorted(changed)), description=workload.description,
+        source=f"kfacperf calibrate --workload {workload_ref.absolute(name)} {opts}".rstrip(),
+        fingerprint=_reference_fingerprint(name) if is_ref else "",
+    )
+    return _from_walk(walk, example, **kwargs)
+
+
+def layers_fingerprint(model: Any) -> str:
+    """SHA-256 of a workload model's layer table and other parameters: the identity of a
+    model recorded without a registry name or factory file."""
+    from kfacperf.sim.models.workload_file import workload_model_to_dict
+
+    d = workload_model_to_dict(model)
+    keep = {k: d[k] for k in ("layers", "other_params", "input")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
+
+
+def _reference_fingerprint(name: str) -> str:
+    from .user import factory_fingerprint
+
+    return factory_fingerprint(name)
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, so options serialise to JSON/TOML and compare alike."""
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value

@@ -375,7 +375,7 @@ def test_committed_workload_models_match_the_torch_workloads() -> None:
     from kfacperf.sim.models import load_workload
     from kfacperf.workloads.workload_model import build_workload_model
 
-    for name in ("mlp", "resnet20", "resnet32", "resnet50", "transformer"):
+    for name in ("mlp", "resnet20", "resnet32", "resnet50", "transformer", "bert-large-block"):
         committed = load_workload(name)
         fresh = build_workload_model(name, {})
         assert committed.layers == fresh.layers, name

@@ -121,3 +121,16 @@ def test_report_draws_each_published_case(tmp_path) -> None:
     bad.write_text("[1, 2]")
     with pytest.raises(ValueError, match="validate --published"):
         load_published(bad)
+
+
+def test_bert_block_factors_are_the_size_pipefisher_prints() -> None:
+    """PipeFisher prints 168 MB of A and G per BERT-Large block (fp32, no bias column); the
+    generated workload model, with its bias column, holds 5 (1025^2 + 1024^2) + 4097^2 +
+    4096^2 values: 168.1 MiB."""
+    from kfacperf.sim.models import load_workload
+
+    w = load_workload("bert-large-block")
+    kfac = [l for l in w.layers if l.kind == "linear"]
+    values = sum(l.dim_a ** 2 + l.dim_g ** 2 for l in kfac)
+    assert values == 5 * (1025 ** 2 + 1024 ** 2) + 4097 ** 2 + 4096 ** 2
+    assert 4 * values / 2 ** 20 == pytest.approx(168.0, rel=2e-3)

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -5,7 +7,26 @@ from torch import nn
 from kfacperf.workloads import WORKLOAD_NAMES, get_workload
 from kfacperf.workloads.describe import is_kfac_layer
 
-SMALL = {"resnet50": {"image_size": 64}}
+SMALL = {
+    "resnet50": {"image_size": 64},
+    "bert-large": {"vocab_size": 50, "seq_len": 12, "hidden": 16, "num_layers": 2,
+                   "num_heads": 2, "ffn": 32},
+    "bert-large-block": {"seq_len": 12, "hidden": 16, "num_heads": 2, "ffn": 32},
+    "bert-base-block": {"seq_len": 12, "hidden": 16, "num_heads": 2, "ffn": 32},
+    "gpt2-xl": {"vocab_size": 50, "seq_len": 12, "hidden": 16, "num_layers": 2, "num_heads": 2},
+}
+
+
+def output_shape(name: str, w, batch: int):
+    """What the model returns: class logits, except for the language models and the block."""
+    o = w.options
+    if name == "bert-large":  # masked-LM logits at 15% of the positions, next-sentence logits
+        return ((batch, math.ceil(0.15 * o["seq_len"]), o["vocab_size"]), (batch, 2))
+    if name in ("bert-large-block", "bert-base-block"):
+        return (batch, o["seq_len"], o["hidden"])
+    if name == "gpt2-xl":
+        return (batch, o["seq_len"], o["vocab_size"])
+    return (batch, w.num_classes)
 
 
 def kfac_layers(model: nn.Module) -> list[nn.Module]:
@@ -23,7 +44,8 @@ def test_forward_backward_shapes(name):
     x, y = w.make_batch(2, seed=0, step=0)
     assert x.shape == (2, *w.input_shape) and x.dtype == w.input_dtype
     out = model(x)
-    assert out.shape == (2, w.num_classes)
+    shape = tuple(o.shape for o in out) if isinstance(out, tuple) else out.shape
+    assert shape == output_shape(name, w, 2)
     loss = w.loss_fn(out, y)
     assert loss.dim() == 0 and torch.isfinite(loss)
     if name != "resnet50":  # keep the CPU cost down; the others cover backward

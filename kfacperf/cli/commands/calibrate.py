@@ -5,6 +5,7 @@
   kfacperf calibrate --workload resnet50 --out models/workloads/resnet50.toml
   kfacperf calibrate --published spngd-fig5 spngd-table1 --device v100-spngd \
       --fit forward.efficiency,backward.efficiency --out my-v100.toml
+  kfacperf calibrate --workload my_model.py:build --workload-option width=256 --out my.toml
 
 Trace mode fits, per stage kind, an efficiency against the roofline of the stage's analytic
 FLOPs and bytes plus a fixed per-call overhead (see kfacperf.calibrate.device), prints the fit
@@ -12,7 +13,13 @@ and its error, and writes the device TOML (with the traces' median per-layer tim
 [[measured]] entries unless --no-measured; K-FAC traces also give the factor steps' capture
 overhead and the host work between stages, [capture_overhead] and [layer_host_us]).  Peaks
 come from --base (a device preset or TOML); by default from the datasheet preset of the
-traced GPU, or nominal per-thread CPU peaks.
+traced GPU, or nominal per-thread CPU peaks.  Each trace's workload model comes from
+--workload-model, else from the trace itself (a trace of your own model holds its
+workload.toml), else from models/workloads.
+
+--workload (a registry name, FILE.py:FUNC or package.module:FUNC) writes the workload model
+instead: the model is built on the meta device and one forward pass is walked there, so a
+model larger than this machine's memory takes seconds and no memory.
 
 Published mode (--published) fits named terms of the device preset --device (STAGE.FIELD or
 inverse_method.METHOD.FIELD; fields efficiency, mem_efficiency, overhead_us, row_us) to the
@@ -22,7 +29,6 @@ log of predicted over measured; held-out cases are refused.
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 from kfacperf.cli.commands import key_value
 
@@ -42,7 +48,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-measured", action="store_true",
                         help="do not store the traces' per-layer times in the device model")
     parser.add_argument("--workload", default=None,
-                        help="generate the workload model of this torch workload instead")
+                        help="generate the workload model of this torch workload instead (a "
+                             "name, FILE.py:FUNC or package.module:FUNC)")
     parser.add_argument("--workload-option", type=key_value, action="append", default=[],
                         metavar="KEY=VALUE",
                         help="an option of --workload (VALUE read as JSON, else as a string)")
@@ -99,25 +106,19 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("give TRACE directories to fit a device model, or --workload NAME")
 
     from kfacperf.calibrate.device import fit_device_model
-    from kfacperf.sim.models import load_device, workload_for_run
+    from kfacperf.sim.models import load_device
     from kfacperf.sim.models.device import save_device_model
     from kfacperf.trace.store import load_trace
     from kfacperf.validation import expand_trace_paths
+    from kfacperf.validation.inputs import trace_workload_models
+    from kfacperf.validation.model import WorkloadFinder
 
     traces = [load_trace(p) for p in expand_trace_paths(args.traces)]
     for tr in traces:
         if not tr.completed:
             print(f"calibrate: warning: {tr.path} did not complete; using its finished steps")
 
-    cache: dict[str, Any] = {}
-
-    def workload_of(run: dict[str, Any]) -> Any:
-        options = run.get("workload_options") or {}
-        key = json.dumps([run.get("workload"), options], sort_keys=True, default=str)
-        if key not in cache:
-            cache[key] = workload_for_run(str(run.get("workload")), options,
-                                          search=args.workload_model)
-        return cache[key]
+    workload_of = WorkloadFinder([*args.workload_model, *trace_workload_models(traces)])
 
     name = args.device_name or (Path(args.out).stem if args.out else "calibrated")
     base = load_device(args.base) if args.base else None

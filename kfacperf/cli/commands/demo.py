@@ -3,7 +3,8 @@ measure collectives, calibrate from the 1-process runs, predict the 2-process ru
 ResNet-50 on cluster presets up to 4,096 GPUs, and write one HTML report.
 
 Examples: `kfacperf demo` (under 3 minutes on a 2-core machine); `kfacperf demo --quick` (a
-tiny run, under a minute).
+tiny run, under a minute); `kfacperf demo --workload my_model.py:build --quick` (your own
+model, see `kfacperf profile --help`).
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from kfacperf.cli.commands import key_value
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workload", default=None,
-                        help="workload profiled here (default: resnet20)")
+                        help="workload profiled here (default: resnet20), or your own model "
+                             "as FILE.py:FUNC or package.module:FUNC")
     parser.add_argument("--workload-option", type=key_value, action="append", default=[],
                         metavar="KEY=VALUE", help="workload option, e.g. hidden=[256,128] "
                         "(repeatable)")

@@ -1,18 +1,24 @@
 """Run a workload with an optimizer and strategy on 1..N processes and write a trace.
 
+  kfacperf profile --workload resnet20 --strategy spngd --nproc 2 --steps 20
+  kfacperf profile --workload resnet20 --strategy spngd --bn-blocks unit --fisher mc
+  kfacperf profile --workload my_model.py:build --workload-option width=256 --nproc 2
+  kfacperf profile --workload mypackage.models:build --optimizer sgd --batch-size 64
+
 Starts the ranks itself (torchrun-compatible; pass --nnodes/--node-rank/--rdzv-endpoint and
 run the same command on every node for a multi-node job), or runs as one rank when started
 under torchrun.  Writes TRACE_DIR/run.json + events.parquet (+ telemetry.parquet on a GPU)
 and prints the per-stage summary.  --batch-size is per rank.
 
-Examples::
+The second example is SP-NGD's 1mc + unitBN: BatchNorm layers as 2x2-per-channel Fisher
+blocks, the statistics from one extra backward of sampled labels (a second ``backward`` row,
+layer ``mc_fisher``, on factor steps).
 
-    kfacperf profile --workload resnet20 --strategy spngd --nproc 2 --steps 20
-    kfacperf profile --workload resnet20 --strategy spngd --bn-blocks unit --fisher mc
-
-The second is SP-NGD's 1mc + unitBN: BatchNorm layers as 2x2-per-channel Fisher blocks, the
-statistics from one extra backward of sampled labels (a second ``backward`` row, layer
-``mc_fisher``, on factor steps).
+Your own model: --workload FILE.py:FUNC or package.module:FUNC names a function that
+FUNC(**options) (options from --workload-option) calls; it returns a kfacperf Workload, or
+(model, make_batch) or (model, make_batch, loss_fn) with make_batch(batch_size, generator)
+-> (inputs, targets); the loss is cross-entropy unless given.  The trace then holds the
+model's workload model too (TRACE_DIR/workload.toml), for calibrate, validate and simulate.
 """
 from __future__ import annotations
 
@@ -35,9 +41,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     from kfacperf.vocab import COMM_DTYPES, INVERSE_METHODS, OPTIMIZERS, PROFILE_STRATEGIES
 
     g = parser.add_argument_group("run")
-    g.add_argument("--workload", required=True, help="workload name (e.g. resnet20, mlp)")
+    g.add_argument("--workload", required=True,
+                   help="workload name (e.g. resnet20, mlp), or your own model as FILE.py:FUNC "
+                        "or package.module:FUNC")
     g.add_argument("--workload-option", type=key_value, action="append", default=[],
-                   metavar="KEY=VALUE", help="workload option, e.g. image_size=64 (repeatable)")
+                   metavar="KEY=VALUE", help="workload option, e.g. image_size=64 (repeatable; "
+                   "VALUE read as JSON, else as a string)")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default="kfac")
     g.add_argument("--strategy", choices=PROFILE_STRATEGIES, default=None,
                    help="K-FAC distribution strategy (default: spngd; sgd for --optimizer sgd)")
@@ -97,10 +106,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def build_config(args: argparse.Namespace):  # -> ProfileConfig
+    from kfacperf import workload_ref
     from kfacperf.runtime.config import ProfileConfig, command_line
 
     strategy = args.strategy or ("sgd" if args.optimizer == "sgd" else "spngd")
-    out = args.out or f"traces/{args.workload}-{args.optimizer}-{strategy}-p{args.nproc}"
+    label = workload_ref.label(args.workload)
+    out = args.out or f"traces/{label}-{args.optimizer}-{strategy}-p{args.nproc}"
     return ProfileConfig(
         workload=args.workload, out=out, optimizer=args.optimizer, strategy=args.strategy,
         workload_options=dict(args.workload_option), steps=args.steps, warmup=args.warmup,

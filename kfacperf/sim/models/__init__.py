@@ -16,10 +16,12 @@ naming the file and the key.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from kfacperf import workload_ref
 from kfacperf.sim.models.cluster import (
     ALGORITHMS,
     OPS,
@@ -61,6 +63,13 @@ __all__ = [
 
 def load_workload(name_or_path: str | Path) -> WorkloadModel:
     """A workload model from a preset name (``models/workloads/<name>.toml``) or a path."""
+    text = str(name_or_path)
+    if not isinstance(name_or_path, Path) and not text.endswith(".toml") \
+            and workload_ref.is_reference(text):
+        raise ValueError(
+            f"--workload {text} names a torch model; the simulator reads its workload model: "
+            f"generate it with kfacperf calibrate --workload {text} --out my-model.toml and "
+            "pass --workload my-model.toml (a trace of it has one: TRACE/workload.toml)")
     return load_workload_model(resolve("workloads", name_or_path))
 
 
@@ -76,14 +85,15 @@ def load_cluster(name_or_path: str | Path) -> ClusterModel:
 
 def workload_for_run(
     workload: str, options: Mapping[str, Any] | None = None, *,
-    search: Iterable[str | Path] = (),
+    search: Iterable[str | Path] = (), fingerprint: str = "",
 ) -> WorkloadModel:
     """The workload model of a run of ``workload`` built with ``options``.
 
     Looks at the ``.toml`` files in ``search`` (files or folders) and then in
     ``models/workloads/``, the preset named ``workload`` first, and returns the first whose
-    registry name and options match (options the run leaves out are the defaults).  Without a
-    match the error says how to generate one.
+    registry name and options match (options the run leaves out are the defaults) and whose
+    fingerprint is the run's (``workload_fingerprint`` in run.json: the user's own models,
+    see :mod:`kfacperf.sim.models.workload`).  Without a match the error says how to make one.
     """
     candidates: list[Path] = []
     for entry in search:
@@ -91,17 +101,36 @@ def workload_for_run(
         candidates.extend(sorted(p.glob("*.toml")) if p.is_dir() else [p])
     folder = models_dir() / "workloads"
     preset = folder / f"{workload}.toml"
-    if preset.is_file():
+    if not workload_ref.is_reference(workload) and preset.is_file():
         candidates.append(preset)
     if folder.is_dir():
         candidates.extend(p for p in sorted(folder.glob("*.toml")) if p != preset)
+    other_versions = []
     for path in candidates:
         model = load_workload_model(path)
-        if model.matches_run(workload, options):
+        if model.matches_run(workload, options, fingerprint):
             return model
-    opts = " ".join(f"--workload-option {k}={v}" for k, v in (options or {}).items())
+        if fingerprint and model.matches_run(workload, options, model.fingerprint):
+            other_versions.append(path)
+    opts = "".join(f" --workload-option {k}={json.dumps(v, separators=(',', ':'))}"
+                   for k, v in (options or {}).items())
+    make = f"kfacperf calibrate --workload {workload}{opts} --out my-model.toml"
+    if workload_ref.is_reference(workload):
+        head = (f"no workload model for {workload_ref.match_key(workload)} with options "
+                f"{dict(options or {})} and fingerprint {fingerprint[:12] or '(none)'} among "
+                f"{len(candidates)} file(s)")
+        if other_versions:
+            head += (f" ({', '.join(map(str, other_versions))} describe another version of "
+                     "the file)")
+        raise ValueError(f"{head}; a trace of kfacperf profile carries its own (TRACE/"
+                        f"workload.toml); else generate one with: {make}, then pass "
+                        "--workload-model my-model.toml")
+    if fingerprint:
+        raise ValueError(f"no workload model for {workload!r} with fingerprint "
+                        f"{fingerprint[:12]} among {len(candidates)} file(s): a trace recorded "
+                        "by kfacperf.instrument carries its own (TRACE/workload.toml); pass it "
+                        "with --workload-model")
     raise ValueError(
         f"no workload model for {workload!r} with options {dict(options or {})} among "
-        f"{len(candidates)} file(s); generate one with: kfacperf calibrate --workload "
-        f"{workload} {opts} --out models/workloads/NAME.toml".replace("  ", " ")
+        f"{len(candidates)} file(s); generate one with: {make.replace('my-model', 'models/workloads/NAME')}"
     )

@@ -12,12 +12,12 @@ API (stable; the step graphs and the engine build on it)::
                   input_dtype: str, source: str, description: str = "",
                   workload: str = "", options: Mapping[str, Any] = {},
                   custom_options: tuple[str, ...] = (),
-                  batchnorm: tuple[LayerModel, ...] = ())
+                  batchnorm: tuple[LayerModel, ...] = (), fingerprint: str = "")
         .layer(name) -> LayerModel          .layer_names -> tuple[str, ...]
         .kfac_params / .total_params -> int .fwd_flops_per_example -> float
         .fisher_layers(bn_blocks) -> tuple[LayerModel, ...]   (forward order)
         .other_params_with(bn_blocks) -> int   .batchnorm_params -> int
-        .matches_run(workload, options) -> bool
+        .matches_run(workload, options, fingerprint="") -> bool
 
 Reading and writing TOML files and building a model from a torch workload's description are
 in :mod:`kfacperf.sim.models.workload_file`.
@@ -47,6 +47,13 @@ forward order; files of format 1 (no BatchNorm layers) are still read.
 differ from the workload's defaults.  ``name`` is unique per build (the registry name, plus
 the non-default options in brackets, e.g. ``resnet50[image_size=64]``), because measured times
 in a device model are keyed by it.
+
+A model of the user's own network has ``workload`` = its factory reference
+(``/path/my_model.py:build``, :mod:`kfacperf.workload_ref`) or the name a training loop gave
+it, and a ``fingerprint``: the SHA-256 of the factory's file, or of the layer table for a
+model recorded from a training loop.  A run matches such a model only with the same
+fingerprint (a registry model has none), so an edited file or a different network of the same
+name is never taken for it.
 """
 from __future__ import annotations
 
@@ -55,6 +62,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kfacperf import vocab
+from kfacperf.workload_ref import match_key
 
 KRONECKER_KINDS = ("linear", "conv2d")
 BATCHNORM = "batchnorm"
@@ -158,6 +166,7 @@ class WorkloadModel:
     options: Mapping[str, Any] = field(default_factory=dict)
     custom_options: tuple[str, ...] = ()
     batchnorm: tuple[LayerModel, ...] = ()
+    fingerprint: str = ""
     _by_name: dict[str, LayerModel] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -240,14 +249,17 @@ class WorkloadModel:
             return self.other_params
         return self.other_params - self.batchnorm_params
 
-    def matches_run(self, workload: str, options: Mapping[str, Any] | None = None) -> bool:
+    def matches_run(self, workload: str, options: Mapping[str, Any] | None = None,
+                    fingerprint: str = "") -> bool:
         """Whether a run of ``workload`` with ``options`` (defaults where absent) is this model.
 
         Every option the run names must have its value here, and every non-default option of
         this model must be named by the run (else the run used the default, not this value).
+        A factory reference matches by file name and function (see the module docstring) and
+        the ``fingerprint`` must be the same.
         """
         options = options or {}
-        if workload != self.workload:
+        if match_key(workload) != match_key(self.workload) or fingerprint != self.fingerprint:
             return False
         if any(k not in options for k in self.custom_options):
             return False

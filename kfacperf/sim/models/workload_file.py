@@ -108,6 +108,7 @@ def load_workload_model(path: str | Path) -> WorkloadModel:
         raise root.error("custom_options", f"{bad} are not keys of [options]")
     description = root.str("description", nonempty=False)
     source = root.str("source", nonempty=False)
+    fingerprint = root.str("fingerprint", nonempty=False) if root.has("fingerprint") else ""
     other_params = root.int("other_params", minimum=0)
     other_flops = root.float("other_fwd_flops_per_example", nonnegative=True)
     inp = root.table("input")
@@ -144,6 +145,7 @@ def load_workload_model(path: str | Path) -> WorkloadModel:
         other_fwd_flops_per_example=other_flops, input_shape=tuple(shape_raw),
         input_dtype=dtype, source=source, description=description, workload=workload,
         options=options, custom_options=tuple(custom), batchnorm=tuple(norms),
+        fingerprint=fingerprint,
     )
 
 
@@ -155,6 +157,7 @@ def workload_model_to_dict(model: WorkloadModel) -> dict[str, Any]:
         "custom_options": list(model.custom_options),
         "description": model.description,
         "source": model.source,
+        **({"fingerprint": model.fingerprint} if model.fingerprint else {}),
         "other_params": model.other_params,
         "other_fwd_flops_per_example": float(model.other_fwd_flops_per_example),
         "options": dict(model.options),

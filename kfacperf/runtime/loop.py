@@ -1,0 +1,338 @@
+"""Profile a training loop you wrote: the same trace as ``kfacperf profile``, from your own code.
+
+::
+
+    import kfacperf
+
+    model = MyNet().to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with kfacperf.instrument(model, optimizer, out="traces/mynet", strategy="spngd",
+                             warmup=5) as run:
+        for inputs, targets in batches:
+            with run.step():
+                loss = loss_fn(run.model(inputs), targets)   # forward
+                optimizer.zero_grad()
+                run.backward(loss)                            # backward
+                run.update()     # K-FAC's stages (factors, inverses, preconditioning), then
+                                 # optimizer.step()
+
+What it adds to the loop, and nothing else:
+
+* **The distributed set-up of a strategy.** Under ``torchrun`` it joins the process group
+  (initialising it from the environment unless you already did); alone it runs on one
+  process.  ``run.model`` is ``model`` wrapped in DDP (each gradient bucket timed) where the
+  strategy averages gradients that way (``sgd``, ``kaisa``), else ``model`` itself: call
+  ``run.model`` in the loop.
+* **The real preconditioner** (:class:`kfacperf.kfac.KFACPreconditioner` with the named
+  strategy: ``local`` on one process, ``spngd``, ``kaisa``; ``sgd`` for none) in front of
+  your optimizer; its KL clipping follows your optimizer's learning rate.
+* **The trace**: ``run.json``, per-rank crash-safe parts flushed every step, NVTX ranges, CUDA
+  events on a GPU, NVML telemetry, compacted into ``events.parquet`` when the ``with`` block
+  ends (:class:`~kfacperf.runtime.recording.TraceRecorder`, shared with ``kfacperf profile``).
+  ``forward`` runs from the first call of ``run.model`` in a step to :meth:`backward`;
+  ``backward`` is ``loss.backward()``; :meth:`update` records the preconditioner's stages
+  and ``update``.  If the loop raises, every finished step stays in the trace (marked
+  incomplete) with the traceback in ``parts/error-rank<R>.txt``.
+* **The workload model** of ``model`` (its K-FAC layers, shapes, FLOPs, walked on the meta
+  device from the first batch's shape) into ``TRACE/workload.toml``, with a fingerprint of
+  its layers that ``run.json`` records, so ``kfacperf calibrate``, ``validate`` and
+  ``simulate`` work on the trace as they do on a ``kfacperf profile`` trace.
+
+Zero the gradients where your loop does (``optimizer.zero_grad()``); one forward and one
+backward per step (K-FAC's statistics are per step).  Its cost on the step is the stage
+timer's (``tests/benchmarks/test_bench_loop.py``).
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import traceback
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kfacperf import vocab as S
+from kfacperf.runtime.config import ProfileConfig, command_line
+from kfacperf.runtime.settings import OptimizerSettings
+
+
+def instrument(model: nn.Module, optimizer: torch.optim.Optimizer, *, out: str | Path,
+               strategy: str | None = None, name: str | None = None, warmup: int = 0,
+               batch_size: int | None = None, precision: str = "fp32", force: bool = False,
+               isolate: bool = False, keep_heap: bool = True, timeout_s: float = 60.0,
+               telemetry_interval_s: float = 0.1, **settings: Any) -> InstrumentedLoop:
+    """Instrument a training loop of ``model`` and ``optimizer``; see the module docstring.
+
+    Args:
+        out: the trace directory (an existing non-empty one needs ``force``).
+        strategy: ``sgd`` (no K-FAC), ``local`` (K-FAC on one process; the default there),
+            ``spngd`` (the default on several), ``kaisa``.
+        name: the workload's name in the trace (default: the model's class name).
+        warmup: the first steps, recorded but left out of summaries and fits.
+        batch_size: examples per rank per step (default: the first input's first dimension).
+        precision: what the loop computes in (``fp32``, ``tf32``, ``bf16`` under autocast;
+            :mod:`kfacperf.precision`), recorded for the simulator with torch's TF32
+            switches as they are; kfacperf changes neither.
+        isolate: synchronise around every stage, so each is measured alone.
+        keep_heap: keep freed memory in the process (:mod:`kfacperf.runtime.heap`).
+        settings: K-FAC settings (``damping``, ``factor_interval``, ``inverse_interval``,
+            ``inverse_method``, ``factor_decay``, ``kl_clip``, ``grad_worker_fraction``,
+            ``comm_dtype``, ``symmetric``, ``bucket_cap_mb``, ``bn_blocks``).  The Fisher
+            is the empirical one (the Monte-Carlo Fisher's extra backward needs the loss
+            function, which the loop keeps to itself).
+    """
+    return InstrumentedLoop(model, optimizer, out=out, strategy=strategy, name=name,
+                            warmup=warmup, batch_size=batch_size, precision=precision,
+                            force=force, isolate=isolate,
+                            keep_heap=keep_heap, timeout_s=timeout_s,
+                            telemetry_interval_s=telemetry_interval_s, settings=settings)
+
+
+class InstrumentedLoop:
+    """What :func:`instrument` returns; use it as a context manager."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, out: str | Path,
+                 strategy: str | None, name: str | None, warmup: int, batch_size: int | None,
+                 precision: str, force: bool, isolate: bool, keep_heap: bool, timeout_s: float,
+                 telemetry_interval_s: float, settings: Mapping[str, Any]) -> None:
+        from kfacperf.runtime import heap
+        from kfacperf.runtime.recording import TraceRecorder
+        from kfacperf.runtime.training import TrainConfig, Trainer
+
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"instrument: model must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError("instrument: optimizer must be a torch.optim.Optimizer, got "
+                            f"{type(optimizer).__name__}")
+        _check_settings(settings)
+        device = _device_of(model)
+        info = _join_process_group(device, strategy, timeout_s)
+        strategy = strategy or (S.LOCAL if info.world_size == 1 else S.SPNGD)
+        S.check_choice("strategy", strategy, S.PROFILE_STRATEGIES)
+        kind = S.SGD if strategy == S.SGD else S.KFAC
+        group = optimizer.param_groups[0]
+        config = ProfileConfig(
+            workload=name or type(model).__name__, out=str(out), optimizer=kind,
+            strategy=strategy, steps=1, warmup=warmup, batch_size=batch_size,
+            nproc=info.world_size, threads_per_rank=torch.get_num_threads(), isolate=isolate,
+            keep_heap=keep_heap, timeout_s=timeout_s, device=device.type,
+            telemetry_interval_s=telemetry_interval_s, command=command_line(),
+            precision=precision,
+            lr=float(group.get("lr", 0.0)), momentum=float(group.get("momentum", 0.0) or 0.0),
+            weight_decay=float(group.get("weight_decay", 0.0) or 0.0), **settings,
+        )
+        heap_policy = heap.keep_heap() if keep_heap else heap.DEFAULT
+        if info.rank == 0:
+            from kfacperf.runtime.runner import prepare_out
+
+            prepare_out(Path(out), force=force)
+        if info.world_size > 1:
+            torch.distributed.barrier()  # nobody writes into ``out`` before it is prepared
+        self.config = config
+        self.rank, self.world_size = info.rank, info.world_size
+        self.trace_dir = Path(out)
+        self.workload_model: Any = None
+        self._recorder = TraceRecorder(
+            config, info, device=device, heap_policy=heap_policy, batch_per_rank=batch_size,
+            run_extra={"steps": None, "loop": "kfacperf.instrument",
+                       "first_order": type(optimizer).__name__})
+        self.timer = self._recorder.timer
+        self._trainer = Trainer(model, loss_fn=None, config=TrainConfig(
+            **config.train_config_kwargs()), timer=self.timer, optimizer=optimizer)
+        self._raw_model = model
+        self.steps = 0
+        self._in_step = self._forward_seen = self._updated = False
+        self._forward: Any = None
+        self._example: Tensor | None = None
+        self._batch = batch_size
+        self._faults_at_warmup: int | None = None
+        self._closed = False
+        self._hook = self.model.register_forward_pre_hook(self._on_forward)
+
+    # ---------------------------------------------------------------- what the loop calls
+
+    @property
+    def model(self) -> nn.Module:
+        """The model to call in the loop (DDP-wrapped where the strategy needs it)."""
+        return self._trainer.net
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self._trainer.optimizer
+
+    @property
+    def preconditioner(self) -> Any:
+        """The :class:`~kfacperf.kfac.KFACPreconditioner`, or None for ``sgd``."""
+        return self._trainer.preconditioner
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[InstrumentedLoop]:
+        """One training step: a ``step`` row and NVTX range around its stages."""
+        if self._closed:
+            raise RuntimeError("instrument: the run is closed; no more steps")
+        if self._in_step:
+            raise RuntimeError("instrument: run.step() inside run.step()")
+        if self.steps == self.config.warmup:
+            self._faults_at_warmup = _minor_faults()
+        self._in_step, self._forward_seen, self._updated = True, False, False
+        self.timer.step_begin(self.steps)
+        ok = False
+        try:
+            with self._trainer.collective_errors(self.steps):
+                yield self
+            ok = True
+        finally:
+            self._end_forward()
+            self._in_step = False
+        if not self._updated:
+            raise RuntimeError(f"instrument: step {self.steps} ended without run.update(); "
+                               "call it once per step (it runs K-FAC and optimizer.step())")
+        if ok:
+            self.timer.step_end()
+            self.steps += 1
+
+    def backward(self, loss: Tensor, **kwargs: Any) -> None:
+        """``loss.backward(**kwargs)``, timed as ``backward`` (ends ``forward``)."""
+        self._require_step("run.backward(loss)")
+        self._end_forward()
+        with self.timer.stage(S.BACKWARD):
+            loss.backward(**kwargs)
+
+    def update(self) -> None:
+        """The preconditioner's stages (K-FAC), then ``optimizer.step()`` timed as ``update``."""
+        self._require_step("run.update()")
+        self._end_forward()
+        if self._updated:
+            raise RuntimeError(f"instrument: run.update() called twice in step {self.steps}")
+        self._trainer.update()
+        self._updated = True
+
+    # ---------------------------------------------------------------------- the end
+
+    def __enter__(self) -> InstrumentedLoop:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._abandon("".join(traceback.format_exception(exc_type, exc, tb)))
+
+    def close(self) -> None:
+        """Finish the trace (every rank: it gathers the ranks' parts) and, on rank 0, write
+        the workload model into it."""
+        if self._closed:
+            return
+        self._closed = True
+        self._hook.remove()
+        faults = 0.0
+        measured = self.steps - self.config.warmup
+        if self._faults_at_warmup is not None and measured > 0:
+            faults = (_minor_faults() - self._faults_at_warmup) / measured
+        updates: dict[str, Any] = {"steps": max(0, measured), "batch_per_rank": self._batch}
+        if self.rank == 0:
+            updates.update(self._write_workload_model())
+        self._recorder.finish(faults_per_step=faults, run_updates=updates)
+
+    def _abandon(self, text: str) -> None:
+        self._closed = True
+        self._hook.remove()
+        if self.rank == 0:
+            self._write_workload_model()  # what a fit of the finished steps needs
+        self._recorder.abandon(text)
+
+    def _write_workload_model(self) -> dict[str, Any]:
+        """``workload.toml`` in the trace (rank 0); ``run.json`` keys that point to it."""
+        from kfacperf.sim.models import save_workload_model
+        from kfacperf.trace.schema import WORKLOAD_FILE
+        from kfacperf.workloads.workload_model import workload_model_of
+
+        if self._example is None:
+            return {}
+        try:
+            model = workload_model_of(
+                self._raw_model, self._example, name=self.config.workload,
+                description=f"{type(self._raw_model).__name__}, recorded by kfacperf.instrument",
+                source="kfacperf.instrument")
+        except Exception as exc:  # the trace stands without it; say why it is missing
+            print(f"[kfacperf] no workload model for {self.config.workload}: "
+                  f"{type(exc).__name__}: {exc}", file=sys.stderr)
+            return {}
+        save_workload_model(model, self.trace_dir / WORKLOAD_FILE)
+        self.workload_model = model
+        return {"workload_fingerprint": model.fingerprint}
+
+    # ---------------------------------------------------------------------- internals
+
+    def _on_forward(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if not self._in_step or self._forward_seen:
+            return
+        self._forward_seen = True
+        self._forward = self.timer.stage(S.FORWARD)
+        self._forward.__enter__()
+        if self._example is None and args and isinstance(args[0], Tensor) and args[0].dim():
+            self._example = args[0][:1].detach().to("cpu")
+            if self._batch is None:
+                self._batch = int(args[0].shape[0])
+
+    def _end_forward(self) -> None:
+        if self._forward is not None:
+            forward, self._forward = self._forward, None
+            forward.__exit__(None, None, None)
+
+    def _require_step(self, call: str) -> None:
+        if not self._in_step:
+            raise RuntimeError(f"instrument: {call} outside a step; call it inside "
+                               "`with run.step():`")
+
+
+def _check_settings(settings: Mapping[str, Any]) -> None:
+    from dataclasses import fields
+
+    known = {f.name for f in fields(OptimizerSettings)} - {"lr", "momentum", "weight_decay"}
+    if settings.get("fisher", S.FISHER_EMP) != S.FISHER_EMP:
+        raise ValueError(f"instrument: fisher={settings['fisher']!r}: a loop you write runs "
+                         f"its own backward, so only the empirical Fisher "
+                         f"({S.FISHER_EMP!r}) is available; kfacperf profile --fisher mc runs "
+                         "the Monte-Carlo one")
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise TypeError(f"instrument: unknown setting(s) {', '.join(unknown)}; the K-FAC "
+                        f"settings are {', '.join(sorted(known))} (lr, momentum and "
+                        "weight_decay come from your optimizer)")
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _join_process_group(device: torch.device, strategy: str | None, timeout_s: float) -> Any:
+    """Join (or initialise) the process group under torchrun; alone, a world of one (with a
+    gloo group of one for a distributed strategy, as ``kfacperf profile --nproc 1`` runs)."""
+    import os
+
+    from kfacperf.runtime import distributed
+    from kfacperf.runtime.net import free_port
+    from kfacperf.runtime.runner import under_torchrun
+
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if torch.distributed.is_initialized():
+        return distributed.describe()
+    if under_torchrun():
+        return distributed.init_distributed(backend=backend, timeout_s=timeout_s)
+    if strategy in (S.SPNGD, S.KAISA):
+        env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        return distributed.init_distributed(backend=backend, timeout_s=timeout_s, env=env)
+    return distributed.describe()
+
+
+def _minor_faults() -> int:
+    from kfacperf.runtime.heap import minor_faults
+
+    return minor_faults()
