@@ -45,7 +45,7 @@ def run_worker(config: ProfileConfig) -> None:
     """Run this rank's share of the profile described by ``config``."""
     import torch
 
-    from kfacperf import precision
+    from kfacperf.runtime import precision
     from kfacperf.runtime import distributed, heap
 
     heap_policy = heap.keep_heap() if config.keep_heap else heap.DEFAULT
@@ -70,7 +70,7 @@ def run_worker(config: ProfileConfig) -> None:
 def _train(config: ProfileConfig, info: Any, run_dir: Path, heap_policy: str) -> None:
     import torch.distributed as dist
 
-    from kfacperf import precision
+    from kfacperf.runtime import precision
     from kfacperf.profiler.stage_timer import StageTimer
     from kfacperf.profiler.telemetry import TelemetrySampler, device_info
     from kfacperf.runtime.heap import minor_faults
