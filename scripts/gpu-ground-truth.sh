@@ -5,7 +5,7 @@
 #     NVTX ranges, NVML telemetry), the most valuable runs first;
 #   * the stage timer's overhead on the GPU (timer on vs off, interleaved pairs of steps);
 #   * kernel timings: eigh and Cholesky against matrix size, K-FAC factor computation of
-#     ResNet-50 layers, GEMM rates (kfacperf/bench/kernels.py);
+#     ResNet-50 layers, GEMM rates (kfacperf/bench/kernels/);
 # with a time guard that skips (and names) what would not fit.  Everything lands, small, in
 # one folder.  docs/gpu-ground-truth.md says how to run it and what to do with the outputs.
 #

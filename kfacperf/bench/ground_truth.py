@@ -649,7 +649,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    from kfacperf.precision import check
+    from kfacperf.runtime.precision import check
 
     settings = DRY if args.dry_run else FULL
     if args.precisions:
