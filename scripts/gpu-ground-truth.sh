@@ -137,7 +137,7 @@ for module, dist in (("numpy", "numpy"), ("pandas", "pandas"), ("pyarrow", "pyar
 PYEOF
 cat "$OUT_DIR/versions.txt" | tee -a "$LOG"
 
-DRIVER=("$PY" -m kfacperf.bench.ground_truth --out "$OUT_DIR" "${PASS[@]+"${PASS[@]}"}")
+DRIVER=("$PY" -m kfacperf.pipeline.ground_truth --out "$OUT_DIR" "${PASS[@]+"${PASS[@]}"}")
 if [[ $DRY_RUN == 1 ]]; then
   DRIVER+=(--dry-run)
   HARD_STOP=600

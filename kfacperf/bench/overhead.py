@@ -146,9 +146,9 @@ def measure_timer_overhead(config: OverheadConfig, *, device: Any = None,
     """Measure ``config`` on ``device`` (default: CUDA if there); see the module docstring."""
     import torch
 
-    from kfacperf.runtime.precision import autocast_dtype, float32_math
     from kfacperf.profiler.stage_timer import StageTimer
     from kfacperf.profiler.timer import NULL_TIMER
+    from kfacperf.runtime.precision import autocast_dtype, float32_math
     from kfacperf.runtime.training import TrainConfig, Trainer
     from kfacperf.trace import parts as trace_parts
     from kfacperf.vocab import STEP

@@ -45,8 +45,7 @@ def run_worker(config: ProfileConfig) -> None:
     """Run this rank's share of the profile described by ``config``."""
     import torch
 
-    from kfacperf.runtime import precision
-    from kfacperf.runtime import distributed, heap
+    from kfacperf.runtime import distributed, heap, precision
 
     heap_policy = heap.keep_heap() if config.keep_heap else heap.DEFAULT
     torch.set_num_threads(config.threads_per_rank)
@@ -70,9 +69,9 @@ def run_worker(config: ProfileConfig) -> None:
 def _train(config: ProfileConfig, info: Any, run_dir: Path, heap_policy: str) -> None:
     import torch.distributed as dist
 
-    from kfacperf.runtime import precision
     from kfacperf.profiler.stage_timer import StageTimer
     from kfacperf.profiler.telemetry import TelemetrySampler, device_info
+    from kfacperf.runtime import precision
     from kfacperf.runtime.heap import minor_faults
     from kfacperf.runtime.training import TrainConfig, Trainer
     from kfacperf.trace import parts as trace_parts

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from kfacperf import vocab
-from kfacperf.runtime import precision
 from kfacperf.cli import main
+from kfacperf.runtime import precision
 from kfacperf.runtime.config import ProfileConfig
 from kfacperf.runtime.training import TrainConfig, Trainer
 from kfacperf.trace.store import load_trace

@@ -30,8 +30,8 @@ def _kl_clip(text: str) -> float | None:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from kfacperf.runtime.precision import DEFAULT_PRECISION
     from kfacperf.runtime.config import DEVICES
+    from kfacperf.runtime.precision import DEFAULT_PRECISION
     from kfacperf.vocab import (
         COMM_DTYPES,
         COMPUTE_DTYPES,
