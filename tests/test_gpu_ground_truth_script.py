@@ -127,3 +127,10 @@ def test_calibrate_and_validate_read_the_traces(dry_run, capsys):
     assert main(["validate", "--calibrate", *cal, "--holdout", *hold, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert len(result["runs"]) == 3
+    # both precisions at once: each trace fitted and predicted at its own peaks
+    cal = sorted(str(p) for p in (out / "traces").glob("*/*-b2"))
+    hold = sorted(str(p) for p in (out / "traces").glob("*/*-b4"))
+    assert len(cal) == len(hold) == 6
+    assert main(["validate", "--calibrate", *cal, "--holdout", *hold, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert len(result["runs"]) == 6
