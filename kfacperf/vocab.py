@@ -190,8 +190,13 @@ ALL_COLLECTIVE_OPS: tuple[str, ...] = COLLECTIVE_OPS + V_OPS
 
 # --------------------------------------------------------------------------- data types
 DTYPE_BYTES: dict[str, int] = {"fp64": 8, "fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2}
-COMPUTE_DTYPES: tuple[str, ...] = ("fp32", "tf32", "bf16")
-"""Precisions a device model has a peak rate for."""
+FP32 = "fp32"
+TF32 = "tf32"
+BF16 = "bf16"
+COMPUTE_DTYPES: tuple[str, ...] = (FP32, TF32, BF16)
+"""Precisions a device model has a peak rate for, and the precisions a run is profiled in
+(``kfacperf profile --precision``, ``run.json``'s ``precision``; what each sets on the device:
+:mod:`kfacperf.runtime.precision`)."""
 COMM_DTYPES: tuple[str, ...] = ("fp32", "fp16", "bf16")
 """Precisions the factors may travel in."""
 COMM_DTYPE_BYTES: dict[str, int] = {d: DTYPE_BYTES[d] for d in COMM_DTYPES}

@@ -5,7 +5,7 @@
 #     NVTX ranges, NVML telemetry), the most valuable runs first;
 #   * the stage timer's overhead on the GPU (timer on vs off, interleaved pairs of steps);
 #   * kernel timings: eigh and Cholesky against matrix size, K-FAC factor computation of
-#     ResNet-50 layers, GEMM rates (kfacperf/bench/kernels.py);
+#     ResNet-50 layers, GEMM rates (kfacperf/bench/kernels/);
 # with a time guard that skips (and names) what would not fit.  Everything lands, small, in
 # one folder.  docs/gpu-ground-truth.md says how to run it and what to do with the outputs.
 #
@@ -137,7 +137,7 @@ for module, dist in (("numpy", "numpy"), ("pandas", "pandas"), ("pyarrow", "pyar
 PYEOF
 cat "$OUT_DIR/versions.txt" | tee -a "$LOG"
 
-DRIVER=("$PY" -m kfacperf.bench.ground_truth --out "$OUT_DIR" "${PASS[@]+"${PASS[@]}"}")
+DRIVER=("$PY" -m kfacperf.pipeline.ground_truth --out "$OUT_DIR" "${PASS[@]+"${PASS[@]}"}")
 if [[ $DRY_RUN == 1 ]]; then
   DRIVER+=(--dry-run)
   HARD_STOP=600

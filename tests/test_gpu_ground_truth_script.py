@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from kfacperf.bench import ground_truth as G
 from kfacperf.bench import kernels as K
 from kfacperf.cli import main
+from kfacperf.pipeline.ground_truth import plan as G
 from kfacperf.trace.store import load_trace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,8 +64,9 @@ def test_every_planned_trace_loads_and_says_what_ran(dry_run):
         assert (run["workload"], run["precision"], run["batch_per_rank"]) == (
             "resnet20", r.precision, r.batch)
         assert (run["steps"], run["warmup"], run["world_size"]) == (r.steps, r.warmup, 1)
+        assert run["command"] == r.command(G.DRY)  # relative --out: no machine's paths
         assert run["command"].startswith("kfacperf profile --workload resnet20")
-        assert f"--out traces/{r.precision}/{r.name}" in run["command"]
+        assert f"--out traces/{r.precision}/{r.name} --force" in run["command"]
         assert run["timing"] == "perf_counter_ns"  # a GPU run says cuda_events
         assert run["precision_flags"]["autocast"] == ("bfloat16" if r.precision == "bf16"
                                                       else None)
@@ -88,8 +89,10 @@ def test_every_planned_trace_loads_and_says_what_ran(dry_run):
 def test_the_json_outputs_hold_their_keys(dry_run):
     out, _ = dry_run
     env = json.loads((out / "env.json").read_text())
-    for key in ("python", "torch", "cuda", "cudnn", "kfacperf", "settings", "packages"):
+    for key in ("python", "kfacperf", "cuda_available", "nccl", "settings", "packages"):
         assert key in env
+    assert env["device"]["type"] == "cpu" and env["device"]["torch_version"]
+    assert env["settings"]["workload"] == "resnet20" and env["settings"]["dry_run"] is True
     overhead = json.loads((out / "timer_overhead.json").read_text())
     assert overhead["target"] == 0.01 and len(overhead["results"]) == 2
     for r in overhead["results"]:
@@ -124,3 +127,10 @@ def test_calibrate_and_validate_read_the_traces(dry_run, capsys):
     assert main(["validate", "--calibrate", *cal, "--holdout", *hold, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert len(result["runs"]) == 3
+    # both precisions at once: each trace fitted and predicted at its own peaks
+    cal = sorted(str(p) for p in (out / "traces").glob("*/*-b2"))
+    hold = sorted(str(p) for p in (out / "traces").glob("*/*-b4"))
+    assert len(cal) == len(hold) == 6
+    assert main(["validate", "--calibrate", *cal, "--holdout", *hold, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert len(result["runs"]) == 6

@@ -17,6 +17,7 @@ with empty bodies into a fresh timer, ``step_end`` included).
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import tempfile
 import time
@@ -143,87 +144,102 @@ def replay_cost_us(calls: Sequence[tuple[str, str, float]], *, cuda: bool, scrat
 
 def measure_timer_overhead(config: OverheadConfig, *, device: Any = None,
                            scratch: Path | None = None) -> dict[str, Any]:
-    """Measure ``config`` on ``device`` (default: CUDA if there); see the module docstring."""
+    """Measure ``config`` on ``device`` (default: CUDA if there); see the module docstring.
+    ``scratch``: where the timed arm's rows go (default: a temporary folder)."""
     import torch
 
-    from kfacperf.precision import autocast_dtype, float32_math
-    from kfacperf.profiler.stage_timer import StageTimer
-    from kfacperf.profiler.timer import NULL_TIMER
-    from kfacperf.runtime.training import TrainConfig, Trainer
     from kfacperf.trace import parts as trace_parts
-    from kfacperf.vocab import STEP
-    from kfacperf.workloads import get_workload
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with contextlib.ExitStack() as stack:
+        where = Path(scratch) if scratch is not None else Path(stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="kfacperf-overhead-")))
+        paired, rows_per_step = _paired_run(config, device, where / "on")
+        events = trace_parts.read_event_parts(where / "on" / "parts")
+        replay = _replay_steps(events, config, cuda=device.type == "cuda", scratch=where)
+    return _result(config, device, paired, rows_per_step, replay)
+
+
+def _paired_run(config: OverheadConfig, device: Any, rows_dir: Path) -> tuple[Paired, float]:
+    """The two arms stepped in pairs; the timed arm's rows written under ``rows_dir``.
+    Also returns the rows the timer wrote per step."""
+    import torch
+
+    from kfacperf.profiler.stage_timer import StageTimer
+    from kfacperf.profiler.timer import NULL_TIMER
+    from kfacperf.runtime.precision import autocast_dtype, float32_math
+    from kfacperf.runtime.training import TrainConfig, Trainer
+    from kfacperf.trace import parts as trace_parts
+    from kfacperf.workloads import get_workload
+
     cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    own_scratch = scratch is None
-    tmp = tempfile.TemporaryDirectory(prefix="kfacperf-overhead-") if own_scratch else None
-    where = Path(tmp.name) if tmp is not None else Path(scratch)  # type: ignore[arg-type]
-    try:
-        w = get_workload(config.workload, **config.workload_options)
-        total = config.warmup_pairs + config.pairs
-        batches = [w.make_batch(config.batch, seed=0, step=k, device=device)
-                   for k in range(min(total, 4))]
-        train = TrainConfig(optimizer=config.optimizer,
-                            strategy="sgd" if config.optimizer == "sgd" else config.strategy,
-                            factor_interval=config.factor_interval,
-                            inverse_interval=config.inverse_interval,
-                            inverse_method=config.inverse_method)
-        sink = trace_parts.event_appender(where / "on", 0)
-        timer = StageTimer(sink=sink, cuda=cuda)
-        cast = autocast_dtype(config.precision)
+    w = get_workload(config.workload, **config.workload_options)
+    total = config.warmup_pairs + config.pairs
+    batches = [w.make_batch(config.batch, seed=0, step=k, device=device)
+               for k in range(min(total, 4))]
+    train = TrainConfig(optimizer=config.optimizer,
+                        strategy="sgd" if config.optimizer == "sgd" else config.strategy,
+                        factor_interval=config.factor_interval,
+                        inverse_interval=config.inverse_interval,
+                        inverse_method=config.inverse_method)
+    sink = trace_parts.event_appender(rows_dir, 0)
+    timer = StageTimer(sink=sink, cuda=cuda)
+    cast = autocast_dtype(config.precision)
 
-        def trainer(t: Any) -> Any:
-            model = w.build_model(seed=0).to(device)
-            return Trainer(model, loss_fn=w.loss_fn, config=train, timer=t, autocast_dtype=cast)
+    def trainer(t: Any) -> Any:
+        model = w.build_model(seed=0).to(device)
+        return Trainer(model, loss_fn=w.loss_fn, config=train, timer=t, autocast_dtype=cast)
 
-        with float32_math(config.precision):
-            off, on = trainer(NULL_TIMER), trainer(timer)
+    def step(tr: Any) -> Callable[[int], Any]:
+        return lambda i: tr.train_step(*batches[i % len(batches)])
 
-            def step(tr: Any) -> Callable[[int], Any]:
-                return lambda i: tr.train_step(*batches[i % len(batches)])
+    with float32_math(config.precision):
+        off, on = trainer(NULL_TIMER), trainer(timer)
+        paired = paired_steps(step(off), step(on), pairs=config.pairs,
+                              warmup_pairs=config.warmup_pairs,
+                              sync=torch.cuda.synchronize if cuda else (lambda: None))
+    timer.close()
+    sink.close()
+    return paired, sink.rows_written / total
 
-            paired = paired_steps(step(off), step(on), pairs=config.pairs,
-                                  warmup_pairs=config.warmup_pairs, sync=sync)
-        timer.close()
-        sink.close()
-        rows_per_step = sink.rows_written / total
-        ev = trace_parts.read_event_parts(where / "on" / "parts")
-        # replay a measured step of median length and the longest one (a factor or inverse
-        # step, with the most stage calls)
-        steps = ev[(ev["stage"] == STEP) & (ev["step"] >= config.warmup_pairs)]
-        ordered = steps.sort_values("dur_us")["step"].astype(int).tolist()
-        typical, slowest = (ordered[len(ordered) // 2], ordered[-1]) if ordered else (0, 0)
-        replay_median = replay_cost_us(stage_calls(ev, typical), cuda=cuda,
-                                       scratch=where / "replay")
-        replay_slow = replay_cost_us(stage_calls(ev, slowest), cuda=cuda,
-                                     scratch=where / "replay-slow", repeats=50)
-        off_median = statistics.median(paired.off_s)
-        slow_off = max(paired.off_s)
-        result = {
-            "config": asdict(config),
-            "name": config.name,
-            "device": str(device),
-            "timing": "cuda_events" if cuda else "perf_counter_ns",
-            "pairs": config.pairs,
-            "step_ms_off": 1e3 * off_median,
-            "step_ms_on": 1e3 * statistics.median(paired.on_s),
-            "overhead_median": paired.overhead_median,
-            "overhead_of_medians": paired.overhead_of_medians,
-            "cpu_overhead_median": paired.cpu_overhead_median,
-            "replay_us_per_step": replay_median,
-            "replay_overhead": replay_median / (1e6 * off_median),
-            "replay_us_slowest_step": replay_slow,
-            "replay_overhead_slowest_step": replay_slow / (1e6 * slow_off),
-            "rows_per_step": rows_per_step,
-            "target": TARGET,
-            "meets_target": paired.overhead_median <= TARGET,
-            "step_ms_off_all": [1e3 * t for t in paired.off_s],
-            "step_ms_on_all": [1e3 * t for t in paired.on_s],
-        }
-        del off, on
-        return result
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+
+def _replay_steps(events: Any, config: OverheadConfig, *, cuda: bool,
+                  scratch: Path) -> tuple[float, float]:
+    """The instrumentation alone (:func:`replay_cost_us`) of a measured step of median length
+    and of the longest one (a factor or inverse step, with the most stage calls)."""
+    from kfacperf.vocab import STEP
+
+    steps = events[(events["stage"] == STEP) & (events["step"] >= config.warmup_pairs)]
+    ordered = steps.sort_values("dur_us")["step"].astype(int).tolist()
+    typical, slowest = (ordered[len(ordered) // 2], ordered[-1]) if ordered else (0, 0)
+    return (replay_cost_us(stage_calls(events, typical), cuda=cuda, scratch=scratch / "replay"),
+            replay_cost_us(stage_calls(events, slowest), cuda=cuda,
+                           scratch=scratch / "replay-slow", repeats=50))
+
+
+def _result(config: OverheadConfig, device: Any, paired: Paired, rows_per_step: float,
+            replay: tuple[float, float]) -> dict[str, Any]:
+    """What ``timer_overhead.json`` holds for one configuration."""
+    replay_median, replay_slow = replay
+    off_median = statistics.median(paired.off_s)
+    return {
+        "config": asdict(config),
+        "name": config.name,
+        "device": str(device),
+        "timing": "cuda_events" if device.type == "cuda" else "perf_counter_ns",
+        "pairs": config.pairs,
+        "step_ms_off": 1e3 * off_median,
+        "step_ms_on": 1e3 * statistics.median(paired.on_s),
+        "overhead_median": paired.overhead_median,
+        "overhead_of_medians": paired.overhead_of_medians,
+        "cpu_overhead_median": paired.cpu_overhead_median,
+        "replay_us_per_step": replay_median,
+        "replay_overhead": replay_median / (1e6 * off_median),
+        "replay_us_slowest_step": replay_slow,
+        "replay_overhead_slowest_step": replay_slow / (1e6 * max(paired.off_s)),
+        "rows_per_step": rows_per_step,
+        "target": TARGET,
+        "meets_target": paired.overhead_median <= TARGET,
+        "step_ms_off_all": [1e3 * t for t in paired.off_s],
+        "step_ms_on_all": [1e3 * t for t in paired.on_s],
+    }

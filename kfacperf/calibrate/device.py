@@ -3,8 +3,10 @@
 API::
 
     fit_device_model(traces, *, workloads, base=None, name, include_measured=True, mode=None)
-        -> DeviceCalibration(.device, .fits: {kind: StageFit}, .traces_used, .notes)
+        -> DeviceCalibration(.device, .fits: {kind: StageFit}, .traces_used, .notes,
+                             .measured_dtypes)
     base_device_for(run) -> DeviceModel               (peaks to fit efficiencies against)
+    (which of the device's peaks a run computes at: :mod:`kfacperf.calibrate.run_dtypes`)
 
 (Collectives are fitted in :mod:`kfacperf.calibrate.alpha_beta`.)
 
@@ -19,7 +21,9 @@ time ``B/bw``, roofline time).  In ``additive`` mode ``t = overhead c + (F/peak)
 (one efficiency for both).  The fit is relative least squares with overhead >= 0 and
 efficiencies <= 1.  A term the samples cannot separate from the others (one batch size of a
 whole-model stage; FLOPs proportional to bytes, as in the update) is left at its bound
-(overhead 0, efficiency 1) and noted.  Only single-process traces are used when any is given:
+(overhead 0, efficiency 1) and noted.  Each trace's regressors use the peaks of its
+``precision`` (:func:`run_dtypes`), so runs in different precisions share one set of
+efficiencies.  Only single-process traces are used when any is given:
 ranks sharing the machine slow each other down, which is the host model's
 ``contention``, not the device's.  The same traces give the factor steps' capture overhead
 and the host work between stages (:mod:`kfacperf.calibrate.host_gaps`).
@@ -35,6 +39,7 @@ import numpy as np
 from kfacperf import vocab as S
 from kfacperf.calibrate.fitting import bounded_lstsq, sig
 from kfacperf.calibrate.host_gaps import fit_layer_host_us, kfac_trace_gaps_input
+from kfacperf.calibrate.run_dtypes import RunDtypes, run_dtypes
 from kfacperf.sim.costs.model import CostModel
 from kfacperf.sim.models.cluster import OPS, ClusterModel, Tier
 from kfacperf.sim.models.device import (
@@ -74,6 +79,9 @@ class DeviceCalibration:
     fits: dict[str, StageFit]
     traces_used: tuple[str, ...]
     notes: tuple[str, ...] = field(default=())
+    measured_dtypes: RunDtypes | None = None
+    """The dtypes of the runs whose times ``device.measured`` holds (None: it holds none).
+    A ``[[measured]]`` time carries no precision: it applies to runs of these dtypes only."""
 
 
 #: Nominal peaks of one CPU thread (an AVX-512 core near 3 GHz: 2 FMA units x 16 fp32 lanes x
@@ -119,7 +127,8 @@ class _Sample:
     batchnorm: bool = False  # a BatchNorm Fisher block's stage
 
 
-def _trace_samples(trace: Any, workload: WorkloadModel, base: DeviceModel) -> list[_Sample]:
+def _trace_samples(trace: Any, workload: WorkloadModel, base: DeviceModel,
+                   dtypes: RunDtypes) -> list[_Sample]:
     run = trace.run
     batch = int(run["batch_per_rank"])
     method = str(run.get("inverse_method") or S.EIGEN)
@@ -139,7 +148,8 @@ def _trace_samples(trace: Any, workload: WorkloadModel, base: DeviceModel) -> li
     table["captured"] = captured
     med = table.groupby(["stage", "layer", "captured"], sort=False)["dur_us"].median()
     cost = CostModel(workload=workload, device=base, cluster=_null_cluster(),
-                     inverse_method=method, use_measured=False, **options)
+                     inverse_method=method, use_measured=False, **options,
+                     **dtypes.cost_options())
     out = []
     for (stage, layer, captured), t in med.items():
         if stage not in STAGE_KINDS or not t > 0:
@@ -246,10 +256,12 @@ def fit_device_model(
     ``traces`` are :class:`kfacperf.trace.store.Trace` objects (``.run`` and ``.events``; steps
     before ``run["warmup"]`` are left out).  ``workloads`` gives each trace's
     :class:`WorkloadModel`: a mapping from ``run["workload"]``, or a function of the run dict
-    (e.g. ``lambda run: workload_for_run(run["workload"], run.get("workload_options"))``).  Stage kinds absent from the traces keep
-    ``base``'s values.  With ``include_measured`` the medians of single-process traces are
-    stored as ``[[measured]]`` times (used when simulating this very device).  ``mode``
-    (``roofline`` or ``additive``) defaults to ``base``'s.
+    (e.g. ``lambda run: workload_for_run(run["workload"], run.get("workload_options"))``).
+    Stage kinds absent from the traces keep ``base``'s values.  With ``include_measured`` the
+    medians of single-process traces are stored as ``[[measured]]`` times (used when
+    simulating this very device), when those traces share one precision (:func:`run_dtypes`;
+    a ``[[measured]]`` time carries none).  ``mode`` (``roofline`` or ``additive``) defaults
+    to ``base``'s.
     """
     if not traces:
         raise ValueError("no traces to calibrate from")
@@ -265,15 +277,12 @@ def fit_device_model(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     samples: list[_Sample] = []
     host_inputs: list[tuple[str, Any, int]] = []
+    dtypes: set[RunDtypes] = set()
     for tr in used:
-        wname = str(tr.run.get("workload", ""))
-        if isinstance(workloads, Mapping):
-            if wname not in workloads:
-                raise ValueError(f"{trace_label(tr)}: no workload model for {wname!r}")
-            w = workloads[wname]
-        else:
-            w = workloads(tr.run)
-        samples.extend(_trace_samples(tr, w, base))
+        w = _workload_of(tr, workloads)
+        d = run_dtypes(tr.run, base, label=trace_label(tr))
+        dtypes.add(d)
+        samples.extend(_trace_samples(tr, w, base, d))
         gaps = kfac_trace_gaps_input(tr, w)
         if gaps is not None:
             host_inputs.append(gaps)
@@ -284,6 +293,36 @@ def fit_device_model(
     # factor-step forward/backward medians, brought to plain steps
     samples = [replace(s, time_us=s.time_us / (1.0 + capture.get(s.kind, 0.0)), captured=False)
                if s.captured else s for s in samples]
+    fits, stages = _fit_stages(samples, base, mode, notes)
+    measured, measured_dtypes = ((), None)
+    if include_measured and single:
+        measured, measured_dtypes = _measured_times(samples, dtypes, notes)
+    labels = tuple(trace_label(t) for t in used)
+    device = DeviceModel(
+        name=name, fp32_tflops=base.fp32_tflops, tf32_tflops=base.tf32_tflops,
+        bf16_tflops=base.bf16_tflops, mem_bandwidth_GBps=base.mem_bandwidth_GBps,
+        stages=stages, mode=mode, measured=measured, capture_overhead=capture,
+        layer_host_us=host,
+        source=f"kfacperf calibrate from {', '.join(labels)}; peaks from {base.name}",
+        description=description or base.description,
+    )
+    return DeviceCalibration(device=device, fits=fits, traces_used=labels, notes=tuple(notes),
+                             measured_dtypes=measured_dtypes)
+
+
+def _workload_of(trace: Any, workloads: Mapping[str, WorkloadModel]
+                 | Callable[[Mapping[str, Any]], WorkloadModel]) -> WorkloadModel:
+    if not isinstance(workloads, Mapping):
+        return workloads(trace.run)
+    wname = str(trace.run.get("workload", ""))
+    if wname not in workloads:
+        raise ValueError(f"{trace_label(trace)}: no workload model for {wname!r}")
+    return workloads[wname]
+
+
+def _fit_stages(samples: Sequence[_Sample], base: DeviceModel, mode: str, notes: list[str]
+                ) -> tuple[dict[str, StageFit], dict[str, StageEfficiency]]:
+    """Each stage kind's fit, and the device's stages with them (``base``'s elsewhere)."""
     fits: dict[str, StageFit] = {}
     stages = dict(base.stages)
     for kind in STAGE_KINDS:
@@ -297,20 +336,25 @@ def fit_device_model(
                                        mem_efficiency=fit.mem_efficiency,
                                        overhead_us=fit.overhead_us, assumed=False,
                                        row_us=base.stages[kind].row_us)
-    measured: tuple[MeasuredTime, ...] = ()
-    if include_measured and single:
-        measured = tuple(
-            MeasuredTime(workload=s.workload, stage=s.kind, layer=s.layer, batch=s.batch,
-                         inverse_method=s.inverse_method, time_us=sig(s.time_us))
-            for s in samples if not s.batchnorm  # not applied to BatchNorm blocks: see
-        )                                        # kfacperf.sim.costs.model
-    labels = tuple(trace_label(t) for t in used)
-    device = DeviceModel(
-        name=name, fp32_tflops=base.fp32_tflops, tf32_tflops=base.tf32_tflops,
-        bf16_tflops=base.bf16_tflops, mem_bandwidth_GBps=base.mem_bandwidth_GBps,
-        stages=stages, mode=mode, measured=measured, capture_overhead=capture,
-        layer_host_us=host,
-        source=f"kfacperf calibrate from {', '.join(labels)}; peaks from {base.name}",
-        description=description or base.description,
-    )
-    return DeviceCalibration(device=device, fits=fits, traces_used=labels, notes=tuple(notes))
+    return fits, stages
+
+
+def _measured_times(samples: Sequence[_Sample], dtypes: set[RunDtypes], notes: list[str]
+                    ) -> tuple[tuple[MeasuredTime, ...], RunDtypes | None]:
+    """The samples as ``[[measured]]`` times, and the dtypes they were measured in; none when
+    the traces were of several precisions (a measured time names no precision)."""
+    if len(dtypes) > 1:
+        notes.append("traces of several precisions (" + ", ".join(sorted(map(str, dtypes)))
+                     + "): no [[measured]] times kept (they name no precision); the fitted "
+                     "efficiencies alone predict")
+        return (), None
+    [only] = dtypes
+    measured = tuple(
+        MeasuredTime(workload=s.workload, stage=s.kind, layer=s.layer, batch=s.batch,
+                     inverse_method=s.inverse_method, time_us=sig(s.time_us))
+        for s in samples if not s.batchnorm  # not applied to BatchNorm blocks: see
+    )                                        # kfacperf.sim.costs.model
+    if only != RunDtypes():
+        notes.append(f"[[measured]] times are of {only} runs: they hold for runs in that "
+                     "precision only")
+    return measured, only

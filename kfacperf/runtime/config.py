@@ -15,7 +15,7 @@ from typing import Any
 
 from kfacperf import vocab as S
 from kfacperf import workload_ref
-from kfacperf.precision import DEFAULT_PRECISION, PRECISIONS
+from kfacperf.runtime.precision import DEFAULT_PRECISION
 from kfacperf.runtime.settings import OptimizerSettings
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -50,7 +50,7 @@ class ProfileConfig(OptimizerSettings):
     keep_heap: bool = True  # see kfacperf.runtime.heap
     timeout_s: float = 60.0
     device: str = "auto"
-    precision: str = DEFAULT_PRECISION  # see kfacperf.precision
+    precision: str = DEFAULT_PRECISION  # see kfacperf.runtime.precision
     seed: int = 0
     telemetry_interval_s: float = 0.1
     nnodes: str = "1"
@@ -97,7 +97,7 @@ class ProfileConfig(OptimizerSettings):
                                                                          S.FISHER_EMP):
             raise ValueError("--bn-blocks and --fisher are K-FAC settings; --optimizer sgd "
                              "takes neither (leave them out, or use --optimizer kfac)")
-        S.check_choice("precision", self.precision, PRECISIONS)
+        S.check_choice("precision", self.precision, S.COMPUTE_DTYPES)
         if self.multi_node and not self.rdzv_endpoint:
             raise ValueError(f"--nnodes {self.nnodes} needs --rdzv-endpoint HOST:PORT")
 

@@ -74,7 +74,7 @@ def instrument(model: nn.Module, optimizer: torch.optim.Optimizer, *, out: str |
         warmup: the first steps, recorded but left out of summaries and fits.
         batch_size: examples per rank per step (default: the first input's first dimension).
         precision: what the loop computes in (``fp32``, ``tf32``, ``bf16`` under autocast;
-            :mod:`kfacperf.precision`), recorded for the simulator with torch's TF32
+            :mod:`kfacperf.runtime.precision`), recorded for the simulator with torch's TF32
             switches as they are; kfacperf changes neither.
         isolate: synchronise around every stage, so each is measured alone.
         keep_heap: keep freed memory in the process (:mod:`kfacperf.runtime.heap`).

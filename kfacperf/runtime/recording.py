@@ -49,7 +49,7 @@ class TraceRecorder:
                  batch_per_rank: int | None, run_extra: Mapping[str, Any] | None = None) -> None:
         import torch.distributed as dist
 
-        from kfacperf import precision
+        from kfacperf.runtime import precision
         from kfacperf.profiler.stage_timer import StageTimer
         from kfacperf.profiler.telemetry import TelemetrySampler, device_info
         from kfacperf.trace import parts as trace_parts

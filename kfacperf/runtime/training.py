@@ -82,7 +82,7 @@ class Trainer:
 
     ``seed`` seeds the labels sampled for the Monte-Carlo Fisher (``fisher="mc"``).
     ``autocast_dtype`` (e.g. ``torch.bfloat16``): run the forward pass and the loss under
-    ``torch.autocast`` with that dtype (see :mod:`kfacperf.precision`); None: as they are.
+    ``torch.autocast`` with that dtype (see :mod:`kfacperf.runtime.precision`); None: as they are.
     """
 
     def __init__(

@@ -42,8 +42,7 @@ def run_worker(config: ProfileConfig) -> None:
     """Run this rank's share of the profile described by ``config``."""
     import torch
 
-    from kfacperf import precision
-    from kfacperf.runtime import distributed, heap
+    from kfacperf.runtime import distributed, heap, precision
 
     heap_policy = heap.keep_heap() if config.keep_heap else heap.DEFAULT
     torch.set_num_threads(config.threads_per_rank)
@@ -63,7 +62,7 @@ def run_worker(config: ProfileConfig) -> None:
 
 
 def _train(config: ProfileConfig, info: Any, run_dir: Path, heap_policy: str) -> None:
-    from kfacperf import precision
+    from kfacperf.runtime import precision
     from kfacperf.runtime.heap import minor_faults
     from kfacperf.runtime.recording import TraceRecorder
     from kfacperf.runtime.training import TrainConfig, Trainer

@@ -134,8 +134,14 @@ def predict(run: Mapping[str, Any], calibration: Calibration, *, label: str = "r
 def simulate_run(run: Mapping[str, Any], calibration: Calibration, *, label: str = "run",
                  workloads: WorkloadFinder | None = None) -> Prediction:
     """The simulator's prediction of the run described by ``run`` (a run.json): its
-    workload, strategy, world size, batch, intervals and communication settings, on the
-    calibrated models.  One row, the run's strategy at its world size."""
+    workload, strategy, world size, batch, intervals, precision and communication settings,
+    on the calibrated models.  One row, the run's strategy at its world size.
+
+    The run computes at the peaks of its precision
+    (:func:`kfacperf.calibrate.run_dtypes.run_dtypes`); the calibration's ``[[measured]]``
+    times, which name no precision, apply only to a run of the precision they were measured
+    in."""
+    from kfacperf.calibrate.run_dtypes import run_dtypes
     from kfacperf.sim.costs.model import CostModel
     from kfacperf.sim.graphs.strategies.common import CommSettings
     from kfacperf.sim.sweep import simulate_with_costs
@@ -150,10 +156,13 @@ def simulate_run(run: Mapping[str, Any], calibration: Calibration, *, label: str
     dtype = str(run.get("comm_dtype") or "fp32")
     symmetric = bool(run.get("symmetric", False))
     cap = float(run.get("bucket_cap_mb", 25.0))
+    dtypes = run_dtypes(run, calibration.device, label=label)
+    measured_in = calibration.fit.measured_dtypes
     cost = CostModel(workload=w, device=calibration.device, cluster=calibration.cluster,
                      inverse_method=method, comm_dtype=dtype, symmetric_factors=symmetric,
                      threads_per_rank=int(run.get("threads_per_rank") or 1),
-                     **fisher_options(run))
+                     use_measured=measured_in is None or measured_in == dtypes,
+                     **dtypes.cost_options(), **fisher_options(run))
     comm = CommSettings(factor_dtype=dtype, symmetric=symmetric, inverse_method=method,
                         factor_bucket_mb=cap, ddp_bucket_mb=cap or 25.0,
                         ddp_first_bucket_mb=cap or 25.0)

@@ -36,9 +36,15 @@ def _kl_clip(text: str) -> float | None:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from kfacperf.precision import DEFAULT_PRECISION, PRECISIONS
     from kfacperf.runtime.config import DEVICES
-    from kfacperf.vocab import COMM_DTYPES, INVERSE_METHODS, OPTIMIZERS, PROFILE_STRATEGIES
+    from kfacperf.runtime.precision import DEFAULT_PRECISION
+    from kfacperf.vocab import (
+        COMM_DTYPES,
+        COMPUTE_DTYPES,
+        INVERSE_METHODS,
+        OPTIMIZERS,
+        PROFILE_STRATEGIES,
+    )
 
     g = parser.add_argument_group("run")
     g.add_argument("--workload", required=True,
@@ -68,10 +74,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--timeout", type=float, default=60.0,
                    help="process-group timeout in seconds (a dead rank becomes an error)")
     g.add_argument("--device", choices=DEVICES, default="auto")
-    g.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
+    g.add_argument("--precision", choices=COMPUTE_DTYPES, default=DEFAULT_PRECISION,
                    help="fp32: IEEE float32 (TF32 off on a GPU); tf32: float32 with TF32 "
                         "matmuls and convolutions; bf16: forward under bfloat16 autocast "
-                        "(see kfacperf.precision)")
+                        "(see kfacperf.runtime.precision)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--telemetry-interval", type=float, default=0.1,
                    help="seconds between NVML samples (GPU only)")

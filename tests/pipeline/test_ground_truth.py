@@ -1,14 +1,21 @@
-"""kfacperf.bench.ground_truth: the plan, its order, the estimates and the time guard."""
+"""kfacperf.pipeline.ground_truth: the plan, its order, the estimates and the time guard."""
 from __future__ import annotations
 
-from dataclasses import replace
+import shlex
+from dataclasses import asdict, replace
+from pathlib import Path
 
 import pytest
 
-from kfacperf.bench import ground_truth as G
 from kfacperf.bench.kernels import Budget
 from kfacperf.cli import build_parser
 from kfacperf.cli.commands.profile import build_config
+from kfacperf.pipeline.ground_truth import checks as C
+from kfacperf.pipeline.ground_truth import plan as G
+from kfacperf.pipeline.ground_truth import report as R
+from kfacperf.pipeline.ground_truth import run as X
+from kfacperf.pipeline.ground_truth.driver import DEFAULT_BUDGET_S
+from kfacperf.pipeline.ground_truth.estimates import CostGuess
 
 
 def test_the_most_valuable_runs_come_first():
@@ -37,17 +44,28 @@ def test_the_most_valuable_runs_come_first():
     assert G.make_plan(replace(G.FULL, nsys=False))[-1].kind == G.PROFILE
 
 
-def test_every_run_is_a_valid_kfacperf_profile_command():
-    for task in G.make_plan(G.FULL):
+def test_the_recorded_command_is_the_run_the_library_makes():
+    """Each run's ``kfacperf profile`` command (what run.json records), parsed by the CLI,
+    gives exactly the ProfileConfig the driver hands the library, its --out aside (relative
+    to the output folder in the command)."""
+    out = Path("/somewhere/gt")
+    settings = replace(G.FULL, workload_options={"image_size": 160, "name": "x y"})
+    for task in G.make_plan(settings):
         if task.run is None:
             continue
-        argv = task.run.argv(G.FULL)
-        config = build_config(build_parser().parse_args(["profile", *argv]))
         r = task.run
+        config = r.profile_config(settings, out)
+        words = shlex.split(config.command)
+        assert words[:2] == ["kfacperf", "profile"]
+        parsed = build_config(build_parser().parse_args(words[1:]))
+        assert {**asdict(parsed), "out": None, "command": None} == {
+            **asdict(config), "out": None, "command": None}, r.name
+        assert parsed.out == f"traces/{r.precision}/{r.name}"  # relative: no machine's paths
+        assert config.out == str(out / parsed.out) and "--force" in words
         assert (config.workload, config.precision, config.batch_size) == (
             "resnet50", r.precision, r.batch)
         assert (config.steps, config.warmup, config.device) == (r.steps, r.warmup, "cuda")
-        assert config.out == f"traces/{r.precision}/{r.name}"  # relative: no machine's paths
+        assert config.workload_options == {"image_size": 160, "name": "x y"}
         if r.optimizer == "kfac":
             assert (config.resolved_strategy, config.inverse_method) == ("spngd", "eigen")
             assert (config.factor_interval, config.inverse_interval) == (
@@ -67,7 +85,7 @@ def test_stale_runs_measure_factor_steps_and_warm_up_past_the_inverse():
 
 
 def test_estimates_learn_from_measured_runs():
-    guess = G.CostGuess()
+    guess = CostGuess()
     run = G.ProfileRun(workload="resnet50", precision="bf16", optimizer="sgd", batch=32,
                        role=G.CALIBRATION, steps=30, warmup=5)
     step = guess.step_s(run, "plain")
@@ -82,68 +100,83 @@ def test_estimates_learn_from_measured_runs():
     assert guess.step_s(inverse, "inverse", corrected=False) > guess.inverse_s
 
 
-def test_what_the_guard_cannot_fit_is_skipped_and_named(tmp_path, monkeypatch):
+def _context(out: Path, settings: G.Settings = G.DRY, **kw) -> X.Context:
+    (out / "logs").mkdir(exist_ok=True)
+    kw.setdefault("budget", Budget(None))
+    kw.setdefault("guess", CostGuess())
+    kw.setdefault("log", lambda s: None)
+    return X.Context(settings=settings, out=out, **kw)
+
+
+def test_what_the_guard_cannot_fit_is_skipped_and_named(tmp_path):
     now = [0.0]
     budget = Budget(100.0, clock=lambda: now[0])
     plan = [G.Task(kind=G.OVERHEAD, name=f"t{i}", tier=1) for i in range(3)]
-    guess = G.CostGuess(overhead_task_s=40.0)
     ran = []
 
-    def fake_overhead(o, settings, out):
+    def fake_overhead(o, ctx):
         ran.append(o.task.name)
         now[0] += 45.0  # each takes a little longer than guessed
 
-    monkeypatch.setattr(G, "_do_overhead", fake_overhead)
-    (tmp_path / "logs").mkdir()
     lines: list[str] = []
     seen = []
-    outcomes = G.execute(plan, G.DRY, tmp_path, budget=budget, guess=guess, log=lines.append,
-                         after_each=lambda so_far: seen.append(len(so_far)))
+    ctx = _context(tmp_path, budget=budget, guess=CostGuess(overhead_task_s=40.0),
+                   log=lines.append)
+    outcomes = X.execute(plan, ctx, after_each=lambda so_far: seen.append(len(so_far)),
+                         runners={G.OVERHEAD: fake_overhead})
     assert ran == ["t0", "t1"]
     assert seen == [1, 2, 3]  # the summary on disk is kept current, skipped tasks included
     assert [o.status for o in outcomes] == ["ok", "ok", "skipped"]
     assert "needs ~40 s, 10 s left" in outcomes[2].detail
     assert "skipped" in lines[-1]
-    text = G.summary_text(outcomes)
+    text = R.summary_text(outcomes)
     assert "2 ok, 0 failed, 1 skipped" in text and "skipped: t2" in text
 
 
-def test_a_failing_task_is_reported_and_the_next_one_runs(tmp_path, monkeypatch):
-    def boom(o, settings, out):
+def test_a_failing_task_is_reported_and_the_next_one_runs(tmp_path):
+    def boom(o, ctx):
         raise RuntimeError("CUDA out of memory")
 
-    monkeypatch.setattr(G, "_do_overhead", boom)
-    (tmp_path / "logs").mkdir()
     plan = [G.Task(kind=G.OVERHEAD, name=n, tier=1) for n in ("a", "b")]
-    outcomes = G.execute(plan, G.DRY, tmp_path, budget=Budget(None), log=lambda s: None)
+    outcomes = X.execute(plan, _context(tmp_path), runners={G.OVERHEAD: boom})
     assert [o.status for o in outcomes] == ["failed", "failed"]
     assert "CUDA out of memory" in outcomes[0].detail
     assert (tmp_path / "logs" / "errors.log").read_text().count(
         "RuntimeError: CUDA out of memory") == 2
 
 
+def test_a_profile_the_library_refuses_fails_its_task_with_the_reason(tmp_path):
+    """A profile run goes through kfacperf.runtime.runner.profile; a run it refuses (here: no
+    CUDA device) fails the task with the library's reason, in the run's log too."""
+    settings = replace(G.DRY, device="cuda")
+    run = next(t for t in G.make_plan(settings) if t.run is not None)
+    [o] = X.execute([run], _context(tmp_path, settings))
+    assert o.status == "failed" and "no CUDA device" in o.detail
+    log = (tmp_path / "logs" / f"{run.run.name}.log").read_text()
+    assert log.startswith("$ kfacperf profile --workload resnet20") and "no CUDA device" in log
+
+
 def test_the_plan_fits_the_budget_on_the_guesses_except_its_tail():
     plan = G.make_plan(G.FULL)
-    guess = G.CostGuess()
+    guess = CostGuess()
     total = sum(guess.task_s(t) for t in plan)
     up_to_kernels = sum(guess.task_s(t) for t in plan if t.tier <= 4)
-    assert up_to_kernels < G.DEFAULT_BUDGET_S < total + 60
-    text = G.plan_text(plan, guess, G.DEFAULT_BUDGET_S)
+    assert up_to_kernels < DEFAULT_BUDGET_S < total + 60
+    text = R.plan_text(plan, guess, DEFAULT_BUDGET_S)
     assert "resnet50-bf16-sgd-b32" in text.splitlines()[1]
     assert "time guard" in text.splitlines()[-1]
 
 
 def test_a_gpu_trace_without_cuda_events_or_telemetry_is_flagged():
-    assert G.check_problems({"timing": "cuda_events", "telemetry_samples": 12}, gpu=True) == []
+    assert C.check_problems({"timing": "cuda_events", "telemetry_samples": 12}, gpu=True) == []
     cpu_like = {"timing": "perf_counter_ns", "telemetry_samples": 0}
-    assert G.check_problems(cpu_like, gpu=True) == [
+    assert C.check_problems(cpu_like, gpu=True) == [
         "timed by perf_counter_ns, not CUDA events", "no NVML telemetry"]
-    assert G.check_problems(cpu_like, gpu=False) == []
+    assert C.check_problems(cpu_like, gpu=False) == []
 
 
 def test_the_nsys_check_is_skipped_where_nsys_is_missing(tmp_path, monkeypatch):
-    monkeypatch.setattr(G.shutil, "which", lambda name: None)
-    (tmp_path / "logs").mkdir()
+    monkeypatch.setattr(X.shutil, "which", lambda name: None)
     task = G.Task(kind=G.NSYS, name="nvtx check under nsys", tier=7)
-    [o] = G.execute([task], G.FULL, tmp_path, budget=Budget(None), log=lambda s: None)
+    [o] = X.execute([task], _context(tmp_path, G.FULL))
     assert (o.status, o.detail) == ("skipped", "nsys is not installed here")

@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from kfacperf import precision
+from kfacperf import vocab
 from kfacperf.cli import main
+from kfacperf.runtime import precision
 from kfacperf.runtime.config import ProfileConfig
 from kfacperf.runtime.training import TrainConfig, Trainer
 from kfacperf.trace.store import load_trace
@@ -35,7 +36,7 @@ def test_float32_math_sets_the_switches_and_restores_them(name, tf32):
 
 
 def test_names_and_autocast_dtype():
-    assert precision.PRECISIONS == ("fp32", "tf32", "bf16")
+    assert vocab.COMPUTE_DTYPES == ("fp32", "tf32", "bf16")
     assert precision.autocast_dtype("bf16") is torch.bfloat16
     assert precision.autocast_dtype("fp32") is None and precision.autocast_dtype("tf32") is None
     with pytest.raises(ValueError, match="fp16"):

@@ -1,6 +1,8 @@
 """The compute precision of a profiled run: ``fp32``, ``tf32`` or ``bf16``.
 
-The names are the simulator's compute dtypes (:data:`kfacperf.sim.models.device.DTYPES`):
+The names are the vocabulary's compute dtypes (:data:`kfacperf.vocab.COMPUTE_DTYPES`, the
+dtypes a device model has a peak rate for; calibration fits a run's forward and backward
+against the peak of its precision):
 
 * ``fp32``: IEEE float32 everywhere.  On a GPU this switches TF32 *off* for cuBLAS matmuls
   and for cuDNN convolutions; note that PyTorch's own default is neither this nor ``tf32``
@@ -15,7 +17,7 @@ The names are the simulator's compute dtypes (:data:`kfacperf.sim.models.device.
 On a CPU the TF32 switches change nothing; ``bf16`` runs CPU autocast.
 
 This module imports torch only inside its functions (the profile configuration, which
-imports :data:`PRECISIONS`, is torch-free).
+imports :data:`DEFAULT_PRECISION`, is torch-free).
 """
 from __future__ import annotations
 
@@ -24,27 +26,27 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
-PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16")
-DEFAULT_PRECISION = "fp32"
+from kfacperf import vocab as S
+
+DEFAULT_PRECISION = S.FP32
 
 
-def check(precision: str) -> str:
-    """``precision`` if it is one of :data:`PRECISIONS`, else a ``ValueError``."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    return precision
+def check(precision: object) -> str:
+    """``precision`` if it is one of :data:`kfacperf.vocab.COMPUTE_DTYPES`, else a
+    ``ValueError`` naming it."""
+    return S.check_choice("precision", precision, S.COMPUTE_DTYPES)
 
 
 def allows_tf32(precision: str) -> bool:
     """Whether float32 matmuls and convolutions may use TF32 under ``precision``."""
-    return check(precision) != "fp32"
+    return check(precision) != S.FP32
 
 
 def autocast_dtype(precision: str) -> Any:
     """The ``torch.autocast`` dtype of the forward pass (None: no autocast)."""
     import torch
 
-    return torch.bfloat16 if check(precision) == "bf16" else None
+    return torch.bfloat16 if check(precision) == S.BF16 else None
 
 
 def autocast(precision: str, device_type: str) -> AbstractContextManager[Any]:
