@@ -10,6 +10,7 @@ from kfacperf import __version__
 from kfacperf.report import matching, sections
 from kfacperf.report.inputs import PredictionData, RunData, load_predictions, load_runs
 from kfacperf.report.page import Section, fmt_ms, fmt_pct, fmt_ratio, render_page
+from kfacperf.safety import atomic_write_text
 
 MAX_BYTES = 8 * 1024 * 1024
 
@@ -72,7 +73,8 @@ def build_report(traces: Sequence[str | Path | RunData], predictions: Sequence[s
                  out: str | Path, validation: pd.DataFrame | None = None, *, title: str | None = None,
                  timeline_step: int | None = None, timeline_gpus: int | None = None) -> Path:
     """Write the report for ``traces`` (trace directories) and ``predictions`` (prediction
-    directories) to ``out`` and return its path.
+    directories) to ``out`` (atomically; the caller decides whether an existing file may be
+    replaced) and return its path.
 
     ``validation`` is an optional table of held-out runs (columns ``run``,
     ``measured_step_us``, ``predicted_step_us`` and optionally ``error_pct`` and more), shown
@@ -94,7 +96,4 @@ def build_report(traces: Sequence[str | Path | RunData], predictions: Sequence[s
     footer = "Inputs: " + ", ".join(inputs) if inputs else ""
     text = render_page(title=title or default_title(runs, preds), subtitle=subtitle, sections=secs,
                        footer=footer)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text, encoding="utf-8")
-    return out
+    return atomic_write_text(out, text)

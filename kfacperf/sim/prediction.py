@@ -106,23 +106,53 @@ def _require(df: pd.DataFrame, columns: tuple[str, ...], path: Path) -> None:
                          f"has {', '.join(map(str, df.columns))}")
 
 
-def write_prediction(pred: Prediction, path: str | Path) -> Path:
-    """Write ``pred`` into directory ``path`` (created; existing files are replaced)."""
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"prediction output {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+PREDICTION_FILES: tuple[str, ...] = (
+    META_FILE, SUMMARY_FILE, STAGE_TIMES_FILE, EVENTS_FILE, CLASSES_FILE)
+
+
+def _holds_trace(path: Path) -> str | None:
+    from kfacperf.trace.schema import PARTS_DIR, RUN_FILE
+
+    if (path / RUN_FILE).exists() or (path / PARTS_DIR).exists():
+        return (f"holds a measured trace ({RUN_FILE}); a prediction never replaces a trace, "
+                "choose another directory")
+    return None
+
+
+def check_prediction_out(path: str | Path, *, force: bool, flag: str = "--out") -> Path:
+    """Check that a prediction may be written into directory ``path``: new or empty, or,
+    with ``force``, an earlier prediction; never a directory holding a measured trace."""
+    from kfacperf.safety import check_output_dir
+
+    return check_output_dir(
+        path, force=force, flag=flag, refuse=_holds_trace,
+        replaceable=lambda p: all(c.name in PREDICTION_FILES for c in p.iterdir()))
+
+
+def write_prediction(pred: Prediction, path: str | Path, *, force: bool = False) -> Path:
+    """Write ``pred`` into directory ``path``: a new or empty directory, or with ``force``
+    an earlier prediction (see :func:`check_prediction_out`).  Each file is written
+    atomically."""
+    from kfacperf.safety import atomic_path, atomic_write_text, dumps_json
+
+    out = check_prediction_out(path, force=force)
     _require(pred.summary, SUMMARY_COLUMNS, out / SUMMARY_FILE)
     _require(pred.stage_times, STAGE_TIME_COLUMNS, out / STAGE_TIMES_FILE)
     _require(pred.events, PREDICTION_EVENT_COLUMNS, out / EVENTS_FILE)
+    out.mkdir(parents=True, exist_ok=True)
     meta = dict(pred.meta)
     meta.setdefault("format", FORMAT)
-    (out / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=False, default=str) + "\n")
-    pred.summary.to_parquet(out / SUMMARY_FILE, index=False, compression="zstd")
-    pred.stage_times.to_parquet(out / STAGE_TIMES_FILE, index=False, compression="zstd")
-    pred.events.to_parquet(out / EVENTS_FILE, index=False, compression="zstd")
+    tables = [(SUMMARY_FILE, pred.summary), (STAGE_TIMES_FILE, pred.stage_times),
+              (EVENTS_FILE, pred.events)]
     if pred.classes is not None:
-        pred.classes.to_parquet(out / CLASSES_FILE, index=False, compression="zstd")
+        tables.append((CLASSES_FILE, pred.classes))
+    else:
+        (out / CLASSES_FILE).unlink(missing_ok=True)
+    for name, df in tables:
+        with atomic_path(out / name) as tmp:
+            df.to_parquet(tmp, index=False, compression="zstd")
+    # the metadata last: a directory with prediction.json is a whole prediction
+    atomic_write_text(out / META_FILE, dumps_json(meta, indent=2, default=str) + "\n")
     return out
 
 

@@ -11,6 +11,9 @@ and its error, and writes the device TOML (with the traces' median per-layer tim
 overhead and the host work between stages, [capture_overhead] and [layer_host_us]).  Peaks
 come from --base (a device preset or TOML); by default from the datasheet preset of the
 traced GPU, or nominal per-thread CPU peaks.
+
+--out never replaces an existing file (a committed preset included) without --force; the
+file is written whole or not at all.
 """
 from __future__ import annotations
 
@@ -39,14 +42,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workload-option", type=key_value, action="append", default=[],
                         metavar="KEY=VALUE",
                         help="an option of --workload (VALUE read as JSON, else as a string)")
-    parser.add_argument("--out", default=None, help="where to write the TOML")
+    parser.add_argument("--out", default=None, help="where to write the TOML (a new file)")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite --out if it exists (a committed preset too)")
     parser.add_argument("--json", action="store_true", help="print the fit as JSON")
 
 
 def _run_workload(args: argparse.Namespace) -> int:
+    from kfacperf.sim.models.presets import check_model_out
     from kfacperf.sim.models.workload import save_workload_model
     from kfacperf.workloads.workload_model import build_workload_model
 
+    if args.out:
+        check_model_out(args.out, force=args.force)
     model = build_workload_model(args.workload, dict(args.workload_option))
     if args.out:
         save_workload_model(model, args.out)
@@ -62,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from kfacperf.errors import UserError
+    from kfacperf.safety import dumps_json
 
     if args.workload:
         if args.traces:
@@ -73,9 +82,12 @@ def run(args: argparse.Namespace) -> int:
     from kfacperf.calibrate.device import fit_device_model
     from kfacperf.sim.models import load_device, workload_for_run
     from kfacperf.sim.models.device import save_device_model
+    from kfacperf.sim.models.presets import check_model_out
     from kfacperf.trace.store import load_trace
     from kfacperf.validation import expand_trace_paths
 
+    if args.out:
+        check_model_out(args.out, force=args.force)
     traces = [load_trace(p) for p in expand_trace_paths(args.traces)]
     for tr in traces:
         if not tr.completed:
@@ -98,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         save_device_model(cal.device, args.out)
     if args.json:
-        print(json.dumps({
+        print(dumps_json({
             "device": cal.device.name, "traces": list(cal.traces_used), "notes": list(cal.notes),
             "fits": {k: f.__dict__ for k, f in cal.fits.items()}, "out": args.out,
         }, indent=1))

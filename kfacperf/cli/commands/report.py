@@ -2,6 +2,8 @@
 
 Example: kfacperf report --trace traces/A --trace traces/B --prediction predictions/P
 --out reports/NAME/index.html
+
+An existing --out (or --screenshot) file is replaced only with --force.
 """
 from __future__ import annotations
 
@@ -26,17 +28,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="also save a PNG of the top of the page (needs chromium)")
     parser.add_argument("--out", default="reports/report/index.html", metavar="FILE",
                         help="HTML file to write (default: %(default)s)")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite --out and --screenshot if they exist")
 
 
 def run(args: argparse.Namespace) -> int:
     from kfacperf.errors import UserError
     from kfacperf.report.build import MAX_BYTES, build_report, headline_text
     from kfacperf.report.inputs import load_predictions, load_runs, load_validation
+    from kfacperf.safety import check_output_file
 
     if not args.traces and not args.predictions:
         raise UserError("give at least one --trace or --prediction")
     if args.timeline_gpus is not None and args.timeline_gpus < 1:
         raise UserError(f"--timeline-gpus must be >= 1, got {args.timeline_gpus}")
+    check_output_file(args.out, force=args.force)
+    if args.screenshot:
+        check_output_file(args.screenshot, force=args.force, flag="--screenshot")
     validation = load_validation(args.validation) if args.validation else None
     runs, predictions = load_runs(args.traces), load_predictions(args.predictions)
     out = build_report(runs, predictions, args.out, validation, title=args.title,

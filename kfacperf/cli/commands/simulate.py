@@ -11,11 +11,14 @@ Models are preset names (``models/<kind>/<name>.toml``) or paths to TOML files. 
 Strategies: ``sgd``, ``spngd``, ``kaisa`` (f from --grad-worker-fraction), ``kaisa:0.5``,
 ``kaisa:1/8``, ``kaisa:mem-opt`` (f = 1/P at every P), ``kaisa:comm-opt``.  What-if flags
 override single values of the models.
+
+Limits: at most 1,048,576 GPUs; a prediction that is not finite (or over a year per step)
+is an error, never a result.  --out must be a new or empty directory; an earlier prediction
+there is replaced only with --force, and a directory holding a measured trace never.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from typing import Any
 
@@ -27,6 +30,8 @@ def parse_gpus(text: str) -> list[int]:
         raise ValueError(f"--gpus {text!r}: no GPU counts")
     out: list[int] = []
 
+    from kfacperf.sim.sweep import MAX_GPUS
+
     def number(p: str) -> int:
         try:
             v = int(p)
@@ -34,6 +39,9 @@ def parse_gpus(text: str) -> list[int]:
             raise ValueError(f"--gpus {text!r}: {p!r} is not a whole number") from None
         if v < 1:
             raise ValueError(f"--gpus {text!r}: number of GPUs must be >= 1, got {v}")
+        if v > MAX_GPUS:
+            raise ValueError(f"--gpus {text!r}: {v:,} GPUs is above the largest simulated, "
+                             f"{MAX_GPUS:,}")
         return v
 
     i = 0
@@ -103,7 +111,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                    help="cost form of reduce-scatter-v / all-gather-v")
     w.add_argument("--threads-per-rank", type=int, help="CPU threads per rank (CPU clusters)")
     o = parser.add_argument_group("output")
-    o.add_argument("--out", help="write the prediction directory here")
+    o.add_argument("--out", help="write the prediction directory here (new or empty)")
+    o.add_argument("--force", action="store_true",
+                   help="replace an earlier prediction in --out (never a measured trace)")
     o.add_argument("--json", action="store_true", help="print the summary as JSON")
     o.add_argument("--no-events", action="store_true",
                    help="skip the per-class event table (smaller, faster)")
@@ -142,15 +152,20 @@ def summary_records(summary: Any) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kfacperf.sim.prediction import write_prediction
+    from kfacperf.safety import dumps_json
+    from kfacperf.sim.graphs.strategies.common import MAX_BUCKET_MB
+    from kfacperf.sim.prediction import check_prediction_out, write_prediction
     from kfacperf.sim.sweep import simulate
 
     gpus = parse_gpus(args.gpus)
     strategies = [s for s in (x.strip() for x in args.strategy.split(",")) if s]
     if not strategies:
         raise ValueError("--strategy: no strategy given")
-    if args.bucket_mb is not None and not args.bucket_mb > 0:
-        raise ValueError(f"--bucket-mb must be > 0, got {args.bucket_mb}")
+    if args.bucket_mb is not None and not 0 < args.bucket_mb <= MAX_BUCKET_MB:
+        raise ValueError(f"--bucket-mb must be > 0 and at most {MAX_BUCKET_MB:g}, "
+                         f"got {args.bucket_mb}")
+    if args.out:
+        check_prediction_out(args.out, force=args.force)  # before the work, not after
     pred = simulate(
         args.workload, args.device, args.cluster, strategies, gpus=gpus,
         batch_per_gpu=args.batch_per_gpu, factor_interval=args.factor_interval,
@@ -160,11 +175,11 @@ def run(args: argparse.Namespace) -> int:
     )
     pred.meta["command"] = "kfacperf simulate " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items())
-        if not k.startswith("_") and k != "command" and v not in (None, False))
+        if not k.startswith("_") and k not in ("command", "force") and v not in (None, False))
     if args.out:
-        write_prediction(pred, args.out)
+        write_prediction(pred, args.out, force=args.force)
     if args.json:
-        print(json.dumps(summary_records(pred.summary), indent=2))
+        print(dumps_json(summary_records(pred.summary), indent=2))
     else:
         m = pred.meta
         print(f"{m['workload']} on {m['device']} / {m['cluster']}, batch {args.batch_per_gpu} "

@@ -42,6 +42,10 @@ PLAIN_STEP = StepKind(name="plain", factor=False, inverse=False)
 STEP_KINDS: tuple[StepKind, ...] = (INVERSE_STEP, FACTOR_STEP, PLAIN_STEP)
 
 
+MAX_BUCKET_MB = 1e6
+"""The largest bucket (1 TB): any larger is one bucket for every model there is."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class CommSettings:
     """How the optimizer communicates (the real optimizer's options and defaults)."""
@@ -64,8 +68,8 @@ class CommSettings:
                              f"{', '.join(INVERSE_METHODS)}")
         for key in ("factor_bucket_mb", "ddp_bucket_mb", "ddp_first_bucket_mb"):
             v = getattr(self, key)
-            if isinstance(v, bool) or not v >= 0:
-                raise ValueError(f"{key} must be >= 0, got {v!r}")
+            if isinstance(v, bool) or not 0 <= v <= MAX_BUCKET_MB:
+                raise ValueError(f"{key} must be from 0 to {MAX_BUCKET_MB:g} MB, got {v!r}")
 
     def factor_elems(self, n: int) -> int:
         return n * (n + 1) // 2 if self.symmetric else n * n
