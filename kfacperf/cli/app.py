@@ -108,14 +108,16 @@ def terminal_safe_output() -> Iterator[None]:
 @contextmanager
 def signals_as_interrupts() -> Iterator[None]:
     """SIGTERM and SIGHUP raise :class:`Terminated` (a KeyboardInterrupt) instead of killing
-    the process, so a command stopped by a scheduler or ``timeout`` cleans up like Ctrl-C."""
+    the process, so a command stopped by a scheduler or ``timeout`` cleans up like Ctrl-C.
+    A signal the parent set to be ignored (``nohup``) stays ignored."""
     def raise_terminated(signum: int, _frame: object) -> None:
         raise Terminated(signum)
 
     saved = {}
     try:
         for sig in (signal.SIGTERM, signal.SIGHUP):
-            saved[sig] = signal.signal(sig, raise_terminated)
+            if signal.getsignal(sig) == signal.SIG_DFL:
+                saved[sig] = signal.signal(sig, raise_terminated)
     except ValueError:  # not the main thread: leave signals alone
         pass
     try:

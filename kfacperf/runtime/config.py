@@ -21,6 +21,9 @@ INVERSE_METHODS = ("eigen", "cholesky")
 DEVICES = ("auto", "cpu", "cuda")
 COMM_DTYPES = ("fp32", "fp16", "bf16")
 
+MAX_TIMEOUT_S = 86400.0
+"""The longest ``--timeout``: a day."""
+
 CRASH_ENV = "KFACPERF_TEST_CRASH_AFTER"
 """Test hook: ``"R:K"`` makes rank R exit abruptly (``os._exit(13)``) right after step K;
 ``"R:exit"`` makes it abort as it leaves, after the run finished."""
@@ -83,6 +86,9 @@ class ProfileConfig(OptimizerSettings):
         for key in ("timeout_s", "damping", "telemetry_interval_s"):
             if not getattr(self, key) > 0:
                 raise bad(key, "must be > 0")
+        if not self.timeout_s <= MAX_TIMEOUT_S:
+            raise ValueError(f"--timeout must be at most {MAX_TIMEOUT_S:g} seconds (a day), "
+                             f"got {self.timeout_s!r}")
         if not 0 < self.grad_worker_fraction <= 1:
             raise bad("grad_worker_fraction", "must be in (0, 1]")
         if self.inverse_method not in INVERSE_METHODS:

@@ -5,7 +5,10 @@ Started by ``torchrun`` (``python -m kfacperf.runtime.worker CONFIG_JSON``), by
 user's own ``torchrun``.  Rank 0 writes ``run.json``; every rank appends its events (and, on a
 GPU, telemetry) to its part files, flushed every step; at the end rank 0 compacts them
 (collecting the parts of ranks on other hosts over the process group) and marks the run
-completed.  A rank that fails leaves ``parts/error-rank<R>.txt`` with its traceback.
+completed.  A rank that fails leaves ``parts/error-rank<R>.txt``: one line saying what
+failed, then the traceback; on the terminal it prints that one line only.  With more than
+one rank a :class:`~kfacperf.runtime.watchdog.Watchdog` ends a rank that finishes no step
+within the process-group timeout plus a grace.
 """
 from __future__ import annotations
 
@@ -41,31 +44,80 @@ def _log(msg: str) -> None:
     print(f"[kfacperf] {msg}", flush=True)
 
 
+def write_error_report(run_dir: Path, rank: int, summary: str, details: str = "") -> Path:
+    """``parts/error-rank<R>.txt``: the one-line ``summary``, then ``details``."""
+    p = error_path(run_dir, rank)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(" ".join(summary.split()) + "\n" + (f"\n{details}" if details else ""))
+    return p
+
+
+def read_error_summary(path: Path) -> str:
+    """The first line of an error report (what failed, in one line)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.readline().strip() or "(empty report)"
+    except OSError as exc:
+        return f"(unreadable report: {exc.strerror or exc})"
+
+
+def exception_summary(exc: BaseException) -> str:
+    """``Type: message`` on one line."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def peer_progress(run_dir: Path, rank: int) -> str:
+    """When each other rank last recorded a step (from its part file), as far as this rank
+    can see them (one node, or a shared file system)."""
+    now = time.time()
+    seen = []
+    for path in sorted((run_dir / PARTS_DIR).glob("events-rank*.arrows")):
+        r = int(path.stem.rsplit("rank", 1)[1])
+        if r != rank:
+            try:
+                seen.append(f"rank {r} {now - path.stat().st_mtime:.0f} s ago")
+            except OSError:
+                continue
+    return "last step recorded: " + ", ".join(seen) if seen else ""
+
+
 def run_worker(config: ProfileConfig) -> None:
     """Run this rank's share of the profile described by ``config``."""
     import torch
 
     from kfacperf.runtime import distributed, heap
+    from kfacperf.runtime.watchdog import Watchdog, limit_for
 
     heap_policy = heap.keep_heap() if config.keep_heap else heap.DEFAULT
     torch.set_num_threads(config.threads_per_rank)
     backend = {"cpu": "gloo", "cuda": "nccl", "auto": None}[config.device]
     info = distributed.init_distributed(backend=backend, timeout_s=config.timeout_s)
     run_dir = Path(config.out)
+    watchdog = None
+    if info.world_size > 1:
+        def stalled(reason: str) -> None:
+            peers = peer_progress(run_dir, info.rank)
+            summary = f"Stalled: rank {info.rank}: {reason}" + (f"; {peers}" if peers else "")
+            write_error_report(run_dir, info.rank, summary)
+            print(f"[kfacperf] rank {info.rank}: error: {summary}", file=sys.stderr, flush=True)
+
+        watchdog = Watchdog(limit_s=limit_for(config.timeout_s), on_stall=stalled)
     try:
-        _train(config, info, run_dir, heap_policy)
-    except BaseException:
+        _train(config, info, run_dir, heap_policy, beat=watchdog.beat if watchdog else None)
+    except BaseException as exc:
         try:
-            p = error_path(run_dir, info.rank)
-            p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_text(traceback.format_exc())
+            write_error_report(run_dir, info.rank, exception_summary(exc), traceback.format_exc())
         finally:
             raise
     finally:
+        if watchdog is not None:
+            watchdog.close()
         distributed.shutdown()
 
 
-def _train(config: ProfileConfig, info: Any, run_dir: Path, heap_policy: str) -> None:
+def _train(config: ProfileConfig, info: Any, run_dir: Path, heap_policy: str, *,
+           beat: Any = None) -> None:
     import torch.distributed as dist
 
     from kfacperf.profiler.stage_timer import StageTimer
@@ -116,7 +168,9 @@ def _train(config: ProfileConfig, info: Any, run_dir: Path, heap_policy: str) ->
     total = config.total_steps
     last_print = 0.0
     t_prev = time.perf_counter()
+    beat = beat or (lambda: None)
     for step in range(total):  # total > warmup: the first measured step always comes
+        beat()
         if step == config.warmup:
             faults_before = minor_faults()
         x, y = batches[step % len(batches)]
@@ -140,6 +194,7 @@ def _train(config: ProfileConfig, info: Any, run_dir: Path, heap_policy: str) ->
     events.close()
     if tel_sink is not None:
         tel_sink.close()
+    beat()
     _finish(config, rank, world, run_dir, token, faults_per_step=faults)
 
 
@@ -215,11 +270,25 @@ def _read_token(parts: Path, rank: int) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """A rank as a process of its own: on failure one line on stderr (the traceback is in
+    the error report) and exit status 1."""
+    from kfacperf.runtime.launch import die_with_parent
+
+    die_with_parent()
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: python -m kfacperf.runtime.worker CONFIG_JSON", file=sys.stderr)
         return 2
-    run_worker(ProfileConfig.from_json(args[0]))
+    config = ProfileConfig.from_json(args[0])
+    try:
+        run_worker(config)
+    except Exception as exc:
+        from kfacperf.safety import terminal_safe
+
+        rank = os.environ.get("RANK", "?")
+        print(f"[kfacperf] rank {rank}: error: {terminal_safe(exception_summary(exc))}",
+              file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
