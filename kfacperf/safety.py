@@ -317,3 +317,28 @@ class TerminalSafeStream:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
+
+
+# --------------------------------------------------------------------------- libraries
+
+SAFE_PYARROW = (14, 0, 1)
+"""The first pyarrow that does not run code from a crafted Parquet file (CVE-2023-47248)."""
+
+
+def check_pyarrow_version(version: str | None = None) -> None:
+    """A :class:`UserError` when the pyarrow in use (or ``version``) predates
+    :data:`SAFE_PYARROW`: traces come from other people, and reading one with such a pyarrow
+    can run code (pyproject requires a fixed release; this guards environments that
+    installed around it)."""
+    if version is None:
+        import pyarrow
+
+        version = pyarrow.__version__
+    numbers = []
+    for part in version.split(".")[:3]:
+        digits = re.match(r"\d+", part)
+        numbers.append(int(digits.group()) if digits else 0)
+    if tuple(numbers + [0] * (3 - len(numbers))) < SAFE_PYARROW:
+        raise UserError(f"pyarrow {version} can run code from a crafted Parquet file "
+                        f"(CVE-2023-47248); install pyarrow >= "
+                        f"{'.'.join(map(str, SAFE_PYARROW))} (pip install -U pyarrow)")

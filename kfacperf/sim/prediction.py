@@ -17,7 +17,6 @@ This module never imports torch.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -158,18 +157,16 @@ def write_prediction(pred: Prediction, path: str | Path, *, force: bool = False)
 
 def load_prediction(path: str | Path) -> Prediction:
     """Read a prediction directory, checking its files and columns."""
-    import pandas as pd
+    from kfacperf.safety import check_pyarrow_version, load_json_file, regular_file
 
+    check_pyarrow_version()
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"prediction directory not found: {root}")
     meta_path = root / META_FILE
     if not meta_path.is_file():
         raise FileNotFoundError(f"not a prediction (no {META_FILE}): {root}")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{meta_path}: not valid JSON ({exc})") from None
+    meta = load_json_file(meta_path, what="prediction file")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{meta_path}: format must be {FORMAT!r}, got "
                          f"{meta.get('format') if isinstance(meta, dict) else meta!r}")
@@ -177,18 +174,28 @@ def load_prediction(path: str | Path) -> Prediction:
     for name, cols in ((SUMMARY_FILE, SUMMARY_COLUMNS), (STAGE_TIMES_FILE, STAGE_TIME_COLUMNS),
                        (EVENTS_FILE, PREDICTION_EVENT_COLUMNS)):
         p = root / name
-        if not p.is_file():
+        if not p.exists():
             raise FileNotFoundError(f"prediction file missing: {p}")
-        df = pd.read_parquet(p)
+        df = _read_table(regular_file(p, what="prediction file"))
         _require(df, cols, p)
         tables[name] = df
     bad = set(tables[EVENTS_FILE]["stage"].astype(str).unique()) - set(STAGE_NAMES)
     if bad:
         raise ValueError(f"{root / EVENTS_FILE}: unknown stage(s) {sorted(bad)}")
     classes = None
-    if (root / CLASSES_FILE).is_file():
-        classes = pd.read_parquet(root / CLASSES_FILE)
+    if (root / CLASSES_FILE).exists():
+        classes = _read_table(regular_file(root / CLASSES_FILE, what="prediction file"))
         _require(classes, CLASS_COLUMNS, root / CLASSES_FILE)
     return Prediction(meta=meta, summary=tables[SUMMARY_FILE],
                       stage_times=tables[STAGE_TIMES_FILE], events=tables[EVENTS_FILE],
                       classes=classes)
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    import pandas as pd
+
+    try:
+        return pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise ValueError(f"{path}: cannot read as Parquet ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:200]})") from None

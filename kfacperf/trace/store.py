@@ -179,9 +179,10 @@ def load_trace(path: str | os.PathLike[str], *, partial: bool = False) -> Trace:
     """
     import pandas as pd
 
-    from kfacperf.safety import regular_file
+    from kfacperf.safety import check_pyarrow_version, regular_file
     from kfacperf.trace import parts as trace_parts
 
+    check_pyarrow_version()
     root = Path(path)
     if not root.exists():
         raise FileNotFoundError(f"trace directory {root} does not exist")
