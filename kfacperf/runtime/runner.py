@@ -66,12 +66,10 @@ def under_torchrun(env: os._Environ[str] | dict[str, str] | None = None) -> bool
 def prepare_out(out: Path, *, force: bool) -> None:
     """Create the trace directory; an existing non-empty one needs ``force`` (and then only
     trace files are removed, nothing else)."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
+    from kfacperf.safety import check_output_dir
+
+    check_output_dir(out, force=force)
     if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise ValueError(f"--out {out} already exists and is not empty; "
-                             "pass --force to overwrite its trace")
         for name in _TRACE_FILES:
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / PARTS_DIR, ignore_errors=True)

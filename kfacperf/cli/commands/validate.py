@@ -97,9 +97,9 @@ def check_out(path: str, *, force: bool = False) -> None:
 
     from kfacperf.safety import check_output_file
 
+    check_output_file(path, force=force)
     if Path(path).suffix.lower() not in (".parquet", ".csv", ".json"):
         raise ValueError(f"--out {path}: use a .parquet, .csv or .json file name")
-    check_output_file(path, force=force)
 
 
 def write_out(result: object, path: str, *, force: bool = False) -> None:
