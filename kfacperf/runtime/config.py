@@ -23,6 +23,8 @@ COMM_DTYPES = ("fp32", "fp16", "bf16")
 
 MAX_TIMEOUT_S = 86400.0
 """The longest ``--timeout``: a day."""
+MAX_NPROC = 1024
+"""The most ranks started on one node (every rank is a process of its own)."""
 
 CRASH_ENV = "KFACPERF_TEST_CRASH_AFTER"
 """Test hook: ``"R:K"`` makes rank R exit abruptly (``os._exit(13)``) right after step K;
@@ -86,6 +88,9 @@ class ProfileConfig(OptimizerSettings):
         for key in ("timeout_s", "damping", "telemetry_interval_s"):
             if not getattr(self, key) > 0:
                 raise bad(key, "must be > 0")
+        if self.nproc > MAX_NPROC:
+            raise ValueError(f"--nproc must be at most {MAX_NPROC} (processes on this node), "
+                             f"got {self.nproc}")
         if not self.timeout_s <= MAX_TIMEOUT_S:
             raise ValueError(f"--timeout must be at most {MAX_TIMEOUT_S:g} seconds (a day), "
                              f"got {self.timeout_s!r}")

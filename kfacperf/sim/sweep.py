@@ -149,7 +149,9 @@ def simulate_with_costs(
             memory = step.memory()
         return _Point(spec, p, steps, memory)
 
-    points = [run_point(s, p) for s in specs for p in gpu_list]
+    # inputs out of range make infinities; check_summary_finite reports them, numpy need not
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        points = [run_point(s, p) for s in specs for p in gpu_list]
     single: dict[str, float] = {}
     for s in specs:
         base = next((pt for pt in points if pt.spec == s and pt.gpus == 1), None)

@@ -119,6 +119,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                    help="skip the per-class event table (smaller, faster)")
 
 
+MAX_SCALE = 1e6
+"""What-if scales (--bandwidth-scale, ...) lie between 1/MAX_SCALE and MAX_SCALE."""
+
+
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"inverse_method": args.inverse_method}
     pairs = (("bandwidth_scale", "bandwidth_scale"), ("latency_scale", "alpha_scale"),
@@ -127,9 +131,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     for flag, option in pairs:
         value = getattr(args, flag)
         if value is not None:
-            if isinstance(value, float) and not (math.isfinite(value) and value > 0):
-                raise ValueError(f"--{flag.replace('_', '-')} must be a positive number, "
-                                 f"got {value}")
+            if isinstance(value, float) and not (math.isfinite(value) and
+                                                 1 / MAX_SCALE <= value <= MAX_SCALE):
+                raise ValueError(f"--{flag.replace('_', '-')} must be a number from "
+                                 f"{1 / MAX_SCALE:g} to {MAX_SCALE:g}, got {value}")
             out[option] = value
     if args.symmetric_factors:
         out["symmetric_factors"] = True
