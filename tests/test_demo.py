@@ -20,6 +20,7 @@ import tomllib
 
 from kfacperf.pipeline import DemoConfig, run_demo
 from kfacperf.pipeline.config import KIB, MIB
+from kfacperf.plan import load_convergence
 from kfacperf.sim.models.presets import models_dir
 
 pytestmark = pytest.mark.slow
@@ -59,6 +60,7 @@ def test_demo_end_to_end(tmp_path, monkeypatch):
         workload="mlp", workload_options=OPTIONS, strategies=("spngd",), steps=2, warmup=1,
         batch_size=8, out=str(out), commbench_sizes=(4 * KIB, 1 * MIB), commbench_reps=2,
         commbench_warmup=1, scale_gpus=(1, 8, 4096), whatif_bandwidth=(0.5,),
+        plan_gpus=(8, 1024),
     )
     stream = io.StringIO()
     result = run_demo(config, stream=stream)
@@ -66,8 +68,9 @@ def test_demo_end_to_end(tmp_path, monkeypatch):
 
     # one progress line per phase, each with its time
     phase_lines = [ln for ln in printed.splitlines() if re.match(r"\[\d+/\d+\] ", ln)]
-    assert len(phase_lines) == 10 and all(re.search(r"\d+\.\d s ", ln) for ln in phase_lines)
-    assert [p.name for p in result.phases][-1] == "report" and len(result.phases) == 10
+    assert len(phase_lines) == 11 and all(re.search(r"\d+\.\d s ", ln) for ln in phase_lines)
+    assert [p.name for p in result.phases][-2:] == ["plan resnet50 on abci-v100", "report"]
+    assert len(result.phases) == 11
 
     # the page
     assert result.report == out / "index.html" and result.report.is_file()
@@ -84,18 +87,18 @@ def test_demo_end_to_end(tmp_path, monkeypatch):
         assert (run["world_size"], run["strategy"], run["batch_per_rank"]) == (nproc, strategy, 8)
         assert run["completed"] is True and run["threads_per_rank"] == 1
         assert run["workload_options"] == OPTIONS and "kfacperf profile" in run["command"]
+    # (every step of a 1/1 run does the same work, so the median step; as kfacperf validate)
     for r in result.runs:
         key = (r.strategy, r.nproc)
-        assert r.measured_step_us == pytest.approx(times[key].mean(), rel=1e-9)
+        assert r.measured_step_us == pytest.approx(times[key].median(), rel=1e-9)
         assert r.role == ("calibration" if r.nproc == 1 else "held out")
         if r.strategy == "spngd":
             assert r.measured_overhead == pytest.approx(
-                times[key].mean() / times[("sgd", r.nproc)].mean(), rel=1e-9)
+                times[key].median() / times[("sgd", r.nproc)].median(), rel=1e-9)
         else:
             assert math.isnan(r.measured_overhead)
 
-    # held-out runs: measured as the median step (every step of a 1/1 run does the same
-    # work), predicted as the local prediction file has it for that strategy and world size
+    # held-out runs: measured as above, the same number as the runs' table, predicted as the local prediction file has it for that strategy and world size
     local = pd.read_parquet(out / "predictions" / "mlp-local" / "summary.parquet")
     assert sorted(local["gpus"].unique()) == [1, 2]
     assert [(h.strategy, h.nproc) for h in result.held_out] == [("sgd", 2), ("spngd", 2)]
@@ -104,6 +107,8 @@ def test_demo_end_to_end(tmp_path, monkeypatch):
         predicted = float(_row(local, h.strategy, h.nproc)["step_us"])
         assert h.name == f"mlp-{h.strategy}-p{h.nproc}"
         assert h.measured_step_us == pytest.approx(measured, rel=1e-9)
+        run_row = next(r for r in result.runs if (r.strategy, r.nproc) == (h.strategy, h.nproc))
+        assert h.measured_step_us == pytest.approx(run_row.measured_step_us, rel=1e-12)
         assert h.predicted_step_us == pytest.approx(predicted, rel=1e-6)
         assert h.error_pct == pytest.approx((predicted - measured) / measured * 100, rel=1e-6)
 
@@ -148,5 +153,24 @@ def test_demo_end_to_end(tmp_path, monkeypatch):
         assert row["predicted_step_us"] == pytest.approx(h.predicted_step_us, rel=1e-12)
     assert sorted(held["calibration"]["traces"]) == sorted(
         str(traces[k]) for k in (("sgd", 1), ("spngd", 1)))
+
+    # the plan: time to solution = steps at the global batch x step time, from plan.json
+    plan = json.loads((out / "plan.json").read_text())
+    assert saved["plan"] == str(out / "plan.json") and "Plan: time to solution" in html
+    steps = {"sgd": load_convergence("mlperf-v0.7-lars-resnet50"),
+             "kfac": load_convergence("spngd-resnet50")}
+    assert {(c["gpus"], c["strategy"] == "sgd") for c in plan["best"]} == {
+        (8, True), (8, False), (1024, True), (1024, False)}
+    for c in plan["best"]:
+        model = steps["sgd" if c["strategy"] == "sgd" else "kfac"]
+        assert c["global_batch"] == c["gpus"] * 32
+        assert c["steps"] == pytest.approx(model.at(c["global_batch"]).steps, rel=1e-12)
+        assert c["time_s"] == pytest.approx(c["steps"] * c["step_us"] / 1e6, rel=1e-12)
+        assert c["gpu_hours"] == pytest.approx(c["gpus"] * c["time_s"] / 3600, rel=1e-12)
+        assert c["memory"]["total"] <= 16e9
+        row = next(ln for ln in lines if ln.strip().startswith(f"{c['gpus']:,} "))
+        assert f"{c['step_us'] / 1e3:,.1f}" in row
+    spngd = next(c for c in plan["best"] if c["gpus"] == 1024 and c["strategy"] != "sgd")
+    assert spngd["steps"] == 1760  # SP-NGD Table 1 at 32,768
 
     assert _snapshot(models_dir()) == committed  # committed presets untouched

@@ -61,6 +61,8 @@ def test_out_inside_models_and_bad_presets_fail_before_anything_runs(tmp_path, m
             ClusterTarget(cluster="no-such-cluster", device="h100"),)))
     with pytest.raises(ValueError, match="unknown workload 'nope'"):
         run_demo(quick_config(out=str(out), workload="nope"))
+    with pytest.raises(ValueError, match="unknown convergence preset 'nope'"):
+        run_demo(quick_config(out=str(out), plan_convergence=("nope",)))
     assert not out.exists()
 
 

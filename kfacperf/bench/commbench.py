@@ -25,7 +25,7 @@ output, broadcast payload.
 
 When ranks share CPU cores, each launch also times representative work of every compute
 stage kind on rank 0 alone and on all ranks at once (:mod:`kfacperf.bench.probe`); the
-ratios are the compute slowdowns the cluster model's ``contention`` (all kinds together) and
+ratios are the compute slowdowns the host model's ``contention`` (all kinds together) and
 ``contention_by_stage`` describe.  On a shared virtual machine that slowdown changes from
 minute to minute (the host moves the virtual CPUs), so a probe taken once may describe another
 minute than the runs it should predict: ``collectives=False`` measures only the slowdown, and
@@ -34,39 +34,33 @@ minute than the runs it should predict: ``collectives=False`` measures only the 
 API::
 
     CommbenchConfig(*, world_sizes, sizes, ops, reps, warmup, backend, timeout_s, contention,
-                    collectives, timing)
+                    collectives, timing, nnodes, nproc_per_node, rdzv_endpoint, rdzv_id)
     run_commbench(config, *, progress=print)
         -> CommbenchResult(.points, .slowdowns, .stage_slowdowns, .probes, .stragglers,
                            .comm_slowdowns, .backend)
+
+With ``config.nnodes`` > 1 the run spans nodes: one torchrun job whose groups within a node
+and across nodes give both network tiers (:mod:`kfacperf.bench.multinode`).  How a repetition
+times a call is :mod:`kfacperf.bench.timing`.
 
 The fits (alpha-beta per collective, contention, straggler, comm contention) are in
 :mod:`kfacperf.calibrate.cluster`.
 """
 from __future__ import annotations
 
-import math
 import os
 import queue as queue_mod
 import statistics
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-from kfacperf.bench.results import (
-    ALL,
-    COMM_AFTER_COMPUTE,
-    DEFAULT_SIZES,
-    STRAGGLER,
-    TIMINGS,
-    CommbenchResult,
-    Point,
-)
+from kfacperf.bench.config import CommbenchConfig
+from kfacperf.bench.multinode import run_across_nodes
+from kfacperf.bench.results import PROBE_TABLES, CommbenchResult, Point, probe_tables
+from kfacperf.bench.timing import resolve_timing, time_points
 from kfacperf.runtime.net import free_port
-from kfacperf.sim.models.cluster import OPS
-
-ELEM = 4  # fp32
 
 
 def default_world_sizes(backend: str) -> tuple[int, ...]:
@@ -84,91 +78,7 @@ def default_world_sizes(backend: str) -> tuple[int, ...]:
     return tuple(p for p in (2, 4, 8) if p <= max(2, limit))
 
 
-
-
-@dataclass(frozen=True, kw_only=True)
-class CommbenchConfig:
-    world_sizes: tuple[int, ...] | None = None  # None: default_world_sizes(backend)
-    sizes: tuple[int, ...] = DEFAULT_SIZES
-    ops: tuple[str, ...] = OPS
-    reps: int = 5
-    warmup: int = 2
-    backend: str = "auto"
-    timeout_s: float = 120.0
-    contention: bool = True
-    collectives: bool = True  # False: only the contention probe
-    timing: str = "auto"  # per_call | batched | auto (per_call on gloo, batched on NCCL)
-
-    def __post_init__(self) -> None:
-        if not (self.collectives or self.contention):
-            raise ValueError("nothing to measure: neither collectives nor contention")
-        if self.world_sizes is not None and (
-            not self.world_sizes or any(p < 2 for p in self.world_sizes)
-        ):
-            raise ValueError(f"world sizes must be >= 2, got {list(self.world_sizes)}")
-        if not self.sizes or any(s < 1 for s in self.sizes):
-            raise ValueError(f"sizes must be >= 1 byte, got {list(self.sizes)}")
-        bad = [op for op in self.ops if op not in OPS]
-        if bad or not self.ops:
-            raise ValueError(f"unknown collective(s) {bad}; known: {', '.join(OPS)}")
-        if self.reps < 1 or self.warmup < 0:
-            raise ValueError("reps must be >= 1 and warmup >= 0")
-        if self.backend not in ("auto", "gloo", "nccl"):
-            raise ValueError(f"backend must be auto, gloo or nccl, got {self.backend!r}")
-        if self.timeout_s <= 0:
-            raise ValueError("timeout_s must be > 0")
-        if self.timing not in ("auto",) + TIMINGS:
-            raise ValueError(f"timing must be auto, {' or '.join(TIMINGS)}, got {self.timing!r}")
-
-
-def resolve_timing(timing: str, backend: str) -> str:
-    """``auto``: one call per repetition on gloo, back-to-back calls on NCCL."""
-    if timing != "auto":
-        return timing
-    return "batched" if backend == "nccl" else "per_call"
-
-
-INNER_TARGET_US = 3000.0
-"""Back-to-back calls per repetition fill about this much time (at most 20 calls)."""
-
-
-def calls_per_repetition(timing: str, one_call_us: float) -> int:
-    """Calls timed together in one repetition: one alone (``per_call``), or back to back
-    filling about :data:`INNER_TARGET_US` (``batched``, at most 20)."""
-    if timing == "per_call":
-        return 1
-    if timing != "batched":
-        raise ValueError(f"timing must be one of {', '.join(TIMINGS)}, got {timing!r}")
-    return max(1, min(20, round(INNER_TARGET_US / max(one_call_us, 1.0))))
-
-
-def _numel(op: str, nbytes: int, world: int) -> int:
-    """Elements of the full buffer, a multiple of ``world`` so blocks are even."""
-    per_rank = max(1, math.ceil(nbytes / ELEM / world))
-    return per_rank * world
-
-
 # --------------------------------------------------------------------------- worker side
-def _make_call(op: str, numel: int, world: int, rank: int, device: Any) -> Callable[[], None]:
-    import torch
-    import torch.distributed as dist
-
-    if op == "all_reduce":
-        buf = torch.ones(numel, device=device)
-        return lambda: dist.all_reduce(buf)
-    if op == "broadcast":
-        buf = torch.ones(numel, device=device)
-        return lambda: dist.broadcast(buf, src=0)
-    block = numel // world
-    if op == "reduce_scatter":
-        inputs = [torch.ones(block, device=device) for _ in range(world)]
-        out = torch.empty(block, device=device)
-        return lambda: dist.reduce_scatter(out, inputs)
-    local = torch.ones(block, device=device)
-    outs = [torch.empty(block, device=device) for _ in range(world)]
-    return lambda: dist.all_gather(outs, local)
-
-
 def _worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: Any) -> None:
     import torch
     import torch.distributed as dist
@@ -197,32 +107,14 @@ def _worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: Any) -> 
             slowdown = measure_slowdowns(rank, device)
         points = ([(op, nbytes) for op in cfg["ops"] for nbytes in cfg["sizes"]]
                   if cfg["collectives"] else [])
-        calls, inners = [], []
-        for op, nbytes in points:
-            call = _make_call(op, _numel(op, nbytes, world), world, rank, device)
-            for _ in range(cfg["warmup"]):
-                call()
-            sync()
-            dist.barrier()
-            t0 = time.perf_counter()
-            call()
-            sync()
-            once = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-            dist.all_reduce(once, op=dist.ReduceOp.MAX)  # every rank picks the same count
-            calls.append(call)
-            inners.append(calls_per_repetition(cfg["timing"], float(once.item()) * 1e6))
-        times: list[list[float]] = [[] for _ in points]
-        for rep in range(cfg["reps"] if points else 0):
-            for i, (call, inner) in enumerate(zip(calls, inners)):
-                dist.barrier()
-                sync()
-                t0 = time.perf_counter()
-                for _ in range(inner):
-                    call()
-                sync()
-                times[i].append((time.perf_counter() - t0) / inner * 1e6)
+
+        def on_rep(rep: int) -> None:
             if rank == 0:
-                out.put(("progress", world, rep + 1, cfg["reps"]))
+                out.put(("progress", world, rep, cfg["reps"]))
+
+        times = time_points(points, ranks=range(world), rank=rank, group=None, device=device,
+                            sync=sync, timing=cfg["timing"], reps=cfg["reps"],
+                            warmup=cfg["warmup"], on_rep=on_rep)
         out.put(("result", rank, times, slowdown))
         dist.barrier()
         dist.destroy_process_group()
@@ -232,6 +124,9 @@ def _worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: Any) -> 
 
 # --------------------------------------------------------------------------- parent side
 def resolve_backend(backend: str) -> str:
+    """``auto``: NCCL where this machine has two GPUs or more, else gloo."""
+    if backend == "gloo":
+        return backend  # without importing torch (a few seconds) in the launcher
     import torch
 
     if backend == "auto":
@@ -289,31 +184,23 @@ def _launch(world: int, cfg: dict[str, Any], progress: Callable[[str], None]
 
 def run_commbench(config: CommbenchConfig, *, progress: Callable[[str], None] = print
                   ) -> CommbenchResult:
-    """Measure every (world size, collective, size) of ``config``."""
+    """Measure every (world size, collective, size) of ``config``; across nodes (``nnodes``
+    > 1) every group of :func:`kfacperf.bench.multinode.plan_groups` in one torchrun job."""
     backend = resolve_backend(config.backend)
     timing = resolve_timing(config.timing, backend)
+    if config.multi_node:
+        return run_across_nodes(config, backend=backend, timing=timing, progress=progress)
     cfg = {"backend": backend, "timing": timing, "ops": list(config.ops),
            "sizes": list(config.sizes), "reps": config.reps, "warmup": config.warmup,
            "timeout_s": config.timeout_s,
            "contention": config.contention, "collectives": config.collectives}
     points: list[Point] = []
-    slowdowns: dict[int, float] = {}
-    stage_slowdowns: dict[int, dict[str, float]] = {}
-    probes: dict[int, int] = {}
-    stragglers: dict[int, float] = {}
-    comm_slowdowns: dict[int, float] = {}
+    tables: dict[str, dict[int, Any]] = {k: {} for k in PROBE_TABLES}
     for world in config.world_sizes or default_world_sizes(backend):
         progress(f"commbench: {world} ranks, backend {backend}")
         per_rank, slowdown = _launch(world, cfg, progress)
-        if slowdown and not math.isnan(slowdown[ALL]):
-            slowdowns[world] = slowdown[ALL]
-            stage_slowdowns[world] = {k: v for k, v in slowdown.items()
-                                      if k not in (ALL, STRAGGLER, COMM_AFTER_COMPUTE)}
-            probes[world] = 1
-            if STRAGGLER in slowdown and math.isfinite(slowdown[STRAGGLER]):
-                stragglers[world] = slowdown[STRAGGLER]
-            if COMM_AFTER_COMPUTE in slowdown and math.isfinite(slowdown[COMM_AFTER_COMPUTE]):
-                comm_slowdowns[world] = slowdown[COMM_AFTER_COMPUTE]
+        for key, values in probe_tables(world, slowdown).items():
+            tables[key].update(values)
         i = 0
         for op in config.ops if config.collectives else ():
             for nbytes in config.sizes:
@@ -323,6 +210,4 @@ def run_commbench(config: CommbenchConfig, *, progress: Callable[[str], None] = 
                                     timing=timing))
                 i += 1
     cores = (os.cpu_count() or 1) if backend == "gloo" else 0
-    return CommbenchResult(backend=backend, points=tuple(points), slowdowns=slowdowns, cores=cores,
-                           stage_slowdowns=stage_slowdowns, probes=probes,
-                           stragglers=stragglers, comm_slowdowns=comm_slowdowns)
+    return CommbenchResult(backend=backend, points=tuple(points), cores=cores, **tables)

@@ -43,8 +43,9 @@ last rank's completion (``perf_counter`` is one clock for the processes of a hos
 API::
 
     stage_workloads(device) -> dict[kind, Callable[[], None]]
-    measure_slowdowns(rank, device) -> dict[kind | "all" | "straggler" | "comm_after_compute",
-                                            float]   (NaN on ranks other than 0)
+    measure_slowdowns(rank, device, group=None)
+        -> dict[kind | "all" | "straggler" | "comm_after_compute", float]
+           (``rank`` within ``group``, the ranks sharing a node; NaN on ranks other than 0)
     straggler_of(per_rank_step_times) -> float
     call_costs(per_rank_issue_and_done) -> list[float]
 """
@@ -127,8 +128,9 @@ def stage_workloads(device: Any) -> dict[str, Callable[[], None]]:
     return work
 
 
-def measure_slowdowns(rank: int, device: Any) -> dict[str, float]:
-    """Per stage kind (and ``"all"``): mean joint time over mean solo time, on rank 0."""
+def measure_slowdowns(rank: int, device: Any, group: Any = None) -> dict[str, float]:
+    """Per stage kind (and ``"all"``): mean joint time over mean solo time, on rank 0 of
+    ``group`` (None: the whole job), whose ranks share a node."""
     import torch
     import torch.distributed as dist
 
@@ -140,7 +142,7 @@ def measure_slowdowns(rank: int, device: Any) -> dict[str, float]:
         fn()
         counts.append(max(1, round(PHASE_S / max(time.perf_counter() - t0, 1e-7))))
     calls = torch.tensor(counts)
-    dist.all_reduce(calls, op=dist.ReduceOp.MAX)  # every rank does the same number of calls
+    dist.all_reduce(calls, op=dist.ReduceOp.MAX, group=group)  # the same number of calls
     n = [int(c) for c in calls.tolist()]
 
     def phase(fn: Callable[[], None], reps: int) -> float:
@@ -153,15 +155,15 @@ def measure_slowdowns(rank: int, device: Any) -> dict[str, float]:
     joint: dict[str, list[float]] = {k: [] for k in work}
     for _ in range(ROUNDS):
         for (kind, fn), reps in zip(work.items(), n):
-            dist.barrier()
+            dist.barrier(group=group)
             if rank == 0:
                 solo[kind].append(phase(fn, reps))
-            dist.barrier()
+            dist.barrier(group=group)
             joint[kind].append(phase(fn, reps))
     mine = torch.tensor([statistics.mean(joint[k]) for k in work], dtype=torch.float64)
-    dist.all_reduce(mine, op=dist.ReduceOp.MAX)  # the slowest rank's joint time
-    straggler = _straggler(work[S.FORWARD], work[S.BACKWARD])
-    comm = _comm_after_compute(device, work[S.FORWARD], work[S.BACKWARD])
+    dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=group)  # the slowest rank's joint time
+    straggler = _straggler(work[S.FORWARD], work[S.BACKWARD], group)
+    comm = _comm_after_compute(device, work[S.FORWARD], work[S.BACKWARD], group)
     if rank != 0:
         return {k: float("nan") for k in (*work, ALL, STRAGGLER, COMM_AFTER_COMPUTE)}
     solo_mean = [statistics.mean(solo[k]) for k in work]
@@ -172,43 +174,44 @@ def measure_slowdowns(rank: int, device: Any) -> dict[str, float]:
     return out
 
 
-def _straggler(forward: Callable[[], None], backward: Callable[[], None]) -> float:
+def _straggler(forward: Callable[[], None], backward: Callable[[], None], group: Any) -> float:
     """Mean (slowest - mean) / mean over :data:`STEP_ROUNDS` synchronised steps, all ranks."""
     import torch
     import torch.distributed as dist
 
     times = []
     for _ in range(STEP_ROUNDS):
-        dist.barrier()
+        dist.barrier(group=group)
         t0 = time.perf_counter()
         forward()
         backward()
         times.append(time.perf_counter() - t0)
     mine = torch.tensor(times, dtype=torch.float64)
-    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(every, mine)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, mine, group=group)
     return straggler_of([t.tolist() for t in every])
 
 
 def _comm_after_compute(device: Any, forward: Callable[[], None],
-                        backward: Callable[[], None]) -> float:
+                        backward: Callable[[], None], group: Any) -> float:
     """Mean collective cost right after compute over right after a barrier (all ranks)."""
     import torch
     import torch.distributed as dist
 
-    world = dist.get_world_size()
+    world = dist.get_world_size(group)
     n = max(1, COMM_BYTES // 4 // world)
     buf = torch.ones(n * world, device=device)
     blocks = [torch.ones(n, device=device) for _ in range(world)]
     out = torch.empty(n, device=device)
     gathered = [torch.empty(n, device=device) for _ in range(world)]
-    calls = [lambda: dist.all_reduce(buf), lambda: dist.reduce_scatter(out, blocks),
-             lambda: dist.all_gather(gathered, out)]
+    calls = [lambda: dist.all_reduce(buf, group=group),
+             lambda: dist.reduce_scatter(out, blocks, group=group),
+             lambda: dist.all_gather(gathered, out, group=group)]
     stamps: dict[bool, list[float]] = {False: [], True: []}  # after compute? -> issue, done
     for _ in range(COMM_ROUNDS):
         for call in calls:
             for after_compute in (False, True):
-                dist.barrier()
+                dist.barrier(group=group)
                 if after_compute:
                     forward()
                     backward()
@@ -217,7 +220,7 @@ def _comm_after_compute(device: Any, forward: Callable[[], None],
                 stamps[after_compute] += [t0, time.perf_counter()]
     mine = torch.tensor(stamps[False] + stamps[True], dtype=torch.float64)
     every = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(every, mine)
+    dist.all_gather(every, mine, group=group)
     half = len(stamps[False])
     costs = [call_costs([t[:half].tolist() for t in every]),
              call_costs([t[half:].tolist() for t in every])]

@@ -85,7 +85,11 @@ def result_from_dict(data: Any, *, source: str = "raw data") -> CommbenchResult:
                             time_us=_time_us(p),
                             reps=p.int("reps", minimum=1),
                             timing=p.str("timing", choices=TIMINGS) if p.has("timing")
-                            else "batched"))
+                            else "batched",
+                            nodes=p.int("nodes", minimum=1) if p.has("nodes") else 1))
+        if points[-1].nodes > points[-1].world_size:
+            raise p.error("nodes", f"a group of {points[-1].world_size} ranks cannot span "
+                                   f"{points[-1].nodes} nodes")
         p.done()
     slowdowns = {w: t.float(k, positive=True, maximum=MAX_SLOWDOWN)
                  for w, t, k in _world_table(root, "slowdowns")}
@@ -134,19 +138,19 @@ def merge_results(results: Sequence[CommbenchResult]) -> CommbenchResult:
     backends = sorted({r.backend for r in results})
     if len(backends) > 1:
         raise ValueError(f"cannot merge measurements of different backends: {backends}")
-    times: dict[tuple[str, int, int], list[Point]] = defaultdict(list)
+    times: dict[tuple[str, int, int, int], list[Point]] = defaultdict(list)
     for r in results:
         for p in r.points:
-            times[(p.op, p.world_size, p.nbytes)].append(p)
-    for (op, w, n), ps in times.items():
+            times[(p.op, p.world_size, p.nodes, p.nbytes)].append(p)
+    for (op, w, _, n), ps in times.items():
         timings = sorted({p.timing for p in ps})
         if len(timings) > 1:
             raise ValueError(f"cannot merge {op} of {n} bytes on {w} ranks timed as "
                              f"{' and '.join(timings)}: measure every file with one --timing")
     points = tuple(Point(op=op, world_size=w, nbytes=n,
                          time_us=sum(p.time_us * p.reps for p in ps) / sum(p.reps for p in ps),
-                         reps=sum(p.reps for p in ps), timing=ps[0].timing)
-                   for (op, w, n), ps in times.items())
+                         reps=sum(p.reps for p in ps), timing=ps[0].timing, nodes=nodes)
+                   for (op, w, nodes, n), ps in times.items())
     # (world size, what) -> (probes, value) of every file that measured it
     samples: dict[tuple[int, str], list[tuple[int, float]]] = defaultdict(list)
     for r in results:

@@ -6,6 +6,8 @@ processes or import torch.
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -32,6 +34,7 @@ class Point:
     time_us: float  # mean over repetitions of the slowest rank's time per call
     reps: int
     timing: str = "batched"  # how a repetition timed (TIMINGS); files before it: batched
+    nodes: int = 1  # nodes the group spans (ranks spread evenly, consecutive on a node)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,6 +60,28 @@ class CommbenchResult:
                 "probes": {str(k): v for k, v in self.probes.items()},
                 "stragglers": {str(k): v for k, v in self.stragglers.items()},
                 "comm_slowdowns": {str(k): v for k, v in self.comm_slowdowns.items()}}
+
+
+PROBE_TABLES = ("slowdowns", "stage_slowdowns", "probes", "stragglers", "comm_slowdowns")
+"""The :class:`CommbenchResult` fields a contention probe fills, per world size."""
+
+
+def probe_tables(world: int, probe: Mapping[str, float]) -> dict[str, dict[int, Any]]:
+    """What one probe of ``world`` ranks sharing a node (:func:`kfacperf.bench.probe.
+    measure_slowdowns` on its rank 0) adds to each of :data:`PROBE_TABLES`; nothing for a probe
+    that measured nothing."""
+    out: dict[str, dict[int, Any]] = {k: {} for k in PROBE_TABLES}
+    if not probe or math.isnan(probe[ALL]):
+        return out
+    out["slowdowns"][world] = probe[ALL]
+    out["stage_slowdowns"][world] = {k: v for k, v in probe.items()
+                                     if k not in (ALL, STRAGGLER, COMM_AFTER_COMPUTE)}
+    out["probes"][world] = 1
+    if STRAGGLER in probe and math.isfinite(probe[STRAGGLER]):
+        out["stragglers"][world] = probe[STRAGGLER]
+    if COMM_AFTER_COMPUTE in probe and math.isfinite(probe[COMM_AFTER_COMPUTE]):
+        out["comm_slowdowns"][world] = probe[COMM_AFTER_COMPUTE]
+    return out
 
 
 def parse_size(text: str) -> int:

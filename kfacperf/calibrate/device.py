@@ -2,17 +2,17 @@
 
 API::
 
-    exclusive_compute_times(events) -> DataFrame      (rank, step, stage, layer, dur_us)
     fit_device_model(traces, *, workloads, base=None, name, include_measured=True, mode=None)
         -> DeviceCalibration(.device, .fits: {kind: StageFit}, .traces_used, .notes)
     base_device_for(run) -> DeviceModel               (peaks to fit efficiencies against)
 
 (Collectives are fitted in :mod:`kfacperf.calibrate.alpha_beta`.)
 
-Per stage kind ``k``, every (trace, stage, layer) gives one sample: the median
-over steps and ranks of the stage's *exclusive* time (time of compute stages nested inside it,
-such as the factor statistics computed in backward hooks, is subtracted; occurrences of one
-(stage, layer) within a step are summed) against the regressors of
+Per stage kind ``k``, every (trace, stage, layer) gives one sample: the median over the
+measured steps and ranks of the stage's time as :mod:`kfacperf.trace.measure` defines it
+(*exclusive*: time of compute stages nested inside it, such as the factor statistics
+computed in backward hooks, is subtracted; occurrences of one (stage, layer) within a step
+are summed), forward and backward on factor steps apart from plain steps, against the regressors of
 :meth:`kfacperf.sim.costs.model.CostModel.regressors` (calls ``c``, compute time ``F/peak``, memory
 time ``B/bw``, roofline time).  In ``additive`` mode ``t = overhead c + (F/peak) / efficiency
 + (B/bw) / mem_efficiency``; in ``roofline`` mode ``t = overhead c + roofline / efficiency``
@@ -20,7 +20,7 @@ time ``B/bw``, roofline time).  In ``additive`` mode ``t = overhead c + (F/peak)
 efficiencies <= 1.  A term the samples cannot separate from the others (one batch size of a
 whole-model stage; FLOPs proportional to bytes, as in the update) is left at its bound
 (overhead 0, efficiency 1) and noted.  Only single-process traces are used when any is given:
-ranks sharing the machine slow each other down, which is the cluster model's
+ranks sharing the machine slow each other down, which is the host model's
 ``contention``, not the device's.  The same traces give the factor steps' capture overhead
 and the host work between stages (:mod:`kfacperf.calibrate.host_gaps`).
 """
@@ -39,14 +39,15 @@ from kfacperf.sim.costs.model import CostModel
 from kfacperf.sim.models.cluster import OPS, ClusterModel, Tier
 from kfacperf.sim.models.device import (
     CAPTURE_STAGES,
-    INVERSE_METHODS,
     MODES,
     STAGE_KINDS,
     DeviceModel,
     MeasuredTime,
     StageEfficiency,
 )
-from kfacperf.sim.models.workload import WorkloadModel
+from kfacperf.sim.models.workload import BATCHNORM, WorkloadModel
+from kfacperf.trace.measure import measured_events, rank_stage_times, run_step_kind
+from kfacperf.trace.schema import fisher_options
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -105,39 +106,6 @@ def base_device_for(run: Mapping[str, Any]) -> DeviceModel:
                        source=f"nominal peaks of {threads} CPU thread(s)", **peaks)
 
 
-def exclusive_compute_times(events: pd.DataFrame) -> pd.DataFrame:
-    """Per (rank, step, stage, layer): summed exclusive time of the compute stages.
-
-    A compute event that lies inside another one on the same rank (the factor statistics
-    computed in a backward hook lie inside ``backward``) is subtracted from its parent.
-    """
-    import pandas as pd
-
-    comp = events[(events["lane"] == S.COMPUTE) & (events["stage"] != S.STEP)]
-    out_rows: list[tuple[int, int, str, str, float]] = []
-    for rank, ev in comp.groupby("rank", observed=True):
-        start = ev["start_us"].to_numpy(float)
-        dur = ev["dur_us"].to_numpy(float)
-        order = np.lexsort((-dur, start))
-        end = start + dur
-        excl = dur.copy()
-        stack: list[int] = []
-        eps = 1e-6
-        for i in order:
-            while stack and end[stack[-1]] <= start[i] + eps:
-                stack.pop()
-            if stack and end[i] <= end[stack[-1]] + eps:
-                excl[stack[-1]] -= dur[i]
-            stack.append(i)
-        steps = ev["step"].to_numpy()
-        stage = ev["stage"].astype(str).to_numpy()
-        layer = ev["layer"].astype(str).to_numpy()
-        for i in range(len(ev)):
-            out_rows.append((int(rank), int(steps[i]), stage[i], layer[i], max(0.0, excl[i])))
-    df = pd.DataFrame(out_rows, columns=["rank", "step", "stage", "layer", "dur_us"])
-    return df.groupby(["rank", "step", "stage", "layer"], as_index=False, sort=False)["dur_us"].sum()
-
-
 @dataclass(frozen=True)
 class _Sample:
     kind: str
@@ -148,39 +116,42 @@ class _Sample:
     time_us: float
     reg: Any  # kfacperf.sim.costs.model.Regressors
     captured: bool = False  # a forward/backward median over factor steps (statistics captured)
-
-
-def captures_statistics(step: int, run: Mapping[str, Any]) -> bool:
-    """Does step ``step`` of ``run`` capture K-FAC statistics (the preconditioner's rule)?"""
-    if run.get("optimizer") == "sgd":
-        return False
-    return step % int(run.get("factor_interval") or 1) == 0
+    batchnorm: bool = False  # a BatchNorm Fisher block's stage
 
 
 def _trace_samples(trace: Any, workload: WorkloadModel, base: DeviceModel) -> list[_Sample]:
     run = trace.run
     batch = int(run["batch_per_rank"])
-    method = str(run.get("inverse_method") or "eigen")
-    if method not in INVERSE_METHODS:
-        raise ValueError(f"{trace_label(trace)}: inverse_method {method!r} not in {INVERSE_METHODS}")
-    events = trace.measured() if hasattr(trace, "measured") else trace.events
-    table = exclusive_compute_times(events)
-    # forward and backward: plain steps and factor steps apart (capture_overhead)
-    table["captured"] = table["stage"].isin(CAPTURE_STAGES) & table["step"].map(
-        lambda k: captures_statistics(int(k), run))
+    method = str(run.get("inverse_method") or S.EIGEN)
+    try:
+        S.check_choice("inverse_method", method, S.INVERSE_METHODS)
+    except ValueError as exc:
+        raise ValueError(f"{trace_label(trace)}: {exc}") from None
+    table = compute_stage_times(measured_events(trace))
+    options = fisher_options(run)
+    # forward and backward: plain steps and factor steps apart (capture_overhead).  With the
+    # Monte-Carlo Fisher the statistics are captured in the extra backward (its own rows,
+    # layer mc_fisher), and the true labels' backward is a plain one.
+    captured = table["stage"].isin(CAPTURE_STAGES) & table["step"].map(
+        lambda k: run_step_kind(int(k), run) != S.PLAIN_STEP.name)
+    if options["fisher"] == S.FISHER_MC:
+        captured &= ~((table["stage"] == S.BACKWARD) & (table["layer"] == ""))
+    table["captured"] = captured
     med = table.groupby(["stage", "layer", "captured"], sort=False)["dur_us"].median()
     cost = CostModel(workload=workload, device=base, cluster=_null_cluster(),
-                     inverse_method=method, use_measured=False)
+                     inverse_method=method, use_measured=False, **options)
     out = []
     for (stage, layer, captured), t in med.items():
         if stage not in STAGE_KINDS or not t > 0:
             continue
+        if stage == S.BACKWARD and layer == S.MC_FISHER_PASS:
+            layer = ""  # a whole-model backward like the true one
         lm = workload.layer(layer) if layer else None
         if lm is None and stage not in (S.FORWARD, S.BACKWARD, S.UPDATE):
             raise ValueError(f"{trace_label(trace)}: {stage} event without a layer name")
         reg = cost.regressors(stage, lm, batch=batch)
         out.append(_Sample(stage, workload.name, layer, batch, method, float(t), reg,
-                           bool(captured)))
+                           bool(captured), lm is not None and lm.kind == BATCHNORM))
     return out
 
 
@@ -210,6 +181,13 @@ def fit_capture_overhead(samples: Sequence[_Sample]) -> tuple[dict[str, float], 
         notes.append(f"{kind}: {100 * out[kind]:.1f}% slower on factor steps besides the "
                      f"statistics (median of {len(ratios)} workload/batch pair(s))")
     return out, notes
+
+
+def compute_stage_times(events: pd.DataFrame) -> pd.DataFrame:
+    """Per (rank, step, stage, layer) the time of each compute stage
+    (:func:`kfacperf.trace.measure.rank_stage_times`)."""
+    table = rank_stage_times(events)
+    return table[table["stage"].isin(S.COMPUTE_STAGES)].reset_index(drop=True)
 
 
 def trace_label(trace: Any) -> str:
@@ -324,8 +302,8 @@ def fit_device_model(
         measured = tuple(
             MeasuredTime(workload=s.workload, stage=s.kind, layer=s.layer, batch=s.batch,
                          inverse_method=s.inverse_method, time_us=sig(s.time_us))
-            for s in samples
-        )
+            for s in samples if not s.batchnorm  # not applied to BatchNorm blocks: see
+        )                                        # kfacperf.sim.costs.model
     labels = tuple(trace_label(t) for t in used)
     device = DeviceModel(
         name=name, fp32_tflops=base.fp32_tflops, tf32_tflops=base.tf32_tflops,

@@ -8,7 +8,8 @@ do not.  On the development CPU a single-process ResNet-20 step spends 0.35-0.5 
 0.7-0.8 ms there, alike for KAISA and SP-NGD, at batch 16 and 32, on plain, factor and
 inverse steps: host work that scales with the number of layers, not the batch.
 
-This module measures both gaps in a trace and fits them per K-FAC layer, for the device
+This module measures both gaps in a trace and fits them per K-FAC layer (every Fisher block,
+BatchNorm blocks included, loads and writes a gradient), for the device
 model's ``[layer_host_us]`` (:data:`kfacperf.sim.models.device.HOST_STEPS`).  Only
 single-process traces are used: there no peer's collective can fill either gap.
 """
@@ -20,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 from kfacperf import vocab as S
 from kfacperf.calibrate.fitting import sig
 from kfacperf.sim.models.device import HOST_STEPS
+from kfacperf.trace.measure import measured_events
+from kfacperf.trace.schema import fisher_options
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -89,8 +92,8 @@ def kfac_trace_gaps_input(trace: Any, workload: Any) -> tuple[str, pd.DataFrame,
     """``(label, events, layers)`` for :func:`fit_layer_host_us`, or None for a non-K-FAC
     or multi-process trace."""
     run = trace.run
-    if run.get("optimizer") != "kfac" or int(run.get("world_size") or 1) != 1:
+    if run.get("optimizer") != S.KFAC or int(run.get("world_size") or 1) != 1:
         return None
-    events = trace.measured() if hasattr(trace, "measured") else trace.events
+    events = measured_events(trace)
     label = str(getattr(trace, "path", None) or run.get("workload", "trace"))
-    return label, events, len(workload.layers)
+    return label, events, len(workload.fisher_layers(fisher_options(run)["bn_blocks"]))

@@ -28,6 +28,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("simulate", "simulate", "workload x device x cluster x strategy x GPU counts -> predictions"),
     ("report", "report", "traces and predictions -> one HTML page"),
     ("validate", "validate", "predict held-out measured runs and report the error"),
+    ("plan", "plan", "time to solution and the best strategy per GPU count on a cluster"),
 )
 
 

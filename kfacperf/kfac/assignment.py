@@ -6,14 +6,18 @@ layer and which ranks work on its gradient; they never compute loads themselves.
 Load balancing is the classic *longest-processing-time-first* greedy (LPT):
 
 1. every layer costs ``dim(A)**3 + dim(G)**3`` — the flops of its two eigendecompositions or
-   inverses up to a constant; both factors of a layer stay on one rank;
+   inverses up to a constant; both factors of a layer stay on one rank.  A Fisher block of
+   another form costs ``count * n**3`` summed over the symmetric matrices it inverts
+   (``LayerShape.blocks``): a BatchNorm layer's C unit-wise 2x2 blocks ``8 C``, its full
+   2C x 2C block ``(2C)**3``;
 2. layers are sorted by cost, largest first; ties keep the layer order (forward order);
 3. each layer goes to the least-loaded bin; ties go to the lowest rank.
 
-The result depends only on the layer shapes and the world size, so every rank computes the
-same assignment without communicating.  LPT is within 4/3 of the optimal makespan (Graham,
-1969).  With more ranks than layers the extra ranks own nothing but still take part in every
-collective.
+The rule is implemented once, torch-free, in :mod:`kfacperf.sim.graphs.placement`, which the
+simulator uses too; this module names the layers and builds the communication groups.  The
+result depends only on the layer shapes and the world size, so every rank computes the
+same assignment without communicating.  With more ranks than layers the extra ranks own
+nothing but still take part in every collective.
 
 KAISA (grad_worker_fraction ``f``) arranges the P ranks as a ``gw x (P/gw)`` grid with
 ``gw = f*P`` gradient workers per layer, following kfac-pytorch:
@@ -35,60 +39,46 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from kfacperf.sim.graphs.placement import (
+    blocks_cost,
+    grad_workers,
+    kaisa_placement,
+    layer_cost,
+    lpt_bins,
+    spngd_placement,
+)
+
+inverse_cost = layer_cost
+"""Relative cost of inverting one layer's factors: ``dim_a**3 + dim_g**3``."""
+grad_workers_count = grad_workers
+"""``gw = f * P``, validated: an integer in [1, P] that divides P."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class LayerShape:
-    """The factor dimensions of one K-FAC layer (``dim_a`` includes the bias column)."""
+    """The factor dimensions of one K-FAC layer (``dim_a`` includes the bias column).
+
+    ``blocks`` lists the ``(n, count)`` stacks of symmetric matrices the layer inverts when
+    they are not its two Kronecker factors (empty: ``((dim_a, 1), (dim_g, 1))``).
+    """
 
     name: str
     dim_a: int
     dim_g: int
+    blocks: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def cost(self) -> int:
+        """Its placement cost (see the module docstring)."""
+        return blocks_cost(self.blocks) if self.blocks else inverse_cost(self.dim_a, self.dim_g)
 
 
-def inverse_cost(dim_a: int, dim_g: int) -> int:
-    """Relative cost of inverting one layer's factors: ``dim_a**3 + dim_g**3``."""
-    if dim_a < 1 or dim_g < 1:
-        raise ValueError(f"factor dimensions must be >= 1, got dim_a={dim_a}, dim_g={dim_g}")
-    return dim_a**3 + dim_g**3
-
-
-def lpt_assign(
-    costs: Sequence[tuple[str, float]], bins: int, *, loads: Sequence[float] | None = None
-) -> dict[str, int]:
+def lpt_assign(costs: Sequence[tuple[str, float]], bins: int) -> dict[str, int]:
     """Greedy LPT: ``name -> bin index`` (deterministic; see the module docstring)."""
-    if bins < 1:
-        raise ValueError(f"bins must be >= 1, got {bins}")
     names = [n for n, _ in costs]
     if len(set(names)) != len(names):
         raise ValueError("layer names must be unique")
-    load = list(loads) if loads is not None else [0.0] * bins
-    if len(load) != bins:
-        raise ValueError(f"loads has {len(load)} entries for {bins} bins")
-    order = sorted(range(len(costs)), key=lambda i: (-costs[i][1], i))
-    out: dict[str, int] = {}
-    for i in order:
-        name, cost = costs[i]
-        b = min(range(bins), key=lambda k: (load[k], k))
-        out[name] = b
-        load[b] += cost
-    return {n: out[n] for n in names}
-
-
-def grad_workers_count(world_size: int, grad_worker_fraction: float) -> int:
-    """``gw = f * P``, validated: an integer in [1, P] that divides P."""
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
-    f = grad_worker_fraction
-    if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f <= 1.0:
-        raise ValueError(f"grad_worker_fraction must be in (0, 1], got {f!r}")
-    gw = round(f * world_size)
-    if gw < 1 or abs(gw - f * world_size) > 1e-6 or world_size % gw:
-        raise ValueError(
-            f"grad_worker_fraction={f} gives {f * world_size:g} gradient workers per layer "
-            f"at world size {world_size}; f * world_size must be an integer that divides "
-            f"{world_size} (e.g. 1, 1/2, 1/{world_size})"
-        )
-    return gw
+    return dict(zip(names, lpt_bins([c for _, c in costs], bins)))
 
 
 def grad_worker_groups(world_size: int, gw: int) -> list[tuple[int, ...]]:
@@ -128,7 +118,7 @@ class Assignment:
         """Summed inverse cost per rank."""
         out = [0] * self.world_size
         for s in self.layers:
-            out[self.inverse_worker[s.name]] += inverse_cost(s.dim_a, s.dim_g)
+            out[self.inverse_worker[s.name]] += s.cost
         return out
 
     def grad_source(self, name: str, rank: int) -> int:
@@ -142,17 +132,20 @@ class Assignment:
         return next(w for w in workers if w // cols == row)
 
 
-def _costs(layers: Sequence[LayerShape]) -> list[tuple[str, float]]:
+def _costs(layers: Sequence[LayerShape]) -> list[int]:
     if not layers:
         raise ValueError("no K-FAC layers to assign")
-    return [(s.name, float(inverse_cost(s.dim_a, s.dim_g))) for s in layers]
+    if len({s.name for s in layers}) != len(layers):
+        raise ValueError("layer names must be unique")
+    return [s.cost for s in layers]
 
 
 def spngd_assignment(layers: Sequence[LayerShape], world_size: int) -> Assignment:
     """One owner per layer by LPT over all ranks; the owner also preconditions."""
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
-    owner = lpt_assign(_costs(layers), world_size)
+    place = spngd_placement(_costs(layers), world_size)
+    owner = {s.name: r for s, r in zip(layers, place.inverse_worker)}
     return Assignment(
         world_size=world_size, layers=tuple(layers), inverse_worker=owner,
         grad_workers={n: (r,) for n, r in owner.items()},
@@ -163,20 +156,11 @@ def kaisa_assignment(
     layers: Sequence[LayerShape], world_size: int, grad_worker_fraction: float
 ) -> Assignment:
     """KAISA placement: LPT over grad-worker columns, then over ranks inside the column."""
-    gw = grad_workers_count(world_size, grad_worker_fraction)
-    costs = _costs(layers)
-    groups = grad_worker_groups(world_size, gw)
-    col_of = lpt_assign(costs, len(groups))
-    rank_load = [0.0] * world_size
-    inverse_worker: dict[str, int] = {}
-    for i in sorted(range(len(costs)), key=lambda i: (-costs[i][1], i)):
-        name, cost = costs[i]
-        members = groups[col_of[name]]
-        r = min(members, key=lambda m: (rank_load[m], m))
-        inverse_worker[name] = r
-        rank_load[r] += cost
+    gw = grad_workers(world_size, grad_worker_fraction)
+    place = kaisa_placement(_costs(layers), world_size, gw)
     return Assignment(
         world_size=world_size, layers=tuple(layers),
-        inverse_worker={s.name: inverse_worker[s.name] for s in layers},
-        grad_workers={s.name: groups[col_of[s.name]] for s in layers},
+        inverse_worker={s.name: r for s, r in zip(layers, place.inverse_worker)},
+        grad_workers={s.name: tuple(place.column_members(c))
+                      for s, c in zip(layers, place.column)},
     )

@@ -35,13 +35,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from kfacperf import vocab as S
 from kfacperf.profiler.timer import NULL_TIMER, Timer
 
-COMM_DTYPES: dict[str, torch.dtype] = {
-    "fp32": torch.float32,
-    "fp16": torch.float16,
-    "bf16": torch.bfloat16,
+_TORCH_DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
 }
+COMM_DTYPES: dict[str, torch.dtype] = {name: _TORCH_DTYPES[name] for name in S.COMM_DTYPES}
+"""The factor communication precisions (:data:`kfacperf.vocab.COMM_DTYPES`) as torch dtypes."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,10 +57,7 @@ class CommOptions:
     bucket_cap_mb: float = 25.0
 
     def __post_init__(self) -> None:
-        if self.dtype not in COMM_DTYPES:
-            raise ValueError(
-                f"comm dtype {self.dtype!r} unknown; use one of {', '.join(COMM_DTYPES)}"
-            )
+        S.check_choice("comm dtype", self.dtype, S.COMM_DTYPES)
         if not isinstance(self.symmetric, bool):
             raise ValueError(f"symmetric must be a bool, got {self.symmetric!r}")
         if isinstance(self.bucket_cap_mb, bool) or not self.bucket_cap_mb >= 0:
@@ -73,12 +71,12 @@ class CommOptions:
     def bucket_cap_bytes(self) -> int:
         return int(self.bucket_cap_mb * 1_000_000)
 
-    def factor_numel(self, n: int) -> int:
-        """Elements sent for one ``n x n`` symmetric factor."""
-        return n * (n + 1) // 2 if self.symmetric else n * n
+    def factor_numel(self, n: int, count: int = 1) -> int:
+        """Elements sent for ``count`` symmetric ``n x n`` factors."""
+        return count * (n * (n + 1) // 2 if self.symmetric else n * n)
 
-    def factor_bytes(self, n: int) -> int:
-        return self.factor_numel(n) * elem_size(self.torch_dtype)
+    def factor_bytes(self, n: int, count: int = 1) -> int:
+        return self.factor_numel(n, count) * elem_size(self.torch_dtype)
 
 
 def elem_size(dtype: torch.dtype) -> int:
@@ -103,33 +101,46 @@ def _triu_flat_index(n: int, device: torch.device) -> Tensor:
 
 
 def pack_symmetric(m: Tensor) -> Tensor:
-    """The upper triangle (diagonal included) of square ``m``, row by row."""
-    if m.dim() != 2 or m.shape[0] != m.shape[1]:
-        raise ValueError(f"expected a square matrix, got shape {tuple(m.shape)}")
-    return m.reshape(-1).index_select(0, _triu_flat_index(m.shape[0], m.device))
+    """The upper triangle (diagonal included) of square ``m``, row by row; of a stack
+    ``[count, n, n]``, each matrix's triangle in turn (one flat tensor)."""
+    if m.dim() not in (2, 3) or m.shape[-1] != m.shape[-2]:
+        raise ValueError(f"expected a square matrix or a stack of them, got shape "
+                         f"{tuple(m.shape)}")
+    n = m.shape[-1]
+    rows = m.reshape(-1, n * n)
+    return rows.index_select(1, _triu_flat_index(n, m.device)).reshape(-1)
 
 
-def unpack_symmetric(flat: Tensor, n: int) -> Tensor:
-    """The symmetric ``n x n`` matrix whose upper triangle is ``flat``."""
-    if flat.numel() != n * (n + 1) // 2:
-        raise ValueError(f"{flat.numel()} elements cannot be the triangle of a {n}x{n} matrix")
-    out = flat.new_zeros(n * n)
-    out.index_copy_(0, _triu_flat_index(n, flat.device), flat)
-    m = out.view(n, n)
-    return m + m.triu(1).T
+def unpack_symmetric(flat: Tensor, n: int, count: int = 0) -> Tensor:
+    """The symmetric ``n x n`` matrix whose upper triangle is ``flat``; with ``count`` >= 1,
+    the ``[count, n, n]`` stack packed by :func:`pack_symmetric`."""
+    tri = n * (n + 1) // 2
+    if flat.numel() != tri * max(count, 1):
+        what = f"triangles of {count} {n}x{n} matrices" if count else f"triangle of a {n}x{n} matrix"
+        raise ValueError(f"{flat.numel()} elements cannot be the {what}")
+    out = flat.new_zeros(max(count, 1), n * n)
+    out.index_copy_(1, _triu_flat_index(n, flat.device), flat.view(-1, tri))
+    m = out.view(-1, n, n)
+    m = m + m.triu(1).transpose(1, 2)
+    return m if count else m[0]
 
 
 def encode_factor(m: Tensor, opts: CommOptions) -> Tensor:
-    """A factor as a new flat tensor to send (packed and/or cast; never a view of ``m``)."""
+    """A factor (``n x n``, or a ``[count, n, n]`` stack) as a new flat tensor to send
+    (packed and/or cast; never a view of ``m``)."""
     if opts.symmetric:
         return pack_symmetric(m).to(opts.torch_dtype)
     return m.reshape(-1).to(opts.torch_dtype, copy=True)
 
 
-def decode_factor(flat: Tensor, n: int, opts: CommOptions, dtype: torch.dtype) -> Tensor:
-    """Inverse of :func:`encode_factor`, back in ``dtype``."""
+def decode_factor(flat: Tensor, n: int, opts: CommOptions, dtype: torch.dtype,
+                  count: int = 1) -> Tensor:
+    """Inverse of :func:`encode_factor`, back in ``dtype``; ``count`` > 1 for a stack."""
     flat = flat.to(dtype)
-    return unpack_symmetric(flat, n) if opts.symmetric else flat.view(n, n)
+    stack = count if count > 1 else 0
+    if opts.symmetric:
+        return unpack_symmetric(flat, n, stack)
+    return flat.view(count, n, n) if stack else flat.view(n, n)
 
 
 class CollectiveError(RuntimeError):

@@ -19,6 +19,12 @@ gradient matrix ``∇`` (row-major vec, so the curvature block is ``G ⊗ A``):
     so the damping added to each factor scales with that factor (rescaling A by c and G by
     1/c leaves the result unchanged).  The state is ``a_inv, g_inv`` (λ is baked in).
 
+A BatchNorm Fisher block (:mod:`kfacperf.kfac.batchnorm`) is not Kronecker-factored: its
+preconditioned gradient is exactly ``(F + λI)⁻¹ ∇`` for either method.  Unit-wise blocks are
+inverted in closed form, all channels at once (``[[d, -b], [-b, a]] / (ad - b²)`` of the damped
+2x2 block); a full ``2C x 2C`` block by its eigendecomposition (``eigen``; λ applied when
+preconditioning) or by a Cholesky inverse of ``F + λI`` (``cholesky``).
+
 Decompositions run in ``dtype`` (float64 by default: cheap next to the batch statistics at
 the usual inverse intervals, and robust on ill-conditioned factors) and are stored in the
 factors' dtype.  Zero or rank-deficient factors (dead ReLUs, constant inputs) give finite
@@ -32,6 +38,8 @@ import math
 import torch
 from torch import Tensor
 
+from kfacperf import vocab
+from kfacperf.kfac.batchnorm import BatchNormLayer
 from kfacperf.kfac.layers import KFACLayer
 
 _TINY = 1e-30  # floor for factor scales (trace / dim) in the π ratio
@@ -40,8 +48,12 @@ _REL_FLOOR = 1e-12  # each Cholesky damping term ≥ this x its factor's trace
 
 def compute_inverse(layer: KFACLayer, *, damping: float, dtype: torch.dtype = torch.float64) -> None:
     """Set the layer's inverse state from its running-average factors."""
-    if layer.a_factor is None or layer.g_factor is None:
+    if not layer.has_factors:
         raise RuntimeError(f"layer {layer.name!r}: no factors to invert yet")
+    if isinstance(layer, BatchNormLayer):
+        _batchnorm_inverse(layer, damping=damping, dtype=dtype)
+        return
+    assert layer.a_factor is not None and layer.g_factor is not None
     store = layer.a_factor.dtype
     a = _symmetric(layer.a_factor, dtype)
     g = _symmetric(layer.g_factor, dtype)
@@ -68,6 +80,8 @@ def precondition(layer: KFACLayer, *, damping: float) -> None:
         return
     if not layer.has_inverse:
         out = grad
+    elif isinstance(layer, BatchNormLayer):
+        out = _batchnorm_precondition(layer, grad, damping)
     elif layer.inverse_method == "eigen":
         qa, qg, da, dg = (_as(t, grad) for t in (layer.qa, layer.qg, layer.da, layer.dg))
         v = qg.t() @ grad @ qa
@@ -90,6 +104,38 @@ def kl_clip_scale(terms: list[Tensor], *, lr: float, kl_clip: float) -> Tensor:
     total = torch.stack([t.to(torch.float64) for t in terms]).sum().mul_(lr * lr).abs_()
     nu = torch.sqrt(kl_clip / total.clamp_min(_TINY)).clamp_(max=1.0)
     return nu.to(terms[0].dtype)
+
+
+def _batchnorm_inverse(layer: BatchNormLayer, *, damping: float, dtype: torch.dtype) -> None:
+    assert layer.f_factor is not None
+    store = layer.f_factor.dtype
+    f = layer.f_factor.to(dtype)
+    if layer.mode == vocab.BN_UNIT:  # [C, 2, 2]: closed-form inverses of F_c + λI
+        a = f[:, 0, 0] + damping
+        d = f[:, 1, 1] + damping
+        b = 0.5 * (f[:, 0, 1] + f[:, 1, 0])
+        det = (a * d - b * b).clamp_min(_TINY)
+        inv = torch.stack([torch.stack([d, -b], dim=1), torch.stack([-b, a], dim=1)], dim=1)
+        layer.f_inv = inv.div_(det.view(-1, 1, 1)).to(store)
+    elif layer.inverse_method == "eigen":
+        df, qf = torch.linalg.eigh(_symmetric(f, dtype))
+        layer.qf, layer.df = qf.to(store), df.clamp_(min=0).to(store)
+    else:
+        layer.f_inv = _spd_inverse(_symmetric(f, dtype), torch.tensor(damping, dtype=dtype)
+                                   ).to(store)
+
+
+def _batchnorm_precondition(layer: BatchNormLayer, grad: Tensor, damping: float) -> Tensor:
+    """``(F + λI)⁻¹`` applied to the ``C x 2`` gradient ``[∇γ | ∇β]``."""
+    if layer.mode == vocab.BN_UNIT:
+        return torch.einsum("cij,cj->ci", _as(layer.f_inv, grad), grad)
+    v = grad.t().reshape(-1)  # the concatenation (∇γ, ∇β)
+    if layer.inverse_method == "eigen":
+        qf, df = _as(layer.qf, grad), _as(layer.df, grad)
+        out = qf @ ((qf.t() @ v) / (df + damping))
+    else:
+        out = _as(layer.f_inv, grad) @ v
+    return out.view(2, -1).t()
 
 
 def _pi_damped_inverses(a: Tensor, g: Tensor, damping: float) -> tuple[Tensor, Tensor]:

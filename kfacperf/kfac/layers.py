@@ -33,18 +33,49 @@ Factors are computed in the activations' dtype (float32 for half-precision activ
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
+from kfacperf import vocab as S
 from kfacperf.kfac import conv_factors
-
-INVERSE_METHODS = ("eigen", "cholesky")
 
 # Tensors that make up a layer's inverse state, per method (see kfacperf.kfac.inverse).
 _INVERSE_STATE = {
     "eigen": ("qa", "qg", "da", "dg"),
     "cholesky": ("a_inv", "g_inv"),
 }
+
+
+@dataclass(frozen=True)
+class Factor:
+    """One symmetric batch statistic of a layer, as the strategies move it between ranks.
+
+    ``name`` gives the attributes ``<name>_batch`` (this step's statistic) and
+    ``<name>_factor`` (its running average); each is a ``count x n x n`` stack of symmetric
+    matrices, or a plain ``n x n`` matrix when ``count`` is 1.
+    """
+
+    name: str
+    n: int
+    count: int = 1
+
+    @property
+    def batch_attr(self) -> str:
+        return f"{self.name}_batch"
+
+    @property
+    def factor_attr(self) -> str:
+        return f"{self.name}_factor"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.n, self.n) if self.count == 1 else (self.count, self.n, self.n)
+
+    @property
+    def numel(self) -> int:
+        return self.count * self.n * self.n
 
 
 class KFACLayer:
@@ -64,12 +95,11 @@ class KFACLayer:
     """
 
     kind = ""
+    kronecker = True
+    """Is the Fisher block ``G ⊗ A``?  (A BatchNorm block is not.)"""
 
     def __init__(self, *, name: str, module: nn.Module, inverse_method: str) -> None:
-        if inverse_method not in INVERSE_METHODS:
-            raise ValueError(
-                f"unknown inverse_method {inverse_method!r}; expected one of {INVERSE_METHODS}"
-            )
+        S.check_choice("inverse_method", inverse_method, S.INVERSE_METHODS)
         self.name = name
         self.module = module
         self.inverse_method = inverse_method
@@ -99,10 +129,25 @@ class KFACLayer:
         )
 
     # ----------------------------------------------------------------- batch statistics
+    def factors(self) -> tuple[Factor, ...]:
+        """This layer's symmetric statistics: A then G (a Fisher block of another form
+        has its own, e.g. :class:`kfacperf.kfac.batchnorm.BatchNormLayer`)."""
+        return (Factor("a", self.dim_a), Factor("g", self.dim_g))
+
+    @property
+    def has_batch_stats(self) -> bool:
+        """Were this step's statistics computed (every factor's ``_batch`` is set)?"""
+        return all(getattr(self, f.batch_attr) is not None for f in self.factors())
+
+    @property
+    def has_factors(self) -> bool:
+        """Do running-average factors exist (the layer can be inverted)?"""
+        return all(getattr(self, f.factor_attr) is not None for f in self.factors())
+
     def compute_batch_factors(self, x: Tensor, grad_output: Tensor) -> None:
         """Set ``a_batch``/``g_batch`` from the layer's input and its output gradient."""
         x = x.detach()
-        dtype = _factor_dtype(x.dtype)
+        dtype = factor_dtype(x.dtype)
         n = int(x.shape[0]) if x.dim() > 1 else 1
         gram, total, rows = self._input_moments(x.to(dtype))
         g_rows = self._g_rows(grad_output.detach().to(dtype))  # (dim_g, R)
@@ -120,14 +165,15 @@ class KFACLayer:
 
     def update_factors(self, decay: float) -> None:
         """Running average: the first update sets the factor, later F ← d·F + (1-d)·F_batch."""
-        if self.a_batch is None or self.g_batch is None:
+        if not self.has_batch_stats:
             return
-        if self.a_factor is None or self.g_factor is None:
-            self.a_factor = self.a_batch.clone()
-            self.g_factor = self.g_batch.clone()
-        else:
-            self.a_factor.mul_(decay).add_(self.a_batch, alpha=1.0 - decay)
-            self.g_factor.mul_(decay).add_(self.g_batch, alpha=1.0 - decay)
+        first = not self.has_factors
+        for f in self.factors():
+            batch: Tensor = getattr(self, f.batch_attr)
+            if first:
+                setattr(self, f.factor_attr, batch.clone())
+            else:
+                getattr(self, f.factor_attr).mul_(decay).add_(batch, alpha=1.0 - decay)
 
     # ---------------------------------------------------------------------- gradients
     def load_grad(self) -> None:
@@ -207,7 +253,7 @@ class KFACLayer:
         the weight's device and the factor dtype).
         """
         w = self.module.weight
-        dtype = dtype or _factor_dtype(w.dtype)
+        dtype = dtype or factor_dtype(w.dtype)
         device = device or w.device
         out = []
         for attr, shape in zip(self.inverse_names(), self.inverse_shapes()):
@@ -220,7 +266,7 @@ class KFACLayer:
 
     # --------------------------------------------------------------- sizes and FLOPs
     def factor_numel(self) -> int:
-        return self.dim_a * self.dim_a + self.dim_g * self.dim_g
+        return sum(f.numel for f in self.factors())
 
     def factor_flops(self, x: Tensor, grad_output: Tensor) -> float:
         """FLOPs of :meth:`compute_batch_factors` for this input and output gradient."""
@@ -301,5 +347,5 @@ def _assemble_a(gram: Tensor, total: Tensor | None, rows: int) -> Tensor:
     return out.div_(rows)
 
 
-def _factor_dtype(dtype: torch.dtype) -> torch.dtype:
+def factor_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32

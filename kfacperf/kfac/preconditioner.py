@@ -7,9 +7,17 @@ Use with any first-order optimizer::
 
 ``precond.step()`` replaces the ``.grad`` of every registered layer's weight (and bias) with
 its preconditioned, KL-clipped gradient.  Registered layers: ``nn.Linear`` and ``nn.Conv2d``
-with ``groups=1`` whose weight requires a gradient.  Every other parameter (BatchNorm,
-LayerNorm, embeddings, grouped convolutions) is left to the first-order optimizer and listed
-in :attr:`KFACPreconditioner.other_params` (and logged) at construction.
+with ``groups=1`` whose weight requires a gradient, and with ``bn_blocks="unit"`` or
+``"full"`` every BatchNorm with trainable affine parameters (:mod:`kfacperf.kfac.batchnorm`).
+Every other parameter (BatchNorm by default, LayerNorm, embeddings, grouped convolutions) is
+left to the first-order optimizer and listed in :attr:`KFACPreconditioner.other_params` (and
+logged) at construction.
+
+``fisher="emp"`` (the empirical Fisher) captures the statistics in the backward pass of the
+true labels.  With ``fisher="mc"`` they come from one extra backward pass with labels sampled
+from the model's predictive distribution, run by :meth:`KFACPreconditioner.mc_backward` (see
+:mod:`kfacperf.kfac.fisher`) between forward and the true backward on factor steps; only that
+pass captures statistics, and the true backward gives the gradient.
 
 Steps are counted by calls to :meth:`KFACPreconditioner.step`, starting at 0.  On step k the
 forward/backward hooks compute batch statistics iff ``k % factor_interval == 0`` and the
@@ -30,7 +38,9 @@ from torch import Tensor, nn
 
 from kfacperf import vocab as stages
 from kfacperf.kfac import inverse
-from kfacperf.kfac.layers import INVERSE_METHODS, Conv2dLayer, KFACLayer, LinearLayer
+from kfacperf.kfac.batchnorm import BatchNormLayer, is_batchnorm
+from kfacperf.kfac.fisher import MonteCarloFisher
+from kfacperf.kfac.layers import Conv2dLayer, KFACLayer, LinearLayer
 from kfacperf.kfac.strategy import LocalStrategy, Strategy
 from kfacperf.profiler.timer import NULL_TIMER, Timer
 
@@ -58,6 +68,10 @@ class KFACPreconditioner:
         timer: stage timer (default: records nothing).
         inverse_dtype: dtype of the decompositions (stored results use the factor dtype).
         skip_layers: module names (exact, or a ``name.`` prefix) not to register.
+        bn_blocks: ``"none"`` (BatchNorm parameters left to the first-order optimizer),
+            ``"unit"`` or ``"full"`` (BatchNorm layers as Fisher blocks).
+        fisher: ``"emp"`` (statistics from the true labels' backward) or ``"mc"`` (from
+            :meth:`mc_backward`).
     """
 
     def __init__(
@@ -75,22 +89,15 @@ class KFACPreconditioner:
         timer: Timer = NULL_TIMER,
         inverse_dtype: torch.dtype = torch.float64,
         skip_layers: tuple[str, ...] | list[str] = (),
+        bn_blocks: str = stages.BN_NONE,
+        fisher: str = stages.FISHER_EMP,
     ) -> None:
+        stages.check_choice("bn_blocks", bn_blocks, stages.BN_BLOCKS)
+        stages.check_choice("fisher", fisher, stages.FISHER_TYPES)
         _check_schedule("damping", damping)
         _check_schedule("lr", lr)
-        for key, value in (("factor_interval", factor_interval),
-                           ("inverse_interval", inverse_interval)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{key} must be a positive integer, got {value!r}")
-        if inverse_interval % factor_interval != 0:
-            raise ValueError(
-                f"inverse_interval ({inverse_interval}) must be a multiple of "
-                f"factor_interval ({factor_interval})"
-            )
-        if inverse_method not in INVERSE_METHODS:
-            raise ValueError(
-                f"unknown inverse_method {inverse_method!r}; expected one of {INVERSE_METHODS}"
-            )
+        stages.check_intervals(factor_interval, inverse_interval)
+        stages.check_choice("inverse_method", inverse_method, stages.INVERSE_METHODS)
         if not (isinstance(factor_decay, (int, float)) and 0.0 <= factor_decay < 1.0):
             raise ValueError(f"factor_decay must be in [0, 1), got {factor_decay!r}")
         if kl_clip is not None and not (isinstance(kl_clip, (int, float)) and kl_clip > 0):
@@ -114,8 +121,11 @@ class KFACPreconditioner:
         self.strategy = strategy
         self.timer = timer
         self.inverse_dtype = inverse_dtype
+        self.bn_blocks = bn_blocks
+        self.fisher = fisher
         self.steps = 0
         self.last_kl_scale: Tensor | None = None
+        self._in_mc_pass = False
 
         self.layers: dict[str, KFACLayer] = {}
         self.skipped_modules: list[str] = []
@@ -123,7 +133,8 @@ class KFACPreconditioner:
         if not self.layers:
             raise ValueError(
                 f"model {type(model).__name__} has no supported layer for K-FAC "
-                "(nn.Linear or nn.Conv2d with groups=1 and a trainable weight)"
+                "(nn.Linear or nn.Conv2d with groups=1 and a trainable weight, or BatchNorm "
+                "with bn_blocks)"
             )
         registered = {id(p) for layer in self.layers.values()
                       for p in layer.module.parameters(recurse=False)}
@@ -166,6 +177,9 @@ class KFACPreconditioner:
                     self.skipped_modules.append(name)
                     continue
                 layer = Conv2dLayer(name=name, module=module, inverse_method=self.inverse_method)
+            elif self.bn_blocks != stages.BN_NONE and is_batchnorm(module):
+                layer = BatchNormLayer(name=name, module=module,
+                                       inverse_method=self.inverse_method, mode=self.bn_blocks)
             else:
                 continue
             self.layers[name or "<model>"] = layer
@@ -174,12 +188,12 @@ class KFACPreconditioner:
     @property
     def factor_step(self) -> bool:
         """Does the current step compute batch statistics?"""
-        return self.steps % self.factor_interval == 0
+        return stages.computes_factors(self.steps, self.factor_interval)
 
     @property
     def inverse_step(self) -> bool:
         """Does the current step recompute inverses?"""
-        return self.steps % self.inverse_interval == 0
+        return stages.recomputes_inverses(self.steps, self.inverse_interval)
 
     def _forward_hook(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         if not (self.factor_step and module.training and torch.is_grad_enabled()):
@@ -191,10 +205,27 @@ class KFACPreconditioner:
         output.register_hook(lambda grad: self._on_grad_output(layer, x, grad))
 
     def _on_grad_output(self, layer: KFACLayer, x: Tensor, grad: Tensor) -> None:
+        if self.fisher == stages.FISHER_MC and not self._in_mc_pass:
+            return  # the true labels' backward: the statistics came from the sampled pass
         flops = layer.factor_flops(x, grad)
         with self.timer.stage(stages.FACTOR_COMPUTE, layer.name, flops=flops):
             layer.compute_batch_factors(x, grad)
         self.strategy.on_factor_batch(layer)
+
+    def mc_backward(self, outputs: Tensor, sampler: MonteCarloFisher) -> None:
+        """The Monte-Carlo pass (``fisher="mc"``, factor steps): a backward of the loss of
+        labels sampled from ``outputs`` that captures the statistics and leaves ``.grad``
+        alone.  Call it after the forward pass and before the true labels' backward."""
+        if self.fisher != stages.FISHER_MC:
+            raise RuntimeError(f"mc_backward needs fisher='mc' (this preconditioner uses "
+                               f"fisher={self.fisher!r})")
+        if not self.factor_step:
+            return
+        self._in_mc_pass = True
+        try:
+            sampler.backward(outputs, step=self.steps)
+        finally:
+            self._in_mc_pass = False
 
     def remove_hooks(self) -> None:
         """Detach from the model (the preconditioner cannot be stepped afterwards)."""
@@ -213,13 +244,13 @@ class KFACPreconditioner:
         if self.factor_step:
             strategy.finish_factors()
             for name, layer in self.layers.items():
-                if strategy.needs_factors(name) and layer.a_batch is not None:
+                if strategy.needs_factors(name) and layer.has_batch_stats:
                     nflops = 3.0 * layer.factor_numel()
                     with timer.stage(stages.FACTOR_COMPUTE, name, flops=nflops):
                         layer.update_factors(self.factor_decay)
         if self.inverse_step:
             for name, layer in self.layers.items():
-                if strategy.inverts(name) and layer.a_factor is not None:
+                if strategy.inverts(name) and layer.has_factors:
                     with timer.stage(stages.INVERSE, name, flops=layer.inverse_flops()):
                         inverse.compute_inverse(layer, damping=damping, dtype=self.inverse_dtype)
             strategy.share_inverses()
@@ -248,7 +279,8 @@ class KFACPreconditioner:
         return (
             f"KFACPreconditioner(layers={len(self.layers)}, method={self.inverse_method!r}, "
             f"intervals={self.factor_interval}/{self.inverse_interval}, "
-            f"strategy={self.strategy.name!r})"
+            f"strategy={self.strategy.name!r}, bn_blocks={self.bn_blocks!r}, "
+            f"fisher={self.fisher!r})"
         )
 
 

@@ -10,13 +10,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kfacperf import vocab as S
+
 KIB = 1024
 MIB = 1024 * KIB
 
-KFAC_STRATEGIES: tuple[str, ...] = ("spngd", "kaisa")
+KFAC_STRATEGIES: tuple[str, ...] = S.KFAC_STRATEGIES
 """K-FAC strategies the demo can profile next to the SGD baseline."""
 
-SCALE_STRATEGIES: tuple[str, ...] = ("sgd", "spngd", "kaisa")
+SCALE_STRATEGIES: tuple[str, ...] = S.SIM_STRATEGIES
 """Strategies simulated on the cluster presets."""
 
 
@@ -35,6 +37,11 @@ DEFAULT_CLUSTERS: tuple[ClusterTarget, ...] = (
 
 DEFAULT_SCALE_GPUS: tuple[int, ...] = tuple(2 ** i for i in range(13))  # 1 .. 4096
 
+DEFAULT_PLAN = ClusterTarget(cluster="abci-v100", device="v100")
+"""Where the demo plans ``scale_workload``: SP-NGD's own cluster, for its convergence data."""
+DEFAULT_PLAN_GPUS: tuple[int, ...] = tuple(2 ** i for i in range(3, 11))  # 8 .. 1024
+DEFAULT_PLAN_CONVERGENCE: tuple[str, ...] = ("mlperf-v0.7-lars-resnet50", "spngd-resnet50")
+
 
 @dataclass(frozen=True, kw_only=True)
 class DemoConfig:
@@ -43,7 +50,9 @@ class DemoConfig:
     The local part profiles ``sgd`` and each of ``strategies`` with 1 process (the
     calibration runs) and with each of ``predict_nprocs`` processes (the runs predicted from
     that calibration), one torch thread per rank.  The scale part simulates
-    ``scale_workload`` on each of ``clusters`` at ``scale_gpus``.  ``batch_size`` is per rank
+    ``scale_workload`` on each of ``clusters`` at ``scale_gpus``, and the plan searches the
+    best SGD and K-FAC configuration of ``scale_workload`` on ``plan`` at ``plan_gpus`` (time
+    to the targets of ``plan_convergence``).  ``batch_size`` is per rank
     (None: the workload's default).  The defaults (CIFAR ResNet-20, batch 32, 20 measured
     steps per run) are sized to finish within about 3 minutes on an idle 2-core machine.
     """
@@ -68,6 +77,10 @@ class DemoConfig:
     clusters: tuple[ClusterTarget, ...] = DEFAULT_CLUSTERS
     whatif_bandwidth: tuple[float, ...] = (0.5, 2.0)
     """Bandwidth scales simulated as what-ifs on the first cluster (none: skip)."""
+    plan: ClusterTarget | None = DEFAULT_PLAN
+    """The cluster ``kfacperf plan`` searches for ``scale_workload`` at the end (None: skip)."""
+    plan_gpus: tuple[int, ...] = DEFAULT_PLAN_GPUS
+    plan_convergence: tuple[str, ...] = DEFAULT_PLAN_CONVERGENCE
 
     def __post_init__(self) -> None:
         def positive_int(key: str, value: Any) -> None:
@@ -100,9 +113,11 @@ class DemoConfig:
             positive_int("predict_nprocs", n)
             if n < 2:
                 raise ValueError(f"demo: predict_nprocs are multi-process runs (>= 2), got {n}")
-        if self.scale_inverse_interval % self.scale_factor_interval:
-            raise ValueError(f"demo: scale_inverse_interval {self.scale_inverse_interval} must be "
-                             f"a multiple of scale_factor_interval {self.scale_factor_interval}")
+        try:
+            S.check_intervals(self.scale_factor_interval, self.scale_inverse_interval,
+                              names=("scale_factor_interval", "scale_inverse_interval"))
+        except ValueError as exc:
+            raise ValueError(f"demo: {exc}") from None
         if not self.scale_gpus:
             raise ValueError("demo: scale_gpus needs at least one GPU count")
         for g in self.scale_gpus:
@@ -120,6 +135,11 @@ class DemoConfig:
                 raise ValueError(f"demo: what-if bandwidth scales must be > 0, got {s!r}")
         if not self.timeout_s > 0:
             raise ValueError(f"demo: timeout_s must be > 0, got {self.timeout_s!r}")
+        if self.plan is not None:
+            if not self.plan_gpus:
+                raise ValueError("demo: plan_gpus needs at least one GPU count")
+            for g in self.plan_gpus:
+                positive_int("plan_gpus", g)
 
     @property
     def nprocs(self) -> tuple[int, ...]:
@@ -136,10 +156,11 @@ class DemoConfig:
 
 
 def quick_config(**overrides: Any) -> DemoConfig:
-    """A tiny run (a few steps, a small communication sweep, five GPU counts)."""
+    """A tiny run (a few steps, a small communication sweep, five GPU counts, a plan at two)."""
     settings: dict[str, Any] = dict(
         steps=3, warmup=1, commbench_sizes=(4 * KIB, 256 * KIB, 1 * MIB), commbench_reps=2,
         commbench_warmup=1, scale_gpus=(1, 8, 64, 512, 4096), whatif_bandwidth=(),
+        plan_gpus=(64, 1024),
     )
     settings.update(overrides)
     return DemoConfig(**settings)
@@ -175,6 +196,11 @@ class DemoPaths:
     def results(self) -> Path:
         """The headline numbers as JSON."""
         return self.root / "demo.json"
+
+    @property
+    def plan(self) -> Path:
+        """The plan (``kfacperf report --plan`` reads it)."""
+        return self.root / "plan.json"
 
     @property
     def validation(self) -> Path:

@@ -8,11 +8,14 @@
    multi-process runs are held out) and compare with what was measured;
 5. simulate ``scale_workload`` (ResNet-50) on cluster presets with their datasheet devices,
    up to 4,096 GPUs, for sgd, spngd and kaisa (plus bandwidth what-ifs on the first);
-6. write one HTML page with the traces, the predictions and the held-out accuracy.
+6. plan ``scale_workload`` on one of them: the fastest SGD and K-FAC configuration per GPU
+   count by time to a target quality (:func:`kfacperf.plan.plan`);
+7. write one HTML page with the traces, the predictions, the held-out accuracy and the plan.
 
 Everything goes under ``config.out``: ``index.html``, ``traces/``, ``models/``,
-``predictions/``, ``logs/`` (each phase's output), ``demo.json`` (the headline numbers) and
-``validation.json`` (held-out runs, readable by ``kfacperf report --validation``).
+``predictions/``, ``logs/`` (each phase's output), ``demo.json`` (the headline numbers),
+``validation.json`` (held-out runs, readable by ``kfacperf report --validation``) and
+``plan.json`` (the plan, readable by ``kfacperf report --plan``).
 """
 from __future__ import annotations
 
@@ -206,6 +209,19 @@ def _simulate_cluster(config: DemoConfig, paths: DemoPaths, index: int) -> list[
     return out
 
 
+def _plan(config: DemoConfig, paths: DemoPaths) -> Any:
+    """The plan of ``scale_workload`` on ``config.plan``, written to ``plan.json``."""
+    from kfacperf.plan import plan
+    from kfacperf.plan.result import save_plan
+
+    assert config.plan is not None
+    result = plan(config.scale_workload, config.plan.device, config.plan.cluster,
+                  gpus=list(config.plan_gpus), convergence=list(config.plan_convergence),
+                  batch_per_gpu=[config.scale_batch_per_gpu])
+    save_plan(result, paths.plan)
+    return result
+
+
 def _load_average() -> tuple[float, ...] | None:
     try:
         return tuple(os.getloadavg())
@@ -243,15 +259,20 @@ def run_demo(config: DemoConfig, *, stream: TextIO | None = None,
     check_out(paths.root, force=force)
     workload_obj = get_workload(config.workload, **dict(config.workload_options))
     load_workload(config.scale_workload)  # fail on a bad model name now, not after the profiles
-    for t in config.clusters:
+    for t in config.clusters + ((config.plan,) if config.plan is not None else ()):
         load_cluster(t.cluster)
         load_device(t.device)
+    if config.plan is not None:
+        from kfacperf.plan import load_convergence
+
+        for name in config.plan_convergence:
+            load_convergence(name)
     load_avg = _load_average()
     for d in (paths.traces, paths.logs, paths.predictions, paths.models):
         d.mkdir(parents=True, exist_ok=True)
 
     runs = [(s, n) for n in config.nprocs for s in config.profiled_strategies]
-    total = len(runs) + 4 + len(config.clusters)
+    total = len(runs) + 4 + len(config.clusters) + (config.plan is not None)
     runner = PhaseRunner(total=total, log_dir=paths.logs, stream=stream, verbose=verbose)
     batch = config.batch_size or workload_obj.default_batch_size
     steps = f"{config.steps} step{'s' if config.steps != 1 else ''}"
@@ -299,6 +320,14 @@ def run_demo(config: DemoConfig, *, stream: TextIO | None = None,
         scale_preds.append(got[0])
         whatifs.extend(got[1:])
 
+    planned = None
+    if config.plan is not None:
+        target = config.plan
+        planned = runner.run(
+            f"plan {config.scale_workload} on {target.cluster}", lambda: _plan(config, paths),
+            note=lambda r: f"{r.stats['configurations']:,} configurations at "
+                           f"{len(config.plan_gpus)} GPU counts -> {paths.plan}")
+
     def report() -> Path:
         from kfacperf.report.build import build_report
 
@@ -307,7 +336,8 @@ def run_demo(config: DemoConfig, *, stream: TextIO | None = None,
         return build_report([Path(t.path) for t in traces.values()],
                             [paths.local_prediction(config.workload)]
                             + [p for p, _ in scale_preds + whatifs],
-                            paths.report, _accuracy_table(validation.runs), title=title)
+                            paths.report, _accuracy_table(validation.runs), title=title,
+                            plan=planned)
 
     page = runner.run("report", report,
                       note=lambda p: f"{p} ({p.stat().st_size / 1e6:.1f} MB)")
@@ -320,6 +350,7 @@ def run_demo(config: DemoConfig, *, stream: TextIO | None = None,
         intervals=(int(kfac_run["factor_interval"]), int(kfac_run["inverse_interval"])),
         steps=config.steps, runs=run_headlines(measured), held_out=held_rows, scale=scale,
         phases=tuple(runner.done), wall_s=runner.elapsed(), load_average=load_avg,
+        plan=planned, plan_path=paths.plan if planned is not None else None,
     )
     atomic_write_text(paths.results, dumps_json(result.to_dict(), indent=1) + "\n")
     return result

@@ -2,9 +2,10 @@
 1-process calibration predicts, and the K-FAC overhead over SGD, measured here and predicted
 on the cluster presets.
 
-Every number is read from a trace summary (:func:`kfacperf.trace.store.summarize`), from
-:func:`kfacperf.validation.validate`'s per-run table, or from a prediction's ``summary``
-table; nothing is computed here a second way.
+Every number is read from a trace summary (:func:`kfacperf.trace.summary.summarize`, whose
+step time is :mod:`kfacperf.trace.measure`'s), from :func:`kfacperf.validation.validate`'s
+per-run table, or from a prediction's ``summary`` table; nothing is computed here a second
+way.
 """
 from __future__ import annotations
 
@@ -31,14 +32,13 @@ class RunHeadline:
     nproc: int
     role: str  # CALIBRATION (1 process: the fit's own data) or HELD_OUT
     trace: str
-    measured_step_us: float  # mean over measured steps of the slowest rank's step
+    measured_step_us: float  # kfacperf.trace.measure: median per kind of step, weighted
     measured_overhead: float  # over the SGD run with as many processes (NaN for SGD)
 
 
 @dataclass(frozen=True, kw_only=True)
 class HeldOutHeadline:
-    """A held-out run predicted from the 1-process calibration (:mod:`kfacperf.validation`:
-    measured is the median step time per kind of step)."""
+    """A held-out run predicted from the 1-process calibration (:mod:`kfacperf.validation`)."""
 
     name: str
     strategy: str
@@ -82,6 +82,8 @@ class DemoResult:
     phases: tuple[Any, ...]  # PhaseTime
     wall_s: float
     load_average: tuple[float, ...] | None
+    plan: Any = None  # kfacperf.plan.PlanResult, when the demo planned
+    plan_path: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return _json_safe({
@@ -92,6 +94,7 @@ class DemoResult:
             "held_out": [asdict(r) for r in self.held_out], "scale": [asdict(s) for s in self.scale],
             "phases": [asdict(p) for p in self.phases], "wall_s": self.wall_s,
             "load_average": list(self.load_average) if self.load_average else None,
+            "plan": str(self.plan_path) if self.plan_path is not None else None,
         })
 
     def text(self) -> str:
@@ -171,13 +174,37 @@ def _x(r: float) -> str:
     return "n/a" if not math.isfinite(r) else f"{r:.2f}x"
 
 
+def plan_lines(plan: Any) -> list[str]:
+    """The plan's best SGD and K-FAC per GPU count, and the two ends of its Pareto front."""
+    from kfacperf.plan.result import OPTIMIZER_NAMES
+    from kfacperf.plan.text import best_table, config_text, fmt_duration
+
+    i = plan.inputs
+    names = ", ".join(f"{OPTIMIZER_NAMES.get(k, k)} {v['name']}"
+                      for k, v in plan.convergence.items())
+    lines = [f"plan for {i['workload']} on {i['cluster']} / {i['device']} (kfacperf plan; time "
+             f"to the target, steps from {names}; * extrapolated):"]
+    lines += ["  " + ln for ln in best_table(plan)]
+    front = plan.pareto()
+    if front:
+        def point(c: Any) -> str:
+            return (f"{c.gpus:,} GPUs, {config_text(c)}: {fmt_duration(c.time_s)}, "
+                    f"{c.gpu_hours:,.1f} GPU-h")
+
+        lines.append(f"  fastest: {point(front[0])}")
+        if len(front) > 1:
+            lines.append(f"  fewest GPU-hours: {point(front[-1])}")
+    return lines
+
+
 def format_result(result: DemoResult) -> str:
     """The text ``kfacperf demo`` prints at the end."""
     fi, ii = result.intervals
     lines = [f"report: {result.report}", ""]
     lines.append(f"{result.workload}, batch {result.batch_per_rank} per rank, one thread per "
                  f"rank, K-FAC factor/inverse interval {fi}/{ii}")
-    lines.append(f"measured step time (mean over {result.steps} steps of the slowest rank):")
+    lines.append(f"measured step time (of {result.steps} steps, the median per kind of step, "
+                 "weighted by the mix):")
     lines.append(f"  {'run':<20}{'procs':>5}{'step':>13}{'K-FAC/SGD':>11}")
     for r in result.runs:
         over = "" if r.strategy == "sgd" else f"{_x(r.measured_overhead):>11}"
@@ -185,7 +212,7 @@ def format_result(result: DemoResult) -> str:
     if result.held_out:
         lines.append("")
         lines.append("held-out runs predicted from the 1-process calibration and commbench "
-                     "(median step, as kfacperf validate):")
+                     "(as kfacperf validate):")
         lines.append(f"  {'run':<20}{'measured':>13}{'predicted':>13}{'error':>9}"
                      "   worst stage (>5% of the step)")
         for h in result.held_out:
@@ -209,6 +236,8 @@ def format_result(result: DemoResult) -> str:
             parts = [f"{s.strategy} {_x(s.kfac_overhead)}" for s in rows if s.strategy != "sgd"]
             base = f" (sgd step {_ms(sgd.step_us)})" if sgd else ""
             lines.append(f"  {cluster[0]} / {cluster[1]}: " + ", ".join(parts) + base)
+    if result.plan is not None:
+        lines += [""] + plan_lines(result.plan)
     lines.append("")
     load = (f"; load average at the start {result.load_average[0]:.2f}"
             if result.load_average else "")

@@ -57,8 +57,6 @@ STAGE_COLORS: dict[str, int] = {
     S.STEP: 0xFF9E9E9E,
 }
 
-_clock = time.perf_counter_ns
-
 
 class RowSink(Protocol):
     """Where a step's rows go (an Arrow stream appender, or a list in tests)."""
@@ -105,13 +103,13 @@ class _Span:
         t._nvtx_push(self._k.attrs)
         if t._sync is not None:
             t._sync()
-        self._t0 = _clock()
+        self._t0 = t._clock()
 
     def __exit__(self, *exc: Any) -> None:
         t = self._t
         if t._sync is not None:
             t._sync()
-        t1 = _clock()
+        t1 = t._clock()
         t._nvtx_pop()
         k = self._k
         t._rows.append((t._step, k.stage, k.layer, k.lane, self._t0, t1, self._nbytes,
@@ -155,6 +153,8 @@ class StageTimer:
             ``torch.distributed`` barrier when a process group is initialised).
         origin_ns: ``perf_counter_ns`` value that is time 0 (default: now).
         max_pending_steps: GPU only, steps whose events may still be unresolved.
+        clock: the CPU clock in nanoseconds (``time.perf_counter_ns``; tests give a fake
+            one to control what every row measures).
     """
 
     enabled = True
@@ -170,8 +170,10 @@ class StageTimer:
         barrier: Callable[[], None] | None = None,
         origin_ns: int | None = None,
         max_pending_steps: int = 2,
+        clock: Callable[[], int] = time.perf_counter_ns,
     ) -> None:
         self.rank = rank
+        self._clock = clock
         self.sink = sink if sink is not None else MemorySink()
         self._nvtx = nvtx if nvtx is not None else NvtxDomainBackend()
         self._nvtx_push = self._nvtx.push
@@ -182,7 +184,7 @@ class StageTimer:
         if isolate:
             self._sync = cuda_events.cuda_sync if self.cuda else None
             self._barrier = barrier if barrier is not None else _dist_barrier
-        self.origin_ns = _clock() if origin_ns is None else origin_ns
+        self.origin_ns = clock() if origin_ns is None else origin_ns
         self._keys: dict[tuple[str, str], _Key] = {}
         self._rows: list[tuple] = []
         self._async_rows: collections.deque = collections.deque()
@@ -209,7 +211,7 @@ class StageTimer:
 
     def issue_mark(self) -> Any:
         """Now, as :meth:`async_comm` takes it (a CUDA event on a GPU)."""
-        return self._events.record() if self.cuda else _clock()
+        return self._events.record() if self.cuda else self._clock()
 
     def async_comm(self, stage: str, layer: str, nbytes: int, work: Any, *,
                    issued_at: Any = None) -> None:
@@ -225,19 +227,19 @@ class StageTimer:
         elif self.cuda:
             t0 = self._events.record()
         else:
-            t0 = _clock()
+            t0 = self._clock()
         if self.isolate:
             work.wait()
             if self._sync is not None:
                 self._sync()
-            t1 = self._events.record() if self.cuda else _clock()
+            t1 = self._events.record() if self.cuda else self._clock()
             self._nvtx.end(handle)
             self._async_rows.append((step, key.stage, key.layer, key.lane, t0, t1, nbytes, 0.0))
             return
-        rows, end, cuda = self._async_rows, self._nvtx.end, self.cuda
+        rows, end, cuda, clock = self._async_rows, self._nvtx.end, self.cuda, self._clock
 
         def done(_: Any = None) -> None:
-            t1 = cuda_events.fresh_cuda_event() if cuda else _clock()
+            t1 = cuda_events.fresh_cuda_event() if cuda else clock()
             end(handle)
             rows.append((step, key.stage, key.layer, key.lane, t0, t1, nbytes, 0.0))
 
@@ -264,12 +266,12 @@ class StageTimer:
         self._nvtx.push(self._nvtx.attributes(
             message=STEP, color=STAGE_COLORS[STEP], category=STEP, payload=step
         ))
-        self._step_t0 = self._events.record() if self.cuda else _clock()
+        self._step_t0 = self._events.record() if self.cuda else self._clock()
 
     def step_end(self) -> None:
         if self.isolate and self._sync is not None:
             self._sync()
-        t1 = self._events.record() if self.cuda else _clock()
+        t1 = self._events.record() if self.cuda else self._clock()
         self._nvtx_pop()
         self._rows.append((self._step, STEP, "", lane_of(STEP), self._step_t0, t1, 0, 0.0))
         self._collect_finished_comm()

@@ -26,7 +26,8 @@ RUN_KEYS: tuple[str, ...] = ("strategy", "world_size")
 @dataclass(frozen=True, kw_only=True)
 class RunData:
     """One measured run: its ``run.json``, the events of its measured steps (after warm-up),
-    optional telemetry, and :func:`kfacperf.trace.store.summarize`'s summary of it."""
+    optional telemetry, and :func:`kfacperf.trace.summary.summarize`'s summary of it (with the
+    measured step and stage times of :mod:`kfacperf.trace.measure`)."""
 
     name: str
     path: Path

@@ -12,6 +12,7 @@ import pandas as pd
 
 from kfacperf.report import metrics
 from kfacperf.report.inputs import PredictionData, RunData, meta_value
+from kfacperf.trace.measure import KindTimes, Measured
 
 
 def _name_of(value: Any) -> str | None:
@@ -50,22 +51,19 @@ class Match:
         value = self.row.get("kfac_overhead", float("nan"))
         return float(value) if value is not None else float("nan")
 
-    def stage_us(self) -> pd.Series:
-        """Predicted per-step time (µs) of each stage, summed over layers."""
-        st = self.prediction.stage_times
-        sel = st[(st["strategy"].astype(str) == str(self.row["strategy"]))
-                 & (st["gpus"].astype(int) == int(self.row["gpus"]))]
-        sel = sel.assign(stage=sel["stage"].astype(str))
-        return sel.groupby("stage")["time_us"].sum()
+    def kind_times(self) -> KindTimes:
+        """Predicted step, stage and (stage, layer) times per kind of step
+        (:func:`kfacperf.sim.prediction.kind_times`)."""
+        from kfacperf.sim.prediction import kind_times
 
-    def layer_us(self) -> pd.Series:
-        """Predicted per-step time (µs) of each per-layer stage, indexed by (stage, layer)."""
-        st = self.prediction.stage_times
-        sel = st[(st["strategy"].astype(str) == str(self.row["strategy"]))
-                 & (st["gpus"].astype(int) == int(self.row["gpus"]))]
-        sel = sel.assign(stage=sel["stage"].astype(str), layer=sel["layer"].astype(str))
-        sel = sel[sel["layer"] != ""]
-        return sel.groupby(["stage", "layer"])["time_us"].sum()
+        return kind_times(self.prediction, str(self.row["strategy"]), int(self.row["gpus"]))
+
+    def step_us_for(self, measured: Measured) -> float:
+        """The predicted step time over the measured run's mix of kinds of step."""
+        times = self.kind_times()
+        if any(k not in times.step_us for k in measured.kinds):
+            return math.nan
+        return times.step_time_us(measured.kinds)
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -169,12 +167,15 @@ def sgd_baseline(run: RunData, runs: Sequence[RunData]) -> RunData | None:
 
 
 def headline(runs: Sequence[RunData], predictions: Sequence[PredictionData]) -> pd.DataFrame:
-    """One row per measured run: measured and predicted step time, error, K-FAC overhead."""
+    """One row per measured run: measured and predicted step time, error, K-FAC overhead.
+
+    Measured: the run's step time (:mod:`kfacperf.trace.measure`); predicted: the simulated
+    step of each kind weighted by the measured mix of kinds, as ``kfacperf validate``."""
     rows = []
     for run in runs:
         measured = run.summary.step_us
         match = match_prediction(run, predictions)
-        predicted = match.step_us if match else float("nan")
+        predicted = match.step_us_for(run.summary.measured) if match else float("nan")
         base = sgd_baseline(run, runs)
         overhead = measured / base.summary.step_us if base and base.summary.step_us > 0 else float("nan")
         rows.append(

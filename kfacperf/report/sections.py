@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from kfacperf import vocab as S
 from kfacperf.report import figures, matching, metrics, timeline
 from kfacperf.report.inputs import PredictionData, RunData
 from kfacperf.report.page import (
@@ -24,6 +25,7 @@ from kfacperf.report.page import (
     paragraph,
     table,
 )
+from kfacperf.trace.compare import compare, compare_layers
 
 _RUN_FIELDS: tuple[tuple[str, str], ...] = (
     ("workload", "workload"), ("optimizer", "optimizer"), ("strategy", "strategy"),
@@ -78,7 +80,9 @@ def summary_section(runs: Sequence[RunData], predictions: Sequence[PredictionDat
             ("kfac_overhead_predicted", "K-FAC overhead predicted", fmt_ratio), ("prediction", "prediction", fmt_plain),
         ], numeric=("measured_step_us", "predicted_step_us", "error_pct", "kfac_overhead_measured",
                     "kfac_overhead_predicted"),
-            caption="step time = mean over recorded steps of the slowest rank's step; "
+            caption="step time = per kind of step (inverse, factor, plain) the median over the "
+                    "measured steps of the slowest rank's step, weighted by the mix of kinds measured "
+                    "(the prediction by the same mix), as kfacperf validate; "
                     "K-FAC overhead = step time over the SGD run with the same workload, ranks and batch"))
     if predictions:
         sec.add_html(heading("Predictions (simulator inputs)"))
@@ -109,8 +113,10 @@ def prediction_inputs_table(predictions: Sequence[PredictionData]) -> str:
 
 def breakdown_section(runs: Sequence[RunData]) -> Section:
     sec = Section(key="breakdown", title="Measured stage breakdown per rank",
-                  intro="Per-step time of each stage on each rank (communication hatched: it may run under "
-                        "compute), and how much of the communication time is exposed.")
+                  intro="Per-step time of each stage on each rank, as kfacperf validate measures a stage: "
+                        "compute without the stages nested in it, a collective from its last member's "
+                        "start to its last completion (communication hatched: it may run under "
+                        "compute); then how much of the time communication is in flight is exposed.")
     for run in runs:
         breakdown = metrics.rank_stage_breakdown(run.summary)
         if breakdown.empty:
@@ -132,27 +138,38 @@ def breakdown_section(runs: Sequence[RunData]) -> Section:
 
 def comparison_section(runs: Sequence[RunData], predictions: Sequence[PredictionData]) -> Section:
     sec = Section(key="comparison", title="Predicted vs measured",
-                  intro="Per-step time of each stage on the rank with the most compute (measured) and "
-                        "the slowest representative rank (predicted); the step is the whole step "
-                        "(slowest rank); error = (predicted − measured) / measured.")
+                  intro="Per-step time of each stage, mean over ranks: compute stages exclusive of the "
+                        "stages nested in them, a collective from its last member's start to its last "
+                        "completion. Measured: per kind of step (inverse, factor, plain) the median over "
+                        "the measured steps; predicted: the simulated step of each kind; both weighted by "
+                        "the measured mix of kinds, as kfacperf validate. Error = (predicted − measured) "
+                        "/ measured.")
     unmatched = []
     for run in runs:
         match = matching.match_prediction(run, predictions)
         if match is None:
             unmatched.append(f"{run.name} ({run.strategy}, {run.world_size} GPUs)")
             continue
-        critical = metrics.critical_rank(run.summary)
-        measured = metrics.stage_totals(run.summary, critical)
-        comp = metrics.stage_comparison(measured, match.stage_us(), run.summary.step_us, match.step_us)
-        label = f"{run.name} (rank {critical}) vs {match.prediction.name} ({run.strategy}, {run.world_size} GPUs)"
+        predicted = match.kind_times()
+        try:
+            cmp = compare(run.summary.measured, predicted, label=run.name)
+        except ValueError as exc:
+            unmatched.append(f"{run.name} ({exc})")
+            continue
+        label = f"{run.name} vs {match.prediction.name} ({run.strategy}, {run.world_size} GPUs)"
         sec.add_html(heading(label))
+        comp = metrics.stage_comparison(cmp)
+        if not predicted.stage_us:  # simulated without events: the step alone
+            comp = comp[comp["stage"] == S.STEP].reset_index(drop=True)
         sec.add_html(table(comp, [
             ("stage", "stage", fmt_plain), ("measured_us", "measured (ms)", fmt_ms),
             ("predicted_us", "predicted (ms)", fmt_ms), ("error_pct", "error", fmt_pct),
         ], numeric=("measured_us", "predicted_us", "error_pct")))
+        if not predicted.stage_us:
+            sec.add_html(paragraph(f"{match.prediction.name} has no events for this point (simulated "
+                                   "without them), so no predicted stage times: the step alone."))
         sec.add_figure(figures.comparison_figure(comp, "per-step time by stage: measured vs predicted"))
-        layers = metrics.layer_comparison(
-            metrics.layer_times(run.events, critical, run.summary.measured_steps), match.layer_us())
+        layers = compare_layers(run.summary.measured, predicted)
         if not layers.empty:
             sec.add_html("<details><summary>per layer</summary>" + table(layers, [
                 ("stage", "stage", fmt_plain), ("layer", "layer", fmt_plain),

@@ -13,13 +13,10 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from kfacperf import vocab as S
 from kfacperf.runtime.settings import OptimizerSettings
 
-OPTIMIZERS = ("sgd", "kfac")
-STRATEGIES = ("sgd", "local", "spngd", "kaisa")
-INVERSE_METHODS = ("eigen", "cholesky")
 DEVICES = ("auto", "cpu", "cuda")
-COMM_DTYPES = ("fp32", "fp16", "bf16")
 
 MAX_TIMEOUT_S = 86400.0
 """The longest ``--timeout``: a day."""
@@ -63,11 +60,8 @@ class ProfileConfig(OptimizerSettings):
         def bad(key: str, why: str) -> ValueError:
             return ValueError(f"--{key.replace('_', '-')} {why}, got {getattr(self, key)!r}")
 
-        if self.optimizer not in OPTIMIZERS:
-            raise bad("optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
-        strategy = self.resolved_strategy
-        if strategy not in STRATEGIES:
-            raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+        S.check_choice("optimizer", self.optimizer, S.OPTIMIZERS)
+        strategy = S.check_choice("strategy", self.resolved_strategy, S.PROFILE_STRATEGIES)
         if self.optimizer == "sgd" and strategy != "sgd":
             raise ValueError(f"--optimizer sgd runs the DDP baseline; --strategy {strategy} is a "
                              "K-FAC strategy (leave it out, or use --optimizer kfac)")
@@ -82,9 +76,8 @@ class ProfileConfig(OptimizerSettings):
         if self.batch_size is not None and (not isinstance(self.batch_size, int)
                                             or self.batch_size < 1):
             raise bad("batch_size", "must be a positive integer")
-        if self.inverse_interval % self.factor_interval:
-            raise ValueError(f"--inverse-interval {self.inverse_interval} must be a multiple of "
-                             f"--factor-interval {self.factor_interval}")
+        S.check_intervals(self.factor_interval, self.inverse_interval,
+                          names=("--factor-interval", "--inverse-interval"))
         for key in ("timeout_s", "damping", "telemetry_interval_s"):
             if not getattr(self, key) > 0:
                 raise bad(key, "must be > 0")
@@ -96,12 +89,15 @@ class ProfileConfig(OptimizerSettings):
                              f"got {self.timeout_s!r}")
         if not 0 < self.grad_worker_fraction <= 1:
             raise bad("grad_worker_fraction", "must be in (0, 1]")
-        if self.inverse_method not in INVERSE_METHODS:
-            raise bad("inverse_method", f"must be one of {', '.join(INVERSE_METHODS)}")
-        if self.device not in DEVICES:
-            raise bad("device", f"must be one of {', '.join(DEVICES)}")
-        if self.comm_dtype not in COMM_DTYPES:
-            raise bad("comm_dtype", f"must be one of {', '.join(COMM_DTYPES)}")
+        S.check_choice("inverse method", self.inverse_method, S.INVERSE_METHODS)
+        S.check_choice("device", self.device, DEVICES)
+        S.check_choice("comm dtype", self.comm_dtype, S.COMM_DTYPES)
+        S.check_choice("bn_blocks", self.bn_blocks, S.BN_BLOCKS)
+        S.check_choice("fisher", self.fisher, S.FISHER_TYPES)
+        if self.optimizer == S.SGD and (self.bn_blocks, self.fisher) != (S.BN_NONE,
+                                                                         S.FISHER_EMP):
+            raise ValueError("--bn-blocks and --fisher are K-FAC settings; --optimizer sgd "
+                             "takes neither (leave them out, or use --optimizer kfac)")
         if self.multi_node and not self.rdzv_endpoint:
             raise ValueError(f"--nnodes {self.nnodes} needs --rdzv-endpoint HOST:PORT")
 
@@ -176,6 +172,8 @@ def run_record(
         "comm_dtype": config.comm_dtype,
         "symmetric": config.symmetric,
         "bucket_cap_mb": config.bucket_cap_mb,
+        "bn_blocks": config.bn_blocks,
+        "fisher": config.fisher,
         "world_size": world_size,
         "batch_per_rank": batch_per_rank,
         "steps": config.steps,

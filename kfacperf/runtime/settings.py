@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from kfacperf import vocab
+
 
 @dataclass(frozen=True, kw_only=True)
 class OptimizerSettings:
@@ -28,6 +30,8 @@ class OptimizerSettings:
     comm_dtype: str = "fp32"
     symmetric: bool = False
     bucket_cap_mb: float = 25.0
+    bn_blocks: str = vocab.BN_NONE
+    fisher: str = vocab.FISHER_EMP
 
     def optimizer_settings(self) -> dict[str, Any]:
         """Just the fields declared here, by name."""

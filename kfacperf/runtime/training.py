@@ -12,7 +12,10 @@
 
 A step is ``timer.step_begin`` → ``forward`` (forward + loss) → ``backward`` (zero the grads,
 ``loss.backward()``) → the preconditioner's own stages → ``update`` (``optimizer.step()``)
-→ ``timer.step_end``.  After :meth:`Trainer.train_step` returns, each parameter's ``.grad``
+→ ``timer.step_end``.  With ``fisher="mc"``, factor steps run the Monte-Carlo pass
+(:meth:`KFACPreconditioner.mc_backward`) between forward and backward, timed as a second
+``backward`` row whose ``layer`` is ``"mc_fisher"`` (:data:`kfacperf.vocab.MC_FISHER_PASS`);
+the statistics (``factor_compute`` rows) are nested in that row, not in the true backward.  After :meth:`Trainer.train_step` returns, each parameter's ``.grad``
 holds the update direction the optimizer used.
 """
 from __future__ import annotations
@@ -31,13 +34,12 @@ from kfacperf.kfac.comm import (
     looks_like_collective_failure,
 )
 from kfacperf.kfac.ddp import wrap_ddp
+from kfacperf.kfac.fisher import MonteCarloFisher
 from kfacperf.kfac.preconditioner import KFACPreconditioner
-from kfacperf.kfac.strategies import STRATEGY_NAMES, make_strategy
+from kfacperf.kfac.strategies import make_strategy
 from kfacperf.profiler.timer import NULL_TIMER, Timer
 from kfacperf.runtime import distributed
 from kfacperf.runtime.settings import OptimizerSettings
-
-OPTIMIZERS = ("sgd", "kfac")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,23 +50,19 @@ class TrainConfig(OptimizerSettings):
     strategy: str = "local"
 
     def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(
-                f"unknown optimizer {self.optimizer!r}; use one of {', '.join(OPTIMIZERS)}"
-            )
+        stages.check_choice("optimizer", self.optimizer, stages.OPTIMIZERS)
         if self.optimizer == "sgd" and self.strategy not in ("sgd", "local"):
             raise ValueError(
                 f"optimizer 'sgd' takes no K-FAC strategy (got {self.strategy!r}); "
                 "its gradients are averaged by DDP"
             )
-        if self.optimizer == "kfac" and self.strategy not in STRATEGY_NAMES:
-            raise ValueError(
-                f"unknown strategy {self.strategy!r} for optimizer 'kfac'; "
-                f"use one of {', '.join(STRATEGY_NAMES)}"
-            )
+        if self.optimizer == stages.KFAC:
+            stages.check_choice("strategy", self.strategy, stages.OPTIMIZER_KFAC_STRATEGIES)
         for key in ("lr", "bucket_cap_mb"):
             if not getattr(self, key) >= 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)!r}")
+        stages.check_choice("bn_blocks", self.bn_blocks, stages.BN_BLOCKS)
+        stages.check_choice("fisher", self.fisher, stages.FISHER_TYPES)
 
     @property
     def strategy_name(self) -> str:
@@ -73,7 +71,10 @@ class TrainConfig(OptimizerSettings):
 
 
 class Trainer:
-    """Runs instrumented training steps of ``model`` on this process's share of the batch."""
+    """Runs instrumented training steps of ``model`` on this process's share of the batch.
+
+    ``seed`` seeds the labels sampled for the Monte-Carlo Fisher (``fisher="mc"``).
+    """
 
     def __init__(
         self,
@@ -82,6 +83,7 @@ class Trainer:
         loss_fn: Callable[[Tensor, Tensor], Tensor],
         config: TrainConfig,
         timer: Timer = NULL_TIMER,
+        seed: int = 0,
     ) -> None:
         self.config = config
         self.timer = timer
@@ -114,7 +116,14 @@ class Trainer:
                 kl_clip=config.kl_clip,
                 strategy=make_strategy(strategy, **_strategy_options(config)),
                 timer=timer,
+                bn_blocks=config.bn_blocks,
+                fisher=config.fisher,
             )
+        self.mc_fisher: MonteCarloFisher | None = None
+        if self.preconditioner is not None and config.fisher == stages.FISHER_MC:
+            self.mc_fisher = MonteCarloFisher(loss_fn, params=model.parameters(), seed=seed,
+                                              rank=self.info.rank,
+                                              world_size=self.info.world_size)
         self.optimizer = torch.optim.SGD(
             model.parameters(), lr=config.lr, momentum=config.momentum,
             weight_decay=config.weight_decay,
@@ -141,13 +150,18 @@ class Trainer:
     def _step(self, inputs: Tensor, targets: Tensor) -> Tensor:
         timer = self.timer
         timer.step_begin(self.steps)
+        pc = self.preconditioner
         with timer.stage(stages.FORWARD):
-            loss = self.loss_fn(self.net(inputs), targets)
+            outputs = self.net(inputs)
+            loss = self.loss_fn(outputs, targets)
+        if self.mc_fisher is not None and pc is not None and pc.factor_step:
+            with timer.stage(stages.BACKWARD, stages.MC_FISHER_PASS):
+                pc.mc_backward(outputs, self.mc_fisher)
         with timer.stage(stages.BACKWARD):
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-        if self.preconditioner is not None:
-            self.preconditioner.step()
+        if pc is not None:
+            pc.step()
         with timer.stage(stages.UPDATE):
             self.optimizer.step()
         timer.step_end()

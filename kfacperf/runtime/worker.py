@@ -163,7 +163,8 @@ def _train(config: ProfileConfig, info: Any, run_dir: Path, heap_policy: str, *,
                                    origin_ns=origin, interval_s=config.telemetry_interval_s)
         sampler.start()
     trainer = Trainer(model, loss_fn=workload.loss_fn,
-                      config=TrainConfig(**config.train_config_kwargs()), timer=timer)
+                      config=TrainConfig(**config.train_config_kwargs()), timer=timer,
+                      seed=config.seed)
     crash_after = _crash_point(rank)
     total = config.total_steps
     last_print = 0.0

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Generator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import simpy
@@ -107,24 +108,115 @@ def run_step(graph: StepGraph) -> StepResult:
     stream when the prefix's compute is done and its comm stream when the prefix's comm is
     done (its own launches follow the prefix's compute in issue order, so they wait for it).
     """
-    env = simpy.Environment()
-    colls = graph.collectives
-    nc = len(colls)
-    n_pc, n_pl = graph.prefix
-    shared = n_pc + n_pl > 0
-    arrived = [0] * nc
-    members = [len(c.members) for c in colls]
-    cost = [c.cost_us for c in colls]
-    straggle = [c.straggle for c in colls]
-    coll_start = [float("nan")] * nc
-    done = [env.event() for _ in range(nc)]
-    ncls = len(graph.classes)
-    compute_end = [0.0] * ncls
-    comm_end = [0.0] * ncls
+    return _StepRun(graph).run()
 
-    def compute_proc(segs: list[_Segment], starts: list[float], signals: dict[int, simpy.Event],
-                     first: simpy.Event | None, end: list[float], ci: int,
-                     finished: simpy.Event | None) -> Generator:
+
+class _Collectives:
+    """Per collective of a graph: who has arrived, what it costs, when it started and done."""
+
+    def __init__(self, graph: StepGraph, env: simpy.Environment) -> None:
+        colls = graph.collectives
+        self.arrived = [0] * len(colls)
+        self.members = [len(c.members) for c in colls]
+        self.cost = [c.cost_us for c in colls]
+        self.straggle = [c.straggle for c in colls]
+        self.start = [float("nan")] * len(colls)
+        self.done = [env.event() for _ in colls]
+
+    def check_all_ran(self, graph: StepGraph) -> None:
+        """A collective that never started means the graph deadlocked: say which."""
+        stuck = [k for k, ev in enumerate(self.done) if not ev.triggered]
+        if not stuck:
+            return
+        k = stuck[0]
+        c = graph.collectives[k]
+        waiting = [graph.classes[m].rank for m in c.members]
+        raise RuntimeError(
+            f"step graph deadlocked: collective {c.op} ({c.stage} {c.layer!r}) never started; "
+            f"{self.arrived[k]} of {self.members[k]} member classes arrived (member ranks "
+            f"{waiting[:8]}{'...' if len(waiting) > 8 else ''}); {len(stuck)} collective(s) "
+            "stuck in all"
+        )
+
+
+@dataclass
+class _Program:
+    """One compute+comm program to start: a class's own tasks, or the shared prefix."""
+
+    durs: list[float]
+    waits: list[tuple[int, ...]]
+    items: list[tuple[int, int]]
+    shift: int  # compute tasks that precede it (the prefix's, for a class after one)
+
+
+class _StepRun:
+    """The SimPy processes of one step: a compute and a comm stream per simulated class."""
+
+    def __init__(self, graph: StepGraph) -> None:
+        self.graph = graph
+        self.env = simpy.Environment()
+        self.colls = _Collectives(graph, self.env)
+        ncls = len(graph.classes)
+        self.compute_end = [0.0] * ncls
+        self.comm_end = [0.0] * ncls
+
+    def run(self) -> StepResult:
+        graph = self.graph
+        n_pc, n_pl = graph.prefix
+        shared = n_pc + n_pl > 0
+        pre_end: tuple[list[float], list[float]] = ([0.0], [0.0])
+        pre: tuple[_Plan, list[float]] | None = None
+        first_c: simpy.Event | None = None
+        first_m: tuple[simpy.Event, ...] = ()
+        if shared:  # the prefix, once: each of its collectives has that one member
+            for k, _ in graph.comm[0][:n_pl]:
+                self.colls.members[k] = 1
+            first_c, pre_m = self.env.event(), self.env.event()
+            first_m = (pre_m, first_c)
+            prefix = _Program(graph.programs[0].dur[:n_pc], graph.waits[0][:n_pc],
+                              graph.comm[0][:n_pl], 0)
+            pre = self._start(prefix, None, (), pre_end, 0, (first_c, pre_m))
+        plans = [self._start(_Program(graph.programs[ci].dur[n_pc:], graph.waits[ci][n_pc:],
+                                      graph.comm[ci][n_pl:], n_pc),
+                             first_c, first_m, (self.compute_end, self.comm_end), ci,
+                             synced_at=pre_end[1] if shared else None)
+                 for ci in range(len(graph.classes))]
+        self.env.run()
+        self.colls.check_all_ran(graph)
+        head = _starts(*pre) if pre is not None else np.zeros(0)
+        compute_start = [np.concatenate((head, _starts(*plan))) if shared else _starts(*plan)
+                         for plan in plans]
+        class_end = np.maximum(np.asarray(self.compute_end), np.asarray(self.comm_end))
+        if shared:
+            class_end = np.maximum(class_end, max(pre_end[0][0], pre_end[1][0]))
+        return StepResult(graph=graph, compute_start=compute_start,
+                          coll_start=np.asarray(self.colls.start, dtype=np.float64),
+                          class_end=class_end)
+
+    def _start(self, prog: _Program, first_c: simpy.Event | None,
+               first_m: tuple[simpy.Event, ...], ends: tuple[list[float], list[float]], ci: int,
+               finished: tuple[simpy.Event | None, simpy.Event | None] = (None, None),
+               synced_at: list[float] | None = None) -> tuple[_Plan, list[float]]:
+        """The compute and comm processes of ``prog``; returns its plan and the list its
+        compute segments' start times land in."""
+        local = [(k, after - prog.shift if after > prog.shift else 0) for k, after in prog.items]
+        observed = {after for _, after in local if after}
+        plan = _plan(prog.durs, prog.waits, observed)
+        starts = [0.0] * len(plan.segments)
+        signals = {k: self.env.event() for k in observed}
+        self.env.process(self._compute_stream(plan.segments, starts, signals, first_c, ends[0],
+                                              ci, finished[0]))
+        self.env.process(self._comm_stream(local, signals, first_m, ends[1], ci, finished[1],
+                                           synced_at))
+        return plan, starts
+
+    def _compute_stream(self, segs: list[_Segment], starts: list[float],
+                        signals: dict[int, simpy.Event], first: simpy.Event | None,
+                        end: list[float], ci: int, finished: simpy.Event | None
+                        ) -> Generator[simpy.Event, Any, None]:
+        """Runs compute segments in order: each after the collectives it waits for, one
+        timeout each, announcing the launches that follow it."""
+        env, done = self.env, self.colls.done
         if first is not None and first.callbacks is not None:
             yield first
         for si, seg in enumerate(segs):
@@ -141,9 +233,14 @@ def run_step(graph: StepGraph) -> StepResult:
         if finished is not None:
             finished.succeed()
 
-    def comm_proc(items: list[tuple[int, int]], signals: dict[int, simpy.Event],
-                  first: tuple[simpy.Event, ...], end: list[float], ci: int,
-                  finished: simpy.Event | None, synced_at: list[float] | None) -> Generator:
+    def _comm_stream(self, items: list[tuple[int, int]], signals: dict[int, simpy.Event],
+                     first: tuple[simpy.Event, ...], end: list[float], ci: int,
+                     finished: simpy.Event | None, synced_at: list[float] | None
+                     ) -> Generator[simpy.Event, Any, None]:
+        """Joins collectives in issue order, each once its launch's compute is done; the last
+        member to arrive waits out the straggle, runs the collective and wakes the others."""
+        env, c = self.env, self.colls
+        arrived, members, cost, straggle, done = c.arrived, c.members, c.cost, c.straggle, c.done
         for ev in first:
             if ev.callbacks is not None:
                 yield ev
@@ -160,7 +257,7 @@ def run_step(graph: StepGraph) -> StepResult:
                 late = straggle[k] * (env.now - synced)
                 if late > 0:
                     yield env.timeout(late)
-                coll_start[k] = env.now
+                c.start[k] = env.now
                 if cost[k] > 0:
                     yield env.timeout(cost[k])
                 done[k].succeed()
@@ -172,62 +269,6 @@ def run_step(graph: StepGraph) -> StepResult:
         end[ci] = env.now
         if finished is not None:
             finished.succeed()
-
-    def start(prog_durs: list[float], waits: list[tuple[int, ...]],
-              items: list[tuple[int, int]], shift: int, first_c: simpy.Event | None,
-              first_m: tuple[simpy.Event, ...], ends: tuple[list[float], list[float]], ci: int,
-              finished: tuple[simpy.Event | None, simpy.Event | None] = (None, None),
-              synced_at: list[float] | None = None) -> tuple[_Plan, list[float]]:
-        """Processes for one compute+comm program; ``shift`` compute tasks precede it."""
-        local = [(k, after - shift if after > shift else 0) for k, after in items]
-        observed = {after for _, after in local if after}
-        plan = _plan(prog_durs, waits, observed)
-        starts = [0.0] * len(plan.segments)
-        signals = {k: env.event() for k in observed}
-        env.process(compute_proc(plan.segments, starts, signals, first_c, ends[0], ci,
-                                 finished[0]))
-        env.process(comm_proc(local, signals, first_m, ends[1], ci, finished[1], synced_at))
-        return plan, starts
-
-    pre_end: tuple[list[float], list[float]] = ([0.0], [0.0])
-    pre_plan: _Plan | None = None
-    pre_starts: list[float] = []
-    first_c: simpy.Event | None = None
-    first_m: tuple[simpy.Event, ...] = ()
-    if shared:
-        p0 = graph.programs[0]
-        for k, _ in graph.comm[0][:n_pl]:
-            members[k] = 1
-        first_c, pre_m = env.event(), env.event()
-        first_m = (pre_m, first_c)
-        pre_plan, pre_starts = start(p0.dur[:n_pc], graph.waits[0][:n_pc], graph.comm[0][:n_pl],
-                                     0, None, (), pre_end, 0, (first_c, pre_m))
-    plans: list[tuple[_Plan, list[float]]] = []
-    for ci in range(ncls):
-        prog = graph.programs[ci]
-        plans.append(start(prog.dur[n_pc:], graph.waits[ci][n_pc:], graph.comm[ci][n_pl:], n_pc,
-                           first_c, first_m, (compute_end, comm_end), ci,
-                           synced_at=pre_end[1] if shared else None))
-    env.run()
-
-    stuck = [k for k in range(nc) if not done[k].triggered]
-    if stuck:
-        k = stuck[0]
-        c = colls[k]
-        waiting = [graph.classes[m].rank for m in c.members]
-        raise RuntimeError(
-            f"step graph deadlocked: collective {c.op} ({c.stage} {c.layer!r}) never started; "
-            f"{arrived[k]} of {members[k]} member classes arrived (member ranks {waiting[:8]}"
-            f"{'...' if len(waiting) > 8 else ''}); {len(stuck)} collective(s) stuck in all"
-        )
-    head = _starts(pre_plan, pre_starts) if pre_plan is not None else np.zeros(0)
-    compute_start = [np.concatenate((head, _starts(*plans[ci]))) if shared
-                     else _starts(*plans[ci]) for ci in range(ncls)]
-    class_end = np.maximum(np.asarray(compute_end), np.asarray(comm_end))
-    if shared:
-        class_end = np.maximum(class_end, max(pre_end[0][0], pre_end[1][0]))
-    return StepResult(graph=graph, compute_start=compute_start,
-                      coll_start=np.asarray(coll_start, dtype=np.float64), class_end=class_end)
 
 
 def _starts(plan: _Plan, seg_starts: list[float]) -> np.ndarray:

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kfacperf import vocab as S
+from kfacperf.trace.measure import KindTimes
 from kfacperf.trace.schema import EVENT_COLUMNS
 from kfacperf.vocab import STAGE_NAMES
 
@@ -199,3 +201,67 @@ def _read_table(path: Path) -> pd.DataFrame:
     except Exception as exc:  # pyarrow raises several types for a damaged file
         raise ValueError(f"{path}: cannot read as Parquet ({type(exc).__name__}: "
                          f"{' '.join(str(exc).split())[:200]})") from None
+
+
+def kind_times(pred: Any, strategy: str, gpus: int) -> KindTimes:
+    """The predicted step, stage and (stage, layer) times of each kind of step of one
+    (strategy, GPU count), as :mod:`kfacperf.trace.measure` defines them for a trace.
+
+    ``pred`` is a :class:`Prediction` or anything with its ``meta``, ``summary``, ``events``
+    and ``classes``.  The kinds are those of the cycle of the prediction's intervals.  Step:
+    the summary's ``<kind>_step_us`` (``step_us`` where it has none).  Stage: the mean over
+    every rank of its time in the stage, each representative rank of the events weighted by
+    the ranks it stands for (``classes``; without it, each counts once).  A simulated compute
+    stage nests nothing and a simulated collective's row lasts its cost, so the rows'
+    durations are those times.  A kind without events has no stage times.
+    """
+    import math
+
+    from kfacperf.sim.summary import cycle
+
+    summary, events, classes = pred.summary, pred.events, pred.classes
+    label = str(strategy)
+    row = summary[(summary["strategy"].astype(str) == label)
+                  & (summary["gpus"].astype(int) == int(gpus))]
+    if row.empty:
+        raise ValueError(f"prediction has no row for strategy {label!r} at {gpus} GPU(s)")
+    row = row.iloc[0]
+    meta = pred.meta
+    nested = meta.get("intervals") if isinstance(meta.get("intervals"), dict) else {}
+    fi = int(meta.get("factor_interval") or nested.get("factor") or 1)
+    ii = int(meta.get("inverse_interval") or nested.get("inverse") or 1)
+
+    def at_point(table: Any) -> Any:
+        if table is None or table.empty:
+            return None
+        return table[(table["strategy"].astype(str) == label)
+                     & (table["gpus"].astype(int) == int(gpus))]
+
+    ev, cl = at_point(events), at_point(classes)
+    weight = {} if cl is None else {
+        (int(s), int(r)): float(n) for s, r, n in zip(cl["step"], cl["rank"], cl["ranks"])}
+    step_us: dict[str, float] = {}
+    stage_us: dict[str, dict[str, float]] = {}
+    layer_us: dict[str, dict[tuple[str, str], float]] = {}
+    for cs in cycle(fi, ii, kfac=label.partition(":")[0] != S.SGD):
+        kind = cs.kind.name
+        value = row.get(f"{kind}_step_us")
+        step_us[kind] = float(value) if value is not None and math.isfinite(value) \
+            else float(row["step_us"])
+        sel = None if ev is None else ev[(ev["step"] == cs.step)
+                                         & (ev["stage"].astype(str) != S.STEP)]
+        if sel is None or sel.empty:
+            continue
+        w = {int(r): weight.get((cs.step, int(r)), 1.0) for r in set(sel["rank"])}
+        world = float(gpus) if weight else float(len(w))
+        sums = sel.groupby([sel["rank"].astype(int), sel["stage"].astype(str),
+                            sel["layer"].astype(str)])["dur_us"].sum()
+        stages: dict[str, float] = {}
+        layers: dict[tuple[str, str], float] = {}
+        for (rank, st, layer), t in sums.items():
+            share = float(t) * w[int(rank)] / world
+            stages[st] = stages.get(st, 0.0) + share
+            if layer:
+                layers[(st, layer)] = layers.get((st, layer), 0.0) + share
+        stage_us[kind], layer_us[kind] = stages, layers
+    return KindTimes(step_us=step_us, stage_us=stage_us, layer_us=layer_us)

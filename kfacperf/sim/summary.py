@@ -22,12 +22,8 @@ import numpy as np
 from kfacperf import vocab as S
 from kfacperf.sim.engine import StepResult
 from kfacperf.sim.graphs.graph import UNSTAGED
-from kfacperf.sim.graphs.strategies.common import (
-    FACTOR_STEP,
-    INVERSE_STEP,
-    PLAIN_STEP,
-    StepKind,
-)
+from kfacperf.trace.intervals import covered_length
+from kfacperf.vocab import FACTOR_STEP, INVERSE_STEP, PLAIN_STEP, StepKind
 
 
 @dataclass(frozen=True)
@@ -40,15 +36,9 @@ class CycleStep:
 
 
 def cycle(factor_interval: int, inverse_interval: int, *, kfac: bool = True) -> list[CycleStep]:
-    """The distinct kinds of step of one cycle, in step order (an SGD step has one kind)."""
-    for key, v in (("factor_interval", factor_interval), ("inverse_interval", inverse_interval)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{key} must be a positive integer, got {v!r}")
-    if inverse_interval % factor_interval:
-        raise ValueError(
-            f"inverse_interval ({inverse_interval}) must be a multiple of factor_interval "
-            f"({factor_interval}): inverses need fresh factors"
-        )
+    """The distinct kinds of step of one cycle, in step order (an SGD step has one kind);
+    each is the kind :func:`kfacperf.vocab.step_kind` gives its step."""
+    S.check_intervals(factor_interval, inverse_interval)
     if not kfac:
         return [CycleStep(PLAIN_STEP, 0, 1)]
     n_f = inverse_interval // factor_interval
@@ -58,22 +48,6 @@ def cycle(factor_interval: int, inverse_interval: int, *, kfac: bool = True) -> 
     if n_f > 1:
         out.append(CycleStep(FACTOR_STEP, factor_interval, n_f - 1))
     return sorted(out, key=lambda c: c.step)
-
-
-def covered(a_start: np.ndarray, a_len: np.ndarray, b_start: np.ndarray,
-            b_len: np.ndarray) -> float:
-    """Length of (union of A) ∩ (union of B), A's intervals sorted and disjoint."""
-    if not len(a_start) or not len(b_start):
-        return 0.0
-    cum = np.concatenate(([0.0], np.cumsum(a_len)))
-
-    def upto(t: np.ndarray) -> np.ndarray:
-        idx = np.searchsorted(a_start, t, side="right") - 1
-        i = np.clip(idx, 0, None)
-        inside = cum[i] + np.clip(t - a_start[i], 0.0, a_len[i])
-        return np.where(idx >= 0, inside, 0.0)
-
-    return float(np.sum(upto(b_start + b_len) - upto(b_start)))
 
 
 @dataclass(frozen=True)
@@ -90,7 +64,7 @@ def class_times(res: StepResult, ci: int) -> ClassTimes:
     dur = res.compute_durations(ci)
     _, c_start, c_dur = res.comm_times(ci)
     comm = float(c_dur.sum())
-    hidden = covered(res.compute_start[ci], dur, c_start, c_dur)
+    hidden = covered_length(res.compute_start[ci], dur, c_start, c_dur)
     return ClassTimes(float(res.class_end[ci]), float(dur.sum()), comm, comm - hidden)
 
 

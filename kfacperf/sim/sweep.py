@@ -14,19 +14,21 @@ engine; the steady state is the cycle-weighted mean (:mod:`kfacperf.sim.summary`
 Keyword arguments beyond the named ones are what-if overrides of the cost model
 (:class:`kfacperf.sim.costs.model.CostOptions`: ``bandwidth_scale``, ``alpha_scale``,
 ``compute_scale``, ``comm_dtype``, ``symmetric_factors``, ``inverse_method``, ``dtype``,
-``v_form``, ...).  This module never imports torch.
+``v_form``, ``bn_blocks``, ``fisher``, ...).  This module never imports torch.
 """
 from __future__ import annotations
 
 import datetime
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from kfacperf.sim.costs.interface import StepCosts
 from kfacperf.sim.engine import StepResult, run_step
+from kfacperf.sim.graphs.graph import Bytes, CollectiveCost
 from kfacperf.sim.graphs.layer_costs import layer_costs
 from kfacperf.sim.graphs.strategies import (
     StrategySpec,
@@ -35,6 +37,9 @@ from kfacperf.sim.graphs.strategies import (
     parse_strategy,
 )
 from kfacperf.sim.graphs.strategies.common import CommSettings, LayerCosts, StepSpec
+from kfacperf.sim.models.cluster import ClusterModel
+from kfacperf.sim.models.device import DeviceModel
+from kfacperf.sim.models.workload import WorkloadModel
 from kfacperf.sim.prediction import Prediction
 from kfacperf.sim.summary import CycleStep, EventColumns, cycle, summarize_point
 
@@ -102,14 +107,14 @@ class _Point:
 
 
 def simulate_with_costs(
-    workload: Any, cost: Any, *, gpus_per_node: int,
+    workload: WorkloadModel, cost: StepCosts, *, gpus_per_node: int,
     strategies: Sequence[str | StrategySpec] = ("sgd", "spngd", "kaisa"),
     gpus: Sequence[int] = (1,), batch_per_gpu: int = 32, factor_interval: int = 1,
     inverse_interval: int = 1, grad_worker_fraction: float = 1.0,
     comm: CommSettings | None = None, events: bool = True, meta: dict[str, Any] | None = None,
 ) -> Prediction:
-    """:func:`simulate` with a ready cost model (anything with ``compute_us`` and
-    ``collective_us``; ``for_gpus(P)``, when present, gives the model for P GPUs)."""
+    """:func:`simulate` with a ready cost model (:class:`~kfacperf.sim.costs.model.CostModel`
+    or any other :class:`~kfacperf.sim.costs.interface.StepCosts`)."""
     import pandas as pd
 
     gpu_list = check_gpus(gpus)
@@ -118,26 +123,23 @@ def simulate_with_costs(
     comm = comm or CommSettings()
     if isinstance(batch_per_gpu, bool) or not isinstance(batch_per_gpu, int) or batch_per_gpu < 1:
         raise ValueError(f"batch per GPU must be a positive integer, got {batch_per_gpu!r}")
-    cost_cache: dict[Any, tuple[LayerCosts, Callable]] = {}
-    keep: list[Any] = []  # keep per-P models alive so their ids stay unique
+    cost_cache: dict[Hashable, tuple[LayerCosts, CollectiveCost]] = {}
 
-    def costs_for(p: int) -> tuple[LayerCosts, Callable]:
-        model = cost.for_gpus(p) if hasattr(cost, "for_gpus") else cost
+    def costs_for(p: int) -> tuple[LayerCosts, CollectiveCost]:
+        model = cost.for_gpus(p)
         # models with equal options are interchangeable: reuse the first (and its caches)
-        key = getattr(model, "options", None) or id(model)
-        hit = cost_cache.get(key)
+        hit = cost_cache.get(model.options)
         if hit is None:
             lc = layer_costs(model, workload, batch=batch_per_gpu)
 
-            def coll(op: str, nbytes: Any, size: int, nodes: int, _m: Any = model) -> float:
+            def coll(op: str, nbytes: Bytes, size: int, nodes: int,
+                     _m: StepCosts = model) -> float:
                 return float(_m.collective_us(op, nbytes, group_size=size, nodes=nodes))
 
-            hit = cost_cache[key] = (lc, coll)
-            keep.append(model)
+            hit = cost_cache[model.options] = (lc, coll)
         return hit
 
-    cluster = getattr(cost, "cluster", None)  # a CostModel; test fakes have none
-    straggle = cluster.straggle if cluster is not None else None
+    straggle = cost.host.straggle
 
     def run_point(spec: StrategySpec, p: int) -> _Point:
         lc, coll = costs_for(p)
@@ -213,7 +215,7 @@ def simulate_with_costs(
         "step_kinds": [{"kind": c.kind.name, "step": c.step, "weight": c.weight}
                        for c in cycle(factor_interval, inverse_interval)],
     })
-    info.setdefault("workload", getattr(workload, "name", str(workload)))
+    info.setdefault("workload", workload.name)
     return Prediction(meta=info, summary=summary, stage_times=stage_times,
                       events=_events_frame(ev, ev_keys), classes=classes)
 
@@ -245,7 +247,8 @@ def _events_frame(ev: EventColumns, keys: list[tuple[str, int, int]]) -> Any:
 
 
 def simulate(
-    workload: Any, device: Any, cluster: Any,
+    workload: WorkloadModel | str | Path, device: DeviceModel | str | Path,
+    cluster: ClusterModel | str | Path,
     strategies: Sequence[str | StrategySpec] = ("sgd", "spngd", "kaisa"),
     gpus: Sequence[int] = (1,), batch_per_gpu: int = 32, factor_interval: int = 1,
     inverse_interval: int = 1, grad_worker_fraction: float = 1.0, *,
@@ -257,17 +260,17 @@ def simulate(
     from kfacperf.sim.costs.model import CostModel
     from kfacperf.sim.models import load_cluster, load_device, load_workload
 
-    w = workload if hasattr(workload, "layers") else load_workload(workload)
-    d = device if hasattr(device, "stages") else load_device(device)
-    c = cluster if hasattr(cluster, "gpus_per_node") else load_cluster(cluster)
+    w = workload if isinstance(workload, WorkloadModel) else load_workload(workload)
+    d = device if isinstance(device, DeviceModel) else load_device(device)
+    c = cluster if isinstance(cluster, ClusterModel) else load_cluster(cluster)
     cost = CostModel(workload=w, device=d, cluster=c, **overrides)
     o = cost.options
     comm = CommSettings(factor_dtype=o.comm_dtype, symmetric=o.symmetric_factors,
                         inverse_method=o.inverse_method, factor_bucket_mb=factor_bucket_mb,
                         ddp_bucket_mb=ddp_bucket_mb, ddp_first_bucket_mb=ddp_bucket_mb)
 
-    def source(x: Any, given: Any) -> str:
-        return str(given) if isinstance(given, (str, Path)) else str(getattr(x, "source", ""))
+    def source(model: WorkloadModel | DeviceModel | ClusterModel, given: object) -> str:
+        return str(given) if isinstance(given, (str, Path)) else model.source
 
     meta = {
         "workload": w.name, "device": d.name, "cluster": c.name,

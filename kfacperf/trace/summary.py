@@ -3,12 +3,17 @@ stragglers, and the K-FAC overhead over an SGD baseline.
 
 Definitions (all over the measured steps, i.e. after warm-up):
 
-* A stage's time in a step on a rank is the sum of its rows' durations there (all layers).
-  ``mean_us``/``median_us``/``p95_us`` are over the steps in which the stage ran
-  (``count`` of them); ``per_step_us`` spreads the total over every measured step (so an
-  inverse every 10 steps shows a tenth of its cost).
-* Step time of a rank is its ``step`` row (the whole step, measured, not summed); a step's
-  time is the slowest rank's.  Without ``step`` rows, the span of the rank's rows is used.
+* The run's step time (``step_us``, what the overhead over SGD divides) is the one of
+  :mod:`kfacperf.trace.measure`: a step's time is the slowest rank's ``step`` row (without
+  one, the span of the rank's rows); per kind of step (inverse, factor, plain) the median
+  over the measured steps of that kind, weighted by the kind's number of steps.  The mean,
+  median and p95 over all measured steps are shown next to it.
+* A stage's time in a step on a rank is as :func:`kfacperf.trace.measure.rank_stage_times`
+  defines it (every layer summed): compute exclusive of the stages nested inside it, a
+  collective its cost from the last member's start to the last completion.
+  ``mean_us``/``median_us``/``p95_us`` are over the steps in which the stage ran (``count``
+  of them); ``per_step_us`` spreads the total over every measured step (so an inverse every
+  10 steps shows a tenth of its cost).
 * Exposed communication of a rank in a step: the length of the union of its comm-lane
   intervals minus the part of it covered by the union of its compute-lane intervals (the
   ``step`` row excluded) in the same step.  ``overlap_pct`` = covered / comm union * 100.
@@ -23,6 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kfacperf.trace.intervals import intersection_length, merge_intervals, total_length
+from kfacperf.trace.measure import Measured, measure_events, rank_stage_times, rank_step_times
 from kfacperf.trace.schema import TraceError
 from kfacperf.trace.store import Trace
 from kfacperf.vocab import COMM, COMPUTE, ORDER, STEP
@@ -41,7 +47,9 @@ class TraceSummary:
     per_step: pd.DataFrame  # rank, step, step_us, compute_us, comm_us, exposed_comm_us, ...
     ranks: pd.DataFrame  # per rank: means of per_step columns
     slowest: pd.DataFrame  # stage, slowest_rank, slowest_us, median_us, imbalance
-    step_us: float  # mean over steps of the slowest rank's step time
+    measured: Measured  # kfacperf.trace.measure: step and stage times per kind of step
+    step_us: float  # the run's step time (measured.step_time)
+    step_mean_us: float  # over all measured steps of the slowest rank's step time
     step_median_us: float
     step_p95_us: float
     exposed_comm_us: float  # mean over ranks and steps
@@ -70,9 +78,12 @@ class TraceSummary:
                 f"{r.median_us / 1e3:>11.3f}{r.p95_us / 1e3:>10.3f}{int(r['count']):>7}  {slow_txt}"
             )
         lines.append("")
+        mix = ", ".join(f"{n} {kind}" for kind, n in self.measured.kinds.items())
+        lines.append(f"step time: {self.step_us / 1e3:.3f} ms (the median of each kind of step, "
+                     f"weighted by the mix: {mix})")
         lines.append(
-            f"step time: mean {self.step_us / 1e3:.3f} ms, median {self.step_median_us / 1e3:.3f}"
-            f" ms, p95 {self.step_p95_us / 1e3:.3f} ms over {self.measured_steps} measured steps"
+            f"all {self.measured_steps} measured steps: mean {self.step_mean_us / 1e3:.3f} ms, "
+            f"median {self.step_median_us / 1e3:.3f} ms, p95 {self.step_p95_us / 1e3:.3f} ms"
         )
         lines.append(
             f"communication: {self.comm_us / 1e3:.3f} ms/step, exposed {self.exposed_comm_us / 1e3:.3f}"
@@ -95,6 +106,7 @@ def _pct(v: float) -> str:
 def _per_step_table(events: pd.DataFrame) -> pd.DataFrame:
     import pandas as pd
 
+    step_of = rank_step_times(events).to_dict()
     rows = []
     for (rank, step), g in events.groupby(["rank", "step"], observed=True, sort=True):
         stage = g["stage"].astype(str).to_numpy()
@@ -104,10 +116,7 @@ def _per_step_table(events: pd.DataFrame) -> pd.DataFrame:
         is_step = stage == STEP
         comp = merge_intervals(start[(lane == COMPUTE) & ~is_step], end[(lane == COMPUTE) & ~is_step])
         comm = merge_intervals(start[lane == COMM], end[lane == COMM])
-        if is_step.any():
-            step_us = float(g["dur_us"].to_numpy()[is_step].max())
-        else:
-            step_us = float(end.max() - start.min())
+        step_us = float(step_of[(rank, step)])
         comm_len = total_length(comm)
         covered = intersection_length(comm, comp)
         busy = merge_intervals(start[~is_step], end[~is_step])
@@ -126,10 +135,8 @@ def _per_step_table(events: pd.DataFrame) -> pd.DataFrame:
 def _stage_table(events: pd.DataFrame, n_steps: int) -> pd.DataFrame:
     import pandas as pd
 
-    ev = events[events["stage"].astype(str) != STEP]
-    totals = (
-        ev.groupby(["stage", "rank", "step"], observed=True)["dur_us"].sum().reset_index()
-    )
+    totals = rank_stage_times(events).groupby(["stage", "rank", "step"])["dur_us"].sum(
+    ).reset_index()
     g = totals.groupby(["stage", "rank"], observed=True)["dur_us"]
     out = pd.DataFrame({
         "count": g.size(),
@@ -170,13 +177,17 @@ def summarize(trace: Trace, baseline: Trace | None = None) -> TraceSummary:
             f"{trace.path}: no events after the {trace.warmup} warm-up step(s) to summarize"
         )
     steps = sorted(events["step"].unique())
+    try:
+        measured = measure_events(events, trace.run, label=str(trace.path))
+    except ValueError as exc:
+        raise TraceError(str(exc)) from None
     per_step = _per_step_table(events)
     stages = _stage_table(events, len(steps))
     step_times = per_step.groupby("step")["step_us"].max().to_numpy()
     comm_sum = per_step["comm_us"].sum()
     covered = (per_step["comm_us"] - per_step["exposed_comm_us"]).sum()
     baseline_us = overhead = None
-    step_us = float(step_times.mean())
+    step_us = measured.step_time
     if baseline is not None:
         _check_comparable(trace, baseline)
         baseline_us = summarize(baseline).step_us
@@ -189,7 +200,9 @@ def summarize(trace: Trace, baseline: Trace | None = None) -> TraceSummary:
         per_step=per_step,
         ranks=per_step.drop(columns="step").groupby("rank").mean().reset_index(),
         slowest=_slowest(stages),
+        measured=measured,
         step_us=step_us,
+        step_mean_us=float(step_times.mean()),
         step_median_us=float(np.median(step_times)),
         step_p95_us=float(np.quantile(step_times, 0.95)),
         exposed_comm_us=float(per_step["exposed_comm_us"].mean()),

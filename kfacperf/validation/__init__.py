@@ -21,22 +21,12 @@ elsewhere) is an error.
 mean of the recordings (each recording's per-kind medians count once).  ``spread_pct`` says
 how far the recordings disagree with each other, the noise floor under ``error_pct``.
 
-**What is compared.**  A run repeats steps of up to three kinds (the optimizer's rule: step
-``k`` recomputes inverses iff ``k % inverse_interval == 0``, else factors iff ``k %
-factor_interval == 0``; SGD steps are all plain).  The measured steps of a run are a window
-that need not be a whole cycle (a 10/100 run of 20 steps has no inverse step in it), so the
-prediction is weighted by the same mix of kinds as the measured window:
-
-* measured step time: per kind, the median over the measured steps of that kind of the step
-  time (the slowest rank's ``step`` row), weighted by the kind's number of steps; medians
-  keep a burst of load from elsewhere on the machine out of the number;
-* predicted step time: the simulated step time of each kind, weighted alike;
-* per stage, per step, averaged over ranks: compute stages as *exclusive* time (the factor
-  statistics computed in backward hooks are nested in the measured ``backward``; the
-  simulator's backward excludes them, see :func:`kfacperf.calibrate.device.exclusive_compute_times`);
-  communication stages as the time of each collective from its last member's issue to
-  completion (the shortest issue-to-completion over ranks; time a rank waits for a late
-  peer is not the collective's cost), which is what the simulator reports for a collective.
+**What is compared.**  A run's step time and each stage's time as
+:mod:`kfacperf.trace.measure` defines them (per kind of step the median, weighted by the
+measured mix of kinds; compute stages exclusive of what nests inside them; a collective from
+its last member's start to its last member's completion), against the simulated step of
+each kind weighted by the same mix (:mod:`kfacperf.trace.compare`).  The report compares a
+run with a prediction the same way, so both print the same errors.
 
 This module never imports torch.
 """
@@ -47,7 +37,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kfacperf import vocab as S
+from kfacperf.trace.compare import check_kinds, compare, error_pct
+from kfacperf.trace.measure import KINDS, Measured, measure, run_step_kind, weighted
 from kfacperf.validation.inputs import (
     check_disjoint,
     device_key,
@@ -55,7 +46,6 @@ from kfacperf.validation.inputs import (
     load_traces,
     trace_label,
 )
-from kfacperf.validation.measure import KINDS, Measured, measure, step_kind, weighted
 from kfacperf.validation.model import (
     Calibration,
     Predicted,
@@ -63,6 +53,7 @@ from kfacperf.validation.model import (
     calibrate,
     predict,
     resolve_cluster,
+    simulate_run,
     strategy_of,
 )
 from kfacperf.validation.pooling import group_recordings, pool, pooled_label, spread_pct
@@ -73,7 +64,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "KINDS", "Calibration", "Measured", "Predicted", "ValidationResult", "calibrate",
     "check_disjoint", "error_pct", "expand_trace_paths", "load_traces", "measure", "predict",
-    "resolve_cluster", "step_kind", "strategy_of", "validate", "weighted",
+    "resolve_cluster", "run_step_kind", "simulate_run", "strategy_of", "validate", "weighted",
 ]
 
 STEP_TARGET_MEDIAN_PCT = 5.0
@@ -90,13 +81,6 @@ RUN_COLUMNS: tuple[str, ...] = (
 STAGE_COLUMNS: tuple[str, ...] = (
     "run", "stage", "measured_us", "predicted_us", "error_pct", "share_pct",
 )
-
-
-def error_pct(predicted: float, measured: float) -> float:
-    """Signed relative error in percent (as the report computes it)."""
-    if not (math.isfinite(predicted) and math.isfinite(measured)) or measured == 0:
-        return math.nan
-    return (predicted - measured) / measured * 100.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -197,21 +181,17 @@ def validate(
         recordings = [measure(g) for g in group]
         m = pool(recordings)
         p = predict(run, cal, label=label, workloads=workloads)
-        missing = [k for k in m.kinds if k not in p.step_us]
-        if missing:
-            raise ValueError(f"{label}: measured {missing[0]} steps that the simulated cycle of "
+        try:
+            check_kinds(m, p, label=label)
+        except ValueError:
+            missing = next(k for k in m.kinds if k not in p.step_us)
+            raise ValueError(f"{label}: measured {missing} steps that the simulated cycle of "
                              f"intervals {run.get('factor_interval')}/"
-                             f"{run.get('inverse_interval')} does not have")
-        meas = weighted(m.step_us, m.kinds)
-        pred = weighted(p.step_us, m.kinds)
-        stages = [s for s in S.STAGE_NAMES if s != S.STEP and (
-            any(s in m.stage_us[k] for k in m.kinds) or any(s in p.stage_us[k] for k in m.kinds))]
+                             f"{run.get('inverse_interval')} does not have") from None
+        cmp = compare(m, p, label=label)
+        meas, pred = cmp.measured_step_us, cmp.predicted_step_us
         worst = ("", math.nan)
-        for st in stages:
-            ms = weighted({k: m.stage_us[k].get(st, 0.0) for k in m.kinds}, m.kinds)
-            ps = weighted({k: p.stage_us[k].get(st, 0.0) for k in m.kinds}, m.kinds)
-            share = 100.0 * ms / meas if meas > 0 else math.nan
-            err = error_pct(ps, ms)
+        for st, ms, ps, err, share in cmp.stages.itertuples(index=False):
             stage_rows.append((label, st, ms, ps, err, share))
             if share > STAGE_MIN_SHARE_PCT and not abs(err) <= abs(worst[1]):
                 worst = (st, err)

@@ -6,12 +6,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from kfacperf import vocab as S
+from kfacperf.trace.measure import KindTimes
+from kfacperf.trace.schema import fisher_options
 from kfacperf.validation.inputs import load_traces, trace_label
 
 if TYPE_CHECKING:  # pragma: no cover
     from kfacperf.calibrate.device import DeviceCalibration
     from kfacperf.sim.models.cluster import ClusterModel
+    from kfacperf.sim.prediction import Prediction
 
 
 def resolve_cluster(cluster: Any) -> ClusterModel:
@@ -110,18 +112,28 @@ def strategy_of(run: Mapping[str, Any], label: str) -> Any:
     raise ValueError(f"{label}: strategy {name!r} is not modelled (sgd, spngd, kaisa, local)")
 
 
-@dataclass(frozen=True, kw_only=True)
-class Predicted:
-    step_us: dict[str, float]
-    stage_us: dict[str, dict[str, float]]
+Predicted = KindTimes
+"""A prediction of a run: per kind of step, the step and stage times."""
 
 
 def predict(run: Mapping[str, Any], calibration: Calibration, *, label: str = "run",
-            workloads: WorkloadFinder | None = None) -> Predicted:
-    """Simulate the run described by ``run`` (a run.json) on the calibrated models."""
+            workloads: WorkloadFinder | None = None) -> KindTimes:
+    """The predicted times of each kind of step of the run described by ``run`` (a
+    run.json), simulated on the calibrated models (:func:`simulate_run`)."""
+    from kfacperf.sim.prediction import kind_times
+
+    pred = simulate_run(run, calibration, label=label, workloads=workloads)
+    row = pred.summary.iloc[0]
+    return kind_times(pred, str(row["strategy"]), int(row["gpus"]))
+
+
+def simulate_run(run: Mapping[str, Any], calibration: Calibration, *, label: str = "run",
+                 workloads: WorkloadFinder | None = None) -> Prediction:
+    """The simulator's prediction of the run described by ``run`` (a run.json): its
+    workload, strategy, world size, batch, intervals and communication settings, on the
+    calibrated models.  One row, the run's strategy at its world size."""
     from kfacperf.sim.costs.model import CostModel
     from kfacperf.sim.graphs.strategies.common import CommSettings
-    from kfacperf.sim.summary import cycle
     from kfacperf.sim.sweep import simulate_with_costs
 
     workloads = workloads or WorkloadFinder(calibration.workload_search)
@@ -136,26 +148,12 @@ def predict(run: Mapping[str, Any], calibration: Calibration, *, label: str = "r
     cap = float(run.get("bucket_cap_mb", 25.0))
     cost = CostModel(workload=w, device=calibration.device, cluster=calibration.cluster,
                      inverse_method=method, comm_dtype=dtype, symmetric_factors=symmetric,
-                     threads_per_rank=int(run.get("threads_per_rank") or 1))
+                     threads_per_rank=int(run.get("threads_per_rank") or 1),
+                     **fisher_options(run))
     comm = CommSettings(factor_dtype=dtype, symmetric=symmetric, inverse_method=method,
                         factor_bucket_mb=cap, ddp_bucket_mb=cap or 25.0,
                         ddp_first_bucket_mb=cap or 25.0)
-    pred = simulate_with_costs(w, cost, gpus_per_node=calibration.cluster.gpus_per_node,
+    return simulate_with_costs(w, cost, gpus_per_node=calibration.cluster.gpus_per_node,
                                strategies=[spec], gpus=[world], batch_per_gpu=batch,
-                               factor_interval=fi, inverse_interval=ii, comm=comm)
-    row = pred.summary.iloc[0]
-    ev, classes = pred.events, pred.classes
-    ranks = {(int(s), int(r)): int(n) for s, r, n in
-             zip(classes["step"], classes["rank"], classes["ranks"])}
-    step_us: dict[str, float] = {}
-    stage_us: dict[str, dict[str, float]] = {}
-    for cs in cycle(fi, ii, kfac=spec.name != "sgd"):
-        kind = cs.kind.name
-        step_us[kind] = float(row[f"{kind}_step_us"])
-        sel = ev[(ev["step"] == cs.step) & (ev["stage"].astype(str) != S.STEP)]
-        sums = sel.groupby(["rank", sel["stage"].astype(str)])["dur_us"].sum()
-        acc: dict[str, float] = {}
-        for (rank, st), t in sums.items():
-            acc[st] = acc.get(st, 0.0) + t * ranks[(cs.step, int(rank))] / world
-        stage_us[kind] = acc
-    return Predicted(step_us=step_us, stage_us=stage_us)
+                               factor_interval=fi, inverse_interval=ii, comm=comm,
+                               meta={"workload": run.get("workload")})

@@ -15,10 +15,10 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from kfacperf.trace.measure import KINDS, Measured
 from kfacperf.validation.inputs import device_key, trace_label
-from kfacperf.validation.measure import KINDS, Measured, weighted
 
 if TYPE_CHECKING:  # pragma: no cover
     from kfacperf.trace.store import Trace
@@ -62,7 +62,7 @@ def pooled_label(traces: Sequence[Trace]) -> str:
 
 def spread_pct(measured: Sequence[Measured]) -> float:
     """(max - min) / mean of the recordings' step times, in percent (0 for one recording)."""
-    times = [weighted(m.step_us, m.kinds) for m in measured]
+    times = [m.step_time for m in measured]
     mean = sum(times) / len(times)
     return 100.0 * (max(times) - min(times)) / mean if mean > 0 else 0.0
 
@@ -81,15 +81,21 @@ def pool(measured: Sequence[Measured]) -> Measured:
     kinds: dict[str, int] = {}
     step_us: dict[str, float] = {}
     stage_us: dict[str, dict[str, float]] = {}
+    layer_us: dict[str, dict[tuple[str, str], float]] = {}
     for kind in KINDS:
         having = [m for m in measured if kind in m.kinds]
         if not having:
             continue
         kinds[kind] = sum(m.kinds[kind] for m in having)
         step_us[kind] = sum(m.step_us[kind] for m in having) / len(having)
-        names = sorted({s for m in having for s in m.stage_us[kind]})
-        stage_us[kind] = {s: sum(m.stage_us[kind].get(s, 0.0) for m in having) / len(having)
-                          for s in names}
+        stage_us[kind] = _mean_table([m.stage_us[kind] for m in having])
+        layer_us[kind] = _mean_table([m.layer_us.get(kind, {}) for m in having])
     total = sum(m.mean_step_us * sum(m.kinds.values()) for m in measured)
-    return Measured(kinds=kinds, step_us=step_us, stage_us=stage_us,
+    return Measured(kinds=kinds, step_us=step_us, stage_us=stage_us, layer_us=layer_us,
                     mean_step_us=total / sum(sum(m.kinds.values()) for m in measured))
+
+
+def _mean_table(tables: Sequence[dict[Any, float]]) -> dict[Any, float]:
+    """Key by key the mean over ``tables`` (a key a table lacks counts 0 there)."""
+    keys = sorted({k for t in tables for k in t})
+    return {k: sum(t.get(k, 0.0) for t in tables) / len(tables) for k in keys}

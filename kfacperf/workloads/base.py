@@ -104,6 +104,10 @@ class Workload:
         """Mean-reduced cross-entropy over the batch."""
         return F.cross_entropy(outputs, targets, reduction="mean")
 
+    # Its model distribution is softmax(outputs): the Monte-Carlo Fisher may sample it
+    # (kfacperf.kfac.fisher).
+    loss_fn.predictive_distribution = "categorical"  # type: ignore[attr-defined]
+
 
 def rank_slice(tensor: Tensor, rank: int, world_size: int) -> Tensor:
     """Rank ``rank``'s contiguous share of a global batch (dimension 0).

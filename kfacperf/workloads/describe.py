@@ -18,6 +18,13 @@ them; a module called more than once is an error because its factors would mix t
   (``2 * (dim_a - bias) * dim_g * rows_per_example``); bias adds are not counted.
 * ``in_elems_per_example`` / ``out_elems_per_example`` - elements of the layer's input/output
   tensors per example.
+
+BatchNorm layers with trainable affine parameters (Fisher blocks when the optimizer runs with
+``bn_blocks``, :mod:`kfacperf.kfac.batchnorm`) are listed apart, under ``batchnorm``, each
+with ``channels``, ``params`` (2C), ``rows_per_example`` (the spatial positions of one
+example, H x W; 1 for BatchNorm1d on ``[B, C]``), the elements per example, and ``follows``:
+the K-FAC layer the forward pass called last before it ("" for none).  Their parameters
+still count in ``other_params``.
 """
 from __future__ import annotations
 
@@ -25,6 +32,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from kfacperf.kfac.batchnorm import is_batchnorm
 
 from .registry import get_workload
 
@@ -46,8 +55,9 @@ def describe_model(
     """
     if example.shape[0] != 1:
         raise ValueError(f"describe_model needs a batch of 1, got batch {example.shape[0]}")
-    paths = {m: p for p, m in model.named_modules() if is_kfac_layer(m)}
+    paths = {m: p for p, m in model.named_modules() if is_kfac_layer(m) or is_batchnorm(m)}
     layers: list[dict[str, Any]] = []
+    norms: list[dict[str, Any]] = []
     seen: set[str] = set()
 
     def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
@@ -58,7 +68,11 @@ def describe_model(
                 "are not supported"
             )
         seen.add(path)
-        layers.append(_layer_record(path, module, inputs[0], output))
+        if is_batchnorm(module):
+            follows = layers[-1]["name"] if layers else ""
+            norms.append(_batchnorm_record(path, module, inputs[0], follows))
+        else:
+            layers.append(_layer_record(path, module, inputs[0], output))
 
     handles = [m.register_forward_hook(hook) for m in paths]
     was_training = model.training
@@ -70,7 +84,7 @@ def describe_model(
         for h in handles:
             h.remove()
         model.train(was_training)
-    unused = sorted(set(paths.values()) - seen)
+    unused = sorted(p for m, p in paths.items() if p not in seen and not is_batchnorm(m))
     if unused:
         raise ValueError(f"K-FAC layer(s) not used by the forward pass: {', '.join(unused)}")
     total = sum(p.numel() for p in model.parameters())
@@ -82,6 +96,7 @@ def describe_model(
         "total_params": total,
         "other_params": total - kfac,
         "layers": layers,
+        "batchnorm": norms,
     }
 
 
@@ -126,4 +141,20 @@ def _layer_record(
         "fwd_flops_per_example": 2 * fan_in * dim_g * rows,
         "in_elems_per_example": x.numel() // x.shape[0],
         "out_elems_per_example": y.numel() // y.shape[0],
+    }
+
+
+def _batchnorm_record(path: str, module: nn.Module, x: torch.Tensor, follows: str
+                      ) -> dict[str, Any]:
+    channels = int(module.weight.shape[0])
+    per_example = x.numel() // x.shape[0]
+    return {
+        "name": path,
+        "kind": "batchnorm",
+        "channels": channels,
+        "params": 2 * channels,
+        "rows_per_example": per_example // channels,
+        "in_elems_per_example": per_example,
+        "out_elems_per_example": per_example,
+        "follows": follows,
     }

@@ -60,7 +60,7 @@ def build_workload_model(name: str, options: dict[str, Any]) -> Any:
     """Describe torch workload ``name`` and count its non-K-FAC forward FLOPs (imports torch)."""
     import torch
 
-    from kfacperf.sim.models.workload import workload_model_from_description
+    from kfacperf.sim.models.workload_file import workload_model_from_description
     from kfacperf.workloads import get_workload, workload_options
     from kfacperf.workloads.describe import describe_workload
 

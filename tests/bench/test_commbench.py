@@ -8,7 +8,7 @@ import pytest
 
 from helpers.synthetic_commbench import TRUE, synthetic_result
 from kfacperf.bench import commbench as cb
-from kfacperf.bench import results
+from kfacperf.bench import results, timing
 from kfacperf.calibrate import cluster as cbf
 from kfacperf.sim.costs.collectives import algorithm_us
 from kfacperf.sim.models.cluster import OPS, load_cluster_model
@@ -23,8 +23,8 @@ def test_fit_cluster_recovers_alpha_beta_and_algorithm(tmp_path: Path) -> None:
         assert prm.bandwidth_GBps == pytest.approx(gbps, rel=1e-6)
         assert tried[op][0].algorithm == algo and tried[op][0].max_rel_error < 1e-9
     # slowdown(r) = (1 + c (r-1)) max(1, r/2): 1.2 -> c = 0.2, 2.8 / 2 = 1.4 -> c = 0.133
-    assert model.contention == pytest.approx((1 * 0.2 + 3 * 0.4) / (1 + 9), rel=1e-9)
-    assert model.cores_per_node == 2 and model.gpus_per_node == 64
+    assert model.host.contention == pytest.approx((1 * 0.2 + 3 * 0.4) / (1 + 9), rel=1e-9)
+    assert model.host.cores_per_node == 2 and model.gpus_per_node == 64
     path = tmp_path / "c.toml"
     from kfacperf.sim.models.cluster import save_cluster_model
 
@@ -40,13 +40,13 @@ def test_fit_cluster_writes_contention_per_stage_kind(tmp_path: Path) -> None:
     result = replace(synthetic_result(), stage_slowdowns=per_stage)
     model, _ = cbf.fit_cluster(result, name="synthetic")
     # same least squares as the single factor: x = r - 1, y = slowdown / max(1, r/2) - 1
-    assert model.contention_by_stage["forward"] == pytest.approx((0.07 + 3 * 0.14) / 10, rel=1e-3)
-    assert model.contention_by_stage["factor_compute"] == pytest.approx((0.48 + 3 * 0.8) / 10, rel=1e-3)
-    assert set(model.contention_by_stage) == {"forward", "factor_compute"}
+    assert model.host.contention_by_stage["forward"] == pytest.approx((0.07 + 3 * 0.14) / 10, rel=1e-3)
+    assert model.host.contention_by_stage["factor_compute"] == pytest.approx((0.48 + 3 * 0.8) / 10, rel=1e-3)
+    assert set(model.host.contention_by_stage) == {"forward", "factor_compute"}
     assert "per stage kind: 2: forward 1.07, factor_compute 1.48" in model.source
     assert load_cluster_model(save_cluster_model(model, tmp_path / "c.toml")) == model
     # without per-stage measurements the model has no table, as before
-    assert cbf.fit_cluster(synthetic_result(), name="s")[0].contention_by_stage == {}
+    assert cbf.fit_cluster(synthetic_result(), name="s")[0].host.contention_by_stage == {}
 
 
 def test_probe_has_one_workload_per_stage_kind() -> None:
@@ -72,17 +72,17 @@ def test_fit_with_noise_stays_close() -> None:
 
 
 def test_a_repetition_times_one_call_alone_or_a_batch() -> None:
-    assert cb.calls_per_repetition("per_call", 10.0) == 1
-    assert cb.calls_per_repetition("batched", 10.0) == 20  # capped
-    assert cb.calls_per_repetition("batched", 1000.0) == 3  # about 3 ms of calls
-    assert cb.calls_per_repetition("batched", 50_000.0) == 1
-    assert cb.resolve_timing("auto", "gloo") == "per_call"
-    assert cb.resolve_timing("auto", "nccl") == "batched"
-    assert cb.resolve_timing("batched", "gloo") == "batched"
+    assert timing.calls_per_repetition("per_call", 10.0) == 1
+    assert timing.calls_per_repetition("batched", 10.0) == 20  # capped
+    assert timing.calls_per_repetition("batched", 1000.0) == 3  # about 3 ms of calls
+    assert timing.calls_per_repetition("batched", 50_000.0) == 1
+    assert timing.resolve_timing("auto", "gloo") == "per_call"
+    assert timing.resolve_timing("auto", "nccl") == "batched"
+    assert timing.resolve_timing("batched", "gloo") == "batched"
     with pytest.raises(ValueError, match="timing must be"):
         cb.CommbenchConfig(timing="sometimes")
     with pytest.raises(ValueError, match="timing must be"):
-        cb.calls_per_repetition("auto", 10.0)
+        timing.calls_per_repetition("auto", 10.0)
 
 
 def test_config_and_size_parsing() -> None:
@@ -130,26 +130,30 @@ def test_real_gloo_run_writes_a_loadable_cluster_model(tmp_path: Path) -> None:
     assert len(data["points"]) == 12 and all(p["time_us"] > 0 for p in data["points"])
     # gloo times each call alone, as the optimizer issues it
     assert {p["timing"] for p in data["points"]} == {"per_call"}
-    # Bigger messages take longer (16 MiB vs 4 KiB: gloo's small-message latency on two busy
-    # cores reaches milliseconds, so the large size must be far beyond it).  One scheduling
-    # hiccup can still inflate a single point, so ask it of at least three of the four ops.
+    # The times are real transfers, not the launch of an asynchronous call: 16 MiB takes at
+    # least as long as copying it once at 100 GB/s, far beyond memory bandwidth of this
+    # machine's cores and of any loopback (load only makes it slower)
     by = {(p["op"], p["nbytes"]): p["time_us"] for p in data["points"]}
-    slower = [op for op in OPS if by[(op, 16 << 20)] > by[(op, 4096)]]
-    assert len(slower) >= 3, by
+    floor_us = (16 << 20) / 100e9 * 1e6
+    assert all(by[(op, 16 << 20)] >= floor_us for op in OPS), by
     # the contention probe timed every stage kind; the model carries one factor per kind
     from kfacperf.sim.models.device import STAGE_KINDS
 
     assert list(data["stage_slowdowns"]["2"]) == list(STAGE_KINDS)
-    # and how uneven the ranks were per synchronised step: a fraction of a step, >= 0
-    assert 0.0 <= data["stragglers"]["2"] < 1.0 and model.straggler == pytest.approx(
+    # and how uneven the ranks were per synchronised step: the slowest of two ranks over
+    # their mean, less 1, so in [0, 1] whatever the load
+    assert 0.0 <= data["stragglers"]["2"] <= 1.0 and model.host.straggler == pytest.approx(
         data["stragglers"]["2"], rel=1e-3, abs=1e-6)
     assert all(math.isfinite(v) and v > 0 for v in data["stage_slowdowns"]["2"].values())
-    assert set(model.contention_by_stage) == set(STAGE_KINDS)
+    assert set(model.host.contention_by_stage) == set(STAGE_KINDS)
     assert "per stage kind" in model.source
     # collectives after compute against after a barrier: a ratio of two means of times
-    assert 0.2 < data["comm_slowdowns"]["2"] < 5.0
-    assert model.comm_contention == pytest.approx(max(0.0, data["comm_slowdowns"]["2"] - 1),
-                                                  rel=1e-3, abs=1e-6)
+    # (how far from 1 depends on the load, so only its being measured is checked here; the
+    # fit's arithmetic is checked on synthetic timings)
+    ratio = data["comm_slowdowns"]["2"]
+    assert math.isfinite(ratio) and ratio > 0
+    assert model.host.comm_contention == pytest.approx(max(0.0, ratio - 1.0), rel=1e-3,
+                                                       abs=1e-6)
 
 
 @pytest.mark.slow
@@ -171,7 +175,7 @@ def test_real_contention_only_probe_merges_into_the_model(tmp_path: Path) -> Non
     assert main(["commbench", "--from-raw", str(first), str(second), "--out", str(out)]) == 0
     mean = (json.loads(first.read_text())["slowdowns"]["2"] + probe["slowdowns"]["2"]) / 2
     model = load_cluster_model(out)
-    assert model.contention == pytest.approx(max(0.0, mean - 1), rel=1e-3, abs=1e-6)
+    assert model.host.contention == pytest.approx(max(0.0, mean - 1), rel=1e-3, abs=1e-6)
     assert "mean of 2 probes" in model.source
 
 

@@ -49,7 +49,7 @@ def test_merge_weights_every_probe_and_every_repetition() -> None:
         assert by[(p.op, p.world_size, p.nbytes)].reps == 4 * p.reps
     model, _ = cbf.fit_cluster(merged, name="m")
     # on 2 cores and 2 ranks: slowdown = 1 + c, so c is the mean slowdown - 1
-    assert model.contention == pytest.approx(merged.slowdowns[2] - 1, rel=1e-3)
+    assert model.host.contention == pytest.approx(merged.slowdowns[2] - 1, rel=1e-3)
     assert "mean of 5 probes" in model.source
 
 
@@ -126,9 +126,9 @@ def test_command_fits_a_model_from_raw_files(tmp_path: Path,
     text = capsys.readouterr().out
     assert "2 ranks 1.30x (mean of 3 probes)" in text
     model = load_cluster_model(out)
-    assert model.contention == pytest.approx(0.3, rel=1e-3)
+    assert model.host.contention == pytest.approx(0.3, rel=1e-3)
     # the forward kind was probed twice (the full run had no per-kind table)
-    assert model.contention_by_stage["forward"] == pytest.approx(0.3, rel=1e-3)
+    assert model.host.contention_by_stage["forward"] == pytest.approx(0.3, rel=1e-3)
     # a bad file among them: exit 2, the file named, no model written
     (tmp_path / "bad.json").write_text('{"backend": "gloo", "slowdowns": {"2": 0}}')
     out2 = tmp_path / "none.toml"
@@ -163,16 +163,16 @@ def test_comm_slowdown_is_merged_over_the_probes_that_measured_it_and_fitted() -
     model, _ = cbf.fit_cluster(results.CommbenchResult(
         backend="gloo", points=full.points, cores=2, slowdowns={2: 1.1},
         comm_slowdowns={2: 1.25}), name="s")
-    assert model.comm_contention == pytest.approx(0.25)
+    assert model.host.comm_contention == pytest.approx(0.25)
     assert "after a barrier: 2: 1.25" in model.source
     # faster after compute is noise, not a speed-up: clipped at 0; nothing probed: 0
     assert cbf.fit_comm_contention({2: 0.9}) == 0.0 and cbf.fit_comm_contention({}) == 0.0
     model, _ = cbf.fit_cluster(full, name="s")
-    assert model.comm_contention == 0.0
+    assert model.host.comm_contention == 0.0
 
 
 def test_straggler_is_merged_over_the_probes_that_measured_it_and_fitted() -> None:
-    from kfacperf.sim.models.cluster import expected_max_normal
+    from kfacperf.sim.models.host import expected_max_normal
 
     old = probe(1.2, 1.1, probes=3)  # written before stragglers were probed
     new = [results.CommbenchResult(backend="gloo", points=(), cores=2, slowdowns={2: 1.1},
@@ -185,7 +185,7 @@ def test_straggler_is_merged_over_the_probes_that_measured_it_and_fitted() -> No
         stragglers={2: 0.03, 4: 0.03 * expected_max_normal(4) / expected_max_normal(2)}),
         name="s")
     # both world sizes say the same two-rank straggler once scaled by E[max]
-    assert model.straggler == pytest.approx(0.03, rel=1e-4)
+    assert model.host.straggler == pytest.approx(0.03, rel=1e-4)
     assert "straggler: 2: 0.030" in model.source
     assert cbf.fit_straggler({}) == 0.0
     back = raw.result_from_dict(json.loads(json.dumps(merged.to_dict())))

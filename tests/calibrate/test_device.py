@@ -7,11 +7,7 @@ from pathlib import Path
 import pytest
 
 from kfacperf.calibrate.alpha_beta import cluster_from_fits, fit_alpha_beta
-from kfacperf.calibrate.device import (
-    base_device_for,
-    exclusive_compute_times,
-    fit_device_model,
-)
+from kfacperf.calibrate.device import base_device_for, fit_device_model
 from kfacperf.sim.costs.collectives import algorithm_us
 from kfacperf.sim.costs.model import CostModel
 from kfacperf.sim.models.cluster import (
@@ -22,7 +18,9 @@ from kfacperf.sim.models.cluster import (
     save_cluster_model,
 )
 from kfacperf.sim.models.device import DeviceModel, StageEfficiency
+from kfacperf.sim.models.host import HostModel
 from kfacperf.sim.models.workload import LayerModel, WorkloadModel
+from kfacperf.trace.measure import exclusive_compute_times
 from kfacperf.trace.schema import events_frame
 from kfacperf.trace.store import Trace
 
@@ -74,7 +72,8 @@ def test_cluster_from_fits_round_trips(tmp_path: Path) -> None:
     fits = {op: fit_alpha_beta(synthetic_timings(op, a, 20.0 + i, 1.0 + i), op=op, algorithm=a)
             for i, (op, a) in enumerate([("all_reduce", "ring"), ("reduce_scatter", "ring"),
                                          ("all_gather", "ring"), ("broadcast", "tree")])}
-    c = cluster_from_fits(fits, name="local-cpu", gpus_per_node=64, cores_per_node=2)
+    c = cluster_from_fits(fits, name="local-cpu", gpus_per_node=64,
+                          host=HostModel(cores_per_node=2))
     back = load_cluster_model(save_cluster_model(c, tmp_path / "c.toml"))
     assert back == c
     assert back.intra.params("all_gather").bandwidth_GBps == pytest.approx(3.0, rel=1e-6)
@@ -116,10 +115,15 @@ def null_cluster() -> ClusterModel:
 def synthetic_trace(w: WorkloadModel, batch: int, *, world_size: int = 1, steps: int = 4, warmup: int = 1,
                     noise: float = 0.0, seed: int = 0, method: str = "eigen",
                     true: DeviceModel | None = None, load_gap: float = 2.0,
-                    write_gap: float = 0.0, optimizer: str | None = None) -> Trace:
+                    write_gap: float = 0.0, optimizer: str | None = None,
+                    fisher: str | None = None, factor_interval: int = 1,
+                    capture: float = 0.0) -> Trace:
     """A K-FAC trace timed by the TRUE device: factor statistics nested in backward, as the
     optimizer records them, and a slow warm-up step that calibration must leave out.
-    ``load_gap``/``write_gap``: host time in no stage after backward and before update."""
+    ``load_gap``/``write_gap``: host time in no stage after backward and before update.
+    Steps ``k % factor_interval == 0`` capture statistics (and invert), their capturing
+    backward ``capture`` slower; with ``fisher="mc"`` that is an extra backward row (layer
+    ``mc_fisher``) before the true labels' plain one."""
     cost = CostModel(workload=w, device=true or device(TRUE), cluster=null_cluster(), inverse_method=method)
     rng = random.Random(seed)
     rows: dict[str, list] = {k: [] for k in ("rank", "step", "stage", "layer", "lane", "start_us", "dur_us", "bytes", "flops")}
@@ -136,21 +140,30 @@ def synthetic_trace(w: WorkloadModel, batch: int, *, world_size: int = 1, steps:
     for rank in range(world_size):
         now = 0.0
         for step in range(steps):
+            factor = step % factor_interval == 0
             step_start = now
             now = add(rank, step, "forward", "", now, t("forward"))
             bwd_start, inner = now, now + 1.0
             pure_bwd = t("backward")
             nested = []
-            for l in reversed(w.layers):  # batch statistics in backward hooks: 70% of factor time
-                f = t("factor_compute", l)
+            for l in reversed(w.layers if factor else ()):  # statistics in backward hooks:
+                f = t("factor_compute", l)                  # 70% of the factor time
                 nested.append((l, f))
                 inner = add(rank, step, "factor_compute", l.name, inner, 0.7 * f) + 0.5
-            add(rank, step, "backward", "", bwd_start, pure_bwd + sum(0.7 * f for _, f in nested))
-            now = bwd_start + pure_bwd + sum(0.7 * f for _, f in nested) + load_gap
+            capturing = pure_bwd * (1 + capture if factor else 1.0)
+            mc = factor and fisher == "mc"
+            add(rank, step, "backward", "mc_fisher" if mc else "", bwd_start,
+                capturing + sum(0.7 * f for _, f in nested))
+            now = bwd_start + capturing + sum(0.7 * f for _, f in nested)
+            if mc:  # the true labels' backward
+                now = add(rank, step, "backward", "", now, t("backward"))
+            now += load_gap
             for l, f in reversed(nested):  # running averages in step(): the other 30%
                 now = add(rank, step, "factor_compute", l.name, now, 0.3 * f)
             for stage in ("inverse", "precondition"):
                 for l in w.layers:
+                    if stage == "inverse" and not factor:
+                        continue
                     now = add(rank, step, stage, l.name, now, t(stage, l))
             now = add(rank, step, "update", "", now + write_gap, t("update"))
             add(rank, step, "step", "", step_start, now - step_start)
@@ -158,6 +171,9 @@ def synthetic_trace(w: WorkloadModel, batch: int, *, world_size: int = 1, steps:
            "inverse_method": method, "threads_per_rank": 1, "device": {"name": "cpu"}}
     if optimizer is not None:
         run["optimizer"] = optimizer
+    if fisher is not None:
+        run.update(fisher=fisher, factor_interval=factor_interval,
+                   inverse_interval=factor_interval)
     return Trace(path=Path(f"synthetic/{w.name}-{batch}-{world_size}"), run=run, events=events_frame(rows))
 
 
@@ -193,6 +209,21 @@ def test_device_calibration_recovers_the_true_model() -> None:
     for stage, l in (("forward", None), ("backward", None), ("factor_compute", new_layer), ("inverse", new_layer),
                      ("precondition", new_layer), ("update", None)):
         assert fitted.compute_us(stage, l, batch=200) == pytest.approx(true_cost.compute_us(stage, l, batch=200), rel=1e-6)
+
+
+@pytest.mark.parametrize("fisher", ["emp", "mc"])
+def test_capture_overhead_with_either_fisher(fisher: str) -> None:
+    """With the Monte-Carlo Fisher the statistics are captured in the extra backward (its own
+    row) and the true labels' backward is a plain one: the fit finds the same backward
+    efficiency and capture overhead as from empirical-Fisher traces."""
+    traces = [synthetic_trace(w, b, steps=6, fisher=fisher, factor_interval=2, capture=0.25)
+              for w, b in ((W1, 8), (W1, 64), (W2, 32))]
+    cal = fit_device_model(traces, workloads=WORKLOADS, base=device(GUESS), name="fitted")
+    assert cal.device.capture_overhead["backward"] == pytest.approx(0.25, rel=1e-3)
+    eff, mem, over = TRUE["backward"]
+    got = cal.device.stage("backward")
+    assert (got.efficiency, got.mem_efficiency) == pytest.approx((eff, mem), rel=1e-3)
+    assert got.overhead_us == pytest.approx(over, rel=1e-3)
 
 
 def test_device_calibration_with_noise_predicts_within_a_few_percent() -> None:
@@ -242,7 +273,8 @@ def test_calibration_fits_the_host_work_between_stages_per_layer() -> None:
     # the cost model gives it per layer, slowed like compute by ranks sharing cores
     from dataclasses import replace
 
-    cluster = replace(null_cluster(), gpus_per_node=2, cores_per_node=2, contention=0.25)
+    cluster = replace(null_cluster(), gpus_per_node=2,
+                      host=HostModel(cores_per_node=2, contention=0.25))
     cost = CostModel(workload=W1, device=cal.device, cluster=cluster, ranks_per_node=2)
     assert cost.layer_host_us("write_grad") == pytest.approx(35.0 * cost.slowdown)
     assert cost.slowdown > 1.0
@@ -283,7 +315,7 @@ def test_base_device_for_cpu_and_gpu_runs() -> None:
 def test_calibrate_command_fits_written_traces(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from kfacperf.cli import main
     from kfacperf.sim.models.device import load_device_model, save_device_model
-    from kfacperf.sim.models.workload import save_workload_model
+    from kfacperf.sim.models.workload_file import save_workload_model
     from kfacperf.trace.store import write_trace
 
     dirs = []
@@ -326,7 +358,7 @@ def test_calibrate_command_fits_written_traces(tmp_path: Path, capsys: pytest.Ca
 
 def test_calibrate_command_generates_workload_models(tmp_path: Path) -> None:
     from kfacperf.cli import main
-    from kfacperf.sim.models.workload import load_workload_model
+    from kfacperf.sim.models.workload_file import load_workload_model
 
     out = tmp_path / "t.toml"
     assert main(["calibrate", "--workload", "transformer", "--workload-option", "seq_len=32", "--out", str(out)]) == 0
@@ -349,6 +381,7 @@ def test_committed_workload_models_match_the_torch_workloads() -> None:
         committed = load_workload(name)
         fresh = build_workload_model(name, {})
         assert committed.layers == fresh.layers, name
+        assert committed.batchnorm == fresh.batchnorm, name
         assert (committed.other_params, committed.options, committed.input_shape) == (
             fresh.other_params, fresh.options, fresh.input_shape), name
         assert committed.other_fwd_flops_per_example == pytest.approx(fresh.other_fwd_flops_per_example)

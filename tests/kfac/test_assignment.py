@@ -125,3 +125,39 @@ def test_grad_worker_fraction_that_does_not_divide_the_world(f: object, world: i
                                         (1.0, 1, 1)])
 def test_grad_worker_fraction_valid(f: float, world: int, gw: int) -> None:
     assert grad_workers_count(world, f) == gw
+
+
+@pytest.mark.parametrize("strategy", ["spngd", "kaisa", "kaisa:0.5", "kaisa:mem-opt"])
+def test_the_optimizer_places_layers_where_the_simulator_does(strategy: str) -> None:
+    """The real optimizer's assignment for ResNet-20 (its registered K-FAC layers) equals
+    the simulator's placement for the committed resnet20 workload model, at several world
+    sizes: the same layer costs from two sources, placed by the one LPT rule."""
+    from kfacperf.kfac.preconditioner import KFACPreconditioner
+    from kfacperf.kfac.strategies import make_strategy
+    from kfacperf.kfac.strategies.base import layer_shapes
+    from kfacperf.sim.costs.model import CostModel
+    from kfacperf.sim.graphs.layer_costs import layer_costs
+    from kfacperf.sim.graphs.strategies import make_step, parse_strategy
+    from kfacperf.sim.graphs.strategies.common import CommSettings, StepSpec
+    from kfacperf.sim.models import load_cluster, load_device, load_workload
+    from kfacperf.vocab import INVERSE_STEP
+    from kfacperf.workloads import get_workload
+
+    model = get_workload("resnet20").build_model(seed=0)
+    shapes = layer_shapes(KFACPreconditioner(model, damping=1e-3, lr=0.1).layers)
+    workload = load_workload("resnet20")
+    costs = layer_costs(CostModel(workload=workload, device=load_device("h100-sxm5"),
+                                  cluster=load_cluster("dgx-h100-ndr")), workload, batch=32)
+    assert list(costs.names) == [s.name for s in shapes]
+    spec = parse_strategy(strategy)
+    for world in (1, 2, 3, 4, 8, 64):
+        fraction = spec.fraction if spec.fraction else 1.0 / world
+        if spec.name == "kaisa" and (fraction * world) % 1:
+            continue
+        options = {"grad_worker_fraction": fraction} if spec.name == "kaisa" else {}
+        real = make_strategy(spec.name, **options).make_assignment(shapes, world)
+        sim = make_step(spec, StepSpec(costs=costs, world_size=world, gpus_per_node=8,
+                                       kind=INVERSE_STEP, comm=CommSettings())).place
+        assert [real.inverse_worker[s.name] for s in shapes] == list(sim.inverse_worker)
+        assert [real.grad_workers[s.name] for s in shapes] == [
+            tuple(sim.column_members(c)) for c in sim.column]

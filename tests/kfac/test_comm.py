@@ -39,6 +39,20 @@ def test_unpack_mirrors_the_upper_triangle() -> None:
     assert out.tolist() == [[0, 1, 2], [1, 4, 5], [2, 5, 8]]
 
 
+def test_a_stack_packs_matrix_by_matrix() -> None:
+    """Unit-wise BatchNorm blocks travel as C triangles of 3 (a [C, 2, 2] stack)."""
+    stack = torch.stack([sym(2, seed=s) for s in range(5)])
+    packed = comm.pack_symmetric(stack)
+    assert packed.tolist() == [v for m in stack for v in comm.pack_symmetric(m).tolist()]
+    torch.testing.assert_close(comm.unpack_symmetric(packed, 2, 5), stack, rtol=0, atol=0)
+    opts = comm.CommOptions(symmetric=True, dtype="fp16")
+    assert opts.factor_bytes(2, 5) == 5 * 3 * 2
+    back = comm.decode_factor(comm.encode_factor(stack, opts), 2, opts, torch.float32, 5)
+    torch.testing.assert_close(back, stack, rtol=2**-10, atol=2**-10)
+    with pytest.raises(ValueError, match="triangles of 4 2x2"):
+        comm.unpack_symmetric(packed, 2, 4)
+
+
 def test_pack_errors() -> None:
     with pytest.raises(ValueError, match="square"):
         comm.pack_symmetric(torch.zeros(2, 3))

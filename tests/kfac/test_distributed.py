@@ -2,9 +2,10 @@
 
 One launch per world size (P = 2 and P = 4 gloo ranks, forked once each) runs every case:
 spngd, spngd fused, spngd with triangle packing / per-layer buckets / fp16 factors, kaisa
-f = 1, f = 1/P, f = 1/2 (P = 4), each with both inverse methods where it matters, on two
+f = 1, f = 1/P, f = 1/2 (P = 4), each with both inverse methods where it matters, on three
 models (a small CNN with GroupNorm, a small transformer with embeddings and LayerNorm — the
-non-K-FAC parameters must get averaged gradients too).  Each rank trains two steps on its
+non-K-FAC parameters must get averaged gradients too — and a CNN whose BatchNorm is a Fisher
+block, unit-wise or full, with the empirical or the Monte-Carlo Fisher).  Each rank trains two steps on its
 slice of one global batch (``rank_slice``); the parent runs the same two steps in one
 process on the whole batch and compares per-layer preconditioned gradients, the final
 ``.grad`` of every parameter and the weights.  At P = 4 the CNN (3 K-FAC layers) leaves a
@@ -63,7 +64,30 @@ def transformer_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return get_workload("transformer", **_TRANSFORMER).make_batch(GLOBAL_BATCH, seed=5, step=step)
 
 
-MODELS = {"cnn": (tiny_cnn, cnn_batch), "transformer": (transformer, transformer_batch)}
+def bn_cnn() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(
+        nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.ReLU(inplace=True),
+        nn.Conv2d(4, 6, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 3 * 3, 5),
+    )
+
+
+def bn_batch(step: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``world`` copies of the same images, each with its own labels.
+
+    A rank's BatchNorm normalises with its own examples' statistics, one process with the
+    whole batch's; with copies they are the same.  The backward pass through a BatchNorm
+    couples the examples it normalised together (a rank's gradients below it see only its
+    own examples), so the BatchNorm is the first layer: nothing below it takes statistics,
+    and the runs are comparable however the labels differ.
+    """
+    g = torch.Generator().manual_seed(200 + step)
+    x = torch.randn(GLOBAL_BATCH // world, 3, 8, 8, generator=g)
+    return x.repeat(world, 1, 1, 1), torch.randint(0, 5, (GLOBAL_BATCH,), generator=g)
+
+
+MODELS = {"cnn": (tiny_cnn, cnn_batch), "transformer": (transformer, transformer_batch),
+          "bn": (bn_cnn, bn_batch)}
 
 
 @dataclass(frozen=True)
@@ -103,6 +127,20 @@ def _cases() -> list[Case]:
                          bucket_cap_mb=0.002)),
         ]
     out += [
+        # BatchNorm layers as Fisher blocks, and the Monte-Carlo Fisher (the labels a rank
+        # samples are those one process samples for the same rows of the global batch).
+        Case("spngd-bnunit-eigen-bn", "bn", replace(BASE, strategy="spngd", bn_blocks="unit")),
+        Case("spngd-bnfull-cholesky-packed-bn", "bn",
+             replace(BASE, strategy="spngd", bn_blocks="full", inverse_method="cholesky",
+                     symmetric=True)),
+        Case("spngd-fused-bnunit-mc-bn", "bn",
+             replace(BASE, strategy="spngd", fused=True, bn_blocks="unit", fisher="mc")),
+        Case("kaisa-f1-bnunit-cholesky-packed-bn", "bn",
+             replace(BASE, strategy="kaisa", bn_blocks="unit", inverse_method="cholesky",
+                     symmetric=True)),
+        Case("kaisa-f1P-bnfull-eigen-mc-bn", "bn",
+             replace(BASE, strategy="kaisa", grad_worker_fraction=0.0, bn_blocks="full",
+                     fisher="mc")),
         # Stale statistics: step 1 computes no factors; the fused variant then all-reduces
         # gradients alone.
         Case("spngd-fused-intervals2-transformer", "transformer",
@@ -137,14 +175,22 @@ def for_world(case: Case, world: int) -> TrainConfig:
     return cfg
 
 
-def run_case(case: Case, config: TrainConfig, rank: int, world: int) -> dict[str, Any]:
+def global_batch(case: Case, step: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch of ``step`` in a comparison at ``world`` ranks."""
+    _, batch = MODELS[case.model]
+    return batch(step, world) if case.model == "bn" else batch(step)
+
+
+def run_case(case: Case, config: TrainConfig, rank: int, world: int,
+             data_world: int | None = None) -> dict[str, Any]:
     """Train STEPS steps; the state to compare plus every comm record."""
-    build, batch = MODELS[case.model]
+    build, _ = MODELS[case.model]
     model = build()
     timer = RecordingTimer()
-    trainer = Trainer(model, loss_fn=nn.functional.cross_entropy, config=config, timer=timer)
+    trainer = Trainer(model, loss_fn=nn.functional.cross_entropy, config=config, timer=timer,
+                      seed=11)
     for step in range(STEPS):
-        x, y = batch(step)
+        x, y = global_batch(case, step, data_world or world)
         trainer.train_step(rank_slice(x, rank, world), rank_slice(y, rank, world))
     pc = trainer.preconditioner
     stages_seen = sorted({r.stage for r in timer.records})
@@ -152,9 +198,9 @@ def run_case(case: Case, config: TrainConfig, rank: int, world: int) -> dict[str
                     if r.stage in stages.COMM_STAGES]
     layers = pc.layers if pc is not None else {}
     return {
-        "factors": {f"{n}.{which}": getattr(l, f"{which}_factor").numpy().copy()
+        "factors": {f"{n}.{f.name}": getattr(l, f.factor_attr).numpy().copy()
                     for n, l in layers.items() if pc.strategy.needs_factors(n)
-                    for which in ("a", "g")},
+                    for f in l.factors()},
         "precond": {n: l.precond_grad.detach().numpy().copy() for n, l in layers.items()},
         "grads": {n: p.grad.detach().numpy().copy() for n, p in model.named_parameters()},
         "weights": {n: p.detach().numpy().copy() for n, p in model.named_parameters()},
@@ -193,7 +239,7 @@ def reference(case: Case, world: int) -> dict[str, Any]:
         cfg = for_world(case, world)
         cfg = replace(cfg, strategy="local" if cfg.optimizer == "kfac" else "sgd")
         torch.set_num_threads(1)
-        _REFERENCE[key] = run_case(case, cfg, 0, 1) | {"config": cfg}
+        _REFERENCE[key] = run_case(case, cfg, 0, 1, data_world=world) | {"config": cfg}
     return _REFERENCE[key]
 
 
@@ -276,11 +322,13 @@ class Shapes:
     """Layer dims read straight off the modules (independently of kfacperf.kfac.layers)."""
 
     layers: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (dim_a, dim_g)
+    bn: dict[str, int] = field(default_factory=dict)  # BatchNorm blocks: name -> channels
     other_numel: int = 0
     all_numel: int = 0
 
 
-def shapes_of(model: nn.Module) -> Shapes:
+def shapes_of(model: nn.Module, bn_blocks: str = "none") -> Shapes:
+    """``layers``: name -> (dim_a, dim_g) of the gradient matrix; a BatchNorm's is C x 2."""
     out = Shapes()
     covered = set()
     for name, m in model.named_modules():
@@ -288,6 +336,10 @@ def shapes_of(model: nn.Module) -> Shapes:
             w = m.weight
             dim_a = w[0].numel() + (m.bias is not None)
             out.layers[name] = (dim_a, w.shape[0])
+            covered |= {id(p) for p in m.parameters(recurse=False)}
+        elif isinstance(m, nn.BatchNorm2d) and bn_blocks != "none":
+            out.layers[name] = (2, m.num_features)
+            out.bn[name] = m.num_features
             covered |= {id(p) for p in m.parameters(recurse=False)}
     for p in model.parameters():
         out.all_numel += p.numel()
@@ -306,14 +358,31 @@ def inverse_elems(dim_a: int, dim_g: int, method: str, packed: bool) -> int:
     return factor_elems(dim_a, packed) + factor_elems(dim_g, packed)
 
 
+def block_elems(sh: Shapes, name: str, mode: str, packed: bool) -> int:
+    """The layer's statistics: A and G, or a BatchNorm's C 2x2 blocks or its 2C x 2C block."""
+    if name not in sh.bn:
+        dim_a, dim_g = sh.layers[name]
+        return factor_elems(dim_a, packed) + factor_elems(dim_g, packed)
+    c = sh.bn[name]
+    return c * factor_elems(2, packed) if mode == "unit" else factor_elems(2 * c, packed)
+
+
+def bn_inverse_elems(c: int, mode: str, method: str, packed: bool) -> int:
+    """Unit-wise: C damped 2x2 inverses; full: eigenvectors and values, or one inverse."""
+    if mode == "unit":
+        return c * factor_elems(2, packed)
+    if method == "eigen":
+        return 4 * c * c + 2 * c
+    return factor_elems(2 * c, packed)
+
+
 def expected_bytes(case: Case, config: TrainConfig, world: int, rank: int
                    ) -> dict[tuple[int, str], int]:
     """(step, stage) -> total payload bytes this rank takes part in."""
-    sh = shapes_of(MODELS[case.model][0]())
+    sh = shapes_of(MODELS[case.model][0](), config.bn_blocks)
     fsize = {"fp32": 4, "fp16": 2, "bf16": 2}[config.comm_dtype]
     packed = config.symmetric
-    factors = sum(factor_elems(a, packed) + factor_elems(g, packed)
-                  for a, g in sh.layers.values()) * fsize
+    factors = sum(block_elems(sh, n, config.bn_blocks, packed) for n in sh.layers) * fsize
     kfac_grads = sum(a * g for a, g in sh.layers.values()) * F32
     precond = sum(a * g + 1 for a, g in sh.layers.values()) * F32
     out: dict[tuple[int, str], int] = {}
@@ -343,11 +412,15 @@ def expected_bytes(case: Case, config: TrainConfig, world: int, rank: int
             if factor_step:
                 e[stages.FACTOR_COMM] = factors
             if gw > 1 and inverse_step:
+                blocks = {n: ((2, c),) if config.bn_blocks == "unit" else ((2 * c, 1),)
+                          for n, c in sh.bn.items()}
                 assign = kaisa_assignment(
-                    [LayerShape(name=n, dim_a=a, dim_g=g) for n, (a, g) in sh.layers.items()],
+                    [LayerShape(name=n, dim_a=a, dim_g=g, blocks=blocks.get(n, ()))
+                     for n, (a, g) in sh.layers.items()],
                     world, config.grad_worker_fraction)
                 e[stages.INVERSE_COMM] = sum(
-                    inverse_elems(a, g, config.inverse_method, packed) * F32
+                    (bn_inverse_elems(sh.bn[n], config.bn_blocks, config.inverse_method, packed)
+                     if n in sh.bn else inverse_elems(a, g, config.inverse_method, packed)) * F32
                     for n, (a, g) in sh.layers.items() if rank in assign.grad_workers[n])
             if gw < world:
                 e[stages.PRECOND_COMM] = precond

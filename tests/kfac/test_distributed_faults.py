@@ -1,8 +1,10 @@
 """Bad input and dead ranks: clear errors on every rank, never a hang.
 
 Three launches: P = 2 (bad grad_worker_fraction, models that differ across ranks, then a
-rank that stops answering: the others raise after the process-group timeout), and P = 3
-twice (a rank killed mid-run under spngd, and under kaisa whose gradients go through DDP).
+rank that stops answering past the process-group timeout and then leaves: the other raises a
+clear error), and P = 3 twice (a rank killed mid-run under spngd, and under kaisa whose
+gradients go through DDP).  Time bounds are generous (:data:`PROMPT_S`), so a loaded machine
+does not fail them.
 """
 from __future__ import annotations
 
@@ -21,6 +23,10 @@ from kfacperf.runtime import distributed
 from kfacperf.runtime.training import TrainConfig, Trainer
 
 TIMEOUT_S = 2.0
+PROMPT_S = 30.0
+"""An error this soon came from the configured process-group timeout (TIMEOUT_S) or the
+dead peer, not from torch's default timeout (30 minutes) or a hang; the margin over
+TIMEOUT_S is wide so that a loaded machine does not fail the check."""
 CFG = TrainConfig(optimizer="kfac", strategy="spngd", damping=1e-2)
 
 
@@ -100,9 +106,9 @@ _LAUNCHES: dict[str, Any] = {}
 def launch(key: str) -> Any:
     if key not in _LAUNCHES:
         if key == "p2":
-            _LAUNCHES[key] = run_ranks(suite_p2, 2, init=False, timeout_s=60)
+            _LAUNCHES[key] = run_ranks(suite_p2, 2, init=False, timeout_s=120)
         else:
-            _LAUNCHES[key] = run_ranks(killed_rank, 3, args=(key,), init=False, timeout_s=60)
+            _LAUNCHES[key] = run_ranks(killed_rank, 3, args=(key,), init=False, timeout_s=120)
     return _LAUNCHES[key]
 
 
@@ -147,7 +153,8 @@ def test_stalled_peer_times_out_with_a_clear_error() -> None:
     assert_check(merge_checks(results), "stalled_peer")
     got = results[0].value["values"]["stalled_peer"]
     assert "rank 0" in got["message"] and "timeout" in got["message"]
-    assert TIMEOUT_S * 0.9 <= got["elapsed"] <= TIMEOUT_S + 3.0
+    # it waited for the peer (one that is merely slow is not an error), then gave up promptly
+    assert TIMEOUT_S * 0.9 <= got["elapsed"] <= PROMPT_S
 
 
 @pytest.mark.slow
@@ -158,5 +165,5 @@ def test_killed_rank_fails_the_others_within_the_timeout(strategy: str) -> None:
     assert not dead.ok and dead.exitcode == 17
     for res in results[:-1]:
         assert res.ok, res.error
-        assert res.value["elapsed"] <= TIMEOUT_S + 3.0
+        assert res.value["elapsed"] <= PROMPT_S
         assert "peer rank" in res.value["message"], res.value["message"]

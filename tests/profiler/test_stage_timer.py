@@ -263,20 +263,46 @@ class WorkWithoutFuture:
         return True
 
 
+class FakeClock:
+    """A ``perf_counter_ns`` that only moves when the test moves it."""
+
+    def __init__(self) -> None:
+        self.ns = 5_000_000_000
+
+    def __call__(self) -> int:
+        return self.ns
+
+    def advance_ms(self, ms: float) -> None:
+        self.ns += int(ms * 1e6)
+
+
 def test_work_without_future_is_timed_by_the_watcher():
+    """A handle without a future is waited on by the watcher thread, which stamps the row
+    when the collective completes, whatever the main thread does meanwhile; the row goes
+    into its step's batch.  A fake clock makes the durations exact."""
     rec = RecordingBackend()
-    timer = StageTimer(nvtx=rec, cuda=False)
+    clock = FakeClock()
+    timer = StageTimer(nvtx=rec, cuda=False, clock=clock)
     timer.step_begin(0)
+    clock.advance_ms(1)
     work = WorkWithoutFuture()
     timer.async_comm("factor_comm", "fc1", 64, work)
-    threading.Timer(0.01, work._done.set).start()
     with timer.stage("inverse", "fc1"):
-        time.sleep(0.03)  # the collective completes meanwhile
+        clock.advance_ms(20)
+        work._done.set()  # the collective completes 20 ms after its issue ...
+        finished = timer._inflight[0][0]
+        deadline = time.monotonic() + 60
+        while not finished() and time.monotonic() < deadline:
+            time.sleep(0.001)  # ... and the watcher thread stamps it now
+        assert finished()
+        clock.advance_ms(10)  # the stage goes on computing
     timer.step_end()
     batch = timer.sink.batches[0]  # its row made it into the step's own batch
     i = batch["stage"].index("factor_comm")
     assert batch["step"][i] == 0 and batch["bytes"][i] == 64
-    assert 10_000 <= batch["dur_us"][i] < 30_000
+    assert batch["dur_us"][i] == 20_000
+    j = batch["stage"].index("inverse")
+    assert batch["dur_us"][j] == 30_000 and batch["start_us"][j] == batch["start_us"][i]
     timer.close()
     assert [c.kind for c in rec.calls if c.kind in ("start", "end")] == ["start", "end"]
 

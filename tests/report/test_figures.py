@@ -153,8 +153,17 @@ def test_telemetry_one_subplot_per_sampled_metric(synth):
     assert timeline.telemetry_figure(tel.iloc[0:0], "x") is None
 
 
+def _comparison(measured, predicted, measured_step, predicted_step):
+    from kfacperf.trace.compare import compare
+    from kfacperf.trace.measure import KindTimes, Measured
+
+    m = Measured(kinds={"plain": 1}, step_us={"plain": measured_step}, stage_us={"plain": measured},
+                 mean_step_us=measured_step)
+    return compare(m, KindTimes(step_us={"plain": predicted_step}, stage_us={"plain": predicted}))
+
+
 def test_comparison_and_validation_figures():
-    comp = metrics.stage_comparison(pd.Series({"forward": 1000.0}), pd.Series({"forward": 1100.0}), 3000.0, 2700.0)
+    comp = metrics.stage_comparison(_comparison({"forward": 1000.0}, {"forward": 1100.0}, 3000.0, 2700.0))
     d = figures.comparison_figure(comp, "c").to_dict()
     pred = {t["name"]: t for t in d["data"]}["predicted"]
     assert list(pred["x"]) == ["forward", "step"]

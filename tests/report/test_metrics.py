@@ -17,11 +17,23 @@ def _load(synth, tmp_path, name, *, strategy, world_size, warmup=0, steps=4, **k
 
 
 def test_breakdown_is_per_step_mean_over_measured_steps(synth, tmp_path):
-    run, events = _load(synth, tmp_path, "r", strategy="spngd", world_size=3, warmup=1)
+    events = synth.make_events(strategy="spngd", world_size=3, steps=4)
+    # rank 2 also computes a layer's statistics inside its backward (as the K-FAC hooks do)
+    bwd = events[(events["rank"] == 2) & (events["step"] == 1)
+                 & (events["stage"].astype(str) == stages.BACKWARD)].iloc[0]
+    nested = pd.DataFrame([{**bwd.to_dict(), "stage": stages.FACTOR_COMPUTE, "layer": "fc",
+                            "start_us": bwd["start_us"] + 100.0, "dur_us": 500.0}])
+    events = synth.typed_events(pd.concat([events.astype({"stage": str, "layer": str, "lane": str}),
+                                           nested.astype({"stage": str, "layer": str, "lane": str})],
+                                          ignore_index=True))
+    run = synth.run_json(strategy="spngd", world_size=3, warmup=1, steps=4)
+    synth.write_trace_dir(tmp_path / "r", run, events)
+    run = load_runs([tmp_path / "r"])[0]
     got = metrics.rank_stage_breakdown(run.summary)
     ev = events.astype({"stage": str})
-    ev = ev[(ev["step"] >= 1) & (ev["stage"] != stages.STEP)]
+    ev = ev[(ev["step"] >= 1) & (ev["lane"].astype(str) == stages.COMPUTE) & (ev["stage"] != stages.STEP)]
     want = ev.groupby(["rank", "stage"])["dur_us"].sum() / 3  # steps 1, 2, 3
+    want[(2, stages.BACKWARD)] -= 500.0 / 3  # exclusive of the nested statistics
     assert list(got.index) == [0, 1, 2]
     assert stages.STEP not in got.columns
     assert list(got.columns) == metrics.ordered_stages(list(got.columns))
@@ -31,43 +43,31 @@ def test_breakdown_is_per_step_mean_over_measured_steps(synth, tmp_path):
     assert run.events["step"].min() == 1
 
 
-def test_critical_rank_and_stage_totals(synth, tmp_path):
-    run, events = _load(synth, tmp_path, "r", strategy="kaisa", world_size=3)
-    assert metrics.critical_rank(run.summary) == 2  # compute grows with the rank
-    totals = metrics.stage_totals(run.summary, 2)
-    ev = events[(events["rank"] == 2)].astype({"stage": str})
-    fwd = ev.loc[ev["stage"] == stages.FORWARD, "dur_us"].sum() / 4
-    assert totals[stages.FORWARD] == pytest.approx(fwd)
-    assert metrics.stage_totals(run.summary, 7).empty
-
-
-def test_layer_times_and_comparison(synth, tmp_path):
-    run, events = _load(synth, tmp_path, "r", strategy="spngd", world_size=2, layers=("a", "b"))
-    lt = metrics.layer_times(run.events, 1, run.summary.measured_steps)
-    ev = events[(events["rank"] == 1)].astype({"stage": str, "layer": str})
-    inv_a = ev.loc[(ev["stage"] == stages.INVERSE) & (ev["layer"] == "a"), "dur_us"].sum() / 4
-    assert lt[(stages.INVERSE, "a")] == pytest.approx(inv_a)
-    assert all(layer for _, layer in lt.index)  # whole-model stages are not per layer
-    predicted = pd.Series({(stages.INVERSE, "a"): inv_a * 1.1, (stages.INVERSE, "zzz"): 5.0})
-    comp = metrics.layer_comparison(lt, predicted)
-    row = comp[(comp["stage"] == stages.INVERSE) & (comp["layer"] == "a")].iloc[0]
-    assert row["error_pct"] == pytest.approx(10.0)
-    only_pred = comp[comp["layer"] == "zzz"].iloc[0]
-    assert only_pred["measured_us"] == 0 and math.isnan(only_pred["error_pct"])
-    order = [metrics.ordered_stages(list(comp["stage"])).index(s) for s in comp["stage"]]
-    assert order == sorted(order)
-
-
 def test_stage_comparison_errors_and_total_last():
-    measured = pd.Series({stages.BACKWARD: 200.0, stages.FORWARD: 100.0})
-    predicted = pd.Series({stages.FORWARD: 110.0, stages.GRAD_COMM: 50.0})
-    comp = metrics.stage_comparison(measured, predicted, 400.0, 380.0)
-    assert list(comp["stage"]) == [stages.FORWARD, stages.BACKWARD, stages.GRAD_COMM, stages.STEP]
-    err = dict(zip(comp["stage"], comp["error_pct"]))
-    assert err[stages.FORWARD] == pytest.approx(10.0)
-    assert err[stages.BACKWARD] == pytest.approx(-100.0)
-    assert math.isnan(err[stages.GRAD_COMM])  # nothing measured: no relative error
-    assert err[stages.STEP] == pytest.approx(-5.0)
+    from kfacperf.trace.compare import compare
+    from kfacperf.trace.measure import KindTimes, Measured
+
+    measured = Measured(kinds={"plain": 3, "factor": 1}, step_us={"plain": 400.0, "factor": 800.0},
+                        stage_us={"plain": {stages.BACKWARD: 200.0, stages.FORWARD: 100.0},
+                                  "factor": {stages.BACKWARD: 200.0, stages.FORWARD: 100.0,
+                                             stages.FACTOR_COMPUTE: 400.0}},
+                        mean_step_us=500.0)
+    predicted = KindTimes(step_us={"plain": 380.0, "factor": 1000.0, "inverse": 9e9},
+                          stage_us={"plain": {stages.FORWARD: 110.0, stages.GRAD_COMM: 50.0},
+                                    "factor": {stages.FORWARD: 110.0, stages.FACTOR_COMPUTE: 300.0}})
+    comp = metrics.stage_comparison(compare(measured, predicted))
+    assert list(comp["stage"]) == [stages.FORWARD, stages.BACKWARD, stages.FACTOR_COMPUTE,
+                                   stages.GRAD_COMM, stages.STEP]
+    got = comp.set_index("stage")
+    # weighted by the measured mix (3 plain, 1 factor); the inverse step is not in it
+    assert got.loc[stages.STEP, "measured_us"] == pytest.approx(500.0)
+    assert got.loc[stages.STEP, "predicted_us"] == pytest.approx((3 * 380.0 + 1000.0) / 4)
+    assert got.loc[stages.FACTOR_COMPUTE, "measured_us"] == pytest.approx(100.0)
+    assert got.loc[stages.FACTOR_COMPUTE, "error_pct"] == pytest.approx(-25.0)
+    assert got.loc[stages.FORWARD, "error_pct"] == pytest.approx(10.0)
+    assert got.loc[stages.BACKWARD, "error_pct"] == pytest.approx(-100.0)
+    assert math.isnan(got.loc[stages.GRAD_COMM, "error_pct"])  # nothing measured: no relative error
+    assert got.loc[stages.STEP, "error_pct"] == pytest.approx(((3 * 380 + 1000) / 4 - 500) / 5)
 
 
 def test_error_pct_edge_cases():
@@ -90,6 +90,8 @@ def test_headline_overhead_and_match(synth, tmp_path):
     sgd, sgd_ev = _load(synth, tmp_path, "sgd", strategy="sgd", world_size=2)
     kfac, kfac_ev = _load(synth, tmp_path, "kfac", strategy="spngd", world_size=2)
     summary = synth.make_summary()
+    summary["inverse_step_us"] = summary["step_us"] * 1.5  # the simulated step of each kind
+    summary["factor_step_us"] = summary["step_us"] * 0.75
     pred_dir = synth.write_prediction_dir(tmp_path / "p", synth.prediction_meta(), summary,
                                           synth.make_stage_times(summary),
                                           synth.make_prediction_events(["spngd"], [2]))
@@ -98,29 +100,37 @@ def test_headline_overhead_and_match(synth, tmp_path):
     pred = load_predictions([pred_dir])[0]
     head = matching.headline([sgd, kfac], [pred]).set_index("run")
 
-    def step_time(ev):  # independent: slowest rank's step row, mean over steps
-        rows = ev[ev["stage"].astype(str) == stages.STEP]
-        return rows.groupby("step")["dur_us"].max().mean()
+    def step_time(ev, inverse_interval):  # independent: per kind the median of the slowest
+        rows = ev[ev["stage"].astype(str) == stages.STEP]  # rank's step row, weighted by the mix
+        slowest = rows.groupby("step")["dur_us"].max()
+        kinds = {}
+        for step, t in slowest.items():
+            kinds.setdefault(step % inverse_interval == 0, []).append(t)
+        return sum(np.median(v) * len(v) for v in kinds.values()) / len(slowest), kinds
 
-    assert head.loc["kfac", "measured_step_us"] == pytest.approx(step_time(kfac_ev))
-    assert head.loc["kfac", "kfac_overhead_measured"] == pytest.approx(step_time(kfac_ev) / step_time(sgd_ev))
+    kfac_step, kfac_kinds = step_time(kfac_ev, 2)  # steps 0, 2 invert; 1, 3 only factors
+    sgd_step, _ = step_time(sgd_ev, 10**9)
+    assert head.loc["kfac", "measured_step_us"] == pytest.approx(kfac_step)
+    assert head.loc["kfac", "kfac_overhead_measured"] == pytest.approx(kfac_step / sgd_step)
     assert np.isnan(head.loc["sgd", "kfac_overhead_measured"])
     want = summary[(summary["strategy"] == "spngd") & (summary["gpus"] == 2)].iloc[0]
-    assert head.loc["kfac", "predicted_step_us"] == pytest.approx(want["step_us"])
+    predicted = (2 * want["inverse_step_us"] + 2 * want["factor_step_us"]) / 4
+    assert sorted(len(v) for v in kfac_kinds.values()) == [2, 2]
+    assert head.loc["kfac", "predicted_step_us"] == pytest.approx(predicted)
     assert head.loc["kfac", "kfac_overhead_predicted"] == pytest.approx(want["kfac_overhead"])
-    assert head.loc["kfac", "error_pct"] == pytest.approx(
-        (want["step_us"] - step_time(kfac_ev)) / step_time(kfac_ev) * 100)
+    assert head.loc["kfac", "error_pct"] == pytest.approx((predicted - kfac_step) / kfac_step * 100)
 
 
-def test_critical_rank_is_the_one_with_most_compute_not_the_longest_step(synth, tmp_path):
-    # rank 1 waits in a long collective for rank 0's inverse: its step row is longer
-    ev = synth.make_events(strategy="spngd", world_size=2, steps=1, skew=0.0).astype(
-        {"stage": str, "layer": str, "lane": str})
-    ev = ev[~((ev["rank"] == 1) & (ev["stage"] == stages.INVERSE))]
-    step_end = ev["start_us"].max() + 200_000
-    ev.loc[(ev["rank"] == 1) & (ev["stage"] == stages.STEP), "dur_us"] = step_end
-    ev.loc[(ev["rank"] == 0) & (ev["stage"] == stages.STEP), "dur_us"] = step_end - 10
-    synth.write_trace_dir(tmp_path / "w", synth.run_json(strategy="spngd", world_size=2), ev)
-    run = load_runs([tmp_path / "w"])[0]
-    assert run.summary.ranks.set_index("rank")["step_us"].idxmax() == 1
-    assert metrics.critical_rank(run.summary) == 0
+def test_comparison_without_predicted_events_shows_the_step_alone(synth, tmp_path):
+    from kfacperf.report import sections
+    from kfacperf.report.inputs import load_predictions
+
+    run, _ = _load(synth, tmp_path, "kfac", strategy="spngd", world_size=2)
+    summary = synth.make_summary()
+    pred_dir = synth.write_prediction_dir(tmp_path / "p", synth.prediction_meta(), summary,
+                                          synth.make_stage_times(summary),
+                                          synth.make_prediction_events(["spngd"], [4096]))
+    sec = sections.comparison_section([run], load_predictions([pred_dir]))
+    html = "".join(b.html for b in sec.blocks)
+    assert "no predicted stage times: the step alone" in html
+    assert ">step<" in html and ">forward<" not in html

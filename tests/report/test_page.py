@@ -71,6 +71,7 @@ def test_sections_and_figure_counts(study):
         "timelines": 2 + 3,  # measured per run + simulated per strategy at 4096 GPUs
         "telemetry": 1,  # only spngd-2 has telemetry
         "whatif": 1,  # base and bw-half overlaid
+        "plan": 0,  # no plan given: its heading and a note
     }
     assert "no validation" in secs["validation"].note.lower()
     sim = [f for f in secs["timelines"].figures if "simulated" in f.layout.title.text]
@@ -89,7 +90,7 @@ def test_sections_without_data_show_a_note(study):
     for key in ("breakdown", "comparison", "telemetry", "whatif"):
         assert not only_pred[key].blocks and only_pred[key].note
     text = page.render_page(title="t", subtitle="s", sections=list(only_pred.values()), footer="f")
-    assert text.count('class="note"') == 5  # validation too
+    assert text.count('class="note"') == 6  # validation and plan too
 
 
 def test_validation_section(study):

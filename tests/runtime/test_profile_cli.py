@@ -130,8 +130,10 @@ def test_bad_input_is_a_clear_error_before_any_process_starts(tmp_path, capsys):
         (["--workload", "mlp", "--optimizer", "sgd", "--strategy", "spngd"],
          "--optimizer sgd runs the DDP baseline"),
         (["--workload", "mlp", "--factor-interval", "2", "--inverse-interval", "3"],
-         "must be a multiple of --factor-interval 2"),
+         "--inverse-interval (3) must be a multiple of --factor-interval (2)"),
         (["--workload", "mlp", "--nnodes", "2"], "needs --rdzv-endpoint"),
+        (["--workload", "mlp", "--optimizer", "sgd", "--fisher", "mc"],
+         "--bn-blocks and --fisher are K-FAC settings"),
     ]
     import torch
 
@@ -208,3 +210,15 @@ def test_rank_commands_for_one_and_several_nodes():
         assert cmd[cmd.index(flag) + 1] == value
     env = {k: "0" for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     assert under_torchrun(env) and not under_torchrun({"RANK": "0"})
+
+
+def test_fisher_settings_are_recorded_and_the_mc_pass_is_a_backward_row(tmp_path):
+    out = tmp_path / "mc"
+    assert main(["profile", *SMALL, "--nproc", "1", "--steps", "2", "--warmup", "1",
+                 "--strategy", "local", "--factor-interval", "2", "--inverse-interval", "2",
+                 "--bn-blocks", "unit", "--fisher", "mc", "--out", str(out)]) == 0
+    trace = load_trace(out)
+    assert (trace.run["bn_blocks"], trace.run["fisher"]) == ("unit", "mc")
+    ev = trace.events[trace.events["stage"].astype(str) == "backward"]
+    rows = sorted(zip(ev["step"], ev["layer"].astype(str)))
+    assert rows == [(0, ""), (0, "mc_fisher"), (1, ""), (2, ""), (2, "mc_fisher")]

@@ -12,6 +12,7 @@ from kfacperf.sim.models.device import (
     MeasuredTime,
     StageEfficiency,
 )
+from kfacperf.sim.models.host import HostModel
 from kfacperf.sim.models.workload import LayerModel, WorkloadModel
 
 CONV = LayerModel(name="conv", kind="conv2d", dim_a=28, dim_g=16, params=448, rows_per_example=1024,
@@ -48,8 +49,16 @@ def cluster(cores: int = 0, contention: float = 0.0) -> ClusterModel:
         intra=Tier(alpha_us=1.0, bandwidth_GBps=100.0, algorithms=algos),
         inter=Tier(alpha_us=5.0, bandwidth_GBps=10.0, algorithms=algos),
         multi_node={op: "hierarchical" for op in OPS}, v_collectives="padded",
-        cores_per_node=cores, contention=contention,
+        host=HostModel(cores_per_node=cores, contention=contention),
     )
+
+
+def with_host(c: ClusterModel, **changes) -> ClusterModel:
+    """``c`` with its host model changed."""
+    from dataclasses import replace
+
+    assert c.host is not None
+    return replace(c, host=replace(c.host, **changes))
 
 
 def cost(**kw) -> CostModel:
@@ -127,7 +136,7 @@ def test_dtype_selects_the_peak_and_unsupported_dtypes_fail() -> None:
     assert bf16 < fp32 / 2  # 4x the peak, but bf16 turns memory-bound
     with pytest.raises(ValueError, match="has no tf32 rate"):
         cost(dtype="tf32").compute_us("forward", FC, batch=n)
-    with pytest.raises(ValueError, match="dtype must be one of"):
+    with pytest.raises(ValueError, match="unknown dtype .fp8.; use one of fp32, tf32, bf16"):
         cost(dtype="fp8")
 
 
@@ -264,10 +273,9 @@ def test_additive_mode_sums_compute_and_memory_terms_with_their_own_efficiencies
 
 
 def test_each_stage_uses_its_own_contention() -> None:
-    from dataclasses import replace
 
     by_stage = {"factor_compute": 0.5, "forward": 0.05}
-    shared = cost(cluster=replace(cluster(cores=8, contention=0.1), contention_by_stage=by_stage),
+    shared = cost(cluster=with_host(cluster(cores=8, contention=0.1), contention_by_stage=by_stage),
                   ranks_per_node=2)
     for stage, layer in (("factor_compute", CONV), ("forward", CONV), ("inverse", FC), ("update", FC)):
         base = cost().compute_us(stage, layer, batch=4)
@@ -275,7 +283,7 @@ def test_each_stage_uses_its_own_contention() -> None:
         assert shared.compute_us(stage, layer, batch=4) == pytest.approx(base * (1 + c), rel=1e-12), stage
     # an absent table predicts exactly what the single factor did
     single = cost(cluster=cluster(cores=8, contention=0.1), ranks_per_node=2)
-    explicit = cost(cluster=replace(cluster(cores=8, contention=0.1),
-                                    contention_by_stage={k: 0.1 for k in STAGE_KINDS}), ranks_per_node=2)
+    explicit = cost(cluster=with_host(cluster(cores=8, contention=0.1),
+                                      contention_by_stage={k: 0.1 for k in STAGE_KINDS}), ranks_per_node=2)
     for stage in STAGE_KINDS:
         assert explicit.compute_us(stage, CONV, batch=4) == single.compute_us(stage, CONV, batch=4)

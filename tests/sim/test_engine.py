@@ -12,15 +12,8 @@ from kfacperf import vocab as S
 from kfacperf.sim.engine import run_step
 from kfacperf.sim.graphs.graph import Group, Program, RankClass, StepGraph, assemble
 from kfacperf.sim.graphs.strategies import build_graph, make_step, parse_strategy
-from kfacperf.sim.graphs.strategies.common import (
-    FACTOR_STEP,
-    INVERSE_STEP,
-    PLAIN_STEP,
-    STEP_KINDS,
-    CommSettings,
-    LayerCosts,
-    StepSpec,
-)
+from kfacperf.sim.graphs.strategies.common import CommSettings, LayerCosts, StepSpec
+from kfacperf.vocab import FACTOR_STEP, INVERSE_STEP, PLAIN_STEP, STEP_KINDS
 
 # Every tensor in its own DDP bucket; all factors in one bucket sent after the backward pass.
 SPLIT = CommSettings(ddp_bucket_mb=1e-6, ddp_first_bucket_mb=1e-6, factor_bucket_mb=1e6)

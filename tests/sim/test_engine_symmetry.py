@@ -15,7 +15,8 @@ from helpers.sim_fakes import random_layer_costs
 from kfacperf.sim.engine import StepResult, run_step
 from kfacperf.sim.graphs.graph import RankClass, assemble
 from kfacperf.sim.graphs.strategies import build_graph, make_step, parse_strategy
-from kfacperf.sim.graphs.strategies.common import STEP_KINDS, CommSettings, StepSpec
+from kfacperf.sim.graphs.strategies.common import CommSettings, StepSpec
+from kfacperf.vocab import STEP_KINDS
 
 STRATEGIES = ("sgd", "spngd", "kaisa", "kaisa:0.5", "kaisa:0.25", "kaisa:1/8", "kaisa:mem-opt")
 GPUS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)

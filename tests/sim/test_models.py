@@ -1,9 +1,9 @@
 """Model TOMLs: round trips, presets, aliases, and strict loading errors that name file and key."""
 from __future__ import annotations
 
-import math
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -30,10 +30,10 @@ from kfacperf.sim.models.device import (
     load_device_model,
     save_device_model,
 )
+from kfacperf.sim.models.host import HostModel
 from kfacperf.sim.models.toml_io import dumps_toml
-from kfacperf.sim.models.workload import (
-    LayerModel,
-    WorkloadModel,
+from kfacperf.sim.models.workload import LayerModel, WorkloadModel
+from kfacperf.sim.models.workload_file import (
     load_workload_model,
     save_workload_model,
     workload_model_from_description,
@@ -73,7 +73,7 @@ def make_cluster() -> ClusterModel:
                    overrides={"all_reduce": (2.5, 80.0)}, assumed=False),
         inter=Tier(alpha_us=5.0, bandwidth_GBps=10.0, algorithms=algos),
         multi_node={op: "hierarchical" for op in OPS}, v_collectives="pipelined",
-        cores_per_node=2, contention=0.1,
+        host=HostModel(cores_per_node=2, contention=0.1),
     )
 
 
@@ -118,9 +118,13 @@ def test_presets_load_and_aliases_resolve() -> None:
     for name in ("abci-v100", "dgx-a100-hdr", "dgx-h100-ndr"):
         assert load_cluster(name).name == name
     assert load_cluster("abci").gpus_per_node == 4
+    from kfacperf.plan.convergence import load_convergence
+
+    loaders = {"workloads": load_workload, "devices": load_device, "clusters": load_cluster,
+               "convergence": load_convergence}
     for kind in presets.KINDS:
         for name in list_presets(kind):
-            {"workloads": load_workload, "devices": load_device, "clusters": load_cluster}[kind](name)
+            loaders[kind](name)
 
 
 def test_unknown_preset_lists_known_ones(tmp_path: Path) -> None:
@@ -151,7 +155,7 @@ def _edit(tmp_path: Path, text: str, old: str, new: str) -> Path:
         ("gpus_per_node = 4\n", "", r"missing key 'gpus_per_node'"),
         ('algorithm = "tree"', 'algorithm = "fast"', r"key 'intra\.broadcast\.algorithm': 'fast' is not one of"),
         ("alpha_us = 2.5\n", "", r"missing key 'intra\.all_reduce\.alpha_us'"),
-        ("contention = 0.1", "contention = true", r"key 'compute\.contention': expected a number, got a bool"),
+        ("contention = 0.1", "contention = true", r"key 'host\.contention': expected a number, got a bool"),
     ],
 )
 def test_cluster_strict_errors(tmp_path: Path, old: str, new: str, pattern: str) -> None:
@@ -206,6 +210,54 @@ def test_workload_strict_errors(tmp_path: Path, old: str, new: str, pattern: str
     with pytest.raises(ValueError, match=pattern) as info:
         load_workload_model(path)
     assert str(path) in str(info.value)
+
+
+def with_batchnorm() -> WorkloadModel:
+    """make_workload with a BatchNorm after conv1 (its 32 parameters are the other ones)."""
+    bn = LayerModel(name="bn1", kind="batchnorm", dim_a=2, dim_g=16, params=32,
+                    rows_per_example=1024, fwd_flops_per_example=0.0,
+                    in_elems_per_example=16384, out_elems_per_example=16384, follows="conv1")
+    return replace(make_workload(), batchnorm=(bn,))
+
+
+def test_batchnorm_layers_round_trip_in_forward_order(tmp_path: Path) -> None:
+    w = with_batchnorm()
+    path = save_workload_model(w, tmp_path / "w.toml")
+    text = path.read_text()
+    assert 'format = "kfacperf-workload-2"' in text
+    assert text.index('name = "conv1"') < text.index('name = "bn1"') < text.index('name = "fc"')
+    assert load_workload_model(path) == w
+    assert [l.name for l in w.fisher_layers("unit")] == ["conv1", "bn1", "fc"]
+    assert w.fisher_layers("none") == w.layers and w.layer_names == ("conv1", "fc")
+    assert (w.other_params_with("none"), w.other_params_with("full")) == (32, 0)
+    assert w.total_params == make_workload().total_params and w.layer("bn1").channels == 16
+
+
+def test_format_1_files_are_read_and_ask_for_regeneration_for_bn_blocks(tmp_path: Path) -> None:
+    text = save_workload_model(make_workload(), tmp_path / "w.toml").read_text()
+    old = _edit(tmp_path, text, "kfacperf-workload-2", "kfacperf-workload-1")
+    w = load_workload_model(old)
+    assert w == make_workload() and w.fisher_layers("none") == w.layers
+    with pytest.raises(ValueError, match="no batchnorm layers.*regenerate it with kfacperf "
+                                         "calibrate --workload tiny"):
+        w.fisher_layers("unit")
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "pattern"),
+    [
+        ("channels = 16\nparams = 32", "channels = 16\nparams = 30", r"layers\[1\]\.params': a batchnorm layer has 2 x "
+                                            r"channels = 32"),
+        ("channels = 16", "dim_g = 16", r"missing key 'layers\[1\]\.channels'"),
+        ("other_params = 32", "other_params = 8", r"other_params': must include the batchnorm"),
+        ("kfacperf-workload-2", "kfacperf-workload-1", r"layers\[1\]\.kind': 'batchnorm' is "
+                                                      "not one of"),
+    ],
+)
+def test_batchnorm_strict_errors(tmp_path: Path, old: str, new: str, pattern: str) -> None:
+    text = save_workload_model(with_batchnorm(), tmp_path / "w.toml").read_text()
+    with pytest.raises(ValueError, match=pattern):
+        load_workload_model(_edit(tmp_path, text, old, new))
 
 
 def test_unparsable_toml_names_file(tmp_path: Path) -> None:
@@ -288,112 +340,3 @@ def test_workload_for_run_matches_registry_name_and_options(tmp_path: Path) -> N
     assert not small.matches_run("tiny", {"width": True})  # a bool is not the integer 1 or 2
 
 
-def test_contention_by_stage_round_trips_and_defaults_to_the_single_factor(tmp_path: Path) -> None:
-    from dataclasses import replace
-
-    c = replace(make_cluster(), contention_by_stage={"factor_compute": 0.48, "forward": 0.07})
-    back = load_cluster_model(save_cluster_model(c, tmp_path / "c.toml"))
-    assert back == c
-    assert back.compute_slowdown(2, 1, stage="factor_compute") == pytest.approx(1.48)
-    assert back.compute_slowdown(2, 1, stage="forward") == pytest.approx(1.07)
-    assert back.compute_slowdown(2, 1, stage="inverse") == pytest.approx(1.1)  # not named: 0.1
-    assert back.compute_slowdown(4, 1, stage="forward") == pytest.approx((1 + 3 * 0.07) * 2)
-    # without the table nothing is written and every stage uses the single factor
-    text = save_cluster_model(make_cluster(), tmp_path / "plain.toml").read_text()
-    assert "contention_by_stage" not in text
-    assert all(make_cluster().compute_slowdown(2, 1, stage=k) == pytest.approx(1.1) for k in STAGE_KINDS)
-    with pytest.raises(ValueError, match="not a compute stage kind"):
-        c.compute_slowdown(2, 1, stage="factor_comm")
-    with pytest.raises(ValueError, match="unknown stage kind 'optimizer'"):
-        replace(make_cluster(), contention_by_stage={"optimizer": 0.1})
-
-
-@pytest.mark.parametrize(
-    ("new", "pattern"),
-    [
-        ("contention = 0.1\n[compute.contention_by_stage]\nfactor_comm = 0.4",
-         r"key 'compute\.contention_by_stage\.factor_comm': unknown stage kind; the stage kinds are: forward"),
-        ("contention = 0.1\n[compute.contention_by_stage]\nforward = -0.1",
-         r"key 'compute\.contention_by_stage\.forward': must be >= 0"),
-        ("contention = 0.1\n[compute.contention_by_stage]\nforward = \"high\"",
-         r"key 'compute\.contention_by_stage\.forward': expected a number, got a string"),
-        ("contention = 0.1\ncontention_by_stage = 0.3",
-         r"key 'compute\.contention_by_stage': expected a table"),
-        ("contention = 0.1\nstraggler = -0.02", r"key 'compute\.straggler': must be >= 0"),
-        ("contention = 0.1\nstraggler = \"some\"",
-         r"key 'compute\.straggler': expected a number, got a string"),
-        ("contention = 0.1\ncomm_contention = -0.2", r"key 'compute\.comm_contention': must be >= 0"),
-        ("contention = 0.1\ncomm_contenton = 0.2", r"key 'compute\.comm_contenton': unknown key"),
-    ],
-)
-def test_contention_by_stage_strict_errors(tmp_path: Path, new: str, pattern: str) -> None:
-    text = save_cluster_model(make_cluster(), tmp_path / "c.toml").read_text()
-    path = _edit(tmp_path, text, "contention = 0.1", new)
-    with pytest.raises(ValueError, match=pattern) as info:
-        load_cluster_model(path)
-    assert str(path) in str(info.value)
-
-
-def test_expected_max_normal_matches_closed_forms() -> None:
-    from kfacperf.sim.models.cluster import expected_max_normal
-
-    assert expected_max_normal(1) == 0.0
-    assert expected_max_normal(2) == pytest.approx(1 / math.sqrt(math.pi), rel=1e-9)
-    assert expected_max_normal(3) == pytest.approx(1.5 / math.sqrt(math.pi), rel=1e-9)
-    # Monte Carlo check of a larger n, independent of the quadrature
-    import random
-
-    rng = random.Random(0)
-    draws = [max(rng.gauss(0, 1) for _ in range(16)) for _ in range(20000)]
-    assert expected_max_normal(16) == pytest.approx(sum(draws) / len(draws), abs=0.02)
-    with pytest.raises(ValueError, match="n must be >= 1"):
-        expected_max_normal(0)
-
-
-def test_comm_contention_slows_collectives_of_ranks_sharing_cores_only(tmp_path: Path) -> None:
-    """(1 + comm_contention) on every collective where ranks share a node's cores; never on
-    GPUs (no cores_per_node) or for one rank on a node; round-trips; absent means 0."""
-    from dataclasses import replace
-
-    from kfacperf.sim.costs.collectives import group_collective_us
-    from kfacperf.sim.costs.model import CostModel
-
-    base = make_cluster()  # 2 cores per node
-    c = replace(base, comm_contention=0.25)
-    assert c.comm_slowdown(2) == c.comm_slowdown(8) == pytest.approx(1.25)
-    assert c.comm_slowdown(1) == 1.0 and base.comm_slowdown(2) == 1.0
-    assert replace(c, cores_per_node=0).comm_slowdown(8) == 1.0
-    assert c.compute_slowdown(2) == base.compute_slowdown(2)  # compute is not affected
-    w, d = make_workload(), make_device()
-    for ranks, factor in ((2, 1.25), (1, 1.0)):
-        cost = CostModel(workload=w, device=d, cluster=c, ranks_per_node=ranks)
-        for op, nbytes in (("all_reduce", 1 << 20), ("reduce_scatter_v", (4000, 9000))):
-            plain = group_collective_us(c, op, nbytes, group_size=2, nodes=1, v_form=None)
-            assert cost.collective_us(op, nbytes, group_size=2, nodes=1) == pytest.approx(
-                factor * plain, rel=1e-12)
-    assert load_cluster_model(save_cluster_model(c, tmp_path / "c.toml")) == c
-    assert "comm_contention = 0.25" in (tmp_path / "c.toml").read_text()
-    assert "comm_contention" not in save_cluster_model(base, tmp_path / "b.toml").read_text()
-    with pytest.raises(ValueError, match="comm_contention must be >= 0"):
-        replace(base, comm_contention=-0.1)
-
-
-def test_straggler_grows_like_the_expected_maximum(tmp_path: Path) -> None:
-    from dataclasses import replace
-
-    from kfacperf.sim.models.cluster import expected_max_normal
-
-    base = make_cluster()  # 2 cores, contention 0.1
-    c = replace(base, straggler=0.04)
-    assert c.straggle(1) == 0.0 and base.straggle(8) == 0.0  # one rank waits for no one
-    assert c.straggle(2) == pytest.approx(0.04)
-    assert c.straggle(4) == pytest.approx(0.04 * 1.0293753730 / (1 / math.sqrt(math.pi)))
-    assert c.straggle(64) == pytest.approx(0.04 * expected_max_normal(64) / expected_max_normal(2))
-    # the straggler is a wait at collectives, not slower compute
-    assert c.compute_slowdown(2) == base.compute_slowdown(2) == pytest.approx(1.1)
-    assert load_cluster_model(save_cluster_model(c, tmp_path / "c.toml")) == c
-    assert "straggler = 0.04" in (tmp_path / "c.toml").read_text()
-    # absent means 0, and it is not written then
-    assert "straggler" not in save_cluster_model(base, tmp_path / "b.toml").read_text()
-    with pytest.raises(ValueError, match="straggler must be >= 0"):
-        replace(base, straggler=-0.1)

@@ -9,26 +9,20 @@ import sys
 import pandas as pd
 import pytest
 
-from helpers.sim_fakes import FakeLayer, FakeWorkload, fake_collective_us, fake_model
+from helpers.sim_fakes import fake_collective_us, fake_model, table_workload
 from kfacperf import vocab as S
 from kfacperf.cli.commands.simulate import parse_gpus
 from kfacperf.sim.engine import run_step
 from kfacperf.sim.graphs.layer_costs import layer_costs
 from kfacperf.sim.graphs.strategies import build_graph, make_step, parse_strategy
-from kfacperf.sim.graphs.strategies.common import (
-    FACTOR_STEP,
-    INVERSE_STEP,
-    PLAIN_STEP,
-    CommSettings,
-    StepSpec,
-)
+from kfacperf.sim.graphs.strategies.common import CommSettings, StepSpec
 from kfacperf.sim.prediction import load_prediction, write_prediction
 from kfacperf.sim.sweep import simulate, simulate_with_costs
 from kfacperf.trace.intervals import intersection_length, merge_intervals, total_length
 from kfacperf.trace.schema import EVENT_COLUMNS, check_events
+from kfacperf.vocab import FACTOR_STEP, INVERSE_STEP, PLAIN_STEP
 
-WL = FakeWorkload("toy", tuple(FakeLayer(f"l{i}", a, g) for i, (a, g) in enumerate(
-    [(28, 16), (145, 32), (289, 64), (65, 10)])), other_params=1000)
+WL = table_workload("toy", [(28, 16), (145, 32), (289, 64), (65, 10)], other_params=1000)
 TIMES = [{S.FORWARD: 20.0 + 10 * i, S.BACKWARD: 40.0 + 15 * i, S.FACTOR_COMPUTE: 8.0 + i,
           S.INVERSE: 30.0 * (i + 1) ** 2, S.PRECONDITION: 6.0 + 2 * i} for i in range(4)]
 COMM = CommSettings(factor_bucket_mb=0.05, ddp_bucket_mb=0.05, ddp_first_bucket_mb=0.05)
@@ -109,12 +103,14 @@ def test_a_cluster_straggler_makes_synchronised_steps_wait_not_communicate_longe
     from dataclasses import replace
 
     from kfacperf.sim.models import load_cluster
+    from kfacperf.sim.models.host import HostModel
 
     args = dict(gpus=[1, 8, 64], batch_per_gpu=32, events=False)
     cluster = load_cluster("dgx-h100-ndr")
     base = simulate("resnet20", "h100", cluster, ["sgd", "spngd"], **args)
-    uneven = simulate("resnet20", "h100", replace(cluster, straggler=0.05), ["sgd", "spngd"],
-                      **args)
+    uneven = simulate("resnet20", "h100",
+                      replace(cluster, host=HostModel(cores_per_node=0, straggler=0.05)),
+                      ["sgd", "spngd"], **args)
     b, u = base.summary.set_index(["strategy", "gpus"]), uneven.summary.set_index(["strategy", "gpus"])
     many = (slice(None), [8, 64])
     assert (u.loc[many, "step_us"] > b.loc[many, "step_us"]).all()
@@ -230,6 +226,22 @@ def test_cli_table_json_and_files(tmp_path, capsys):
     assert [row["gpus"] for row in rows[:5]] == [1, 2, 4, 8, 16]
     assert rows[0]["kfac_overhead"] == 1.0 and rows[5]["strategy"] == "spngd"
     assert rows[-1]["grad_worker_fraction"] == pytest.approx(1 / 16)
+
+
+def test_cli_fisher_blocks_and_mc(capsys):
+    common = ["--workload", "resnet20", "--device", "h100", "--cluster", "dgx-h100-ndr",
+              "--strategy", "sgd,spngd", "--gpus", "1", "--json", "--no-events"]
+    rows = {}
+    for extra in ((), ("--bn-blocks", "unit"), ("--bn-blocks", "unit", "--fisher", "mc")):
+        rc, stdout, stderr = _cli(capsys, *common, *extra)
+        assert rc == 0, stderr
+        rows[extra] = {r["strategy"]: r["step_us"] for r in json.loads(stdout)}
+    plain, unit, mc = rows.values()
+    assert plain["sgd"] == unit["sgd"] == mc["sgd"]  # no Fisher blocks, no factor steps
+    assert plain["spngd"] < unit["spngd"] < mc["spngd"]
+    rc, _, stderr = _cli(capsys, "--workload", "mlp", "--device", "h100", "--cluster",
+                         "dgx-h100-ndr", "--gpus", "1", "--bn-blocks", "full")
+    assert rc == 2 and "has no batchnorm layers" in stderr and stderr.count("\n") == 1
 
 
 def test_cli_never_imports_torch():

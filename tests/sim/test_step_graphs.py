@@ -1,33 +1,19 @@
 """What each strategy's step graph contains: order, buckets, bytes, placement, memory."""
 from __future__ import annotations
 
-import importlib.util
-import random
-import sys
-from pathlib import Path
-
 import pytest
 
 from helpers.sim_fakes import fake_collective_us as cost
 from helpers.sim_fakes import random_layer_costs
 from kfacperf import vocab as S
 from kfacperf.sim.graphs.placement import (
-    grad_workers,
-    kaisa_placement,
     layer_cost,
     nodes_spanned,
     spngd_placement,
 )
 from kfacperf.sim.graphs.strategies import build_graph, make_step, parse_strategy
-from kfacperf.sim.graphs.strategies.common import (
-    FACTOR_STEP,
-    INVERSE_STEP,
-    PLAIN_STEP,
-    CommSettings,
-    QueueBuckets,
-    StepSpec,
-    ddp_buckets,
-)
+from kfacperf.sim.graphs.strategies.common import CommSettings, QueueBuckets, StepSpec, ddp_buckets
+from kfacperf.vocab import FACTOR_STEP, INVERSE_STEP, PLAIN_STEP
 
 LAYERS = random_layer_costs(8, seed=11, other_params=3000)
 A, G = LAYERS.dim_a, LAYERS.dim_g
@@ -167,44 +153,6 @@ def test_sgd_all_reduces_every_gradient_once():
 
 
 # ------------------------------------------------------------------ placement and memory
-def _real_assignment():
-    """The optimizer's assignment module, loaded from its file (its package imports torch)."""
-    path = Path(__file__).resolve().parents[2] / "kfacperf" / "kfac" / "assignment.py"
-    spec = importlib.util.spec_from_file_location("_kfac_assignment", path)
-    mod = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    sys.modules[spec.name] = mod  # dataclasses look their module up while being built
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        del sys.modules[spec.name]
-    return mod
-
-
-def test_placement_agrees_with_the_optimizer():
-    real = _real_assignment()
-    rnd = random.Random(0)
-    for _ in range(200):
-        n = rnd.randint(1, 14)
-        shapes = [real.LayerShape(name=f"l{i}", dim_a=rnd.choice([3, 5, 9, 17, 33]),
-                                  dim_g=rnd.choice([2, 4, 8, 16])) for i in range(n)]
-        costs = [layer_cost(s.dim_a, s.dim_g) for s in shapes]
-        p = rnd.choice([1, 2, 3, 4, 6, 8, 16, 32])
-        ours = spngd_placement(costs, p)
-        theirs = real.spngd_assignment(shapes, p)
-        assert list(ours.inverse_worker) == [theirs.inverse_worker[s.name] for s in shapes]
-        for f in (1.0, 0.5, 0.25, 1.0 / p):
-            try:
-                gw = grad_workers(p, f)
-            except ValueError:
-                continue
-            ours = kaisa_placement(costs, p, gw)
-            theirs = real.kaisa_assignment(shapes, p, f)
-            assert list(ours.inverse_worker) == [theirs.inverse_worker[s.name] for s in shapes]
-            assert [tuple(ours.column_members(c)) for c in ours.column] == [
-                tuple(theirs.grad_workers[s.name]) for s in shapes]
-
-
 def test_nodes_spanned_counts_distinct_nodes():
     for first in range(12):
         for count in range(1, 12):

@@ -83,31 +83,42 @@ def test_summary_against_hand_computed_values(tmp_path):
     # rank 1 step 2: forward 30, comm 40 exposed, idle = 90 - 70
     assert ps.loc[(1, 2), "exposed_comm_us"] == 40 and ps.loc[(1, 2), "idle_us"] == 20
     # step time = slowest rank per step: step 1 max(100,120), step 2 max(80,90)
-    assert s.step_us == pytest.approx((120 + 90) / 2)
     assert s.step_median_us == pytest.approx(105)
     assert s.step_p95_us == pytest.approx(90 + 0.95 * 30)
     assert s.comm_us == pytest.approx((40 + 10 + 30 + 40) / 4)
     assert s.exposed_comm_us == pytest.approx((20 + 10 + 0 + 40) / 4)
     assert s.overlap_pct == pytest.approx(100 * (20 + 0 + 30 + 0) / (40 + 10 + 30 + 40))
+    # the step time is kfacperf.trace.measure's: both measured steps are of one kind (the
+    # intervals are 1/1), so the median of 120 and 90
+    assert s.step_us == s.measured.step_time == pytest.approx(105)
+    assert s.step_mean_us == pytest.approx(105)
     st = s.stages.set_index(["stage", "rank"])
-    # factor_comm on rank 0: 30 in step 1, 20+20 in step 2 (two layers summed)
+    # stage times as kfacperf.trace.measure defines them.  factor_comm on rank 0: 30 in step 1;
+    # in step 2 fc1 [2010,2030), then fc2, issued at 2020 while fc1 is in flight, runs
+    # [2030,2040): 20 + 10 (a rank runs its collectives one after another)
     fc = st.loc[("factor_comm", 0)]
-    assert (fc["count"], fc["mean_us"], fc["median_us"]) == (2, 35, 35)
-    assert fc["p95_us"] == pytest.approx(30 + 0.95 * 10)
-    assert fc["per_step_us"] == 35
+    assert (fc["count"], fc["mean_us"], fc["median_us"], fc["p95_us"]) == (2, 30, 30, 30)
+    assert fc["per_step_us"] == 30
     # factor_compute ran in one of two measured steps: per_step spreads it
     fcomp = st.loc[("factor_compute", 0)]
     assert (fcomp["count"], fcomp["mean_us"], fcomp["per_step_us"]) == (1, 10, 5)
-    # grad_comm: rank 0 30/step over 1 step -> 15 per step; rank 1 (10+40)/2 = 25 per step
-    assert st.loc[("grad_comm", 0), "per_step_us"] == 15
+    # backward exclusive of the factor statistics nested in it: rank 0 (40 - 10) and 60
+    assert st.loc[("backward", 0), "per_step_us"] == (30 + 60) / 2
+    # grad_comm in step 1: rank 0 issues it at 1060 behind factor_comm (runs from 1080), rank 1
+    # at 1100; from the last start to the last completion (1110) it costs 10 to both.
+    # In step 2 only rank 1 has one: 40.  Per step: rank 0 10 / 2, rank 1 (10 + 40) / 2
+    assert st.loc[("grad_comm", 0), "per_step_us"] == 5
     assert st.loc[("grad_comm", 1), "per_step_us"] == 25
     slow = s.slowest.set_index("stage")
     assert slow.loc["grad_comm", "slowest_rank"] == 1
-    assert slow.loc["grad_comm", "imbalance"] == pytest.approx(25 / 20)
-    assert slow.loc["backward", "slowest_rank"] == 0  # (40+60)/2=50 vs 60/2=30
+    assert slow.loc["grad_comm", "imbalance"] == pytest.approx(25 / 15)
+    assert slow.loc["backward", "slowest_rank"] == 0  # (30+60)/2=45 vs 60/2=30
     assert "step" not in set(s.stages["stage"])
     text = s.table()
     assert "grad_comm" in text and "overlap 41.7%" in text
+    assert "step time: 0.105 ms (the median of each kind of step, weighted by the mix: " \
+        "2 inverse)" in text
+    assert "all 2 measured steps: mean 0.105 ms, median 0.105 ms, p95 0.118 ms" in text
     assert s.kfac_overhead is None
 
 

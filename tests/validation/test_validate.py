@@ -12,6 +12,7 @@ from kfacperf import vocab as S
 from kfacperf.calibrate.device import base_device_for
 from kfacperf.sim.models.cluster import OPS, ClusterModel, Tier
 from kfacperf.sim.models.device import StageEfficiency
+from kfacperf.sim.models.host import HostModel
 from kfacperf.sim.summary import cycle
 from kfacperf.sim.sweep import simulate
 from kfacperf.trace.store import load_trace, write_trace
@@ -20,7 +21,7 @@ from kfacperf.validation import (
     check_disjoint,
     measure,
     predict,
-    step_kind,
+    run_step_kind,
     validate,
     weighted,
 )
@@ -61,8 +62,8 @@ def truth_models() -> tuple:
              "broadcast": "tree"}
     tier = Tier(alpha_us=80.0, bandwidth_GBps=1.5, algorithms=algos)
     cluster = ClusterModel(name="truth-node", gpus_per_node=64, intra=tier, inter=tier,
-                           multi_node={op: "flat" for op in OPS}, cores_per_node=2,
-                           contention=0.12)
+                           multi_node={op: "flat" for op in OPS},
+                           host=HostModel(cores_per_node=2, contention=0.12))
     return device, cluster
 
 
@@ -96,7 +97,7 @@ def synth_trace(root: Path, name: str, *, scale: float = 1.0, **kw) -> Path:
         blocks[cs.kind.name] = blk
     rows, t = [], 0.0
     for k in range(run["warmup"] + run["steps"]):
-        blk = blocks[step_kind(k, run)]
+        blk = blocks[run_step_kind(k, run)]
         rows.append(blk.assign(step=k, start_us=(blk["start_us"] + t) * scale,
                                dur_us=blk["dur_us"] * scale))
         t += float(blk.loc[blk["stage"] == S.STEP, "dur_us"].max())
@@ -155,6 +156,26 @@ def test_calibration_recovers_the_capture_overhead(synth) -> None:
     assert sgd_only.device.capture_overhead == {}
 
 
+def test_prediction_takes_fisher_blocks_and_fisher_from_run_json(synth) -> None:
+    """A run recorded with bn_blocks/fisher is simulated with them; one recorded before they
+    existed (no keys) as with the defaults."""
+    _, cluster = truth_models()
+    cal = calibrate([synth["p1"]], cluster=cluster)
+    base = run_json("r", strategy="spngd", world=2, batch=16, workload="resnet20")
+    old = {k: v for k, v in base.items() if k not in ("bn_blocks", "fisher")}
+    for options in ({}, {"bn_blocks": "unit"}, {"bn_blocks": "full", "fisher": "mc"}):
+        got = predict(base | options, cal)
+        want = simulate("resnet20", cal.device, cluster, ["spngd"], gpus=[2], batch_per_gpu=16,
+                        threads_per_rank=1, **options).summary.iloc[0]
+        assert got.step_us["inverse"] == pytest.approx(float(want["inverse_step_us"]),
+                                                       rel=1e-12), options
+    assert predict(old, cal).step_us == predict(base | {"bn_blocks": "none"}, cal).step_us
+    # mc: the capturing backward (1.25x, the truth's capture overhead) and a plain one
+    mc = predict(base | {"fisher": "mc"}, cal).stage_us["inverse"][S.BACKWARD]
+    assert mc / predict(base, cal).stage_us["inverse"][S.BACKWARD] == pytest.approx(
+        2.25 / 1.25, rel=1e-3)
+
+
 def test_measured_times_scaled_give_the_closed_form_error(synth, tmp_path) -> None:
     _, cluster = truth_models()
     slow = synth_trace(tmp_path, "slow", scale=1.25, strategy="spngd", world=2, batch=16)
@@ -170,7 +191,7 @@ def test_wrong_contention_shows_in_compute_stages_not_comm(synth) -> None:
     from dataclasses import replace
 
     _, cluster = truth_models()
-    res = validate([synth["p1"]], [synth["p2"] / "sgd-b64"], cluster=replace(cluster, contention=0.0))
+    res = validate([synth["p1"]], [synth["p2"] / "sgd-b64"], cluster=replace(cluster, host=replace(cluster.host, contention=0.0)))
     st = res.stages.set_index("stage")
     assert st.loc[S.FORWARD, "error_pct"] == pytest.approx((1 / 1.12 - 1) * 100, rel=1e-5)
     assert st.loc[S.GRAD_COMM, "error_pct"] == pytest.approx(0.0, abs=1e-9)
@@ -287,9 +308,9 @@ def test_wait_for_a_late_peer_inside_backward_is_not_backward(tmp_path) -> None:
 
 def test_step_kind_follows_the_optimizer_rule() -> None:
     run = {"optimizer": "kfac", "factor_interval": 10, "inverse_interval": 100}
-    assert [step_kind(k, run) for k in (0, 5, 10, 20, 100, 101)] == [
+    assert [run_step_kind(k, run) for k in (0, 5, 10, 20, 100, 101)] == [
         "inverse", "plain", "factor", "factor", "inverse", "plain"]
-    assert step_kind(0, {"optimizer": "sgd"}) == "plain"
+    assert run_step_kind(0, {"optimizer": "sgd"}) == "plain"
 
 
 def test_inverse_on_a_step_the_intervals_forbid_is_an_error(tmp_path) -> None:

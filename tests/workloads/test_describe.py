@@ -1,3 +1,5 @@
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -98,8 +100,14 @@ def test_transformer_linears_count_sequence_rows():
     assert d["other_params"] == (1024 + 64) * 128 + 5 * 2 * 128
 
 
+@functools.lru_cache(maxsize=1)
+def resnet50() -> dict:
+    """ResNet-50's description, computed once for the tests that read it."""
+    return describe_workload("resnet50")
+
+
 def test_resnet50_description():
-    d = describe_workload("resnet50")
+    d = resnet50()
     assert d["num_kfac_layers"] == 54 and d["input_shape"] == [3, 224, 224]
     kinds = [l["kind"] for l in d["layers"]]
     assert kinds.count("conv2d") == 53 and kinds[-1] == "linear"
@@ -111,6 +119,32 @@ def test_resnet50_description():
     assert d["total_params"] == 25_557_032
     small = describe_workload("resnet50", image_size=64)
     assert small["options"]["image_size"] == 64 and small["layers"][0]["rows_per_example"] == 32 * 32
+
+
+def test_resnet50_batchnorm_layers_follow_their_convolutions():
+    d = resnet50()
+    norms = d["batchnorm"]
+    assert len(norms) == 53 and len(d["layers"]) + len(norms) == 107  # SP-NGD's Fisher blocks
+    convs = {l["name"]: l for l in d["layers"]}
+    for bn in norms:  # each BatchNorm normalises the output of the conv called just before it
+        conv = convs[bn["follows"]]
+        prefix = bn["name"].rsplit(".", 1)[0]
+        expected = (prefix + ".0" if bn["name"].endswith("downsample.1")
+                    else bn["name"].replace("bn", "conv"))
+        assert bn["follows"] == expected
+        assert bn["channels"] == conv["dim_g"] and bn["params"] == 2 * conv["dim_g"]
+        assert bn["rows_per_example"] == conv["rows_per_example"]
+        assert bn["in_elems_per_example"] == conv["out_elems_per_example"]
+    assert sum(bn["params"] for bn in norms) == d["other_params"] == 53_120
+
+
+def test_batchnorm_records_by_hand():
+    model = nn.Sequential(nn.BatchNorm2d(2), nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3, affine=False),
+                          nn.Flatten(), nn.Linear(3 * 4 * 5, 6), nn.BatchNorm1d(6))
+    d = describe_model(model, torch.zeros(1, 2, 4, 5))
+    assert [(b["name"], b["follows"], b["channels"], b["rows_per_example"]) for b in
+            d["batchnorm"]] == [("0", "", 2, 20), ("5", "4", 6, 1)]  # affine=False: no block
+    assert d["other_params"] == 2 * 2 + 2 * 6
 
 
 def test_describe_rejects_shared_and_unused_layers_and_big_batches():

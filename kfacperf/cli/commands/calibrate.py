@@ -50,7 +50,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def _run_workload(args: argparse.Namespace) -> int:
     from kfacperf.sim.models.presets import check_model_out
-    from kfacperf.sim.models.workload import save_workload_model
+    from kfacperf.sim.models.workload_file import save_workload_model
     from kfacperf.workloads.workload_model import build_workload_model
 
     if args.out:
@@ -58,8 +58,10 @@ def _run_workload(args: argparse.Namespace) -> int:
     model = build_workload_model(args.workload, dict(args.workload_option))
     if args.out:
         save_workload_model(model, args.out)
-    print(f"workload {model.name}: {len(model.layers)} K-FAC layers, {model.kfac_params:,} K-FAC "
-          f"parameters + {model.other_params:,} others, {model.fwd_flops_per_example / 1e6:,.1f} "
+    norms = (f" and {len(model.batchnorm)} BatchNorm layers (Fisher blocks with --bn-blocks)"
+             if model.batchnorm else "")
+    print(f"workload {model.name}: {len(model.layers)} K-FAC layers{norms}, "
+          f"{model.kfac_params:,} K-FAC parameters + {model.other_params:,} others, {model.fwd_flops_per_example / 1e6:,.1f} "
           f"MFLOP forward per example ({model.other_fwd_flops_per_example / 1e6:,.2f} outside "
           "K-FAC layers)" + (f"; wrote {args.out}" if args.out else ""))
     return 0

@@ -9,6 +9,16 @@ On a shared machine, take more probes during a session and fit from all of them:
   kfacperf commbench --contention-only --raw probe2.json  # or the compute probe alone
   kfacperf commbench --from-raw cb.json probe1.json probe2.json --out local-cpu.toml
 
+Across nodes (the intra tier from groups within a node, the inter tier from groups spanning
+nodes), the same command on every node, --node-rank 0 on one, 1 .. N-1 on the others:
+  kfacperf commbench --nnodes 2 --node-rank 0 --rdzv-endpoint node0:29400 --out two.toml
+  kfacperf commbench --nnodes 2 --node-rank 1 --rdzv-endpoint node0:29400 --out two.toml
+It starts torchrun (--nnodes, --nproc-per-node, a c10d rendezvous at --rdzv-endpoint).  Every
+node must reach HOST:PORT (the first node to arrive on HOST serves it; port 29400 if left out)
+and every other node on any TCP port (gloo and NCCL connect ranks on ports the system picks;
+GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME choose the interface).  Only --node-rank 0 writes --out
+and --raw; the nodes must all start within --timeout seconds.
+
 --out and --raw never replace an existing file (a committed preset included) without
 --force; a cluster model needs all four collectives measured, or nothing is written and the
 command fails.
@@ -29,7 +39,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     from kfacperf.bench.results import TIMINGS
 
     parser.add_argument("--world-sizes", type=_csv_ints, default=None,
-                        help="process counts, one launch each (default: 2, 4, 8 up to the CPU core count)")
+                        help="process counts, one launch each (default: 2, 4, 8 up to the CPU "
+                             "core count); across nodes: the sizes of the groups within a node "
+                             "(default: 2, 4, .. up to --nproc-per-node)")
     parser.add_argument("--sizes", default=None,
                         help="message sizes (default 4KiB,256KiB,4MiB)")
     parser.add_argument("--ops", default=None,
@@ -50,7 +62,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true",
                         help="overwrite --out / --raw if they exist")
     parser.add_argument("--gpus-per-node", type=int, default=None,
-                        help="ranks per node in the model (default: 64 on CPU, the GPU count on GPUs)")
+                        help="ranks per node in the model (default: 64 on CPU, the GPU count on "
+                             "GPUs; across nodes, the ranks per node measured)")
     parser.add_argument("--no-contention", action="store_true",
                         help="skip measuring the compute slowdown of ranks sharing cores")
     parser.add_argument("--contention-only", action="store_true",
@@ -60,6 +73,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="measure nothing: fit from these --raw files (slowdowns averaged "
                              "over every probe, collective times the mean over every repetition)")
     parser.add_argument("--json", action="store_true", help="print the fits as JSON")
+    parser.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                        help="seconds a collective (and, across nodes, the rendezvous) may take "
+                             "before the run fails (default 120)")
+    nodes = parser.add_argument_group(
+        "across nodes", "run the same command on every node (torchrun with a c10d rendezvous)")
+    nodes.add_argument("--nnodes", type=int, default=1, help="nodes in the job (default 1)")
+    nodes.add_argument("--node-rank", type=int, default=0,
+                       help="this node's number, 0 .. nnodes-1; node 0 writes --out and --raw")
+    nodes.add_argument("--nproc-per-node", type=int, default=None,
+                       help="ranks per node (default: 1 on CPU, every GPU on GPUs)")
+    nodes.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                       help="the rendezvous, the same on every node (port 29400 if left out)")
+    nodes.add_argument("--rdzv-id", default="kfacperf-commbench",
+                       help="the job's name at the rendezvous (default kfacperf-commbench)")
+    nodes.add_argument("--multi-node", choices=("flat", "hierarchical"), default=None,
+                       help="how the model runs collectives on groups spanning nodes, and so "
+                            "how the inter tier is fitted (default: flat on gloo, "
+                            "hierarchical on NCCL)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,19 +112,27 @@ def run(args: argparse.Namespace) -> int:
     if args.contention_only and args.out:
         raise ValueError("--contention-only measures no collectives, so it cannot write a "
                          "cluster model; write --raw and fit with --from-raw")
-    if args.out:  # before measuring for minutes
+    if args.out and args.node_rank == 0:  # before measuring for minutes
         check_model_out(args.out, force=args.force)
-    if args.raw:
+    if args.raw and args.node_rank == 0:
         check_output_file(args.raw, force=args.force, flag="--raw")
     sizes = (tuple(results.parse_size(s) for s in args.sizes.split(",") if s.strip())
              if args.sizes else results.DEFAULT_SIZES)
     ops = tuple(o.strip() for o in args.ops.split(",") if o.strip()) if args.ops else OPS
+    if not 0 <= args.node_rank < max(1, args.nnodes):
+        raise ValueError(f"--node-rank must be in 0 .. {max(1, args.nnodes) - 1} "
+                         f"(--nnodes {args.nnodes}), got {args.node_rank}")
+    if args.from_raw and args.nnodes > 1:
+        raise ValueError("--from-raw measures nothing: it cannot go with --nnodes")
     config = cb.CommbenchConfig(
         world_sizes=args.world_sizes or None, sizes=sizes, ops=ops,
-        reps=args.reps, warmup=args.warmup, backend=args.backend,
+        reps=args.reps, warmup=args.warmup, backend=args.backend, timeout_s=args.timeout,
         contention=not args.no_contention, collectives=not args.contention_only,
-        timing=args.timing.replace("-", "_"),
+        timing=args.timing.replace("-", "_"), nnodes=args.nnodes,
+        nproc_per_node=args.nproc_per_node, rdzv_endpoint=args.rdzv_endpoint,
+        rdzv_id=args.rdzv_id,
     )
+    writes = args.node_rank == 0  # across nodes, node 0 alone writes the files
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else (
         lambda m: print(m, flush=True))
     if args.from_raw:
@@ -102,16 +141,20 @@ def run(args: argparse.Namespace) -> int:
             + ", ".join(f"{w} ranks {n} probe(s)" for w, n in result.probes.items()))
     else:
         t0 = time.perf_counter()
-        result = cb.run_commbench(config, progress=log)
+        try:
+            result = cb.run_commbench(config, progress=log)
+        except RuntimeError as exc:  # the benchmark's processes failed or timed out
+            raise UserError(str(exc)) from None
         log(f"commbench: measured {len(result.points)} points in {time.perf_counter() - t0:.1f} s")
     ops = tuple(op for op in OPS if any(p.op == op for p in result.points))  # what was measured
-    if args.raw:
+    if args.raw and writes:
         atomic_write_text(args.raw, dumps_json(result.to_dict(), indent=1) + "\n")
     fits = {}
     if set(ops) == set(OPS):
-        model, tried = cbf.fit_cluster(result, name=args.name, gpus_per_node=args.gpus_per_node)
+        model, tried = cbf.fit_cluster(result, name=args.name, gpus_per_node=args.gpus_per_node,
+                                       multi_node=args.multi_node)
         fits = {op: [f.__dict__ for f in fs] for op, fs in tried.items()}
-        if args.out:
+        if args.out and writes:
             save_cluster_model(model, args.out)
             log(f"commbench: wrote {args.out}")
     else:
@@ -130,12 +173,17 @@ def run(args: argparse.Namespace) -> int:
                           "stragglers": result.stragglers,
                           "comm_slowdowns": result.comm_slowdowns}, indent=1))
         return 0
+    tiers = any(f["tier"] != "intra" for fs in fits.values() for f in fs)  # across nodes
     if fits:
-        print(f"{'collective':<15} {'algorithm':<17} {'alpha_us':>9} {'GB/s':>8} {'rms err':>8} {'max err':>8}")
+        print(f"{'collective':<15} " + (f"{'tier':<6} " if tiers else "")
+              + f"{'algorithm':<17} {'alpha_us':>9} {'GB/s':>8} {'rms err':>8} {'max err':>8}")
     for op, fs in fits.items():
+        best_of: set[str] = set()  # tiers whose best fit (the first) was printed
         for i, f in enumerate(fs):
-            mark = "*" if i == 0 else " "
-            print(f"{op if i == 0 else '':<15} {f['algorithm'] + mark:<17} {f['alpha_us']:9.2f} "
+            mark = " " if f["tier"] in best_of else "*"
+            best_of.add(f["tier"])
+            print(f"{op if i == 0 else '':<15} " + (f"{f['tier']:<6} " if tiers else "")
+                  + f"{f['algorithm'] + mark:<17} {f['alpha_us']:9.2f} "
                   f"{f['bandwidth_GBps']:8.3f} {f['rms_rel_error']:8.1%} {f['max_rel_error']:8.1%}"
                   + (f"  ({f['note']})" if f.get("note") else ""))
     if result.slowdowns:

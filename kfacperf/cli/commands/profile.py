@@ -5,21 +5,29 @@ on every node for a multi-node job, started through torchrun), or runs as one ra
 started under torchrun.  Writes TRACE_DIR/run.json + events.parquet (+ telemetry.parquet on
 a GPU) and prints the per-stage summary.  --batch-size is per rank.
 
-  kfacperf profile --workload resnet20 --optimizer kfac --strategy spngd --nproc 2 \
-      --batch-size 32 --steps 20 --out traces/resnet20-spngd-p2
+Examples::
+
+    kfacperf profile --workload resnet20 --strategy spngd --nproc 2 --steps 20
+    kfacperf profile --workload resnet20 --strategy spngd --bn-blocks unit --fisher mc
+
+The second is SP-NGD's 1mc + unitBN: BatchNorm layers as 2x2-per-channel Fisher blocks, the
+statistics from one extra backward of sampled labels (a second ``backward`` row, layer
+``mc_fisher``, on factor steps).
 
 Faults: a rank that fails, is killed, or is stopped for longer than --timeout stops the run
 within seconds, with an error naming the rank; a rank that finishes no step within twice
---timeout (at most --timeout + 10 s) ends itself.  Ctrl-C or SIGTERM stops every rank.  Either way the trace keeps every
-finished step and is marked incomplete.  On one node the ranks' rendezvous listens on the
-loopback interface only; a multi-node run's rendezvous listens on the network (use a trusted
-one).  --out must be new or empty; --force replaces the trace files in it.
+--timeout (at most --timeout + 10 s) ends itself.  Ctrl-C or SIGTERM stops every rank.
+Either way the trace keeps every finished step and is marked incomplete.  On one node the
+ranks' rendezvous listens on the loopback interface only; a multi-node run's rendezvous
+listens on the network (use a trusted one).  --out must be new or empty; --force replaces
+the trace files in it.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
+from kfacperf import vocab
 from kfacperf.cli.commands import key_value
 
 
@@ -30,19 +38,15 @@ def _kl_clip(text: str) -> float | None:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from kfacperf.runtime.config import (
-        COMM_DTYPES,
-        DEVICES,
-        INVERSE_METHODS,
-        STRATEGIES,
-    )
+    from kfacperf.runtime.config import DEVICES
+    from kfacperf.vocab import COMM_DTYPES, INVERSE_METHODS, OPTIMIZERS, PROFILE_STRATEGIES
 
     g = parser.add_argument_group("run")
     g.add_argument("--workload", required=True, help="workload name (e.g. resnet20, mlp)")
     g.add_argument("--workload-option", type=key_value, action="append", default=[],
                    metavar="KEY=VALUE", help="workload option, e.g. image_size=64 (repeatable)")
-    g.add_argument("--optimizer", choices=("sgd", "kfac"), default="kfac")
-    g.add_argument("--strategy", choices=STRATEGIES, default=None,
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default="kfac")
+    g.add_argument("--strategy", choices=PROFILE_STRATEGIES, default=None,
                    help="K-FAC distribution strategy (default: spngd; sgd for --optimizer sgd)")
     g.add_argument("--nproc", type=int, default=1, help="processes (ranks) on this node")
     g.add_argument("--steps", type=int, default=30, help="measured steps (after warm-up)")
@@ -85,6 +89,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     k.add_argument("--comm-dtype", choices=COMM_DTYPES, default="fp32")
     k.add_argument("--symmetric", action="store_true", help="upper-triangle factor packing")
     k.add_argument("--bucket-cap-mb", type=float, default=25.0)
+    k.add_argument("--bn-blocks", choices=vocab.BN_BLOCKS, default=vocab.BN_NONE,
+                   help="BatchNorm layers as Fisher blocks: none (left to SGD), unit (2x2 per "
+                        "channel, SP-NGD's unitBN) or full (2Cx2C, fullBN)")
+    k.add_argument("--fisher", choices=vocab.FISHER_TYPES, default=vocab.FISHER_EMP,
+                   help="emp: statistics from the true labels' backward; mc: from one extra "
+                        "backward of labels sampled from the model (SP-NGD's 1mc)")
     m = parser.add_argument_group("multi-node (passed to torchrun)")
     m.add_argument("--nnodes", default="1")
     m.add_argument("--node-rank", type=int, default=0)
@@ -108,6 +118,7 @@ def build_config(args: argparse.Namespace):  # -> ProfileConfig
         factor_decay=args.factor_decay, kl_clip=args.kl_clip,
         grad_worker_fraction=args.grad_worker_fraction, fused=args.fused,
         comm_dtype=args.comm_dtype, symmetric=args.symmetric, bucket_cap_mb=args.bucket_cap_mb,
+        bn_blocks=args.bn_blocks, fisher=args.fisher,
         telemetry_interval_s=args.telemetry_interval, nnodes=str(args.nnodes),
         node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id,
         command=command_line(),

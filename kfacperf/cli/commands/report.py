@@ -3,6 +3,8 @@
 Example: kfacperf report --trace traces/A --trace traces/B --prediction predictions/P
 --out reports/NAME/index.html
 
+A plan (kfacperf plan --out plan.json) adds its section: kfacperf report --plan plan.json
+
 An existing --out (or --screenshot) file is replaced only with --force.
 """
 from __future__ import annotations
@@ -19,6 +21,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--validation", metavar="FILE", default=None,
                         help="held-out validation results (.parquet, .csv or .json) to show as the "
                              "accuracy section")
+    parser.add_argument("--plan", metavar="FILE", default=None,
+                        help="a plan written by kfacperf plan --out, shown as the plan section")
     parser.add_argument("--title", default=None, help="page title (default: from the workloads)")
     parser.add_argument("--timeline-step", type=int, default=None, metavar="N",
                         help="measured step to draw as a timeline (default: the first with the most stages)")
@@ -34,21 +38,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kfacperf.errors import UserError
+    from kfacperf.plan.result import load_plan
     from kfacperf.report.build import MAX_BYTES, build_report, headline_text
     from kfacperf.report.inputs import load_predictions, load_runs, load_validation
     from kfacperf.safety import check_output_file
 
-    if not args.traces and not args.predictions:
-        raise UserError("give at least one --trace or --prediction")
+    if not args.traces and not args.predictions and not args.plan:
+        raise UserError("give at least one --trace, --prediction or --plan")
     if args.timeline_gpus is not None and args.timeline_gpus < 1:
         raise UserError(f"--timeline-gpus must be >= 1, got {args.timeline_gpus}")
     check_output_file(args.out, force=args.force)
     if args.screenshot:
         check_output_file(args.screenshot, force=args.force, flag="--screenshot")
     validation = load_validation(args.validation) if args.validation else None
+    plan = load_plan(args.plan) if args.plan else None
     runs, predictions = load_runs(args.traces), load_predictions(args.predictions)
     out = build_report(runs, predictions, args.out, validation, title=args.title,
-                       timeline_step=args.timeline_step, timeline_gpus=args.timeline_gpus)
+                       timeline_step=args.timeline_step, timeline_gpus=args.timeline_gpus,
+                       plan=plan)
     text = headline_text(runs, predictions)
     if text:
         print(text)

@@ -12,6 +12,12 @@ Strategies: ``sgd``, ``spngd``, ``kaisa`` (f from --grad-worker-fraction), ``kai
 ``kaisa:1/8``, ``kaisa:mem-opt`` (f = 1/P at every P), ``kaisa:comm-opt``.  What-if flags
 override single values of the models.
 
+SP-NGD's Fisher variants (emp/1mc x unitBN/fullBN; see docs/fisher-blocks.md)::
+
+    kfacperf simulate --workload resnet50 --device v100 --cluster abci-v100 --strategy spngd \
+        --gpus 1-1024 --factor-interval 1 --inverse-interval 1 --inverse-method cholesky \
+        --bn-blocks unit --fisher mc
+
 Limits: at most 1,048,576 GPUs; a prediction that is not finite (or over a year per step)
 is an error, never a result.  --out must be a new or empty directory; an earlier prediction
 there is replaced only with --force, and a directory holding a measured trace never.
@@ -21,6 +27,8 @@ from __future__ import annotations
 import argparse
 import math
 from typing import Any
+
+from kfacperf import vocab
 
 
 def parse_gpus(text: str) -> list[int]:
@@ -76,9 +84,8 @@ def parse_gpus(text: str) -> list[int]:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from kfacperf.sim.graphs.strategies.common import COMM_DTYPE_BYTES
     from kfacperf.sim.models.cluster import V_FORMS
-    from kfacperf.sim.models.device import DTYPES, INVERSE_METHODS
+    from kfacperf.vocab import COMM_DTYPES, COMPUTE_DTYPES, INVERSE_METHODS
 
     m = parser.add_argument_group("models (preset name or TOML path)")
     m.add_argument("--workload", required=True, help="workload model, e.g. resnet50")
@@ -97,15 +104,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--inverse-method", choices=INVERSE_METHODS, default="eigen")
     r.add_argument("--bucket-mb", type=float, default=25.0,
                    help="gradient (DDP) and factor bucket size in MB (default 25)")
+    r.add_argument("--bn-blocks", choices=vocab.BN_BLOCKS, default=vocab.BN_NONE,
+                   help="BatchNorm layers as Fisher blocks: none (default), unit (2x2 per "
+                        "channel, SP-NGD's unitBN) or full (2Cx2C, fullBN)")
+    r.add_argument("--fisher", choices=vocab.FISHER_TYPES, default=vocab.FISHER_EMP,
+                   help="emp (default) or mc: one extra backward on factor steps (SP-NGD's "
+                        "1mc)")
     w = parser.add_argument_group("what-if overrides")
     w.add_argument("--bandwidth-scale", type=float, help="multiply every link bandwidth")
     w.add_argument("--latency-scale", type=float, help="multiply every link latency (alpha)")
     w.add_argument("--compute-scale", type=float, help="divide every compute time")
-    w.add_argument("--comm-dtype", choices=tuple(COMM_DTYPE_BYTES),
+    w.add_argument("--comm-dtype", choices=COMM_DTYPES,
                    help="precision of factor communication")
     w.add_argument("--symmetric-factors", action="store_true",
                    help="send factors as upper triangles")
-    w.add_argument("--dtype", choices=DTYPES,
+    w.add_argument("--dtype", choices=COMPUTE_DTYPES,
                    help="forward/backward compute precision")
     w.add_argument("--v-form", choices=V_FORMS,
                    help="cost form of reduce-scatter-v / all-gather-v")
@@ -125,6 +138,10 @@ MAX_SCALE = 1e6
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"inverse_method": args.inverse_method}
+    if args.bn_blocks != vocab.BN_NONE:
+        out["bn_blocks"] = args.bn_blocks
+    if args.fisher != vocab.FISHER_EMP:
+        out["fisher"] = args.fisher
     pairs = (("bandwidth_scale", "bandwidth_scale"), ("latency_scale", "alpha_scale"),
              ("compute_scale", "compute_scale"), ("comm_dtype", "comm_dtype"),
              ("dtype", "dtype"), ("v_form", "v_form"), ("threads_per_rank", "threads_per_rank"))

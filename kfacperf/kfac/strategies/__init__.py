@@ -12,8 +12,9 @@ from kfacperf.kfac.strategies.base import DistributedStrategy, ModelMismatchErro
 from kfacperf.kfac.strategies.kaisa import KAISAStrategy
 from kfacperf.kfac.strategies.spngd import SPNGDStrategy
 from kfacperf.kfac.strategy import LocalStrategy, Strategy
+from kfacperf.vocab import OPTIMIZER_KFAC_STRATEGIES
 
-STRATEGY_NAMES: tuple[str, ...] = ("local", "spngd", "kaisa")
+STRATEGY_NAMES: tuple[str, ...] = OPTIMIZER_KFAC_STRATEGIES
 """K-FAC strategy names (``sgd`` is an optimizer, not a K-FAC strategy)."""
 
 _COMM_KEYS = ("comm_dtype", "symmetric", "bucket_cap_mb")

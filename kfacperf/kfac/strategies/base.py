@@ -31,7 +31,8 @@ def model_fingerprint(model: nn.Module, layers: Mapping[str, KFACLayer]) -> tupl
     structure = hashlib.blake2b(digest_size=16)
     values = hashlib.blake2b(digest_size=16)
     for name, layer in layers.items():
-        structure.update(f"L:{name}:{layer.kind}:{layer.dim_a}:{layer.dim_g};".encode())
+        factors = ",".join(f"{f.name}{f.shape}" for f in layer.factors())
+        structure.update(f"L:{name}:{layer.kind}:{layer.dim_a}:{layer.dim_g}:{factors};".encode())
     for name, p in model.named_parameters():
         structure.update(f"P:{name}:{tuple(p.shape)}:{p.dtype};".encode())
         data = p.detach().to("cpu", copy=False).contiguous()
@@ -76,7 +77,12 @@ def check_same_model(
 
 
 def layer_shapes(layers: Mapping[str, KFACLayer]) -> list[LayerShape]:
-    return [LayerShape(name=n, dim_a=l.dim_a, dim_g=l.dim_g) for n, l in layers.items()]
+    """The placement's view of the layers: Kronecker factors, or the blocks of another form."""
+    out = []
+    for n, l in layers.items():
+        blocks = () if l.kronecker else tuple((f.n, f.count) for f in l.factors())
+        out.append(LayerShape(name=n, dim_a=l.dim_a, dim_g=l.dim_g, blocks=blocks))
+    return out
 
 
 def other_parameters(model: nn.Module, layers: Mapping[str, KFACLayer]) -> list[nn.Parameter]:

@@ -3,7 +3,8 @@
 With ``gw = grad_worker_fraction * P`` gradient workers per layer (see
 :mod:`kfacperf.kfac.assignment` for the grid of grad-worker columns and receiver rows):
 
-* ``factor_comm`` — every layer's A and G are all-reduced (mean), bucketed up to
+* ``factor_comm`` — every layer's A and G (a BatchNorm block: its Fisher block) are
+  all-reduced (mean), bucketed up to
   ``bucket_cap_mb`` in the order the backward hooks fire, so they overlap the backward pass;
   triangle packing and the factor precision apply.
 * ``inverse`` — on the layer's inverse worker only (the only rank that keeps its running
@@ -118,11 +119,10 @@ class KAISAStrategy(DistributedStrategy):
                 stage=stages.FACTOR_COMM, cap_bytes=self.comm.bucket_cap_bytes,
                 timer=self.timer, group=self.group,
             )
-        assert layer.a_batch is not None and layer.g_batch is not None
-        self._factors.add((layer.name, "a"), layer.name, comm.encode_factor(layer.a_batch,
-                                                                             self.comm))
-        self._factors.add((layer.name, "g"), layer.name, comm.encode_factor(layer.g_batch,
-                                                                             self.comm))
+        assert layer.has_batch_stats
+        for f in layer.factors():
+            self._factors.add((layer.name, f.name), layer.name,
+                              comm.encode_factor(getattr(layer, f.batch_attr), self.comm))
 
     def finish_factors(self) -> None:
         if self._factors is None:
@@ -132,14 +132,16 @@ class KAISAStrategy(DistributedStrategy):
             if not self.needs_factors(name):
                 continue
             layer = self.layers[name]
-            attr = "a_batch" if which == "a" else "g_batch"
-            n = layer.dim_a if which == "a" else layer.dim_g
-            setattr(layer, attr, comm.decode_factor(flat, n, self.comm, getattr(layer, attr).dtype))
+            f = next(f for f in layer.factors() if f.name == which)
+            dtype = getattr(layer, f.batch_attr).dtype
+            setattr(layer, f.batch_attr,
+                    comm.decode_factor(flat, f.n, self.comm, dtype, f.count))
 
     # ---------------------------------------------------------------- inverses
     def _packable(self, attr: str) -> bool:
-        """Symmetric inverse state (Cholesky method) travels as triangles when asked."""
-        return self.comm.symmetric and attr in ("a_inv", "g_inv")
+        """Symmetric inverse state (damped inverses: the Cholesky method's, and every
+        unit-wise BatchNorm block's) travels as triangles when asked."""
+        return self.comm.symmetric and attr in ("a_inv", "g_inv", "f_inv")
 
     def share_inverses(self) -> None:
         if not self.distributed or len(self._column) == 1:
@@ -189,8 +191,7 @@ class KAISAStrategy(DistributedStrategy):
     def _inverse_numel(self, layer: KFACLayer) -> int:
         total = 0
         for attr, shape in zip(layer.inverse_names(), layer.inverse_shapes()):
-            n = shape[0]
-            total += n * (n + 1) // 2 if self._packable(attr) else _numel(shape)
+            total += _triangles(shape) if self._packable(attr) else _numel(shape)
         return total
 
     def _encode_inverse(self, layer: KFACLayer) -> Tensor:
@@ -200,7 +201,7 @@ class KAISAStrategy(DistributedStrategy):
             if self._packable(attr):
                 packed = comm.pack_symmetric(t)
                 # Keep the sender's copy identical to what the receivers rebuild.
-                setattr(layer, attr, comm.unpack_symmetric(packed, t.shape[0]))
+                setattr(layer, attr, comm.unpack_symmetric(packed, t.shape[-1], _stack(t.shape)))
                 parts.append(packed)
             else:
                 parts.append(t.reshape(-1))
@@ -210,9 +211,9 @@ class KAISAStrategy(DistributedStrategy):
         offset = 0
         for attr, shape in zip(layer.inverse_names(), layer.inverse_shapes()):
             if self._packable(attr):
-                n = shape[0]
-                size = n * (n + 1) // 2
-                setattr(layer, attr, comm.unpack_symmetric(flat[offset:offset + size], n))
+                size = _triangles(shape)
+                setattr(layer, attr, comm.unpack_symmetric(flat[offset:offset + size],
+                                                            shape[-1], _stack(shape)))
             else:
                 size = _numel(shape)
                 setattr(layer, attr, flat[offset:offset + size].view(shape).clone())
@@ -250,6 +251,16 @@ class KAISAStrategy(DistributedStrategy):
             pack=lambda l: l.pack_preconditioned(), numel=lambda l: l.preconditioned_numel,
             unpack=lambda l, flat: l.unpack_preconditioned(flat),
         )
+
+
+def _stack(shape: tuple[int, ...]) -> int:
+    """Matrices in a ``[count, n, n]`` stack; 0 for a plain ``n x n`` matrix."""
+    return shape[0] if len(shape) == 3 else 0
+
+
+def _triangles(shape: tuple[int, ...]) -> int:
+    n = shape[-1]
+    return max(_stack(shape), 1) * n * (n + 1) // 2
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -4,8 +4,8 @@ Per step, on P ranks (``owner`` = :func:`~kfacperf.kfac.assignment.spngd_assignm
 
 * ``factor_comm`` — reduce-scatter-v of the batch statistics: layers are bucketed in the
   order their backward hooks fire (last layer first) up to ``bucket_cap_mb``; each bucket is
-  one reduce-scatter-v whose rank-r block holds the A and G (triangle-packed and cast when
-  asked) of the bucket's layers owned by r, so each owner receives the global mean of its
+  one reduce-scatter-v whose rank-r block holds the A and G (a BatchNorm block: its Fisher
+  block; triangle-packed and cast when asked) of the bucket's layers owned by r, so each owner receives the global mean of its
   layers' statistics while the backward pass continues.  The blocks have their true, uneven
   sizes (the list form of ``reduce_scatter``), no padding.
 * ``inverse``/``precondition`` — on the owner only.
@@ -66,9 +66,7 @@ class SPNGDStrategy(DistributedStrategy):
         if not self.distributed or self.fused:
             return
         self._bucket.append(layer)
-        self._bucket_bytes += self.comm.factor_bytes(layer.dim_a) + self.comm.factor_bytes(
-            layer.dim_g
-        )
+        self._bucket_bytes += sum(self.comm.factor_bytes(f.n, f.count) for f in layer.factors())
         if self._bucket_bytes >= self.comm.bucket_cap_bytes:
             self._send_factor_bucket()
 
@@ -78,12 +76,12 @@ class SPNGDStrategy(DistributedStrategy):
         layers, self._bucket, self._bucket_bytes = self._bucket, [], 0
         assert self.assignment is not None
         owner = self.assignment.inverse_worker
-        ref = layers[0].a_batch
+        ref = getattr(layers[0], layers[0].factors()[0].batch_attr)
         assert ref is not None
         parts: dict[int, list[Tensor]] = {}
         for l in layers:
             parts.setdefault(owner[l.name], []).extend(
-                comm.encode_factor(t, self.comm) for t in (l.a_batch, l.g_batch)
+                comm.encode_factor(getattr(l, f.batch_attr), self.comm) for f in l.factors()
             )
         blocks = _blocks(parts, self.world_size,
                          torch.empty(0, dtype=self.comm.torch_dtype, device=ref.device))
@@ -104,12 +102,7 @@ class SPNGDStrategy(DistributedStrategy):
             flat = pending.wait()
             offset = 0
             for layer in mine:
-                for attr, n in (("a_batch", layer.dim_a), ("g_batch", layer.dim_g)):
-                    size = self.comm.factor_numel(n)
-                    dtype = getattr(layer, attr).dtype
-                    setattr(layer, attr,
-                            comm.decode_factor(flat[offset:offset + size], n, self.comm, dtype))
-                    offset += size
+                offset = _decode_factors(layer, flat, offset, self.comm)
         self._factor_pending = []
 
     # ------------------------------------------------------------- gradients
@@ -162,9 +155,9 @@ class SPNGDStrategy(DistributedStrategy):
         grad_parts = [grad_matrix(l).reshape(-1) for l in layers] + [
             p.grad.reshape(-1) for p in other  # type: ignore[union-attr]
         ]
-        fac_layers = [l for l in layers if l.a_batch is not None] if with_factors else []
-        fac_parts = [comm.encode_factor(t, self.comm)
-                     for l in fac_layers for t in (l.a_batch, l.g_batch)]
+        fac_layers = [l for l in layers if l.has_batch_stats] if with_factors else []
+        fac_parts = [comm.encode_factor(getattr(l, f.batch_attr), self.comm)
+                     for l in fac_layers for f in l.factors()]
         label = comm.bucket_label([l.name for l in fac_layers])
         n_fac = sum(p.numel() for p in fac_parts)
         if fac_parts and all(p.dtype == self.comm.torch_dtype for p in grad_parts):
@@ -193,13 +186,10 @@ class SPNGDStrategy(DistributedStrategy):
             offset += n
         offset = 0
         for layer in fac_layers:
-            for attr, dim in (("a_batch", layer.dim_a), ("g_batch", layer.dim_g)):
-                size = self.comm.factor_numel(dim)
-                if self.needs_factors(layer.name):
-                    dtype = getattr(layer, attr).dtype
-                    setattr(layer, attr, comm.decode_factor(
-                        fac_flat[offset:offset + size], dim, self.comm, dtype))
-                offset += size
+            if self.needs_factors(layer.name):
+                offset = _decode_factors(layer, fac_flat, offset, self.comm)
+            else:
+                offset += sum(self.comm.factor_numel(f.n, f.count) for f in layer.factors())
         self._grads_reduced = with_factors
 
     # ----------------------------------------------------- preconditioned gradients
@@ -228,6 +218,17 @@ class SPNGDStrategy(DistributedStrategy):
                 n = layer.preconditioned_numel
                 layer.unpack_preconditioned(gathered[r][offset:offset + n])
                 offset += n
+
+
+def _decode_factors(layer: KFACLayer, flat: Tensor, offset: int, opts: comm.CommOptions) -> int:
+    """Set the layer's batch statistics from ``flat`` at ``offset``; the offset after them."""
+    for f in layer.factors():
+        size = opts.factor_numel(f.n, f.count)
+        dtype = getattr(layer, f.batch_attr).dtype
+        setattr(layer, f.batch_attr,
+                comm.decode_factor(flat[offset:offset + size], f.n, opts, dtype, f.count))
+        offset += size
+    return offset
 
 
 def _blocks(parts: dict[int, list[Tensor]], world: int, empty: Tensor) -> list[Tensor]:

@@ -32,10 +32,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from kfacperf import vocab as S
 from kfacperf.sim.models.cluster import ALGORITHMS, OPS, V_FORMS, ClusterModel
+from kfacperf.vocab import V_OPS
 
-V_OPS: tuple[str, ...] = ("reduce_scatter_v", "all_gather_v")
-ALL_OPS: tuple[str, ...] = OPS + V_OPS
+ALL_OPS: tuple[str, ...] = S.ALL_COLLECTIVE_OPS
 
 
 def _log2(p: int) -> int:
@@ -146,8 +147,7 @@ def group_collective_us(
     list of the ``group_size`` per-rank block sizes.  ``v_form`` overrides the cluster's
     ``v_collectives``.
     """
-    if op not in ALL_OPS:
-        raise ValueError(f"unknown collective {op!r}; known: {', '.join(ALL_OPS)}")
+    S.check_choice("collective", op, ALL_OPS)
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
     if isinstance(nodes, bool) or not isinstance(nodes, int) or not 1 <= nodes <= group_size:
@@ -166,18 +166,30 @@ def group_collective_us(
     if cluster.multi_node[op] == "flat" or g == 1:
         alpha, beta = _flat_link(cluster, op, g)
         return algorithm_us(op, cluster.inter.algorithms[op], p, n, alpha, beta)
+    total = 0.0
+    for tier, phase_op, ranks, phase_bytes in hierarchical_phases(op, p, nodes, n):
+        total += _tier_us(cluster, tier, phase_op, ranks, phase_bytes)
+    return total
+
+
+def hierarchical_phases(op: str, group_size: int, nodes: int,
+                        nbytes: float) -> tuple[tuple[str, str, int, float], ...]:
+    """The two-level form of ``op`` on ``group_size`` ranks over ``nodes`` nodes, as
+    ``(tier, op, ranks, bytes)`` phases in order (see the module docstring): the intra-node
+    phases run on the ``g`` ranks of the fullest node, the inter-node phase on one rank per
+    node.  Exactly one phase is on the inter tier, and it runs ``op`` itself."""
+    g = -(-group_size // nodes)
+    n = float(nbytes)
     if op == "all_reduce":
-        return (_tier_us(cluster, "intra", "reduce_scatter", g, n)
-                + _tier_us(cluster, "inter", "all_reduce", nodes, n / g)
-                + _tier_us(cluster, "intra", "all_gather", g, n))
+        return (("intra", "reduce_scatter", g, n), ("inter", "all_reduce", nodes, n / g),
+                ("intra", "all_gather", g, n))
     if op == "reduce_scatter":
-        return (_tier_us(cluster, "intra", "reduce_scatter", g, n)
-                + _tier_us(cluster, "inter", "reduce_scatter", nodes, n / g))
+        return (("intra", "reduce_scatter", g, n), ("inter", "reduce_scatter", nodes, n / g))
     if op == "all_gather":
-        return (_tier_us(cluster, "inter", "all_gather", nodes, n / g)
-                + _tier_us(cluster, "intra", "all_gather", g, n))
-    return (_tier_us(cluster, "inter", "broadcast", nodes, n)
-            + _tier_us(cluster, "intra", "broadcast", g, n))
+        return (("inter", "all_gather", nodes, n / g), ("intra", "all_gather", g, n))
+    if op == "broadcast":
+        return (("inter", "broadcast", nodes, n), ("intra", "broadcast", g, n))
+    raise ValueError(f"no two-level form of {op!r}; collectives: {', '.join(OPS)}")
 
 
 def _tier_us(cluster: ClusterModel, tier: str, op: str, p: int, n: float) -> float:

@@ -5,9 +5,11 @@ This is the one interface between the models and the step graphs/engine::
     cost = CostModel(workload=w, device=d, cluster=c, *, dtype="fp32", kfac_dtype="fp32",
                      inverse_method="eigen", comm_dtype="fp32", symmetric_factors=False,
                      v_form=None, bandwidth_scale=1.0, alpha_scale=1.0, compute_scale=1.0,
-                     ranks_per_node=1, threads_per_rank=1, use_measured=True)
+                     ranks_per_node=1, threads_per_rank=1, use_measured=True,
+                     bn_blocks="none", fisher="emp")
     cost.compute_us(stage, layer: LayerModel | None, *, batch: int, workload=None) -> float
     cost.collective_us(op, nbytes, *, group_size: int, nodes: int) -> float  # x comm_slowdown
+    cost.host -> HostDelays                 # the cluster's host model (straggle of a group, ...)
     cost.for_gpus(gpus) -> CostModel        # ranks_per_node = min(gpus, gpus_per_node)
     cost.with_overrides(**options) -> CostModel
     cost.options -> CostOptions (frozen, hashable; also readable as cost.<option>)
@@ -17,7 +19,7 @@ This is the one interface between the models and the step graphs/engine::
     cost.regressors(stage, layer, *, batch, workload=None) -> Regressors  # for calibration
     cost.nodes_spanned(group_size) -> int
     # payload helpers (comm_dtype and symmetric packing applied):
-    cost.factor_bytes(layer) -> int          # A and G of one layer
+    cost.factor_bytes(layer) -> int          # A and G of one layer (or its BatchNorm block)
     cost.inverse_bytes(layer) -> int         # eigenbases + eigenvalues, or the two inverses
     cost.grad_bytes(layer | None, *, workload=None) -> int   # None: all parameters
     dtype_bytes(dtype) -> int;  factor_elements(d, symmetric) -> int
@@ -32,9 +34,16 @@ one fused call over all parameters (K-FAC layers and ``other_params``).  ``facto
 statistics computed in backward hooks are ``factor_compute`` (calibration subtracts them from
 the measured backward, where they are nested).
 
+``bn_blocks`` (``none``, ``unit``, ``full``) says whether the workload's BatchNorm layers are
+Fisher blocks (:meth:`WorkloadModel.fisher_layers`) and of which form; ``fisher`` (``emp``,
+``mc``) whether factor steps run the Monte-Carlo backward (the step graphs read both).  A
+BatchNorm block's stage times always come from its analytic work: ``[[measured]]`` times are
+keyed by layer and inverse method, not by block form, so they are not applied to it.
+
 Compute time of one call: the stage's phases (FLOPs and bytes, :mod:`kfacperf.sim.costs.stage_work`)
 on the device's rates and efficiencies (:mod:`kfacperf.sim.models.device`), plus the per-call
-overhead, times the compute slowdown of ranks sharing a node's cores, over ``compute_scale``.
+overhead, times the compute slowdown of ranks sharing a node's cores (the cluster's host model,
+:mod:`kfacperf.sim.models.host`; 1 on dedicated devices), over ``compute_scale``.
 When the device model holds a time measured on this workload (``[[measured]]``), the model is
 scaled to reproduce it: ``time(N) = model(N) * measured(N_m) / model(N_m)`` for the nearest
 measured batch ``N_m`` (exact when ``N = N_m``); per-layer forward/backward shares are scaled by
@@ -48,6 +57,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from kfacperf import vocab as S
+from kfacperf.sim.costs import blocks
 from kfacperf.sim.costs.collectives import group_collective_us
 from kfacperf.sim.costs.stage_work import (
     DTYPE_BYTES,
@@ -57,19 +67,17 @@ from kfacperf.sim.costs.stage_work import (
 )
 from kfacperf.sim.models.cluster import V_FORMS, ClusterModel
 from kfacperf.sim.models.device import DTYPES, INVERSE_METHODS, STAGE_KINDS, DeviceModel
-from kfacperf.sim.models.workload import LayerModel, WorkloadModel
+from kfacperf.sim.models.host import HostDelays
+from kfacperf.sim.models.workload import BATCHNORM, LayerModel, WorkloadModel
 
 
 def dtype_bytes(dtype: str) -> int:
-    try:
-        return DTYPE_BYTES[dtype]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPE_BYTES)}") from None
+    return DTYPE_BYTES[S.check_choice("dtype", dtype, tuple(DTYPE_BYTES))]
 
 
 def factor_elements(d: int, symmetric: bool = False) -> int:
     """Elements of a d x d factor, d(d+1)/2 with upper-triangle packing."""
-    return d * (d + 1) // 2 if symmetric else d * d
+    return blocks.triangle(d, symmetric)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,15 +106,16 @@ class CostOptions:
     ranks_per_node: int = 1
     threads_per_rank: int = 1
     use_measured: bool = True
+    bn_blocks: str = S.BN_NONE
+    fisher: str = S.FISHER_EMP
 
     def __post_init__(self) -> None:
+        S.check_choice("bn_blocks", self.bn_blocks, S.BN_BLOCKS)
+        S.check_choice("fisher", self.fisher, S.FISHER_TYPES)
         for key in ("dtype", "kfac_dtype"):
-            if getattr(self, key) not in DTYPES:
-                raise ValueError(f"{key} must be one of {DTYPES}, got {getattr(self, key)!r}")
-        if self.inverse_method not in INVERSE_METHODS:
-            raise ValueError(f"inverse_method must be one of {INVERSE_METHODS}, "
-                             f"got {self.inverse_method!r}")
-        dtype_bytes(self.comm_dtype)
+            S.check_choice(key, getattr(self, key), DTYPES)
+        S.check_choice("inverse_method", self.inverse_method, INVERSE_METHODS)
+        S.check_choice("comm_dtype", self.comm_dtype, S.COMM_DTYPES)
         if self.v_form not in (None, *V_FORMS):
             raise ValueError(f"v_form must be one of {V_FORMS} (or None: the cluster's), "
                              f"got {self.v_form!r}")
@@ -142,11 +151,15 @@ class CostModel:
             cluster.scaled(bandwidth=o.bandwidth_scale, alpha=o.alpha_scale)
             if (o.bandwidth_scale, o.alpha_scale) != (1.0, 1.0) else cluster
         )
-        self.slowdown = cluster.compute_slowdown(o.ranks_per_node, o.threads_per_rank)
-        self.comm_slowdown = cluster.comm_slowdown(o.ranks_per_node)
-        # each stage kind slows by its own contention (the cluster's single one by default)
+        # what ranks sharing a node's host add (nothing on dedicated devices)
+        self.host: HostDelays = cluster.host_delays
+        self.slowdown = self.host.compute_factor(None, ranks_on_node=o.ranks_per_node,
+                                                 threads_per_rank=o.threads_per_rank)
+        self.comm_slowdown = self.host.comm_factor(o.ranks_per_node)
+        # each stage kind slows by its own contention (the host's single one by default)
         self.stage_slowdown: dict[str, float] = {
-            k: cluster.compute_slowdown(o.ranks_per_node, o.threads_per_rank, stage=k)
+            k: self.host.compute_factor(k, ranks_on_node=o.ranks_per_node,
+                                        threads_per_rank=o.threads_per_rank)
             for k in STAGE_KINDS}
         self._compute_cache: dict[tuple, float] = {}
         self._comm_cache: dict[tuple, float] = {}
@@ -204,19 +217,20 @@ class CostModel:
             pass
         return t
 
+    def block_form(self, layer: LayerModel) -> str:
+        """``kronecker``, or a BatchNorm layer's ``unit``/``full`` (:mod:`blocks`)."""
+        return blocks.block_form(layer.kind, self.options.bn_blocks)
+
     def factor_bytes(self, layer: LayerModel) -> int:
         o = self.options
-        elems = factor_elements(layer.dim_a, o.symmetric_factors) + factor_elements(
-            layer.dim_g, o.symmetric_factors)
+        elems = blocks.statistic_elements(self.block_form(layer), layer.dim_a, layer.dim_g,
+                                          o.symmetric_factors)
         return elems * dtype_bytes(o.comm_dtype)
 
     def inverse_bytes(self, layer: LayerModel) -> int:
         o = self.options
-        if o.inverse_method == "eigen":  # eigenvector matrices are not symmetric
-            elems = layer.dim_a ** 2 + layer.dim_g ** 2 + layer.dim_a + layer.dim_g
-        else:
-            elems = factor_elements(layer.dim_a, o.symmetric_factors) + factor_elements(
-                layer.dim_g, o.symmetric_factors)
+        elems = blocks.inverse_elements(self.block_form(layer), layer.dim_a, layer.dim_g,
+                                        o.inverse_method, o.symmetric_factors)
         return elems * dtype_bytes(o.comm_dtype)
 
     def grad_bytes(self, layer: LayerModel | None, *, workload: WorkloadModel | None = None) -> int:
@@ -236,7 +250,7 @@ class CostModel:
         if cached is not None:
             return cached
         t = self._model_us(stage, layer, batch, w)
-        if self.options.use_measured:
+        if self.options.use_measured and (layer is None or layer.kind != BATCHNORM):
             t *= self._measured_ratio(stage, layer, batch, w)
         t = t * self.stage_slowdown[stage] / self.options.compute_scale
         self._compute_cache[key] = t
@@ -273,7 +287,7 @@ class CostModel:
         o = self.options
         return stage_phases(stage, layer, batch=batch, workload=workload or self.workload,
                             act_dtype=o.dtype, kfac_dtype=o.kfac_dtype,
-                            inverse_method=o.inverse_method)
+                            inverse_method=o.inverse_method, bn_blocks=o.bn_blocks)
 
     def _model_us(self, stage: str, layer: LayerModel | None, batch: int,
                   w: WorkloadModel) -> float:

@@ -22,6 +22,26 @@ precondition       eigen 4 dA dG (dA + dG); cholesky half that  4 (dA^2 + dG^2 +
 update             4 per parameter (momentum SGD)               20 per parameter
 =================  ===========================================  ===============================
 
+A BatchNorm Fisher block (``bn_blocks`` "unit" or "full", C channels, S = ``rows_per_example``
+spatial positions, block side ``n`` = 2 per channel or 2C) has no forward or backward share
+of its own (its elementwise work stays in the whole-model passes, as without blocks) and:
+
+=================  ===========================================  ===============================
+stage              FLOPs                                        bytes
+=================  ===========================================  ===============================
+factor_compute     6 N C S (normalise; reduce over H x W), then  4 (2 N C S + 2 N C), then
+                   the outer products over N: unit 8 N C, full  4 (2 N C + numel F), then the
+                   2 N (2C)^2, then the running average         running average
+                   3 numel F (numel F: 4C unit, (2C)^2 full)
+inverse            unit: 10 C in one batched call (latency-     unit: 4 (2 x 4C);
+                   bound); full: like a factor of side 2C       full: 12 (2C)^2
+precondition       unit 8 C; full: eigen 4 (2C)^2, cholesky     4 (numel F + 4C)
+                   2 (2C)^2
+=================  ===========================================  ===============================
+
+Inverse phases carry the matrix side ``n`` and the number of matrices ``count`` they invert
+(a unit-wise layer: C 2x2 matrices in one call), so a size-dependent inverse cost can apply.
+
 ``s`` is the activation dtype's size.  The constants 9 (symmetric eigendecomposition with
 vectors, Golub & Van Loan) and 1 (Cholesky plus inverse) only set the eigen/cholesky ratio; a
 fitted efficiency absorbs the rest.  The convolution's A factor (displacement Grams of the
@@ -36,9 +56,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kfacperf import vocab as S
-from kfacperf.sim.models.workload import LayerModel, WorkloadModel
+from kfacperf.sim.models.workload import BATCHNORM, LayerModel, WorkloadModel
 
-DTYPE_BYTES: dict[str, int] = {"fp64": 8, "fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2}
+DTYPE_BYTES: dict[str, int] = S.DTYPE_BYTES
 WHOLE_MODEL_STAGES = (S.FORWARD, S.BACKWARD, S.UPDATE)
 INVERSE_FLOPS_PER_D3 = {"eigen": 9.0, "cholesky": 1.0}
 PRECOND_FLOPS_FACTOR = {"eigen": 4.0, "cholesky": 2.0}
@@ -49,11 +69,17 @@ FP32 = 4
 
 @dataclass(frozen=True)
 class Phase:
-    """Work that runs on one roofline: FLOPs at the peak of ``dtype``, bytes of traffic."""
+    """Work that runs on one roofline: FLOPs at the peak of ``dtype``, bytes of traffic.
+
+    An inverse phase may say what it inverts: ``count`` symmetric matrices of side ``n``
+    (0: not stated).
+    """
 
     flops: float
     nbytes: float
     dtype: str = "fp32"
+    n: int = 0
+    count: int = 1
 
 
 def fwd_flops(l: LayerModel, w: WorkloadModel) -> float:
@@ -89,11 +115,44 @@ def factor_phases(l: LayerModel, batch: int, dtype: str = "fp32") -> list[Phase]
     ]
 
 
+def batchnorm_phases(stage: str, l: LayerModel, *, batch: int, bn_blocks: str,
+                     kfac_dtype: str, inverse_method: str) -> list[Phase]:
+    """Phases of one call of ``stage`` on a BatchNorm Fisher block (see the module doc)."""
+    if bn_blocks not in (S.BN_UNIT, S.BN_FULL):
+        raise ValueError(f"batchnorm layer {l.name!r} is a Fisher block only with bn_blocks "
+                         f"'unit' or 'full', got {bn_blocks!r}")
+    c, unit = l.channels, bn_blocks == S.BN_UNIT
+    n = 2 if unit else 2 * c
+    numel = 4.0 * c if unit else float(n * n)
+    if stage in (S.FORWARD, S.BACKWARD):
+        return []
+    if stage == S.FACTOR_COMPUTE:
+        elems = float(batch) * c * l.rows_per_example
+        outer = 8.0 * batch * c if unit else 2.0 * batch * n * n
+        return [Phase(6.0 * elems, FP32 * (2.0 * elems + 2.0 * batch * c), kfac_dtype),
+                Phase(outer, FP32 * (2.0 * batch * c + numel), kfac_dtype),
+                Phase(3.0 * numel, FP32 * 3.0 * numel, kfac_dtype)]
+    if stage == S.INVERSE:
+        if unit:
+            return [Phase(10.0 * c, FP32 * 2.0 * numel, "fp32", n=2, count=c)]
+        return [Phase(INVERSE_FLOPS_PER_D3[inverse_method] * n ** 3, FP32 * 3.0 * numel, "fp32",
+                      n=n)]
+    if stage == S.PRECONDITION:
+        flops = 8.0 * c if unit else PRECOND_FLOPS_FACTOR[inverse_method] * n * n
+        return [Phase(flops, FP32 * (numel + 4.0 * c), kfac_dtype)]
+    if stage == S.UPDATE:
+        return [Phase(UPDATE_FLOPS_PER_PARAM * l.params, UPDATE_BYTES_PER_PARAM * l.params)]
+    raise ValueError(f"{stage!r} is not a compute stage")
+
+
 def layer_phases(
     stage: str, l: LayerModel, *, batch: int, workload: WorkloadModel, act_dtype: str,
-    kfac_dtype: str, inverse_method: str,
+    kfac_dtype: str, inverse_method: str, bn_blocks: str = S.BN_NONE,
 ) -> list[Phase]:
     """Phases of one call of ``stage`` on layer ``l`` (its share, for whole-model stages)."""
+    if l.kind == BATCHNORM:
+        return batchnorm_phases(stage, l, batch=batch, bn_blocks=bn_blocks,
+                                kfac_dtype=kfac_dtype, inverse_method=inverse_method)
     da, dg = l.dim_a, l.dim_g
     if stage in (S.FORWARD, S.BACKWARD):
         k = 1 if stage == S.FORWARD else 2
@@ -116,16 +175,19 @@ def layer_phases(
 def stage_phases(
     stage: str, layer: LayerModel | None, *, batch: int, workload: WorkloadModel,
     act_dtype: str = "fp32", kfac_dtype: str = "fp32", inverse_method: str = "eigen",
+    bn_blocks: str = S.BN_NONE,
 ) -> tuple[list[Phase], int]:
     """``(phases, calls)`` of ``stage`` on ``layer``, or on the whole model (``None``).
 
-    Whole-model forward and backward are the per-layer shares, one call per layer (so they
-    add up exactly); the whole-model update is one fused call over every parameter.
+    Whole-model forward and backward are the per-layer shares of the K-FAC layers, one call
+    per layer (so they add up exactly; BatchNorm blocks have no share); the whole-model update
+    is one fused call over every parameter.
     """
     kw = dict(batch=batch, workload=workload, act_dtype=act_dtype, kfac_dtype=kfac_dtype,
               inverse_method=inverse_method)
     if layer is not None:
-        return layer_phases(stage, layer, **kw), 1
+        phases = layer_phases(stage, layer, bn_blocks=bn_blocks, **kw)
+        return phases, 1 if phases else 0
     if stage == S.UPDATE:
         params = workload.total_params
         return [Phase(UPDATE_FLOPS_PER_PARAM * params, UPDATE_BYTES_PER_PARAM * params)], 1

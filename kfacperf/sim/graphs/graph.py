@@ -30,11 +30,8 @@ from dataclasses import dataclass, field
 
 from kfacperf import vocab as S
 
-COLLECTIVE_OPS: tuple[str, ...] = (
-    "all_reduce", "reduce_scatter", "all_gather", "broadcast",
-    "reduce_scatter_v", "all_gather_v",
-)
-V_OPS = ("reduce_scatter_v", "all_gather_v")
+COLLECTIVE_OPS: tuple[str, ...] = S.ALL_COLLECTIVE_OPS
+V_OPS: tuple[str, ...] = S.V_OPS
 UNSTAGED = ""
 """The stage of compute that belongs to no stage (host work between stages): it takes time
 on the compute stream but yields no event row and no stage time, as in a measured trace."""
@@ -115,8 +112,7 @@ class Program:
         """Issue an asynchronous collective called ``name`` (unique within the step)."""
         if name in self._names:
             raise ValueError(f"collective {name!r} launched twice in one step")
-        if op not in COLLECTIVE_OPS:
-            raise ValueError(f"unknown collective op {op!r}; known: {', '.join(COLLECTIVE_OPS)}")
+        S.check_choice("collective op", op, COLLECTIVE_OPS)
         self._names.add(name)
         self.launches.append(Launch(name, stage, layer, op, nbytes, group, len(self.dur)))
         self._mergeable = False
@@ -165,7 +161,7 @@ class Collective:
     cost_us: float
     straggle: float = 0.0
     """The last member arrives this fraction of its time since its previous collective late:
-    the expected wait for the slowest of uneven ranks (``ClusterModel.straggler``)."""
+    the expected wait for the slowest of uneven ranks (``HostModel.straggler``)."""
     members: list[int] = field(default_factory=list)
     """Class indices that take part, in order of first launch."""
 

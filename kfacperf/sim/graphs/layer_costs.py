@@ -2,24 +2,26 @@
 
 The step graphs need each layer's share of forward and backward (backward is interleaved
 with communication layer by layer) and each layer's factor, inverse and precondition time.
-A cost model answers ``compute_us(stage, layer | None, batch=..., workload=...)``; the whole-
-model forward and backward (``layer=None``) include work outside the K-FAC layers, so the
-per-layer shares are rescaled to add up to exactly the whole-model time.
+A cost model (:class:`kfacperf.sim.costs.interface.StepCosts`) answers
+``compute_us(stage, layer | None, batch=..., workload=...)``; the whole-model forward and
+backward (``layer=None``) include work outside the K-FAC layers, so the per-layer shares are
+rescaled to add up to exactly the whole-model time.
+
+The layers are the workload's Fisher blocks under the cost model's ``bn_blocks``
+(:meth:`~kfacperf.sim.models.workload.WorkloadModel.fisher_layers`: with "unit" or "full" the
+BatchNorm layers too, in forward order, and their parameters are no longer "other"
+parameters); the cost model's ``fisher`` says whether factor steps run the Monte-Carlo
+backward.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
 
 from kfacperf import vocab as S
+from kfacperf.sim.costs.blocks import block_form
+from kfacperf.sim.costs.interface import StepCosts
 from kfacperf.sim.graphs.strategies.common import LayerCosts
-
-
-class ComputeCosts(Protocol):
-    def compute_us(self, stage: str, layer: Any, *, batch: int, workload: Any = None) -> float: ...
-
-    # optional: capture_scale(stage) -> float, forward/backward on factor steps (default 1)
-    # optional: layer_host_us(step) -> float, host time per layer between stages (default 0)
+from kfacperf.sim.models.workload import LayerModel, WorkloadModel
 
 
 def _shares(parts: Sequence[float], whole: float) -> list[float]:
@@ -35,11 +37,16 @@ def _check(stage: str, value: float) -> float:
     return float(value)
 
 
-def layer_costs(cost: ComputeCosts, workload: Any, *, batch: int) -> LayerCosts:
+def layer_costs(cost: StepCosts, workload: WorkloadModel, *, batch: int) -> LayerCosts:
     """Stage times (us) and shapes of ``workload``'s K-FAC layers at ``batch`` per GPU."""
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch per GPU must be a positive integer, got {batch!r}")
-    layers = workload.layers
+    bn_blocks = cost.bn_blocks
+    if bn_blocks == S.BN_NONE:
+        layers, other_params = workload.layers, workload.other_params
+    else:
+        layers = workload.fisher_layers(bn_blocks)
+        other_params = workload.other_params_with(bn_blocks)
 
     def per_layer(stage: str) -> list[float]:
         return [_check(stage, cost.compute_us(stage, l, batch=batch, workload=workload))
@@ -48,19 +55,13 @@ def layer_costs(cost: ComputeCosts, workload: Any, *, batch: int) -> LayerCosts:
     def whole(stage: str) -> float:
         return _check(stage, cost.compute_us(stage, None, batch=batch, workload=workload))
 
-    flops = getattr(cost, "flops", None)
+    def flops_of(stage: str, layer: LayerModel | None) -> float:
+        return float(cost.flops(stage, layer, batch=batch, workload=workload))
 
-    def flops_of(stage: str, layer: Any) -> float:
-        if flops is None:
-            return 0.0
-        return float(flops(stage, layer, batch=batch, workload=workload))
-
-    capture = getattr(cost, "capture_scale", None)
-    fwd_capture = _check("forward capture", capture(S.FORWARD)) if capture else 1.0
-    bwd_capture = _check("backward capture", capture(S.BACKWARD)) if capture else 1.0
-    host = getattr(cost, "layer_host_us", None)
-    grad_load = _check("load_grad", len(layers) * host("load_grad")) if host else 0.0
-    grad_write = _check("write_grad", len(layers) * host("write_grad")) if host else 0.0
+    fwd_capture = _check("forward capture", cost.capture_scale(S.FORWARD))
+    bwd_capture = _check("backward capture", cost.capture_scale(S.BACKWARD))
+    grad_load = _check("load_grad", len(layers) * cost.layer_host_us("load_grad"))
+    grad_write = _check("write_grad", len(layers) * cost.layer_host_us("write_grad"))
     fwd = _shares(per_layer(S.FORWARD), whole(S.FORWARD))
     bwd = _shares(per_layer(S.BACKWARD), whole(S.BACKWARD))
     fwd_flops = _shares([flops_of(S.FORWARD, l) for l in layers], flops_of(S.FORWARD, None))
@@ -77,7 +78,10 @@ def layer_costs(cost: ComputeCosts, workload: Any, *, batch: int) -> LayerCosts:
         inverse_flops=tuple(flops_of(S.INVERSE, l) for l in layers),
         precond_flops=tuple(flops_of(S.PRECONDITION, l) for l in layers),
         dim_a=tuple(l.dim_a for l in layers), dim_g=tuple(l.dim_g for l in layers),
-        other_params=int(workload.other_params),
+        other_params=int(other_params),
         fwd_capture=fwd_capture, bwd_capture=bwd_capture,
         grad_load=grad_load, grad_write=grad_write,
+        forms=tuple(block_form(l.kind, bn_blocks) for l in layers)
+        if bn_blocks != S.BN_NONE else (),
+        mc_fisher=cost.fisher == S.FISHER_MC,
     )

@@ -1,11 +1,16 @@
-"""Which simulated rank inverts and preconditions each K-FAC layer.
+"""Which rank inverts and preconditions each K-FAC layer: the one implementation of the
+placement rule, used by the real optimizer (:mod:`kfacperf.kfac.assignment`, which adds the
+layers' names and the communication groups) and by the simulator.  Torch-free.
 
-The rule is the real optimizer's (``kfacperf.kfac.assignment``): every layer costs
-``dim_a**3 + dim_g**3``; layers are taken largest cost first (ties in forward order); each goes
-to the least-loaded bin (ties to the lowest index).  KAISA first picks the least-loaded
-grad-worker *column* ``{i, i + P/gw, ...}``, then the least-loaded rank of that column.
+Every layer costs ``dim_a**3 + dim_g**3`` (a Fisher block of another form, e.g. a BatchNorm
+layer's, ``count * n**3`` over the stacks of matrices it inverts: :func:`blocks_cost`); layers
+are taken largest cost first (ties in
+forward order); each goes to the least-loaded bin (ties to the lowest index): the greedy
+*longest-processing-time-first* rule (LPT, within 4/3 of the optimal makespan; Graham,
+1969).  KAISA first picks the least-loaded grad-worker *column* ``{i, i + P/gw, ...}``,
+then the least-loaded rank of that column.
 
-This implementation gives the same answer in O(L log L + L log P) instead of O(L * P): bins
+It takes O(L log L + L log P) instead of O(L * P): bins
 that hold nothing yet have load 0, which is below every loaded bin (costs are positive), so the
 least-loaded bin is the lowest untouched one while any is left, and otherwise the top of a heap.
 That is what lets an assignment over 65,536 ranks take microseconds.
@@ -17,11 +22,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 
-def layer_cost(dim_a: int, dim_g: int) -> float:
-    """The load-balancing cost of one layer's inverse (both factors on one rank)."""
+def layer_cost(dim_a: int, dim_g: int) -> int:
+    """The load-balancing cost of one layer's inverse (both factors on one rank):
+    ``dim_a**3 + dim_g**3``, the FLOPs of its two decompositions up to a constant."""
     if dim_a < 1 or dim_g < 1:
         raise ValueError(f"factor dimensions must be >= 1, got dim_a={dim_a}, dim_g={dim_g}")
-    return float(dim_a**3 + dim_g**3)
+    return dim_a**3 + dim_g**3
+
+
+def blocks_cost(blocks: Sequence[tuple[int, int]]) -> int:
+    """The load-balancing cost of inverting ``count`` symmetric ``n x n`` matrices per
+    ``(n, count)``: ``sum(count * n**3)`` (a Kronecker-factored layer's is
+    :func:`layer_cost`, the blocks ``(dim_a, 1), (dim_g, 1)``)."""
+    if not blocks or any(n < 1 or count < 1 for n, count in blocks):
+        raise ValueError(f"blocks must be (n >= 1, count >= 1) pairs, got {list(blocks)}")
+    return sum(count * n**3 for n, count in blocks)
 
 
 def lpt_order(costs: Sequence[float]) -> list[int]:
@@ -66,9 +81,10 @@ def lpt_bins(costs: Sequence[float], bins: int) -> list[int]:
 
 def grad_workers(world_size: int, fraction: float) -> int:
     """``gw = f * P`` gradient workers per layer: an integer in [1, P] that divides P."""
-    if world_size < 1:
-        raise ValueError(f"number of GPUs must be >= 1, got {world_size}")
-    if isinstance(fraction, bool) or not 0.0 < fraction <= 1.0:
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world size (number of ranks) must be >= 1, got {world_size!r}")
+    if (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
+            or not 0.0 < fraction <= 1.0):
         raise ValueError(f"kaisa grad_worker_fraction must be in (0, 1], got {fraction!r}")
     gw = round(fraction * world_size)
     if gw < 1 or abs(gw - fraction * world_size) > 1e-6 or world_size % gw:
@@ -77,7 +93,7 @@ def grad_workers(world_size: int, fraction: float) -> int:
         shown = ", ".join(valid[:4] + (["...", valid[-1]] if len(valid) > 5 else valid[4:]))
         raise ValueError(
             f"kaisa grad_worker_fraction={fraction:g} gives {fraction * world_size:g} gradient "
-            f"workers per layer at {world_size} GPUs; f * GPUs must be an integer dividing "
+            f"workers per layer at {world_size} ranks; f * ranks must be an integer dividing "
             f"{world_size} (valid there: f = {shown}; kaisa:mem-opt means 1/P at every P)"
         )
     return gw

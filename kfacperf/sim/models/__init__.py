@@ -9,7 +9,8 @@ Everything the simulator reads about a network, a GPU and a cluster comes throug
 
 The dataclasses and per-kind loaders live in :mod:`kfacperf.sim.models.workload`,
 :mod:`kfacperf.sim.models.device` and :mod:`kfacperf.sim.models.cluster` (each documents its
-TOML keys and units); they are re-exported here.  Loading is strict: an unknown, missing or
+TOML keys and units); a cluster's optional host model, ranks sharing CPU cores, in
+:mod:`kfacperf.sim.models.host`; they are re-exported here.  Loading is strict: an unknown, missing or
 mistyped key, a non-positive bandwidth or a key in the wrong unit raises a ``ValueError``
 naming the file and the key.
 """
@@ -38,18 +39,19 @@ from kfacperf.sim.models.device import (
     load_device_model,
     save_device_model,
 )
+from kfacperf.sim.models.host import DEDICATED, HostDelays, HostModel
 from kfacperf.sim.models.presets import list_presets, models_dir, resolve
-from kfacperf.sim.models.workload import (
-    LayerModel,
-    WorkloadModel,
+from kfacperf.sim.models.workload import LayerModel, WorkloadModel
+from kfacperf.sim.models.workload_file import (
     load_workload_model,
     save_workload_model,
     workload_model_from_description,
 )
 
 __all__ = [
-    "ALGORITHMS", "DTYPES", "INVERSE_METHODS", "OPS", "STAGE_KINDS",
-    "ClusterModel", "CollectiveParams", "DeviceModel", "LayerModel", "MeasuredTime",
+    "ALGORITHMS", "DEDICATED", "DTYPES", "INVERSE_METHODS", "OPS", "STAGE_KINDS",
+    "ClusterModel", "CollectiveParams", "DeviceModel", "HostDelays", "HostModel", "LayerModel",
+    "MeasuredTime",
     "StageEfficiency", "Tier", "WorkloadModel",
     "list_presets", "load_cluster", "load_cluster_model", "load_device", "load_device_model",
     "load_workload", "load_workload_model", "resolve", "save_cluster_model", "workload_for_run",

@@ -10,17 +10,12 @@ API (stable)::
         .params(op) -> CollectiveParams
     ClusterModel(*, name, gpus_per_node, intra: Tier, inter: Tier,
                  multi_node: Mapping[op, "hierarchical" | "flat"],
-                 v_collectives: "padded" | "pipelined", cores_per_node: int = 0,
-                 contention: float = 0.0, contention_by_stage: Mapping[kind, float] = {},
-                 straggler: float = 0.0, comm_contention: float = 0.0, source: str = "",
-                 description: str = "")
+                 v_collectives: "padded" | "pipelined", host: HostModel | None = None,
+                 source: str = "", description: str = "")
         .nodes_spanned(group_size) -> int
-        .compute_slowdown(ranks_on_node, threads, stage=None) -> float
-        .comm_slowdown(ranks_on_node) -> float
-        .straggle(group_size) -> float
+        .host_delays -> HostDelays   (the host model, or DEDICATED without one)
         .scaled(*, bandwidth=1.0, alpha=1.0, tier="both") -> ClusterModel
     load_cluster_model(path) -> ClusterModel  (strict)     save_cluster_model(model, path) -> Path
-    expected_max_normal(n) -> float   (mean of the largest of n standard normal draws)
 
 Units and meaning:
 
@@ -36,41 +31,33 @@ Units and meaning:
   algorithm over all ranks, every step paced by the slowest link).
 * ``v_collectives``: how uneven reduce-scatter-v / all-gather-v are run: ``padded`` to the
   largest block, or ``pipelined`` (chunked ring, bound by total minus smallest block).
-* ``[compute]``: ``cores_per_node`` > 0 when ranks share CPU cores (oversubscription slows
-  compute by ranks x threads / cores) and ``contention``, the relative slowdown each extra
-  rank on a node adds even below that (shared memory bandwidth).  Ranks slow each other by
-  different amounts per kind of work (a cache-resident GEMM barely, a memory-bound factor
-  statistic a lot), so an optional ``[compute.contention_by_stage]`` table gives the factor
-  per compute stage kind (keys from :data:`kfacperf.sim.models.device.STAGE_KINDS`); a kind it
-  does not name uses ``contention``.
-* ``[compute] straggler`` (optional, 0 when absent): ranks are not only slower when they
-  share cores but uneven, and every collective waits for the slowest member.  ``straggler``
-  is how much longer the slowest of two ranks takes than their mean, relative to the mean,
-  between two synchronisations; for a group of ``n`` it grows like the expected maximum of
-  ``n`` normal draws (``straggler * E[max of n] / E[max of 2]``, :meth:`ClusterModel.straggle`).
-  The engine starts each collective that much later.  On a 2-vCPU VM two ranks doing
-  identical work differed by 2.5-5 ms per ~75 ms step.
-* ``[compute] comm_contention`` (optional, 0 when absent): a collective that ranks sharing
-  cores issue between bursts of compute, as training does, takes ``1 + comm_contention``
-  times what ``kfacperf commbench`` times after a barrier (:meth:`ClusterModel.comm_slowdown`).
-  On a 2-vCPU VM 1 MiB collectives took 1.09x as long on average (42 probes of one session,
-  0.74-1.41x each), their stalls (gloo's milliseconds-long waits) more frequent, right after
-  a ResNet-20 forward and backward pass than right after a barrier.  It applies where ranks
-  share cores (``cores_per_node`` > 0) and more than one rank is on the node.
+* ``[host]`` (optional): the host model (:mod:`kfacperf.sim.models.host`), where ranks share
+  CPU cores and so slow each other and wait for each other; absent, every rank has a
+  dedicated device (every GPU preset).  Not part of the network: the tiers above describe
+  the links alone.
+
+Files of the format ``kfacperf-cluster-1`` (the host's keys in a required ``[compute]`` table,
+all zero on dedicated devices) are still read; they are written as ``kfacperf-cluster-2``.
 """
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from kfacperf.sim.models.device import STAGE_KINDS
+from kfacperf.sim.models.host import (
+    DEDICATED,
+    HostDelays,
+    HostModel,
+    host_from_table,
+    host_to_dict,
+)
 from kfacperf.sim.models.toml_io import Table, read_toml, write_toml
+from kfacperf.vocab import COLLECTIVE_OPS
 
-OPS: tuple[str, ...] = ("all_reduce", "reduce_scatter", "all_gather", "broadcast")
+OPS: tuple[str, ...] = COLLECTIVE_OPS
 ALGORITHMS: dict[str, tuple[str, ...]] = {
     "all_reduce": ("ring", "tree", "halving_doubling"),
     "reduce_scatter": ("ring", "halving_doubling"),
@@ -80,7 +67,9 @@ ALGORITHMS: dict[str, tuple[str, ...]] = {
 MULTI_NODE_FORMS: tuple[str, ...] = ("hierarchical", "flat")
 V_FORMS: tuple[str, ...] = ("padded", "pipelined")
 TIERS: tuple[str, ...] = ("intra", "inter")
-FORMAT = "kfacperf-cluster-1"
+FORMAT = "kfacperf-cluster-2"
+FORMAT_V1 = "kfacperf-cluster-1"
+"""The first format: the host's keys in a required ``[compute]`` table (read, not written)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -149,11 +138,7 @@ class ClusterModel:
     inter: Tier
     multi_node: Mapping[str, str]
     v_collectives: str = "padded"
-    cores_per_node: int = 0
-    contention: float = 0.0
-    contention_by_stage: Mapping[str, float] = field(default_factory=dict)
-    straggler: float = 0.0
-    comm_contention: float = 0.0
+    host: HostModel | None = None
     source: str = ""
     description: str = ""
 
@@ -166,23 +151,6 @@ class ClusterModel:
         object.__setattr__(self, "multi_node", {op: self.multi_node[op] for op in OPS})
         if self.v_collectives not in V_FORMS:
             raise ValueError(f"cluster {self.name!r}: v_collectives not in {V_FORMS}")
-        if self.cores_per_node < 0 or self.contention < 0:
-            raise ValueError(f"cluster {self.name!r}: cores_per_node and contention must be >= 0")
-        if not (math.isfinite(self.straggler) and self.straggler >= 0):
-            raise ValueError(f"cluster {self.name!r}: straggler must be >= 0, got {self.straggler}")
-        if not (math.isfinite(self.comm_contention) and self.comm_contention >= 0):
-            raise ValueError(f"cluster {self.name!r}: comm_contention must be >= 0, got "
-                             f"{self.comm_contention}")
-        for kind, c in self.contention_by_stage.items():
-            if kind not in STAGE_KINDS:
-                raise ValueError(f"cluster {self.name!r}: contention_by_stage has unknown stage "
-                                 f"kind {kind!r}; kinds: {STAGE_KINDS}")
-            if not (math.isfinite(c) and c >= 0):
-                raise ValueError(f"cluster {self.name!r}: contention_by_stage.{kind} must be "
-                                 f">= 0, got {c}")
-        object.__setattr__(self, "contention_by_stage",
-                           {k: float(self.contention_by_stage[k]) for k in STAGE_KINDS
-                            if k in self.contention_by_stage})
 
     def tier(self, name: str) -> Tier:
         if name not in TIERS:
@@ -193,37 +161,10 @@ class ClusterModel:
         """Nodes a group of ``group_size`` consecutive ranks (starting on a node) spans."""
         return max(1, -(-group_size // self.gpus_per_node))
 
-    def stage_contention(self, stage: str | None = None) -> float:
-        """The contention of compute ``stage`` (``contention`` where the stage has none)."""
-        if stage is None:
-            return self.contention
-        if stage not in STAGE_KINDS:
-            raise ValueError(f"{stage!r} is not a compute stage kind; kinds: {STAGE_KINDS}")
-        return self.contention_by_stage.get(stage, self.contention)
-
-    def compute_slowdown(self, ranks_on_node: int, threads_per_rank: int = 1,
-                         stage: str | None = None) -> float:
-        """Factor by which compute (of ``stage``, if given) slows when ``ranks_on_node`` ranks
-        share a node."""
-        r = max(1, ranks_on_node)
-        factor = 1.0 + self.stage_contention(stage) * (r - 1)
-        if self.cores_per_node > 0:
-            factor *= max(1.0, r * max(1, threads_per_rank) / self.cores_per_node)
-        return factor
-
-    def comm_slowdown(self, ranks_on_node: int) -> float:
-        """Factor on a collective's time when ``ranks_on_node`` ranks share a node's cores and
-        compute between collectives (1 on GPUs, alone, or without ``comm_contention``)."""
-        if self.cores_per_node <= 0 or ranks_on_node <= 1:
-            return 1.0
-        return 1.0 + self.comm_contention
-
-    def straggle(self, group_size: int) -> float:
-        """How late, as a fraction of the time since the previous collective, the slowest of
-        ``group_size`` uneven ranks reaches a collective (0 for one rank or no straggler)."""
-        if self.straggler <= 0 or group_size <= 1:
-            return 0.0
-        return self.straggler * expected_max_normal(group_size) / expected_max_normal(2)
+    @property
+    def host_delays(self) -> HostDelays:
+        """What the host adds to the step: the host model, or :data:`DEDICATED` without one."""
+        return self.host if self.host is not None else DEDICATED
 
     def scaled(self, *, bandwidth: float = 1.0, alpha: float = 1.0, tier: str = "both") -> ClusterModel:
         """A what-if copy with bandwidths times ``bandwidth`` and latencies times ``alpha``."""
@@ -234,27 +175,6 @@ class ClusterModel:
         intra = self.intra.scaled(bandwidth=bandwidth, alpha=alpha) if tier in ("both", "intra") else self.intra
         inter = self.inter.scaled(bandwidth=bandwidth, alpha=alpha) if tier in ("both", "inter") else self.inter
         return replace(self, intra=intra, inter=inter)
-
-
-@functools.cache
-def expected_max_normal(n: int) -> float:
-    """E[max of ``n`` independent standard normal draws] (0 for n = 1, 1/sqrt(pi) for n = 2).
-
-    Numerically, as the integral of ``x n phi(x) Phi(x)^(n-1)`` over [-10, 10] (trapezoid,
-    0.002 steps: 1e-9 from the closed forms for n <= 5)."""
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    if n == 1:
-        return 0.0
-    h = 0.002
-    total = 0.0
-    for i in range(10001):
-        x = -10.0 + i * h
-        pdf = math.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
-        cdf = 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
-        w = 0.5 if i in (0, 10000) else 1.0
-        total += w * x * n * pdf * cdf ** (n - 1)
-    return total * h
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,8 +205,11 @@ def _tier_from_table(t: Table) -> Tier:
 
 
 def load_cluster_model(path: str | Path) -> ClusterModel:
-    """Read a cluster TOML strictly; every error names the file and the key."""
-    root = read_toml(path, fmt=FORMAT)
+    """Read a cluster TOML strictly; every error names the file and the key.
+
+    Reads both formats: ``kfacperf-cluster-2`` (an optional ``[host]``) and
+    ``kfacperf-cluster-1`` (a required ``[compute]``; all zero there means no host model)."""
+    root = read_toml(path, fmt=(FORMAT, FORMAT_V1))
     name = root.str("name")
     description = root.str("description", nonempty=False)
     source = root.str("source", nonempty=False)
@@ -295,29 +218,20 @@ def load_cluster_model(path: str | Path) -> ClusterModel:
     mn = root.table("multi_node")
     multi_node = {op: mn.str(op, choices=MULTI_NODE_FORMS) for op in OPS}
     mn.done()
-    comp = root.table("compute")
-    cores = comp.int("cores_per_node", minimum=0)
-    contention = comp.float("contention", nonnegative=True)
-    by_stage: dict[str, float] = {}
-    if comp.has("contention_by_stage"):
-        bt = comp.table("contention_by_stage")
-        for key in bt.keys():
-            if key not in STAGE_KINDS:
-                raise bt.error(key, f"unknown stage kind; the stage kinds are: {', '.join(STAGE_KINDS)}")
-            by_stage[key] = bt.float(key, nonnegative=True)
-        bt.done()
-    straggler = comp.float("straggler", nonnegative=True) if comp.has("straggler") else 0.0
-    comm_contention = (comp.float("comm_contention", nonnegative=True)
-                       if comp.has("comm_contention") else 0.0)
-    comp.done()
+    host: HostModel | None = None
+    if root.str("format") == FORMAT_V1:
+        host = host_from_table(root.table("compute"))
+        if host == HostModel(cores_per_node=0):
+            host = None  # a dedicated device, as every GPU preset of that format said
+    elif root.has("host"):
+        host = host_from_table(root.table("host"))
     intra = _tier_from_table(root.table("intra"))
     inter = _tier_from_table(root.table("inter"))
     root.done()
     return ClusterModel(
         name=name, gpus_per_node=gpus_per_node, intra=intra, inter=inter,
-        multi_node=multi_node, v_collectives=v_form, cores_per_node=cores,
-        contention=contention, contention_by_stage=by_stage, straggler=straggler,
-        comm_contention=comm_contention, source=source, description=description,
+        multi_node=multi_node, v_collectives=v_form, host=host, source=source,
+        description=description,
     )
 
 
@@ -337,20 +251,8 @@ def _tier_to_dict(tier: Tier) -> dict[str, Any]:
     return out
 
 
-def _compute_to_dict(model: ClusterModel) -> dict[str, Any]:
-    out: dict[str, Any] = {"cores_per_node": model.cores_per_node,
-                           "contention": float(model.contention)}
-    if model.straggler:  # absent: 0
-        out["straggler"] = float(model.straggler)
-    if model.comm_contention:  # absent: 0
-        out["comm_contention"] = float(model.comm_contention)
-    if model.contention_by_stage:  # absent table: every stage uses ``contention``
-        out["contention_by_stage"] = dict(model.contention_by_stage)
-    return out
-
-
 def cluster_model_to_dict(model: ClusterModel) -> dict[str, Any]:
-    return {
+    out: dict[str, Any] = {
         "format": FORMAT,
         "name": model.name,
         "description": model.description,
@@ -358,10 +260,12 @@ def cluster_model_to_dict(model: ClusterModel) -> dict[str, Any]:
         "gpus_per_node": model.gpus_per_node,
         "v_collectives": model.v_collectives,
         "multi_node": dict(model.multi_node),
-        "compute": _compute_to_dict(model),
-        "intra": _tier_to_dict(model.intra),
-        "inter": _tier_to_dict(model.inter),
     }
+    if model.host is not None:  # absent: dedicated devices
+        out["host"] = host_to_dict(model.host)
+    out["intra"] = _tier_to_dict(model.intra)
+    out["inter"] = _tier_to_dict(model.inter)
+    return out
 
 
 def save_cluster_model(model: ClusterModel, path: str | Path) -> Path:
@@ -370,5 +274,7 @@ def save_cluster_model(model: ClusterModel, path: str | Path) -> Path:
         "alpha_us: latency per algorithm step; bandwidth_GBps: one direction, effective (bus bw).",
         "intra: per GPU within a node; inter: each GPU's share of its node's network bandwidth.",
         "A collective's own alpha_us/bandwidth_GBps (e.g. fitted by commbench) override the tier's.",
+        *(("[host]: ranks sharing CPU cores slow and wait for each other (no [host]: dedicated "
+           "devices).",) if model.host is not None else ()),
     )
     return write_toml(path, cluster_model_to_dict(model), header=header)

@@ -11,7 +11,8 @@ API (stable)::
                 stages: Mapping[str, StageEfficiency], mode: str = "roofline",
                 measured: tuple[MeasuredTime, ...] = (), source: str = "", description: str = "",
                 capture_overhead: Mapping[str, float] = {},
-                layer_host_us: Mapping[str, float] = {})
+                layer_host_us: Mapping[str, float] = {},
+                memory_GB: float = 0.0, memory_source: str = "")
         .peak_flops_per_us(dtype) -> float   .mem_bytes_per_us -> float
         .capture_scale(kind) -> float        .host_us(step) -> float
         .stage(kind) -> StageEfficiency      .with_stages(**{kind: StageEfficiency}) -> DeviceModel
@@ -48,6 +49,10 @@ no stage, yet it is in the step: on the development CPU 0.35-0.5 ms and 0.7-0.8 
 ResNet-20 step (22 layers) at every batch size and for both K-FAC strategies.  On a GPU it
 is the time the device idles while the host does that work, which is near 0 when kernels are
 queued ahead.  Calibration fits it from single-process K-FAC runs; absent, it is 0.
+
+``[memory]`` (optional) is what one device holds: ``capacity_GB`` (10^9 bytes, as datasheets
+count) and the ``source`` of that number.  ``kfacperf plan`` drops configurations that do not
+fit; absent, the capacity is unknown (0) and the plan asks for one.
 """
 from __future__ import annotations
 
@@ -59,12 +64,11 @@ from typing import Any
 from kfacperf import vocab as S
 from kfacperf.sim.models.toml_io import read_toml, write_toml
 
-STAGE_KINDS: tuple[str, ...] = (
-    S.FORWARD, S.BACKWARD, S.FACTOR_COMPUTE, S.INVERSE, S.PRECONDITION, S.UPDATE,
-)
-DTYPES: tuple[str, ...] = ("fp32", "tf32", "bf16")
+STAGE_KINDS: tuple[str, ...] = S.COMPUTE_STAGES
+"""The compute stages, each with its efficiency (``forward`` ... ``update``)."""
+DTYPES: tuple[str, ...] = S.COMPUTE_DTYPES
 MODES: tuple[str, ...] = ("roofline", "additive")
-INVERSE_METHODS: tuple[str, ...] = ("eigen", "cholesky")
+INVERSE_METHODS: tuple[str, ...] = S.INVERSE_METHODS
 FORMAT = "kfacperf-device-1"
 
 
@@ -126,6 +130,9 @@ class DeviceModel:
     description: str = ""
     capture_overhead: Mapping[str, float] = field(default_factory=dict)
     layer_host_us: Mapping[str, float] = field(default_factory=dict)
+    memory_GB: float = 0.0
+    """Memory of one device in GB (10^9 bytes); 0 when unknown."""
+    memory_source: str = ""
     _rates: dict[str, float] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -137,6 +144,9 @@ class DeviceModel:
             raise ValueError(f"device {self.name!r}: mem_bandwidth_GBps must be > 0")
         if self.tf32_tflops < 0 or self.bf16_tflops < 0:
             raise ValueError(f"device {self.name!r}: peak rates must be >= 0")
+        if not (isinstance(self.memory_GB, (int, float)) and 0 <= self.memory_GB < float("inf")):
+            raise ValueError(f"device {self.name!r}: memory_GB must be a finite number >= 0, "
+                             f"got {self.memory_GB!r}")
         missing = [k for k in STAGE_KINDS if k not in self.stages]
         extra = [k for k in self.stages if k not in STAGE_KINDS]
         if missing or extra:
@@ -245,10 +255,17 @@ def load_device_model(path: str | Path) -> DeviceModel:
             t.done()
     capture = _optional_nonnegative(root, "capture_overhead", CAPTURE_STAGES)
     host = _optional_nonnegative(root, "layer_host_us", HOST_STEPS)
+    memory_GB, memory_source = 0.0, ""
+    if root.has("memory"):
+        mem = root.table("memory")
+        memory_GB = mem.float("capacity_GB", positive=True)
+        memory_source = mem.str("source")
+        mem.done()
     root.done()
     return DeviceModel(
         name=name, stages=stages, mode=mode, measured=tuple(measured), source=source,
-        description=description, capture_overhead=capture, layer_host_us=host, **rates,
+        description=description, capture_overhead=capture, layer_host_us=host,
+        memory_GB=memory_GB, memory_source=memory_source, **rates,
     )
 
 
@@ -289,6 +306,8 @@ def device_model_to_dict(model: DeviceModel) -> dict[str, Any]:
         data["capture_overhead"] = dict(model.capture_overhead)
     if model.layer_host_us:
         data["layer_host_us"] = dict(model.layer_host_us)
+    if model.memory_GB > 0:
+        data["memory"] = {"capacity_GB": float(model.memory_GB), "source": model.memory_source}
     if model.measured:
         data["measured"] = [
             {

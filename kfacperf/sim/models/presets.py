@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-KINDS: tuple[str, ...] = ("workloads", "devices", "clusters")
+KINDS: tuple[str, ...] = ("workloads", "devices", "clusters", "convergence")
 _SINGULAR = {"workload": "workloads", "device": "devices", "cluster": "clusters"}
 
 ALIASES: dict[str, dict[str, str]] = {
@@ -22,11 +22,12 @@ ALIASES: dict[str, dict[str, str]] = {
         "abci": "abci-v100", "dgx-a100": "dgx-a100-hdr", "dgx-h100": "dgx-h100-ndr",
         "local": "local-cpu",
     },
+    "convergence": {},
 }
 
 
 def models_dir() -> Path:
-    """The folder holding ``workloads/``, ``devices/`` and ``clusters/``."""
+    """The folder holding ``workloads/``, ``devices/``, ``clusters/`` and ``convergence/``."""
     env = os.environ.get("KFACPERF_MODELS")
     if env:
         return Path(env)
@@ -38,6 +39,11 @@ def _kind(kind: str) -> str:
     if kind not in KINDS:
         raise ValueError(f"unknown model kind {kind!r}; kinds: {', '.join(KINDS)}")
     return kind
+
+
+def _noun(kind: str) -> str:
+    """``devices`` -> ``device``; ``convergence`` stays."""
+    return {v: k for k, v in _SINGULAR.items()}.get(kind, kind)
 
 
 def list_presets(kind: str) -> list[str]:
@@ -55,11 +61,11 @@ def resolve(kind: str, name_or_path: str | Path) -> Path:
     kind = _kind(kind)
     text = str(name_or_path)
     if not text:
-        raise ValueError(f"empty {kind[:-1]} model name")
+        raise ValueError(f"empty {_noun(kind)} model name")
     if isinstance(name_or_path, Path) or looks_like_path(text):
         path = Path(text)
         if not path.is_file():
-            raise FileNotFoundError(f"{kind[:-1]} model file {text} does not exist")
+            raise FileNotFoundError(f"{_noun(kind)} model file {text} does not exist")
         return path
     name = ALIASES[kind].get(text.lower(), text)
     path = models_dir() / kind / f"{name}.toml"
@@ -67,7 +73,7 @@ def resolve(kind: str, name_or_path: str | Path) -> Path:
         known = list_presets(kind)
         aliases = [f"{a} -> {t}" for a, t in ALIASES[kind].items() if t in known]
         raise ValueError(
-            f"unknown {kind[:-1]} preset {text!r} (looked for {path}); presets: "
+            f"unknown {_noun(kind)} preset {text!r} (looked for {path}); presets: "
             f"{', '.join(known) or '(none)'}"
             + (f"; aliases: {', '.join(aliases)}" if aliases else "")
             + "; or give a path to a .toml file"

@@ -32,10 +32,11 @@ _UNIT_SUFFIXES = (
 )
 
 
-def read_toml(path: str | Path, *, fmt: str | None = None) -> Table:
+def read_toml(path: str | Path, *, fmt: str | tuple[str, ...] | None = None) -> Table:
     """Parse ``path`` and return its root :class:`Table` (errors name the file).
 
-    With ``fmt``, the file's ``format`` key must equal it (model files name their format).
+    With ``fmt``, the file's ``format`` key must equal it, or one of them (model files name
+    their format; a reader of several formats asks ``root.str("format")`` which one it got).
     """
     from kfacperf.safety import check_nesting, read_small_file
 
@@ -53,8 +54,10 @@ def read_toml(path: str | Path, *, fmt: str | None = None) -> Table:
     root = Table(data, source=str(p), prefix="")
     if fmt is not None:
         got = root.str("format")
-        if got != fmt:
-            raise root.error("format", f"expected {fmt!r}, got {got!r}")
+        allowed = (fmt,) if isinstance(fmt, str) else fmt
+        if got not in allowed:
+            expected = " or ".join(repr(f) for f in allowed)
+            raise root.error("format", f"expected {expected}, got {got!r}")
     return root
 
 

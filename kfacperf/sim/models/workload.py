@@ -4,20 +4,23 @@ API (stable; the step graphs and the engine build on it)::
 
     LayerModel(*, name, kind, dim_a, dim_g, params, rows_per_example,
                fwd_flops_per_example, in_elems_per_example, out_elems_per_example,
-               conv: ConvGeometry | None = None)
+               conv: ConvGeometry | None = None, follows: str = "")
+        .channels -> int  (a batchnorm layer's C)
     ConvGeometry(*, in_channels, kernel, stride, dilation, padded, output)  # (H, W) pairs
     WorkloadModel(*, name, layers: tuple[LayerModel, ...], other_params: int,
                   other_fwd_flops_per_example: float, input_shape: tuple[int, ...],
                   input_dtype: str, source: str, description: str = "",
                   workload: str = "", options: Mapping[str, Any] = {},
-                  custom_options: tuple[str, ...] = ())
+                  custom_options: tuple[str, ...] = (),
+                  batchnorm: tuple[LayerModel, ...] = ())
         .layer(name) -> LayerModel          .layer_names -> tuple[str, ...]
         .kfac_params / .total_params -> int .fwd_flops_per_example -> float
+        .fisher_layers(bn_blocks) -> tuple[LayerModel, ...]   (forward order)
+        .other_params_with(bn_blocks) -> int   .batchnorm_params -> int
         .matches_run(workload, options) -> bool
-    load_workload_model(path) -> WorkloadModel       (strict; errors name file and key)
-    save_workload_model(model, path) -> Path
-    workload_model_from_description(desc: Mapping) -> WorkloadModel
-        (desc is what ``kfacperf.workloads.describe.describe_workload(name)`` returns)
+
+Reading and writing TOML files and building a model from a torch workload's description are
+in :mod:`kfacperf.sim.models.workload_file`.
 
 ``dim_a`` includes the bias column (``in_features + 1`` or ``C_in*kh*kw + 1`` when the layer has
 a bias); ``dim_g`` is the output dimension.  ``rows_per_example`` is how many rows of ``a`` and
@@ -26,6 +29,18 @@ sequence length for a token-wise linear layer, 1 otherwise).  ``other_params`` a
 parameters outside K-FAC layers (normalisation, embeddings); they still travel in the gradient
 all-reduce and the update.  ``other_fwd_flops_per_example`` is forward work outside the K-FAC
 layers (attention score products, normalisation) when the description knows it, else 0.
+
+**BatchNorm layers** (``kind = "batchnorm"``) are kept apart, in ``batchnorm``: each is a
+Fisher block only when the optimizer runs with ``bn_blocks = "unit"`` or ``"full"``
+(:data:`kfacperf.vocab.BN_BLOCKS`); otherwise their parameters are among ``other_params``
+like any other.  A BatchNorm layer's ``dim_g`` is its channels C and ``dim_a`` is 2 (its
+gradient is the ``C x 2`` matrix ``[∇γ | ∇β]``, as in the optimizer), ``rows_per_example``
+the spatial positions one example has (H x W), ``params`` 2C, and ``fwd_flops_per_example``
+0 (elementwise work, not counted, like torch's FLOP counter).  ``follows`` names the K-FAC
+layer the forward pass ran just before it ("" for none), which places it among the layers:
+:meth:`WorkloadModel.fisher_layers` gives every Fisher block of a ``bn_blocks`` setting in
+forward order.  In the TOML file (format 2) all layers are one ``[[layers]]`` array in
+forward order; files of format 1 (no BatchNorm layers) are still read.
 
 ``workload`` is the registry name the model was built from (``kfacperf.workloads``),
 ``options`` the full keyword options it was built with and ``custom_options`` those that
@@ -37,12 +52,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from kfacperf.sim.models.toml_io import Table, read_toml, write_toml
+from kfacperf import vocab
 
-LAYER_KINDS = ("linear", "conv2d")
+KRONECKER_KINDS = ("linear", "conv2d")
+BATCHNORM = "batchnorm"
+LAYER_KINDS = (*KRONECKER_KINDS, BATCHNORM)
 _MISSING = object()
 
 
@@ -52,7 +68,6 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, bool) or isinstance(b, bool):
         return a is b
     return a == b
-FORMAT = "kfacperf-workload-1"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,7 +98,8 @@ class ConvGeometry:
 
 @dataclass(frozen=True, kw_only=True)
 class LayerModel:
-    """One K-FAC layer (a Linear or Conv2d); ``conv`` is optional detail for a Conv2d."""
+    """One K-FAC layer (a Linear or Conv2d; ``conv`` is optional detail for a Conv2d), or a
+    BatchNorm layer (``kind = "batchnorm"``, see the module docstring)."""
 
     name: str
     kind: str
@@ -95,6 +111,7 @@ class LayerModel:
     in_elems_per_example: int
     out_elems_per_example: int
     conv: ConvGeometry | None = None
+    follows: str = ""
 
     def __post_init__(self) -> None:
         if self.conv is not None and self.kind != "conv2d":
@@ -113,6 +130,20 @@ class LayerModel:
         for key in ("fwd_flops_per_example", "in_elems_per_example", "out_elems_per_example"):
             if getattr(self, key) < 0:
                 raise ValueError(f"layer {self.name!r}: {key} must be >= 0")
+        if self.kind == BATCHNORM:
+            if self.dim_a != 2 or self.params != 2 * self.dim_g:
+                raise ValueError(f"batchnorm layer {self.name!r}: dim_a must be 2 and params "
+                                 f"2 x channels ({2 * self.dim_g}), got dim_a={self.dim_a}, "
+                                 f"params={self.params}")
+        elif self.follows:
+            raise ValueError(f"layer {self.name!r}: only a batchnorm layer follows another")
+
+    @property
+    def channels(self) -> int:
+        """A BatchNorm layer's channels C (its ``dim_g``)."""
+        if self.kind != BATCHNORM:
+            raise ValueError(f"layer {self.name!r} is a {self.kind} layer, not batchnorm")
+        return self.dim_g
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,18 +161,35 @@ class WorkloadModel:
     workload: str = ""
     options: Mapping[str, Any] = field(default_factory=dict)
     custom_options: tuple[str, ...] = ()
+    batchnorm: tuple[LayerModel, ...] = ()
     _by_name: dict[str, LayerModel] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.layers:
             raise ValueError(f"workload {self.name!r} has no K-FAC layers")
         by_name: dict[str, LayerModel] = {}
-        for layer in self.layers:
+        for layer in (*self.layers, *self.batchnorm):
             if layer.name in by_name:
                 raise ValueError(f"workload {self.name!r}: duplicate layer name {layer.name!r}")
             by_name[layer.name] = layer
+        wrong = [l.name for l in self.layers if l.kind == BATCHNORM]
+        wrong += [l.name for l in self.batchnorm if l.kind != BATCHNORM]
+        if wrong:
+            raise ValueError(f"workload {self.name!r}: layers {wrong} are in the wrong list "
+                             "(batchnorm layers go in 'batchnorm', the others in 'layers')")
+        unknown = [l.follows for l in self.batchnorm
+                   if l.follows and (l.follows not in by_name or by_name[l.follows].kind
+                                     == BATCHNORM)]
+        if unknown:
+            raise ValueError(f"workload {self.name!r}: batchnorm layers follow unknown K-FAC "
+                             f"layer(s) {unknown}")
+        bn_params = sum(l.params for l in self.batchnorm)
+        if bn_params > self.other_params:
+            raise ValueError(f"workload {self.name!r}: other_params ({self.other_params}) must "
+                             f"include the batchnorm parameters ({bn_params})")
         object.__setattr__(self, "_by_name", by_name)
         object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "batchnorm", tuple(self.batchnorm))
         object.__setattr__(self, "input_shape", tuple(self.input_shape))
         object.__setattr__(self, "workload", self.workload or self.name)
         object.__setattr__(self, "options", dict(self.options))
@@ -161,7 +209,40 @@ class WorkloadModel:
 
     @property
     def layer_names(self) -> tuple[str, ...]:
-        return tuple(self._by_name)
+        """The K-FAC layers' names (BatchNorm layers are in :meth:`fisher_layers`)."""
+        return tuple(l.name for l in self.layers)
+
+    def fisher_layers(self, bn_blocks: str = vocab.BN_NONE) -> tuple[LayerModel, ...]:
+        """The Fisher blocks of ``bn_blocks`` in forward order: the K-FAC layers, with each
+        BatchNorm layer right after the layer it follows when BatchNorm layers are blocks."""
+        vocab.check_choice("bn_blocks", bn_blocks, vocab.BN_BLOCKS)
+        if bn_blocks == vocab.BN_NONE:
+            return self.layers
+        if not self.batchnorm:
+            raise ValueError(
+                f"workload {self.name!r} has no batchnorm layers to make Fisher blocks of "
+                f"(bn_blocks={bn_blocks!r}; use 'none'); if its model file is of format 1, "
+                "which predates them, regenerate it with kfacperf calibrate --workload "
+                f"{self.workload} --out FILE")
+        after: dict[str, list[LayerModel]] = {}
+        for l in self.batchnorm:
+            after.setdefault(l.follows, []).append(l)
+        out = list(after.get("", []))
+        for l in self.layers:
+            out.append(l)
+            out.extend(after.get(l.name, []))
+        return tuple(out)
+
+    @property
+    def batchnorm_params(self) -> int:
+        return sum(l.params for l in self.batchnorm)
+
+    def other_params_with(self, bn_blocks: str = vocab.BN_NONE) -> int:
+        """Parameters outside the Fisher blocks of ``bn_blocks``."""
+        vocab.check_choice("bn_blocks", bn_blocks, vocab.BN_BLOCKS)
+        if bn_blocks == vocab.BN_NONE:
+            return self.other_params
+        return self.other_params - self.batchnorm_params
 
     def matches_run(self, workload: str, options: Mapping[str, Any] | None = None) -> bool:
         """Whether a run of ``workload`` with ``options`` (defaults where absent) is this model.
@@ -187,190 +268,3 @@ class WorkloadModel:
     @property
     def fwd_flops_per_example(self) -> float:
         return sum(l.fwd_flops_per_example for l in self.layers) + self.other_fwd_flops_per_example
-
-
-# ---------------------------------------------------------------------------------------------
-def _layer_from_table(t: Table) -> LayerModel:
-    kwargs = dict(
-        name=t.str("name"),
-        kind=t.str("kind", choices=LAYER_KINDS),
-        dim_a=t.int("dim_a", minimum=1),
-        dim_g=t.int("dim_g", minimum=1),
-        params=t.int("params", minimum=1),
-        rows_per_example=t.int("rows_per_example", minimum=1),
-        fwd_flops_per_example=t.float("fwd_flops_per_example", nonnegative=True),
-        in_elems_per_example=t.int("in_elems_per_example", minimum=0),
-        out_elems_per_example=t.int("out_elems_per_example", minimum=0),
-    )
-    if t.has("conv"):  # optional: only generated for Conv2d layers
-        if kwargs["kind"] != "conv2d":
-            raise t.error("conv", "only a conv2d layer can have conv geometry")
-        c = t.table("conv")
-
-        def pair(key: str) -> tuple[int, int]:
-            values = c.int_list(key, minimum=1)
-            if len(values) != 2:
-                raise c.error(key, f"expected two integers [H, W], got {values}")
-            return values[0], values[1]
-
-        kwargs["conv"] = ConvGeometry(
-            in_channels=c.int("in_channels", minimum=1), kernel=pair("kernel"),
-            stride=pair("stride"), dilation=pair("dilation"), padded=pair("padded"),
-            output=pair("output"),
-        )
-        c.done()
-    t.done()
-    try:
-        return LayerModel(**kwargs)
-    except ValueError as exc:  # name the file and the table
-        raise ValueError(f"{t.source}: [{t.prefix.rstrip('.')}] {exc}") from None
-
-
-def _read_options(t: Table) -> dict[str, Any]:
-    out = {}
-    for key in t.keys():
-        value = t.raw(key)
-        items = value if isinstance(value, list) else [value]
-        if isinstance(value, dict) or not all(isinstance(v, (int, float, str, bool)) for v in items):
-            raise t.error(key, f"an option must be a number, string, bool or array of them, got {value!r}")
-        out[key] = value
-    t.done()
-    return out
-
-
-def load_workload_model(path: str | Path) -> WorkloadModel:
-    """Read a workload TOML strictly (unknown, missing or mistyped keys are errors)."""
-    root = read_toml(path, fmt=FORMAT)
-    name = root.str("name")
-    workload = root.str("workload")
-    options = _read_options(root.table("options"))
-    custom = root.str_list("custom_options")
-    bad = [k for k in custom if k not in options]
-    if bad:
-        raise root.error("custom_options", f"{bad} are not keys of [options]")
-    description = root.str("description", nonempty=False)
-    source = root.str("source", nonempty=False)
-    other_params = root.int("other_params", minimum=0)
-    other_flops = root.float("other_fwd_flops_per_example", nonnegative=True)
-    inp = root.table("input")
-    shape_raw = inp.int_list("shape", minimum=1)
-    dtype = inp.str("dtype")
-    inp.done()
-    layer_tables = root.tables("layers")
-    if not layer_tables:
-        raise root.error("layers", "needs at least one [[layers]] entry")
-    layers = [_layer_from_table(t) for t in layer_tables]
-    seen: set[str] = set()
-    for t, layer in zip(layer_tables, layers):
-        if layer.name in seen:
-            raise t.error("name", f"duplicate layer name {layer.name!r}")
-        seen.add(layer.name)
-    root.done()
-    return WorkloadModel(
-        name=name, layers=tuple(layers), other_params=other_params,
-        other_fwd_flops_per_example=other_flops, input_shape=tuple(shape_raw),
-        input_dtype=dtype, source=source, description=description, workload=workload,
-        options=options, custom_options=tuple(custom),
-    )
-
-
-def workload_model_to_dict(model: WorkloadModel) -> dict[str, Any]:
-    return {
-        "format": FORMAT,
-        "name": model.name,
-        "workload": model.workload,
-        "custom_options": list(model.custom_options),
-        "description": model.description,
-        "source": model.source,
-        "other_params": model.other_params,
-        "other_fwd_flops_per_example": float(model.other_fwd_flops_per_example),
-        "options": dict(model.options),
-        "input": {"shape": list(model.input_shape), "dtype": model.input_dtype},
-        "layers": [
-            {
-                "name": l.name, "kind": l.kind, "dim_a": l.dim_a, "dim_g": l.dim_g,
-                "params": l.params, "rows_per_example": l.rows_per_example,
-                "fwd_flops_per_example": float(l.fwd_flops_per_example),
-                "in_elems_per_example": l.in_elems_per_example,
-                "out_elems_per_example": l.out_elems_per_example,
-                **({"conv": {
-                    "in_channels": l.conv.in_channels, "kernel": list(l.conv.kernel),
-                    "stride": list(l.conv.stride), "dilation": list(l.conv.dilation),
-                    "padded": list(l.conv.padded), "output": list(l.conv.output),
-                }} if l.conv is not None else {}),
-            }
-            for l in model.layers
-        ],
-    }
-
-
-def save_workload_model(model: WorkloadModel, path: str | Path) -> Path:
-    header = (
-        f"Workload model {model.name!r} for the kfacperf simulator.",
-        "K-FAC layers in forward order; dim_a includes the bias column.",
-        "Regenerate with: kfacperf calibrate --workload NAME --out PATH",
-    )
-    return write_toml(path, workload_model_to_dict(model), header=header)
-
-
-# ---------------------------------------------------------------------------------------------
-_LAYER_KEYS = (
-    "name", "kind", "dim_a", "dim_g", "params", "rows_per_example",
-    "fwd_flops_per_example", "in_elems_per_example", "out_elems_per_example",
-)
-
-
-def workload_model_from_description(
-    desc: Mapping[str, Any], *, name: str | None = None, source: str = "",
-    other_fwd_flops_per_example: float | None = None, input_dtype: str | None = None,
-    custom_options: tuple[str, ...] = (),
-) -> WorkloadModel:
-    """Build a :class:`WorkloadModel` from a ``describe_workload`` dictionary.
-
-    Expected keys: ``name``, ``layers`` (a list of mappings with the :class:`LayerModel`
-    fields), ``other_params``; optional ``other_fwd_flops_per_example``, ``input_shape``,
-    ``input_dtype``, ``description``, ``options``.  ``name`` overrides the model's name
-    (the registry name stays in ``workload``).  A missing layer field is an error naming
-    the layer, so a change in the description format cannot slip through silently.
-    """
-    for key in ("name", "layers", "other_params"):
-        if key not in desc:
-            raise ValueError(f"workload description lacks {key!r} (has: {', '.join(desc)})")
-    layers = []
-    for i, raw in enumerate(desc["layers"]):
-        missing = [k for k in _LAYER_KEYS if k not in raw]
-        if missing:
-            raise ValueError(
-                f"workload description layer {i} ({raw.get('name', '?')!r}) lacks "
-                f"{', '.join(missing)}"
-            )
-        kind = str(raw["kind"]).lower()
-        kind = {"conv": "conv2d", "conv2d": "conv2d", "linear": "linear"}.get(kind, kind)
-        layers.append(
-            LayerModel(
-                name=str(raw["name"]), kind=kind, dim_a=int(raw["dim_a"]),
-                dim_g=int(raw["dim_g"]), params=int(raw["params"]),
-                rows_per_example=int(raw["rows_per_example"]),
-                fwd_flops_per_example=float(raw["fwd_flops_per_example"]),
-                in_elems_per_example=int(raw["in_elems_per_example"]),
-                out_elems_per_example=int(raw["out_elems_per_example"]),
-                conv=ConvGeometry(**raw["conv"]) if raw.get("conv") else None,
-            )
-        )
-    dtype = str(input_dtype or desc.get("input_dtype", "float32")).replace("torch.", "")
-    options = dict(desc.get("options") or {})
-    other = (other_fwd_flops_per_example if other_fwd_flops_per_example is not None
-             else float(desc.get("other_fwd_flops_per_example", 0.0)))
-    return WorkloadModel(
-        name=name or str(desc["name"]),
-        workload=str(desc["name"]),
-        options=options,
-        custom_options=tuple(custom_options),
-        layers=tuple(layers),
-        other_params=int(desc["other_params"]),
-        other_fwd_flops_per_example=other,
-        input_shape=tuple(int(v) for v in desc.get("input_shape", ())),
-        input_dtype=dtype,
-        source=source or "kfacperf.workloads.describe.describe_workload",
-        description=str(desc.get("description", "")),
-    )

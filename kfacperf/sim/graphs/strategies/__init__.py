@@ -23,8 +23,9 @@ from kfacperf.sim.graphs.strategies.common import StepSpec
 from kfacperf.sim.graphs.strategies.kaisa import KaisaStep
 from kfacperf.sim.graphs.strategies.sgd import SgdStep
 from kfacperf.sim.graphs.strategies.spngd import SpngdStep
+from kfacperf.vocab import SIM_STRATEGIES
 
-STRATEGIES: tuple[str, ...] = ("sgd", "spngd", "kaisa")
+STRATEGIES: tuple[str, ...] = SIM_STRATEGIES
 KAISA_ALIASES: dict[str, float] = {"comm-opt": 1.0, "mem-opt": 0.0}
 
 

@@ -3,10 +3,12 @@
 Sizes follow the real optimizer (``kfacperf.kfac.layers`` / ``kfacperf.kfac.comm``):
 
 * a layer's factors are ``dim_a**2 + dim_g**2`` elements (upper triangles when packed),
-  sent in the factor communication precision, stored in fp32;
+  sent in the factor communication precision, stored in fp32; a BatchNorm block's are its
+  C 2x2 matrices (unit) or its 2C x 2C matrix (full) (:mod:`kfacperf.sim.costs.blocks`);
 * its gradient (and preconditioned gradient) is ``dim_g * dim_a`` fp32 elements, plus one
   KL-clipping term when a preconditioned gradient travels;
-* its inverse state is ``QA, QG, dA, dG`` (eigen) or ``A^-1, G^-1`` (cholesky), fp32.
+* its inverse state is ``QA, QG, dA, dG`` (eigen) or ``A^-1, G^-1`` (cholesky), fp32 (a
+  BatchNorm block's: :func:`kfacperf.sim.costs.blocks.inverse_elements`).
 
 Buckets follow the two bucketing rules in use: DDP's (items in reverse layer order; a bucket
 closes once it reaches its limit, ``bucket_cap_mb`` MiB, optionally smaller for the first) and :class:`kfacperf.kfac.comm.AllReduceBuckets`' (a tensor that would overflow the queue
@@ -18,28 +20,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from kfacperf import vocab as S
+from kfacperf.sim.costs import blocks
 from kfacperf.sim.graphs.graph import UNSTAGED, Group, Program
-from kfacperf.sim.graphs.placement import nodes_spanned
-from kfacperf.sim.models.device import INVERSE_METHODS
+from kfacperf.sim.graphs.placement import blocks_cost, nodes_spanned
+from kfacperf.vocab import COMM_DTYPE_BYTES, StepKind
 
-COMM_DTYPE_BYTES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2}
-
-FP32 = 4
-
-
-@dataclass(frozen=True, kw_only=True)
-class StepKind:
-    """Which K-FAC work a step does: factors (every ``factor_interval``), inverses."""
-
-    name: str
-    factor: bool
-    inverse: bool
-
-
-INVERSE_STEP = StepKind(name="inverse", factor=True, inverse=True)
-FACTOR_STEP = StepKind(name="factor", factor=True, inverse=False)
-PLAIN_STEP = StepKind(name="plain", factor=False, inverse=False)
-STEP_KINDS: tuple[StepKind, ...] = (INVERSE_STEP, FACTOR_STEP, PLAIN_STEP)
+FP32 = S.DTYPE_BYTES["fp32"]
 
 
 MAX_BUCKET_MB = 1e6
@@ -60,12 +46,8 @@ class CommSettings:
     optimizer passes it explicitly (``kfacperf.kfac.ddp.wrap_ddp``), so every bucket is 25 MiB."""
 
     def __post_init__(self) -> None:
-        if self.factor_dtype not in COMM_DTYPE_BYTES:
-            raise ValueError(f"comm dtype {self.factor_dtype!r} unknown; use one of "
-                             f"{', '.join(COMM_DTYPE_BYTES)}")
-        if self.inverse_method not in INVERSE_METHODS:
-            raise ValueError(f"inverse method {self.inverse_method!r} unknown; use one of "
-                             f"{', '.join(INVERSE_METHODS)}")
+        S.check_choice("comm dtype", self.factor_dtype, S.COMM_DTYPES)
+        S.check_choice("inverse method", self.inverse_method, S.INVERSE_METHODS)
         for key in ("factor_bucket_mb", "ddp_bucket_mb", "ddp_first_bucket_mb"):
             v = getattr(self, key)
             if isinstance(v, bool) or not 0 <= v <= MAX_BUCKET_MB:
@@ -107,19 +89,38 @@ class LayerCosts:
     grad_write: float = 0.0
     """K-FAC steps: host time writing the preconditioned gradients back before the update,
     in no stage."""
+    forms: tuple[str, ...] = ()
+    """Each layer's block form (:data:`kfacperf.sim.costs.blocks.FORMS`); empty: every layer
+    is Kronecker-factored."""
+    mc_fisher: bool = False
+    """Factor steps run the Monte-Carlo backward (``fisher = "mc"``) before the true one."""
 
     @property
     def n(self) -> int:
         return len(self.names)
 
-    def a_comm_bytes(self, l: int, cs: CommSettings) -> int:
-        return cs.factor_comm_bytes(self.dim_a[l])
+    def form(self, l: int) -> str:
+        return self.forms[l] if self.forms else blocks.KRONECKER
 
-    def g_comm_bytes(self, l: int, cs: CommSettings) -> int:
-        return cs.factor_comm_bytes(self.dim_g[l])
+    def factor_items(self, l: int, cs: CommSettings) -> list[tuple[str, int]]:
+        """A layer's statistics as the optimizer queues them: ``(tag, bytes)`` for A then G,
+        or one item for a BatchNorm block."""
+        item = COMM_DTYPE_BYTES[cs.factor_dtype]
+        form = self.form(l)
+        if form == blocks.KRONECKER:
+            return [("A", cs.factor_comm_bytes(self.dim_a[l])),
+                    ("G", cs.factor_comm_bytes(self.dim_g[l]))]
+        return [("F", item * blocks.statistic_elements(form, self.dim_a[l], self.dim_g[l],
+                                                       cs.symmetric))]
+
+    def factor_comm_bytes(self, l: int, cs: CommSettings) -> int:
+        return sum(nbytes for _, nbytes in self.factor_items(l, cs))
 
     def factor_store_bytes(self, l: int) -> int:
-        return (self.dim_a[l] ** 2 + self.dim_g[l] ** 2) * FP32
+        return blocks.stored_elements(self.form(l), self.dim_a[l], self.dim_g[l]) * FP32
+
+    def placement_cost(self, l: int) -> int:
+        return blocks_cost(blocks.stacks(self.form(l), self.dim_a[l], self.dim_g[l]))
 
     def grad_bytes(self, l: int) -> int:
         return self.dim_a[l] * self.dim_g[l] * FP32
@@ -130,10 +131,8 @@ class LayerCosts:
     def inverse_bytes(self, l: int, cs: CommSettings) -> int:
         """Inverse state as sent: eigenvectors and eigenvalues, or the two damped inverses
         (upper triangles when packed); always fp32."""
-        a, g = self.dim_a[l], self.dim_g[l]
-        if cs.inverse_method == "eigen":
-            return (a * a + g * g + a + g) * FP32
-        return (cs.factor_elems(a) + cs.factor_elems(g)) * FP32
+        return FP32 * blocks.inverse_elements(self.form(l), self.dim_a[l], self.dim_g[l],
+                                              cs.inverse_method, cs.symmetric)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -254,8 +253,12 @@ def kaisa_factor_plan(costs: LayerCosts, cs: CommSettings) -> FactorPlan:
     """KAISA's factor buckets: A then G of each layer (last layer first) through
     :class:`QueueBuckets`, the rest flushed after the backward pass."""
     q = QueueBuckets(int(cs.factor_bucket_mb * 1_000_000))
-    batches = [(l, q.add((l, "A"), costs.a_comm_bytes(l, cs)) + q.add((l, "G"), costs.g_comm_bytes(l, cs)))
-               for l in reversed(range(costs.n))]
+    batches = []
+    for l in reversed(range(costs.n)):
+        flushed: list[list[tuple[object, int]]] = []
+        for tag, nbytes in costs.factor_items(l, cs):
+            flushed += q.add((l, tag), nbytes)
+        batches.append((l, flushed))
     return _events(batches, q.flush())
 
 
@@ -267,7 +270,7 @@ def spngd_factor_plan(costs: LayerCosts, cs: CommSettings) -> FactorPlan:
     cur: list[tuple[object, int]] = []
     total = 0
     for l in reversed(range(costs.n)):
-        nb = costs.a_comm_bytes(l, cs) + costs.g_comm_bytes(l, cs)
+        nb = costs.factor_comm_bytes(l, cs)
         cur.append(((l, "AG"), nb))
         total += nb
         if total >= cap:
@@ -296,14 +299,33 @@ def emit_backward(prog: Program, costs: LayerCosts, *, factor: bool,
     For each layer, in autograd's order: the hook on its output gradient (factor steps: the
     batch statistics, then ``on_factor(l)`` — what the strategy launches), the layer's own
     backward (input and weight gradients; slower by ``bwd_capture`` on factor steps), then
-    ``on_grad(l)`` (DDP's bucket launches).
+    ``on_grad(l)`` (DDP's bucket launches).  A layer without a share of the backward (a
+    BatchNorm block) issues no backward work.
+
+    With the Monte-Carlo Fisher (``costs.mc_fisher``) a factor step runs two whole backward
+    passes on the compute stream: first the sampled labels' (its rows carry the layer
+    ``mc_fisher``, :data:`kfacperf.vocab.MC_FISHER_PASS`), which captures the statistics
+    and launches what the strategy launches for them, then the true labels' (a plain
+    backward, with ``on_grad``).
     """
-    scale = costs.bwd_capture if factor else 1.0
+    if factor and costs.mc_fisher:
+        _backward_pass(prog, costs, capture=True, label=S.MC_FISHER_PASS, on_factor=on_factor)
+        _backward_pass(prog, costs, capture=False, label="", on_grad=on_grad)
+    else:
+        _backward_pass(prog, costs, capture=factor, label="", on_factor=on_factor,
+                       on_grad=on_grad)
+
+
+def _backward_pass(prog: Program, costs: LayerCosts, *, capture: bool, label: str,
+                   on_factor: Callable[[int], None] | None = None,
+                   on_grad: Callable[[int], None] | None = None) -> None:
+    scale = costs.bwd_capture if capture else 1.0
     for l in reversed(range(costs.n)):
-        if factor:
+        if capture:
             prog.compute(S.FACTOR_COMPUTE, costs.names[l], costs.factor[l], costs.factor_flops[l])
             if on_factor is not None:
                 on_factor(l)
-        prog.compute(S.BACKWARD, "", costs.bwd[l] * scale, costs.bwd_flops[l])
+        if costs.bwd[l] > 0 or costs.form(l) == blocks.KRONECKER:
+            prog.compute(S.BACKWARD, label, costs.bwd[l] * scale, costs.bwd_flops[l])
         if on_grad is not None:
             on_grad(l)

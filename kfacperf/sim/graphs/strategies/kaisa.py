@@ -31,7 +31,6 @@ from kfacperf.sim.graphs.graph import Group, Program, RankClass
 from kfacperf.sim.graphs.placement import (
     grad_workers,
     kaisa_placement,
-    layer_cost,
     nodes_spanned,
 )
 from kfacperf.sim.graphs.strategies.common import (
@@ -62,7 +61,7 @@ class KaisaStep:
         self.gw = gw = grad_workers(p, self.fraction)
         self.cols = cols = p // gw
         self.place = pl = kaisa_placement(
-            [layer_cost(a, b) for a, b in zip(costs.dim_a, costs.dim_g)], p, gw)
+            [costs.placement_cost(l) for l in range(costs.n)], p, gw)
         self.world = spec.world()
         self.ddp = DdpGradients(spec)
         if spec.kind.factor and self.world.size > 1:

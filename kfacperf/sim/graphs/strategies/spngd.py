@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from kfacperf import vocab as S
 from kfacperf.sim.graphs.graph import Program, RankClass
-from kfacperf.sim.graphs.placement import layer_cost, spngd_placement
+from kfacperf.sim.graphs.placement import spngd_placement
 from kfacperf.sim.graphs.strategies.common import (
     FP32,
     BucketEvent,
@@ -43,7 +43,7 @@ class SpngdStep:
         costs = spec.costs
         p = spec.world_size
         self.place = spngd_placement(
-            [layer_cost(a, b) for a, b in zip(costs.dim_a, costs.dim_g)], p)
+            [costs.placement_cost(l) for l in range(costs.n)], p)
         self.owner = self.place.inverse_worker
         self.owned: dict[int, list[int]] = defaultdict(list)
         for l in range(costs.n):

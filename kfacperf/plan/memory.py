@@ -1,0 +1,150 @@
+"""Memory per GPU of one training configuration, in closed form from the workload model.
+
+:func:`memory_per_gpu` is the one definition; its docstring derives each term.  A plan drops
+every configuration whose total exceeds what the device holds (times a usable fraction that
+leaves room for the CUDA context, the allocator's fragmentation and kernels' workspaces,
+which are not modelled).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from kfacperf import vocab as S
+from kfacperf.sim.graphs.placement import (
+    Placement,
+    kaisa_placement,
+    layer_cost,
+    spngd_placement,
+)
+from kfacperf.sim.graphs.strategies.common import CommSettings
+from kfacperf.sim.models.workload import WorkloadModel
+
+FP32 = 4
+GB = 10**9
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryBreakdown:
+    """Bytes per GPU, by what holds them (the most loaded GPU for per-layer K-FAC state)."""
+
+    weights: int
+    gradients: int
+    optimizer_state: int
+    activations: int
+    factors: int
+    inverses: int
+    gradient_copies: int
+    comm_buffers: int
+
+    @property
+    def total(self) -> int:
+        return sum(asdict(self).values())
+
+    def as_dict(self) -> dict[str, int]:
+        return {**asdict(self), "total": self.total}
+
+
+def placement_for(workload: WorkloadModel, strategy: str, world_size: int,
+                  grad_workers: int = 1) -> Placement | None:
+    """Which rank keeps which layer's K-FAC state (the simulator's and the optimizer's rule)."""
+    if strategy == S.SGD:
+        return None
+    costs = [layer_cost(l.dim_a, l.dim_g) for l in workload.layers]
+    if strategy == S.SPNGD:
+        return spngd_placement(costs, world_size)
+    if strategy == S.KAISA:
+        return kaisa_placement(costs, world_size, grad_workers)
+    raise ValueError(f"unknown strategy {strategy!r}")
+
+
+def _max_per_rank(values: list[int], ranks: tuple[int, ...]) -> int:
+    load: dict[int, int] = {}
+    for v, r in zip(values, ranks):
+        load[r] = load.get(r, 0) + v
+    return max(load.values(), default=0)
+
+
+def memory_per_gpu(
+    workload: WorkloadModel, *, strategy: str, world_size: int, batch_per_gpu: int,
+    grad_workers: int = 1, comm: CommSettings | None = None, dtype: str = "fp32",
+    placement: Placement | None = None,
+) -> MemoryBreakdown:
+    """Bytes one GPU holds at the peak of a step (on a K-FAC step that refreshes everything).
+
+    Notation: N parameters in all, N_k of them in the K-FAC layers (``Σ dim_a·dim_g``: the
+    weight and bias of each); per layer l, ``a_l = dim_a``, ``g_l = dim_g``, and per example
+    ``in_l``/``out_l`` the elements of its input and output; b examples per GPU; ``s`` bytes
+    per element of the forward/backward precision ``dtype`` (4, or 2 for bf16/fp16); ``c``
+    bytes per element of factor communication; ``e(n) = n²``, or ``n(n+1)/2`` with symmetric
+    packing.  Every K-FAC matrix is held in fp32, as the optimizer keeps it.
+
+    * ``weights = 4N``, plus ``2N`` in 16-bit precision: the fp32 parameters, and autocast's
+      16-bit copies of them, which it caches for the whole forward and backward pass.
+    * ``gradients = 4N``: the fp32 ``.grad`` of every parameter.
+    * ``optimizer_state = 4N``: the momentum buffer of the SGD update, which K-FAC applies to
+      its preconditioned gradients as well.
+    * ``activations = b · s · Σ_l (in_l + out_l)``: what autograd keeps for the backward pass.
+      Each layer keeps its input (for its weight gradient), and what follows it keeps a tensor
+      of its output's size (BatchNorm its input, ReLU its output, which is the next layer's
+      input and so counted once).  Outputs of the last layer and work outside K-FAC layers
+      (pooling, residual additions) are not counted.
+    * ``factors`` (K-FAC) ``= 4 Σ_l (a_l² + g_l²) + 4 max_r Σ_{l kept on r} (a_l² + g_l²)``:
+      every rank forms the batch statistics A and G of every layer from its own examples on a
+      factor step, and the rank that inverts a layer keeps its running averages (SP-NGD: the
+      layer's owner; KAISA: its inverse worker).
+    * ``inverses`` (K-FAC) ``= 4 max_r Σ_{l preconditioned on r} i_l`` with
+      ``i_l = a_l² + g_l² + a_l + g_l`` (eigen: eigenvectors and eigenvalues) or
+      ``a_l² + g_l²`` (cholesky: the two inverses): held where the layer is preconditioned
+      (SP-NGD: its owner; KAISA: every rank of its grad-worker column).
+    * ``gradient_copies`` (K-FAC) ``= 8 N_k``: each layer's ``[dW | db]`` matrix formed after
+      backward, and the preconditioned matrix every rank ends the step with (SP-NGD gathers
+      them all; KAISA broadcasts them along the rows).
+    * ``comm_buffers``: the gradients in flight — DDP's flat buckets hold a copy of every
+      gradient (``4N``: sgd, kaisa); SP-NGD sends the gradient matrices above and all-reduces
+      only the other parameters' gradients in buckets (``4(N − N_k)``) — plus, for K-FAC, every
+      layer's encoded statistics in flight until the factor communication ends
+      (``c · Σ_l (e(a_l) + e(g_l))``).  Nothing is communicated on one GPU.  The bucket size
+      changes how the gradients are cut, not how many bytes are held.
+
+    ``placement`` (optional) saves recomputing :func:`placement_for`.
+    """
+    comm = comm or CommSettings()
+    if strategy not in S.SIM_STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; known: {', '.join(S.SIM_STRATEGIES)}")
+    if isinstance(batch_per_gpu, bool) or not isinstance(batch_per_gpu, int) or batch_per_gpu < 1:
+        raise ValueError(f"batch per GPU must be a positive integer, got {batch_per_gpu!r}")
+    try:
+        s = S.DTYPE_BYTES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(S.DTYPE_BYTES)}") from None
+    layers = workload.layers
+    n_all = workload.total_params
+    n_kfac = sum(l.dim_a * l.dim_g for l in layers)
+    weights = FP32 * n_all + (2 * n_all if s == 2 else 0)
+    activations = batch_per_gpu * s * sum(l.in_elems_per_example + l.out_elems_per_example
+                                          for l in layers)
+    distributed = world_size > 1
+    common = dict(weights=weights, gradients=FP32 * n_all, optimizer_state=FP32 * n_all,
+                  activations=activations)
+    if strategy == S.SGD:
+        return MemoryBreakdown(**common, factors=0, inverses=0, gradient_copies=0,
+                               comm_buffers=FP32 * n_all if distributed else 0)
+    if placement is None:
+        placement = placement_for(workload, strategy, world_size, grad_workers)
+    assert placement is not None
+    factor = [FP32 * (l.dim_a ** 2 + l.dim_g ** 2) for l in layers]
+    if comm.inverse_method == S.EIGEN:
+        inverse = [FP32 * (l.dim_a ** 2 + l.dim_g ** 2 + l.dim_a + l.dim_g) for l in layers]
+    else:
+        inverse = [FP32 * (l.dim_a ** 2 + l.dim_g ** 2) for l in layers]
+    kept = _max_per_rank(factor, placement.inverse_worker)
+    # a layer's inverse state is on every rank of its column; columns are alike in size
+    preconditioned = _max_per_rank(inverse, placement.column)
+    c = S.COMM_DTYPE_BYTES[comm.factor_dtype]
+    in_flight = c * sum(comm.factor_elems(l.dim_a) + comm.factor_elems(l.dim_g) for l in layers)
+    grads_in_flight = FP32 * (n_all - n_kfac) if strategy == S.SPNGD else FP32 * n_all
+    return MemoryBreakdown(
+        **common, factors=sum(factor) + kept, inverses=preconditioned,
+        gradient_copies=2 * FP32 * n_kfac,
+        comm_buffers=(grads_in_flight + in_flight) if distributed else 0,
+    )

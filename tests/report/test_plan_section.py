@@ -1,0 +1,103 @@
+"""The report's plan section: its figures and table from a plan, escaping, the empty case,
+``kfacperf report --plan`` and bad plan files."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from kfacperf.cli import main
+from kfacperf.plan import plan
+from kfacperf.plan.convergence import ConvergenceModel, ConvergencePoint
+from kfacperf.plan.result import load_plan, save_plan
+from kfacperf.report.build import build_report
+from kfacperf.report.plan import choices_frame, plan_section
+
+XSS = "<script>alert(1)</script>"
+
+
+@pytest.fixture(scope="module")
+def small_plan():
+    sgd = ConvergenceModel(name="s", workload="mlp", optimizer="sgd", target="t", points=(
+        ConvergencePoint(global_batch=16, steps=4000, source="x"),
+        ConvergencePoint(global_batch=64, steps=1200, source="x")))
+    kfac = ConvergenceModel(name="k", workload="mlp", optimizer="kfac", target="t2", points=(
+        ConvergencePoint(global_batch=16, steps=2000, source="x", factor_interval=5,
+                         inverse_interval=5),
+        ConvergencePoint(global_batch=64, steps=700, source="x", factor_interval=1,
+                         inverse_interval=1)))
+    return plan("mlp", "v100", "abci-v100", gpus=[1, 4, 16], batch_per_gpu=[4, 16],
+                convergence=[sgd, kfac], memory_gb=1.0)
+
+
+def test_section_draws_both_figures_and_tabulates_every_choice(small_plan) -> None:
+    sec = plan_section(small_plan)
+    assert len(sec.figures) == 2
+    time_fig, front_fig = sec.figures
+    names = [t.name for t in time_fig.data]
+    assert names.count("best SGD") == 2 and names.count("best K-FAC") == 2  # time, GPU-h
+    sgd_time = next(t for t in time_fig.data if t.name == "best SGD")
+    assert list(sgd_time.x) == [1, 4, 16]
+    assert list(sgd_time.y) == pytest.approx([small_plan.best(g, "sgd").time_s / 3600
+                                              for g in (1, 4, 16)])
+    # extrapolated points are drawn open
+    open_marks = [s == "circle-open" for s in sgd_time.marker.symbol]
+    assert open_marks == [small_plan.best(g, "sgd").extrapolated for g in (1, 4, 16)]
+    front = next(t for t in front_fig.data if t.name == "Pareto front")
+    assert list(front.x) == [c.gpu_hours for c in small_plan.pareto()]
+    frame = choices_frame(small_plan)
+    assert len(frame) == len(small_plan.choices)
+    assert (frame["front"] == "yes").sum() == len(small_plan.pareto())
+    assert frame["steps"].str.contains("extrapolated").any()
+
+
+def test_page_with_only_a_plan_escapes_its_text(tmp_path: Path, small_plan) -> None:
+    bad = dataclasses.replace(small_plan, inputs={**small_plan.inputs, "workload": XSS,
+                                                  "cluster": XSS})
+    out = build_report([], [], tmp_path / "index.html", plan=bad)
+    text = out.read_text()
+    assert "Plan: time to solution" in text and "Chosen configurations" in text
+    assert XSS not in text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+
+
+def test_no_plan_leaves_a_note() -> None:
+    sec = plan_section(None)
+    assert not sec.blocks and "kfacperf plan --out" in sec.note
+
+
+def test_report_command_reads_a_plan_file(tmp_path: Path, small_plan,
+                                          capsys: pytest.CaptureFixture) -> None:
+    path = save_plan(small_plan, tmp_path / "plan.json")
+    again = load_plan(path)
+    assert [c.to_dict() for c in again.choices] == [c.to_dict() for c in small_plan.choices]
+    out = tmp_path / "r" / "index.html"
+    assert main(["report", "--plan", str(path), "--out", str(out)]) == 0
+    assert "Chosen configurations" in out.read_text()
+    assert "kfacperf report: mlp" in out.read_text()  # the title names the plan's workload
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("content, message", [
+    ("not json", "not valid JSON"),
+    ('{"format": "other"}', "format 'other' is not 'kfacperf-plan-1'"),
+    ('{"format": "kfacperf-plan-1"}', "missing key 'inputs'"),
+    (None, "best[0]: missing key(s) gpus"),
+    (None, "best[0]: unknown key(s) speed"),
+])
+def test_bad_plan_files_are_one_line_errors(tmp_path: Path, small_plan, content: str | None,
+                                            message: str, capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "plan.json"
+    if content is None:
+        data = small_plan.to_dict()
+        if "gpus" in message:
+            del data["best"][0]["gpus"]
+        else:
+            data["best"][0]["speed"] = 1
+        content = json.dumps(data)
+    path.write_text(content)
+    assert main(["report", "--plan", str(path), "--out", str(tmp_path / "x.html")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(path) in err and "Traceback" not in err
