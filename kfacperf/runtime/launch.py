@@ -35,7 +35,9 @@ FAIL_GRACE_S = 1.0
 """Seconds the other ranks get, after one failed, to end (and report) on their own."""
 POLL_S = 0.1
 PARENT_ENV = "KFACPERF_LAUNCHER_PID"
-"""Set for every rank the launcher starts: the rank dies when that process does."""
+"""Set for every process the launcher starts: a rank dies with its parent (see
+:func:`die_with_parent`); the value is the parent's pid, or ``"parent"`` when the rank's
+parent is another launcher (torchrun) started by this one."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,12 +64,15 @@ class Supervision:
     interrupted: str = ""
 
 
-def start(cmd: Sequence[str], envs: Sequence[Mapping[str, str]]) -> list[subprocess.Popen]:
-    """Start one process per environment (rank order), each in a session of its own."""
+def start(cmd: Sequence[str], envs: Sequence[Mapping[str, str]], *,
+          ranks_below: bool = False) -> list[subprocess.Popen]:
+    """Start one process per environment (rank order), each in a session of its own.
+    ``ranks_below``: the processes are launchers (torchrun) whose children are the ranks."""
+    parent = "parent" if ranks_below else str(os.getpid())
     procs: list[subprocess.Popen] = []
     try:
         for env in envs:
-            procs.append(subprocess.Popen(list(cmd), env=dict(env, **{PARENT_ENV: str(os.getpid())}),
+            procs.append(subprocess.Popen(list(cmd), env=dict(env, **{PARENT_ENV: parent}),
                                           start_new_session=True))
     except BaseException:
         stop(procs)
@@ -229,8 +234,9 @@ def signals_ignored() -> Iterator[None]:
 
 
 def die_with_parent() -> None:
-    """In a rank started by :func:`start`: ask the kernel to SIGKILL this process when the
-    launcher dies (Linux ``prctl(PR_SET_PDEATHSIG)``), and leave at once if it already has."""
+    """In a rank started by :func:`start` (directly, or below torchrun): ask the kernel to
+    SIGKILL this process when its parent dies (Linux ``prctl(PR_SET_PDEATHSIG)``), and leave
+    at once if the launcher that started it already has."""
     parent = os.environ.get(PARENT_ENV)
     if not parent or not sys.platform.startswith("linux"):
         return
@@ -242,5 +248,5 @@ def die_with_parent() -> None:
         libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
     except (OSError, AttributeError):  # pragma: no cover - no prctl here
         return
-    if os.getppid() != int(parent):
+    if parent.isdigit() and os.getppid() != int(parent):
         os._exit(1)

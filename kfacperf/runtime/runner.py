@@ -1,6 +1,6 @@
 """``kfacperf profile`` end to end: prepare the trace directory, start the ranks, report.
 
-Three ways to run, chosen from the environment:
+Four ways to run, chosen from the environment and the flags:
 
 * **under an existing torchrun** (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``
   and ``MASTER_PORT`` set): this process is one rank; ``--nproc``/``--nnodes`` are torchrun's
@@ -169,7 +169,7 @@ def profile(config: ProfileConfig, *, force: bool = False) -> ProfileOutcome:
 def _run_torchrun(config: ProfileConfig, env: dict[str, str]) -> launch.Supervision:
     """This node's ranks of a multi-node run, under torch.distributed.run; Ctrl-C or SIGTERM
     stops torchrun and every rank below it."""
-    [proc] = launch.start(launch_command(config), [env])
+    [proc] = launch.start(launch_command(config), [env], ranks_below=True)
     try:
         code = proc.wait()
     except KeyboardInterrupt as exc:

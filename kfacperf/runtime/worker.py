@@ -61,9 +61,15 @@ def read_error_summary(path: Path) -> str:
         return f"(unreadable report: {exc.strerror or exc})"
 
 
+SUMMARY_CHARS = 600
+"""The longest one-line summary of an error (the report keeps the whole of it)."""
+
+
 def exception_summary(exc: BaseException) -> str:
-    """``Type: message`` on one line."""
+    """``Type: message`` on one line, at most :data:`SUMMARY_CHARS` long."""
     text = " ".join(str(exc).split())
+    if len(text) > SUMMARY_CHARS:
+        text = text[:SUMMARY_CHARS - 3] + "..."
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 

@@ -124,14 +124,15 @@ def test_hostile_commbench_raw_file(tmp_path, capsys, no_hang, how):
 
 
 @pytest.mark.parametrize("how", ["deep", "a directory", "a fifo", "a link to /dev/zero",
-                                 "garbage"])
-def test_hostile_validation_file(tmp_path, capsys, no_hang, how):
-    table = tmp_path / "validation.json"
+                                 "garbage", "NaN"])
+@pytest.mark.parametrize("flag", ["--validation", "--plan"])
+def test_hostile_report_input_file(tmp_path, capsys, no_hang, flag, how):
+    table = tmp_path / "input.json"
     table.write_text("")
     damage(table, how)
-    result = run_cli(capsys, ["report", "--trace", TRACE_1P, "--validation", table,
+    result = run_cli(capsys, ["report", "--trace", TRACE_1P, flag, table,
                               "--out", tmp_path / "r.html"])
-    assert_one_line_error(result, names="validation.json")
+    assert_one_line_error(result, names="input.json")
 
 
 def test_deeply_nested_option_value(tmp_path, capsys):

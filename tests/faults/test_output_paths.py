@@ -14,6 +14,10 @@ from helpers.faults import CLUSTER, TRACE_1P, TRACE_2P, assert_one_line_error, r
 SIM = ["simulate", "--workload", "mlp", "--device", "h100", "--cluster", "dgx-h100-ndr",
        "--gpus", "1", "--strategy", "sgd"]
 
+PLAN = ["plan", "--workload", "resnet50", "--device", "h100", "--cluster", "dgx-h100-ndr",
+        "--gpus", "8", "--convergence", "mlperf-v0.7-lars-resnet50", "spngd-resnet50",
+        "--batch-per-gpu", "32", "--intervals", "10/100", "--quiet"]
+
 # name -> (argv before the output path, flag, argv after it, suffix of a file output)
 FILE_WRITERS = {
     "report": (["report", "--trace", TRACE_1P], "--out", [], ".html"),
@@ -28,6 +32,7 @@ FILE_WRITERS = {
                         [], ".toml"),
     "commbench --raw": (["commbench", "--from-raw", CLUSTER.parent / "commbench.json"], "--raw",
                         [], ".json"),
+    "plan": (PLAN, "--out", [], ".json"),
 }
 DIR_WRITERS = {
     "simulate": (SIM, "--out", []),

@@ -25,6 +25,10 @@ WRITERS = {
                   CLUSTER, "--out", "{out}.json"], False),
     "commbench --out": (["commbench", "--from-raw", RAW, "--out", "{out}"], False),
     "commbench --raw": (["commbench", "--from-raw", RAW, "--raw", "{out}"], False),
+    "plan": (["plan", "--workload", "resnet50", "--device", "h100", "--cluster", "dgx-h100-ndr",
+              "--gpus", "8", "--convergence", "mlperf-v0.7-lars-resnet50", "spngd-resnet50",
+              "--batch-per-gpu", "32", "--intervals", "10/100", "--quiet", "--out", "{out}"],
+             False),
 }
 
 
