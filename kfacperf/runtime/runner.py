@@ -339,6 +339,11 @@ def _failed(config: ProfileConfig, out: Path, sup: launch.Supervision) -> Profil
             parts.append(f"{read_error_summary(report)} [{report}]")
         lines.append("; ".join(parts))
     if trace is not None:
+        silent = [r for r in range(world) if done is None or r not in done.index]
+        usable = ("it can be loaded and summarized as it is" if not silent else
+                  f"rank(s) {', '.join(map(str, silent))} recorded no step, so the commands "
+                  "refuse it as a whole run (kfacperf.trace.store.load_trace(path, "
+                  "partial=True) reads what is there)")
         lines.append(f"the trace in {out} keeps every finished step and is marked incomplete "
-                     "(completed=false); it can be loaded and summarized as it is.")
+                     f"(completed=false); {usable}.")
     return ProfileOutcome(ok=False, trace=trace, message="\n".join(lines))

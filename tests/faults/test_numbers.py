@@ -82,6 +82,7 @@ def test_commbench_raw_slowdown_out_of_range(tmp_path, capsys):
     (["--timeout", "inf"], "--timeout must be at most 86400"),
     (["--timeout", "nan"], "--timeout"),
     (["--nproc", "2147483648"], "--nproc must be at most"),
+    (["--bucket-cap-mb", "inf"], "bucket_cap_mb must be a finite number"),
 ])
 def test_profile_bounds_before_any_process_starts(tmp_path, capsys, argv, names):
     result = run_cli(capsys, ["profile", "--workload", "mlp", "--out", tmp_path / "t", *argv])
