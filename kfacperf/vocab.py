@@ -217,3 +217,20 @@ MC_FISHER_PASS = "mc_fisher"
 """The ``layer`` of the ``backward`` row of the Monte-Carlo pass (``fisher = "mc"``, factor
 steps): that step has two ``backward`` rows, this one (the statistics are captured in it)
 and the true labels' backward (``layer`` ``""``)."""
+
+# --- how a published K-FAC implementation did its work (simulator setup knobs) --------------
+BALANCED = "balanced"
+CONTIGUOUS = "contiguous"
+PLACEMENTS: tuple[str, ...] = (BALANCED, CONTIGUOUS)
+"""How SP-NGD's layers get owners: ``balanced`` by cost (LPT, the real optimizer's rule) or
+``contiguous``: layers sorted by name and cut into ``P`` runs of consecutive layers, as SP-NGD's
+Chainer implementation assigns its Fisher blocks (``numpy.array_split`` over the sorted link
+names: the first ``L mod P`` ranks get one block more), with no regard to cost."""
+
+DISPLACEMENT = "displacement"
+IM2COL = "im2col"
+CONV_FACTORS: tuple[str, ...] = (DISPLACEMENT, IM2COL)
+"""How a convolution's A factor is computed: this project's optimizer sums displacement Grams
+of the padded input (no unfold); Chainer- and PyTorch-era K-FAC codes (SP-NGD, KAISA) unfold
+the input patches and multiply (``im2col``: the patch matrix written and read once, then
+``2 N r dA^2`` FLOPs)."""

@@ -36,5 +36,5 @@ def test_a_bad_input_is_an_error_line_not_a_traceback(capsys):
 
     assert main(["report"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("kfacperf report: error: give at least one --trace, --prediction or --plan")
+    assert err.startswith("kfacperf report: error: give at least one --trace, --prediction,")
     assert "Traceback" not in err

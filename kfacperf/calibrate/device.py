@@ -150,7 +150,9 @@ def _trace_samples(trace: Any, workload: WorkloadModel, base: DeviceModel) -> li
         if lm is None and stage not in (S.FORWARD, S.BACKWARD, S.UPDATE):
             raise ValueError(f"{trace_label(trace)}: {stage} event without a layer name")
         reg = cost.regressors(stage, lm, batch=batch)
-        out.append(_Sample(stage, workload.name, layer, batch, method, float(t), reg,
+        # the base device's time per factorised row is known, not fitted: take it off
+        known = base.stage(stage, method).row_us * reg.rows
+        out.append(_Sample(stage, workload.name, layer, batch, method, float(t) - known, reg,
                            bool(captured), lm is not None and lm.kind == BATCHNORM))
     return out
 
@@ -296,7 +298,8 @@ def fit_device_model(
         fits[kind] = fit
         stages[kind] = StageEfficiency(efficiency=fit.efficiency,
                                        mem_efficiency=fit.mem_efficiency,
-                                       overhead_us=fit.overhead_us, assumed=False)
+                                       overhead_us=fit.overhead_us, assumed=False,
+                                       row_us=base.stages[kind].row_us)
     measured: tuple[MeasuredTime, ...] = ()
     if include_measured and single:
         measured = tuple(

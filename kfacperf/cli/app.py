@@ -71,6 +71,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         return int(args._module.run(args) or 0)
     except (UserError, ValueError, FileNotFoundError) as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:  # from the system, not a check
+            return fail(describe_os_error(exc), 1)
         return fail(exc, 2)
     except RecursionError:
         return fail("an input is nested too deeply to read", 2)

@@ -61,7 +61,12 @@ from kfacperf.sim.engine import run_step
 from kfacperf.sim.graphs.layer_costs import layer_costs
 from kfacperf.sim.graphs.placement import Placement
 from kfacperf.sim.graphs.strategies import StrategySpec, build_graph, make_step
-from kfacperf.sim.graphs.strategies.common import CommSettings, LayerCosts, StepSpec
+from kfacperf.sim.graphs.strategies.common import (
+    CommSettings,
+    LayerCosts,
+    StepSpec,
+    comm_settings,
+)
 from kfacperf.sim.summary import cycle
 from kfacperf.vocab import FACTOR_STEP, INVERSE_STEP, PLAIN_STEP, StepKind
 
@@ -170,9 +175,9 @@ class GpuCountSearch:
 
     def comm(self, s: Setting) -> CommSettings:
         bucket = s.bucket_mb if s.bucket_mb is not None else self.space.bucket_mb[0]
-        return CommSettings(factor_dtype=s.comm_dtype or "fp32", symmetric=bool(s.symmetric),
-                            inverse_method=self.inverse_method, factor_bucket_mb=bucket,
-                            ddp_bucket_mb=bucket, ddp_first_bucket_mb=bucket)
+        return comm_settings(self.cost.options, bucket_mb=bucket,
+                             factor_dtype=s.comm_dtype or "fp32", symmetric=bool(s.symmetric),
+                             inverse_method=self.inverse_method)
 
     def step_us(self, s: Setting, kind: StepKind) -> float:
         """One simulated step of ``kind`` (cached; a plain step for every comm setting)."""

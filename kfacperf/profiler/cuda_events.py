@@ -28,20 +28,24 @@ def _new_cuda_event() -> Any:
     return torch.cuda.Event(enable_timing=True)
 
 
-def fresh_cuda_event() -> Any:
-    ev = _new_cuda_event()
-    ev.record()  # on the current stream: in a future callback, synchronised with the work
-    return ev
-
-
 class EventPool:
-    """Reusable ``torch.cuda.Event(enable_timing=True)`` objects (creating them is not free)."""
+    """Reusable ``torch.cuda.Event(enable_timing=True)`` objects (creating them is not free).
+
+    Every event the timer records comes from here and goes back once resolved, so the pool
+    holds about as many events as are in flight.  :meth:`record` may be called from another
+    thread (a collective's completion callback) while the training thread records too.
+    """
 
     def __init__(self) -> None:
         self._free: list[Any] = []
 
     def record(self) -> Any:
-        ev = self._free.pop() if self._free else _new_cuda_event()
+        """An event recorded on the current stream (in a collective's completion callback:
+        a stream synchronised with the collective)."""
+        try:
+            ev = self._free.pop()  # atomic: no check-then-pop race between threads
+        except IndexError:
+            ev = _new_cuda_event()
         ev.record()
         return ev
 

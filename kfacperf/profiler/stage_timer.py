@@ -236,10 +236,13 @@ class StageTimer:
             self._nvtx.end(handle)
             self._async_rows.append((step, key.stage, key.layer, key.lane, t0, t1, nbytes, 0.0))
             return
-        rows, end, cuda, clock = self._async_rows, self._nvtx.end, self.cuda, self._clock
+        rows, end, clock = self._async_rows, self._nvtx.end, self._clock
+        # completion events come from the pool, like every other event (a fresh one per
+        # collective would grow the pool for the whole run)
+        record = self._events.record if self.cuda else None
 
         def done(_: Any = None) -> None:
-            t1 = cuda_events.fresh_cuda_event() if cuda else clock()
+            t1 = record() if record is not None else clock()
             end(handle)
             rows.append((step, key.stage, key.layer, key.lane, t0, t1, nbytes, 0.0))
 

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from kfacperf import vocab as S
+from kfacperf.precision import DEFAULT_PRECISION, PRECISIONS
 from kfacperf.runtime.settings import OptimizerSettings
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -48,6 +49,7 @@ class ProfileConfig(OptimizerSettings):
     keep_heap: bool = True  # see kfacperf.runtime.heap
     timeout_s: float = 60.0
     device: str = "auto"
+    precision: str = DEFAULT_PRECISION  # see kfacperf.precision
     seed: int = 0
     telemetry_interval_s: float = 0.1
     nnodes: str = "1"
@@ -98,6 +100,7 @@ class ProfileConfig(OptimizerSettings):
                                                                          S.FISHER_EMP):
             raise ValueError("--bn-blocks and --fisher are K-FAC settings; --optimizer sgd "
                              "takes neither (leave them out, or use --optimizer kfac)")
+        S.check_choice("precision", self.precision, PRECISIONS)
         if self.multi_node and not self.rdzv_endpoint:
             raise ValueError(f"--nnodes {self.nnodes} needs --rdzv-endpoint HOST:PORT")
 
@@ -170,6 +173,7 @@ def run_record(
         "momentum": config.momentum,
         "fused": config.fused,
         "comm_dtype": config.comm_dtype,
+        "precision": config.precision,
         "symmetric": config.symmetric,
         "bucket_cap_mb": config.bucket_cap_mb,
         "bn_blocks": config.bn_blocks,

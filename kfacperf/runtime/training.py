@@ -10,17 +10,20 @@
   gradients are averaged by DDP; SP-NGD reduces them itself (no DDP); ``local`` is the
   single-process strategy.
 
-A step is ``timer.step_begin`` → ``forward`` (forward + loss) → ``backward`` (zero the grads,
-``loss.backward()``) → the preconditioner's own stages → ``update`` (``optimizer.step()``)
-→ ``timer.step_end``.  With ``fisher="mc"``, factor steps run the Monte-Carlo pass
-(:meth:`KFACPreconditioner.mc_backward`) between forward and backward, timed as a second
-``backward`` row whose ``layer`` is ``"mc_fisher"`` (:data:`kfacperf.vocab.MC_FISHER_PASS`);
-the statistics (``factor_compute`` rows) are nested in that row, not in the true backward.  After :meth:`Trainer.train_step` returns, each parameter's ``.grad``
-holds the update direction the optimizer used.
+A step is ``timer.step_begin`` → ``forward`` (forward + loss, under ``torch.autocast`` when
+an ``autocast_dtype`` is given) → ``backward`` (zero the grads, ``loss.backward()``) → the
+preconditioner's own stages → ``update`` (``optimizer.step()``) → ``timer.step_end``.  With
+``fisher="mc"``, factor steps run the Monte-Carlo pass (:meth:`KFACPreconditioner.mc_backward`)
+between forward and backward, timed as a second ``backward`` row whose ``layer`` is
+``"mc_fisher"`` (:data:`kfacperf.vocab.MC_FISHER_PASS`); the statistics (``factor_compute``
+rows) are nested in that row, not in the true backward.  After :meth:`Trainer.train_step`
+returns, each parameter's ``.grad`` holds the update direction the optimizer used.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +81,8 @@ class Trainer:
     """Runs instrumented training steps of ``model`` on this process's share of the batch.
 
     ``seed`` seeds the labels sampled for the Monte-Carlo Fisher (``fisher="mc"``).
+    ``autocast_dtype`` (e.g. ``torch.bfloat16``): run the forward pass and the loss under
+    ``torch.autocast`` with that dtype (see :mod:`kfacperf.precision`); None: as they are.
     """
 
     def __init__(
@@ -88,9 +93,11 @@ class Trainer:
         config: TrainConfig,
         timer: Timer = NULL_TIMER,
         seed: int = 0,
+        autocast_dtype: torch.dtype | None = None,
     ) -> None:
         self.config = config
         self.timer = timer
+        self.autocast_dtype = autocast_dtype
         self.loss_fn = loss_fn
         self.model = model
         self.info = distributed.describe()
@@ -155,7 +162,7 @@ class Trainer:
         timer = self.timer
         timer.step_begin(self.steps)
         pc = self.preconditioner
-        with timer.stage(stages.FORWARD):
+        with timer.stage(stages.FORWARD), self._autocast(inputs):
             outputs = self.net(inputs)
             loss = self.loss_fn(outputs, targets)
         if self.mc_fisher is not None and pc is not None and pc.factor_step:
@@ -171,6 +178,11 @@ class Trainer:
         timer.step_end()
         self.steps += 1
         return loss.detach()
+
+    def _autocast(self, inputs: Tensor) -> AbstractContextManager[Any]:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=inputs.device.type, dtype=self.autocast_dtype)
 
 
 def _strategy_options(config: TrainConfig) -> dict[str, Any]:

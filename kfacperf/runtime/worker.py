@@ -92,6 +92,7 @@ def run_worker(config: ProfileConfig) -> None:
     """Run this rank's share of the profile described by ``config``."""
     import torch
 
+    from kfacperf import precision
     from kfacperf.runtime import distributed, heap
     from kfacperf.runtime.watchdog import Watchdog, limit_for
 
@@ -110,7 +111,8 @@ def run_worker(config: ProfileConfig) -> None:
 
         watchdog = Watchdog(limit_s=limit_for(config.timeout_s), on_stall=stalled)
     try:
-        _train(config, info, run_dir, heap_policy, beat=watchdog.beat if watchdog else None)
+        with precision.float32_math(config.precision):  # restored after: in-process runs
+            _train(config, info, run_dir, heap_policy, beat=watchdog.beat if watchdog else None)
     except BaseException as exc:
         try:
             write_error_report(run_dir, info.rank, exception_summary(exc), traceback.format_exc())
@@ -126,6 +128,7 @@ def _train(config: ProfileConfig, info: Any, run_dir: Path, heap_policy: str, *,
            beat: Any = None) -> None:
     import torch.distributed as dist
 
+    from kfacperf import precision
     from kfacperf.profiler.stage_timer import StageTimer
     from kfacperf.profiler.telemetry import TelemetrySampler, device_info
     from kfacperf.runtime.heap import minor_faults
@@ -153,6 +156,7 @@ def _train(config: ProfileConfig, info: Any, run_dir: Path, heap_policy: str, *,
         write_run(run_dir, run_record(
             config, world_size=world, batch_per_rank=batch, device=dev_info,
             backend=info.backend, heap=heap_policy, timing="cuda_events" if cuda else "perf_counter_ns",
+            precision_flags=precision.run_flags(config.precision),
             clock="per-rank perf_counter_ns; time 0 right after a barrier at the start",
             **({"start_time": prior["start_time"]} if "start_time" in prior else {}),
         ))
@@ -170,7 +174,8 @@ def _train(config: ProfileConfig, info: Any, run_dir: Path, heap_policy: str, *,
         sampler.start()
     trainer = Trainer(model, loss_fn=workload.loss_fn,
                       config=TrainConfig(**config.train_config_kwargs()), timer=timer,
-                      seed=config.seed)
+                      seed=config.seed,
+                      autocast_dtype=precision.autocast_dtype(config.precision))
     crash_after = _crash_point(rank)
     total = config.total_steps
     last_print = 0.0

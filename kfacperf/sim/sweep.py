@@ -36,7 +36,12 @@ from kfacperf.sim.graphs.strategies import (
     make_step,
     parse_strategy,
 )
-from kfacperf.sim.graphs.strategies.common import CommSettings, LayerCosts, StepSpec
+from kfacperf.sim.graphs.strategies.common import (
+    CommSettings,
+    LayerCosts,
+    StepSpec,
+    comm_settings,
+)
 from kfacperf.sim.models.cluster import ClusterModel
 from kfacperf.sim.models.device import DeviceModel
 from kfacperf.sim.models.workload import WorkloadModel
@@ -265,9 +270,8 @@ def simulate(
     c = cluster if isinstance(cluster, ClusterModel) else load_cluster(cluster)
     cost = CostModel(workload=w, device=d, cluster=c, **overrides)
     o = cost.options
-    comm = CommSettings(factor_dtype=o.comm_dtype, symmetric=o.symmetric_factors,
-                        inverse_method=o.inverse_method, factor_bucket_mb=factor_bucket_mb,
-                        ddp_bucket_mb=ddp_bucket_mb, ddp_first_bucket_mb=ddp_bucket_mb)
+    comm = comm_settings(o, bucket_mb=factor_bucket_mb, ddp_bucket_mb=ddp_bucket_mb,
+                         ddp_first_bucket_mb=ddp_bucket_mb)
 
     def source(model: WorkloadModel | DeviceModel | ClusterModel, given: object) -> str:
         return str(given) if isinstance(given, (str, Path)) else model.source

@@ -27,7 +27,7 @@ CONFIGURATION_KEYS: tuple[str, ...] = (
     "workload", "workload_options", "world_size", "batch_per_rank", "optimizer", "strategy",
     "grad_worker_fraction", "factor_interval", "inverse_interval", "inverse_method",
     "comm_dtype", "symmetric", "fused", "bucket_cap_mb", "threads_per_rank", "isolate",
-    "timing", "backend", "heap",
+    "timing", "backend", "heap", "precision",
 )
 """The run.json settings that make two recordings the same configuration."""
 

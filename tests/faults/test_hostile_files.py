@@ -125,7 +125,7 @@ def test_hostile_commbench_raw_file(tmp_path, capsys, no_hang, how):
 
 @pytest.mark.parametrize("how", ["deep", "a directory", "a fifo", "a link to /dev/zero",
                                  "garbage", "NaN"])
-@pytest.mark.parametrize("flag", ["--validation", "--plan"])
+@pytest.mark.parametrize("flag", ["--validation", "--plan", "--published"])
 def test_hostile_report_input_file(tmp_path, capsys, no_hang, flag, how):
     table = tmp_path / "input.json"
     table.write_text("")

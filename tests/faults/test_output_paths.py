@@ -33,6 +33,9 @@ FILE_WRITERS = {
     "commbench --raw": (["commbench", "--from-raw", CLUSTER.parent / "commbench.json"], "--raw",
                         [], ".json"),
     "plan": (PLAN, "--out", [], ".json"),
+    "validate --published": (["validate", "--published"], "--out", [], ".json"),
+    "calibrate --published": (["calibrate", "--published", "spngd-fig5", "--device", "v100-spngd",
+                               "--fit", "forward.efficiency"], "--out", [], ".toml"),
 }
 DIR_WRITERS = {
     "simulate": (SIM, "--out", []),

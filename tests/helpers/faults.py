@@ -44,12 +44,14 @@ def run_cli(capsys, argv: list[str]) -> CliResult:
 
 
 def assert_one_line_error(result: CliResult, *, names: str = "") -> None:
-    """Exit status 1 or 2, one error line on stderr (naming ``names``), no traceback."""
+    """Exit status 1 or 2, one error line on stderr (naming ``names``) and it the last one
+    (progress lines may come before it), no traceback."""
     assert result.status in (1, 2), result
     assert "Traceback" not in result.text, result.text
     lines = [ln for ln in result.err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and ": error: " in lines[0], result.err
-    assert names in lines[0], (names, lines[0])
+    errors = [ln for ln in lines if ": error: " in ln]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.err
+    assert names in errors[0], (names, errors[0])
 
 
 def copy_trace(src: Path, dst: Path) -> Path:

@@ -64,7 +64,7 @@ def test_sections_and_figure_counts(study):
     secs = {s.key: s for s in build_sections(runs, preds)}
     counts = {k: len(s.figures) for k, s in secs.items()}
     assert counts == {
-        "summary": 0, "validation": 0,
+        "summary": 0, "validation": 0, "published": 0,
         "breakdown": 2,  # one per run
         "comparison": 2,  # both runs have a prediction at 2 GPUs
         "scaling": 4,  # the baseline's curves + one stacked-stage chart per strategy
@@ -74,6 +74,7 @@ def test_sections_and_figure_counts(study):
         "plan": 0,  # no plan given: its heading and a note
     }
     assert "no validation" in secs["validation"].note.lower()
+    assert "no published results" in secs["published"].note.lower()
     sim = [f for f in secs["timelines"].figures if "simulated" in f.layout.title.text]
     assert all("4096 GPUs" in f.layout.title.text for f in sim)
     at8 = {s.key: s for s in build_sections(runs, preds, timeline_gpus=8)}["timelines"]
@@ -90,7 +91,7 @@ def test_sections_without_data_show_a_note(study):
     for key in ("breakdown", "comparison", "telemetry", "whatif"):
         assert not only_pred[key].blocks and only_pred[key].note
     text = page.render_page(title="t", subtitle="s", sections=list(only_pred.values()), footer="f")
-    assert text.count('class="note"') == 6  # validation and plan too
+    assert text.count('class="note"') == 7  # validation, plan and published too
 
 
 def test_validation_section(study):

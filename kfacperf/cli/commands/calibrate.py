@@ -3,6 +3,8 @@
   kfacperf calibrate traces/A traces/B --device-name local-cpu --out models/devices/local-cpu.toml
   kfacperf calibrate traces/reference/p1 --out /tmp/local-cpu.toml     # a folder of traces
   kfacperf calibrate --workload resnet50 --out models/workloads/resnet50.toml
+  kfacperf calibrate --published spngd-fig5 spngd-table1 --device v100-spngd \
+      --fit forward.efficiency,backward.efficiency --out my-v100.toml
 
 Trace mode fits, per stage kind, an efficiency against the roofline of the stage's analytic
 FLOPs and bytes plus a fixed per-call overhead (see kfacperf.calibrate.device), prints the fit
@@ -11,6 +13,11 @@ and its error, and writes the device TOML (with the traces' median per-layer tim
 overhead and the host work between stages, [capture_overhead] and [layer_host_us]).  Peaks
 come from --base (a device preset or TOML); by default from the datasheet preset of the
 traced GPU, or nominal per-thread CPU peaks.
+
+Published mode (--published) fits named terms of the device preset --device (STAGE.FIELD or
+inverse_method.METHOD.FIELD; fields efficiency, mem_efficiency, overhead_us, row_us) to the
+calibration cases under published/ whose setup runs on that device, by least squares on the
+log of predicted over measured; held-out cases are refused.
 
 --out never replaces an existing file (a committed preset included) without --force; the
 file is written whole or not at all.
@@ -42,6 +49,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workload-option", type=key_value, action="append", default=[],
                         metavar="KEY=VALUE",
                         help="an option of --workload (VALUE read as JSON, else as a string)")
+    parser.add_argument("--published", nargs="+", metavar="CASE", default=None,
+                        help="fit --device to these published calibration cases instead")
+    parser.add_argument("--device", default=None,
+                        help="with --published: the device preset to fit (as the cases name it)")
+    parser.add_argument("--start-from", default=None, metavar="PRESET",
+                        help="with --published: start from this device's stage terms (marked "
+                             "assumed), keeping --device's peak rates")
+    parser.add_argument("--cluster", default=None, metavar="PRESET",
+                        help="with --published: the cluster preset whose cluster.TIER.FIELD terms "
+                             "are fitted too (written to --cluster-out)")
+    parser.add_argument("--cluster-out", default=None, metavar="TOML",
+                        help="with --cluster: where to write the fitted cluster model")
+    parser.add_argument("--fit", default=None, metavar="TERMS",
+                        help="with --published: comma-separated terms, e.g. "
+                             "forward.efficiency,inverse_method.cholesky.row_us")
     parser.add_argument("--out", default=None, help="where to write the TOML (a new file)")
     parser.add_argument("--force", action="store_true",
                         help="overwrite --out if it exists (a committed preset too)")
@@ -74,6 +96,10 @@ def run(args: argparse.Namespace) -> int:
     from kfacperf.errors import UserError
     from kfacperf.safety import dumps_json
 
+    if args.published is not None or args.start_from:
+        if args.traces or args.workload:
+            raise UserError("give --published cases alone (no TRACE directories, no --workload)")
+        return _run_published(args)
     if args.workload:
         if args.traces:
             raise UserError("give either TRACE directories or --workload, not both")
@@ -131,4 +157,75 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     if args.out:
         print(f"wrote {args.out}")
+    return 0
+
+
+def _run_published(args: argparse.Namespace) -> int:
+    import sys
+    from dataclasses import replace
+
+    from kfacperf.calibrate.published import (
+        carry_terms,
+        describe,
+        fit_device_to_published,
+        fitted_source,
+        parse_term,
+        without_fit_notes,
+    )
+    from kfacperf.errors import UserError
+    from kfacperf.published.cases import load_cases
+    from kfacperf.sim.models import load_device
+    from kfacperf.sim.models.device import save_device_model
+    from kfacperf.sim.models.presets import check_model_out
+
+    if not args.device:
+        raise UserError("--published and --start-from need --device PRESET")
+    if args.out:
+        check_model_out(args.out, force=args.force)
+    if args.cluster_out:
+        check_model_out(args.cluster_out, force=args.force, flag="--cluster-out")
+    device = load_device(args.device)
+    if args.start_from:
+        device = carry_terms(device, load_device(args.start_from))
+    if not args.published:  # carry the terms over, nothing to fit them to
+        if args.fit:
+            raise UserError("--fit needs --published cases to fit to")
+        if args.out:
+            save_device_model(replace(device, name=args.device_name or device.name), args.out)
+            print(f"wrote {args.out}")
+        return 0
+    if not args.fit:
+        raise UserError("--published needs --fit TERM[,TERM...]")
+    terms = [parse_term(t) for t in args.fit.split(",") if t.strip()]
+    cases = load_cases(args.published)
+    cluster = None
+    if any(t.table == "cluster" for t in terms):
+        if not args.cluster:
+            raise UserError("cluster.* terms need --cluster PRESET (and --cluster-out TOML)")
+        from kfacperf.sim.models import load_cluster
+
+        cluster = load_cluster(args.cluster)
+    fit = fit_device_to_published(cases, device, args.device, terms, cluster=cluster,
+                                  cluster_preset=args.cluster or "",
+                                  progress=lambda m: print(m, file=sys.stderr))
+    command = ("kfacperf calibrate --published " + " ".join(args.published)
+               + f" --device {args.device}"
+               + (f" --start-from {args.start_from}" if args.start_from else "")
+               + (f" --cluster {args.cluster}" if cluster is not None else "")
+               + f" --fit {args.fit}")
+    fitted = replace(fit.device, name=args.device_name or fit.device.name,
+                     source=fitted_source(fit, cases, device.source, command))
+    for line in describe(fit):
+        print(line)
+    if args.out:
+        save_device_model(fitted, args.out)
+        print(f"wrote {args.out}")
+    if fit.cluster is not None and args.cluster_out:
+        from kfacperf.sim.models.cluster import save_cluster_model
+
+        labels = ", ".join(t.label for t in terms if t.table == "cluster")
+        note = f"{labels} fitted to published cases {', '.join(args.published)} by `{command}`"
+        save_cluster_model(replace(fit.cluster, source=f"{without_fit_notes(fit.cluster.source)}; "
+                                                       f"{note}"), args.cluster_out)
+        print(f"wrote {args.cluster_out}")
     return 0

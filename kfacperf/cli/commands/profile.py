@@ -38,6 +38,7 @@ def _kl_clip(text: str) -> float | None:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    from kfacperf.precision import DEFAULT_PRECISION, PRECISIONS
     from kfacperf.runtime.config import DEVICES
     from kfacperf.vocab import COMM_DTYPES, INVERSE_METHODS, OPTIMIZERS, PROFILE_STRATEGIES
 
@@ -69,6 +70,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "naming the rank (a dead, stopped or hung rank); a step must also "
                         "finish within it plus min(it, 10 s) (default 60)")
     g.add_argument("--device", choices=DEVICES, default="auto")
+    g.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
+                   help="fp32: IEEE float32 (TF32 off on a GPU); tf32: float32 with TF32 "
+                        "matmuls and convolutions; bf16: forward under bfloat16 autocast "
+                        "(see kfacperf.precision)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--telemetry-interval", type=float, default=0.1,
                    help="seconds between NVML samples (GPU only)")
@@ -112,6 +117,7 @@ def build_config(args: argparse.Namespace):  # -> ProfileConfig
         workload_options=dict(args.workload_option), steps=args.steps, warmup=args.warmup,
         batch_size=args.batch_size, nproc=args.nproc, threads_per_rank=args.threads_per_rank,
         isolate=args.isolate, keep_heap=not args.default_heap, timeout_s=args.timeout, device=args.device, seed=args.seed,
+        precision=args.precision,
         lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
         damping=args.damping, factor_interval=args.factor_interval,
         inverse_interval=args.inverse_interval, inverse_method=args.inverse_method,

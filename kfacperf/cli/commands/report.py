@@ -23,6 +23,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "accuracy section")
     parser.add_argument("--plan", metavar="FILE", default=None,
                         help="a plan written by kfacperf plan --out, shown as the plan section")
+    parser.add_argument("--published", metavar="FILE", default=None,
+                        help="published GPU cases vs prediction, as kfacperf validate --published "
+                             "--out FILE.json wrote them")
     parser.add_argument("--title", default=None, help="page title (default: from the workloads)")
     parser.add_argument("--timeline-step", type=int, default=None, metavar="N",
                         help="measured step to draw as a timeline (default: the first with the most stages)")
@@ -43,19 +46,22 @@ def run(args: argparse.Namespace) -> int:
     from kfacperf.report.inputs import load_predictions, load_runs, load_validation
     from kfacperf.safety import check_output_file
 
-    if not args.traces and not args.predictions and not args.plan:
-        raise UserError("give at least one --trace, --prediction or --plan")
+    if not args.traces and not args.predictions and not args.plan and not args.published:
+        raise UserError("give at least one --trace, --prediction, --plan or --published")
     if args.timeline_gpus is not None and args.timeline_gpus < 1:
         raise UserError(f"--timeline-gpus must be >= 1, got {args.timeline_gpus}")
+    from kfacperf.report.published_section import load_published
+
     check_output_file(args.out, force=args.force)
     if args.screenshot:
         check_output_file(args.screenshot, force=args.force, flag="--screenshot")
     validation = load_validation(args.validation) if args.validation else None
     plan = load_plan(args.plan) if args.plan else None
+    published = load_published(args.published) if args.published else None
     runs, predictions = load_runs(args.traces), load_predictions(args.predictions)
     out = build_report(runs, predictions, args.out, validation, title=args.title,
                        timeline_step=args.timeline_step, timeline_gpus=args.timeline_gpus,
-                       plan=plan)
+                       plan=plan, published=published)
     text = headline_text(runs, predictions)
     if text:
         print(text)

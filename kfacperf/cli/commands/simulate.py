@@ -85,7 +85,13 @@ def parse_gpus(text: str) -> list[int]:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     from kfacperf.sim.models.cluster import V_FORMS
-    from kfacperf.vocab import COMM_DTYPES, COMPUTE_DTYPES, INVERSE_METHODS
+    from kfacperf.vocab import (
+        COMM_DTYPES,
+        COMPUTE_DTYPES,
+        CONV_FACTORS,
+        INVERSE_METHODS,
+        PLACEMENTS,
+    )
 
     m = parser.add_argument_group("models (preset name or TOML path)")
     m.add_argument("--workload", required=True, help="workload model, e.g. resnet50")
@@ -120,6 +126,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
                    help="send factors as upper triangles")
     w.add_argument("--dtype", choices=COMPUTE_DTYPES,
                    help="forward/backward compute precision")
+    w.add_argument("--kfac-dtype", choices=COMPUTE_DTYPES,
+                   help="factor statistics and preconditioning precision (mixed-precision "
+                        "factors: bf16, which is fp16 on a V100)")
+    w.add_argument("--precond-comm-dtype", choices=COMM_DTYPES,
+                   help="precision of the preconditioned gradients sent back")
+    w.add_argument("--placement", choices=PLACEMENTS,
+                   help="SP-NGD's owners: balanced by cost (default) or contiguous runs of the "
+                        "layers sorted by name (SP-NGD's Chainer code)")
+    w.add_argument("--conv-factors", choices=CONV_FACTORS,
+                   help="how conv A factors are computed: displacement Grams (default, this "
+                        "project's optimizer) or unfolded patches (im2col)")
+    w.add_argument("--statistics-fraction", type=float, metavar="F",
+                   help="share of the layers whose statistics a factor step refreshes, in "
+                        "(0, 1] (stale statistics; default 1)")
     w.add_argument("--v-form", choices=V_FORMS,
                    help="cost form of reduce-scatter-v / all-gather-v")
     w.add_argument("--threads-per-rank", type=int, help="CPU threads per rank (CPU clusters)")
@@ -144,7 +164,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["fisher"] = args.fisher
     pairs = (("bandwidth_scale", "bandwidth_scale"), ("latency_scale", "alpha_scale"),
              ("compute_scale", "compute_scale"), ("comm_dtype", "comm_dtype"),
-             ("dtype", "dtype"), ("v_form", "v_form"), ("threads_per_rank", "threads_per_rank"))
+             ("dtype", "dtype"), ("v_form", "v_form"), ("threads_per_rank", "threads_per_rank"),
+             ("kfac_dtype", "kfac_dtype"), ("precond_comm_dtype", "precond_dtype"),
+             ("statistics_fraction", "statistics_fraction"), ("placement", "placement"),
+             ("conv_factors", "conv_factors"))
     for flag, option in pairs:
         value = getattr(args, flag)
         if value is not None:

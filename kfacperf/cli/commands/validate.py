@@ -2,6 +2,8 @@
 
   kfacperf validate --calibrate traces/reference/p1 --holdout traces/reference/p2 \\
       --cluster models/clusters/local-cpu.toml
+  kfacperf validate --published                       # every published GPU case
+  kfacperf validate --published spngd-fig5 --json     # one case, as JSON
 
 Calibrates the device model from the --calibrate traces only (a folder of trace directories
 stands for all of them), then simulates every --holdout run with its own settings (workload,
@@ -12,6 +14,12 @@ pooled into one run: "rec" says how many, "spread" how far apart their step time
 --json prints the same as JSON (ending with the median and worst step-time error);
 --out writes the per-run table for `kfacperf report --validation` (.parquet, .csv or .json);
 an existing file is replaced only with --force.
+
+--published [CASE ...] instead predicts published GPU measurements (published/*.toml; all of
+them without names) from the setup each states, and prints per point measured, predicted and
+error, and per series the median and worst |error|; each case says whether it belongs to the
+calibration set (presets were fitted to it) or is held out (never fitted).  --out FILE.json
+writes it for `kfacperf report --published`.
 """
 from __future__ import annotations
 
@@ -19,10 +27,15 @@ import argparse
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--calibrate", nargs="+", required=True, metavar="TRACE",
+    parser.add_argument("--calibrate", nargs="+", metavar="TRACE",
                         help="traces to fit the device model to (a folder of traces: all of them)")
-    parser.add_argument("--holdout", nargs="+", required=True, metavar="TRACE",
+    parser.add_argument("--holdout", nargs="+", metavar="TRACE",
                         help="measured runs to predict (never used for calibration)")
+    parser.add_argument("--published", nargs="*", metavar="CASE", default=None,
+                        help="predict published GPU measurements instead (case names under "
+                             "published/, or TOML paths; none: every case)")
+    parser.add_argument("--role", choices=("calibration", "held-out"), default=None,
+                        help="with --published: only the cases of this role")
     parser.add_argument("--cluster", default=None,
                         help="cluster model, preset or TOML (default: the local-cpu preset)")
     parser.add_argument("--workload-model", action="append", default=[], metavar="TOML",
@@ -122,10 +135,43 @@ def write_out(result: object, path: str, *, force: bool = False) -> None:
             runs.to_csv(tmp, index=False)
 
 
+def _run_published(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from kfacperf.errors import UserError
+    from kfacperf.safety import atomic_write_text, check_output_file, dumps_json
+    from kfacperf.validation.published import validate_published
+
+    if args.calibrate or args.holdout:
+        raise UserError("--published predicts published cases: give it without --calibrate "
+                        "and --holdout")
+    if args.out:
+        check_output_file(args.out, force=args.force)
+        if Path(args.out).suffix.lower() != ".json":
+            raise UserError(f"--out {args.out}: with --published, write a .json file")
+    result = validate_published(args.published or None,
+                                roles=[args.role] if args.role else None)
+    data = result.to_dict()
+    if args.out:
+        atomic_write_text(args.out, dumps_json(data, indent=1) + "\n")
+    if args.json:
+        print(dumps_json(data, indent=1))
+    else:
+        print(result.table())
+        if args.out:
+            print(f"wrote {args.out}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    from kfacperf.errors import UserError
     from kfacperf.safety import dumps_json
     from kfacperf.validation import validate
 
+    if args.published is not None:
+        return _run_published(args)
+    if not args.calibrate or not args.holdout:
+        raise UserError("give --calibrate TRACE... and --holdout TRACE... (or --published)")
     if args.out:
         check_out(args.out, force=args.force)
     result = validate(args.calibrate, args.holdout, cluster=args.cluster,

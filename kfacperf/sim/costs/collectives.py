@@ -25,7 +25,12 @@ per-byte cost ``max(beta_intra, beta_inter / g)`` (a node's ``g`` ranks share it
 
 Uneven reduce-scatter-v / all-gather-v with blocks ``m_i`` (SP-NGD): ``padded`` runs the even
 collective on ``p * max(m)`` bytes; ``pipelined`` is the chunked-ring bound
-``(p-1)a + (sum(m) - min(m)) b``.
+``(p-1)a + (sum(m) - min(m)) b``; ``allreduce`` is one all-reduce of ``sum(m)`` bytes.
+
+A cluster with an ``nccl`` version runs the even collectives through NCCL's own tuning model
+(:mod:`kfacperf.sim.costs.nccl`) instead of the tiers' algorithms; its pipelined v-forms use
+NCCL's ring/Simple latency (a step per rank, NVLink inside nodes, the network between) and
+the group's bus bandwidth.
 """
 from __future__ import annotations
 
@@ -33,8 +38,11 @@ import math
 from collections.abc import Sequence
 
 from kfacperf import vocab as S
-from kfacperf.sim.models.cluster import ALGORITHMS, OPS, V_FORMS, ClusterModel
+from kfacperf.sim.costs.nccl import PROFILES, nccl_choice, ring_latency
+from kfacperf.sim.models.cluster import ALGORITHMS, NCCL_VERSIONS, OPS, V_FORMS, ClusterModel
 from kfacperf.vocab import V_OPS
+
+assert set(PROFILES) == set(NCCL_VERSIONS)
 
 ALL_OPS: tuple[str, ...] = S.ALL_COLLECTIVE_OPS
 
@@ -160,6 +168,8 @@ def group_collective_us(
     p, n = group_size, float(nbytes)
     if p == 1 or n == 0:
         return 0.0
+    if cluster.nccl:
+        return _nccl_us(cluster, op, n, p, nodes)
     if nodes == 1:
         return _tier_us(cluster, "intra", op, p, n)
     g = -(-p // nodes)  # ranks on the fullest node
@@ -190,6 +200,19 @@ def hierarchical_phases(op: str, group_size: int, nodes: int,
     if op == "broadcast":
         return (("inter", "broadcast", nodes, n), ("intra", "broadcast", g, n))
     raise ValueError(f"no two-level form of {op!r}; collectives: {', '.join(OPS)}")
+
+
+def _nccl_us(cluster: ClusterModel, op: str, n: float, p: int, nodes: int) -> float:
+    intra, node_net = _nccl_bandwidths(cluster, op, p, nodes)
+    return nccl_choice(PROFILES[cluster.nccl], op, n, ranks=p, nodes=nodes, intra_GBps=intra,
+                       node_net_GBps=node_net).time_us
+
+
+def _nccl_bandwidths(cluster: ClusterModel, op: str, p: int, nodes: int) -> tuple[float, float]:
+    """(bus bandwidth inside a node, a node's network bandwidth for a group of ``p`` ranks)."""
+    per_node = -(-p // nodes)
+    return (cluster.intra.params(op).bandwidth_GBps,
+            cluster.inter.params(op).bandwidth_GBps * per_node)
 
 
 def _tier_us(cluster: ClusterModel, tier: str, op: str, p: int, n: float) -> float:
@@ -223,6 +246,13 @@ def _v_collective_us(
         return 0.0
     if v_form == "padded":
         return group_collective_us(cluster, base, p * max(sizes), group_size=p, nodes=nodes)
+    if v_form == "allreduce":
+        return group_collective_us(cluster, "all_reduce", sum(sizes), group_size=p, nodes=nodes)
+    if cluster.nccl:
+        intra, node_net = _nccl_bandwidths(cluster, base, p, nodes)
+        bus = min(intra, node_net) if nodes > 1 else intra
+        latency = ring_latency(PROFILES[cluster.nccl], ranks=p, nodes=nodes)
+        return latency + (sum(sizes) - min(sizes)) / (bus * 1e3)
     if nodes == 1:
         prm = cluster.intra.params(base)
         alpha, beta = prm.alpha_us, prm.beta_us_per_byte

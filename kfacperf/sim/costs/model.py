@@ -70,6 +70,9 @@ from kfacperf.sim.models.device import DTYPES, INVERSE_METHODS, STAGE_KINDS, Dev
 from kfacperf.sim.models.host import HostDelays
 from kfacperf.sim.models.workload import BATCHNORM, LayerModel, WorkloadModel
 
+STATISTICS_STAGES = (S.FACTOR_COMPUTE, S.INVERSE)
+"""Stages a factor step does only for the layers whose statistics it refreshes."""
+
 
 def dtype_bytes(dtype: str) -> int:
     return DTYPE_BYTES[S.check_choice("dtype", dtype, tuple(DTYPE_BYTES))]
@@ -88,6 +91,7 @@ class Regressors:
     compute_us: float  # sum over phases of FLOPs / peak
     memory_us: float  # sum over phases of bytes / memory bandwidth
     roofline_us: float  # sum over phases of max(compute, memory)
+    rows: int = 0  # rows of the matrices factorised (the device's row_us applies per row)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,7 +102,11 @@ class CostOptions:
     kfac_dtype: str = "fp32"
     inverse_method: str = "eigen"
     comm_dtype: str = "fp32"
+    precond_dtype: str = "fp32"
     symmetric_factors: bool = False
+    statistics_fraction: float = 1.0
+    placement: str = "balanced"  # checked by the step graphs' CommSettings
+    conv_factors: str = "displacement"
     v_form: str | None = None
     bandwidth_scale: float = 1.0
     alpha_scale: float = 1.0
@@ -116,6 +124,12 @@ class CostOptions:
             S.check_choice(key, getattr(self, key), DTYPES)
         S.check_choice("inverse_method", self.inverse_method, INVERSE_METHODS)
         S.check_choice("comm_dtype", self.comm_dtype, S.COMM_DTYPES)
+        S.check_choice("precond_dtype", self.precond_dtype, S.COMM_DTYPES)
+        S.check_choice("conv_factors", self.conv_factors, S.CONV_FACTORS)
+        S.check_choice("placement", self.placement, S.PLACEMENTS)
+        f = self.statistics_fraction
+        if isinstance(f, bool) or not (isinstance(f, (int, float)) and 0 < f <= 1):
+            raise ValueError(f"statistics_fraction must be in (0, 1], got {f!r}")
         if self.v_form not in (None, *V_FORMS):
             raise ValueError(f"v_form must be one of {V_FORMS} (or None: the cluster's), "
                              f"got {self.v_form!r}")
@@ -253,6 +267,8 @@ class CostModel:
         if self.options.use_measured and (layer is None or layer.kind != BATCHNORM):
             t *= self._measured_ratio(stage, layer, batch, w)
         t = t * self.stage_slowdown[stage] / self.options.compute_scale
+        if stage in STATISTICS_STAGES:  # stale statistics: only some layers are refreshed
+            t *= self.options.statistics_fraction
         self._compute_cache[key] = t
         return t
 
@@ -271,7 +287,8 @@ class CostModel:
         compute = [p.flops / self.device.peak_flops_per_us(p.dtype) for p in phases]
         memory = [p.nbytes / self.device.mem_bytes_per_us for p in phases]
         return Regressors(calls=calls, compute_us=sum(compute), memory_us=sum(memory),
-                          roofline_us=sum(max(c, m) for c, m in zip(compute, memory)))
+                          roofline_us=sum(max(c, m) for c, m in zip(compute, memory)),
+                          rows=sum(p.n for p in phases))
 
     def _method_key(self, stage: str, method: str) -> str:
         return method if stage in (S.INVERSE, S.PRECONDITION) else ""
@@ -287,12 +304,13 @@ class CostModel:
         o = self.options
         return stage_phases(stage, layer, batch=batch, workload=workload or self.workload,
                             act_dtype=o.dtype, kfac_dtype=o.kfac_dtype,
-                            inverse_method=o.inverse_method, bn_blocks=o.bn_blocks)
+                            inverse_method=o.inverse_method, conv_factors=o.conv_factors,
+                            bn_blocks=o.bn_blocks)
 
     def _model_us(self, stage: str, layer: LayerModel | None, batch: int,
                   w: WorkloadModel) -> float:
         phases, calls = self._phases(stage, layer, batch, w)
-        eff = self.device.stage(stage)
+        eff = self.device.stage(stage, self.options.inverse_method)
         peak_c = [p.flops / (self.device.peak_flops_per_us(p.dtype) * eff.efficiency)
                   for p in phases]
         peak_m = [p.nbytes / (self.device.mem_bytes_per_us * eff.mem_efficiency) for p in phases]
@@ -300,7 +318,7 @@ class CostModel:
             body = sum(max(c, m) for c, m in zip(peak_c, peak_m))
         else:
             body = sum(peak_c) + sum(peak_m)
-        return eff.overhead_us * calls + body
+        return eff.overhead_us * calls + eff.row_us * sum(p.n for p in phases) + body
 
     def _measured_ratio(self, stage: str, layer: LayerModel | None, batch: int,
                         w: WorkloadModel) -> float:

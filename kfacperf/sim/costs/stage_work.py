@@ -40,7 +40,11 @@ precondition       unit 8 C; full: eigen 4 (2C)^2, cholesky     4 (numel F + 4C)
 =================  ===========================================  ===============================
 
 Inverse phases carry the matrix side ``n`` and the number of matrices ``count`` they invert
-(a unit-wise layer: C 2x2 matrices in one call), so a size-dependent inverse cost can apply.
+(a unit-wise layer: C 2x2 matrices in one call; a Kronecker-factored layer: one phase for A,
+one for G), so a size-dependent inverse cost can apply: GPU factorisations walk a matrix panel
+by panel, a few dependent kernel launches per panel, so part of their time grows with ``n``
+however fast the arithmetic (the device's ``row_us``, once per phase: a batched call walks its
+matrices together).
 
 ``s`` is the activation dtype's size.  The constants 9 (symmetric eigendecomposition with
 vectors, Golub & Van Loan) and 1 (Cholesky plus inverse) only set the eigen/cholesky ratio; a
@@ -91,12 +95,20 @@ def fwd_flops(l: LayerModel, w: WorkloadModel) -> float:
     return l.fwd_flops_per_example + share * w.other_fwd_flops_per_example
 
 
-def factor_phases(l: LayerModel, batch: int, dtype: str = "fp32") -> list[Phase]:
+def factor_phases(l: LayerModel, batch: int, dtype: str = "fp32",
+                  conv_factors: str = "displacement") -> list[Phase]:
     """Phases of one layer's factor statistics and running averages (see the module doc)."""
+    S.check_choice("conv_factors", conv_factors, S.CONV_FACTORS)
     da, dg = l.dim_a, l.dim_g
     rows = batch * l.rows_per_example
     running = Phase(3.0 * (da * da + dg * dg), FP32 * 3.0 * (da * da + dg * dg), dtype)
     c = l.conv
+    if c is not None and conv_factors == "im2col":
+        size = DTYPE_BYTES[dtype]
+        return [Phase(0.0, 2.0 * size * rows * da, dtype),
+                Phase(2.0 * rows * (da * da + dg * dg),
+                      size * rows * (da + dg) + FP32 * (da * da + dg * dg), dtype),
+                running]
     if c is None:
         return [Phase(2.0 * rows * (da * da + dg * dg),
                       FP32 * (rows * (da + dg) + 3 * (da * da + dg * dg)), dtype)]
@@ -147,7 +159,8 @@ def batchnorm_phases(stage: str, l: LayerModel, *, batch: int, bn_blocks: str,
 
 def layer_phases(
     stage: str, l: LayerModel, *, batch: int, workload: WorkloadModel, act_dtype: str,
-    kfac_dtype: str, inverse_method: str, bn_blocks: str = S.BN_NONE,
+    kfac_dtype: str, inverse_method: str, conv_factors: str = "displacement",
+    bn_blocks: str = S.BN_NONE,
 ) -> list[Phase]:
     """Phases of one call of ``stage`` on layer ``l`` (its share, for whole-model stages)."""
     if l.kind == BATCHNORM:
@@ -160,10 +173,10 @@ def layer_phases(
         return [Phase(k * batch * fwd_flops(l, workload),
                       k * DTYPE_BYTES[act_dtype] * traffic, act_dtype)]
     if stage == S.FACTOR_COMPUTE:
-        return factor_phases(l, batch, kfac_dtype)
+        return factor_phases(l, batch, kfac_dtype, conv_factors)
     if stage == S.INVERSE:  # eigensolvers and Cholesky run in fp32
-        return [Phase(INVERSE_FLOPS_PER_D3[inverse_method] * (da ** 3 + dg ** 3),
-                      FP32 * 3 * (da * da + dg * dg), "fp32")]
+        k = INVERSE_FLOPS_PER_D3[inverse_method]
+        return [Phase(k * d ** 3, FP32 * 3 * d * d, "fp32", n=d) for d in (da, dg)]
     if stage == S.PRECONDITION:
         return [Phase(PRECOND_FLOPS_FACTOR[inverse_method] * da * dg * (da + dg),
                       FP32 * (da * da + dg * dg + 3 * da * dg), kfac_dtype)]
@@ -175,7 +188,7 @@ def layer_phases(
 def stage_phases(
     stage: str, layer: LayerModel | None, *, batch: int, workload: WorkloadModel,
     act_dtype: str = "fp32", kfac_dtype: str = "fp32", inverse_method: str = "eigen",
-    bn_blocks: str = S.BN_NONE,
+    conv_factors: str = "displacement", bn_blocks: str = S.BN_NONE,
 ) -> tuple[list[Phase], int]:
     """``(phases, calls)`` of ``stage`` on ``layer``, or on the whole model (``None``).
 
@@ -184,7 +197,7 @@ def stage_phases(
     is one fused call over every parameter.
     """
     kw = dict(batch=batch, workload=workload, act_dtype=act_dtype, kfac_dtype=kfac_dtype,
-              inverse_method=inverse_method)
+              inverse_method=inverse_method, conv_factors=conv_factors)
     if layer is not None:
         phases = layer_phases(stage, layer, bn_blocks=bn_blocks, **kw)
         return phases, 1 if phases else 0

@@ -149,6 +149,23 @@ def spngd_placement(costs: Sequence[float], world_size: int) -> Placement:
     )
 
 
+def contiguous_placement(names: Sequence[str], world_size: int) -> Placement:
+    """Owners of layers sorted by name, in ``world_size`` contiguous runs (array_split)."""
+    if world_size < 1:
+        raise ValueError(f"number of GPUs must be >= 1, got {world_size}")
+    order = sorted(range(len(names)), key=lambda i: names[i])
+    base, extra = divmod(len(names), world_size)
+    owner = [0] * len(names)
+    pos = 0
+    for rank in range(min(world_size, len(names))):
+        take = base + (1 if rank < extra else 0)
+        for i in order[pos:pos + take]:
+            owner[i] = rank
+        pos += take
+    return Placement(world_size=world_size, gw=1, column=tuple(owner),
+                     inverse_worker=tuple(owner))
+
+
 def nodes_spanned(first: int, count: int, stride: int, gpus_per_node: int) -> int:
     """Distinct nodes of the ranks ``first + k * stride`` (k < count), ranks packed by node."""
     if count <= 0:

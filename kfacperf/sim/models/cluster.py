@@ -30,7 +30,16 @@ Units and meaning:
   phase, inter-node phase on the inter tier, intra-node phase) or ``flat`` (the inter tier's
   algorithm over all ranks, every step paced by the slowest link).
 * ``v_collectives``: how uneven reduce-scatter-v / all-gather-v are run: ``padded`` to the
-  largest block, or ``pipelined`` (chunked ring, bound by total minus smallest block).
+  largest block, ``pipelined`` (chunked ring, bound by total minus smallest block), or
+  ``allreduce``: one all-reduce of every block, each rank keeping its own (SP-NGD's Chainer
+  implementation packed all blocks into one buffer and all-reduced it; its all-gather-v was an
+  all-reduce of a zero-filled buffer).
+* ``nccl`` (optional): the NCCL version whose tuning model runs the collectives
+  (:mod:`kfacperf.sim.costs.nccl`: ring or tree, LL/LL128/Simple, chosen per call as NCCL
+  does).  Then the tiers give only the bandwidths (``intra``: bus bandwidth inside a node;
+  ``inter``: each GPU's share of its node's network) and NCCL's own constants the latencies;
+  without it every tier's ``alpha_us`` and per-collective algorithm apply (gloo, fitted
+  commbench models).
 * ``[host]`` (optional): the host model (:mod:`kfacperf.sim.models.host`), where ranks share
   CPU cores and so slow each other and wait for each other; absent, every rank has a
   dedicated device (every GPU preset).  Not part of the network: the tiers above describe
@@ -65,7 +74,9 @@ ALGORITHMS: dict[str, tuple[str, ...]] = {
     "broadcast": ("tree", "ring", "halving_doubling"),
 }
 MULTI_NODE_FORMS: tuple[str, ...] = ("hierarchical", "flat")
-V_FORMS: tuple[str, ...] = ("padded", "pipelined")
+V_FORMS: tuple[str, ...] = ("padded", "pipelined", "allreduce")
+NCCL_VERSIONS: tuple[str, ...] = ("2.8", "2.18")
+"""NCCL tuning models the simulator knows (:mod:`kfacperf.sim.costs.nccl`)."""
 TIERS: tuple[str, ...] = ("intra", "inter")
 FORMAT = "kfacperf-cluster-2"
 FORMAT_V1 = "kfacperf-cluster-1"
@@ -138,6 +149,7 @@ class ClusterModel:
     inter: Tier
     multi_node: Mapping[str, str]
     v_collectives: str = "padded"
+    nccl: str = ""
     host: HostModel | None = None
     source: str = ""
     description: str = ""
@@ -151,6 +163,9 @@ class ClusterModel:
         object.__setattr__(self, "multi_node", {op: self.multi_node[op] for op in OPS})
         if self.v_collectives not in V_FORMS:
             raise ValueError(f"cluster {self.name!r}: v_collectives not in {V_FORMS}")
+        if self.nccl not in ("", *NCCL_VERSIONS):
+            raise ValueError(f"cluster {self.name!r}: nccl must be one of "
+                             f"{', '.join(NCCL_VERSIONS)} (or absent), got {self.nccl!r}")
 
     def tier(self, name: str) -> Tier:
         if name not in TIERS:
@@ -215,6 +230,7 @@ def load_cluster_model(path: str | Path) -> ClusterModel:
     source = root.str("source", nonempty=False)
     gpus_per_node = root.int("gpus_per_node", minimum=1)
     v_form = root.str("v_collectives", choices=V_FORMS)
+    nccl = root.str("nccl", choices=NCCL_VERSIONS) if root.has("nccl") else ""
     mn = root.table("multi_node")
     multi_node = {op: mn.str(op, choices=MULTI_NODE_FORMS) for op in OPS}
     mn.done()
@@ -230,7 +246,7 @@ def load_cluster_model(path: str | Path) -> ClusterModel:
     root.done()
     return ClusterModel(
         name=name, gpus_per_node=gpus_per_node, intra=intra, inter=inter,
-        multi_node=multi_node, v_collectives=v_form, host=host, source=source,
+        multi_node=multi_node, v_collectives=v_form, nccl=nccl, host=host, source=source,
         description=description,
     )
 
@@ -259,6 +275,7 @@ def cluster_model_to_dict(model: ClusterModel) -> dict[str, Any]:
         "source": model.source,
         "gpus_per_node": model.gpus_per_node,
         "v_collectives": model.v_collectives,
+        **({"nccl": model.nccl} if model.nccl else {}),
         "multi_node": dict(model.multi_node),
     }
     if model.host is not None:  # absent: dedicated devices

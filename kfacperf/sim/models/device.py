@@ -5,26 +5,40 @@ API (stable)::
     STAGE_KINDS = ("forward", "backward", "factor_compute", "inverse", "precondition", "update")
     DTYPES = ("fp32", "tf32", "bf16")
     MODES = ("roofline", "additive")
-    StageEfficiency(*, efficiency: float, mem_efficiency: float, overhead_us: float, assumed: bool)
+    StageEfficiency(*, efficiency: float, mem_efficiency: float, overhead_us: float, assumed: bool,
+                    row_us: float = 0.0)
     MeasuredTime(*, workload, stage, layer, batch, inverse_method, time_us)
     DeviceModel(*, name, fp32_tflops, tf32_tflops, bf16_tflops, mem_bandwidth_GBps,
                 stages: Mapping[str, StageEfficiency], mode: str = "roofline",
                 measured: tuple[MeasuredTime, ...] = (), source: str = "", description: str = "",
                 capture_overhead: Mapping[str, float] = {},
                 layer_host_us: Mapping[str, float] = {},
+                inverse_methods: Mapping[str, StageEfficiency] = {},
                 memory_GB: float = 0.0, memory_source: str = "")
         .peak_flops_per_us(dtype) -> float   .mem_bytes_per_us -> float
         .capture_scale(kind) -> float        .host_us(step) -> float
-        .stage(kind) -> StageEfficiency      .with_stages(**{kind: StageEfficiency}) -> DeviceModel
+        .stage(kind, inverse_method=None) -> StageEfficiency
+        .with_stages(**{kind: StageEfficiency}) -> DeviceModel
     load_device_model(path) -> DeviceModel  (strict)      save_device_model(model, path) -> Path
 
 A call of a stage of kind ``k`` whose phases (:mod:`kfacperf.sim.costs.stage_work`) do ``F_i``
 FLOPs and move ``B_i`` bytes takes (:mod:`kfacperf.sim.costs.model`)::
 
-    roofline:  overhead_us[k] + sum_i max(F_i / (peak * efficiency[k]),
-                                          B_i / (mem_bandwidth * mem_efficiency[k]))
-    additive:  overhead_us[k] + sum_i F_i / (peak * efficiency[k])
-                              + sum_i B_i / (mem_bandwidth * mem_efficiency[k])
+    roofline:  overhead_us[k] + row_us[k] R + sum_i max(F_i / (peak * efficiency[k]),
+                                                    B_i / (mem_bandwidth * mem_efficiency[k]))
+    additive:  overhead_us[k] + row_us[k] R + sum_i F_i / (peak * efficiency[k])
+                                            + sum_i B_i / (mem_bandwidth * mem_efficiency[k])
+
+``R`` is the rows of the matrices the call factorises (the inverse: ``dA + dG``; 0 for every
+other stage), ``row_us`` (optional, 0 when absent) the time per row.  A GPU factorisation is
+latency-bound well past the sizes K-FAC inverts: blocked Cholesky and the eigensolvers' panel
+steps are a few dependent kernel launches each, so ``overhead + row_us n`` dominates below
+n ~ 2,000 and FLOPs / (peak efficiency) only above (on a V100, a BERT-Large block's twelve
+Cholesky inverses of sides 1,024 and 4,096 ran at 12 % of the fp32 peak).  One efficiency
+times FLOPs cannot fit both small and large layers; these three terms can.  Eigensolvers
+and Cholesky differ in that floor by an order of magnitude, so an optional
+``[inverse_method.<eigen|cholesky>]`` table gives the inverse stage's terms for one method
+(absent: ``[stages.inverse]`` applies to both).
 
 ``roofline`` suits GPUs, whose kernels overlap arithmetic and memory traffic; ``additive``
 ("no overlap", as Calculon's ``processing_mode``) suits CPU kernels such as strided reductions
@@ -80,13 +94,17 @@ class StageEfficiency:
     mem_efficiency: float
     overhead_us: float
     assumed: bool
+    row_us: float = 0.0
+    """Time per row of a factorised matrix (the inverse stage's phases carry their rows)."""
 
     def __post_init__(self) -> None:
         for key in ("efficiency", "mem_efficiency"):
             if not 0 < getattr(self, key) <= 1:
                 raise ValueError(f"{key} must be in (0, 1], got {getattr(self, key)}")
-        if self.overhead_us < 0:
-            raise ValueError(f"overhead_us must be >= 0, got {self.overhead_us}")
+        for key in ("overhead_us", "row_us"):
+            value = getattr(self, key)
+            if not (isinstance(value, (int, float)) and 0 <= value < float("inf")):
+                raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,6 +148,7 @@ class DeviceModel:
     description: str = ""
     capture_overhead: Mapping[str, float] = field(default_factory=dict)
     layer_host_us: Mapping[str, float] = field(default_factory=dict)
+    inverse_methods: Mapping[str, StageEfficiency] = field(default_factory=dict)
     memory_GB: float = 0.0
     """Memory of one device in GB (10^9 bytes); 0 when unknown."""
     memory_source: str = ""
@@ -160,6 +179,12 @@ class DeviceModel:
             "capture_overhead", self.capture_overhead, CAPTURE_STAGES))
         object.__setattr__(self, "layer_host_us", self._nonnegative_table(
             "layer_host_us", self.layer_host_us, HOST_STEPS))
+        unknown = [m for m in self.inverse_methods if m not in INVERSE_METHODS]
+        if unknown:
+            raise ValueError(f"device {self.name!r}: inverse_method.{unknown[0]} is not an "
+                             f"inverse method; known: {', '.join(INVERSE_METHODS)}")
+        object.__setattr__(self, "inverse_methods", {
+            m: self.inverse_methods[m] for m in INVERSE_METHODS if m in self.inverse_methods})
         rates = {"fp32": self.fp32_tflops, "tf32": self.tf32_tflops, "bf16": self.bf16_tflops}
         object.__setattr__(self, "_rates", rates)
 
@@ -199,7 +224,11 @@ class DeviceModel:
             raise ValueError(f"no host step {step!r}; known: {', '.join(HOST_STEPS)}")
         return self.layer_host_us.get(step, 0.0)
 
-    def stage(self, kind: str) -> StageEfficiency:
+    def stage(self, kind: str, inverse_method: str | None = None) -> StageEfficiency:
+        """The efficiency of stage ``kind``; for the inverse, that of ``inverse_method`` when
+        the device has one of its own (``[inverse_method.<name>]``)."""
+        if kind == S.INVERSE and inverse_method in self.inverse_methods:
+            return self.inverse_methods[inverse_method]
         try:
             return self.stages[kind]
         except KeyError:
@@ -228,17 +257,16 @@ def load_device_model(path: str | Path) -> DeviceModel:
     )
     peak.done()
     st = root.table("stages")
-    stages: dict[str, StageEfficiency] = {}
-    for kind in STAGE_KINDS:
-        t = st.table(kind)
-        stages[kind] = StageEfficiency(
-            efficiency=t.float("efficiency", positive=True, maximum=1.0),
-            mem_efficiency=t.float("mem_efficiency", positive=True, maximum=1.0),
-            overhead_us=t.float("overhead_us", nonnegative=True),
-            assumed=t.bool("assumed"),
-        )
-        t.done()
+    stages = {kind: _efficiency_from_table(st.table(kind)) for kind in STAGE_KINDS}
     st.done()
+    methods: dict[str, StageEfficiency] = {}
+    if root.has("inverse_method"):
+        mt = root.table("inverse_method")
+        for key in mt.keys():
+            if key not in INVERSE_METHODS:
+                raise mt.error(key, f"unknown inverse method; known: {', '.join(INVERSE_METHODS)}")
+            methods[key] = _efficiency_from_table(mt.table(key))
+        mt.done()
     measured: list[MeasuredTime] = []
     if root.has("measured"):
         for t in root.tables("measured"):
@@ -265,8 +293,30 @@ def load_device_model(path: str | Path) -> DeviceModel:
     return DeviceModel(
         name=name, stages=stages, mode=mode, measured=tuple(measured), source=source,
         description=description, capture_overhead=capture, layer_host_us=host,
-        memory_GB=memory_GB, memory_source=memory_source, **rates,
+        inverse_methods=methods, memory_GB=memory_GB, memory_source=memory_source, **rates,
     )
+
+
+def _efficiency_from_table(t: Any) -> StageEfficiency:
+    eff = StageEfficiency(
+        efficiency=t.float("efficiency", positive=True, maximum=1.0),
+        mem_efficiency=t.float("mem_efficiency", positive=True, maximum=1.0),
+        overhead_us=t.float("overhead_us", nonnegative=True),
+        assumed=t.bool("assumed"),
+        row_us=t.float("row_us", nonnegative=True) if t.has("row_us") else 0.0,
+    )
+    t.done()
+    return eff
+
+
+def _efficiency_to_dict(s: StageEfficiency) -> dict[str, Any]:
+    out: dict[str, Any] = {"efficiency": float(s.efficiency),
+                           "mem_efficiency": float(s.mem_efficiency),
+                           "overhead_us": float(s.overhead_us)}
+    if s.row_us:  # absent: 0
+        out["row_us"] = float(s.row_us)
+    out["assumed"] = s.assumed
+    return out
 
 
 def _optional_nonnegative(root: Any, name: str, keys: tuple[str, ...]) -> dict[str, float]:
@@ -292,16 +342,11 @@ def device_model_to_dict(model: DeviceModel) -> dict[str, Any]:
             "bf16_tflops": float(model.bf16_tflops),
             "mem_bandwidth_GBps": float(model.mem_bandwidth_GBps),
         },
-        "stages": {
-            k: {
-                "efficiency": float(s.efficiency),
-                "mem_efficiency": float(s.mem_efficiency),
-                "overhead_us": float(s.overhead_us),
-                "assumed": s.assumed,
-            }
-            for k, s in model.stages.items()
-        },
+        "stages": {k: _efficiency_to_dict(s) for k, s in model.stages.items()},
     }
+    if model.inverse_methods:
+        data["inverse_method"] = {m: _efficiency_to_dict(s)
+                                  for m, s in model.inverse_methods.items()}
     if model.capture_overhead:
         data["capture_overhead"] = dict(model.capture_overhead)
     if model.layer_host_us:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from kfacperf import vocab as S
 from kfacperf.sim.costs import blocks
@@ -39,6 +40,15 @@ class CommSettings:
     factor_dtype: str = "fp32"
     symmetric: bool = False
     inverse_method: str = "eigen"
+    precond_dtype: str = "fp32"
+    """Precision of the preconditioned gradients sent back (SP-NGD's all-gather-v, KAISA's
+    broadcast); SP-NGD sent them in fp16."""
+    statistics_fraction: float = 1.0
+    """Share of the layers whose statistics a factor step refreshes and sends (SP-NGD's stale
+    statistics skip layers whose factors barely changed; 1: every layer)."""
+    placement: str = "balanced"
+    """SP-NGD's owners: balanced by cost, or contiguous runs of layers sorted by name
+    (:data:`kfacperf.vocab.PLACEMENTS`)."""
     factor_bucket_mb: float = 25.0
     ddp_bucket_mb: float = 25.0
     ddp_first_bucket_mb: float = 25.0
@@ -48,6 +58,11 @@ class CommSettings:
     def __post_init__(self) -> None:
         S.check_choice("comm dtype", self.factor_dtype, S.COMM_DTYPES)
         S.check_choice("inverse method", self.inverse_method, S.INVERSE_METHODS)
+        S.check_choice("comm dtype", self.precond_dtype, S.COMM_DTYPES)
+        S.check_choice("placement", self.placement, S.PLACEMENTS)
+        f = self.statistics_fraction
+        if isinstance(f, bool) or not (isinstance(f, (int, float)) and 0 < f <= 1):
+            raise ValueError(f"statistics_fraction must be in (0, 1], got {f!r}")
         for key in ("factor_bucket_mb", "ddp_bucket_mb", "ddp_first_bucket_mb"):
             v = getattr(self, key)
             if isinstance(v, bool) or not 0 <= v <= MAX_BUCKET_MB:
@@ -57,7 +72,23 @@ class CommSettings:
         return n * (n + 1) // 2 if self.symmetric else n * n
 
     def factor_comm_bytes(self, n: int) -> int:
-        return self.factor_elems(n) * COMM_DTYPE_BYTES[self.factor_dtype]
+        """Bytes of one factor as sent, in expectation over the layers a step refreshes."""
+        return round(self.factor_elems(n) * COMM_DTYPE_BYTES[self.factor_dtype]
+                     * self.statistics_fraction)
+
+
+def comm_settings(options: Any, *, bucket_mb: float = 25.0, **chosen: Any) -> CommSettings:
+    """How the optimizer communicates, from a cost model's options (``comm_dtype``,
+    ``symmetric_factors``, ``inverse_method``, ``precond_dtype``, ``statistics_fraction``,
+    ``placement``) and one bucket size for factors and DDP; ``chosen`` overrides fields (what
+    a search varies)."""
+    fields = dict(factor_dtype=options.comm_dtype, symmetric=options.symmetric_factors,
+                  inverse_method=options.inverse_method, precond_dtype=options.precond_dtype,
+                  statistics_fraction=options.statistics_fraction, placement=options.placement,
+                  factor_bucket_mb=bucket_mb, ddp_bucket_mb=bucket_mb,
+                  ddp_first_bucket_mb=bucket_mb)
+    fields.update(chosen)
+    return CommSettings(**fields)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -125,8 +156,10 @@ class LayerCosts:
     def grad_bytes(self, l: int) -> int:
         return self.dim_a[l] * self.dim_g[l] * FP32
 
-    def precond_bytes(self, l: int) -> int:
-        return (self.dim_a[l] * self.dim_g[l] + 1) * FP32
+    def precond_bytes(self, l: int, cs: CommSettings | None = None) -> int:
+        """A preconditioned gradient as sent (plus its KL-clipping term)."""
+        size = COMM_DTYPE_BYTES[cs.precond_dtype] if cs is not None else FP32
+        return (self.dim_a[l] * self.dim_g[l] + 1) * size
 
     def inverse_bytes(self, l: int, cs: CommSettings) -> int:
         """Inverse state as sent: eigenvectors and eigenvalues, or the two damped inverses

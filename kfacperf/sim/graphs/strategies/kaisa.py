@@ -89,11 +89,13 @@ class KaisaStep:
             row_workers[w // cols].append((w % cols, tuple(layers)))
         self.row_type = {j: tuple(sorted(v)) for j, v in row_workers.items()}
         names = costs.names
-        self.inv_bytes = {w: sum(costs.inverse_bytes(l, spec.comm) for l in ls)
+        # only the layers a step refreshes send new inverses (stale statistics)
+        frac = spec.comm.statistics_fraction
+        self.inv_bytes = {w: round(frac * sum(costs.inverse_bytes(l, spec.comm) for l in ls))
                           for w, ls in self.inv_layers.items()}
         self.inv_label = {w: bucket_label([names[l] for l in ls])
                           for w, ls in self.inv_layers.items()}
-        self.pg_bytes = {c: sum(costs.precond_bytes(l) for l in ls)
+        self.pg_bytes = {c: sum(costs.precond_bytes(l, spec.comm) for l in ls)
                          for c, ls in self.col_layers.items()}
         self.pg_label = {c: bucket_label([names[l] for l in ls])
                          for c, ls in self.col_layers.items()}

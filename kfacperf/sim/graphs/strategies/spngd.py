@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from kfacperf import vocab as S
 from kfacperf.sim.graphs.graph import Program, RankClass
-from kfacperf.sim.graphs.placement import spngd_placement
+from kfacperf.sim.graphs.placement import contiguous_placement, spngd_placement
 from kfacperf.sim.graphs.strategies.common import (
     FP32,
     BucketEvent,
@@ -42,8 +42,11 @@ class SpngdStep:
         self.spec = spec
         costs = spec.costs
         p = spec.world_size
-        self.place = spngd_placement(
-            [costs.placement_cost(l) for l in range(costs.n)], p)
+        if spec.comm.placement == S.CONTIGUOUS:
+            self.place = contiguous_placement(costs.names, p)
+        else:
+            self.place = spngd_placement(
+                [costs.placement_cost(l) for l in range(costs.n)], p)
         self.owner = self.place.inverse_worker
         self.owned: dict[int, list[int]] = defaultdict(list)
         for l in range(costs.n):
@@ -61,7 +64,7 @@ class SpngdStep:
         self.fac_names = [("fac", i) for i in self.fac_blocks]
         all_layers = range(costs.n)
         self.grad_blocks = self._blocks([(l, costs.grad_bytes(l)) for l in all_layers])
-        self.pg_blocks = self._blocks([(l, costs.precond_bytes(l)) for l in all_layers])
+        self.pg_blocks = self._blocks([(l, costs.precond_bytes(l, spec.comm)) for l in all_layers])
         self.all_label = bucket_label(costs.names)
         self._shared: Program | None = None
 

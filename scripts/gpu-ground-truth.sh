@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# Ground truth on a real GPU, in one run of about 8 minutes on one NVIDIA H200:
+#   * kfacperf profile of ResNet-50 on one GPU, SGD and K-FAC (spngd, eigen), bf16 and tf32,
+#     batch 32, 64, 128 and 256 per GPU, intervals 10/100 and 1/1 (CUDA-event stage timings,
+#     NVTX ranges, NVML telemetry), the most valuable runs first;
+#   * the stage timer's overhead on the GPU (timer on vs off, interleaved pairs of steps);
+#   * kernel timings: eigh and Cholesky against matrix size, K-FAC factor computation of
+#     ResNet-50 layers, GEMM rates (kfacperf/bench/kernels.py);
+# with a time guard that skips (and names) what would not fit.  Everything lands, small, in
+# one folder.  docs/gpu-ground-truth.md says how to run it and what to do with the outputs.
+#
+#   scripts/gpu-ground-truth.sh [--out DIR] [--dry-run] [--budget-s SECONDS]
+#                               [--precisions bf16,tf32] [--no-nsys]
+#
+# --out: default $OUT if set, else gpu-ground-truth/.  --budget-s: the whole script's time
+# budget (default 480).  --dry-run: the same steps tiny on the CPU (CIFAR ResNet-20, batch 2
+# and 4, matrix sizes up to 128), no wheel install, no time guard; the test suite runs it.
+#
+# Without --dry-run, the wheels that scripts/fetch-gpu-wheels.sh put in .whl/ (nvtx, plotly,
+# simpy, ...) are installed into /tmp/site (no registry needed) and kfacperf runs from this
+# source tree; torch, numpy, pandas, pyarrow and nvidia-ml-py must already be there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ARGS=("$@")
+OUT_DIR=${OUT:-gpu-ground-truth}
+DRY_RUN=0
+BUDGET_S=480
+PASS=()
+usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --out) OUT_DIR=$2; shift 2 ;;
+    --out=*) OUT_DIR=${1#*=}; shift ;;
+    --dry-run) DRY_RUN=1; shift ;;
+    --budget-s) BUDGET_S=$2; shift 2 ;;
+    --budget-s=*) BUDGET_S=${1#*=}; shift ;;
+    --precisions) PASS+=(--precisions "$2"); shift 2 ;;
+    --precisions=*) PASS+=("$1"); shift ;;
+    --no-nsys) PASS+=(--no-nsys); shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "gpu-ground-truth: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+PY=${PYTHON:-python3}
+mkdir -p "$OUT_DIR"
+OUT_DIR=$(cd "$OUT_DIR" && pwd)
+LOG="$OUT_DIR/ground-truth.log"
+: > "$LOG"
+say() { echo "gpu-ground-truth: $*" | tee -a "$LOG"; }
+
+{
+  printf 'command: scripts/gpu-ground-truth.sh'
+  for a in "${ARGS[@]+"${ARGS[@]}"}"; do printf ' %q' "$a"; done
+  printf '\n'
+  echo "OUT=${OUT:-}"
+  echo "output folder: $OUT_DIR"
+  if [[ $DRY_RUN == 1 ]]; then echo "dry run (no time guard)"; else echo "budget: ${BUDGET_S} s"; fi
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "host: $(hostname)"
+  echo "kernel: $(uname -srm)"
+  echo "cpus: $(nproc 2>/dev/null || echo '?')"
+} > "$OUT_DIR/command.txt"
+
+if command -v nvidia-smi >/dev/null 2>&1; then
+  {
+    nvidia-smi || true
+    echo
+    nvidia-smi --query-gpu=name,uuid,driver_version,pstate,clocks.max.sm,clocks.max.mem,power.limit,memory.total,temperature.gpu --format=csv || true
+    echo
+    nvidia-smi -q -d CLOCK,POWER,PERFORMANCE || true
+  } > "$OUT_DIR/nvidia-smi.txt" 2>&1
+else
+  echo "nvidia-smi: not found on this machine" > "$OUT_DIR/nvidia-smi.txt"
+fi
+
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if [[ $DRY_RUN == 0 ]]; then
+  shopt -s nullglob
+  wheels=()
+  for w in .whl/*.whl; do
+    case $(basename "$w") in
+      torch-*|numpy-*|pandas-*|pyarrow-*|nvidia_ml_py-*)
+        say "not installing $w: the machine's own build is used" ;;
+      *) wheels+=("$w") ;;
+    esac
+  done
+  shopt -u nullglob
+  if [[ ${#wheels[@]} -gt 0 ]]; then
+    say "installing ${#wheels[@]} wheel(s) from .whl/ into /tmp/site"
+    if "$PY" -m pip --version >/dev/null 2>&1; then
+      "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site "${wheels[@]}" 2>&1 | tee -a "$LOG" \
+        || { say "installing the wheels failed (see above)"; exit 3; }
+    else  # no pip: a wheel is a zip archive laid out for site-packages
+      say "no pip for $PY: unpacking the wheels instead"
+      for w in "${wheels[@]}"; do "$PY" -m zipfile -e "$w" /tmp/site; done
+    fi
+    export PYTHONPATH="/tmp/site:$PYTHONPATH"
+    printf '%s\n' "${wheels[@]}" > "$OUT_DIR/wheels.txt"
+  else
+    say "no wheels in .whl/ (scripts/fetch-gpu-wheels.sh fetches them); using what is installed"
+  fi
+fi
+
+"$PY" - > "$OUT_DIR/versions.txt" 2>&1 <<'PYEOF' || true
+import platform, sys
+print("python", platform.python_version(), sys.executable)
+try:
+    import torch
+    print("torch", torch.__version__)
+    print("cuda", torch.version.cuda, "available", torch.cuda.is_available())
+    print("cudnn", torch.backends.cudnn.version())
+    if torch.cuda.is_available():
+        v = torch.cuda.nccl.version()
+        print("nccl", ".".join(map(str, v)) if isinstance(v, tuple) else v)
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            print(f"gpu {i}", p.name, f"{p.total_memory / 2**30:.1f} GiB",
+                  "capability", torch.cuda.get_device_capability(i))
+except Exception as exc:
+    print("torch: unusable:", exc)
+from importlib import metadata
+for module, dist in (("numpy", "numpy"), ("pandas", "pandas"), ("pyarrow", "pyarrow"),
+                     ("pynvml", "nvidia-ml-py"), ("nvtx", "nvtx"), ("simpy", "simpy"),
+                     ("plotly", "plotly"), ("narwhals", "narwhals")):
+    try:
+        __import__(module)
+        try:
+            version = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            version = "?"
+        print(dist, version)
+    except Exception as exc:
+        print(dist, "missing:", exc)
+PYEOF
+cat "$OUT_DIR/versions.txt" | tee -a "$LOG"
+
+DRIVER=("$PY" -m kfacperf.bench.ground_truth --out "$OUT_DIR" "${PASS[@]+"${PASS[@]}"}")
+if [[ $DRY_RUN == 1 ]]; then
+  DRIVER+=(--dry-run)
+  HARD_STOP=600
+else
+  LEFT=$((BUDGET_S - SECONDS))
+  DRIVER+=(--budget-s "$LEFT")
+  HARD_STOP=$((LEFT + 90))  # the driver's time guard should stop it long before this
+fi
+say "running: ${DRIVER[*]}"
+set +e
+timeout -k 10 "$HARD_STOP" "${DRIVER[@]}" 2>&1 | tee -a "$LOG"
+rc=${PIPESTATUS[0]}
+set -e
+if [[ $rc == 124 || $rc == 137 ]]; then
+  say "the driver ran past its hard stop (${HARD_STOP} s) and was stopped; see logs/"
+fi
+
+(cd "$OUT_DIR" && find . -type f ! -name files.txt -printf '%10s  %P\n' | sort -k2) \
+  > "$OUT_DIR/files.txt"
+say "finished in ${SECONDS} s with status $rc; $(wc -l < "$OUT_DIR/files.txt") file(s), $(du -sh "$OUT_DIR" | cut -f1) in $OUT_DIR"
+exit "$rc"

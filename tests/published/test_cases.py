@@ -1,0 +1,123 @@
+"""Published cases: strict files with sources, predicted from their setups; fits refuse
+held-out cases and recover known terms."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kfacperf.calibrate.published import fit_device_to_published, parse_term, set_terms
+from kfacperf.published.cases import list_cases, load_case
+from kfacperf.published.predict import predict_series
+from kfacperf.sim.models import load_device
+
+CASE = """\
+format = "kfacperf-published-1"
+name = "tiny"
+title = "a synthetic case"
+citation = "made by this test"
+role = "{role}"
+read = "derived"
+quantity = "step_s"
+
+[setup]
+workload = "resnet50"
+device = "v100-sxm2"
+cluster = "abci-v100"
+strategy = "spngd"
+batch_per_gpu = 32
+inverse_method = "cholesky"
+
+[[series]]
+name = "curve"
+gpus = [1, 4, 16]
+values = {values}
+"""
+
+
+def _write(tmp_path: Path, role: str = "calibration", values: str = "[0.5, 0.3, 0.2]") -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(CASE.format(role=role, values=values))
+    return path
+
+
+def test_every_committed_case_loads_with_its_source() -> None:
+    names = list_cases()
+    assert {"spngd-fig5", "spngd-table1", "pipefisher-bert"} <= set(names)
+    for name in names:
+        case = load_case(name)
+        assert case.citation and case.role in ("calibration", "held-out")
+        for key in case.assumed:
+            assert key in case.setup or any(key in s.setup for s in case.series), (name, key)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda t: t.replace('strategy = "spngd"', 'strategy = "spngd"\nspeed = 3'), "unknown setup"),
+    (lambda t: t.replace('workload = "resnet50"\n', ""), "workload"),
+    (lambda t: t.replace("[0.5, 0.3, 0.2]", "[0.5, 0.3]"), "expected 3"),
+    (lambda t: t.replace("[0.5, 0.3, 0.2]", "[0.5, 0.3, -1]"), "positive"),
+    (lambda t: t.replace('role = "calibration"', 'role = "training"'), "role"),
+])
+def test_bad_cases_are_refused_naming_the_key(tmp_path, edit, message) -> None:
+    path = _write(tmp_path)
+    path.write_text(edit(path.read_text()))
+    with pytest.raises(ValueError, match=message):
+        load_case(str(path))
+
+
+def test_a_fit_recovers_a_known_term_and_refuses_held_out_cases(tmp_path) -> None:
+    true = set_terms(load_device("v100-sxm2"), {parse_term("backward.efficiency"): 0.3})
+    case = load_case(str(_write(tmp_path)))
+    measured = [row[6] for row in predict_series(case, case.series[0],
+                                                  models={"v100-sxm2": true})]
+    path = _write(tmp_path, values=json.dumps(measured))
+    fit = fit_device_to_published([load_case(str(path))], load_device("v100-sxm2"), "v100-sxm2",
+                                  [parse_term("backward.efficiency")])
+    assert fit.device.stages["backward"].efficiency == pytest.approx(0.3, rel=2e-3)
+    assert fit.rms_log_error_after < 1e-3 < fit.rms_log_error_before
+    assert fit.device.stages["backward"].assumed is False
+    held = load_case(str(_write(tmp_path, role="held-out", values=json.dumps(measured))))
+    with pytest.raises(ValueError, match="held out"):
+        fit_device_to_published([held], load_device("v100-sxm2"), "v100-sxm2",
+                                [parse_term("backward.efficiency")])
+
+
+def test_images_per_second_compare_as_step_times(tmp_path) -> None:
+    path = _write(tmp_path)
+    text = path.read_text().replace('quantity = "step_s"', 'quantity = "images_per_s"')
+    path.write_text(text.replace("[0.5, 0.3, 0.2]", "[64, 256, 2048]"))
+    case = load_case(str(path))
+    rows = predict_series(case, case.series[0])
+    assert [r[5] for r in rows] == pytest.approx([32 * 1 / 64, 32 * 4 / 256, 32 * 16 / 2048])
+
+
+def test_validate_published_command(capsys) -> None:
+    from kfacperf.cli import main
+
+    assert main(["validate", "--published", "pipefisher-bert", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["cases"][0]["role"] == "calibration"
+    assert {p["stage"] for p in data["points"]} >= {"inverse", "forward"}
+    assert main(["validate", "--published", "pipefisher-bert", "--calibrate", "x"]) == 2
+    assert "without --calibrate" in capsys.readouterr().err
+
+
+def test_report_draws_each_published_case(tmp_path) -> None:
+    from kfacperf.report.build import build_sections
+    from kfacperf.report.published_section import load_published
+    from kfacperf.validation.published import validate_published
+
+    path = tmp_path / "pub.json"
+    path.write_text(json.dumps(validate_published(["pipefisher-bert", "mlperf-v06-abci"])
+                               .to_dict()))
+    secs = {s.key: s for s in build_sections([], [], published=load_published(path))}
+    sec = secs["published"]
+    assert len(sec.figures) == 2  # one per case: a stage breakdown, a curve
+    curve = sec.figures[1]
+    assert curve.layout.xaxis.type == "log"
+    assert [t.name for t in curve.data] == ["sgd_fp16_b42 measured", "sgd_fp16_b42 predicted"]
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="validate --published"):
+        load_published(bad)

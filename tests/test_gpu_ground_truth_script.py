@@ -1,0 +1,126 @@
+"""scripts/gpu-ground-truth.sh --dry-run: every output is there, well-formed and usable.
+
+The dry run is the GPU plan tiny on the CPU (CIFAR ResNet-20, batch 2 and 4), so this checks
+the script's wiring end to end without a GPU: the traces load with the project's loader and
+calibrate/validate read them, and the JSON files hold what docs/gpu-ground-truth.md says.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kfacperf.bench import ground_truth as G
+from kfacperf.bench import kernels as K
+from kfacperf.cli import main
+from kfacperf.trace.store import load_trace
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "gpu-ground-truth.sh"
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("gpu-ground-truth")
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.pop("OUT", None)
+    proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--out", str(out)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    return out, proc
+
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_dry_run_finishes_and_prints_the_summary(dry_run):
+    out, proc = dry_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "14 ok, 0 failed, 0 skipped" in proc.stdout
+    assert "gpu-ground-truth: finished in" in proc.stdout
+    for name in ("command.txt", "nvidia-smi.txt", "versions.txt", "env.json", "plan.txt",
+                 "summary.txt", "summary.json", "timer_overhead.json", "kernels.json",
+                 "kernels.txt", "ground-truth.log", "files.txt"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert (out / "command.txt").read_text().startswith(
+        "command: scripts/gpu-ground-truth.sh --dry-run --out ")
+    assert "torch " in (out / "versions.txt").read_text()
+    assert not (out / "wheels.txt").exists()  # a dry run installs nothing
+    listed = (out / "files.txt").read_text()
+    assert "kernels.json" in listed and "traces/bf16/resnet20-bf16-sgd-b2/run.json" in listed
+
+
+def test_every_planned_trace_loads_and_says_what_ran(dry_run):
+    out, _ = dry_run
+    runs = [t.run for t in G.make_plan(G.DRY) if t.run is not None]
+    assert len(runs) == 12
+    for r in runs:
+        trace = load_trace(out / "traces" / r.precision / r.name)
+        run = trace.run
+        assert trace.completed, r.name
+        assert (run["workload"], run["precision"], run["batch_per_rank"]) == (
+            "resnet20", r.precision, r.batch)
+        assert (run["steps"], run["warmup"], run["world_size"]) == (r.steps, r.warmup, 1)
+        assert run["command"].startswith("kfacperf profile --workload resnet20")
+        assert f"--out traces/{r.precision}/{r.name}" in run["command"]
+        assert run["timing"] == "perf_counter_ns"  # a GPU run says cuda_events
+        assert run["precision_flags"]["autocast"] == ("bfloat16" if r.precision == "bf16"
+                                                      else None)
+        if r.optimizer == "kfac":
+            assert (run["strategy"], run["inverse_method"]) == ("spngd", "eigen")
+            assert (run["factor_interval"], run["inverse_interval"]) == (
+                r.factor_interval, r.inverse_interval)
+        steps = trace.events[trace.events["stage"] == "step"]["step"]
+        assert sorted(steps) == list(range(r.warmup + r.steps))
+    summary = json.loads((out / "summary.json").read_text())
+    assert [t["name"] for t in summary["tasks"]] == [t.name for t in G.make_plan(G.DRY)]
+    assert {t["status"] for t in summary["tasks"]} == {"ok"}
+    assert summary["finished"] is True and summary["not_reached"] == []
+    for t in summary["tasks"]:
+        if t["kind"] == G.PROFILE:  # a GPU run: cuda_events and telemetry samples
+            assert (t["timing"], t["telemetry_samples"]) == ("perf_counter_ns", 0)
+            assert t["precision"] == t["run"]["precision"] and t["step_ms"]
+
+
+def test_the_json_outputs_hold_their_keys(dry_run):
+    out, _ = dry_run
+    env = json.loads((out / "env.json").read_text())
+    for key in ("python", "torch", "cuda", "cudnn", "kfacperf", "settings", "packages"):
+        assert key in env
+    overhead = json.loads((out / "timer_overhead.json").read_text())
+    assert overhead["target"] == 0.01 and len(overhead["results"]) == 2
+    for r in overhead["results"]:
+        for key in ("name", "overhead_median", "overhead_of_medians", "cpu_overhead_median",
+                    "replay_us_per_step", "replay_overhead", "meets_target", "step_ms_off",
+                    "step_ms_on", "rows_per_step"):
+            assert key in r
+    kernels = json.loads((out / "kernels.json").read_text())
+    plan = K.DRY_PLAN
+    assert kernels["format"] == K.FORMAT and kernels["dry_run"] is True
+    for dtype in plan.inverse_dtypes:
+        assert sorted(r["n"] for r in kernels["eigh"] if r["dtype"] == dtype) == list(
+            plan.inverse_sizes)
+        assert sorted(r["n"] for r in kernels["cholesky"]
+                      if r["dtype"] == dtype and r["op"] == "spd_inverse") == list(
+            plan.inverse_sizes)
+    assert max(plan.inverse_sizes) == 128
+    assert all(r["residual"] < 1e-3 for r in kernels["eigh"] + kernels["cholesky"])
+    assert {(f["layer"], f["batch"], f["precision"]) for f in kernels["factors"]} == {
+        (n, b, p) for n in plan.factor_layers for b in plan.factor_batches
+        for p in plan.factor_precisions}
+    assert {(g["n"], g["precision"]) for g in kernels["gemm"]} == {
+        (n, p) for n in plan.gemm_sizes for p in plan.gemm_precisions}
+
+
+def test_calibrate_and_validate_read_the_traces(dry_run, capsys):
+    out, _ = dry_run
+    bf16 = out / "traces" / "bf16"
+    cal = sorted(str(p) for p in bf16.glob("*-b2"))
+    hold = sorted(str(p) for p in bf16.glob("*-b4"))
+    assert len(cal) == len(hold) == 3
+    assert main(["validate", "--calibrate", *cal, "--holdout", *hold, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert len(result["runs"]) == 3
