@@ -18,7 +18,6 @@ API::
 """
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +36,19 @@ from kfacperf.sim.models.device import STAGE_KINDS
 from kfacperf.sim.models.toml_io import Table
 
 BACKENDS = ("gloo", "nccl")
+MIN_TIME_US = 1e-3
+"""The shortest collective time read (1 ns): anything shorter is no measurement."""
+MAX_TIME_US = 3.6e9
+"""The longest collective time read (an hour)."""
+MAX_SLOWDOWN = 1e3
+"""The largest slowdown factor read (ranks sharing cores, collectives after compute)."""
+
+
+def _time_us(p: Table) -> float:
+    t = p.float("time_us", positive=True, maximum=MAX_TIME_US)
+    if t < MIN_TIME_US:
+        raise p.error("time_us", f"must be at least {MIN_TIME_US:g} µs, got {t:g}")
+    return t
 
 
 def _world_table(root: Table, key: str) -> list[tuple[int, Table, str]]:
@@ -70,7 +82,7 @@ def result_from_dict(data: Any, *, source: str = "raw data") -> CommbenchResult:
     for p in root.tables("points") if root.has("points") else []:
         points.append(Point(op=p.str("op", choices=OPS), world_size=p.int("world_size", minimum=2),
                             nbytes=p.int("nbytes", minimum=1),
-                            time_us=p.float("time_us", positive=True),
+                            time_us=_time_us(p),
                             reps=p.int("reps", minimum=1),
                             timing=p.str("timing", choices=TIMINGS) if p.has("timing")
                             else "batched",
@@ -79,7 +91,8 @@ def result_from_dict(data: Any, *, source: str = "raw data") -> CommbenchResult:
             raise p.error("nodes", f"a group of {points[-1].world_size} ranks cannot span "
                                    f"{points[-1].nodes} nodes")
         p.done()
-    slowdowns = {w: t.float(k, positive=True) for w, t, k in _world_table(root, "slowdowns")}
+    slowdowns = {w: t.float(k, positive=True, maximum=MAX_SLOWDOWN)
+                 for w, t, k in _world_table(root, "slowdowns")}
     stage: dict[int, dict[str, float]] = {}
     for w, t, k in _world_table(root, "stage_slowdowns"):
         kinds = t.table(k)
@@ -87,12 +100,15 @@ def result_from_dict(data: Any, *, source: str = "raw data") -> CommbenchResult:
             if kind not in STAGE_KINDS:
                 raise kinds.error(kind, f"unknown stage kind; the stage kinds are: "
                                         f"{', '.join(STAGE_KINDS)}")
-        stage[w] = {kind: kinds.float(kind, positive=True) for kind in kinds.keys()}
+        stage[w] = {kind: kinds.float(kind, positive=True, maximum=MAX_SLOWDOWN)
+                    for kind in kinds.keys()}
     probes = {w: t.int(k, minimum=1) for w, t, k in _world_table(root, "probes")}
     # files written before probes were counted hold one probe per measured world size
     probes = {w: probes.get(w, 1) for w in slowdowns}
-    stragglers = {w: t.float(k, nonnegative=True) for w, t, k in _world_table(root, "stragglers")}
-    comm = {w: t.float(k, positive=True) for w, t, k in _world_table(root, "comm_slowdowns")}
+    stragglers = {w: t.float(k, nonnegative=True, maximum=MAX_SLOWDOWN)
+                  for w, t, k in _world_table(root, "stragglers")}
+    comm = {w: t.float(k, positive=True, maximum=MAX_SLOWDOWN)
+            for w, t, k in _world_table(root, "comm_slowdowns")}
     root.done()
     return CommbenchResult(backend=backend, points=tuple(points), slowdowns=slowdowns,
                            cores=cores, stage_slowdowns=stage, probes=probes,
@@ -101,13 +117,13 @@ def result_from_dict(data: Any, *, source: str = "raw data") -> CommbenchResult:
 
 def load_raw(path: str | Path) -> CommbenchResult:
     """Read one ``commbench --raw`` file; errors name the file."""
+    from kfacperf.safety import load_json_file
+
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not JSON ({exc.msg} at line {exc.lineno})") from None
+        data = load_json_file(path, what="commbench raw file")
+    except FileNotFoundError as exc:
+        raise ValueError(str(exc)) from None
     return result_from_dict(data, source=str(path))
 
 

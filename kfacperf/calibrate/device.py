@@ -286,6 +286,9 @@ def fit_device_model(
         gaps = kfac_trace_gaps_input(tr, w)
         if gaps is not None:
             host_inputs.append(gaps)
+    if not samples:  # e.g. every dur_us 0: a "fit" would be the base device's defaults
+        raise ValueError(f"{', '.join(trace_label(t) for t in used)}: no compute stage with a "
+                         "positive duration in the measured steps; there is nothing to fit")
     capture, capture_notes = fit_capture_overhead(samples)
     notes.extend(capture_notes)
     host, host_notes = fit_layer_host_us(host_inputs)

@@ -34,10 +34,17 @@ from kfacperf.pipeline.headline import (
     scale_headlines,
 )
 from kfacperf.pipeline.phases import DemoStepFailed, PhaseRunner
+from kfacperf.safety import atomic_write_text, dumps_json
+
+DEMO_ENTRIES = ("index.html", "traces", "models", "predictions", "logs", "demo.json",
+                "validation.json")
+"""What the demo writes into its output directory: an earlier demo's files are replaced."""
 
 
-def check_out(root: Path) -> None:
-    """Refuse an output directory that is, or lies inside, the committed ``models/``."""
+def check_out(root: Path, *, force: bool = False) -> None:
+    """Refuse an output directory that is, or lies inside, the committed ``models/``, and,
+    without ``force``, one holding anything but an earlier demo's files."""
+    from kfacperf.safety import check_output_dir
     from kfacperf.sim.models.presets import models_dir
 
     committed = models_dir().resolve()
@@ -47,6 +54,9 @@ def check_out(root: Path) -> None:
                          "choose another directory")
     if target.exists() and not target.is_dir():
         raise ValueError(f"demo: --out {root} exists and is not a directory")
+    if target.is_dir() and all(c.name in DEMO_ENTRIES for c in target.iterdir()):
+        return  # new, empty, or an earlier demo: the demo replaces its own files
+    check_output_dir(root, force=force)
 
 
 def _profile_command(config: DemoConfig, strategy: str, nproc: int, out: Path) -> str:
@@ -103,8 +113,8 @@ def _commbench(config: DemoConfig, paths: DemoPaths) -> Any:
     result = cb.run_commbench(cbc, progress=lambda m: print(m, flush=True))
     model, _ = cbf.fit_cluster(result, name="local-cpu")
     save_cluster_model(model, paths.cluster_model())
-    (paths.cluster_model().parent / "commbench.json").write_text(
-        json.dumps(result.to_dict(), indent=1) + "\n")
+    atomic_write_text(paths.cluster_model().parent / "commbench.json",
+                      dumps_json(result.to_dict(), indent=1) + "\n")
     return model
 
 
@@ -180,7 +190,7 @@ def _predict(config: DemoConfig, paths: DemoPaths, calibration_traces: list[Any]
     pred.meta["models"] = {"workload": workload.name, "device": str(paths.device_model()),
                            "cluster": str(paths.cluster_model())}
     pred.meta["command"] = "kfacperf demo (local runs predicted from the 1-process calibration)"
-    write_prediction(pred, paths.local_prediction(config.workload))
+    write_prediction(pred, paths.local_prediction(config.workload), force=True)
     return result, pred
 
 
@@ -208,7 +218,7 @@ def _simulate_cluster(config: DemoConfig, paths: DemoPaths, index: int) -> list[
             f"--inverse-interval {config.scale_inverse_interval}"
             + (f" --bandwidth-scale {extra['bandwidth_scale']:g}" if extra else ""))
         path = paths.scale_prediction(config.scale_workload, target.cluster, suffix)
-        write_prediction(pred, path)
+        write_prediction(pred, path, force=True)
         out.append((path, pred))
     return out
 
@@ -247,8 +257,10 @@ def _accuracy_table(runs: Any) -> Any:
 
 
 def run_demo(config: DemoConfig, *, stream: TextIO | None = None,
-             verbose: bool = False) -> DemoResult:
+             verbose: bool = False, force: bool = False) -> DemoResult:
     """Run the pipeline described in the module docstring; progress lines go to ``stream``.
+    The output directory must be new, empty or an earlier demo's (whose files are replaced);
+    ``force`` lets it hold other files too (they are left alone).
 
     Raises :class:`ValueError` for bad settings (before anything runs) and
     :class:`~kfacperf.pipeline.phases.DemoPhaseError` naming the phase that failed (files of
@@ -258,7 +270,7 @@ def run_demo(config: DemoConfig, *, stream: TextIO | None = None,
     from kfacperf.workloads import get_workload
 
     paths = config.paths
-    check_out(paths.root)
+    check_out(paths.root, force=force)
     workload_obj = get_workload(config.workload, **dict(config.workload_options))
     load_workload(config.scale_workload)  # fail on a bad model name now, not after the profiles
     for t in config.clusters + ((config.plan,) if config.plan is not None else ()):
@@ -307,7 +319,7 @@ def run_demo(config: DemoConfig, *, stream: TextIO | None = None,
         lambda: _predict(config, paths, single, held, cal),
         note=lambda r: f"|error| median {r[0].median_abs_error_pct:.1f}%, worst "
                        f"{r[0].worst_abs_error_pct:.1f}%")
-    paths.validation.write_text(json.dumps(validation.to_dict(), indent=1) + "\n")
+    atomic_write_text(paths.validation, dumps_json(validation.to_dict(), indent=1) + "\n")
     names = {Path(t.path).name: key for key, t in traces.items()}
     held_rows = held_out_headlines(validation.runs, {n: k[0] for n, k in names.items()},
                                    {n: k[1] for n, k in names.items()})
@@ -354,5 +366,5 @@ def run_demo(config: DemoConfig, *, stream: TextIO | None = None,
         phases=tuple(runner.done), wall_s=runner.elapsed(), load_average=load_avg,
         plan=planned, plan_path=paths.plan if planned is not None else None,
     )
-    paths.results.write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+    atomic_write_text(paths.results, dumps_json(result.to_dict(), indent=1) + "\n")
     return result

@@ -12,7 +12,6 @@ solution (seconds), GPU-hours and memory per GPU (bytes, by term).
 """
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -167,19 +166,14 @@ def _not_object(where: str, i: int) -> Choice:
 
 
 def save_plan(result: PlanResult, path: str | Path) -> Path:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(result.to_dict(), indent=1) + "\n", encoding="utf-8")
-    return p
+    """Write the plan as JSON, atomically (a missing number as null)."""
+    from kfacperf.safety import atomic_write_text, dumps_json
+
+    return atomic_write_text(path, dumps_json(result.to_dict(), indent=1) + "\n")
 
 
 def load_plan(path: str | Path) -> PlanResult:
     """A plan written by ``kfacperf plan --out`` (errors name the file)."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"plan file not found: {p}")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{p}: not valid JSON ({exc})") from None
-    return PlanResult.from_dict(data, str(p))
+    from kfacperf.safety import load_json_file
+
+    return PlanResult.from_dict(load_json_file(path, what="plan file"), str(path))

@@ -77,11 +77,17 @@ def screenshot(page: str | Path, png: str | Path, *, width: int = 1280, height: 
                scale: float = 0.6, budget_ms: int = 15000, timeout_s: float = 180) -> Path:
     """Save a PNG of the top ``width`` x ``height`` CSS pixels of ``page``, scaled by
     ``scale`` (a smaller file for a README)."""
-    out = Path(png).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    from kfacperf.safety import atomic_path
+
+    out = Path(png)
     uri = Path(page).resolve().as_uri()
-    _run([f"--window-size={width},{height}", f"--force-device-scale-factor={scale}",
-          f"--virtual-time-budget={budget_ms}", f"--screenshot={out}", uri], timeout_s)
-    if not out.is_file():
-        raise RuntimeError(f"chromium did not write {out}")
+    # chromium writes into a folder of its own; the PNG then replaces ``png`` atomically
+    with tempfile.TemporaryDirectory(prefix="kfacperf-shot-") as tmp:
+        shot = Path(tmp) / "page.png"
+        _run([f"--window-size={width},{height}", f"--force-device-scale-factor={scale}",
+              f"--virtual-time-budget={budget_ms}", f"--screenshot={shot}", uri], timeout_s)
+        if not shot.is_file():
+            raise RuntimeError(f"chromium did not write the screenshot of {page}")
+        with atomic_path(out) as target:
+            shutil.copyfile(shot, target)
     return out

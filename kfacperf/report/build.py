@@ -14,6 +14,7 @@ from kfacperf.report.inputs import PredictionData, RunData, load_predictions, lo
 from kfacperf.report.page import Section, fmt_ms, fmt_pct, fmt_ratio, render_page
 from kfacperf.report.plan import plan_section
 from kfacperf.report.published_section import published_section
+from kfacperf.safety import atomic_write_text
 
 MAX_BYTES = 8 * 1024 * 1024
 
@@ -84,7 +85,8 @@ def build_report(traces: Sequence[str | Path | RunData], predictions: Sequence[s
                  plan: PlanResult | None = None,
                  published: Mapping[str, Any] | None = None) -> Path:
     """Write the report for ``traces`` (trace directories) and ``predictions`` (prediction
-    directories) to ``out`` and return its path.
+    directories) to ``out`` (atomically; the caller decides whether an existing file may be
+    replaced) and return its path.
 
     ``published`` is what ``kfacperf validate --published --out FILE.json`` wrote (the
     published GPU cases beside their predictions).  ``validation`` is an optional table of held-out runs (columns ``run``,
@@ -111,7 +113,4 @@ def build_report(traces: Sequence[str | Path | RunData], predictions: Sequence[s
     footer = "Inputs: " + ", ".join(inputs) if inputs else ""
     text = render_page(title=title or default_title(runs, preds, plan), subtitle=subtitle, sections=secs,
                        footer=footer)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text, encoding="utf-8")
-    return out
+    return atomic_write_text(out, text)

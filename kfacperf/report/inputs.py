@@ -145,21 +145,16 @@ def load_validation(path: str | Path) -> pd.DataFrame:
     Accepts Parquet, CSV, or JSON (a list of row objects, or an object whose ``runs`` key
     holds that list).  Columns are checked when the page is built.
     """
-    import json
+    from kfacperf.safety import parse_json, read_small_file, regular_file
 
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"validation file not found: {p}")
+    p = regular_file(path, what="validation file")
     suffix = p.suffix.lower()
     if suffix == ".parquet":
         return pd.read_parquet(p)
     if suffix == ".csv":
         return pd.read_csv(p)
     if suffix == ".json":
-        try:
-            data = json.loads(p.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{p}: not valid JSON ({exc})") from None
+        data = parse_json(read_small_file(p, what="validation file"), source=str(p))
         rows = data.get("runs") if isinstance(data, dict) else data
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise ValueError(f"{p}: expected a list of row objects (or an object with a 'runs' list)")

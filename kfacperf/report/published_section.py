@@ -7,7 +7,6 @@ log-2 axis, measured as markers, predicted as lines; stage breakdowns as grouped
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,13 +23,13 @@ REQUIRED = ("cases", "points", "series")
 
 def load_published(path: str | Path) -> dict[str, Any]:
     """Read a ``validate --published`` JSON file (errors name the file and what is missing)."""
+    from kfacperf.safety import load_json_file
+
     p = Path(path)
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"published results file {p} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ValueError(f"{p}: not a published results file ({exc})") from None
+        data = load_json_file(p, what="published results file")
+    except ValueError as exc:
+        raise ValueError(f"{exc} (not a published results file)") from None
     if not isinstance(data, dict) or any(k not in data for k in REQUIRED):
         raise ValueError(f"{p}: expected the JSON of kfacperf validate --published --out "
                          f"(keys {', '.join(REQUIRED)})")

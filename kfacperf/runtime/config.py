@@ -20,6 +20,11 @@ from kfacperf.runtime.settings import OptimizerSettings
 
 DEVICES = ("auto", "cpu", "cuda")
 
+MAX_TIMEOUT_S = 86400.0
+"""The longest ``--timeout``: a day."""
+MAX_NPROC = 1024
+"""The most ranks started on one node (every rank is a process of its own)."""
+
 CRASH_ENV = "KFACPERF_TEST_CRASH_AFTER"
 """Test hook: ``"R:K"`` makes rank R exit abruptly (``os._exit(13)``) right after step K;
 ``"R:exit"`` makes it abort as it leaves, after the run finished."""
@@ -86,6 +91,12 @@ class ProfileConfig(OptimizerSettings):
         for key in ("timeout_s", "damping", "telemetry_interval_s"):
             if not getattr(self, key) > 0:
                 raise bad(key, "must be > 0")
+        if self.nproc > MAX_NPROC:
+            raise ValueError(f"--nproc must be at most {MAX_NPROC} (processes on this node), "
+                             f"got {self.nproc}")
+        if not self.timeout_s <= MAX_TIMEOUT_S:
+            raise ValueError(f"--timeout must be at most {MAX_TIMEOUT_S:g} seconds (a day), "
+                             f"got {self.timeout_s!r}")
         if not 0 < self.grad_worker_fraction <= 1:
             raise bad("grad_worker_fraction", "must be in (0, 1]")
         S.check_choice("inverse method", self.inverse_method, S.INVERSE_METHODS)

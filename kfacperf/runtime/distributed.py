@@ -3,12 +3,23 @@
 ``torchrun`` (and :mod:`helpers.distributed`) export ``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``.  :func:`init_distributed` reads them,
 picks the backend (NCCL when CUDA is available, gloo otherwise) and sets a finite timeout, so
-that a rank that dies turns into an error on every surviving rank instead of a hang.
+that a rank that dies turns into an error on every surviving rank instead of a hang (and
+:mod:`kfacperf.runtime.watchdog` ends a rank that makes no progress where a backend's own
+timeout does not fire).
+
+**Where the store listens.**  When ``MASTER_ADDR`` is a loopback address (a run on one
+machine), rank 0 binds the rendezvous store to exactly that address, so nothing outside the
+machine can reach it (torch's own TCPStore listens on every interface).  Under torchrun's
+agent store, or with a routable ``MASTER_ADDR`` (several machines), the store is torch's:
+reachable by anyone on that network for the length of the run, so run multi-node jobs on a
+trusted network only.
 """
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -81,15 +92,55 @@ def init_distributed(
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         local = _env_int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else rank
         torch.cuda.set_device(local % torch.cuda.device_count())
-    init_method = f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
-    dist.init_process_group(
-        backend=backend,
-        init_method=init_method,
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=timeout_s),
-    )
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = loopback_store(env, rank=rank, world=world, timeout=timeout)
+    if store is not None:
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world,
+                                timeout=timeout)
+    else:
+        dist.init_process_group(
+            backend=backend,
+            init_method=f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}",
+            rank=rank,
+            world_size=world,
+            timeout=timeout,
+        )
     return describe()
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine's loopback interface."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def loopback_store(env: Mapping[str, str], *, rank: int, world: int,
+                   timeout: datetime.timedelta) -> dist.TCPStore | None:
+    """The rendezvous store bound to the loopback ``MASTER_ADDR`` only (rank 0 serves it),
+    or None where torch's own store is used (torchrun's agent store, or another address)."""
+    host = env["MASTER_ADDR"]
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" or not is_loopback(host):
+        return None
+    port = _env_int(env, "MASTER_PORT")
+    if rank != 0:
+        return dist.TCPStore(host, port, world, False, timeout=timeout)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1" if host == "localhost" else host, port))
+        sock.listen(max(128, world))
+    except OSError as exc:
+        sock.close()
+        raise RuntimeError(f"cannot listen on {host}:{port} for the rendezvous store "
+                           f"({exc.strerror or exc})") from None
+    # the store owns the socket from here (detach: Python must not close it)
+    return dist.TCPStore(host, port, world, True, timeout=timeout, wait_for_workers=False,
+                         master_listen_fd=sock.detach())
 
 
 def describe() -> DistInfo:

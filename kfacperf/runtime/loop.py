@@ -56,6 +56,7 @@ from torch import Tensor, nn
 
 from kfacperf import vocab as S
 from kfacperf.runtime.config import ProfileConfig, command_line
+from kfacperf.runtime.recording import exception_summary
 from kfacperf.runtime.settings import OptimizerSettings
 
 
@@ -219,7 +220,8 @@ class InstrumentedLoop:
         if exc_type is None:
             self.close()
         else:
-            self._abandon("".join(traceback.format_exception(exc_type, exc, tb)))
+            self._abandon(exception_summary(exc),
+                          "".join(traceback.format_exception(exc_type, exc, tb)))
 
     def close(self) -> None:
         """Finish the trace (every rank: it gathers the ranks' parts) and, on rank 0, write
@@ -237,12 +239,12 @@ class InstrumentedLoop:
             updates.update(self._write_workload_model())
         self._recorder.finish(faults_per_step=faults, run_updates=updates)
 
-    def _abandon(self, text: str) -> None:
+    def _abandon(self, summary: str, details: str) -> None:
         self._closed = True
         self._hook.remove()
         if self.rank == 0:
             self._write_workload_model()  # what a fit of the finished steps needs
-        self._recorder.abandon(text)
+        self._recorder.abandon(summary, details)
 
     def _write_workload_model(self) -> dict[str, Any]:
         """``workload.toml`` in the trace (rank 0); ``run.json`` keys that point to it."""

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import shutil
 import time
-import traceback
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,11 +32,49 @@ def error_path(run_dir: Path, rank: int) -> Path:
     return run_dir / PARTS_DIR / f"error-rank{rank:05d}.txt"
 
 
-def write_error_report(run_dir: Path, rank: int, text: str | None = None) -> None:
-    """This rank's traceback (``text``, else the exception being handled) beside its parts."""
+def write_error_report(run_dir: Path, rank: int, summary: str, details: str = "") -> Path:
+    """``parts/error-rank<R>.txt`` beside this rank's parts: the one-line ``summary`` (what
+    failed), then ``details`` (the traceback)."""
     p = error_path(run_dir, rank)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(traceback.format_exc() if text is None else text)
+    p.write_text(" ".join(summary.split()) + "\n" + (f"\n{details}" if details else ""))
+    return p
+
+
+def read_error_summary(path: Path) -> str:
+    """The first line of an error report (what failed, in one line)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.readline().strip() or "(empty report)"
+    except OSError as exc:
+        return f"(unreadable report: {exc.strerror or exc})"
+
+
+SUMMARY_CHARS = 600
+"""The longest one-line summary of an error (the report keeps the whole of it)."""
+
+
+def exception_summary(exc: BaseException) -> str:
+    """``Type: message`` on one line, at most :data:`SUMMARY_CHARS` long."""
+    text = " ".join(str(exc).split())
+    if len(text) > SUMMARY_CHARS:
+        text = text[:SUMMARY_CHARS - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def peer_progress(run_dir: Path, rank: int) -> str:
+    """When each other rank last recorded a step (from its part file), as far as this rank
+    can see them (one node, or a shared file system)."""
+    now = time.time()
+    seen = []
+    for path in sorted((run_dir / PARTS_DIR).glob("events-rank*.arrows")):
+        r = int(path.stem.rsplit("rank", 1)[1])
+        if r != rank:
+            try:
+                seen.append(f"rank {r} {now - path.stat().st_mtime:.0f} s ago")
+            except OSError:
+                continue
+    return "last step recorded: " + ", ".join(seen) if seen else ""
 
 
 class TraceRecorder:
@@ -49,9 +86,9 @@ class TraceRecorder:
                  batch_per_rank: int | None, run_extra: Mapping[str, Any] | None = None) -> None:
         import torch.distributed as dist
 
-        from kfacperf.runtime import precision
         from kfacperf.profiler.stage_timer import StageTimer
         from kfacperf.profiler.telemetry import TelemetrySampler, device_info
+        from kfacperf.runtime import precision
         from kfacperf.trace import parts as trace_parts
 
         self.config, self.rank, self.world = config, info.rank, info.world_size
@@ -97,12 +134,12 @@ class TraceRecorder:
         _finish(self.rank, self.world, self.run_dir, self._token,
                 faults_per_step=faults_per_step, run_updates=run_updates)
 
-    def abandon(self, error_text: str | None = None) -> None:
+    def abandon(self, summary: str, details: str = "") -> None:
         """After a failure: stop sampling and close this rank's parts (every finished step is
-        already in them), with no collective, and leave ``error_text`` (default: the
-        exception being handled) in ``parts/error-rank<R>.txt``."""
+        already in them), with no collective, and leave ``summary`` and ``details`` in
+        ``parts/error-rank<R>.txt``."""
         try:
-            write_error_report(self.run_dir, self.rank, error_text)
+            write_error_report(self.run_dir, self.rank, summary, details)
         finally:
             self._close_files()
 

@@ -1,31 +1,43 @@
 """``kfacperf profile`` end to end: prepare the trace directory, start the ranks, report.
 
-Three ways to run, chosen from the environment:
+Four ways to run, chosen from the environment and the flags:
 
 * **under an existing torchrun** (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``
   and ``MASTER_PORT`` set): this process is one rank; ``--nproc``/``--nnodes`` are torchrun's
   business and ignored.
 * **one process** (``--nproc 1``, one node): the rank runs in this process (a gloo group of
-  one, so strategies behave as in a real run), without torchrun's start-up cost.
-* **otherwise**: ``python -m torch.distributed.run --nproc-per-node N`` re-invokes
-  :mod:`kfacperf.runtime.worker` N times (``--standalone`` on one node; with ``--nnodes``,
-  ``--node-rank``, ``--rdzv-endpoint`` passed through, the same command run on every node
-  makes a multi-node job).  A rank that fails makes torchrun stop the others; the trace keeps
-  every finished step and this reports who stopped where.
+  one, so strategies behave as in a real run).
+* **several processes on one node**: this process starts the N ranks itself
+  (:mod:`kfacperf.runtime.launch`), with the rendezvous store and gloo bound to the loopback
+  interface, and watches them: a rank that fails, is killed or stays stopped past
+  ``--timeout`` stops the run within seconds, and Ctrl-C or SIGTERM stops every rank.
+* **several nodes** (``--nnodes``, ``--node-rank``, ``--rdzv-endpoint``; the same command on
+  every node): ``torch.distributed.run`` starts this node's ranks with its c10d rendezvous,
+  whose store listens on the network: use a trusted network.
+
+In every case the trace keeps every finished step, and a failed or interrupted run is marked
+incomplete (``completed`` false, ``failure`` saying why) and reported rank by rank.
 """
 from __future__ import annotations
 
 import os
 import shutil
-import subprocess
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from kfacperf.runtime import launch
 from kfacperf.runtime.config import ProfileConfig, run_record
 from kfacperf.runtime.net import free_port
-from kfacperf.trace.schema import EVENTS_FILE, PARTS_DIR, RUN_FILE, TELEMETRY_FILE, WORKLOAD_FILE
-from kfacperf.trace.store import Trace, load_trace, write_run
+from kfacperf.trace.schema import (
+    EVENTS_FILE,
+    PARTS_DIR,
+    RUN_FILE,
+    TELEMETRY_FILE,
+    WORKLOAD_FILE,
+)
+from kfacperf.trace.store import Trace, load_trace, read_run, write_run
 from kfacperf.vocab import STEP
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -37,11 +49,20 @@ _TRACE_FILES = (RUN_FILE, EVENTS_FILE, TELEMETRY_FILE, WORKLOAD_FILE, RUN_FILE +
 @dataclass(frozen=True, kw_only=True)
 class ProfileOutcome:
     """``ok``: the run completed.  ``trace``: what was recorded (None on ranks other than 0
-    under torchrun).  ``message``: why it failed (or, when ``ok``, a warning)."""
+    under torchrun).  ``message``: why it failed (or, when ``ok``, a warning).
+    ``interrupted``: the signal that stopped the run (``"SIGINT"``, ``"SIGTERM"``), or ""."""
 
     ok: bool
     trace: Trace | None
     message: str = ""
+    interrupted: str = ""
+
+    @property
+    def exit_status(self) -> int:
+        """0, 1 for a failed run, 128 + N after signal N."""
+        if self.interrupted:
+            return 128 + int(signal.Signals[self.interrupted])
+        return 0 if self.ok else 1
 
 
 def under_torchrun(env: os._Environ[str] | dict[str, str] | None = None) -> bool:
@@ -52,12 +73,10 @@ def under_torchrun(env: os._Environ[str] | dict[str, str] | None = None) -> bool
 def prepare_out(out: Path, *, force: bool) -> None:
     """Create the trace directory; an existing non-empty one needs ``force`` (and then only
     trace files are removed, nothing else)."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
+    from kfacperf.safety import check_output_dir
+
+    check_output_dir(out, force=force)
     if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise ValueError(f"--out {out} already exists and is not empty; "
-                             "pass --force to overwrite its trace")
         for name in _TRACE_FILES:
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / PARTS_DIR, ignore_errors=True)
@@ -80,17 +99,32 @@ def validate(config: ProfileConfig) -> None:
         raise ValueError("--strategy local runs on one process; use spngd or kaisa with --nproc > 1")
 
 
+def worker_command(config: ProfileConfig) -> list[str]:
+    """The command line of one rank."""
+    return [sys.executable, "-u", "-m", "kfacperf.runtime.worker", config.to_json()]
+
+
+def rank_environments(config: ProfileConfig, base: dict[str, str]) -> list[dict[str, str]]:
+    """The environment of each local rank: torchrun's variables with a loopback
+    ``MASTER_ADDR`` (the store binds there only), and gloo/NCCL on the loopback interface
+    unless the user chose one."""
+    common = dict(base, WORLD_SIZE=str(config.nproc), LOCAL_WORLD_SIZE=str(config.nproc),
+                  MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    for key in ("TORCHELASTIC_USE_AGENT_STORE", "GROUP_RANK", "ROLE_RANK"):
+        common.pop(key, None)
+    if os.path.exists("/sys/class/net/lo"):
+        common.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        common.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    return [dict(common, RANK=str(r), LOCAL_RANK=str(r)) for r in range(config.nproc)]
+
+
 def launch_command(config: ProfileConfig) -> list[str]:
-    """The torchrun command line that starts this node's ranks."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(config.nproc),
-           "--max-restarts", "0", "--monitor-interval", "0.2"]
-    if config.multi_node:
-        cmd += ["--nnodes", config.nnodes, "--node-rank", str(config.node_rank),
-                "--rdzv-backend", "c10d", "--rdzv-endpoint", str(config.rdzv_endpoint),
-                "--rdzv-id", config.rdzv_id]
-    else:
-        cmd += ["--standalone"]
-    return cmd + ["-m", "kfacperf.runtime.worker", config.to_json()]
+    """The torchrun command line that starts this node's ranks of a multi-node run."""
+    return [sys.executable, "-m", "kfacperf.runtime.torchrun", "--nproc-per-node",
+            str(config.nproc), "--max-restarts", "0", "--monitor-interval", "0.2",
+            "--nnodes", config.nnodes, "--node-rank", str(config.node_rank),
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", str(config.rdzv_endpoint),
+            "--rdzv-id", config.rdzv_id, "-m", "kfacperf.runtime.worker", config.to_json()]
 
 
 def profile(config: ProfileConfig, *, force: bool = False) -> ProfileOutcome:
@@ -118,19 +152,85 @@ def profile(config: ProfileConfig, *, force: bool = False) -> ProfileOutcome:
         return _in_process(config, out)
     env = dict(os.environ, OMP_NUM_THREADS=str(config.threads_per_rank))
     env[PREPARED_ENV] = "1"
-    rc = subprocess.call(launch_command(config), env=env)
+    if config.multi_node:
+        sup = _run_torchrun(config, env)
+    else:
+        procs = launch.start(worker_command(config), rank_environments(config, env))
+        sup = launch.supervise(procs, stalled_after_s=config.timeout_s)
     if not lead:
-        return ProfileOutcome(ok=rc == 0, trace=None,
-                              message="" if rc == 0 else f"torchrun exited with status {rc}")
-    if rc == 0:
+        why = sup.interrupted or (sup.cause.how if sup.cause else "")
+        return ProfileOutcome(ok=sup.ok, trace=None, interrupted=sup.interrupted,
+                              message="" if sup.ok else f"this node's ranks stopped ({why})")
+    if sup.ok:
         return ProfileOutcome(ok=True, trace=load_trace(out))
     finished = _finished_trace(config, out)
     if finished is not None:
         return ProfileOutcome(ok=True, trace=finished, message=(
-            f"torchrun exited with status {rc} after every rank had recorded every step and "
-            "the trace was written and marked completed (a rank failed while exiting); the "
-            "trace is complete"))
-    return _failed(config, out, f"torchrun exited with status {rc}")
+            f"{_cause_text(sup)} after every rank had recorded every step and the trace was "
+            "written and marked completed (a rank failed while exiting); the trace is complete"))
+    if sup.interrupted:
+        return _interrupted(config, out, sup.interrupted)
+    return _failed(config, out, sup)
+
+
+def _run_torchrun(config: ProfileConfig, env: dict[str, str]) -> launch.Supervision:
+    """This node's ranks of a multi-node run, under torch.distributed.run; Ctrl-C or SIGTERM
+    stops torchrun and every rank below it."""
+    [proc] = launch.start(launch_command(config), [env], ranks_below=True)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt as exc:
+        from kfacperf.errors import signal_name
+
+        with launch.signals_ignored():
+            launch.stop([proc], extra_pids=launch.descendants(proc.pid))
+        return launch.Supervision(ok=False, interrupted=signal_name(exc))
+    end = launch.RankEnd(rank=-1, status=code, how=f"torchrun {launch.describe_status(code)}")
+    return launch.Supervision(ok=code == 0, ends=(), cause=None if code == 0 else end)
+
+
+def _cause_text(sup: launch.Supervision) -> str:
+    if sup.interrupted:
+        return f"interrupted by {sup.interrupted}"
+    c = sup.cause
+    if c is None:
+        return "the run failed"
+    return c.how if c.rank < 0 else f"rank {c.rank} {c.how}"
+
+
+def _mark_incomplete(out: Path, why: str) -> None:
+    """Say in run.json why the run did not complete (it stays ``completed: false``)."""
+    try:
+        run = read_run(out / RUN_FILE)
+    except (OSError, ValueError):
+        return
+    if not run.get("completed"):
+        run["failure"] = why
+        write_run(out, run)
+
+
+def _steps_recorded(out: Path) -> tuple[Trace | None, str]:
+    """The partial trace and, in words, how many steps each rank recorded."""
+    try:
+        trace = load_trace(out, partial=True)
+    except (OSError, ValueError) as exc:
+        return None, f"no readable trace in {out}: {exc}"
+    ev = trace.events
+    done = ev[ev["stage"] == STEP].groupby("rank")["step"].nunique()
+    world = int(trace.run.get("world_size") or 0)
+    counts = [int(done.get(r, 0)) for r in range(world)]
+    if counts and len(set(counts)) == 1:
+        return trace, f"{counts[0]} finished step(s) of each rank"
+    return trace, "finished steps " + ", ".join(f"rank {r}: {n}" for r, n in enumerate(counts))
+
+
+def _interrupted(config: ProfileConfig, out: Path, signame: str) -> ProfileOutcome:
+    """One line: what stopped the run, and what the trace keeps."""
+    _mark_incomplete(out, f"interrupted by {signame}")
+    trace, steps = _steps_recorded(out)
+    message = (f"interrupted by {signame}: stopped all {config.nproc} rank(s) of this node; "
+               f"the trace in {out} keeps {steps} and is marked incomplete (completed=false)")
+    return ProfileOutcome(ok=False, trace=trace, message=message, interrupted=signame)
 
 
 def _finished_trace(config: ProfileConfig, out: Path) -> Trace | None:
@@ -167,8 +267,13 @@ def _in_process(config: ProfileConfig, out: Path) -> ProfileOutcome:
         worker.run_worker(config)
     except ValueError:
         raise
+    except KeyboardInterrupt as exc:
+        from kfacperf.errors import signal_name
+
+        return _interrupted(config, out, signal_name(exc))
     except Exception as exc:
-        return _failed(config, out, f"{type(exc).__name__}: {exc}")
+        cause = launch.RankEnd(rank=0, status=1, how=f"failed: {worker.exception_summary(exc)}")
+        return _failed(config, out, launch.Supervision(ok=False, cause=cause))
     finally:
         for k, v in saved.items():
             if v is None:
@@ -178,34 +283,74 @@ def _in_process(config: ProfileConfig, out: Path) -> ProfileOutcome:
     return ProfileOutcome(ok=True, trace=load_trace(out))
 
 
-def _failed(config: ProfileConfig, out: Path, why: str) -> ProfileOutcome:
-    """Say what failed, which ranks stopped where, and what the trace still holds."""
-    from kfacperf.runtime.recording import error_path
+def _culprit(sup: launch.Supervision, out: Path) -> str:
+    """Which rank stopped the run, and how, in one line.  Ranks often end within the same
+    moment, so the one named is a rank that failed on its own (killed, crashed, or an error
+    of its own) before a rank that gave up waiting for a peer, and a stopped rank before
+    the peers that waited for it."""
+    from kfacperf.runtime.recording import error_path, read_error_summary
 
-    lines = [f"the run failed ({why})."]
-    errors = sorted((out / PARTS_DIR).glob("error-rank*.txt"))
-    for path in errors:
-        tail = [ln for ln in path.read_text().strip().splitlines() if ln.strip()]
-        lines.append(f"  rank {int(path.stem.rsplit('rank', 1)[1])}: "
-                     f"{tail[-1] if tail else '(empty report)'}  [{path}]")
-    trace = None
-    try:
-        trace = load_trace(out)
-    except (OSError, ValueError) as exc:
-        lines.append(f"  no readable trace in {out}: {exc}")
-    if trace is not None:
+    cause = sup.cause
+    if cause is None or cause.rank < 0:
+        return _cause_text(sup)
+
+    def report(rank: int) -> str:
+        path = error_path(out, rank)
+        return read_error_summary(path) if path.exists() else ""
+
+    def waited(rank: int) -> bool:  # gave up waiting for a peer
+        return report(rank).startswith(("CollectiveError", "Stalled"))
+
+    def text(end: launch.RankEnd) -> str:
+        why = report(end.rank)
+        return f"rank {end.rank} {end.how}" + (f": {why}" if why else "")
+
+    if cause.status is None:  # stopped past the timeout
+        return text(cause)
+    ends = sup.ends or (cause,)
+    own = [e for e in ends if e.status not in (None, 0) and not waited(e.rank)]
+    if own:
+        return text(own[0])
+    stopped = [e for e in ends if e.how == "was stopped"]
+    if stopped:
+        return (f"rank {stopped[0].rank} stopped responding (its process was stopped); "
+                f"{text(cause)}")
+    return text(cause)
+
+
+def _failed(config: ProfileConfig, out: Path, sup: launch.Supervision) -> ProfileOutcome:
+    """Say which rank stopped the run and how, what each rank recorded, and what the trace
+    keeps; mark the trace incomplete."""
+    from kfacperf.runtime.recording import error_path, read_error_summary
+
+    cause = _culprit(sup, out)
+    _mark_incomplete(out, cause)
+    lines = [f"the run failed: {cause}."]
+    ends = {e.rank: e for e in sup.ends}
+    trace, recorded = _steps_recorded(out)
+    done = None
+    if trace is None:
+        lines.append(f"  {recorded}")
+    else:
         ev = trace.events
         done = ev[ev["stage"] == STEP].groupby("rank")["step"].agg(["count", "max"])
-        world = int(trace.run.get("world_size") or 0) or (int(ev["rank"].max()) + 1 if len(ev) else 0)
-        for rank in range(world):
-            n = int(done.loc[rank, "count"]) if rank in done.index else 0
-            reported = error_path(out, rank).exists()
-            note = "" if reported else ", no error report (killed, crashed or stopped by torchrun)"
-            last = f"last finished step {int(done.loc[rank, 'max'])}" if n else "no finished step"
-            lines.append(f"  rank {rank}: {n}/{config.total_steps} steps recorded, {last}{note}")
-        if len(done):
-            first = int(done["count"].idxmin())
-            lines.append(f"  fewest finished steps: rank {first}")
+    world = int(trace.run.get("world_size") or 0) if trace is not None else len(ends)
+    for rank in range(world):
+        n = int(done.loc[rank, "count"]) if done is not None and rank in done.index else 0
+        last = f"last finished step {int(done.loc[rank, 'max'])}" if n else "no finished step"
+        parts = [f"  rank {rank}: {n}/{config.total_steps} steps recorded, {last}"]
+        if rank in ends:
+            parts.append(ends[rank].how)
+        report = error_path(out, rank)
+        if report.exists():
+            parts.append(f"{read_error_summary(report)} [{report}]")
+        lines.append("; ".join(parts))
+    if trace is not None:
+        silent = [r for r in range(world) if done is None or r not in done.index]
+        usable = ("it can be loaded and summarized as it is" if not silent else
+                  f"rank(s) {', '.join(map(str, silent))} recorded no step, so the commands "
+                  "refuse it as a whole run (kfacperf.trace.store.load_trace(path, "
+                  "partial=True) reads what is there)")
         lines.append(f"the trace in {out} keeps every finished step and is marked incomplete "
-                     "(completed=false); it can be loaded and summarized as it is.")
+                     f"(completed=false); {usable}.")
     return ProfileOutcome(ok=False, trace=trace, message="\n".join(lines))

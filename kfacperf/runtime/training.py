@@ -47,6 +47,7 @@ from kfacperf.kfac.strategies import make_strategy
 from kfacperf.profiler.timer import NULL_TIMER, Timer
 from kfacperf.runtime import distributed
 from kfacperf.runtime.settings import OptimizerSettings
+from kfacperf.sim.graphs.strategies.common import MAX_BUCKET_MB
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,8 +67,11 @@ class TrainConfig(OptimizerSettings):
         if self.optimizer == stages.KFAC:
             stages.check_choice("strategy", self.strategy, stages.OPTIMIZER_KFAC_STRATEGIES)
         for key in ("lr", "bucket_cap_mb"):
-            if not getattr(self, key) >= 0:
-                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)!r}")
+            if not 0 <= getattr(self, key) < float("inf"):
+                raise ValueError(f"{key} must be a finite number >= 0, got {getattr(self, key)!r}")
+        if self.bucket_cap_mb > MAX_BUCKET_MB:
+            raise ValueError(f"bucket_cap_mb must be at most {MAX_BUCKET_MB:g}, "
+                             f"got {self.bucket_cap_mb!r}")
         stages.check_choice("bn_blocks", self.bn_blocks, stages.BN_BLOCKS)
         stages.check_choice("fisher", self.fisher, stages.FISHER_TYPES)
 

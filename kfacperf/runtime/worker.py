@@ -4,7 +4,10 @@ Started by ``torchrun`` (``python -m kfacperf.runtime.worker CONFIG_JSON``), by
 ``kfacperf profile`` itself for one process, or by ``kfacperf profile`` run under a
 user's own ``torchrun``.  The trace side (``run.json``, crash-safe per-rank parts, the stage
 timer, telemetry, compaction at the end) is :class:`kfacperf.runtime.recording.TraceRecorder`.
-A rank that fails leaves ``parts/error-rank<R>.txt`` with its traceback.  A workload given
+A rank that fails leaves ``parts/error-rank<R>.txt``: one line saying what failed, then the
+traceback; on the terminal it prints that one line only.  With more than one rank a
+:class:`~kfacperf.runtime.watchdog.Watchdog` ends a rank that finishes no step within the
+process-group timeout plus a grace.  A workload given
 as a factory reference (``FILE.py:FUNC``) is checked to be the same file on every rank, and
 rank 0 writes its workload model into the trace (``workload.toml``), so the simulator and
 ``kfacperf calibrate``/``validate`` find it there.
@@ -14,13 +17,20 @@ from __future__ import annotations
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 from kfacperf.runtime.config import CRASH_ENV, EXIT_CRASH, ProfileConfig
-from kfacperf.runtime.recording import error_path, write_error_report
+from kfacperf.runtime.recording import (
+    error_path,
+    exception_summary,
+    peer_progress,
+    read_error_summary,
+    write_error_report,
+)
 
-__all__ = ["error_path", "main", "run_worker"]
+__all__ = ["error_path", "exception_summary", "main", "read_error_summary", "run_worker"]
 
 PROGRESS_EVERY_S = 2.0
 DATA_BATCHES = 4
@@ -43,25 +53,38 @@ def run_worker(config: ProfileConfig) -> None:
     import torch
 
     from kfacperf.runtime import distributed, heap, precision
+    from kfacperf.runtime.watchdog import Watchdog, limit_for
 
     heap_policy = heap.keep_heap() if config.keep_heap else heap.DEFAULT
     torch.set_num_threads(config.threads_per_rank)
     backend = {"cpu": "gloo", "cuda": "nccl", "auto": None}[config.device]
     info = distributed.init_distributed(backend=backend, timeout_s=config.timeout_s)
     run_dir = Path(config.out)
+    watchdog = None
+    if info.world_size > 1:
+        def stalled(reason: str) -> None:
+            peers = peer_progress(run_dir, info.rank)
+            summary = f"Stalled: rank {info.rank}: {reason}" + (f"; {peers}" if peers else "")
+            write_error_report(run_dir, info.rank, summary)
+            print(f"[kfacperf] rank {info.rank}: error: {summary}", file=sys.stderr, flush=True)
+
+        watchdog = Watchdog(limit_s=limit_for(config.timeout_s), on_stall=stalled)
     try:
         with precision.float32_math(config.precision):  # restored after: in-process runs
-            _train(config, info, run_dir, heap_policy)
-    except BaseException:
+            _train(config, info, run_dir, heap_policy, beat=watchdog.beat if watchdog else None)
+    except BaseException as exc:
         try:
-            write_error_report(run_dir, info.rank)
+            write_error_report(run_dir, info.rank, exception_summary(exc), traceback.format_exc())
         finally:
             raise
     finally:
+        if watchdog is not None:
+            watchdog.close()
         distributed.shutdown()
 
 
-def _train(config: ProfileConfig, info: Any, run_dir: Path, heap_policy: str) -> None:
+def _train(config: ProfileConfig, info: Any, run_dir: Path, heap_policy: str, *,
+           beat: Any = None) -> None:
     from kfacperf.runtime import precision
     from kfacperf.runtime.heap import minor_faults
     from kfacperf.runtime.recording import TraceRecorder
@@ -91,7 +114,9 @@ def _train(config: ProfileConfig, info: Any, run_dir: Path, heap_policy: str) ->
     total = config.total_steps
     last_print = 0.0
     t_prev = time.perf_counter()
+    beat = beat or (lambda: None)
     for step in range(total):  # total > warmup: the first measured step always comes
+        beat()
         if step == config.warmup:
             faults_before = minor_faults()
         x, y = batches[step % len(batches)]
@@ -109,6 +134,7 @@ def _train(config: ProfileConfig, info: Any, run_dir: Path, heap_policy: str) ->
     faults = (minor_faults() - faults_before) / measured
     if rank == 0:
         _log(f"page faults per measured step (rank 0): {faults:.0f}")
+    beat()
     recorder.finish(faults_per_step=faults)
 
 
@@ -149,11 +175,25 @@ def write_trace_workload_model(run_dir: Path, config: ProfileConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """A rank as a process of its own: on failure one line on stderr (the traceback is in
+    the error report) and exit status 1."""
+    from kfacperf.runtime.launch import die_with_parent
+
+    die_with_parent()
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: python -m kfacperf.runtime.worker CONFIG_JSON", file=sys.stderr)
         return 2
-    run_worker(ProfileConfig.from_json(args[0]))
+    config = ProfileConfig.from_json(args[0])
+    try:
+        run_worker(config)
+    except Exception as exc:
+        from kfacperf.safety import terminal_safe
+
+        rank = os.environ.get("RANK", "?")
+        print(f"[kfacperf] rank {rank}: error: {terminal_safe(exception_summary(exc))}",
+              file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

@@ -17,7 +17,6 @@ This module never imports torch.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -108,40 +107,68 @@ def _require(df: pd.DataFrame, columns: tuple[str, ...], path: Path) -> None:
                          f"has {', '.join(map(str, df.columns))}")
 
 
-def write_prediction(pred: Prediction, path: str | Path) -> Path:
-    """Write ``pred`` into directory ``path`` (created; existing files are replaced)."""
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"prediction output {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+PREDICTION_FILES: tuple[str, ...] = (
+    META_FILE, SUMMARY_FILE, STAGE_TIMES_FILE, EVENTS_FILE, CLASSES_FILE)
+
+
+def _holds_trace(path: Path) -> str | None:
+    from kfacperf.trace.schema import PARTS_DIR, RUN_FILE
+
+    if (path / RUN_FILE).exists() or (path / PARTS_DIR).exists():
+        return (f"holds a measured trace ({RUN_FILE}); a prediction never replaces a trace, "
+                "choose another directory")
+    return None
+
+
+def check_prediction_out(path: str | Path, *, force: bool, flag: str = "--out") -> Path:
+    """Check that a prediction may be written into directory ``path``: new or empty, or,
+    with ``force``, an earlier prediction; never a directory holding a measured trace."""
+    from kfacperf.safety import check_output_dir
+
+    return check_output_dir(
+        path, force=force, flag=flag, refuse=_holds_trace,
+        replaceable=lambda p: all(c.name in PREDICTION_FILES for c in p.iterdir()))
+
+
+def write_prediction(pred: Prediction, path: str | Path, *, force: bool = False) -> Path:
+    """Write ``pred`` into directory ``path``: a new or empty directory, or with ``force``
+    an earlier prediction (see :func:`check_prediction_out`).  Each file is written
+    atomically."""
+    from kfacperf.safety import atomic_path, atomic_write_text, dumps_json
+
+    out = check_prediction_out(path, force=force)
     _require(pred.summary, SUMMARY_COLUMNS, out / SUMMARY_FILE)
     _require(pred.stage_times, STAGE_TIME_COLUMNS, out / STAGE_TIMES_FILE)
     _require(pred.events, PREDICTION_EVENT_COLUMNS, out / EVENTS_FILE)
+    out.mkdir(parents=True, exist_ok=True)
     meta = dict(pred.meta)
     meta.setdefault("format", FORMAT)
-    (out / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=False, default=str) + "\n")
-    pred.summary.to_parquet(out / SUMMARY_FILE, index=False, compression="zstd")
-    pred.stage_times.to_parquet(out / STAGE_TIMES_FILE, index=False, compression="zstd")
-    pred.events.to_parquet(out / EVENTS_FILE, index=False, compression="zstd")
+    tables = [(SUMMARY_FILE, pred.summary), (STAGE_TIMES_FILE, pred.stage_times),
+              (EVENTS_FILE, pred.events)]
     if pred.classes is not None:
-        pred.classes.to_parquet(out / CLASSES_FILE, index=False, compression="zstd")
+        tables.append((CLASSES_FILE, pred.classes))
+    else:
+        (out / CLASSES_FILE).unlink(missing_ok=True)
+    for name, df in tables:
+        with atomic_path(out / name) as tmp:
+            df.to_parquet(tmp, index=False, compression="zstd")
+    # the metadata last: a directory with prediction.json is a whole prediction
+    atomic_write_text(out / META_FILE, dumps_json(meta, indent=2, default=str) + "\n")
     return out
 
 
 def load_prediction(path: str | Path) -> Prediction:
     """Read a prediction directory, checking its files and columns."""
-    import pandas as pd
+    from kfacperf.safety import check_pyarrow_version, load_json_file, regular_file
 
+    check_pyarrow_version()
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"prediction directory not found: {root}")
     meta_path = root / META_FILE
     if not meta_path.is_file():
         raise FileNotFoundError(f"not a prediction (no {META_FILE}): {root}")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{meta_path}: not valid JSON ({exc})") from None
+    meta = load_json_file(meta_path, what="prediction file")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{meta_path}: format must be {FORMAT!r}, got "
                          f"{meta.get('format') if isinstance(meta, dict) else meta!r}")
@@ -149,21 +176,31 @@ def load_prediction(path: str | Path) -> Prediction:
     for name, cols in ((SUMMARY_FILE, SUMMARY_COLUMNS), (STAGE_TIMES_FILE, STAGE_TIME_COLUMNS),
                        (EVENTS_FILE, PREDICTION_EVENT_COLUMNS)):
         p = root / name
-        if not p.is_file():
+        if not p.exists():
             raise FileNotFoundError(f"prediction file missing: {p}")
-        df = pd.read_parquet(p)
+        df = _read_table(regular_file(p, what="prediction file"))
         _require(df, cols, p)
         tables[name] = df
     bad = set(tables[EVENTS_FILE]["stage"].astype(str).unique()) - set(STAGE_NAMES)
     if bad:
         raise ValueError(f"{root / EVENTS_FILE}: unknown stage(s) {sorted(bad)}")
     classes = None
-    if (root / CLASSES_FILE).is_file():
-        classes = pd.read_parquet(root / CLASSES_FILE)
+    if (root / CLASSES_FILE).exists():
+        classes = _read_table(regular_file(root / CLASSES_FILE, what="prediction file"))
         _require(classes, CLASS_COLUMNS, root / CLASSES_FILE)
     return Prediction(meta=meta, summary=tables[SUMMARY_FILE],
                       stage_times=tables[STAGE_TIMES_FILE], events=tables[EVENTS_FILE],
                       classes=classes)
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    import pandas as pd
+
+    try:
+        return pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise ValueError(f"{path}: cannot read as Parquet ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:200]})") from None
 
 
 def kind_times(pred: Any, strategy: str, gpus: int) -> KindTimes:

@@ -48,17 +48,43 @@ from kfacperf.sim.models.workload import WorkloadModel
 from kfacperf.sim.prediction import Prediction
 from kfacperf.sim.summary import CycleStep, EventColumns, cycle, summarize_point
 
+MAX_GPUS = 2**20
+"""The largest GPU count simulated (1,048,576): beyond the largest clusters built, and a
+point there takes seconds and a few hundred MB (simulated memory grows with the count)."""
+
+MAX_STEP_US = 3.15e13
+"""A predicted step longer than a year (in µs) is a sign of inputs out of range, not a
+result: :func:`check_summary_finite` refuses it."""
+
 
 def check_gpus(gpus: Sequence[int]) -> list[int]:
-    """Sorted distinct GPU counts; each must be a positive integer."""
+    """Sorted distinct GPU counts; each must be an integer from 1 to :data:`MAX_GPUS`."""
     if not len(gpus):
         raise ValueError("no GPU counts given")
     out = set()
     for g in gpus:
         if isinstance(g, bool) or not isinstance(g, (int, np.integer)) or g < 1:
             raise ValueError(f"number of GPUs must be a positive integer, got {g!r}")
+        if g > MAX_GPUS:
+            raise ValueError(f"number of GPUs {g:,} is above the largest simulated, "
+                             f"{MAX_GPUS:,}")
         out.add(int(g))
     return sorted(out)
+
+
+def check_summary_finite(summary: Any) -> None:
+    """A ``ValueError`` naming the point when a predicted time is NaN, infinite, negative or
+    above :data:`MAX_STEP_US`: such a number comes from inputs out of range (a model value
+    near 0 or 1e300), and is never printed as a result."""
+    for row in summary.itertuples(index=False):
+        for col in ("step_us", "compute_us", "comm_us", "exposed_comm_us"):
+            v = float(getattr(row, col))
+            if not (math.isfinite(v) and 0 <= v <= MAX_STEP_US):
+                raise ValueError(
+                    f"the prediction for {row.strategy} on {int(row.gpus):,} GPUs has {col} = "
+                    f"{v:g} µs, which is not a usable result (not finite, negative, or over a "
+                    "year per step); check the model values and what-if flags for numbers near "
+                    "0 or huge ones")
 
 
 def check_strategies(strategies: Sequence[str | StrategySpec], fraction: float
@@ -130,7 +156,9 @@ def simulate_with_costs(
             memory = step.memory()
         return _Point(spec, p, steps, memory)
 
-    points = [run_point(s, p) for s in specs for p in gpu_list]
+    # inputs out of range make infinities; check_summary_finite reports them, numpy need not
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        points = [run_point(s, p) for s in specs for p in gpu_list]
     single: dict[str, float] = {}
     for s in specs:
         base = next((pt for pt in points if pt.spec == s and pt.gpus == 1), None)
@@ -173,6 +201,7 @@ def simulate_with_costs(
 
     summary = pd.DataFrame(rows)
     summary["gpus"] = summary["gpus"].astype("int64")
+    check_summary_finite(summary)
     stage_times = pd.DataFrame(stage_rows, columns=["strategy", "gpus", "stage", "layer",
                                                     "time_us"])
     stage_times["gpus"] = stage_times["gpus"].astype("int64")

@@ -12,7 +12,6 @@ This module never imports torch.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -115,15 +114,14 @@ def export_chrome(
 ) -> list[Path]:
     """Write ``trace`` as Chrome JSON to ``out``; with ``per_rank``, ``out`` is a directory
     receiving ``rank<R>.json`` per rank (the layout Holistic Trace Analysis loads)."""
+    from kfacperf.safety import atomic_write_text, dumps_json
+
     target = Path(out)
-    if not per_rank:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(chrome_trace(trace)))
-        return [target]
+    if not per_rank:  # JSON as the format defines it: a missing number is null, never NaN
+        return [atomic_write_text(target, dumps_json(chrome_trace(trace)))]
     target.mkdir(parents=True, exist_ok=True)
     written = []
     for r in sorted(int(x) for x in trace.events["rank"].unique()):
-        p = target / f"rank{r}.json"
-        p.write_text(json.dumps(chrome_trace(trace, rank=r)))
-        written.append(p)
+        written.append(atomic_write_text(target / f"rank{r}.json",
+                                         dumps_json(chrome_trace(trace, rank=r))))
     return written

@@ -186,18 +186,19 @@ def compact(run_dir: str | os.PathLike[str], *, remove_parts: bool = True) -> Pa
 
     Does not touch ``run.json``; the caller marks the run completed once this returns.
     """
+    from kfacperf.safety import atomic_path
+
     root = Path(run_dir)
     parts = root / PARTS_DIR
     if not parts.is_dir():
         raise TraceError(f"{root}: no {PARTS_DIR}/ directory to compact")
     events = read_event_parts(parts)
-    tmp = root / (EVENTS_FILE + ".tmp")
-    events.to_parquet(tmp, engine="pyarrow", compression="zstd", index=False)
-    os.replace(tmp, root / EVENTS_FILE)
+    with atomic_path(root / EVENTS_FILE) as tmp:
+        events.to_parquet(tmp, engine="pyarrow", compression="zstd", index=False)
     telemetry = read_telemetry_parts(parts)
     if telemetry is not None:
-        telemetry.to_parquet(root / TELEMETRY_FILE, engine="pyarrow", compression="zstd",
-                             index=False)
+        with atomic_path(root / TELEMETRY_FILE) as tmp:
+            telemetry.to_parquet(tmp, engine="pyarrow", compression="zstd", index=False)
     if remove_parts:
         for p in sorted(parts.iterdir()):
             if p.suffix == ".arrows":

@@ -68,7 +68,13 @@ def get_workload(name: str, **options: Any) -> Workload:
             f"workload {name!r} has no option(s) {', '.join(unknown)}; "
             f"its options are: {', '.join(known) or '(none)'}"
         )
-    return factory(**options)
+    try:
+        return factory(**options)
+    except (TypeError, ValueError, OverflowError) as exc:  # a value of the wrong kind
+        if not options:
+            raise
+        raise ValueError(f"workload {name!r} with option(s) {', '.join(sorted(options))}: "
+                         f"{' '.join(str(exc).split())[:300]}") from None
 
 
 def _factory(name: str) -> Callable[..., Workload]:

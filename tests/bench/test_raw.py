@@ -81,7 +81,7 @@ def test_timing_is_read_back_and_defaults_to_batched_for_older_files() -> None:
 
 
 @pytest.mark.parametrize(("content", "message"), [
-    ("{", "not JSON"),
+    ("{", "not valid JSON"),
     ("[1, 2]", "expected a JSON object"),
     ('{"backend": "gloo", "speed": 1}', "key 'speed': unknown key"),
     ('{"backend": "mpi"}', "key 'backend': 'mpi' is not one of 'gloo', 'nccl'"),
@@ -106,7 +106,7 @@ def test_bad_raw_file_is_named(tmp_path: Path, content: str, message: str) -> No
     with pytest.raises(ValueError) as err:
         raw.load_raw(f)
     assert str(f) in str(err.value) and message in str(err.value)
-    with pytest.raises(ValueError, match="cannot read"):
+    with pytest.raises(ValueError, match="missing.json does not exist"):
         raw.load_raw(tmp_path / "missing.json")
 
 

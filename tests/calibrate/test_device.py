@@ -342,7 +342,9 @@ def test_calibrate_command_fits_written_traces(tmp_path: Path, capsys: pytest.Ca
     for d in dirs:
         Path(d).rename(folder / Path(d).name)
     args[1:1 + len(dirs)] = [str(folder)]
-    assert main(args) == 0
+    assert main(args) == 2  # the file written above is not replaced without --force
+    assert "already exists; pass --force" in capsys.readouterr().err
+    assert main([*args, "--force"]) == 0
     again = load_device_model(out)
     assert set(again.measured) == set(fitted.measured)  # the folder lists them by name
     for kind in TRUE:

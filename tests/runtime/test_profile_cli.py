@@ -87,7 +87,7 @@ def test_a_rank_that_aborts_while_exiting_after_a_complete_run_is_a_warning(tmp_
            "--nproc", "2", "--steps", "2", "--warmup", "1", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "kfacperf profile: warning: torchrun exited with status" in proc.stderr
+    assert "kfacperf profile: warning: rank 1 was killed by SIGABRT" in proc.stderr
     assert "the trace is complete" in proc.stderr and "step time:" in proc.stdout
     trace = load_trace(out)
     assert trace.completed
@@ -105,8 +105,8 @@ def test_a_rank_that_dies_leaves_its_finished_steps_and_a_clear_error(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     err = proc.stderr
-    assert "kfacperf profile: error: the run failed (torchrun exited with status" in err
-    assert "rank 1: 3/6 steps recorded, last finished step 2, no error report" in err
+    assert "kfacperf profile: error: the run failed: rank 1 exited with status 13." in err
+    assert "rank 1: 3/6 steps recorded, last finished step 2; exited with status 13" in err
     assert "marked incomplete (completed=false)" in err
     trace = load_trace(out)
     assert trace.completed is False and trace.run["completed"] is False
@@ -182,20 +182,29 @@ def test_one_process_runs_in_process_sgd_baseline_and_isolate(tmp_path, capsys):
     assert "RANK" not in os.environ  # the in-process rank's environment was restored
 
 
-def test_torchrun_command_for_one_and_several_nodes():
+def test_rank_commands_for_one_and_several_nodes():
     from kfacperf.runtime.config import ProfileConfig
-    from kfacperf.runtime.runner import launch_command, under_torchrun
+    from kfacperf.runtime.runner import (
+        launch_command,
+        rank_environments,
+        under_torchrun,
+        worker_command,
+    )
 
     one = ProfileConfig(workload="mlp", out="t", nproc=4)
-    cmd = launch_command(one)
-    assert cmd[1:3] == ["-m", "torch.distributed.run"]
-    assert cmd[cmd.index("--nproc-per-node") + 1] == "4" and "--standalone" in cmd
+    cmd = worker_command(one)
     assert cmd[-3:-1] == ["-m", "kfacperf.runtime.worker"]
     assert ProfileConfig.from_json(cmd[-1]) == one  # the ranks get exactly this config
+    envs = rank_environments(one, {"PATH": "/bin"})
+    assert [e["RANK"] for e in envs] == ["0", "1", "2", "3"]
+    assert {e["MASTER_ADDR"] for e in envs} == {"127.0.0.1"}  # the store binds to loopback
+    assert len({e["MASTER_PORT"] for e in envs}) == 1 and envs[0]["WORLD_SIZE"] == "4"
     multi = ProfileConfig(workload="mlp", out="t", nproc=8, nnodes="2", node_rank=1,
                           rdzv_endpoint="head:29500")
     cmd = launch_command(multi)
-    assert "--standalone" not in cmd
+    assert cmd[1:3] == ["-m", "kfacperf.runtime.torchrun"]
+    assert cmd[cmd.index("--nproc-per-node") + 1] == "8" and "--standalone" not in cmd
+    assert cmd[-3:-1] == ["-m", "kfacperf.runtime.worker"]
     for flag, value in (("--nnodes", "2"), ("--node-rank", "1"), ("--rdzv-endpoint", "head:29500"),
                         ("--rdzv-backend", "c10d"), ("--max-restarts", "0")):
         assert cmd[cmd.index(flag) + 1] == value

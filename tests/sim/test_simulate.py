@@ -258,7 +258,7 @@ def test_cli_never_imports_torch():
     (["--strategy", "sgd,lamb"], "unknown strategy"),
     (["--strategy", "kaisa:0.25", "--gpus", "6"], "dividing 6"),
     (["--workload", "nope.toml"], "does not exist"),
-    (["--bandwidth-scale", "0"], "positive"),
+    (["--bandwidth-scale", "0"], "must be a number from 1e-06"),
 ])
 def test_cli_errors_are_one_line(args, message, capsys):
     base = {"--workload": "resnet20", "--device": "h100", "--cluster": "dgx-h100-ndr",

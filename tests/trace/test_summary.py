@@ -131,7 +131,8 @@ def test_overhead_over_sgd_baseline(tmp_path):
     assert s.baseline_step_us == pytest.approx(60)
     assert s.kfac_overhead == pytest.approx(105 / 60)
     assert "overhead over SGD: 1.750x" in s.table()
-    other = make_trace(tmp_path, base_rows, name="sgd4", optimizer="sgd", world_size=4)
+    rows4 = [(r, st, "step", "", 1000 * st, 50, 0) for r in range(4) for st in (0, 1, 2)]
+    other = make_trace(tmp_path, rows4, name="sgd4", optimizer="sgd", world_size=4)
     with pytest.raises(TraceError, match="world_size=4"):
         summarize(kfac, baseline=other)
     with pytest.raises(TraceError, match="optimizer 'kfac', expected 'sgd'"):

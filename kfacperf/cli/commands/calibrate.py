@@ -25,6 +25,9 @@ Published mode (--published) fits named terms of the device preset --device (STA
 inverse_method.METHOD.FIELD; fields efficiency, mem_efficiency, overhead_us, row_us) to the
 calibration cases under published/ whose setup runs on that device, by least squares on the
 log of predicted over measured; held-out cases are refused.
+
+--out never replaces an existing file (a committed preset included) without --force; the
+file is written whole or not at all.
 """
 from __future__ import annotations
 
@@ -68,14 +71,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fit", default=None, metavar="TERMS",
                         help="with --published: comma-separated terms, e.g. "
                              "forward.efficiency,inverse_method.cholesky.row_us")
-    parser.add_argument("--out", default=None, help="where to write the TOML")
+    parser.add_argument("--out", default=None, help="where to write the TOML (a new file)")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite --out if it exists (a committed preset too)")
     parser.add_argument("--json", action="store_true", help="print the fit as JSON")
 
 
 def _run_workload(args: argparse.Namespace) -> int:
+    from kfacperf.sim.models.presets import check_model_out
     from kfacperf.sim.models.workload_file import save_workload_model
     from kfacperf.workloads.workload_model import build_workload_model
 
+    if args.out:
+        check_model_out(args.out, force=args.force)
     model = build_workload_model(args.workload, dict(args.workload_option))
     if args.out:
         save_workload_model(model, args.out)
@@ -89,10 +97,10 @@ def _run_workload(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
     from kfacperf.errors import UserError
+    from kfacperf.safety import dumps_json
 
     if args.published is not None or args.start_from:
         if args.traces or args.workload:
@@ -108,11 +116,14 @@ def run(args: argparse.Namespace) -> int:
     from kfacperf.calibrate.device import fit_device_model
     from kfacperf.sim.models import load_device
     from kfacperf.sim.models.device import save_device_model
+    from kfacperf.sim.models.presets import check_model_out
     from kfacperf.trace.store import load_trace
     from kfacperf.validation import expand_trace_paths
     from kfacperf.validation.inputs import trace_workload_models
     from kfacperf.validation.model import WorkloadFinder
 
+    if args.out:
+        check_model_out(args.out, force=args.force)
     traces = [load_trace(p) for p in expand_trace_paths(args.traces)]
     for tr in traces:
         if not tr.completed:
@@ -127,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         save_device_model(cal.device, args.out)
     if args.json:
-        print(json.dumps({
+        print(dumps_json({
             "device": cal.device.name, "traces": list(cal.traces_used), "notes": list(cal.notes),
             "fits": {k: f.__dict__ for k, f in cal.fits.items()}, "out": args.out,
         }, indent=1))
@@ -165,9 +176,14 @@ def _run_published(args: argparse.Namespace) -> int:
     from kfacperf.published.cases import load_cases
     from kfacperf.sim.models import load_device
     from kfacperf.sim.models.device import save_device_model
+    from kfacperf.sim.models.presets import check_model_out
 
     if not args.device:
         raise UserError("--published and --start-from need --device PRESET")
+    if args.out:
+        check_model_out(args.out, force=args.force)
+    if args.cluster_out:
+        check_model_out(args.cluster_out, force=args.force, flag="--cluster-out")
     device = load_device(args.device)
     if args.start_from:
         device = carry_terms(device, load_device(args.start_from))

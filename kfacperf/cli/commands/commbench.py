@@ -18,6 +18,10 @@ node must reach HOST:PORT (the first node to arrive on HOST serves it; port 2940
 and every other node on any TCP port (gloo and NCCL connect ranks on ports the system picks;
 GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME choose the interface).  Only --node-rank 0 writes --out
 and --raw; the nodes must all start within --timeout seconds.
+
+--out and --raw never replace an existing file (a committed preset included) without
+--force; a cluster model needs all four collectives measured, or nothing is written and the
+command fails.
 """
 from __future__ import annotations
 
@@ -55,6 +59,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None,
                         help="write the cluster model TOML here (e.g. models/clusters/local-cpu.toml)")
     parser.add_argument("--raw", default=None, help="also write the measured points as JSON")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite --out / --raw if they exist")
     parser.add_argument("--gpus-per-node", type=int, default=None,
                         help="ranks per node in the model (default: 64 on CPU, the GPU count on "
                              "GPUs; across nodes, the ranks per node measured)")
@@ -88,17 +94,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
     import sys
     import time
-    from pathlib import Path
 
     from kfacperf.bench import commbench as cb
     from kfacperf.bench import raw as commbench_raw
     from kfacperf.bench import results
     from kfacperf.calibrate import cluster as cbf
     from kfacperf.errors import UserError
+    from kfacperf.safety import atomic_write_text, check_output_file, dumps_json
     from kfacperf.sim.models.cluster import OPS, save_cluster_model
+    from kfacperf.sim.models.presets import check_model_out
 
     if args.contention_only and (args.no_contention or args.from_raw):
         raise ValueError("--contention-only measures only contention: it cannot go with "
@@ -106,6 +112,10 @@ def run(args: argparse.Namespace) -> int:
     if args.contention_only and args.out:
         raise ValueError("--contention-only measures no collectives, so it cannot write a "
                          "cluster model; write --raw and fit with --from-raw")
+    if args.out and args.node_rank == 0:  # before measuring for minutes
+        check_model_out(args.out, force=args.force)
+    if args.raw and args.node_rank == 0:
+        check_output_file(args.raw, force=args.force, flag="--raw")
     sizes = (tuple(results.parse_size(s) for s in args.sizes.split(",") if s.strip())
              if args.sizes else results.DEFAULT_SIZES)
     ops = tuple(o.strip() for o in args.ops.split(",") if o.strip()) if args.ops else OPS
@@ -138,8 +148,7 @@ def run(args: argparse.Namespace) -> int:
         log(f"commbench: measured {len(result.points)} points in {time.perf_counter() - t0:.1f} s")
     ops = tuple(op for op in OPS if any(p.op == op for p in result.points))  # what was measured
     if args.raw and writes:
-        Path(args.raw).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.raw).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+        atomic_write_text(args.raw, dumps_json(result.to_dict(), indent=1) + "\n")
     fits = {}
     if set(ops) == set(OPS):
         model, tried = cbf.fit_cluster(result, name=args.name, gpus_per_node=args.gpus_per_node,
@@ -153,10 +162,13 @@ def run(args: argparse.Namespace) -> int:
             best, tried = cbf.fit_points(result.points, op)
             fits[op] = [f.__dict__ for f in tried]
         if args.out:
-            log("commbench: not writing a cluster model: it needs all four collectives, "
-                f"measured: {', '.join(ops) or 'none'}")
+            raise UserError(f"not writing --out {args.out}: a cluster model needs all four "
+                            f"collectives ({', '.join(OPS)}), and "
+                            + (f"only {', '.join(ops)} were measured" if ops else
+                               "no collective was measured")
+                            + ("" if not args.raw else f" (the measurements are in {args.raw})"))
     if args.json:
-        print(json.dumps({"fits": fits, "slowdowns": result.slowdowns,
+        print(dumps_json({"fits": fits, "slowdowns": result.slowdowns,
                           "stage_slowdowns": result.stage_slowdowns,
                           "stragglers": result.stragglers,
                           "comm_slowdowns": result.comm_slowdowns}, indent=1))

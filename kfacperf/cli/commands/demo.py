@@ -5,6 +5,9 @@ ResNet-50 on cluster presets up to 4,096 GPUs, and write one HTML report.
 Examples: `kfacperf demo` (under 3 minutes on a 2-core machine); `kfacperf demo --quick` (a
 tiny run, under a minute); `kfacperf demo --workload my_model.py:build --quick` (your own
 model, see `kfacperf profile --help`).
+
+--out must be new, empty or an earlier demo's directory (the demo replaces its own files);
+one holding other files needs --force.
 """
 from __future__ import annotations
 
@@ -32,6 +35,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="reports/demo",
                         help="output directory: index.html, and traces/, models/, "
                              "predictions/, logs/ beside it (default: %(default)s)")
+    parser.add_argument("--force", action="store_true",
+                        help="write into --out even if it holds files of something else")
     parser.add_argument("--quick", action="store_true",
                         help="a tiny run: few steps, small commbench sweep, five GPU counts")
     parser.add_argument("--verbose", action="store_true",
@@ -41,10 +46,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
     import sys
 
     from kfacperf.pipeline import DemoConfig, DemoPhaseError, quick_config, run_demo
+    from kfacperf.safety import dumps_json
 
     settings: dict[str, object] = {"out": args.out}
     if args.workload is not None:
@@ -58,12 +63,12 @@ def run(args: argparse.Namespace) -> int:
             settings[key] = getattr(args, key)
     config = quick_config(**settings) if args.quick else DemoConfig(**settings)
     try:
-        result = run_demo(config, stream=sys.stdout, verbose=args.verbose)
+        result = run_demo(config, stream=sys.stdout, verbose=args.verbose, force=args.force)
     except DemoPhaseError as exc:
         print(f"kfacperf demo: {exc}", file=sys.stderr)
         return 1
     print()
     print(result.text())
     if args.json:
-        print(json.dumps(result.to_dict(), indent=1))
+        print(dumps_json(result.to_dict(), indent=1))
     return 0

@@ -2,6 +2,7 @@
 
 Open the file in https://ui.perfetto.dev or chrome://tracing.  With --per-rank, OUT is a
 directory receiving one rank<R>.json per rank (the layout Holistic Trace Analysis loads).
+An existing output is replaced only with --force.
 """
 from __future__ import annotations
 
@@ -15,19 +16,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="output file (default: TRACE/trace.json; with --per-rank a "
                              "directory, default TRACE/chrome)")
     parser.add_argument("--per-rank", action="store_true", help="one file per rank")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output")
 
 
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from kfacperf.safety import check_output_dir, check_output_file
     from kfacperf.trace.chrome import export_chrome
     from kfacperf.trace.store import load_trace
 
     trace = load_trace(args.chrome)
     default = Path(args.chrome) / ("chrome" if args.per_rank else "trace.json")
     out = Path(args.out) if args.out else default
-    if not args.per_rank and out.is_dir():
-        raise ValueError(f"--out {out} is a directory; give a file name (or use --per-rank)")
+    if args.per_rank:
+        check_output_dir(out, force=args.force, replaceable=lambda d: all(
+            c.name.startswith("rank") and c.suffix == ".json" for c in d.iterdir()))
+    else:
+        check_output_file(out, force=args.force)
     files = export_chrome(trace, out, per_rank=args.per_rank)
     n = len(trace.events)
     note = "" if trace.completed else " (incomplete run)"

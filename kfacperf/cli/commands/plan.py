@@ -23,7 +23,6 @@ More::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 
@@ -111,16 +110,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from kfacperf.cli.commands.simulate import parse_gpus
     from kfacperf.errors import UserError
     from kfacperf.plan import plan
     from kfacperf.plan.result import save_plan
     from kfacperf.plan.text import format_plan
+    from kfacperf.safety import check_output_file, dumps_json
 
-    if args.out and Path(args.out).exists() and not args.force:
-        raise UserError(f"--out {args.out} exists; pass --force to overwrite it")
+    if args.out:
+        check_output_file(args.out, force=args.force)
     if args.memory_gb is not None and not (0 < args.memory_gb < float("inf")):
         raise UserError(f"--memory-gb must be > 0, got {args.memory_gb}")
     strategies = [x.strip() for x in args.strategies.split(",") if x.strip()]
@@ -139,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         save_plan(result, args.out)
     if args.json:
-        print(json.dumps(result.to_dict(), indent=1))
+        print(dumps_json(result.to_dict(), indent=1))
     else:
         print(format_plan(result))
         if args.out:

@@ -5,10 +5,10 @@
   kfacperf profile --workload my_model.py:build --workload-option width=256 --nproc 2
   kfacperf profile --workload mypackage.models:build --optimizer sgd --batch-size 64
 
-Starts the ranks itself (torchrun-compatible; pass --nnodes/--node-rank/--rdzv-endpoint and
-run the same command on every node for a multi-node job), or runs as one rank when started
-under torchrun.  Writes TRACE_DIR/run.json + events.parquet (+ telemetry.parquet on a GPU)
-and prints the per-stage summary.  --batch-size is per rank.
+Starts the ranks itself (pass --nnodes/--node-rank/--rdzv-endpoint and run the same command
+on every node for a multi-node job, started through torchrun), or runs as one rank when
+started under torchrun.  Writes TRACE_DIR/run.json + events.parquet (+ telemetry.parquet on
+a GPU) and prints the per-stage summary.  --batch-size is per rank.
 
 The second example is SP-NGD's 1mc + unitBN: BatchNorm layers as 2x2-per-channel Fisher
 blocks, the statistics from one extra backward of sampled labels (a second ``backward`` row,
@@ -19,6 +19,14 @@ FUNC(**options) (options from --workload-option) calls; it returns a kfacperf Wo
 (model, make_batch) or (model, make_batch, loss_fn) with make_batch(batch_size, generator)
 -> (inputs, targets); the loss is cross-entropy unless given.  The trace then holds the
 model's workload model too (TRACE_DIR/workload.toml), for calibrate, validate and simulate.
+
+Faults: a rank that fails, is killed, or is stopped for longer than --timeout stops the run
+within seconds, with an error naming the rank; a rank that finishes no step within twice
+--timeout (at most --timeout + 10 s) ends itself.  Ctrl-C or SIGTERM stops every rank.
+Either way the trace keeps every finished step and is marked incomplete.  On one node the
+ranks' rendezvous listens on the loopback interface only; a multi-node run's rendezvous
+listens on the network (use a trusted one).  --out must be new or empty; --force replaces
+the trace files in it.
 """
 from __future__ import annotations
 
@@ -63,7 +71,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=None, help="examples per rank per step")
     g.add_argument("--out", default=None, help="trace directory (default: "
                    "traces/WORKLOAD-OPTIMIZER-STRATEGY-pNPROC)")
-    g.add_argument("--force", action="store_true", help="overwrite the trace in --out")
+    g.add_argument("--force", action="store_true",
+                   help="replace the trace in a non-empty --out (only trace files are removed)")
     g.add_argument("--threads-per-rank", type=int, default=1, help="torch threads per rank")
     g.add_argument("--isolate", action="store_true", help="synchronise around every stage "
                    "(and barrier every step) so each stage is measured alone")
@@ -72,7 +81,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "freed memory, so measured steps do not time page faults of memory "
                         "given back and taken again; see kfacperf.runtime.heap)")
     g.add_argument("--timeout", type=float, default=60.0,
-                   help="process-group timeout in seconds (a dead rank becomes an error)")
+                   help="seconds a rank waits for a peer before the run fails with an error "
+                        "naming the rank (a dead, stopped or hung rank); a step must also "
+                        "finish within it plus min(it, 10 s) (default 60)")
     g.add_argument("--device", choices=DEVICES, default="auto")
     g.add_argument("--precision", choices=COMPUTE_DTYPES, default=DEFAULT_PRECISION,
                    help="fp32: IEEE float32 (TF32 off on a GPU); tf32: float32 with TF32 "
@@ -145,6 +156,9 @@ def run(args: argparse.Namespace) -> int:
     config = build_config(args)
     baseline = load_trace(args.baseline) if args.baseline else None
     outcome = profile(config, force=args.force)
+    if outcome.interrupted:
+        print(f"kfacperf profile: {outcome.message}", file=sys.stderr)
+        return outcome.exit_status
     if not outcome.ok:
         print(f"kfacperf profile: error: {outcome.message}", file=sys.stderr)
         return 1

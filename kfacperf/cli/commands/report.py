@@ -4,6 +4,8 @@ Example: kfacperf report --trace traces/A --trace traces/B --prediction predicti
 --out reports/NAME/index.html
 
 A plan (kfacperf plan --out plan.json) adds its section: kfacperf report --plan plan.json
+
+An existing --out (or --screenshot) file is replaced only with --force.
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="also save a PNG of the top of the page (needs chromium)")
     parser.add_argument("--out", default="reports/report/index.html", metavar="FILE",
                         help="HTML file to write (default: %(default)s)")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite --out and --screenshot if they exist")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from kfacperf.plan.result import load_plan
     from kfacperf.report.build import MAX_BYTES, build_report, headline_text
     from kfacperf.report.inputs import load_predictions, load_runs, load_validation
+    from kfacperf.safety import check_output_file
 
     if not args.traces and not args.predictions and not args.plan and not args.published:
         raise UserError("give at least one --trace, --prediction, --plan or --published")
@@ -47,6 +52,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--timeline-gpus must be >= 1, got {args.timeline_gpus}")
     from kfacperf.report.published_section import load_published
 
+    check_output_file(args.out, force=args.force)
+    if args.screenshot:
+        check_output_file(args.screenshot, force=args.force, flag="--screenshot")
     validation = load_validation(args.validation) if args.validation else None
     plan = load_plan(args.plan) if args.plan else None
     published = load_published(args.published) if args.published else None

@@ -17,11 +17,14 @@ SP-NGD's Fisher variants (emp/1mc x unitBN/fullBN; see docs/fisher-blocks.md)::
     kfacperf simulate --workload resnet50 --device v100 --cluster abci-v100 --strategy spngd \
         --gpus 1-1024 --factor-interval 1 --inverse-interval 1 --inverse-method cholesky \
         --bn-blocks unit --fisher mc
+
+Limits: at most 1,048,576 GPUs; a prediction that is not finite (or over a year per step)
+is an error, never a result.  --out must be a new or empty directory; an earlier prediction
+there is replaced only with --force, and a directory holding a measured trace never.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from typing import Any
 
@@ -35,6 +38,8 @@ def parse_gpus(text: str) -> list[int]:
         raise ValueError(f"--gpus {text!r}: no GPU counts")
     out: list[int] = []
 
+    from kfacperf.sim.sweep import MAX_GPUS
+
     def number(p: str) -> int:
         try:
             v = int(p)
@@ -42,6 +47,9 @@ def parse_gpus(text: str) -> list[int]:
             raise ValueError(f"--gpus {text!r}: {p!r} is not a whole number") from None
         if v < 1:
             raise ValueError(f"--gpus {text!r}: number of GPUs must be >= 1, got {v}")
+        if v > MAX_GPUS:
+            raise ValueError(f"--gpus {text!r}: {v:,} GPUs is above the largest simulated, "
+                             f"{MAX_GPUS:,}")
         return v
 
     i = 0
@@ -136,10 +144,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
                    help="cost form of reduce-scatter-v / all-gather-v")
     w.add_argument("--threads-per-rank", type=int, help="CPU threads per rank (CPU clusters)")
     o = parser.add_argument_group("output")
-    o.add_argument("--out", help="write the prediction directory here")
+    o.add_argument("--out", help="write the prediction directory here (new or empty)")
+    o.add_argument("--force", action="store_true",
+                   help="replace an earlier prediction in --out (never a measured trace)")
     o.add_argument("--json", action="store_true", help="print the summary as JSON")
     o.add_argument("--no-events", action="store_true",
                    help="skip the per-class event table (smaller, faster)")
+
+
+MAX_SCALE = 1e6
+"""What-if scales (--bandwidth-scale, ...) lie between 1/MAX_SCALE and MAX_SCALE."""
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -157,9 +171,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     for flag, option in pairs:
         value = getattr(args, flag)
         if value is not None:
-            if isinstance(value, float) and not (math.isfinite(value) and value > 0):
-                raise ValueError(f"--{flag.replace('_', '-')} must be a positive number, "
-                                 f"got {value}")
+            if isinstance(value, float) and not (math.isfinite(value) and
+                                                 1 / MAX_SCALE <= value <= MAX_SCALE):
+                raise ValueError(f"--{flag.replace('_', '-')} must be a number from "
+                                 f"{1 / MAX_SCALE:g} to {MAX_SCALE:g}, got {value}")
             out[option] = value
     if args.symmetric_factors:
         out["symmetric_factors"] = True
@@ -182,15 +197,20 @@ def summary_records(summary: Any) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kfacperf.sim.prediction import write_prediction
+    from kfacperf.safety import dumps_json
+    from kfacperf.sim.graphs.strategies.common import MAX_BUCKET_MB
+    from kfacperf.sim.prediction import check_prediction_out, write_prediction
     from kfacperf.sim.sweep import simulate
 
     gpus = parse_gpus(args.gpus)
     strategies = [s for s in (x.strip() for x in args.strategy.split(",")) if s]
     if not strategies:
         raise ValueError("--strategy: no strategy given")
-    if args.bucket_mb is not None and not args.bucket_mb > 0:
-        raise ValueError(f"--bucket-mb must be > 0, got {args.bucket_mb}")
+    if args.bucket_mb is not None and not 0 < args.bucket_mb <= MAX_BUCKET_MB:
+        raise ValueError(f"--bucket-mb must be > 0 and at most {MAX_BUCKET_MB:g}, "
+                         f"got {args.bucket_mb}")
+    if args.out:
+        check_prediction_out(args.out, force=args.force)  # before the work, not after
     pred = simulate(
         args.workload, args.device, args.cluster, strategies, gpus=gpus,
         batch_per_gpu=args.batch_per_gpu, factor_interval=args.factor_interval,
@@ -200,11 +220,11 @@ def run(args: argparse.Namespace) -> int:
     )
     pred.meta["command"] = "kfacperf simulate " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items())
-        if not k.startswith("_") and k != "command" and v not in (None, False))
+        if not k.startswith("_") and k not in ("command", "force") and v not in (None, False))
     if args.out:
-        write_prediction(pred, args.out)
+        write_prediction(pred, args.out, force=args.force)
     if args.json:
-        print(json.dumps(summary_records(pred.summary), indent=2))
+        print(dumps_json(summary_records(pred.summary), indent=2))
     else:
         m = pred.meta
         print(f"{m['workload']} on {m['device']} / {m['cluster']}, batch {args.batch_per_gpu} "

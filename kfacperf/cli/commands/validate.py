@@ -12,7 +12,8 @@ prints, per run, the measured and predicted step time and the error, then the pe
 errors.  Held-out recordings of one configuration (same settings, e.g. name-r1, name-r2) are
 pooled into one run: "rec" says how many, "spread" how far apart their step times were.
 --json prints the same as JSON (ending with the median and worst step-time error);
---out writes the per-run table for `kfacperf report --validation` (.parquet, .csv or .json).
+--out writes the per-run table for `kfacperf report --validation` (.parquet, .csv or .json);
+an existing file is replaced only with --force.
 
 --published [CASE ...] instead predicts published GPU measurements (published/*.toml; all of
 them without names) from the setup each states, and prints per point measured, predicted and
@@ -45,6 +46,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--out", default=None, metavar="PATH",
                         help="write the per-run table (.parquet, .csv) or everything (.json)")
+    parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
 
 
 def _fmt_ms(us: float) -> str:
@@ -103,50 +105,57 @@ def _align(cells: list[list[str]], *, left: int) -> list[str]:
                       for i, (v, w) in enumerate(zip(r, widths))).rstrip() for r in cells]
 
 
-def check_out(path: str) -> None:
+def check_out(path: str, *, force: bool = False) -> None:
     from pathlib import Path
 
+    from kfacperf.safety import check_output_file
+
+    check_output_file(path, force=force)
     if Path(path).suffix.lower() not in (".parquet", ".csv", ".json"):
         raise ValueError(f"--out {path}: use a .parquet, .csv or .json file name")
 
 
-def write_out(result: object, path: str) -> None:
-    import json
+def write_out(result: object, path: str, *, force: bool = False) -> None:
+    """Write the result to ``path`` atomically (.parquet and .csv: the per-run table; .json:
+    everything, a missing number as null)."""
     from pathlib import Path
 
-    check_out(path)
-    p = Path(path)
-    suffix = p.suffix.lower()
-    p.parent.mkdir(parents=True, exist_ok=True)
+    from kfacperf.safety import atomic_path, atomic_write_text, dumps_json
+
+    check_out(path, force=force)
+    suffix = Path(path).suffix.lower()
     runs = result.runs  # type: ignore[attr-defined]
-    if suffix == ".parquet":
-        runs.to_parquet(p, index=False)
-    elif suffix == ".csv":
-        runs.to_csv(p, index=False)
-    else:
-        p.write_text(json.dumps(result.to_dict(), indent=1, allow_nan=True) + "\n")  # type: ignore[attr-defined]
+    if suffix == ".json":
+        atomic_write_text(path, dumps_json(result.to_dict(), indent=1) + "\n")  # type: ignore[attr-defined]
+        return
+    with atomic_path(path) as tmp:
+        if suffix == ".parquet":
+            runs.to_parquet(tmp, index=False)
+        else:
+            runs.to_csv(tmp, index=False)
 
 
 def _run_published(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
     from kfacperf.errors import UserError
+    from kfacperf.safety import atomic_write_text, check_output_file, dumps_json
     from kfacperf.validation.published import validate_published
 
     if args.calibrate or args.holdout:
         raise UserError("--published predicts published cases: give it without --calibrate "
                         "and --holdout")
-    if args.out and Path(args.out).suffix.lower() != ".json":
-        raise UserError(f"--out {args.out}: with --published, write a .json file")
+    if args.out:
+        check_output_file(args.out, force=args.force)
+        if Path(args.out).suffix.lower() != ".json":
+            raise UserError(f"--out {args.out}: with --published, write a .json file")
     result = validate_published(args.published or None,
                                 roles=[args.role] if args.role else None)
     data = result.to_dict()
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(data, indent=1) + "\n")
+        atomic_write_text(args.out, dumps_json(data, indent=1) + "\n")
     if args.json:
-        print(json.dumps(data, indent=1))
+        print(dumps_json(data, indent=1))
     else:
         print(result.table())
         if args.out:
@@ -155,9 +164,8 @@ def _run_published(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
     from kfacperf.errors import UserError
+    from kfacperf.safety import dumps_json
     from kfacperf.validation import validate
 
     if args.published is not None:
@@ -165,13 +173,13 @@ def run(args: argparse.Namespace) -> int:
     if not args.calibrate or not args.holdout:
         raise UserError("give --calibrate TRACE... and --holdout TRACE... (or --published)")
     if args.out:
-        check_out(args.out)
+        check_out(args.out, force=args.force)
     result = validate(args.calibrate, args.holdout, cluster=args.cluster,
                       workload_search=args.workload_model)
     if args.out:
-        write_out(result, args.out)
+        write_out(result, args.out, force=args.force)
     if args.json:
-        print(json.dumps(result.to_dict(), indent=1))
+        print(dumps_json(result.to_dict(), indent=1))
     else:
         print(text_table(result, all_stages=args.stages))
         if args.out:

@@ -79,3 +79,17 @@ def resolve(kind: str, name_or_path: str | Path) -> Path:
             + "; or give a path to a .toml file"
         )
     return path
+
+
+def check_model_out(path: str | os.PathLike[str], *, force: bool, flag: str = "--out") -> Path:
+    """Check that a model TOML may be written at ``path``: a new file, or with ``force`` an
+    existing one (a committed preset under ``models/`` is named as such in the refusal)."""
+    from kfacperf.safety import check_output_file
+
+    p = Path(path)
+    note = ""
+    if p.exists():
+        committed = models_dir().resolve()
+        if committed in p.resolve().parents:
+            note = f"a committed preset under {committed}"
+    return check_output_file(p, force=force, flag=flag, note=note)

@@ -38,17 +38,19 @@ def read_toml(path: str | Path, *, fmt: str | tuple[str, ...] | None = None) -> 
     With ``fmt``, the file's ``format`` key must equal it, or one of them (model files name
     their format; a reader of several formats asks ``root.str("format")`` which one it got).
     """
+    from kfacperf.safety import check_nesting, read_small_file
+
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        text = read_small_file(p, what="model file")
     except FileNotFoundError:
         raise FileNotFoundError(f"{p}: no such model file") from None
-    except OSError as exc:  # a directory, unreadable, ...
-        raise ValueError(f"{p}: cannot read: {exc}") from None
     try:
-        data = _toml.loads(text)
+        data = check_nesting(_toml.loads(text), source=str(p))
     except _toml.TOMLDecodeError as exc:
         raise ValueError(f"{p}: not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ValueError(f"{p}: nested too deeply") from None
     root = Table(data, source=str(p), prefix="")
     if fmt is not None:
         got = root.str("format")
@@ -307,8 +309,9 @@ def dumps_toml(data: Mapping[str, Any], *, header: Iterable[str] = ()) -> str:
 
 
 def write_toml(path: str | Path, data: Mapping[str, Any], *, header: Iterable[str] = ()) -> Path:
-    """Write ``data`` to ``path`` (creating parent folders) and return the path."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(dumps_toml(data, header=header), encoding="utf-8")
-    return p
+    """Write ``data`` to ``path`` atomically (creating parent folders) and return the path.
+    Callers check first whether an existing file may be replaced
+    (:func:`kfacperf.sim.models.presets.check_model_out`)."""
+    from kfacperf.safety import atomic_write_text
+
+    return atomic_write_text(path, dumps_toml(data, header=header))

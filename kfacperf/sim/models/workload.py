@@ -131,6 +131,10 @@ class LayerModel:
         for key in ("dim_a", "dim_g", "params", "rows_per_example"):
             if getattr(self, key) < 1:
                 raise ValueError(f"layer {self.name!r}: {key} must be >= 1")
+        if self.params != self.dim_a * self.dim_g:  # dim_a counts the bias column
+            raise ValueError(f"layer {self.name!r}: params {self.params:,} is not dim_a x dim_g "
+                             f"= {self.dim_a:,} x {self.dim_g:,} = {self.dim_a * self.dim_g:,} "
+                             "(dim_a includes the bias column)")
         for key in ("fwd_flops_per_example", "in_elems_per_example", "out_elems_per_example"):
             if getattr(self, key) < 0:
                 raise ValueError(f"layer {self.name!r}: {key} must be >= 0")

@@ -80,7 +80,10 @@ def _layer_from_table(t: Table, kinds: tuple[str, ...] = KRONECKER_KINDS) -> Lay
         )
         c.done()
     t.done()
-    return LayerModel(**kwargs)
+    try:
+        return LayerModel(**kwargs)
+    except ValueError as exc:  # name the file and the table
+        raise ValueError(f"{t.source}: [{t.prefix.rstrip('.')}] {exc}") from None
 
 
 def _read_options(t: Table) -> dict[str, Any]:

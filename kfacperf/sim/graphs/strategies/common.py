@@ -29,6 +29,10 @@ from kfacperf.vocab import COMM_DTYPE_BYTES, StepKind
 FP32 = S.DTYPE_BYTES["fp32"]
 
 
+MAX_BUCKET_MB = 1e6
+"""The largest bucket (1 TB): any larger is one bucket for every model there is."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class CommSettings:
     """How the optimizer communicates (the real optimizer's options and defaults)."""
@@ -61,8 +65,8 @@ class CommSettings:
             raise ValueError(f"statistics_fraction must be in (0, 1], got {f!r}")
         for key in ("factor_bucket_mb", "ddp_bucket_mb", "ddp_first_bucket_mb"):
             v = getattr(self, key)
-            if isinstance(v, bool) or not v >= 0:
-                raise ValueError(f"{key} must be >= 0, got {v!r}")
+            if isinstance(v, bool) or not 0 <= v <= MAX_BUCKET_MB:
+                raise ValueError(f"{key} must be from 0 to {MAX_BUCKET_MB:g} MB, got {v!r}")
 
     def factor_elems(self, n: int) -> int:
         return n * (n + 1) // 2 if self.symmetric else n * n
