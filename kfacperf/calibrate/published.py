@@ -31,6 +31,8 @@ from kfacperf.sim.models.device import INVERSE_METHODS, STAGE_KINDS, DeviceModel
 
 FIELDS: tuple[str, ...] = ("efficiency", "mem_efficiency", "overhead_us", "row_us")
 CLUSTER_FIELDS: tuple[str, ...] = ("bandwidth_GBps", "alpha_us")
+UNUSABLE = 1e3
+"""The residual of every point of a trial whose prediction the simulator refuses."""
 _CAPPED = ("efficiency", "mem_efficiency")
 
 
@@ -161,15 +163,23 @@ def fit_device_to_published(
             out[cluster_preset] = set_cluster_terms(cluster, values)
         return out
 
+    points = sum(len(s.values) for _, s in series)
+
     def residuals(xv: np.ndarray) -> np.ndarray:
         trial = models(xv)
         out = []
-        for case, s in series:
-            for row in predict_series(case, s, models=trial):
-                out.append(math.log(row[6] / row[5]))
+        try:
+            for case, s in series:
+                for row in predict_series(case, s, models=trial):
+                    out.append(math.log(row[6] / row[5]))
+        except ValueError:  # terms so extreme the simulator refuses the result: a bad trial
+            return np.full(points, UNUSABLE)
         return np.array(out)
 
     r = residuals(x)
+    if r[0] == UNUSABLE:
+        raise ValueError("the starting terms give no usable prediction; start from other "
+                         "values (--start-from)")
     before = float(np.sqrt(np.mean(r ** 2)))
     # a coarse scan of each term first: a term can start on a plateau (a bandwidth that is not
     # yet the bottleneck) where no local step sees a slope
