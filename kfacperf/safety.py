@@ -262,6 +262,12 @@ def _finite_or_none(obj: Any) -> Any:
     return obj
 
 
+def json_records(table: Any) -> list[dict[str, Any]]:
+    """A DataFrame's rows as plain dicts for JSON: numpy scalars as Python numbers, NaN and
+    infinities as ``None``."""
+    return [_finite_or_none(rec) for rec in table.to_dict(orient="records")]
+
+
 def dumps_json(obj: Any, **kwargs: Any) -> str:
     """``json.dumps`` that writes valid JSON: NaN and infinities become ``null``."""
     return json.dumps(_finite_or_none(obj), allow_nan=False, **kwargs)

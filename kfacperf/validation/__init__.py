@@ -37,6 +37,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from kfacperf.safety import json_records
 from kfacperf.trace.compare import check_kinds, compare, error_pct
 from kfacperf.trace.measure import KINDS, Measured, measure, run_step_kind, weighted
 from kfacperf.validation.inputs import (
@@ -113,12 +114,6 @@ class ValidationResult:
         """JSON-ready: calibration, runs, stages, targets, then median and worst error."""
         import numpy as np
 
-        def rows(df: pd.DataFrame) -> list[dict[str, Any]]:
-            out = []
-            for rec in df.to_dict(orient="records"):
-                out.append({k: _json_value(v) for k, v in rec.items()})
-            return out
-
         cal = self.calibration
         checked = self.checked_stages()
         worst_stage = float(np.max(np.abs(checked["error_pct"]))) if len(checked) else math.nan
@@ -132,13 +127,13 @@ class ValidationResult:
                          for k, f in cal.fit.fits.items()},
             },
             "notes": list(self.notes),
-            "runs": rows(self.runs),
-            "stages": rows(self.stages),
+            "runs": json_records(self.runs),
+            "stages": json_records(self.stages),
             "targets": {"median_abs_error_pct": STEP_TARGET_MEDIAN_PCT,
                         "worst_abs_error_pct": STEP_TARGET_WORST_PCT,
                         "stage_abs_error_pct": STAGE_TARGET_PCT,
                         "stage_min_share_pct": STAGE_MIN_SHARE_PCT},
-            "worst_stage_abs_error_pct": _json_value(worst_stage),
+            "worst_stage_abs_error_pct": worst_stage if math.isfinite(worst_stage) else None,
             "worst_run": str(worst_run["run"]),
             "median_abs_error_pct": self.median_abs_error_pct,
             "worst_abs_error_pct": self.worst_abs_error_pct,
@@ -206,15 +201,6 @@ def validate(
     runs = pd.DataFrame(run_rows, columns=list(RUN_COLUMNS))
     stages_df = pd.DataFrame(stage_rows, columns=list(STAGE_COLUMNS))
     return ValidationResult(runs=runs, stages=stages_df, calibration=cal, notes=tuple(notes))
-
-
-def _json_value(v: Any) -> Any:
-    """Plain Python for JSON; NaN (no value) as null."""
-    if hasattr(v, "item") and not isinstance(v, (str, bytes)):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
 
 
 def _strategy_text(run: Mapping[str, Any]) -> str:

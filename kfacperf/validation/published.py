@@ -15,13 +15,13 @@ beside its errors.  Never imports torch.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kfacperf.published.cases import PublishedCase, load_cases
 from kfacperf.published.predict import POINT_COLUMNS, predict_series
+from kfacperf.safety import json_records
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -86,8 +86,8 @@ class PublishedResult:
                        "role": c.role, "read": c.read, "quantity": c.quantity,
                        "setup": dict(c.setup), "assumed": dict(c.assumed), "path": c.path}
                       for c in self.cases],
-            "points": _records(self.points),
-            "series": _records(self.series),
+            "points": json_records(self.points),
+            "series": json_records(self.series),
         }
 
 
@@ -116,17 +116,3 @@ def validate_published(names: Sequence[str] | None = None, *,
     return PublishedResult(points=pd.DataFrame(rows, columns=list(POINT_COLUMNS)),
                            series=pd.DataFrame(summary, columns=list(SERIES_COLUMNS)),
                            cases=tuple(cases))
-
-
-def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
-    out = []
-    for rec in df.to_dict(orient="records"):
-        clean = {}
-        for k, v in rec.items():
-            if hasattr(v, "item") and not isinstance(v, (str, bytes)):
-                v = v.item()
-            if isinstance(v, float) and not math.isfinite(v):
-                v = None
-            clean[k] = v
-        out.append(clean)
-    return out

@@ -181,23 +181,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def summary_records(summary: Any) -> list[dict[str, Any]]:
-    """Summary rows as JSON-safe dicts (NaN -> null)."""
-    rows = []
-    for rec in summary.to_dict(orient="records"):
-        clean = {}
-        for k, v in rec.items():
-            if hasattr(v, "item"):
-                v = v.item()
-            if isinstance(v, float) and not math.isfinite(v):
-                v = None
-            clean[k] = v
-        rows.append(clean)
-    return rows
-
-
 def run(args: argparse.Namespace) -> int:
-    from kfacperf.safety import dumps_json
+    from kfacperf.safety import dumps_json, json_records
     from kfacperf.sim.graphs.strategies.common import MAX_BUCKET_MB
     from kfacperf.sim.prediction import check_prediction_out, write_prediction
     from kfacperf.sim.sweep import simulate
@@ -224,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         write_prediction(pred, args.out, force=args.force)
     if args.json:
-        print(dumps_json(summary_records(pred.summary), indent=2))
+        print(dumps_json(json_records(pred.summary), indent=2))
     else:
         m = pred.meta
         print(f"{m['workload']} on {m['device']} / {m['cluster']}, batch {args.batch_per_gpu} "
