@@ -83,6 +83,7 @@ def _worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: Any) -> 
     import torch
     import torch.distributed as dist
 
+    from kfacperf.runtime.distributed import init_local_group
     from kfacperf.runtime.heap import keep_heap
 
     try:
@@ -94,11 +95,8 @@ def _worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: Any) -> 
             device = torch.device("cuda", torch.cuda.current_device())
         else:
             device = torch.device("cpu")
-        import datetime
-
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world,
-                                timeout=datetime.timedelta(seconds=cfg["timeout_s"]))
+        init_local_group(backend, rank=rank, world=world, port=port,
+                         timeout_s=cfg["timeout_s"])
         sync = torch.cuda.synchronize if backend == "nccl" else (lambda: None)
         slowdown: dict[str, float] = {}
         if cfg["contention"] and backend == "gloo":

@@ -143,6 +143,21 @@ def loopback_store(env: Mapping[str, str], *, rank: int, world: int,
                          master_listen_fd=sock.detach())
 
 
+def init_local_group(backend: str, *, rank: int, world: int, port: int,
+                     timeout_s: float) -> None:
+    """Join a process group of ranks on this machine alone (the communication benchmark's),
+    exposed to nothing outside it: the store on loopback (:func:`loopback_store`) and gloo's
+    and NCCL's sockets on the loopback interface unless the user chose one."""
+    if os.path.exists("/sys/class/net/lo"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    timeout = datetime.timedelta(seconds=timeout_s)
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    store = loopback_store(env, rank=rank, world=world, timeout=timeout)
+    assert store is not None  # a loopback address, and not torchrun's agent store
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+
+
 def describe() -> DistInfo:
     """The :class:`DistInfo` of this process (a world of one when not initialised)."""
     if not dist.is_initialized():
