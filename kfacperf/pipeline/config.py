@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from kfacperf import vocab as S
-from kfacperf import workload_ref
+from kfacperf.workloads import reference as workload_ref
 
 KIB = 1024
 MIB = 1024 * KIB

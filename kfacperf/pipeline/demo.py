@@ -25,7 +25,6 @@ import shlex
 from pathlib import Path
 from typing import Any, TextIO
 
-from kfacperf import workload_ref
 from kfacperf.pipeline.config import SCALE_STRATEGIES, DemoConfig, DemoPaths
 from kfacperf.pipeline.headline import (
     DemoResult,
@@ -35,6 +34,7 @@ from kfacperf.pipeline.headline import (
 )
 from kfacperf.pipeline.phases import DemoStepFailed, PhaseRunner
 from kfacperf.safety import atomic_write_text, dumps_json
+from kfacperf.workloads import reference as workload_ref
 
 DEMO_ENTRIES = ("index.html", "traces", "models", "predictions", "logs", "demo.json",
                 "validation.json")

@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from kfacperf import vocab as S
-from kfacperf import workload_ref
 from kfacperf.runtime.precision import DEFAULT_PRECISION
 from kfacperf.runtime.settings import OptimizerSettings
+from kfacperf.workloads import reference as workload_ref
 
 DEVICES = ("auto", "cpu", "cuda")
 

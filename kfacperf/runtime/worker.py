@@ -142,7 +142,7 @@ def same_factory_everywhere(workload: str, world: int) -> str:
     """The fingerprint of a factory reference's file (``""`` for a registry workload),
     checked to be the same on every rank: a node with another version of the file would
     train another model."""
-    from kfacperf import workload_ref
+    from kfacperf.workloads import reference as workload_ref
 
     if not workload_ref.is_reference(workload):
         return ""

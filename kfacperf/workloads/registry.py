@@ -12,8 +12,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from kfacperf import workload_ref
-
+from . import reference as workload_ref
 from .base import Workload
 from .bert import bert_base_block_workload, bert_large_block_workload, bert_large_workload
 from .gpt2 import gpt2_xl_workload

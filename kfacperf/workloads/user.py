@@ -1,7 +1,7 @@
 """The user's own model as a :class:`~kfacperf.workloads.base.Workload`, from a factory reference.
 
 ``--workload FILE.py:FUNC`` or ``--workload package.module:FUNC`` (see
-:mod:`kfacperf.workload_ref`) names a function that ``FUNC(**options)`` calls, with the
+:mod:`kfacperf.workloads.reference`) names a function that ``FUNC(**options)`` calls, with the
 options of ``--workload-option``.  It returns either
 
 * a :class:`Workload` (its own data, loss and default batch), or
@@ -35,9 +35,9 @@ import torch
 from torch import Tensor, nn
 
 from kfacperf.errors import UserError
-from kfacperf.workload_ref import FORMS, WorkloadRef, file_sha256, parse
 
 from .base import Workload, is_kfac_layer
+from .reference import FORMS, WorkloadRef, file_sha256, parse
 
 DEFAULT_BATCH_SIZE = 32
 RETURNS = ("return a kfacperf Workload, or (model, make_batch) or (model, make_batch, loss_fn) "

@@ -69,8 +69,8 @@ def build_workload_model(name: str, options: dict[str, Any]) -> Any:
     """The workload model of torch workload ``name`` (a registry name or a factory reference)
     built with ``options``; the model is built on the meta device, or for real if its
     forward cannot run there."""
-    from kfacperf import workload_ref
     from kfacperf.workloads import get_workload, workload_options
+    from kfacperf.workloads import reference as workload_ref
 
     from .describe import walk_workload
 

@@ -313,7 +313,7 @@ def test_sim_models_do_not_import_torch() -> None:
         "import sys\n"
         "import kfacperf.sim.models, kfacperf.sim.costs.model, kfacperf.sim.costs.collectives, "
         "kfacperf.calibrate.device, kfacperf.calibrate.alpha_beta, kfacperf.calibrate.host_gaps, "
-        "kfacperf.sim.models.presets\n"
+        "kfacperf.sim.models.presets, kfacperf.workloads.reference\n"
         "bad = [m for m in ('torch', 'pandas') if m in sys.modules]\n"
         "print(','.join(bad))\n"
     )

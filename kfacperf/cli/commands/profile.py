@@ -123,8 +123,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def build_config(args: argparse.Namespace):  # -> ProfileConfig
-    from kfacperf import workload_ref
     from kfacperf.runtime.config import ProfileConfig, command_line
+    from kfacperf.workloads import reference as workload_ref
 
     strategy = args.strategy or ("sgd" if args.optimizer == "sgd" else "spngd")
     label = workload_ref.label(args.workload)

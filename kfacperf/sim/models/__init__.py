@@ -21,7 +21,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from kfacperf import workload_ref
 from kfacperf.sim.models.cluster import (
     ALGORITHMS,
     OPS,
@@ -49,6 +48,7 @@ from kfacperf.sim.models.workload_file import (
     save_workload_model,
     workload_model_from_description,
 )
+from kfacperf.workloads import reference as workload_ref
 
 __all__ = [
     "ALGORITHMS", "DEDICATED", "DTYPES", "INVERSE_METHODS", "OPS", "STAGE_KINDS",

@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kfacperf import vocab
-from kfacperf.workload_ref import match_key
+from kfacperf.workloads.reference import match_key
 
 KRONECKER_KINDS = ("linear", "conv2d")
 BATCHNORM = "batchnorm"
