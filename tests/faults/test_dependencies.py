@@ -46,3 +46,11 @@ def test_a_fixed_pyarrow_is_accepted(version):
     from kfacperf.safety import check_pyarrow_version
 
     check_pyarrow_version(version)
+
+
+def test_python_3_10_gets_a_toml_reader():
+    """The package supports Python 3.10, which has no tomllib; every model file is TOML."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert project["requires-python"] == ">=3.10"
+    [spec] = [d for d in project["dependencies"] if d.startswith("tomli")]
+    assert "python_version < '3.11'" in spec, spec
