@@ -27,11 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import kfacperf
+from kfacperf.bench.overhead import replay_cost_us, stage_calls
 from kfacperf.kfac.preconditioner import KFACPreconditioner
-from kfacperf.profiler.stage_timer import StageTimer
-from kfacperf.trace import parts as trace_parts
 from kfacperf.trace.parts import read_event_parts
-from kfacperf.vocab import STEP
 from kfacperf.workloads import get_workload
 
 BATCH = 32
@@ -84,10 +82,10 @@ def _overhead(tmp_path) -> dict:
             t_on.append(times[True])
             t_off.append(times[False])
     parts = tmp_path / "trace" / "parts"
-    calls = _recorded_calls(parts, step=WARMUP_PAIRS)
-    rows = len(read_event_parts(parts))
+    events = read_event_parts(parts)
+    calls, rows = stage_calls(events, WARMUP_PAIRS), len(events)
     run.close()
-    timer_us = _replay_cost_us(tmp_path / "replay", calls)
+    timer_us = replay_cost_us(calls, cuda=False, scratch=tmp_path / "replay", repeats=300)
     loop_us = _loop_wrapper_cost_us(tmp_path / "wrapper")
     step_us = 1e6 * statistics.median(t_off)
     return {
@@ -101,29 +99,6 @@ def _overhead(tmp_path) -> dict:
         "rows_per_step": rows / (WARMUP_PAIRS + PAIRS),
         "pairs": PAIRS,
     }
-
-
-def _recorded_calls(parts, *, step: int) -> list[tuple[str, str, float]]:
-    ev = read_event_parts(parts)
-    sel = ev[(ev["step"] == step) & (ev["stage"] != STEP)]
-    return [(str(r.stage), str(r.layer), float(r.flops)) for r in sel.itertuples()]
-
-
-def _replay_cost_us(folder, calls, *, repeats: int = 300) -> float:
-    """Median µs of replaying one step's recorded stage calls into a new timer."""
-    sink = trace_parts.event_appender(folder, 0)
-    timer = StageTimer(sink=sink, cuda=False)
-    costs = []
-    for k in range(repeats):
-        t0 = time.perf_counter_ns()
-        timer.step_begin(k)
-        for stage, layer, flops in calls:
-            with timer.stage(stage, layer, flops=flops):
-                pass
-        timer.step_end()
-        costs.append((time.perf_counter_ns() - t0) / 1e3)
-    sink.close()
-    return statistics.median(costs)
 
 
 class _Scalar(nn.Module):
@@ -164,7 +139,7 @@ def _loop_wrapper_cost_us(folder, *, repeats: int = 2000) -> float:
         on.append((t2 - t1) / 1e3)
     run.close()
     calls = [("forward", "", 0.0), ("backward", "", 0.0), ("update", "", 0.0)]
-    timer = _replay_cost_us(folder / "replay", calls)
+    timer = replay_cost_us(calls, cuda=False, scratch=folder / "replay", repeats=300)
     return max(0.0, statistics.median(on) - statistics.median(off) - timer)
 
 

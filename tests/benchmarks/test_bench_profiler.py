@@ -23,11 +23,12 @@ import time
 
 import torch
 
+from kfacperf.bench.overhead import replay_cost_us, stage_calls
 from kfacperf.profiler.stage_timer import StageTimer
 from kfacperf.profiler.timer import NULL_TIMER
 from kfacperf.runtime.training import TrainConfig, Trainer
 from kfacperf.trace import parts as trace_parts
-from kfacperf.vocab import STEP
+from kfacperf.trace.parts import read_event_parts
 from kfacperf.workloads import get_workload
 
 BATCH = 32
@@ -80,26 +81,10 @@ def _overhead(tmp_path) -> dict:
     }
 
 
-def _replay_cost_us(tmp_path, *, step: int, repeats: int = 300) -> float:
+def _replay_cost_us(tmp_path, *, step: int) -> float:
     """Median µs of replaying step ``step``'s recorded stage calls into a new timer."""
-    from kfacperf.trace.parts import read_event_parts
-
-    ev = read_event_parts(tmp_path / "parts")
-    calls = [(str(r.stage), str(r.layer), float(r.flops))
-             for r in ev[(ev["step"] == step) & (ev["stage"] != STEP)].itertuples()]
-    sink = trace_parts.event_appender(tmp_path / "replay", 0)
-    timer = StageTimer(sink=sink, cuda=False)
-    costs = []
-    for k in range(repeats):
-        t0 = time.perf_counter_ns()
-        timer.step_begin(k)
-        for stage, layer, flops in calls:
-            with timer.stage(stage, layer, flops=flops):
-                pass
-        timer.step_end()
-        costs.append((time.perf_counter_ns() - t0) / 1e3)
-    sink.close()
-    return statistics.median(costs)
+    calls = stage_calls(read_event_parts(tmp_path / "parts"), step)
+    return replay_cost_us(calls, cuda=False, scratch=tmp_path / "replay", repeats=300)
 
 
 def test_step_overhead(benchmark, tmp_path):
