@@ -204,9 +204,10 @@ def _comm_after_compute(device: Any, forward: Callable[[], None],
     blocks = [torch.ones(n, device=device) for _ in range(world)]
     out = torch.empty(n, device=device)
     gathered = [torch.empty(n, device=device) for _ in range(world)]
-    calls = [lambda: dist.all_reduce(buf, group=group),
-             lambda: dist.reduce_scatter(out, blocks, group=group),
-             lambda: dist.all_gather(gathered, out, group=group)]
+    calls: list[Callable[[], object]] = [
+        lambda: dist.all_reduce(buf, group=group),
+        lambda: dist.reduce_scatter(out, blocks, group=group),
+        lambda: dist.all_gather(gathered, out, group=group)]
     stamps: dict[bool, list[float]] = {False: [], True: []}  # after compute? -> issue, done
     for _ in range(COMM_ROUNDS):
         for call in calls:
@@ -242,7 +243,7 @@ def straggler_of(per_rank: Sequence[Sequence[float]]) -> float:
     """Mean over steps of (slowest rank - mean rank), over the mean step time.
 
     ``per_rank[r][k]``: rank ``r``'s time of step ``k``."""
-    steps = list(zip(*per_rank))
+    steps: list[tuple[float, ...]] = list(zip(*per_rank))
     if not steps:
         raise ValueError("no steps to measure a straggler from")
     excess = [max(s) - statistics.mean(s) for s in steps]

@@ -26,6 +26,8 @@ nothing new.
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
@@ -111,14 +113,14 @@ class BatchNormLayer(KFACLayer):
 
     def normalized(self, x: Tensor) -> Tensor:
         """``x̂``: ``x`` normalised with the statistics the module itself uses."""
-        m: nn.modules.batchnorm._BatchNorm = self.module  # type: ignore[assignment]
+        m = cast(nn.modules.batchnorm._BatchNorm, self.module)
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        use_batch = m.training or m.running_mean is None or m.running_var is None
-        if use_batch:
+        running_mean, running_var = m.running_mean, m.running_var
+        if m.training or running_mean is None or running_var is None:
             dims = (0, *range(2, x.dim()))
             var, mean = torch.var_mean(x, dim=dims, unbiased=False)
         else:
-            mean, var = m.running_mean.to(x.dtype), m.running_var.to(x.dtype)
+            mean, var = running_mean.to(x.dtype), running_var.to(x.dtype)
         return (x - mean.view(shape)) * torch.rsqrt(var + m.eps).view(shape)
 
     # ------------------------------------------------------------------ inverse state

@@ -41,7 +41,7 @@ class _Workspace(threading.local):
     """Per-thread scratch buffers, one growable flat buffer per (role, dtype, device, mode)."""
 
     def __init__(self) -> None:
-        self.buffers: dict[tuple, Tensor] = {}
+        self.buffers: dict[tuple[str, torch.dtype, torch.device, bool], Tensor] = {}
 
 
 _WORKSPACE = _Workspace()
@@ -93,7 +93,7 @@ def padded_input(x: Tensor, conv: nn.Conv2d) -> Tensor:
         (top, bottom), (left, right) = pads
     else:
         top = bottom = conv.padding[0]
-        left = right = conv.padding[1]  # type: ignore[misc]
+        left = right = conv.padding[1]
     if top == bottom == left == right == 0:
         return x
     mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
@@ -111,8 +111,9 @@ def _positions_major(x: Tensor, conv: nn.Conv2d, margin: int) -> tuple[Tensor, i
     zero_pad = conv.padding_mode == "zeros" and conv.padding != "same"
     src = x if zero_pad else padded_input(x, conv)
     n, c, h, w = src.shape
-    ph, pw = (0, 0) if (conv.padding == "valid" or not zero_pad) else conv.padding
-    hp, wp = h + 2 * ph, w + 2 * pw  # type: ignore[operator]
+    # a string padding here is "valid" ("same" is not zero_pad)
+    ph, pw = (0, 0) if (isinstance(conv.padding, str) or not zero_pad) else conv.padding
+    hp, wp = h + 2 * ph, w + 2 * pw
     by_position = _scratch("by_position", (c * h * w, n), src)
     by_position.copy_(src.reshape(n, c * h * w).t())
     by_position = by_position.view(c, h, w, n)
@@ -133,7 +134,7 @@ def _top_padding(conv: nn.Conv2d) -> int:
         return 0
     if conv.padding == "same":
         return conv.dilation[0] * (conv.kernel_size[0] - 1) // 2
-    return int(conv.padding[0])  # type: ignore[index]
+    return int(conv.padding[0])
 
 
 def output_size(padded_hw: tuple[int, int], conv: nn.Conv2d) -> tuple[int, int]:
@@ -208,7 +209,7 @@ def patch_moments_flops(x_shape: tuple[int, ...], conv: nn.Conv2d) -> float:
         hp = h + conv.dilation[0] * (kh - 1)
         wp = w + conv.dilation[1] * (kw - 1)
     else:
-        ph, pw = (0, 0) if conv.padding == "valid" else conv.padding  # type: ignore[misc]
+        ph, pw = (0, 0) if isinstance(conv.padding, str) else conv.padding  # str: "valid"
         hp, wp = h + 2 * ph, w + 2 * pw
     column_steps = kw + (kh - 1) * (2 * kw - 1)
     return 2.0 * n * hp * wp * c * c * column_steps

@@ -44,14 +44,15 @@ def timed_allreduce_hook(
     state.timer.async_comm(GRAD_COMM, "", buf.numel() * buf.element_size(), work,
                            issued_at=mark)
 
-    def done(fut: torch.futures.Future[Any]) -> torch.Tensor:
+    def done(fut: torch.futures.Future[list[torch.Tensor]]) -> torch.Tensor:
         try:
             return fut.value()[0]
         except RuntimeError as exc:
             raise CollectiveError(collective_failure_message("all_reduce[grad_comm]", exc)
                                   ) from exc
 
-    return work.get_future().then(done)
+    fut: torch.futures.Future[list[torch.Tensor]] = work.get_future()
+    return fut.then(done)
 
 
 def wrap_ddp(

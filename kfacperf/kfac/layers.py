@@ -34,6 +34,7 @@ Factors are computed in the activations' dtype (float32 for half-precision activ
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -104,7 +105,7 @@ class KFACLayer:
         self.module = module
         self.inverse_method = inverse_method
         self.has_bias = getattr(module, "bias", None) is not None
-        weight: Tensor = module.weight  # type: ignore[assignment]
+        weight = self.weight
         self.dim_g = int(weight.shape[0])
         self.dim_a = int(weight[0].numel()) + int(self.has_bias)
         self.a_batch: Tensor | None = None
@@ -127,6 +128,16 @@ class KFACLayer:
             f"{type(self).__name__}(name={self.name!r}, dim_a={self.dim_a}, "
             f"dim_g={self.dim_g}, bias={self.has_bias})"
         )
+
+    @property
+    def weight(self) -> Tensor:
+        """The module's weight (looked up on every use, as the module holds it now)."""
+        return cast(Tensor, self.module.weight)
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The module's bias, or None when it has none."""
+        return cast("Tensor | None", getattr(self.module, "bias", None))
 
     # ----------------------------------------------------------------- batch statistics
     def factors(self) -> tuple[Factor, ...]:
@@ -178,13 +189,13 @@ class KFACLayer:
     # ---------------------------------------------------------------------- gradients
     def load_grad(self) -> None:
         """``grad`` ← the ``dim_g x dim_a`` matrix of the module's ``.grad`` (a new tensor)."""
-        w = self.module.weight
+        w = self.weight
         if w.grad is None:
             self.grad = None
             return
         g = w.grad.reshape(self.dim_g, -1)
         if self.has_bias:
-            b = self.module.bias.grad  # type: ignore[union-attr]
+            b = cast(Tensor, self.bias).grad
             bias = b if b is not None else torch.zeros_like(g[:, 0])
             self.grad = torch.cat([g, bias.reshape(-1, 1)], dim=1)
         else:
@@ -192,7 +203,7 @@ class KFACLayer:
 
     def write_grad(self, matrix: Tensor, scale: Tensor | None = None) -> None:
         """Write ``scale * matrix`` into the module's ``.grad`` (weight and bias)."""
-        w = self.module.weight
+        w = self.weight
         m = matrix if scale is None else matrix * scale
         weight_part = m[:, : self.dim_a - int(self.has_bias)].reshape(w.shape)
         if w.grad is None:
@@ -200,7 +211,7 @@ class KFACLayer:
         else:
             w.grad.copy_(weight_part)
         if self.has_bias:
-            b = self.module.bias
+            b = cast(Tensor, self.bias)
             bias_part = m[:, -1].reshape(b.shape)
             if b.grad is None:
                 b.grad = bias_part.to(b.dtype).clone()
@@ -252,7 +263,7 @@ class KFACLayer:
         the returned tensors in place.  Missing tensors take ``dtype``/``device`` (default:
         the weight's device and the factor dtype).
         """
-        w = self.module.weight
+        w = self.weight
         dtype = dtype or factor_dtype(w.dtype)
         device = device or w.device
         out = []
@@ -314,7 +325,7 @@ class Conv2dLayer(KFACLayer):
         super().__init__(name=name, module=module, inverse_method=inverse_method)
 
     def _input_moments(self, x: Tensor) -> tuple[Tensor, Tensor, int]:
-        m: nn.Conv2d = self.module  # type: ignore[assignment]
+        m = cast(nn.Conv2d, self.module)
         if m.kernel_size[0] * m.kernel_size[1] > 1:
             return conv_factors.patch_moments(x, m)
         xp = conv_factors.padded_input(x, m)  # 1x1 kernel: patches are (strided) pixels
@@ -323,7 +334,7 @@ class Conv2dLayer(KFACLayer):
         return rows @ rows.t(), rows.sum(dim=1), int(rows.shape[1])
 
     def _input_moments_flops(self, x: Tensor, rows: int) -> float:
-        m: nn.Conv2d = self.module  # type: ignore[assignment]
+        m = cast(nn.Conv2d, self.module)
         if m.kernel_size[0] * m.kernel_size[1] > 1:
             return conv_factors.patch_moments_flops(tuple(x.shape), m)
         return super()._input_moments_flops(x, rows)

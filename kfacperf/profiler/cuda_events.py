@@ -9,11 +9,15 @@ from __future__ import annotations
 import collections
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 from kfacperf.vocab import STEP
 
 _clock = time.perf_counter_ns
+
+Row: TypeAlias = "tuple[int, str, str, str, Any, Any, int, float]"
+"""One timed stage occurrence: ``(step, stage, layer, lane, start, end, bytes, flops)``;
+start and end are CPU ``perf_counter_ns`` values, CUDA events, or (resolved) µs floats."""
 
 
 def cuda_sync() -> None:
@@ -68,13 +72,13 @@ class GpuResolver:
         cuda_sync()
         # the origin event completed (about) now: its offset from origin_ns on the CPU clock
         self._prev_us = (_clock() - origin_ns) / 1e3
-        self._pending: collections.deque = collections.deque()
+        self._pending: collections.deque[tuple[list[Row], Any]] = collections.deque()
 
-    def add(self, rows: list[tuple], *, step_end_event: Any) -> None:
+    def add(self, rows: list[Row], *, step_end_event: Any) -> None:
         self._pending.append((rows, step_end_event))
 
-    def resolve(self, *, keep: int) -> list[tuple]:
-        out: list[tuple] = []
+    def resolve(self, *, keep: int) -> list[Row]:
+        out: list[Row] = []
         while self._pending:
             rows, last = self._pending[0]
             if len(self._pending) <= keep and last is not None and not last.query():
@@ -83,7 +87,7 @@ class GpuResolver:
             out.extend(self._resolve_rows(rows))
         return out
 
-    def _resolve_rows(self, rows: list[tuple]) -> list[tuple]:
+    def _resolve_rows(self, rows: list[Row]) -> list[Row]:
         events = [e for r in rows for e in (r[4], r[5])]
         for ev in events:
             ev.synchronize()  # no-op wait when already complete (the usual case)
@@ -91,7 +95,7 @@ class GpuResolver:
             return []
         anchor = next((r[4] for r in rows if r[1] == STEP), rows[0][4])
         anchor_us = self._prev_us + self._prev_anchor.elapsed_time(anchor) * 1e3
-        out = []
+        out: list[Row] = []
         for step, stage, layer, lane, e0, e1, nbytes, flops in rows:
             start = anchor_us + anchor.elapsed_time(e0) * 1e3
             out.append((step, stage, layer, lane, start, start + e0.elapsed_time(e1) * 1e3,

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 
 DOMAIN = "kfacperf"
+
+RangeTree: TypeAlias = "list[tuple[str, RangeTree]]"
+"""Nested NVTX ranges: ``[(message, children), ...]``."""
 
 
 class NvtxBackend(Protocol):
@@ -111,19 +114,20 @@ class RecordingBackend:
     def end(self, handle: int) -> None:
         self.calls.append(NvtxCall("end", None, threading.get_ident(), handle))
 
-    def push_pop_tree(self, thread: int | None = None) -> list[tuple[str, list]]:
+    def push_pop_tree(self, thread: int | None = None) -> RangeTree:
         """The nested push/pop ranges of one thread as ``[(message, children), ...]``.
 
         Raises AssertionError on a pop without a push or a push never popped.
         """
         thread = threading.get_ident() if thread is None else thread
-        root: list[tuple[str, list]] = []
+        root: RangeTree = []
         stack = [root]
         for c in self.calls:
             if c.thread != thread or c.kind not in ("push", "pop"):
                 continue
             if c.kind == "push":
-                node: tuple[str, list] = (c.attrs.message, [])
+                assert c.attrs is not None  # push() always records its attributes
+                node: tuple[str, RangeTree] = (c.attrs.message, [])
                 stack[-1].append(node)
                 stack.append(node[1])
             else:

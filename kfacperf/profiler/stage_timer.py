@@ -35,10 +35,11 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 
 from kfacperf import vocab as S
 from kfacperf.profiler import cuda_events
+from kfacperf.profiler.cuda_events import Row
 from kfacperf.profiler.nvtx_backend import NvtxBackend, NvtxDomainBackend
 from kfacperf.vocab import STEP, lane_of
 
@@ -68,13 +69,13 @@ class MemorySink:
     """Keeps appended batches in memory (tests, benchmarks, single-process use)."""
 
     def __init__(self) -> None:
-        self.batches: list[dict[str, list]] = []
+        self.batches: list[dict[str, list[Any]]] = []
 
     def append(self, columns: Mapping[str, Sequence[Any]]) -> None:
         self.batches.append({k: list(v) for k, v in columns.items()})
 
-    def columns(self) -> dict[str, list]:
-        out: dict[str, list] = {}
+    def columns(self) -> dict[str, list[Any]]:
+        out: dict[str, list[Any]] = {}
         for b in self.batches:
             for k, v in b.items():
                 out.setdefault(k, []).extend(v)
@@ -186,8 +187,8 @@ class StageTimer:
             self._barrier = barrier if barrier is not None else _dist_barrier
         self.origin_ns = clock() if origin_ns is None else origin_ns
         self._keys: dict[tuple[str, str], _Key] = {}
-        self._rows: list[tuple] = []
-        self._async_rows: collections.deque = collections.deque()
+        self._rows: list[Row] = []
+        self._async_rows: collections.deque[Row] = collections.deque()
         # per collective in flight: (has it completed?, wait until its row is recorded)
         self._inflight: list[tuple[Callable[[], bool], Callable[[], Any]]] = []
         self._completion_watcher: _CompletionWatcher | None = None
@@ -338,8 +339,8 @@ class StageTimer:
             self._completion_watcher = _CompletionWatcher()
         return self._completion_watcher
 
-    def _drain_async(self) -> list[tuple]:
-        out = []
+    def _drain_async(self) -> list[Row]:
+        out: list[Row] = []
         q = self._async_rows
         while True:
             try:
@@ -347,7 +348,7 @@ class StageTimer:
             except IndexError:
                 return out
 
-    def _emit(self, rows: list[tuple]) -> None:
+    def _emit(self, rows: list[Row]) -> None:
         """Rows with CPU ns (or resolved µs floats, from the GPU resolver) -> sink.
 
         Rows recorded before the first ``step_begin`` (set-up work) have no step and are
@@ -358,7 +359,7 @@ class StageTimer:
             return
         origin = self.origin_ns
         n = len(rows)
-        cols: dict[str, list] = {
+        cols: dict[str, list[Any]] = {
             "rank": [self.rank] * n, "step": [], "stage": [], "layer": [], "lane": [],
             "start_us": [], "dur_us": [], "bytes": [], "flops": [],
         }
@@ -385,13 +386,17 @@ def _cuda_default() -> bool:
     return bool(torch is not None and torch.cuda.is_available())
 
 
+_Watched: TypeAlias = "tuple[Any, Callable[[], None], threading.Event]"
+"""A work handle, the callback to run once it is done, and the event then set."""
+
+
 class _CompletionWatcher:
     """For work handles without a future: a thread that waits on each, in issue order, and
     runs its callback.  Collectives of one process group complete in issue order, so the
     time seen for each is its completion time."""
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Watched | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="kfacperf-comm-watch",
                                         daemon=True)
         self._thread.start()
@@ -419,7 +424,7 @@ class _CompletionWatcher:
             finally:
                 finished.set()
                 # let go of the work (and its tensors) before blocking on the next one
-                item = work = callback = finished = None
+                del item, work, callback, finished
 
 
 def _dist_barrier() -> None:

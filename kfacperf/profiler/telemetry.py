@@ -210,7 +210,7 @@ class TelemetrySampler:
         }
 
     def _run(self, handle: Any) -> None:
-        buf: dict[str, list] = {c: [] for c in TELEMETRY_COLUMNS}
+        buf: dict[str, list[float]] = {c: [] for c in TELEMETRY_COLUMNS}
         last_flush = time.monotonic()
         while True:
             t = (time.perf_counter_ns() - self.origin_ns) / 1e3

@@ -11,7 +11,7 @@ leaves no rank behind.
 
 API::
 
-    start(cmd, envs) -> list[subprocess.Popen]
+    start(cmd, envs) -> list[subprocess.Popen[bytes]]
     supervise(procs, *, stalled_after_s) -> Supervision
     stop(procs, *, extra_pids=()) -> None
     die_with_parent() -> None          (called by a rank at start)
@@ -65,11 +65,11 @@ class Supervision:
 
 
 def start(cmd: Sequence[str], envs: Sequence[Mapping[str, str]], *,
-          ranks_below: bool = False) -> list[subprocess.Popen]:
+          ranks_below: bool = False) -> list[subprocess.Popen[bytes]]:
     """Start one process per environment (rank order), each in a session of its own.
     ``ranks_below``: the processes are launchers (torchrun) whose children are the ranks."""
     parent = "parent" if ranks_below else str(os.getpid())
-    procs: list[subprocess.Popen] = []
+    procs: list[subprocess.Popen[bytes]] = []
     try:
         for env in envs:
             procs.append(subprocess.Popen(list(cmd), env=dict(env, **{PARENT_ENV: parent}),
@@ -100,7 +100,7 @@ def describe_status(code: int) -> str:
     return f"exited with status {code}"
 
 
-def supervise(procs: Sequence[subprocess.Popen], *, stalled_after_s: float) -> Supervision:
+def supervise(procs: Sequence[subprocess.Popen[bytes]], *, stalled_after_s: float) -> Supervision:
     """Wait for the ranks ``procs`` (index = rank) to end; stop them all when one fails,
     when one stays stopped for ``stalled_after_s`` seconds, or on Ctrl-C / SIGTERM (a
     KeyboardInterrupt here, see :class:`kfacperf.errors.Terminated`)."""
@@ -109,10 +109,10 @@ def supervise(procs: Sequence[subprocess.Popen], *, stalled_after_s: float) -> S
     try:
         while True:
             codes = [p.poll() for p in procs]
-            failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
+            failed = [(r, c) for r, c in enumerate(codes) if c is not None and c != 0]
             if failed:
-                cause = RankEnd(rank=failed[0], status=codes[failed[0]],
-                                how=describe_status(codes[failed[0]]))
+                rank, code = failed[0]
+                cause = RankEnd(rank=rank, status=code, how=describe_status(code))
                 break
             if all(c == 0 for c in codes):
                 return Supervision(ok=True, ends=tuple(
@@ -142,7 +142,7 @@ def supervise(procs: Sequence[subprocess.Popen], *, stalled_after_s: float) -> S
         return Supervision(ok=False, ends=ends, interrupted=signal_name(exc))
 
 
-def _ends(procs: Sequence[subprocess.Popen]) -> tuple[RankEnd, ...]:
+def _ends(procs: Sequence[subprocess.Popen[bytes]]) -> tuple[RankEnd, ...]:
     out = []
     for r, p in enumerate(procs):
         code = p.poll()
@@ -155,7 +155,7 @@ def _ends(procs: Sequence[subprocess.Popen]) -> tuple[RankEnd, ...]:
     return tuple(out)
 
 
-def _wait_all(procs: Sequence[subprocess.Popen], seconds: float) -> None:
+def _wait_all(procs: Sequence[subprocess.Popen[bytes]], seconds: float) -> None:
     deadline = time.monotonic() + seconds
     for p in procs:
         try:
@@ -164,7 +164,7 @@ def _wait_all(procs: Sequence[subprocess.Popen], seconds: float) -> None:
             pass
 
 
-def stop(procs: Sequence[subprocess.Popen], *, extra_pids: Sequence[int] = ()) -> None:
+def stop(procs: Sequence[subprocess.Popen[bytes]], *, extra_pids: Sequence[int] = ()) -> None:
     """SIGTERM every process still running (and ``extra_pids``; then SIGCONT, so a stopped
     one acts on it), SIGKILL what is left after :data:`STOP_GRACE_S`, and reap them."""
     live = [p for p in procs if p.poll() is None]

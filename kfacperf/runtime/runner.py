@@ -337,7 +337,8 @@ def _failed(config: ProfileConfig, out: Path, sup: launch.Supervision) -> Profil
     world = int(trace.run.get("world_size") or 0) if trace is not None else len(ends)
     for rank in range(world):
         n = int(done.loc[rank, "count"]) if done is not None and rank in done.index else 0
-        last = f"last finished step {int(done.loc[rank, 'max'])}" if n else "no finished step"
+        last = (f"last finished step {int(done.loc[rank, 'max'])}" if n and done is not None
+                else "no finished step")
         parts = [f"  rank {rank}: {n}/{config.total_steps} steps recorded, {last}"]
         if rank in ends:
             parts.append(ends[rank].how)

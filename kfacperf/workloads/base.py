@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,10 @@ from torch import Tensor, nn
 
 ModelFactory = Callable[[], nn.Module]
 BatchSampler = Callable[[int, torch.Generator], "tuple[Tensor, Tensor]"]
-LossFn = Callable[[Tensor, Tensor], Tensor]
+LossFn = Callable[[Any, Tensor], Tensor]
+"""``loss(outputs, targets)``: outputs are what the model returns (a tensor, or e.g. a tuple
+of tensors for a model with several heads)."""
+_M = TypeVar("_M", bound=nn.Module)
 
 
 def data_generator(seed: int, step: int) -> torch.Generator:
@@ -35,7 +38,7 @@ def data_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF)
 
 
-def seeded_build(factory: ModelFactory, seed: int) -> nn.Module:
+def seeded_build(factory: Callable[[], _M], seed: int) -> _M:
     """Call ``factory`` with the global RNG seeded by ``seed``, restoring the RNG afterwards."""
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -172,9 +172,12 @@ def _walk(model: nn.Module, example: torch.Tensor, *, meta: bool) -> ModelWalk:
         seen.add(path)
         if is_batchnorm(module):
             follows = layers[-1]["name"] if layers else ""
-            norms.append(_batchnorm_record(path, module, inputs[0], follows))
+            norms.append(_batchnorm_record(
+                path, cast(nn.modules.batchnorm._BatchNorm, module), inputs[0], follows))
             return
-        layers.append(_layer_record(path, module, inputs[0], output))
+        # paths holds only K-FAC layers (Linear, Conv2d) besides the BatchNorms
+        layers.append(_layer_record(path, cast("nn.Linear | nn.Conv2d", module), inputs[0],
+                                    output))
         if isinstance(module, nn.Conv2d):
             hp, wp = padded_input(inputs[0], module).shape[-2:]
             conv[path] = {
@@ -235,10 +238,10 @@ def _extra_flop_formulas() -> dict[Any, Any]:
 
 
 def _layer_record(
-    path: str, module: nn.Module, x: torch.Tensor, y: torch.Tensor
+    path: str, module: nn.Linear | nn.Conv2d, x: torch.Tensor, y: torch.Tensor
 ) -> dict[str, Any]:
     bias = module.bias is not None
-    params = module.weight.numel() + (module.bias.numel() if bias else 0)
+    params = module.weight.numel() + (module.bias.numel() if module.bias is not None else 0)
     if isinstance(module, nn.Linear):
         kind = "linear"
         fan_in, dim_g = module.in_features, module.out_features
@@ -261,8 +264,8 @@ def _layer_record(
     }
 
 
-def _batchnorm_record(path: str, module: nn.Module, x: torch.Tensor, follows: str
-                      ) -> dict[str, Any]:
+def _batchnorm_record(path: str, module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor,
+                      follows: str) -> dict[str, Any]:
     channels = int(module.weight.shape[0])
     per_example = x.numel() // x.shape[0]
     return {

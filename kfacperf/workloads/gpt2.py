@@ -19,6 +19,7 @@ computes).  No dropout.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +49,7 @@ class CausalSelfAttention(nn.Module):
             return y.view(b, t, self.num_heads, d // self.num_heads).transpose(1, 2)
 
         ctx = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), is_causal=True)
-        return self.proj(ctx.transpose(1, 2).reshape(b, t, d))
+        return cast(Tensor, self.proj(ctx.transpose(1, 2).reshape(b, t, d)))
 
 
 class DecoderBlock(nn.Module):
@@ -64,7 +65,7 @@ class DecoderBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.ln1(x))
-        return x + self.fc_proj(F.gelu(self.fc(self.ln2(x))))
+        return cast(Tensor, x + self.fc_proj(F.gelu(self.fc(self.ln2(x)))))
 
 
 class GPT2(nn.Module):

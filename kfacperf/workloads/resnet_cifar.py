@@ -12,6 +12,8 @@ follows each one).
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
@@ -41,7 +43,7 @@ class BasicBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + self.shortcut(x))
+        return cast(Tensor, self.relu(out + self.shortcut(x)))
 
 
 class CifarResNet(nn.Module):
@@ -71,7 +73,7 @@ class CifarResNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
-        return self.fc(self.pool(x).flatten(1))
+        return cast(Tensor, self.fc(self.pool(x).flatten(1)))
 
 
 def _cifar_resnet(depth: int, num_classes: int) -> Workload:

@@ -10,6 +10,8 @@ Average pooling is adaptive, so ``image_size`` may be smaller than 224 (e.g. for
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
@@ -43,7 +45,7 @@ class Bottleneck(nn.Module):
         out = self.bn3(self.conv3(out))
         # The projection runs after the main branch so forward order is conv1-3, downsample.
         identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + identity)
+        return cast(Tensor, self.relu(out + identity))
 
 
 class ResNet50(nn.Module):
@@ -73,7 +75,7 @@ class ResNet50(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(self.avgpool(x).flatten(1))
+        return cast(Tensor, self.fc(self.avgpool(x).flatten(1)))
 
 
 def resnet50_workload(*, image_size: int = 224, num_classes: int = 1000) -> Workload:

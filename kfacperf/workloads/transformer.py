@@ -12,6 +12,8 @@ optimizer.
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -40,7 +42,7 @@ class SelfAttention(nn.Module):
             return y.view(b, t, h, d // h).transpose(1, 2)
 
         ctx = F.scaled_dot_product_attention(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)))
-        return self.out(ctx.transpose(1, 2).reshape(b, t, d))
+        return cast(Tensor, self.out(ctx.transpose(1, 2).reshape(b, t, d)))
 
 
 class EncoderLayer(nn.Module):
@@ -56,7 +58,7 @@ class EncoderLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.ln1(x + self.attn(x))
-        return self.ln2(x + self.ff2(F.gelu(self.ff1(x))))
+        return cast(Tensor, self.ln2(x + self.ff2(F.gelu(self.ff1(x)))))
 
 
 class TransformerClassifier(nn.Module):
@@ -91,7 +93,7 @@ class TransformerClassifier(nn.Module):
         x = self.ln(self.tok(ids) + self.pos(pos))
         for layer in self.layers:
             x = layer(x)
-        return self.classifier(x[:, 0])
+        return cast(Tensor, self.classifier(x[:, 0]))
 
 
 def transformer_workload(

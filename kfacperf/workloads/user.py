@@ -29,7 +29,7 @@ import sys
 import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -91,7 +91,7 @@ def resolve_factory(ref: WorkloadRef) -> Callable[..., Any]:
     if not callable(func):
         raise UserError(f"--workload {ref.text}: {ref.function} in {_where(ref)} is "
                         f"{_a(type(func).__name__)}, not a function ({FORMS})")
-    return func
+    return cast("Callable[..., Any]", func)
 
 
 def _where(ref: WorkloadRef) -> str:
@@ -290,7 +290,7 @@ class _Factory:
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         loss = self._real[1] if self._real else self._probe[1] if self._probe else None
         assert loss is not None  # only installed when the factory returned a loss_fn
-        return loss(outputs, targets)
+        return cast(Tensor, loss(outputs, targets))  # the user's loss_fn: a tensor, unchecked
 
 
 def _a(noun: str) -> str:

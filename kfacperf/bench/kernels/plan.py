@@ -86,7 +86,7 @@ def predicted_call_s(done: Sequence[tuple[int, float]], n: int, power: float = 3
     if not done:
         return 0.0
     size, us = max(done)
-    return us / 1e6 * (n / size) ** power
+    return us / 1e6 * float((n / size) ** power)
 
 
 def skip_reason(done: Sequence[tuple[int, float]], n: int, plan: KernelPlan, budget: Budget,

@@ -2,10 +2,11 @@
 ``kernels.json``), the device it ran on, and a few lines summarising the report."""
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from kfacperf.bench.kernels.factors import network_layer_shapes, time_factors
 from kfacperf.bench.kernels.gemm import time_gemm
@@ -13,6 +14,8 @@ from kfacperf.bench.kernels.inverses import time_cholesky, time_eigh
 from kfacperf.bench.kernels.plan import DRY_PLAN, FULL_PLAN, Budget, KernelPlan
 from kfacperf.bench.kernels.records import OUTPUT_FILE, Report, write_json
 from kfacperf.bench.kernels.timing import call_timer
+
+_T = TypeVar("_T")
 
 
 def describe_device(device: Any) -> dict[str, Any]:
@@ -63,20 +66,20 @@ def run_all(out_dir: str | Path, *, dry_run: bool = False, budget_s: float | Non
     report = Report(device=describe_device(device), clock=clock, dry_run=dry_run, plan=plan)
     path = Path(out_dir) / OUTPUT_FILE
 
-    def step(label: str, fn: Callable[[], list]) -> list:
+    def step(label: str, fn: Callable[[], list[_T]]) -> list[_T]:
         s0 = time.monotonic()
         got = fn()
         log(f"  kernels: {label}: {len(got)} record(s) in {time.monotonic() - s0:.1f} s")
         return got
 
     for dtype in plan.inverse_dtypes:
-        report.eigh += step(f"eigh {dtype}", lambda dtype=dtype: time_eigh(
-            plan.inverse_sizes, dtype=dtype, device=device, timer=timer, plan=plan,
+        report.eigh += step(f"eigh {dtype}", functools.partial(
+            time_eigh, plan.inverse_sizes, dtype=dtype, device=device, timer=timer, plan=plan,
             budget=budget, skipped=report.skipped))
     for dtype in plan.inverse_dtypes:
-        report.cholesky += step(f"cholesky {dtype}", lambda dtype=dtype: time_cholesky(
-            plan.inverse_sizes, dtype=dtype, device=device, timer=timer, plan=plan,
-            budget=budget, skipped=report.skipped))
+        report.cholesky += step(f"cholesky {dtype}", functools.partial(
+            time_cholesky, plan.inverse_sizes, dtype=dtype, device=device, timer=timer,
+            plan=plan, budget=budget, skipped=report.skipped))
     shapes = network_layer_shapes(plan.factor_layers, image_size=plan.image_size)
     report.factors = step("factors", lambda: time_factors(
         shapes, batches=plan.factor_batches, precisions=plan.factor_precisions, device=device,

@@ -24,7 +24,7 @@ def cuda_call_timer() -> CallTimer:
         fn()
         end.record()
         end.synchronize()
-        return start.elapsed_time(end) * 1e3
+        return float(start.elapsed_time(end)) * 1e3
 
     return time_call
 

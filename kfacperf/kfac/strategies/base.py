@@ -95,7 +95,7 @@ def grad_matrix(layer: KFACLayer) -> Tensor:
     """``layer.grad``, or zeros of its shape when the layer got no gradient this step."""
     if layer.grad is not None:
         return layer.grad
-    w = layer.module.weight
+    w = layer.weight
     return torch.zeros(layer.dim_g, layer.dim_a, dtype=w.dtype, device=w.device)
 
 

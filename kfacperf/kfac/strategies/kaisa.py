@@ -25,7 +25,7 @@ With ``gw = grad_worker_fraction * P`` gradient workers per layer (see
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -172,7 +172,7 @@ class KAISAStrategy(DistributedStrategy):
             if src == self.rank:
                 buf = torch.cat([pack(l) for l in layers])
             else:
-                ref = layers[0].module.weight
+                ref = layers[0].weight
                 buf = torch.empty(sum(numel(l) for l in layers),
                                   dtype=_state_dtype(ref), device=ref.device)
             pending = comm.broadcast(buf, src, stage=stage,
@@ -237,7 +237,8 @@ class KAISAStrategy(DistributedStrategy):
         for layer in layers:
             layer.grad = flat[layer.name].view(layer.dim_g, layer.dim_a)
         for i, p in enumerate(others):
-            p.grad.copy_(flat[i].view_as(p.grad))  # type: ignore[union-attr]
+            grad = cast(Tensor, p.grad)  # only parameters that have a gradient
+            grad.copy_(flat[i].view_as(grad))
 
     # ----------------------------------------------------- preconditioned gradients
     def share_preconditioned(self) -> None:

@@ -24,7 +24,7 @@ lower, in which case the factors go in a second buffer of their own.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor
@@ -137,7 +137,7 @@ class SPNGDStrategy(DistributedStrategy):
             others.wait()
 
     def _empty_grad(self) -> Tensor:
-        w = next(iter(self.layers.values())).module.weight
+        w = next(iter(self.layers.values())).weight
         return torch.empty(0, dtype=w.dtype, device=w.device)
 
     def _reduce_other_grads(self) -> _GradBuckets | None:
@@ -252,4 +252,5 @@ class _GradBuckets:
     def wait(self) -> None:
         flat = self._buckets.wait()
         for i, p in enumerate(self._params):
-            p.grad.copy_(flat[i].view_as(p.grad))  # type: ignore[union-attr]
+            grad = cast(Tensor, p.grad)  # only parameters that have a gradient
+            grad.copy_(flat[i].view_as(grad))
