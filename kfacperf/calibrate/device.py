@@ -40,7 +40,7 @@ from kfacperf import vocab as S
 from kfacperf.calibrate.fitting import bounded_lstsq, sig
 from kfacperf.calibrate.host_gaps import fit_layer_host_us, kfac_trace_gaps_input
 from kfacperf.calibrate.run_dtypes import RunDtypes, run_dtypes
-from kfacperf.sim.costs.model import CostModel
+from kfacperf.sim.costs.model import CostModel, Regressors
 from kfacperf.sim.models.cluster import OPS, ClusterModel, Tier
 from kfacperf.sim.models.device import (
     CAPTURE_STAGES,
@@ -109,9 +109,12 @@ def base_device_for(run: Mapping[str, Any]) -> DeviceModel:
     threads = max(1, int(run.get("threads_per_rank") or 1))
     stages = {k: StageEfficiency(efficiency=1.0, mem_efficiency=1.0, overhead_us=0.0,
                                  assumed=True) for k in STAGE_KINDS}
-    peaks = {k: v * threads for k, v in CPU_THREAD_PEAKS.items()}
     return DeviceModel(name="cpu-nominal", stages=stages, mode="additive",
-                       source=f"nominal peaks of {threads} CPU thread(s)", **peaks)
+                       source=f"nominal peaks of {threads} CPU thread(s)",
+                       fp32_tflops=CPU_THREAD_PEAKS["fp32_tflops"] * threads,
+                       tf32_tflops=CPU_THREAD_PEAKS["tf32_tflops"] * threads,
+                       bf16_tflops=CPU_THREAD_PEAKS["bf16_tflops"] * threads,
+                       mem_bandwidth_GBps=CPU_THREAD_PEAKS["mem_bandwidth_GBps"] * threads)
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,7 @@ class _Sample:
     batch: int
     inverse_method: str
     time_us: float
-    reg: Any  # kfacperf.sim.costs.model.Regressors
+    reg: Regressors
     captured: bool = False  # a forward/backward median over factor steps (statistics captured)
     batchnorm: bool = False  # a BatchNorm Fisher block's stage
 
@@ -177,7 +180,7 @@ def fit_capture_overhead(samples: Sequence[_Sample]) -> tuple[dict[str, float], 
     out: dict[str, float] = {}
     notes: list[str] = []
     for kind in CAPTURE_STAGES:
-        groups: dict[tuple, dict[bool, list[float]]] = {}
+        groups: dict[tuple[str, str, int], dict[bool, list[float]]] = {}
         for s in samples:
             if s.kind == kind:
                 groups.setdefault((s.workload, s.layer, s.batch), {True: [], False: []})[
@@ -220,7 +223,7 @@ def _fit_kind(kind: str, samples: list[_Sample], mode: str) -> StageFit:
     if mode == "additive":
         cols = [calls, np.array([s.reg.compute_us for s in samples]),
                 np.array([s.reg.memory_us for s in samples])]
-        names = ("overhead", "compute efficiency", "memory efficiency")
+        names: tuple[str, ...] = ("overhead", "compute efficiency", "memory efficiency")
     else:
         cols = [calls, np.array([s.reg.roofline_us for s in samples])]
         names = ("overhead", "efficiency")
@@ -297,7 +300,8 @@ def fit_device_model(
     samples = [replace(s, time_us=s.time_us / (1.0 + capture.get(s.kind, 0.0)), captured=False)
                if s.captured else s for s in samples]
     fits, stages = _fit_stages(samples, base, mode, notes)
-    measured, measured_dtypes = ((), None)
+    measured: tuple[MeasuredTime, ...] = ()
+    measured_dtypes: RunDtypes | None = None
     if include_measured and single:
         measured, measured_dtypes = _measured_times(samples, dtypes, notes)
     labels = tuple(trace_label(t) for t in used)

@@ -26,7 +26,7 @@ import numpy as np
 from kfacperf.calibrate.fitting import sig
 from kfacperf.published.cases import PublishedCase
 from kfacperf.published.predict import predict_series
-from kfacperf.sim.models.cluster import TIERS, ClusterModel
+from kfacperf.sim.models.cluster import TIERS, ClusterModel, Tier
 from kfacperf.sim.models.device import INVERSE_METHODS, STAGE_KINDS, DeviceModel, StageEfficiency
 
 FIELDS: tuple[str, ...] = ("efficiency", "mem_efficiency", "overhead_us", "row_us")
@@ -80,13 +80,22 @@ def get_term(device: DeviceModel, term: Term, cluster: ClusterModel | None = Non
     return float(getattr(_efficiency(device, term), term.field))
 
 
+def _fitted_tier(tier: Tier, field: str, value: float) -> Tier:
+    """``tier`` with ``field`` (one of :data:`CLUSTER_FIELDS`) set and marked fitted."""
+    if field == "bandwidth_GBps":
+        return replace(tier, bandwidth_GBps=value, assumed=False)
+    if field == "alpha_us":
+        return replace(tier, alpha_us=value, assumed=False)
+    raise ValueError(f"cannot fit tier field {field!r}: fields are {', '.join(CLUSTER_FIELDS)}")
+
+
 def set_cluster_terms(cluster: ClusterModel, values: dict[Term, float]) -> ClusterModel:
     """``cluster`` with its tiers' terms set (marked fitted: ``assumed = false``)."""
     tiers = {"intra": cluster.intra, "inter": cluster.inter}
     for term, value in values.items():
         if term.table == "cluster":
-            tiers[term.key] = replace(tiers[term.key], **{term.field: value}, assumed=False)
-    return replace(cluster, **tiers)
+            tiers[term.key] = _fitted_tier(tiers[term.key], term.field, value)
+    return replace(cluster, intra=tiers["intra"], inter=tiers["inter"])
 
 
 def set_terms(device: DeviceModel, values: dict[Term, float]) -> DeviceModel:

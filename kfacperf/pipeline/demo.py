@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -102,10 +103,11 @@ def _profiled(config: DemoConfig, paths: DemoPaths, strategy: str, nproc: int
 
 def _commbench(config: DemoConfig, paths: DemoPaths) -> Any:
     from kfacperf.bench import commbench as cb
+    from kfacperf.bench.config import CommbenchConfig
     from kfacperf.calibrate import cluster as cbf
     from kfacperf.sim.models.cluster import save_cluster_model
 
-    cbc = cb.CommbenchConfig(
+    cbc = CommbenchConfig(
         world_sizes=tuple(sorted(set(config.predict_nprocs))), sizes=config.commbench_sizes,
         reps=config.commbench_reps, warmup=config.commbench_warmup, backend="gloo",
         timeout_s=config.timeout_s, contention=True,
@@ -199,9 +201,6 @@ def _simulate_cluster(config: DemoConfig, paths: DemoPaths, index: int) -> list[
     from kfacperf.sim.sweep import simulate
 
     target = config.clusters[index]
-    common = dict(gpus=list(config.scale_gpus), batch_per_gpu=config.scale_batch_per_gpu,
-                  factor_interval=config.scale_factor_interval,
-                  inverse_interval=config.scale_inverse_interval)
     variants: list[tuple[str, dict[str, Any]]] = [("", {})]
     if index == 0:
         variants += [(f"-bw{s:g}x", {"bandwidth_scale": float(s), "events": False})
@@ -209,7 +208,10 @@ def _simulate_cluster(config: DemoConfig, paths: DemoPaths, index: int) -> list[
     out = []
     for suffix, extra in variants:
         pred = simulate(config.scale_workload, target.device, target.cluster,
-                        list(SCALE_STRATEGIES), **common, **extra)
+                        list(SCALE_STRATEGIES), gpus=list(config.scale_gpus),
+                        batch_per_gpu=config.scale_batch_per_gpu,
+                        factor_interval=config.scale_factor_interval,
+                        inverse_interval=config.scale_inverse_interval, **extra)
         pred.meta["command"] = (
             f"kfacperf simulate --workload {config.scale_workload} --device {target.device} "
             f"--cluster {target.cluster} --strategy {','.join(SCALE_STRATEGIES)} --gpus "
@@ -299,7 +301,7 @@ def run_demo(config: DemoConfig, *, stream: TextIO | None = None,
     for strategy, nproc in runs:
         name = f"profile {strategy}, {nproc} process{'es' if nproc > 1 else ''}"
         trace, step_us = runner.run(
-            name, lambda s=strategy, n=nproc: _profiled(config, paths, s, n),
+            name, partial(_profiled, config, paths, strategy, nproc),
             note=lambda r: f"step {r[1] / 1e3:,.1f} ms")
         traces[(strategy, nproc)] = trace
         measured[(strategy, nproc)] = (Path(trace.path).name, str(trace.path), step_us)
@@ -329,7 +331,7 @@ def run_demo(config: DemoConfig, *, stream: TextIO | None = None,
     for i, target in enumerate(config.clusters):
         got = runner.run(
             f"simulate {config.scale_workload} on {target.cluster}",
-            lambda i=i: _simulate_cluster(config, paths, i),
+            partial(_simulate_cluster, config, paths, i),
             note=lambda r: f"{len(r)} prediction(s), up to {max(config.scale_gpus):,} GPUs")
         scale_preds.append(got[0])
         whatifs.extend(got[1:])

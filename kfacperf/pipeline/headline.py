@@ -86,7 +86,7 @@ class DemoResult:
     plan_path: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return _json_safe({
+        out: dict[str, Any] = {
             "report": str(self.report), "root": str(self.root), "workload": self.workload,
             "batch_per_rank": self.batch_per_rank, "steps": self.steps,
             "intervals": list(self.intervals),
@@ -95,7 +95,8 @@ class DemoResult:
             "phases": [asdict(p) for p in self.phases], "wall_s": self.wall_s,
             "load_average": list(self.load_average) if self.load_average else None,
             "plan": str(self.plan_path) if self.plan_path is not None else None,
-        })
+        }
+        return {k: _json_safe(v) for k, v in out.items()}
 
     def text(self) -> str:
         return format_result(self)

@@ -70,6 +70,8 @@ from kfacperf.sim.graphs.strategies.common import (
 from kfacperf.sim.summary import cycle
 from kfacperf.vocab import FACTOR_STEP, INVERSE_STEP, PLAIN_STEP, StepKind
 
+_StepKey = tuple[str, int, int, float | None, tuple[str | None, bool | None] | None, str]
+
 KIND_ORDER: tuple[StepKind, ...] = (PLAIN_STEP, FACTOR_STEP, INVERSE_STEP)
 
 
@@ -154,7 +156,8 @@ class GpuCountSearch:
         self.monotone = self.straggle(2) == 0.0
         self._layer_costs: dict[int, LayerCosts] = {}
         self._placements: dict[tuple[str, int], Placement | None] = {}
-        self._steps: dict[tuple, float] = {}
+        # (strategy, grad workers, batch per GPU, bucket MB, (comm dtype, symmetric), step kind)
+        self._steps: dict[_StepKey, float] = {}
         self._dropped = {"memory": 0, "data": 0}
         self.stats = SearchStats()
         self.reasons: dict[str, str] = {}

@@ -27,9 +27,10 @@ def predict_series(case: PublishedCase, series: Series, *,
     setup = case.setup_of(series)
     options = {k: v for k, v in setup.items() if k not in _NOT_OPTIONS}
     args = {k: setup[k] for k in _SIM_ARGS if k in setup}
-    chosen = [(models or {}).get(setup[k], setup[k]) for k in ("workload", "device", "cluster")]
-    pred = simulate(*chosen, [setup["strategy"]], gpus=list(series.gpus), events=False,
-                    **args, **options)
+    workload, device, cluster = (
+        (models or {}).get(setup[k], setup[k]) for k in ("workload", "device", "cluster"))
+    pred = simulate(workload, device, cluster, [setup["strategy"]], gpus=list(series.gpus),
+                    events=False, **args, **options)
     step_s = {int(g): float(t) / 1e6 for g, t in zip(pred.summary["gpus"],
                                                      pred.summary["step_us"])}
     rows: list[tuple[Any, ...]] = []

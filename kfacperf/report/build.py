@@ -1,7 +1,7 @@
 """``build_report``: traces and predictions in, one self-contained HTML page out."""
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +59,8 @@ def headline_text(runs: Sequence[RunData], predictions: Sequence[PredictionData]
     head = matching.headline(runs, predictions)
     if head.empty:
         return ""
-    cols = [("run", "run", str), ("strategy", "strategy", str), ("world_size", "GPUs", str),
+    cols: list[tuple[str, str, Callable[[Any], str]]] = [
+            ("run", "run", str), ("strategy", "strategy", str), ("world_size", "GPUs", str),
             ("measured_step_us", "measured ms", fmt_ms), ("predicted_step_us", "predicted ms", fmt_ms),
             ("error_pct", "error", fmt_pct), ("kfac_overhead_measured", "overhead meas.", fmt_ratio),
             ("kfac_overhead_predicted", "overhead pred.", fmt_ratio)]

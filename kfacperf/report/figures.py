@@ -19,7 +19,7 @@ from plotly.subplots import make_subplots
 from kfacperf import vocab as stages
 from kfacperf.report import metrics
 
-PALETTE = qualitative.Plotly + qualitative.D3
+PALETTE: list[str] = qualitative.Plotly + qualitative.D3
 STAGE_COLORS: dict[str, str] = {name: PALETTE[i] for i, name in enumerate(stages.STAGE_NAMES)}
 _DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
 HEIGHT = 380

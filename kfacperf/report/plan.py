@@ -17,6 +17,11 @@ from kfacperf.report.page import Section, fmt_ms, fmt_plain, heading, paragraph,
 OPTIMIZER_COLORS = {S.SGD: PALETTE[0], S.KFAC: PALETTE[1]}
 
 
+def _optimizer_name(optimizer: object) -> object:
+    """``SGD``/``K-FAC`` for a known optimizer; anything else as it is."""
+    return OPTIMIZER_NAMES.get(optimizer, optimizer) if isinstance(optimizer, str) else optimizer
+
+
 def _hover(c: Choice) -> str:
     lines = [f"{c.gpus:,} GPUs: {config_text(c, buckets=True)}",
              f"step {c.step_us / 1e3:,.1f} ms x {c.steps:,.0f} steps"
@@ -161,6 +166,6 @@ def plan_section(result: PlanResult | None) -> Section:
                                "extrapolated where the batch is outside its data"))
     if result.missing:
         sec.add_html(paragraph("Without a configuration: " + "; ".join(
-            f"{m.get('gpus')} GPUs, {OPTIMIZER_NAMES.get(m.get('optimizer'), m.get('optimizer'))}: "
+            f"{m.get('gpus')} GPUs, {_optimizer_name(m.get('optimizer'))}: "
             f"{m.get('reason')}" for m in result.missing) + "."))
     return sec

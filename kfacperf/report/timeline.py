@@ -16,7 +16,7 @@ from kfacperf.report.figures import PALETTE, plot_text, stage_color, style_figur
 MAX_RANKS = 16
 
 
-def _fmt_bytes(n: int) -> str:
+def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

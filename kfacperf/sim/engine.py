@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import simpy
 
 from kfacperf.sim.graphs.graph import StepGraph
@@ -39,8 +40,8 @@ class _Segment:
 @dataclass
 class _Plan:
     segments: list[_Segment]
-    seg_of: np.ndarray
-    offset: np.ndarray
+    seg_of: npt.NDArray[np.int64]
+    offset: npt.NDArray[np.float64]
 
 
 def _plan(durs: list[float], waits: list[tuple[int, ...]], observed: set[int]) -> _Plan:
@@ -271,7 +272,7 @@ class _StepRun:
             finished.succeed()
 
 
-def _starts(plan: _Plan, seg_starts: list[float]) -> np.ndarray:
+def _starts(plan: _Plan, seg_starts: list[float]) -> npt.NDArray[np.float64]:
     if not len(plan.seg_of):
         return np.zeros(0)
     return np.asarray(seg_starts, dtype=np.float64)[plan.seg_of] + plan.offset

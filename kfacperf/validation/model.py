@@ -6,13 +6,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from kfacperf.sim.models.cluster import ClusterModel
 from kfacperf.trace.measure import KindTimes
 from kfacperf.trace.schema import fisher_options
 from kfacperf.validation.inputs import load_traces, trace_label, trace_workload_models
 
 if TYPE_CHECKING:  # pragma: no cover
     from kfacperf.calibrate.device import DeviceCalibration
-    from kfacperf.sim.models.cluster import ClusterModel
     from kfacperf.sim.prediction import Prediction
 
 
@@ -28,7 +28,7 @@ def resolve_cluster(cluster: Any) -> ClusterModel:
             raise FileNotFoundError(f"no cluster model given and no local-cpu preset ({exc}); "
                                     "run kfacperf commbench --out models/clusters/local-cpu.toml"
                                     ) from None
-    if hasattr(cluster, "gpus_per_node"):
+    if isinstance(cluster, ClusterModel):
         return cluster
     if hasattr(cluster, "points") and hasattr(cluster, "backend"):  # a CommbenchResult
         from kfacperf.calibrate.cluster import fit_cluster

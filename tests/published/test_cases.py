@@ -7,10 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from kfacperf.calibrate.published import fit_device_to_published, parse_term, set_terms
+from kfacperf.calibrate.published import (
+    CLUSTER_FIELDS,
+    fit_device_to_published,
+    parse_term,
+    set_cluster_terms,
+    set_terms,
+)
 from kfacperf.published.cases import list_cases, load_case
 from kfacperf.published.predict import predict_series
-from kfacperf.sim.models import load_device
+from kfacperf.sim.models import load_cluster, load_device
 
 CASE = """\
 format = "kfacperf-published-1"
@@ -81,6 +87,14 @@ def test_a_fit_recovers_a_known_term_and_refuses_held_out_cases(tmp_path) -> Non
     with pytest.raises(ValueError, match="held out"):
         fit_device_to_published([held], load_device("v100-sxm2"), "v100-sxm2",
                                 [parse_term("backward.efficiency")])
+
+
+@pytest.mark.parametrize("field", CLUSTER_FIELDS)
+def test_set_cluster_terms_sets_each_tier_field_and_marks_it_fitted(field) -> None:
+    cluster = load_cluster("abci-v100")
+    fitted = set_cluster_terms(cluster, {parse_term(f"cluster.inter.{field}"): 7.5})
+    assert getattr(fitted.inter, field) == 7.5 and fitted.inter.assumed is False
+    assert fitted.intra == cluster.intra
 
 
 def test_images_per_second_compare_as_step_times(tmp_path) -> None:

@@ -188,6 +188,13 @@ def test_collectives_go_through_the_cluster_with_what_ifs() -> None:
     assert c.nodes_spanned(9) == 2
 
 
+def test_v_collective_given_one_number_is_a_value_error() -> None:
+    # a *_v op takes per-rank block sizes: one number is a bad argument (ValueError), not a
+    # TypeError from building the cache key
+    with pytest.raises(ValueError, match="list of per-rank block sizes"):
+        cost().collective_us("all_gather_v", 1e6, group_size=4, nodes=1)
+
+
 def test_payload_helpers() -> None:
     c = cost()
     assert factor_elements(4) == 16 and factor_elements(4, symmetric=True) == 10

@@ -26,6 +26,7 @@ command fails.
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 
 def _csv_ints(text: str) -> tuple[int, ...]:
@@ -100,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
     from kfacperf.bench import commbench as cb
     from kfacperf.bench import raw as commbench_raw
     from kfacperf.bench import results
+    from kfacperf.bench.config import CommbenchConfig
     from kfacperf.calibrate import cluster as cbf
     from kfacperf.errors import UserError
     from kfacperf.safety import atomic_write_text, check_output_file, dumps_json
@@ -124,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
                          f"(--nnodes {args.nnodes}), got {args.node_rank}")
     if args.from_raw and args.nnodes > 1:
         raise ValueError("--from-raw measures nothing: it cannot go with --nnodes")
-    config = cb.CommbenchConfig(
+    config = CommbenchConfig(
         world_sizes=args.world_sizes or None, sizes=sizes, ops=ops,
         reps=args.reps, warmup=args.warmup, backend=args.backend, timeout_s=args.timeout,
         contention=not args.no_contention, collectives=not args.contention_only,
@@ -133,8 +135,10 @@ def run(args: argparse.Namespace) -> int:
         rdzv_id=args.rdzv_id,
     )
     writes = args.node_rank == 0  # across nodes, node 0 alone writes the files
-    log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else (
-        lambda m: print(m, flush=True))
+
+    def log(message: str) -> None:  # progress to stderr when stdout carries the JSON
+        print(message, file=sys.stderr if args.json else sys.stdout, flush=True)
+
     if args.from_raw:
         result = commbench_raw.merge_results([commbench_raw.load_raw(p) for p in args.from_raw])
         log(f"commbench: read {len(args.from_raw)} file(s): {len(result.points)} points, "
@@ -149,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     ops = tuple(op for op in OPS if any(p.op == op for p in result.points))  # what was measured
     if args.raw and writes:
         atomic_write_text(args.raw, dumps_json(result.to_dict(), indent=1) + "\n")
-    fits = {}
+    fits: dict[str, list[dict[str, Any]]] = {}
     if set(ops) == set(OPS):
         model, tried = cbf.fit_cluster(result, name=args.name, gpus_per_node=args.gpus_per_node,
                                        multi_node=args.multi_node)
@@ -159,8 +163,8 @@ def run(args: argparse.Namespace) -> int:
             log(f"commbench: wrote {args.out}")
     else:
         for op in ops:
-            best, tried = cbf.fit_points(result.points, op)
-            fits[op] = [f.__dict__ for f in tried]
+            _, op_tried = cbf.fit_points(result.points, op)
+            fits[op] = [f.__dict__ for f in op_tried]
         if args.out:
             raise UserError(f"not writing --out {args.out}: a cluster model needs all four "
                             f"collectives ({', '.join(OPS)}), and "

@@ -12,8 +12,22 @@ one holding other files needs --force.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
+from typing import TypedDict
 
 from kfacperf.cli.commands import key_value
+
+
+class DemoOptions(TypedDict, total=False):
+    """The :class:`~kfacperf.pipeline.DemoConfig` settings this command's flags can give."""
+
+    out: str
+    workload: str
+    workload_options: Mapping[str, object]
+    strategies: tuple[str, ...]
+    steps: int
+    warmup: int
+    batch_size: int
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -51,16 +65,19 @@ def run(args: argparse.Namespace) -> int:
     from kfacperf.pipeline import DemoConfig, DemoPhaseError, quick_config, run_demo
     from kfacperf.safety import dumps_json
 
-    settings: dict[str, object] = {"out": args.out}
+    settings: DemoOptions = {"out": args.out}
     if args.workload is not None:
         settings["workload"] = args.workload
     if args.workload_option:
         settings["workload_options"] = dict(args.workload_option)
     if args.strategies is not None:
         settings["strategies"] = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
-    for key in ("steps", "warmup", "batch_size"):
-        if getattr(args, key) is not None:
-            settings[key] = getattr(args, key)
+    if args.steps is not None:
+        settings["steps"] = args.steps
+    if args.warmup is not None:
+        settings["warmup"] = args.warmup
+    if args.batch_size is not None:
+        settings["batch_size"] = args.batch_size
     config = quick_config(**settings) if args.quick else DemoConfig(**settings)
     try:
         result = run_demo(config, stream=sys.stdout, verbose=args.verbose, force=args.force)

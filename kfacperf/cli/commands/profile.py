@@ -32,9 +32,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from kfacperf import vocab
 from kfacperf.cli.commands import key_value
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kfacperf.runtime.config import ProfileConfig
 
 
 def _kl_clip(text: str) -> float | None:
@@ -122,7 +126,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--rdzv-id", default="kfacperf")
 
 
-def build_config(args: argparse.Namespace):  # -> ProfileConfig
+def build_config(args: argparse.Namespace) -> ProfileConfig:
     from kfacperf.runtime.config import ProfileConfig, command_line
     from kfacperf.workloads import reference as workload_ref
 

@@ -171,7 +171,7 @@ def skip_reason(task: Task, estimate_s: float, budget: Budget) -> str:
 
 
 def execute(plan: Sequence[Task], ctx: Context, *,
-            after_each: Callable[[list[Outcome]], None] | None = None,
+            after_each: Callable[[list[Outcome]], object] | None = None,
             runners: Mapping[str, Runner] = RUNNERS) -> list[Outcome]:
     """Run the plan under the time guard; every task's outcome, in plan order.
     ``after_each`` gets the outcomes so far after every task (to keep a summary on disk)."""

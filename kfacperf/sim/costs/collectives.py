@@ -229,13 +229,14 @@ def _flat_link(cluster: ClusterModel, op: str, ranks_per_node: int) -> tuple[flo
 
 
 def _v_collective_us(
-    cluster: ClusterModel, op: str, blocks: object, *, group_size: int, nodes: int, v_form: str
+    cluster: ClusterModel, op: str, blocks: float | Sequence[float], *, group_size: int,
+    nodes: int, v_form: str,
 ) -> float:
     if v_form not in V_FORMS:
         raise ValueError(f"v_form must be one of {V_FORMS}, got {v_form!r}")
-    if isinstance(blocks, (str, bytes)) or not hasattr(blocks, "__len__"):
+    if isinstance(blocks, (int, float, str, bytes)) or not hasattr(blocks, "__len__"):
         raise ValueError(f"{op}: nbytes must be a list of per-rank block sizes, got {blocks!r}")
-    sizes = [float(b) for b in blocks]  # type: ignore[union-attr]
+    sizes = [float(b) for b in blocks]
     if len(sizes) != group_size:
         raise ValueError(f"{op}: {len(sizes)} block sizes for a group of {group_size} ranks")
     if any(not math.isfinite(b) or b < 0 for b in sizes):

@@ -175,9 +175,12 @@ class CostModel:
             k: self.host.compute_factor(k, ranks_on_node=o.ranks_per_node,
                                         threads_per_rank=o.threads_per_rank)
             for k in STAGE_KINDS}
-        self._compute_cache: dict[tuple, float] = {}
-        self._comm_cache: dict[tuple, float] = {}
-        self._measured: dict[tuple, list[tuple[int, float]]] = {}
+        # (stage, layer name, batch, workload name)
+        self._compute_cache: dict[tuple[str, str, int, str], float] = {}
+        # (op, size or per-rank block sizes, group size, nodes)
+        self._comm_cache: dict[tuple[str, float | Sequence[float], int, int], float] = {}
+        # (workload, stage, layer, inverse method) -> [(batch, time_us)]
+        self._measured: dict[tuple[str, str, str, str], list[tuple[int, float]]] = {}
         for m in device.measured:
             key = (m.workload, m.stage, m.layer, self._method_key(m.stage, m.inverse_method))
             self._measured.setdefault(key, []).append((m.batch, m.time_us))
@@ -217,7 +220,9 @@ class CostModel:
         self, op: str, nbytes: float | Sequence[float], *, group_size: int, nodes: int
     ) -> float:
         """Time of collective ``op`` (see :mod:`kfacperf.sim.costs.collectives` for ``nbytes``)."""
-        size_key = tuple(nbytes) if op.endswith("_v") and not isinstance(nbytes, str) else nbytes
+        # a number for a *_v op is left to group_collective_us to reject (a ValueError)
+        size_key = (nbytes if not op.endswith("_v") or isinstance(nbytes, (int, float, str))
+                    else tuple(nbytes))
         key = (op, size_key, group_size, nodes)
         try:
             return self._comm_cache[key]

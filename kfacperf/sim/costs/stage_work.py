@@ -175,8 +175,8 @@ def layer_phases(
     if stage == S.FACTOR_COMPUTE:
         return factor_phases(l, batch, kfac_dtype, conv_factors)
     if stage == S.INVERSE:  # eigensolvers and Cholesky run in fp32
-        k = INVERSE_FLOPS_PER_D3[inverse_method]
-        return [Phase(k * d ** 3, FP32 * 3 * d * d, "fp32", n=d) for d in (da, dg)]
+        per_d3 = INVERSE_FLOPS_PER_D3[inverse_method]
+        return [Phase(per_d3 * d ** 3, FP32 * 3 * d * d, "fp32", n=d) for d in (da, dg)]
     if stage == S.PRECONDITION:
         return [Phase(PRECOND_FLOPS_FACTOR[inverse_method] * da * dg * (da + dg),
                       FP32 * (da * da + dg * dg + 3 * da * dg), kfac_dtype)]
@@ -196,15 +196,18 @@ def stage_phases(
     per layer (so they add up exactly; BatchNorm blocks have no share); the whole-model update
     is one fused call over every parameter.
     """
-    kw = dict(batch=batch, workload=workload, act_dtype=act_dtype, kfac_dtype=kfac_dtype,
-              inverse_method=inverse_method, conv_factors=conv_factors)
+    def phases_of(l: LayerModel, bn: str = S.BN_NONE) -> list[Phase]:
+        return layer_phases(stage, l, batch=batch, workload=workload, act_dtype=act_dtype,
+                            kfac_dtype=kfac_dtype, inverse_method=inverse_method,
+                            conv_factors=conv_factors, bn_blocks=bn)
+
     if layer is not None:
-        phases = layer_phases(stage, layer, bn_blocks=bn_blocks, **kw)
-        return phases, 1 if phases else 0
+        own = phases_of(layer, bn_blocks)
+        return own, 1 if own else 0
     if stage == S.UPDATE:
         params = workload.total_params
         return [Phase(UPDATE_FLOPS_PER_PARAM * params, UPDATE_BYTES_PER_PARAM * params)], 1
     phases: list[Phase] = []
     for l in workload.layers:
-        phases.extend(layer_phases(stage, l, **kw))
+        phases.extend(phases_of(l))
     return phases, len(workload.layers)

@@ -215,7 +215,7 @@ def assemble(
     index: dict[tuple[Hashable, Hashable], int] = {}
     collectives: list[Collective] = []
     first: list[Launch] = []
-    cost_cache: dict[tuple, float] = {}
+    cost_cache: dict[tuple[str, Bytes, int, int], float] = {}
     seen: dict[int, int] = {}
     comm: list[list[tuple[int, int]]] = []
     for ci, prog in enumerate(programs):

@@ -227,7 +227,8 @@ class DeviceModel:
     def stage(self, kind: str, inverse_method: str | None = None) -> StageEfficiency:
         """The efficiency of stage ``kind``; for the inverse, that of ``inverse_method`` when
         the device has one of its own (``[inverse_method.<name>]``)."""
-        if kind == S.INVERSE and inverse_method in self.inverse_methods:
+        if (kind == S.INVERSE and inverse_method is not None
+                and inverse_method in self.inverse_methods):
             return self.inverse_methods[inverse_method]
         try:
             return self.stages[kind]

@@ -15,16 +15,18 @@ scalars, nested tables and arrays of tables, plus ``#`` comment lines at the top
 """
 from __future__ import annotations
 
+import builtins
 import math
 import re
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-try:  # Python >= 3.11
+if sys.version_info >= (3, 11):
     import tomllib as _toml
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    import tomli as _toml  # type: ignore[no-redef]
+else:  # pragma: no cover - Python 3.10
+    import tomli as _toml
 
 _UNIT_SUFFIXES = (
     "us", "ms", "ns", "s", "GBps", "Gbps", "MBps", "GiBps", "Bps", "tflops", "gflops",
@@ -85,7 +87,12 @@ def _stem(key: str) -> tuple[str, str]:
 
 
 class Table:
-    """A TOML table being read strictly: typed getters, then :meth:`done`."""
+    """A TOML table being read strictly: typed getters, then :meth:`done`.
+
+    The getters are named after the types they return, so inside this class the names ``str``,
+    ``bool``, ``int`` and ``float`` mean the methods; annotations spell the types
+    ``builtins.str`` and so on.
+    """
 
     def __init__(self, data: Mapping[str, Any], *, source: str, prefix: str) -> None:
         self._data = dict(data)
@@ -136,13 +143,13 @@ class Table:
                 raise self.error(key, f"{value!r} is not one of {', '.join(map(repr, allowed))}")
         return value
 
-    def bool(self, key: str) -> bool:
+    def bool(self, key: builtins.str) -> builtins.bool:
         value = self._get(key)
         if not isinstance(value, bool):
             raise self.error(key, f"expected true or false, got {_type_name(value)} {value!r}")
         return value
 
-    def int(self, key: str, *, minimum: int | None = None) -> int:
+    def int(self, key: builtins.str, *, minimum: builtins.int | None = None) -> builtins.int:
         value = self._get(key)
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.error(key, f"expected an integer, got {_type_name(value)} {value!r}")
@@ -152,12 +159,12 @@ class Table:
 
     def float(
         self,
-        key: str,
+        key: builtins.str,
         *,
-        positive: bool = False,
-        nonnegative: bool = False,
-        maximum: float | None = None,
-    ) -> float:
+        positive: builtins.bool = False,
+        nonnegative: builtins.bool = False,
+        maximum: builtins.float | None = None,
+    ) -> builtins.float:
         value = self._get(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.error(key, f"expected a number, got {_type_name(value)} {value!r}")
@@ -172,7 +179,9 @@ class Table:
             raise self.error(key, f"must be <= {maximum:g}, got {value:g}")
         return value
 
-    def int_list(self, key: str, *, minimum: int | None = None) -> list[int]:
+    def int_list(
+        self, key: builtins.str, *, minimum: builtins.int | None = None
+    ) -> list[builtins.int]:
         value = self._get(key)
         if not isinstance(value, list) or not all(
             isinstance(v, int) and not isinstance(v, bool) for v in value
@@ -182,19 +191,19 @@ class Table:
             raise self.error(key, f"every entry must be >= {minimum}, got {value!r}")
         return list(value)
 
-    def str_list(self, key: str) -> list[str]:
+    def str_list(self, key: builtins.str) -> list[builtins.str]:
         value = self._get(key)
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise self.error(key, f"expected an array of strings, got {value!r}")
         return list(value)
 
-    def table(self, key: str) -> Table:
+    def table(self, key: builtins.str) -> Table:
         value = self._get(key)
         if not isinstance(value, dict):
             raise self.error(key, f"expected a table, got {_type_name(value)} {value!r}")
         return Table(value, source=self.source, prefix=f"{self.key_path(key)}.")
 
-    def tables(self, key: str) -> list[Table]:
+    def tables(self, key: builtins.str) -> list[Table]:
         """An array of tables (``[[key]]``); an absent key is an error like any other."""
         value = self._get(key)
         if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):

@@ -51,19 +51,18 @@ def _batchnorm_from_table(t: Table, follows: str) -> LayerModel:
 
 
 def _layer_from_table(t: Table, kinds: tuple[str, ...] = KRONECKER_KINDS) -> LayerModel:
-    kwargs = dict(
-        name=t.str("name"),
-        kind=t.str("kind", choices=kinds),
-        dim_a=t.int("dim_a", minimum=1),
-        dim_g=t.int("dim_g", minimum=1),
-        params=t.int("params", minimum=1),
-        rows_per_example=t.int("rows_per_example", minimum=1),
-        fwd_flops_per_example=t.float("fwd_flops_per_example", nonnegative=True),
-        in_elems_per_example=t.int("in_elems_per_example", minimum=0),
-        out_elems_per_example=t.int("out_elems_per_example", minimum=0),
-    )
+    name = t.str("name")
+    kind = t.str("kind", choices=kinds)
+    dim_a = t.int("dim_a", minimum=1)
+    dim_g = t.int("dim_g", minimum=1)
+    params = t.int("params", minimum=1)
+    rows_per_example = t.int("rows_per_example", minimum=1)
+    fwd_flops_per_example = t.float("fwd_flops_per_example", nonnegative=True)
+    in_elems_per_example = t.int("in_elems_per_example", minimum=0)
+    out_elems_per_example = t.int("out_elems_per_example", minimum=0)
+    conv: ConvGeometry | None = None
     if t.has("conv"):  # optional: only generated for Conv2d layers
-        if kwargs["kind"] != "conv2d":
+        if kind != "conv2d":
             raise t.error("conv", "only a conv2d layer can have conv geometry")
         c = t.table("conv")
 
@@ -73,7 +72,7 @@ def _layer_from_table(t: Table, kinds: tuple[str, ...] = KRONECKER_KINDS) -> Lay
                 raise c.error(key, f"expected two integers [H, W], got {values}")
             return values[0], values[1]
 
-        kwargs["conv"] = ConvGeometry(
+        conv = ConvGeometry(
             in_channels=c.int("in_channels", minimum=1), kernel=pair("kernel"),
             stride=pair("stride"), dilation=pair("dilation"), padded=pair("padded"),
             output=pair("output"),
@@ -81,7 +80,12 @@ def _layer_from_table(t: Table, kinds: tuple[str, ...] = KRONECKER_KINDS) -> Lay
         c.done()
     t.done()
     try:
-        return LayerModel(**kwargs)
+        return LayerModel(
+            name=name, kind=kind, dim_a=dim_a, dim_g=dim_g, params=params,
+            rows_per_example=rows_per_example, fwd_flops_per_example=fwd_flops_per_example,
+            in_elems_per_example=in_elems_per_example,
+            out_elems_per_example=out_elems_per_example, conv=conv,
+        )
     except ValueError as exc:  # name the file and the table
         raise ValueError(f"{t.source}: [{t.prefix.rstrip('.')}] {exc}") from None
 
