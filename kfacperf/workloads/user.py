@@ -260,14 +260,22 @@ class _Factory:
     def sample(self, batch_size: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         make_batch = self._real[0] if self._real else self._probe[0] if self._probe else None
         if make_batch is None:
-            self.build()
-            make_batch = self._real[0]  # type: ignore[index]
+            make_batch = self._real_make_batch()
         batch = self._batch(make_batch, batch_size, gen)
         if self._real is None and any(t.is_meta for t in batch):
             # made from tensors the factory created on the meta device: ask a real build
-            self.build()
-            batch = self._batch(self._real[0], batch_size, gen)  # type: ignore[index]
+            batch = self._batch(self._real_make_batch(), batch_size, gen)
         return batch
+
+    def _real_make_batch(self) -> Callable[..., Any]:
+        """make_batch of a real build; a factory that builds on the meta device even when
+        asked for a real model cannot be trained or profiled."""
+        self.build()
+        if self._real is None:
+            raise self._fail(f"{self.ref.function}() built its model on the meta device when "
+                             "asked for a real one; build it on the default device (kfacperf "
+                             "asks for the meta device itself where it only needs shapes)")
+        return self._real[0]
 
     def _batch(self, make_batch: Callable[..., Any], n: int, gen: torch.Generator
                ) -> tuple[Tensor, Tensor]:

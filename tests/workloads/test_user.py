@@ -205,3 +205,23 @@ def test_bad_references_and_options(tmp_path):
         get_workload("no_such_pkg.models:build")
     with pytest.raises(ValueError, match=r"or your own model as FILE.py:FUNC"):
         get_workload("resnet2O")
+
+
+def test_a_factory_that_only_builds_on_the_meta_device_is_a_clear_error(tmp_path):
+    """Shapes alone can come from the meta device, but a trained model must be real: a factory
+    that ignores the request for a real build is named, not a TypeError."""
+    path = _write(tmp_path, """
+        import torch
+        from torch import nn
+
+        def build():
+            with torch.device("meta"):
+                model = nn.Linear(4, 3)
+                x, y = torch.zeros(1, 4), torch.zeros(1, dtype=torch.long)
+            return model, lambda n, g: (x.expand(n, 4), y.expand(n))
+    """)
+    with pytest.raises(UserError) as info:
+        get_workload(f"{path}:build")
+    text = str(info.value)
+    assert text.startswith(f"--workload {path}:build: ") and "\n" not in text
+    assert "built its model on the meta device" in text

@@ -24,6 +24,10 @@ writes it for `kfacperf report --published`.
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kfacperf.validation import ValidationResult
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -57,11 +61,11 @@ def _fmt_err(pct: float) -> str:
     return "n/a" if pct != pct else f"{pct:+.1f}%"
 
 
-def text_table(result: object, *, all_stages: bool = False) -> str:
+def text_table(result: ValidationResult, *, all_stages: bool = False) -> str:
     """Per run: measured/predicted step and error; then the per-stage errors; then the summary."""
     from kfacperf import validation as V
 
-    runs, stages = result.runs, result.stages  # type: ignore[attr-defined]
+    runs, stages = result.runs, result.stages
     head = ["run", "strategy", "ranks", "batch", "intervals", "rec", "spread", "measured ms",
             "predicted ms", "error", "worst stage (>5%)"]
     cells = [head]
@@ -84,17 +88,17 @@ def text_table(result: object, *, all_stages: bool = False) -> str:
                       f"{s['predicted_us'] / 1e3:.2f}", _fmt_err(s["error_pct"])])
     lines.extend(_align(cells, left=2))
     lines.append("")
-    checked = result.checked_stages()  # type: ignore[attr-defined]
+    checked = result.checked_stages()
     worst_stage = checked["error_pct"].abs().max() if len(checked) else float("nan")
     lines.append(
         f"{len(runs)} held-out run(s): step time |error| median "
-        f"{result.median_abs_error_pct:.1f}% (target {V.STEP_TARGET_MEDIAN_PCT:g}%), worst "  # type: ignore[attr-defined]
-        f"{result.worst_abs_error_pct:.1f}% (target {V.STEP_TARGET_WORST_PCT:g}%); "  # type: ignore[attr-defined]
+        f"{result.median_abs_error_pct:.1f}% (target {V.STEP_TARGET_MEDIAN_PCT:g}%), worst "
+        f"{result.worst_abs_error_pct:.1f}% (target {V.STEP_TARGET_WORST_PCT:g}%); "
         f"stages above {V.STAGE_MIN_SHARE_PCT:g}% of the step: worst |error| {worst_stage:.1f}% "
         f"(target {V.STAGE_TARGET_PCT:g}%)")
-    cal = result.calibration  # type: ignore[attr-defined]
+    cal = result.calibration
     lines.append(f"calibrated on {len(cal.traces)} trace(s); cluster {cal.cluster.name}")
-    for note in result.notes:  # type: ignore[attr-defined]
+    for note in result.notes:
         lines.append(f"note: {note}")
     return "\n".join(lines)
 
@@ -115,7 +119,7 @@ def check_out(path: str, *, force: bool = False) -> None:
         raise ValueError(f"--out {path}: use a .parquet, .csv or .json file name")
 
 
-def write_out(result: object, path: str, *, force: bool = False) -> None:
+def write_out(result: ValidationResult, path: str, *, force: bool = False) -> None:
     """Write the result to ``path`` atomically (.parquet and .csv: the per-run table; .json:
     everything, a missing number as null)."""
     from pathlib import Path
@@ -124,9 +128,9 @@ def write_out(result: object, path: str, *, force: bool = False) -> None:
 
     check_out(path, force=force)
     suffix = Path(path).suffix.lower()
-    runs = result.runs  # type: ignore[attr-defined]
+    runs = result.runs
     if suffix == ".json":
-        atomic_write_text(path, dumps_json(result.to_dict(), indent=1) + "\n")  # type: ignore[attr-defined]
+        atomic_write_text(path, dumps_json(result.to_dict(), indent=1) + "\n")
         return
     with atomic_path(path) as tmp:
         if suffix == ".parquet":
