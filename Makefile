@@ -22,7 +22,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	bash scripts/ensure-chromium.sh
-	$(BIN)/ruff check kfacperf tests
+	$(BIN)/ruff check kfacperf tests scripts examples
 	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest $(ARGS)
 

@@ -4,7 +4,8 @@ import sys
 
 
 def test_help_lists_subcommands():
-    out = subprocess.run([sys.executable, "-m", "kfacperf.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "kfacperf.cli", "--help"],
+                         capture_output=True, text=True, check=True).stdout
     from kfacperf.cli.app import COMMANDS
 
     # Subcommands are the indented first words under COMMAND (the description also contains

@@ -98,7 +98,8 @@ def test_demo_end_to_end(tmp_path, monkeypatch):
         else:
             assert math.isnan(r.measured_overhead)
 
-    # held-out runs: measured as above, the same number as the runs' table, predicted as the local prediction file has it for that strategy and world size
+    # held-out runs: measured as above, the same number as the runs' table, predicted as the
+    # local prediction file has it for that strategy and world size
     local = pd.read_parquet(out / "predictions" / "mlp-local" / "summary.parquet")
     assert sorted(local["gpus"].unique()) == [1, 2]
     assert [(h.strategy, h.nproc) for h in result.held_out] == [("sgd", 2), ("spngd", 2)]

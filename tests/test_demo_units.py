@@ -55,7 +55,8 @@ def test_the_users_own_model_gets_an_absolute_reference_and_file_safe_names(tmp_
     config = DemoConfig(workload="nets/my_net.py:build")
     assert config.workload == f"{tmp_path}/nets/my_net.py:build"
     paths = DemoPaths(root=tmp_path / "demo")
-    assert paths.trace(config.workload, "spngd", 2) == tmp_path / "demo/traces/my_net-build-spngd-p2"
+    assert (paths.trace(config.workload, "spngd", 2)
+            == tmp_path / "demo/traces/my_net-build-spngd-p2")
     assert paths.local_prediction(config.workload).name == "my_net-build-local"
 
 

@@ -51,6 +51,7 @@ def test_the_reference_cluster_model_is_the_fit_of_the_sessions_probes() -> None
     model, _ = fit_cluster(merged, name="local-cpu")
     committed = load_cluster_model(REF / "local-cpu.toml")
     assert committed == model
-    assert committed.host is not None and committed.host.straggler > 0 and committed.host.contention > 0
+    assert (committed.host is not None and committed.host.straggler > 0
+            and committed.host.contention > 0)
     # collectives timed one call at a time, as the optimizer issues them, in every file
     assert {p.timing for p in merged.points} == {"per_call"}

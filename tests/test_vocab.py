@@ -20,7 +20,8 @@ def test_lane_of_unknown_stage_names_it():
 
 def test_check_choice_names_the_value_and_the_choices():
     assert stages.check_choice("inverse method", "eigen", stages.INVERSE_METHODS) == "eigen"
-    with pytest.raises(ValueError, match=r"^unknown inverse method 'qr'; use one of eigen, cholesky$"):
+    with pytest.raises(ValueError,
+                       match=r"^unknown inverse method 'qr'; use one of eigen, cholesky$"):
         stages.check_choice("inverse method", "qr", stages.INVERSE_METHODS)
     with pytest.raises(ValueError, match="unknown strategy 1"):
         stages.check_choice("strategy", 1, stages.SIM_STRATEGIES)
@@ -67,7 +68,8 @@ def test_every_part_uses_the_vocabulary():
     assert demo.KFAC_STRATEGIES is stages.KFAC_STRATEGIES
     assert cluster.OPS is stages.COLLECTIVE_OPS is fit_cluster.OPS
     assert collectives.ALL_OPS is graph.COLLECTIVE_OPS is stages.ALL_COLLECTIVE_OPS
-    assert device.DTYPES is stages.COMPUTE_DTYPES and device.INVERSE_METHODS is stages.INVERSE_METHODS
+    assert (device.DTYPES is stages.COMPUTE_DTYPES
+            and device.INVERSE_METHODS is stages.INVERSE_METHODS)
     assert device.STAGE_KINDS is stages.COMPUTE_STAGES
     assert stage_work.DTYPE_BYTES is stages.DTYPE_BYTES
     assert common.COMM_DTYPE_BYTES is stages.COMM_DTYPE_BYTES

@@ -3,7 +3,8 @@
 API::
 
     fit_alpha_beta(samples, *, op, algorithm) -> AlphaBetaFit
-        samples: iterable of (world_size, nbytes, time_us); nbytes as in kfacperf.sim.costs.collectives
+        samples: iterable of (world_size, nbytes, time_us);
+        nbytes as in kfacperf.sim.costs.collectives
     fit_linear_times(rows, known_us, times_us, *, op, algorithm, tier="intra") -> AlphaBetaFit
     tier_from_fits(fits: Mapping[op, AlphaBetaFit], *, assumed) -> Tier
     cluster_from_fits(fits: Mapping[op, AlphaBetaFit], *, name, gpus_per_node, host=None,
@@ -115,7 +116,8 @@ def cluster_from_fits(
     """
     if fits:
         intra = tier_from_fits(fits, assumed=False)
-        inter = tier_from_fits(inter_fits, assumed=False) if inter_fits else replace(intra, assumed=True)
+        inter = (tier_from_fits(inter_fits, assumed=False) if inter_fits
+                 else replace(intra, assumed=True))
     elif inter_fits:
         inter = tier_from_fits(inter_fits, assumed=False)
         intra = replace(inter, assumed=True)

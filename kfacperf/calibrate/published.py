@@ -64,7 +64,8 @@ def parse_term(text: str) -> Term:
     elif len(parts) == 2 and parts[0] in STAGE_KINDS:
         term = Term("stages", parts[0], parts[1])
     else:
-        raise ValueError(f"cannot fit {text!r}: give STAGE.FIELD (stages: {', '.join(STAGE_KINDS)}),"
+        raise ValueError(f"cannot fit {text!r}: give STAGE.FIELD "
+                         f"(stages: {', '.join(STAGE_KINDS)}),"
                          f" inverse_method.METHOD.FIELD (methods: {', '.join(INVERSE_METHODS)}) or "
                          f"cluster.TIER.FIELD (tiers: {', '.join(TIERS)})")
     if term.field not in FIELDS:

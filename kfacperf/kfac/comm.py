@@ -116,7 +116,8 @@ def unpack_symmetric(flat: Tensor, n: int, count: int = 0) -> Tensor:
     the ``[count, n, n]`` stack packed by :func:`pack_symmetric`."""
     tri = n * (n + 1) // 2
     if flat.numel() != tri * max(count, 1):
-        what = f"triangles of {count} {n}x{n} matrices" if count else f"triangle of a {n}x{n} matrix"
+        what = (f"triangles of {count} {n}x{n} matrices" if count
+                else f"triangle of a {n}x{n} matrix")
         raise ValueError(f"{flat.numel()} elements cannot be the {what}")
     out = flat.new_zeros(max(count, 1), n * n)
     out.index_copy_(1, _triu_flat_index(n, flat.device), flat.view(-1, tri))
@@ -283,7 +284,8 @@ def all_gather_v(
         outs = [local.new_empty(width) for _ in range(world)]
         mark = timer.issue_mark()
         work = _check_rank_failure(
-            f"all_gather[{stage}]", lambda: dist.all_gather(outs, padded, group=group, async_op=True)
+            f"all_gather[{stage}]",
+            lambda: dist.all_gather(outs, padded, group=group, async_op=True),
         )
         timer.async_comm(stage, layer, logical, work, issued_at=mark)
         return Pending(

@@ -46,7 +46,8 @@ _TINY = 1e-30  # floor for factor scales (trace / dim) in the π ratio
 _REL_FLOOR = 1e-12  # each Cholesky damping term ≥ this x its factor's trace
 
 
-def compute_inverse(layer: KFACLayer, *, damping: float, dtype: torch.dtype = torch.float64) -> None:
+def compute_inverse(layer: KFACLayer, *, damping: float,
+                    dtype: torch.dtype = torch.float64) -> None:
     """Set the layer's inverse state from its running-average factors."""
     if not layer.has_factors:
         raise RuntimeError(f"layer {layer.name!r}: no factors to invert yet")

@@ -47,7 +47,8 @@ context, the allocator's fragmentation and kernels' workspaces (assumed)."""
 SEARCHED_OPTIONS = ("comm_dtype", "symmetric_factors")
 
 __all__ = [
-    "DEFAULT_INTERVALS", "DEFAULT_MEMORY_FRACTION", "OPTIMIZERS", "STRATEGIES", "Choice", "ConvergenceModel",
+    "DEFAULT_INTERVALS", "DEFAULT_MEMORY_FRACTION", "OPTIMIZERS", "STRATEGIES", "Choice",
+    "ConvergenceModel",
     "MemoryBreakdown", "PlanResult", "PlanSpace", "load_convergence", "load_plan",
     "memory_per_gpu", "plan", "save_plan",
 ]
@@ -164,6 +165,7 @@ def plan(
         "cost_options": dict(sorted(cost_options.items())), "kfacperf_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    return PlanResult(inputs=inputs, convergence={f: convergence_info(m) for f, m in models.items()},
+    return PlanResult(inputs=inputs,
+                      convergence={f: convergence_info(m) for f, m in models.items()},
                       space=space.as_dict(), stats=asdict(stats), choices=tuple(choices),
                       missing=tuple(missing))

@@ -60,7 +60,8 @@ class Choice:
 
     @property
     def intervals(self) -> str:
-        return "-" if self.factor_interval is None else f"{self.factor_interval}/{self.inverse_interval}"
+        return ("-" if self.factor_interval is None
+                else f"{self.factor_interval}/{self.inverse_interval}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -359,6 +359,7 @@ def search(*, workload: Any, cost: Any, gpus_per_node: int, space: PlanSpace,
             progress(f"plan: {p:,} GPUs ({n}/{len(space.gpus)}): "
                      f"{g.stats.configurations:,} configurations, "
                      f"{g.stats.simulated_steps} steps simulated, "
-                     f"{time.perf_counter() - t0:.1f} s (total {time.perf_counter() - start:.1f} s)")
+                     f"{time.perf_counter() - t0:.1f} s "
+                     f"(total {time.perf_counter() - start:.1f} s)")
     total.seconds = time.perf_counter() - start
     return out, total

@@ -68,7 +68,8 @@ class PlanSpace:
                     or min(f, i) < 1 or i % f:
                 raise ValueError(f"intervals {f}/{i}: both must be >= 1 and the inverse "
                                  "interval a multiple of the factor interval")
-        object.__setattr__(self, "intervals", tuple(dict.fromkeys(tuple(p) for p in self.intervals)))
+        object.__setattr__(self, "intervals",
+                           tuple(dict.fromkeys(tuple(p) for p in self.intervals)))
         if not self.comm_dtypes:
             raise ValueError("no factor communication precision to search")
         for d in self.comm_dtypes:
@@ -81,7 +82,8 @@ class PlanSpace:
         object.__setattr__(self, "symmetric", tuple(dict.fromkeys(bool(s) for s in self.symmetric)))
         if not self.bucket_mb or any(not (b > 0) for b in self.bucket_mb):
             raise ValueError(f"bucket sizes must be > 0 MB, got {list(self.bucket_mb)}")
-        object.__setattr__(self, "bucket_mb", tuple(dict.fromkeys(float(b) for b in self.bucket_mb)))
+        object.__setattr__(self, "bucket_mb",
+                           tuple(dict.fromkeys(float(b) for b in self.bucket_mb)))
 
     def as_dict(self) -> dict[str, object]:
         return {

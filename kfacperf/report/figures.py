@@ -66,24 +66,28 @@ def rank_breakdown_figure(breakdown: pd.DataFrame, per_rank: pd.DataFrame, title
         fig = make_subplots(rows=1, cols=2, column_widths=[0.65, 0.35], horizontal_spacing=0.1,
                             subplot_titles=("time per step by stage", "communication"))
     else:
-        fig = make_subplots(rows=1, cols=1, subplot_titles=("time per step by stage (no communication)",))
+        fig = make_subplots(rows=1, cols=1,
+                            subplot_titles=("time per step by stage (no communication)",))
     ranks = [f"rank {r}" for r in breakdown.index]
     for stage in breakdown.columns:
         is_comm = stage in stages.COMM_STAGES
         fig.add_trace(
             go.Bar(name=plot_text(stage), x=ranks, y=_ms(breakdown[stage]), legendgroup="stages",
-                   marker={"color": stage_color(stage), "pattern": {"shape": "/" if is_comm else ""}},
+                   marker={"color": stage_color(stage),
+                           "pattern": {"shape": "/" if is_comm else ""}},
                    hovertemplate="%{x}<br>" + plot_text(stage) + ": %{y:.3f} ms<extra></extra>"),
             row=1, col=1,
         )
     fig.update_yaxes(title_text="ms per step", row=1, col=1)
     if has_comm:
         hidden = ex["comm_us"] - ex["exposed_comm_us"]
-        overlap_text = [("" if not np.isfinite(o) else f"{o:.0f}% hidden") for o in ex["overlap_pct"]]
+        overlap_text = [("" if not np.isfinite(o) else f"{o:.0f}% hidden")
+                        for o in ex["overlap_pct"]]
         fig.add_trace(go.Bar(name="comm hidden under compute", x=ranks, y=_ms(hidden),
                              marker={"color": "#9aa5b1"}, legendgroup="comm"), row=1, col=2)
-        fig.add_trace(go.Bar(name="exposed comm", x=ranks, y=_ms(ex["exposed_comm_us"]), marker={"color": "#d62728"},
-                             legendgroup="comm", text=overlap_text, textposition="outside"), row=1, col=2)
+        fig.add_trace(go.Bar(name="exposed comm", x=ranks, y=_ms(ex["exposed_comm_us"]),
+                             marker={"color": "#d62728"}, legendgroup="comm", text=overlap_text,
+                             textposition="outside"), row=1, col=2)
         fig.update_yaxes(title_text="ms per step", row=1, col=2)
     fig.update_layout(barmode="stack")
     return style_figure(fig, title, height=420)
@@ -94,9 +98,10 @@ def comparison_figure(comparison: pd.DataFrame, title: str) -> go.Figure:
     labels = [plot_text(s) for s in comparison["stage"]]
     err = [("" if not np.isfinite(e) else f"{e:+.1f}%") for e in comparison["error_pct"]]
     fig = go.Figure()
-    fig.add_trace(go.Bar(name="measured", x=labels, y=_ms(comparison["measured_us"]), marker={"color": "#1f77b4"}))
-    fig.add_trace(go.Bar(name="predicted", x=labels, y=_ms(comparison["predicted_us"]), marker={"color": "#ff7f0e"},
-                         text=err, textposition="outside"))
+    fig.add_trace(go.Bar(name="measured", x=labels, y=_ms(comparison["measured_us"]),
+                         marker={"color": "#1f77b4"}))
+    fig.add_trace(go.Bar(name="predicted", x=labels, y=_ms(comparison["predicted_us"]),
+                         marker={"color": "#ff7f0e"}, text=err, textposition="outside"))
     fig.update_layout(barmode="group")
     fig.update_yaxes(title_text="ms per step")
     return style_figure(fig, title)
@@ -115,24 +120,31 @@ def _log_y_if_wide(fig: go.Figure, values: Iterable[float], **where: int) -> Non
 
 def _log_x(fig: go.Figure, gpus: Sequence[int], **where: int) -> None:
     ticks = sorted({int(g) for g in gpus})
-    fig.update_xaxes(type="log", title_text="GPUs", tickvals=ticks, ticktext=[str(t) for t in ticks], **where)
+    fig.update_xaxes(type="log", title_text="GPUs", tickvals=ticks,
+                     ticktext=[str(t) for t in ticks], **where)
 
 
 def scaling_figure(summary: pd.DataFrame, title: str) -> go.Figure:
     """Predicted step time, scaling efficiency and K-FAC overhead over SGD vs GPU count."""
     fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.08,
-                        subplot_titles=("step time (ms)", "scaling efficiency", "K-FAC overhead over SGD (×)"))
+                        subplot_titles=("step time (ms)", "scaling efficiency",
+                                        "K-FAC overhead over SGD (×)"))
     colors = strategy_colors(summary["strategy"].astype(str))
-    for strategy, grp in summary.assign(strategy=summary["strategy"].astype(str)).groupby("strategy", sort=True):
+    for strategy, grp in (summary.assign(strategy=summary["strategy"].astype(str))
+                          .groupby("strategy", sort=True)):
         grp = grp.sort_values("gpus")
         gpus = grp["gpus"].astype(int).to_numpy()
-        common = {"legendgroup": strategy, "line": {"color": colors[strategy]}, "mode": "lines+markers"}
-        fig.add_trace(go.Scatter(name=plot_text(strategy), x=gpus, y=_ms(grp["step_us"]), **common), row=1, col=1)
-        fig.add_trace(go.Scatter(name=plot_text(strategy), x=gpus, y=grp["scaling_efficiency"].to_numpy(float),
+        common = {"legendgroup": strategy, "line": {"color": colors[strategy]},
+                  "mode": "lines+markers"}
+        fig.add_trace(go.Scatter(name=plot_text(strategy), x=gpus, y=_ms(grp["step_us"]),
+                                 **common), row=1, col=1)
+        fig.add_trace(go.Scatter(name=plot_text(strategy), x=gpus,
+                                 y=grp["scaling_efficiency"].to_numpy(float),
                                  showlegend=False, **common), row=1, col=2)
         overhead = grp["kfac_overhead"].to_numpy(float)
         if np.isfinite(overhead).any():
-            fig.add_trace(go.Scatter(name=plot_text(strategy), x=gpus, y=overhead, showlegend=False, **common),
+            fig.add_trace(go.Scatter(name=plot_text(strategy), x=gpus, y=overhead,
+                                     showlegend=False, **common),
                           row=1, col=3)
     for col in (1, 2, 3):
         _log_x(fig, summary["gpus"], row=1, col=col)
@@ -146,13 +158,16 @@ def stage_scaling_figure(stage_times: pd.DataFrame, strategy: str, title: str) -
     st = stage_times[stage_times["strategy"].astype(str) == strategy]
     st = st.assign(stage=st["stage"].astype(str))
     st = st[st["stage"] != stages.STEP]
-    table = st.pivot_table(index="gpus", columns="stage", values="time_us", aggfunc="sum", fill_value=0.0)
+    table = st.pivot_table(index="gpus", columns="stage", values="time_us", aggfunc="sum",
+                           fill_value=0.0)
     table = table.sort_index()
     x = [str(int(g)) for g in table.index]
     fig = go.Figure()
     for stage in metrics.ordered_stages(list(table.columns)):
-        fig.add_trace(go.Bar(name=plot_text(stage), x=x, y=_ms(table[stage]), marker={"color": stage_color(stage)},
-                             hovertemplate="%{x} GPUs<br>" + plot_text(stage) + ": %{y:.3f} ms<extra></extra>"))
+        fig.add_trace(go.Bar(name=plot_text(stage), x=x, y=_ms(table[stage]),
+                             marker={"color": stage_color(stage)},
+                             hovertemplate=("%{x} GPUs<br>" + plot_text(stage)
+                                            + ": %{y:.3f} ms<extra></extra>")))
     fig.update_layout(barmode="stack")
     fig.update_xaxes(title_text="GPUs", type="category")
     fig.update_yaxes(title_text="ms per step (slowest rank)")
@@ -167,29 +182,37 @@ def whatif_figure(variants: Sequence[tuple[str, pd.DataFrame]], title: str) -> g
     all_gpus: list[int] = []
     for i, (label, summary) in enumerate(variants):
         dash = _DASHES[i % len(_DASHES)]
-        for strategy, grp in summary.assign(strategy=summary["strategy"].astype(str)).groupby("strategy", sort=True):
+        for strategy, grp in (summary.assign(strategy=summary["strategy"].astype(str))
+                              .groupby("strategy", sort=True)):
             grp = grp.sort_values("gpus")
             gpus = grp["gpus"].astype(int).to_numpy()
             all_gpus.extend(gpus.tolist())
             name = plot_text(f"{strategy} · {label}")
-            common = {"legendgroup": name, "mode": "lines+markers", "line": {"color": colors[strategy], "dash": dash}}
-            fig.add_trace(go.Scatter(name=name, x=gpus, y=_ms(grp["step_us"]), **common), row=1, col=1)
+            common = {"legendgroup": name, "mode": "lines+markers",
+                      "line": {"color": colors[strategy], "dash": dash}}
+            fig.add_trace(go.Scatter(name=name, x=gpus, y=_ms(grp["step_us"]), **common),
+                          row=1, col=1)
             overhead = grp["kfac_overhead"].to_numpy(float)
             if np.isfinite(overhead).any():
-                fig.add_trace(go.Scatter(name=name, x=gpus, y=overhead, showlegend=False, **common), row=1, col=2)
+                fig.add_trace(go.Scatter(name=name, x=gpus, y=overhead, showlegend=False,
+                                         **common), row=1, col=2)
     for col in (1, 2):
         _log_x(fig, all_gpus, row=1, col=col)
-    _log_y_if_wide(fig, np.concatenate([s["step_us"].to_numpy(float) for _, s in variants]), row=1, col=1)
-    _log_y_if_wide(fig, np.concatenate([s["kfac_overhead"].to_numpy(float) for _, s in variants]), row=1, col=2)
+    _log_y_if_wide(fig, np.concatenate([s["step_us"].to_numpy(float) for _, s in variants]),
+                   row=1, col=1)
+    _log_y_if_wide(fig, np.concatenate([s["kfac_overhead"].to_numpy(float) for _, s in variants]),
+                   row=1, col=2)
     return style_figure(fig, title, height=440)
 
 
 def validation_figure(validation: pd.DataFrame, title: str) -> go.Figure:
     """Measured vs predicted step time of each held-out run, error in % above the bars."""
     runs = [plot_text(r) for r in validation["run"]]
-    err = [("" if not np.isfinite(e) else f"{e:+.1f}%") for e in validation["error_pct"].astype(float)]
+    err = [("" if not np.isfinite(e) else f"{e:+.1f}%")
+           for e in validation["error_pct"].astype(float)]
     fig = go.Figure()
-    fig.add_trace(go.Bar(name="measured", x=runs, y=_ms(validation["measured_step_us"]), marker={"color": "#1f77b4"}))
+    fig.add_trace(go.Bar(name="measured", x=runs, y=_ms(validation["measured_step_us"]),
+                         marker={"color": "#1f77b4"}))
     fig.add_trace(go.Bar(name="predicted", x=runs, y=_ms(validation["predicted_step_us"]),
                          marker={"color": "#ff7f0e"}, text=err, textposition="outside"))
     fig.update_layout(barmode="group")

@@ -157,6 +157,7 @@ def load_validation(path: str | Path) -> pd.DataFrame:
         data = parse_json(read_small_file(p, what="validation file"), source=str(p))
         rows = data.get("runs") if isinstance(data, dict) else data
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-            raise ValueError(f"{p}: expected a list of row objects (or an object with a 'runs' list)")
+            raise ValueError(f"{p}: expected a list of row objects "
+                             "(or an object with a 'runs' list)")
         return pd.DataFrame(rows)
     raise ValueError(f"{p}: unknown validation file type {suffix!r} (use .parquet, .csv or .json)")

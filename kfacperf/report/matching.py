@@ -110,8 +110,10 @@ def _finite(value: object) -> TypeGuard[float]:
 def _intervals_match(pred: PredictionData, run: RunData) -> bool:
     if run.strategy == "sgd":  # an SGD step does not depend on K-FAC's intervals
         return True
-    for key, nested in (("factor_interval", "intervals.factor"), ("inverse_interval", "intervals.inverse")):
-        if not _same(_int_or_none(meta_value(pred.meta, key, nested)), _int_or_none(run.run.get(key))):
+    for key, nested in (("factor_interval", "intervals.factor"),
+                        ("inverse_interval", "intervals.inverse")):
+        if not _same(_int_or_none(meta_value(pred.meta, key, nested)),
+                     _int_or_none(run.run.get(key))):
             return False
     return True
 
@@ -131,7 +133,8 @@ def match_prediction(run: RunData, predictions: Sequence[PredictionData]) -> Mat
         for _, row in rows.iterrows():
             if not _strategy_matches(row, run):
                 continue
-            if "batch_per_gpu" in row.index and not _same(_int_or_none(row["batch_per_gpu"]), batch):
+            if ("batch_per_gpu" in row.index
+                    and not _same(_int_or_none(row["batch_per_gpu"]), batch)):
                 continue
             return Match(prediction=pred, row=row)
     return None
@@ -160,7 +163,8 @@ def sgd_baseline(run: RunData, runs: Sequence[RunData]) -> RunData | None:
             continue
         if (other.world_size == run.world_size
                 and _same(run_workload(other), run_workload(run))
-                and _same(_int_or_none(other.run.get("batch_per_rank")), _int_or_none(run.run.get("batch_per_rank")))
+                and _same(_int_or_none(other.run.get("batch_per_rank")),
+                          _int_or_none(run.run.get("batch_per_rank")))
                 and _same(_device_name(other), _device_name(run))):
             return other
     return None
@@ -177,7 +181,8 @@ def headline(runs: Sequence[RunData], predictions: Sequence[PredictionData]) -> 
         match = match_prediction(run, predictions)
         predicted = match.step_us_for(run.summary.measured) if match else float("nan")
         base = sgd_baseline(run, runs)
-        overhead = measured / base.summary.step_us if base and base.summary.step_us > 0 else float("nan")
+        overhead = (measured / base.summary.step_us if base and base.summary.step_us > 0
+                    else float("nan"))
         rows.append(
             {
                 "run": run.name,
@@ -187,7 +192,8 @@ def headline(runs: Sequence[RunData], predictions: Sequence[PredictionData]) -> 
                 "predicted_step_us": predicted,
                 "error_pct": metrics.error_pct(predicted, measured),
                 "kfac_overhead_measured": overhead,
-                "kfac_overhead_predicted": match.kfac_overhead if match and run.strategy != "sgd" else float("nan"),
+                "kfac_overhead_predicted": (match.kfac_overhead if match and run.strategy != "sgd"
+                                            else float("nan")),
                 "prediction": match.prediction.name if match else "",
             }
         )

@@ -60,7 +60,8 @@ def pick_step(events: pd.DataFrame, step: int | None = None) -> int:
         raise ValueError("no events to draw a timeline from")
     if step is not None:
         if step not in steps:
-            raise ValueError(f"step {step} is not among the measured steps ({steps[0]}..{steps[-1]})")
+            raise ValueError(f"step {step} is not among the measured steps "
+                             f"({steps[0]}..{steps[-1]})")
         return step
     counts = events.assign(stage=events["stage"].astype(str)).groupby("step")["stage"].nunique()
     best = counts.max()

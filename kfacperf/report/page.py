@@ -106,7 +106,8 @@ def fmt_plain(v: Any) -> str:
 Column = tuple[str, str, Callable[[Any], str]]
 
 
-def table(df: pd.DataFrame, columns: Sequence[Column], *, caption: str = "", numeric: Sequence[str] = ()) -> str:
+def table(df: pd.DataFrame, columns: Sequence[Column], *, caption: str = "",
+          numeric: Sequence[str] = ()) -> str:
     """An HTML table of ``df``: columns are (column, header, formatter); every cell escaped."""
     head = "".join(f"<th>{esc(header)}</th>" for _, header, _ in columns)
     body = []
@@ -164,14 +165,16 @@ def check_scripts(fragment: str, where: str) -> None:
 # --- page -----------------------------------------------------------------------------------
 
 _CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1d2733;background:#f6f7f9}
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1d2733;\
+background:#f6f7f9}
 header{background:#1d2733;color:#fff;padding:18px 32px}
 header h1{margin:0;font-size:22px}
 header p{margin:6px 0 0;color:#c6ced8;font-size:13px}
 nav{padding:8px 32px;background:#fff;border-bottom:1px solid #dde2e8;font-size:13px}
 nav a{margin-right:14px;color:#1f5fa8;text-decoration:none}
 main{padding:8px 32px 40px}
-section{background:#fff;border:1px solid #dde2e8;border-radius:6px;margin:16px 0;padding:8px 20px 16px}
+section{background:#fff;border:1px solid #dde2e8;border-radius:6px;margin:16px 0;\
+padding:8px 20px 16px}
 section h2{font-size:18px;margin:10px 0}
 section h3{font-size:15px;margin:16px 0 6px}
 p{font-size:14px;line-height:1.4}
@@ -213,7 +216,8 @@ def render_page(*, title: str, subtitle: str, sections: Sequence[Section], foote
         body.append("\n".join(parts))
     return (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-        f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n<title>{esc(title)}</title>\n"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+        f"<title>{esc(title)}</title>\n"
         f"<style>{_CSS}</style>\n</head>\n<body>\n"
         f"<header><h1>{esc(title)}</h1><p>{esc(subtitle)}</p></header>\n"
         f"<nav>{''.join(nav)}</nav>\n<main>\n" + "\n".join(body) + "\n</main>\n"

@@ -29,8 +29,9 @@ from kfacperf.trace.compare import compare, compare_layers
 
 _RUN_FIELDS: tuple[tuple[str, str], ...] = (
     ("workload", "workload"), ("optimizer", "optimizer"), ("strategy", "strategy"),
-    ("world_size", "ranks"), ("batch_per_rank", "batch/rank"), ("grad_worker_fraction", "grad workers"),
-    ("factor_interval", "factor every"), ("inverse_interval", "inverse every"), ("damping", "damping"),
+    ("world_size", "ranks"), ("batch_per_rank", "batch/rank"),
+    ("grad_worker_fraction", "grad workers"), ("factor_interval", "factor every"),
+    ("inverse_interval", "inverse every"), ("damping", "damping"),
     ("inverse_method", "inverse"), ("device", "device"), ("threads_per_rank", "threads/rank"),
     ("torch_version", "torch"), ("completed", "completed"),
 )
@@ -74,16 +75,21 @@ def summary_section(runs: Sequence[RunData], predictions: Sequence[PredictionDat
         sec.add_html(table(pd.DataFrame(rows), cols))
         sec.add_html(heading("Headline numbers"))
         sec.add_html(table(head, [
-            ("run", "run", fmt_plain), ("strategy", "strategy", fmt_plain), ("world_size", "GPUs/ranks", fmt_plain),
-            ("measured_step_us", "measured step (ms)", fmt_ms), ("predicted_step_us", "predicted step (ms)", fmt_ms),
-            ("error_pct", "error", fmt_pct), ("kfac_overhead_measured", "K-FAC overhead measured", fmt_ratio),
-            ("kfac_overhead_predicted", "K-FAC overhead predicted", fmt_ratio), ("prediction", "prediction", fmt_plain),
+            ("run", "run", fmt_plain), ("strategy", "strategy", fmt_plain),
+            ("world_size", "GPUs/ranks", fmt_plain),
+            ("measured_step_us", "measured step (ms)", fmt_ms),
+            ("predicted_step_us", "predicted step (ms)", fmt_ms),
+            ("error_pct", "error", fmt_pct),
+            ("kfac_overhead_measured", "K-FAC overhead measured", fmt_ratio),
+            ("kfac_overhead_predicted", "K-FAC overhead predicted", fmt_ratio),
+            ("prediction", "prediction", fmt_plain),
         ], numeric=("measured_step_us", "predicted_step_us", "error_pct", "kfac_overhead_measured",
                     "kfac_overhead_predicted"),
             caption="step time = per kind of step (inverse, factor, plain) the median over the "
-                    "measured steps of the slowest rank's step, weighted by the mix of kinds measured "
-                    "(the prediction by the same mix), as kfacperf validate; "
-                    "K-FAC overhead = step time over the SGD run with the same workload, ranks and batch"))
+                    "measured steps of the slowest rank's step, weighted by the mix of kinds "
+                    "measured (the prediction by the same mix), as kfacperf validate; "
+                    "K-FAC overhead = step time over the SGD run with the same workload, "
+                    "ranks and batch"))
     if predictions:
         sec.add_html(heading("Predictions (simulator inputs)"))
         sec.add_html(prediction_inputs_table(predictions))
@@ -113,10 +119,11 @@ def prediction_inputs_table(predictions: Sequence[PredictionData]) -> str:
 
 def breakdown_section(runs: Sequence[RunData]) -> Section:
     sec = Section(key="breakdown", title="Measured stage breakdown per rank",
-                  intro="Per-step time of each stage on each rank, as kfacperf validate measures a stage: "
-                        "compute without the stages nested in it, a collective from its last member's "
-                        "start to its last completion (communication hatched: it may run under "
-                        "compute); then how much of the time communication is in flight is exposed.")
+                  intro="Per-step time of each stage on each rank, as kfacperf validate measures a "
+                        "stage: compute without the stages nested in it, a collective from its "
+                        "last member's start to its last completion (communication hatched: it "
+                        "may run under compute); then how much of the time communication is in "
+                        "flight is exposed.")
     for run in runs:
         breakdown = metrics.rank_stage_breakdown(run.summary)
         if breakdown.empty:
@@ -126,10 +133,13 @@ def breakdown_section(runs: Sequence[RunData]) -> Section:
         label = f"{run.name} ({run.strategy}, {run.world_size} ranks)"
         sec.add_figure(figures.rank_breakdown_figure(breakdown, per_rank, label))
         sec.add_html(table(per_rank.reset_index(), [
-            ("rank", "rank", fmt_plain), ("step_us", "step (ms)", fmt_ms), ("compute_us", "compute busy (ms)", fmt_ms),
-            ("comm_us", "comm in flight (ms)", fmt_ms), ("exposed_comm_us", "exposed comm (ms)", fmt_ms),
+            ("rank", "rank", fmt_plain), ("step_us", "step (ms)", fmt_ms),
+            ("compute_us", "compute busy (ms)", fmt_ms),
+            ("comm_us", "comm in flight (ms)", fmt_ms),
+            ("exposed_comm_us", "exposed comm (ms)", fmt_ms),
             ("overlap_pct", "comm hidden", fmt_share), ("idle_us", "idle (ms)", fmt_ms),
-        ], numeric=("step_us", "compute_us", "comm_us", "exposed_comm_us", "overlap_pct", "idle_us"),
+        ], numeric=("step_us", "compute_us", "comm_us", "exposed_comm_us", "overlap_pct",
+                    "idle_us"),
             caption=f"{label}: per rank, mean over the measured steps"))
     if not sec.blocks:
         sec.note = "No traces were given."
@@ -138,12 +148,12 @@ def breakdown_section(runs: Sequence[RunData]) -> Section:
 
 def comparison_section(runs: Sequence[RunData], predictions: Sequence[PredictionData]) -> Section:
     sec = Section(key="comparison", title="Predicted vs measured",
-                  intro="Per-step time of each stage, mean over ranks: compute stages exclusive of the "
-                        "stages nested in them, a collective from its last member's start to its last "
-                        "completion. Measured: per kind of step (inverse, factor, plain) the median over "
-                        "the measured steps; predicted: the simulated step of each kind; both weighted by "
-                        "the measured mix of kinds, as kfacperf validate. Error = (predicted − measured) "
-                        "/ measured.")
+                  intro="Per-step time of each stage, mean over ranks: compute stages exclusive of "
+                        "the stages nested in them, a collective from its last member's start to "
+                        "its last completion. Measured: per kind of step (inverse, factor, "
+                        "plain) the median over the measured steps; predicted: the simulated "
+                        "step of each kind; both weighted by the measured mix of kinds, as "
+                        "kfacperf validate. Error = (predicted − measured) / measured.")
     unmatched = []
     for run in runs:
         match = matching.match_prediction(run, predictions)
@@ -166,14 +176,17 @@ def comparison_section(runs: Sequence[RunData], predictions: Sequence[Prediction
             ("predicted_us", "predicted (ms)", fmt_ms), ("error_pct", "error", fmt_pct),
         ], numeric=("measured_us", "predicted_us", "error_pct")))
         if not predicted.stage_us:
-            sec.add_html(paragraph(f"{match.prediction.name} has no events for this point (simulated "
-                                   "without them), so no predicted stage times: the step alone."))
-        sec.add_figure(figures.comparison_figure(comp, "per-step time by stage: measured vs predicted"))
+            sec.add_html(paragraph(f"{match.prediction.name} has no events for this point "
+                                   "(simulated without them), so no predicted stage times: "
+                                   "the step alone."))
+        sec.add_figure(figures.comparison_figure(
+            comp, "per-step time by stage: measured vs predicted"))
         layers = compare_layers(run.summary.measured, predicted)
         if not layers.empty:
             sec.add_html("<details><summary>per layer</summary>" + table(layers, [
                 ("stage", "stage", fmt_plain), ("layer", "layer", fmt_plain),
-                ("measured_us", "measured (ms)", fmt_ms), ("predicted_us", "predicted (ms)", fmt_ms),
+                ("measured_us", "measured (ms)", fmt_ms),
+                ("predicted_us", "predicted (ms)", fmt_ms),
                 ("error_pct", "error", fmt_pct),
             ], numeric=("measured_us", "predicted_us", "error_pct")) + "</details>")
     if not sec.blocks:
@@ -187,8 +200,9 @@ def comparison_section(runs: Sequence[RunData], predictions: Sequence[Prediction
 
 def scaling_section(groups: Sequence[Sequence[PredictionData]]) -> Section:
     sec = Section(key="scaling", title="Scaling",
-                  intro="Predicted step time, scaling efficiency and K-FAC overhead over SGD against "
-                        "the GPU count, per strategy; below, the predicted per-stage time by GPU count.")
+                  intro="Predicted step time, scaling efficiency and K-FAC overhead over SGD "
+                        "against the GPU count, per strategy; below, the predicted per-stage "
+                        "time by GPU count.")
     for group in groups:
         pred = group[0]
         if pred.summary.empty:
@@ -211,8 +225,8 @@ def _nearest(available: Sequence[int], wanted: int) -> int:
 def timeline_section(runs: Sequence[RunData], groups: Sequence[Sequence[PredictionData]], *,
                      step: int | None, gpus: int | None) -> Section:
     sec = Section(key="timelines", title="Timelines of one step",
-                  intro="Every stage of one step on a millisecond axis, one lane per rank and stream "
-                        "(compute, communication).")
+                  intro="Every stage of one step on a millisecond axis, one lane per rank and "
+                        "stream (compute, communication).")
     for run in runs:
         if run.events.empty:
             continue
@@ -234,8 +248,8 @@ def timeline_section(runs: Sequence[RunData], groups: Sequence[Sequence[Predicti
             sub = at_scale[at_scale["strategy"].astype(str) == strategy]
             chosen = metrics.pick_step(sub)
             label = f"simulated: {pred.name}, {strategy} at {scale} GPUs, step {chosen}"
-            sec.add_figure(timeline.timeline_figure(sub, chosen, label,
-                                                    rank_labels=_class_labels(pred, strategy, scale, chosen)))
+            sec.add_figure(timeline.timeline_figure(
+                sub, chosen, label, rank_labels=_class_labels(pred, strategy, scale, chosen)))
     if not sec.blocks:
         sec.note = "No events to draw."
     return sec
@@ -268,8 +282,9 @@ def telemetry_section(runs: Sequence[RunData]) -> Section:
 
 def whatif_section(groups: Sequence[Sequence[PredictionData]]) -> Section:
     sec = Section(key="whatif", title="What-if",
-                  intro="Scaling curves of the given predictions of one workload that differ in their "
-                        "inputs (bandwidth, intervals, ...), overlaid; labels name the differences.")
+                  intro="Scaling curves of the given predictions of one workload that differ in "
+                        "their inputs (bandwidth, intervals, ...), overlaid; labels name the "
+                        "differences.")
     for group in groups:
         if len(group) < 2:
             continue
@@ -278,8 +293,10 @@ def whatif_section(groups: Sequence[Sequence[PredictionData]]) -> Section:
         sec.add_html(heading(workload))
         sec.add_figure(figures.whatif_figure([(lbl, p.summary) for lbl, p in zip(labels, group)],
                                              f"{workload}: what-if"))
-        sec.add_html(table(pd.DataFrame({"label": labels, "prediction": [str(p.path) for p in group]}),
-                           [("label", "variant", fmt_plain), ("prediction", "prediction", fmt_plain)]))
+        sec.add_html(table(pd.DataFrame({"label": labels,
+                                         "prediction": [str(p.path) for p in group]}),
+                           [("label", "variant", fmt_plain),
+                            ("prediction", "prediction", fmt_plain)]))
     if not sec.blocks:
         sec.note = ("Give several predictions of the same workload (e.g. simulated with bandwidth "
                     "×0.5 and ×2, or other intervals) to compare them here.")
@@ -316,7 +333,8 @@ def validation_section(validation: pd.DataFrame | None) -> Section:
     sec.add_html(table(val, [
         ("run", "run", fmt_plain), ("measured_step_us", "measured step (ms)", fmt_ms),
         ("predicted_step_us", "predicted step (ms)", fmt_ms), ("error_pct", "error", fmt_pct),
-    ] + [(c, c, fmt_pct if c.endswith("_pct") else fmt_plain) for c in extra], numeric=("measured_step_us", "predicted_step_us", "error_pct")))
+    ] + [(c, c, fmt_pct if c.endswith("_pct") else fmt_plain) for c in extra],
+        numeric=("measured_step_us", "predicted_step_us", "error_pct")))
     sec.add_figure(figures.validation_figure(val, "measured vs predicted step time"))
     return sec
 

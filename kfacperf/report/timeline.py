@@ -25,7 +25,8 @@ def _fmt_bytes(n: float) -> str:
 
 
 def step_events(events: pd.DataFrame, step: int) -> pd.DataFrame:
-    """Rows of one step, without the whole-step rows, with ``t_ms``/``dur_ms`` from the step's start."""
+    """Rows of one step, without the whole-step rows, with ``t_ms``/``dur_ms`` from the step's
+    start."""
     ev = events[events["step"] == step].copy()
     for col in ("stage", "layer", "lane"):
         ev[col] = ev[col].astype(str)
@@ -68,13 +69,15 @@ def timeline_figure(events: pd.DataFrame, step: int, title: str, *,
         )
     fig.update_layout(barmode="overlay")
     fig.update_xaxes(title_text="ms since the step began")
-    fig.update_yaxes(type="category", categoryorder="array", categoryarray=lanes, autorange="reversed")
+    fig.update_yaxes(type="category", categoryorder="array", categoryarray=lanes,
+                     autorange="reversed")
     return style_figure(fig, title, height=max(340, 90 + 34 * len(lanes)))
 
 
 _METRIC_LABELS = {
     "sm_clock_mhz": "SM clock (MHz)", "mem_clock_mhz": "memory clock (MHz)",
-    "mem_used_mib": "memory used (MiB)", "power_w": "power (W)", "gpu_util_pct": "GPU utilization (%)",
+    "mem_used_mib": "memory used (MiB)", "power_w": "power (W)",
+    "gpu_util_pct": "GPU utilization (%)",
     "mem_util_pct": "memory utilization (%)", "temperature_c": "temperature (°C)",
 }
 _KEY_COLUMNS = ("rank", "gpu", "t_us", "step")

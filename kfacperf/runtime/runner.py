@@ -96,7 +96,8 @@ def validate(config: ProfileConfig) -> None:
     get_workload(config.workload, **config.workload_options)
     TrainConfig(**config.train_config_kwargs())
     if config.resolved_strategy == "local" and (config.nproc > 1 or config.multi_node):
-        raise ValueError("--strategy local runs on one process; use spngd or kaisa with --nproc > 1")
+        raise ValueError("--strategy local runs on one process; "
+                         "use spngd or kaisa with --nproc > 1")
 
 
 def worker_command(config: ProfileConfig) -> list[str]:

@@ -4,9 +4,10 @@ One complete event (``ph: "X"``) per row: ``pid`` = rank, ``tid`` = lane, ``ts``
 µs, ``args`` = step, layer, bytes, flops.  Perfetto cannot draw partially overlapping events
 on one track, and asynchronous communications of a rank do overlap each other, so the comm
 lane is split into as many tracks as it needs ("comm", "comm 2", ...), each row going to the
-first track where it nests or is alone (the compute lane likewise, though its stages nest).  ``M`` metadata events name processes and threads; telemetry
-becomes counter (``ph: "C"``) events; ``distributedInfo`` carries the world size (and the
-rank, in a per-rank file), which Holistic Trace Analysis reads.
+first track where it nests or is alone (the compute lane likewise, though its stages nest).
+``M`` metadata events name processes and threads; telemetry becomes counter (``ph: "C"``)
+events; ``distributedInfo`` carries the world size (and the rank, in a per-rank file), which
+Holistic Trace Analysis reads.
 
 This module never imports torch.
 """

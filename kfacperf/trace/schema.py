@@ -151,7 +151,8 @@ def check_events(df: pd.DataFrame, source: str) -> None:
     for stage, lane in pairs.itertuples(index=False):
         if lane_of(stage) != lane:
             raise TraceError(
-                f"{source}: stage {stage!r} recorded on lane {lane!r}; its lane is {lane_of(stage)!r}"
+                f"{source}: stage {stage!r} recorded on lane {lane!r}; "
+                f"its lane is {lane_of(stage)!r}"
             )
     dur = df["dur_us"].to_numpy()
     start = df["start_us"].to_numpy()

@@ -86,8 +86,8 @@ class TraceSummary:
             f"median {self.step_median_us / 1e3:.3f} ms, p95 {self.step_p95_us / 1e3:.3f} ms"
         )
         lines.append(
-            f"communication: {self.comm_us / 1e3:.3f} ms/step, exposed {self.exposed_comm_us / 1e3:.3f}"
-            f" ms/step, overlap {_pct(self.overlap_pct)}"
+            f"communication: {self.comm_us / 1e3:.3f} ms/step, "
+            f"exposed {self.exposed_comm_us / 1e3:.3f} ms/step, overlap {_pct(self.overlap_pct)}"
         )
         if self.kfac_overhead is not None:
             lines.append(
@@ -114,7 +114,8 @@ def _per_step_table(events: pd.DataFrame) -> pd.DataFrame:
         start = g["start_us"].to_numpy()
         end = start + g["dur_us"].to_numpy()
         is_step = stage == STEP
-        comp = merge_intervals(start[(lane == COMPUTE) & ~is_step], end[(lane == COMPUTE) & ~is_step])
+        comp = merge_intervals(start[(lane == COMPUTE) & ~is_step],
+                               end[(lane == COMPUTE) & ~is_step])
         comm = merge_intervals(start[lane == COMM], end[lane == COMM])
         step_us = float(step_of[(rank, step)])
         comm_len = total_length(comm)

@@ -75,7 +75,8 @@ def check_disjoint(calibration: Sequence[Trace], holdout: Sequence[Trace]) -> No
             raise ValueError(f"held-out run {t.path} is the same recorded run (start_time and "
                              f"command) as calibration trace {other.path}")
         if any(o is t for o in calibration):
-            raise ValueError(f"{trace_label(t)}: the same trace is given for calibration and held out")
+            raise ValueError(f"{trace_label(t)}: the same trace is given for calibration "
+                             "and held out")
 
 
 

@@ -205,7 +205,8 @@ def _walk(model: nn.Module, example: torch.Tensor, *, meta: bool) -> ModelWalk:
     unused = sorted(p for m, p in paths.items() if p not in seen and not is_batchnorm(m))
     if unused:
         raise DescribeError(f"K-FAC layer(s) not used by the forward pass: {', '.join(unused)}")
-    return ModelWalk(layers=layers, batchnorm=norms, conv=conv, total_flops=float(counter.get_total_flops()),
+    return ModelWalk(layers=layers, batchnorm=norms, conv=conv,
+                     total_flops=float(counter.get_total_flops()),
                      total_params=sum(p.numel() for p in model.parameters()), on_meta=meta)
 
 

@@ -88,7 +88,8 @@ class TransformerClassifier(nn.Module):
 
     def forward(self, ids: Tensor) -> Tensor:
         if ids.dim() != 2 or ids.dtype != torch.long:
-            raise ValueError(f"expected int64 token ids [batch, seq], got {ids.dtype} {tuple(ids.shape)}")
+            raise ValueError("expected int64 token ids [batch, seq], "
+                             f"got {ids.dtype} {tuple(ids.shape)}")
         pos = torch.arange(ids.shape[1], device=ids.device)
         x = self.ln(self.tok(ids) + self.pos(pos))
         for layer in self.layers:

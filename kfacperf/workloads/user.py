@@ -87,7 +87,8 @@ def resolve_factory(ref: WorkloadRef) -> Callable[..., Any]:
                          if callable(v) and not n.startswith("_")
                          and getattr(v, "__module__", None) == module.__name__)
         raise UserError(f"--workload {ref.text}: {_where(ref)} has no function "
-                        f"{ref.function!r} (it defines: {', '.join(defined) or 'nothing callable'})")
+                        f"{ref.function!r} "
+                        f"(it defines: {', '.join(defined) or 'nothing callable'})")
     if not callable(func):
         raise UserError(f"--workload {ref.text}: {ref.function} in {_where(ref)} is "
                         f"{_a(type(func).__name__)}, not a function ({FORMS})")
@@ -199,7 +200,9 @@ class _Factory:
             raise self._fail(f"{self.ref.function}({_kwargs(self.options)}) raised "
                              f"{_exception_text(exc, filename)}") from exc
 
-    def unpack(self, result: Any) -> tuple[nn.Module, Callable[..., Any], Callable[..., Any] | None]:
+    def unpack(
+        self, result: Any,
+    ) -> tuple[nn.Module, Callable[..., Any], Callable[..., Any] | None]:
         """``(model, make_batch, loss_fn or None)`` from a tuple result, checked."""
         got = type(result).__name__
         if not isinstance(result, (tuple, list)) or len(result) not in (2, 3):

@@ -36,12 +36,15 @@ def test_fit_cluster_writes_contention_per_stage_kind(tmp_path: Path) -> None:
 
     from kfacperf.sim.models.cluster import save_cluster_model
 
-    per_stage = {2: {"forward": 1.07, "factor_compute": 1.48}, 4: {"forward": 2.28, "factor_compute": 3.6}}
+    per_stage = {2: {"forward": 1.07, "factor_compute": 1.48},
+                 4: {"forward": 2.28, "factor_compute": 3.6}}
     result = replace(synthetic_result(), stage_slowdowns=per_stage)
     model, _ = cbf.fit_cluster(result, name="synthetic")
     # same least squares as the single factor: x = r - 1, y = slowdown / max(1, r/2) - 1
-    assert model.host.contention_by_stage["forward"] == pytest.approx((0.07 + 3 * 0.14) / 10, rel=1e-3)
-    assert model.host.contention_by_stage["factor_compute"] == pytest.approx((0.48 + 3 * 0.8) / 10, rel=1e-3)
+    assert model.host.contention_by_stage["forward"] == pytest.approx(
+        (0.07 + 3 * 0.14) / 10, rel=1e-3)
+    assert model.host.contention_by_stage["factor_compute"] == pytest.approx(
+        (0.48 + 3 * 0.8) / 10, rel=1e-3)
     assert set(model.host.contention_by_stage) == {"forward", "factor_compute"}
     assert "per stage kind: 2: forward 1.07, factor_compute 1.48" in model.source
     assert load_cluster_model(save_cluster_model(model, tmp_path / "c.toml")) == model
@@ -86,7 +89,8 @@ def test_a_repetition_times_one_call_alone_or_a_batch() -> None:
 
 
 def test_config_and_size_parsing() -> None:
-    assert results.parse_size("4KiB") == 4096 and results.parse_size("1.5MiB") == 1572864 and results.parse_size("100") == 100
+    assert (results.parse_size("4KiB") == 4096 and results.parse_size("1.5MiB") == 1572864
+            and results.parse_size("100") == 100)
     with pytest.raises(ValueError, match="cannot read size 'big'"):
         results.parse_size("big")
     with pytest.raises(ValueError, match="world sizes must be >= 2"):
@@ -100,10 +104,12 @@ def test_config_and_size_parsing() -> None:
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [(["--sizes", "big"], "cannot read size 'big'"), (["--world-sizes", "1"], "world sizes must be >= 2"),
+    [(["--sizes", "big"], "cannot read size 'big'"),
+     (["--world-sizes", "1"], "world sizes must be >= 2"),
      (["--ops", "all_to_all"], "unknown collective")],
 )
-def test_commbench_command_bad_input(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_commbench_command_bad_input(args: list[str], message: str,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
     from kfacperf.cli import main
 
     assert main(["commbench", *args]) == 2

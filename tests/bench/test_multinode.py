@@ -72,9 +72,10 @@ def test_two_nodes_of_one_rank_fit_the_inter_tier(tmp_path: Path) -> None:
         return subprocess.Popen(
             [sys.executable, "-m", "kfacperf.cli", "commbench", "--nnodes", "2",
              "--node-rank", str(rank), "--rdzv-endpoint", f"127.0.0.1:{port}",
-             "--rdzv-id", f"test-{port}", "--backend", "gloo", "--sizes", "4KiB,1MiB", "--reps", "1",
-             "--warmup", "0", "--timeout", "60", "--name", "two-nodes",
-             "--out", str(tmp_path / f"model{rank}.toml"), "--raw", str(tmp_path / f"raw{rank}.json")],
+             "--rdzv-id", f"test-{port}", "--backend", "gloo", "--sizes", "4KiB,1MiB",
+             "--reps", "1", "--warmup", "0", "--timeout", "60", "--name", "two-nodes",
+             "--out", str(tmp_path / f"model{rank}.toml"),
+             "--raw", str(tmp_path / f"raw{rank}.json")],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     procs = [node(0), node(1)]

@@ -86,7 +86,8 @@ def test_timing_is_read_back_and_defaults_to_batched_for_older_files() -> None:
     ('{"backend": "gloo", "speed": 1}', "key 'speed': unknown key"),
     ('{"backend": "mpi"}', "key 'backend': 'mpi' is not one of 'gloo', 'nccl'"),
     ('{"backend": "gloo", "slowdowns": {"2": -1.0}}', "key 'slowdowns.2': must be > 0, got -1"),
-    ('{"backend": "gloo", "slowdowns": {"one": 1.2}}', "key 'slowdowns.one': a world size must be an integer"),
+    ('{"backend": "gloo", "slowdowns": {"one": 1.2}}',
+     "key 'slowdowns.one': a world size must be an integer"),
     ('{"backend": "gloo", "probes": {"1": 3}}', "key 'probes.1': a world size must be >= 2"),
     ('{"backend": "gloo", "stage_slowdowns": {"2": {"warp": 1.0}}}',
      "key 'stage_slowdowns.2.warp': unknown stage kind"),
@@ -98,7 +99,8 @@ def test_timing_is_read_back_and_defaults_to_batched_for_older_files() -> None:
     ('{"backend": "gloo", "stragglers": {"2": -0.1}}', "key 'stragglers.2': must be >= 0"),
     ('{"backend": "gloo", "comm_slowdowns": {"2": 0}}', "key 'comm_slowdowns.2': must be > 0"),
     ('{"backend": "gloo", "points": [{"op": "all_reduce", "world_size": 2, "nbytes": 4, '
-     '"time_us": 3, "reps": 1, "timing": "lazy"}]}', "key 'points[0].timing': 'lazy' is not one of"),
+     '"time_us": 3, "reps": 1, "timing": "lazy"}]}',
+     "key 'points[0].timing': 'lazy' is not one of"),
 ])
 def test_bad_raw_file_is_named(tmp_path: Path, content: str, message: str) -> None:
     f = tmp_path / "probe.json"

@@ -26,7 +26,8 @@ from kfacperf.trace.store import Trace
 
 
 # ------------------------------------------------------------------ alpha-beta
-def synthetic_timings(op: str, algo: str, alpha: float, gbps: float, noise: float = 0.0, seed: int = 0):
+def synthetic_timings(op: str, algo: str, alpha: float, gbps: float, noise: float = 0.0,
+                      seed: int = 0):
     rng = random.Random(seed)
     out = []
     for p in (2, 3, 4):
@@ -44,7 +45,8 @@ def test_alpha_beta_fit_recovers_known_values(op: str, algo: str) -> None:
     assert fit.alpha_us == pytest.approx(37.0, rel=1e-6)
     assert fit.bandwidth_GBps == pytest.approx(2.5, rel=1e-6)
     assert fit.max_rel_error < 1e-9 and fit.samples == 12
-    noisy = fit_alpha_beta(synthetic_timings(op, algo, 37.0, 2.5, noise=0.03), op=op, algorithm=algo)
+    noisy = fit_alpha_beta(synthetic_timings(op, algo, 37.0, 2.5, noise=0.03), op=op,
+                           algorithm=algo)
     assert noisy.alpha_us == pytest.approx(37.0, rel=0.1)
     assert noisy.bandwidth_GBps == pytest.approx(2.5, rel=0.1)
     assert noisy.predict_us(4, 1e6) == pytest.approx(fit.predict_us(4, 1e6), rel=0.05)
@@ -56,7 +58,8 @@ def test_alpha_beta_fit_keeps_alpha_nonnegative_and_rejects_bad_data() -> None:
     fit = fit_alpha_beta(pts, op="all_reduce", algorithm="ring")
     assert fit.alpha_us == pytest.approx(0.0, abs=1e-9) and fit.bandwidth_GBps == pytest.approx(1.0)
     # generated with alpha = -0.5 us: the fit clamps alpha at 0 instead of going negative
-    pts = [(p, n, 2 * (p - 1) / p * n / 1e3 - 0.5 * 2 * (p - 1)) for p in (2, 4) for n in (1e4, 1e5)]
+    pts = [(p, n, 2 * (p - 1) / p * n / 1e3 - 0.5 * 2 * (p - 1))
+           for p in (2, 4) for n in (1e4, 1e5)]
     fit = fit_alpha_beta(pts, op="all_reduce", algorithm="ring")
     assert fit.alpha_us == 0.0 and 0.9 < fit.bandwidth_GBps < 1.2
     with pytest.raises(ValueError, match="at least 2 samples"):
@@ -83,11 +86,13 @@ def test_cluster_from_fits_round_trips(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ device
 def layer(name: str, a: int, g: int, rows: int) -> LayerModel:
     return LayerModel(name=name, kind="conv2d" if rows > 1 else "linear", dim_a=a, dim_g=g,
-                      params=a * g, rows_per_example=rows, fwd_flops_per_example=2.0 * (a - 1) * g * rows,
+                      params=a * g, rows_per_example=rows,
+                      fwd_flops_per_example=2.0 * (a - 1) * g * rows,
                       in_elems_per_example=(a - 1) * rows, out_elems_per_example=g * rows)
 
 
-W1 = WorkloadModel(name="w1", layers=(layer("c1", 28, 16, 256), layer("c2", 145, 32, 64), layer("fc", 513, 10, 1)),
+W1 = WorkloadModel(name="w1", layers=(layer("c1", 28, 16, 256), layer("c2", 145, 32, 64),
+                                      layer("fc", 513, 10, 1)),
                    other_params=50, other_fwd_flops_per_example=0.0, input_shape=(3, 16, 16),
                    input_dtype="float32", source="test")
 W2 = WorkloadModel(name="w2", layers=(layer("a", 101, 200, 1), layer("b", 201, 300, 1)),
@@ -95,25 +100,30 @@ W2 = WorkloadModel(name="w2", layers=(layer("a", 101, 200, 1), layer("b", 201, 3
                    input_dtype="float32", source="test")
 # (efficiency, mem_efficiency, overhead_us); the update's FLOPs are proportional to its bytes,
 # so only one of its efficiencies is identifiable: the true compute efficiency is the bound 1
-TRUE = {"forward": (0.31, 0.5, 12.0), "backward": (0.27, 0.4, 20.0), "factor_compute": (0.45, 0.2, 8.0),
-        "inverse": (0.06, 0.3, 150.0), "precondition": (0.52, 0.35, 9.0), "update": (1.0, 0.2, 40.0)}
+TRUE = {"forward": (0.31, 0.5, 12.0), "backward": (0.27, 0.4, 20.0),
+        "factor_compute": (0.45, 0.2, 8.0), "inverse": (0.06, 0.3, 150.0),
+        "precondition": (0.52, 0.35, 9.0), "update": (1.0, 0.2, 40.0)}
 GUESS = {k: (1.0, 1.0, 0.0) for k in TRUE}
 
 
 def device(eff: dict, mode: str = "additive") -> DeviceModel:
-    return DeviceModel(name="true", fp32_tflops=0.2, tf32_tflops=0.0, bf16_tflops=0.4, mem_bandwidth_GBps=20.0,
-                       mode=mode, stages={k: StageEfficiency(efficiency=e, mem_efficiency=m, overhead_us=o, assumed=False)
-                                          for k, (e, m, o) in eff.items()})
+    return DeviceModel(name="true", fp32_tflops=0.2, tf32_tflops=0.0, bf16_tflops=0.4,
+                       mem_bandwidth_GBps=20.0, mode=mode,
+                       stages={k: StageEfficiency(efficiency=e, mem_efficiency=m, overhead_us=o,
+                                                  assumed=False)
+                               for k, (e, m, o) in eff.items()})
 
 
 def null_cluster() -> ClusterModel:
-    algos = {"all_reduce": "ring", "reduce_scatter": "ring", "all_gather": "ring", "broadcast": "tree"}
+    algos = {"all_reduce": "ring", "reduce_scatter": "ring", "all_gather": "ring",
+             "broadcast": "tree"}
     t = Tier(alpha_us=1.0, bandwidth_GBps=1.0, algorithms=algos)
-    return ClusterModel(name="x", gpus_per_node=1, intra=t, inter=t, multi_node={op: "flat" for op in OPS})
+    return ClusterModel(name="x", gpus_per_node=1, intra=t, inter=t,
+                        multi_node={op: "flat" for op in OPS})
 
 
-def synthetic_trace(w: WorkloadModel, batch: int, *, world_size: int = 1, steps: int = 4, warmup: int = 1,
-                    noise: float = 0.0, seed: int = 0, method: str = "eigen",
+def synthetic_trace(w: WorkloadModel, batch: int, *, world_size: int = 1, steps: int = 4,
+                    warmup: int = 1, noise: float = 0.0, seed: int = 0, method: str = "eigen",
                     true: DeviceModel | None = None, load_gap: float = 2.0,
                     write_gap: float = 0.0, optimizer: str | None = None,
                     fisher: str | None = None, factor_interval: int = 1,
@@ -124,9 +134,11 @@ def synthetic_trace(w: WorkloadModel, batch: int, *, world_size: int = 1, steps:
     Steps ``k % factor_interval == 0`` capture statistics (and invert), their capturing
     backward ``capture`` slower; with ``fisher="mc"`` that is an extra backward row (layer
     ``mc_fisher``) before the true labels' plain one."""
-    cost = CostModel(workload=w, device=true or device(TRUE), cluster=null_cluster(), inverse_method=method)
+    cost = CostModel(workload=w, device=true or device(TRUE), cluster=null_cluster(),
+                     inverse_method=method)
     rng = random.Random(seed)
-    rows: dict[str, list] = {k: [] for k in ("rank", "step", "stage", "layer", "lane", "start_us", "dur_us", "bytes", "flops")}
+    rows: dict[str, list] = {k: [] for k in ("rank", "step", "stage", "layer", "lane", "start_us",
+                                             "dur_us", "bytes", "flops")}
 
     def add(rank, step, stage, lname, start, dur):
         for k, v in zip(rows, (rank, step, stage, lname, "compute", start, dur, 0, 0.0)):
@@ -174,7 +186,8 @@ def synthetic_trace(w: WorkloadModel, batch: int, *, world_size: int = 1, steps:
     if fisher is not None:
         run.update(fisher=fisher, factor_interval=factor_interval,
                    inverse_interval=factor_interval)
-    return Trace(path=Path(f"synthetic/{w.name}-{batch}-{world_size}"), run=run, events=events_frame(rows))
+    return Trace(path=Path(f"synthetic/{w.name}-{batch}-{world_size}"), run=run,
+                 events=events_frame(rows))
 
 
 WORKLOADS = {"w1": W1, "w2": W2}
@@ -186,8 +199,10 @@ def test_exclusive_times_subtract_nested_stages() -> None:
     true_cost = CostModel(workload=W1, device=device(TRUE), cluster=null_cluster())
     bwd = ex[(ex["stage"] == "backward") & (ex["step"] == 1)]["dur_us"].item()
     assert bwd == pytest.approx(true_cost.compute_us("backward", None, batch=8), rel=1e-9)
-    fac = ex[(ex["stage"] == "factor_compute") & (ex["layer"] == "c2") & (ex["step"] == 0)]["dur_us"].item()
-    assert fac == pytest.approx(true_cost.compute_us("factor_compute", W1.layer("c2"), batch=8), rel=1e-9)
+    fac = ex[(ex["stage"] == "factor_compute") & (ex["layer"] == "c2")
+             & (ex["step"] == 0)]["dur_us"].item()
+    assert fac == pytest.approx(true_cost.compute_us("factor_compute", W1.layer("c2"), batch=8),
+                                rel=1e-9)
     assert "step" not in set(ex["stage"])
 
 
@@ -206,9 +221,10 @@ def test_device_calibration_recovers_the_true_model() -> None:
     fitted = CostModel(workload=W1, device=cal.device, cluster=null_cluster(), use_measured=False)
     true_cost = CostModel(workload=W1, device=device(TRUE), cluster=null_cluster())
     new_layer = layer("new", 300, 77, 9)
-    for stage, l in (("forward", None), ("backward", None), ("factor_compute", new_layer), ("inverse", new_layer),
-                     ("precondition", new_layer), ("update", None)):
-        assert fitted.compute_us(stage, l, batch=200) == pytest.approx(true_cost.compute_us(stage, l, batch=200), rel=1e-6)
+    for stage, l in (("forward", None), ("backward", None), ("factor_compute", new_layer),
+                     ("inverse", new_layer), ("precondition", new_layer), ("update", None)):
+        assert fitted.compute_us(stage, l, batch=200) == pytest.approx(
+            true_cost.compute_us(stage, l, batch=200), rel=1e-6)
 
 
 @pytest.mark.parametrize("fisher", ["emp", "mc"])
@@ -227,15 +243,18 @@ def test_capture_overhead_with_either_fisher(fisher: str) -> None:
 
 
 def test_device_calibration_with_noise_predicts_within_a_few_percent() -> None:
-    traces = [synthetic_trace(W1, b, noise=0.04, seed=b, steps=7) for b in (8, 64)] + [synthetic_trace(W2, 32, noise=0.04, steps=7)]
+    traces = ([synthetic_trace(W1, b, noise=0.04, seed=b, steps=7) for b in (8, 64)]
+              + [synthetic_trace(W2, 32, noise=0.04, steps=7)])
     cal = fit_device_model(traces, workloads=WORKLOADS, base=device(GUESS), name="fitted")
     fitted = CostModel(workload=W1, device=cal.device, cluster=null_cluster(), use_measured=False)
     true_cost = CostModel(workload=W1, device=device(TRUE), cluster=null_cluster())
     for stage in ("forward", "backward", "update"):
-        assert fitted.compute_us(stage, None, batch=32) == pytest.approx(true_cost.compute_us(stage, None, batch=32), rel=0.05)
+        assert fitted.compute_us(stage, None, batch=32) == pytest.approx(
+            true_cost.compute_us(stage, None, batch=32), rel=0.05)
     for stage in ("factor_compute", "inverse", "precondition"):
         for l in W1.layers:
-            assert fitted.compute_us(stage, l, batch=32) == pytest.approx(true_cost.compute_us(stage, l, batch=32), rel=0.06)
+            assert fitted.compute_us(stage, l, batch=32) == pytest.approx(
+                true_cost.compute_us(stage, l, batch=32), rel=0.06)
 
 
 def test_measured_times_single_process_only_and_notes() -> None:
@@ -244,13 +263,15 @@ def test_measured_times_single_process_only_and_notes() -> None:
     assert len(cal.traces_used) == 1 and any("multi-process" in n for n in cal.notes)
     m = {(x.stage, x.layer): x.time_us for x in cal.device.measured}
     true_cost = CostModel(workload=W1, device=device(TRUE), cluster=null_cluster())
-    assert m[("inverse", "fc")] == pytest.approx(true_cost.compute_us("inverse", W1.layer("fc"), batch=16))
+    assert m[("inverse", "fc")] == pytest.approx(
+        true_cost.compute_us("inverse", W1.layer("fc"), batch=16))
     # one batch of a whole-model stage cannot separate overhead from efficiency: overhead 0,
     # and the fitted model still reproduces the measured time
     assert cal.device.stage("forward").overhead_us == 0.0
     assert "overhead" in cal.fits["forward"].note
     fitted = CostModel(workload=W1, device=cal.device, cluster=null_cluster(), use_measured=False)
-    assert fitted.compute_us("forward", None, batch=16) == pytest.approx(true_cost.compute_us("forward", None, batch=16))
+    assert fitted.compute_us("forward", None, batch=16) == pytest.approx(
+        true_cost.compute_us("forward", None, batch=16))
     with pytest.raises(ValueError, match="no workload model for 'w1'"):
         fit_device_model(traces, workloads={}, base=device(GUESS), name="x")
 
@@ -290,9 +311,11 @@ def test_step_host_gaps_of_a_hand_built_step() -> None:
 
     rows = {k: [] for k in ("rank", "step", "stage", "layer", "lane", "start_us", "dur_us",
                             "bytes", "flops")}
-    for stage, lane, start, dur in [("forward", "compute", 0, 50), ("backward", "compute", 50, 100),
+    for stage, lane, start, dur in [("forward", "compute", 0, 50),
+                                    ("backward", "compute", 50, 100),
                                     ("factor_compute", "compute", 60, 10),  # nested
-                                    ("factor_comm", "comm", 163, 40), ("precondition", "compute", 171, 9),
+                                    ("factor_comm", "comm", 163, 40),
+                                    ("precondition", "compute", 171, 9),
                                     ("update", "compute", 251, 5), ("step", "compute", 0, 256)]:
         for k, v in zip(rows, (0, 3, stage, "", lane, float(start), float(dur), 0, 0.0)):
             rows[k].append(v)
@@ -312,7 +335,8 @@ def test_base_device_for_cpu_and_gpu_runs() -> None:
 
 
 # ------------------------------------------------------------------ the command
-def test_calibrate_command_fits_written_traces(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_calibrate_command_fits_written_traces(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
     from kfacperf.cli import main
     from kfacperf.sim.models.device import load_device_model, save_device_model
     from kfacperf.sim.models.workload_file import save_workload_model
@@ -321,7 +345,8 @@ def test_calibrate_command_fits_written_traces(tmp_path: Path, capsys: pytest.Ca
     dirs = []
     for w, b in ((W1, 8), (W1, 64), (W2, 32)):
         tr = synthetic_trace(w, b)
-        dirs.append(str(write_trace(tmp_path / f"{w.name}-{b}", run=dict(tr.run, completed=True), events=tr.events)))
+        dirs.append(str(write_trace(tmp_path / f"{w.name}-{b}", run=dict(tr.run, completed=True),
+                                    events=tr.events)))
     models = [str(save_workload_model(w, tmp_path / f"{w.name}.toml")) for w in (W1, W2)]
     base = save_device_model(device(GUESS), tmp_path / "base.toml")
     out = tmp_path / "fitted.toml"
@@ -361,15 +386,18 @@ def test_calibrate_command_generates_workload_models(tmp_path: Path) -> None:
     from kfacperf.sim.models.workload_file import load_workload_model
 
     out = tmp_path / "t.toml"
-    assert main(["calibrate", "--workload", "transformer", "--workload-option", "seq_len=32", "--out", str(out)]) == 0
+    assert main(["calibrate", "--workload", "transformer", "--workload-option", "seq_len=32",
+                 "--out", str(out)]) == 0
     w = load_workload_model(out)
-    assert w.name == "transformer[seq_len=32]" and w.workload == "transformer" and w.options["seq_len"] == 32
+    assert (w.name == "transformer[seq_len=32]" and w.workload == "transformer"
+            and w.options["seq_len"] == 32)
     assert w.input_dtype == "int64" and w.input_shape == (32,)
     # attention score and context products, per example: 2 layers x 2 products x 2*T*T*d
     assert w.other_fwd_flops_per_example == 2 * 2 * 2 * 32 * 32 * 128
     q = w.layer("layers.0.attn.q")
     assert (q.dim_a, q.dim_g, q.rows_per_example, q.params) == (129, 128, 32, 129 * 128)
-    assert w.matches_run("transformer", {"seq_len": 32}) and not w.matches_run("transformer", {})
+    assert (w.matches_run("transformer", {"seq_len": 32})
+            and not w.matches_run("transformer", {}))
 
 
 def test_committed_workload_models_match_the_torch_workloads() -> None:
@@ -384,20 +412,24 @@ def test_committed_workload_models_match_the_torch_workloads() -> None:
         assert committed.batchnorm == fresh.batchnorm, name
         assert (committed.other_params, committed.options, committed.input_shape) == (
             fresh.other_params, fresh.options, fresh.input_shape), name
-        assert committed.other_fwd_flops_per_example == pytest.approx(fresh.other_fwd_flops_per_example)
+        assert committed.other_fwd_flops_per_example == pytest.approx(
+            fresh.other_fwd_flops_per_example)
 
 
 def test_roofline_mode_fit_recovers_a_shared_efficiency() -> None:
     shared = {k: (e, e, o) for k, (e, _, o) in TRUE.items()}
     shared["update"] = (0.2, 0.2, 40.0)
     true = device(shared, mode="roofline")
-    traces = [synthetic_trace(W1, 8, steps=3, true=true), synthetic_trace(W1, 64, steps=3, true=true),
+    traces = [synthetic_trace(W1, 8, steps=3, true=true),
+              synthetic_trace(W1, 64, steps=3, true=true),
               synthetic_trace(W2, 32, steps=3, true=true)]
-    cal = fit_device_model(traces, workloads=WORKLOADS, base=device(GUESS, mode="roofline"), name="r")
+    cal = fit_device_model(traces, workloads=WORKLOADS, base=device(GUESS, mode="roofline"),
+                           name="r")
     assert cal.device.mode == "roofline"
     for kind, (eff, _, over) in shared.items():
         st = cal.device.stage(kind)
-        assert st.efficiency == pytest.approx(eff, rel=1e-6) and st.mem_efficiency == st.efficiency, kind
+        assert (st.efficiency == pytest.approx(eff, rel=1e-6)
+                and st.mem_efficiency == st.efficiency), kind
         assert st.overhead_us == pytest.approx(over, rel=1e-6, abs=1e-6), kind
 
 
@@ -412,7 +444,8 @@ def test_roofline_mode_fit_recovers_a_shared_efficiency() -> None:
         (["--workload", "mlp", "--workload-option", "hidden"], "expected KEY=VALUE"),
     ],
 )
-def test_calibrate_command_bad_input(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_calibrate_command_bad_input(args: list[str], message: str,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
     from kfacperf.cli import main
 
     try:

@@ -118,7 +118,8 @@ def test_single_machine_results_fit_as_before() -> None:
 
 
 def test_groups_planned_across_nodes() -> None:
-    assert within_sizes(1) == () and within_sizes(6) == (2, 4, 6) and within_sizes(8, [4, 2]) == (2, 4)
+    assert (within_sizes(1) == () and within_sizes(6) == (2, 4, 6)
+            and within_sizes(8, [4, 2]) == (2, 4))
     with pytest.raises(ValueError, match="cannot be larger"):
         within_sizes(2, [4])
     groups = plan_groups(4, 2, within_sizes(2))

@@ -20,4 +20,5 @@ def synthetic_result(noise: float = 0.0) -> results.CommbenchResult:
                 wobble = 1 + noise * math.sin(k * 12.9898)  # deterministic pseudo-noise
                 t = algorithm_us(op, algo, p, n, alpha, 1 / (gbps * 1e3)) * wobble
                 pts.append(results.Point(op=op, world_size=p, nbytes=n, time_us=t, reps=5))
-    return results.CommbenchResult(backend="gloo", points=tuple(pts), slowdowns={2: 1.2, 4: 2.8}, cores=2)
+    return results.CommbenchResult(backend="gloo", points=tuple(pts), slowdowns={2: 1.2, 4: 2.8},
+                                   cores=2)

@@ -59,11 +59,13 @@ def sgd_target() -> tuple[float, float]:
 
 
 @pytest.mark.parametrize("method", ["eigen", "cholesky"])
-def test_kfac_reaches_sgd_loss_in_half_the_steps(method: str, sgd_target: tuple[float, float]) -> None:
+def test_kfac_reaches_sgd_loss_in_half_the_steps(method: str,
+                                                 sgd_target: tuple[float, float]) -> None:
     best, target = sgd_target
     kfac = dict(damping=0.03, kl_clip=1e-2, inverse_method=method)
     losses = _eval_losses(kfac=kfac, lr=0.1, momentum=0.5, seed=SEED)
     reached = next((i + 1 for i, v in enumerate(losses) if v <= target), None)
     assert reached is not None and reached <= STEPS // 2, (
-        f"K-FAC ({method}) reached SGD's step-{STEPS} loss {target:.3f} (lr {best}) at step {reached}"
+        f"K-FAC ({method}) reached SGD's step-{STEPS} loss {target:.3f} (lr {best}) "
+        f"at step {reached}"
     )

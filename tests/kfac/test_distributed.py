@@ -5,9 +5,9 @@ spngd, spngd fused, spngd with triangle packing / per-layer buckets / fp16 facto
 f = 1, f = 1/P, f = 1/2 (P = 4), each with both inverse methods where it matters, on three
 models (a small CNN with GroupNorm, a small transformer with embeddings and LayerNorm — the
 non-K-FAC parameters must get averaged gradients too — and a CNN whose BatchNorm is a Fisher
-block, unit-wise or full, with the empirical or the Monte-Carlo Fisher).  Each rank trains two steps on its
-slice of one global batch (``rank_slice``); the parent runs the same two steps in one
-process on the whole batch and compares per-layer preconditioned gradients, the final
+block, unit-wise or full, with the empirical or the Monte-Carlo Fisher).  Each rank trains two
+steps on its slice of one global batch (``rank_slice``); the parent runs the same two steps in
+one process on the whole batch and compares per-layer preconditioned gradients, the final
 ``.grad`` of every parameter and the weights.  At P = 4 the CNN (3 K-FAC layers) leaves a
 rank that owns nothing.
 

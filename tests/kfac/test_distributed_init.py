@@ -10,7 +10,8 @@ ENV = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT"
 
 
 def test_missing_environment_names_the_variables() -> None:
-    with pytest.raises(RuntimeError, match="MASTER_ADDR, MASTER_PORT not set; launch with torchrun"):
+    with pytest.raises(RuntimeError,
+                       match="MASTER_ADDR, MASTER_PORT not set; launch with torchrun"):
         distributed.init_distributed(env={"RANK": "0", "WORLD_SIZE": "1"})
 
 

@@ -151,7 +151,8 @@ CONV_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("case", CONV_CASES,
+                         ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
 def test_conv_factors_against_explicit_loops(case: dict) -> None:
     torch.manual_seed(3)
     conv = nn.Conv2d(3, 4, **case)
@@ -178,7 +179,8 @@ def test_conv_factors_against_explicit_loops(case: dict) -> None:
 def test_patch_moments_match_unfold_over_many_shapes() -> None:
     """The displacement-Gram computation equals unfold + GEMM (zero padding)."""
     torch.manual_seed(4)
-    for k, s, d, p in itertools.product([(3, 3), (2, 3), (5, 1)], [1, 2, (1, 3)], [1, 2], [0, 1, 2]):
+    for k, s, d, p in itertools.product([(3, 3), (2, 3), (5, 1)], [1, 2, (1, 3)], [1, 2],
+                                        [0, 1, 2]):
         conv = nn.Conv2d(3, 2, k, stride=s, dilation=d, padding=p)
         x = torch.randn(2, 3, 11, 9)
         try:

@@ -104,7 +104,8 @@ source = "written by the user"
     (HEAD + POINT.format(b=1) + POINT.format(b=2).replace("steps = 1000", "stepz = 1000"),
      r"key 'points\[1\]\.steps': give exactly one"),
     (HEAD + POINT.format(b=1) + POINT.format(b=2) + "\nspeed = 3\n", r"key 'points\[1\]\.speed'"),
-    (HEAD + POINT.format(b=1) + POINT.format(b=2).replace("factor_interval = 1\ninverse_interval = 1\n", ""),
+    (HEAD + POINT.format(b=1)
+     + POINT.format(b=2).replace("factor_interval = 1\ninverse_interval = 1\n", ""),
      r"lacks the statistics intervals"),
     (HEAD.replace('"kfac"', '"sgd"') + POINT.format(b=1) + POINT.format(b=2),
      r"statistics intervals belong to K-FAC models only"),
@@ -113,8 +114,10 @@ source = "written by the user"
     (HEAD.replace("examples_per_epoch = 1281167\n", "") + POINT.format(b=1)
      + POINT.format(b=2).replace("steps = 1000", "epochs = 3"),
      r"key 'points\[1\]\.epochs': epochs need 'examples_per_epoch'"),
-    (HEAD + POINT.format(b=1) + POINT.format(b=2).replace("inverse_interval = 1", "inverse_interval = 3")
-     .replace("factor_interval = 1", "factor_interval = 2"), r"must be a multiple of factor_interval"),
+    (HEAD + POINT.format(b=1)
+     + POINT.format(b=2).replace("inverse_interval = 1", "inverse_interval = 3")
+     .replace("factor_interval = 1", "factor_interval = 2"),
+     r"must be a multiple of factor_interval"),
     (HEAD.replace("kfacperf-convergence-1", "kfacperf-device-1") + POINT.format(b=1),
      r"key 'format': expected 'kfacperf-convergence-1'"),
 ])

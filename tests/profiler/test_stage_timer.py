@@ -100,7 +100,8 @@ def test_rows_timings_and_one_flushed_batch_per_step():
     step, comm = s0.loc["step"], s0.loc["grad_comm"]
     assert fwd["dur_us"] >= 4000 and fc["dur_us"] >= 2000
     assert (fwd["flops"], fc["flops"], fc["layer"]) == (5.0, 7.0, "fc1")
-    assert bwd["start_us"] <= fc["start_us"] and fc["start_us"] + fc["dur_us"] <= bwd["start_us"] + bwd["dur_us"]
+    assert (bwd["start_us"] <= fc["start_us"]
+            and fc["start_us"] + fc["dur_us"] <= bwd["start_us"] + bwd["dur_us"])
     for _, r in s0.iterrows():  # every stage inside the step
         assert step["start_us"] <= r["start_us"]
         assert r["start_us"] + r["dur_us"] <= step["start_us"] + step["dur_us"] + 1e-6

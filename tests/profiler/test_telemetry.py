@@ -103,7 +103,8 @@ def test_device_info_from_nvml():
     info = device_info(device_index=0, nvml=nvml)
     assert info["kind"] == "gpu" and info["nvml"] == "ok" and info["name"] == "NVIDIA H200"
     g = info["gpu"]
-    assert (g["driver"], g["compute_capability"], g["memory_total_mib"]) == ("570.1", [9, 0], 141 * 1024)
+    assert (g["driver"], g["compute_capability"], g["memory_total_mib"]) == (
+        "570.1", [9, 0], 141 * 1024)
     assert (g["max_sm_clock_mhz"], g["power_limit_w"]) == (1980, 700)
     assert nvml.inits == nvml.shutdowns == 1
     bad = device_info(device_index=3, nvml=FakeNvml())
@@ -125,7 +126,8 @@ def test_sampler_writes_rows_on_the_timer_clock():
     assert list(df.columns) == list(TELEMETRY_COLUMNS)
     assert len(df) == s.samples >= 3
     assert (df["rank"] == 1).all() and (df["gpu"] == 0).all()
-    assert df["t_us"].is_monotonic_increasing and 0 <= df["t_us"].iloc[0] <= df["t_us"].iloc[-1] <= elapsed_us
+    assert (df["t_us"].is_monotonic_increasing
+            and 0 <= df["t_us"].iloc[0] <= df["t_us"].iloc[-1] <= elapsed_us)
     assert df["power_w"].tolist() == [101.0 + i for i in range(len(df))]
     assert (df["sm_clock_mhz"] == 1755).all() and (df["mem_used_mib"] == 1024).all()
     assert (df["gpu_util_pct"] == 97).all()

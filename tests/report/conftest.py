@@ -37,7 +37,8 @@ def make_events(*, strategy: str, world_size: int, steps: int = 3, layers: Seque
     rows: list[tuple[Any, ...]] = []
     period = 100_000.0 * scale
 
-    def add(rank: int, step: int, stage: str, layer: str, start: float, dur: float, nbytes: int = 0) -> float:
+    def add(rank: int, step: int, stage: str, layer: str, start: float, dur: float,
+            nbytes: int = 0) -> float:
         rows.append((rank, step, stage, layer, stages.lane_of(stage), start, dur, nbytes,
                      0.0 if stages.lane_of(stage) == stages.COMM else 1e6))
         return start + dur
@@ -61,7 +62,8 @@ def make_events(*, strategy: str, world_size: int, steps: int = 3, layers: Seque
                                                      3_000 * scale, 1 << 20))
                 if step % inverse_interval == 0:
                     for layer in layers:
-                        t = add(rank, step, stages.INVERSE, layer, max(t, comm_end), 4_000 * f * scale)
+                        t = add(rank, step, stages.INVERSE, layer, max(t, comm_end),
+                                4_000 * f * scale)
                 t = max(t, comm_end)
                 for layer in layers:
                     t = add(rank, step, stages.PRECONDITION, layer, t, 1_000 * f * scale)
@@ -88,20 +90,23 @@ def typed_events(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def run_json(*, strategy: str, world_size: int, workload: str = "mlp", batch: int = 32, **extra: Any) -> dict:
+def run_json(*, strategy: str, world_size: int, workload: str = "mlp", batch: int = 32,
+             **extra: Any) -> dict:
     run = {
-        "workload": workload, "optimizer": "sgd" if strategy == "sgd" else "kfac", "strategy": strategy,
-        "grad_worker_fraction": 1.0, "factor_interval": 1, "inverse_interval": 2, "damping": 0.001,
+        "workload": workload, "optimizer": "sgd" if strategy == "sgd" else "kfac",
+        "strategy": strategy, "grad_worker_fraction": 1.0, "factor_interval": 1,
+        "inverse_interval": 2, "damping": 0.001,
         "inverse_method": "eigen", "world_size": world_size, "batch_per_rank": batch, "steps": 3,
         "warmup": 0, "device": {"name": "cpu", "driver": ""}, "torch_version": "2.13.0",
-        "kfacperf_version": "0.1.0", "command": "kfacperf profile", "start_time": "2026-01-01T00:00:00",
-        "completed": True, "threads_per_rank": 1,
+        "kfacperf_version": "0.1.0", "command": "kfacperf profile",
+        "start_time": "2026-01-01T00:00:00", "completed": True, "threads_per_rank": 1,
     }
     run.update(extra)
     return run
 
 
-def write_trace_dir(path: Path, run: dict, events: pd.DataFrame, telemetry: pd.DataFrame | None = None) -> Path:
+def write_trace_dir(path: Path, run: dict, events: pd.DataFrame,
+                    telemetry: pd.DataFrame | None = None) -> Path:
     return write_trace(path, run=run, events=events, telemetry=telemetry)
 
 
@@ -112,15 +117,18 @@ def make_summary(*, step_scale: float = 1.0, strategies: Sequence[str] = STRATEG
     for strategy in strategies:
         for p in gpus:
             compute = 31_000.0 if strategy == "sgd" else 45_000.0
-            comm = (0.0 if p == 1 else 3_000.0 * np.log2(p) * step_scale) * (1.0 if strategy == "sgd" else 1.6)
+            comm = ((0.0 if p == 1 else 3_000.0 * np.log2(p) * step_scale)
+                    * (1.0 if strategy == "sgd" else 1.6))
             exposed = comm * 0.5
-            rows.append({"strategy": strategy, "gpus": p, "step_us": compute + exposed, "compute_us": compute,
-                         "comm_us": comm, "exposed_comm_us": exposed, "batch_per_gpu": batch,
+            rows.append({"strategy": strategy, "gpus": p, "step_us": compute + exposed,
+                         "compute_us": compute, "comm_us": comm, "exposed_comm_us": exposed,
+                         "batch_per_gpu": batch,
                          "factor_bytes_per_gpu": 0 if strategy == "sgd" else 2 << 20,
                          "inverse_bytes_per_gpu": 0 if strategy == "sgd" else 1 << 20})
     df = pd.DataFrame(rows)
     sgd = df[df["strategy"] == "sgd"].set_index("gpus")["step_us"]
-    df["kfac_overhead"] = [s / sgd[g] if g in sgd.index else np.nan for s, g in zip(df["step_us"], df["gpus"])]
+    df["kfac_overhead"] = [s / sgd[g] if g in sgd.index else np.nan
+                           for s, g in zip(df["step_us"], df["gpus"])]
     base = df.groupby("strategy")["step_us"].transform("first")
     df["scaling_efficiency"] = base / df["step_us"]
     return df
@@ -133,8 +141,10 @@ def make_stage_times(summary: pd.DataFrame, layers: Sequence[str] = LAYERS) -> p
         rows.append((r["strategy"], r["gpus"], stages.BACKWARD, "", r["compute_us"] * 0.5))
         if r["strategy"] != "sgd":
             for layer in layers:
-                rows.append((r["strategy"], r["gpus"], stages.FACTOR_COMPUTE, layer, r["compute_us"] * 0.05))
-                rows.append((r["strategy"], r["gpus"], stages.PRECONDITION, layer, r["compute_us"] * 0.05))
+                rows.append((r["strategy"], r["gpus"], stages.FACTOR_COMPUTE, layer,
+                             r["compute_us"] * 0.05))
+                rows.append((r["strategy"], r["gpus"], stages.PRECONDITION, layer,
+                             r["compute_us"] * 0.05))
         rows.append((r["strategy"], r["gpus"], stages.GRAD_COMM, "", r["comm_us"]))
     st = pd.DataFrame(rows, columns=["strategy", "gpus", "stage", "layer", "time_us"])
     st["gpus"] = st["gpus"].astype("int64")
@@ -146,30 +156,34 @@ def make_prediction_events(strategies: Sequence[str], gpus: Sequence[int],
     parts = []
     for strategy in strategies:
         for p in gpus:
-            ev = make_events(strategy=strategy, world_size=min(p, 2), steps=2, layers=layers, skew=0.0)
+            ev = make_events(strategy=strategy, world_size=min(p, 2), steps=2, layers=layers,
+                             skew=0.0)
             ev = ev.astype({c: str for c in _CATEGORICAL})
             ev["strategy"] = strategy
             ev["gpus"] = np.int32(p)
             parts.append(ev)
     df = pd.concat(parts, ignore_index=True)
-    return typed_events(df.drop(columns=["strategy", "gpus"])).assign(strategy=df["strategy"], gpus=df["gpus"])
+    return typed_events(df.drop(columns=["strategy", "gpus"])).assign(
+        strategy=df["strategy"], gpus=df["gpus"])
 
 
 def write_prediction_dir(path: Path, meta: dict, summary: pd.DataFrame, stage_times: pd.DataFrame,
                          events: pd.DataFrame) -> Path:
     from kfacperf.sim.prediction import Prediction, write_prediction
 
-    return write_prediction(Prediction(meta=meta, summary=summary, stage_times=stage_times, events=events), path)
+    return write_prediction(Prediction(meta=meta, summary=summary, stage_times=stage_times,
+                                       events=events), path)
 
 
-def prediction_meta(*, workload: str = "mlp", bandwidth_scale: float = 1.0, factor_interval: int = 1,
-                    inverse_interval: int = 2) -> dict:
+def prediction_meta(*, workload: str = "mlp", bandwidth_scale: float = 1.0,
+                    factor_interval: int = 1, inverse_interval: int = 2) -> dict:
     """Inputs as the simulator records them in prediction.json."""
     return {
         "workload": workload, "device": "cpu-2core", "cluster": "dgx-h100",
         "models": {"workload": workload, "device": "cpu-2core", "cluster": "dgx-h100"},
         "overrides": {} if bandwidth_scale == 1.0 else {"bandwidth_scale": bandwidth_scale},
-        "kfacperf_version": "0.1.0", "created": f"2026-01-01T00:00:0{int(bandwidth_scale * 2) % 10}",
+        "kfacperf_version": "0.1.0",
+        "created": f"2026-01-01T00:00:0{int(bandwidth_scale * 2) % 10}",
         "strategies": [{"label": s, "name": s, "grad_worker_fraction": 1.0} for s in STRATEGIES],
         "gpus": list(GPUS), "batch_per_gpu": 32, "factor_interval": factor_interval,
         "inverse_interval": inverse_interval,
@@ -182,8 +196,9 @@ def make_telemetry(world_size: int = 2, samples: int = 5) -> pd.DataFrame:
     rows = []
     for rank in range(world_size):
         for i in range(samples):
-            rows.append({"rank": rank, "gpu": rank, "t_us": i * 50_000.0 + rank, "sm_clock_mhz": 1980.0 - 10 * i,
-                         "power_w": 300.0 + 20 * i + rank, "mem_used_mib": 1000.0 + rank})
+            rows.append({"rank": rank, "gpu": rank, "t_us": i * 50_000.0 + rank,
+                         "sm_clock_mhz": 1980.0 - 10 * i, "power_w": 300.0 + 20 * i + rank,
+                         "mem_used_mib": 1000.0 + rank})
     return pd.DataFrame(rows)
 
 
@@ -204,10 +219,13 @@ def study(tmp_path: Path) -> dict[str, Any]:
                             make_events(strategy="spngd", world_size=2), make_telemetry())
     base_summary = make_summary()
     base = write_prediction_dir(tmp_path / "pred" / "base", prediction_meta(), base_summary,
-                                make_stage_times(base_summary), make_prediction_events(STRATEGIES, (2, 4096)))
+                                make_stage_times(base_summary),
+                                make_prediction_events(STRATEGIES, (2, 4096)))
     slow_summary = make_summary(step_scale=2.0)
-    slow = write_prediction_dir(tmp_path / "pred" / "bw-half", prediction_meta(bandwidth_scale=0.5), slow_summary,
-                                make_stage_times(slow_summary), make_prediction_events(STRATEGIES, (2, 4096)))
+    slow = write_prediction_dir(tmp_path / "pred" / "bw-half",
+                                prediction_meta(bandwidth_scale=0.5), slow_summary,
+                                make_stage_times(slow_summary),
+                                make_prediction_events(STRATEGIES, (2, 4096)))
     return {"traces": [sgd, spngd], "predictions": [base, slow], "tmp": tmp_path,
             "summary": base_summary, "slow_summary": slow_summary}
 
@@ -224,6 +242,7 @@ def hostile(tmp_path: Path) -> dict[str, Any]:
     for name, scale in (("pred", 1.0), ("pred-bw2", 0.5)):
         summary = make_summary(step_scale=scale)
         preds.append(write_prediction_dir(
-            tmp_path / name, prediction_meta(workload=XSS_WORKLOAD, bandwidth_scale=1 / scale), summary,
-            make_stage_times(summary, layers=layers), make_prediction_events(["spngd"], [2, 64], layers=layers)))
+            tmp_path / name, prediction_meta(workload=XSS_WORKLOAD, bandwidth_scale=1 / scale),
+            summary, make_stage_times(summary, layers=layers),
+            make_prediction_events(["spngd"], [2, 64], layers=layers)))
     return {"traces": [trace], "predictions": preds, "tmp": tmp_path}

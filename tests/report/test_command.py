@@ -34,12 +34,14 @@ def test_validation_file_formats(study, tmp_path):
     pd.DataFrame(rows).to_parquet(tmp_path / "v.parquet")
     for name in ("v.csv", "v.json", "v.parquet"):
         out = tmp_path / f"{name}.html"
-        assert _report("--trace", study["traces"][0], "--validation", tmp_path / name, "--out", out) == 0
+        assert _report("--trace", study["traces"][0], "--validation", tmp_path / name,
+                       "--out", out) == 0
         assert "+4.0%" in out.read_text()
 
 
-@pytest.mark.parametrize("case", ["missing_trace", "trace_is_file", "no_events", "pred_missing_summary",
-                                  "pred_missing_column", "bad_validation", "no_inputs", "bad_step"])
+@pytest.mark.parametrize("case", ["missing_trace", "trace_is_file", "no_events",
+                                  "pred_missing_summary", "pred_missing_column", "bad_validation",
+                                  "no_inputs", "bad_step"])
 def test_bad_input_is_a_clear_error(study, tmp_path, capsys, case):
     trace, pred = study["traces"][0], study["predictions"][0]
     out = tmp_path / "o.html"
@@ -78,7 +80,8 @@ def test_report_never_imports_torch(study, tmp_path):
         "import sys; from kfacperf.cli import main; "
         f"rc = main(['report', '--trace', {str(study['traces'][1])!r}, '--prediction', "
         f"{str(study['predictions'][0])!r}, '--out', {str(tmp_path / 'r.html')!r}]); "
-        "assert rc == 0, rc; bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]; "
+        "assert rc == 0, rc; "
+        "bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]; "
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=120)

@@ -42,7 +42,8 @@ def test_rank_breakdown_stacks_each_stage_per_rank(synth, tmp_path):
         hatched = t["marker"]["pattern"]["shape"] == "/"
         assert hatched == (stages.lane_of(stage) == stages.COMM)
     hidden, exposed = traces["comm hidden under compute"], traces["exposed comm"]
-    np.testing.assert_allclose(_arr(hidden["y"]) + _arr(exposed["y"]), per_rank["comm_us"].to_numpy() / 1000)
+    np.testing.assert_allclose(_arr(hidden["y"]) + _arr(exposed["y"]),
+                               per_rank["comm_us"].to_numpy() / 1000)
     np.testing.assert_allclose(_arr(exposed["y"]), per_rank["exposed_comm_us"].to_numpy() / 1000)
     assert exposed["text"][0] == f"{per_rank['overlap_pct'].iloc[0]:.0f}% hidden"
 
@@ -60,8 +61,9 @@ def test_scaling_figure_log_x_per_strategy(synth):
         np.testing.assert_array_equal(_arr(t["x"]), want["gpus"].to_numpy())
         np.testing.assert_allclose(_arr(t["y"]), want["step_us"].to_numpy() / 1000)
     eff = {t["name"]: t for t in d["data"] if t.get("xaxis") == "x2"}
-    np.testing.assert_allclose(_arr(eff["kaisa"]["y"]),
-                               summary[summary["strategy"] == "kaisa"]["scaling_efficiency"].to_numpy())
+    np.testing.assert_allclose(
+        _arr(eff["kaisa"]["y"]),
+        summary[summary["strategy"] == "kaisa"]["scaling_efficiency"].to_numpy())
     over = {t["name"]: t for t in d["data"] if t.get("xaxis") == "x3"}
     np.testing.assert_allclose(_arr(over["spngd"]["y"]),
                                summary[summary["strategy"] == "spngd"]["kfac_overhead"].to_numpy())
@@ -102,7 +104,8 @@ def test_timeline_bars_have_ms_base_and_duration(synth):
         rows = step[step["stage"].astype(str) == t["name"]]
         np.testing.assert_allclose(_arr(t["base"]), (rows["start_us"].to_numpy() - t0) / 1000)
         np.testing.assert_allclose(_arr(t["x"]), rows["dur_us"].to_numpy() / 1000)
-        lanes = [f"rank {r} · {stages.lane_of(s)}" for r, s in zip(rows["rank"], rows["stage"].astype(str))]
+        lanes = [f"rank {r} · {stages.lane_of(s)}"
+                 for r, s in zip(rows["rank"], rows["stage"].astype(str))]
         assert list(t["y"]) == lanes
     assert stages.STEP not in names
     assert names == set(step["stage"].astype(str)) - {stages.STEP}
@@ -118,7 +121,8 @@ def test_timeline_limits_lanes(synth):
     ev = synth.make_events(strategy="sgd", world_size=timeline.MAX_RANKS + 2, steps=1)
     d = timeline.timeline_figure(ev, 0, "big").to_dict()
     assert len(d["layout"]["yaxis"]["categoryarray"]) == 2 * timeline.MAX_RANKS
-    assert f"first {timeline.MAX_RANKS} of {timeline.MAX_RANKS + 2} ranks" in d["layout"]["title"]["text"]
+    assert (f"first {timeline.MAX_RANKS} of {timeline.MAX_RANKS + 2} ranks"
+            in d["layout"]["title"]["text"])
 
 
 def test_whatif_overlays_variants(synth):
@@ -128,8 +132,9 @@ def test_whatif_overlays_variants(synth):
     step = [t for t in d["data"] if t.get("xaxis", "x") == "x"]
     assert len(step) == 2 * len(synth.STRATEGIES)
     by = {t["name"]: t for t in step}
-    np.testing.assert_allclose(_arr(by["spngd · bw=0.5"]["y"]),
-                               b[b["strategy"] == "spngd"].sort_values("gpus")["step_us"].to_numpy() / 1000)
+    np.testing.assert_allclose(
+        _arr(by["spngd · bw=0.5"]["y"]),
+        b[b["strategy"] == "spngd"].sort_values("gpus")["step_us"].to_numpy() / 1000)
     assert by["spngd · bw=1"]["line"]["dash"] != by["spngd · bw=0.5"]["line"]["dash"]
     assert by["spngd · bw=1"]["line"]["color"] == by["spngd · bw=0.5"]["line"]["color"]
     assert d["layout"]["xaxis"]["type"] == "log"
@@ -142,12 +147,14 @@ def test_telemetry_one_subplot_per_sampled_metric(synth):
     fig = timeline.telemetry_figure(tel, "tel")
     d = fig.to_dict()
     titles = [a["text"] for a in d["layout"]["annotations"]]
-    assert titles == ["SM clock (MHz)", "memory used (MiB)", "power (W)"]  # unsampled metrics left out
+    # unsampled metrics left out
+    assert titles == ["SM clock (MHz)", "memory used (MiB)", "power (W)"]
     power = [t for t in d["data"] if t.get("yaxis") == "y3"]
     assert [t["name"] for t in power] == ["rank 0, gpu 0", "rank 1, gpu 1"]
     rank1 = tel[tel["rank"] == 1].sort_values("t_us")
     np.testing.assert_allclose(_arr(power[1]["y"]), rank1["power_w"].to_numpy())
-    np.testing.assert_allclose(_arr(power[1]["x"]), (rank1["t_us"].to_numpy() - tel["t_us"].min()) / 1e6)
+    np.testing.assert_allclose(_arr(power[1]["x"]),
+                               (rank1["t_us"].to_numpy() - tel["t_us"].min()) / 1e6)
     colors = {(t["name"], t["line"]["color"]) for t in d["data"]}
     assert len(colors) == 2  # one color per rank across all subplots
     assert timeline.telemetry_figure(tel.iloc[0:0], "x") is None
@@ -163,7 +170,8 @@ def _comparison(measured, predicted, measured_step, predicted_step):
 
 
 def test_comparison_and_validation_figures():
-    comp = metrics.stage_comparison(_comparison({"forward": 1000.0}, {"forward": 1100.0}, 3000.0, 2700.0))
+    comp = metrics.stage_comparison(_comparison({"forward": 1000.0}, {"forward": 1100.0},
+                                                3000.0, 2700.0))
     d = figures.comparison_figure(comp, "c").to_dict()
     pred = {t["name"]: t for t in d["data"]}["predicted"]
     assert list(pred["x"]) == ["forward", "step"]
@@ -197,16 +205,19 @@ def test_log_y_only_when_values_span_a_wide_range(synth):
 
 def test_simulated_timeline_names_representative_ranks(synth):
     ev = synth.make_events(strategy="spngd", world_size=2, steps=1)
-    d = timeline.timeline_figure(ev, 0, "sim", rank_labels={0: "rank 0 (×1)", 1: "rank 1 (×63)"}).to_dict()
+    d = timeline.timeline_figure(ev, 0, "sim",
+                                 rank_labels={0: "rank 0 (×1)", 1: "rank 1 (×63)"}).to_dict()
     assert d["layout"]["yaxis"]["categoryarray"] == [
-        "rank 0 (×1) · compute", "rank 0 (×1) · comm", "rank 1 (×63) · compute", "rank 1 (×63) · comm"]
+        "rank 0 (×1) · compute", "rank 0 (×1) · comm",
+        "rank 1 (×63) · compute", "rank 1 (×63) · comm"]
 
 
 def test_rank_breakdown_without_communication_has_one_panel(synth, tmp_path):
     synth.write_trace_dir(tmp_path / "t", synth.run_json(strategy="spngd", world_size=1),
                           synth.make_events(strategy="spngd", world_size=1))
     run = load_runs([tmp_path / "t"])[0]
-    fig = figures.rank_breakdown_figure(metrics.rank_stage_breakdown(run.summary), metrics.rank_table(run.summary), "t")
+    fig = figures.rank_breakdown_figure(metrics.rank_stage_breakdown(run.summary),
+                                        metrics.rank_table(run.summary), "t")
     d = fig.to_dict()
     assert "xaxis2" not in d["layout"]
     assert not {"exposed comm", "comm hidden under compute"} & {t["name"] for t in d["data"]}

@@ -24,7 +24,8 @@ def _row(strategy, gpus, step_us, batch=32):
 
 
 def test_match_by_strategy_and_gpu_count():
-    pred = _pred("p", [_row("spngd", 1, 10.0), _row("spngd", 2, 20.0), _row("kaisa", 2, 30.0)], workload="mlp")
+    pred = _pred("p", [_row("spngd", 1, 10.0), _row("spngd", 2, 20.0), _row("kaisa", 2, 30.0)],
+                 workload="mlp")
     assert matching.match_prediction(_run("spngd", 2), [pred]).step_us == 20.0
     assert matching.match_prediction(_run("kaisa", 2), [pred]).step_us == 30.0
     assert matching.match_prediction(_run("kaisa", 4), [pred]) is None
@@ -57,9 +58,11 @@ def test_groups_and_variant_labels():
     base = _pred("base", [], **common, overrides={}, factor_interval=1, inverse_interval=10,
                  intervals={"factor": 1, "inverse": 10}, created="t1", step_kinds=[{"step": 0}])
     half = _pred("half", [], **common, overrides={"bandwidth_scale": 0.5}, factor_interval=1,
-                 inverse_interval=10, intervals={"factor": 1, "inverse": 10}, created="t2", step_kinds=[{"step": 0}])
+                 inverse_interval=10, intervals={"factor": 1, "inverse": 10}, created="t2",
+                 step_kinds=[{"step": 0}])
     stale = _pred("stale", [], **common, overrides={}, factor_interval=10, inverse_interval=100,
-                  intervals={"factor": 10, "inverse": 100}, created="t3", step_kinds=[{"step": 0}, {"step": 10}])
+                  intervals={"factor": 10, "inverse": 100}, created="t3",
+                  step_kinds=[{"step": 0}, {"step": 10}])
     resnet = _pred("r", [], workload="resnet50")
     groups = matching.group_by_workload([base, resnet, half, stale])
     assert [[p.name for p in g] for g in groups] == [["base", "half", "stale"], ["r"]]
@@ -70,7 +73,8 @@ def test_groups_and_variant_labels():
         "bandwidth_scale=0.5, factor_interval=1, inverse_interval=10",
         "factor_interval=10, inverse_interval=100",
     ]
-    same = [_pred("a", [], workload="mlp", created="1"), _pred("b", [], workload="mlp", created="2")]
+    same = [_pred("a", [], workload="mlp", created="1"),
+            _pred("b", [], workload="mlp", created="2")]
     assert matching.variant_labels(same) == ["a", "b"]
     clash = [_pred("a", [], workload="mlp", x={"scale": 1}, y={"scale": 2}),
              _pred("b", [], workload="mlp", x={"scale": 3}, y={"scale": 5})]
@@ -88,10 +92,14 @@ def test_kaisa_fraction_intervals_and_what_if_preference():
     assert matching.match_prediction(run, [pred]).step_us == 10.0
     run.run["inverse_interval"] = 100  # the prediction simulated other intervals
     assert matching.match_prediction(run, [pred]) is None
-    sgd_pred = _pred("s", [_row("sgd", 2, 7.0)], workload="mlp", factor_interval=1, inverse_interval=10)
-    assert matching.match_prediction(_run("sgd", 2), [sgd_pred]).step_us == 7.0  # SGD ignores intervals
-    slow = _pred("slow", [_row("spngd", 2, 99.0)], workload="mlp", overrides={"bandwidth_scale": 0.5})
-    plain = _pred("plain", [_row("spngd", 2, 20.0)], workload="mlp", overrides={"threads_per_rank": 1})
+    sgd_pred = _pred("s", [_row("sgd", 2, 7.0)], workload="mlp", factor_interval=1,
+                     inverse_interval=10)
+    # SGD ignores intervals
+    assert matching.match_prediction(_run("sgd", 2), [sgd_pred]).step_us == 7.0
+    slow = _pred("slow", [_row("spngd", 2, 99.0)], workload="mlp",
+                 overrides={"bandwidth_scale": 0.5})
+    plain = _pred("plain", [_row("spngd", 2, 20.0)], workload="mlp",
+                  overrides={"threads_per_rank": 1})
     assert matching.is_what_if(slow) and not matching.is_what_if(plain)
     assert matching.match_prediction(_run("spngd", 2), [slow, plain]).prediction.name == "plain"
     assert matching.match_prediction(_run("spngd", 2), [slow]).prediction.name == "slow"

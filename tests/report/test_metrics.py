@@ -23,15 +23,17 @@ def test_breakdown_is_per_step_mean_over_measured_steps(synth, tmp_path):
                  & (events["stage"].astype(str) == stages.BACKWARD)].iloc[0]
     nested = pd.DataFrame([{**bwd.to_dict(), "stage": stages.FACTOR_COMPUTE, "layer": "fc",
                             "start_us": bwd["start_us"] + 100.0, "dur_us": 500.0}])
-    events = synth.typed_events(pd.concat([events.astype({"stage": str, "layer": str, "lane": str}),
-                                           nested.astype({"stage": str, "layer": str, "lane": str})],
-                                          ignore_index=True))
+    events = synth.typed_events(pd.concat(
+        [events.astype({"stage": str, "layer": str, "lane": str}),
+         nested.astype({"stage": str, "layer": str, "lane": str})],
+        ignore_index=True))
     run = synth.run_json(strategy="spngd", world_size=3, warmup=1, steps=4)
     synth.write_trace_dir(tmp_path / "r", run, events)
     run = load_runs([tmp_path / "r"])[0]
     got = metrics.rank_stage_breakdown(run.summary)
     ev = events.astype({"stage": str})
-    ev = ev[(ev["step"] >= 1) & (ev["lane"].astype(str) == stages.COMPUTE) & (ev["stage"] != stages.STEP)]
+    ev = ev[(ev["step"] >= 1) & (ev["lane"].astype(str) == stages.COMPUTE)
+            & (ev["stage"] != stages.STEP)]
     want = ev.groupby(["rank", "stage"])["dur_us"].sum() / 3  # steps 1, 2, 3
     want[(2, stages.BACKWARD)] -= 500.0 / 3  # exclusive of the nested statistics
     assert list(got.index) == [0, 1, 2]
@@ -54,7 +56,8 @@ def test_stage_comparison_errors_and_total_last():
                         mean_step_us=500.0)
     predicted = KindTimes(step_us={"plain": 380.0, "factor": 1000.0, "inverse": 9e9},
                           stage_us={"plain": {stages.FORWARD: 110.0, stages.GRAD_COMM: 50.0},
-                                    "factor": {stages.FORWARD: 110.0, stages.FACTOR_COMPUTE: 300.0}})
+                                    "factor": {stages.FORWARD: 110.0,
+                                               stages.FACTOR_COMPUTE: 300.0}})
     comp = metrics.stage_comparison(compare(measured, predicted))
     assert list(comp["stage"]) == [stages.FORWARD, stages.BACKWARD, stages.FACTOR_COMPUTE,
                                    stages.GRAD_COMM, stages.STEP]

@@ -21,7 +21,8 @@ def test_table_escapes_every_cell():
 
 
 def test_layer_names_are_text_in_tables_and_figure_json(synth, hostile):
-    out = build_report(hostile["traces"], hostile["predictions"], hostile["tmp"] / "out" / "index.html")
+    out = build_report(hostile["traces"], hostile["predictions"],
+                       hostile["tmp"] / "out" / "index.html")
     html_text = out.read_text()
     # No payload survives as markup anywhere in the page ...
     for raw in (synth.XSS, synth.XSS_WORKLOAD, "<img src=x"):
@@ -78,7 +79,8 @@ def test_sections_and_figure_counts(study):
     sim = [f for f in secs["timelines"].figures if "simulated" in f.layout.title.text]
     assert all("4096 GPUs" in f.layout.title.text for f in sim)
     at8 = {s.key: s for s in build_sections(runs, preds, timeline_gpus=8)}["timelines"]
-    assert all("at 2 GPUs" in f.layout.title.text for f in at8.figures if "simulated" in f.layout.title.text)
+    assert all("at 2 GPUs" in f.layout.title.text
+               for f in at8.figures if "simulated" in f.layout.title.text)
 
 
 def test_sections_without_data_show_a_note(study):
@@ -102,7 +104,8 @@ def test_validation_section(study):
     assert "median |error| 6.5%, worst 10.0%" in text
     assert "+3.0%" in text and "-10.0%" in text and "&lt;i&gt;b&lt;/i&gt;" in text
     with pytest.raises(ValueError, match="predicted_step_us"):
-        build_report(study["traces"][:1], [], study["tmp"] / "w.html", validation=val.drop(columns="predicted_step_us"))
+        build_report(study["traces"][:1], [], study["tmp"] / "w.html",
+                     validation=val.drop(columns="predicted_step_us"))
 
 
 def test_nothing_to_report(tmp_path):

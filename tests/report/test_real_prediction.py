@@ -11,11 +11,12 @@ def test_sections_from_a_simulated_prediction(synth, tmp_path):
     from kfacperf.sim.prediction import write_prediction
     from kfacperf.sim.sweep import simulate
 
-    pred = simulate("mlp", "h100-sxm5", "dgx-h100-ndr", ["sgd", "spngd", "kaisa:0.5"], gpus=[2, 4, 16],
-                    batch_per_gpu=32, factor_interval=1, inverse_interval=2)
+    pred = simulate("mlp", "h100-sxm5", "dgx-h100-ndr", ["sgd", "spngd", "kaisa:0.5"],
+                    gpus=[2, 4, 16], batch_per_gpu=32, factor_interval=1, inverse_interval=2)
     path = write_prediction(pred, tmp_path / "pred")
     trace = synth.write_trace_dir(tmp_path / "kaisa-2", synth.run_json(
-        strategy="kaisa", world_size=2, grad_worker_fraction=0.5, factor_interval=1, inverse_interval=2),
+        strategy="kaisa", world_size=2, grad_worker_fraction=0.5, factor_interval=1,
+        inverse_interval=2),
         synth.make_events(strategy="kaisa", world_size=2))
     runs, preds = load_runs([trace]), load_predictions([path])
     secs = {s.key: s for s in build_sections(runs, preds)}
@@ -31,7 +32,10 @@ def test_sections_from_a_simulated_prediction(synth, tmp_path):
 
     # the measured kaisa f=0.5 run is matched to the kaisa:0.5 row at 2 GPUs
     assert len(secs["comparison"].figures) == 1
-    sim = [f.layout.title.text for f in secs["timelines"].figures if f.layout.title.text.startswith("simulated")]
+    sim = [f.layout.title.text for f in secs["timelines"].figures
+           if f.layout.title.text.startswith("simulated")]
     assert len(sim) == 3 and all("at 16 GPUs" in t for t in sim)
-    lanes = [f for f in secs["timelines"].figures if "spngd at 16" in f.layout.title.text][0].layout.yaxis.categoryarray
-    assert all("(×" in lane for lane in lanes)  # representative ranks say how many ranks they stand for
+    lanes = [f for f in secs["timelines"].figures
+             if "spngd at 16" in f.layout.title.text][0].layout.yaxis.categoryarray
+    # representative ranks say how many ranks they stand for
+    assert all("(×" in lane for lane in lanes)

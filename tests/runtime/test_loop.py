@@ -38,7 +38,8 @@ def _model(seed: int = 0) -> Net:
 
 def _batches(n: int, batch: int = 6, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch, 2, 4, 4, generator=gen), torch.randint(0, 5, (batch,), generator=gen))
+    return [(torch.randn(batch, 2, 4, 4, generator=gen),
+             torch.randint(0, 5, (batch,), generator=gen))
             for _ in range(n)]
 
 
@@ -73,7 +74,8 @@ def test_the_loop_trains_as_the_profiler_trains_and_writes_its_trace(tmp_path):
     assert not [k for k in RUN_KEYS if k not in run_json]
     assert run_json["completed"] is True and run_json["workload"] == "Net"
     assert (run_json["steps"], run_json["warmup"], run_json["batch_per_rank"]) == (3, 1, 6)
-    assert (run_json["strategy"], run_json["optimizer"], run_json["damping"]) == ("local", "kfac", 0.01)
+    assert (run_json["strategy"], run_json["optimizer"], run_json["damping"]) == (
+        "local", "kfac", 0.01)
     assert (run_json["lr"], run_json["momentum"], run_json["first_order"]) == (0.1, 0.9, "SGD")
     ev = trace.events
     assert sorted(ev[ev["stage"] == "step"]["step"]) == [0, 1, 2, 3]
@@ -173,6 +175,7 @@ def test_the_example_script_runs(tmp_path, monkeypatch, capsys):
     runpy.run_path(str(ROOT / "examples" / "own_loop.py"), run_name="__main__")
     printed = capsys.readouterr().out
     assert f"trace: {out} (3 steps on 1 process(es)" in printed
-    rows = [line.split() for line in printed.splitlines() if line.split()[:1] in (["sgd"], ["spngd"], ["kaisa"])]
+    rows = [line.split() for line in printed.splitlines()
+            if line.split()[:1] in (["sgd"], ["spngd"], ["kaisa"])]
     assert {(r[0], r[1]) for r in rows} >= {("sgd", "1024"), ("spngd", "1024"), ("kaisa", "1024")}
     assert load_trace(out).completed and (out / "workload.toml").is_file()

@@ -157,7 +157,8 @@ def test_export_command(tmp_path, capsys):
     assert main(["export", "--chrome", str(tmp_path / "t"), "--out", str(tmp_path / "t.json")]) == 0
     doc = json.loads((tmp_path / "t.json").read_text())
     x = [e for e in doc["traceEvents"] if e["ph"] == "X"]
-    assert [(e["pid"], e["name"], e["args"]["bytes"]) for e in x] == [(0, "forward", 0), (1, "grad_comm", 64)]
+    assert [(e["pid"], e["name"], e["args"]["bytes"]) for e in x] == [
+        (0, "forward", 0), (1, "grad_comm", 64)]
     assert main(["export", "--chrome", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
 

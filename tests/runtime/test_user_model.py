@@ -110,9 +110,11 @@ def test_a_never_seen_model_file_through_every_command(tmp_path, monkeypatch, ca
 
 
 def test_a_bad_factory_stops_profile_before_any_process_starts(tmp_path, capsys):
-    (tmp_path / "broken.py").write_text("import torch\n\ndef build():\n    return torch.nn.ReLU(), None\n")
+    (tmp_path / "broken.py").write_text("import torch\n\n"
+                                        "def build():\n    return torch.nn.ReLU(), None\n")
     out = tmp_path / "never"
-    assert main(["profile", "--workload", f"{tmp_path / 'broken.py'}:build", "--out", str(out)]) == 2
+    assert main(["profile", "--workload", f"{tmp_path / 'broken.py'}:build",
+                 "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert f"kfacperf profile: error: --workload {tmp_path / 'broken.py'}:build: build() " \
            "returned a NoneType as make_batch" in err

@@ -35,7 +35,8 @@ CLOSED = {
 def test_flat_algorithms_match_closed_forms(op: str, algo: str) -> None:
     for p in PS:
         for n in NS:
-            assert C.algorithm_us(op, algo, p, n, A, BETA) == pytest.approx(CLOSED[(op, algo)](p, n), rel=1e-12)
+            assert C.algorithm_us(op, algo, p, n, A, BETA) == pytest.approx(
+                CLOSED[(op, algo)](p, n), rel=1e-12)
             a, b = C.coefficients(op, algo, p, n)
             assert a * A + b * BETA == pytest.approx(CLOSED[(op, algo)](p, n), rel=1e-12)
 
@@ -68,7 +69,8 @@ G = 4
 
 
 def cluster(multi: str = "hierarchical", v_form: str = "padded", **algo_over: str) -> ClusterModel:
-    algos = {"all_reduce": "ring", "reduce_scatter": "ring", "all_gather": "ring", "broadcast": "tree"}
+    algos = {"all_reduce": "ring", "reduce_scatter": "ring", "all_gather": "ring",
+             "broadcast": "tree"}
     algos.update(algo_over)
     return ClusterModel(
         name="t", gpus_per_node=G,
@@ -102,10 +104,13 @@ def test_hierarchical_reduce_scatter_all_gather_broadcast() -> None:
     p = G * N
     rs = ((G - 1) * AI + (G - 1) / G * n * us_per_byte(BI)
           + (N - 1) * AE + (N - 1) / N * (n / G) * us_per_byte(BE))
-    assert C.group_collective_us(cluster(), "reduce_scatter", n, group_size=p, nodes=N) == pytest.approx(rs)
-    assert C.group_collective_us(cluster(), "all_gather", n, group_size=p, nodes=N) == pytest.approx(rs)
+    assert (C.group_collective_us(cluster(), "reduce_scatter", n, group_size=p, nodes=N)
+            == pytest.approx(rs))
+    assert (C.group_collective_us(cluster(), "all_gather", n, group_size=p, nodes=N)
+            == pytest.approx(rs))
     bc = lg(N) * (AE + n * us_per_byte(BE)) + lg(G) * (AI + n * us_per_byte(BI))
-    assert C.group_collective_us(cluster(), "broadcast", n, group_size=p, nodes=N) == pytest.approx(bc)
+    assert (C.group_collective_us(cluster(), "broadcast", n, group_size=p, nodes=N)
+            == pytest.approx(bc))
 
 
 def test_flat_ring_is_paced_by_the_slowest_link() -> None:
@@ -113,7 +118,8 @@ def test_flat_ring_is_paced_by_the_slowest_link() -> None:
     p = G * N
     b_net = G * BE  # 25 GB/s per node < 100 GB/s intra
     expect = 2 * (p - 1) * AE + 2 * (p - 1) / p * n / (min(BI, b_net) * 1e3)
-    assert C.group_collective_us(cluster("flat"), "all_reduce", n, group_size=p, nodes=N) == pytest.approx(expect)
+    assert (C.group_collective_us(cluster("flat"), "all_reduce", n, group_size=p, nodes=N)
+            == pytest.approx(expect))
     # one rank per node: hierarchical degenerates to the inter tier alone
     one = C.group_collective_us(cluster(), "all_reduce", n, group_size=N, nodes=N)
     assert one == pytest.approx(2 * (N - 1) * AE + 2 * (N - 1) / N * n * us_per_byte(BE))
@@ -125,33 +131,41 @@ def test_v_collectives_padded_and_pipelined() -> None:
     beta = us_per_byte(BI)
     padded = C.group_collective_us(cluster(), "reduce_scatter_v", blocks, group_size=p, nodes=1)
     assert padded == pytest.approx((p - 1) * (AI + mmax * beta))
-    piped = C.group_collective_us(cluster(v_form="pipelined"), "all_gather_v", blocks, group_size=p, nodes=1)
+    piped = C.group_collective_us(cluster(v_form="pipelined"), "all_gather_v", blocks,
+                                  group_size=p, nodes=1)
     assert piped == pytest.approx((p - 1) * AI + (total - mmin) * beta)
     # the v_form argument overrides the cluster's setting
     assert C.group_collective_us(cluster(), "all_gather_v", blocks, group_size=p, nodes=1,
                                  v_form="pipelined") == pytest.approx(piped)
     assert piped < padded
     even = C.group_collective_us(cluster(), "all_gather_v", [1e6] * 4, group_size=4, nodes=1)
-    assert even == pytest.approx(C.group_collective_us(cluster(), "all_gather", 4e6, group_size=4, nodes=1))
+    assert even == pytest.approx(C.group_collective_us(cluster(), "all_gather", 4e6,
+                                                       group_size=4, nodes=1))
 
 
 def test_per_collective_override_applies_to_that_collective_only() -> None:
-    algos = {"all_reduce": "ring", "reduce_scatter": "ring", "all_gather": "ring", "broadcast": "tree"}
+    algos = {"all_reduce": "ring", "reduce_scatter": "ring", "all_gather": "ring",
+             "broadcast": "tree"}
     c = ClusterModel(
         name="o", gpus_per_node=8,
-        intra=Tier(alpha_us=AI, bandwidth_GBps=BI, algorithms=algos, overrides={"all_gather": (7.0, 10.0)}),
+        intra=Tier(alpha_us=AI, bandwidth_GBps=BI, algorithms=algos,
+                   overrides={"all_gather": (7.0, 10.0)}),
         inter=Tier(alpha_us=AE, bandwidth_GBps=BE, algorithms=algos),
         multi_node={op: "hierarchical" for op in OPS}, v_collectives="padded",
     )
     n = 1e6
-    assert C.group_collective_us(c, "all_gather", n, group_size=8, nodes=1) == pytest.approx(7 * 7.0 + 7 / 8 * n * us_per_byte(10.0))
-    assert C.group_collective_us(c, "reduce_scatter", n, group_size=8, nodes=1) == pytest.approx(7 * AI + 7 / 8 * n * us_per_byte(BI))
+    assert C.group_collective_us(c, "all_gather", n, group_size=8, nodes=1) == pytest.approx(
+        7 * 7.0 + 7 / 8 * n * us_per_byte(10.0))
+    assert C.group_collective_us(c, "reduce_scatter", n, group_size=8, nodes=1) == pytest.approx(
+        7 * AI + 7 / 8 * n * us_per_byte(BI))
 
 
 def test_bandwidth_scale_what_if() -> None:
     n = 1e9
-    base = C.group_collective_us(cluster().scaled(alpha=0.0), "all_reduce", n, group_size=64, nodes=16)
-    fast = C.group_collective_us(cluster().scaled(bandwidth=2.0, alpha=0.0), "all_reduce", n, group_size=64, nodes=16)
+    base = C.group_collective_us(cluster().scaled(alpha=0.0), "all_reduce", n, group_size=64,
+                                 nodes=16)
+    fast = C.group_collective_us(cluster().scaled(bandwidth=2.0, alpha=0.0), "all_reduce", n,
+                                 group_size=64, nodes=16)
     assert fast == pytest.approx(base / 2, rel=1e-12)
 
 

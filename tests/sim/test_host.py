@@ -74,14 +74,17 @@ C = "contention = 0.1"
     ("old", "new", "pattern"),
     [
         (C, C + "\n[host.contention_by_stage]\nfactor_comm = 0.4",
-         r"key 'host\.contention_by_stage\.factor_comm': unknown stage kind; the stage kinds are: forward"),
+         r"key 'host\.contention_by_stage\.factor_comm': unknown stage kind; "
+         r"the stage kinds are: forward"),
         (C, C + "\n[host.contention_by_stage]\nforward = -0.1",
          r"key 'host\.contention_by_stage\.forward': must be >= 0"),
         (C, C + "\n[host.contention_by_stage]\nforward = \"high\"",
          r"key 'host\.contention_by_stage\.forward': expected a number, got a string"),
-        (C, C + "\ncontention_by_stage = 0.3", r"key 'host\.contention_by_stage': expected a table"),
+        (C, C + "\ncontention_by_stage = 0.3",
+         r"key 'host\.contention_by_stage': expected a table"),
         (C, C + "\nstraggler = -0.02", r"key 'host\.straggler': must be >= 0"),
-        (C, C + "\nstraggler = \"some\"", r"key 'host\.straggler': expected a number, got a string"),
+        (C, C + "\nstraggler = \"some\"",
+         r"key 'host\.straggler': expected a number, got a string"),
         (C, C + "\ncomm_contention = -0.2", r"key 'host\.comm_contention': must be >= 0"),
         (C, C + "\ncomm_contenton = 0.2", r"key 'host\.comm_contenton': unknown key"),
         (C, "contention = true", r"key 'host\.contention': expected a number, got a bool"),
@@ -223,7 +226,8 @@ def test_comm_contention_slows_collectives_of_ranks_sharing_cores_only(tmp_path:
                 factor * plain, rel=1e-12)
     assert load_cluster_model(save_cluster_model(c, tmp_path / "c.toml")) == c
     assert "comm_contention = 0.25" in (tmp_path / "c.toml").read_text()
-    assert "comm_contention" not in save_cluster_model(make_cluster(), tmp_path / "b.toml").read_text()
+    assert "comm_contention" not in (
+        save_cluster_model(make_cluster(), tmp_path / "b.toml").read_text())
     with pytest.raises(ValueError, match="comm_contention must be >= 0"):
         replace(HOST, comm_contention=-0.1)
 

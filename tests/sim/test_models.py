@@ -57,7 +57,8 @@ def make_workload() -> WorkloadModel:
 
 
 def make_device(**kw) -> DeviceModel:
-    stages = {k: StageEfficiency(efficiency=0.5, mem_efficiency=0.25, overhead_us=3.0, assumed=False)
+    stages = {k: StageEfficiency(efficiency=0.5, mem_efficiency=0.25, overhead_us=3.0,
+                                 assumed=False)
               for k in STAGE_KINDS}
     args = dict(name="dev", fp32_tflops=10.0, tf32_tflops=0.0, bf16_tflops=40.0,
                 mem_bandwidth_GBps=500.0, stages=stages)
@@ -66,7 +67,8 @@ def make_device(**kw) -> DeviceModel:
 
 
 def make_cluster() -> ClusterModel:
-    algos = {"all_reduce": "ring", "reduce_scatter": "ring", "all_gather": "ring", "broadcast": "tree"}
+    algos = {"all_reduce": "ring", "reduce_scatter": "ring", "all_gather": "ring",
+             "broadcast": "tree"}
     return ClusterModel(
         name="c", gpus_per_node=4,
         intra=Tier(alpha_us=1.0, bandwidth_GBps=100.0, algorithms=algos,
@@ -85,7 +87,8 @@ def test_round_trips(tmp_path: Path) -> None:
     assert load_device_model(save_device_model(d, tmp_path / "d.toml")) == d
     d = make_device(capture_overhead={"backward": 0.2})
     back = load_device_model(save_device_model(d, tmp_path / "d2.toml"))
-    assert back == d and back.capture_scale("backward") == 1.2 and back.capture_scale("forward") == 1.0
+    assert (back == d and back.capture_scale("backward") == 1.2
+            and back.capture_scale("forward") == 1.0)
     d = make_device(layer_host_us={"load_grad": 20.5, "write_grad": 35.0})
     back = load_device_model(save_device_model(d, tmp_path / "d3.toml"))
     assert back == d and back.host_us("write_grad") == 35.0
@@ -151,16 +154,23 @@ def _edit(tmp_path: Path, text: str, old: str, new: str) -> Path:
 @pytest.mark.parametrize(
     ("old", "new", "pattern"),
     [
-        ("bandwidth_GBps = 10.0", "bandwidth_GBps = -10.0", r"key 'inter\.bandwidth_GBps': must be > 0"),
-        ("bandwidth_GBps = 10.0", "bandwidth_GBps = 0", r"key 'inter\.bandwidth_GBps': must be > 0"),
-        ("alpha_us = 5.0", "alpha_ms = 0.005", r"key 'inter\.alpha_ms': wrong unit 'ms'.*'alpha_us'"),
-        ("bandwidth_GBps = 10.0", "bandwidth_Gbps = 80.0", r"inter\.bandwidth_Gbps': wrong unit 'Gbps'"),
-        ("gpus_per_node = 4", 'gpus_per_node = "4"', r"key 'gpus_per_node': expected an integer, got a string"),
+        ("bandwidth_GBps = 10.0", "bandwidth_GBps = -10.0",
+         r"key 'inter\.bandwidth_GBps': must be > 0"),
+        ("bandwidth_GBps = 10.0", "bandwidth_GBps = 0",
+         r"key 'inter\.bandwidth_GBps': must be > 0"),
+        ("alpha_us = 5.0", "alpha_ms = 0.005",
+         r"key 'inter\.alpha_ms': wrong unit 'ms'.*'alpha_us'"),
+        ("bandwidth_GBps = 10.0", "bandwidth_Gbps = 80.0",
+         r"inter\.bandwidth_Gbps': wrong unit 'Gbps'"),
+        ("gpus_per_node = 4", 'gpus_per_node = "4"',
+         r"key 'gpus_per_node': expected an integer, got a string"),
         ("gpus_per_node = 4", "gpus_per_node = 4\nspeed = 3", r"key 'speed': unknown key"),
         ("gpus_per_node = 4\n", "", r"missing key 'gpus_per_node'"),
-        ('algorithm = "tree"', 'algorithm = "fast"', r"key 'intra\.broadcast\.algorithm': 'fast' is not one of"),
+        ('algorithm = "tree"', 'algorithm = "fast"',
+         r"key 'intra\.broadcast\.algorithm': 'fast' is not one of"),
         ("alpha_us = 2.5\n", "", r"missing key 'intra\.all_reduce\.alpha_us'"),
-        ("contention = 0.1", "contention = true", r"key 'host\.contention': expected a number, got a bool"),
+        ("contention = 0.1", "contention = true",
+         r"key 'host\.contention': expected a number, got a bool"),
     ],
 )
 def test_cluster_strict_errors(tmp_path: Path, old: str, new: str, pattern: str) -> None:
@@ -176,13 +186,16 @@ def test_cluster_strict_errors(tmp_path: Path, old: str, new: str, pattern: str)
     [
         ("efficiency = 0.5", "efficiency = 1.5", r"stages\.forward\.efficiency': must be <= 1"),
         ("efficiency = 0.5", "efficiency = 0", r"stages\.forward\.efficiency': must be > 0"),
-        ("mem_bandwidth_GBps = 500.0", "mem_bandwidth_GBps = -1", r"peak\.mem_bandwidth_GBps': must be > 0"),
+        ("mem_bandwidth_GBps = 500.0", "mem_bandwidth_GBps = -1",
+         r"peak\.mem_bandwidth_GBps': must be > 0"),
         ("fp32_tflops = 10.0", "fp32_gflops = 10000.0", r"peak\.fp32_gflops': wrong unit 'gflops'"),
         ("assumed = false", "assumed = 1", r"stages\.forward\.assumed': expected true or false"),
-        ("[stages.update]", "[stages.optimizer]\nefficiency = 1\n[stages.update]", r"'stages\.optimizer': unknown key"),
+        ("[stages.update]", "[stages.optimizer]\nefficiency = 1\n[stages.update]",
+         r"'stages\.optimizer': unknown key"),
         ('format = "kfacperf-device-1"', 'format = "other"', r"key 'format': expected"),
         ('mode = "roofline"', 'mode = "fast"', r"key 'mode': 'fast' is not one of"),
-        ("mem_efficiency = 0.25", "mem_efficiency = 2.0", r"stages\.forward\.mem_efficiency': must be <= 1"),
+        ("mem_efficiency = 0.25", "mem_efficiency = 2.0",
+         r"stages\.forward\.mem_efficiency': must be <= 1"),
         ("forward = 0.1", "forward = -0.1", r"capture_overhead\.forward': must be >= 0"),
         ("forward = 0.1", "update = 0.1", r"capture_overhead\.update': unknown key"),
         ("load_grad = 20.0", "load_grad = -1.0", r"layer_host_us\.load_grad': must be >= 0"),
@@ -251,8 +264,8 @@ def test_format_1_files_are_read_and_ask_for_regeneration_for_bn_blocks(tmp_path
 @pytest.mark.parametrize(
     ("old", "new", "pattern"),
     [
-        ("channels = 16\nparams = 32", "channels = 16\nparams = 30", r"layers\[1\]\.params': a batchnorm layer has 2 x "
-                                            r"channels = 32"),
+        ("channels = 16\nparams = 32", "channels = 16\nparams = 30",
+         r"layers\[1\]\.params': a batchnorm layer has 2 x channels = 32"),
         ("channels = 16", "dim_g = 16", r"missing key 'layers\[1\]\.channels'"),
         ("other_params = 32", "other_params = 8", r"other_params': must include the batchnorm"),
         ("kfacperf-workload-2", "kfacperf-workload-1", r"layers\[1\]\.kind': 'batchnorm' is "
@@ -290,11 +303,12 @@ def read_toml_text(text: str) -> dict:
 def test_workload_from_description_and_properties() -> None:
     w = make_workload()
     desc = {
-        "name": "tiny", "other_params": 32, "input_shape": [3, 32, 32], "input_dtype": "torch.float32",
+        "name": "tiny", "other_params": 32, "input_shape": [3, 32, 32],
+        "input_dtype": "torch.float32",
         "layers": [
-            {f: getattr(l, f) for f in ("name", "kind", "dim_a", "dim_g", "params", "rows_per_example",
-                                        "fwd_flops_per_example", "in_elems_per_example",
-                                        "out_elems_per_example")}
+            {f: getattr(l, f) for f in ("name", "kind", "dim_a", "dim_g", "params",
+                                        "rows_per_example", "fwd_flops_per_example",
+                                        "in_elems_per_example", "out_elems_per_example")}
             for l in w.layers
         ],
     }
@@ -326,7 +340,8 @@ def test_workload_for_run_matches_registry_name_and_options(tmp_path: Path) -> N
 
     assert workload_for_run("resnet50", {}).name == "resnet50"
     assert workload_for_run("resnet50", {"image_size": 224}).name == "resnet50"
-    with pytest.raises(ValueError, match=r"no workload model for 'resnet50'.*kfacperf calibrate --workload resnet50 --workload-option image_size=64"):
+    with pytest.raises(ValueError, match=r"no workload model for 'resnet50'.*kfacperf calibrate "
+                                         r"--workload resnet50 --workload-option image_size=64"):
         workload_for_run("resnet50", {"image_size": 64})
     small = WorkloadModel(
         name="tiny[width=2]", layers=make_workload().layers, other_params=0,

@@ -92,7 +92,8 @@ def test_slower_network_never_speeds_a_step_up():
                     gpus=[1, 8, 64], batch_per_gpu=32, events=False)
     slow = simulate("resnet20", "h100", "dgx-h100-ndr", ["sgd", "spngd", "kaisa"],
                     gpus=[1, 8, 64], batch_per_gpu=32, events=False, bandwidth_scale=0.25)
-    b, s = base.summary.set_index(["strategy", "gpus"]), slow.summary.set_index(["strategy", "gpus"])
+    b, s = (base.summary.set_index(["strategy", "gpus"]),
+            slow.summary.set_index(["strategy", "gpus"]))
     assert (s.step_us >= b.step_us - 1e-9).all()
     assert (s.comm_us.loc[(slice(None), [8, 64])] > b.comm_us.loc[(slice(None), [8, 64])]).all()
     assert (s.loc[(slice(None), 1), "step_us"] == b.loc[(slice(None), 1), "step_us"]).all()
@@ -111,7 +112,8 @@ def test_a_cluster_straggler_makes_synchronised_steps_wait_not_communicate_longe
     uneven = simulate("resnet20", "h100",
                       replace(cluster, host=HostModel(cores_per_node=0, straggler=0.05)),
                       ["sgd", "spngd"], **args)
-    b, u = base.summary.set_index(["strategy", "gpus"]), uneven.summary.set_index(["strategy", "gpus"])
+    b, u = (base.summary.set_index(["strategy", "gpus"]),
+            uneven.summary.set_index(["strategy", "gpus"]))
     many = (slice(None), [8, 64])
     assert (u.loc[many, "step_us"] > b.loc[many, "step_us"]).all()
     assert (u.loc[(slice(None), 1), "step_us"] == b.loc[(slice(None), 1), "step_us"]).all()

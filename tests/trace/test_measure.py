@@ -38,7 +38,8 @@ def trace_of(tmp_path, rows, name="t", **run):
                                "bytes", "flops"])[COLS]
     meta = {"workload": "mlp", "optimizer": "kfac", "strategy": "local", "world_size": 1,
             "factor_interval": 1, "inverse_interval": 4, "warmup": 1, "completed": True, **run}
-    return load_trace(write_trace(tmp_path / name, run=meta, events={c: df[c].tolist() for c in COLS}))
+    return load_trace(write_trace(tmp_path / name, run=meta,
+                                  events={c: df[c].tolist() for c in COLS}))
 
 
 def test_step_and_stage_times_per_kind_of_step(tmp_path) -> None:
@@ -108,7 +109,8 @@ def test_calibration_reads_only_the_measured_steps() -> None:
             rows.append((0, k, S.UPDATE, "", t0 + 500, 2 * slow))
             rows.append((0, k, S.STEP, "", t0, 510))
         return pd.DataFrame([r + (S.lane_of(r[2]),) for r in rows],
-                            columns=["rank", "step", "stage", "layer", "start_us", "dur_us", "lane"])
+                            columns=["rank", "step", "stage", "layer", "start_us", "dur_us",
+                                     "lane"])
 
     run = {"workload": "mlp", "optimizer": "kfac", "strategy": "local", "world_size": 1,
            "batch_per_rank": 8, "factor_interval": 1, "inverse_interval": 100, "warmup": 5,

@@ -86,7 +86,8 @@ def test_missing_column_names_file_and_column(tmp_path):
 def test_wrong_dtype_names_column(tmp_path):
     df = events_frame(sample_events())
     df["step"] = df["step"].astype("int64")
-    with pytest.raises(TraceError, match=r"events\.parquet: column 'step' has dtype int64, expected int32"):
+    with pytest.raises(TraceError,
+                       match=r"events\.parquet: column 'step' has dtype int64, expected int32"):
         load_trace(_write_raw(tmp_path / "a", df))
     df = events_frame(sample_events())
     df["stage"] = df["stage"].astype(str)

@@ -93,7 +93,8 @@ def synth_trace(root: Path, name: str, *, scale: float = 1.0, **kw) -> Path:
             for _ in range(n - 1):
                 frames.append(mine.assign(rank=next(free)))
         blk = pd.concat(frames)
-        blk = blk.assign(start_us=blk["start_us"] - blk.loc[blk["stage"] == S.STEP, "start_us"].min())
+        blk = blk.assign(
+            start_us=blk["start_us"] - blk.loc[blk["stage"] == S.STEP, "start_us"].min())
         blocks[cs.kind.name] = blk
     rows, t = [], 0.0
     for k in range(run["warmup"] + run["steps"]):
@@ -130,7 +131,8 @@ def test_synthetic_runs_are_predicted_exactly(synth) -> None:
     _, cluster = truth_models()
     res = validate([synth["p1"]], [synth["p2"]], cluster=cluster)
     assert len(res.runs) == 10 and set(res.runs["world_size"]) == {2}
-    assert res.runs["error_pct"].abs().max() < 1e-3  # percent (calibration keeps 6 significant digits)
+    # percent (calibration keeps 6 significant digits)
+    assert res.runs["error_pct"].abs().max() < 1e-3
     assert res.median_abs_error_pct < 1e-3 and res.worst_abs_error_pct < 1e-3
     st = res.stages
     assert {S.FORWARD, S.BACKWARD, S.FACTOR_COMPUTE, S.INVERSE, S.GRAD_COMM, S.FACTOR_COMM,
@@ -191,7 +193,8 @@ def test_wrong_contention_shows_in_compute_stages_not_comm(synth) -> None:
     from dataclasses import replace
 
     _, cluster = truth_models()
-    res = validate([synth["p1"]], [synth["p2"] / "sgd-b64"], cluster=replace(cluster, host=replace(cluster.host, contention=0.0)))
+    res = validate([synth["p1"]], [synth["p2"] / "sgd-b64"],
+                   cluster=replace(cluster, host=replace(cluster.host, contention=0.0)))
     st = res.stages.set_index("stage")
     assert st.loc[S.FORWARD, "error_pct"] == pytest.approx((1 / 1.12 - 1) * 100, rel=1e-5)
     assert st.loc[S.GRAD_COMM, "error_pct"] == pytest.approx(0.0, abs=1e-9)

@@ -95,7 +95,8 @@ def test_transformer_linears_count_sequence_rows():
     assert q["fwd_flops_per_example"] == 2 * 128 * 128 * 64
     assert (ff1["dim_g"], ff1["out_elems_per_example"]) == (512, 64 * 512)
     cls = d["layers"][-1]
-    assert (cls["name"], cls["rows_per_example"], cls["in_elems_per_example"]) == ("classifier", 1, 128)
+    assert (cls["name"], cls["rows_per_example"], cls["in_elems_per_example"]) == (
+        "classifier", 1, 128)
     # embeddings (1024 + 64 tokens x 128) and 5 LayerNorms are the non-K-FAC parameters
     assert d["other_params"] == (1024 + 64) * 128 + 5 * 2 * 128
 
@@ -118,7 +119,8 @@ def test_resnet50_description():
     assert 2 * 4.05e9 < total < 2 * 4.15e9
     assert d["total_params"] == 25_557_032
     small = describe_workload("resnet50", image_size=64)
-    assert small["options"]["image_size"] == 64 and small["layers"][0]["rows_per_example"] == 32 * 32
+    assert (small["options"]["image_size"] == 64
+            and small["layers"][0]["rows_per_example"] == 32 * 32)
 
 
 def test_resnet50_batchnorm_layers_follow_their_convolutions():

@@ -164,7 +164,8 @@ BAD = [
     ("build = 3\n", "build", "is an int, not a function", ""),
     ("def build():\n    raise ValueError('bad width')\n", "build", "build() raised",
      "ValueError: bad width (net.py line 2)"),
-    ("def build():\n    return 3\n", "build", "build() returned an int", "return a kfacperf Workload"),
+    ("def build():\n    return 3\n", "build", "build() returned an int",
+     "return a kfacperf Workload"),
     ("def build():\n    return 1, 2, 3, 4\n", "build", "returned a tuple of 4", "make_batch"),
     ("def build():\n    return 'model', print\n", "build", "returned a str as the model", ""),
     ("import torch\ndef build():\n    return torch.nn.Linear(2, 2), 5\n", "build",
@@ -174,9 +175,11 @@ BAD = [
     ("import torch\ndef build():\n    m = torch.nn.Sequential(torch.nn.Embedding(4, 2))\n"
      "    return m, lambda n, g: (torch.zeros(n, 3, dtype=torch.long), torch.zeros(n))\n",
      "build", "has no layer K-FAC can precondition", "nn.Linear, or nn.Conv2d with groups=1"),
-    ("import torch\ndef build():\n    return torch.nn.Linear(2, 2), lambda n, g: torch.zeros(n, 2)\n",
+    ("import torch\ndef build():\n"
+     "    return torch.nn.Linear(2, 2), lambda n, g: torch.zeros(n, 2)\n",
      "build", "make_batch(1, generator) returned a tensor of shape (1, 2)", "(inputs, targets)"),
-    ("import torch\ndef build():\n    return torch.nn.Linear(2, 2), lambda n, g: (torch.zeros(2), torch.zeros(2))\n",
+    ("import torch\ndef build():\n"
+     "    return torch.nn.Linear(2, 2), lambda n, g: (torch.zeros(2), torch.zeros(2))\n",
      "build", "first dimension must be the batch", ""),
     ("def build(width):\n    pass\n", "build", "needs option(s) width", "--workload-option"),
 ]

@@ -1,4 +1,5 @@
-"""One module per subcommand: ``configure(parser)`` and ``run(args) -> int``; no heavy imports at module level."""
+"""One module per subcommand: ``configure(parser)`` and ``run(args) -> int``; no heavy imports
+at module level."""
 from __future__ import annotations
 
 import argparse

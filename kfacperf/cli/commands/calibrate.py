@@ -40,7 +40,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("traces", nargs="*", metavar="TRACE",
                         help="trace directories to fit (a folder of traces: all of them)")
     parser.add_argument("--device-name", default=None,
-                        help="name of the fitted device model (default: from --out, else 'calibrated')")
+                        help="name of the fitted device model "
+                             "(default: from --out, else 'calibrated')")
     parser.add_argument("--base", default=None,
                         help="device preset or TOML whose peak rates the efficiencies refer to")
     parser.add_argument("--workload-model", action="append", default=[], metavar="TOML",
@@ -90,7 +91,8 @@ def _run_workload(args: argparse.Namespace) -> int:
     norms = (f" and {len(model.batchnorm)} BatchNorm layers (Fisher blocks with --bn-blocks)"
              if model.batchnorm else "")
     print(f"workload {model.name}: {len(model.layers)} K-FAC layers{norms}, "
-          f"{model.kfac_params:,} K-FAC parameters + {model.other_params:,} others, {model.fwd_flops_per_example / 1e6:,.1f} "
+          f"{model.kfac_params:,} K-FAC parameters + {model.other_params:,} others, "
+          f"{model.fwd_flops_per_example / 1e6:,.1f} "
           f"MFLOP forward per example ({model.other_fwd_flops_per_example / 1e6:,.2f} outside "
           "K-FAC layers)" + (f"; wrote {args.out}" if args.out else ""))
     return 0

@@ -33,7 +33,8 @@ def _csv_ints(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}") from None
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +47,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", default=None,
                         help="message sizes (default 4KiB,256KiB,4MiB)")
     parser.add_argument("--ops", default=None,
-                        help="collectives (default: all_reduce,reduce_scatter,all_gather,broadcast)")
+                        help="collectives "
+                             "(default: all_reduce,reduce_scatter,all_gather,broadcast)")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per point")
     # the command line spells the TIMINGS with dashes (per-call), the library with underscores
     parser.add_argument("--timing", choices=("auto", *(t.replace("_", "-") for t in TIMINGS)),
@@ -58,7 +60,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto")
     parser.add_argument("--name", default="local-cpu", help="name of the cluster model")
     parser.add_argument("--out", default=None,
-                        help="write the cluster model TOML here (e.g. models/clusters/local-cpu.toml)")
+                        help="write the cluster model TOML here "
+                             "(e.g. models/clusters/local-cpu.toml)")
     parser.add_argument("--raw", default=None, help="also write the measured points as JSON")
     parser.add_argument("--force", action="store_true",
                         help="overwrite --out / --raw if they exist")

@@ -137,7 +137,8 @@ def build_config(args: argparse.Namespace) -> ProfileConfig:
         workload=args.workload, out=out, optimizer=args.optimizer, strategy=args.strategy,
         workload_options=dict(args.workload_option), steps=args.steps, warmup=args.warmup,
         batch_size=args.batch_size, nproc=args.nproc, threads_per_rank=args.threads_per_rank,
-        isolate=args.isolate, keep_heap=not args.default_heap, timeout_s=args.timeout, device=args.device, seed=args.seed,
+        isolate=args.isolate, keep_heap=not args.default_heap, timeout_s=args.timeout,
+        device=args.device, seed=args.seed,
         precision=args.precision,
         lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
         damping=args.damping, factor_interval=args.factor_interval,
@@ -170,7 +171,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"kfacperf profile: warning: {outcome.message}", file=sys.stderr)
     if outcome.trace is None:  # a rank other than 0, or another node
         return 0
-    print(f"\ntrace: {config.out}  ({config.resolved_strategy}, {outcome.trace.run.get('world_size')}"
+    print(f"\ntrace: {config.out}  ({config.resolved_strategy}, "
+          f"{outcome.trace.run.get('world_size')}"
           f" rank(s), batch {outcome.trace.run.get('batch_per_rank')} per rank)")
     print(summarize(outcome.trace, baseline=baseline).table())
     return 0

@@ -15,9 +15,10 @@ import argparse
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trace", action="append", default=[], metavar="DIR", dest="traces",
                         help="a measured run (trace directory); repeat for several")
-    parser.add_argument("--prediction", action="append", default=[], metavar="DIR", dest="predictions",
-                        help="a simulator output directory; repeat for several (the first of a workload "
-                             "is its baseline, later ones are shown as what-if variants)")
+    parser.add_argument("--prediction", action="append", default=[], metavar="DIR",
+                        dest="predictions",
+                        help="a simulator output directory; repeat for several (the first of a "
+                             "workload is its baseline, later ones are shown as what-if variants)")
     parser.add_argument("--validation", metavar="FILE", default=None,
                         help="held-out validation results (.parquet, .csv or .json) to show as the "
                              "accuracy section")
@@ -28,7 +29,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "--out FILE.json wrote them")
     parser.add_argument("--title", default=None, help="page title (default: from the workloads)")
     parser.add_argument("--timeline-step", type=int, default=None, metavar="N",
-                        help="measured step to draw as a timeline (default: the first with the most stages)")
+                        help="measured step to draw as a timeline "
+                             "(default: the first with the most stages)")
     parser.add_argument("--timeline-gpus", type=int, default=None, metavar="N",
                         help="GPU count of the simulated timeline (default: the largest simulated)")
     parser.add_argument("--screenshot", default=None, metavar="PNG",
@@ -68,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
     size = out.stat().st_size
     print(f"wrote {out} ({size / 1e6:.1f} MB)")
     if size > MAX_BYTES:
-        print(f"warning: {out} is larger than {MAX_BYTES / 2**20:.0f} MiB; fewer or smaller inputs keep it light")
+        print(f"warning: {out} is larger than {MAX_BYTES / 2**20:.0f} MiB; "
+              "fewer or smaller inputs keep it light")
     if args.screenshot:
         from kfacperf.report.browser import screenshot
 

@@ -84,8 +84,9 @@ def text_table(result: ValidationResult, *, all_stages: bool = False) -> str:
                  "; stages above 5% of the step") + "):")
     cells = [["run", "stage", "share", "measured ms", "predicted ms", "error"]]
     for _, s in shown.iterrows():
-        cells.append([s["run"], s["stage"], f"{s['share_pct']:.0f}%", f"{s['measured_us'] / 1e3:.2f}",
-                      f"{s['predicted_us'] / 1e3:.2f}", _fmt_err(s["error_pct"])])
+        cells.append([s["run"], s["stage"], f"{s['share_pct']:.0f}%",
+                      f"{s['measured_us'] / 1e3:.2f}", f"{s['predicted_us'] / 1e3:.2f}",
+                      _fmt_err(s["error_pct"])])
     lines.extend(_align(cells, left=2))
     lines.append("")
     checked = result.checked_stages()

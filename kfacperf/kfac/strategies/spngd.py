@@ -5,9 +5,9 @@ Per step, on P ranks (``owner`` = :func:`~kfacperf.kfac.assignment.spngd_assignm
 * ``factor_comm`` — reduce-scatter-v of the batch statistics: layers are bucketed in the
   order their backward hooks fire (last layer first) up to ``bucket_cap_mb``; each bucket is
   one reduce-scatter-v whose rank-r block holds the A and G (a BatchNorm block: its Fisher
-  block; triangle-packed and cast when asked) of the bucket's layers owned by r, so each owner receives the global mean of its
-  layers' statistics while the backward pass continues.  The blocks have their true, uneven
-  sizes (the list form of ``reduce_scatter``), no padding.
+  block; triangle-packed and cast when asked) of the bucket's layers owned by r, so each owner
+  receives the global mean of its layers' statistics while the backward pass continues.  The
+  blocks have their true, uneven sizes (the list form of ``reduce_scatter``), no padding.
 * ``inverse``/``precondition`` — on the owner only.
 * ``grad_comm`` — a reduce-scatter-v of the K-FAC layers' gradient matrices to their owners,
   plus a bucketed all-reduce of the other parameters' gradients (BatchNorm, LayerNorm,

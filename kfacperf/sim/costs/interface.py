@@ -3,8 +3,9 @@
 :class:`kfacperf.sim.costs.model.CostModel` is the implementation built from a workload, a
 device and a cluster model; the simulator's tests give tables instead.  Everything the step
 graphs and the engine need passes through here: which Fisher blocks there are and how the
-Fisher is estimated, the time of each compute stage per layer or for the whole model, its FLOPs, the factor steps' capture overhead, the host work between
-stages, each collective's time, the host's delays, and the model for another GPU count.
+Fisher is estimated, the time of each compute stage per layer or for the whole model, its
+FLOPs, the factor steps' capture overhead, the host work between stages, each collective's
+time, the host's delays, and the model for another GPU count.
 """
 from __future__ import annotations
 

@@ -10,9 +10,9 @@ Everything the simulator reads about a network, a GPU and a cluster comes throug
 The dataclasses and per-kind loaders live in :mod:`kfacperf.sim.models.workload`,
 :mod:`kfacperf.sim.models.device` and :mod:`kfacperf.sim.models.cluster` (each documents its
 TOML keys and units); a cluster's optional host model, ranks sharing CPU cores, in
-:mod:`kfacperf.sim.models.host`; they are re-exported here.  Loading is strict: an unknown, missing or
-mistyped key, a non-positive bandwidth or a key in the wrong unit raises a ``ValueError``
-naming the file and the key.
+:mod:`kfacperf.sim.models.host`; they are re-exported here.  Loading is strict: an unknown,
+missing or mistyped key, a non-positive bandwidth or a key in the wrong unit raises a
+``ValueError`` naming the file and the key.
 """
 from __future__ import annotations
 
@@ -132,5 +132,6 @@ def workload_for_run(
                         "with --workload-model")
     raise ValueError(
         f"no workload model for {workload!r} with options {dict(options or {})} among "
-        f"{len(candidates)} file(s); generate one with: {make.replace('my-model', 'models/workloads/NAME')}"
+        f"{len(candidates)} file(s); generate one with: "
+        f"{make.replace('my-model', 'models/workloads/NAME')}"
     )

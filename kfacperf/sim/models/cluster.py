@@ -159,7 +159,8 @@ class ClusterModel:
             raise ValueError(f"cluster {self.name!r}: gpus_per_node must be >= 1")
         for op in OPS:
             if self.multi_node.get(op) not in MULTI_NODE_FORMS:
-                raise ValueError(f"cluster {self.name!r}: multi_node.{op} not in {MULTI_NODE_FORMS}")
+                raise ValueError(
+                    f"cluster {self.name!r}: multi_node.{op} not in {MULTI_NODE_FORMS}")
         object.__setattr__(self, "multi_node", {op: self.multi_node[op] for op in OPS})
         if self.v_collectives not in V_FORMS:
             raise ValueError(f"cluster {self.name!r}: v_collectives not in {V_FORMS}")
@@ -181,14 +182,18 @@ class ClusterModel:
         """What the host adds to the step: the host model, or :data:`DEDICATED` without one."""
         return self.host if self.host is not None else DEDICATED
 
-    def scaled(self, *, bandwidth: float = 1.0, alpha: float = 1.0, tier: str = "both") -> ClusterModel:
+    def scaled(self, *, bandwidth: float = 1.0, alpha: float = 1.0,
+               tier: str = "both") -> ClusterModel:
         """A what-if copy with bandwidths times ``bandwidth`` and latencies times ``alpha``."""
         if bandwidth <= 0 or alpha < 0:
-            raise ValueError(f"bandwidth scale must be > 0 and alpha scale >= 0, got {bandwidth}, {alpha}")
+            raise ValueError("bandwidth scale must be > 0 and alpha scale >= 0, "
+                             f"got {bandwidth}, {alpha}")
         if tier not in ("both", *TIERS):
             raise ValueError(f"tier must be 'both', 'intra' or 'inter', got {tier!r}")
-        intra = self.intra.scaled(bandwidth=bandwidth, alpha=alpha) if tier in ("both", "intra") else self.intra
-        inter = self.inter.scaled(bandwidth=bandwidth, alpha=alpha) if tier in ("both", "inter") else self.inter
+        intra = (self.intra.scaled(bandwidth=bandwidth, alpha=alpha) if tier in ("both", "intra")
+                 else self.intra)
+        inter = (self.inter.scaled(bandwidth=bandwidth, alpha=alpha) if tier in ("both", "inter")
+                 else self.inter)
         return replace(self, intra=intra, inter=inter)
 
 
@@ -290,7 +295,8 @@ def save_cluster_model(model: ClusterModel, path: str | Path) -> Path:
         f"Cluster model {model.name!r} for the kfacperf simulator.",
         "alpha_us: latency per algorithm step; bandwidth_GBps: one direction, effective (bus bw).",
         "intra: per GPU within a node; inter: each GPU's share of its node's network bandwidth.",
-        "A collective's own alpha_us/bandwidth_GBps (e.g. fitted by commbench) override the tier's.",
+        "A collective's own alpha_us/bandwidth_GBps (e.g. fitted by commbench) "
+        "override the tier's.",
         *(("[host]: ranks sharing CPU cores slow and wait for each other (no [host]: dedicated "
            "devices).",) if model.host is not None else ()),
     )

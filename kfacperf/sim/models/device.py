@@ -43,10 +43,11 @@ and Cholesky differ in that floor by an order of magnitude, so an optional
 ``roofline`` suits GPUs, whose kernels overlap arithmetic and memory traffic; ``additive``
 ("no overlap", as Calculon's ``processing_mode``) suits CPU kernels such as strided reductions
 that reach a small fraction of either peak.  Efficiencies are in (0, 1]; ``assumed = true``
-marks a guess (datasheet presets), ``false`` a value fitted from a trace.  ``tf32_tflops``/``bf16_tflops`` may be 0 for "not supported"
-(Volta has no TF32; its half-precision tensor-core rate is given as ``bf16_tflops``, which is
-the FP16 rate there).  ``[[measured]]`` entries (optional) are per-call times taken from a
-trace of this very device; the cost model prefers them over the roofline.
+marks a guess (datasheet presets), ``false`` a value fitted from a trace.
+``tf32_tflops``/``bf16_tflops`` may be 0 for "not supported" (Volta has no TF32; its
+half-precision tensor-core rate is given as ``bf16_tflops``, which is the FP16 rate there).
+``[[measured]]`` entries (optional) are per-call times taken from a trace of this very device;
+the cost model prefers them over the roofline.
 
 ``[capture_overhead]`` (optional; keys of :data:`CAPTURE_STAGES`) is the relative extra time
 of forward and backward on factor steps, *besides* the batch statistics themselves (which are

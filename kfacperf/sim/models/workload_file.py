@@ -95,8 +95,10 @@ def _read_options(t: Table) -> dict[str, Any]:
     for key in t.keys():
         value = t.raw(key)
         items = value if isinstance(value, list) else [value]
-        if isinstance(value, dict) or not all(isinstance(v, (int, float, str, bool)) for v in items):
-            raise t.error(key, f"an option must be a number, string, bool or array of them, got {value!r}")
+        if (isinstance(value, dict)
+                or not all(isinstance(v, (int, float, str, bool)) for v in items)):
+            raise t.error(key, "an option must be a number, string, bool or array of them, "
+                               f"got {value!r}")
         out[key] = value
     t.done()
     return out

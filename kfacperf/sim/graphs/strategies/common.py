@@ -11,8 +11,9 @@ Sizes follow the real optimizer (``kfacperf.kfac.layers`` / ``kfacperf.kfac.comm
   BatchNorm block's: :func:`kfacperf.sim.costs.blocks.inverse_elements`).
 
 Buckets follow the two bucketing rules in use: DDP's (items in reverse layer order; a bucket
-closes once it reaches its limit, ``bucket_cap_mb`` MiB, optionally smaller for the first) and :class:`kfacperf.kfac.comm.AllReduceBuckets`' (a tensor that would overflow the queue
-flushes it first; a queue that reaches the cap is flushed at once; MB = 10**6 bytes).
+closes once it reaches its limit, ``bucket_cap_mb`` MiB, optionally smaller for the first) and
+:class:`kfacperf.kfac.comm.AllReduceBuckets`' (a tensor that would overflow the queue flushes
+it first; a queue that reaches the cap is flushed at once; MB = 10**6 bytes).
 """
 from __future__ import annotations
 
