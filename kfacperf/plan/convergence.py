@@ -214,15 +214,14 @@ def load_convergence_model(path: str | Path) -> ConvergenceModel:
         raise root.error("factor_interval", "statistics intervals belong to K-FAC models only")
     tables = root.tables("points")
     points = [_point(t, examples, defaults, optimizer) for t in tables]
-    model_kwargs = dict(
-        name=name, workload=root.str("workload"), optimizer=optimizer,
-        target=root.str("target"),
-        description=root.str("description", nonempty=False) if root.has("description") else "",
-        examples_per_epoch=examples, path=str(path),
-    )
+    workload, target = root.str("workload"), root.str("target")
+    description = root.str("description", nonempty=False) if root.has("description") else ""
     root.done()
     try:
-        return ConvergenceModel(points=tuple(points), **model_kwargs)  # type: ignore[arg-type]
+        return ConvergenceModel(name=name, workload=workload, optimizer=optimizer,
+                                target=target, description=description,
+                                examples_per_epoch=examples, path=str(path),
+                                points=tuple(points))
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
 

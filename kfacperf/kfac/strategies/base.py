@@ -91,6 +91,11 @@ def other_parameters(model: nn.Module, layers: Mapping[str, KFACLayer]) -> list[
     return [p for p in model.parameters() if p.requires_grad and id(p) not in covered]
 
 
+def present_grads(params: list[nn.Parameter]) -> list[tuple[nn.Parameter, Tensor]]:
+    """``(parameter, its gradient)`` for the parameters that got a gradient this step."""
+    return [(p, p.grad) for p in params if p.grad is not None]
+
+
 def grad_matrix(layer: KFACLayer) -> Tensor:
     """``layer.grad``, or zeros of its shape when the layer got no gradient this step."""
     if layer.grad is not None:

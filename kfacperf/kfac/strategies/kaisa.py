@@ -25,7 +25,7 @@ With ``gw = grad_worker_fraction * P`` gradient workers per layer (see
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -41,7 +41,7 @@ from kfacperf.kfac.assignment import (
     kaisa_assignment,
     receiver_groups,
 )
-from kfacperf.kfac.strategies.base import DistributedStrategy, grad_matrix
+from kfacperf.kfac.strategies.base import DistributedStrategy, grad_matrix, present_grads
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
@@ -230,14 +230,13 @@ class KAISAStrategy(DistributedStrategy):
         layers = list(self.layers.values())
         for layer in layers:
             buckets.add(layer.name, "", grad_matrix(layer).reshape(-1))
-        others = [p for p in self.other_params if p.grad is not None]
-        for i, p in enumerate(others):
-            buckets.add(i, "", p.grad.reshape(-1))  # type: ignore[union-attr]
+        others = present_grads(self.other_params)
+        for i, (_, grad) in enumerate(others):
+            buckets.add(i, "", grad.reshape(-1))
         flat = buckets.wait()
         for layer in layers:
             layer.grad = flat[layer.name].view(layer.dim_g, layer.dim_a)
-        for i, p in enumerate(others):
-            grad = cast(Tensor, p.grad)  # only parameters that have a gradient
+        for i, (_, grad) in enumerate(others):
             grad.copy_(flat[i].view_as(grad))
 
     # ----------------------------------------------------- preconditioned gradients

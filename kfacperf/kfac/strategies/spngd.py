@@ -24,7 +24,7 @@ lower, in which case the factors go in a second buffer of their own.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -32,7 +32,7 @@ from torch import Tensor
 from kfacperf import vocab as stages
 from kfacperf.kfac import comm
 from kfacperf.kfac.assignment import Assignment, LayerShape, spngd_assignment
-from kfacperf.kfac.strategies.base import DistributedStrategy, grad_matrix
+from kfacperf.kfac.strategies.base import DistributedStrategy, grad_matrix, present_grads
 from kfacperf.profiler.timer import Timer
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -142,7 +142,7 @@ class SPNGDStrategy(DistributedStrategy):
 
     def _reduce_other_grads(self) -> _GradBuckets | None:
         """All-reduce (mean) the non-K-FAC gradients in place; returns the in-flight buckets."""
-        params = [p for p in self.other_params if p.grad is not None]
+        params = present_grads(self.other_params)
         if not params:
             return None
         return _GradBuckets(params, cap_bytes=self.comm.bucket_cap_bytes, timer=self.timer,
@@ -151,9 +151,9 @@ class SPNGDStrategy(DistributedStrategy):
     def _fused_allreduce(self, *, with_factors: bool = True) -> None:
         """One all-reduce of factors (on factor steps), K-FAC gradients and other gradients."""
         layers = list(self.layers.values())
-        other = [p for p in self.other_params if p.grad is not None]
+        other = present_grads(self.other_params)
         grad_parts = [grad_matrix(l).reshape(-1) for l in layers] + [
-            p.grad.reshape(-1) for p in other  # type: ignore[union-attr]
+            g.reshape(-1) for _, g in other
         ]
         fac_layers = [l for l in layers if l.has_batch_stats] if with_factors else []
         fac_parts = [comm.encode_factor(getattr(l, f.batch_attr), self.comm)
@@ -180,9 +180,9 @@ class SPNGDStrategy(DistributedStrategy):
             n = layer.dim_g * layer.dim_a
             layer.grad = grad_flat[offset:offset + n].view(layer.dim_g, layer.dim_a)
             offset += n
-        for p in other:
+        for p, g in other:
             n = p.numel()
-            p.grad.copy_(grad_flat[offset:offset + n].view_as(p))  # type: ignore[union-attr]
+            g.copy_(grad_flat[offset:offset + n].view_as(p))
             offset += n
         offset = 0
         for layer in fac_layers:
@@ -239,18 +239,17 @@ def _blocks(parts: dict[int, list[Tensor]], world: int, empty: Tensor) -> list[T
 class _GradBuckets:
     """Bucketed in-place mean of parameter gradients over the group (``grad_comm``)."""
 
-    def __init__(self, params: list[torch.nn.Parameter], *, cap_bytes: int,
+    def __init__(self, params: list[tuple[torch.nn.Parameter, Tensor]], *, cap_bytes: int,
                  timer: Timer, group: object) -> None:
         self._params = params
         self._buckets = comm.AllReduceBuckets(
             stage=stages.GRAD_COMM, cap_bytes=cap_bytes, timer=timer, group=group
         )
-        for i, p in enumerate(params):
-            self._buckets.add(i, "", p.grad.reshape(-1))  # type: ignore[union-attr]
+        for i, (_, grad) in enumerate(params):
+            self._buckets.add(i, "", grad.reshape(-1))
         self._buckets.flush()
 
     def wait(self) -> None:
         flat = self._buckets.wait()
-        for i, p in enumerate(self._params):
-            grad = cast(Tensor, p.grad)  # only parameters that have a gradient
+        for i, (_, grad) in enumerate(self._params):
             grad.copy_(flat[i].view_as(grad))

@@ -193,7 +193,9 @@ def shared_prefix(programs: Sequence[Program]) -> tuple[int, int]:
     bases = {(id(p.base[0]), p.base[1], p.base[2]) if p.base else None for p in programs}
     if len(bases) != 1 or None in bases:
         return 0, 0
-    _, n_c, n_l = bases.pop()  # type: ignore[misc]
+    base = bases.pop()
+    assert base is not None  # excluded above
+    _, n_c, n_l = base
     return n_c, n_l
 
 

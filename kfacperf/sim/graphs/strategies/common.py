@@ -222,6 +222,10 @@ def ddp_buckets(costs: LayerCosts, cs: CommSettings) -> tuple[list[list[int]], l
     return buckets, sizes
 
 
+BucketItem = tuple[tuple[int, str], int]
+"""A factor bucket's item: ``((layer, tag), bytes)``, the tag naming the factor(s)."""
+
+
 class QueueBuckets:
     """The flush decisions of :class:`kfacperf.kfac.comm.AllReduceBuckets`, replayed.
 
@@ -231,10 +235,10 @@ class QueueBuckets:
 
     def __init__(self, cap_bytes: int) -> None:
         self.cap = cap_bytes
-        self.items: list[tuple[object, int]] = []
+        self.items: list[BucketItem] = []
         self.bytes = 0
 
-    def add(self, key: object, nbytes: int) -> list[list[tuple[object, int]]]:
+    def add(self, key: tuple[int, str], nbytes: int) -> list[list[BucketItem]]:
         out = []
         if self.items and self.bytes + nbytes > self.cap:
             out.append(self._take())
@@ -244,10 +248,10 @@ class QueueBuckets:
             out.append(self._take())
         return out
 
-    def flush(self) -> list[list[tuple[object, int]]]:
+    def flush(self) -> list[list[BucketItem]]:
         return [self._take()] if self.items else []
 
-    def _take(self) -> list[tuple[object, int]]:
+    def _take(self) -> list[BucketItem]:
         items, self.items, self.bytes = self.items, [], 0
         return items
 
@@ -258,7 +262,7 @@ class BucketEvent:
 
     index: int
     layers: tuple[int, ...]
-    items: tuple[tuple[object, int], ...]
+    items: tuple[BucketItem, ...]
     nbytes: int
 
 
@@ -266,14 +270,14 @@ FactorPlan = tuple[dict[int, list[BucketEvent]], list[BucketEvent]]
 """``(flushed by the hook of layer l, flushed by finish_factors)``."""
 
 
-def _events(batches: list[tuple[int, list[list[tuple[object, int]]]]],
-            end: list[list[tuple[object, int]]]) -> FactorPlan:
+def _events(batches: list[tuple[int, list[list[BucketItem]]]],
+            end: list[list[BucketItem]]) -> FactorPlan:
     after: dict[int, list[BucketEvent]] = {}
     count = 0
 
-    def event(items: list[tuple[object, int]]) -> BucketEvent:
+    def event(items: list[BucketItem]) -> BucketEvent:
         nonlocal count
-        layers = tuple(dict.fromkeys(int(k[0]) for k, _ in items))  # type: ignore[index]
+        layers = tuple(dict.fromkeys(k[0] for k, _ in items))
         count += 1
         return BucketEvent(count - 1, layers, tuple(items), sum(n for _, n in items))
 
@@ -289,7 +293,7 @@ def kaisa_factor_plan(costs: LayerCosts, cs: CommSettings) -> FactorPlan:
     q = QueueBuckets(int(cs.factor_bucket_mb * 1_000_000))
     batches = []
     for l in reversed(range(costs.n)):
-        flushed: list[list[tuple[object, int]]] = []
+        flushed: list[list[BucketItem]] = []
         for tag, nbytes in costs.factor_items(l, cs):
             flushed += q.add((l, tag), nbytes)
         batches.append((l, flushed))
@@ -301,7 +305,7 @@ def spngd_factor_plan(costs: LayerCosts, cs: CommSettings) -> FactorPlan:
     soon as it reaches the cap, the rest after the backward pass."""
     cap = int(cs.factor_bucket_mb * 1_000_000)
     batches = []
-    cur: list[tuple[object, int]] = []
+    cur: list[BucketItem] = []
     total = 0
     for l in reversed(range(costs.n)):
         nb = costs.factor_comm_bytes(l, cs)

@@ -60,7 +60,7 @@ class SpngdStep:
             self.fac_after, self.fac_end = spngd_factor_plan(costs, spec.comm)
             for ev in [e for evs in self.fac_after.values() for e in evs] + self.fac_end:
                 self.fac_blocks[ev.index] = self._blocks(
-                    [(k[0], n) for k, n in ev.items])  # type: ignore[index]
+                    [(k[0], n) for k, n in ev.items])
         self.fac_names = [("fac", i) for i in self.fac_blocks]
         all_layers = range(costs.n)
         self.grad_blocks = self._blocks([(l, costs.grad_bytes(l)) for l in all_layers])
