@@ -16,9 +16,11 @@
 # budget (default 480).  --dry-run: the same steps tiny on the CPU (CIFAR ResNet-20, batch 2
 # and 4, matrix sizes up to 128), no wheel install, no time guard; the test suite runs it.
 #
-# Without --dry-run, the wheels that scripts/fetch-gpu-wheels.sh put in .whl/ (nvtx, plotly,
-# simpy, ...) are installed into /tmp/site (no registry needed) and kfacperf runs from this
-# source tree; torch, numpy, pandas, pyarrow and nvidia-ml-py must already be there.
+# Python: $PYTHON; else .venv/bin/python for a dry run if this checkout has one; else python3.
+# It must import torch.  Without --dry-run, the wheels that scripts/fetch-gpu-wheels.sh put in
+# .whl/ (nvtx, plotly, simpy, ...) are installed into /tmp/site (no registry needed) and
+# kfacperf runs from this source tree; torch, numpy, pandas, pyarrow and nvidia-ml-py must
+# already be there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,7 +29,7 @@ OUT_DIR=${OUT:-gpu-ground-truth}
 DRY_RUN=0
 BUDGET_S=480
 PASS=()
-usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 while [[ $# -gt 0 ]]; do
   case $1 in
     --out) OUT_DIR=$2; shift 2 ;;
@@ -43,7 +45,17 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 
-PY=${PYTHON:-python3}
+# The interpreter: $PYTHON if set; else, for a dry run, this checkout's .venv (make venv) if
+# there is one; else python3 (on the GPU machine its own, with CUDA torch: never a CPU venv).
+if [[ -n ${PYTHON:-} ]]; then PY=$PYTHON
+elif [[ $DRY_RUN == 1 && -x .venv/bin/python ]]; then PY=.venv/bin/python
+else PY=python3
+fi
+if ! "$PY" -c 'import torch' >/dev/null 2>&1; then
+  echo "gpu-ground-truth: $PY cannot import torch; run 'make venv' here, or set PYTHON to an" \
+    "interpreter that has torch (on the GPU machine, its own python3)" >&2
+  exit 2
+fi
 mkdir -p "$OUT_DIR"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
 LOG="$OUT_DIR/ground-truth.log"

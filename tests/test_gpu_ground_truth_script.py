@@ -134,3 +134,27 @@ def test_calibrate_and_validate_read_the_traces(dry_run, capsys):
     assert main(["validate", "--calibrate", *cal, "--holdout", *hold, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert len(result["runs"]) == 6
+
+
+def test_an_interpreter_without_torch_is_one_clear_line(tmp_path):
+    """A python without torch (the system one, here) is refused before anything runs, with
+    what to do; no traceback, no output folder."""
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\nexec {sys.executable} -S -c 'raise SystemExit(1)' \"$@\"\n")
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=str(fake))
+    proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--out", str(out)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "cannot import torch" in proc.stderr and "PYTHON" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not out.exists()
+
+
+def test_help_is_the_header_and_stops_before_the_code():
+    proc = subprocess.run(["bash", str(SCRIPT), "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("Ground truth on a real GPU")
+    assert "must import torch" in proc.stdout and "set -euo" not in proc.stdout
