@@ -247,16 +247,20 @@ def load_json_file(path: str | os.PathLike[str], *, what: str = "file") -> Any:
     return parse_json(read_small_file(path, what=what), source=str(path))
 
 
-def _finite_or_none(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
+def json_ready(obj: Any) -> Any:
+    """``obj`` as plain JSON data: numpy scalars as Python numbers, NaN and infinities as
+    ``None``, paths as strings; dicts, lists and tuples walked."""
+    if isinstance(obj, float):  # numpy's float64 too
+        return float(obj) if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _finite_or_none(v) for k, v in obj.items()}
+        return {k: json_ready(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite_or_none(v) for v in obj]
+        return [json_ready(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
     if hasattr(obj, "item") and callable(obj.item) and not isinstance(obj, (str, bytes)):
         try:  # a numpy scalar
-            return _finite_or_none(obj.item())
+            return json_ready(obj.item())
         except (TypeError, ValueError):
             return obj
     return obj
@@ -265,12 +269,12 @@ def _finite_or_none(obj: Any) -> Any:
 def json_records(table: Any) -> list[dict[str, Any]]:
     """A DataFrame's rows as plain dicts for JSON: numpy scalars as Python numbers, NaN and
     infinities as ``None``."""
-    return [_finite_or_none(rec) for rec in table.to_dict(orient="records")]
+    return [json_ready(rec) for rec in table.to_dict(orient="records")]
 
 
 def dumps_json(obj: Any, **kwargs: Any) -> str:
     """``json.dumps`` that writes valid JSON: NaN and infinities become ``null``."""
-    return json.dumps(_finite_or_none(obj), allow_nan=False, **kwargs)
+    return json.dumps(json_ready(obj), allow_nan=False, **kwargs)
 
 
 # --------------------------------------------------------------------------- numbers

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kfacperf.safety import json_ready
+
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
@@ -97,24 +99,11 @@ class DemoResult:
             "load_average": list(self.load_average) if self.load_average else None,
             "plan": str(self.plan_path) if self.plan_path is not None else None,
         }
-        return {k: _json_safe(v) for k, v in out.items()}
+        ready: dict[str, Any] = json_ready(out)
+        return ready
 
     def text(self) -> str:
         return format_result(self)
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def run_headlines(measured: Mapping[tuple[str, int], tuple[str, str, float]]

@@ -142,12 +142,9 @@ def figure_html(fig: go.Figure, div_id: str, *, include_plotlyjs: bool) -> str:
         "config": PLOTLY_CONFIG,
         "default_height": f"{height}px" if height else "100%",
     }
-    bare: str = fig.to_html(include_plotlyjs=False, **options)
+    bare = str(fig.to_html(include_plotlyjs=False, **options))
     check_scripts(bare, div_id)
-    if not include_plotlyjs:
-        return bare
-    full: str = fig.to_html(include_plotlyjs=True, **options)
-    return full
+    return str(fig.to_html(include_plotlyjs=True, **options)) if include_plotlyjs else bare
 
 
 def check_scripts(fragment: str, where: str) -> None:

@@ -99,3 +99,19 @@ def test_workload_params_must_be_dim_a_times_dim_g(tmp_path, capsys):
                               "dgx-h100-ndr", "--gpus", "1"])
     assert_one_line_error(result, names="mlp-bad.toml")
     assert "params 401,921 is not dim_a x dim_g = 785 x 512 = 401,920" in result.err
+
+
+def test_json_ready_makes_plain_valid_json_of_what_results_hold(tmp_path):
+    """Nested NaN/inf as null, numpy scalars as Python numbers, paths as strings: the demo's
+    result and every --json output go through this one helper."""
+    import numpy as np
+
+    from kfacperf.safety import dumps_json, json_ready
+
+    data = {"a": [float("nan"), np.float64(2.5), (np.int64(3), float("-inf"))],
+            "where": tmp_path / "x.json", "name": "ok", "n": None}
+    ready = json_ready(data)
+    assert ready == {"a": [None, 2.5, [3, None]], "where": str(tmp_path / "x.json"),
+                     "name": "ok", "n": None}
+    assert type(ready["a"][1]) is float and type(ready["a"][2][0]) is int
+    assert strict_json(dumps_json(data)) == ready
