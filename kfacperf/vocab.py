@@ -171,6 +171,17 @@ which the simulator has no need for: any strategy on one GPU does the same work.
 PROFILE_STRATEGIES: tuple[str, ...] = (SGD, *OPTIMIZER_KFAC_STRATEGIES)
 """What ``kfacperf profile --strategy`` takes."""
 
+
+def default_strategy(optimizer: str) -> str:
+    """The strategy a run of ``optimizer`` uses when none is named: SGD's own, else SP-NGD."""
+    return SGD if optimizer == SGD else SPNGD
+
+
+def optimizer_of(strategy: str, strategies: Collection[str] = PROFILE_STRATEGIES) -> str:
+    """The optimizer family of ``strategy``: ``sgd`` for the baseline, ``kfac`` for every
+    K-FAC strategy; a ValueError for one not in ``strategies``."""
+    return SGD if check_choice("strategy", strategy, strategies) == SGD else KFAC
+
 EIGEN = "eigen"
 CHOLESKY = "cholesky"
 INVERSE_METHODS: tuple[str, ...] = (EIGEN, CHOLESKY)

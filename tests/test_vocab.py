@@ -84,3 +84,15 @@ def test_vocab_imports_nothing_heavy():
             "('numpy', 'pandas', 'torch', 'simpy')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_optimizer_of_a_strategy_and_the_default_strategy_of_an_optimizer():
+    assert [stages.optimizer_of(s) for s in ("sgd", "local", "spngd", "kaisa")] == [
+        "sgd", "kfac", "kfac", "kfac"]
+    assert stages.default_strategy("sgd") == "sgd"
+    assert stages.default_strategy("kfac") == "spngd"
+    with pytest.raises(ValueError, match="unknown strategy 'adam'"):
+        stages.optimizer_of("adam")
+    # the simulator's strategies have no `local`: a plan never meets one
+    with pytest.raises(ValueError, match="unknown strategy 'local'; use one of sgd, spngd"):
+        stages.optimizer_of("local", stages.SIM_STRATEGIES)

@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kfacperf import vocab as S
+
 TARGET = 0.01
 OUTPUT_FILE = "timer_overhead.json"
 
@@ -36,8 +38,8 @@ class OverheadConfig:
 
     workload: str
     batch: int
-    optimizer: str = "kfac"  # or "sgd"
-    strategy: str = "spngd"
+    optimizer: str = S.KFAC  # or S.SGD
+    strategy: str = S.SPNGD
     factor_interval: int = 10
     inverse_interval: int = 100
     inverse_method: str = "eigen"
@@ -48,7 +50,7 @@ class OverheadConfig:
 
     @property
     def name(self) -> str:
-        opt = ("sgd" if self.optimizer == "sgd"
+        opt = (S.SGD if self.optimizer == S.SGD
                else f"kfac-{self.factor_interval}-{self.inverse_interval}")
         return f"{self.workload}-{self.precision}-{opt}-b{self.batch}"
 
@@ -178,7 +180,7 @@ def _paired_run(config: OverheadConfig, device: Any, rows_dir: Path) -> tuple[Pa
     batches = [w.make_batch(config.batch, seed=0, step=k, device=device)
                for k in range(min(total, 4))]
     train = TrainConfig(optimizer=config.optimizer,
-                        strategy="sgd" if config.optimizer == "sgd" else config.strategy,
+                        strategy=S.SGD if config.optimizer == S.SGD else config.strategy,
                         factor_interval=config.factor_interval,
                         inverse_interval=config.inverse_interval,
                         inverse_method=config.inverse_method)

@@ -61,6 +61,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from kfacperf import vocab as S
 from kfacperf.profiler.timer import NULL_TIMER, Timer
 
 if TYPE_CHECKING:  # pragma: no cover - import for annotations only
@@ -135,7 +136,7 @@ class LocalStrategy:
     Also a convenient base class: a distributed strategy overrides only what differs.
     """
 
-    name = "local"
+    name = S.LOCAL
 
     def __init__(self) -> None:
         self.layers: Mapping[str, KFACLayer] = {}

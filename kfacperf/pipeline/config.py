@@ -60,7 +60,7 @@ class DemoConfig:
 
     workload: str = "resnet20"
     workload_options: Mapping[str, Any] = field(default_factory=dict)
-    strategies: tuple[str, ...] = ("spngd",)
+    strategies: tuple[str, ...] = (S.SPNGD,)
     predict_nprocs: tuple[int, ...] = (2,)
     steps: int = 20
     warmup: int = 3
@@ -151,7 +151,7 @@ class DemoConfig:
 
     @property
     def profiled_strategies(self) -> tuple[str, ...]:
-        return ("sgd", *self.strategies)
+        return (S.SGD, *self.strategies)
 
     @property
     def paths(self) -> DemoPaths:

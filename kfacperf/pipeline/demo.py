@@ -26,6 +26,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
 
+from kfacperf import vocab as S
 from kfacperf.pipeline.config import SCALE_STRATEGIES, DemoConfig, DemoPaths
 from kfacperf.pipeline.headline import (
     DemoResult,
@@ -65,7 +66,7 @@ def _profile_command(config: DemoConfig, strategy: str, nproc: int, out: Path) -
     args = ["kfacperf", "profile", "--workload", config.workload]
     for k, v in config.workload_options.items():
         args += ["--workload-option", f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]
-    args += ["--optimizer", "sgd" if strategy == "sgd" else "kfac", "--strategy", strategy,
+    args += ["--optimizer", S.optimizer_of(strategy), "--strategy", strategy,
              "--nproc", str(nproc), "--steps", str(config.steps), "--warmup",
              str(config.warmup), "--threads-per-rank", "1", "--device", "cpu"]
     if config.batch_size is not None:
@@ -80,7 +81,7 @@ def _profile(config: DemoConfig, paths: DemoPaths, strategy: str, nproc: int) ->
     out = paths.trace(config.workload, strategy, nproc)
     cfg = ProfileConfig(
         workload=config.workload, out=str(out),
-        optimizer="sgd" if strategy == "sgd" else "kfac", strategy=strategy,
+        optimizer=S.optimizer_of(strategy), strategy=strategy,
         workload_options=dict(config.workload_options), steps=config.steps,
         warmup=config.warmup, batch_size=config.batch_size, nproc=nproc, threads_per_rank=1,
         timeout_s=config.timeout_s, device="cpu",
@@ -358,7 +359,7 @@ def run_demo(config: DemoConfig, *, stream: TextIO | None = None,
     page = runner.run("report", report,
                       note=lambda p: f"{p} ({p.stat().st_size / 1e6:.1f} MB)")
     scale = scale_headlines([(str(p), pred.meta, pred.summary) for p, pred in scale_preds])
-    base_run = traces[("sgd", 1)].run
+    base_run = traces[(S.SGD, 1)].run
     kfac_run = traces[(config.strategies[0], 1)].run
     result = DemoResult(
         report=page, root=paths.root, workload=config.workload,

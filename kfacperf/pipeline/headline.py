@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kfacperf import vocab as S
 from kfacperf.safety import json_ready
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -111,8 +112,8 @@ def run_headlines(measured: Mapping[tuple[str, int], tuple[str, str, float]]
     """``measured`` maps (strategy, nproc) to (run name, trace path, measured step µs)."""
     out = []
     for (strategy, nproc), (name, trace, step_us) in measured.items():
-        base = measured.get(("sgd", nproc))
-        over = (step_us / base[2] if strategy != "sgd" and base and base[2] > 0 else math.nan)
+        base = measured.get((S.SGD, nproc))
+        over = (step_us / base[2] if strategy != S.SGD and base and base[2] > 0 else math.nan)
         out.append(RunHeadline(name=name, strategy=strategy, nproc=nproc,
                                role=CALIBRATION if nproc == 1 else HELD_OUT, trace=trace,
                                measured_step_us=step_us, measured_overhead=over))
@@ -200,7 +201,7 @@ def format_result(result: DemoResult) -> str:
              *(len(h.name) + 1 for h in result.held_out)])  # run names of a user's model
     lines.append(f"  {'run':<{w}}{'procs':>5}{'step':>13}{'K-FAC/SGD':>11}")
     for r in result.runs:
-        over = "" if r.strategy == "sgd" else f"{_x(r.measured_overhead):>11}"
+        over = "" if r.strategy == S.SGD else f"{_x(r.measured_overhead):>11}"
         lines.append(f"  {r.name:<{w}}{r.nproc:>5}{_ms(r.measured_step_us):>13}{over}")
     if result.held_out:
         lines.append("")
@@ -225,8 +226,8 @@ def format_result(result: DemoResult) -> str:
                      f"{s0.factor_interval}/{s0.inverse_interval}):")
         for cluster in dict.fromkeys((s.cluster, s.device) for s in result.scale):
             rows = [s for s in result.scale if (s.cluster, s.device) == cluster]
-            sgd = next((s for s in rows if s.strategy == "sgd"), None)
-            parts = [f"{s.strategy} {_x(s.kfac_overhead)}" for s in rows if s.strategy != "sgd"]
+            sgd = next((s for s in rows if s.strategy == S.SGD), None)
+            parts = [f"{s.strategy} {_x(s.kfac_overhead)}" for s in rows if s.strategy != S.SGD]
             base = f" (sgd step {_ms(sgd.step_us)})" if sgd else ""
             lines.append(f"  {cluster[0]} / {cluster[1]}: " + ", ".join(parts) + base)
     if result.plan is not None:

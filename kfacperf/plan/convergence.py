@@ -52,12 +52,8 @@ update is the same whichever strategy distributes it."""
 
 
 def optimizer_of(strategy: str) -> str:
-    """The optimizer family (``sgd`` or ``kfac``) of a distribution strategy."""
-    for family, strategies in OPTIMIZERS.items():
-        if strategy in strategies:
-            return family
-    raise ValueError(f"unknown strategy {strategy!r}; known: "
-                     f"{', '.join(s for v in OPTIMIZERS.values() for s in v)}")
+    """The optimizer family (``sgd`` or ``kfac``) of a strategy the simulator models."""
+    return S.optimizer_of(strategy, S.SIM_STRATEGIES)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -10,6 +10,7 @@ from typing import Any, TypeGuard
 
 import pandas as pd
 
+from kfacperf import vocab as S
 from kfacperf.report import metrics
 from kfacperf.report.inputs import PredictionData, RunData, meta_value
 from kfacperf.trace.measure import KindTimes, Measured
@@ -96,7 +97,7 @@ def _strategy_matches(row: pd.Series, run: RunData) -> bool:
     name = str(row["strategy"]).partition(":")[0]
     if name != run.strategy:
         return False
-    if name == "kaisa":
+    if name == S.KAISA:
         a, b = row.get("grad_worker_fraction"), run.run.get("grad_worker_fraction")
         if _finite(a) and _finite(b):
             return math.isclose(float(a), float(b), rel_tol=1e-6)
@@ -108,7 +109,7 @@ def _finite(value: object) -> TypeGuard[float]:
 
 
 def _intervals_match(pred: PredictionData, run: RunData) -> bool:
-    if run.strategy == "sgd":  # an SGD step does not depend on K-FAC's intervals
+    if run.strategy == S.SGD:  # an SGD step does not depend on K-FAC's intervals
         return True
     for key, nested in (("factor_interval", "intervals.factor"),
                         ("inverse_interval", "intervals.inverse")):
@@ -156,10 +157,10 @@ def _device_name(run: RunData) -> str | None:
 
 def sgd_baseline(run: RunData, runs: Sequence[RunData]) -> RunData | None:
     """An SGD run of the same workload, world size, batch per rank and device, if one was given."""
-    if run.strategy == "sgd":
+    if run.strategy == S.SGD:
         return None
     for other in runs:
-        if other is run or other.strategy != "sgd":
+        if other is run or other.strategy != S.SGD:
             continue
         if (other.world_size == run.world_size
                 and _same(run_workload(other), run_workload(run))
@@ -192,7 +193,7 @@ def headline(runs: Sequence[RunData], predictions: Sequence[PredictionData]) -> 
                 "predicted_step_us": predicted,
                 "error_pct": metrics.error_pct(predicted, measured),
                 "kfac_overhead_measured": overhead,
-                "kfac_overhead_predicted": (match.kfac_overhead if match and run.strategy != "sgd"
+                "kfac_overhead_predicted": (match.kfac_overhead if match and run.strategy != S.SGD
                                             else float("nan")),
                 "prediction": match.prediction.name if match else "",
             }

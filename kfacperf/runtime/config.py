@@ -43,7 +43,7 @@ class ProfileConfig(OptimizerSettings):
 
     workload: str
     out: str
-    optimizer: str = "kfac"
+    optimizer: str = S.KFAC
     strategy: str | None = None  # default: "sgd" for SGD, "spngd" for K-FAC
     workload_options: dict[str, Any] = field(default_factory=dict)
     steps: int = 30
@@ -72,10 +72,10 @@ class ProfileConfig(OptimizerSettings):
             object.__setattr__(self, "workload", workload_ref.absolute(self.workload))
         S.check_choice("optimizer", self.optimizer, S.OPTIMIZERS)
         strategy = S.check_choice("strategy", self.resolved_strategy, S.PROFILE_STRATEGIES)
-        if self.optimizer == "sgd" and strategy != "sgd":
+        if self.optimizer == S.SGD and strategy != S.SGD:
             raise ValueError(f"--optimizer sgd runs the DDP baseline; --strategy {strategy} is a "
                              "K-FAC strategy (leave it out, or use --optimizer kfac)")
-        if self.optimizer == "kfac" and strategy == "sgd":
+        if self.optimizer == S.KFAC and strategy == S.SGD:
             raise ValueError("--optimizer kfac needs a K-FAC strategy: spngd, kaisa or local")
         for key in ("steps", "nproc", "threads_per_rank", "factor_interval", "inverse_interval"):
             v = getattr(self, key)
@@ -116,7 +116,7 @@ class ProfileConfig(OptimizerSettings):
     def resolved_strategy(self) -> str:
         if self.strategy is not None:
             return self.strategy
-        return "sgd" if self.optimizer == "sgd" else "spngd"
+        return S.default_strategy(self.optimizer)
 
     @property
     def multi_node(self) -> bool:

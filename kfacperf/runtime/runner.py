@@ -38,7 +38,7 @@ from kfacperf.trace.schema import (
     WORKLOAD_FILE,
 )
 from kfacperf.trace.store import Trace, load_trace, read_run, write_run
-from kfacperf.vocab import STEP
+from kfacperf.vocab import LOCAL, STEP
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 PREPARED_ENV = "KFACPERF_OUT_PREPARED"
@@ -95,7 +95,7 @@ def validate(config: ProfileConfig) -> None:
                          f"{torch.__version__}); use --device cpu or auto")
     get_workload(config.workload, **config.workload_options)
     TrainConfig(**config.train_config_kwargs())
-    if config.resolved_strategy == "local" and (config.nproc > 1 or config.multi_node):
+    if config.resolved_strategy == LOCAL and (config.nproc > 1 or config.multi_node):
         raise ValueError("--strategy local runs on one process; "
                          "use spngd or kaisa with --nproc > 1")
 

@@ -54,12 +54,12 @@ from kfacperf.sim.graphs.strategies.common import MAX_BUCKET_MB
 class TrainConfig(OptimizerSettings):
     """Optimizer, strategy and their settings (the keys run.json records)."""
 
-    optimizer: str = "kfac"
-    strategy: str = "local"
+    optimizer: str = stages.KFAC
+    strategy: str = stages.LOCAL
 
     def __post_init__(self) -> None:
         stages.check_choice("optimizer", self.optimizer, stages.OPTIMIZERS)
-        if self.optimizer == "sgd" and self.strategy not in ("sgd", "local"):
+        if self.optimizer == stages.SGD and self.strategy not in (stages.SGD, stages.LOCAL):
             raise ValueError(
                 f"optimizer 'sgd' takes no K-FAC strategy (got {self.strategy!r}); "
                 "its gradients are averaged by DDP"
@@ -78,7 +78,7 @@ class TrainConfig(OptimizerSettings):
     @property
     def strategy_name(self) -> str:
         """``sgd`` for the baseline, else the K-FAC strategy (run.json's ``strategy``)."""
-        return "sgd" if self.optimizer == "sgd" else self.strategy
+        return stages.SGD if self.optimizer == stages.SGD else self.strategy
 
 
 class Trainer:
@@ -108,12 +108,12 @@ class Trainer:
         self.info = distributed.describe()
         world = self.info.world_size
         strategy = config.strategy_name
-        if world > 1 and strategy == "local":
+        if world > 1 and strategy == stages.LOCAL:
             raise ValueError(
                 f"strategy 'local' runs on one process but the world has {world} ranks; "
                 "use 'spngd' or 'kaisa' (K-FAC) or optimizer 'sgd'"
             )
-        use_ddp = world > 1 and strategy in ("sgd", "kaisa")
+        use_ddp = world > 1 and strategy in (stages.SGD, stages.KAISA)
         self.net: nn.Module = (
             wrap_ddp(model, timer=timer, bucket_cap_mb=config.bucket_cap_mb or 25.0,
                      device=self.info.device)
@@ -124,7 +124,7 @@ class Trainer:
             weight_decay=config.weight_decay,
         )
         self.preconditioner: KFACPreconditioner | None = None
-        if config.optimizer == "kfac":
+        if config.optimizer == stages.KFAC:
             first_order = self.optimizer
             self.preconditioner = KFACPreconditioner(
                 self.net,
@@ -211,14 +211,14 @@ class Trainer:
 
 
 def _strategy_options(config: TrainConfig) -> dict[str, Any]:
-    if config.strategy == "local":
+    if config.strategy == stages.LOCAL:
         return {}
     opts: dict[str, Any] = {
         "comm_dtype": config.comm_dtype, "symmetric": config.symmetric,
         "bucket_cap_mb": config.bucket_cap_mb,
     }
-    if config.strategy == "spngd":
+    if config.strategy == stages.SPNGD:
         opts["fused"] = config.fused
-    if config.strategy == "kaisa":
+    if config.strategy == stages.KAISA:
         opts["grad_worker_fraction"] = config.grad_worker_fraction
     return opts

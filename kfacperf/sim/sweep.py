@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from kfacperf import vocab as S
 from kfacperf.sim.costs.interface import StepCosts
 from kfacperf.sim.engine import StepResult, run_step
 from kfacperf.sim.graphs.graph import Bytes, CollectiveCost
@@ -113,7 +114,7 @@ class _Point:
 
 def simulate_with_costs(
     workload: WorkloadModel, cost: StepCosts, *, gpus_per_node: int,
-    strategies: Sequence[str | StrategySpec] = ("sgd", "spngd", "kaisa"),
+    strategies: Sequence[str | StrategySpec] = (S.SGD, S.SPNGD, S.KAISA),
     gpus: Sequence[int] = (1,), batch_per_gpu: int = 32, factor_interval: int = 1,
     inverse_interval: int = 1, grad_worker_fraction: float = 1.0,
     comm: CommSettings | None = None, events: bool = True, meta: dict[str, Any] | None = None,
@@ -149,7 +150,7 @@ def simulate_with_costs(
     def run_point(spec: StrategySpec, p: int) -> _Point:
         lc, coll = costs_for(p)
         steps, memory = [], (0, 0)
-        for cs in cycle(factor_interval, inverse_interval, kfac=spec.name != "sgd"):
+        for cs in cycle(factor_interval, inverse_interval, kfac=spec.name != S.SGD):
             step = make_step(spec, StepSpec(costs=lc, world_size=p, gpus_per_node=gpus_per_node,
                                             kind=cs.kind, comm=comm))
             steps.append((cs, run_step(build_graph(step, coll, straggle=straggle))))
@@ -163,10 +164,10 @@ def simulate_with_costs(
     for s in specs:
         base = next((pt for pt in points if pt.spec == s and pt.gpus == 1), None)
         if base is None:
-            one = s if s.name != "kaisa" else StrategySpec("kaisa", 1.0, s.label)
+            one = s if s.name != S.KAISA else StrategySpec(S.KAISA, 1.0, s.label)
             base = run_point(one, 1)
         single[s.label] = base.summary.step_us
-    sgd = {pt.gpus: pt.summary.step_us for pt in points if pt.spec.name == "sgd"}
+    sgd = {pt.gpus: pt.summary.step_us for pt in points if pt.spec.name == S.SGD}
 
     rows, stage_rows, class_rows = [], [], []
     ev = EventColumns()
@@ -174,7 +175,7 @@ def simulate_with_costs(
     for pt in points:
         sm = pt.summary
         f = math.nan
-        if pt.spec.name == "kaisa":
+        if pt.spec.name == S.KAISA:
             f = pt.spec.fraction if pt.spec.fraction else 1.0 / pt.gpus
         rows.append({
             "strategy": pt.spec.label, "gpus": pt.gpus, "step_us": sm.step_us,
@@ -254,7 +255,7 @@ def _events_frame(ev: EventColumns, keys: list[tuple[str, int, int]]) -> Any:
 def simulate(
     workload: WorkloadModel | str | Path, device: DeviceModel | str | Path,
     cluster: ClusterModel | str | Path,
-    strategies: Sequence[str | StrategySpec] = ("sgd", "spngd", "kaisa"),
+    strategies: Sequence[str | StrategySpec] = (S.SGD, S.SPNGD, S.KAISA),
     gpus: Sequence[int] = (1,), batch_per_gpu: int = 32, factor_interval: int = 1,
     inverse_interval: int = 1, grad_worker_fraction: float = 1.0, *,
     factor_bucket_mb: float = 25.0, ddp_bucket_mb: float = 25.0, events: bool = True,

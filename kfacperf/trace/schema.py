@@ -10,7 +10,7 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from kfacperf.vocab import BN_NONE, COMM, COMPUTE, FISHER_EMP, LANES, STAGE_NAMES, lane_of
+from kfacperf.vocab import BN_NONE, COMM, COMPUTE, FISHER_EMP, LANES, SGD, STAGE_NAMES, lane_of
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -62,7 +62,7 @@ RUN_KEYS: tuple[str, ...] = (
 def fisher_options(run: Mapping[str, Any]) -> dict[str, str]:
     """``bn_blocks`` and ``fisher`` of a ``run.json`` (a run recorded before they were: the
     defaults, which is what it did; an SGD run: the defaults)."""
-    if run.get("optimizer") == "sgd":
+    if run.get("optimizer") == SGD:
         return {"bn_blocks": BN_NONE, "fisher": FISHER_EMP}
     return {"bn_blocks": str(run.get("bn_blocks") or BN_NONE),
             "fisher": str(run.get("fisher") or FISHER_EMP)}

@@ -31,7 +31,7 @@ from kfacperf.trace.intervals import intersection_length, merge_intervals, total
 from kfacperf.trace.measure import Measured, measure_events, rank_stage_times, rank_step_times
 from kfacperf.trace.schema import TraceError
 from kfacperf.trace.store import Trace
-from kfacperf.vocab import COMM, COMPUTE, ORDER, STEP
+from kfacperf.vocab import COMM, COMPUTE, ORDER, SGD, STEP
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -223,5 +223,5 @@ def _check_comparable(trace: Trace, baseline: Trace) -> None:
                 "the overhead over SGD compares runs of the same workload, world size and batch"
             )
     opt = baseline.run.get("optimizer")
-    if opt is not None and opt != "sgd":
+    if opt is not None and opt != SGD:
         raise TraceError(f"baseline {baseline.path} ran optimizer {opt!r}, expected 'sgd'")

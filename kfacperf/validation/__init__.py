@@ -37,6 +37,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from kfacperf import vocab as S
 from kfacperf.safety import json_records
 from kfacperf.trace.compare import check_kinds, compare, error_pct
 from kfacperf.trace.measure import KINDS, Measured, measure, run_step_kind, weighted
@@ -194,7 +195,7 @@ def validate(
         run_rows.append((
             label, str(run.get("workload")), _strategy_text(run), int(run.get("world_size") or 1),
             int(run["batch_per_rank"]), f"{run.get('factor_interval', 1)}/"
-            f"{run.get('inverse_interval', 1)}" if run.get("optimizer") != "sgd" else "-",
+            f"{run.get('inverse_interval', 1)}" if run.get("optimizer") != S.SGD else "-",
             meas, pred, error_pct(pred, meas), worst[0], worst[1], sum(m.kinds.values()),
             len(group), spread_pct(recordings), ", ".join(str(g.path) for g in group),
         ))
@@ -204,9 +205,9 @@ def validate(
 
 
 def _strategy_text(run: Mapping[str, Any]) -> str:
-    if run.get("optimizer") == "sgd":
-        return "sgd"
+    if run.get("optimizer") == S.SGD:
+        return S.SGD
     name = str(run.get("strategy"))
-    if name == "kaisa":
+    if name == S.KAISA:
         return f"kaisa:{float(run.get('grad_worker_fraction', 1.0)):g}"
     return name

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from kfacperf import vocab as S
 from kfacperf.sim.models.cluster import ClusterModel
 from kfacperf.trace.measure import KindTimes
 from kfacperf.trace.schema import fisher_options
@@ -98,21 +99,21 @@ def strategy_of(run: Mapping[str, Any], label: str) -> Any:
     from kfacperf.sim.graphs.strategies import StrategySpec
 
     world = int(run.get("world_size") or 1)
-    if run.get("optimizer") == "sgd":
-        return StrategySpec("sgd")
+    if run.get("optimizer") == S.SGD:
+        return StrategySpec(S.SGD)
     name = str(run.get("strategy"))
     if run.get("fused"):
         raise ValueError(f"{label}: fused SP-NGD (one fused all-reduce) is not modelled by the "
                          "simulator")
-    if name == "local":
+    if name == S.LOCAL:
         if world != 1:
             raise ValueError(f"{label}: strategy 'local' with world_size {world}")
-        return StrategySpec("spngd")  # the same work as any strategy on one process
-    if name == "spngd":
-        return StrategySpec("spngd")
-    if name == "kaisa":
+        return StrategySpec(S.SPNGD)  # the same work as any strategy on one process
+    if name == S.SPNGD:
+        return StrategySpec(S.SPNGD)
+    if name == S.KAISA:
         f = float(run.get("grad_worker_fraction", 1.0))
-        return StrategySpec("kaisa", f, f"kaisa:{f:g}")
+        return StrategySpec(S.KAISA, f, f"kaisa:{f:g}")
     raise ValueError(f"{label}: strategy {name!r} is not modelled (sgd, spngd, kaisa, local)")
 
 

@@ -35,6 +35,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from kfacperf import vocab
+from kfacperf import vocab as S
 from kfacperf.cli.commands import key_value
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -65,7 +66,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--workload-option", type=key_value, action="append", default=[],
                    metavar="KEY=VALUE", help="workload option, e.g. image_size=64 (repeatable; "
                    "VALUE read as JSON, else as a string)")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default="kfac")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=S.KFAC)
     g.add_argument("--strategy", choices=PROFILE_STRATEGIES, default=None,
                    help="K-FAC distribution strategy (default: spngd; sgd for --optimizer sgd)")
     g.add_argument("--nproc", type=int, default=1, help="processes (ranks) on this node")
@@ -130,7 +131,7 @@ def build_config(args: argparse.Namespace) -> ProfileConfig:
     from kfacperf.runtime.config import ProfileConfig, command_line
     from kfacperf.workloads import reference as workload_ref
 
-    strategy = args.strategy or ("sgd" if args.optimizer == "sgd" else "spngd")
+    strategy = args.strategy or S.default_strategy(args.optimizer)
     label = workload_ref.label(args.workload)
     out = args.out or f"traces/{label}-{args.optimizer}-{strategy}-p{args.nproc}"
     return ProfileConfig(

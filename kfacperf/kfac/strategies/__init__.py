@@ -12,16 +12,16 @@ from kfacperf.kfac.strategies.base import DistributedStrategy, ModelMismatchErro
 from kfacperf.kfac.strategies.kaisa import KAISAStrategy
 from kfacperf.kfac.strategies.spngd import SPNGDStrategy
 from kfacperf.kfac.strategy import LocalStrategy, Strategy
-from kfacperf.vocab import OPTIMIZER_KFAC_STRATEGIES
+from kfacperf.vocab import KAISA, LOCAL, OPTIMIZER_KFAC_STRATEGIES, SGD, SPNGD
 
 STRATEGY_NAMES: tuple[str, ...] = OPTIMIZER_KFAC_STRATEGIES
 """K-FAC strategy names (``sgd`` is an optimizer, not a K-FAC strategy)."""
 
 _COMM_KEYS = ("comm_dtype", "symmetric", "bucket_cap_mb")
 _OPTIONS: dict[str, tuple[str, ...]] = {
-    "local": (),
-    "spngd": _COMM_KEYS + ("fused", "check_model"),
-    "kaisa": _COMM_KEYS + ("grad_worker_fraction", "average_gradients", "check_model"),
+    LOCAL: (),
+    SPNGD: _COMM_KEYS + ("fused", "check_model"),
+    KAISA: _COMM_KEYS + ("grad_worker_fraction", "average_gradients", "check_model"),
 }
 
 
@@ -32,7 +32,7 @@ def make_strategy(name: str, **options: Any) -> Strategy:
     triangle packing), ``bucket_cap_mb`` (10**6 bytes; 0 = no bucketing); spngd: ``fused``;
     kaisa: ``grad_worker_fraction``, ``average_gradients``; both: ``check_model``.
     """
-    if name == "sgd":
+    if name == SGD:
         raise ValueError(
             "'sgd' is the first-order baseline (optimizer 'sgd' with DDP), not a K-FAC "
             f"strategy; K-FAC strategies: {', '.join(STRATEGY_NAMES)}"
@@ -47,14 +47,14 @@ def make_strategy(name: str, **options: Any) -> Strategy:
             f"strategy {name!r} has no option(s) {', '.join(unknown)}; its options are: "
             f"{', '.join(_OPTIONS[name]) or '(none)'}"
         )
-    if name == "local":
+    if name == LOCAL:
         return LocalStrategy()
     comm = CommOptions(
         dtype=options.pop("comm_dtype", "fp32"),
         symmetric=options.pop("symmetric", False),
         bucket_cap_mb=options.pop("bucket_cap_mb", 25.0),
     )
-    if name == "spngd":
+    if name == SPNGD:
         return SPNGDStrategy(comm_options=comm, **options)
     return KAISAStrategy(comm_options=comm, **options)
 

@@ -23,7 +23,7 @@ from kfacperf.sim.graphs.strategies.common import StepSpec
 from kfacperf.sim.graphs.strategies.kaisa import KaisaStep
 from kfacperf.sim.graphs.strategies.sgd import SgdStep
 from kfacperf.sim.graphs.strategies.spngd import SpngdStep
-from kfacperf.vocab import SIM_STRATEGIES
+from kfacperf.vocab import KAISA, SGD, SIM_STRATEGIES, SPNGD
 
 STRATEGIES: tuple[str, ...] = SIM_STRATEGIES
 KAISA_ALIASES: dict[str, float] = {"comm-opt": 1.0, "mem-opt": 0.0}
@@ -50,7 +50,7 @@ class StrategySpec:
     def __post_init__(self) -> None:
         if self.name not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.name!r}; known: {', '.join(STRATEGIES)}")
-        if self.name == "kaisa":
+        if self.name == KAISA:
             f = self.fraction
             if f is None or isinstance(f, bool) or not 0.0 <= f <= 1.0:
                 raise ValueError(f"kaisa grad_worker_fraction must be in [0, 1] "
@@ -69,12 +69,12 @@ def parse_strategy(text: str, *, default_fraction: float = 1.0) -> StrategySpec:
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {raw!r}; known: {', '.join(STRATEGIES)} "
                          f"(kaisa takes :f, e.g. kaisa:0.5 or kaisa:mem-opt)")
-    if name != "kaisa":
+    if name != KAISA:
         if sep:
             raise ValueError(f"strategy {raw!r}: only kaisa takes a parameter (kaisa:f)")
         return StrategySpec(name)
     if not sep:
-        return StrategySpec("kaisa", float(default_fraction), "kaisa")
+        return StrategySpec(KAISA, float(default_fraction), KAISA)
     arg = arg.strip().lower()
     if arg in KAISA_ALIASES:
         f = KAISA_ALIASES[arg]
@@ -84,13 +84,13 @@ def parse_strategy(text: str, *, default_fraction: float = 1.0) -> StrategySpec:
         except (ValueError, ZeroDivisionError):
             raise ValueError(f"strategy {raw!r}: grad_worker_fraction {arg!r} is not a number "
                              f"in [0, 1], comm-opt or mem-opt") from None
-    return StrategySpec("kaisa", f, f"kaisa:{arg}")
+    return StrategySpec(KAISA, f, f"kaisa:{arg}")
 
 
 def make_step(strategy: StrategySpec, spec: StepSpec) -> StepBuilder:
-    if strategy.name == "sgd":
+    if strategy.name == SGD:
         return SgdStep(spec)
-    if strategy.name == "spngd":
+    if strategy.name == SPNGD:
         return SpngdStep(spec)
     assert strategy.fraction is not None
     return KaisaStep(spec, strategy.fraction)
