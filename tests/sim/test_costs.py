@@ -1,6 +1,7 @@
 """CostModel: roofline stage times from analytic FLOPs/bytes, measured times, what-ifs."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from kfacperf.sim.costs.collectives import group_collective_us
@@ -213,6 +214,8 @@ def test_v_collective_given_one_number_is_a_value_error() -> None:
     # TypeError from building the cache key
     with pytest.raises(ValueError, match="list of per-rank block sizes"):
         cost().collective_us("all_gather_v", 1e6, group_size=4, nodes=1)
+    with pytest.raises(ValueError, match="list of per-rank block sizes"):  # a numpy integer
+        cost().collective_us("all_gather_v", np.int64(10**6), group_size=4, nodes=1)
 
 
 def test_payload_helpers() -> None:

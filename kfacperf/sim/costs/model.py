@@ -52,6 +52,7 @@ the whole-model measurement.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -221,8 +222,8 @@ class CostModel:
     ) -> float:
         """Time of collective ``op`` (see :mod:`kfacperf.sim.costs.collectives` for ``nbytes``)."""
         # a number for a *_v op is left to group_collective_us to reject (a ValueError)
-        size_key = (nbytes if not op.endswith("_v") or isinstance(nbytes, (int, float, str))
-                    else tuple(nbytes))
+        size_key = (nbytes if not op.endswith("_v")
+                    or isinstance(nbytes, (int, float, numbers.Number, str)) else tuple(nbytes))
         key = (op, size_key, group_size, nodes)
         try:
             return self._comm_cache[key]
