@@ -9,12 +9,16 @@
 # with a time guard that skips (and names) what would not fit.  Everything lands, small, in
 # one folder.  docs/gpu-ground-truth.md says how to run it and what to do with the outputs.
 #
-#   scripts/gpu-ground-truth.sh [--out DIR] [--dry-run] [--budget-s SECONDS]
-#                               [--precisions bf16,tf32] [--no-nsys]
+#   scripts/gpu-ground-truth.sh [--out DIR] [--return DIR] [--dry-run] [--budget-s SECONDS]
+#                               [--precisions bf16,tf32] [--no-nsys] [--force]
 #
-# --out: default $OUT if set, else gpu-ground-truth/.  --budget-s: the whole script's time
-# budget (default 480).  --dry-run: the same steps tiny on the CPU (CIFAR ResNet-20, batch 2
-# and 4, matrix sizes up to 128), no wheel install, no time guard; the test suite runs it.
+# --out: the output folder (default gpu-ground-truth/, or /tmp/gpu-ground-truth where $OUT
+# is set); an existing one that is not empty is refused without --force.  --return: a folder
+# that gets, after every task, ground-truth.tar.gz (the whole output folder) and copies of
+# summary.txt and ground-truth.log: the three files a device machine hands back (default
+# $OUT; none if unset).  --budget-s: the whole script's time budget (default 480).
+# --dry-run: the same steps tiny on the CPU (CIFAR ResNet-20, batch 2 and 4, matrix sizes
+# up to 128), no wheel install, no time guard; the test suite runs it.
 #
 # Python: $PYTHON; else .venv/bin/python for a dry run if this checkout has one; else python3.
 # It must import torch.  Without --dry-run, the wheels that scripts/fetch-gpu-wheels.sh put in
@@ -25,7 +29,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ARGS=("$@")
-OUT_DIR=${OUT:-gpu-ground-truth}
+OUT_DIR=
+RETURN_DIR=${OUT:-}
+FORCE=0
 DRY_RUN=0
 BUDGET_S=480
 PASS=()
@@ -34,6 +40,9 @@ while [[ $# -gt 0 ]]; do
   case $1 in
     --out) OUT_DIR=$2; shift 2 ;;
     --out=*) OUT_DIR=${1#*=}; shift ;;
+    --return) RETURN_DIR=$2; shift 2 ;;
+    --return=*) RETURN_DIR=${1#*=}; shift ;;
+    --force) FORCE=1; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
     --budget-s) BUDGET_S=$2; shift 2 ;;
     --budget-s=*) BUDGET_S=${1#*=}; shift ;;
@@ -56,11 +65,44 @@ if ! "$PY" -c 'import torch' >/dev/null 2>&1; then
     "interpreter that has torch (on the GPU machine, its own python3)" >&2
   exit 2
 fi
+if [[ -z $OUT_DIR ]]; then
+  if [[ -n $RETURN_DIR ]]; then OUT_DIR=${TMPDIR:-/tmp}/gpu-ground-truth; else OUT_DIR=gpu-ground-truth; fi
+fi
+if [[ -d $OUT_DIR && -n $(ls -A "$OUT_DIR" 2>/dev/null) && $FORCE == 0 ]]; then
+  echo "gpu-ground-truth: $OUT_DIR is not empty; give another --out, or --force to write" \
+    "into it" >&2
+  exit 2
+fi
 mkdir -p "$OUT_DIR"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
+if [[ -n $RETURN_DIR ]]; then
+  mkdir -p "$RETURN_DIR"
+  RETURN_DIR=$(cd "$RETURN_DIR" && pwd)
+  if [[ $RETURN_DIR == "$OUT_DIR" ]]; then
+    echo "gpu-ground-truth: --return $RETURN_DIR is the output folder; give --out a folder" \
+      "of its own" >&2
+    exit 2
+  fi
+fi
 LOG="$OUT_DIR/ground-truth.log"
 : > "$LOG"
 say() { echo "gpu-ground-truth: $*" | tee -a "$LOG"; }
+
+# However the script ends (an error in the set-up too), the return folder gets the archive of
+# everything written so far; the driver refreshes it after every task as well.
+return_outputs() {
+  local status=$?
+  [[ -z $RETURN_DIR ]] && return
+  if ! PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m kfacperf.pipeline.ground_truth.hand_back \
+      "$OUT_DIR" "$RETURN_DIR" >/dev/null; then
+    echo "gpu-ground-truth: packing with python failed; using tar" >&2
+    tar -czf "$RETURN_DIR/ground-truth.tar.gz" -C "$OUT_DIR" . || true
+    cp "$LOG" "$RETURN_DIR/" 2>/dev/null || true
+  fi
+  return "$status"
+}
+trap return_outputs EXIT
+export PYTHONUNBUFFERED=1
 
 {
   printf 'command: scripts/gpu-ground-truth.sh'
@@ -68,6 +110,7 @@ say() { echo "gpu-ground-truth: $*" | tee -a "$LOG"; }
   printf '\n'
   echo "OUT=${OUT:-}"
   echo "output folder: $OUT_DIR"
+  echo "return folder: ${RETURN_DIR:-none}"
   if [[ $DRY_RUN == 1 ]]; then echo "dry run (no time guard)"; else echo "budget: ${BUDGET_S} s"; fi
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "host: $(hostname)"
@@ -150,6 +193,7 @@ PYEOF
 cat "$OUT_DIR/versions.txt" | tee -a "$LOG"
 
 DRIVER=("$PY" -m kfacperf.pipeline.ground_truth --out "$OUT_DIR" "${PASS[@]+"${PASS[@]}"}")
+[[ -n $RETURN_DIR ]] && DRIVER+=(--return "$RETURN_DIR")
 if [[ $DRY_RUN == 1 ]]; then
   DRIVER+=(--dry-run)
   HARD_STOP=600

@@ -27,6 +27,10 @@ def parser() -> argparse.ArgumentParser:
                     "overhead and the kernel timings, in one run with a time budget.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--return", dest="returned", default=None, metavar="DIR",
+                   help="also keep DIR/ground-truth.tar.gz (the whole output folder) and copies "
+                        "of summary.txt and ground-truth.log current after every task: what a "
+                        "device machine hands back (a few files, two folders deep at most)")
     p.add_argument("--dry-run", action="store_true", help="the same steps tiny, on a CPU")
     p.add_argument("--budget-s", type=float, default=None,
                    help=f"time budget in seconds (default {DEFAULT_BUDGET_S:g}; none for "
@@ -57,10 +61,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     budget_s = args.budget_s if args.budget_s is not None else (
         None if args.dry_run else DEFAULT_BUDGET_S)
+    returned = Path(args.returned) if args.returned else None
     try:
+        if returned is not None and returned.resolve() == Path(args.out).resolve():
+            raise UserError(f"--return {returned} is the output folder; give a folder of its "
+                            "own (it gets three files: the archive, the summary, the log)")
         outcomes = run_ground_truth(
             settings_from(args), Path(args.out), budget_s=budget_s,
             argv=sys.argv if argv is None else argv, plan_only=args.plan_only,
+            returned=returned,
             log=lambda line: print(line, flush=True))
     except UserError as exc:
         print(f"ground truth: {exc}", file=sys.stderr)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from kfacperf.bench.kernels import Budget, write_json
 from kfacperf.errors import UserError
+from kfacperf.pipeline.ground_truth.archive import hand_back
 from kfacperf.pipeline.ground_truth.environment import environment
 from kfacperf.pipeline.ground_truth.estimates import CostGuess
 from kfacperf.pipeline.ground_truth.plan import Settings, make_plan
@@ -19,11 +20,13 @@ DEFAULT_BUDGET_S = 450.0
 
 def run_ground_truth(settings: Settings, out: Path, *, budget_s: float | None,
                      argv: Sequence[str] = (), plan_only: bool = False,
+                     returned: Path | None = None,
                      log: Callable[[str], None] = print) -> list[Outcome]:
     """Write ``plan.txt`` (and log it), then, unless ``plan_only``, ``env.json``, every task's
     outputs, ``summary.txt`` and ``summary.json`` into ``out``; the outcomes, in plan order.
-    ``budget_s`` None: no time guard.  A CUDA plan without a CUDA device is a
-    :class:`~kfacperf.errors.UserError`."""
+    ``budget_s`` None: no time guard.  ``returned``: a folder that gets, after every task,
+    the archive of ``out`` (:mod:`~kfacperf.pipeline.ground_truth.archive`) and a copy of the
+    summary.  A CUDA plan without a CUDA device is a :class:`~kfacperf.errors.UserError`."""
     (out / "logs").mkdir(parents=True, exist_ok=True)
     plan = make_plan(settings)
     guess = CostGuess()
@@ -44,8 +47,11 @@ def run_ground_truth(settings: Settings, out: Path, *, budget_s: float | None,
     write_json(out / "env.json", env)
 
     def summarize(outcomes: list[Outcome]) -> str:
-        return write_summary(out, plan, outcomes, guess=guess, budget_s=budget_s,
+        text = write_summary(out, plan, outcomes, guess=guess, budget_s=budget_s,
                              dry_run=settings.dry_run)
+        if returned is not None:
+            hand_back(out, returned)
+        return text
 
     ctx = Context(settings=settings, out=out, budget=Budget(budget_s), guess=guess, log=log)
     outcomes = execute(plan, ctx, after_each=summarize)
