@@ -168,11 +168,40 @@ def test_the_plan_fits_the_budget_on_the_guesses_except_its_tail():
 
 
 def test_a_gpu_trace_without_cuda_events_or_telemetry_is_flagged():
-    assert C.check_problems({"timing": "cuda_events", "telemetry_samples": 12}, gpu=True) == []
+    full = {"power": 12, "clocks": 12, "memory": 12, "utilisation": 12}
+    assert C.check_problems({"timing": "cuda_events", "telemetry_samples": 12,
+                             "telemetry_rows": full}, gpu=True) == []
     cpu_like = {"timing": "perf_counter_ns", "telemetry_samples": 0}
     assert C.check_problems(cpu_like, gpu=True) == [
         "timed by perf_counter_ns, not CUDA events", "no NVML telemetry"]
     assert C.check_problems(cpu_like, gpu=False) == []
+    no_power = {"timing": "cuda_events", "telemetry_samples": 12,
+                "telemetry_rows": {**full, "power": 0, "utilisation": 0}}
+    assert C.check_problems(no_power, gpu=True) == ["telemetry without power, utilisation"]
+
+
+def test_telemetry_rows_count_the_samples_that_measured_each_quantity():
+    import math
+
+    from kfacperf.trace.schema import telemetry_frame
+
+    nan = math.nan
+    tel = telemetry_frame({"rank": [0, 0, 0], "gpu": [0, 0, 0], "t_us": [0.0, 1e5, 2e5],
+                           "power_w": [300.0, nan, 310.0], "sm_clock_mhz": [1980.0] * 3,
+                           "mem_clock_mhz": [2619.0, 2619.0, nan],
+                           "mem_used_mib": [1000.0] * 3, "gpu_util_pct": [99.0] * 3})
+    assert C.telemetry_rows(tel) == {"power": 2, "clocks": 2, "memory": 3, "utilisation": 0}
+    assert C.telemetry_rows(None) == {"power": 0, "clocks": 0, "memory": 0, "utilisation": 0}
+
+
+def test_a_gap_says_how_much_of_it_is_the_preconditioners_modelled_work():
+    checks = {"timing": "cuda_events", "telemetry_samples": 3,
+              "telemetry_rows": {"power": 3, "clocks": 3, "memory": 3, "utilisation": 3},
+              "coverage": {"problems": ["plain steps: a median 6.0% of the step in no stage "
+                                        "(limit 5%)"], "median_host_work_pct": 5.2}}
+    assert C.check_problems(checks, gpu=True) == [
+        "plain steps: a median 6.0% of the step in no stage (limit 5%); 5.2% is the "
+        "preconditioner's work between stages, which the model adds"]
 
 
 def test_the_nsys_check_is_skipped_where_nsys_is_missing(tmp_path, monkeypatch):

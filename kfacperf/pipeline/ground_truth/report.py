@@ -34,17 +34,19 @@ def plan_text(plan: Sequence[Task], guess: CostGuess, budget_s: float | None) ->
 
 def summary_text(outcomes: Sequence[Outcome]) -> str:
     """The table printed at the end: per task its status, wall time against its estimate,
-    median step time per kind and images per second."""
+    median step time per kind, images per second and the median share of the step that no
+    stage accounts for (:mod:`kfacperf.trace.coverage`)."""
     head = ["task", "status", "wall s", "est s", "plain ms", "factor ms", "inverse ms",
-            "img/s", "note"]
+            "img/s", "gap %", "note"]
     rows = [head]
     for o in outcomes:
         run = o.task.run
         plain = o.step_ms.get("plain")
         rate = f"{run.batch / (plain / 1e3):.0f}" if run is not None and plain else ""
+        gap = (o.checks.get("coverage") or {}).get("median_gap_pct")
         rows.append([o.task.name, o.status, f"{o.wall_s:.1f}", f"{o.estimate_s:.0f}",
-                     _ms(o.step_ms.get("plain")), _ms(o.step_ms.get("factor")),
-                     _ms(o.step_ms.get("inverse")), rate, o.detail])
+                     _num(o.step_ms.get("plain")), _num(o.step_ms.get("factor")),
+                     _num(o.step_ms.get("inverse")), rate, _num(gap), o.detail])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head) - 1)]
     lines = []
     for r in rows:
@@ -58,7 +60,7 @@ def summary_text(outcomes: Sequence[Outcome]) -> str:
     return "\n".join(lines)
 
 
-def _ms(v: float | None) -> str:
+def _num(v: float | None) -> str:
     return "" if v is None else f"{v:.1f}"
 
 
