@@ -16,7 +16,10 @@ import pytest
 
 from kfacperf.bench import kernels as K
 from kfacperf.cli import main
+from kfacperf.pipeline.ground_truth import archive as A
 from kfacperf.pipeline.ground_truth import plan as G
+from kfacperf.pipeline.ground_truth.finish import main as finish_main
+from kfacperf.sim.models import load_device
 from kfacperf.trace.store import load_trace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,12 +28,22 @@ SCRIPT = ROOT / "scripts" / "gpu-ground-truth.sh"
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The dry run as on a device machine: $OUT set (the return folder), the outputs in a
+    folder of their own."""
     out = tmp_path_factory.mktemp("gpu-ground-truth")
-    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    env.pop("OUT", None)
+    returned = tmp_path_factory.mktemp("returned")
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+               OUT=str(returned))
     proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--out", str(out)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=300)
     return out, proc
+
+
+def returned_folder(dry_run) -> Path:
+    out, proc = dry_run
+    return Path(next(line.split(": ", 1)[1] for line in
+                     (out / "command.txt").read_text().splitlines()
+                     if line.startswith("return folder: ")))
 
 
 pytestmark = pytest.mark.slow
@@ -51,6 +64,65 @@ def test_the_dry_run_finishes_and_prints_the_summary(dry_run):
     assert not (out / "wheels.txt").exists()  # a dry run installs nothing
     listed = (out / "files.txt").read_text()
     assert "kernels.json" in listed and "traces/bf16/resnet20-bf16-sgd-b2/run.json" in listed
+
+
+def test_the_return_folder_is_what_a_device_machine_hands_back(dry_run, tmp_path):
+    """At most 8 files, two folders down, plain names: the archive of everything, the summary
+    and the log; the archive unpacks to the output folder, byte for byte."""
+    out, _ = dry_run
+    returned = returned_folder(dry_run)
+    assert sorted(p.name for p in returned.iterdir()) == [
+        "ground-truth.log", A.ARCHIVE_NAME, "summary.txt"]
+    assert A.return_problems(returned) == []
+    A.unpack(returned / A.ARCHIVE_NAME, tmp_path / "back")
+    back = {p.relative_to(tmp_path / "back"): p.read_bytes()
+            for p in (tmp_path / "back").rglob("*") if p.is_file()}
+    assert back == {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert (returned / "summary.txt").read_bytes() == (out / "summary.txt").read_bytes()
+
+
+def test_finish_lands_checks_calibrates_and_validates_the_run(dry_run, tmp_path, capsys):
+    returned = returned_folder(dry_run)
+    into = tmp_path / "h200"
+    rc = finish_main([str(returned / A.ARCHIVE_NAME), "--into", str(into)])
+    printed = capsys.readouterr().out
+    assert rc == 1  # tiny CPU runs at batch 2 do not predict batch 4 within the GPU targets
+    assert "12 trace(s), 0 with a problem; 2 precision(s) validated" in printed
+    runs = [t.run for t in G.make_plan(G.DRY) if t.run is not None]
+    for r in runs:
+        assert (into / r.precision / r.name / "run.json").is_file()
+    checks = json.loads((into / "checks.json").read_text())
+    assert sorted(checks) == sorted(r.name for r in runs)
+    for name, c in checks.items():
+        assert c["coverage"]["worst_double_pct"] < 1e-6, name
+        assert c["telemetry_rows"] == {"power": 0, "clocks": 0, "memory": 0, "utilisation": 0}
+    for precision in ("bf16", "tf32"):
+        result = json.loads((into / f"validation-{precision}.json").read_text())
+        assert sorted(r["run"] for r in result["runs"]) == sorted(
+            r.name for r in runs if r.precision == precision and r.role == G.VALIDATION)
+        assert all(Path(t).name.endswith("-b2") for t in result["calibration"]["traces"])
+        device = load_device(into / f"dry-run-{precision}.toml")
+        assert not device.stage("forward").assumed  # fitted, not guessed
+    for name in ("kernels.json", "timer_overhead.json", "summary.txt", "env.json",
+                 "versions.txt", "command.txt", "finish.txt"):
+        assert (into / name).is_file(), name
+    assert "targets missed" in (into / "finish.txt").read_text()
+    # an existing --into is never written into without --force
+    assert finish_main([str(returned / A.ARCHIVE_NAME), "--into", str(into)]) == 2
+    assert "--force" in capsys.readouterr().err
+
+
+def test_an_output_folder_in_use_is_refused_without_force(dry_run, tmp_path):
+    out, _ = dry_run
+    env = dict(os.environ, PYTHON=sys.executable)
+    env.pop("OUT", None)
+    proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--out", str(out)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "not empty" in proc.stderr and "--force" in proc.stderr
+    proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--out", str(tmp_path),
+                           "--return", str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "is the output folder" in proc.stderr
 
 
 def test_every_planned_trace_loads_and_says_what_ran(dry_run):

@@ -22,8 +22,8 @@ def _readme_table() -> list[str]:
 
 @pytest.mark.skipif(not (REF / "p1").is_dir(), reason="no committed reference traces")
 def test_validate_on_the_committed_traces_gives_the_readme_table() -> None:
-    from kfacperf.cli.commands.validate import text_table
     from kfacperf.validation import validate
+    from kfacperf.validation.text import text_table
 
     result = validate([REF / "p1"], [REF / "p2"], cluster=REF / "local-cpu.toml")
     table = text_table(result).splitlines()

@@ -12,14 +12,19 @@ timings, in one run with a time budget (``scripts/gpu-ground-truth.sh`` drives i
 * :mod:`~kfacperf.pipeline.ground_truth.checks`: what a finished trace says it recorded;
 * :mod:`~kfacperf.pipeline.ground_truth.report`: ``plan.txt``, ``summary.txt``,
   ``summary.json``; :mod:`~kfacperf.pipeline.ground_truth.environment`: ``env.json``;
-* :mod:`~kfacperf.pipeline.ground_truth.driver`: all of it, :func:`run_ground_truth`.
+* :mod:`~kfacperf.pipeline.ground_truth.driver`: all of it, :func:`run_ground_truth`;
+* :mod:`~kfacperf.pipeline.ground_truth.archive`: the output folder as the one archive a
+  device machine hands back (refreshed after every task), and opened again here;
+* :mod:`~kfacperf.pipeline.ground_truth.finish`: the run landed in the project, its traces
+  checked, a device model calibrated and validated per precision.
 
 ::
 
     from kfacperf.pipeline.ground_truth import DRY, run_ground_truth
     outcomes = run_ground_truth(DRY, Path("/tmp/gt"), budget_s=None)   # tiny, on a CPU
 
-From a shell: ``python -m kfacperf.pipeline.ground_truth --out DIR [--dry-run]``.
+From a shell: ``python -m kfacperf.pipeline.ground_truth --out DIR [--dry-run]``, then
+``python -m kfacperf.pipeline.ground_truth.finish ARCHIVE --into traces/h200``.
 """
 from kfacperf.pipeline.ground_truth.driver import DEFAULT_BUDGET_S, run_ground_truth
 from kfacperf.pipeline.ground_truth.plan import DRY, FULL, Settings, make_plan

@@ -1,0 +1,259 @@
+"""After the ground-truth run: its outputs into the project, checked, calibrated, validated.
+
+:func:`finish` takes what a run handed back (``ground-truth.tar.gz``, or its output folder)
+and, in one go, does what ``docs/gpu-ground-truth.md`` lists under "Afterwards":
+
+1. checks every trace it ran (:mod:`~kfacperf.pipeline.ground_truth.checks`: the clock,
+   telemetry of power, clocks, memory and utilisation, the compute stages adding up to the
+   step), into ``checks.json``;
+2. copies the traces into ``INTO/PRECISION/NAME/`` and the run's other small outputs
+   (kernel timings, timer overhead, summary, environment, versions, ...) into ``INTO/``;
+3. per precision, calibrates a device model on the calibration-size runs only (batch 32 and
+   128 per GPU) and predicts the validation-size runs (64 and 256), exactly as
+   ``kfacperf validate`` does: ``INTO/DEVICE-PRECISION.toml`` (the fitted model) and
+   ``INTO/validation-PRECISION.json`` (for ``kfacperf report --validation``);
+4. writes what it printed into ``INTO/finish.txt``.
+
+Which runs calibrate and which are held out is what the run's ``summary.json`` says of each
+(its plan's role), never chosen here.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kfacperf.errors import UserError
+from kfacperf.pipeline.ground_truth.archive import unpack
+from kfacperf.pipeline.ground_truth.checks import check_problems, trace_checks
+from kfacperf.pipeline.ground_truth.plan import CALIBRATION, PROFILE, VALIDATION
+
+SIDE_FILES: tuple[str, ...] = (
+    "command.txt", "nvidia-smi.txt", "versions.txt", "wheels.txt", "env.json", "plan.txt",
+    "summary.txt", "summary.json", "timer_overhead.json", "kernels.json", "kernels.txt",
+    "files.txt", "ground-truth.log",
+)
+"""The run's outputs, beside its traces, that are kept with them (all small)."""
+
+GPU_CLUSTER = "dgx-h100-ndr"
+CPU_CLUSTER = "local-cpu"
+"""The cluster a one-process validation runs on: only its device matters (no collective)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TraceResult:
+    """One profile run of the ground truth as it landed."""
+
+    name: str
+    precision: str
+    role: str
+    path: Path
+    checks: dict[str, Any]
+    problems: list[str]
+
+
+@dataclass(kw_only=True)
+class Finished:
+    """What :func:`finish` did."""
+
+    into: Path
+    gpu: bool
+    traces: list[TraceResult] = field(default_factory=list)
+    validations: dict[str, Any] = field(default_factory=dict)  # precision -> ValidationResult
+    device_files: dict[str, Path] = field(default_factory=dict)
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def meets_targets(self) -> bool:
+        """Every precision validated, each within the step and stage targets."""
+        return bool(self.validations) and all(
+            not target_misses(v) for v in self.validations.values())
+
+
+def target_misses(result: Any) -> list[str]:
+    """The validation targets ``result`` (a ValidationResult) misses."""
+    from kfacperf import validation as V
+
+    misses = []
+    if not result.median_abs_error_pct <= V.STEP_TARGET_MEDIAN_PCT:
+        misses.append(f"median |error| {result.median_abs_error_pct:.1f}% > "
+                      f"{V.STEP_TARGET_MEDIAN_PCT:g}%")
+    if not result.worst_abs_error_pct <= V.STEP_TARGET_WORST_PCT:
+        misses.append(f"worst |error| {result.worst_abs_error_pct:.1f}% > "
+                      f"{V.STEP_TARGET_WORST_PCT:g}%")
+    checked = result.checked_stages()
+    if len(checked):
+        worst = float(checked["error_pct"].abs().max())
+        if not worst <= V.STAGE_TARGET_PCT:
+            misses.append(f"worst stage |error| {worst:.1f}% > {V.STAGE_TARGET_PCT:g}%")
+    return misses
+
+
+def finish(source: Path, into: Path, *, force: bool = False, cluster: str | None = None,
+           device_name: str | None = None, log: Callable[[str], None] = print) -> Finished:
+    """Land the ground-truth run in ``source`` (its archive or output folder) in ``into``;
+    see the module docstring.  ``cluster`` None: :data:`GPU_CLUSTER` for a GPU run,
+    :data:`CPU_CLUSTER` for a dry run; ``device_name`` None: ``h200``, ``dry-run``."""
+    from kfacperf.safety import check_output_dir
+
+    source, into = Path(source), Path(into)
+    check_output_dir(into, force=force, flag="--into")
+    if source.is_dir():
+        return _finish_folder(source, into, cluster=cluster, device_name=device_name, log=log)
+    if not source.is_file():
+        raise UserError(f"{source}: no such archive or folder")
+    with tempfile.TemporaryDirectory(prefix="kfacperf-ground-truth-") as tmp:
+        try:
+            unpack(source, Path(tmp))
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        return _finish_folder(Path(tmp), into, cluster=cluster, device_name=device_name,
+                              log=log)
+
+
+def _finish_folder(folder: Path, into: Path, *, cluster: str | None,
+                   device_name: str | None, log: Callable[[str], None]) -> Finished:
+    from kfacperf.safety import atomic_write_text, dumps_json, load_json_file
+
+    summary_path, env_path = folder / "summary.json", folder / "env.json"
+    if not summary_path.is_file():
+        raise UserError(f"{folder}: no summary.json (the run finished no task; its "
+                        "ground-truth.log says why)")
+    summary = load_json_file(summary_path, what="summary")
+    env = load_json_file(env_path, what="environment") if env_path.is_file() else {}
+    gpu = ((env.get("settings") or {}).get("device") or "cuda") == "cuda"
+    done = Finished(into=into, gpu=gpu)
+
+    def say(line: str) -> None:
+        done.lines.append(line)
+        log(line)
+
+    tasks = summary.get("tasks") or []
+    say(f"ground truth from {folder}: {len(tasks)} task(s), "
+        + ", ".join(f"{sum(t.get('status') == s for t in tasks)} {s}"
+                    for s in ("ok", "failed", "skipped"))
+        + ("" if summary.get("finished") else
+           f"; not reached: {', '.join(summary.get('not_reached') or [])}"))
+    into.mkdir(parents=True, exist_ok=True)
+    done.traces = _land_traces(folder, into, tasks, gpu=gpu, say=say)
+    for name in SIDE_FILES:
+        if (folder / name).is_file():
+            shutil.copyfile(folder / name, into / name)
+    if (folder / "logs" / "errors.log").is_file():
+        shutil.copyfile(folder / "logs" / "errors.log", into / "errors.log")
+    atomic_write_text(into / "checks.json", dumps_json(
+        {t.name: {**t.checks, "problems": t.problems} for t in done.traces}, indent=1) + "\n")
+    _validate_each_precision(done, cluster=cluster or (GPU_CLUSTER if gpu else CPU_CLUSTER),
+                             device_name=device_name or ("h200" if gpu else "dry-run"),
+                             say=say)
+    atomic_write_text(into / "finish.txt", "\n".join(done.lines) + "\n")
+    return done
+
+
+def _land_traces(folder: Path, into: Path, tasks: Sequence[dict[str, Any]], *, gpu: bool,
+                 say: Callable[[str], None]) -> list[TraceResult]:
+    from kfacperf.trace.store import load_trace
+
+    landed = []
+    for task in tasks:
+        run = task.get("run") or {}
+        if task.get("kind") != PROFILE or task.get("status") != "ok" or not run:
+            continue
+        name, precision = str(task["name"]), str(run.get("precision"))
+        source = folder / "traces" / precision / name
+        if not source.is_dir():
+            say(f"{name}: summary.json says it ran, but traces/{precision}/{name} is missing")
+            continue
+        target = into / precision / name
+        shutil.copytree(source, target, dirs_exist_ok=True)
+        checks = trace_checks(load_trace(target))
+        problems = check_problems(checks, gpu=gpu)
+        landed.append(TraceResult(name=name, precision=precision, role=str(run.get("role")),
+                                  path=target, checks=checks, problems=problems))
+        cov = checks["coverage"]
+        say(f"{name}: {checks['timing']}, {checks['telemetry_samples']} telemetry samples, "
+            f"median gap {cov['median_gap_pct']:.1f}%, double counted "
+            f"{cov['worst_double_pct']:.2f}%"
+            + (f"  PROBLEM: {'; '.join(problems)}" if problems else ""))
+    return landed
+
+
+def _validate_each_precision(done: Finished, *, cluster: str, device_name: str,
+                             say: Callable[[str], None]) -> None:
+    from kfacperf.safety import atomic_write_text, dumps_json
+    from kfacperf.sim.models.device import save_device_model
+    from kfacperf.validation import validate
+    from kfacperf.validation.text import text_table
+
+    for precision in dict.fromkeys(t.precision for t in done.traces):
+        mine = [t for t in done.traces if t.precision == precision]
+        cal = [t.path for t in mine if t.role == CALIBRATION]
+        held = [t.path for t in mine if t.role == VALIDATION]
+        say("")
+        if not cal or not held:
+            say(f"{precision}: not validated ({len(cal)} calibration and {len(held)} held-out "
+                "run(s) landed; both are needed)")
+            continue
+        name = f"{device_name}-{precision}"
+        try:
+            result = validate(cal, held, cluster=cluster, device_name=name)
+        except (ValueError, UserError) as exc:
+            say(f"{precision}: validation failed: {exc}")
+            continue
+        done.validations[precision] = result
+        device_file = save_device_model(result.calibration.device, done.into / f"{name}.toml")
+        done.device_files[precision] = device_file
+        atomic_write_text(done.into / f"validation-{precision}.json",
+                          dumps_json(result.to_dict(), indent=1) + "\n")
+        misses = target_misses(result)
+        say(f"{precision}: calibrated on {len(cal)} run(s), predicting {len(held)} held-out "
+            f"run(s) -> {device_file.name}, validation-{precision}.json")
+        say(text_table(result))
+        say(f"{precision}: targets " + ("met" if not misses else "missed: " + "; ".join(misses)))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m kfacperf.pipeline.ground_truth.finish SOURCE --into DIR``; exit 0 when every
+    precision met the validation targets and no trace has a problem, 1 otherwise, 2 on bad
+    input."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(
+        prog="python -m kfacperf.pipeline.ground_truth.finish",
+        description="Land a ground-truth run (ground-truth.tar.gz as a device machine handed "
+                    "it back, or the run's output folder): check its traces, copy them and its "
+                    "other outputs into --into, calibrate a device model per precision on the "
+                    "calibration-size runs and validate on the held-out ones.",
+        epilog="example:\n  python -m kfacperf.pipeline.ground_truth.finish "
+               "ground-truth.tar.gz --into traces/h200",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", type=Path, help="ground-truth.tar.gz or the run's output folder")
+    p.add_argument("--into", type=Path, required=True,
+                   help="where the traces and results land (new or empty; else --force)")
+    p.add_argument("--cluster", default=None,
+                   help=f"cluster preset or TOML for the predictions (default {GPU_CLUSTER} "
+                        f"for a GPU run, {CPU_CLUSTER} for a dry run)")
+    p.add_argument("--device-name", default=None,
+                   help="the fitted models are named DEVICE-PRECISION (default h200; dry-run "
+                        "for a dry run's outputs)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --into")
+    args = p.parse_args(argv)
+    try:
+        done = finish(args.source, args.into, force=args.force, cluster=args.cluster,
+                      device_name=args.device_name, log=lambda line: print(line, flush=True))
+    except UserError as exc:
+        print(f"finish: {exc}", file=sys.stderr)
+        return 2
+    problems = sum(bool(t.problems) for t in done.traces)
+    print(f"\nwrote {done.into}: {len(done.traces)} trace(s), {problems} with a problem; "
+          f"{len(done.validations)} precision(s) validated, targets "
+          + ("met" if done.meets_targets else "not all met"))
+    return 0 if done.meets_targets and not problems else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
