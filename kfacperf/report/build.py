@@ -34,7 +34,8 @@ def _predictions(items: Sequence[str | Path | PredictionData]) -> list[Predictio
 
 
 def build_sections(runs: Sequence[RunData], predictions: Sequence[PredictionData], *,
-                   validation: pd.DataFrame | None = None, timeline_step: int | None = None,
+                   validation: pd.DataFrame | sections.ValidationSets | None = None,
+                   timeline_step: int | None = None,
                    timeline_gpus: int | None = None, plan: PlanResult | None = None,
                    published: Mapping[str, Any] | None = None) -> list[Section]:
     """All sections of the page, in order (empty ones carry a note instead of content)."""
@@ -87,7 +88,8 @@ def default_title(runs: Sequence[RunData], predictions: Sequence[PredictionData]
 
 def build_report(traces: Sequence[str | Path | RunData],
                  predictions: Sequence[str | Path | PredictionData],
-                 out: str | Path, validation: pd.DataFrame | None = None, *,
+                 out: str | Path,
+                 validation: pd.DataFrame | sections.ValidationSets | None = None, *,
                  title: str | None = None,
                  timeline_step: int | None = None, timeline_gpus: int | None = None,
                  plan: PlanResult | None = None,
@@ -99,19 +101,19 @@ def build_report(traces: Sequence[str | Path | RunData],
     ``published`` is what ``kfacperf validate --published --out FILE.json`` wrote (the
     published GPU cases beside their predictions).  ``validation`` is an optional table of
     held-out runs (columns ``run``, ``measured_step_us``, ``predicted_step_us`` and optionally
-    ``error_pct`` and more), shown as the accuracy section.  ``timeline_step`` picks the
+    ``error_pct`` and more), or several by label (a CPU and a GPU validation side by side),
+    shown as the accuracy section.  ``timeline_step`` picks the
     measured step drawn as a timeline (default: the first step with the most stages);
     ``timeline_gpus`` the simulated scale (default: the largest GPU count with events; the
     nearest available otherwise).
     ``plan`` (from :func:`kfacperf.plan.load_plan`) fills the plan section.
     """
-    if not traces and not predictions and plan is None and not published:
-        raise ValueError("nothing to report: give at least one trace, prediction, plan or "
-                         "published results file")
+    validation = sections.validation_sets(validation) or None
+    if not traces and not predictions and plan is None and not published and not validation:
+        raise ValueError("nothing to report: give at least one trace, prediction, validation, "
+                         "plan or published results file")
     runs = _runs(traces)
     preds = _predictions(predictions)
-    if validation is not None:
-        validation = sections.normalize_validation(validation)
     secs = build_sections(runs, preds, validation=validation, timeline_step=timeline_step,
                           timeline_gpus=timeline_gpus, plan=plan,
                           published=published)

@@ -139,6 +139,17 @@ def meta_value(meta: dict[str, Any], *keys: str) -> Any:
     return None
 
 
+def validation_labels(paths: Sequence[str | Path]) -> list[str]:
+    """How the report names validation files: each by its name less the suffix
+    (``validation-bf16`` for ``traces/h200/validation-bf16.json``); where two would share a
+    name, by the file name, and failing that, by the path as given."""
+    for label in (lambda p: Path(p).stem, lambda p: Path(p).name, str):
+        labels = [label(p) for p in paths]
+        if len(set(labels)) == len(labels):
+            return labels
+    raise ValueError("the same validation file is given twice")
+
+
 def load_validation(path: str | Path) -> pd.DataFrame:
     """Validation results for the accuracy section: one row per held-out run.
 

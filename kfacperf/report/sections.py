@@ -5,7 +5,7 @@ A section without data keeps its heading and says in one line why it is empty.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -318,23 +318,54 @@ def normalize_validation(validation: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def validation_section(validation: pd.DataFrame | None) -> Section:
+ValidationSets = Mapping[str, pd.DataFrame]
+"""Validation tables by label (e.g. "this CPU", "H200 bf16"), shown side by side."""
+
+
+def validation_sets(validation: pd.DataFrame | ValidationSets | None) -> dict[str, pd.DataFrame]:
+    """``validation`` as labelled, checked tables (one table: labelled "held-out runs")."""
+    if validation is None:
+        return {}
+    if isinstance(validation, pd.DataFrame):
+        validation = {"held-out runs": validation}
+    return {label: normalize_validation(v) for label, v in validation.items() if not v.empty}
+
+
+def _abs_errors(val: pd.DataFrame) -> list[float]:
+    """The finite |error| values of a validation table."""
+    return [abs(e) for e in val["error_pct"].to_numpy(float) if math.isfinite(e)]
+
+
+def validation_section(validation: pd.DataFrame | ValidationSets | None) -> Section:
     sec = Section(key="validation", title="Prediction accuracy (held-out runs)")
-    if validation is None or validation.empty:
+    sets = validation_sets(validation)
+    if not sets:
         sec.note = "No validation results were given (see kfacperf validate)."
         return sec
-    val = normalize_validation(validation)
-    err = np.abs(val["error_pct"].astype(float).to_numpy())
-    err = err[np.isfinite(err)]
-    if len(err):
-        sec.add_html(paragraph(f"{len(val)} held-out runs: median |error| {np.median(err):.1f}%, "
-                               f"worst {np.max(err):.1f}%."))
-    extra = [c for c in val.columns if c not in (*VALIDATION_COLUMNS, "error_pct")]
-    sec.add_html(table(val, [
-        ("run", "run", fmt_plain), ("measured_step_us", "measured step (ms)", fmt_ms),
-        ("predicted_step_us", "predicted step (ms)", fmt_ms), ("error_pct", "error", fmt_pct),
-    ] + [(c, c, fmt_pct if c.endswith("_pct") else fmt_plain) for c in extra],
-        numeric=("measured_step_us", "predicted_step_us", "error_pct")))
-    sec.add_figure(figures.validation_figure(val, "measured vs predicted step time"))
+    if len(sets) > 1:  # side by side first: one line per set
+        rows = pd.DataFrame([(label, len(v), float(np.median(e)) if len(e) else np.nan,
+                              float(np.max(e)) if len(e) else np.nan)
+                             for label, v in sets.items() for e in [_abs_errors(v)]],
+                            columns=["set", "runs", "median_pct", "worst_pct"])
+        sec.add_html(table(rows, [("set", "validation", fmt_plain), ("runs", "runs", fmt_plain),
+                                  ("median_pct", "median |error|", fmt_pct),
+                                  ("worst_pct", "worst |error|", fmt_pct)],
+                           numeric=("runs", "median_pct", "worst_pct")))
+    for label, val in sets.items():
+        if len(sets) > 1:
+            sec.add_html(heading(label))
+        err = _abs_errors(val)
+        if len(err):
+            sec.add_html(paragraph(f"{len(val)} held-out runs: median |error| "
+                                   f"{np.median(err):.1f}%, worst {np.max(err):.1f}%."))
+        extra = [c for c in val.columns if c not in (*VALIDATION_COLUMNS, "error_pct")]
+        sec.add_html(table(val, [
+            ("run", "run", fmt_plain), ("measured_step_us", "measured step (ms)", fmt_ms),
+            ("predicted_step_us", "predicted step (ms)", fmt_ms),
+            ("error_pct", "error", fmt_pct),
+        ] + [(c, c, fmt_pct if c.endswith("_pct") else fmt_plain) for c in extra],
+            numeric=("measured_step_us", "predicted_step_us", "error_pct")))
+        title = "measured vs predicted step time"
+        sec.add_figure(figures.validation_figure(val, f"{label}: {title}" if len(sets) > 1
+                                                 else title))
     return sec
-

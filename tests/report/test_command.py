@@ -37,6 +37,15 @@ def test_validation_file_formats(study, tmp_path):
         assert _report("--trace", study["traces"][0], "--validation", tmp_path / name,
                        "--out", out) == 0
         assert "+4.0%" in out.read_text()
+    # repeated: each file its own set, named by its file name
+    out = tmp_path / "both.html"
+    assert _report("--trace", study["traces"][0], "--validation", tmp_path / "v.csv",
+                   "--validation", tmp_path / "v.json", "--out", out) == 0
+    text = out.read_text()
+    assert "v.csv: measured vs predicted" in text and "v.json: measured vs predicted" in text
+    # validations alone make a report too
+    assert _report("--validation", tmp_path / "v.csv", "--out", tmp_path / "alone.html") == 0
+    assert "+4.0%" in (tmp_path / "alone.html").read_text()
 
 
 @pytest.mark.parametrize("case", ["missing_trace", "trace_is_file", "no_events",

@@ -108,6 +108,23 @@ def test_validation_section(study):
                      validation=val.drop(columns="predicted_step_us"))
 
 
+def test_validations_side_by_side(study):
+    """A CPU and a GPU validation in one section: a line each, then each set's own table."""
+    cpu = pd.DataFrame({"run": ["c1", "c2"], "measured_step_us": [1000.0, 2000.0],
+                        "predicted_step_us": [1030.0, 1800.0]})
+    gpu = pd.DataFrame({"run": ["g1"], "measured_step_us": [50.0e3],
+                        "predicted_step_us": [52.0e3]})
+    out = build_report(study["traces"][:1], [], study["tmp"] / "vv.html",
+                       validation={"this CPU": cpu, "H200 bf16": gpu, "no-runs-set": cpu.iloc[:0]})
+    text = out.read_text()
+    section = text[text.index("Prediction accuracy"):]
+    assert section.index("this CPU") < section.index("H200 bf16")
+    assert "median |error| 6.5%, worst 10.0%" in section  # the CPU set, as alone
+    assert "1 held-out runs: median |error| 4.0%, worst 4.0%" in section
+    assert "H200 bf16: measured vs predicted step time" in section
+    assert "no-runs-set" not in section  # a set without runs is left out
+
+
 def test_nothing_to_report(tmp_path):
     with pytest.raises(ValueError, match="nothing to report"):
         build_report([], [], tmp_path / "x.html")

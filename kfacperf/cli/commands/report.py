@@ -19,9 +19,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         dest="predictions",
                         help="a simulator output directory; repeat for several (the first of a "
                              "workload is its baseline, later ones are shown as what-if variants)")
-    parser.add_argument("--validation", metavar="FILE", default=None,
-                        help="held-out validation results (.parquet, .csv or .json) to show as the "
-                             "accuracy section")
+    parser.add_argument("--validation", metavar="FILE", action="append", default=[],
+                        help="held-out validation results (.parquet, .csv or .json, as kfacperf "
+                             "validate --out writes them) for the accuracy section; repeat to "
+                             "show several side by side, each labelled by its file name")
     parser.add_argument("--plan", metavar="FILE", default=None,
                         help="a plan written by kfacperf plan --out, shown as the plan section")
     parser.add_argument("--published", metavar="FILE", default=None,
@@ -45,11 +46,17 @@ def run(args: argparse.Namespace) -> int:
     from kfacperf.errors import UserError
     from kfacperf.plan.result import load_plan
     from kfacperf.report.build import MAX_BYTES, build_report, headline_text
-    from kfacperf.report.inputs import load_predictions, load_runs, load_validation
+    from kfacperf.report.inputs import (
+        load_predictions,
+        load_runs,
+        load_validation,
+        validation_labels,
+    )
     from kfacperf.safety import check_output_file
 
-    if not args.traces and not args.predictions and not args.plan and not args.published:
-        raise UserError("give at least one --trace, --prediction, --plan or --published")
+    if not (args.traces or args.predictions or args.plan or args.published or args.validation):
+        raise UserError("give at least one --trace, --prediction, --validation, --plan or "
+                        "--published")
     if args.timeline_gpus is not None and args.timeline_gpus < 1:
         raise UserError(f"--timeline-gpus must be >= 1, got {args.timeline_gpus}")
     from kfacperf.report.published_section import load_published
@@ -57,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     check_output_file(args.out, force=args.force)
     if args.screenshot:
         check_output_file(args.screenshot, force=args.force, flag="--screenshot")
-    validation = load_validation(args.validation) if args.validation else None
+    validation = {label: load_validation(p) for label, p in
+                  zip(validation_labels(args.validation), args.validation)} or None
     plan = load_plan(args.plan) if args.plan else None
     published = load_published(args.published) if args.published else None
     runs, predictions = load_runs(args.traces), load_predictions(args.predictions)
