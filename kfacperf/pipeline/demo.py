@@ -246,6 +246,11 @@ def _load_average() -> tuple[float, ...] | None:
         return None
 
 
+COMMITTED_TRACES = Path(__file__).resolve().parents[2] / "traces"
+"""The project's measured traces: the GPU validations committed there (traces/h200/...) go
+into the demo's accuracy section beside this machine's."""
+
+
 def _accuracy_table(runs: Any) -> Any:
     """The held-out runs for the report's accuracy section, with readable extra columns."""
     import math
@@ -347,14 +352,17 @@ def run_demo(config: DemoConfig, *, stream: TextIO | None = None,
 
     def report() -> Path:
         from kfacperf.report.build import build_report
+        from kfacperf.report.inputs import committed_validations
 
         title = (f"kfacperf demo: {config.workload} measured and predicted here, "
                  f"{config.scale_workload} on " + ", ".join(t.cluster for t in config.clusters))
         return build_report([Path(t.path) for t in traces.values()],
                             [paths.local_prediction(config.workload)]
                             + [p for p, _ in scale_preds + whatifs],
-                            paths.report, _accuracy_table(validation.runs), title=title,
-                            plan=planned)
+                            paths.report,
+                            {"this machine: held-out runs": _accuracy_table(validation.runs),
+                             **committed_validations(COMMITTED_TRACES)},
+                            title=title, plan=planned)
 
     page = runner.run("report", report,
                       note=lambda p: f"{p} ({p.stat().st_size / 1e6:.1f} MB)")

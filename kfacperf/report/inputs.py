@@ -150,6 +150,17 @@ def validation_labels(paths: Sequence[str | Path]) -> list[str]:
     raise ValueError("the same validation file is given twice")
 
 
+def committed_validations(traces_root: str | Path) -> dict[str, pd.DataFrame]:
+    """The validations committed beside measured traces (``traces/DEVICE/validation-*.json``,
+    as ``python -m kfacperf.pipeline.ground_truth.finish`` writes them), by label
+    ``DEVICE validation-PRECISION``; none where there are none."""
+    root = Path(traces_root)
+    if not root.is_dir():
+        return {}
+    return {f"{p.parent.name} {p.stem}": load_validation(p)
+            for p in sorted(root.glob("*/validation-*.json")) if p.is_file()}
+
+
 def load_validation(path: str | Path) -> pd.DataFrame:
     """Validation results for the accuracy section: one row per held-out run.
 

@@ -130,3 +130,38 @@ def test_a_run_stopped_from_outside_has_handed_back_every_task_it_finished(tmp_p
     summary = (tmp_path / "ret" / "summary.txt").read_text()
     assert "2 ok, 0 failed, 0 skipped" in summary and calls[2] in summary  # "not reached"
     assert A.return_problems(tmp_path / "ret") == []
+
+
+def test_finish_refuses_what_is_not_a_ground_truth_run_in_one_line(tmp_path, capsys):
+    from kfacperf.pipeline.ground_truth.finish import main as finish_main
+
+    (tmp_path / "run").mkdir()
+    assert finish_main([str(tmp_path / "run"), "--into", str(tmp_path / "a")]) == 2
+    assert "no summary.json" in capsys.readouterr().err
+    (tmp_path / "run" / "summary.json").write_text("{not json")
+    assert finish_main([str(tmp_path / "run"), "--into", str(tmp_path / "b")]) == 2
+    assert "summary" in capsys.readouterr().err
+    (tmp_path / "x.tar.gz").write_text("no archive")
+    assert finish_main([str(tmp_path / "x.tar.gz"), "--into", str(tmp_path / "c")]) == 2
+    assert "not a readable tar archive" in capsys.readouterr().err
+
+
+def test_finish_says_which_trace_does_not_load_and_lands_the_rest(tmp_path, capsys):
+    """A run the summary calls finished but whose trace is broken is named, not landed, and
+    not validated; nothing raises."""
+    import json
+
+    from kfacperf.pipeline.ground_truth.finish import finish
+
+    run = G.make_plan(G.DRY)[0].run
+    (tmp_path / "run" / run.relative_dir).mkdir(parents=True)
+    (tmp_path / "run" / run.relative_dir / "run.json").write_text("[]")
+    (tmp_path / "run" / "summary.json").write_text(json.dumps({"tasks": [
+        {"name": run.name, "kind": G.PROFILE, "status": "ok", "run": {
+            "precision": run.precision, "role": run.role}}, "junk"], "finished": True}))
+    (tmp_path / "run" / "env.json").write_text(json.dumps({"settings": {"device": "cpu"}}))
+    done = finish(tmp_path / "run", tmp_path / "into", log=lambda line: None)
+    assert done.traces == [] and done.validations == {} and not done.meets_targets
+    text = (tmp_path / "into" / "finish.txt").read_text()
+    assert f"{run.name}: not landed, its trace does not load" in text
+    assert not (tmp_path / "into" / run.precision / run.name).exists()

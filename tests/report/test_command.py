@@ -94,3 +94,21 @@ def test_report_never_imports_torch(study, tmp_path):
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=120)
+
+
+def test_committed_gpu_validations_are_found_beside_their_traces(tmp_path):
+    """What finish writes (traces/DEVICE/validation-PRECISION.json) is what the demo's report
+    shows beside this machine's validation."""
+    from kfacperf.report.inputs import committed_validations
+
+    assert committed_validations(tmp_path / "none") == {}
+    rows = [{"run": "resnet50-bf16-sgd-b64", "measured_step_us": 4.0e4,
+             "predicted_step_us": 4.1e4}]
+    (tmp_path / "h200").mkdir()
+    (tmp_path / "h200" / "validation-bf16.json").write_text(json.dumps({"runs": rows}))
+    (tmp_path / "h200" / "checks.json").write_text("{}")
+    (tmp_path / "reference").mkdir()
+    got = committed_validations(tmp_path)
+    assert list(got) == ["h200 validation-bf16"]
+    assert got["h200 validation-bf16"]["run"].tolist() == ["resnet50-bf16-sgd-b64"]
+

@@ -122,8 +122,13 @@ def _finish_folder(folder: Path, into: Path, *, cluster: str | None,
     if not summary_path.is_file():
         raise UserError(f"{folder}: no summary.json (the run finished no task; its "
                         "ground-truth.log says why)")
-    summary = load_json_file(summary_path, what="summary")
-    env = load_json_file(env_path, what="environment") if env_path.is_file() else {}
+    try:
+        summary = load_json_file(summary_path, what="summary")
+        env = load_json_file(env_path, what="environment") if env_path.is_file() else {}
+    except (ValueError, OSError) as exc:
+        raise UserError(str(exc)) from None
+    if not isinstance(summary, dict) or not isinstance(env, dict):
+        raise UserError(f"{folder}: summary.json and env.json must each hold an object")
     gpu = ((env.get("settings") or {}).get("device") or "cuda") == "cuda"
     done = Finished(into=into, gpu=gpu)
 
@@ -131,7 +136,7 @@ def _finish_folder(folder: Path, into: Path, *, cluster: str | None,
         done.lines.append(line)
         log(line)
 
-    tasks = summary.get("tasks") or []
+    tasks = [t for t in summary.get("tasks") or [] if isinstance(t, dict)]
     say(f"ground truth from {folder}: {len(tasks)} task(s), "
         + ", ".join(f"{sum(t.get('status') == s for t in tasks)} {s}"
                     for s in ("ok", "failed", "skipped"))
@@ -159,8 +164,8 @@ def _land_traces(folder: Path, into: Path, tasks: Sequence[dict[str, Any]], *, g
 
     landed = []
     for task in tasks:
-        run = task.get("run") or {}
-        if task.get("kind") != PROFILE or task.get("status") != "ok" or not run:
+        run = task.get("run")
+        if task.get("kind") != PROFILE or task.get("status") != "ok" or not isinstance(run, dict):
             continue
         name, precision = str(task["name"]), str(run.get("precision"))
         source = folder / "traces" / precision / name
@@ -169,7 +174,12 @@ def _land_traces(folder: Path, into: Path, tasks: Sequence[dict[str, Any]], *, g
             continue
         target = into / precision / name
         shutil.copytree(source, target, dirs_exist_ok=True)
-        checks = trace_checks(load_trace(target))
+        try:
+            checks = trace_checks(load_trace(target))
+        except (ValueError, OSError) as exc:  # a trace the loader refuses: said, not landed
+            shutil.rmtree(target, ignore_errors=True)
+            say(f"{name}: not landed, its trace does not load: {exc}")
+            continue
         problems = check_problems(checks, gpu=gpu)
         landed.append(TraceResult(name=name, precision=precision, role=str(run.get("role")),
                                   path=target, checks=checks, problems=problems))
