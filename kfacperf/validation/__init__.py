@@ -111,6 +111,21 @@ class ValidationResult:
         """The stages the per-stage target applies to (above the minimum share)."""
         return self.stages[self.stages["share_pct"] > STAGE_MIN_SHARE_PCT]
 
+    def target_misses(self) -> list[str]:
+        """The accuracy targets this result misses (empty: it meets them all)."""
+        misses = []
+        if not self.median_abs_error_pct <= STEP_TARGET_MEDIAN_PCT:
+            misses.append(f"median |error| {self.median_abs_error_pct:.1f}% > "
+                          f"{STEP_TARGET_MEDIAN_PCT:g}%")
+        if not self.worst_abs_error_pct <= STEP_TARGET_WORST_PCT:
+            misses.append(f"worst |error| {self.worst_abs_error_pct:.1f}% > "
+                          f"{STEP_TARGET_WORST_PCT:g}%")
+        checked = self.checked_stages()
+        worst = float(checked["error_pct"].abs().max()) if len(checked) else 0.0
+        if not worst <= STAGE_TARGET_PCT:
+            misses.append(f"worst stage |error| {worst:.1f}% > {STAGE_TARGET_PCT:g}%")
+        return misses
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: calibration, runs, stages, targets, then median and worst error."""
         import numpy as np

@@ -70,26 +70,7 @@ class Finished:
     def meets_targets(self) -> bool:
         """Every precision validated, each within the step and stage targets."""
         return bool(self.validations) and all(
-            not target_misses(v) for v in self.validations.values())
-
-
-def target_misses(result: Any) -> list[str]:
-    """The validation targets ``result`` (a ValidationResult) misses."""
-    from kfacperf import validation as V
-
-    misses = []
-    if not result.median_abs_error_pct <= V.STEP_TARGET_MEDIAN_PCT:
-        misses.append(f"median |error| {result.median_abs_error_pct:.1f}% > "
-                      f"{V.STEP_TARGET_MEDIAN_PCT:g}%")
-    if not result.worst_abs_error_pct <= V.STEP_TARGET_WORST_PCT:
-        misses.append(f"worst |error| {result.worst_abs_error_pct:.1f}% > "
-                      f"{V.STEP_TARGET_WORST_PCT:g}%")
-    checked = result.checked_stages()
-    if len(checked):
-        worst = float(checked["error_pct"].abs().max())
-        if not worst <= V.STAGE_TARGET_PCT:
-            misses.append(f"worst stage |error| {worst:.1f}% > {V.STAGE_TARGET_PCT:g}%")
-    return misses
+            not v.target_misses() for v in self.validations.values())
 
 
 def finish(source: Path, into: Path, *, force: bool = False, cluster: str | None = None,
@@ -218,7 +199,7 @@ def _validate_each_precision(done: Finished, *, cluster: str, device_name: str,
         done.device_files[precision] = device_file
         atomic_write_text(done.into / f"validation-{precision}.json",
                           dumps_json(result.to_dict(), indent=1) + "\n")
-        misses = target_misses(result)
+        misses = result.target_misses()
         say(f"{precision}: calibrated on {len(cal)} run(s), predicting {len(held)} held-out "
             f"run(s) -> {device_file.name}, validation-{precision}.json")
         say(text_table(result))
