@@ -24,6 +24,12 @@ PACKAGES=(
 )
 
 mkdir -p "$DEST"
+# Wheels of these packages fetched earlier (another version, or for another python) would
+# travel too and break the install there: only this run's are kept.
+for spec in "${PACKAGES[@]}"; do
+  name=${spec%%==*}
+  rm -f "$DEST"/"${name//-/_}"-*.whl
+done
 for spec in "${PACKAGES[@]}"; do
   python3 -m pip download --no-deps --only-binary=:all: \
     --python-version "$PY_VERSION" --implementation cp \
