@@ -145,6 +145,32 @@ def test_a_failing_task_is_reported_and_the_next_one_runs(tmp_path):
         "RuntimeError: CUDA out of memory") == 2
 
 
+def test_profile_runs_failing_alike_skip_the_other_profiles_but_not_the_kernels(tmp_path):
+    """Two profile runs failing with one cause (told apart from their log names) stop the
+    other profile runs, which would fail alike at the device's expense; the kernel timings,
+    which do not profile, still run."""
+    profiles = [t for t in G.make_plan(G.DRY) if t.kind == G.PROFILE][:4]
+    plan = [*profiles, G.Task(kind=G.KERNELS, name="kernel timings", tier=4)]
+
+    def broken(o, ctx):
+        raise X.ProfileFailed(f"CUDA error: invalid argument (logs/{o.task.name}.log)")
+
+    ran = []
+    outcomes = X.execute(plan, _context(tmp_path), runners={
+        G.PROFILE: broken, G.KERNELS: lambda o, ctx: ran.append(o.task.name)})
+    assert [o.status for o in outcomes] == ["failed", "failed", "skipped", "skipped", "ok"]
+    assert outcomes[2].detail == ("the last 2 profile runs failed alike: ProfileFailed: CUDA "
+                                  "error: invalid argument")
+    assert ran == ["kernel timings"]
+
+    def differently(o, ctx):
+        raise X.ProfileFailed(f"failure {o.task.name}")
+
+    outcomes = X.execute(plan, _context(tmp_path), runners={
+        G.PROFILE: differently, G.KERNELS: lambda o, ctx: None})
+    assert [o.status for o in outcomes] == ["failed"] * 4 + ["ok"]
+
+
 def test_a_profile_the_library_refuses_fails_its_task_with_the_reason(tmp_path):
     """A profile run goes through kfacperf.runtime.runner.profile; a run it refuses (here: no
     CUDA device) fails the task with the library's reason, in the run's log too."""

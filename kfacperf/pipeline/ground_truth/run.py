@@ -160,10 +160,32 @@ RUNNERS: Mapping[str, Runner] = {PROFILE: profile_task, OVERHEAD: overhead_task,
                                  KERNELS: kernels_task, NSYS: nsys_task}
 
 
-def skip_reason(task: Task, estimate_s: float, budget: Budget) -> str:
-    """Why ``task`` is not run (empty: it is): no nsys here, or the time guard."""
+ALIKE_FAILURES = 2
+"""Profile runs failing alike in a row after which the other profile runs are skipped: a
+fault common to them all would otherwise spend the device's time on every one of them."""
+
+
+def common_failure(outcomes: Sequence[Outcome]) -> str:
+    """The failure of the last :data:`ALIKE_FAILURES` profile runs that ran, if they all
+    failed alike (empty otherwise)."""
+    ran = [o for o in outcomes if o.task.kind == PROFILE and o.status != "skipped"]
+    last = ran[-ALIKE_FAILURES:]
+    if len(last) < ALIKE_FAILURES or any(o.status != "failed" for o in last):
+        return ""
+    causes = {o.detail.split(" (logs/")[0] for o in last}
+    return causes.pop() if len(causes) == 1 else ""
+
+
+def skip_reason(task: Task, estimate_s: float, budget: Budget,
+                outcomes: Sequence[Outcome] = ()) -> str:
+    """Why ``task`` is not run (empty: it is): no nsys here, profile runs failing alike,
+    or the time guard."""
     if task.kind == NSYS and shutil.which("nsys") is None:
         return "nsys is not installed here"
+    if task.kind == PROFILE:
+        cause = common_failure(outcomes)
+        if cause:
+            return f"the last {ALIKE_FAILURES} profile runs failed alike: {cause}"
     if not budget.allows(estimate_s):
         return (f"time guard: needs ~{estimate_s:.0f} s, "
                 f"{max(0.0, budget.left()):.0f} s left")
@@ -179,7 +201,7 @@ def execute(plan: Sequence[Task], ctx: Context, *,
     for i, task in enumerate(plan, 1):
         est = ctx.guess.task_s(task)
         head = f"[{i}/{len(plan)}] {task.name}"
-        why = skip_reason(task, est, ctx.budget)
+        why = skip_reason(task, est, ctx.budget, outcomes)
         if why:
             outcomes.append(Outcome(task=task, status="skipped", estimate_s=est, detail=why))
             ctx.log(f"{head}: skipped ({why})")
