@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kfacperf.trace.schema import (
+    EVENT_COLUMNS,
     EVENTS_FILE,
     PARTS_DIR,
     RUN_FILE,
@@ -200,6 +201,9 @@ def load_trace(path: str | os.PathLike[str], *, partial: bool = False) -> Trace:
             events = pd.read_parquet(events_path, engine="pyarrow")
         except Exception as exc:  # pyarrow raises several types for a damaged file
             raise TraceError(f"{events_path}: cannot read as Parquet ({exc})") from None
+        if events.empty and all(c in events.columns for c in EVENT_COLUMNS):
+            # a run that recorded no event: Parquet keeps no categories for an empty column
+            events = events_frame(events)
         check_events(events, str(events_path))
         tel_path = root / TELEMETRY_FILE
         if tel_path.exists():

@@ -192,3 +192,18 @@ def test_trace_modules_do_not_import_torch(tmp_path):
         assert 'torch' not in sys.modules, 'torch imported'
     """)
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_run_that_recorded_no_event_loads_and_says_it_has_no_steps(tmp_path):
+    """Parquet keeps no categories for an empty column; the loader must not call that a
+    schema error (it used to: "column 'layer' has dtype object")."""
+    from kfacperf.trace.measure import measure
+
+    cols = ("rank", "step", "stage", "layer", "lane", "start_us", "dur_us", "bytes", "flops")
+    path = write_trace(tmp_path / "t", run={"workload": "mlp", "optimizer": "sgd",
+                                            "world_size": 1, "completed": False},
+                       events={c: [] for c in cols})
+    trace = load_trace(path)
+    assert trace.events.empty and list(trace.events.columns) == list(cols)
+    with pytest.raises(ValueError, match="no measured steps"):
+        measure(trace)
