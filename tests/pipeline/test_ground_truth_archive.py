@@ -165,3 +165,23 @@ def test_finish_says_which_trace_does_not_load_and_lands_the_rest(tmp_path, caps
     text = (tmp_path / "into" / "finish.txt").read_text()
     assert f"{run.name}: not landed, its trace does not load" in text
     assert not (tmp_path / "into" / run.precision / run.name).exists()
+
+
+def test_the_fitted_models_are_named_after_the_traced_gpu(tmp_path):
+    """An H200 trace gives h200-PRECISION models; one that landed on an H100, h100-sxm5."""
+    from kfacperf.pipeline.ground_truth.finish import Finished, TraceResult, _device_name
+    from kfacperf.trace.store import write_trace
+
+    def done_on(gpu_name: str, gpu: bool = True) -> Finished:
+        path = write_trace(tmp_path / gpu_name, run={
+            "workload": "mlp", "optimizer": "sgd", "world_size": 1, "completed": False,
+            "device": {"name": gpu_name, "type": "cuda"}},
+            events={c: [] for c in ("rank", "step", "stage", "layer", "lane", "start_us",
+                                    "dur_us", "bytes", "flops")})
+        trace = TraceResult(name="t", precision="bf16", role="calibration", path=path,
+                            checks={}, problems=[])
+        return Finished(into=tmp_path, gpu=gpu, traces=[trace])
+
+    assert _device_name(done_on("NVIDIA H200")) == "h200"
+    assert _device_name(done_on("NVIDIA H100 80GB HBM3")) == "h100-sxm5"
+    assert _device_name(done_on("NVIDIA H200", gpu=False)) == "dry-run"

@@ -77,7 +77,8 @@ def finish(source: Path, into: Path, *, force: bool = False, cluster: str | None
            device_name: str | None = None, log: Callable[[str], None] = print) -> Finished:
     """Land the ground-truth run in ``source`` (its archive or output folder) in ``into``;
     see the module docstring.  ``cluster`` None: :data:`GPU_CLUSTER` for a GPU run,
-    :data:`CPU_CLUSTER` for a dry run; ``device_name`` None: ``h200``, ``dry-run``."""
+    :data:`CPU_CLUSTER` for a dry run; ``device_name`` None: the preset of the traced GPU
+    (``h200``), ``dry-run`` for a dry run."""
     from kfacperf.safety import check_output_dir
 
     source, into = Path(source), Path(into)
@@ -133,7 +134,7 @@ def _finish_folder(folder: Path, into: Path, *, cluster: str | None,
     atomic_write_text(into / "checks.json", dumps_json(
         {t.name: {**t.checks, "problems": t.problems} for t in done.traces}, indent=1) + "\n")
     _validate_each_precision(done, cluster=cluster or (GPU_CLUSTER if gpu else CPU_CLUSTER),
-                             device_name=device_name or ("h200" if gpu else "dry-run"),
+                             device_name=device_name or _device_name(done),
                              say=say)
     atomic_write_text(into / "finish.txt", "\n".join(done.lines) + "\n")
     return done
@@ -170,6 +171,18 @@ def _land_traces(folder: Path, into: Path, tasks: Sequence[dict[str, Any]], *, g
             f"{cov['worst_double_pct']:.2f}%"
             + (f"  PROBLEM: {'; '.join(problems)}" if problems else ""))
     return landed
+
+
+def _device_name(done: Finished) -> str:
+    """The preset the traced GPU maps to (``h200``; ``h100-sxm5`` where the run landed on an
+    H100), ``dry-run`` for a CPU's outputs."""
+    from kfacperf.calibrate.device import base_device_for
+    from kfacperf.trace.store import load_trace
+
+    if not done.gpu or not done.traces:
+        return "dry-run"
+    name = base_device_for(load_trace(done.traces[0].path).run).name
+    return "gpu" if name == "cpu-nominal" else name
 
 
 def _validate_each_precision(done: Finished, *, cluster: str, device_name: str,
@@ -229,8 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help=f"cluster preset or TOML for the predictions (default {GPU_CLUSTER} "
                         f"for a GPU run, {CPU_CLUSTER} for a dry run)")
     p.add_argument("--device-name", default=None,
-                   help="the fitted models are named DEVICE-PRECISION (default h200; dry-run "
-                        "for a dry run's outputs)")
+                   help="the fitted models are named DEVICE-PRECISION (default: the preset of "
+                        "the traced GPU, h200 on an H200; dry-run for a dry run's outputs)")
     p.add_argument("--force", action="store_true", help="write into a non-empty --into")
     args = p.parse_args(argv)
     try:
