@@ -32,11 +32,13 @@ def test_the_most_valuable_runs_come_first():
     assert {t.run.role for t in first[8:]} == {G.VALIDATION}
     assert kinds[16] == G.OVERHEAD
     fresh = [(t.run.batch, t.run.precision) for t in plan if t.run and t.run.label == "kfac-1-1"]
-    assert fresh == [(b, p) for b in (32, 128, 64, 256) for p in ("bf16", "tf32")]
+    assert fresh == [(b, p) for b in (32, 64, 128, 256) for p in ("bf16", "tf32")]
     assert [t.name for t in plan[17:19]] == ["resnet50-bf16-kfac-1-1-b32",
                                              "resnet50-tf32-kfac-1-1-b32"]
-    assert kinds[19] == G.KERNELS  # after the 1/1 traces that calibrate the inverse stage
-    assert kinds[20:26] == [G.PROFILE] * 6
+    # then the held-out inverse steps, before the kernel timings: validation comes first
+    assert [(t.run.batch, t.run.role) for t in plan[19:21]] == [(64, G.VALIDATION)] * 2
+    assert kinds[21] == G.KERNELS
+    assert kinds[22:26] == [G.PROFILE] * 4
     assert kinds[26:] == [G.NSYS]
     assert [t.tier for t in plan] == sorted(t.tier for t in plan)
     names = [t.name for t in plan]
@@ -186,7 +188,7 @@ def test_the_plan_fits_the_budget_on_the_guesses_except_its_tail():
     plan = G.make_plan(G.FULL)
     guess = CostGuess()
     total = sum(guess.task_s(t) for t in plan)
-    up_to_kernels = sum(guess.task_s(t) for t in plan if t.tier <= 4)
+    up_to_kernels = sum(guess.task_s(t) for t in plan if t.tier <= 5)
     assert up_to_kernels < DEFAULT_BUDGET_S < total + 60
     text = R.plan_text(plan, guess, DEFAULT_BUDGET_S)
     assert "resnet50-bf16-sgd-b32" in text.splitlines()[1]
@@ -230,8 +232,38 @@ def test_a_gap_says_how_much_of_it_is_the_preconditioners_modelled_work():
         "preconditioner's work between stages, which the model adds"]
 
 
-def test_the_nsys_check_is_skipped_where_nsys_is_missing(tmp_path, monkeypatch):
-    monkeypatch.setattr(X.shutil, "which", lambda name: None)
-    task = G.Task(kind=G.NSYS, name="nvtx check under nsys", tier=7)
+def test_the_nvtx_check_is_skipped_where_neither_tool_is_installed(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    task = G.Task(kind=G.NSYS, name="nvtx check (nsys or ncu)", tier=7)
     [o] = X.execute([task], _context(tmp_path, G.FULL))
-    assert (o.status, o.detail) == ("skipped", "nsys is not installed here")
+    assert (o.status, o.detail) == ("skipped", "neither nsys nor ncu is installed here")
+
+
+def _fake_ncu(bin_dir: Path, *, kernels: int) -> None:
+    """An ``ncu`` that records its arguments and prints what ncu prints per kernel."""
+    bin_dir.mkdir(exist_ok=True)
+    lines = "".join(f'echo "==PROF== Profiling \\"kernel_{i}\\" - {i}: 0%....100%"\n'
+                    for i in range(kernels))
+    (bin_dir / "ncu").write_text(f'#!/bin/sh\necho "$@" > "{bin_dir}/args"\n{lines}'
+                                 + ("" if kernels else 'echo "==WARNING== No kernels were '
+                                    'profiled."\n'))
+    (bin_dir / "ncu").chmod(0o755)
+
+
+def test_without_nsys_the_nvtx_check_asks_ncu_for_kernels_inside_a_range(tmp_path,
+                                                                          monkeypatch):
+    bin_dir = tmp_path / "bin"
+    _fake_ncu(bin_dir, kernels=3)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    task = G.Task(kind=G.NSYS, name="nvtx check (nsys or ncu)", tier=7)
+    [o] = X.execute([task], _context(tmp_path, G.FULL))
+    assert (o.status, o.detail) == ("ok", "ncu profiled 3 kernel(s) inside NVTX range "
+                                          "kfacperf@forward/")
+    args = (bin_dir / "args").read_text().split()
+    assert args[:4] == ["--nvtx", "--nvtx-include", "kfacperf@forward/", "--launch-count"]
+    assert "kfacperf.cli" in args and "--optimizer" in args
+    assert args[args.index("--optimizer") + 1] == "sgd"
+    assert "==PROF== Profiling" in (tmp_path / "logs" / "nvtx-check.log").read_text()
+    _fake_ncu(bin_dir, kernels=0)  # the ranges never arrived: a failed check, not an ok
+    [o] = X.execute([task], _context(tmp_path, G.FULL))
+    assert o.status == "failed" and "profiled 0 kernel(s) inside NVTX range" in o.detail

@@ -38,7 +38,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--precisions", default=None,
                    help=f"comma-separated, from {','.join(S.COMPUTE_DTYPES)} (default "
                         f"{','.join(FULL.precisions)})")
-    p.add_argument("--no-nsys", action="store_true", help="leave out the nsys check")
+    p.add_argument("--no-nsys", action="store_true",
+                   help="leave out the NVTX check (under nsys or ncu)")
     p.add_argument("--plan-only", action="store_true", help="print the plan and stop")
     return p
 

@@ -1,5 +1,10 @@
-"""The NVTX check: one short K-FAC run under Nsight Systems, of which only the NVTX range
-summary (a small CSV) is kept; it shows the stage timer's ranges arrive."""
+"""The NVTX check: do the stage timer's ranges reach a tool?
+
+Under Nsight Systems (where installed): one short K-FAC run, of which only the NVTX range
+summary (a small CSV) is kept.  Else under Nsight Compute (``ncu``): one short SGD run,
+profiling only kernels launched inside the ``kfacperf`` domain's ``forward`` range
+(``--nvtx-include``); a kernel profiled there is a range that arrived.  The tool's output
+goes to the task's log either way."""
 from __future__ import annotations
 
 import shlex
@@ -10,7 +15,10 @@ from pathlib import Path
 
 from kfacperf import vocab as S
 from kfacperf.pipeline.ground_truth.plan import ProfileRun, Settings
+from kfacperf.profiler.nvtx_backend import DOMAIN
 
+NVTX_TOOLS = ("nsys", "ncu")
+"""The tools the check can use, in the order it prefers them."""
 NSYS_REPORTS = ("nvtx_sum", "nvtxsum")
 """The NVTX summary report's name in newer and in older nsys."""
 
@@ -22,7 +30,60 @@ def nsys_run(settings: Settings) -> ProfileRun:
                       steps=2, warmup=1)
 
 
-def run_nsys(settings: Settings, out: Path, log_path: Path, timeout_s: float) -> str:
+def nvtx_tool() -> str | None:
+    """The first of :data:`NVTX_TOOLS` on the PATH (None: neither)."""
+    return next((t for t in NVTX_TOOLS if shutil.which(t) is not None), None)
+
+
+def run_nvtx_check(settings: Settings, out: Path, log_path: Path, timeout_s: float | None) -> str:
+    """The check with the tool :func:`nvtx_tool` finds; what it found."""
+    tool = nvtx_tool()
+    if tool is None:
+        raise FileNotFoundError("neither nsys nor ncu is installed")
+    run = run_nsys if tool == "nsys" else run_ncu
+    return run(settings, out, log_path, timeout_s)
+
+
+NCU_RANGE = f"{DOMAIN}@{S.FORWARD}/"
+"""The push/pop range whose kernels ncu profiles: the forward pass, in kfacperf's domain."""
+NCU_KERNELS = 3
+
+
+def ncu_run(settings: Settings) -> ProfileRun:
+    """The run profiled under ncu: SGD at the first calibration batch, 1+1 steps."""
+    return ProfileRun(workload=settings.workload, precision=settings.precisions[0],
+                      optimizer=S.SGD, batch=settings.calibration_batches[0], role="check",
+                      steps=1, warmup=1)
+
+
+def run_ncu(settings: Settings, out: Path, log_path: Path, timeout_s: float | None) -> str:
+    """Run :func:`ncu_run` under ``ncu --nvtx --nvtx-include`` :data:`NCU_RANGE` (its
+    output in ``log_path``); how many kernels it profiled inside the range (none: an
+    error)."""
+    ncu = shutil.which("ncu")
+    if ncu is None:
+        raise FileNotFoundError("ncu is not installed")
+    where = out / "ncu"
+    where.mkdir(parents=True, exist_ok=True)
+    args = [*ncu_run(settings).cli_args(settings, str((where / "trace").resolve())), "--force"]
+    cmd = [ncu, "--nvtx", "--nvtx-include", NCU_RANGE, "--launch-count", str(NCU_KERNELS),
+           "--clock-control", "none", "--section", "LaunchStats",
+           sys.executable, "-m", "kfacperf.cli", "profile", *args]
+    with open(log_path, "w") as log:
+        log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
+        log.flush()
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              timeout=timeout_s, text=True, errors="replace")
+        log.write(done.stdout)
+    shutil.rmtree(where, ignore_errors=True)
+    profiled = sum(line.startswith("==PROF== Profiling") for line in done.stdout.splitlines())
+    if done.returncode != 0 or not profiled:
+        raise RuntimeError(f"ncu exited {done.returncode} and profiled {profiled} kernel(s) "
+                           f"inside NVTX range {NCU_RANGE} (logs/{log_path.name})")
+    return f"ncu profiled {profiled} kernel(s) inside NVTX range {NCU_RANGE}"
+
+
+def run_nsys(settings: Settings, out: Path, log_path: Path, timeout_s: float | None) -> str:
     """Run :func:`nsys_run` under ``nsys profile`` (``kfacperf profile`` in a child process,
     its output in ``log_path``), export the NVTX summary into ``out/nsys/`` and delete the
     rest; says how many range names the summary has."""

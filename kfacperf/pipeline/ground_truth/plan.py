@@ -8,10 +8,12 @@ Most valuable first (:func:`make_plan`), as tiers:
 2. the stage timer's overhead (:mod:`kfacperf.bench.overhead`);
 3. K-FAC at intervals 1/1 (eigendecompositions every step) at the first calibration size,
    every precision: the traces that calibrate the inverse stage;
-4. the kernel timings (:mod:`kfacperf.bench.kernels`);
-5. K-FAC 1/1 at the other calibration size;
-6. K-FAC 1/1 at the validation sizes;
-7. where Nsight Systems is installed, one short K-FAC run under ``nsys``.
+4. K-FAC 1/1 at the first validation size: the only held-out inverse steps (the 10/100
+   runs' warm-up leaves their one inverse step out);
+5. the kernel timings (:mod:`kfacperf.bench.kernels`);
+6. K-FAC 1/1 at the other calibration size;
+7. K-FAC 1/1 at the other validation size;
+8. the NVTX check, under ``nsys`` or ``ncu`` (:mod:`kfacperf.pipeline.ground_truth.nsys`).
 
 K-FAC runs use strategy ``spngd`` on one process (the same work as ``local``, and what the
 reference traces and ``kfacperf validate`` use) with the ``eigen`` inverse method.
@@ -209,11 +211,12 @@ def make_plan(settings: Settings) -> list[Task]:
     plan += profiles(1, profile_runs(settings, val, VALIDATION, ("sgd", "stale")))
     plan.append(Task(kind=OVERHEAD, name="timer overhead", tier=2))
     plan += profiles(3, profile_runs(settings, cal[:1], CALIBRATION, ("fresh",)))
-    plan.append(Task(kind=KERNELS, name="kernel timings", tier=4))
-    plan += profiles(5, profile_runs(settings, cal[1:], CALIBRATION, ("fresh",)))
-    plan += profiles(6, profile_runs(settings, val, VALIDATION, ("fresh",)))
+    plan += profiles(4, profile_runs(settings, val[:1], VALIDATION, ("fresh",)))
+    plan.append(Task(kind=KERNELS, name="kernel timings", tier=5))
+    plan += profiles(6, profile_runs(settings, cal[1:], CALIBRATION, ("fresh",)))
+    plan += profiles(7, profile_runs(settings, val[1:], VALIDATION, ("fresh",)))
     if settings.nsys:
-        plan.append(Task(kind=NSYS, name="nvtx check under nsys", tier=7))
+        plan.append(Task(kind=NSYS, name="nvtx check (nsys or ncu)", tier=8))
     return plan
 
 

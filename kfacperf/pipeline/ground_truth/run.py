@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
-import shutil
 import sys
 import time
 import traceback
@@ -23,7 +22,7 @@ from typing import Any
 from kfacperf.bench.kernels import Budget, write_json
 from kfacperf.pipeline.ground_truth.checks import check_problems, run_step_times, trace_checks
 from kfacperf.pipeline.ground_truth.estimates import CostGuess
-from kfacperf.pipeline.ground_truth.nsys import run_nsys
+from kfacperf.pipeline.ground_truth.nsys import nvtx_tool, run_nvtx_check
 from kfacperf.pipeline.ground_truth.plan import (
     KERNELS,
     NSYS,
@@ -150,14 +149,15 @@ def kernels_task(o: Outcome, ctx: Context) -> None:
     (ctx.out / "kernels.txt").write_text("\n".join(kernels.summary_lines(report)) + "\n")
 
 
-def nsys_task(o: Outcome, ctx: Context) -> None:
-    """The NVTX check under Nsight Systems."""
-    o.detail = run_nsys(ctx.settings, ctx.out, ctx.out / "logs" / "nsys.log",
-                        timeout_s=max(10.0, ctx.budget.left()))
+def nvtx_check_task(o: Outcome, ctx: Context) -> None:
+    """The NVTX check under Nsight Systems or Nsight Compute."""
+    left = ctx.budget.left()
+    o.detail = run_nvtx_check(ctx.settings, ctx.out, ctx.out / "logs" / "nvtx-check.log",
+                              timeout_s=max(10.0, left) if math.isfinite(left) else None)
 
 
 RUNNERS: Mapping[str, Runner] = {PROFILE: profile_task, OVERHEAD: overhead_task,
-                                 KERNELS: kernels_task, NSYS: nsys_task}
+                                 KERNELS: kernels_task, NSYS: nvtx_check_task}
 
 
 ALIKE_FAILURES = 2
@@ -178,10 +178,10 @@ def common_failure(outcomes: Sequence[Outcome]) -> str:
 
 def skip_reason(task: Task, estimate_s: float, budget: Budget,
                 outcomes: Sequence[Outcome] = ()) -> str:
-    """Why ``task`` is not run (empty: it is): no nsys here, profile runs failing alike,
+    """Why ``task`` is not run (empty: it is): no NVTX tool here, profile runs failing alike,
     or the time guard."""
-    if task.kind == NSYS and shutil.which("nsys") is None:
-        return "nsys is not installed here"
+    if task.kind == NSYS and nvtx_tool() is None:
+        return "neither nsys nor ncu is installed here"
     if task.kind == PROFILE:
         cause = common_failure(outcomes)
         if cause:
