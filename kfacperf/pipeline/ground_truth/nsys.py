@@ -45,7 +45,8 @@ def run_nvtx_check(settings: Settings, out: Path, log_path: Path, timeout_s: flo
 
 
 NCU_RANGE = f"{DOMAIN}@{S.FORWARD}/"
-"""The push/pop range whose kernels ncu profiles: the forward pass, in kfacperf's domain."""
+"""The push/pop range whose kernels ncu profiles: the forward pass, in kfacperf's domain
+(``DOMAIN@RANGE``; the trailing ``/`` marks a push/pop range, none a start/end one)."""
 NCU_KERNELS = 3
 
 
@@ -67,7 +68,7 @@ def run_ncu(settings: Settings, out: Path, log_path: Path, timeout_s: float | No
     where.mkdir(parents=True, exist_ok=True)
     args = [*ncu_run(settings).cli_args(settings, str((where / "trace").resolve())), "--force"]
     cmd = [ncu, "--nvtx", "--nvtx-include", NCU_RANGE, "--launch-count", str(NCU_KERNELS),
-           "--clock-control", "none", "--section", "LaunchStats",
+           "--target-processes", "all", "--clock-control", "none", "--section", "LaunchStats",
            sys.executable, "-m", "kfacperf.cli", "profile", *args]
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
