@@ -57,19 +57,27 @@ def ncu_run(settings: Settings) -> ProfileRun:
                       steps=1, warmup=1)
 
 
+def _under(tool: str, run: ProfileRun, settings: Settings,
+           out: Path) -> tuple[str, Path, list[str]]:
+    """The tool's path, its working folder ``out/TOOL/`` and the ``kfacperf profile``
+    command line of ``run`` (its trace in that folder) to run under it."""
+    exe = shutil.which(tool)
+    if exe is None:
+        raise FileNotFoundError(f"{tool} is not installed")
+    where = out / tool
+    where.mkdir(parents=True, exist_ok=True)
+    args = [*run.cli_args(settings, str((where / "trace").resolve())), "--force"]
+    return exe, where, [sys.executable, "-m", "kfacperf.cli", "profile", *args]
+
+
 def run_ncu(settings: Settings, out: Path, log_path: Path, timeout_s: float | None) -> str:
     """Run :func:`ncu_run` under ``ncu --nvtx --nvtx-include`` :data:`NCU_RANGE` (its
     output in ``log_path``); how many kernels it profiled inside the range (none: an
     error)."""
-    ncu = shutil.which("ncu")
-    if ncu is None:
-        raise FileNotFoundError("ncu is not installed")
-    where = out / "ncu"
-    where.mkdir(parents=True, exist_ok=True)
-    args = [*ncu_run(settings).cli_args(settings, str((where / "trace").resolve())), "--force"]
+    ncu, where, profile = _under("ncu", ncu_run(settings), settings, out)
     cmd = [ncu, "--nvtx", "--nvtx-include", NCU_RANGE, "--launch-count", str(NCU_KERNELS),
            "--target-processes", "all", "--clock-control", "none", "--section", "LaunchStats",
-           sys.executable, "-m", "kfacperf.cli", "profile", *args]
+           *profile]
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
         log.flush()
@@ -88,16 +96,10 @@ def run_nsys(settings: Settings, out: Path, log_path: Path, timeout_s: float | N
     """Run :func:`nsys_run` under ``nsys profile`` (``kfacperf profile`` in a child process,
     its output in ``log_path``), export the NVTX summary into ``out/nsys/`` and delete the
     rest; says how many range names the summary has."""
-    nsys = shutil.which("nsys")
-    if nsys is None:
-        raise FileNotFoundError("nsys is not installed")
-    where = out / "nsys"
-    where.mkdir(parents=True, exist_ok=True)
-    args = [*nsys_run(settings).cli_args(settings, str((where / "trace").resolve())), "--force"]
+    nsys, where, profile = _under("nsys", nsys_run(settings), settings, out)
     report = where / "kfac-1-1"
     cmd = [nsys, "profile", "--trace=cuda,nvtx", "--sample=none", "--cpuctxsw=none",
-           "--force-overwrite=true", "-o", str(report),
-           sys.executable, "-m", "kfacperf.cli", "profile", *args]
+           "--force-overwrite=true", "-o", str(report), *profile]
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
         log.flush()
