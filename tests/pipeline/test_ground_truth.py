@@ -267,3 +267,25 @@ def test_without_nsys_the_nvtx_check_asks_ncu_for_kernels_inside_a_range(tmp_pat
     _fake_ncu(bin_dir, kernels=0)  # the ranges never arrived: a failed check, not an ok
     [o] = X.execute([task], _context(tmp_path, G.FULL))
     assert o.status == "failed" and "profiled 0 kernel(s) inside NVTX range" in o.detail
+
+
+def test_with_nsys_the_nvtx_check_keeps_only_the_range_summary(tmp_path, monkeypatch):
+    """nsys is preferred: its report is turned into the NVTX summary CSV, and the report
+    itself (large) is deleted."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nsys").write_text(
+        '#!/bin/sh\n'
+        'if [ "$1" = profile ]; then\n'
+        '  while [ "$1" != -o ]; do shift; done; touch "$2.nsys-rep"; exit 0\n'
+        'fi\n'
+        'while [ "$1" != --output ]; do shift; done\n'
+        'printf "Range,Instances\\n:step,3\\n:forward,3\\n" > "$2_nvtx_sum.csv"\n')
+    (bin_dir / "nsys").chmod(0o755)
+    _fake_ncu(bin_dir, kernels=1)  # present too, and not used
+    monkeypatch.setenv("PATH", str(bin_dir))
+    task = G.Task(kind=G.NSYS, name="nvtx check (nsys or ncu)", tier=7)
+    [o] = X.execute([task], _context(tmp_path, G.FULL))
+    assert (o.status, o.detail) == ("ok", "nvtx_nvtx_sum.csv: 2 NVTX range name(s)")
+    assert not list((tmp_path / "nsys").glob("*.nsys-rep"))
+    assert not (bin_dir / "args").exists()
