@@ -107,6 +107,12 @@ def test_finish_lands_checks_calibrates_and_validates_the_run(dry_run, tmp_path,
                  "versions.txt", "command.txt", "finish.txt"):
         assert (into / name).is_file(), name
     assert "targets missed" in (into / "finish.txt").read_text()
+    table = (into / "accuracy.md").read_text().splitlines()
+    assert [row.split(" | ")[:2] for row in table[2:]] == [["| bf16", "3"], ["| tf32", "3"]]
+    bf16 = json.loads((into / "validation-bf16.json").read_text())
+    assert f"{bf16['median_abs_error_pct']:.1f} %" in table[2]
+    # six cells a row: a |error| in a cell is escaped
+    assert all(len(row.replace("\\|", "").split("|")) == 8 for row in table)
     # an existing --into is never written into without --force
     assert finish_main([str(returned / A.ARCHIVE_NAME), "--into", str(into)]) == 2
     assert "--force" in capsys.readouterr().err

@@ -12,7 +12,8 @@ and, in one go, does what ``docs/gpu-ground-truth.md`` lists under "Afterwards":
    128 per GPU) and predicts the validation-size runs (64 and 256), exactly as
    ``kfacperf validate`` does: ``INTO/DEVICE-PRECISION.toml`` (the fitted model) and
    ``INTO/validation-PRECISION.json`` (for ``kfacperf report --validation``);
-4. writes what it printed into ``INTO/finish.txt``.
+4. writes what it printed into ``INTO/finish.txt`` and the validation per precision as a
+   Markdown table, the shape of the README's, into ``INTO/accuracy.md``.
 
 Which runs calibrate and which are held out is what the run's ``summary.json`` says of each
 (its plan's role), never chosen here.
@@ -136,8 +137,30 @@ def _finish_folder(folder: Path, into: Path, *, cluster: str | None,
     _validate_each_precision(done, cluster=cluster or (GPU_CLUSTER if gpu else CPU_CLUSTER),
                              device_name=device_name or _device_name(done),
                              say=say)
+    if done.validations:
+        atomic_write_text(into / "accuracy.md", accuracy_markdown(done) + "\n")
     atomic_write_text(into / "finish.txt", "\n".join(done.lines) + "\n")
     return done
+
+
+def accuracy_markdown(done: Finished) -> str:
+    """The validation per precision as a Markdown table, the shape of the README's accuracy
+    tables (what the README's GPU rows are taken from)."""
+    lines = ["| precision | held-out runs | median \\|error\\| | worst | worst stage "
+             "(>5% of the step) | targets |", "|---|---|---|---|---|---|"]
+    for precision, result in done.validations.items():
+        checked = result.checked_stages()
+        stage = "-"
+        if len(checked):
+            worst = checked.loc[checked["error_pct"].abs().idxmax()]
+            stage = f"{worst['stage']} {worst['error_pct']:+.1f} % ({worst['run']})"
+        misses = result.target_misses()
+        lines.append(f"| {precision} | {len(result.runs)} | "
+                     f"{result.median_abs_error_pct:.1f} % | {result.worst_abs_error_pct:.1f} % "
+                     f"| {stage} | "
+                     + ("met" if not misses else "missed: " + "; ".join(misses)).replace(
+                         "|", "\\|") + " |")
+    return "\n".join(lines)
 
 
 def _land_traces(folder: Path, into: Path, tasks: Sequence[dict[str, Any]], *, gpu: bool,
