@@ -107,6 +107,12 @@ def test_finish_lands_checks_calibrates_and_validates_the_run(dry_run, tmp_path,
                  "versions.txt", "command.txt", "finish.txt"):
         assert (into / name).is_file(), name
     assert "targets missed" in (into / "finish.txt").read_text()
+    # the kernel timings' inverse terms beside the measured inverse steps of the 1/1 runs
+    inverse = json.loads((into / "kernel-inverse.json").read_text())
+    assert inverse["sizes"] == list(K.DRY_PLAN.inverse_sizes)
+    assert sorted(r["trace"] for r in inverse["traces"]) == sorted(
+        r.name for r in runs if r.label == "kfac-1-1")
+    assert all(r["measured_ms"] > 0 and r["from_kernels_ms"] > 0 for r in inverse["traces"])
     table = (into / "accuracy.md").read_text().splitlines()
     assert [row.split(" | ")[:2] for row in table[2:]] == [["| bf16", "3"], ["| tf32", "3"]]
     bf16 = json.loads((into / "validation-bf16.json").read_text())

@@ -150,7 +150,7 @@ def _trace_samples(trace: Any, workload: WorkloadModel, base: DeviceModel,
         captured &= ~((table["stage"] == S.BACKWARD) & (table["layer"] == ""))
     table["captured"] = captured
     med = table.groupby(["stage", "layer", "captured"], sort=False)["dur_us"].median()
-    cost = CostModel(workload=workload, device=base, cluster=_null_cluster(),
+    cost = CostModel(workload=workload, device=base, cluster=null_cluster(),
                      inverse_method=method, use_measured=False, **options,
                      **dtypes.cost_options())
     out = []
@@ -209,7 +209,8 @@ def trace_label(trace: Any) -> str:
     return str(getattr(trace, "path", None) or trace.run.get("workload", "trace"))
 
 
-def _null_cluster() -> ClusterModel:
+def null_cluster() -> ClusterModel:
+    """A cluster without cost, for pricing one device's compute (no collective is asked)."""
     algos = {"all_reduce": "ring", "reduce_scatter": "ring", "all_gather": "ring",
              "broadcast": "tree"}
     tier = Tier(alpha_us=0.0, bandwidth_GBps=1.0, algorithms=algos)

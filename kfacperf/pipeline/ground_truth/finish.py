@@ -12,7 +12,10 @@ and, in one go, does what ``docs/gpu-ground-truth.md`` lists under "Afterwards":
    128 per GPU) and predicts the validation-size runs (64 and 256), exactly as
    ``kfacperf validate`` does: ``INTO/DEVICE-PRECISION.toml`` (the fitted model) and
    ``INTO/validation-PRECISION.json`` (for ``kfacperf report --validation``);
-4. writes what it printed into ``INTO/finish.txt`` and the validation per precision as a
+4. fits the eigendecomposition's terms to the kernel timings and prices the inverse step
+   of every run whose measured steps invert with them, beside what the run measured
+   (:mod:`~kfacperf.pipeline.ground_truth.inverse_check`): ``INTO/kernel-inverse.json``;
+5. writes what it printed into ``INTO/finish.txt`` and the validation per precision as a
    Markdown table, the shape of the README's, into ``INTO/accuracy.md``.
 
 Which runs calibrate and which are held out is what the run's ``summary.json`` says of each
@@ -30,6 +33,7 @@ from typing import Any
 from kfacperf.errors import UserError
 from kfacperf.pipeline.ground_truth.archive import unpack
 from kfacperf.pipeline.ground_truth.checks import check_problems, trace_checks
+from kfacperf.pipeline.ground_truth.inverse_check import kernel_inverse_check
 from kfacperf.pipeline.ground_truth.plan import CALIBRATION, PROFILE, VALIDATION
 
 SIDE_FILES: tuple[str, ...] = (
@@ -139,6 +143,10 @@ def _finish_folder(folder: Path, into: Path, *, cluster: str | None,
                              say=say)
     if done.validations:
         atomic_write_text(into / "accuracy.md", accuracy_markdown(done) + "\n")
+    say("")
+    inverse = kernel_inverse_check(into / "kernels.json", [t.path for t in done.traces], say)
+    if inverse is not None:
+        atomic_write_text(into / "kernel-inverse.json", dumps_json(inverse, indent=1) + "\n")
     atomic_write_text(into / "finish.txt", "\n".join(done.lines) + "\n")
     return done
 
