@@ -201,6 +201,8 @@ ALL_COLLECTIVE_OPS: tuple[str, ...] = COLLECTIVE_OPS + V_OPS
 
 # --------------------------------------------------------------------------- data types
 DTYPE_BYTES: dict[str, int] = {"fp64": 8, "fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2}
+FP64 = "fp64"
+"""The precision K-FAC decomposes its factors in by default (``inverse_dtype``)."""
 FP32 = "fp32"
 TF32 = "tf32"
 BF16 = "bf16"

@@ -58,7 +58,7 @@ class InverseKernelFit:
         """One decomposition of side ``n``, as fitted."""
         return (self.decomposition_overhead_us + self.row_us * n
                 + INVERSE_FLOPS_PER_D3[self.method] * n ** 3
-                / (device.peak_flops_per_us("fp32") * self.efficiency))
+                / (device.peak_flops_per_us(S.FP32) * self.efficiency))
 
     def text(self) -> str:
         return (f"{self.method} ({self.dtype}, {len(self.sizes)} sizes {min(self.sizes)}-"
@@ -85,7 +85,7 @@ def kernel_samples(report: Mapping[str, Any], method: str, dtype: str) -> list[t
 
 
 def fit_inverse_kernels(report: Mapping[str, Any], device: DeviceModel, *,
-                        method: str = S.EIGEN, dtype: str = "fp64") -> InverseKernelFit:
+                        method: str = S.EIGEN, dtype: str = S.FP64) -> InverseKernelFit:
     """Fit ``method``'s decomposition terms to ``report``'s timings in ``dtype`` (at least
     three sizes), against ``device``'s fp32 peak as the cost model prices them."""
     samples = kernel_samples(report, method, dtype)
@@ -94,7 +94,7 @@ def fit_inverse_kernels(report: Mapping[str, Any], device: DeviceModel, *,
                          "or more")
     n = np.array([s[0] for s in samples], dtype=float)
     y = np.array([s[1] for s in samples], dtype=float)
-    cubic = INVERSE_FLOPS_PER_D3[method] * n ** 3 / device.peak_flops_per_us("fp32")
+    cubic = INVERSE_FLOPS_PER_D3[method] * n ** 3 / device.peak_flops_per_us(S.FP32)
     cols = np.column_stack([np.ones_like(n), n, cubic]) / y[:, None]  # relative errors
     scale = np.abs(cols).max(axis=0)
     x = bounded_lstsq(cols / scale, np.ones_like(y), np.array([0.0, 0.0, 1.0]) * scale) / scale

@@ -221,6 +221,11 @@ def test_telemetry_rows_count_the_samples_that_measured_each_quantity():
                            "mem_used_mib": [1000.0] * 3, "gpu_util_pct": [99.0] * 3})
     assert C.telemetry_rows(tel) == {"power": 2, "clocks": 2, "memory": 3, "utilisation": 0}
     assert C.telemetry_rows(None) == {"power": 0, "clocks": 0, "memory": 0, "utilisation": 0}
+    # every quantity is measured by columns the telemetry table has (one spelling)
+    from kfacperf.trace.schema import TELEMETRY_COLUMNS
+
+    assert {c for cols in C.TELEMETRY_QUANTITIES.values() for c in cols} <= set(
+        TELEMETRY_COLUMNS)
 
 
 def test_a_gap_says_how_much_of_it_is_the_preconditioners_modelled_work():

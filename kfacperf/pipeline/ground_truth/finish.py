@@ -30,15 +30,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kfacperf.bench.kernels.records import OUTPUT_FILE as KERNELS_FILE
+from kfacperf.bench.overhead import OUTPUT_FILE as OVERHEAD_FILE
 from kfacperf.errors import UserError
 from kfacperf.pipeline.ground_truth.archive import unpack
 from kfacperf.pipeline.ground_truth.checks import check_problems, trace_checks
 from kfacperf.pipeline.ground_truth.inverse_check import kernel_inverse_check
 from kfacperf.pipeline.ground_truth.plan import CALIBRATION, PROFILE, VALIDATION
+from kfacperf.pipeline.ground_truth.report import STATUSES
 
 SIDE_FILES: tuple[str, ...] = (
     "command.txt", "nvidia-smi.txt", "versions.txt", "wheels.txt", "env.json", "plan.txt",
-    "summary.txt", "summary.json", "timer_overhead.json", "kernels.json", "kernels.txt",
+    "summary.txt", "summary.json", OVERHEAD_FILE, KERNELS_FILE, "kernels.txt",
     "files.txt", "ground-truth.log",
 )
 """The run's outputs, beside its traces, that are kept with them (all small)."""
@@ -125,8 +128,7 @@ def _finish_folder(folder: Path, into: Path, *, cluster: str | None,
 
     tasks = [t for t in summary.get("tasks") or [] if isinstance(t, dict)]
     say(f"ground truth from {folder}: {len(tasks)} task(s), "
-        + ", ".join(f"{sum(t.get('status') == s for t in tasks)} {s}"
-                    for s in ("ok", "failed", "skipped"))
+        + ", ".join(f"{sum(t.get('status') == s for t in tasks)} {s}" for s in STATUSES)
         + ("" if summary.get("finished") else
            f"; not reached: {', '.join(summary.get('not_reached') or [])}"))
     into.mkdir(parents=True, exist_ok=True)
@@ -145,7 +147,7 @@ def _finish_folder(folder: Path, into: Path, *, cluster: str | None,
         atomic_write_text(into / "accuracy.md", accuracy_markdown(done) + "\n")
     say("")
     try:
-        inverse = kernel_inverse_check(into / "kernels.json", [t.path for t in done.traces],
+        inverse = kernel_inverse_check(into / KERNELS_FILE, [t.path for t in done.traces],
                                        say)
     except (ValueError, OSError) as exc:  # a cross-check: never the end of the landing
         inverse = None

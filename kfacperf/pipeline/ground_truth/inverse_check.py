@@ -15,9 +15,6 @@ from typing import Any
 
 from kfacperf import vocab as S
 
-INVERSE_DTYPE = "fp64"
-"""The preconditioner decomposes in float64 unless told otherwise (``inverse_dtype``)."""
-
 
 def kernel_inverse_check(kernels_path: Path, trace_paths: Sequence[Path],
                          say: Callable[[str], None]) -> dict[str, Any] | None:
@@ -37,7 +34,7 @@ def kernel_inverse_check(kernels_path: Path, trace_paths: Sequence[Path],
     device = base_device_for(traces[0].run)
     try:
         fit = fit_inverse_kernels(load_json_file(kernels_path, what="kernel timings"), device,
-                                  method=S.EIGEN, dtype=INVERSE_DTYPE)
+                                  method=S.EIGEN, dtype=S.FP64)
     except ValueError as exc:
         say(f"inverse from kernel timings: not fitted ({exc})")
         return None
