@@ -112,101 +112,134 @@ class _Point:
         self.summary = summarize_point(steps)
 
 
-def simulate_with_costs(
-    workload: WorkloadModel, cost: StepCosts, *, gpus_per_node: int,
-    strategies: Sequence[str | StrategySpec] = (S.SGD, S.SPNGD, S.KAISA),
-    gpus: Sequence[int] = (1,), batch_per_gpu: int = 32, factor_interval: int = 1,
-    inverse_interval: int = 1, grad_worker_fraction: float = 1.0,
-    comm: CommSettings | None = None, events: bool = True, meta: dict[str, Any] | None = None,
-) -> Prediction:
-    """:func:`simulate` with a ready cost model (:class:`~kfacperf.sim.costs.model.CostModel`
-    or any other :class:`~kfacperf.sim.costs.interface.StepCosts`)."""
-    import pandas as pd
+class _PointRunner:
+    """Simulates the points of one sweep: one workload, cost model and step settings."""
 
-    gpu_list = check_gpus(gpus)
-    specs = check_strategies(strategies, grad_worker_fraction)
-    cycle(factor_interval, inverse_interval)  # validates the intervals
-    comm = comm or CommSettings()
-    if isinstance(batch_per_gpu, bool) or not isinstance(batch_per_gpu, int) or batch_per_gpu < 1:
-        raise ValueError(f"batch per GPU must be a positive integer, got {batch_per_gpu!r}")
-    cost_cache: dict[Hashable, tuple[LayerCosts, CollectiveCost]] = {}
+    def __init__(self, workload: WorkloadModel, cost: StepCosts, *, gpus_per_node: int,
+                 batch_per_gpu: int, factor_interval: int, inverse_interval: int,
+                 comm: CommSettings) -> None:
+        self.workload, self.cost, self.gpus_per_node = workload, cost, gpus_per_node
+        self.batch_per_gpu, self.comm = batch_per_gpu, comm
+        self.factor_interval, self.inverse_interval = factor_interval, inverse_interval
+        self.straggle = cost.host.straggle
+        self._costs: dict[Hashable, tuple[LayerCosts, CollectiveCost]] = {}
 
-    def costs_for(p: int) -> tuple[LayerCosts, CollectiveCost]:
-        model = cost.for_gpus(p)
+    def costs_for(self, p: int) -> tuple[LayerCosts, CollectiveCost]:
+        """Layer costs and the collective cost function on ``p`` GPUs."""
+        model = self.cost.for_gpus(p)
         # models with equal options are interchangeable: reuse the first (and its caches)
-        hit = cost_cache.get(model.options)
+        hit = self._costs.get(model.options)
         if hit is None:
-            lc = layer_costs(model, workload, batch=batch_per_gpu)
+            lc = layer_costs(model, self.workload, batch=self.batch_per_gpu)
 
             def coll(op: str, nbytes: Bytes, size: int, nodes: int,
                      _m: StepCosts = model) -> float:
                 return float(_m.collective_us(op, nbytes, group_size=size, nodes=nodes))
 
-            hit = cost_cache[model.options] = (lc, coll)
+            hit = self._costs[model.options] = (lc, coll)
         return hit
 
-    straggle = cost.host.straggle
-
-    def run_point(spec: StrategySpec, p: int) -> _Point:
-        lc, coll = costs_for(p)
+    def __call__(self, spec: StrategySpec, p: int) -> _Point:
+        """Run each kind of step of the cycle of ``spec`` on ``p`` GPUs."""
+        lc, coll = self.costs_for(p)
         steps, memory = [], (0, 0)
-        for cs in cycle(factor_interval, inverse_interval, kfac=spec.name != S.SGD):
-            step = make_step(spec, StepSpec(costs=lc, world_size=p, gpus_per_node=gpus_per_node,
-                                            kind=cs.kind, comm=comm))
-            steps.append((cs, run_step(build_graph(step, coll, straggle=straggle))))
+        for cs in cycle(self.factor_interval, self.inverse_interval, kfac=spec.name != S.SGD):
+            step = make_step(spec, StepSpec(costs=lc, world_size=p,
+                                            gpus_per_node=self.gpus_per_node, kind=cs.kind,
+                                            comm=self.comm))
+            steps.append((cs, run_step(build_graph(step, coll, straggle=self.straggle))))
             memory = step.memory()
         return _Point(spec, p, steps, memory)
 
-    # inputs out of range make infinities; check_summary_finite reports them, numpy need not
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        points = [run_point(s, p) for s in specs for p in gpu_list]
+
+def _single_gpu_step_us(points: Sequence[_Point], specs: Sequence[StrategySpec],
+                        run: _PointRunner) -> dict[str, float]:
+    """Per strategy label, its step time on one GPU: the base of its scaling efficiency.
+
+    When 1 is not among the GPU counts the point is simulated here (KAISA with fraction 1,
+    the only fraction one GPU allows)."""
     single: dict[str, float] = {}
     for s in specs:
         base = next((pt for pt in points if pt.spec == s and pt.gpus == 1), None)
         if base is None:
             one = s if s.name != S.KAISA else StrategySpec(S.KAISA, 1.0, s.label)
-            base = run_point(one, 1)
+            base = run(one, 1)
         single[s.label] = base.summary.step_us
-    sgd = {pt.gpus: pt.summary.step_us for pt in points if pt.spec.name == S.SGD}
+    return single
 
-    rows, stage_rows, class_rows = [], [], []
-    ev = EventColumns()
-    ev_keys: list[tuple[str, int, int]] = []
-    for pt in points:
-        sm = pt.summary
-        f = math.nan
-        if pt.spec.name == S.KAISA:
-            f = pt.spec.fraction if pt.spec.fraction else 1.0 / pt.gpus
-        rows.append({
-            "strategy": pt.spec.label, "gpus": pt.gpus, "step_us": sm.step_us,
-            "compute_us": sm.compute_us, "comm_us": sm.comm_us,
-            "exposed_comm_us": sm.exposed_comm_us,
-            "kfac_overhead": sm.step_us / sgd[pt.gpus] if pt.gpus in sgd else math.nan,
-            "scaling_efficiency": single[pt.spec.label] / sm.step_us if sm.step_us > 0 else 1.0,
-            "factor_bytes_per_gpu": pt.memory[0], "inverse_bytes_per_gpu": pt.memory[1],
-            "batch_per_gpu": batch_per_gpu,
-            "inverse_step_us": sm.kind_step_us.get("inverse", math.nan),
-            "factor_step_us": sm.kind_step_us.get("factor", math.nan),
-            "plain_step_us": sm.kind_step_us.get("plain", math.nan),
-            "grad_worker_fraction": f, "classes": sm.classes,
-        })
-        for (stage, layer), t in sm.stage_times.items():
-            stage_rows.append((pt.spec.label, pt.gpus, stage, layer, t))
+
+def _summary_row(pt: _Point, sgd: dict[int, float], single: dict[str, float],
+                 batch_per_gpu: int) -> dict[str, Any]:
+    """The summary row of ``pt``, given SGD's step time per GPU count and each strategy's on
+    one GPU."""
+    sm = pt.summary
+    f = math.nan
+    if pt.spec.name == S.KAISA:
+        f = pt.spec.fraction if pt.spec.fraction else 1.0 / pt.gpus
+    return {
+        "strategy": pt.spec.label, "gpus": pt.gpus, "step_us": sm.step_us,
+        "compute_us": sm.compute_us, "comm_us": sm.comm_us,
+        "exposed_comm_us": sm.exposed_comm_us,
+        "kfac_overhead": sm.step_us / sgd[pt.gpus] if pt.gpus in sgd else math.nan,
+        "scaling_efficiency": single[pt.spec.label] / sm.step_us if sm.step_us > 0 else 1.0,
+        "factor_bytes_per_gpu": pt.memory[0], "inverse_bytes_per_gpu": pt.memory[1],
+        "batch_per_gpu": batch_per_gpu,
+        "inverse_step_us": sm.kind_step_us.get("inverse", math.nan),
+        "factor_step_us": sm.kind_step_us.get("factor", math.nan),
+        "plain_step_us": sm.kind_step_us.get("plain", math.nan),
+        "grad_worker_fraction": f, "classes": sm.classes,
+    }
+
+
+class _Tables:
+    """The rows of a prediction's tables, gathered point by point."""
+
+    def __init__(self, *, events: bool) -> None:
+        self.events = events
+        self.rows: list[dict[str, Any]] = []
+        self.stage_rows: list[tuple[str, int, str, str, float]] = []
+        self.class_rows: list[tuple[str, int, int, int, int]] = []
+        self.ev = EventColumns()
+        self.ev_keys: list[tuple[str, int, int]] = []
+
+    def add(self, pt: _Point, row: dict[str, Any]) -> None:
+        """Add ``pt`` with its summary ``row``; its steps' events follow one another in time."""
+        self.rows.append(row)
+        for (stage, layer), t in pt.summary.stage_times.items():
+            self.stage_rows.append((pt.spec.label, pt.gpus, stage, layer, t))
         offset = 0.0
         for cs, res in pt.steps:
             for c in res.graph.classes:
-                class_rows.append((pt.spec.label, pt.gpus, cs.step, c.rank, c.count))
-            if events:
-                ev_keys.append((pt.spec.label, pt.gpus, ev.add_step(res, cs.step, offset)))
+                self.class_rows.append((pt.spec.label, pt.gpus, cs.step, c.rank, c.count))
+            if self.events:
+                self.ev_keys.append((pt.spec.label, pt.gpus,
+                                     self.ev.add_step(res, cs.step, offset)))
             offset += res.step_us
 
-    summary = pd.DataFrame(rows)
-    summary["gpus"] = summary["gpus"].astype("int64")
-    check_summary_finite(summary)
-    stage_times = pd.DataFrame(stage_rows, columns=["strategy", "gpus", "stage", "layer",
-                                                    "time_us"])
-    stage_times["gpus"] = stage_times["gpus"].astype("int64")
-    classes = pd.DataFrame(class_rows, columns=["strategy", "gpus", "step", "rank", "ranks"])
+    def frames(self) -> tuple[Any, Any, Any]:
+        """The summary (checked finite), stage-time and class data frames."""
+        import pandas as pd
+
+        summary = pd.DataFrame(self.rows)
+        summary["gpus"] = summary["gpus"].astype("int64")
+        check_summary_finite(summary)
+        stage_times = pd.DataFrame(self.stage_rows, columns=["strategy", "gpus", "stage",
+                                                             "layer", "time_us"])
+        stage_times["gpus"] = stage_times["gpus"].astype("int64")
+        classes = pd.DataFrame(self.class_rows,
+                               columns=["strategy", "gpus", "step", "rank", "ranks"])
+        return summary, stage_times, classes
+
+    def events_frame(self) -> Any:
+        return _events_frame(self.ev, self.ev_keys)
+
+
+def _run_info(
+    meta: dict[str, Any] | None, workload: WorkloadModel, specs: Sequence[StrategySpec], *,
+    gpu_list: list[int], gpus_per_node: int, batch_per_gpu: int, factor_interval: int,
+    inverse_interval: int, grad_worker_fraction: float, comm: CommSettings,
+) -> dict[str, Any]:
+    """``meta`` plus the settings of the run, for :attr:`Prediction.meta`."""
     info = dict(meta or {})
     info.update({
         "strategies": [{"label": s.label, "name": s.name, "grad_worker_fraction": s.fraction}
@@ -222,8 +255,44 @@ def simulate_with_costs(
                        for c in cycle(factor_interval, inverse_interval)],
     })
     info.setdefault("workload", workload.name)
+    return info
+
+
+def simulate_with_costs(
+    workload: WorkloadModel, cost: StepCosts, *, gpus_per_node: int,
+    strategies: Sequence[str | StrategySpec] = (S.SGD, S.SPNGD, S.KAISA),
+    gpus: Sequence[int] = (1,), batch_per_gpu: int = 32, factor_interval: int = 1,
+    inverse_interval: int = 1, grad_worker_fraction: float = 1.0,
+    comm: CommSettings | None = None, events: bool = True, meta: dict[str, Any] | None = None,
+) -> Prediction:
+    """:func:`simulate` with a ready cost model (:class:`~kfacperf.sim.costs.model.CostModel`
+    or any other :class:`~kfacperf.sim.costs.interface.StepCosts`)."""
+    gpu_list = check_gpus(gpus)
+    specs = check_strategies(strategies, grad_worker_fraction)
+    cycle(factor_interval, inverse_interval)  # validates the intervals
+    comm = comm or CommSettings()
+    if isinstance(batch_per_gpu, bool) or not isinstance(batch_per_gpu, int) or batch_per_gpu < 1:
+        raise ValueError(f"batch per GPU must be a positive integer, got {batch_per_gpu!r}")
+    run = _PointRunner(workload, cost, gpus_per_node=gpus_per_node, batch_per_gpu=batch_per_gpu,
+                       factor_interval=factor_interval, inverse_interval=inverse_interval,
+                       comm=comm)
+
+    # inputs out of range make infinities; check_summary_finite reports them, numpy need not
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        points = [run(s, p) for s in specs for p in gpu_list]
+    single = _single_gpu_step_us(points, specs, run)
+    sgd = {pt.gpus: pt.summary.step_us for pt in points if pt.spec.name == S.SGD}
+
+    tables = _Tables(events=events)
+    for pt in points:
+        tables.add(pt, _summary_row(pt, sgd, single, batch_per_gpu))
+    summary, stage_times, classes = tables.frames()
+    info = _run_info(meta, workload, specs, gpu_list=gpu_list, gpus_per_node=gpus_per_node,
+                     batch_per_gpu=batch_per_gpu, factor_interval=factor_interval,
+                     inverse_interval=inverse_interval,
+                     grad_worker_fraction=grad_worker_fraction, comm=comm)
     return Prediction(meta=info, summary=summary, stage_times=stage_times,
-                      events=_events_frame(ev, ev_keys), classes=classes)
+                      events=tables.events_frame(), classes=classes)
 
 
 def _events_frame(ev: EventColumns, keys: list[tuple[str, int, int]]) -> Any:

@@ -199,65 +199,81 @@ def shared_prefix(programs: Sequence[Program]) -> tuple[int, int]:
     return n_c, n_l
 
 
-def assemble(
-    classes: Sequence[RankClass], programs: Sequence[Program], cost: CollectiveCost, *,
-    per_rank: bool, straggle: Callable[[int], float] | None = None,
-) -> StepGraph:
-    """Join the programs of ``classes`` into a step graph.
+class _Joiner:
+    """Matches the launches of the programs of ``classes`` to collectives, program by program.
 
-    ``per_rank``: every rank is its own class and groups are matched by their concrete
-    identity (the reference mode); otherwise groups are matched by family, and a prefix that
-    every program shares (see :meth:`Program.copy`) is marked so the engine runs it once.
-    Checks that the members of one collective agree on what it is, and (per rank) that every
-    member of a group launched it, so a strategy bug shows up as an error, not a wrong time.
-    ``straggle(group_size)``: each collective's :attr:`Collective.straggle` (0 without it).
+    ``first[k]``: the launch that made collective ``k``, which later members must agree with.
     """
-    if len(classes) != len(programs):
-        raise ValueError("one program per class is needed")
-    index: dict[tuple[Hashable, Hashable], int] = {}
-    collectives: list[Collective] = []
-    first: list[Launch] = []
-    cost_cache: dict[tuple[str, Bytes, int, int], float] = {}
-    seen: dict[int, int] = {}
-    comm: list[list[tuple[int, int]]] = []
-    for ci, prog in enumerate(programs):
+
+    def __init__(self, classes: Sequence[RankClass], cost: CollectiveCost, *, per_rank: bool,
+                 straggle: Callable[[int], float] | None) -> None:
+        self.classes, self.cost, self.per_rank, self.straggle = classes, cost, per_rank, straggle
+        self.collectives: list[Collective] = []
+        self.first: list[Launch] = []
+        self._index: dict[tuple[Hashable, Hashable], int] = {}
+        self._costs: dict[tuple[str, Bytes, int, int], float] = {}
+        self._seen: dict[int, int] = {}
+
+    def join(self, ci: int, prog: Program) -> list[tuple[int, int]]:
+        """Class ``ci``'s comm stream: ``(collective index, compute tasks before it)`` for each
+        launch of ``prog``."""
         items: list[tuple[int, int]] = []
         for ln in prog.launches:
-            g = ln.group
-            k = seen.get(id(ln))
-            if k is not None:  # the same launch object (a shared prefix): same collective
-                collectives[k].members.append(ci)
-                items.append((k, ln.after))
-                continue
-            key = (ln.name, g.concrete if per_rank else g.family)
-            k = index.get(key)
+            # the same launch object (a shared prefix) is the same collective
+            k = self._seen.get(id(ln))
             if k is None:
-                ck = (ln.op, ln.nbytes, g.size, g.nodes)
-                c_us = cost_cache.get(ck)
-                if c_us is None:
-                    c_us = cost_cache[ck] = float(cost(ln.op, ln.nbytes, g.size, g.nodes))
-                    if not c_us >= 0:
-                        raise ValueError(f"cost model gave {c_us!r} us for {ln.op}")
-                k = index[key] = len(collectives)
-                collectives.append(Collective(
-                    stage=ln.stage, layer=ln.layer, op=ln.op, payload=ln.payload,
-                    size=g.size, nodes=g.nodes, cost_us=c_us,
-                    straggle=float(straggle(g.size)) if straggle is not None else 0.0))
-                first.append(ln)
-            else:
-                f = first[k]
-                same_bytes = f.nbytes is ln.nbytes or f.nbytes == ln.nbytes
-                if not same_bytes or (f.op, f.stage, f.layer, f.group.size, f.group.nodes) != (
-                        ln.op, ln.stage, ln.layer, g.size, g.nodes):
-                    raise ValueError(
-                        f"rank {classes[ci].rank} disagrees with other members on collective "
-                        f"{ln.name!r}: {f.op}/{f.group.size} ranks vs {ln.op}/{g.size} ranks"
-                    )
-            collectives[k].members.append(ci)
+                k = self._match(ci, ln)
+                if not self.per_rank:
+                    self._seen[id(ln)] = k
+            self.collectives[k].members.append(ci)
             items.append((k, ln.after))
-            if not per_rank:
-                seen[id(ln)] = k
-        comm.append(items)
+        return items
+
+    def _match(self, ci: int, ln: Launch) -> int:
+        """The index of the collective that ``ln`` (of class ``ci``) is part of, made on its
+        first launch."""
+        g = ln.group
+        key = (ln.name, g.concrete if self.per_rank else g.family)
+        k = self._index.get(key)
+        if k is not None:
+            _check_agrees(self.classes[ci].rank, self.first[k], ln)
+            return k
+        c_us = self._cost_us(ln)
+        k = self._index[key] = len(self.collectives)
+        self.collectives.append(Collective(
+            stage=ln.stage, layer=ln.layer, op=ln.op, payload=ln.payload,
+            size=g.size, nodes=g.nodes, cost_us=c_us,
+            straggle=float(self.straggle(g.size)) if self.straggle is not None else 0.0))
+        self.first.append(ln)
+        return k
+
+    def _cost_us(self, ln: Launch) -> float:
+        g = ln.group
+        ck = (ln.op, ln.nbytes, g.size, g.nodes)
+        c_us = self._costs.get(ck)
+        if c_us is None:
+            c_us = self._costs[ck] = float(self.cost(ln.op, ln.nbytes, g.size, g.nodes))
+            if not c_us >= 0:
+                raise ValueError(f"cost model gave {c_us!r} us for {ln.op}")
+        return c_us
+
+
+def _check_agrees(rank: int, f: Launch, ln: Launch) -> None:
+    """``rank``'s launch ``ln`` describes the same collective as its first launch ``f``."""
+    g = ln.group
+    same_bytes = f.nbytes is ln.nbytes or f.nbytes == ln.nbytes
+    if not same_bytes or (f.op, f.stage, f.layer, f.group.size, f.group.nodes) != (
+            ln.op, ln.stage, ln.layer, g.size, g.nodes):
+        raise ValueError(
+            f"rank {rank} disagrees with other members on collective "
+            f"{ln.name!r}: {f.op}/{f.group.size} ranks vs {ln.op}/{g.size} ranks"
+        )
+
+
+def _check_members(classes: Sequence[RankClass], collectives: Sequence[Collective],
+                   first: Sequence[Launch], *, per_rank: bool) -> None:
+    """Each collective's members can run it: no class launches it twice, and its groups are
+    filled (per rank: by every member; with classes: by the ranks the classes stand for)."""
     for k, coll in enumerate(collectives):
         if len(set(coll.members)) != len(coll.members):
             raise ValueError(f"collective {first[k].name!r} launched twice by one class")
@@ -273,15 +289,46 @@ def assemble(
                     f"collective family {first[k].name!r}: {total} ranks cannot fill groups "
                     f"of {coll.size}"
                 )
+
+
+def _wait_indices(programs: Sequence[Program], comm: Sequence[Sequence[tuple[int, int]]]
+                  ) -> list[list[tuple[int, ...]]]:
+    """Per class and compute task, the collective indices its waits name."""
     waits: list[list[tuple[int, ...]]] = []
     for ci, prog in enumerate(programs):
         names = {ln.name: k for ln, (k, _) in zip(prog.launches, comm[ci])}
         waits.append([tuple(names[n] for n in w) if w else () for w in prog.waits])
+    return waits
+
+
+def _check_stages(classes: Sequence[RankClass], programs: Sequence[Program]) -> None:
     known = set(S.STAGE_NAMES) | {UNSTAGED}
     for ci, prog in enumerate(programs):
         bad = set(prog.stage) - known
         if bad:
             raise ValueError(f"rank {classes[ci].rank}: unknown stage(s) {sorted(bad)}")
+
+
+def assemble(
+    classes: Sequence[RankClass], programs: Sequence[Program], cost: CollectiveCost, *,
+    per_rank: bool, straggle: Callable[[int], float] | None = None,
+) -> StepGraph:
+    """Join the programs of ``classes`` into a step graph.
+
+    ``per_rank``: every rank is its own class and groups are matched by their concrete
+    identity (the reference mode); otherwise groups are matched by family, and a prefix that
+    every program shares (see :meth:`Program.copy`) is marked so the engine runs it once.
+    Checks that the members of one collective agree on what it is, and (per rank) that every
+    member of a group launched it, so a strategy bug shows up as an error, not a wrong time.
+    ``straggle(group_size)``: each collective's :attr:`Collective.straggle` (0 without it).
+    """
+    if len(classes) != len(programs):
+        raise ValueError("one program per class is needed")
+    joiner = _Joiner(classes, cost, per_rank=per_rank, straggle=straggle)
+    comm = [joiner.join(ci, prog) for ci, prog in enumerate(programs)]
+    _check_members(classes, joiner.collectives, joiner.first, per_rank=per_rank)
+    waits = _wait_indices(programs, comm)
+    _check_stages(classes, programs)
     prefix = (0, 0) if per_rank else shared_prefix(programs)
-    return StepGraph(classes=list(classes), programs=list(programs), collectives=collectives,
-                     comm=comm, waits=waits, prefix=prefix)
+    return StepGraph(classes=list(classes), programs=list(programs),
+                     collectives=joiner.collectives, comm=comm, waits=waits, prefix=prefix)
