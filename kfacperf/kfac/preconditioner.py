@@ -98,12 +98,7 @@ class KFACPreconditioner:
         _check_schedule("lr", lr)
         stages.check_intervals(factor_interval, inverse_interval)
         stages.check_choice("inverse_method", inverse_method, stages.INVERSE_METHODS)
-        if not (isinstance(factor_decay, (int, float)) and 0.0 <= factor_decay < 1.0):
-            raise ValueError(f"factor_decay must be in [0, 1), got {factor_decay!r}")
-        if kl_clip is not None and not (isinstance(kl_clip, (int, float)) and kl_clip > 0):
-            raise ValueError(f"kl_clip must be > 0 or None, got {kl_clip!r}")
-        if inverse_dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"inverse_dtype must be float32 or float64, got {inverse_dtype}")
+        _check_numerics(factor_decay, kl_clip, inverse_dtype)
         strategy = LocalStrategy() if strategy is None else strategy
         if not isinstance(strategy, Strategy):
             raise ValueError(f"strategy {strategy!r} does not implement the Strategy protocol")
@@ -136,18 +131,7 @@ class KFACPreconditioner:
                 "(nn.Linear or nn.Conv2d with groups=1 and a trainable weight, or BatchNorm "
                 "with bn_blocks)"
             )
-        registered = {id(p) for layer in self.layers.values()
-                      for p in layer.module.parameters(recurse=False)}
-        self.other_params: list[str] = [
-            name for name, p in model.named_parameters() if id(p) not in registered
-        ]
-        logger.info(
-            "K-FAC registered %d layers; %d parameter tensors left to the first-order "
-            "optimizer: %s", len(self.layers), len(self.other_params),
-            ", ".join(self.other_params) or "(none)",
-        )
-        if self.skipped_modules:
-            logger.warning("K-FAC skips unsupported modules: %s", ", ".join(self.skipped_modules))
+        self.other_params: list[str] = self._first_order_params(model)
 
         self._handles = [
             layer.module.register_forward_hook(self._forward_hook)
@@ -157,6 +141,20 @@ class KFACPreconditioner:
         self.strategy.setup(model, self.layers, timer=timer)
 
     # ------------------------------------------------------------------ registration
+    def _first_order_params(self, model: nn.Module) -> list[str]:
+        """Names of the parameters no K-FAC layer owns (left to the first-order optimizer),
+        logged with the modules skipped so a user sees what K-FAC does not precondition."""
+        registered = {id(p) for layer in self.layers.values()
+                      for p in layer.module.parameters(recurse=False)}
+        others = [name for name, p in model.named_parameters() if id(p) not in registered]
+        logger.info(
+            "K-FAC registered %d layers; %d parameter tensors left to the first-order "
+            "optimizer: %s", len(self.layers), len(others), ", ".join(others) or "(none)",
+        )
+        if self.skipped_modules:
+            logger.warning("K-FAC skips unsupported modules: %s", ", ".join(self.skipped_modules))
+        return others
+
     def _register(self, model: nn.Module, skip: tuple[str, ...]) -> None:
         for name, module in model.named_modules():
             if any(name == s or name.startswith(s + ".") for s in skip):
@@ -289,6 +287,16 @@ def _check_schedule(key: str, value: Schedule) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"{key} must be > 0 (or a function of the step), got {value!r}")
+
+
+def _check_numerics(factor_decay: float, kl_clip: float | None,
+                    inverse_dtype: torch.dtype) -> None:
+    if not (isinstance(factor_decay, (int, float)) and 0.0 <= factor_decay < 1.0):
+        raise ValueError(f"factor_decay must be in [0, 1), got {factor_decay!r}")
+    if kl_clip is not None and not (isinstance(kl_clip, (int, float)) and kl_clip > 0):
+        raise ValueError(f"kl_clip must be > 0 or None, got {kl_clip!r}")
+    if inverse_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"inverse_dtype must be float32 or float64, got {inverse_dtype}")
 
 
 def _value(key: str, value: Schedule, step: int) -> float:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from kfacperf import vocab as S
-from kfacperf.pipeline.config import SCALE_STRATEGIES, DemoConfig, DemoPaths
+from kfacperf.pipeline.config import DemoConfig, DemoPaths
 from kfacperf.pipeline.headline import (
     DemoResult,
     held_out_headlines,
@@ -35,6 +35,7 @@ from kfacperf.pipeline.headline import (
     scale_headlines,
 )
 from kfacperf.pipeline.phases import DemoStepFailed, PhaseRunner
+from kfacperf.pipeline.scale_phases import plan_on_cluster, simulate_all
 from kfacperf.safety import atomic_write_text, dumps_json
 from kfacperf.workloads import reference as workload_ref
 
@@ -197,48 +198,6 @@ def _predict(config: DemoConfig, paths: DemoPaths, calibration_traces: list[Any]
     return result, pred
 
 
-def _simulate_cluster(config: DemoConfig, paths: DemoPaths, index: int) -> list[tuple[Path, Any]]:
-    from kfacperf.sim.prediction import write_prediction
-    from kfacperf.sim.sweep import simulate
-
-    target = config.clusters[index]
-    variants: list[tuple[str, dict[str, Any]]] = [("", {})]
-    if index == 0:
-        variants += [(f"-bw{s:g}x", {"bandwidth_scale": float(s), "events": False})
-                     for s in config.whatif_bandwidth]
-    out = []
-    for suffix, extra in variants:
-        pred = simulate(config.scale_workload, target.device, target.cluster,
-                        list(SCALE_STRATEGIES), gpus=list(config.scale_gpus),
-                        batch_per_gpu=config.scale_batch_per_gpu,
-                        factor_interval=config.scale_factor_interval,
-                        inverse_interval=config.scale_inverse_interval, **extra)
-        pred.meta["command"] = (
-            f"kfacperf simulate --workload {config.scale_workload} --device {target.device} "
-            f"--cluster {target.cluster} --strategy {','.join(SCALE_STRATEGIES)} --gpus "
-            f"{','.join(map(str, config.scale_gpus))} --batch-per-gpu "
-            f"{config.scale_batch_per_gpu} --factor-interval {config.scale_factor_interval} "
-            f"--inverse-interval {config.scale_inverse_interval}"
-            + (f" --bandwidth-scale {extra['bandwidth_scale']:g}" if extra else ""))
-        path = paths.scale_prediction(config.scale_workload, target.cluster, suffix)
-        write_prediction(pred, path, force=True)
-        out.append((path, pred))
-    return out
-
-
-def _plan(config: DemoConfig, paths: DemoPaths) -> Any:
-    """The plan of ``scale_workload`` on ``config.plan``, written to ``plan.json``."""
-    from kfacperf.plan import plan
-    from kfacperf.plan.result import save_plan
-
-    assert config.plan is not None
-    result = plan(config.scale_workload, config.plan.device, config.plan.cluster,
-                  gpus=list(config.plan_gpus), convergence=list(config.plan_convergence),
-                  batch_per_gpu=[config.scale_batch_per_gpu])
-    save_plan(result, paths.plan)
-    return result
-
-
 def _load_average() -> tuple[float, ...] | None:
     try:
         return tuple(os.getloadavg())
@@ -264,6 +223,64 @@ def _accuracy_table(runs: Any) -> Any:
     return table
 
 
+def _check_inputs(config: DemoConfig) -> Any:
+    """Load every model and preset the demo names, so a typo fails before minutes of
+    profiling rather than after; returns the profiled workload."""
+    from kfacperf.sim.models import load_cluster, load_device, load_workload
+    from kfacperf.workloads import get_workload
+
+    workload_obj = get_workload(config.workload, **dict(config.workload_options))
+    load_workload(config.scale_workload)
+    for t in config.clusters + ((config.plan,) if config.plan is not None else ()):
+        load_cluster(t.cluster)
+        load_device(t.device)
+    if config.plan is not None:
+        from kfacperf.plan import load_convergence
+
+        for name in config.plan_convergence:
+            load_convergence(name)
+    return workload_obj
+
+
+RunKey = tuple[str, int]
+"""A profiled run: (strategy, processes)."""
+
+
+def _profile_all(runner: PhaseRunner, config: DemoConfig, paths: DemoPaths,
+                 runs: list[RunKey]
+                 ) -> tuple[dict[RunKey, Any], dict[RunKey, tuple[str, str, float]]]:
+    """Profile every (strategy, processes) pair: the traces, and per pair (trace name, path,
+    measured step in µs)."""
+    traces: dict[RunKey, Any] = {}
+    measured: dict[RunKey, tuple[str, str, float]] = {}
+    for strategy, nproc in runs:
+        name = f"profile {strategy}, {nproc} process{'es' if nproc > 1 else ''}"
+        trace, step_us = runner.run(
+            name, partial(_profiled, config, paths, strategy, nproc),
+            note=lambda r: f"step {r[1] / 1e3:,.1f} ms")
+        traces[(strategy, nproc)] = trace
+        measured[(strategy, nproc)] = (Path(trace.path).name, str(trace.path), step_us)
+    return traces, measured
+
+
+def _report(config: DemoConfig, paths: DemoPaths, traces: dict[RunKey, Any],
+            predictions: list[tuple[Path, Any]], validation: Any, planned: Any) -> Path:
+    """The demo's page: its traces and predictions, this machine's held-out accuracy beside
+    the committed GPU validations, and the plan."""
+    from kfacperf.report.build import build_report
+    from kfacperf.report.inputs import committed_validations
+
+    title = (f"kfacperf demo: {config.workload} measured and predicted here, "
+             f"{config.scale_workload} on " + ", ".join(t.cluster for t in config.clusters))
+    return build_report([Path(t.path) for t in traces.values()],
+                        [paths.local_prediction(config.workload)]
+                        + [p for p, _ in predictions],
+                        paths.report,
+                        {"this machine: held-out runs": _accuracy_table(validation.runs),
+                         **committed_validations(COMMITTED_TRACES)},
+                        title=title, plan=planned)
+
+
 def run_demo(config: DemoConfig, *, stream: TextIO | None = None,
              verbose: bool = False, force: bool = False) -> DemoResult:
     """Run the pipeline described in the module docstring; progress lines go to ``stream``.
@@ -274,21 +291,9 @@ def run_demo(config: DemoConfig, *, stream: TextIO | None = None,
     :class:`~kfacperf.pipeline.phases.DemoPhaseError` naming the phase that failed (files of
     the finished phases are kept).
     """
-    from kfacperf.sim.models import load_cluster, load_device, load_workload
-    from kfacperf.workloads import get_workload
-
     paths = config.paths
     check_out(paths.root, force=force)
-    workload_obj = get_workload(config.workload, **dict(config.workload_options))
-    load_workload(config.scale_workload)  # fail on a bad model name now, not after the profiles
-    for t in config.clusters + ((config.plan,) if config.plan is not None else ()):
-        load_cluster(t.cluster)
-        load_device(t.device)
-    if config.plan is not None:
-        from kfacperf.plan import load_convergence
-
-        for name in config.plan_convergence:
-            load_convergence(name)
+    workload_obj = _check_inputs(config)
     load_avg = _load_average()
     for d in (paths.traces, paths.logs, paths.predictions, paths.models):
         d.mkdir(parents=True, exist_ok=True)
@@ -301,16 +306,7 @@ def run_demo(config: DemoConfig, *, stream: TextIO | None = None,
     runner.say(f"kfacperf demo: {config.workload}, batch {batch} per rank, {steps} "
                f"(+{config.warmup} warm-up) per run; files in {paths.root}"
                + (f"; load average {load_avg[0]:.2f}" if load_avg else ""))
-
-    traces: dict[tuple[str, int], Any] = {}
-    measured: dict[tuple[str, int], tuple[str, str, float]] = {}
-    for strategy, nproc in runs:
-        name = f"profile {strategy}, {nproc} process{'es' if nproc > 1 else ''}"
-        trace, step_us = runner.run(
-            name, partial(_profiled, config, paths, strategy, nproc),
-            note=lambda r: f"step {r[1] / 1e3:,.1f} ms")
-        traces[(strategy, nproc)] = trace
-        measured[(strategy, nproc)] = (Path(trace.path).name, str(trace.path), step_us)
+    traces, measured = _profile_all(runner, config, paths, runs)
 
     worlds = ", ".join(map(str, sorted(set(config.predict_nprocs))))
     cluster = runner.run(f"commbench (gloo, {worlds} ranks)", lambda: _commbench(config, paths),
@@ -332,40 +328,19 @@ def run_demo(config: DemoConfig, *, stream: TextIO | None = None,
     held_rows = held_out_headlines(validation.runs, {n: k[0] for n, k in names.items()},
                                    {n: k[1] for n, k in names.items()})
 
-    scale_preds: list[tuple[Path, Any]] = []  # each cluster's prediction, then what-ifs
-    whatifs: list[tuple[Path, Any]] = []
-    for i, target in enumerate(config.clusters):
-        got = runner.run(
-            f"simulate {config.scale_workload} on {target.cluster}",
-            partial(_simulate_cluster, config, paths, i),
-            note=lambda r: f"{len(r)} prediction(s), up to {max(config.scale_gpus):,} GPUs")
-        scale_preds.append(got[0])
-        whatifs.extend(got[1:])
-
+    scale_preds, whatifs = simulate_all(runner, config, paths)
     planned = None
     if config.plan is not None:
-        target = config.plan
         planned = runner.run(
-            f"plan {config.scale_workload} on {target.cluster}", lambda: _plan(config, paths),
+            f"plan {config.scale_workload} on {config.plan.cluster}",
+            lambda: plan_on_cluster(config, paths),
             note=lambda r: f"{r.stats['configurations']:,} configurations at "
                            f"{len(config.plan_gpus)} GPU counts -> {paths.plan}")
 
-    def report() -> Path:
-        from kfacperf.report.build import build_report
-        from kfacperf.report.inputs import committed_validations
-
-        title = (f"kfacperf demo: {config.workload} measured and predicted here, "
-                 f"{config.scale_workload} on " + ", ".join(t.cluster for t in config.clusters))
-        return build_report([Path(t.path) for t in traces.values()],
-                            [paths.local_prediction(config.workload)]
-                            + [p for p, _ in scale_preds + whatifs],
-                            paths.report,
-                            {"this machine: held-out runs": _accuracy_table(validation.runs),
-                             **committed_validations(COMMITTED_TRACES)},
-                            title=title, plan=planned)
-
-    page = runner.run("report", report,
-                      note=lambda p: f"{p} ({p.stat().st_size / 1e6:.1f} MB)")
+    page = runner.run(
+        "report", lambda: _report(config, paths, traces, scale_preds + whatifs, validation,
+                                  planned),
+        note=lambda p: f"{p} ({p.stat().st_size / 1e6:.1f} MB)")
     scale = scale_headlines([(str(p), pred.meta, pred.summary) for p, pred in scale_preds])
     base_run = traces[(S.SGD, 1)].run
     kfac_run = traces[(config.strategies[0], 1)].run
