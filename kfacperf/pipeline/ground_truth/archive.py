@@ -61,7 +61,9 @@ def unpack(archive: Path, into: Path) -> list[Path]:
     try:
         tar = tarfile.open(archive, "r:*")
     except (tarfile.TarError, OSError) as exc:
-        raise ValueError(f"{archive}: not a readable tar archive ({exc})") from None
+        why = str(exc).splitlines()[0].rstrip(":") if str(exc) else type(exc).__name__
+        raise ValueError(f"{archive}: not a readable tar archive ({why}); pass the "
+                         "ground-truth.tar.gz the device run handed back") from None
     with tar:
         members = tar.getmembers()
         total = 0
