@@ -109,42 +109,78 @@ def memory_per_gpu(
     ``placement`` (optional) saves recomputing :func:`placement_for`.
     """
     comm = comm or CommSettings()
-    if strategy not in S.SIM_STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; known: {', '.join(S.SIM_STRATEGIES)}")
-    if isinstance(batch_per_gpu, bool) or not isinstance(batch_per_gpu, int) or batch_per_gpu < 1:
-        raise ValueError(f"batch per GPU must be a positive integer, got {batch_per_gpu!r}")
-    try:
-        s = S.DTYPE_BYTES[dtype]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(S.DTYPE_BYTES)}") from None
-    layers = workload.layers
+    s = _element_bytes(strategy, batch_per_gpu, dtype)
     n_all = workload.total_params
-    n_kfac = sum(l.dim_a * l.dim_g for l in layers)
-    weights = FP32 * n_all + (2 * n_all if s == 2 else 0)
-    activations = batch_per_gpu * s * sum(l.in_elems_per_example + l.out_elems_per_example
-                                          for l in layers)
     distributed = world_size > 1
-    common = dict(weights=weights, gradients=FP32 * n_all, optimizer_state=FP32 * n_all,
-                  activations=activations)
+    common = dict(weights=_weight_bytes(n_all, s), gradients=FP32 * n_all,
+                  optimizer_state=FP32 * n_all,
+                  activations=_activation_bytes(workload, batch_per_gpu, s))
     if strategy == S.SGD:
         return MemoryBreakdown(**common, factors=0, inverses=0, gradient_copies=0,
                                comm_buffers=FP32 * n_all if distributed else 0)
     if placement is None:
         placement = placement_for(workload, strategy, world_size, grad_workers)
     assert placement is not None
-    factor = [FP32 * (l.dim_a ** 2 + l.dim_g ** 2) for l in layers]
-    if comm.inverse_method == S.EIGEN:
-        inverse = [FP32 * (l.dim_a ** 2 + l.dim_g ** 2 + l.dim_a + l.dim_g) for l in layers]
-    else:
-        inverse = [FP32 * (l.dim_a ** 2 + l.dim_g ** 2) for l in layers]
-    kept = _max_per_rank(factor, placement.inverse_worker)
-    # a layer's inverse state is on every rank of its column; columns are alike in size
-    preconditioned = _max_per_rank(inverse, placement.column)
-    c = S.COMM_DTYPE_BYTES[comm.factor_dtype]
-    in_flight = c * sum(comm.factor_elems(l.dim_a) + comm.factor_elems(l.dim_g) for l in layers)
-    grads_in_flight = FP32 * (n_all - n_kfac) if strategy == S.SPNGD else FP32 * n_all
+    comm_buffers = _kfac_comm_buffer_bytes(workload, strategy, comm)
     return MemoryBreakdown(
-        **common, factors=sum(factor) + kept, inverses=preconditioned,
-        gradient_copies=2 * FP32 * n_kfac,
-        comm_buffers=(grads_in_flight + in_flight) if distributed else 0,
+        **common, factors=_factor_bytes(workload, placement),
+        inverses=_inverse_bytes(workload, placement, comm.inverse_method),
+        gradient_copies=2 * FP32 * _kfac_layer_params(workload),
+        comm_buffers=comm_buffers if distributed else 0,
     )
+
+
+def _element_bytes(strategy: str, batch_per_gpu: int, dtype: str) -> int:
+    """Bytes per element of ``dtype``, once the arguments are checked."""
+    if strategy not in S.SIM_STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; known: {', '.join(S.SIM_STRATEGIES)}")
+    if isinstance(batch_per_gpu, bool) or not isinstance(batch_per_gpu, int) or batch_per_gpu < 1:
+        raise ValueError(f"batch per GPU must be a positive integer, got {batch_per_gpu!r}")
+    try:
+        return S.DTYPE_BYTES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(S.DTYPE_BYTES)}") from None
+
+
+def _kfac_layer_params(workload: WorkloadModel) -> int:
+    """``N_k``: the elements of every K-FAC layer's ``[dW | db]`` matrix."""
+    return sum(l.dim_a * l.dim_g for l in workload.layers)
+
+
+def _weight_bytes(n_all: int, element_bytes: int) -> int:
+    """The fp32 parameters, plus autocast's cached 16-bit copies in 16-bit precision."""
+    return FP32 * n_all + (2 * n_all if element_bytes == 2 else 0)
+
+
+def _activation_bytes(workload: WorkloadModel, batch_per_gpu: int, element_bytes: int) -> int:
+    return batch_per_gpu * element_bytes * sum(
+        l.in_elems_per_example + l.out_elems_per_example for l in workload.layers)
+
+
+def _factor_bytes(workload: WorkloadModel, placement: Placement) -> int:
+    """Every layer's batch statistics, plus the running averages on the rank keeping most."""
+    factor = [FP32 * (l.dim_a ** 2 + l.dim_g ** 2) for l in workload.layers]
+    return sum(factor) + _max_per_rank(factor, placement.inverse_worker)
+
+
+def _inverse_bytes(workload: WorkloadModel, placement: Placement, inverse_method: str) -> int:
+    """The inverse state on the rank preconditioning most: a layer's is on every rank of its
+    column, and columns are alike in size."""
+    if inverse_method == S.EIGEN:
+        inverse = [FP32 * (l.dim_a ** 2 + l.dim_g ** 2 + l.dim_a + l.dim_g)
+                   for l in workload.layers]
+    else:
+        inverse = [FP32 * (l.dim_a ** 2 + l.dim_g ** 2) for l in workload.layers]
+    return _max_per_rank(inverse, placement.column)
+
+
+def _kfac_comm_buffer_bytes(workload: WorkloadModel, strategy: str, comm: CommSettings) -> int:
+    """Gradients in flight (SP-NGD buckets only those outside the K-FAC layers) plus every
+    layer's encoded statistics in flight."""
+    c = S.COMM_DTYPE_BYTES[comm.factor_dtype]
+    in_flight = c * sum(comm.factor_elems(l.dim_a) + comm.factor_elems(l.dim_g)
+                        for l in workload.layers)
+    n_all = workload.total_params
+    grads_in_flight = (FP32 * (n_all - _kfac_layer_params(workload)) if strategy == S.SPNGD
+                       else FP32 * n_all)
+    return grads_in_flight + in_flight

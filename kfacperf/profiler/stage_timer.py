@@ -26,22 +26,34 @@ Implements :class:`kfacperf.profiler.timer.Timer`.
 Rows of a step go to the ``sink`` (:class:`kfacperf.trace.parts.StreamAppender`: appended and
 flushed) at ``step_end``.  Times are microseconds since ``origin_ns`` (a ``perf_counter_ns``
 value, normally taken right after a barrier at the start of the run).
+
+The CUDA-event clock is in :mod:`kfacperf.profiler.cuda_events`, NVTX behind
+:mod:`kfacperf.profiler.nvtx_backend`, collective completion in
+:mod:`kfacperf.profiler.comm_completion`, and sinks in :mod:`kfacperf.profiler.row_sink`.
 """
 from __future__ import annotations
 
 import collections
-import queue
-import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Any, Protocol, TypeAlias
+from typing import Any
 
 from kfacperf import vocab as S
 from kfacperf.profiler import cuda_events
+from kfacperf.profiler.comm_completion import (
+    CompletionWatcher,
+    Pending,
+    on_completion,
+    still_pending,
+    wait_all,
+)
 from kfacperf.profiler.cuda_events import Row
 from kfacperf.profiler.nvtx_backend import NvtxBackend, NvtxDomainBackend
+from kfacperf.profiler.row_sink import MemorySink, RowSink, rows_to_columns
 from kfacperf.vocab import STEP, lane_of
+
+__all__ = ["STAGE_COLORS", "MemorySink", "RowSink", "StageTimer"]
 
 # ARGB colour per stage (compute stages warm/green, comm stages blue/purple).
 STAGE_COLORS: dict[str, int] = {
@@ -57,29 +69,6 @@ STAGE_COLORS: dict[str, int] = {
     S.UPDATE: 0xFF795548,
     S.STEP: 0xFF9E9E9E,
 }
-
-
-class RowSink(Protocol):
-    """Where a step's rows go (an Arrow stream appender, or a list in tests)."""
-
-    def append(self, columns: Mapping[str, Sequence[Any]]) -> None: ...
-
-
-class MemorySink:
-    """Keeps appended batches in memory (tests, benchmarks, single-process use)."""
-
-    def __init__(self) -> None:
-        self.batches: list[dict[str, list[Any]]] = []
-
-    def append(self, columns: Mapping[str, Sequence[Any]]) -> None:
-        self.batches.append({k: list(v) for k, v in columns.items()})
-
-    def columns(self) -> dict[str, list[Any]]:
-        out: dict[str, list[Any]] = {}
-        for b in self.batches:
-            for k, v in b.items():
-                out.setdefault(k, []).extend(v)
-        return out
 
 
 class _Key:
@@ -189,9 +178,8 @@ class StageTimer:
         self._keys: dict[tuple[str, str], _Key] = {}
         self._rows: list[Row] = []
         self._async_rows: collections.deque[Row] = collections.deque()
-        # per collective in flight: (has it completed?, wait until its row is recorded)
-        self._inflight: list[tuple[Callable[[], bool], Callable[[], Any]]] = []
-        self._completion_watcher: _CompletionWatcher | None = None
+        self._inflight: list[Pending] = []
+        self._completion_watcher: CompletionWatcher | None = None
         self._step = -1
         self._step_t0: Any = None
         self._span_cls = _CudaSpan if self.cuda else _Span
@@ -247,19 +235,7 @@ class StageTimer:
             end(handle)
             rows.append((step, key.stage, key.layer, key.lane, t0, t1, nbytes, 0.0))
 
-        try:
-            fut = work.get_future()
-        except RuntimeError:  # e.g. gloo's list-form reduce_scatter has no future
-            fut = None
-        if fut is not None:
-            chained = fut.then(done)
-            self._inflight.append((fut.done, chained.wait))
-        else:
-            # done when the watcher has run the callback; not work.is_completed(), which gloo's
-            # list-form reduce_scatter never sets: the entry (and through it the work and its
-            # tensors, a whole factor payload per step) would then be kept for the whole run
-            finished = self._watcher().watch(work, done)
-            self._inflight.append((finished.is_set, lambda: finished.wait(1.0)))
+        self._inflight.append(on_completion(work, done, self._watcher))
 
     def step_begin(self, step: int) -> None:
         if self.isolate:
@@ -291,11 +267,7 @@ class StageTimer:
 
     def close(self) -> None:
         """Wait for outstanding collectives' callbacks, resolve and write everything left."""
-        for _, wait in self._inflight:
-            try:
-                wait()
-            except Exception:  # a failed collective: no completion time to record
-                pass
+        wait_all(self._inflight)
         self._inflight = []
         if self._completion_watcher is not None:
             self._completion_watcher.close()
@@ -320,23 +292,12 @@ class StageTimer:
     def _collect_finished_comm(self) -> None:
         """Make sure completion callbacks of finished collectives have run, without waiting
         for any collective that is still going."""
-        if not self._inflight:
-            return
-        still = []
-        for is_done, wait in self._inflight:
-            finished = False
-            if is_done():
-                try:
-                    finished = wait() is not False  # False: watcher not there yet
-                except Exception:
-                    finished = True
-            if not finished:
-                still.append((is_done, wait))
-        self._inflight = still
+        if self._inflight:
+            self._inflight = still_pending(self._inflight)
 
-    def _watcher(self) -> _CompletionWatcher:
+    def _watcher(self) -> CompletionWatcher:
         if self._completion_watcher is None:
-            self._completion_watcher = _CompletionWatcher()
+            self._completion_watcher = CompletionWatcher()
         return self._completion_watcher
 
     def _drain_async(self) -> list[Row]:
@@ -355,28 +316,8 @@ class StageTimer:
         left out of the table (their NVTX ranges were still emitted).
         """
         rows = [r for r in rows if r[0] >= 0]
-        if not rows:
-            return
-        origin = self.origin_ns
-        n = len(rows)
-        cols: dict[str, list[Any]] = {
-            "rank": [self.rank] * n, "step": [], "stage": [], "layer": [], "lane": [],
-            "start_us": [], "dur_us": [], "bytes": [], "flops": [],
-        }
-        for step, stage, layer, lane, a, b, nbytes, flops in rows:
-            cols["step"].append(step)
-            cols["stage"].append(stage)
-            cols["layer"].append(layer)
-            cols["lane"].append(lane)
-            if isinstance(a, int):
-                cols["start_us"].append((a - origin) / 1e3)
-                cols["dur_us"].append((b - a) / 1e3)
-            else:  # already µs (GPU)
-                cols["start_us"].append(a)
-                cols["dur_us"].append(b - a)
-            cols["bytes"].append(int(nbytes))
-            cols["flops"].append(float(flops))
-        self.sink.append(cols)
+        if rows:
+            self.sink.append(rows_to_columns(rows, rank=self.rank, origin_ns=self.origin_ns))
 
 
 def _cuda_default() -> bool:
@@ -384,47 +325,6 @@ def _cuda_default() -> bool:
 
     torch = sys.modules.get("torch")
     return bool(torch is not None and torch.cuda.is_available())
-
-
-_Watched: TypeAlias = "tuple[Any, Callable[[], None], threading.Event]"
-"""A work handle, the callback to run once it is done, and the event then set."""
-
-
-class _CompletionWatcher:
-    """For work handles without a future: a thread that waits on each, in issue order, and
-    runs its callback.  Collectives of one process group complete in issue order, so the
-    time seen for each is its completion time."""
-
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[_Watched | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="kfacperf-comm-watch",
-                                        daemon=True)
-        self._thread.start()
-
-    def watch(self, work: Any, callback: Callable[[], None]) -> threading.Event:
-        finished = threading.Event()
-        self._queue.put((work, callback, finished))
-        return finished
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            work, callback, finished = item
-            try:
-                work.wait()
-                callback()
-            except Exception:  # a failed collective: the run reports it, not the timer
-                pass
-            finally:
-                finished.set()
-                # let go of the work (and its tensors) before blocking on the next one
-                del item, work, callback, finished
 
 
 def _dist_barrier() -> None:

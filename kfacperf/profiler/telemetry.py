@@ -12,17 +12,13 @@ import platform
 import socket
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any
 
+from kfacperf.profiler.row_sink import RowSink
 from kfacperf.trace.schema import TELEMETRY_COLUMNS
 
 DEFAULT_INTERVAL_S = 0.1
 _FLUSH_EVERY_S = 1.0
-
-
-class RowSink(Protocol):
-    def append(self, columns: Mapping[str, Sequence[Any]]) -> None: ...
 
 
 def _import_nvml() -> Any:
