@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from kfacperf.calibrate.fitting import sig
-from kfacperf.published.cases import PublishedCase
+from kfacperf.published.cases import PublishedCase, Series
 from kfacperf.published.predict import predict_series
 from kfacperf.sim.models.cluster import TIERS, ClusterModel, Tier
 from kfacperf.sim.models.device import INVERSE_METHODS, STAGE_KINDS, DeviceModel, StageEfficiency
@@ -146,13 +146,14 @@ class PublishedFit:
     iterations: int
 
 
-def fit_device_to_published(
-    cases: Sequence[PublishedCase], device: DeviceModel, preset: str, terms: Sequence[Term], *,
-    cluster: ClusterModel | None = None, cluster_preset: str = "",
-    max_iterations: int = 25, progress: Callable[[str], None] | None = None,
-) -> PublishedFit:
-    """Fit ``terms`` of ``device`` (named ``preset`` in the cases' setups), and of ``cluster``
-    (named ``cluster_preset``) for ``cluster.*`` terms, to the cases."""
+_Series = list[tuple[PublishedCase, Series]]
+_Residuals = Callable[[np.ndarray], np.ndarray]
+
+
+def _series_to_fit(cases: Sequence[PublishedCase], preset: str, cluster: ClusterModel | None,
+                   cluster_preset: str) -> _Series:
+    """Every series of ``cases`` run on ``preset`` (and ``cluster_preset`` when a cluster is
+    fitted); a held-out case is refused."""
     held = [c.name for c in cases if c.role != "calibration"]
     if held:
         raise ValueError(f"case {held[0]!r} is held out: it may be predicted, never fitted")
@@ -161,10 +162,12 @@ def fit_device_to_published(
     if not series:
         raise ValueError(f"no series of these cases runs on device {preset!r}"
                          + (f" and cluster {cluster_preset!r}" if cluster is not None else ""))
-    if not terms:
-        raise ValueError("no terms to fit")
-    start = {t: get_term(device, t, cluster) for t in terms}
-    x = np.array([math.log(max(v, 1e-9)) for v in start.values()])
+    return series
+
+
+def _residual_function(series: _Series, device: DeviceModel, preset: str, terms: Sequence[Term],
+                       cluster: ClusterModel | None, cluster_preset: str) -> _Residuals:
+    """``log(predicted / measured)`` of every point, as a function of the terms' logarithms."""
 
     def models(xv: np.ndarray) -> dict[str, Any]:
         values = {t: math.exp(v) for t, v in zip(terms, xv)}
@@ -186,13 +189,18 @@ def fit_device_to_published(
             return np.full(points, UNUSABLE)
         return np.array(out)
 
-    r = residuals(x)
-    if r[0] == UNUSABLE:
-        raise ValueError("the starting terms give no usable prediction; start from other "
-                         "values (--start-from)")
-    before = float(np.sqrt(np.mean(r ** 2)))
-    # a coarse scan of each term first: a term can start on a plateau (a bandwidth that is not
-    # yet the bottleneck) where no local step sees a slope
+    return residuals
+
+
+def _rms(r: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(r ** 2)))
+
+
+def _coarse_scan(x: np.ndarray, r: np.ndarray, terms: Sequence[Term],
+                 residuals: _Residuals) -> tuple[np.ndarray, np.ndarray]:
+    """Each term scaled by 1/4 .. 4 in turn, keeping what lowers the error: a term can start
+    on a plateau (a bandwidth that is not yet the bottleneck) where no local step sees a
+    slope."""
     for j, t in enumerate(terms):
         for factor in (0.25, 0.5, 2.0, 4.0):
             trial = x.copy()
@@ -202,13 +210,27 @@ def fit_device_to_published(
             rt = residuals(trial)
             if rt @ rt < r @ r:
                 x, r = trial, rt
+    return x, r
+
+
+def _jacobian(x: np.ndarray, n: int, residuals: _Residuals) -> np.ndarray:
+    jac = np.empty((n, len(x)))
+    for j in range(len(x)):  # central: a term may sit at a kink (a cap, a bottleneck)
+        dx = np.zeros_like(x)
+        dx[j] = 1e-3
+        jac[:, j] = (residuals(x + dx) - residuals(x - dx)) / 2e-3
+    return jac
+
+
+def _levenberg_marquardt(
+    x: np.ndarray, r: np.ndarray, terms: Sequence[Term], residuals: _Residuals, *,
+    max_iterations: int, progress: Callable[[str], None] | None,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Levenberg-Marquardt steps from ``x`` (residuals ``r``) until no step improves or
+    steps become negligible; the terms, their residuals and the iterations taken."""
     lam, it = 1e-2, 0
     for it in range(1, max_iterations + 1):
-        jac = np.empty((len(r), len(x)))
-        for j in range(len(x)):  # central: a term may sit at a kink (a cap, a bottleneck)
-            dx = np.zeros_like(x)
-            dx[j] = 1e-3
-            jac[:, j] = (residuals(x + dx) - residuals(x - dx)) / 2e-3
+        jac = _jacobian(x, len(r), residuals)
         g, h = jac.T @ r, jac.T @ jac
         improved = False
         while lam < 1e6:
@@ -223,15 +245,39 @@ def fit_device_to_published(
                 break
             lam *= 4
         if progress is not None:
-            progress(f"iteration {it}: rms log error {float(np.sqrt(np.mean(r ** 2))):.4f}")
+            progress(f"iteration {it}: rms log error {_rms(r):.4f}")
         if not improved or np.max(np.abs(step)) < 1e-4:
             break
+    return x, r, it
+
+
+def fit_device_to_published(
+    cases: Sequence[PublishedCase], device: DeviceModel, preset: str, terms: Sequence[Term], *,
+    cluster: ClusterModel | None = None, cluster_preset: str = "",
+    max_iterations: int = 25, progress: Callable[[str], None] | None = None,
+) -> PublishedFit:
+    """Fit ``terms`` of ``device`` (named ``preset`` in the cases' setups), and of ``cluster``
+    (named ``cluster_preset``) for ``cluster.*`` terms, to the cases."""
+    series = _series_to_fit(cases, preset, cluster, cluster_preset)
+    if not terms:
+        raise ValueError("no terms to fit")
+    start = {t: get_term(device, t, cluster) for t in terms}
+    x = np.array([math.log(max(v, 1e-9)) for v in start.values()])
+    residuals = _residual_function(series, device, preset, terms, cluster, cluster_preset)
+    r = residuals(x)
+    if r[0] == UNUSABLE:
+        raise ValueError("the starting terms give no usable prediction; start from other "
+                         "values (--start-from)")
+    before = _rms(r)
+    x, r = _coarse_scan(x, r, terms, residuals)
+    x, r, it = _levenberg_marquardt(x, r, terms, residuals, max_iterations=max_iterations,
+                                    progress=progress)
     fitted = {t: sig(math.exp(v), 4) for t, v in zip(terms, x)}
     return PublishedFit(
         device=set_terms(device, fitted),
         cluster=set_cluster_terms(cluster, fitted) if cluster is not None else None,
         terms={t.label: (start[t], fitted[t]) for t in terms},
-        rms_log_error_before=before, rms_log_error_after=float(np.sqrt(np.mean(r ** 2))),
+        rms_log_error_before=before, rms_log_error_after=_rms(r),
         points=len(r), iterations=it,
     )
 

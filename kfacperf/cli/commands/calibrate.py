@@ -32,8 +32,15 @@ file is written whole or not at all.
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from kfacperf.cli.commands import key_value
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kfacperf.calibrate.device import DeviceCalibration
+    from kfacperf.calibrate.published import Term
+    from kfacperf.sim.models.cluster import ClusterModel
+    from kfacperf.sim.models.device import DeviceModel
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -99,10 +106,7 @@ def _run_workload(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from kfacperf.errors import UserError
-    from kfacperf.safety import dumps_json
 
     if args.published is not None or args.start_from:
         if args.traces or args.workload:
@@ -114,8 +118,14 @@ def run(args: argparse.Namespace) -> int:
         return _run_workload(args)
     if not args.traces:
         raise UserError("give TRACE directories to fit a device model, or --workload NAME")
+    return _run_traces(args)
+
+
+def _run_traces(args: argparse.Namespace) -> int:
+    from pathlib import Path
 
     from kfacperf.calibrate.device import fit_device_model
+    from kfacperf.safety import dumps_json
     from kfacperf.sim.models import load_device
     from kfacperf.sim.models.device import save_device_model
     from kfacperf.sim.models.presets import check_model_out
@@ -145,6 +155,14 @@ def run(args: argparse.Namespace) -> int:
             "fits": {k: f.__dict__ for k, f in cal.fits.items()}, "out": args.out,
         }, indent=1))
         return 0
+    _print_calibration(cal)
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _print_calibration(cal: DeviceCalibration) -> None:
+    """The device's peaks, then each stage kind's fit and its error, then the notes."""
     d = cal.device
     print(f"device {d.name}: peaks fp32 {d.fp32_tflops:g} TFLOP/s, memory "
           f"{d.mem_bandwidth_GBps:g} GB/s, {d.mode} mode; fitted from "
@@ -157,9 +175,6 @@ def run(args: argparse.Namespace) -> int:
               + (f"  ({f.note})" if f.note else ""))
     for note in cal.notes:
         print(f"note: {note}")
-    if args.out:
-        print(f"wrote {args.out}")
-    return 0
 
 
 def _run_published(args: argparse.Namespace) -> int:
@@ -172,7 +187,6 @@ def _run_published(args: argparse.Namespace) -> int:
         fit_device_to_published,
         fitted_source,
         parse_term,
-        without_fit_notes,
     )
     from kfacperf.errors import UserError
     from kfacperf.published.cases import load_cases
@@ -190,31 +204,16 @@ def _run_published(args: argparse.Namespace) -> int:
     if args.start_from:
         device = carry_terms(device, load_device(args.start_from))
     if not args.published:  # carry the terms over, nothing to fit them to
-        if args.fit:
-            raise UserError("--fit needs --published cases to fit to")
-        if args.out:
-            save_device_model(replace(device, name=args.device_name or device.name), args.out)
-            print(f"wrote {args.out}")
-        return 0
+        return _write_carried(args, device)
     if not args.fit:
         raise UserError("--published needs --fit TERM[,TERM...]")
     terms = [parse_term(t) for t in args.fit.split(",") if t.strip()]
     cases = load_cases(args.published)
-    cluster = None
-    if any(t.table == "cluster" for t in terms):
-        if not args.cluster:
-            raise UserError("cluster.* terms need --cluster PRESET (and --cluster-out TOML)")
-        from kfacperf.sim.models import load_cluster
-
-        cluster = load_cluster(args.cluster)
+    cluster = _cluster_to_fit(args, terms)
     fit = fit_device_to_published(cases, device, args.device, terms, cluster=cluster,
                                   cluster_preset=args.cluster or "",
                                   progress=lambda m: print(m, file=sys.stderr))
-    command = ("kfacperf calibrate --published " + " ".join(args.published)
-               + f" --device {args.device}"
-               + (f" --start-from {args.start_from}" if args.start_from else "")
-               + (f" --cluster {args.cluster}" if cluster is not None else "")
-               + f" --fit {args.fit}")
+    command = _published_command(args, with_cluster=cluster is not None)
     fitted = replace(fit.device, name=args.device_name or fit.device.name,
                      source=fitted_source(fit, cases, device.source, command))
     for line in describe(fit):
@@ -223,11 +222,57 @@ def _run_published(args: argparse.Namespace) -> int:
         save_device_model(fitted, args.out)
         print(f"wrote {args.out}")
     if fit.cluster is not None and args.cluster_out:
-        from kfacperf.sim.models.cluster import save_cluster_model
-
-        labels = ", ".join(t.label for t in terms if t.table == "cluster")
-        note = f"{labels} fitted to published cases {', '.join(args.published)} by `{command}`"
-        save_cluster_model(replace(fit.cluster, source=f"{without_fit_notes(fit.cluster.source)}; "
-                                                       f"{note}"), args.cluster_out)
-        print(f"wrote {args.cluster_out}")
+        _save_fitted_cluster(args, fit.cluster, terms, command)
     return 0
+
+
+def _write_carried(args: argparse.Namespace, device: DeviceModel) -> int:
+    """--start-from without --published: write ``device`` (its terms carried over) to --out."""
+    from dataclasses import replace
+
+    from kfacperf.errors import UserError
+    from kfacperf.sim.models.device import save_device_model
+
+    if args.fit:
+        raise UserError("--fit needs --published cases to fit to")
+    if args.out:
+        save_device_model(replace(device, name=args.device_name or device.name), args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _cluster_to_fit(args: argparse.Namespace, terms: list[Term]) -> ClusterModel | None:
+    """The --cluster preset when a ``cluster.*`` term is fitted, else None."""
+    from kfacperf.errors import UserError
+
+    if not any(t.table == "cluster" for t in terms):
+        return None
+    if not args.cluster:
+        raise UserError("cluster.* terms need --cluster PRESET (and --cluster-out TOML)")
+    from kfacperf.sim.models import load_cluster
+
+    return load_cluster(args.cluster)
+
+
+def _published_command(args: argparse.Namespace, *, with_cluster: bool) -> str:
+    """The command line that reproduces the fit, recorded in the fitted models' source."""
+    return ("kfacperf calibrate --published " + " ".join(args.published)
+            + f" --device {args.device}"
+            + (f" --start-from {args.start_from}" if args.start_from else "")
+            + (f" --cluster {args.cluster}" if with_cluster else "")
+            + f" --fit {args.fit}")
+
+
+def _save_fitted_cluster(args: argparse.Namespace, cluster: ClusterModel, terms: list[Term],
+                         command: str) -> None:
+    """Write the fitted ``cluster`` to --cluster-out, its source noting the fit."""
+    from dataclasses import replace
+
+    from kfacperf.calibrate.published import without_fit_notes
+    from kfacperf.sim.models.cluster import save_cluster_model
+
+    labels = ", ".join(t.label for t in terms if t.table == "cluster")
+    note = f"{labels} fitted to published cases {', '.join(args.published)} by `{command}`"
+    save_cluster_model(replace(cluster, source=f"{without_fit_notes(cluster.source)}; {note}"),
+                       args.cluster_out)
+    print(f"wrote {args.cluster_out}")

@@ -26,7 +26,15 @@ command fails.
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kfacperf.bench.config import CommbenchConfig
+    from kfacperf.bench.results import CommbenchResult
+
+# per collective, every alpha-beta fit tried (as dicts), the best first
+_Fits = dict[str, list[dict[str, Any]]]
 
 
 def _csv_ints(text: str) -> tuple[int, ...]:
@@ -97,18 +105,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                             "hierarchical on NCCL)")
 
 
-def run(args: argparse.Namespace) -> int:
-    import sys
-    import time
-
-    from kfacperf.bench import commbench as cb
-    from kfacperf.bench import raw as commbench_raw
-    from kfacperf.bench import results
-    from kfacperf.bench.config import CommbenchConfig
-    from kfacperf.calibrate import cluster as cbf
-    from kfacperf.errors import UserError
-    from kfacperf.safety import atomic_write_text, check_output_file, dumps_json
-    from kfacperf.sim.models.cluster import OPS, save_cluster_model
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuse conflicting flags and outputs that would be refused anyway, before measuring
+    for minutes."""
+    from kfacperf.safety import check_output_file
     from kfacperf.sim.models.presets import check_model_out
 
     if args.contention_only and (args.no_contention or args.from_raw):
@@ -117,10 +117,17 @@ def run(args: argparse.Namespace) -> int:
     if args.contention_only and args.out:
         raise ValueError("--contention-only measures no collectives, so it cannot write a "
                          "cluster model; write --raw and fit with --from-raw")
-    if args.out and args.node_rank == 0:  # before measuring for minutes
+    if args.out and args.node_rank == 0:
         check_model_out(args.out, force=args.force)
     if args.raw and args.node_rank == 0:
         check_output_file(args.raw, force=args.force, flag="--raw")
+
+
+def _config(args: argparse.Namespace) -> CommbenchConfig:
+    from kfacperf.bench import results
+    from kfacperf.bench.config import CommbenchConfig
+    from kfacperf.sim.models.cluster import OPS
+
     sizes = (tuple(results.parse_size(s) for s in args.sizes.split(",") if s.strip())
              if args.sizes else results.DEFAULT_SIZES)
     ops = tuple(o.strip() for o in args.ops.split(",") if o.strip()) if args.ops else OPS
@@ -129,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
                          f"(--nnodes {args.nnodes}), got {args.node_rank}")
     if args.from_raw and args.nnodes > 1:
         raise ValueError("--from-raw measures nothing: it cannot go with --nnodes")
-    config = CommbenchConfig(
+    return CommbenchConfig(
         world_sizes=args.world_sizes or None, sizes=sizes, ops=ops,
         reps=args.reps, warmup=args.warmup, backend=args.backend, timeout_s=args.timeout,
         contention=not args.no_contention, collectives=not args.contention_only,
@@ -137,26 +144,41 @@ def run(args: argparse.Namespace) -> int:
         nproc_per_node=args.nproc_per_node, rdzv_endpoint=args.rdzv_endpoint,
         rdzv_id=args.rdzv_id,
     )
-    writes = args.node_rank == 0  # across nodes, node 0 alone writes the files
 
-    def log(message: str) -> None:  # progress to stderr when stdout carries the JSON
-        print(message, file=sys.stderr if args.json else sys.stdout, flush=True)
+
+def _measure(args: argparse.Namespace, config: CommbenchConfig,
+             log: Callable[[str], None]) -> CommbenchResult:
+    """The points and probes: read from --from-raw files, else measured on this machine."""
+    import time
+
+    from kfacperf.bench import commbench as cb
+    from kfacperf.bench import raw as commbench_raw
+    from kfacperf.errors import UserError
 
     if args.from_raw:
         result = commbench_raw.merge_results([commbench_raw.load_raw(p) for p in args.from_raw])
         log(f"commbench: read {len(args.from_raw)} file(s): {len(result.points)} points, "
             + ", ".join(f"{w} ranks {n} probe(s)" for w, n in result.probes.items()))
-    else:
-        t0 = time.perf_counter()
-        try:
-            result = cb.run_commbench(config, progress=log)
-        except RuntimeError as exc:  # the benchmark's processes failed or timed out
-            raise UserError(str(exc)) from None
-        log(f"commbench: measured {len(result.points)} points in {time.perf_counter() - t0:.1f} s")
+        return result
+    t0 = time.perf_counter()
+    try:
+        result = cb.run_commbench(config, progress=log)
+    except RuntimeError as exc:  # the benchmark's processes failed or timed out
+        raise UserError(str(exc)) from None
+    log(f"commbench: measured {len(result.points)} points in {time.perf_counter() - t0:.1f} s")
+    return result
+
+
+def _fit(args: argparse.Namespace, result: CommbenchResult, *, writes: bool,
+         log: Callable[[str], None]) -> _Fits:
+    """Fit every measured collective; with all four, write the cluster model to --out (when
+    ``writes``), else refuse --out."""
+    from kfacperf.calibrate import cluster as cbf
+    from kfacperf.errors import UserError
+    from kfacperf.sim.models.cluster import OPS, save_cluster_model
+
     ops = tuple(op for op in OPS if any(p.op == op for p in result.points))  # what was measured
-    if args.raw and writes:
-        atomic_write_text(args.raw, dumps_json(result.to_dict(), indent=1) + "\n")
-    fits: dict[str, list[dict[str, Any]]] = {}
+    fits: _Fits = {}
     if set(ops) == set(OPS):
         model, tried = cbf.fit_cluster(result, name=args.name, gpus_per_node=args.gpus_per_node,
                                        multi_node=args.multi_node)
@@ -164,22 +186,21 @@ def run(args: argparse.Namespace) -> int:
         if args.out and writes:
             save_cluster_model(model, args.out)
             log(f"commbench: wrote {args.out}")
-    else:
-        for op in ops:
-            _, op_tried = cbf.fit_points(result.points, op)
-            fits[op] = [f.__dict__ for f in op_tried]
-        if args.out:
-            raise UserError(f"not writing --out {args.out}: a cluster model needs all four "
-                            f"collectives ({', '.join(OPS)}), and "
-                            + (f"only {', '.join(ops)} were measured" if ops else
-                               "no collective was measured")
-                            + ("" if not args.raw else f" (the measurements are in {args.raw})"))
-    if args.json:
-        print(dumps_json({"fits": fits, "slowdowns": result.slowdowns,
-                          "stage_slowdowns": result.stage_slowdowns,
-                          "stragglers": result.stragglers,
-                          "comm_slowdowns": result.comm_slowdowns}, indent=1))
-        return 0
+        return fits
+    for op in ops:
+        _, op_tried = cbf.fit_points(result.points, op)
+        fits[op] = [f.__dict__ for f in op_tried]
+    if args.out:
+        raise UserError(f"not writing --out {args.out}: a cluster model needs all four "
+                        f"collectives ({', '.join(OPS)}), and "
+                        + (f"only {', '.join(ops)} were measured" if ops else
+                           "no collective was measured")
+                        + ("" if not args.raw else f" (the measurements are in {args.raw})"))
+    return fits
+
+
+def _print_fits(fits: _Fits) -> None:
+    """The fits as a table, a tier column only across nodes; ``*`` marks each tier's best."""
     tiers = any(f["tier"] != "intra" for fs in fits.values() for f in fs)  # across nodes
     if fits:
         print(f"{'collective':<15} " + (f"{'tier':<6} " if tiers else "")
@@ -193,21 +214,51 @@ def run(args: argparse.Namespace) -> int:
                   + f"{f['algorithm'] + mark:<17} {f['alpha_us']:9.2f} "
                   f"{f['bandwidth_GBps']:8.3f} {f['rms_rel_error']:8.1%} {f['max_rel_error']:8.1%}"
                   + (f"  ({f['note']})" if f.get("note") else ""))
-    if result.slowdowns:
-        print("compute slowdown with ranks sharing cores: "
-              + ", ".join(f"{k} ranks {v:.2f}x" + (f" (mean of {result.probes[k]} probes)"
-                                                  if result.probes.get(k, 1) > 1 else "")
-                          for k, v in sorted(result.slowdowns.items())))
-        if result.stragglers:
-            print("straggler (slowest rank over the mean, per synchronised step): "
-                  + ", ".join(f"{k} ranks {v:.1%}" for k, v in sorted(result.stragglers.items())))
-        if result.comm_slowdowns:
-            print("collectives right after compute, over right after a barrier: "
-                  + ", ".join(f"{k} ranks {v:.2f}x"
-                              for k, v in sorted(result.comm_slowdowns.items())))
-        for world, per in sorted(result.stage_slowdowns.items()):
-            print(f"  {world} ranks, per stage kind: "
-                  + ", ".join(f"{k} {v:.2f}x" for k, v in per.items()))
+
+
+def _print_slowdowns(result: CommbenchResult) -> None:
+    if not result.slowdowns:
+        return
+    print("compute slowdown with ranks sharing cores: "
+          + ", ".join(f"{k} ranks {v:.2f}x" + (f" (mean of {result.probes[k]} probes)"
+                                              if result.probes.get(k, 1) > 1 else "")
+                      for k, v in sorted(result.slowdowns.items())))
+    if result.stragglers:
+        print("straggler (slowest rank over the mean, per synchronised step): "
+              + ", ".join(f"{k} ranks {v:.1%}" for k, v in sorted(result.stragglers.items())))
+    if result.comm_slowdowns:
+        print("collectives right after compute, over right after a barrier: "
+              + ", ".join(f"{k} ranks {v:.2f}x"
+                          for k, v in sorted(result.comm_slowdowns.items())))
+    for world, per in sorted(result.stage_slowdowns.items()):
+        print(f"  {world} ranks, per stage kind: "
+              + ", ".join(f"{k} {v:.2f}x" for k, v in per.items()))
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from kfacperf.safety import atomic_write_text, dumps_json
+
+    _check_args(args)
+    config = _config(args)
+    writes = args.node_rank == 0  # across nodes, node 0 alone writes the files
+
+    def log(message: str) -> None:  # progress to stderr when stdout carries the JSON
+        print(message, file=sys.stderr if args.json else sys.stdout, flush=True)
+
+    result = _measure(args, config, log)
+    if args.raw and writes:
+        atomic_write_text(args.raw, dumps_json(result.to_dict(), indent=1) + "\n")
+    fits = _fit(args, result, writes=writes, log=log)
+    if args.json:
+        print(dumps_json({"fits": fits, "slowdowns": result.slowdowns,
+                          "stage_slowdowns": result.stage_slowdowns,
+                          "stragglers": result.stragglers,
+                          "comm_slowdowns": result.comm_slowdowns}, indent=1))
+        return 0
+    _print_fits(fits)
+    _print_slowdowns(result)
     if fits:
         print("(* = best fit, used in the model)")
     return 0
