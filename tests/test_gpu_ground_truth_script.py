@@ -107,6 +107,8 @@ def test_finish_lands_checks_calibrates_and_validates_the_run(dry_run, tmp_path,
                  "versions.txt", "command.txt", "finish.txt"):
         assert (into / name).is_file(), name
     assert "targets missed" in (into / "finish.txt").read_text()
+    assert "preset: not folded (a dry run's outputs)" in printed  # CPU peaks: no GPU preset
+    assert not list(into.glob("*-preset.toml"))
     # the kernel timings' inverse terms beside the measured inverse steps of the 1/1 runs
     inverse = json.loads((into / "kernel-inverse.json").read_text())
     assert inverse["sizes"] == list(K.DRY_PLAN.inverse_sizes)

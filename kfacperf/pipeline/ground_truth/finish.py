@@ -15,7 +15,11 @@ and, in one go, does what ``docs/gpu-ground-truth.md`` lists under "Afterwards":
 4. fits the eigendecomposition's terms to the kernel timings and prices the inverse step
    of every run whose measured steps invert with them, beside what the run measured
    (:mod:`~kfacperf.pipeline.ground_truth.inverse_check`): ``INTO/kernel-inverse.json``;
-5. writes what it printed into ``INTO/finish.txt`` and the validation per precision as a
+5. folds the fitted terms (bf16's where it validated) and the Cholesky inverse's terms from
+   the kernel timings into the traced GPU's preset
+   (:mod:`~kfacperf.pipeline.ground_truth.preset`): ``INTO/DEVICE-preset.toml``, the
+   proposed successor of ``models/devices/DEVICE.toml``;
+6. writes what it printed into ``INTO/finish.txt`` and the validation per precision as a
    Markdown table, the shape of the README's, into ``INTO/accuracy.md``.
 
 Which runs calibrate and which are held out is what the run's ``summary.json`` says of each
@@ -30,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kfacperf import vocab as S
 from kfacperf.bench.kernels.records import OUTPUT_FILE as KERNELS_FILE
 from kfacperf.bench.overhead import OUTPUT_FILE as OVERHEAD_FILE
 from kfacperf.errors import UserError
@@ -154,6 +159,8 @@ def _finish_folder(folder: Path, into: Path, *, cluster: str | None,
         say(f"inverse from kernel timings: not compared ({exc})")
     if inverse is not None:
         atomic_write_text(into / "kernel-inverse.json", dumps_json(inverse, indent=1) + "\n")
+    say("")
+    _fold_preset(done, device_name or _device_name(done), say)
     atomic_write_text(into / "finish.txt", "\n".join(done.lines) + "\n")
     return done
 
@@ -255,6 +262,52 @@ def _validate_each_precision(done: Finished, *, cluster: str, device_name: str,
             f"run(s) -> {device_file.name}, validation-{precision}.json")
         say(text_table(result))
         say(f"{precision}: targets " + ("met" if not misses else "missed: " + "; ".join(misses)))
+
+
+PRESET_PRECISIONS: tuple[str, ...] = (S.BF16, S.TF32, S.FP32)
+"""Whose fitted terms go into the preset, the first that validated: the precision users
+train in first."""
+
+
+def _fold_preset(done: Finished, device_name: str, say: Callable[[str], None]) -> None:
+    """Write ``DEVICE-preset.toml``: the preset of the traced GPU with the fitted terms."""
+    from kfacperf.calibrate.kernels import fit_inverse_kernels
+    from kfacperf.pipeline.ground_truth.preset import fold_into_preset
+    from kfacperf.safety import load_json_file
+    from kfacperf.sim.models import load_device
+    from kfacperf.sim.models.device import load_device_model, save_device_model
+
+    precision = next((p for p in PRESET_PRECISIONS if p in done.device_files), None)
+    if not done.gpu or precision is None:
+        say("preset: not folded (" + ("a dry run's outputs" if not done.gpu
+                                      else "no precision was validated") + ")")
+        return
+    try:
+        preset = load_device(device_name)
+    except ValueError as exc:
+        say(f"preset: not folded ({exc})")
+        return
+    fits = []
+    kernels = done.into / KERNELS_FILE
+    if kernels.is_file():
+        try:
+            fits.append(fit_inverse_kernels(load_json_file(kernels, what="kernel timings"),
+                                            preset, method=S.CHOLESKY, dtype=S.FP64))
+        except (ValueError, OSError) as exc:
+            say(f"preset: cholesky terms kept as they were ({exc})")
+    fitted_from = (f"the {precision} traces in {done.into / precision} (calibration runs "
+                   "only, batch 32 and 128 per GPU)")
+    try:
+        folded = fold_into_preset(preset, load_device_model(done.device_files[precision]),
+                                  fitted_from=fitted_from, kernel_fits=fits,
+                                  kernels_from=str(kernels))
+    except ValueError as exc:
+        say(f"preset: not folded ({exc})")
+        return
+    path = save_device_model(folded, done.into / f"{preset.name}-preset.toml")
+    say(f"preset: {path.name}, models/devices/{preset.name}.toml with the {precision} fit and "
+        + (f"the {', '.join(f.method for f in fits)} kernel terms; " if fits else "; ")
+        + "review, then copy it over the preset")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
