@@ -317,6 +317,37 @@ def spngd_factor_plan(costs: LayerCosts, cs: CommSettings) -> FactorPlan:
     return _events(batches, [cur] if cur else [])
 
 
+def emit_factor_prefix(costs: LayerCosts, kind: StepKind, plan: FactorPlan,
+                       launch: Callable[[Program, BucketEvent, str], None], *,
+                       on_grad: Callable[[Program, int], None] | None = None,
+                       after_backward: Callable[[Program], None] | None = None) -> Program:
+    """What every rank of a K-FAC strategy issues alike: forward, backward (on factor steps
+    each factor bucket launched, by ``launch(prog, bucket, label)``, once the hook of the
+    layer that fills it has run), ``after_backward`` (DDP's last buckets), the gradients'
+    load, then the buckets left for after the backward pass and the wait for all of them."""
+    after, end = plan
+    prog = Program()
+    labels = {ev.index: bucket_label([costs.names[l] for l in ev.layers])
+              for evs in list(after.values()) + [end] for ev in evs}
+
+    def on_factor(l: int) -> None:
+        for ev in after.get(l, ()):
+            launch(prog, ev, labels[ev.index])
+
+    emit_forward(prog, costs, factor=kind.factor)
+    emit_backward(prog, costs, factor=kind.factor, on_factor=on_factor,
+                  on_grad=None if on_grad is None else (lambda l: on_grad(prog, l)))
+    if after_backward is not None:
+        after_backward(prog)
+    emit_unstaged(prog, costs.grad_load)
+    if kind.factor:
+        for ev in end:
+            launch(prog, ev, labels[ev.index])
+        prog.wait_all([("fac", ev.index) for evs in list(after.values()) + [end]
+                       for ev in evs])
+    return prog
+
+
 def emit_unstaged(prog: Program, dur_us: float) -> None:
     """Host work between stages (the trace charges it to no stage), if there is any."""
     if dur_us > 0:

@@ -37,8 +37,7 @@ from kfacperf.sim.graphs.strategies.common import (
     BucketEvent,
     StepSpec,
     bucket_label,
-    emit_backward,
-    emit_forward,
+    emit_factor_prefix,
     emit_unstaged,
     kaisa_factor_plan,
 )
@@ -68,8 +67,6 @@ class KaisaStep:
             self.fac_after, self.fac_end = kaisa_factor_plan(costs, spec.comm)
         else:
             self.fac_after, self.fac_end = {}, []
-        self.fac_names = [("fac", ev.index) for evs in self.fac_after.values() for ev in evs]
-        self.fac_names += [("fac", ev.index) for ev in self.fac_end]
         self.col_layers: dict[int, list[int]] = defaultdict(list)
         self.inv_layers: dict[int, list[int]] = defaultdict(list)
         for l in range(costs.n):
@@ -145,29 +142,13 @@ class KaisaStep:
     # ------------------------------------------------------------------ program
     def _prefix(self) -> Program:
         """What every rank issues alike: forward, backward, waiting for DDP and factors."""
-        costs, kind = self.spec.costs, self.spec.kind
-        prog = Program()
-        labels = {ev.index: bucket_label([costs.names[l] for l in ev.layers])
-                  for evs in list(self.fac_after.values()) + [self.fac_end] for ev in evs}
+        def launch(prog: Program, ev: BucketEvent, label: str) -> None:
+            prog.launch(("fac", ev.index), S.FACTOR_COMM, label, "all_reduce", ev.nbytes,
+                        self.world)
 
-        def launch(ev: BucketEvent) -> None:
-            prog.launch(("fac", ev.index), S.FACTOR_COMM, labels[ev.index], "all_reduce",
-                        ev.nbytes, self.world)
-
-        def on_factor(l: int) -> None:
-            for ev in self.fac_after.get(l, ()):
-                launch(ev)
-
-        emit_forward(prog, costs, factor=kind.factor)
-        emit_backward(prog, costs, factor=kind.factor, on_factor=on_factor,
-                      on_grad=lambda l: self.ddp.after_layer(prog, l))
-        self.ddp.finish(prog)
-        emit_unstaged(prog, costs.grad_load)
-        if kind.factor:
-            for ev in self.fac_end:
-                launch(ev)
-            prog.wait_all(self.fac_names)
-        return prog
+        return emit_factor_prefix(self.spec.costs, self.spec.kind, (self.fac_after, self.fac_end),
+                                  launch, on_grad=self.ddp.after_layer,
+                                  after_backward=self.ddp.finish)
 
     def program(self, rank: int) -> Program:
         costs, kind = self.spec.costs, self.spec.kind

@@ -28,8 +28,7 @@ from kfacperf.sim.graphs.strategies.common import (
     BucketEvent,
     StepSpec,
     bucket_label,
-    emit_backward,
-    emit_forward,
+    emit_factor_prefix,
     emit_unstaged,
     spngd_factor_plan,
 )
@@ -61,7 +60,6 @@ class SpngdStep:
             for ev in [e for evs in self.fac_after.values() for e in evs] + self.fac_end:
                 self.fac_blocks[ev.index] = self._blocks(
                     [(k[0], n) for k, n in ev.items])
-        self.fac_names = [("fac", i) for i in self.fac_blocks]
         all_layers = range(costs.n)
         self.grad_blocks = self._blocks([(l, costs.grad_bytes(l)) for l in all_layers])
         self.pg_blocks = self._blocks([(l, costs.precond_bytes(l, spec.comm)) for l in all_layers])
@@ -88,27 +86,12 @@ class SpngdStep:
 
     def _prefix(self) -> Program:
         """What every rank issues alike: forward, backward, waiting for the factors."""
-        costs, kind = self.spec.costs, self.spec.kind
-        prog = Program()
-        labels = {ev.index: bucket_label([costs.names[l] for l in ev.layers])
-                  for evs in list(self.fac_after.values()) + [self.fac_end] for ev in evs}
-
-        def launch(ev: BucketEvent) -> None:
-            prog.launch(("fac", ev.index), S.FACTOR_COMM, labels[ev.index], "reduce_scatter_v",
+        def launch(prog: Program, ev: BucketEvent, label: str) -> None:
+            prog.launch(("fac", ev.index), S.FACTOR_COMM, label, "reduce_scatter_v",
                         self.fac_blocks[ev.index], self.world)
 
-        def on_factor(l: int) -> None:
-            for ev in self.fac_after.get(l, ()):
-                launch(ev)
-
-        emit_forward(prog, costs, factor=kind.factor)
-        emit_backward(prog, costs, factor=kind.factor, on_factor=on_factor)
-        emit_unstaged(prog, costs.grad_load)
-        if kind.factor:
-            for ev in self.fac_end:
-                launch(ev)
-            prog.wait_all(self.fac_names)
-        return prog
+        return emit_factor_prefix(self.spec.costs, self.spec.kind, (self.fac_after, self.fac_end),
+                                  launch)
 
     def program(self, rank: int) -> Program:
         costs, kind = self.spec.costs, self.spec.kind
