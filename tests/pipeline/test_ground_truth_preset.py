@@ -36,7 +36,8 @@ def fitted_h200():
                                       row_us=4.0, assumed=False)}
     return replace(h200.with_stages(**fit), name="h200-bf16",
                    capture_overhead={"forward": 0.1, "backward": 0.2},
-                   layer_host_us={"load_grad": 35.0, "write_grad": 20.0}, source="kfacperf calibrate ...")
+                   layer_host_us={"load_grad": 35.0, "write_grad": 20.0},
+                   source="kfacperf calibrate ...")
 
 
 def test_fitted_terms_replace_the_assumed_ones_and_nothing_else():
