@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -124,6 +125,45 @@ def test_finish_lands_checks_calibrates_and_validates_the_run(dry_run, tmp_path,
     # an existing --into is never written into without --force
     assert finish_main([str(returned / A.ARCHIVE_NAME), "--into", str(into)]) == 2
     assert "--force" in capsys.readouterr().err
+
+
+def test_a_gpu_run_lands_as_its_gpu_with_the_preset_proposed(dry_run, tmp_path, capsys):
+    """The dry run's outputs relabelled as an H200's (what a device run's env.json and
+    run.json say): finish maps them to the h200 preset's peaks, validates on the GPU cluster,
+    flags the missing telemetry, and proposes the preset with the bf16 fit."""
+    out, _ = dry_run
+    gpu = tmp_path / "run"
+    shutil.copytree(out, gpu)
+    env = json.loads((gpu / "env.json").read_text())
+    env["settings"]["device"] = "cuda"
+    (gpu / "env.json").write_text(json.dumps(env))
+    for path in gpu.glob("traces/*/*/run.json"):
+        run = json.loads(path.read_text())
+        run["device"] = {"kind": "gpu", "name": "NVIDIA H200", "torch_device": "cuda:0"}
+        run["timing"] = "cuda_events"
+        path.write_text(json.dumps(run))
+    into = tmp_path / "h200"
+    rc = finish_main([str(gpu), "--into", str(into)])
+    printed = capsys.readouterr().out
+    assert rc == 1 and "12 trace(s), 12 with a problem" in printed
+    checks = json.loads((into / "checks.json").read_text())
+    # a CPU has no NVML; at batch 2 the K-FAC 10/100 steps are mostly the preconditioner's
+    # host work between stages, which only a GPU trace is held to
+    assert all(c["problems"][0] == "no NVML telemetry" for c in checks.values())
+    assert all(len(c["problems"]) == 1 for name, c in checks.items() if "10-100" not in name)
+    assert "cluster dgx-h100-ndr" in printed
+    h200 = load_device("h200")
+    fitted = load_device(into / "h200-bf16.toml")
+    preset = load_device(into / "h200-preset.toml")
+    assert (preset.name, preset.bf16_tflops, preset.memory_GB) == (
+        "h200", h200.bf16_tflops, h200.memory_GB)
+    assert fitted.bf16_tflops == h200.bf16_tflops  # fitted against the preset's own peaks
+    for kind, stage in fitted.stages.items():
+        assert preset.stages[kind] == (h200.stages[kind] if stage.assumed else stage), kind
+    assert not preset.inverse_methods["cholesky"].assumed
+    assert "bf16 calibration traces in h200/bf16 (batch 2 per GPU)" in preset.source
+    assert str(tmp_path) not in preset.source  # a committed preset names no absolute path
+    assert "preset: h200-preset.toml" in printed
 
 
 def test_an_output_folder_in_use_is_refused_without_force(dry_run, tmp_path):

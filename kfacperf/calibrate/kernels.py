@@ -63,7 +63,7 @@ class InverseKernelFit:
     def text(self) -> str:
         return (f"{self.method} ({self.dtype}, {len(self.sizes)} sizes {min(self.sizes)}-"
                 f"{max(self.sizes)}): {self.decomposition_overhead_us:.1f} us + "
-                f"{self.row_us:.3f} us/row + n^3 at {100 * self.efficiency:.1f}% of the fp32 "
+                f"{self.row_us:.3f} us/row + n^3 at {100 * self.efficiency:.3g}% of the fp32 "
                 f"peak; rms error {100 * self.rms_rel_error:.1f}%, worst "
                 f"{100 * self.max_rel_error:.1f}%")
 

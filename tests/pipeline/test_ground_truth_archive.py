@@ -178,7 +178,7 @@ def test_the_fitted_models_are_named_after_the_traced_gpu(tmp_path):
             "device": {"name": gpu_name, "type": "cuda"}},
             events={c: [] for c in ("rank", "step", "stage", "layer", "lane", "start_us",
                                     "dur_us", "bytes", "flops")})
-        trace = TraceResult(name="t", precision="bf16", role="calibration", path=path,
+        trace = TraceResult(name="t", precision="bf16", role="calibration", batch=32, path=path,
                             checks={}, problems=[])
         return Finished(into=tmp_path, gpu=gpu, traces=[trace])
 

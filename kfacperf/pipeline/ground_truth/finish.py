@@ -63,6 +63,7 @@ class TraceResult:
     name: str
     precision: str
     role: str
+    batch: int
     path: Path
     checks: dict[str, Any]
     problems: list[str]
@@ -209,6 +210,7 @@ def _land_traces(folder: Path, into: Path, tasks: Sequence[dict[str, Any]], *, g
             continue
         problems = check_problems(checks, gpu=gpu)
         landed.append(TraceResult(name=name, precision=precision, role=str(run.get("role")),
+                                  batch=batch if isinstance(batch := run.get("batch"), int) else 0,
                                   path=target, checks=checks, problems=problems))
         cov = checks["coverage"]
         say(f"{name}: {checks['timing']}, {checks['telemetry_samples']} telemetry samples, "
@@ -264,6 +266,16 @@ def _validate_each_precision(done: Finished, *, cluster: str, device_name: str,
         say(f"{precision}: targets " + ("met" if not misses else "missed: " + "; ".join(misses)))
 
 
+def _shown(path: Path) -> str:
+    """``path`` as a committed file may name it: relative to the working folder where it lies
+    below it, else from the landing folder's name on (never an absolute path)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        parts = path.parts
+        return str(Path(*parts[-2:])) if len(parts) >= 2 else path.name
+
+
 PRESET_PRECISIONS: tuple[str, ...] = (S.BF16, S.TF32, S.FP32)
 """Whose fitted terms go into the preset, the first that validated: the precision users
 train in first."""
@@ -295,12 +307,14 @@ def _fold_preset(done: Finished, device_name: str, say: Callable[[str], None]) -
                                             preset, method=S.CHOLESKY, dtype=S.FP64))
         except (ValueError, OSError) as exc:
             say(f"preset: cholesky terms kept as they were ({exc})")
-    fitted_from = (f"the {precision} traces in {done.into / precision} (calibration runs "
-                   "only, batch 32 and 128 per GPU)")
+    batches = sorted({t.batch for t in done.traces
+                      if t.precision == precision and t.role == CALIBRATION and t.batch > 0})
+    fitted_from = (f"the {precision} calibration traces in {_shown(done.into / precision)}"
+                   + (f" (batch {' and '.join(map(str, batches))} per GPU)" if batches else ""))
     try:
         folded = fold_into_preset(preset, load_device_model(done.device_files[precision]),
                                   fitted_from=fitted_from, kernel_fits=fits,
-                                  kernels_from=str(kernels))
+                                  kernels_from=_shown(kernels))
     except ValueError as exc:
         say(f"preset: not folded ({exc})")
         return

@@ -48,7 +48,7 @@ def fold_into_preset(preset: DeviceModel, fitted: DeviceModel, *, fitted_from: s
     if measured:
         parts.append(f"stages {', '.join(measured)} fitted to {fitted_from}")
     if fitted.capture_overhead or fitted.layer_host_us:
-        parts.append(f"capture overhead and host work per layer from {fitted_from}")
+        parts.append("capture overhead and host work per layer from the same traces")
     parts += [f"inverse_method.{fit.method} fitted to {kernels_from} ({fit.dtype}, sizes "
               f"{min(fit.sizes)}-{max(fit.sizes)})" for fit in kernel_fits]
     if kept:
