@@ -102,7 +102,11 @@ def kl_clip_scale(terms: list[Tensor], *, lr: float, kl_clip: float) -> Tensor:
     """
     if not terms:
         return torch.ones(())
-    total = torch.stack([t.to(torch.float64) for t in terms]).sum().mul_(lr * lr).abs_()
+    if len({t.dtype for t in terms}) == 1:  # one stack and one cast, not one per layer
+        stacked = torch.stack(terms).to(torch.float64)
+    else:
+        stacked = torch.stack([t.to(torch.float64) for t in terms])
+    total = stacked.sum().mul_(lr * lr).abs_()
     nu = torch.sqrt(kl_clip / total.clamp_min(_TINY)).clamp_(max=1.0)
     return nu.to(terms[0].dtype)
 

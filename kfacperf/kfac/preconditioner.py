@@ -40,6 +40,7 @@ from kfacperf import vocab as stages
 from kfacperf.kfac import inverse
 from kfacperf.kfac.batchnorm import BatchNormLayer, is_batchnorm
 from kfacperf.kfac.fisher import MonteCarloFisher
+from kfacperf.kfac.grad_io import load_grads, write_grads
 from kfacperf.kfac.layers import Conv2dLayer, KFACLayer, LinearLayer
 from kfacperf.kfac.strategy import LocalStrategy, Strategy
 from kfacperf.profiler.timer import NULL_TIMER, Timer
@@ -237,8 +238,7 @@ class KFACPreconditioner:
         """Precondition the registered layers' ``.grad`` in place (see the module doc)."""
         damping = _value("damping", self.damping, self.steps)
         strategy, timer = self.strategy, self.timer
-        for layer in self.layers.values():
-            layer.load_grad()
+        load_grads(self.layers.values())
         if self.factor_step:
             strategy.finish_factors()
             for name, layer in self.layers.items():
@@ -264,9 +264,7 @@ class KFACPreconditioner:
             lr = _value("lr", self.lr, self.steps)
             scale = inverse.kl_clip_scale(terms, lr=lr, kl_clip=self.kl_clip)
         self.last_kl_scale = scale
-        for layer in self.layers.values():
-            if layer.precond_grad is not None:
-                layer.write_grad(layer.precond_grad, scale)
+        write_grads(self.layers.values(), scale)
         self.steps += 1
 
     # ------------------------------------------------------------------- inspection

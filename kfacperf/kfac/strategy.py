@@ -13,7 +13,7 @@ Call order within one optimizer step (``loss.backward(); precond.step(); opt.ste
         layer.a_batch, layer.g_batch <- local batch statistics   [timer: factor_compute]
         strategy.on_factor_batch(layer)          # may launch async factor communication
     precond.step():
-        layer.load_grad() for every layer        # layer.grad <- g x a matrix of .grad (+bias)
+        grad_io.load_grads(every layer)          # layer.grad <- g x a matrix of .grad (+bias)
         if factor step:
             strategy.finish_factors()            # afterwards a_batch/g_batch are GLOBAL on
                                                  # every rank with needs_factors(name)
@@ -29,7 +29,7 @@ Call order within one optimizer step (``loss.backward(); precond.step(); opt.ste
             -> layer.precond_grad, layer.kl_term
         strategy.share_preconditioned()          # afterwards EVERY rank holds every layer's
                                                  # precond_grad and kl_term
-        KL-clip scale from all kl_terms; write scale * precond_grad into .grad
+        KL-clip scale from all kl_terms; grad_io.write_grads: scale * precond_grad into .grad
 
 Rules every strategy follows:
 
