@@ -48,8 +48,7 @@ def test_fitted_terms_replace_the_assumed_ones_and_nothing_else():
     folded = fold_into_preset(preset, fitted, fitted_from="traces/h200/bf16",
                               kernel_fits=[fit])
     assert folded.name == "h200" and folded.memory_GB == preset.memory_GB
-    for k in ("fp32_tflops", "tf32_tflops", "bf16_tflops", "mem_bandwidth_GBps"):
-        assert getattr(folded, k) == getattr(preset, k)
+    assert folded.peaks == preset.peaks and len(preset.peaks) == 4
     for k in ("forward", "backward", "inverse"):
         assert folded.stages[k] == fitted.stages[k] and not folded.stages[k].assumed
     for k in ("factor_compute", "precondition", "update"):

@@ -20,8 +20,6 @@ from dataclasses import replace
 from kfacperf.calibrate.kernels import InverseKernelFit
 from kfacperf.sim.models.device import DeviceModel
 
-_PEAKS = ("fp32_tflops", "tf32_tflops", "bf16_tflops", "mem_bandwidth_GBps")
-
 
 def fold_into_preset(preset: DeviceModel, fitted: DeviceModel, *, fitted_from: str,
                      kernel_fits: Sequence[InverseKernelFit] = (),
@@ -32,11 +30,12 @@ def fold_into_preset(preset: DeviceModel, fitted: DeviceModel, *, fitted_from: s
 
     Raises ValueError when ``fitted`` was fitted against other peaks than ``preset``'s.
     """
-    differ = [k for k in _PEAKS if getattr(preset, k) != getattr(fitted, k)]
+    mine, theirs = preset.peaks, fitted.peaks
+    differ = [k for k in mine if mine[k] != theirs[k]]
     if differ:
         raise ValueError(
             f"{fitted.name} was fitted against other peaks than preset {preset.name} ("
-            + ", ".join(f"{k} {getattr(fitted, k):g} vs {getattr(preset, k):g}" for k in differ)
+            + ", ".join(f"{k} {theirs[k]:g} vs {mine[k]:g}" for k in differ)
             + "): its efficiencies are fractions of those peaks and do not carry over")
     measured = [k for k, s in fitted.stages.items() if not s.assumed]
     stages = {k: fitted.stages[k] if k in measured else s for k, s in preset.stages.items()}
@@ -44,6 +43,7 @@ def fold_into_preset(preset: DeviceModel, fitted: DeviceModel, *, fitted_from: s
     for fit in kernel_fits:
         methods[fit.method] = fit.stage_efficiency()
     kept = [k for k in preset.stages if k not in measured]
+    # a preset's source opens with where its peaks came from; the rest is rewritten here
     parts = [preset.source.split(";")[0].strip() or "peak rates: the datasheet"]
     if measured:
         parts.append(f"stages {', '.join(measured)} fitted to {fitted_from}")

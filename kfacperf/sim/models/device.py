@@ -83,6 +83,8 @@ STAGE_KINDS: tuple[str, ...] = S.COMPUTE_STAGES
 """The compute stages, each with its efficiency (``forward`` ... ``update``)."""
 DTYPES: tuple[str, ...] = S.COMPUTE_DTYPES
 MODES: tuple[str, ...] = ("roofline", "additive")
+PEAK_FIELDS: tuple[str, ...] = ("fp32_tflops", "tf32_tflops", "bf16_tflops", "mem_bandwidth_GBps")
+"""A device model's peaks (its ``[peak]`` table): every efficiency is a fraction of them."""
 INVERSE_METHODS: tuple[str, ...] = S.INVERSE_METHODS
 FORMAT = "kfacperf-device-1"
 
@@ -212,6 +214,11 @@ class DeviceModel:
         return tflops * 1e6
 
     @property
+    def peaks(self) -> dict[str, float]:
+        """:data:`PEAK_FIELDS` and their values."""
+        return {k: float(getattr(self, k)) for k in PEAK_FIELDS}
+
+    @property
     def mem_bytes_per_us(self) -> float:
         return self.mem_bandwidth_GBps * 1e3
 
@@ -338,12 +345,7 @@ def device_model_to_dict(model: DeviceModel) -> dict[str, Any]:
         "description": model.description,
         "source": model.source,
         "mode": model.mode,
-        "peak": {
-            "fp32_tflops": float(model.fp32_tflops),
-            "tf32_tflops": float(model.tf32_tflops),
-            "bf16_tflops": float(model.bf16_tflops),
-            "mem_bandwidth_GBps": float(model.mem_bandwidth_GBps),
-        },
+        "peak": model.peaks,
         "stages": {k: _efficiency_to_dict(s) for k, s in model.stages.items()},
     }
     if model.inverse_methods:
