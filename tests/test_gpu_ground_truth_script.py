@@ -164,6 +164,12 @@ def test_a_gpu_run_lands_as_its_gpu_with_the_preset_proposed(dry_run, tmp_path, 
     assert "bf16 calibration traces in h200/bf16 (batch 2 per GPU)" in preset.source
     assert str(tmp_path) not in preset.source  # a committed preset names no absolute path
     assert "preset: h200-preset.toml" in printed
+    # the H100 SXM5 is the same GH100 compute: it gets the same terms, as assumptions
+    h100 = load_device(into / "h100-sxm5-preset.toml")
+    assert (h100.name, h100.mem_bandwidth_GBps) == ("h100-sxm5", 3350.0)
+    for kind, stage in preset.stages.items():
+        assert h100.stages[kind].efficiency == stage.efficiency and h100.stages[kind].assumed
+    assert "preset: h100-sxm5-preset.toml" in printed
 
 
 def test_an_output_folder_in_use_is_refused_without_force(dry_run, tmp_path):

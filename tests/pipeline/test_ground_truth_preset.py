@@ -10,7 +10,11 @@ import pytest
 
 from kfacperf.calibrate.kernels import fit_inverse_kernels
 from kfacperf.pipeline.ground_truth.finish import Finished, _fold_preset
-from kfacperf.pipeline.ground_truth.preset import fold_into_preset
+from kfacperf.pipeline.ground_truth.preset import (
+    carry_to_sibling,
+    fold_into_preset,
+    sibling_presets,
+)
 from kfacperf.sim.costs.model import CostModel
 from kfacperf.sim.models import load_cluster, load_device, load_workload
 from kfacperf.sim.models.device import StageEfficiency, load_device_model, save_device_model
@@ -110,7 +114,13 @@ def test_finish_writes_the_preset_from_bf16_and_the_kernel_timings(tmp_path):
     assert folded.stages["forward"].efficiency == pytest.approx(0.41)  # bf16's, not tf32's
     assert folded.inverse_methods["cholesky"].row_us == pytest.approx(1.5, rel=1e-5)
     assert said == ["preset: h200-preset.toml, models/devices/h200.toml with the bf16 fit and "
-                    "the cholesky kernel terms; review, then copy it over the preset"]
+                    "the cholesky kernel terms; review, then copy it over the preset",
+                    "preset: h100-sxm5-preset.toml, models/devices/h100-sxm5.toml with the "
+                    "terms measured on h200 carried over (the same compute peaks; still "
+                    "assumed there)"]
+    h100 = load_device(into / "h100-sxm5-preset.toml")
+    assert h100.stages["forward"] == replace(folded.stages["forward"], assumed=True)
+    assert "measured on h200 (" in h100.source and str(tmp_path) not in h100.source
 
 
 def test_finish_says_why_no_preset_is_folded(tmp_path):
@@ -122,3 +132,71 @@ def test_finish_says_why_no_preset_is_folded(tmp_path):
     _fold_preset(done, "gpu", said.append)
     assert said[1].startswith("preset: not folded (unknown device preset 'gpu'")
     assert not list(tmp_path.glob("*-preset.toml"))
+
+
+def folded_h200():
+    preset = load_device("h200")
+    fit = fit_inverse_kernels(cholesky_timings(250.0, 1.5, 0.2, preset.peak_flops_per_us("fp32")),
+                              preset, method="cholesky")
+    return fold_into_preset(preset, fitted_h200(), fitted_from="t", kernel_fits=[fit])
+
+
+def test_what_an_h200_measured_carries_to_the_h100_as_assumptions():
+    folded, h100 = folded_h200(), load_device("h100-sxm5")
+    assert [s.name for s in sibling_presets(folded)] == ["h100-sxm5"]  # one GH100 die
+    carried = carry_to_sibling(folded, h100, measured_on="traces/h200/bf16")
+    # the H100's own identity: name, memory, bandwidth, peaks
+    assert (carried.name, carried.memory_GB, carried.peaks, carried.description) == (
+        "h100-sxm5", 80.0, h100.peaks, h100.description)
+    for k in ("forward", "backward", "inverse"):  # the measured terms, now assumptions
+        assert carried.stages[k] == replace(folded.stages[k], assumed=True)
+    for k in ("factor_compute", "precondition", "update"):  # what nothing measured
+        assert carried.stages[k] == h100.stages[k]
+    assert carried.inverse_methods["cholesky"] == replace(
+        folded.inverse_methods["cholesky"], assumed=True)
+    assert (carried.capture_overhead, carried.layer_host_us) == (
+        folded.capture_overhead, folded.layer_host_us)
+    assert all(s.assumed for s in carried.stages.values())
+    assert ("stages forward, backward, inverse, inverse_method.cholesky, capture overhead and "
+            "host work per layer measured on h200 (traces/h200/bf16) and carried over, "
+            "assumed: the same compute peaks, memory bandwidth 3350 GB/s here against 4800 "
+            "there") in carried.source
+    assert carried.source.startswith("peak rates and memory bandwidth: the NVIDIA datasheet")
+
+
+def test_a_carried_preset_prices_like_the_measured_gpu_but_for_memory_bandwidth():
+    folded = folded_h200()
+    carried = carry_to_sibling(folded, load_device("h100-sxm5"), measured_on="t")
+    workload, cluster = load_workload("resnet50"), load_cluster("dgx-h100-ndr")
+
+    def stage_us(device, stage, **options):
+        model = CostModel(workload=workload, device=device, cluster=cluster, dtype="bf16",
+                          **options)
+        return sum(model.compute_us(stage, layer, batch=32) for layer in workload.layers)
+
+    same_memory = replace(carried, mem_bandwidth_GBps=folded.mem_bandwidth_GBps)
+    ratio = folded.mem_bandwidth_GBps / carried.mem_bandwidth_GBps
+    for stage, options in (("forward", {}), ("backward", {}),
+                           ("inverse", {"inverse_method": "cholesky"})):
+        there = stage_us(folded, stage, **options)
+        assert stage_us(same_memory, stage, **options) == pytest.approx(there, rel=1e-12)
+        # slower memory: memory-bound work takes longer, by at most the bandwidth ratio
+        here = stage_us(carried, stage, **options)
+        assert there <= here <= there * ratio
+        # ResNet-50's forward and backward at batch 32 hold memory-bound layers; the
+        # Cholesky inverse is compute-bound
+        assert (here > there * 1.001) == (stage != "inverse")
+
+
+def test_only_a_sibling_gets_carried_terms_and_never_over_its_own_fits():
+    folded = folded_h200()
+    with pytest.raises(ValueError, match="compute peaks differ .*bf16_tflops 312 vs 989.4"):
+        carry_to_sibling(folded, load_device("a100-sxm4"), measured_on="t")
+    with pytest.raises(ValueError, match="the same device"):
+        carry_to_sibling(folded, load_device("h200"), measured_on="t")
+    own = StageEfficiency(efficiency=0.33, mem_efficiency=0.4, overhead_us=3.0, assumed=False)
+    h100 = load_device("h100-sxm5").with_stages(forward=own)
+    carried = carry_to_sibling(folded, h100, measured_on="t")
+    assert carried.stages["forward"] == own
+    assert carried.stages["backward"] == replace(folded.stages["backward"], assumed=True)
+    assert "stages backward, inverse," in carried.source

@@ -284,7 +284,11 @@ train in first."""
 def _fold_preset(done: Finished, device_name: str, say: Callable[[str], None]) -> None:
     """Write ``DEVICE-preset.toml``: the preset of the traced GPU with the fitted terms."""
     from kfacperf.calibrate.kernels import fit_inverse_kernels
-    from kfacperf.pipeline.ground_truth.preset import fold_into_preset
+    from kfacperf.pipeline.ground_truth.preset import (
+        carry_to_sibling,
+        fold_into_preset,
+        sibling_presets,
+    )
     from kfacperf.safety import load_json_file
     from kfacperf.sim.models import load_device
     from kfacperf.sim.models.device import load_device_model, save_device_model
@@ -322,6 +326,12 @@ def _fold_preset(done: Finished, device_name: str, say: Callable[[str], None]) -
     say(f"preset: {path.name}, models/devices/{preset.name}.toml with the {precision} fit and "
         + (f"the {', '.join(f.method for f in fits)} kernel terms; " if fits else "; ")
         + "review, then copy it over the preset")
+    for sibling in sibling_presets(folded):
+        path = save_device_model(
+            carry_to_sibling(folded, sibling, measured_on=_shown(done.into / precision)),
+            done.into / f"{sibling.name}-preset.toml")
+        say(f"preset: {path.name}, models/devices/{sibling.name}.toml with the terms measured "
+            f"on {preset.name} carried over (the same compute peaks; still assumed there)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
