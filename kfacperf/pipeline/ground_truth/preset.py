@@ -66,11 +66,19 @@ def fold_into_preset(preset: DeviceModel, fitted: DeviceModel, *, fitted_from: s
               f"{min(fit.sizes)}-{max(fit.sizes)})" for fit in kernel_fits]
     if kept:
         parts.append(f"stages {', '.join(kept)} as before (assumed)")
+    return _with_terms(preset, fitted, stages=stages, inverse_methods=methods, source=parts)
+
+
+def _with_terms(preset: DeviceModel, measured_on: DeviceModel, *,
+                stages: dict[str, StageEfficiency], inverse_methods: dict[str, StageEfficiency],
+                source: list[str]) -> DeviceModel:
+    """``preset`` with these terms, ``measured_on``'s capture overhead and host work per
+    layer where it has them, no measured times, and ``source``'s parts as its source."""
     return replace(
-        preset, stages=stages, inverse_methods=methods, measured=(),
-        capture_overhead=dict(fitted.capture_overhead or preset.capture_overhead),
-        layer_host_us=dict(fitted.layer_host_us or preset.layer_host_us),
-        source="; ".join(parts))
+        preset, stages=stages, inverse_methods=inverse_methods, measured=(),
+        capture_overhead=dict(measured_on.capture_overhead or preset.capture_overhead),
+        layer_host_us=dict(measured_on.layer_host_us or preset.layer_host_us),
+        source="; ".join(source))
 
 
 def is_sibling(device: DeviceModel, other: DeviceModel) -> bool:
@@ -139,8 +147,4 @@ def carry_to_sibling(folded: DeviceModel, sibling: DeviceModel, *,
     kept = [k for k in sibling.stages if k not in measured]
     if kept:
         parts.append(f"stages {', '.join(kept)} as before")
-    return replace(
-        sibling, stages=stages, inverse_methods=methods, measured=(),
-        capture_overhead=dict(folded.capture_overhead or sibling.capture_overhead),
-        layer_host_us=dict(folded.layer_host_us or sibling.layer_host_us),
-        source="; ".join(parts))
+    return _with_terms(sibling, folded, stages=stages, inverse_methods=methods, source=parts)
