@@ -77,6 +77,10 @@ def get_term(device: DeviceModel, term: Term, cluster: ClusterModel | None = Non
     if term.table == "cluster":
         if cluster is None:
             raise ValueError(f"{term.label}: no cluster to fit (give the cluster preset)")
+        if cluster.nccl and term.field == "alpha_us":
+            raise ValueError(f"{term.label}: cluster {cluster.name} runs NCCL {cluster.nccl}'s "
+                             "latency model, which has no alpha_us to fit; fit its "
+                             "bandwidth_GBps, or use a cluster without nccl")
         return float(getattr(cluster.tier(term.key), term.field))
     return float(getattr(_efficiency(device, term), term.field))
 

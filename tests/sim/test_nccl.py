@@ -88,3 +88,54 @@ def test_unknown_nccl_version_is_refused(tmp_path) -> None:
     path.write_text(path.read_text().replace('nccl = "2.8"', 'nccl = "2.3"'))
     with pytest.raises(ValueError, match="nccl"):
         load_cluster_model(path)
+
+
+def test_a_latency_what_if_scales_nccls_own_latencies() -> None:
+    """--latency-scale on an NCCL cluster: a tiny message's time is its latency, so it scales
+    exactly; a 256 MiB all-reduce is bandwidth-bound and barely moves."""
+    abci = load_cluster("abci-v100")
+    for op in ("all_reduce", "reduce_scatter", "all_gather", "broadcast"):
+        base = group_collective_us(abci, op, 1, group_size=1024, nodes=256)
+        for k in (0.0, 0.5, 3.0):
+            got = group_collective_us(abci.scaled(alpha=k), op, 1, group_size=1024, nodes=256)
+            assert got == pytest.approx(k * base, rel=1e-3, abs=1e-3), (op, k)
+    big = 256 * 2**20
+    base = group_collective_us(abci, "all_reduce", big, group_size=1024, nodes=256)
+    slow = group_collective_us(abci.scaled(alpha=3.0), "all_reduce", big, group_size=1024,
+                               nodes=256)
+    assert base < slow < 1.1 * base
+    # SP-NGD's pipelined all-gather-v pays NCCL's ring latency, scaled too
+    blocks = [1.0] * 64
+    v = group_collective_us(abci, "all_gather_v", blocks, group_size=64, nodes=16)
+    assert group_collective_us(abci.scaled(alpha=2.0), "all_gather_v", blocks, group_size=64,
+                               nodes=16) == pytest.approx(2 * v, rel=1e-4)
+    with pytest.raises(ValueError, match="scaled together"):
+        abci.scaled(alpha=2.0, tier="inter")
+
+
+@pytest.mark.parametrize("edit, key", [
+    (("[inter]\n", "[inter]\nalpha_us = 5.0\n"), "inter.alpha_us"),
+    (("[intra]\n", "[intra.all_reduce]\nalgorithm = \"tree\"\n\n[intra]\n"), "intra.all_reduce"),
+    (("[intra]\n", "[multi_node]\nall_reduce = \"flat\"\n\n[intra]\n"), "multi_node"),
+])
+def test_an_nccl_cluster_file_refuses_what_nccl_would_ignore(tmp_path, edit, key) -> None:
+    """Latencies, algorithms and multi-node forms have no effect where NCCL's model runs the
+    collectives: a file that sets them is refused, naming the key (never silently ignored)."""
+    from kfacperf.sim.models.cluster import load_cluster_model, save_cluster_model
+    from kfacperf.sim.models.presets import models_dir
+
+    preset = models_dir() / "clusters" / "abci-v100.toml"
+    path = save_cluster_model(load_cluster("abci-v100"), tmp_path / "c.toml")
+    assert path.read_text() == preset.read_text()  # the preset is what the writer writes
+    path.write_text(path.read_text().replace(*edit, 1))
+    with pytest.raises(ValueError, match=f"key '{key}': has no effect .*--latency-scale"):
+        load_cluster_model(path)
+
+
+def test_fitting_a_latency_nccl_does_not_have_is_refused() -> None:
+    from kfacperf.calibrate.published import get_term, parse_term
+    from kfacperf.sim.models import load_device
+
+    with pytest.raises(ValueError, match="no alpha_us to fit"):
+        get_term(load_device("v100-spngd"), parse_term("cluster.inter.alpha_us"),
+                 load_cluster("abci-v100"))

@@ -205,7 +205,7 @@ def hierarchical_phases(op: str, group_size: int, nodes: int,
 def _nccl_us(cluster: ClusterModel, op: str, n: float, p: int, nodes: int) -> float:
     intra, node_net = _nccl_bandwidths(cluster, op, p, nodes)
     return nccl_choice(PROFILES[cluster.nccl], op, n, ranks=p, nodes=nodes, intra_GBps=intra,
-                       node_net_GBps=node_net).time_us
+                       node_net_GBps=node_net, latency_scale=cluster.latency_scale).time_us
 
 
 def _nccl_bandwidths(cluster: ClusterModel, op: str, p: int, nodes: int) -> tuple[float, float]:
@@ -252,7 +252,8 @@ def _v_collective_us(
     if cluster.nccl:
         intra, node_net = _nccl_bandwidths(cluster, base, p, nodes)
         bus = min(intra, node_net) if nodes > 1 else intra
-        latency = ring_latency(PROFILES[cluster.nccl], ranks=p, nodes=nodes)
+        latency = cluster.latency_scale * ring_latency(PROFILES[cluster.nccl], ranks=p,
+                                                       nodes=nodes)
         return latency + (sum(sizes) - min(sizes)) / (bus * 1e3)
     if nodes == 1:
         prm = cluster.intra.params(base)

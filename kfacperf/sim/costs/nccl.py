@@ -105,12 +105,15 @@ def _log2(n: int) -> int:
 
 
 def nccl_choice(profile: NcclProfile, op: str, nbytes: float, *, ranks: int, nodes: int,
-                intra_GBps: float, node_net_GBps: float) -> NcclChoice:
+                intra_GBps: float, node_net_GBps: float,
+                latency_scale: float = 1.0) -> NcclChoice:
     """NCCL's fastest (algorithm, protocol) for ``op`` on ``ranks`` ranks over ``nodes`` nodes.
 
     ``nbytes`` is the full buffer (all-reduce buffer, reduce-scatter input, all-gather
     output, broadcast payload); ``intra_GBps`` the bus bandwidth inside a node,
-    ``node_net_GBps`` a node's network bandwidth for this group (its GPUs' share of the NICs).
+    ``node_net_GBps`` a node's network bandwidth for this group (its GPUs' share of the NICs);
+    ``latency_scale`` a what-if factor on every latency (the choice follows it, as NCCL's
+    would on such hardware).
     """
     if op not in ("all_reduce", "reduce_scatter", "all_gather", "broadcast"):
         raise ValueError(f"NCCL model: unknown collective {op!r}")
@@ -124,7 +127,7 @@ def nccl_choice(profile: NcclProfile, op: str, nbytes: float, *, ranks: int, nod
         if algo == "tree" and op != "all_reduce":
             continue
         for proto in PROTOCOLS:
-            lat = _latency_us(profile, op, algo, proto, p, nodes, n)
+            lat = latency_scale * _latency_us(profile, op, algo, proto, p, nodes, n)
             bw = _algorithm_GBps(profile, op, algo, proto, p, bus, multi)
             t = lat + n / (bw * 1e3)
             if best is None or t < best.time_us:

@@ -38,8 +38,9 @@ Units and meaning:
   (:mod:`kfacperf.sim.costs.nccl`: ring or tree, LL/LL128/Simple, chosen per call as NCCL
   does).  Then the tiers give only the bandwidths (``intra``: bus bandwidth inside a node;
   ``inter``: each GPU's share of its node's network) and NCCL's own constants the latencies;
-  without it every tier's ``alpha_us`` and per-collective algorithm apply (gloo, fitted
-  commbench models).
+  such a file holds no ``alpha_us``, per-collective tables or ``[multi_node]`` (refused: they
+  would have no effect).  Without it every tier's ``alpha_us`` and per-collective algorithm
+  apply (gloo, fitted commbench models).
 * ``[host]`` (optional): the host model (:mod:`kfacperf.sim.models.host`), where ranks share
   CPU cores and so slow each other and wait for each other; absent, every rank has a
   dedicated device (every GPU preset).  Not part of the network: the tiers above describe
@@ -153,8 +154,13 @@ class ClusterModel:
     host: HostModel | None = None
     source: str = ""
     description: str = ""
+    latency_scale: float = 1.0
+    """What-if factor on NCCL's own latencies (a cluster with ``nccl``; see :meth:`scaled`)."""
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.latency_scale) and self.latency_scale >= 0):
+            raise ValueError(f"cluster {self.name!r}: latency_scale must be a finite number "
+                             f">= 0, got {self.latency_scale!r}")
         if self.gpus_per_node < 1:
             raise ValueError(f"cluster {self.name!r}: gpus_per_node must be >= 1")
         for op in OPS:
@@ -184,21 +190,46 @@ class ClusterModel:
 
     def scaled(self, *, bandwidth: float = 1.0, alpha: float = 1.0,
                tier: str = "both") -> ClusterModel:
-        """A what-if copy with bandwidths times ``bandwidth`` and latencies times ``alpha``."""
+        """A what-if copy with bandwidths times ``bandwidth`` and latencies times ``alpha``:
+        the tiers' ``alpha_us``, or with ``nccl`` NCCL's own latency constants (every one:
+        ``tier`` must then be ``both``)."""
         if bandwidth <= 0 or alpha < 0:
             raise ValueError("bandwidth scale must be > 0 and alpha scale >= 0, "
                              f"got {bandwidth}, {alpha}")
         if tier not in ("both", *TIERS):
             raise ValueError(f"tier must be 'both', 'intra' or 'inter', got {tier!r}")
+        if self.nccl and alpha != 1.0 and tier != "both":
+            raise ValueError(f"cluster {self.name!r} runs NCCL's latency model, whose "
+                             "latencies are scaled together (tier 'both'), not one tier's")
         intra = (self.intra.scaled(bandwidth=bandwidth, alpha=alpha) if tier in ("both", "intra")
                  else self.intra)
         inter = (self.inter.scaled(bandwidth=bandwidth, alpha=alpha) if tier in ("both", "inter")
                  else self.inter)
-        return replace(self, intra=intra, inter=inter)
+        return replace(self, intra=intra, inter=inter,
+                       latency_scale=self.latency_scale * (alpha if self.nccl else 1.0))
 
 
 # ---------------------------------------------------------------------------------------------
-def _tier_from_table(t: Table) -> Tier:
+NCCL_RUNS_IT = ("NCCL's tuning model chooses the algorithm and brings its own latencies "
+                "(kfacperf.sim.costs.nccl): remove it; a latency what-if is "
+                "kfacperf simulate --latency-scale")
+"""Why a cluster with ``nccl`` holds no latencies, algorithms or multi-node forms."""
+
+
+def _refuse_under_nccl(t: Table, key: str, nccl: str) -> None:
+    if t.has(key):
+        raise t.error(key, f"has no effect in a cluster with nccl = \"{nccl}\": {NCCL_RUNS_IT}")
+
+
+def _tier_from_table(t: Table, *, nccl: str = "") -> Tier:
+    """A tier; with ``nccl`` only its bandwidth (latencies 0, algorithms NCCL's to choose)."""
+    if nccl:
+        for key in ("alpha_us", *OPS):
+            _refuse_under_nccl(t, key, nccl)
+        tier = Tier(alpha_us=0.0, bandwidth_GBps=t.float("bandwidth_GBps", positive=True),
+                    algorithms={op: ALGORITHMS[op][0] for op in OPS}, assumed=t.bool("assumed"))
+        t.done()
+        return tier
     alpha = t.float("alpha_us", nonnegative=True)
     bw = t.float("bandwidth_GBps", positive=True)
     assumed = t.bool("assumed")
@@ -236,9 +267,13 @@ def load_cluster_model(path: str | Path) -> ClusterModel:
     gpus_per_node = root.int("gpus_per_node", minimum=1)
     v_form = root.str("v_collectives", choices=V_FORMS)
     nccl = root.str("nccl", choices=NCCL_VERSIONS) if root.has("nccl") else ""
-    mn = root.table("multi_node")
-    multi_node = {op: mn.str(op, choices=MULTI_NODE_FORMS) for op in OPS}
-    mn.done()
+    if nccl:
+        _refuse_under_nccl(root, "multi_node", nccl)
+        multi_node = dict.fromkeys(OPS, MULTI_NODE_FORMS[0])
+    else:
+        mn = root.table("multi_node")
+        multi_node = {op: mn.str(op, choices=MULTI_NODE_FORMS) for op in OPS}
+        mn.done()
     host: HostModel | None = None
     if root.str("format") == FORMAT_V1:
         host = host_from_table(root.table("compute"))
@@ -246,8 +281,8 @@ def load_cluster_model(path: str | Path) -> ClusterModel:
             host = None  # a dedicated device, as every GPU preset of that format said
     elif root.has("host"):
         host = host_from_table(root.table("host"))
-    intra = _tier_from_table(root.table("intra"))
-    inter = _tier_from_table(root.table("inter"))
+    intra = _tier_from_table(root.table("intra"), nccl=nccl)
+    inter = _tier_from_table(root.table("inter"), nccl=nccl)
     root.done()
     return ClusterModel(
         name=name, gpus_per_node=gpus_per_node, intra=intra, inter=inter,
@@ -256,7 +291,9 @@ def load_cluster_model(path: str | Path) -> ClusterModel:
     )
 
 
-def _tier_to_dict(tier: Tier) -> dict[str, Any]:
+def _tier_to_dict(tier: Tier, *, nccl: str = "") -> dict[str, Any]:
+    if nccl:
+        return {"bandwidth_GBps": float(tier.bandwidth_GBps), "assumed": tier.assumed}
     out: dict[str, Any] = {
         "alpha_us": float(tier.alpha_us),
         "bandwidth_GBps": float(tier.bandwidth_GBps),
@@ -280,23 +317,26 @@ def cluster_model_to_dict(model: ClusterModel) -> dict[str, Any]:
         "source": model.source,
         "gpus_per_node": model.gpus_per_node,
         "v_collectives": model.v_collectives,
-        **({"nccl": model.nccl} if model.nccl else {}),
-        "multi_node": dict(model.multi_node),
+        **({"nccl": model.nccl} if model.nccl else {"multi_node": dict(model.multi_node)}),
     }
     if model.host is not None:  # absent: dedicated devices
         out["host"] = host_to_dict(model.host)
-    out["intra"] = _tier_to_dict(model.intra)
-    out["inter"] = _tier_to_dict(model.inter)
+    out["intra"] = _tier_to_dict(model.intra, nccl=model.nccl)
+    out["inter"] = _tier_to_dict(model.inter, nccl=model.nccl)
     return out
 
 
 def save_cluster_model(model: ClusterModel, path: str | Path) -> Path:
+    links = (("bandwidth_GBps: one direction, effective (bus bw); latencies and algorithms: "
+              f"NCCL {model.nccl}'s tuning model.",) if model.nccl else (
+        "alpha_us: latency per algorithm step; bandwidth_GBps: one direction, effective (bus bw).",
+        "A collective's own alpha_us/bandwidth_GBps (e.g. fitted by commbench) "
+        "override the tier's."))
     header = (
         f"Cluster model {model.name!r} for the kfacperf simulator.",
-        "alpha_us: latency per algorithm step; bandwidth_GBps: one direction, effective (bus bw).",
+        links[0],
         "intra: per GPU within a node; inter: each GPU's share of its node's network bandwidth.",
-        "A collective's own alpha_us/bandwidth_GBps (e.g. fitted by commbench) "
-        "override the tier's.",
+        *links[1:],
         *(("[host]: ranks sharing CPU cores slow and wait for each other (no [host]: dedicated "
            "devices).",) if model.host is not None else ()),
     )
