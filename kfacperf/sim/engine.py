@@ -87,7 +87,15 @@ class StepResult:
 
     @property
     def slowest_class(self) -> int:
-        return int(np.argmax(self.class_end))
+        """The class that bounds the step: of those whose work ends last (a closing
+        collective ends every rank together), the one with the most compute, i.e. the one
+        the others waited for, not one that waited."""
+        if not len(self.class_end):
+            return 0
+        end = float(self.class_end.max())
+        last = np.flatnonzero(self.class_end >= end - 1e-9 * max(end, 1.0))
+        busy = [float(np.sum(self.compute_durations(int(ci)))) for ci in last]
+        return int(last[int(np.argmax(busy))])
 
     def compute_durations(self, ci: int) -> np.ndarray:
         return np.asarray(self.graph.programs[ci].dur, dtype=np.float64)

@@ -128,7 +128,11 @@ def test_events_agree_with_the_summary_and_the_trace_schema():
     for strategy, g in ev.groupby("strategy", observed=True):
         row = pred.summary.set_index("strategy").loc[strategy]
         steps = g[g["stage"] == S.STEP]
-        slow = steps.loc[steps["dur_us"].idxmax(), "rank"]
+        # the rank the step waits for: of those ending last, the one computing most
+        last = steps[steps["dur_us"] >= steps["dur_us"].max() * (1 - 1e-12)]["rank"]
+        busy = g[(g["lane"].astype(str) == S.COMPUTE) & g["rank"].isin(last)].groupby(
+            "rank")["dur_us"].sum()
+        slow = busy.idxmax()
         assert steps["dur_us"].max() == pytest.approx(row.step_us)
         mine = g[(g["rank"] == slow) & (g["stage"] != S.STEP)]
         lane = mine["lane"].astype(str)
@@ -269,3 +273,20 @@ def test_cli_errors_are_one_line(args, message, capsys):
     rc, _, stderr = _cli(capsys, *[x for k, v in {**base, **flags}.items() for x in (k, v)])
     assert rc == 2
     assert message in stderr and "Traceback" not in stderr and stderr.count("\n") == 1
+
+
+def test_the_summary_describes_the_rank_the_others_wait_for():
+    """SP-NGD on 2 GPUs with contiguous placement: one rank owns nearly every large inverse
+    and the other waits for it in the closing collective, so both end together.  The
+    summary (and stage times) must be the busy rank's: its compute plus exposed
+    communication is the step, and its inverse is the larger of the two ranks'."""
+    pred = simulate("resnet50", "v100", "abci-v100", ["spngd"], [2], placement="contiguous",
+                    events=True)
+    row = pred.summary.iloc[0]
+    assert row["compute_us"] + row["exposed_comm_us"] == pytest.approx(row["step_us"], rel=0.01)
+    ev = pred.events
+    inverse = ev[ev["stage"] == S.INVERSE].groupby("rank")["dur_us"].sum()
+    assert len(inverse) == 2 and inverse.max() > 5 * inverse.min()
+    stages = pred.stage_times
+    assert stages[stages["stage"] == S.INVERSE]["time_us"].sum() == pytest.approx(
+        inverse.max(), rel=1e-6)
