@@ -14,8 +14,9 @@ Definitions (all over the measured steps, i.e. after warm-up):
   ``mean_us``/``median_us``/``p95_us`` are over the steps in which the stage ran (``count``
   of them); ``per_step_us`` spreads the total over every measured step (so an inverse every
   10 steps shows a tenth of its cost).
-* Exposed communication of a rank in a step: the length of the union of its comm-lane
-  intervals minus the part of it covered by the union of its compute-lane intervals (the
+* Communication of a rank in a step (``comm_us``): the length of the union of its comm-lane
+  intervals, so the time it waited in a collective for its peers counts (the stage rows
+  count a collective's cost alone).  Exposed communication: that minus the part of it covered by the union of its compute-lane intervals (the
   ``step`` row excluded) in the same step.  ``overlap_pct`` = covered / comm union * 100.
 * ``idle_us`` = step time minus the union of all compute and comm intervals.
 
@@ -86,8 +87,9 @@ class TraceSummary:
             f"median {self.step_median_us / 1e3:.3f} ms, p95 {self.step_p95_us / 1e3:.3f} ms"
         )
         lines.append(
-            f"communication: {self.comm_us / 1e3:.3f} ms/step, "
-            f"exposed {self.exposed_comm_us / 1e3:.3f} ms/step, overlap {_pct(self.overlap_pct)}"
+            f"time in collectives per rank (waits for peers included, unlike the stage rows): "
+            f"{self.comm_us / 1e3:.3f} ms/step, exposed {self.exposed_comm_us / 1e3:.3f} "
+            f"ms/step, overlap {_pct(self.overlap_pct)}"
         )
         if self.kfac_overhead is not None:
             lines.append(

@@ -88,6 +88,9 @@ def test_summary_against_hand_computed_values(tmp_path):
     assert s.comm_us == pytest.approx((40 + 10 + 30 + 40) / 4)
     assert s.exposed_comm_us == pytest.approx((20 + 10 + 0 + 40) / 4)
     assert s.overlap_pct == pytest.approx(100 * (20 + 0 + 30 + 0) / (40 + 10 + 30 + 40))
+    # the text says which definition its comm line uses: waits count there, not in the rows
+    assert (f"time in collectives per rank (waits for peers included, unlike the stage rows): "
+            f"{s.comm_us / 1e3:.3f} ms/step") in s.table()
     # the step time is kfacperf.trace.measure's: both measured steps are of one kind (the
     # intervals are 1/1), so the median of 120 and 90
     assert s.step_us == s.measured.step_time == pytest.approx(105)
