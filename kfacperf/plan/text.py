@@ -9,10 +9,17 @@ from kfacperf import vocab as S
 from kfacperf.plan.result import OPTIMIZER_NAMES, Choice, PlanResult
 
 
+def fmt_gpu_hours(hours: float) -> str:
+    """GPU-hours with a thousands separator; three significant figures below 1."""
+    return f"{hours:.3g}" if 0 < hours < 1 else f"{hours:,.1f}"
+
+
 def fmt_duration(seconds: float) -> str:
     """Seconds as s, min, h or d, whichever reads best."""
     if not math.isfinite(seconds):
         return "-"
+    if seconds < 10:
+        return f"{seconds:.3g} s"  # three figures: a toy run is not "0 s"
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 90 * 60:
@@ -82,7 +89,7 @@ def best_table(result: PlanResult) -> list[str]:
                 row += ["-", "", "", "", "", "|"]
             else:
                 row += [config_text(c, buckets=buckets), f"{c.step_us / 1e3:,.1f}", _steps(c),
-                        fmt_duration(c.time_s), f"{c.gpu_hours:,.1f}", "|"]
+                        fmt_duration(c.time_s), fmt_gpu_hours(c.gpu_hours), "|"]
         row.append(f"{kfac.time_s / sgd.time_s:.2f}x" if sgd and kfac else "-")
         rows.append(row)
     if S.KFAC not in result.convergence:  # one optimizer: its columns alone
@@ -96,7 +103,7 @@ def pareto_table(result: PlanResult) -> list[str]:
     rows = [["GPUs", "optimizer", "configuration", "time", "GPU-h"]]
     for c in result.pareto():
         rows.append([f"{c.gpus:,}", OPTIMIZER_NAMES[c.optimizer], config_text(c),
-                     fmt_duration(c.time_s), f"{c.gpu_hours:,.1f}"])
+                     fmt_duration(c.time_s), fmt_gpu_hours(c.gpu_hours)])
     return _table(rows, right={0, 3, 4})
 
 

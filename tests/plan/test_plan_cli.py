@@ -93,3 +93,14 @@ def test_plan_and_its_report_never_import_torch(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "r.html").is_file()
+
+
+def test_short_runs_and_small_gpu_hours_keep_their_figures():
+    """A toy workload's plan takes seconds: '0 s' and '0.0' GPU-h would make every row of
+    the Pareto front look alike."""
+    from kfacperf.plan.text import fmt_duration, fmt_gpu_hours
+
+    assert [fmt_duration(s) for s in (0.499, 1.5, 9.87, 42.0, 600.0, 7200.0)] == [
+        "0.499 s", "1.5 s", "9.87 s", "42 s", "10.0 min", "2.0 h"]
+    assert [fmt_gpu_hours(h) for h in (0.000123, 0.5, 1.0, 1234.56)] == [
+        "0.000123", "0.5", "1.0", "1,234.6"]
