@@ -248,6 +248,8 @@ def timeline_section(runs: Sequence[RunData], groups: Sequence[Sequence[Predicti
             sub = at_scale[at_scale["strategy"].astype(str) == strategy]
             chosen = metrics.pick_step(sub)
             label = f"simulated: {pred.name}, {strategy} at {scale} GPUs, step {chosen}"
+            if gpus is not None and scale != gpus:
+                label += f" (the simulated count nearest to the {gpus} asked for)"
             sec.add_figure(timeline.timeline_figure(
                 sub, chosen, label, rank_labels=_class_labels(pred, strategy, scale, chosen)))
     if not sec.blocks:

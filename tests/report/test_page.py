@@ -80,7 +80,9 @@ def test_sections_and_figure_counts(study):
     assert all("4096 GPUs" in f.layout.title.text for f in sim)
     at8 = {s.key: s for s in build_sections(runs, preds, timeline_gpus=8)}["timelines"]
     assert all("at 2 GPUs" in f.layout.title.text
+               and "nearest to the 8 asked for" in f.layout.title.text
                for f in at8.figures if "simulated" in f.layout.title.text)
+    assert not any("nearest" in f.layout.title.text for f in secs["timelines"].figures)
 
 
 def test_sections_without_data_show_a_note(study):

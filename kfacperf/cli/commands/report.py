@@ -33,7 +33,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="measured step to draw as a timeline "
                              "(default: the first with the most stages)")
     parser.add_argument("--timeline-gpus", type=int, default=None, metavar="N",
-                        help="GPU count of the simulated timeline (default: the largest simulated)")
+                        help="GPU count of the simulated timeline (default: the largest "
+                             "simulated; a count not simulated draws the nearest, and its "
+                             "title says so)")
     parser.add_argument("--screenshot", default=None, metavar="PNG",
                         help="also save a PNG of the top of the page (needs chromium)")
     parser.add_argument("--out", default="reports/report/index.html", metavar="FILE",
