@@ -16,8 +16,9 @@ Definitions (all over the measured steps, i.e. after warm-up):
   10 steps shows a tenth of its cost).
 * Communication of a rank in a step (``comm_us``): the length of the union of its comm-lane
   intervals, so the time it waited in a collective for its peers counts (the stage rows
-  count a collective's cost alone).  Exposed communication: that minus the part of it covered by the union of its compute-lane intervals (the
-  ``step`` row excluded) in the same step.  ``overlap_pct`` = covered / comm union * 100.
+  count a collective's cost alone).  Exposed communication: that minus the part of it
+  covered by the union of its compute-lane intervals (the ``step`` row excluded) in the
+  same step.  ``overlap_pct`` = covered / comm union * 100.
 * ``idle_us`` = step time minus the union of all compute and comm intervals.
 
 This module never imports torch.
