@@ -1,6 +1,8 @@
 """Memory per GPU of one training configuration, in closed form from the workload model.
 
-:func:`memory_per_gpu` is the one definition; its docstring derives each term.  A plan drops
+:func:`memory_per_gpu` is the one definition; its docstring derives each term.  Its per-layer
+K-FAC state (``factors``, ``inverses``) is :func:`kfacperf.sim.graphs.memory.kfac_state_per_gpu`,
+the figure ``kfacperf simulate`` reports too.  A plan drops
 every configuration whose total exceeds what the device holds (times a usable fraction that
 leaves room for the CUDA context, the allocator's fragmentation and kernels' workspaces,
 which are not modelled).
@@ -10,14 +12,17 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from kfacperf import vocab as S
+from kfacperf.sim.costs import blocks
+from kfacperf.sim.graphs.memory import FisherBlock, kfac_state_per_gpu
 from kfacperf.sim.graphs.placement import (
     Placement,
+    blocks_cost,
+    contiguous_placement,
     kaisa_placement,
-    layer_cost,
     spngd_placement,
 )
 from kfacperf.sim.graphs.strategies.common import CommSettings
-from kfacperf.sim.models.workload import WorkloadModel
+from kfacperf.sim.models.workload import LayerModel, WorkloadModel
 
 FP32 = 4
 GB = 10**9
@@ -25,14 +30,19 @@ GB = 10**9
 
 @dataclass(frozen=True, kw_only=True)
 class MemoryBreakdown:
-    """Bytes per GPU, by what holds them (the most loaded GPU for per-layer K-FAC state)."""
+    """Bytes per GPU, by what holds them (for the per-layer K-FAC state, ``factors`` and
+    ``inverses``, the GPU that holds the most of it: both terms are that one GPU's)."""
 
     weights: int
     gradients: int
     optimizer_state: int
     activations: int
     factors: int
+    """K-FAC batch statistics of every layer plus the running averages this GPU keeps (the
+    ``factors MiB`` column of ``kfacperf simulate``)."""
     inverses: int
+    """K-FAC inverse state (eigenbases and eigenvalues, or inverses) this GPU holds (the
+    ``inverses MiB`` column of ``kfacperf simulate``)."""
     gradient_copies: int
     comm_buffers: int
 
@@ -44,30 +54,41 @@ class MemoryBreakdown:
         return {**asdict(self), "total": self.total}
 
 
+def fisher_layers(workload: WorkloadModel, bn_blocks: str = S.BN_NONE) -> tuple[LayerModel, ...]:
+    """The layers K-FAC keeps state for under ``bn_blocks``, in forward order (the
+    simulator's :func:`kfacperf.sim.graphs.layer_costs.layer_costs` takes the same)."""
+    return workload.layers if bn_blocks == S.BN_NONE else workload.fisher_layers(bn_blocks)
+
+
+def fisher_blocks(workload: WorkloadModel, bn_blocks: str = S.BN_NONE) -> list[FisherBlock]:
+    """``(form, dim_a, dim_g)`` of each of those layers."""
+    return [(blocks.block_form(l.kind, bn_blocks), l.dim_a, l.dim_g)
+            for l in fisher_layers(workload, bn_blocks)]
+
+
 def placement_for(workload: WorkloadModel, strategy: str, world_size: int,
-                  grad_workers: int = 1) -> Placement | None:
-    """Which rank keeps which layer's K-FAC state (the simulator's and the optimizer's rule)."""
+                  grad_workers: int = 1, *, bn_blocks: str = S.BN_NONE,
+                  placement: str = S.BALANCED) -> Placement | None:
+    """Which rank keeps which layer's K-FAC state (the simulator's and the optimizer's rule;
+    ``placement`` is SP-NGD's, :data:`kfacperf.vocab.PLACEMENTS`)."""
     if strategy == S.SGD:
         return None
-    costs = [layer_cost(l.dim_a, l.dim_g) for l in workload.layers]
+    S.check_choice("placement", placement, S.PLACEMENTS)
+    layers = fisher_layers(workload, bn_blocks)
+    costs = [blocks_cost(blocks.stacks(*b)) for b in fisher_blocks(workload, bn_blocks)]
     if strategy == S.SPNGD:
+        if placement == S.CONTIGUOUS:
+            return contiguous_placement([l.name for l in layers], world_size)
         return spngd_placement(costs, world_size)
     if strategy == S.KAISA:
         return kaisa_placement(costs, world_size, grad_workers)
     raise ValueError(f"unknown strategy {strategy!r}")
 
 
-def _max_per_rank(values: list[int], ranks: tuple[int, ...]) -> int:
-    load: dict[int, int] = {}
-    for v, r in zip(values, ranks):
-        load[r] = load.get(r, 0) + v
-    return max(load.values(), default=0)
-
-
 def memory_per_gpu(
     workload: WorkloadModel, *, strategy: str, world_size: int, batch_per_gpu: int,
     grad_workers: int = 1, comm: CommSettings | None = None, dtype: str = "fp32",
-    placement: Placement | None = None,
+    placement: Placement | None = None, bn_blocks: str = S.BN_NONE,
 ) -> MemoryBreakdown:
     """Bytes one GPU holds at the peak of a step (on a K-FAC step that refreshes everything).
 
@@ -76,7 +97,9 @@ def memory_per_gpu(
     ``in_l``/``out_l`` the elements of its input and output; b examples per GPU; ``s`` bytes
     per element of the forward/backward precision ``dtype`` (4, or 2 for bf16/fp16); ``c``
     bytes per element of factor communication; ``e(n) = n²``, or ``n(n+1)/2`` with symmetric
-    packing.  Every K-FAC matrix is held in fp32, as the optimizer keeps it.
+    packing.  Every K-FAC matrix is held in fp32 and full, as the optimizer keeps it.  With
+    ``bn_blocks`` (``unit``/``full``) the BatchNorm layers are K-FAC layers too, each with its
+    own block of statistics (:mod:`kfacperf.sim.costs.blocks`) in place of ``a_l² + g_l²``.
 
     * ``weights = 4N``, plus ``2N`` in 16-bit precision: the fp32 parameters, and autocast's
       16-bit copies of them, which it caches for the whole forward and backward pass.
@@ -88,14 +111,17 @@ def memory_per_gpu(
       of its output's size (BatchNorm its input, ReLU its output, which is the next layer's
       input and so counted once).  Outputs of the last layer and work outside K-FAC layers
       (pooling, residual additions) are not counted.
-    * ``factors`` (K-FAC) ``= 4 Σ_l (a_l² + g_l²) + 4 max_r Σ_{l kept on r} (a_l² + g_l²)``:
+    * ``factors`` (K-FAC) ``= 4 Σ_l (a_l² + g_l²) + 4 Σ_{l inverted on r} (a_l² + g_l²)``:
       every rank forms the batch statistics A and G of every layer from its own examples on a
-      factor step, and the rank that inverts a layer keeps its running averages (SP-NGD: the
-      layer's owner; KAISA: its inverse worker).
-    * ``inverses`` (K-FAC) ``= 4 max_r Σ_{l preconditioned on r} i_l`` with
+      factor step and keeps them until the next one, and the rank that inverts a layer keeps
+      its running averages (SP-NGD: the layer's owner; KAISA: its inverse worker).
+    * ``inverses`` (K-FAC) ``= 4 Σ_{l preconditioned on r} i_l`` with
       ``i_l = a_l² + g_l² + a_l + g_l`` (eigen: eigenvectors and eigenvalues) or
       ``a_l² + g_l²`` (cholesky: the two inverses): held where the layer is preconditioned
       (SP-NGD: its owner; KAISA: every rank of its grad-worker column).
+    * ``r`` in both is the GPU holding the most K-FAC state (the largest sum of the two):
+      :func:`kfacperf.sim.graphs.memory.kfac_state_per_gpu`, which the simulator's summary
+      (``factors MiB``, ``inverses MiB``) reports as well.
     * ``gradient_copies`` (K-FAC) ``= 8 N_k``: each layer's ``[dW | db]`` matrix formed after
       backward, and the preconditioned matrix every rank ends the step with (SP-NGD gathers
       them all; KAISA broadcasts them along the rows).
@@ -106,7 +132,8 @@ def memory_per_gpu(
       (``c · Σ_l (e(a_l) + e(g_l))``).  Nothing is communicated on one GPU.  The bucket size
       changes how the gradients are cut, not how many bytes are held.
 
-    ``placement`` (optional) saves recomputing :func:`placement_for`.
+    ``placement`` (optional) saves recomputing :func:`placement_for` (with ``bn_blocks`` and
+    ``comm.placement``).
     """
     comm = comm or CommSettings()
     s = _element_bytes(strategy, batch_per_gpu, dtype)
@@ -118,14 +145,16 @@ def memory_per_gpu(
     if strategy == S.SGD:
         return MemoryBreakdown(**common, factors=0, inverses=0, gradient_copies=0,
                                comm_buffers=FP32 * n_all if distributed else 0)
+    fb = fisher_blocks(workload, bn_blocks)
     if placement is None:
-        placement = placement_for(workload, strategy, world_size, grad_workers)
+        placement = placement_for(workload, strategy, world_size, grad_workers,
+                                  bn_blocks=bn_blocks, placement=comm.placement)
     assert placement is not None
-    comm_buffers = _kfac_comm_buffer_bytes(workload, strategy, comm)
+    state = kfac_state_per_gpu(fb, placement, comm.inverse_method)
+    comm_buffers = _kfac_comm_buffer_bytes(fb, n_all, strategy, comm)
     return MemoryBreakdown(
-        **common, factors=_factor_bytes(workload, placement),
-        inverses=_inverse_bytes(workload, placement, comm.inverse_method),
-        gradient_copies=2 * FP32 * _kfac_layer_params(workload),
+        **common, factors=state.factors, inverses=state.inverses,
+        gradient_copies=2 * FP32 * _kfac_layer_params(fb),
         comm_buffers=comm_buffers if distributed else 0,
     )
 
@@ -142,9 +171,10 @@ def _element_bytes(strategy: str, batch_per_gpu: int, dtype: str) -> int:
         raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(S.DTYPE_BYTES)}") from None
 
 
-def _kfac_layer_params(workload: WorkloadModel) -> int:
-    """``N_k``: the elements of every K-FAC layer's ``[dW | db]`` matrix."""
-    return sum(l.dim_a * l.dim_g for l in workload.layers)
+def _kfac_layer_params(fb: list[FisherBlock]) -> int:
+    """``N_k``: the elements of every K-FAC layer's ``[dW | db]`` matrix (a BatchNorm
+    block's ``C x 2`` ``[dγ | dβ]``)."""
+    return sum(dim_a * dim_g for _, dim_a, dim_g in fb)
 
 
 def _weight_bytes(n_all: int, element_bytes: int) -> int:
@@ -157,30 +187,13 @@ def _activation_bytes(workload: WorkloadModel, batch_per_gpu: int, element_bytes
         l.in_elems_per_example + l.out_elems_per_example for l in workload.layers)
 
 
-def _factor_bytes(workload: WorkloadModel, placement: Placement) -> int:
-    """Every layer's batch statistics, plus the running averages on the rank keeping most."""
-    factor = [FP32 * (l.dim_a ** 2 + l.dim_g ** 2) for l in workload.layers]
-    return sum(factor) + _max_per_rank(factor, placement.inverse_worker)
-
-
-def _inverse_bytes(workload: WorkloadModel, placement: Placement, inverse_method: str) -> int:
-    """The inverse state on the rank preconditioning most: a layer's is on every rank of its
-    column, and columns are alike in size."""
-    if inverse_method == S.EIGEN:
-        inverse = [FP32 * (l.dim_a ** 2 + l.dim_g ** 2 + l.dim_a + l.dim_g)
-                   for l in workload.layers]
-    else:
-        inverse = [FP32 * (l.dim_a ** 2 + l.dim_g ** 2) for l in workload.layers]
-    return _max_per_rank(inverse, placement.column)
-
-
-def _kfac_comm_buffer_bytes(workload: WorkloadModel, strategy: str, comm: CommSettings) -> int:
+def _kfac_comm_buffer_bytes(fb: list[FisherBlock], n_all: int, strategy: str,
+                            comm: CommSettings) -> int:
     """Gradients in flight (SP-NGD buckets only those outside the K-FAC layers) plus every
     layer's encoded statistics in flight."""
     c = S.COMM_DTYPE_BYTES[comm.factor_dtype]
-    in_flight = c * sum(comm.factor_elems(l.dim_a) + comm.factor_elems(l.dim_g)
-                        for l in workload.layers)
-    n_all = workload.total_params
-    grads_in_flight = (FP32 * (n_all - _kfac_layer_params(workload)) if strategy == S.SPNGD
+    in_flight = c * sum(blocks.statistic_elements(form, dim_a, dim_g, comm.symmetric)
+                        for form, dim_a, dim_g in fb)
+    grads_in_flight = (FP32 * (n_all - _kfac_layer_params(fb)) if strategy == S.SPNGD
                        else FP32 * n_all)
     return grads_in_flight + in_flight

@@ -152,6 +152,7 @@ class GpuCountSearch:
         self.prune = prune
         self.gpus_per_node = gpus_per_node
         self.cost = cost.for_gpus(world_size) if hasattr(cost, "for_gpus") else cost
+        self.bn_blocks: str = self.cost.bn_blocks  # the Fisher blocks of the step graphs
         self.straggle = cost.host.straggle
         self.monotone = self.straggle(2) == 0.0
         self._layer_costs: dict[int, LayerCosts] = {}
@@ -172,8 +173,9 @@ class GpuCountSearch:
     def placement(self, s: Setting) -> Placement | None:
         key = (s.strategy, s.grad_workers)
         if key not in self._placements:
-            self._placements[key] = placement_for(self.workload, s.strategy, self.world_size,
-                                                  s.grad_workers or 1)
+            self._placements[key] = placement_for(
+                self.workload, s.strategy, self.world_size, s.grad_workers or 1,
+                bn_blocks=self.bn_blocks, placement=self.comm(s).placement)
         return self._placements[key]
 
     def comm(self, s: Setting) -> CommSettings:
@@ -261,7 +263,8 @@ class GpuCountSearch:
             st.identical += (s.stands_for - 1) * len(pairs)
             mem = memory_per_gpu(self.workload, strategy=strategy, world_size=self.world_size,
                                  batch_per_gpu=s.batch_per_gpu, grad_workers=s.grad_workers or 1,
-                                 comm=self.comm(s), dtype=self.dtype, placement=self.placement(s))
+                                 comm=self.comm(s), dtype=self.dtype, placement=self.placement(s),
+                                 bn_blocks=self.bn_blocks)
             if mem.total > self.capacity:
                 st.over_memory += len(pairs)
                 self._dropped["memory"] += 1

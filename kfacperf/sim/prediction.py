@@ -40,9 +40,12 @@ SUMMARY_COLUMNS: tuple[str, ...] = (
     "strategy", "gpus", "step_us", "compute_us", "comm_us", "exposed_comm_us", "kfac_overhead",
     "scaling_efficiency", "factor_bytes_per_gpu", "inverse_bytes_per_gpu", "batch_per_gpu",
 )
-"""The summary's required columns; it also has ``inverse_step_us``, ``factor_step_us``,
-``plain_step_us`` (the step time of each kind of step, NaN where the cycle has none),
-``grad_worker_fraction`` and ``classes`` (symmetry classes simulated)."""
+"""The summary's required columns (``factor_bytes_per_gpu``: every layer's batch statistics
+plus the running averages, ``inverse_bytes_per_gpu``: the inverse state, both on the GPU
+holding the most, as :mod:`kfacperf.sim.graphs.memory` defines them); it also has
+``inverse_step_us``, ``factor_step_us``, ``plain_step_us`` (the step time of each kind of
+step, NaN where the cycle has none), ``grad_worker_fraction`` and ``classes`` (symmetry
+classes simulated)."""
 SUMMARY_EXTRA: tuple[str, ...] = (
     "inverse_step_us", "factor_step_us", "plain_step_us", "grad_worker_fraction", "classes",
 )

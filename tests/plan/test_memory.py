@@ -1,6 +1,7 @@
 """Memory per GPU: checked term by term against a hand computation on the MLP workload
-(784-512-256-10), against the simulator's own per-GPU K-FAC state, and against published
-runs that fit; and the device models' memory capacity."""
+(784-512-256-10), against the simulator's own per-GPU K-FAC state (one definition, the same
+figure ``kfacperf simulate`` prints), and against published runs that fit; and the device
+models' memory capacity."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -70,26 +71,83 @@ def test_kaisa_comm_opt_holds_every_inverse_and_cholesky_holds_less() -> None:
     assert opt.comm_buffers == 4 * N + 4 * sum(a * a + g * g for a, g in LAYERS)
 
 
-@pytest.mark.parametrize("strategy, workers", [("spngd", 0), ("kaisa", 1), ("kaisa", 4),
-                                               ("kaisa", 16)])
-def test_kfac_state_matches_the_simulators(strategy: str, workers: int) -> None:
-    """The step graphs report the factor and inverse bytes of the most loaded GPU by the same
-    placement rule (eigen, unpacked: their sizes as sent and as held agree)."""
+def test_kaisa_hybrid_on_four_gpus_by_hand() -> None:
+    """Two columns of two: LPT puts the first layer in column 0 (ranks 0, 2) with rank 0
+    inverting it, the other two in column 1 (ranks 1, 3), inverted by ranks 1 and 3.  Every
+    rank keeps every layer's statistics; rank 0 holds the most (its running averages and
+    inverse state outweigh rank 1's or 3's)."""
+    w = load_workload("mlp")
+    pl = placement_for(w, "kaisa", 4, 2)
+    assert pl is not None
+    assert (pl.column, pl.inverse_worker) == ((0, 1, 1), (0, 1, 3))
+    m = memory_per_gpu(w, strategy="kaisa", world_size=4, batch_per_gpu=8, grad_workers=2)
+    statistics = 4 * sum(a * a + g * g for a, g in LAYERS)  # 5,092,892
+    assert m.factors == statistics + 4 * (785**2 + 512**2) == 5_092_892 + 3_513_476
+    assert m.inverses == 4 * (785**2 + 512**2 + 785 + 512) == 3_518_664
+    one = memory_per_gpu(w, strategy="kaisa", world_size=1, batch_per_gpu=8)
+    assert one.factors == 2 * statistics  # statistics and running averages of every layer
+
+
+CASES = [
+    ("spngd", 0, {}), ("kaisa", 1, {}), ("kaisa", 4, {}), ("kaisa", 16, {}),
+    ("spngd", 0, {"inverse_method": "cholesky", "symmetric_factors": True}),
+    ("kaisa", 4, {"inverse_method": "cholesky", "symmetric_factors": True}),
+    ("spngd", 0, {"placement": "contiguous"}),
+    ("spngd", 0, {"bn_blocks": "unit"}), ("kaisa", 2, {"bn_blocks": "full"}),
+    ("kaisa", 8, {"bn_blocks": "unit", "inverse_method": "cholesky"}),
+]
+
+
+@pytest.mark.parametrize("strategy, workers, options", CASES)
+def test_kfac_state_is_the_simulators(strategy: str, workers: int,
+                                      options: dict[str, object]) -> None:
+    """One definition: the plan's K-FAC terms are the step graphs' ``memory()`` (what
+    ``kfacperf simulate`` prints) for every placement, Fisher block and inverse method."""
     from kfacperf.sim.costs.model import CostModel
+    from kfacperf.sim.graphs.strategies.common import comm_settings
     from kfacperf.sim.models import load_cluster
 
     w = load_workload("resnet20")
-    cost = CostModel(workload=w, device=load_device("v100"), cluster=load_cluster("abci-v100"))
+    cost = CostModel(workload=w, device=load_device("v100"), cluster=load_cluster("abci-v100"),
+                     **options)
     lc = layer_costs(cost, w, batch=8)
+    comm = comm_settings(cost.options)
     spec = StrategySpec("kaisa", workers / 16) if strategy == "kaisa" else StrategySpec("spngd")
     step = make_step(spec, StepSpec(costs=lc, world_size=16, gpus_per_node=4, kind=INVERSE_STEP,
-                                    comm=CommSettings()))
-    factors, inverses = step.memory()
+                                    comm=comm))
     m = memory_per_gpu(w, strategy=strategy, world_size=16, batch_per_gpu=8,
-                       grad_workers=workers or 1)
-    every_layer = sum(4 * (l.dim_a**2 + l.dim_g**2) for l in w.layers)
-    assert m.factors == every_layer + factors
-    assert m.inverses == inverses
+                       grad_workers=workers or 1, comm=comm, bn_blocks=cost.bn_blocks)
+    assert (m.factors, m.inverses) == step.memory()
+    pl = placement_for(w, strategy, 16, workers or 1, bn_blocks=cost.bn_blocks,
+                       placement=comm.placement)
+    assert pl == step.place  # the same ranks hold the same layers
+
+
+def test_plan_and_simulate_report_the_same_memory() -> None:
+    """The same configuration through ``plan`` and ``simulate``: the same factor and inverse
+    bytes per GPU (the plan's memory check uses what the simulator prints)."""
+    from kfacperf.plan import plan
+    from kfacperf.plan.convergence import ConvergenceModel, ConvergencePoint
+    from kfacperf.sim.sweep import simulate
+
+    kfac = ConvergenceModel(name="mlp-kfac", workload="mlp", optimizer="kfac", target="t",
+                            points=(ConvergencePoint(global_batch=8, steps=900, source="test",
+                                                     factor_interval=4, inverse_interval=4),
+                                    ConvergencePoint(global_batch=512, steps=70, source="test",
+                                                     factor_interval=4, inverse_interval=4)))
+    for strategy, gpus in (("spngd", 1), ("spngd", 2), ("spngd", 8), ("kaisa", 8)):
+        p = plan("mlp", "v100", "abci-v100", gpus=[gpus], convergence=[kfac],
+                 strategies=[strategy], batch_per_gpu=[32], intervals=[(4, 4)],
+                 comm_dtypes=["fp32"], symmetric=[False], memory_gb=80.0)
+        best = p.best(gpus, "kfac")
+        assert best is not None
+        gw = best.grad_workers if strategy == "kaisa" else None
+        label = f"kaisa:{gw}/{gpus}" if gw else strategy
+        pred = simulate("mlp", "v100", "abci-v100", strategies=[label], gpus=[gpus],
+                        batch_per_gpu=32, factor_interval=4, inverse_interval=4, events=False)
+        row = pred.summary.iloc[0]
+        assert (best.memory["factors"], best.memory["inverses"]) == (
+            row.factor_bytes_per_gpu, row.inverse_bytes_per_gpu), (strategy, gpus)
 
 
 def test_published_runs_fit_on_a_16_gb_v100() -> None:

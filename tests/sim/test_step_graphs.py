@@ -163,16 +163,29 @@ def test_nodes_spanned_counts_distinct_nodes():
 
 
 def test_memory_per_gpu():
+    """Every rank keeps every layer's batch statistics; a layer's running averages live on
+    the rank that inverts it, its inverse state on the ranks that precondition it; both
+    numbers are those of the one GPU that holds the most."""
     store = [(a * a + b * b) * 4 for a, b in zip(A, G)]
     eigen = [(a * a + b * b + a + b) * 4 for a, b in zip(A, G)]
     spngd, _ = graph("spngd", 3)
     owner = spngd.place.inverse_worker
-    assert spngd.memory() == (max(sum(store[l] for l in N if owner[l] == r) for r in range(3)),
-                              max(sum(eigen[l] for l in N if owner[l] == r) for r in range(3)))
+    per_rank = [(sum(store) + sum(store[l] for l in N if owner[l] == r),
+                 sum(eigen[l] for l in N if owner[l] == r)) for r in range(3)]
+    assert spngd.memory() == max(per_rank, key=sum)
     comm_opt, _ = graph("kaisa", 4)
     assert comm_opt.memory()[1] == sum(eigen)  # every rank holds every inverse
+    worker = comm_opt.place.inverse_worker
+    assert comm_opt.memory()[0] == sum(store) + max(
+        sum(store[l] for l in N if worker[l] == r) for r in range(4))
     one, _ = graph("kaisa", 1)
-    assert one.memory() == (sum(store), sum(eigen))
+    assert one.memory() == (2 * sum(store), sum(eigen))  # statistics and running averages
+    # stored full even when sent as triangles: packing changes no held byte
+    packed, _ = graph("kaisa:0.5", 4, comm=CommSettings(symmetric=True,
+                                                        inverse_method="cholesky"))
+    full, _ = graph("kaisa:0.5", 4, comm=CommSettings(inverse_method="cholesky"))
+    assert packed.memory() == full.memory()
+    assert graph("sgd", 4)[0].memory() == (0, 0)
 
 
 def test_kaisa_fraction_must_divide_the_gpus():

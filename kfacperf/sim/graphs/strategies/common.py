@@ -148,9 +148,6 @@ class LayerCosts:
     def factor_comm_bytes(self, l: int, cs: CommSettings) -> int:
         return sum(nbytes for _, nbytes in self.factor_items(l, cs))
 
-    def factor_store_bytes(self, l: int) -> int:
-        return blocks.stored_elements(self.form(l), self.dim_a[l], self.dim_g[l]) * FP32
-
     def placement_cost(self, l: int) -> int:
         return blocks_cost(blocks.stacks(self.form(l), self.dim_a[l], self.dim_g[l]))
 

@@ -28,6 +28,7 @@ from collections import defaultdict
 
 from kfacperf import vocab as S
 from kfacperf.sim.graphs.graph import Group, Program, RankClass
+from kfacperf.sim.graphs.memory import fisher_blocks_of, kfac_state_per_gpu
 from kfacperf.sim.graphs.placement import (
     grad_workers,
     kaisa_placement,
@@ -179,14 +180,12 @@ class KaisaStep:
         return prog
 
     def memory(self) -> tuple[int, int]:
-        """``(factor bytes, inverse bytes)`` on the most loaded GPU.
+        """``(factor bytes, inverse bytes)`` of the GPU holding the most K-FAC state
+        (:func:`kfacperf.sim.graphs.memory.kfac_state_per_gpu`).
 
-        Only a layer's inverse worker keeps its running-average factors; the ranks of its
-        column hold its inverse state.
+        Every rank keeps every layer's batch statistics; only a layer's inverse worker keeps
+        its running-average factors; the ranks of its column hold its inverse state.
         """
-        costs = self.spec.costs
-        factors = max(sum(costs.factor_store_bytes(l) for l in ls)
-                      for ls in self.inv_layers.values())
-        inverses = max(sum(costs.inverse_bytes(l, self.spec.comm) for l in ls)
-                       for ls in self.col_layers.values())
-        return factors, inverses
+        state = kfac_state_per_gpu(fisher_blocks_of(self.spec.costs), self.place,
+                                   self.spec.comm.inverse_method)
+        return state.factors, state.inverses

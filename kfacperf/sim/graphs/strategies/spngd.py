@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 from kfacperf import vocab as S
 from kfacperf.sim.graphs.graph import Program, RankClass
+from kfacperf.sim.graphs.memory import fisher_blocks_of, kfac_state_per_gpu
 from kfacperf.sim.graphs.placement import contiguous_placement, spngd_placement
 from kfacperf.sim.graphs.strategies.common import (
     FP32,
@@ -122,8 +123,9 @@ class SpngdStep:
         return prog
 
     def memory(self) -> tuple[int, int]:
-        """``(factor bytes, inverse bytes)`` on the most loaded GPU: its own layers only."""
-        costs, cs = self.spec.costs, self.spec.comm
-        factors = max(sum(costs.factor_store_bytes(l) for l in ls) for ls in self.owned.values())
-        inverses = max(sum(costs.inverse_bytes(l, cs) for l in ls) for ls in self.owned.values())
-        return factors, inverses
+        """``(factor bytes, inverse bytes)`` of the GPU holding the most K-FAC state: every
+        layer's batch statistics, and the running averages and inverse state of its own
+        layers (:func:`kfacperf.sim.graphs.memory.kfac_state_per_gpu`)."""
+        state = kfac_state_per_gpu(fisher_blocks_of(self.spec.costs), self.place,
+                                   self.spec.comm.inverse_method)
+        return state.factors, state.inverses
