@@ -94,6 +94,8 @@ class StepResult:
             return 0
         end = float(self.class_end.max())
         last = np.flatnonzero(self.class_end >= end - 1e-9 * max(end, 1.0))
+        if not len(last):  # not finite: the caller refuses such a step
+            return int(np.argmax(self.class_end))
         busy = [float(np.sum(self.compute_durations(int(ci)))) for ci in last]
         return int(last[int(np.argmax(busy))])
 
