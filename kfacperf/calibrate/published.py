@@ -73,6 +73,23 @@ def parse_term(text: str) -> Term:
     return term
 
 
+def parse_terms(text: str, *, flag: str = "--fit") -> list[Term]:
+    """``forward.efficiency,backward.efficiency`` -> the terms, in order; a term named twice
+    is an error naming it (and ``flag``)."""
+    terms = [parse_term(t) for t in text.split(",") if t.strip()]
+    check_distinct(terms, where=flag)
+    return terms
+
+
+def check_distinct(terms: Sequence[Term], *, where: str = "the terms to fit") -> None:
+    """Refuse a term given more than once (each term is one unknown of the fit)."""
+    seen: set[Term] = set()
+    for t in terms:
+        if t in seen:
+            raise ValueError(f"{where} names {t.label} more than once; give each term once")
+        seen.add(t)
+
+
 def get_term(device: DeviceModel, term: Term, cluster: ClusterModel | None = None) -> float:
     if term.table == "cluster":
         if cluster is None:
@@ -265,6 +282,7 @@ def fit_device_to_published(
     series = _series_to_fit(cases, preset, cluster, cluster_preset)
     if not terms:
         raise ValueError("no terms to fit")
+    check_distinct(terms)
     start = {t: get_term(device, t, cluster) for t in terms}
     x = np.array([math.log(max(v, 1e-9)) for v in start.values()])
     residuals = _residual_function(series, device, preset, terms, cluster, cluster_preset)
@@ -313,4 +331,4 @@ def describe(fit: PublishedFit) -> list[str]:
 
 __all__: list[Any] = ["FIELDS", "PublishedFit", "Term", "carry_terms", "describe",
                       "fit_device_to_published",
-                      "fitted_source", "get_term", "parse_term", "set_terms"]
+                      "fitted_source", "get_term", "parse_term", "parse_terms", "set_terms"]

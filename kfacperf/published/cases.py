@@ -106,6 +106,12 @@ def resolve_case(name_or_path: str) -> Path:
     text = str(name_or_path)
     if text.endswith(".toml") or "/" in text or os.sep in text:
         path = Path(text)
+        if path.is_dir():
+            raise ValueError(f"published case {text} is a directory; give a case .toml file "
+                             "(e.g. published/spngd-fig5.toml) or a case name (e.g. spngd-fig5)")
+        if path.exists() and not path.is_file():
+            raise ValueError(f"published case {text} is not a regular file (a FIFO, socket or "
+                             "device); give a case .toml file")
         if not path.is_file():
             raise FileNotFoundError(f"published case file {text} does not exist")
         return path

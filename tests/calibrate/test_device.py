@@ -442,6 +442,10 @@ def test_roofline_mode_fit_recovers_a_shared_efficiency() -> None:
         (["tests"], "neither a trace directory"),
         (["--workload", "nope"], "unknown workload 'nope'"),
         (["--workload", "mlp", "--workload-option", "hidden"], "expected KEY=VALUE"),
+        (["--published", "spngd-fig5", "--device", "v100-spngd", "--fit",
+          "forward.efficiency,forward.efficiency"], "forward.efficiency more than once"),
+        (["--published", "spngd-fig5", "--device", "v100-spngd", "--fit",
+          "cluster.inter.bandwidth_GBps", "--cluster", "abci-v100"], "add --cluster-out FILE"),
     ],
 )
 def test_calibrate_command_bad_input(args: list[str], message: str,

@@ -11,6 +11,7 @@ from kfacperf.calibrate.published import (
     CLUSTER_FIELDS,
     fit_device_to_published,
     parse_term,
+    parse_terms,
     set_cluster_terms,
     set_terms,
 )
@@ -89,6 +90,16 @@ def test_a_fit_recovers_a_known_term_and_refuses_held_out_cases(tmp_path) -> Non
                                 [parse_term("backward.efficiency")])
 
 
+def test_a_term_named_twice_is_refused_naming_it() -> None:
+    with pytest.raises(ValueError, match="--fit names forward.efficiency more than once"):
+        parse_terms("forward.efficiency,backward.efficiency, forward.efficiency")
+    assert parse_terms("forward.efficiency,inverse_method.cholesky.row_us") == [
+        parse_term("forward.efficiency"), parse_term("inverse_method.cholesky.row_us")]
+    with pytest.raises(ValueError, match="backward.efficiency more than once"):
+        fit_device_to_published([load_case("spngd-fig5")], load_device("v100-spngd"),
+                                "v100-spngd", [parse_term("backward.efficiency")] * 2)
+
+
 @pytest.mark.parametrize("field", CLUSTER_FIELDS)
 def test_set_cluster_terms_sets_each_tier_field_and_marks_it_fitted(field) -> None:
     cluster = load_cluster("abci-v100")
@@ -115,6 +126,16 @@ def test_validate_published_command(capsys) -> None:
     assert {p["stage"] for p in data["points"]} >= {"inverse", "forward"}
     assert main(["validate", "--published", "pipefisher-bert", "--calibrate", "x"]) == 2
     assert "without --calibrate" in capsys.readouterr().err
+
+
+def test_a_case_path_that_is_a_directory_says_so(tmp_path, capsys) -> None:
+    from kfacperf.cli import main
+
+    assert main(["validate", "--published", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"kfacperf validate: error: published case {tmp_path} is a directory; give "
+                   "a case .toml file (e.g. published/spngd-fig5.toml) or a case name (e.g. "
+                   "spngd-fig5)\n")
 
 
 def test_report_draws_each_published_case(tmp_path) -> None:

@@ -3,7 +3,7 @@
   kfacperf calibrate traces/A traces/B --device-name local-cpu --out models/devices/local-cpu.toml
   kfacperf calibrate traces/reference/p1 --out /tmp/local-cpu.toml     # a folder of traces
   kfacperf calibrate --workload resnet50 --out models/workloads/resnet50.toml
-  kfacperf calibrate --published spngd-fig5 spngd-table1 --device v100-spngd \
+  kfacperf calibrate --published spngd-fig5 spngd-table1 --device v100-spngd \\
       --fit forward.efficiency,backward.efficiency --out my-v100.toml
   kfacperf calibrate --workload my_model.py:build --workload-option width=256 --out my.toml
 
@@ -75,7 +75,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="with --published: the cluster preset whose cluster.TIER.FIELD terms "
                              "are fitted too (written to --cluster-out)")
     parser.add_argument("--cluster-out", default=None, metavar="TOML",
-                        help="with --cluster: where to write the fitted cluster model")
+                        help="with --cluster: where to write the fitted cluster model "
+                             "(needed whenever --fit names a cluster.* term)")
     parser.add_argument("--fit", default=None, metavar="TERMS",
                         help="with --published: comma-separated terms, e.g. "
                              "forward.efficiency,inverse_method.cholesky.row_us")
@@ -186,7 +187,7 @@ def _run_published(args: argparse.Namespace) -> int:
         describe,
         fit_device_to_published,
         fitted_source,
-        parse_term,
+        parse_terms,
     )
     from kfacperf.errors import UserError
     from kfacperf.published.cases import load_cases
@@ -207,9 +208,9 @@ def _run_published(args: argparse.Namespace) -> int:
         return _write_carried(args, device)
     if not args.fit:
         raise UserError("--published needs --fit TERM[,TERM...]")
-    terms = [parse_term(t) for t in args.fit.split(",") if t.strip()]
+    terms = parse_terms(args.fit)
+    cluster = _cluster_to_fit(args, terms)  # before the cases: refuse a fit kept nowhere
     cases = load_cases(args.published)
-    cluster = _cluster_to_fit(args, terms)
     fit = fit_device_to_published(cases, device, args.device, terms, cluster=cluster,
                                   cluster_preset=args.cluster or "",
                                   progress=lambda m: print(m, file=sys.stderr))
@@ -249,6 +250,10 @@ def _cluster_to_fit(args: argparse.Namespace, terms: list[Term]) -> ClusterModel
         return None
     if not args.cluster:
         raise UserError("cluster.* terms need --cluster PRESET (and --cluster-out TOML)")
+    if not args.cluster_out:
+        labels = ", ".join(t.label for t in terms if t.table == "cluster")
+        raise UserError(f"--fit {labels} fits the cluster model, which only --cluster-out "
+                        "writes: add --cluster-out FILE (a new .toml)")
     from kfacperf.sim.models import load_cluster
 
     return load_cluster(args.cluster)

@@ -64,6 +64,13 @@ def resolve(kind: str, name_or_path: str | Path) -> Path:
         raise ValueError(f"empty {_noun(kind)} model name")
     if isinstance(name_or_path, Path) or looks_like_path(text):
         path = Path(text)
+        if path.is_dir():
+            raise ValueError(f"{_noun(kind)} model {text} is a directory; give the path of a "
+                             f"{_noun(kind)} model .toml file (e.g. models/{kind}/NAME.toml) "
+                             "or a preset name")
+        if path.exists() and not path.is_file():
+            raise ValueError(f"{_noun(kind)} model {text} is not a regular file (a FIFO, "
+                             "socket or device); give a .toml file")
         if not path.is_file():
             raise FileNotFoundError(f"{_noun(kind)} model file {text} does not exist")
         return path
