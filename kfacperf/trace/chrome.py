@@ -18,8 +18,20 @@ import os
 from pathlib import Path
 from typing import Any
 
+from kfacperf.errors import UserError
+from kfacperf.trace.schema import (
+    EVENTS_FILE,
+    PARTS_DIR,
+    RUN_FILE,
+    TELEMETRY_FILE,
+    WORKLOAD_FILE,
+)
 from kfacperf.trace.store import Trace
 from kfacperf.vocab import COMM, COMPUTE
+
+TRACE_FILES: tuple[str, ...] = (RUN_FILE, EVENTS_FILE, TELEMETRY_FILE, WORKLOAD_FILE,
+                                RUN_FILE + ".tmp", EVENTS_FILE + ".tmp")
+"""The files of a trace directory (besides ``parts/``) that an export may never replace."""
 
 COMPUTE_TID = 0  # first compute track; further ones (rarely needed) are 1, 2, ...
 COMM_TID = 1000  # first comm track; further ones are 1001, 1002, ...
@@ -110,13 +122,45 @@ def chrome_trace(trace: Trace, *, rank: int | None = None) -> dict[str, Any]:
     }
 
 
+def check_export_out(trace_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
+                     per_rank: bool = False, flag: str = "--out") -> None:
+    """Refuse an export ``out`` that would replace part of the trace it is made from, with
+    or without --force: the trace directory itself, its ``run.json``, ``events.parquet``,
+    ``telemetry.parquet``, ``workload.toml`` (or a link to one) or anything under ``parts/``.
+    A new file beside them (the default ``TRACE/trace.json``, ``TRACE/chrome/``) is fine."""
+    root = Path(trace_dir).resolve()
+    target = Path(out).resolve()  # follows a symbolic link to where it would write
+    fix = ("give another directory (the default is TRACE/chrome)" if per_rank else
+           "give another file name (the default is TRACE/trace.json)")
+    if target == root:
+        raise UserError(f"{flag} {out} is the trace directory being exported; {fix}")
+    parts = root / PARTS_DIR
+    if target == parts or parts in target.parents:
+        raise UserError(f"{flag} {out} is inside the trace's {PARTS_DIR}/ folder; {fix}")
+    if per_rank:
+        return
+    for name in TRACE_FILES:
+        mine = root / name
+        same = target == mine
+        if not same and target.exists() and mine.exists():
+            try:
+                same = target.samefile(mine)  # a hard link to the trace's file
+            except OSError:
+                same = False
+        if same:
+            raise UserError(f"{flag} {out} is the trace's own {name}; an export never "
+                            f"replaces it (not even with --force); {fix}")
+
+
 def export_chrome(
     trace: Trace, out: str | os.PathLike[str], *, per_rank: bool = False
 ) -> list[Path]:
     """Write ``trace`` as Chrome JSON to ``out``; with ``per_rank``, ``out`` is a directory
-    receiving ``rank<R>.json`` per rank (the layout Holistic Trace Analysis loads)."""
+    receiving ``rank<R>.json`` per rank (the layout Holistic Trace Analysis loads).  An
+    ``out`` that is part of the trace itself is refused (:func:`check_export_out`)."""
     from kfacperf.safety import atomic_write_text, dumps_json
 
+    check_export_out(trace.path, out, per_rank=per_rank)
     target = Path(out)
     if not per_rank:  # JSON as the format defines it: a missing number is null, never NaN
         return [atomic_write_text(target, dumps_json(chrome_trace(trace)))]

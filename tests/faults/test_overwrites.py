@@ -64,6 +64,39 @@ def test_simulate_never_replaces_a_measured_trace(tmp_path, capsys):
     assert (trace / "events.parquet").read_bytes() == events
 
 
+@pytest.mark.parametrize("out, per_rank, names", [
+    ("run.json", False, "is the trace's own run.json"),
+    ("events.parquet", False, "is the trace's own events.parquet"),
+    ("hard-link", False, "is the trace's own events.parquet"),
+    ("parts/x.json", False, "inside the trace's parts/ folder"),
+    (".", False, "is the trace directory being exported"),
+    (".", True, "is the trace directory being exported"),
+    ("parts", True, "inside the trace's parts/ folder"),
+])
+def test_export_never_writes_onto_the_trace_it_reads(tmp_path, capsys, out, per_rank, names):
+    import os
+
+    trace = copy_trace(TRACE_1P, tmp_path / "trace")
+    (trace / "parts").mkdir()
+    if out == "hard-link":
+        os.link(trace / "events.parquet", tmp_path / "hard-link")
+        target = tmp_path / "hard-link"
+    else:
+        target = trace / out
+    before = {p: p.read_bytes() for p in trace.rglob("*") if p.is_file()}
+    argv = ["export", "--chrome", trace, "--out", target, "--force"]
+    result = run_cli(capsys, argv + (["--per-rank"] if per_rank else []))
+    assert_one_line_error(result, names=names)
+    assert result.status == 2
+    assert {p: p.read_bytes() for p in trace.rglob("*") if p.is_file()} == before
+    # the default output, a new file inside the trace directory, is still written (again
+    # with --force)
+    for _ in range(2):
+        assert run_cli(capsys, ["export", "--chrome", trace, "--force"]).status == 0
+    assert (trace / "trace.json").is_file() and (trace / "run.json").read_bytes() == before[
+        trace / "run.json"]
+
+
 def test_simulate_force_replaces_only_a_prediction(tmp_path, capsys):
     out = tmp_path / "mixed"
     out.mkdir()
