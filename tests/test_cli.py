@@ -39,3 +39,64 @@ def test_a_bad_input_is_an_error_line_not_a_traceback(capsys):
     err = capsys.readouterr().err
     assert err.startswith("kfacperf report: error: give at least one --trace, --prediction,")
     assert "Traceback" not in err
+
+
+def _help_examples(text: str) -> list[str]:
+    """The example command lines of a help text, backslash-continued lines joined."""
+    lines, out, i = text.splitlines(), [], 0
+    while i < len(lines):
+        cmd = lines[i].strip()
+        if cmd.startswith("kfacperf "):
+            while cmd.endswith("\\") and i + 1 < len(lines):
+                i += 1
+                cmd = cmd[:-1] + " " + lines[i].strip()
+            out.append(cmd)
+        i += 1
+    return out
+
+
+def test_help_examples_read_as_shell_commands():
+    """An example written over several lines keeps its backslash-newlines in --help (a
+    Python string swallows a lone backslash-newline, leaving runs of spaces inside one
+    line), and each example is a command line the parser accepts."""
+    import shlex
+
+    from kfacperf.cli.app import COMMANDS, build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    examples = 0
+    for name, _, _ in COMMANDS:
+        text = sub.choices[name].description or ""  # shown as written (raw)
+        assert text in sub.choices[name].format_help()
+        for line in text.splitlines():
+            if line.strip().startswith("kfacperf "):
+                assert not re.search(r"\S {2,}-", line), (name, line)
+        for cmd in _help_examples(text):
+            examples += 1
+            argv = shlex.split(cmd, comments=True)
+            try:
+                parser.parse_args(argv[1:])
+            except SystemExit:  # pragma: no cover - the assertion says which
+                raise AssertionError(f"{name} --help example does not parse: {cmd}") from None
+    assert examples >= 20
+
+
+def test_help_gives_the_defaults():
+    from kfacperf.cli.app import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    wanted = {
+        "profile": ["--steps", "--warmup", "--batch-size", "--nproc", "--lr", "--damping",
+                    "--factor-interval", "--inverse-interval", "--inverse-method",
+                    "--factor-decay", "--kl-clip", "--bucket-cap-mb", "--timeout"],
+        "simulate": ["--factor-interval", "--inverse-interval", "--inverse-method", "--gpus",
+                     "--threads-per-rank"],
+    }
+    for name, flags in wanted.items():
+        actions = {o: a for a in sub.choices[name]._actions for o in a.option_strings}
+        for flag in flags:
+            assert "(default: " in (actions[flag].help or "") or "; default: " in (
+                actions[flag].help or ""), (name, flag, actions[flag].help)
+    text = " ".join(sub.choices["profile"].format_help().split())
+    assert "default: the workload's: 128 for mlp" in text

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -207,6 +208,43 @@ def test_parse_gpus():
             parse_gpus(bad)
 
 
+@pytest.mark.parametrize("text, message", [
+    # a progression never passes its end, and its end must be one of its terms
+    ("1,2,4,...,3", "must end above 4, got 3"),
+    ("1,2,4,...,5", "its last term below 5 is 4 (the next is 8)"),
+    ("1,2,4,...,48", "its last term below 48 is 32 (the next is 64)"),
+    ("3,9,...,100", "its last term below 100 is 81"),
+    # negative and zero counts say so (not "'' is not a whole number")
+    ("-4", "a GPU count must be >= 1, got -4"),
+    ("8,-4", "a GPU count must be >= 1, got -4"),
+    ("0-8", "a GPU count must be >= 1, got 0"),
+    ("4_0", "'4_0' is not a whole number"),
+])
+def test_parse_gpus_refuses_an_end_off_the_progression_and_negative_counts(text, message):
+    with pytest.raises(ValueError, match=re.escape(f"--gpus {text!r}: ") + ".*"
+                       + re.escape(message)):
+        parse_gpus(text)
+
+
+def test_parse_gpus_progressions_that_reach_their_end():
+    assert parse_gpus("1,2,4,...,8") == [1, 2, 4, 8]
+    assert parse_gpus("3,9,...,243") == [3, 9, 27, 81, 243]
+    assert parse_gpus("1-4,...,32") == [1, 2, 4, 8, 16, 32]
+
+
+@pytest.mark.parametrize("command", ["simulate", "plan"])
+def test_gpus_errors_on_the_command_line(capsys, command):
+    from kfacperf.cli import main
+
+    argv = [command, "--workload", "mlp", "--device", "h100", "--cluster", "dgx-h100-ndr",
+            "--gpus", "1,2,4,...,5"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (f"kfacperf {command}: error: --gpus '1,2,4,...,5': 5 is not a term "
+                           "of the progression 2, 4, ... (times 2); its last term below 5 is 4 "
+                           "(the next is 8): end it at 4 or 8")
+
+
 def _cli(capsys, *args: str) -> tuple[int, str, str]:
     from kfacperf.cli import main
 
@@ -273,6 +311,31 @@ def test_cli_errors_are_one_line(args, message, capsys):
     rc, _, stderr = _cli(capsys, *[x for k, v in {**base, **flags}.items() for x in (k, v)])
     assert rc == 2
     assert message in stderr and "Traceback" not in stderr and stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("flag", ["--workload", "--device", "--cluster"])
+def test_a_model_path_that_is_a_directory_says_so(tmp_path, capsys, flag):
+    base = {"--workload": "resnet20", "--device": "h100", "--cluster": "dgx-h100-ndr",
+            "--gpus": "1"}
+    rc, _, stderr = _cli(capsys, *[x for k, v in {**base, flag: str(tmp_path)}.items()
+                                   for x in (k, v)])
+    assert rc == 2 and stderr.count("\n") == 1
+    noun = flag[2:]
+    assert f"{noun} model {tmp_path} is a directory; give the path of a {noun} model .toml" \
+        in stderr and "does not exist" not in stderr
+
+
+def test_threads_per_rank_errors_name_the_flag(capsys):
+    from kfacperf.cli import main
+
+    with pytest.raises(SystemExit) as exc:  # argparse refuses it, before any work
+        main(["simulate", "--workload", "mlp", "--device", "h100", "--cluster", "dgx-h100-ndr",
+              "--gpus", "1", "--threads-per-rank", "0"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == ("kfacperf simulate: error: argument --threads-per-rank: "
+                                    "must be a whole number >= 1, got 0")
+    assert "ranks_per_node" not in err
 
 
 def test_the_summary_describes_the_rank_the_others_wait_for():

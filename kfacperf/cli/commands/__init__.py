@@ -16,3 +16,14 @@ def key_value(text: str) -> tuple[str, object]:
         return key, parse_json(value, source=key)
     except ValueError:
         return key, value
+
+
+def positive_int(text: str) -> int:
+    """argparse type for a whole number >= 1 (the error names the flag through argparse)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value}")
+    return value

@@ -78,7 +78,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "preset for the workload")
     s = parser.add_argument_group("search")
     s.add_argument("--gpus", required=True,
-                   help="GPU counts: 8,64,512; 8-4096 (powers of two); 8,16,...,1024")
+                   help="GPU counts: 8,64,512; 8-4096 (powers of two from 8 to 4096); "
+                        "8,16,...,1024 (a geometric progression, which must reach its end "
+                        "exactly: 8,16,...,1000 is an error)")
     s.add_argument("--strategies", default=",".join(S.SIM_STRATEGIES),
                    help="strategies to search (default: %(default)s)")
     s.add_argument("--batch-per-gpu", default="32",
@@ -110,12 +112,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kfacperf.cli.commands.simulate import parse_gpus
     from kfacperf.errors import UserError
     from kfacperf.plan import plan
     from kfacperf.plan.result import save_plan
     from kfacperf.plan.text import format_plan
     from kfacperf.safety import check_output_file, dumps_json
+    from kfacperf.sim.gpu_counts import parse_gpu_counts
 
     if args.out:
         check_output_file(args.out, force=args.force)
@@ -124,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     strategies = [x.strip() for x in args.strategies.split(",") if x.strip()]
     progress = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     result = plan(
-        args.workload, args.device, args.cluster, gpus=parse_gpus(args.gpus),
+        args.workload, args.device, args.cluster, gpus=parse_gpu_counts(args.gpus),
         convergence=args.convergence, strategies=strategies,
         batch_per_gpu=_ints("--batch-per-gpu", args.batch_per_gpu),
         intervals=parse_intervals(args.intervals),

@@ -7,15 +7,16 @@ Example::
         --factor-interval 10 --inverse-interval 100 --out predictions/resnet50-h100
 
 Models are preset names (``models/<kind>/<name>.toml``) or paths to TOML files.  GPU counts:
-``1,8,64``; ``1-4096`` (powers of two); ``1,2,4,...,4096`` (a geometric progression).
+``1,8,64``; ``1-4096`` (powers of two); ``1,2,4,...,4096`` (a geometric progression, which
+must reach its end exactly: ``1,2,4,...,48`` is an error naming 32 and 64).
 Strategies: ``sgd``, ``spngd``, ``kaisa`` (f from --grad-worker-fraction), ``kaisa:0.5``,
 ``kaisa:1/8``, ``kaisa:mem-opt`` (f = 1/P at every P), ``kaisa:comm-opt``.  What-if flags
 override single values of the models.
 
 SP-NGD's Fisher variants (emp/1mc x unitBN/fullBN; see docs/fisher-blocks.md)::
 
-    kfacperf simulate --workload resnet50 --device v100 --cluster abci-v100 --strategy spngd \
-        --gpus 1-1024 --factor-interval 1 --inverse-interval 1 --inverse-method cholesky \
+    kfacperf simulate --workload resnet50 --device v100 --cluster abci-v100 --strategy spngd \\
+        --gpus 1-1024 --factor-interval 1 --inverse-interval 1 --inverse-method cholesky \\
         --bn-blocks unit --fisher mc
 
 Limits: at most 1,048,576 GPUs; a prediction that is not finite (or over a year per step)
@@ -29,58 +30,15 @@ import math
 from typing import Any
 
 from kfacperf import vocab
+from kfacperf.cli.commands import positive_int
 
 
 def parse_gpus(text: str) -> list[int]:
-    """GPU counts from ``1,2,8``, ``1-4096`` (powers of two) or ``1,2,4,...,64``."""
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    if not parts:
-        raise ValueError(f"--gpus {text!r}: no GPU counts")
-    out: list[int] = []
+    """GPU counts from ``1,2,8``, ``1-4096`` (powers of two) or ``1,2,4,...,64``
+    (:func:`kfacperf.sim.gpu_counts.parse_gpu_counts`)."""
+    from kfacperf.sim.gpu_counts import parse_gpu_counts
 
-    from kfacperf.sim.sweep import MAX_GPUS
-
-    def number(p: str) -> int:
-        try:
-            v = int(p)
-        except ValueError:
-            raise ValueError(f"--gpus {text!r}: {p!r} is not a whole number") from None
-        if v < 1:
-            raise ValueError(f"--gpus {text!r}: number of GPUs must be >= 1, got {v}")
-        if v > MAX_GPUS:
-            raise ValueError(f"--gpus {text!r}: {v:,} GPUs is above the largest simulated, "
-                             f"{MAX_GPUS:,}")
-        return v
-
-    i = 0
-    while i < len(parts):
-        p = parts[i]
-        if p == "...":
-            if len(out) < 2 or i + 1 >= len(parts):
-                raise ValueError(f"--gpus {text!r}: '...' needs two counts before it and one after")
-            a, b, end = out[-2], out[-1], number(parts[i + 1])
-            if b <= a or b % a:
-                raise ValueError(f"--gpus {text!r}: '...' continues a growing geometric "
-                                 f"progression, but {a}, {b} is not one")
-            v = b * (b // a)
-            while v < end:
-                out.append(v)
-                v *= b // a
-            i += 1
-            continue
-        if "-" in p:
-            lo_s, _, hi_s = p.partition("-")
-            lo, hi = number(lo_s), number(hi_s)
-            if hi < lo:
-                raise ValueError(f"--gpus {text!r}: range {p} ends below its start")
-            v = lo
-            while v <= hi:
-                out.append(v)
-                v *= 2
-        else:
-            out.append(number(p))
-        i += 1
-    return sorted(set(out))
+    return parse_gpu_counts(text, flag="--gpus")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -100,14 +58,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
     r = parser.add_argument_group("run")
     r.add_argument("--strategy", default="sgd,spngd,kaisa",
                    help="comma-separated strategies (default: sgd,spngd,kaisa)")
-    r.add_argument("--gpus", default="1-4096", help="GPU counts (default: 1-4096)")
+    r.add_argument("--gpus", default="1-4096",
+                   help="GPU counts: 1,8,64; 1-4096 (powers of two from 1 to 4096); "
+                        "1,2,4,...,4096 (a geometric progression, which must reach its end "
+                        "exactly: 1,2,4,...,48 is an error) (default: 1-4096)")
     r.add_argument("--batch-per-gpu", type=int, default=32, help="examples per GPU (default 32)")
-    r.add_argument("--factor-interval", type=int, default=1, help="steps between factor updates")
+    r.add_argument("--factor-interval", type=int, default=1,
+                   help="steps between factor updates (default: 1)")
     r.add_argument("--inverse-interval", type=int, default=1,
-                   help="steps between inverse updates (a multiple of --factor-interval)")
+                   help="steps between inverse updates, a multiple of --factor-interval "
+                        "(default: 1)")
     r.add_argument("--grad-worker-fraction", type=float, default=1.0,
                    help="KAISA's f for a plain 'kaisa' (default 1 = COMM-OPT)")
-    r.add_argument("--inverse-method", choices=INVERSE_METHODS, default="eigen")
+    r.add_argument("--inverse-method", choices=INVERSE_METHODS, default="eigen",
+                   help="how K-FAC inverts its factors (default: eigen)")
     r.add_argument("--bucket-mb", type=float, default=25.0,
                    help="gradient (DDP) and factor bucket size in MB (default 25)")
     r.add_argument("--bn-blocks", choices=vocab.BN_BLOCKS, default=vocab.BN_NONE,
@@ -118,7 +82,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "1mc)")
     w = parser.add_argument_group("what-if overrides")
     w.add_argument("--bandwidth-scale", type=float, help="multiply every link bandwidth")
-    w.add_argument("--latency-scale", type=float, help="multiply every link latency (alpha)")
+    w.add_argument("--latency-scale", type=float,
+                   help="multiply every link latency: the tiers' alpha_us, or on an NCCL "
+                        "cluster NCCL's own latency constants (default 1)")
     w.add_argument("--compute-scale", type=float, help="divide every compute time")
     w.add_argument("--comm-dtype", choices=COMM_DTYPES,
                    help="precision of factor communication")
@@ -142,7 +108,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "(0, 1] (stale statistics; default 1)")
     w.add_argument("--v-form", choices=V_FORMS,
                    help="cost form of reduce-scatter-v / all-gather-v")
-    w.add_argument("--threads-per-rank", type=int, help="CPU threads per rank (CPU clusters)")
+    w.add_argument("--threads-per-rank", type=positive_int, metavar="N",
+                   help="CPU threads per rank, >= 1 (CPU clusters; default: 1)")
     o = parser.add_argument_group("output")
     o.add_argument("--out", help="write the prediction directory here (new or empty)")
     o.add_argument("--force", action="store_true",
