@@ -4,6 +4,9 @@
     torchrun --nproc-per-node 2 examples/own_loop.py  # two ranks (SP-NGD over gloo/NCCL)
     python examples/own_loop.py --steps 3 --width 32 --out /tmp/own-loop   # a quick one
 
+--out must be new or empty: a second run into it is refused unless --force (which replaces
+the trace files there, nothing else).
+
 The model, the data and the loop are this script's own; kfacperf.instrument adds K-FAC, the
 distributed set-up and the trace (traces/own-loop by default: run.json, events.parquet and
 the model's workload.toml).  The same trace works with `kfacperf report`, `calibrate`,
@@ -12,12 +15,15 @@ the model's workload.toml).  The same trace works with `kfacperf report`, `calib
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import kfacperf
+from kfacperf.errors import UserError
+from kfacperf.safety import check_output_dir
 from kfacperf.sim.sweep import simulate
 
 
@@ -44,15 +50,24 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="of which warm-up (default 2)")
     parser.add_argument("--batch-size", type=int, default=32, help="per process (default 32)")
     parser.add_argument("--width", type=int, default=64, help="channels (default 64)")
-    parser.add_argument("--out", default="traces/own-loop", help="trace directory")
+    parser.add_argument("--out", default="traces/own-loop",
+                        help="trace directory, new or empty (default traces/own-loop)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace the trace in a non-empty --out (only trace files are "
+                             "removed)")
     args = parser.parse_args()
+    if os.environ.get("RANK", "0") == "0":  # rank 0 writes the trace (torchrun stops the rest)
+        try:  # as `kfacperf profile` does: an earlier trace is replaced only with --force
+            check_output_dir(args.out, force=args.force)
+        except UserError as exc:
+            parser.exit(2, f"{parser.prog}: error: {exc}\n")
 
     torch.manual_seed(0)
     model = SmallConvNet(args.width)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 
     with kfacperf.instrument(model, optimizer, out=args.out, warmup=args.warmup,
-                             factor_interval=1, inverse_interval=1, force=True) as run:
+                             factor_interval=1, inverse_interval=1, force=args.force) as run:
         data = torch.Generator().manual_seed(1 + run.rank)  # each rank its own examples
         for _ in range(args.steps):
             images = torch.randn(args.batch_size, 3, 16, 16, generator=data)

@@ -6,6 +6,7 @@ This module never imports torch.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import sys
@@ -16,6 +17,7 @@ from typing import Any
 from kfacperf import vocab as S
 from kfacperf.runtime.precision import DEFAULT_PRECISION
 from kfacperf.runtime.settings import OptimizerSettings
+from kfacperf.sim.graphs.strategies.common import MAX_BUCKET_MB
 from kfacperf.workloads import reference as workload_ref
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -66,7 +68,7 @@ class ProfileConfig(OptimizerSettings):
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> ValueError:
-            return ValueError(f"--{key.replace('_', '-')} {why}, got {getattr(self, key)!r}")
+            return ValueError(f"{flag_of(key)} {why}, got {getattr(self, key)!r}")
 
         if workload_ref.is_reference(self.workload):
             object.__setattr__(self, "workload", workload_ref.absolute(self.workload))
@@ -91,6 +93,22 @@ class ProfileConfig(OptimizerSettings):
         for key in ("timeout_s", "damping", "telemetry_interval_s"):
             if not getattr(self, key) > 0:
                 raise bad(key, "must be > 0")
+        if not math.isfinite(self.damping):
+            raise bad("damping", "must be a finite number > 0")
+        for key in ("lr", "momentum", "weight_decay"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not (math.isfinite(v) and v >= 0):
+                raise bad(key, "must be a finite number >= 0")
+        if not 0 <= self.factor_decay < 1:
+            raise bad("factor_decay", "must be in [0, 1) (the weight of the old factors)")
+        if self.kl_clip is not None and not (math.isfinite(self.kl_clip) and self.kl_clip > 0):
+            raise bad("kl_clip", "must be a finite number > 0, or none")
+        if not 0 < self.bucket_cap_mb <= MAX_BUCKET_MB:
+            raise bad("bucket_cap_mb", f"must be > 0 and at most {MAX_BUCKET_MB:g}")
+        if self.fused and strategy != S.SPNGD:
+            raise ValueError(f"--fused is an SP-NGD option (one fused all-reduce); --strategy "
+                             f"{strategy} does not take it (leave it out, or use --strategy "
+                             "spngd)")
         if self.nproc > MAX_NPROC:
             raise ValueError(f"--nproc must be at most {MAX_NPROC} (processes on this node), "
                              f"got {self.nproc}")
@@ -142,6 +160,15 @@ class ProfileConfig(OptimizerSettings):
         """Keyword arguments of :class:`kfacperf.runtime.training.TrainConfig`."""
         return {"optimizer": self.optimizer, "strategy": self.resolved_strategy,
                 **self.optimizer_settings()}
+
+
+_FLAGS = {"timeout_s": "--timeout", "telemetry_interval_s": "--telemetry-interval"}
+"""Fields whose ``kfacperf profile`` flag is not ``--`` + the field's name with dashes."""
+
+
+def flag_of(key: str) -> str:
+    """The ``kfacperf profile`` flag that sets field ``key`` (``timeout_s`` -> ``--timeout``)."""
+    return _FLAGS.get(key, "--" + key.replace("_", "-"))
 
 
 def command_line() -> str:

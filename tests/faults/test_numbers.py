@@ -82,7 +82,18 @@ def test_commbench_raw_slowdown_out_of_range(tmp_path, capsys):
     (["--timeout", "inf"], "--timeout must be at most 86400"),
     (["--timeout", "nan"], "--timeout"),
     (["--nproc", "2147483648"], "--nproc must be at most"),
-    (["--bucket-cap-mb", "inf"], "bucket_cap_mb must be a finite number"),
+    (["--bucket-cap-mb", "inf"], "--bucket-cap-mb must be > 0 and at most 1e+06"),
+    # 0 and negative buckets are refused as simulate --bucket-mb refuses them
+    (["--bucket-cap-mb", "0"], "--bucket-cap-mb must be > 0 and at most 1e+06, got 0.0"),
+    (["--bucket-cap-mb", "-5"], "--bucket-cap-mb must be > 0 and at most 1e+06, got -5.0"),
+    # each error names the flag as it is typed, not the setting's internal name
+    (["--timeout", "0"], "--timeout must be > 0, got 0.0"),
+    (["--telemetry-interval", "0"], "--telemetry-interval must be > 0, got 0.0"),
+    (["--lr", "nan"], "--lr must be a finite number >= 0, got nan"),
+    (["--momentum", "-1"], "--momentum must be a finite number >= 0"),
+    (["--factor-decay", "2"], "--factor-decay must be in [0, 1)"),
+    (["--damping", "inf"], "--damping must be a finite number > 0"),
+    (["--kl-clip", "0"], "--kl-clip must be a finite number > 0, or none"),
 ])
 def test_profile_bounds_before_any_process_starts(tmp_path, capsys, argv, names):
     result = run_cli(capsys, ["profile", "--workload", "mlp", "--out", tmp_path / "t", *argv])

@@ -179,3 +179,26 @@ def test_the_example_script_runs(tmp_path, monkeypatch, capsys):
             if line.split()[:1] in (["sgd"], ["spngd"], ["kaisa"])]
     assert {(r[0], r[1]) for r in rows} >= {("sgd", "1024"), ("spngd", "1024"), ("kaisa", "1024")}
     assert load_trace(out).completed and (out / "workload.toml").is_file()
+
+
+def test_the_example_script_refuses_an_earlier_trace_without_force(tmp_path, monkeypatch,
+                                                                   capsys):
+    """A second run of examples/own_loop.py into the same --out is refused (exit 2, one line,
+    the folder untouched) unless --force, as `kfacperf profile` does."""
+    out = tmp_path / "own"
+    out.mkdir()
+    (out / "run.json").write_text("{}")  # an earlier trace (or anything else) there
+    (out / "notes.txt").write_text("mine")
+    argv = ["own_loop.py", "--steps", "2", "--warmup", "1", "--batch-size", "4", "--width", "4",
+            "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_path(str(ROOT / "examples" / "own_loop.py"), run_name="__main__")
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err == (f"own_loop.py: error: --out {out} already exists and is not empty; pass "
+                   "--force to overwrite it\n")
+    assert (out / "run.json").read_text() == "{}" and (out / "notes.txt").read_text() == "mine"
+    monkeypatch.setattr(sys, "argv", [*argv, "--force"])
+    runpy.run_path(str(ROOT / "examples" / "own_loop.py"), run_name="__main__")
+    assert load_trace(out).completed and (out / "notes.txt").read_text() == "mine"

@@ -134,6 +134,9 @@ def test_bad_input_is_a_clear_error_before_any_process_starts(tmp_path, capsys):
         (["--workload", "mlp", "--nnodes", "2"], "needs --rdzv-endpoint"),
         (["--workload", "mlp", "--optimizer", "sgd", "--fisher", "mc"],
          "--bn-blocks and --fisher are K-FAC settings"),
+        (["--workload", "mlp", "--strategy", "kaisa", "--fused", "--out", str(tmp_path / "d")],
+         "--fused is an SP-NGD option (one fused all-reduce); --strategy kaisa does not take it"),
+        (["--workload", "mlp", "--optimizer", "sgd", "--fused"], "--fused is an SP-NGD option"),
     ]
     import torch
 
@@ -145,6 +148,10 @@ def test_bad_input_is_a_clear_error_before_any_process_starts(tmp_path, capsys):
         err = capsys.readouterr().err
         assert "kfacperf profile: error:" in err and message in err, (argv, err)
     assert (tmp_path / "full" / "x").read_text() == "keep me"
+    assert not (tmp_path / "d").exists()
+    from kfacperf.runtime.config import ProfileConfig
+
+    assert ProfileConfig(workload="mlp", out="t", strategy="spngd", fused=True).fused
 
 
 def test_export_command(tmp_path, capsys):

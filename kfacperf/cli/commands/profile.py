@@ -66,19 +66,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--workload-option", type=key_value, action="append", default=[],
                    metavar="KEY=VALUE", help="workload option, e.g. image_size=64 (repeatable; "
                    "VALUE read as JSON, else as a string)")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default=S.KFAC)
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=S.KFAC,
+                   help="(default: %(default)s)")
     g.add_argument("--strategy", choices=PROFILE_STRATEGIES, default=None,
                    help="K-FAC distribution strategy (default: spngd; sgd for --optimizer sgd)")
-    g.add_argument("--nproc", type=int, default=1, help="processes (ranks) on this node")
-    g.add_argument("--steps", type=int, default=30, help="measured steps (after warm-up)")
+    g.add_argument("--nproc", type=int, default=1,
+                   help="processes (ranks) on this node (default: %(default)s)")
+    g.add_argument("--steps", type=int, default=30,
+                   help="measured steps, after warm-up (default: %(default)s)")
     g.add_argument("--warmup", type=int, default=5, help="warm-up steps (recorded, left out "
-                   "of summaries)")
-    g.add_argument("--batch-size", type=int, default=None, help="examples per rank per step")
+                   "of summaries; default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="examples per rank per step (default: the workload's: 128 for mlp and "
+                        "resnet20/32, 32 for resnet50, bert-* and transformer, 8 for gpt2-xl; "
+                        "for your own model, its Workload's, else 32)")
     g.add_argument("--out", default=None, help="trace directory (default: "
                    "traces/WORKLOAD-OPTIMIZER-STRATEGY-pNPROC)")
     g.add_argument("--force", action="store_true",
                    help="replace the trace in a non-empty --out (only trace files are removed)")
-    g.add_argument("--threads-per-rank", type=int, default=1, help="torch threads per rank")
+    g.add_argument("--threads-per-rank", type=int, default=1,
+                   help="torch threads per rank (default: %(default)s)")
     g.add_argument("--isolate", action="store_true", help="synchronise around every stage "
                    "(and barrier every step) so each stage is measured alone")
     g.add_argument("--default-heap", action="store_true",
@@ -88,32 +95,46 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--timeout", type=float, default=60.0,
                    help="seconds a rank waits for a peer before the run fails with an error "
                         "naming the rank (a dead, stopped or hung rank); a step must also "
-                        "finish within it plus min(it, 10 s) (default 60)")
-    g.add_argument("--device", choices=DEVICES, default="auto")
+                        "finish within it plus min(it, 10 s) (default: 60)")
+    g.add_argument("--device", choices=DEVICES, default="auto",
+                   help="auto: CUDA when available, else CPU (default: %(default)s)")
     g.add_argument("--precision", choices=COMPUTE_DTYPES, default=DEFAULT_PRECISION,
                    help="fp32: IEEE float32 (TF32 off on a GPU); tf32: float32 with TF32 "
                         "matmuls and convolutions; bf16: forward under bfloat16 autocast "
-                        "(see kfacperf.runtime.precision)")
-    g.add_argument("--seed", type=int, default=0)
+                        "(see kfacperf.runtime.precision; default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     g.add_argument("--telemetry-interval", type=float, default=0.1,
-                   help="seconds between NVML samples (GPU only)")
+                   help="seconds between NVML samples (GPU only; default: %(default)s)")
     g.add_argument("--baseline", default=None, metavar="TRACE",
                    help="an SGD trace: also print the K-FAC overhead over it")
     k = parser.add_argument_group("optimizer")
-    k.add_argument("--lr", type=float, default=0.1)
-    k.add_argument("--momentum", type=float, default=0.9)
-    k.add_argument("--weight-decay", type=float, default=0.0)
-    k.add_argument("--damping", type=float, default=1e-3)
-    k.add_argument("--factor-interval", type=int, default=1)
-    k.add_argument("--inverse-interval", type=int, default=1)
-    k.add_argument("--inverse-method", choices=INVERSE_METHODS, default="eigen")
-    k.add_argument("--factor-decay", type=float, default=0.95)
-    k.add_argument("--kl-clip", type=_kl_clip, default=1e-3, help="a float, or none")
-    k.add_argument("--grad-worker-fraction", type=float, default=1.0, help="KAISA f")
-    k.add_argument("--fused", action="store_true", help="SP-NGD: one fused all-reduce")
-    k.add_argument("--comm-dtype", choices=COMM_DTYPES, default="fp32")
+    k.add_argument("--lr", type=float, default=0.1,
+                   help="learning rate, >= 0 (default: %(default)s)")
+    k.add_argument("--momentum", type=float, default=0.9, help="(default: %(default)s)")
+    k.add_argument("--weight-decay", type=float, default=0.0, help="(default: %(default)s)")
+    k.add_argument("--damping", type=float, default=1e-3,
+                   help="K-FAC damping, > 0 (default: %(default)s)")
+    k.add_argument("--factor-interval", type=int, default=1,
+                   help="steps between factor updates (default: %(default)s)")
+    k.add_argument("--inverse-interval", type=int, default=1,
+                   help="steps between inverse updates, a multiple of --factor-interval "
+                        "(default: %(default)s)")
+    k.add_argument("--inverse-method", choices=INVERSE_METHODS, default="eigen",
+                   help="(default: %(default)s)")
+    k.add_argument("--factor-decay", type=float, default=0.95,
+                   help="running-average weight of the old factors, in [0, 1) "
+                        "(default: %(default)s)")
+    k.add_argument("--kl-clip", type=_kl_clip, default=1e-3,
+                   help="a float > 0, or none (default: %(default)s)")
+    k.add_argument("--grad-worker-fraction", type=float, default=1.0,
+                   help="KAISA f, in (0, 1] (default: %(default)s)")
+    k.add_argument("--fused", action="store_true",
+                   help="SP-NGD: one fused all-reduce (--strategy spngd only)")
+    k.add_argument("--comm-dtype", choices=COMM_DTYPES, default="fp32",
+                   help="(default: %(default)s)")
     k.add_argument("--symmetric", action="store_true", help="upper-triangle factor packing")
-    k.add_argument("--bucket-cap-mb", type=float, default=25.0)
+    k.add_argument("--bucket-cap-mb", type=float, default=25.0,
+                   help="gradient and factor bucket size in MB, > 0 (default: %(default)s)")
     k.add_argument("--bn-blocks", choices=vocab.BN_BLOCKS, default=vocab.BN_NONE,
                    help="BatchNorm layers as Fisher blocks: none (left to SGD), unit (2x2 per "
                         "channel, SP-NGD's unitBN) or full (2Cx2C, fullBN)")
