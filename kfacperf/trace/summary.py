@@ -218,11 +218,18 @@ def summarize(trace: Trace, baseline: Trace | None = None) -> TraceSummary:
 
 
 def _check_comparable(trace: Trace, baseline: Trace) -> None:
+    check_baseline(baseline, trace.run, what=str(trace.path))
+
+
+def check_baseline(baseline: Trace, run: dict[str, Any], *, what: str = "this run") -> None:
+    """Raise a TraceError unless ``baseline`` is an SGD run of ``run``'s workload, world size
+    and batch per rank (each compared where both say it): what the overhead over SGD needs.
+    ``kfacperf profile --baseline`` checks it before launching as well as after."""
     for key in ("workload", "world_size", "batch_per_rank"):
-        a, b = trace.run.get(key), baseline.run.get(key)
+        a, b = run.get(key), baseline.run.get(key)
         if a is not None and b is not None and a != b:
             raise TraceError(
-                f"baseline {baseline.path} has {key}={b!r} but {trace.path} has {key}={a!r}; "
+                f"baseline {baseline.path} has {key}={b!r} but {what} has {key}={a!r}; "
                 "the overhead over SGD compares runs of the same workload, world size and batch"
             )
     opt = baseline.run.get("optimizer")

@@ -10,6 +10,7 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -119,6 +120,11 @@ def test_a_rank_that_dies_leaves_its_finished_steps_and_a_clear_error(tmp_path):
     assert summarize(trace).measured_steps >= 2  # an incomplete trace still summarizes
 
 
+BASELINE = (Path(__file__).resolve().parents[2] / "traces" / "reference" / "p1"
+            / "resnet20-sgd-b32-r1")
+"""A committed one-process SGD trace of resnet20 at batch 32."""
+
+
 def test_bad_input_is_a_clear_error_before_any_process_starts(tmp_path, capsys):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("keep me")
@@ -137,6 +143,14 @@ def test_bad_input_is_a_clear_error_before_any_process_starts(tmp_path, capsys):
         (["--workload", "mlp", "--strategy", "kaisa", "--fused", "--out", str(tmp_path / "d")],
          "--fused is an SP-NGD option (one fused all-reduce); --strategy kaisa does not take it"),
         (["--workload", "mlp", "--optimizer", "sgd", "--fused"], "--fused is an SP-NGD option"),
+        (["--workload", "mlp", "--nproc", "3", "--strategy", "kaisa", "--grad-worker-fraction",
+          "0.5", "--out", str(tmp_path / "e")],
+         "--grad-worker-fraction: kaisa grad_worker_fraction=0.5 gives 1.5 gradient workers"),
+        (["--workload", "mlp", "--nproc", "2", "--out", str(tmp_path / "f"), "--baseline",
+          str(BASELINE)], "has workload='resnet20' but --workload/--nproc/--batch-size has "
+                          "workload='mlp'"),
+        (["--workload", "resnet20", "--batch-size", "16", "--out", str(tmp_path / "g"),
+          "--baseline", str(BASELINE)], "has batch_per_rank=32 but"),
     ]
     import torch
 
@@ -148,7 +162,7 @@ def test_bad_input_is_a_clear_error_before_any_process_starts(tmp_path, capsys):
         err = capsys.readouterr().err
         assert "kfacperf profile: error:" in err and message in err, (argv, err)
     assert (tmp_path / "full" / "x").read_text() == "keep me"
-    assert not (tmp_path / "d").exists()
+    assert not any((tmp_path / d).exists() for d in "defg")  # nothing ran
     from kfacperf.runtime.config import ProfileConfig
 
     assert ProfileConfig(workload="mlp", out="t", strategy="spngd", fused=True).fused

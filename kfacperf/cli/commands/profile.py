@@ -178,10 +178,16 @@ def build_config(args: argparse.Namespace) -> ProfileConfig:
 def run(args: argparse.Namespace) -> int:
     from kfacperf.runtime.runner import profile
     from kfacperf.trace.store import load_trace
-    from kfacperf.trace.summary import summarize
+    from kfacperf.trace.summary import check_baseline, summarize
 
     config = build_config(args)
     baseline = load_trace(args.baseline) if args.baseline else None
+    if baseline is not None:  # before any process starts, as far as the flags tell
+        nodes = str(config.nnodes)
+        check_baseline(baseline, {
+            "workload": config.workload, "batch_per_rank": config.batch_size,
+            "world_size": config.nproc * int(nodes) if nodes.isdigit() else None},
+            what="--workload/--nproc/--batch-size")
     outcome = profile(config, force=args.force)
     if outcome.interrupted:
         print(f"kfacperf profile: {outcome.message}", file=sys.stderr)
