@@ -17,7 +17,6 @@ from typing import Any
 from kfacperf import vocab as S
 from kfacperf.runtime.precision import DEFAULT_PRECISION
 from kfacperf.runtime.settings import OptimizerSettings
-from kfacperf.sim.graphs.placement import grad_workers
 from kfacperf.sim.graphs.strategies.common import MAX_BUCKET_MB
 from kfacperf.workloads import reference as workload_ref
 
@@ -130,12 +129,6 @@ class ProfileConfig(OptimizerSettings):
         S.check_choice("precision", self.precision, S.COMPUTE_DTYPES)
         if self.multi_node and not self.rdzv_endpoint:
             raise ValueError(f"--nnodes {self.nnodes} needs --rdzv-endpoint HOST:PORT")
-        world = self.nproc * int(self.nnodes) if self.nnodes.isdigit() else None
-        if self.resolved_strategy == S.KAISA and world is not None:
-            try:  # what every rank would otherwise find out on its own, after the launch
-                grad_workers(world, self.grad_worker_fraction)
-            except ValueError as exc:
-                raise ValueError(f"--grad-worker-fraction: {exc}") from None
 
     @property
     def resolved_strategy(self) -> str:

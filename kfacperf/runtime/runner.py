@@ -38,7 +38,7 @@ from kfacperf.trace.schema import (
     WORKLOAD_FILE,
 )
 from kfacperf.trace.store import Trace, load_trace, read_run, write_run
-from kfacperf.vocab import LOCAL, STEP
+from kfacperf.vocab import KAISA, LOCAL, STEP
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 PREPARED_ENV = "KFACPERF_OUT_PREPARED"
@@ -83,12 +83,20 @@ def prepare_out(out: Path, *, force: bool) -> None:
     (out / PARTS_DIR).mkdir(parents=True, exist_ok=True)
 
 
-def validate(config: ProfileConfig) -> None:
-    """Fail fast, before starting processes, on a bad workload, option or optimizer setting."""
+def validate(config: ProfileConfig, *, world_size: int | None = None) -> None:
+    """Fail fast, before starting processes, on a bad workload, option or optimizer setting
+    (``world_size``: the number of ranks, where known)."""
     import torch
 
     from kfacperf.runtime.training import TrainConfig
+    from kfacperf.sim.graphs.placement import grad_workers
     from kfacperf.workloads import get_workload
+
+    if config.resolved_strategy == KAISA and world_size is not None:
+        try:  # what every rank would otherwise find out on its own, after the launch
+            grad_workers(world_size, config.grad_worker_fraction)
+        except ValueError as exc:
+            raise ValueError(f"--grad-worker-fraction: {exc}") from None
 
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available here (torch "
@@ -136,12 +144,12 @@ def profile(config: ProfileConfig, *, force: bool = False) -> ProfileOutcome:
     if under_torchrun():
         rank = int(os.environ["RANK"])
         if rank == 0 and os.environ.get(PREPARED_ENV) != "1":
-            validate(config)
+            validate(config, world_size=int(os.environ["WORLD_SIZE"]))
             # before joining the process group: no rank touches ``out`` until all have joined
             prepare_out(out, force=force)
         worker.run_worker(config)
         return ProfileOutcome(ok=True, trace=load_trace(out) if rank == 0 else None)
-    validate(config)
+    validate(config, world_size=None if ":" in str(config.nnodes) else _world(config))
     lead = config.node_rank == 0
     if lead:
         prepare_out(out, force=force)
