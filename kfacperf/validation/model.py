@@ -76,6 +76,27 @@ class WorkloadFinder:
                 raise ValueError(f"{label}: {exc}" if label else str(exc)) from None
         return self.cache[key]
 
+    def unused(self, files: Sequence[str | os.PathLike[str]]) -> list[str]:
+        """Those of ``files`` (workload model files given by the user; folders are skipped)
+        whose model matched none of the runs looked up so far: a model meant for the traces
+        that was silently not used would fit them against another workload."""
+        from pathlib import Path
+
+        from kfacperf.sim.models import load_workload
+
+        used = list(self.cache.values())
+        out = []
+        for f in files:
+            if not Path(f).is_file():
+                continue
+            try:
+                model = load_workload(Path(f))
+            except ValueError:
+                continue  # the lookup itself reports a broken file where it reads one
+            if not any(model == u for u in used):
+                out.append(str(f))
+        return out
+
 
 def calibrate(
     traces: Sequence[Any], *, cluster: Any = None, workload_search: Sequence[str] = (),

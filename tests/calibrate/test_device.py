@@ -379,6 +379,12 @@ def test_calibrate_command_fits_written_traces(tmp_path: Path,
     # a trace whose workload has no model is a clear error, not a traceback
     assert main(["calibrate", dirs[0], "--out", str(tmp_path / "x.toml")]) == 2
     assert "no workload model for 'w1'" in capsys.readouterr().err
+    # a given model that matches no trace is said to be unused, the used one is not
+    assert main(["calibrate", dirs[0], "--workload-model", models[0], "--workload-model",
+                 models[1]]) == 0
+    err = capsys.readouterr().err
+    assert f"--workload-model {models[1]} matched none of the traces (their workloads: w1)" \
+        in err and models[0] not in err
 
 
 def test_calibrate_command_generates_workload_models(tmp_path: Path) -> None:

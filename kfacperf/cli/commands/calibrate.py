@@ -32,6 +32,7 @@ file is written whole or not at all.
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import TYPE_CHECKING
 
 from kfacperf.cli.commands import key_value
@@ -148,6 +149,10 @@ def _run_traces(args: argparse.Namespace) -> int:
     base = load_device(args.base) if args.base else None
     cal = fit_device_model(traces, workloads=workload_of, base=base, name=name,
                            include_measured=not args.no_measured, mode=args.mode)
+    for path in workload_of.unused(args.workload_model):
+        print(f"calibrate: warning: --workload-model {path} matched none of the traces "
+              f"(their workloads: {', '.join(sorted({str(t.run.get('workload')) for t in traces}))}"
+              "); it was not used", file=sys.stderr)
     if args.out:
         save_device_model(cal.device, args.out)
     if args.json:
