@@ -331,6 +331,9 @@ class GpuCountSearch:
         _, pair = self.time_bound(c)
         times = dict(c.known)
         step = times[PLAIN_STEP.name] if pair is None else mean_step_us(times, *pair)
+        if pair is not None:  # only the kinds of step the chosen intervals' cycle has
+            kinds = {k.kind.name for k in cycle(*pair)}
+            times = {name: t for name, t in times.items() if name in kinds}
         return Evaluated(setting=c.setting, world_size=self.world_size, intervals=pair,
                          step_us=step, kind_step_us=times, estimate=c.estimate,
                          memory=c.memory)

@@ -149,6 +149,9 @@ def test_search_finds_the_exhaustive_optimum(cluster: str) -> None:
         assert c.time_s == pytest.approx(best, rel=1e-9), key
         assert matches(c, keys), (key, c, keys)
         assert c.memory["total"] <= capacity * 1e9
+        if c.factor_interval is not None:  # the kinds of step its cycle has, no other
+            kinds = {k.kind.name for k in cycle(c.factor_interval, c.inverse_interval)}
+            assert set(c.kind_step_us) == kinds, c
     s = result.stats
     assert s["configurations"] == (s["identical"] + s["over_memory"] + s["beyond_data"]
                                    + s["evaluated"] + s["bounded"])
@@ -258,3 +261,15 @@ def test_intervals_staler_than_the_data_are_never_chosen() -> None:
     assert any(c.extrapolated for c in result.choices)
     assert all(16 <= c.global_batch <= 512 for c in strict.choices)
     assert math.isfinite(strict.stats["seconds"])
+
+
+def test_a_choice_lists_only_the_kinds_of_step_its_intervals_have() -> None:
+    """SP-NGD's preset on 512 ABCI GPUs picks equal intervals (18/18), whose cycle has no
+    factor-only step; its search priced one for another interval pair of the same setting."""
+    result = plan("resnet50", "v100", "abci-v100", gpus=(512,),
+                  convergence=["spngd-resnet50", "mlperf-v0.7-lars-resnet50"])
+    kfac = [c for c in result.choices if c.factor_interval is not None]
+    assert kfac and kfac[0].factor_interval == kfac[0].inverse_interval
+    for c in kfac:
+        kinds = {k.kind.name for k in cycle(c.factor_interval, c.inverse_interval)}
+        assert set(c.kind_step_us) == kinds
