@@ -97,10 +97,12 @@ def validate_published(names: Sequence[str] | None = None, *,
     import numpy as np
     import pandas as pd
 
-    cases = [c for c in load_cases(list(names) if names else None)
-             if roles is None or c.role in roles]
+    named = load_cases(list(names) if names else None)
+    cases = [c for c in named if roles is None or c.role in roles]
     if not cases:
-        raise ValueError(f"no published case has role {', '.join(roles or ())}")
+        which = ", ".join(f"{c.name} is a {c.role} case" for c in named) if names else ""
+        raise ValueError(f"no {'named ' if names else ''}published case has role "
+                         f"{', '.join(roles or ())}" + (f" ({which})" if which else ""))
     rows: list[tuple[Any, ...]] = []
     summary: list[tuple[Any, ...]] = []
     for case in cases:

@@ -169,3 +169,11 @@ def test_bert_block_factors_are_the_size_pipefisher_prints() -> None:
     values = sum(l.dim_a ** 2 + l.dim_g ** 2 for l in kfac)
     assert values == 5 * (1025 ** 2 + 1024 ** 2) + 4097 ** 2 + 4096 ** 2
     assert 4 * values / 2 ** 20 == pytest.approx(168.0, rel=2e-3)
+
+
+def test_a_named_case_of_another_role_says_which_role_it_has() -> None:
+    from kfacperf.validation.published import validate_published
+
+    with pytest.raises(ValueError, match=r"no named published case has role held-out "
+                                         r"\(spngd-fig5 is a calibration case\)"):
+        validate_published(["spngd-fig5"], roles=["held-out"])
