@@ -91,6 +91,7 @@ def validate(config: ProfileConfig, *, world_size: int | None = None) -> None:
     from kfacperf.runtime.training import TrainConfig
     from kfacperf.sim.graphs.placement import grad_workers
     from kfacperf.workloads import get_workload
+    from kfacperf.workloads import reference as workload_ref
 
     if config.resolved_strategy == KAISA and world_size is not None:
         try:  # what every rank would otherwise find out on its own, after the launch
@@ -101,7 +102,14 @@ def validate(config: ProfileConfig, *, world_size: int | None = None) -> None:
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available here (torch "
                          f"{torch.__version__}); use --device cpu or auto")
-    get_workload(config.workload, **config.workload_options)
+    workload = get_workload(config.workload, **config.workload_options)
+    if workload_ref.is_reference(config.workload):  # the user's model: what K-FAC can't take
+        from kfacperf.workloads.describe import DescribeError, walk_workload
+
+        try:
+            walk_workload(workload)
+        except DescribeError as exc:
+            raise ValueError(f"--workload {config.workload}: {exc}") from None
     TrainConfig(**config.train_config_kwargs())
     if config.resolved_strategy == LOCAL and (config.nproc > 1 or config.multi_node):
         raise ValueError("--strategy local runs on one process; "

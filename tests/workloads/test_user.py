@@ -228,3 +228,25 @@ def test_a_factory_that_only_builds_on_the_meta_device_is_a_clear_error(tmp_path
     text = str(info.value)
     assert text.startswith(f"--workload {path}:build: ") and "\n" not in text
     assert "built its model on the meta device" in text
+
+
+def test_a_layer_the_forward_never_uses_stops_profile_before_any_process(tmp_path, capsys):
+    """K-FAC cannot precondition a layer the forward never calls: profile says so in one
+    line naming the factory, before it creates the output folder."""
+    from kfacperf.cli import main
+
+    path = _write(tmp_path, "import torch\nfrom torch import nn\n"
+                  "class M(nn.Module):\n"
+                  "    def __init__(self):\n"
+                  "        super().__init__(); self.a = nn.Linear(8, 4); self.b = nn.Linear(8, 8)\n"
+                  "    def forward(self, x):\n        return self.a(x)\n"
+                  "def build():\n"
+                  "    return M(), lambda n, g: (torch.randn(n, 8, generator=g),"
+                  " torch.randint(0, 4, (n,), generator=g))\n")
+    out = tmp_path / "out"
+    assert main(["profile", "--workload", f"{path}:build", "--steps", "1", "--warmup", "0",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"kfacperf profile: error: --workload {path}:build: K-FAC layer(s) not used "
+                   "by the forward pass: b")
+    assert not out.exists()
