@@ -31,19 +31,15 @@ from kfacperf.runtime import launch
 from kfacperf.runtime.config import ProfileConfig, run_record
 from kfacperf.runtime.net import free_port
 from kfacperf.trace.schema import (
-    EVENTS_FILE,
     PARTS_DIR,
     RUN_FILE,
-    TELEMETRY_FILE,
-    WORKLOAD_FILE,
+    TRACE_FILES,
 )
 from kfacperf.trace.store import Trace, load_trace, read_run, write_run
 from kfacperf.vocab import KAISA, LOCAL, STEP
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 PREPARED_ENV = "KFACPERF_OUT_PREPARED"
-_TRACE_FILES = (RUN_FILE, EVENTS_FILE, TELEMETRY_FILE, WORKLOAD_FILE, RUN_FILE + ".tmp",
-                EVENTS_FILE + ".tmp")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,7 +73,7 @@ def prepare_out(out: Path, *, force: bool) -> None:
 
     check_output_dir(out, force=force)
     if out.is_dir() and any(out.iterdir()):
-        for name in _TRACE_FILES:
+        for name in TRACE_FILES:
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / PARTS_DIR, ignore_errors=True)
     (out / PARTS_DIR).mkdir(parents=True, exist_ok=True)

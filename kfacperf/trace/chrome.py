@@ -19,19 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from kfacperf.errors import UserError
-from kfacperf.trace.schema import (
-    EVENTS_FILE,
-    PARTS_DIR,
-    RUN_FILE,
-    TELEMETRY_FILE,
-    WORKLOAD_FILE,
-)
+from kfacperf.trace.schema import PARTS_DIR, TRACE_FILES
 from kfacperf.trace.store import Trace
 from kfacperf.vocab import COMM, COMPUTE
-
-TRACE_FILES: tuple[str, ...] = (RUN_FILE, EVENTS_FILE, TELEMETRY_FILE, WORKLOAD_FILE,
-                                RUN_FILE + ".tmp", EVENTS_FILE + ".tmp")
-"""The files of a trace directory (besides ``parts/``) that an export may never replace."""
 
 COMPUTE_TID = 0  # first compute track; further ones (rarely needed) are 1, 2, ...
 COMM_TID = 1000  # first comm track; further ones are 1001, 1002, ...

@@ -21,6 +21,10 @@ TELEMETRY_FILE = "telemetry.parquet"
 PARTS_DIR = "parts"
 WORKLOAD_FILE = "workload.toml"
 """The workload model of a run of the user's own model, in its trace directory."""
+TRACE_FILES: tuple[str, ...] = (RUN_FILE, EVENTS_FILE, TELEMETRY_FILE, WORKLOAD_FILE,
+                                RUN_FILE + ".tmp", EVENTS_FILE + ".tmp")
+"""The files a trace directory holds besides ``parts/`` (with their half-written forms): what
+``profile --force`` clears and what an export may never replace."""
 
 EVENT_COLUMNS: tuple[str, ...] = (
     "rank", "step", "stage", "layer", "lane", "start_us", "dur_us", "bytes", "flops",
