@@ -153,10 +153,13 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
 # --------------------------------------------------------------------------- inputs
 
 
-def regular_file(path: str | os.PathLike[str], *, what: str = "file") -> Path:
+def regular_file(path: str | os.PathLike[str], *, what: str = "file",
+                 hint: str = "") -> Path:
     """``path`` if it is a regular file (symbolic links followed), else a ``ValueError``
     (a directory, a FIFO that would block, a device such as /dev/zero) or the usual
-    ``FileNotFoundError``; both name the file."""
+    ``FileNotFoundError``; both name the file, the ValueError ends with ``hint`` (what to
+    give instead) where there is one."""
+    tail = f"; {hint}" if hint else ""
     p = Path(path)
     try:
         mode = p.stat().st_mode
@@ -165,9 +168,9 @@ def regular_file(path: str | os.PathLike[str], *, what: str = "file") -> Path:
     except OSError as exc:
         raise ValueError(f"{what} {p}: cannot read ({exc.strerror or exc})") from None
     if stat.S_ISDIR(mode):
-        raise ValueError(f"{what} {p} is a directory, not a file")
+        raise ValueError(f"{what} {p} is a directory, not a file{tail}")
     if not stat.S_ISREG(mode):
-        raise ValueError(f"{what} {p} is not a regular file (a FIFO, socket or device)")
+        raise ValueError(f"{what} {p} is not a regular file (a FIFO, socket or device){tail}")
     return p
 
 

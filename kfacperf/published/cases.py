@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from kfacperf import vocab as S
+from kfacperf.safety import regular_file
 from kfacperf.sim.models.toml_io import Table, read_toml
 
 FORMAT = "kfacperf-published-1"
@@ -105,16 +106,9 @@ def resolve_case(name_or_path: str) -> Path:
     """A case name (a file stem under ``published/``) or a path to a case TOML."""
     text = str(name_or_path)
     if text.endswith(".toml") or "/" in text or os.sep in text:
-        path = Path(text)
-        if path.is_dir():
-            raise ValueError(f"published case {text} is a directory; give a case .toml file "
-                             "(e.g. published/spngd-fig5.toml) or a case name (e.g. spngd-fig5)")
-        if path.exists() and not path.is_file():
-            raise ValueError(f"published case {text} is not a regular file (a FIFO, socket or "
-                             "device); give a case .toml file")
-        if not path.is_file():
-            raise FileNotFoundError(f"published case file {text} does not exist")
-        return path
+        return regular_file(text, what="published case file",
+                            hint="give a case .toml file (e.g. published/spngd-fig5.toml) or "
+                                 "a case name (e.g. spngd-fig5)")
     path = published_dir() / f"{text}.toml"
     if not path.is_file():
         raise ValueError(f"unknown published case {text!r}; cases: "

@@ -133,7 +133,8 @@ def test_a_case_path_that_is_a_directory_says_so(tmp_path, capsys) -> None:
 
     assert main(["validate", "--published", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert err == (f"kfacperf validate: error: published case {tmp_path} is a directory; give "
+    assert err == (f"kfacperf validate: error: published case file {tmp_path} is a directory, "
+                   "not a file; give "
                    "a case .toml file (e.g. published/spngd-fig5.toml) or a case name (e.g. "
                    "spngd-fig5)\n")
 

@@ -321,7 +321,8 @@ def test_a_model_path_that_is_a_directory_says_so(tmp_path, capsys, flag):
                                    for x in (k, v)])
     assert rc == 2 and stderr.count("\n") == 1
     noun = flag[2:]
-    assert f"{noun} model {tmp_path} is a directory; give the path of a {noun} model .toml" \
+    assert (f"{noun} model file {tmp_path} is a directory, not a file; give the path of a "
+            f"{noun} model .toml") \
         in stderr and "does not exist" not in stderr
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from kfacperf.safety import regular_file
+
 KINDS: tuple[str, ...] = ("workloads", "devices", "clusters", "convergence")
 _SINGULAR = {"workload": "workloads", "device": "devices", "cluster": "clusters"}
 
@@ -63,17 +65,9 @@ def resolve(kind: str, name_or_path: str | Path) -> Path:
     if not text:
         raise ValueError(f"empty {_noun(kind)} model name")
     if isinstance(name_or_path, Path) or looks_like_path(text):
-        path = Path(text)
-        if path.is_dir():
-            raise ValueError(f"{_noun(kind)} model {text} is a directory; give the path of a "
-                             f"{_noun(kind)} model .toml file (e.g. models/{kind}/NAME.toml) "
-                             "or a preset name")
-        if path.exists() and not path.is_file():
-            raise ValueError(f"{_noun(kind)} model {text} is not a regular file (a FIFO, "
-                             "socket or device); give a .toml file")
-        if not path.is_file():
-            raise FileNotFoundError(f"{_noun(kind)} model file {text} does not exist")
-        return path
+        return regular_file(text, what=f"{_noun(kind)} model file",
+                            hint=f"give the path of a {_noun(kind)} model .toml file (e.g. "
+                                 f"models/{kind}/NAME.toml) or a preset name")
     name = ALIASES[kind].get(text.lower(), text)
     path = models_dir() / kind / f"{name}.toml"
     if not path.is_file():
