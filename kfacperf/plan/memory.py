@@ -22,7 +22,7 @@ from kfacperf.sim.graphs.placement import (
     spngd_placement,
 )
 from kfacperf.sim.graphs.strategies.common import CommSettings
-from kfacperf.sim.models.workload import LayerModel, WorkloadModel
+from kfacperf.sim.models.workload import WorkloadModel
 
 FP32 = 4
 GB = 10**9
@@ -54,16 +54,11 @@ class MemoryBreakdown:
         return {**asdict(self), "total": self.total}
 
 
-def fisher_layers(workload: WorkloadModel, bn_blocks: str = S.BN_NONE) -> tuple[LayerModel, ...]:
-    """The layers K-FAC keeps state for under ``bn_blocks``, in forward order (the
-    simulator's :func:`kfacperf.sim.graphs.layer_costs.layer_costs` takes the same)."""
-    return workload.layers if bn_blocks == S.BN_NONE else workload.fisher_layers(bn_blocks)
-
-
 def fisher_blocks(workload: WorkloadModel, bn_blocks: str = S.BN_NONE) -> list[FisherBlock]:
-    """``(form, dim_a, dim_g)`` of each of those layers."""
+    """``(form, dim_a, dim_g)`` of each layer K-FAC keeps state for under ``bn_blocks``, in
+    forward order (:meth:`WorkloadModel.fisher_layers`, as the simulator's layer costs)."""
     return [(blocks.block_form(l.kind, bn_blocks), l.dim_a, l.dim_g)
-            for l in fisher_layers(workload, bn_blocks)]
+            for l in workload.fisher_layers(bn_blocks)]
 
 
 def placement_for(workload: WorkloadModel, strategy: str, world_size: int,
@@ -74,7 +69,7 @@ def placement_for(workload: WorkloadModel, strategy: str, world_size: int,
     if strategy == S.SGD:
         return None
     S.check_choice("placement", placement, S.PLACEMENTS)
-    layers = fisher_layers(workload, bn_blocks)
+    layers = workload.fisher_layers(bn_blocks)
     costs = [blocks_cost(blocks.stacks(*b)) for b in fisher_blocks(workload, bn_blocks)]
     if strategy == S.SPNGD:
         if placement == S.CONTIGUOUS:
