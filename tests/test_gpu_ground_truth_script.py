@@ -200,6 +200,7 @@ def test_every_planned_trace_loads_and_says_what_ran(dry_run):
         assert run["command"].startswith("kfacperf profile --workload resnet20")
         assert f"--out traces/{r.precision}/{r.name} --force" in run["command"]
         assert run["timing"] == "perf_counter_ns"  # a GPU run says cuda_events
+        assert run["nvtx"] == "nvtx"  # the nvtx package's domain (the wheel on the GPU)
         assert run["precision_flags"]["autocast"] == ("bfloat16" if r.precision == "bf16"
                                                       else None)
         if r.optimizer == "kfac":
@@ -215,6 +216,7 @@ def test_every_planned_trace_loads_and_says_what_ran(dry_run):
     for t in summary["tasks"]:
         if t["kind"] == G.PROFILE:  # a GPU run: cuda_events and telemetry samples
             assert (t["timing"], t["telemetry_samples"]) == ("perf_counter_ns", 0)
+            assert t["nvtx"] == "nvtx"
             assert t["precision"] == t["run"]["precision"] and t["step_ms"]
 
 

@@ -41,6 +41,8 @@ class NvtxBackend(Protocol):
 class NvtxDomainBackend:
     """The real thing: the ``nvtx`` package, one domain, categories named after lanes."""
 
+    name = "nvtx"
+
     def __init__(self, *, domain: str = DOMAIN) -> None:
         import nvtx
 
@@ -65,6 +67,73 @@ class NvtxDomainBackend:
         return self._domain.get_event_attributes(
             message=message, color=color, category=category, payload=payload
         )
+
+
+class TorchNvtxBackend:
+    """NVTX through torch's own bindings (``torch.cuda.nvtx``), where the ``nvtx`` package is
+    missing: the same ranges and messages, in the default domain, without colours or
+    categories."""
+
+    name = "torch.cuda.nvtx"
+
+    def __init__(self) -> None:
+        import torch.cuda.nvtx as tnvtx
+
+        self.push = tnvtx.range_push
+        self.start = tnvtx.range_start
+        self.end = tnvtx.range_end
+        self._pop = tnvtx.range_pop
+
+    def pop(self) -> None:
+        self._pop()
+
+    def attributes(
+        self, *, message: str, color: int, category: str, payload: int | None = None
+    ) -> Any:
+        return message
+
+
+class NullNvtxBackend:
+    """No NVTX at all (neither the ``nvtx`` package nor torch's CUDA bindings are usable):
+    the stage timer's own timings are unaffected."""
+
+    name = "none"
+
+    def attributes(
+        self, *, message: str, color: int, category: str, payload: int | None = None
+    ) -> Any:
+        return None
+
+    def push(self, attrs: Any) -> None:
+        pass
+
+    def pop(self) -> None:
+        pass
+
+    def start(self, attrs: Any) -> Any:
+        return None
+
+    def end(self, handle: Any) -> None:
+        pass
+
+
+def default_backend() -> tuple[NvtxBackend, str]:
+    """The best NVTX backend here and a line saying which: the ``nvtx`` package's domain;
+    without the package (or where it fails to load), torch's bindings on a CUDA machine;
+    else none.  A missing NVTX never stops a profile: the ranges are for Nsight, the
+    trace's timings do not depend on them."""
+    try:
+        return NvtxDomainBackend(), NvtxDomainBackend.name
+    except Exception as exc:  # ImportError, or a compiled extension that fails to load
+        why = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return TorchNvtxBackend(), f"{TorchNvtxBackend.name} (the nvtx package: {why})"
+    except Exception:  # noqa: S110 - torch's bindings are the fallback; none is next
+        pass
+    return NullNvtxBackend(), f"{NullNvtxBackend.name} (the nvtx package: {why})"
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ from kfacperf.profiler.comm_completion import (
     wait_all,
 )
 from kfacperf.profiler.cuda_events import Row
-from kfacperf.profiler.nvtx_backend import NvtxBackend, NvtxDomainBackend
+from kfacperf.profiler.nvtx_backend import NvtxBackend, default_backend
 from kfacperf.profiler.row_sink import MemorySink, RowSink, rows_to_columns
 from kfacperf.vocab import STEP, lane_of
 
@@ -135,7 +135,8 @@ class StageTimer:
     Args:
         rank: the process rank written in every row.
         sink: receives each step's rows (dict of columns) at ``step_end``.
-        nvtx: NVTX backend (default: the ``nvtx`` package's ``kfacperf`` domain).
+        nvtx: NVTX backend (default: the ``nvtx`` package's ``kfacperf`` domain, or
+            the fallback :func:`~kfacperf.profiler.nvtx_backend.default_backend` finds).
         cuda: time with CUDA events on the current stream (default: when CUDA is available
             and torch is already imported).
         isolate: synchronise around every stage and barrier at every step start.
@@ -165,7 +166,7 @@ class StageTimer:
         self.rank = rank
         self._clock = clock
         self.sink = sink if sink is not None else MemorySink()
-        self._nvtx = nvtx if nvtx is not None else NvtxDomainBackend()
+        self._nvtx = nvtx if nvtx is not None else default_backend()[0]
         self._nvtx_push = self._nvtx.push
         self._nvtx_pop = self._nvtx.pop
         self.cuda = _cuda_default() if cuda is None else cuda

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -77,6 +78,22 @@ def peer_progress(run_dir: Path, rank: int) -> str:
     return "last step recorded: " + ", ".join(seen) if seen else ""
 
 
+def gpu_info_from_torch(info: Mapping[str, Any], index: int) -> dict[str, Any]:
+    """``run.json``'s ``device`` for a CUDA run that NVML could not describe (``info``, as
+    :func:`~kfacperf.profiler.telemetry.device_info` left it): the GPU as torch sees it, so
+    that the trace is still a GPU's, named as the device presets know it, with NVML's
+    reason kept."""
+    import torch
+
+    props = torch.cuda.get_device_properties(index)
+    gpu = {"index": index, "name": props.name, "uuid": None, "driver": None,
+           "compute_capability": [props.major, props.minor],
+           "memory_total_mib": props.total_memory / 2**20, "max_sm_clock_mhz": None,
+           "max_mem_clock_mhz": None, "power_limit_w": None,
+           "count": torch.cuda.device_count(), "described_by": "torch"}
+    return dict(info, kind="gpu", name=props.name, gpu=gpu)
+
+
 class TraceRecorder:
     """See the module docstring.  ``info`` is the rank's
     :class:`~kfacperf.runtime.distributed.DistInfo`; ``device`` the torch device it computes
@@ -86,6 +103,7 @@ class TraceRecorder:
                  batch_per_rank: int | None, run_extra: Mapping[str, Any] | None = None) -> None:
         import torch.distributed as dist
 
+        from kfacperf.profiler.nvtx_backend import default_backend
         from kfacperf.profiler.stage_timer import StageTimer
         from kfacperf.profiler.telemetry import TelemetrySampler, device_info
         from kfacperf.runtime import precision
@@ -98,14 +116,19 @@ class TraceRecorder:
         cuda = device.type == "cuda"
         gpu_index = (device.index or 0) if cuda else None
         dev_info = device_info(device_index=gpu_index)
+        if cuda and dev_info.get("kind") != "gpu":
+            dev_info = gpu_info_from_torch(dev_info, gpu_index or 0)
         if not cuda:
             dev_info = dict(dev_info, torch_device="cpu")
+        nvtx, nvtx_line = default_backend()
         if self.rank == 0:
+            if nvtx_line != "nvtx":
+                print(f"kfacperf profile: NVTX ranges: {nvtx_line}", file=sys.stderr)
             prior = _prior_run(self.run_dir)
             write_run(self.run_dir, run_record(
                 config, world_size=self.world, batch_per_rank=batch_per_rank, device=dev_info,
                 backend=info.backend, heap=heap_policy,
-                timing="cuda_events" if cuda else "perf_counter_ns",
+                timing="cuda_events" if cuda else "perf_counter_ns", nvtx=nvtx_line,
                 precision_flags=precision.run_flags(config.precision),
                 clock="per-rank perf_counter_ns; time 0 right after a barrier at the start",
                 **({"start_time": prior["start_time"]} if "start_time" in prior else {}),
@@ -116,7 +139,7 @@ class TraceRecorder:
         if self.world > 1:
             dist.barrier()
         origin = time.perf_counter_ns()
-        self.timer = StageTimer(rank=self.rank, sink=self._events, cuda=cuda,
+        self.timer = StageTimer(rank=self.rank, sink=self._events, cuda=cuda, nvtx=nvtx,
                                 isolate=config.isolate, origin_ns=origin)
         self._sampler = None
         if self._telemetry is not None:

@@ -264,3 +264,47 @@ def test_run_all_writes_every_measurement_as_json(tmp_path):
     assert data["skipped"] == [] and report.elapsed_s > 0
     assert any("eigh fp32" in line for line in lines)
     assert K.summary_lines(report)[0].startswith("eigh fp32: 8: ")
+
+
+def test_a_group_that_fails_is_recorded_and_costs_neither_earlier_nor_later_ones(
+        tmp_path, monkeypatch):
+    """A GEMM failure after the inverses and factors were timed: kernels.json still holds
+    them, and the failure is named in ``skipped``; a failing eigh group does not stop the
+    Cholesky timings after it."""
+    import kfacperf.bench.kernels.run as run_mod
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUBLAS_STATUS_NOT_SUPPORTED\nsecond line")
+
+    monkeypatch.setattr(run_mod, "time_gemm", broken)
+    lines: list[str] = []
+    report = K.run_all(tmp_path, device=CPU, plan=TINY, log=lines.append)
+    data = json.loads((tmp_path / K.OUTPUT_FILE).read_text())
+    assert data["gemm"] == [] and report.gemm == []
+    assert len(data["eigh"]) == 2 * len(TINY.inverse_dtypes) and data["factors"]
+    assert data["skipped"] == [{"measurement": "gemm", "what": "every size", "reason":
+                                "failed: RuntimeError: CUBLAS_STATUS_NOT_SUPPORTED"}]
+    assert any("gemm: failed: RuntimeError" in line for line in lines)
+
+    monkeypatch.setattr(run_mod, "time_eigh", broken)
+    report = K.run_all(tmp_path, device=CPU, plan=TINY, log=lines.append)
+    assert report.eigh == [] and report.cholesky and report.factors
+    assert [s.measurement for s in report.skipped] == [
+        f"eigh {d}" for d in TINY.inverse_dtypes] + ["gemm"]
+
+
+def test_kernels_json_is_on_disk_after_the_first_group(tmp_path, monkeypatch):
+    """The file is written as each group ends: a process stopped during the factor timings
+    keeps the inverse timings."""
+    import kfacperf.bench.kernels.run as run_mod
+
+    def stopped(*args, **kwargs):
+        data = json.loads((tmp_path / K.OUTPUT_FILE).read_text())
+        assert len(data["eigh"]) == 2 * len(TINY.inverse_dtypes) and data["cholesky"]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_mod, "time_factors", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        K.run_all(tmp_path, device=CPU, plan=TINY, log=lambda line: None)
+    data = json.loads((tmp_path / K.OUTPUT_FILE).read_text())
+    assert data["factors"] == [] and data["gemm"] == [] and data["eigh"]

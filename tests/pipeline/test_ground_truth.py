@@ -136,6 +136,26 @@ def test_what_the_guard_cannot_fit_is_skipped_and_named(tmp_path):
     assert "2 ok, 0 failed, 1 skipped" in text and "skipped: t2" in text
 
 
+def test_the_kernel_timings_run_on_less_than_their_estimate_but_not_on_nothing(tmp_path):
+    """Slow inverses can leave less than the kernel timings' estimate; they cut themselves
+    to what is left, so they still run from X.KERNELS_MIN_S on, with that time as their
+    budget; below it they are skipped."""
+    now = [0.0]
+    budget = Budget(X.KERNELS_MIN_S + 5, clock=lambda: now[0])
+    kernels = G.Task(kind=G.KERNELS, name="kernel timings", tier=4)
+    given: list[float] = []
+
+    def fake_kernels(o, ctx):
+        given.append(min(ctx.budget.left(), 1.5 * o.estimate_s))
+        now[0] += X.KERNELS_MIN_S
+
+    ctx = _context(tmp_path, budget=budget, guess=CostGuess(kernels_task_s=80.0))
+    outcomes = X.execute([kernels, kernels], ctx, runners={G.KERNELS: fake_kernels})
+    assert [o.status for o in outcomes] == ["ok", "skipped"]
+    assert given == [pytest.approx(X.KERNELS_MIN_S + 5)]
+    assert "needs ~30 s, 5 s left" in outcomes[1].detail
+
+
 def test_a_failing_task_is_reported_and_the_next_one_runs(tmp_path):
     def boom(o, ctx):
         raise RuntimeError("CUDA out of memory")

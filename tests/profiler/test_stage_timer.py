@@ -177,6 +177,46 @@ def test_real_nvtx_backend_without_a_tool_attached():
     assert len(timer.sink.columns()["stage"]) == 7
 
 
+def test_without_the_nvtx_package_the_timer_falls_back_and_times_the_same(monkeypatch):
+    """A machine where ``import nvtx`` fails: on a CUDA machine torch's own NVTX bindings
+    carry the ranges (every push popped), elsewhere none; the stage rows are the same."""
+    import sys
+
+    import torch
+
+    from kfacperf.profiler import nvtx_backend as nb
+
+    monkeypatch.setitem(sys.modules, "nvtx", None)  # import nvtx -> ImportError
+    backend, line = nb.default_backend()
+    assert isinstance(backend, nb.NullNvtxBackend)
+    assert line.startswith("none (the nvtx package: ModuleNotFoundError") and "\n" not in line
+    timer = StageTimer(cuda=False)
+    run_step(timer, 0)
+    timer.close()
+    assert len(timer.sink.columns()["stage"]) == 7
+
+    calls: list[tuple[str, object]] = []
+    fake = type(sys)("fake_torch_nvtx")
+    fake.range_push = lambda msg: calls.append(("push", msg))
+    fake.range_pop = lambda: calls.append(("pop", None))
+    fake.range_start = lambda msg: calls.append(("start", msg)) or len(calls)
+    fake.range_end = lambda handle: calls.append(("end", handle))
+    monkeypatch.setitem(sys.modules, "torch.cuda.nvtx", fake)
+    monkeypatch.setattr(torch.cuda, "nvtx", fake, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    backend, line = nb.default_backend()
+    assert isinstance(backend, nb.TorchNvtxBackend)
+    assert line.startswith("torch.cuda.nvtx (the nvtx package: ModuleNotFoundError")
+    timer = StageTimer(nvtx=backend, cuda=False)
+    run_step(timer, 0)
+    timer.close()
+    pushes = [m for k, m in calls if k == "push"]
+    assert pushes[:3] == ["step", "forward", "backward"] and "update" in pushes
+    assert sum(k == "push" for k, _ in calls) == sum(k == "pop" for k, _ in calls)
+    assert sum(k == "start" for k, _ in calls) == sum(k == "end" for k, _ in calls)
+    assert len(timer.sink.columns()["stage"]) == 7
+
+
 class FakeGpu:
     """CUDA events on a fake device clock (ms) that the test moves by hand."""
 

@@ -141,3 +141,30 @@ def test_cpu_run_on_a_gpu_host_describes_no_gpu():
     assert info["kind"] == "cpu" and info["gpu"] is None
     assert info["nvml"] == "ok; 1 GPU(s) present, none used"
     assert nvml.inits == nvml.shutdowns == 1
+
+
+def test_a_cuda_run_that_nvml_cannot_describe_is_still_a_gpu_run(monkeypatch):
+    """NVML failing on a CUDA machine left run.json saying "cpu", and calibration then
+    fitted the GPU's times against CPU peaks: the recorder describes the GPU through torch,
+    keeps NVML's reason, and the calibration finds the GPU's preset by that name."""
+    import torch
+
+    from kfacperf.calibrate.device import base_device_for
+    from kfacperf.runtime.recording import gpu_info_from_torch
+
+    props = type("Props", (), {"name": "NVIDIA H200", "major": 9, "minor": 0,
+                               "total_memory": 141 * 2**30})()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    info = device_info(device_index=0, nvml=type("Down", (), {"nvmlInit": staticmethod(_raise)})())
+    assert info["kind"] == "cpu"  # what NVML alone could say
+    got = gpu_info_from_torch(info, 0)
+    assert (got["kind"], got["name"], got["nvml"]) == ("gpu", "NVIDIA H200", "NVML down")
+    assert got["gpu"]["compute_capability"] == [9, 0]
+    assert got["gpu"]["memory_total_mib"] == 141 * 1024 and got["gpu"]["described_by"] == "torch"
+    assert base_device_for({"device": got}).name == "h200"
+    assert base_device_for({"device": info}).name == "cpu-nominal"
+
+
+def _raise() -> None:
+    raise RuntimeError("NVML down")

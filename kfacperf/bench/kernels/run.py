@@ -12,7 +12,7 @@ from kfacperf.bench.kernels.factors import network_layer_shapes, time_factors
 from kfacperf.bench.kernels.gemm import time_gemm
 from kfacperf.bench.kernels.inverses import time_cholesky, time_eigh
 from kfacperf.bench.kernels.plan import DRY_PLAN, FULL_PLAN, Budget, KernelPlan
-from kfacperf.bench.kernels.records import OUTPUT_FILE, Report, write_json
+from kfacperf.bench.kernels.records import OUTPUT_FILE, Report, Skipped, write_json
 from kfacperf.bench.kernels.timing import call_timer
 
 _T = TypeVar("_T")
@@ -56,8 +56,12 @@ def run_all(out_dir: str | Path, *, dry_run: bool = False, budget_s: float | Non
             device: Any = None, plan: KernelPlan | None = None,
             log: Callable[[str], None] = print) -> Report:
     """Every measurement of ``plan`` (default: :data:`DRY_PLAN` or :data:`FULL_PLAN`) on
-    ``device``; writes ``out_dir/kernels.json`` (also when the budget cut it short) and
-    returns the report."""
+    ``device``; writes ``out_dir/kernels.json`` and returns the report.
+
+    The file is rewritten after every group of measurements (eigh, Cholesky, factors, GEMM
+    per dtype), so what was timed survives a budget cut, a stopped process or a later
+    group's failure; a group that raises is recorded in ``skipped`` with its error, and
+    the groups after it still run."""
     t0 = time.monotonic()
     device = default_device() if device is None else device
     plan = plan or (DRY_PLAN if dry_run else FULL_PLAN)
@@ -66,29 +70,36 @@ def run_all(out_dir: str | Path, *, dry_run: bool = False, budget_s: float | Non
     report = Report(device=describe_device(device), clock=clock, dry_run=dry_run, plan=plan)
     path = Path(out_dir) / OUTPUT_FILE
 
-    def step(label: str, fn: Callable[[], list[_T]]) -> list[_T]:
+    def step(label: str, into: list[_T], fn: Callable[[], list[_T]]) -> None:
         s0 = time.monotonic()
-        got = fn()
-        log(f"  kernels: {label}: {len(got)} record(s) in {time.monotonic() - s0:.1f} s")
-        return got
+        try:
+            got = fn()
+        except Exception as exc:  # one group failing never costs the others
+            reason = f"failed: {type(exc).__name__}: {exc}".splitlines()[0]
+            report.skipped.append(Skipped(measurement=label, what="every size",
+                                          reason=reason))
+            log(f"  kernels: {label}: {reason}")
+        else:
+            into.extend(got)
+            log(f"  kernels: {label}: {len(got)} record(s) in {time.monotonic() - s0:.1f} s")
+        report.elapsed_s = time.monotonic() - t0
+        write_json(path, report.to_json())
 
     for dtype in plan.inverse_dtypes:
-        report.eigh += step(f"eigh {dtype}", functools.partial(
+        step(f"eigh {dtype}", report.eigh, functools.partial(
             time_eigh, plan.inverse_sizes, dtype=dtype, device=device, timer=timer, plan=plan,
             budget=budget, skipped=report.skipped))
     for dtype in plan.inverse_dtypes:
-        report.cholesky += step(f"cholesky {dtype}", functools.partial(
+        step(f"cholesky {dtype}", report.cholesky, functools.partial(
             time_cholesky, plan.inverse_sizes, dtype=dtype, device=device, timer=timer,
             plan=plan, budget=budget, skipped=report.skipped))
-    shapes = network_layer_shapes(plan.factor_layers, image_size=plan.image_size)
-    report.factors = step("factors", lambda: time_factors(
-        shapes, batches=plan.factor_batches, precisions=plan.factor_precisions, device=device,
+    step("factors", report.factors, lambda: time_factors(
+        network_layer_shapes(plan.factor_layers, image_size=plan.image_size),
+        batches=plan.factor_batches, precisions=plan.factor_precisions, device=device,
         timer=timer, plan=plan, budget=budget, skipped=report.skipped))
-    report.gemm = step("gemm", lambda: time_gemm(
+    step("gemm", report.gemm, lambda: time_gemm(
         plan.gemm_sizes, precisions=plan.gemm_precisions, device=device, timer=timer,
         plan=plan, budget=budget, skipped=report.skipped))
-    report.elapsed_s = time.monotonic() - t0
-    write_json(path, report.to_json())
     for s in report.skipped:
         log(f"  kernels: skipped {s.measurement} {s.what}: {s.reason}")
     return report

@@ -21,10 +21,11 @@ TELEMETRY_QUANTITIES: dict[str, tuple[str, ...]] = {
 
 
 def trace_checks(trace: Any) -> dict[str, Any]:
-    """What a trace says it recorded: its clock, telemetry (samples, and per quantity the
-    rows that measured it), precision, and how its stages cover its steps."""
+    """What a trace says it recorded: its clock, NVTX backend, telemetry (samples, and per
+    quantity the rows that measured it), precision, and how its stages cover its steps."""
     tel = trace.telemetry
-    return {"timing": trace.run.get("timing"), "precision": trace.run.get("precision"),
+    return {"timing": trace.run.get("timing"), "nvtx": trace.run.get("nvtx"),
+            "precision": trace.run.get("precision"),
             "telemetry_samples": 0 if tel is None else int(len(tel)),
             "telemetry_rows": telemetry_rows(tel),
             "device_name": (trace.run.get("device") or {}).get("name"),

@@ -27,6 +27,7 @@ def run_ground_truth(settings: Settings, out: Path, *, budget_s: float | None,
     ``budget_s`` None: no time guard.  ``returned``: a folder that gets, after every task,
     the archive of ``out`` (:mod:`~kfacperf.pipeline.ground_truth.archive`) and a copy of the
     summary.  A CUDA plan without a CUDA device is a :class:`~kfacperf.errors.UserError`."""
+    budget = Budget(budget_s)  # from here: importing torch and starting CUDA count too
     (out / "logs").mkdir(parents=True, exist_ok=True)
     plan = make_plan(settings)
     guess = CostGuess()
@@ -53,7 +54,7 @@ def run_ground_truth(settings: Settings, out: Path, *, budget_s: float | None,
             hand_back(out, returned)
         return text
 
-    ctx = Context(settings=settings, out=out, budget=Budget(budget_s), guess=guess, log=log)
+    ctx = Context(settings=settings, out=out, budget=budget, guess=guess, log=log)
     outcomes = execute(plan, ctx, after_each=summarize)
     log("\n" + summarize(outcomes))
     return outcomes

@@ -160,6 +160,11 @@ RUNNERS: Mapping[str, Runner] = {PROFILE: profile_task, OVERHEAD: overhead_task,
                                  KERNELS: kernels_task, NSYS: nvtx_check_task}
 
 
+KERNELS_MIN_S = 30.0
+"""The kernel timings run whenever this much is left, even below their estimate: they cut
+themselves to the time given (smallest sizes first), and they are the inverse cost's other
+source when slow inverses have used up the time of the 1/1 profiles."""
+
 ALIKE_FAILURES = 2
 """Profile runs failing alike in a row after which the other profile runs are skipped: a
 fault common to them all would otherwise spend the device's time on every one of them."""
@@ -186,8 +191,9 @@ def skip_reason(task: Task, estimate_s: float, budget: Budget,
         cause = common_failure(outcomes)
         if cause:
             return f"the last {ALIKE_FAILURES} profile runs failed alike: {cause}"
-    if not budget.allows(estimate_s):
-        return (f"time guard: needs ~{estimate_s:.0f} s, "
+    need = min(estimate_s, KERNELS_MIN_S) if task.kind == KERNELS else estimate_s
+    if not budget.allows(need):
+        return (f"time guard: needs ~{need:.0f} s, "
                 f"{max(0.0, budget.left()):.0f} s left")
     return ""
 
