@@ -80,12 +80,9 @@ class TorchNvtxBackend:
         import torch.cuda.nvtx as tnvtx
 
         self.push = tnvtx.range_push
+        self.pop = tnvtx.range_pop
         self.start = tnvtx.range_start
         self.end = tnvtx.range_end
-        self._pop = tnvtx.range_pop
-
-    def pop(self) -> None:
-        self._pop()
 
     def attributes(
         self, *, message: str, color: int, category: str, payload: int | None = None
