@@ -7,7 +7,8 @@ or value; the command line prints it without a traceback.
 
 API::
 
-    check_output_file(path, *, force, flag="--out") -> Path
+    check_output_file(path, *, force, flag="--out") -> Path   (never a measured trace's file)
+    measured_trace_part(path) -> Path | None
     check_output_dir(path, *, force, flag="--out", replaceable=..., refuse=...) -> Path
     atomic_path(path)                  context manager: a temporary path, renamed on success
     atomic_write_text(path, text) -> Path
@@ -51,11 +52,17 @@ def check_output_file(path: str | os.PathLike[str], *, force: bool, flag: str = 
 
     Refused with a :class:`UserError` naming ``flag``: a directory, a path under a file, a
     special file (FIFO, device), an existing file without ``force`` (``note`` says what the
-    file is, e.g. "a committed preset")."""
+    file is, e.g. "a committed preset"), and, ``force`` or not, a file of a measured trace
+    (:func:`measured_trace_part`)."""
     p = Path(path)
     if str(path) == "" or p.name in ("", ".", ".."):
         raise UserError(f"{flag} {str(path)!r}: give a file name")
     _check_parents(p, flag)
+    trace = measured_trace_part(p)
+    if trace is not None:
+        raise UserError(f"{flag} {p} is part of the measured trace {trace}, which no command "
+                        "overwrites (--force or not); give a file name outside it, or beside "
+                        "its files under another name")
     if p.is_symlink() and not p.exists():
         raise UserError(f"{flag} {p}: a dangling symbolic link; remove it or give another name")
     if p.exists():
@@ -68,6 +75,25 @@ def check_output_file(path: str | os.PathLike[str], *, force: bool, flag: str = 
             what = f" ({note})" if note else ""
             raise UserError(f"{flag} {p} already exists{what}; pass --force to overwrite it")
     return p
+
+
+def measured_trace_part(path: str | os.PathLike[str]) -> Path | None:
+    """The trace directory whose own file ``path`` would replace (None: none): one of
+    :data:`kfacperf.trace.schema.TRACE_FILES` of a directory holding a trace's ``run.json``,
+    or anything under its ``parts/``.  Followed through symbolic links; a file beside a
+    trace's own under another name is not part of it."""
+    from kfacperf.trace.schema import PARTS_DIR, RUN_FILE, TRACE_FILES
+
+    try:
+        target = Path(path).resolve()
+    except (OSError, RuntimeError):  # a link loop: the writer will say what is wrong
+        return None
+    if target.name in TRACE_FILES and (target.parent / RUN_FILE).is_file():
+        return target.parent
+    for above in target.parents:
+        if above.name == PARTS_DIR and (above.parent / RUN_FILE).is_file():
+            return above.parent
+    return None
 
 
 def check_output_dir(path: str | os.PathLike[str], *, force: bool, flag: str = "--out",

@@ -97,6 +97,34 @@ def test_export_never_writes_onto_the_trace_it_reads(tmp_path, capsys, out, per_
         trace / "run.json"]
 
 
+FILE_WRITERS = [w for w, (_, is_dir) in WRITERS.items() if not is_dir]
+
+
+@pytest.mark.parametrize("name", ["run.json", "events.parquet", "workload.toml",
+                                  "parts/events-rank0.jsonl"])
+@pytest.mark.parametrize("writer", FILE_WRITERS)
+def test_no_file_writer_replaces_a_measured_traces_file_even_with_force(
+        tmp_path, capsys, writer, name):
+    """`calibrate --out T/run.json --force` replaced a trace's run.json with a device model,
+    and `validate --out T/events.parquet --force` its events: every writer of a file refuses
+    a measured trace's own files and its parts/ (a trace other than the one read too), and
+    leaves the trace as it was; a new name beside them is fine."""
+    victim = copy_trace(TRACE_2P, tmp_path / "victim")
+    (victim / "parts").mkdir(exist_ok=True)
+    (victim / "parts" / "events-rank0.jsonl").write_text("")
+    before = {p: p.read_bytes() for p in victim.rglob("*") if p.is_file()}
+    target = victim / name
+    argv = [a for a in argv_for(writer, target)]
+    if writer == "validate":  # its argv adds .json to {out}
+        argv = [str(target) if a == f"{target}.json" else a for a in argv]
+    got = run_cli(capsys, [*argv, "--force"])
+    assert_one_line_error(got, names="measured trace")
+    assert str(victim) in got.err
+    assert {p: p.read_bytes() for p in victim.rglob("*") if p.is_file()} == before
+    beside = run_cli(capsys, [*argv_for(writer, victim / "mine"), "--force"])
+    assert beside.status == 0, beside.err
+
+
 def test_simulate_force_replaces_only_a_prediction(tmp_path, capsys):
     out = tmp_path / "mixed"
     out.mkdir()
