@@ -66,8 +66,8 @@ class Watchdog:
             idle = time.monotonic() - self._last
             if idle > self.limit_s:
                 reason = (f"{self.what} for {idle:.0f} s (limit {self.limit_s:g} s: the "
-                          "process-group timeout plus a grace); a peer rank probably stopped "
-                          "or hangs")
+                          "process-group timeout plus a grace); a peer rank stopped or hangs, "
+                          "or one step takes longer than that (then raise --timeout)")
                 try:
                     self._on_stall(reason)
                 finally:

@@ -80,6 +80,7 @@ def test_the_watchdog_ends_a_rank_that_makes_no_progress(tmp_path):
 
     assert proc.returncode == EXIT_STALLED, proc
     assert proc.stdout.startswith("report: no step finished for 1 s"), proc.stdout
+    assert "(then raise --timeout)" in proc.stdout  # a step that is merely long says how
     assert time.monotonic() - t0 < 30
 
 

@@ -94,8 +94,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "given back and taken again; see kfacperf.runtime.heap)")
     g.add_argument("--timeout", type=float, default=60.0,
                    help="seconds a rank waits for a peer before the run fails with an error "
-                        "naming the rank (a dead, stopped or hung rank); a step must also "
-                        "finish within it plus min(it, 10 s) (default: 60)")
+                        "naming the rank (a dead, stopped or hung rank); with 2 or more "
+                        "processes a step must also finish within it plus min(it, 10 s) "
+                        "(default: 60)")
     g.add_argument("--device", choices=DEVICES, default="auto",
                    help="auto: CUDA when available, else CPU (default: %(default)s)")
     g.add_argument("--precision", choices=COMPUTE_DTYPES, default=DEFAULT_PRECISION,
