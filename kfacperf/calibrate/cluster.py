@@ -86,7 +86,9 @@ def fit_points(points: Sequence[Point], op: str) -> tuple[AlphaBetaFit, list[Alp
         except ValueError:
             continue
     if not fits:
-        raise ValueError(f"{op}: the measurements fit no algorithm (too few sizes?)")
+        sizes = len({n for _, n, _ in samples})
+        raise ValueError(f"{op}: the measurements fit no algorithm ({len(samples)} point(s), "
+                         f"{sizes} message size(s): a fit needs at least 2 sizes)")
     fits.sort(key=lambda f: f.rms_rel_error)
     return fits[0], fits
 

@@ -41,6 +41,37 @@ def test_commbench_from_raw_without_collectives_does_not_pretend(tmp_path, capsy
     assert "no collective was measured" in result.err and not out.exists()
 
 
+@pytest.mark.parametrize("argv, names", [
+    (["--ops", "all_reduce", "--out", "{tmp}/c.toml"], "needs all four collectives"),
+    (["--sizes", "4KiB", "--raw", "{tmp}/r.json"], "give at least 2 message sizes"),
+    (["--sizes", "4KiB,4KiB"], "give at least 2 message sizes"),
+    (["--ops", "all_reduce,alltoall"], "unknown collective(s) alltoall"),
+])
+def test_commbench_refuses_what_it_could_not_fit_before_measuring(
+        tmp_path, capsys, monkeypatch, argv, names):
+    """An --out that needs four collectives and --ops naming one, or a single message size
+    (no fit of latency and bandwidth), was refused only after measuring for seconds to
+    minutes: now before any process starts."""
+    from kfacperf.bench import commbench as cb
+
+    def measured(*args, **kwargs):
+        raise AssertionError("measured before refusing")
+
+    monkeypatch.setattr(cb, "run_commbench", measured)
+    result = run_cli(capsys, ["commbench", *[a.replace("{tmp}", str(tmp_path)) for a in argv]])
+    assert_one_line_error(result, names=names)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_cluster_fit_from_one_message_size_says_so():
+    from kfacperf.bench.results import Point
+    from kfacperf.calibrate.cluster import fit_points
+
+    points = [Point(op="all_reduce", world_size=2, nbytes=4096, time_us=100.0, reps=5)]
+    with pytest.raises(ValueError, match="1 point.*1 message size.*needs at least 2 sizes"):
+        fit_points(points, "all_reduce")
+
+
 def test_export_writes_valid_json_for_a_missing_number(tmp_path, capsys):
     trace = copy_trace(TRACE_1P, tmp_path / "t")
     ev = pd.read_parquet(trace / "events.parquet")

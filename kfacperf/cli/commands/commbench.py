@@ -136,6 +136,18 @@ def _config(args: argparse.Namespace) -> CommbenchConfig:
                          f"(--nnodes {args.nnodes}), got {args.node_rank}")
     if args.from_raw and args.nnodes > 1:
         raise ValueError("--from-raw measures nothing: it cannot go with --nnodes")
+    if not args.from_raw and not args.contention_only:
+        unknown = [o for o in ops if o not in OPS]
+        if unknown:
+            raise ValueError(f"--ops: unknown collective(s) {', '.join(unknown)}; choose from "
+                             f"{', '.join(OPS)}")
+        if len(set(sizes)) < 2:
+            raise ValueError(f"--sizes: give at least 2 message sizes (got {args.sizes}): "
+                             "one size cannot tell a collective's latency from its bandwidth")
+        if args.out and set(ops) != set(OPS):
+            raise ValueError(f"--out: a cluster model needs all four collectives "
+                             f"({', '.join(OPS)}) and --ops measures only {', '.join(ops)}; "
+                             "leave --ops out, or write the measurements with --raw alone")
     return CommbenchConfig(
         world_sizes=args.world_sizes or None, sizes=sizes, ops=ops,
         reps=args.reps, warmup=args.warmup, backend=args.backend, timeout_s=args.timeout,
