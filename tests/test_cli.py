@@ -100,3 +100,42 @@ def test_help_gives_the_defaults():
                 actions[flag].help or ""), (name, flag, actions[flag].help)
     text = " ".join(sub.choices["profile"].format_help().split())
     assert "default: the workload's: 128 for mlp" in text
+
+
+def test_a_predictions_command_runs_again_and_gives_it_again(tmp_path, capsys):
+    """prediction.json's ``command`` wrote on/off flags as ``--no-events True``, which the
+    parser refuses: the recorded command must parse back to the same prediction."""
+    import json
+    import shlex
+
+    from kfacperf.cli.app import main
+
+    out = tmp_path / "p"
+    assert main(["simulate", "--workload", "mlp", "--device", "h100", "--cluster",
+                 "dgx-h100-ndr", "--gpus", "2,8", "--strategy", "sgd,kaisa:0.5",
+                 "--no-events", "--symmetric-factors", "--json", "--out", str(out)]) == 0
+    first = json.loads(capsys.readouterr().out)
+    command = json.loads((out / "prediction.json").read_text())["command"]
+    assert "True" not in command and "--no-events" in command.split()
+    words = shlex.split(command)
+    assert words[:2] == ["kfacperf", "simulate"]
+    words = [w.replace(str(out), str(tmp_path / "again")) for w in words[2:]]
+    assert main(["simulate", *words]) == 0
+    assert json.loads(capsys.readouterr().out) == first
+
+
+def test_range_errors_say_the_range_and_quote_what_was_typed(capsys):
+    from kfacperf.cli.app import main
+
+    sim = ["simulate", "--workload", "mlp", "--device", "h100", "--cluster", "dgx-h100-ndr",
+           "--gpus", "8"]
+    for value in ("0", "1.5"):
+        assert main([*sim, "--statistics-fraction", value]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"kfacperf simulate: error: --statistics-fraction must be in (0, 1], "
+            f"got {float(value)}")
+    assert main(["plan", "--workload", "resnet50", "--device", "h100", "--cluster",
+                 "dgx-h100-ndr", "--gpus", "8", "--convergence", "mlperf-v0.7-lars-resnet50",
+                 "spngd-resnet50", "--intervals", "10/100,0/0"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "kfacperf plan: error: --intervals '10/100,0/0': 0/0: values must be >= 1, got 0")

@@ -7,8 +7,9 @@ Example::
         --factor-interval 10 --inverse-interval 100 --out predictions/resnet50-h100
 
 Models are preset names (``models/<kind>/<name>.toml``) or paths to TOML files.  GPU counts:
-``1,8,64``; ``1-4096`` (powers of two); ``1,2,4,...,4096`` (a geometric progression, which
-must reach its end exactly: ``1,2,4,...,48`` is an error naming 32 and 64).
+``1,8,64``; ``1-4096`` (1 doubled up to 4096: the powers of two); ``1,2,4,...,4096`` (a
+geometric progression).  Both must reach their end exactly: ``1,2,4,...,48`` and ``3-100``
+are errors naming the neighbours (32 and 64; 96 and 192).
 Strategies: ``sgd``, ``spngd``, ``kaisa`` (f from --grad-worker-fraction), ``kaisa:0.5``,
 ``kaisa:1/8``, ``kaisa:mem-opt`` (f = 1/P at every P), ``kaisa:comm-opt``.  What-if flags
 override single values of the models.
@@ -59,9 +60,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--strategy", default="sgd,spngd,kaisa",
                    help="comma-separated strategies (default: sgd,spngd,kaisa)")
     r.add_argument("--gpus", default="1-4096",
-                   help="GPU counts: 1,8,64; 1-4096 (powers of two from 1 to 4096); "
-                        "1,2,4,...,4096 (a geometric progression, which must reach its end "
-                        "exactly: 1,2,4,...,48 is an error) (default: 1-4096)")
+                   help="GPU counts: 1,8,64; 1-4096 (1 doubled up to 4096); 1,2,4,...,4096 "
+                        "(a geometric progression); a range or progression must reach its "
+                        "end exactly: 3-100 and 1,2,4,...,48 are errors (default: 1-4096)")
     r.add_argument("--batch-per-gpu", type=int, default=32, help="examples per GPU (default 32)")
     r.add_argument("--factor-interval", type=int, default=1,
                    help="steps between factor updates (default: 1)")
@@ -109,7 +110,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     w.add_argument("--v-form", choices=V_FORMS,
                    help="cost form of reduce-scatter-v / all-gather-v")
     w.add_argument("--threads-per-rank", type=positive_int, metavar="N",
-                   help="CPU threads per rank, >= 1 (CPU clusters; default: 1)")
+                   help="CPU threads per rank, >= 1, as in the traces the device model was "
+                        "calibrated from (its times are for that many threads): here it only "
+                        "sets how far ranks x threads oversubscribe a node's cores, which "
+                        "slows every rank (CPU clusters; default: 1)")
     o = parser.add_argument_group("output")
     o.add_argument("--out", help="write the prediction directory here (new or empty)")
     o.add_argument("--force", action="store_true",
@@ -138,14 +142,33 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     for flag, option in pairs:
         value = getattr(args, flag)
         if value is not None:
-            if isinstance(value, float) and not (math.isfinite(value) and
-                                                 1 / MAX_SCALE <= value <= MAX_SCALE):
+            if flag == "statistics_fraction":
+                if not (math.isfinite(value) and 0 < value <= 1):
+                    raise ValueError(f"--statistics-fraction must be in (0, 1], got {value}")
+            elif isinstance(value, float) and not (math.isfinite(value) and
+                                                   1 / MAX_SCALE <= value <= MAX_SCALE):
                 raise ValueError(f"--{flag.replace('_', '-')} must be a number from "
                                  f"{1 / MAX_SCALE:g} to {MAX_SCALE:g}, got {value}")
             out[option] = value
     if args.symmetric_factors:
         out["symmetric_factors"] = True
     return out
+
+
+def rerunnable_command(args: argparse.Namespace) -> str:
+    """The ``kfacperf simulate`` command that gives this prediction again, as a shell reads
+    it: every option set, an on/off flag as the flag alone (``--no-events``, not
+    ``--no-events True``), values quoted where a shell needs it."""
+    import shlex
+
+    words = ["kfacperf", "simulate"]
+    for key, value in sorted(vars(args).items()):
+        if key.startswith("_") or key in ("command", "force") or value in (None, False):
+            continue
+        words.append(f"--{key.replace('_', '-')}")
+        if value is not True:
+            words.append(shlex.quote(str(value)))
+    return " ".join(words)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -170,9 +193,7 @@ def run(args: argparse.Namespace) -> int:
         factor_bucket_mb=args.bucket_mb, ddp_bucket_mb=args.bucket_mb,
         events=not args.no_events, **_overrides(args),
     )
-    pred.meta["command"] = "kfacperf simulate " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items())
-        if not k.startswith("_") and k not in ("command", "force") and v not in (None, False))
+    pred.meta["command"] = rerunnable_command(args)
     if args.out:
         write_prediction(pred, args.out, force=args.force)
     if args.json:
