@@ -59,7 +59,11 @@ def parse_intervals(text: str) -> list[tuple[int, int]]:
         f, sep, i = part.partition("/")
         if not sep:
             raise ValueError(f"--intervals {text!r}: {part!r} is not FACTOR/INVERSE, e.g. 10/100")
-        values = _ints("--intervals", f"{f},{i}")
+        try:
+            values = _ints("--intervals", f"{f},{i}")
+        except ValueError as exc:  # name the pair as the user wrote it, not as re-joined
+            reason = str(exc).split(": ", 1)[1]
+            raise ValueError(f"--intervals {text!r}: {part}: {reason}") from None
         pairs.append((values[0], values[1]))
     return pairs
 
@@ -78,9 +82,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "preset for the workload")
     s = parser.add_argument_group("search")
     s.add_argument("--gpus", required=True,
-                   help="GPU counts: 8,64,512; 8-4096 (powers of two from 8 to 4096); "
-                        "8,16,...,1024 (a geometric progression, which must reach its end "
-                        "exactly: 8,16,...,1000 is an error)")
+                   help="GPU counts: 8,64,512; 8-4096 (8 doubled up to 4096); "
+                        "8,16,...,1024 (a geometric progression); a range or progression "
+                        "must reach its end exactly: 8-1000 and 8,16,...,1000 are errors")
     s.add_argument("--strategies", default=",".join(S.SIM_STRATEGIES),
                    help="strategies to search (default: %(default)s)")
     s.add_argument("--batch-per-gpu", default="32",
