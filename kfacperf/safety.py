@@ -115,12 +115,12 @@ def check_output_dir(path: str | os.PathLike[str], *, force: bool, flag: str = "
         if why:
             raise UserError(f"{flag} {p}: {why}")
         if any(p.iterdir()):
+            if replaceable is not None and not replaceable(p):  # --force would not help
+                raise UserError(f"{flag} {p} holds files this command did not write; "
+                                "choose an empty or new directory")
             if not force:
                 raise UserError(f"{flag} {p} already exists and is not empty; pass --force to "
                                 "overwrite it")
-            if replaceable is not None and not replaceable(p):
-                raise UserError(f"{flag} {p} holds files this command did not write; "
-                                "choose an empty or new directory")
     return p
 
 

@@ -167,3 +167,16 @@ def test_a_write_that_fails_leaves_the_old_file_whole(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]  # no temporary left
     atomic_write_text(target, "new")
     assert target.read_text() == "new"
+
+
+def test_a_directory_of_other_files_is_refused_without_suggesting_force(tmp_path, capsys):
+    """simulate --out DIR holding a user's notes said 'pass --force', and --force then
+    refused: the first answer already says what would work."""
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    for extra in ([], ["--force"]):
+        got = run_cli(capsys, [*SIM, "--out", out, *extra])
+        assert_one_line_error(got, names="holds files this command did not write")
+        assert "--force" not in got.err
+    assert (out / "notes.txt").read_text() == "mine"
