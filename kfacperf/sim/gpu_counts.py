@@ -3,7 +3,9 @@
 Comma-separated items, each one of:
 
 * a count, ``8``;
-* a range ``LO-HI``: LO, 2 LO, 4 LO, ... up to HI (powers of two from LO);
+* a range ``LO-HI``: LO, 2 LO, 4 LO, ..., HI (LO doubled; HI must be one of them, so
+  ``1-4096`` is the powers of two and ``3-96`` is 3, 6, ..., 96, while ``3-100`` is an error
+  naming 96 and 192);
 * ``...`` between the last two counts before it and one count after it, continuing their
   growing geometric progression up to that end: ``1,2,4,...,64`` is 1, 2, 4, 8, 16, 32, 64.
   The end must be a term of the progression (``1,2,4,...,48`` is an error naming 32, the
@@ -22,7 +24,7 @@ _RANGE = re.compile(r"([0-9]+)\s*-\s*([0-9]+)")
 
 
 def parse_gpu_counts(text: str, *, flag: str = "--gpus") -> list[int]:
-    """GPU counts from ``1,2,8``, ``1-4096`` (powers of two) or ``1,2,4,...,64``; see the
+    """GPU counts from ``1,2,8``, ``1-4096`` (1 doubled up to 4096) or ``1,2,4,...,64``; see the
     module's documentation.  A ``ValueError`` names ``flag``, ``text`` and what is wrong."""
     from kfacperf.sim.sweep import MAX_GPUS
 
@@ -83,6 +85,9 @@ def parse_gpu_counts(text: str, *, flag: str = "--gpus") -> list[int]:
             while v <= hi:
                 out.append(v)
                 v *= 2
+            if v // 2 != hi:
+                raise ValueError(f"{where}: range {p} doubles from {lo} and never hits {hi}: "
+                                 f"end it at {v // 2} or {v}, or list the counts")
         else:
             out.append(number(p))
         i += 1

@@ -58,8 +58,13 @@ MAX_STEP_US = 3.15e13
 result: :func:`check_summary_finite` refuses it."""
 
 
-def check_gpus(gpus: Sequence[int]) -> list[int]:
-    """Sorted distinct GPU counts; each must be an integer from 1 to :data:`MAX_GPUS`."""
+def check_gpus(gpus: Sequence[int] | int) -> list[int]:
+    """Sorted distinct GPU counts (one count may be given alone); each must be an integer
+    from 1 to :data:`MAX_GPUS`."""
+    if isinstance(gpus, (int, np.integer)) and not isinstance(gpus, bool):
+        gpus = [int(gpus)]
+    if isinstance(gpus, (str, bytes)) or not isinstance(gpus, Sequence | np.ndarray):
+        raise ValueError(f"GPU counts must be a list of integers, got {gpus!r}")
     if not len(gpus):
         raise ValueError("no GPU counts given")
     out = set()
@@ -96,10 +101,13 @@ def check_strategies(strategies: Sequence[str | StrategySpec], fraction: float
         raise ValueError("no strategy given")
     specs = [s if isinstance(s, StrategySpec) else parse_strategy(s, default_fraction=fraction)
              for s in strategies]
-    labels = [s.label for s in specs]
-    dup = sorted({l for l in labels if labels.count(l) > 1})
-    if dup:
-        raise ValueError(f"strategy given twice: {', '.join(dup)}")
+    seen: dict[tuple[str, float | None], str] = {}
+    for s in specs:  # kaisa:0.5 and kaisa:1/2, kaisa:0 and kaisa:mem-opt are one strategy
+        key = (s.name, s.fraction)
+        if key in seen:
+            same = s.label if seen[key] == s.label else f"{seen[key]} and {s.label}"
+            raise ValueError(f"strategy given twice: {same}")
+        seen[key] = s.label
     return specs
 
 
@@ -261,7 +269,7 @@ def _run_info(
 def simulate_with_costs(
     workload: WorkloadModel, cost: StepCosts, *, gpus_per_node: int,
     strategies: Sequence[str | StrategySpec] = (S.SGD, S.SPNGD, S.KAISA),
-    gpus: Sequence[int] = (1,), batch_per_gpu: int = 32, factor_interval: int = 1,
+    gpus: Sequence[int] | int = (1,), batch_per_gpu: int = 32, factor_interval: int = 1,
     inverse_interval: int = 1, grad_worker_fraction: float = 1.0,
     comm: CommSettings | None = None, events: bool = True, meta: dict[str, Any] | None = None,
 ) -> Prediction:
@@ -325,7 +333,7 @@ def simulate(
     workload: WorkloadModel | str | Path, device: DeviceModel | str | Path,
     cluster: ClusterModel | str | Path,
     strategies: Sequence[str | StrategySpec] = (S.SGD, S.SPNGD, S.KAISA),
-    gpus: Sequence[int] = (1,), batch_per_gpu: int = 32, factor_interval: int = 1,
+    gpus: Sequence[int] | int = (1,), batch_per_gpu: int = 32, factor_interval: int = 1,
     inverse_interval: int = 1, grad_worker_fraction: float = 1.0, *,
     factor_bucket_mb: float = 25.0, ddp_bucket_mb: float = 25.0, events: bool = True,
     **overrides: Any,

@@ -188,13 +188,27 @@ def test_prediction_round_trip_and_load_errors(tmp_path):
     ({"strategies": ["sgd", "adam"]}, "unknown strategy"),
     ({"strategies": ["kaisa:0.25"], "gpus": [6]}, "must be an integer dividing 6"),
     ({"strategies": ["kaisa", "kaisa"]}, "given twice"),
+    ({"strategies": ["kaisa:0.5", "kaisa:1/2"], "gpus": [2]},
+     "given twice: kaisa:0.5 and kaisa:1/2"),
+    ({"strategies": ["kaisa:0", "kaisa:mem-opt"]}, "given twice"),
+    ({"gpus": "8"}, "must be a list of integers"),
     ({"factor_interval": 4, "inverse_interval": 6}, "multiple of factor_interval"),
     ({"factor_interval": 0}, "positive integer"),
     ({"batch_per_gpu": 0}, "positive integer"),
 ])
 def test_impossible_inputs_are_clear_errors(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=re.escape(message)):
         run_fake(**kwargs)
+
+
+def test_a_bucket_of_zero_bytes_is_refused_as_the_command_line_refuses_it():
+    for key in ("factor_bucket_mb", "ddp_bucket_mb"):
+        with pytest.raises(ValueError, match=f"{key} must be above 0"):
+            CommSettings(**{key: 0})
+
+
+def test_one_gpu_count_may_be_given_alone():
+    pd.testing.assert_frame_equal(run_fake(gpus=8).summary, run_fake(gpus=[8]).summary)
 
 
 def test_parse_gpus():
@@ -219,6 +233,9 @@ def test_parse_gpus():
     ("8,-4", "a GPU count must be >= 1, got -4"),
     ("0-8", "a GPU count must be >= 1, got 0"),
     ("4_0", "'4_0' is not a whole number"),
+    # a range doubles from its start and must hit its end (3-100 silently stopped at 96)
+    ("3-100", "range 3-100 doubles from 3 and never hits 100: end it at 96 or 192"),
+    ("1-1000", "end it at 512 or 1024"),
 ])
 def test_parse_gpus_refuses_an_end_off_the_progression_and_negative_counts(text, message):
     with pytest.raises(ValueError, match=re.escape(f"--gpus {text!r}: ") + ".*"
@@ -230,6 +247,8 @@ def test_parse_gpus_progressions_that_reach_their_end():
     assert parse_gpus("1,2,4,...,8") == [1, 2, 4, 8]
     assert parse_gpus("3,9,...,243") == [3, 9, 27, 81, 243]
     assert parse_gpus("1-4,...,32") == [1, 2, 4, 8, 16, 32]
+    assert parse_gpus("3-96") == [3, 6, 12, 24, 48, 96]
+    assert parse_gpus("5-5") == [5]
 
 
 @pytest.mark.parametrize("command", ["simulate", "plan"])

@@ -66,8 +66,9 @@ class CommSettings:
             raise ValueError(f"statistics_fraction must be in (0, 1], got {f!r}")
         for key in ("factor_bucket_mb", "ddp_bucket_mb", "ddp_first_bucket_mb"):
             v = getattr(self, key)
-            if isinstance(v, bool) or not 0 <= v <= MAX_BUCKET_MB:
-                raise ValueError(f"{key} must be from 0 to {MAX_BUCKET_MB:g} MB, got {v!r}")
+            if isinstance(v, bool) or not 0 < v <= MAX_BUCKET_MB:
+                raise ValueError(f"{key} must be above 0 and at most {MAX_BUCKET_MB:g} MB, "
+                                 f"got {v!r}")
 
     def factor_elems(self, n: int) -> int:
         return n * (n + 1) // 2 if self.symmetric else n * n
