@@ -51,6 +51,7 @@ from kfacperf.sim.models.device import (
     StageEfficiency,
 )
 from kfacperf.sim.models.workload import BATCHNORM, WorkloadModel
+from kfacperf.trace.coverage import check_stage_spans
 from kfacperf.trace.measure import measured_events, rank_stage_times, run_step_kind
 from kfacperf.trace.schema import fisher_options
 
@@ -128,6 +129,7 @@ class _Sample:
     reg: Regressors
     captured: bool = False  # a forward/backward median over factor steps (statistics captured)
     batchnorm: bool = False  # a BatchNorm Fisher block's stage
+    fingerprint: str = ""  # the workload model's (with ``workload``, its identity)
 
 
 def _trace_samples(trace: Any, workload: WorkloadModel, base: DeviceModel,
@@ -166,25 +168,26 @@ def _trace_samples(trace: Any, workload: WorkloadModel, base: DeviceModel,
         # the base device's time per factorised row is known, not fitted: take it off
         known = base.stage(stage, method).row_us * reg.rows
         out.append(_Sample(stage, workload.name, layer, batch, method, float(t) - known, reg,
-                           bool(captured), lm is not None and lm.kind == BATCHNORM))
+                           bool(captured), lm is not None and lm.kind == BATCHNORM,
+                           workload.fingerprint))
     return out
 
 
 def fit_capture_overhead(samples: Sequence[_Sample]) -> tuple[dict[str, float], list[str]]:
     """Relative extra forward/backward time on factor steps, and notes.
 
-    Per stage, every (workload, layer, batch) measured on both plain and factor steps gives
+    Per stage, every (workload model, layer, batch) measured on both plain and factor steps gives
     the ratio of the medians (over traces) of the two; the overhead is the median ratio - 1
     (at least 0).  Without such a pair it is 0 (noted).
     """
     out: dict[str, float] = {}
     notes: list[str] = []
     for kind in CAPTURE_STAGES:
-        groups: dict[tuple[str, str, int], dict[bool, list[float]]] = {}
+        groups: dict[tuple[str, str, str, int], dict[bool, list[float]]] = {}
         for s in samples:
             if s.kind == kind:
-                groups.setdefault((s.workload, s.layer, s.batch), {True: [], False: []})[
-                    s.captured].append(s.time_us)
+                key = (s.workload, s.fingerprint, s.layer, s.batch)
+                groups.setdefault(key, {True: [], False: []})[s.captured].append(s.time_us)
         ratios = [float(np.median(g[True])) / float(np.median(g[False]))
                   for g in groups.values() if g[True] and g[False]]
         if not ratios:
@@ -261,14 +264,18 @@ def fit_device_model(
     before ``run["warmup"]`` are left out).  ``workloads`` gives each trace's
     :class:`WorkloadModel`: a mapping from ``run["workload"]``, or a function of the run dict
     (e.g. ``lambda run: workload_for_run(run["workload"], run.get("workload_options"))``).
-    Stage kinds absent from the traces keep ``base``'s values.  With ``include_measured`` the
-    medians of single-process traces are stored as ``[[measured]]`` times (used when
-    simulating this very device), when those traces share one precision (:func:`run_dtypes`;
-    a ``[[measured]]`` time carries none).  ``mode`` (``roofline`` or ``additive``) defaults
-    to ``base``'s.
+    Stage kinds absent from the traces keep ``base``'s values.  A trace with a compute stage
+    longer than its step is refused (:func:`kfacperf.trace.coverage.check_stage_spans`).
+    With ``include_measured`` the medians of single-process traces are stored as
+    ``[[measured]]`` times (used when simulating this very device, for the same workload
+    model only: its name and fingerprint), when those traces share one precision
+    (:func:`run_dtypes`; a ``[[measured]]`` time carries none).  ``mode`` (``roofline`` or
+    ``additive``) defaults to ``base``'s.
     """
     if not traces:
         raise ValueError("no traces to calibrate from")
+    for tr in traces:  # a stage longer than its step: corrupt times, not a sample
+        check_stage_spans(tr, label=trace_label(tr))
     single = [t for t in traces if int(t.run.get("world_size", 1) or 1) == 1]
     used = single or list(traces)
     notes: list[str] = []
@@ -358,8 +365,9 @@ def _measured_times(samples: Sequence[_Sample], dtypes: set[RunDtypes], notes: l
         return (), None
     [only] = dtypes
     measured = tuple(
-        MeasuredTime(workload=s.workload, stage=s.kind, layer=s.layer, batch=s.batch,
-                     inverse_method=s.inverse_method, time_us=sig(s.time_us))
+        MeasuredTime(workload=s.workload, fingerprint=s.fingerprint, stage=s.kind,
+                     layer=s.layer, batch=s.batch, inverse_method=s.inverse_method,
+                     time_us=sig(s.time_us))
         for s in samples if not s.batchnorm  # not applied to BatchNorm blocks: see
     )                                        # kfacperf.sim.costs.model
     if only != RunDtypes():

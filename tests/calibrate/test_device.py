@@ -276,6 +276,45 @@ def test_measured_times_single_process_only_and_notes() -> None:
         fit_device_model(traces, workloads={}, base=device(GUESS), name="x")
 
 
+def test_measured_times_belong_to_their_workload_model() -> None:
+    """Two user models of one FILE.py:FUNC name (other files: other fingerprints) with the
+    same layer names: each model's [[measured]] times carry its fingerprint and price it
+    alone (not the mean of the two), and a factor-step forward of one is never paired with a
+    plain-step forward of the other for the capture overhead."""
+    from dataclasses import replace
+
+    big = replace(W2, name="model.py:build", workload="/a/model.py:build", fingerprint="a" * 64)
+    small = WorkloadModel(name="model.py:build", workload="/b/model.py:build",
+                          fingerprint="b" * 64,
+                          layers=(layer("a", 101, 12, 1), layer("b", 13, 300, 1)),
+                          other_params=0, other_fwd_flops_per_example=0.0, input_shape=(100,),
+                          input_dtype="float32", source="test")
+    models = {m.fingerprint: m for m in (big, small)}
+
+    def traced(w: WorkloadModel, **kw) -> Trace:
+        tr = synthetic_trace(w, 32, **kw)
+        return replace(tr, run={**tr.run, "workload": w.workload,
+                                "workload_fingerprint": w.fingerprint})
+
+    traces = [traced(big, optimizer="kfac"), traced(small, optimizer="sgd")]
+    cal = fit_device_model(traces, workloads=lambda run: models[run["workload_fingerprint"]],
+                           base=device(GUESS), name="fitted")
+    for w in (big, small):
+        truth = CostModel(workload=w, device=device(TRUE), cluster=null_cluster())
+        fitted = CostModel(workload=w, device=cal.device, cluster=null_cluster())
+        for l in w.layers:
+            assert fitted.compute_us("inverse", l, batch=32) == pytest.approx(
+                truth.compute_us("inverse", l, batch=32), rel=1e-6), (w.fingerprint, l.name)
+        assert fitted.compute_us("forward", None, batch=32) == pytest.approx(
+            truth.compute_us("forward", None, batch=32), rel=1e-6)
+    assert {m.fingerprint for m in cal.device.measured} == {"a" * 64, "b" * 64}
+    assert {m.workload for m in cal.device.measured} == {"model.py:build"}
+    # big's steps all capture statistics, small's (SGD) none: no pair of one model
+    assert "forward" not in cal.device.capture_overhead
+    assert any(n.startswith("forward: no run measured both plain and factor steps")
+               for n in cal.notes)
+
+
 def test_calibration_fits_the_host_work_between_stages_per_layer() -> None:
     """Single-process K-FAC traces with 20 us per layer after backward and 35 us per layer
     before the update give exactly those; SGD and multi-process traces do not count."""

@@ -186,6 +186,43 @@ def test_measured_times_are_reproduced_and_scaled() -> None:
         expected("factor_compute", CONV, n_m))
 
 
+def test_measured_times_apply_to_the_same_workload_model_only() -> None:
+    """[[measured]] times are keyed by the workload model's name and fingerprint: a user's
+    model of the same FILE.py:FUNC name but another file (or an edited one) is priced by the
+    roofline alone, and one cache does not mix two models of one name."""
+    from dataclasses import replace
+
+    n_m = 32
+    mine = replace(W, name="model.py:build", workload="/a/model.py:build", fingerprint="a" * 64)
+    other = replace(mine, workload="/b/model.py:build", fingerprint="b" * 64)
+    measured = (
+        MeasuredTime(workload="model.py:build", fingerprint="a" * 64, stage="inverse",
+                     layer="fc", batch=n_m, inverse_method="eigen", time_us=7000.0),
+        MeasuredTime(workload="model.py:build", fingerprint="a" * 64, stage="forward",
+                     layer="", batch=n_m, inverse_method="eigen", time_us=3000.0),
+    )
+    c = cost(device=device(measured), workload=mine)
+    assert c.has_measured() and not c.has_measured(other)
+    assert c.compute_us("inverse", FC, batch=n_m) == pytest.approx(7000.0)
+    assert c.compute_us("forward", None, batch=n_m) == pytest.approx(3000.0)
+    # the other model of that name: the analytic times, also through the same CostModel
+    assert c.compute_us("inverse", FC, batch=n_m, workload=other) == pytest.approx(
+        expected("inverse", FC, n_m))
+    o = cost(device=device(measured), workload=other)
+    assert o.compute_us("inverse", FC, batch=n_m) == pytest.approx(expected("inverse", FC, n_m))
+    assert o.compute_us("forward", None, batch=n_m) == pytest.approx(
+        cost(workload=other).compute_us("forward", None, batch=n_m))
+    # nor to a registry model of that name (no fingerprint), nor the reverse
+    plain = replace(mine, fingerprint="")
+    assert cost(device=device(measured), workload=plain).compute_us(
+        "inverse", FC, batch=n_m) == pytest.approx(expected("inverse", FC, n_m))
+    registry = (replace(measured[0], fingerprint=""),)
+    assert cost(device=device(registry), workload=mine).compute_us(
+        "inverse", FC, batch=n_m) == pytest.approx(expected("inverse", FC, n_m))
+    assert cost(device=device(registry), workload=plain).compute_us(
+        "inverse", FC, batch=n_m) == pytest.approx(7000.0)
+
+
 def test_contention_and_compute_scale() -> None:
     base = cost().compute_us("inverse", FC, batch=1)
     shared = cost(cluster=cluster(cores=2, contention=0.1), ranks_per_node=4)

@@ -85,6 +85,11 @@ def test_round_trips(tmp_path: Path) -> None:
     d = make_device(measured=(MeasuredTime(workload="tiny", stage="inverse", layer="fc", batch=8,
                                            inverse_method="eigen", time_us=12.5),))
     assert load_device_model(save_device_model(d, tmp_path / "d.toml")) == d
+    d = make_device(measured=(MeasuredTime(workload="model.py:build", fingerprint="f" * 64,
+                                           stage="inverse", layer="fc", batch=8,
+                                           inverse_method="eigen", time_us=12.5),))
+    back = load_device_model(save_device_model(d, tmp_path / "dfp.toml"))
+    assert back == d and back.measured[0].fingerprint == "f" * 64
     d = make_device(capture_overhead={"backward": 0.2})
     back = load_device_model(save_device_model(d, tmp_path / "d2.toml"))
     assert (back == d and back.capture_scale("backward") == 1.2
@@ -133,6 +138,35 @@ def test_presets_load_and_aliases_resolve() -> None:
     for kind in presets.KINDS:
         for name in list_presets(kind):
             loaders[kind](name)
+
+
+def test_preset_measured_times_keep_applying_to_registry_workloads(tmp_path: Path) -> None:
+    """local-cpu's [[measured]] entries (no fingerprint: registry workloads) are written back
+    byte for byte and price resnet20, the registry model, and no same-named other model."""
+    from dataclasses import replace
+
+    from kfacperf.calibrate.device import null_cluster
+    from kfacperf.sim.costs.model import CostModel
+    from kfacperf.sim.models.presets import models_dir
+
+    preset = models_dir() / "devices" / "local-cpu.toml"
+    d = load_device_model(preset)
+    assert d.measured and {m.fingerprint for m in d.measured} == {""}
+    out = save_device_model(d, tmp_path / "same.toml")
+    assert out.read_bytes() == preset.read_bytes()
+    entry = next(m for m in d.measured if m.workload == "resnet20" and m.stage == "inverse")
+    w = load_workload("resnet20")
+    layer = w.layer(entry.layer)
+    on = CostModel(workload=w, device=d, cluster=null_cluster(),
+                   inverse_method=entry.inverse_method)
+    assert on.compute_us("inverse", layer, batch=entry.batch) == pytest.approx(entry.time_us)
+    mine = replace(w, fingerprint="c" * 64)  # a user's network that calls itself resnet20
+    off = CostModel(workload=mine, device=d, cluster=null_cluster(),
+                    inverse_method=entry.inverse_method)
+    analytic = CostModel(workload=w, device=d, cluster=null_cluster(), use_measured=False,
+                         inverse_method=entry.inverse_method)
+    assert off.compute_us("inverse", layer, batch=entry.batch) == pytest.approx(
+        analytic.compute_us("inverse", layer, batch=entry.batch))
 
 
 def test_unknown_preset_lists_known_ones(tmp_path: Path) -> None:
@@ -360,3 +394,24 @@ def test_workload_for_run_matches_registry_name_and_options(tmp_path: Path) -> N
     assert not small.matches_run("tiny", {"width": True})  # a bool is not the integer 1 or 2
 
 
+
+
+@pytest.mark.parametrize(("old", "new", "pattern"), [
+    ("in_channels = 3\n", "in_channels = 5\n",
+     r"'conv1': dim_a 147 is not in_channels x kernel = 5 x 7 x 7 = 245"),
+    ("output = [112, 112]", "output = [56, 56]",
+     r"'conv1': rows_per_example 12,544 is not the output's 56 x 56 positions"),
+])
+def test_a_conv_geometry_that_contradicts_the_layers_dims_is_refused(
+        tmp_path: Path, old: str, new: str, pattern: str) -> None:
+    """conv1 of ResNet-50 with in_channels 5 (dim_a still 147 = 3 x 7 x 7) loaded and changed
+    the prediction: the A factor's cost reads the geometry, the rest the dims."""
+    from kfacperf.sim.models import models_dir
+
+    text = (models_dir() / "workloads" / "resnet50.toml").read_text()
+    assert text.count(old) >= 1
+    path = tmp_path / "w.toml"
+    path.write_text(text.replace(old, new, 1))
+    with pytest.raises(ValueError, match=pattern) as info:
+        load_workload_model(path)
+    assert str(path) in str(info.value)

@@ -15,7 +15,10 @@ overhead and the host work between stages, [capture_overhead] and [layer_host_us
 come from --base (a device preset or TOML); by default from the datasheet preset of the
 traced GPU, or nominal per-thread CPU peaks.  Each trace's workload model comes from
 --workload-model, else from the trace itself (a trace of your own model holds its
-workload.toml), else from models/workloads.
+workload.toml), else from models/workloads.  A [[measured]] entry names its workload model
+(its name with options, and the fingerprint of a model of your own): it prices that model
+only, never another FILE.py:FUNC of the same name or an edited file.  A trace with a compute
+stage longer than its step (corrupt times) is refused; a trace given twice counts once.
 
 --workload (a registry name, FILE.py:FUNC or package.module:FUNC) writes the workload model
 instead: the model is built on the meta device and one forward pass is walked there, so a
@@ -46,7 +49,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("traces", nargs="*", metavar="TRACE",
-                        help="trace directories to fit (a folder of traces: all of them)")
+                        help="trace directories to fit (a folder of traces: all of them; a "
+                             "trace given twice counts once)")
     parser.add_argument("--device-name", default=None,
                         help="name of the fitted device model "
                              "(default: from --out, else 'calibrated')")
@@ -133,12 +137,13 @@ def _run_traces(args: argparse.Namespace) -> int:
     from kfacperf.sim.models.presets import check_model_out
     from kfacperf.trace.store import load_trace
     from kfacperf.validation import expand_trace_paths
-    from kfacperf.validation.inputs import trace_workload_models
+    from kfacperf.validation.inputs import distinct_traces, trace_workload_models
     from kfacperf.validation.model import WorkloadFinder
 
     if args.out:
         check_model_out(args.out, force=args.force)
-    traces = [load_trace(p) for p in expand_trace_paths(args.traces)]
+    traces = distinct_traces([load_trace(p) for p in expand_trace_paths(args.traces)],
+                             "calibration")
     for tr in traces:
         if not tr.completed:
             print(f"calibrate: warning: {tr.path} did not complete; using its finished steps")

@@ -18,6 +18,7 @@ This is the one interface between the models and the step graphs/engine::
     cost.bytes_moved(stage, layer, *, batch, workload=None) -> float
     cost.regressors(stage, layer, *, batch, workload=None) -> Regressors  # for calibration
     cost.nodes_spanned(group_size) -> int
+    cost.has_measured(workload=None) -> bool   # [[measured]] times of this workload apply
     # payload helpers (comm_dtype and symmetric packing applied):
     cost.factor_bytes(layer) -> int          # A and G of one layer (or its BatchNorm block)
     cost.inverse_bytes(layer) -> int         # eigenbases + eigenvalues, or the two inverses
@@ -44,10 +45,13 @@ Compute time of one call: the stage's phases (FLOPs and bytes, :mod:`kfacperf.si
 on the device's rates and efficiencies (:mod:`kfacperf.sim.models.device`), plus the per-call
 overhead, times the compute slowdown of ranks sharing a node's cores (the cluster's host model,
 :mod:`kfacperf.sim.models.host`; 1 on dedicated devices), over ``compute_scale``.
-When the device model holds a time measured on this workload (``[[measured]]``), the model is
-scaled to reproduce it: ``time(N) = model(N) * measured(N_m) / model(N_m)`` for the nearest
-measured batch ``N_m`` (exact when ``N = N_m``); per-layer forward/backward shares are scaled by
-the whole-model measurement.
+When the device model holds a time measured on this workload (``[[measured]]`` entries of
+the same workload model: its name, options included, and its fingerprint,
+:func:`~kfacperf.sim.models.device.workload_key`; a user's model of the same file and function
+name but another file or another version is another model), the model is scaled to
+reproduce it: ``time(N) = model(N) * measured(N_m) / model(N_m)`` for the nearest measured
+batch ``N_m`` (exact when ``N = N_m``); per-layer forward/backward shares are scaled by the
+whole-model measurement.
 """
 from __future__ import annotations
 
@@ -67,7 +71,13 @@ from kfacperf.sim.costs.stage_work import (
     stage_phases,
 )
 from kfacperf.sim.models.cluster import V_FORMS, ClusterModel
-from kfacperf.sim.models.device import DTYPES, INVERSE_METHODS, STAGE_KINDS, DeviceModel
+from kfacperf.sim.models.device import (
+    DTYPES,
+    INVERSE_METHODS,
+    STAGE_KINDS,
+    DeviceModel,
+    workload_key,
+)
 from kfacperf.sim.models.host import HostDelays
 from kfacperf.sim.models.workload import BATCHNORM, LayerModel, WorkloadModel
 
@@ -176,14 +186,14 @@ class CostModel:
             k: self.host.compute_factor(k, ranks_on_node=o.ranks_per_node,
                                         threads_per_rank=o.threads_per_rank)
             for k in STAGE_KINDS}
-        # (stage, layer name, batch, workload name)
-        self._compute_cache: dict[tuple[str, str, int, str], float] = {}
+        # (stage, layer name, batch, workload name and fingerprint)
+        self._compute_cache: dict[tuple[str, str, int, tuple[str, str]], float] = {}
         # (op, size or per-rank block sizes, group size, nodes)
         self._comm_cache: dict[tuple[str, float | Sequence[float], int, int], float] = {}
-        # (workload, stage, layer, inverse method) -> [(batch, time_us)]
-        self._measured: dict[tuple[str, str, str, str], list[tuple[int, float]]] = {}
+        # ((workload name, fingerprint), stage, layer, inverse method) -> [(batch, time_us)]
+        self._measured: dict[tuple[tuple[str, str], str, str, str], list[tuple[int, float]]] = {}
         for m in device.measured:
-            key = (m.workload, m.stage, m.layer, self._method_key(m.stage, m.inverse_method))
+            key = (m.model_key, m.stage, m.layer, self._method_key(m.stage, m.inverse_method))
             self._measured.setdefault(key, []).append((m.batch, m.time_us))
 
     def __getattr__(self, name: str) -> Any:  # cost.inverse_method, cost.comm_dtype, ...
@@ -265,7 +275,7 @@ class CostModel:
     ) -> float:
         """Time in microseconds of one call of compute ``stage`` (per layer or whole model)."""
         w = workload or self.workload
-        key = (stage, layer.name if layer is not None else "", batch, w.name)
+        key = (stage, layer.name if layer is not None else "", batch, workload_key(w))
         cached = self._compute_cache.get(key)
         if cached is not None:
             return cached
@@ -295,6 +305,12 @@ class CostModel:
         return Regressors(calls=calls, compute_us=sum(compute), memory_us=sum(memory),
                           roofline_us=sum(max(c, m) for c, m in zip(compute, memory)),
                           rows=sum(p.n for p in phases))
+
+    def has_measured(self, workload: WorkloadModel | None = None) -> bool:
+        """Whether ``[[measured]]`` times of ``workload`` (this model's by default) price its
+        stages: entries of the same workload model, with ``use_measured`` on."""
+        wkey = workload_key(workload or self.workload)
+        return self.options.use_measured and any(k[0] == wkey for k in self._measured)
 
     def _method_key(self, stage: str, method: str) -> str:
         return method if stage in (S.INVERSE, S.PRECONDITION) else ""
@@ -331,10 +347,11 @@ class CostModel:
         """measured / roofline at the nearest measured batch, or 1 without a measurement."""
         method = self._method_key(stage, self.options.inverse_method)
         name = layer.name if layer is not None else ""
-        entries = self._measured.get((w.name, stage, name, method))
+        wkey = workload_key(w)
+        entries = self._measured.get((wkey, stage, name, method))
         target_layer = layer
         if entries is None and layer is not None and stage in WHOLE_MODEL_STAGES:
-            entries = self._measured.get((w.name, stage, "", method))  # whole-model share
+            entries = self._measured.get((wkey, stage, "", method))  # whole-model share
             target_layer = None
         if not entries:
             return 1.0

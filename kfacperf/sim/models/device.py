@@ -7,7 +7,7 @@ API (stable)::
     MODES = ("roofline", "additive")
     StageEfficiency(*, efficiency: float, mem_efficiency: float, overhead_us: float, assumed: bool,
                     row_us: float = 0.0)
-    MeasuredTime(*, workload, stage, layer, batch, inverse_method, time_us)
+    MeasuredTime(*, workload, stage, layer, batch, inverse_method, time_us, fingerprint="")
     DeviceModel(*, name, fp32_tflops, tf32_tflops, bf16_tflops, mem_bandwidth_GBps,
                 stages: Mapping[str, StageEfficiency], mode: str = "roofline",
                 measured: tuple[MeasuredTime, ...] = (), source: str = "", description: str = "",
@@ -47,7 +47,11 @@ marks a guess (datasheet presets), ``false`` a value fitted from a trace.
 ``tf32_tflops``/``bf16_tflops`` may be 0 for "not supported" (Volta has no TF32; its
 half-precision tensor-core rate is given as ``bf16_tflops``, which is the FP16 rate there).
 ``[[measured]]`` entries (optional) are per-call times taken from a trace of this very device;
-the cost model prefers them over the roofline.
+the cost model prefers them over the roofline.  An entry applies to one model only: the
+workload model's ``name`` (which carries its non-default options) and its ``fingerprint``
+(optional, absent for a registry workload: the SHA-256 of a user's factory file or layer
+table, :mod:`kfacperf.sim.models.workload`), so another network of the same name, or an
+edited file, is never priced with this one's times.
 
 ``[capture_overhead]`` (optional; keys of :data:`CAPTURE_STAGES`) is the relative extra time
 of forward and backward on factor steps, *besides* the batch statistics themselves (which are
@@ -112,7 +116,9 @@ class StageEfficiency:
 
 @dataclass(frozen=True, kw_only=True)
 class MeasuredTime:
-    """Mean time of one call of ``stage`` on ``layer`` ("" for whole-model stages)."""
+    """Mean time of one call of ``stage`` on ``layer`` ("" for whole-model stages) of the
+    workload model named ``workload`` whose fingerprint is ``fingerprint`` ("" for a registry
+    workload)."""
 
     workload: str
     stage: str
@@ -120,12 +126,24 @@ class MeasuredTime:
     batch: int
     inverse_method: str
     time_us: float
+    fingerprint: str = ""
+
+    @property
+    def model_key(self) -> tuple[str, str]:
+        """The workload model this time belongs to (:func:`workload_key`)."""
+        return (self.workload, self.fingerprint)
 
     def __post_init__(self) -> None:
         if self.stage not in STAGE_KINDS:
             raise ValueError(f"measured stage {self.stage!r} is not one of {STAGE_KINDS}")
         if self.batch < 1 or self.time_us < 0:
             raise ValueError(f"measured {self.stage}/{self.layer}: bad batch or time")
+
+
+def workload_key(workload: Any) -> tuple[str, str]:
+    """What ``[[measured]]`` times of a workload model are keyed by: its ``name`` (registry
+    name or factory reference, with its non-default options) and its ``fingerprint``."""
+    return (str(workload.name), str(getattr(workload, "fingerprint", "") or ""))
 
 
 CAPTURE_STAGES: tuple[str, ...] = (S.FORWARD, S.BACKWARD)
@@ -287,6 +305,8 @@ def load_device_model(path: str | Path) -> DeviceModel:
                     batch=t.int("batch", minimum=1),
                     inverse_method=t.str("inverse_method", choices=INVERSE_METHODS),
                     time_us=t.float("time_us", nonnegative=True),
+                    fingerprint=(t.str("fingerprint", nonempty=False)
+                                 if t.has("fingerprint") else ""),
                 )
             )
             t.done()
@@ -360,7 +380,9 @@ def device_model_to_dict(model: DeviceModel) -> dict[str, Any]:
     if model.measured:
         data["measured"] = [
             {
-                "workload": m.workload, "stage": m.stage, "layer": m.layer, "batch": m.batch,
+                "workload": m.workload,
+                **({"fingerprint": m.fingerprint} if m.fingerprint else {}),
+                "stage": m.stage, "layer": m.layer, "batch": m.batch,
                 "inverse_method": m.inverse_method, "time_us": float(m.time_us),
             }
             for m in model.measured

@@ -138,6 +138,8 @@ class LayerModel:
         for key in ("fwd_flops_per_example", "in_elems_per_example", "out_elems_per_example"):
             if getattr(self, key) < 0:
                 raise ValueError(f"layer {self.name!r}: {key} must be >= 0")
+        if self.conv is not None:
+            self._check_conv(self.conv)
         if self.kind == BATCHNORM:
             if self.dim_a != 2 or self.params != 2 * self.dim_g:
                 raise ValueError(f"batchnorm layer {self.name!r}: dim_a must be 2 and params "
@@ -145,6 +147,20 @@ class LayerModel:
                                  f"params={self.params}")
         elif self.follows:
             raise ValueError(f"layer {self.name!r}: only a batchnorm layer follows another")
+
+    def _check_conv(self, c: ConvGeometry) -> None:
+        """The geometry must be the layer's own: ``dim_a`` is in_channels x kernel (+ 1 for
+        a bias) and one row per output position, or costs that read the geometry (the
+        A factor's) would price another layer than the dims do."""
+        patch = c.in_channels * c.kernel[0] * c.kernel[1]
+        if self.dim_a not in (patch, patch + 1):
+            raise ValueError(f"layer {self.name!r}: dim_a {self.dim_a:,} is not in_channels x "
+                             f"kernel = {c.in_channels} x {c.kernel[0]} x {c.kernel[1]} = "
+                             f"{patch:,} (+ 1 with a bias): the conv geometry is another "
+                             "layer's")
+        if self.rows_per_example != c.output[0] * c.output[1]:
+            raise ValueError(f"layer {self.name!r}: rows_per_example {self.rows_per_example:,} "
+                             f"is not the output's {c.output[0]} x {c.output[1]} positions")
 
     @property
     def channels(self) -> int:
