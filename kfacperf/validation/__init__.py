@@ -14,7 +14,14 @@ calibration traces and the cluster model and nothing else; the held-out traces a
 afterwards, to take each run's settings (workload, world size, batch per rank, strategy,
 grad_worker_fraction, intervals, communication options) and its measurements.  A trace given
 as both calibration and held-out run (same directory, or the same recorded run copied
-elsewhere) is an error.
+elsewhere) is an error.  Within the calibration or the held-out traces a directory given
+twice (itself and in its folder, say) counts once, and two copies of one recorded run are
+an error (:func:`~kfacperf.validation.inputs.distinct_traces`).
+
+**Measured times.**  A calibration trace's per-layer times (``[[measured]]``) price the same
+workload model only (its name, options included, and fingerprint); a held-out run of any
+other model, a user's model of the same file and function name among them, is predicted
+from the fitted efficiencies alone, and a note says so.
 
 **Repeated recordings.**  Held-out traces of one configuration (equal settings, same device:
 :mod:`kfacperf.validation.pooling`) are one held-out run: predicted once, and measured as the
@@ -40,10 +47,12 @@ from typing import TYPE_CHECKING, Any
 from kfacperf import vocab as S
 from kfacperf.safety import json_records
 from kfacperf.trace.compare import check_kinds, compare, error_pct
+from kfacperf.trace.coverage import check_stage_spans
 from kfacperf.trace.measure import KINDS, Measured, measure, run_step_kind, weighted
 from kfacperf.validation.inputs import (
     check_disjoint,
     device_key,
+    distinct_traces,
     expand_trace_paths,
     load_traces,
     trace_label,
@@ -59,7 +68,7 @@ from kfacperf.validation.model import (
     simulate_run,
     strategy_of,
 )
-from kfacperf.validation.pooling import group_recordings, pool, pooled_label, spread_pct
+from kfacperf.validation.pooling import group_recordings, pool, pooled_labels, spread_pct
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -163,20 +172,22 @@ def validate(
     """Calibrate on ``calibration_traces`` only, then predict every held-out trace."""
     import pandas as pd
 
-    cal_loaded = load_traces(calibration_traces)
-    held = load_traces(holdout_traces)
+    cal_loaded = distinct_traces(load_traces(calibration_traces), "calibration")
+    held = distinct_traces(load_traces(holdout_traces), "held-out")
     if not held:
         raise ValueError("no held-out traces given")
     check_disjoint(cal_loaded, held)
+    for t in held:  # a stage longer than its step: no measurement to compare with
+        check_stage_spans(t)
     cal = calibrate(cal_loaded, cluster=cluster, workload_search=workload_search,
                     device_name=device_name)
     notes = list(cal.fit.notes)
     devices = {device_key(t) for t in cal_loaded}
     workloads = WorkloadFinder([*cal.workload_search, *trace_workload_models(held)])
-    cal_workloads = {str(t.run.get("workload")) for t in cal_loaded}
     run_rows, stage_rows = [], []
-    for group in group_recordings(held):
-        t, label = group[0], pooled_label(group)
+    groups = group_recordings(held)
+    for group, label in zip(groups, pooled_labels(groups)):
+        t = group[0]
         run = t.run
         for g in group:
             if device_key(g) not in devices:
@@ -187,9 +198,9 @@ def validate(
                              "are used")
         if "batch_per_rank" not in run:
             raise ValueError(f"{t.path}: run.json has no 'batch_per_rank'")
-        if str(run.get("workload")) not in cal_workloads:
-            notes.append(f"{label}: workload {run.get('workload')!r} is not in the calibration "
-                         "runs; predicted from the fitted efficiencies alone")
+        note = _workload_note(workloads(run, label), cal, label, run)
+        if note:
+            notes.append(note)
         recordings = [measure(g) for g in group]
         m = pool(recordings)
         p = predict(run, cal, label=label, workloads=workloads)
@@ -217,6 +228,21 @@ def validate(
     runs = pd.DataFrame(run_rows, columns=list(RUN_COLUMNS))
     stages_df = pd.DataFrame(stage_rows, columns=list(STAGE_COLUMNS))
     return ValidationResult(runs=runs, stages=stages_df, calibration=cal, notes=tuple(notes))
+
+
+def _workload_note(w: Any, cal: Calibration, label: str, run: Mapping[str, Any]) -> str:
+    """A note when the run's workload model is none of the calibration runs' (then no
+    ``[[measured]]`` time applies to it: they are keyed by the same identity); "" else."""
+    from kfacperf.sim.models.device import workload_key
+
+    key = workload_key(w)
+    if key in cal.workloads:
+        return ""
+    text = f"{label}: workload {run.get('workload')!r} is not in the calibration runs"
+    if any(name == key[0] for name, _ in cal.workloads):
+        text += (f" (a calibration run's {key[0]!r} is another model: another file or "
+                 f"version, fingerprint {key[1][:12] or '(none)'} here)")
+    return text + "; predicted from the fitted efficiencies alone"
 
 
 def _strategy_text(run: Mapping[str, Any]) -> str:

@@ -61,6 +61,31 @@ def _identity(trace: Trace) -> tuple[str, str]:
     return (str(run.get("start_time", "")), str(run.get("command", "")))
 
 
+def distinct_traces(traces: Sequence[Trace], role: str) -> list[Trace]:
+    """``traces`` (given as ``role``) with each trace once, in order of first mention.
+
+    A trace directory given twice (the same path, or once itself and once in its folder)
+    counts once; two directories holding the same recorded run (a copy: same ``start_time``
+    and ``command``) are an error, since pooling them would count one recording twice."""
+    paths: set[Path] = set()
+    ids: dict[tuple[str, str], Trace] = {}
+    out: list[Trace] = []
+    for t in traces:
+        path = Path(t.path).resolve() if getattr(t, "path", None) else None
+        if (path is not None and path in paths) or any(o is t for o in out):
+            continue
+        if all(_identity(t)) and _identity(t) in ids:
+            other = ids[_identity(t)]
+            raise ValueError(f"{role} traces {other.path} and {t.path} are the same recorded "
+                             "run (start_time and command); give only one of them")
+        if path is not None:
+            paths.add(path)
+        if all(_identity(t)):
+            ids[_identity(t)] = t
+        out.append(t)
+    return out
+
+
 def check_disjoint(calibration: Sequence[Trace], holdout: Sequence[Trace]) -> None:
     """A held-out run must not also be a calibration run (same directory, or a copy)."""
     cal_paths = {Path(t.path).resolve(): t for t in calibration if getattr(t, "path", None)}

@@ -10,7 +10,12 @@ from kfacperf import vocab as S
 from kfacperf.sim.models.cluster import ClusterModel
 from kfacperf.trace.measure import KindTimes
 from kfacperf.trace.schema import fisher_options
-from kfacperf.validation.inputs import load_traces, trace_label, trace_workload_models
+from kfacperf.validation.inputs import (
+    distinct_traces,
+    load_traces,
+    trace_label,
+    trace_workload_models,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from kfacperf.calibrate.device import DeviceCalibration
@@ -47,6 +52,10 @@ class Calibration:
     fit: DeviceCalibration
     traces: tuple[str, ...]
     workload_search: tuple[str, ...] = ()
+    workloads: tuple[tuple[str, str], ...] = ()
+    """The workload models of the calibration traces, each as (name, fingerprint)
+    (:func:`kfacperf.sim.models.device.workload_key`: what ``[[measured]]`` times are keyed
+    by)."""
 
 
 class WorkloadFinder:
@@ -102,18 +111,26 @@ def calibrate(
     traces: Sequence[Any], *, cluster: Any = None, workload_search: Sequence[str] = (),
     device_name: str = "calibrated",
 ) -> Calibration:
-    """Fit the device model to ``traces`` (paths or loaded traces) only.  Workload models are
-    looked for in ``workload_search``, then in the traces themselves, then in ``models/``."""
+    """Fit the device model to ``traces`` (paths or loaded traces) only, each once
+    (:func:`~kfacperf.validation.inputs.distinct_traces`).  Workload models are looked for in
+    ``workload_search``, then in the traces themselves, then in ``models/``."""
     from kfacperf.calibrate.device import fit_device_model
+    from kfacperf.sim.models.device import workload_key
 
-    loaded = load_traces(traces)
+    loaded = distinct_traces(load_traces(traces), "calibration")
     if not loaded:
         raise ValueError("no calibration traces given")
     workloads = WorkloadFinder([*workload_search, *trace_workload_models(loaded)])
     fit = fit_device_model(loaded, workloads=lambda run: workloads(run), name=device_name)
+    keys: dict[tuple[str, str], None] = {}
+    for t in loaded:
+        try:
+            keys[workload_key(workloads(t.run))] = None
+        except ValueError:  # a trace the fit left out (multi-process) without a model
+            continue
     return Calibration(device=fit.device, cluster=resolve_cluster(cluster), fit=fit,
                        traces=tuple(str(getattr(t, "path", trace_label(t))) for t in loaded),
-                       workload_search=tuple(workloads.search))
+                       workload_search=tuple(workloads.search), workloads=tuple(keys))
 
 
 def strategy_of(run: Mapping[str, Any], label: str) -> Any:

@@ -8,7 +8,11 @@ recordings: per kind of step, each recording's median counts once.  The spread b
 recordings is reported next to the error, so a reader sees the noise floor the error sits on.
 
 Two traces are recordings of one configuration when everything the prediction reads from
-``run.json`` (and the device they ran on) is equal; their names do not matter.
+``run.json`` (and the device they ran on) is equal: the settings of
+:data:`CONFIGURATION_KEYS`, the Fisher blocks and estimator (``bn_blocks``, ``fisher``, with
+the defaults for traces recorded before they were), and the workload's identity (its
+options and fingerprint: two user models of one file and function name are two workloads);
+their names do not matter.  The grouping does not depend on the order of the traces.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from kfacperf.trace.measure import KINDS, Measured
+from kfacperf.trace.schema import fisher_options
 from kfacperf.validation.inputs import device_key, trace_label
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -27,9 +32,10 @@ CONFIGURATION_KEYS: tuple[str, ...] = (
     "workload", "workload_options", "world_size", "batch_per_rank", "optimizer", "strategy",
     "grad_worker_fraction", "factor_interval", "inverse_interval", "inverse_method",
     "comm_dtype", "symmetric", "fused", "bucket_cap_mb", "threads_per_rank", "isolate",
-    "timing", "backend", "heap", "precision",
+    "timing", "backend", "heap", "precision", "precision_flags", "workload_fingerprint",
 )
-"""The run.json settings that make two recordings the same configuration."""
+"""The run.json settings that make two recordings the same configuration (besides
+``bn_blocks`` and ``fisher``, taken with their defaults by :func:`configuration_key`)."""
 
 _REPEAT_SUFFIX = re.compile(r"-r\d+$")
 
@@ -37,7 +43,10 @@ _REPEAT_SUFFIX = re.compile(r"-r\d+$")
 def configuration_key(trace: Trace) -> str:
     """What two recordings of one configuration share (settings and device)."""
     run = trace.run
-    settings = {k: run.get(k) for k in CONFIGURATION_KEYS}
+    settings: dict[str, Any] = {k: run.get(k) for k in CONFIGURATION_KEYS}
+    settings["workload_options"] = run.get("workload_options") or {}
+    settings["workload_fingerprint"] = str(run.get("workload_fingerprint") or "")
+    settings.update(fisher_options(run))
     return json.dumps([settings, device_key(trace)], sort_keys=True, default=str)
 
 
@@ -58,6 +67,24 @@ def pooled_label(traces: Sequence[Trace]) -> str:
     if len(labels) == 1:
         return labels[0]
     return f"{labels[0]} (+{len(labels) - 1} recording(s) of the same configuration)"
+
+
+def pooled_labels(groups: Sequence[Sequence[Trace]]) -> list[str]:
+    """:func:`pooled_label` of each group, unique: groups whose common names coincide (``x-r1``
+    and ``x-r2`` of two configurations) are named by their first trace's own name, and by its
+    path where that repeats too."""
+    common = [pooled_label(g) for g in groups]
+    labels = list(common)
+    for i, g in enumerate(groups):
+        if common.count(common[i]) > 1:
+            own = trace_label(g[0])
+            more = f" (+{len(g) - 1} recording(s) of the same configuration)" if len(g) > 1 else ""
+            labels[i] = own + more
+    for i, g in enumerate(groups):
+        if labels.count(labels[i]) > 1:
+            labels[i] = str(getattr(g[0], "path", None) or labels[i]) + labels[i][
+                len(trace_label(g[0])):]
+    return labels
 
 
 def spread_pct(measured: Sequence[Measured]) -> float:

@@ -67,15 +67,21 @@ def truth_models() -> tuple:
     return device, cluster
 
 
-def synth_trace(root: Path, name: str, *, scale: float = 1.0, **kw) -> Path:
+def synth_trace(root: Path, name: str, *, scale: float = 1.0, model=None, **kw) -> Path:
     """A trace whose every step is the simulator's step of that kind (on the truth models),
-    every rank of a symmetry class given its representative's events; times x ``scale``."""
+    every rank of a symmetry class given its representative's events; times x ``scale``.
+    ``model``: a user's workload model (run.json names it, the trace carries it) instead of
+    mlp; ``fisher``/``bn_blocks`` in ``kw`` are simulated and recorded."""
     device, cluster = truth_models()
+    if model is not None:
+        kw = {"workload": model.workload, "workload_fingerprint": model.fingerprint, **kw}
     run = run_json(f"{root.name}-{name}", **kw)
     spec = "sgd" if kw["strategy"] == "sgd" else kw["strategy"]
-    pred = simulate("mlp", device, cluster, [spec], gpus=[run["world_size"]],
-                    batch_per_gpu=run["batch_per_rank"], factor_interval=run["factor_interval"],
-                    inverse_interval=run["inverse_interval"])
+    fisher = {k: kw[k] for k in ("fisher", "bn_blocks") if k in kw}
+    pred = simulate(model if model is not None else "mlp", device, cluster, [spec],
+                    gpus=[run["world_size"]], batch_per_gpu=run["batch_per_rank"],
+                    factor_interval=run["factor_interval"],
+                    inverse_interval=run["inverse_interval"], **fisher)
     ev = pred.events.drop(columns=["strategy", "gpus"]).copy()
     for col in ("stage", "layer", "lane"):
         ev[col] = ev[col].astype(str)
@@ -103,7 +109,13 @@ def synth_trace(root: Path, name: str, *, scale: float = 1.0, **kw) -> Path:
                                dur_us=blk["dur_us"] * scale))
         t += float(blk.loc[blk["stage"] == S.STEP, "dur_us"].max())
     events = pd.concat(rows, ignore_index=True)
-    return write_trace(root / name, run=run, events={c: events[c].tolist() for c in events})
+    out = write_trace(root / name, run=run, events={c: events[c].tolist() for c in events})
+    if model is not None:
+        from kfacperf.sim.models import save_workload_model
+        from kfacperf.trace.schema import WORKLOAD_FILE
+
+        save_workload_model(model, out / WORKLOAD_FILE)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -223,6 +235,146 @@ def test_recordings_of_one_configuration_are_pooled(synth, tmp_path) -> None:
     single = runs.loc["spngd-b64"]
     assert single["recordings"] == 1 and single["spread_pct"] == 0.0
     assert abs(single["error_pct"]) < 1e-3
+
+
+def _user_models() -> tuple:
+    """Two user models of one name (``model.py:build`` in two folders, other files): the mlp,
+    and a narrow network whose layers have the mlp's names."""
+    from dataclasses import replace
+
+    from kfacperf.sim.models import load_workload
+    from kfacperf.sim.models.workload import LayerModel
+
+    mlp = load_workload("mlp")
+    wide = replace(mlp, name="model.py:build", workload="/projA/model.py:build",
+                   fingerprint="a" * 64)
+
+    def lin(name: str, n_in: int, n_out: int) -> LayerModel:
+        return LayerModel(name=name, kind="linear", dim_a=n_in + 1, dim_g=n_out,
+                          params=(n_in + 1) * n_out, rows_per_example=1,
+                          fwd_flops_per_example=2.0 * n_in * n_out, in_elems_per_example=n_in,
+                          out_elems_per_example=n_out)
+
+    narrow = replace(wide, workload="/projB/model.py:build", fingerprint="b" * 64,
+                     layers=(lin("net.0", 784, 24), lin("net.2", 24, 16), lin("net.4", 16, 10)))
+    return wide, narrow
+
+
+@pytest.fixture(scope="module")
+def user_runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("user")
+    wide, narrow = _user_models()
+    return {
+        "A-p1": synth_trace(root, "A-p1", model=wide, strategy="spngd", world=1, batch=16),
+        "B-p1": synth_trace(root, "B-p1", model=narrow, strategy="spngd", world=1, batch=16),
+        "B-p2": synth_trace(root, "B-p2", model=narrow, strategy="spngd", world=2, batch=16),
+    }
+
+
+def test_another_user_model_of_the_same_name_is_not_priced_with_its_times(user_runs) -> None:
+    """Calibrated on model A, a held-out run of model B (same FILE.py:FUNC name, another
+    file) is predicted from the fitted efficiencies alone, as the note says: exactly what the
+    calibration predicts without any [[measured]] time.  Calibrated on A and B, B's measured
+    times price B alone: the compute stages are those of a calibration on B only."""
+    from dataclasses import replace
+
+    _, cluster = truth_models()
+    res = validate([user_runs["A-p1"]], [user_runs["B-p2"]], cluster=cluster)
+    cal = res.calibration
+    assert cal.device.measured
+    bare = replace(cal, device=replace(cal.device, measured=()),
+                   workload_search=(str(user_runs["B-p2"] / "workload.toml"),))
+    run = load_trace(user_runs["B-p2"]).run
+    want = weighted(predict(run, bare).step_us, {"inverse": 1})
+    assert res.runs["predicted_step_us"].iloc[0] == pytest.approx(want, rel=1e-12)
+    assert {m.fingerprint for m in cal.device.measured} == {"a" * 64}
+    [note] = [n for n in res.notes if "not in the calibration runs" in n]
+    assert "is another model" in note and "bbbbbbbbbbbb" in note
+    assert "from the fitted efficiencies alone" in note
+    # calibrated on both: B's compute stages are B's measurements, not the mean with A's
+    both = validate([user_runs["A-p1"], user_runs["B-p1"]], [user_runs["B-p2"]], cluster=cluster)
+    alone = validate([user_runs["B-p1"]], [user_runs["B-p2"]], cluster=cluster)
+    assert not [n for n in both.notes if "not in the calibration runs" in n]
+    for stage in (S.FORWARD, S.FACTOR_COMPUTE, S.INVERSE, S.PRECONDITION):
+        got = both.stages.set_index("stage").loc[stage, "predicted_us"]
+        ref = alone.stages.set_index("stage").loc[stage, "predicted_us"]
+        assert got == pytest.approx(ref, rel=1e-9), stage
+    assert abs(alone.runs["error_pct"].iloc[0]) < 0.05  # B's own times: near the truth
+
+
+def test_only_identical_configurations_are_pooled_whatever_the_order(synth, tmp_path) -> None:
+    """A plain and a Monte-Carlo-Fisher run of one shape are two held-out runs, each
+    predicted exactly as alone, in either order; so are two user models of one name."""
+    _, cluster = truth_models()
+    plain = synth["p2"] / "spngd-b16-i1"
+    mc = synth_trace(tmp_path, "spngd-b16-i1-mc", strategy="spngd", world=2, batch=16,
+                     fisher="mc")
+    runs = []
+    for order in ([plain, mc], [mc, plain]):
+        res = validate([synth["p1"]], order, cluster=cluster)
+        assert len(res.runs) == 2 and set(res.runs["recordings"]) == {1}
+        assert res.runs["error_pct"].abs().max() < 1e-3
+        runs.append(res.runs.set_index("run").sort_index()[
+            ["predicted_step_us", "measured_step_us"]])
+    pd.testing.assert_frame_equal(runs[0], runs[1])
+    wide, narrow = _user_models()
+    a = synth_trace(tmp_path / "u", "mine-r1", model=wide, strategy="spngd", world=2, batch=16)
+    b = synth_trace(tmp_path / "u", "mine-r2", model=narrow, strategy="spngd", world=2, batch=16)
+    res = validate([synth["p1"]], [a, b], cluster=cluster)
+    assert sorted(res.runs["run"]) == ["mine-r1", "mine-r2"]
+
+
+def test_configuration_key_takes_fisher_options_and_the_workload_identity(synth) -> None:
+    """Old traces (no bn_blocks/fisher) are the defaults' configuration; other blocks, another
+    estimator or another fingerprint are another configuration."""
+    from dataclasses import replace
+
+    from kfacperf.validation.pooling import configuration_key
+
+    t = load_trace(synth["p2"] / "spngd-b16-i1")
+    old = replace(t, run={k: v for k, v in t.run.items() if k not in ("bn_blocks", "fisher")})
+    explicit = replace(t, run=t.run | {"bn_blocks": "none", "fisher": "emp"})
+    assert configuration_key(old) == configuration_key(explicit)
+    for change in ({"bn_blocks": "unit"}, {"fisher": "mc"}, {"workload_fingerprint": "f" * 64},
+                   {"workload_options": {"hidden": [64]}}):
+        assert configuration_key(replace(t, run=t.run | change)) != configuration_key(t), change
+
+
+def test_a_trace_given_twice_counts_once(synth, tmp_path) -> None:
+    """The same directory twice (or itself and its folder) is one trace, for calibration and
+    held out; two copies of one recorded run are an error naming both."""
+    _, cluster = truth_models()
+    one = synth["p2"] / "sgd-b16"
+    res = validate([synth["p1"], synth["p1"] / "sgd-b16"],
+                   [one, one, synth["p2"] / "." / "sgd-b16"], cluster=cluster)
+    assert len(res.calibration.traces) == 10
+    [row] = res.runs.itertuples()
+    assert row.recordings == 1 and row.trace == str(one)
+    assert calibrate([synth["p1"], synth["p1"]], cluster=cluster).traces == calibrate(
+        [synth["p1"]], cluster=cluster).traces
+    copy = tmp_path / "copy-of-sgd-b16"
+    shutil.copytree(one, copy)
+    with pytest.raises(ValueError, match=r"held-out traces .*sgd-b16 and .*copy-of-sgd-b16 are "
+                                         r"the same recorded run"):
+        validate([synth["p1"]], [one, copy], cluster=cluster)
+
+
+def test_a_stage_longer_than_its_step_is_refused(synth, tmp_path) -> None:
+    """Forward rows x 1e6 (far longer than their steps) in a held-out or a calibration trace:
+    an error naming the trace, the stage and a step, not a 3,000,000% error."""
+    _, cluster = truth_models()
+    bad = tmp_path / "bad"
+    shutil.copytree(synth["p2"] / "sgd-b16", bad)
+    t = load_trace(bad)
+    ev = t.events.copy()
+    fwd = ev["stage"].astype(str) == S.FORWARD
+    ev.loc[fwd, "dur_us"] = ev.loc[fwd, "dur_us"] * 1e6
+    write_trace(bad, run=dict(t.run, start_time="bad"), events=ev)
+    pattern = rf"{bad}: step \d+ \(rank \d\): forward lasts [\d.]+ ms, longer than its step"
+    with pytest.raises(ValueError, match=pattern):
+        validate([synth["p1"]], [bad], cluster=cluster)
+    with pytest.raises(ValueError, match=pattern):
+        validate([synth["p1"], bad], [synth["p2"] / "sgd-b64"], cluster=cluster)
 
 
 # ------------------------------------------------------------------ measure() by hand

@@ -9,8 +9,12 @@ Calibrates the device model from the --calibrate traces only (a folder of trace 
 stands for all of them), then simulates every --holdout run with its own settings (workload,
 world size, batch per rank, strategy, grad_worker_fraction, intervals, from its run.json) and
 prints, per run, the measured and predicted step time and the error, then the per-stage
-errors.  Held-out recordings of one configuration (same settings, e.g. name-r1, name-r2) are
-pooled into one run: "rec" says how many, "spread" how far apart their step times were.
+errors.  Held-out recordings of one configuration (the same settings, Fisher blocks and
+estimator, and workload model, e.g. name-r1, name-r2) are pooled into one run: "rec" says how
+many, "spread" how far apart their step times were.  A trace given twice (itself and in its
+folder, say) counts once; two copies of one recorded run are an error.  A calibration
+trace's measured per-layer times price held-out runs of the same workload model only (a
+user's FILE.py:FUNC of another file or an edited one is another model).
 --json prints the same as JSON (ending with the median and worst step-time error);
 --out writes the per-run table for `kfacperf report --validation` (.parquet, .csv or .json);
 an existing file is replaced only with --force.
@@ -32,9 +36,11 @@ if TYPE_CHECKING:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibrate", nargs="+", metavar="TRACE",
-                        help="traces to fit the device model to (a folder of traces: all of them)")
+                        help="traces to fit the device model to (a folder of traces: all of "
+                             "them; a trace given twice counts once)")
     parser.add_argument("--holdout", nargs="+", metavar="TRACE",
-                        help="measured runs to predict (never used for calibration)")
+                        help="measured runs to predict (never used for calibration; a trace "
+                             "given twice counts once)")
     parser.add_argument("--published", nargs="*", metavar="CASE", default=None,
                         help="predict published GPU measurements instead (case names under "
                              "published/, or TOML paths; none: every case)")
