@@ -14,7 +14,13 @@ Per (rank, measured step), against the rank's ``step`` row:
   reaching outside its step.
 
 A trace whose stages account for the step leaves gaps of a few per cent at most and double
-counts nothing.  Gaps are judged per kind of step by their median (as step times are, so
+counts nothing.
+
+A compute stage longer than the step it lies in (by more than :data:`STAGE_OVERRUN_PCT` and
+:data:`STAGE_OVERRUN_US`) is impossible, not noise: the trace's times are corrupt.
+:func:`check_stage_spans` refuses such a trace (``calibrate`` and ``validate`` call it); a
+collective may outlast its step (asynchronous communication completes in the next one) and
+is not checked.  Gaps are judged per kind of step by their median (as step times are, so
 that one step stalled by the machine's other work does not fail a run); double counting,
 a defect of the instrumentation rather than noise, by its worst step.  This module never
 imports torch.
@@ -30,6 +36,10 @@ from kfacperf.trace.measure import exclusive_compute_times, measured_events, run
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
+STAGE_OVERRUN_PCT = 10.0
+STAGE_OVERRUN_US = 1000.0
+"""A compute stage may be longer than its rank's step by this much (relative, plus absolute:
+rounding and the timers' own cost) before the trace is refused."""
 GAP_LIMIT_PCT = 5.0
 """The most of a step that no stage may account for."""
 DOUBLE_COUNT_LIMIT_PCT = 0.1
@@ -91,6 +101,35 @@ def coverage(trace: Any) -> Coverage:
     cov = coverage_of(measured_events(trace))
     kinds = [run_step_kind(int(s), trace.run) for s in cov.steps["step"]]
     return Coverage(steps=cov.steps.assign(kind=kinds))
+
+
+def check_stage_spans(trace: Any, *, label: str = "") -> None:
+    """Refuse a trace whose measured steps hold a compute stage longer than the step (the
+    rank's ``step`` row) by more than :data:`STAGE_OVERRUN_PCT` % + :data:`STAGE_OVERRUN_US`:
+    a ValueError naming the trace, the stage, the step and the rank (the worst such event)."""
+    events = measured_events(trace)
+    if events.empty:
+        return
+    stage = events["stage"].astype(str)
+    lane = events["lane"].astype(str)
+    steps = events[stage == S.STEP].groupby(["rank", "step"], observed=True)["dur_us"].max()
+    if steps.empty:
+        return
+    comp = events[(lane == S.COMPUTE) & (stage != S.STEP)]
+    comp = comp.join(steps.rename("step_us"), on=["rank", "step"], how="inner")
+    limit = comp["step_us"] * (1.0 + STAGE_OVERRUN_PCT / 100.0) + STAGE_OVERRUN_US
+    over = comp[comp["dur_us"] > limit]
+    if over.empty:
+        return
+    worst = over.loc[(over["dur_us"] / over["step_us"].clip(lower=1e-9)).idxmax()]
+    path = getattr(trace, "path", None)
+    name = label or (str(path) if path else str(trace.run.get("workload", "trace")))
+    layer = f" of layer {worst['layer']}" if str(worst["layer"]) else ""
+    raise ValueError(
+        f"{name}: step {int(worst['step'])} (rank {int(worst['rank'])}): {worst['stage']}"
+        f"{layer} lasts {float(worst['dur_us']) / 1e3:.1f} ms, longer than its step "
+        f"({float(worst['step_us']) / 1e3:.1f} ms; {len(over)} such event(s)); the trace's "
+        "times are impossible: record it again or leave it out")
 
 
 def coverage_of(events: pd.DataFrame) -> Coverage:

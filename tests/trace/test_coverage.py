@@ -8,7 +8,13 @@ import pandas as pd
 import pytest
 
 from kfacperf import vocab as S
-from kfacperf.trace.coverage import coverage, coverage_of
+from kfacperf.trace.coverage import (
+    STAGE_OVERRUN_PCT,
+    STAGE_OVERRUN_US,
+    check_stage_spans,
+    coverage,
+    coverage_of,
+)
 from kfacperf.trace.schema import events_frame
 from kfacperf.trace.store import load_trace
 
@@ -101,3 +107,46 @@ def test_the_committed_one_process_traces_add_up_to_their_steps():
         assert cov.problems() == [], path.name
         assert cov.worst_double_pct < 1e-6, path.name
         assert cov.median_gap_pct < 5.0, path.name
+
+
+class _Events:
+    """What check_stage_spans reads: ``run``, ``events`` and ``path``."""
+
+    def __init__(self, rows: list[tuple], *, warmup: int = 0, path: str = "t/run-1") -> None:
+        self.run = {"warmup": warmup}
+        self.events = frame(rows)
+        self.path = Path(path)
+
+
+def test_a_compute_stage_longer_than_its_step_is_refused():
+    """Forward rows multiplied by 1e6 (14,000 s forwards in 0.33 s steps, as a corrupted
+    file has them) are refused with the trace, the stage, a step and the rank named."""
+    rows = step_rows(0, 0.0, idle=30.0) + step_rows(1, 1000.0, idle=30.0)
+    rows = [(r, k, st, lay, t, d * 1e6 if st == S.FORWARD and k == 1 else d)
+            for r, k, st, lay, t, d in rows]
+    with pytest.raises(ValueError) as err:
+        check_stage_spans(_Events(rows))
+    msg = str(err.value)
+    assert msg.startswith("t/run-1: step 1 (rank 0): forward lasts 400000.0 ms, longer than "
+                          "its step (1.0 ms; 1 such event(s))")
+    assert "\n" not in msg and "record it again or leave it out" in msg
+    # a warm-up step is not measured: not refused
+    check_stage_spans(_Events(rows, warmup=2))
+
+
+def test_stage_span_tolerance_and_collectives_are_left_alone():
+    """A compute stage may exceed its step by the tolerance (timers, rounding) and no more; a
+    collective may outlast its step (asynchronous communication ends in the next one)."""
+    limit = 1000.0 * (1 + STAGE_OVERRUN_PCT / 100) + STAGE_OVERRUN_US
+    ok = step_rows(0, 0.0) + [(0, 0, S.PRECONDITION, "a", 0.0, limit - 1e-3),
+                              (0, 0, S.GRAD_COMM, "", 900.0, 50_000.0)]
+    check_stage_spans(_Events(ok))
+    bad = step_rows(0, 0.0) + [(0, 0, S.PRECONDITION, "a", 0.0, limit + 1.0)]
+    with pytest.raises(ValueError, match=r"step 0 \(rank 0\): precondition of layer a lasts"):
+        check_stage_spans(_Events(bad))
+
+
+@pytest.mark.skipif(not (REF / "p1").is_dir(), reason="no committed reference traces")
+def test_the_committed_traces_have_no_stage_longer_than_its_step():
+    for path in [*sorted((REF / "p1").glob("*-r1")), *sorted((REF / "p2").iterdir())]:
+        check_stage_spans(load_trace(path))
