@@ -37,8 +37,9 @@ intervals, :mod:`kfacperf.plan.space`), in this order of rules:
      with tasks added and forward/backward no shorter, an inverse step a factor step with
      tasks added.  In the engine every start is a maximum over finish times of what
      precedes it (its stream, its dependencies, a collective's members), so adding tasks or
-     lengthening them delays nothing less.  A straggler's delay depends on the time since
-     a rank's previous collective, which added collectives shorten, so this rule is off then.
+     lengthening them delays nothing less.  A straggler's delay depends on the compute a
+     rank ran since its previous collective, which added collectives split, so this rule
+     is off then.
 
 Only the best configuration per GPU count and optimizer is kept (ask for one strategy to get
 its own best).  The Pareto front of time

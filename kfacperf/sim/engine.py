@@ -10,9 +10,15 @@ whose requests arrive in program order — without paying for a request/release 
   so a step costs a few SimPy events per collective rather than per kernel.
 * A collective keeps a counter of arrived member classes and one shared completion event:
   each arrival is O(1); the last one to arrive starts it, waits its cost and fires the event.
-* A collective with a :attr:`~kfacperf.sim.graphs.graph.Collective.straggle` starts that fraction of
-  its last member's time since that member's previous collective later: the expected wait for
-  the slowest of ranks that are uneven (the measured trace charges that wait to no stage).
+* A collective with a :attr:`~kfacperf.sim.graphs.graph.Collective.straggle` ``s`` starts at the
+  latest over its members of (arrival + ``s`` x the compute that member ran since its previous
+  collective): the expected wait for the slowest of ranks that are uneven (the measured trace
+  charges that wait to no stage).  "The compute since its previous collective" is the busy
+  time of the member's compute stream between the two launches (the durations of the compute
+  tasks issued after the previous collective's launch and up to this one's, from the step's
+  start for the first), not the wall time between them: waiting on communication is no compute
+  and makes ranks no more uneven.  Every start is then a maximum over finish times plus fixed
+  delays, so a slower network (a longer collective) delays nothing less.
 * If the run ends with a collective that never started, the graph deadlocked (two classes
   issued collectives in different orders, or a member never launches one): that is an error
   naming the collective, as a real job would hang there.
@@ -132,6 +138,7 @@ class _Collectives:
         self.cost = [c.cost_us for c in colls]
         self.straggle = [c.straggle for c in colls]
         self.start = [float("nan")] * len(colls)
+        self.ready = [0.0] * len(colls)  # latest (arrival + straggle x compute) so far
         self.done = [env.event() for _ in colls]
 
     def check_all_ran(self, graph: StepGraph) -> None:
@@ -158,6 +165,7 @@ class _Program:
     waits: list[tuple[int, ...]]
     items: list[tuple[int, int]]
     shift: int  # compute tasks that precede it (the prefix's, for a class after one)
+    lead: float = 0.0  # compute before its first task since the last collective's launch
 
 
 class _StepRun:
@@ -187,10 +195,12 @@ class _StepRun:
             prefix = _Program(graph.programs[0].dur[:n_pc], graph.waits[0][:n_pc],
                               graph.comm[0][:n_pl], 0)
             pre = self._start(prefix, None, (), pre_end, 0, (first_c, pre_m))
+        # the prefix's compute after its last collective's launch precedes a class's first one
+        last = max((after for _, after in graph.comm[0][:n_pl]), default=0)
+        lead = float(sum(graph.programs[0].dur[min(last, n_pc):n_pc])) if shared else 0.0
         plans = [self._start(_Program(graph.programs[ci].dur[n_pc:], graph.waits[ci][n_pc:],
-                                      graph.comm[ci][n_pl:], n_pc),
-                             first_c, first_m, (self.compute_end, self.comm_end), ci,
-                             synced_at=pre_end[1] if shared else None)
+                                      graph.comm[ci][n_pl:], n_pc, lead),
+                             first_c, first_m, (self.compute_end, self.comm_end), ci)
                  for ci in range(len(graph.classes))]
         self.env.run()
         self.colls.check_all_ran(graph)
@@ -206,8 +216,8 @@ class _StepRun:
 
     def _start(self, prog: _Program, first_c: simpy.Event | None,
                first_m: tuple[simpy.Event, ...], ends: tuple[list[float], list[float]], ci: int,
-               finished: tuple[simpy.Event | None, simpy.Event | None] = (None, None),
-               synced_at: list[float] | None = None) -> tuple[_Plan, list[float]]:
+               finished: tuple[simpy.Event | None, simpy.Event | None] = (None, None)
+               ) -> tuple[_Plan, list[float]]:
         """The compute and comm processes of ``prog``; returns its plan and the list its
         compute segments' start times land in."""
         local = [(k, after - prog.shift if after > prog.shift else 0) for k, after in prog.items]
@@ -217,8 +227,8 @@ class _StepRun:
         signals = {k: self.env.event() for k in observed}
         self.env.process(self._compute_stream(plan.segments, starts, signals, first_c, ends[0],
                                               ci, finished[0]))
-        self.env.process(self._comm_stream(local, signals, first_m, ends[1], ci, finished[1],
-                                           synced_at))
+        self.env.process(self._comm_stream(local, _compute_between(prog, local), signals,
+                                           first_m, ends[1], ci, finished[1]))
         return plan, starts
 
     def _compute_stream(self, segs: list[_Segment], starts: list[float],
@@ -244,28 +254,32 @@ class _StepRun:
         if finished is not None:
             finished.succeed()
 
-    def _comm_stream(self, items: list[tuple[int, int]], signals: dict[int, simpy.Event],
-                     first: tuple[simpy.Event, ...], end: list[float], ci: int,
-                     finished: simpy.Event | None, synced_at: list[float] | None
+    def _comm_stream(self, items: list[tuple[int, int]], work: list[float],
+                     signals: dict[int, simpy.Event], first: tuple[simpy.Event, ...],
+                     end: list[float], ci: int, finished: simpy.Event | None
                      ) -> Generator[simpy.Event, Any, None]:
-        """Joins collectives in issue order, each once its launch's compute is done; the last
-        member to arrive waits out the straggle, runs the collective and wakes the others."""
+        """Joins collectives in issue order, each once its launch's compute is done; each
+        member raises the collective's ready time to its arrival plus the straggle of its own
+        compute since its previous collective (``work``); the last member to arrive waits until
+        then, runs the collective and wakes the others."""
         env, c = self.env, self.colls
         arrived, members, cost, straggle, done = c.arrived, c.members, c.cost, c.straggle, c.done
+        ready = c.ready
         for ev in first:
             if ev.callbacks is not None:
                 yield ev
-        # when this class last left a collective: the shared prefix's last one, if any
-        synced = synced_at[0] if synced_at is not None else env.now
-        for k, after in items:
+        for (k, after), w in zip(items, work):
             if after:
                 ev = signals[after]
                 if ev.callbacks is not None:
                     yield ev
             a = arrived[k] + 1
             arrived[k] = a
+            r = env.now + straggle[k] * w
+            if a == 1 or r > ready[k]:
+                ready[k] = r
             if a == members[k]:
-                late = straggle[k] * (env.now - synced)
+                late = ready[k] - env.now
                 if late > 0:
                     yield env.timeout(late)
                 c.start[k] = env.now
@@ -276,10 +290,25 @@ class _StepRun:
                 ev = done[k]
                 if ev.callbacks is not None:
                     yield ev
-            synced = env.now
         end[ci] = env.now
         if finished is not None:
             finished.succeed()
+
+
+def _compute_between(prog: _Program, local: list[tuple[int, int]]) -> list[float]:
+    """Per collective of ``prog`` (in issue order): the compute its stream runs after the
+    previous collective's launch and before this one's (``prog.lead`` before the first)."""
+    done = np.concatenate(([0.0], np.cumsum(np.asarray(prog.durs, dtype=np.float64))))
+    out: list[float] = []
+    prev, carry = 0, prog.lead
+    for _, after in local:
+        if after > prev:
+            out.append(carry + float(done[after] - done[prev]))
+            prev, carry = after, 0.0
+        else:  # launched right after the previous one: no compute in between
+            out.append(carry)
+            carry = 0.0
+    return out
 
 
 def _starts(plan: _Plan, seg_starts: list[float]) -> npt.NDArray[np.float64]:

@@ -270,9 +270,10 @@ def test_collectives_issued_in_different_orders_deadlock_with_a_clear_error():
         run_step(graph)
 
 
-def test_straggle_delays_each_collective_by_a_fraction_of_the_time_since_the_last():
-    """Two buckets with a straggle s: each all-reduce starts s x (time since the previous
-    collective ended) after its last member arrived; the compute that waits on it moves too."""
+def test_straggle_delays_each_collective_by_a_fraction_of_the_compute_since_the_last():
+    """Two buckets with a straggle s: each all-reduce starts s x (the compute its members ran
+    since their previous collective's launch) after its last member arrived, not s x the wall
+    time since that collective ended; the compute that waits on it moves too."""
     s = 0.1
     c = two_layers(bwd=(400.0, 40.0))
     spec = StepSpec(costs=c, world_size=2, gpus_per_node=1, kind=PLAIN_STEP, comm=SPLIT)
@@ -283,9 +284,9 @@ def test_straggle_delays_each_collective_by_a_fraction_of_the_time_since_the_las
     a1 = 50.0 + 40.0  # layer 1's bucket is ready; nothing synchronised since the step began
     e1 = a1 * (1 + s) + ar1
     a0 = max(50.0 + 40.0 + 400.0, e1)
-    e0 = a0 + s * (a0 - e1) + ar0
+    e0 = a0 + s * 400.0 + ar0  # layer 0's backward is the compute since layer 1's launch
     assert res.step_us == pytest.approx(e0 + 17.0, rel=1e-12)
-    assert sorted(res.coll_start) == pytest.approx([a1 * (1 + s), a0 + s * (a0 - e1)])
+    assert sorted(res.coll_start) == pytest.approx([a1 * (1 + s), a0 + s * 400.0])
     # no straggle: the same graph as before
     plain = run_step(build_graph(make_step(parse_strategy("sgd"), spec), cost))
     assert plain.step_us == pytest.approx(max(490.0, a1 + ar1) + ar0 + 17.0, rel=1e-12)

@@ -160,8 +160,9 @@ class Collective:
     nodes: int
     cost_us: float
     straggle: float = 0.0
-    """The last member arrives this fraction of its time since its previous collective late:
-    the expected wait for the slowest of uneven ranks (``HostModel.straggler``)."""
+    """The last member arrives this fraction of the compute it ran since its previous
+    collective late: the expected wait for the slowest of uneven ranks
+    (``HostModel.straggler``)."""
     members: list[int] = field(default_factory=list)
     """Class indices that take part, in order of first launch."""
 

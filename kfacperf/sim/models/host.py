@@ -34,8 +34,10 @@ Meaning of the fields (the cluster TOML's ``[host]`` table):
   the slowest of two ranks takes than their mean, relative to the mean, between two
   synchronisations; for a group of ``n`` it grows like the expected maximum of ``n`` normal
   draws (``straggler * E[max of n] / E[max of 2]``, :meth:`HostModel.straggle`).  The engine
-  starts each collective that much later.  On a 2-vCPU VM two ranks doing identical work
-  differed by 2.5-5 ms per ~75 ms step.
+  starts each collective that fraction of the compute its members ran since their previous
+  collective later: compute-stream busy time between the two launches, not wall time, so
+  waiting on a slower network makes no rank later (:mod:`kfacperf.sim.engine`).  On a 2-vCPU
+  VM two ranks doing identical work differed by 2.5-5 ms per ~75 ms step.
 * ``comm_contention`` (optional, 0 when absent): a collective that ranks sharing cores issue
   between bursts of compute, as training does, takes ``1 + comm_contention`` times what
   ``kfacperf commbench`` times after a barrier (:meth:`HostModel.comm_factor`).  On a 2-vCPU
