@@ -364,12 +364,19 @@ def _measured_times(samples: Sequence[_Sample], dtypes: set[RunDtypes], notes: l
                      "efficiencies alone predict")
         return (), None
     [only] = dtypes
+    # One entry per (model, stage, layer, batch, method): the mean over the traces, which is
+    # what the cost model takes of several entries of one key (so the file stays small when
+    # many recordings of one configuration are calibrated together).  BatchNorm blocks get
+    # none: see kfacperf.sim.costs.model.
+    groups: dict[tuple[str, str, str, str, int, str], list[float]] = {}
+    for s in samples:
+        if not s.batchnorm:
+            key = (s.workload, s.fingerprint, s.kind, s.layer, s.batch, s.inverse_method)
+            groups.setdefault(key, []).append(s.time_us)
     measured = tuple(
-        MeasuredTime(workload=s.workload, fingerprint=s.fingerprint, stage=s.kind,
-                     layer=s.layer, batch=s.batch, inverse_method=s.inverse_method,
-                     time_us=sig(s.time_us))
-        for s in samples if not s.batchnorm  # not applied to BatchNorm blocks: see
-    )                                        # kfacperf.sim.costs.model
+        MeasuredTime(workload=w, fingerprint=f, stage=kind, layer=layer, batch=batch,
+                     inverse_method=method, time_us=sig(sum(times) / len(times)))
+        for (w, f, kind, layer, batch, method), times in groups.items())
     if only != RunDtypes():
         notes.append(f"[[measured]] times are of {only} runs: they hold for runs in that "
                      "precision only")

@@ -503,3 +503,23 @@ def test_calibrate_command_bad_input(args: list[str], message: str,
         rc = exc.code
     assert rc == 2
     assert message in capsys.readouterr().err
+
+
+def test_recordings_of_one_configuration_keep_one_measured_time_each_their_mean() -> None:
+    """Eight recordings of a configuration wrote eight [[measured]] entries per layer and
+    stage (local-cpu grew to 3,824 entries, half a MiB); the cost model takes their mean, so
+    one entry holding the mean prices the same and the file stays small."""
+    from collections import Counter
+
+    runs = [synthetic_trace(W1, 16, noise=0.2, seed=s, optimizer="kfac") for s in range(4)]
+    cal = fit_device_model(runs, workloads=WORKLOADS, base=device(GUESS), name="f")
+    keys = Counter((m.model_key, m.stage, m.layer, m.batch, m.inverse_method)
+                   for m in cal.device.measured)
+    assert keys and max(keys.values()) == 1
+    alone = [fit_device_model([r], workloads=WORKLOADS, base=device(GUESS), name="f")
+             for r in runs]
+    for m in cal.device.measured:
+        each = [a.time_us for one in alone for a in one.device.measured
+                if (a.stage, a.layer, a.batch) == (m.stage, m.layer, m.batch)]
+        assert len(each) == len(runs)
+        assert m.time_us == pytest.approx(sum(each) / len(each), rel=1e-5)
