@@ -1,6 +1,7 @@
 """Reading the traces a validation is given, and keeping held-out runs out of calibration."""
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -56,9 +57,14 @@ def trace_label(trace: Trace) -> str:
     return Path(path).name if path else str(trace.run.get("workload", "run"))
 
 
-def _identity(trace: Trace) -> tuple[str, str]:
+def _identity(trace: Trace) -> tuple[str, str, str]:
+    """What one recorded run is known by: its start time and command (empty where it has
+    none: then it is never matched), and the whole ``run.json``, so that two runs of one
+    process started within a second (the library's callers share one command line) stay
+    two, and only a copy matches."""
     run = trace.run
-    return (str(run.get("start_time", "")), str(run.get("command", "")))
+    return (str(run.get("start_time", "")), str(run.get("command", "")),
+            json.dumps(run, sort_keys=True, default=str))
 
 
 def distinct_traces(traces: Sequence[Trace], role: str) -> list[Trace]:
@@ -68,7 +74,7 @@ def distinct_traces(traces: Sequence[Trace], role: str) -> list[Trace]:
     counts once; two directories holding the same recorded run (a copy: same ``start_time``
     and ``command``) are an error, since pooling them would count one recording twice."""
     paths: set[Path] = set()
-    ids: dict[tuple[str, str], Trace] = {}
+    ids: dict[tuple[str, str, str], Trace] = {}
     out: list[Trace] = []
     for t in traces:
         path = Path(t.path).resolve() if getattr(t, "path", None) else None
