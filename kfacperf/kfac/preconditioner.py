@@ -23,7 +23,9 @@ Steps are counted by calls to :meth:`KFACPreconditioner.step`, starting at 0.  O
 forward/backward hooks compute batch statistics iff ``k % factor_interval == 0`` and the
 inverses are recomputed iff ``k % inverse_interval == 0`` (so step 0 does both).  Only one
 forward/backward per step is supported (a module called twice in a step keeps the
-statistics of the call whose output gradient arrives last).  See
+statistics of the call whose output gradient arrives last; :func:`kfacperf.instrument`
+refuses it).  Two layers that share a parameter (tied weights) are refused at construction:
+each would write its own preconditioned gradient into the one ``.grad``.  See
 :mod:`kfacperf.kfac.layers` for the factor conventions and :mod:`kfacperf.kfac.inverse` for
 the two inverse methods.
 """
@@ -126,12 +128,6 @@ class KFACPreconditioner:
         self.layers: dict[str, KFACLayer] = {}
         self.skipped_modules: list[str] = []
         self._register(model, tuple(skip_layers))
-        if not self.layers:
-            raise ValueError(
-                f"model {type(model).__name__} has no supported layer for K-FAC "
-                "(nn.Linear or nn.Conv2d with groups=1 and a trainable weight, or BatchNorm "
-                "with bn_blocks)"
-            )
         self.other_params: list[str] = self._first_order_params(model)
 
         self._handles = [
@@ -157,31 +153,8 @@ class KFACPreconditioner:
         return others
 
     def _register(self, model: nn.Module, skip: tuple[str, ...]) -> None:
-        for name, module in model.named_modules():
-            if any(name == s or name.startswith(s + ".") for s in skip):
-                continue
-            weight = getattr(module, "weight", None)
-            if not isinstance(weight, Tensor) or not weight.requires_grad:
-                continue
-            if type(module).__name__ == "NonDynamicallyQuantizableLinear":
-                # nn.MultiheadAttention's out_proj: its forward() is never called (the
-                # attention uses its weight directly), so hooks would never fire.
-                self.skipped_modules.append(name)
-                continue
-            if isinstance(module, nn.Linear):
-                layer: KFACLayer = LinearLayer(name=name, module=module,
-                                               inverse_method=self.inverse_method)
-            elif isinstance(module, nn.Conv2d):
-                if module.groups != 1:
-                    self.skipped_modules.append(name)
-                    continue
-                layer = Conv2dLayer(name=name, module=module, inverse_method=self.inverse_method)
-            elif self.bn_blocks != stages.BN_NONE and is_batchnorm(module):
-                layer = BatchNormLayer(name=name, module=module,
-                                       inverse_method=self.inverse_method, mode=self.bn_blocks)
-            else:
-                continue
-            self.layers[name or "<model>"] = layer
+        self.layers, self.skipped_modules = find_layers(
+            model, skip=skip, inverse_method=self.inverse_method, bn_blocks=self.bn_blocks)
 
     # ------------------------------------------------------------------------ hooks
     @property
@@ -278,6 +251,62 @@ class KFACPreconditioner:
             f"strategy={self.strategy.name!r}, bn_blocks={self.bn_blocks!r}, "
             f"fisher={self.fisher!r})"
         )
+
+
+def find_layers(model: nn.Module, *, skip: tuple[str, ...] | list[str] = (),
+                inverse_method: str = "eigen", bn_blocks: str = stages.BN_NONE,
+                ) -> tuple[dict[str, KFACLayer], list[str]]:
+    """The layers :class:`KFACPreconditioner` registers in ``model`` (by module name) and the
+    unsupported modules it skips; a ``ValueError`` for a model it cannot take (no supported
+    layer, or two layers sharing a parameter), which a caller may check up front."""
+    layers: dict[str, KFACLayer] = {}
+    skipped: list[str] = []
+    owner: dict[int, str] = {}  # id of a registered layer's parameter -> its module
+    for name, module in model.named_modules():
+        if any(name == s or name.startswith(s + ".") for s in skip):
+            continue
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, Tensor) or not weight.requires_grad:
+            continue
+        if type(module).__name__ == "NonDynamicallyQuantizableLinear":
+            # nn.MultiheadAttention's out_proj: its forward() is never called (the
+            # attention uses its weight directly), so hooks would never fire.
+            skipped.append(name)
+            continue
+        if isinstance(module, nn.Linear):
+            layer: KFACLayer = LinearLayer(name=name, module=module,
+                                           inverse_method=inverse_method)
+        elif isinstance(module, nn.Conv2d):
+            if module.groups != 1:
+                skipped.append(name)
+                continue
+            layer = Conv2dLayer(name=name, module=module, inverse_method=inverse_method)
+        elif bn_blocks != stages.BN_NONE and is_batchnorm(module):
+            layer = BatchNormLayer(name=name, module=module, inverse_method=inverse_method,
+                                   mode=bn_blocks)
+        else:
+            continue
+        label = name or "<model>"
+        for p in module.parameters(recurse=False):
+            if id(p) in owner:
+                raise ValueError(tied_layers_message(owner[id(p)], label))
+        owner.update((id(p), label) for p in module.parameters(recurse=False))
+        layers[label] = layer
+    if not layers:
+        raise ValueError(
+            f"model {type(model).__name__} has no supported layer for K-FAC "
+            "(nn.Linear or nn.Conv2d with groups=1 and a trainable weight, or BatchNorm "
+            "with bn_blocks)"
+        )
+    return layers, skipped
+
+
+def tied_layers_message(first: str, second: str) -> str:
+    """Why K-FAC refuses layers ``first`` and ``second`` that share a parameter, and what to do."""
+    return (f"layers {first!r} and {second!r} share a parameter (tied weights); K-FAC "
+            "preconditions a parameter with the statistics of one layer, so each would "
+            "overwrite the other's update: untie them, or train this model with the "
+            "first-order optimizer alone (strategy 'sgd', kfacperf profile --optimizer sgd)")
 
 
 def _check_schedule(key: str, value: Schedule) -> None:

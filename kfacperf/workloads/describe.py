@@ -14,7 +14,14 @@ forward that cannot run on meta tensors (one that reads a value, e.g. ``.item()`
 for real instead, when the model has real parameters.
 
 Per layer (``name`` is the module path, layers listed in the order the forward pass calls
-them; a module called more than once is an error because its factors would mix two inputs):
+them).  What K-FAC cannot train is an error (:class:`DescribeError`), as the optimizer would
+refuse it: a module called more than once (its factors would come from one call, its
+gradient from every call), a K-FAC layer the forward pass never calls, two K-FAC layers
+sharing a parameter (tied weights), no K-FAC layer at all.  ``strict=False`` (the model of a
+first-order run) lists those reasons in :attr:`ModelWalk.kfac_problems` instead and describes
+what a first-order step computes: a layer's first call only (later calls' FLOPs count with
+the rest), no unused or tied layer (their parameters count in ``other_params``).  Every
+parameter tensor counts once in ``total_params`` and in ``other_params``:
 
 * ``dim_a`` - side of the A factor: ``in_features`` (Linear) or ``c_in * kh * kw`` (Conv2d),
   plus one when the layer has a bias (the bias is folded into A as a column of ones).
@@ -59,6 +66,11 @@ class DescribeError(ValueError):
     """The model cannot be described (a shared or unused K-FAC layer, a batch other than 1)."""
 
 
+class NoLayerError(DescribeError):
+    """The model has no K-FAC layer (nn.Linear, nn.Conv2d with groups=1), of which a workload
+    model is made: none can describe it."""
+
+
 class MetaWalkError(DescribeError):
     """The forward of a model built on the meta device needs real values."""
 
@@ -71,20 +83,28 @@ class ModelWalk:
     batchnorm: list[dict[str, Any]]  # per BatchNorm layer in call order
     conv: dict[str, dict[str, Any]]  # per Conv2d path: its geometry
     total_flops: float  # the whole forward, torch's FLOP counter
-    total_params: int
+    total_params: int  # each parameter tensor once
     on_meta: bool = field(default=True)  # False: the meta pass failed and it ran for real
+    kfac_problems: list[str] = field(default_factory=list)  # why K-FAC cannot train it as is
+
+    @property
+    def other_params(self) -> int:
+        """Parameters no listed K-FAC layer owns (each listed layer owns its own)."""
+        return self.total_params - sum(int(layer["params"]) for layer in self.layers)
 
 
-def walk_model(model: nn.Module, example: torch.Tensor) -> ModelWalk:
+def walk_model(model: nn.Module, example: torch.Tensor, *, strict: bool = True) -> ModelWalk:
     """One forward pass of ``model(example)`` (a batch of 1), on the meta device if it can.
 
     The model is put in eval mode (a single example cannot go through training-mode
     BatchNorm at 1x1 resolution) and run under ``torch.no_grad``; its mode is restored.
+    ``strict``: what K-FAC cannot train raises :class:`DescribeError` (see the module
+    docstring); else it is listed in ``kfac_problems``.
     """
     if example.shape[0] != 1:
         raise DescribeError(f"describe_model needs a batch of 1, got batch {example.shape[0]}")
     try:
-        return _walk(model, example, meta=True)
+        walk = _walk(model, example, meta=True)
     except DescribeError:
         raise
     except Exception as exc:
@@ -94,7 +114,15 @@ def walk_model(model: nn.Module, example: torch.Tensor) -> ModelWalk:
                 f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''})"
                 "; describing a model without building it needs a forward that only uses "
                 "shapes") from exc
-    return _walk(model, example, meta=False)
+    else:
+        return _checked(walk, strict)
+    return _checked(_walk(model, example, meta=False), strict)
+
+
+def _checked(walk: ModelWalk, strict: bool) -> ModelWalk:
+    if strict and walk.kfac_problems:
+        raise DescribeError(walk.kfac_problems[0])
+    return walk
 
 
 def describe_model(
@@ -120,28 +148,27 @@ def describe_workload(name: str, **options: Any) -> dict[str, Any]:
 
 
 def _description(walk: ModelWalk, example: torch.Tensor, name: str) -> dict[str, Any]:
-    kfac = sum(layer["params"] for layer in walk.layers)
     return {
         "name": name,
         "input_shape": list(example.shape[1:]),
         "num_kfac_layers": len(walk.layers),
         "total_params": walk.total_params,
-        "other_params": walk.total_params - kfac,
+        "other_params": walk.other_params,
         "layers": walk.layers,
         "batchnorm": walk.batchnorm,
     }
 
 
-def walk_workload(workload: Any) -> tuple[ModelWalk, torch.Tensor]:
+def walk_workload(workload: Any, *, strict: bool = True) -> tuple[ModelWalk, torch.Tensor]:
     """:func:`walk_model` of ``workload``'s model built on the meta device (no memory), or,
     if its forward needs real values, built for real; and the example it was fed."""
     example, _ = workload.make_batch(1)
     with torch.device("meta"):
         model = workload.build_model(seed=0)
     try:
-        return walk_model(model, example), example
+        return walk_model(model, example, strict=strict), example
     except MetaWalkError:
-        return walk_model(workload.build_model(seed=0), example), example
+        return walk_model(workload.build_model(seed=0), example, strict=strict), example
 
 
 # ------------------------------------------------------------------------------ the walk
@@ -155,8 +182,13 @@ def _walk(model: nn.Module, example: torch.Tensor, *, meta: bool) -> ModelWalk:
     from torch.utils.flop_counter import FlopCounterMode
 
     from kfacperf.kfac.conv_factors import padded_input
+    from kfacperf.kfac.preconditioner import tied_layers_message
 
     paths = {m: p for p, m in model.named_modules() if is_kfac_layer(m) or is_batchnorm(m)}
+    # each K-FAC layer's own parameters, of the model as given (the meta pass swaps them)
+    owns = {m: [id(p) for p in m.parameters(recurse=False)] for m in paths if is_kfac_layer(m)}
+    owner: dict[int, str] = {}  # a listed layer's parameter -> that layer
+    problems: list[str] = []
     layers: list[dict[str, Any]] = []
     norms: list[dict[str, Any]] = []
     conv: dict[str, dict[str, Any]] = {}
@@ -165,11 +197,15 @@ def _walk(model: nn.Module, example: torch.Tensor, *, meta: bool) -> ModelWalk:
     def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         path = paths[module]
         if path in seen:
-            raise DescribeError(
-                f"layer {path!r} is called more than once per forward; shared K-FAC layers "
-                "are not supported"
-            )
+            problems.append(f"layer {path!r} is called more than once per forward; shared "
+                            "K-FAC layers are not supported")
+            return
         seen.add(path)
+        tied = [owner[i] for i in owns.get(module, []) if i in owner]
+        if tied:
+            problems.append(tied_layers_message(tied[0], path))
+            return
+        owner.update((i, path) for i in owns.get(module, []))
         if is_batchnorm(module):
             follows = layers[-1]["name"] if layers else ""
             norms.append(_batchnorm_record(
@@ -204,10 +240,14 @@ def _walk(model: nn.Module, example: torch.Tensor, *, meta: bool) -> ModelWalk:
         model.train(was_training)
     unused = sorted(p for m, p in paths.items() if p not in seen and not is_batchnorm(m))
     if unused:
-        raise DescribeError(f"K-FAC layer(s) not used by the forward pass: {', '.join(unused)}")
+        problems.append(f"K-FAC layer(s) not used by the forward pass: {', '.join(unused)}")
+    if not owns:
+        problems.append(f"the model ({type(model).__name__}) has no layer K-FAC can "
+                        "precondition (nn.Linear, or nn.Conv2d with groups=1)")
     return ModelWalk(layers=layers, batchnorm=norms, conv=conv,
                      total_flops=float(counter.get_total_flops()),
-                     total_params=sum(p.numel() for p in model.parameters()), on_meta=meta)
+                     total_params=sum(p.numel() for p in model.parameters()), on_meta=meta,
+                     kfac_problems=problems)
 
 
 def _meta_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -14,7 +14,9 @@ memory however large the model, to check what it returns and to learn the input'
 real model is built by :meth:`Workload.build_model`, which calls the factory again (seeded, so
 every rank builds the same parameters).  A factory that fails on the meta device is called
 normally instead.  Every failure is a :class:`~kfacperf.errors.UserError` of one line naming
-the file (or module) and the function.
+the file (or module) and the function.  What K-FAC cannot train (no K-FAC layer, a layer
+called twice, tied layers) is not a failure here: a first-order run takes such a model, and
+``kfacperf profile`` refuses it for K-FAC (:func:`kfacperf.runtime.runner.validate`).
 
 A file is imported under a module name of its own (its folder put first on ``sys.path``, so it
 can import its neighbours), once per content: the same file is not executed twice.
@@ -36,7 +38,7 @@ from torch import Tensor, nn
 
 from kfacperf.errors import UserError
 
-from .base import Workload, is_kfac_layer
+from .base import Workload
 from .reference import FORMS, WorkloadRef, file_sha256, parse
 
 DEFAULT_BATCH_SIZE = 32
@@ -221,11 +223,6 @@ class _Factory:
                              "loss_fn; it must be loss_fn(outputs, targets) -> scalar tensor")
         return model, make_batch, loss
 
-    def check_model(self, model: nn.Module) -> None:
-        if not any(is_kfac_layer(m) for m in model.modules()):
-            raise self._fail(f"the model ({type(model).__name__}) has no layer K-FAC can "
-                             "precondition (nn.Linear, or nn.Conv2d with groups=1)")
-
     def workload(self) -> Workload:
         try:
             result = self.call(meta=True)
@@ -236,12 +233,9 @@ class _Factory:
             if not isinstance(real, Workload):
                 raise self._fail(f"{self.ref.function}() returned a Workload on the meta "
                                  f"device but {_a(type(real).__name__)} otherwise")
-            with torch.device("meta"):
-                self.check_model(real.build_model(seed=0))
             return real
         model, make_batch, loss = self.unpack(result)
         self._probe = (make_batch, loss)
-        self.check_model(model)
         x, _ = self.sample(1, torch.Generator().manual_seed(0))
         return Workload(
             name=self.ref.text,
@@ -249,7 +243,7 @@ class _Factory:
             input_shape=tuple(x.shape[1:]), input_dtype=x.dtype, num_classes=0,
             default_batch_size=DEFAULT_BATCH_SIZE, model_factory=self.build,
             batch_sampler=self.sample, options=dict(self.options),
-            loss=None if loss is None else self.loss,
+            loss=self.default_loss if loss is None else self.loss,
         )
 
     def build(self) -> nn.Module:
@@ -297,6 +291,15 @@ class _Factory:
             raise self._fail(f"make_batch({n}, generator) returned inputs of shape "
                              f"{tuple(x.shape)}; the first dimension must be the batch ({n})")
         return x, y
+
+    def default_loss(self, outputs: Any, targets: Tensor) -> Tensor:
+        """Mean cross-entropy, for a model that returns one tensor of logits."""
+        if not isinstance(outputs, Tensor):
+            raise self._fail(f"the model returns {_shape_text(outputs)}, and the default loss "
+                             "(cross-entropy) takes one tensor of logits; return (model, "
+                             "make_batch, loss_fn) with loss_fn(outputs, targets) taking what "
+                             "the model returns")
+        return torch.nn.functional.cross_entropy(outputs, targets, reduction="mean")
 
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         loss = self._real[1] if self._real else self._probe[1] if self._probe else None

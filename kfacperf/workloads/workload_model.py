@@ -23,17 +23,21 @@ def workload_model_of(
     model: Any, example: Any, *, name: str, workload: str | None = None,
     options: Mapping[str, Any] | None = None, custom_options: tuple[str, ...] = (),
     source: str = "", description: str = "", fingerprint: str | None = None,
+    strict: bool = True,
 ) -> Any:
     """The :class:`~kfacperf.sim.models.workload.WorkloadModel` of ``model`` fed ``example``.
 
     ``example`` is one input with its batch dimension (its first example is used).
     ``fingerprint`` defaults to :func:`layers_fingerprint` of the result: what identifies a
-    model that has no registry name or factory file.
+    model that has no registry name or factory file.  ``strict=False``: the model of a
+    first-order run, for a model K-FAC cannot train (see
+    :func:`~kfacperf.workloads.describe.walk_model`).
     """
     from .describe import walk_model
 
     example = example[:1]
-    return _from_walk(walk_model(model, example), example, name=name, workload=workload,
+    return _from_walk(walk_model(model, example, strict=strict), example, name=name,
+                      workload=workload,
                       options=options, custom_options=custom_options, source=source,
                       description=description, fingerprint=fingerprint)
 
@@ -45,13 +49,20 @@ def _from_walk(walk: Any, example: Any, *, name: str, workload: str | None,
 
     from kfacperf.sim.models.workload_file import workload_model_from_description
 
+    from .describe import NoLayerError
+
+    if not walk.layers:  # the simulator's model is one of layers: none, no model
+        raise NoLayerError("; ".join(walk.kfac_problems) or "no K-FAC layer")
+    if walk.kfac_problems:  # a first-order run's model (strict=False)
+        description = (f"{description}; " if description else "") + (
+            "a first-order model: K-FAC cannot train it as is (" + "; ".join(walk.kfac_problems)
+            + ")")
     layers = [dict(l, conv=walk.conv.get(l["name"])) for l in walk.layers]
     kfac_flops = sum(float(l["fwd_flops_per_example"]) for l in walk.layers)
-    kfac_params = sum(int(l["params"]) for l in walk.layers)
     desc = {
         "name": workload or name, "layers": layers, "batchnorm": walk.batchnorm,
         "input_shape": list(example.shape[1:]),
-        "other_params": walk.total_params - kfac_params, "description": description,
+        "other_params": walk.other_params, "description": description,
         "options": {k: _plain(v) for k, v in (options or {}).items()},
     }
     note = FLOPS_NOTE if walk.on_meta else FLOPS_NOTE.replace("the meta device", "this machine")
@@ -65,10 +76,11 @@ def _from_walk(walk: Any, example: Any, *, name: str, workload: str | None,
     return dataclasses.replace(model_, fingerprint=fp)
 
 
-def build_workload_model(name: str, options: dict[str, Any]) -> Any:
+def build_workload_model(name: str, options: dict[str, Any], *, strict: bool = True) -> Any:
     """The workload model of torch workload ``name`` (a registry name or a factory reference)
     built with ``options``; the model is built on the meta device, or for real if its
-    forward cannot run there."""
+    forward cannot run there.  ``strict=False``: a first-order run's model (see
+    :func:`~kfacperf.workloads.describe.walk_model`)."""
     from kfacperf.workloads import get_workload, workload_options
     from kfacperf.workloads import reference as workload_ref
 
@@ -77,7 +89,7 @@ def build_workload_model(name: str, options: dict[str, Any]) -> Any:
     workload = get_workload(name, **options)
     defaults = workload_options(name)
     changed = {k: _plain(v) for k, v in options.items() if _plain(defaults.get(k)) != _plain(v)}
-    walk, example = walk_workload(workload)
+    walk, example = walk_workload(workload, strict=strict)
     is_ref = workload_ref.is_reference(name)
     label = workload_ref.parse(name).display if is_ref else name
     model_name = label + ("[" + ",".join(f"{k}={v}" for k, v in sorted(changed.items())) + "]"

@@ -235,3 +235,42 @@ def test_strategy_protocol_call_order_and_placement() -> None:
     raw = precond.layers["2"].grad  # written back unchanged by the stand-in owner
     torch.testing.assert_close(model[2].weight.grad, raw[:, :-1])
     assert not torch.allclose(model[0].weight.grad, precond.layers["0"].grad[:, :-1])
+
+
+class _Tied(nn.Module):
+    """``b`` reuses ``a``'s weight: ``out = W (W x)`` (plus a head K-FAC may take)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 3, bias=False)
+        self.b = nn.Linear(3, 3, bias=False)
+        self.b.weight = self.a.weight
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.b(self.a(x)))
+
+
+def test_tied_layers_are_refused_naming_both() -> None:
+    """Both layers would write their preconditioned gradient into the one ``.grad``, which
+    write_grads would then scale twice: the preconditioner refuses them at construction."""
+    with pytest.raises(ValueError, match=r"layers 'a' and 'b' share a parameter \(tied "
+                       r"weights\).*untie them.*--optimizer sgd") as info:
+        KFACPreconditioner(_Tied(), damping=1e-3, lr=0.1)
+    assert "\n" not in str(info.value)
+
+
+def test_tied_layers_left_out_keep_their_plain_gradient() -> None:
+    """Skipped, the tied weight goes to the first-order optimizer with its true gradient:
+    d/dW sum(v . W W x) = v (W x)^T + W^T v x^T, summed over the batch."""
+    torch.manual_seed(3)
+    model = _Tied()
+    precond = KFACPreconditioner(model, damping=1e-3, lr=0.1, skip_layers=("a", "b"))
+    assert list(precond.layers) == ["head"] and "a.weight" in precond.other_params
+    x = torch.randn(5, 3)
+    model(x).sum().backward()
+    precond.step()
+    with torch.no_grad():
+        w, v = model.a.weight, model.head.weight.sum(0)  # d loss / d (b's output), per row
+        expected = sum(torch.outer(v, w @ xi) + torch.outer(w.T @ v, xi) for xi in x)
+    torch.testing.assert_close(model.a.weight.grad, expected)

@@ -174,3 +174,58 @@ def test_grouped_convs_are_other_params():
     assert d["num_kfac_layers"] == 1 and d["layers"][0]["name"] == "1"
     assert d["layers"][0]["dim_a"] == 5 and d["layers"][0]["rows_per_example"] == 16
     assert d["other_params"] == 4 * 9 + 4
+
+
+class _TiedPair(nn.Module):
+    """``b`` reuses ``a``'s weight (its own bias); a head of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Linear(6, 6)
+        self.b.weight = self.a.weight
+        self.head = nn.Linear(6, 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.b(torch.tanh(self.a(x))))
+
+
+def test_tied_weights_count_each_parameter_once():
+    """Parameters: a.weight 36 (shared), a.bias 6, b.bias 6, head 12: 60 in all.  K-FAC
+    refuses the pair; a first-order walk lists ``a`` and ``head`` and leaves b's own bias to
+    other_params, and b's FLOPs (2 * 6 * 6) to the rest of the forward."""
+    from kfacperf.workloads.describe import DescribeError, walk_model
+    from kfacperf.workloads.workload_model import workload_model_of
+
+    model, x = _TiedPair(), torch.randn(1, 6)
+    with pytest.raises(DescribeError, match="layers 'a' and 'b' share a parameter"):
+        describe_model(model, x)
+    walk = walk_model(model, x, strict=False)
+    assert [l["name"] for l in walk.layers] == ["a", "head"]
+    assert (walk.total_params, walk.other_params) == (60, 6)
+    assert walk.kfac_problems and "tied weights" in walk.kfac_problems[0]
+    wm = workload_model_of(model, x, name="tied", strict=False)
+    assert wm.layer_names == ("a", "head") and (wm.other_params, wm.total_params) == (6, 60)
+    assert wm.other_fwd_flops_per_example >= 2 * 6 * 6
+    with pytest.raises(DescribeError, match="share a parameter"):
+        workload_model_of(model, x, name="tied")
+
+
+def test_a_first_order_walk_takes_a_layer_called_twice_once():
+    """fc (4x4 with bias: 20 parameters) called twice: listed once, its second call's
+    2 * 4 * 4 FLOPs left to the rest of the forward."""
+    from kfacperf.workloads.describe import walk_model
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.tanh(self.fc(x)))
+
+    walk = walk_model(Twice(), torch.randn(1, 4), strict=False)
+    assert [l["name"] for l in walk.layers] == ["fc"] and walk.other_params == 0
+    assert walk.layers[0]["fwd_flops_per_example"] == 2 * 4 * 4
+    assert walk.total_flops >= 2 * (2 * 4 * 4)
+    assert "called more than once" in walk.kfac_problems[0]
