@@ -109,6 +109,8 @@ class InstrumentedLoop:
             raise TypeError("instrument: optimizer must be a torch.optim.Optimizer, got "
                             f"{type(optimizer).__name__}")
         _check_settings(settings)
+        if strategy != S.SGD:
+            _check_kfac_model(model, settings)
         device = _device_of(model)
         info = _join_process_group(device, strategy, timeout_s)
         strategy = strategy or (S.LOCAL if info.world_size == 1 else S.SPNGD)
@@ -145,13 +147,21 @@ class InstrumentedLoop:
             **config.train_config_kwargs()), timer=self.timer, optimizer=optimizer)
         self._raw_model = model
         self.steps = 0
-        self._in_step = self._forward_seen = self._updated = False
+        self._in_step = self._forward_seen = self._updated = self._backward_seen = False
+        self._in_backward = False
         self._forward: Any = None
         self._example: Tensor | None = None
+        self._no_example = ""  # why the first forward gave no example to walk, once said
         self._batch = batch_size
         self._faults_at_warmup: int | None = None
         self._closed = False
-        self._hook = self.model.register_forward_pre_hook(self._on_forward)
+        self._hooks = [self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True)]
+        self._layer_calls: set[str] = set()
+        pc = self._trainer.preconditioner
+        if pc is not None:  # a layer called twice in a step: factors of one call, gradient of two
+            self._layer_names = {id(layer.module): name for name, layer in pc.layers.items()}
+            self._hooks += [layer.module.register_forward_hook(self._on_layer_call)
+                            for layer in pc.layers.values()]
 
     # ---------------------------------------------------------------- what the loop calls
 
@@ -179,6 +189,8 @@ class InstrumentedLoop:
         if self.steps == self.config.warmup:
             self._faults_at_warmup = _minor_faults()
         self._in_step, self._forward_seen, self._updated = True, False, False
+        self._backward_seen = False
+        self._layer_calls.clear()
         self.timer.step_begin(self.steps)
         ok = False
         try:
@@ -188,6 +200,10 @@ class InstrumentedLoop:
         finally:
             self._end_forward()
             self._in_step = False
+        if not self._backward_seen:
+            raise RuntimeError(f"instrument: step {self.steps} ended without run.backward(loss)"
+                               "; call run.backward(loss) in place of loss.backward() (else "
+                               "the backward pass is timed as part of forward)")
         if not self._updated:
             raise RuntimeError(f"instrument: step {self.steps} ended without run.update(); "
                                "call it once per step (it runs K-FAC and optimizer.step())")
@@ -199,8 +215,13 @@ class InstrumentedLoop:
         """``loss.backward(**kwargs)``, timed as ``backward`` (ends ``forward``)."""
         self._require_step("run.backward(loss)")
         self._end_forward()
-        with self.timer.stage(S.BACKWARD):
-            loss.backward(**kwargs)
+        self._in_backward = True  # a checkpointed layer's forward re-run is not a second call
+        try:
+            with self.timer.stage(S.BACKWARD):
+                loss.backward(**kwargs)
+        finally:
+            self._in_backward = False
+        self._backward_seen = True
 
     def update(self) -> None:
         """The preconditioner's stages (K-FAC), then ``optimizer.step()`` timed as ``update``."""
@@ -229,27 +250,46 @@ class InstrumentedLoop:
         if self._closed:
             return
         self._closed = True
-        self._hook.remove()
+        self._remove_hooks()
         faults = 0.0
         measured = self.steps - self.config.warmup
         if self._faults_at_warmup is not None and measured > 0:
             faults = (_minor_faults() - self._faults_at_warmup) / measured
-        updates: dict[str, Any] = {"steps": max(0, measured), "batch_per_rank": self._batch}
-        if self.rank == 0:
-            updates.update(self._write_workload_model())
-        self._recorder.finish(faults_per_step=faults, run_updates=updates)
+        updates = self._run_updates()
+        if self.steps == 0:
+            updates["failure"] = NO_STEP
+            if self.rank == 0:
+                print(f"[kfacperf] instrument: {NO_STEP}; the trace in {self.trace_dir} has no "
+                      "events and is marked incomplete", file=sys.stderr)
+        self._recorder.finish(faults_per_step=faults, run_updates=updates,
+                              completed=self.steps > 0)
 
     def _abandon(self, summary: str, details: str) -> None:
         self._closed = True
-        self._hook.remove()
+        self._remove_hooks()
+        # what a fit of the finished steps needs, as close() records it
+        updates = self._run_updates()
+        self._recorder.abandon(summary, details, run_updates=dict(updates, failure=summary))
+
+    def _run_updates(self) -> dict[str, Any]:
+        """``run.json``'s keys known at the end: the measured steps, the batch, and (rank 0)
+        the workload model's fingerprint, once its file is written."""
+        measured = self.steps - self.config.warmup
+        updates: dict[str, Any] = {"steps": max(0, measured), "batch_per_rank": self._batch}
         if self.rank == 0:
-            self._write_workload_model()  # what a fit of the finished steps needs
-        self._recorder.abandon(summary, details)
+            updates.update(self._write_workload_model())
+        return updates
+
+    def _remove_hooks(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
     def _write_workload_model(self) -> dict[str, Any]:
         """``workload.toml`` in the trace (rank 0); ``run.json`` keys that point to it."""
         from kfacperf.sim.models import save_workload_model
         from kfacperf.trace.schema import WORKLOAD_FILE
+        from kfacperf.workloads.describe import NoLayerError
         from kfacperf.workloads.workload_model import workload_model_of
 
         if self._example is None:
@@ -258,7 +298,12 @@ class InstrumentedLoop:
             model = workload_model_of(
                 self._raw_model, self._example, name=self.config.workload,
                 description=f"{type(self._raw_model).__name__}, recorded by kfacperf.instrument",
-                source="kfacperf.instrument")
+                source="kfacperf.instrument", strict=self.config.optimizer == S.KFAC)
+        except NoLayerError:
+            print(f"[kfacperf] no workload model for {self.config.workload}: the simulator's "
+                  "workload model is made of a model's nn.Linear and nn.Conv2d layers, and "
+                  "this model has none", file=sys.stderr)
+            return {}
         except Exception as exc:  # the trace stands without it; say why it is missing
             print(f"[kfacperf] no workload model for {self.config.workload}: "
                   f"{type(exc).__name__}: {exc}", file=sys.stderr)
@@ -269,16 +314,48 @@ class InstrumentedLoop:
 
     # ---------------------------------------------------------------------- internals
 
-    def _on_forward(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+    def _on_forward(self, module: nn.Module, args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> None:
         if not self._in_step or self._forward_seen:
             return
         self._forward_seen = True
         self._forward = self.timer.stage(S.FORWARD)
         self._forward.__enter__()
-        if self._example is None and args and isinstance(args[0], Tensor) and args[0].dim():
-            self._example = args[0][:1].detach().to("cpu")
+        if self._example is not None or self._no_example:
+            return
+        first = args[0] if args else None
+        if isinstance(first, Tensor) and first.dim():
+            self._example = first[:1].detach().to("cpu")
             if self._batch is None:
-                self._batch = int(args[0].shape[0])
+                self._batch = int(first.shape[0])
+            return
+        self._no_example = _input_kind(args, kwargs)
+        leaf = _first_tensor((args, kwargs))
+        if self._batch is None and leaf is not None:
+            self._batch = int(leaf.shape[0])
+        if self.rank == 0:
+            batch = (f"batch_per_rank {self._batch} is the first dimension of its first tensor "
+                     "(pass batch_size= to instrument() to say otherwise)"
+                     if leaf is not None else "pass batch_size= to instrument() to record the "
+                     "examples per step")
+            print(f"[kfacperf] instrument: no workload model for {self.config.workload}: "
+                  f"its forward takes {self._no_example}, and the workload model (what "
+                  "calibrate, validate and simulate read) is walked from a model called on "
+                  "one tensor; to have one, call the model on a tensor (e.g. a wrapper "
+                  f"module whose forward(x) builds the rest); {batch}", file=sys.stderr)
+
+    def _on_layer_call(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if not (self._in_step and module.training and torch.is_grad_enabled()) \
+                or self._in_backward:
+            return
+        name = self._layer_names[id(module)]
+        if name in self._layer_calls:
+            raise RuntimeError(
+                f"instrument: layer {name!r} ({type(module).__name__}) is called twice in step "
+                f"{self.steps}; K-FAC takes a layer's statistics from one call per step while "
+                "its gradient sums every call, so a layer used twice per step is not "
+                "supported: give each use a layer of its own, or run strategy='sgd'")
+        self._layer_calls.add(name)
 
     def _end_forward(self) -> None:
         if self._forward is not None:
@@ -289,6 +366,44 @@ class InstrumentedLoop:
         if not self._in_step:
             raise RuntimeError(f"instrument: {call} outside a step; call it inside "
                                "`with run.step():`")
+
+
+NO_STEP = "no step was run (no `with run.step():` block finished)"
+
+
+def _check_kfac_model(model: nn.Module, settings: Mapping[str, Any]) -> None:
+    """What K-FAC cannot take (no supported layer, tied layers), before the trace exists."""
+    from kfacperf.kfac.preconditioner import find_layers
+
+    try:
+        find_layers(model, bn_blocks=settings.get("bn_blocks", S.BN_NONE))
+    except ValueError as exc:
+        raise ValueError(f"instrument: {type(model).__name__}: {exc}") from None
+
+
+def _input_kind(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
+    if args:
+        return f"{_article(type(args[0]).__name__)} as its first argument"
+    if kwargs:
+        return "keyword arguments only"
+    return "no argument"
+
+
+def _article(noun: str) -> str:
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
+def _first_tensor(value: Any) -> Tensor | None:
+    """The first tensor with a batch dimension in nested tuples, lists and dicts."""
+    if isinstance(value, Tensor):
+        return value if value.dim() else None
+    items = value.values() if isinstance(value, Mapping) else (
+        value if isinstance(value, (tuple, list)) else ())
+    for item in items:
+        found = _first_tensor(item)
+        if found is not None:
+            return found
+    return None
 
 
 def _check_settings(settings: Mapping[str, Any]) -> None:

@@ -64,8 +64,8 @@ def exception_summary(exc: BaseException) -> str:
 
 
 def peer_progress(run_dir: Path, rank: int) -> str:
-    """When each other rank last recorded a step (from its part file), as far as this rank
-    can see them (one node, or a shared file system)."""
+    """When each other rank last wrote its part file (created at its start, appended after
+    its steps), as far as this rank can see them (one node, or a shared file system)."""
     now = time.time()
     seen = []
     for path in sorted((run_dir / PARTS_DIR).glob("events-rank*.arrows")):
@@ -75,7 +75,7 @@ def peer_progress(run_dir: Path, rank: int) -> str:
                 seen.append(f"rank {r} {now - path.stat().st_mtime:.0f} s ago")
             except OSError:
                 continue
-    return "last step recorded: " + ", ".join(seen) if seen else ""
+    return "part file last written: " + ", ".join(seen) if seen else ""
 
 
 def gpu_info_from_torch(info: Mapping[str, Any], index: int) -> dict[str, Any]:
@@ -149,20 +149,31 @@ class TraceRecorder:
             self._sampler.start()
 
     def finish(self, *, faults_per_step: float = 0.0,
-               run_updates: Mapping[str, Any] | None = None) -> None:
+               run_updates: Mapping[str, Any] | None = None, completed: bool = True) -> None:
         """Close the timer and the parts, gather and compact them (a collective on several
-        ranks: every rank calls it), and mark ``run.json`` completed with ``run_updates``."""
+        ranks: every rank calls it), and mark ``run.json`` completed (or, ``completed``
+        False, a run that recorded nothing to complete) with ``run_updates``."""
         self.timer.close()
         self._close_files()
         _finish(self.rank, self.world, self.run_dir, self._token,
-                faults_per_step=faults_per_step, run_updates=run_updates)
+                faults_per_step=faults_per_step, run_updates=run_updates, completed=completed)
 
-    def abandon(self, summary: str, details: str = "") -> None:
+    def abandon(self, summary: str, details: str = "",
+                run_updates: Mapping[str, Any] | None = None) -> None:
         """After a failure: stop sampling and close this rank's parts (every finished step is
         already in them), with no collective, and leave ``summary`` and ``details`` in
-        ``parts/error-rank<R>.txt``."""
+        ``parts/error-rank<R>.txt``; rank 0 adds ``run_updates`` to ``run.json`` (which stays
+        ``completed: false``)."""
         try:
             write_error_report(self.run_dir, self.rank, summary, details)
+            if self.rank == 0 and run_updates:
+                try:  # the loop's own error is what the caller sees, not this one
+                    run = read_run(self.run_dir / "run.json")
+                    run.update(run_updates, completed=False)
+                    write_run(self.run_dir, run)
+                except (OSError, ValueError) as exc:
+                    print(f"[kfacperf] could not update {self.run_dir / 'run.json'}: {exc}",
+                          file=sys.stderr)
         finally:
             self._close_files()
 
@@ -202,7 +213,7 @@ def _mark_parts(parts: Path, rank: int) -> str:
 
 
 def _finish(rank: int, world: int, run_dir: Path, token: str, *, faults_per_step: float = 0.0,
-            run_updates: Mapping[str, Any] | None = None) -> None:
+            run_updates: Mapping[str, Any] | None = None, completed: bool = True) -> None:
     """Bring every rank's parts to rank 0 (ranks whose files rank 0 cannot see send them over
     the process group), compact, mark the run completed (with rank 0's minor page faults
     per measured step), clean up."""
@@ -231,8 +242,9 @@ def _finish(rank: int, world: int, run_dir: Path, token: str, *, faults_per_step
     if rank == 0:
         trace_parts.compact(run_dir, remove_parts=False)
         run = read_run(run_dir / "run.json")
-        run.update(completed=True, end_time=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        run.update(end_time=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                    page_faults_per_step=round(faults_per_step, 1), **dict(run_updates or {}))
+        run["completed"] = completed
         write_run(run_dir, run)
         shutil.rmtree(parts, ignore_errors=True)
     if world > 1:

@@ -36,7 +36,7 @@ from kfacperf.trace.schema import (
     TRACE_FILES,
 )
 from kfacperf.trace.store import Trace, load_trace, read_run, write_run
-from kfacperf.vocab import KAISA, LOCAL, STEP
+from kfacperf.vocab import KAISA, LOCAL, SGD, STEP
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 PREPARED_ENV = "KFACPERF_OUT_PREPARED"
@@ -103,9 +103,14 @@ def validate(config: ProfileConfig, *, world_size: int | None = None) -> None:
         from kfacperf.workloads.describe import DescribeError, walk_workload
 
         try:
-            walk_workload(workload)
+            walk, _ = walk_workload(workload, strict=False)
         except DescribeError as exc:
             raise ValueError(f"--workload {config.workload}: {exc}") from None
+        if config.optimizer != SGD and walk.kfac_problems:
+            why = walk.kfac_problems[0]
+            hint = "" if "optimizer sgd" in why else (
+                "; --optimizer sgd runs it without K-FAC")
+            raise ValueError(f"--workload {config.workload}: {why}{hint}")
     TrainConfig(**config.train_config_kwargs())
     if config.resolved_strategy == LOCAL and (config.nproc > 1 or config.multi_node):
         raise ValueError("--strategy local runs on one process; "
@@ -278,7 +283,8 @@ def _in_process(config: ProfileConfig, out: Path) -> ProfileOutcome:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     try:
         worker.run_worker(config)
-    except ValueError:
+    except ValueError as exc:  # one line on the terminal; the trace says why it stopped
+        _mark_incomplete(out, worker.exception_summary(exc))
         raise
     except KeyboardInterrupt as exc:
         from kfacperf.errors import signal_name
@@ -315,8 +321,8 @@ def _culprit(sup: launch.Supervision, out: Path) -> str:
         return report(rank).startswith(("CollectiveError", "Stalled"))
 
     def text(end: launch.RankEnd) -> str:
-        why = report(end.rank)
-        return f"rank {end.rank} {end.how}" + (f": {why}" if why else "")
+        why = report(end.rank)  # an in-process rank's ``how`` already says it
+        return f"rank {end.rank} {end.how}" + (f": {why}" if why and why not in end.how else "")
 
     if cause.status is None:  # stopped past the timeout
         return text(cause)

@@ -101,7 +101,7 @@ def _train(config: ProfileConfig, info: Any, run_dir: Path, heap_policy: str, *,
     batches = [workload.make_batch(batch, seed=config.seed, step=k * world + rank, device=device)
                for k in range(min(config.total_steps, DATA_BATCHES))]
     if rank == 0 and fingerprint:
-        write_trace_workload_model(run_dir, config)
+        _write_model_or_say_why(run_dir, config)
     recorder = TraceRecorder(
         config, info, device=device, heap_policy=heap_policy, batch_per_rank=batch,
         run_extra={"workload_fingerprint": fingerprint} if fingerprint else None)
@@ -165,13 +165,34 @@ def same_factory_everywhere(workload: str, world: int) -> str:
 
 def write_trace_workload_model(run_dir: Path, config: ProfileConfig) -> None:
     """The workload model of ``config``'s workload, as ``kfacperf calibrate --workload``
-    writes it, into the trace directory (see :data:`kfacperf.trace.schema.WORKLOAD_FILE`)."""
+    writes it, into the trace directory (see :data:`kfacperf.trace.schema.WORKLOAD_FILE`).
+    A first-order run's model may be one K-FAC cannot train (a layer called twice, tied
+    layers): it describes what the run computes."""
     from kfacperf.sim.models import save_workload_model
     from kfacperf.trace.schema import WORKLOAD_FILE
+    from kfacperf.vocab import KFAC
     from kfacperf.workloads.workload_model import build_workload_model
 
-    model = build_workload_model(config.workload, dict(config.workload_options))
+    model = build_workload_model(config.workload, dict(config.workload_options),
+                                 strict=config.optimizer == KFAC)
     save_workload_model(model, run_dir / WORKLOAD_FILE)
+
+
+def _write_model_or_say_why(run_dir: Path, config: ProfileConfig) -> None:
+    """:func:`write_trace_workload_model`; a first-order run of a model with no K-FAC layer
+    (which a workload model is made of) goes on without one, and says so."""
+    from kfacperf.vocab import SGD
+    from kfacperf.workloads.describe import NoLayerError
+
+    try:
+        write_trace_workload_model(run_dir, config)
+    except NoLayerError:
+        if config.optimizer != SGD:
+            raise
+        print("[kfacperf] no workload model in the trace: the simulator's workload model is "
+              "made of a model's nn.Linear and nn.Conv2d layers, and this model has none; the "
+              "run goes on (report reads its trace; calibrate, validate and simulate need a "
+              "workload model)", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
