@@ -382,6 +382,12 @@ def test_workload_for_run_matches_registry_name_and_options(tmp_path: Path) -> N
     with pytest.raises(ValueError, match=r"no workload model for 'resnet50'.*kfacperf calibrate "
                                          r"--workload resnet50 --workload-option image_size=64"):
         workload_for_run("resnet50", {"image_size": 64})
+    # a name no built-in has (a kfacperf.instrument trace's model class): the trace's own
+    # workload.toml is named first, not only a command that works for built-ins alone
+    with pytest.raises(ValueError, match=r"no workload model for 'Sequential'.*TRACE/workload"
+                                         r"\.toml: pass it with --workload-model\); for a "
+                                         r"built-in workload"):
+        workload_for_run("Sequential", {})
     small = WorkloadModel(
         name="tiny[width=2]", layers=make_workload().layers, other_params=0,
         other_fwd_flops_per_example=0.0, input_shape=(3,), input_dtype="float32", source="t",

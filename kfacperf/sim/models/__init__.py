@@ -132,6 +132,7 @@ def workload_for_run(
                         "with --workload-model")
     raise ValueError(
         f"no workload model for {workload!r} with options {dict(options or {})} among "
-        f"{len(candidates)} file(s); generate one with: "
-        f"{make.replace('my-model', 'models/workloads/NAME')}"
+        f"{len(candidates)} file(s); a trace carries its own where its run could describe "
+        "the model (TRACE/workload.toml: pass it with --workload-model); for a built-in "
+        f"workload, generate one with: {make.replace('my-model', 'models/workloads/NAME')}"
     )
