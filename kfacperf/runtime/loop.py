@@ -56,8 +56,13 @@ from torch import Tensor, nn
 
 from kfacperf import vocab as S
 from kfacperf.runtime.config import ProfileConfig, command_line
+from kfacperf.runtime.loop_inputs import (
+    check_kfac_model,
+    check_settings,
+    first_tensor,
+    input_kind,
+)
 from kfacperf.runtime.recording import exception_summary
-from kfacperf.runtime.settings import OptimizerSettings
 
 
 def instrument(model: nn.Module, optimizer: torch.optim.Optimizer, *, out: str | Path,
@@ -108,9 +113,9 @@ class InstrumentedLoop:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError("instrument: optimizer must be a torch.optim.Optimizer, got "
                             f"{type(optimizer).__name__}")
-        _check_settings(settings)
+        check_settings(settings)
         if strategy != S.SGD:
-            _check_kfac_model(model, settings)
+            check_kfac_model(model, settings)
         device = _device_of(model)
         info = _join_process_group(device, strategy, timeout_s)
         strategy = strategy or (S.LOCAL if info.world_size == 1 else S.SPNGD)
@@ -329,8 +334,8 @@ class InstrumentedLoop:
             if self._batch is None:
                 self._batch = int(first.shape[0])
             return
-        self._no_example = _input_kind(args, kwargs)
-        leaf = _first_tensor((args, kwargs))
+        self._no_example = input_kind(args, kwargs)
+        leaf = first_tensor((args, kwargs))
         if self._batch is None and leaf is not None:
             self._batch = int(leaf.shape[0])
         if self.rank == 0:
@@ -369,57 +374,6 @@ class InstrumentedLoop:
 
 
 NO_STEP = "no step was run (no `with run.step():` block finished)"
-
-
-def _check_kfac_model(model: nn.Module, settings: Mapping[str, Any]) -> None:
-    """What K-FAC cannot take (no supported layer, tied layers), before the trace exists."""
-    from kfacperf.kfac.preconditioner import find_layers
-
-    try:
-        find_layers(model, bn_blocks=settings.get("bn_blocks", S.BN_NONE))
-    except ValueError as exc:
-        raise ValueError(f"instrument: {type(model).__name__}: {exc}") from None
-
-
-def _input_kind(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
-    if args:
-        return f"{_article(type(args[0]).__name__)} as its first argument"
-    if kwargs:
-        return "keyword arguments only"
-    return "no argument"
-
-
-def _article(noun: str) -> str:
-    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
-
-
-def _first_tensor(value: Any) -> Tensor | None:
-    """The first tensor with a batch dimension in nested tuples, lists and dicts."""
-    if isinstance(value, Tensor):
-        return value if value.dim() else None
-    items = value.values() if isinstance(value, Mapping) else (
-        value if isinstance(value, (tuple, list)) else ())
-    for item in items:
-        found = _first_tensor(item)
-        if found is not None:
-            return found
-    return None
-
-
-def _check_settings(settings: Mapping[str, Any]) -> None:
-    from dataclasses import fields
-
-    known = {f.name for f in fields(OptimizerSettings)} - {"lr", "momentum", "weight_decay"}
-    if settings.get("fisher", S.FISHER_EMP) != S.FISHER_EMP:
-        raise ValueError(f"instrument: fisher={settings['fisher']!r}: a loop you write runs "
-                         f"its own backward, so only the empirical Fisher "
-                         f"({S.FISHER_EMP!r}) is available; kfacperf profile --fisher mc runs "
-                         "the Monte-Carlo one")
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise TypeError(f"instrument: unknown setting(s) {', '.join(unknown)}; the K-FAC "
-                        f"settings are {', '.join(sorted(known))} (lr, momentum and "
-                        "weight_decay come from your optimizer)")
 
 
 def _device_of(model: nn.Module) -> torch.device:

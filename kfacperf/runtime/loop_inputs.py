@@ -1,0 +1,66 @@
+"""What :func:`kfacperf.instrument` is given, checked before any trace exists: its K-FAC
+settings and whether K-FAC can take the model; and the shape of what a forward is called
+with (the batch size, and why no workload model could be walked)."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor, nn
+
+from kfacperf import vocab as S
+from kfacperf.runtime.settings import OptimizerSettings
+
+
+def check_kfac_model(model: nn.Module, settings: Mapping[str, Any]) -> None:
+    """What K-FAC cannot take (no supported layer, tied layers), before the trace exists."""
+    from kfacperf.kfac.preconditioner import find_layers
+
+    try:
+        find_layers(model, bn_blocks=settings.get("bn_blocks", S.BN_NONE))
+    except ValueError as exc:
+        raise ValueError(f"instrument: {type(model).__name__}: {exc}") from None
+
+
+def input_kind(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
+    """What a forward was called with, for the note that no workload model could be walked."""
+    if args:
+        return f"{_article(type(args[0]).__name__)} as its first argument"
+    if kwargs:
+        return "keyword arguments only"
+    return "no argument"
+
+
+def _article(noun: str) -> str:
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
+def first_tensor(value: Any) -> Tensor | None:
+    """The first tensor with a batch dimension in nested tuples, lists and dicts."""
+    if isinstance(value, Tensor):
+        return value if value.dim() else None
+    items = value.values() if isinstance(value, Mapping) else (
+        value if isinstance(value, (tuple, list)) else ())
+    for item in items:
+        found = first_tensor(item)
+        if found is not None:
+            return found
+    return None
+
+
+def check_settings(settings: Mapping[str, Any]) -> None:
+    """K-FAC settings ``instrument`` takes: the optimizer's own (not lr, momentum, weight
+    decay), and only the empirical Fisher."""
+    from dataclasses import fields
+
+    known = {f.name for f in fields(OptimizerSettings)} - {"lr", "momentum", "weight_decay"}
+    if settings.get("fisher", S.FISHER_EMP) != S.FISHER_EMP:
+        raise ValueError(f"instrument: fisher={settings['fisher']!r}: a loop you write runs "
+                         f"its own backward, so only the empirical Fisher "
+                         f"({S.FISHER_EMP!r}) is available; kfacperf profile --fisher mc runs "
+                         "the Monte-Carlo one")
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise TypeError(f"instrument: unknown setting(s) {', '.join(unknown)}; the K-FAC "
+                        f"settings are {', '.join(sorted(known))} (lr, momentum and "
+                        "weight_decay come from your optimizer)")
