@@ -61,24 +61,20 @@ def test_waiting_on_a_collective_is_no_compute(first_us):
     """C1, all-reduce A, compute waits for A, C2, all-reduce B: B waits s x C2 whatever A cost
     (the old wall-time rule charged s x (arrival - A's end), less when A was longer)."""
     c1, c2, cb, s = 300.0, 200.0, 10.0, 0.1
-    p = Program()
-    p.compute(S.FORWARD, "", c1)
-    p.launch("a", S.GRAD_COMM, "", "all_reduce", 8, world(2))
-    p.wait("a")
-    p.compute(S.BACKWARD, "", c2)
-    p.launch("b", S.GRAD_COMM, "", "all_reduce", 16, world(2))
-    p2 = Program()
-    p2.compute(S.FORWARD, "", c1)
-    p2.launch("a", S.GRAD_COMM, "", "all_reduce", 8, world(2))
-    p2.wait("a")
-    p2.compute(S.BACKWARD, "", c2)
-    p2.launch("b", S.GRAD_COMM, "", "all_reduce", 16, world(2))
+    def program() -> Program:  # the same on both ranks
+        p = Program()
+        p.compute(S.FORWARD, "", c1)
+        p.launch("a", S.GRAD_COMM, "", "all_reduce", 8, world(2))
+        p.wait("a")
+        p.compute(S.BACKWARD, "", c2)
+        p.launch("b", S.GRAD_COMM, "", "all_reduce", 16, world(2))
+        return p
 
     def cost(op, nbytes, size, nodes):
         return first_us if nbytes == 8 else cb
 
-    graph = assemble([RankClass(0, 1), RankClass(1, 1)], [p, p2], cost, per_rank=True,
-                     straggle=lambda n: s)
+    graph = assemble([RankClass(0, 1), RankClass(1, 1)], [program(), program()], cost,
+                     per_rank=True, straggle=lambda n: s)
     res = run_step(graph)
     a_end = c1 * (1 + s) + first_us
     assert res.coll_start[1] == pytest.approx(a_end + c2 + s * c2, rel=1e-12)
