@@ -86,7 +86,8 @@ class KFACLayer:
         name, module, kind (``"linear"``/``"conv2d"``), has_bias, dim_a (incl. the bias
         column), dim_g, inverse_method.
         a_batch, g_batch: this step's batch statistics (local, then global after the
-            strategy's ``finish_factors``).
+            strategy's ``finish_factors``); released once the running averages have taken
+            them, so they exist only from a factor step's backward to its ``step()``.
         a_factor, g_factor: running averages (``dim_a²``, ``dim_g²``).
         qa, qg, da, dg: eigen method inverse state (eigenvectors, eigenvalues ≥ 0).
         a_inv, g_inv: Cholesky method inverse state (π-damped inverses).
@@ -173,6 +174,13 @@ class KFACLayer:
     def _g_rows(self, g: Tensor) -> Tensor:
         """Output gradient as a ``(dim_g, R)`` matrix, rows in the input rows' order."""
         raise NotImplementedError
+
+    def release_batch_stats(self) -> None:
+        """Drop this step's statistics (every factor's ``_batch``): the running averages
+        hold what is kept, and a layer the next factor step's forward skips must not be
+        averaged in again with stale numbers."""
+        for f in self.factors():
+            setattr(self, f.batch_attr, None)
 
     def update_factors(self, decay: float) -> None:
         """Running average: the first update sets the factor, later F ← d·F + (1-d)·F_batch."""

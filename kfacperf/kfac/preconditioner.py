@@ -219,6 +219,8 @@ class KFACPreconditioner:
                     nflops = 3.0 * layer.factor_numel()
                     with timer.stage(stages.FACTOR_COMPUTE, name, flops=nflops):
                         layer.update_factors(self.factor_decay)
+            for layer in self.layers.values():
+                layer.release_batch_stats()
         if self.inverse_step:
             for name, layer in self.layers.items():
                 if strategy.inverts(name) and layer.has_factors:

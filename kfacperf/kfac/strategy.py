@@ -18,6 +18,7 @@ Call order within one optimizer step (``loss.backward(); precond.step(); opt.ste
             strategy.finish_factors()            # afterwards a_batch/g_batch are GLOBAL on
                                                  # every rank with needs_factors(name)
             running average on layers with needs_factors(name)   [timer: factor_compute]
+            every layer's a_batch/g_batch released (None until the next factor step)
         if inverse step:
             inverse of layers with inverts(name)                  [timer: inverse]
             strategy.share_inverses()            # afterwards every rank with

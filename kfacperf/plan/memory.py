@@ -108,8 +108,10 @@ def memory_per_gpu(
       (pooling, residual additions) are not counted.
     * ``factors`` (K-FAC) ``= 4 Σ_l (a_l² + g_l²) + 4 Σ_{l inverted on r} (a_l² + g_l²)``:
       every rank forms the batch statistics A and G of every layer from its own examples on a
-      factor step and keeps them until the next one, and the rank that inverts a layer keeps
-      its running averages (SP-NGD: the layer's owner; KAISA: its inverse worker).
+      factor step (released by the step's update: counted here beside every activation,
+      although the last layers' statistics form while the first layers' activations are
+      being freed, an upper bound), and the rank that inverts a layer keeps its running
+      averages (SP-NGD: the layer's owner; KAISA: its inverse worker).
     * ``inverses`` (K-FAC) ``= 4 Σ_{l preconditioned on r} i_l`` with
       ``i_l = a_l² + g_l² + a_l + g_l`` (eigen: eigenvectors and eigenvalues) or
       ``a_l² + g_l²`` (cholesky: the two inverses): held where the layer is preconditioned

@@ -33,9 +33,11 @@ def _trainer(fisher: str, seed: int = 0, timer: RecordingTimer | None = None) ->
 
 
 def _statistics(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """After the first step: its statistics are the running averages (the first update
+    copies them; the batch statistics themselves are released by then)."""
     pc = trainer.preconditioner
-    assert pc is not None
-    return {f"{n}.{f.name}": getattr(l, f.batch_attr).clone()
+    assert pc is not None and pc.steps == 1
+    return {f"{n}.{f.name}": getattr(l, f.factor_attr).clone()
             for n, l in pc.layers.items() for f in l.factors()}
 
 

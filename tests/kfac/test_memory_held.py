@@ -1,9 +1,11 @@
 """The K-FAC memory per GPU that ``kfacperf simulate`` prints and ``kfacperf plan`` checks
 (:mod:`kfacperf.sim.graphs.memory`) is what the real optimizer holds.
 
-After two K-FAC steps (each refreshing statistics and inverses) every rank's registered layers
-are weighed: the bytes of their batch statistics and running averages (``factors``) and of
-their inverse state (``inverses``).  Each rank's figure must equal the model's for that rank
+Over two K-FAC steps (each refreshing statistics and inverses) every rank's registered layers
+are weighed: the bytes of their batch statistics as the step's update receives them (after the
+strategy's ``finish_factors``: ``statistics``), and after the step those of their running
+averages (``running``: the statistics must be released by then) and of their inverse state
+(``inverses``).  Each rank's figure must equal the model's for that rank
 under the placement the simulator computes (which must be the optimizer's own assignment),
 and the largest of them the figure reported per GPU.  One process for the local optimizer;
 one launch of four gloo ranks for SP-NGD (a rank that owns nothing included) and KAISA
@@ -56,17 +58,41 @@ def _nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
-def held(precond: KFACPreconditioner) -> dict[str, Any]:
-    """What the rank's layers hold, and the layers as the memory model sees them."""
-    factors = inverses = 0
-    storages: dict[int, int] = {}
+def _weigh(precond: KFACPreconditioner, attr: str) -> tuple[int, dict[int, int]]:
+    """Bytes of every layer's factors' ``attr`` (``batch_attr``/``factor_attr``), and the
+    storages they live in (by address)."""
+    total, storages = 0, {}
     for layer in precond.layers.values():
         for f in layer.factors():
-            for attr in (f.batch_attr, f.factor_attr):
-                t = getattr(layer, attr)
-                factors += _nbytes(t)
-                if t is not None:
-                    storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            t = getattr(layer, getattr(f, attr))
+            total += _nbytes(t)
+            if t is not None:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return total, storages
+
+
+def weigh_statistics_in_step(precond: KFACPreconditioner) -> list[int]:
+    """Bytes of the batch statistics each factor step's update receives (appended per step)."""
+    seen: list[int] = []
+    strategy = precond.strategy
+    finish = strategy.finish_factors
+
+    def finish_and_weigh() -> None:
+        finish()
+        seen.append(_weigh(precond, "batch_attr")[0])
+
+    strategy.finish_factors = finish_and_weigh  # type: ignore[method-assign]
+    return seen
+
+
+def held(precond: KFACPreconditioner, statistics: list[int]) -> dict[str, Any]:
+    """What the rank's layers held in its last step and hold after it, and the layers as the
+    memory model sees them."""
+    released, _ = _weigh(precond, "batch_attr")
+    assert released == 0, "batch statistics outlived the step"
+    running, storages = _weigh(precond, "factor_attr")
+    inverses = 0
+    for layer in precond.layers.values():
         inverses += sum(_nbytes(getattr(layer, n)) for n in layer.inverse_names())
     fisher: list[FisherBlock] = [
         (blocks.KRONECKER if l.kronecker else l.mode, l.dim_a, l.dim_g)  # type: ignore[attr-defined]
@@ -75,14 +101,15 @@ def held(precond: KFACPreconditioner) -> dict[str, Any]:
     names = list(precond.layers)
     assignment = None if a is None else (
         tuple(a.inverse_worker[n] for n in names), tuple(a.grad_workers[n] for n in names))
-    return dict(factors=factors, inverses=inverses, storage=sum(storages.values()), fisher=fisher,
-                assignment=assignment)
+    return dict(statistics=statistics[-1], running=running, inverses=inverses,
+                storage=sum(storages.values()), fisher=fisher, assignment=assignment)
 
 
 def train(strategy: Any, method: str, bn_blocks: str, rank: int, world: int) -> dict[str, Any]:
     net = model()
     precond = KFACPreconditioner(net, damping=1e-3, lr=0.1, strategy=strategy,
                                  inverse_method=method, bn_blocks=bn_blocks)
+    statistics = weigh_statistics_in_step(precond)
     for step in range(2):
         g = torch.Generator().manual_seed(step)
         x = torch.randn(GLOBAL_BATCH, 3, 8, 8, generator=g)
@@ -93,7 +120,8 @@ def train(strategy: Any, method: str, bn_blocks: str, rank: int, world: int) -> 
                                            y[rank * share:(rank + 1) * share])
         loss.backward()
         precond.step()
-    return held(precond)
+    assert len(statistics) == 2
+    return held(precond, statistics)
 
 
 def suite(rank: int, world: int) -> list[dict[str, Any]]:
@@ -120,8 +148,9 @@ def test_local_optimizer_holds_statistics_running_averages_and_inverses(method: 
     pl = Placement(world_size=1, gw=1, column=(0,) * len(got["fisher"]),
                    inverse_worker=(0,) * len(got["fisher"]))
     state = kfac_state_per_gpu(got["fisher"], pl, method)
-    assert (got["factors"], got["inverses"]) == (state.factors, state.inverses)
-    assert got["storage"] == got["factors"]  # no tensor is a view into something larger
+    assert (got["statistics"], got["running"], got["inverses"]) == (
+        state.statistics, state.running, state.inverses)
+    assert got["storage"] == got["running"]  # no tensor is a view into something larger
 
 
 @pytest.mark.slow
@@ -139,11 +168,14 @@ def test_every_rank_holds_what_the_memory_model_says() -> None:
         assert grad_workers == tuple(tuple(pl.column_members(c)) for c in pl.column), CASES[i]
         for rank, got in enumerate(per_rank):
             model_state = kfac_state_of_rank(fisher, pl, method, rank)
-            assert (got["factors"], got["inverses"]) == (
-                model_state.factors, model_state.inverses), (CASES[i], rank)
-        most = max(range(WORLD), key=lambda r: per_rank[r]["factors"] + per_rank[r]["inverses"])
+            assert (got["statistics"], got["running"], got["inverses"]) == (
+                model_state.statistics, model_state.running, model_state.inverses), (
+                    CASES[i], rank)
+            # nothing kept is a view into a released communication buffer
+            assert got["storage"] == got["running"], (CASES[i], rank)
+        most = max(range(WORLD), key=lambda r: sum(
+            per_rank[r][k] for k in ("statistics", "running", "inverses")))
         state = kfac_state_per_gpu(fisher, pl, method)
-        assert (state.factors, state.inverses) == (
-            per_rank[most]["factors"], per_rank[most]["inverses"]), CASES[i]
-        if name == "spngd":  # an owner's statistics are its own block of the reduce-scatter
-            assert all(got["storage"] == got["factors"] for got in per_rank), CASES[i]
+        assert (state.statistics, state.running, state.inverses) == (
+            per_rank[most]["statistics"], per_rank[most]["running"],
+            per_rank[most]["inverses"]), CASES[i]

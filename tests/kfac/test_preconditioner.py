@@ -27,30 +27,74 @@ def _train_step(model: nn.Module, precond: KFACPreconditioner, step: int) -> Non
     precond.step()
 
 
+class _StatisticsSeen(LocalStrategy):
+    """Local, and keeps a copy of each layer's statistics as ``step()`` receives them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: dict[str, torch.Tensor] = {}
+
+    def finish_factors(self) -> None:
+        self.seen = {n: l.a_batch.clone() for n, l in self.layers.items()
+                     if l.a_batch is not None}
+
+
 def test_factors_and_inverses_change_only_on_their_interval_steps() -> None:
     model = _mlp()
     decay = 0.8
+    seen = _StatisticsSeen()
     precond = KFACPreconditioner(model, damping=1e-2, lr=0.1, factor_interval=2,
-                                 inverse_interval=4, factor_decay=decay)
+                                 inverse_interval=4, factor_decay=decay, strategy=seen)
     state = precond.layers["0"]
-    prev_a = prev_qa = prev_batch = None
+    prev_a = prev_qa = None
     for step in range(9):
+        seen.seen = {}
         _train_step(model, precond, step)
-        a, qa, batch = state.a_factor.clone(), state.qa.clone(), state.a_batch
+        a, qa = state.a_factor.clone(), state.qa.clone()
+        assert state.a_batch is None and state.g_batch is None  # released after the update
         if step % 2 == 0:
-            assert batch is not prev_batch  # new statistics were computed this step
+            batch = seen.seen["0"]  # new statistics were computed this step
             expected = batch if step == 0 else decay * prev_a + (1 - decay) * batch
             torch.testing.assert_close(a, expected)
         else:
-            assert batch is prev_batch  # hooks idle: no statistics on this step
+            assert seen.seen == {}  # hooks idle: no statistics on this step
             torch.testing.assert_close(a, prev_a, rtol=0, atol=0)
         if step % 4 == 0:
             ref = torch.linalg.eigh(a.double())[1].abs()
             torch.testing.assert_close(qa.double().abs(), ref, rtol=0, atol=1e-5)
         else:
             torch.testing.assert_close(qa, prev_qa, rtol=0, atol=0)
-        prev_a, prev_qa, prev_batch = a, qa, batch
+        prev_a, prev_qa = a, qa
     assert precond.steps == 9
+
+
+class _Branches(nn.Module):
+    """Two heads; ``use_b`` picks whether the second one runs in this forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
+        self.use_b = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.b(x) if self.use_b else self.a(x)
+
+
+def test_a_layer_a_factor_step_skips_keeps_its_running_averages() -> None:
+    """Statistics are released after the update: a layer that the next factor step's
+    forward does not run is not averaged in again with the previous step's numbers."""
+    model = _Branches()
+    precond = KFACPreconditioner(model, damping=1e-2, lr=0.1, factor_decay=0.5)
+    for step in range(2):  # two updates: the average now differs from the last statistics
+        _train_step(model, precond, step)
+    b = precond.layers["b"]
+    kept = (b.a_factor.clone(), b.g_factor.clone())
+    model.use_b = False
+    _train_step(model, precond, 2)
+    torch.testing.assert_close((b.a_factor, b.g_factor), kept, rtol=0, atol=0)
+    assert b.a_batch is None and b.g_batch is None
+    assert not torch.equal(precond.layers["a"].g_factor, kept[1])
 
 
 def test_stale_inverse_is_used_between_inverse_steps() -> None:
@@ -59,11 +103,12 @@ def test_stale_inverse_is_used_between_inverse_steps() -> None:
     precond = KFACPreconditioner(model, damping=1e-2, lr=0.1, inverse_interval=2, kl_clip=None)
     _train_step(model, precond, 0)
     state = precond.layers["2"]
-    qa, qg, da, dg = (t.clone() for t in (state.qa, state.qg, state.da, state.dg))
+    qa, qg, da, dg, a = (t.clone() for t in (state.qa, state.qg, state.da, state.dg,
+                                             state.a_factor))
     _train_step(model, precond, 1)
     v = qg.t() @ state.grad @ qa / (torch.outer(dg, da) + 1e-2)
     torch.testing.assert_close(state.precond_grad, qg @ v @ qa.t(), rtol=1e-5, atol=1e-7)
-    assert not torch.equal(state.a_factor, state.a_batch)  # factors did move
+    assert not torch.equal(state.a_factor, a)  # factors did move
 
 
 def test_eval_mode_and_no_grad_forwards_do_not_touch_statistics() -> None:

@@ -7,12 +7,14 @@ and the strategies), every matrix in fp32 and full (``n x n``: packing to triang
 only on the wire, and what arrives is unpacked):
 
 * **factors** — on *every* rank, every Fisher block's batch statistics (``a_batch``,
-  ``g_batch``: each rank's forward/backward hooks form them for every layer on a factor step,
-  and they stay set until the next one), plus the running averages (``a_factor``,
-  ``g_factor``) of the layers the rank *inverts*: SP-NGD's owner, KAISA's inverse worker
-  (``needs_factors`` is ``inverts``); on one GPU, of every layer.  A Kronecker-factored
-  layer's statistics are A and G (``dim_a² + dim_g²`` elements), a BatchNorm block's its own
-  stack (:func:`kfacperf.sim.costs.blocks.stored_elements`).
+  ``g_batch``: each rank's backward hooks form them for every layer on a factor step, and
+  ``step()`` releases them once the running averages have taken them, so they are held from
+  that backward to that step only: ``statistics``), plus the running averages
+  (``a_factor``, ``g_factor``) of the layers the rank *inverts*: SP-NGD's owner, KAISA's
+  inverse worker (``needs_factors`` is ``inverts``); on one GPU, of every layer
+  (``running``, kept between steps).  A Kronecker-factored layer's statistics are A and G
+  (``dim_a² + dim_g²`` elements), a BatchNorm block's its own stack
+  (:func:`kfacperf.sim.costs.blocks.stored_elements`).
 * **inverses** — the inverse state of the layers the rank *preconditions* (its grad-worker
   column: SP-NGD's owner; KAISA's ``gw`` column members, who get it by broadcast): ``QA, QG,
   dA, dG`` (eigen) or ``A⁻¹, G⁻¹`` (cholesky)
@@ -21,13 +23,11 @@ only on the wire, and what arrives is unpacked):
 Ranks differ only by their running averages and inverse state, so the GPU that holds the
 most is found among the inverse workers and, per column, one member that inverts nothing;
 :func:`kfac_state_per_gpu` reports both terms *of that one GPU* (ties to the lowest rank),
-so that their sum is what it holds.  Buffers in flight (the statistics as sent, the
-inverse-state broadcasts) are not state: the planner counts them as communication buffers.
-One such buffer outlives its collective: KAISA's inverse worker, with fp32 unpacked factor
-communication, keeps its layers' global statistics as views into the all-reduce bucket that
-carried them, so each such bucket stays allocated until the next factor step (at most the
-statistics in flight, which the planner's ``comm_buffers`` already holds at the peak);
-``tests/kfac/test_memory_held.py`` weighs the tensors themselves.
+so that their sum is what it holds at a factor step's peak (``persistent`` is what stays
+between steps).  Buffers in flight (the statistics as sent, the inverse-state broadcasts) are
+not state: the planner counts them as communication buffers (KAISA's global statistics, views
+into the all-reduce bucket that carried them, go with the statistics).
+``tests/kfac/test_memory_held.py`` weighs the tensors themselves, during a step and after it.
 """
 from __future__ import annotations
 
@@ -54,10 +54,23 @@ class KfacState:
     """Bytes of K-FAC state on the GPU that holds the most (``rank``)."""
 
     rank: int
-    factors: int
-    """Every block's batch statistics plus the running averages of the blocks it inverts."""
+    statistics: int
+    """Every block's batch statistics: held on a factor step only, from its backward pass
+    to the running averages' update."""
+    running: int
+    """The running averages of the blocks it inverts (kept between steps)."""
     inverses: int
-    """The inverse state of the blocks it preconditions."""
+    """The inverse state of the blocks it preconditions (kept between steps)."""
+
+    @property
+    def factors(self) -> int:
+        """The statistics plus the running averages: both are held on a factor step."""
+        return self.statistics + self.running
+
+    @property
+    def persistent(self) -> int:
+        """What stays allocated between steps: running averages and inverse state."""
+        return self.running + self.inverses
 
     @property
     def total(self) -> int:
@@ -105,7 +118,8 @@ class _Loads:
                                + inverse_store_bytes(fisher_blocks[l], inverse_method))
 
     def of(self, rank: int) -> KfacState:
-        return KfacState(rank=rank, factors=self.statistics + self.running.get(rank, 0),
+        return KfacState(rank=rank, statistics=self.statistics,
+                         running=self.running.get(rank, 0),
                          inverses=self.inverse.get(rank % self.placement.cols, 0))
 
     def candidates(self) -> list[int]:

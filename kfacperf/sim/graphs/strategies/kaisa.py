@@ -183,8 +183,9 @@ class KaisaStep:
         """``(factor bytes, inverse bytes)`` of the GPU holding the most K-FAC state
         (:func:`kfacperf.sim.graphs.memory.kfac_state_per_gpu`).
 
-        Every rank keeps every layer's batch statistics; only a layer's inverse worker keeps
-        its running-average factors; the ranks of its column hold its inverse state.
+        Every rank forms every layer's batch statistics on a factor step (released by the
+        step's update); only a layer's inverse worker keeps its running-average factors; the
+        ranks of its column hold its inverse state.
         """
         state = kfac_state_per_gpu(fisher_blocks_of(self.spec.costs), self.place,
                                    self.spec.comm.inverse_method)
