@@ -59,7 +59,7 @@ from typing import Any
 from kfacperf.bench.config import CommbenchConfig
 from kfacperf.bench.multinode import run_across_nodes
 from kfacperf.bench.results import PROBE_TABLES, CommbenchResult, Point, probe_tables
-from kfacperf.bench.timing import resolve_timing, time_points
+from kfacperf.bench.timing import BufferTooLarge, resolve_timing, sent_bytes, time_points
 from kfacperf.runtime.net import free_port
 
 
@@ -116,6 +116,8 @@ def _worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: Any) -> 
         out.put(("result", rank, times, slowdown))
         dist.barrier()
         dist.destroy_process_group()
+    except BufferTooLarge as exc:  # bad input: one line, no traceback
+        out.put(("error", rank, str(exc)))
     except BaseException:  # report, never hang the parent
         out.put(("error", rank, traceback.format_exc()))
 
@@ -168,8 +170,9 @@ def _launch(world: int, cfg: dict[str, Any], progress: Callable[[str], None]
                 results[msg[1]] = msg[2]
                 if msg[1] == 0:
                     slowdown = msg[3]
-            else:
-                raise RuntimeError(f"commbench rank {msg[1]} failed:\n{msg[2]}")
+            else:  # a traceback, or one line (bad input)
+                sep = "\n" if "\n" in msg[2].strip() else " "
+                raise RuntimeError(f"commbench rank {msg[1]} failed:{sep}{msg[2]}")
         for p in procs:  # results are in; do not wait long for interpreter teardown
             p.join(timeout=3)
     finally:
@@ -203,7 +206,7 @@ def run_commbench(config: CommbenchConfig, *, progress: Callable[[str], None] = 
         for op in config.ops if config.collectives else ():
             for nbytes in config.sizes:
                 reps = [max(r[i][k] for r in per_rank) for k in range(config.reps)]
-                points.append(Point(op=op, world_size=world, nbytes=nbytes,
+                points.append(Point(op=op, world_size=world, nbytes=sent_bytes(nbytes, world),
                                     time_us=statistics.fmean(reps), reps=config.reps,
                                     timing=timing))
                 i += 1

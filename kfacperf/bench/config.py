@@ -4,7 +4,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kfacperf.bench.results import DEFAULT_SIZES, TIMINGS
+from kfacperf.bench.timing import sent_bytes
 from kfacperf.sim.models.cluster import OPS
+
+MAX_RANKS = 1024
+"""The most ranks one launch starts on one node (as ``kfacperf profile``)."""
+MAX_TIMEOUT_S = 86400.0
+"""The longest ``timeout_s``: a day (as ``kfacperf profile``)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,8 +42,17 @@ class CommbenchConfig:
             not self.world_sizes or any(p < 2 for p in self.world_sizes)
         ):
             raise ValueError(f"world sizes must be >= 2, got {list(self.world_sizes)}")
+        if self.world_sizes is not None and max(self.world_sizes) > MAX_RANKS:
+            raise ValueError(f"world sizes must be at most {MAX_RANKS:,} ranks on one node, got "
+                             f"{max(self.world_sizes):,}")
         if not self.sizes or any(s < 1 for s in self.sizes):
             raise ValueError(f"sizes must be >= 1 byte, got {list(self.sizes)}")
+        world = max(self.world_sizes or (2,))
+        if self.collectives and len(self.sizes) > 1 and len(
+                {sent_bytes(s, world) for s in self.sizes}) < 2:
+            raise ValueError(f"sizes {list(self.sizes)} are one buffer on {world} ranks (whole "
+                             f"fp32 elements, one per rank at least: {sent_bytes(1, world)} "
+                             "bytes); give sizes that differ by more")
         bad = [op for op in self.ops if op not in OPS]
         if bad or not self.ops:
             raise ValueError(f"unknown collective(s) {bad}; known: {', '.join(OPS)}")
@@ -45,8 +60,9 @@ class CommbenchConfig:
             raise ValueError("reps must be >= 1 and warmup >= 0")
         if self.backend not in ("auto", "gloo", "nccl"):
             raise ValueError(f"backend must be auto, gloo or nccl, got {self.backend!r}")
-        if self.timeout_s <= 0:
-            raise ValueError("timeout_s must be > 0")
+        if not 0 < self.timeout_s <= MAX_TIMEOUT_S:  # NaN too
+            raise ValueError(f"--timeout must be a number of seconds > 0 and at most "
+                             f"{MAX_TIMEOUT_S:g} (a day), got {self.timeout_s:g}")
         if self.timing not in ("auto",) + TIMINGS:
             raise ValueError(f"timing must be auto, {' or '.join(TIMINGS)}, got {self.timing!r}")
         if isinstance(self.nnodes, bool) or not isinstance(self.nnodes, int) or self.nnodes < 1:

@@ -54,6 +54,7 @@ from typing import Any
 
 from kfacperf.bench.config import CommbenchConfig
 from kfacperf.bench.results import CommbenchResult, Point, probe_tables
+from kfacperf.bench.timing import BufferTooLarge, sent_bytes
 
 
 @dataclass(frozen=True)
@@ -180,6 +181,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     job = json.loads((sys.argv[1:] if argv is None else argv)[0])
     try:
         _measure(job)
+    except BufferTooLarge as exc:  # bad input: one line, no traceback
+        print(f"commbench rank {os.environ.get('RANK')} failed: {exc}", file=sys.stderr,
+              flush=True)
+        return 1
     except BaseException:
         print(f"commbench rank {os.environ.get('RANK')} failed:\n{traceback.format_exc()}",
               file=sys.stderr, flush=True)
@@ -237,7 +242,7 @@ def _measure(job: dict[str, Any]) -> None:
         slowest = torch.tensor(times, dtype=torch.float64).reshape(len(points), job["reps"])
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # non-members add 0
         for (op, nbytes), reps in zip(points, slowest.tolist()):
-            measured.append(Point(op=op, world_size=g.size, nbytes=nbytes,
+            measured.append(Point(op=op, world_size=g.size, nbytes=sent_bytes(nbytes, g.size),
                                   time_us=statistics.fmean(reps), reps=job["reps"],
                                   timing=job["timing"], nodes=g.nodes))
     if local_rank == 0:

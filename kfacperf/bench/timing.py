@@ -39,6 +39,10 @@ INNER_TARGET_US = 3000.0
 """Back-to-back calls per repetition fill about this much time (at most 20 calls)."""
 
 
+class BufferTooLarge(MemoryError):
+    """A message size whose buffers this rank cannot allocate: bad input, said in one line."""
+
+
 def resolve_timing(timing: str, backend: str) -> str:
     """``auto``: one call per repetition on gloo, back-to-back calls on NCCL."""
     if timing != "auto":
@@ -60,6 +64,12 @@ def buffer_numel(nbytes: int, group_size: int) -> int:
     """Elements of the full buffer, a multiple of ``group_size`` so blocks are even."""
     per_rank = max(1, math.ceil(nbytes / ELEM / group_size))
     return per_rank * group_size
+
+
+def sent_bytes(nbytes: int, group_size: int) -> int:
+    """The bytes a point asked for ``nbytes`` really moves: its full buffer (rounded up to
+    whole fp32 elements, an even block per rank), the size its timing is recorded at."""
+    return buffer_numel(nbytes, group_size) * ELEM
 
 
 def make_call(op: str, nbytes: int, ranks: Sequence[int], rank: int, device: Any,
@@ -104,7 +114,13 @@ def time_points(
     calls: list[Callable[[], None] | None] = []
     inners: list[int] = []
     for op, nbytes in points:
-        call = make_call(op, nbytes, ranks, rank, device, group) if member else None
+        try:
+            call = make_call(op, nbytes, ranks, rank, device, group) if member else None
+        except (MemoryError, RuntimeError) as exc:  # torch's out-of-memory is a RuntimeError
+            if isinstance(exc, MemoryError) or "alloc" in str(exc) or "out of memory" in str(exc):
+                raise BufferTooLarge(f"cannot allocate the buffers of {op} at {nbytes:,} bytes "
+                                     f"on {device}; give smaller --sizes") from None
+            raise
         if call is not None:
             for _ in range(warmup):
                 call()

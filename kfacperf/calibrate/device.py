@@ -53,7 +53,7 @@ from kfacperf.sim.models.device import (
 from kfacperf.sim.models.workload import BATCHNORM, WorkloadModel
 from kfacperf.trace.coverage import check_stage_spans
 from kfacperf.trace.measure import measured_events, rank_stage_times, run_step_kind
-from kfacperf.trace.schema import fisher_options
+from kfacperf.trace.schema import fisher_options, run_device
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -276,11 +276,16 @@ def fit_device_model(
         raise ValueError("no traces to calibrate from")
     for tr in traces:  # a stage longer than its step: corrupt times, not a sample
         check_stage_spans(tr, label=trace_label(tr))
+    check_one_device(traces)
     single = [t for t in traces if int(t.run.get("world_size", 1) or 1) == 1]
     used = single or list(traces)
     notes: list[str] = []
     if single and len(single) < len(traces):
         notes.append(f"{len(traces) - len(single)} multi-process trace(s) not used for the device")
+    if not single:
+        notes.append("only multi-process traces: their compute times include the slowdown of "
+                     "ranks sharing the machine, which a cluster model's [host] contention "
+                     "adds again; calibrate on one-process traces where there are any")
     if base is None:
         base = base_device_for(used[0].run)
     mode = mode or base.mode
@@ -323,6 +328,19 @@ def fit_device_model(
     )
     return DeviceCalibration(device=device, fits=fits, traces_used=labels, notes=tuple(notes),
                              measured_dtypes=measured_dtypes)
+
+
+def check_one_device(traces: Sequence[Any]) -> None:
+    """Refuse traces recorded on different devices (or with different threads per rank): one
+    device model has one set of efficiencies, fitted against the peaks of one device."""
+    devices: dict[str, Any] = {}
+    for t in traces:
+        devices.setdefault(run_device(t.run), t)
+    if len(devices) > 1:
+        listed = "; ".join(f"{trace_label(t)} on {key}" for key, t in devices.items())
+        raise ValueError(f"the traces ran on {len(devices)} different devices ({listed}): a "
+                         "device model is fitted to one device; calibrate each device's "
+                         "traces apart")
 
 
 def _workload_of(trace: Any, workloads: Mapping[str, WorkloadModel]

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from kfacperf.calibrate.fitting import sig
-from kfacperf.published.cases import PublishedCase, Series
+from kfacperf.published.cases import PublishedCase, Series, held_out_names
 from kfacperf.published.predict import predict_series
 from kfacperf.sim.models.cluster import TIERS, ClusterModel, Tier
 from kfacperf.sim.models.device import INVERSE_METHODS, STAGE_KINDS, DeviceModel, StageEfficiency
@@ -178,11 +178,21 @@ def _series_to_fit(cases: Sequence[PublishedCase], preset: str, cluster: Cluster
     held = [c.name for c in cases if c.role != "calibration"]
     if held:
         raise ValueError(f"case {held[0]!r} is held out: it may be predicted, never fitted")
+    committed = held_out_names()
+    copies = [c for c in cases if c.name in committed]
+    if copies:
+        raise ValueError(f"{copies[0].path} is case {copies[0].name!r}, which published/ holds "
+                         "out: it may be predicted, never fitted, whatever a copy's role says")
     series = [(c, s) for c in cases for s in c.series if c.setup_of(s)["device"] == preset
               and (cluster is None or c.setup_of(s)["cluster"] == cluster_preset)]
     if not series:
+        ran = sorted({f"device {c.setup_of(s)['device']}"
+                      + (f" with cluster {c.setup_of(s)['cluster']}" if cluster is not None else "")
+                      for c in cases for s in c.series})
         raise ValueError(f"no series of these cases runs on device {preset!r}"
-                         + (f" and cluster {cluster_preset!r}" if cluster is not None else ""))
+                         + (f" and cluster {cluster_preset!r}" if cluster is not None else "")
+                         + f"; they run on {', '.join(ran)} (give --device, and --cluster, as "
+                           "the cases name them)")
     return series
 
 

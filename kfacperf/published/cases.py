@@ -143,11 +143,31 @@ def load_case(name_or_path: str) -> PublishedCase:
 
 
 def load_cases(names: list[str] | None = None) -> list[PublishedCase]:
-    """The named cases, or every case under ``published/``."""
+    """The named cases, or every case under ``published/``.  A case file named twice (by its
+    name and by its path, say) counts once; two files of one case ``name`` are an error:
+    counted twice, a case would weigh double in a fit and be reported twice."""
     chosen = names or list_cases()
     if not chosen:
         raise ValueError(f"no published cases in {published_dir()}")
-    return [load_case(n) for n in chosen]
+    out: dict[str, PublishedCase] = {}
+    paths: set[Path] = set()
+    for n in chosen:
+        path = resolve_case(n).resolve()
+        if path in paths:
+            continue
+        paths.add(path)
+        case = load_case(n)
+        if case.name in out:
+            raise ValueError(f"{out[case.name].path} and {case.path} are both case "
+                             f"{case.name!r}; give only one of them")
+        out[case.name] = case
+    return list(out.values())
+
+
+def held_out_names() -> set[str]:
+    """The names of the committed cases under ``published/`` that are held out: a copy of
+    one that calls itself ``calibration`` is still held out."""
+    return {c.name for c in (load_case(n) for n in list_cases()) if c.role != "calibration"}
 
 
 def _setup(t: Table, *, required: tuple[str, ...] = ()) -> dict[str, Any]:

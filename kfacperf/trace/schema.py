@@ -72,6 +72,15 @@ def fisher_options(run: Mapping[str, Any]) -> dict[str, str]:
             "fisher": str(run.get("fisher") or FISHER_EMP)}
 
 
+def run_device(run: Mapping[str, Any]) -> str:
+    """The device a ``run.json`` ran on, as one string that tells devices apart: its name and
+    kind, and the threads per rank (a CPU with more threads is another device)."""
+    dev = run.get("device") or {}
+    threads = int(run.get("threads_per_rank") or 1)
+    name = dev.get("name") or dev.get("kind") or "unknown device"
+    return f"{name} ({dev.get('kind', '?')}, {threads} thread(s) per rank)"
+
+
 class TraceError(ValueError):
     """A trace directory or table that does not follow the schema."""
 

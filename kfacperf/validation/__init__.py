@@ -182,6 +182,8 @@ def validate(
     cal = calibrate(cal_loaded, cluster=cluster, workload_search=workload_search,
                     device_name=device_name)
     notes = list(cal.fit.notes)
+    notes.extend(f"calibration trace {trace_label(t)}: the run did not complete; its finished "
+                 "steps are used" for t in cal_loaded if not t.completed)
     devices = {device_key(t) for t in cal_loaded}
     workloads = WorkloadFinder([*cal.workload_search, *trace_workload_models(held)])
     run_rows, stage_rows = [], []

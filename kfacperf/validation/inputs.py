@@ -7,14 +7,18 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kfacperf.trace.schema import run_device
+
 if TYPE_CHECKING:  # pragma: no cover
     from kfacperf.trace.store import Trace
 
 
 def expand_trace_paths(items: Iterable[str | os.PathLike[str] | Trace]) -> list[Any]:
     """Trace directories, with a folder of traces (no ``run.json`` of its own, trace
-    directories inside) standing for its traces in name order."""
-    from kfacperf.trace.schema import RUN_FILE
+    directories inside) standing for its traces in name order.  A directory in the folder
+    that holds a trace's events but no ``run.json`` (a broken trace) is an error, not skipped:
+    leaving it out silently would fit or predict without it."""
+    from kfacperf.trace.schema import EVENTS_FILE, PARTS_DIR, RUN_FILE
 
     out: list[Any] = []
     for item in items:
@@ -27,6 +31,12 @@ def expand_trace_paths(items: Iterable[str | os.PathLike[str] | Trace]) -> list[
             if not inner:
                 raise FileNotFoundError(f"{p}: neither a trace directory (no {RUN_FILE}) nor a "
                                         "folder of trace directories")
+            broken = sorted(c for c in p.iterdir() if c.is_dir() and not (c / RUN_FILE).exists()
+                            and ((c / EVENTS_FILE).exists() or (c / PARTS_DIR).is_dir()))
+            if broken:
+                raise ValueError(f"{broken[0]}: a trace without its {RUN_FILE} in the folder "
+                                 f"{p}; restore its {RUN_FILE}, move the directory out of the "
+                                 "folder, or give the trace directories one by one")
             out.extend(inner)
         else:
             out.append(p)
@@ -112,7 +122,5 @@ def check_disjoint(calibration: Sequence[Trace], holdout: Sequence[Trace]) -> No
 
 
 def device_key(trace: Trace) -> str:
-    dev = trace.run.get("device") or {}
-    threads = int(trace.run.get("threads_per_rank") or 1)
-    name = dev.get("name") or dev.get("kind") or "unknown device"
-    return f"{name} ({dev.get('kind', '?')}, {threads} thread(s) per rank)"
+    """The device ``trace`` ran on (:func:`kfacperf.trace.schema.run_device`)."""
+    return run_device(trace.run)

@@ -107,7 +107,11 @@ def validate_published(names: Sequence[str] | None = None, *,
     summary: list[tuple[Any, ...]] = []
     for case in cases:
         for series in case.series:
-            got = predict_series(case, series)
+            try:
+                got = predict_series(case, series)
+            except (ValueError, FileNotFoundError) as exc:  # a setup the simulator refuses
+                raise ValueError(f"{case.path or case.name}: series {series.name!r}: {exc}"
+                                 ) from None
             rows.extend(got)
             errs = np.abs(np.array([r[7] for r in got], dtype=float))
             fastest = ("", "")

@@ -106,7 +106,11 @@ def test_config_and_size_parsing() -> None:
     ("args", "message"),
     [(["--sizes", "big"], "cannot read size 'big'"),
      (["--world-sizes", "1"], "world sizes must be >= 2"),
-     (["--ops", "all_to_all"], "unknown collective")],
+     (["--ops", "all_to_all"], "unknown collective"),
+     (["--timeout", "nan"], "--timeout must be a number of seconds > 0"),
+     (["--timeout", "inf"], "--timeout must be a number of seconds > 0"),
+     (["--world-sizes", "2,5000"], "at most 1,024 ranks"),
+     (["--world-sizes", "2", "--sizes", "1,2"], "are one buffer on 2 ranks")],
 )
 def test_commbench_command_bad_input(args: list[str], message: str,
                                      capsys: pytest.CaptureFixture[str]) -> None:
@@ -114,6 +118,36 @@ def test_commbench_command_bad_input(args: list[str], message: str,
 
     assert main(["commbench", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_points_are_recorded_at_the_bytes_their_buffer_holds() -> None:
+    # whole fp32 elements, an equal block per rank: 4 KiB on 3 ranks is 342 x 3 elements
+    assert timing.sent_bytes(4096, 2) == 4096
+    assert timing.sent_bytes(4096, 3) == 342 * 3 * 4
+    assert timing.sent_bytes(1, 8) == 32
+
+
+def test_from_raw_with_no_measurement_is_an_error(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from kfacperf.cli import main
+
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps(results.CommbenchResult(backend="gloo", points=()).to_dict()))
+    assert main(["commbench", "--from-raw", str(empty)]) == 2
+    assert "no measurement in the file(s)" in capsys.readouterr().err
+
+
+def test_a_size_too_large_to_allocate_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_memory(*_args, **_kw):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate")
+
+    monkeypatch.setattr(timing, "make_call", no_memory)
+    with pytest.raises(timing.BufferTooLarge, match="all_reduce at 1,000,000,000,000 bytes on "
+                                                     "cpu; give smaller --sizes"):
+        timing.time_points([("all_reduce", 10**12)], ranks=[0], rank=0, group=None,
+                           device="cpu", sync=lambda: None, timing="per_call", reps=1, warmup=0)
 
 
 @pytest.mark.slow

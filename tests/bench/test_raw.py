@@ -192,3 +192,20 @@ def test_straggler_is_merged_over_the_probes_that_measured_it_and_fitted() -> No
     assert cbf.fit_straggler({}) == 0.0
     back = raw.result_from_dict(json.loads(json.dumps(merged.to_dict())))
     assert back.stragglers == merged.stragglers
+
+
+def test_a_raw_file_given_twice_counts_once_and_a_copy_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Merged twice, one probe would weigh double in the session's mean."""
+    from kfacperf.cli import main
+
+    files = [tmp_path / "a.json", tmp_path / "b.json"]
+    files[0].write_text(json.dumps(probe(1.2, 1.1).to_dict()))
+    files[1].write_text(json.dumps(probe(1.6, 1.5).to_dict()))
+    a = str(files[0])
+    assert main(["commbench", "--from-raw", a, a, str(files[1])]) == 0
+    assert "2 ranks 1.40x (mean of 2 probes)" in capsys.readouterr().out
+    copy = tmp_path / "copy.json"
+    copy.write_text(files[0].read_text())
+    assert main(["commbench", "--from-raw", a, str(copy)]) == 2
+    assert "hold the same measurement" in capsys.readouterr().err

@@ -15,7 +15,7 @@ from kfacperf.calibrate.published import (
     set_cluster_terms,
     set_terms,
 )
-from kfacperf.published.cases import list_cases, load_case
+from kfacperf.published.cases import list_cases, load_case, load_cases, published_dir
 from kfacperf.published.predict import predict_series
 from kfacperf.sim.models import load_cluster, load_device
 
@@ -178,3 +178,53 @@ def test_a_named_case_of_another_role_says_which_role_it_has() -> None:
     with pytest.raises(ValueError, match=r"no named published case has role held-out "
                                          r"\(spngd-fig5 is a calibration case\)"):
         validate_published(["spngd-fig5"], roles=["held-out"])
+
+
+def test_a_case_given_twice_counts_once_and_two_files_of_one_case_are_refused(tmp_path) -> None:
+    """Counted twice, a case would weigh double in a fit and be reported twice."""
+    path = _write(tmp_path)
+    assert [c.name for c in load_cases([str(path), str(path), str(tmp_path / "." / "tiny.toml")])
+            ] == ["tiny"]
+    assert len(load_cases(["dle-resnet50", "dle-resnet50"])) == 1
+    copy = tmp_path / "copy.toml"
+    copy.write_text(path.read_text())
+    with pytest.raises(ValueError, match="are both case 'tiny'"):
+        load_cases([str(path), str(copy)])
+
+
+def test_a_fit_on_a_device_no_case_runs_on_names_the_devices(tmp_path) -> None:
+    case = load_case(str(_write(tmp_path)))
+    with pytest.raises(ValueError, match="they run on device v100-sxm2"):
+        fit_device_to_published([case], load_device("v100-sxm2"), "v100",
+                                [parse_term("backward.efficiency")])
+
+
+def test_start_from_without_out_is_refused_not_a_silent_no_op(tmp_path, capsys) -> None:
+    from kfacperf.cli import main
+
+    assert main(["calibrate", "--device", "h200", "--start-from", "a100-sxm4"]) == 2
+    assert "give --out FILE.toml" in capsys.readouterr().err
+    out = tmp_path / "h200.toml"
+    assert main(["calibrate", "--device", "h200", "--start-from", "a100-sxm4",
+                 "--out", str(out)]) == 0
+    assert load_device(str(out)).stages["forward"].assumed
+
+
+def test_a_setup_the_simulator_refuses_names_the_case_file(tmp_path) -> None:
+    from kfacperf.validation.published import validate_published
+
+    path = _write(tmp_path)
+    path.write_text(path.read_text().replace('strategy = "spngd"', 'strategy = "spgnd"'))
+    with pytest.raises(ValueError, match=r"tiny.toml: series 'curve': unknown strategy 'spgnd'"):
+        validate_published([str(path)])
+
+
+def test_a_copy_of_a_held_out_case_that_calls_itself_calibration_is_refused(tmp_path) -> None:
+    original = published_dir() / "mlperf-v06-abci.toml"
+    copy = tmp_path / "mine.toml"
+    copy.write_text(original.read_text().replace('role = "held-out"', 'role = "calibration"'))
+    case = load_case(str(copy))
+    assert case.role == "calibration" and case.name == "mlperf-v06-abci"
+    with pytest.raises(ValueError, match="published/ holds out"):
+        fit_device_to_published([case], load_device("v100-sxm2"), "v100-sxm2",
+                                [parse_term("forward.efficiency")])

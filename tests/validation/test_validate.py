@@ -540,6 +540,46 @@ def test_holdout_errors_name_the_problem(synth, tmp_path) -> None:
         validate([synth["p1"]], [synth["p2"]], cluster=tmp_path / "nocluster.toml")
 
 
+
+def test_calibration_traces_of_two_devices_are_refused(synth, tmp_path) -> None:
+    """One device model has one set of efficiencies: fitted to a CPU and a GPU together, it
+    would be neither's."""
+    _, cluster = truth_models()
+    other = tmp_path / "other"
+    shutil.copytree(synth["p1"] / "sgd-b64", other)
+    t = load_trace(other)
+    write_trace(other, run=dict(t.run, device={"kind": "cuda", "name": "H200"}, start_time="x"),
+                events=t.events)
+    with pytest.raises(ValueError, match=r"ran on 2 different devices .*H200"):
+        validate([synth["p1"] / "sgd-b16", other], [synth["p2"] / "sgd-b16"], cluster=cluster)
+    write_trace(other, run=dict(t.run, threads_per_rank=2, start_time="x"), events=t.events)
+    with pytest.raises(ValueError, match="2 thread"):
+        calibrate([synth["p1"] / "sgd-b16", other], cluster=cluster)
+
+
+def test_a_broken_trace_in_a_folder_is_not_skipped(synth, tmp_path) -> None:
+    """A trace directory without its run.json in a folder of traces is an error: skipped, it
+    would silently be left out of the fit."""
+    _, cluster = truth_models()
+    folder = tmp_path / "p1"
+    shutil.copytree(synth["p1"], folder)
+    (folder / "sgd-b16" / "run.json").unlink()
+    with pytest.raises(ValueError, match=r"sgd-b16: a trace without its run.json"):
+        validate([folder], [synth["p2"] / "sgd-b16"], cluster=cluster)
+
+
+def test_an_incomplete_calibration_trace_is_noted(synth, tmp_path) -> None:
+    _, cluster = truth_models()
+    part = tmp_path / "part"
+    shutil.copytree(synth["p1"] / "sgd-b64", part)
+    t = load_trace(part)
+    write_trace(part, run=dict(t.run, completed=False, failure="killed", start_time="y"),
+                events=t.events)
+    res = validate([synth["p1"] / "sgd-b16", part], [synth["p2"] / "sgd-b16"], cluster=cluster)
+    assert any("calibration trace part: the run did not complete" in n for n in res.notes)
+    alone = validate([synth["p2"] / "sgd-b64"], [synth["p2"] / "sgd-b16"], cluster=cluster)
+    assert any(n.startswith("only multi-process traces") for n in alone.notes)
+
 def test_error_pct_nan_free_json(synth) -> None:
     _, cluster = truth_models()
     d = validate([synth["p1"]], [synth["p2"] / "sgd-b16"], cluster=cluster).to_dict()

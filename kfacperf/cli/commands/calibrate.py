@@ -246,9 +246,12 @@ def _write_carried(args: argparse.Namespace, device: DeviceModel) -> int:
 
     if args.fit:
         raise UserError("--fit needs --published cases to fit to")
-    if args.out:
-        save_device_model(replace(device, name=args.device_name or device.name), args.out)
-        print(f"wrote {args.out}")
+    if not args.out:  # nothing fitted, nothing written: the command would do nothing
+        raise UserError("--start-from without --published writes the device with the terms "
+                        "carried over: give --out FILE.toml (or --published CASE ... --fit "
+                        "TERMS to fit them)")
+    save_device_model(replace(device, name=args.device_name or device.name), args.out)
+    print(f"wrote {args.out}")
     return 0
 
 

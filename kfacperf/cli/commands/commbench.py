@@ -168,8 +168,13 @@ def _measure(args: argparse.Namespace, config: CommbenchConfig,
     from kfacperf.errors import UserError
 
     if args.from_raw:
-        result = commbench_raw.merge_results([commbench_raw.load_raw(p) for p in args.from_raw])
-        log(f"commbench: read {len(args.from_raw)} file(s): {len(result.points)} points, "
+        result = commbench_raw.merge_results(_distinct_raw(args.from_raw))
+        if not result.points and not result.probes:
+            raise UserError(f"--from-raw {' '.join(args.from_raw)}: no measurement in "
+                            "the file(s) (no collective timed, no contention probe): nothing "
+                            "to fit; measure with commbench --raw FILE first")
+        log(f"commbench: read {len(set(map(_resolved, args.from_raw)))} file(s): "
+            f"{len(result.points)} points, "
             + ", ".join(f"{w} ranks {n} probe(s)" for w, n in result.probes.items()))
         return result
     t0 = time.perf_counter()
@@ -179,6 +184,32 @@ def _measure(args: argparse.Namespace, config: CommbenchConfig,
         raise UserError(str(exc)) from None
     log(f"commbench: measured {len(result.points)} points in {time.perf_counter() - t0:.1f} s")
     return result
+
+
+def _resolved(path: str) -> str:
+    from pathlib import Path
+
+    return str(Path(path).resolve())
+
+
+def _distinct_raw(paths: list[str]) -> list[CommbenchResult]:
+    """The --from-raw files read, a file named twice once; two files of the same measurement
+    (a copy) are an error: merged twice, one probe would count double."""
+    from kfacperf.bench import raw as commbench_raw
+    from kfacperf.safety import dumps_json
+
+    seen: dict[str, str] = {}  # the measurement as JSON -> the file it was read from
+    out = []
+    given = {_resolved(p): p for p in reversed(paths)}  # each file by its first name
+    for path in dict.fromkeys(given[_resolved(p)] for p in paths):
+        result = commbench_raw.load_raw(path)
+        key = dumps_json(result.to_dict())
+        if key in seen:
+            raise ValueError(f"--from-raw {seen[key]} and {path} hold the same measurement; "
+                             "give only one of them")
+        seen[key] = path
+        out.append(result)
+    return out
 
 
 def _fit(args: argparse.Namespace, result: CommbenchResult, *, writes: bool,
