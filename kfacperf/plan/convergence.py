@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,7 @@ from kfacperf.sim.models.presets import list_presets, resolve
 from kfacperf.sim.models.toml_io import Table, read_toml
 
 FORMAT = "kfacperf-convergence-1"
+_LOG_MAX_FLOAT = math.log(sys.float_info.max)
 OPTIMIZERS: dict[str, tuple[str, ...]] = {S.SGD: (S.SGD,), S.KFAC: S.KFAC_STRATEGIES}
 """Each optimizer family and the distribution strategies whose steps it describes: K-FAC's
 update is the same whichever strategy distributes it."""
@@ -78,6 +80,12 @@ class StepsEstimate:
     max_factor_interval: int | None  # K-FAC: the stalest statistics the data covers there
     max_inverse_interval: int | None
     basis: tuple[int, ...]  # the measured batches the estimate rests on
+
+    @property
+    def usable(self) -> bool:
+        """Whether the steps are a count a plan can use: at least one, and finite (a power
+        law extended far beyond its points can give a fraction of a step, or overflow)."""
+        return 1.0 <= self.steps < math.inf
 
     def allows(self, factor_interval: int, inverse_interval: int) -> bool:
         """Whether statistics refreshed at these intervals are covered by the data."""
@@ -144,7 +152,9 @@ class ConvergenceModel:
         lo, hi = (0, 1) if i == 0 else (len(pts) - 2, len(pts) - 1) if i == len(pts) else (i - 1, i)
         a, b = pts[lo], pts[hi]
         slope = math.log(b.steps / a.steps) / math.log(b.global_batch / a.global_batch)
-        steps = a.steps * math.exp(slope * math.log(global_batch / a.global_batch))
+        log_steps = math.log(a.steps) + slope * math.log(global_batch / a.global_batch)
+        # far outside the data a steep power law leaves the floats: inf, for usable() to refuse
+        steps = math.exp(log_steps) if log_steps < _LOG_MAX_FLOAT else math.inf
         inside = 0 < i < len(pts)
         limits = (a, b) if inside else (pts[0],) if i == 0 else (pts[-1],)
         return self._estimate(global_batch, steps, not inside, limits,

@@ -275,6 +275,14 @@ class GpuCountSearch:
                 st.beyond_data += len(pairs)
                 self._dropped["data"] += 1
                 continue
+            if not est.usable:
+                raise ValueError(
+                    f"convergence model {model.name!r} gives {est.steps:.3g} steps at global "
+                    f"batch {est.global_batch:,} (its power law through batches "
+                    f"{', '.join(f'{b:,}' for b in est.basis)}"
+                    f"{', extrapolated' if est.extrapolated else ''}), not a usable number of "
+                    "steps (fewer than one, or too many); add a point nearer that batch, or "
+                    "plan with --no-extrapolate")
             st.beyond_data += len(pairs) - len(allowed)
             needed = ([PLAIN_STEP] if strategy == S.SGD else
                       [k for k in KIND_ORDER if any(cs.kind == k for p in allowed

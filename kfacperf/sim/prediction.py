@@ -100,7 +100,16 @@ def format_summary(summary: pd.DataFrame) -> str:
         lines.append("  ".join(cells))
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
+    lines.append(SUMMARY_LEGEND)
     return "\n".join(lines)
+
+
+SUMMARY_LEGEND = (
+    "compute, comm: busy times of the rank that ends the step last; exposed: its communication "
+    "not hidden\nby compute; vs sgd: the step over SGD's at that count; scaling: the one-GPU "
+    "step over this one;\nMiB: K-FAC state of the GPU holding the most (factors: a factor "
+    "step's statistics and the running averages)")
+"""What :func:`format_summary`'s columns mean, printed under them."""
 
 
 def _require(df: pd.DataFrame, columns: tuple[str, ...], path: Path) -> None:

@@ -31,6 +31,7 @@ from kfacperf.sim.costs.interface import StepCosts
 from kfacperf.sim.engine import StepResult, run_step
 from kfacperf.sim.graphs.graph import Bytes, CollectiveCost
 from kfacperf.sim.graphs.layer_costs import layer_costs
+from kfacperf.sim.graphs.placement import grad_workers
 from kfacperf.sim.graphs.strategies import (
     StrategySpec,
     build_graph,
@@ -109,6 +110,31 @@ def check_strategies(strategies: Sequence[str | StrategySpec], fraction: float
             raise ValueError(f"strategy given twice: {same}")
         seen[key] = s.label
     return specs
+
+
+def check_fractions_fit(specs: Sequence[StrategySpec], gpus: Sequence[int]) -> None:
+    """Refuse a KAISA fraction that gives no whole number of gradient workers at some of the
+    GPU counts, naming those counts and the range where it fits."""
+    for s in specs:
+        if s.name != S.KAISA or not s.fraction:  # kaisa:mem-opt (0) fits every count
+            continue
+        bad = []
+        for p in gpus:
+            try:
+                grad_workers(p, s.fraction)
+            except ValueError:
+                bad.append(p)
+        if not bad:
+            continue
+        if len(bad) == len(gpus):
+            grad_workers(bad[0], s.fraction)  # its own message: what is valid there
+        good = [p for p in gpus if p not in bad]
+        shown = ", ".join(f"{p:,}" for p in bad[:6]) + (", ..." if len(bad) > 6 else "")
+        raise ValueError(
+            f"strategy {s.label} (f = {s.fraction:g}) gives no whole number of gradient workers "
+            f"dividing the GPUs at {shown} GPU(s) (f x GPUs must be an integer that divides "
+            f"the GPU count); give --gpus counts where it fits (the first here is "
+            f"{good[0]:,}), or kaisa:mem-opt, which fits every count")
 
 
 class _Point:
@@ -277,6 +303,7 @@ def simulate_with_costs(
     or any other :class:`~kfacperf.sim.costs.interface.StepCosts`)."""
     gpu_list = check_gpus(gpus)
     specs = check_strategies(strategies, grad_worker_fraction)
+    check_fractions_fit(specs, gpu_list)
     cycle(factor_interval, inverse_interval)  # validates the intervals
     comm = comm or CommSettings()
     if isinstance(batch_per_gpu, bool) or not isinstance(batch_per_gpu, int) or batch_per_gpu < 1:

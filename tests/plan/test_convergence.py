@@ -151,3 +151,27 @@ def test_unknown_or_ambiguous_convergence_data_is_an_error() -> None:
         convergence_for("resnet20", "kfac", [spngd])
     with pytest.raises(ValueError, match="unknown convergence preset 'nope'"):
         load_convergence("nope")
+
+
+def test_a_power_law_extended_to_no_usable_count_is_an_error_not_a_plan() -> None:
+    from kfacperf.plan import plan
+
+    # steps fall 10^12-fold per doubling: at 8 x 32 = 256, 1e12 * 2^(-8 * 12 log2 10) < 1 step
+    steep = ConvergenceModel(name="steep", workload="resnet50", optimizer="sgd", target="x",
+                             points=(ConvergencePoint(global_batch=1, steps=1e12, source="a"),
+                                     ConvergencePoint(global_batch=2, steps=1.0, source="b")))
+    assert steep.at(256).steps < 1 and not steep.at(256).usable
+    # and the other way: 1e300 steps at 512 extended to 2,048 overflows a float
+    huge = ConvergenceModel(name="huge", workload="resnet50", optimizer="sgd", target="x",
+                            points=(ConvergencePoint(global_batch=256, steps=1e3, source="a"),
+                                    ConvergencePoint(global_batch=512, steps=1e300, source="b")))
+    assert huge.at(2048).steps == math.inf and not huge.at(2048).usable
+    assert huge.at(256).usable and huge.at(384).usable
+    for model in (steep, huge):
+        with pytest.raises(ValueError, match=r"not a usable number of steps.*--no-extrapolate"):
+            plan("resnet50", "v100", "abci-v100", gpus=[8, 64], strategies=["sgd"],
+                 convergence=[model])
+        # keeping to the data drops those batches instead
+        result = plan("resnet50", "v100", "abci-v100", gpus=[8, 64], strategies=["sgd"],
+                      convergence=[model], extrapolate=False)
+        assert all(c.steps >= 1 for c in result.choices)

@@ -273,3 +273,30 @@ def test_a_choice_lists_only_the_kinds_of_step_its_intervals_have() -> None:
     for c in kfac:
         kinds = {k.kind.name for k in cycle(c.factor_interval, c.inverse_interval)}
         assert set(c.kind_step_us) == kinds
+
+
+def test_kaisa_is_searched_over_every_grad_worker_count_that_divides_the_gpus() -> None:
+    """`kaisa` with every grad-worker fraction from 1/P to 1: at 12 GPUs that is 1, 2, 3, 4, 6
+    and 12 grad workers, and on this cluster 3/12 is the fastest (more than 5% ahead of the
+    powers of two), so a search over powers of two alone would recommend a slower one."""
+    p = 12
+    model = ConvergenceModel(name="r50-kfac", workload="resnet50", optimizer="kfac", target="t",
+                             points=(
+        ConvergencePoint(global_batch=256, steps=8000, source="test", factor_interval=10,
+                         inverse_interval=100),
+        ConvergencePoint(global_batch=1024, steps=2000, source="test", factor_interval=10,
+                         inverse_interval=100)))
+    divisors = [g for g in range(1, p + 1) if p % g == 0]
+    assert grad_worker_counts(p) == tuple(divisors)
+    brute = simulate("resnet50", "rtx2080ti", "rtx2080ti-4x-edr",
+                     [f"kaisa:{g}/{p}" for g in divisors], gpus=[p], factor_interval=10,
+                     inverse_interval=100, comm_dtype="fp16", events=False)
+    steps = brute.summary.set_index("strategy")["step_us"]
+    assert steps.idxmin() == "kaisa:3/12"
+    assert steps.min() < 0.95 * min(steps[f"kaisa:{g}/{p}"] for g in (1, 2, 4, 12))
+    result = plan("resnet50", "rtx2080ti", "rtx2080ti-4x-edr", gpus=[p], strategies=["kaisa"],
+                  convergence=[model], intervals=[(10, 100)], comm_dtypes=["fp16"],
+                  symmetric=[False])
+    best = result.best(p, "kfac")
+    assert best is not None and best.label == "kaisa:3/12"
+    assert best.step_us == pytest.approx(steps.min(), rel=1e-9)

@@ -187,6 +187,10 @@ def test_prediction_round_trip_and_load_errors(tmp_path):
     ({"gpus": [2, -4]}, "positive integer"),
     ({"strategies": ["sgd", "adam"]}, "unknown strategy"),
     ({"strategies": ["kaisa:0.25"], "gpus": [6]}, "must be an integer dividing 6"),
+    ({"strategies": ["sgd", "kaisa:1/8"], "gpus": [1, 2, 4, 8, 12, 16]},
+     "kaisa:1/8 (f = 0.125) gives no whole number of gradient workers dividing the GPUs at "
+     "1, 2, 4, 12 GPU(s)"),
+    ({"strategies": ["kaisa:1/8"], "gpus": [1, 2, 4, 8]}, "(the first here is 8)"),
     ({"strategies": ["kaisa", "kaisa"]}, "given twice"),
     ({"strategies": ["kaisa:0.5", "kaisa:1/2"], "gpus": [2]},
      "given twice: kaisa:0.5 and kaisa:1/2"),
