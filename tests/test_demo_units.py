@@ -154,3 +154,34 @@ def test_cli_reports_bad_flags_and_failed_phases(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "phase 'commbench (gloo, 2 ranks)' failed: no fit" in err
     assert "profile sgd, 1 process" in err
+
+
+def test_an_earlier_demos_directory_is_reused_without_force(tmp_path):
+    from kfacperf.pipeline.config import DemoPaths
+
+    paths = DemoPaths(root=tmp_path / "demo")
+    for d in (paths.traces, paths.logs, paths.predictions, paths.models):
+        d.mkdir(parents=True)
+    for f in (paths.report, paths.results, paths.validation, paths.plan):
+        f.write_text("{}")
+    demo_mod.check_out(paths.root)  # every file a finished demo writes
+    (paths.root / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="--force"):
+        demo_mod.check_out(paths.root)
+    demo_mod.check_out(paths.root, force=True)
+
+
+def test_an_interrupt_stops_the_demo_even_after_a_complete_profile(tmp_path, monkeypatch):
+    from kfacperf.runtime import runner
+
+    def interrupted_after_the_last_step(cfg, force=False):
+        return runner.ProfileOutcome(
+            ok=True, trace=object(), interrupted="SIGINT",
+            message="interrupted by SIGINT after every rank had recorded every step")
+
+    monkeypatch.setattr(runner, "profile", interrupted_after_the_last_step)
+    config = quick_config(out=str(tmp_path / "demo"), workload="mlp",
+                          workload_options={"in_features": 8, "hidden": [8]})
+    with pytest.raises(DemoPhaseError) as info:
+        run_demo(config, stream=io.StringIO())
+    assert info.value.phase == "profile sgd, 1 process" and "SIGINT" in str(info.value)

@@ -40,7 +40,7 @@ from kfacperf.safety import atomic_write_text, dumps_json
 from kfacperf.workloads import reference as workload_ref
 
 DEMO_ENTRIES = ("index.html", "traces", "models", "predictions", "logs", "demo.json",
-                "validation.json")
+                "validation.json", "plan.json")
 """What the demo writes into its output directory: an earlier demo's files are replaced."""
 
 
@@ -89,7 +89,8 @@ def _profile(config: DemoConfig, paths: DemoPaths, strategy: str, nproc: int) ->
         command=_profile_command(config, strategy, nproc, out),
     )
     outcome = profile(cfg, force=True)
-    if not outcome.ok or outcome.trace is None:
+    if not outcome.ok or outcome.trace is None or outcome.interrupted:
+        # interrupted: Ctrl-C or SIGTERM stops the demo even when the trace was complete
         raise DemoStepFailed(outcome.message or f"the profile of {out} did not complete")
     return outcome.trace
 

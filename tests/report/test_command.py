@@ -50,7 +50,7 @@ def test_validation_file_formats(study, tmp_path):
 
 @pytest.mark.parametrize("case", ["missing_trace", "trace_is_file", "no_events",
                                   "pred_missing_summary", "pred_missing_column", "bad_validation",
-                                  "no_inputs", "bad_step"])
+                                  "empty_validation", "no_inputs", "bad_step"])
 def test_bad_input_is_a_clear_error(study, tmp_path, capsys, case):
     trace, pred = study["traces"][0], study["predictions"][0]
     out = tmp_path / "o.html"
@@ -73,6 +73,9 @@ def test_bad_input_is_a_clear_error(study, tmp_path, capsys, case):
     elif case == "bad_validation":
         (tmp_path / "v.txt").write_text("x")
         args, expect = ["--trace", trace, "--validation", tmp_path / "v.txt"], "v.txt"
+    elif case == "empty_validation":
+        (tmp_path / "v.json").write_text(json.dumps({"runs": []}))
+        args, expect = ["--validation", tmp_path / "v.json"], "v.json: holds no held-out runs"
     elif case == "no_inputs":
         args, expect = [], "--trace"
     else:

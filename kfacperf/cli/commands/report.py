@@ -68,6 +68,9 @@ def run(args: argparse.Namespace) -> int:
         check_output_file(args.screenshot, force=args.force, flag="--screenshot")
     validation = {label: load_validation(p) for label, p in
                   zip(validation_labels(args.validation), args.validation)} or None
+    for path, rows in zip(args.validation, (validation or {}).values()):
+        if rows.empty:
+            raise UserError(f"--validation {path}: holds no held-out runs")
     plan = load_plan(args.plan) if args.plan else None
     published = load_published(args.published) if args.published else None
     runs, predictions = load_runs(args.traces), load_predictions(args.predictions)
