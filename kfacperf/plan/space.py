@@ -98,7 +98,7 @@ class PlanSpace:
 def grad_worker_counts(world_size: int) -> tuple[int, ...]:
     """KAISA's grad workers per layer searched at ``world_size`` GPUs: f from 1/P to 1, every
     count that divides P (KAISA's rule; at 12 GPUs 3/12 and 6/12 as well as 1, 2, 4 and 12)."""
-    out = set()
+    out: set[int] = set()
     g = 1
     while g * g <= world_size:
         if world_size % g == 0:

@@ -183,6 +183,8 @@ class StageTimer:
         self._completion_watcher: CompletionWatcher | None = None
         self._step = -1
         self._step_t0: Any = None
+        self._attempt = 0  # step_begin calls so far
+        self._dropped_attempts: set[int] = set()  # those whose step was abandoned
         self._span_cls = _CudaSpan if self.cuda else _Span
         if self.cuda:
             self._events = cuda_events.EventPool()
@@ -230,11 +232,13 @@ class StageTimer:
         # completion events come from the pool, like every other event (a fresh one per
         # collective would grow the pool for the whole run)
         record = self._events.record if self.cuda else None
+        attempt, dropped = self._attempt, self._dropped_attempts
 
         def done(_: Any = None) -> None:
             t1 = record() if record is not None else clock()
             end(handle)
-            rows.append((step, key.stage, key.layer, key.lane, t0, t1, nbytes, 0.0))
+            if attempt not in dropped:  # else its step was abandoned (:meth:`step_abort`)
+                rows.append((step, key.stage, key.layer, key.lane, t0, t1, nbytes, 0.0))
 
         self._inflight.append(on_completion(work, done, self._watcher))
 
@@ -244,6 +248,7 @@ class StageTimer:
                 self._sync()
             self._barrier()
         self._step = step
+        self._attempt += 1
         self._nvtx.push(self._nvtx.attributes(
             message=STEP, color=STAGE_COLORS[STEP], category=STEP, payload=step
         ))
@@ -263,6 +268,21 @@ class StageTimer:
             self._emit(self._gpu.resolve(keep=self._max_pending))
         else:
             self._emit(rows)
+
+    def step_abort(self) -> None:
+        """Abandon the current step (the loop raised inside it): what it recorded so far never
+        reaches the sink, nor do its collectives when they complete, so a loop that goes on
+        after the error records the step again without the rows of the failed attempt."""
+        self._nvtx_pop()
+        self._dropped_attempts.add(self._attempt)
+        rows, self._rows = self._rows, []
+        pending = self._drain_async()  # finished collectives: of this step, or late ones
+        mine = [r for r in pending if r[0] == self._step]
+        self._async_rows.extend(r for r in pending if r[0] != self._step)
+        if self.cuda:
+            dropped = [e for r in rows + mine for e in (r[4], r[5]) if e is not None]
+            self._events.release([*dropped, self._step_t0])
+        self._step_t0 = None
 
     # ------------------------------------------------------------------ lifecycle
 

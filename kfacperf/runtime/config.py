@@ -127,6 +127,16 @@ class ProfileConfig(OptimizerSettings):
             raise ValueError("--bn-blocks and --fisher are K-FAC settings; --optimizer sgd "
                              "takes neither (leave them out, or use --optimizer kfac)")
         S.check_choice("precision", self.precision, S.COMPUTE_DTYPES)
+        nodes = _node_range(str(self.nnodes))
+        if nodes is None:
+            raise ValueError(f"--nnodes must be a number of nodes N >= 1, or MIN:MAX with "
+                             f"1 <= MIN <= MAX, got {self.nnodes!r}")
+        rank_ok = (not isinstance(self.node_rank, bool) and isinstance(self.node_rank, int)
+                   and 0 <= self.node_rank < nodes[1])
+        if not rank_ok:
+            where = (f"0 on one node (--nnodes {self.nnodes}; leave it out)" if nodes[1] == 1
+                     else f"in [0, {nodes[1] - 1}] (one of the --nnodes {self.nnodes} nodes)")
+            raise ValueError(f"--node-rank must be {where}, got {self.node_rank!r}")
         if self.multi_node and not self.rdzv_endpoint:
             raise ValueError(f"--nnodes {self.nnodes} needs --rdzv-endpoint HOST:PORT")
 
@@ -160,6 +170,17 @@ class ProfileConfig(OptimizerSettings):
         """Keyword arguments of :class:`kfacperf.runtime.training.TrainConfig`."""
         return {"optimizer": self.optimizer, "strategy": self.resolved_strategy,
                 **self.optimizer_settings()}
+
+
+def _node_range(nnodes: str) -> tuple[int, int] | None:
+    """``--nnodes`` as (min, max) nodes (torchrun's ``N`` or ``MIN:MAX``), or None if it is
+    neither."""
+    low, _, high = nnodes.partition(":")
+    high = high if ":" in nnodes else low
+    if not (low.isdigit() and high.isdigit()):
+        return None
+    lo, hi = int(low), int(high)
+    return (lo, hi) if 1 <= lo <= hi else None
 
 
 _FLAGS = {"timeout_s": "--timeout", "telemetry_interval_s": "--telemetry-interval"}

@@ -205,16 +205,19 @@ class InstrumentedLoop:
         finally:
             self._end_forward()
             self._in_step = False
+            if not ok:  # a loop that catches the error and goes on records this step anew
+                self.timer.step_abort()
         if not self._backward_seen:
+            self.timer.step_abort()
             raise RuntimeError(f"instrument: step {self.steps} ended without run.backward(loss)"
                                "; call run.backward(loss) in place of loss.backward() (else "
                                "the backward pass is timed as part of forward)")
         if not self._updated:
+            self.timer.step_abort()
             raise RuntimeError(f"instrument: step {self.steps} ended without run.update(); "
                                "call it once per step (it runs K-FAC and optimizer.step())")
-        if ok:
-            self.timer.step_end()
-            self.steps += 1
+        self.timer.step_end()
+        self.steps += 1
 
     def backward(self, loss: Tensor, **kwargs: Any) -> None:
         """``loss.backward(**kwargs)``, timed as ``backward`` (ends ``forward``)."""
@@ -266,6 +269,11 @@ class InstrumentedLoop:
             if self.rank == 0:
                 print(f"[kfacperf] instrument: {NO_STEP}; the trace in {self.trace_dir} has no "
                       "events and is marked incomplete", file=sys.stderr)
+        elif measured <= 0 and self.rank == 0:
+            print(f"[kfacperf] instrument: warning: all {self.steps} step(s) were warm-up "
+                  f"(warmup={self.config.warmup}), so the trace in {self.trace_dir} has no "
+                  "measured step to summarize or fit; run more steps than warmup",
+                  file=sys.stderr)
         self._recorder.finish(faults_per_step=faults, run_updates=updates,
                               completed=self.steps > 0)
 

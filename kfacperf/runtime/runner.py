@@ -106,6 +106,13 @@ def validate(config: ProfileConfig, *, world_size: int | None = None) -> None:
             walk, _ = walk_workload(workload, strict=False)
         except DescribeError as exc:
             raise ValueError(f"--workload {config.workload}: {exc}") from None
+        except Exception as exc:  # the user's forward, on the inputs of their make_batch
+            from kfacperf.runtime.recording import exception_summary
+
+            raise ValueError(
+                f"--workload {config.workload}: the model's forward on make_batch(1, "
+                f"generator)'s inputs failed: {exception_summary(exc)}; make_batch must "
+                "return inputs the model takes") from None
         if config.optimizer != SGD and walk.kfac_problems:
             why = walk.kfac_problems[0]
             hint = "" if "optimizer sgd" in why else (
@@ -156,7 +163,16 @@ def profile(config: ProfileConfig, *, force: bool = False) -> ProfileOutcome:
             validate(config, world_size=int(os.environ["WORLD_SIZE"]))
             # before joining the process group: no rank touches ``out`` until all have joined
             prepare_out(out, force=force)
-        worker.run_worker(config)
+        try:
+            worker.run_worker(config)
+        except KeyboardInterrupt as exc:
+            from kfacperf.errors import signal_name
+
+            return _rank_stopped(out, rank, f"interrupted by {signal_name(exc)}",
+                                 interrupted=signal_name(exc))
+        except Exception as exc:  # one line; the traceback is in the rank's error report
+            return _rank_stopped(out, rank, f"rank {rank} failed: "
+                                 f"{worker.exception_summary(exc)}")
         return ProfileOutcome(ok=True, trace=load_trace(out) if rank == 0 else None)
     validate(config, world_size=None if ":" in str(config.nnodes) else _world(config))
     lead = config.node_rank == 0
@@ -183,7 +199,7 @@ def profile(config: ProfileConfig, *, force: bool = False) -> ProfileOutcome:
         return ProfileOutcome(ok=True, trace=load_trace(out))
     finished = _finished_trace(config, out)
     if finished is not None:
-        return ProfileOutcome(ok=True, trace=finished, message=(
+        return ProfileOutcome(ok=True, trace=finished, interrupted=sup.interrupted, message=(
             f"{_cause_text(sup)} after every rank had recorded every step and the trace was "
             "written and marked completed (a rank failed while exiting); the trace is complete"))
     if sup.interrupted:
@@ -283,7 +299,11 @@ def _in_process(config: ProfileConfig, out: Path) -> ProfileOutcome:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     try:
         worker.run_worker(config)
-    except ValueError as exc:  # one line on the terminal; the trace says why it stopped
+    except ValueError as exc:
+        if _a_step_finished(out):  # the model's own error, mid-run: a failed run
+            return _failed_in_process(config, out, exc)
+        # a setting (or model) found bad at set-up or in the first step: one line on the
+        # terminal; the trace says why
         _mark_incomplete(out, worker.exception_summary(exc))
         raise
     except KeyboardInterrupt as exc:
@@ -291,8 +311,7 @@ def _in_process(config: ProfileConfig, out: Path) -> ProfileOutcome:
 
         return _interrupted(config, out, signal_name(exc))
     except Exception as exc:
-        cause = launch.RankEnd(rank=0, status=1, how=f"failed: {worker.exception_summary(exc)}")
-        return _failed(config, out, launch.Supervision(ok=False, cause=cause))
+        return _failed_in_process(config, out, exc)
     finally:
         for k, v in saved.items():
             if v is None:
@@ -300,6 +319,38 @@ def _in_process(config: ProfileConfig, out: Path) -> ProfileOutcome:
             else:
                 os.environ[k] = v
     return ProfileOutcome(ok=True, trace=load_trace(out))
+
+
+def _rank_stopped(out: Path, rank: int, why: str, *, interrupted: str = "") -> ProfileOutcome:
+    """This rank's end under the user's torchrun: rank 0 says ``why`` in run.json."""
+    from kfacperf.runtime.recording import error_path
+
+    if rank == 0:
+        _mark_incomplete(out, why)
+    report = error_path(out, rank)
+    where = f" (traceback: {report})" if report.exists() and not interrupted else ""
+    return ProfileOutcome(ok=False, trace=None, interrupted=interrupted, message=(
+        f"{why}{where}; the trace in {out} keeps every finished step and is marked "
+        "incomplete (completed=false)"))
+
+
+def _failed_in_process(config: ProfileConfig, out: Path, exc: Exception) -> ProfileOutcome:
+    from kfacperf.runtime.recording import exception_summary
+
+    cause = launch.RankEnd(rank=0, status=1, how=f"failed: {exception_summary(exc)}")
+    return _failed(config, out, launch.Supervision(ok=False, cause=cause))
+
+
+def _a_step_finished(out: Path) -> bool:
+    """Whether rank 0 recorded a finished step (its part gets rows at each step's end): an
+    error after that came from the run, not from checking the settings or the model."""
+    from kfacperf.trace.parts import event_part_path, read_stream
+
+    path = event_part_path(out / PARTS_DIR, 0)
+    if not path.exists():
+        return False
+    table, _ = read_stream(path)
+    return table is not None and table.num_rows > 0
 
 
 def _culprit(sup: launch.Supervision, out: Path) -> str:

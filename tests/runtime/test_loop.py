@@ -202,3 +202,37 @@ def test_the_example_script_refuses_an_earlier_trace_without_force(tmp_path, mon
     monkeypatch.setattr(sys, "argv", [*argv, "--force"])
     runpy.run_path(str(ROOT / "examples" / "own_loop.py"), run_name="__main__")
     assert load_trace(out).completed and (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_step_that_raises_inside_a_loop_that_goes_on_is_recorded_once(tmp_path):
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with kfacperf.instrument(model, opt, out=tmp_path / "t") as run:
+        for k, (x, y) in enumerate(_batches(3)):
+            try:
+                with run.step():
+                    loss = F.cross_entropy(run.model(x), y)
+                    opt.zero_grad()
+                    run.backward(loss)
+                    if k == 1:
+                        raise FloatingPointError("a bad batch, skipped by the loop")
+                    run.update()
+            except FloatingPointError:
+                continue
+    ev = load_trace(tmp_path / "t").events
+    assert sorted(ev[ev["stage"] == "step"]["step"]) == [0, 1]
+    per_stage = ev.groupby(["step", "stage"], observed=True).size().unstack("stage")
+    assert (per_stage[["forward", "backward", "update", "step"]] == 1).all().all(), per_stage
+    # nothing of the failed attempt lands in the step recorded after it
+    steps = ev[ev["stage"] == "step"].set_index("step")
+    for r in ev[ev["stage"] != "step"].itertuples():
+        s = steps.loc[r.step]
+        assert s.start_us - 1 <= r.start_us and r.start_us + r.dur_us <= s.start_us + s.dur_us + 1
+
+
+def test_a_run_of_warm_up_steps_only_says_it_has_no_measured_step(tmp_path, capsys):
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with kfacperf.instrument(model, opt, out=tmp_path / "t", strategy="sgd", warmup=5) as run:
+        _loop(run, _batches(2), opt)
+    assert "all 2 step(s) were warm-up (warmup=5)" in capsys.readouterr().err

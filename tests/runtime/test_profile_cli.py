@@ -244,3 +244,141 @@ def test_fisher_settings_are_recorded_and_the_mc_pass_is_a_backward_row(tmp_path
     ev = trace.events[trace.events["stage"].astype(str) == "backward"]
     rows = sorted(zip(ev["step"], ev["layer"].astype(str)))
     assert rows == [(0, ""), (0, "mc_fisher"), (1, ""), (2, ""), (2, "mc_fisher")]
+
+
+def test_node_flags_are_checked_before_anything_runs(tmp_path, capsys):
+    out = tmp_path / "t"
+    (out).mkdir()
+    (out / "run.json").write_text("{}")  # an earlier trace: --node-rank must not bypass --force
+    cases = [
+        (["--node-rank", "1"], "--node-rank must be 0 on one node"),
+        (["--nnodes", "abc", "--rdzv-endpoint", "127.0.0.1:29400"], "--nnodes must be"),
+        (["--nnodes", "0", "--rdzv-endpoint", "127.0.0.1:29400"], "--nnodes must be"),
+        (["--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "127.0.0.1:29400"],
+         "--node-rank must be in [0, 1]"),
+    ]
+    for argv, message in cases:
+        assert main(["profile", *SMALL, "--steps", "1", "--out", str(out), *argv]) == 2
+        err = capsys.readouterr().err
+        assert "kfacperf profile: error:" in err and message in err, (argv, err)
+    assert (out / "run.json").read_text() == "{}"
+
+
+def test_a_baseline_is_checked_against_the_default_batch_before_the_run(tmp_path, capsys):
+    out = tmp_path / "t"
+    assert main(["profile", "--workload", "resnet20", "--out", str(out), "--baseline",
+                 str(BASELINE)]) == 2  # resnet20's default batch is 128, the baseline's 32
+    assert "has batch_per_rank=32 but" in capsys.readouterr().err
+    assert not out.exists()
+
+
+USER_MODEL = '''
+import torch
+from torch import nn
+
+
+def build(fail_after: int = 2):
+    calls = [0]
+
+    def make_batch(n, gen):
+        return torch.randn(n, 6, generator=gen), torch.randint(0, 3, (n,), generator=gen)
+
+    def loss_fn(outputs, targets):
+        calls[0] += 1
+        if calls[0] > fail_after:
+            raise ValueError("the user's loss gave up")
+        return nn.functional.cross_entropy(outputs, targets)
+
+    return nn.Sequential(nn.Linear(6, 3)), make_batch, loss_fn
+
+
+def wrong_inputs():
+    def make_batch(n, gen):
+        return torch.randn(n, 7, generator=gen), torch.randint(0, 3, (n,), generator=gen)
+
+    return nn.Sequential(nn.Linear(6, 3)), make_batch
+'''
+
+
+def test_a_users_error_mid_run_on_one_process_is_a_failed_run(tmp_path, capsys):
+    (tmp_path / "m.py").write_text(USER_MODEL)
+    out = tmp_path / "t"
+    assert main(["profile", "--workload", f"{tmp_path / 'm.py'}:build", "--batch-size", "4",
+                 "--steps", "4", "--warmup", "1", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "the run failed: rank 0 failed: ValueError: the user's loss gave up" in err, err
+    assert "rank 0: 2/5 steps recorded" in err
+    trace = load_trace(out, partial=True)
+    assert trace.run["completed"] is False and "gave up" in trace.run["failure"]
+
+
+def test_a_forward_that_fails_on_make_batch_inputs_is_one_line(tmp_path, capsys):
+    (tmp_path / "m.py").write_text(USER_MODEL)
+    out = tmp_path / "t"
+    assert main(["profile", "--workload", f"{tmp_path / 'm.py'}:wrong_inputs",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "the model's forward on make_batch(1, generator)'s inputs failed: RuntimeError" \
+        in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
+def test_a_rank_that_fails_under_the_users_torchrun_says_why_in_one_line(tmp_path,
+                                                                        monkeypatch):
+    from kfacperf.runtime import runner, worker
+    from kfacperf.runtime.config import ProfileConfig
+    from kfacperf.trace.store import read_run, write_run
+
+    out = tmp_path / "t"
+    out.mkdir()
+    write_run(out, {"world_size": 2, "completed": False})
+    for k, v in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "x",
+                 "MASTER_PORT": "1", runner.PREPARED_ENV: "1"}.items():
+        monkeypatch.setenv(k, v)
+
+    def fails(config):
+        raise RuntimeError("the model broke in step 3")
+
+    monkeypatch.setattr(worker, "run_worker", fails)
+    outcome = runner.profile(ProfileConfig(workload="mlp", out=str(out)))
+    assert not outcome.ok and outcome.exit_status == 1
+    assert outcome.message.startswith("rank 0 failed: RuntimeError: the model broke in step 3")
+    assert read_run(out / "run.json")["failure"] == (
+        "rank 0 failed: RuntimeError: the model broke in step 3")
+
+
+def test_a_per_rank_export_replaced_with_force_keeps_no_rank_of_the_old_one(tmp_path):
+    from kfacperf.trace.store import write_trace
+
+    def trace(name, ranks):
+        events = {"rank": list(ranks), "step": [0] * len(ranks),
+                  "stage": ["forward"] * len(ranks), "layer": [""] * len(ranks),
+                  "lane": ["compute"] * len(ranks), "start_us": [0.0] * len(ranks),
+                  "dur_us": [10.0] * len(ranks), "bytes": [0] * len(ranks),
+                  "flops": [0.0] * len(ranks)}
+        write_trace(tmp_path / name, run={"world_size": len(ranks), "completed": True},
+                    events=events)
+        return str(tmp_path / name)
+
+    two, one, out = trace("two", [0, 1]), trace("one", [0]), tmp_path / "chrome"
+    assert main(["export", "--chrome", two, "--per-rank", "--out", str(out)]) == 0
+    assert main(["export", "--chrome", one, "--per-rank", "--out", str(out), "--force"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["rank0.json"]
+
+
+def test_an_interrupt_as_a_complete_run_ends_is_reported_as_an_interrupt(
+        tmp_path, monkeypatch) -> None:
+    """Ctrl-C that lands after every rank recorded every step: the trace is complete, and
+    the outcome still says it was interrupted (a caller such as the demo must stop)."""
+    from kfacperf.runtime import launch, runner
+    from kfacperf.runtime.config import ProfileConfig
+
+    monkeypatch.setattr(launch, "start", lambda *a, **k: [])
+    monkeypatch.setattr(launch, "supervise",
+                        lambda *a, **k: launch.Supervision(ok=False, interrupted="SIGINT"))
+    complete = object()
+    monkeypatch.setattr(runner, "_finished_trace", lambda config, out: complete)
+    config = ProfileConfig(workload="mlp", out=str(tmp_path / "t"), nproc=2, steps=1, warmup=0)
+    outcome = runner.profile(config)
+    assert outcome.ok and outcome.trace is complete
+    assert outcome.interrupted == "SIGINT" and "interrupted by SIGINT" in outcome.message

@@ -39,6 +39,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         check_output_file(out, force=args.force)
     files = export_chrome(trace, out, per_rank=args.per_rank)
+    if args.per_rank:  # --force: no rank file of an earlier export stays beside these
+        written = {Path(f).name for f in files}
+        for stale in out.glob("rank*.json"):
+            if stale.name not in written:
+                stale.unlink()
     n = len(trace.events)
     note = "" if trace.completed else " (incomplete run)"
     for f in files:

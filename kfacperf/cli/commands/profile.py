@@ -184,9 +184,13 @@ def run(args: argparse.Namespace) -> int:
     config = build_config(args)
     baseline = load_trace(args.baseline) if args.baseline else None
     if baseline is not None:  # before any process starts, as far as the flags tell
+        from kfacperf.workloads import get_workload
+
         nodes = str(config.nnodes)
+        batch = config.batch_size or get_workload(
+            config.workload, **config.workload_options).default_batch_size
         check_baseline(baseline, {
-            "workload": config.workload, "batch_per_rank": config.batch_size,
+            "workload": config.workload, "batch_per_rank": batch,
             "world_size": config.nproc * int(nodes) if nodes.isdigit() else None},
             what="--workload/--nproc/--batch-size")
     outcome = profile(config, force=args.force)
