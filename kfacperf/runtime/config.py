@@ -70,6 +70,8 @@ class ProfileConfig(OptimizerSettings):
         def bad(key: str, why: str) -> ValueError:
             return ValueError(f"{flag_of(key)} {why}, got {getattr(self, key)!r}")
 
+        if not str(self.out).strip():
+            raise ValueError("--out must name a directory, got an empty path")
         if workload_ref.is_reference(self.workload):
             object.__setattr__(self, "workload", workload_ref.absolute(self.workload))
         S.check_choice("optimizer", self.optimizer, S.OPTIMIZERS)

@@ -152,6 +152,27 @@ def launch_command(config: ProfileConfig) -> list[str]:
             "--rdzv-id", config.rdzv_id, "-m", "kfacperf.runtime.worker", config.to_json()]
 
 
+def cpu_oversubscription(config: ProfileConfig) -> str:
+    """A warning when this node's ranks would run more torch threads than it has cores on
+    the CPU ("" otherwise): they then share cores, and every compute stage is slower than
+    alone (a cluster model's ``[host]`` contention prices that; a GPU cluster has none)."""
+    if config.device == "cuda":
+        return ""
+    if config.device == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            return ""
+    cores = os.cpu_count() or 1
+    threads = config.nproc * config.threads_per_rank
+    if threads <= cores:
+        return ""
+    return (f"{config.nproc} rank(s) x {config.threads_per_rank} thread(s) on {cores} CPU "
+            f"core(s): the ranks share cores, so each stage takes longer than it would alone "
+            "and the run slows down steeply; use fewer --nproc or --threads-per-rank for "
+            "timings of the work itself")
+
+
 def profile(config: ProfileConfig, *, force: bool = False) -> ProfileOutcome:
     """Run the profile ``config`` describes; see the module docstring."""
     from kfacperf.runtime import worker

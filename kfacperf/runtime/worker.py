@@ -70,8 +70,10 @@ def run_worker(config: ProfileConfig) -> None:
 
         watchdog = Watchdog(limit_s=limit_for(config.timeout_s), on_stall=stalled)
     try:
-        with precision.float32_math(config.precision):  # restored after: in-process runs
-            _train(config, info, run_dir, heap_policy, beat=watchdog.beat if watchdog else None)
+        with (precision.float32_math(config.precision),  # restored after: in-process runs
+              precision.denormals_flushed(info.device.type) as flushed):
+            _train(config, info, run_dir, heap_policy, beat=watchdog.beat if watchdog else None,
+                   run_extra={"flush_denormal": flushed})
     except BaseException as exc:
         try:
             write_error_report(run_dir, info.rank, exception_summary(exc), traceback.format_exc())
@@ -84,7 +86,7 @@ def run_worker(config: ProfileConfig) -> None:
 
 
 def _train(config: ProfileConfig, info: Any, run_dir: Path, heap_policy: str, *,
-           beat: Any = None) -> None:
+           beat: Any = None, run_extra: dict[str, Any] | None = None) -> None:
     from kfacperf.runtime import precision
     from kfacperf.runtime.heap import minor_faults
     from kfacperf.runtime.recording import TraceRecorder
@@ -104,7 +106,8 @@ def _train(config: ProfileConfig, info: Any, run_dir: Path, heap_policy: str, *,
         _write_model_or_say_why(run_dir, config)
     recorder = TraceRecorder(
         config, info, device=device, heap_policy=heap_policy, batch_per_rank=batch,
-        run_extra={"workload_fingerprint": fingerprint} if fingerprint else None)
+        run_extra={**(run_extra or {}),
+                   **({"workload_fingerprint": fingerprint} if fingerprint else {})})
     timer = recorder.timer
     trainer = Trainer(model, loss_fn=workload.loss_fn,
                       config=TrainConfig(**config.train_config_kwargs()), timer=timer,

@@ -113,3 +113,14 @@ def test_recordings_in_different_precisions_are_different_configurations():
     keys = {configuration_key(trace(p)) for p in ("bf16", "tf32", "bf16")}
     assert len(keys) == 2
     assert configuration_key(trace(None)) == configuration_key(trace(None))
+
+
+@pytest.mark.skipif(not torch.set_flush_denormal(False), reason="no denormal flush here")
+def test_denormals_are_flushed_on_the_cpu_inside_the_block_only() -> None:
+    tiny = torch.tensor([1e-39])  # below float32's smallest normal number (1.18e-38)
+    assert (tiny * 1.0).item() > 0
+    with precision.denormals_flushed("cpu") as flushed:
+        assert flushed and (tiny * 1.0).item() == 0.0
+    assert (tiny * 1.0).item() > 0
+    with precision.denormals_flushed("cuda") as flushed:
+        assert not flushed and (tiny * 1.0).item() > 0

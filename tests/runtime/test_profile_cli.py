@@ -49,6 +49,7 @@ def test_two_ranks_under_an_existing_torchrun(tmp_path):
     assert (run["steps"], run["warmup"], run["threads_per_rank"]) == (3, 1, 1)
     assert run["completed"] is True and "profile" in run["command"]
     assert run["device"]["kind"] == "cpu" and run["device"]["gpu"] is None
+    assert run["flush_denormal"] is (platform.machine() in ("x86_64", "AMD64"))
     assert run["workload_options"] == {"in_features": 24, "hidden": [16, 12]}
     if platform.libc_ver()[0] == "glibc":  # freed memory kept in the process by default
         assert run["heap"] == "kept"
@@ -382,3 +383,19 @@ def test_an_interrupt_as_a_complete_run_ends_is_reported_as_an_interrupt(
     outcome = runner.profile(config)
     assert outcome.ok and outcome.trace is complete
     assert outcome.interrupted == "SIGINT" and "interrupted by SIGINT" in outcome.message
+
+
+def test_more_cpu_threads_than_cores_is_a_warning_and_an_empty_out_an_error(
+        monkeypatch, capsys) -> None:
+    from kfacperf.runtime import runner
+    from kfacperf.runtime.config import ProfileConfig
+
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: 4)
+    fits = ProfileConfig(workload="mlp", out="t", nproc=2, threads_per_rank=2, device="cpu")
+    assert runner.cpu_oversubscription(fits) == ""
+    crowded = ProfileConfig(workload="mlp", out="t", nproc=3, threads_per_rank=2, device="cpu")
+    assert "3 rank(s) x 2 thread(s) on 4 CPU core(s)" in runner.cpu_oversubscription(crowded)
+    on_gpus = ProfileConfig(workload="mlp", out="t", nproc=8, device="cuda")
+    assert runner.cpu_oversubscription(on_gpus) == ""
+    assert main(["profile", "--workload", "mlp", "--out", "", "--steps", "1"]) == 2
+    assert "--out must name a directory" in capsys.readouterr().err

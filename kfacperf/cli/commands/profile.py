@@ -155,7 +155,8 @@ def build_config(args: argparse.Namespace) -> ProfileConfig:
 
     strategy = args.strategy or S.default_strategy(args.optimizer)
     label = workload_ref.label(args.workload)
-    out = args.out or f"traces/{label}-{args.optimizer}-{strategy}-p{args.nproc}"
+    out = (args.out if args.out is not None
+           else f"traces/{label}-{args.optimizer}-{strategy}-p{args.nproc}")
     return ProfileConfig(
         workload=args.workload, out=out, optimizer=args.optimizer, strategy=args.strategy,
         workload_options=dict(args.workload_option), steps=args.steps, warmup=args.warmup,
@@ -177,11 +178,14 @@ def build_config(args: argparse.Namespace) -> ProfileConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kfacperf.runtime.runner import profile
+    from kfacperf.runtime.runner import cpu_oversubscription, profile
     from kfacperf.trace.store import load_trace
     from kfacperf.trace.summary import check_baseline, summarize
 
     config = build_config(args)
+    crowded = cpu_oversubscription(config)
+    if crowded:
+        print(f"kfacperf profile: warning: {crowded}", file=sys.stderr)
     baseline = load_trace(args.baseline) if args.baseline else None
     if baseline is not None:  # before any process starts, as far as the flags tell
         from kfacperf.workloads import get_workload
