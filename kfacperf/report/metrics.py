@@ -5,8 +5,11 @@ times are :mod:`kfacperf.trace.measure`'s, and comparisons with a prediction fro
 :mod:`kfacperf.trace.compare`, so the report and ``kfacperf validate`` print the same
 numbers for the same run: a run's step time is, per kind of step, the median of the slowest
 rank's ``step`` row, weighted by the measured mix of kinds; a stage's time is its exclusive
-compute time or its collectives' cost, averaged over ranks the same way.  Exposed
-communication is the comm-lane time not covered by compute.
+compute time or its collectives' cost, averaged over ranks the same way.  The per-rank
+breakdown takes each rank's numbers over the steps by the same statistic
+(:func:`kfacperf.trace.measure.over_steps`), so a few stalled steps move neither the
+headline nor the breakdown.  Exposed communication is the comm-lane time not covered by
+compute.
 """
 from __future__ import annotations
 
@@ -32,8 +35,10 @@ def ordered_stages(names: list[str] | pd.Index) -> list[str]:
 
 def rank_stage_breakdown(summary: TraceSummary) -> pd.DataFrame:
     """Per-step time (µs) of every stage (columns, step order) on every rank (index): the
-    mean over the measured steps of the rank's stage time (exclusive compute, collective
-    cost; :func:`kfacperf.trace.measure.rank_stage_times`)."""
+    rank's stage time (exclusive compute, collective cost;
+    :func:`kfacperf.trace.measure.rank_stage_times`) over the measured steps as the step time
+    is taken: per kind of step the median, weighted by the measured mix (the summary's
+    ``per_step_us``, :func:`kfacperf.trace.measure.over_steps`)."""
     st = summary.stages.assign(stage=summary.stages["stage"].astype(str))
     st = st[st["stage"] != stages.STEP]
     table = st.pivot_table(index="rank", columns="stage", values="per_step_us", aggfunc="sum",
@@ -44,7 +49,9 @@ def rank_stage_breakdown(summary: TraceSummary) -> pd.DataFrame:
 
 
 def rank_table(summary: TraceSummary) -> pd.DataFrame:
-    """Per rank (index): mean step, compute, comm, exposed comm (µs) and overlap (%)."""
+    """Per rank (index): step, compute, comm, exposed comm, idle (µs) and overlap (%), each
+    over the measured steps as the step time is taken (per kind of step the median, weighted
+    by the measured mix; the summary's ``ranks``)."""
     cols = ["step_us", "compute_us", "comm_us", "exposed_comm_us", "overlap_pct", "idle_us"]
     return summary.ranks.set_index("rank")[cols].sort_index()
 

@@ -123,7 +123,9 @@ def breakdown_section(runs: Sequence[RunData]) -> Section:
                         "stage: compute without the stages nested in it, a collective from its "
                         "last member's start to its last completion (communication hatched: it "
                         "may run under compute); then how much of the time communication is in "
-                        "flight is exposed.")
+                        "flight is exposed. Each rank's numbers are, like the step time, per "
+                        "kind of step (inverse, factor, plain) the median over the measured "
+                        "steps, weighted by the measured mix of kinds.")
     for run in runs:
         breakdown = metrics.rank_stage_breakdown(run.summary)
         if breakdown.empty:
@@ -140,7 +142,8 @@ def breakdown_section(runs: Sequence[RunData]) -> Section:
             ("overlap_pct", "comm hidden", fmt_share), ("idle_us", "idle (ms)", fmt_ms),
         ], numeric=("step_us", "compute_us", "comm_us", "exposed_comm_us", "overlap_pct",
                     "idle_us"),
-            caption=f"{label}: per rank, mean over the measured steps"))
+            caption=f"{label}: per rank, per kind of step the median over the measured "
+                    "steps, weighted by the mix"))
     if not sec.blocks:
         sec.note = "No traces were given."
     return sec

@@ -29,14 +29,15 @@ of the number.
   waits for a late peer is no collective's cost.
 
 A run's stage time is, like its step time, the median per kind of step weighted by the mix;
-the same holds per (stage, layer).  A prediction is compared kind by kind, weighted by the
-*measured* mix (:mod:`kfacperf.trace.compare`).
+the same holds per (stage, layer), and per rank for the trace summary's per-rank numbers and
+the report's per-rank breakdown (:func:`over_steps`).  A prediction is compared kind by
+kind, weighted by the *measured* mix (:mod:`kfacperf.trace.compare`).
 
 This module never imports torch.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -142,13 +143,11 @@ def measure(trace: Any) -> Measured:
 def measure_events(events: pd.DataFrame, run: Mapping[str, Any], *,
                    label: str = "run") -> Measured:
     """:func:`measure` on an event table (measured steps only) and its run.json."""
-    import numpy as np
-
     steps = step_times(events)
-    kind_of = {int(s): run_step_kind(int(s), run) for s in steps.index}
+    kinds = step_kinds(steps.index, run)
     stage = events["stage"].astype(str)
     with_inverse = set(events.loc[stage == S.INVERSE, "step"].astype(int))
-    wrong = sorted(s for s in with_inverse if kind_of.get(s) != S.INVERSE_STEP.name)
+    wrong = sorted(s for s in with_inverse if kinds.get(s) != S.INVERSE_STEP.name)
     if wrong:
         raise ValueError(f"{label}: step {wrong[0]} inverts factors but inverse_interval "
                          f"{run.get('inverse_interval')} says it should not")
@@ -157,26 +156,49 @@ def measure_events(events: pd.DataFrame, run: Mapping[str, Any], *,
     stages = per_step.groupby(level=["step", "stage"]).sum().unstack("stage", fill_value=0.0)
     stages = stages.reindex(steps.index, fill_value=0.0)
     layered = per_step[per_step.index.get_level_values("layer") != ""]
-    layers = layered.unstack(["stage", "layer"], fill_value=0.0).reindex(
-        steps.index, fill_value=0.0) if len(layered) else None
+    stage_us = kind_medians(stages, kinds)
+    layer_us: dict[str, dict[Any, float]] = {kind: {} for kind in stage_us}
+    if len(layered):
+        layer_us = kind_medians(layered.unstack(["stage", "layer"], fill_value=0.0).reindex(
+            steps.index, fill_value=0.0), kinds)
+    step_us = {kind: times["step_us"]
+               for kind, times in kind_medians(steps.to_frame("step_us"), kinds).items()}
+    return Measured(kinds=step_mix(kinds), step_us=step_us, stage_us=stage_us,
+                    layer_us=layer_us, mean_step_us=float(steps.mean()))
 
-    kinds: dict[str, int] = {}
-    step_us: dict[str, float] = {}
-    stage_us: dict[str, dict[str, float]] = {}
-    layer_us: dict[str, dict[LayerKey, float]] = {}
-    for kind in KINDS:
-        sel = [s for s in steps.index if kind_of[int(s)] == kind]
-        if not sel:
-            continue
-        kinds[kind] = len(sel)
-        step_us[kind] = float(np.median(steps.loc[sel].to_numpy()))
-        stage_us[kind] = {str(c): float(np.median(stages.loc[sel, c].to_numpy()))
-                          for c in stages.columns}
-        layer_us[kind] = {} if layers is None else {
-            (str(c[0]), str(c[1])): float(np.median(layers.loc[sel, c].to_numpy()))
-            for c in layers.columns}
-    return Measured(kinds=kinds, step_us=step_us, stage_us=stage_us, layer_us=layer_us,
-                    mean_step_us=float(steps.mean()))
+
+def step_kinds(steps: Iterable[Any], run: Mapping[str, Any]) -> pd.Series:
+    """The kind of each of ``steps`` in the run described by ``run`` (kind names, indexed by
+    step)."""
+    import pandas as pd
+
+    index = pd.Index([int(s) for s in steps], dtype="int64", name="step")
+    return pd.Series([run_step_kind(int(s), run) for s in index], index=index, dtype=object)
+
+
+def step_mix(kinds: pd.Series) -> dict[str, int]:
+    """How many steps of each kind (:data:`KINDS` order) ``kinds`` (:func:`step_kinds`) has."""
+    counts = kinds.value_counts()
+    return {kind: int(counts[kind]) for kind in KINDS if kind in counts.index}
+
+
+def kind_medians(table: pd.DataFrame, kinds: pd.Series) -> dict[str, dict[Any, float]]:
+    """Per kind of step (:data:`KINDS` order): the median of each column of ``table`` (one row
+    per step, indexed by step; missing values skipped) over its steps of that kind
+    (``kinds``: :func:`step_kinds`)."""
+    import pandas as pd
+
+    of_row = kinds.reindex(pd.Index(table.index).astype("int64")).to_numpy()
+    medians = table.groupby(of_row).median()
+    return {kind: {col: float(v) for col, v in medians.loc[kind].items()}
+            for kind in KINDS if kind in medians.index}
+
+
+def over_steps(table: pd.DataFrame, kinds: pd.Series) -> dict[Any, float]:
+    """Each column of ``table`` (one row per measured step, indexed by step) over the measured
+    steps as the module docstring takes a step or stage time: per kind of step the median,
+    weighted by the number of steps of each kind in ``kinds`` (:func:`step_kinds`)."""
+    return _weighted_table(kind_medians(table, kinds), step_mix(kinds))
 
 
 def rank_step_times(events: pd.DataFrame) -> pd.Series:

@@ -12,14 +12,20 @@ Definitions (all over the measured steps, i.e. after warm-up):
   defines it (every layer summed): compute exclusive of the stages nested inside it, a
   collective its cost from the last member's start to the last completion.
   ``mean_us``/``median_us``/``p95_us`` are over the steps in which the stage ran (``count``
-  of them); ``per_step_us`` spreads the total over every measured step (so an inverse every
-  10 steps shows a tenth of its cost).
+  of them); ``per_step_us`` is the rank's time in the stage over every measured step as the
+  step time is taken (:func:`kfacperf.trace.measure.over_steps`: per kind of step the
+  median, a step without the stage counting 0, weighted by the mix), so an inverse every
+  10 steps shows a tenth of its cost and a few stalled steps do not show at all.
 * Communication of a rank in a step (``comm_us``): the length of the union of its comm-lane
   intervals, so the time it waited in a collective for its peers counts (the stage rows
   count a collective's cost alone).  Exposed communication: that minus the part of it
   covered by the union of its compute-lane intervals (the ``step`` row excluded) in the
-  same step.  ``overlap_pct`` = covered / comm union * 100.
+  same step.
 * ``idle_us`` = step time minus the union of all compute and comm intervals.
+* Per rank (``ranks``): each of these per-step numbers over the measured steps as
+  ``per_step_us`` takes them (the rank's step time too); ``overlap_pct`` = (comm - exposed)
+  / comm * 100 of those.  The run's ``comm_us`` and ``exposed_comm_us`` are the means over
+  ranks of the ranks', its ``overlap_pct`` is from those.
 
 This module never imports torch.
 """
@@ -30,7 +36,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kfacperf.trace.intervals import intersection_length, merge_intervals, total_length
-from kfacperf.trace.measure import Measured, measure_events, rank_stage_times, rank_step_times
+from kfacperf.trace.measure import (
+    Measured,
+    measure_events,
+    over_steps,
+    rank_stage_times,
+    rank_step_times,
+    step_kinds,
+)
 from kfacperf.trace.schema import TraceError
 from kfacperf.trace.store import Trace
 from kfacperf.vocab import COMM, COMPUTE, ORDER, SGD, STEP
@@ -47,14 +60,14 @@ class TraceSummary:
     measured_steps: int
     stages: pd.DataFrame  # stage, rank, count, mean_us, median_us, p95_us, per_step_us
     per_step: pd.DataFrame  # rank, step, step_us, compute_us, comm_us, exposed_comm_us, ...
-    ranks: pd.DataFrame  # per rank: means of per_step columns
+    ranks: pd.DataFrame  # per rank: the per_step columns over the measured steps (over_steps)
     slowest: pd.DataFrame  # stage, slowest_rank, slowest_us, median_us, imbalance
     measured: Measured  # kfacperf.trace.measure: step and stage times per kind of step
     step_us: float  # the run's step time (measured.step_time)
     step_mean_us: float  # over all measured steps of the slowest rank's step time
     step_median_us: float
     step_p95_us: float
-    exposed_comm_us: float  # mean over ranks and steps
+    exposed_comm_us: float  # mean over ranks of ranks["exposed_comm_us"]
     comm_us: float
     overlap_pct: float
     baseline_step_us: float | None = None
@@ -136,19 +149,45 @@ def _per_step_table(events: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols)
 
 
-def _stage_table(events: pd.DataFrame, n_steps: int) -> pd.DataFrame:
+_PER_STEP_COLS = ["step_us", "compute_us", "comm_us", "exposed_comm_us", "idle_us"]
+
+
+def _per_rank(table: pd.DataFrame, kinds: pd.Series, *, fill: float) -> pd.DataFrame:
+    """Per rank (index): each column of ``table`` (indexed by rank and step) over the measured
+    steps (those of ``kinds``) as :func:`kfacperf.trace.measure.over_steps` takes it; a step
+    without a row of the rank counts ``fill`` (NaN: left out)."""
     import pandas as pd
 
-    totals = rank_stage_times(events).groupby(["stage", "rank", "step"])["dur_us"].sum(
-    ).reset_index()
-    g = totals.groupby(["stage", "rank"], observed=True)["dur_us"]
+    rows = {int(rank): over_steps(g.droplevel("rank").reindex(kinds.index, fill_value=fill),
+                                  kinds)
+            for rank, g in table.groupby(level="rank")}
+    return pd.DataFrame.from_dict(rows, orient="index", columns=list(table.columns))
+
+
+def _rank_table(per_step: pd.DataFrame, kinds: pd.Series) -> pd.DataFrame:
+    """Per rank: the per-step numbers over the measured steps (:func:`_per_rank`), and the
+    share of the communication hidden under compute of those."""
+    out = _per_rank(per_step.set_index(["rank", "step"])[_PER_STEP_COLS], kinds, fill=math.nan)
+    hidden = out["comm_us"] - out["exposed_comm_us"]
+    out["overlap_pct"] = (100.0 * hidden / out["comm_us"]).where(out["comm_us"] > 0)
+    out.index.name = "rank"
+    return out.reset_index()[["rank", *_PER_STEP_COLS[:4], "overlap_pct", "idle_us"]]
+
+
+def _stage_table(events: pd.DataFrame, kinds: pd.Series) -> pd.DataFrame:
+    import pandas as pd
+
+    totals = rank_stage_times(events).groupby(["stage", "rank", "step"])["dur_us"].sum()
+    g = totals.groupby(level=["stage", "rank"])
     out = pd.DataFrame({
         "count": g.size(),
         "mean_us": g.mean(),
         "median_us": g.median(),
         "p95_us": g.quantile(0.95),
-        "per_step_us": g.sum() / max(n_steps, 1),
-    }).reset_index()
+    })
+    per_step = _per_rank(totals.unstack("stage", fill_value=0.0), kinds, fill=0.0)
+    out["per_step_us"] = per_step.stack().swaplevel().reindex(out.index) if len(out) else 0.0
+    out = out.reset_index()
     out["stage"] = out["stage"].astype(str)
     out["order"] = out["stage"].map(ORDER)
     return out.sort_values(["order", "rank"]).drop(columns="order").reset_index(drop=True)
@@ -186,10 +225,12 @@ def summarize(trace: Trace, baseline: Trace | None = None) -> TraceSummary:
     except ValueError as exc:
         raise TraceError(str(exc)) from None
     per_step = _per_step_table(events)
-    stages = _stage_table(events, len(steps))
+    kinds = step_kinds(steps, trace.run)
+    stages = _stage_table(events, kinds)
+    ranks = _rank_table(per_step, kinds)
+    comm_us = float(ranks["comm_us"].mean())
+    exposed_us = float(ranks["exposed_comm_us"].mean())
     step_times = per_step.groupby("step")["step_us"].max().to_numpy()
-    comm_sum = per_step["comm_us"].sum()
-    covered = (per_step["comm_us"] - per_step["exposed_comm_us"]).sum()
     baseline_us = overhead = None
     step_us = measured.step_time
     if baseline is not None:
@@ -202,16 +243,16 @@ def summarize(trace: Trace, baseline: Trace | None = None) -> TraceSummary:
         measured_steps=len(steps),
         stages=stages,
         per_step=per_step,
-        ranks=per_step.drop(columns="step").groupby("rank").mean().reset_index(),
+        ranks=ranks,
         slowest=_slowest(stages),
         measured=measured,
         step_us=step_us,
         step_mean_us=float(step_times.mean()),
         step_median_us=float(np.median(step_times)),
         step_p95_us=float(np.quantile(step_times, 0.95)),
-        exposed_comm_us=float(per_step["exposed_comm_us"].mean()),
-        comm_us=float(per_step["comm_us"].mean()),
-        overlap_pct=100.0 * covered / comm_sum if comm_sum > 0 else math.nan,
+        exposed_comm_us=exposed_us,
+        comm_us=comm_us,
+        overlap_pct=100.0 * (comm_us - exposed_us) / comm_us if comm_us > 0 else math.nan,
         baseline_step_us=baseline_us,
         kfac_overhead=overhead,
     )

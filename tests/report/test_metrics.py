@@ -16,7 +16,7 @@ def _load(synth, tmp_path, name, *, strategy, world_size, warmup=0, steps=4, **k
     return load_runs([tmp_path / name])[0], events
 
 
-def test_breakdown_is_per_step_mean_over_measured_steps(synth, tmp_path):
+def test_breakdown_is_per_step_time_over_measured_steps(synth, tmp_path):
     events = synth.make_events(strategy="spngd", world_size=3, steps=4)
     # rank 2 also computes a layer's statistics inside its backward (as the K-FAC hooks do)
     bwd = events[(events["rank"] == 2) & (events["step"] == 1)
@@ -34,6 +34,7 @@ def test_breakdown_is_per_step_mean_over_measured_steps(synth, tmp_path):
     ev = events.astype({"stage": str})
     ev = ev[(ev["step"] >= 1) & (ev["lane"].astype(str) == stages.COMPUTE)
             & (ev["stage"] != stages.STEP)]
+    # steps 1, 3 (factor) and 2 (inverse): the median of two is their mean
     want = ev.groupby(["rank", "stage"])["dur_us"].sum() / 3  # steps 1, 2, 3
     want[(2, stages.BACKWARD)] -= 500.0 / 3  # exclusive of the nested statistics
     assert list(got.index) == [0, 1, 2]
@@ -43,6 +44,52 @@ def test_breakdown_is_per_step_mean_over_measured_steps(synth, tmp_path):
         assert got.loc[rank, stage] == pytest.approx(value)
     # the warm-up step is not in the events the report draws
     assert run.events["step"].min() == 1
+
+
+def _stalled_events(synth, *, steps, stall, factor, world_size=2):
+    """Synthetic events in which step ``stall`` runs ``factor`` times slower (every event of
+    it stretched, the later steps moved back so that nothing overlaps)."""
+    ev = synth.make_events(strategy="spngd", world_size=world_size, steps=steps).astype(
+        {"stage": str, "layer": str, "lane": str})
+    t0 = ev["step"] * 100_000.0 + 5.0 * ev["rank"]  # make_events' start of each step
+    hit = ev["step"] == stall
+    ev.loc[hit, "start_us"] = t0[hit] + (ev.loc[hit, "start_us"] - t0[hit]) * factor
+    ev.loc[hit, "dur_us"] *= factor
+    ev.loc[ev["step"] > stall, "start_us"] += 100_000.0 * factor
+    return synth.typed_events(ev)
+
+
+def test_breakdown_takes_the_steps_as_the_headline_does_not_their_mean(synth, tmp_path):
+    """One stalled step in 20 (x100) moved the breakdown's per-rank step to ~6x the headline
+    step time on the same page; both are now per kind the median, weighted by the mix."""
+    events = _stalled_events(synth, steps=21, stall=7, factor=100.0)
+    run = synth.run_json(strategy="spngd", world_size=2, warmup=1, steps=21)
+    synth.write_trace_dir(tmp_path / "r", run, events)
+    run = load_runs([tmp_path / "r"])[0]
+    s = run.summary
+    assert s.measured.kinds == {"inverse": 10, "factor": 10}
+    assert s.step_mean_us > 5 * s.step_us  # the stall moves the mean, not the step time
+    per_rank = metrics.rank_table(s)
+    breakdown = metrics.rank_stage_breakdown(s)
+    # the slowest rank (the last, by the skew) is the slowest in every step: the headline
+    assert per_rank["step_us"].max() == pytest.approx(s.step_us)
+    head = matching.headline([run], []).set_index("run")
+    assert head.loc[run.name, "measured_step_us"] == pytest.approx(per_rank["step_us"].max())
+    # independently: per rank, per kind the median of its step row, weighted 10/10
+    ev = events[events["step"] >= 1].astype({"stage": str})
+    rows = ev[ev["stage"] == stages.STEP].set_index(["rank", "step"])["dur_us"]
+    for rank in (0, 1):
+        r = rows.loc[rank]
+        want = (np.median(r[r.index % 2 == 0]) + np.median(r[r.index % 2 == 1])) / 2
+        assert per_rank.loc[rank, "step_us"] == pytest.approx(want)
+        assert per_rank.loc[rank, "step_us"] < 2 * r.min()
+        # every stage as well: backward runs 20 ms x (1 + 0.1 rank) in the unstalled steps
+        assert breakdown.loc[rank, stages.BACKWARD] == pytest.approx(20_000 * (1 + 0.1 * rank))
+        assert per_rank.loc[rank, "comm_us"] < 2 * ev[(ev["rank"] == rank) & (
+            ev["lane"].astype(str) == stages.COMM) & (ev["step"] == 1)]["dur_us"].sum()
+    # and the breakdown, averaged over ranks, is the stage time the comparison shows
+    for stage, want in s.measured.stage_times().items():
+        assert breakdown[stage].mean() == pytest.approx(want), stage
 
 
 def test_stage_comparison_errors_and_total_last():

@@ -75,6 +75,25 @@ def test_the_summary_and_the_overhead_use_the_one_step_time(tmp_path) -> None:
     assert s.baseline_step_us == 20.0 and s.kfac_overhead == pytest.approx(s.step_us / 20.0)
 
 
+def test_the_summary_per_rank_and_per_stage_numbers_take_the_steps_as_the_step_time(
+        tmp_path) -> None:
+    # two ranks; step 6 caught a burst of load (x100) on both
+    rows = [r for k in range(9) for rank in (0, 1)
+            for r in kfac_step(rank, k, 10_000.0 * k, slow=100.0 if k == 6 else 1)]
+    t = trace_of(tmp_path, rows, world_size=2)
+    s, m = summarize(t), measure(t)
+    ranks = s.ranks.set_index("rank")
+    assert list(ranks["step_us"]) == pytest.approx([m.step_time] * 2)
+    per_step = s.stages.set_index(["stage", "rank"])["per_step_us"]
+    for stage, want in m.stage_times().items():
+        assert per_step[(stage, 0)] == pytest.approx(want), stage
+    assert per_step[(S.BACKWARD, 1)] == 25.0  # not the mean, (7 * 25 + 2500) / 8
+    assert per_step[(S.INVERSE, 1)] == pytest.approx(20 * 2 / 8)
+    line = next(x for x in s.table().splitlines() if x.startswith(S.BACKWARD))
+    assert line.split()[1] == "0.025"  # the profile table's per-step column
+    assert (ranks["comm_us"] == 0).all() and s.comm_us == 0 and ranks["overlap_pct"].isna().all()
+
+
 def test_a_rank_without_step_rows_takes_the_span_of_its_rows() -> None:
     rows = kfac_step(0, 1, 0.0) + [r for r in kfac_step(1, 1, 5.0) if r[2] != S.STEP]
     ev = pd.DataFrame([r + (S.lane_of(r[2]),) for r in rows],
