@@ -49,6 +49,12 @@ from kfacperf.profiler.timer import NULL_TIMER, Timer
 
 logger = logging.getLogger(__name__)
 
+ROOT_LAYER = "<model>"
+"""The name of a layer that is the model itself (``nn.Linear(4, 3)`` as the whole model): its
+module path in ``named_modules()`` is ``""``, which reads as "no layer" in a trace row.  The
+preconditioner, the workload model (:mod:`kfacperf.workloads.describe`) and the trace's layer
+column all use this one name for it."""
+
 Schedule = Union[float, Callable[[int], float]]  # noqa: UP007 (a runtime alias: no | on 3.10)
 """A hyperparameter: a number, or a function of the step index."""
 
@@ -270,25 +276,25 @@ def find_layers(model: nn.Module, *, skip: tuple[str, ...] | list[str] = (),
         weight = getattr(module, "weight", None)
         if not isinstance(weight, Tensor) or not weight.requires_grad:
             continue
+        label = name or ROOT_LAYER
         if type(module).__name__ == "NonDynamicallyQuantizableLinear":
             # nn.MultiheadAttention's out_proj: its forward() is never called (the
             # attention uses its weight directly), so hooks would never fire.
-            skipped.append(name)
+            skipped.append(label)
             continue
         if isinstance(module, nn.Linear):
-            layer: KFACLayer = LinearLayer(name=name, module=module,
+            layer: KFACLayer = LinearLayer(name=label, module=module,
                                            inverse_method=inverse_method)
         elif isinstance(module, nn.Conv2d):
             if module.groups != 1:
-                skipped.append(name)
+                skipped.append(label)
                 continue
-            layer = Conv2dLayer(name=name, module=module, inverse_method=inverse_method)
+            layer = Conv2dLayer(name=label, module=module, inverse_method=inverse_method)
         elif bn_blocks != stages.BN_NONE and is_batchnorm(module):
-            layer = BatchNormLayer(name=name, module=module, inverse_method=inverse_method,
+            layer = BatchNormLayer(name=label, module=module, inverse_method=inverse_method,
                                    mode=bn_blocks)
         else:
             continue
-        label = name or "<model>"
         for p in module.parameters(recurse=False):
             if id(p) in owner:
                 raise ValueError(tied_layers_message(owner[id(p)], label))

@@ -102,17 +102,10 @@ def validate(config: ProfileConfig, *, world_size: int | None = None) -> None:
     if workload_ref.is_reference(config.workload):  # the user's model: what K-FAC can't take
         from kfacperf.workloads.describe import DescribeError, walk_workload
 
-        try:
+        try:  # a forward that fails on make_batch's inputs is a DescribeError too
             walk, _ = walk_workload(workload, strict=False)
         except DescribeError as exc:
             raise ValueError(f"--workload {config.workload}: {exc}") from None
-        except Exception as exc:  # the user's forward, on the inputs of their make_batch
-            from kfacperf.runtime.recording import exception_summary
-
-            raise ValueError(
-                f"--workload {config.workload}: the model's forward on make_batch(1, "
-                f"generator)'s inputs failed: {exception_summary(exc)}; make_batch must "
-                "return inputs the model takes") from None
         if config.optimizer != SGD and walk.kfac_problems:
             why = walk.kfac_problems[0]
             hint = "" if "optimizer sgd" in why else (

@@ -13,15 +13,18 @@ that does not fit in this machine's memory is therefore described without alloca
 forward that cannot run on meta tensors (one that reads a value, e.g. ``.item()``) is run
 for real instead, when the model has real parameters.
 
-Per layer (``name`` is the module path, layers listed in the order the forward pass calls
-them).  What K-FAC cannot train is an error (:class:`DescribeError`), as the optimizer would
-refuse it: a module called more than once (its factors would come from one call, its
-gradient from every call), a K-FAC layer the forward pass never calls, two K-FAC layers
-sharing a parameter (tied weights), no K-FAC layer at all.  ``strict=False`` (the model of a
-first-order run) lists those reasons in :attr:`ModelWalk.kfac_problems` instead and describes
-what a first-order step computes: a layer's first call only (later calls' FLOPs count with
-the rest), no unused or tied layer (their parameters count in ``other_params``).  Every
-parameter tensor counts once in ``total_params`` and in ``other_params``:
+Per layer (``name`` is the module path, or :data:`~kfacperf.kfac.preconditioner.ROOT_LAYER`
+for a model that is itself one layer, as the preconditioner and the trace name it; layers
+listed in the order the forward pass calls them).  What K-FAC cannot train is an error
+(:class:`DescribeError`), as the optimizer would refuse it: a module called more than once
+(its factors would come from one call, its gradient from every call), a K-FAC layer the
+forward pass never calls, two K-FAC layers sharing a parameter (tied weights), no K-FAC
+layer at all.  ``strict=False`` (the model of a first-order run) lists those reasons in
+:attr:`ModelWalk.kfac_problems` instead and describes what a first-order step computes: a
+layer's first call only (later calls' FLOPs count with the rest), no unused or tied layer
+(their parameters count in ``other_params``).  A forward that fails (the example is not what
+the model takes) is a :class:`ForwardError`.  Every parameter tensor counts once in
+``total_params`` and in ``other_params``:
 
 * ``dim_a`` - side of the A factor: ``in_features`` (Linear) or ``c_in * kh * kw`` (Conv2d),
   plus one when the layer has a bias (the bias is folded into A as a column of ones).
@@ -58,8 +61,11 @@ from kfacperf.kfac.batchnorm import is_batchnorm
 from .base import is_kfac_layer
 from .registry import get_workload
 
-__all__ = ["ModelWalk", "describe_model", "describe_workload", "is_kfac_layer", "walk_model",
-           "walk_workload"]
+__all__ = ["DescribeError", "ForwardError", "ModelWalk", "describe_model", "describe_workload",
+           "is_kfac_layer", "walk_model", "walk_workload"]
+
+MAKE_BATCH_INPUTS = "make_batch(1, generator)'s inputs"
+"""What :func:`walk_workload` feeds the model, as its :class:`ForwardError` names it."""
 
 
 class DescribeError(ValueError):
@@ -73,6 +79,11 @@ class NoLayerError(DescribeError):
 
 class MetaWalkError(DescribeError):
     """The forward of a model built on the meta device needs real values."""
+
+
+class ForwardError(DescribeError):
+    """The model's forward fails on the example, run for real (not only on the meta device):
+    the example is not what the model takes, or the forward is broken."""
 
 
 @dataclass
@@ -93,13 +104,15 @@ class ModelWalk:
         return self.total_params - sum(int(layer["params"]) for layer in self.layers)
 
 
-def walk_model(model: nn.Module, example: torch.Tensor, *, strict: bool = True) -> ModelWalk:
+def walk_model(model: nn.Module, example: torch.Tensor, *, strict: bool = True,
+               inputs: str = "its example") -> ModelWalk:
     """One forward pass of ``model(example)`` (a batch of 1), on the meta device if it can.
 
     The model is put in eval mode (a single example cannot go through training-mode
     BatchNorm at 1x1 resolution) and run under ``torch.no_grad``; its mode is restored.
     ``strict``: what K-FAC cannot train raises :class:`DescribeError` (see the module
-    docstring); else it is listed in ``kfac_problems``.
+    docstring); else it is listed in ``kfac_problems``.  A forward that fails for real too
+    raises :class:`ForwardError` ("the model's forward on ``inputs`` failed: ...").
     """
     if example.shape[0] != 1:
         raise DescribeError(f"describe_model needs a batch of 1, got batch {example.shape[0]}")
@@ -116,7 +129,16 @@ def walk_model(model: nn.Module, example: torch.Tensor, *, strict: bool = True) 
                 "shapes") from exc
     else:
         return _checked(walk, strict)
-    return _checked(_walk(model, example, meta=False), strict)
+    try:
+        walk = _walk(model, example, meta=False)
+    except DescribeError:
+        raise
+    except Exception as exc:  # the model's own forward, on inputs it does not take
+        from kfacperf.runtime.recording import exception_summary
+
+        raise ForwardError(f"the model's forward on {inputs} failed: "
+                           f"{exception_summary(exc)}") from exc
+    return _checked(walk, strict)
 
 
 def _checked(walk: ModelWalk, strict: bool) -> ModelWalk:
@@ -161,14 +183,23 @@ def _description(walk: ModelWalk, example: torch.Tensor, name: str) -> dict[str,
 
 def walk_workload(workload: Any, *, strict: bool = True) -> tuple[ModelWalk, torch.Tensor]:
     """:func:`walk_model` of ``workload``'s model built on the meta device (no memory), or,
-    if its forward needs real values, built for real; and the example it was fed."""
+    if its forward needs real values, built for real; and the example it was fed.
+
+    A forward that fails on ``make_batch(1)``'s inputs, for real too, is a
+    :class:`ForwardError` of one line saying so (what ``kfacperf profile``, ``calibrate
+    --workload`` and ``demo`` print)."""
     example, _ = workload.make_batch(1)
     with torch.device("meta"):
         model = workload.build_model(seed=0)
     try:
-        return walk_model(model, example, strict=strict), example
-    except MetaWalkError:
-        return walk_model(workload.build_model(seed=0), example, strict=strict), example
+        try:
+            return walk_model(model, example, strict=strict, inputs=MAKE_BATCH_INPUTS), example
+        except MetaWalkError:
+            real = workload.build_model(seed=0)
+        return walk_model(real, example, strict=strict, inputs=MAKE_BATCH_INPUTS), example
+    except ForwardError as exc:
+        raise ForwardError(f"{exc}; make_batch must return inputs the model takes"
+                           ) from exc.__cause__
 
 
 # ------------------------------------------------------------------------------ the walk
@@ -182,9 +213,11 @@ def _walk(model: nn.Module, example: torch.Tensor, *, meta: bool) -> ModelWalk:
     from torch.utils.flop_counter import FlopCounterMode
 
     from kfacperf.kfac.conv_factors import padded_input
-    from kfacperf.kfac.preconditioner import tied_layers_message
+    from kfacperf.kfac.preconditioner import ROOT_LAYER, tied_layers_message
 
-    paths = {m: p for p, m in model.named_modules() if is_kfac_layer(m) or is_batchnorm(m)}
+    # module -> its name: the path, or ROOT_LAYER for the model itself (the preconditioner's)
+    paths = {m: p or ROOT_LAYER for p, m in model.named_modules()
+             if is_kfac_layer(m) or is_batchnorm(m)}
     # each K-FAC layer's own parameters, of the model as given (the meta pass swaps them)
     owns = {m: [id(p) for p in m.parameters(recurse=False)] for m in paths if is_kfac_layer(m)}
     owner: dict[int, str] = {}  # a listed layer's parameter -> that layer

@@ -319,3 +319,21 @@ def test_tied_layers_left_out_keep_their_plain_gradient() -> None:
         w, v = model.a.weight, model.head.weight.sum(0)  # d loss / d (b's output), per row
         expected = sum(torch.outer(v, w @ xi) + torch.outer(w.T @ v, xi) for xi in x)
     torch.testing.assert_close(model.a.weight.grad, expected)
+
+
+def test_a_model_that_is_one_layer_is_named_root_layer_in_every_timed_stage() -> None:
+    """``nn.Linear`` as the whole model has module path "": registered, timed (the backward
+    hook's statistics too) and named by the strategy as ROOT_LAYER, never "" (the name of a
+    stage of the whole step in a trace)."""
+    from kfacperf.kfac.preconditioner import ROOT_LAYER
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    timer = RecordingTimer()
+    precond = KFACPreconditioner(model, damping=1e-2, lr=0.1, timer=timer)
+    assert list(precond.layers) == [ROOT_LAYER]
+    assert precond.layers[ROOT_LAYER].name == ROOT_LAYER  # what strategies key placement by
+    _train_step(model, precond, 0)
+    assert {layer for _, layer in timer.rows} == {ROOT_LAYER}
+    assert {stage for stage, _ in timer.rows} == {
+        stages.FACTOR_COMPUTE, stages.INVERSE, stages.PRECONDITION}

@@ -229,3 +229,49 @@ def test_a_first_order_walk_takes_a_layer_called_twice_once():
     assert walk.layers[0]["fwd_flops_per_example"] == 2 * 4 * 4
     assert walk.total_flops >= 2 * (2 * 4 * 4)
     assert "called more than once" in walk.kfac_problems[0]
+
+
+@pytest.mark.parametrize("layer", [nn.Linear(4, 3), nn.Conv2d(2, 3, 3)],
+                         ids=["linear", "conv2d"])
+def test_a_model_that_is_one_layer_is_named_as_the_preconditioner_names_it(layer):
+    """The model's own module path is "": the walk, the workload model and the preconditioner
+    all call it ROOT_LAYER (a LayerModel refuses an empty name)."""
+    from kfacperf.kfac.preconditioner import ROOT_LAYER, find_layers
+    from kfacperf.workloads.workload_model import workload_model_of
+
+    x = torch.randn(1, 4) if isinstance(layer, nn.Linear) else torch.randn(1, 2, 5, 5)
+    d = describe_model(layer, x)
+    assert [l["name"] for l in d["layers"]] == [ROOT_LAYER] == list(find_layers(layer)[0])
+    wm = workload_model_of(layer, x, name="one-layer")
+    assert wm.layer_names == (ROOT_LAYER,)
+    if isinstance(layer, nn.Conv2d):
+        assert wm.layers[0].conv is not None  # its geometry found under the same name
+
+
+def test_a_forward_that_fails_on_the_example_is_one_describe_error():
+    from kfacperf.workloads.describe import DescribeError, ForwardError, walk_model
+
+    with pytest.raises(ForwardError, match=r"^the model's forward on its example failed: "
+                       r"RuntimeError: mat1 and mat2 shapes cannot be multiplied") as info:
+        walk_model(nn.Linear(4, 10), torch.randn(1, 7))
+    assert isinstance(info.value, DescribeError) and "\n" not in str(info.value)
+    assert isinstance(info.value.__cause__, RuntimeError)  # the forward's own error, kept
+
+
+def test_walk_workload_says_make_batch_must_return_inputs_the_model_takes(tmp_path):
+    """The meta pass fails, the real build fails too: one ForwardError naming make_batch."""
+    from kfacperf.workloads.describe import ForwardError, walk_workload
+
+    (tmp_path / "bad.py").write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "def build():\n"
+        "    def make_batch(n, g):\n"
+        "        return torch.randn(n, 7, generator=g), torch.randint(0, 10, (n,), generator=g)\n"
+        "    return nn.Linear(4, 10), make_batch\n")
+    workload = get_workload(f"{tmp_path / 'bad.py'}:build")
+    with pytest.raises(ForwardError) as info:
+        walk_workload(workload)
+    assert str(info.value) == (
+        "the model's forward on make_batch(1, generator)'s inputs failed: RuntimeError: mat1 "
+        "and mat2 shapes cannot be multiplied (1x7 and 4x10); make_batch must return inputs "
+        "the model takes")

@@ -92,13 +92,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_workload(args: argparse.Namespace) -> int:
+    from kfacperf.errors import UserError
     from kfacperf.sim.models.presets import check_model_out
     from kfacperf.sim.models.workload_file import save_workload_model
+    from kfacperf.workloads.describe import DescribeError
     from kfacperf.workloads.workload_model import build_workload_model
 
     if args.out:
         check_model_out(args.out, force=args.force)
-    model = build_workload_model(args.workload, dict(args.workload_option))
+    try:
+        model = build_workload_model(args.workload, dict(args.workload_option))
+    except DescribeError as exc:  # one line naming the workload, as kfacperf profile's
+        raise UserError(f"--workload {args.workload}: {exc}") from None
     if args.out:
         save_workload_model(model, args.out)
     norms = (f" and {len(model.batchnorm)} BatchNorm layers (Fisher blocks with --bn-blocks)"
