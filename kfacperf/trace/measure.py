@@ -68,6 +68,21 @@ def measured_events(trace: Any) -> pd.DataFrame:
     return events[events["step"] >= int(trace.run.get("warmup", 0) or 0)]
 
 
+def no_measured_steps(trace: Any, label: str) -> str:
+    """Why ``trace`` (anything with ``.run`` and ``.events``) has no measured step, in one
+    line: no step recorded at all (with the run's own ``failure`` where it says one), or
+    only warm-up steps."""
+    warmup = int(trace.run.get("warmup", 0) or 0)
+    steps = trace.events["step"].nunique() if "step" in trace.events else 0
+    if steps == 0:
+        failure = trace.run.get("failure")
+        return (f"{label}: the run recorded no step"
+                + (f" (run.json: {failure})" if failure else "")
+                + "; profile it again with at least one step after the warm-up")
+    return (f"{label}: no measured step: all {steps} recorded step(s) are warm-up "
+            f"(warmup = {warmup}); profile it again with more steps than warm-up steps")
+
+
 @dataclass(frozen=True, kw_only=True)
 class KindTimes:
     """Per kind of step: the step time, each stage's time and each (stage, layer)'s time."""
@@ -132,11 +147,9 @@ def measure(trace: Any) -> Measured:
 
     path = getattr(trace, "path", None)
     label = Path(path).name if path else str(trace.run.get("workload", "run"))
-    warmup = int(trace.run.get("warmup", 0) or 0)
     events = measured_events(trace)
     if events.empty:
-        raise ValueError(f"{label}: no measured steps (all {warmup} recorded steps are "
-                         "warm-up, or the trace is empty)")
+        raise ValueError(no_measured_steps(trace, label))
     return measure_events(events, trace.run, label=label)
 
 

@@ -39,6 +39,7 @@ from kfacperf.trace.intervals import intersection_length, merge_intervals, total
 from kfacperf.trace.measure import (
     Measured,
     measure_events,
+    no_measured_steps,
     over_steps,
     rank_stage_times,
     rank_step_times,
@@ -216,9 +217,7 @@ def summarize(trace: Trace, baseline: Trace | None = None) -> TraceSummary:
 
     events = trace.measured()
     if events.empty:
-        raise TraceError(
-            f"{trace.path}: no events after the {trace.warmup} warm-up step(s) to summarize"
-        )
+        raise TraceError(no_measured_steps(trace, str(trace.path)))
     steps = sorted(events["step"].unique())
     try:
         measured = measure_events(events, trace.run, label=str(trace.path))

@@ -205,5 +205,11 @@ def test_a_run_that_recorded_no_event_loads_and_says_it_has_no_steps(tmp_path):
                        events={c: [] for c in cols})
     trace = load_trace(path)
     assert trace.events.empty and list(trace.events.columns) == list(cols)
-    with pytest.raises(ValueError, match="no measured steps"):
+    with pytest.raises(ValueError, match="the run recorded no step; profile it again"):
         measure(trace)
+    failed = load_trace(write_trace(
+        tmp_path / "f", run={"workload": "mlp", "optimizer": "sgd", "world_size": 1,
+                             "completed": False, "failure": "no step was run"},
+        events={c: [] for c in cols}))
+    with pytest.raises(ValueError, match=r"recorded no step \(run.json: no step was run\)"):
+        measure(failed)
