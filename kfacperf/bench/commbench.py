@@ -39,6 +39,10 @@ API::
         -> CommbenchResult(.points, .slowdowns, .stage_slowdowns, .probes, .stragglers,
                            .comm_slowdowns, .backend)
 
+The ranks are started with ``multiprocessing``'s spawn method, which imports the calling
+script's ``__main__`` module again in every rank: call it from a script under
+``if __name__ == "__main__":`` (as :func:`kfacperf.pipeline.run_demo`, which calls it).
+
 With ``config.nnodes`` > 1 the run spans nodes: one torchrun job whose groups within a node
 and across nodes give both network tiers (:mod:`kfacperf.bench.multinode`).  How a repetition
 times a call is :mod:`kfacperf.bench.timing`.

@@ -60,6 +60,7 @@ from kfacperf.runtime.loop_inputs import (
     check_kfac_model,
     check_settings,
     first_tensor,
+    in_keywords,
     input_kind,
 )
 from kfacperf.runtime.recording import exception_summary
@@ -122,21 +123,28 @@ class InstrumentedLoop:
         S.check_choice("strategy", strategy, S.PROFILE_STRATEGIES)
         kind = S.SGD if strategy == S.SGD else S.KFAC
         group = optimizer.param_groups[0]
-        config = ProfileConfig(
-            workload=name or type(model).__name__, out=str(out), optimizer=kind,
-            strategy=strategy, steps=1, warmup=warmup, batch_size=batch_size,
-            nproc=info.world_size, threads_per_rank=torch.get_num_threads(), isolate=isolate,
-            keep_heap=keep_heap, timeout_s=timeout_s, device=device.type,
-            telemetry_interval_s=telemetry_interval_s, command=command_line(),
-            precision=precision,
-            lr=float(group.get("lr", 0.0)), momentum=float(group.get("momentum", 0.0) or 0.0),
-            weight_decay=float(group.get("weight_decay", 0.0) or 0.0), **settings,
-        )
+        asked = dict(out=str(out), strategy=strategy, warmup=warmup, batch_size=batch_size,
+                     isolate=isolate, keep_heap=keep_heap, timeout_s=timeout_s,
+                     telemetry_interval_s=telemetry_interval_s, precision=precision,
+                     **settings)
+        try:
+            config = ProfileConfig(
+                workload=name or type(model).__name__, optimizer=kind, steps=1,
+                nproc=info.world_size, threads_per_rank=torch.get_num_threads(),
+                device=device.type, command=command_line(), lr=float(group.get("lr", 0.0)),
+                momentum=float(group.get("momentum", 0.0) or 0.0),
+                weight_decay=float(group.get("weight_decay", 0.0) or 0.0), **asked)
+        except ValueError as exc:  # said as profile's flags; here they are keywords
+            raise ValueError(f"instrument: {in_keywords(str(exc), asked)}") from None
         heap_policy = heap.keep_heap() if keep_heap else heap.DEFAULT
         if info.rank == 0:
             from kfacperf.runtime.runner import prepare_out
 
-            prepare_out(Path(out), force=force)
+            try:
+                prepare_out(Path(out), force=force)
+            except ValueError as exc:
+                raise ValueError(f"instrument: {in_keywords(str(exc), (), ('force',))}"
+                                 ) from None
         if info.world_size > 1:
             torch.distributed.barrier()  # nobody writes into ``out`` before it is prepared
         self.config = config

@@ -3,7 +3,8 @@ settings and whether K-FAC can take the model; and the shape of what a forward i
 with (the batch size, and why no workload model could be walked)."""
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from torch import Tensor, nn
@@ -64,3 +65,14 @@ def check_settings(settings: Mapping[str, Any]) -> None:
         raise TypeError(f"instrument: unknown setting(s) {', '.join(unknown)}; the K-FAC "
                         f"settings are {', '.join(sorted(known))} (lr, momentum and "
                         "weight_decay come from your optimizer)")
+
+
+def in_keywords(message: str, keywords: Iterable[str], switches: Iterable[str] = ()) -> str:
+    """``message`` (a profile setting's error) with each ``kfacperf profile`` flag of one of
+    ``keywords`` written as that keyword argument (``--timeout`` -> ``timeout_s``), and of
+    one of ``switches`` as the argument set (``--force`` -> ``force=True``), as
+    :func:`kfacperf.instrument` is called from Python."""
+    from kfacperf.runtime.config import flag_of
+
+    by_flag = {flag_of(k): k for k in keywords} | {flag_of(k): f"{k}=True" for k in switches}
+    return re.sub(r"--[a-z][a-z0-9-]*", lambda m: by_flag.get(m.group(), m.group()), message)

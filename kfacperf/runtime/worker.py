@@ -45,7 +45,8 @@ def _crash_point(rank: int) -> int | None:
 
 
 def _log(msg: str) -> None:
-    print(f"[kfacperf] {msg}", flush=True)
+    """Progress, on stderr: a caller of the library keeps stdout to itself."""
+    print(f"[kfacperf] {msg}", file=sys.stderr, flush=True)
 
 
 def run_worker(config: ProfileConfig) -> None:

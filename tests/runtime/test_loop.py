@@ -130,9 +130,14 @@ def test_misuse_is_a_clear_error(tmp_path):
         kfacperf.instrument(model, "sgd", out=tmp_path / "a")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "mine.txt").write_text("keep")
-    with pytest.raises(ValueError, match="pass --force"):
+    with pytest.raises(ValueError, match="pass force=True"):
         kfacperf.instrument(model, opt, out=tmp_path / "full")
     assert (tmp_path / "full" / "mine.txt").read_text() == "keep"
+    for bad, said in ((dict(warmup=-1), "instrument: warmup must be a non-negative integer"),
+                      (dict(timeout_s=0), "instrument: timeout_s must be > 0"),
+                      (dict(factor_interval=0), "factor_interval must be a positive integer")):
+        with pytest.raises(ValueError, match=said):  # keywords, not profile's flags
+            kfacperf.instrument(model, opt, out=tmp_path / "kw", **bad)
     x, y = _batches(1)[0]
     with pytest.raises(RuntimeError, match="without run.update"):
         with kfacperf.instrument(model, opt, out=tmp_path / "b", strategy="sgd") as run:

@@ -38,7 +38,8 @@ def test_two_ranks_under_an_existing_torchrun(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "step time:" in proc.stdout and proc.stdout.count("step time:") == 1  # rank 0 only
-    assert "[kfacperf] step 4/4 (measured)" in proc.stdout
+    assert "[kfacperf] step 4/4 (measured)" in proc.stderr  # progress: not on stdout
+    assert "[kfacperf]" not in proc.stdout
 
     trace = load_trace(out)
     assert not (out / "parts").exists()
