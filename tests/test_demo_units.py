@@ -185,3 +185,16 @@ def test_an_interrupt_stops_the_demo_even_after_a_complete_profile(tmp_path, mon
     with pytest.raises(DemoPhaseError) as info:
         run_demo(config, stream=io.StringIO())
     assert info.value.phase == "profile sgd, 1 process" and "SIGINT" in str(info.value)
+
+
+def test_the_plan_phase_replaces_an_earlier_demos_plan(tmp_path):
+    from kfacperf.pipeline.config import DemoPaths
+    from kfacperf.pipeline.scale_phases import plan_on_cluster
+    from kfacperf.plan.result import load_plan
+
+    config = quick_config(workload="mlp", out=str(tmp_path / "demo"))
+    paths = DemoPaths(root=tmp_path / "demo")
+    paths.root.mkdir(parents=True)
+    paths.plan.write_text("{}")  # what an earlier demo left
+    result = plan_on_cluster(config, paths)
+    assert load_plan(paths.plan).gpus == result.gpus

@@ -64,5 +64,5 @@ def plan_on_cluster(config: DemoConfig, paths: DemoPaths) -> Any:
     result = plan(config.scale_workload, config.plan.device, config.plan.cluster,
                   gpus=list(config.plan_gpus), convergence=list(config.plan_convergence),
                   batch_per_gpu=[config.scale_batch_per_gpu])
-    save_plan(result, paths.plan)
+    save_plan(result, paths.plan, force=True)  # the demo replaces its own files
     return result

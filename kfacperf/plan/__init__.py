@@ -21,10 +21,11 @@ Nothing here imports torch.
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 from kfacperf import __version__
 from kfacperf import vocab as S
@@ -39,12 +40,20 @@ from kfacperf.plan.memory import GB, MemoryBreakdown, memory_per_gpu
 from kfacperf.plan.result import Choice, PlanResult, convergence_info, load_plan, save_plan
 from kfacperf.plan.search import Evaluated, search
 from kfacperf.plan.space import DEFAULT_INTERVALS, STRATEGIES, PlanSpace
+from kfacperf.sim.models.cluster import ClusterModel
+from kfacperf.sim.models.device import DeviceModel
+from kfacperf.sim.models.workload import WorkloadModel
+from kfacperf.trace.arguments import one_or_many
 
 DEFAULT_MEMORY_FRACTION = 0.9
 """Share of a device's memory a configuration may fill: the rest is left for the CUDA
 context, the allocator's fragmentation and kernels' workspaces (assumed)."""
 
 SEARCHED_OPTIONS = ("comm_dtype", "symmetric_factors")
+
+ConvergenceInput: TypeAlias = ("str | os.PathLike[str] | ConvergenceModel"
+                               " | Iterable[str | os.PathLike[str] | ConvergenceModel]")
+"""Convergence models (objects, preset names or TOML paths): one alone, or a list."""
 
 __all__ = [
     "DEFAULT_INTERVALS", "DEFAULT_MEMORY_FRACTION", "OPTIMIZERS", "STRATEGIES", "Choice",
@@ -71,20 +80,23 @@ def _choice(ev: Evaluated, model: ConvergenceModel) -> Choice:
     )
 
 
-def _models(workload: Any, device: Any, cluster: Any) -> tuple[Any, Any, Any]:
+def _models(workload: WorkloadModel | str | Path, device: DeviceModel | str | Path,
+            cluster: ClusterModel | str | Path) -> tuple[WorkloadModel, DeviceModel, ClusterModel]:
     from kfacperf.sim.models import load_cluster, load_device, load_workload
 
-    w = workload if hasattr(workload, "layers") else load_workload(workload)
-    d = device if hasattr(device, "stages") else load_device(device)
-    c = cluster if hasattr(cluster, "gpus_per_node") else load_cluster(cluster)
+    w = workload if isinstance(workload, WorkloadModel) else load_workload(workload)
+    d = device if isinstance(device, DeviceModel) else load_device(device)
+    c = cluster if isinstance(cluster, ClusterModel) else load_cluster(cluster)
     return w, d, c
 
 
-def _convergence_models(workload: str, strategies: Sequence[str],
-                        given: Sequence[str | Path | ConvergenceModel]
+def _convergence_models(workload: str, strategies: Sequence[str], given: ConvergenceInput
                         ) -> dict[str, ConvergenceModel]:
     """One convergence model per optimizer of ``strategies`` (see :func:`convergence_for`)."""
-    models = [m if isinstance(m, ConvergenceModel) else load_convergence(m) for m in given]
+    models = [m if isinstance(m, ConvergenceModel) else _load_convergence(m)
+              for m in one_or_many(given, (str, os.PathLike, ConvergenceModel),
+                                   what="convergence",
+                                   expected="a convergence model, preset name or TOML path")]
     for m in models:
         if m.workload != workload:
             raise ValueError(f"convergence model {m.name!r} is for workload {m.workload!r}, "
@@ -93,7 +105,16 @@ def _convergence_models(workload: str, strategies: Sequence[str],
     return {f: convergence_for(workload, f, models) for f in families}
 
 
-def _capacity_gb(device: Any, memory_gb: float | None) -> float:
+def _load_convergence(given: object) -> ConvergenceModel:
+    if isinstance(given, str):
+        return load_convergence(given)
+    if isinstance(given, os.PathLike):
+        return load_convergence(Path(given))
+    raise ValueError(f"convergence: expected a convergence model, preset name or TOML path, "
+                     f"got {given!r}")
+
+
+def _capacity_gb(device: DeviceModel, memory_gb: float | None) -> float:
     if memory_gb is not None:
         if not (isinstance(memory_gb, (int, float)) and 0 < memory_gb < float("inf")):
             raise ValueError(f"memory per GPU must be > 0 GB, got {memory_gb!r}")
@@ -105,12 +126,14 @@ def _capacity_gb(device: Any, memory_gb: float | None) -> float:
 
 
 def plan(
-    workload: Any, device: Any, cluster: Any, *, gpus: Sequence[int],
-    convergence: Sequence[str | Path | ConvergenceModel] = (),
-    strategies: Sequence[str] = STRATEGIES, batch_per_gpu: Sequence[int] = (32,),
-    intervals: Sequence[tuple[int, int]] = DEFAULT_INTERVALS,
-    comm_dtypes: Sequence[str] = ("fp32", "fp16", "bf16"),
-    symmetric: Sequence[bool] = (False, True), bucket_mb: Sequence[float] = (25.0,),
+    workload: WorkloadModel | str | Path, device: DeviceModel | str | Path,
+    cluster: ClusterModel | str | Path, *, gpus: int | Iterable[int],
+    convergence: ConvergenceInput = (),
+    strategies: str | Iterable[str] = STRATEGIES, batch_per_gpu: int | Iterable[int] = (32,),
+    intervals: str | Iterable[tuple[int, int] | str] = DEFAULT_INTERVALS,
+    comm_dtypes: str | Iterable[str] = ("fp32", "fp16", "bf16"),
+    symmetric: bool | Iterable[bool] = (False, True),
+    bucket_mb: float | Iterable[float] = (25.0,),
     memory_gb: float | None = None, memory_fraction: float = DEFAULT_MEMORY_FRACTION,
     extrapolate: bool = True, prune: bool = True,
     progress: Callable[[str], None] | None = None, **cost_options: Any,
@@ -118,7 +141,10 @@ def plan(
     """The best configuration per GPU count and optimizer, and what it takes to reach the
     convergence models' targets (see the module docstring).
 
-    Models are objects, preset names or TOML paths.  ``convergence`` names the models to
+    Models are objects, preset names or TOML paths.  Every searched axis (``gpus``,
+    ``strategies``, ``batch_per_gpu``, ``intervals``: ``(factor, inverse)`` pairs or ``"F/I"``
+    strings, ``comm_dtypes``, ``symmetric``: booleans, ``bucket_mb``) and ``convergence``
+    take one value alone or a list.  ``convergence`` names the models to
     use (one per optimizer: ``sgd``, ``kfac``); an optimizer without one takes the only
     preset for the workload, and none (or several) is an error.  ``memory_gb`` overrides
     the device model's capacity; ``memory_fraction`` is the share a configuration may use.
@@ -135,10 +161,9 @@ def plan(
                          "comm_dtypes= / symmetric= instead")
     if not 0 < memory_fraction <= 1:
         raise ValueError(f"memory fraction must be in (0, 1], got {memory_fraction}")
-    space = PlanSpace(gpus=tuple(gpus), strategies=tuple(strategies),
-                      batch_per_gpu=tuple(batch_per_gpu), intervals=tuple(intervals),
-                      comm_dtypes=tuple(comm_dtypes), symmetric=tuple(symmetric),
-                      bucket_mb=tuple(bucket_mb))
+    space = PlanSpace.of(gpus=gpus, strategies=strategies, batch_per_gpu=batch_per_gpu,
+                         intervals=intervals, comm_dtypes=comm_dtypes, symmetric=symmetric,
+                         bucket_mb=bucket_mb)
     w, d, c = _models(workload, device, cluster)
     capacity_gb = _capacity_gb(d, memory_gb)
     models = _convergence_models(w.name, space.strategies, convergence)

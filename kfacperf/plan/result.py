@@ -13,13 +13,14 @@ solution (seconds), GPU-hours and memory per GPU (bytes, by term).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from kfacperf import vocab as S
-from kfacperf.plan.convergence import ConvergenceModel, optimizer_of
+from kfacperf.plan.convergence import OPTIMIZERS, ConvergenceModel, optimizer_of
 
 FORMAT = "kfacperf-plan-1"
 OPTIMIZER_NAMES = {S.SGD: "SGD", S.KFAC: "K-FAC"}
@@ -123,7 +124,22 @@ class PlanResult:
                       | {c.gpus for c in self.choices})
 
     def best(self, gpus: int, optimizer: str) -> Choice | None:
-        """The fastest choice at ``gpus`` among ``optimizer``'s strategies (sgd or kfac)."""
+        """The fastest choice at ``gpus`` among ``optimizer``'s strategies (``sgd`` or
+        ``kfac``); None where nothing fit (or the optimizer was not planned).  A GPU count
+        the plan did not search, or anything but an optimizer, is a ``ValueError``."""
+        if optimizer not in OPTIMIZERS:
+            known = " or ".join(OPTIMIZERS)
+            if optimizer in S.PROFILE_STRATEGIES:
+                raise ValueError(
+                    f"best() takes an optimizer ({known}), not the strategy {optimizer!r}: "
+                    f"strategies {', '.join(OPTIMIZERS[S.KFAC])} map to {S.KFAC}, so "
+                    f"best({gpus!r}, {S.optimizer_of(optimizer)!r}) is the best of them")
+            raise ValueError(f"unknown optimizer {optimizer!r}: use {known} (the strategies "
+                             f"{', '.join(OPTIMIZERS[S.KFAC])} map to {S.KFAC})")
+        planned = self.gpus
+        if isinstance(gpus, bool) or gpus not in planned:
+            raise ValueError(f"{gpus!r} GPUs were not planned; planned GPU counts: "
+                             f"{', '.join(map(str, planned)) or 'none'}")
         mine = [c for c in self.choices if c.gpus == gpus and c.optimizer == optimizer]
         return min(mine, key=lambda c: c.time_s) if mine else None
 
@@ -166,14 +182,17 @@ def _not_object(where: str, i: int) -> Choice:
     raise ValueError(f"{where}: best[{i}] must be an object")
 
 
-def save_plan(result: PlanResult, path: str | Path) -> Path:
-    """Write the plan as JSON, atomically (a missing number as null)."""
-    from kfacperf.safety import atomic_write_text, dumps_json
+def save_plan(result: PlanResult, path: str | os.PathLike[str], *, force: bool = False
+              ) -> Path:
+    """Write the plan as JSON, atomically (a missing number as null).  An existing file is
+    replaced only with ``force`` (:func:`kfacperf.safety.check_output_file`)."""
+    from kfacperf.safety import atomic_write_text, check_output_file, dumps_json
 
-    return atomic_write_text(path, dumps_json(result.to_dict(), indent=1) + "\n")
+    out = check_output_file(path, force=force)
+    return atomic_write_text(out, dumps_json(result.to_dict(), indent=1) + "\n")
 
 
-def load_plan(path: str | Path) -> PlanResult:
+def load_plan(path: str | os.PathLike[str]) -> PlanResult:
     """A plan written by ``kfacperf plan --out`` (errors name the file)."""
     from kfacperf.safety import load_json_file
 

@@ -15,10 +15,13 @@ first in the grid's order stands for the others):
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import math
+import numbers
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from kfacperf import vocab as S
+from kfacperf.trace.arguments import one_or_many
 
 STRATEGIES: tuple[str, ...] = S.SIM_STRATEGIES
 DEFAULT_INTERVALS: tuple[tuple[int, int], ...] = (
@@ -26,20 +29,97 @@ DEFAULT_INTERVALS: tuple[tuple[int, int], ...] = (
 )
 """Factor/inverse interval pairs searched by default; a convergence model's own (stalest)
 pair at each batch is added to them."""
+_UNKNOWN_STRATEGY = ("unknown strategy {v!r}; known: " + ", ".join(STRATEGIES)
+                     + " (kaisa is searched over every grad-worker fraction)")
+_UNKNOWN_DTYPE = ("factor communication precision {v!r} unknown; use "
+                  + ", ".join(S.COMM_DTYPE_BYTES))
 
 
-def _positive_ints(key: str, values: Sequence[int]) -> tuple[int, ...]:
-    if not len(values):
+def parse_intervals(text: str, what: str = "intervals") -> list[tuple[int, int]]:
+    """``"1/1,10/100"`` -> [(1, 1), (10, 100)]; errors name ``what`` and the pair as written."""
+    pairs = []
+    for part in (p.strip() for p in text.split(",")):
+        f, sep, i = part.partition("/")
+        if not sep:
+            raise ValueError(f"{what} {text!r}: {part!r} is not FACTOR/INVERSE, e.g. 10/100")
+        values = []
+        for v in (f.strip(), i.strip()):
+            try:
+                n = int(v)
+            except ValueError:
+                raise ValueError(f"{what} {text!r}: {part}: {v!r} is not a whole number"
+                                 ) from None
+            if n < 1:
+                raise ValueError(f"{what} {text!r}: {part}: values must be >= 1, got {n}")
+            values.append(n)
+        pairs.append((values[0], values[1]))
+    return pairs
+
+
+def _whole(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _positive_ints(key: str, values: object) -> tuple[int, ...]:
+    items = one_or_many(values, numbers.Integral, what=key, expected="a positive integer")
+    if not items:
         raise ValueError(f"{key} is empty")
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+    for v in items:
+        if not _whole(v) or v < 1:
             raise ValueError(f"{key} must be positive integers, got {v!r}")
-    return tuple(sorted(set(values)))
+    return tuple(sorted({int(v) for v in items}))
+
+
+def _names(key: str, values: object, known: Collection[str], unknown: str) -> tuple[str, ...]:
+    """Distinct names of ``known``, in order; ``unknown`` (formatted with the name) says what
+    is wrong with one that is not."""
+    items = one_or_many(values, str, what=key, expected="a name")
+    for v in items:
+        if not isinstance(v, str) or v not in known:
+            raise ValueError(unknown.format(v=v))
+    return tuple(dict.fromkeys(items))
+
+
+def _interval_pairs(values: object) -> tuple[tuple[int, int], ...]:
+    """Factor/inverse pairs: each a pair of integers or an ``"F/I"`` string (commas
+    separating several), one alone or a list."""
+    pairs: list[tuple[int, int]] = []
+    for item in one_or_many(values, str, what="intervals", expected="an 'F/I' string"):
+        if isinstance(item, str):
+            pairs.extend(parse_intervals(item))
+        elif isinstance(item, Sequence) and len(item) == 2 and all(map(_whole, item)):
+            pairs.append((int(item[0]), int(item[1])))
+        else:
+            hint = (" (one pair alone is intervals=[(10, 100)] or '10/100')" if _whole(item)
+                    else "")
+            raise ValueError(f"intervals: {item!r} is neither a (factor, inverse) pair of "
+                             f"integers nor an 'F/I' string such as '10/100'{hint}")
+    return tuple(pairs)
+
+
+def _bools(key: str, values: object) -> tuple[bool, ...]:
+    items = one_or_many(values, bool, what=key, expected="True or False")
+    for v in items:
+        if not isinstance(v, bool):
+            raise ValueError(f"{key} must be True or False, got {v!r}")
+    return tuple(dict.fromkeys(items))
+
+
+def _sizes_mb(key: str, values: object) -> tuple[float, ...]:
+    items = one_or_many(values, numbers.Real, what=key, expected="a size in MB")
+    for v in items:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) \
+                or not 0 < float(v) < math.inf:
+            raise ValueError(f"bucket sizes must be > 0 MB, got {v!r}")
+    return tuple(dict.fromkeys(float(v) for v in items))
 
 
 @dataclass(frozen=True, kw_only=True)
 class PlanSpace:
-    """The grid of one plan; every tuple is searched in full (after the merges above)."""
+    """The grid of one plan; every tuple is searched in full (after the merges above).
+
+    Built by :meth:`of` from what :func:`kfacperf.plan.plan` is given: every axis one value
+    alone (``gpus=64``, ``strategies="kaisa"``, ``intervals="10/100"``) or a list."""
 
     gpus: tuple[int, ...]
     strategies: tuple[str, ...] = STRATEGIES
@@ -49,41 +129,51 @@ class PlanSpace:
     symmetric: tuple[bool, ...] = (False, True)
     bucket_mb: tuple[float, ...] = (25.0,)
 
+    @classmethod
+    def of(cls, *, gpus: int | Iterable[int], strategies: str | Iterable[str] = STRATEGIES,
+           batch_per_gpu: int | Iterable[int] = (32,),
+           intervals: str | Iterable[tuple[int, int] | str] = DEFAULT_INTERVALS,
+           comm_dtypes: str | Iterable[str] = S.COMM_DTYPES,
+           symmetric: bool | Iterable[bool] = (False, True),
+           bucket_mb: float | Iterable[float] = (25.0,)) -> PlanSpace:
+        return cls(gpus=_positive_ints("gpus", gpus),
+                   strategies=_names("strategies", strategies, STRATEGIES, _UNKNOWN_STRATEGY),
+                   batch_per_gpu=_positive_ints("batch_per_gpu", batch_per_gpu),
+                   intervals=_interval_pairs(intervals),
+                   comm_dtypes=_names("comm_dtypes", comm_dtypes, S.COMM_DTYPE_BYTES,
+                                      _UNKNOWN_DTYPE),
+                   symmetric=_bools("symmetric", symmetric),
+                   bucket_mb=_sizes_mb("bucket_mb", bucket_mb))
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "gpus", _positive_ints("gpus", self.gpus))
         object.__setattr__(self, "batch_per_gpu",
                            _positive_ints("batch_per_gpu", self.batch_per_gpu))
-        if not self.strategies:
+        strategies = _names("strategies", self.strategies, STRATEGIES, _UNKNOWN_STRATEGY)
+        if not strategies:
             raise ValueError("no strategy to search")
-        for s in self.strategies:
-            if s not in STRATEGIES:
-                raise ValueError(f"unknown strategy {s!r}; known: {', '.join(STRATEGIES)} "
-                                 "(kaisa is searched over every grad-worker fraction)")
-        object.__setattr__(self, "strategies", tuple(dict.fromkeys(self.strategies)))
-        if not self.intervals:
+        object.__setattr__(self, "strategies", strategies)
+        intervals = _interval_pairs(self.intervals)
+        if not intervals:
             raise ValueError("no factor/inverse interval pair to search")
-        for pair in self.intervals:
-            f, i = pair
-            if not all(isinstance(v, int) and not isinstance(v, bool) for v in (f, i)) \
-                    or min(f, i) < 1 or i % f:
+        for f, i in intervals:
+            if min(f, i) < 1 or i % f:
                 raise ValueError(f"intervals {f}/{i}: both must be >= 1 and the inverse "
                                  "interval a multiple of the factor interval")
-        object.__setattr__(self, "intervals",
-                           tuple(dict.fromkeys(tuple(p) for p in self.intervals)))
-        if not self.comm_dtypes:
+        object.__setattr__(self, "intervals", tuple(dict.fromkeys(intervals)))
+        comm_dtypes = _names("comm_dtypes", self.comm_dtypes, S.COMM_DTYPE_BYTES,
+                             _UNKNOWN_DTYPE)
+        if not comm_dtypes:
             raise ValueError("no factor communication precision to search")
-        for d in self.comm_dtypes:
-            if d not in S.COMM_DTYPE_BYTES:
-                raise ValueError(f"factor communication precision {d!r} unknown; use "
-                                 f"{', '.join(S.COMM_DTYPE_BYTES)}")
-        object.__setattr__(self, "comm_dtypes", tuple(dict.fromkeys(self.comm_dtypes)))
-        if not self.symmetric:
+        object.__setattr__(self, "comm_dtypes", comm_dtypes)
+        symmetric = _bools("symmetric", self.symmetric)
+        if not symmetric:
             raise ValueError("no symmetric-packing choice to search")
-        object.__setattr__(self, "symmetric", tuple(dict.fromkeys(bool(s) for s in self.symmetric)))
-        if not self.bucket_mb or any(not (b > 0) for b in self.bucket_mb):
-            raise ValueError(f"bucket sizes must be > 0 MB, got {list(self.bucket_mb)}")
-        object.__setattr__(self, "bucket_mb",
-                           tuple(dict.fromkeys(float(b) for b in self.bucket_mb)))
+        object.__setattr__(self, "symmetric", symmetric)
+        bucket_mb = _sizes_mb("bucket_mb", self.bucket_mb)
+        if not bucket_mb:
+            raise ValueError("bucket sizes must be > 0 MB, got []")
+        object.__setattr__(self, "bucket_mb", bucket_mb)
 
     def as_dict(self) -> dict[str, object]:
         return {

@@ -1,51 +1,64 @@
 """``build_report``: traces and predictions in, one self-contained HTML page out."""
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
-
-import pandas as pd
 
 from kfacperf import __version__
 from kfacperf.plan.result import PlanResult
 from kfacperf.report import matching, sections
-from kfacperf.report.inputs import PredictionData, RunData, load_predictions, load_runs
+from kfacperf.report.inputs import (
+    PredictionData,
+    RunData,
+    ValidationInput,
+    load_predictions,
+    load_runs,
+    validation_tables,
+)
 from kfacperf.report.page import Section, fmt_ms, fmt_pct, fmt_ratio, render_page
-from kfacperf.report.plan import plan_section
-from kfacperf.report.published_section import published_section
+from kfacperf.report.plan import PlanInput, plan_result, plan_section
+from kfacperf.report.published_section import PublishedInput, published_data, published_section
 from kfacperf.safety import atomic_write_text
+from kfacperf.trace.arguments import one_or_many
 
 MAX_BYTES = 8 * 1024 * 1024
+_DIR = (str, os.PathLike)
 
 
-def _runs(items: Sequence[str | Path | RunData]) -> list[RunData]:
-    loaded = {i: it for i, it in enumerate(items) if isinstance(it, RunData)}
-    paths = [it for it in items if not isinstance(it, RunData)]
-    fresh = iter(load_runs(paths))
-    return [loaded[i] if i in loaded else next(fresh) for i in range(len(items))]
+def _runs(items: str | os.PathLike[str] | RunData | Sequence[str | os.PathLike[str] | RunData]
+          ) -> list[RunData]:
+    given = one_or_many(items, (*_DIR, RunData), what="traces",
+                        expected="a trace directory or a RunData")
+    loaded = {i: it for i, it in enumerate(given) if isinstance(it, RunData)}
+    fresh = iter(load_runs([it for it in given if not isinstance(it, RunData)]))
+    return [loaded[i] if i in loaded else next(fresh) for i in range(len(given))]
 
 
-def _predictions(items: Sequence[str | Path | PredictionData]) -> list[PredictionData]:
-    loaded = {i: it for i, it in enumerate(items) if isinstance(it, PredictionData)}
-    paths = [it for it in items if not isinstance(it, PredictionData)]
-    fresh = iter(load_predictions(paths))
-    return [loaded[i] if i in loaded else next(fresh) for i in range(len(items))]
+def _predictions(items: str | os.PathLike[str] | PredictionData
+                 | Sequence[str | os.PathLike[str] | PredictionData]) -> list[PredictionData]:
+    given = one_or_many(items, (*_DIR, PredictionData), what="predictions",
+                        expected="a prediction directory or a PredictionData")
+    loaded = {i: it for i, it in enumerate(given) if isinstance(it, PredictionData)}
+    fresh = iter(load_predictions([it for it in given if not isinstance(it, PredictionData)]))
+    return [loaded[i] if i in loaded else next(fresh) for i in range(len(given))]
 
 
 def build_sections(runs: Sequence[RunData], predictions: Sequence[PredictionData], *,
-                   validation: pd.DataFrame | sections.ValidationSets | None = None,
+                   validation: ValidationInput = None,
                    timeline_step: int | None = None,
-                   timeline_gpus: int | None = None, plan: PlanResult | None = None,
-                   published: Mapping[str, Any] | None = None) -> list[Section]:
-    """All sections of the page, in order (empty ones carry a note instead of content)."""
+                   timeline_gpus: int | None = None, plan: PlanInput = None,
+                   published: PublishedInput = None) -> list[Section]:
+    """All sections of the page, in order (empty ones carry a note instead of content).
+    ``validation``, ``plan`` and ``published`` are what :func:`build_report` takes."""
     groups = matching.group_by_workload(predictions)
     head = matching.headline(runs, predictions)
     return [
         sections.summary_section(runs, predictions, head),
         sections.breakdown_section(runs),
         sections.comparison_section(runs, predictions),
-        sections.validation_section(validation),
+        sections.validation_section(validation_tables(validation)),
         published_section(published),
         sections.scaling_section(groups),
         sections.timeline_section(runs, groups, step=timeline_step, gpus=timeline_gpus),
@@ -86,42 +99,50 @@ def default_title(runs: Sequence[RunData], predictions: Sequence[PredictionData]
     return "kfacperf report" + (": " + ", ".join(workloads) if workloads else "")
 
 
-def build_report(traces: Sequence[str | Path | RunData],
-                 predictions: Sequence[str | Path | PredictionData],
-                 out: str | Path,
-                 validation: pd.DataFrame | sections.ValidationSets | None = None, *,
+def build_report(traces: str | os.PathLike[str] | RunData
+                 | Sequence[str | os.PathLike[str] | RunData],
+                 predictions: str | os.PathLike[str] | PredictionData
+                 | Sequence[str | os.PathLike[str] | PredictionData],
+                 out: str | os.PathLike[str],
+                 validation: ValidationInput = None, *,
                  title: str | None = None,
                  timeline_step: int | None = None, timeline_gpus: int | None = None,
-                 plan: PlanResult | None = None,
-                 published: Mapping[str, Any] | None = None) -> Path:
+                 plan: PlanInput = None,
+                 published: PublishedInput = None) -> Path:
     """Write the report for ``traces`` (trace directories) and ``predictions`` (prediction
-    directories) to ``out`` (atomically; the caller decides whether an existing file may be
-    replaced) and return its path.
+    directories), each one alone or a list, to ``out`` (atomically; the caller decides
+    whether an existing file may be replaced) and return its path.
 
-    ``published`` is what ``kfacperf validate --published --out FILE.json`` wrote (the
-    published GPU cases beside their predictions).  ``validation`` is an optional table of
-    held-out runs (columns ``run``, ``measured_step_us``, ``predicted_step_us`` and optionally
-    ``error_pct`` and more), or several by label (a CPU and a GPU validation side by side),
-    shown as the accuracy section.  ``timeline_step`` picks the
+    ``published`` is the result of :func:`kfacperf.validation.published.validate_published`,
+    its ``to_dict()``, or the file ``kfacperf validate --published --out FILE.json`` wrote
+    (the published GPU cases beside their predictions).  ``validation`` is the held-out runs
+    shown as the accuracy section: the result of :func:`kfacperf.validation.validate`, a
+    file ``kfacperf validate --out`` wrote, or a table (columns ``run``,
+    ``measured_step_us``, ``predicted_step_us`` and optionally ``error_pct`` and more); or
+    several, as a list of files or a dict by label (a CPU and a GPU validation side by side;
+    :func:`kfacperf.report.inputs.validation_tables`).  ``timeline_step`` picks the
     measured step drawn as a timeline (default: the first step with the most stages);
     ``timeline_gpus`` the simulated scale (default: the largest GPU count with events; the
     nearest available otherwise).
-    ``plan`` (from :func:`kfacperf.plan.load_plan`) fills the plan section.
+    ``plan`` (the result of :func:`kfacperf.plan.plan`, or the file
+    :func:`kfacperf.plan.save_plan` wrote) fills the plan section.  Anything else given for
+    ``validation``, ``plan`` or ``published`` is a ``TypeError`` saying what to pass.
     """
-    validation = sections.validation_sets(validation) or None
-    if not traces and not predictions and plan is None and not published and not validation:
-        raise ValueError("nothing to report: give at least one trace, prediction, validation, "
-                         "plan or published results file")
+    tables = sections.validation_sets(validation_tables(validation))
+    planned = plan_result(plan)
+    pub = published_data(published)
     runs = _runs(traces)
     preds = _predictions(predictions)
-    secs = build_sections(runs, preds, validation=validation, timeline_step=timeline_step,
-                          timeline_gpus=timeline_gpus, plan=plan,
-                          published=published)
+    if not runs and not preds and planned is None and not pub and not tables:
+        raise ValueError("nothing to report: give at least one trace, prediction, validation, "
+                         "plan or published results file")
+    secs = build_sections(runs, preds, validation=tables, timeline_step=timeline_step,
+                          timeline_gpus=timeline_gpus, plan=planned, published=pub)
     subtitle = (f"{len(runs)} measured run(s), {len(preds)} prediction(s)"
-                + (", a plan" if plan is not None else "")
+                + (", a plan" if planned is not None else "")
                 + f" · generated by kfacperf {__version__}")
     inputs = [str(r.path) for r in runs] + [str(p.path) for p in preds]
     footer = "Inputs: " + ", ".join(inputs) if inputs else ""
-    text = render_page(title=title or default_title(runs, preds, plan), subtitle=subtitle,
+    text = render_page(title=title or default_title(runs, preds, planned), subtitle=subtitle,
                        sections=secs, footer=footer)
     return atomic_write_text(out, text)

@@ -10,15 +10,27 @@ naming the file, not later inside a figure.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeGuard
 
 import pandas as pd
 
 if TYPE_CHECKING:  # pragma: no cover
     from kfacperf.trace.summary import TraceSummary
+    from kfacperf.validation import ValidationResult
+
+ValidationTable: TypeAlias = "pd.DataFrame | ValidationResult | str | os.PathLike[str]"
+"""One validation: a table of held-out runs, what :func:`kfacperf.validation.validate`
+returns, or a file ``kfacperf validate --out`` wrote."""
+ValidationInput: TypeAlias = (
+    "ValidationTable | Sequence[str | os.PathLike[str]] | Mapping[str, ValidationTable] | None")
+"""What the report's accuracy section takes: one validation, several files (each labelled
+by its name, :func:`validation_labels`), or several by label."""
+HELD_OUT = "held-out runs"
+"""The label of a validation given alone (not a file)."""
 
 RUN_KEYS: tuple[str, ...] = ("strategy", "world_size")
 
@@ -161,7 +173,7 @@ def committed_validations(traces_root: str | Path) -> dict[str, pd.DataFrame]:
             for p in sorted(root.glob("*/validation-*.json")) if p.is_file()}
 
 
-def load_validation(path: str | Path) -> pd.DataFrame:
+def load_validation(path: str | os.PathLike[str]) -> pd.DataFrame:
     """Validation results for the accuracy section: one row per held-out run.
 
     Accepts Parquet, CSV, or JSON (a list of row objects, or an object whose ``runs`` key
@@ -183,3 +195,52 @@ def load_validation(path: str | Path) -> pd.DataFrame:
                              "(or an object with a 'runs' list)")
         return pd.DataFrame(rows)
     raise ValueError(f"{p}: unknown validation file type {suffix!r} (use .parquet, .csv or .json)")
+
+
+def validation_tables(validation: ValidationInput) -> dict[str, pd.DataFrame]:
+    """``validation`` (see :data:`ValidationInput`) as tables of held-out runs by label: a
+    file is read with :func:`load_validation` (one that holds no runs is an error), a
+    :class:`~kfacperf.validation.ValidationResult` gives its ``runs``.  Anything else is a
+    ``TypeError`` saying what to pass."""
+    if validation is None:
+        return {}
+    if isinstance(validation, (str, os.PathLike)):
+        validation = [validation]
+    if isinstance(validation, Mapping):
+        return {str(label): _validation_table(v, str(label)) for label, v in validation.items()}
+    if isinstance(validation, pd.DataFrame) or _is_validation_result(validation):
+        return {HELD_OUT: _validation_table(validation, HELD_OUT)}
+    if isinstance(validation, Sequence) and all(isinstance(p, (str, os.PathLike))
+                                                for p in validation):
+        paths = list(validation)
+        return {label: _validation_table(p, label)
+                for label, p in zip(validation_labels(paths), paths)}
+    raise TypeError(f"validation: expected {_VALIDATION_KINDS}, a list of such files, or a "
+                    f"dict of them by label; got {type(validation).__name__}")
+
+
+_VALIDATION_KINDS = ("a pandas DataFrame of held-out runs, the ValidationResult of "
+                     "kfacperf.validation.validate(), or a file kfacperf validate --out wrote "
+                     "(.parquet, .csv or .json)")
+
+
+def _is_validation_result(value: object) -> TypeGuard[ValidationResult]:
+    if not (hasattr(value, "runs") and hasattr(value, "calibration")):
+        return False  # never imports kfacperf.validation for what cannot be one
+    from kfacperf.validation import ValidationResult
+
+    return isinstance(value, ValidationResult)
+
+
+def _validation_table(value: object, label: str) -> pd.DataFrame:
+    if isinstance(value, pd.DataFrame):
+        return value
+    if _is_validation_result(value):
+        return value.runs
+    if isinstance(value, (str, os.PathLike)):
+        table = load_validation(value)
+        if table.empty:
+            raise ValueError(f"validation file {value}: holds no held-out runs")
+        return table
+    raise TypeError(f"validation {label!r}: expected {_VALIDATION_KINDS}; "
+                    f"got {type(value).__name__}")

@@ -3,18 +3,41 @@ and the best K-FAC configuration, the Pareto front of time against GPU-hours, an
 configurations in a table (from ``kfacperf plan --out plan.json``)."""
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
+from typing import Any, TypeAlias
+
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from kfacperf import vocab as S
-from kfacperf.plan.result import OPTIMIZER_NAMES, Choice, PlanResult
+from kfacperf.plan.result import OPTIMIZER_NAMES, Choice, PlanResult, load_plan
 from kfacperf.plan.text import comm_text, config_text, fmt_duration
 from kfacperf.report.figures import PALETTE, plot_text, style_figure
 from kfacperf.report.page import Section, fmt_ms, fmt_plain, heading, paragraph, table
 
 OPTIMIZER_COLORS = {S.SGD: PALETTE[0], S.KFAC: PALETTE[1]}
+
+PlanInput: TypeAlias = "PlanResult | Mapping[str, Any] | str | os.PathLike[str] | None"
+"""What the section takes: a plan (:func:`kfacperf.plan.plan`), its ``to_dict()``, or the file
+:func:`kfacperf.plan.save_plan` (``kfacperf plan --out``) wrote."""
+
+
+def plan_result(plan: PlanInput) -> PlanResult | None:
+    """``plan`` (see :data:`PlanInput`) as a :class:`PlanResult` (None: none given); a file
+    is read with :func:`~kfacperf.plan.result.load_plan`.  Anything else is a ``TypeError``
+    saying what to pass."""
+    if plan is None or isinstance(plan, PlanResult):
+        return plan
+    if isinstance(plan, (str, os.PathLike)):
+        return load_plan(plan)
+    if isinstance(plan, Mapping):
+        return PlanResult.from_dict(dict(plan))
+    raise TypeError("plan: expected the PlanResult of kfacperf.plan.plan(), its to_dict(), or "
+                    "the JSON file kfacperf.plan.save_plan / kfacperf plan --out wrote; got "
+                    f"{type(plan).__name__}")
 
 
 def _optimizer_name(optimizer: object) -> object:
@@ -128,12 +151,13 @@ def _share(value: object) -> str:
     return f"{value:.0%}" if isinstance(value, (int, float)) else fmt_plain(value)
 
 
-def plan_section(result: PlanResult | None) -> Section:
+def plan_section(plan: PlanInput) -> Section:
     sec = Section(key="plan", title="Plan: time to solution",
                   intro="For each GPU count, the fastest SGD and K-FAC configuration found by "
                         "kfacperf plan: predicted step time × steps to the convergence "
                         "model's target; configurations that do not fit in memory are never "
                         "chosen.")
+    result = plan_result(plan)
     if result is None:
         sec.note = "No plan was given (kfacperf plan --out plan.json, then --plan plan.json)."
         return sec

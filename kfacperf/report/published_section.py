@@ -7,9 +7,10 @@ log-2 axis, measured as markers, predicted as lines; stage breakdowns as grouped
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 import pandas as pd
@@ -18,10 +19,17 @@ import plotly.graph_objects as go
 from kfacperf.report.figures import PALETTE, plot_text, style_figure
 from kfacperf.report.page import Section, fmt_pct, fmt_plain, heading, paragraph, table
 
+if TYPE_CHECKING:  # pragma: no cover
+    from kfacperf.validation.published import PublishedResult
+
 REQUIRED = ("cases", "points", "series")
 
+PublishedInput: TypeAlias = "PublishedResult | Mapping[str, Any] | str | os.PathLike[str] | None"
+"""What the section takes: the result of :func:`kfacperf.validation.published.validate_published`,
+its ``to_dict()``, or the JSON file ``kfacperf validate --published --out`` wrote."""
 
-def load_published(path: str | Path) -> dict[str, Any]:
+
+def load_published(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a ``validate --published`` JSON file (errors name the file and what is missing)."""
     from kfacperf.safety import load_json_file
 
@@ -36,8 +44,32 @@ def load_published(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def published_section(data: Mapping[str, Any] | None) -> Section:
+def published_data(published: PublishedInput) -> dict[str, Any] | None:
+    """``published`` (see :data:`PublishedInput`) as the section's data (None: none given);
+    anything else is a ``TypeError`` saying what to pass."""
+    if published is None:
+        return None
+    if isinstance(published, (str, os.PathLike)):
+        return load_published(published)
+    if isinstance(published, Mapping):
+        missing = [k for k in REQUIRED if k not in published]
+        if missing:
+            raise ValueError(f"published results: missing key(s) {', '.join(missing)} (give "
+                             "PublishedResult.to_dict() or what validate --published --out wrote)")
+        return dict(published)
+    if hasattr(published, "points") and hasattr(published, "cases"):
+        from kfacperf.validation.published import PublishedResult
+
+        if isinstance(published, PublishedResult):
+            return published.to_dict()
+    raise TypeError("published: expected the PublishedResult of kfacperf.validation.published."
+                    "validate_published(), its to_dict(), or the JSON file kfacperf validate "
+                    f"--published --out wrote; got {type(published).__name__}")
+
+
+def published_section(data: PublishedInput) -> Section:
     sec = Section(key="published", title="Published GPU measurements vs prediction")
+    data = published_data(data)
     if not data:
         sec.note = ("No published results were given (kfacperf validate --published "
                     "--out FILE.json, then kfacperf report --published FILE.json).")

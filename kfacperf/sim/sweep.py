@@ -49,6 +49,7 @@ from kfacperf.sim.models.device import DeviceModel
 from kfacperf.sim.models.workload import WorkloadModel
 from kfacperf.sim.prediction import Prediction
 from kfacperf.sim.summary import CycleStep, EventColumns, cycle, summarize_point
+from kfacperf.trace.arguments import one_or_many
 
 MAX_GPUS = 2**20
 """The largest GPU count simulated (1,048,576): beyond the largest clusters built, and a
@@ -96,9 +97,9 @@ def check_summary_finite(summary: Any) -> None:
 
 def check_strategies(strategies: Sequence[str | StrategySpec], fraction: float
                      ) -> list[StrategySpec]:
-    if isinstance(strategies, str):
-        strategies = [strategies]
-    if not len(strategies):
+    strategies = one_or_many(strategies, (str, StrategySpec), what="strategies",
+                             expected="a strategy name (sgd, spngd, kaisa:f)")
+    if not strategies:
         raise ValueError("no strategy given")
     specs = [s if isinstance(s, StrategySpec) else parse_strategy(s, default_fraction=fraction)
              for s in strategies]

@@ -53,9 +53,15 @@ def _assign_tracks(starts: list[float], ends: list[float]) -> list[int]:
 
 
 def chrome_trace(trace: Trace, *, rank: int | None = None) -> dict[str, Any]:
-    """The Chrome JSON object of ``trace`` (all ranks, or only ``rank``)."""
+    """The Chrome JSON object of ``trace`` (all ranks, or only ``rank``: a ``ValueError``,
+    naming the trace's ranks, where it has no events of that rank)."""
     ev = trace.events
     if rank is not None:
+        ranks = sorted(int(x) for x in ev["rank"].unique())
+        if isinstance(rank, bool) or rank not in ranks:
+            have = ", ".join(map(str, ranks)) if ranks else "none"
+            raise ValueError(f"rank {rank!r}: {trace.path} has no events of it; its ranks "
+                             f"with events: {have}")
         ev = ev[ev["rank"] == rank]
     world = int(trace.run.get("world_size") or (int(ev["rank"].max()) + 1 if len(ev) else 1))
     out: list[dict[str, Any]] = []

@@ -37,9 +37,10 @@ This module never imports torch.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kfacperf import vocab as S
 
@@ -140,11 +141,27 @@ def _weighted_table(per_kind: Mapping[str, Mapping[Any, float]],
             for key in keys}
 
 
-def measure(trace: Any) -> Measured:
-    """The step and stage times of ``trace``'s measured steps (a :class:`Trace`, or anything
-    with ``.run``, ``.events`` and optionally ``.path``)."""
+class TraceLike(Protocol):
+    """What :func:`measure` reads of a trace: a :class:`~kfacperf.trace.store.Trace`, or
+    anything with ``run`` (its run.json), ``events`` and optionally ``path``."""
+
+    @property
+    def run(self) -> Mapping[str, Any]: ...
+
+    @property
+    def events(self) -> pd.DataFrame: ...
+
+
+def measure(trace: TraceLike | str | os.PathLike[str]) -> Measured:
+    """The step and stage times of ``trace``'s measured steps: a trace directory (loaded
+    with :func:`kfacperf.trace.store.load_trace`), a :class:`~kfacperf.trace.store.Trace`,
+    or anything with ``.run``, ``.events`` and optionally ``.path``."""
     from pathlib import Path
 
+    if isinstance(trace, (str, os.PathLike)):
+        from kfacperf.trace.store import load_trace
+
+        trace = load_trace(trace)
     path = getattr(trace, "path", None)
     label = Path(path).name if path else str(trace.run.get("workload", "run"))
     events = measured_events(trace)

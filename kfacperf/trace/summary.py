@@ -32,6 +32,7 @@ This module never imports torch.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -46,7 +47,7 @@ from kfacperf.trace.measure import (
     step_kinds,
 )
 from kfacperf.trace.schema import TraceError
-from kfacperf.trace.store import Trace
+from kfacperf.trace.store import Trace, load_trace
 from kfacperf.vocab import COMM, COMPUTE, ORDER, SGD, STEP
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -210,11 +211,18 @@ def _slowest(stages: pd.DataFrame) -> pd.DataFrame:
                                        "imbalance"])
 
 
-def summarize(trace: Trace, baseline: Trace | None = None) -> TraceSummary:
+def summarize(trace: Trace | str | os.PathLike[str],
+              baseline: Trace | str | os.PathLike[str] | None = None) -> TraceSummary:
     """Summarize ``trace`` (its measured steps); with ``baseline`` (an SGD run of the same
-    workload, world size and batch) also the overhead ``step_us / baseline step_us``."""
+    workload, world size and batch) also the overhead ``step_us / baseline step_us``.  Each
+    is a :class:`~kfacperf.trace.store.Trace` or a trace directory
+    (:func:`~kfacperf.trace.store.load_trace` loads it)."""
     import numpy as np
 
+    if isinstance(trace, (str, os.PathLike)):
+        trace = load_trace(trace)
+    if isinstance(baseline, (str, os.PathLike)):
+        baseline = load_trace(baseline)
     events = trace.measured()
     if events.empty:
         raise TraceError(no_measured_steps(trace, str(trace.path)))

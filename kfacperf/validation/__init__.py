@@ -40,7 +40,7 @@ This module never imports torch.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +50,7 @@ from kfacperf.trace.compare import check_kinds, compare, error_pct
 from kfacperf.trace.coverage import check_stage_spans
 from kfacperf.trace.measure import KINDS, Measured, measure, run_step_kind, weighted
 from kfacperf.validation.inputs import (
+    TraceInputs,
     check_disjoint,
     device_key,
     distinct_traces,
@@ -60,7 +61,9 @@ from kfacperf.validation.inputs import (
 )
 from kfacperf.validation.model import (
     Calibration,
+    ClusterInput,
     Predicted,
+    SearchInput,
     WorkloadFinder,
     calibrate,
     predict,
@@ -166,14 +169,19 @@ class ValidationResult:
 
 
 def validate(
-    calibration_traces: Sequence[Any], holdout_traces: Sequence[Any], *, cluster: Any = None,
-    workload_search: Sequence[str] = (), device_name: str = "calibrated",
+    calibration_traces: TraceInputs, holdout_traces: TraceInputs, *,
+    cluster: ClusterInput = None, workload_search: SearchInput = (),
+    device_name: str = "calibrated",
 ) -> ValidationResult:
-    """Calibrate on ``calibration_traces`` only, then predict every held-out trace."""
+    """Calibrate on ``calibration_traces`` only, then predict every held-out trace.
+
+    Each of the two is a trace directory, a folder of trace directories or a loaded trace,
+    or a list of them; ``cluster`` is what :func:`resolve_cluster` takes."""
     import pandas as pd
 
-    cal_loaded = distinct_traces(load_traces(calibration_traces), "calibration")
-    held = distinct_traces(load_traces(holdout_traces), "held-out")
+    cal_loaded = distinct_traces(load_traces(calibration_traces, what="calibration traces"),
+                                 "calibration")
+    held = distinct_traces(load_traces(holdout_traces, what="held-out traces"), "held-out")
     if not held:
         raise ValueError("no held-out traces given")
     check_disjoint(cal_loaded, held)

@@ -5,23 +5,29 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeAlias
 
+from kfacperf.trace.arguments import one_or_many
 from kfacperf.trace.schema import run_device
+from kfacperf.trace.store import Trace
 
-if TYPE_CHECKING:  # pragma: no cover
-    from kfacperf.trace.store import Trace
+TraceInput: TypeAlias = "str | os.PathLike[str] | Trace"
+"""One trace: its directory (or a folder of trace directories), or a loaded trace."""
+TraceInputs: TypeAlias = "TraceInput | Iterable[TraceInput]"
+"""One trace input alone, or several."""
 
 
-def expand_trace_paths(items: Iterable[str | os.PathLike[str] | Trace]) -> list[Any]:
+def expand_trace_paths(items: TraceInputs, *, what: str = "traces") -> list[Any]:
     """Trace directories, with a folder of traces (no ``run.json`` of its own, trace
     directories inside) standing for its traces in name order.  A directory in the folder
     that holds a trace's events but no ``run.json`` (a broken trace) is an error, not skipped:
-    leaving it out silently would fit or predict without it."""
+    leaving it out silently would fit or predict without it.  One directory (a ``str`` or
+    path) or trace may be given alone; ``what`` names the argument in errors."""
     from kfacperf.trace.schema import EVENTS_FILE, PARTS_DIR, RUN_FILE
 
     out: list[Any] = []
-    for item in items:
+    for item in one_or_many(items, (str, os.PathLike, Trace), what=what,
+                            expected="a trace directory, a folder of them or a loaded trace"):
         if not isinstance(item, (str, os.PathLike)):
             out.append(item)
             continue
@@ -43,10 +49,13 @@ def expand_trace_paths(items: Iterable[str | os.PathLike[str] | Trace]) -> list[
     return out
 
 
-def load_traces(items: Iterable[Any]) -> list[Trace]:
+def load_traces(items: TraceInputs, *, what: str = "traces") -> list[Trace]:
+    """The traces of ``items`` (see :func:`expand_trace_paths`), loaded; a loaded trace (or
+    anything with ``.events`` and ``.run``) is taken as it is."""
     from kfacperf.trace.store import load_trace
 
-    return [it if hasattr(it, "events") else load_trace(it) for it in expand_trace_paths(items)]
+    return [it if hasattr(it, "events") else load_trace(it)
+            for it in expand_trace_paths(items, what=what)]
 
 
 def trace_workload_models(traces: Iterable[Trace]) -> list[str]:

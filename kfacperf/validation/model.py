@@ -4,13 +4,18 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from kfacperf import vocab as S
+from kfacperf.bench.results import CommbenchResult
 from kfacperf.sim.models.cluster import ClusterModel
+from kfacperf.sim.models.device import DeviceModel
+from kfacperf.trace.arguments import one_or_many
 from kfacperf.trace.measure import KindTimes
 from kfacperf.trace.schema import fisher_options
 from kfacperf.validation.inputs import (
+    TraceInputs,
     distinct_traces,
     load_traces,
     trace_label,
@@ -21,8 +26,19 @@ if TYPE_CHECKING:  # pragma: no cover
     from kfacperf.calibrate.device import DeviceCalibration
     from kfacperf.sim.prediction import Prediction
 
+ClusterInput: TypeAlias = "ClusterModel | CommbenchResult | str | os.PathLike[str] | None"
+"""What :func:`resolve_cluster` takes."""
+SearchInput: TypeAlias = "str | os.PathLike[str] | Sequence[str | os.PathLike[str]]"
+"""Workload model files and folders to look in: one alone, or a list."""
 
-def resolve_cluster(cluster: Any) -> ClusterModel:
+
+def search_paths(search: SearchInput) -> list[str]:
+    """``search`` (one file or folder alone, or a list) as a list of paths."""
+    return [str(s) for s in one_or_many(search, (str, os.PathLike), what="workload_search",
+                                        expected="a workload model file or folder")]
+
+
+def resolve_cluster(cluster: ClusterInput) -> ClusterModel:
     """A cluster model from a ClusterModel, a commbench result, a preset name or a TOML path
     (``None``: the committed ``local-cpu`` model)."""
     from kfacperf.sim.models import load_cluster
@@ -36,18 +52,23 @@ def resolve_cluster(cluster: Any) -> ClusterModel:
                                     ) from None
     if isinstance(cluster, ClusterModel):
         return cluster
-    if hasattr(cluster, "points") and hasattr(cluster, "backend"):  # a CommbenchResult
+    if isinstance(cluster, CommbenchResult):
         from kfacperf.calibrate.cluster import fit_cluster
 
         return fit_cluster(cluster, name="local")[0]
-    return load_cluster(cluster)
+    if isinstance(cluster, str):
+        return load_cluster(cluster)
+    if isinstance(cluster, os.PathLike):
+        return load_cluster(Path(cluster))
+    raise TypeError(f"cluster: expected a ClusterModel, a CommbenchResult, a preset name or "
+                    f"the path of a cluster TOML, got {type(cluster).__name__}")
 
 
 @dataclass(frozen=True, kw_only=True)
 class Calibration:
     """What the predictions use: the fitted device, the cluster, and how to find workloads."""
 
-    device: Any
+    device: DeviceModel
     cluster: ClusterModel
     fit: DeviceCalibration
     traces: tuple[str, ...]
@@ -62,8 +83,8 @@ class WorkloadFinder:
     """Workload models matched to runs by registry name, options and fingerprint (cached):
     the files and folders of ``search`` first, then ``models/workloads/``."""
 
-    def __init__(self, search: Sequence[str | os.PathLike[str]]) -> None:
-        self.search = [str(s) for s in search]
+    def __init__(self, search: SearchInput) -> None:
+        self.search = search_paths(search)
         self.cache: dict[str, Any] = {}
 
     def __call__(self, run: Mapping[str, Any], label: str = "") -> Any:
@@ -108,19 +129,19 @@ class WorkloadFinder:
 
 
 def calibrate(
-    traces: Sequence[Any], *, cluster: Any = None, workload_search: Sequence[str] = (),
-    device_name: str = "calibrated",
+    traces: TraceInputs, *, cluster: ClusterInput = None,
+    workload_search: SearchInput = (), device_name: str = "calibrated",
 ) -> Calibration:
-    """Fit the device model to ``traces`` (paths or loaded traces) only, each once
-    (:func:`~kfacperf.validation.inputs.distinct_traces`).  Workload models are looked for in
-    ``workload_search``, then in the traces themselves, then in ``models/``."""
+    """Fit the device model to ``traces`` (paths or loaded traces, one alone or a list) only,
+    each once (:func:`~kfacperf.validation.inputs.distinct_traces`).  Workload models are
+    looked for in ``workload_search``, then in the traces themselves, then in ``models/``."""
     from kfacperf.calibrate.device import fit_device_model
     from kfacperf.sim.models.device import workload_key
 
-    loaded = distinct_traces(load_traces(traces), "calibration")
+    loaded = distinct_traces(load_traces(traces, what="calibration traces"), "calibration")
     if not loaded:
         raise ValueError("no calibration traces given")
-    workloads = WorkloadFinder([*workload_search, *trace_workload_models(loaded)])
+    workloads = WorkloadFinder([*search_paths(workload_search), *trace_workload_models(loaded)])
     fit = fit_device_model(loaded, workloads=lambda run: workloads(run), name=device_name)
     keys: dict[tuple[str, str], None] = {}
     for t in loaded:

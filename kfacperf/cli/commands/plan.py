@@ -53,19 +53,10 @@ def _floats(flag: str, text: str) -> list[float]:
 
 
 def parse_intervals(text: str) -> list[tuple[int, int]]:
-    """``1/1,10/100`` -> [(1, 1), (10, 100)]."""
-    pairs = []
-    for part in (p.strip() for p in text.split(",")):
-        f, sep, i = part.partition("/")
-        if not sep:
-            raise ValueError(f"--intervals {text!r}: {part!r} is not FACTOR/INVERSE, e.g. 10/100")
-        try:
-            values = _ints("--intervals", f"{f},{i}")
-        except ValueError as exc:  # name the pair as the user wrote it, not as re-joined
-            reason = str(exc).split(": ", 1)[1]
-            raise ValueError(f"--intervals {text!r}: {part}: {reason}") from None
-        pairs.append((values[0], values[1]))
-    return pairs
+    """``1/1,10/100`` -> [(1, 1), (10, 100)] (:func:`kfacperf.plan.space.parse_intervals`)."""
+    from kfacperf.plan.space import parse_intervals as parse
+
+    return parse(text, "--intervals")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -141,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         progress=progress, dtype=args.dtype, inverse_method=args.inverse_method,
     )
     if args.out:
-        save_plan(result, args.out)
+        save_plan(result, args.out, force=args.force)
     if args.json:
         print(dumps_json(result.to_dict(), indent=1))
     else:

@@ -46,14 +46,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kfacperf.errors import UserError
-    from kfacperf.plan.result import load_plan
     from kfacperf.report.build import MAX_BYTES, build_report, headline_text
-    from kfacperf.report.inputs import (
-        load_predictions,
-        load_runs,
-        load_validation,
-        validation_labels,
-    )
+    from kfacperf.report.inputs import load_predictions, load_runs, validation_tables
+    from kfacperf.report.plan import plan_result
+    from kfacperf.report.published_section import published_data
     from kfacperf.safety import check_output_file
 
     if not (args.traces or args.predictions or args.plan or args.published or args.validation):
@@ -61,18 +57,12 @@ def run(args: argparse.Namespace) -> int:
                         "--published")
     if args.timeline_gpus is not None and args.timeline_gpus < 1:
         raise UserError(f"--timeline-gpus must be >= 1, got {args.timeline_gpus}")
-    from kfacperf.report.published_section import load_published
-
     check_output_file(args.out, force=args.force)
     if args.screenshot:
         check_output_file(args.screenshot, force=args.force, flag="--screenshot")
-    validation = {label: load_validation(p) for label, p in
-                  zip(validation_labels(args.validation), args.validation)} or None
-    for path, rows in zip(args.validation, (validation or {}).values()):
-        if rows.empty:
-            raise UserError(f"--validation {path}: holds no held-out runs")
-    plan = load_plan(args.plan) if args.plan else None
-    published = load_published(args.published) if args.published else None
+    # the files read as build_report reads them, before the (slower) traces
+    validation = validation_tables(args.validation)
+    plan, published = plan_result(args.plan), published_data(args.published)
     runs, predictions = load_runs(args.traces), load_predictions(args.predictions)
     out = build_report(runs, predictions, args.out, validation, title=args.title,
                        timeline_step=args.timeline_step, timeline_gpus=args.timeline_gpus,
