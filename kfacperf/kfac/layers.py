@@ -1,13 +1,14 @@
 """Per-layer K-FAC state and the batch statistics (Kronecker factors) of Linear and Conv2d.
 
-Conventions (N = examples in the local batch, the size of the input's first dimension; the
-loss is assumed to be a mean over those N examples):
+Conventions (N = examples in the local batch, the size of the input's first dimension, 1 for
+an unbatched input; the loss is assumed to be a mean over those N examples):
 
 * A layer's gradient is handled as a ``dim_g x dim_a`` matrix ``[dW | db]``: the weight
   reshaped to ``(out, -1)`` (for Conv2d the columns are ordered ``(c_in, kh, kw)``, the order
-  of :func:`torch.nn.functional.unfold`) and, when the layer has a bias, the bias as the last
-  column.  Vectors are vectorised row-major (``tensor.reshape(-1)``), so the Kronecker-factored
-  Fisher block of a layer is ``G ⊗ A`` (G first).
+  of :func:`torch.nn.functional.unfold`) and, when the layer has a trainable bias, the bias as
+  the last column (a frozen bias is not part of the block: the layer is treated as bias-free).
+  Vectors are vectorised row-major (``tensor.reshape(-1)``), so the Kronecker-factored Fisher
+  block of a layer is ``G ⊗ A`` (G first).
 * Every layer turns its input into R *rows* ``a_r`` (with a trailing 1 when there is a bias)
   and its output gradient into R rows ``g_r`` (what autograd gives for a mean loss, i.e.
   ``1/N`` of the per-example gradient ``δ_r = N g_r``).  The gradient is ``Σ_r g_r a_rᵀ``.
@@ -83,8 +84,8 @@ class KFACLayer:
     """The K-FAC state of one registered module.
 
     Attributes (``None`` until first set):
-        name, module, kind (``"linear"``/``"conv2d"``), has_bias, dim_a (incl. the bias
-        column), dim_g, inverse_method.
+        name, module, kind (``"linear"``/``"conv2d"``), has_bias (a bias that requires a
+        gradient), dim_a (incl. the bias column), dim_g, inverse_method.
         a_batch, g_batch: this step's batch statistics (local, then global after the
             strategy's ``finish_factors``); released once the running averages have taken
             them, so they exist only from a factor step's backward to its ``step()``.
@@ -105,7 +106,11 @@ class KFACLayer:
         self.name = name
         self.module = module
         self.inverse_method = inverse_method
-        self.has_bias = getattr(module, "bias", None) is not None
+        # A frozen bias (requires_grad=False) is no parameter of the Fisher block: the layer
+        # is then preconditioned as one without a bias (no homogeneous 1 in A), and its
+        # ``.grad`` is never written (an optimizer would otherwise move the frozen bias).
+        bias = getattr(module, "bias", None)
+        self.has_bias = isinstance(bias, Tensor) and bias.requires_grad
         weight = self.weight
         self.dim_g = int(weight.shape[0])
         self.dim_a = int(weight[0].numel()) + int(self.has_bias)
@@ -160,12 +165,16 @@ class KFACLayer:
         """Set ``a_batch``/``g_batch`` from the layer's input and its output gradient."""
         x = x.detach()
         dtype = factor_dtype(x.dtype)
-        n = int(x.shape[0]) if x.dim() > 1 else 1
+        n = self._examples(x)
         gram, total, rows = self._input_moments(x.to(dtype))
         g_rows = self._g_rows(grad_output.detach().to(dtype))  # (dim_g, R)
         self.rows = rows
         self.a_batch = _assemble_a(gram, total if self.has_bias else None, rows)
         self.g_batch = (g_rows @ g_rows.t()).mul_(float(n))
+
+    def _examples(self, x: Tensor) -> int:
+        """N, the number of examples in the input (the leading dim; 1 if unbatched)."""
+        return int(x.shape[0]) if x.dim() > 1 else 1
 
     def _input_moments(self, x: Tensor) -> tuple[Tensor, Tensor, int]:
         """``(Σ_r a_r a_rᵀ, Σ_r a_r, R)`` over the input rows (without the bias 1)."""
@@ -331,6 +340,9 @@ class Conv2dLayer(KFACLayer):
         if not isinstance(module, nn.Conv2d) or module.groups != 1:
             raise ValueError(f"layer {name!r}: only nn.Conv2d with groups=1 is supported")
         super().__init__(name=name, module=module, inverse_method=inverse_method)
+
+    def _examples(self, x: Tensor) -> int:
+        return 1 if x.dim() == 3 else int(x.shape[0])  # unbatched input: [C, H, W]
 
     def _input_moments(self, x: Tensor) -> tuple[Tensor, Tensor, int]:
         m = cast(nn.Conv2d, self.module)

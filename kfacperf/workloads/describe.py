@@ -27,7 +27,8 @@ the model takes) is a :class:`ForwardError`.  Every parameter tensor counts once
 ``total_params`` and in ``other_params``:
 
 * ``dim_a`` - side of the A factor: ``in_features`` (Linear) or ``c_in * kh * kw`` (Conv2d),
-  plus one when the layer has a bias (the bias is folded into A as a column of ones).
+  plus one when the layer has a trainable bias (folded into A as a column of ones; a frozen
+  bias is no part of the block, as in :class:`kfacperf.kfac.layers.KFACLayer`).
 * ``dim_g`` - side of the G factor: ``out_features`` / ``c_out``.
 * ``rows_per_example`` - rows one example contributes to A and G: the output's spatial
   positions ``H_out * W_out`` (Conv2d), the product of the middle dimensions of the input
@@ -216,8 +217,11 @@ def _walk(model: nn.Module, example: torch.Tensor, *, meta: bool) -> ModelWalk:
     from kfacperf.kfac.preconditioner import ROOT_LAYER, tied_layers_message
 
     # module -> its name: the path, or ROOT_LAYER for the model itself (the preconditioner's)
+    # (a module whose weight is frozen is none: the optimizer skips it; its work is the rest's)
     paths = {m: p or ROOT_LAYER for p, m in model.named_modules()
-             if is_kfac_layer(m) or is_batchnorm(m)}
+             if (is_kfac_layer(m) or is_batchnorm(m)) and _trains(getattr(m, "weight", None))}
+    # a frozen bias is no column of A (as in kfacperf.kfac.layers), read before the swap
+    with_bias = {m: _trains(getattr(m, "bias", None)) for m in paths}
     # each K-FAC layer's own parameters, of the model as given (the meta pass swaps them)
     owns = {m: [id(p) for p in m.parameters(recurse=False)] for m in paths if is_kfac_layer(m)}
     owner: dict[int, str] = {}  # a listed layer's parameter -> that layer
@@ -246,7 +250,7 @@ def _walk(model: nn.Module, example: torch.Tensor, *, meta: bool) -> ModelWalk:
             return
         # paths holds only K-FAC layers (Linear, Conv2d) besides the BatchNorms
         layers.append(_layer_record(path, cast("nn.Linear | nn.Conv2d", module), inputs[0],
-                                    output))
+                                    output, bias=with_bias[module]))
         if isinstance(module, nn.Conv2d):
             hp, wp = padded_input(inputs[0], module).shape[-2:]
             conv[path] = {
@@ -311,11 +315,16 @@ def _extra_flop_formulas() -> dict[Any, Any]:
     return {op: sdpa}
 
 
+def _trains(t: object) -> bool:
+    """Is ``t`` a parameter that gets a gradient (one the K-FAC optimizer preconditions)?"""
+    return isinstance(t, torch.Tensor) and t.requires_grad
+
+
 def _layer_record(
-    path: str, module: nn.Linear | nn.Conv2d, x: torch.Tensor, y: torch.Tensor
+    path: str, module: nn.Linear | nn.Conv2d, x: torch.Tensor, y: torch.Tensor, *, bias: bool
 ) -> dict[str, Any]:
-    bias = module.bias is not None
-    params = module.weight.numel() + (module.bias.numel() if module.bias is not None else 0)
+    """``bias``: the layer has a trainable bias (a frozen one counts in other_params)."""
+    params = module.weight.numel() + (cast(torch.Tensor, module.bias).numel() if bias else 0)
     if isinstance(module, nn.Linear):
         kind = "linear"
         fan_in, dim_g = module.in_features, module.out_features

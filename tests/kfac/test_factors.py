@@ -222,3 +222,20 @@ def test_patch_moments_in_column_step_chunks_match_unfold(monkeypatch: pytest.Mo
     m = u.transpose(0, 1).reshape(u.shape[1], -1)
     torch.testing.assert_close(gram, m @ m.t())
     torch.testing.assert_close(total, m.sum(dim=1))
+
+
+def test_unbatched_conv_input_is_one_example() -> None:
+    """An unbatched ``[C, H, W]`` input is one example (N = 1), not C of them: its factors
+    are those of the same input with a batch dimension of one."""
+    torch.manual_seed(21)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    x = torch.randn(3, 5, 5)
+    grad = torch.randn(4, 5, 5)
+    unbatched, batched = _precond(conv), _precond(conv)
+    layer, ref = unbatched.layers["<model>"], batched.layers["<model>"]
+    layer.compute_batch_factors(x, grad)
+    ref.compute_batch_factors(x[None], grad[None])
+    torch.testing.assert_close(layer.a_batch, ref.a_batch)
+    torch.testing.assert_close(layer.g_batch, ref.g_batch)
+    rows = grad.reshape(4, -1)
+    torch.testing.assert_close(layer.g_batch, rows @ rows.t())  # N Σ g gᵀ with N = 1

@@ -122,6 +122,33 @@ def test_zero_input_without_bias_and_huge_inputs_give_finite_updates(method: str
     assert precond.layers["0"].a_factor.abs().max() > 0
 
 
+@pytest.mark.parametrize("method", ["eigen", "cholesky"])
+def test_frozen_bias_is_no_part_of_the_block_and_keeps_no_gradient(method: str) -> None:
+    """A Linear whose bias is frozen is preconditioned as the same layer without a bias
+    (A has no homogeneous 1), and the frozen bias gets no ``.grad`` an optimizer would apply."""
+    torch.manual_seed(15)
+    frozen = nn.Linear(6, 4)
+    frozen.bias.requires_grad_(False)
+    plain = nn.Linear(6, 4, bias=False)
+    with torch.no_grad():
+        plain.weight.copy_(frozen.weight)
+    x, target = torch.randn(32, 6), torch.randn(32, 4)
+    preconds = {}
+    for layer in (frozen, plain):
+        precond = preconds[id(layer)] = KFACPreconditioner(
+            layer, damping=DAMPING, lr=0.1, inverse_method=method, kl_clip=1e-3)
+        # the same output, so the same output gradient and G
+        out = layer(x) if layer is frozen else layer(x) + frozen.bias
+        (out - target).pow(2).sum(1).mean().backward()
+        precond.step()
+    assert frozen.bias.grad is None
+    assert preconds[id(frozen)].layers["<model>"].dim_a == 6
+    torch.testing.assert_close(frozen.weight.grad, plain.weight.grad, rtol=1e-5, atol=1e-8)
+    bias_before = frozen.bias.detach().clone()
+    torch.optim.SGD(frozen.parameters(), lr=0.1).step()
+    torch.testing.assert_close(frozen.bias.detach(), bias_before, rtol=0, atol=0)
+
+
 def test_kl_clip_scales_the_update_by_the_closed_form_factor() -> None:
     torch.manual_seed(14)
     model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))

@@ -275,3 +275,20 @@ def test_walk_workload_says_make_batch_must_return_inputs_the_model_takes(tmp_pa
         "the model's forward on make_batch(1, generator)'s inputs failed: RuntimeError: mat1 "
         "and mat2 shapes cannot be multiplied (1x7 and 4x10); make_batch must return inputs "
         "the model takes")
+
+
+def test_a_frozen_bias_is_no_column_of_a_as_in_the_preconditioner():
+    from kfacperf.kfac.preconditioner import find_layers
+    from kfacperf.workloads.describe import walk_model
+
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    model[0].bias.requires_grad_(False)
+    walk = walk_model(model, torch.randn(1, 5))
+    layers, _ = find_layers(model)
+    assert [l["dim_a"] for l in walk.layers] == [layers[n].dim_a for n in ("0", "2")] == [5, 8]
+    assert walk.layers[0]["params"] == 5 * 7 and walk.other_params == 7  # the frozen bias
+    model[2].weight.requires_grad_(False)  # a frozen layer: the optimizer skips it
+    walk = walk_model(model, torch.randn(1, 5))
+    layers, _ = find_layers(model)
+    assert [l["name"] for l in walk.layers] == list(layers) == ["0"]
+    assert walk.other_params == 7 + 7 * 3 + 3
