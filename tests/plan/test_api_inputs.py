@@ -7,18 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from helpers.convergence import MLP_SGD, mlp_kfac
 from kfacperf.plan import PlanSpace, plan, save_plan
-from kfacperf.plan.convergence import ConvergenceModel, ConvergencePoint
 from kfacperf.plan.result import load_plan
 
-SGD = ConvergenceModel(name="s", workload="mlp", optimizer="sgd", target="t", points=(
-    ConvergencePoint(global_batch=16, steps=4000, source="x"),
-    ConvergencePoint(global_batch=64, steps=1200, source="x")))
-KFAC = ConvergenceModel(name="k", workload="mlp", optimizer="kfac", target="t", points=(
-    ConvergencePoint(global_batch=16, steps=2000, source="x", factor_interval=5,
-                     inverse_interval=5),
-    ConvergencePoint(global_batch=64, steps=700, source="x", factor_interval=1,
-                     inverse_interval=1)))
+SGD = MLP_SGD
+KFAC = mlp_kfac()
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from helpers.convergence import MLP_SGD
 from kfacperf.plan import plan, save_plan
-from kfacperf.plan.convergence import ConvergenceModel, ConvergencePoint
 from kfacperf.report.build import build_report
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,9 +36,7 @@ def published():
 
 @pytest.fixture(scope="module")
 def planned():
-    sgd = ConvergenceModel(name="s", workload="mlp", optimizer="sgd", target="t", points=(
-        ConvergencePoint(global_batch=16, steps=4000, source="x"),
-        ConvergencePoint(global_batch=64, steps=1200, source="x")))
+    sgd = MLP_SGD
     return plan("mlp", "v100", "abci-v100", gpus=[1, 4], strategies=["sgd"],
                 batch_per_gpu=[16], convergence=[sgd], memory_gb=1.0)
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from helpers.convergence import MLP_SGD, mlp_kfac
 from kfacperf.cli import main
 from kfacperf.plan import plan
-from kfacperf.plan.convergence import ConvergenceModel, ConvergencePoint
 from kfacperf.plan.result import load_plan, save_plan
 from kfacperf.report.build import build_report
 from kfacperf.report.plan import choices_frame, plan_section
@@ -20,14 +20,7 @@ XSS = "<script>alert(1)</script>"
 
 @pytest.fixture(scope="module")
 def small_plan():
-    sgd = ConvergenceModel(name="s", workload="mlp", optimizer="sgd", target="t", points=(
-        ConvergencePoint(global_batch=16, steps=4000, source="x"),
-        ConvergencePoint(global_batch=64, steps=1200, source="x")))
-    kfac = ConvergenceModel(name="k", workload="mlp", optimizer="kfac", target="t2", points=(
-        ConvergencePoint(global_batch=16, steps=2000, source="x", factor_interval=5,
-                         inverse_interval=5),
-        ConvergencePoint(global_batch=64, steps=700, source="x", factor_interval=1,
-                         inverse_interval=1)))
+    sgd, kfac = MLP_SGD, mlp_kfac("t2")
     return plan("mlp", "v100", "abci-v100", gpus=[1, 4, 16], batch_per_gpu=[4, 16],
                 convergence=[sgd, kfac], memory_gb=1.0)
 
