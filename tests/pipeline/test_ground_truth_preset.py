@@ -9,11 +9,12 @@ from dataclasses import replace
 import pytest
 
 from kfacperf.calibrate.kernels import fit_inverse_kernels
-from kfacperf.pipeline.ground_truth.finish import Finished, _fold_preset
+from kfacperf.pipeline.ground_truth.finish import Finished, TraceResult, _fold_preset
 from kfacperf.pipeline.ground_truth.preset import (
     carry_to_sibling,
     fold_into_preset,
     sibling_presets,
+    with_reported_memory,
 )
 from kfacperf.sim.costs.model import CostModel
 from kfacperf.sim.models import load_cluster, load_device, load_workload
@@ -123,6 +124,26 @@ def test_finish_writes_the_preset_from_bf16_and_the_kernel_timings(tmp_path):
     assert "measured on h200 (" in h100.source and str(tmp_path) not in h100.source
 
 
+def test_the_preset_takes_the_memory_the_traced_gpu_reported(tmp_path):
+    into = tmp_path / "h200"
+    run = into / "bf16" / "resnet50-sgd-b32"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"device": {"memory_total_mib": 143771.0}}))
+    done = Finished(into=into, gpu=True, device_files={
+        "bf16": save_device_model(fitted_h200(), into / "h200-bf16.toml")})
+    done.traces.append(TraceResult(name=run.name, precision="bf16", role="calibration",
+                                   batch=32, path=run, checks={}, problems=[]))
+    said: list[str] = []
+    _fold_preset(done, "h200", said.append)
+    folded = load_device(into / "h200-preset.toml")
+    assert folded.memory_GB == pytest.approx(143771 * 2**20 / 1e9, abs=0.05)  # 150.8
+    assert "143,771 MiB in all" in folded.memory_source and "run.json" in folded.memory_source
+    assert said[0] == ("preset: memory 150.8 GB, the 143,771 MiB the GPU reported (was 141 GB "
+                       "from the datasheet)")
+    with pytest.raises(ValueError, match="no capacity"):
+        with_reported_memory(folded, 0.0, where="x")
+
+
 def test_finish_says_why_no_preset_is_folded(tmp_path):
     said: list[str] = []
     _fold_preset(Finished(into=tmp_path, gpu=True), "h200", said.append)
@@ -147,7 +168,7 @@ def test_what_an_h200_measured_carries_to_the_h100_as_assumptions():
     carried = carry_to_sibling(folded, h100, measured_on="traces/h200/bf16")
     # the H100's own identity: name, memory, bandwidth, peaks
     assert (carried.name, carried.memory_GB, carried.peaks, carried.description) == (
-        "h100-sxm5", 80.0, h100.peaks, h100.description)
+        "h100-sxm5", h100.memory_GB, h100.peaks, h100.description)
     for k in ("forward", "backward", "inverse"):  # the measured terms, now assumptions
         assert carried.stages[k] == replace(folded.stages[k], assumed=True)
     for k in ("factor_compute", "precondition", "update"):  # what nothing measured

@@ -162,9 +162,13 @@ def test_published_runs_fit_on_a_16_gb_v100() -> None:
 
 
 def test_device_presets_carry_their_memory_with_a_source(tmp_path: Path) -> None:
-    for name, gb in (("v100", 16), ("a100", 80), ("h100", 80), ("h200", 141)):
+    # what the device reports (nvidia-smi's MiB) where a source gives it, else the datasheet
+    for name, mib in (("v100", 16384), ("a100", 81920), ("h100", 81559)):
         d = load_device(name)
-        assert d.memory_GB == gb and "datasheet" in d.memory_source
+        assert d.memory_GB == pytest.approx(mib * 2**20 / 1e9, abs=0.05), name
+        assert f"{mib:,} MiB" in d.memory_source and "nvidia-smi" in d.memory_source
+    d = load_device("h200")
+    assert d.memory_GB == 141 and "datasheet" in d.memory_source
     assert load_device("cpu").memory_GB == 0  # unknown
     d = load_device("h200")
     again = load_device_model(save_device_model(d, tmp_path / "d.toml"))

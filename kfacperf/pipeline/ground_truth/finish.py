@@ -281,6 +281,23 @@ PRESET_PRECISIONS: tuple[str, ...] = (S.BF16, S.TF32, S.FP32)
 train in first."""
 
 
+def _reported_memory(done: Finished) -> tuple[float, str] | None:
+    """The memory total the traced GPU reported (MiB) and the run.json it is in, from the
+    first trace that recorded one."""
+    from kfacperf.trace.schema import RUN_FILE
+    from kfacperf.trace.store import read_run
+
+    for t in done.traces:
+        try:
+            device = read_run(t.path / RUN_FILE).get("device") or {}
+        except (OSError, ValueError):
+            continue
+        mib = device.get("memory_total_mib")
+        if isinstance(mib, (int, float)) and mib > 0:
+            return float(mib), f"{_shown(t.path)}/{RUN_FILE}"
+    return None
+
+
 def _fold_preset(done: Finished, device_name: str, say: Callable[[str], None]) -> None:
     """Write ``DEVICE-preset.toml``: the preset of the traced GPU with the fitted terms."""
     from kfacperf.calibrate.kernels import fit_inverse_kernels
@@ -288,6 +305,7 @@ def _fold_preset(done: Finished, device_name: str, say: Callable[[str], None]) -
         carry_to_sibling,
         fold_into_preset,
         sibling_presets,
+        with_reported_memory,
     )
     from kfacperf.safety import load_json_file
     from kfacperf.sim.models import load_device
@@ -322,6 +340,12 @@ def _fold_preset(done: Finished, device_name: str, say: Callable[[str], None]) -
     except ValueError as exc:
         say(f"preset: not folded ({exc})")
         return
+    reported = _reported_memory(done)
+    if reported is not None:
+        mib, where = reported
+        folded = with_reported_memory(folded, mib, where=where)
+        say(f"preset: memory {folded.memory_GB:g} GB, the {mib:,.0f} MiB the GPU reported "
+            f"(was {preset.memory_GB:g} GB from the datasheet)")
     path = save_device_model(folded, done.into / f"{preset.name}-preset.toml")
     say(f"preset: {path.name}, models/devices/{preset.name}.toml with the {precision} fit and "
         + (f"the {', '.join(f.method for f in fits)} kernel terms; " if fits else "; ")

@@ -69,6 +69,16 @@ def fold_into_preset(preset: DeviceModel, fitted: DeviceModel, *, fitted_from: s
     return _with_terms(preset, fitted, stages=stages, inverse_methods=methods, source=parts)
 
 
+def with_reported_memory(device: DeviceModel, total_mib: float, *, where: str) -> DeviceModel:
+    """``device`` with the memory its GPU reported in all (``total_mib`` MiB, read in
+    ``where``) as its capacity, in place of the datasheet's figure."""
+    if not total_mib > 0:
+        raise ValueError(f"a memory total of {total_mib!r} MiB is no capacity")
+    return replace(device, memory_GB=round(total_mib * 2**20 / 1e9, 1),
+                   memory_source=f"what the device reports: {total_mib:,.0f} MiB in all "
+                                 f"({where})")
+
+
 def _with_terms(preset: DeviceModel, measured_on: DeviceModel, *,
                 stages: dict[str, StageEfficiency], inverse_methods: dict[str, StageEfficiency],
                 source: list[str]) -> DeviceModel:

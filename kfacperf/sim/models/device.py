@@ -69,9 +69,10 @@ ResNet-20 step (22 layers) at every batch size and for both K-FAC strategies.  O
 is the time the device idles while the host does that work, which is near 0 when kernels are
 queued ahead.  Calibration fits it from single-process K-FAC runs; absent, it is 0.
 
-``[memory]`` (optional) is what one device holds: ``capacity_GB`` (10^9 bytes, as datasheets
-count) and the ``source`` of that number.  ``kfacperf plan`` drops configurations that do not
-fit; absent, the capacity is unknown (0) and the plan asks for one.
+``[memory]`` (optional) is what one device holds: ``capacity_GB`` (10^9 bytes: the total the
+device reports, e.g. nvidia-smi's; a datasheet's "80 GB" of HBM counts GiB, 7 % more than
+80 x 10^9 bytes) and the ``source`` of that number.  ``kfacperf plan`` drops configurations
+that do not fit; absent, the capacity is unknown (0) and the plan asks for one.
 """
 from __future__ import annotations
 
