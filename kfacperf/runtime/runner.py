@@ -16,49 +16,30 @@ Four ways to run, chosen from the environment and the flags:
   whose store listens on the network: use a trusted network.
 
 In every case the trace keeps every finished step, and a failed or interrupted run is marked
-incomplete (``completed`` false, ``failure`` saying why) and reported rank by rank.
+incomplete (``completed`` false, ``failure`` saying why) and reported rank by rank
+(:mod:`kfacperf.runtime.stopped_runs`).
 """
 from __future__ import annotations
 
 import os
 import shutil
-import signal
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from kfacperf.runtime import launch
+from kfacperf.runtime import stopped_runs as stopped
 from kfacperf.runtime.config import ProfileConfig, run_record
 from kfacperf.runtime.net import free_port
+from kfacperf.runtime.stopped_runs import ProfileOutcome
 from kfacperf.trace.schema import (
     PARTS_DIR,
-    RUN_FILE,
     TRACE_FILES,
 )
-from kfacperf.trace.store import Trace, load_trace, read_run, write_run
-from kfacperf.vocab import KAISA, LOCAL, SGD, STEP
+from kfacperf.trace.store import load_trace, write_run
+from kfacperf.vocab import KAISA, LOCAL, SGD
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 PREPARED_ENV = "KFACPERF_OUT_PREPARED"
-
-
-@dataclass(frozen=True, kw_only=True)
-class ProfileOutcome:
-    """``ok``: the run completed.  ``trace``: what was recorded (None on ranks other than 0
-    under torchrun).  ``message``: why it failed (or, when ``ok``, a warning).
-    ``interrupted``: the signal that stopped the run (``"SIGINT"``, ``"SIGTERM"``), or ""."""
-
-    ok: bool
-    trace: Trace | None
-    message: str = ""
-    interrupted: str = ""
-
-    @property
-    def exit_status(self) -> int:
-        """0, 1 for a failed run, 128 + N after signal N."""
-        if self.interrupted:
-            return 128 + int(signal.Signals[self.interrupted])
-        return 0 if self.ok else 1
 
 
 def under_torchrun(env: os._Environ[str] | dict[str, str] | None = None) -> bool:
@@ -182,10 +163,10 @@ def profile(config: ProfileConfig, *, force: bool = False) -> ProfileOutcome:
         except KeyboardInterrupt as exc:
             from kfacperf.errors import signal_name
 
-            return _rank_stopped(out, rank, f"interrupted by {signal_name(exc)}",
+            return stopped.rank_stopped(out, rank, f"interrupted by {signal_name(exc)}",
                                  interrupted=signal_name(exc))
         except Exception as exc:  # one line; the traceback is in the rank's error report
-            return _rank_stopped(out, rank, f"rank {rank} failed: "
+            return stopped.rank_stopped(out, rank, f"rank {rank} failed: "
                                  f"{worker.exception_summary(exc)}")
         return ProfileOutcome(ok=True, trace=load_trace(out) if rank == 0 else None)
     validate(config, world_size=None if ":" in str(config.nnodes) else _world(config))
@@ -211,14 +192,15 @@ def profile(config: ProfileConfig, *, force: bool = False) -> ProfileOutcome:
                               message="" if sup.ok else f"this node's ranks stopped ({why})")
     if sup.ok:
         return ProfileOutcome(ok=True, trace=load_trace(out))
-    finished = _finished_trace(config, out)
+    finished = stopped.finished_trace(config, out)
     if finished is not None:
         return ProfileOutcome(ok=True, trace=finished, interrupted=sup.interrupted, message=(
-            f"{_cause_text(sup)} after every rank had recorded every step and the trace was "
-            "written and marked completed (a rank failed while exiting); the trace is complete"))
+            f"{stopped.cause_text(sup)} after every rank had recorded every step and the trace "
+            "was written and marked completed (a rank failed while exiting); the trace is "
+            "complete"))
     if sup.interrupted:
-        return _interrupted(config, out, sup.interrupted)
-    return _failed(config, out, sup)
+        return stopped.interrupted_outcome(config, out, sup.interrupted)
+    return stopped.failed_outcome(config, out, sup)
 
 
 def _run_torchrun(config: ProfileConfig, env: dict[str, str]) -> launch.Supervision:
@@ -237,67 +219,6 @@ def _run_torchrun(config: ProfileConfig, env: dict[str, str]) -> launch.Supervis
     return launch.Supervision(ok=code == 0, ends=(), cause=None if code == 0 else end)
 
 
-def _cause_text(sup: launch.Supervision) -> str:
-    if sup.interrupted:
-        return f"interrupted by {sup.interrupted}"
-    c = sup.cause
-    if c is None:
-        return "the run failed"
-    return c.how if c.rank < 0 else f"rank {c.rank} {c.how}"
-
-
-def _mark_incomplete(out: Path, why: str) -> None:
-    """Say in run.json why the run did not complete (it stays ``completed: false``)."""
-    try:
-        run = read_run(out / RUN_FILE)
-    except (OSError, ValueError):
-        return
-    if not run.get("completed"):
-        run["failure"] = why
-        write_run(out, run)
-
-
-def _steps_recorded(out: Path) -> tuple[Trace | None, str]:
-    """The partial trace and, in words, how many steps each rank recorded."""
-    try:
-        trace = load_trace(out, partial=True)
-    except (OSError, ValueError) as exc:
-        return None, f"no readable trace in {out}: {exc}"
-    ev = trace.events
-    done = ev[ev["stage"] == STEP].groupby("rank")["step"].nunique()
-    world = int(trace.run.get("world_size") or 0)
-    counts = [int(done.get(r, 0)) for r in range(world)]
-    if counts and len(set(counts)) == 1:
-        return trace, f"{counts[0]} finished step(s) of each rank"
-    return trace, "finished steps " + ", ".join(f"rank {r}: {n}" for r, n in enumerate(counts))
-
-
-def _interrupted(config: ProfileConfig, out: Path, signame: str) -> ProfileOutcome:
-    """One line: what stopped the run, and what the trace keeps."""
-    _mark_incomplete(out, f"interrupted by {signame}")
-    trace, steps = _steps_recorded(out)
-    message = (f"interrupted by {signame}: stopped all {config.nproc} rank(s) of this node; "
-               f"the trace in {out} keeps {steps} and is marked incomplete (completed=false)")
-    return ProfileOutcome(ok=False, trace=trace, message=message, interrupted=signame)
-
-
-def _finished_trace(config: ProfileConfig, out: Path) -> Trace | None:
-    """The trace, if it is complete although torchrun failed: marked completed by rank 0 (after
-    it gathered every rank's parts) and every rank recorded every step."""
-    try:
-        trace = load_trace(out)
-    except (OSError, ValueError):
-        return None
-    if not trace.completed:
-        return None
-    ev = trace.events
-    counts = ev[ev["stage"] == STEP].groupby("rank")["step"].nunique()
-    world = int(trace.run.get("world_size") or 0)
-    if world < 1 or len(counts) != world or (counts < config.total_steps).any():
-        return None
-    return trace
-
-
 def _world(config: ProfileConfig) -> int:
     try:
         return config.nproc * int(config.nnodes.split(":")[-1])
@@ -314,18 +235,18 @@ def _in_process(config: ProfileConfig, out: Path) -> ProfileOutcome:
     try:
         worker.run_worker(config)
     except ValueError as exc:
-        if _a_step_finished(out):  # the model's own error, mid-run: a failed run
-            return _failed_in_process(config, out, exc)
+        if stopped.a_step_finished(out):  # the model's own error, mid-run: a failed run
+            return stopped.failed_in_process(config, out, exc)
         # a setting (or model) found bad at set-up or in the first step: one line on the
         # terminal; the trace says why
-        _mark_incomplete(out, worker.exception_summary(exc))
+        stopped.mark_incomplete(out, worker.exception_summary(exc))
         raise
     except KeyboardInterrupt as exc:
         from kfacperf.errors import signal_name
 
-        return _interrupted(config, out, signal_name(exc))
+        return stopped.interrupted_outcome(config, out, signal_name(exc))
     except Exception as exc:
-        return _failed_in_process(config, out, exc)
+        return stopped.failed_in_process(config, out, exc)
     finally:
         for k, v in saved.items():
             if v is None:
@@ -334,108 +255,3 @@ def _in_process(config: ProfileConfig, out: Path) -> ProfileOutcome:
                 os.environ[k] = v
     return ProfileOutcome(ok=True, trace=load_trace(out))
 
-
-def _rank_stopped(out: Path, rank: int, why: str, *, interrupted: str = "") -> ProfileOutcome:
-    """This rank's end under the user's torchrun: rank 0 says ``why`` in run.json."""
-    from kfacperf.runtime.recording import error_path
-
-    if rank == 0:
-        _mark_incomplete(out, why)
-    report = error_path(out, rank)
-    where = f" (traceback: {report})" if report.exists() and not interrupted else ""
-    return ProfileOutcome(ok=False, trace=None, interrupted=interrupted, message=(
-        f"{why}{where}; the trace in {out} keeps every finished step and is marked "
-        "incomplete (completed=false)"))
-
-
-def _failed_in_process(config: ProfileConfig, out: Path, exc: Exception) -> ProfileOutcome:
-    from kfacperf.runtime.recording import exception_summary
-
-    cause = launch.RankEnd(rank=0, status=1, how=f"failed: {exception_summary(exc)}")
-    return _failed(config, out, launch.Supervision(ok=False, cause=cause))
-
-
-def _a_step_finished(out: Path) -> bool:
-    """Whether rank 0 recorded a finished step (its part gets rows at each step's end): an
-    error after that came from the run, not from checking the settings or the model."""
-    from kfacperf.trace.parts import event_part_path, read_stream
-
-    path = event_part_path(out / PARTS_DIR, 0)
-    if not path.exists():
-        return False
-    table, _ = read_stream(path)
-    return table is not None and table.num_rows > 0
-
-
-def _culprit(sup: launch.Supervision, out: Path) -> str:
-    """Which rank stopped the run, and how, in one line.  Ranks often end within the same
-    moment, so the one named is a rank that failed on its own (killed, crashed, or an error
-    of its own) before a rank that gave up waiting for a peer, and a stopped rank before
-    the peers that waited for it."""
-    from kfacperf.runtime.recording import error_path, read_error_summary
-
-    cause = sup.cause
-    if cause is None or cause.rank < 0:
-        return _cause_text(sup)
-
-    def report(rank: int) -> str:
-        path = error_path(out, rank)
-        return read_error_summary(path) if path.exists() else ""
-
-    def waited(rank: int) -> bool:  # gave up waiting for a peer
-        return report(rank).startswith(("CollectiveError", "Stalled"))
-
-    def text(end: launch.RankEnd) -> str:
-        why = report(end.rank)  # an in-process rank's ``how`` already says it
-        return f"rank {end.rank} {end.how}" + (f": {why}" if why and why not in end.how else "")
-
-    if cause.status is None:  # stopped past the timeout
-        return text(cause)
-    ends = sup.ends or (cause,)
-    own = [e for e in ends if e.status not in (None, 0) and not waited(e.rank)]
-    if own:
-        return text(own[0])
-    stopped = [e for e in ends if e.how == "was stopped"]
-    if stopped:
-        return (f"rank {stopped[0].rank} stopped responding (its process was stopped); "
-                f"{text(cause)}")
-    return text(cause)
-
-
-def _failed(config: ProfileConfig, out: Path, sup: launch.Supervision) -> ProfileOutcome:
-    """Say which rank stopped the run and how, what each rank recorded, and what the trace
-    keeps; mark the trace incomplete."""
-    from kfacperf.runtime.recording import error_path, read_error_summary
-
-    cause = _culprit(sup, out)
-    _mark_incomplete(out, cause)
-    lines = [f"the run failed: {cause}."]
-    ends = {e.rank: e for e in sup.ends}
-    trace, recorded = _steps_recorded(out)
-    done = None
-    if trace is None:
-        lines.append(f"  {recorded}")
-    else:
-        ev = trace.events
-        done = ev[ev["stage"] == STEP].groupby("rank")["step"].agg(["count", "max"])
-    world = int(trace.run.get("world_size") or 0) if trace is not None else len(ends)
-    for rank in range(world):
-        n = int(done.loc[rank, "count"]) if done is not None and rank in done.index else 0
-        last = (f"last finished step {int(done.loc[rank, 'max'])}" if n and done is not None
-                else "no finished step")
-        parts = [f"  rank {rank}: {n}/{config.total_steps} steps recorded, {last}"]
-        if rank in ends:
-            parts.append(ends[rank].how)
-        report = error_path(out, rank)
-        if report.exists():
-            parts.append(f"{read_error_summary(report)} [{report}]")
-        lines.append("; ".join(parts))
-    if trace is not None:
-        silent = [r for r in range(world) if done is None or r not in done.index]
-        usable = ("it can be loaded and summarized as it is" if not silent else
-                  f"rank(s) {', '.join(map(str, silent))} recorded no step, so the commands "
-                  "refuse it as a whole run (kfacperf.trace.store.load_trace(path, "
-                  "partial=True) reads what is there)")
-        lines.append(f"the trace in {out} keeps every finished step and is marked incomplete "
-                     f"(completed=false); {usable}.")
-    return ProfileOutcome(ok=False, trace=trace, message="\n".join(lines))

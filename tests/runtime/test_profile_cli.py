@@ -372,14 +372,14 @@ def test_an_interrupt_as_a_complete_run_ends_is_reported_as_an_interrupt(
         tmp_path, monkeypatch) -> None:
     """Ctrl-C that lands after every rank recorded every step: the trace is complete, and
     the outcome still says it was interrupted (a caller such as the demo must stop)."""
-    from kfacperf.runtime import launch, runner
+    from kfacperf.runtime import launch, runner, stopped_runs
     from kfacperf.runtime.config import ProfileConfig
 
     monkeypatch.setattr(launch, "start", lambda *a, **k: [])
     monkeypatch.setattr(launch, "supervise",
                         lambda *a, **k: launch.Supervision(ok=False, interrupted="SIGINT"))
     complete = object()
-    monkeypatch.setattr(runner, "_finished_trace", lambda config, out: complete)
+    monkeypatch.setattr(stopped_runs, "finished_trace", lambda config, out: complete)
     config = ProfileConfig(workload="mlp", out=str(tmp_path / "t"), nproc=2, steps=1, warmup=0)
     outcome = runner.profile(config)
     assert outcome.ok and outcome.trace is complete
