@@ -55,13 +55,13 @@ import torch
 from torch import Tensor, nn
 
 from kfacperf import vocab as S
-from kfacperf.runtime.config import ProfileConfig, command_line
 from kfacperf.runtime.loop_inputs import (
     check_kfac_model,
     check_settings,
     first_tensor,
     in_keywords,
     input_kind,
+    loop_config,
 )
 from kfacperf.runtime.recording import exception_summary
 
@@ -121,21 +121,12 @@ class InstrumentedLoop:
         info = _join_process_group(device, strategy, timeout_s)
         strategy = strategy or (S.LOCAL if info.world_size == 1 else S.SPNGD)
         S.check_choice("strategy", strategy, S.PROFILE_STRATEGIES)
-        kind = S.SGD if strategy == S.SGD else S.KFAC
-        group = optimizer.param_groups[0]
-        asked = dict(out=str(out), strategy=strategy, warmup=warmup, batch_size=batch_size,
-                     isolate=isolate, keep_heap=keep_heap, timeout_s=timeout_s,
-                     telemetry_interval_s=telemetry_interval_s, precision=precision,
-                     **settings)
-        try:
-            config = ProfileConfig(
-                workload=name or type(model).__name__, optimizer=kind, steps=1,
-                nproc=info.world_size, threads_per_rank=torch.get_num_threads(),
-                device=device.type, command=command_line(), lr=float(group.get("lr", 0.0)),
-                momentum=float(group.get("momentum", 0.0) or 0.0),
-                weight_decay=float(group.get("weight_decay", 0.0) or 0.0), **asked)
-        except ValueError as exc:  # said as profile's flags; here they are keywords
-            raise ValueError(f"instrument: {in_keywords(str(exc), asked)}") from None
+        config = loop_config(
+            optimizer, workload=name or type(model).__name__, world_size=info.world_size,
+            device=device.type, asked=dict(
+                out=str(out), strategy=strategy, warmup=warmup, batch_size=batch_size,
+                isolate=isolate, keep_heap=keep_heap, timeout_s=timeout_s,
+                telemetry_interval_s=telemetry_interval_s, precision=precision, **settings))
         heap_policy = heap.keep_heap() if keep_heap else heap.DEFAULT
         if info.rank == 0:
             from kfacperf.runtime.runner import prepare_out

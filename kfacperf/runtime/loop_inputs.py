@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
 from kfacperf import vocab as S
 from kfacperf.runtime.settings import OptimizerSettings
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kfacperf.runtime.config import ProfileConfig
 
 
 def check_kfac_model(model: nn.Module, settings: Mapping[str, Any]) -> None:
@@ -76,3 +79,25 @@ def in_keywords(message: str, keywords: Iterable[str], switches: Iterable[str] =
 
     by_flag = {flag_of(k): k for k in keywords} | {flag_of(k): f"{k}=True" for k in switches}
     return re.sub(r"--[a-z][a-z0-9-]*", lambda m: by_flag.get(m.group(), m.group()), message)
+
+
+def loop_config(optimizer: Any, *, workload: str, world_size: int, device: str,
+                asked: Mapping[str, Any]) -> ProfileConfig:
+    """The profile settings of an instrumented loop: ``asked`` (instrument's own keyword
+    arguments and K-FAC settings, as :class:`ProfileConfig` fields), the optimizer's first
+    group's lr, momentum and weight decay, and where it runs; a bad value is a ValueError
+    that names the keyword, not profile's flag."""
+    import torch
+
+    from kfacperf.runtime.config import ProfileConfig, command_line
+
+    kind = S.SGD if asked.get("strategy") == S.SGD else S.KFAC
+    group = optimizer.param_groups[0]
+    try:
+        return ProfileConfig(
+            workload=workload, optimizer=kind, steps=1, nproc=world_size,
+            threads_per_rank=torch.get_num_threads(), device=device, command=command_line(),
+            lr=float(group.get("lr", 0.0)), momentum=float(group.get("momentum", 0.0) or 0.0),
+            weight_decay=float(group.get("weight_decay", 0.0) or 0.0), **asked)
+    except ValueError as exc:  # said as profile's flags; here they are keywords
+        raise ValueError(f"instrument: {in_keywords(str(exc), asked)}") from None
