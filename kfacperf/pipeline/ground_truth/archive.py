@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import tarfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 from kfacperf.safety import atomic_path
@@ -54,39 +55,88 @@ def unpack(archive: Path, into: Path) -> list[Path]:
     """Extract ``archive`` into the folder ``into``; the files written.
 
     Only plain files and folders are accepted, each inside ``into`` (no absolute name, no
-    ``..``), at most :data:`MAX_UNPACKED_BYTES` in all; anything else is a ``ValueError``
-    naming the member, raised before a single file is written.
+    ``..``), at most :data:`MAX_UNPACKED_BYTES` in all; anything else, and an archive cut
+    short or damaged, is a ``ValueError`` naming the member, raised before a single file is
+    written.
     """
-    archive, into = Path(archive), Path(into)
+    entries, damage = _read_members(Path(archive))
+    if damage:
+        raise ValueError(f"{archive}: {damage}")
+    return _write_members(entries, Path(into))
+
+
+def unpack_salvaging(archive: Path, into: Path) -> tuple[list[Path], str]:
+    """:func:`unpack`, except that an archive cut short (a transfer that stopped) or damaged
+    part way gives up every member before the damage: the files written, and what was
+    wrong (empty: nothing).  An unsafe member still refuses the whole archive, before a file
+    is written."""
+    entries, damage = _read_members(Path(archive))
+    return _write_members(entries, Path(into)), damage
+
+
+_READ_ERRORS = (EOFError, OSError, zlib.error, tarfile.TarError)
+"""What reading a cut or damaged gzip tar raises (``gzip.BadGzipFile`` is an OSError)."""
+
+
+def _read_members(archive: Path) -> tuple[list[tuple[tarfile.TarInfo, bytes]], str]:
+    """Every member up to the end or the first damage, each checked and with its data; and
+    what the damage was (empty: none)."""
     try:
         tar = tarfile.open(archive, "r:*")
-    except (tarfile.TarError, OSError) as exc:
-        why = str(exc).splitlines()[0].rstrip(":") if str(exc) else type(exc).__name__
-        raise ValueError(f"{archive}: not a readable tar archive ({why}); pass the "
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+        raise ValueError(f"{archive}: not a readable tar archive ({_why(exc)}); pass the "
                          "ground-truth.tar.gz the device run handed back") from None
+    entries: list[tuple[tarfile.TarInfo, bytes]] = []
+    total = 0
     with tar:
-        members = tar.getmembers()
-        total = 0
-        for m in members:
+        while True:
+            try:
+                m = tar.next()
+            except _READ_ERRORS as exc:
+                return entries, (f"cut short or damaged after {len(entries)} member(s) "
+                                 f"({_why(exc)}); every member before it was read")
+            if m is None:
+                return entries, ""
             _check_member(m, archive)
-            total += m.size if m.isfile() else 0
-        if total > MAX_UNPACKED_BYTES:
-            raise ValueError(f"{archive}: {total / 2**20:.0f} MiB unpacked, more than the "
-                             f"{MAX_UNPACKED_BYTES / 2**20:.0f} MiB a ground-truth run writes")
-        written = []
-        into.mkdir(parents=True, exist_ok=True)
-        for m in members:
-            target = into.joinpath(*PurePosixPath(m.name).parts)
-            if m.isdir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            source = tar.extractfile(m)
-            data = source.read() if source is not None else b""
-            with open(target, "wb") as f:
-                f.write(data)
-            written.append(target)
+            data = b""
+            if m.isfile():
+                total += m.size
+                if total > MAX_UNPACKED_BYTES:
+                    raise ValueError(f"{archive}: more than the {MAX_UNPACKED_BYTES / 2**20:.0f} "
+                                     "MiB a ground-truth run writes")
+                try:
+                    source = tar.extractfile(m)
+                    data = source.read() if source is not None else b""
+                except _READ_ERRORS as exc:
+                    data = b""
+                    why = _why(exc)
+                else:
+                    why = "" if len(data) == m.size else f"{len(data)} of {m.size} bytes"
+                if why:
+                    return entries, (f"cut short or damaged in member {m.name!r} ({why}), "
+                                     f"after {len(entries)} complete member(s); that member "
+                                     "and everything after it are missing")
+            entries.append((m, data))
+
+
+def _write_members(entries: list[tuple[tarfile.TarInfo, bytes]], into: Path) -> list[Path]:
+    written = []
+    into.mkdir(parents=True, exist_ok=True)
+    for m, data in entries:
+        target = into.joinpath(*PurePosixPath(m.name).parts)
+        if m.isdir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "wb") as f:
+            f.write(data)
+        written.append(target)
     return written
+
+
+def _why(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0].rstrip(":") if str(exc) else ""
+    return text or type(exc).__name__
 
 
 def _check_member(m: tarfile.TarInfo, archive: Path) -> None:
@@ -136,4 +186,4 @@ def hand_back(folder: Path, returned: Path) -> list[Path]:
 
 
 __all__ = ["ARCHIVE_NAME", "MAX_RETURN_FILES", "RETURNED_FILES", "copy_returned", "hand_back",
-           "pack", "return_problems", "unpack"]
+           "pack", "return_problems", "unpack", "unpack_salvaging"]
