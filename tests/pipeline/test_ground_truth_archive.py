@@ -169,7 +169,8 @@ def test_finish_says_which_trace_does_not_load_and_lands_the_rest(tmp_path, caps
 
 def test_the_fitted_models_are_named_after_the_traced_gpu(tmp_path):
     """An H200 trace gives h200-PRECISION models; one that landed on an H100, h100-sxm5."""
-    from kfacperf.pipeline.ground_truth.finish import Finished, TraceResult, _device_name
+    from kfacperf.pipeline.ground_truth.finish import _device_name
+    from kfacperf.pipeline.ground_truth.landed import Finished, TraceResult
     from kfacperf.trace.store import write_trace
 
     def done_on(gpu_name: str, gpu: bool = True) -> Finished:

@@ -9,13 +9,14 @@ from dataclasses import replace
 import pytest
 
 from kfacperf.calibrate.kernels import fit_inverse_kernels
-from kfacperf.pipeline.ground_truth.finish import Finished, TraceResult, _fold_preset
+from kfacperf.pipeline.ground_truth.landed import Finished, TraceResult
 from kfacperf.pipeline.ground_truth.preset import (
     carry_to_sibling,
     fold_into_preset,
     sibling_presets,
     with_reported_memory,
 )
+from kfacperf.pipeline.ground_truth.preset_landing import fold_preset
 from kfacperf.sim.costs.model import CostModel
 from kfacperf.sim.models import load_cluster, load_device, load_workload
 from kfacperf.sim.models.device import StageEfficiency, load_device_model, save_device_model
@@ -110,7 +111,7 @@ def test_finish_writes_the_preset_from_bf16_and_the_kernel_timings(tmp_path):
         "tf32": save_device_model(tf32, into / "h200-tf32.toml"),
         "bf16": save_device_model(fitted_h200(), into / "h200-bf16.toml")})
     said: list[str] = []
-    _fold_preset(done, "h200", said.append)
+    fold_preset(done, "h200", said.append)
     folded = load_device(into / "h200-preset.toml")
     assert folded.stages["forward"].efficiency == pytest.approx(0.41)  # bf16's, not tf32's
     assert folded.inverse_methods["cholesky"].row_us == pytest.approx(1.5, rel=1e-5)
@@ -134,7 +135,7 @@ def test_the_preset_takes_the_memory_the_traced_gpu_reported(tmp_path):
     done.traces.append(TraceResult(name=run.name, precision="bf16", role="calibration",
                                    batch=32, path=run, checks={}, problems=[]))
     said: list[str] = []
-    _fold_preset(done, "h200", said.append)
+    fold_preset(done, "h200", said.append)
     folded = load_device(into / "h200-preset.toml")
     assert folded.memory_GB == pytest.approx(143771 * 2**20 / 1e9, abs=0.05)  # 150.8
     assert "143,771 MiB in all" in folded.memory_source and "run.json" in folded.memory_source
@@ -146,11 +147,11 @@ def test_the_preset_takes_the_memory_the_traced_gpu_reported(tmp_path):
 
 def test_finish_says_why_no_preset_is_folded(tmp_path):
     said: list[str] = []
-    _fold_preset(Finished(into=tmp_path, gpu=True), "h200", said.append)
+    fold_preset(Finished(into=tmp_path, gpu=True), "h200", said.append)
     assert said == ["preset: not folded (no precision was validated)"]
     done = Finished(into=tmp_path, gpu=True, device_files={
         "bf16": save_device_model(fitted_h200(), tmp_path / "gpu-bf16.toml")})
-    _fold_preset(done, "gpu", said.append)
+    fold_preset(done, "gpu", said.append)
     assert said[1].startswith("preset: not folded (unknown device preset 'gpu'")
     assert not list(tmp_path.glob("*-preset.toml"))
 

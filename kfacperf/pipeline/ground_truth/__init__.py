@@ -16,7 +16,10 @@ timings, in one run with a time budget (``scripts/gpu-ground-truth.sh`` drives i
 * :mod:`~kfacperf.pipeline.ground_truth.archive`: the output folder as the one archive a
   device machine hands back (refreshed after every task), and opened again here;
 * :mod:`~kfacperf.pipeline.ground_truth.finish`: the run landed in the project, its traces
-  checked, a device model calibrated and validated per precision.
+  checked, a device model calibrated and validated per precision; what came back copied in
+  (:mod:`~kfacperf.pipeline.ground_truth.landing`, what each trace became:
+  :mod:`~kfacperf.pipeline.ground_truth.landed`), the preset folded
+  (:mod:`~kfacperf.pipeline.ground_truth.preset_landing`).
 
 ::
 
