@@ -92,21 +92,50 @@ CPU_THREAD_PEAKS = {"fp32_tflops": 0.2, "tf32_tflops": 0.0, "bf16_tflops": 0.4,
                     "mem_bandwidth_GBps": 20.0}
 _GPU_PRESETS = (("h200", "h200"), ("h100", "h100-sxm5"), ("a100", "a100-sxm4"),
                 ("v100", "v100-sxm2"))
+_OTHER_PARTS = ("pcie", "nvl", "gh200", "gb200")
+"""Words in a GPU's name for parts of a family other than the SXM one its preset describes
+(other peaks, clocks or memory)."""
+
+
+def gpu_preset_for(run: Mapping[str, Any]) -> tuple[str | None, str]:
+    """The device preset whose peaks a GPU trace is fitted against, and a note where the GPU
+    is another part of that preset's family (``NVIDIA H100 PCIe`` for ``h100-sxm5``): its
+    fitted efficiencies are then fractions of the preset's peaks, which predict that GPU's
+    own runs alike but are no terms of the preset.  ``(None, "")`` for a CPU or an unknown
+    GPU."""
+    dev = run.get("device") or {}
+    name = str(dev.get("name", ""))
+    label = " ".join(str(dev.get(k, "")) for k in ("name", "kind", "type")).lower()
+    for needle, preset in _GPU_PRESETS:
+        if needle in label:
+            other = [w for w in _OTHER_PARTS if w in label]
+            note = (f"GPU {name!r} is another part ({', '.join(other)}) than the one preset "
+                    f"{preset} describes: its efficiencies are fitted against {preset}'s peaks "
+                    "(they predict this GPU's runs alike, but are not the preset's terms)"
+                    if other else "")
+            return preset, note
+    return None, ""
 
 
 def base_device_for(run: Mapping[str, Any]) -> DeviceModel:
     """The device whose peaks a trace's efficiencies are fitted against.
 
-    A GPU named in ``run["device"]`` maps to its datasheet preset; otherwise (CPU) nominal
-    per-thread peaks times ``threads_per_rank``.
+    A GPU named in ``run["device"]`` maps to its datasheet preset (:func:`gpu_preset_for`);
+    a GPU no preset describes is a ValueError (its peaks are needed: ``--start-from``); a
+    CPU gets nominal per-thread peaks times ``threads_per_rank``.
     """
     from kfacperf.sim.models import load_device
 
+    preset, _ = gpu_preset_for(run)
+    if preset is not None:
+        return load_device(preset)
     dev = run.get("device") or {}
-    label = " ".join(str(dev.get(k, "")) for k in ("name", "kind", "type")).lower()
-    for needle, preset in _GPU_PRESETS:
-        if needle in label:
-            return load_device(preset)
+    if dev.get("kind") == "gpu":
+        raise ValueError(
+            f"no device preset has the peaks of GPU {dev.get('name') or '?'!r} (presets: "
+            f"{', '.join(p for _, p in _GPU_PRESETS)}): write a device model with its "
+            "datasheet peaks (a file of models/devices/ shows the format) and calibrate "
+            "with --start-from FILE")
     threads = max(1, int(run.get("threads_per_rank") or 1))
     stages = {k: StageEfficiency(efficiency=1.0, mem_efficiency=1.0, overhead_us=0.0,
                                  assumed=True) for k in STAGE_KINDS}
@@ -288,6 +317,7 @@ def fit_device_model(
                      "adds again; calibrate on one-process traces where there are any")
     if base is None:
         base = base_device_for(used[0].run)
+        notes.extend(n for n in [gpu_preset_for(used[0].run)[1]] if n)
     mode = mode or base.mode
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")

@@ -373,6 +373,20 @@ def test_base_device_for_cpu_and_gpu_runs() -> None:
     assert base_device_for({"device": {"name": "Tesla V100-SXM2-16GB"}}).name == "v100-sxm2"
 
 
+def test_other_parts_of_a_family_are_said_and_an_unknown_gpu_is_refused() -> None:
+    from kfacperf.calibrate.device import gpu_preset_for
+
+    assert gpu_preset_for({"device": {"name": "NVIDIA H100 80GB HBM3"}}) == ("h100-sxm5", "")
+    for name, preset in (("NVIDIA H100 PCIe", "h100-sxm5"), ("NVIDIA H200 NVL", "h200"),
+                         ("NVIDIA A100-PCIE-40GB", "a100-sxm4")):
+        got, note = gpu_preset_for({"device": {"name": name, "kind": "gpu"}})
+        assert got == preset and "another part" in note and preset in note, name
+    with pytest.raises(ValueError, match=r"no device preset has the peaks of GPU 'NVIDIA L40S'"
+                                         r".*--start-from"):
+        base_device_for({"device": {"name": "NVIDIA L40S", "kind": "gpu"}})
+    assert gpu_preset_for({"device": {"name": "cpu", "kind": "cpu"}}) == (None, "")
+
+
 # ------------------------------------------------------------------ the command
 def test_calibrate_command_fits_written_traces(tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:

@@ -186,3 +186,5 @@ def test_the_fitted_models_are_named_after_the_traced_gpu(tmp_path):
     assert _device_name(done_on("NVIDIA H200")) == "h200"
     assert _device_name(done_on("NVIDIA H100 80GB HBM3")) == "h100-sxm5"
     assert _device_name(done_on("NVIDIA H200", gpu=False)) == "dry-run"
+    # another part of a family (other peaks): its models are not the SXM preset's
+    assert _device_name(done_on("NVIDIA H100 PCIe")) == "gpu"

@@ -188,13 +188,13 @@ def accuracy_markdown(done: Finished) -> str:
 def _device_name(done: Finished) -> str:
     """The preset the traced GPU maps to (``h200``; ``h100-sxm5`` where the run landed on an
     H100), ``dry-run`` for a CPU's outputs."""
-    from kfacperf.calibrate.device import base_device_for
+    from kfacperf.calibrate.device import gpu_preset_for
     from kfacperf.trace.store import load_trace
 
     if not done.gpu or not done.traces:
         return "dry-run"
-    name = base_device_for(load_trace(done.traces[0].path).run).name
-    return "gpu" if name == "cpu-nominal" else name
+    preset, other_part = gpu_preset_for(load_trace(done.traces[0].path).run)
+    return "gpu" if preset is None or other_part else preset  # never another part's preset
 
 
 def _validate_each_precision(done: Finished, *, cluster: str, device_name: str,
