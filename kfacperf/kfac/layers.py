@@ -50,6 +50,12 @@ _INVERSE_STATE = {
 }
 
 
+NO_GRADIENT = float("-inf")
+"""The KL slot of a packed preconditioned gradient (:meth:`KFACLayer.pack_preconditioned`)
+of a layer that no rank had a gradient of this step.  A real KL term ``⟨∇̃, ∇⟩`` is a sum
+over a positive definite form: ≥ 0 up to rounding, +inf or NaN on overflow, never -inf."""
+
+
 @dataclass(frozen=True)
 class Factor:
     """One symmetric batch statistic of a layer, as the strategies move it between ranks.
@@ -236,8 +242,13 @@ class KFACLayer:
                 b.grad.copy_(bias_part)
 
     def pack_preconditioned(self) -> Tensor:
-        """``precond_grad`` flattened with ``kl_term`` appended (``preconditioned_numel``)."""
-        assert self.precond_grad is not None and self.kl_term is not None
+        """``precond_grad`` flattened with ``kl_term`` appended (``preconditioned_numel``);
+        a layer without one this step (no gradient) packs zeros and :data:`NO_GRADIENT`."""
+        if self.precond_grad is None or self.kl_term is None:
+            w = self.weight
+            out = torch.zeros(self.preconditioned_numel, dtype=w.dtype, device=w.device)
+            out[-1] = NO_GRADIENT
+            return out
         kl = self.kl_term.reshape(1).to(self.precond_grad.dtype)
         return torch.cat([self.precond_grad.reshape(-1), kl])
 

@@ -29,7 +29,8 @@ Call order within one optimizer step (``loss.backward(); precond.step(); opt.ste
         precondition layers with preconditions(name)             [timer: precondition]
             -> layer.precond_grad, layer.kl_term
         strategy.share_preconditioned()          # afterwards EVERY rank holds every layer's
-                                                 # precond_grad and kl_term
+                                                 # precond_grad and kl_term (None, and grad
+                                                 # None, where NO rank had a gradient)
         KL-clip scale from all kl_terms; grad_io.write_grads: scale * precond_grad into .grad
 
 Rules every strategy follows:
@@ -44,7 +45,12 @@ Rules every strategy follows:
 * No ``.item()``, no host synchronisation other than waiting on communication handles.
 * ``layer.grad`` is ``None`` for a layer whose weight got no gradient this step, and a
   layer with no inverse state yet (it never had factors) is passed through unchanged
-  (``precond_grad`` is ``grad``).
+  (``precond_grad`` is ``grad``).  A layer that got no gradient on ANY rank ends the step
+  as it does locally: ``precond_grad`` and ``kl_term`` None on every rank, so its ``.grad``
+  stays None; one that got a gradient on some ranks only gets the average over all ranks
+  (zeros from the others).  Deciding this may read a per-layer flag on the host, once per
+  step and only on a rank that lacks some layer's gradient, after waiting on the collective
+  that carried it (see :class:`kfacperf.kfac.strategies.base.DistributedStrategy`).
 * The batch statistics handed to :meth:`on_factor_batch` are *local means* over this rank's
   examples (see :mod:`kfacperf.kfac.layers` for the exact convention); with equal per-rank
   batches the global statistic is the average over ranks, so an all-reduce/reduce with
@@ -128,7 +134,8 @@ class Strategy(Protocol):
         """Does this rank compute layer ``name``'s preconditioned gradient?"""
 
     def share_preconditioned(self) -> None:
-        """Afterwards every rank holds every layer's ``precond_grad`` and ``kl_term``."""
+        """Afterwards every rank holds every layer's ``precond_grad`` and ``kl_term`` (both
+        None for a layer that got no gradient on any rank)."""
 
 
 class LocalStrategy:

@@ -383,7 +383,8 @@ def expected_bytes(case: Case, config: TrainConfig, world: int, rank: int
     fsize = {"fp32": 4, "fp16": 2, "bf16": 2}[config.comm_dtype]
     packed = config.symmetric
     factors = sum(block_elems(sh, n, config.bn_blocks, packed) for n in sh.layers) * fsize
-    kfac_grads = sum(a * g for a, g in sh.layers.values()) * F32
+    # each layer's gradient, and the flag of whether this rank had it (spngd reduces both)
+    kfac_grads = (sum(a * g for a, g in sh.layers.values()) + len(sh.layers)) * F32
     precond = sum(a * g + 1 for a, g in sh.layers.values()) * F32
     out: dict[tuple[int, str], int] = {}
     for step in range(STEPS):

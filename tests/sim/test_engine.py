@@ -84,7 +84,7 @@ def test_spngd_inverse_step_closed_form():
     t_b = 50.0 + 47.0 + 71.0
     fac = (cost("reduce_scatter_v", ((65**2 + 32**2) * 4, (33**2 + 16**2) * 4), 2, 2))
     e_f = t_b + fac
-    grad = cost("reduce_scatter_v", (65 * 32 * 4, 33 * 16 * 4), 2, 2)
+    grad = cost("reduce_scatter_v", ((65 * 32 + 1) * 4, (33 * 16 + 1) * 4), 2, 2)  # + flag
     e_g = e_f + max(500.0, 90.0) + grad  # grads leave after each owner's inverse
     ag = cost("all_gather_v", ((65 * 32 + 1) * 4, (33 * 16 + 1) * 4), 2, 2)
     expected = e_g + max(13.0, 9.0) + ag + 17.0
@@ -113,7 +113,7 @@ def test_host_work_between_stages_closed_form():
     L, W = HOST["grad_load"], HOST["grad_write"]
     t_b = 50.0 + 47.0 + 71.0
     fac = cost("reduce_scatter_v", ((65**2 + 32**2) * 4, (33**2 + 16**2) * 4), 2, 2)
-    grad = cost("reduce_scatter_v", (65 * 32 * 4, 33 * 16 * 4), 2, 2)
+    grad = cost("reduce_scatter_v", ((65 * 32 + 1) * 4, (33 * 16 + 1) * 4), 2, 2)  # + flag
     ag = cost("all_gather_v", ((65 * 32 + 1) * 4, (33 * 16 + 1) * 4), 2, 2)
     spngd = t_b + L + fac + 500.0 + grad + 13.0 + ag + W + 17.0
     assert simulate_one("spngd", c, 2, INVERSE_STEP) == pytest.approx(spngd, rel=1e-12)

@@ -195,9 +195,10 @@ def test_factor_bytes_of_batchnorm_blocks(strategy: str, symmetric: bool) -> Non
 
 
 def test_gradient_and_inverse_bytes_of_batchnorm_blocks() -> None:
-    # SP-NGD: the block's gradient goes to its owner; the other gradients shrink by as much
+    # SP-NGD: the block's gradient goes to its owner; the other gradients shrink by as much,
+    # and the block adds its flag of whether the rank had the gradient
     none = _payload("spngd", PLAIN_STEP, S.GRAD_COMM)
-    assert _payload("spngd", PLAIN_STEP, S.GRAD_COMM, bn_blocks="unit") == none
+    assert _payload("spngd", PLAIN_STEP, S.GRAD_COMM, bn_blocks="unit") == none + 4
     pg = _payload("spngd", PLAIN_STEP, S.PRECOND_COMM, bn_blocks="unit")
     assert pg - _payload("spngd", PLAIN_STEP, S.PRECOND_COMM) == 4 * (2 * C + 1)
     # KAISA COMM-OPT broadcasts every inverse: unit-wise C damped 2x2 inverses for either

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from kfacperf.kfac.assignment import Assignment, LayerShape
 from kfacperf.kfac.comm import CommOptions
+from kfacperf.kfac.layers import NO_GRADIENT
 from kfacperf.kfac.strategy import LocalStrategy
 from kfacperf.profiler.timer import Timer
 
@@ -97,7 +98,8 @@ def present_grads(params: list[nn.Parameter]) -> list[tuple[nn.Parameter, Tensor
 
 
 def grad_matrix(layer: KFACLayer) -> Tensor:
-    """``layer.grad``, or zeros of its shape when the layer got no gradient this step."""
+    """``layer.grad``, or zeros of its shape when the layer got no gradient this step
+    (so the collectives stay aligned; :meth:`DistributedStrategy.grad_flags` says which)."""
     if layer.grad is not None:
         return layer.grad
     w = layer.weight
@@ -109,6 +111,19 @@ class DistributedStrategy(LocalStrategy):
 
     With no process group, or a world of one, every method behaves like
     :class:`LocalStrategy` (nothing to communicate).
+
+    **Layers without a gradient.**  A layer whose module took no part in this step's forward
+    has ``layer.grad`` None.  Its gradient travels as zeros (:func:`grad_matrix`), and the
+    gradient buffer that is reduced anyway carries one more element per layer: 1 where this
+    rank had the gradient (:meth:`grad_flags`), so a rank that receives the reduction knows
+    whether ANY rank had it.  A receiver of a preconditioned gradient that has no flag of its
+    own learns it from the KL slot (:data:`~kfacperf.kfac.layers.NO_GRADIENT`).  At the end
+    of ``share_preconditioned`` (:meth:`drop_absent`) a layer that no rank had a gradient
+    for is passed over as the local strategy passes it over: ``grad``, ``precond_grad`` and
+    ``kl_term`` None, so its ``.grad`` stays None; one that some ranks had keeps the average
+    over ranks (zeros from the others).  Gradients averaged before ``step()`` (DDP, which
+    leaves a parameter no rank used without ``.grad``) need no flag: there a layer without
+    a gradient has none on any rank.
     """
 
     def __init__(self, *, comm: CommOptions | None = None, check_model: bool = True) -> None:
@@ -121,6 +136,8 @@ class DistributedStrategy(LocalStrategy):
         self.assignment: Assignment | None = None
         self.model: nn.Module | None = None
         self.other_params: list[nn.Parameter] = []
+        self._absent: list[str] = []  # layers without a gradient on this rank, this step
+        self._presence: dict[str, Tensor] = {}  # of those: True where some rank had one
 
     @property
     def distributed(self) -> bool:
@@ -147,6 +164,69 @@ class DistributedStrategy(LocalStrategy):
     def settings(self) -> str:
         """What must agree across ranks besides the model (compared at set-up)."""
         return f"{self.name} {self.comm}"
+
+    # ------------------------------------------------------- layers without a gradient
+    def note_absent(self, layers: list[KFACLayer]) -> None:
+        """Start a step's bookkeeping: which of ``layers`` have no gradient on this rank."""
+        self._absent = [l.name for l in layers if l.grad is None]
+        self._presence = {}
+
+    def grad_flags(self, layers: list[KFACLayer]) -> Tensor:
+        """One element per layer of ``layers``, 1 where this rank has its gradient, 0 where
+        not, to be reduced with the gradients (then > 0 where some rank had it); also
+        :meth:`note_absent`.  A fill kernel, and one more per layer without a gradient."""
+        self.note_absent(layers)
+        w = layers[0].weight
+        flags = torch.ones(len(layers), dtype=w.dtype, device=w.device)
+        for i, l in enumerate(layers):
+            if l.grad is None:
+                flags[i] = 0.0
+        return flags
+
+    def note_flags(self, layers: list[KFACLayer], reduced: Tensor) -> None:
+        """``reduced``: :meth:`grad_flags` of ``layers`` after the reduction."""
+        for i, l in enumerate(layers):
+            if l.name in self._absent:
+                self._presence[l.name] = reduced[i] > 0
+
+    def absent_here(self, name: str) -> bool:
+        """Had this rank no gradient of layer ``name`` this step?"""
+        return name in self._absent
+
+    def mark_no_gradient(self, layer: KFACLayer) -> None:
+        """Before sending the preconditioned gradient of a layer this rank had no gradient
+        of: its KL slot says :data:`NO_GRADIENT` when no rank had one (on the device)."""
+        present = self._presence.get(layer.name)
+        if present is not None and layer.kl_term is not None:
+            layer.kl_term = layer.kl_term.masked_fill(~present, NO_GRADIENT)
+
+    def note_received(self, layer: KFACLayer) -> None:
+        """A preconditioned gradient was just received: for a layer this rank had no
+        gradient of and no flag for, its KL slot says whether some rank had one."""
+        if (layer.name in self._absent and layer.name not in self._presence
+                and layer.kl_term is not None):
+            self._presence[layer.name] = layer.kl_term != NO_GRADIENT
+
+    def drop_absent(self) -> None:
+        """Pass over the layers no rank had a gradient of (see the class docstring).
+
+        Only on a step where this rank lacks some layer's gradient does the host read
+        anything: one small copy of those layers' flags, after the collectives that made
+        them have been waited on (DDP reads its map of used parameters the same way).  A
+        layer without a flag has been averaged before ``step()`` (DDP): absent here is
+        absent everywhere.
+        """
+        names, presence = self._absent, self._presence
+        self._absent, self._presence = [], {}
+        if not names:
+            return
+        known = [n for n in names if n in presence]
+        values = torch.stack([presence[n] for n in known]).tolist() if known else []
+        present = {n for n, v in zip(known, values) if v}
+        for n in names:
+            if n not in present:
+                layer = self.layers[n]
+                layer.grad = layer.precond_grad = layer.kl_term = None
 
     # Fixed after setup (see the Strategy protocol).
     def inverts(self, name: str) -> bool:

@@ -12,9 +12,13 @@ With ``gw = grad_worker_fraction * P`` gradient workers per layer (see
 * ``inverse_comm`` — when ``gw > 1``: the inverse state (eigenvectors and eigenvalues, or the
   two damped inverses — triangle-packed when ``symmetric``) is broadcast from the inverse
   worker to the layer's column; one broadcast per (column, inverse worker) carries all of that
-  worker's layers.  Inverse state always travels in its own precision (fp32).
+  worker's layers (a layer that never had statistics, not yet used in a forward, has no
+  inverse state: it is passed through everywhere).  Inverse state always travels in its own
+  precision (fp32).
 * ``grad_comm`` — gradients are averaged by DistributedDataParallel (wrap the model with
-  :func:`kfacperf.kfac.ddp.wrap_ddp`), or, with ``average_gradients=True``, all-reduced here.
+  :func:`kfacperf.kfac.ddp.wrap_ddp`), or, with ``average_gradients=True``, all-reduced here
+  (with one presence flag per layer, see
+  :class:`~kfacperf.kfac.strategies.base.DistributedStrategy`).
 * ``precondition`` — on the layer's ``gw`` gradient workers.
 * ``precond_comm`` — when ``gw < P``: in each receiver row, the row's gradient worker of a
   layer broadcasts the preconditioned gradient (and KL term) to the rest of the row; one
@@ -74,6 +78,9 @@ class KAISAStrategy(DistributedStrategy):
         self._row: tuple[int, ...] = (0,)
         self._column_group: Any = None
         self._row_group: Any = None
+        # Layers whose statistics have been exchanged (the same on every rank): those that
+        # have inverse state on their inverse worker (one first used later has none yet).
+        self._factored: set[str] = set()
 
     def make_assignment(self, shapes: list[LayerShape], world_size: int) -> Assignment:
         return kaisa_assignment(shapes, world_size, self.grad_worker_fraction)
@@ -129,6 +136,7 @@ class KAISAStrategy(DistributedStrategy):
             return
         reduced, self._factors = self._factors.wait(), None
         for (name, which), flat in reduced.items():
+            self._factored.add(name)
             if not self.needs_factors(name):
                 continue
             layer = self.layers[name]
@@ -148,10 +156,11 @@ class KAISAStrategy(DistributedStrategy):
             return
         assert self.assignment is not None
         inverse_worker = self.assignment.inverse_worker
+        factored = self._factored
         self._broadcast_layers(
-            self._column, lambda l: inverse_worker[l.name], stage=stages.INVERSE_COMM,
-            group=self._column_group, pack=self._encode_inverse, numel=self._inverse_numel,
-            unpack=self._decode_inverse,
+            self._column, lambda l: inverse_worker[l.name] if l.name in factored else -1,
+            stage=stages.INVERSE_COMM, group=self._column_group, pack=self._encode_inverse,
+            numel=self._inverse_numel, unpack=self._decode_inverse,
         )
 
     def _broadcast_layers(
@@ -221,36 +230,48 @@ class KAISAStrategy(DistributedStrategy):
 
     # ------------------------------------------------------------- gradients
     def reduce_gradients(self) -> None:
-        if not (self.distributed and self.average_gradients):
+        if not self.distributed:
+            return
+        layers = list(self.layers.values())
+        if not self.average_gradients:  # averaged by DDP: no gradient here is none anywhere
+            self.note_absent(layers)
             return
         buckets = comm.AllReduceBuckets(
             stage=stages.GRAD_COMM, cap_bytes=self.comm.bucket_cap_bytes, timer=self.timer,
             group=self.group,
         )
-        layers = list(self.layers.values())
         for layer in layers:
             buckets.add(layer.name, "", grad_matrix(layer).reshape(-1))
+        buckets.add(_FLAGS, "", self.grad_flags(layers))
         others = present_grads(self.other_params)
         for i, (_, grad) in enumerate(others):
             buckets.add(i, "", grad.reshape(-1))
         flat = buckets.wait()
         for layer in layers:
             layer.grad = flat[layer.name].view(layer.dim_g, layer.dim_a)
+        self.note_flags(layers, flat[_FLAGS])
         for i, (_, grad) in enumerate(others):
             grad.copy_(flat[i].view_as(grad))
 
     # ----------------------------------------------------- preconditioned gradients
     def share_preconditioned(self) -> None:
-        if not self.distributed or self.grad_workers == self.world_size:
+        if not self.distributed:
             return
-        assert self.assignment is not None
-        assignment, rank = self.assignment, self.rank
-        self._broadcast_layers(
-            self._row, lambda l: assignment.grad_source(l.name, rank),
-            stage=stages.PRECOND_COMM, group=self._row_group,
-            pack=lambda l: l.pack_preconditioned(), numel=lambda l: l.preconditioned_numel,
-            unpack=lambda l, flat: l.unpack_preconditioned(flat),
-        )
+        if self.grad_workers < self.world_size:
+            assert self.assignment is not None
+            assignment, rank = self.assignment, self.rank
+            self._broadcast_layers(
+                self._row, lambda l: assignment.grad_source(l.name, rank),
+                stage=stages.PRECOND_COMM, group=self._row_group,
+                pack=lambda l: l.pack_preconditioned(), numel=lambda l: l.preconditioned_numel,
+                unpack=lambda l, flat: l.unpack_preconditioned(flat),
+            )
+        self.drop_absent()
+
+
+_FLAGS = ("presence flags",)
+"""The key of the layers' presence flags among the gradients all-reduced (not a layer name,
+not a parameter index)."""
 
 
 def _stack(shape: tuple[int, ...]) -> int:

@@ -9,9 +9,11 @@ Per step, on P ranks (``owner`` = :func:`~kfacperf.kfac.assignment.spngd_assignm
   receives the global mean of its layers' statistics while the backward pass continues.  The
   blocks have their true, uneven sizes (the list form of ``reduce_scatter``), no padding.
 * ``inverse``/``precondition`` — on the owner only.
-* ``grad_comm`` — a reduce-scatter-v of the K-FAC layers' gradient matrices to their owners,
-  plus a bucketed all-reduce of the other parameters' gradients (BatchNorm, LayerNorm,
-  embeddings), which every rank needs for its first-order update.
+* ``grad_comm`` — a reduce-scatter-v of the K-FAC layers' gradient matrices to their owners
+  (each owner's block ends with one presence flag per layer, see
+  :class:`~kfacperf.kfac.strategies.base.DistributedStrategy`), plus a bucketed all-reduce
+  of the other parameters' gradients (BatchNorm, LayerNorm, embeddings), which every rank
+  needs for its first-order update.
 * ``precond_comm`` — an all-gather-v of every owner's preconditioned gradients (with their
   KL terms), after which every rank holds every layer's update.
 
@@ -115,12 +117,13 @@ class SPNGDStrategy(DistributedStrategy):
         if self.fused:
             self._fused_allreduce(with_factors=False)
             return
-        assert self.assignment is not None
-        owner = self.assignment.inverse_worker
-        layers = list(self.layers.values())
+        by_owner = self._by_owner()
+        in_order = [l for group in by_owner for l in group]
+        flags = self.grad_flags(in_order).split([len(group) for group in by_owner])
         parts: dict[int, list[Tensor]] = {}
-        for l in layers:
-            parts.setdefault(owner[l.name], []).append(grad_matrix(l).reshape(-1))
+        for r, group in enumerate(by_owner):
+            if group:  # the owner's gradient matrices, then their flags
+                parts[r] = [grad_matrix(l).reshape(-1) for l in group] + [flags[r]]
         blocks = _blocks(parts, self.world_size, self._empty_grad())
         grads = comm.reduce_scatter_v(
             blocks, stage=stages.GRAD_COMM, timer=self.timer, group=self.group
@@ -128,13 +131,23 @@ class SPNGDStrategy(DistributedStrategy):
         others = self._reduce_other_grads()
         flat = grads.wait()
         offset = 0
-        for layer in layers:
-            if owner[layer.name] == self.rank:
-                n = layer.dim_g * layer.dim_a
-                layer.grad = flat[offset:offset + n].view(layer.dim_g, layer.dim_a)
-                offset += n
+        mine = by_owner[self.rank]
+        for layer in mine:
+            n = layer.dim_g * layer.dim_a
+            layer.grad = flat[offset:offset + n].view(layer.dim_g, layer.dim_a)
+            offset += n
+        self.note_flags(mine, flat[offset:])
         if others is not None:
             others.wait()
+
+    def _by_owner(self) -> list[list[KFACLayer]]:
+        """Every rank's layers, in layer order."""
+        assert self.assignment is not None
+        owner = self.assignment.inverse_worker
+        out: list[list[KFACLayer]] = [[] for _ in range(self.world_size)]
+        for layer in self.layers.values():
+            out[owner[layer.name]].append(layer)
+        return out
 
     def _empty_grad(self) -> Tensor:
         w = next(iter(self.layers.values())).weight
@@ -152,7 +165,8 @@ class SPNGDStrategy(DistributedStrategy):
         """One all-reduce of factors (on factor steps), K-FAC gradients and other gradients."""
         layers = list(self.layers.values())
         other = present_grads(self.other_params)
-        grad_parts = [grad_matrix(l).reshape(-1) for l in layers] + [
+        flags = self.grad_flags(layers)
+        grad_parts = [grad_matrix(l).reshape(-1) for l in layers] + [flags] + [
             g.reshape(-1) for _, g in other
         ]
         fac_layers = [l for l in layers if l.has_batch_stats] if with_factors else []
@@ -180,6 +194,8 @@ class SPNGDStrategy(DistributedStrategy):
             n = layer.dim_g * layer.dim_a
             layer.grad = grad_flat[offset:offset + n].view(layer.dim_g, layer.dim_a)
             offset += n
+        self.note_flags(layers, grad_flat[offset:offset + len(layers)])
+        offset += len(layers)
         for p, g in other:
             n = p.numel()
             g.copy_(grad_flat[offset:offset + n].view_as(p))
@@ -196,14 +212,13 @@ class SPNGDStrategy(DistributedStrategy):
     def share_preconditioned(self) -> None:
         if not self.distributed:
             return
-        assert self.assignment is not None
-        owner = self.assignment.inverse_worker
         layers = list(self.layers.values())
-        by_rank: list[list[KFACLayer]] = [[] for _ in range(self.world_size)]
-        for layer in layers:
-            by_rank[owner[layer.name]].append(layer)
+        by_rank = self._by_owner()
         sizes = [sum(l.preconditioned_numel for l in group) for group in by_rank]
         mine = by_rank[self.rank]
+        for layer in mine:
+            if self.absent_here(layer.name):
+                self.mark_no_gradient(layer)
         local = (torch.cat([l.pack_preconditioned() for l in mine]) if mine
                  else self._empty_grad())
         gathered = comm.all_gather_v(
@@ -217,7 +232,9 @@ class SPNGDStrategy(DistributedStrategy):
             for layer in group:
                 n = layer.preconditioned_numel
                 layer.unpack_preconditioned(gathered[r][offset:offset + n])
+                self.note_received(layer)
                 offset += n
+        self.drop_absent()
 
 
 def _decode_factors(layer: KFACLayer, flat: Tensor, offset: int, opts: comm.CommOptions) -> int:

@@ -62,7 +62,8 @@ class SpngdStep:
                 self.fac_blocks[ev.index] = self._blocks(
                     [(k[0], n) for k, n in ev.items])
         all_layers = range(costs.n)
-        self.grad_blocks = self._blocks([(l, costs.grad_bytes(l)) for l in all_layers])
+        # each layer's gradient and the flag of whether this rank had it (kfacperf.kfac)
+        self.grad_blocks = self._blocks([(l, costs.grad_bytes(l) + FP32) for l in all_layers])
         self.pg_blocks = self._blocks([(l, costs.precond_bytes(l, spec.comm)) for l in all_layers])
         self.all_label = bucket_label(costs.names)
         self._shared: Program | None = None
