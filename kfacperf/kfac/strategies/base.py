@@ -97,6 +97,15 @@ def present_grads(params: list[nn.Parameter]) -> list[tuple[nn.Parameter, Tensor
     return [(p, p.grad) for p in params if p.grad is not None]
 
 
+def grad_dtype(layers: Mapping[str, KFACLayer]) -> torch.dtype:
+    """The dtype of the layers' gradient matrices (weight dtypes promoted together)."""
+    dtypes = [l.weight.dtype for l in layers.values()]
+    out = dtypes[0] if dtypes else torch.float32
+    for d in dtypes[1:]:
+        out = torch.promote_types(out, d)
+    return out
+
+
 def grad_matrix(layer: KFACLayer) -> Tensor:
     """``layer.grad``, or zeros of its shape when the layer got no gradient this step
     (so the collectives stay aligned; :meth:`DistributedStrategy.grad_flags` says which)."""
@@ -138,6 +147,10 @@ class DistributedStrategy(LocalStrategy):
         self.other_params: list[nn.Parameter] = []
         self._absent: list[str] = []  # layers without a gradient on this rank, this step
         self._presence: dict[str, Tensor] = {}  # of those: True where some rank had one
+        self.grad_dtype = torch.float32
+        """The dtype in which gradients and preconditioned gradients travel: the K-FAC
+        layers' weight dtype (the widest of them if they differ), the same on every rank, so
+        the buffers a collective sends and receives agree (bf16 weights: bf16 buffers)."""
 
     @property
     def distributed(self) -> bool:
@@ -148,6 +161,7 @@ class DistributedStrategy(LocalStrategy):
     ) -> None:
         super().setup(model, layers, timer=timer)
         self.model = model
+        self.grad_dtype = grad_dtype(layers)
         self.other_params = other_parameters(model, layers)
         if dist.is_available() and dist.is_initialized():
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
@@ -177,7 +191,7 @@ class DistributedStrategy(LocalStrategy):
         :meth:`note_absent`.  A fill kernel, and one more per layer without a gradient."""
         self.note_absent(layers)
         w = layers[0].weight
-        flags = torch.ones(len(layers), dtype=w.dtype, device=w.device)
+        flags = torch.ones(len(layers), dtype=self.grad_dtype, device=w.device)
         for i, l in enumerate(layers):
             if l.grad is None:
                 flags[i] = 0.0

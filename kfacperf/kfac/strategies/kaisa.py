@@ -161,36 +161,42 @@ class KAISAStrategy(DistributedStrategy):
             self._column, lambda l: inverse_worker[l.name] if l.name in factored else -1,
             stage=stages.INVERSE_COMM, group=self._column_group, pack=self._encode_inverse,
             numel=self._inverse_numel, unpack=self._decode_inverse,
+            dtype=lambda l: _state_dtype(l.weight),
         )
 
     def _broadcast_layers(
         self, sources: tuple[int, ...], source_of: Callable[[KFACLayer], int], *, stage: str,
         group: Any, pack: Callable[[KFACLayer], Tensor], numel: Callable[[KFACLayer], int],
-        unpack: Callable[[KFACLayer, Tensor], None],
+        unpack: Callable[[KFACLayer, Tensor], None], dtype: Callable[[KFACLayer], torch.dtype],
     ) -> None:
         """One broadcast per rank in ``sources`` carrying all layers it is ``source_of``.
 
-        All broadcasts are in flight at once; then every receiver ``unpack``s each layer from
-        its ``numel``-long slice of the source's buffer, in layer order.
+        The buffer is in the ``dtype`` of the source's first layer there, on the source and
+        on every receiver alike (the source casts what it packed when that differs, and then
+        keeps what the receivers get).  All broadcasts are in flight at once; then every
+        receiver ``unpack``s each layer from its ``numel``-long slice of the source's buffer,
+        in layer order.
         """
         inflight = []
         for src in sources:
             layers = [l for l in self.layers.values() if source_of(l) == src]
             if not layers:
                 continue
+            kind, device = dtype(layers[0]), layers[0].weight.device
+            cast = False
             if src == self.rank:
                 buf = torch.cat([pack(l) for l in layers])
+                cast = buf.dtype != kind
+                buf = buf.to(kind)
             else:
-                ref = layers[0].weight
-                buf = torch.empty(sum(numel(l) for l in layers),
-                                  dtype=_state_dtype(ref), device=ref.device)
+                buf = torch.empty(sum(numel(l) for l in layers), dtype=kind, device=device)
             pending = comm.broadcast(buf, src, stage=stage,
                                      layer=comm.bucket_label([l.name for l in layers]),
                                      timer=self.timer, group=group)
-            inflight.append((src, layers, pending))
-        for src, layers, pending in inflight:
+            inflight.append((src, layers, pending, cast))
+        for src, layers, pending, cast in inflight:
             buf = pending.wait()
-            if src != self.rank:
+            if src != self.rank or cast:
                 offset = 0
                 for layer in layers:
                     n = numel(layer)
@@ -265,6 +271,7 @@ class KAISAStrategy(DistributedStrategy):
                 stage=stages.PRECOND_COMM, group=self._row_group,
                 pack=lambda l: l.pack_preconditioned(), numel=lambda l: l.preconditioned_numel,
                 unpack=lambda l, flat: l.unpack_preconditioned(flat),
+                dtype=lambda l: self.grad_dtype,
             )
         self.drop_absent()
 

@@ -123,7 +123,8 @@ class SPNGDStrategy(DistributedStrategy):
         parts: dict[int, list[Tensor]] = {}
         for r, group in enumerate(by_owner):
             if group:  # the owner's gradient matrices, then their flags
-                parts[r] = [grad_matrix(l).reshape(-1) for l in group] + [flags[r]]
+                parts[r] = [grad_matrix(l).reshape(-1).to(self.grad_dtype)
+                            for l in group] + [flags[r]]
         blocks = _blocks(parts, self.world_size, self._empty_grad())
         grads = comm.reduce_scatter_v(
             blocks, stage=stages.GRAD_COMM, timer=self.timer, group=self.group
@@ -151,7 +152,7 @@ class SPNGDStrategy(DistributedStrategy):
 
     def _empty_grad(self) -> Tensor:
         w = next(iter(self.layers.values())).weight
-        return torch.empty(0, dtype=w.dtype, device=w.device)
+        return torch.empty(0, dtype=self.grad_dtype, device=w.device)
 
     def _reduce_other_grads(self) -> _GradBuckets | None:
         """All-reduce (mean) the non-K-FAC gradients in place; returns the in-flight buckets."""
@@ -221,6 +222,13 @@ class SPNGDStrategy(DistributedStrategy):
                 self.mark_no_gradient(layer)
         local = (torch.cat([l.pack_preconditioned() for l in mine]) if mine
                  else self._empty_grad())
+        if local.dtype != self.grad_dtype:  # every rank's block in one dtype; keep what we send
+            local = local.to(self.grad_dtype)
+            offset = 0
+            for layer in mine:
+                n = layer.preconditioned_numel
+                layer.unpack_preconditioned(local[offset:offset + n])
+                offset += n
         gathered = comm.all_gather_v(
             local, sizes, stage=stages.PRECOND_COMM, timer=self.timer, group=self.group,
             layer=comm.bucket_label([l.name for l in layers]),
