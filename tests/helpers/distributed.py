@@ -16,7 +16,7 @@ import pickle
 import queue as _queue
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -216,3 +216,28 @@ def assert_check(merged: dict[str, dict[int, str]], name: str) -> None:
             + "\n".join(f"--- rank {r}:\n{e}" for r, e in sorted(errors.items()))
         )
 
+
+
+class CasesInOneLaunch:
+    """Named cases, each ``train(case, rank, world)``, run as checks of one launch of
+    ``world`` gloo ranks (started by the first test that asks); :meth:`values` is a case's
+    result on every rank, failing with every rank's traceback where the case failed."""
+
+    def __init__(self, train: Callable[[str, int, int], Any], cases: Sequence[str],
+                 world: int, *, timeout_s: float, dist_timeout_s: float = 30.0) -> None:
+        self.train, self.cases, self.world = train, tuple(cases), world
+        self.timeout_s, self.dist_timeout_s = timeout_s, dist_timeout_s
+        self._results: list[RankResult] | None = None
+
+    def _suite(self, rank: int, world: int) -> dict[str, Any]:
+        checks = Checks()
+        for case in self.cases:
+            checks.run(case, self.train, case, rank, world)
+        return checks.report()
+
+    def values(self, case: str) -> list[Any]:
+        if self._results is None:
+            self._results = run_ranks(self._suite, self.world, timeout_s=self.timeout_s,
+                                      dist_timeout_s=self.dist_timeout_s)
+        assert_check(merge_checks(self._results), case)
+        return [r.value["values"][case] for r in self._results]

@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers.distributed import Checks, assert_check, merge_checks, run_ranks
+from helpers.distributed import CasesInOneLaunch
 from kfacperf.kfac.preconditioner import KFACPreconditioner
 from kfacperf.kfac.strategies import KAISAStrategy, SPNGDStrategy
 from kfacperf.workloads import rank_slice
@@ -75,23 +75,8 @@ def train(case: str, rank: int, world: int) -> dict[str, Any]:
     return {"grads": grads, "dtypes": {n: str(p.dtype) for n, p in model.named_parameters()}}
 
 
-def suite(rank: int, world: int) -> dict[str, Any]:
-    checks = Checks()
-    for case in CASES:
-        checks.run(case, train, case, rank, world)
-    return checks.report()
-
-
-_RESULTS: list[Any] = []
+LAUNCH = CasesInOneLaunch(train, CASES, WORLD, timeout_s=120)
 _REFERENCE: dict[str, Any] = {}
-
-
-def values(case: str) -> list[dict[str, Any]]:
-    if not _RESULTS:
-        _RESULTS.append(run_ranks(suite, WORLD, timeout_s=120, dist_timeout_s=30))
-    results = _RESULTS[0]
-    assert_check(merge_checks(results), case)
-    return [r.value["values"][case] for r in results]
 
 
 def reference(dtype_name: str) -> dict[str, Any]:
@@ -105,7 +90,7 @@ def reference(dtype_name: str) -> dict[str, Any]:
 def test_half_weights_match_single_process(case: str) -> None:
     dtype_name = case.split("/")[1]
     ref = reference(dtype_name)
-    got = values(case)
+    got = LAUNCH.values(case)
     for rank, mine in enumerate(got):
         for step, (grads, want) in enumerate(zip(mine["grads"], ref["grads"])):
             assert sorted(grads) == sorted(want), f"{case} rank {rank} step {step}"

@@ -22,7 +22,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers.distributed import Checks, assert_check, merge_checks, run_ranks
+from helpers.distributed import CasesInOneLaunch
 from kfacperf.kfac.preconditioner import KFACPreconditioner
 from kfacperf.kfac.strategies import KAISAStrategy, SPNGDStrategy
 from kfacperf.workloads import rank_slice
@@ -106,22 +106,7 @@ def train(name: str, rank: int, world: int) -> dict[str, Any]:
 CASES = ("spngd", "spngd-fused", "kaisa-f1", "kaisa-f1P", "kaisa-ddp-f1", "kaisa-ddp-f1P")
 
 
-def suite(rank: int, world: int) -> dict[str, Any]:
-    checks = Checks()
-    for name in CASES:
-        checks.run(name, train, name, rank, world)
-    return checks.report()
-
-
-_RESULTS: list[Any] = []
-
-
-def values(name: str) -> list[dict[str, Any]]:
-    if not _RESULTS:
-        _RESULTS.append(run_ranks(suite, WORLD, timeout_s=240, dist_timeout_s=30))
-    results = _RESULTS[0]
-    assert_check(merge_checks(results), name)
-    return [r.value["values"][name] for r in results]
+LAUNCH = CasesInOneLaunch(train, CASES, WORLD, timeout_s=240)
 
 
 _REFERENCE: dict[str, Any] = {}
@@ -148,7 +133,7 @@ def close(got: np.ndarray, want: np.ndarray, rtol: float = 1e-4) -> bool:
 @pytest.mark.parametrize("name", CASES)
 def test_grads_match_single_process(name: str) -> None:
     ref = reference()
-    for rank, got in enumerate(values(name)):
+    for rank, got in enumerate(LAUNCH.values(name)):
         for step, (mine, want) in enumerate(zip(got["grads"], ref["grads"])):
             for param, g in want.items():
                 where = f"{name} rank {rank} step {step}: {param}.grad"
