@@ -106,10 +106,8 @@ def _convergence_models(workload: str, strategies: Sequence[str], given: Converg
 
 
 def _load_convergence(given: object) -> ConvergenceModel:
-    if isinstance(given, str):
+    if isinstance(given, (str, os.PathLike)):
         return load_convergence(given)
-    if isinstance(given, os.PathLike):
-        return load_convergence(Path(given))
     raise ValueError(f"convergence: expected a convergence model, preset name or TOML path, "
                      f"got {given!r}")
 

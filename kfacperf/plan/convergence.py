@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,7 +233,7 @@ def load_convergence_model(path: str | Path) -> ConvergenceModel:
         raise ValueError(f"{path}: {exc}") from None
 
 
-def load_convergence(name_or_path: str | Path) -> ConvergenceModel:
+def load_convergence(name_or_path: str | os.PathLike[str]) -> ConvergenceModel:
     """A convergence model from a preset name (``models/convergence/<name>.toml``) or a path."""
     return load_convergence_model(resolve("convergence", name_or_path))
 

@@ -56,10 +56,8 @@ def resolve_cluster(cluster: ClusterInput) -> ClusterModel:
         from kfacperf.calibrate.cluster import fit_cluster
 
         return fit_cluster(cluster, name="local")[0]
-    if isinstance(cluster, str):
+    if isinstance(cluster, (str, os.PathLike)):
         return load_cluster(cluster)
-    if isinstance(cluster, os.PathLike):
-        return load_cluster(Path(cluster))
     raise TypeError(f"cluster: expected a ClusterModel, a CommbenchResult, a preset name or "
                     f"the path of a cluster TOML, got {type(cluster).__name__}")
 
@@ -110,7 +108,6 @@ class WorkloadFinder:
         """Those of ``files`` (workload model files given by the user; folders are skipped)
         whose model matched none of the runs looked up so far: a model meant for the traces
         that was silently not used would fit them against another workload."""
-        from pathlib import Path
 
         from kfacperf.sim.models import load_workload
 

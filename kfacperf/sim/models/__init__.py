@@ -17,6 +17,7 @@ missing or mistyped key, a non-positive bandwidth or a key in the wrong unit rai
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -73,12 +74,12 @@ def load_workload(name_or_path: str | Path) -> WorkloadModel:
     return load_workload_model(resolve("workloads", name_or_path))
 
 
-def load_device(name_or_path: str | Path) -> DeviceModel:
+def load_device(name_or_path: str | os.PathLike[str]) -> DeviceModel:
     """A device model from a preset name or alias (``h100``) or a path."""
     return load_device_model(resolve("devices", name_or_path))
 
 
-def load_cluster(name_or_path: str | Path) -> ClusterModel:
+def load_cluster(name_or_path: str | os.PathLike[str]) -> ClusterModel:
     """A cluster model from a preset name or alias (``abci``) or a path."""
     return load_cluster_model(resolve("clusters", name_or_path))
 

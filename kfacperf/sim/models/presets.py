@@ -58,13 +58,14 @@ def looks_like_path(name: str) -> bool:
     return name.endswith(".toml") or os.sep in name or "/" in name
 
 
-def resolve(kind: str, name_or_path: str | Path) -> Path:
-    """The TOML file for a preset name, alias or path (errors name what was looked for)."""
+def resolve(kind: str, name_or_path: str | os.PathLike[str]) -> Path:
+    """The TOML file for a preset name, alias or path (errors name what was looked for); a
+    path object is always a path."""
     kind = _kind(kind)
-    text = str(name_or_path)
+    text = os.fspath(name_or_path)
     if not text:
         raise ValueError(f"empty {_noun(kind)} model name")
-    if isinstance(name_or_path, Path) or looks_like_path(text):
+    if isinstance(name_or_path, os.PathLike) or looks_like_path(text):
         return regular_file(text, what=f"{_noun(kind)} model file",
                             hint=f"give the path of a {_noun(kind)} model .toml file (e.g. "
                                  f"models/{kind}/NAME.toml) or a preset name")
