@@ -129,7 +129,7 @@ def plan(
     convergence: ConvergenceInput = (),
     strategies: str | Iterable[str] = STRATEGIES, batch_per_gpu: int | Iterable[int] = (32,),
     intervals: str | Iterable[tuple[int, int] | str] = DEFAULT_INTERVALS,
-    comm_dtypes: str | Iterable[str] = ("fp32", "fp16", "bf16"),
+    comm_dtypes: str | Iterable[str] = S.COMM_DTYPES,
     symmetric: bool | Iterable[bool] = (False, True),
     bucket_mb: float | Iterable[float] = (25.0,),
     memory_gb: float | None = None, memory_fraction: float = DEFAULT_MEMORY_FRACTION,
