@@ -241,3 +241,17 @@ class CasesInOneLaunch:
                                       dist_timeout_s=self.dist_timeout_s)
         assert_check(merge_checks(self._results), case)
         return [r.value["values"][case] for r in self._results]
+
+
+def strategy_of_case(name: str, world: int) -> Any:
+    """The strategy a case name spells: ``local`` (None: the preconditioner's own),
+    ``spngd``, ``spngd-fused``, ``kaisa-f1`` (f = 1) or ``kaisa-f1P`` (f = 1/P), with
+    ``-ddp`` in a KAISA name for gradients a DDP wrapper averages before the step."""
+    from kfacperf.kfac.strategies import KAISAStrategy, SPNGDStrategy
+
+    if name == "local":
+        return None
+    if name.startswith("spngd"):
+        return SPNGDStrategy(fused=name == "spngd-fused")
+    fraction = 1.0 if name.endswith("f1") else 1.0 / world
+    return KAISAStrategy(grad_worker_fraction=fraction, average_gradients="ddp" not in name)

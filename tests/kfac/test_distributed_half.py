@@ -19,9 +19,8 @@ import pytest
 import torch
 from torch import nn
 
-from helpers.distributed import CasesInOneLaunch
+from helpers.distributed import CasesInOneLaunch, strategy_of_case
 from kfacperf.kfac.preconditioner import KFACPreconditioner
-from kfacperf.kfac.strategies import KAISAStrategy, SPNGDStrategy
 from kfacperf.workloads import rank_slice
 
 pytestmark = pytest.mark.slow
@@ -42,15 +41,6 @@ def make_model(dtype: torch.dtype) -> nn.Module:
     ).to(dtype)
 
 
-def make_strategy(name: str) -> Any:
-    if name == "local":
-        return None
-    if name.startswith("spngd"):
-        return SPNGDStrategy(fused=name == "spngd-fused")
-    fraction = 1.0 if name.endswith("f1") else 1.0 / WORLD
-    return KAISAStrategy(grad_worker_fraction=fraction, average_gradients=True)
-
-
 def train(case: str, rank: int, world: int) -> dict[str, Any]:
     """STEPS steps (factors and inverses every step); every parameter's ``.grad`` (as fp32,
     with its dtype) after each ``precond.step()``."""
@@ -58,7 +48,7 @@ def train(case: str, rank: int, world: int) -> dict[str, Any]:
     dtype = DTYPES[dtype_name]
     model = make_model(dtype)
     precond = KFACPreconditioner(model, damping=1e-2, lr=0.1, factor_interval=1,
-                                 inverse_interval=1, strategy=make_strategy(strategy))
+                                 inverse_interval=1, strategy=strategy_of_case(strategy, WORLD))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     grads = []
     for step in range(STEPS):

@@ -22,9 +22,8 @@ import pytest
 import torch
 from torch import nn
 
-from helpers.distributed import CasesInOneLaunch
+from helpers.distributed import CasesInOneLaunch, strategy_of_case
 from kfacperf.kfac.preconditioner import KFACPreconditioner
-from kfacperf.kfac.strategies import KAISAStrategy, SPNGDStrategy
 from kfacperf.workloads import rank_slice
 
 pytestmark = pytest.mark.slow
@@ -71,15 +70,6 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return x, y, masks
 
 
-def make_strategy(name: str) -> Any:
-    if name == "local":
-        return None
-    if name.startswith("spngd"):
-        return SPNGDStrategy(fused=name == "spngd-fused")
-    fraction = 1.0 if name.endswith("f1") else 1.0 / WORLD
-    return KAISAStrategy(grad_worker_fraction=fraction, average_gradients="ddp" not in name)
-
-
 def train(name: str, rank: int, world: int) -> dict[str, Any]:
     """STEPS steps; every parameter's ``.grad`` after each ``precond.step()`` (None where
     there is none) and the final weights."""
@@ -88,7 +78,7 @@ def train(name: str, rank: int, world: int) -> dict[str, Any]:
     if "ddp" in name:
         net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     precond = KFACPreconditioner(net, damping=1e-2, lr=0.1, factor_interval=2,
-                                 inverse_interval=2, strategy=make_strategy(name))
+                                 inverse_interval=2, strategy=strategy_of_case(name, WORLD))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
     grads = []
     for step in range(STEPS):
