@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from kfacperf import vocab as S
+from kfacperf.buckets import bucket_label
 from kfacperf.profiler.timer import NULL_TIMER, Timer
 
 _TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -299,11 +300,6 @@ def all_gather_v(
     )
     timer.async_comm(stage, layer, logical, work, issued_at=mark)
     return Pending(work, f"all_gather_v[{stage}:{layer}]", lambda: outs)
-
-
-def bucket_label(names: Sequence[str]) -> str:
-    """The ``layer`` of a bucketed comm event: its layers joined by ``+``."""
-    return "+".join(names)
 
 
 class AllReduceBuckets:

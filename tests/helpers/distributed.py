@@ -246,12 +246,17 @@ class CasesInOneLaunch:
 def strategy_of_case(name: str, world: int) -> Any:
     """The strategy a case name spells: ``local`` (None: the preconditioner's own),
     ``spngd``, ``spngd-fused``, ``kaisa-f1`` (f = 1) or ``kaisa-f1P`` (f = 1/P), with
-    ``-ddp`` in a KAISA name for gradients a DDP wrapper averages before the step."""
+    ``-ddp`` in a KAISA name for gradients a DDP wrapper averages before the step, and
+    ``-each`` anywhere for factors sent one layer a bucket (``bucket_cap_mb=0``)."""
+    from kfacperf.kfac.comm import CommOptions
     from kfacperf.kfac.strategies import KAISAStrategy, SPNGDStrategy
 
     if name == "local":
         return None
+    opts = CommOptions(bucket_cap_mb=0.0) if "-each" in name else None
+    name = name.replace("-each", "")
     if name.startswith("spngd"):
-        return SPNGDStrategy(fused=name == "spngd-fused")
+        return SPNGDStrategy(fused=name == "spngd-fused", comm_options=opts)
     fraction = 1.0 if name.endswith("f1") else 1.0 / world
-    return KAISAStrategy(grad_worker_fraction=fraction, average_gradients="ddp" not in name)
+    return KAISAStrategy(grad_worker_fraction=fraction, average_gradients="ddp" not in name,
+                         comm_options=opts)

@@ -382,7 +382,9 @@ def expected_bytes(case: Case, config: TrainConfig, world: int, rank: int
     sh = shapes_of(MODELS[case.model][0](), config.bn_blocks)
     fsize = {"fp32": 4, "fp16": 2, "bf16": 2}[config.comm_dtype]
     packed = config.symmetric
-    factors = sum(block_elems(sh, n, config.bn_blocks, packed) for n in sh.layers) * fsize
+    # each layer's statistics, and the flag of whether this rank had them
+    factors = (sum(block_elems(sh, n, config.bn_blocks, packed) for n in sh.layers)
+               + len(sh.layers)) * fsize
     # each layer's gradient, and the flag of whether this rank had it (spngd reduces both)
     kfac_grads = (sum(a * g for a, g in sh.layers.values()) + len(sh.layers)) * F32
     precond = sum(a * g + 1 for a, g in sh.layers.values()) * F32
@@ -444,12 +446,13 @@ def test_comm_bytes_match_closed_form(world: int, case: Case) -> None:
 
 
 def test_unbucketed_factor_events_are_one_per_layer() -> None:
-    """bucket_cap_mb=0: one reduce-scatter-v per layer, labelled with it, of its own size."""
+    """bucket_cap_mb=0: one reduce-scatter-v per layer, labelled with it, of its own size
+    (its two packed factors and its presence flag)."""
     got = _rank_values(2, "spngd-packed-unbucketed-eigen-cnn")[0]["comm"]
     sh = shapes_of(tiny_cnn())
     events = {layer: nbytes for step, stage, layer, nbytes in got
               if step == 0 and stage == stages.FACTOR_COMM}
-    assert events == {n: (factor_elems(a, True) + factor_elems(g, True)) * F32
+    assert events == {n: (factor_elems(a, True) + factor_elems(g, True) + 1) * F32
                       for n, (a, g) in sh.layers.items()}
 
 

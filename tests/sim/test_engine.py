@@ -15,7 +15,8 @@ from kfacperf.sim.graphs.strategies import build_graph, make_step, parse_strateg
 from kfacperf.sim.graphs.strategies.common import CommSettings, LayerCosts, StepSpec
 from kfacperf.vocab import FACTOR_STEP, INVERSE_STEP, PLAIN_STEP, STEP_KINDS
 
-# Every tensor in its own DDP bucket; all factors in one bucket sent after the backward pass.
+# Every tensor in its own DDP bucket; all factors in one bucket, sent by layer 0's hook (the
+# last to fire: hooks fire before each layer's own backward).
 SPLIT = CommSettings(ddp_bucket_mb=1e-6, ddp_first_bucket_mb=1e-6, factor_bucket_mb=1e6)
 
 
@@ -56,13 +57,14 @@ def test_kaisa_comm_opt_inverse_step_closed_form():
     t_f = 50.0
     t_b = t_f + (7.0 + 40.0) + (11.0 + 60.0)  # hooks fire before each layer's own backward
     e1 = t_f + 7.0 + 40.0 + cost("all_reduce", 33 * 16 * 4, 2, 2)
-    e0 = max(t_b, e1) + cost("all_reduce", 65 * 32 * 4, 2, 2)
-    factors = (65**2 + 32**2 + 33**2 + 16**2) * 4
-    ef = e0 + cost("all_reduce", factors, 2, 2)  # one factor bucket after the backward pass
+    factors = (65**2 + 32**2 + 33**2 + 16**2 + 2) * 4  # and one presence flag a layer
+    # one factor bucket, issued by layer 0's hook, behind layer 1's gradient on the stream
+    ef = max(t_f + 7.0 + 40.0 + 11.0, e1) + cost("all_reduce", factors, 2, 2)
+    e0 = max(t_b, ef) + cost("all_reduce", 65 * 32 * 4, 2, 2)
     i0, i1 = 500.0, 90.0  # LPT: layer 0 on rank 0, layer 1 on rank 1
     b0 = cost("broadcast", (65**2 + 32**2 + 65 + 32) * 4, 2, 2)  # eigenbases + eigenvalues
     b1 = cost("broadcast", (33**2 + 16**2 + 33 + 16) * 4, 2, 2)
-    expected = ef + max(i0, i1) + b0 + b1 + 13.0 + 9.0 + 17.0
+    expected = e0 + max(i0, i1) + b0 + b1 + 13.0 + 9.0 + 17.0
     assert simulate_one("kaisa", c, 2, INVERSE_STEP) == pytest.approx(expected, rel=1e-12)
 
 
@@ -70,20 +72,22 @@ def test_kaisa_mem_opt_factor_step_closed_form():
     c = two_layers()
     t_b = 50.0 + 47.0 + 71.0
     e1 = 50.0 + 47.0 + cost("all_reduce", 33 * 16 * 4, 2, 2)
-    e0 = max(t_b, e1) + cost("all_reduce", 65 * 32 * 4, 2, 2)
-    ef = e0 + cost("all_reduce", (65**2 + 32**2 + 33**2 + 16**2) * 4, 2, 2)
+    ef = max(50.0 + 47.0 + 11.0, e1) + cost("all_reduce",
+                                             (65**2 + 32**2 + 33**2 + 16**2 + 2) * 4, 2, 2)
+    e0 = max(t_b, ef) + cost("all_reduce", 65 * 32 * 4, 2, 2)
     # f = 1/2: each rank preconditions its own layer, then both broadcast along the row
     pg0 = cost("broadcast", (65 * 32 + 1) * 4, 2, 2)
     pg1 = cost("broadcast", (33 * 16 + 1) * 4, 2, 2)
-    expected = max(ef + 13.0, ef + 9.0) + pg0 + pg1 + 17.0
+    expected = max(e0 + 13.0, e0 + 9.0) + pg0 + pg1 + 17.0
     assert simulate_one("kaisa:mem-opt", c, 2, FACTOR_STEP) == pytest.approx(expected, rel=1e-12)
 
 
 def test_spngd_inverse_step_closed_form():
     c = two_layers()
     t_b = 50.0 + 47.0 + 71.0
-    fac = (cost("reduce_scatter_v", ((65**2 + 32**2) * 4, (33**2 + 16**2) * 4), 2, 2))
-    e_f = t_b + fac
+    # each owner's block: its layer's statistics and presence flag; sent by layer 0's hook
+    fac = (cost("reduce_scatter_v", ((65**2 + 32**2 + 1) * 4, (33**2 + 16**2 + 1) * 4), 2, 2))
+    e_f = max(t_b, 50.0 + 47.0 + 11.0 + fac)
     grad = cost("reduce_scatter_v", ((65 * 32 + 1) * 4, (33 * 16 + 1) * 4), 2, 2)  # + flag
     e_g = e_f + max(500.0, 90.0) + grad  # grads leave after each owner's inverse
     ag = cost("all_gather_v", ((65 * 32 + 1) * 4, (33 * 16 + 1) * 4), 2, 2)
@@ -112,15 +116,17 @@ def test_host_work_between_stages_closed_form():
     c = replace(two_layers(), **HOST)
     L, W = HOST["grad_load"], HOST["grad_write"]
     t_b = 50.0 + 47.0 + 71.0
-    fac = cost("reduce_scatter_v", ((65**2 + 32**2) * 4, (33**2 + 16**2) * 4), 2, 2)
+    fac = cost("reduce_scatter_v", ((65**2 + 32**2 + 1) * 4, (33**2 + 16**2 + 1) * 4), 2, 2)
     grad = cost("reduce_scatter_v", ((65 * 32 + 1) * 4, (33 * 16 + 1) * 4), 2, 2)  # + flag
     ag = cost("all_gather_v", ((65 * 32 + 1) * 4, (33 * 16 + 1) * 4), 2, 2)
-    spngd = t_b + L + fac + 500.0 + grad + 13.0 + ag + W + 17.0
+    # the factors left with layer 0's hook, during its backward
+    spngd = max(t_b + L, 50.0 + 47.0 + 11.0 + fac) + 500.0 + grad + 13.0 + ag + W + 17.0
     assert simulate_one("spngd", c, 2, INVERSE_STEP) == pytest.approx(spngd, rel=1e-12)
     # KAISA: the host work starts once DDP's all-reduces are done (backward blocks on them)
     e1 = 50.0 + 7.0 + 40.0 + cost("all_reduce", 33 * 16 * 4, 2, 2)
-    e0 = max(50.0 + 47.0 + 71.0, e1) + cost("all_reduce", 65 * 32 * 4, 2, 2)
-    ef = e0 + L + cost("all_reduce", (65**2 + 32**2 + 33**2 + 16**2) * 4, 2, 2)
+    ef = max(50.0 + 58.0, e1) + cost("all_reduce", (65**2 + 32**2 + 33**2 + 16**2 + 2) * 4, 2, 2)
+    e0 = max(50.0 + 47.0 + 71.0, ef) + cost("all_reduce", 65 * 32 * 4, 2, 2)
+    ef = max(ef, e0 + L)  # the inverses start after both and the host work
     b0 = cost("broadcast", (65**2 + 32**2 + 65 + 32) * 4, 2, 2)
     b1 = cost("broadcast", (33**2 + 16**2 + 33 + 16) * 4, 2, 2)
     kaisa = ef + 500.0 + b0 + b1 + 13.0 + 9.0 + W + 17.0

@@ -180,18 +180,19 @@ def test_factor_bytes_of_batchnorm_blocks(strategy: str, symmetric: bool) -> Non
     tri = (lambda n: n * (n + 1) // 2) if symmetric else (lambda n: n * n)
     kron = tri(28) + tri(16) + tri(17) + tri(10)
     opts = {"symmetric_factors": symmetric}
+    # each Fisher block travels with one presence flag (kfacperf.kfac.factor_exchange)
     none = _payload(strategy, FACTOR_STEP, S.FACTOR_COMM, **opts)
-    assert none == 4 * kron
+    assert none == 4 * (kron + 2)
     unit = _payload(strategy, FACTOR_STEP, S.FACTOR_COMM, bn_blocks="unit", **opts)
-    assert unit - none == 4 * C * (3 if symmetric else 4)  # C blocks of 2x2
+    assert unit - none == 4 * (C * (3 if symmetric else 4) + 1)  # C blocks of 2x2
     full = _payload(strategy, FACTOR_STEP, S.FACTOR_COMM, bn_blocks="full", **opts)
-    assert full - none == 4 * tri(2 * C)  # one 2C x 2C block
+    assert full - none == 4 * (tri(2 * C) + 1)  # one 2C x 2C block
     half = _payload(strategy, FACTOR_STEP, S.FACTOR_COMM, bn_blocks="full", factor_dtype="fp16",
                     **opts)
     assert half == full // 2
     for mode in ("unit", "full"):
         c = cost(bn_blocks=mode, **opts)
-        assert c.factor_bytes(BN) == (unit if mode == "unit" else full) - none
+        assert c.factor_bytes(BN) == (unit if mode == "unit" else full) - none - 4
 
 
 def test_gradient_and_inverse_bytes_of_batchnorm_blocks() -> None:

@@ -6,13 +6,19 @@ import pytest
 from helpers.sim_fakes import fake_collective_us as cost
 from helpers.sim_fakes import random_layer_costs
 from kfacperf import vocab as S
+from kfacperf.buckets import plan_buckets
 from kfacperf.sim.graphs.placement import (
     layer_cost,
     nodes_spanned,
     spngd_placement,
 )
 from kfacperf.sim.graphs.strategies import build_graph, make_step, parse_strategy
-from kfacperf.sim.graphs.strategies.common import CommSettings, QueueBuckets, StepSpec, ddp_buckets
+from kfacperf.sim.graphs.strategies.common import (
+    CommSettings,
+    StepSpec,
+    ddp_buckets,
+    factor_plan,
+)
 from kfacperf.vocab import FACTOR_STEP, INVERSE_STEP, PLAIN_STEP
 
 LAYERS = random_layer_costs(8, seed=11, other_params=3000)
@@ -33,13 +39,19 @@ def payload(g, stage: str) -> int:
 
 
 # ------------------------------------------------------------------ buckets
-def test_queue_buckets_follow_the_optimizers_flush_rule():
-    q = QueueBuckets(10)
-    assert q.add("a", 4) == [] and q.add("b", 4) == []
-    assert q.add("c", 4) == [[("a", 4), ("b", 4)]]  # would overflow: flush first
-    assert q.add("d", 6) == [[("c", 4), ("d", 6)]]  # reaches the cap: flushed at once
-    assert q.add("e", 25) == [[("e", 25)]]  # larger than the cap: alone
-    assert q.add("f", 1) == [] and q.flush() == [[("f", 1)]] and q.flush() == []
+def test_factor_buckets_are_the_optimizers_plan_each_sent_after_its_last_layer():
+    """Whole layers, last first, statistics and one flag each, split by the optimizer's own
+    rule (kfacperf.buckets.plan_buckets); a bucket is launched right after the factor
+    statistics of its last layer, so nothing is left for after the backward pass."""
+    comm = CommSettings(factor_bucket_mb=0.01)
+    after, end = factor_plan(LAYERS, comm)
+    events = sorted((ev for evs in after.values() for ev in evs), key=lambda ev: ev.index)
+    sizes = [(l, (A[l] ** 2 + G[l] ** 2 + 1) * 4) for l in reversed(N)]
+    assert [list(ev.layers) for ev in events] == plan_buckets(sizes, 10_000)
+    assert len(events) > 2 and end == []
+    assert all(after[ev.layers[-1]] == [ev] for ev in events)
+    assert [ev.nbytes for ev in events] == [sum(n for l, n in sizes if l in ev.layers)
+                                            for ev in events]
 
 
 def test_ddp_buckets_close_once_they_reach_the_limit_in_reverse_layer_order():
@@ -94,9 +106,10 @@ def test_backward_runs_last_layer_first_with_each_hook_before_its_layer():
 @pytest.mark.parametrize("strategy", ["kaisa", "kaisa:0.5", "spngd"])
 @pytest.mark.parametrize("dtype,symmetric", [("fp32", False), ("fp16", False), ("bf16", True)])
 def test_factor_payload_is_every_layers_a_and_g(strategy, dtype, symmetric):
+    """Every layer's A and G, and its presence flag, in the factor precision."""
     comm = CommSettings(factor_dtype=dtype, symmetric=symmetric, factor_bucket_mb=0.1)
     _, g = graph(strategy, 4, FACTOR_STEP, comm)
-    elems = sum((n * (n + 1) // 2 if symmetric else n * n) for d in (A, G) for n in d)
+    elems = sum((n * (n + 1) // 2 if symmetric else n * n) for d in (A, G) for n in d) + len(A)
     assert payload(g, S.FACTOR_COMM) == elems * (4 if dtype == "fp32" else 2)
     _, plain = graph(strategy, 4, PLAIN_STEP, comm)
     assert payload(plain, S.FACTOR_COMM) == 0

@@ -4,9 +4,10 @@ With ``gw = grad_worker_fraction * P`` gradient workers per layer (see
 :mod:`kfacperf.kfac.assignment` for the grid of grad-worker columns and receiver rows):
 
 * ``factor_comm`` — every layer's A and G (a BatchNorm block: its Fisher block) are
-  all-reduced (mean), bucketed up to
-  ``bucket_cap_mb`` in the order the backward hooks fire, so they overlap the backward pass;
-  triangle packing and the factor precision apply.
+  all-reduced (mean) in buckets of up to ``bucket_cap_mb`` fixed at set-up, last layer first,
+  each sent once the backward hooks have filled it, so they overlap the backward pass (a
+  layer a rank skipped travels as zeros with a presence flag:
+  :mod:`kfacperf.kfac.factor_exchange`); triangle packing and the factor precision apply.
 * ``inverse`` — on the layer's inverse worker only (the only rank that keeps its running
   averages).
 * ``inverse_comm`` — when ``gw > 1``: the inverse state (eigenvectors and eigenvalues, or the
@@ -36,7 +37,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from kfacperf import vocab as stages
-from kfacperf.kfac import comm
+from kfacperf.buckets import bucket_label
+from kfacperf.kfac import comm, factor_exchange
 from kfacperf.kfac.assignment import (
     Assignment,
     LayerShape,
@@ -73,7 +75,8 @@ class KAISAStrategy(DistributedStrategy):
         self.grad_worker_fraction = float(grad_worker_fraction)
         self.average_gradients = bool(average_gradients)
         self.grad_workers = 1
-        self._factors: comm.AllReduceBuckets | None = None
+        self._exchange = factor_exchange.BucketQueue([], self.comm, self._send_factors)
+        self._factor_pending: list[tuple[comm.Pending, list[KFACLayer]]] = []
         self._column: tuple[int, ...] = (0,)
         self._row: tuple[int, ...] = (0,)
         self._column_group: Any = None
@@ -98,6 +101,8 @@ class KAISAStrategy(DistributedStrategy):
         self.grad_workers = grad_workers_count(self.world_size, self.grad_worker_fraction)
         if not self.distributed:
             return
+        self._exchange = factor_exchange.BucketQueue(
+            list(layers.values())[::-1], self.comm, self._send_factors)
         columns = grad_worker_groups(self.world_size, self.grad_workers)
         rows = receiver_groups(self.world_size, self.grad_workers)
         # new_group is collective over the world: every rank creates every group, in order.
@@ -121,29 +126,30 @@ class KAISAStrategy(DistributedStrategy):
     def on_factor_batch(self, layer: KFACLayer) -> None:
         if not self.distributed:
             return
-        if self._factors is None:
-            self._factors = comm.AllReduceBuckets(
-                stage=stages.FACTOR_COMM, cap_bytes=self.comm.bucket_cap_bytes,
-                timer=self.timer, group=self.group,
-            )
         assert layer.has_batch_stats
-        for f in layer.factors():
-            self._factors.add((layer.name, f.name), layer.name,
-                              comm.encode_factor(getattr(layer, f.batch_attr), self.comm))
+        self._exchange.ready(layer)
+
+    def _send_factors(self, bucket: list[KFACLayer]) -> None:
+        buf = factor_exchange.encode(bucket, self._exchange.present, self.comm)
+        pending = comm.all_reduce(buf, stage=stages.FACTOR_COMM, timer=self.timer,
+                                  layer=bucket_label([l.name for l in bucket]), group=self.group)
+        self._factor_pending.append((pending, bucket))
 
     def finish_factors(self) -> None:
-        if self._factors is None:
+        if not self.distributed:
             return
-        reduced, self._factors = self._factors.wait(), None
-        for (name, which), flat in reduced.items():
-            self._factored.add(name)
-            if not self.needs_factors(name):
-                continue
-            layer = self.layers[name]
-            f = next(f for f in layer.factors() if f.name == which)
-            dtype = getattr(layer, f.batch_attr).dtype
-            setattr(layer, f.batch_attr,
-                    comm.decode_factor(flat, f.n, self.comm, dtype, f.count))
+        self._exchange.flush()
+        # A layer this rank lacks is read on the host only where its answer matters: to
+        # keep it, or to learn whether it has been exchanged at all (``_factored``).
+        absent = {n for n in self._exchange.absent()
+                  if n not in self._factored or self.needs_factors(n)}
+        for pending, bucket in self._factor_pending:
+            gone = factor_exchange.decode(
+                bucket, pending.wait(), self.comm, absent_here=absent,
+                keep=lambda l: self.needs_factors(l.name))
+            self._factored.update(l.name for l in bucket if l.name not in gone)
+        self._factor_pending = []
+        self._exchange.reset()
 
     # ---------------------------------------------------------------- inverses
     def _packable(self, attr: str) -> bool:
@@ -191,7 +197,7 @@ class KAISAStrategy(DistributedStrategy):
             else:
                 buf = torch.empty(sum(numel(l) for l in layers), dtype=kind, device=device)
             pending = comm.broadcast(buf, src, stage=stage,
-                                     layer=comm.bucket_label([l.name for l in layers]),
+                                     layer=bucket_label([l.name for l in layers]),
                                      timer=self.timer, group=group)
             inflight.append((src, layers, pending, cast))
         for src, layers, pending, cast in inflight:

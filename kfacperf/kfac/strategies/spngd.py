@@ -2,11 +2,13 @@
 
 Per step, on P ranks (``owner`` = :func:`~kfacperf.kfac.assignment.spngd_assignment`):
 
-* ``factor_comm`` — reduce-scatter-v of the batch statistics: layers are bucketed in the
-  order their backward hooks fire (last layer first) up to ``bucket_cap_mb``; each bucket is
-  one reduce-scatter-v whose rank-r block holds the A and G (a BatchNorm block: its Fisher
-  block; triangle-packed and cast when asked) of the bucket's layers owned by r, so each owner
-  receives the global mean of its layers' statistics while the backward pass continues.  The
+* ``factor_comm`` — reduce-scatter-v of the batch statistics: layers are bucketed up to
+  ``bucket_cap_mb`` by a plan fixed at set-up (last layer first), each bucket sent once the
+  backward hooks have filled it; each bucket is one reduce-scatter-v whose rank-r block holds
+  the A and G (a BatchNorm block: its Fisher block; triangle-packed and cast when asked) of
+  the bucket's layers owned by r, then their presence flags, so each owner receives the
+  global mean of its layers' statistics while the backward pass continues (a layer a rank
+  skipped travels as zeros: :mod:`kfacperf.kfac.factor_exchange`).  The
   blocks have their true, uneven sizes (the list form of ``reduce_scatter``), no padding.
 * ``inverse``/``precondition`` — on the owner only.
 * ``grad_comm`` — a reduce-scatter-v of the K-FAC layers' gradient matrices to their owners
@@ -26,13 +28,15 @@ lower, in which case the factors go in a second buffer of their own.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from kfacperf import vocab as stages
-from kfacperf.kfac import comm
+from kfacperf.buckets import bucket_label
+from kfacperf.kfac import comm, factor_exchange
 from kfacperf.kfac.assignment import Assignment, LayerShape, spngd_assignment
 from kfacperf.kfac.strategies.base import DistributedStrategy, grad_matrix, present_grads
 from kfacperf.profiler.timer import Timer
@@ -52,8 +56,7 @@ class SPNGDStrategy(DistributedStrategy):
     ) -> None:
         super().__init__(comm=comm_options, check_model=check_model)
         self.fused = bool(fused)
-        self._bucket: list[KFACLayer] = []
-        self._bucket_bytes = 0
+        self._exchange = factor_exchange.BucketQueue([], self.comm, self._send_factor_bucket)
         self._factor_pending: list[tuple[comm.Pending, list[KFACLayer]]] = []
         self._grads_reduced = False
 
@@ -64,34 +67,33 @@ class SPNGDStrategy(DistributedStrategy):
         return f"{super().settings()} fused={self.fused}"
 
     # ---------------------------------------------------------------- factors
+    def setup(
+        self, model: torch.nn.Module, layers: Mapping[str, KFACLayer], *, timer: Timer
+    ) -> None:
+        super().setup(model, layers, timer=timer)
+        if self.distributed and not self.fused:
+            self._exchange = factor_exchange.BucketQueue(
+                list(layers.values())[::-1], self.comm, self._send_factor_bucket)
+
     def on_factor_batch(self, layer: KFACLayer) -> None:
         if not self.distributed or self.fused:
             return
-        self._bucket.append(layer)
-        self._bucket_bytes += sum(self.comm.factor_bytes(f.n, f.count) for f in layer.factors())
-        if self._bucket_bytes >= self.comm.bucket_cap_bytes:
-            self._send_factor_bucket()
+        self._exchange.ready(layer)
 
-    def _send_factor_bucket(self) -> None:
-        if not self._bucket:
-            return
-        layers, self._bucket, self._bucket_bytes = self._bucket, [], 0
+    def _send_factor_bucket(self, bucket: list[KFACLayer]) -> None:
         assert self.assignment is not None
         owner = self.assignment.inverse_worker
-        ref = getattr(layers[0], layers[0].factors()[0].batch_attr)
-        assert ref is not None
-        parts: dict[int, list[Tensor]] = {}
-        for l in layers:
-            parts.setdefault(owner[l.name], []).extend(
-                comm.encode_factor(getattr(l, f.batch_attr), self.comm) for f in l.factors()
-            )
-        blocks = _blocks(parts, self.world_size,
-                         torch.empty(0, dtype=self.comm.torch_dtype, device=ref.device))
+        by_owner: dict[int, list[KFACLayer]] = {}
+        for l in bucket:
+            by_owner.setdefault(owner[l.name], []).append(l)
+        parts = {r: [factor_exchange.encode(group, self._exchange.present, self.comm)]
+                 for r, group in by_owner.items()}
+        empty = torch.empty(0, dtype=self.comm.torch_dtype, device=bucket[0].weight.device)
         pending = comm.reduce_scatter_v(
-            blocks, stage=stages.FACTOR_COMM, layer=comm.bucket_label([l.name for l in layers]),
-            timer=self.timer, group=self.group,
+            _blocks(parts, self.world_size, empty), stage=stages.FACTOR_COMM,
+            layer=bucket_label([l.name for l in bucket]), timer=self.timer, group=self.group,
         )
-        self._factor_pending.append((pending, [l for l in layers if owner[l.name] == self.rank]))
+        self._factor_pending.append((pending, by_owner.get(self.rank, [])))
 
     def finish_factors(self) -> None:
         if not self.distributed:
@@ -99,13 +101,15 @@ class SPNGDStrategy(DistributedStrategy):
         if self.fused:
             self._fused_allreduce()
             return
-        self._send_factor_bucket()
+        self._exchange.flush()
+        absent = self._exchange.absent()
         for pending, mine in self._factor_pending:
             flat = pending.wait()
-            offset = 0
-            for layer in mine:
-                offset = _decode_factors(layer, flat, offset, self.comm)
+            if mine:
+                factor_exchange.decode(mine, flat, self.comm, keep=lambda l: True,
+                                       absent_here=absent)
         self._factor_pending = []
+        self._exchange.reset()
 
     # ------------------------------------------------------------- gradients
     def reduce_gradients(self) -> None:
@@ -170,10 +174,10 @@ class SPNGDStrategy(DistributedStrategy):
         grad_parts = [grad_matrix(l).reshape(-1) for l in layers] + [flags] + [
             g.reshape(-1) for _, g in other
         ]
-        fac_layers = [l for l in layers if l.has_batch_stats] if with_factors else []
-        fac_parts = [comm.encode_factor(getattr(l, f.batch_attr), self.comm)
-                     for l in fac_layers for f in l.factors()]
-        label = comm.bucket_label([l.name for l in fac_layers])
+        absent = {l.name for l in layers if not l.has_batch_stats}
+        fac_parts = ([factor_exchange.encode(layers, lambda l: l.name not in absent, self.comm)]
+                     if with_factors else [])
+        label = bucket_label([l.name for l in layers])
         n_fac = sum(p.numel() for p in fac_parts)
         if fac_parts and all(p.dtype == self.comm.torch_dtype for p in grad_parts):
             buf = torch.cat(fac_parts + grad_parts)
@@ -201,12 +205,9 @@ class SPNGDStrategy(DistributedStrategy):
             n = p.numel()
             g.copy_(grad_flat[offset:offset + n].view_as(p))
             offset += n
-        offset = 0
-        for layer in fac_layers:
-            if self.needs_factors(layer.name):
-                offset = _decode_factors(layer, fac_flat, offset, self.comm)
-            else:
-                offset += sum(self.comm.factor_numel(f.n, f.count) for f in layer.factors())
+        if with_factors:
+            factor_exchange.decode(layers, fac_flat, self.comm, absent_here=absent,
+                                   keep=lambda l: self.needs_factors(l.name))
         self._grads_reduced = with_factors
 
     # ----------------------------------------------------- preconditioned gradients
@@ -231,7 +232,7 @@ class SPNGDStrategy(DistributedStrategy):
                 offset += n
         gathered = comm.all_gather_v(
             local, sizes, stage=stages.PRECOND_COMM, timer=self.timer, group=self.group,
-            layer=comm.bucket_label([l.name for l in layers]),
+            layer=bucket_label([l.name for l in layers]),
         ).wait()
         for r, group in enumerate(by_rank):
             if r == self.rank:
@@ -243,17 +244,6 @@ class SPNGDStrategy(DistributedStrategy):
                 self.note_received(layer)
                 offset += n
         self.drop_absent()
-
-
-def _decode_factors(layer: KFACLayer, flat: Tensor, offset: int, opts: comm.CommOptions) -> int:
-    """Set the layer's batch statistics from ``flat`` at ``offset``; the offset after them."""
-    for f in layer.factors():
-        size = opts.factor_numel(f.n, f.count)
-        dtype = getattr(layer, f.batch_attr).dtype
-        setattr(layer, f.batch_attr,
-                comm.decode_factor(flat[offset:offset + size], f.n, opts, dtype, f.count))
-        offset += size
-    return offset
 
 
 def _blocks(parts: dict[int, list[Tensor]], world: int, empty: Tensor) -> list[Tensor]:

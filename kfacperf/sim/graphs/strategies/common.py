@@ -17,11 +17,12 @@ it first; a queue that reaches the cap is flushed at once; MB = 10**6 bytes).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from kfacperf import vocab as S
+from kfacperf.buckets import bucket_label, plan_buckets
 from kfacperf.sim.costs import blocks
 from kfacperf.sim.graphs.graph import UNSTAGED, Group, Program
 from kfacperf.sim.graphs.placement import blocks_cost, nodes_spanned
@@ -188,11 +189,6 @@ class StepSpec:
         return Group(("world",), ("world",), p, nodes_spanned(0, p, 1, self.gpus_per_node))
 
 
-def bucket_label(names: Sequence[str]) -> str:
-    """The ``layer`` of a bucketed comm event: its layers joined by ``+`` (as the optimizer)."""
-    return "+".join(dict.fromkeys(names))
-
-
 def ddp_buckets(costs: LayerCosts, cs: CommSettings) -> tuple[list[list[int]], list[int]]:
     """DDP's gradient buckets, in the order they fill during backward.
 
@@ -222,36 +218,6 @@ def ddp_buckets(costs: LayerCosts, cs: CommSettings) -> tuple[list[list[int]], l
 
 BucketItem = tuple[tuple[int, str], int]
 """A factor bucket's item: ``((layer, tag), bytes)``, the tag naming the factor(s)."""
-
-
-class QueueBuckets:
-    """The flush decisions of :class:`kfacperf.kfac.comm.AllReduceBuckets`, replayed.
-
-    ``add`` returns the buckets that the addition flushes (0, 1 or 2 of them), each as the
-    list of its item keys; ``flush`` returns what is left.
-    """
-
-    def __init__(self, cap_bytes: int) -> None:
-        self.cap = cap_bytes
-        self.items: list[BucketItem] = []
-        self.bytes = 0
-
-    def add(self, key: tuple[int, str], nbytes: int) -> list[list[BucketItem]]:
-        out = []
-        if self.items and self.bytes + nbytes > self.cap:
-            out.append(self._take())
-        self.items.append((key, nbytes))
-        self.bytes += nbytes
-        if self.bytes >= self.cap:
-            out.append(self._take())
-        return out
-
-    def flush(self) -> list[list[BucketItem]]:
-        return [self._take()] if self.items else []
-
-    def _take(self) -> list[BucketItem]:
-        items, self.items, self.bytes = self.items, [], 0
-        return items
 
 
 @dataclass(frozen=True)
@@ -285,34 +251,16 @@ def _events(batches: list[tuple[int, list[list[BucketItem]]]],
     return after, [event(b) for b in end]
 
 
-def kaisa_factor_plan(costs: LayerCosts, cs: CommSettings) -> FactorPlan:
-    """KAISA's factor buckets: A then G of each layer (last layer first) through
-    :class:`QueueBuckets`, the rest flushed after the backward pass."""
-    q = QueueBuckets(int(cs.factor_bucket_mb * 1_000_000))
-    batches = []
-    for l in reversed(range(costs.n)):
-        flushed: list[list[BucketItem]] = []
-        for tag, nbytes in costs.factor_items(l, cs):
-            flushed += q.add((l, tag), nbytes)
-        batches.append((l, flushed))
-    return _events(batches, q.flush())
-
-
-def spngd_factor_plan(costs: LayerCosts, cs: CommSettings) -> FactorPlan:
-    """SP-NGD's factor buckets: whole layers (A and G, last layer first); a bucket is sent as
-    soon as it reaches the cap, the rest after the backward pass."""
-    cap = int(cs.factor_bucket_mb * 1_000_000)
-    batches = []
-    cur: list[BucketItem] = []
-    total = 0
-    for l in reversed(range(costs.n)):
-        nb = costs.factor_comm_bytes(l, cs)
-        cur.append(((l, "AG"), nb))
-        total += nb
-        if total >= cap:
-            batches.append((l, [cur]))
-            cur, total = [], 0
-    return _events(batches, [cur] if cur else [])
+def factor_plan(costs: LayerCosts, cs: CommSettings) -> FactorPlan:
+    """The optimizer's factor buckets (:mod:`kfacperf.kfac.factor_exchange`): whole layers,
+    last layer first, each its statistics and one presence flag, split by
+    :func:`kfacperf.buckets.plan_buckets`; each bucket is sent by the hook of its last layer,
+    none after the backward pass."""
+    flag = COMM_DTYPE_BYTES[cs.factor_dtype]
+    order = list(reversed(range(costs.n)))
+    nbytes = {l: costs.factor_comm_bytes(l, cs) + flag for l in order}
+    buckets = plan_buckets([(l, nbytes[l]) for l in order], int(cs.factor_bucket_mb * 1_000_000))
+    return _events([(b[-1], [[((l, "AG"), nbytes[l]) for l in b]]) for b in buckets], [])
 
 
 def emit_factor_prefix(costs: LayerCosts, kind: StepKind, plan: FactorPlan,

@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from kfacperf import vocab as S
+from kfacperf.buckets import bucket_label
 from kfacperf.sim.graphs.graph import Group, Program, RankClass
 from kfacperf.sim.graphs.memory import fisher_blocks_of, kfac_state_per_gpu
 from kfacperf.sim.graphs.placement import (
@@ -37,10 +38,9 @@ from kfacperf.sim.graphs.placement import (
 from kfacperf.sim.graphs.strategies.common import (
     BucketEvent,
     StepSpec,
-    bucket_label,
     emit_factor_prefix,
     emit_unstaged,
-    kaisa_factor_plan,
+    factor_plan,
 )
 from kfacperf.sim.graphs.strategies.sgd import DdpGradients
 
@@ -65,7 +65,7 @@ class KaisaStep:
         self.world = spec.world()
         self.ddp = DdpGradients(spec)
         if spec.kind.factor and self.world.size > 1:
-            self.fac_after, self.fac_end = kaisa_factor_plan(costs, spec.comm)
+            self.fac_after, self.fac_end = factor_plan(costs, spec.comm)
         else:
             self.fac_after, self.fac_end = {}, []
         self.col_layers: dict[int, list[int]] = defaultdict(list)

@@ -21,6 +21,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 from kfacperf import vocab as S
+from kfacperf.buckets import bucket_label
 from kfacperf.sim.graphs.graph import Program, RankClass
 from kfacperf.sim.graphs.memory import fisher_blocks_of, kfac_state_per_gpu
 from kfacperf.sim.graphs.placement import contiguous_placement, spngd_placement
@@ -28,10 +29,9 @@ from kfacperf.sim.graphs.strategies.common import (
     FP32,
     BucketEvent,
     StepSpec,
-    bucket_label,
     emit_factor_prefix,
     emit_unstaged,
-    spngd_factor_plan,
+    factor_plan,
 )
 
 
@@ -57,7 +57,7 @@ class SpngdStep:
         self.fac_end: list[BucketEvent] = []
         self.fac_blocks: dict[int, tuple[int, ...]] = {}
         if spec.kind.factor and self.comm:
-            self.fac_after, self.fac_end = spngd_factor_plan(costs, spec.comm)
+            self.fac_after, self.fac_end = factor_plan(costs, spec.comm)
             for ev in [e for evs in self.fac_after.values() for e in evs] + self.fac_end:
                 self.fac_blocks[ev.index] = self._blocks(
                     [(k[0], n) for k, n in ev.items])
