@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import datetime
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ from kfacperf.sim.models.cluster import ClusterModel
 from kfacperf.sim.models.device import DeviceModel
 from kfacperf.sim.models.workload import WorkloadModel
 from kfacperf.sim.prediction import Prediction
+from kfacperf.sim.progress import SweepProgress
 from kfacperf.sim.summary import CycleStep, EventColumns, cycle, summarize_point
 from kfacperf.trace.arguments import one_or_many
 
@@ -299,9 +300,11 @@ def simulate_with_costs(
     gpus: Sequence[int] | int = (1,), batch_per_gpu: int = 32, factor_interval: int = 1,
     inverse_interval: int = 1, grad_worker_fraction: float = 1.0,
     comm: CommSettings | None = None, events: bool = True, meta: dict[str, Any] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> Prediction:
     """:func:`simulate` with a ready cost model (:class:`~kfacperf.sim.costs.model.CostModel`
-    or any other :class:`~kfacperf.sim.costs.interface.StepCosts`)."""
+    or any other :class:`~kfacperf.sim.costs.interface.StepCosts`); ``progress`` takes a
+    line now and then on a long sweep (:class:`~kfacperf.sim.progress.SweepProgress`)."""
     gpu_list = check_gpus(gpus)
     specs = check_strategies(strategies, grad_worker_fraction)
     check_fractions_fit(specs, gpu_list)
@@ -313,9 +316,10 @@ def simulate_with_costs(
                        factor_interval=factor_interval, inverse_interval=inverse_interval,
                        comm=comm)
 
+    tick = SweepProgress(progress, len(specs) * len(gpu_list))
     # inputs out of range make infinities; check_summary_finite reports them, numpy need not
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        points = [run(s, p) for s in specs for p in gpu_list]
+        points = [tick.done(run(s, p), s.label, p) for s in specs for p in gpu_list]
     single = _single_gpu_step_us(points, specs, run)
     sgd = {pt.gpus: pt.summary.step_us for pt in points if pt.spec.name == S.SGD}
 
@@ -364,7 +368,7 @@ def simulate(
     gpus: Sequence[int] | int = (1,), batch_per_gpu: int = 32, factor_interval: int = 1,
     inverse_interval: int = 1, grad_worker_fraction: float = 1.0, *,
     factor_bucket_mb: float = 25.0, ddp_bucket_mb: float = 25.0, events: bool = True,
-    **overrides: Any,
+    progress: Callable[[str], None] | None = None, **overrides: Any,
 ) -> Prediction:
     """Predict step times; models are objects, preset names or TOML paths."""
     from kfacperf import __version__
@@ -395,5 +399,5 @@ def simulate(
         w, cost, gpus_per_node=c.gpus_per_node, strategies=strategies, gpus=gpus,
         batch_per_gpu=batch_per_gpu, factor_interval=factor_interval,
         inverse_interval=inverse_interval, grad_worker_fraction=grad_worker_fraction,
-        comm=comm, events=events, meta=meta,
+        comm=comm, events=events, meta=meta, progress=progress,
     )

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from typing import Any
 
 from kfacperf import vocab
@@ -121,6 +122,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--json", action="store_true", help="print the summary as JSON")
     o.add_argument("--no-events", action="store_true",
                    help="skip the per-class event table (smaller, faster)")
+    o.add_argument("--quiet", action="store_true",
+                   help="no progress lines on stderr (a sweep longer than a few seconds "
+                        "prints one every few seconds)")
 
 
 MAX_SCALE = 1e6
@@ -171,6 +175,19 @@ def rerunnable_command(args: argparse.Namespace) -> str:
     return " ".join(words)
 
 
+def memory_note(args: argparse.Namespace) -> str | None:
+    """:func:`~kfacperf.plan.memory.overflow_note` for the command's workload and device."""
+    from kfacperf.plan.memory import overflow_note
+    from kfacperf.sim.models import load_device, load_workload
+
+    return overflow_note(load_workload(args.workload), load_device(args.device),
+                         batch_per_gpu=args.batch_per_gpu, dtype=args.dtype or "fp32")
+
+
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     from kfacperf.safety import dumps_json, json_records
     from kfacperf.sim.graphs.strategies.common import MAX_BUCKET_MB
@@ -191,9 +208,13 @@ def run(args: argparse.Namespace) -> int:
         batch_per_gpu=args.batch_per_gpu, factor_interval=args.factor_interval,
         inverse_interval=args.inverse_interval, grad_worker_fraction=args.grad_worker_fraction,
         factor_bucket_mb=args.bucket_mb, ddp_bucket_mb=args.bucket_mb,
-        events=not args.no_events, **_overrides(args),
+        events=not args.no_events, progress=None if args.quiet else _progress,
+        **_overrides(args),
     )
     pred.meta["command"] = rerunnable_command(args)
+    note = memory_note(args)
+    if note:
+        print(note, file=sys.stderr)
     if args.out:
         write_prediction(pred, args.out, force=args.force)
     if args.json:
