@@ -22,6 +22,7 @@ from kfacperf.sim.graphs.placement import (
     spngd_placement,
 )
 from kfacperf.sim.graphs.strategies.common import CommSettings
+from kfacperf.sim.models.device import DeviceModel
 from kfacperf.sim.models.workload import WorkloadModel
 
 FP32 = 4
@@ -154,6 +155,24 @@ def memory_per_gpu(
         gradient_copies=2 * FP32 * _kfac_layer_params(fb),
         comm_buffers=comm_buffers if distributed else 0,
     )
+
+
+def overflow_note(workload: WorkloadModel, device: DeviceModel, *, batch_per_gpu: int,
+                  dtype: str) -> str | None:
+    """A note when even SGD on one GPU (weights, gradients, momentum, activations: the least
+    any strategy holds) needs more than ``device``'s memory at ``batch_per_gpu``: times
+    predicted there are what-ifs no run can measure.  None when it fits, or when the device
+    gives no capacity."""
+    if not device.memory_GB > 0:
+        return None
+    need = memory_per_gpu(workload, strategy=S.SGD, world_size=1, batch_per_gpu=batch_per_gpu,
+                          dtype=dtype).total
+    if need <= device.memory_GB * GB:
+        return None
+    return (f"note: at batch {batch_per_gpu:,} per GPU even SGD needs {need / GB:,.1f} GB "
+            f"per GPU (weights, gradients, momentum, activations), over {device.name}'s "
+            f"{device.memory_GB:,.1f} GB: nothing here fits in its memory, so these times are "
+            "what-ifs (kfacperf plan checks memory)")
 
 
 def _element_bytes(strategy: str, batch_per_gpu: int, dtype: str) -> int:

@@ -56,7 +56,7 @@ from typing import Any
 
 from kfacperf import vocab as S
 from kfacperf.plan.convergence import ConvergenceModel, StepsEstimate, optimizer_of
-from kfacperf.plan.memory import MemoryBreakdown, memory_per_gpu, placement_for
+from kfacperf.plan.memory import GB, MemoryBreakdown, memory_per_gpu, placement_for
 from kfacperf.plan.space import PlanSpace, Setting, settings
 from kfacperf.sim.engine import run_step
 from kfacperf.sim.graphs.layer_costs import layer_costs
@@ -161,6 +161,7 @@ class GpuCountSearch:
         # (strategy, grad workers, batch per GPU, bucket MB, (comm dtype, symmetric), step kind)
         self._steps: dict[_StepKey, float] = {}
         self._dropped = {"memory": 0, "data": 0}
+        self._least_memory: tuple[float, str] | None = None  # (bytes, label) over capacity
         self.stats = SearchStats()
         self.reasons: dict[str, str] = {}
 
@@ -269,6 +270,9 @@ class GpuCountSearch:
             if mem.total > self.capacity:
                 st.over_memory += len(pairs)
                 self._dropped["memory"] += 1
+                if self._least_memory is None or mem.total < self._least_memory[0]:
+                    self._least_memory = (mem.total, f"{s.label(self.world_size)} "
+                                                     f"b{s.batch_per_gpu}")
                 continue
             allowed = [p for p in pairs if est.allows(*p)]
             if not allowed or (est.extrapolated and not self.extrapolate):
@@ -303,21 +307,31 @@ class GpuCountSearch:
                 pairs.append(own)
         return pairs
 
+    def _none_left_reason(self) -> str:
+        """Why no configuration is left; over memory, what the smallest one needed."""
+        if not self._dropped["memory"]:
+            return ("no configuration within the convergence data (batch, or statistics "
+                    "staler than measured)")
+        need = ""
+        if self._least_memory is not None:
+            total, label = self._least_memory
+            need = (f": the smallest, {label}, needs {total / GB:.3g} GB per GPU where "
+                    f"{self.capacity / GB:.3g} GB may be used (a smaller --batch-per-gpu, "
+                    "--dtype bf16, or --memory-gb / --memory-fraction)")
+        where = " within the convergence data" if self._dropped["data"] else ""
+        return f"nothing fits in memory{where}{need}"
+
     def best(self, optimizer: str) -> Evaluated | None:
         """The configuration of ``optimizer``'s strategies (``sgd``, or ``spngd`` and
         ``kaisa`` for ``kfac``) with the least time to solution; None, with
         :attr:`reasons` saying why, when no configuration is left."""
-        self._dropped = {"memory": 0, "data": 0}
+        self._dropped, self._least_memory = {"memory": 0, "data": 0}, None
         queue: list[_Candidate] = []
         for strategy in self.space.strategies:
             if optimizer_of(strategy) == optimizer:
                 queue += self.candidates(strategy, len(queue))
         if not queue:
-            self.reasons[optimizer] = (
-                "nothing fits in memory" if not self._dropped["data"] else
-                "no configuration within the convergence data (batch, or statistics staler "
-                "than measured)" if not self._dropped["memory"] else
-                "nothing fits in memory within the convergence data")
+            self.reasons[optimizer] = self._none_left_reason()
             return None
         if not self.prune:
             for c in queue:

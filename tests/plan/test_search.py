@@ -175,7 +175,27 @@ def test_a_configuration_that_does_not_fit_is_never_recommended() -> None:
     assert other.time_s == pytest.approx(ref[0], rel=1e-9) and matches(other, ref[1])
     nothing = plan("mlp", "v100", "abci-v100", memory_gb=1e-4, **common)
     assert not nothing.choices
-    assert {m["reason"] for m in nothing.missing} == {"nothing fits in memory"}
+    assert all(m["reason"].startswith("nothing fits in memory: the smallest, ")
+               for m in nothing.missing)
+
+
+def test_nothing_fits_says_what_the_smallest_configuration_needs() -> None:
+    """SGD on the MLP (784-512-256-10, N = 535,818 parameters, 2,330 activations per
+    example kept) at batch 64 on 8 GPUs, fp32: weights, gradients, momentum and DDP's
+    buckets are 16 N bytes, the activations 64 x 4 x 2,330: 9,169,568 bytes, the smaller of
+    the two batches searched; 1 MB usable.  The reason names it and both sizes."""
+    n, act = 785 * 512 + 513 * 256 + 257 * 10, (784 + 512) + (512 + 256) + (256 + 10)
+    need = 16 * n + 64 * 4 * act
+    assert need == 9_169_568
+    nothing = plan("mlp", "v100", "abci-v100", gpus=[8], strategies=["sgd"],
+                   batch_per_gpu=[128, 64], convergence=[SGD_STEPS], memory_gb=1e-3,
+                   memory_fraction=1.0)
+    assert nothing.choices == ()
+    [missing] = nothing.missing
+    assert missing["reason"] == (
+        f"nothing fits in memory: the smallest, sgd b64, needs {need / 1e9:.3g} GB per GPU "
+        "where 0.001 GB may be used (a smaller --batch-per-gpu, --dtype bf16, or "
+        "--memory-gb / --memory-fraction)")
 
 
 def test_unpruned_search_agrees() -> None:
