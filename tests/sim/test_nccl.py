@@ -23,6 +23,19 @@ def test_multi_node_latencies_match_the_formulas() -> None:
     assert tree_ll == pytest.approx(90.0, abs=0.05)
 
 
+def test_tree_latency_counts_whole_doublings_of_the_nodes_as_nccl_does() -> None:
+    """NCCL's tree latency takes log2i(nodes), the floor (its utils.h: log2Down): 540 nodes
+    pay 9 network hops each way, as 512 do, not 10 as 1,024 do."""
+    def tree_ll(nodes: int) -> float:
+        got = nccl_choice(V28, "all_reduce", 8, ranks=8 * nodes, nodes=nodes, intra_GBps=126,
+                          node_net_GBps=24)
+        assert (got.algorithm, got.protocol) == ("tree", "LL")
+        return got.time_us - 8 / (0.5 * 0.92 / 3.8 * 24 * 1e3)
+
+    hops = {n: (tree_ll(n) - 4.4 - 2 * 7 * 0.52 * 1.8) / (2 * 5.0) for n in (512, 540, 1024)}
+    assert hops == pytest.approx({512: 9.0, 540: 9.0, 1024: 10.0})
+
+
 def test_single_node_large_message_is_a_simple_ring() -> None:
     n, p, bus = 256 * 2**20, 4, 126.0
     got = nccl_choice(V28, "all_reduce", n, ranks=p, nodes=1, intra_GBps=bus, node_net_GBps=0)

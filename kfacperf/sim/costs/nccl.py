@@ -17,7 +17,7 @@ This module makes the same prediction from the same constants, for a group of ``
     ``busBw p / (2(p-1))``; reduce-scatter / all-gather: ``p-1`` steps, ``N-1`` of them across
     nodes, over ``busBw p / (p-1)``; broadcast: a pipelined chain, one hop of latency, over
     ``busBw``;
-  - tree all-reduce: ``base + 2((g-1) h_nvlink + ceil(log2 N) h_net)`` over
+  - tree all-reduce: ``base + 2((g-1) h_nvlink + floor(log2 N) h_net)`` over
     ``0.5 x 0.92 busBw``;
   - ``busBw`` is the node's bus bandwidth inside one node (the cluster's intra tier) and its
     network bandwidth across nodes (the inter tier's per-GPU share times the group's GPUs per
@@ -34,7 +34,6 @@ NVLS/CollNet (H100 NVLink SHARP), which the profiles below do not enable.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 PROTOCOLS: tuple[str, ...] = ("LL", "LL128", "Simple")
@@ -101,7 +100,8 @@ class NcclChoice:
 
 
 def _log2(n: int) -> int:
-    return math.ceil(math.log2(n)) if n > 1 else 0
+    """NCCL's ``log2i``: the floor of log2 (``log2Down`` in its ``utils.h``)."""
+    return n.bit_length() - 1 if n > 1 else 0
 
 
 def nccl_choice(profile: NcclProfile, op: str, nbytes: float, *, ranks: int, nodes: int,
