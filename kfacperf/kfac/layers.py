@@ -391,3 +391,17 @@ def _assemble_a(gram: Tensor, total: Tensor | None, rows: int) -> Tensor:
 
 def factor_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def is_kfac_layer(module: nn.Module) -> bool:
+    """Does K-FAC precondition ``module`` as a Kronecker-factored layer: an ``nn.Linear``, or
+    an ``nn.Conv2d`` with ``groups=1``?
+
+    ``nn.MultiheadAttention``'s ``out_proj`` (a ``NonDynamicallyQuantizableLinear``) is not
+    one: the attention multiplies by its weight directly and never calls it, so no hook would
+    fire; it is left to the first-order step like any other parameter.  (Whether the weight
+    trains is the caller's question.)
+    """
+    if isinstance(module, nn.Linear):
+        return type(module).__name__ != "NonDynamicallyQuantizableLinear"
+    return isinstance(module, nn.Conv2d) and module.groups == 1

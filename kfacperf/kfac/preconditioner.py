@@ -43,7 +43,7 @@ from kfacperf.kfac import inverse
 from kfacperf.kfac.batchnorm import BatchNormLayer, is_batchnorm
 from kfacperf.kfac.fisher import MonteCarloFisher
 from kfacperf.kfac.grad_io import load_grads, write_grads
-from kfacperf.kfac.layers import Conv2dLayer, KFACLayer, LinearLayer
+from kfacperf.kfac.layers import Conv2dLayer, KFACLayer, LinearLayer, is_kfac_layer
 from kfacperf.kfac.strategy import LocalStrategy, Strategy
 from kfacperf.profiler.timer import NULL_TIMER, Timer
 
@@ -277,18 +277,13 @@ def find_layers(model: nn.Module, *, skip: tuple[str, ...] | list[str] = (),
         if not isinstance(weight, Tensor) or not weight.requires_grad:
             continue
         label = name or ROOT_LAYER
-        if type(module).__name__ == "NonDynamicallyQuantizableLinear":
-            # nn.MultiheadAttention's out_proj: its forward() is never called (the
-            # attention uses its weight directly), so hooks would never fire.
-            skipped.append(label)
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and not is_kfac_layer(module):
+            skipped.append(label)  # a grouped convolution, attention's out_proj
             continue
         if isinstance(module, nn.Linear):
             layer: KFACLayer = LinearLayer(name=label, module=module,
                                            inverse_method=inverse_method)
         elif isinstance(module, nn.Conv2d):
-            if module.groups != 1:
-                skipped.append(label)
-                continue
             layer = Conv2dLayer(name=label, module=module, inverse_method=inverse_method)
         elif bn_blocks != stages.BN_NONE and is_batchnorm(module):
             layer = BatchNormLayer(name=label, module=module, inverse_method=inverse_method,

@@ -117,13 +117,6 @@ class Workload:
     loss_fn.predictive_distribution = "categorical"  # type: ignore[attr-defined]
 
 
-def is_kfac_layer(module: nn.Module) -> bool:
-    """Whether the K-FAC optimizer preconditions ``module`` (Linear, or Conv2d with groups=1)."""
-    if isinstance(module, nn.Linear):
-        return True
-    return isinstance(module, nn.Conv2d) and module.groups == 1
-
-
 def rank_slice(tensor: Tensor, rank: int, world_size: int) -> Tensor:
     """Rank ``rank``'s contiguous share of a global batch (dimension 0).
 

@@ -24,15 +24,19 @@ layer at all.  ``strict=False`` (the model of a first-order run) lists those rea
 layer's first call only (later calls' FLOPs count with the rest), no unused or tied layer
 (their parameters count in ``other_params``).  A forward that fails (the example is not what
 the model takes) is a :class:`ForwardError`.  Every parameter tensor counts once in
-``total_params`` and in ``other_params``:
+``total_params``; ``other_params`` are the trainable ones no listed layer owns (what the
+simulator all-reduces and updates besides the layers), and a frozen parameter
+(``requires_grad=False``: no gradient, so neither all-reduced nor updated) counts in
+``frozen_params`` instead:
 
 * ``dim_a`` - side of the A factor: ``in_features`` (Linear) or ``c_in * kh * kw`` (Conv2d),
   plus one when the layer has a trainable bias (folded into A as a column of ones; a frozen
   bias is no part of the block, as in :class:`kfacperf.kfac.layers.KFACLayer`).
 * ``dim_g`` - side of the G factor: ``out_features`` / ``c_out``.
 * ``rows_per_example`` - rows one example contributes to A and G: the output's spatial
-  positions ``H_out * W_out`` (Conv2d), the product of the middle dimensions of the input
-  (Linear on ``[B, T, F]``: ``T``), or 1 (Linear on ``[B, F]``).
+  positions ``H_out * W_out`` (Conv2d), the input's elements per example over its last
+  dimension (Linear on ``[B, T, F]`` or sequence-first ``[T, B, F]``: ``T``), or 1 (Linear
+  on ``[B, F]``).
 * ``fwd_flops_per_example`` - ``2 * MACs`` of the weight multiply
   (``2 * (dim_a - bias) * dim_g * rows_per_example``); bias adds are not counted.
 * ``in_elems_per_example`` / ``out_elems_per_example`` - elements of the layer's input/output
@@ -58,8 +62,8 @@ import torch
 from torch import nn
 
 from kfacperf.kfac.batchnorm import is_batchnorm
+from kfacperf.kfac.layers import is_kfac_layer
 
-from .base import is_kfac_layer
 from .registry import get_workload
 
 __all__ = ["DescribeError", "ForwardError", "ModelWalk", "describe_model", "describe_workload",
@@ -97,12 +101,15 @@ class ModelWalk:
     total_flops: float  # the whole forward, torch's FLOP counter
     total_params: int  # each parameter tensor once
     on_meta: bool = field(default=True)  # False: the meta pass failed and it ran for real
+    frozen_params: int = 0  # of total_params, those that get no gradient
     kfac_problems: list[str] = field(default_factory=list)  # why K-FAC cannot train it as is
 
     @property
     def other_params(self) -> int:
-        """Parameters no listed K-FAC layer owns (each listed layer owns its own)."""
-        return self.total_params - sum(int(layer["params"]) for layer in self.layers)
+        """Trainable parameters no listed K-FAC layer owns (each listed layer owns its own;
+        a listed layer's frozen bias is among ``frozen_params``)."""
+        return (self.total_params - self.frozen_params
+                - sum(int(layer["params"]) for layer in self.layers))
 
 
 def walk_model(model: nn.Module, example: torch.Tensor, *, strict: bool = True,
@@ -177,6 +184,7 @@ def _description(walk: ModelWalk, example: torch.Tensor, name: str) -> dict[str,
         "num_kfac_layers": len(walk.layers),
         "total_params": walk.total_params,
         "other_params": walk.other_params,
+        "frozen_params": walk.frozen_params,
         "layers": walk.layers,
         "batchnorm": walk.batchnorm,
     }
@@ -275,16 +283,26 @@ def _walk(model: nn.Module, example: torch.Tensor, *, meta: bool) -> ModelWalk:
         for h in handles:
             h.remove()
         model.train(was_training)
-    unused = sorted(p for m, p in paths.items() if p not in seen and not is_batchnorm(m))
-    if unused:
-        problems.append(f"K-FAC layer(s) not used by the forward pass: {', '.join(unused)}")
-    if not owns:
-        problems.append(f"the model ({type(model).__name__}) has no layer K-FAC can "
-                        "precondition (nn.Linear, or nn.Conv2d with groups=1)")
+    problems += _missing_layers(model, paths, seen, has_kfac_layer=bool(owns))
     return ModelWalk(layers=layers, batchnorm=norms, conv=conv,
                      total_flops=float(counter.get_total_flops()),
                      total_params=sum(p.numel() for p in model.parameters()), on_meta=meta,
+                     frozen_params=sum(p.numel() for p in model.parameters()
+                                       if not p.requires_grad),
                      kfac_problems=problems)
+
+
+def _missing_layers(model: nn.Module, paths: dict[nn.Module, str], seen: set[str], *,
+                    has_kfac_layer: bool) -> list[str]:
+    """What K-FAC lacks after the forward: layers it never called, or no layer at all."""
+    problems = []
+    unused = sorted(p for m, p in paths.items() if p not in seen and not is_batchnorm(m))
+    if unused:
+        problems.append(f"K-FAC layer(s) not used by the forward pass: {', '.join(unused)}")
+    if not has_kfac_layer:
+        problems.append(f"the model ({type(model).__name__}) has no layer K-FAC can "
+                        "precondition (nn.Linear, or nn.Conv2d with groups=1)")
+    return problems
 
 
 def _meta_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -323,12 +341,15 @@ def _trains(t: object) -> bool:
 def _layer_record(
     path: str, module: nn.Linear | nn.Conv2d, x: torch.Tensor, y: torch.Tensor, *, bias: bool
 ) -> dict[str, Any]:
-    """``bias``: the layer has a trainable bias (a frozen one counts in other_params)."""
+    """``bias``: the layer has a trainable bias (a frozen one counts in frozen_params).
+
+    The walk feeds one example, so every element of ``x`` and ``y`` is that example's,
+    wherever the model keeps its batch dimension (a sequence-first ``[T, B, F]`` too)."""
     params = module.weight.numel() + (cast(torch.Tensor, module.bias).numel() if bias else 0)
     if isinstance(module, nn.Linear):
         kind = "linear"
         fan_in, dim_g = module.in_features, module.out_features
-        rows = x.numel() // (x.shape[0] * x.shape[-1])
+        rows = x.numel() // x.shape[-1]
     else:
         kind = "conv2d"
         kh, kw = module.kernel_size
@@ -342,15 +363,15 @@ def _layer_record(
         "params": params,
         "rows_per_example": rows,
         "fwd_flops_per_example": 2 * fan_in * dim_g * rows,
-        "in_elems_per_example": x.numel() // x.shape[0],
-        "out_elems_per_example": y.numel() // y.shape[0],
+        "in_elems_per_example": x.numel(),
+        "out_elems_per_example": y.numel(),
     }
 
 
 def _batchnorm_record(path: str, module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor,
                       follows: str) -> dict[str, Any]:
     channels = int(module.weight.shape[0])
-    per_example = x.numel() // x.shape[0]
+    per_example = x.numel()  # one example (see _layer_record)
     return {
         "name": path,
         "kind": "batchnorm",

@@ -140,13 +140,19 @@ def _import_module(ref: WorkloadRef) -> Any:
                         f"{_exception_text(exc)}") from exc
 
 
+_PACKAGE = Path(__file__).resolve().parents[1]  # kfacperf/: frames of ours are no place to name
+
+
 def _exception_text(exc: BaseException, filename: str = "") -> str:
-    """``Type: message`` plus where it happened in the user's code (the innermost frame in
-    ``filename``, else the innermost frame)."""
-    frames = traceback.extract_tb(exc.__traceback__)
+    """``Type: message`` plus where it happened in the user's code: the innermost frame in
+    ``filename``, else the innermost frame outside kfacperf (none where the error is the call
+    itself, e.g. a function given the wrong number of arguments)."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not Path(f.filename).resolve().is_relative_to(_PACKAGE)]
     mine = [f for f in frames if filename and Path(f.filename) == Path(filename)]
-    if isinstance(exc, SyntaxError) and exc.lineno:
-        where = f" (line {exc.lineno})"
+    if isinstance(exc, SyntaxError):
+        # its text already says where: "invalid syntax (my_model.py, line 2)"
+        where = "" if exc.lineno is None or "line" in str(exc) else f" (line {exc.lineno})"
     elif mine or frames:
         f = (mine or frames)[-1]
         where = f" ({Path(f.filename).name} line {f.lineno})"
@@ -299,12 +305,30 @@ class _Factory:
                              "(cross-entropy) takes one tensor of logits; return (model, "
                              "make_batch, loss_fn) with loss_fn(outputs, targets) taking what "
                              "the model returns")
-        return torch.nn.functional.cross_entropy(outputs, targets, reduction="mean")
+        try:
+            return torch.nn.functional.cross_entropy(outputs, targets, reduction="mean")
+        except (RuntimeError, ValueError, IndexError) as exc:
+            raise self._fail(
+                f"the default loss (cross-entropy) failed on the model's outputs of shape "
+                f"{tuple(outputs.shape)} and make_batch's targets of shape "
+                f"{tuple(targets.shape)} ({targets.dtype}): {_first_line(exc)}; it takes "
+                "logits [batch, classes] and class indices [batch] (int64) or class "
+                "probabilities of the outputs' shape; for anything else return (model, "
+                "make_batch, loss_fn)") from exc
 
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         loss = self._real[1] if self._real else self._probe[1] if self._probe else None
         assert loss is not None  # only installed when the factory returned a loss_fn
-        return cast(Tensor, loss(outputs, targets))  # the user's loss_fn: a tensor, unchecked
+        value = loss(outputs, targets)  # its own errors are the user's, raised as they are
+        if not isinstance(value, Tensor) or value.numel() != 1:
+            raise self._fail(f"loss_fn(outputs, targets) returned {_shape_text(value)}; it must "
+                             "return one number, a scalar tensor (e.g. a mean over the batch)")
+        return value
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def _a(noun: str) -> str:

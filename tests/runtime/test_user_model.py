@@ -142,3 +142,59 @@ def test_every_rank_must_load_the_same_file(tmp_path):
     assert not any(r.ok for r in differ)
     assert "rank(s) 1 loaded another version of the file than rank 0" in differ[0].error
     assert "every node needs the same file" in differ[1].error
+
+
+ENCODER = '''
+import torch
+from torch import nn
+
+
+class Encoder(nn.Module):
+    """Token embedding, self-attention (sequence-first, nn.Transformer's default layout) and
+    a feed-forward layer on every position."""
+
+    def __init__(self, batch_first):
+        super().__init__()
+        self.batch_first = batch_first
+        self.emb = nn.Embedding(20, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+        self.norm = nn.LayerNorm(8)
+        self.ff = nn.Linear(8, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, tokens):                    # [B, T]
+        x = self.emb(tokens)
+        if not self.batch_first:
+            x = x.transpose(0, 1)                 # [T, B, D]
+        x = self.norm(x + self.attn(x, x, x, need_weights=False)[0])
+        h = torch.relu(self.ff(x))
+        return self.head(h.mean(1 if self.batch_first else 0))
+
+
+def build(batch_first: bool = False):
+    def make_batch(n, gen):
+        return (torch.randint(0, 20, (n, 5), generator=gen),
+                torch.randint(0, 3, (n,), generator=gen))
+
+    return Encoder(batch_first), make_batch
+'''
+
+
+def test_an_attention_encoder_trains_with_kfac_and_counts_every_position(tmp_path, capsys):
+    """nn.MultiheadAttention's out_proj (never called as a module) is left to SGD, as the
+    preconditioner does, not refused as an unused layer; the feed-forward layer on a
+    sequence-first [T, B, D] input has T rows per example in the trace's workload model."""
+    from kfacperf.sim.models import load_workload_model
+
+    (tmp_path / "encoder.py").write_text(ENCODER)
+    out = tmp_path / "enc"
+    assert main(["profile", "--workload", f"{tmp_path / 'encoder.py'}:build", *RUN,
+                 "--out", str(out)]) == 0, capsys.readouterr().err
+    model = load_workload_model(out / "workload.toml")
+    t, d = 5, 8
+    assert model.layer_names == ("ff", "head")
+    ff = model.layer("ff")
+    assert (ff.rows_per_example, ff.fwd_flops_per_example) == (t, 2 * d * 16 * t)
+    assert model.other_params == 20 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d
+    ev = load_trace(out).events
+    assert set(ev[ev["stage"] == "factor_compute"]["layer"].astype(str)) == {"ff", "head"}

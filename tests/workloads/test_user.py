@@ -182,6 +182,58 @@ BAD = [
 ]
 
 
+@pytest.mark.parametrize(("source", "text"), [
+    ("import torch\ndef build(:\n    pass\n",
+     "importing {path} failed: SyntaxError: invalid syntax (net.py, line 2)"),
+    ("import torch\ndef build():\n"
+     "    return torch.nn.Linear(2, 2), lambda n: (torch.zeros(n, 2), torch.zeros(n))\n",
+     "make_batch(1, generator) raised TypeError: build.<locals>.<lambda>() takes 1 "
+     "positional argument but 2 were given"),
+])
+def test_where_a_factory_failed_is_said_once_and_only_in_the_users_code(tmp_path, source,
+                                                                       text):
+    """The line a syntax error is on is said once; a make_batch that takes the wrong
+    arguments is no error at a line of kfacperf's own files."""
+    path = _write(tmp_path, source)
+    with pytest.raises(UserError) as info:
+        get_workload(f"{path}:build")
+    assert str(info.value) == f"--workload {path}:build: " + text.format(path=path)
+
+
+LOSSES = """
+import torch
+from torch import nn
+
+def batch(n, g):
+    return torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+def per_example():
+    return nn.Linear(4, 3), batch, lambda out, y: nn.functional.cross_entropy(
+        out, y, reduction="none")
+
+def float_targets():
+    return nn.Linear(4, 3), lambda n, g: (torch.randn(n, 4, generator=g), torch.zeros(n, 5))
+"""
+
+
+@pytest.mark.parametrize(("func", "text"), [
+    ("per_example", "loss_fn(outputs, targets) returned a tensor of shape (2,); it must return "
+     "one number, a scalar tensor (e.g. a mean over the batch)"),
+    ("float_targets", "the default loss (cross-entropy) failed on the model's outputs of shape "
+     "(2, 3) and make_batch's targets of shape (2, 5) (torch.float32): RuntimeError: "),
+])
+def test_a_loss_that_cannot_train_is_one_line_naming_the_factory(tmp_path, func, text):
+    """What the step's backward would otherwise stop on ('grad can be implicitly created
+    only for scalar outputs') is a UserError that says what the loss must be."""
+    path = _write(tmp_path, LOSSES)
+    w = get_workload(f"{path}:{func}")
+    x, y = w.make_batch(2)
+    with pytest.raises(UserError) as info:
+        w.loss_fn(w.build_model()(x), y)
+    message = str(info.value)
+    assert message.startswith(f"--workload {path}:{func}: {text}") and "\n" not in message
+
+
 @pytest.mark.parametrize(("source", "func", "message", "detail"), BAD)
 def test_a_bad_factory_is_one_clear_line_naming_file_and_function(tmp_path, source, func,
                                                                  message, detail):
