@@ -97,7 +97,8 @@ def memory_per_gpu(
     ``bn_blocks`` (``unit``/``full``) the BatchNorm layers are K-FAC layers too, each with its
     own block of statistics (:mod:`kfacperf.sim.costs.blocks`) in place of ``a_l² + g_l²``.
 
-    * ``weights = 4N``, plus ``2N`` in 16-bit precision: the fp32 parameters, and autocast's
+    * ``weights = 4(N + N_f)``, plus ``2(N + N_f)`` in 16-bit precision: the fp32 parameters
+      (``N_f`` of them frozen: ``requires_grad=False``, so in no other term), and autocast's
       16-bit copies of them, which it caches for the whole forward and backward pass.
     * ``gradients = 4N``: the fp32 ``.grad`` of every parameter.
     * ``optimizer_state = 4N``: the momentum buffer of the SGD update, which K-FAC applies to
@@ -137,7 +138,8 @@ def memory_per_gpu(
     s = _element_bytes(strategy, batch_per_gpu, dtype)
     n_all = workload.total_params
     distributed = world_size > 1
-    common = dict(weights=_weight_bytes(n_all, s), gradients=FP32 * n_all,
+    common = dict(weights=_weight_bytes(n_all + workload.frozen_params, s),
+                  gradients=FP32 * n_all,
                   optimizer_state=FP32 * n_all,
                   activations=_activation_bytes(workload, batch_per_gpu, s))
     if strategy == S.SGD:

@@ -57,12 +57,17 @@ def _from_walk(walk: Any, example: Any, *, name: str, workload: str | None,
         description = (f"{description}; " if description else "") + (
             "a first-order model: K-FAC cannot train it as is (" + "; ".join(walk.kfac_problems)
             + ")")
+    if walk.frozen_params:  # no gradient: the simulator neither all-reduces nor updates them
+        description = (f"{description}; " if description else "") + (
+            f"{walk.frozen_params:,} frozen parameters (requires_grad=False): held in "
+            "memory, neither all-reduced nor updated")
     layers = [dict(l, conv=walk.conv.get(l["name"])) for l in walk.layers]
     kfac_flops = sum(float(l["fwd_flops_per_example"]) for l in walk.layers)
     desc = {
         "name": workload or name, "layers": layers, "batchnorm": walk.batchnorm,
         "input_shape": list(example.shape[1:]),
-        "other_params": walk.other_params, "description": description,
+        "other_params": walk.other_params, "frozen_params": walk.frozen_params,
+        "description": description,
         "options": {k: _plain(v) for k, v in (options or {}).items()},
     }
     note = FLOPS_NOTE if walk.on_meta else FLOPS_NOTE.replace("the meta device", "this machine")

@@ -286,9 +286,102 @@ def test_a_frozen_bias_is_no_column_of_a_as_in_the_preconditioner():
     walk = walk_model(model, torch.randn(1, 5))
     layers, _ = find_layers(model)
     assert [l["dim_a"] for l in walk.layers] == [layers[n].dim_a for n in ("0", "2")] == [5, 8]
-    assert walk.layers[0]["params"] == 5 * 7 and walk.other_params == 7  # the frozen bias
+    # the frozen bias gets no gradient: neither all-reduced nor updated, so no other_params
+    assert walk.layers[0]["params"] == 5 * 7 and walk.other_params == 0 and \
+        walk.frozen_params == 7
     model[2].weight.requires_grad_(False)  # a frozen layer: the optimizer skips it
     walk = walk_model(model, torch.randn(1, 5))
     layers, _ = find_layers(model)
     assert [l["name"] for l in walk.layers] == list(layers) == ["0"]
-    assert walk.other_params == 7 + 7 * 3 + 3
+    assert walk.other_params == 3 and walk.frozen_params == 7 + 7 * 3  # 3: layer 2's bias
+    assert walk.total_params == 5 * 7 + 7 + 7 * 3 + 3
+
+
+def test_a_frozen_backbone_is_no_part_of_the_gradients_the_simulator_all_reduces():
+    """A fine-tuned head on a frozen backbone: the workload model's parameters are those DDP
+    all-reduces (the ones with a gradient), not the backbone's."""
+    from kfacperf.workloads.workload_model import workload_model_of
+
+    backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    backbone.requires_grad_(False)
+    model = nn.Sequential(backbone, nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    wm = workload_model_of(model, torch.randn(1, 3, 6, 6), name="finetune")
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert wm.kfac_params + wm.other_params == trained == 8 * 16 + 16 + 16 * 4 + 4
+    frozen = 3 * 8 * 9 + 8 + 2 * 8
+    assert f"{frozen:,} frozen parameters" in wm.description
+    assert wm.frozen_params == frozen  # still held: the planner counts their weights
+
+
+def test_frozen_parameters_count_in_weight_memory_only_and_survive_the_file(tmp_path):
+    """Frozen weights take 4 bytes each (6 in bf16, with autocast's copy) and no gradient,
+    momentum or bucket; the workload file keeps the count."""
+    from dataclasses import replace
+
+    from kfacperf.plan.memory import memory_per_gpu
+    from kfacperf.sim.models import load_workload_model, save_workload_model
+    from kfacperf.workloads.workload_model import workload_model_of
+
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4))
+    wm = workload_model_of(model, torch.randn(1, 6), name="head")
+    frozen = replace(wm, frozen_params=1000)
+    for dtype, per in (("fp32", 4), ("bf16", 6)):
+        for strategy, world in (("sgd", 2), ("spngd", 2), ("kaisa", 1)):
+            a = memory_per_gpu(wm, strategy=strategy, world_size=world, batch_per_gpu=8,
+                               dtype=dtype)
+            b = memory_per_gpu(frozen, strategy=strategy, world_size=world, batch_per_gpu=8,
+                               dtype=dtype)
+            assert b.weights - a.weights == per * 1000
+            assert b.total - a.total == per * 1000, (dtype, strategy)
+    path = save_workload_model(frozen, tmp_path / "head.toml")
+    assert load_workload_model(path).frozen_params == 1000
+    assert load_workload_model(save_workload_model(wm, tmp_path / "w.toml")).frozen_params == 0
+
+
+def test_multihead_attention_out_proj_is_left_to_sgd_as_in_the_preconditioner():
+    """nn.MultiheadAttention multiplies by out_proj.weight without calling out_proj: the
+    preconditioner skips it, and so does the walk (not 'a layer the forward never uses');
+    its FLOPs and parameters count with the rest."""
+    from kfacperf.kfac.preconditioner import find_layers
+    from kfacperf.workloads.describe import walk_model
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.ff = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.ff(self.attn(x, x, x, need_weights=False)[0])
+
+    model, t, d = Block(), 5, 8
+    walk = walk_model(model, torch.randn(1, t, d))
+    layers, skipped = find_layers(model)
+    assert [l["name"] for l in walk.layers] == list(layers) == ["ff"]
+    assert skipped == ["attn.out_proj"] and walk.kfac_problems == []
+    assert walk.other_params == 3 * d * d + 3 * d + d * d + d  # in_proj and out_proj
+    # in and out projections, QK^T and AV
+    assert walk.total_flops - 2 * d * d * t == 2 * t * d * 3 * d + 2 * t * d * d + 2 * 2 * t * t * d
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_a_linear_on_sequence_first_input_counts_every_position(batch_first):
+    """nn.Linear on [B, T, F] or on sequence-first [T, B, F] (nn.Transformer's default):
+    one example contributes T rows either way, each 2 F O FLOPs."""
+    from kfacperf.workloads.describe import walk_model
+
+    t, f, o = 6, 4, 3
+
+    class Seq(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(f, o)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, T, F]
+            return self.proj(x if batch_first else x.transpose(0, 1))
+
+    [layer] = walk_model(Seq(), torch.randn(1, t, f)).layers
+    assert layer["rows_per_example"] == t
+    assert layer["fwd_flops_per_example"] == 2 * f * o * t
+    assert (layer["in_elems_per_example"], layer["out_elems_per_example"]) == (t * f, t * o)

@@ -187,6 +187,9 @@ class WorkloadModel:
     custom_options: tuple[str, ...] = ()
     batchnorm: tuple[LayerModel, ...] = ()
     fingerprint: str = ""
+    frozen_params: int = 0
+    """Parameters without a gradient (``requires_grad=False``): held in memory, neither
+    all-reduced nor updated."""
     _by_name: dict[str, LayerModel] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

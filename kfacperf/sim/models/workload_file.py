@@ -119,6 +119,7 @@ def load_workload_model(path: str | Path) -> WorkloadModel:
     source = root.str("source", nonempty=False)
     fingerprint = root.str("fingerprint", nonempty=False) if root.has("fingerprint") else ""
     other_params = root.int("other_params", minimum=0)
+    frozen = root.int("frozen_params", minimum=0) if root.has("frozen_params") else 0
     other_flops = root.float("other_fwd_flops_per_example", nonnegative=True)
     inp = root.table("input")
     shape_raw = inp.int_list("shape", minimum=1)
@@ -154,7 +155,7 @@ def load_workload_model(path: str | Path) -> WorkloadModel:
         other_fwd_flops_per_example=other_flops, input_shape=tuple(shape_raw),
         input_dtype=dtype, source=source, description=description, workload=workload,
         options=options, custom_options=tuple(custom), batchnorm=tuple(norms),
-        fingerprint=fingerprint,
+        fingerprint=fingerprint, frozen_params=frozen,
     )
 
 
@@ -168,6 +169,7 @@ def workload_model_to_dict(model: WorkloadModel) -> dict[str, Any]:
         "source": model.source,
         **({"fingerprint": model.fingerprint} if model.fingerprint else {}),
         "other_params": model.other_params,
+        **({"frozen_params": model.frozen_params} if model.frozen_params else {}),
         "other_fwd_flops_per_example": float(model.other_fwd_flops_per_example),
         "options": dict(model.options),
         "input": {"shape": list(model.input_shape), "dtype": model.input_dtype},
@@ -223,7 +225,8 @@ def workload_model_from_description(
     """Build a :class:`WorkloadModel` from a ``describe_workload`` dictionary.
 
     Expected keys: ``name``, ``layers`` (a list of mappings with the :class:`LayerModel`
-    fields), ``other_params``; optional ``other_fwd_flops_per_example``, ``input_shape``,
+    fields), ``other_params``; optional ``frozen_params``, ``other_fwd_flops_per_example``,
+    ``input_shape``,
     ``input_dtype``, ``description``, ``options``, ``batchnorm`` (mappings with ``name``,
     ``channels``, ``params``, ``rows_per_example``, ``in_elems_per_example``,
     ``out_elems_per_example``, ``follows``).  ``name`` overrides the model's name
@@ -278,6 +281,7 @@ def workload_model_from_description(
         custom_options=tuple(custom_options),
         layers=tuple(layers),
         other_params=int(desc["other_params"]),
+        frozen_params=int(desc.get("frozen_params", 0)),
         other_fwd_flops_per_example=other,
         input_shape=tuple(int(v) for v in desc.get("input_shape", ())),
         input_dtype=dtype,
