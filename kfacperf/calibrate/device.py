@@ -164,6 +164,9 @@ class _Sample:
 def _trace_samples(trace: Any, workload: WorkloadModel, base: DeviceModel,
                    dtypes: RunDtypes) -> list[_Sample]:
     run = trace.run
+    if run.get("batch_per_rank") is None:  # a stage's FLOPs and bytes scale with it
+        raise ValueError(f"{trace_label(trace)}: run.json has no 'batch_per_rank' (the "
+                         "examples per rank per step); a trace without it cannot be calibrated")
     batch = int(run["batch_per_rank"])
     method = str(run.get("inverse_method") or S.EIGEN)
     try:
@@ -375,9 +378,11 @@ def check_one_device(traces: Sequence[Any]) -> None:
 
 def _workload_of(trace: Any, workloads: Mapping[str, WorkloadModel]
                  | Callable[[Mapping[str, Any]], WorkloadModel]) -> WorkloadModel:
+    wname = str(trace.run.get("workload") or "")
+    if not wname:
+        raise ValueError(f"{trace_label(trace)}: run.json has no 'workload'")
     if not isinstance(workloads, Mapping):
         return workloads(trace.run)
-    wname = str(trace.run.get("workload", ""))
     if wname not in workloads:
         raise ValueError(f"{trace_label(trace)}: no workload model for {wname!r}")
     return workloads[wname]

@@ -91,11 +91,17 @@ def _check_dir(path: Path, what: str) -> None:
 
 
 def load_runs(paths: Sequence[str | Path]) -> list[RunData]:
-    """Load and summarize measured runs (trace directories) in the order given."""
+    """Load and summarize measured runs (trace directories) in the order given; a directory
+    given twice counts once (as in ``kfacperf validate`` and ``calibrate``)."""
     from kfacperf.trace.store import load_trace
     from kfacperf.trace.summary import summarize
 
-    resolved = [Path(p) for p in paths]
+    seen: set[Path] = set()
+    resolved = []
+    for p in map(Path, paths):
+        if p.resolve() not in seen:
+            seen.add(p.resolve())
+            resolved.append(p)
     out: list[RunData] = []
     for path, name in zip(resolved, _display_names(resolved)):
         _check_dir(path, "trace")

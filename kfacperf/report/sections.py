@@ -73,6 +73,9 @@ def summary_section(runs: Sequence[RunData], predictions: Sequence[PredictionDat
             ("steps", "steps recorded", fmt_plain)]
         sec.add_html(heading("Measured runs"))
         sec.add_html(table(pd.DataFrame(rows), cols))
+        for run in runs:  # a run that died: what the numbers below are of, and what is missing
+            if run.summary.lacking:
+                sec.add_html(paragraph(run.summary.lacking))
         sec.add_html(heading("Headline numbers"))
         sec.add_html(table(head, [
             ("run", "run", fmt_plain), ("strategy", "strategy", fmt_plain),

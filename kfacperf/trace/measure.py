@@ -64,15 +64,28 @@ def run_step_kind(step: int, run: Mapping[str, Any]) -> str:
 
 def measured_events(trace: Any) -> pd.DataFrame:
     """The events of the steps after warm-up (``run["warmup"]``) of anything with ``.run``
-    and ``.events``."""
+    and ``.events`` that every rank of the trace finished (:func:`unfinished_steps`)."""
     events = trace.events
-    return events[events["step"] >= int(trace.run.get("warmup", 0) or 0)]
+    events = events[events["step"] >= int(trace.run.get("warmup", 0) or 0)]
+    partial = unfinished_steps(trace.events)
+    return events[~events["step"].isin(partial)] if partial else events
+
+
+def unfinished_steps(events: pd.DataFrame) -> list[int]:
+    """The steps that some ranks of ``events`` recorded and others did not: in a run that died,
+    the step a rank finished while a peer was being killed.  Such a step is no measurement of
+    the run's step (its missing ranks would count 0 in every stage's mean), so
+    :func:`measured_events` leaves it out."""
+    if events.empty:
+        return []
+    ranks = events.groupby("step", observed=True)["rank"].nunique()
+    return sorted(int(s) for s in ranks.index[ranks < events["rank"].nunique()])
 
 
 def no_measured_steps(trace: Any, label: str) -> str:
     """Why ``trace`` (anything with ``.run`` and ``.events``) has no measured step, in one
-    line: no step recorded at all (with the run's own ``failure`` where it says one), or
-    only warm-up steps."""
+    line: no step recorded at all (with the run's own ``failure`` where it says one), only
+    warm-up steps, or only steps that some ranks did not finish."""
     warmup = int(trace.run.get("warmup", 0) or 0)
     steps = trace.events["step"].nunique() if "step" in trace.events else 0
     if steps == 0:
@@ -80,6 +93,10 @@ def no_measured_steps(trace: Any, label: str) -> str:
         return (f"{label}: the run recorded no step"
                 + (f" (run.json: {failure})" if failure else "")
                 + "; profile it again with at least one step after the warm-up")
+    after = trace.events.loc[trace.events["step"] >= warmup, "step"].nunique()
+    if after:
+        return (f"{label}: no measured step that every rank finished: the {after} step(s) "
+                f"after the warm-up were finished by only some ranks; profile it again")
     return (f"{label}: no measured step: all {steps} recorded step(s) are warm-up "
             f"(warmup = {warmup}); profile it again with more steps than warm-up steps")
 

@@ -19,6 +19,7 @@ This module never imports torch.
 """
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -63,9 +64,11 @@ class Trace:
         return int(self.run.get("warmup", 0) or 0)
 
     def measured(self) -> pd.DataFrame:
-        """The events of the steps after warm-up."""
-        ev = self.events
-        return ev[ev["step"] >= self.warmup]
+        """The events of the steps after warm-up that every rank finished
+        (:func:`kfacperf.trace.measure.measured_events`)."""
+        from kfacperf.trace.measure import measured_events
+
+        return measured_events(self)
 
 
 # --------------------------------------------------------------------------- run.json
@@ -75,7 +78,11 @@ _INT_KEYS = {  # key -> smallest value; None (unknown yet) is allowed
     "world_size": 1, "warmup": 0, "steps": 0, "factor_interval": 1, "inverse_interval": 1,
     "batch_per_rank": 1, "threads_per_rank": 1,
 }
-_STR_KEYS = ("workload", "optimizer", "strategy", "inverse_method", "command", "start_time")
+_STR_KEYS = ("workload", "optimizer", "strategy", "inverse_method", "command", "start_time",
+             "bn_blocks", "fisher", "comm_dtype", "precision", "backend", "failure")
+_BOOL_KEYS = ("completed", "symmetric", "fused", "isolate")
+_POSITIVE_KEYS = ("bucket_cap_mb", "damping")  # numbers > 0
+_OBJECT_KEYS = ("workload_options", "device", "precision_flags")
 
 
 def read_run(path: Path) -> dict[str, Any]:
@@ -84,7 +91,10 @@ def read_run(path: Path) -> dict[str, Any]:
     The file must be a regular file of JSON (no NaN, nesting at most
     :data:`kfacperf.safety.MAX_NESTING` deep); the keys every part relies on are checked:
     integers where counts are (``world_size``, ``batch_per_rank``, intervals, ...), a
-    fraction in (0, 1] for ``grad_worker_fraction``, strings where names are."""
+    fraction in (0, 1] for ``grad_worker_fraction``, strings where names are, true or false
+    where switches are (``completed``, ``symmetric``, ...), numbers above 0 for
+    ``bucket_cap_mb`` and ``damping``, objects for ``device``, ``precision_flags`` and
+    ``workload_options``."""
     from kfacperf.safety import parse_json, read_small_file
 
     try:
@@ -109,8 +119,9 @@ def check_run(run: Mapping[str, Any], source: str) -> None:
     def bad(key: str, why: str) -> TraceError:
         return TraceError(f"{source}: key {key!r} {why}, got {run[key]!r}")
 
-    if "completed" in run and not isinstance(run["completed"], bool):
-        raise bad("completed", "must be true or false")
+    for key in _BOOL_KEYS:
+        if run.get(key) is not None and not isinstance(run[key], bool):
+            raise bad(key, "must be true or false")
     for key, least in _INT_KEYS.items():
         v = run.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < least):
@@ -123,12 +134,17 @@ def check_run(run: Mapping[str, Any], source: str) -> None:
     if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float))
                           or not 0 < g <= 1):
         raise bad("grad_worker_fraction", "must be a number in (0, 1]")
+    for key in _POSITIVE_KEYS:
+        v = run.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                              or not 0 < v < math.inf):
+            raise bad(key, "must be a number above 0")
     for key in _STR_KEYS:
         if run.get(key) is not None and not isinstance(run[key], str):
             raise bad(key, "must be a string")
-    opts = run.get("workload_options")
-    if opts is not None and not isinstance(opts, dict):
-        raise bad("workload_options", "must be an object")
+    for key in _OBJECT_KEYS:
+        if run.get(key) is not None and not isinstance(run[key], dict):
+            raise bad(key, "must be an object")
 
 
 def write_run(directory: str | os.PathLike[str], run: Mapping[str, Any]) -> Path:

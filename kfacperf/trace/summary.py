@@ -46,6 +46,7 @@ from kfacperf.trace.measure import (
     rank_step_times,
     step_kinds,
 )
+from kfacperf.trace.missing import incomplete_note
 from kfacperf.trace.schema import TraceError
 from kfacperf.trace.store import Trace, load_trace
 from kfacperf.vocab import COMM, COMPUTE, ORDER, SGD, STEP
@@ -74,6 +75,7 @@ class TraceSummary:
     overlap_pct: float
     baseline_step_us: float | None = None
     kfac_overhead: float | None = None
+    lacking: str = ""  # what the trace lacks (kfacperf.trace.measure.incomplete_note), or ""
 
     def table(self) -> str:
         """A plain-text table: one line per stage, then step-level figures."""
@@ -112,8 +114,9 @@ class TraceSummary:
                 f"overhead over SGD: {self.kfac_overhead:.3f}x (baseline step "
                 f"{(self.baseline_step_us or 0) / 1e3:.3f} ms)"
             )
-        if not self.completed:
-            lines.append("run INCOMPLETE: summary of the steps that were recorded")
+        if not self.completed or self.lacking:
+            lines.append("run INCOMPLETE: summary of the steps that every rank finished"
+                         + (f" ({self.lacking})" if self.lacking else ""))
         return "\n".join(lines)
 
 
@@ -262,6 +265,7 @@ def summarize(trace: Trace | str | os.PathLike[str],
         overlap_pct=100.0 * (comm_us - exposed_us) / comm_us if comm_us > 0 else math.nan,
         baseline_step_us=baseline_us,
         kfac_overhead=overhead,
+        lacking=incomplete_note(trace, str(trace.path)),
     )
 
 

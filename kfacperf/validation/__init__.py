@@ -49,6 +49,7 @@ from kfacperf.safety import json_records
 from kfacperf.trace.compare import check_kinds, compare, error_pct
 from kfacperf.trace.coverage import check_stage_spans
 from kfacperf.trace.measure import KINDS, Measured, measure, run_step_kind, weighted
+from kfacperf.trace.missing import incomplete_note
 from kfacperf.validation.inputs import (
     TraceInputs,
     check_disjoint,
@@ -190,8 +191,8 @@ def validate(
     cal = calibrate(cal_loaded, cluster=cluster, workload_search=workload_search,
                     device_name=device_name)
     notes = list(cal.fit.notes)
-    notes.extend(f"calibration trace {trace_label(t)}: the run did not complete; its finished "
-                 "steps are used" for t in cal_loaded if not t.completed)
+    notes.extend(note for note in (incomplete_note(t, f"calibration trace {trace_label(t)}")
+                                   for t in cal_loaded) if note)
     devices = {device_key(t) for t in cal_loaded}
     workloads = WorkloadFinder([*cal.workload_search, *trace_workload_models(held)])
     run_rows, stage_rows = [], []
@@ -203,9 +204,9 @@ def validate(
             if device_key(g) not in devices:
                 raise ValueError(f"{g.path}: ran on {device_key(g)}, but the calibration traces "
                                  f"ran on {', '.join(sorted(devices))}")
-            if not g.completed:
-                notes.append(f"{trace_label(g)}: the run did not complete; its finished steps "
-                             "are used")
+            note = incomplete_note(g, trace_label(g))
+            if note:
+                notes.append(note)
         if "batch_per_rank" not in run:
             raise ValueError(f"{t.path}: run.json has no 'batch_per_rank'")
         note = _workload_note(workloads(run, label), cal, label, run)

@@ -120,3 +120,15 @@ def test_anything_else_is_a_type_error_saying_what_to_pass(kw, match, tmp_path: 
     with pytest.raises(TypeError, match=match):
         build_report([], [], tmp_path / "r.html", **kw)
     assert not (tmp_path / "r.html").exists()
+
+
+def test_a_trace_directory_given_twice_counts_once() -> None:
+    """As in validate and calibrate: the same directory (by any spelling) is one run, not two
+    rows named ``NAME #1`` and ``NAME #2``."""
+    from kfacperf.report.inputs import load_runs
+
+    trace = REF / "p1" / "resnet20-sgd-b16-r1"
+    if not trace.is_dir():
+        pytest.skip("no committed reference traces")
+    runs = load_runs([trace, Path(str(trace) + "/"), trace / ".." / trace.name])
+    assert [r.name for r in runs] == [trace.name]

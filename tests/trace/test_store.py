@@ -128,6 +128,28 @@ def test_bad_values(tmp_path):
         load_trace(root)
 
 
+@pytest.mark.parametrize(("key", "value", "why"), [
+    ("device", "cpu", "must be an object"),  # readers took its name with .get
+    ("device", [1], "must be an object"),
+    ("precision_flags", [1], "must be an object"),
+    ("symmetric", "no", "must be true or false"),  # "no" was read as true
+    ("fused", 3, "must be true or false"),
+    ("bucket_cap_mb", [1], "must be a number above 0"),
+    ("bucket_cap_mb", -5, "must be a number above 0"),
+    ("damping", "x", "must be a number above 0"),
+    ("bn_blocks", 7, "must be a string"),
+    ("fisher", [], "must be a string"),  # [] was read as the default, emp
+    ("comm_dtype", 5, "must be a string"),
+    ("precision", 5, "must be a string"),
+    ("failure", [1], "must be a string"),
+])
+def test_a_wrong_typed_run_json_key_names_the_file_and_the_key(tmp_path, key, value, why):
+    root = _write_raw(tmp_path / "t", events_frame(sample_events()), dict(RUN, **{key: value}))
+    with pytest.raises(TraceError) as info:
+        load_trace(root)
+    assert str(info.value) == f"{root / 'run.json'}: key {key!r} {why}, got {value!r}"
+
+
 def _step_rows(rank: int, step: int) -> dict:
     base = 100.0 * step
     return {"rank": [rank] * 2, "step": [step] * 2, "stage": ["forward", "step"],

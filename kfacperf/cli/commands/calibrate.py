@@ -140,6 +140,7 @@ def _run_traces(args: argparse.Namespace) -> int:
     from kfacperf.sim.models import load_device
     from kfacperf.sim.models.device import save_device_model
     from kfacperf.sim.models.presets import check_model_out
+    from kfacperf.trace.missing import incomplete_note
     from kfacperf.trace.store import load_trace
     from kfacperf.validation import expand_trace_paths
     from kfacperf.validation.inputs import distinct_traces, trace_workload_models
@@ -149,9 +150,9 @@ def _run_traces(args: argparse.Namespace) -> int:
         check_model_out(args.out, force=args.force)
     traces = distinct_traces([load_trace(p) for p in expand_trace_paths(args.traces)],
                              "calibration")
-    for tr in traces:
-        if not tr.completed:
-            print(f"calibrate: warning: {tr.path} did not complete; using its finished steps")
+    lacking = [note for note in (incomplete_note(tr, str(tr.path)) for tr in traces) if note]
+    for note in lacking:  # on stderr: --json keeps stdout to the JSON document
+        print(f"calibrate: warning: {note}", file=sys.stderr)
 
     workload_of = WorkloadFinder([*args.workload_model, *trace_workload_models(traces)])
 
@@ -167,7 +168,8 @@ def _run_traces(args: argparse.Namespace) -> int:
         save_device_model(cal.device, args.out)
     if args.json:
         print(dumps_json({
-            "device": cal.device.name, "traces": list(cal.traces_used), "notes": list(cal.notes),
+            "device": cal.device.name, "traces": list(cal.traces_used),
+            "notes": [*lacking, *cal.notes],
             "fits": {k: f.__dict__ for k, f in cal.fits.items()}, "out": args.out,
         }, indent=1))
         return 0

@@ -70,6 +70,9 @@ def run(args: argparse.Namespace) -> int:
     text = headline_text(runs, predictions)
     if text:
         print(text)
+    for r in runs:
+        if r.summary.lacking:
+            print(f"note: {r.summary.lacking}")
     size = out.stat().st_size
     print(f"wrote {out} ({size / 1e6:.1f} MB)")
     if size > MAX_BYTES:
