@@ -330,9 +330,25 @@ class KFACLayer:
 
 
 class LinearLayer(KFACLayer):
-    """``nn.Linear``: every leading position of the input is a row."""
+    """``nn.Linear``: every leading position of the input is a row.
+
+    The examples (N, which scales G) are counted along the input's first dimension, or,
+    with ``batch_first=False``, along its second for an input of three or more dimensions:
+    ``[T, N, F]``, as ``nn.Transformer`` and ``nn.MultiheadAttention`` take it by default.
+    Counted along T, G would come out T/N times too large, and the damping that much weaker.
+    """
 
     kind = "linear"
+
+    def __init__(self, *, name: str, module: nn.Module, inverse_method: str,
+                 batch_first: bool = True) -> None:
+        super().__init__(name=name, module=module, inverse_method=inverse_method)
+        self.batch_first = bool(batch_first)
+
+    def _examples(self, x: Tensor) -> int:
+        if not self.batch_first and x.dim() > 2:
+            return int(x.shape[1])
+        return super()._examples(x)
 
     def _input_moments(self, x: Tensor) -> tuple[Tensor, Tensor, int]:
         rows = x.reshape(-1, x.shape[-1])

@@ -81,6 +81,10 @@ class KFACPreconditioner:
             ``"unit"`` or ``"full"`` (BatchNorm layers as Fisher blocks).
         fisher: ``"emp"`` (statistics from the true labels' backward) or ``"mc"`` (from
             :meth:`mc_backward`).
+        batch_first: whether a linear layer's input of three or more dimensions has the
+            examples first (``[N, T, F]``, the default) or second (``[T, N, F]``: pass
+            False for a sequence-first model, e.g. ``nn.Transformer`` by default); the
+            examples scale G (:class:`~kfacperf.kfac.layers.LinearLayer`).
     """
 
     def __init__(
@@ -100,8 +104,11 @@ class KFACPreconditioner:
         skip_layers: tuple[str, ...] | list[str] = (),
         bn_blocks: str = stages.BN_NONE,
         fisher: str = stages.FISHER_EMP,
+        batch_first: bool = True,
     ) -> None:
         stages.check_choice("bn_blocks", bn_blocks, stages.BN_BLOCKS)
+        if not isinstance(batch_first, bool):
+            raise ValueError(f"batch_first must be True or False, got {batch_first!r}")
         stages.check_choice("fisher", fisher, stages.FISHER_TYPES)
         _check_schedule("damping", damping)
         _check_schedule("lr", lr)
@@ -127,6 +134,7 @@ class KFACPreconditioner:
         self.inverse_dtype = inverse_dtype
         self.bn_blocks = bn_blocks
         self.fisher = fisher
+        self.batch_first = batch_first
         self.steps = 0
         self.last_kl_scale: Tensor | None = None
         self._in_mc_pass = False
@@ -160,7 +168,8 @@ class KFACPreconditioner:
 
     def _register(self, model: nn.Module, skip: tuple[str, ...]) -> None:
         self.layers, self.skipped_modules = find_layers(
-            model, skip=skip, inverse_method=self.inverse_method, bn_blocks=self.bn_blocks)
+            model, skip=skip, inverse_method=self.inverse_method, bn_blocks=self.bn_blocks,
+            batch_first=self.batch_first)
 
     # ------------------------------------------------------------------------ hooks
     @property
@@ -263,7 +272,7 @@ class KFACPreconditioner:
 
 def find_layers(model: nn.Module, *, skip: tuple[str, ...] | list[str] = (),
                 inverse_method: str = "eigen", bn_blocks: str = stages.BN_NONE,
-                ) -> tuple[dict[str, KFACLayer], list[str]]:
+                batch_first: bool = True) -> tuple[dict[str, KFACLayer], list[str]]:
     """The layers :class:`KFACPreconditioner` registers in ``model`` (by module name) and the
     unsupported modules it skips; a ``ValueError`` for a model it cannot take (no supported
     layer, or two layers sharing a parameter), which a caller may check up front."""
@@ -282,7 +291,8 @@ def find_layers(model: nn.Module, *, skip: tuple[str, ...] | list[str] = (),
             continue
         if isinstance(module, nn.Linear):
             layer: KFACLayer = LinearLayer(name=label, module=module,
-                                           inverse_method=inverse_method)
+                                           inverse_method=inverse_method,
+                                           batch_first=batch_first)
         elif isinstance(module, nn.Conv2d):
             layer = Conv2dLayer(name=label, module=module, inverse_method=inverse_method)
         elif bn_blocks != stages.BN_NONE and is_batchnorm(module):

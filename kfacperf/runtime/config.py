@@ -124,6 +124,8 @@ class ProfileConfig(OptimizerSettings):
         S.check_choice("comm dtype", self.comm_dtype, S.COMM_DTYPES)
         S.check_choice("bn_blocks", self.bn_blocks, S.BN_BLOCKS)
         S.check_choice("fisher", self.fisher, S.FISHER_TYPES)
+        if not isinstance(self.batch_first, bool):
+            raise bad("batch_first", "must be True or False")
         if self.optimizer == S.SGD and (self.bn_blocks, self.fisher) != (S.BN_NONE,
                                                                          S.FISHER_EMP):
             raise ValueError("--bn-blocks and --fisher are K-FAC settings; --optimizer sgd "
@@ -236,6 +238,7 @@ def run_record(
         "bucket_cap_mb": config.bucket_cap_mb,
         "bn_blocks": config.bn_blocks,
         "fisher": config.fisher,
+        "batch_first": config.batch_first,
         "world_size": world_size,
         "batch_per_rank": batch_per_rank,
         "steps": config.steps,

@@ -336,18 +336,20 @@ class InstrumentedLoop:
         if self._example is not None or self._no_example:
             return
         first = args[0] if args else None
-        if isinstance(first, Tensor) and first.dim():
-            self._example = first[:1].detach().to("cpu")
+        dim = 0 if self.config.batch_first else 1  # where the examples are
+        if isinstance(first, Tensor) and first.dim() > dim:
+            self._example = first.narrow(dim, 0, 1).detach().to("cpu")
             if self._batch is None:
-                self._batch = int(first.shape[0])
+                self._batch = int(first.shape[dim])
             return
         self._no_example = input_kind(args, kwargs)
         leaf = first_tensor((args, kwargs))
-        if self._batch is None and leaf is not None:
-            self._batch = int(leaf.shape[0])
+        if self._batch is None and leaf is not None and leaf.dim() > dim:
+            self._batch = int(leaf.shape[dim])
         if self.rank == 0:
-            batch = (f"batch_per_rank {self._batch} is the first dimension of its first tensor "
-                     "(pass batch_size= to instrument() to say otherwise)"
+            which = "first" if dim == 0 else "second (batch_first=False)"
+            batch = (f"batch_per_rank {self._batch} is the {which} dimension of its first "
+                     "tensor (pass batch_size= to instrument() to say otherwise)"
                      if leaf is not None else "pass batch_size= to instrument() to record the "
                      "examples per step")
             print(f"[kfacperf] instrument: no workload model for {self.config.workload}: "

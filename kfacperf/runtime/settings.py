@@ -32,6 +32,9 @@ class OptimizerSettings:
     bucket_cap_mb: float = 25.0
     bn_blocks: str = vocab.BN_NONE
     fisher: str = vocab.FISHER_EMP
+    batch_first: bool = True
+    """Linear layers' inputs of three or more dimensions have the examples first (False:
+    second, ``[T, N, F]``, a sequence-first model): :class:`kfacperf.kfac.layers.LinearLayer`."""
 
     def optimizer_settings(self) -> dict[str, Any]:
         """Just the fields declared here, by name."""

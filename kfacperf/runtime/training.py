@@ -140,6 +140,7 @@ class Trainer:
                 timer=timer,
                 bn_blocks=config.bn_blocks,
                 fisher=config.fisher,
+                batch_first=config.batch_first,
             )
         self.mc_fisher: MonteCarloFisher | None = None
         if self.preconditioner is not None and config.fisher == stages.FISHER_MC:

@@ -80,7 +80,7 @@ _INT_KEYS = {  # key -> smallest value; None (unknown yet) is allowed
 }
 _STR_KEYS = ("workload", "optimizer", "strategy", "inverse_method", "command", "start_time",
              "bn_blocks", "fisher", "comm_dtype", "precision", "backend", "failure")
-_BOOL_KEYS = ("completed", "symmetric", "fused", "isolate")
+_BOOL_KEYS = ("completed", "symmetric", "fused", "isolate", "batch_first")
 _POSITIVE_KEYS = ("bucket_cap_mb", "damping")  # numbers > 0
 _OBJECT_KEYS = ("workload_options", "device", "precision_flags")
 

@@ -239,3 +239,33 @@ def test_unbatched_conv_input_is_one_example() -> None:
     torch.testing.assert_close(layer.g_batch, ref.g_batch)
     rows = grad.reshape(4, -1)
     torch.testing.assert_close(layer.g_batch, rows @ rows.t())  # N Σ g gᵀ with N = 1
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_sequence_first_linear_input_counts_examples_along_its_batch_dimension(
+        batch_first: bool) -> None:
+    """A Linear on N=2 sequences of T=8 positions, the loss the mean over the sequences of
+    each one's sum over positions: G = (1/N) Σ_{n,t} e eᵀ with e the per-position gradient
+    of a sequence's own loss (a dense reference from autograd), and A = the mean of
+    [x,1][x,1]ᵀ over all N·T rows, whichever dimension holds the examples, as long as the
+    preconditioner is told which (batch_first)."""
+    torch.manual_seed(5)
+    n, t = 2, 8
+    lin = nn.Linear(3, 4)
+    x_bf, y_bf = torch.randn(n, t, 3), torch.randn(n, t, 4)
+    x, y = (x_bf, y_bf) if batch_first else (x_bf.transpose(0, 1), y_bf.transpose(0, 1))
+    out = lin(x)
+    out.retain_grad()
+    (((out - y) ** 2).sum() / 2 / n).backward()  # mean over the N sequences
+    precond = KFACPreconditioner(lin, damping=1e-3, lr=0.1, batch_first=batch_first)
+    layer = precond.layers["<model>"]
+    layer.compute_batch_factors(x, out.grad)
+    e = (lin(x_bf) - y_bf).detach().reshape(-1, 4)  # each position's own gradient
+    torch.testing.assert_close(layer.g_batch, e.t() @ e / n)
+    rows = torch.cat([x_bf.reshape(-1, 3), torch.ones(n * t, 1)], dim=1)
+    torch.testing.assert_close(layer.a_batch, rows.t() @ rows / (n * t))
+
+
+def test_batch_first_must_be_a_bool() -> None:
+    with pytest.raises(ValueError, match="batch_first must be True or False"):
+        KFACPreconditioner(nn.Linear(3, 4), damping=1e-3, lr=0.1, batch_first="no")  # type: ignore[arg-type]

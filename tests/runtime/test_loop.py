@@ -241,3 +241,47 @@ def test_a_run_of_warm_up_steps_only_says_it_has_no_measured_step(tmp_path, caps
     with kfacperf.instrument(model, opt, out=tmp_path / "t", strategy="sgd", warmup=5) as run:
         _loop(run, _batches(2), opt)
     assert "all 2 step(s) were warm-up (warmup=5)" in capsys.readouterr().err
+
+
+class SeqFirst(nn.Module):
+    """Token ids ``[T, N]`` -> an embedding ``[T, N, E]`` -> a Linear per position -> the
+    mean over positions ``[N, C]``: examples along the second dimension."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.emb = nn.Embedding(11, 6)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.emb(tokens)).mean(dim=0)
+
+
+def test_a_sequence_first_loop_counts_its_examples_along_the_second_dimension(tmp_path):
+    """batch_first=False: the batch is N (not T), the K-FAC step is the profiler's own step
+    with the same setting, and not the one that counts examples along T."""
+    gen = torch.Generator().manual_seed(4)
+    batches = [(torch.randint(0, 11, (7, 3), generator=gen),
+                torch.randint(0, 5, (3,), generator=gen)) for _ in range(3)]
+    model = SeqFirst()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with kfacperf.instrument(model, opt, out=tmp_path / "t", warmup=1, damping=0.01,
+                             batch_first=False) as run:
+        assert run.preconditioner is not None and run.preconditioner.batch_first is False
+        _loop(run, batches, opt)
+    run_json = load_trace(tmp_path / "t").run
+    assert (run_json["batch_per_rank"], run_json["batch_first"]) == (3, False)
+
+    def reference(batch_first: bool) -> list[torch.Tensor]:
+        ref = SeqFirst()
+        ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+        trainer = Trainer(ref, loss_fn=F.cross_entropy, optimizer=ref_opt,
+                          config=TrainConfig(optimizer="kfac", strategy="local", damping=0.01,
+                                             batch_first=batch_first))
+        for x, y in batches:
+            trainer.train_step(x, y)
+        return [p.detach() for p in ref.parameters()]
+
+    for a, b in zip(model.parameters(), reference(False)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), reference(True)))

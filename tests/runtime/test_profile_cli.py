@@ -400,3 +400,13 @@ def test_more_cpu_threads_than_cores_is_a_warning_and_an_empty_out_an_error(
     assert runner.cpu_oversubscription(on_gpus) == ""
     assert main(["profile", "--workload", "mlp", "--out", "", "--steps", "1"]) == 2
     assert "--out must name a directory" in capsys.readouterr().err
+
+
+def test_sequence_first_is_the_optimizers_batch_first_false() -> None:
+    from kfacperf.cli.app import build_parser
+    from kfacperf.cli.commands.profile import build_config
+
+    parser = build_parser()
+    base = ["profile", "--workload", "mlp", "--optimizer", "kfac", "--out", "x"]
+    assert build_config(parser.parse_args(base)).batch_first is True
+    assert build_config(parser.parse_args([*base, "--sequence-first"])).batch_first is False

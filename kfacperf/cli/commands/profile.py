@@ -142,6 +142,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     k.add_argument("--fisher", choices=vocab.FISHER_TYPES, default=vocab.FISHER_EMP,
                    help="emp: statistics from the true labels' backward; mc: from one extra "
                         "backward of labels sampled from the model (SP-NGD's 1mc)")
+    k.add_argument("--sequence-first", action="store_true",
+                   help="the model's linear layers take [T, N, F] inputs (examples second, "
+                        "e.g. nn.Transformer's default): K-FAC counts the examples there")
     m = parser.add_argument_group("multi-node (passed to torchrun)")
     m.add_argument("--nnodes", default="1")
     m.add_argument("--node-rank", type=int, default=0)
@@ -170,7 +173,7 @@ def build_config(args: argparse.Namespace) -> ProfileConfig:
         factor_decay=args.factor_decay, kl_clip=args.kl_clip,
         grad_worker_fraction=args.grad_worker_fraction, fused=args.fused,
         comm_dtype=args.comm_dtype, symmetric=args.symmetric, bucket_cap_mb=args.bucket_cap_mb,
-        bn_blocks=args.bn_blocks, fisher=args.fisher,
+        bn_blocks=args.bn_blocks, fisher=args.fisher, batch_first=not args.sequence_first,
         telemetry_interval_s=args.telemetry_interval, nnodes=str(args.nnodes),
         node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id,
         command=command_line(),
