@@ -71,8 +71,12 @@ def encode(layers: Sequence[KFACLayer], present: Callable[[KFACLayer], bool],
                       for f in layer.factors()]
         else:
             parts.append(torch.zeros(layer_numel(layer, opts), dtype=dtype, device=device))
-    flags = torch.tensor([1.0 if present(l) else 0.0 for l in layers], dtype=dtype)
-    parts.append(flags.to(device))
+    # made on the device: a copy from host memory would make the host wait for the stream
+    flags = torch.ones(len(layers), dtype=dtype, device=device)
+    for i, layer in enumerate(layers):
+        if not present(layer):
+            flags[i] = 0.0
+    parts.append(flags)
     return torch.cat(parts)
 
 

@@ -42,7 +42,9 @@ Rules every strategy follows:
 * ``inverts(name)`` implies ``needs_factors(name)``; the same rank must not be asked to
   precondition a layer whose inverse it will not hold after :meth:`Strategy.share_inverses`.
 * Answers of ``needs_factors``/``inverts``/``preconditions`` are fixed after :meth:`setup`.
-* No ``.item()``, no host synchronisation other than waiting on communication handles.
+* No ``.item()``, no host synchronisation other than waiting on communication handles
+  (and, only on a rank that lacks some layer's statistics or gradient in a step, one small
+  read of the reduced presence flags: :mod:`kfacperf.kfac.factor_exchange`).
 * ``layer.grad`` is ``None`` for a layer whose weight got no gradient this step, and a
   layer with no inverse state yet (it never had factors) is passed through unchanged
   (``precond_grad`` is ``grad``).  A layer that got no gradient on ANY rank ends the step

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from helpers.distributed import CasesInOneLaunch, strategy_of_case
+from helpers.routed import Routed
 from kfacperf.kfac.preconditioner import KFACPreconditioner
 from kfacperf.workloads import rank_slice
 
@@ -47,28 +48,6 @@ ROUTES: list[tuple[tuple[int, ...], tuple[int, ...]]] = [
     ((0, 1), ()), ((0,), (1,)), ((), (0, 1)), ((1,), ()),
 ]
 LAYERS = ("stem", "branch", "late", "head")
-
-
-class Routed(nn.Module):
-    """``head(h + branch(h) + late(h))`` with ``h = relu(stem(x))``, each branch applied to
-    the rows its mask selects only."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.stem = nn.Linear(6, 8)
-        self.branch = nn.Linear(8, 8)
-        self.late = nn.Linear(8, 8)
-        self.head = nn.Linear(8, 4)
-
-    def forward(self, x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.stem(x))
-        out = h
-        for i, fn in enumerate((self.branch, self.late)):
-            rows = masks[:, i].nonzero().flatten()
-            if rows.numel():
-                out = out.index_add(0, rows, fn(h[rows]))
-        return self.head(out)
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

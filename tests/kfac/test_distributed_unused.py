@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from helpers.distributed import CasesInOneLaunch, strategy_of_case
+from helpers.routed import Routed
 from kfacperf.kfac.preconditioner import KFACPreconditioner
 from kfacperf.workloads import rank_slice
 
@@ -31,29 +32,6 @@ pytestmark = pytest.mark.slow
 WORLD = 2
 GLOBAL_BATCH = 8
 STEPS = 4
-
-
-class Branchy(nn.Module):
-    """``head(norm(h + relu(branch(h)) + late(h)))`` with ``h = relu(stem(x))``, each
-    branch applied to the rows its mask selects only (not called when it selects none)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.stem = nn.Linear(6, 8)
-        self.branch = nn.Linear(8, 8)
-        self.late = nn.Linear(8, 8)
-        self.norm = nn.LayerNorm(8)
-        self.head = nn.Linear(8, 4)
-
-    def forward(self, x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.stem(x))
-        out = h
-        for i, fn in enumerate((lambda t: torch.relu(self.branch(t)), self.late)):
-            rows = masks[:, i].nonzero().flatten()
-            if rows.numel():
-                out = out.index_add(0, rows, fn(h[rows]))
-        return self.head(self.norm(out))
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -73,7 +51,7 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def train(name: str, rank: int, world: int) -> dict[str, Any]:
     """STEPS steps; every parameter's ``.grad`` after each ``precond.step()`` (None where
     there is none) and the final weights."""
-    model = Branchy()
+    model = Routed(relu_branch=True, norm=True)
     net: nn.Module = model
     if "ddp" in name:
         net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
