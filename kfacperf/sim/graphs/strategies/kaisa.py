@@ -3,8 +3,10 @@
 One step as :class:`kfacperf.kfac.strategies.kaisa.KAISAStrategy` and the trainer issue it:
 
 * forward; backward last layer first — on factor steps each layer's output-gradient hook
-  computes its batch statistics and queues A then G in the factor all-reduce buckets; after
-  the layer's own backward, DDP all-reduces every gradient bucket that is complete;
+  computes its batch statistics, and the factor bucket it completes (whole layers, planned
+  at set-up: :func:`~kfacperf.sim.graphs.strategies.common.factor_plan`) is all-reduced at
+  once; after the layer's own backward, DDP all-reduces every gradient bucket that is
+  complete;
 * ``step()``: DDP's buckets and the factor buckets are waited for; on inverse steps each rank
   inverts the layers assigned to it, then every inverse worker of a column broadcasts its
   layers' inverse state to the column (one broadcast per source, all in flight, then

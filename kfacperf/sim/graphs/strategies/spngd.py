@@ -4,10 +4,11 @@ One step as :class:`kfacperf.kfac.strategies.spngd.SPNGDStrategy` and the traine
 (no DDP):
 
 * forward; backward last layer first — on factor steps each layer's output-gradient hook
-  computes its batch statistics and adds the layer to the factor bucket; a bucket that
-  reaches the cap is reduce-scattered (-v) at once, so each owner receives the global factors
-  of its layers while the backward pass goes on;
-* ``step()``: the last factor bucket is sent and all are waited for; on inverse steps owners
+  computes its batch statistics, and the factor bucket it completes (whole layers, planned
+  at set-up: :func:`~kfacperf.sim.graphs.strategies.common.factor_plan`) is
+  reduce-scattered (-v) at once, so each owner receives the global factors of its layers
+  while the backward pass goes on;
+* ``step()``: the factor buckets are waited for; on inverse steps owners
   invert their layers; one reduce-scatter-v sends every K-FAC gradient to its owner and an
   all-reduce averages the other gradients; owners precondition their layers; one
   all-gather-v returns every preconditioned gradient to every rank; update.
