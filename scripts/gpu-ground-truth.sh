@@ -10,7 +10,7 @@
 # one folder.  docs/gpu-ground-truth.md says how to run it and what to do with the outputs.
 #
 #   scripts/gpu-ground-truth.sh [--out DIR] [--return DIR] [--dry-run] [--budget-s SECONDS]
-#                               [--precisions bf16,tf32] [--no-nsys] [--force]
+#                               [--precisions bf16,tf32] [--no-nsys] [--force] [--wheels DIR]
 #
 # --out: the output folder (default gpu-ground-truth/, or /tmp/gpu-ground-truth where $OUT
 # is set); an existing one that is not empty is refused without --force.  --return: a folder
@@ -22,9 +22,10 @@
 #
 # Python: $PYTHON; else .venv/bin/python for a dry run if this checkout has one; else python3.
 # It must import torch.  Without --dry-run, the wheels that scripts/fetch-gpu-wheels.sh put in
-# .whl/ (nvtx, plotly, simpy, ...) are installed into /tmp/site (no registry needed) and
-# kfacperf runs from this source tree; torch, numpy, pandas, pyarrow and nvidia-ml-py must
-# already be there.
+# .whl/ (--wheels; nvtx, plotly, simpy, ...) are installed into /tmp/site
+# ($GPU_GROUND_TRUTH_SITE; no registry needed) and kfacperf runs from this source tree; a
+# wheel that does not install is named and left out, never the end of the run.  torch,
+# numpy, pandas, pyarrow and nvidia-ml-py must already be there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,6 +35,8 @@ RETURN_DIR=${OUT:-}
 FORCE=0
 DRY_RUN=0
 BUDGET_S=480
+WHEELS_DIR=.whl
+SITE=${GPU_GROUND_TRUTH_SITE:-/tmp/site}
 PASS=()
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 while [[ $# -gt 0 ]]; do
@@ -43,6 +46,8 @@ while [[ $# -gt 0 ]]; do
     --return) RETURN_DIR=$2; shift 2 ;;
     --return=*) RETURN_DIR=${1#*=}; shift ;;
     --force) FORCE=1; shift ;;
+    --wheels) WHEELS_DIR=$2; shift 2 ;;
+    --wheels=*) WHEELS_DIR=${1#*=}; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
     --budget-s) BUDGET_S=$2; shift 2 ;;
     --budget-s=*) BUDGET_S=${1#*=}; shift ;;
@@ -53,6 +58,13 @@ while [[ $# -gt 0 ]]; do
     *) echo "gpu-ground-truth: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
+
+# Whole seconds (bash's arithmetic): anything else would stop the script half way, after
+# its set-up, instead of here.
+if ! [[ $BUDGET_S =~ ^[0-9]+$ ]]; then
+  echo "gpu-ground-truth: --budget-s wants whole seconds, got '$BUDGET_S'" >&2
+  exit 2
+fi
 
 # The interpreter: $PYTHON if set; else, for a dry run, this checkout's .venv (make venv) if
 # there is one; else python3 (on the GPU machine its own, with CUDA torch: never a CPU venv).
@@ -131,10 +143,27 @@ else
 fi
 
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+# One wheel into $SITE with pip (no registry), or unpacked where there is no pip (a wheel is
+# a zip archive laid out for site-packages).
+install_wheel() {
+  if [[ $HAVE_PIP == 1 ]]; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --disable-pip-version-check --target "$SITE" "$@" 2>&1 | tee -a "$LOG"
+  else
+    local w
+    for w in "$@"; do "$PY" -m zipfile -e "$w" "$SITE" 2>&1 | tee -a "$LOG" || return 1; done
+  fi
+}
+
+# The wheels of .whl/ (--wheels), all at once; where that fails, one at a time.  A wheel that
+# does not install is named (log, wheels.txt) and the run goes on without it: the driver
+# needs none of them (without nvtx, NVTX ranges go through torch's bindings, and run.json
+# says so), and the measurements are the only chance.
 if [[ $DRY_RUN == 0 ]]; then
   shopt -s nullglob
   wheels=()
-  for w in .whl/*.whl; do
+  for w in "$WHEELS_DIR"/*.whl; do
     case $(basename "$w") in
       torch-*|numpy-*|pandas-*|pyarrow-*|nvidia_ml_py-*)
         say "not installing $w: the machine's own build is used" ;;
@@ -143,19 +172,32 @@ if [[ $DRY_RUN == 0 ]]; then
   done
   shopt -u nullglob
   if [[ ${#wheels[@]} -gt 0 ]]; then
-    say "installing ${#wheels[@]} wheel(s) from .whl/ into /tmp/site"
-    if "$PY" -m pip --version >/dev/null 2>&1; then
-      "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site "${wheels[@]}" 2>&1 | tee -a "$LOG" \
-        || { say "installing the wheels failed (see above)"; exit 3; }
-    else  # no pip: a wheel is a zip archive laid out for site-packages
-      say "no pip for $PY: unpacking the wheels instead"
-      for w in "${wheels[@]}"; do "$PY" -m zipfile -e "$w" /tmp/site; done
+    mkdir -p "$SITE"
+    HAVE_PIP=1
+    "$PY" -m pip --version >/dev/null 2>&1 || HAVE_PIP=0
+    say "installing ${#wheels[@]} wheel(s) from $WHEELS_DIR into $SITE" \
+      "$([[ $HAVE_PIP == 1 ]] && echo "with pip" || echo "(no pip for $PY: unpacking them)")"
+    installed=() failed=()
+    if install_wheel "${wheels[@]}"; then
+      installed=("${wheels[@]}")
+    else
+      say "installing the wheels together failed (see above); trying them one at a time"
+      for w in "${wheels[@]}"; do
+        if install_wheel "$w"; then installed+=("$w"); else failed+=("$w"); fi
+      done
     fi
-    export PYTHONPATH="/tmp/site:$PYTHONPATH"
-    printf '%s\n' "${wheels[@]}" > "$OUT_DIR/wheels.txt"
+    export PYTHONPATH="$SITE:$PYTHONPATH"
+    {
+      printf '%s\n' "${installed[@]+"${installed[@]}"}"
+      for w in "${failed[@]+"${failed[@]}"}"; do printf 'not installed: %s\n' "$w"; done
+    } > "$OUT_DIR/wheels.txt"
+    if [[ ${#failed[@]} -gt 0 ]]; then
+      say "WARNING: ${#failed[@]} wheel(s) did not install, going on without them:" \
+        "${failed[*]} (versions.txt says what is missing)"
+    fi
   else
-    say "no wheels in .whl/ (scripts/fetch-gpu-wheels.sh fetches them); using what is installed"
+    say "no wheels in $WHEELS_DIR (scripts/fetch-gpu-wheels.sh fetches them); using what is" \
+      "installed"
   fi
 fi
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -308,3 +309,43 @@ def test_kernels_json_is_on_disk_after_the_first_group(tmp_path, monkeypatch):
         K.run_all(tmp_path, device=CPU, plan=TINY, log=lambda line: None)
     data = json.loads((tmp_path / K.OUTPUT_FILE).read_text())
     assert data["factors"] == [] and data["gemm"] == [] and data["eigh"]
+
+
+def test_the_preconditioners_float64_inverses_are_timed_first(tmp_path, monkeypatch):
+    """The budget cuts from the end: eigh and Cholesky in float64 (the dtype K-FAC inverts
+    in, and what the landing fits the inverse terms to) come before anything in float32."""
+    import kfacperf.bench.kernels.run as run_mod
+
+    order: list[tuple[str, str]] = []
+
+    def recorder(op):
+        def timed(sizes, *, dtype, **kwargs):
+            order.append((op, dtype))
+            return []
+        return timed
+
+    monkeypatch.setattr(run_mod, "time_eigh", recorder("eigh"))
+    monkeypatch.setattr(run_mod, "time_cholesky", recorder("cholesky"))
+    plan = replace(TINY, inverse_dtypes=K.FULL_PLAN.inverse_dtypes)
+    K.run_all(tmp_path, device=CPU, plan=plan, log=lambda line: None)
+    assert order == [("eigh", "fp64"), ("cholesky", "fp64"), ("eigh", "fp32"),
+                     ("cholesky", "fp32")]
+
+
+def test_json_outputs_read_back_with_the_strict_reader(tmp_path):
+    """A NaN (a median of nothing, a thread clock that did not tick) is written as null:
+    the landing reads these files with the strict reader, which refuses a whole file for
+    one NaN."""
+    from kfacperf.bench.overhead import Paired
+    from kfacperf.safety import load_json_file
+
+    paired = Paired(off_s=(1.0, 1.0), on_s=(1.01, 1.02), off_cpu_s=(0.0, 0.0),
+                    on_cpu_s=(0.0, 0.0))
+    assert paired.cpu_overhead_median != paired.cpu_overhead_median  # NaN
+    data = {"cpu_overhead_median": paired.cpu_overhead_median, "worst": [float("inf")],
+            "timing": K.Timing.of([2.0, 1.0, 3.0], warmup=1)}
+    path = K.write_json(tmp_path / "out.json", data)
+    assert load_json_file(path) == {
+        "cpu_overhead_median": None, "worst": [None],
+        "timing": {"median_us": 2.0, "min_us": 1.0, "max_us": 3.0, "repeats": 3, "warmup": 1}}
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temporary file left

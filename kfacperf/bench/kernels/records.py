@@ -2,7 +2,6 @@
 :class:`Report` that holds them all (``kernels.json``), and JSON writing."""
 from __future__ import annotations
 
-import json
 import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
@@ -112,7 +111,8 @@ class Report:
 
 
 def as_json(obj: Any) -> Any:
-    """Dataclasses, tuples and lists as JSON-ready dicts and lists (NaN stays a float)."""
+    """Dataclasses, tuples and lists as dicts and lists (NaN stays a float here;
+    :func:`write_json` writes it as null)."""
     if is_dataclass(obj) and not isinstance(obj, type):
         return {k: as_json(v) for k, v in asdict(obj).items()}
     if isinstance(obj, dict):
@@ -123,10 +123,15 @@ def as_json(obj: Any) -> Any:
 
 
 def write_json(path: Path, data: Any) -> Path:
-    """Write ``data`` (dataclasses allowed) as indented JSON; returns ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(as_json(data), indent=1, sort_keys=False) + "\n")
-    return path
+    """Write ``data`` (dataclasses allowed) as indented JSON, atomically; returns ``path``.
+
+    Strict JSON, as the project's reader (:func:`kfacperf.safety.load_json_file`) takes it:
+    NaN and infinities (a median of nothing, a clock that did not tick) are written as
+    null; one NaN would otherwise make the whole file unreadable to the landing.  Atomic: a
+    process stopped while writing leaves the previous file, never half of one."""
+    from kfacperf.safety import atomic_write_text, dumps_json
+
+    return atomic_write_text(path, dumps_json(as_json(data), indent=1) + "\n")
 
 
 def note_skipped(skipped: list[Skipped] | None, measurement: str, what: str,

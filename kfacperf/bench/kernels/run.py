@@ -61,7 +61,9 @@ def run_all(out_dir: str | Path, *, dry_run: bool = False, budget_s: float | Non
     The file is rewritten after every group of measurements (eigh, Cholesky, factors, GEMM
     per dtype), so what was timed survives a budget cut, a stopped process or a later
     group's failure; a group that raises is recorded in ``skipped`` with its error, and
-    the groups after it still run."""
+    the groups after it still run.  The groups run in order of worth under a budget cut:
+    the inverses per dtype (``plan.inverse_dtypes`` in order, float64 first), then the
+    factors, then the GEMMs."""
     t0 = time.monotonic()
     device = default_device() if device is None else device
     plan = plan or (DRY_PLAN if dry_run else FULL_PLAN)
@@ -85,11 +87,10 @@ def run_all(out_dir: str | Path, *, dry_run: bool = False, budget_s: float | Non
         report.elapsed_s = time.monotonic() - t0
         write_json(path, report.to_json())
 
-    for dtype in plan.inverse_dtypes:
+    for dtype in plan.inverse_dtypes:  # a dtype's inverses whole before the next dtype's
         step(f"eigh {dtype}", report.eigh, functools.partial(
             time_eigh, plan.inverse_sizes, dtype=dtype, device=device, timer=timer, plan=plan,
             budget=budget, skipped=report.skipped))
-    for dtype in plan.inverse_dtypes:
         step(f"cholesky {dtype}", report.cholesky, functools.partial(
             time_cholesky, plan.inverse_sizes, dtype=dtype, device=device, timer=timer,
             plan=plan, budget=budget, skipped=report.skipped))

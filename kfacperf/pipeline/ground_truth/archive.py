@@ -143,6 +143,8 @@ def _check_member(m: tarfile.TarInfo, archive: Path) -> None:
     name = PurePosixPath(m.name)
     if not (m.isfile() or m.isdir()):
         raise ValueError(f"{archive}: member {m.name!r} is not a plain file or folder")
+    if m.isdir() and not name.parts and not name.is_absolute():
+        return  # "." or "./": the target folder itself (``tar -C FOLDER .`` writes it first)
     if name.is_absolute() or ".." in name.parts or not name.parts:
         raise ValueError(f"{archive}: member {m.name!r} would land outside the target folder")
 

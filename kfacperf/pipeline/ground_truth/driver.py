@@ -47,14 +47,35 @@ def run_ground_truth(settings: Settings, out: Path, *, budget_s: float | None,
         env = {"error": f"{type(exc).__name__}: {exc}"}
     write_json(out / "env.json", env)
 
+    def keep_returned() -> None:
+        if returned is None:
+            return
+        try:
+            hand_back(out, returned)
+        except Exception as exc:  # the next task's hand-back may succeed; never stop here
+            log(f"  handing back into {returned} failed ({type(exc).__name__}: {exc})")
+
     def summarize(outcomes: list[Outcome]) -> str:
         text = write_summary(out, plan, outcomes, guess=guess, budget_s=budget_s,
                              dry_run=settings.dry_run)
-        if returned is not None:
-            hand_back(out, returned)
+        keep_returned()
         return text
 
     ctx = Context(settings=settings, out=out, budget=budget, guess=guess, log=log)
+    _kept(summarize, [], log)  # every task not reached yet, before the first one can hang
     outcomes = execute(plan, ctx, after_each=summarize)
-    log("\n" + summarize(outcomes))
+    text = _kept(summarize, outcomes, log)
+    if text:
+        log("\n" + text)
     return outcomes
+
+
+def _kept(summarize: Callable[[list[Outcome]], str], outcomes: list[Outcome],
+          log: Callable[[str], None]) -> str:
+    """``summarize(outcomes)``, or "" where writing it failed (said): every task's outputs
+    are on disk already."""
+    try:
+        return summarize(outcomes)
+    except Exception as exc:
+        log(f"writing the summary failed ({type(exc).__name__}: {exc})")
+        return ""

@@ -7,11 +7,14 @@ profiling only kernels launched inside the ``kfacperf`` domain's ``forward`` ran
 goes to the task's log either way."""
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from kfacperf import vocab as S
 from kfacperf.pipeline.ground_truth.plan import ProfileRun, Settings
@@ -21,6 +24,9 @@ NVTX_TOOLS = ("nsys", "ncu")
 """The tools the check can use, in the order it prefers them."""
 NSYS_REPORTS = ("nvtx_sum", "nvtxsum")
 """The NVTX summary report's name in newer and in older nsys."""
+NSYS_LARGE = ("*.nsys-rep", "*.sqlite", "*.qdstrm", "*.qdrep")
+"""What nsys writes that is deleted after the check, whatever became of it (the NVTX
+summary CSV is what is kept)."""
 
 
 def nsys_run(settings: Settings) -> ProfileRun:
@@ -81,10 +87,16 @@ def run_ncu(settings: Settings, out: Path, log_path: Path, timeout_s: float | No
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
         log.flush()
-        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              timeout=timeout_s, text=True, errors="replace")
+        try:
+            done = run_tool(cmd, timeout_s=timeout_s, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, errors="replace")
+        except subprocess.TimeoutExpired as exc:
+            log.write(_text(exc.output))
+            raise RuntimeError(f"ncu did not finish in {timeout_s:.0f} s and was stopped with "
+                               f"the run it profiled (logs/{log_path.name})") from None
+        finally:
+            shutil.rmtree(where, ignore_errors=True)
         log.write(done.stdout)
-    shutil.rmtree(where, ignore_errors=True)
     profiled = sum(line.startswith("==PROF== Profiling") for line in done.stdout.splitlines())
     if done.returncode != 0 or not profiled:
         raise RuntimeError(f"ncu exited {done.returncode} and profiled {profiled} kernel(s) "
@@ -100,23 +112,65 @@ def run_nsys(settings: Settings, out: Path, log_path: Path, timeout_s: float | N
     report = where / "kfac-1-1"
     cmd = [nsys, "profile", "--trace=cuda,nvtx", "--sample=none", "--cpuctxsw=none",
            "--force-overwrite=true", "-o", str(report), *profile]
-    with open(log_path, "w") as log:
-        log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
-        log.flush()
-        subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s, check=True)
-        rep = report.with_suffix(".nsys-rep")
-        for name in NSYS_REPORTS:
-            r = subprocess.run([nsys, "stats", "--report", name, "--format", "csv",
-                                "--force-export=true", "--output", str(where / "nvtx"),
-                                str(rep)], stdout=log, stderr=subprocess.STDOUT,
-                               timeout=timeout_s)
-            if r.returncode == 0:
-                break
+    try:
+        with open(log_path, "w") as log:
+            log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
+            log.flush()
+            ran = run_tool(cmd, timeout_s=timeout_s, stdout=log, stderr=subprocess.STDOUT)
+            if ran.returncode != 0:
+                raise subprocess.CalledProcessError(ran.returncode, cmd)
+            rep = report.with_suffix(".nsys-rep")
+            for name in NSYS_REPORTS:
+                r = run_tool([nsys, "stats", "--report", name, "--format", "csv",
+                              "--force-export=true", "--output", str(where / "nvtx"),
+                              str(rep)], timeout_s=timeout_s, stdout=log,
+                             stderr=subprocess.STDOUT)
+                if r.returncode == 0:
+                    break
+    finally:  # the report (large) never stays to be packed, however the check ended
+        for pattern in NSYS_LARGE:
+            for p in where.glob(pattern):
+                p.unlink(missing_ok=True)
+        shutil.rmtree(where / "trace", ignore_errors=True)
     csvs = sorted(where.glob("nvtx*.csv"))
-    for p in [*where.glob("*.nsys-rep"), *where.glob("*.sqlite")]:
-        p.unlink()  # large; the CSV is what is kept
-    shutil.rmtree(where / "trace", ignore_errors=True)
     if not csvs:
         raise RuntimeError("nsys stats wrote no NVTX summary")
     ranges = sum(1 for _ in csvs[0].open()) - 1
     return f"{csvs[0].name}: {ranges} NVTX range name(s)"
+
+
+def run_tool(cmd: list[str], *, timeout_s: float | None,
+             **kw: Any) -> subprocess.CompletedProcess[Any]:
+    """``subprocess.run(cmd, timeout=timeout_s, **kw)``, except that on a timeout (or an
+    interrupt) the tool is killed with every process below it, not alone: a profiled run
+    left behind would go on holding the GPU and writing into the output folder while it is
+    packed.  The tool stays in this process's group, so a signal to the group (the script's
+    hard stop) reaches it too."""
+    with subprocess.Popen(cmd, **kw) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired as exc:
+            _kill_tree(proc)
+            exc.output, _ = proc.communicate()
+            raise
+        except BaseException:
+            _kill_tree(proc)
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _kill_tree(proc: subprocess.Popen[Any]) -> None:
+    from kfacperf.runtime.launch import descendants
+
+    below = descendants(proc.pid)  # before the tool dies and its children are re-parented
+    for pid in [proc.pid, *below]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _text(output: Any) -> str:
+    if output is None:
+        return ""
+    return output if isinstance(output, str) else output.decode(errors="replace")

@@ -202,7 +202,8 @@ def execute(plan: Sequence[Task], ctx: Context, *,
             after_each: Callable[[list[Outcome]], object] | None = None,
             runners: Mapping[str, Runner] = RUNNERS) -> list[Outcome]:
     """Run the plan under the time guard; every task's outcome, in plan order.
-    ``after_each`` gets the outcomes so far after every task (to keep a summary on disk)."""
+    ``after_each`` gets the outcomes so far after every task (to keep a summary on disk);
+    should it raise, that is said and the next task runs all the same."""
     outcomes: list[Outcome] = []
     for i, task in enumerate(plan, 1):
         est = ctx.guess.task_s(task)
@@ -216,7 +217,11 @@ def execute(plan: Sequence[Task], ctx: Context, *,
             outcomes.append(o)
             ctx.log(f"{head}: {_progress(o, ctx.budget)}")
         if after_each is not None:
-            after_each(outcomes)
+            try:
+                after_each(outcomes)
+            except Exception as exc:  # keeping the summary never costs the measurements
+                ctx.log(f"  keeping the summary failed ({type(exc).__name__}: {exc}); "
+                        "the tasks go on")
     return outcomes
 
 
