@@ -113,9 +113,40 @@ def _wide_range(values: Iterable[float], ratio: float = 20.0) -> bool:
     return bool(len(v)) and v.max() / v.min() > ratio
 
 
+def _tick_text(value: float) -> str:
+    return f"{int(value):,}" if value >= 1 and value == int(value) else f"{value:.6g}"
+
+
+def log_ticks(values: Iterable[float]) -> tuple[list[float], list[str]]:
+    """Ticks of a log axis over positive ``values``, each labelled with its whole value.
+
+    Left to itself plotly labels the minor ticks of a log axis with their first digit only
+    ("2", "5" between 0.1 and 1 and again between 1 and 10), which reads as the wrong
+    number; these are 1-2-5 steps (finer over less than a decade, powers of ten over many).
+    """
+    v = np.asarray([x for x in values if np.isfinite(x) and x > 0], dtype=float)
+    if not len(v):
+        return [], []
+    lo, hi = float(v.min()), float(v.max())
+    decades = np.log10(hi / lo)
+    mantissas: tuple[float, ...] = ((1, 1.5, 2, 3, 4, 5, 6, 8) if decades < 1 else
+                                    (1, 2, 5) if decades < 4 else (1,))
+    first, last = int(np.floor(np.log10(lo))) - 1, int(np.ceil(np.log10(hi))) + 1
+    ticks = [float(f"{m * 10.0 ** e:.6g}") for e in range(first, last + 1) for m in mantissas]
+    ticks = [t for t in ticks if lo / 1.5 <= t <= hi * 1.5]
+    return ticks, [_tick_text(t) for t in ticks]
+
+
+def log_axis(values: Iterable[float]) -> dict[str, object]:
+    """Axis settings of a log axis over ``values``, its ticks labelled in full."""
+    ticks, text = log_ticks(values)
+    return {"type": "log", "tickvals": ticks, "ticktext": text} if ticks else {"type": "log"}
+
+
 def _log_y_if_wide(fig: go.Figure, values: Iterable[float], **where: int) -> None:
+    values = list(values)
     if _wide_range(values):
-        fig.update_yaxes(type="log", **where)
+        fig.update_yaxes(**log_axis(values), **where)
 
 
 def _log_x(fig: go.Figure, gpus: Sequence[int], **where: int) -> None:
@@ -148,7 +179,7 @@ def scaling_figure(summary: pd.DataFrame, title: str) -> go.Figure:
                           row=1, col=3)
     for col in (1, 2, 3):
         _log_x(fig, summary["gpus"], row=1, col=col)
-    _log_y_if_wide(fig, summary["step_us"].to_numpy(float), row=1, col=1)
+    _log_y_if_wide(fig, _ms(summary["step_us"]), row=1, col=1)  # the axis is in ms
     _log_y_if_wide(fig, summary["kfac_overhead"].to_numpy(float), row=1, col=3)
     return style_figure(fig, title, height=400)
 
@@ -198,7 +229,7 @@ def whatif_figure(variants: Sequence[tuple[str, pd.DataFrame]], title: str) -> g
                                          **common), row=1, col=2)
     for col in (1, 2):
         _log_x(fig, all_gpus, row=1, col=col)
-    _log_y_if_wide(fig, np.concatenate([s["step_us"].to_numpy(float) for _, s in variants]),
+    _log_y_if_wide(fig, np.concatenate([_ms(s["step_us"]) for _, s in variants]),
                    row=1, col=1)
     _log_y_if_wide(fig, np.concatenate([s["kfac_overhead"].to_numpy(float) for _, s in variants]),
                    row=1, col=2)

@@ -52,6 +52,17 @@ class Match:
         value = self.row.get("kfac_overhead", float("nan"))
         return float(value) if value is not None else float("nan")
 
+    def overhead_of(self, predicted_step_us: float) -> float:
+        """``predicted_step_us`` over the predicted SGD step at this GPU count: the row's
+        step over its ``kfac_overhead`` (the simulator's step over SGD's).  The headline's
+        predicted step is weighted by the measured mix of kinds of step, not the simulated
+        cycle's, so its overhead is taken over the same SGD step rather than read off the
+        row, which would disagree with the step shown beside it."""
+        overhead, step = self.kfac_overhead, self.step_us
+        if not (_finite(overhead) and overhead > 0 and _finite(step) and step > 0):
+            return math.nan
+        return predicted_step_us / (step / overhead)
+
     def kind_times(self) -> KindTimes:
         """Predicted step, stage and (stage, layer) times per kind of step
         (:func:`kfacperf.sim.prediction.kind_times`)."""
@@ -193,7 +204,8 @@ def headline(runs: Sequence[RunData], predictions: Sequence[PredictionData]) -> 
                 "predicted_step_us": predicted,
                 "error_pct": metrics.error_pct(predicted, measured),
                 "kfac_overhead_measured": overhead,
-                "kfac_overhead_predicted": (match.kfac_overhead if match and run.strategy != S.SGD
+                "kfac_overhead_predicted": (match.overhead_of(predicted)
+                                            if match and run.strategy != S.SGD
                                             else float("nan")),
                 "prediction": match.prediction.name if match else "",
             }

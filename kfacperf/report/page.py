@@ -82,6 +82,11 @@ def fmt_pct(v: Any) -> str:
     return "—" if _missing(v) else f"{float(v):+.1f}%"
 
 
+def fmt_abs_pct(v: Any) -> str:
+    """An |error| in percent, without sign (a "+" would read as a signed error)."""
+    return "—" if _missing(v) else f"{abs(float(v)):.1f}%"
+
+
 def fmt_share(v: Any) -> str:
     """A percentage that is a share (0..100), without sign."""
     return "—" if _missing(v) else f"{float(v):.0f}%"
@@ -107,14 +112,15 @@ Column = tuple[str, str, Callable[[Any], str]]
 
 
 def table(df: pd.DataFrame, columns: Sequence[Column], *, caption: str = "",
-          numeric: Sequence[str] = ()) -> str:
-    """An HTML table of ``df``: columns are (column, header, formatter); every cell escaped."""
+          numeric: Sequence[str] = (), wrap: Sequence[str] = ()) -> str:
+    """An HTML table of ``df``: columns are (column, header, formatter); every cell escaped.
+    Cells stay on one line, except those of the ``wrap`` columns (long lists of paths)."""
     head = "".join(f"<th>{esc(header)}</th>" for _, header, _ in columns)
     body = []
     for _, row in df.iterrows():
         cells = []
         for col, _, fmt in columns:
-            cls = ' class="num"' if col in numeric else ""
+            cls = ' class="num"' if col in numeric else ' class="wrap"' if col in wrap else ""
             cells.append(f"<td{cls}>{esc(fmt(row.get(col)))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     cap = f"<caption>{esc(caption)}</caption>" if caption else ""
@@ -182,6 +188,7 @@ caption{text-align:left;color:#6b7785;padding-bottom:4px}
 th,td{border-bottom:1px solid #e6e9ee;padding:4px 10px;text-align:left;white-space:nowrap}
 th{background:#f0f2f5}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
+td.wrap{white-space:normal;min-width:24em;max-width:48em;overflow-wrap:anywhere}
 .figure{margin:6px 0 14px}
 footer{color:#6b7785;font-size:12px;padding:0 32px 24px}
 """

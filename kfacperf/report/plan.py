@@ -15,7 +15,7 @@ from plotly.subplots import make_subplots
 from kfacperf import vocab as S
 from kfacperf.plan.result import OPTIMIZER_NAMES, Choice, PlanResult, load_plan
 from kfacperf.plan.text import comm_text, config_text, fmt_duration
-from kfacperf.report.figures import PALETTE, plot_text, style_figure
+from kfacperf.report.figures import PALETTE, log_axis, plot_text, style_figure
 from kfacperf.report.page import Section, fmt_ms, fmt_plain, heading, paragraph, table
 
 OPTIMIZER_COLORS = {S.SGD: PALETTE[0], S.KFAC: PALETTE[1]}
@@ -64,10 +64,14 @@ def time_figure(result: PlanResult, title: str) -> go.Figure:
     fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1,
                         subplot_titles=("time to solution (hours)", "GPU-hours"))
     gpus = result.gpus
+    hours: list[float] = []
+    gpu_hours: list[float] = []
     for optimizer in result.convergence:
         best = [c for c in (result.best(g, optimizer) for g in gpus) if c is not None]
         if not best:
             continue
+        hours += [c.time_s / 3600 for c in best]
+        gpu_hours += [c.gpu_hours for c in best]
         x = [c.gpus for c in best]
         common = {
             "legendgroup": optimizer, "mode": "lines+markers",
@@ -81,9 +85,11 @@ def time_figure(result: PlanResult, title: str) -> go.Figure:
                       row=1, col=1)
         fig.add_trace(go.Scatter(name=name, x=x, y=[c.gpu_hours for c in best],
                                  showlegend=False, **common), row=1, col=2)
-    for col in (1, 2):
+    for col, values in ((1, hours), (2, gpu_hours)):
         _log_gpus(fig, gpus, row=1, col=col)
-        fig.update_yaxes(type="log", row=1, col=col)
+        fig.update_yaxes(**log_axis(values), row=1, col=col)
+    fig.update_yaxes(title_text="hours", row=1, col=1)
+    fig.update_yaxes(title_text="GPU-hours", row=1, col=2)
     return style_figure(fig, title, height=420)
 
 
@@ -106,8 +112,9 @@ def pareto_figure(result: PlanResult, title: str) -> go.Figure:
             y=[c.time_s / 3600 for c in front], line={"color": "#444", "dash": "dot"},
             text=[f"{c.gpus:,}" for c in front], textposition="top right",
             hoverinfo="skip"))
-    fig.update_xaxes(type="log", title_text="GPU-hours")
-    fig.update_yaxes(type="log", title_text="time to solution (hours)")
+    fig.update_xaxes(**log_axis(c.gpu_hours for c in result.choices), title_text="GPU-hours")
+    fig.update_yaxes(**log_axis(c.time_s / 3600 for c in result.choices),
+                     title_text="time to solution (hours)")
     return style_figure(fig, title, height=420)
 
 
@@ -175,6 +182,9 @@ def plan_section(plan: PlanInput) -> Section:
             f"{OPTIMIZER_NAMES.get(optimizer, optimizer)} steps: {conv.get('name')} "
             f"({conv.get('target')}; measured at global batch {fmt_plain(lo)} to "
             f"{fmt_plain(hi)}; {conv.get('description', '')})"))
+    if len({str(c.get("target")) for c in result.convergence.values()}) > 1:  # as kfacperf plan
+        sec.add_html(paragraph("Note: the convergence models reach different targets, so SGD "
+                               "and K-FAC times are to different qualities."))
     if not result.choices:
         sec.add_html(paragraph("No configuration fits: " + "; ".join(
             f"{m.get('gpus')} GPUs {m.get('optimizer')}: {m.get('reason')}"

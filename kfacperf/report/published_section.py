@@ -17,7 +17,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from kfacperf.report.figures import PALETTE, plot_text, style_figure
-from kfacperf.report.page import Section, fmt_pct, fmt_plain, heading, paragraph, table
+from kfacperf.report.page import Section, fmt_abs_pct, fmt_plain, heading, paragraph, table
 
 if TYPE_CHECKING:  # pragma: no cover
     from kfacperf.validation.published import PublishedResult
@@ -94,8 +94,8 @@ def published_section(data: PublishedInput) -> Section:
         rows = series[series["case"] == case["name"]]
         sec.add_html(table(rows, [
             ("series", "series", fmt_plain),
-            ("median_abs_error_pct", "median |error|", fmt_pct),
-            ("worst_abs_error_pct", "worst |error|", fmt_pct),
+            ("median_abs_error_pct", "median |error|", fmt_abs_pct),
+            ("worst_abs_error_pct", "worst |error|", fmt_abs_pct),
             ("measured_fastest_gpus", "fastest (measured)", fmt_plain),
             ("predicted_fastest_gpus", "fastest (predicted)", fmt_plain),
         ], numeric=("median_abs_error_pct", "worst_abs_error_pct")))
@@ -107,26 +107,32 @@ def _case_figure(case: Mapping[str, Any], pts: pd.DataFrame) -> go.Figure:
     if case["quantity"] == "stage_ms":
         for i, (name, grp) in enumerate(pts.groupby("series", sort=False)):
             color = PALETTE[i % len(PALETTE)]
-            fig.add_trace(go.Bar(name=plot_text(f"{name} measured"), x=grp["stage"],
+            stages = [plot_text(s) for s in grp["stage"]]
+            fig.add_trace(go.Bar(name=plot_text(f"{name} measured"), x=stages,
                                  y=grp["measured"], marker_color=color, opacity=0.5))
-            fig.add_trace(go.Bar(name=plot_text(f"{name} predicted"), x=grp["stage"],
+            fig.add_trace(go.Bar(name=plot_text(f"{name} predicted"), x=stages,
                                  y=grp["predicted"], marker_color=color,
                                  text=[f"{e:+.0f}%" for e in grp["error_pct"]]))
         fig.update_layout(barmode="group", yaxis_title="ms")
-        return style_figure(fig, plot_text(case["name"]), height=380)
+        return style_figure(fig, str(case["name"]), height=380)  # style_figure escapes it
     ticks = sorted({int(g) for g in pts["gpus"]})
     for i, (name, grp) in enumerate(pts.groupby("series", sort=False)):
         color = PALETTE[i % len(PALETTE)]
         grp = grp.sort_values("gpus")
+        group = plot_text(name)
         fig.add_trace(go.Scatter(name=plot_text(f"{name} measured"), x=grp["gpus"],
-                                 y=grp["measured"], mode="markers", legendgroup=name,
-                                 marker={"color": color, "size": 8}))
+                                 y=grp["measured"], mode="markers", legendgroup=group,
+                                 marker={"color": color, "size": 8},
+                                 hovertemplate="%{x} GPUs: %{y:.4g} s measured"))
+        # markers too: a series of one GPU count has no line to draw
         fig.add_trace(go.Scatter(name=plot_text(f"{name} predicted"), x=grp["gpus"],
-                                 y=grp["predicted"], mode="lines", legendgroup=name,
+                                 y=grp["predicted"], mode="lines+markers", legendgroup=group,
                                  line={"color": color},
+                                 marker={"color": color, "size": 9, "symbol": "diamond-open"},
                                  customdata=grp["error_pct"],
-                                 hovertemplate="%{x} GPUs: %{y:.4g} s (%{customdata:+.1f}%)"))
+                                 hovertemplate="%{x} GPUs: %{y:.4g} s predicted "
+                                               "(%{customdata:+.1f}%)"))
     fig.update_xaxes(type="log", title_text="GPUs", tickvals=ticks,
                      ticktext=[str(t) for t in ticks])
     fig.update_yaxes(title_text="seconds per step")
-    return style_figure(fig, plot_text(case["name"]), height=420)
+    return style_figure(fig, str(case["name"]), height=420)  # style_figure escapes it

@@ -5,7 +5,7 @@ A section without data keeps its heading and says in one line why it is empty.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -16,6 +16,7 @@ from kfacperf.report import figures, matching, metrics, timeline
 from kfacperf.report.inputs import PredictionData, RunData
 from kfacperf.report.page import (
     Section,
+    fmt_abs_pct,
     fmt_ms,
     fmt_pct,
     fmt_plain,
@@ -344,6 +345,14 @@ def _abs_errors(val: pd.DataFrame) -> list[float]:
     return [abs(e) for e in val["error_pct"].to_numpy(float) if math.isfinite(e)]
 
 
+def _extra_format(column: str) -> Callable[[Any], str]:
+    """A signed percentage for an error column, an unsigned one for another share (the
+    spread of the recordings), the value as it is otherwise."""
+    if column.endswith("error_pct"):
+        return fmt_pct
+    return fmt_abs_pct if column.endswith("_pct") else fmt_plain
+
+
 def validation_section(validation: pd.DataFrame | ValidationSets | None) -> Section:
     sec = Section(key="validation", title="Prediction accuracy (held-out runs)")
     sets = validation_sets(validation)
@@ -356,8 +365,8 @@ def validation_section(validation: pd.DataFrame | ValidationSets | None) -> Sect
                              for label, v in sets.items() for e in [_abs_errors(v)]],
                             columns=["set", "runs", "median_pct", "worst_pct"])
         sec.add_html(table(rows, [("set", "validation", fmt_plain), ("runs", "runs", fmt_plain),
-                                  ("median_pct", "median |error|", fmt_pct),
-                                  ("worst_pct", "worst |error|", fmt_pct)],
+                                  ("median_pct", "median |error|", fmt_abs_pct),
+                                  ("worst_pct", "worst |error|", fmt_abs_pct)],
                            numeric=("runs", "median_pct", "worst_pct")))
     for label, val in sets.items():
         if len(sets) > 1:
@@ -371,7 +380,7 @@ def validation_section(validation: pd.DataFrame | ValidationSets | None) -> Sect
             ("run", "run", fmt_plain), ("measured_step_us", "measured step (ms)", fmt_ms),
             ("predicted_step_us", "predicted step (ms)", fmt_ms),
             ("error_pct", "error", fmt_pct),
-        ] + [(c, c, fmt_pct if c.endswith("_pct") else fmt_plain) for c in extra],
+        ] + [(c, c, _extra_format(c)) for c in extra],
             numeric=("measured_step_us", "predicted_step_us", "error_pct")))
         title = "measured vs predicted step time"
         sec.add_figure(figures.validation_figure(val, f"{label}: {title}" if len(sets) > 1

@@ -28,7 +28,8 @@ COMM_TID = 1000  # first comm track; further ones are 1001, 1002, ...
 _TELEMETRY_COUNTERS = {
     "sm_clock_mhz": "SM clock (MHz)", "mem_clock_mhz": "memory clock (MHz)",
     "mem_used_mib": "memory used (MiB)", "power_w": "power (W)",
-    "gpu_util_pct": "GPU utilisation (%)", "temperature_c": "temperature (C)",
+    "gpu_util_pct": "GPU utilisation (%)", "mem_util_pct": "memory utilisation (%)",
+    "temperature_c": "temperature (C)",
 }
 
 

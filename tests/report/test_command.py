@@ -115,3 +115,43 @@ def test_committed_gpu_validations_are_found_beside_their_traces(tmp_path):
     assert list(got) == ["h200 validation-bf16"]
     assert got["h200 validation-bf16"]["run"].tolist() == ["resnet50-bf16-sgd-b64"]
 
+
+
+def test_sources_name_every_input_file_and_its_command(study, tmp_path):
+    """The page says where its numbers come from: each trace with the command in its
+    run.json, each prediction with its command, and the validation and plan files read."""
+    from helpers.convergence import MLP_SGD
+    from kfacperf.plan import plan, save_plan
+
+    sgd = study["traces"][0]
+    json_run = json.loads((sgd / "run.json").read_text())
+    json_run.update(command="kfacperf profile --out <sgd> & more", completed=False,
+                    failure="rank 1 was killed")
+    (sgd / "run.json").write_text(json.dumps(json_run))
+    rows = [{"run": "a", "measured_step_us": 100.0, "predicted_step_us": 104.0}]
+    (tmp_path / "val.json").write_text(json.dumps({"runs": rows}))
+    plan_file = save_plan(plan("mlp", "v100", "abci-v100", gpus=[1], strategies=["sgd"],
+                               batch_per_gpu=[16], convergence=[MLP_SGD], memory_gb=1.0),
+                          tmp_path / "plan.json")
+    out = tmp_path / "r.html"
+    assert _report("--trace", sgd, "--prediction", study["predictions"][0], "--validation",
+                   tmp_path / "val.json", "--plan", plan_file, "--out", out) == 0
+    text = out.read_text()
+    sources = text[text.index('<section id="sources">'):]
+    sources = sources[:sources.index("</section>")]
+    for path in (sgd, study["predictions"][0], tmp_path / "val.json", plan_file):
+        assert f"<td class=\"wrap\">{path}</td>" in sources
+    assert "kfacperf profile --out &lt;sgd&gt; &amp; more (did not complete: rank 1 was killed)" \
+        in sources
+    assert "kfacperf validate --out" in sources and "kfacperf plan --out" in sources
+
+
+def test_validation_spread_is_unsigned_and_errors_signed(tmp_path):
+    rows = [{"run": "a", "measured_step_us": 100.0, "predicted_step_us": 95.0,
+             "worst_stage_error_pct": -7.5, "spread_pct": 28.4}]
+    (tmp_path / "v.json").write_text(json.dumps({"runs": rows}))
+    out = tmp_path / "v.html"
+    assert _report("--validation", tmp_path / "v.json", "--out", out) == 0
+    text = out.read_text()
+    assert "<td>28.4%</td>" in text and "+28.4%" not in text
+    assert "<td>-7.5%</td>" in text and "-5.0%" in text

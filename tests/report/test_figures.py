@@ -221,3 +221,16 @@ def test_rank_breakdown_without_communication_has_one_panel(synth, tmp_path):
     d = fig.to_dict()
     assert "xaxis2" not in d["layout"]
     assert not {"exposed comm", "comm hidden under compute"} & {t["name"] for t in d["data"]}
+
+
+def test_wide_log_step_axis_labels_ticks_in_full(synth):
+    summary = synth.make_summary()
+    summary.loc[summary["strategy"] == "spngd", "step_us"] *= np.linspace(1, 100, len(synth.GPUS))
+    y = figures.scaling_figure(summary, "s").layout.yaxis
+    ms = summary["step_us"].to_numpy(float) / 1000
+    assert y.type == "log"
+    stated = [float(t.replace(",", "")) for t in y.ticktext]
+    assert stated == pytest.approx(list(y.tickvals))  # no one-digit minor labels
+    assert len(set(y.ticktext)) == len(y.ticktext)
+    inside = [t for t in y.tickvals if ms.min() <= t <= ms.max()]
+    assert len(inside) >= 3

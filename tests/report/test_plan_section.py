@@ -94,3 +94,36 @@ def test_bad_plan_files_are_one_line_errors(tmp_path: Path, small_plan, content:
     assert main(["report", "--plan", str(path), "--out", str(tmp_path / "x.html")]) == 2
     err = capsys.readouterr().err
     assert message in err and str(path) in err and "Traceback" not in err
+
+
+def _axis_labels(axis) -> list[float]:
+    """The numbers an axis's tick labels state (with thousands separators removed)."""
+    return [float(t.replace(",", "")) for t in axis.ticktext]
+
+
+def test_log_axes_label_each_tick_with_its_whole_value(small_plan) -> None:
+    """plotly alone labels a log axis's minor ticks with one digit ("5" for 0.5 and 5);
+    every tick says its value instead, and the ticks cover the data."""
+    time_fig, front_fig = plan_section(small_plan).figures
+    hours = [small_plan.best(g, o).time_s / 3600 for g in small_plan.gpus
+             for o in small_plan.convergence if small_plan.best(g, o) is not None]
+    for axis in (time_fig.layout.yaxis, time_fig.layout.yaxis2, front_fig.layout.xaxis,
+                 front_fig.layout.yaxis):
+        assert axis.type == "log"
+        assert _axis_labels(axis) == pytest.approx(list(axis.tickvals))
+        assert len(set(axis.ticktext)) == len(axis.ticktext) >= 2
+    ticks = list(time_fig.layout.yaxis.tickvals)
+    assert min(ticks) <= min(hours) * 1.5 and max(ticks) >= max(hours) / 1.5
+    assert time_fig.layout.yaxis.title.text == "hours"
+
+
+def test_different_targets_are_noted_as_kfacperf_plan_notes_them(small_plan) -> None:
+    from kfacperf.plan.text import format_plan
+
+    targets = {c["target"] for c in small_plan.convergence.values()}
+    page = "".join(b.html for b in plan_section(small_plan).blocks)
+    noted = "reach different targets" in page
+    assert noted == (len(targets) > 1) == ("different targets" in format_plan(small_plan))
+    same = dataclasses.replace(small_plan, convergence={
+        k: {**c, "target": "top-1 75%"} for k, c in small_plan.convergence.items()})
+    assert "different targets" not in "".join(b.html for b in plan_section(same).blocks)

@@ -39,3 +39,26 @@ def test_sections_from_a_simulated_prediction(synth, tmp_path):
              if "spngd at 16" in f.layout.title.text][0].layout.yaxis.categoryarray
     # representative ranks say how many ranks they stand for
     assert all("(×" in lane for lane in lanes)
+
+
+def test_predicted_overhead_is_the_predicted_step_shown_over_sgds(synth, tmp_path):
+    """The headline's predicted K-FAC overhead is its predicted step (over the measured mix of
+    kinds of step) over the predicted SGD step, not the simulated cycle's ratio."""
+    from kfacperf.report.matching import headline
+    from kfacperf.sim.prediction import write_prediction
+    from kfacperf.sim.sweep import simulate
+
+    pred = simulate("mlp", "h100-sxm5", "dgx-h100-ndr", ["sgd", "spngd"], gpus=[2],
+                    batch_per_gpu=32, factor_interval=1, inverse_interval=4)
+    path = write_prediction(pred, tmp_path / "pred")
+    # 3 measured steps, one inverting: a mix unlike the simulated cycle's (1 in 4)
+    trace = synth.write_trace_dir(tmp_path / "spngd-2", synth.run_json(
+        strategy="spngd", world_size=2, factor_interval=1, inverse_interval=4),
+        synth.make_events(strategy="spngd", world_size=2, inverse_interval=4))
+    head = headline(load_runs([trace]), load_predictions([path])).iloc[0]
+    s = pred.summary.set_index("strategy")
+    sgd_step = float(s.loc["sgd", "step_us"])
+    assert np.isfinite(head["predicted_step_us"])
+    assert head["predicted_step_us"] != float(s.loc["spngd", "step_us"])  # another mix
+    np.testing.assert_allclose(head["kfac_overhead_predicted"],
+                               head["predicted_step_us"] / sgd_step, rtol=1e-9)

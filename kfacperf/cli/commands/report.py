@@ -66,7 +66,9 @@ def run(args: argparse.Namespace) -> int:
     runs, predictions = load_runs(args.traces), load_predictions(args.predictions)
     out = build_report(runs, predictions, args.out, validation, title=args.title,
                        timeline_step=args.timeline_step, timeline_gpus=args.timeline_gpus,
-                       plan=plan, published=published)
+                       plan=plan, published=published, files={
+                           "validation": args.validation, "plan": [args.plan] if args.plan else [],
+                           "published": [args.published] if args.published else []})
     text = headline_text(runs, predictions)
     if text:
         print(text)
