@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from kfacperf.bench import kernels as K
+from kfacperf.bench.kernels.timing import HOLD_CYCLES
 from kfacperf.kfac.layers import KFACLayer
 
 CPU = torch.device("cpu")
@@ -94,10 +95,13 @@ def test_cuda_timer_records_around_the_call_and_waits_before_reading(monkeypatch
             return 1.5  # ms
 
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    # the stream is held busy first, so the start event waits for the host's launch
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: log.append(f"hold {cycles}"),
+                        raising=False)
     timer = K.cuda_call_timer()
     assert timer(lambda: log.append("call")) == 1500.0
     assert [x for x in log if isinstance(x, str)] == [
-        "record start", "call", "record end", "sync end", "elapsed"]
+        f"hold {HOLD_CYCLES}", "record start", "call", "record end", "sync end", "elapsed"]
 
 
 def test_a_size_predicted_too_slow_or_past_the_budget_is_skipped():

@@ -12,14 +12,29 @@ CallTimer = Callable[[Callable[[], Any]], float]
 """Times one call of a function and returns its duration in microseconds."""
 
 
+HOLD_CYCLES = 200_000
+"""GPU clock cycles the stream is held busy before the start event (about 0.1 ms at 2 GHz):
+longer than the host takes to launch a call's kernels."""
+
+
 def cuda_call_timer() -> CallTimer:
-    """Times a call with CUDA events on the current stream, synchronising after it."""
+    """Times a call with CUDA events on the current stream, synchronising after it.
+
+    The stream is idle when a call begins (the previous one was waited for), so a start
+    event recorded then would fire at once and the interval would include the host's time
+    to launch the call's kernels (several microseconds: most of a small GEMM).  A spin
+    kernel queued first (``torch.cuda._sleep``) keeps the stream busy while the host
+    launches, so the start event fires right before the call's first kernel.
+    """
     import torch
 
     start = torch.cuda.Event(enable_timing=True)
     end = torch.cuda.Event(enable_timing=True)
+    hold = getattr(torch.cuda, "_sleep", None)
 
     def time_call(fn: Callable[[], Any]) -> float:
+        if hold is not None:
+            hold(HOLD_CYCLES)
         start.record()
         fn()
         end.record()
