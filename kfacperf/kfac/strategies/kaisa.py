@@ -178,10 +178,14 @@ class KAISAStrategy(DistributedStrategy):
         """One broadcast per rank in ``sources`` carrying all layers it is ``source_of``.
 
         The buffer is in the ``dtype`` of the source's first layer there, on the source and
-        on every receiver alike (the source casts what it packed when that differs, and then
-        keeps what the receivers get).  All broadcasts are in flight at once; then every
-        receiver ``unpack``s each layer from its ``numel``-long slice of the source's buffer,
-        in layer order.
+        on every receiver alike.  All broadcasts are in flight at once; then every rank,
+        the source included, ``unpack``s each layer from its ``numel``-long slice of the
+        source's buffer, in layer order: the source keeps what the receivers get, values
+        and memory layout alike.  (Its own copy may differ in both: cast, or laid out
+        column-major as ``linalg.eigh`` and ``cholesky_inverse`` return their results, and
+        a matrix product rounds differently with a transposed operand, so the ranks of a
+        column would precondition one gradient into slightly different updates and their
+        weights drift apart.)
         """
         inflight = []
         for src in sources:
@@ -189,25 +193,21 @@ class KAISAStrategy(DistributedStrategy):
             if not layers:
                 continue
             kind, device = dtype(layers[0]), layers[0].weight.device
-            cast = False
             if src == self.rank:
-                buf = torch.cat([pack(l) for l in layers])
-                cast = buf.dtype != kind
-                buf = buf.to(kind)
+                buf = torch.cat([pack(l) for l in layers]).to(kind)
             else:
                 buf = torch.empty(sum(numel(l) for l in layers), dtype=kind, device=device)
             pending = comm.broadcast(buf, src, stage=stage,
                                      layer=bucket_label([l.name for l in layers]),
                                      timer=self.timer, group=group)
-            inflight.append((src, layers, pending, cast))
-        for src, layers, pending, cast in inflight:
+            inflight.append((layers, pending))
+        for layers, pending in inflight:
             buf = pending.wait()
-            if src != self.rank or cast:
-                offset = 0
-                for layer in layers:
-                    n = numel(layer)
-                    unpack(layer, buf[offset:offset + n])
-                    offset += n
+            offset = 0
+            for layer in layers:
+                n = numel(layer)
+                unpack(layer, buf[offset:offset + n])
+                offset += n
 
     def _inverse_numel(self, layer: KFACLayer) -> int:
         total = 0
@@ -219,11 +219,8 @@ class KAISAStrategy(DistributedStrategy):
         parts = []
         for attr in layer.inverse_names():
             t = getattr(layer, attr)
-            if self._packable(attr):
-                packed = comm.pack_symmetric(t)
-                # Keep the sender's copy identical to what the receivers rebuild.
-                setattr(layer, attr, comm.unpack_symmetric(packed, t.shape[-1], _stack(t.shape)))
-                parts.append(packed)
+            if self._packable(attr):  # the sender, too, then rebuilds it (_broadcast_layers)
+                parts.append(comm.pack_symmetric(t))
             else:
                 parts.append(t.reshape(-1))
         return torch.cat(parts)
