@@ -1,8 +1,9 @@
 """Fit a device model from measured traces, or generate a workload model from a torch workload.
 
-  kfacperf calibrate traces/A traces/B --device-name local-cpu --out models/devices/local-cpu.toml
+  kfacperf calibrate traces/A traces/B --device-name local-cpu --out my-models/local-cpu.toml
   kfacperf calibrate traces/reference/p1 --out /tmp/local-cpu.toml     # a folder of traces
-  kfacperf calibrate --workload resnet50 --out models/workloads/resnet50.toml
+  kfacperf calibrate --workload resnet50 --out my-models/resnet50.toml
+  kfacperf calibrate --workload resnet50 --out models/workloads/resnet50.toml --force  # the preset
   kfacperf calibrate --published spngd-fig5 spngd-table1 --device v100-spngd \\
       --fit forward.efficiency,backward.efficiency --out my-v100.toml
   kfacperf calibrate --workload my_model.py:build --workload-option width=256 --out my.toml

@@ -1,7 +1,8 @@
 """Measure collectives on this machine (gloo on CPU, NCCL on GPUs), fit alpha-beta per
 collective and write a cluster model.
 
-Example: kfacperf commbench --out models/clusters/local-cpu.toml
+Example: kfacperf commbench --out my-models/local-cpu.toml
+(the committed preset models/clusters/local-cpu.toml is replaced only with --force)
 
 On a shared machine, take more probes during a session and fit from all of them:
   kfacperf commbench --raw cb.json                        # collectives + one probe
@@ -69,7 +70,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default="local-cpu", help="name of the cluster model")
     parser.add_argument("--out", default=None,
                         help="write the cluster model TOML here "
-                             "(e.g. models/clusters/local-cpu.toml)")
+                             "(e.g. my-models/local-cpu.toml)")
     parser.add_argument("--raw", default=None, help="also write the measured points as JSON")
     parser.add_argument("--force", action="store_true",
                         help="overwrite --out / --raw if they exist")
