@@ -93,6 +93,7 @@ def _check_dir(path: Path, what: str) -> None:
 def load_runs(paths: Sequence[str | Path]) -> list[RunData]:
     """Load and summarize measured runs (trace directories) in the order given; a directory
     given twice counts once (as in ``kfacperf validate`` and ``calibrate``)."""
+    from kfacperf.trace.measure import measured_events
     from kfacperf.trace.store import load_trace
     from kfacperf.trace.summary import summarize
 
@@ -113,7 +114,7 @@ def load_runs(paths: Sequence[str | Path]) -> list[RunData]:
         if telemetry is not None and len(telemetry) == 0:
             telemetry = None
         out.append(
-            RunData(name=name, path=path, run=dict(trace.run), events=trace.measured(),
+            RunData(name=name, path=path, run=dict(trace.run), events=measured_events(trace),
                     telemetry=telemetry, summary=summarize(trace))
         )
     return out

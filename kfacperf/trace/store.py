@@ -63,13 +63,6 @@ class Trace:
     def warmup(self) -> int:
         return int(self.run.get("warmup", 0) or 0)
 
-    def measured(self) -> pd.DataFrame:
-        """The events of the steps after warm-up that every rank finished
-        (:func:`kfacperf.trace.measure.measured_events`)."""
-        from kfacperf.trace.measure import measured_events
-
-        return measured_events(self)
-
 
 # --------------------------------------------------------------------------- run.json
 

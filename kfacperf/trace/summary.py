@@ -40,6 +40,7 @@ from kfacperf.trace.intervals import intersection_length, merge_intervals, total
 from kfacperf.trace.measure import (
     Measured,
     measure_events,
+    measured_events,
     no_measured_steps,
     over_steps,
     rank_stage_times,
@@ -226,7 +227,7 @@ def summarize(trace: Trace | str | os.PathLike[str],
         trace = load_trace(trace)
     if isinstance(baseline, (str, os.PathLike)):
         baseline = load_trace(baseline)
-    events = trace.measured()
+    events = measured_events(trace)
     if events.empty:
         raise TraceError(no_measured_steps(trace, str(trace.path)))
     steps = sorted(events["step"].unique())
