@@ -6,9 +6,10 @@ import pytest
 from kfacperf.buckets import bucket_label, plan_buckets
 
 
-def test_a_bucket_closes_before_an_item_would_overflow_it_and_once_it_reaches_the_cap() -> None:
-    items = [("a", 4), ("b", 4), ("c", 4), ("d", 6), ("e", 25), ("f", 1)]
-    assert plan_buckets(items, 10) == [["a", "b"], ["c", "d"], ["e"], ["f"]]
+def test_a_bucket_closes_with_the_item_that_makes_it_reach_the_cap() -> None:
+    items = [("a", 4), ("b", 4), ("c", 4), ("d", 6), ("e", 25), ("f", 1), ("g", 9)]
+    assert plan_buckets(items, 10) == [["a", "b", "c"], ["d", "e"], ["f", "g"]]
+    assert plan_buckets(items[:1], 10) == [["a"]]  # the last may be short
 
 
 def test_cap_zero_is_one_item_a_bucket_and_every_item_lands_once_in_order() -> None:

@@ -10,10 +10,10 @@ Sizes follow the real optimizer (``kfacperf.kfac.layers`` / ``kfacperf.kfac.comm
 * its inverse state is ``QA, QG, dA, dG`` (eigen) or ``A^-1, G^-1`` (cholesky), fp32 (a
   BatchNorm block's: :func:`kfacperf.sim.costs.blocks.inverse_elements`).
 
-Buckets follow the two bucketing rules in use: DDP's (items in reverse layer order; a bucket
-closes once it reaches its limit, ``bucket_cap_mb`` MiB, optionally smaller for the first) and
-:class:`kfacperf.kfac.comm.AllReduceBuckets`' (a tensor that would overflow the queue flushes
-it first; a queue that reaches the cap is flushed at once; MB = 10**6 bytes).
+Buckets follow the rules in use: DDP's for gradients (items in reverse layer order; a bucket
+closes once it reaches its limit, ``bucket_cap_mb`` MiB, optionally smaller for the first)
+and the optimizer's factor plan, :func:`kfacperf.buckets.plan_buckets` (whole layers, last
+first, closed the same way at ``bucket_cap_mb`` MB = 10**6 bytes).
 """
 from __future__ import annotations
 
